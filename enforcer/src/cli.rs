@@ -1,0 +1,44 @@
+//! The command line: one subcommand group per area, each defined and carried out by the module that owns it.
+//! This file only routes; `anyhow` is allowed here because this is the binary's edge.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "enforcer",
+    version,
+    about = "Runtime egress policy for AI agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: load the eBPF programs, start the proxy, enforce the policy.
+    Run(crate::daemon::RunArgs),
+    /// Run a command inside a fresh cgroup tagged with a profile.
+    Exec(crate::capture::ExecArgs),
+    /// The enforcer's certificate authority.
+    #[command(subcommand)]
+    Ca(crate::proxy::CaCommand),
+    /// Check, test and explain policies.
+    #[command(subcommand)]
+    Policy(crate::policy::cli::PolicyCommand),
+    /// Verify and read the audit trail.
+    #[command(subcommand)]
+    Audit(crate::audit::cli::AuditCommand),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => crate::daemon::run(args),
+        Command::Exec(args) => crate::capture::exec(args),
+        Command::Ca(cmd) => crate::proxy::ca_command(cmd),
+        Command::Policy(cmd) => crate::policy::cli::run(cmd),
+        Command::Audit(cmd) => crate::audit::cli::run(cmd),
+    }
+}

@@ -1,0 +1,153 @@
+//! The daemon's configuration file (`enforcer run --config FILE`): where the policy, CA and audit trail live, which
+//! ports the proxy listens on, which cgroups belong to which profile. Everything has a default, so the daemon runs
+//! without a file. Parsing only; the stages read the plain structs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default location of the daemon's state (CA, audit trail).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
+/// Default cgroup v2 mount point.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Policy file. Default: the shipped default policy.
+    pub policy: Option<PathBuf>,
+    /// State directory: `ca/` and `audit/` live under it unless set explicitly.
+    pub state_dir: PathBuf,
+    /// The cgroup v2 mount point.
+    pub cgroup_root: PathBuf,
+    pub proxy: ProxyConfig,
+    pub audit: AuditSettings,
+    /// Profiles and the cgroups (paths relative to `cgroup_root`) that belong to each. `enforcer exec` also creates
+    /// cgroups under `<cgroup_root>/enforcer/<profile>/`, which the daemon tags for every profile listed here.
+    pub profiles: BTreeMap<String, ProfileConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileConfig {
+    pub cgroups: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Transparent proxy port on 127.0.0.1 and ::1 (where the eBPF programs redirect tagged connections).
+    pub port: u16,
+    /// Explicit proxy (HTTP CONNECT / absolute-form) listener; off unless set.
+    pub explicit: Option<ExplicitProxy>,
+    /// Extra PEM files of CA certificates trusted for upstream connections, beside the webpki roots.
+    pub extra_roots: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplicitProxy {
+    pub port: u16,
+    /// The profile applied to every client of this listener.
+    pub profile: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Default: `<state_dir>/audit`.
+    pub dir: Option<PathBuf>,
+    pub rotate_bytes: u64,
+    pub checkpoint_every: u64,
+    pub checkpoint_interval_secs: u64,
+    pub durable: bool,
+    pub syslog: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policy: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
+            proxy: ProxyConfig::default(),
+            audit: AuditSettings::default(),
+            profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
+        }
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            port: 15001,
+            explicit: None,
+            extra_roots: Vec::new(),
+        }
+    }
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            dir: None,
+            rotate_bytes: 64 * 1024 * 1024,
+            checkpoint_every: 1000,
+            checkpoint_interval_secs: 10,
+            durable: true,
+            syslog: false,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_saphyr::from_str(&src).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit"))
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+
+    pub fn audit_config(&self) -> crate::audit::AuditConfig {
+        let mut cfg = crate::audit::AuditConfig::new(self.audit_dir());
+        cfg.rotate_bytes = self.audit.rotate_bytes;
+        cfg.checkpoint_every = self.audit.checkpoint_every;
+        cfg.checkpoint_interval =
+            std::time::Duration::from_secs(self.audit.checkpoint_interval_secs);
+        cfg.durable = self.audit.durable;
+        cfg.syslog = self.audit.syslog;
+        cfg
+    }
+}

@@ -1,0 +1,18 @@
+//! The agent egress enforcer: the daemon and CLI that sit between AI agents and the network.
+//!
+//! One module per pipeline stage, with the plain data that passes between them in [`model`]:
+//! `capture` (eBPF + cgroups) → `proxy` (accept, original destination, TLS) → `inspect` (classify → `Action`)
+//! → `policy` (evaluate → `Decision`) → `constrain` (rewrite) → forward or block → `audit` (hash chain).
+//! `daemon` wires the stages together for `enforcer run`; `cli` is the command line. This crate owns no kernel code:
+//! the programs it loads live in `enforcer-ebpf`.
+
+pub mod audit;
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod constrain;
+pub mod daemon;
+pub mod inspect;
+pub mod model;
+pub mod policy;
+pub mod proxy;

@@ -37,11 +37,34 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The cgroup v2 mount point.
     pub cgroup_root: PathBuf,
+    pub capture: CaptureSettings,
     pub proxy: ProxyConfig,
     pub audit: AuditSettings,
     /// Profiles and the cgroups (paths relative to `cgroup_root`) that belong to each. `enforcer exec` also creates
     /// cgroups under `<cgroup_root>/enforcer/<profile>/`, which the daemon tags for every profile listed here.
     pub profiles: BTreeMap<String, ProfileConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureSettings {
+    /// Load and attach the eBPF programs (off only on hosts that use the explicit proxy alone).
+    pub enabled: bool,
+    /// The cgroup (relative to `cgroup_root`) the programs attach to; `enforcer exec` cgroups are created under
+    /// `<this>/enforcer/<profile>/`. Default: the root, so every process on the host is covered.
+    pub cgroup: PathBuf,
+    /// bpffs directory where the tag map is pinned (so `enforcer exec` and `enforcer cgroup` can reach it).
+    pub pin_dir: PathBuf,
+}
+
+impl Default for CaptureSettings {
+    fn default() -> Self {
+        CaptureSettings {
+            enabled: true,
+            cgroup: PathBuf::new(),
+            pin_dir: PathBuf::from("/sys/fs/bpf/enforcer"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -87,6 +110,7 @@ impl Default for Config {
             policy: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
+            capture: CaptureSettings::default(),
             proxy: ProxyConfig::default(),
             audit: AuditSettings::default(),
             profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
@@ -127,6 +151,26 @@ impl Config {
             path: path.display().to_string(),
             source: Box::new(source),
         })
+    }
+
+    /// Load `path` if given, else the built-in defaults.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
+        path.map_or_else(|| Ok(Config::default()), Config::load)
+    }
+
+    /// The cgroup the programs attach to (absolute path).
+    pub fn attach_cgroup(&self) -> PathBuf {
+        self.cgroup_root.join(&self.capture.cgroup)
+    }
+
+    /// Where `enforcer exec` creates the cgroups of `profile` (absolute path).
+    pub fn profile_cgroup(&self, profile: &str) -> PathBuf {
+        self.attach_cgroup().join("enforcer").join(profile)
+    }
+
+    /// The bundle of system roots + the enforcer CA that `enforcer exec` hands to clients.
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.ca_dir().join("bundle.pem")
     }
 
     pub fn audit_dir(&self) -> PathBuf {

@@ -58,10 +58,10 @@ mod programs {
         unsafe { core::ptr::read_volatile(&PROXY_PORT) }
     }
 
-    /// The tag of the deepest tagged cgroup on the current task's path from the root, if any.
+    /// The id of the deepest tagged cgroup on the current task's path from the root, 0 if none.
     #[inline(always)]
-    fn current_tag() -> Option<Tag> {
-        let mut found: Option<Tag> = None;
+    fn tagged_ancestor() -> u64 {
+        let mut found = 0;
         let mut level = 0;
         while level < MAX_CGROUP_DEPTH {
             // SAFETY: plain helper call, no pointers.
@@ -69,13 +69,24 @@ mod programs {
             if id == 0 {
                 break;
             }
-            // SAFETY: the value is copied out immediately.
-            if let Some(tag) = unsafe { TAGGED.get(&id) } {
-                found = Some(*tag);
+            if TAGGED.get_ptr(&id).is_some() {
+                found = id;
             }
             level += 1;
         }
         found
+    }
+
+    /// The tag of the current task's deepest tagged cgroup, if any.
+    #[inline(always)]
+    fn current_tag() -> Option<Tag> {
+        let id = tagged_ancestor();
+        if id == 0 {
+            return None;
+        }
+        let ptr = TAGGED.get_ptr(&id)?;
+        // SAFETY: a non-null pointer into a map value of type Tag, copied out at once.
+        Some(unsafe { core::ptr::read_volatile(ptr) })
     }
 
     #[inline(always)]
@@ -118,7 +129,7 @@ mod programs {
         };
         let port = u16::from_be(port_be as u16);
         if type_ != SOCK_STREAM {
-            if protocol == IPPROTO_UDP && port == QUIC_PORT && current_tag().is_some() {
+            if protocol == IPPROTO_UDP && port == QUIC_PORT && tagged_ancestor() != 0 {
                 debug!(ctx, "refused udp4 connect to port 443");
                 return REFUSE;
             }
@@ -176,7 +187,7 @@ mod programs {
         };
         let port = u16::from_be(port_be as u16);
         if type_ != SOCK_STREAM {
-            if protocol == IPPROTO_UDP && port == QUIC_PORT && current_tag().is_some() {
+            if protocol == IPPROTO_UDP && port == QUIC_PORT && tagged_ancestor() != 0 {
                 debug!(ctx, "refused udp6 connect to port 443");
                 return REFUSE;
             }
@@ -233,7 +244,7 @@ mod programs {
         let p = sa(ctx);
         // SAFETY: user_port is readable in sendmsg4/6 (4-byte load).
         let port_be = unsafe { core::ptr::read_volatile(&(*p).user_port) };
-        if u16::from_be(port_be as u16) == QUIC_PORT && current_tag().is_some() {
+        if u16::from_be(port_be as u16) == QUIC_PORT && tagged_ancestor() != 0 {
             debug!(ctx, "refused udp sendmsg to port 443");
             return REFUSE;
         }

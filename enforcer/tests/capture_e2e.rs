@@ -14,16 +14,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use enforcer::capture::{Capture, CaptureConfig, TagTable};
-use enforcer::model::OriginLookup;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const PROFILE: &str = "agents";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects argv[2]:argv[3] after joining the cgroup argv[1]; sends one byte, waits for one byte back.
+/// Connects argv[2]:argv[3] after joining the cgroup argv[1] (`-`: stay); sends one byte, waits for one byte back.
 const CLIENT: &str = r#"
 import os, socket, sys
-open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+if sys.argv[1] != "-":
+    open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
 host, port = sys.argv[2], int(sys.argv[3])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM)
@@ -483,4 +483,188 @@ fn shutdown_leaves_no_trace() {
     let (stream, _) = accept_any(&[&upstream], TIMEOUT).expect("direct connect");
     answer(stream);
     finish(child);
+}
+
+/// Runs the real `enforcer` binary with `args`; returns (exit code, stdout, stderr).
+fn enforcer(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(args)
+        .output()
+        .expect("enforcer runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A daemon config pointing `enforcer exec` at the harness (its cgroup, pins) and a state dir with a CA bundle.
+fn exec_config(h: &Harness, state: &Path) -> PathBuf {
+    let bundle = state.join("ca/bundle.pem");
+    std::fs::create_dir_all(state.join("ca")).expect("ca dir");
+    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\n").expect("bundle");
+    let cfg = state.join("enforcer.yaml");
+    let yaml = format!(
+        "state_dir: {}\ncgroup_root: {CGROUP_ROOT}\ncapture:\n  cgroup: {}\n  pin_dir: {}\n",
+        state.display(),
+        h.rel.trim_start_matches('/'),
+        h.pin_dir.display()
+    );
+    std::fs::write(&cfg, yaml).expect("config");
+    cfg
+}
+
+#[test]
+fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let state = tempfile::tempdir().expect("tempdir");
+    let cfg = exec_config(&h, state.path());
+    let cfg = cfg.to_str().expect("utf-8");
+    let bundle = state.path().join("ca/bundle.pem");
+
+    // The command is captured, in a cgroup of its own below the profile's.
+    let child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args(["python3", "-c", CLIENT, "-", "127.0.0.2", "9"])
+        .spawn()
+        .expect("enforcer exec runs");
+    let exec_pid = child.id();
+    let (stream, peer) = h.accept_proxy().expect("exec'd command is redirected");
+    let origin = h.capture().origins().lookup(peer).expect("origin");
+    assert_eq!(origin.dst, SocketAddr::from(([127, 0, 0, 2], 9)));
+    assert_eq!(origin.agent.profile.as_deref(), Some(PROFILE));
+    let expect_cgroup = format!("{}/enforcer/{PROFILE}/exec-{exec_pid}", h.rel);
+    assert_eq!(origin.agent.cgroup.as_deref(), Some(expect_cgroup.as_str()));
+    assert_ne!(
+        origin.agent.pid,
+        Some(exec_pid),
+        "the command, not exec itself, connects"
+    );
+    answer(stream);
+    finish(child);
+    let leftovers: Vec<_> = std::fs::read_dir(h.profile_cgroup())
+        .expect("profile cgroup")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("exec-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "exec cgroup removed after the command"
+    );
+
+    // The CA variables point at the bundle.
+    let (code, stdout, stderr) = enforcer(&[
+        "exec",
+        "--config",
+        cfg,
+        "--profile",
+        PROFILE,
+        "--",
+        "sh",
+        "-c",
+        "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $CURL_CA_BUNDLE",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let b = bundle.display().to_string();
+    assert_eq!(stdout.trim(), [b.as_str(); 4].join(" "));
+
+    // Exit codes pass through; a signal becomes 128 + signal.
+    assert_eq!(
+        enforcer(&[
+            "exec",
+            "--config",
+            cfg,
+            "--profile",
+            PROFILE,
+            "--",
+            "sh",
+            "-c",
+            "exit 7"
+        ])
+        .0,
+        Some(7)
+    );
+    assert_eq!(
+        enforcer(&[
+            "exec",
+            "--config",
+            cfg,
+            "--profile",
+            PROFILE,
+            "--",
+            "sh",
+            "-c",
+            "kill -TERM $$"
+        ])
+        .0,
+        Some(128 + 15)
+    );
+
+    // A profile the daemon does not tag is refused, clearly (here: the default profile, not configured).
+    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("\"default\""), "stderr: {stderr}");
+    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--profile", "nope", "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("nope"), "stderr: {stderr}");
+
+    // No CA bundle: refused.
+    std::fs::remove_file(&bundle).expect("remove bundle");
+    let (code, _, stderr) =
+        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("bundle"), "stderr: {stderr}");
+
+    // Daemon gone: refused.
+    let mut h = h;
+    if let Some(capture) = h.capture.take() {
+        capture.shutdown().expect("shutdown");
+    }
+    let (code, _, stderr) =
+        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("not running"), "stderr: {stderr}");
+}
+
+#[test]
+fn cgroup_command_tags_and_untags_through_the_pin() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let state = tempfile::tempdir().expect("tempdir");
+    let cfg = exec_config(&h, state.path());
+    let cfg = cfg.to_str().expect("utf-8");
+    let slice = h.child_cgroup("slice");
+    let slice_s = slice.to_str().expect("utf-8");
+    let (code, _, stderr) = enforcer(&[
+        "cgroup",
+        "tag",
+        "--config",
+        cfg,
+        "--profile",
+        "late",
+        slice_s,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, list, _) = enforcer(&["cgroup", "list", "--config", cfg]);
+    assert!(
+        list.contains(&format!("late\t{}/slice", h.rel)),
+        "list: {list}"
+    );
+    let ip2: IpAddr = "127.0.0.2".parse().expect("ip");
+    let child = python(CLIENT, &[slice_s, "127.0.0.2", "9"]);
+    let (stream, peer) = h.accept_proxy().expect("tagged by the command");
+    let origin = h.capture().origins().lookup(peer).expect("origin");
+    assert_eq!(origin.dst, SocketAddr::new(ip2, 9));
+    assert_eq!(origin.agent.profile.as_deref(), Some("late"));
+    answer(stream);
+    finish(child);
+    let (code, _, stderr) = enforcer(&["cgroup", "untag", "--config", cfg, slice_s]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let pinned = TagTable::open_pinned(&h.pin_dir, Path::new(CGROUP_ROOT)).expect("pinned map");
+    assert_eq!(pinned.direct_profile(&slice).expect("lookup"), None);
 }

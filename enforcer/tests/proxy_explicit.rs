@@ -53,9 +53,21 @@ async fn connect_tls_allowed_and_blocked() {
     assert!(body.contains("path=/via-connect"), "{body}");
     assert_eq!(seen.count(), 1);
 
+    // The tunnel's TLS names a blocked host: decided like any request, never forwarded.
+    let tcp = connect_tunnel(explicit, &format!("127.0.0.1:{}", up.port())).await;
+    let tls = tokio_rustls::TlsConnector::from(proxy.client_tls(&[b"http/1.1"]))
+        .connect(ServerName::try_from("blocked.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (status, _, _) = send(tls, false, get("/", "blocked.test")).await;
+    assert_eq!(status, 403);
+    assert_eq!(seen.count(), 1);
+
     let records = proxy.audit_records().await;
-    assert_eq!(records.len(), 1);
+    assert_eq!(records.len(), 2);
     assert_eq!(records[0]["agent"]["profile"], "explicit-profile");
+    assert_eq!(records[0]["outcome"]["disposition"], "forwarded");
+    assert_eq!(records[1]["outcome"]["disposition"], "blocked");
 }
 
 #[tokio::test]

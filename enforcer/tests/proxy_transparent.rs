@@ -54,7 +54,12 @@ async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
     let (status, _, body) = send(tls, false, req).await;
     let body = String::from_utf8(body).unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(body.starts_with("upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 body={\"a\":1}"), "{body}");
+    assert!(
+        body.starts_with(
+            "upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 body={\"a\":1}"
+        ),
+        "{body}"
+    );
     assert_eq!(seen.count(), 1);
 
     let records = w.proxy.audit_records().await;
@@ -64,9 +69,14 @@ async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
     assert_eq!(r["request"]["host"], "allowed.test");
     assert_eq!(r["request"]["path"], "/v1/things");
     assert_eq!(r["request"]["body_size"], 7);
-    assert!(r["request"]["body_sha256"].as_str().is_some_and(|h| h.len() == 64));
+    assert!(r["request"]["body_sha256"]
+        .as_str()
+        .is_some_and(|h| h.len() == 64));
     assert_eq!(r["agent"]["profile"], "test-agent");
-    assert!(!r.to_string().contains("hunter2"), "the query must not reach the audit trail");
+    assert!(
+        !r.to_string().contains("hunter2"),
+        "the query must not reach the audit trail"
+    );
 }
 
 #[tokio::test]
@@ -82,7 +92,10 @@ async fn h2_is_kept_end_to_end() {
     let (status, _, body) = send(tls, true, req).await;
     let body = String::from_utf8(body).unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(body.starts_with("upstream HTTP/2.0 host=allowed.test path=/h2"), "{body}");
+    assert!(
+        body.starts_with("upstream HTTP/2.0 host=allowed.test path=/h2"),
+        "{body}"
+    );
     assert_eq!(seen.count(), 1);
 }
 
@@ -98,7 +111,10 @@ async fn h2_client_falls_back_to_h1_upstream() {
     let (status, _, body) = send(tls, true, req).await;
     let body = String::from_utf8(body).unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(body.starts_with("upstream HTTP/1.1 host=allowed.test path=/fallback"), "{body}");
+    assert!(
+        body.starts_with("upstream HTTP/1.1 host=allowed.test path=/fallback"),
+        "{body}"
+    );
     assert_eq!(seen.count(), 1);
 }
 
@@ -161,7 +177,11 @@ async fn upstream_with_an_untrusted_certificate_is_blocked_and_audited() {
     assert_eq!(status, 502);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["reason"], "upstream_tls");
-    assert_eq!(seen.count(), 0, "nothing may be forwarded to an unverified upstream");
+    assert_eq!(
+        seen.count(),
+        0,
+        "nothing may be forwarded to an unverified upstream"
+    );
     let records = w.proxy.audit_records().await;
     assert_eq!(records.len(), 1);
     assert_eq!(outcome(&records[0]), ("blocked", Some(502)));
@@ -176,7 +196,11 @@ async fn sse_events_arrive_one_by_one() {
         let tls = w.proxy.tls_to(up, "allowed.test", &[alpn]).await;
         let h2 = alpn == H2;
         let req = Request::builder()
-            .uri(if h2 { "https://allowed.test/sse" } else { "/sse" })
+            .uri(if h2 {
+                "https://allowed.test/sse"
+            } else {
+                "/sse"
+            })
             .header("host", "allowed.test")
             .body(Full::new(Bytes::new()))
             .unwrap();
@@ -318,7 +342,9 @@ async fn non_http_tcp_is_decided_by_port() {
 async fn connection_without_an_origin_is_closed_and_audited() {
     let w = world(&policy(&["allowed.test"], &[])).await;
     let mut tcp = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
-    let _ = tcp.write_all(b"GET / HTTP/1.1\r\nhost: allowed.test\r\n\r\n").await;
+    let _ = tcp
+        .write_all(b"GET / HTTP/1.1\r\nhost: allowed.test\r\n\r\n")
+        .await;
     let mut buf = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
         .await
@@ -340,6 +366,72 @@ async fn malformed_http_gets_a_400() {
         .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
-    assert!(buf.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&buf));
+    assert!(
+        buf.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
     assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn requests_on_one_client_connection_share_one_upstream_connection() {
+    use std::sync::atomic::Ordering;
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    for (alpn, h2) in [(H1, false), (H2, true)] {
+        let (up, seen) = trusted_upstream(&w, true).await;
+        let tls = w.proxy.tls_to(up, "allowed.test", &[alpn]).await;
+        let io = TokioIo::new(tls);
+        let mut statuses = Vec::new();
+        if h2 {
+            let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            let mut tasks = Vec::new();
+            for i in 0..3 {
+                let mut s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let req = Request::builder()
+                        .uri(format!("https://allowed.test/{i}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    let resp = s.send_request(req).await.unwrap();
+                    let status = resp.status().as_u16();
+                    resp.into_body().collect().await.unwrap();
+                    status
+                }));
+            }
+            for t in tasks {
+                statuses.push(t.await.unwrap());
+            }
+        } else {
+            let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(c);
+            for i in 0..3 {
+                let resp = s
+                    .send_request(get(&format!("/{i}"), "allowed.test"))
+                    .await
+                    .unwrap();
+                statuses.push(resp.status().as_u16());
+                resp.into_body().collect().await.unwrap();
+            }
+        }
+        assert_eq!(statuses, vec![200, 200, 200]);
+        assert_eq!(seen.count(), 3);
+        if !h2 {
+            assert_eq!(
+                seen.connections.load(Ordering::SeqCst),
+                1,
+                "h1 requests reuse one upstream connection"
+            );
+        } else {
+            assert!(seen.connections.load(Ordering::SeqCst) <= 3);
+        }
+    }
+    assert_eq!(
+        w.proxy.audit_records().await.len(),
+        6,
+        "one record per request"
+    );
 }

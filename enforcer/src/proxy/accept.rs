@@ -112,6 +112,7 @@ where
                 sni: None,
                 dst: target.dst,
                 agent: target.agent,
+                upstream: Default::default(),
             };
             http::serve(ctx, io, conn, false).await;
         }
@@ -189,6 +190,7 @@ where
         sni: hello.sni,
         dst: target.dst,
         agent: target.agent,
+        upstream: Default::default(),
     };
     http::serve(ctx, tls, conn, h2).await;
 }

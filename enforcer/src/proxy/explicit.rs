@@ -91,6 +91,7 @@ async fn explicit_request(
         sni: None,
         dst,
         agent,
+        upstream: Default::default(),
     };
     http::handle_request(&ctx, &conn, req).await
 }

@@ -41,6 +41,8 @@ pub(crate) struct Conn {
     /// The original destination.
     pub dst: SocketAddr,
     pub agent: Agent,
+    /// The upstream connection reused across this client connection's requests.
+    pub upstream: Arc<upstream::Slot>,
 }
 
 /// Serve HTTP/1.1 and HTTP/2 on an accepted (and possibly TLS-terminated) connection. `h2` is true when ALPN chose
@@ -208,12 +210,11 @@ pub(crate) async fn handle_request(
         return block(rec, decision, &inspected.protocol).await;
     }
     if enforce && decision.verdict == Verdict::Constrain {
-        let mut rewritten = decoded;
+        let mut rewritten = decoded.clone();
         match crate::constrain::apply(&decision.rewrites, &policy, &mut parts, &mut rewritten) {
             Ok(changes) => {
-                body_changed = changes.iter().any(|c| c.path.starts_with('$'))
-                    || rewritten.len() != body.len()
-                    || encoding.is_some();
+                // A changed body is forwarded decoded (Content-Encoding dropped) and re-framed.
+                body_changed = rewritten != decoded;
                 if body_changed {
                     body = rewritten;
                 }
@@ -238,7 +239,16 @@ pub(crate) async fn handle_request(
         parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
     let want_h2 = parts.version == Version::HTTP_2 && !is_upgrade;
     let tls = (conn.scheme == Scheme::Https).then_some(&ctx.upstream);
-    let mut sender = match upstream::connect(tls, conn.dst, &host, want_h2).await {
+    let reused = if is_upgrade {
+        None
+    } else {
+        conn.upstream.take(&host, want_h2).await
+    };
+    let connected = match reused {
+        Some(s) => Ok(s),
+        None => upstream::connect(tls, conn.dst, &host, want_h2).await,
+    };
+    let mut sender = match connected {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
@@ -279,7 +289,11 @@ pub(crate) async fn handle_request(
                 )
             }
         };
-    let mut resp = match sender.send(upstream_req).await {
+    let sent = sender.send(upstream_req).await;
+    if !is_upgrade {
+        conn.upstream.put(&host, want_h2, sender).await;
+    }
+    let mut resp = match sent {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(dst = %conn.dst, error = %e, "upstream request failed");

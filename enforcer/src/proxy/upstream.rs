@@ -81,6 +81,13 @@ impl Sender {
         matches!(self, Sender::H2(_))
     }
 
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
     pub async fn send(
         &mut self,
         req: http::Request<Full<Bytes>>,
@@ -154,4 +161,40 @@ where
         }
     });
     Ok(Sender::H1(sender))
+}
+
+/// The upstream connection one client connection reuses between its requests: kept for one host and protocol
+/// choice (so a reused connection was verified for exactly the host being asked for). HTTP/2 senders are shared by
+/// concurrent requests; an HTTP/1.1 sender is lent to one request at a time.
+#[derive(Default)]
+pub(crate) struct Slot(tokio::sync::Mutex<Option<(String, bool, Sender)>>);
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+impl Slot {
+    pub async fn take(&self, host: &str, want_h2: bool) -> Option<Sender> {
+        let mut slot = self.0.lock().await;
+        let matches = slot
+            .as_ref()
+            .is_some_and(|(h, w, s)| h == host && *w == want_h2 && !s.is_closed());
+        if !matches {
+            *slot = None;
+            return None;
+        }
+        match slot.as_ref() {
+            Some((_, _, Sender::H2(s))) => Some(Sender::H2(s.clone())),
+            _ => slot.take().map(|(_, _, s)| s),
+        }
+    }
+
+    pub async fn put(&self, host: &str, want_h2: bool, sender: Sender) {
+        let mut slot = self.0.lock().await;
+        if slot.is_none() && !sender.is_closed() {
+            *slot = Some((host.to_string(), want_h2, sender));
+        }
+    }
 }

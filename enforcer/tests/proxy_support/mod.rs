@@ -1,7 +1,10 @@
 //! Loopback harness for the proxy tests: a test CA, HTTPS/plain/TCP upstreams that count what reaches them, the
 //! proxy itself with a table-backed original-destination lookup, and clients that trust the enforcer CA.
 
-#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -67,12 +70,17 @@ impl TestCa {
     }
 }
 
+/// One request an upstream saw: (version, host or :authority, path with query, body).
+pub type Seen1 = (String, String, String, Vec<u8>);
+
 /// What an upstream saw.
 #[derive(Default)]
 pub struct Seen {
     pub requests: AtomicU64,
+    /// TLS connections accepted (HTTPS upstreams only).
+    pub connections: AtomicU64,
     /// (version, host or :authority, path with query, body) of every request.
-    pub log: Mutex<Vec<(String, String, String, Vec<u8>)>>,
+    pub log: Mutex<Vec<Seen1>>,
     /// The SSE route sends its second event only once this is notified.
     pub sse_go: Notify,
 }
@@ -131,7 +139,11 @@ async fn upstream_handler(
             .body(Full::new(Bytes::new()).boxed())
             .unwrap());
     }
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     seen.log
         .lock()
         .unwrap()
@@ -191,6 +203,7 @@ pub async fn https_upstream(
             };
             let acceptor = acceptor.clone();
             let seen = s.clone();
+            seen.connections.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -404,11 +417,7 @@ impl Proxy {
 }
 
 /// Send one request over an h1 or h2 client connection on `io` and return (status, headers, body).
-pub async fn send<S>(
-    io: S,
-    h2: bool,
-    req: Request<Full<Bytes>>,
-) -> (u16, http::HeaderMap, Vec<u8>)
+pub async fn send<S>(io: S, h2: bool, req: Request<Full<Bytes>>) -> (u16, http::HeaderMap, Vec<u8>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -428,7 +437,13 @@ where
     };
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
     (status, headers, body)
 }
 

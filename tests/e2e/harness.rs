@@ -129,7 +129,15 @@ impl Env {
         ip(&["link", "add", vh, "type", "veth", "peer", "name", vn])?;
         ip(&["link", "set", vn, "netns", ns])?;
         ip(&["addr", "add", &format!("10.77.{n}.1/24"), "dev", vh])?;
-        ip(&["-6", "addr", "add", &format!("fd77:{n}::1/64"), "dev", vh, "nodad"])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd77:{n}::1/64"),
+            "dev",
+            vh,
+            "nodad",
+        ])?;
         ip(&["link", "set", vh, "up"])?;
         let in_ns = |args: &[&str]| {
             let mut full = vec!["netns", "exec", ns, "ip"];
@@ -138,7 +146,15 @@ impl Env {
         };
         in_ns(&["link", "set", "lo", "up"])?;
         in_ns(&["addr", "add", &format!("{}/24", self.v4), "dev", vn])?;
-        in_ns(&["-6", "addr", "add", &format!("{}/64", self.v6), "dev", vn, "nodad"])?;
+        in_ns(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.v6),
+            "dev",
+            vn,
+            "nodad",
+        ])?;
         in_ns(&["link", "set", vn, "up"])?;
         Ok(())
     }
@@ -252,10 +268,12 @@ impl Env {
     /// curl as a tagged agent: `enforcer exec --profile e2e -- curl …`.
     pub fn curl_tagged(&self, args: &[&str]) -> Curl {
         let mut cmd = Command::new(enforcer_bin());
-        cmd.arg("exec")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--profile", PROFILE, "--", "curl"]);
+        cmd.arg("exec").arg("--config").arg(&self.config).args([
+            "--profile",
+            PROFILE,
+            "--",
+            "curl",
+        ]);
         curl_with(cmd, args)
     }
 
@@ -300,7 +318,9 @@ impl Env {
         assert_eq!(out.status, 200, "count query failed: {out:?}");
         let v: serde_json::Value = serde_json::from_str(&out.body)
             .unwrap_or_else(|e| panic!("count reply {:?}: {e}", out.body));
-        v["count"].as_u64().unwrap_or_else(|| panic!("count reply {v}"))
+        v["count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("count reply {v}"))
     }
 
     /// Let SSE stream `id` send its second event (an untagged control request straight to the netns host).
@@ -385,10 +405,16 @@ pub fn leftovers(id: u32) -> Vec<String> {
     if pin.exists() {
         found.push(pin.display().to_string());
     }
-    if netns_list().iter().any(|n| n == &format!("{NETNS_PREFIX}{id}")) {
+    if netns_list()
+        .iter()
+        .any(|n| n == &format!("{NETNS_PREFIX}{id}"))
+    {
         found.push(format!("netns {NETNS_PREFIX}{id}"));
     }
-    if Path::new("/sys/class/net").join(format!("enfh{id}")).exists() {
+    if Path::new("/sys/class/net")
+        .join(format!("enfh{id}"))
+        .exists()
+    {
         found.push(format!("link enfh{id}"));
     }
     found
@@ -423,11 +449,15 @@ fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
 
 /// A CA and one leaf it signs for `names`: (CA PEM, leaf PEM, leaf key PEM).
 fn mint(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     let err = |e: rcgen::Error| e.to_string();
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca_params.distinguished_name.push(DnType::CommonName, ca_name);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, ca_name);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
@@ -504,10 +534,9 @@ fn free_port() -> Result<u16> {
 /// Mount bpffs at /sys/fs/bpf when nothing is mounted there (pins need it).
 fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
         return Ok(());
     }
     let out = Command::new("mount")
@@ -526,7 +555,10 @@ fn ensure_bpffs() -> Result<()> {
 
 /// Remove what an earlier harness process (now dead) left behind.
 fn sweep_stale() {
-    let dead = |id: &str| id.parse::<u32>().is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    let dead = |id: &str| {
+        id.parse::<u32>()
+            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
     for ns in netns_list() {
         if let Some(id) = ns.strip_prefix(NETNS_PREFIX) {
             if dead(id) {
@@ -536,7 +568,9 @@ fn sweep_stale() {
         }
     }
     for base in [CGROUP_ROOT, BPFFS] {
-        let Ok(entries) = std::fs::read_dir(base) else { continue };
+        let Ok(entries) = std::fs::read_dir(base) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_prefix(PREFIX) {
@@ -608,7 +642,11 @@ fn terminate(child: &mut Child, grace: Duration) -> Result<Option<std::process::
 }
 
 /// Read `stdout` lines until one contains `needle` (returned) or the deadline passes; keeps draining afterwards.
-fn wait_for_line(stdout: Option<std::process::ChildStdout>, needle: &str, timeout: Duration) -> Result<String> {
+fn wait_for_line(
+    stdout: Option<std::process::ChildStdout>,
+    needle: &str,
+    timeout: Duration,
+) -> Result<String> {
     let stdout = stdout.ok_or("no stdout")?;
     let (tx, rx) = mpsc::channel();
     let needle = needle.to_string();

@@ -20,16 +20,43 @@ type Test = (&'static str, fn(&mut Env));
 
 /// In order; the last one stops the daemon.
 const TESTS: &[Test] = &[
-    ("netns_upstream_reachable_untagged", netns_upstream_reachable_untagged),
-    ("allowed_https_reaches_upstream_h1_h2_v4_v6", allowed_https_reaches_upstream),
-    ("allowed_plain_http_reaches_upstream", allowed_plain_http_reaches_upstream),
-    ("blocked_gets_403_and_never_reaches_upstream", blocked_gets_403_and_never_reaches_upstream),
-    ("untagged_request_is_not_intercepted", untagged_request_is_not_intercepted),
+    (
+        "netns_upstream_reachable_untagged",
+        netns_upstream_reachable_untagged,
+    ),
+    (
+        "allowed_https_reaches_upstream_h1_h2_v4_v6",
+        allowed_https_reaches_upstream,
+    ),
+    (
+        "allowed_plain_http_reaches_upstream",
+        allowed_plain_http_reaches_upstream,
+    ),
+    (
+        "blocked_gets_403_and_never_reaches_upstream",
+        blocked_gets_403_and_never_reaches_upstream,
+    ),
+    (
+        "untagged_request_is_not_intercepted",
+        untagged_request_is_not_intercepted,
+    ),
     ("sse_arrives_event_by_event", sse_arrives_event_by_event),
-    ("bad_upstream_certificate_is_blocked_and_audited", bad_upstream_certificate_is_blocked_and_audited),
-    ("tcp_allowed_port_relays_blocked_port_closed", tcp_allowed_port_relays_blocked_port_closed),
-    ("one_audit_record_per_request_and_verify_passes", one_audit_record_per_request_and_verify_passes),
-    ("daemon_stops_cleanly_on_sigterm", daemon_stops_cleanly_on_sigterm),
+    (
+        "bad_upstream_certificate_is_blocked_and_audited",
+        bad_upstream_certificate_is_blocked_and_audited,
+    ),
+    (
+        "tcp_allowed_port_relays_blocked_port_closed",
+        tcp_allowed_port_relays_blocked_port_closed,
+    ),
+    (
+        "one_audit_record_per_request_and_verify_passes",
+        one_audit_record_per_request_and_verify_passes,
+    ),
+    (
+        "daemon_stops_cleanly_on_sigterm",
+        daemon_stops_cleanly_on_sigterm,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -60,7 +87,9 @@ fn main() -> ExitCode {
             println!("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s\n");
             return ExitCode::FAILURE;
         }
-        println!("\nskipping the privileged end-to-end tests: not root (they run as root, and in CI)");
+        println!(
+            "\nskipping the privileged end-to-end tests: not root (they run as root, and in CI)"
+        );
         println!("test result: ok. 0 passed; 0 failed; {} ignored; 0 measured; 0 filtered out; finished in 0.00s\n", TESTS.len());
         return ExitCode::SUCCESS;
     }
@@ -138,7 +167,11 @@ const VARIANTS: [(&str, bool); 4] = [
 ];
 
 fn variant_tag(http: &str, v6: bool) -> String {
-    format!("{}-{}", http.trim_start_matches("--"), if v6 { "v6" } else { "v4" })
+    format!(
+        "{}-{}",
+        http.trim_start_matches("--"),
+        if v6 { "v6" } else { "v4" }
+    )
 }
 
 /// The audit records that mention `path` (anywhere in the record).
@@ -166,13 +199,55 @@ fn netns_upstream_reachable_untagged(env: &mut Env) {
     for v6 in [false, true] {
         let path = unique("/allowed", "untagged-direct");
         let url = format!("https://{API_HOST}{path}");
-        let out = env.curl_untagged(&["--cacert", &ca, "--resolve", &env.resolve(API_HOST, 443, v6), &url]);
+        let out = env.curl_untagged(&[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &env.resolve(API_HOST, 443, v6),
+            &url,
+        ]);
         assert_eq!((out.code, out.status), (0, 200), "{out:?}");
-        assert!(out.body.contains(&format!("upstream ok: GET {path} host={API_HOST}")), "{out:?}");
+        assert!(
+            out.body
+                .contains(&format!("upstream ok: GET {path} host={API_HOST}")),
+            "{out:?}"
+        );
         assert_eq!(env.upstream_count(&path), 1);
     }
     let out = env.curl_untagged(&[&format!("http://[{}]/allowed/plain-direct", env.v6)]);
     assert_eq!(out.status, 200, "{out:?}");
+    sse_event_by_event(
+        env,
+        Command::new("curl"),
+        "--http1.1",
+        "untagged",
+        &["--cacert", &ca],
+    );
+    // The untrusted-certificate server answers TLS, with a certificate the test CA does not vouch for.
+    let bad = format!("https://{BAD_HOST}:{BAD_TLS_PORT}/allowed/x");
+    let out = env.curl_untagged(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, false),
+        &bad,
+    ]);
+    assert_eq!(out.code, 60, "{out:?}");
+    let out = env.curl_untagged(&[
+        "-k",
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, true),
+        &bad,
+    ]);
+    assert_eq!(out.status, 200, "{out:?}");
+    for port in [ECHO_ALLOWED, ECHO_BLOCKED] {
+        let (code, out, err) = run(&["python3", "-c", TCP_CLIENT, &env.v6, &port.to_string()]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, "RECV ping-e2e"),
+            "echo {port}: {err}"
+        );
+    }
 }
 
 fn allowed_https_reaches_upstream(env: &mut Env) {
@@ -180,14 +255,25 @@ fn allowed_https_reaches_upstream(env: &mut Env) {
     for (http, v6) in VARIANTS {
         let path = unique("/allowed", &variant_tag(http, v6));
         let url = format!("https://{API_HOST}{path}");
-        let out = env.curl_tagged(&["-v", http, "--resolve", &env.resolve(API_HOST, 443, v6), &url]);
+        let out = env.curl_tagged(&[
+            "-v",
+            http,
+            "--resolve",
+            &env.resolve(API_HOST, 443, v6),
+            &url,
+        ]);
         assert_eq!((out.code, out.status), (0, 200), "{http} v6={v6}: {out:?}");
         assert!(
-            out.body.contains(&format!("upstream ok: GET {path} host={API_HOST}")),
+            out.body
+                .contains(&format!("upstream ok: GET {path} host={API_HOST}")),
             "{http} v6={v6}: {out:?}"
         );
         if http == "--http2" {
-            assert!(out.stderr.contains("< HTTP/2 200"), "h2 was not negotiated with the proxy: {}", out.stderr);
+            assert!(
+                out.stderr.contains("< HTTP/2 200"),
+                "h2 was not negotiated with the proxy: {}",
+                out.stderr
+            );
         }
         assert_eq!(env.upstream_count(&path), 1, "{http} v6={v6}");
     }
@@ -200,7 +286,10 @@ fn allowed_plain_http_reaches_upstream(env: &mut Env) {
         let url = format!("http://{API_HOST}{path}");
         let out = env.curl_tagged(&["--resolve", &env.resolve(API_HOST, 80, v6), &url]);
         assert_eq!((out.code, out.status), (0, 200), "v6={v6}: {out:?}");
-        assert!(out.body.contains(&format!("upstream ok: GET {path}")), "{out:?}");
+        assert!(
+            out.body.contains(&format!("upstream ok: GET {path}")),
+            "{out:?}"
+        );
         assert_eq!(env.upstream_count(&path), 1);
     }
 }
@@ -214,14 +303,25 @@ fn blocked_gets_403_and_never_reaches_upstream(env: &mut Env) {
         assert_eq!((out.code, out.status), (0, 403), "{http} v6={v6}: {out:?}");
         let body: serde_json::Value = serde_json::from_str(&out.body)
             .unwrap_or_else(|e| panic!("403 body is not JSON ({e}): {:?}", out.body));
-        assert!(mentions_substring(&body, "e2e-block-path"), "403 body does not name the rule: {body}");
+        assert!(
+            mentions_substring(&body, "e2e-block-path"),
+            "403 body does not name the rule: {body}"
+        );
         assert!(!out.body.contains("upstream ok"), "{out:?}");
-        assert_eq!(env.upstream_count(&path), 0, "blocked request reached the upstream");
+        assert_eq!(
+            env.upstream_count(&path),
+            0,
+            "blocked request reached the upstream"
+        );
     }
     // A host no rule allows falls to the default block and never reaches the upstream either.
     let path = unique("/anything", "unknown-host");
     let url = format!("https://unknown.e2e.test{path}");
-    let out = env.curl_tagged(&["--resolve", &env.resolve("unknown.e2e.test", 443, false), &url]);
+    let out = env.curl_tagged(&[
+        "--resolve",
+        &env.resolve("unknown.e2e.test", 443, false),
+        &url,
+    ]);
     assert_eq!(out.status, 403, "{out:?}");
     assert_eq!(env.upstream_count(&path), 0);
 }
@@ -239,7 +339,11 @@ fn mentions_substring(v: &serde_json::Value, needle: &str) -> bool {
 fn untagged_request_is_not_intercepted(env: &mut Env) {
     env.need_daemon();
     let enforcer_ca = env.dir.path().join("state/ca/ca.pem");
-    assert!(enforcer_ca.exists(), "no enforcer CA at {}", enforcer_ca.display());
+    assert!(
+        enforcer_ca.exists(),
+        "no enforcer CA at {}",
+        enforcer_ca.display()
+    );
     let enforcer_ca = enforcer_ca.display().to_string();
     let test_ca = env.test_ca.display().to_string();
     for v6 in [false, true] {
@@ -248,15 +352,25 @@ fn untagged_request_is_not_intercepted(env: &mut Env) {
         let url = format!("https://{API_HOST}{path}");
         // Untagged: trusting only the test CA works (the upstream's own certificate) ...
         let out = env.curl_untagged(&["--cacert", &test_ca, "--resolve", &resolve, &url]);
-        assert_eq!((out.code, out.status), (0, 200), "untagged v6={v6}: {out:?}");
+        assert_eq!(
+            (out.code, out.status),
+            (0, 200),
+            "untagged v6={v6}: {out:?}"
+        );
         // ... and trusting only the enforcer CA fails: nothing intercepted it.
         let out = env.curl_untagged(&["--cacert", &enforcer_ca, "--resolve", &resolve, &url]);
-        assert_eq!(out.code, 60, "untagged request was intercepted? v6={v6}: {out:?}");
+        assert_eq!(
+            out.code, 60,
+            "untagged request was intercepted? v6={v6}: {out:?}"
+        );
         // Tagged, the reverse: the enforcer's leaf, which the test CA alone does not verify.
         let out = env.curl_tagged(&["--cacert", &enforcer_ca, "--resolve", &resolve, &url]);
         assert_eq!((out.code, out.status), (0, 200), "tagged v6={v6}: {out:?}");
         let out = env.curl_tagged(&["--cacert", &test_ca, "--resolve", &resolve, &url]);
-        assert_eq!(out.code, 60, "tagged request was not intercepted? v6={v6}: {out:?}");
+        assert_eq!(
+            out.code, 60,
+            "tagged request was not intercepted? v6={v6}: {out:?}"
+        );
         // Exactly the two requests that verified reached the upstream.
         assert_eq!(env.upstream_count(&path), 2, "v6={v6}");
     }
@@ -266,57 +380,73 @@ fn untagged_request_is_not_intercepted(env: &mut Env) {
 fn sse_arrives_event_by_event(env: &mut Env) {
     env.need_daemon();
     for (i, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
-        let id = format!("sse-{}-{i}", env.id);
-        let url = format!("https://{API_HOST}/sse?id={id}");
-        let mut child = Command::new(harness::enforcer_bin())
-            .arg("exec")
-            .arg("--config")
-            .arg(&env.config)
-            .args(["--profile", harness::PROFILE, "--", "curl", "-sS", "-N", "--max-time", "40", http])
-            .args(["--resolve", &env.resolve(API_HOST, 443, false), &url])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn curl: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let wait_for = |what: &str, timeout: Duration| -> Vec<String> {
-            let deadline = Instant::now() + timeout;
-            let mut seen = Vec::new();
-            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                match rx.recv_timeout(left) {
-                    Ok(line) => {
-                        let done = line.contains(what);
-                        seen.push(line);
-                        if done {
-                            return seen;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-            panic!("{http}: {what:?} did not arrive within {timeout:?}; saw {seen:?}");
-        };
-        let first = wait_for("data: first", Duration::from_secs(20));
-        assert!(
-            !first.iter().any(|l| l.contains("second") || l.contains("timeout")),
-            "{http}: {first:?}"
-        );
-        env.release_sse(&id);
-        let second = wait_for("data: ", Duration::from_secs(20));
-        assert!(second.iter().any(|l| l == "data: second"), "{http}: {second:?}");
-        let status = child.wait().unwrap_or_else(|e| panic!("wait curl: {e}"));
-        assert!(status.success(), "{http}: curl exited {status}");
+        let mut cmd = Command::new(harness::enforcer_bin());
+        cmd.arg("exec").arg("--config").arg(&env.config).args([
+            "--profile",
+            harness::PROFILE,
+            "--",
+            "curl",
+        ]);
+        sse_event_by_event(env, cmd, http, &format!("tagged-{i}"), &[]);
     }
+}
+
+/// Stream `/sse` with curl (`cmd` is the command up to and including `curl`) and check that event 1 reaches the
+/// client before the upstream is allowed to send event 2, and that event 2 follows once released.
+fn sse_event_by_event(env: &Env, mut cmd: Command, http: &str, tag: &str, extra: &[&str]) {
+    let id = format!("sse-{}-{tag}", env.id);
+    let url = format!("https://{API_HOST}/sse?id={id}");
+    let mut child = cmd
+        .args(["-sS", "-N", "--max-time", "40", http])
+        .args(extra)
+        .args(["--resolve", &env.resolve(API_HOST, 443, false), &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn curl: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str, timeout: Duration| -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line.contains(what);
+                    seen.push(line);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("{tag} {http}: {what:?} did not arrive within {timeout:?}; saw {seen:?}");
+    };
+    let first = wait_for("data: first", Duration::from_secs(20));
+    assert!(
+        !first
+            .iter()
+            .any(|l| l.contains("second") || l.contains("timeout")),
+        "{tag} {http}: {first:?}"
+    );
+    env.release_sse(&id);
+    let second = wait_for("data: ", Duration::from_secs(20));
+    assert!(
+        second.iter().any(|l| l == "data: second"),
+        "{tag} {http}: {second:?}"
+    );
+    let status = child.wait().unwrap_or_else(|e| panic!("wait curl: {e}"));
+    assert!(status.success(), "{tag} {http}: curl exited {status}");
 }
 
 fn bad_upstream_certificate_is_blocked_and_audited(env: &mut Env) {
@@ -324,22 +454,39 @@ fn bad_upstream_certificate_is_blocked_and_audited(env: &mut Env) {
     let path = unique("/allowed", "bad-cert");
     let url = format!("https://{BAD_HOST}:{BAD_TLS_PORT}{path}");
     // Sanity: the upstream really serves there (untagged, trusting nothing → certificate error, not refusal).
-    let out = env.curl_untagged(&["--resolve", &env.resolve(BAD_HOST, BAD_TLS_PORT, false), &url]);
+    let out = env.curl_untagged(&[
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, false),
+        &url,
+    ]);
     assert_eq!(out.code, 60, "{out:?}");
-    let out = env.curl_tagged(&["--resolve", &env.resolve(BAD_HOST, BAD_TLS_PORT, false), &url]);
-    assert!(out.status != 200 && !out.body.contains("upstream ok"), "forwarded despite a bad certificate: {out:?}");
+    let out = env.curl_tagged(&[
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, false),
+        &url,
+    ]);
+    assert!(
+        out.status != 200 && !out.body.contains("upstream ok"),
+        "forwarded despite a bad certificate: {out:?}"
+    );
     assert!(out.status == 403 || out.status == 502, "{out:?}");
     assert_eq!(env.upstream_count(&path), 0);
     let recs = records_for(env, &path);
     assert_eq!(recs.len(), 1, "audit records for {path}: {recs:?}");
-    assert!(mentions(&recs[0], "blocked"), "not audited as blocked: {}", recs[0]);
-    assert!(mentions(&recs[0], "upstream_tls"), "no upstream_tls reason: {}", recs[0]);
+    assert!(
+        mentions(&recs[0], "blocked"),
+        "not audited as blocked: {}",
+        recs[0]
+    );
+    assert!(
+        mentions(&recs[0], "upstream_tls"),
+        "no upstream_tls reason: {}",
+        recs[0]
+    );
 }
 
-/// Raw TCP (neither TLS nor HTTP): the allowed echo port relays bytes, the blocked one is closed.
-fn tcp_allowed_port_relays_blocked_port_closed(env: &mut Env) {
-    env.need_daemon();
-    const CLIENT: &str = r#"
+/// A raw TCP client: sends a line, prints what comes back (`RECV <eof>` when the peer closed).
+const TCP_CLIENT: &str = r#"
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 try:
@@ -349,22 +496,53 @@ try:
 except Exception as e:
     print("ERR " + type(e).__name__)
 "#;
+
+/// Raw TCP (neither TLS nor HTTP): the allowed echo port relays bytes, the blocked one is closed.
+fn tcp_allowed_port_relays_blocked_port_closed(env: &mut Env) {
+    env.need_daemon();
     for addr in [env.v4.clone(), env.v6.clone()] {
-        let (code, out, err) = env.exec_tagged(&["python3", "-c", CLIENT, &addr, &ECHO_ALLOWED.to_string()]);
-        assert_eq!((code, out.trim()), (0, "RECV ping-e2e"), "allowed port {addr}: {err}");
-        let (code, out, err) = env.exec_tagged(&["python3", "-c", CLIENT, &addr, &ECHO_BLOCKED.to_string()]);
+        let (code, out, err) = env.exec_tagged(&[
+            "python3",
+            "-c",
+            TCP_CLIENT,
+            &addr,
+            &ECHO_ALLOWED.to_string(),
+        ]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, "RECV ping-e2e"),
+            "allowed port {addr}: {err}"
+        );
+        let (code, out, err) = env.exec_tagged(&[
+            "python3",
+            "-c",
+            TCP_CLIENT,
+            &addr,
+            &ECHO_BLOCKED.to_string(),
+        ]);
         assert!(
-            code == 0 && (out.trim() == "RECV <eof>" || out.trim().starts_with("ERR ConnectionReset")),
+            code == 0
+                && (out.trim() == "RECV <eof>" || out.trim().starts_with("ERR ConnectionReset")),
             "blocked port {addr}: code {code} out {out:?} err {err}"
         );
         // Untagged, the blocked port is a plain echo: it is the enforcer that closed it.
-        let (code, out, _) = run(&["python3", "-c", CLIENT, &addr, &ECHO_BLOCKED.to_string()]);
+        let (code, out, _) = run(&[
+            "python3",
+            "-c",
+            TCP_CLIENT,
+            &addr,
+            &ECHO_BLOCKED.to_string(),
+        ]);
         assert_eq!((code, out.trim()), (0, "RECV ping-e2e"));
     }
 }
 
 fn run(cmd: &[&str]) -> (i32, String, String) {
-    match Command::new(cmd[0]).args(&cmd[1..]).stdin(Stdio::null()).output() {
+    match Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .output()
+    {
         Ok(o) => (
             o.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -386,10 +564,16 @@ fn one_audit_record_per_request_and_verify_passes(env: &mut Env) {
         assert_eq!(recs.len(), 1, "audit records for {path}: {recs:?}");
     }
     let rec = &records_for(env, &allowed)[0];
-    assert!(mentions(rec, "allow") && mentions(rec, "e2e-allow-api"), "{rec}");
+    assert!(
+        mentions(rec, "allow") && mentions(rec, "e2e-allow-api"),
+        "{rec}"
+    );
     assert!(mentions(rec, harness::PROFILE), "no profile in {rec}");
     let rec = &records_for(env, &blocked)[0];
-    assert!(mentions(rec, "block") && mentions(rec, "e2e-block-path"), "{rec}");
+    assert!(
+        mentions(rec, "block") && mentions(rec, "e2e-block-path"),
+        "{rec}"
+    );
     let (ok, out) = env.audit_verify();
     assert!(ok, "enforcer audit verify failed: {out}");
 }

@@ -41,7 +41,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Setup => setup::run(),
         Cmd::Test { no_bench } => test(no_bench),
-        Cmd::Demo => setup::run().and_then(|()| build()).and_then(|()| demo::run()),
+        Cmd::Demo => setup::run()
+            .and_then(|()| build())
+            .and_then(|()| demo::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

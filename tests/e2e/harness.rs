@@ -330,12 +330,12 @@ impl Env {
         assert_eq!(out.status, 200, "release failed: {out:?}");
     }
 
-    /// The audit records `enforcer audit tail DIR --json` prints (the latest ones at least).
+    /// Every audit record (`enforcer audit tail DIR --json -n 1000000`), as JSON.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         let out = Command::new(enforcer_bin())
             .args(["audit", "tail"])
             .arg(&self.audit_dir)
-            .arg("--json")
+            .args(["--json", "-n", "1000000"])
             .output()
             .unwrap_or_else(|e| panic!("enforcer audit tail: {e}"));
         assert!(

@@ -96,7 +96,7 @@ fn test(no_bench: bool) -> anyhow::Result<()> {
     build()?;
     // Unit, integration and the privileged end-to-end tests (tests/e2e, run as the `e2e` test of `enforcer`).
     // Every failure is fatal; `test result:` lines are cargo's own.
-    run_checked(cargo().args(["test", "--workspace"]))?;
+    run_checked(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     if no_bench {
         return Ok(());
     }

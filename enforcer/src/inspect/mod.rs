@@ -16,6 +16,7 @@ pub use block::{
     block_batch_response, block_message, block_response, BlockResponse, MCP_POLICY_ERROR_CODE,
 };
 pub use decode::decode_body;
+pub(crate) use llm::tool_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {

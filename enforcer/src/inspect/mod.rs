@@ -197,8 +197,9 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     let host = action
         .transport
         .host
-        .clone()
-        .or_else(|| http.headers.get("host").map(|h| strip_port(h).to_string()));
+        .as_deref()
+        .or_else(|| http.headers.get("host"))
+        .map(|h| strip_port(h).to_string());
     let provider = host
         .as_deref()
         .and_then(|h| cfg.provider_for(h, action.transport.port));
@@ -259,4 +260,21 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
 fn strip_port(host: &str) -> &str {
     let (h, _) = split_host_port(host);
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_forms() {
+        assert_eq!(split_host_port("api.openai.com"), ("api.openai.com", None));
+        assert_eq!(split_host_port("127.0.0.1:8443"), ("127.0.0.1", Some(8443)));
+        assert_eq!(split_host_port("[fd77::2]:443"), ("fd77::2", Some(443)));
+        assert_eq!(split_host_port("[fd77::2]"), ("fd77::2", None));
+        assert_eq!(split_host_port("fd77::2"), ("fd77::2", None));
+        assert!(host_matches("[FD77::2]:443", "fd77::2", 443));
+        assert!(!host_matches("[fd77::2]:443", "fd77::2", 80));
+        assert!(host_matches("api.openai.com.", "api.openai.com", 1));
+    }
 }

@@ -1,51 +1,15 @@
 //! CONSTRAIN rewrites on golden provider requests: redaction (JSON strings, text, query, headers), JSON set, remove
 //! and cap, header changes, dropping tools, and the refusal to touch opaque signed fields.
 
-use std::ops::Range;
-
 use bytes::Bytes;
-use enforcer::constrain::{apply_with, ConstrainError, ConstrainOptions, Detect};
+use enforcer::constrain::{apply_with, ConstrainError, ConstrainOptions};
 use enforcer::model::{Change, PlannedRewrite, Rewrite};
+use enforcer::policy::detect::Detectors;
 use serde_json::{json, Value};
 
-/// Detectors for these tests: a regex per name (the policy's built-in detectors are exercised by the bench and by
-/// the policy's own tests; here the subject is the rewriting around them).
-struct Regexes(Vec<(&'static str, regex::Regex)>);
-
-impl Regexes {
-    fn new() -> Regexes {
-        Regexes(vec![
-            (
-                "openai-key",
-                regex::Regex::new(r"sk-(?:proj-)?[A-Za-z0-9_-]{20,}").unwrap(),
-            ),
-            (
-                "aws-access-key",
-                regex::Regex::new(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b").unwrap(),
-            ),
-            (
-                "email",
-                regex::Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}").unwrap(),
-            ),
-            (
-                "github-token",
-                regex::Regex::new(r"gh[pousr]_[A-Za-z0-9]{36}").unwrap(),
-            ),
-        ])
-    }
-}
-
-impl Detect for Regexes {
-    fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|(n, _)| *n == name)
-    }
-    fn find(&self, name: &str, text: &str) -> Vec<Range<usize>> {
-        self.0
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .flat_map(|(_, re)| re.find_iter(text).map(|m| m.range()))
-            .collect()
-    }
+/// The policy's built-in detectors, as `apply` uses them.
+fn detectors() -> Detectors {
+    Detectors::builtin()
 }
 
 const OPENAI_KEY: &str = "sk-proj-abcdefghijklmnopqrstuvwxyz012345";
@@ -95,7 +59,7 @@ fn run(rewrites: &[PlannedRewrite], mut parts: http::request::Parts, body: &Valu
     let mut body = Bytes::from(serde_json::to_vec(body).unwrap());
     let result = apply_with(
         rewrites,
-        &Regexes::new(),
+        &detectors(),
         &ConstrainOptions::default(),
         &mut parts,
         &mut body,
@@ -217,7 +181,7 @@ fn redacts_query_values_and_header_values() {
     let mut p2 = p;
     let changes = apply_with(
         &[redact(&["aws-access-key", "github-token"])],
-        &Regexes::new(),
+        &detectors(),
         &ConstrainOptions::default(),
         &mut p2,
         &mut body,
@@ -245,7 +209,7 @@ fn custom_marker() {
     };
     apply_with(
         &[redact(&["email"])],
-        &Regexes::new(),
+        &detectors(),
         &options,
         &mut p,
         &mut b,
@@ -260,7 +224,7 @@ fn text_bodies_are_redacted_as_text() {
     let mut b = Bytes::from(format!("line one\nkey={AWS_KEY}\n"));
     let changes = apply_with(
         &[redact(&["aws-access-key"])],
-        &Regexes::new(),
+        &detectors(),
         &ConstrainOptions::default(),
         &mut p,
         &mut b,
@@ -279,7 +243,7 @@ fn nothing_found_leaves_the_body_bytes_untouched() {
     let mut b = Bytes::from(raw);
     let changes = apply_with(
         &[redact(&["email"])],
-        &Regexes::new(),
+        &detectors(),
         &ConstrainOptions::default(),
         &mut p,
         &mut b,
@@ -310,7 +274,7 @@ fn secrets_inside_signed_fields_block() {
 
     // OpenAI encrypted_content and Gemini parts with a thought signature.
     let mut body = fixture_body("openai_responses");
-    body["input"][1]["encrypted_content"] = json!(format!("x{OPENAI_KEY}"));
+    body["input"][1]["encrypted_content"] = json!(format!("blob {OPENAI_KEY}"));
     assert!(matches!(
         run(&[redact(&["openai-key"])], parts("/", &[]), &body).result,
         Err(ConstrainError::SignedField { path }) if path == "$.input[1].encrypted_content"
@@ -673,7 +637,7 @@ fn errors_for_non_json_bodies_unknown_detectors_and_bad_paths() {
                 value: json!(1),
             },
         )],
-        &Regexes::new(),
+        &detectors(),
         &ConstrainOptions::default(),
         &mut p,
         &mut b,
@@ -693,7 +657,7 @@ fn errors_for_non_json_bodies_unknown_detectors_and_bad_paths() {
             ),
             drop_tools(&["*"]),
         ],
-        &Regexes::new(),
+        &detectors(),
         &ConstrainOptions::default(),
         &mut p,
         &mut b,

@@ -7,7 +7,6 @@
 //! The body given to [`apply`] is the decoded body (see `inspect::decode_body`); when a rewrite changes it, the new
 //! body is identity-encoded, so `content-encoding` is removed and `content-length` (if present) updated.
 
-mod path;
 mod redact;
 mod signed;
 mod tools;
@@ -18,9 +17,9 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::model::{Change, PlannedRewrite, Rewrite};
+use crate::policy::jsonpath::JsonPath;
 use crate::policy::Policy;
 
-use path::JsonPath;
 use redact::Redactor;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,15 +75,12 @@ impl Default for ConstrainOptions {
     }
 }
 
-/// A policy without detectors, until the policy engine provides its own.
-struct NoDetectors;
-
-impl Detect for NoDetectors {
-    fn contains(&self, _name: &str) -> bool {
-        false
+impl Detect for crate::policy::detect::Detectors {
+    fn contains(&self, name: &str) -> bool {
+        crate::policy::detect::Detectors::contains(self, name)
     }
-    fn find(&self, _name: &str, _text: &str) -> Vec<Range<usize>> {
-        Vec::new()
+    fn find(&self, name: &str, text: &str) -> Vec<Range<usize>> {
+        crate::policy::detect::Detectors::find(self, name, text)
     }
 }
 
@@ -92,13 +88,13 @@ impl Detect for NoDetectors {
 /// On success returns what changed; on error nothing must be forwarded (the caller blocks).
 pub fn apply(
     rewrites: &[PlannedRewrite],
-    _policy: &Policy,
+    policy: &Policy,
     parts: &mut http::request::Parts,
     body: &mut Bytes,
 ) -> Result<Vec<Change>, ConstrainError> {
     apply_with(
         rewrites,
-        &NoDetectors,
+        policy.detectors(),
         &ConstrainOptions::default(),
         parts,
         body,

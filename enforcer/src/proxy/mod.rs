@@ -1,19 +1,222 @@
 //! The proxy: accepts redirected (transparent) and explicit-proxy connections, terminates TLS with leaves minted
 //! by the enforcer CA, turns each request into an `Action`, has it decided and audited, then forwards it upstream
-//! (verifying the real certificate) or answers with a block.
+//! (verifying the real certificate) or answers with a block. Owns sockets, TLS and HTTP framing; knows nothing of
+//! how decisions are made (policy), how requests are classified or rewritten (inspect, constrain) or how records
+//! are stored (audit).
 //!
-//! SCAFFOLD: replaced by the proxy stage.
+//! A connection's path: [`serve_transparent`] / [`serve_explicit`] → `accept` (original destination, sniff) →
+//! `tls` (leaf, ALPN) or plain HTTP or `tunnel` (TCP) → `http` (the per-request pipeline) → `upstream`.
 
+mod accept;
+mod ca;
+mod explicit;
+mod http;
+mod io;
+mod tls;
+mod tunnel;
+mod upstream;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Subcommand;
+use tokio::net::TcpListener;
+pub use tokio_util::sync::CancellationToken;
+
+pub use ca::{CaError, CertAuthority};
+pub use tls::{TlsSetupError, UpstreamTls};
+pub use upstream::UpstreamError;
+
+use crate::audit::AuditLog;
+use crate::inspect::InspectConfig;
+use crate::model::{
+    Agent, AuditEvent, Decision, Disposition, Mode, OriginLookup, Outcome, Reason, RequestSummary,
+    Scheme, Verdict,
+};
+use crate::policy::Policy;
+
+/// Everything the connections share.
+pub struct ProxyContext {
+    pub policy: Arc<Policy>,
+    pub audit: AuditLog,
+    pub ca: Arc<CertAuthority>,
+    pub upstream: UpstreamTls,
+    pub origins: Arc<dyn OriginLookup>,
+    pub inspect: InspectConfig,
+}
+
+/// Serve redirected connections: each client's original destination and agent come from `ctx.origins`. A client
+/// without a recorded origin is closed (and audited as a TCP block), never forwarded. Returns once `shutdown` fires.
+pub async fn serve_transparent(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    shutdown: CancellationToken,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let origin = ctx.origins.lookup(peer);
+            let Some(origin) = origin.filter(|o| Some(o.dst) != local) else {
+                tracing::info!(client = %peer, "connection without a recorded original destination: closed");
+                let summary = RequestSummary {
+                    scheme: Some(Scheme::Tcp),
+                    ..RequestSummary::default()
+                };
+                let decision = proxy_decision(
+                    &ctx.policy,
+                    Reason::BadRequest,
+                    "the connection has no recorded original destination",
+                );
+                record_block(&ctx, decision, &Agent::default(), summary, None).await;
+                return;
+            };
+            let target = accept::Target {
+                dst: origin.dst,
+                agent: origin.agent,
+                host_hint: None,
+            };
+            tokio::select! {
+                _ = accept::handle(ctx, stream, target) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Serve the explicit proxy (HTTP CONNECT and absolute-form requests); every client gets `profile`.
+pub async fn serve_explicit(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    profile: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tracing::debug!(client = %peer, "explicit proxy client");
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let agent = Agent {
+            profile: Some(profile.clone()),
+            ..Agent::default()
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = explicit::serve_client(ctx, stream, agent) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// A block the proxy decides itself (protocol errors, upstream failures), under the current policy's hash.
+fn proxy_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
+    Decision {
+        verdict: Verdict::Block,
+        deciding_rule: None,
+        matched_rules: Vec::new(),
+        reason,
+        message: Some(message.to_string()),
+        rewrites: Vec::new(),
+        mode: Mode::Enforce,
+        policy_hash: policy.hash().to_string(),
+    }
+}
+
+/// Record a block; a failing audit write is logged (the request is refused either way).
+async fn record_block(
+    ctx: &ProxyContext,
+    decision: Decision,
+    agent: &Agent,
+    request: RequestSummary,
+    status: Option<u16>,
+) {
+    let error = match decision.reason {
+        Reason::Rule | Reason::Default | Reason::RateLimited => None,
+        other => Some(other),
+    };
+    let event = AuditEvent {
+        decision,
+        agent: agent.clone(),
+        request,
+        outcome: Outcome {
+            disposition: Disposition::Blocked,
+            status,
+            error,
+        },
+    };
+    if let Err(e) = ctx.audit.record(event).await {
+        tracing::error!(error = %e, "audit write failed for a block");
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Print the CA certificate (PEM).
-    Export,
+    /// Print the CA certificate (PEM), creating the CA when it does not exist yet.
+    Export {
+        /// The daemon's state directory (the CA lives in `<state-dir>/ca`).
+        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Add the CA to the system trust store (Debian/Ubuntu: update-ca-certificates).
+    Install {
+        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
 }
 
-pub fn ca_command(_cmd: CaCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("the CA is not wired yet")
+/// Where `ca install` puts the certificate for update-ca-certificates.
+const SYSTEM_CA_FILE: &str = "/usr/local/share/ca-certificates/enforcer.crt";
+
+pub fn ca_command(cmd: CaCommand) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    match cmd {
+        CaCommand::Export { state_dir } => {
+            let ca = CertAuthority::load_or_create(&state_dir.join("ca"))?;
+            print!("{}", ca.cert_pem());
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Install { state_dir } => {
+            let ca = CertAuthority::load_or_create(&state_dir.join("ca"))?;
+            let path = std::path::Path::new(SYSTEM_CA_FILE);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            std::fs::write(path, ca.cert_pem())
+                .with_context(|| format!("writing {}", path.display()))?;
+            let status = std::process::Command::new("update-ca-certificates")
+                .status()
+                .context("running update-ca-certificates")?;
+            anyhow::ensure!(status.success(), "update-ca-certificates failed: {status}");
+            eprintln!("installed the enforcer CA as {SYSTEM_CA_FILE}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

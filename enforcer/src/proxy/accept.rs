@@ -1,0 +1,214 @@
+//! The accept path shared by both modes: sniff the first bytes of a connection whose original destination is known,
+//! then hand it to TLS termination, the plain-HTTP server, or the destination-only TCP relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::http::{self, Conn};
+use super::io::Prefixed;
+use super::tls::{server_config, Hello, H2};
+use super::{tunnel, ProxyContext};
+use crate::model::{Agent, Reason, RequestSummary, Scheme};
+
+/// How long a client may stay silent before the connection is treated as a server-speaks-first TCP protocol.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long the TLS handshake with the agent may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bytes the sniffer needs at most to decide.
+const SNIFF_MAX: usize = 16;
+
+/// Where an accepted connection was really going, and on whose behalf.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub dst: SocketAddr,
+    pub agent: Agent,
+    /// The host name the client named (explicit CONNECT), when known before any byte is read.
+    pub host_hint: Option<String>,
+}
+
+/// What the first bytes of a connection are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Tls,
+    Http,
+    Other,
+}
+
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+    b"PRI * HTTP/2.0",
+];
+
+/// Classify the first bytes; `None` while more are needed to decide.
+pub(crate) fn sniff(buf: &[u8]) -> Option<Kind> {
+    match buf {
+        [] => None,
+        [0x16] => None,
+        [0x16, 0x03, ..] => Some(Kind::Tls),
+        _ => {
+            let mut undecided = false;
+            for m in METHODS {
+                if buf.starts_with(m) {
+                    return Some(Kind::Http);
+                }
+                if m.starts_with(buf) {
+                    undecided = true;
+                }
+            }
+            if undecided {
+                None
+            } else {
+                Some(Kind::Other)
+            }
+        }
+    }
+}
+
+/// Serve one connection whose target is known.
+pub(crate) async fn handle<S>(ctx: Arc<ProxyContext>, mut io: S, target: Target)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(SNIFF_MAX);
+    let kind = loop {
+        if let Some(kind) = sniff(&buf) {
+            break kind;
+        }
+        if buf.len() >= SNIFF_MAX {
+            break Kind::Other;
+        }
+        match tokio::time::timeout(SNIFF_TIMEOUT, io.read_buf(&mut buf)).await {
+            // Silent client: a server-speaks-first protocol.
+            Err(_) => break Kind::Other,
+            Ok(Ok(0)) if buf.is_empty() => return,
+            Ok(Ok(0)) => break Kind::Other,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(dst = %target.dst, error = %e, "client read failed before the first bytes");
+                return;
+            }
+        }
+    };
+    let io = Prefixed::new(buf.freeze(), io);
+    tracing::debug!(dst = %target.dst, kind = ?kind, "connection sniffed");
+    match kind {
+        Kind::Tls => terminate_tls(ctx, io, target).await,
+        Kind::Http => {
+            let conn = Conn {
+                scheme: Scheme::Http,
+                sni: None,
+                dst: target.dst,
+                agent: target.agent,
+                upstream: Default::default(),
+            };
+            http::serve(ctx, io, conn, false).await;
+        }
+        Kind::Other => tunnel::relay(ctx, io, target).await,
+    }
+}
+
+async fn terminate_tls<S>(ctx: Arc<ProxyContext>, io: S, target: Target)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            tracing::debug!(dst = %target.dst, error = %e, "unreadable ClientHello");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(dst = %target.dst, "ClientHello timed out");
+            return;
+        }
+    };
+    let hello = Hello::read(&start.client_hello());
+    if hello.client_sent_alpn && hello.alpn.is_empty() {
+        // An ALPN protocol the proxy cannot inspect: refused deliberately (and audited), not failed by accident.
+        let summary = RequestSummary {
+            scheme: Some(Scheme::Https),
+            host: hello.sni.clone(),
+            ip: Some(target.dst.ip()),
+            port: target.dst.port(),
+            ..RequestSummary::default()
+        };
+        let decision = super::proxy_decision(
+            &ctx.policy,
+            Reason::BadRequest,
+            "the TLS client offered no ALPN protocol the proxy can inspect (h2, http/1.1)",
+        );
+        super::record_block(&ctx, decision, &target.agent, summary, None).await;
+        return;
+    }
+    let name = hello
+        .sni
+        .clone()
+        .or_else(|| target.host_hint.clone())
+        .unwrap_or_else(|| target.dst.ip().to_string());
+    let leaf = match ctx.ca.leaf(&name).await {
+        Ok(leaf) => leaf,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot mint a leaf for this connection");
+            return;
+        }
+    };
+    let config = match server_config(leaf, hello.alpn.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the TLS server configuration");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(dst = %target.dst, error = %e, "TLS handshake with the agent failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(dst = %target.dst, "TLS handshake with the agent timed out");
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(H2);
+    let conn = Conn {
+        scheme: Scheme::Https,
+        sni: hello.sni,
+        dst: target.dst,
+        agent: target.agent,
+        upstream: Default::default(),
+    };
+    http::serve(ctx, tls, conn, h2).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_tls_http_and_other() {
+        assert_eq!(sniff(b""), None);
+        assert_eq!(sniff(&[0x16]), None);
+        assert_eq!(sniff(&[0x16, 0x03, 0x01]), Some(Kind::Tls));
+        assert_eq!(sniff(b"GE"), None);
+        assert_eq!(sniff(b"GET /"), Some(Kind::Http));
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Some(Kind::Http));
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Some(Kind::Other));
+        assert_eq!(sniff(&[0x16, 0x01]), Some(Kind::Other));
+        assert_eq!(sniff(b"GETX"), Some(Kind::Other));
+    }
+}

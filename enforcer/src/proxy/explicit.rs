@@ -1,0 +1,111 @@
+//! Explicit proxy mode, for hosts without eBPF: HTTP CONNECT (the target named in the request, resolved once, then
+//! the same sniff → TLS / HTTP / TCP path as a transparent connection) and absolute-form plain-HTTP requests (the
+//! same request pipeline). The agent's profile comes from the listener's configuration.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ::http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::accept::{self, Target};
+use super::http::{self, error_response, full, Conn, ProxyBody};
+use super::ProxyContext;
+use crate::model::{Agent, Reason, RequestSummary, Scheme};
+
+pub(crate) async fn serve_client(ctx: Arc<ProxyContext>, stream: TcpStream, agent: Agent) {
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        let agent = agent.clone();
+        async move { Ok::<_, std::convert::Infallible>(explicit_request(ctx, agent, req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!(error = %e, "explicit proxy client connection ended with an error");
+    }
+}
+
+async fn explicit_request(
+    ctx: Arc<ProxyContext>,
+    agent: Agent,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            Reason::BadRequest,
+            "the explicit proxy serves CONNECT and absolute-form http:// requests only",
+        );
+    };
+    let connect = req.method() == Method::CONNECT;
+    if !connect && req.uri().scheme_str() != Some("http") {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            Reason::BadRequest,
+            "use CONNECT for https:// through the explicit proxy",
+        );
+    }
+    let host = super::ca::normalise_host(authority.host().trim_matches(['[', ']']));
+    let default_port = if connect { 443 } else { 80 };
+    let port = authority.port_u16().unwrap_or(default_port);
+    let Some(dst) = resolve(&host, port).await else {
+        let summary = RequestSummary {
+            scheme: Some(if connect { Scheme::Tcp } else { Scheme::Http }),
+            host: Some(host),
+            port,
+            method: Some(req.method().as_str().to_string()),
+            ..RequestSummary::default()
+        };
+        let message = "the destination could not be resolved";
+        let decision = super::proxy_decision(&ctx.policy, Reason::UpstreamUnreachable, message);
+        super::record_block(&ctx, decision, &agent, summary, Some(502)).await;
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            Reason::UpstreamUnreachable,
+            message,
+        );
+    };
+    if connect {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let target = Target {
+            dst,
+            agent,
+            host_hint: Some(host),
+        };
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => accept::handle(ctx, TokioIo::new(upgraded), target).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT tunnel was not established"),
+            }
+        });
+        return Response::new(full(bytes::Bytes::new()));
+    }
+    let conn = Conn {
+        scheme: Scheme::Http,
+        sni: None,
+        dst,
+        agent,
+        upstream: Default::default(),
+    };
+    http::handle_request(&ctx, &conn, req).await
+}
+
+/// Resolve a CONNECT or absolute-form target once; the upstream connection uses exactly this address.
+async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Some(SocketAddr::new(ip, port));
+    }
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(mut addrs) => addrs.next(),
+        Err(e) => {
+            tracing::debug!(error = %e, "explicit proxy target did not resolve");
+            None
+        }
+    }
+}

@@ -1,0 +1,695 @@
+//! The per-request pipeline, readable top to bottom in [`handle_request`]: check Host against SNI, buffer and decode
+//! the body (bounded by the policy), build the `Action`, classify, decide, then block, rewrite or forward — with the
+//! single audit record written durably before anything reaches the upstream. Response bodies stream back frame by
+//! frame (server-sent events are never buffered); `Upgrade` requests are relayed once the upstream agrees.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use sha2::Digest;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::upstream::{self, Sender};
+use super::ProxyContext;
+use crate::inspect::{self, InspectError, Protocol};
+use crate::model::{
+    Action, Agent, AuditEvent, Decision, Disposition, HttpRequest, Mode, Outcome, Pairs, Reason,
+    RequestSummary, Scheme, Transport, Verdict,
+};
+use crate::policy::Policy;
+
+/// The body type the proxy answers with: the upstream's streamed body or a small buffered one.
+pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// One accepted client connection, as the request pipeline needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Conn {
+    pub scheme: Scheme,
+    /// The SNI the agent sent (TLS only).
+    pub sni: Option<String>,
+    /// The original destination.
+    pub dst: SocketAddr,
+    pub agent: Agent,
+    /// The upstream connection reused across this client connection's requests.
+    pub upstream: Arc<upstream::Slot>,
+}
+
+/// Serve HTTP/1.1 and HTTP/2 on an accepted (and possibly TLS-terminated) connection. `h2` is true when ALPN chose
+/// h2, in which case only HTTP/2 is spoken.
+pub(crate) async fn serve<S>(ctx: Arc<ProxyContext>, io: S, conn: Conn, h2: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let dst = conn.dst;
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle_request(&ctx, &conn, req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if h2 {
+        builder = builder.http2_only();
+    }
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(dst = %dst, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Everything known about a request for its audit record, filled as the pipeline goes.
+struct Record<'a> {
+    ctx: &'a ProxyContext,
+    agent: &'a Agent,
+    summary: RequestSummary,
+}
+
+impl Record<'_> {
+    /// Answer with a block the proxy itself decided (not the policy), audited.
+    async fn refuse(
+        self,
+        reason: Reason,
+        status: StatusCode,
+        message: &str,
+    ) -> Response<ProxyBody> {
+        let decision = super::proxy_decision(&self.ctx.policy, reason, message);
+        super::record_block(
+            self.ctx,
+            decision,
+            self.agent,
+            self.summary,
+            Some(status.as_u16()),
+        )
+        .await;
+        error_response(status, reason, message)
+    }
+}
+
+/// The pipeline for one request.
+pub(crate) async fn handle_request(
+    ctx: &ProxyContext,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let policy = ctx.policy.clone();
+    let (mut parts, body) = req.into_parts();
+    let client_upgrade = parts.extensions.remove::<OnUpgrade>();
+    let mut rec = Record {
+        ctx,
+        agent: &conn.agent,
+        summary: RequestSummary {
+            scheme: Some(conn.scheme),
+            host: None,
+            ip: Some(conn.dst.ip()),
+            port: conn.dst.port(),
+            method: Some(parts.method.as_str().to_string()),
+            path: Some(parts.uri.path().to_string()),
+            ..RequestSummary::default()
+        },
+    };
+
+    // 1. The host the request names, which must be the one the TLS session was opened for.
+    let Some(authority) = request_authority(&parts.uri, &parts.headers) else {
+        return rec
+            .refuse(
+                Reason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                "the request names no valid host",
+            )
+            .await;
+    };
+    let host = super::ca::normalise_host(authority_host(&authority));
+    rec.summary.host = Some(host.clone());
+    if parts.method == Method::CONNECT {
+        return rec
+            .refuse(
+                Reason::BadRequest,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is only served by the explicit proxy listener",
+            )
+            .await;
+    }
+    if let Some(sni) = &conn.sni {
+        if *sni != host {
+            return rec
+                .refuse(
+                    Reason::HostMismatch,
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "the request's host does not match the TLS server name",
+                )
+                .await;
+        }
+    }
+
+    // 2. The body, bounded by the policy's limit, as received and decoded.
+    let limit = policy.max_body_bytes();
+    let raw = match read_body(body, &parts.headers, limit).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            return rec
+                .refuse(
+                    Reason::BodyTooLarge,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the request body exceeds the inspection limit",
+                )
+                .await
+        }
+        Err(BodyError::Read) => {
+            return rec
+                .refuse(
+                    Reason::BadRequest,
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read",
+                )
+                .await
+        }
+    };
+    rec.summary.body_size = raw.len() as u64;
+    if !raw.is_empty() {
+        rec.summary.body_sha256 = Some(hex::encode(sha2::Sha256::digest(&raw)));
+    }
+    let encoding = header_str(&parts.headers, &header::CONTENT_ENCODING);
+    let decoded = match inspect::decode_body(encoding.as_deref(), raw.clone(), limit) {
+        Ok(b) => b,
+        Err(e) => return refuse_inspect(rec, &e).await,
+    };
+
+    // 3. The Action, classified into what the request asks for, and the decision.
+    let action = build_action(conn, &host, &parts, raw.len() as u64, &decoded);
+    let inspected = match inspect::classify(action.clone(), &ctx.inspect) {
+        Ok(i) => i,
+        Err(e) => return refuse_inspect(rec, &e).await,
+    };
+    let actions = if inspected.actions.is_empty() {
+        vec![action]
+    } else {
+        inspected.actions
+    };
+    let (mut decision, worst) = decide(&policy, &actions);
+    if let Some(a) = actions.get(worst) {
+        fill_protocol(&mut rec.summary, a);
+    }
+
+    // 4. Carry the decision out (shadow mode records it and forwards the request unmodified).
+    let enforce = decision.mode == Mode::Enforce;
+    let mut body = raw;
+    let mut body_changed = false;
+    if enforce && decision.verdict == Verdict::Block {
+        return block(rec, decision, &inspected.protocol).await;
+    }
+    if enforce && decision.verdict == Verdict::Constrain {
+        let mut rewritten = decoded.clone();
+        match crate::constrain::apply(&decision.rewrites, &policy, &mut parts, &mut rewritten) {
+            Ok(changes) => {
+                // A changed body is forwarded decoded (Content-Encoding dropped) and re-framed.
+                body_changed = rewritten != decoded;
+                if body_changed {
+                    body = rewritten;
+                }
+                rec.summary.changes = changes;
+            }
+            Err(e) => {
+                let reason = match e {
+                    crate::constrain::ConstrainError::SignedField { .. } => Reason::SignedField,
+                    _ => Reason::Unparseable,
+                };
+                tracing::info!(error = %e, "constrain could not be applied: blocking");
+                decision.verdict = Verdict::Block;
+                decision.reason = reason;
+                decision.rewrites.clear();
+                return block(rec, decision, &inspected.protocol).await;
+            }
+        }
+    }
+
+    // 5. Connect and verify the upstream before the record, so a failure is the one record (a block).
+    let is_upgrade =
+        parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
+    let want_h2 = parts.version == Version::HTTP_2 && !is_upgrade;
+    let tls = (conn.scheme == Scheme::Https).then_some(&ctx.upstream);
+    let reused = if is_upgrade {
+        None
+    } else {
+        conn.upstream.take(&host, want_h2).await
+    };
+    let connected = match reused {
+        Some(s) => Ok(s),
+        None => upstream::connect(tls, conn.dst, &host, want_h2).await,
+    };
+    let mut sender = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
+            let message = e.client_message();
+            return rec
+                .refuse(e.reason(), StatusCode::BAD_GATEWAY, &message)
+                .await;
+        }
+    };
+    let event = AuditEvent {
+        decision,
+        agent: conn.agent.clone(),
+        request: rec.summary,
+        outcome: Outcome {
+            disposition: Disposition::Forwarded,
+            status: None,
+            error: None,
+        },
+    };
+    if let Err(e) = ctx.audit.record(event).await {
+        tracing::error!(error = %e, "audit write failed: not forwarding");
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": {"type": "audit_unavailable",
+                "message": "the enforcer could not record the request, so it was not forwarded"}}),
+        );
+    }
+
+    // 6. Forward and stream the answer back.
+    let upstream_req =
+        match upstream_request(parts, &authority, body, body_changed, &sender, is_upgrade) {
+            Some(r) => r,
+            None => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    Reason::BadRequest,
+                    "the request cannot be forwarded",
+                )
+            }
+        };
+    let sent = sender.send(upstream_req).await;
+    if !is_upgrade {
+        conn.upstream.put(&host, want_h2, sender).await;
+    }
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(dst = %conn.dst, error = %e, "upstream request failed");
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                Reason::UpstreamUnreachable,
+                "the upstream failed to answer",
+            );
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && is_upgrade {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        if let Some(client_upgrade) = client_upgrade {
+            tokio::spawn(relay_upgraded(client_upgrade, upstream_upgrade));
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    resp.map(|b| b.boxed())
+}
+
+async fn relay_upgraded(client: OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded relay ended with an error");
+    }
+}
+
+async fn block(rec: Record<'_>, decision: Decision, protocol: &Protocol) -> Response<ProxyBody> {
+    let answer = inspect::block_response(protocol, &decision);
+    let ctx = rec.ctx;
+    super::record_block(ctx, decision, rec.agent, rec.summary, Some(answer.status)).await;
+    let mut resp = Response::new(full(Bytes::from(answer.body)));
+    *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
+    for (k, v) in answer.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    resp
+}
+
+async fn refuse_inspect(rec: Record<'_>, e: &InspectError) -> Response<ProxyBody> {
+    let (reason, status) = match e {
+        InspectError::TooLarge { .. } => (Reason::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+        InspectError::UnsupportedEncoding(_) => {
+            (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        }
+        InspectError::BadJson { .. } | InspectError::Corrupt { .. } => {
+            (Reason::Unparseable, StatusCode::BAD_REQUEST)
+        }
+    };
+    let message = e.to_string();
+    rec.refuse(reason, status, &message).await
+}
+
+/// Evaluate every Action; the most restrictive decision wins (first among equals), carrying every matched rule and,
+/// for constrain, every constrain rewrite. Returns the decision and the index of the Action that produced it.
+pub(crate) fn decide(policy: &Policy, actions: &[Action]) -> (Decision, usize) {
+    let mut best: Option<(Decision, usize)> = None;
+    let mut matched: Vec<String> = Vec::new();
+    let mut rewrites = Vec::new();
+    for (i, action) in actions.iter().enumerate() {
+        let d = policy.evaluate(action);
+        for m in &d.matched_rules {
+            if !matched.contains(m) {
+                matched.push(m.clone());
+            }
+        }
+        if d.verdict == Verdict::Constrain {
+            for r in &d.rewrites {
+                if !rewrites.contains(r) {
+                    rewrites.push(r.clone());
+                }
+            }
+        }
+        let better = best.as_ref().is_none_or(|(b, _)| {
+            d.verdict > b.verdict
+                || (d.mode == Mode::Enforce && b.mode == Mode::Shadow && d.verdict == b.verdict)
+        });
+        if better {
+            best = Some((d, i));
+        }
+    }
+    let (mut decision, index) = best.unwrap_or_else(|| (policy.evaluate(&Action::default()), 0));
+    decision.matched_rules = matched;
+    if decision.verdict == Verdict::Constrain {
+        decision.rewrites = rewrites;
+    }
+    (decision, index)
+}
+
+fn fill_protocol(summary: &mut RequestSummary, action: &Action) {
+    if let Some(mcp) = &action.mcp {
+        summary.mcp_method = Some(mcp.method.clone());
+        summary.mcp_tool = mcp.tool.clone();
+    }
+    if let Some(llm) = &action.llm {
+        summary.llm_provider = Some(llm.provider.clone());
+        summary.llm_model = llm.model.clone();
+    }
+}
+
+/// The Action for a request before classification.
+pub(crate) fn build_action(
+    conn: &Conn,
+    host: &str,
+    parts: &http::request::Parts,
+    body_size: u64,
+    decoded: &Bytes,
+) -> Action {
+    let headers = Pairs(
+        parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    );
+    let content_type = header_str(&parts.headers, &header::CONTENT_TYPE);
+    let is_json = content_type.as_deref().is_some_and(|ct| {
+        let ct = ct.to_ascii_lowercase();
+        ct.contains("/json") || ct.contains("+json")
+    });
+    let json = if is_json && !decoded.is_empty() {
+        serde_json::from_slice(decoded).ok()
+    } else {
+        None
+    };
+    Action {
+        agent: conn.agent.clone(),
+        transport: Transport {
+            scheme: conn.scheme,
+            host: Some(host.to_string()),
+            ip: Some(conn.dst.ip()),
+            port: conn.dst.port(),
+        },
+        http: Some(HttpRequest {
+            method: parts.method.as_str().to_string(),
+            path: parts.uri.path().to_string(),
+            query: parse_query(parts.uri.query().unwrap_or("")),
+            headers,
+            content_type,
+            body_size,
+            body: String::from_utf8_lossy(decoded).into_owned(),
+            json,
+        }),
+        mcp: None,
+        llm: None,
+    }
+}
+
+/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space).
+pub(crate) fn parse_query(q: &str) -> Pairs {
+    Pairs(
+        q.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k), percent_decode(v))
+            })
+            .collect(),
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The authority the request names: the URI's (h2 `:authority`, absolute-form) or the Host header.
+fn request_authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let raw = match uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => headers.get(header::HOST)?.to_str().ok()?.to_string(),
+    };
+    let parsed: http::uri::Authority = raw.parse().ok()?;
+    if parsed.host().is_empty() || parsed.as_str().contains('@') {
+        return None;
+    }
+    Some(parsed.as_str().to_string())
+}
+
+/// The host part of an authority, without port or IPv6 brackets.
+fn authority_host(authority: &str) -> &str {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    host
+}
+
+enum BodyError {
+    TooLarge,
+    Read,
+}
+
+async fn read_body(
+    mut body: Incoming,
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<Bytes, BodyError> {
+    if let Some(len) =
+        header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(BodyError::TooLarge);
+        }
+    }
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Read)?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(BodyError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Build the request sent upstream: origin-form with Host for HTTP/1.1, absolute with `:authority` for h2.
+fn upstream_request(
+    mut parts: http::request::Parts,
+    authority: &str,
+    body: Bytes,
+    body_changed: bool,
+    sender: &Sender,
+    is_upgrade: bool,
+) -> Option<Request<Full<Bytes>>> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    strip_hop_by_hop(&mut parts.headers, is_upgrade);
+    if body_changed {
+        parts.headers.remove(header::CONTENT_ENCODING);
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if !body.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    if sender.is_h2() {
+        parts.uri = Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(path.as_str())
+            .build()
+            .ok()?;
+        parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.uri = Uri::builder().path_and_query(path.as_str()).build().ok()?;
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_str(authority).ok()?);
+        parts.version = Version::HTTP_11;
+    }
+    Some(Request::from_parts(parts, Full::new(body)))
+}
+
+/// Remove connection-scoped headers (and those the Connection header names); keep Upgrade on upgrade requests.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+pub(crate) fn full(b: Bytes) -> ProxyBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A JSON error the proxy answers itself, naming the reason; never contains request data.
+pub(crate) fn error_response(
+    status: StatusCode,
+    reason: Reason,
+    message: &str,
+) -> Response<ProxyBody> {
+    let reason = serde_json::to_value(reason).unwrap_or(serde_json::Value::Null);
+    json_response(
+        status,
+        serde_json::json!({"error": {"type": "enforcer_error", "reason": reason, "message": message}}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_split_and_decoded() {
+        let q = parse_query("a=1&b=x%20y+z&flag&&c=%zz&d=%4");
+        assert_eq!(q.get("a"), Some("1"));
+        assert_eq!(q.get("b"), Some("x y z"));
+        assert_eq!(q.get("flag"), Some(""));
+        assert_eq!(q.get("c"), Some("%zz"));
+        assert_eq!(q.get("d"), Some("%4"));
+    }
+
+    #[test]
+    fn authority_hosts() {
+        assert_eq!(authority_host("example.com:443"), "example.com");
+        assert_eq!(authority_host("example.com"), "example.com");
+        assert_eq!(authority_host("[::1]:8443"), "::1");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("user@evil.test"));
+        assert_eq!(request_authority(&Uri::from_static("/x"), &h), None);
+        h.insert(header::HOST, HeaderValue::from_static("ok.test:8443"));
+        assert_eq!(
+            request_authority(&Uri::from_static("/x"), &h).as_deref(),
+            Some("ok.test:8443")
+        );
+    }
+}

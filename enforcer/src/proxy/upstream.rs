@@ -1,0 +1,200 @@
+//! Upstream connections: always to the original destination IP and port (never a fresh DNS lookup), TLS with
+//! SNI = the host the agent named and the real certificate verified, then an HTTP/2 or HTTP/1.1 client connection.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::tls::{UpstreamTls, H2};
+use crate::model::Reason;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {dst}: {source}")]
+    Connect {
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {dst}: timed out")]
+    Timeout { dst: SocketAddr },
+    #[error("{host:?} is not a valid TLS server name")]
+    Name { host: String },
+    #[error("TLS with the upstream failed: {source}")]
+    Tls {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP handshake with the upstream failed: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// The audit reason for this failure.
+    pub fn reason(&self) -> Reason {
+        match self {
+            UpstreamError::Name { .. } | UpstreamError::Tls { .. } => Reason::UpstreamTls,
+            _ => Reason::UpstreamUnreachable,
+        }
+    }
+
+    /// A short description safe to show the client (no request data).
+    pub fn client_message(&self) -> String {
+        match self {
+            UpstreamError::Tls { source } => match source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+            {
+                Some(rustls::Error::InvalidCertificate(e)) => {
+                    format!("the upstream certificate failed verification: {e:?}")
+                }
+                Some(e) => format!("TLS with the upstream failed: {e}"),
+                None => "TLS with the upstream failed".into(),
+            },
+            UpstreamError::Name { .. } => "the host is not a valid TLS server name".into(),
+            UpstreamError::Connect { .. } | UpstreamError::Timeout { .. } => {
+                "the upstream could not be reached".into()
+            }
+            UpstreamError::Http(_) => "the upstream did not speak HTTP".into(),
+        }
+    }
+}
+
+/// A ready client connection to the upstream.
+pub(crate) enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Sender::H2(_))
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    pub async fn send(
+        &mut self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+}
+
+pub(crate) async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(source)) => Err(UpstreamError::Connect { dst, source }),
+        Err(_) => Err(UpstreamError::Timeout { dst }),
+    }
+}
+
+/// Connect to `dst`; with `tls`, verify the upstream as `host` and offer h2 when `want_h2`.
+pub(crate) async fn connect(
+    tls: Option<&UpstreamTls>,
+    dst: SocketAddr,
+    host: &str,
+    want_h2: bool,
+) -> Result<Sender, UpstreamError> {
+    let tcp = connect_tcp(dst).await?;
+    let Some(tls) = tls else {
+        return h1(tcp).await;
+    };
+    let name = ServerName::try_from(host.to_string()).map_err(|_| UpstreamError::Name {
+        host: host.to_string(),
+    })?;
+    let config = if want_h2 { &tls.h2 } else { &tls.h1 };
+    let connector = TlsConnector::from(config.clone());
+    let stream = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(UpstreamError::Tls { source }),
+        Err(_) => return Err(UpstreamError::Timeout { dst }),
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(H2) {
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2 connection ended");
+            }
+        });
+        Ok(Sender::H2(sender))
+    } else {
+        h1(stream).await
+    }
+}
+
+async fn h1<S>(io: S) -> Result<Sender, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream h1 connection ended");
+        }
+    });
+    Ok(Sender::H1(sender))
+}
+
+/// The upstream connection one client connection reuses between its requests: kept for one host and protocol
+/// choice (so a reused connection was verified for exactly the host being asked for). HTTP/2 senders are shared by
+/// concurrent requests; an HTTP/1.1 sender is lent to one request at a time.
+#[derive(Default)]
+pub(crate) struct Slot(tokio::sync::Mutex<Option<(String, bool, Sender)>>);
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+impl Slot {
+    pub async fn take(&self, host: &str, want_h2: bool) -> Option<Sender> {
+        let mut slot = self.0.lock().await;
+        let matches = slot
+            .as_ref()
+            .is_some_and(|(h, w, s)| h == host && *w == want_h2 && !s.is_closed());
+        if !matches {
+            *slot = None;
+            return None;
+        }
+        match slot.as_ref() {
+            Some((_, _, Sender::H2(s))) => Some(Sender::H2(s.clone())),
+            _ => slot.take().map(|(_, _, s)| s),
+        }
+    }
+
+    pub async fn put(&self, host: &str, want_h2: bool, sender: Sender) {
+        let mut slot = self.0.lock().await;
+        if slot.is_none() && !sender.is_closed() {
+            *slot = Some((host.to_string(), want_h2, sender));
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! Loopback harness for the proxy tests: a test CA, HTTPS/plain/TCP upstreams that count what reaches them, the
+//! proxy itself with a table-backed original-destination lookup, and clients that trust the enforcer CA.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use enforcer::audit::{AuditConfig, AuditLog};
+use enforcer::inspect::InspectConfig;
+use enforcer::model::{Agent, Origin, OriginLookup};
+use enforcer::policy::Policy;
+use enforcer::proxy::{CancellationToken, CertAuthority, ProxyContext, UpstreamTls};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Notify;
+
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// A CA made for one test, and what it signs.
+pub struct TestCa {
+    pub pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A server certificate for `names` (DNS names or IPs) and its key.
+    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let p = dir.join("test-ca.pem");
+        std::fs::write(&p, &self.pem).unwrap();
+        p
+    }
+}
+
+/// One request an upstream saw: (version, host or :authority, path with query, body).
+pub type Seen1 = (String, String, String, Vec<u8>);
+
+/// What an upstream saw.
+#[derive(Default)]
+pub struct Seen {
+    pub requests: AtomicU64,
+    /// TLS connections accepted (HTTPS upstreams only).
+    pub connections: AtomicU64,
+    /// (version, host or :authority, path with query, body) of every request.
+    pub log: Mutex<Vec<Seen1>>,
+    /// The SSE route sends its second event only once this is notified.
+    pub sse_go: Notify,
+}
+
+impl Seen {
+    pub fn count(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn upstream_handler(
+    seen: Arc<Seen>,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, std::convert::Infallible> {
+    seen.requests.fetch_add(1, Ordering::SeqCst);
+    let version = format!("{:?}", req.version());
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let is_upgrade = req.headers().contains_key("upgrade");
+    let (mut parts, body) = req.into_parts();
+    if is_upgrade {
+        let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        seen.log
+            .lock()
+            .unwrap()
+            .push((version, host, path, Vec::new()));
+        if let Some(on_upgrade) = on_upgrade {
+            tokio::spawn(async move {
+                let up = on_upgrade.await.unwrap();
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 64];
+                let n = io.read(&mut buf).await.unwrap();
+                io.write_all(b"echo:").await.unwrap();
+                io.write_all(&buf[..n]).await.unwrap();
+                io.flush().await.unwrap();
+            });
+        }
+        return Ok(Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "test-proto")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap());
+    }
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    seen.log
+        .lock()
+        .unwrap()
+        .push((version.clone(), host.clone(), path.clone(), body.to_vec()));
+    if path.starts_with("/sse") {
+        let (mut tx, rx) = http_body_util::channel::Channel::<Bytes>::new(4);
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            tx.send_data(Bytes::from_static(b"data: one\n\n"))
+                .await
+                .unwrap();
+            seen.sse_go.notified().await;
+            tx.send_data(Bytes::from_static(b"data: two\n\n"))
+                .await
+                .unwrap();
+        });
+        return Ok(Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(rx.boxed())
+            .unwrap());
+    }
+    let text = format!(
+        "upstream {version} host={host} path={path} body={}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(Response::new(Full::new(Bytes::from(text)).boxed()))
+}
+
+/// An HTTPS upstream on 127.0.0.1 presenting `chain`, speaking h2 and http/1.1 (or only http/1.1).
+pub async fn https_upstream(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    h2: bool,
+) -> (SocketAddr, Arc<Seen>) {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let seen = s.clone();
+            seen.connections.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = service_fn(move |req| upstream_handler(seen.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A plain-HTTP upstream on 127.0.0.1.
+pub async fn http_upstream() -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = s.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| upstream_handler(seen.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A TCP server that greets, then echoes one read; counts connections.
+pub async fn tcp_echo() -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            s.requests.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = tcp.write_all(b"HELLO\n").await;
+                let mut buf = [0u8; 64];
+                if let Ok(n) = tcp.read(&mut buf).await {
+                    let _ = tcp.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Original destinations by client port, filled by the test before each connect.
+#[derive(Default)]
+pub struct Table(Mutex<HashMap<u16, Origin>>);
+
+impl OriginLookup for Table {
+    fn lookup(&self, client: SocketAddr) -> Option<Origin> {
+        self.0.lock().unwrap().remove(&client.port())
+    }
+}
+
+/// The proxy under test.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub table: Arc<Table>,
+    pub audit_dir: PathBuf,
+    pub audit: AuditLog,
+    pub shutdown: CancellationToken,
+    pub explicit: Option<SocketAddr>,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn start_proxy(policy_yaml: &str, extra_roots: &[&TestCa], explicit: bool) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Arc::new(Policy::from_yaml(policy_yaml, "test-policy.yaml").unwrap());
+    let audit_dir = dir.path().join("audit");
+    let mut audit_cfg = AuditConfig::new(&audit_dir);
+    audit_cfg.durable = false;
+    let audit = AuditLog::open(audit_cfg).await.unwrap();
+    let ca = Arc::new(CertAuthority::load_or_create(&dir.path().join("ca")).unwrap());
+    let roots: Vec<PathBuf> = extra_roots.iter().map(|c| c.write(dir.path())).collect();
+    let upstream = UpstreamTls::new(&roots).unwrap();
+    let table = Arc::new(Table::default());
+    let ctx = Arc::new(ProxyContext {
+        policy,
+        audit: audit.clone(),
+        ca: ca.clone(),
+        upstream,
+        origins: table.clone(),
+        inspect: InspectConfig::default(),
+    });
+    let shutdown = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(enforcer::proxy::serve_transparent(
+        listener,
+        ctx.clone(),
+        shutdown.clone(),
+    ));
+    let explicit = if explicit {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(enforcer::proxy::serve_explicit(
+            l,
+            ctx,
+            "explicit-profile".into(),
+            shutdown.clone(),
+        ));
+        Some(a)
+    } else {
+        None
+    };
+    Proxy {
+        addr,
+        ca_pem: ca.cert_pem().to_string(),
+        table,
+        audit_dir,
+        audit,
+        shutdown,
+        explicit,
+        _dir: dir,
+    }
+}
+
+impl Proxy {
+    /// Connect to the proxy as if the kernel had redirected a connection meant for `dst`.
+    pub async fn connect_as(&self, dst: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        self.table.0.lock().unwrap().insert(
+            port,
+            Origin {
+                dst,
+                agent: Agent {
+                    profile: Some("test-agent".into()),
+                    pid: Some(4242),
+                    ..Agent::default()
+                },
+            },
+        );
+        socket.connect(self.addr).await.unwrap()
+    }
+
+    /// A TLS client config trusting only the enforcer CA, offering `alpn`.
+    pub fn client_tls(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Arc::new(cfg)
+    }
+
+    /// TLS through the proxy to `dst` with SNI `sni`.
+    pub async fn tls_to(
+        &self,
+        dst: SocketAddr,
+        sni: &str,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = self.connect_as(dst).await;
+        tokio_rustls::TlsConnector::from(self.client_tls(alpn))
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    /// Every audit record written so far (JSON objects, one per line, across the trail's files).
+    pub async fn audit_records(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.audit_dir) else {
+            return out;
+        };
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            let Ok(text) = std::fs::read_to_string(&f) else {
+                continue;
+            };
+            for line in text.lines() {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                    if v.get("outcome").is_some() {
+                        out.push(v);
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|v| v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0));
+        out
+    }
+}
+
+/// Send one request over an h1 or h2 client connection on `io` and return (status, headers, body).
+pub async fn send<S>(io: S, h2: bool, req: Request<Full<Bytes>>) -> (u16, http::HeaderMap, Vec<u8>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let resp = if h2 {
+        let (mut s, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        s.send_request(req).await.unwrap()
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        s.send_request(req).await.unwrap()
+    };
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
+}
+
+pub fn get(uri: &str, host: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .uri(uri)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A policy allowing the named hosts (and TCP to `tcp_ports`), blocking the rest.
+pub fn policy(allow_hosts: &[&str], tcp_ports: &[u16]) -> String {
+    let mut y = String::from("version: 1\ndefault: block\nrules:\n");
+    for h in allow_hosts {
+        y.push_str(&format!(
+            " - id: allow-{h}\n   when: {{ host: {h} }}\n   verdict: allow\n"
+        ));
+    }
+    for p in tcp_ports {
+        y.push_str(&format!(
+            " - id: tcp-{p}\n   when: {{ scheme: tcp, port: {p} }}\n   verdict: allow\n"
+        ));
+    }
+    y.push_str(
+        " - id: no-blocked\n   when: { host: blocked.test }\n   verdict: block\n   message: blocked.test is off limits\n",
+    );
+    y
+}

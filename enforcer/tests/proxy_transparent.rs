@@ -1,0 +1,437 @@
+//! The transparent proxy end to end on loopback: a table stands in for the eBPF original-destination maps.
+
+mod proxy_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proxy_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const H2: &[u8] = b"h2";
+const H1: &[u8] = b"http/1.1";
+
+struct World {
+    test_ca: TestCa,
+    proxy: Proxy,
+}
+
+async fn world(policy_yaml: &str) -> World {
+    let test_ca = TestCa::new("proxy test upstream CA");
+    let proxy = start_proxy(policy_yaml, &[&test_ca], false).await;
+    World { test_ca, proxy }
+}
+
+async fn trusted_upstream(w: &World, h2: bool) -> (std::net::SocketAddr, std::sync::Arc<Seen>) {
+    let (chain, key) = w
+        .test_ca
+        .leaf(&["allowed.test", "blocked.test", "other.test", "127.0.0.1"]);
+    https_upstream(chain, key, h2).await
+}
+
+fn outcome(r: &serde_json::Value) -> (&str, Option<u64>) {
+    (
+        r["outcome"]["disposition"].as_str().unwrap_or(""),
+        r["outcome"]["status"].as_u64(),
+    )
+}
+
+#[tokio::test]
+async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/things?secret=hunter2")
+        .header("host", "allowed.test")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+        .unwrap();
+    let (status, _, body) = send(tls, false, req).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with(
+            "upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 body={\"a\":1}"
+        ),
+        "{body}"
+    );
+    assert_eq!(seen.count(), 1);
+
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(outcome(r).0, "forwarded");
+    assert_eq!(r["request"]["host"], "allowed.test");
+    assert_eq!(r["request"]["path"], "/v1/things");
+    assert_eq!(r["request"]["body_size"], 7);
+    assert!(r["request"]["body_sha256"]
+        .as_str()
+        .is_some_and(|h| h.len() == 64));
+    assert_eq!(r["agent"]["profile"], "test-agent");
+    assert!(
+        !r.to_string().contains("hunter2"),
+        "the query must not reach the audit trail"
+    );
+}
+
+#[tokio::test]
+async fn h2_is_kept_end_to_end() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H2, H1]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(H2));
+    let req = Request::builder()
+        .uri("https://allowed.test/h2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = send(tls, true, req).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("upstream HTTP/2.0 host=allowed.test path=/h2"),
+        "{body}"
+    );
+    assert_eq!(seen.count(), 1);
+}
+
+#[tokio::test]
+async fn h2_client_falls_back_to_h1_upstream() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, false).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H2, H1]).await;
+    let req = Request::builder()
+        .uri("https://allowed.test/fallback")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = send(tls, true, req).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("upstream HTTP/1.1 host=allowed.test path=/fallback"),
+        "{body}"
+    );
+    assert_eq!(seen.count(), 1);
+}
+
+#[tokio::test]
+async fn blocked_request_gets_403_json_and_never_reaches_the_upstream() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    for (sni, rule) in [("blocked.test", Some("no-blocked")), ("other.test", None)] {
+        let tls = w.proxy.tls_to(up, sni, &[H1]).await;
+        let (status, headers, body) = send(tls, false, get("/", sni)).await;
+        assert_eq!(status, 403);
+        assert_eq!(headers["content-type"], "application/json");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["rule"].as_str(), rule);
+        if rule.is_some() {
+            assert_eq!(v["error"]["message"], "blocked.test is off limits");
+        }
+    }
+    assert_eq!(seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!(outcome(r), ("blocked", Some(403)));
+        assert_eq!(r["decision"]["verdict"], "block");
+    }
+}
+
+#[tokio::test]
+async fn host_that_differs_from_sni_is_misdirected() {
+    let w = world(&policy(&["allowed.test", "other.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    // h1 Host header, then h2 :authority.
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let (status, _, _) = send(tls, false, get("/", "other.test")).await;
+    assert_eq!(status, 421);
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H2]).await;
+    let req = Request::builder()
+        .uri("https://other.test/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, _) = send(tls, true, req).await;
+    assert_eq!(status, 421);
+    assert_eq!(seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!(outcome(r), ("blocked", Some(421)));
+        assert_eq!(r["outcome"]["error"], "host_mismatch");
+    }
+}
+
+#[tokio::test]
+async fn upstream_with_an_untrusted_certificate_is_blocked_and_audited() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let rogue = TestCa::new("rogue CA");
+    let (chain, key) = rogue.leaf(&["allowed.test"]);
+    let (up, seen) = https_upstream(chain, key, true).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let (status, _, body) = send(tls, false, get("/", "allowed.test")).await;
+    assert_eq!(status, 502);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["reason"], "upstream_tls");
+    assert_eq!(
+        seen.count(),
+        0,
+        "nothing may be forwarded to an unverified upstream"
+    );
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0]), ("blocked", Some(502)));
+    assert_eq!(records[0]["outcome"]["error"], "upstream_tls");
+}
+
+#[tokio::test]
+async fn sse_events_arrive_one_by_one() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    for alpn in [H1, H2] {
+        let tls = w.proxy.tls_to(up, "allowed.test", &[alpn]).await;
+        let h2 = alpn == H2;
+        let req = Request::builder()
+            .uri(if h2 {
+                "https://allowed.test/sse"
+            } else {
+                "/sse"
+            })
+            .header("host", "allowed.test")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = if h2 {
+            let (mut s, c) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(c);
+            s.send_request(req).await.unwrap()
+        } else {
+            let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            s.send_request(req).await.unwrap()
+        };
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        // The upstream holds event two back until we say we have event one: a buffering proxy would hang here.
+        while !got.ends_with(b"data: one\n\n") {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("event one must arrive before the response ends")
+                .unwrap()
+                .unwrap();
+            got.extend_from_slice(&frame.into_data().unwrap_or_default());
+        }
+        seen.sse_go.notify_one();
+        let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        assert_eq!(rest.as_ref(), b"data: two\n\n");
+    }
+}
+
+#[tokio::test]
+async fn plain_http_is_decided_on_the_host_header() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = http_upstream().await;
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, _, body) = send(tcp, false, get("/plain", "allowed.test")).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8(body).unwrap().contains("path=/plain"));
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, _, _) = send(tcp, false, get("/plain", "blocked.test")).await;
+    assert_eq!(status, 403);
+    assert_eq!(seen.count(), 1);
+    let tcp = w.proxy.connect_as(up).await;
+    let req = Request::builder()
+        .uri("/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, _) = send(tcp, false, req).await;
+    assert_eq!(status, 400, "a request without a host is refused");
+    assert_eq!(seen.count(), 1);
+}
+
+#[tokio::test]
+async fn oversized_body_is_refused_not_passed_uninspected() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H2]).await;
+    let big = vec![b'x'; 4 * 1024 * 1024 + 1];
+    let req = Request::builder()
+        .method("POST")
+        .uri("https://allowed.test/upload")
+        .body(Full::new(Bytes::from(big)))
+        .unwrap();
+    let (status, _, _) = send(tls, true, req).await;
+    assert_eq!(status, 413);
+    assert_eq!(seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records[0]["outcome"]["error"], "body_too_large");
+}
+
+#[tokio::test]
+async fn websocket_style_upgrade_is_decided_then_relayed() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(c.with_upgrades());
+    let req = Request::builder()
+        .uri("/ws")
+        .header("host", "allowed.test")
+        .header("connection", "upgrade")
+        .header("upgrade", "test-proto")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(b"ping").await.unwrap();
+    let mut buf = vec![0u8; 9];
+    io.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"echo:ping");
+    assert_eq!(seen.count(), 1);
+}
+
+#[tokio::test]
+async fn non_http_tcp_is_decided_by_port() {
+    let (echo, seen) = tcp_echo().await;
+    let (other, other_seen) = tcp_echo().await;
+    let w = world(&policy(&[], &[echo.port()])).await;
+    // Allowed: a server-speaks-first protocol still works, and bytes flow both ways.
+    let mut tcp = w.proxy.connect_as(echo).await;
+    let mut greet = [0u8; 6];
+    tcp.read_exact(&mut greet).await.unwrap();
+    assert_eq!(&greet, b"HELLO\n");
+    tcp.write_all(b"\x00\x01binary").await.unwrap();
+    let mut back = [0u8; 8];
+    tcp.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"\x00\x01binary");
+    assert_eq!(seen.count(), 1);
+    // Blocked: closed without reaching the destination.
+    let mut tcp = w.proxy.connect_as(other).await;
+    tcp.write_all(b"\x00\x01binary").await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(other_seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["request"]["scheme"], "tcp");
+    assert_eq!(outcome(&records[0]).0, "forwarded");
+    assert_eq!(outcome(&records[1]).0, "blocked");
+}
+
+#[tokio::test]
+async fn connection_without_an_origin_is_closed_and_audited() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let mut tcp = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
+    let _ = tcp
+        .write_all(b"GET / HTTP/1.1\r\nhost: allowed.test\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0]).0, "blocked");
+}
+
+#[tokio::test]
+async fn malformed_http_gets_a_400() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = http_upstream().await;
+    let mut tcp = w.proxy.connect_as(up).await;
+    tcp.write_all(b"GET /\x01bad HTTP/1.1\r\nhost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        buf.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn requests_on_one_client_connection_share_one_upstream_connection() {
+    use std::sync::atomic::Ordering;
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    for (alpn, h2) in [(H1, false), (H2, true)] {
+        let (up, seen) = trusted_upstream(&w, true).await;
+        let tls = w.proxy.tls_to(up, "allowed.test", &[alpn]).await;
+        let io = TokioIo::new(tls);
+        let mut statuses = Vec::new();
+        if h2 {
+            let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            let mut tasks = Vec::new();
+            for i in 0..3 {
+                let mut s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let req = Request::builder()
+                        .uri(format!("https://allowed.test/{i}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    let resp = s.send_request(req).await.unwrap();
+                    let status = resp.status().as_u16();
+                    resp.into_body().collect().await.unwrap();
+                    status
+                }));
+            }
+            for t in tasks {
+                statuses.push(t.await.unwrap());
+            }
+        } else {
+            let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(c);
+            for i in 0..3 {
+                let resp = s
+                    .send_request(get(&format!("/{i}"), "allowed.test"))
+                    .await
+                    .unwrap();
+                statuses.push(resp.status().as_u16());
+                resp.into_body().collect().await.unwrap();
+            }
+        }
+        assert_eq!(statuses, vec![200, 200, 200]);
+        assert_eq!(seen.count(), 3);
+        if !h2 {
+            assert_eq!(
+                seen.connections.load(Ordering::SeqCst),
+                1,
+                "h1 requests reuse one upstream connection"
+            );
+        } else {
+            assert!(seen.connections.load(Ordering::SeqCst) <= 3);
+        }
+    }
+    assert_eq!(
+        w.proxy.audit_records().await.len(),
+        6,
+        "one record per request"
+    );
+}

@@ -194,7 +194,15 @@ fn print_lines(out: &mut impl std::io::Write, lines: &[Line], json: bool) -> any
 fn header() -> String {
     format!(
         "{:>8}  {:<23}  {:<9}  {:<20}  {:<12}  {:>7}  {:<32}  {:<40}  {}",
-        "SEQ", "TIME (UTC)", "VERDICT", "RULE", "PROFILE", "PID", "DESTINATION", "REQUEST", "OUTCOME"
+        "SEQ",
+        "TIME (UTC)",
+        "VERDICT",
+        "RULE",
+        "PROFILE",
+        "PID",
+        "DESTINATION",
+        "REQUEST",
+        "OUTCOME"
     )
 }
 
@@ -249,7 +257,13 @@ fn row(l: &Line) -> String {
         outcome.push_str(&format!(" {s}"));
     }
     if let Some(e) = r.outcome.error {
-        outcome.push_str(&format!(" ({})", serde_json::to_value(e).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()));
+        outcome.push_str(&format!(
+            " ({})",
+            serde_json::to_value(e)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        ));
     }
     if !q.changes.is_empty() {
         outcome.push_str(&format!(" [{} changed]", q.changes.len()));
@@ -261,7 +275,9 @@ fn row(l: &Line) -> String {
         verdict,
         cut(rule, 20),
         cut(r.agent.profile.as_deref().unwrap_or("-"), 12),
-        r.agent.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        r.agent
+            .pid
+            .map_or_else(|| "-".to_owned(), |p| p.to_string()),
         cut(&dest, 32),
         cut(&request, 40),
         outcome

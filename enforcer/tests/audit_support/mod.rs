@@ -1,7 +1,10 @@
 //! Shared helpers for the audit integration tests: sample events, writing a trail, editing its files, and a
 //! re-chainer written from docs/audit.md alone (what a forger with write access to the directory would run).
 
-#![allow(dead_code, reason = "each test binary uses a different subset of these helpers")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of these helpers"
+)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +12,8 @@ use std::time::Duration;
 
 use enforcer::audit::{AuditConfig, AuditLog};
 use enforcer::model::{
-    Agent, AuditEvent, Change, Decision, Disposition, Mode, Outcome, Reason, RequestSummary, Verdict,
+    Agent, AuditEvent, Change, Decision, Disposition, Mode, Outcome, Reason, RequestSummary,
+    Verdict,
 };
 use sha2::{Digest, Sha256};
 
@@ -41,7 +45,14 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
         },
         request: RequestSummary {
             scheme: Some(enforcer::model::Scheme::Https),
-            host: Some(if i % 2 == 0 { "api.example.com" } else { "pastebin.com" }.into()),
+            host: Some(
+                if i % 2 == 0 {
+                    "api.example.com"
+                } else {
+                    "pastebin.com"
+                }
+                .into(),
+            ),
             ip: None,
             port: 443,
             method: Some("POST".into()),

@@ -114,7 +114,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ca: Arc::new(ca),
         upstream,
         origins,
-        inspect: Default::default(),
+        inspect: config.inspect.clone(),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

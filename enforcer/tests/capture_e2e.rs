@@ -673,6 +673,31 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
         Some(128 + 15)
     );
 
+    // SIGTERM to exec reaches the command (which reports it), and exec still cleans up.
+    let mut term = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args([
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; while :; do sleep 0.05; done",
+        ])
+        .spawn()
+        .expect("enforcer exec runs");
+    let exec_cgroup = h.profile_cgroup().join(format!("exec-{}", term.id()));
+    let deadline = Instant::now() + TIMEOUT;
+    while std::fs::read_to_string(exec_cgroup.join("cgroup.procs"))
+        .map_or(true, |p| p.trim().is_empty())
+    {
+        assert!(Instant::now() < deadline, "command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(term.id() as i32, libc::SIGTERM);
+    }
+    assert_eq!(term.wait().expect("wait").code(), Some(42));
+    assert!(!exec_cgroup.exists(), "exec cgroup removed after SIGTERM");
+
     // A profile the daemon does not tag is refused, clearly (here: the default profile, not configured).
     let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--", "true"]);
     assert_ne!(code, Some(0));

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -196,11 +197,33 @@ fn run_in_cgroup(
         .spawn()
         .with_context(|| format!("starting {}", program.to_string_lossy()))?;
     drop(procs);
-    // Like a shell waiting for its job: terminal signals go to the command, not to us, so we can clean up.
-    // SAFETY: setting dispositions to SIG_IGN has no preconditions.
+    forward_signals_to(child.id());
+    Ok(child.wait()?)
+}
+
+/// The command's pid, for the signal handler.
+static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let pid = CHILD_PID.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// Like a shell waiting for its job: terminal signals (sent to the whole process group) reach the command on their
+/// own, so we ignore them; SIGTERM and SIGHUP sent to us are passed on. Either way we live to remove the cgroup.
+fn forward_signals_to(pid: u32) {
+    CHILD_PID.store(i32::try_from(pid).unwrap_or(0), Ordering::Relaxed);
+    let handler = forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only reads an atomic and calls kill(2); SIG_IGN has no preconditions.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGHUP, handler);
     }
-    Ok(child.wait()?)
 }

@@ -674,23 +674,24 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
     );
 
     // SIGTERM to exec reaches the command (which reports it), and exec still cleans up.
+    let ready = state.path().join("ready");
     let mut term = Command::new(env!("CARGO_BIN_EXE_enforcer"))
         .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
         .args([
             "sh",
             "-c",
-            "trap 'exit 42' TERM; while :; do sleep 0.05; done",
+            "trap 'exit 42' TERM; touch \"$0\"; while :; do sleep 0.05; done",
         ])
+        .arg(&ready)
         .spawn()
         .expect("enforcer exec runs");
     let exec_cgroup = h.profile_cgroup().join(format!("exec-{}", term.id()));
     let deadline = Instant::now() + TIMEOUT;
-    while std::fs::read_to_string(exec_cgroup.join("cgroup.procs"))
-        .map_or(true, |p| p.trim().is_empty())
-    {
+    while !ready.exists() {
         assert!(Instant::now() < deadline, "command never started");
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(exec_cgroup.is_dir(), "command runs in its exec cgroup");
     // SAFETY: kill(2) on our own child.
     unsafe {
         libc::kill(term.id() as i32, libc::SIGTERM);

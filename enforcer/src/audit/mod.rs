@@ -48,8 +48,6 @@ pub enum AuditError {
     BadKey { path: String },
     #[error("another process holds the audit log in {path}")]
     Locked { path: String },
-    #[error("{path}: its last line is not a whole record and neither is the one before it; run `enforcer audit verify`")]
-    Corrupt { path: String },
     #[error("the audit log ends before record {checkpoint}, which a checkpoint signs (next seq would be {next}): the log was truncated; run `enforcer audit verify`")]
     BehindCheckpoint { checkpoint: u64, next: u64 },
 }

@@ -42,6 +42,11 @@ pub fn list_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
     Ok(out)
 }
 
+/// The length of `data` without its trailing NUL padding (space the writer preallocates ahead of its records).
+pub fn content_len(data: &[u8]) -> usize {
+    data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
 /// The whole lines of `data` (without `\n`); bytes after the last `\n` are not a line.
 pub fn whole_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
     let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::{Checkpoint, CheckpointProblem, PublicKey, CHECKPOINT_FILE, PUB_FILE};
-use super::read::{list_files, whole_lines};
+use super::read::{content_len, list_files, whole_lines};
 use super::record::{parse_line, Malformed, GENESIS};
 use super::AuditError;
 
@@ -280,7 +280,8 @@ fn walk(
     let mut expected = 0u64;
     let mut prev = GENESIS;
     for (fi, (_, path)) in files.iter().enumerate() {
-        let data = fs::read(path).map_err(|e| AuditError::io(path, e))?;
+        let mut data = fs::read(path).map_err(|e| AuditError::io(path, e))?;
+        data.truncate(content_len(&data));
         report.bytes += data.len() as u64;
         let mut line_no = 0;
         for line in whole_lines(&data) {

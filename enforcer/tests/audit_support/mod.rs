@@ -102,9 +102,11 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The lines of a log file, without the NUL padding a live writer keeps ahead of its records.
 pub fn read_lines(path: &Path) -> Vec<String> {
     fs::read_to_string(path)
         .unwrap()
+        .trim_end_matches('\0')
         .lines()
         .map(str::to_owned)
         .collect()

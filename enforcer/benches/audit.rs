@@ -11,13 +11,18 @@ use std::time::{Duration, Instant};
 
 use enforcer::audit::{verify, AuditConfig, AuditLog};
 use enforcer::model::{
-    Agent, AuditEvent, Decision, Disposition, Mode, Outcome, Reason, RequestSummary, Scheme, Verdict,
+    Agent, AuditEvent, Decision, Disposition, Mode, Outcome, Reason, RequestSummary, Scheme,
+    Verdict,
 };
 
 fn event(task: u32, i: u64) -> AuditEvent {
     AuditEvent {
         decision: Decision {
-            verdict: if i % 10 == 0 { Verdict::Block } else { Verdict::Allow },
+            verdict: if i.is_multiple_of(10) {
+                Verdict::Block
+            } else {
+                Verdict::Allow
+            },
             deciding_rule: Some("allow-llm-apis".into()),
             matched_rules: vec!["allow-llm-apis".into(), "log-everything".into()],
             reason: Reason::Rule,
@@ -36,7 +41,11 @@ fn event(task: u32, i: u64) -> AuditEvent {
         request: RequestSummary {
             scheme: Some(Scheme::Https),
             host: Some("api.anthropic.com".into()),
-            ip: Some("10.77.0.2".parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))),
+            ip: Some(
+                "10.77.0.2"
+                    .parse()
+                    .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+            ),
             port: 443,
             method: Some("POST".into()),
             path: Some("/v1/messages".into()),
@@ -99,7 +108,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!("audit bench in {} ({secs} s per case)", base.path().display());
+    println!(
+        "audit bench in {} ({secs} s per case)",
+        base.path().display()
+    );
     let mut last_dir = None;
     for writers in [8u32, 64] {
         let dir = base.path().join(format!("w{writers}"));

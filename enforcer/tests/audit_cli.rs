@@ -39,7 +39,11 @@ async fn verify_reports_ok_and_failures_with_exit_codes() {
     write(config(dir.path()), 50).await;
     let o = enforcer(&["audit", "verify", s(dir.path())]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert!(stdout(&o).starts_with("OK: 50 records (seq 0 to 49) in 1 files"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).starts_with("OK: 50 records (seq 0 to 49) in 1 files"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stdout(&o).contains("5 checkpoints verified"));
 
     let kept = tempfile::tempdir().unwrap();
@@ -51,9 +55,19 @@ async fn verify_reports_ok_and_failures_with_exit_codes() {
     // Another key: every signature is rejected.
     let other = tempfile::tempdir().unwrap();
     write(config(other.path()), 1).await;
-    let o = enforcer(&["audit", "verify", s(dir.path()), "--key", s(&other.path().join("audit.pub"))]);
+    let o = enforcer(&[
+        "audit",
+        "verify",
+        s(dir.path()),
+        "--key",
+        s(&other.path().join("audit.pub")),
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("FAILED: bad signature: checkpoint 1"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("FAILED: bad signature: checkpoint 1"),
+        "{}",
+        stdout(&o)
+    );
 
     let file = &log_files(dir.path())[0];
     let mut lines = read_lines(file);
@@ -62,7 +76,9 @@ async fn verify_reports_ok_and_failures_with_exit_codes() {
     let o = enforcer(&["audit", "verify", s(dir.path())]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stdout(&o).starts_with("FAILED: deleted: record 30 is missing before audit-00000000000000000000.jsonl:31"),
+        stdout(&o).starts_with(
+            "FAILED: deleted: record 30 is missing before audit-00000000000000000000.jsonl:31"
+        ),
         "{}",
         stdout(&o)
     );
@@ -86,7 +102,11 @@ async fn tail_prints_the_last_records() {
     assert_eq!(rows.len(), 4, "{out}");
     assert!(rows[0].contains("VERDICT") && rows[0].contains("DESTINATION"));
     assert!(rows[3].trim_start().starts_with("39 "), "{out}");
-    assert!(rows[3].contains("block") && rows[3].contains("pastebin.com:443") && rows[3].contains("blocked 403"));
+    assert!(
+        rows[3].contains("block")
+            && rows[3].contains("pastebin.com:443")
+            && rows[3].contains("blocked 403")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,22 +157,45 @@ async fn query_filters() {
         let mut all = vec!["audit", "query", d, "--json"];
         all.extend_from_slice(args);
         let o = enforcer(&all);
-        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         seqs(&stdout(&o))
     };
     assert_eq!(q(&[]).len(), 40);
-    assert_eq!(q(&["--verdict", "block"]), (0..40).filter(|i| i % 4 == 3).collect::<Vec<_>>());
-    assert_eq!(q(&["--host", "*.example.com"]), (0..40).filter(|i| i % 2 == 0).collect::<Vec<_>>());
-    assert_eq!(q(&["--host", "pastebin.com", "--verdict", "log"]), (0..40).filter(|i| i % 4 == 1).collect::<Vec<_>>());
-    assert_eq!(q(&["--tool", "read_file"]), (0..40).filter(|i| i % 3 == 0).collect::<Vec<_>>());
+    assert_eq!(
+        q(&["--verdict", "block"]),
+        (0..40).filter(|i| i % 4 == 3).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        q(&["--host", "*.example.com"]),
+        (0..40).filter(|i| i % 2 == 0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        q(&["--host", "pastebin.com", "--verdict", "log"]),
+        (0..40).filter(|i| i % 4 == 1).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        q(&["--tool", "read_file"]),
+        (0..40).filter(|i| i % 3 == 0).collect::<Vec<_>>()
+    );
     // Matches the deciding rule or any matching rule.
-    assert_eq!(q(&["--rule", "rule-1"]), (0..40).filter(|i| i % 3 == 1).collect::<Vec<_>>());
+    assert_eq!(
+        q(&["--rule", "rule-1"]),
+        (0..40).filter(|i| i % 3 == 1).collect::<Vec<_>>()
+    );
     assert_eq!(q(&["--rule", "log-everything"]).len(), 40);
     assert_eq!(q(&["--profile", "coder"]).len(), 40);
     assert_eq!(q(&["--profile", "researcher"]).len(), 0);
     assert_eq!(q(&["--since", "1h"]).len(), 40);
     assert_eq!(q(&["--until", "2000-01-01T00:00:00Z"]).len(), 0);
-    assert_eq!(q(&["--since", "2000-01-01T00:00:00Z", "--until", "1h"]).len(), 0);
+    assert_eq!(
+        q(&["--since", "2000-01-01T00:00:00Z", "--until", "1h"]).len(),
+        0
+    );
 
     let o = enforcer(&["audit", "query", d, "--verdict", "constrain"]);
     let out = stdout(&o);

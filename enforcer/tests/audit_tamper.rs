@@ -74,7 +74,11 @@ async fn an_edited_value_names_the_record() {
     write_lines(&file, &lines);
     let p = first_problem(dir.path());
     assert!(matches!(p, Problem::Edited { seq: 7, .. }), "{p}");
-    assert!(p.to_string().contains("record 7 at audit-00000000000000000000.jsonl:8"), "{p}");
+    assert!(
+        p.to_string()
+            .contains("record 7 at audit-00000000000000000000.jsonl:8"),
+        "{p}"
+    );
 }
 
 #[tokio::test]
@@ -85,8 +89,21 @@ async fn a_deleted_line_is_caught() {
     lines.remove(20);
     write_lines(&file, &lines);
     let p = first_problem(dir.path());
-    assert!(matches!(p, Problem::Deleted { from: 20, to: 20, .. }), "{p}");
-    assert!(p.to_string().starts_with("deleted: record 20 is missing"), "{p}");
+    assert!(
+        matches!(
+            p,
+            Problem::Deleted {
+                from: 20,
+                to: 20,
+                ..
+            }
+        ),
+        "{p}"
+    );
+    assert!(
+        p.to_string().starts_with("deleted: record 20 is missing"),
+        "{p}"
+    );
 }
 
 #[tokio::test]
@@ -98,7 +115,14 @@ async fn swapped_lines_are_caught() {
     write_lines(&file, &lines);
     let p = first_problem(dir.path());
     assert!(
-        matches!(p, Problem::Reordered { expected: 20, found: 21, .. }),
+        matches!(
+            p,
+            Problem::Reordered {
+                expected: 20,
+                found: 21,
+                ..
+            }
+        ),
         "{p}"
     );
     assert!(p.to_string().starts_with("reordered"), "{p}");
@@ -127,7 +151,14 @@ async fn an_inserted_forged_line_is_caught() {
     write_lines(&file, &tampered);
     let p = first_problem(dir.path());
     assert!(
-        matches!(p, Problem::Rewritten { seq: 29, checkpoint: 3, .. }),
+        matches!(
+            p,
+            Problem::Rewritten {
+                seq: 29,
+                checkpoint: 3,
+                ..
+            }
+        ),
         "{p}"
     );
     assert!(p.to_string().contains("inserted"), "{p}");
@@ -149,12 +180,25 @@ async fn a_dropped_tail_is_caught() {
             last: Some(44)
         }
     );
-    assert!(p.to_string().starts_with("truncated after checkpoint 5"), "{p}");
+    assert!(
+        p.to_string().starts_with("truncated after checkpoint 5"),
+        "{p}"
+    );
 
     // Dropping everything is caught the same way.
     write_lines(&file, &[]);
     let p = first_problem(dir.path());
-    assert!(matches!(p, Problem::Truncated { checkpoint: 1, seq: 9, last: None }), "{p}");
+    assert!(
+        matches!(
+            p,
+            Problem::Truncated {
+                checkpoint: 1,
+                seq: 9,
+                last: None
+            }
+        ),
+        "{p}"
+    );
 }
 
 #[tokio::test]
@@ -166,7 +210,17 @@ async fn a_rehashed_file_is_caught_by_the_signed_checkpoints() {
     rechain(&mut lines, 0, GENESIS);
     write_lines(&file, &lines);
     let p = first_problem(dir.path());
-    assert!(matches!(p, Problem::Rewritten { seq: 9, checkpoint: 1, .. }), "{p}");
+    assert!(
+        matches!(
+            p,
+            Problem::Rewritten {
+                seq: 9,
+                checkpoint: 1,
+                ..
+            }
+        ),
+        "{p}"
+    );
 }
 
 #[tokio::test]
@@ -187,16 +241,25 @@ async fn a_damaged_checkpoint_is_caught() {
             problem: CheckpointProblem::BadSignature
         }]
     );
-    assert!(r.problems[0].to_string().starts_with("bad signature: checkpoint 2"));
+    assert!(r.problems[0]
+        .to_string()
+        .starts_with("bad signature: checkpoint 2"));
 
     // Flip one hex digit of the signature of checkpoint 4.
     let mut lines = original.clone();
     let pos = lines[3].len() - 10;
-    let c = if &lines[3][pos..=pos] == "0" { "1" } else { "0" };
+    let c = if &lines[3][pos..=pos] == "0" {
+        "1"
+    } else {
+        "0"
+    };
     lines[3].replace_range(pos..=pos, c);
     write_lines(&cp, &lines);
     let p = first_problem(dir.path());
-    assert!(matches!(p, Problem::Checkpoint { checkpoint: 4, .. }), "{p}");
+    assert!(
+        matches!(p, Problem::Checkpoint { checkpoint: 4, .. }),
+        "{p}"
+    );
 
     // Garbage instead of a checkpoint.
     let mut lines = original.clone();
@@ -231,7 +294,9 @@ async fn a_resigned_forgery_passes_only_without_an_independent_key() {
     let forged = tempfile::tempdir().unwrap();
     write_lines(&forged.path().join(file.file_name().unwrap()), &lines);
     // Let the writer itself create the forged key and checkpoints over the forged records.
-    let log = enforcer::audit::AuditLog::open(config(forged.path())).await.unwrap();
+    let log = enforcer::audit::AuditLog::open(config(forged.path()))
+        .await
+        .unwrap();
     log.close().await.unwrap();
     let r = verify(forged.path(), None).unwrap();
     assert!(r.ok(), "{:?}", r.problems);

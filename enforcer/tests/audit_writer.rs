@@ -27,7 +27,10 @@ async fn rotation_keeps_one_chain_across_files_and_restarts() {
         let lines = read_lines(f);
         let first = parse_record(lines[0].as_bytes()).unwrap().seq;
         // Files are named by their first record.
-        assert_eq!(f.file_name().unwrap().to_string_lossy(), format!("audit-{first:020}.jsonl"));
+        assert_eq!(
+            f.file_name().unwrap().to_string_lossy(),
+            format!("audit-{first:020}.jsonl")
+        );
         assert_eq!(first, next);
         // No file grows past the limit by more than one record.
         assert!(fs::metadata(f).unwrap().len() <= 4096 + lines[0].len() as u64 + 1);
@@ -41,7 +44,11 @@ async fn rotation_keeps_one_chain_across_files_and_restarts() {
     // Deleting a whole middle file is a deletion.
     fs::remove_file(&files[2]).unwrap();
     let r = verify(dir.path(), None).unwrap();
-    assert!(matches!(r.problems[0], enforcer::audit::Problem::Deleted { .. }), "{:?}", r.problems);
+    assert!(
+        matches!(r.problems[0], enforcer::audit::Problem::Deleted { .. }),
+        "{:?}",
+        r.problems
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,7 +63,10 @@ async fn a_torn_final_line_is_moved_aside_and_the_chain_continues() {
     data.extend_from_slice(torn.as_bytes());
     fs::write(&file, &data).unwrap();
     let r = verify(dir.path(), None).unwrap();
-    assert!(matches!(r.problems[0], enforcer::audit::Problem::Torn { .. }));
+    assert!(matches!(
+        r.problems[0],
+        enforcer::audit::Problem::Torn { .. }
+    ));
 
     let log = AuditLog::open(config(dir.path())).await.unwrap();
     assert_eq!(log.record(event(0, 20)).await.unwrap(), 20);
@@ -107,7 +117,7 @@ async fn an_unsynced_tail_with_gaps_and_padding_is_moved_aside() {
     // A crash before the batch's fsync: a page that never reached the disk (NULs), then a later page that did,
     // then the preallocated padding.
     let mut junk = vec![0u8; 300];
-    junk.extend_from_slice(lines[3][40..].as_bytes());
+    junk.extend_from_slice(&lines[3].as_bytes()[40..]);
     junk.push(b'\n');
     junk.extend_from_slice(lines[4].as_bytes());
     junk.push(b'\n');
@@ -256,7 +266,10 @@ async fn close_lock_and_permissions() {
     log.record(event(0, 0)).await.unwrap();
     let other = log.clone();
     log.close().await.unwrap();
-    assert!(matches!(other.record(event(0, 1)).await, Err(AuditError::Closed)));
+    assert!(matches!(
+        other.record(event(0, 1)).await,
+        Err(AuditError::Closed)
+    ));
     other.close().await.unwrap();
 
     let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -291,6 +304,9 @@ async fn a_log_truncated_behind_its_checkpoints_is_refused() {
     audit_support::write_lines(&file, &lines);
     assert!(matches!(
         AuditLog::open(config(dir.path())).await,
-        Err(AuditError::BehindCheckpoint { checkpoint: 14, next: 12 })
+        Err(AuditError::BehindCheckpoint {
+            checkpoint: 14,
+            next: 12
+        })
     ));
 }

@@ -99,7 +99,11 @@ impl Signer {
         let public = PublicKey(raw);
         let pub_path = dir.join(PUB_FILE);
         if PublicKey::load(&pub_path).ok() != Some(public) {
-            write_synced(&pub_path, format!("{}\n", hex::encode(raw)).as_bytes(), 0o644)?;
+            write_synced(
+                &pub_path,
+                format!("{}\n", hex::encode(raw)).as_bytes(),
+                0o644,
+            )?;
         }
         Ok(Signer {
             key,
@@ -242,7 +246,8 @@ impl Syslog {
     pub fn send(&self, line: &[u8]) {
         let Some(sock) = &self.sock else { return };
         // <86> = facility authpriv (10), severity info (6).
-        let mut msg = format!("<86>enforcer-audit[{}]: checkpoint ", std::process::id()).into_bytes();
+        let mut msg =
+            format!("<86>enforcer-audit[{}]: checkpoint ", std::process::id()).into_bytes();
         msg.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
         if let Err(e) = sock.send_to(&msg, &self.path) {
             tracing::debug!(error = %e, "checkpoint not sent to syslog");
@@ -275,10 +280,15 @@ mod tests {
         assert_eq!(cp.seq, 9);
         let key = PublicKey::load(&dir.path().join(PUB_FILE)).unwrap();
         cp.check(&key).unwrap();
-        let forged = String::from_utf8(line.clone()).unwrap().replace("\"seq\":9", "\"seq\":8");
+        let forged = String::from_utf8(line.clone())
+            .unwrap()
+            .replace("\"seq\":9", "\"seq\":8");
         let cp = Checkpoint::parse(forged.trim_end().as_bytes()).unwrap();
         assert_eq!(cp.check(&key), Err(CheckpointProblem::BadSignature));
         let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
     }
 }

@@ -78,8 +78,7 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match run_inner(cmd) {
         // `enforcer audit query | head` is not an error.
         Err(e)
-            if e
-                .downcast_ref::<std::io::Error>()
+            if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
         {
             Ok(ExitCode::SUCCESS)
@@ -212,7 +211,15 @@ fn print_lines(out: &mut impl std::io::Write, lines: &[Line], json: bool) -> any
 fn header() -> String {
     format!(
         "{:>8}  {:<23}  {:<9}  {:<20}  {:<12}  {:>7}  {:<32}  {:<40}  {}",
-        "SEQ", "TIME (UTC)", "VERDICT", "RULE", "PROFILE", "PID", "DESTINATION", "REQUEST", "OUTCOME"
+        "SEQ",
+        "TIME (UTC)",
+        "VERDICT",
+        "RULE",
+        "PROFILE",
+        "PID",
+        "DESTINATION",
+        "REQUEST",
+        "OUTCOME"
     )
 }
 
@@ -267,7 +274,13 @@ fn row(l: &Line) -> String {
         outcome.push_str(&format!(" {s}"));
     }
     if let Some(e) = r.outcome.error {
-        outcome.push_str(&format!(" ({})", serde_json::to_value(e).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()));
+        outcome.push_str(&format!(
+            " ({})",
+            serde_json::to_value(e)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        ));
     }
     if !q.changes.is_empty() {
         outcome.push_str(&format!(" [{} changed]", q.changes.len()));
@@ -279,7 +292,9 @@ fn row(l: &Line) -> String {
         verdict,
         cut(rule, 20),
         cut(r.agent.profile.as_deref().unwrap_or("-"), 12),
-        r.agent.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        r.agent
+            .pid
+            .map_or_else(|| "-".to_owned(), |p| p.to_string()),
         cut(&dest, 32),
         cut(&request, 40),
         outcome

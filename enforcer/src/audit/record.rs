@@ -71,7 +71,9 @@ pub(crate) fn encode_event(event: &AuditEvent) -> Result<Vec<u8>, serde_json::Er
     let mut request = &event.request;
     if request.path.as_deref().is_some_and(|p| p.contains('?')) {
         let mut r = event.request.clone();
-        r.path = r.path.map(|p| p.split('?').next().unwrap_or_default().to_owned());
+        r.path = r
+            .path
+            .map(|p| p.split('?').next().unwrap_or_default().to_owned());
         stripped = r;
         request = &stripped;
     }
@@ -96,7 +98,13 @@ pub(crate) fn encode_event(event: &AuditEvent) -> Result<Vec<u8>, serde_json::Er
 
 /// Append one full line (with its `\n`) for `seq` to `out` and return its hash. `event` is what
 /// [`encode_event`] produced: a JSON object starting with `{` and ending with `}`.
-pub(crate) fn compose(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &[u8; 32], event: &[u8]) -> [u8; 32] {
+pub(crate) fn compose(
+    out: &mut Vec<u8>,
+    seq: u64,
+    ts: &str,
+    prev: &[u8; 32],
+    event: &[u8],
+) -> [u8; 32] {
     let start = out.len();
     let mut hex = [0u8; 64];
     out.extend_from_slice(b"{\"seq\":");

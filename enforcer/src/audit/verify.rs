@@ -218,7 +218,10 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
     let mut cp_lines: Vec<&[u8]> = whole_lines(&cp_data).collect();
     let complete = cp_data.last().is_none_or(|&b| b == b'\n');
     if !complete {
-        let start = cp_data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let start = cp_data
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
         cp_lines.push(&cp_data[start..]);
     }
     let mut last_cp: Option<u64> = None;

@@ -52,6 +52,7 @@ fn open_log(path: &Path) -> Result<File, AuditError> {
     OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o600)
         .open(path)
         .map_err(|e| AuditError::io(path, e))

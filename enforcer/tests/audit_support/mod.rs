@@ -1,7 +1,10 @@
 //! Shared helpers for the audit integration tests: sample events, writing a trail, editing its files, and a
 //! re-chainer written from docs/audit.md alone (what a forger with write access to the directory would run).
 
-#![allow(dead_code, reason = "each test binary uses a different subset of these helpers")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of these helpers"
+)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +12,8 @@ use std::time::Duration;
 
 use enforcer::audit::{AuditConfig, AuditLog};
 use enforcer::model::{
-    Agent, AuditEvent, Change, Decision, Disposition, Mode, Outcome, Reason, RequestSummary, Verdict,
+    Agent, AuditEvent, Change, Decision, Disposition, Mode, Outcome, Reason, RequestSummary,
+    Verdict,
 };
 use sha2::{Digest, Sha256};
 
@@ -24,7 +28,7 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
     AuditEvent {
         decision: Decision {
             verdict,
-            deciding_rule: (i % 5 != 0).then(|| format!("rule-{}", i % 3)),
+            deciding_rule: (!i.is_multiple_of(5)).then(|| format!("rule-{}", i % 3)),
             matched_rules: vec![format!("rule-{}", i % 3), "log-everything".into()],
             reason: Reason::Rule,
             message: None,
@@ -33,7 +37,14 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             policy_hash: "0f".repeat(32),
         },
         agent: Agent {
-            profile: Some(if task % 2 == 0 { "coder" } else { "researcher" }.into()),
+            profile: Some(
+                if task.is_multiple_of(2) {
+                    "coder"
+                } else {
+                    "researcher"
+                }
+                .into(),
+            ),
             cgroup: Some(format!("/enforcer/agent-{task}")),
             pid: Some(task),
             exe: Some("/usr/bin/python3".into()),
@@ -41,13 +52,20 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
         },
         request: RequestSummary {
             scheme: Some(enforcer::model::Scheme::Https),
-            host: Some(if i % 2 == 0 { "api.example.com" } else { "pastebin.com" }.into()),
+            host: Some(
+                if i.is_multiple_of(2) {
+                    "api.example.com"
+                } else {
+                    "pastebin.com"
+                }
+                .into(),
+            ),
             ip: None,
             port: 443,
             method: Some("POST".into()),
             path: Some(format!("/v1/item/{i}")),
-            mcp_method: (i % 3 == 0).then(|| "tools/call".into()),
-            mcp_tool: (i % 3 == 0).then(|| "read_file".into()),
+            mcp_method: (i.is_multiple_of(3)).then(|| "tools/call".into()),
+            mcp_tool: (i.is_multiple_of(3)).then(|| "read_file".into()),
             llm_provider: None,
             llm_model: None,
             body_size: u64::from(i) * 10,

@@ -216,7 +216,8 @@ pub(crate) struct Writer {
     prev: [u8; 32],
     /// Seq of the last signed record, if any.
     signed: Option<u64>,
-    last_checkpoint: Instant,
+    /// When the oldest record not yet covered by a checkpoint was written.
+    unsigned_since: Instant,
     checkpoints: File,
     buf: Vec<u8>,
     /// The writer hit an I/O error: the file's tail is unknown, so nothing more is written until restart.
@@ -257,7 +258,7 @@ impl Writer {
             next_seq: tail.next_seq,
             prev: tail.prev,
             signed,
-            last_checkpoint: Instant::now(),
+            unsigned_since: Instant::now(),
             checkpoints,
             buf: Vec::with_capacity(1 << 16),
             failed: false,
@@ -282,7 +283,6 @@ impl Writer {
     /// Sign the last record if it is not signed yet. The log is synced first so a checkpoint never covers data
     /// that could still be lost.
     fn checkpoint(&mut self) -> Result<(), AuditError> {
-        self.last_checkpoint = Instant::now();
         if !self.unsigned() {
             return Ok(());
         }
@@ -367,6 +367,9 @@ impl Writer {
 
     /// Write one batch; returns the seq given to each record, in order.
     fn write_batch(&mut self, events: &[Vec<u8>]) -> Result<Vec<u64>, AuditError> {
+        if !self.unsigned() {
+            self.unsigned_since = Instant::now();
+        }
         let mut seqs = Vec::with_capacity(events.len());
         for event in events {
             let start = self.buf.len();
@@ -394,7 +397,7 @@ impl Writer {
         let mut replies = Vec::new();
         loop {
             let first = if self.unsigned() {
-                let due = self.last_checkpoint + self.cfg.checkpoint_interval;
+                let due = self.unsigned_since + self.cfg.checkpoint_interval;
                 match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                     Ok(m) => Some(m),
                     Err(RecvTimeoutError::Timeout) => {

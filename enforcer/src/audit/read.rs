@@ -49,10 +49,12 @@ pub fn content_len(data: &[u8]) -> usize {
 
 /// The whole lines of `data` (without `\n`); bytes after the last `\n` are not a line.
 pub fn whole_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    data[..end]
-        .split(|&b| b == b'\n')
-        .take(data[..end].iter().filter(|&&b| b == b'\n').count())
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', data).map(move |end| {
+        let line = &data[start..end];
+        start = end + 1;
+        line
+    })
 }
 
 /// A record together with its exact line (what `--json` prints).

@@ -88,6 +88,12 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    let (AuditCommand::Verify { dir, .. }
+    | AuditCommand::Tail { dir, .. }
+    | AuditCommand::Query { dir, .. }) = &cmd;
+    if !dir.is_dir() {
+        bail!("no audit trail at {}: not a directory", dir.display());
+    }
     match cmd {
         AuditCommand::Verify { dir, key } => verify(&dir, key.as_deref()),
         AuditCommand::Tail {

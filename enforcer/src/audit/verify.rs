@@ -252,17 +252,15 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
     let record_problem = walk(&files, &signed, &mut report)?;
     if let Some(p) = record_problem {
         report.problems.push(p);
-    } else if let Some(last) = last_cp.filter(|&c| report.last_seq.is_none_or(|l| c > l)) {
-        let (n, _) = signed.get(&last).copied().unwrap_or_default();
-        // Report the first checkpoint beyond the end.
-        let first = signed
-            .iter()
-            .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
-            .min_by_key(|(&s, _)| s)
-            .map_or((n, last), |(&s, &(n, _))| (n, s));
+    } else if let Some((&seq, &(n, _))) = signed
+        .iter()
+        .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
+        .min_by_key(|(&s, _)| s)
+    {
+        // The first checkpoint that signs a record the log no longer has.
         report.problems.push(Problem::Truncated {
-            checkpoint: first.0,
-            seq: first.1,
+            checkpoint: n,
+            seq,
             last: report.last_seq,
         });
     } else if report.last_seq.is_some() && cp_lines.is_empty() {

@@ -246,8 +246,9 @@ impl Writer {
             None => (cfg.dir.join(file_name(tail.next_seq)), 0),
         };
         let file = open_log(&path)?;
-        sync_dir(&cfg.dir)?;
         let checkpoints = checkpoint::open_append(&cp_path)?;
+        // New files (key, log, checkpoints, anything moved aside) exist durably from here on.
+        sync_dir(&cfg.dir)?;
         let mut w = Writer {
             syslog: Syslog::new(cfg.syslog),
             cfg,

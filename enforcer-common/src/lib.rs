@@ -2,3 +2,74 @@
 //! BPF maps, laid out `#[repr(C)]` so both sides agree byte for byte. `no_std`; `aya::Pod` impls live behind the
 //! `user` feature so the kernel side never links aya.
 #![no_std]
+
+/// Bytes of a profile name stored in a [`Tag`] (NUL-padded; longer names are refused by the daemon).
+pub const PROFILE_NAME_LEN: usize = 32;
+/// Bytes of a task's command name (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+/// How many cgroup levels the kernel programs walk looking for a tagged ancestor.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// `AF_INET` / `AF_INET6` as stored in [`OriginalDst::family`] and [`PortKey::family`].
+pub const FAMILY_V4: u16 = 2;
+pub const FAMILY_V6: u16 = 10;
+
+/// Map names, shared so the loader and the kernel object cannot drift apart.
+pub const MAP_TAGGED: &str = "TAGGED";
+pub const MAP_SOCKETS: &str = "SOCKETS";
+pub const MAP_ORIGINS: &str = "ORIGINS";
+/// Global patched by the loader: the proxy port connects are redirected to.
+pub const GLOBAL_PROXY_PORT: &str = "PROXY_PORT";
+
+/// Value of the `TAGGED` map (key: cgroup id, `u64`): the profile the cgroup and all its descendants belong to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tag {
+    /// Profile name, UTF-8, NUL-padded.
+    pub profile: [u8; PROFILE_NAME_LEN],
+}
+
+/// Key of the `ORIGINS` map: the client side of a redirected connection as the proxy sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortKey {
+    /// Local (client) port, host byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the family of the socket as redirected.
+    pub family: u16,
+}
+
+/// Value of the `SOCKETS` (by socket cookie) and `ORIGINS` (by [`PortKey`]) maps: what the connect really was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// Cgroup id of the connecting task.
+    pub cgroup_id: u64,
+    /// Destination address as the kernel holds it (network byte order words); IPv4 uses `addr[0]` only.
+    pub addr: [u32; 4],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] (an IPv4-mapped IPv6 destination stays `FAMILY_V6`).
+    pub family: u16,
+    /// Thread-group id (the process id) of the connecting task.
+    pub pid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    /// Command name of the connecting task, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    /// The profile of the tagged cgroup that matched (copied from the `TAGGED` value at connect time).
+    pub tag: Tag,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all three): `#[repr(C)]`, only integer/array fields, no padding bytes, every bit pattern valid.
+    unsafe impl aya::Pod for super::Tag {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+}
+
+const _: () = assert!(
+    core::mem::size_of::<OriginalDst>() == 8 + 16 + 2 + 2 + 4 + 4 + 4 + COMM_LEN + PROFILE_NAME_LEN
+);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 4);

@@ -1,6 +1,290 @@
 //! Kernel programs of the enforcer: cgroup connect hooks that redirect tagged processes' sockets to the proxy.
+//!
+//! - `connect4` / `connect6`: for a TCP socket of a tagged cgroup (the task's cgroup or an ancestor is in `TAGGED`),
+//!   record the original destination and the caller by socket cookie in `SOCKETS` and rewrite the destination to
+//!   127.0.0.1 / ::1 at `PROXY_PORT`. UDP to port 443 (QUIC) from a tagged cgroup is refused so clients fall back to
+//!   TCP; other UDP passes untouched.
+//! - `sendmsg4` / `sendmsg6`: the same QUIC refusal for unconnected UDP sends.
+//! - `rekey_established` (sock_ops): when a redirected socket is established, move its entry to `ORIGINS` keyed by its local port, which
+//!   is what the proxy sees as its peer.
+//!
+//! No policy here: only "is this cgroup tagged" and "is this the proxy itself".
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+        helpers::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        },
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{HashMap, LruHashMap},
+        programs::{SockAddrContext, SockOpsContext},
+        EbpfContext,
+    };
+    use aya_log_ebpf::debug;
+    use enforcer_common::{
+        OriginalDst, PortKey, Tag, COMM_LEN, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH,
+    };
+
+    const ALLOW: i32 = 1;
+    const REFUSE: i32 = 0;
+    const SOCK_STREAM: u32 = 1;
+    const IPPROTO_UDP: u32 = 17;
+    const QUIC_PORT: u16 = 443;
+
+    /// Patched by the loader (`EbpfLoader::override_global`).
+    #[no_mangle]
+    static PROXY_PORT: u16 = 15001;
+
+    #[map(name = "TAGGED")]
+    static TAGGED: HashMap<u64, Tag> = HashMap::with_max_entries(4096, 0);
+
+    #[map(name = "SOCKETS")]
+    static SOCKETS: LruHashMap<u64, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
+
+    #[map(name = "ORIGINS")]
+    static ORIGINS: LruHashMap<PortKey, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
+
+    #[inline(always)]
+    fn proxy_port() -> u16 {
+        // SAFETY: a read-only global patched before load; volatile so the compiler keeps the load.
+        unsafe { core::ptr::read_volatile(&PROXY_PORT) }
+    }
+
+    /// The id of the deepest tagged cgroup on the current task's path from the root, 0 if none.
+    #[inline(always)]
+    fn tagged_ancestor() -> u64 {
+        let mut found = 0;
+        let mut level = 0;
+        while level < MAX_CGROUP_DEPTH {
+            // SAFETY: plain helper call, no pointers.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+            if id == 0 {
+                break;
+            }
+            if TAGGED.get_ptr(&id).is_some() {
+                found = id;
+            }
+            level += 1;
+        }
+        found
+    }
+
+    /// The tag of the current task's deepest tagged cgroup, if any.
+    #[inline(always)]
+    fn current_tag() -> Option<Tag> {
+        let id = tagged_ancestor();
+        if id == 0 {
+            return None;
+        }
+        let ptr = TAGGED.get_ptr(&id)?;
+        // SAFETY: a non-null pointer into a map value of type Tag, copied out at once.
+        Some(unsafe { core::ptr::read_volatile(ptr) })
+    }
+
+    #[inline(always)]
+    fn caller(tag: Tag) -> OriginalDst {
+        let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+        OriginalDst {
+            // SAFETY: plain helper call.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            addr: [0; 4],
+            port: 0,
+            family: 0,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            uid: bpf_get_current_uid_gid() as u32,
+            _pad: 0,
+            comm,
+            tag,
+        }
+    }
+
+    #[inline(always)]
+    fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+        ctx.sock_addr
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+        try_connect4(&ctx)
+    }
+
+    fn try_connect4(ctx: &SockAddrContext) -> i32 {
+        let p = sa(ctx);
+        // SAFETY: ctx fields the verifier allows connect4 to read (4-byte loads).
+        let (type_, protocol, ip4, port_be) = unsafe {
+            (
+                core::ptr::read_volatile(&(*p).type_),
+                core::ptr::read_volatile(&(*p).protocol),
+                core::ptr::read_volatile(&(*p).user_ip4),
+                core::ptr::read_volatile(&(*p).user_port),
+            )
+        };
+        let port = u16::from_be(port_be as u16);
+        if type_ != SOCK_STREAM {
+            if protocol == IPPROTO_UDP && port == QUIC_PORT && tagged_ancestor() != 0 {
+                debug!(ctx, "refused udp4 connect to port 443");
+                return REFUSE;
+            }
+            return ALLOW;
+        }
+        let loopback = ip4.to_ne_bytes()[0] == 127;
+        if loopback && port == proxy_port() {
+            return ALLOW;
+        }
+        let Some(tag) = current_tag() else {
+            return ALLOW;
+        };
+        let mut dst = caller(tag);
+        dst.addr = [ip4, 0, 0, 0];
+        dst.port = port;
+        dst.family = FAMILY_V4;
+        // SAFETY: helper on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if SOCKETS.insert(&cookie, &dst, 0).is_err() {
+            debug!(
+                ctx,
+                "connect4: could not record the original destination; not redirected"
+            );
+            return ALLOW;
+        }
+        // SAFETY: connect4 may write user_ip4 and user_port (4-byte stores).
+        unsafe {
+            core::ptr::write_volatile(&mut (*p).user_ip4, u32::from_ne_bytes([127, 0, 0, 1]));
+            core::ptr::write_volatile(&mut (*p).user_port, u32::from(proxy_port().to_be()));
+        }
+        debug!(ctx, "connect4 redirected: pid {} port {}", dst.pid, port);
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+        try_connect6(&ctx)
+    }
+
+    fn try_connect6(ctx: &SockAddrContext) -> i32 {
+        let p = sa(ctx);
+        // SAFETY: ctx fields the verifier allows connect6 to read (4-byte loads).
+        let (type_, protocol, port_be, ip6) = unsafe {
+            (
+                core::ptr::read_volatile(&(*p).type_),
+                core::ptr::read_volatile(&(*p).protocol),
+                core::ptr::read_volatile(&(*p).user_port),
+                [
+                    core::ptr::read_volatile(&(*p).user_ip6[0]),
+                    core::ptr::read_volatile(&(*p).user_ip6[1]),
+                    core::ptr::read_volatile(&(*p).user_ip6[2]),
+                    core::ptr::read_volatile(&(*p).user_ip6[3]),
+                ],
+            )
+        };
+        let port = u16::from_be(port_be as u16);
+        if type_ != SOCK_STREAM {
+            if protocol == IPPROTO_UDP && port == QUIC_PORT && tagged_ancestor() != 0 {
+                debug!(ctx, "refused udp6 connect to port 443");
+                return REFUSE;
+            }
+            return ALLOW;
+        }
+        let v4_mapped =
+            ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        let v6_loopback =
+            ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+        let loopback = v6_loopback || (v4_mapped && ip6[3].to_ne_bytes()[0] == 127);
+        if loopback && port == proxy_port() {
+            return ALLOW;
+        }
+        let Some(tag) = current_tag() else {
+            return ALLOW;
+        };
+        let mut dst = caller(tag);
+        dst.addr = ip6;
+        dst.port = port;
+        dst.family = FAMILY_V6;
+        // SAFETY: helper on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if SOCKETS.insert(&cookie, &dst, 0).is_err() {
+            debug!(
+                ctx,
+                "connect6: could not record the original destination; not redirected"
+            );
+            return ALLOW;
+        }
+        // SAFETY: connect6 may write user_ip6 (one 4-byte store per word) and user_port.
+        unsafe {
+            core::ptr::write_volatile(&mut (*p).user_ip6[0], 0);
+            core::ptr::write_volatile(&mut (*p).user_ip6[1], 0);
+            core::ptr::write_volatile(&mut (*p).user_ip6[2], 0);
+            core::ptr::write_volatile(&mut (*p).user_ip6[3], u32::from_ne_bytes([0, 0, 0, 1]));
+            core::ptr::write_volatile(&mut (*p).user_port, u32::from(proxy_port().to_be()));
+        }
+        debug!(ctx, "connect6 redirected: pid {} port {}", dst.pid, port);
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn refuse_quic4(ctx: SockAddrContext) -> i32 {
+        refuse_quic(&ctx)
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn refuse_quic6(ctx: SockAddrContext) -> i32 {
+        refuse_quic(&ctx)
+    }
+
+    /// sendmsg hooks only see UDP: refuse port 443 from tagged cgroups.
+    fn refuse_quic(ctx: &SockAddrContext) -> i32 {
+        let p = sa(ctx);
+        // SAFETY: user_port is readable in sendmsg4/6 (4-byte load).
+        let port_be = unsafe { core::ptr::read_volatile(&(*p).user_port) };
+        if u16::from_be(port_be as u16) == QUIC_PORT && tagged_ancestor() != 0 {
+            debug!(ctx, "refused udp sendmsg to port 443");
+            return REFUSE;
+        }
+        ALLOW
+    }
+
+    #[sock_ops]
+    pub fn rekey_established(ctx: SockOpsContext) -> u32 {
+        if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            return 1;
+        }
+        // SAFETY: helper on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: the value is copied out immediately.
+        let Some(dst) = (unsafe { SOCKETS.get(&cookie) }).copied() else {
+            return 1;
+        };
+        let family = if ctx.family() == 10 {
+            FAMILY_V6
+        } else {
+            FAMILY_V4
+        };
+        let key = PortKey {
+            port: ctx.local_port() as u16,
+            family,
+        };
+        if ORIGINS.insert(&key, &dst, 0).is_err() {
+            debug!(&ctx, "sockops: could not re-key a redirected socket");
+        }
+        let _ = SOCKETS.remove(&cookie);
+        1
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -22,6 +22,9 @@ pub enum Command {
     Run(crate::daemon::RunArgs),
     /// Run a command inside a fresh cgroup tagged with a profile.
     Exec(crate::capture::ExecArgs),
+    /// Tag and untag cgroups at runtime (the daemon must be running).
+    #[command(subcommand)]
+    Cgroup(crate::capture::CgroupCommand),
     /// The enforcer's certificate authority.
     #[command(subcommand)]
     Ca(crate::proxy::CaCommand),
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => crate::daemon::run(args),
         Command::Exec(args) => crate::capture::exec(args),
+        Command::Cgroup(cmd) => crate::capture::cgroup_command(cmd),
         Command::Ca(cmd) => crate::proxy::ca_command(cmd),
         Command::Policy(cmd) => crate::policy::cli::run(cmd),
         Command::Audit(cmd) => crate::audit::cli::run(cmd),

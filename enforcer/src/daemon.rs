@@ -1,10 +1,26 @@
-//! `enforcer run`: wires the stages together. Loads the configuration and policy, opens the audit trail, loads and
-//! attaches the eBPF capture, starts the proxy listeners, reports readiness and shuts down on SIGTERM/SIGINT.
+//! `enforcer run`: wires the stages together. Loads the configuration and policy, opens the audit trail, loads the
+//! CA, attaches the eBPF capture, starts the proxy listeners, reports readiness (`READY proxy_port=N` on stdout,
+//! and `READY=1` to systemd when `NOTIFY_SOCKET` is set) and shuts down cleanly on SIGTERM/SIGINT.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Args;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::audit::AuditLog;
+use crate::capture::{Capture, CaptureConfig};
+use crate::config::Config;
+use crate::model::{Origin, OriginLookup};
+use crate::policy::Policy;
+use crate::proxy::{CancellationToken, CertAuthority, ProxyContext, UpstreamTls};
+
+/// The policy enforced when the configuration names none: `policies/default.yaml`, built in.
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -13,6 +29,169 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 }
 
-pub fn run(_args: RunArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("the daemon is not wired yet")
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let config = Config::load_or_default(args.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second initialisation (tests calling run twice) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Load the configured policy, or the built-in default.
+pub fn load_policy(config: &Config) -> anyhow::Result<Policy> {
+    Ok(match &config.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::from_yaml(DEFAULT_POLICY, "policies/default.yaml (built in)")?,
+    })
+}
+
+/// The origin lookup when capture is off: nothing is redirected, so nothing is known.
+struct NoCapture;
+
+impl OriginLookup for NoCapture {
+    fn lookup(&self, _client: SocketAddr) -> Option<Origin> {
+        None
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let policy = load_policy(&config)?;
+    tracing::info!(policy_hash = %policy.hash(), "policy loaded");
+
+    create_private_dir(&config.state_dir)?;
+    let ca = CertAuthority::load_or_create(&config.ca_dir())?;
+    let bundle = ca.write_bundle(&config.ca_dir())?;
+    tracing::info!(bundle = %bundle.display(), "CA ready");
+    let upstream = UpstreamTls::new(&config.proxy.extra_roots)?;
+    let audit = AuditLog::open(config.audit_config()).await?;
+
+    // Listeners first: the kernel programs must never redirect to a port nobody listens on.
+    let port = config.proxy.port;
+    let v4 = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    let v6 = TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
+        .await
+        .with_context(|| format!("binding [::1]:{port}"))?;
+    let explicit = match &config.proxy.explicit {
+        Some(e) => {
+            let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, e.port)))
+                .await
+                .with_context(|| format!("binding the explicit proxy on 127.0.0.1:{}", e.port))?;
+            Some((l, e.profile.clone()))
+        }
+        None => None,
+    };
+
+    let capture = if config.capture.enabled {
+        Some(Capture::start(&capture_config(&config))?)
+    } else {
+        tracing::warn!("capture disabled: only the explicit proxy enforces");
+        None
+    };
+    let origins: Arc<dyn OriginLookup> = match &capture {
+        Some(c) => c.origins(),
+        None => Arc::new(NoCapture),
+    };
+
+    let ctx = Arc::new(ProxyContext {
+        policy: Arc::new(policy),
+        audit: audit.clone(),
+        ca: Arc::new(ca),
+        upstream,
+        origins,
+        inspect: Default::default(),
+    });
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::proxy::serve_transparent(
+        v4,
+        ctx.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::proxy::serve_transparent(
+        v6,
+        ctx.clone(),
+        shutdown.clone(),
+    ));
+    if let Some((listener, profile)) = explicit {
+        tasks.spawn(crate::proxy::serve_explicit(
+            listener,
+            ctx.clone(),
+            profile,
+            shutdown.clone(),
+        ));
+    }
+
+    report_ready(port);
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    if let Some(capture) = capture {
+        capture.shutdown()?;
+    }
+    audit.close().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn capture_config(config: &Config) -> CaptureConfig {
+    CaptureConfig {
+        cgroup_root: config.cgroup_root.clone(),
+        attach_cgroup: config.attach_cgroup(),
+        pin_dir: config.capture.pin_dir.clone(),
+        proxy_port: config.proxy.port,
+        profiles: config
+            .profiles
+            .iter()
+            .map(|(name, p)| (name.clone(), p.cgroups.clone()))
+            .collect(),
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+fn report_ready(port: u16) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "READY proxy_port={port}");
+    let _ = out.flush();
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = std::os::unix::net::UnixDatagram::unbound();
+        if let Ok(sock) = sock {
+            let _ = sock.send_to(b"READY=1", path);
+        }
+    }
+    tracing::info!(port, "ready");
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
 }

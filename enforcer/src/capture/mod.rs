@@ -1,22 +1,381 @@
-//! Capture: loads and attaches the eBPF programs, tags cgroups with profiles, and recovers the original destination
-//! and calling process of each redirected connection for the proxy (`OriginLookup`). Also `enforcer exec`.
-//!
-//! SCAFFOLD: replaced by the capture stage.
+//! Capture: loads and attaches the eBPF programs (`enforcer-ebpf`), tags cgroups with profiles through the pinned
+//! `TAGGED` map, and recovers the original destination and calling process of each redirected connection for the
+//! proxy ([`crate::model::OriginLookup`]). Also the `enforcer exec` and `enforcer cgroup` commands, which reach the
+//! running daemon through the pinned map. It owns no policy: the kernel only asks "is this cgroup tagged".
 
-use std::process::ExitCode;
+mod cli;
+mod origins;
+mod tags;
 
-use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-#[derive(Debug, Args)]
-pub struct ExecArgs {
-    /// Profile to tag the new cgroup with.
-    #[arg(long, default_value = "default")]
-    pub profile: String,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, required = true)]
-    pub command: Vec<String>,
+use aya::maps::HashMap;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use enforcer_common::{GLOBAL_PROXY_PORT, MAP_ORIGINS, MAP_TAGGED};
+
+pub use cli::{cgroup_command, exec, CgroupCommand, ExecArgs};
+pub use origins::{cgroup_path, BpfOrigins};
+pub use tags::{cgroup_id, map_in_use, pin_path, TagTable};
+
+/// The kernel object built by `build.rs` (aya-build).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+/// The cgroup programs, by function name in `enforcer-ebpf`.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    "redirect_connect4",
+    "redirect_connect6",
+    "refuse_quic4",
+    "refuse_quic6",
+];
+const SOCK_OPS_PROGRAM: &str = "rekey_established";
+/// bpffs mount point; mounted by [`Capture::start`] when missing.
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("pinning the tag map: {0}")]
+    Pin(#[from] aya::pin::PinError),
+    #[error("kernel log forwarding: {0}")]
+    Log(#[from] aya_log::Error),
+    #[error("cgroup {}: {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pin directory {}: {source}", path.display())]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: is not on a bpf filesystem", .0.display())]
+    NotBpffs(PathBuf),
+    #[error("profile name {0:?} must be 1 to 32 bytes without NUL")]
+    BadProfileName(String),
+    #[error("the enforcer daemon is not running (no tag map pinned at {})", .0.display())]
+    NotRunning(PathBuf),
+    #[error("kernel log forwarding needs a tokio runtime: {0}")]
+    NoRuntime(std::io::Error),
 }
 
-pub fn exec(_args: ExecArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("exec is not wired yet")
+/// What [`Capture::start`] needs; the daemon builds it from [`crate::config::Config`].
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// The cgroup2 mount (`/sys/fs/cgroup/unified` here).
+    pub cgroup_root: PathBuf,
+    /// Where the programs attach: the root in production; tests use their own cgroup.
+    pub attach_cgroup: PathBuf,
+    /// bpffs directory for the `TAGGED` pin (e.g. `/sys/fs/bpf/enforcer`).
+    pub pin_dir: PathBuf,
+    /// The transparent proxy's port on 127.0.0.1 and ::1.
+    pub proxy_port: u16,
+    /// Profile → cgroup paths (relative to `cgroup_root`) to tag.
+    pub profiles: Vec<(String, Vec<PathBuf>)>,
+}
+
+/// The loaded and attached capture. Dropping it detaches everything too; [`Capture::shutdown`] reports errors.
+pub struct Capture {
+    ebpf: Option<Ebpf>,
+    tags: Mutex<TagTable>,
+    origins: Arc<BpfOrigins>,
+    pin: PathBuf,
+    pin_dir: PathBuf,
+    pin_dir_created: bool,
+    /// `enforcer` and `enforcer/<profile>` cgroups created by start, removed (when empty) at shutdown.
+    created_cgroups: Vec<PathBuf>,
+    log_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Load the programs with the proxy port patched in, attach them to `attach_cgroup`, pin `TAGGED`, tag
+    /// `<attach_cgroup>/enforcer/<profile>` (created) and the configured cgroups of every profile, and forward kernel
+    /// logs to `tracing` (debug level). Must be called inside a tokio runtime.
+    pub fn start(cfg: &CaptureConfig) -> Result<Capture, CaptureError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| CaptureError::NoRuntime(std::io::Error::other(e)))?;
+        for (profile, _) in &cfg.profiles {
+            tags::encode_profile(profile)?;
+        }
+        let pin = pin_path(&cfg.pin_dir);
+        let pin_dir_created = prepare_pin_dir(&cfg.pin_dir)?;
+        if pin.exists() {
+            tracing::warn!(pin = %pin.display(), "removing a stale tag map pin (earlier daemon did not shut down)");
+            std::fs::remove_file(&pin).map_err(|source| CaptureError::PinDir {
+                path: pin.clone(),
+                source,
+            })?;
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_PROXY_PORT, &cfg.proxy_port, true)
+            .load(EBPF_OBJECT)?;
+        let log_task = start_log_forwarding(&mut ebpf, &runtime)?;
+
+        let tag_map = ebpf
+            .take_map(MAP_TAGGED)
+            .ok_or(CaptureError::MissingMap(MAP_TAGGED))?;
+        let tags = TagTable::new(tag_map, &cfg.cgroup_root)?;
+        let origin_map = ebpf
+            .take_map(MAP_ORIGINS)
+            .ok_or(CaptureError::MissingMap(MAP_ORIGINS))?;
+        let origins = Arc::new(BpfOrigins::new(
+            HashMap::try_from(origin_map)?,
+            &cfg.cgroup_root,
+        ));
+
+        let mut capture = Capture {
+            ebpf: None,
+            tags: Mutex::new(tags),
+            origins,
+            pin: pin.clone(),
+            pin_dir: cfg.pin_dir.clone(),
+            pin_dir_created,
+            created_cgroups: Vec::new(),
+            log_task: Some(log_task),
+        };
+        // From here on, errors unwind through Capture's Drop.
+        capture.lock_tags().pin(&pin)?;
+        capture.tag_profiles(cfg)?;
+        attach(&mut ebpf, &cfg.attach_cgroup)?;
+        capture.ebpf = Some(ebpf);
+        tracing::info!(
+            cgroup = %cfg.attach_cgroup.display(),
+            port = cfg.proxy_port,
+            pin = %pin.display(),
+            "capture attached"
+        );
+        Ok(capture)
+    }
+
+    /// The lookup the proxy uses: the original destination and process of an accepted connection, by its peer.
+    pub fn origins(&self) -> Arc<dyn crate::model::OriginLookup> {
+        self.origins.clone()
+    }
+
+    /// Tag `cgroup` (absolute, or relative to the cgroup root) and everything below it with `profile`.
+    pub fn tag(&self, cgroup: &Path, profile: &str) -> Result<(), CaptureError> {
+        self.lock_tags().tag(cgroup, profile)
+    }
+
+    /// Remove the tag of `cgroup` itself.
+    pub fn untag(&self, cgroup: &Path) -> Result<(), CaptureError> {
+        self.lock_tags().untag(cgroup)
+    }
+
+    /// Detach the programs, remove the pin and the cgroups start created (if empty). Leaves no trace.
+    pub fn shutdown(mut self) -> Result<(), CaptureError> {
+        self.cleanup()
+    }
+
+    fn lock_tags(&self) -> std::sync::MutexGuard<'_, TagTable> {
+        self.tags
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn tag_profiles(&mut self, cfg: &CaptureConfig) -> Result<(), CaptureError> {
+        let base = cfg.attach_cgroup.join("enforcer");
+        for (profile, cgroups) in &cfg.profiles {
+            let dir = base.join(profile);
+            for d in [&base, &dir] {
+                if !d.exists() {
+                    std::fs::create_dir(d).map_err(|source| CaptureError::Cgroup {
+                        path: d.clone(),
+                        source,
+                    })?;
+                    self.created_cgroups.push(d.clone());
+                }
+            }
+            self.tag(&dir, profile)?;
+            for cgroup in cgroups {
+                let path = cfg.cgroup_root.join(cgroup);
+                match self.tag(&path, profile) {
+                    Ok(()) => {}
+                    Err(CaptureError::Cgroup { path, source }) => {
+                        // A configured slice that does not exist yet is not fatal: tag it later.
+                        tracing::warn!(cgroup = %path.display(), profile, error = %source, "cannot tag cgroup");
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cleanup(&mut self) -> Result<(), CaptureError> {
+        let mut first_error = None;
+        // Dropping the object detaches every link and closes the maps.
+        drop(self.ebpf.take());
+        if let Some(task) = self.log_task.take() {
+            task.abort();
+        }
+        if let Err(source) = std::fs::remove_file(&self.pin) {
+            if source.kind() != std::io::ErrorKind::NotFound {
+                first_error.get_or_insert(CaptureError::PinDir {
+                    path: self.pin.clone(),
+                    source,
+                });
+            }
+        }
+        if self.pin_dir_created {
+            self.pin_dir_created = false;
+            let _ = std::fs::remove_dir(&self.pin_dir);
+        }
+        while let Some(dir) = self.created_cgroups.pop() {
+            if let Err(err) = std::fs::remove_dir(&dir) {
+                tracing::warn!(cgroup = %dir.display(), error = %err, "leaving cgroup in place (not empty?)");
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Err(err) = self.cleanup() {
+            tracing::warn!(error = %err, "capture cleanup");
+        }
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), CaptureError> {
+    let file = std::fs::File::open(cgroup).map_err(|source| CaptureError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    for name in SOCK_ADDR_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        program
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(|source| CaptureError::Program { name, source })?;
+    }
+    let name = SOCK_OPS_PROGRAM;
+    let program: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| CaptureError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| CaptureError::Program { name, source })?;
+    program
+        .attach(&file, CgroupAttachMode::Single)
+        .map_err(|source| CaptureError::Program { name, source })?;
+    Ok(())
+}
+
+/// Make sure `pin_dir` exists on a bpffs, mounting bpffs at `/sys/fs/bpf` when nothing is mounted there.
+/// Returns whether the directory was created (so shutdown removes it).
+fn prepare_pin_dir(pin_dir: &Path) -> Result<bool, CaptureError> {
+    let pin_err = |source| CaptureError::PinDir {
+        path: pin_dir.to_path_buf(),
+        source,
+    };
+    if pin_dir.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
+        mount_bpffs().map_err(pin_err)?;
+    }
+    let created = if pin_dir.is_dir() {
+        false
+    } else {
+        std::fs::create_dir_all(pin_dir).map_err(pin_err)?;
+        true
+    };
+    if !is_bpffs(pin_dir) {
+        return Err(CaptureError::NotBpffs(pin_dir.to_path_buf()));
+    }
+    Ok(created)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is a valid C string.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs() -> std::io::Result<()> {
+    let target = c"/sys/fs/bpf";
+    // SAFETY: static C strings; mount does not retain them.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Forwards aya-log records from the kernel programs to `tracing` at debug level.
+struct TracingLog;
+
+impl log::Log for TracingLog {
+    fn enabled(&self, _metadata: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        tracing::debug!(target: "enforcer::ebpf", "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+fn start_log_forwarding(
+    ebpf: &mut Ebpf,
+    runtime: &tokio::runtime::Handle,
+) -> Result<tokio::task::JoinHandle<()>, CaptureError> {
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, TracingLog)?;
+    let _guard = runtime.enter();
+    // SAFETY: the logger owns its ring buffer fd and keeps it open, unreplaced, for as long as the AsyncFd owns it.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| CaptureError::NoRuntime(e.into_parts().1))?;
+    Ok(runtime.spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }

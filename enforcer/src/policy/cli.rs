@@ -1,21 +1,184 @@
-//! `enforcer policy check|test|eval`.
+//! `enforcer policy check|test|eval`: the command-line edge of the policy engine. Errors in the policy or cases
+//! are reported (with file, line and column) and turn into exit code 1; only unexpected failures become `Err`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Subcommand;
+
+use super::{cases, Policy};
+use crate::model::{Action, Decision, Rewrite};
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Load a policy and report errors with file, line and column.
     Check { file: PathBuf },
+    /// Run a policy's test cases (default: FILE with `.yaml` replaced by `.cases.yaml`).
+    Test {
+        file: PathBuf,
+        cases: Option<PathBuf>,
+    },
+    /// Decide one action (JSON) and explain the decision.
+    Eval {
+        file: PathBuf,
+        /// The Action as JSON (the model::Action shape).
+        #[arg(long)]
+        action: PathBuf,
+        /// Print the decision as JSON instead of an explanation.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PolicyCommand::Check { file } => {
-            super::Policy::load(&file)?;
-            Ok(ExitCode::SUCCESS)
+        PolicyCommand::Check { file } => Ok(check(&file)),
+        PolicyCommand::Test { file, cases } => {
+            let cases = cases.unwrap_or_else(|| cases::default_cases_path(&file));
+            Ok(test(&file, &cases))
+        }
+        PolicyCommand::Eval { file, action, json } => eval(&file, &action, json),
+    }
+}
+
+fn check(file: &Path) -> ExitCode {
+    match Policy::load(file) {
+        Ok(p) => {
+            println!(
+                "{}: ok: {} rules, default {}, mode {}, max body {} bytes, sha256 {}",
+                file.display(),
+                p.rule_ids().count(),
+                p.default_verdict().as_str(),
+                mode_str(p.mode()),
+                p.max_body_bytes(),
+                p.hash()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn test(file: &Path, cases_path: &Path) -> ExitCode {
+    let outcomes = match cases::run_files(file, cases_path) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let failed: Vec<&cases::Outcome> = outcomes.iter().filter(|o| !o.passed()).collect();
+    for o in &failed {
+        println!("FAIL {}", o.name);
+        for f in &o.failures {
+            println!("    {f}");
+        }
+        println!(
+            "    matched rules: [{}]; deciding: {}",
+            o.decision.matched_rules.join(", "),
+            o.decision.deciding_rule.as_deref().unwrap_or("(default)")
+        );
+    }
+    println!(
+        "{}: {} passed, {} failed ({})",
+        file.display(),
+        outcomes.len() - failed.len(),
+        failed.len(),
+        cases_path.display()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn eval(file: &Path, action_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let policy = match Policy::load(file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let text = std::fs::read_to_string(action_path)
+        .with_context(|| format!("reading {}", action_path.display()))?;
+    let mut action: Action = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid Action", action_path.display()))?;
+    cases::normalize(&mut action);
+    let decision = policy.evaluate(&action);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&decision)?);
+    } else {
+        print!("{}", explain(&policy, &decision));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mode_str(m: crate::model::Mode) -> &'static str {
+    match m {
+        crate::model::Mode::Enforce => "enforce",
+        crate::model::Mode::Shadow => "shadow",
+    }
+}
+
+/// A decision as a person reads it.
+pub fn explain(policy: &Policy, d: &Decision) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "verdict: {} ({:?})", d.verdict.as_str(), d.reason);
+    match &d.deciding_rule {
+        Some(r) => {
+            let _ = writeln!(s, "deciding rule: {r}");
+        }
+        None => {
+            let _ = writeln!(s, "deciding rule: none (policy default)");
+        }
+    }
+    if d.matched_rules.is_empty() {
+        let _ = writeln!(s, "matched rules: none");
+    } else {
+        let _ = writeln!(s, "matched rules:");
+        for r in &d.matched_rules {
+            match policy.rule_description(r) {
+                Some(desc) => {
+                    let _ = writeln!(s, "  - {r}: {desc}");
+                }
+                None => {
+                    let _ = writeln!(s, "  - {r}");
+                }
+            }
+        }
+    }
+    if let Some(m) = &d.message {
+        let _ = writeln!(s, "message: {m}");
+    }
+    if !d.rewrites.is_empty() {
+        let _ = writeln!(s, "rewrites:");
+        for p in &d.rewrites {
+            let what = match &p.rewrite {
+                Rewrite::Redact { detectors } => format!("redact {}", detectors.join(", ")),
+                Rewrite::JsonSet { path, value } => format!("set {path} = {value}"),
+                Rewrite::JsonRemove { path } => format!("remove {path}"),
+                Rewrite::JsonCap { path, max } => format!("cap {path} at {max}"),
+                Rewrite::HeaderSet { name, value } => format!("set header {name}: {value}"),
+                Rewrite::HeaderRemove { name } => format!("remove header {name}"),
+                Rewrite::DropTools { globs } => format!("drop tools {}", globs.join(", ")),
+            };
+            let _ = writeln!(s, "  - {what} (rule {})", p.rule);
+        }
+    }
+    let _ = writeln!(s, "mode: {}", mode_str(d.mode));
+    if d.mode == crate::model::Mode::Shadow {
+        let _ = writeln!(
+            s,
+            "  (shadow: recorded only, the request is forwarded unmodified)"
+        );
+    }
+    let _ = writeln!(s, "policy: sha256 {}", d.policy_hash);
+    s
 }

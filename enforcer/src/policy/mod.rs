@@ -1,14 +1,42 @@
 //! The policy engine: loads a YAML policy straight into its compiled form and answers one [`Decision`] per
-//! [`Action`]. Pure and synchronous apart from rate-limit counters. Owns the policy language; knows nothing of
-//! sockets, TLS or the audit trail.
+//! [`Action`]. Pure and synchronous apart from rate-limit counters. Owns the policy language (see docs/policy.md),
+//! its error messages (`FILE:LINE:COL: what was wrong, what was expected`), the JSONPath subset and the detectors
+//! the constrain stage reuses; knows nothing of sockets, TLS or the audit trail.
 //!
-//! SCAFFOLD: the API below is the contract the other stages code against; the engine replaces the bodies.
+//! Semantics: every matching rule is collected; the verdict is the most restrictive (block > constrain > log >
+//! allow); the deciding rule is the first in file order with that verdict; a rule over its rate limit turns into a
+//! block and decides; the rewrites of all matching constrain rules apply in file order; no match → `default`.
+//! Rules are indexed by exact host so evaluation only visits rules that can match.
 
+pub mod cases;
 pub mod cli;
+mod cond;
+pub mod detect;
+mod glob;
+pub mod jsonpath;
+mod ratelimit;
+mod yaml;
 
+use std::collections::HashMap;
+use std::io::Read as _;
 use std::path::Path;
+use std::time::Instant;
 
-use crate::model::{Action, Decision, Mode, Reason, Verdict};
+use cond::{fault, CResult, Cond, Ctx, Fault, Scope};
+use yaml::{Kind, Loc, Node};
+
+use crate::model::{Action, Decision, Mode, PlannedRewrite, Reason, Rewrite, Verdict};
+
+pub use yaml::MAX_SOURCE_BYTES;
+
+/// The largest body the proxy buffers for inspection unless the policy says otherwise.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The client-facing message of the default block when the policy does not set `default_message`.
+pub const DEFAULT_BLOCK_MESSAGE: &str = "blocked by policy: no rule allows this request";
+
+/// The client-facing message of a rate-limited rule without its own `message`.
+pub const RATE_LIMIT_MESSAGE: &str = "rate limit exceeded";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -18,44 +46,256 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{origin}: file is larger than the {max} byte limit for policy files")]
+    TooLarge { origin: String, max: usize },
+    /// The file is not valid YAML, or breaks the parse budget (alias bombs, nesting, size).
+    #[error("{}", located(origin, *line, *column, message))]
+    Yaml {
+        origin: String,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    /// Valid YAML that is not a valid policy (or cases file).
+    #[error("{}", located(origin, *line, *column, message))]
+    Invalid {
+        origin: String,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+}
+
+impl PolicyError {
+    /// Line and column (1-based) when known.
+    pub fn location(&self) -> Option<(u64, u64)> {
+        match self {
+            PolicyError::Yaml { line, column, .. } | PolicyError::Invalid { line, column, .. }
+                if *line > 0 =>
+            {
+                Some((*line, *column))
+            }
+            _ => None,
+        }
+    }
+
+    fn yaml(origin: &str, e: yaml::YamlError) -> PolicyError {
+        PolicyError::Yaml {
+            origin: origin.to_owned(),
+            line: e.loc.line,
+            column: e.loc.column,
+            message: e.message,
+        }
+    }
+
+    fn invalid(origin: &str, f: Fault) -> PolicyError {
+        PolicyError::Invalid {
+            origin: origin.to_owned(),
+            line: f.loc.line,
+            column: f.loc.column,
+            message: f.message,
+        }
+    }
+}
+
+fn located(origin: &str, line: u64, column: u64, message: &str) -> String {
+    if line == 0 {
+        format!("{origin}: {message}")
+    } else {
+        format!("{origin}:{line}:{column}: {message}")
+    }
+}
+
+/// Read a policy or cases file, refusing files over [`MAX_SOURCE_BYTES`] without reading them whole.
+pub(crate) fn read_source(path: &Path) -> Result<String, PolicyError> {
+    let io = |source| PolicyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut buf = Vec::new();
+    file.take(MAX_SOURCE_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(io)?;
+    if buf.len() > MAX_SOURCE_BYTES {
+        return Err(PolicyError::TooLarge {
+            origin: path.display().to_string(),
+            max: MAX_SOURCE_BYTES,
+        });
+    }
+    String::from_utf8(buf).map_err(|_| PolicyError::Invalid {
+        origin: path.display().to_string(),
+        line: 0,
+        column: 0,
+        message: "file is not UTF-8 text".into(),
+    })
+}
+
+#[derive(Debug)]
+struct Rule {
+    id: String,
+    description: Option<String>,
+    when: Cond,
+    verdict: Verdict,
+    message: Option<String>,
+    rewrites: Vec<Rewrite>,
+    rate_limit: Option<ratelimit::RateLimit>,
 }
 
 /// A loaded, compiled policy. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Policy {
     hash: String,
+    mode: Mode,
+    default: Verdict,
+    default_message: Option<String>,
+    max_body_bytes: u64,
+    detectors: detect::Detectors,
+    profiles: Vec<String>,
+    rules: Vec<Rule>,
+    /// Rule indices (ascending) per exact lower-case host.
+    by_host: HashMap<String, Vec<usize>>,
+    /// Rules without an exact-host condition (ascending): checked for every action.
+    unindexed: Vec<usize>,
+    limiter: ratelimit::Limiter,
 }
 
 impl Policy {
     /// Load and compile a policy file. A policy either loads whole or not at all.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let src = read_source(path)?;
         Self::from_yaml(&src, &path.display().to_string())
     }
 
     /// Compile a policy from YAML text; `origin` names it in errors (usually the file path).
-    pub fn from_yaml(src: &str, _origin: &str) -> Result<Policy, PolicyError> {
+    pub fn from_yaml(src: &str, origin: &str) -> Result<Policy, PolicyError> {
         use sha2::Digest;
-        Ok(Policy {
-            hash: hex::encode(sha2::Sha256::digest(src.as_bytes())),
-        })
+        if src.len() > MAX_SOURCE_BYTES {
+            return Err(PolicyError::TooLarge {
+                origin: origin.to_owned(),
+                max: MAX_SOURCE_BYTES,
+            });
+        }
+        let root = yaml::parse(src).map_err(|e| PolicyError::yaml(origin, e))?;
+        let hash = hex::encode(sha2::Sha256::digest(src.as_bytes()));
+        compile(&root, hash).map_err(|f| PolicyError::invalid(origin, f))
     }
 
     /// Decide one action.
-    pub fn evaluate(&self, _action: &Action) -> Decision {
-        Decision {
-            verdict: Verdict::Block,
+    pub fn evaluate(&self, action: &Action) -> Decision {
+        self.evaluate_at(action, Instant::now())
+    }
+
+    /// Decide one action as of `now` (rate limits refill against this clock; tests and cases advance it).
+    pub fn evaluate_at(&self, action: &Action, now: Instant) -> Decision {
+        let cx = Ctx::new(action, &self.detectors);
+        let indexed: &[usize] = cx
+            .host
+            .as_deref()
+            .and_then(|h| self.by_host.get(h))
+            .map_or(&[], Vec::as_slice);
+        let mut matched: Vec<usize> = Vec::new();
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let next = match (indexed.get(i), self.unindexed.get(j)) {
+                (Some(&a), Some(&b)) if a < b => {
+                    i += 1;
+                    a
+                }
+                (Some(&a), Some(&b)) if a == b => {
+                    i += 1;
+                    j += 1;
+                    a
+                }
+                (_, Some(&b)) => {
+                    j += 1;
+                    b
+                }
+                (Some(&a), None) => {
+                    i += 1;
+                    a
+                }
+                (None, None) => break,
+            };
+            if self.rules.get(next).is_some_and(|r| r.when.eval(&cx)) {
+                matched.push(next);
+            }
+        }
+        self.decide(action, &matched, now)
+    }
+
+    fn decide(&self, action: &Action, matched: &[usize], now: Instant) -> Decision {
+        let mut decision = Decision {
+            verdict: self.default,
             deciding_rule: None,
-            matched_rules: Vec::new(),
+            matched_rules: Vec::with_capacity(matched.len()),
             reason: Reason::Default,
             message: None,
             rewrites: Vec::new(),
-            mode: Mode::Enforce,
+            mode: self.mode,
             policy_hash: self.hash.clone(),
+        };
+        let rules: Vec<(usize, &Rule)> = matched
+            .iter()
+            .filter_map(|&i| self.rules.get(i).map(|r| (i, r)))
+            .collect();
+        decision.matched_rules = rules.iter().map(|(_, r)| r.id.clone()).collect();
+        if rules.is_empty() {
+            if self.default == Verdict::Block {
+                decision.message = Some(
+                    self.default_message
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_BLOCK_MESSAGE.to_owned()),
+                );
+            }
+            return decision;
         }
+        // Every matching rate-limited rule takes a token, so each limit counts every request it saw.
+        let mut limited: Option<&Rule> = None;
+        for (i, rule) in &rules {
+            if let Some(limit) = &rule.rate_limit {
+                if !self.limiter.admit(*i, limit, action, now) && limited.is_none() {
+                    limited = Some(rule);
+                }
+            }
+        }
+        if let Some(rule) = limited {
+            decision.verdict = Verdict::Block;
+            decision.deciding_rule = Some(rule.id.clone());
+            decision.reason = Reason::RateLimited;
+            decision.message = Some(
+                rule.message
+                    .clone()
+                    .unwrap_or_else(|| RATE_LIMIT_MESSAGE.to_owned()),
+            );
+            return decision;
+        }
+        let verdict = rules
+            .iter()
+            .map(|(_, r)| r.verdict)
+            .max()
+            .unwrap_or(self.default);
+        let deciding = rules
+            .iter()
+            .find(|(_, r)| r.verdict == verdict)
+            .map(|(_, r)| *r);
+        decision.verdict = verdict;
+        decision.reason = Reason::Rule;
+        decision.deciding_rule = deciding.map(|r| r.id.clone());
+        decision.message = deciding.and_then(|r| r.message.clone());
+        if verdict == Verdict::Constrain {
+            decision.rewrites = rules
+                .iter()
+                .filter(|(_, r)| r.verdict == Verdict::Constrain)
+                .flat_map(|(_, r)| {
+                    r.rewrites.iter().map(|rw| PlannedRewrite {
+                        rule: r.id.clone(),
+                        rewrite: rw.clone(),
+                    })
+                })
+                .collect();
+        }
+        decision
     }
 
     /// Hex SHA-256 of the policy source.
@@ -65,6 +305,528 @@ impl Policy {
 
     /// The largest request body the proxy buffers for inspection; larger bodies are refused.
     pub fn max_body_bytes(&self) -> u64 {
-        4 * 1024 * 1024
+        self.max_body_bytes
     }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The verdict when no rule matches.
+    pub fn default_verdict(&self) -> Verdict {
+        self.default
+    }
+
+    /// Built-in and policy-defined detectors, for redaction.
+    pub fn detectors(&self) -> &detect::Detectors {
+        &self.detectors
+    }
+
+    /// Profile names declared under `profiles:`.
+    pub fn profiles(&self) -> &[String] {
+        &self.profiles
+    }
+
+    /// Rule ids in file order.
+    pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.id.as_str())
+    }
+
+    /// A rule's description, when it has one.
+    pub fn rule_description(&self, id: &str) -> Option<&str> {
+        self.rules
+            .iter()
+            .find(|r| r.id == id)
+            .and_then(|r| r.description.as_deref())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Compilation
+
+const TOP_KEYS: &[&str] = &[
+    "version",
+    "description",
+    "default",
+    "default_message",
+    "mode",
+    "max_body_bytes",
+    "profiles",
+    "detectors",
+    "rules",
+];
+const RULE_KEYS: &[&str] = &[
+    "id",
+    "description",
+    "when",
+    "verdict",
+    "message",
+    "constrain",
+    "rate_limit",
+];
+const CONSTRAIN_KEYS: &[&str] = &[
+    "redact",
+    "json_set",
+    "json_remove",
+    "json_cap",
+    "header_set",
+    "header_remove",
+    "drop_tools",
+];
+
+/// A mapping's entries keyed by their string key, rejecting unknown and non-string keys.
+fn fields<'n>(
+    node: &'n Node,
+    allowed: &[&str],
+    what: &str,
+) -> CResult<HashMap<String, (&'n Node, &'n Node)>> {
+    let Some(entries) = node.as_map() else {
+        return fault(
+            node.loc,
+            format!("expected {what} (a mapping), found {}", node.type_name()),
+        );
+    };
+    let mut out = HashMap::new();
+    for (k, v) in entries {
+        let Kind::Str(key) = &k.kind else {
+            return fault(k.loc, format!("expected a string key in {what}"));
+        };
+        if !allowed.contains(&key.as_str()) {
+            return fault(
+                k.loc,
+                format!(
+                    "unknown key `{key}` in {what}, expected one of {}",
+                    allowed.join(", ")
+                ),
+            );
+        }
+        if out.insert(key.clone(), (k, v)).is_some() {
+            return fault(k.loc, format!("duplicate key `{key}` in {what}"));
+        }
+    }
+    Ok(out)
+}
+
+fn string(v: &Node, what: &str) -> CResult<String> {
+    match &v.kind {
+        Kind::Str(s) => Ok(s.clone()),
+        _ => fault(
+            v.loc,
+            format!("expected {what} (a string), found {}", v.type_name()),
+        ),
+    }
+}
+
+fn verdict(v: &Node) -> CResult<Verdict> {
+    match v.scalar_text().as_deref() {
+        Some("allow") => Ok(Verdict::Allow),
+        Some("log") => Ok(Verdict::Log),
+        Some("constrain") => Ok(Verdict::Constrain),
+        Some("block") => Ok(Verdict::Block),
+        _ => fault(
+            v.loc,
+            "unknown verdict, expected allow, log, constrain or block",
+        ),
+    }
+}
+
+fn compile(root: &Node, hash: String) -> CResult<Policy> {
+    let top = fields(root, TOP_KEYS, "the policy")?;
+    match top.get("version") {
+        Some((_, v)) if matches!(v.kind, Kind::Int(1)) => {}
+        Some((_, v)) => return fault(v.loc, "unsupported version, expected `version: 1`"),
+        None => {
+            return fault(
+                root.loc,
+                "missing `version`, expected `version: 1` at the top",
+            )
+        }
+    }
+    let default = match top.get("default") {
+        Some((_, v)) => {
+            let d = verdict(v)?;
+            if d == Verdict::Constrain {
+                return fault(v.loc, "`default` cannot be constrain (it has no rewrites), expected allow, log or block");
+            }
+            d
+        }
+        None => {
+            return fault(
+                root.loc,
+                "missing `default`, expected e.g. `default: block`",
+            )
+        }
+    };
+    let mode = match top.get("mode") {
+        None => Mode::Enforce,
+        Some((_, v)) => match v.scalar_text().as_deref() {
+            Some("enforce") => Mode::Enforce,
+            Some("shadow") => Mode::Shadow,
+            _ => return fault(v.loc, "unknown mode, expected enforce or shadow"),
+        },
+    };
+    let default_message = top
+        .get("default_message")
+        .map(|(_, v)| string(v, "a message"))
+        .transpose()?;
+    if let Some((_, v)) = top.get("description") {
+        string(v, "a description")?;
+    }
+    let max_body_bytes = top
+        .get("max_body_bytes")
+        .map(|(_, v)| cond::size(v))
+        .transpose()?
+        .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+
+    let mut profiles = Vec::new();
+    if let Some((_, v)) = top.get("profiles") {
+        match &v.kind {
+            Kind::Null => {}
+            Kind::Map(entries) => {
+                for (k, body) in entries {
+                    let name = string(k, "a profile name")?;
+                    fields(body, &["description"], &format!("profile `{name}`"))?;
+                    profiles.push(name);
+                }
+            }
+            _ => {
+                return fault(
+                    v.loc,
+                    "expected `profiles` to be a mapping of profile names",
+                )
+            }
+        }
+    }
+
+    let mut detectors = detect::Detectors::builtin();
+    if let Some((_, v)) = top.get("detectors") {
+        match &v.kind {
+            Kind::Null => {}
+            Kind::Map(entries) => {
+                for (k, body) in entries {
+                    let name = string(k, "a detector name")?;
+                    let what = format!("detector `{name}`");
+                    let f = fields(body, &["regex", "keywords", "validator"], &what)?;
+                    let Some((_, re)) = f.get("regex") else {
+                        return fault(
+                            body.loc,
+                            format!("{what} has no `regex`, expected `regex: \"...\"`"),
+                        );
+                    };
+                    let re_src = string(re, "a regex")?;
+                    let keywords = match f.get("keywords") {
+                        Some((_, kw)) => cond::strings(kw)?.into_iter().map(|(_, s)| s).collect(),
+                        None => Vec::new(),
+                    };
+                    let validator = match f.get("validator") {
+                        Some((_, val)) => Some(
+                            detect::Validator::parse(&string(val, "a validator")?)
+                                .or_else(|e| fault(val.loc, e.to_string()))?,
+                        ),
+                        None => None,
+                    };
+                    detectors
+                        .add(&name, &re_src, keywords, validator)
+                        .or_else(|e| match e {
+                            detect::DetectError::Regex(e) => fault(
+                                re.loc,
+                                format!("bad regex: {}", cond::one_line(&e.to_string())),
+                            ),
+                            other => fault(k.loc, other.to_string()),
+                        })?;
+                }
+            }
+            _ => {
+                return fault(
+                    v.loc,
+                    "expected `detectors` to be a mapping of detector names",
+                )
+            }
+        }
+    }
+
+    let scope = Scope {
+        detectors: &detectors,
+        profiles: &profiles,
+    };
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut seen: HashMap<String, Loc> = HashMap::new();
+    if let Some((_, v)) = top.get("rules") {
+        let items: &[Node] = match &v.kind {
+            Kind::Seq(items) => items,
+            Kind::Null => &[],
+            _ => return fault(v.loc, "expected `rules` to be a list of rules"),
+        };
+        for item in items {
+            let rule = compile_rule(item, &scope)?;
+            if let Some(first) = seen.get(&rule.id) {
+                return fault(
+                    item.loc,
+                    format!(
+                        "duplicate rule id `{}` (first defined at line {}), expected unique ids",
+                        rule.id, first.line
+                    ),
+                );
+            }
+            seen.insert(rule.id.clone(), item.loc);
+            rules.push(rule);
+        }
+    }
+
+    let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut unindexed = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        match rule.when.exact_hosts() {
+            Some(hosts) => {
+                for h in hosts {
+                    let list = by_host.entry(h).or_default();
+                    if list.last() != Some(&i) {
+                        list.push(i);
+                    }
+                }
+            }
+            None => unindexed.push(i),
+        }
+    }
+
+    Ok(Policy {
+        hash,
+        mode,
+        default,
+        default_message,
+        max_body_bytes,
+        detectors,
+        profiles,
+        rules,
+        by_host,
+        unindexed,
+        limiter: ratelimit::Limiter::default(),
+    })
+}
+
+fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
+    let f = fields(node, RULE_KEYS, "a rule")?;
+    let Some((_, id_node)) = f.get("id") else {
+        return fault(node.loc, "rule has no `id`, expected `id: some-name`");
+    };
+    let id = id_node
+        .scalar_text()
+        .filter(|s| !s.trim().is_empty())
+        .map_or_else(|| fault(id_node.loc, "expected a non-empty rule id"), Ok)?;
+    let what = format!("rule `{id}`");
+    let Some((_, v)) = f.get("verdict") else {
+        return fault(
+            node.loc,
+            format!("{what} has no `verdict`, expected allow, log, constrain or block"),
+        );
+    };
+    let verdict = verdict(v)?;
+    let when = match f.get("when") {
+        Some((_, w)) => cond::compile_when(w, scope)?,
+        None => Cond::All(Vec::new()),
+    };
+    let message = f
+        .get("message")
+        .map(|(_, m)| string(m, "a message"))
+        .transpose()?;
+    let description = f
+        .get("description")
+        .map(|(_, d)| string(d, "a description"))
+        .transpose()?;
+    let rewrites = match (f.get("constrain"), verdict) {
+        (Some((_, c)), Verdict::Constrain) => compile_rewrites(c, scope)?,
+        (None, Verdict::Constrain) => {
+            return fault(
+                v.loc,
+                format!("{what} has verdict constrain but no `constrain:` rewrites, expected e.g. `constrain: {{ redact: [email] }}`"),
+            )
+        }
+        (Some((k, _)), _) => {
+            return fault(k.loc, format!("{what} has `constrain:` but its verdict is not constrain"))
+        }
+        (None, _) => Vec::new(),
+    };
+    let rate_limit = f
+        .get("rate_limit")
+        .map(|(_, r)| compile_rate_limit(r))
+        .transpose()?;
+    Ok(Rule {
+        id,
+        description,
+        when,
+        verdict,
+        message,
+        rewrites,
+        rate_limit,
+    })
+}
+
+fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
+    let Some(entries) = node.as_map() else {
+        return fault(
+            node.loc,
+            format!(
+                "expected a mapping of rewrites ({})",
+                CONSTRAIN_KEYS.join(", ")
+            ),
+        );
+    };
+    let mut out = Vec::new();
+    for (k, v) in entries {
+        let key = k.scalar_text().unwrap_or_default();
+        let pairs = |v: &Node| -> CResult<Vec<(Loc, String, Node)>> {
+            let Some(m) = v.as_map() else {
+                return fault(v.loc, format!("expected a mapping under `{key}`"));
+            };
+            m.iter()
+                .map(|(pk, pv)| {
+                    let name = pk
+                        .scalar_text()
+                        .map_or_else(|| fault(pk.loc, "expected a string key"), Ok)?;
+                    Ok((pk.loc, name, pv.clone()))
+                })
+                .collect()
+        };
+        match key.as_str() {
+            "redact" => {
+                let mut names = Vec::new();
+                for (loc, name) in cond::strings(v)? {
+                    if !scope.detectors.contains(&name) {
+                        return fault(loc, cond::unknown_detector(&name, scope.detectors));
+                    }
+                    names.push(name);
+                }
+                out.push(Rewrite::Redact { detectors: names });
+            }
+            "json_set" => {
+                for (loc, path, value) in pairs(v)? {
+                    cond::json_path(loc, &path)?;
+                    out.push(Rewrite::JsonSet {
+                        path,
+                        value: value.to_json(),
+                    });
+                }
+            }
+            "json_remove" => {
+                for (loc, path) in cond::strings(v)? {
+                    cond::json_path(loc, &path)?;
+                    out.push(Rewrite::JsonRemove { path });
+                }
+            }
+            "json_cap" => {
+                for (loc, path, value) in pairs(v)? {
+                    cond::json_path(loc, &path)?;
+                    let max = match value.kind {
+                        Kind::Int(i) => i as f64,
+                        Kind::Float(f) => f,
+                        _ => {
+                            return fault(
+                                value.loc,
+                                format!("expected a number to cap `{path}` at"),
+                            )
+                        }
+                    };
+                    out.push(Rewrite::JsonCap { path, max });
+                }
+            }
+            "header_set" => {
+                for (loc, name, value) in pairs(v)? {
+                    let name = header_name(loc, &name)?;
+                    let Some(value) = value.scalar_text() else {
+                        return fault(value.loc, "expected a header value string");
+                    };
+                    if value.chars().any(|c| c.is_control()) {
+                        return fault(loc, "header values cannot contain control characters");
+                    }
+                    out.push(Rewrite::HeaderSet { name, value });
+                }
+            }
+            "header_remove" => {
+                for (loc, name) in cond::strings(v)? {
+                    out.push(Rewrite::HeaderRemove {
+                        name: header_name(loc, &name)?,
+                    });
+                }
+            }
+            "drop_tools" => {
+                let mut globs = Vec::new();
+                for (loc, g) in cond::strings(v)? {
+                    glob::Glob::plain(&g)
+                        .or_else(|e| fault(loc, format!("bad glob `{g}`: {e}")))?;
+                    globs.push(g);
+                }
+                out.push(Rewrite::DropTools { globs });
+            }
+            _ => {
+                return fault(
+                    k.loc,
+                    format!(
+                        "unknown rewrite `{key}`, expected one of {}",
+                        CONSTRAIN_KEYS.join(", ")
+                    ),
+                )
+            }
+        }
+    }
+    if out.is_empty() {
+        return fault(
+            node.loc,
+            format!(
+                "no rewrites, expected at least one of {}",
+                CONSTRAIN_KEYS.join(", ")
+            ),
+        );
+    }
+    Ok(out)
+}
+
+fn header_name(loc: Loc, name: &str) -> CResult<String> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        fault(loc, format!("`{name}` is not a valid header name"))
+    }
+}
+
+fn compile_rate_limit(node: &Node) -> CResult<ratelimit::RateLimit> {
+    let f = fields(node, &["requests", "per", "by"], "a rate limit")?;
+    let requests = match f.get("requests") {
+        Some((_, v)) => match v.kind {
+            Kind::Int(n) if n > 0 && n <= i64::from(u32::MAX) => n as u32,
+            _ => return fault(v.loc, "expected a positive number of requests"),
+        },
+        None => {
+            return fault(
+                node.loc,
+                "rate limit has no `requests`, expected e.g. `requests: 10`",
+            )
+        }
+    };
+    let per = match f.get("per") {
+        Some((_, v)) => v
+            .scalar_text()
+            .and_then(|s| ratelimit::parse_duration(&s))
+            .map_or_else(
+                || fault(v.loc, "expected a duration such as 30s, 1m or 1h"),
+                Ok,
+            )?,
+        None => return fault(node.loc, "rate limit has no `per`, expected e.g. `per: 1m`"),
+    };
+    let by = match f.get("by") {
+        Some((_, v)) => cond::strings(v)?
+            .into_iter()
+            .map(|(loc, s)| {
+                ratelimit::By::parse(&s).map_or_else(
+                    || fault(loc, format!("unknown rate-limit key `{s}`, expected profile, host, rule or tool")),
+                    Ok,
+                )
+            })
+            .collect::<CResult<_>>()?,
+        None => Vec::new(),
+    };
+    Ok(ratelimit::RateLimit { requests, per, by })
 }

@@ -1,0 +1,239 @@
+//! Policy test cases (`policies/NAME.cases.yaml`): an Action in YAML plus the expected decision. Shared by
+//! `enforcer policy test` and the test suite, so both run exactly the same code. Each case gets a freshly compiled
+//! policy (independent rate-limit state) and a simulated clock for `repeat` and `then` steps.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use super::{read_source, yaml, Policy, PolicyError};
+use crate::model::{Action, Decision, PlannedRewrite, Reason, Verdict};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CasesFile {
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    pub action: Action,
+    /// Evaluate the action this many times at the same instant; `expect` applies to the last decision.
+    #[serde(default = "one")]
+    pub repeat: u32,
+    pub expect: Expect,
+    /// Further steps after the first: wait (simulated), evaluate the same action again, check.
+    #[serde(default)]
+    pub then: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// A duration such as `6s` or `1m`, added to the simulated clock before evaluating.
+    #[serde(default)]
+    pub wait: Option<String>,
+    #[serde(default = "one")]
+    pub repeat: u32,
+    pub expect: Expect,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    pub verdict: Verdict,
+    /// The deciding rule id.
+    #[serde(default)]
+    pub rule: Option<String>,
+    #[serde(default)]
+    pub reason: Option<Reason>,
+    /// Every matching rule id, in file order.
+    #[serde(default)]
+    pub matched: Option<Vec<String>>,
+    #[serde(default)]
+    pub rewrites: Option<Vec<PlannedRewrite>>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// The result of one case.
+#[derive(Debug)]
+pub struct Outcome {
+    pub name: String,
+    /// What did not match, one line each; empty when the case passed.
+    pub failures: Vec<String>,
+    pub decision: Decision,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Parse a cases file.
+pub fn parse(src: &str, origin: &str) -> Result<CasesFile, PolicyError> {
+    if src.len() > yaml::MAX_SOURCE_BYTES {
+        return Err(PolicyError::TooLarge {
+            origin: origin.to_owned(),
+            max: yaml::MAX_SOURCE_BYTES,
+        });
+    }
+    serde_saphyr::from_str_with_options(src, yaml::options()).map_err(|e| {
+        let e = yaml::yaml_error(&e);
+        PolicyError::Invalid {
+            origin: origin.to_owned(),
+            line: e.loc.line,
+            column: e.loc.column,
+            message: e.message,
+        }
+    })
+}
+
+/// The default cases file of a policy: `NAME.yaml` → `NAME.cases.yaml`.
+pub fn default_cases_path(policy: &Path) -> std::path::PathBuf {
+    let name = policy
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(".yaml")
+        .or_else(|| name.strip_suffix(".yml"))
+        .unwrap_or(&name);
+    policy.with_file_name(format!("{stem}.cases.yaml"))
+}
+
+/// Load a policy and its cases and run every case.
+pub fn run_files(policy: &Path, cases: &Path) -> Result<Vec<Outcome>, PolicyError> {
+    let src = read_source(policy)?;
+    let origin = policy.display().to_string();
+    Policy::from_yaml(&src, &origin)?;
+    let file = parse(&read_source(cases)?, &cases.display().to_string())?;
+    run(&src, &origin, &file)
+}
+
+/// Run every case of `file` against the policy source `src`.
+pub fn run(src: &str, origin: &str, file: &CasesFile) -> Result<Vec<Outcome>, PolicyError> {
+    let mut out = Vec::with_capacity(file.cases.len());
+    for case in &file.cases {
+        let policy = Policy::from_yaml(src, origin)?;
+        let mut action = case.action.clone();
+        normalize(&mut action);
+        let mut now = Instant::now();
+        let mut decision = evaluate_n(&policy, &action, case.repeat, now);
+        let mut failures = check(&case.expect, &decision, "");
+        for (n, step) in case.then.iter().enumerate() {
+            if let Some(w) = &step.wait {
+                match super::ratelimit::parse_duration(w) {
+                    Some(d) => now += d,
+                    None => {
+                        failures.push(format!("then[{n}]: bad wait `{w}`, expected e.g. 6s or 1m"))
+                    }
+                }
+            }
+            decision = evaluate_n(&policy, &action, step.repeat, now);
+            failures.extend(check(&step.expect, &decision, &format!("then[{n}]: ")));
+        }
+        out.push(Outcome {
+            name: case.name.clone(),
+            failures,
+            decision,
+        });
+    }
+    Ok(out)
+}
+
+fn evaluate_n(policy: &Policy, action: &Action, n: u32, now: Instant) -> Decision {
+    let mut d = policy.evaluate_at(action, now);
+    for _ in 1..n.max(1) {
+        d = policy.evaluate_at(action, now);
+    }
+    d
+}
+
+fn check(want: &Expect, got: &Decision, prefix: &str) -> Vec<String> {
+    let mut f = Vec::new();
+    if want.verdict != got.verdict {
+        f.push(format!(
+            "{prefix}verdict: expected {}, got {}",
+            want.verdict.as_str(),
+            got.verdict.as_str()
+        ));
+    }
+    if let Some(rule) = &want.rule {
+        if got.deciding_rule.as_deref() != Some(rule.as_str()) {
+            f.push(format!(
+                "{prefix}deciding rule: expected {rule}, got {}",
+                got.deciding_rule.as_deref().unwrap_or("(default)")
+            ));
+        }
+    }
+    if let Some(reason) = want.reason {
+        if reason != got.reason {
+            f.push(format!(
+                "{prefix}reason: expected {reason:?}, got {:?}",
+                got.reason
+            ));
+        }
+    }
+    if let Some(matched) = &want.matched {
+        if *matched != got.matched_rules {
+            f.push(format!(
+                "{prefix}matched rules: expected [{}], got [{}]",
+                matched.join(", "),
+                got.matched_rules.join(", ")
+            ));
+        }
+    }
+    if let Some(rewrites) = &want.rewrites {
+        if *rewrites != got.rewrites {
+            f.push(format!(
+                "{prefix}rewrites: expected {}, got {}",
+                serde_json::to_string(rewrites).unwrap_or_default(),
+                serde_json::to_string(&got.rewrites).unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(message) = &want.message {
+        if got.message.as_deref() != Some(message.as_str()) {
+            f.push(format!(
+                "{prefix}message: expected {message:?}, got {:?}",
+                got.message.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    f
+}
+
+/// Fill what a hand-written Action leaves out, as the inspect stage would: lower-case header names, `json` from a
+/// JSON body (or the body from `json`), `body_size` from the body.
+pub fn normalize(action: &mut Action) {
+    let Some(http) = &mut action.http else { return };
+    for (k, _) in &mut http.headers.0 {
+        k.make_ascii_lowercase();
+    }
+    if http.json.is_none() && !http.body.is_empty() {
+        let looks_json = http
+            .content_type
+            .as_deref()
+            .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
+            || http.body.trim_start().starts_with(['{', '[']);
+        if looks_json {
+            http.json = serde_json::from_str(&http.body).ok();
+        }
+    } else if http.body.is_empty() {
+        if let Some(json) = &http.json {
+            http.body = json.to_string();
+        }
+    }
+    if http.body_size == 0 {
+        http.body_size = http.body.len() as u64;
+    }
+}

@@ -1,0 +1,667 @@
+//! `when:` conditions: compiled from the located YAML tree into a small tree of typed tests, then evaluated
+//! against one [`Action`]. Keys inside a mapping are ANDed, a list value means any-of, and `not`, `any`, `all`
+//! combine sub-conditions. Detector results are computed at most once per evaluation and shared by all rules.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use regex::Regex;
+use serde_json::Value;
+
+use super::detect::Detectors;
+use super::glob::Glob;
+use super::jsonpath::JsonPath;
+use super::yaml::{Kind, Loc, Node};
+use crate::model::{Action, Scheme};
+
+/// A compile failure at one node (turned into a `PolicyError` with the file name by the caller).
+#[derive(Debug)]
+pub struct Fault {
+    pub loc: Loc,
+    pub message: String,
+}
+
+pub type CResult<T> = Result<T, Fault>;
+
+pub fn fault<T>(loc: Loc, message: impl Into<String>) -> CResult<T> {
+    Err(Fault {
+        loc,
+        message: message.into(),
+    })
+}
+
+/// Every key a `when:` mapping accepts (besides `query.<name>` and `header.<name>`).
+pub const CONDITION_KEYS: &[&str] = &[
+    "profile",
+    "exe",
+    "uid",
+    "host",
+    "port",
+    "scheme",
+    "method",
+    "path",
+    "query.<name>",
+    "header.<name>",
+    "body.size",
+    "content_type",
+    "json",
+    "mcp.method",
+    "mcp.tool",
+    "mcp.args",
+    "llm.provider",
+    "llm.model",
+    "llm.tools",
+    "detect",
+    "not",
+    "any",
+    "all",
+];
+
+#[derive(Debug)]
+pub enum Cond {
+    All(Vec<Cond>),
+    Any(Vec<Cond>),
+    Not(Box<Cond>),
+    Profile(Vec<Glob>),
+    Exe(Vec<Glob>),
+    Uid(Vec<u32>),
+    Host(Vec<Glob>),
+    Port(Vec<u16>),
+    Scheme(Vec<Scheme>),
+    Method(Vec<String>),
+    Path(Vec<Glob>),
+    Query(String, StrTest),
+    Header(String, StrTest),
+    BodySize { gt: Option<u64>, lt: Option<u64> },
+    ContentType(Vec<Glob>),
+    Json(Vec<(JsonPath, Vec<Op>)>),
+    McpMethod(Vec<Glob>),
+    McpTool(Vec<Glob>),
+    McpArgs(Vec<(JsonPath, Vec<Op>)>),
+    LlmProvider(Vec<Glob>),
+    LlmModel(Vec<Glob>),
+    LlmTools(Vec<Glob>),
+    Detect(Vec<usize>),
+}
+
+#[derive(Debug)]
+pub enum StrTest {
+    Globs(Vec<Glob>),
+    Ops(Vec<Op>),
+}
+
+/// One JSON operator. Positive operators hold when any selected value satisfies them; `not_matches` holds when
+/// nothing is selected or some selected value is not a string matching the regex; `exists: false` holds when
+/// nothing is selected.
+#[derive(Debug)]
+pub enum Op {
+    Equals(Value),
+    In(Vec<Value>),
+    Glob(Glob),
+    Matches(Regex),
+    NotMatches(Regex),
+    Gt(f64),
+    Lt(f64),
+    Exists(bool),
+    Contains(Value),
+}
+
+pub const OPS: &str = "equals, in, glob, matches, not_matches, gt, lt, exists, contains";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Compilation
+
+/// Names the compiler must resolve while compiling conditions.
+pub struct Scope<'a> {
+    pub detectors: &'a Detectors,
+    pub profiles: &'a [String],
+}
+
+pub fn compile_when(node: &Node, scope: &Scope) -> CResult<Cond> {
+    let entries = match &node.kind {
+        Kind::Null => return Ok(Cond::All(Vec::new())),
+        Kind::Map(m) => m,
+        _ => {
+            return fault(
+                node.loc,
+                format!(
+                    "expected a mapping of conditions, found {}",
+                    node.type_name()
+                ),
+            )
+        }
+    };
+    let mut all = Vec::with_capacity(entries.len());
+    for (k, v) in entries {
+        let Kind::Str(key) = &k.kind else {
+            return fault(k.loc, "condition keys must be strings");
+        };
+        all.push(compile_key(key, k.loc, v, scope)?);
+    }
+    Ok(Cond::All(all))
+}
+
+fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
+    Ok(match key {
+        "profile" => {
+            let globs = globs(v, Glob::plain)?;
+            if !scope.profiles.is_empty() {
+                for (loc, s) in strings(v)? {
+                    if !s.contains(['*', '?']) && !scope.profiles.iter().any(|p| *p == s) {
+                        return fault(
+                            loc,
+                            format!(
+                                "unknown profile `{s}`, expected one declared under `profiles:` ({})",
+                                scope.profiles.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+            Cond::Profile(globs)
+        }
+        "exe" => Cond::Exe(globs(v, Glob::plain)?),
+        "uid" => Cond::Uid(ints(v, "a uid")?),
+        "host" => Cond::Host(globs(v, Glob::host)?),
+        "port" => Cond::Port(ints(v, "a port number (1-65535)")?),
+        "scheme" => Cond::Scheme(
+            strings(v)?
+                .into_iter()
+                .map(|(loc, s)| match s.as_str() {
+                    "http" => Ok(Scheme::Http),
+                    "https" => Ok(Scheme::Https),
+                    "tcp" => Ok(Scheme::Tcp),
+                    _ => fault(
+                        loc,
+                        format!("unknown scheme `{s}`, expected http, https or tcp"),
+                    ),
+                })
+                .collect::<CResult<_>>()?,
+        ),
+        "method" => Cond::Method(
+            strings(v)?
+                .into_iter()
+                .map(|(loc, s)| {
+                    if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphabetic()) {
+                        fault(
+                            loc,
+                            format!("`{s}` is not an HTTP method, expected e.g. GET or POST"),
+                        )
+                    } else {
+                        Ok(s.to_ascii_uppercase())
+                    }
+                })
+                .collect::<CResult<_>>()?,
+        ),
+        "path" => Cond::Path(globs(v, Glob::path)?),
+        "body.size" => {
+            let Some(entries) = v.as_map() else {
+                return fault(
+                    v.loc,
+                    "expected a mapping such as `{ gt: 1MiB }` (keys gt, lt)",
+                );
+            };
+            let (mut gt, mut lt) = (None, None);
+            for (k, val) in entries {
+                let n = size(val)?;
+                match k.scalar_text().as_deref() {
+                    Some("gt") => gt = Some(n),
+                    Some("lt") => lt = Some(n),
+                    _ => return fault(k.loc, "unknown key, expected gt or lt"),
+                }
+            }
+            Cond::BodySize { gt, lt }
+        }
+        "content_type" => Cond::ContentType(globs(v, |s| Glob::plain(&s.to_ascii_lowercase()))?),
+        "json" => Cond::Json(json_tests(v)?),
+        "mcp.method" => Cond::McpMethod(globs(v, Glob::plain)?),
+        "mcp.tool" => Cond::McpTool(globs(v, Glob::plain)?),
+        "mcp.args" => Cond::McpArgs(json_tests(v)?),
+        "llm.provider" => Cond::LlmProvider(globs(v, Glob::plain)?),
+        "llm.model" => Cond::LlmModel(globs(v, Glob::plain)?),
+        "llm.tools" => Cond::LlmTools(globs(v, Glob::plain)?),
+        "detect" => Cond::Detect(
+            strings(v)?
+                .into_iter()
+                .map(|(loc, s)| {
+                    scope
+                        .detectors
+                        .index(&s)
+                        .map_or_else(|| fault(loc, unknown_detector(&s, scope.detectors)), Ok)
+                })
+                .collect::<CResult<_>>()?,
+        ),
+        "not" => match &v.kind {
+            Kind::Map(_) => Cond::Not(Box::new(compile_when(v, scope)?)),
+            Kind::Seq(items) => Cond::Not(Box::new(Cond::Any(
+                items
+                    .iter()
+                    .map(|i| compile_when(i, scope))
+                    .collect::<CResult<_>>()?,
+            ))),
+            _ => {
+                return fault(
+                    v.loc,
+                    "expected a mapping of conditions (or a list of them) under `not`",
+                )
+            }
+        },
+        "any" | "all" => {
+            let Kind::Seq(items) = &v.kind else {
+                return fault(
+                    v.loc,
+                    format!("expected a list of condition mappings under `{key}`"),
+                );
+            };
+            let subs = items
+                .iter()
+                .map(|i| compile_when(i, scope))
+                .collect::<CResult<_>>()?;
+            if key == "any" {
+                Cond::Any(subs)
+            } else {
+                Cond::All(subs)
+            }
+        }
+        _ => {
+            if let Some(name) = key.strip_prefix("query.").filter(|n| !n.is_empty()) {
+                Cond::Query(name.to_owned(), str_test(v)?)
+            } else if let Some(name) = key.strip_prefix("header.").filter(|n| !n.is_empty()) {
+                Cond::Header(name.to_ascii_lowercase(), str_test(v)?)
+            } else {
+                return fault(
+                    kloc,
+                    format!(
+                        "unknown condition `{key}`, expected one of {}",
+                        CONDITION_KEYS.join(", ")
+                    ),
+                );
+            }
+        }
+    })
+}
+
+pub fn unknown_detector(name: &str, detectors: &Detectors) -> String {
+    let known: Vec<&str> = detectors.names().collect();
+    format!(
+        "unknown detector `{name}`, expected a built-in or policy-defined detector ({})",
+        known.join(", ")
+    )
+}
+
+/// A scalar or a list of scalars, as text with locations.
+pub fn strings(v: &Node) -> CResult<Vec<(Loc, String)>> {
+    let one = |n: &Node| match (&n.kind, n.scalar_text()) {
+        (Kind::Str(_) | Kind::Int(_) | Kind::Float(_) | Kind::Bool(_), Some(s)) => Ok((n.loc, s)),
+        _ => fault(n.loc, format!("expected a string, found {}", n.type_name())),
+    };
+    match &v.kind {
+        Kind::Seq(items) if !items.is_empty() => items.iter().map(one).collect(),
+        Kind::Seq(_) => fault(v.loc, "expected a string or a non-empty list of strings"),
+        _ => Ok(vec![one(v)?]),
+    }
+}
+
+fn globs(v: &Node, f: impl Fn(&str) -> Result<Glob, super::glob::GlobError>) -> CResult<Vec<Glob>> {
+    strings(v)?
+        .into_iter()
+        .map(|(loc, s)| f(&s).or_else(|e| fault(loc, format!("bad glob `{s}`: {e}"))))
+        .collect()
+}
+
+fn ints<T: TryFrom<i64>>(v: &Node, what: &str) -> CResult<Vec<T>> {
+    let one = |n: &Node| match n.kind {
+        Kind::Int(i) => T::try_from(i)
+            .or_else(|_| fault(n.loc, format!("{i} is out of range, expected {what}"))),
+        _ => fault(n.loc, format!("expected {what}, found {}", n.type_name())),
+    };
+    match &v.kind {
+        Kind::Seq(items) if !items.is_empty() => items.iter().map(one).collect(),
+        Kind::Seq(_) => fault(
+            v.loc,
+            format!("expected {what} or a non-empty list of them"),
+        ),
+        _ => Ok(vec![one(v)?]),
+    }
+}
+
+/// A byte size: an integer, or a number with a unit (`512KiB`, `1MiB`, `2MB`, `100B`).
+pub fn size(v: &Node) -> CResult<u64> {
+    let bad = || {
+        fault(
+            v.loc,
+            "expected a byte size such as 1048576, `512KiB` or `1MiB`",
+        )
+    };
+    match &v.kind {
+        Kind::Int(i) => u64::try_from(*i).or_else(|_| bad()),
+        Kind::Str(s) => {
+            let s = s.trim();
+            let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            let (num, unit) = s.split_at(split);
+            let Ok(n) = num.parse::<u64>() else {
+                return bad();
+            };
+            let mult: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KB" | "kB" => 1_000,
+                "KiB" => 1 << 10,
+                "MB" => 1_000_000,
+                "MiB" => 1 << 20,
+                "GB" => 1_000_000_000,
+                "GiB" => 1 << 30,
+                _ => return bad(),
+            };
+            n.checked_mul(mult).map_or_else(bad, Ok)
+        }
+        _ => bad(),
+    }
+}
+
+pub fn regex(v: &Node) -> CResult<Regex> {
+    let Kind::Str(src) = &v.kind else {
+        return fault(
+            v.loc,
+            format!("expected a regex string, found {}", v.type_name()),
+        );
+    };
+    regex::RegexBuilder::new(src)
+        .size_limit(1 << 20)
+        .dfa_size_limit(2 << 20)
+        .build()
+        .or_else(|e| fault(v.loc, format!("bad regex: {}", one_line(&e.to_string()))))
+}
+
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+pub fn json_path(loc: Loc, s: &str) -> CResult<JsonPath> {
+    JsonPath::parse(s).or_else(|e| fault(loc, format!("bad JSONPath `{s}`: {e}")))
+}
+
+fn json_tests(v: &Node) -> CResult<Vec<(JsonPath, Vec<Op>)>> {
+    let Some(entries) = v.as_map() else {
+        return fault(v.loc, "expected a mapping of JSONPath to operators, e.g. `{ \"$.query\": { matches: \"...\" } }`");
+    };
+    entries
+        .iter()
+        .map(|(k, val)| {
+            let Some(path) = k.scalar_text() else {
+                return fault(k.loc, "expected a JSONPath string such as `$.a.b`");
+            };
+            let path = json_path(k.loc, &path)?;
+            let ops = match &val.kind {
+                Kind::Map(_) => ops(val)?,
+                _ => vec![Op::Equals(val.to_json())],
+            };
+            Ok((path, ops))
+        })
+        .collect()
+}
+
+fn ops(v: &Node) -> CResult<Vec<Op>> {
+    let entries = v.as_map().unwrap_or_default();
+    if entries.is_empty() {
+        return fault(v.loc, format!("expected at least one operator ({OPS})"));
+    }
+    entries
+        .iter()
+        .map(|(k, val)| {
+            let name = k.scalar_text().unwrap_or_default();
+            Ok(match name.as_str() {
+                "equals" => Op::Equals(val.to_json()),
+                "in" => match val.to_json() {
+                    Value::Array(items) => Op::In(items),
+                    _ => return fault(val.loc, "expected a list of values for `in`"),
+                },
+                "glob" => {
+                    let Kind::Str(s) = &val.kind else {
+                        return fault(val.loc, "expected a glob string");
+                    };
+                    Op::Glob(
+                        Glob::plain(s)
+                            .or_else(|e| fault(val.loc, format!("bad glob `{s}`: {e}")))?,
+                    )
+                }
+                "matches" => Op::Matches(regex(val)?),
+                "not_matches" => Op::NotMatches(regex(val)?),
+                "gt" | "lt" => {
+                    let n = match val.kind {
+                        Kind::Int(i) => i as f64,
+                        Kind::Float(f) => f,
+                        _ => {
+                            return fault(
+                                val.loc,
+                                format!(
+                                    "expected a number for `{name}`, found {}",
+                                    val.type_name()
+                                ),
+                            )
+                        }
+                    };
+                    if name == "gt" {
+                        Op::Gt(n)
+                    } else {
+                        Op::Lt(n)
+                    }
+                }
+                "exists" => match val.kind {
+                    Kind::Bool(b) => Op::Exists(b),
+                    _ => return fault(val.loc, "expected true or false for `exists`"),
+                },
+                "contains" => Op::Contains(val.to_json()),
+                _ => {
+                    return fault(
+                        k.loc,
+                        format!("unknown operator `{name}`, expected one of {OPS}"),
+                    )
+                }
+            })
+        })
+        .collect()
+}
+
+fn str_test(v: &Node) -> CResult<StrTest> {
+    match &v.kind {
+        Kind::Map(_) => Ok(StrTest::Ops(ops(v)?)),
+        _ => Ok(StrTest::Globs(globs(v, Glob::plain)?)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Evaluation
+
+/// Per-evaluation state: the normalised host and lazily computed detector results.
+pub struct Ctx<'a> {
+    pub action: &'a Action,
+    pub host: Option<Cow<'a, str>>,
+    detectors: &'a Detectors,
+    /// 0 = not computed, 1 = does not fire, 2 = fires.
+    detected: RefCell<Vec<u8>>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(action: &'a Action, detectors: &'a Detectors) -> Ctx<'a> {
+        let host = action.transport.host.as_deref().map(normalize_host);
+        Ctx {
+            action,
+            host,
+            detectors,
+            detected: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn detect(&self, i: usize) -> bool {
+        let mut cache = self.detected.borrow_mut();
+        if cache.is_empty() {
+            cache.resize(self.detectors.len(), 0);
+        }
+        match cache.get(i) {
+            Some(2) => return true,
+            Some(1) => return false,
+            _ => {}
+        }
+        let fires = self.scan(i);
+        if let Some(slot) = cache.get_mut(i) {
+            *slot = if fires { 2 } else { 1 };
+        }
+        fires
+    }
+
+    /// Runs detector `i` over the URL path and query, every header value and the body.
+    fn scan(&self, i: usize) -> bool {
+        let Some(http) = &self.action.http else {
+            return false;
+        };
+        let d = self.detectors;
+        d.fires(i, &http.path)
+            || http
+                .query
+                .0
+                .iter()
+                .any(|(k, v)| d.fires(i, k) || d.fires(i, v))
+            || http.headers.0.iter().any(|(_, v)| d.fires(i, v))
+            || d.fires(i, &http.body)
+    }
+}
+
+pub fn normalize_host(h: &str) -> Cow<'_, str> {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    }
+}
+
+fn any_glob(globs: &[Glob], s: Option<&str>) -> bool {
+    s.is_some_and(|s| globs.iter().any(|g| g.is_match(s)))
+}
+
+impl Cond {
+    pub fn eval(&self, cx: &Ctx) -> bool {
+        let a = cx.action;
+        let http = a.http.as_ref();
+        match self {
+            Cond::All(cs) => cs.iter().all(|c| c.eval(cx)),
+            Cond::Any(cs) => cs.iter().any(|c| c.eval(cx)),
+            Cond::Not(c) => !c.eval(cx),
+            Cond::Profile(g) => any_glob(g, a.agent.profile.as_deref()),
+            Cond::Exe(g) => any_glob(g, a.agent.exe.as_deref()),
+            Cond::Uid(u) => a.agent.uid.is_some_and(|uid| u.contains(&uid)),
+            Cond::Host(g) => any_glob(g, cx.host.as_deref()),
+            Cond::Port(p) => p.contains(&a.transport.port),
+            Cond::Scheme(s) => s.contains(&a.transport.scheme),
+            Cond::Method(m) => {
+                http.is_some_and(|h| m.iter().any(|m| m.eq_ignore_ascii_case(&h.method)))
+            }
+            Cond::Path(g) => http.is_some_and(|h| {
+                let path = h.path.split('?').next().unwrap_or("");
+                g.iter().any(|g| g.is_match(path))
+            }),
+            Cond::Query(name, t) => http.is_some_and(|h| t.eval(h.query.get_all(name))),
+            Cond::Header(name, t) => http.is_some_and(|h| t.eval(h.headers.get_all(name))),
+            Cond::BodySize { gt, lt } => http.is_some_and(|h| {
+                let size = h.body_size.max(h.body.len() as u64);
+                gt.is_none_or(|g| size > g) && lt.is_none_or(|l| size < l)
+            }),
+            Cond::ContentType(g) => http.is_some_and(|h| {
+                h.content_type.as_deref().is_some_and(|ct| {
+                    let media = ct
+                        .split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase();
+                    g.iter().any(|g| g.is_match(&media))
+                })
+            }),
+            Cond::Json(tests) => json_eval(tests, http.and_then(|h| h.json.as_ref())),
+            Cond::McpMethod(g) => any_glob(g, a.mcp.as_ref().map(|m| m.method.as_str())),
+            Cond::McpTool(g) => any_glob(g, a.mcp.as_ref().and_then(|m| m.tool.as_deref())),
+            Cond::McpArgs(tests) => match &a.mcp {
+                Some(m) => json_eval(tests, m.args.as_ref()),
+                None => false,
+            },
+            Cond::LlmProvider(g) => any_glob(g, a.llm.as_ref().map(|l| l.provider.as_str())),
+            Cond::LlmModel(g) => any_glob(g, a.llm.as_ref().and_then(|l| l.model.as_deref())),
+            Cond::LlmTools(g) => a
+                .llm
+                .as_ref()
+                .is_some_and(|l| l.tools.iter().any(|t| g.iter().any(|g| g.is_match(t)))),
+            Cond::Detect(ids) => ids.iter().any(|&i| cx.detect(i)),
+        }
+    }
+
+    /// The exact hosts this condition requires, when it requires one of a fixed set (for the host index).
+    pub fn exact_hosts(&self) -> Option<Vec<String>> {
+        let Cond::All(cs) = self else { return None };
+        cs.iter().find_map(|c| match c {
+            Cond::Host(globs) => globs.iter().map(|g| g.exact().map(str::to_owned)).collect(),
+            _ => None,
+        })
+    }
+}
+
+impl StrTest {
+    fn eval<'v>(&self, mut values: impl Iterator<Item = &'v str>) -> bool {
+        match self {
+            StrTest::Globs(g) => values.any(|v| g.iter().any(|g| g.is_match(v))),
+            StrTest::Ops(ops) => {
+                let vals: Vec<Value> = values.map(|v| Value::String(v.to_owned())).collect();
+                let refs: Vec<&Value> = vals.iter().collect();
+                ops.iter().all(|op| op.eval(&refs))
+            }
+        }
+    }
+}
+
+/// Missing JSON (no body, not JSON) selects nothing; operators then decide as documented on [`Op`].
+fn json_eval(tests: &[(JsonPath, Vec<Op>)], root: Option<&Value>) -> bool {
+    tests.iter().all(|(path, ops)| {
+        let selected = root.map(|r| path.select(r)).unwrap_or_default();
+        ops.iter().all(|op| op.eval(&selected))
+    })
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+impl Op {
+    fn eval(&self, vals: &[&Value]) -> bool {
+        match self {
+            Op::Equals(want) => vals.iter().any(|v| json_eq(v, want)),
+            Op::In(set) => vals.iter().any(|v| set.iter().any(|w| json_eq(v, w))),
+            Op::Glob(g) => vals
+                .iter()
+                .any(|v| v.as_str().is_some_and(|s| g.is_match(s))),
+            Op::Matches(re) => vals
+                .iter()
+                .any(|v| v.as_str().is_some_and(|s| re.is_match(s))),
+            Op::NotMatches(re) => {
+                vals.is_empty()
+                    || vals
+                        .iter()
+                        .any(|v| !v.as_str().is_some_and(|s| re.is_match(s)))
+            }
+            Op::Gt(n) => vals.iter().any(|v| num(v).is_some_and(|x| x > *n)),
+            Op::Lt(n) => vals.iter().any(|v| num(v).is_some_and(|x| x < *n)),
+            Op::Exists(want) => vals.is_empty() != *want,
+            Op::Contains(want) => vals.iter().any(|v| match (v, want) {
+                (Value::String(s), Value::String(w)) => s.contains(w.as_str()),
+                (Value::Array(items), w) => items.iter().any(|i| json_eq(i, w)),
+                (Value::Object(map), Value::String(k)) => map.contains_key(k),
+                _ => false,
+            }),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Secret and PII detectors: a cheap keyword prefilter, then a regex, then an optional validator (Luhn for card
+//! numbers). Built-in detectors cover common API keys, private keys, e-mail addresses and card numbers; a policy may
+//! add its own under `detectors:`. Used by `detect:` conditions and by the constrain stage's redaction.
+
+use std::ops::Range;
+
+use regex::Regex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("invalid regex: {0}")]
+    Regex(#[from] regex::Error),
+    #[error("detector `{0}` is built in; choose another name")]
+    Builtin(String),
+    #[error("unknown validator `{0}`, expected `luhn`")]
+    Validator(String),
+}
+
+/// A check that a regex match really is what it looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validator {
+    Luhn,
+}
+
+impl Validator {
+    pub fn parse(name: &str) -> Result<Validator, DetectError> {
+        match name {
+            "luhn" => Ok(Validator::Luhn),
+            other => Err(DetectError::Validator(other.to_owned())),
+        }
+    }
+
+    fn accepts(self, text: &str) -> bool {
+        match self {
+            Validator::Luhn => luhn(text),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Detector {
+    name: String,
+    keywords: Vec<String>,
+    regex: Regex,
+    validator: Option<Validator>,
+}
+
+impl Detector {
+    fn find(&self, text: &str) -> Vec<Range<usize>> {
+        if !self.prefilter(text) {
+            return Vec::new();
+        }
+        self.regex
+            .find_iter(text)
+            .filter(|m| self.validator.is_none_or(|v| v.accepts(m.as_str())))
+            .map(|m| m.range())
+            .collect()
+    }
+
+    fn fires(&self, text: &str) -> bool {
+        if !self.prefilter(text) {
+            return false;
+        }
+        match self.validator {
+            None => self.regex.is_match(text),
+            Some(v) => self.regex.find_iter(text).any(|m| v.accepts(m.as_str())),
+        }
+    }
+
+    fn prefilter(&self, text: &str) -> bool {
+        self.keywords.is_empty() || self.keywords.iter().any(|k| text.contains(k.as_str()))
+    }
+}
+
+/// A named set of detectors.
+#[derive(Debug, Clone)]
+pub struct Detectors {
+    list: Vec<Detector>,
+}
+
+/// The built-in detectors: name, keywords, regex, validator.
+const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
+    (
+        "aws-access-key",
+        &["AKIA", "ASIA", "ABIA", "ACCA"],
+        r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)",
+        None,
+    ),
+    (
+        "github-token",
+        &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
+        r"(?-u:\b)(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})(?-u:\b)",
+        None,
+    ),
+    (
+        "openai-key",
+        &["sk-"],
+        r"(?-u:\b)sk-(?:(?:proj|svcacct|admin)-[A-Za-z0-9_-]{20,}|[A-Za-z0-9]{20,})",
+        None,
+    ),
+    (
+        "anthropic-key",
+        &["sk-ant-"],
+        r"(?-u:\b)sk-ant-[a-z]+[0-9]*-[A-Za-z0-9_-]{20,}",
+        None,
+    ),
+    (
+        "slack-token",
+        &["xox"],
+        r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}",
+        None,
+    ),
+    (
+        "private-key",
+        &["PRIVATE KEY-----"],
+        r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\z)",
+        None,
+    ),
+    (
+        "email",
+        &["@"],
+        r"(?-u:\b)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?-u:\b)",
+        None,
+    ),
+    (
+        "card-number",
+        &[],
+        r"(?-u:\b)[0-9](?:[ -]?[0-9]){12,18}(?-u:\b)",
+        Some(Validator::Luhn),
+    ),
+];
+
+impl Detectors {
+    /// The built-in detectors: aws-access-key, github-token, openai-key, anthropic-key, slack-token, private-key,
+    /// email, card-number (Luhn-validated).
+    pub fn builtin() -> Detectors {
+        let list = BUILTIN
+            .iter()
+            .filter_map(|(name, keywords, re, validator)| {
+                // The built-in patterns are constants covered by tests; a failure would drop only that detector.
+                let regex = Regex::new(re).ok()?;
+                Some(Detector {
+                    name: (*name).to_owned(),
+                    keywords: keywords.iter().map(|k| (*k).to_owned()).collect(),
+                    regex,
+                    validator: *validator,
+                })
+            })
+            .collect();
+        Detectors { list }
+    }
+
+    /// Add a policy-defined detector.
+    pub fn add(
+        &mut self,
+        name: &str,
+        regex: &str,
+        keywords: Vec<String>,
+        validator: Option<Validator>,
+    ) -> Result<(), DetectError> {
+        if BUILTIN.iter().any(|(n, ..)| *n == name) {
+            return Err(DetectError::Builtin(name.to_owned()));
+        }
+        let regex = regex::RegexBuilder::new(regex)
+            .size_limit(1 << 20)
+            .dfa_size_limit(2 << 20)
+            .build()?;
+        self.list.retain(|d| d.name != name);
+        self.list.push(Detector {
+            name: name.to_owned(),
+            keywords,
+            regex,
+            validator,
+        });
+        Ok(())
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.list.iter().map(|d| d.name.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index(name).is_some()
+    }
+
+    /// Byte ranges in `text` where detector `name` fires (after prefilter, regex and validator).
+    pub fn find(&self, name: &str, text: &str) -> Vec<Range<usize>> {
+        self.index(name)
+            .and_then(|i| self.list.get(i))
+            .map(|d| d.find(text))
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn index(&self, name: &str) -> Option<usize> {
+        self.list.iter().position(|d| d.name == name)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether detector number `i` fires anywhere in `text`.
+    pub(crate) fn fires(&self, i: usize, text: &str) -> bool {
+        self.list.get(i).is_some_and(|d| d.fires(text))
+    }
+}
+
+/// Luhn checksum over the digits of `text` (spaces and dashes ignored), 13 to 19 digits.
+pub fn luhn(text: &str) -> bool {
+    let digits: Vec<u32> = text
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-'))
+        .map(|c| c.to_digit(10))
+        .collect::<Option<Vec<u32>>>()
+        .unwrap_or_default();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                let dd = d * 2;
+                if dd > 9 {
+                    dd - 9
+                } else {
+                    dd
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fires(name: &str, text: &str) -> bool {
+        !Detectors::builtin().find(name, text).is_empty()
+    }
+
+    #[test]
+    fn every_builtin_compiles() {
+        assert_eq!(Detectors::builtin().len(), BUILTIN.len());
+    }
+
+    #[test]
+    fn builtin_detectors_fire_on_secrets_only() {
+        assert!(fires("aws-access-key", "key=AKIAIOSFODNN7EXAMPLE&x"));
+        assert!(!fires("aws-access-key", "AKIAshort"));
+        assert!(fires(
+            "github-token",
+            "token ghp_0123456789abcdefghijABCDEFGHIJ012345"
+        ));
+        assert!(fires(
+            "openai-key",
+            "Bearer sk-proj-abcdefghijklmnopqrstuvwxyz012345"
+        ));
+        assert!(!fires(
+            "openai-key",
+            "sk-ant-api03-abcdefghijklmnopqrstuvwxyz"
+        ));
+        assert!(fires(
+            "anthropic-key",
+            "sk-ant-api03-abcdefghijklmnopqrstuvwxyz_0123"
+        ));
+        assert!(fires("slack-token", "xoxb-123456789012-abcdef"));
+        assert!(fires(
+            "private-key",
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----"
+        ));
+        assert!(fires("email", "write to alice@example.com today"));
+        assert!(!fires("email", "a @ b"));
+        assert!(fires("card-number", "card 4111 1111 1111 1111 exp"));
+        assert!(!fires("card-number", "card 4111 1111 1111 1112 exp"));
+        assert!(!fires("card-number", "order 1234567890123"));
+    }
+
+    #[test]
+    fn find_returns_exact_ranges() {
+        let text = "a AKIAIOSFODNN7EXAMPLE b";
+        let r = Detectors::builtin().find("aws-access-key", text);
+        assert_eq!(r.len(), 1);
+        assert_eq!(&text[r[0].clone()], "AKIAIOSFODNN7EXAMPLE");
+    }
+
+    #[test]
+    fn luhn_checks() {
+        assert!(luhn("4111111111111111"));
+        assert!(luhn("5500-0000-0000-0004"));
+        assert!(!luhn("4111111111111112"));
+        assert!(!luhn("41111"));
+    }
+}

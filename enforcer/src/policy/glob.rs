@@ -1,0 +1,205 @@
+//! The policy's glob dialects, compiled once: plain globs (`*` any run of characters, `?` one character), path
+//! globs (`*` within one segment, `**` across segments; a trailing `/**` also matches the bare prefix) and host
+//! globs (exact, `*`, or `*.suffix` meaning one or more labels before the suffix). Patterns without wildcards
+//! compare as plain strings.
+
+use regex::Regex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GlobError {
+    #[error("empty glob, expected a pattern such as `delete_*`")]
+    Empty,
+    #[error("`{ch}` is not supported in globs, expected only `*`, `?` and literal characters")]
+    Unsupported { ch: char },
+    #[error("`***` is not a glob wildcard, expected `*` or `**`")]
+    TripleStar,
+    #[error("`**` must be a whole path segment (as in `/a/**/b` or `/a/**`)")]
+    PartialDoubleStar,
+    #[error("a host glob may only use `*` as its whole leftmost label (as in `*.example.com`)")]
+    BadHostGlob,
+    #[error("path globs must start with `/` or `*`")]
+    RelativePath,
+}
+
+#[derive(Debug, Clone)]
+pub enum Glob {
+    Exact(String),
+    Any,
+    Suffix(String),
+    Pattern(Regex),
+}
+
+impl Glob {
+    pub fn is_match(&self, s: &str) -> bool {
+        match self {
+            Glob::Exact(e) => e == s,
+            Glob::Any => true,
+            Glob::Suffix(suffix) => s.len() > suffix.len() && s.ends_with(suffix.as_str()),
+            Glob::Pattern(re) => re.is_match(s),
+        }
+    }
+
+    pub fn exact(&self) -> Option<&str> {
+        match self {
+            Glob::Exact(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// A plain glob: `*` any characters, `?` one character.
+    pub fn plain(src: &str) -> Result<Glob, GlobError> {
+        check_chars(src)?;
+        if src.contains("***") {
+            return Err(GlobError::TripleStar);
+        }
+        if src == "*" {
+            return Ok(Glob::Any);
+        }
+        if !src.contains(['*', '?']) {
+            return Ok(Glob::Exact(src.to_owned()));
+        }
+        let mut re = String::from("(?s)^");
+        for ch in src.chars() {
+            match ch {
+                '*' => re.push_str(".*"),
+                '?' => re.push('.'),
+                c => push_literal(&mut re, c),
+            }
+        }
+        re.push('$');
+        build(&re)
+    }
+
+    /// A path glob: `*` within one segment, `**` across segments.
+    pub fn path(src: &str) -> Result<Glob, GlobError> {
+        check_chars(src)?;
+        if src.contains("***") {
+            return Err(GlobError::TripleStar);
+        }
+        if src == "*" || src == "**" || src == "/**" {
+            return Ok(Glob::Any);
+        }
+        if !src.starts_with('/') && !src.starts_with('*') {
+            return Err(GlobError::RelativePath);
+        }
+        if !src.contains(['*', '?']) {
+            return Ok(Glob::Exact(src.to_owned()));
+        }
+        let segments: Vec<&str> = src.split('/').collect();
+        let mut re = String::from("(?s)^");
+        let last = segments.len() - 1;
+        for (i, seg) in segments.iter().enumerate() {
+            if *seg == "**" {
+                if i == last {
+                    // `/a/**` matches `/a` and everything below it.
+                    if re.ends_with('/') {
+                        re.pop();
+                    }
+                    re.push_str("(?:/.*)?");
+                } else {
+                    // `/a/**/b` matches `/a/b`, `/a/x/b`, ...
+                    re.push_str("(?:[^/]*/)*");
+                }
+                continue;
+            }
+            if seg.contains("**") {
+                return Err(GlobError::PartialDoubleStar);
+            }
+            for ch in seg.chars() {
+                match ch {
+                    '*' => re.push_str("[^/]*"),
+                    '?' => re.push_str("[^/]"),
+                    c => push_literal(&mut re, c),
+                }
+            }
+            if i != last {
+                re.push('/');
+            }
+        }
+        re.push('$');
+        build(&re)
+    }
+
+    /// A host glob: exact (case-insensitive), `*`, or `*.suffix`.
+    pub fn host(src: &str) -> Result<Glob, GlobError> {
+        check_chars(src)?;
+        let lower = src.trim_end_matches('.').to_ascii_lowercase();
+        if lower == "*" {
+            return Ok(Glob::Any);
+        }
+        if let Some(rest) = lower.strip_prefix("*.") {
+            if rest.is_empty() || rest.contains(['*', '?']) {
+                return Err(GlobError::BadHostGlob);
+            }
+            return Ok(Glob::Suffix(format!(".{rest}")));
+        }
+        if lower.contains(['*', '?']) {
+            return Err(GlobError::BadHostGlob);
+        }
+        Ok(Glob::Exact(lower))
+    }
+}
+
+fn check_chars(src: &str) -> Result<(), GlobError> {
+    if src.is_empty() {
+        return Err(GlobError::Empty);
+    }
+    if let Some(ch) = src
+        .chars()
+        .find(|c| matches!(c, '[' | ']' | '{' | '}' | '\\'))
+    {
+        return Err(GlobError::Unsupported { ch });
+    }
+    Ok(())
+}
+
+fn push_literal(re: &mut String, c: char) {
+    let mut buf = [0u8; 4];
+    re.push_str(&regex::escape(c.encode_utf8(&mut buf)));
+}
+
+fn build(re: &str) -> Result<Glob, GlobError> {
+    // The pattern is built from escaped literals and fixed fragments, so it always compiles; map the impossible
+    // failure to an error rather than panicking.
+    Regex::new(re)
+        .map(Glob::Pattern)
+        .map_err(|_| GlobError::Unsupported { ch: '*' })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_globs() {
+        let g = Glob::path("/repos/acme/**").unwrap();
+        assert!(g.is_match("/repos/acme"));
+        assert!(g.is_match("/repos/acme/x/y"));
+        assert!(!g.is_match("/repos/acmex"));
+        assert!(!g.is_match("/repos/other/x"));
+        let g = Glob::path("/a/*/c").unwrap();
+        assert!(g.is_match("/a/b/c"));
+        assert!(!g.is_match("/a/b/x/c"));
+        let g = Glob::path("/a/**/c").unwrap();
+        assert!(g.is_match("/a/c"));
+        assert!(g.is_match("/a/b/x/c"));
+        assert!(Glob::path("/a**").is_err());
+        assert!(Glob::path("/a/***").is_err());
+        assert!(Glob::path("/a/[ab]").is_err());
+    }
+
+    #[test]
+    fn host_and_plain_globs() {
+        let g = Glob::host("*.Example.com").unwrap();
+        assert!(g.is_match("api.example.com"));
+        assert!(g.is_match("a.b.example.com"));
+        assert!(!g.is_match("example.com"));
+        assert!(!g.is_match("badexample.com"));
+        assert!(Glob::host("api.*.com").is_err());
+        let g = Glob::plain("delete_*").unwrap();
+        assert!(g.is_match("delete_file"));
+        assert!(!g.is_match("undelete_file"));
+        assert!(Glob::plain("a.b").unwrap().is_match("a.b"));
+        assert!(!Glob::plain("a.?").unwrap().is_match("a.bc"));
+    }
+}

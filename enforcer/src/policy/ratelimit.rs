@@ -1,0 +1,159 @@
+//! Per-rule rate limits: a token bucket per (rule, `by` key values), refilled continuously at `requests / per`.
+//! The buckets live behind a `Mutex` that is only held for one map operation (evaluation is synchronous), and the
+//! table is bounded: when it grows past its cap, buckets that have refilled completely are forgotten first.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::model::Action;
+
+/// Upper bound on live buckets before idle ones are pruned.
+const MAX_BUCKETS: usize = 65_536;
+
+/// What a rate limit is keyed by (besides the rule itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    Profile,
+    Host,
+    Rule,
+    Tool,
+}
+
+impl By {
+    pub fn parse(s: &str) -> Option<By> {
+        match s {
+            "profile" => Some(By::Profile),
+            "host" => Some(By::Host),
+            "rule" => Some(By::Rule),
+            "tool" => Some(By::Tool),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+    pub by: Vec<By>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct Limiter {
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl Limiter {
+    /// Take one token for `rule` under `limit`; `false` when the bucket is empty (over the limit).
+    pub fn admit(&self, rule: usize, limit: &RateLimit, action: &Action, now: Instant) -> bool {
+        let key = key(rule, limit, action);
+        let capacity = f64::from(limit.requests);
+        let rate = capacity / limit.per.as_secs_f64().max(f64::MIN_POSITIVE);
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&key) {
+            buckets.retain(|_, b| {
+                let refilled =
+                    b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate;
+                refilled < capacity
+            });
+            if buckets.len() >= MAX_BUCKETS {
+                // Every bucket is busy: refuse rather than grow without bound.
+                return false;
+            }
+        }
+        let bucket = buckets.entry(key).or_insert(Bucket {
+            tokens: capacity,
+            last: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
+        bucket.last = bucket.last.max(now);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn key(rule: usize, limit: &RateLimit, action: &Action) -> String {
+    let mut k = rule.to_string();
+    for by in &limit.by {
+        k.push('\0');
+        let part = match by {
+            By::Profile => action.agent.profile.as_deref(),
+            By::Host => action.transport.host.as_deref(),
+            By::Rule => None,
+            By::Tool => action.mcp.as_ref().and_then(|m| m.tool.as_deref()),
+        };
+        if let Some(p) = part {
+            k.push_str(&p.to_ascii_lowercase());
+        }
+    }
+    k
+}
+
+/// `30s`, `1m`, `1h`, `1d`, `500ms` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        "d" => Duration::from_secs(n.checked_mul(86_400)?),
+        _ => return None,
+    };
+    (!d.is_zero()).then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refills_over_time() {
+        let limiter = Limiter::default();
+        let limit = RateLimit {
+            requests: 2,
+            per: Duration::from_secs(10),
+            by: vec![By::Host],
+        };
+        let action = Action::default();
+        let t0 = Instant::now();
+        assert!(limiter.admit(0, &limit, &action, t0));
+        assert!(limiter.admit(0, &limit, &action, t0));
+        assert!(!limiter.admit(0, &limit, &action, t0));
+        assert!(
+            limiter.admit(1, &limit, &action, t0),
+            "other rules have their own bucket"
+        );
+        assert!(limiter.admit(0, &limit, &action, t0 + Duration::from_secs(5)));
+        assert!(!limiter.admit(0, &limit, &action, t0 + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("1w"), None);
+        assert_eq!(parse_duration("m"), None);
+    }
+}

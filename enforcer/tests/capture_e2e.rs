@@ -1,0 +1,670 @@
+//! Privileged end-to-end tests of the capture stage on the real kernel: the eBPF programs attach to a cgroup of
+//! their own (unique name under the cgroup v2 root), real processes connect from tagged and untagged child cgroups,
+//! and a loopback listener stands in for the proxy. Needs root; without it the tests are skipped, unless `CI` is
+//! set, where skipping would hide a broken pipeline, so they fail.
+//!
+//! A [`Harness`] guard removes the cgroups (killing stray processes), detaches the programs and removes the pins
+//! even when an assertion fails.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use enforcer::capture::{Capture, CaptureConfig, TagTable};
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const PROFILE: &str = "agents";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects argv[2]:argv[3] after joining the cgroup argv[1] (`-`: stay); sends one byte, waits for one byte back.
+const CLIENT: &str = r#"
+import os, socket, sys
+if sys.argv[1] != "-":
+    open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+host, port = sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect((host, port))
+s.sendall(b"x")
+s.recv(1)
+"#;
+
+/// Opens 40 connections in parallel to 127.0.0.2:(20000+i); each sends its port as text and waits for a byte.
+const PARALLEL: &str = r#"
+import os, socket, sys, threading
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+errors = []
+def one(i):
+    try:
+        port = 20000 + i
+        s = socket.create_connection(("127.0.0.2", port), timeout=10)
+        s.sendall(b"%05d" % port)
+        s.recv(1)
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+sys.exit(1 if errors else 0)
+"#;
+
+/// UDP to port 443 (QUIC): prints the outcome of connect() and sendto() for IPv4 and IPv6.
+const UDP: &str = r#"
+import os, socket, sys
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+out = []
+for fam, host in ((socket.AF_INET, "127.0.0.2"), (socket.AF_INET6, "::1")):
+    for op in ("connect", "sendto"):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            if op == "connect":
+                s.connect((host, 443))
+            else:
+                s.sendto(b"q", (host, 443))
+            out.append("ok")
+        except PermissionError:
+            out.append("eperm")
+print(" ".join(out))
+# Other UDP still works.
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(b"q", ("127.0.0.2", 4443))
+"#;
+
+fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("capture e2e tests need root and CI is set: refusing to skip");
+    }
+    println!("skipped: needs root");
+    false
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One test's world: its cgroup tree, pin dir, proxy listeners and the attached capture. Dropping cleans all up.
+struct Harness {
+    runtime: tokio::runtime::Runtime,
+    capture: Option<Capture>,
+    /// The cgroup the programs attach to (absolute).
+    cgroup: PathBuf,
+    /// Its name relative to the cgroup root, with a leading `/`.
+    rel: String,
+    pin_dir: PathBuf,
+    proxy4: TcpListener,
+    proxy6: TcpListener,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let name = format!(
+            "enforcer-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup = Path::new(CGROUP_ROOT).join(&name);
+        std::fs::create_dir(&cgroup).expect("create test cgroup");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let (proxy4, proxy6) = loopback_pair();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut h = Harness {
+            runtime,
+            capture: None,
+            cgroup,
+            rel: format!("/{name}"),
+            pin_dir,
+            proxy4,
+            proxy6,
+        };
+        let cfg = CaptureConfig {
+            cgroup_root: PathBuf::from(CGROUP_ROOT),
+            attach_cgroup: h.cgroup.clone(),
+            pin_dir: h.pin_dir.clone(),
+            proxy_port: h.proxy_port(),
+            profiles: vec![(PROFILE.to_string(), vec![])],
+        };
+        let capture = {
+            let _enter = h.runtime.enter();
+            Capture::start(&cfg).expect("capture starts")
+        };
+        h.capture = Some(capture);
+        h
+    }
+
+    fn capture(&self) -> &Capture {
+        self.capture.as_ref().expect("capture running")
+    }
+
+    fn proxy_port(&self) -> u16 {
+        self.proxy4.local_addr().expect("addr").port()
+    }
+
+    /// `<test>/enforcer/agents`: created and tagged by `Capture::start`.
+    fn profile_cgroup(&self) -> PathBuf {
+        self.cgroup.join("enforcer").join(PROFILE)
+    }
+
+    /// Create a cgroup below the test cgroup (path relative to it).
+    fn child_cgroup(&self, rel: &str) -> PathBuf {
+        let path = self.cgroup.join(rel);
+        std::fs::create_dir_all(&path).expect("create child cgroup");
+        path
+    }
+
+    /// Accept the next connection on either proxy listener.
+    fn accept_proxy(&self) -> Option<(TcpStream, SocketAddr)> {
+        accept_any(&[&self.proxy4, &self.proxy6], TIMEOUT)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(capture) = self.capture.take() {
+            if let Err(err) = capture.shutdown() {
+                eprintln!("capture shutdown: {err}");
+            }
+        }
+        remove_cgroup_tree(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// Kill everything in a cgroup tree and remove it, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Non-blocking listeners on 127.0.0.1 and ::1 with the same port.
+fn loopback_pair() -> (TcpListener, TcpListener) {
+    for _ in 0..50 {
+        let v4 = TcpListener::bind("127.0.0.1:0").expect("bind v4");
+        let port = v4.local_addr().expect("addr").port();
+        if let Ok(v6) = TcpListener::bind(("::1", port)) {
+            v4.set_nonblocking(true).expect("nonblocking");
+            v6.set_nonblocking(true).expect("nonblocking");
+            return (v4, v6);
+        }
+    }
+    panic!("no free port on both 127.0.0.1 and ::1");
+}
+
+fn accept_any(listeners: &[&TcpListener], timeout: Duration) -> Option<(TcpStream, SocketAddr)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for l in listeners {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    stream.set_nonblocking(false).expect("blocking");
+                    stream
+                        .set_read_timeout(Some(TIMEOUT))
+                        .expect("read timeout");
+                    return Some((stream, peer));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn python(script: &str, args: &[&str]) -> Child {
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs")
+}
+
+fn finish(child: Child) -> String {
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "client failed: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Serve one client connection: read its byte, answer, so it exits.
+fn answer(mut stream: TcpStream) {
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).expect("client byte");
+    stream.write_all(b"y").expect("answer");
+}
+
+/// A tagged client connecting to `host:port` lands on the proxy, and the lookup returns what it really dialled.
+fn assert_redirected(h: &Harness, cgroup: &Path, host: &str, port: u16, expect_dst: SocketAddr) {
+    let child = python(
+        CLIENT,
+        &[cgroup.to_str().expect("utf-8"), host, &port.to_string()],
+    );
+    let pid = child.id();
+    let (stream, peer) = h.accept_proxy().expect("tagged connect reaches the proxy");
+    let origin = h
+        .capture()
+        .origins()
+        .lookup(peer)
+        .expect("origin recorded for the redirected connection");
+    assert_eq!(
+        origin.dst, expect_dst,
+        "original destination of {host}:{port}"
+    );
+    assert_eq!(origin.agent.pid, Some(pid));
+    assert_eq!(origin.agent.uid, Some(0));
+    assert_eq!(origin.agent.profile.as_deref(), Some(PROFILE));
+    let rel = format!(
+        "{}/{}",
+        h.rel,
+        cgroup
+            .strip_prefix(&h.cgroup)
+            .expect("below test cgroup")
+            .display()
+    );
+    assert_eq!(origin.agent.cgroup.as_deref(), Some(rel.as_str()));
+    assert!(
+        origin
+            .agent
+            .exe
+            .as_deref()
+            .is_some_and(|e| e.contains("python")),
+        "exe: {:?}",
+        origin.agent.exe
+    );
+    // The entry is consumed by the lookup.
+    assert_eq!(h.capture().origins().lookup(peer), None);
+    answer(stream);
+    finish(child);
+}
+
+#[test]
+fn tagged_connects_are_redirected_with_their_origin() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    // A nested cgroup inherits the profile of its tagged ancestor.
+    let client = h.child_cgroup("enforcer/agents/client");
+    let ip2: IpAddr = "127.0.0.2".parse().expect("ip");
+    assert_redirected(&h, &client, "127.0.0.2", 9, SocketAddr::new(ip2, 9));
+    // IPv4-mapped IPv6 is reported as the IPv4 address it names.
+    assert_redirected(&h, &client, "::ffff:127.0.0.2", 9, SocketAddr::new(ip2, 9));
+    assert_redirected(&h, &client, "::1", 9, "[::1]:9".parse().expect("addr"));
+    assert_redirected(
+        &h,
+        &h.profile_cgroup(),
+        "127.0.0.2",
+        80,
+        SocketAddr::new(ip2, 80),
+    );
+
+    // A direct connect to the proxy port is left alone (and has no origin).
+    let port = h.proxy_port().to_string();
+    let child = python(
+        CLIENT,
+        &[client.to_str().expect("utf-8"), "127.0.0.1", &port],
+    );
+    let (stream, peer) = h.accept_proxy().expect("direct connect to the proxy");
+    assert_eq!(h.capture().origins().lookup(peer), None);
+    answer(stream);
+    finish(child);
+}
+
+#[test]
+fn untagged_processes_are_not_redirected() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let plain = h.child_cgroup("plain");
+    let upstream = TcpListener::bind("127.0.0.2:0").expect("bind upstream");
+    upstream.set_nonblocking(true).expect("nonblocking");
+    let port = upstream.local_addr().expect("addr").port();
+    let child = python(
+        CLIENT,
+        &[
+            plain.to_str().expect("utf-8"),
+            "127.0.0.2",
+            &port.to_string(),
+        ],
+    );
+    let (stream, _) =
+        accept_any(&[&upstream], TIMEOUT).expect("untagged connect reaches its destination");
+    answer(stream);
+    finish(child);
+    assert!(
+        accept_any(&[&h.proxy4, &h.proxy6], Duration::from_millis(200)).is_none(),
+        "the proxy saw an untagged connection"
+    );
+}
+
+#[test]
+fn parallel_connects_resolve_to_their_own_destination() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let child = python(PARALLEL, &[h.profile_cgroup().to_str().expect("utf-8")]);
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        let (mut stream, peer) = h.accept_proxy().expect("all 40 connects reach the proxy");
+        let origin = h
+            .capture()
+            .origins()
+            .lookup(peer)
+            .expect("origin for every connection");
+        let mut said = [0u8; 5];
+        stream.read_exact(&mut said).expect("client names its port");
+        let said: u16 = std::str::from_utf8(&said)
+            .expect("ascii")
+            .parse()
+            .expect("port");
+        assert_eq!(origin.dst, SocketAddr::from(([127, 0, 0, 2], said)));
+        streams.push(stream);
+    }
+    for mut s in streams {
+        s.write_all(b"y").expect("answer");
+    }
+    finish(child);
+}
+
+#[test]
+fn tagging_and_untagging_take_effect_at_runtime() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let rt = h.child_cgroup("runtime");
+    let upstream = TcpListener::bind("127.0.0.2:0").expect("bind upstream");
+    upstream.set_nonblocking(true).expect("nonblocking");
+    let port = upstream.local_addr().expect("addr").port();
+    let dial = |expect_proxy: bool| {
+        let child = python(
+            CLIENT,
+            &[rt.to_str().expect("utf-8"), "127.0.0.2", &port.to_string()],
+        );
+        let (listener_hit, (stream, peer)) = loop {
+            if let Some(hit) = accept_any(&[&upstream], Duration::from_millis(5)) {
+                break (false, hit);
+            }
+            if let Some(hit) = accept_any(&[&h.proxy4, &h.proxy6], Duration::from_millis(5)) {
+                break (true, hit);
+            }
+        };
+        if listener_hit {
+            let origin = h.capture().origins().lookup(peer).expect("origin");
+            assert_eq!(origin.agent.profile.as_deref(), Some("late"));
+        }
+        answer(stream);
+        finish(child);
+        assert_eq!(listener_hit, expect_proxy);
+    };
+    dial(false);
+    h.capture().tag(&rt, "late").expect("tag at runtime");
+    dial(true);
+    // Untag through the pinned map, as `enforcer cgroup untag` does from another process.
+    let mut pinned = TagTable::open_pinned(&h.pin_dir, Path::new(CGROUP_ROOT)).expect("pinned map");
+    assert_eq!(
+        pinned.direct_profile(&rt).expect("lookup").as_deref(),
+        Some("late")
+    );
+    pinned.untag(&rt).expect("untag");
+    dial(false);
+    // Tag through the pin with a relative path, then untag through the API.
+    let rel = rt.strip_prefix(CGROUP_ROOT).expect("below root");
+    pinned.tag(rel, "late").expect("tag via pin");
+    dial(true);
+    h.capture().untag(&rt).expect("untag");
+    dial(false);
+}
+
+#[test]
+fn quic_from_tagged_cgroups_is_refused() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let tagged = finish(python(UDP, &[h.profile_cgroup().to_str().expect("utf-8")]));
+    assert_eq!(tagged.trim(), "eperm eperm eperm eperm");
+    let plain = finish(python(
+        UDP,
+        &[h.child_cgroup("plain").to_str().expect("utf-8")],
+    ));
+    assert_eq!(plain.trim(), "ok ok ok ok");
+}
+
+#[test]
+fn shutdown_leaves_no_trace() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut h = Harness::new();
+    let pin = h.pin_dir.join("TAGGED");
+    assert!(pin.exists());
+    let capture = h.capture.take().expect("capture");
+    capture.shutdown().expect("shutdown");
+    assert!(!pin.exists(), "pin removed");
+    assert!(!h.pin_dir.exists(), "pin dir removed");
+    assert!(
+        !h.cgroup.join("enforcer").exists(),
+        "profile cgroups removed"
+    );
+    // No program is attached any more: a connect from the former profile cgroup goes where it was sent.
+    let cg = h.child_cgroup("after");
+    let upstream = TcpListener::bind("127.0.0.2:0").expect("bind upstream");
+    upstream.set_nonblocking(true).expect("nonblocking");
+    let port = upstream.local_addr().expect("addr").port();
+    let child = python(
+        CLIENT,
+        &[cg.to_str().expect("utf-8"), "127.0.0.2", &port.to_string()],
+    );
+    let (stream, _) = accept_any(&[&upstream], TIMEOUT).expect("direct connect");
+    answer(stream);
+    finish(child);
+}
+
+/// Runs the real `enforcer` binary with `args`; returns (exit code, stdout, stderr).
+fn enforcer(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(args)
+        .output()
+        .expect("enforcer runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A daemon config pointing `enforcer exec` at the harness (its cgroup, pins) and a state dir with a CA bundle.
+fn exec_config(h: &Harness, state: &Path) -> PathBuf {
+    let bundle = state.join("ca/bundle.pem");
+    std::fs::create_dir_all(state.join("ca")).expect("ca dir");
+    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\n").expect("bundle");
+    let cfg = state.join("enforcer.yaml");
+    let yaml = format!(
+        "state_dir: {}\ncgroup_root: {CGROUP_ROOT}\ncapture:\n  cgroup: {}\n  pin_dir: {}\n",
+        state.display(),
+        h.rel.trim_start_matches('/'),
+        h.pin_dir.display()
+    );
+    std::fs::write(&cfg, yaml).expect("config");
+    cfg
+}
+
+#[test]
+fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let state = tempfile::tempdir().expect("tempdir");
+    let cfg = exec_config(&h, state.path());
+    let cfg = cfg.to_str().expect("utf-8");
+    let bundle = state.path().join("ca/bundle.pem");
+
+    // The command is captured, in a cgroup of its own below the profile's.
+    let child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args(["python3", "-c", CLIENT, "-", "127.0.0.2", "9"])
+        .spawn()
+        .expect("enforcer exec runs");
+    let exec_pid = child.id();
+    let (stream, peer) = h.accept_proxy().expect("exec'd command is redirected");
+    let origin = h.capture().origins().lookup(peer).expect("origin");
+    assert_eq!(origin.dst, SocketAddr::from(([127, 0, 0, 2], 9)));
+    assert_eq!(origin.agent.profile.as_deref(), Some(PROFILE));
+    let expect_cgroup = format!("{}/enforcer/{PROFILE}/exec-{exec_pid}", h.rel);
+    assert_eq!(origin.agent.cgroup.as_deref(), Some(expect_cgroup.as_str()));
+    assert_ne!(
+        origin.agent.pid,
+        Some(exec_pid),
+        "the command, not exec itself, connects"
+    );
+    answer(stream);
+    finish(child);
+    let leftovers: Vec<_> = std::fs::read_dir(h.profile_cgroup())
+        .expect("profile cgroup")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("exec-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "exec cgroup removed after the command"
+    );
+
+    // The CA variables point at the bundle.
+    let (code, stdout, stderr) = enforcer(&[
+        "exec",
+        "--config",
+        cfg,
+        "--profile",
+        PROFILE,
+        "--",
+        "sh",
+        "-c",
+        "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $CURL_CA_BUNDLE",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let b = bundle.display().to_string();
+    assert_eq!(stdout.trim(), [b.as_str(); 4].join(" "));
+
+    // Exit codes pass through; a signal becomes 128 + signal.
+    assert_eq!(
+        enforcer(&[
+            "exec",
+            "--config",
+            cfg,
+            "--profile",
+            PROFILE,
+            "--",
+            "sh",
+            "-c",
+            "exit 7"
+        ])
+        .0,
+        Some(7)
+    );
+    assert_eq!(
+        enforcer(&[
+            "exec",
+            "--config",
+            cfg,
+            "--profile",
+            PROFILE,
+            "--",
+            "sh",
+            "-c",
+            "kill -TERM $$"
+        ])
+        .0,
+        Some(128 + 15)
+    );
+
+    // A profile the daemon does not tag is refused, clearly (here: the default profile, not configured).
+    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("\"default\""), "stderr: {stderr}");
+    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--profile", "nope", "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("nope"), "stderr: {stderr}");
+
+    // No CA bundle: refused.
+    std::fs::remove_file(&bundle).expect("remove bundle");
+    let (code, _, stderr) =
+        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("bundle"), "stderr: {stderr}");
+
+    // Daemon gone: refused.
+    let mut h = h;
+    if let Some(capture) = h.capture.take() {
+        capture.shutdown().expect("shutdown");
+    }
+    let (code, _, stderr) =
+        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("not running"), "stderr: {stderr}");
+}
+
+#[test]
+fn cgroup_command_tags_and_untags_through_the_pin() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let state = tempfile::tempdir().expect("tempdir");
+    let cfg = exec_config(&h, state.path());
+    let cfg = cfg.to_str().expect("utf-8");
+    let slice = h.child_cgroup("slice");
+    let slice_s = slice.to_str().expect("utf-8");
+    let (code, _, stderr) = enforcer(&[
+        "cgroup",
+        "tag",
+        "--config",
+        cfg,
+        "--profile",
+        "late",
+        slice_s,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, list, _) = enforcer(&["cgroup", "list", "--config", cfg]);
+    assert!(
+        list.contains(&format!("late\t{}/slice", h.rel)),
+        "list: {list}"
+    );
+    let ip2: IpAddr = "127.0.0.2".parse().expect("ip");
+    let child = python(CLIENT, &[slice_s, "127.0.0.2", "9"]);
+    let (stream, peer) = h.accept_proxy().expect("tagged by the command");
+    let origin = h.capture().origins().lookup(peer).expect("origin");
+    assert_eq!(origin.dst, SocketAddr::new(ip2, 9));
+    assert_eq!(origin.agent.profile.as_deref(), Some("late"));
+    answer(stream);
+    finish(child);
+    let (code, _, stderr) = enforcer(&["cgroup", "untag", "--config", cfg, slice_s]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let pinned = TagTable::open_pinned(&h.pin_dir, Path::new(CGROUP_ROOT)).expect("pinned map");
+    assert_eq!(pinned.direct_profile(&slice).expect("lookup"), None);
+}

@@ -77,6 +77,7 @@ async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
         !r.to_string().contains("hunter2"),
         "the query must not reach the audit trail"
     );
+    assert_eq!(w.proxy.close_and_verify().await, 1);
 }
 
 #[tokio::test]
@@ -141,6 +142,7 @@ async fn blocked_request_gets_403_json_and_never_reaches_the_upstream() {
         assert_eq!(outcome(r), ("blocked", Some(403)));
         assert_eq!(r["decision"]["verdict"], "block");
     }
+    assert_eq!(w.proxy.close_and_verify().await, 2);
 }
 
 #[tokio::test]

@@ -391,6 +391,14 @@ impl Proxy {
             .unwrap()
     }
 
+    /// Close the trail (final checkpoint) and check its chain and signatures; returns the number of records.
+    pub async fn close_and_verify(&self) -> u64 {
+        self.audit.close().await.unwrap();
+        let report = enforcer::audit::verify(&self.audit_dir, None).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        report.records
+    }
+
     /// Every audit record written so far (JSON objects, one per line, across the trail's files).
     pub async fn audit_records(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();

@@ -584,6 +584,8 @@ fn upstream_request(
         .map_or("/", |p| p.as_str())
         .to_string();
     strip_hop_by_hop(&mut parts.headers, is_upgrade);
+    // The body is already complete: the client had its 100 Continue from us, the upstream needs none.
+    parts.headers.remove(header::EXPECT);
     if body_changed {
         parts.headers.remove(header::CONTENT_ENCODING);
     }

@@ -82,3 +82,31 @@ async fn shadow_mode_forwards_unmodified_but_records_the_block() {
     assert_eq!(records[0]["decision"]["mode"], "shadow");
     assert_eq!(records[0]["outcome"]["disposition"], "forwarded");
 }
+
+#[tokio::test]
+async fn constrain_header_rewrite_reaches_the_upstream() {
+    let ca = TestCa::new("decisions CA");
+    let yaml = r#"version: 1
+default: block
+rules:
+ - id: tag
+   when: { host: allowed.test }
+   verdict: constrain
+   constrain: { header_set: { x-tag: enforced } }
+"#;
+    let proxy = start_proxy(yaml, &[&ca], false).await;
+    let (up, seen) = upstream(&ca).await;
+    let tls = proxy.tls_to(up, "allowed.test", &[b"h2"]).await;
+    let req = Request::builder()
+        .uri("https://allowed.test/t")
+        .header("x-tag", "original")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = send(tls, true, req).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("tag=enforced"), "{body}");
+    assert_eq!(seen.count(), 1);
+    let records = proxy.audit_records().await;
+    assert_eq!(records[0]["request"]["changes"][0]["cause"], "header_set");
+}

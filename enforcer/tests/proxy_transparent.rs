@@ -56,7 +56,7 @@ async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
     assert_eq!(status, 200, "{body}");
     assert!(
         body.starts_with(
-            "upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 body={\"a\":1}"
+            "upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 tag=- body={\"a\":1}"
         ),
         "{body}"
     );

@@ -1,12 +1,26 @@
-//! Constrain: carries out the rewrites of a CONSTRAIN decision on a request (redaction, JSON and header changes,
-//! dropping declared tools) and reports what changed by location only. Pure functions over plain data; no I/O.
+//! Constrain: carries out the rewrites of a CONSTRAIN decision on a request (redaction by detectors, JSON set,
+//! remove and cap, header set and remove, dropping declared LLM tools) and reports what changed by location and
+//! cause only, never values. Opaque signed fields are never modified: a rewrite that would touch one fails with
+//! [`ConstrainError::SignedField`] and the proxy blocks instead. Unknown fields are always preserved (serde_json
+//! keeps key order). Pure functions over plain data; no I/O. It does not decide (policy) or frame bodies (proxy).
 //!
-//! SCAFFOLD: the seam the proxy calls; the rewrite engine replaces the body.
+//! The body given to [`apply`] is the decoded body (see `inspect::decode_body`); when a rewrite changes it, the new
+//! body is identity-encoded, so `content-encoding` is removed and `content-length` (if present) updated.
+
+mod redact;
+mod signed;
+mod tools;
+
+use std::ops::Range;
 
 use bytes::Bytes;
+use serde_json::Value;
 
 use crate::model::{Change, PlannedRewrite, Rewrite};
+use crate::policy::jsonpath::JsonPath;
 use crate::policy::Policy;
+
+use redact::Redactor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConstrainError {
@@ -17,47 +31,379 @@ pub enum ConstrainError {
     NotJson { rule: String },
     #[error("rewrite {op} of rule {rule} is not supported")]
     Unsupported { rule: String, op: &'static str },
+    #[error("rule {rule} names the unknown detector {detector:?}")]
+    UnknownDetector { rule: String, detector: String },
+    #[error("rule {rule} has an invalid JSONPath")]
+    BadPath { rule: String },
+    #[error("rule {rule} sets an invalid header name or value")]
+    BadHeader { rule: String },
 }
 
-/// Apply `rewrites` (in order) to the request head and body. On success returns what changed; the caller re-frames
-/// the body (Content-Length) when it changed.
+/// Secret detectors as the redaction needs them (the policy's `Detectors` implements this).
+pub trait Detect {
+    /// Whether a detector of this name exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Byte ranges of `text` where detector `name` fires.
+    fn find(&self, name: &str, text: &str) -> Vec<Range<usize>>;
+}
+
+/// How redaction writes and where it looks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConstrainOptions {
+    /// Replacement for a detected secret; `{detector}` is replaced by the detector's name.
+    pub marker: String,
+    /// Header names (lower case) whose values redaction leaves alone: the credentials a client sends to its own
+    /// provider, which a content redaction must not break.
+    pub redact_skip_headers: Vec<String>,
+}
+
+impl Default for ConstrainOptions {
+    fn default() -> Self {
+        ConstrainOptions {
+            marker: "[REDACTED:{detector}]".into(),
+            redact_skip_headers: [
+                "authorization",
+                "proxy-authorization",
+                "x-api-key",
+                "x-goog-api-key",
+                "api-key",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        }
+    }
+}
+
+impl Detect for crate::policy::detect::Detectors {
+    fn contains(&self, name: &str) -> bool {
+        crate::policy::detect::Detectors::contains(self, name)
+    }
+    fn find(&self, name: &str, text: &str) -> Vec<Range<usize>> {
+        crate::policy::detect::Detectors::find(self, name, text)
+    }
+}
+
+/// Apply `rewrites` (in order) to the request head and body with the policy's detectors and default options.
+/// On success returns what changed; on error nothing must be forwarded (the caller blocks).
 pub fn apply(
     rewrites: &[PlannedRewrite],
-    _policy: &Policy,
+    policy: &Policy,
     parts: &mut http::request::Parts,
-    _body: &mut Bytes,
+    body: &mut Bytes,
+) -> Result<Vec<Change>, ConstrainError> {
+    apply_with(
+        rewrites,
+        policy.detectors(),
+        &ConstrainOptions::default(),
+        parts,
+        body,
+    )
+}
+
+/// The body as the rewrites see it: parsed once, on first need.
+enum Doc {
+    Unparsed,
+    Json(Value),
+    NotJson,
+}
+
+/// [`apply`] with explicit detectors and options. `parts` and `body` are only modified when every rewrite succeeds.
+pub fn apply_with(
+    rewrites: &[PlannedRewrite],
+    detect: &dyn Detect,
+    options: &ConstrainOptions,
+    parts: &mut http::request::Parts,
+    body: &mut Bytes,
 ) -> Result<Vec<Change>, ConstrainError> {
     let mut changes = Vec::new();
+    let mut headers = parts.headers.clone();
+    let mut uri = parts.uri.clone();
+    let mut doc = Doc::Unparsed;
+    let mut text: Option<String> = None;
+    let mut body_changed = false;
+
     for planned in rewrites {
+        let rule = &planned.rule;
         match &planned.rewrite {
             Rewrite::HeaderSet { name, value } => {
                 let (Ok(name), Ok(value)) = (
                     http::HeaderName::try_from(name.as_str()),
                     http::HeaderValue::try_from(value.as_str()),
                 ) else {
-                    continue;
+                    return Err(ConstrainError::BadHeader { rule: rule.clone() });
                 };
                 changes.push(Change {
                     path: format!("header.{name}"),
                     cause: "header_set".into(),
                 });
-                parts.headers.insert(name, value);
+                headers.insert(name, value);
             }
             Rewrite::HeaderRemove { name } => {
-                if parts.headers.remove(name.as_str()).is_some() {
+                if headers.remove(name.as_str()).is_some() {
                     changes.push(Change {
-                        path: format!("header.{name}"),
+                        path: format!("header.{}", name.to_ascii_lowercase()),
                         cause: "header_remove".into(),
                     });
                 }
             }
-            _ => {
-                return Err(ConstrainError::Unsupported {
-                    rule: planned.rule.clone(),
-                    op: "json",
-                })
+            Rewrite::Redact { detectors } => {
+                if let Some(unknown) = detectors.iter().find(|d| !detect.contains(d)) {
+                    return Err(ConstrainError::UnknownDetector {
+                        rule: rule.clone(),
+                        detector: unknown.clone(),
+                    });
+                }
+                let redactor = Redactor {
+                    detect,
+                    names: detectors,
+                    marker: &options.marker,
+                };
+                redact_head(&redactor, options, &mut headers, &mut uri, &mut changes);
+                match parse(&mut doc, body) {
+                    Some(value) => {
+                        let before = changes.len();
+                        redactor.redact_json(value, &mut changes)?;
+                        body_changed |= changes.len() > before;
+                    }
+                    None => {
+                        // A text body that is not JSON is redacted as text; binary bodies are left alone.
+                        let current = match text.take() {
+                            Some(t) => Some(t),
+                            None => std::str::from_utf8(body).ok().map(str::to_string),
+                        };
+                        if let Some(current) = current {
+                            match redactor.redact_str(&current) {
+                                Some((new, fired)) => {
+                                    changes.extend(fired.into_iter().map(|d| Change {
+                                        path: "body".into(),
+                                        cause: format!("redact:{d}"),
+                                    }));
+                                    text = Some(new);
+                                    body_changed = true;
+                                }
+                                None => text = Some(current),
+                            }
+                        }
+                    }
+                }
+            }
+            Rewrite::JsonSet { path, value } => {
+                let path = parse_path(path, rule)?;
+                let Some(value_doc) = json_for(&mut doc, body, rule, false)? else {
+                    continue;
+                };
+                let n = guarded(
+                    value_doc,
+                    |d| path.set(d, value.clone()),
+                    "json_set",
+                    &mut changes,
+                )?;
+                body_changed |= n > 0;
+            }
+            Rewrite::JsonRemove { path } => {
+                let path = parse_path(path, rule)?;
+                let Some(value_doc) = json_for(&mut doc, body, rule, true)? else {
+                    continue;
+                };
+                let n = guarded(value_doc, |d| path.remove(d), "json_remove", &mut changes)?;
+                body_changed |= n > 0;
+            }
+            Rewrite::JsonCap { path, max } => {
+                let path = parse_path(path, rule)?;
+                let Some(value_doc) = json_for(&mut doc, body, rule, true)? else {
+                    continue;
+                };
+                let n = guarded(value_doc, |d| cap(&path, d, *max), "json_cap", &mut changes)?;
+                body_changed |= n > 0;
+            }
+            Rewrite::DropTools { globs } => {
+                if let Some(value) = parse(&mut doc, body) {
+                    let before = changes.len();
+                    tools::drop_tools(value, globs, &mut changes);
+                    body_changed |= changes.len() > before;
+                }
             }
         }
     }
+
+    if body_changed {
+        let new_body = match (&doc, text) {
+            (Doc::Json(value), _) => {
+                Bytes::from(
+                    serde_json::to_vec(value).map_err(|_| ConstrainError::NotJson {
+                        rule: String::new(),
+                    })?,
+                )
+            }
+            (_, Some(text)) => Bytes::from(text),
+            _ => body.clone(),
+        };
+        headers.remove(http::header::CONTENT_ENCODING);
+        if headers.contains_key(http::header::CONTENT_LENGTH) {
+            headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(new_body.len()),
+            );
+        }
+        *body = new_body;
+    }
+    parts.headers = headers;
+    parts.uri = uri;
     Ok(changes)
+}
+
+/// The parsed body, parsing it on first use; `None` when it is not JSON.
+fn parse<'a>(doc: &'a mut Doc, body: &Bytes) -> Option<&'a mut Value> {
+    if matches!(doc, Doc::Unparsed) {
+        *doc = match serde_json::from_slice(body) {
+            Ok(v) => Doc::Json(v),
+            Err(_) => Doc::NotJson,
+        };
+    }
+    match doc {
+        Doc::Json(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// The JSON body for a JSON rewrite. An empty body has nothing to remove or cap (`Ok(None)` when `empty_ok`);
+/// anything else that is not JSON is an error.
+fn json_for<'a>(
+    doc: &'a mut Doc,
+    body: &Bytes,
+    rule: &str,
+    empty_ok: bool,
+) -> Result<Option<&'a mut Value>, ConstrainError> {
+    let empty = body.iter().all(u8::is_ascii_whitespace);
+    match parse(doc, body) {
+        Some(v) => Ok(Some(v)),
+        None if empty && empty_ok => Ok(None),
+        None => Err(ConstrainError::NotJson {
+            rule: rule.to_string(),
+        }),
+    }
+}
+
+fn parse_path(path: &str, rule: &str) -> Result<JsonPath, ConstrainError> {
+    JsonPath::parse(path).map_err(|_| ConstrainError::BadPath {
+        rule: rule.to_string(),
+    })
+}
+
+/// Run a JSON rewrite on a copy of the document and keep the result only if every signed region survived it
+/// unchanged. Returns how many locations changed.
+fn guarded(
+    doc: &mut Value,
+    op: impl FnOnce(&mut Value) -> Vec<String>,
+    cause: &str,
+    changes: &mut Vec<Change>,
+) -> Result<usize, ConstrainError> {
+    let before: Vec<(String, Value)> = signed::regions(doc)
+        .into_iter()
+        .map(|(p, v)| (p, v.clone()))
+        .collect();
+    let mut candidate = doc.clone();
+    let paths = op(&mut candidate);
+    if let Some(path) = signed::first_touched(&before, &candidate) {
+        return Err(ConstrainError::SignedField { path });
+    }
+    *doc = candidate;
+    let n = paths.len();
+    changes.extend(paths.into_iter().map(|path| Change {
+        path,
+        cause: cause.to_string(),
+    }));
+    Ok(n)
+}
+
+/// Numbers above `max` at `path` become `max` (an integer when `max` is whole); returns the paths capped.
+fn cap(path: &JsonPath, doc: &mut Value, max: f64) -> Vec<String> {
+    let mut capped = Vec::new();
+    path.for_each_mut(doc, &mut |p, v| {
+        let Some(n) = v.as_f64() else {
+            return;
+        };
+        if n > max {
+            *v = capped_number(max);
+            capped.push(p.to_string());
+        }
+    });
+    capped
+}
+
+fn capped_number(max: f64) -> Value {
+    if max.fract() == 0.0 && max.abs() < 9.0e15 {
+        // Whole and exactly representable: write it as an integer, as the APIs expect for token limits.
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "max is whole and below 2^53"
+        )]
+        let whole = max as i64;
+        Value::from(whole)
+    } else {
+        serde_json::Number::from_f64(max).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// Redact header values (except the credential headers in `options`) and URL query values.
+fn redact_head(
+    redactor: &Redactor<'_>,
+    options: &ConstrainOptions,
+    headers: &mut http::HeaderMap,
+    uri: &mut http::Uri,
+    changes: &mut Vec<Change>,
+) {
+    let mut replaced = Vec::new();
+    for (name, value) in headers.iter() {
+        if options
+            .redact_skip_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name.as_str()))
+        {
+            continue;
+        }
+        let Ok(text) = value.to_str() else {
+            continue;
+        };
+        if let Some((new, fired)) = redactor.redact_str(text) {
+            changes.extend(fired.into_iter().map(|d| Change {
+                path: format!("header.{name}"),
+                cause: format!("redact:{d}"),
+            }));
+            replaced.push((name.clone(), value.clone(), new));
+        }
+    }
+    for (name, old, new) in replaced {
+        if let Ok(new) = http::HeaderValue::try_from(new) {
+            // Replace only the value that matched, keeping other values of a repeated header.
+            let values: Vec<http::HeaderValue> = headers
+                .get_all(&name)
+                .iter()
+                .map(|v| if *v == old { new.clone() } else { v.clone() })
+                .collect();
+            headers.remove(&name);
+            for v in values {
+                headers.append(name.clone(), v);
+            }
+        }
+    }
+
+    let Some(pq) = uri.path_and_query() else {
+        return;
+    };
+    let Some(query) = pq.query() else {
+        return;
+    };
+    let Some(new_query) = redactor.redact_query(query, changes) else {
+        return;
+    };
+    let new_pq = format!("{}?{new_query}", pq.path());
+    let mut uri_parts = uri.clone().into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(new_pq) {
+        uri_parts.path_and_query = Some(pq);
+        if let Ok(new_uri) = http::Uri::from_parts(uri_parts) {
+            *uri = new_uri;
+        }
+    }
 }

@@ -1,82 +1,280 @@
-//! Inspect: decodes request bodies, classifies a request's protocol (plain HTTP, OpenAI, Anthropic, Gemini, MCP
-//! JSON-RPC), fills the `llm` and `mcp` parts of the `Action` (one Action per JSON-RPC batch element), and shapes
-//! block answers in each protocol's own language. Pure functions over plain data; no I/O.
-//!
-//! SCAFFOLD: the seam the proxy calls; the protocol classifiers replace the bodies.
+//! Inspect: decodes request bodies, classifies a request's protocol (plain HTTP, OpenAI Chat Completions and
+//! Responses, Anthropic Messages, Gemini generateContent, MCP JSON-RPC), fills the `llm` and `mcp` parts of the
+//! `Action` (one Action per JSON-RPC batch element), and shapes block answers in each protocol's own language.
+//! Pure functions over plain data; no I/O. It does not decide anything (policy) and does not rewrite (constrain).
 
-use bytes::Bytes;
+mod block;
+mod decode;
+mod llm;
+mod mcp;
 
-use crate::model::{Action, Decision};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Action;
+
+pub use block::{
+    block_batch_response, block_message, block_response, BlockResponse, MCP_POLICY_ERROR_CODE,
+};
+pub use decode::decode_body;
+pub(crate) use llm::tool_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
     #[error("content-encoding {0:?} is not supported for inspection")]
     UnsupportedEncoding(String),
+    #[error("the body could not be decoded as {encoding}")]
+    Corrupt { encoding: &'static str },
     #[error("decoded body exceeds the inspection limit of {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("the body is not valid JSON for a {protocol} endpoint")]
     BadJson { protocol: &'static str },
 }
 
+/// An LLM provider whose API shapes are understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl Provider {
+    /// The name used in `Action.llm.provider`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Gemini => "gemini",
+        }
+    }
+}
+
+/// Which LLM endpoint a request calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LlmApi {
+    /// OpenAI `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// OpenAI `POST /v1/responses`.
+    Responses,
+    /// Anthropic `POST /v1/messages`.
+    Messages,
+    /// Gemini `POST .../models/{model}:generateContent` or `:streamGenerateContent`.
+    GenerateContent,
+}
+
+/// What a JSON-RPC message is, as far as its block answer is concerned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McpMessage {
+    /// The request id, echoed in the answer; `None` for notifications and for messages without an id.
+    pub id: Option<serde_json::Value>,
+    /// The JSON-RPC method; `response` for a JSON-RPC response the client sends back to the server.
+    pub method: String,
+}
+
+impl McpMessage {
+    /// Notifications (and responses) expect no answer of their own.
+    pub fn expects_answer(&self) -> bool {
+        self.id.is_some() && self.method != mcp::RESPONSE_METHOD
+    }
+}
+
 /// Which protocol a request speaks, with what the block answer needs to echo back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Protocol {
+    /// Anything not recognised below.
     Http,
+    /// A request to a provider's host that is not one of the recognised LLM calls (e.g. `GET /v1/models`): its
+    /// block answer still uses the provider's error shape.
+    Provider(Provider),
+    /// A recognised LLM API call.
+    Llm { provider: Provider, api: LlmApi },
+    /// MCP JSON-RPC over HTTP (Streamable HTTP, or a POST of the older HTTP+SSE transport). `messages` has one
+    /// element for a single message and one per element, in order, for a batch array.
+    Mcp {
+        batch: bool,
+        messages: Vec<McpMessage>,
+    },
 }
 
-/// The outcome of classification: the protocol and one Action per thing the request asks for.
+/// The outcome of classification: the protocol and one Action per thing the request asks for (one for plain HTTP
+/// and LLM calls, one per element of an MCP batch, in the same order as `Protocol::Mcp::messages`).
 #[derive(Debug, Clone)]
 pub struct Inspected {
     pub protocol: Protocol,
     pub actions: Vec<Action>,
 }
 
-/// Settings for recognising providers (host lists) — filled from the daemon config.
-#[derive(Debug, Clone, Default)]
-pub struct InspectConfig {}
-
-/// An answer the proxy sends instead of forwarding.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlockResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+/// Settings for recognising providers, filled from the daemon config. Hosts are compared case-insensitively,
+/// without a trailing dot; an entry may carry a port (`127.0.0.1:8443`) to match only that port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InspectConfig {
+    pub openai_hosts: Vec<String>,
+    pub anthropic_hosts: Vec<String>,
+    pub gemini_hosts: Vec<String>,
+    /// Extra hosts (or `host:port`) treated as a provider, e.g. a provider-compatible test server. Checked first.
+    pub provider_overrides: Vec<ProviderOverride>,
 }
 
-/// Decode a request body according to its `Content-Encoding` so inspection sees what the upstream will see.
-/// The decoded size is capped at `limit`.
-pub fn decode_body(encoding: Option<&str>, body: Bytes, limit: u64) -> Result<Bytes, InspectError> {
-    match encoding.map(str::trim) {
-        None | Some("") | Some("identity") => {
-            if body.len() as u64 > limit {
-                return Err(InspectError::TooLarge { limit });
-            }
-            Ok(body)
+/// One host recognised as a provider regardless of the lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderOverride {
+    pub host: String,
+    pub provider: Provider,
+}
+
+impl Default for InspectConfig {
+    fn default() -> Self {
+        InspectConfig {
+            openai_hosts: vec!["api.openai.com".into()],
+            anthropic_hosts: vec!["api.anthropic.com".into()],
+            gemini_hosts: vec!["generativelanguage.googleapis.com".into()],
+            provider_overrides: Vec::new(),
         }
-        Some(other) => Err(InspectError::UnsupportedEncoding(other.to_string())),
     }
 }
 
-/// Classify the request in `action.http` and return the Actions to decide.
-pub fn classify(action: Action, _cfg: &InspectConfig) -> Result<Inspected, InspectError> {
+impl InspectConfig {
+    /// The provider serving `host` (optionally on `port`), if any.
+    pub fn provider_for(&self, host: &str, port: u16) -> Option<Provider> {
+        let host = normalise_host(host);
+        let matches = |entry: &str| host_matches(entry, &host, port);
+        if let Some(o) = self.provider_overrides.iter().find(|o| matches(&o.host)) {
+            return Some(o.provider);
+        }
+        [
+            (&self.openai_hosts, Provider::OpenAi),
+            (&self.anthropic_hosts, Provider::Anthropic),
+            (&self.gemini_hosts, Provider::Gemini),
+        ]
+        .into_iter()
+        .find(|(list, _)| list.iter().any(|e| matches(e)))
+        .map(|(_, p)| p)
+    }
+}
+
+fn normalise_host(host: &str) -> String {
+    host.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `entry` is `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn host_matches(entry: &str, host: &str, port: u16) -> bool {
+    let entry = normalise_host(entry);
+    let (entry_host, entry_port) = split_host_port(&entry);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    entry_host == host && entry_port.is_none_or(|p| p == port)
+}
+
+fn split_host_port(entry: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = entry.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((h, tail)) => (h, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (rest, None),
+        };
+    }
+    match entry.rsplit_once(':') {
+        // One colon: host:port. More than one: a bare IPv6 address.
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (entry, None),
+        },
+        _ => (entry, None),
+    }
+}
+
+/// Classify the request in `action.http` and return the Actions to decide. A recognised LLM call whose body is not
+/// JSON is an error (the proxy refuses it); MCP is recognised by the JSON-RPC shape of the body on any host.
+pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, InspectError> {
+    let Some(http) = action.http.as_mut() else {
+        return Ok(Inspected {
+            protocol: Protocol::Http,
+            actions: vec![action],
+        });
+    };
+    let path = http.path.split('?').next().unwrap_or_default().to_string();
+    let host = action
+        .transport
+        .host
+        .as_deref()
+        .or_else(|| http.headers.get("host"))
+        .map(|h| strip_port(h).to_string());
+    let provider = host
+        .as_deref()
+        .and_then(|h| cfg.provider_for(h, action.transport.port));
+
+    if http.json.is_none() && !http.body.trim().is_empty() {
+        http.json = serde_json::from_str(&http.body).ok();
+    }
+
+    if let Some(provider) = provider {
+        if let Some(api) = llm::endpoint(provider, &http.method, &path) {
+            let Some(json) = http.json.as_ref() else {
+                return Err(InspectError::BadJson {
+                    protocol: provider.as_str(),
+                });
+            };
+            let call = llm::describe(provider, api, &path, &http.query, json);
+            action.llm = Some(call);
+            return Ok(Inspected {
+                protocol: Protocol::Llm { provider, api },
+                actions: vec![action],
+            });
+        }
+    }
+
+    if http.method.eq_ignore_ascii_case("POST") {
+        if let Some(json) = http.json.as_ref() {
+            if let Some(elements) = mcp::parse(json) {
+                let session = mcp::session_id(&http.headers, &http.query);
+                let batch = json.is_array();
+                let mut messages = Vec::with_capacity(elements.len());
+                let mut actions = Vec::with_capacity(elements.len());
+                for (message, mut call) in elements {
+                    call.session.clone_from(&session);
+                    let mut a = action.clone();
+                    a.mcp = Some(call);
+                    actions.push(a);
+                    messages.push(message);
+                }
+                return Ok(Inspected {
+                    protocol: Protocol::Mcp { batch, messages },
+                    actions,
+                });
+            }
+        }
+    }
+
+    let protocol = match provider {
+        Some(p) => Protocol::Provider(p),
+        None => Protocol::Http,
+    };
     Ok(Inspected {
-        protocol: Protocol::Http,
+        protocol,
         actions: vec![action],
     })
 }
 
-/// The answer for a blocked request, in the protocol's own shape. Never contains request data.
-pub fn block_response(_protocol: &Protocol, decision: &Decision) -> BlockResponse {
-    let body = serde_json::json!({
-        "error": {
-            "type": "policy_violation",
-            "rule": decision.deciding_rule,
-            "message": decision.message.as_deref().unwrap_or("blocked by policy"),
-        }
-    });
-    BlockResponse {
-        status: 403,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: body.to_string().into_bytes(),
+/// `Host` header value without its port.
+fn strip_port(host: &str) -> &str {
+    let (h, _) = split_host_port(host);
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_forms() {
+        assert_eq!(split_host_port("api.openai.com"), ("api.openai.com", None));
+        assert_eq!(split_host_port("127.0.0.1:8443"), ("127.0.0.1", Some(8443)));
+        assert_eq!(split_host_port("[fd77::2]:443"), ("fd77::2", Some(443)));
+        assert_eq!(split_host_port("[fd77::2]"), ("fd77::2", None));
+        assert_eq!(split_host_port("fd77::2"), ("fd77::2", None));
+        assert!(host_matches("[FD77::2]:443", "fd77::2", 443));
+        assert!(!host_matches("[fd77::2]:443", "fd77::2", 80));
+        assert!(host_matches("api.openai.com.", "api.openai.com", 1));
     }
 }

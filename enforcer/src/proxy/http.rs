@@ -363,8 +363,9 @@ async fn refuse_inspect(rec: Record<'_>, e: &InspectError) -> Response<ProxyBody
         InspectError::UnsupportedEncoding(_) => {
             (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE)
         }
-        // Corrupt encodings, bodies that are not the JSON a protocol endpoint needs, and whatever inspect adds.
-        _ => (Reason::Unparseable, StatusCode::BAD_REQUEST),
+        InspectError::BadJson { .. } | InspectError::Corrupt { .. } => {
+            (Reason::Unparseable, StatusCode::BAD_REQUEST)
+        }
     };
     let message = e.to_string();
     rec.refuse(reason, status, &message).await

@@ -1,0 +1,3 @@
+//! Redaction throughput benchmark (filled in below).
+
+fn main() {}

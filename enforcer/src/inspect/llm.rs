@@ -1,0 +1,187 @@
+//! LLM API classification: which endpoint a request on a provider host calls, and the few fields of its body the
+//! policy acts on (model, stream flag, declared tools including hosted MCP servers, presence of tool results).
+//! Everything else in the body is left alone.
+
+use serde_json::Value;
+
+use super::{LlmApi, Provider};
+use crate::model::{LlmCall, Pairs};
+
+/// The LLM endpoint `method path` calls on a host of `provider`, if it is one.
+pub(super) fn endpoint(provider: Provider, method: &str, path: &str) -> Option<LlmApi> {
+    if !method.eq_ignore_ascii_case("POST") {
+        return None;
+    }
+    let path = path.trim_end_matches('/');
+    match provider {
+        Provider::OpenAi if path.ends_with("/chat/completions") => Some(LlmApi::ChatCompletions),
+        Provider::OpenAi if path.ends_with("/responses") => Some(LlmApi::Responses),
+        Provider::Anthropic if path.ends_with("/v1/messages") || path == "/messages" => {
+            Some(LlmApi::Messages)
+        }
+        Provider::Gemini => gemini_target(path).map(|_| LlmApi::GenerateContent),
+        _ => None,
+    }
+}
+
+/// `(model, streaming)` from a Gemini path `.../models/{model}:generateContent|streamGenerateContent`.
+fn gemini_target(path: &str) -> Option<(&str, bool)> {
+    let (_, tail) = path.rsplit_once("/models/")?;
+    let (model, method) = tail.split_once(':')?;
+    if model.is_empty() || model.contains('/') {
+        return None;
+    }
+    match method {
+        "generateContent" => Some((model, false)),
+        "streamGenerateContent" => Some((model, true)),
+        _ => None,
+    }
+}
+
+/// The `llm` part of an Action for a call to `api`.
+pub(super) fn describe(
+    provider: Provider,
+    api: LlmApi,
+    path: &str,
+    query: &Pairs,
+    body: &Value,
+) -> LlmCall {
+    let mut call = LlmCall {
+        provider: provider.as_str().to_string(),
+        ..LlmCall::default()
+    };
+    match api {
+        LlmApi::GenerateContent => {
+            if let Some((model, streaming)) = gemini_target(path.trim_end_matches('/')) {
+                call.model = Some(model.to_string());
+                call.stream = streaming || query.get("alt") == Some("sse");
+            }
+            call.tools = gemini_tools(body);
+            call.has_tool_results = each(body.get("contents"))
+                .flat_map(|c| each(c.get("parts")))
+                .any(|p| {
+                    p.get("functionResponse").is_some() || p.get("function_response").is_some()
+                });
+        }
+        LlmApi::ChatCompletions | LlmApi::Responses | LlmApi::Messages => {
+            call.model = body
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            call.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+            call.tools = declared_tools(body);
+            call.has_tool_results = match api {
+                LlmApi::ChatCompletions => each(body.get("messages")).any(|m| {
+                    matches!(
+                        m.get("role").and_then(Value::as_str),
+                        Some("tool" | "function")
+                    )
+                }),
+                LlmApi::Responses => each(body.get("input"))
+                    .any(|item| item_type(item).is_some_and(|t| t.ends_with("_output"))),
+                _ => each(body.get("messages"))
+                    .flat_map(|m| each(m.get("content")))
+                    .any(|b| {
+                        item_type(b)
+                            .is_some_and(|t| t == "tool_result" || t.ends_with("_tool_result"))
+                    }),
+            };
+        }
+    }
+    call
+}
+
+fn item_type(v: &Value) -> Option<&str> {
+    v.get("type").and_then(Value::as_str)
+}
+
+/// The elements of `v` when it is an array, nothing otherwise.
+fn each(v: Option<&Value>) -> impl Iterator<Item = &Value> {
+    v.and_then(Value::as_array).into_iter().flatten()
+}
+
+/// The name a tool declaration in an OpenAI or Anthropic `tools` array is known by: `function.name` (Chat
+/// Completions), `name` (Responses function/custom tools, Anthropic), `mcp:<label>` for hosted MCP servers, or
+/// the `type` of a built-in tool without a name (`web_search_preview`, `code_interpreter`, ...).
+pub(crate) fn tool_name(tool: &Value) -> Option<String> {
+    if let Some(name) = tool
+        .get("function")
+        .and_then(|f| f.get("name"))
+        .and_then(Value::as_str)
+    {
+        return Some(name.to_string());
+    }
+    match item_type(tool) {
+        Some("mcp") => tool
+            .get("server_label")
+            .and_then(Value::as_str)
+            .map(|l| format!("mcp:{l}")),
+        Some("mcp_toolset") => tool
+            .get("mcp_server_name")
+            .and_then(Value::as_str)
+            .map(|l| format!("mcp:{l}")),
+        ty => tool
+            .get("name")
+            .and_then(Value::as_str)
+            .or(ty)
+            .map(str::to_string),
+    }
+}
+
+/// Declared tool names of an OpenAI or Anthropic body. Hosted MCP servers appear as `mcp:<label>` and, when the
+/// declaration names it, `mcp:<server_url>` too, so a policy can match either.
+fn declared_tools(body: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for tool in each(body.get("tools")) {
+        if let Some(name) = tool_name(tool) {
+            push_unique(&mut out, name);
+        }
+        if let Some(url) = tool.get("server_url").and_then(Value::as_str) {
+            push_unique(&mut out, format!("mcp:{url}"));
+        }
+    }
+    // Legacy OpenAI `functions`.
+    for f in each(body.get("functions")) {
+        if let Some(name) = f.get("name").and_then(Value::as_str) {
+            push_unique(&mut out, name.to_string());
+        }
+    }
+    // Anthropic MCP connector: `mcp_servers: [{type: url, url, name}]`.
+    for server in each(body.get("mcp_servers")) {
+        if let Some(name) = server.get("name").and_then(Value::as_str) {
+            push_unique(&mut out, format!("mcp:{name}"));
+        }
+        if let Some(url) = server.get("url").and_then(Value::as_str) {
+            push_unique(&mut out, format!("mcp:{url}"));
+        }
+    }
+    out
+}
+
+/// Gemini: `tools[].functionDeclarations[].name`, and the key of each built-in tool (`googleSearch`, ...).
+fn gemini_tools(body: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for tool in each(body.get("tools")) {
+        let Some(obj) = tool.as_object() else {
+            continue;
+        };
+        for (key, value) in obj {
+            if key == "functionDeclarations" || key == "function_declarations" {
+                for decl in each(Some(value)) {
+                    if let Some(name) = decl.get("name").and_then(Value::as_str) {
+                        push_unique(&mut out, name.to_string());
+                    }
+                }
+            } else {
+                push_unique(&mut out, key.clone());
+            }
+        }
+    }
+    out
+}
+
+fn push_unique(out: &mut Vec<String>, name: String) {
+    if !out.contains(&name) {
+        out.push(name);
+    }
+}

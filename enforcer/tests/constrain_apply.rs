@@ -1,0 +1,708 @@
+//! CONSTRAIN rewrites on golden provider requests: redaction (JSON strings, text, query, headers), JSON set, remove
+//! and cap, header changes, dropping tools, and the refusal to touch opaque signed fields.
+
+use bytes::Bytes;
+use enforcer::constrain::{apply_with, ConstrainError, ConstrainOptions};
+use enforcer::model::{Change, PlannedRewrite, Rewrite};
+use enforcer::policy::detect::Detectors;
+use serde_json::{json, Value};
+
+/// The policy's built-in detectors, as `apply` uses them.
+fn detectors() -> Detectors {
+    Detectors::builtin()
+}
+
+const OPENAI_KEY: &str = "sk-proj-abcdefghijklmnopqrstuvwxyz012345";
+const AWS_KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+const GH_TOKEN: &str = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+
+fn fixture_body(name: &str) -> Value {
+    let path = format!(
+        "{}/../tests/fixtures/protocols/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["request"]["body"].clone()
+}
+
+fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+    let mut b = http::Request::builder().method("POST").uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+fn rw(rule: &str, rewrite: Rewrite) -> PlannedRewrite {
+    PlannedRewrite {
+        rule: rule.into(),
+        rewrite,
+    }
+}
+
+fn redact(names: &[&str]) -> PlannedRewrite {
+    rw(
+        "redact-secrets",
+        Rewrite::Redact {
+            detectors: names.iter().map(|s| s.to_string()).collect(),
+        },
+    )
+}
+
+struct Run {
+    result: Result<Vec<Change>, ConstrainError>,
+    parts: http::request::Parts,
+    body: Bytes,
+}
+
+fn run(rewrites: &[PlannedRewrite], mut parts: http::request::Parts, body: &Value) -> Run {
+    let mut body = Bytes::from(serde_json::to_vec(body).unwrap());
+    let result = apply_with(
+        rewrites,
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut parts,
+        &mut body,
+    );
+    Run {
+        result,
+        parts,
+        body,
+    }
+}
+
+fn json_of(b: &Bytes) -> Value {
+    serde_json::from_slice(b).unwrap()
+}
+
+fn change(path: &str, cause: &str) -> Change {
+    Change {
+        path: path.into(),
+        cause: cause.into(),
+    }
+}
+
+#[test]
+fn redacts_a_key_pasted_into_a_prompt_and_keeps_everything_else() {
+    let mut body = fixture_body("openai_chat");
+    body["messages"][1]["content"] =
+        json!(format!("Use my key {OPENAI_KEY} and \"quote\"\n— thanks"));
+    let p = parts(
+        "https://api.openai.com/v1/chat/completions",
+        &[
+            ("content-length", "1"),
+            ("content-encoding", "gzip"),
+            (
+                "authorization",
+                "Bearer sk-proj-abcdefghijklmnopqrstuvwxyz999",
+            ),
+        ],
+    );
+    let out = run(&[redact(&["openai-key", "aws-access-key"])], p, &body);
+    let changes = out.result.unwrap();
+    assert_eq!(
+        changes,
+        vec![change("$.messages[1].content", "redact:openai-key")]
+    );
+
+    let mut want = body.clone();
+    want["messages"][1]["content"] =
+        json!("Use my key [REDACTED:openai-key] and \"quote\"\n— thanks");
+    assert_eq!(json_of(&out.body), want);
+    // Unknown fields and key order are preserved: the output is the input re-serialised with one string changed.
+    assert_eq!(out.body, Bytes::from(serde_json::to_vec(&want).unwrap()));
+    assert_eq!(
+        out.parts.headers["content-length"],
+        out.body.len().to_string().as_str()
+    );
+    assert!(out.parts.headers.get("content-encoding").is_none());
+    // The provider credential header is left alone.
+    assert!(out.parts.headers["authorization"]
+        .to_str()
+        .unwrap()
+        .contains("sk-proj-"));
+}
+
+#[test]
+fn overlapping_and_multiple_detections_in_one_string() {
+    let text = format!("a {AWS_KEY} b me@example.com c {AWS_KEY}");
+    let body = json!({"messages": [{"role": "user", "content": text}], "n": 1});
+    let out = run(
+        &[redact(&["email", "aws-access-key"])],
+        parts("/x", &[]),
+        &body,
+    );
+    let mut changes = out.result.unwrap();
+    changes.sort_by(|a, b| a.cause.cmp(&b.cause));
+    assert_eq!(
+        changes,
+        vec![
+            change("$.messages[0].content", "redact:aws-access-key"),
+            change("$.messages[0].content", "redact:email"),
+        ]
+    );
+    assert_eq!(
+        json_of(&out.body)["messages"][0]["content"],
+        json!("a [REDACTED:aws-access-key] b [REDACTED:email] c [REDACTED:aws-access-key]")
+    );
+}
+
+#[test]
+fn redacts_mcp_tool_arguments_and_keys_order() {
+    let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "http_get", "arguments": {"url": format!("https://x.test/?t={GH_TOKEN}"), "headers": ["Authorization: token ", GH_TOKEN]}}});
+    let out = run(&[redact(&["github-token"])], parts("/mcp", &[]), &body);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("$.params.arguments.url", "redact:github-token"),
+            change("$.params.arguments.headers[1]", "redact:github-token"),
+        ]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(
+        got["params"]["arguments"]["headers"][1],
+        json!("[REDACTED:github-token]")
+    );
+    assert_eq!(got["id"], json!(3));
+}
+
+#[test]
+fn redacts_query_values_and_header_values() {
+    let uri = format!("https://api.example.test/search?q=key%3D{AWS_KEY}&page=2&flag");
+    let p = parts(
+        &uri,
+        &[
+            ("x-debug", &format!("token {GH_TOKEN}")),
+            ("x-other", "fine"),
+        ],
+    );
+    let mut body = Bytes::new();
+    let mut p2 = p;
+    let changes = apply_with(
+        &[redact(&["aws-access-key", "github-token"])],
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut p2,
+        &mut body,
+    )
+    .unwrap();
+    assert!(changes.contains(&change("query.q", "redact:aws-access-key")));
+    assert!(changes.contains(&change("header.x-debug", "redact:github-token")));
+    assert_eq!(
+        p2.uri.to_string(),
+        "https://api.example.test/search?q=key%3D%5BREDACTED%3Aaws-access-key%5D&page=2&flag"
+    );
+    assert_eq!(p2.headers["x-debug"], "token [REDACTED:github-token]");
+    assert_eq!(p2.headers["x-other"], "fine");
+    assert!(body.is_empty());
+}
+
+#[test]
+fn custom_marker() {
+    let body = json!({"prompt": format!("mail me@example.com")});
+    let mut p = parts("/", &[]);
+    let mut b = Bytes::from(body.to_string());
+    let options = ConstrainOptions {
+        marker: "<{detector} removed>".into(),
+        ..ConstrainOptions::default()
+    };
+    apply_with(
+        &[redact(&["email"])],
+        &detectors(),
+        &options,
+        &mut p,
+        &mut b,
+    )
+    .unwrap();
+    assert_eq!(json_of(&b)["prompt"], json!("mail <email removed>"));
+}
+
+#[test]
+fn text_bodies_are_redacted_as_text() {
+    let mut p = parts("/upload", &[("content-length", "10")]);
+    let mut b = Bytes::from(format!("line one\nkey={AWS_KEY}\n"));
+    let changes = apply_with(
+        &[redact(&["aws-access-key"])],
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut p,
+        &mut b,
+    )
+    .unwrap();
+    assert_eq!(changes, vec![change("body", "redact:aws-access-key")]);
+    assert_eq!(b, "line one\nkey=[REDACTED:aws-access-key]\n");
+    assert_eq!(p.headers["content-length"], b.len().to_string().as_str());
+}
+
+#[test]
+fn nothing_found_leaves_the_body_bytes_untouched() {
+    // Odd but valid spacing survives when nothing changes: the body is not re-serialised.
+    let raw = "{ \"a\" :  \"plain text\" }";
+    let mut p = parts("/", &[("content-length", "24"), ("content-encoding", "br")]);
+    let mut b = Bytes::from(raw);
+    let changes = apply_with(
+        &[redact(&["email"])],
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut p,
+        &mut b,
+    )
+    .unwrap();
+    assert!(changes.is_empty());
+    assert_eq!(b, raw);
+    assert_eq!(p.headers["content-length"], "24");
+}
+
+#[test]
+fn secrets_inside_signed_fields_block() {
+    // Anthropic thinking text is covered by its signature.
+    let mut body = fixture_body("anthropic_messages");
+    body["messages"][1]["content"][0]["thinking"] = json!(format!("the key is {AWS_KEY}"));
+    let original = body.clone();
+    let p = parts("/v1/messages", &[("content-length", "5")]);
+    let out = run(&[redact(&["aws-access-key"])], p, &body);
+    match out.result {
+        Err(ConstrainError::SignedField { path }) => {
+            assert_eq!(path, "$.messages[1].content[0].thinking")
+        }
+        other => panic!("expected SignedField, got {other:?}"),
+    }
+    // Nothing was modified.
+    assert_eq!(json_of(&out.body), original);
+    assert_eq!(out.parts.headers["content-length"], "5");
+
+    // OpenAI encrypted_content and Gemini parts with a thought signature.
+    let mut body = fixture_body("openai_responses");
+    body["input"][1]["encrypted_content"] = json!(format!("blob {OPENAI_KEY}"));
+    assert!(matches!(
+        run(&[redact(&["openai-key"])], parts("/", &[]), &body).result,
+        Err(ConstrainError::SignedField { path }) if path == "$.input[1].encrypted_content"
+    ));
+    let mut body = fixture_body("gemini_generate");
+    body["contents"][1]["parts"][0]["functionCall"]["args"]["note"] = json!("me@example.com");
+    assert!(matches!(
+        run(&[redact(&["email"])], parts("/", &[]), &body).result,
+        Err(ConstrainError::SignedField { .. })
+    ));
+}
+
+#[test]
+fn secrets_elsewhere_in_a_body_with_signed_fields_are_redacted_and_signatures_kept() {
+    let mut body = fixture_body("anthropic_messages");
+    body["messages"][2]["content"][0]["content"] = json!(format!("token {GH_TOKEN}"));
+    let out = run(&[redact(&["github-token"])], parts("/", &[]), &body);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![change(
+            "$.messages[2].content[0].content",
+            "redact:github-token"
+        )]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(got["messages"][1], body["messages"][1]);
+    assert_eq!(
+        got["messages"][1]["content"][0]["signature"],
+        json!("EqQBCkYIARgCIkBsignedopaque")
+    );
+}
+
+#[test]
+fn json_cap_set_remove() {
+    let body = fixture_body("openai_chat");
+    let rewrites = [
+        rw(
+            "cap",
+            Rewrite::JsonCap {
+                path: "$.max_tokens".into(),
+                max: 1024.0,
+            },
+        ),
+        rw(
+            "cap-missing",
+            Rewrite::JsonCap {
+                path: "$.max_completion_tokens".into(),
+                max: 10.0,
+            },
+        ),
+        rw(
+            "set",
+            Rewrite::JsonSet {
+                path: "$.user".into(),
+                value: json!("agent-7"),
+            },
+        ),
+        rw(
+            "set-nested",
+            Rewrite::JsonSet {
+                path: "$.stream_options.include_usage".into(),
+                value: json!(false),
+            },
+        ),
+        rw(
+            "remove",
+            Rewrite::JsonRemove {
+                path: "$.x_unknown_vendor_field".into(),
+            },
+        ),
+        rw(
+            "remove-missing",
+            Rewrite::JsonRemove {
+                path: "$.nope".into(),
+            },
+        ),
+    ];
+    let out = run(&rewrites, parts("/", &[("content-length", "1")]), &body);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("$.max_tokens", "json_cap"),
+            change("$.user", "json_set"),
+            change("$.stream_options.include_usage", "json_set"),
+            change("$.x_unknown_vendor_field", "json_remove"),
+        ]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(got["max_tokens"], json!(1024));
+    assert!(got["max_tokens"].is_u64() || got["max_tokens"].is_i64());
+    assert_eq!(got["user"], json!("agent-7"));
+    assert_eq!(got["stream_options"], json!({"include_usage": false}));
+    assert!(got.get("x_unknown_vendor_field").is_none());
+    assert_eq!(got["messages"], body["messages"]);
+    assert_eq!(
+        out.parts.headers["content-length"],
+        out.body.len().to_string().as_str()
+    );
+}
+
+#[test]
+fn json_cap_leaves_smaller_values_and_caps_wildcards() {
+    let body = json!({"items": [{"limit": 5}, {"limit": 500}, {"limit": "x"}, {"limit": 2.5}]});
+    let out = run(
+        &[rw(
+            "cap",
+            Rewrite::JsonCap {
+                path: "$.items[*].limit".into(),
+                max: 100.0,
+            },
+        )],
+        parts("/", &[]),
+        &body,
+    );
+    assert_eq!(
+        out.result.unwrap(),
+        vec![change("$.items[1].limit", "json_cap")]
+    );
+    assert_eq!(
+        json_of(&out.body),
+        json!({"items": [{"limit": 5}, {"limit": 100}, {"limit": "x"}, {"limit": 2.5}]})
+    );
+    let out = run(
+        &[rw(
+            "cap",
+            Rewrite::JsonCap {
+                path: "$.items[*].limit".into(),
+                max: 1.5,
+            },
+        )],
+        parts("/", &[]),
+        &body,
+    );
+    assert_eq!(out.result.unwrap().len(), 3);
+    assert_eq!(json_of(&out.body)["items"][3]["limit"], json!(1.5));
+}
+
+#[test]
+fn json_rewrites_touching_signed_fields_block() {
+    let body = fixture_body("anthropic_messages");
+    for (path, rewrite) in [
+        (
+            "$.messages[1].content[0]",
+            Rewrite::JsonRemove {
+                path: "$.messages[1].content[0].signature".into(),
+            },
+        ),
+        (
+            "$.messages[1].content[1]",
+            Rewrite::JsonSet {
+                path: "$.messages[1].content[1].data".into(),
+                value: json!("x"),
+            },
+        ),
+        (
+            "$.messages[1].content[0]",
+            Rewrite::JsonRemove {
+                path: "$.messages[1]".into(),
+            },
+        ),
+        (
+            "$.messages[1].content[0]",
+            Rewrite::JsonSet {
+                path: "$.messages[*].content[*].cache_control".into(),
+                value: json!({"type": "ephemeral"}),
+            },
+        ),
+    ] {
+        let out = run(&[rw("r", rewrite.clone())], parts("/", &[]), &body);
+        match out.result {
+            Err(ConstrainError::SignedField { path: got }) => assert_eq!(got, path, "{rewrite:?}"),
+            other => panic!("{rewrite:?}: expected SignedField, got {other:?}"),
+        }
+        assert_eq!(json_of(&out.body), body);
+    }
+    // Removing an earlier message moves the signed blocks but does not touch them.
+    let out = run(
+        &[rw(
+            "r",
+            Rewrite::JsonRemove {
+                path: "$.messages[0]".into(),
+            },
+        )],
+        parts("/", &[]),
+        &body,
+    );
+    assert_eq!(
+        out.result.unwrap(),
+        vec![change("$.messages[0]", "json_remove")]
+    );
+    assert_eq!(json_of(&out.body)["messages"][0], body["messages"][1]);
+}
+
+#[test]
+fn header_set_and_remove() {
+    let p = parts("/", &[("x-trace", "1"), ("user-agent", "agent/1")]);
+    let rewrites = [
+        rw(
+            "h1",
+            Rewrite::HeaderSet {
+                name: "X-Enforcer".into(),
+                value: "constrained".into(),
+            },
+        ),
+        rw(
+            "h2",
+            Rewrite::HeaderRemove {
+                name: "X-Trace".into(),
+            },
+        ),
+        rw(
+            "h3",
+            Rewrite::HeaderRemove {
+                name: "x-absent".into(),
+            },
+        ),
+    ];
+    let out = run(&rewrites, p, &json!({}));
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("header.x-enforcer", "header_set"),
+            change("header.x-trace", "header_remove")
+        ]
+    );
+    assert_eq!(out.parts.headers["x-enforcer"], "constrained");
+    assert!(out.parts.headers.get("x-trace").is_none());
+    assert_eq!(out.body, "{}");
+
+    let out = run(
+        &[rw(
+            "bad",
+            Rewrite::HeaderSet {
+                name: "bad name".into(),
+                value: "v".into(),
+            },
+        )],
+        parts("/", &[]),
+        &json!({}),
+    );
+    assert!(matches!(out.result, Err(ConstrainError::BadHeader { rule }) if rule == "bad"));
+}
+
+fn drop_tools(globs: &[&str]) -> PlannedRewrite {
+    rw(
+        "no-delete-tools",
+        Rewrite::DropTools {
+            globs: globs.iter().map(|g| g.to_string()).collect(),
+        },
+    )
+}
+
+#[test]
+fn drop_tools_openai_chat() {
+    let body = fixture_body("openai_chat");
+    let out = run(&[drop_tools(&["delete_*"])], parts("/", &[]), &body);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![change("$.tools[1]", "drop_tools")]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(got["tools"], json!([body["tools"][0]]));
+    assert_eq!(got["tool_choice"], json!("auto"));
+    // Dropping every tool removes the declaration array and what only makes sense with tools.
+    let out = run(&[drop_tools(&["*"])], parts("/", &[]), &body);
+    assert_eq!(out.result.unwrap().len(), 5);
+    let got = json_of(&out.body);
+    for key in ["tools", "tool_choice", "parallel_tool_calls"] {
+        assert!(got.get(key).is_none(), "{key}");
+    }
+    assert_eq!(got["messages"], body["messages"]);
+}
+
+#[test]
+fn drop_tools_openai_responses_hosted_mcp_by_url() {
+    let body = fixture_body("openai_responses");
+    let out = run(
+        &[drop_tools(&["mcp:https://mcp.deepwiki.com/*"])],
+        parts("/", &[]),
+        &body,
+    );
+    assert_eq!(
+        out.result.unwrap(),
+        vec![change("$.tools[2]", "drop_tools")]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(got["tools"].as_array().unwrap().len(), 2);
+    // The reasoning item's encrypted_content is untouched.
+    assert_eq!(got["input"][1], body["input"][1]);
+}
+
+#[test]
+fn drop_tools_anthropic_with_forced_choice() {
+    let mut body = fixture_body("anthropic_messages");
+    body["tool_choice"] = json!({"type": "tool", "name": "delete_file"});
+    let out = run(
+        &[drop_tools(&["delete_*", "mcp:example"])],
+        parts("/", &[]),
+        &body,
+    );
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("$.tools[1]", "drop_tools"),
+            change("$.mcp_servers[0]", "drop_tools"),
+            change("$.mcp_servers", "drop_tools"),
+            change("$.tool_choice", "drop_tools"),
+        ]
+    );
+    let got = json_of(&out.body);
+    let names: Vec<&str> = got["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["read_file", "web_search"]);
+    assert_eq!(got["messages"], body["messages"]);
+}
+
+#[test]
+fn drop_tools_gemini_declarations() {
+    let body = fixture_body("gemini_generate");
+    let out = run(&[drop_tools(&["delete_*"])], parts("/", &[]), &body);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("$.tools[0].functionDeclarations[1]", "drop_tools"),
+            change(
+                "$.toolConfig.functionCallingConfig.allowedFunctionNames",
+                "drop_tools"
+            ),
+        ]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(
+        got["tools"][0]["functionDeclarations"],
+        json!([{"name": "set_light", "parameters": {"type": "object"}}])
+    );
+    assert_eq!(
+        got["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"],
+        json!(["set_light"])
+    );
+    assert_eq!(got["contents"], body["contents"]);
+    // Nothing matching: body bytes unchanged.
+    let out = run(&[drop_tools(&["nothing_*"])], parts("/", &[]), &body);
+    assert!(out.result.unwrap().is_empty());
+    assert_eq!(out.body, Bytes::from(serde_json::to_vec(&body).unwrap()));
+}
+
+#[test]
+fn errors_for_non_json_bodies_unknown_detectors_and_bad_paths() {
+    let mut p = parts("/", &[]);
+    let mut b = Bytes::from_static(b"not json");
+    let r = apply_with(
+        &[rw(
+            "s",
+            Rewrite::JsonSet {
+                path: "$.a".into(),
+                value: json!(1),
+            },
+        )],
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut p,
+        &mut b,
+    );
+    assert!(matches!(r, Err(ConstrainError::NotJson { rule }) if rule == "s"));
+    // An empty body has nothing to remove, cap or drop.
+    let mut b = Bytes::new();
+    let r = apply_with(
+        &[
+            rw("r", Rewrite::JsonRemove { path: "$.a".into() }),
+            rw(
+                "c",
+                Rewrite::JsonCap {
+                    path: "$.a".into(),
+                    max: 1.0,
+                },
+            ),
+            drop_tools(&["*"]),
+        ],
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut p,
+        &mut b,
+    );
+    assert_eq!(r.unwrap(), vec![]);
+    let out = run(
+        &[redact(&["no-such-detector"])],
+        parts("/", &[]),
+        &json!({}),
+    );
+    assert!(
+        matches!(out.result, Err(ConstrainError::UnknownDetector { detector, .. }) if detector == "no-such-detector")
+    );
+    let out = run(
+        &[rw(
+            "p",
+            Rewrite::JsonRemove {
+                path: "messages[0]".into(),
+            },
+        )],
+        parts("/", &[]),
+        &json!({}),
+    );
+    assert!(matches!(out.result, Err(ConstrainError::BadPath { rule }) if rule == "p"));
+}
+
+#[test]
+fn changes_never_carry_values() {
+    let body = json!({"a": format!("{OPENAI_KEY} {AWS_KEY} me@example.com {GH_TOKEN}")});
+    let uri = format!("/?k={AWS_KEY}");
+    let out = run(
+        &[redact(&[
+            "openai-key",
+            "aws-access-key",
+            "email",
+            "github-token",
+        ])],
+        parts(&uri, &[("x-k", OPENAI_KEY)]),
+        &body,
+    );
+    let changes = out.result.unwrap();
+    assert_eq!(changes.len(), 6);
+    let text = serde_json::to_string(&changes).unwrap();
+    for secret in [OPENAI_KEY, AWS_KEY, "me@example.com", GH_TOKEN] {
+        assert!(!text.contains(secret));
+        assert!(!String::from_utf8_lossy(&out.body).contains(secret));
+    }
+}

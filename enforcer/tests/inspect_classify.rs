@@ -1,0 +1,328 @@
+//! Protocol classification against golden requests per provider (tests/fixtures/protocols/*.json): what ends up in
+//! the `llm` and `mcp` parts of each Action, and which requests are refused or left as plain HTTP.
+
+use enforcer::inspect::{
+    classify, InspectConfig, InspectError, LlmApi, Protocol, Provider, ProviderOverride,
+};
+use enforcer::model::{Action, HttpRequest, LlmCall, McpCall, Pairs, Transport};
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/../tests/fixtures/protocols/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn pairs(v: Option<&Value>) -> Pairs {
+    v.map(|v| serde_json::from_value(v.clone()).unwrap())
+        .unwrap_or_default()
+}
+
+/// An Action as the proxy builds it: the body as text, `json` left for the classifier to parse when `parsed` is false.
+fn action_from(req: &Value, parsed: bool) -> Action {
+    let body = req["body"].to_string();
+    Action {
+        transport: Transport {
+            host: req["host"].as_str().map(str::to_string),
+            port: 443,
+            ..Transport::default()
+        },
+        http: Some(HttpRequest {
+            method: req["method"].as_str().unwrap().to_string(),
+            path: req["path"].as_str().unwrap().to_string(),
+            query: pairs(req.get("query")),
+            headers: pairs(req.get("headers")),
+            content_type: Some("application/json".into()),
+            body_size: body.len() as u64,
+            json: parsed.then(|| req["body"].clone()),
+            body,
+        }),
+        ..Action::default()
+    }
+}
+
+fn check_golden(name: &str) {
+    let fx = fixture(name);
+    for parsed in [true, false] {
+        let out = classify(
+            action_from(&fx["request"], parsed),
+            &InspectConfig::default(),
+        )
+        .unwrap();
+        let expect = &fx["expect"];
+        match expect["protocol"].as_str().unwrap() {
+            "llm" => {
+                assert!(
+                    matches!(out.protocol, Protocol::Llm { .. }),
+                    "{name}: {:?}",
+                    out.protocol
+                );
+                assert_eq!(out.actions.len(), 1);
+                let want: LlmCall = serde_json::from_value(expect["llm"].clone()).unwrap();
+                assert_eq!(out.actions[0].llm.as_ref(), Some(&want), "{name}");
+                assert!(out.actions[0].mcp.is_none());
+            }
+            "mcp" => {
+                let Protocol::Mcp { batch, messages } = &out.protocol else {
+                    panic!("{name}: {:?}", out.protocol);
+                };
+                assert_eq!(*batch, expect["batch"].as_bool().unwrap(), "{name}");
+                let ids: Vec<Value> = messages
+                    .iter()
+                    .map(|m| m.id.clone().unwrap_or(Value::Null))
+                    .collect();
+                assert_eq!(Value::from(ids), expect["ids"], "{name}");
+                let want: Vec<McpCall> = serde_json::from_value(expect["mcp"].clone()).unwrap();
+                let got: Vec<McpCall> =
+                    out.actions.iter().map(|a| a.mcp.clone().unwrap()).collect();
+                assert_eq!(got, want, "{name}");
+                for (m, a) in messages.iter().zip(&out.actions) {
+                    assert_eq!(a.mcp.as_ref().unwrap().method, m.method);
+                    assert!(a.llm.is_none());
+                }
+            }
+            other => panic!("unknown protocol {other}"),
+        }
+        // The classifier never loses the request: the parsed body is what the fixture sent.
+        for a in &out.actions {
+            assert_eq!(
+                a.http.as_ref().unwrap().json.as_ref(),
+                Some(&fx["request"]["body"])
+            );
+        }
+    }
+}
+
+#[test]
+fn openai_chat_completions() {
+    check_golden("openai_chat");
+}
+
+#[test]
+fn openai_responses_with_hosted_mcp() {
+    check_golden("openai_responses");
+}
+
+#[test]
+fn anthropic_messages_with_mcp_connector() {
+    check_golden("anthropic_messages");
+}
+
+#[test]
+fn gemini_stream_generate_content() {
+    check_golden("gemini_generate");
+}
+
+#[test]
+fn mcp_tools_call_keeps_session() {
+    check_golden("mcp_tools_call");
+}
+
+#[test]
+fn mcp_batch_every_element() {
+    check_golden("mcp_batch");
+}
+
+#[test]
+fn mcp_legacy_http_sse_post() {
+    check_golden("mcp_legacy_sse_post");
+}
+
+fn simple(host: &str, method: &str, path: &str, body: Value) -> Action {
+    action_from(
+        &json!({"host": host, "method": method, "path": path, "body": body}),
+        false,
+    )
+}
+
+#[test]
+fn gemini_generate_content_without_sse_is_not_streaming() {
+    let a = simple(
+        "generativelanguage.googleapis.com",
+        "POST",
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+        json!({"contents": [{"parts": [{"text": "hi"}]}]}),
+    );
+    let out = classify(a, &InspectConfig::default()).unwrap();
+    assert_eq!(
+        out.protocol,
+        Protocol::Llm {
+            provider: Provider::Gemini,
+            api: LlmApi::GenerateContent
+        }
+    );
+    let llm = out.actions[0].llm.clone().unwrap();
+    assert_eq!(llm.model.as_deref(), Some("gemini-2.0-flash"));
+    assert!(!llm.stream);
+    assert!(!llm.has_tool_results);
+}
+
+#[test]
+fn unparseable_json_on_llm_endpoint_is_an_error() {
+    let mut a = simple("api.anthropic.com", "POST", "/v1/messages", json!(null));
+    a.http.as_mut().unwrap().body = "{\"model\": \"claude\", ".into();
+    match classify(a, &InspectConfig::default()) {
+        Err(InspectError::BadJson { protocol }) => assert_eq!(protocol, "anthropic"),
+        other => panic!("expected BadJson, got {other:?}"),
+    }
+    let mut a = simple(
+        "api.openai.com",
+        "POST",
+        "/v1/chat/completions",
+        json!(null),
+    );
+    a.http.as_mut().unwrap().body = String::new();
+    assert!(matches!(
+        classify(a, &InspectConfig::default()),
+        Err(InspectError::BadJson { .. })
+    ));
+}
+
+#[test]
+fn other_paths_on_provider_hosts_are_provider_http() {
+    let a = simple("api.openai.com", "GET", "/v1/models", json!(null));
+    let out = classify(a, &InspectConfig::default()).unwrap();
+    assert_eq!(out.protocol, Protocol::Provider(Provider::OpenAi));
+    assert!(out.actions[0].llm.is_none());
+    // A GET to the messages path is not a call either.
+    let a = simple("api.anthropic.com", "GET", "/v1/messages", json!(null));
+    assert_eq!(
+        classify(a, &InspectConfig::default()).unwrap().protocol,
+        Protocol::Provider(Provider::Anthropic)
+    );
+}
+
+#[test]
+fn provider_paths_on_other_hosts_are_plain_http() {
+    let body = json!({"model": "gpt-4o", "messages": []});
+    let a = simple("llm.example.test", "POST", "/v1/chat/completions", body);
+    let out = classify(a, &InspectConfig::default()).unwrap();
+    assert_eq!(out.protocol, Protocol::Http);
+    assert!(out.actions[0].llm.is_none());
+}
+
+#[test]
+fn host_lists_and_overrides_recognise_test_servers() {
+    let body = json!({"model": "claude-x", "max_tokens": 5, "messages": [], "stream": true});
+    let cfg = InspectConfig {
+        provider_overrides: vec![ProviderOverride {
+            host: "10.77.0.2:8443".into(),
+            provider: Provider::Anthropic,
+        }],
+        ..InspectConfig::default()
+    };
+    let mut a = simple("10.77.0.2", "POST", "/v1/messages", body.clone());
+    a.transport.port = 8443;
+    let out = classify(a.clone(), &cfg).unwrap();
+    assert_eq!(
+        out.protocol,
+        Protocol::Llm {
+            provider: Provider::Anthropic,
+            api: LlmApi::Messages
+        }
+    );
+    assert!(out.actions[0].llm.as_ref().unwrap().stream);
+    // The override names a port: another port is not the test server.
+    a.transport.port = 443;
+    assert_eq!(classify(a, &cfg).unwrap().protocol, Protocol::Http);
+
+    // Host lists compare case-insensitively and ignore a trailing dot.
+    let cfg = InspectConfig {
+        openai_hosts: vec!["Fake-OpenAI.test".into()],
+        ..InspectConfig::default()
+    };
+    let a = simple(
+        "fake-openai.test.",
+        "POST",
+        "/v1/chat/completions",
+        json!({"model": "m"}),
+    );
+    assert!(matches!(
+        classify(a, &cfg).unwrap().protocol,
+        Protocol::Llm {
+            provider: Provider::OpenAi,
+            ..
+        }
+    ));
+    // With the list replaced, the public host is no longer OpenAI.
+    let a = simple(
+        "api.openai.com",
+        "POST",
+        "/v1/chat/completions",
+        json!({"model": "m"}),
+    );
+    assert_eq!(classify(a, &cfg).unwrap().protocol, Protocol::Http);
+}
+
+#[test]
+fn host_header_is_used_when_transport_has_none() {
+    let mut a = simple("x", "POST", "/v1/messages", json!({"model": "claude"}));
+    a.transport.host = None;
+    a.http.as_mut().unwrap().headers = Pairs(vec![("host".into(), "api.anthropic.com:443".into())]);
+    let out = classify(a, &InspectConfig::default()).unwrap();
+    assert!(matches!(
+        out.protocol,
+        Protocol::Llm {
+            provider: Provider::Anthropic,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn json_that_is_not_json_rpc_is_plain_http() {
+    for body in [
+        json!({"jsonrpc": "1.0", "method": "x"}),
+        json!({"method": "tools/call"}),
+        json!([]),
+        json!([1, 2]),
+    ] {
+        let a = simple("mcp.test", "POST", "/mcp", body);
+        assert_eq!(
+            classify(a, &InspectConfig::default()).unwrap().protocol,
+            Protocol::Http
+        );
+    }
+    // JSON-RPC shape on GET is not an MCP message (a GET opens the SSE stream).
+    let a = simple(
+        "mcp.test",
+        "GET",
+        "/mcp",
+        json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+    );
+    assert_eq!(
+        classify(a, &InspectConfig::default()).unwrap().protocol,
+        Protocol::Http
+    );
+}
+
+#[test]
+fn mcp_on_a_provider_host_is_still_mcp() {
+    let a = simple(
+        "api.openai.com",
+        "POST",
+        "/mcp",
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    );
+    let out = classify(a, &InspectConfig::default()).unwrap();
+    assert!(matches!(out.protocol, Protocol::Mcp { batch: false, .. }));
+    assert_eq!(out.actions[0].mcp.as_ref().unwrap().method, "tools/list");
+}
+
+#[test]
+fn config_deserialises_with_defaults() {
+    let cfg: InspectConfig = serde_json::from_value(json!({
+        "provider_overrides": [{"host": "127.0.0.1:9000", "provider": "openai"}]
+    }))
+    .unwrap();
+    assert_eq!(cfg.anthropic_hosts, vec!["api.anthropic.com".to_string()]);
+    assert_eq!(cfg.provider_for("127.0.0.1", 9000), Some(Provider::OpenAi));
+    assert_eq!(cfg.provider_for("127.0.0.1", 9001), None);
+    assert_eq!(
+        cfg.provider_for("GENERATIVELANGUAGE.googleapis.com", 443),
+        Some(Provider::Gemini)
+    );
+}

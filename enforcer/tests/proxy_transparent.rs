@@ -438,3 +438,26 @@ async fn requests_on_one_client_connection_share_one_upstream_connection() {
         "one record per request"
     );
 }
+
+#[tokio::test]
+async fn tls_client_offering_only_unknown_alpn_is_refused_and_audited() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let tcp = w.proxy.connect_as(up).await;
+    let result = tokio_rustls::TlsConnector::from(w.proxy.client_tls(&[b"acme-tls/1"]))
+        .connect(
+            rustls::pki_types::ServerName::try_from("allowed.test").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(
+        result.is_err(),
+        "no handshake without an inspectable protocol"
+    );
+    assert_eq!(seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0]).0, "blocked");
+    assert_eq!(records[0]["request"]["host"], "allowed.test");
+    assert_eq!(records[0]["outcome"]["error"], "bad_request");
+}

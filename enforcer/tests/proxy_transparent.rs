@@ -56,7 +56,7 @@ async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
     assert_eq!(status, 200, "{body}");
     assert!(
         body.starts_with(
-            "upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 body={\"a\":1}"
+            "upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 tag=- body={\"a\":1}"
         ),
         "{body}"
     );
@@ -77,6 +77,7 @@ async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
         !r.to_string().contains("hunter2"),
         "the query must not reach the audit trail"
     );
+    assert_eq!(w.proxy.close_and_verify().await, 1);
 }
 
 #[tokio::test]
@@ -130,7 +131,8 @@ async fn blocked_request_gets_403_json_and_never_reaches_the_upstream() {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"]["rule"].as_str(), rule);
         if rule.is_some() {
-            assert_eq!(v["error"]["message"], "blocked.test is off limits");
+            let message = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("blocked.test is off limits"), "{v}");
         }
     }
     assert_eq!(seen.count(), 0);
@@ -140,6 +142,7 @@ async fn blocked_request_gets_403_json_and_never_reaches_the_upstream() {
         assert_eq!(outcome(r), ("blocked", Some(403)));
         assert_eq!(r["decision"]["verdict"], "block");
     }
+    assert_eq!(w.proxy.close_and_verify().await, 2);
 }
 
 #[tokio::test]
@@ -434,4 +437,27 @@ async fn requests_on_one_client_connection_share_one_upstream_connection() {
         6,
         "one record per request"
     );
+}
+
+#[tokio::test]
+async fn tls_client_offering_only_unknown_alpn_is_refused_and_audited() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let tcp = w.proxy.connect_as(up).await;
+    let result = tokio_rustls::TlsConnector::from(w.proxy.client_tls(&[b"acme-tls/1"]))
+        .connect(
+            rustls::pki_types::ServerName::try_from("allowed.test").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(
+        result.is_err(),
+        "no handshake without an inspectable protocol"
+    );
+    assert_eq!(seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0]).0, "blocked");
+    assert_eq!(records[0]["request"]["host"], "allowed.test");
+    assert_eq!(records[0]["outcome"]["error"], "bad_request");
 }

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,6 +28,11 @@ use crate::model::{
     RequestSummary, Scheme, Transport, Verdict,
 };
 use crate::policy::Policy;
+
+/// How long an HTTP/1.1 client may take to send a request head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// HTTP/2 pings to notice dead clients.
+const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The body type the proxy answers with: the upstream's streamed body or a small buffered one.
 pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -58,6 +63,14 @@ where
         async move { Ok::<_, Infallible>(handle_request(&ctx, &conn, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE);
     if h2 {
         builder = builder.http2_only();
     }
@@ -572,6 +585,8 @@ fn upstream_request(
         .map_or("/", |p| p.as_str())
         .to_string();
     strip_hop_by_hop(&mut parts.headers, is_upgrade);
+    // The body is already complete: the client had its 100 Continue from us, the upstream needs none.
+    parts.headers.remove(header::EXPECT);
     if body_changed {
         parts.headers.remove(header::CONTENT_ENCODING);
     }

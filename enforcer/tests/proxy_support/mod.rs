@@ -114,6 +114,12 @@ async fn upstream_handler(
         .map(|p| p.to_string())
         .unwrap_or_default();
     let is_upgrade = req.headers().contains_key("upgrade");
+    let tag = req
+        .headers()
+        .get("x-tag")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
     let (mut parts, body) = req.into_parts();
     if is_upgrade {
         let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -166,7 +172,7 @@ async fn upstream_handler(
             .unwrap());
     }
     let text = format!(
-        "upstream {version} host={host} path={path} body={}",
+        "upstream {version} host={host} path={path} tag={tag} body={}",
         String::from_utf8_lossy(&body)
     );
     Ok(Response::new(Full::new(Bytes::from(text)).boxed()))
@@ -389,6 +395,14 @@ impl Proxy {
             .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
             .await
             .unwrap()
+    }
+
+    /// Close the trail (final checkpoint) and check its chain and signatures; returns the number of records.
+    pub async fn close_and_verify(&self) -> u64 {
+        self.audit.close().await.unwrap();
+        let report = enforcer::audit::verify(&self.audit_dir, None).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        report.records
     }
 
     /// Every audit record written so far (JSON objects, one per line, across the trail's files).

@@ -20,6 +20,8 @@ pub const MAP_SOCKETS: &str = "SOCKETS";
 pub const MAP_ORIGINS: &str = "ORIGINS";
 /// Global patched by the loader: the proxy port connects are redirected to.
 pub const GLOBAL_PROXY_PORT: &str = "PROXY_PORT";
+/// Global patched by the loader: the daemon's process id (its connects are never redirected).
+pub const GLOBAL_DAEMON_TGID: &str = "DAEMON_TGID";
 
 /// Value of the `TAGGED` map (key: cgroup id, `u64`): the profile the cgroup and all its descendants belong to.
 #[repr(C)]

@@ -8,7 +8,8 @@
 //! - `rekey_established` (sock_ops): when a redirected socket is established, move its entry to `ORIGINS` keyed by its local port, which
 //!   is what the proxy sees as its peer.
 //!
-//! No policy here: only "is this cgroup tagged" and "is this the proxy itself".
+//! No policy here: only "is this cgroup tagged", "is this the proxy itself" and "is this the daemon" (its
+//! upstream connects are never redirected, whatever cgroup it runs in).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -43,6 +44,10 @@ mod programs {
     #[no_mangle]
     static PROXY_PORT: u16 = 15001;
 
+    /// Patched by the loader: the daemon's own process id, whose (upstream) connects are never redirected.
+    #[no_mangle]
+    static DAEMON_TGID: u32 = 0;
+
     #[map(name = "TAGGED")]
     static TAGGED: HashMap<u64, Tag> = HashMap::with_max_entries(4096, 0);
 
@@ -56,6 +61,13 @@ mod programs {
     fn proxy_port() -> u16 {
         // SAFETY: a read-only global patched before load; volatile so the compiler keeps the load.
         unsafe { core::ptr::read_volatile(&PROXY_PORT) }
+    }
+
+    #[inline(always)]
+    fn is_daemon() -> bool {
+        // SAFETY: a read-only global patched before load; volatile so the compiler keeps the load.
+        let daemon = unsafe { core::ptr::read_volatile(&DAEMON_TGID) };
+        (bpf_get_current_pid_tgid() >> 32) as u32 == daemon
     }
 
     /// The id of the deepest tagged cgroup on the current task's path from the root, 0 if none.
@@ -136,7 +148,7 @@ mod programs {
             return ALLOW;
         }
         let loopback = ip4.to_ne_bytes()[0] == 127;
-        if loopback && port == proxy_port() {
+        if (loopback && port == proxy_port()) || is_daemon() {
             return ALLOW;
         }
         let Some(tag) = current_tag() else {
@@ -198,7 +210,7 @@ mod programs {
         let v6_loopback =
             ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]);
         let loopback = v6_loopback || (v4_mapped && ip6[3].to_ne_bytes()[0] == 127);
-        if loopback && port == proxy_port() {
+        if (loopback && port == proxy_port()) || is_daemon() {
             return ALLOW;
         }
         let Some(tag) = current_tag() else {

@@ -40,6 +40,8 @@ pub struct Config {
     pub capture: CaptureSettings,
     pub proxy: ProxyConfig,
     pub audit: AuditSettings,
+    /// How LLM providers are recognised (host lists, per-host overrides for self-hosted or test endpoints).
+    pub inspect: crate::inspect::InspectConfig,
     /// Profiles and the cgroups (paths relative to `cgroup_root`) that belong to each. `enforcer exec` also creates
     /// cgroups under `<cgroup_root>/enforcer/<profile>/`, which the daemon tags for every profile listed here.
     pub profiles: BTreeMap<String, ProfileConfig>,
@@ -113,6 +115,7 @@ impl Default for Config {
             capture: CaptureSettings::default(),
             proxy: ProxyConfig::default(),
             audit: AuditSettings::default(),
+            inspect: crate::inspect::InspectConfig::default(),
             profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
         }
     }

@@ -47,6 +47,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -113,7 +114,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ca: Arc::new(ca),
         upstream,
         origins,
-        inspect: Default::default(),
+        inspect: config.inspect.clone(),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

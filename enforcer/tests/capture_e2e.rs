@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use enforcer::capture::{Capture, CaptureConfig, TagTable};
@@ -88,6 +89,57 @@ fn root_or_skip() -> bool {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Everything logged through `tracing` by this test binary (the kernel programs' aya-log records included).
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("enforcer=debug")
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .init();
+        buf
+    })
+    .clone()
+}
+
+/// Wait until the log contains `needle`.
+fn logged(needle: &str) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        let text = String::from_utf8_lossy(
+            &logs()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned();
+        if text.contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// One test's world: its cgroup tree, pin dir, proxy listeners and the attached capture. Dropping cleans all up.
 struct Harness {
     runtime: tokio::runtime::Runtime,
@@ -103,6 +155,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        logs();
         let name = format!(
             "enforcer-test-{}-{}",
             std::process::id(),
@@ -256,7 +309,13 @@ fn answer(mut stream: TcpStream) {
 }
 
 /// A tagged client connecting to `host:port` lands on the proxy, and the lookup returns what it really dialled.
-fn assert_redirected(h: &Harness, cgroup: &Path, host: &str, port: u16, expect_dst: SocketAddr) {
+fn assert_redirected(
+    h: &Harness,
+    cgroup: &Path,
+    host: &str,
+    port: u16,
+    expect_dst: SocketAddr,
+) -> u32 {
     let child = python(
         CLIENT,
         &[cgroup.to_str().expect("utf-8"), host, &port.to_string()],
@@ -297,6 +356,7 @@ fn assert_redirected(h: &Harness, cgroup: &Path, host: &str, port: u16, expect_d
     assert_eq!(h.capture().origins().lookup(peer), None);
     answer(stream);
     finish(child);
+    pid
 }
 
 #[test]
@@ -308,10 +368,19 @@ fn tagged_connects_are_redirected_with_their_origin() {
     // A nested cgroup inherits the profile of its tagged ancestor.
     let client = h.child_cgroup("enforcer/agents/client");
     let ip2: IpAddr = "127.0.0.2".parse().expect("ip");
-    assert_redirected(&h, &client, "127.0.0.2", 9, SocketAddr::new(ip2, 9));
+    let pid4 = assert_redirected(&h, &client, "127.0.0.2", 9, SocketAddr::new(ip2, 9));
     // IPv4-mapped IPv6 is reported as the IPv4 address it names.
-    assert_redirected(&h, &client, "::ffff:127.0.0.2", 9, SocketAddr::new(ip2, 9));
+    let pid6 = assert_redirected(&h, &client, "::ffff:127.0.0.2", 9, SocketAddr::new(ip2, 9));
     assert_redirected(&h, &client, "::1", 9, "[::1]:9".parse().expect("addr"));
+    // The kernel programs' aya-log records reach the daemon's tracing log.
+    assert!(
+        logged(&format!("connect4 redirected: pid {pid4} port 9")),
+        "kernel log (v4) not forwarded"
+    );
+    assert!(
+        logged(&format!("connect6 redirected: pid {pid6} port 9")),
+        "kernel log (v6) not forwarded"
+    );
     assert_redirected(
         &h,
         &h.profile_cgroup(),
@@ -448,6 +517,7 @@ fn quic_from_tagged_cgroups_is_refused() {
     let h = Harness::new();
     let tagged = finish(python(UDP, &[h.profile_cgroup().to_str().expect("utf-8")]));
     assert_eq!(tagged.trim(), "eperm eperm eperm eperm");
+    assert!(logged("refused udp sendmsg to port 443"));
     let plain = finish(python(
         UDP,
         &[h.child_cgroup("plain").to_str().expect("utf-8")],
@@ -602,6 +672,32 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
         .0,
         Some(128 + 15)
     );
+
+    // SIGTERM to exec reaches the command (which reports it), and exec still cleans up.
+    let ready = state.path().join("ready");
+    let mut term = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args([
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; touch \"$0\"; while :; do sleep 0.05; done",
+        ])
+        .arg(&ready)
+        .spawn()
+        .expect("enforcer exec runs");
+    let exec_cgroup = h.profile_cgroup().join(format!("exec-{}", term.id()));
+    let deadline = Instant::now() + TIMEOUT;
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(exec_cgroup.is_dir(), "command runs in its exec cgroup");
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(term.id() as i32, libc::SIGTERM);
+    }
+    assert_eq!(term.wait().expect("wait").code(), Some(42));
+    assert!(!exec_cgroup.exists(), "exec cgroup removed after SIGTERM");
 
     // A profile the daemon does not tag is refused, clearly (here: the default profile, not configured).
     let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--", "true"]);

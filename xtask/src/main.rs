@@ -1,4 +1,126 @@
 //! Developer workflows that are not a plain cargo command: installing prerequisites, running the demo, the test
 //! suite (including the privileged end-to-end tests) and benchmarks.
+//!
+//! `cargo xtask setup` installs what building the eBPF object needs (Debian `llvm-22-dev`, `bpf-linker` 0.13 built
+//! against LLVM 22, `rust-src`) plus the tools the end-to-end tests and the demo use, skipping every step that is
+//! already satisfied. `cargo xtask test` and `cargo xtask demo` run it first, so on a fresh machine they are the only
+//! commands a user types. This crate must not depend on `enforcer`: it installs what the enforcer's build needs.
 
-fn main() {}
+mod demo;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "Workflows for the agent egress enforcer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the build and test prerequisites (idempotent).
+    Setup,
+    /// Set up, build, then run the whole test suite (unit, integration, privileged end-to-end) and the benchmarks.
+    Test {
+        /// Skip the benchmarks.
+        #[arg(long)]
+        no_bench: bool,
+    },
+    /// Set up, build, then run the daemon on the default policy and enforce a demo agent against a netns host.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { no_bench } => test(no_bench),
+        Cmd::Demo => setup::run()
+            .and_then(|()| build())
+            .and_then(|()| demo::run()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub(crate) fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// The cargo that runs us (so a toolchain chosen by rustup applies to the nested builds too).
+pub(crate) fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Run a command to completion, failing unless it exits 0.
+pub(crate) fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed: {status}", cmd.get_program());
+    }
+    Ok(())
+}
+
+/// The directory cargo builds into (honours `CARGO_TARGET_DIR`).
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn build() -> anyhow::Result<()> {
+    run_checked(cargo().arg("build"))
+}
+
+fn test(no_bench: bool) -> anyhow::Result<()> {
+    setup::run()?;
+    build()?;
+    // Unit, integration and the privileged end-to-end tests (tests/e2e, run as the `e2e` test of `enforcer`).
+    // Every failure is fatal; `test result:` lines are cargo's own.
+    run_checked(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    if no_bench {
+        return Ok(());
+    }
+    if has_benches()? {
+        // Short mode: benches read ENFORCER_BENCH_SHORT and keep each measurement to a few seconds.
+        run_checked(
+            cargo()
+                .args(["bench", "-p", "enforcer"])
+                .env("ENFORCER_BENCH_SHORT", "1"),
+        )?;
+    } else {
+        eprintln!("xtask: no [[bench]] targets in enforcer yet; skipping benchmarks");
+    }
+    Ok(())
+}
+
+/// Whether the enforcer package declares any benchmark (explicitly or by the `benches/` convention).
+fn has_benches() -> anyhow::Result<bool> {
+    let root = workspace_root();
+    let manifest = std::fs::read_to_string(root.join("enforcer/Cargo.toml"))
+        .context("reading enforcer/Cargo.toml")?;
+    let benches_dir = root.join("enforcer/benches");
+    let has_dir = std::fs::read_dir(&benches_dir)
+        .map(|mut it| it.next().is_some())
+        .unwrap_or(false);
+    Ok(manifest.contains("[[bench]]") || has_dir)
+}

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -192,15 +193,55 @@ fn run_in_cgroup(
             }
         });
     }
+    install_signal_forwarding();
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", program.to_string_lossy()))?;
     drop(procs);
-    // Like a shell waiting for its job: terminal signals go to the command, not to us, so we can clean up.
-    // SAFETY: setting dispositions to SIG_IGN has no preconditions.
+    forward_signals_to(child.id());
+    Ok(child.wait()?)
+}
+
+/// The command's pid, for the signal handler (0 until it is spawned).
+static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+/// A SIGTERM/SIGHUP that arrived before the command was spawned.
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let pid = CHILD_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    } else {
+        PENDING_SIGNAL.store(signal, Ordering::SeqCst);
+    }
+}
+
+/// SIGTERM and SIGHUP sent to us are passed on to the command (handlers are reset by exec, so the command starts
+/// with default dispositions), and we live to remove the cgroup.
+fn install_signal_forwarding() {
+    let handler = forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only touches atomics and calls kill(2).
+    unsafe {
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGHUP, handler);
+    }
+}
+
+/// Like a shell waiting for its job: terminal signals (sent to the whole process group) reach the command on their
+/// own, so from now on we ignore them; a signal that arrived while spawning is delivered now.
+fn forward_signals_to(pid: u32) {
+    let pid = i32::try_from(pid).unwrap_or(0);
+    CHILD_PID.store(pid, Ordering::SeqCst);
+    // SAFETY: SIG_IGN has no preconditions; kill(2) on our own child.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        let pending = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
+        if pending != 0 && pid > 0 {
+            libc::kill(pid, pending);
+        }
     }
-    Ok(child.wait()?)
 }

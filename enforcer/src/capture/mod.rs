@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::HashMap;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use enforcer_common::{GLOBAL_PROXY_PORT, MAP_ORIGINS, MAP_TAGGED};
+use enforcer_common::{GLOBAL_DAEMON_TGID, GLOBAL_PROXY_PORT, MAP_ORIGINS, MAP_TAGGED};
 
 pub use cli::{cgroup_command, exec, CgroupCommand, ExecArgs};
 pub use origins::{cgroup_path, BpfOrigins};
@@ -91,6 +91,24 @@ pub struct CaptureConfig {
     pub profiles: Vec<(String, Vec<PathBuf>)>,
 }
 
+impl CaptureConfig {
+    /// The daemon's capture settings from its configuration file: programs attach to `config.attach_cgroup()`, and
+    /// every configured profile gets its `<attach>/enforcer/<profile>` cgroup plus the cgroups the config names.
+    pub fn from_config(config: &crate::config::Config) -> CaptureConfig {
+        CaptureConfig {
+            cgroup_root: config.cgroup_root.clone(),
+            attach_cgroup: config.attach_cgroup(),
+            pin_dir: config.capture.pin_dir.clone(),
+            proxy_port: config.proxy.port,
+            profiles: config
+                .profiles
+                .iter()
+                .map(|(name, profile)| (name.clone(), profile.cgroups.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// The loaded and attached capture. Dropping it detaches everything too; [`Capture::shutdown`] reports errors.
 pub struct Capture {
     ebpf: Option<Ebpf>,
@@ -105,9 +123,9 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Load the programs with the proxy port patched in, attach them to `attach_cgroup`, pin `TAGGED`, tag
-    /// `<attach_cgroup>/enforcer/<profile>` (created) and the configured cgroups of every profile, and forward kernel
-    /// logs to `tracing` (debug level). Must be called inside a tokio runtime.
+    /// Load the programs with the proxy port and this process's id (never redirected) patched in, attach them to
+    /// `attach_cgroup`, pin `TAGGED`, tag `<attach_cgroup>/enforcer/<profile>` (created) and the configured cgroups
+    /// of every profile, and forward kernel logs to `tracing` (debug level). Must be called inside a tokio runtime.
     pub fn start(cfg: &CaptureConfig) -> Result<Capture, CaptureError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| CaptureError::NoRuntime(std::io::Error::other(e)))?;
@@ -124,8 +142,10 @@ impl Capture {
             })?;
         }
 
+        let daemon_tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_PROXY_PORT, &cfg.proxy_port, true)
+            .override_global(GLOBAL_DAEMON_TGID, &daemon_tgid, true)
             .load(EBPF_OBJECT)?;
         let log_task = start_log_forwarding(&mut ebpf, &runtime)?;
 

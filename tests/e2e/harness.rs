@@ -1,0 +1,684 @@
+//! The privileged end-to-end harness: a network-namespace upstream host serving HTTPS (test CA), plain HTTP, HTTPS
+//! with an untrusted certificate and TCP echoes; a test CA minted with rcgen; the real `enforcer run` attached at the
+//! harness's own cgroup; and clients (real curl) run tagged through `enforcer exec` or untagged.
+//!
+//! [`Env`] owns every resource it creates and its `Drop` always releases them — daemon and server processes, the
+//! netns and veth pair, the cgroup tree (bottom-up, after killing leftovers), the bpffs pin dir — so cleanup runs on
+//! test failure and panic too. Resources left behind by a harness that was killed are swept at the next start.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The name the upstream's trusted certificate is minted for.
+pub const API_HOST: &str = "api.e2e.test";
+/// The name the upstream's untrusted certificate is minted for.
+pub const BAD_HOST: &str = "bad.e2e.test";
+/// The profile the tests tag their clients with.
+pub const PROFILE: &str = "e2e";
+pub const ECHO_ALLOWED: u16 = 7000;
+pub const ECHO_BLOCKED: u16 = 7001;
+pub const BAD_TLS_PORT: u16 = 8443;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const BPFFS: &str = "/sys/fs/bpf";
+const PREFIX: &str = "enforcer-e2e-";
+const NETNS_PREFIX: &str = "enf-e2e-";
+
+pub type Result<T> = std::result::Result<T, String>;
+
+/// The repository root (the enforcer crate's parent).
+pub fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+pub fn enforcer_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_enforcer"))
+}
+
+/// The running daemon.
+struct Daemon {
+    child: Child,
+}
+
+pub struct Env {
+    pub id: u32,
+    pub netns: String,
+    veth_host: String,
+    veth_ns: String,
+    /// The upstream's addresses inside the netns.
+    pub v4: String,
+    pub v6: String,
+    pub dir: tempfile::TempDir,
+    pub test_ca: PathBuf,
+    pub config: PathBuf,
+    pub audit_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub port: u16,
+    pub daemon_log: PathBuf,
+    pub upstream_log: PathBuf,
+    upstream: Option<Child>,
+    daemon: Option<Daemon>,
+    /// Why the daemon is not running, when it failed to start.
+    pub daemon_error: Option<String>,
+}
+
+/// What a curl run returned.
+#[derive(Debug)]
+pub struct Curl {
+    /// curl's exit code (0 ok, 60 certificate problem, 7 connection refused, …).
+    pub code: i32,
+    /// The HTTP status (`%{http_code}`), 0 when there was no response.
+    pub status: u16,
+    pub body: String,
+    pub stderr: String,
+}
+
+impl Env {
+    /// Build the whole environment. The upstream must come up; the daemon may fail (recorded in `daemon_error`) so
+    /// that tests which do not need it still run.
+    pub fn start() -> Result<Env> {
+        sweep_stale();
+        ensure_bpffs()?;
+        let id = std::process::id();
+        let n = pick_subnet()?;
+        let dir = tempfile::Builder::new()
+            .prefix("enforcer-e2e-")
+            .tempdir()
+            .map_err(|e| format!("tempdir: {e}"))?;
+        let root = dir.path().to_path_buf();
+        let mut env = Env {
+            id,
+            netns: format!("{NETNS_PREFIX}{id}"),
+            veth_host: format!("enfh{id}"),
+            veth_ns: format!("enfn{id}"),
+            v4: format!("10.77.{n}.2"),
+            v6: format!("fd77:{n}::2"),
+            dir,
+            test_ca: root.join("test-ca.pem"),
+            config: root.join("enforcer.yaml"),
+            audit_dir: root.join("state/audit"),
+            cgroup: Path::new(CGROUP_ROOT).join(format!("{PREFIX}{id}")),
+            pin_dir: Path::new(BPFFS).join(format!("{PREFIX}{id}")),
+            port: free_port()?,
+            daemon_log: root.join("daemon.log"),
+            upstream_log: root.join("upstream.log"),
+            upstream: None,
+            daemon: None,
+            daemon_error: None,
+        };
+        env.make_netns(n)?;
+        env.mint_certs()?;
+        env.start_upstream()?;
+        std::fs::create_dir_all(&env.cgroup)
+            .map_err(|e| format!("mkdir {}: {e}", env.cgroup.display()))?;
+        env.write_config()?;
+        if let Err(err) = env.start_daemon() {
+            env.daemon_error = Some(err);
+        }
+        Ok(env)
+    }
+
+    fn make_netns(&self, n: u8) -> Result<()> {
+        let (ns, vh, vn) = (&self.netns, &self.veth_host, &self.veth_ns);
+        ip(&["netns", "add", ns])?;
+        ip(&["link", "add", vh, "type", "veth", "peer", "name", vn])?;
+        ip(&["link", "set", vn, "netns", ns])?;
+        ip(&["addr", "add", &format!("10.77.{n}.1/24"), "dev", vh])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd77:{n}::1/64"),
+            "dev",
+            vh,
+            "nodad",
+        ])?;
+        ip(&["link", "set", vh, "up"])?;
+        let in_ns = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", ns, "ip"];
+            full.extend_from_slice(args);
+            ip(&full)
+        };
+        in_ns(&["link", "set", "lo", "up"])?;
+        in_ns(&["addr", "add", &format!("{}/24", self.v4), "dev", vn])?;
+        in_ns(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.v6),
+            "dev",
+            vn,
+            "nodad",
+        ])?;
+        in_ns(&["link", "set", vn, "up"])?;
+        Ok(())
+    }
+
+    /// The trusted test CA with a leaf for `api.e2e.test` (+ the upstream's IPs), and an untrusted CA with a leaf for
+    /// `bad.e2e.test`. Keys stay in the tempdir.
+    fn mint_certs(&self) -> Result<()> {
+        let root = self.dir.path();
+        let names = |host: &str| vec![host.to_string(), self.v4.clone(), self.v6.clone()];
+        let (ca_pem, leaf_pem, leaf_key) = mint("enforcer e2e test CA", names(API_HOST))?;
+        write(&self.test_ca, &ca_pem)?;
+        write(&root.join("upstream.pem"), &leaf_pem)?;
+        write(&root.join("upstream.key"), &leaf_key)?;
+        let (_, bad_pem, bad_key) = mint("untrusted CA", names(BAD_HOST))?;
+        write(&root.join("bad.pem"), &bad_pem)?;
+        write(&root.join("bad.key"), &bad_key)?;
+        Ok(())
+    }
+
+    fn start_upstream(&mut self) -> Result<()> {
+        let root = self.dir.path();
+        let script = repo_root().join("tests/e2e/upstream.py");
+        let log = std::fs::File::create(&self.upstream_log).map_err(|e| e.to_string())?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "python3"])
+            .arg(&script)
+            .arg("--cert")
+            .arg(root.join("upstream.pem"))
+            .arg("--key")
+            .arg(root.join("upstream.key"))
+            .arg("--bad-cert")
+            .arg(root.join("bad.pem"))
+            .arg("--bad-key")
+            .arg(root.join("bad.key"))
+            .args(["--bad-port", &BAD_TLS_PORT.to_string()])
+            .args(["--echo-port", &ECHO_ALLOWED.to_string()])
+            .args(["--echo-port", &ECHO_BLOCKED.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting upstream.py: {e}"))?;
+        let stdout = child.stdout.take();
+        self.upstream = Some(child);
+        let line = wait_for_line(stdout, "UPSTREAM READY", Duration::from_secs(20));
+        line.map(|_| ())
+            .map_err(|e| format!("upstream: {e}; log:\n{}", tail(&self.upstream_log)))
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let root = self.dir.path();
+        let policy = repo_root().join("tests/e2e/policy.yaml");
+        let yaml = format!(
+            "policy: {policy}\n\
+             state_dir: {state}\n\
+             cgroup_root: {CGROUP_ROOT}\n\
+             capture:\n  cgroup: {PREFIX}{id}\n  pin_dir: {pin}\n\
+             proxy:\n  port: {port}\n  extra_roots: [{ca}]\n\
+             profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
+            policy = policy.display(),
+            state = root.join("state").display(),
+            id = self.id,
+            pin = self.pin_dir.display(),
+            port = self.port,
+            ca = self.test_ca.display(),
+        );
+        write(&self.config, &yaml)
+    }
+
+    fn start_daemon(&mut self) -> Result<()> {
+        let log = std::fs::File::create(&self.daemon_log).map_err(|e| e.to_string())?;
+        let mut child = Command::new(enforcer_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,enforcer=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting enforcer run: {e}"))?;
+        let stdout = child.stdout.take();
+        self.daemon = Some(Daemon { child });
+        let want = format!("READY proxy_port={}", self.port);
+        match wait_for_line(stdout, "READY", Duration::from_secs(90)) {
+            Ok(line) if line.trim() == want => Ok(()),
+            Ok(line) => Err(format!("daemon said {line:?}, expected {want:?}")),
+            Err(e) => Err(format!(
+                "enforcer run: {e}; log:\n{}",
+                tail(&self.daemon_log)
+            )),
+        }
+    }
+
+    /// Fail the calling test unless the daemon is up.
+    pub fn need_daemon(&self) {
+        if let Some(err) = &self.daemon_error {
+            panic!("the daemon did not start: {err}");
+        }
+    }
+
+    /// Send SIGTERM and wait; returns the daemon's exit code (None when killed by a signal or already stopped).
+    pub fn stop_daemon(&mut self) -> Result<Option<i32>> {
+        let Some(mut daemon) = self.daemon.take() else {
+            return Err("no daemon running".into());
+        };
+        let status = terminate(&mut daemon.child, Duration::from_secs(15))?;
+        Ok(status.and_then(|s| s.code()))
+    }
+
+    /// curl as a tagged agent: `enforcer exec --profile e2e -- curl …`.
+    pub fn curl_tagged(&self, args: &[&str]) -> Curl {
+        let mut cmd = Command::new(enforcer_bin());
+        cmd.arg("exec").arg("--config").arg(&self.config).args([
+            "--profile",
+            PROFILE,
+            "--",
+            "curl",
+        ]);
+        curl_with(cmd, args)
+    }
+
+    /// The same curl, untagged (straight from the harness's own cgroup).
+    pub fn curl_untagged(&self, args: &[&str]) -> Curl {
+        curl_with(Command::new("curl"), args)
+    }
+
+    /// Run any command as a tagged agent; returns (exit code, stdout, stderr).
+    pub fn exec_tagged(&self, cmd: &[&str]) -> (i32, String, String) {
+        let out = Command::new(enforcer_bin())
+            .arg("exec")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--profile", PROFILE, "--"])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) => (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            ),
+            Err(e) => (-1, String::new(), format!("spawn: {e}")),
+        }
+    }
+
+    /// `--resolve` argument pinning `host:port` to the upstream's IPv4 or IPv6 address.
+    pub fn resolve(&self, host: &str, port: u16, v6: bool) -> String {
+        if v6 {
+            format!("{host}:{port}:[{}]", self.v6)
+        } else {
+            format!("{host}:{port}:{}", self.v4)
+        }
+    }
+
+    /// How many requests the upstream saw for `path`, asked directly (untagged, plain HTTP).
+    pub fn upstream_count(&self, path: &str) -> u64 {
+        let url = format!("http://{}/_ctl/count?path={path}", self.v4);
+        let out = self.curl_untagged(&[&url]);
+        assert_eq!(out.status, 200, "count query failed: {out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.body)
+            .unwrap_or_else(|e| panic!("count reply {:?}: {e}", out.body));
+        v["count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("count reply {v}"))
+    }
+
+    /// Let SSE stream `id` send its second event (an untagged control request straight to the netns host).
+    pub fn release_sse(&self, id: &str) {
+        let url = format!("http://{}/_ctl/release?id={id}", self.v4);
+        let out = self.curl_untagged(&[&url]);
+        assert_eq!(out.status, 200, "release failed: {out:?}");
+    }
+
+    /// Every audit record (`enforcer audit tail DIR --json -n 1000000`), as JSON.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(enforcer_bin())
+            .args(["audit", "tail"])
+            .arg(&self.audit_dir)
+            .args(["--json", "-n", "1000000"])
+            .output()
+            .unwrap_or_else(|e| panic!("enforcer audit tail: {e}"));
+        assert!(
+            out.status.success(),
+            "enforcer audit tail failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// `enforcer audit verify DIR` → (success, output).
+    pub fn audit_verify(&self) -> (bool, String) {
+        match Command::new(enforcer_bin())
+            .args(["audit", "verify"])
+            .arg(&self.audit_dir)
+            .output()
+        {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, format!("spawn: {e}")),
+        }
+    }
+
+    pub fn daemon_log_tail(&self) -> String {
+        tail(&self.daemon_log)
+    }
+
+    pub fn upstream_log_tail(&self) -> String {
+        tail(&self.upstream_log)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = terminate(&mut daemon.child, Duration::from_secs(10));
+        }
+        if let Some(mut up) = self.upstream.take() {
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+        remove_cgroup_tree(&self.cgroup);
+        let _ = ip(&["netns", "del", &self.netns]);
+        let _ = ip(&["link", "del", &self.veth_host]);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// What is left behind on the host by the harness run `id` (for the cleanup test).
+pub fn leftovers(id: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    let cg = Path::new(CGROUP_ROOT).join(format!("{PREFIX}{id}"));
+    if cg.exists() {
+        found.push(cg.display().to_string());
+    }
+    let pin = Path::new(BPFFS).join(format!("{PREFIX}{id}"));
+    if pin.exists() {
+        found.push(pin.display().to_string());
+    }
+    if netns_list()
+        .iter()
+        .any(|n| n == &format!("{NETNS_PREFIX}{id}"))
+    {
+        found.push(format!("netns {NETNS_PREFIX}{id}"));
+    }
+    if Path::new("/sys/class/net")
+        .join(format!("enfh{id}"))
+        .exists()
+    {
+        found.push(format!("link enfh{id}"));
+    }
+    found
+}
+
+fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
+    cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(args)
+        .stdin(Stdio::null());
+    match cmd.output() {
+        Ok(o) => {
+            let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+            let (body, status) = match stdout.rsplit_once('\n') {
+                Some((body, code)) => (body.to_string(), code.trim().parse().unwrap_or(0)),
+                None => (String::new(), stdout.trim().parse().unwrap_or(0)),
+            };
+            Curl {
+                code: o.status.code().unwrap_or(-1),
+                status,
+                body,
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            }
+        }
+        Err(e) => Curl {
+            code: -1,
+            status: 0,
+            body: String::new(),
+            stderr: format!("spawn: {e}"),
+        },
+    }
+}
+
+/// A CA and one leaf it signs for `names`: (CA PEM, leaf PEM, leaf key PEM).
+fn mint(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let err = |e: rcgen::Error| e.to_string();
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, ca_name);
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().map_err(err)?;
+    let mut leaf_params = CertificateParams::new(names.clone()).map_err(err)?;
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, names[0].as_str());
+    leaf_params.use_authority_key_identifier_extension = true;
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(err)?;
+    Ok((ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem()))
+}
+
+fn write(path: &Path, contents: &str) -> Result<()> {
+    std::fs::write(path, contents).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn netns_list() -> Vec<String> {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A 10.77.N.0/24 not already configured on this host.
+fn pick_subnet() -> Result<u8> {
+    let out = Command::new("ip")
+        .args(["-o", "addr"])
+        .output()
+        .map_err(|e| format!("ip -o addr: {e}"))?;
+    let addrs = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start = (std::process::id() % 200) as u8 + 20;
+    (0..200u8)
+        .map(|i| 20 + (start - 20 + i) % 200)
+        .find(|n| !addrs.contains(&format!("10.77.{n}.")))
+        .ok_or_else(|| "no free 10.77.N.0/24 subnet".to_string())
+}
+
+/// A port free on both 127.0.0.1 and ::1 right now.
+fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = v4.local_addr().map_err(|e| e.to_string())?.port();
+        if std::net::TcpListener::bind(("::1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free port".into())
+}
+
+/// Mount bpffs at /sys/fs/bpf when nothing is mounted there (pins need it).
+fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .output()
+        .map_err(|e| format!("mount bpffs: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount -t bpf bpf {BPFFS}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Remove what an earlier harness process (now dead) left behind.
+fn sweep_stale() {
+    let dead = |id: &str| {
+        id.parse::<u32>()
+            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    for ns in netns_list() {
+        if let Some(id) = ns.strip_prefix(NETNS_PREFIX) {
+            if dead(id) {
+                let _ = ip(&["netns", "del", &ns]);
+                let _ = ip(&["link", "del", &format!("enfh{id}")]);
+            }
+        }
+    }
+    for base in [CGROUP_ROOT, BPFFS] {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix(PREFIX) {
+                if dead(id) {
+                    if base == CGROUP_ROOT {
+                        remove_cgroup_tree(&entry.path());
+                    } else {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Kill every process left in the cgroup tree, then remove the cgroups bottom-up.
+fn remove_cgroup_tree(top: &Path) {
+    if !top.exists() {
+        return;
+    }
+    let _ = std::fs::write(top.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut dirs = Vec::new();
+        collect_dirs(top, &mut dirs);
+        // Deepest first.
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in &dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+        if !top.exists() || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status when the process exited by itself.
+fn terminate(child: &mut Child, grace: Duration) -> Result<Option<std::process::ExitStatus>> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Ok(Some(status));
+    }
+    let pid = i32::try_from(child.id()).map_err(|e| e.to_string())?;
+    // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Ok(Some(status));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(None)
+}
+
+/// Read `stdout` lines until one contains `needle` (returned) or the deadline passes; keeps draining afterwards.
+fn wait_for_line(
+    stdout: Option<std::process::ChildStdout>,
+    needle: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let stdout = stdout.ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let needle = needle.to_string();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let mut sent = false;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if !sent && line.contains(&needle) => {
+                    let _ = tx.send(Ok(line.trim_end().to_string()));
+                    sent = true;
+                }
+                Ok(_) => {}
+            }
+        }
+        if !sent {
+            let _ = tx.send(Err("exited before becoming ready".to_string()));
+        }
+        // Keep draining anything after the ready line (the pipe would otherwise fill).
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest);
+    });
+    rx.recv_timeout(timeout)
+        .map_err(|_| format!("not ready after {timeout:?}"))?
+}
+
+/// The last lines of a log file.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}

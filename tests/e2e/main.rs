@@ -1,0 +1,620 @@
+//! Privileged end-to-end tests: the real daemon (eBPF capture, transparent TLS-intercepting proxy, policy, audit)
+//! enforcing real curl clients run through `enforcer exec` against a network-namespace upstream host.
+//!
+//! Runs as root only. Without root: skipped with a message locally, a failure when `CI` is set. This is its own
+//! test runner (`harness = false`) so one environment — one netns host, one daemon — serves every test in turn and
+//! its cleanup (see `harness::Env`'s `Drop`) runs after the last test whatever happened; the output follows libtest's
+//! (`test NAME ... ok`, `test result: …`). Arguments that do not start with `-` filter tests by substring.
+
+mod harness;
+
+use std::io::{BufRead, BufReader};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use harness::{Env, API_HOST, BAD_HOST, BAD_TLS_PORT, ECHO_ALLOWED, ECHO_BLOCKED};
+
+type Test = (&'static str, fn(&mut Env));
+
+/// In order; the last one stops the daemon.
+const TESTS: &[Test] = &[
+    (
+        "netns_upstream_reachable_untagged",
+        netns_upstream_reachable_untagged,
+    ),
+    (
+        "allowed_https_reaches_upstream_h1_h2_v4_v6",
+        allowed_https_reaches_upstream,
+    ),
+    (
+        "allowed_plain_http_reaches_upstream",
+        allowed_plain_http_reaches_upstream,
+    ),
+    (
+        "blocked_gets_403_and_never_reaches_upstream",
+        blocked_gets_403_and_never_reaches_upstream,
+    ),
+    (
+        "untagged_request_is_not_intercepted",
+        untagged_request_is_not_intercepted,
+    ),
+    ("sse_arrives_event_by_event", sse_arrives_event_by_event),
+    (
+        "bad_upstream_certificate_is_blocked_and_audited",
+        bad_upstream_certificate_is_blocked_and_audited,
+    ),
+    (
+        "tcp_allowed_port_relays_blocked_port_closed",
+        tcp_allowed_port_relays_blocked_port_closed,
+    ),
+    (
+        "one_audit_record_per_request_and_verify_passes",
+        one_audit_record_per_request_and_verify_passes,
+    ),
+    (
+        "daemon_stops_cleanly_on_sigterm",
+        daemon_stops_cleanly_on_sigterm,
+    ),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in TESTS {
+            println!("{name}: test");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let filters: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let selected: Vec<&Test> = TESTS
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
+        .collect();
+    let filtered_out = TESTS.len() - selected.len();
+    let started = Instant::now();
+
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var_os("CI").is_some() {
+            println!("\nrunning e2e: the privileged end-to-end tests need root and CI is set");
+            println!("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s\n");
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "\nskipping the privileged end-to-end tests: not root (they run as root, and in CI)"
+        );
+        println!("test result: ok. 0 passed; 0 failed; {} ignored; 0 measured; 0 filtered out; finished in 0.00s\n", TESTS.len());
+        return ExitCode::SUCCESS;
+    }
+    if selected.is_empty() {
+        println!("\nrunning 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; {filtered_out} filtered out; finished in 0.00s\n");
+        return ExitCode::SUCCESS;
+    }
+
+    println!("\nrunning {} tests", selected.len() + 1);
+    let mut env = match Env::start() {
+        Ok(env) => env,
+        Err(err) => {
+            println!("test e2e_environment ... FAILED\n\nthe end-to-end environment did not come up: {err}");
+            println!("\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; {filtered_out} filtered out; finished in {:.2}s\n", started.elapsed().as_secs_f64());
+            return ExitCode::FAILURE;
+        }
+    };
+    let id = env.id;
+    if let Some(err) = &env.daemon_error {
+        eprintln!("e2e: the daemon did not start; tests that need it will fail:\n{err}");
+    }
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    for (name, test) in selected {
+        let result = catch_unwind(AssertUnwindSafe(|| test(&mut env)));
+        if result.is_ok() {
+            println!("test {name} ... ok");
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed.push(*name);
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!("---- daemon log (tail) ----\n{}", env.daemon_log_tail());
+        eprintln!("---- upstream log (tail) ----\n{}", env.upstream_log_tail());
+    }
+    drop(env);
+    let left = harness::leftovers(id);
+    if left.is_empty() {
+        println!("test cleanup_leaves_nothing_behind ... ok");
+        passed += 1;
+    } else {
+        println!("test cleanup_leaves_nothing_behind ... FAILED\n  left behind: {left:?}");
+        failed.push("cleanup_leaves_nothing_behind");
+    }
+
+    let elapsed = started.elapsed().as_secs_f64();
+    if failed.is_empty() {
+        println!("\ntest result: ok. {passed} passed; 0 failed; 0 ignored; 0 measured; {filtered_out} filtered out; finished in {elapsed:.2}s\n");
+        ExitCode::SUCCESS
+    } else {
+        println!("\nfailures:");
+        for name in &failed {
+            println!("    {name}");
+        }
+        println!("\ntest result: FAILED. {passed} passed; {} failed; 0 ignored; 0 measured; {filtered_out} filtered out; finished in {elapsed:.2}s\n", failed.len());
+        ExitCode::FAILURE
+    }
+}
+
+/// A path nobody else uses, so counts and audit records belong to exactly one request.
+fn unique(prefix: &str, tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}/{tag}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The four client variants: HTTP version flag × address family.
+const VARIANTS: [(&str, bool); 4] = [
+    ("--http1.1", false),
+    ("--http2", false),
+    ("--http1.1", true),
+    ("--http2", true),
+];
+
+fn variant_tag(http: &str, v6: bool) -> String {
+    format!(
+        "{}-{}",
+        http.trim_start_matches("--"),
+        if v6 { "v6" } else { "v4" }
+    )
+}
+
+/// The audit records of requests for `path` (`request.path`, query excluded).
+fn records_for(env: &Env, path: &str) -> Vec<serde_json::Value> {
+    env.audit_records()
+        .into_iter()
+        .filter(|r| r["request"]["path"].as_str() == Some(path))
+        .collect()
+}
+
+/// The audit records of raw TCP connections to `port`.
+fn tcp_records(env: &Env, port: u16) -> usize {
+    env.audit_records()
+        .iter()
+        .filter(|r| r["request"]["scheme"] == "tcp" && r["request"]["port"] == port)
+        .count()
+}
+
+/// Check one record's decision and outcome: (verdict, deciding rule, disposition).
+fn assert_record(rec: &serde_json::Value, verdict: &str, rule: Option<&str>, disposition: &str) {
+    assert_eq!(rec["decision"]["verdict"], verdict, "{rec}");
+    if let Some(rule) = rule {
+        assert_eq!(rec["decision"]["rule"], rule, "{rec}");
+    }
+    assert_eq!(rec["outcome"]["disposition"], disposition, "{rec}");
+    assert_eq!(rec["agent"]["profile"], harness::PROFILE, "{rec}");
+}
+
+fn mentions(v: &serde_json::Value, needle: &str) -> bool {
+    match v {
+        serde_json::Value::String(s) => s == needle,
+        serde_json::Value::Array(a) => a.iter().any(|x| mentions(x, needle)),
+        serde_json::Value::Object(o) => o.values().any(|x| mentions(x, needle)),
+        _ => false,
+    }
+}
+
+// ---- tests ----
+
+/// The harness itself: the netns host answers HTTPS (test CA) and HTTP directly on IPv4 and IPv6.
+fn netns_upstream_reachable_untagged(env: &mut Env) {
+    let ca = env.test_ca.display().to_string();
+    for v6 in [false, true] {
+        let path = unique("/allowed", "untagged-direct");
+        let url = format!("https://{API_HOST}{path}");
+        let out = env.curl_untagged(&[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &env.resolve(API_HOST, 443, v6),
+            &url,
+        ]);
+        assert_eq!((out.code, out.status), (0, 200), "{out:?}");
+        assert!(
+            out.body
+                .contains(&format!("upstream ok: GET {path} host={API_HOST}")),
+            "{out:?}"
+        );
+        assert_eq!(env.upstream_count(&path), 1);
+    }
+    let out = env.curl_untagged(&[&format!("http://[{}]/allowed/plain-direct", env.v6)]);
+    assert_eq!(out.status, 200, "{out:?}");
+    sse_event_by_event(
+        env,
+        Command::new("curl"),
+        "--http1.1",
+        "untagged",
+        &["--cacert", &ca],
+    );
+    // The untrusted-certificate server answers TLS, with a certificate the test CA does not vouch for.
+    let bad = format!("https://{BAD_HOST}:{BAD_TLS_PORT}/allowed/x");
+    let out = env.curl_untagged(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, false),
+        &bad,
+    ]);
+    assert_eq!(out.code, 60, "{out:?}");
+    let out = env.curl_untagged(&[
+        "-k",
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, true),
+        &bad,
+    ]);
+    assert_eq!(out.status, 200, "{out:?}");
+    for port in [ECHO_ALLOWED, ECHO_BLOCKED] {
+        let (code, out, err) = run(&["python3", "-c", TCP_CLIENT, &env.v6, &port.to_string()]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, "RECV ping-e2e"),
+            "echo {port}: {err}"
+        );
+    }
+}
+
+fn allowed_https_reaches_upstream(env: &mut Env) {
+    env.need_daemon();
+    for (http, v6) in VARIANTS {
+        let path = unique("/allowed", &variant_tag(http, v6));
+        let url = format!("https://{API_HOST}{path}");
+        let out = env.curl_tagged(&[
+            "-v",
+            http,
+            "--resolve",
+            &env.resolve(API_HOST, 443, v6),
+            &url,
+        ]);
+        assert_eq!((out.code, out.status), (0, 200), "{http} v6={v6}: {out:?}");
+        assert!(
+            out.body
+                .contains(&format!("upstream ok: GET {path} host={API_HOST}")),
+            "{http} v6={v6}: {out:?}"
+        );
+        if http == "--http2" {
+            assert!(
+                out.stderr.contains("< HTTP/2 200"),
+                "h2 was not negotiated with the proxy: {}",
+                out.stderr
+            );
+        }
+        assert_eq!(env.upstream_count(&path), 1, "{http} v6={v6}");
+        let recs = records_for(env, &path);
+        assert_eq!(recs.len(), 1, "{http} v6={v6}: audit records {recs:?}");
+        assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
+    }
+}
+
+fn allowed_plain_http_reaches_upstream(env: &mut Env) {
+    env.need_daemon();
+    for v6 in [false, true] {
+        let path = unique("/allowed", if v6 { "plain-v6" } else { "plain-v4" });
+        let url = format!("http://{API_HOST}{path}");
+        let out = env.curl_tagged(&["--resolve", &env.resolve(API_HOST, 80, v6), &url]);
+        assert_eq!((out.code, out.status), (0, 200), "v6={v6}: {out:?}");
+        assert!(
+            out.body.contains(&format!("upstream ok: GET {path}")),
+            "{out:?}"
+        );
+        assert_eq!(env.upstream_count(&path), 1);
+        let recs = records_for(env, &path);
+        assert_eq!(recs.len(), 1, "v6={v6}: audit records {recs:?}");
+        assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
+        assert_eq!(recs[0]["request"]["scheme"], "http", "{}", recs[0]);
+    }
+}
+
+fn blocked_gets_403_and_never_reaches_upstream(env: &mut Env) {
+    env.need_daemon();
+    for (http, v6) in VARIANTS {
+        let path = unique("/blocked", &variant_tag(http, v6));
+        let url = format!("https://{API_HOST}{path}");
+        let out = env.curl_tagged(&[http, "--resolve", &env.resolve(API_HOST, 443, v6), &url]);
+        assert_eq!((out.code, out.status), (0, 403), "{http} v6={v6}: {out:?}");
+        let body: serde_json::Value = serde_json::from_str(&out.body)
+            .unwrap_or_else(|e| panic!("403 body is not JSON ({e}): {:?}", out.body));
+        assert!(
+            mentions_substring(&body, "e2e-block-path"),
+            "403 body does not name the rule: {body}"
+        );
+        assert!(!out.body.contains("upstream ok"), "{out:?}");
+        assert_eq!(
+            env.upstream_count(&path),
+            0,
+            "blocked request reached the upstream"
+        );
+        let recs = records_for(env, &path);
+        assert_eq!(recs.len(), 1, "{http} v6={v6}: audit records {recs:?}");
+        assert_record(&recs[0], "block", Some("e2e-block-path"), "blocked");
+    }
+    // A host no rule allows falls to the default block and never reaches the upstream either.
+    let path = unique("/anything", "unknown-host");
+    let url = format!("https://unknown.e2e.test{path}");
+    let out = env.curl_tagged(&[
+        "--resolve",
+        &env.resolve("unknown.e2e.test", 443, false),
+        &url,
+    ]);
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(env.upstream_count(&path), 0);
+}
+
+fn mentions_substring(v: &serde_json::Value, needle: &str) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains(needle),
+        serde_json::Value::Array(a) => a.iter().any(|x| mentions_substring(x, needle)),
+        serde_json::Value::Object(o) => o.values().any(|x| mentions_substring(x, needle)),
+        _ => false,
+    }
+}
+
+/// Tagged, the client sees the enforcer's certificate; untagged, the same request sees the upstream's own.
+fn untagged_request_is_not_intercepted(env: &mut Env) {
+    env.need_daemon();
+    let enforcer_ca = env.dir.path().join("state/ca/ca.pem");
+    assert!(
+        enforcer_ca.exists(),
+        "no enforcer CA at {}",
+        enforcer_ca.display()
+    );
+    let enforcer_ca = enforcer_ca.display().to_string();
+    let test_ca = env.test_ca.display().to_string();
+    for v6 in [false, true] {
+        let resolve = env.resolve(API_HOST, 443, v6);
+        let path = unique("/allowed", "untagged");
+        let url = format!("https://{API_HOST}{path}");
+        // Untagged: trusting only the test CA works (the upstream's own certificate) ...
+        let out = env.curl_untagged(&["--cacert", &test_ca, "--resolve", &resolve, &url]);
+        assert_eq!(
+            (out.code, out.status),
+            (0, 200),
+            "untagged v6={v6}: {out:?}"
+        );
+        // ... and trusting only the enforcer CA fails: nothing intercepted it.
+        let out = env.curl_untagged(&["--cacert", &enforcer_ca, "--resolve", &resolve, &url]);
+        assert_eq!(
+            out.code, 60,
+            "untagged request was intercepted? v6={v6}: {out:?}"
+        );
+        // Tagged, the reverse: the enforcer's leaf, which the test CA alone does not verify.
+        let out = env.curl_tagged(&["--cacert", &enforcer_ca, "--resolve", &resolve, &url]);
+        assert_eq!((out.code, out.status), (0, 200), "tagged v6={v6}: {out:?}");
+        let out = env.curl_tagged(&["--cacert", &test_ca, "--resolve", &resolve, &url]);
+        assert_eq!(
+            out.code, 60,
+            "tagged request was not intercepted? v6={v6}: {out:?}"
+        );
+        // Exactly the two requests that verified reached the upstream.
+        assert_eq!(env.upstream_count(&path), 2, "v6={v6}");
+    }
+}
+
+/// The upstream sends event 2 only after the test saw event 1 arrive at the client through the proxy.
+fn sse_arrives_event_by_event(env: &mut Env) {
+    env.need_daemon();
+    for (i, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
+        let mut cmd = Command::new(harness::enforcer_bin());
+        cmd.arg("exec").arg("--config").arg(&env.config).args([
+            "--profile",
+            harness::PROFILE,
+            "--",
+            "curl",
+        ]);
+        sse_event_by_event(env, cmd, http, &format!("tagged-{i}"), &[]);
+    }
+}
+
+/// Stream `/sse` with curl (`cmd` is the command up to and including `curl`) and check that event 1 reaches the
+/// client before the upstream is allowed to send event 2, and that event 2 follows once released.
+fn sse_event_by_event(env: &Env, mut cmd: Command, http: &str, tag: &str, extra: &[&str]) {
+    let id = format!("sse-{}-{tag}", env.id);
+    let url = format!("https://{API_HOST}/sse?id={id}");
+    let mut child = cmd
+        .args(["-sS", "-N", "--max-time", "40", http])
+        .args(extra)
+        .args(["--resolve", &env.resolve(API_HOST, 443, false), &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn curl: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str, timeout: Duration| -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line.contains(what);
+                    seen.push(line);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("{tag} {http}: {what:?} did not arrive within {timeout:?}; saw {seen:?}");
+    };
+    let first = wait_for("data: first", Duration::from_secs(20));
+    assert!(
+        !first
+            .iter()
+            .any(|l| l.contains("second") || l.contains("timeout")),
+        "{tag} {http}: {first:?}"
+    );
+    env.release_sse(&id);
+    let second = wait_for("data: ", Duration::from_secs(20));
+    assert!(
+        second.iter().any(|l| l == "data: second"),
+        "{tag} {http}: {second:?}"
+    );
+    let status = child.wait().unwrap_or_else(|e| panic!("wait curl: {e}"));
+    assert!(status.success(), "{tag} {http}: curl exited {status}");
+}
+
+fn bad_upstream_certificate_is_blocked_and_audited(env: &mut Env) {
+    env.need_daemon();
+    let path = unique("/allowed", "bad-cert");
+    let url = format!("https://{BAD_HOST}:{BAD_TLS_PORT}{path}");
+    // Sanity: the upstream really serves there (untagged, trusting nothing → certificate error, not refusal).
+    let out = env.curl_untagged(&[
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, false),
+        &url,
+    ]);
+    assert_eq!(out.code, 60, "{out:?}");
+    let out = env.curl_tagged(&[
+        "--resolve",
+        &env.resolve(BAD_HOST, BAD_TLS_PORT, false),
+        &url,
+    ]);
+    assert!(
+        out.status != 200 && !out.body.contains("upstream ok"),
+        "forwarded despite a bad certificate: {out:?}"
+    );
+    assert!(out.status == 403 || out.status == 502, "{out:?}");
+    assert_eq!(env.upstream_count(&path), 0);
+    let recs = records_for(env, &path);
+    assert_eq!(recs.len(), 1, "audit records for {path}: {recs:?}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "blocked", "{}", recs[0]);
+    assert!(
+        mentions(&recs[0], "upstream_tls"),
+        "no upstream_tls reason: {}",
+        recs[0]
+    );
+}
+
+/// A raw TCP client: sends a line, prints what comes back (`RECV <eof>` when the peer closed).
+const TCP_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+try:
+    s.sendall(b"ping-e2e\n")
+    data = s.recv(100)
+    print("RECV " + (data.decode(errors="replace").strip() or "<eof>"))
+except Exception as e:
+    print("ERR " + type(e).__name__)
+"#;
+
+/// Raw TCP (neither TLS nor HTTP): the allowed echo port relays bytes, the blocked one is closed.
+fn tcp_allowed_port_relays_blocked_port_closed(env: &mut Env) {
+    env.need_daemon();
+    for addr in [env.v4.clone(), env.v6.clone()] {
+        let before = tcp_records(env, ECHO_ALLOWED);
+        let (code, out, err) = env.exec_tagged(&[
+            "python3",
+            "-c",
+            TCP_CLIENT,
+            &addr,
+            &ECHO_ALLOWED.to_string(),
+        ]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, "RECV ping-e2e"),
+            "allowed port {addr}: {err}"
+        );
+        assert_eq!(
+            tcp_records(env, ECHO_ALLOWED),
+            before + 1,
+            "{addr}: one record"
+        );
+        let before = tcp_records(env, ECHO_BLOCKED);
+        let (code, out, err) = env.exec_tagged(&[
+            "python3",
+            "-c",
+            TCP_CLIENT,
+            &addr,
+            &ECHO_BLOCKED.to_string(),
+        ]);
+        assert!(
+            code == 0
+                && (out.trim() == "RECV <eof>" || out.trim().starts_with("ERR ConnectionReset")),
+            "blocked port {addr}: code {code} out {out:?} err {err}"
+        );
+        assert_eq!(
+            tcp_records(env, ECHO_BLOCKED),
+            before + 1,
+            "{addr}: one record"
+        );
+        // Untagged, the blocked port is a plain echo: it is the enforcer that closed it.
+        let (code, out, _) = run(&[
+            "python3",
+            "-c",
+            TCP_CLIENT,
+            &addr,
+            &ECHO_BLOCKED.to_string(),
+        ]);
+        assert_eq!((code, out.trim()), (0, "RECV ping-e2e"));
+    }
+}
+
+fn run(cmd: &[&str]) -> (i32, String, String) {
+    match Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) => (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        Err(e) => (-1, String::new(), e.to_string()),
+    }
+}
+
+fn one_audit_record_per_request_and_verify_passes(env: &mut Env) {
+    env.need_daemon();
+    let resolve = env.resolve(API_HOST, 443, false);
+    let allowed = unique("/allowed", "audit");
+    let blocked = unique("/blocked", "audit");
+    for (path, status) in [(&allowed, 200), (&blocked, 403)] {
+        let out = env.curl_tagged(&["--resolve", &resolve, &format!("https://{API_HOST}{path}")]);
+        assert_eq!(out.status, status, "{out:?}");
+        let recs = records_for(env, path);
+        assert_eq!(recs.len(), 1, "audit records for {path}: {recs:?}");
+    }
+    let rec = &records_for(env, &allowed)[0];
+    assert_record(rec, "allow", Some("e2e-allow-api"), "forwarded");
+    assert_eq!(rec["request"]["host"], API_HOST, "{rec}");
+    assert_eq!(rec["outcome"]["status"], 200, "{rec}");
+    let rec = &records_for(env, &blocked)[0];
+    assert_record(rec, "block", Some("e2e-block-path"), "blocked");
+    assert_eq!(rec["outcome"]["status"], 403, "{rec}");
+    let (ok, out) = env.audit_verify();
+    assert!(ok, "enforcer audit verify failed: {out}");
+}
+
+fn daemon_stops_cleanly_on_sigterm(env: &mut Env) {
+    env.need_daemon();
+    let code = env.stop_daemon().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code, Some(0), "enforcer run did not exit 0 on SIGTERM");
+    // With the daemon gone, the trail it left still verifies.
+    let (ok, out) = env.audit_verify();
+    assert!(ok, "enforcer audit verify failed after shutdown: {out}");
+}

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Upstream host for the end-to-end tests and the demo; runs inside a network namespace the harness creates.
+
+Serves, on every address of the namespace (IPv4 and IPv6, dual-stack sockets):
+  * HTTPS (--https-port, default 443) with the certificate the harness minted from its test CA,
+  * plain HTTP (--http-port, default 80),
+  * HTTPS with a certificate from an untrusted CA (--bad-port, default 8443), when --bad-cert is given,
+  * a TCP echo on each --echo-port.
+HTTP paths:
+  * /_ctl/count?path=P     the number of requests seen for path P (control requests are never counted),
+  * /_ctl/release?id=X     lets stream X send its second event,
+  * /sse?id=X              text/event-stream: event 1, then event 2 only after /_ctl/release?id=X,
+  * anything else          200 with a body naming method, path and Host.
+Prints "UPSTREAM READY" on stdout once every listener is bound. Standard library only.
+"""
+
+import argparse
+import json
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+COUNTS = {}
+COUNTS_LOCK = threading.Lock()
+RELEASES = {}
+RELEASES_LOCK = threading.Lock()
+
+
+def release_event(stream_id):
+    with RELEASES_LOCK:
+        return RELEASES.setdefault(stream_id, threading.Event())
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "e2e-upstream"
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("upstream: %s %s\n" % (self.address_string(), fmt % args))
+
+    def _reply(self, status, body, ctype="text/plain"):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Upstream", "e2e")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _handle(self):
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        if url.path == "/_ctl/count":
+            path = query.get("path", [""])[0]
+            with COUNTS_LOCK:
+                n = COUNTS.get(path, 0)
+            return self._reply(200, json.dumps({"path": path, "count": n}), "application/json")
+        if url.path == "/_ctl/release":
+            release_event(query.get("id", [""])[0]).set()
+            return self._reply(200, "released\n")
+        with COUNTS_LOCK:
+            COUNTS[url.path] = COUNTS.get(url.path, 0) + 1
+        if url.path == "/sse":
+            return self._sse(query.get("id", [""])[0])
+        host = self.headers.get("Host", "")
+        self._reply(200, "upstream ok: %s %s host=%s\n" % (self.command, url.path, host))
+
+    def _sse(self, stream_id):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(data):
+            raw = data.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+            self.wfile.flush()
+
+        chunk("id: 1\ndata: first\n\n")
+        released = release_event(stream_id).wait(timeout=30)
+        chunk("id: 2\ndata: %s\n\n" % ("second" if released else "timeout"))
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+    do_GET = _handle
+    do_POST = _handle
+    do_PUT = _handle
+    do_DELETE = _handle
+    do_HEAD = _handle
+
+
+class DualStackHTTPServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    tls = None
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def finish_request(self, request, client_address):
+        # The TLS handshake runs in the connection's own thread so a slow client never stalls accept().
+        if self.tls is not None:
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as err:
+                sys.stderr.write("upstream: handshake with %s failed: %s\n" % (client_address[0], err))
+                return
+        super().finish_request(request, client_address)
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            data = self.request.recv(65536)
+            if not data:
+                return
+            self.request.sendall(data)
+
+
+class DualStackTCPServer(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def tls_context(cert, key):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def serve(server):
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cert", required=True)
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--bad-cert")
+    ap.add_argument("--bad-key")
+    ap.add_argument("--https-port", type=int, default=443)
+    ap.add_argument("--http-port", type=int, default=80)
+    ap.add_argument("--bad-port", type=int, default=8443)
+    ap.add_argument("--echo-port", type=int, action="append", default=[])
+    args = ap.parse_args()
+
+    DualStackHTTPServer.allow_reuse_address = True
+    https = DualStackHTTPServer(("::", args.https_port), Handler)
+    https.tls = tls_context(args.cert, args.key)
+    serve(https)
+    serve(DualStackHTTPServer(("::", args.http_port), Handler))
+    if args.bad_cert:
+        bad = DualStackHTTPServer(("::", args.bad_port), Handler)
+        bad.tls = tls_context(args.bad_cert, args.bad_key)
+        serve(bad)
+    for port in args.echo_port:
+        serve(DualStackTCPServer(("::", port), EchoHandler))
+    print("UPSTREAM READY", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+//! Idempotent installation of the prerequisites: each step checks first and does nothing when already satisfied.
+//! `apt-get update` runs at most once, and only when something is about to be installed.
+//!
+//! The recipe (DESIGN.md): Debian `llvm-22-dev`; `bpf-linker` 0.13.0 built against LLVM 22 (`LLVM_PREFIX` must point
+//! at LLVM 22 or it finds Debian's LLVM 14); `rust-src` for `-Z build-std=core`. The end-to-end tests and the demo
+//! also need `ip` (iproute2), `curl`, `python3` and `openssl`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::run_checked;
+
+const LLVM_PACKAGE: &str = "llvm-22-dev";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Tools the tests and the demo run, with the Debian package that provides each.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("openssl", "openssl"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    let mut apt = Apt::default();
+
+    if dpkg_installed(LLVM_PACKAGE) {
+        eprintln!("xtask: setup: {LLVM_PACKAGE} already installed");
+    } else {
+        apt.install(&[LLVM_PACKAGE])?;
+    }
+
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(tool, _)| which(tool).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: setup: ip, curl, python3, openssl present");
+    } else {
+        apt.install(&missing)?;
+    }
+
+    if bpf_linker_ok() {
+        eprintln!("xtask: setup: bpf-linker {BPF_LINKER_VERSION} already installed");
+    } else {
+        run_checked(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+        )?;
+    }
+
+    if rust_src_installed() {
+        eprintln!("xtask: setup: rust-src already installed");
+    } else {
+        run_checked(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "stable",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// apt-get, with `update` run once before the first install.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+        if !is_root() {
+            bail!(
+                "need root to install {} with apt-get (run as root, or install them yourself)",
+                packages.join(" ")
+            );
+        }
+        if !self.updated {
+            run_checked(
+                Command::new("apt-get")
+                    .arg("update")
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+            self.updated = true;
+        }
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    }
+}
+
+fn quiet_output(cmd: &mut Command) -> Option<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    quiet_output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|status| status.contains("install ok installed"))
+}
+
+fn bpf_linker_ok() -> bool {
+    quiet_output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
+}
+
+fn rust_src_installed() -> bool {
+    quiet_output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "stable",
+    ]))
+    .is_some_and(|list| list.lines().any(|l| l.trim() == "rust-src"))
+}
+
+pub fn is_root() -> bool {
+    quiet_output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
+}
+
+/// Find an executable on PATH.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Fail with a clear message when a required tool is still missing after setup.
+pub fn require(tool: &str) -> anyhow::Result<PathBuf> {
+    which(tool).with_context(|| format!("{tool} not found on PATH"))
+}

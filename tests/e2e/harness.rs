@@ -35,8 +35,11 @@ pub fn repo_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
+/// The `enforcer` binary under test: cargo's, unless `ENFORCER_BIN` names another build.
 pub fn enforcer_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_enforcer"))
+    std::env::var_os("ENFORCER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_enforcer")))
 }
 
 /// The running daemon.
@@ -213,6 +216,7 @@ impl Env {
              cgroup_root: {CGROUP_ROOT}\n\
              capture:\n  cgroup: {PREFIX}{id}\n  pin_dir: {pin}\n\
              proxy:\n  port: {port}\n  extra_roots: [{ca}]\n\
+             audit:\n  checkpoint_interval_secs: 1\n\
              profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
             policy = policy.display(),
             state = root.join("state").display(),
@@ -231,6 +235,7 @@ impl Env {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info,enforcer=debug")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

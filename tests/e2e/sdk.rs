@@ -597,6 +597,34 @@ pub fn node_fetch(env: &mut Env) {
     assert_eq!(body["error"]["type"], "permission_error", "{body}");
     assert_eq!(body["error"]["code"], "blocked_by_policy", "{body}");
     assert!(llm_requests(&sdk, &format!("blocked-{run}")).is_empty());
+
+    // A chunked request body (a stream, no Content-Length) that CONSTRAIN rewrites arrives re-framed: the upstream
+    // parses exactly the rewritten body, redacted and capped, and answers it.
+    let key = "sk-proj-NodeFakeKey0123456789abcdefghijklmnop";
+    let request = format!(
+        r#"{{"model": "e2e-model", "max_tokens": 4096, "messages": [{{"role": "user", "content": "chunked-{run} key {key} end"}}]}}"#
+    );
+    let out = fetch(&[
+        &format!("https://{OPENAI_HOST}:{LLM_PORT}/v1/chat/completions"),
+        "POST",
+        &request,
+        "stream",
+    ]);
+    assert_eq!(out["status"], 200, "{out}");
+    let recs = llm_requests(&sdk, &format!("chunked-{run}"));
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let raw = recs[0]["body"].as_str().unwrap_or_default();
+    let body: serde_json::Value =
+        serde_json::from_str(raw).unwrap_or_else(|e| panic!("upstream body not JSON ({e}): {raw}"));
+    assert_eq!(
+        body["messages"][0]["content"],
+        format!("chunked-{run} key [REDACTED:openai-key] end"),
+        "{body}"
+    );
+    assert_eq!(body["max_tokens"], 256, "{body}");
+    if let Some(len) = recs[0]["headers"]["content-length"].as_str() {
+        assert_eq!(len.parse::<usize>().ok(), Some(raw.len()), "{}", recs[0]);
+    }
 }
 
 /// Stop the SDK servers (the harness's cleanup would kill them too) and check the trail still verifies.

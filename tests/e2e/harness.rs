@@ -687,3 +687,23 @@ fn tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
+
+// ---- for the SDK tests (sdk.rs) ----
+
+impl Env {
+    /// Stop the daemon and start it again on `config`, which every later tagged client then uses too.
+    pub fn restart_daemon(&mut self, config: PathBuf) -> Result<()> {
+        if let Some(mut daemon) = self.daemon.take() {
+            terminate(&mut daemon.child, Duration::from_secs(15))?;
+        }
+        self.config = config;
+        self.daemon_error = None;
+        self.start_daemon()
+            .inspect_err(|e| self.daemon_error = Some(e.clone()))
+    }
+}
+
+/// A CA and one leaf it signs for `names`: (CA PEM, leaf PEM, leaf key PEM).
+pub fn mint_ca_and_leaf(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
+    mint(ca_name, names)
+}

@@ -7,6 +7,7 @@
 //! (`test NAME ... ok`, `test result: …`). Arguments that do not start with `-` filter tests by substring.
 
 mod harness;
+mod sdk;
 
 use std::io::{BufRead, BufReader};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -53,6 +54,11 @@ const TESTS: &[Test] = &[
         "one_audit_record_per_request_and_verify_passes",
         one_audit_record_per_request_and_verify_passes,
     ),
+    ("sdk_openai_python", sdk::openai_python_sdk),
+    ("sdk_anthropic_python", sdk::anthropic_python_sdk),
+    ("sdk_mcp_python", sdk::mcp_python_sdk),
+    ("sdk_node_fetch", sdk::node_fetch),
+    ("sdk_audit_verifies", sdk::sdk_audit_verifies),
     (
         "daemon_stops_cleanly_on_sigterm",
         daemon_stops_cleanly_on_sigterm,

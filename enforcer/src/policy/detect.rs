@@ -37,10 +37,44 @@ impl Validator {
     }
 }
 
+/// The keyword prefilter: a plain substring search for one keyword, an alternation of literals for several (the
+/// regex engine turns it into a SIMD multi-literal search).
+#[derive(Debug, Clone)]
+enum Prefilter {
+    None,
+    One(String),
+    Many(Regex),
+}
+
+impl Prefilter {
+    fn new(keywords: Vec<String>) -> Prefilter {
+        match keywords.len() {
+            0 => Prefilter::None,
+            1 => Prefilter::One(keywords.into_iter().next().unwrap_or_default()),
+            _ => {
+                let alternation: Vec<String> = keywords.iter().map(|k| regex::escape(k)).collect();
+                match Regex::new(&alternation.join("|")) {
+                    Ok(re) => Prefilter::Many(re),
+                    // Too many or too long keywords to compile: run the detector's regex unfiltered.
+                    Err(_) => Prefilter::None,
+                }
+            }
+        }
+    }
+
+    fn passes(&self, text: &str) -> bool {
+        match self {
+            Prefilter::None => true,
+            Prefilter::One(k) => text.contains(k.as_str()),
+            Prefilter::Many(re) => re.is_match(text),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Detector {
     name: String,
-    keywords: Vec<String>,
+    prefilter: Prefilter,
     regex: Regex,
     validator: Option<Validator>,
 }
@@ -68,7 +102,7 @@ impl Detector {
     }
 
     fn prefilter(&self, text: &str) -> bool {
-        self.keywords.is_empty() || self.keywords.iter().any(|k| text.contains(k.as_str()))
+        self.prefilter.passes(text)
     }
 }
 
@@ -141,7 +175,7 @@ impl Detectors {
                 let regex = Regex::new(re).ok()?;
                 Some(Detector {
                     name: (*name).to_owned(),
-                    keywords: keywords.iter().map(|k| (*k).to_owned()).collect(),
+                    prefilter: Prefilter::new(keywords.iter().map(|k| (*k).to_owned()).collect()),
                     regex,
                     validator: *validator,
                 })
@@ -168,7 +202,7 @@ impl Detectors {
         self.list.retain(|d| d.name != name);
         self.list.push(Detector {
             name: name.to_owned(),
-            keywords,
+            prefilter: Prefilter::new(keywords),
             regex,
             validator,
         });

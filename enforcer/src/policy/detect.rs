@@ -168,20 +168,28 @@ impl Detectors {
     /// The built-in detectors: aws-access-key, github-token, openai-key, anthropic-key, slack-token, private-key,
     /// email, card-number (Luhn-validated).
     pub fn builtin() -> Detectors {
-        let list = BUILTIN
-            .iter()
-            .filter_map(|(name, keywords, re, validator)| {
-                // The built-in patterns are constants covered by tests; a failure would drop only that detector.
-                let regex = Regex::new(re).ok()?;
-                Some(Detector {
-                    name: (*name).to_owned(),
-                    prefilter: Prefilter::new(keywords.iter().map(|k| (*k).to_owned()).collect()),
-                    regex,
-                    validator: *validator,
-                })
+        // Compiled once per process; cloning shares the compiled regexes.
+        static CACHE: std::sync::OnceLock<Detectors> = std::sync::OnceLock::new();
+        CACHE
+            .get_or_init(|| {
+                let list = BUILTIN
+                    .iter()
+                    .filter_map(|(name, keywords, re, validator)| {
+                        // The built-in patterns are constants covered by tests; a failure would drop only that one.
+                        let regex = Regex::new(re).ok()?;
+                        Some(Detector {
+                            name: (*name).to_owned(),
+                            prefilter: Prefilter::new(
+                                keywords.iter().map(|k| (*k).to_owned()).collect(),
+                            ),
+                            regex,
+                            validator: *validator,
+                        })
+                    })
+                    .collect();
+                Detectors { list }
             })
-            .collect();
-        Detectors { list }
+            .clone()
     }
 
     /// Add a policy-defined detector.

@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 pub const MAX_SOURCE_BYTES: usize = 4 * 1024 * 1024;
 
 const MAX_DEPTH: usize = 48;
-const MAX_NODES: usize = 300_000;
+const MAX_NODES: usize = 100_000;
 const MAX_REPLAYED: usize = 20_000;
 
 /// A 1-based line and column; `0:0` when unknown.

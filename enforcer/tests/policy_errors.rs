@@ -202,6 +202,21 @@ fn yaml_syntax_errors_are_located() {
 }
 
 #[test]
+fn duplicate_keys_are_refused() {
+    let err = load(&format!(
+        "{HEAD}  - id: a\n    when: {{ host: a, host: b }}\n    verdict: allow\n"
+    ))
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("bad.yaml:5:")
+            && text.contains("duplicate")
+            && text.contains("expected each key once"),
+        "{text}"
+    );
+}
+
+#[test]
 fn nothing_half_loads() {
     // A valid rule followed by a broken one: the whole policy is refused.
     assert!(load(&format!(

@@ -220,7 +220,11 @@ pub fn yaml_error(err: &serde_saphyr::Error) -> YamlError {
         }
         message.replace_range(start..start + len, "");
     }
-    let message = message.replace(" (defined)", "").replace(" (used)", "");
+    let mut message = message.replace(" (defined)", "").replace(" (used)", "");
+    if let Some(cut) = message.find(", set DuplicateKeyPolicy") {
+        message.truncate(cut);
+        message.push_str(", expected each key once per mapping");
+    }
     let message = if message.contains("budget breached") || message.contains("recursion limit") {
         let what = if message.contains("Depth") || message.contains("recursion") {
             "nesting is too deep"

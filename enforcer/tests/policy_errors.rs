@@ -202,6 +202,21 @@ fn yaml_syntax_errors_are_located() {
 }
 
 #[test]
+fn duplicate_keys_are_refused() {
+    let err = load(&format!(
+        "{HEAD}  - id: a\n    when: {{ host: a, host: b }}\n    verdict: allow\n"
+    ))
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("bad.yaml:5:")
+            && text.contains("duplicate")
+            && text.contains("expected each key once"),
+        "{text}"
+    );
+}
+
+#[test]
 fn nothing_half_loads() {
     // A valid rule followed by a broken one: the whole policy is refused.
     assert!(load(&format!(
@@ -274,13 +289,16 @@ fn huge_input_is_refused() {
     assert!(matches!(err, PolicyError::TooLarge { .. }), "{err}");
 
     // Within the size cap but with too many nodes.
-    let mut many = String::from("version: 1\ndefault: block\nprofiles:\n");
-    for i in 0..400_000 {
-        many.push_str(&format!(" p{i}: {{}}\n"));
-    }
-    many.truncate(4 * 1024 * 1024 - 100);
+    let many = format!(
+        "version: 1\ndefault: block\nx: [{}0]\n",
+        "0,".repeat(110_000)
+    );
     let err = finishes(move || load(&many).map(|_| ()).unwrap_err());
-    assert!(err.to_string().starts_with("bad.yaml"), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("bad.yaml") && text.contains("too large"),
+        "{text}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("huge.yaml");

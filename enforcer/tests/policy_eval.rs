@@ -358,6 +358,17 @@ fn json_operators() {
         p.evaluate(&http("h", "POST", "/")).matched_rules,
         ["not-matches", "missing"]
     );
+    // No HTTP part at all (raw TCP): `json` conditions do not apply, not even the negative operators.
+    let tcp = Action {
+        transport: Transport {
+            scheme: Scheme::Tcp,
+            host: Some("h".into()),
+            ip: None,
+            port: 5432,
+        },
+        ..Default::default()
+    };
+    assert!(p.evaluate(&tcp).matched_rules.is_empty());
 }
 
 #[test]

@@ -577,7 +577,7 @@ impl Cond {
                     g.iter().any(|g| g.is_match(&media))
                 })
             }),
-            Cond::Json(tests) => json_eval(tests, http.and_then(|h| h.json.as_ref())),
+            Cond::Json(tests) => http.is_some_and(|h| json_eval(tests, h.json.as_ref())),
             Cond::McpMethod(g) => any_glob(g, a.mcp.as_ref().map(|m| m.method.as_str())),
             Cond::McpTool(g) => any_glob(g, a.mcp.as_ref().and_then(|m| m.tool.as_deref())),
             Cond::McpArgs(tests) => match &a.mcp {

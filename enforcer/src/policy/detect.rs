@@ -37,10 +37,44 @@ impl Validator {
     }
 }
 
+/// The keyword prefilter: a plain substring search for one keyword, an alternation of literals for several (the
+/// regex engine turns it into a SIMD multi-literal search).
+#[derive(Debug, Clone)]
+enum Prefilter {
+    None,
+    One(String),
+    Many(Regex),
+}
+
+impl Prefilter {
+    fn new(keywords: Vec<String>) -> Prefilter {
+        match keywords.len() {
+            0 => Prefilter::None,
+            1 => Prefilter::One(keywords.into_iter().next().unwrap_or_default()),
+            _ => {
+                let alternation: Vec<String> = keywords.iter().map(|k| regex::escape(k)).collect();
+                match Regex::new(&alternation.join("|")) {
+                    Ok(re) => Prefilter::Many(re),
+                    // Too many or too long keywords to compile: run the detector's regex unfiltered.
+                    Err(_) => Prefilter::None,
+                }
+            }
+        }
+    }
+
+    fn passes(&self, text: &str) -> bool {
+        match self {
+            Prefilter::None => true,
+            Prefilter::One(k) => text.contains(k.as_str()),
+            Prefilter::Many(re) => re.is_match(text),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Detector {
     name: String,
-    keywords: Vec<String>,
+    prefilter: Prefilter,
     regex: Regex,
     validator: Option<Validator>,
 }
@@ -68,7 +102,7 @@ impl Detector {
     }
 
     fn prefilter(&self, text: &str) -> bool {
-        self.keywords.is_empty() || self.keywords.iter().any(|k| text.contains(k.as_str()))
+        self.prefilter.passes(text)
     }
 }
 
@@ -134,20 +168,28 @@ impl Detectors {
     /// The built-in detectors: aws-access-key, github-token, openai-key, anthropic-key, slack-token, private-key,
     /// email, card-number (Luhn-validated).
     pub fn builtin() -> Detectors {
-        let list = BUILTIN
-            .iter()
-            .filter_map(|(name, keywords, re, validator)| {
-                // The built-in patterns are constants covered by tests; a failure would drop only that detector.
-                let regex = Regex::new(re).ok()?;
-                Some(Detector {
-                    name: (*name).to_owned(),
-                    keywords: keywords.iter().map(|k| (*k).to_owned()).collect(),
-                    regex,
-                    validator: *validator,
-                })
+        // Compiled once per process; cloning shares the compiled regexes.
+        static CACHE: std::sync::OnceLock<Detectors> = std::sync::OnceLock::new();
+        CACHE
+            .get_or_init(|| {
+                let list = BUILTIN
+                    .iter()
+                    .filter_map(|(name, keywords, re, validator)| {
+                        // The built-in patterns are constants covered by tests; a failure would drop only that one.
+                        let regex = Regex::new(re).ok()?;
+                        Some(Detector {
+                            name: (*name).to_owned(),
+                            prefilter: Prefilter::new(
+                                keywords.iter().map(|k| (*k).to_owned()).collect(),
+                            ),
+                            regex,
+                            validator: *validator,
+                        })
+                    })
+                    .collect();
+                Detectors { list }
             })
-            .collect();
-        Detectors { list }
+            .clone()
     }
 
     /// Add a policy-defined detector.
@@ -168,7 +210,7 @@ impl Detectors {
         self.list.retain(|d| d.name != name);
         self.list.push(Detector {
             name: name.to_owned(),
-            keywords,
+            prefilter: Prefilter::new(keywords),
             regex,
             validator,
         });

@@ -26,6 +26,8 @@ pub enum Glob {
     Exact(String),
     Any,
     Suffix(String),
+    /// `/a/b/**`: `/a/b` itself or anything below it (stored without the trailing `/**`).
+    Subtree(String),
     Pattern(Regex),
 }
 
@@ -35,6 +37,9 @@ impl Glob {
             Glob::Exact(e) => e == s,
             Glob::Any => true,
             Glob::Suffix(suffix) => s.len() > suffix.len() && s.ends_with(suffix.as_str()),
+            Glob::Subtree(prefix) => s
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
             Glob::Pattern(re) => re.is_match(s),
         }
     }
@@ -84,6 +89,11 @@ impl Glob {
         }
         if !src.contains(['*', '?']) {
             return Ok(Glob::Exact(src.to_owned()));
+        }
+        if let Some(prefix) = src.strip_suffix("/**") {
+            if !prefix.contains(['*', '?']) {
+                return Ok(Glob::Subtree(prefix.to_owned()));
+            }
         }
         let segments: Vec<&str> = src.split('/').collect();
         let mut re = String::from("(?s)^");
@@ -177,6 +187,11 @@ mod tests {
         assert!(g.is_match("/repos/acme/x/y"));
         assert!(!g.is_match("/repos/acmex"));
         assert!(!g.is_match("/repos/other/x"));
+        assert!(matches!(g, Glob::Subtree(_)));
+        let g = Glob::path("/*/acme/**").unwrap();
+        assert!(g.is_match("/repos/acme"));
+        assert!(g.is_match("/repos/acme/x/y"));
+        assert!(!g.is_match("/repos/acmex"));
         let g = Glob::path("/a/*/c").unwrap();
         assert!(g.is_match("/a/b/c"));
         assert!(!g.is_match("/a/b/x/c"));

@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 pub const MAX_SOURCE_BYTES: usize = 4 * 1024 * 1024;
 
 const MAX_DEPTH: usize = 48;
-const MAX_NODES: usize = 300_000;
+const MAX_NODES: usize = 100_000;
 const MAX_REPLAYED: usize = 20_000;
 
 /// A 1-based line and column; `0:0` when unknown.
@@ -220,7 +220,11 @@ pub fn yaml_error(err: &serde_saphyr::Error) -> YamlError {
         }
         message.replace_range(start..start + len, "");
     }
-    let message = message.replace(" (defined)", "").replace(" (used)", "");
+    let mut message = message.replace(" (defined)", "").replace(" (used)", "");
+    if let Some(cut) = message.find(", set DuplicateKeyPolicy") {
+        message.truncate(cut);
+        message.push_str(", expected each key once per mapping");
+    }
     let message = if message.contains("budget breached") || message.contains("recursion limit") {
         let what = if message.contains("Depth") || message.contains("recursion") {
             "nesting is too deep"

@@ -230,11 +230,12 @@ pub fn apply_with(
     if body_changed {
         let new_body = match (&doc, text) {
             (Doc::Json(value), _) => {
-                Bytes::from(
-                    serde_json::to_vec(value).map_err(|_| ConstrainError::NotJson {
-                        rule: String::new(),
-                    })?,
-                )
+                // Sized for the original plus some markers, so a large body is not re-grown while writing.
+                let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 64);
+                serde_json::to_writer(&mut out, value).map_err(|_| ConstrainError::NotJson {
+                    rule: String::new(),
+                })?;
+                Bytes::from(out)
             }
             (_, Some(text)) => Bytes::from(text),
             _ => body.clone(),

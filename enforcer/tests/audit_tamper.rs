@@ -317,3 +317,21 @@ async fn a_resigned_forgery_passes_only_without_an_independent_key() {
     let cp = read_lines(&forged.path().join(CHECKPOINT_FILE));
     assert!(Checkpoint::parse(cp[0].as_bytes()).is_ok());
 }
+
+#[tokio::test]
+async fn an_edit_deep_in_a_large_file_is_found_by_the_parallel_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.durable = false;
+    cfg.checkpoint_every = 1000;
+    write(cfg, 3000).await;
+    assert!(verify(dir.path(), None).unwrap().ok());
+    let file = only_file(dir.path());
+    let mut lines = read_lines(&file);
+    for n in [2500, 1100] {
+        lines[n] = lines[n].replace("\"port\":443", "\"port\":444");
+    }
+    write_lines(&file, &lines);
+    let p = first_problem(dir.path());
+    assert!(matches!(p, Problem::Edited { seq: 1100, .. }), "{p}");
+}

@@ -109,6 +109,60 @@ async fn a_final_line_with_a_bad_hash_is_moved_aside_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsynced_tail_with_gaps_and_padding_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    write(config(dir.path()), 20).await;
+    let file = log_files(dir.path()).pop().unwrap();
+    let lines = read_lines(&file);
+    // A crash before the batch's fsync: a page that never reached the disk (NULs), then a later page that did,
+    // then the preallocated padding.
+    let mut junk = vec![0u8; 300];
+    junk.extend_from_slice(&lines[3].as_bytes()[40..]);
+    junk.push(b'\n');
+    junk.extend_from_slice(lines[4].as_bytes());
+    junk.push(b'\n');
+    let mut data = fs::read(&file).unwrap();
+    let len = data.len();
+    data.extend_from_slice(&junk);
+    data.extend_from_slice(&[0u8; 8192]);
+    fs::write(&file, &data).unwrap();
+
+    let log = AuditLog::open(config(dir.path())).await.unwrap();
+    // Padding alone is cut, not moved aside.
+    assert_eq!(fs::metadata(&file).unwrap().len(), len as u64);
+    assert_eq!(log.record(event(0, 20)).await.unwrap(), 20);
+    log.close().await.unwrap();
+    let aside = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(".torn-"))
+        .unwrap();
+    assert_eq!(fs::read(aside).unwrap(), junk);
+    let r = verify(dir.path(), None).unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+    assert_eq!(r.records, 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_log_verifies_with_its_padding() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(config(dir.path())).await.unwrap();
+    for i in 0..25 {
+        log.record(event(0, i)).await.unwrap();
+    }
+    let file = log_files(dir.path()).pop().unwrap();
+    let on_disk = fs::metadata(&file).unwrap().len();
+    let records: u64 = read_lines(&file).iter().map(|l| l.len() as u64 + 1).sum();
+    assert!(on_disk > records, "the writer preallocates ahead");
+    let r = verify(dir.path(), None).unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+    assert_eq!((r.records, r.unsigned()), (25, 5));
+    log.close().await.unwrap();
+    // A closed file holds records only.
+    assert_eq!(fs::metadata(&file).unwrap().len(), records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_writers_lose_nothing_and_get_a_strict_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());

@@ -685,6 +685,25 @@ fn errors_for_non_json_bodies_unknown_detectors_and_bad_paths() {
 }
 
 #[test]
+fn secrets_in_keys_and_query_names_do_not_leak_into_change_paths() {
+    let body = json!({ AWS_KEY: format!("value {GH_TOKEN}") });
+    let uri = format!("/?{AWS_KEY}={GH_TOKEN}");
+    let out = run(
+        &[redact(&["aws-access-key", "github-token"])],
+        parts(&uri, &[]),
+        &body,
+    );
+    let changes = out.result.unwrap();
+    assert_eq!(
+        changes,
+        vec![
+            change("query.[REDACTED:aws-access-key]", "redact:github-token"),
+            change("$.[REDACTED:aws-access-key]", "redact:github-token"),
+        ]
+    );
+}
+
+#[test]
 fn changes_never_carry_values() {
     let body = json!({"a": format!("{OPENAI_KEY} {AWS_KEY} me@example.com {GH_TOKEN}")});
     let uri = format!("/?k={AWS_KEY}");

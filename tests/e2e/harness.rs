@@ -35,8 +35,11 @@ pub fn repo_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
+/// The `enforcer` binary under test: cargo's, unless `ENFORCER_BIN` names another build.
 pub fn enforcer_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_enforcer"))
+    std::env::var_os("ENFORCER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_enforcer")))
 }
 
 /// The running daemon.
@@ -213,6 +216,7 @@ impl Env {
              cgroup_root: {CGROUP_ROOT}\n\
              capture:\n  cgroup: {PREFIX}{id}\n  pin_dir: {pin}\n\
              proxy:\n  port: {port}\n  extra_roots: [{ca}]\n\
+             audit:\n  checkpoint_interval_secs: 1\n\
              profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
             policy = policy.display(),
             state = root.join("state").display(),
@@ -231,6 +235,7 @@ impl Env {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info,enforcer=debug")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -681,4 +686,24 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+// ---- for the SDK tests (sdk.rs) ----
+
+impl Env {
+    /// Stop the daemon and start it again on `config`, which every later tagged client then uses too.
+    pub fn restart_daemon(&mut self, config: PathBuf) -> Result<()> {
+        if let Some(mut daemon) = self.daemon.take() {
+            terminate(&mut daemon.child, Duration::from_secs(15))?;
+        }
+        self.config = config;
+        self.daemon_error = None;
+        self.start_daemon()
+            .inspect_err(|e| self.daemon_error = Some(e.clone()))
+    }
+}
+
+/// A CA and one leaf it signs for `names`: (CA PEM, leaf PEM, leaf key PEM).
+pub fn mint_ca_and_leaf(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
+    mint(ca_name, names)
 }

@@ -10,7 +10,7 @@ HTTP paths:
   * /_ctl/count?path=P     the number of requests seen for path P (control requests are never counted),
   * /_ctl/release?id=X     lets stream X send its second event,
   * /sse?id=X              text/event-stream: event 1, then event 2 only after /_ctl/release?id=X,
-  * anything else          200 with a body naming method, path and Host.
+  * anything else          200 with a body naming method, path and Host (and echoing the start of any body).
 Prints "UPSTREAM READY" on stdout once every listener is bound. Standard library only.
 """
 
@@ -56,8 +56,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        body = self.rfile.read(length) if length else b""
         if url.path == "/_ctl/count":
             path = query.get("path", [""])[0]
             with COUNTS_LOCK:
@@ -71,7 +70,11 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/sse":
             return self._sse(query.get("id", [""])[0])
         host = self.headers.get("Host", "")
-        self._reply(200, "upstream ok: %s %s host=%s\n" % (self.command, url.path, host))
+        text = "upstream ok: %s %s host=%s\n" % (self.command, url.path, host)
+        if body:
+            # What arrived, so a demo can show a rewrite (redaction) made on the way.
+            text += "received body: %s\n" % body[:300].decode(errors="replace")
+        self._reply(200, text)
 
     def _sse(self, stream_id):
         self.send_response(200)

@@ -3,8 +3,8 @@
 //! 1. a network-namespace host (10.77.250.2) serving HTTPS with a certificate from a CA minted here (openssl);
 //! 2. `enforcer run --config tests/demo/enforcer.yaml` (default policy, programs attached at its own cgroup);
 //! 3. the demo agent `tests/demo/agent.sh` under `enforcer exec`: ordinary curl requests, some allowed, some not;
-//! 4. the audit trail's tail and its verification;
-//! 5. shutdown and cleanup (daemon, server, netns, cgroups, pins) — by a guard, so it also runs on failure.
+//! 4. SIGTERM to the daemon, then the audit trail's tail and its verification;
+//! 5. cleanup (daemon, server, netns, cgroups, pins) — by a guard, so it also runs on failure.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,12 @@ const HOST_IP: &str = "10.77.250.1";
 const DEMO_IP: &str = "10.77.250.2";
 const CGROUP: &str = "/sys/fs/cgroup/unified/enforcer-demo";
 const PIN_DIR: &str = "/sys/fs/bpf/enforcer-demo";
-const NAMES: &[&str] = &["api.github.com", "uploads.example.net"];
+const NAMES: &[&str] = &[
+    "api.openai.com",
+    "api.anthropic.com",
+    "api.github.com",
+    "uploads.example.net",
+];
 
 pub fn run() -> anyhow::Result<()> {
     if !is_root() {
@@ -100,20 +105,20 @@ pub fn run() -> anyhow::Result<()> {
         .context("enforcer exec")?;
     println!("  agent exited: {status}");
 
-    step("audit trail: enforcer audit tail");
-    let audit = run_dir.join("state/audit");
-    let _ = Command::new(&enforcer)
-        .arg("audit")
-        .arg("tail")
-        .arg(&audit)
-        .status();
-    let _ = Command::new(&enforcer)
-        .arg("audit")
-        .arg("verify")
-        .arg(&audit)
-        .status();
+    step("stop the daemon (SIGTERM)");
+    demo.stop_daemon();
 
-    step("shutdown and cleanup");
+    step("audit trail: enforcer audit tail, enforcer audit verify");
+    let audit = run_dir.join("state/audit");
+    for sub in ["tail", "verify"] {
+        let _ = Command::new(&enforcer)
+            .arg("audit")
+            .arg(sub)
+            .arg(&audit)
+            .status();
+    }
+
+    step("cleanup (server, netns, cgroups, pins)");
     drop(demo);
     println!("  done; the audit trail stays in {}", audit.display());
     Ok(())
@@ -140,8 +145,9 @@ impl Demo {
     }
 }
 
-impl Drop for Demo {
-    fn drop(&mut self) {
+impl Demo {
+    /// SIGTERM, then SIGKILL after 10 s.
+    fn stop_daemon(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
             let _ = quiet(Command::new("kill").args(["-TERM", &daemon.id().to_string()]));
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -163,6 +169,12 @@ impl Drop for Demo {
                 }
             }
         }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.stop_daemon();
         if let Some(mut up) = self.upstream.take() {
             let _ = up.kill();
             let _ = up.wait();
@@ -273,7 +285,7 @@ fn mint_certs(dir: &Path) -> anyhow::Result<()> {
         "-out",
         "upstream.csr",
         "-subj",
-        "/CN=api.github.com",
+        "/CN=enforcer demo upstream",
     ]);
     openssl(&csr)?;
     openssl(&[

@@ -3,7 +3,8 @@
 //!
 //! The recipe (DESIGN.md): Debian `llvm-22-dev`; `bpf-linker` 0.13.0 built against LLVM 22 (`LLVM_PREFIX` must point
 //! at LLVM 22 or it finds Debian's LLVM 14); `rust-src` for `-Z build-std=core`. The end-to-end tests and the demo
-//! also need `ip` (iproute2), `curl`, `python3` and `openssl`.
+//! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
+//! Python SDKs (pip).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -22,6 +23,14 @@ const TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("python3", "python3"),
     ("openssl", "openssl"),
+    ("node", "nodejs"),
+];
+
+/// The official SDKs the end-to-end tests run as unmodified agents (tests/e2e/sdk.rs), pinned.
+const PYTHON_SDKS: &[(&str, &str)] = &[
+    ("openai", "3.51.0"),
+    ("anthropic", "2.10.0"),
+    ("mcp", "2.3.0"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -39,7 +48,7 @@ pub fn run() -> anyhow::Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        eprintln!("xtask: setup: ip, curl, python3, openssl present");
+        eprintln!("xtask: setup: ip, curl, python3, openssl, node present");
     } else {
         apt.install(&missing)?;
     }
@@ -63,6 +72,8 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
 
+    python_sdks()?;
+
     if rust_src_installed() {
         eprintln!("xtask: setup: rust-src already installed");
     } else {
@@ -75,6 +86,38 @@ pub fn run() -> anyhow::Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// `python3 -m pip install` the pinned SDKs unless exactly those versions are installed already.
+fn python_sdks() -> anyhow::Result<()> {
+    let names: Vec<String> = PYTHON_SDKS.iter().map(|(n, _)| format!("{n:?}")).collect();
+    let script = format!(
+        "import importlib.metadata as m\nfor n in [{}]:\n    print(n, m.version(n))",
+        names.join(", ")
+    );
+    let want: Vec<String> = PYTHON_SDKS
+        .iter()
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    let have = quiet_output(Command::new("python3").args(["-c", &script]));
+    if have.is_some_and(|h| h.lines().map(str::trim).eq(want.iter().map(String::as_str))) {
+        eprintln!(
+            "xtask: setup: Python SDKs already installed ({})",
+            want.join(", ")
+        );
+        return Ok(());
+    }
+    let pins: Vec<String> = PYTHON_SDKS
+        .iter()
+        .map(|(n, v)| format!("{n}=={v}"))
+        .collect();
+    let pip = || {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--quiet"]).args(&pins);
+        cmd
+    };
+    // A Debian system Python refuses (PEP 668) unless told; try the plain install first.
+    run_checked(&mut pip()).or_else(|_| run_checked(pip().arg("--break-system-packages")))
 }
 
 /// apt-get, with `update` run once before the first install.

@@ -75,6 +75,25 @@ pub enum AuditCommand {
 }
 
 pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match run_inner(cmd) {
+        // `enforcer audit query | head` is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(ExitCode::SUCCESS)
+        }
+        other => other,
+    }
+}
+
+fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    let (AuditCommand::Verify { dir, .. }
+    | AuditCommand::Tail { dir, .. }
+    | AuditCommand::Query { dir, .. }) = &cmd;
+    if !dir.is_dir() {
+        bail!("no audit trail at {}: not a directory", dir.display());
+    }
     match cmd {
         AuditCommand::Verify { dir, key } => verify(&dir, key.as_deref()),
         AuditCommand::Tail {
@@ -110,7 +129,7 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let r = super::verify(dir, key).with_context(|| format!("verifying {}", dir.display()))?;
+    let r = super::verify(dir, key).map_err(flat)?;
     let mb = r.bytes as f64 / 1e6;
     if r.ok() {
         let range = match r.last_seq {
@@ -147,8 +166,11 @@ fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 fn tail(dir: &Path, follow: bool, n: usize, json: bool) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    let mut follower = follow.then(|| read::Follower::at_end(dir)).transpose()?;
-    let lines = read::last(dir, n)?;
+    let mut follower = follow
+        .then(|| read::Follower::at_end(dir))
+        .transpose()
+        .map_err(flat)?;
+    let lines = read::last(dir, n).map_err(flat)?;
     if !json {
         writeln!(out, "{}", header())?;
     }
@@ -159,7 +181,7 @@ fn tail(dir: &Path, follow: bool, n: usize, json: bool) -> anyhow::Result<ExitCo
     };
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let lines = f.poll()?;
+        let lines = f.poll().map_err(flat)?;
         print_lines(&mut out, &lines, json)?;
         out.flush()?;
     }
@@ -170,8 +192,9 @@ fn query(dir: &Path, q: &Query, json: bool) -> anyhow::Result<ExitCode> {
     if !json {
         writeln!(out, "{}", header())?;
     }
-    for (_, path) in read::list_files(dir)? {
-        let lines: Vec<Line> = read::read_file(&path)?
+    for (_, path) in read::list_files(dir).map_err(flat)? {
+        let lines: Vec<Line> = read::read_file(&path)
+            .map_err(flat)?
             .into_iter()
             .filter(|l| q.matches(&l.record))
             .collect();
@@ -282,6 +305,11 @@ fn row(l: &Line) -> String {
         cut(&request, 40),
         outcome
     )
+}
+
+/// The library's errors already name their cause; keep anyhow from printing it twice.
+fn flat(e: super::AuditError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
 }
 
 fn parse_verdict(s: &str) -> anyhow::Result<Verdict> {

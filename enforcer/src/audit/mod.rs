@@ -48,8 +48,6 @@ pub enum AuditError {
     BadKey { path: String },
     #[error("another process holds the audit log in {path}")]
     Locked { path: String },
-    #[error("{path}: its last line is not a whole record and neither is the one before it; run `enforcer audit verify`")]
-    Corrupt { path: String },
     #[error("the audit log ends before record {checkpoint}, which a checkpoint signs (next seq would be {next}): the log was truncated; run `enforcer audit verify`")]
     BehindCheckpoint { checkpoint: u64, next: u64 },
 }
@@ -105,15 +103,6 @@ struct Inner {
     dir: PathBuf,
 }
 
-impl std::fmt::Debug for writer::Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            writer::Msg::Record { .. } => "Record",
-            writer::Msg::Close(_) => "Close",
-        })
-    }
-}
-
 impl AuditLog {
     /// Open (or create) the trail in `cfg.dir`, recover from a torn tail and start the writer.
     pub async fn open(cfg: AuditConfig) -> Result<AuditLog, AuditError> {
@@ -156,5 +145,17 @@ impl AuditLog {
             return Ok(());
         }
         rx.await.unwrap_or(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handle_is_cheap_to_share() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<AuditLog>();
+        assert!(std::mem::size_of::<AuditLog>() <= std::mem::size_of::<usize>());
     }
 }

@@ -42,12 +42,19 @@ pub fn list_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
     Ok(out)
 }
 
+/// The length of `data` without its trailing NUL padding (space the writer preallocates ahead of its records).
+pub fn content_len(data: &[u8]) -> usize {
+    data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
 /// The whole lines of `data` (without `\n`); bytes after the last `\n` are not a line.
 pub fn whole_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    data[..end]
-        .split(|&b| b == b'\n')
-        .take(data[..end].iter().filter(|&&b| b == b'\n').count())
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', data).map(move |end| {
+        let line = &data[start..end];
+        start = end + 1;
+        line
+    })
 }
 
 /// A record together with its exact line (what `--json` prints).
@@ -117,30 +124,44 @@ impl Follower {
     pub fn poll(&mut self) -> Result<Vec<Line>, AuditError> {
         let mut out = Vec::new();
         loop {
-            if let Some(path) = &self.file {
-                let mut f = fs::File::open(path).map_err(|e| AuditError::io(path, e))?;
-                f.seek(SeekFrom::Start(self.offset))
-                    .map_err(|e| AuditError::io(path, e))?;
-                let mut data = Vec::new();
-                f.read_to_end(&mut data)
-                    .map_err(|e| AuditError::io(path, e))?;
-                let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-                parse_lines(&data[..end], &mut out);
-                self.offset += end as u64;
-            }
+            self.drain(&mut out)?;
             let files = list_files(&self.dir)?;
             let next = match &self.file {
                 Some(cur) => files.into_iter().find(|(_, p)| p > cur),
                 None => files.into_iter().next(),
             };
-            match next {
-                Some((_, p)) => {
-                    self.file = Some(p);
-                    self.offset = 0;
-                }
-                None => return Ok(out),
+            let Some((_, next)) = next else {
+                return Ok(out);
+            };
+            // The writer finishes a file before it creates the next one: read what was added meanwhile.
+            self.drain(&mut out)?;
+            self.file = Some(next);
+            self.offset = 0;
+        }
+    }
+
+    /// Read the whole records added to the current file since the last call.
+    fn drain(&mut self, out: &mut Vec<Line>) -> Result<(), AuditError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let mut f = fs::File::open(path).map_err(|e| AuditError::io(path, e))?;
+        f.seek(SeekFrom::Start(self.offset))
+            .map_err(|e| AuditError::io(path, e))?;
+        // Read up to the writer's NUL padding, not through it.
+        let mut data = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = f.read(&mut chunk).map_err(|e| AuditError::io(path, e))?;
+            data.extend_from_slice(&chunk[..n]);
+            if n == 0 || chunk[..n].contains(&0) {
+                break;
             }
         }
+        let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        parse_lines(&data[..end], out);
+        self.offset += end as u64;
+        Ok(())
     }
 }
 

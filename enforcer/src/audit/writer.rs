@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
@@ -15,12 +15,14 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::checkpoint::{self, Checkpoint, Signer, Syslog, CHECKPOINT_FILE};
-use super::read::{file_name, list_files};
+use super::read::{content_len, file_name, list_files, whole_lines};
 use super::record::{compose, parse_line, GENESIS};
 use super::{AuditConfig, AuditError};
 
 /// Most records written in one batch.
 const MAX_BATCH: usize = 4096;
+/// Largest step by which a log file's NUL padding grows ahead of its records.
+const PREALLOCATE: u64 = 8 * 1024 * 1024;
 
 pub(crate) enum Msg {
     Record {
@@ -48,14 +50,16 @@ fn sync_dir(dir: &Path) -> Result<(), AuditError> {
 
 fn open_log(path: &Path) -> Result<File, AuditError> {
     OpenOptions::new()
-        .append(true)
+        .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o600)
         .open(path)
         .map_err(|e| AuditError::io(path, e))
 }
 
-/// Move `data[from..]` of `path` aside to `<path>.torn-<ts>` and cut the file back to `from`.
+/// Move `data[from..]` of `path` aside to `<path>.torn-<ts>` and cut the file back to `from` (also dropping anything
+/// after `data`, such as NUL padding).
 fn move_aside(path: &Path, data: &[u8], from: usize) -> Result<PathBuf, AuditError> {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".torn-{}", now_ts().replace(':', "")));
@@ -85,14 +89,6 @@ fn move_aside(path: &Path, data: &[u8], from: usize) -> Result<PathBuf, AuditErr
     Ok(aside)
 }
 
-/// The seq and hash of the last line of `data` (which ends in `\n`), if it is a whole record.
-fn last_record(data: &[u8]) -> Option<(u64, [u8; 32])> {
-    let body = data.strip_suffix(b"\n")?;
-    let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let p = parse_line(&body[start..]).ok()?;
-    (p.computed() == p.hash).then_some((p.seq, p.hash))
-}
-
 /// Where the chain stands after recovery.
 struct Tail {
     /// The file to append to and its length.
@@ -101,56 +97,73 @@ struct Tail {
     prev: [u8; 32],
 }
 
-/// Recover the last log file: a torn final line (no `\n`, or a last line that is not a whole record with a correct
-/// hash) is moved aside. Empty trailing files are removed. Returns where the chain continues.
-fn recover_log(dir: &Path) -> Result<Tail, AuditError> {
+/// The longest prefix of `data` made of whole records, each with a correct hash, consecutive seqs and linked to the
+/// one before: its length and the seq and hash of its last record.
+fn valid_prefix(data: &[u8]) -> (usize, Option<(u64, [u8; 32])>) {
+    let mut keep = 0;
+    let mut last: Option<(u64, [u8; 32])> = None;
+    for line in whole_lines(data) {
+        let Ok(p) = parse_line(line) else { break };
+        if p.computed() != p.hash {
+            break;
+        }
+        if let Some((seq, hash)) = last {
+            if p.seq != seq + 1 || p.prev != hash {
+                break;
+            }
+        }
+        last = Some((p.seq, p.hash));
+        keep += line.len() + 1;
+    }
+    (keep, last)
+}
+
+/// Recover the last log file. A crash can leave an incomplete tail: bytes that were written but never synced
+/// (and so never acknowledged), possibly with gaps of NULs. Everything after the last record of the file's valid
+/// prefix is moved aside, NUL padding is cut off, and empty trailing files are removed. Nothing is touched if that
+/// would remove a record a checkpoint signs (`signed`): that is tampering, not a crash.
+fn recover_log(dir: &Path, signed: Option<u64>) -> Result<Tail, AuditError> {
     let mut files = list_files(dir)?;
     while let Some((first, path)) = files.pop() {
         let data = fs::read(&path).map_err(|e| AuditError::io(&path, e))?;
-        let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let mut keep = end;
-        let mut last = None;
-        if end > 0 {
-            let start = data[..end - 1]
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |i| i + 1);
-            match parse_line(&data[start..end - 1]) {
-                Ok(p) if p.computed() == p.hash => last = Some((p.seq, p.hash)),
-                // Only the final line can be torn; it goes aside with whatever follows it.
-                _ => keep = start,
+        let end = content_len(&data);
+        let (keep, last) = valid_prefix(&data[..end]);
+        let next = last.map_or(first, |(seq, _)| seq + 1);
+        if let Some(s) = signed.filter(|&s| s >= next) {
+            return Err(AuditError::BehindCheckpoint {
+                checkpoint: s,
+                next,
+            });
+        }
+        if keep < end {
+            move_aside(&path, &data[..end], keep)?;
+        } else if end < data.len() {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| AuditError::io(&path, e))?;
+            f.set_len(end as u64)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| AuditError::io(&path, e))?;
+        }
+        match last {
+            Some((seq, hash)) => {
+                return Ok(Tail {
+                    file: Some((path, keep as u64)),
+                    next_seq: seq + 1,
+                    prev: hash,
+                })
             }
-        }
-        if keep < data.len() {
-            move_aside(&path, &data, keep)?;
-        }
-        if keep == 0 {
-            if files.is_empty() {
-                // The only file, now empty: reuse it when its name fits the start of the chain.
-                if first == 0 {
-                    return Ok(Tail {
-                        file: Some((path, 0)),
-                        next_seq: 0,
-                        prev: GENESIS,
-                    });
-                }
+            // The only file, now empty: reuse it when its name fits the start of the chain.
+            None if files.is_empty() && first == 0 => {
+                return Ok(Tail {
+                    file: Some((path, 0)),
+                    next_seq: 0,
+                    prev: GENESIS,
+                })
             }
-            fs::remove_file(&path).map_err(|e| AuditError::io(&path, e))?;
-            continue;
+            None => fs::remove_file(&path).map_err(|e| AuditError::io(&path, e))?,
         }
-        let last = match last {
-            Some(l) => l,
-            // The bad final line went aside; the one before it must be a whole record.
-            None => last_record(&data[..keep]).ok_or_else(|| AuditError::Corrupt {
-                path: path.display().to_string(),
-            })?,
-        };
-        let (seq, hash) = last;
-        return Ok(Tail {
-            file: Some((path, keep as u64)),
-            next_seq: seq + 1,
-            prev: hash,
-        });
     }
     Ok(Tail {
         file: None,
@@ -195,12 +208,16 @@ pub(crate) struct Writer {
     signer: Signer,
     syslog: Syslog,
     file: File,
+    /// Bytes of records in `file`.
     file_len: u64,
+    /// Size of `file` on disk: records, then NUL padding written ahead of them.
+    allocated: u64,
     next_seq: u64,
     prev: [u8; 32],
     /// Seq of the last signed record, if any.
     signed: Option<u64>,
-    last_checkpoint: Instant,
+    /// When the oldest record not yet covered by a checkpoint was written.
+    unsigned_since: Instant,
     checkpoints: File,
     buf: Vec<u8>,
     /// The writer hit an I/O error: the file's tail is unknown, so nothing more is written until restart.
@@ -221,34 +238,28 @@ impl Writer {
             path: cfg.dir.display().to_string(),
         })?;
         let signer = Signer::load_or_create(&cfg.dir)?;
-        let tail = recover_log(&cfg.dir)?;
         let cp_path = cfg.dir.join(CHECKPOINT_FILE);
         let signed = recover_checkpoints(&cp_path)?;
-        if let Some(s) = signed {
-            if tail.next_seq <= s {
-                return Err(AuditError::BehindCheckpoint {
-                    checkpoint: s,
-                    next: tail.next_seq,
-                });
-            }
-        }
+        let tail = recover_log(&cfg.dir, signed)?;
         let (path, len) = match tail.file {
             Some(f) => f,
             None => (cfg.dir.join(file_name(tail.next_seq)), 0),
         };
         let file = open_log(&path)?;
-        sync_dir(&cfg.dir)?;
         let checkpoints = checkpoint::open_append(&cp_path)?;
+        // New files (key, log, checkpoints, anything moved aside) exist durably from here on.
+        sync_dir(&cfg.dir)?;
         let mut w = Writer {
             syslog: Syslog::new(cfg.syslog),
             cfg,
             signer,
             file,
             file_len: len,
+            allocated: len,
             next_seq: tail.next_seq,
             prev: tail.prev,
             signed,
-            last_checkpoint: Instant::now(),
+            unsigned_since: Instant::now(),
             checkpoints,
             buf: Vec::with_capacity(1 << 16),
             failed: false,
@@ -273,7 +284,6 @@ impl Writer {
     /// Sign the last record if it is not signed yet. The log is synced first so a checkpoint never covers data
     /// that could still be lost.
     fn checkpoint(&mut self) -> Result<(), AuditError> {
-        self.last_checkpoint = Instant::now();
         if !self.unsigned() {
             return Ok(());
         }
@@ -292,15 +302,47 @@ impl Writer {
         Ok(())
     }
 
-    fn rotate(&mut self) -> Result<(), AuditError> {
-        let path = self.cfg.dir.join(file_name(self.next_seq));
+    /// Cut the current file's padding so a finished file holds records only.
+    fn finish_file(&mut self) -> Result<(), AuditError> {
+        if self.allocated > self.file_len {
+            self.file
+                .set_len(self.file_len)
+                .map_err(|e| AuditError::io(&self.cfg.dir, e))?;
+            self.allocated = self.file_len;
+        }
         self.file
             .sync_data()
-            .map_err(|e| AuditError::io(&path, e))?;
+            .map_err(|e| AuditError::io(&self.cfg.dir, e))
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.finish_file()?;
+        let path = self.cfg.dir.join(file_name(self.next_seq));
         self.file = open_log(&path)?;
         sync_dir(&self.cfg.dir)?;
         self.file_len = 0;
+        self.allocated = 0;
         tracing::debug!(file = %path.display(), "audit log rotated");
+        Ok(())
+    }
+
+    /// Make sure the file extends to `len` bytes, writing NULs ahead in large steps. Overwriting allocated blocks
+    /// makes the per-batch `fdatasync` a data-only flush; appending would also commit the size change each time.
+    fn preallocate(&mut self, len: u64) -> std::io::Result<()> {
+        if len <= self.allocated {
+            return Ok(());
+        }
+        let step = self.cfg.rotate_bytes.clamp(64 * 1024, PREALLOCATE);
+        let target = len.div_ceil(step) * step;
+        let zeros = vec![0u8; 256 * 1024];
+        let mut at = self.allocated;
+        while at < target {
+            let n = (target - at).min(zeros.len() as u64);
+            self.file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        self.file.sync_data()?;
+        self.allocated = target;
         Ok(())
     }
 
@@ -308,20 +350,27 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let res = self.file.write_all(&self.buf).and_then(|()| {
-            if self.cfg.durable {
-                self.file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
-        self.file_len += self.buf.len() as u64;
+        let end = self.file_len + self.buf.len() as u64;
+        let res = self
+            .preallocate(end)
+            .and_then(|()| self.file.write_all_at(&self.buf, self.file_len))
+            .and_then(|()| {
+                if self.cfg.durable {
+                    self.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
+        self.file_len = end;
         self.buf.clear();
         res.map_err(|e| AuditError::io(&self.cfg.dir, e))
     }
 
     /// Write one batch; returns the seq given to each record, in order.
     fn write_batch(&mut self, events: &[Vec<u8>]) -> Result<Vec<u64>, AuditError> {
+        if !self.unsigned() {
+            self.unsigned_since = Instant::now();
+        }
         let mut seqs = Vec::with_capacity(events.len());
         for event in events {
             let start = self.buf.len();
@@ -349,7 +398,7 @@ impl Writer {
         let mut replies = Vec::new();
         loop {
             let first = if self.unsigned() {
-                let due = self.last_checkpoint + self.cfg.checkpoint_interval;
+                let due = self.unsigned_since + self.cfg.checkpoint_interval;
                 match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                     Ok(m) => Some(m),
                     Err(RecvTimeoutError::Timeout) => {
@@ -363,6 +412,7 @@ impl Writer {
             };
             let Some(first) = first else {
                 self.checkpoint_or_fail();
+                self.finish_or_log();
                 return;
             };
             let mut close = None;
@@ -417,13 +467,21 @@ impl Writer {
                 let res = if self.failed {
                     Err(AuditError::Failed)
                 } else {
-                    self.checkpoint()
+                    self.checkpoint().and_then(|()| self.finish_file())
                 };
                 // Release the directory before answering, so a caller may reopen it at once.
                 drop(rx);
                 drop(lock);
                 let _ = reply.send(res);
                 return;
+            }
+        }
+    }
+
+    fn finish_or_log(&mut self) {
+        if !self.failed {
+            if let Err(e) = self.finish_file() {
+                tracing::error!(error = %e, "could not finish the audit log file");
             }
         }
     }

@@ -367,8 +367,9 @@ fn redact_head(
             continue;
         };
         if let Some((new, fired)) = redactor.redact_str(text) {
+            let shown = redactor.safe_path(&format!("header.{name}"));
             changes.extend(fired.into_iter().map(|d| Change {
-                path: format!("header.{name}"),
+                path: shown.clone(),
                 cause: format!("redact:{d}"),
             }));
             replaced.push((name.clone(), value.clone(), new));

@@ -60,6 +60,15 @@ impl Redactor<'_> {
         Some((out, fired))
     }
 
+    /// A change path safe to record: object keys and query names are attacker-chosen, so a secret in one is
+    /// redacted in the path too.
+    pub fn safe_path(&self, path: &str) -> String {
+        match self.redact_str(path) {
+            Some((clean, _)) => clean,
+            None => path.to_string(),
+        }
+    }
+
     /// Redact every string value of a JSON document in place.
     pub fn redact_json(
         &self,
@@ -84,8 +93,9 @@ impl Redactor<'_> {
                         return Err(ConstrainError::SignedField { path: path.clone() });
                     }
                     *s = new;
+                    let shown = self.safe_path(path);
                     changes.extend(fired.into_iter().map(|d| Change {
-                        path: path.clone(),
+                        path: shown.clone(),
                         cause: format!("redact:{d}"),
                     }));
                 }
@@ -130,7 +140,7 @@ impl Redactor<'_> {
                 match self.redact_str(&decoded) {
                     Some((new, fired)) => {
                         changed = true;
-                        let shown = percent_decode(name);
+                        let shown = self.safe_path(&percent_decode(name));
                         changes.extend(fired.into_iter().map(|d| Change {
                             path: format!("query.{shown}"),
                             cause: format!("redact:{d}"),

@@ -155,6 +155,9 @@ fn mcp_element(message: &McpMessage, decision: Option<&Decision>) -> Value {
             "result": {
                 "content": [{"type": "text", "text": block_message(decision)}],
                 "isError": true,
+                // Required by the 2026-07-28 MCP schema (clients of that revision reject a result without it);
+                // older peers ignore it, as the official SDKs' servers always send it.
+                "resultType": "complete",
             }
         })
     } else {

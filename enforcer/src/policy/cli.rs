@@ -130,7 +130,11 @@ fn mode_str(m: crate::model::Mode) -> &'static str {
 pub fn explain(policy: &Policy, d: &Decision) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    let _ = writeln!(s, "verdict: {} ({:?})", d.verdict.as_str(), d.reason);
+    let reason = serde_json::to_value(d.reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let _ = writeln!(s, "verdict: {} (reason: {reason})", d.verdict.as_str());
     match &d.deciding_rule {
         Some(r) => {
             let _ = writeln!(s, "deciding rule: {r}");

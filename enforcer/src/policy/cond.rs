@@ -147,7 +147,7 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
             let globs = globs(v, Glob::plain)?;
             if !scope.profiles.is_empty() {
                 for (loc, s) in strings(v)? {
-                    if !s.contains(['*', '?']) && !scope.profiles.iter().any(|p| *p == s) {
+                    if !s.contains(['*', '?']) && !scope.profiles.contains(&s) {
                         return fault(
                             loc,
                             format!(

@@ -194,15 +194,11 @@ impl JsonPath {
             &mut path,
             &mut |p, parent| match (last, parent) {
                 (Seg::Key(k), Value::Object(map)) => {
-                    if map.shift_remove(k).is_some() {
-                        removed.push(child_path(p, last, k, 0));
-                    }
+                    removed.extend(map.shift_remove(k).map(|_| child_path(p, last, k, 0)));
                 }
-                (Seg::Index(n), Value::Array(items)) => {
-                    if *n < items.len() {
-                        items.remove(*n);
-                        removed.push(child_path(p, last, "", *n));
-                    }
+                (Seg::Index(n), Value::Array(items)) if *n < items.len() => {
+                    items.remove(*n);
+                    removed.push(child_path(p, last, "", *n));
                 }
                 (Seg::Wild, Value::Array(items)) => {
                     for i in 0..items.len() {

@@ -28,7 +28,7 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
     AuditEvent {
         decision: Decision {
             verdict,
-            deciding_rule: (i % 5 != 0).then(|| format!("rule-{}", i % 3)),
+            deciding_rule: (!i.is_multiple_of(5)).then(|| format!("rule-{}", i % 3)),
             matched_rules: vec![format!("rule-{}", i % 3), "log-everything".into()],
             reason: Reason::Rule,
             message: None,
@@ -37,7 +37,14 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             policy_hash: "0f".repeat(32),
         },
         agent: Agent {
-            profile: Some(if task % 2 == 0 { "coder" } else { "researcher" }.into()),
+            profile: Some(
+                if task.is_multiple_of(2) {
+                    "coder"
+                } else {
+                    "researcher"
+                }
+                .into(),
+            ),
             cgroup: Some(format!("/enforcer/agent-{task}")),
             pid: Some(task),
             exe: Some("/usr/bin/python3".into()),
@@ -46,7 +53,7 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
         request: RequestSummary {
             scheme: Some(enforcer::model::Scheme::Https),
             host: Some(
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     "api.example.com"
                 } else {
                     "pastebin.com"
@@ -57,8 +64,8 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             port: 443,
             method: Some("POST".into()),
             path: Some(format!("/v1/item/{i}")),
-            mcp_method: (i % 3 == 0).then(|| "tools/call".into()),
-            mcp_tool: (i % 3 == 0).then(|| "read_file".into()),
+            mcp_method: (i.is_multiple_of(3)).then(|| "tools/call".into()),
+            mcp_tool: (i.is_multiple_of(3)).then(|| "read_file".into()),
             llm_provider: None,
             llm_model: None,
             body_size: u64::from(i) * 10,
@@ -113,9 +120,11 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The lines of a log file, without the NUL padding a live writer keeps ahead of its records.
 pub fn read_lines(path: &Path) -> Vec<String> {
     fs::read_to_string(path)
         .unwrap()
+        .trim_end_matches('\0')
         .lines()
         .map(str::to_owned)
         .collect()

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""A provider-compatible LLM test server for the SDK end-to-end tests; runs inside the harness's network namespace.
+
+Speaks the real wire formats the official SDKs expect, over HTTPS on --port (dual-stack):
+  * OpenAI Chat Completions: POST /v1/chat/completions, a `chat.completion` object, or with `stream: true`
+    `chat.completion.chunk` server-sent events ending in `data: [DONE]`; a tool call when the request declares tools.
+  * Anthropic Messages: POST /v1/messages, a `message` object, or with `stream: true` the named events
+    (message_start, content_block_start/delta/stop, message_delta, message_stop); a `tool_use` block when the
+    request declares tools.
+Streams send their first text delta, then wait until the file RECORD_DIR/release-<id> exists (id from the
+`X-E2E-Stream` request header) before sending the rest, so a test can prove the first delta reached the client
+through the proxy while the stream was still open (after 20 s the rest says "timeout").
+Every request (path, Host, headers, raw body) is appended as one JSON line to RECORD_DIR/llm-requests.jsonl, which
+the harness reads straight from the filesystem. Prints "LLM READY" once listening. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RECORD_LOCK = threading.Lock()
+ARGS = None
+
+
+def record(entry):
+    with RECORD_LOCK:
+        with open(os.path.join(ARGS.record_dir, "llm-requests.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def wait_release(stream_id):
+    path = os.path.join(ARGS.record_dir, "release-" + stream_id)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "e2e-llm"
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("llm: %s %s\n" % (self.address_string(), fmt % args))
+
+    def _json(self, status, obj, extra=None):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _start_sse(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _chunk(self, text):
+        data = text.encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _end_chunks(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _read_chunked(self):
+        data = b""
+        while True:
+            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return data
+            data += self.rfile.read(size)
+            self.rfile.readline()
+
+    def do_GET(self):
+        self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+    def do_POST(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw = self._read_chunked()
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+        text = raw.decode("utf-8", errors="replace")
+        record(
+            {
+                "path": self.path,
+                "host": self.headers.get("Host", ""),
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "body": text,
+            }
+        )
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return self._json(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
+        path = self.path.split("?", 1)[0]
+        if path.endswith("/chat/completions"):
+            return self._openai(body)
+        if path.endswith("/v1/messages"):
+            return self._anthropic(body)
+        return self._json(404, {"error": {"message": "unknown path", "type": "invalid_request_error"}})
+
+    # ---- OpenAI Chat Completions ----
+
+    def _openai(self, body):
+        model = body.get("model", "")
+        tools = body.get("tools") or []
+        tool = tools[0]["function"]["name"] if tools else None
+        created = int(time.time())
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "Hello from the e2e server.", "refusal": None}
+            finish = "stop"
+            if tool:
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_e2e_1",
+                            "type": "function",
+                            "function": {"name": tool, "arguments": json.dumps({"city": "Paris"})},
+                        }
+                    ],
+                }
+                finish = "tool_calls"
+            return self._json(
+                200,
+                {
+                    "id": "chatcmpl-e2e",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                },
+            )
+        stream_id = self.headers.get("X-E2E-Stream", "")
+        self._start_sse()
+
+        def send(delta, finish=None):
+            chunk = {
+                "id": "chatcmpl-e2e",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            self._chunk("data: %s\n\n" % json.dumps(chunk))
+
+        send({"role": "assistant", "content": ""})
+        send({"content": "first"})
+        released = wait_release(stream_id)
+        send({"content": " second" if released else " timeout"})
+        if tool:
+            send(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_e2e_2",
+                            "type": "function",
+                            "function": {"name": tool, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+            send({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})
+            send({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+        send({}, "tool_calls" if tool else "stop")
+        self._chunk("data: [DONE]\n\n")
+        self._end_chunks()
+
+    # ---- Anthropic Messages ----
+
+    def _anthropic(self, body):
+        model = body.get("model", "")
+        tools = body.get("tools") or []
+        tool = tools[0]["name"] if tools else None
+        if not body.get("stream"):
+            content = [{"type": "text", "text": "Hello from the e2e server."}]
+            stop = "end_turn"
+            if tool:
+                content.append({"type": "tool_use", "id": "toolu_e2e_1", "name": tool, "input": {"city": "Paris"}})
+                stop = "tool_use"
+            return self._json(
+                200,
+                {
+                    "id": "msg_e2e",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": content,
+                    "stop_reason": stop,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 10, "output_tokens": 5},
+                },
+            )
+        stream_id = self.headers.get("X-E2E-Stream", "")
+        self._start_sse()
+
+        def event(name, data):
+            self._chunk("event: %s\ndata: %s\n\n" % (name, json.dumps(data)))
+
+        event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_e2e",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 10, "output_tokens": 1},
+                },
+            },
+        )
+        event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        event("ping", {"type": "ping"})
+        event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "first"}})
+        released = wait_release(stream_id)
+        event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " second" if released else " timeout"}},
+        )
+        event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        stop = "end_turn"
+        if tool:
+            event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_e2e_2", "name": tool, "input": {}}},
+            )
+            event("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"city": '}})
+            event("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'}})
+            event("content_block_stop", {"type": "content_block_stop", "index": 1})
+            stop = "tool_use"
+        event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 7}})
+        event("message_stop", {"type": "message_stop"})
+        self._end_chunks()
+
+
+class DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def main():
+    global ARGS
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--record-dir", required=True)
+    ARGS = p.parse_args()
+    server = DualStackServer(("::", ARGS.port), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(ARGS.cert, ARGS.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    print("LLM READY", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -271,6 +271,20 @@ pub(crate) async fn handle_request(
                 .await;
         }
     };
+    // 6. The request as the upstream will see it, then the record, then forward and stream the answer back.
+    let upstream_req =
+        match upstream_request(parts, &authority, body, body_changed, &sender, is_upgrade) {
+            Some(r) => r,
+            None => {
+                return rec
+                    .refuse(
+                        Reason::BadRequest,
+                        StatusCode::BAD_REQUEST,
+                        "the request cannot be forwarded",
+                    )
+                    .await
+            }
+        };
     let event = AuditEvent {
         decision,
         agent: conn.agent.clone(),
@@ -290,18 +304,6 @@ pub(crate) async fn handle_request(
         );
     }
 
-    // 6. Forward and stream the answer back.
-    let upstream_req =
-        match upstream_request(parts, &authority, body, body_changed, &sender, is_upgrade) {
-            Some(r) => r,
-            None => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    Reason::BadRequest,
-                    "the request cannot be forwarded",
-                )
-            }
-        };
     let sent = sender.send(upstream_req).await;
     if !is_upgrade {
         conn.upstream.put(&host, want_h2, sender).await;

@@ -1,0 +1,121 @@
+//! Proxy overhead on loopback, as ratios against direct connections measured in the same run (absolute figures vary
+//! with the machine): requests on one kept-alive HTTP/1.1 connection, a fresh TLS connection per request, and leaf
+//! minting. Runs for a few seconds: `cargo bench -p enforcer --bench proxy`.
+
+#[path = "../tests/proxy_support/mod.rs"]
+mod proxy_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use proxy_support::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+const KEEPALIVE_REQUESTS: u32 = 2000;
+const FRESH_CONNECTIONS: u32 = 200;
+const MINTS: u32 = 500;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(run());
+}
+
+async fn run() {
+    let test_ca = TestCa::new("bench upstream CA");
+    let proxy = start_proxy(&policy(&["allowed.test"], &[]), &[&test_ca], false).await;
+    let (chain, key) = test_ca.leaf(&["allowed.test"]);
+    let (up, _) = https_upstream(chain, key, false).await;
+    let direct_tls = {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(test_ca.pem.as_bytes()).expect("test CA PEM"))
+            .expect("test CA");
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let name = || ServerName::try_from("allowed.test").expect("server name");
+
+    // Kept-alive HTTP/1.1.
+    let tcp = tokio::net::TcpStream::connect(up).await.expect("upstream");
+    let direct = keepalive(direct_tls.connect(name(), tcp).await.expect("direct TLS")).await;
+    let via = keepalive(proxy.tls_to(up, "allowed.test", &[b"http/1.1"]).await).await;
+    report("keep-alive h1 request", direct, via, KEEPALIVE_REQUESTS);
+
+    // A fresh TLS connection per request.
+    let t = Instant::now();
+    for _ in 0..FRESH_CONNECTIONS {
+        let tcp = tokio::net::TcpStream::connect(up).await.expect("upstream");
+        let tls = direct_tls.connect(name(), tcp).await.expect("direct TLS");
+        let (status, _, _) = send(tls, false, get("/", "allowed.test")).await;
+        assert_eq!(status, 200);
+    }
+    let direct = t.elapsed();
+    let t = Instant::now();
+    for _ in 0..FRESH_CONNECTIONS {
+        let tls = proxy.tls_to(up, "allowed.test", &[b"http/1.1"]).await;
+        let (status, _, _) = send(tls, false, get("/", "allowed.test")).await;
+        assert_eq!(status, 200);
+    }
+    report(
+        "new TLS connection + request",
+        direct,
+        t.elapsed(),
+        FRESH_CONNECTIONS,
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = enforcer::proxy::CertAuthority::load_or_create(dir.path()).expect("CA");
+    let t = Instant::now();
+    for i in 0..MINTS {
+        ca.mint(&format!("host{i}.bench.test")).expect("mint");
+    }
+    println!(
+        "leaf minting: {:.1} µs per leaf",
+        t.elapsed().as_secs_f64() * 1e6 / f64::from(MINTS)
+    );
+}
+
+async fn keepalive<S>(io: S) -> Duration
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn);
+    let t = Instant::now();
+    for _ in 0..KEEPALIVE_REQUESTS {
+        s.ready().await.expect("ready");
+        let resp = s
+            .send_request(get("/", "allowed.test"))
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.expect("body");
+    }
+    t.elapsed()
+}
+
+fn report(what: &str, direct: Duration, via: Duration, n: u32) {
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+    println!(
+        "{what}: direct {:.1} µs, via proxy {:.1} µs, ratio {:.2}",
+        per(direct),
+        per(via),
+        via.as_secs_f64() / direct.as_secs_f64()
+    );
+}

@@ -97,3 +97,37 @@ fn a_clean_prompt_is_not_constrained() {
     assert_ne!(decision.verdict, Verdict::Constrain);
     assert_ne!(decision.verdict, Verdict::Block);
 }
+
+#[test]
+fn the_policy_sets_the_redaction_marker() {
+    let src = r#"
+version: 1
+default: block
+redaction_marker: "<removed {detector}>"
+rules:
+  - id: redact
+    when: { detect: [github-token] }
+    verdict: constrain
+    constrain: { redact: [github-token] }
+"#;
+    let policy = Policy::from_yaml(src, "marker.yaml").unwrap();
+    assert_eq!(policy.redaction_marker(), "<removed {detector}>");
+    let token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let body = json!({"note": format!("token {token} here"), "keep": 1});
+    let (action, mut parts, mut bytes) = llm_request("paste.test", "/notes", &body);
+    let decision = policy.evaluate(&action);
+    assert_eq!(decision.verdict, Verdict::Constrain);
+    let changes = constrain::apply(&decision.rewrites, &policy, &mut parts, &mut bytes).unwrap();
+    assert_eq!(changes.len(), 1);
+    let sent: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        sent,
+        json!({"note": "token <removed github-token> here", "keep": 1})
+    );
+
+    let empty = "version: 1\ndefault: block\nredaction_marker: \"\"\n";
+    let err = Policy::from_yaml(empty, "empty.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("empty.yaml:3:"), "{err}");
+}

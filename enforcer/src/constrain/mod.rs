@@ -60,7 +60,7 @@ pub struct ConstrainOptions {
 impl Default for ConstrainOptions {
     fn default() -> Self {
         ConstrainOptions {
-            marker: "[REDACTED:{detector}]".into(),
+            marker: crate::policy::DEFAULT_REDACTION_MARKER.into(),
             redact_skip_headers: [
                 "authorization",
                 "proxy-authorization",
@@ -92,13 +92,11 @@ pub fn apply(
     parts: &mut http::request::Parts,
     body: &mut Bytes,
 ) -> Result<Vec<Change>, ConstrainError> {
-    apply_with(
-        rewrites,
-        policy.detectors(),
-        &ConstrainOptions::default(),
-        parts,
-        body,
-    )
+    let options = ConstrainOptions {
+        marker: policy.redaction_marker().to_string(),
+        ..ConstrainOptions::default()
+    };
+    apply_with(rewrites, policy.detectors(), &options, parts, body)
 }
 
 /// The body as the rewrites see it: parsed once, on first need.

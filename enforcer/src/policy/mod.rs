@@ -31,6 +31,8 @@ pub use yaml::MAX_SOURCE_BYTES;
 
 /// The largest body the proxy buffers for inspection unless the policy says otherwise.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+/// The default replacement for a redacted secret; `{detector}` stands for the detector's name.
+pub const DEFAULT_REDACTION_MARKER: &str = "[REDACTED:{detector}]";
 
 /// The client-facing message of the default block when the policy does not set `default_message`.
 pub const DEFAULT_BLOCK_MESSAGE: &str = "blocked by policy: no rule allows this request";
@@ -150,6 +152,7 @@ pub struct Policy {
     default: Verdict,
     default_message: Option<String>,
     max_body_bytes: u64,
+    redaction_marker: String,
     detectors: detect::Detectors,
     profiles: Vec<String>,
     rules: Vec<Rule>,
@@ -312,6 +315,11 @@ impl Policy {
         self.mode
     }
 
+    /// What redaction puts in place of a detected secret; `{detector}` stands for the detector's name.
+    pub fn redaction_marker(&self) -> &str {
+        &self.redaction_marker
+    }
+
     /// The verdict when no rule matches.
     pub fn default_verdict(&self) -> Verdict {
         self.default
@@ -351,6 +359,7 @@ const TOP_KEYS: &[&str] = &[
     "default_message",
     "mode",
     "max_body_bytes",
+    "redaction_marker",
     "profiles",
     "detectors",
     "rules",
@@ -477,6 +486,16 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         .map(|(_, v)| cond::size(v))
         .transpose()?
         .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let redaction_marker = match top.get("redaction_marker") {
+        Some((_, v)) => {
+            let marker = string(v, "a redaction marker")?;
+            if marker.is_empty() {
+                return fault(v.loc, "expected a non-empty redaction marker");
+            }
+            marker
+        }
+        None => DEFAULT_REDACTION_MARKER.to_string(),
+    };
 
     let mut profiles = Vec::new();
     if let Some((_, v)) = top.get("profiles") {
@@ -595,6 +614,7 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         default,
         default_message,
         max_body_bytes,
+        redaction_marker,
         detectors,
         profiles,
         rules,

@@ -3,6 +3,7 @@
 //! without a file. Parsing only; the stages read the plain structs.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -84,6 +85,10 @@ pub struct ProxyConfig {
     pub explicit: Option<ExplicitProxy>,
     /// Extra PEM files of CA certificates trusted for upstream connections, beside the webpki roots.
     pub extra_roots: Vec<PathBuf>,
+    /// Host names pinned to addresses, for binding plain-HTTP `Host` headers to the original destination in
+    /// transparent mode (checked before DNS, and authoritative for the names listed: no DNS for them). Air-gapped
+    /// hosts and tests use it; other names are bound through the system resolver.
+    pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +132,7 @@ impl Default for ProxyConfig {
             port: 15001,
             explicit: None,
             extra_roots: Vec::new(),
+            static_hosts: BTreeMap::new(),
         }
     }
 }

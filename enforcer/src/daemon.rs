@@ -17,7 +17,7 @@ use crate::capture::{Capture, CaptureConfig};
 use crate::config::Config;
 use crate::model::{Origin, OriginLookup};
 use crate::policy::Policy;
-use crate::proxy::{CancellationToken, CertAuthority, ProxyContext, UpstreamTls};
+use crate::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
 
 /// The policy enforced when the configuration names none: `policies/default.yaml`, built in.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -115,6 +115,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         upstream,
         origins,
         inspect: config.inspect.clone(),
+        hosts: HostBinder::new(&config.proxy.static_hosts),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

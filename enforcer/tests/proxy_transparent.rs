@@ -2,6 +2,7 @@
 
 mod proxy_support;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,9 +20,26 @@ struct World {
     proxy: Proxy,
 }
 
+/// The loopback address every test upstream listens on.
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// An address no test upstream uses: a name pinned here is not bound to any loopback destination.
+const ELSEWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+
 async fn world(policy_yaml: &str) -> World {
     let test_ca = TestCa::new("proxy test upstream CA");
-    let proxy = start_proxy(policy_yaml, &[&test_ca], false).await;
+    // The test names live on loopback (plain HTTP binds its Host through these pins); elsewhere.test does not.
+    let proxy = start_proxy_with_hosts(
+        policy_yaml,
+        &[&test_ca],
+        false,
+        &[
+            ("allowed.test", &[LOOPBACK]),
+            ("blocked.test", &[LOOPBACK]),
+            ("other.test", &[LOOPBACK]),
+            ("elsewhere.test", &[ELSEWHERE]),
+        ],
+    )
+    .await;
     World { test_ca, proxy }
 }
 
@@ -460,4 +478,93 @@ async fn tls_client_offering_only_unknown_alpn_is_refused_and_audited() {
     assert_eq!(outcome(&records[0]).0, "blocked");
     assert_eq!(records[0]["request"]["host"], "allowed.test");
     assert_eq!(records[0]["outcome"]["error"], "bad_request");
+}
+
+#[tokio::test]
+async fn plain_http_host_pinned_in_static_hosts_is_forwarded() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = http_upstream().await;
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, _, body) = send(tcp, false, get("/pinned", "Allowed.Test.")).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("path=/pinned"), "{body}");
+    assert_eq!(seen.count(), 1);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0]).0, "forwarded");
+    assert_eq!(records[0]["request"]["host"], "allowed.test");
+}
+
+#[tokio::test]
+async fn plain_http_host_pinned_elsewhere_is_misdirected_and_never_forwarded() {
+    // The policy allows the name, but it does not live at the address the agent connected to: a spoofed Host.
+    let w = world(&policy(&["allowed.test", "elsewhere.test"], &[])).await;
+    let (up, seen) = http_upstream().await;
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, headers, body) = send(tcp, false, get("/spoof?k=v", "elsewhere.test")).await;
+    assert_eq!(status, 421);
+    assert_eq!(headers["content-type"], "application/json");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["reason"], "host_mismatch");
+    assert_eq!(
+        seen.count(),
+        0,
+        "a misdirected request must never be forwarded"
+    );
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(outcome(&records[0]), ("blocked", Some(421)));
+    assert_eq!(records[0]["outcome"]["error"], "host_mismatch");
+    assert_eq!(records[0]["decision"]["reason"], "host_mismatch");
+    assert_eq!(records[0]["request"]["host"], "elsewhere.test");
+    assert_eq!(w.proxy.close_and_verify().await, 1);
+}
+
+#[tokio::test]
+async fn plain_http_ip_literal_host_binds_only_to_its_own_address() {
+    let w = world(&policy(&["127.0.0.1", "127.0.0.2"], &[])).await;
+    let (up, seen) = http_upstream().await;
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, _, body) = send(tcp, false, get("/literal", &up.to_string())).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("path=/literal"), "{body}");
+    assert_eq!(seen.count(), 1);
+    // Another IP literal than the destination is a spoof like any other.
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, _, _) = send(tcp, false, get("/literal-other", "127.0.0.2")).await;
+    assert_eq!(status, 421);
+    assert_eq!(seen.count(), 1);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(outcome(&records[0]).0, "forwarded");
+    assert_eq!(records[1]["outcome"]["error"], "host_mismatch");
+}
+
+#[tokio::test]
+async fn plain_http_unresolvable_host_is_misdirected() {
+    // RFC 2606: `.invalid` never resolves.
+    let w = world(&policy(&["allowed.test", "nowhere.invalid"], &[])).await;
+    let (up, seen) = http_upstream().await;
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, _, _) = send(tcp, false, get("/nowhere", "nowhere.invalid")).await;
+    assert_eq!(status, 421);
+    assert_eq!(seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0]), ("blocked", Some(421)));
+    assert_eq!(records[0]["outcome"]["error"], "host_mismatch");
+}
+
+#[tokio::test]
+async fn https_is_not_subject_to_host_binding() {
+    // An HTTPS name bound by the upstream certificate needs no pin or DNS entry.
+    let w = world(&policy(&["cert-only.test"], &[])).await;
+    let (chain, key) = w.test_ca.leaf(&["cert-only.test"]);
+    let (up, seen) = https_upstream(chain, key, true).await;
+    let tls = w.proxy.tls_to(up, "cert-only.test", &[H1]).await;
+    let (status, _, body) = send(tls, false, get("/tls", "cert-only.test")).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(seen.count(), 1);
 }

@@ -27,7 +27,8 @@ const SNIFF_MAX: usize = 16;
 pub(crate) struct Target {
     pub dst: SocketAddr,
     pub agent: Agent,
-    /// The host name the client named (explicit CONNECT), when known before any byte is read.
+    /// The host name the client named (explicit CONNECT), when known before any byte is read. The daemon resolved
+    /// it to `dst` itself, so it is bound to `dst`; transparent connections have none.
     pub host_hint: Option<String>,
 }
 
@@ -111,6 +112,7 @@ where
                 scheme: Scheme::Http,
                 sni: None,
                 dst: target.dst,
+                resolved_host: target.host_hint,
                 agent: target.agent,
                 upstream: Default::default(),
             };
@@ -189,6 +191,7 @@ where
         scheme: Scheme::Https,
         sni: hello.sni,
         dst: target.dst,
+        resolved_host: target.host_hint,
         agent: target.agent,
         upstream: Default::default(),
     };

@@ -90,6 +90,7 @@ async fn explicit_request(
         scheme: Scheme::Http,
         sni: None,
         dst,
+        resolved_host: Some(host),
         agent,
         upstream: Default::default(),
     };

@@ -1,6 +1,6 @@
-//! The per-request pipeline, readable top to bottom in [`handle_request`]: check Host against SNI, buffer and decode
-//! the body (bounded by the policy), build the `Action`, classify, decide, then block, rewrite or forward — with the
-//! single audit record written durably before anything reaches the upstream. Response bodies stream back frame by
+//! The per-request pipeline, readable top to bottom in [`handle_request`]: check Host against SNI (TLS) or bind it
+//! to the original destination (plain HTTP), buffer and decode the body (bounded by the policy), build the `Action`,
+//! classify, decide, then block, rewrite or forward — with the single audit record written durably before anything reaches the upstream. Response bodies stream back frame by
 //! frame (server-sent events are never buffered); `Upgrade` requests are relayed once the upstream agrees.
 
 use std::convert::Infallible;
@@ -45,6 +45,9 @@ pub(crate) struct Conn {
     pub sni: Option<String>,
     /// The original destination.
     pub dst: SocketAddr,
+    /// A host name the daemon itself resolved to `dst` (explicit proxy: the CONNECT or absolute-form target). A
+    /// plain-HTTP request naming any other host must be bound to `dst` by the `HostBinder`.
+    pub resolved_host: Option<String>,
     pub agent: Agent,
     /// The upstream connection reused across this client connection's requests.
     pub upstream: Arc<upstream::Slot>,
@@ -161,6 +164,19 @@ pub(crate) async fn handle_request(
                     Reason::HostMismatch,
                     StatusCode::MISDIRECTED_REQUEST,
                     "the request's host does not match the TLS server name",
+                )
+                .await;
+        }
+    }
+    // Plain HTTP has no certificate to bind the name: the claimed host must live at the original destination.
+    if conn.scheme == Scheme::Http && conn.resolved_host.as_deref() != Some(host.as_str()) {
+        if let Err(e) = ctx.hosts.bind(&host, conn.dst.ip()).await {
+            tracing::info!(dst = %conn.dst, error = %e, "plain-HTTP host not bound to the destination");
+            return rec
+                .refuse(
+                    Reason::HostMismatch,
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "the request's host does not live at the connection's destination",
                 )
                 .await;
         }

@@ -5,11 +5,13 @@
 //! are stored (audit).
 //!
 //! A connection's path: [`serve_transparent`] / [`serve_explicit`] → `accept` (original destination, sniff) →
-//! `tls` (leaf, ALPN) or plain HTTP or `tunnel` (TCP) → `http` (the per-request pipeline) → `upstream`.
+//! `tls` (leaf, ALPN) or plain HTTP or `tunnel` (TCP) → `http` (the per-request pipeline; for plain HTTP the
+//! `hostbind` check that the claimed Host lives at the original destination) → `upstream`.
 
 mod accept;
 mod ca;
 mod explicit;
+mod hostbind;
 mod http;
 mod io;
 mod tls;
@@ -26,6 +28,7 @@ use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority};
+pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::UpstreamError;
 
@@ -45,6 +48,8 @@ pub struct ProxyContext {
     pub upstream: UpstreamTls,
     pub origins: Arc<dyn OriginLookup>,
     pub inspect: InspectConfig,
+    /// Binds a plain-HTTP `Host` to the original destination (transparent mode; see `hostbind`).
+    pub hosts: HostBinder,
 }
 
 /// Serve redirected connections: each client's original destination and agent come from `ctx.origins`. A client

@@ -7,7 +7,7 @@
 )]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use enforcer::audit::{AuditConfig, AuditLog};
 use enforcer::inspect::InspectConfig;
 use enforcer::model::{Agent, Origin, OriginLookup};
 use enforcer::policy::Policy;
-use enforcer::proxy::{CancellationToken, CertAuthority, ProxyContext, UpstreamTls};
+use enforcer::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -294,6 +294,16 @@ pub struct Proxy {
 }
 
 pub async fn start_proxy(policy_yaml: &str, extra_roots: &[&TestCa], explicit: bool) -> Proxy {
+    start_proxy_with_hosts(policy_yaml, extra_roots, explicit, &[]).await
+}
+
+/// The proxy with `static_hosts` pins (name → addresses) for binding plain-HTTP hosts to their destination.
+pub async fn start_proxy_with_hosts(
+    policy_yaml: &str,
+    extra_roots: &[&TestCa],
+    explicit: bool,
+    static_hosts: &[(&str, &[IpAddr])],
+) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let policy = Arc::new(Policy::from_yaml(policy_yaml, "test-policy.yaml").unwrap());
     let audit_dir = dir.path().join("audit");
@@ -311,6 +321,12 @@ pub async fn start_proxy(policy_yaml: &str, extra_roots: &[&TestCa], explicit: b
         upstream,
         origins: table.clone(),
         inspect: InspectConfig::default(),
+        hosts: HostBinder::new(
+            &static_hosts
+                .iter()
+                .map(|(name, ips)| (name.to_string(), ips.to_vec()))
+                .collect(),
+        ),
     });
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,254 @@
+//! Host binding for plain HTTP: a `Host` the agent merely claims must really live at the connection's original
+//! destination before a policy `host:` rule may see it. (TLS needs none of this: the upstream certificate is verified
+//! for the SNI at the original IP, which binds the name.) The binding holds when the host is an IP literal equal to
+//! the destination, when it is pinned in the daemon's `proxy.static_hosts` table to a set containing the destination
+//! (the table is authoritative for its names: no DNS), or when the system resolver answers, within a short timeout,
+//! with a set containing the destination. Successful resolutions are cached for a short TTL in a bounded map.
+//! Owns only this check; the caller answers 421 and audits `Reason::HostMismatch` when it fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long one resolution may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a resolved address set is trusted.
+const CACHE_TTL: Duration = Duration::from_secs(60);
+/// Most names cached at once.
+const CACHE_MAX: usize = 1024;
+
+/// Why a host is not bound to the destination. Messages name no host (they may reach logs).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HostBindError {
+    #[error("the host is an IP address other than the connection's destination")]
+    OtherIp,
+    #[error(
+        "the host is pinned in static_hosts to other addresses than the connection's destination"
+    )]
+    PinnedElsewhere,
+    #[error("the host does not resolve to the connection's destination")]
+    NotAtDestination,
+    #[error("the host could not be resolved")]
+    Unresolved,
+    #[error("resolving the host timed out")]
+    Timeout,
+}
+
+/// How a binding was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// The host is the destination's IP literal.
+    IpLiteral,
+    /// The host is pinned in `static_hosts` to (among others) the destination.
+    Pinned,
+    /// The system resolver maps the host to (among others) the destination.
+    Resolved,
+}
+
+struct Cached {
+    addrs: Vec<IpAddr>,
+    at: Instant,
+}
+
+/// Checks that a claimed host lives at a destination IP. Cheap to share (hold it in `ProxyContext`).
+pub struct HostBinder {
+    static_hosts: BTreeMap<String, Vec<IpAddr>>,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+impl HostBinder {
+    /// A binder with the configured `static_hosts` (names are matched case-insensitively, trailing dot ignored).
+    pub fn new(static_hosts: &BTreeMap<String, Vec<IpAddr>>) -> HostBinder {
+        let static_hosts = static_hosts
+            .iter()
+            .map(|(name, ips)| {
+                (
+                    super::ca::normalise_host(name),
+                    ips.iter().map(|ip| ip.to_canonical()).collect(),
+                )
+            })
+            .collect();
+        HostBinder {
+            static_hosts,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Does `host` (already normalised: lower case, no port, no brackets) live at `dst`?
+    pub async fn bind(&self, host: &str, dst: IpAddr) -> Result<Binding, HostBindError> {
+        let dst = dst.to_canonical();
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return if ip.to_canonical() == dst {
+                Ok(Binding::IpLiteral)
+            } else {
+                Err(HostBindError::OtherIp)
+            };
+        }
+        if let Some(pinned) = self.static_hosts.get(host) {
+            return if pinned.contains(&dst) {
+                Ok(Binding::Pinned)
+            } else {
+                Err(HostBindError::PinnedElsewhere)
+            };
+        }
+        let addrs = match self.cached(host) {
+            Some(addrs) => addrs,
+            None => {
+                let addrs = resolve(host).await?;
+                self.store(host, addrs.clone());
+                addrs
+            }
+        };
+        if addrs.contains(&dst) {
+            Ok(Binding::Resolved)
+        } else {
+            Err(HostBindError::NotAtDestination)
+        }
+    }
+
+    fn cached(&self, host: &str) -> Option<Vec<IpAddr>> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(host)
+            .filter(|c| c.at.elapsed() < CACHE_TTL)
+            .map(|c| c.addrs.clone())
+    }
+
+    fn store(&self, host: &str, addrs: Vec<IpAddr>) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX && !cache.contains_key(host) {
+            cache.retain(|_, c| c.at.elapsed() < CACHE_TTL);
+            if cache.len() >= CACHE_MAX {
+                let oldest = cache
+                    .iter()
+                    .min_by_key(|(_, c)| c.at)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    cache.remove(&k);
+                }
+            }
+        }
+        cache.insert(
+            host.to_string(),
+            Cached {
+                addrs,
+                at: Instant::now(),
+            },
+        );
+    }
+}
+
+/// The system resolver's answer for `host`, canonical (IPv4-mapped IPv6 as IPv4).
+async fn resolve(host: &str) -> Result<Vec<IpAddr>, HostBindError> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await {
+        Err(_) => Err(HostBindError::Timeout),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "host binding: the name did not resolve");
+            Err(HostBindError::Unresolved)
+        }
+        Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip().to_canonical()).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn binder() -> HostBinder {
+        HostBinder::new(&BTreeMap::from([
+            (
+                "Pinned.Test.".to_string(),
+                vec![ip("10.0.0.1"), ip("fd00::1")],
+            ),
+            ("mapped.test".to_string(), vec![ip("::ffff:10.0.0.2")]),
+        ]))
+    }
+
+    #[tokio::test]
+    async fn ip_literals_bind_only_to_themselves() {
+        let b = binder();
+        assert_eq!(
+            b.bind("10.0.0.1", ip("10.0.0.1")).await,
+            Ok(Binding::IpLiteral)
+        );
+        assert_eq!(
+            b.bind("10.0.0.1", ip("::ffff:10.0.0.1")).await,
+            Ok(Binding::IpLiteral)
+        );
+        assert_eq!(
+            b.bind("fd00::1", ip("fd00::1")).await,
+            Ok(Binding::IpLiteral)
+        );
+        assert_eq!(
+            b.bind("10.0.0.9", ip("10.0.0.1")).await,
+            Err(HostBindError::OtherIp)
+        );
+    }
+
+    #[tokio::test]
+    async fn static_hosts_are_authoritative() {
+        let b = binder();
+        assert_eq!(
+            b.bind("pinned.test", ip("10.0.0.1")).await,
+            Ok(Binding::Pinned)
+        );
+        assert_eq!(
+            b.bind("pinned.test", ip("fd00::1")).await,
+            Ok(Binding::Pinned)
+        );
+        assert_eq!(
+            b.bind("pinned.test", ip("10.0.0.2")).await,
+            Err(HostBindError::PinnedElsewhere)
+        );
+        assert_eq!(
+            b.bind("mapped.test", ip("::ffff:10.0.0.2")).await,
+            Ok(Binding::Pinned)
+        );
+        assert_eq!(
+            b.bind("mapped.test", ip("10.0.0.2")).await,
+            Ok(Binding::Pinned)
+        );
+    }
+
+    #[tokio::test]
+    async fn resolver_answers_bind_and_unresolvable_names_do_not() {
+        let b = binder();
+        // `localhost` is answered from /etc/hosts by the system resolver.
+        assert_eq!(
+            b.bind("localhost", ip("127.0.0.1")).await,
+            Ok(Binding::Resolved)
+        );
+        assert_eq!(
+            b.bind("localhost", ip("127.0.0.1")).await,
+            Ok(Binding::Resolved)
+        );
+        assert_eq!(
+            b.bind("localhost", ip("10.9.9.9")).await,
+            Err(HostBindError::NotAtDestination)
+        );
+        let err = b
+            .bind("nowhere.invalid", ip("127.0.0.1"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, HostBindError::Unresolved | HostBindError::Timeout),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let b = binder();
+        for i in 0..(CACHE_MAX + 10) {
+            b.store(&format!("h{i}.test"), vec![ip("10.0.0.1")]);
+        }
+        let len = b.cache.lock().unwrap().len();
+        assert!(len <= CACHE_MAX, "{len}");
+        assert!(b.cached(&format!("h{}.test", CACHE_MAX + 9)).is_some());
+    }
+}

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 pub const API_HOST: &str = "api.e2e.test";
 /// The name the upstream's untrusted certificate is minted for.
 pub const BAD_HOST: &str = "bad.e2e.test";
+/// A name pinned (`proxy.static_hosts`) to the upstream's IPv4 address only: plain HTTP naming it at the IPv6
+/// address is a spoofed Host.
+pub const V4_ONLY_HOST: &str = "v4only.e2e.test";
 /// The profile the tests tag their clients with.
 pub const PROFILE: &str = "e2e";
 pub const ECHO_ALLOWED: u16 = 7000;
@@ -216,6 +219,10 @@ impl Env {
              cgroup_root: {CGROUP_ROOT}\n\
              capture:\n  cgroup: {PREFIX}{id}\n  pin_dir: {pin}\n\
              proxy:\n  port: {port}\n  extra_roots: [{ca}]\n\
+             \x20 static_hosts:\n\
+             \x20   {API_HOST}: [\"{v4}\", \"{v6}\"]\n\
+             \x20   {BAD_HOST}: [\"{v4}\", \"{v6}\"]\n\
+             \x20   {V4_ONLY_HOST}: [\"{v4}\"]\n\
              audit:\n  checkpoint_interval_secs: 1\n\
              profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
             policy = policy.display(),
@@ -224,6 +231,8 @@ impl Env {
             pin = self.pin_dir.display(),
             port = self.port,
             ca = self.test_ca.display(),
+            v4 = self.v4,
+            v6 = self.v6,
         );
         write(&self.config, &yaml)
     }

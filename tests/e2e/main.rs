@@ -15,7 +15,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use harness::{Env, API_HOST, BAD_HOST, BAD_TLS_PORT, ECHO_ALLOWED, ECHO_BLOCKED};
+use harness::{Env, API_HOST, BAD_HOST, BAD_TLS_PORT, ECHO_ALLOWED, ECHO_BLOCKED, V4_ONLY_HOST};
 
 type Test = (&'static str, fn(&mut Env));
 
@@ -32,6 +32,10 @@ const TESTS: &[Test] = &[
     (
         "allowed_plain_http_reaches_upstream",
         allowed_plain_http_reaches_upstream,
+    ),
+    (
+        "spoofed_plain_http_host_gets_421_and_never_reaches_upstream",
+        spoofed_plain_http_host_gets_421_and_never_reaches_upstream,
     ),
     (
         "blocked_gets_403_and_never_reaches_upstream",
@@ -322,6 +326,36 @@ fn allowed_plain_http_reaches_upstream(env: &mut Env) {
         assert_eq!(recs.len(), 1, "v6={v6}: audit records {recs:?}");
         assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
         assert_eq!(recs[0]["request"]["scheme"], "http", "{}", recs[0]);
+    }
+}
+
+/// Plain HTTP has no certificate to bind the Host to the address: the daemon binds it through `static_hosts`. The
+/// policy allows the v4-only name; at the IPv4 address it is forwarded, at the IPv6 address (where it does not live)
+/// it is a spoofed Host: 421, audited as host_mismatch, never forwarded.
+fn spoofed_plain_http_host_gets_421_and_never_reaches_upstream(env: &mut Env) {
+    env.need_daemon();
+    for v6 in [false, true] {
+        let path = unique("/allowed", if v6 { "spoof-v6" } else { "pinned-v4" });
+        let url = format!("http://{V4_ONLY_HOST}{path}");
+        let out = env.curl_tagged(&["--resolve", &env.resolve(V4_ONLY_HOST, 80, v6), &url]);
+        let recs = records_for(env, &path);
+        assert_eq!(recs.len(), 1, "v6={v6}: audit records {recs:?}");
+        if v6 {
+            assert_eq!((out.code, out.status), (0, 421), "{out:?}");
+            assert!(!out.body.contains("upstream ok"), "{out:?}");
+            assert_eq!(
+                env.upstream_count(&path),
+                0,
+                "a spoofed Host reached the upstream"
+            );
+            assert_record(&recs[0], "block", None, "blocked");
+            assert_eq!(recs[0]["outcome"]["status"], 421, "{}", recs[0]);
+            assert_eq!(recs[0]["outcome"]["error"], "host_mismatch", "{}", recs[0]);
+        } else {
+            assert_eq!((out.code, out.status), (0, 200), "{out:?}");
+            assert_eq!(env.upstream_count(&path), 1);
+            assert_record(&recs[0], "allow", Some("e2e-allow-v4only"), "forwarded");
+        }
     }
 }
 

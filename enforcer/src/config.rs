@@ -204,3 +204,21 @@ impl Config {
         cfg
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_hosts_parse_v4_and_v6_and_default_to_empty() {
+        let yaml = "proxy:\n  port: 15009\n  static_hosts:\n    api.e2e.test: [\"10.77.1.2\", \"fd77:1::2\"]\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        let ips = &config.proxy.static_hosts["api.e2e.test"];
+        assert_eq!(ips.len(), 2);
+        assert_eq!(ips[0], IpAddr::from([10, 77, 1, 2]));
+        assert!(ips[1].is_ipv6());
+        assert!(Config::default().proxy.static_hosts.is_empty());
+        let bad = "proxy:\n  static_hosts:\n    x.test: [\"not-an-ip\"]\n";
+        assert!(serde_saphyr::from_str::<Config>(bad).is_err());
+    }
+}

@@ -96,3 +96,24 @@ async fn absolute_form_plain_http_and_tcp_through_connect() {
     assert_eq!(n, 0);
     assert_eq!(echo_seen.count(), 0);
 }
+
+#[tokio::test]
+async fn plain_http_in_a_connect_tunnel_must_name_the_connect_target_or_a_bound_host() {
+    // The daemon resolved the CONNECT target itself: that name is bound. Another Host inside the tunnel is only the
+    // agent's claim and goes through host binding like a transparent connection (`.invalid` never resolves).
+    let proxy = start_proxy(&policy(&["localhost", "spoof.invalid"], &[]), &[], true).await;
+    let explicit = proxy.explicit.unwrap();
+    let (up, seen) = http_upstream().await;
+    let target = format!("localhost:{}", up.port());
+    let tcp = connect_tunnel(explicit, &target).await;
+    let (status, _, body) = send(tcp, false, get("/in-tunnel", &target)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(seen.count(), 1);
+    let tcp = connect_tunnel(explicit, &target).await;
+    let (status, _, _) = send(tcp, false, get("/spoofed", "spoof.invalid")).await;
+    assert_eq!(status, 421);
+    assert_eq!(seen.count(), 1, "a spoofed Host must never be forwarded");
+    let records = proxy.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1]["outcome"]["error"], "host_mismatch");
+}

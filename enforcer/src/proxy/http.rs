@@ -1,6 +1,7 @@
-//! The per-request pipeline, readable top to bottom in [`handle_request`]: check Host against SNI (TLS) or bind it
-//! to the original destination (plain HTTP), buffer and decode the body (bounded by the policy), build the `Action`,
-//! classify, decide, then block, rewrite or forward — with the single audit record written durably before anything reaches the upstream. Response bodies stream back frame by
+//! The per-request pipeline, readable top to bottom in [`handle_request`]: check Host against SNI (TLS), buffer and
+//! decode the body (bounded by the policy), build the `Action`, classify, decide, bind a plain-HTTP Host to the
+//! original destination (`hostbind`) unless the request is blocked anyway, then block, rewrite or forward — with the
+//! single audit record written durably before anything reaches the upstream. Response bodies stream back frame by
 //! frame (server-sent events are never buffered); `Upgrade` requests are relayed once the upstream agrees.
 
 use std::convert::Infallible;
@@ -168,19 +169,6 @@ pub(crate) async fn handle_request(
                 .await;
         }
     }
-    // Plain HTTP has no certificate to bind the name: the claimed host must live at the original destination.
-    if conn.scheme == Scheme::Http && conn.resolved_host.as_deref() != Some(host.as_str()) {
-        if let Err(e) = ctx.hosts.bind(&host, conn.dst.ip()).await {
-            tracing::info!(dst = %conn.dst, error = %e, "plain-HTTP host not bound to the destination");
-            return rec
-                .refuse(
-                    Reason::HostMismatch,
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "the request's host does not live at the connection's destination",
-                )
-                .await;
-        }
-    }
 
     // 2. The body, bounded by the policy's limit, as received and decoded.
     let limit = policy.max_body_bytes();
@@ -231,8 +219,26 @@ pub(crate) async fn handle_request(
         fill_protocol(&mut rec.summary, a);
     }
 
-    // 4. Carry the decision out (shadow mode records it and forwards the request unmodified).
+    // 4. Plain HTTP has no certificate binding the name: a request that is going to be forwarded must name a host
+    //    that really lives at the original destination. Checked after the decision, so that names the policy blocks
+    //    anyway are never looked up (an agent must not turn the daemon's resolver into an exfiltration channel).
     let enforce = decision.mode == Mode::Enforce;
+    let forwarding = !(enforce && decision.verdict == Verdict::Block);
+    let bound_already = conn.resolved_host.as_deref() == Some(host.as_str());
+    if forwarding && conn.scheme == Scheme::Http && !bound_already {
+        if let Err(e) = ctx.hosts.bind(&host, conn.dst.ip()).await {
+            tracing::info!(dst = %conn.dst, error = %e, "plain-HTTP host not bound to the destination");
+            return rec
+                .refuse(
+                    Reason::HostMismatch,
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "the request's host does not live at the connection's destination",
+                )
+                .await;
+        }
+    }
+
+    // 5. Carry the decision out (shadow mode records it and forwards the request unmodified).
     let mut body = raw;
     let mut body_changed = false;
     if enforce && decision.verdict == Verdict::Block {
@@ -263,7 +269,7 @@ pub(crate) async fn handle_request(
         }
     }
 
-    // 5. Connect and verify the upstream before the record, so a failure is the one record (a block).
+    // 6. Connect and verify the upstream before the record, so a failure is the one record (a block).
     let is_upgrade =
         parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
     let want_h2 = parts.version == Version::HTTP_2 && !is_upgrade;
@@ -287,7 +293,7 @@ pub(crate) async fn handle_request(
                 .await;
         }
     };
-    // 6. The request as the upstream will see it, then the record, then forward and stream the answer back.
+    // 7. The request as the upstream will see it, then the record, then forward and stream the answer back.
     let upstream_req =
         match upstream_request(parts, &authority, body, body_changed, &sender, is_upgrade) {
             Some(r) => r,

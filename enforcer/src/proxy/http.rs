@@ -29,8 +29,6 @@ use crate::model::{
 };
 use crate::policy::Policy;
 
-/// How long an HTTP/1.1 client may take to send a request head.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// HTTP/2 pings to notice dead clients.
 const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -62,15 +60,22 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle_request(&ctx, &conn, req).await) }
     });
+    let limits = super::limits::limits();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.h1_max_headers)
+        .max_buf_size(limits.h1_max_buf_size);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE);
+        .keep_alive_interval(H2_KEEPALIVE)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.h2_max_header_list_size)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_send_buf_size(limits.h2_max_send_buf_size);
     if h2 {
         builder = builder.http2_only();
     }

@@ -12,6 +12,7 @@ mod ca;
 mod explicit;
 mod http;
 mod io;
+mod limits;
 mod tls;
 mod tunnel;
 mod upstream;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority};
+pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::UpstreamError;
 

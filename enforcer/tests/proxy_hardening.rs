@@ -1,0 +1,212 @@
+//! The proxy against hostile clients and upstreams on loopback: stalled heads and bodies, silent upstreams,
+//! request smuggling attempts, bodies that inspection cannot read faithfully, and request data that must not be
+//! echoed. The process-wide limits are shortened once so timeouts fire in about a second.
+
+mod proxy_support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use enforcer::proxy::{set_limits, Limits};
+use proxy_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const SHORT: Duration = Duration::from_secs(1);
+
+fn short_limits() {
+    set_limits(Limits {
+        header_read_timeout: SHORT,
+        body_idle_timeout: SHORT,
+        response_head_timeout: SHORT,
+        ..Limits::default()
+    });
+}
+
+async fn proxy() -> Proxy {
+    short_limits();
+    start_proxy(&policy(&["127.0.0.1"], &[]), &[], false).await
+}
+
+/// Write `bytes` on a connection redirected to `dst`, then read until the proxy closes it or `wait` passes.
+async fn exchange(p: &Proxy, dst: SocketAddr, bytes: &[u8], wait: Duration) -> (String, Duration) {
+    let mut s = p.connect_as(dst).await;
+    let start = Instant::now();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+}
+
+/// A plain-HTTP upstream that records the raw bytes of every connection and answers each head it sees with a
+/// short 200 after reading a Content-Length body; `silent` makes it read forever and never answer.
+async fn raw_upstream(silent: bool) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = s.clone();
+            tokio::spawn(async move {
+                let index = {
+                    let mut v = seen.lock().unwrap();
+                    v.push(Vec::new());
+                    v.len() - 1
+                };
+                let mut buf = [0u8; 4096];
+                let mut all = Vec::new();
+                loop {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                    seen.lock().unwrap()[index] = all.clone();
+                    if silent {
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&all).to_ascii_lowercase();
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len: usize = text[..head_end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if all.len() >= head_end + 4 + len {
+                            let _ = tcp
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                            all.drain(..head_end + 4 + len);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn status_of(response: &str) -> Option<u16> {
+    response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_off() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    // The method is complete (so the connection is HTTP), the head never is.
+    let (resp, took) = exchange(
+        &p,
+        up,
+        b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(took < Duration::from_secs(5), "{took:?} {resp}");
+    assert!(resp.is_empty() || status_of(&resp) == Some(408), "{resp}");
+    assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn slow_request_head_on_the_explicit_listener_is_cut_off() {
+    short_limits();
+    let p = start_proxy(&policy(&["127.0.0.1"], &[]), &[], true).await;
+    let mut s = tokio::net::TcpStream::connect(p.explicit.unwrap())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nx-slow: ")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let took = start.elapsed();
+    let resp = String::from_utf8_lossy(&out);
+    assert!(took < Duration::from_secs(5), "{took:?} {resp}");
+    assert!(resp.is_empty() || status_of(&resp) == Some(408), "{resp}");
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_reframed_not_smuggled() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    // A front end trusting Content-Length would see `hell` and then a second request starting `o\r\n0...`.
+    let req = format!(
+        "POST /a HTTP/1.1\r\nhost: {up}\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: {up}\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    let seen = seen.lock().unwrap().clone();
+    let all: String = seen
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).to_ascii_lowercase())
+        .collect();
+    assert!(!all.contains("/smuggled"), "{all}");
+    // Chunked framing wins (RFC 9112 6.3), the connection closes after it, and the upstream gets exactly the body
+    // the proxy inspected, framed by a Content-Length of the proxy's own.
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(all.matches("post /a ").count(), 1, "{all}");
+    assert!(all.contains("content-length: 5\r\n"), "{all}");
+    assert!(!all.contains("transfer-encoding"), "{all}");
+    assert!(all.ends_with("\r\n\r\nhello"), "{all}");
+}
+
+#[tokio::test]
+async fn conflicting_framing_is_refused_before_the_upstream() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    let cases = [
+        "content-length: 5\r\ncontent-length: 6\r\n",
+        "content-length: 5, 6\r\n",
+        "content-length: -5\r\n",
+        "content-length: +5\r\n",
+        "transfer-encoding: chunked, identity\r\n",
+        "transfer-encoding: xchunked\r\n",
+    ];
+    for framing in cases {
+        let req = format!("POST /x HTTP/1.1\r\nhost: {up}\r\n{framing}\r\nhello!");
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert!(
+            resp.is_empty() || status_of(&resp) == Some(400),
+            "{framing:?}: {resp}"
+        );
+    }
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn too_many_or_too_large_headers_are_refused() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let mut many = format!("GET / HTTP/1.1\r\nhost: {up}\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let (resp, _) = exchange(&p, up, many.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        resp.is_empty() || status_of(&resp) == Some(431),
+        "{resp}"
+    );
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: {up}\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let (resp, _) = exchange(&p, up, big.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        resp.is_empty() || status_of(&resp) == Some(431),
+        "{resp}"
+    );
+    assert_eq!(seen.count(), 0);
+}
+

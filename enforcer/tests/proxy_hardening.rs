@@ -101,6 +101,23 @@ fn status_of(response: &str) -> Option<u16> {
 }
 
 #[tokio::test]
+async fn stalled_request_body_gets_408_audited_and_never_reaches_the_upstream() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {up}\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\nonly a part"
+    );
+    let (resp, took) = exchange(&p, up, head.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&resp), Some(408), "{resp}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(seen.count(), 0);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["outcome"]["disposition"], "blocked");
+    assert_eq!(records[0]["outcome"]["status"], 408);
+}
+
+#[tokio::test]
 async fn slow_request_head_is_cut_off() {
     let p = proxy().await;
     let (up, seen) = http_upstream().await;

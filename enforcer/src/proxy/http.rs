@@ -193,6 +193,15 @@ pub(crate) async fn handle_request(
                 )
                 .await
         }
+        Err(BodyError::Idle) => {
+            return rec
+                .refuse(
+                    Reason::BadRequest,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stalled",
+                )
+                .await
+        }
     };
     rec.summary.body_size = raw.len() as u64;
     if !raw.is_empty() {
@@ -543,6 +552,8 @@ fn authority_host(authority: &str) -> &str {
 enum BodyError {
     TooLarge,
     Read,
+    /// No body bytes for longer than the body idle timeout.
+    Idle,
 }
 
 async fn read_body(
@@ -557,11 +568,18 @@ async fn read_body(
             return Err(BodyError::TooLarge);
         }
     }
+    let idle = super::limits::limits().body_idle_timeout;
     let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| BodyError::Idle)?;
+        let Some(frame) = next else {
+            break;
+        };
         let frame = frame.map_err(|_| BodyError::Read)?;
         if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > limit {
+            if (buf.len() as u64).saturating_add(data.len() as u64) > limit {
                 return Err(BodyError::TooLarge);
             }
             buf.extend_from_slice(&data);

@@ -154,6 +154,38 @@ async fn slow_request_head_on_the_explicit_listener_is_cut_off() {
 }
 
 #[tokio::test]
+async fn upstream_that_never_answers_gets_504() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(true).await;
+    let req = format!("GET /slow HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let (resp, took) = exchange(&p, up, req.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&resp), Some(504), "{resp}");
+    assert!(resp.contains("upstream_unreachable"), "{resp}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(String::from_utf8_lossy(&seen.lock().unwrap()[0]).starts_with("GET /slow "));
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+}
+
+#[tokio::test]
+async fn a_stream_that_outlasts_the_head_timeout_is_not_cut() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let go = seen.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(SHORT * 2).await;
+        go.sse_go.notify_one();
+    });
+    let req = format!("GET /sse HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert!(
+        resp.contains("data: one") && resp.contains("data: two"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
 async fn content_length_with_transfer_encoding_is_reframed_not_smuggled() {
     let p = proxy().await;
     let (up, seen) = raw_upstream(false).await;

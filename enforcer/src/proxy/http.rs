@@ -318,7 +318,17 @@ pub(crate) async fn handle_request(
         );
     }
 
-    let sent = sender.send(upstream_req).await;
+    // Only the response head is timed: once it arrives, bodies (server-sent events) stream for as long as they run.
+    let head_timeout = super::limits::limits().response_head_timeout;
+    let Ok(sent) = tokio::time::timeout(head_timeout, sender.send(upstream_req)).await else {
+        // The connection is left mid-request: dropped, never reused.
+        tracing::info!(dst = %conn.dst, "upstream sent no response head in time");
+        return error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            Reason::UpstreamUnreachable,
+            "the upstream did not answer in time",
+        );
+    };
     if !is_upgrade {
         conn.upstream.put(&host, want_h2, sender).await;
     }

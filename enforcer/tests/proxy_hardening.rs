@@ -259,3 +259,22 @@ async fn too_many_or_too_large_headers_are_refused() {
     assert_eq!(seen.count(), 0);
 }
 
+#[tokio::test]
+async fn mcp_body_that_is_not_utf8_is_refused_not_forwarded() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"del".to_vec();
+    body.push(0xff);
+    body.extend_from_slice(b"ete_all\",\"arguments\":{}}}");
+    let mut req = format!(
+        "POST /mcp HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(400), "{resp}");
+    assert!(resp.contains("unparseable"), "{resp}");
+    assert_eq!(seen.count(), 0);
+}
+

@@ -219,6 +219,18 @@ pub(crate) async fn handle_request(
         Ok(i) => i,
         Err(e) => return refuse_inspect(rec, &e).await,
     };
+    // Inspection reads a lossy UTF-8 copy of the body: on an LLM or MCP call, bytes that are not UTF-8 could mean
+    // something else to the upstream than what was decided, so they are refused rather than forwarded.
+    let protocol_name = match &inspected.protocol {
+        Protocol::Llm { provider, .. } => Some(provider.as_str()),
+        Protocol::Mcp { .. } => Some("MCP"),
+        Protocol::Http | Protocol::Provider(_) => None,
+    };
+    if let Some(protocol) = protocol_name {
+        if std::str::from_utf8(&decoded).is_err() {
+            return refuse_inspect(rec, &InspectError::BadJson { protocol }).await;
+        }
+    }
     let actions = if inspected.actions.is_empty() {
         vec![action]
     } else {

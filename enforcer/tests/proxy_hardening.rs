@@ -278,3 +278,18 @@ async fn mcp_body_that_is_not_utf8_is_refused_not_forwarded() {
     assert_eq!(seen.count(), 0);
 }
 
+#[tokio::test]
+async fn an_unsupported_content_encoding_is_not_echoed() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let secret = "sk-ant-api03-notreallyasecretbutlooksalot";
+    let req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-encoding: {secret}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(415), "{resp}");
+    assert!(!resp.contains(secret), "{resp}");
+    assert_eq!(seen.count(), 0);
+    let records = p.audit_records().await;
+    assert!(!format!("{records:?}").contains(secret));
+}

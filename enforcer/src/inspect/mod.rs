@@ -20,7 +20,8 @@ pub(crate) use llm::tool_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    #[error("content-encoding {0:?} is not supported for inspection")]
+    /// The unsupported coding is kept for callers, but never shown: it is request data.
+    #[error("the content-encoding is not supported for inspection (gzip, deflate, br, zstd and identity are)")]
     UnsupportedEncoding(String),
     #[error("the body could not be decoded as {encoding}")]
     Corrupt { encoding: &'static str },

@@ -293,3 +293,50 @@ async fn an_unsupported_content_encoding_is_not_echoed() {
     let records = p.audit_records().await;
     assert!(!format!("{records:?}").contains(secret));
 }
+
+/// Everything the proxy logs while a test runs on this (current-thread) runtime.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_rewrite_logs_no_body_data() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: redact\n    when: { detect: [github-token] }\n    verdict: constrain\n    constrain: { redact: [github-token] }\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    // The secret sits inside a signed thinking block (so the rewrite is refused) under a key that is itself secret.
+    let token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let body = serde_json::json!({
+        token: {"type": "thinking", "thinking": format!("token {token}"), "signature": "sig"}
+    })
+    .to_string();
+    let req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(!resp.contains(token), "{resp}");
+    assert_eq!(seen.count(), 0);
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(logged.contains("constrain could not be applied"), "{logged}");
+    assert!(!logged.contains("ghp_"), "{logged}");
+}

@@ -243,19 +243,13 @@ async fn too_many_or_too_large_headers_are_refused() {
     }
     many.push_str("\r\n");
     let (resp, _) = exchange(&p, up, many.as_bytes(), Duration::from_secs(5)).await;
-    assert!(
-        resp.is_empty() || status_of(&resp) == Some(431),
-        "{resp}"
-    );
+    assert!(resp.is_empty() || status_of(&resp) == Some(431), "{resp}");
     let big = format!(
         "GET / HTTP/1.1\r\nhost: {up}\r\nx-big: {}\r\n\r\n",
         "a".repeat(200 * 1024)
     );
     let (resp, _) = exchange(&p, up, big.as_bytes(), Duration::from_secs(5)).await;
-    assert!(
-        resp.is_empty() || status_of(&resp) == Some(431),
-        "{resp}"
-    );
+    assert!(resp.is_empty() || status_of(&resp) == Some(431), "{resp}");
     assert_eq!(seen.count(), 0);
 }
 
@@ -263,7 +257,9 @@ async fn too_many_or_too_large_headers_are_refused() {
 async fn mcp_body_that_is_not_utf8_is_refused_not_forwarded() {
     let p = proxy().await;
     let (up, seen) = http_upstream().await;
-    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"del".to_vec();
+    let mut body =
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"del"
+            .to_vec();
     body.push(0xff);
     body.extend_from_slice(b"ete_all\",\"arguments\":{}}}");
     let mut req = format!(
@@ -337,6 +333,9 @@ async fn a_refused_rewrite_logs_no_body_data() {
     assert!(!resp.contains(token), "{resp}");
     assert_eq!(seen.count(), 0);
     let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
-    assert!(logged.contains("constrain could not be applied"), "{logged}");
+    assert!(
+        logged.contains("constrain could not be applied"),
+        "{logged}"
+    );
     assert!(!logged.contains("ghp_"), "{logged}");
 }

@@ -339,3 +339,50 @@ async fn a_refused_rewrite_logs_no_body_data() {
     );
     assert!(!logged.contains("ghp_"), "{logged}");
 }
+
+#[tokio::test]
+async fn a_constrained_chunked_gzip_body_is_reframed_for_the_upstream() {
+    use std::io::Write;
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: redact\n    when: { detect: [github-token] }\n    verdict: constrain\n    constrain: { redact: [github-token] }\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let body = serde_json::json!({"prompt": format!("use {token} please"), "n": 1}).to_string();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let (a, b) = gz.split_at(gz.len() / 2);
+    let mut req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in [a, b] {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, sent) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}\r\n", sent.len()))
+            || head.ends_with(&format!("content-length: {}", sent.len())),
+        "{head} / {}",
+        sent.len()
+    );
+    let sent: serde_json::Value = serde_json::from_str(sent).unwrap();
+    assert_eq!(
+        sent,
+        serde_json::json!({"prompt": "use [REDACTED:github-token] please", "n": 1})
+    );
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].to_string().contains(token));
+}

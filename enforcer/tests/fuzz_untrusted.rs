@@ -287,6 +287,9 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
         let decoded = inspect::decode_body(Some(coding), Bytes::from(compressed), limit)
             .unwrap_or_else(|_| Bytes::from(body.clone()));
 
+        let _ = inspect::check_json_charset(&body);
+        let _ = inspect::check_json_charset(&decoded);
+
         let host = *rng.pick(HOSTS);
         let path = *rng.pick(PATHS);
         let query = *rng.pick(QUERIES);

@@ -386,3 +386,24 @@ async fn a_constrained_chunked_gzip_body_is_reframed_for_the_upstream() {
     assert_eq!(records.len(), 1);
     assert!(!records[0].to_string().contains(token));
 }
+
+#[tokio::test]
+async fn an_mcp_call_in_utf16_is_refused_not_forwarded_unclassified() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let json = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","arguments":{}}}"#;
+    // What Python's json.loads(bytes) (the official MCP SDK's server) reads as that very call.
+    let body: Vec<u8> = json.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let mut req = format!(
+        "POST /mcp HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(415), "{resp}");
+    assert_eq!(seen.count(), 0);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["outcome"]["error"], "unparseable");
+}

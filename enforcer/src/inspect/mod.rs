@@ -15,7 +15,7 @@ use crate::model::Action;
 pub use block::{
     block_batch_response, block_message, block_response, BlockResponse, MCP_POLICY_ERROR_CODE,
 };
-pub use decode::decode_body;
+pub use decode::{check_json_charset, decode_body};
 pub(crate) use llm::tool_name;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,10 @@ pub enum InspectError {
     TooLarge { limit: u64 },
     #[error("the body is not valid JSON for a {protocol} endpoint")]
     BadJson { protocol: &'static str },
+    /// JSON in UTF-16/32 or behind a byte-order mark: some servers read it (Python's `json.loads` on bytes does),
+    /// inspection does not, so it is refused rather than forwarded unclassified.
+    #[error("JSON request bodies must be UTF-8 without a byte-order mark (RFC 8259)")]
+    NotUtf8Json,
 }
 
 /// An LLM provider whose API shapes are understood.

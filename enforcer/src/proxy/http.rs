@@ -212,6 +212,9 @@ pub(crate) async fn handle_request(
         Ok(b) => b,
         Err(e) => return refuse_inspect(rec, &e).await,
     };
+    if let Err(e) = inspect::check_json_charset(&decoded) {
+        return refuse_inspect(rec, &e).await;
+    }
 
     // 3. The Action, classified into what the request asks for, and the decision.
     let action = build_action(conn, &host, &parts, raw.len() as u64, &decoded);
@@ -399,7 +402,7 @@ async fn block(rec: Record<'_>, decision: Decision, protocol: &Protocol) -> Resp
 async fn refuse_inspect(rec: Record<'_>, e: &InspectError) -> Response<ProxyBody> {
     let (reason, status) = match e {
         InspectError::TooLarge { .. } => (Reason::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
-        InspectError::UnsupportedEncoding(_) => {
+        InspectError::UnsupportedEncoding(_) | InspectError::NotUtf8Json => {
             (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE)
         }
         InspectError::BadJson { .. } | InspectError::Corrupt { .. } => {

@@ -407,3 +407,25 @@ async fn an_mcp_call_in_utf16_is_refused_not_forwarded_unclassified() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["outcome"]["error"], "unparseable");
 }
+
+#[tokio::test]
+async fn dot_segments_cannot_walk_out_of_an_allowed_path() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: acme-read\n    when: { host: 127.0.0.1, method: [GET], path: \"/repos/acme/**\" }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    for path in [
+        "/repos/acme/../evil/secrets",
+        "/repos/acme/%2e%2e/evil/secrets",
+        "/repos/acme/..%2fevil/secrets",
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{path}: {resp}");
+    }
+    assert!(seen.lock().unwrap().is_empty());
+    let req = format!("GET /repos/acme/tools HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(p.audit_records().await.len(), 4);
+}

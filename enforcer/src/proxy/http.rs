@@ -159,6 +159,15 @@ pub(crate) async fn handle_request(
             )
             .await;
     }
+    if has_dot_segments(parts.uri.path()) {
+        return rec
+            .refuse(
+                Reason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                "the request path contains dot segments",
+            )
+            .await;
+    }
     if let Some(sni) = &conn.sni {
         if *sni != host {
             return rec
@@ -552,6 +561,16 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash. Clients
+/// remove dot segments before sending (RFC 3986 5.2.4); servers that resolve them would otherwise serve a path
+/// other than the one the policy matched (`/repos/acme/../other` passes a `/repos/acme/**` rule).
+fn has_dot_segments(path: &str) -> bool {
+    let decoded = percent_decode(&path.replace('+', "%2B"));
+    decoded
+        .split(['/', '\\'])
+        .any(|segment| segment == "." || segment == "..")
+}
+
 /// The authority the request names: the URI's (h2 `:authority`, absolute-form) or the Host header.
 fn request_authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     let raw = match uri.authority() {
@@ -742,6 +761,33 @@ mod tests {
         assert_eq!(q.get("flag"), Some(""));
         assert_eq!(q.get("c"), Some("%zz"));
         assert_eq!(q.get("d"), Some("%4"));
+    }
+
+    #[test]
+    fn dot_segments_are_found_however_spelt() {
+        for bad in [
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/..%2Fb",
+            "/a/..\\b",
+            "/..",
+        ] {
+            assert!(has_dot_segments(bad), "{bad}");
+        }
+        for ok in [
+            "/",
+            "/a/b",
+            "/a/...",
+            "/a/.b/c.d",
+            "/a/..b",
+            "/v1/chat/completions",
+            "/a+b/",
+        ] {
+            assert!(!has_dot_segments(ok), "{ok}");
+        }
     }
 
     #[test]

@@ -85,6 +85,45 @@ pub fn decode_body(encoding: Option<&str>, body: Bytes, limit: u64) -> Result<By
     Ok(current)
 }
 
+/// Refuse a body that is JSON in an encoding other than plain UTF-8: UTF-16 or UTF-32 (with or without a BOM) or
+/// UTF-8 behind a BOM. Servers that sniff the charset (Python's `json.loads(bytes)`, used by the official MCP SDK)
+/// would act on it while inspection saw no JSON at all, so such a body is never forwarded. Bodies that are not
+/// JSON in any of these encodings pass.
+pub fn check_json_charset(body: &[u8]) -> Result<(), InspectError> {
+    let text = match body {
+        [0xef, 0xbb, 0xbf, rest @ ..] => std::str::from_utf8(rest).ok().map(str::to_string),
+        [0, 0, 0xfe, 0xff, rest @ ..] => utf32(rest, u32::from_be_bytes),
+        [0xff, 0xfe, 0, 0, rest @ ..] => utf32(rest, u32::from_le_bytes),
+        [0xfe, 0xff, rest @ ..] => utf16(rest, u16::from_be_bytes),
+        [0xff, 0xfe, rest @ ..] => utf16(rest, u16::from_le_bytes),
+        // RFC 4627 section 3: the first two characters of JSON text are ASCII, so the NUL pattern tells the
+        // encoding of a BOM-less body.
+        [0, 0, 0, a, ..] if *a != 0 => utf32(body, u32::from_be_bytes),
+        [a, 0, 0, 0, ..] if *a != 0 => utf32(body, u32::from_le_bytes),
+        [0, a, 0, b, ..] if *a != 0 && *b != 0 => utf16(body, u16::from_be_bytes),
+        [a, 0, b, 0, ..] if *a != 0 && *b != 0 => utf16(body, u16::from_le_bytes),
+        _ => None,
+    };
+    match text {
+        Some(t) if serde_json::from_str::<serde::de::IgnoredAny>(&t).is_ok() => {
+            Err(InspectError::NotUtf8Json)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn utf16(bytes: &[u8], unit: fn([u8; 2]) -> u16) -> Option<String> {
+    let units: Vec<u16> = bytes.chunks_exact(2).map(|c| unit([c[0], c[1]])).collect();
+    String::from_utf16(&units).ok()
+}
+
+fn utf32(bytes: &[u8], unit: fn([u8; 4]) -> u32) -> Option<String> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| char::from_u32(unit([c[0], c[1], c[2], c[3]])))
+        .collect()
+}
+
 /// RFC 1950 header check: compression method 8 and a header checksum divisible by 31. HTTP `deflate` is meant to be
 /// zlib, but some clients send raw deflate; this tells them apart.
 fn looks_like_zlib(data: &[u8]) -> bool {
@@ -129,4 +168,44 @@ fn decode_zstd(data: &[u8], limit: u64) -> Result<Bytes, InspectError> {
         }
     }
     Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utf16le(s: &str, bom: bool) -> Vec<u8> {
+        let mut out = if bom { vec![0xff, 0xfe] } else { Vec::new() };
+        out.extend(s.encode_utf16().flat_map(u16::to_le_bytes));
+        out
+    }
+
+    #[test]
+    fn json_in_other_charsets_is_refused_everything_else_passes() {
+        let json =
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all"}}"#;
+        assert!(check_json_charset(json.as_bytes()).is_ok());
+        for body in [
+            utf16le(json, false),
+            utf16le(json, true),
+            json.encode_utf16().flat_map(u16::to_be_bytes).collect(),
+            json.chars()
+                .flat_map(|c| u32::from(c).to_le_bytes())
+                .collect(),
+            json.chars()
+                .flat_map(|c| u32::from(c).to_be_bytes())
+                .collect(),
+            [&[0xef, 0xbb, 0xbf][..], json.as_bytes()].concat(),
+        ] {
+            assert!(
+                matches!(check_json_charset(&body), Err(InspectError::NotUtf8Json)),
+                "{body:?}"
+            );
+        }
+        // Binary that merely looks like UTF-16, and text that is not JSON, pass.
+        assert!(check_json_charset(&[b'B', 0, b'M', 0, 0xff, 0xd8]).is_ok());
+        assert!(check_json_charset(&utf16le("hello there", false)).is_ok());
+        assert!(check_json_charset(b"").is_ok());
+        assert!(check_json_charset(&[0xff, 0xfe]).is_ok());
+    }
 }

@@ -15,12 +15,13 @@ use crate::model::Action;
 pub use block::{
     block_batch_response, block_message, block_response, BlockResponse, MCP_POLICY_ERROR_CODE,
 };
-pub use decode::decode_body;
+pub use decode::{check_json_charset, decode_body};
 pub(crate) use llm::tool_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    #[error("content-encoding {0:?} is not supported for inspection")]
+    /// The unsupported coding is kept for callers, but never shown: it is request data.
+    #[error("the content-encoding is not supported for inspection (gzip, deflate, br, zstd and identity are)")]
     UnsupportedEncoding(String),
     #[error("the body could not be decoded as {encoding}")]
     Corrupt { encoding: &'static str },
@@ -28,6 +29,10 @@ pub enum InspectError {
     TooLarge { limit: u64 },
     #[error("the body is not valid JSON for a {protocol} endpoint")]
     BadJson { protocol: &'static str },
+    /// JSON in UTF-16/32 or behind a byte-order mark: some servers read it (Python's `json.loads` on bytes does),
+    /// inspection does not, so it is refused rather than forwarded unclassified.
+    #[error("JSON request bodies must be UTF-8 without a byte-order mark (RFC 8259)")]
+    NotUtf8Json,
 }
 
 /// An LLM provider whose API shapes are understood.
@@ -193,7 +198,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
             actions: vec![action],
         });
     };
-    let path = http.path.split('?').next().unwrap_or_default().to_string();
+    let path = canonical_path(http.path.split('?').next().unwrap_or_default());
     let host = action
         .transport
         .host
@@ -256,6 +261,52 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     })
 }
 
+/// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:
+/// percent-escapes decoded, `;parameters` cut from each segment, empty and `.` segments dropped, `..` resolved.
+fn canonical_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = (b == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(v) => {
+                decoded.push(v);
+                i += 3;
+            }
+            None => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        let segment = segment.split(';').next().unwrap_or_default();
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 /// `Host` header value without its port.
 fn strip_port(host: &str) -> &str {
     let (h, _) = split_host_port(host);
@@ -276,5 +327,81 @@ mod tests {
         assert!(host_matches("[FD77::2]:443", "fd77::2", 443));
         assert!(!host_matches("[fd77::2]:443", "fd77::2", 80));
         assert!(host_matches("api.openai.com.", "api.openai.com", 1));
+    }
+
+    #[test]
+    fn paths_are_canonical_before_endpoint_matching() {
+        assert_eq!(
+            canonical_path("/v1/chat/completions"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(
+            canonical_path("/v1/%63hat/completions"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(
+            canonical_path("//v1/./x/../chat//completions/"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(canonical_path("/v1/messages;jsessionid=1"), "/v1/messages");
+        assert_eq!(
+            canonical_path("/v1/chat%2Fcompletions"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(canonical_path("/%zz/%4"), "/%zz/%4");
+        assert_eq!(canonical_path("/../.."), "/");
+        assert_eq!(canonical_path(""), "/");
+        assert_eq!(
+            canonical_path("/v1beta/models/gemini-2.5-pro%3AgenerateContent"),
+            "/v1beta/models/gemini-2.5-pro:generateContent"
+        );
+    }
+
+    #[test]
+    fn a_disguised_llm_path_is_still_an_llm_call() {
+        use crate::model::{HttpRequest, Transport};
+        let action = |path: &str, body: &str| Action {
+            transport: Transport {
+                host: Some("api.openai.com".into()),
+                port: 443,
+                ..Transport::default()
+            },
+            http: Some(HttpRequest {
+                method: "POST".into(),
+                path: path.into(),
+                body: body.into(),
+                ..HttpRequest::default()
+            }),
+            ..Action::default()
+        };
+        let cfg = InspectConfig::default();
+        for path in [
+            "/v1/%63hat/completions",
+            "/v1//chat/completions",
+            "/v1/x/../chat/completions",
+            "/v1/chat/completions;x",
+        ] {
+            let out = classify(action(path, r#"{"model":"gpt-x","messages":[]}"#), &cfg).unwrap();
+            assert!(
+                matches!(
+                    out.protocol,
+                    Protocol::Llm {
+                        provider: Provider::OpenAi,
+                        api: LlmApi::ChatCompletions
+                    }
+                ),
+                "{path}: {:?}",
+                out.protocol
+            );
+            assert_eq!(
+                out.actions[0].llm.as_ref().and_then(|l| l.model.as_deref()),
+                Some("gpt-x")
+            );
+            // And, being an LLM call, a body that is not JSON is refused rather than passed as plain HTTP.
+            assert!(matches!(
+                classify(action(path, "not json"), &cfg),
+                Err(InspectError::BadJson { .. })
+            ));
+        }
     }
 }

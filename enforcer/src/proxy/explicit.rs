@@ -22,7 +22,12 @@ pub(crate) async fn serve_client(ctx: Arc<ProxyContext>, stream: TcpStream, agen
         let agent = agent.clone();
         async move { Ok::<_, std::convert::Infallible>(explicit_request(ctx, agent, req).await) }
     });
+    let limits = super::limits::limits();
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.h1_max_headers)
+        .max_buf_size(limits.h1_max_buf_size)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await

@@ -30,8 +30,6 @@ use crate::model::{
 };
 use crate::policy::Policy;
 
-/// How long an HTTP/1.1 client may take to send a request head.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// HTTP/2 pings to notice dead clients.
 const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -66,15 +64,22 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle_request(&ctx, &conn, req).await) }
     });
+    let limits = super::limits::limits();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.h1_max_headers)
+        .max_buf_size(limits.h1_max_buf_size);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE);
+        .keep_alive_interval(H2_KEEPALIVE)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.h2_max_header_list_size)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_send_buf_size(limits.h2_max_send_buf_size);
     if h2 {
         builder = builder.http2_only();
     }
@@ -158,6 +163,15 @@ pub(crate) async fn handle_request(
             )
             .await;
     }
+    if has_dot_segments(parts.uri.path()) {
+        return rec
+            .refuse(
+                Reason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                "the request path contains dot segments",
+            )
+            .await;
+    }
     if let Some(sni) = &conn.sni {
         if *sni != host {
             return rec
@@ -192,6 +206,15 @@ pub(crate) async fn handle_request(
                 )
                 .await
         }
+        Err(BodyError::Idle) => {
+            return rec
+                .refuse(
+                    Reason::BadRequest,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stalled",
+                )
+                .await
+        }
     };
     rec.summary.body_size = raw.len() as u64;
     if !raw.is_empty() {
@@ -202,6 +225,9 @@ pub(crate) async fn handle_request(
         Ok(b) => b,
         Err(e) => return refuse_inspect(rec, &e).await,
     };
+    if let Err(e) = inspect::check_json_charset(&decoded) {
+        return refuse_inspect(rec, &e).await;
+    }
 
     // 3. The Action, classified into what the request asks for, and the decision.
     let action = build_action(conn, &host, &parts, raw.len() as u64, &decoded);
@@ -209,6 +235,18 @@ pub(crate) async fn handle_request(
         Ok(i) => i,
         Err(e) => return refuse_inspect(rec, &e).await,
     };
+    // Inspection reads a lossy UTF-8 copy of the body: on an LLM or MCP call, bytes that are not UTF-8 could mean
+    // something else to the upstream than what was decided, so they are refused rather than forwarded.
+    let protocol_name = match &inspected.protocol {
+        Protocol::Llm { provider, .. } => Some(provider.as_str()),
+        Protocol::Mcp { .. } => Some("MCP"),
+        Protocol::Http | Protocol::Provider(_) => None,
+    };
+    if let Some(protocol) = protocol_name {
+        if std::str::from_utf8(&decoded).is_err() {
+            return refuse_inspect(rec, &InspectError::BadJson { protocol }).await;
+        }
+    }
     let actions = if inspected.actions.is_empty() {
         vec![action]
     } else {
@@ -260,7 +298,8 @@ pub(crate) async fn handle_request(
                     crate::constrain::ConstrainError::SignedField { .. } => Reason::SignedField,
                     _ => Reason::Unparseable,
                 };
-                tracing::info!(error = %e, "constrain could not be applied: blocking");
+                // Not the error itself: its JSON path is made of the body's (attacker-chosen) keys.
+                tracing::info!(reason = ?reason, "constrain could not be applied: blocking");
                 decision.verdict = Verdict::Block;
                 decision.reason = reason;
                 decision.rewrites.clear();
@@ -326,7 +365,17 @@ pub(crate) async fn handle_request(
         );
     }
 
-    let sent = sender.send(upstream_req).await;
+    // Only the response head is timed: once it arrives, bodies (server-sent events) stream for as long as they run.
+    let head_timeout = super::limits::limits().response_head_timeout;
+    let Ok(sent) = tokio::time::timeout(head_timeout, sender.send(upstream_req)).await else {
+        // The connection is left mid-request: dropped, never reused.
+        tracing::info!(dst = %conn.dst, "upstream sent no response head in time");
+        return error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            Reason::UpstreamUnreachable,
+            "the upstream did not answer in time",
+        );
+    };
     if !is_upgrade {
         conn.upstream.put(&host, want_h2, sender).await;
     }
@@ -384,7 +433,7 @@ async fn block(rec: Record<'_>, decision: Decision, protocol: &Protocol) -> Resp
 async fn refuse_inspect(rec: Record<'_>, e: &InspectError) -> Response<ProxyBody> {
     let (reason, status) = match e {
         InspectError::TooLarge { .. } => (Reason::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
-        InspectError::UnsupportedEncoding(_) => {
+        InspectError::UnsupportedEncoding(_) | InspectError::NotUtf8Json => {
             (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE)
         }
         InspectError::BadJson { .. } | InspectError::Corrupt { .. } => {
@@ -534,6 +583,16 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash. Clients
+/// remove dot segments before sending (RFC 3986 5.2.4); servers that resolve them would otherwise serve a path
+/// other than the one the policy matched (`/repos/acme/../other` passes a `/repos/acme/**` rule).
+fn has_dot_segments(path: &str) -> bool {
+    let decoded = percent_decode(&path.replace('+', "%2B"));
+    decoded
+        .split(['/', '\\'])
+        .any(|segment| segment == "." || segment == "..")
+}
+
 /// The authority the request names: the URI's (h2 `:authority`, absolute-form) or the Host header.
 fn request_authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     let raw = match uri.authority() {
@@ -560,6 +619,8 @@ fn authority_host(authority: &str) -> &str {
 enum BodyError {
     TooLarge,
     Read,
+    /// No body bytes for longer than the body idle timeout.
+    Idle,
 }
 
 async fn read_body(
@@ -574,11 +635,18 @@ async fn read_body(
             return Err(BodyError::TooLarge);
         }
     }
+    let idle = super::limits::limits().body_idle_timeout;
     let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| BodyError::Idle)?;
+        let Some(frame) = next else {
+            break;
+        };
         let frame = frame.map_err(|_| BodyError::Read)?;
         if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > limit {
+            if (buf.len() as u64).saturating_add(data.len() as u64) > limit {
                 return Err(BodyError::TooLarge);
             }
             buf.extend_from_slice(&data);
@@ -715,6 +783,33 @@ mod tests {
         assert_eq!(q.get("flag"), Some(""));
         assert_eq!(q.get("c"), Some("%zz"));
         assert_eq!(q.get("d"), Some("%4"));
+    }
+
+    #[test]
+    fn dot_segments_are_found_however_spelt() {
+        for bad in [
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/..%2Fb",
+            "/a/..\\b",
+            "/..",
+        ] {
+            assert!(has_dot_segments(bad), "{bad}");
+        }
+        for ok in [
+            "/",
+            "/a/b",
+            "/a/...",
+            "/a/.b/c.d",
+            "/a/..b",
+            "/v1/chat/completions",
+            "/a+b/",
+        ] {
+            assert!(!has_dot_segments(ok), "{ok}");
+        }
     }
 
     #[test]

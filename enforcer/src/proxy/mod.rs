@@ -14,6 +14,7 @@ mod explicit;
 mod hostbind;
 mod http;
 mod io;
+mod limits;
 mod tls;
 mod tunnel;
 mod upstream;
@@ -29,6 +30,7 @@ pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority};
 pub use hostbind::{Binding, HostBindError, HostBinder};
+pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::UpstreamError;
 

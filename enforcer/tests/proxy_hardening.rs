@@ -1,0 +1,431 @@
+//! The proxy against hostile clients and upstreams on loopback: stalled heads and bodies, silent upstreams,
+//! request smuggling attempts, bodies that inspection cannot read faithfully, and request data that must not be
+//! echoed. The process-wide limits are shortened once so timeouts fire in about a second.
+
+mod proxy_support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use enforcer::proxy::{set_limits, Limits};
+use proxy_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const SHORT: Duration = Duration::from_secs(1);
+
+fn short_limits() {
+    set_limits(Limits {
+        header_read_timeout: SHORT,
+        body_idle_timeout: SHORT,
+        response_head_timeout: SHORT,
+        ..Limits::default()
+    });
+}
+
+async fn proxy() -> Proxy {
+    short_limits();
+    start_proxy(&policy(&["127.0.0.1"], &[]), &[], false).await
+}
+
+/// Write `bytes` on a connection redirected to `dst`, then read until the proxy closes it or `wait` passes.
+async fn exchange(p: &Proxy, dst: SocketAddr, bytes: &[u8], wait: Duration) -> (String, Duration) {
+    let mut s = p.connect_as(dst).await;
+    let start = Instant::now();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+}
+
+/// A plain-HTTP upstream that records the raw bytes of every connection and answers each head it sees with a
+/// short 200 after reading a Content-Length body; `silent` makes it read forever and never answer.
+async fn raw_upstream(silent: bool) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = s.clone();
+            tokio::spawn(async move {
+                let index = {
+                    let mut v = seen.lock().unwrap();
+                    v.push(Vec::new());
+                    v.len() - 1
+                };
+                let mut buf = [0u8; 4096];
+                let mut all = Vec::new();
+                loop {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                    seen.lock().unwrap()[index] = all.clone();
+                    if silent {
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&all).to_ascii_lowercase();
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len: usize = text[..head_end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if all.len() >= head_end + 4 + len {
+                            let _ = tcp
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                            all.drain(..head_end + 4 + len);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn status_of(response: &str) -> Option<u16> {
+    response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+}
+
+#[tokio::test]
+async fn stalled_request_body_gets_408_audited_and_never_reaches_the_upstream() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {up}\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\nonly a part"
+    );
+    let (resp, took) = exchange(&p, up, head.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&resp), Some(408), "{resp}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(seen.count(), 0);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["outcome"]["disposition"], "blocked");
+    assert_eq!(records[0]["outcome"]["status"], 408);
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_off() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    // The method is complete (so the connection is HTTP), the head never is.
+    let (resp, took) = exchange(
+        &p,
+        up,
+        b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(took < Duration::from_secs(5), "{took:?} {resp}");
+    assert!(resp.is_empty() || status_of(&resp) == Some(408), "{resp}");
+    assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn slow_request_head_on_the_explicit_listener_is_cut_off() {
+    short_limits();
+    let p = start_proxy(&policy(&["127.0.0.1"], &[]), &[], true).await;
+    let mut s = tokio::net::TcpStream::connect(p.explicit.unwrap())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nx-slow: ")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let took = start.elapsed();
+    let resp = String::from_utf8_lossy(&out);
+    assert!(took < Duration::from_secs(5), "{took:?} {resp}");
+    assert!(resp.is_empty() || status_of(&resp) == Some(408), "{resp}");
+}
+
+#[tokio::test]
+async fn upstream_that_never_answers_gets_504() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(true).await;
+    let req = format!("GET /slow HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let (resp, took) = exchange(&p, up, req.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&resp), Some(504), "{resp}");
+    assert!(resp.contains("upstream_unreachable"), "{resp}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(String::from_utf8_lossy(&seen.lock().unwrap()[0]).starts_with("GET /slow "));
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+}
+
+#[tokio::test]
+async fn a_stream_that_outlasts_the_head_timeout_is_not_cut() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let go = seen.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(SHORT * 2).await;
+        go.sse_go.notify_one();
+    });
+    let req = format!("GET /sse HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert!(
+        resp.contains("data: one") && resp.contains("data: two"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_reframed_not_smuggled() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    // A front end trusting Content-Length would see `hell` and then a second request starting `o\r\n0...`.
+    let req = format!(
+        "POST /a HTTP/1.1\r\nhost: {up}\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: {up}\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    let seen = seen.lock().unwrap().clone();
+    let all: String = seen
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).to_ascii_lowercase())
+        .collect();
+    assert!(!all.contains("/smuggled"), "{all}");
+    // Chunked framing wins (RFC 9112 6.3), the connection closes after it, and the upstream gets exactly the body
+    // the proxy inspected, framed by a Content-Length of the proxy's own.
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(all.matches("post /a ").count(), 1, "{all}");
+    assert!(all.contains("content-length: 5\r\n"), "{all}");
+    assert!(!all.contains("transfer-encoding"), "{all}");
+    assert!(all.ends_with("\r\n\r\nhello"), "{all}");
+}
+
+#[tokio::test]
+async fn conflicting_framing_is_refused_before_the_upstream() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    let cases = [
+        "content-length: 5\r\ncontent-length: 6\r\n",
+        "content-length: 5, 6\r\n",
+        "content-length: -5\r\n",
+        "content-length: +5\r\n",
+        "transfer-encoding: chunked, identity\r\n",
+        "transfer-encoding: xchunked\r\n",
+    ];
+    for framing in cases {
+        let req = format!("POST /x HTTP/1.1\r\nhost: {up}\r\n{framing}\r\nhello!");
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert!(
+            resp.is_empty() || status_of(&resp) == Some(400),
+            "{framing:?}: {resp}"
+        );
+    }
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn too_many_or_too_large_headers_are_refused() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let mut many = format!("GET / HTTP/1.1\r\nhost: {up}\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let (resp, _) = exchange(&p, up, many.as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.is_empty() || status_of(&resp) == Some(431), "{resp}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: {up}\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let (resp, _) = exchange(&p, up, big.as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.is_empty() || status_of(&resp) == Some(431), "{resp}");
+    assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn mcp_body_that_is_not_utf8_is_refused_not_forwarded() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let mut body =
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"del"
+            .to_vec();
+    body.push(0xff);
+    body.extend_from_slice(b"ete_all\",\"arguments\":{}}}");
+    let mut req = format!(
+        "POST /mcp HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(400), "{resp}");
+    assert!(resp.contains("unparseable"), "{resp}");
+    assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn an_unsupported_content_encoding_is_not_echoed() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let secret = "sk-ant-api03-notreallyasecretbutlooksalot";
+    let req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-encoding: {secret}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(415), "{resp}");
+    assert!(!resp.contains(secret), "{resp}");
+    assert_eq!(seen.count(), 0);
+    let records = p.audit_records().await;
+    assert!(!format!("{records:?}").contains(secret));
+}
+
+/// Everything the proxy logs while a test runs on this (current-thread) runtime.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_rewrite_logs_no_body_data() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: redact\n    when: { detect: [github-token] }\n    verdict: constrain\n    constrain: { redact: [github-token] }\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    // The secret sits inside a signed thinking block (so the rewrite is refused) under a key that is itself secret.
+    let token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let body = serde_json::json!({
+        token: {"type": "thinking", "thinking": format!("token {token}"), "signature": "sig"}
+    })
+    .to_string();
+    let req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(!resp.contains(token), "{resp}");
+    assert_eq!(seen.count(), 0);
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(
+        logged.contains("constrain could not be applied"),
+        "{logged}"
+    );
+    assert!(!logged.contains("ghp_"), "{logged}");
+}
+
+#[tokio::test]
+async fn a_constrained_chunked_gzip_body_is_reframed_for_the_upstream() {
+    use std::io::Write;
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: redact\n    when: { detect: [github-token] }\n    verdict: constrain\n    constrain: { redact: [github-token] }\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let body = serde_json::json!({"prompt": format!("use {token} please"), "n": 1}).to_string();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let (a, b) = gz.split_at(gz.len() / 2);
+    let mut req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in [a, b] {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, sent) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}\r\n", sent.len()))
+            || head.ends_with(&format!("content-length: {}", sent.len())),
+        "{head} / {}",
+        sent.len()
+    );
+    let sent: serde_json::Value = serde_json::from_str(sent).unwrap();
+    assert_eq!(
+        sent,
+        serde_json::json!({"prompt": "use [REDACTED:github-token] please", "n": 1})
+    );
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].to_string().contains(token));
+}
+
+#[tokio::test]
+async fn an_mcp_call_in_utf16_is_refused_not_forwarded_unclassified() {
+    let p = proxy().await;
+    let (up, seen) = http_upstream().await;
+    let json = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","arguments":{}}}"#;
+    // What Python's json.loads(bytes) (the official MCP SDK's server) reads as that very call.
+    let body: Vec<u8> = json.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let mut req = format!(
+        "POST /mcp HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(415), "{resp}");
+    assert_eq!(seen.count(), 0);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["outcome"]["error"], "unparseable");
+}
+
+#[tokio::test]
+async fn dot_segments_cannot_walk_out_of_an_allowed_path() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: acme-read\n    when: { host: 127.0.0.1, method: [GET], path: \"/repos/acme/**\" }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    for path in [
+        "/repos/acme/../evil/secrets",
+        "/repos/acme/%2e%2e/evil/secrets",
+        "/repos/acme/..%2fevil/secrets",
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{path}: {resp}");
+    }
+    assert!(seen.lock().unwrap().is_empty());
+    let req = format!("GET /repos/acme/tools HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(p.audit_records().await.len(), 4);
+}

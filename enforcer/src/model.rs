@@ -128,6 +128,8 @@ impl<'de> Deserialize<'de> for Pairs {
 #[serde(deny_unknown_fields)]
 pub struct HttpRequest {
     pub method: String,
+    /// Without the query string. From the proxy it is canonical (percent-escapes decoded once, `;parameters` and
+    /// repeated slashes dropped, trailing slash kept): the path the upstream's router will read.
     pub path: String,
     #[serde(default)]
     pub query: Pairs,
@@ -335,7 +337,7 @@ pub struct RequestSummary {
     pub ip: Option<IpAddr>,
     pub port: u16,
     pub method: Option<String>,
-    /// Path without the query string.
+    /// Path without the query string, as the client sent it.
     pub path: Option<String>,
     pub mcp_method: Option<String>,
     pub mcp_tool: Option<String>,

@@ -429,3 +429,33 @@ async fn dot_segments_cannot_walk_out_of_an_allowed_path() {
     assert_eq!(status_of(&resp), Some(200), "{resp}");
     assert_eq!(p.audit_records().await.len(), 4);
 }
+
+#[tokio::test]
+async fn encoded_path_spellings_cannot_dodge_a_deny_rule() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-admin\n    when: { host: 127.0.0.1, path: \"/admin/**\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    for path in [
+        "/admin/users",
+        "/%61dmin/users",
+        "/%2561dmin-is-not-admin",
+        "//admin//users",
+        "/admin;v=1/users",
+        "/%2Fadmin/users",
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        let want = if path.starts_with("/%25") { 200 } else { 403 };
+        assert_eq!(status_of(&resp), Some(want), "{path}: {resp}");
+    }
+    // Only the request that really is not under /admin reached the upstream.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(String::from_utf8_lossy(&seen[0]).starts_with("GET /%2561dmin-is-not-admin "));
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 6);
+    // The record keeps the path as the client sent it.
+    assert_eq!(records[1]["request"]["path"], "/%61dmin/users");
+    assert_eq!(records[1]["decision"]["rule"], "no-admin");
+}

@@ -198,7 +198,11 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
             actions: vec![action],
         });
     };
-    let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+    let raw_path = http.path.split('?').next().unwrap_or_default();
+    let path = canonical_path(raw_path);
+    // The policy matches the path as the upstream's router will read it, so `/%61dmin` or `/admin;x` cannot
+    // dodge a rule written for `/admin/**`. The audit record keeps the path as sent.
+    http.path = policy_path(raw_path, &path);
     let host = action
         .transport
         .host
@@ -307,6 +311,17 @@ fn canonical_path(path: &str) -> String {
     out
 }
 
+/// The path the policy matches: `canonical` (the [`canonical_path`] of `raw`) with the trailing slash the client
+/// sent, so a rule can still tell `/dir/` from `/dir`.
+fn policy_path(raw: &str, canonical: &str) -> String {
+    let trailing = raw.ends_with('/') || raw.to_ascii_lowercase().ends_with("%2f");
+    let mut path = canonical.to_string();
+    if trailing && path != "/" {
+        path.push('/');
+    }
+    path
+}
+
 /// `Host` header value without its port.
 fn strip_port(host: &str) -> &str {
     let (h, _) = split_host_port(host);
@@ -327,6 +342,22 @@ mod tests {
         assert!(host_matches("[FD77::2]:443", "fd77::2", 443));
         assert!(!host_matches("[fd77::2]:443", "fd77::2", 80));
         assert!(host_matches("api.openai.com.", "api.openai.com", 1));
+    }
+
+    #[test]
+    fn the_policy_sees_the_canonical_path_with_its_trailing_slash() {
+        let cases = [
+            ("/%61dmin/users", "/admin/users"),
+            ("/admin;x=1/users", "/admin/users"),
+            ("//admin//users/", "/admin/users/"),
+            ("/repos/acme%2Fwidgets", "/repos/acme/widgets"),
+            ("/dir%2F", "/dir/"),
+            ("/", "/"),
+            ("", "/"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(policy_path(raw, &canonical_path(raw)), want, "{raw}");
+        }
     }
 
     #[test]

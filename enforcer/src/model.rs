@@ -278,6 +278,8 @@ pub enum Reason {
     Unparseable,
     /// A rewrite would have touched an opaque signed field.
     SignedField,
+    /// A secret a redaction named was still in the rewritten request (URL path, object key, binary body, ...).
+    Unredactable,
     /// Host/:authority did not match SNI.
     HostMismatch,
     /// The upstream's certificate failed verification.

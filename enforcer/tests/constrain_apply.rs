@@ -685,7 +685,9 @@ fn errors_for_non_json_bodies_unknown_detectors_and_bad_paths() {
 }
 
 #[test]
-fn secrets_in_keys_and_query_names_do_not_leak_into_change_paths() {
+fn secrets_in_keys_and_query_names_block_without_leaking_into_the_error() {
+    // Redaction rewrites values, not names: a secret used as a name cannot be removed, so the request is refused,
+    // and neither the error nor its message carries the secret.
     let body = json!({ AWS_KEY: format!("value {GH_TOKEN}") });
     let uri = format!("/?{AWS_KEY}={GH_TOKEN}");
     let out = run(
@@ -693,14 +695,20 @@ fn secrets_in_keys_and_query_names_do_not_leak_into_change_paths() {
         parts(&uri, &[]),
         &body,
     );
-    let changes = out.result.unwrap();
-    assert_eq!(
-        changes,
-        vec![
-            change("query.[REDACTED:aws-access-key]", "redact:github-token"),
-            change("$.[REDACTED:aws-access-key]", "redact:github-token"),
-        ]
-    );
+    let err = out.result.unwrap_err();
+    assert!(matches!(
+        err,
+        ConstrainError::Unredactable {
+            location: "query",
+            ..
+        }
+    ));
+    for text in [err.to_string(), format!("{err:?}")] {
+        assert!(
+            !text.contains(AWS_KEY) && !text.contains(GH_TOKEN),
+            "{text}"
+        );
+    }
 }
 
 #[test]
@@ -724,4 +732,96 @@ fn changes_never_carry_values() {
         assert!(!text.contains(secret));
         assert!(!String::from_utf8_lossy(&out.body).contains(secret));
     }
+}
+
+/// Run one redaction on raw body bytes; returns the result and what would be forwarded.
+fn redact_raw(
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (Result<Vec<Change>, ConstrainError>, Bytes) {
+    let mut p = parts(uri, headers);
+    let mut b = Bytes::copy_from_slice(body);
+    let result = apply_with(
+        &[redact(&["aws-access-key", "openai-key"])],
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut p,
+        &mut b,
+    );
+    (result, b)
+}
+
+fn unredactable_at(result: Result<Vec<Change>, ConstrainError>) -> &'static str {
+    match result {
+        Err(ConstrainError::Unredactable {
+            rule,
+            detector,
+            location,
+        }) => {
+            assert_eq!(rule, "redact-secrets");
+            assert_eq!(detector, "aws-access-key");
+            location
+        }
+        other => panic!("expected Unredactable, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_secret_redaction_cannot_reach_is_refused_not_forwarded() {
+    let json = [("content-type", "application/json")];
+    let cases: [(String, Vec<u8>, &str); 5] = [
+        (format!("/paste/{AWS_KEY}"), b"{}".to_vec(), "path"),
+        (
+            format!("/paste/%41{}", &AWS_KEY[1..]),
+            b"{}".to_vec(),
+            "path",
+        ),
+        (format!("/q?{AWS_KEY}=1"), b"{}".to_vec(), "query"),
+        (
+            "/upload".into(),
+            format!("{{\"{AWS_KEY}\": \"as a key\"}}").into_bytes(),
+            "body",
+        ),
+        (
+            "/upload".into(),
+            [&[0xff, 0xfe, 0x00][..], AWS_KEY.as_bytes(), &[0x80]].concat(),
+            "body",
+        ),
+    ];
+    for (uri, body, want) in cases {
+        let (result, _) = redact_raw(&uri, &json, &body);
+        assert_eq!(unredactable_at(result), want, "{uri}");
+    }
+    // A form body hides the key behind percent-escapes the upstream will undo.
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let body = format!("note=%41{}", &AWS_KEY[1..]);
+    let (result, _) = redact_raw("/form", &form, body.as_bytes());
+    assert_eq!(unredactable_at(result), "body");
+}
+
+#[test]
+fn an_escaped_secret_in_a_json_string_is_redacted() {
+    // `\u0041` is an `A`: the bytes do not show the key, the upstream's parser will.
+    let body = format!(r#"{{"prompt":"key \u0041{}","n":1}}"#, &AWS_KEY[1..]);
+    let (result, forwarded) = redact_raw("/v1/chat", &[], body.as_bytes());
+    assert_eq!(
+        result.unwrap(),
+        vec![change("$.prompt", "redact:aws-access-key")]
+    );
+    assert_eq!(
+        json_of(&forwarded),
+        json!({"prompt": "key [REDACTED:aws-access-key]", "n": 1})
+    );
+}
+
+#[test]
+fn the_clients_own_credentials_do_not_make_a_request_unredactable() {
+    let auth = format!("Bearer {OPENAI_KEY}");
+    let (result, _) = redact_raw(
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        br#"{"prompt":"hello"}"#,
+    );
+    assert_eq!(result.unwrap(), vec![]);
 }

@@ -459,3 +459,56 @@ async fn encoded_path_spellings_cannot_dodge_a_deny_rule() {
     assert_eq!(records[1]["request"]["path"], "/%61dmin/users");
     assert_eq!(records[1]["decision"]["rule"], "no-admin");
 }
+
+#[tokio::test]
+async fn a_secret_hidden_by_escapes_is_redacted_and_one_redaction_cannot_reach_is_blocked() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: redact-keys\n    when: { detect: [aws-access-key] }\n    verdict: constrain\n    constrain: { redact: [aws-access-key] }\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let key_tail = "KIAIOSFODNN7EXAMPLE";
+
+    // `\u0041` spells the key's `A`: detection and redaction read the string as the upstream's parser will.
+    let body = format!(r#"{{"prompt":"\u0041{key_tail}"}}"#);
+    let req = format!(
+        "POST /v1/chat HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+
+    // In the URL path the key cannot be rewritten: blocked, naming the detector and where, never the value.
+    let req = format!("GET /paste/A{key_tail} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(
+        resp.contains("aws-access-key") && resp.contains("path"),
+        "{resp}"
+    );
+    assert!(!resp.contains(key_tail), "{resp}");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the redacted request reached the upstream"
+    );
+    let forwarded = String::from_utf8_lossy(&seen[0]);
+    assert!(
+        forwarded.contains(r#"{"prompt":"[REDACTED:aws-access-key]"}"#),
+        "{forwarded}"
+    );
+    assert!(!forwarded.contains(key_tail));
+
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["decision"]["verdict"], "constrain");
+    assert_eq!(records[1]["decision"]["verdict"], "block");
+    assert_eq!(records[1]["decision"]["reason"], "unredactable");
+    // The record names the path without the key.
+    assert_eq!(
+        records[1]["request"]["path"],
+        "/paste/[REDACTED:aws-access-key]"
+    );
+    assert!(!serde_json::to_string(&records).unwrap().contains(key_tail));
+}

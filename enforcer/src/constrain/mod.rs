@@ -16,6 +16,7 @@ use std::ops::Range;
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::encoding::{decoded_body, percent_decode};
 use crate::model::{Change, PlannedRewrite, Rewrite};
 use crate::policy::jsonpath::JsonPath;
 use crate::policy::Policy;
@@ -27,6 +28,14 @@ pub enum ConstrainError {
     /// The rewrite would modify an opaque signed field: the request must be blocked instead.
     #[error("a rewrite would modify the signed field at {path}")]
     SignedField { path: String },
+    /// A detector a redaction named still fires in the rewritten request (a secret in the URL path, an object key,
+    /// a query name or a binary body, which redaction does not rewrite): the request must be blocked instead.
+    #[error("a secret found by {detector} could not be redacted from the request {location}")]
+    Unredactable {
+        rule: String,
+        detector: String,
+        location: &'static str,
+    },
     #[error("the body is not JSON, so the JSON rewrite of rule {rule} cannot apply")]
     NotJson { rule: String },
     #[error("rewrite {op} of rule {rule} is not supported")]
@@ -97,6 +106,22 @@ pub fn apply(
         ..ConstrainOptions::default()
     };
     apply_with(rewrites, policy.detectors(), &options, parts, body)
+}
+
+/// The request path as an audit record may show it: as sent, unless one of the policy's detectors fires in it
+/// (also behind percent-escapes); then decoded, with every hit replaced by the policy's marker.
+pub fn path_for_record(policy: &Policy, path: &str) -> String {
+    let detect = policy.detectors();
+    let names: Vec<String> = detect.names().map(String::from).collect();
+    let redactor = Redactor {
+        detect,
+        names: &names,
+        marker: policy.redaction_marker(),
+    };
+    match redactor.redact_str(&percent_decode(path, false)) {
+        Some((redacted, _)) => redacted,
+        None => path.to_string(),
+    }
 }
 
 /// The body as the rewrites see it: parsed once, on first need.
@@ -245,11 +270,82 @@ pub fn apply_with(
                 http::HeaderValue::from(new_body.len()),
             );
         }
+        check_redacted(rewrites, detect, options, &uri, &headers, &new_body, &doc)?;
         *body = new_body;
+    } else {
+        check_redacted(rewrites, detect, options, &uri, &headers, body, &doc)?;
     }
     parts.headers = headers;
     parts.uri = uri;
     Ok(changes)
+}
+
+/// Redaction rewrites JSON string values, query values and header values. A secret anywhere else (the URL path, an
+/// object key, a query name, a body that is not text) would be forwarded as it is, so the request as it will leave
+/// is scanned once more, the way the policy's `detect` scans it, with every detector a redaction named; a hit is an
+/// error and the caller blocks. Headers redaction deliberately leaves alone (the client's own credentials) are
+/// skipped here too.
+fn check_redacted(
+    rewrites: &[PlannedRewrite],
+    detect: &dyn Detect,
+    options: &ConstrainOptions,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    body: &Bytes,
+    doc: &Doc,
+) -> Result<(), ConstrainError> {
+    let named: Vec<(&str, &str)> = rewrites
+        .iter()
+        .filter_map(|p| match &p.rewrite {
+            Rewrite::Redact { detectors } => Some((p.rule.as_str(), detectors)),
+            _ => None,
+        })
+        .flat_map(|(rule, ds)| ds.iter().map(move |d| (rule, d.as_str())))
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let path = percent_decode(uri.path(), false);
+    let query = percent_decode(uri.query().unwrap_or_default(), true);
+    let header_values: Vec<String> = headers
+        .iter()
+        .filter(|(name, _)| {
+            !options
+                .redact_skip_headers
+                .iter()
+                .any(|s| s == name.as_str())
+        })
+        .map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let text = String::from_utf8_lossy(body);
+    let json = match doc {
+        Doc::Json(v) => Some(v),
+        _ => None,
+    };
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let decoded = decoded_body(&text, json, content_type);
+    for (rule, detector) in named {
+        let fires = |s: &str| !detect.find(detector, s).is_empty();
+        let location = if fires(&path) {
+            "path"
+        } else if fires(&query) {
+            "query"
+        } else if header_values.iter().any(|v| fires(v)) {
+            "headers"
+        } else if fires(&text) || decoded.as_deref().is_some_and(fires) {
+            "body"
+        } else {
+            continue;
+        };
+        return Err(ConstrainError::Unredactable {
+            rule: rule.to_string(),
+            detector: detector.to_string(),
+            location,
+        });
+    }
+    Ok(())
 }
 
 /// The parsed body, parsing it on first use; `None` when it is not JSON.

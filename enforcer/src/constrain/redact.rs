@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::signed::{is_signed_key, is_signed_object, push_index, push_key};
 use super::{ConstrainError, Detect};
+use crate::encoding::percent_decode;
 use crate::model::Change;
 
 /// What one redaction pass needs: the detectors to run and how to write the marker.
@@ -136,11 +137,11 @@ impl Redactor<'_> {
                 let Some(value) = value else {
                     return piece.to_string();
                 };
-                let decoded = percent_decode(value);
+                let decoded = percent_decode(value, true);
                 match self.redact_str(&decoded) {
                     Some((new, fired)) => {
                         changed = true;
-                        let shown = self.safe_path(&percent_decode(name));
+                        let shown = self.safe_path(&percent_decode(name, true));
                         changes.extend(fired.into_iter().map(|d| Change {
                             path: format!("query.{shown}"),
                             cause: format!("redact:{d}"),
@@ -153,33 +154,6 @@ impl Redactor<'_> {
             .collect();
         changed.then(|| pieces.join("&"))
     }
-}
-
-/// Decode `%XX` escapes and `+` (form encoding) into text; invalid escapes are kept as they are.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                if let Some(v) = hex {
-                    out.push(v);
-                    i += 3;
-                    continue;
-                }
-                out.push(b);
-            }
-            _ => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Encode everything but RFC 3986 unreserved characters.
@@ -201,7 +175,7 @@ mod tests {
 
     #[test]
     fn percent_round_trip() {
-        assert_eq!(percent_decode("a%20b+c%zz"), "a b c%zz");
+        assert_eq!(percent_decode("a%20b+c%zz", true), "a b c%zz");
         assert_eq!(percent_encode("[R:x] a&b"), "%5BR%3Ax%5D%20a%26b");
     }
 }

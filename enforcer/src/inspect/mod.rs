@@ -268,27 +268,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
 /// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:
 /// percent-escapes decoded, `;parameters` cut from each segment, empty and `.` segments dropped, `..` resolved.
 fn canonical_path(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = (b == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match hex {
-            Some(v) => {
-                decoded.push(v);
-                i += 3;
-            }
-            None => {
-                decoded.push(b);
-                i += 1;
-            }
-        }
-    }
-    let decoded = String::from_utf8_lossy(&decoded);
+    let decoded = crate::encoding::percent_decode(path, false);
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
         let segment = segment.split(';').next().unwrap_or_default();

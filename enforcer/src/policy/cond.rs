@@ -3,7 +3,7 @@
 //! combine sub-conditions. Detector results are computed at most once per evaluation and shared by all rules.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 
 use regex::Regex;
 use serde_json::Value;
@@ -12,6 +12,7 @@ use super::detect::Detectors;
 use super::glob::Glob;
 use super::jsonpath::JsonPath;
 use super::yaml::{Kind, Loc, Node};
+use crate::encoding;
 use crate::model::{Action, Scheme};
 
 /// A compile failure at one node (turned into a `PolicyError` with the file name by the caller).
@@ -479,6 +480,8 @@ pub struct Ctx<'a> {
     detectors: &'a Detectors,
     /// 0 = not computed, 1 = does not fire, 2 = fires.
     detected: RefCell<Vec<u8>>,
+    /// The body as the upstream reads it, when that differs from its bytes (see [`encoding::decoded_body`]).
+    decoded_body: OnceCell<Option<String>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -489,6 +492,7 @@ impl<'a> Ctx<'a> {
             host,
             detectors,
             detected: RefCell::new(Vec::new()),
+            decoded_body: OnceCell::new(),
         }
     }
 
@@ -509,7 +513,8 @@ impl<'a> Ctx<'a> {
         fires
     }
 
-    /// Runs detector `i` over the URL path and query, every header value and the body.
+    /// Runs detector `i` over the URL path and query, every header value and the body, the body also as the
+    /// upstream will read it (JSON escapes undone, a form decoded), so an escape cannot hide a secret.
     fn scan(&self, i: usize) -> bool {
         let Some(http) = &self.action.http else {
             return false;
@@ -523,6 +528,17 @@ impl<'a> Ctx<'a> {
                 .any(|(k, v)| d.fires(i, k) || d.fires(i, v))
             || http.headers.0.iter().any(|(_, v)| d.fires(i, v))
             || d.fires(i, &http.body)
+            || self
+                .decoded_body
+                .get_or_init(|| {
+                    encoding::decoded_body(
+                        &http.body,
+                        http.json.as_ref(),
+                        http.content_type.as_deref(),
+                    )
+                })
+                .as_deref()
+                .is_some_and(|text| d.fires(i, text))
     }
 }
 

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::upstream::{self, Sender};
 use super::ProxyContext;
+use crate::encoding::percent_decode;
 use crate::inspect::{self, InspectError, Protocol};
 use crate::model::{
     Action, Agent, AuditEvent, Decision, Disposition, HttpRequest, Mode, Outcome, Pairs, Reason,
@@ -137,7 +138,7 @@ pub(crate) async fn handle_request(
             ip: Some(conn.dst.ip()),
             port: conn.dst.port(),
             method: Some(parts.method.as_str().to_string()),
-            path: Some(parts.uri.path().to_string()),
+            path: Some(crate::constrain::path_for_record(&policy, parts.uri.path())),
             ..RequestSummary::default()
         },
     };
@@ -296,6 +297,11 @@ pub(crate) async fn handle_request(
             Err(e) => {
                 let reason = match e {
                     crate::constrain::ConstrainError::SignedField { .. } => Reason::SignedField,
+                    crate::constrain::ConstrainError::Unredactable { .. } => {
+                        // Names only the detector and where: policy words, no request data.
+                        decision.message = Some(e.to_string());
+                        Reason::Unredactable
+                    }
                     _ => Reason::Unparseable,
                 };
                 // Not the error itself: its JSON path is made of the body's (attacker-chosen) keys.
@@ -551,43 +557,17 @@ pub(crate) fn parse_query(q: &str) -> Pairs {
             .filter(|p| !p.is_empty())
             .map(|p| {
                 let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (percent_decode(k), percent_decode(v))
+                (percent_decode(k, true), percent_decode(v, true))
             })
             .collect(),
     )
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash. Clients
 /// remove dot segments before sending (RFC 3986 5.2.4); servers that resolve them would otherwise serve a path
 /// other than the one the policy matched (`/repos/acme/../other` passes a `/repos/acme/**` rule).
 fn has_dot_segments(path: &str) -> bool {
-    let decoded = percent_decode(&path.replace('+', "%2B"));
+    let decoded = percent_decode(path, false);
     decoded
         .split(['/', '\\'])
         .any(|segment| segment == "." || segment == "..")

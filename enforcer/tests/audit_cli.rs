@@ -44,7 +44,11 @@ async fn verify_reports_ok_and_failures_with_exit_codes() {
         "{}",
         stdout(&o)
     );
-    assert!(stdout(&o).contains("5 checkpoints verified"));
+    assert!(
+        stdout(&o).contains("6 checkpoints verified"),
+        "{}",
+        stdout(&o)
+    );
 
     let kept = tempfile::tempdir().unwrap();
     let key = kept.path().join("audit.pub");

@@ -10,13 +10,13 @@ use enforcer::audit::checkpoint::{Checkpoint, CheckpointProblem, CHECKPOINT_FILE
 use enforcer::audit::record::GENESIS;
 use enforcer::audit::{verify, Problem};
 
-/// A trail of 50 records, checkpoints every 10 (signing seqs 9, 19, 29, 39, 49), in one file.
+/// A trail of 50 records, checkpoints at once and every 10 (signing seqs 0, 9, 19, 29, 39, 49), in one file.
 async fn trail() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write(config(dir.path()), 50).await;
     let r = verify(dir.path(), None).unwrap();
     assert!(r.ok(), "{:?}", r.problems);
-    assert_eq!((r.records, r.checkpoints, r.last_seq), (50, 5, Some(49)));
+    assert_eq!((r.records, r.checkpoints, r.last_seq), (50, 6, Some(49)));
     dir
 }
 
@@ -155,7 +155,7 @@ async fn an_inserted_forged_line_is_caught() {
             p,
             Problem::Rewritten {
                 seq: 29,
-                checkpoint: 3,
+                checkpoint: 4,
                 ..
             }
         ),
@@ -175,13 +175,13 @@ async fn a_dropped_tail_is_caught() {
     assert_eq!(
         p,
         Problem::Truncated {
-            checkpoint: 5,
+            checkpoint: 6,
             seq: 49,
             last: Some(44)
         }
     );
     assert!(
-        p.to_string().starts_with("truncated after checkpoint 5"),
+        p.to_string().starts_with("truncated after checkpoint 6"),
         "{p}"
     );
 
@@ -193,7 +193,7 @@ async fn a_dropped_tail_is_caught() {
             p,
             Problem::Truncated {
                 checkpoint: 1,
-                seq: 9,
+                seq: 0,
                 last: None
             }
         ),
@@ -215,7 +215,7 @@ async fn a_rehashed_file_is_caught_by_the_signed_checkpoints() {
             p,
             Problem::Rewritten {
                 seq: 9,
-                checkpoint: 1,
+                checkpoint: 2,
                 ..
             }
         ),
@@ -229,21 +229,21 @@ async fn a_damaged_checkpoint_is_caught() {
     let cp = dir.path().join(CHECKPOINT_FILE);
     let original = read_lines(&cp);
 
-    // Point checkpoint 2 at another record.
+    // Point checkpoint 3 at another record.
     let mut lines = original.clone();
-    lines[1] = lines[1].replacen("\"seq\":19", "\"seq\":18", 1);
+    lines[2] = lines[2].replacen("\"seq\":19", "\"seq\":18", 1);
     write_lines(&cp, &lines);
     let r = verify(dir.path(), None).unwrap();
     assert_eq!(
         r.problems,
         vec![Problem::Checkpoint {
-            checkpoint: 2,
+            checkpoint: 3,
             problem: CheckpointProblem::BadSignature
         }]
     );
     assert!(r.problems[0]
         .to_string()
-        .starts_with("bad signature: checkpoint 2"));
+        .starts_with("bad signature: checkpoint 3"));
 
     // Flip one hex digit of the signature of checkpoint 4.
     let mut lines = original.clone();

@@ -455,10 +455,12 @@ impl Writer {
                     }
                 }
                 events.clear();
+                // Due when the records crossed a multiple of `checkpoint_every` since the last checkpoint, and at
+                // once for a trail's first records, so `verify` on a fresh live log has a checkpoint to check.
+                let every = self.cfg.checkpoint_every.max(1);
                 let due = self
                     .signed
-                    .map_or(self.next_seq, |s| self.next_seq.saturating_sub(s + 1))
-                    >= self.cfg.checkpoint_every;
+                    .is_none_or(|s| self.next_seq / every > (s + 1) / every);
                 if due && !self.failed {
                     self.checkpoint_or_fail();
                 }

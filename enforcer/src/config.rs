@@ -89,6 +89,8 @@ pub struct ProxyConfig {
     /// transparent mode (checked before DNS, and authoritative for the names listed: no DNS for them). Air-gapped
     /// hosts and tests use it; other names are bound through the system resolver.
     pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Most client connections served at once over every listener; more wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +135,7 @@ impl Default for ProxyConfig {
             explicit: None,
             extra_roots: Vec::new(),
             static_hosts: BTreeMap::new(),
+            max_connections: crate::proxy::Limits::default().max_connections,
         }
     }
 }

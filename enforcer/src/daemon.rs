@@ -108,6 +108,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => Arc::new(NoCapture),
     };
 
+    crate::proxy::set_limits(crate::proxy::Limits {
+        max_connections: config.proxy.max_connections,
+        ..crate::proxy::Limits::default()
+    });
     let ctx = Arc::new(ProxyContext {
         policy: Arc::new(policy),
         audit: audit.clone(),

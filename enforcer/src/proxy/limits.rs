@@ -1,14 +1,20 @@
-//! Resource bounds for everything a client or upstream can hold open or make the proxy buffer: how long a request
-//! head and each gap in a request body may take, how long an upstream may take to start answering, and the hyper
-//! limits on header counts, header sizes, per-connection buffers and concurrent HTTP/2 streams. The defaults are
+//! Resource bounds for everything a client or upstream can hold open or make the proxy buffer: how many client
+//! connections are served at once, how long a request head and each gap in a request body may take, how long an
+//! upstream may take to start answering, and the hyper limits on header counts, header sizes, per-connection
+//! buffers and concurrent HTTP/2 streams. The defaults are
 //! the product's values; [`set_limits`] exists so tests can shorten the timeouts (first call wins, process-wide).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The proxy's resource bounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
+    /// Most client connections served at once, over every listener. Beyond it the proxy stops accepting (clients
+    /// wait in the kernel's backlog) until a connection ends, so a runaway agent cannot exhaust memory or files.
+    pub max_connections: usize,
     /// How long an HTTP/1.1 client may take to send a request head (slow-loris on the head).
     pub header_read_timeout: Duration,
     /// The longest silence allowed while a request body is being read (slow-loris on the body): 408 after it.
@@ -33,6 +39,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            max_connections: 1024,
             header_read_timeout: Duration::from_secs(30),
             body_idle_timeout: Duration::from_secs(30),
             response_head_timeout: Duration::from_secs(120),
@@ -57,4 +64,15 @@ pub fn set_limits(limits: Limits) -> bool {
 /// The limits in force.
 pub(crate) fn limits() -> &'static Limits {
     LIMITS.get_or_init(Limits::default)
+}
+
+/// Wait for a free connection slot; the connection holds the permit for its whole life.
+pub(crate) async fn connection_slot() -> OwnedSemaphorePermit {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    let slots = SLOTS.get_or_init(|| Arc::new(Semaphore::new(limits().max_connections.max(1))));
+    slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed")
 }

@@ -63,6 +63,10 @@ pub async fn serve_transparent(
 ) {
     let local = listener.local_addr().ok();
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = limits::connection_slot() => slot,
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -77,6 +81,7 @@ pub async fn serve_transparent(
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let _ = stream.set_nodelay(true);
             let origin = ctx.origins.lookup(peer);
             let Some(origin) = origin.filter(|o| Some(o.dst) != local) else {
@@ -114,6 +119,10 @@ pub async fn serve_explicit(
     shutdown: CancellationToken,
 ) {
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = limits::connection_slot() => slot,
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -134,6 +143,7 @@ pub async fn serve_explicit(
             ..Agent::default()
         };
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = explicit::serve_client(ctx, stream, agent) => {}
                 _ = shutdown.cancelled() => {}

@@ -161,6 +161,73 @@ fn gemini_generate_content_without_sse_is_not_streaming() {
 }
 
 #[test]
+fn legacy_embedding_and_tuned_model_calls_are_llm_calls() {
+    let cases = [
+        (
+            "api.openai.com",
+            "/v1/completions",
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": true}),
+            Provider::OpenAi,
+            "gpt-3.5-turbo-instruct",
+            true,
+        ),
+        (
+            "api.openai.com",
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small", "input": "hi"}),
+            Provider::OpenAi,
+            "text-embedding-3-small",
+            false,
+        ),
+        (
+            "api.anthropic.com",
+            "/v1/complete",
+            json!({"model": "claude-2.1", "prompt": "\n\nHuman: hi\n\nAssistant:"}),
+            Provider::Anthropic,
+            "claude-2.1",
+            false,
+        ),
+        (
+            "generativelanguage.googleapis.com",
+            "/v1beta/models/text-embedding-004:embedContent",
+            json!({"content": {"parts": [{"text": "hi"}]}}),
+            Provider::Gemini,
+            "text-embedding-004",
+            false,
+        ),
+    ];
+    for (host, path, body, provider, model, stream) in cases {
+        let out = classify(simple(host, "POST", path, body), &InspectConfig::default()).unwrap();
+        assert_eq!(
+            out.protocol,
+            Protocol::Llm {
+                provider,
+                api: LlmApi::Other
+            },
+            "{path}"
+        );
+        let llm = out.actions[0].llm.clone().unwrap();
+        assert_eq!(llm.model.as_deref(), Some(model), "{path}");
+        assert_eq!(llm.stream, stream, "{path}");
+        assert!(llm.tools.is_empty());
+    }
+    // A tuned Gemini model generates content like a base model.
+    let out = classify(
+        simple(
+            "generativelanguage.googleapis.com",
+            "POST",
+            "/v1beta/tunedModels/my-tuned-7:streamGenerateContent",
+            json!({"contents": [{"parts": [{"text": "hi"}]}]}),
+        ),
+        &InspectConfig::default(),
+    )
+    .unwrap();
+    let llm = out.actions[0].llm.clone().unwrap();
+    assert_eq!(llm.model.as_deref(), Some("my-tuned-7"));
+    assert!(llm.stream);
+}
+
+#[test]
 fn unparseable_json_on_llm_endpoint_is_an_error() {
     let mut a = simple("api.anthropic.com", "POST", "/v1/messages", json!(null));
     a.http.as_mut().unwrap().body = "{\"model\": \"claude\", ".into();

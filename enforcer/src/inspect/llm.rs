@@ -16,26 +16,46 @@ pub(super) fn endpoint(provider: Provider, method: &str, path: &str) -> Option<L
     match provider {
         Provider::OpenAi if path.ends_with("/chat/completions") => Some(LlmApi::ChatCompletions),
         Provider::OpenAi if path.ends_with("/responses") => Some(LlmApi::Responses),
+        Provider::OpenAi if path.ends_with("/completions") || path.ends_with("/embeddings") => {
+            Some(LlmApi::Other)
+        }
         Provider::Anthropic if path.ends_with("/v1/messages") || path == "/messages" => {
             Some(LlmApi::Messages)
         }
-        Provider::Gemini => gemini_target(path).map(|_| LlmApi::GenerateContent),
+        Provider::Anthropic if path.ends_with("/v1/complete") || path == "/complete" => {
+            Some(LlmApi::Other)
+        }
+        Provider::Gemini => gemini_target(path).map(|t| t.api),
         _ => None,
     }
 }
 
-/// `(model, streaming)` from a Gemini path `.../models/{model}:generateContent|streamGenerateContent`.
-fn gemini_target(path: &str) -> Option<(&str, bool)> {
-    let (_, tail) = path.rsplit_once("/models/")?;
+/// A Gemini call's target, from a path `.../models/{model}:{method}` or `.../tunedModels/{model}:{method}`.
+struct GeminiTarget<'a> {
+    model: &'a str,
+    api: LlmApi,
+    streaming: bool,
+}
+
+fn gemini_target(path: &str) -> Option<GeminiTarget<'_>> {
+    let (_, tail) = path
+        .rsplit_once("/models/")
+        .or_else(|| path.rsplit_once("/tunedModels/"))?;
     let (model, method) = tail.split_once(':')?;
     if model.is_empty() || model.contains('/') {
         return None;
     }
-    match method {
-        "generateContent" => Some((model, false)),
-        "streamGenerateContent" => Some((model, true)),
-        _ => None,
-    }
+    let (api, streaming) = match method {
+        "generateContent" => (LlmApi::GenerateContent, false),
+        "streamGenerateContent" => (LlmApi::GenerateContent, true),
+        "embedContent" | "batchEmbedContents" | "countTokens" => (LlmApi::Other, false),
+        _ => return None,
+    };
+    Some(GeminiTarget {
+        model,
+        api,
+        streaming,
+    })
 }
 
 /// The `llm` part of an Action for a call to `api`.
@@ -51,10 +71,22 @@ pub(super) fn describe(
         ..LlmCall::default()
     };
     match api {
+        LlmApi::Other if provider == Provider::Gemini => {
+            if let Some(t) = gemini_target(path.trim_end_matches('/')) {
+                call.model = Some(t.model.to_string());
+            }
+        }
+        LlmApi::Other => {
+            call.model = body
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            call.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        }
         LlmApi::GenerateContent => {
-            if let Some((model, streaming)) = gemini_target(path.trim_end_matches('/')) {
-                call.model = Some(model.to_string());
-                call.stream = streaming || query.get("alt") == Some("sse");
+            if let Some(t) = gemini_target(path.trim_end_matches('/')) {
+                call.model = Some(t.model.to_string());
+                call.stream = t.streaming || query.get("alt") == Some("sse");
             }
             call.tools = gemini_tools(body);
             call.has_tool_results = each(body.get("contents"))

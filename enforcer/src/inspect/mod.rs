@@ -64,8 +64,12 @@ pub enum LlmApi {
     Responses,
     /// Anthropic `POST /v1/messages`.
     Messages,
-    /// Gemini `POST .../models/{model}:generateContent` or `:streamGenerateContent`.
+    /// Gemini `POST .../models/{model}:generateContent` or `:streamGenerateContent` (also `tunedModels/`).
     GenerateContent,
+    /// The other calls that send content to a model: OpenAI legacy `POST /v1/completions` and `POST
+    /// /v1/embeddings`, Anthropic legacy `POST /v1/complete`, Gemini `:embedContent`, `:batchEmbedContents` and
+    /// `:countTokens`. Model and stream flag only; they declare no tools.
+    Other,
 }
 
 /// What a JSON-RPC message is, as far as its block answer is concerned.

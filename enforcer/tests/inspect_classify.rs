@@ -249,6 +249,27 @@ fn unparseable_json_on_llm_endpoint_is_an_error() {
 }
 
 #[test]
+fn unparseable_body_from_an_mcp_client_is_an_error() {
+    for header in ["mcp-session-id", "MCP-Protocol-Version"] {
+        let mut a = simple("tools.example.test", "POST", "/mcp", json!(null));
+        let http = a.http.as_mut().unwrap();
+        http.body = "{\"jsonrpc\":\"2.0\",\"method\":\"tools/call\",".into();
+        http.headers = Pairs(vec![(header.to_ascii_lowercase(), "x".into())]);
+        match classify(a, &InspectConfig::default()) {
+            Err(InspectError::BadJson { protocol }) => assert_eq!(protocol, "MCP"),
+            other => panic!("{header}: expected BadJson, got {other:?}"),
+        }
+    }
+    // Without an MCP header the same bytes are plain HTTP, decided on host and path.
+    let mut a = simple("tools.example.test", "POST", "/mcp", json!(null));
+    a.http.as_mut().unwrap().body = "{\"jsonrpc\":".into();
+    assert_eq!(
+        classify(a, &InspectConfig::default()).unwrap().protocol,
+        Protocol::Http
+    );
+}
+
+#[test]
 fn other_paths_on_provider_hosts_are_provider_http() {
     let a = simple("api.openai.com", "GET", "/v1/models", json!(null));
     let out = classify(a, &InspectConfig::default()).unwrap();

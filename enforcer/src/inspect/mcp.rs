@@ -62,6 +62,13 @@ fn element(v: &Value) -> (McpMessage, McpCall) {
 
 /// The MCP session: the `Mcp-Session-Id` header (Streamable HTTP), or the `session_id`/`sessionId` query parameter
 /// of the older HTTP+SSE transport's message endpoint.
+/// Whether the request carries a header only MCP clients send (`Mcp-Session-Id`, `MCP-Protocol-Version`).
+pub(super) fn marked(headers: &Pairs) -> bool {
+    headers.0.iter().any(|(k, _)| {
+        k.eq_ignore_ascii_case("mcp-session-id") || k.eq_ignore_ascii_case("mcp-protocol-version")
+    })
+}
+
 pub(super) fn session_id(headers: &Pairs, query: &Pairs) -> Option<String> {
     headers
         .0

@@ -238,6 +238,11 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     }
 
     if http.method.eq_ignore_ascii_case("POST") {
+        // A body an MCP client marks as MCP (its session or protocol-version header) must be JSON-RPC that can be
+        // read; otherwise the server might read a tool call the policy never saw.
+        if http.json.is_none() && !http.body.trim().is_empty() && mcp::marked(&http.headers) {
+            return Err(InspectError::BadJson { protocol: "MCP" });
+        }
         if let Some(json) = http.json.as_ref() {
             if let Some(elements) = mcp::parse(json) {
                 let session = mcp::session_id(&http.headers, &http.query);

@@ -16,7 +16,7 @@ use crate::audit::AuditLog;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::Config;
 use crate::model::{Origin, OriginLookup};
-use crate::policy::Policy;
+use crate::policy::{Policy, SharedPolicy};
 use crate::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
 
 /// The policy enforced when the configuration names none: `policies/default.yaml`, built in.
@@ -113,7 +113,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ..crate::proxy::Limits::default()
     });
     let ctx = Arc::new(ProxyContext {
-        policy: Arc::new(policy),
+        policy: SharedPolicy::new(policy),
         audit: audit.clone(),
         ca: Arc::new(ca),
         upstream,

@@ -1,6 +1,7 @@
 //! `enforcer run`: wires the stages together. Loads the configuration and policy, opens the audit trail, loads the
 //! CA, attaches the eBPF capture, starts the proxy listeners, reports readiness (`READY proxy_port=N` on stdout,
-//! and `READY=1` to systemd when `NOTIFY_SOCKET` is set) and shuts down cleanly on SIGTERM/SIGINT.
+//! and `READY=1` to systemd when `NOTIFY_SOCKET` is set), reloads the policy on SIGHUP and shuts down cleanly on
+//! SIGTERM/SIGINT.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -10,13 +11,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::audit::AuditLog;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::Config;
 use crate::model::{Origin, OriginLookup};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError, SharedPolicy};
 use crate::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
 
 /// The policy enforced when the configuration names none: `policies/default.yaml`, built in.
@@ -52,11 +53,33 @@ fn init_tracing() {
 }
 
 /// Load the configured policy, or the built-in default.
-pub fn load_policy(config: &Config) -> anyhow::Result<Policy> {
-    Ok(match &config.policy {
-        Some(path) => Policy::load(path)?,
-        None => Policy::from_yaml(DEFAULT_POLICY, "policies/default.yaml (built in)")?,
-    })
+pub fn load_policy(config: &Config) -> Result<Policy, PolicyError> {
+    match &config.policy {
+        Some(path) => Policy::load(path),
+        None => Policy::from_yaml(DEFAULT_POLICY, "policies/default.yaml (built in)"),
+    }
+}
+
+/// SIGHUP: load the configured policy again. A policy that loads is put in force for every request that starts from
+/// now on (requests already being decided finish under the old one; its rate-limit counters start fresh); the same
+/// bytes again change nothing. A policy that fails to load is rejected: the old one stays in force.
+pub fn reload_policy(config: &Config, live: &SharedPolicy) {
+    let old = live.current();
+    match load_policy(config) {
+        Ok(policy) if policy.hash() == old.hash() => {
+            tracing::info!(policy_hash = %old.hash(), "policy unchanged, nothing reloaded");
+        }
+        Ok(policy) => {
+            let new_hash = policy.hash().to_string();
+            live.replace(policy);
+            tracing::info!(old_hash = %old.hash(), new_hash = %new_hash, "policy reloaded");
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            policy_hash = %old.hash(),
+            "policy reload failed: still enforcing the previous policy"
+        ),
+    }
 }
 
 /// The origin lookup when capture is off: nothing is redirected, so nothing is known.
@@ -69,6 +92,9 @@ impl OriginLookup for NoCapture {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGHUP must never end the daemon (the default action); one that arrives while it starts is
+    // handled once it is ready.
+    let mut signals = Signals::install()?;
     let policy = load_policy(&config)?;
     tracing::info!(policy_hash = %policy.hash(), "policy loaded");
 
@@ -113,7 +139,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ..crate::proxy::Limits::default()
     });
     let ctx = Arc::new(ProxyContext {
-        policy: Arc::new(policy),
+        policy: SharedPolicy::new(policy),
         audit: audit.clone(),
         ca: Arc::new(ca),
         upstream,
@@ -143,7 +169,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     report_ready(port);
-    wait_for_signal().await?;
+    signals.serve(&config, &ctx.policy).await;
     tracing::info!("shutting down");
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
@@ -192,12 +218,91 @@ fn report_ready(port: u16) {
     tracing::info!(port, "ready");
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The signals the daemon acts on: SIGTERM and SIGINT stop it, SIGHUP reloads the policy.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
     }
-    Ok(())
+
+    /// Reload the policy on every SIGHUP; return on SIGTERM or SIGINT.
+    async fn serve(&mut self, config: &Config, policy: &SharedPolicy) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                // Reading and compiling the file blocks: keep it off the runtime's other tasks.
+                _ = self.hup.recv() => tokio::task::block_in_place(|| reload_policy(config, policy)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOCK: &str = "version: 1\ndefault: block\n";
+    const ALLOW: &str = "version: 1\ndefault: allow\n";
+
+    fn setup(initial: &str) -> (tempfile::TempDir, Config, SharedPolicy) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, initial).unwrap();
+        let config = Config {
+            policy: Some(path),
+            ..Config::default()
+        };
+        let live = SharedPolicy::new(load_policy(&config).unwrap());
+        (dir, config, live)
+    }
+
+    fn rewrite(config: &Config, yaml: &str) {
+        std::fs::write(config.policy.as_ref().unwrap(), yaml).unwrap();
+    }
+
+    #[test]
+    fn a_good_policy_replaces_the_old_one() {
+        let (_dir, config, live) = setup(BLOCK);
+        let before = live.current();
+        rewrite(&config, ALLOW);
+        reload_policy(&config, &live);
+        assert_ne!(live.current().hash(), before.hash());
+        assert_eq!(
+            live.current().default_verdict(),
+            crate::model::Verdict::Allow
+        );
+    }
+
+    #[test]
+    fn a_policy_that_fails_to_load_changes_nothing() {
+        let (_dir, config, live) = setup(BLOCK);
+        let before = live.current();
+        rewrite(
+            &config,
+            "version: 1\ndefault: allow\nrules:\n  - id: a\n    when: { hots: x }\n",
+        );
+        reload_policy(&config, &live);
+        assert!(Arc::ptr_eq(&live.current(), &before));
+        std::fs::remove_file(config.policy.as_ref().unwrap()).unwrap();
+        reload_policy(&config, &live);
+        assert!(Arc::ptr_eq(&live.current(), &before));
+    }
+
+    #[test]
+    fn the_same_bytes_keep_the_loaded_policy() {
+        let (_dir, config, live) = setup(BLOCK);
+        let before = live.current();
+        reload_policy(&config, &live);
+        assert!(Arc::ptr_eq(&live.current(), &before));
+    }
 }

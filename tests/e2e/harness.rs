@@ -712,6 +712,82 @@ impl Env {
     }
 }
 
+// ---- for the policy reload test (reload.rs) ----
+
+impl Env {
+    /// A copy of the current daemon config that names `policy` as the policy file, written as `name` in the tempdir.
+    pub fn config_with_policy(&self, policy: &Path, name: &str) -> Result<PathBuf> {
+        let base =
+            std::fs::read_to_string(&self.config).map_err(|e| format!("read config: {e}"))?;
+        let mut yaml = String::new();
+        let mut saw_policy = false;
+        for l in base.lines() {
+            if l.starts_with("policy:") {
+                yaml.push_str(&format!("policy: {}\n", policy.display()));
+                saw_policy = true;
+            } else {
+                yaml.push_str(l);
+                yaml.push('\n');
+            }
+        }
+        if !saw_policy {
+            return Err(format!("no policy line in the harness config:\n{base}"));
+        }
+        let config = self.dir.path().join(name);
+        write(&config, &yaml)?;
+        Ok(config)
+    }
+
+    /// Send SIGHUP to the daemon (reload the policy).
+    pub fn hangup_daemon(&self) -> Result<()> {
+        let daemon = self.daemon.as_ref().ok_or("no daemon running")?;
+        let pid = i32::try_from(daemon.child.id()).map_err(|e| e.to_string())?;
+        // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet (we hold its `Child`).
+        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+            return Err(format!(
+                "kill -HUP {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn daemon_running(&mut self) -> bool {
+        self.daemon
+            .as_mut()
+            .is_some_and(|d| matches!(d.child.try_wait(), Ok(None)))
+    }
+
+    /// The daemon log's length now: pass it to [`Env::wait_for_daemon_log`] to look only at what comes after.
+    pub fn daemon_log_len(&self) -> usize {
+        std::fs::read(&self.daemon_log).map_or(0, |b| b.len())
+    }
+
+    /// Wait (bounded) for a daemon log line after byte `since` that contains `needle`; returns the line.
+    pub fn wait_for_daemon_log(
+        &self,
+        since: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read(&self.daemon_log).unwrap_or_default();
+            let after = String::from_utf8_lossy(log.get(since..).unwrap_or_default()).into_owned();
+            if let Some(line) = after.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no {needle:?} in the daemon log after {timeout:?}:\n{after}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// A CA and one leaf it signs for `names`: (CA PEM, leaf PEM, leaf key PEM).
 pub fn mint_ca_and_leaf(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
     mint(ca_name, names)

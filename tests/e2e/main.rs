@@ -7,6 +7,7 @@
 //! (`test NAME ... ok`, `test result: …`). Arguments that do not start with `-` filter tests by substring.
 
 mod harness;
+mod reload;
 mod sdk;
 
 use std::io::{BufRead, BufReader};
@@ -63,6 +64,7 @@ const TESTS: &[Test] = &[
     ("sdk_mcp_python", sdk::mcp_python_sdk),
     ("sdk_node_fetch", sdk::node_fetch),
     ("sdk_audit_verifies", sdk::sdk_audit_verifies),
+    ("policy_reload_on_sighup", reload::sighup_reloads_the_policy),
     (
         "daemon_stops_cleanly_on_sigterm",
         daemon_stops_cleanly_on_sigterm,

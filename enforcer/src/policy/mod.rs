@@ -6,7 +6,8 @@
 //! Semantics: every matching rule is collected; the verdict is the most restrictive (block > constrain > log >
 //! allow); the deciding rule is the first in file order with that verdict; a rule over its rate limit turns into a
 //! block and decides; the rewrites of all matching constrain rules apply in file order; no match → `default`.
-//! Rules are indexed by exact host so evaluation only visits rules that can match.
+//! Rules are indexed by exact host so evaluation only visits rules that can match. [`SharedPolicy`] holds the policy
+//! in force so the daemon can replace it while it runs.
 
 pub mod cases;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod detect;
 mod glob;
 pub mod jsonpath;
 mod ratelimit;
+mod shared;
 mod yaml;
 
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ use yaml::{Kind, Loc, Node};
 
 use crate::model::{Action, Decision, Mode, PlannedRewrite, Reason, Rewrite, Verdict};
 
+pub use shared::SharedPolicy;
 pub use yaml::MAX_SOURCE_BYTES;
 
 /// The largest body the proxy buffers for inspection unless the policy says otherwise.

@@ -149,7 +149,7 @@ where
             ..RequestSummary::default()
         };
         let decision = super::proxy_decision(
-            &ctx.policy,
+            &ctx.policy.current(),
             Reason::BadRequest,
             "the TLS client offered no ALPN protocol the proxy can inspect (h2, http/1.1)",
         );

@@ -68,7 +68,8 @@ async fn explicit_request(
             ..RequestSummary::default()
         };
         let message = "the destination could not be resolved";
-        let decision = super::proxy_decision(&ctx.policy, Reason::UpstreamUnreachable, message);
+        let decision =
+            super::proxy_decision(&ctx.policy.current(), Reason::UpstreamUnreachable, message);
         super::record_block(&ctx, decision, &agent, summary, Some(502)).await;
         return error_response(
             StatusCode::BAD_GATEWAY,

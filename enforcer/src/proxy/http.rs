@@ -95,6 +95,8 @@ where
 /// Everything known about a request for its audit record, filled as the pipeline goes.
 struct Record<'a> {
     ctx: &'a ProxyContext,
+    /// The policy this request is decided under (a reload does not change it mid-request).
+    policy: &'a Policy,
     agent: &'a Agent,
     summary: RequestSummary,
 }
@@ -107,7 +109,7 @@ impl Record<'_> {
         status: StatusCode,
         message: &str,
     ) -> Response<ProxyBody> {
-        let decision = super::proxy_decision(&self.ctx.policy, reason, message);
+        let decision = super::proxy_decision(self.policy, reason, message);
         super::record_block(
             self.ctx,
             decision,
@@ -126,11 +128,12 @@ pub(crate) async fn handle_request(
     conn: &Conn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let policy = ctx.policy.clone();
+    let policy = ctx.policy.current();
     let (mut parts, body) = req.into_parts();
     let client_upgrade = parts.extensions.remove::<OnUpgrade>();
     let mut rec = Record {
         ctx,
+        policy: &policy,
         agent: &conn.agent,
         summary: RequestSummary {
             scheme: Some(conn.scheme),

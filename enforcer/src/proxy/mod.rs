@@ -40,11 +40,12 @@ use crate::model::{
     Agent, AuditEvent, Decision, Disposition, Mode, OriginLookup, Outcome, Reason, RequestSummary,
     Scheme, Verdict,
 };
-use crate::policy::Policy;
+use crate::policy::{Policy, SharedPolicy};
 
 /// Everything the connections share.
 pub struct ProxyContext {
-    pub policy: Arc<Policy>,
+    /// The policy in force; each request decides under the snapshot it took when it started.
+    pub policy: SharedPolicy,
     pub audit: AuditLog,
     pub ca: Arc<CertAuthority>,
     pub upstream: UpstreamTls,
@@ -91,7 +92,7 @@ pub async fn serve_transparent(
                     ..RequestSummary::default()
                 };
                 let decision = proxy_decision(
-                    &ctx.policy,
+                    &ctx.policy.current(),
                     Reason::BadRequest,
                     "the connection has no recorded original destination",
                 );

@@ -34,7 +34,8 @@ where
         port: target.dst.port(),
         ..RequestSummary::default()
     };
-    let decision = ctx.policy.evaluate(&action);
+    let policy = ctx.policy.current();
+    let decision = policy.evaluate(&action);
     // A byte stream cannot be rewritten, so a constrain verdict on raw TCP is carried out as a block.
     let enforced_block = decision.mode == Mode::Enforce && decision.verdict >= Verdict::Constrain;
     if enforced_block {
@@ -45,8 +46,7 @@ where
         Ok(s) => s,
         Err(e) => {
             let reason = UpstreamError::reason(&e);
-            let d =
-                super::proxy_decision(&ctx.policy, reason, "the destination could not be reached");
+            let d = super::proxy_decision(&policy, reason, "the destination could not be reached");
             super::record_block(&ctx, d, &target.agent, summary, None).await;
             return;
         }

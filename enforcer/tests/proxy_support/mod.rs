@@ -16,7 +16,7 @@ use bytes::Bytes;
 use enforcer::audit::{AuditConfig, AuditLog};
 use enforcer::inspect::InspectConfig;
 use enforcer::model::{Agent, Origin, OriginLookup};
-use enforcer::policy::Policy;
+use enforcer::policy::{Policy, SharedPolicy};
 use enforcer::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -305,7 +305,7 @@ pub async fn start_proxy_with_hosts(
     static_hosts: &[(&str, &[IpAddr])],
 ) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
-    let policy = Arc::new(Policy::from_yaml(policy_yaml, "test-policy.yaml").unwrap());
+    let policy = SharedPolicy::new(Policy::from_yaml(policy_yaml, "test-policy.yaml").unwrap());
     let audit_dir = dir.path().join("audit");
     let mut audit_cfg = AuditConfig::new(&audit_dir);
     audit_cfg.durable = false;

@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: load the eBPF programs, start the proxy, enforce the policy.
     Run(crate::daemon::RunArgs),
+    /// Check the configured policy and make the running daemon load it (SIGHUP).
+    Reload(crate::daemon::RunArgs),
     /// Run a command inside a fresh cgroup tagged with a profile.
     Exec(crate::capture::ExecArgs),
     /// Tag and untag cgroups at runtime (the daemon must be running).
@@ -39,6 +41,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => crate::daemon::run(args),
+        Command::Reload(args) => crate::daemon::reload(args),
         Command::Exec(args) => crate::capture::exec(args),
         Command::Cgroup(cmd) => crate::capture::cgroup_command(cmd),
         Command::Ca(cmd) => crate::proxy::ca_command(cmd),

@@ -30,6 +30,55 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 }
 
+/// Where a running daemon writes its pid, under the state directory (removed on clean shutdown).
+const PID_FILE: &str = "enforcer.pid";
+
+/// `enforcer reload`: check the configured policy, then ask the running daemon to load it (SIGHUP to the pid in
+/// `<state_dir>/enforcer.pid`). A policy that does not load is reported here and the daemon is not signalled.
+pub fn reload(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load_or_default(args.config.as_deref())?;
+    let policy = match load_policy(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("the daemon was not signalled: it keeps enforcing its current policy");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let pid_path = config.state_dir.join(PID_FILE);
+    let text = std::fs::read_to_string(&pid_path).with_context(|| {
+        format!(
+            "reading {} (is `enforcer run` running with this configuration?)",
+            pid_path.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a pid", pid_path.display()))?;
+    // A stale pid file must not make us signal an unrelated process.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut argv = cmdline.split(|b| *b == 0);
+    let is_daemon =
+        argv.next().is_some_and(|exe| exe.ends_with(b"enforcer")) && argv.any(|a| a == b"run");
+    if !is_daemon {
+        anyhow::bail!(
+            "process {pid} from {} is not a running `enforcer run` (stale pid file?)",
+            pid_path.display()
+        );
+    }
+    // SAFETY: kill(2) with a checked pid and a valid signal number has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("signalling the daemon (pid {pid})"));
+    }
+    println!(
+        "policy {} checked; the daemon (pid {pid}) is loading it",
+        policy.hash()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
     let config = Config::load_or_default(args.config.as_deref())?;
@@ -168,9 +217,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ));
     }
 
+    let pid_path = config.state_dir.join(PID_FILE);
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing {}", pid_path.display()))?;
     report_ready(port);
     signals.serve(&config, &ctx.policy).await;
     tracing::info!("shutting down");
+    let _ = std::fs::remove_file(&pid_path);
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     if let Some(capture) = capture {

@@ -1,7 +1,9 @@
 //! Policy hot reload: the daemon is restarted on a policy file the test owns (the e2e policy plus one rule for
-//! `/reload/**`), which the test then rewrites and announces with SIGHUP, as an operator would with
-//! `kill -HUP $(pidof enforcer)`. A good policy takes over for new requests and its hash appears in the audit records
-//! from then on; a malformed one is rejected with a located error and the last good policy keeps enforcing.
+//! `/reload/**`), which the test then rewrites and announces as an operator would: with `enforcer reload` (checks
+//! the policy, then signals the daemon through its pid file) and with a bare SIGHUP. A good policy takes over for
+//! new requests and its hash appears in the audit records from then on; a malformed one is refused by `enforcer
+//! reload` without signalling, and rejected by the daemon with a located error while the last good policy keeps
+//! enforcing.
 
 use std::time::{Duration, Instant};
 
@@ -56,8 +58,15 @@ pub fn sighup_reloads_the_policy(env: &mut Env) {
     let config = env
         .config_with_policy(&policy, "enforcer-reload.yaml")
         .unwrap_or_else(|e| panic!("{e}"));
-    env.restart_daemon(config)
+    env.restart_daemon(config.clone())
         .unwrap_or_else(|e| panic!("restart: {e}"));
+    let reload = || {
+        std::process::Command::new(harness::enforcer_bin())
+            .args(["reload", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap_or_else(|e| panic!("enforcer reload: {e}"))
+    };
 
     // 1. The policy the daemon started with blocks the path.
     let path = super::unique("/reload", "before");
@@ -67,9 +76,18 @@ pub fn sighup_reloads_the_policy(env: &mut Env) {
     assert_eq!(rec["decision"]["policy_hash"], old_hash.as_str(), "{rec}");
     assert_eq!(env.upstream_count(&path), 0);
 
-    // 2. Rewritten to allow it and announced with SIGHUP: allowed, under the new hash.
+    // 2. Rewritten to allow it and announced with `enforcer reload`: allowed, under the new hash.
     std::fs::write(&policy, &allowing).unwrap_or_else(|e| panic!("write policy: {e}"));
-    let line = hangup(env, "policy reloaded");
+    let since = env.daemon_log_len();
+    let out = reload();
+    assert!(out.status.success(), "enforcer reload: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&new_hash),
+        "{out:?}"
+    );
+    let line = env
+        .wait_for_daemon_log(since, "policy reloaded", RELOAD_WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         line.contains(&format!("old_hash={old_hash}"))
             && line.contains(&format!("new_hash={new_hash}")),
@@ -89,6 +107,22 @@ pub fn sighup_reloads_the_policy(env: &mut Env) {
         .lines()
         .position(|l| l.contains("hots:"))
         .map_or(0, |i| i + 1);
+    // `enforcer reload` names the error and leaves the daemon alone...
+    let since = env.daemon_log_len();
+    let out = reload();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains(&format!("{}:{typo_line}:", policy.display()))
+            && stderr.contains("not signalled"),
+        "{stderr}"
+    );
+    assert!(
+        env.wait_for_daemon_log(since, "policy reload", Duration::from_secs(2))
+            .is_err(),
+        "the daemon was signalled for a malformed policy"
+    );
+    // ...and a bare SIGHUP with the same file is rejected by the daemon itself.
     let line = hangup(env, "policy reload failed");
     assert!(line.contains("ERROR"), "{line}");
     assert!(

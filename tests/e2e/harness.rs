@@ -65,6 +65,8 @@ pub struct Env {
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub port: u16,
+    /// The explicit proxy listener (CONNECT and absolute-form) on 127.0.0.1, for the profile [`PROFILE`].
+    pub explicit_port: u16,
     pub daemon_log: PathBuf,
     pub upstream_log: PathBuf,
     upstream: Option<Child>,
@@ -111,6 +113,7 @@ impl Env {
             cgroup: Path::new(CGROUP_ROOT).join(format!("{PREFIX}{id}")),
             pin_dir: Path::new(BPFFS).join(format!("{PREFIX}{id}")),
             port: free_port()?,
+            explicit_port: free_port()?,
             daemon_log: root.join("daemon.log"),
             upstream_log: root.join("upstream.log"),
             upstream: None,
@@ -219,6 +222,7 @@ impl Env {
              cgroup_root: {CGROUP_ROOT}\n\
              capture:\n  cgroup: {PREFIX}{id}\n  pin_dir: {pin}\n\
              proxy:\n  port: {port}\n  extra_roots: [{ca}]\n\
+             \x20 explicit: {{ port: {explicit}, profile: {PROFILE} }}\n\
              \x20 static_hosts:\n\
              \x20   {API_HOST}: [\"{v4}\", \"{v6}\"]\n\
              \x20   {BAD_HOST}: [\"{v4}\", \"{v6}\"]\n\
@@ -230,6 +234,7 @@ impl Env {
             id = self.id,
             pin = self.pin_dir.display(),
             port = self.port,
+            explicit = self.explicit_port,
             ca = self.test_ca.display(),
             v4 = self.v4,
             v6 = self.v6,

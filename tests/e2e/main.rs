@@ -56,6 +56,10 @@ const TESTS: &[Test] = &[
         tcp_allowed_port_relays_blocked_port_closed,
     ),
     (
+        "explicit_proxy_connect_and_absolute_form",
+        explicit_proxy_connect_and_absolute_form,
+    ),
+    (
         "one_audit_record_per_request_and_verify_passes",
         one_audit_record_per_request_and_verify_passes,
     ),
@@ -358,6 +362,42 @@ fn spoofed_plain_http_host_gets_421_and_never_reaches_upstream(env: &mut Env) {
             assert_eq!(env.upstream_count(&path), 1);
             assert_record(&recs[0], "allow", Some("e2e-allow-v4only"), "forwarded");
         }
+    }
+}
+
+/// Explicit proxy mode, for hosts without eBPF: an untagged curl told to use the listener (`-x`) is decided and
+/// audited like a captured agent, under the listener's profile. HTTPS goes through CONNECT (the daemon resolves the
+/// target through its `static_hosts` pins and intercepts the tunnel with its own CA); plain HTTP is absolute-form.
+fn explicit_proxy_connect_and_absolute_form(env: &mut Env) {
+    env.need_daemon();
+    let proxy = format!("http://127.0.0.1:{}", env.explicit_port);
+    let bundle = env.dir.path().join("state/ca/bundle.pem");
+    let bundle = bundle.to_str().unwrap_or_default();
+    for (scheme, allowed) in [("https", true), ("https", false), ("http", true)] {
+        let tag = format!("explicit-{scheme}");
+        let path = unique(if allowed { "/allowed" } else { "/blocked" }, &tag);
+        let url = format!("{scheme}://{API_HOST}{path}");
+        let out = env.curl_untagged(&["-x", &proxy, "--cacert", bundle, &url]);
+        let recs = records_for(env, &path);
+        assert_eq!(recs.len(), 1, "{url}: audit records {recs:?}");
+        if allowed {
+            assert_eq!((out.code, out.status), (0, 200), "{url}: {out:?}");
+            assert!(
+                out.body.contains(&format!("upstream ok: GET {path}")),
+                "{out:?}"
+            );
+            assert_eq!(env.upstream_count(&path), 1);
+            assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
+        } else {
+            assert_eq!((out.code, out.status), (0, 403), "{url}: {out:?}");
+            assert_eq!(
+                env.upstream_count(&path),
+                0,
+                "blocked request reached the upstream"
+            );
+            assert_record(&recs[0], "block", Some("e2e-block-path"), "blocked");
+        }
+        assert_eq!(recs[0]["request"]["scheme"], scheme, "{}", recs[0]);
     }
 }
 

@@ -1,4 +1,5 @@
-//! Explicit proxy mode, for hosts without eBPF: HTTP CONNECT (the target named in the request, resolved once, then
+//! Explicit proxy mode, for hosts without eBPF: HTTP CONNECT (the target named in the request, resolved once through
+//! the `static_hosts` pins or DNS, then
 //! the same sniff → TLS / HTTP / TCP path as a transparent connection) and absolute-form plain-HTTP requests (the
 //! same request pipeline). The agent's profile comes from the listener's configuration.
 
@@ -13,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::accept::{self, Target};
 use super::http::{self, error_response, full, Conn, ProxyBody};
-use super::ProxyContext;
+use super::{HostBinder, ProxyContext};
 use crate::model::{Agent, Reason, RequestSummary, Scheme};
 
 pub(crate) async fn serve_client(ctx: Arc<ProxyContext>, stream: TcpStream, agent: Agent) {
@@ -59,7 +60,7 @@ async fn explicit_request(
     let host = super::ca::normalise_host(authority.host().trim_matches(['[', ']']));
     let default_port = if connect { 443 } else { 80 };
     let port = authority.port_u16().unwrap_or(default_port);
-    let Some(dst) = resolve(&host, port).await else {
+    let Some(dst) = resolve(&ctx.hosts, &host, port).await else {
         let summary = RequestSummary {
             scheme: Some(if connect { Scheme::Tcp } else { Scheme::Http }),
             host: Some(host),
@@ -103,10 +104,14 @@ async fn explicit_request(
     http::handle_request(&ctx, &conn, req).await
 }
 
-/// Resolve a CONNECT or absolute-form target once; the upstream connection uses exactly this address.
-async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+/// Resolve a CONNECT or absolute-form target once (an IP literal, a `proxy.static_hosts` pin, else DNS); the
+/// upstream connection uses exactly this address.
+async fn resolve(hosts: &HostBinder, host: &str, port: u16) -> Option<SocketAddr> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Some(SocketAddr::new(ip, port));
+    }
+    if let Some(pinned) = hosts.pinned(host) {
+        return pinned.first().map(|ip| SocketAddr::new(*ip, port));
     }
     match tokio::net::lookup_host((host, port)).await {
         Ok(mut addrs) => addrs.next(),

@@ -75,6 +75,11 @@ impl HostBinder {
         }
     }
 
+    /// The addresses `host` (normalised) is pinned to in `static_hosts`, if it is listed there.
+    pub fn pinned(&self, host: &str) -> Option<&[IpAddr]> {
+        self.static_hosts.get(host).map(Vec::as_slice)
+    }
+
     /// Does `host` (already normalised: lower case, no port, no brackets) live at `dst`?
     pub async fn bind(&self, host: &str, dst: IpAddr) -> Result<Binding, HostBindError> {
         let dst = dst.to_canonical();

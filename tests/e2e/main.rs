@@ -56,6 +56,10 @@ const TESTS: &[Test] = &[
         tcp_allowed_port_relays_blocked_port_closed,
     ),
     (
+        "websocket_is_decided_then_relayed",
+        websocket_is_decided_then_relayed,
+    ),
+    (
         "explicit_proxy_connect_and_absolute_form",
         explicit_proxy_connect_and_absolute_form,
     ),
@@ -361,6 +365,40 @@ fn spoofed_plain_http_host_gets_421_and_never_reaches_upstream(env: &mut Env) {
             assert_eq!((out.code, out.status), (0, 200), "{out:?}");
             assert_eq!(env.upstream_count(&path), 1);
             assert_record(&recs[0], "allow", Some("e2e-allow-v4only"), "forwarded");
+        }
+    }
+}
+
+/// A WebSocket upgrade is a request like any other: decided and audited once, then (allowed) relayed both ways
+/// frame by frame, or (blocked) answered 403 without reaching the upstream. The client is a tagged Python script
+/// speaking RFC 6455 itself (tests/e2e/ws_client.py).
+fn websocket_is_decided_then_relayed(env: &mut Env) {
+    env.need_daemon();
+    let script = harness::repo_root().join("tests/e2e/ws_client.py");
+    let script = script.to_str().unwrap_or_default();
+    for allowed in [true, false] {
+        let path = unique(if allowed { "/allowed" } else { "/blocked" }, "websocket");
+        let (code, out, err) =
+            env.exec_tagged(&["python3", script, &env.v4, API_HOST, &path, "one", "two"]);
+        assert_eq!(
+            code, 0,
+            "ws client: {out}
+{err}"
+        );
+        let recs = records_for(env, &path);
+        assert_eq!(recs.len(), 1, "audit records {recs:?}");
+        if allowed {
+            assert_eq!(out, "STATUS 101\nRECV echo: one\nRECV echo: two\n", "{err}");
+            assert_eq!(env.upstream_count(&path), 1);
+            assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
+        } else {
+            assert_eq!(out, "STATUS 403\n", "{err}");
+            assert_eq!(
+                env.upstream_count(&path),
+                0,
+                "a blocked upgrade reached the upstream"
+            );
+            assert_record(&recs[0], "block", Some("e2e-block-path"), "blocked");
         }
     }
 }

@@ -10,11 +10,14 @@ HTTP paths:
   * /_ctl/count?path=P     the number of requests seen for path P (control requests are never counted),
   * /_ctl/release?id=X     lets stream X send its second event,
   * /sse?id=X              text/event-stream: event 1, then event 2 only after /_ctl/release?id=X,
+  * any path with `Upgrade: websocket`: the RFC 6455 handshake, then every text frame echoed as "echo: <text>",
   * anything else          200 with a body naming method, path and Host (and echoing the start of any body).
 Prints "UPSTREAM READY" on stdout once every listener is bound. Standard library only.
 """
 
 import argparse
+import base64
+import hashlib
 import json
 import socket
 import socketserver
@@ -69,12 +72,46 @@ class Handler(BaseHTTPRequestHandler):
             COUNTS[url.path] = COUNTS.get(url.path, 0) + 1
         if url.path == "/sse":
             return self._sse(query.get("id", [""])[0])
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            return self._websocket()
         host = self.headers.get("Host", "")
         text = "upstream ok: %s %s host=%s\n" % (self.command, url.path, host)
         if body:
             # What arrived, so a demo can show a rewrite (redaction) made on the way.
             text += "received body: %s\n" % body[:300].decode(errors="replace")
         self._reply(200, text)
+
+    def _websocket(self):
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        accept = base64.b64encode(
+            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        ).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        while True:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                return
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(self.rfile.read(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self.rfile.read(8), "big")
+            mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
+            if opcode == 8:  # close: answer it and stop
+                self.wfile.write(b"\x88\x00")
+                self.wfile.flush()
+                return
+            if opcode == 1:
+                reply = b"echo: " + data
+                self.wfile.write(bytes([0x81, len(reply)]) + reply)
+                self.wfile.flush()
 
     def _sse(self, stream_id):
         self.send_response(200)

@@ -555,6 +555,90 @@ fn shutdown_leaves_no_trace() {
     finish(child);
 }
 
+#[test]
+fn agents_alive_at_shutdown_keep_the_programs_attached_until_a_new_daemon() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut h = Harness::new();
+    // An agent that outlives the daemon.
+    let agents = h.profile_cgroup();
+    let mut sleeper = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec sleep 60",
+            agents.display()
+        ))
+        .spawn()
+        .expect("sleeper");
+    let procs = agents.join("cgroup.procs");
+    let deadline = Instant::now() + TIMEOUT;
+    while std::fs::read_to_string(&procs)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sleeper never joined its cgroup"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.capture
+        .take()
+        .expect("capture")
+        .shutdown()
+        .expect("shutdown");
+    assert!(
+        !h.pin_dir.join("TAGGED").exists(),
+        "no tag map pin: `enforcer exec` refuses"
+    );
+    assert!(
+        h.pin_dir.join("link_redirect_connect4").exists(),
+        "the programs stay attached while agents run"
+    );
+
+    // Still redirected, never direct: with the daemon gone nobody listens at the proxy port, so this fails closed.
+    let upstream = TcpListener::bind("127.0.0.2:0").expect("bind upstream");
+    upstream.set_nonblocking(true).expect("nonblocking");
+    let port = upstream.local_addr().expect("addr").port();
+    let child = python(
+        CLIENT,
+        &[
+            agents.to_str().expect("utf-8"),
+            "127.0.0.2",
+            &port.to_string(),
+        ],
+    );
+    let (stream, _) = h.accept_proxy().expect("the held programs still redirect");
+    answer(stream);
+    finish(child);
+    assert!(accept_any(&[&upstream], Duration::from_millis(300)).is_none());
+
+    // A new daemon replaces the held links with its own, and sees its agents again.
+    let cfg = CaptureConfig {
+        cgroup_root: PathBuf::from(CGROUP_ROOT),
+        attach_cgroup: h.cgroup.clone(),
+        pin_dir: h.pin_dir.clone(),
+        proxy_port: h.proxy_port(),
+        profiles: vec![(PROFILE.to_string(), vec![])],
+    };
+    let capture = {
+        let _enter = h.runtime.enter();
+        Capture::start(&cfg).expect("capture restarts")
+    };
+    h.capture = Some(capture);
+    assert_redirected(
+        &h,
+        &agents,
+        "127.0.0.2",
+        port,
+        SocketAddr::from(([127, 0, 0, 2], port)),
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
 /// Runs the real `enforcer` binary with `args`; returns (exit code, stdout, stderr).
 fn enforcer(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_enforcer"))

@@ -284,6 +284,14 @@ impl Env {
         Ok(status.and_then(|s| s.code()))
     }
 
+    /// Kill the daemon with SIGKILL (no shutdown code runs), as a crash or the OOM killer would.
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        let mut daemon = self.daemon.take().ok_or("no daemon running")?;
+        daemon.child.kill().map_err(|e| format!("kill -9: {e}"))?;
+        daemon.child.wait().map_err(|e| format!("wait: {e}"))?;
+        Ok(())
+    }
+
     /// curl as a tagged agent: `enforcer exec --profile e2e -- curl …`.
     pub fn curl_tagged(&self, args: &[&str]) -> Curl {
         let mut cmd = Command::new(enforcer_bin());

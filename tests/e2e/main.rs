@@ -74,6 +74,10 @@ const TESTS: &[Test] = &[
     ("sdk_audit_verifies", sdk::sdk_audit_verifies),
     ("policy_reload_on_sighup", reload::sighup_reloads_the_policy),
     (
+        "a_killed_daemon_fails_closed_until_restarted",
+        a_killed_daemon_fails_closed_until_restarted,
+    ),
+    (
         "daemon_stops_cleanly_on_sigterm",
         daemon_stops_cleanly_on_sigterm,
     ),
@@ -739,6 +743,36 @@ fn one_audit_record_per_request_and_verify_passes(env: &mut Env) {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// A daemon that dies without shutting down (SIGKILL, a crash, the OOM killer) leaves its programs attached through
+/// their pinned links: a tagged agent's connection is still redirected, to a port nobody listens on, so it is
+/// refused instead of going out unenforced. Untagged processes are not affected. A restarted daemon replaces the
+/// held programs and enforces again.
+fn a_killed_daemon_fails_closed_until_restarted(env: &mut Env) {
+    env.need_daemon();
+    env.kill_daemon().unwrap_or_else(|e| panic!("{e}"));
+
+    let path = unique("/allowed", "daemon-killed");
+    let url = format!("https://{API_HOST}{path}");
+    let resolve = env.resolve(API_HOST, 443, false);
+    let out = env.curl_tagged(&["--resolve", &resolve, &url]);
+    assert_eq!((out.code, out.status), (7, 0), "not refused: {out:?}");
+    assert_eq!(env.upstream_count(&path), 0, "an agent went out unenforced");
+    // Untagged processes go where they connect, as always (-k: the upstream's own test certificate).
+    let out = env.curl_untagged(&["-k", "--resolve", &resolve, &url]);
+    assert_eq!((out.code, out.status), (0, 200), "{out:?}");
+
+    let config = env.config.clone();
+    env.restart_daemon(config)
+        .unwrap_or_else(|e| panic!("restart: {e}"));
+    let path = unique("/allowed", "daemon-restarted");
+    let url = format!("https://{API_HOST}{path}");
+    let out = env.curl_tagged(&["--resolve", &resolve, &url]);
+    assert_eq!((out.code, out.status), (0, 200), "{out:?}");
+    let recs = records_for(env, &path);
+    assert_eq!(recs.len(), 1, "audit records {recs:?}");
+    assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
 }
 
 fn daemon_stops_cleanly_on_sigterm(env: &mut Env) {

@@ -143,6 +143,9 @@ pub fn sighup_reloads_the_policy(env: &mut Env) {
     assert_eq!(rec["decision"]["policy_hash"], new_hash.as_str(), "{rec}");
     assert!(env.daemon_running(), "the daemon exited");
 
+    // Leave a loadable policy behind: later tests may restart the daemon on this configuration.
+    std::fs::write(&policy, &allowing).unwrap_or_else(|e| panic!("write policy: {e}"));
+
     // 4. The trail across both reloads verifies once a signed checkpoint (every second here) covers it.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -4,6 +4,7 @@
 //! running daemon through the pinned map. It owns no policy: the kernel only asks "is this cgroup tagged".
 
 mod cli;
+mod links;
 mod origins;
 mod tags;
 
@@ -43,6 +44,12 @@ pub enum CaptureError {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
     },
     #[error("eBPF program {0} missing from the object")]
     MissingProgram(&'static str),
@@ -109,7 +116,7 @@ impl CaptureConfig {
     }
 }
 
-/// The loaded and attached capture. Dropping it detaches everything too; [`Capture::shutdown`] reports errors.
+/// The loaded and attached capture. Dropping it cleans up like [`Capture::shutdown`], which also reports errors.
 pub struct Capture {
     ebpf: Option<Ebpf>,
     tags: Mutex<TagTable>,
@@ -117,6 +124,8 @@ pub struct Capture {
     pin: PathBuf,
     pin_dir: PathBuf,
     pin_dir_created: bool,
+    /// Where the programs are attached: agents in tagged cgroups below it keep them attached at shutdown.
+    attach_cgroup: PathBuf,
     /// `enforcer` and `enforcer/<profile>` cgroups created by start, removed (when empty) at shutdown.
     created_cgroups: Vec<PathBuf>,
     log_task: Option<tokio::task::JoinHandle<()>>,
@@ -168,13 +177,23 @@ impl Capture {
             pin: pin.clone(),
             pin_dir: cfg.pin_dir.clone(),
             pin_dir_created,
+            attach_cgroup: cfg.attach_cgroup.clone(),
             created_cgroups: Vec::new(),
             log_task: Some(log_task),
         };
         // From here on, errors unwind through Capture's Drop.
         capture.lock_tags().pin(&pin)?;
         capture.tag_profiles(cfg)?;
-        attach(&mut ebpf, &cfg.attach_cgroup)?;
+        // An earlier daemon that died (or stopped with agents running) left its programs attached, holding tagged
+        // agents fail-closed until now: replace them. Ours are loaded and verified already, so the gap is short.
+        let stale = links::unpin_all(&cfg.pin_dir)?;
+        if stale > 0 {
+            tracing::warn!(
+                links = stale,
+                "replacing the programs an earlier daemon left attached"
+            );
+        }
+        attach(&mut ebpf, &cfg.attach_cgroup, &cfg.pin_dir)?;
         capture.ebpf = Some(ebpf);
         tracing::info!(
             cgroup = %cfg.attach_cgroup.display(),
@@ -200,7 +219,9 @@ impl Capture {
         self.lock_tags().untag(cgroup)
     }
 
-    /// Detach the programs, remove the pin and the cgroups start created (if empty). Leaves no trace.
+    /// Remove the tag map pin and the cgroups start created (if empty), and detach the programs — unless agents
+    /// still run in tagged cgroups: then the programs stay attached (pinned links) and those agents fail closed
+    /// until they exit or a daemon starts again. Without agents it leaves no trace.
     pub fn shutdown(mut self) -> Result<(), CaptureError> {
         self.cleanup()
     }
@@ -242,8 +263,24 @@ impl Capture {
 
     fn cleanup(&mut self) -> Result<(), CaptureError> {
         let mut first_error = None;
-        // Dropping the object detaches every link and closes the maps.
+        let tagged: Vec<u64> = self
+            .lock_tags()
+            .entries()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let agents = links::agents_in_tagged_cgroups(&self.attach_cgroup, &tagged);
+        // The links are pinned: dropping the object only closes our handles.
         drop(self.ebpf.take());
+        if agents > 0 {
+            tracing::warn!(
+                agents,
+                pin_dir = %self.pin_dir.display(),
+                "agents still run in tagged cgroups: the programs stay attached and their connections fail closed"
+            );
+        } else if let Err(err) = links::unpin_all(&self.pin_dir) {
+            first_error.get_or_insert(err);
+        }
         if let Some(task) = self.log_task.take() {
             task.abort();
         }
@@ -255,7 +292,7 @@ impl Capture {
                 });
             }
         }
-        if self.pin_dir_created {
+        if self.pin_dir_created && agents == 0 {
             self.pin_dir_created = false;
             let _ = std::fs::remove_dir(&self.pin_dir);
         }
@@ -276,7 +313,8 @@ impl Drop for Capture {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), CaptureError> {
+/// Load and attach every program to `cgroup`, pinning each link in `pin_dir` (see [`links`]).
+fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureError> {
     let file = std::fs::File::open(cgroup).map_err(|source| CaptureError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
@@ -290,9 +328,11 @@ fn attach(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), CaptureError> {
         program
             .load()
             .map_err(|source| CaptureError::Program { name, source })?;
-        program
+        let link = program
             .attach(&file, CgroupAttachMode::Single)
+            .and_then(|id| program.take_link(id))
             .map_err(|source| CaptureError::Program { name, source })?;
+        links::pin(link, pin_dir, name)?;
     }
     let name = SOCK_OPS_PROGRAM;
     let program: &mut SockOps = ebpf
@@ -303,9 +343,11 @@ fn attach(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), CaptureError> {
     program
         .load()
         .map_err(|source| CaptureError::Program { name, source })?;
-    program
+    let link = program
         .attach(&file, CgroupAttachMode::Single)
+        .and_then(|id| program.take_link(id))
         .map_err(|source| CaptureError::Program { name, source })?;
+    links::pin(link, pin_dir, name)?;
     Ok(())
 }
 

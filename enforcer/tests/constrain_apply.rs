@@ -770,7 +770,17 @@ fn unredactable_at(result: Result<Vec<Change>, ConstrainError>) -> &'static str 
 #[test]
 fn a_secret_redaction_cannot_reach_is_refused_not_forwarded() {
     let json = [("content-type", "application/json")];
-    let cases: [(String, Vec<u8>, &str); 5] = [
+    let cases: [(String, Vec<u8>, &str); 7] = [
+        (
+            format!("https://{AWS_KEY}.exfil.example/x"),
+            b"{}".to_vec(),
+            "host",
+        ),
+        (
+            format!("https://{}.exfil.example/x", AWS_KEY.to_ascii_lowercase()),
+            b"{}".to_vec(),
+            "host",
+        ),
         (format!("/paste/{AWS_KEY}"), b"{}".to_vec(), "path"),
         (
             format!("/paste/%41{}", &AWS_KEY[1..]),

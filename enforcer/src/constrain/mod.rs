@@ -28,8 +28,8 @@ pub enum ConstrainError {
     /// The rewrite would modify an opaque signed field: the request must be blocked instead.
     #[error("a rewrite would modify the signed field at {path}")]
     SignedField { path: String },
-    /// A detector a redaction named still fires in the rewritten request (a secret in the URL path, an object key,
-    /// a query name or a binary body, which redaction does not rewrite): the request must be blocked instead.
+    /// A detector a redaction named still fires in the rewritten request (a secret in the host, the URL path, an
+    /// object key, a query name or a binary body, which redaction does not rewrite): the request must be blocked.
     #[error("a secret found by {detector} could not be redacted from the request {location}")]
     Unredactable {
         rule: String,
@@ -108,9 +108,10 @@ pub fn apply(
     apply_with(rewrites, policy.detectors(), &options, parts, body)
 }
 
-/// The request path as an audit record may show it: as sent, unless one of the policy's detectors fires in it
-/// (also behind percent-escapes); then decoded, with every hit replaced by the policy's marker.
-pub fn path_for_record(policy: &Policy, path: &str) -> String {
+/// A request's host or path as an audit record may show it: as sent, unless one of the policy's detectors fires in
+/// it (also behind percent-escapes, or upper-cased: host names arrive lower-cased); then decoded (and upper-cased
+/// when only that spelling fired), with every hit replaced by the policy's marker.
+pub fn for_record(policy: &Policy, text: &str) -> String {
     let detect = policy.detectors();
     let names: Vec<String> = detect.names().map(String::from).collect();
     let redactor = Redactor {
@@ -118,10 +119,11 @@ pub fn path_for_record(policy: &Policy, path: &str) -> String {
         names: &names,
         marker: policy.redaction_marker(),
     };
-    match redactor.redact_str(&percent_decode(path, false)) {
-        Some((redacted, _)) => redacted,
-        None => path.to_string(),
-    }
+    let decoded = percent_decode(text, false);
+    redactor
+        .redact_str(&decoded)
+        .or_else(|| redactor.redact_str(&decoded.to_ascii_uppercase()))
+        .map_or_else(|| text.to_string(), |(redacted, _)| redacted)
 }
 
 /// The body as the rewrites see it: parsed once, on first need.
@@ -280,8 +282,8 @@ pub fn apply_with(
     Ok(changes)
 }
 
-/// Redaction rewrites JSON string values, query values and header values. A secret anywhere else (the URL path, an
-/// object key, a query name, a body that is not text) would be forwarded as it is, so the request as it will leave
+/// Redaction rewrites JSON string values, query values and header values. A secret anywhere else (the host, the URL
+/// path, an object key, a query name, a body that is not text) would be forwarded as it is, so the request as it will leave
 /// is scanned once more, the way the policy's `detect` scans it, with every detector a redaction named; a hit is an
 /// error and the caller blocks. Headers redaction deliberately leaves alone (the client's own credentials) are
 /// skipped here too.
@@ -305,6 +307,16 @@ fn check_redacted(
     if named.is_empty() {
         return Ok(());
     }
+    // Host names are case-insensitive (and arrive lower-cased): checked in upper case too.
+    let host = [
+        uri.host().unwrap_or_default(),
+        headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    ]
+    .join("\n");
+    let host = format!("{host}\n{}", host.to_ascii_uppercase());
     let path = percent_decode(uri.path(), false);
     let query = percent_decode(uri.query().unwrap_or_default(), true);
     let header_values: Vec<String> = headers
@@ -328,7 +340,9 @@ fn check_redacted(
     let decoded = decoded_body(&text, json, content_type);
     for (rule, detector) in named {
         let fires = |s: &str| !detect.find(detector, s).is_empty();
-        let location = if fires(&path) {
+        let location = if fires(&host) {
+            "host"
+        } else if fires(&path) {
             "path"
         } else if fires(&query) {
             "query"
@@ -451,10 +465,12 @@ fn redact_head(
 ) {
     let mut replaced = Vec::new();
     for (name, value) in headers.iter() {
-        if options
-            .redact_skip_headers
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(name.as_str()))
+        // The host routes the request (and is the TLS name upstream): never rewritten, only checked afterwards.
+        if name == http::header::HOST
+            || options
+                .redact_skip_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name.as_str()))
         {
             continue;
         }

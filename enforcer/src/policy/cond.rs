@@ -513,14 +513,18 @@ impl<'a> Ctx<'a> {
         fires
     }
 
-    /// Runs detector `i` over the URL path and query, every header value and the body, the body also as the
-    /// upstream will read it (JSON escapes undone, a form decoded), so an escape cannot hide a secret.
+    /// Runs detector `i` over the host (also upper-cased: names arrive lower-cased), the URL path and query, every
+    /// header value and the body, the body also as the upstream will read it (JSON escapes undone, a form
+    /// decoded), so neither case nor an escape can hide a secret.
     fn scan(&self, i: usize) -> bool {
         let Some(http) = &self.action.http else {
             return false;
         };
         let d = self.detectors;
-        d.fires(i, &http.path)
+        self.host
+            .as_deref()
+            .is_some_and(|h| d.fires(i, h) || d.fires(i, &h.to_ascii_uppercase()))
+            || d.fires(i, &http.path)
             || http
                 .query
                 .0

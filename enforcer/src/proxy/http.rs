@@ -141,7 +141,7 @@ pub(crate) async fn handle_request(
             ip: Some(conn.dst.ip()),
             port: conn.dst.port(),
             method: Some(parts.method.as_str().to_string()),
-            path: Some(crate::constrain::path_for_record(&policy, parts.uri.path())),
+            path: Some(parts.uri.path().to_string()),
             ..RequestSummary::default()
         },
     };
@@ -365,7 +365,7 @@ pub(crate) async fn handle_request(
             error: None,
         },
     };
-    if let Err(e) = ctx.audit.record(event).await {
+    if let Err(e) = ctx.record(event).await {
         tracing::error!(error = %e, "audit write failed: not forwarding");
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -55,6 +55,24 @@ pub struct ProxyContext {
     pub hosts: HostBinder,
 }
 
+impl ProxyContext {
+    /// Write `event` to the audit trail (durably; the caller acts only on success). The host and path are the
+    /// agent's words and can carry a secret: where a policy detector fires in one, the record shows it redacted.
+    pub(crate) async fn record(
+        &self,
+        mut event: AuditEvent,
+    ) -> Result<u64, crate::audit::AuditError> {
+        let policy = self.policy.current();
+        for text in [&mut event.request.host, &mut event.request.path]
+            .into_iter()
+            .flatten()
+        {
+            *text = crate::constrain::for_record(&policy, text);
+        }
+        self.audit.record(event).await
+    }
+}
+
 /// Serve redirected connections: each client's original destination and agent come from `ctx.origins`. A client
 /// without a recorded origin is closed (and audited as a TCP block), never forwarded. Returns once `shutdown` fires.
 pub async fn serve_transparent(
@@ -189,7 +207,7 @@ async fn record_block(
             error,
         },
     };
-    if let Err(e) = ctx.audit.record(event).await {
+    if let Err(e) = ctx.record(event).await {
         tracing::error!(error = %e, "audit write failed for a block");
     }
 }

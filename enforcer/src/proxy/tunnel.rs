@@ -61,7 +61,7 @@ where
             error: None,
         },
     };
-    if let Err(e) = ctx.audit.record(event).await {
+    if let Err(e) = ctx.record(event).await {
         tracing::error!(error = %e, "audit write failed: not relaying");
         return;
     }

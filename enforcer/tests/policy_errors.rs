@@ -336,3 +336,22 @@ fn garbage_never_panics() {
         assert!(load(src).is_err(), "{src:?} must be rejected");
     }
 }
+
+#[test]
+fn every_broken_rule_is_reported_not_just_the_first() {
+    let src = format!(
+        "{HEAD}  - id: a\n    when: {{ hots: x }}\n    verdict: allow\n  \
+         - id: fine\n    when: {{ host: x }}\n    verdict: allow\n  \
+         - id: b\n    when: {{ path: \"[\" }}\n    verdict: block\n  \
+         - id: fine\n    verdict: log\n"
+    );
+    let t = error_at(&src, 5, 13);
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines.len(), 3, "{t}");
+    assert!(lines[0].contains("unknown condition `hots`"), "{t}");
+    assert!(lines[1].starts_with("bad.yaml:11:"), "{t}");
+    assert!(
+        lines[2].starts_with("bad.yaml:13:") && lines[2].contains("duplicate rule id `fine`"),
+        "{t}"
+    );
+}

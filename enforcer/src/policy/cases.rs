@@ -93,6 +93,7 @@ pub fn parse(src: &str, origin: &str) -> Result<CasesFile, PolicyError> {
             line: e.loc.line,
             column: e.loc.column,
             message: e.message,
+            more: Vec::new(),
         }
     })
 }

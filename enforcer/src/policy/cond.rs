@@ -15,11 +15,13 @@ use super::yaml::{Kind, Loc, Node};
 use crate::encoding;
 use crate::model::{Action, Scheme};
 
-/// A compile failure at one node (turned into a `PolicyError` with the file name by the caller).
+/// A compile failure at one node (turned into a `PolicyError` with the file name by the caller), with the
+/// failures of later, independent parts of the same file (other rules) in `more`.
 #[derive(Debug)]
 pub struct Fault {
     pub loc: Loc,
     pub message: String,
+    pub more: Vec<Fault>,
 }
 
 pub type CResult<T> = Result<T, Fault>;
@@ -28,6 +30,7 @@ pub fn fault<T>(loc: Loc, message: impl Into<String>) -> CResult<T> {
     Err(Fault {
         loc,
         message: message.into(),
+        more: Vec::new(),
     })
 }
 

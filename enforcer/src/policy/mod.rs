@@ -61,13 +61,15 @@ pub enum PolicyError {
         column: u64,
         message: String,
     },
-    /// Valid YAML that is not a valid policy (or cases file).
-    #[error("{}", located(origin, *line, *column, message))]
+    /// Valid YAML that is not a valid policy (or cases file). `more` holds the errors of other rules in the same
+    /// file as (line, column, message), printed one per line after the first.
+    #[error("{}", located_all(origin, *line, *column, message, more))]
     Invalid {
         origin: String,
         line: u64,
         column: u64,
         message: String,
+        more: Vec<(u64, u64, String)>,
     },
 }
 
@@ -99,8 +101,28 @@ impl PolicyError {
             line: f.loc.line,
             column: f.loc.column,
             message: f.message,
+            more: f
+                .more
+                .into_iter()
+                .map(|m| (m.loc.line, m.loc.column, m.message))
+                .collect(),
         }
     }
+}
+
+fn located_all(
+    origin: &str,
+    line: u64,
+    column: u64,
+    message: &str,
+    more: &[(u64, u64, String)],
+) -> String {
+    let mut out = located(origin, line, column, message);
+    for (line, column, message) in more {
+        out.push('\n');
+        out.push_str(&located(origin, *line, *column, message));
+    }
+    out
 }
 
 fn located(origin: &str, line: u64, column: u64, message: &str) -> String {
@@ -133,6 +155,7 @@ pub(crate) fn read_source(path: &Path) -> Result<String, PolicyError> {
         line: 0,
         column: 0,
         message: "file is not UTF-8 text".into(),
+        more: Vec::new(),
     })
 }
 
@@ -579,19 +602,34 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
             Kind::Null => &[],
             _ => return fault(v.loc, "expected `rules` to be a list of rules"),
         };
+        // Rules are independent: every broken one is reported, not just the first.
+        let mut faults = Vec::new();
         for item in items {
-            let rule = compile_rule(item, &scope)?;
+            let rule = match compile_rule(item, &scope) {
+                Ok(rule) => rule,
+                Err(f) => {
+                    faults.push(f);
+                    continue;
+                }
+            };
             if let Some(first) = seen.get(&rule.id) {
-                return fault(
-                    item.loc,
-                    format!(
+                faults.push(Fault {
+                    loc: item.loc,
+                    message: format!(
                         "duplicate rule id `{}` (first defined at line {}), expected unique ids",
                         rule.id, first.line
                     ),
-                );
+                    more: Vec::new(),
+                });
+                continue;
             }
             seen.insert(rule.id.clone(), item.loc);
             rules.push(rule);
+        }
+        if !faults.is_empty() {
+            let mut first = faults.remove(0);
+            first.more = faults;
+            return Err(first);
         }
     }
 

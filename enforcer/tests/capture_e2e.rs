@@ -179,19 +179,24 @@ impl Harness {
             proxy4,
             proxy6,
         };
+        h.start_capture();
+        h
+    }
+
+    /// Start (or restart) the capture on this harness's cgroup, pins and proxy port.
+    fn start_capture(&mut self) {
         let cfg = CaptureConfig {
             cgroup_root: PathBuf::from(CGROUP_ROOT),
-            attach_cgroup: h.cgroup.clone(),
-            pin_dir: h.pin_dir.clone(),
-            proxy_port: h.proxy_port(),
+            attach_cgroup: self.cgroup.clone(),
+            pin_dir: self.pin_dir.clone(),
+            proxy_port: self.proxy_port(),
             profiles: vec![(PROFILE.to_string(), vec![])],
         };
         let capture = {
-            let _enter = h.runtime.enter();
+            let _enter = self.runtime.enter();
             Capture::start(&cfg).expect("capture starts")
         };
-        h.capture = Some(capture);
-        h
+        self.capture = Some(capture);
     }
 
     fn capture(&self) -> &Capture {
@@ -616,18 +621,7 @@ fn agents_alive_at_shutdown_keep_the_programs_attached_until_a_new_daemon() {
     assert!(accept_any(&[&upstream], Duration::from_millis(300)).is_none());
 
     // A new daemon replaces the held links with its own, and sees its agents again.
-    let cfg = CaptureConfig {
-        cgroup_root: PathBuf::from(CGROUP_ROOT),
-        attach_cgroup: h.cgroup.clone(),
-        pin_dir: h.pin_dir.clone(),
-        proxy_port: h.proxy_port(),
-        profiles: vec![(PROFILE.to_string(), vec![])],
-    };
-    let capture = {
-        let _enter = h.runtime.enter();
-        Capture::start(&cfg).expect("capture restarts")
-    };
-    h.capture = Some(capture);
+    h.start_capture();
     assert_redirected(
         &h,
         &agents,

@@ -378,6 +378,23 @@ impl Env {
     }
 
     /// `enforcer audit verify DIR` → (success, output).
+    /// `enforcer audit verify` passes on the live trail (retried for a few seconds, so a checkpoint being written
+    /// as we read cannot fail it).
+    pub fn assert_audit_verifies(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (ok, out) = self.audit_verify();
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "enforcer audit verify failed: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     pub fn audit_verify(&self) -> (bool, String) {
         match Command::new(enforcer_bin())
             .args(["audit", "verify"])

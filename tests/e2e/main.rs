@@ -730,19 +730,7 @@ fn one_audit_record_per_request_and_verify_passes(env: &mut Env) {
     let rec = &records_for(env, &blocked)[0];
     assert_record(rec, "block", Some("e2e-block-path"), "blocked");
     assert_eq!(rec["outcome"]["status"], 403, "{rec}");
-    // The live trail verifies once the daemon's signed checkpoint (every second in the test config) covers it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (ok, out) = env.audit_verify();
-        if ok {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "enforcer audit verify failed: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    env.assert_audit_verifies();
 }
 
 /// A daemon that dies without shutting down (SIGKILL, a crash, the OOM killer) leaves its programs attached through

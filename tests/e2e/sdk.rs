@@ -630,14 +630,7 @@ pub fn node_fetch(env: &mut Env) {
 /// Stop the SDK servers (the harness's cleanup would kill them too) and check the trail still verifies.
 pub fn sdk_audit_verifies(env: &mut Env) {
     env.need_daemon();
-    // The daemon signs a checkpoint every second; give it a few to cover the last records.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (mut ok, mut out) = env.audit_verify();
-    while !ok && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        (ok, out) = env.audit_verify();
-    }
-    assert!(ok, "enforcer audit verify failed: {out}");
+    env.assert_audit_verifies();
     let mut servers = SERVERS.lock().unwrap_or_else(|p| p.into_inner());
     for mut child in servers.drain(..) {
         let _ = child.kill();

@@ -713,11 +713,11 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
         "--",
         "sh",
         "-c",
-        "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $CURL_CA_BUNDLE",
+        "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $CURL_CA_BUNDLE $GIT_SSL_CAINFO $AWS_CA_BUNDLE",
     ]);
     assert_eq!(code, Some(0), "{stderr}");
     let b = bundle.display().to_string();
-    assert_eq!(stdout.trim(), [b.as_str(); 4].join(" "));
+    assert_eq!(stdout.trim(), [b.as_str(); 6].join(" "));
 
     // Exit codes pass through; a signal becomes 128 + signal.
     assert_eq!(

@@ -14,12 +14,15 @@ use clap::{Args, Subcommand};
 use super::tags::{map_in_use, TagTable};
 use crate::config::Config;
 
-/// Variables through which common clients (OpenSSL, Python requests, Node, curl) learn the CA bundle.
-pub const CA_VARIABLES: [&str; 4] = [
+/// Variables through which common clients (OpenSSL and what builds on it — Python, Ruby, Go —, Python requests,
+/// Node, curl, git, the AWS SDKs and CLI) learn the CA bundle.
+pub const CA_VARIABLES: [&str; 6] = [
     "SSL_CERT_FILE",
     "REQUESTS_CA_BUNDLE",
     "NODE_EXTRA_CA_CERTS",
     "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "AWS_CA_BUNDLE",
 ];
 
 #[derive(Debug, Args)]

@@ -2,14 +2,18 @@
 //!
 //! - `connect4` / `connect6`: for a TCP socket of a tagged cgroup (the task's cgroup or an ancestor is in `TAGGED`),
 //!   record the original destination and the caller by socket cookie in `SOCKETS` and rewrite the destination to
-//!   127.0.0.1 / ::1 at `PROXY_PORT`. UDP to port 443 (QUIC) from a tagged cgroup is refused so clients fall back to
-//!   TCP; other UDP passes untouched.
-//! - `sendmsg4` / `sendmsg6`: the same QUIC refusal for unconnected UDP sends.
+//!   127.0.0.1 / ::1 at `PROXY_PORT`. A UDP (or UDP-Lite) connect from a tagged cgroup is refused (`EPERM`) unless
+//!   its destination port is 53 (DNS): no datagram channel out of a tagged cgroup, and QUIC clients fall back to
+//!   TCP. IPv4-mapped IPv6 destinations take the IPv6 hook and the same rule.
+//! - `sendmsg4` / `sendmsg6`: the same refusal for unconnected UDP sends (`sendto`/`sendmsg` with an address; the
+//!   kernel runs the IPv4 hook for IPv4-mapped destinations of IPv6 sockets). Sends on a connected socket need no
+//!   hook: its connect already passed `connect4`/`connect6`.
 //! - `rekey_established` (sock_ops): when a redirected socket is established, move its entry to `ORIGINS` keyed by its local port, which
 //!   is what the proxy sees as its peer.
 //!
 //! No policy here: only "is this cgroup tagged", "is this the proxy itself" and "is this the daemon" (its
-//! upstream connects are never redirected, whatever cgroup it runs in).
+//! upstream connects and datagrams are never redirected or refused, whatever cgroup it runs in). Untagged processes
+//! are untouched.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -38,7 +42,9 @@ mod programs {
     const REFUSE: i32 = 0;
     const SOCK_STREAM: u32 = 1;
     const IPPROTO_UDP: u32 = 17;
-    const QUIC_PORT: u16 = 443;
+    const IPPROTO_UDPLITE: u32 = 136;
+    /// The only UDP destination port a tagged cgroup may use.
+    const DNS_PORT: u16 = 53;
 
     /// Patched by the loader (`EbpfLoader::override_global`).
     #[no_mangle]
@@ -141,8 +147,8 @@ mod programs {
         };
         let port = u16::from_be(port_be as u16);
         if type_ != SOCK_STREAM {
-            if protocol == IPPROTO_UDP && port == QUIC_PORT && tagged_ancestor() != 0 {
-                debug!(ctx, "refused udp4 connect to port 443");
+            if udp_refused(protocol, port) {
+                debug!(ctx, "refused udp4 connect to port {}", port);
                 return REFUSE;
             }
             return ALLOW;
@@ -199,8 +205,8 @@ mod programs {
         };
         let port = u16::from_be(port_be as u16);
         if type_ != SOCK_STREAM {
-            if protocol == IPPROTO_UDP && port == QUIC_PORT && tagged_ancestor() != 0 {
-                debug!(ctx, "refused udp6 connect to port 443");
+            if udp_refused(protocol, port) {
+                debug!(ctx, "refused udp6 connect to port {}", port);
                 return REFUSE;
             }
             return ALLOW;
@@ -241,23 +247,38 @@ mod programs {
         ALLOW
     }
 
+    /// A UDP datagram of a tagged cgroup to `port` is refused unless it is DNS. The daemon is exempt.
+    #[inline(always)]
+    fn udp_refused(protocol: u32, port: u16) -> bool {
+        (protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE)
+            && port != DNS_PORT
+            && !is_daemon()
+            && tagged_ancestor() != 0
+    }
+
     #[cgroup_sock_addr(sendmsg4)]
-    pub fn refuse_quic4(ctx: SockAddrContext) -> i32 {
-        refuse_quic(&ctx)
+    pub fn udp_sendmsg4(ctx: SockAddrContext) -> i32 {
+        udp_sendmsg(&ctx)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
-    pub fn refuse_quic6(ctx: SockAddrContext) -> i32 {
-        refuse_quic(&ctx)
+    pub fn udp_sendmsg6(ctx: SockAddrContext) -> i32 {
+        udp_sendmsg(&ctx)
     }
 
-    /// sendmsg hooks only see UDP: refuse port 443 from tagged cgroups.
-    fn refuse_quic(ctx: &SockAddrContext) -> i32 {
+    /// sendmsg hooks run for unconnected UDP sends only.
+    fn udp_sendmsg(ctx: &SockAddrContext) -> i32 {
         let p = sa(ctx);
-        // SAFETY: user_port is readable in sendmsg4/6 (4-byte load).
-        let port_be = unsafe { core::ptr::read_volatile(&(*p).user_port) };
-        if u16::from_be(port_be as u16) == QUIC_PORT && tagged_ancestor() != 0 {
-            debug!(ctx, "refused udp sendmsg to port 443");
+        // SAFETY: protocol and user_port are readable in sendmsg4/6 (4-byte loads).
+        let (protocol, port_be) = unsafe {
+            (
+                core::ptr::read_volatile(&(*p).protocol),
+                core::ptr::read_volatile(&(*p).user_port),
+            )
+        };
+        let port = u16::from_be(port_be as u16);
+        if udp_refused(protocol, port) {
+            debug!(ctx, "refused udp sendmsg to port {}", port);
             return REFUSE;
         }
         ALLOW

@@ -53,27 +53,42 @@ threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
 sys.exit(1 if errors else 0)
 "#;
 
-/// UDP to port 443 (QUIC): prints the outcome of connect() and sendto() for IPv4 and IPv6.
+/// UDP: prints `<target>:<port>:<op>=ok|eperm` for connect() and sendto() to ports 443 (QUIC), 4443 and 53 (DNS)
+/// over IPv4, IPv6 and IPv4-mapped IPv6. Nobody listens; a UDP send succeeds without a listener.
 const UDP: &str = r#"
 import os, socket, sys
 open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
 out = []
-for fam, host in ((socket.AF_INET, "127.0.0.2"), (socket.AF_INET6, "::1")):
-    for op in ("connect", "sendto"):
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        try:
-            if op == "connect":
-                s.connect((host, 443))
-            else:
-                s.sendto(b"q", (host, 443))
-            out.append("ok")
-        except PermissionError:
-            out.append("eperm")
+for name, fam, host in (("v4", socket.AF_INET, "127.0.0.2"), ("v6", socket.AF_INET6, "::1"),
+                        ("mapped", socket.AF_INET6, "::ffff:127.0.0.2")):
+    for port in (443, 4443, 53):
+        for op in ("connect", "sendto"):
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            try:
+                if op == "connect":
+                    s.connect((host, port))
+                else:
+                    s.sendto(b"q", (host, port))
+                r = "ok"
+            except PermissionError:
+                r = "eperm"
+            out.append("%s:%d:%s=%s" % (name, port, op, r))
 print(" ".join(out))
-# Other UDP still works.
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.sendto(b"q", ("127.0.0.2", 4443))
 "#;
+
+/// What [`UDP`] prints when every port but 53 is refused (`tagged`) or nothing is (`!tagged`).
+fn udp_expected(tagged: bool) -> String {
+    let mut out = Vec::new();
+    for name in ["v4", "v6", "mapped"] {
+        for port in [443, 4443, 53] {
+            for op in ["connect", "sendto"] {
+                let r = if tagged && port != 53 { "eperm" } else { "ok" };
+                out.push(format!("{name}:{port}:{op}={r}"));
+            }
+        }
+    }
+    out.join(" ")
+}
 
 fn root_or_skip() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -515,19 +530,20 @@ fn tagging_and_untagging_take_effect_at_runtime() {
 }
 
 #[test]
-fn quic_from_tagged_cgroups_is_refused() {
+fn udp_from_tagged_cgroups_is_refused_except_dns() {
     if !root_or_skip() {
         return;
     }
     let h = Harness::new();
     let tagged = finish(python(UDP, &[h.profile_cgroup().to_str().expect("utf-8")]));
-    assert_eq!(tagged.trim(), "eperm eperm eperm eperm");
+    assert_eq!(tagged.trim(), udp_expected(true));
     assert!(logged("refused udp sendmsg to port 443"));
+    assert!(logged("refused udp4 connect to port 4443"));
     let plain = finish(python(
         UDP,
         &[h.child_cgroup("plain").to_str().expect("utf-8")],
     ));
-    assert_eq!(plain.trim(), "ok ok ok ok");
+    assert_eq!(plain.trim(), udp_expected(false));
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub const PROFILE: &str = "e2e";
 pub const ECHO_ALLOWED: u16 = 7000;
 pub const ECHO_BLOCKED: u16 = 7001;
 pub const BAD_TLS_PORT: u16 = 8443;
+/// A UDP port on the netns host that counts the datagrams it receives.
+pub const UDP_SINK: u16 = 7002;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -201,6 +203,7 @@ impl Env {
             .args(["--bad-port", &BAD_TLS_PORT.to_string()])
             .args(["--echo-port", &ECHO_ALLOWED.to_string()])
             .args(["--echo-port", &ECHO_BLOCKED.to_string()])
+            .args(["--udp-port", &UDP_SINK.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -348,6 +351,18 @@ impl Env {
         v["count"]
             .as_u64()
             .unwrap_or_else(|| panic!("count reply {v}"))
+    }
+
+    /// How many datagrams the netns host's UDP sink on `port` received, asked directly (untagged, plain HTTP).
+    pub fn udp_count(&self, port: u16) -> u64 {
+        let url = format!("http://{}/_ctl/udp_count?port={port}", self.v4);
+        let out = self.curl_untagged(&[&url]);
+        assert_eq!(out.status, 200, "udp count query failed: {out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.body)
+            .unwrap_or_else(|e| panic!("udp count reply {:?}: {e}", out.body));
+        v["count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("udp count reply {v}"))
     }
 
     /// Let SSE stream `id` send its second event (an untagged control request straight to the netns host).

@@ -16,7 +16,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use harness::{Env, API_HOST, BAD_HOST, BAD_TLS_PORT, ECHO_ALLOWED, ECHO_BLOCKED, V4_ONLY_HOST};
+use harness::{
+    Env, API_HOST, BAD_HOST, BAD_TLS_PORT, ECHO_ALLOWED, ECHO_BLOCKED, UDP_SINK, V4_ONLY_HOST,
+};
 
 type Test = (&'static str, fn(&mut Env));
 
@@ -62,6 +64,10 @@ const TESTS: &[Test] = &[
     (
         "explicit_proxy_connect_and_absolute_form",
         explicit_proxy_connect_and_absolute_form,
+    ),
+    (
+        "udp_from_tagged_is_refused_untagged_arrives",
+        udp_from_tagged_is_refused_untagged_arrives,
     ),
     (
         "one_audit_record_per_request_and_verify_passes",
@@ -695,6 +701,56 @@ fn tcp_allowed_port_relays_blocked_port_closed(env: &mut Env) {
         ]);
         assert_eq!((code, out.trim()), (0, "RECV ping-e2e"));
     }
+}
+
+/// Sends one datagram to argv[1] (IPv4, IPv6 or IPv4-mapped IPv6) port argv[2] with sendto(), then one with
+/// connect() + send(); prints one `ok` or `eperm` per attempt.
+const UDP_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+out = []
+for op in ("sendto", "connect"):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        if op == "sendto":
+            s.sendto(b"udp-e2e", (host, port))
+        else:
+            s.connect((host, port))
+            s.send(b"udp-e2e")
+        out.append("ok")
+    except PermissionError:
+        out.append("eperm")
+print(" ".join(out))
+"#;
+
+/// UDP other than DNS never leaves a tagged cgroup (no datagram reaches the netns host), whatever the address
+/// family; the same datagrams from an untagged process arrive.
+fn udp_from_tagged_is_refused_untagged_arrives(env: &mut Env) {
+    env.need_daemon();
+    let port = UDP_SINK.to_string();
+    let targets = [env.v4.clone(), env.v6.clone(), format!("::ffff:{}", env.v4)];
+    let before = env.udp_count(UDP_SINK);
+    for addr in &targets {
+        let (code, out, err) = env.exec_tagged(&["python3", "-c", UDP_CLIENT, addr, &port]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, "eperm eperm"),
+            "tagged {addr}: {err}"
+        );
+    }
+    for addr in &targets {
+        let (code, out, err) = run(&["python3", "-c", UDP_CLIENT, addr, &port]);
+        assert_eq!((code, out.trim()), (0, "ok ok"), "untagged {addr}: {err}");
+    }
+    // Only the untagged datagrams (two per target) arrive; the tagged ones were sent first and never left.
+    let want = before + 2 * targets.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.udp_count(UDP_SINK) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(env.udp_count(UDP_SINK), want, "datagrams received");
 }
 
 fn run(cmd: &[&str]) -> (i32, String, String) {

@@ -5,9 +5,11 @@ Serves, on every address of the namespace (IPv4 and IPv6, dual-stack sockets):
   * HTTPS (--https-port, default 443) with the certificate the harness minted from its test CA,
   * plain HTTP (--http-port, default 80),
   * HTTPS with a certificate from an untrusted CA (--bad-port, default 8443), when --bad-cert is given,
-  * a TCP echo on each --echo-port.
+  * a TCP echo on each --echo-port,
+  * a UDP sink on each --udp-port that counts the datagrams it receives.
 HTTP paths:
   * /_ctl/count?path=P     the number of requests seen for path P (control requests are never counted),
+  * /_ctl/udp_count?port=N the number of datagrams the UDP sink on port N received,
   * /_ctl/release?id=X     lets stream X send its second event,
   * /sse?id=X              text/event-stream: event 1, then event 2 only after /_ctl/release?id=X,
   * any path with `Upgrade: websocket`: the RFC 6455 handshake, then every text frame echoed as "echo: <text>",
@@ -29,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 COUNTS = {}
 COUNTS_LOCK = threading.Lock()
+UDP_COUNTS = {}
 RELEASES = {}
 RELEASES_LOCK = threading.Lock()
 
@@ -65,6 +68,11 @@ class Handler(BaseHTTPRequestHandler):
             with COUNTS_LOCK:
                 n = COUNTS.get(path, 0)
             return self._reply(200, json.dumps({"path": path, "count": n}), "application/json")
+        if url.path == "/_ctl/udp_count":
+            port = int(query.get("port", ["0"])[0])
+            with COUNTS_LOCK:
+                n = UDP_COUNTS.get(port, 0)
+            return self._reply(200, json.dumps({"port": port, "count": n}), "application/json")
         if url.path == "/_ctl/release":
             release_event(query.get("id", [""])[0]).set()
             return self._reply(200, "released\n")
@@ -178,6 +186,21 @@ class DualStackTCPServer(socketserver.ThreadingTCPServer):
         super().server_bind()
 
 
+def udp_sink(port):
+    """Count every datagram arriving on `port` (IPv4 and IPv6)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+
+    def run():
+        while True:
+            sock.recvfrom(65536)
+            with COUNTS_LOCK:
+                UDP_COUNTS[port] = UDP_COUNTS.get(port, 0) + 1
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def tls_context(cert, key):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
@@ -199,6 +222,7 @@ def main():
     ap.add_argument("--http-port", type=int, default=80)
     ap.add_argument("--bad-port", type=int, default=8443)
     ap.add_argument("--echo-port", type=int, action="append", default=[])
+    ap.add_argument("--udp-port", type=int, action="append", default=[])
     args = ap.parse_args()
 
     DualStackHTTPServer.allow_reuse_address = True
@@ -212,6 +236,8 @@ def main():
         serve(bad)
     for port in args.echo_port:
         serve(DualStackTCPServer(("::", port), EchoHandler))
+    for port in args.udp_port:
+        udp_sink(port)
     print("UPSTREAM READY", flush=True)
     threading.Event().wait()
 

@@ -27,8 +27,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     "redirect_connect4",
     "redirect_connect6",
-    "refuse_quic4",
-    "refuse_quic6",
+    "udp_sendmsg4",
+    "udp_sendmsg6",
 ];
 const SOCK_OPS_PROGRAM: &str = "rekey_established";
 /// bpffs mount point; mounted by [`Capture::start`] when missing.

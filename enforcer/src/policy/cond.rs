@@ -175,9 +175,10 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
                     "http" => Ok(Scheme::Http),
                     "https" => Ok(Scheme::Https),
                     "tcp" => Ok(Scheme::Tcp),
+                    "dns" => Ok(Scheme::Dns),
                     _ => fault(
                         loc,
-                        format!("unknown scheme `{s}`, expected http, https or tcp"),
+                        format!("unknown scheme `{s}`, expected http, https, tcp or dns"),
                     ),
                 })
                 .collect::<CResult<_>>()?,
@@ -618,6 +619,30 @@ impl Cond {
     }
 
     /// The exact hosts this condition requires, when it requires one of a fixed set (for the host index).
+    /// Whether the rule's own (top-level) `scheme:` condition lists `scheme`.
+    pub fn names_scheme(&self, scheme: Scheme) -> bool {
+        let Cond::All(cs) = self else { return false };
+        cs.iter()
+            .any(|c| matches!(c, Cond::Scheme(list) if list.contains(&scheme)))
+    }
+
+    /// The rule's own (top-level) `host:` globs, when it has that condition.
+    pub fn host_globs(&self) -> Option<&[Glob]> {
+        let Cond::All(cs) = self else { return None };
+        cs.iter().find_map(|c| match c {
+            Cond::Host(globs) => Some(globs.as_slice()),
+            _ => None,
+        })
+    }
+
+    /// The host globs of a rule whose only condition is `host:`.
+    pub fn only_host(&self) -> Option<&[Glob]> {
+        match self {
+            Cond::All(cs) if cs.len() == 1 => self.host_globs(),
+            _ => None,
+        }
+    }
+
     pub fn exact_hosts(&self) -> Option<Vec<String>> {
         let Cond::All(cs) = self else { return None };
         cs.iter().find_map(|c| match c {

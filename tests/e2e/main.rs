@@ -995,6 +995,15 @@ fn a_killed_daemon_fails_closed_until_restarted(env: &mut Env) {
     // Untagged processes go where they connect, as always (-k: the upstream's own test certificate).
     let out = env.curl_untagged(&["-k", "--resolve", &resolve, &url]);
     assert_eq!((out.code, out.status), (0, 200), "{out:?}");
+    // DNS too: a query to the responder's own address is still redirected, to a listener that is gone.
+    let name = "killed.dns.e2e.test";
+    let (_, out, err) =
+        env.exec_tagged(&["python3", "-c", DNS_CLIENT, &env.v4, name, "7", "connect"]);
+    assert!(
+        out.contains("\"error\""),
+        "a DNS answer without the daemon: {out} {err}"
+    );
+    assert_eq!(env.dns_count(name), 0, "DNS went out unenforced");
 
     let config = env.config.clone();
     env.restart_daemon(config)
@@ -1006,6 +1015,14 @@ fn a_killed_daemon_fails_closed_until_restarted(env: &mut Env) {
     let recs = records_for(env, &path);
     assert_eq!(recs.len(), 1, "audit records {recs:?}");
     assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
+    let name = "restarted.dns.e2e.test";
+    let (_, out, err) =
+        env.exec_tagged(&["python3", "-c", DNS_CLIENT, &env.v4, name, "8", "connect"]);
+    assert!(
+        out.contains("\"rcode\": 0"),
+        "DNS after the restart: {out} {err}"
+    );
+    assert_eq!(env.dns_count(name), 1);
 }
 
 fn daemon_stops_cleanly_on_sigterm(env: &mut Env) {

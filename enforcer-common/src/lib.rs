@@ -18,8 +18,16 @@ pub const FAMILY_V6: u16 = 10;
 pub const MAP_TAGGED: &str = "TAGGED";
 pub const MAP_SOCKETS: &str = "SOCKETS";
 pub const MAP_ORIGINS: &str = "ORIGINS";
+/// DNS sockets redirected to the daemon's DNS listener, by socket cookie: the resolver they were sent to and the
+/// caller (value [`OriginalDst`]). Read by the recvmsg programs to restore the resolver's address on replies.
+pub const MAP_DNS_SOCKETS: &str = "DNS_SOCKETS";
+/// The same entries keyed by the client's local port and the datagram's family ([`PortKey`]), filled when a
+/// redirected DNS socket sends: what the daemon's DNS listener sees as its peer.
+pub const MAP_DNS_PEERS: &str = "DNS_PEERS";
 /// Global patched by the loader: the proxy port connects are redirected to.
 pub const GLOBAL_PROXY_PORT: &str = "PROXY_PORT";
+/// Global patched by the loader: the port of the daemon's DNS listener on 127.0.0.1 and ::1.
+pub const GLOBAL_DNS_PORT: &str = "DNS_PORT";
 /// Global patched by the loader: the daemon's process id (its connects are never redirected).
 pub const GLOBAL_DAEMON_TGID: &str = "DAEMON_TGID";
 
@@ -31,13 +39,15 @@ pub struct Tag {
     pub profile: [u8; PROFILE_NAME_LEN],
 }
 
-/// Key of the `ORIGINS` map: the client side of a redirected connection as the proxy sees it.
+/// Key of the `ORIGINS` and `DNS_PEERS` maps: the client side of a redirected connection (or DNS socket) as the
+/// daemon sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortKey {
     /// Local (client) port, host byte order.
     pub port: u16,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the family of the socket as redirected.
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the family of the socket as redirected (for `DNS_PEERS`: of the datagram,
+    /// which is IPv4 when an IPv6 socket sent to an IPv4-mapped address).
     pub family: u16,
 }
 

@@ -3,7 +3,7 @@
 //! without a file. Parsing only; the stages read the plain structs.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -40,6 +40,8 @@ pub struct Config {
     pub cgroup_root: PathBuf,
     pub capture: CaptureSettings,
     pub proxy: ProxyConfig,
+    /// The DNS listener tagged processes' DNS datagrams are redirected to.
+    pub dns: DnsConfig,
     pub audit: AuditSettings,
     /// How LLM providers are recognised (host lists, per-host overrides for self-hosted or test endpoints).
     pub inspect: crate::inspect::InspectConfig,
@@ -94,6 +96,30 @@ pub struct ProxyConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// UDP port of the DNS listener on 127.0.0.1 and ::1.
+    pub port: u16,
+    /// The resolver allowed queries are forwarded to. Default: the first `nameserver` in /etc/resolv.conf.
+    pub upstream: Option<SocketAddr>,
+    /// How long to wait for the upstream's answer before answering SERVFAIL.
+    pub timeout_ms: u64,
+    /// Queries handled at once; datagrams beyond this are dropped (the client retries).
+    pub max_in_flight: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            port: 15053,
+            upstream: None,
+            timeout_ms: 2000,
+            max_in_flight: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExplicitProxy {
     pub port: u16,
@@ -121,6 +147,7 @@ impl Default for Config {
             cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
             capture: CaptureSettings::default(),
             proxy: ProxyConfig::default(),
+            dns: DnsConfig::default(),
             audit: AuditSettings::default(),
             inspect: crate::inspect::InspectConfig::default(),
             profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
@@ -223,5 +250,21 @@ mod tests {
         assert!(Config::default().proxy.static_hosts.is_empty());
         let bad = "proxy:\n  static_hosts:\n    x.test: [\"not-an-ip\"]\n";
         assert!(serde_saphyr::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn dns_settings_parse_and_default() {
+        let yaml = "dns: { port: 15099, upstream: \"10.77.0.2:53\" }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(config.dns.port, 15099);
+        assert_eq!(
+            config.dns.upstream,
+            Some(SocketAddr::from(([10, 77, 0, 2], 53)))
+        );
+        assert_eq!(config.dns.timeout_ms, 2000);
+        let default = Config::default();
+        assert_eq!(default.dns.port, 15053);
+        assert!(default.dns.upstream.is_none());
+        assert!(serde_saphyr::from_str::<Config>("dns: { upstream: nowhere }\n").is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! `enforcer run`: wires the stages together. Loads the configuration and policy, opens the audit trail, loads the
-//! CA, attaches the eBPF capture, starts the proxy listeners, reports readiness (`READY proxy_port=N` on stdout,
+//! CA, attaches the eBPF capture, starts the proxy and DNS listeners, reports readiness (`READY proxy_port=N` on stdout,
 //! and `READY=1` to systemd when `NOTIFY_SOCKET` is set), reloads the policy on SIGHUP and shuts down cleanly on
 //! SIGTERM/SIGINT.
 
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::audit::AuditLog;
@@ -18,7 +18,9 @@ use crate::capture::{Capture, CaptureConfig};
 use crate::config::Config;
 use crate::model::{Origin, OriginLookup};
 use crate::policy::{Policy, PolicyError, SharedPolicy};
-use crate::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
+use crate::proxy::{
+    CancellationToken, CertAuthority, DnsContext, HostBinder, ProxyContext, UpstreamTls,
+};
 
 /// The policy enforced when the configuration names none: `policies/default.yaml`, built in.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -171,15 +173,36 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let dns_port = config.dns.port;
+    let dns4 = UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, dns_port)))
+        .await
+        .with_context(|| format!("binding the DNS listener on 127.0.0.1:{dns_port}"))?;
+    let dns6 = UdpSocket::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, dns_port)))
+        .await
+        .with_context(|| format!("binding the DNS listener on [::1]:{dns_port}"))?;
+    let dns_upstream = config
+        .dns
+        .upstream
+        .or_else(|| crate::proxy::resolv_conf_nameserver(std::path::Path::new("/etc/resolv.conf")));
+    match dns_upstream {
+        Some(upstream) => tracing::info!(%upstream, port = dns_port, "DNS listener ready"),
+        None => tracing::warn!(
+            "no DNS upstream (dns.upstream unset, no nameserver in /etc/resolv.conf): allowed queries get SERVFAIL"
+        ),
+    }
 
     let capture = if config.capture.enabled {
-        Some(Capture::start(&capture_config(&config))?)
+        Some(Capture::start(&CaptureConfig::from_config(&config))?)
     } else {
         tracing::warn!("capture disabled: only the explicit proxy enforces");
         None
     };
     let origins: Arc<dyn OriginLookup> = match &capture {
         Some(c) => c.origins(),
+        None => Arc::new(NoCapture),
+    };
+    let dns_origins: Arc<dyn OriginLookup> = match &capture {
+        Some(c) => c.dns_origins(),
         None => Arc::new(NoCapture),
     };
 
@@ -196,6 +219,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         inspect: config.inspect.clone(),
         hosts: HostBinder::new(&config.proxy.static_hosts),
     });
+    let dns = Arc::new(DnsContext {
+        proxy: ctx.clone(),
+        origins: dns_origins,
+        upstream: dns_upstream,
+        timeout: std::time::Duration::from_millis(config.dns.timeout_ms),
+        max_in_flight: config.dns.max_in_flight,
+    });
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::proxy::serve_transparent(
@@ -208,6 +238,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ctx.clone(),
         shutdown.clone(),
     ));
+    for socket in [dns4, dns6] {
+        tasks.spawn(crate::proxy::serve_dns(
+            socket,
+            dns.clone(),
+            shutdown.clone(),
+        ));
+    }
     if let Some((listener, profile)) = explicit {
         tasks.spawn(crate::proxy::serve_explicit(
             listener,
@@ -232,20 +269,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     audit.close().await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-fn capture_config(config: &Config) -> CaptureConfig {
-    CaptureConfig {
-        cgroup_root: config.cgroup_root.clone(),
-        attach_cgroup: config.attach_cgroup(),
-        pin_dir: config.capture.pin_dir.clone(),
-        proxy_port: config.proxy.port,
-        profiles: config
-            .profiles
-            .iter()
-            .map(|(name, p)| (name.clone(), p.cgroups.clone()))
-            .collect(),
-    }
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -35,6 +35,9 @@ pub enum Scheme {
     Https,
     /// Bytes that are neither TLS nor HTTP: decided on destination only.
     Tcp,
+    /// A DNS query: `host` is the queried name (lower-case, no trailing dot), port 53, no HTTP part. Decided by
+    /// [`crate::policy::Policy::evaluate`] under the DNS rules of docs/policy.md.
+    Dns,
 }
 
 impl Scheme {
@@ -43,6 +46,7 @@ impl Scheme {
             Scheme::Http => "http",
             Scheme::Https => "https",
             Scheme::Tcp => "tcp",
+            Scheme::Dns => "dns",
         }
     }
 }

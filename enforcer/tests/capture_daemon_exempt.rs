@@ -92,6 +92,7 @@ fn the_daemons_own_connects_are_never_redirected() {
             attach_cgroup: cgroup.clone(),
             pin_dir: guard.pin_dir.clone(),
             proxy_port: proxy.local_addr().expect("addr").port(),
+            dns_port: proxy.local_addr().expect("addr").port(),
             profiles: vec![("agents".to_string(), vec![])],
         })
         .expect("capture starts"),

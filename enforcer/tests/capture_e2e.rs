@@ -53,26 +53,62 @@ threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
 sys.exit(1 if errors else 0)
 "#;
 
-/// UDP to port 443 (QUIC): prints the outcome of connect() and sendto() for IPv4 and IPv6.
+/// UDP: prints `<target>:<port>:<op>=ok|eperm` for connect() and sendto() to ports 443 (QUIC), 4443 and 53 (DNS)
+/// over IPv4, IPv6 and IPv4-mapped IPv6. Nobody listens; a UDP send succeeds without a listener.
 const UDP: &str = r#"
 import os, socket, sys
 open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
 out = []
-for fam, host in ((socket.AF_INET, "127.0.0.2"), (socket.AF_INET6, "::1")):
-    for op in ("connect", "sendto"):
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        try:
-            if op == "connect":
-                s.connect((host, 443))
-            else:
-                s.sendto(b"q", (host, 443))
-            out.append("ok")
-        except PermissionError:
-            out.append("eperm")
+for name, fam, host in (("v4", socket.AF_INET, "127.0.0.2"), ("v6", socket.AF_INET6, "::1"),
+                        ("mapped", socket.AF_INET6, "::ffff:127.0.0.2")):
+    for port in (443, 4443, 53):
+        for op in ("connect", "sendto"):
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            try:
+                if op == "connect":
+                    s.connect((host, port))
+                else:
+                    s.sendto(b"q", (host, port))
+                r = "ok"
+            except PermissionError:
+                r = "eperm"
+            out.append("%s:%d:%s=%s" % (name, port, op, r))
 print(" ".join(out))
-# Other UDP still works.
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.sendto(b"q", ("127.0.0.2", 4443))
+"#;
+
+/// What [`UDP`] prints when every port but 53 is refused (`tagged`) or nothing is (`!tagged`).
+fn udp_expected(tagged: bool) -> String {
+    let mut out = Vec::new();
+    for name in ["v4", "v6", "mapped"] {
+        for port in [443, 4443, 53] {
+            for op in ["connect", "sendto"] {
+                let r = if tagged && port != 53 { "eperm" } else { "ok" };
+                out.push(format!("{name}:{port}:{op}={r}"));
+            }
+        }
+    }
+    out.join(" ")
+}
+
+/// DNS over UDP to argv[2] port 53 with sendto() or connect()+send() (argv[3]); prints the reply's source address,
+/// port and payload, or `noreply` (1 s timeout, or any error).
+const DNS_CLIENT: &str = r#"
+import os, socket, sys
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+host, op = sys.argv[2], sys.argv[3]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.settimeout(float(sys.argv[4]))
+try:
+    if op == "connect":
+        s.connect((host, 53))
+        s.send(b"q")
+    else:
+        s.sendto(b"q", (host, 53))
+    data, src = s.recvfrom(100)
+    print(src[0], src[1], data.decode())
+except Exception:
+    print("noreply")
 "#;
 
 fn root_or_skip() -> bool {
@@ -190,6 +226,7 @@ impl Harness {
             attach_cgroup: self.cgroup.clone(),
             pin_dir: self.pin_dir.clone(),
             proxy_port: self.proxy_port(),
+            dns_port: self.proxy_port(),
             profiles: vec![(PROFILE.to_string(), vec![])],
         };
         let capture = {
@@ -515,19 +552,99 @@ fn tagging_and_untagging_take_effect_at_runtime() {
 }
 
 #[test]
-fn quic_from_tagged_cgroups_is_refused() {
+fn udp_from_tagged_cgroups_is_refused_except_dns() {
     if !root_or_skip() {
         return;
     }
     let h = Harness::new();
     let tagged = finish(python(UDP, &[h.profile_cgroup().to_str().expect("utf-8")]));
-    assert_eq!(tagged.trim(), "eperm eperm eperm eperm");
+    assert_eq!(tagged.trim(), udp_expected(true));
     assert!(logged("refused udp sendmsg to port 443"));
+    assert!(logged("refused udp4 connect to port 4443"));
     let plain = finish(python(
         UDP,
         &[h.child_cgroup("plain").to_str().expect("utf-8")],
     ));
-    assert_eq!(plain.trim(), "ok ok ok ok");
+    assert_eq!(plain.trim(), udp_expected(false));
+}
+
+#[test]
+fn tagged_dns_is_redirected_and_replies_come_from_the_resolver() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    // The stand-in DNS listener: the capture was started with DNS_PORT = the proxy's port number (UDP here).
+    let port = h.proxy_port();
+    let listeners: Vec<std::net::UdpSocket> = ["127.0.0.1", "::1"]
+        .iter()
+        .map(|ip| {
+            let s = std::net::UdpSocket::bind((*ip, port)).expect("bind the DNS stand-in");
+            s.set_nonblocking(true).expect("nonblocking");
+            s
+        })
+        .collect();
+    let tagged = h.profile_cgroup();
+    let cases = [
+        ("127.0.0.2", "sendto", "127.0.0.2"),
+        ("127.0.0.2", "connect", "127.0.0.2"),
+        ("::1", "sendto", "::1"),
+        ("::1", "connect", "::1"),
+        ("::ffff:127.0.0.2", "sendto", "127.0.0.2"),
+        ("::ffff:127.0.0.2", "connect", "127.0.0.2"),
+    ];
+    for (host, op, resolver) in cases {
+        let mut child = python(
+            DNS_CLIENT,
+            &[tagged.to_str().expect("utf-8"), host, op, "10"],
+        );
+        let deadline = Instant::now() + TIMEOUT;
+        let mut seen = None;
+        while seen.is_none() && Instant::now() < deadline {
+            for l in &listeners {
+                let mut buf = [0u8; 16];
+                if let Ok((n, peer)) = l.recv_from(&mut buf) {
+                    assert_eq!(&buf[..n], b"q");
+                    let origin = h.capture().dns_origins().lookup(peer);
+                    l.send_to(b"r", peer).expect("reply");
+                    seen = Some(origin);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if seen.is_none() {
+            let _ = child.kill();
+        }
+        let out = finish(child);
+        let origin = seen
+            .unwrap_or_else(|| panic!("{host} {op}: nothing reached the DNS listener"))
+            .unwrap_or_else(|| panic!("{host} {op}: no DNS origin recorded"));
+        assert_eq!(
+            origin.dst,
+            SocketAddr::new(resolver.parse::<IpAddr>().expect("ip"), 53),
+            "{host} {op}"
+        );
+        assert_eq!(origin.agent.profile.as_deref(), Some(PROFILE));
+        assert_eq!(
+            out.trim(),
+            format!("{host} 53 r"),
+            "{host} {op}: reply source restored"
+        );
+    }
+    // Untagged DNS is not redirected: the stand-in hears nothing.
+    let plain = h.child_cgroup("plain");
+    let out = finish(python(
+        DNS_CLIENT,
+        &[plain.to_str().expect("utf-8"), "127.0.0.2", "sendto", "1"],
+    ));
+    assert_eq!(out.trim(), "noreply");
+    for l in &listeners {
+        let mut buf = [0u8; 16];
+        assert!(
+            l.recv_from(&mut buf).is_err(),
+            "untagged DNS reached the listener"
+        );
+    }
 }
 
 #[test]

@@ -456,3 +456,78 @@ async fn mutated_raw_requests_never_panic_the_proxy() {
         "a connection task panicked"
     );
 }
+
+/// A well-formed query for `name` (A, RD), optionally with an EDNS OPT record carrying an option.
+fn dns_query(id: u16, name: &str, edns: bool) -> Vec<u8> {
+    let mut out = id.to_be_bytes().to_vec();
+    out.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
+    for label in name.split('.') {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if edns {
+        out.extend_from_slice(&[0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 4, 0, 10, 0, 0]);
+    }
+    out
+}
+
+/// Random and mutated DNS datagrams through the DNS stage's parser and the answers built from what it accepts,
+/// and the accepted names through the policy as dns actions. Nothing may panic; what parses must round-trip.
+#[test]
+fn random_and_mutated_dns_queries_never_panic() {
+    use enforcer::model::Scheme;
+    use enforcer::proxy::{error_answer, parse_query, qtype_name, upstream_query, Rcode};
+    let policy = default_policy();
+    let seeds = [
+        dns_query(1, "api.openai.com", false),
+        dns_query(2, "AKIAIOSFODNN7EXAMPLE.exfil.test", true),
+        dns_query(3, "a.b.c.d.e.f.g", false),
+    ];
+    let seed_list: Vec<Vec<u8>> = seeds.to_vec();
+    let mut rng = Rng(0xd450_fd45);
+    let mut parsed = 0;
+    for i in 0..20_000 {
+        let packet = if i % 5 == 0 {
+            (0..rng.below(600)).map(|_| rng.next() as u8).collect()
+        } else {
+            let seed = rng.pick(&seed_list).clone();
+            let mut p = mutate(&mut rng, &seed, &seed_list);
+            // Byte flips aimed at the header and length octets, which `mutate` rarely hits.
+            for _ in 0..rng.below(3) {
+                if !p.is_empty() {
+                    let at = rng.below(p.len().min(40));
+                    p[at] = rng.next() as u8;
+                }
+            }
+            p
+        };
+        let Ok(q) = parse_query(&packet) else {
+            continue;
+        };
+        parsed += 1;
+        let refused = error_answer(&q, Rcode::Refused);
+        assert_eq!(&refused[..2], &q.id.to_be_bytes());
+        let up = upstream_query(&q);
+        let again = parse_query(&up).expect("a rebuilt query parses");
+        assert_eq!(
+            (again.id, &again.name, again.qtype),
+            (q.id, &q.name, q.qtype)
+        );
+        let _ = qtype_name(q.qtype);
+        let action = Action {
+            transport: Transport {
+                scheme: Scheme::Dns,
+                host: Some(q.name.clone()),
+                ip: None,
+                port: 53,
+            },
+            ..Action::default()
+        };
+        let _ = policy.evaluate(&action);
+    }
+    assert!(
+        parsed > 100,
+        "too few mutated queries parsed ({parsed}) to exercise the rest"
+    );
+}

@@ -24,6 +24,10 @@ pub const PROFILE: &str = "e2e";
 pub const ECHO_ALLOWED: u16 = 7000;
 pub const ECHO_BLOCKED: u16 = 7001;
 pub const BAD_TLS_PORT: u16 = 8443;
+/// A UDP port on the netns host that counts the datagrams it receives.
+pub const UDP_SINK: u16 = 7002;
+/// What the netns host's DNS responder (port 53, the daemon's `dns.upstream`) answers every A query with.
+pub const DNS_ANSWER: &str = "192.0.2.7";
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -67,6 +71,12 @@ pub struct Env {
     pub port: u16,
     /// The explicit proxy listener (CONNECT and absolute-form) on 127.0.0.1, for the profile [`PROFILE`].
     pub explicit_port: u16,
+    /// The daemon's DNS listener port (UDP, 127.0.0.1 and ::1).
+    pub dns_port: u16,
+    /// The host side of the veth pair (10.77.N.1, fd77:N::1): nothing listens on port 53 there, so a DNS query
+    /// sent to it is answered only when the enforcer redirected it.
+    pub host_v4: String,
+    pub host_v6: String,
     pub daemon_log: PathBuf,
     pub upstream_log: PathBuf,
     upstream: Option<Child>,
@@ -114,6 +124,9 @@ impl Env {
             pin_dir: Path::new(BPFFS).join(format!("{PREFIX}{id}")),
             port: free_port()?,
             explicit_port: free_port()?,
+            dns_port: free_udp_port()?,
+            host_v4: format!("10.77.{n}.1"),
+            host_v6: format!("fd77:{n}::1"),
             daemon_log: root.join("daemon.log"),
             upstream_log: root.join("upstream.log"),
             upstream: None,
@@ -201,6 +214,8 @@ impl Env {
             .args(["--bad-port", &BAD_TLS_PORT.to_string()])
             .args(["--echo-port", &ECHO_ALLOWED.to_string()])
             .args(["--echo-port", &ECHO_BLOCKED.to_string()])
+            .args(["--udp-port", &UDP_SINK.to_string()])
+            .args(["--dns-port", "53", "--dns-answer", DNS_ANSWER])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -227,6 +242,7 @@ impl Env {
              \x20   {API_HOST}: [\"{v4}\", \"{v6}\"]\n\
              \x20   {BAD_HOST}: [\"{v4}\", \"{v6}\"]\n\
              \x20   {V4_ONLY_HOST}: [\"{v4}\"]\n\
+             dns:\n  port: {dns_port}\n  upstream: \"{v4}:53\"\n\
              audit:\n  checkpoint_interval_secs: 1\n\
              profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
             policy = policy.display(),
@@ -235,6 +251,7 @@ impl Env {
             pin = self.pin_dir.display(),
             port = self.port,
             explicit = self.explicit_port,
+            dns_port = self.dns_port,
             ca = self.test_ca.display(),
             v4 = self.v4,
             v6 = self.v6,
@@ -348,6 +365,30 @@ impl Env {
         v["count"]
             .as_u64()
             .unwrap_or_else(|| panic!("count reply {v}"))
+    }
+
+    /// How many datagrams the netns host's UDP sink on `port` received, asked directly (untagged, plain HTTP).
+    pub fn udp_count(&self, port: u16) -> u64 {
+        let url = format!("http://{}/_ctl/udp_count?port={port}", self.v4);
+        let out = self.curl_untagged(&[&url]);
+        assert_eq!(out.status, 200, "udp count query failed: {out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.body)
+            .unwrap_or_else(|e| panic!("udp count reply {:?}: {e}", out.body));
+        v["count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("udp count reply {v}"))
+    }
+
+    /// How many DNS queries for `name` the netns host's responder received, asked directly (untagged).
+    pub fn dns_count(&self, name: &str) -> u64 {
+        let url = format!("http://{}/_ctl/dns_count?name={name}", self.v4);
+        let out = self.curl_untagged(&[&url]);
+        assert_eq!(out.status, 200, "dns count query failed: {out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.body)
+            .unwrap_or_else(|e| panic!("dns count reply {:?}: {e}", out.body));
+        v["count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("dns count reply {v}"))
     }
 
     /// Let SSE stream `id` send its second event (an untagged control request straight to the netns host).
@@ -573,6 +614,18 @@ fn free_port() -> Result<u16> {
         }
     }
     Err("no free port".into())
+}
+
+/// A UDP port free on both 127.0.0.1 and ::1 right now.
+fn free_udp_port() -> Result<u16> {
+    for _ in 0..50 {
+        let v4 = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = v4.local_addr().map_err(|e| e.to_string())?.port();
+        if std::net::UdpSocket::bind(("::1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free UDP port".into())
 }
 
 /// Mount bpffs at /sys/fs/bpf when nothing is mounted there (pins need it).

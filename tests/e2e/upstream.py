@@ -5,9 +5,14 @@ Serves, on every address of the namespace (IPv4 and IPv6, dual-stack sockets):
   * HTTPS (--https-port, default 443) with the certificate the harness minted from its test CA,
   * plain HTTP (--http-port, default 80),
   * HTTPS with a certificate from an untrusted CA (--bad-port, default 8443), when --bad-cert is given,
-  * a TCP echo on each --echo-port.
+  * a TCP echo on each --echo-port,
+  * a UDP sink on each --udp-port that counts the datagrams it receives,
+  * a DNS responder on --dns-port (UDP) answering every A query with --dns-answer and every other type with no
+    records, counting queries per (lower-case) name.
 HTTP paths:
   * /_ctl/count?path=P     the number of requests seen for path P (control requests are never counted),
+  * /_ctl/udp_count?port=N the number of datagrams the UDP sink on port N received,
+  * /_ctl/dns_count?name=X the number of DNS queries the responder received for name X,
   * /_ctl/release?id=X     lets stream X send its second event,
   * /sse?id=X              text/event-stream: event 1, then event 2 only after /_ctl/release?id=X,
   * any path with `Upgrade: websocket`: the RFC 6455 handshake, then every text frame echoed as "echo: <text>",
@@ -29,6 +34,8 @@ from urllib.parse import parse_qs, urlsplit
 
 COUNTS = {}
 COUNTS_LOCK = threading.Lock()
+UDP_COUNTS = {}
+DNS_COUNTS = {}
 RELEASES = {}
 RELEASES_LOCK = threading.Lock()
 
@@ -65,6 +72,16 @@ class Handler(BaseHTTPRequestHandler):
             with COUNTS_LOCK:
                 n = COUNTS.get(path, 0)
             return self._reply(200, json.dumps({"path": path, "count": n}), "application/json")
+        if url.path == "/_ctl/udp_count":
+            port = int(query.get("port", ["0"])[0])
+            with COUNTS_LOCK:
+                n = UDP_COUNTS.get(port, 0)
+            return self._reply(200, json.dumps({"port": port, "count": n}), "application/json")
+        if url.path == "/_ctl/dns_count":
+            name = query.get("name", [""])[0].lower()
+            with COUNTS_LOCK:
+                n = DNS_COUNTS.get(name, 0)
+            return self._reply(200, json.dumps({"name": name, "count": n}), "application/json")
         if url.path == "/_ctl/release":
             release_event(query.get("id", [""])[0]).set()
             return self._reply(200, "released\n")
@@ -178,6 +195,60 @@ class DualStackTCPServer(socketserver.ThreadingTCPServer):
         super().server_bind()
 
 
+def udp_sink(port):
+    """Count every datagram arriving on `port` (IPv4 and IPv6)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+
+    def run():
+        while True:
+            sock.recvfrom(65536)
+            with COUNTS_LOCK:
+                UDP_COUNTS[port] = UDP_COUNTS.get(port, 0) + 1
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def dns_answer(packet, answer_ip):
+    """The response to one query, or None for anything that is not a one-question query."""
+    if len(packet) < 12 or packet[2] & 0x80 or packet[4:6] != b"\x00\x01":
+        return None
+    at, labels = 12, []
+    while at < len(packet) and packet[at]:
+        n = packet[at]
+        labels.append(packet[at + 1:at + 1 + n].decode(errors="replace"))
+        at += 1 + n
+    end = at + 5
+    if end > len(packet):
+        return None
+    name = ".".join(labels).lower()
+    qtype = int.from_bytes(packet[at + 1:at + 3], "big")
+    with COUNTS_LOCK:
+        DNS_COUNTS[name] = DNS_COUNTS.get(name, 0) + 1
+    answers = b""
+    if qtype == 1:
+        answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(answer_ip)
+    flags = 0x8180 | (packet[2] << 8 & 0x0100)
+    header = packet[:2] + flags.to_bytes(2, "big") + b"\x00\x01" + (1 if answers else 0).to_bytes(2, "big")
+    return header + b"\x00\x00\x00\x00" + packet[12:end] + answers
+
+
+def dns_responder(port, answer_ip):
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+
+    def run():
+        while True:
+            packet, peer = sock.recvfrom(4096)
+            reply = dns_answer(packet, answer_ip)
+            if reply is not None:
+                sock.sendto(reply, peer)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def tls_context(cert, key):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
@@ -199,6 +270,9 @@ def main():
     ap.add_argument("--http-port", type=int, default=80)
     ap.add_argument("--bad-port", type=int, default=8443)
     ap.add_argument("--echo-port", type=int, action="append", default=[])
+    ap.add_argument("--udp-port", type=int, action="append", default=[])
+    ap.add_argument("--dns-port", type=int)
+    ap.add_argument("--dns-answer", default="192.0.2.7")
     args = ap.parse_args()
 
     DualStackHTTPServer.allow_reuse_address = True
@@ -212,6 +286,10 @@ def main():
         serve(bad)
     for port in args.echo_port:
         serve(DualStackTCPServer(("::", port), EchoHandler))
+    for port in args.udp_port:
+        udp_sink(port)
+    if args.dns_port:
+        dns_responder(args.dns_port, args.dns_answer)
     print("UPSTREAM READY", flush=True)
     threading.Event().wait()
 

@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::HashMap;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use enforcer_common::{GLOBAL_DAEMON_TGID, GLOBAL_PROXY_PORT, MAP_ORIGINS, MAP_TAGGED};
+use enforcer_common::{
+    GLOBAL_DAEMON_TGID, GLOBAL_DNS_PORT, GLOBAL_PROXY_PORT, MAP_DNS_PEERS, MAP_ORIGINS, MAP_TAGGED,
+};
 
 pub use cli::{cgroup_command, exec, CgroupCommand, ExecArgs};
 pub use origins::{cgroup_path, BpfOrigins};
@@ -24,13 +26,16 @@ pub use tags::{cgroup_id, map_in_use, pin_path, TagTable};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
 /// The cgroup programs, by function name in `enforcer-ebpf`.
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     "redirect_connect4",
     "redirect_connect6",
-    "refuse_quic4",
-    "refuse_quic6",
+    "udp_sendmsg4",
+    "udp_sendmsg6",
+    "dns_recvmsg4",
+    "dns_recvmsg6",
 ];
 const SOCK_OPS_PROGRAM: &str = "rekey_established";
+const DNS_PEER_PROGRAM: &str = "dns_peer";
 /// bpffs mount point; mounted by [`Capture::start`] when missing.
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -94,6 +99,8 @@ pub struct CaptureConfig {
     pub pin_dir: PathBuf,
     /// The transparent proxy's port on 127.0.0.1 and ::1.
     pub proxy_port: u16,
+    /// The DNS listener's port on 127.0.0.1 and ::1 (where tagged DNS datagrams are redirected).
+    pub dns_port: u16,
     /// Profile → cgroup paths (relative to `cgroup_root`) to tag.
     pub profiles: Vec<(String, Vec<PathBuf>)>,
 }
@@ -107,6 +114,7 @@ impl CaptureConfig {
             attach_cgroup: config.attach_cgroup(),
             pin_dir: config.capture.pin_dir.clone(),
             proxy_port: config.proxy.port,
+            dns_port: config.dns.port,
             profiles: config
                 .profiles
                 .iter()
@@ -121,6 +129,7 @@ pub struct Capture {
     ebpf: Option<Ebpf>,
     tags: Mutex<TagTable>,
     origins: Arc<BpfOrigins>,
+    dns_peers: Arc<BpfOrigins>,
     pin: PathBuf,
     pin_dir: PathBuf,
     pin_dir_created: bool,
@@ -154,6 +163,7 @@ impl Capture {
         let daemon_tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_PROXY_PORT, &cfg.proxy_port, true)
+            .override_global(GLOBAL_DNS_PORT, &cfg.dns_port, true)
             .override_global(GLOBAL_DAEMON_TGID, &daemon_tgid, true)
             .load(EBPF_OBJECT)?;
         let log_task = start_log_forwarding(&mut ebpf, &runtime)?;
@@ -169,11 +179,20 @@ impl Capture {
             HashMap::try_from(origin_map)?,
             &cfg.cgroup_root,
         ));
+        let peer_map = ebpf
+            .take_map(MAP_DNS_PEERS)
+            .ok_or(CaptureError::MissingMap(MAP_DNS_PEERS))?;
+        // A DNS socket sends several queries (A, AAAA, retries): its entry is read, never consumed.
+        let dns_peers = Arc::new(BpfOrigins::new_peeking(
+            HashMap::try_from(peer_map)?,
+            &cfg.cgroup_root,
+        ));
 
         let mut capture = Capture {
             ebpf: None,
             tags: Mutex::new(tags),
             origins,
+            dns_peers,
             pin: pin.clone(),
             pin_dir: cfg.pin_dir.clone(),
             pin_dir_created,
@@ -198,6 +217,7 @@ impl Capture {
         tracing::info!(
             cgroup = %cfg.attach_cgroup.display(),
             port = cfg.proxy_port,
+            dns_port = cfg.dns_port,
             pin = %pin.display(),
             "capture attached"
         );
@@ -207,6 +227,12 @@ impl Capture {
     /// The lookup the proxy uses: the original destination and process of an accepted connection, by its peer.
     pub fn origins(&self) -> Arc<dyn crate::model::OriginLookup> {
         self.origins.clone()
+    }
+
+    /// The lookup the DNS listener uses: the resolver a redirected DNS datagram was sent to and its process, by
+    /// the datagram's source address.
+    pub fn dns_origins(&self) -> Arc<dyn crate::model::OriginLookup> {
+        self.dns_peers.clone()
     }
 
     /// Tag `cgroup` (absolute, or relative to the cgroup root) and everything below it with `profile`.
@@ -345,6 +371,20 @@ fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureE
         .map_err(|source| CaptureError::Program { name, source })?;
     let link = program
         .attach(&file, CgroupAttachMode::Single)
+        .and_then(|id| program.take_link(id))
+        .map_err(|source| CaptureError::Program { name, source })?;
+    links::pin(link, pin_dir, name)?;
+    let name = DNS_PEER_PROGRAM;
+    let program: &mut CgroupSkb = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| CaptureError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| CaptureError::Program { name, source })?;
+    let link = program
+        .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
         .and_then(|id| program.take_link(id))
         .map_err(|source| CaptureError::Program { name, source })?;
     links::pin(link, pin_dir, name)?;

@@ -16,10 +16,12 @@ use super::tags::decode_profile;
 /// Upper bound on cgroup directories visited when a cgroup id has to be found by walking the tree.
 const WALK_LIMIT: usize = 4096;
 
-/// [`OriginLookup`] over the kernel's `ORIGINS` map.
+/// [`OriginLookup`] over the kernel's `ORIGINS` map (entries consumed), or `DNS_PEERS` (entries only read: a DNS
+/// socket sends many datagrams, and the kernel refreshes the entry on each).
 pub struct BpfOrigins {
     map: Mutex<HashMap<MapData, PortKey, OriginalDst>>,
     cgroup_root: PathBuf,
+    consume: bool,
 }
 
 impl BpfOrigins {
@@ -30,6 +32,17 @@ impl BpfOrigins {
         BpfOrigins {
             map: Mutex::new(map),
             cgroup_root: cgroup_root.to_path_buf(),
+            consume: true,
+        }
+    }
+
+    pub(super) fn new_peeking(
+        map: HashMap<MapData, PortKey, OriginalDst>,
+        cgroup_root: &Path,
+    ) -> BpfOrigins {
+        BpfOrigins {
+            consume: false,
+            ..BpfOrigins::new(map, cgroup_root)
         }
     }
 
@@ -39,8 +52,10 @@ impl BpfOrigins {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let value = map.get(key, 0).ok()?;
-        // The entry is ours now; a failed delete only leaves it to the LRU.
-        let _ = map.remove(key);
+        if self.consume {
+            // The entry is ours now; a failed delete only leaves it to the LRU.
+            let _ = map.remove(key);
+        }
         Some(value)
     }
 }

@@ -175,9 +175,10 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
                     "http" => Ok(Scheme::Http),
                     "https" => Ok(Scheme::Https),
                     "tcp" => Ok(Scheme::Tcp),
+                    "dns" => Ok(Scheme::Dns),
                     _ => fault(
                         loc,
-                        format!("unknown scheme `{s}`, expected http, https or tcp"),
+                        format!("unknown scheme `{s}`, expected http, https, tcp or dns"),
                     ),
                 })
                 .collect::<CResult<_>>()?,
@@ -519,15 +520,20 @@ impl<'a> Ctx<'a> {
     /// Runs detector `i` over the host (also upper-cased: names arrive lower-cased), the URL path and query, every
     /// header value and the body, the body also as the upstream will read it (JSON escapes undone, a form
     /// decoded), so neither case nor an escape can hide a secret.
+    /// The host is scanned whatever the action (a DNS query has nothing else).
     fn scan(&self, i: usize) -> bool {
+        let d = self.detectors;
+        if self
+            .host
+            .as_deref()
+            .is_some_and(|h| d.fires(i, h) || d.fires(i, &h.to_ascii_uppercase()))
+        {
+            return true;
+        }
         let Some(http) = &self.action.http else {
             return false;
         };
-        let d = self.detectors;
-        self.host
-            .as_deref()
-            .is_some_and(|h| d.fires(i, h) || d.fires(i, &h.to_ascii_uppercase()))
-            || d.fires(i, &http.path)
+        d.fires(i, &http.path)
             || http
                 .query
                 .0
@@ -618,6 +624,30 @@ impl Cond {
     }
 
     /// The exact hosts this condition requires, when it requires one of a fixed set (for the host index).
+    /// Whether the rule's own (top-level) `scheme:` condition lists `scheme`.
+    pub fn names_scheme(&self, scheme: Scheme) -> bool {
+        let Cond::All(cs) = self else { return false };
+        cs.iter()
+            .any(|c| matches!(c, Cond::Scheme(list) if list.contains(&scheme)))
+    }
+
+    /// The rule's own (top-level) `host:` globs, when it has that condition.
+    pub fn host_globs(&self) -> Option<&[Glob]> {
+        let Cond::All(cs) = self else { return None };
+        cs.iter().find_map(|c| match c {
+            Cond::Host(globs) => Some(globs.as_slice()),
+            _ => None,
+        })
+    }
+
+    /// The host globs of a rule whose only condition is `host:`.
+    pub fn only_host(&self) -> Option<&[Glob]> {
+        match self {
+            Cond::All(cs) if cs.len() == 1 => self.host_globs(),
+            _ => None,
+        }
+    }
+
     pub fn exact_hosts(&self) -> Option<Vec<String>> {
         let Cond::All(cs) = self else { return None };
         cs.iter().find_map(|c| match c {

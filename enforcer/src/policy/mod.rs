@@ -6,13 +6,15 @@
 //! Semantics: every matching rule is collected; the verdict is the most restrictive (block > constrain > log >
 //! allow); the deciding rule is the first in file order with that verdict; a rule over its rate limit turns into a
 //! block and decides; the rewrites of all matching constrain rules apply in file order; no match → `default`.
-//! Rules are indexed by exact host so evaluation only visits rules that can match. [`SharedPolicy`] holds the policy
-//! in force so the daemon can replace it while it runs.
+//! Rules are indexed by exact host so evaluation only visits rules that can match. DNS queries (scheme `dns`) follow
+//! their own short procedure in `dns.rs`. [`SharedPolicy`] holds the policy in force so the daemon can replace it
+//! while it runs.
 
 pub mod cases;
 pub mod cli;
 mod cond;
 pub mod detect;
+mod dns;
 mod glob;
 pub mod jsonpath;
 mod ratelimit;
@@ -216,7 +218,11 @@ impl Policy {
     }
 
     /// Decide one action as of `now` (rate limits refill against this clock; tests and cases advance it).
+    /// A DNS query (scheme `dns`) is decided as docs/policy.md describes (see [`Policy::evaluate_dns`]).
     pub fn evaluate_at(&self, action: &Action, now: Instant) -> Decision {
+        if action.transport.scheme == crate::model::Scheme::Dns {
+            return self.evaluate_dns(action, now);
+        }
         let cx = Ctx::new(action, &self.detectors);
         let indexed: &[usize] = cx
             .host

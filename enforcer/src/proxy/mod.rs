@@ -6,10 +6,12 @@
 //!
 //! A connection's path: [`serve_transparent`] / [`serve_explicit`] → `accept` (original destination, sniff) →
 //! `tls` (leaf, ALPN) or plain HTTP or `tunnel` (TCP) → `http` (the per-request pipeline; for plain HTTP the
-//! `hostbind` check that the claimed Host lives at the original destination) → `upstream`.
+//! `hostbind` check that the claimed Host lives at the original destination) → `upstream`. DNS datagrams redirected
+//! by the kernel take their own short path through `dns` (parse, decide, audit, forward to one resolver).
 
 mod accept;
 mod ca;
+mod dns;
 mod explicit;
 mod hostbind;
 mod http;
@@ -29,6 +31,10 @@ use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority};
+pub use dns::{
+    error_answer, parse_query, qtype_name, resolv_conf_nameserver, serve_dns, upstream_query,
+    DnsContext, DnsParseError, DnsQuery, Rcode,
+};
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};

@@ -339,6 +339,22 @@ impl Drop for Capture {
     }
 }
 
+/// Load program `$name` as `$ty`, attach it with `$attach` (an expression using the program `$p`), and pin the link.
+macro_rules! attach_pinned {
+    ($ebpf:expr, $pin_dir:expr, $name:expr, $ty:ty, |$p:ident| $attach:expr) => {{
+        let name = $name;
+        let err = |source| CaptureError::Program { name, source };
+        let $p: &mut $ty = $ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::MissingProgram(name))?
+            .try_into()
+            .map_err(err)?;
+        $p.load().map_err(err)?;
+        let link = $attach.and_then(|id| $p.take_link(id)).map_err(err)?;
+        links::pin(link, $pin_dir, name)?;
+    }};
+}
+
 /// Load and attach every program to `cgroup`, pinning each link in `pin_dir` (see [`links`]).
 fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureError> {
     let file = std::fs::File::open(cgroup).map_err(|source| CaptureError::Cgroup {
@@ -346,48 +362,16 @@ fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureE
         source,
     })?;
     for name in SOCK_ADDR_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| CaptureError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| CaptureError::Program { name, source })?;
-        let link = program
-            .attach(&file, CgroupAttachMode::Single)
-            .and_then(|id| program.take_link(id))
-            .map_err(|source| CaptureError::Program { name, source })?;
-        links::pin(link, pin_dir, name)?;
+        attach_pinned!(ebpf, pin_dir, name, CgroupSockAddr, |p| p
+            .attach(&file, CgroupAttachMode::Single));
     }
-    let name = SOCK_OPS_PROGRAM;
-    let program: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(CaptureError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| CaptureError::Program { name, source })?;
-    program
-        .load()
-        .map_err(|source| CaptureError::Program { name, source })?;
-    let link = program
-        .attach(&file, CgroupAttachMode::Single)
-        .and_then(|id| program.take_link(id))
-        .map_err(|source| CaptureError::Program { name, source })?;
-    links::pin(link, pin_dir, name)?;
-    let name = DNS_PEER_PROGRAM;
-    let program: &mut CgroupSkb = ebpf
-        .program_mut(name)
-        .ok_or(CaptureError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| CaptureError::Program { name, source })?;
-    program
-        .load()
-        .map_err(|source| CaptureError::Program { name, source })?;
-    let link = program
-        .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-        .and_then(|id| program.take_link(id))
-        .map_err(|source| CaptureError::Program { name, source })?;
-    links::pin(link, pin_dir, name)?;
+    attach_pinned!(ebpf, pin_dir, SOCK_OPS_PROGRAM, SockOps, |p| p
+        .attach(&file, CgroupAttachMode::Single));
+    attach_pinned!(ebpf, pin_dir, DNS_PEER_PROGRAM, CgroupSkb, |p| p.attach(
+        &file,
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::Single
+    ));
     Ok(())
 }
 

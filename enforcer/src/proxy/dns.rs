@@ -25,7 +25,6 @@ use crate::model::{
     Action, Agent, AuditEvent, Decision, Disposition, Mode, OriginLookup, Outcome, Reason,
     RequestSummary, Scheme, Transport, Verdict,
 };
-use crate::policy::Policy;
 
 /// The largest query accepted (a question is at most 255 + 4 bytes; room for an OPT record).
 const MAX_QUERY: usize = 512;
@@ -334,7 +333,7 @@ async fn answer(ctx: &DnsContext, packet: &[u8], peer: SocketAddr) -> Option<Vec
         return Some(error_answer(&query, Rcode::Refused));
     }
     let Some(upstream) = ctx.upstream else {
-        let d = dns_decision(
+        let d = super::proxy_decision(
             &policy,
             Reason::UpstreamUnreachable,
             "no DNS upstream configured",
@@ -360,19 +359,6 @@ async fn answer(ctx: &DnsContext, packet: &[u8], peer: SocketAddr) -> Option<Vec
             tracing::debug!(upstream = %upstream, error = %e, "dns: upstream exchange failed");
             Some(error_answer(&query, Rcode::ServFail))
         }
-    }
-}
-
-fn dns_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
-    Decision {
-        verdict: Verdict::Block,
-        deciding_rule: None,
-        matched_rules: Vec::new(),
-        reason,
-        message: Some(message.to_string()),
-        rewrites: Vec::new(),
-        mode: Mode::Enforce,
-        policy_hash: policy.hash().to_string(),
     }
 }
 

@@ -291,6 +291,40 @@ fn run_id(env: &Env, tag: &str) -> String {
     format!("{tag}{}x{}", env.id, N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The OpenAI SDK's Responses API through the proxy: a function tool call works, the pasted key arrives redacted
+/// with the rest of the request intact, and a blocked model raises the SDK's permission error without reaching
+/// the upstream.
+fn responses_api(sdk: &Sdk, lines: &[serde_json::Value], err: &str, run: &str, pasted: &str) {
+    let r = step(lines, "responses", err);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["tool"], "get_weather", "{r}");
+    assert_eq!(r["args"]["city"], "Paris", "{r}");
+    let recs = llm_requests(sdk, &format!("responses-{run}"));
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let raw = recs[0]["body"].as_str().unwrap_or_default();
+    assert!(!raw.contains(pasted), "the key reached the upstream: {raw}");
+    let body: serde_json::Value =
+        serde_json::from_str(raw).unwrap_or_else(|e| panic!("upstream body not JSON ({e}): {raw}"));
+    assert_eq!(
+        body["input"],
+        format!("responses-{run}: my key is [REDACTED:openai-key], what is the weather in Paris?")
+            .as_str(),
+        "{body}"
+    );
+    assert_eq!(body["model"], "e2e-model", "{body}");
+    assert_eq!(body["tools"][0]["name"], "get_weather", "{body}");
+
+    let b = step(lines, "responses_blocked", err);
+    assert_eq!(b["ok"], false, "{b}");
+    assert_eq!(b["exception"], "openai.PermissionDeniedError", "{b}");
+    assert_eq!(b["status"], 403, "{b}");
+    assert_eq!(b["should_retry"], "false", "{b}");
+    assert!(
+        llm_requests(sdk, &format!("responses-blocked-{run}")).is_empty(),
+        "a blocked Responses call reached the upstream"
+    );
+}
+
 // ---- tests ----
 
 pub fn openai_python_sdk(env: &mut Env) {
@@ -422,6 +456,9 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
         llm_requests(&sdk, &format!("blocked-{run}")).is_empty(),
         "a blocked call reached the upstream"
     );
+    if provider == "openai" {
+        responses_api(&sdk, &lines, &err, &run, &pasted);
+    }
 
     // The audit trail: one record per call (so no retry ever reached the proxy), the right decisions, no secret.
     let records = env.audit_records();
@@ -429,41 +466,35 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
         .iter()
         .filter(|r| r["request"]["host"] == host && r["request"]["llm_provider"] == provider)
         .collect();
+    // OpenAI's Responses steps add one blocked and one redacted call.
+    let per_kind = if provider == "openai" { 2 } else { 1 };
     let blocked_recs: Vec<_> = mine
         .iter()
         .filter(|r| r["request"]["llm_model"] == "e2e-blocked-model")
         .collect();
-    assert_eq!(blocked_recs.len(), 1, "{blocked_recs:?}");
-    assert_eq!(
-        blocked_recs[0]["decision"]["verdict"], "block",
-        "{}",
-        blocked_recs[0]
-    );
-    assert_eq!(
-        blocked_recs[0]["decision"]["rule"], "sdk-block-model",
-        "{}",
-        blocked_recs[0]
-    );
-    assert_eq!(
-        blocked_recs[0]["outcome"]["disposition"], "blocked",
-        "{}",
-        blocked_recs[0]
-    );
+    assert_eq!(blocked_recs.len(), per_kind, "{blocked_recs:?}");
+    for rec in &blocked_recs {
+        assert_eq!(rec["decision"]["verdict"], "block", "{rec}");
+        assert_eq!(rec["decision"]["rule"], "sdk-block-model", "{rec}");
+        assert_eq!(rec["outcome"]["disposition"], "blocked", "{rec}");
+    }
     let constrained: Vec<_> = mine
         .iter()
         .filter(|r| r["decision"]["verdict"] == "constrain")
         .collect();
-    assert_eq!(constrained.len(), 1, "{constrained:?}");
+    assert_eq!(constrained.len(), per_kind, "{constrained:?}");
+    for rec in &constrained {
+        let text = rec.to_string();
+        assert!(text.contains(&detector), "changes not recorded: {text}");
+        assert_eq!(rec["outcome"]["disposition"], "forwarded", "{text}");
+    }
     let text = constrained[0].to_string();
-    assert!(
-        text.contains(&detector) && text.contains("max_tokens"),
-        "changes not recorded: {text}"
-    );
+    assert!(text.contains("max_tokens"), "cap not recorded: {text}");
     assert_eq!(
-        constrained[0]["outcome"]["disposition"], "forwarded",
-        "{text}"
+        mine.len(),
+        2 + 2 * per_kind,
+        "one record per call: {mine:?}"
     );
-    assert_eq!(mine.len(), 4, "one record per call: {mine:?}");
     let all = records.iter().map(|r| r.to_string()).collect::<String>();
     assert!(!all.contains(&pasted), "the audit trail holds the key");
 }

@@ -9,7 +9,8 @@ Prints one JSON line per step (`{"step": ..., ...}`), and `FIRST <stream id>` as
 delta arrives, so the test can release the rest of the stream only after the first delta reached the client.
 Steps: `basic` (non-streaming, one tool declared → a tool call), `stream` (streaming with a tool: text deltas then the
 tool call), `redact` (an API key pasted into the prompt and max_tokens above the policy's cap), `blocked` (a model
-the policy blocks → the SDK's PermissionDeniedError).
+the policy blocks → the SDK's PermissionDeniedError); for openai also `responses` (the Responses API with a function
+tool and a pasted key → a function call) and `responses_blocked` (a blocked model through the Responses API).
 """
 
 import json
@@ -118,7 +119,35 @@ def openai_steps():
         )
         return {"unexpected": "the blocked call succeeded"}
 
-    return client.max_retries, [("basic", basic), ("stream", stream), ("redact", redact), ("blocked", blocked)]
+    def responses():
+        r = client.responses.create(
+            model="e2e-model",
+            input="responses-%s: my key is %s, what is the weather in Paris?" % (RUN, PASTED),
+            tools=[
+                {
+                    "type": "function",
+                    "name": "get_weather",
+                    "description": "Weather for a city",
+                    "parameters": tools[0]["function"]["parameters"],
+                    "strict": False,
+                }
+            ],
+        )
+        call = [o for o in r.output if o.type == "function_call"][0]
+        return {"tool": call.name, "args": json.loads(call.arguments)}
+
+    def responses_blocked():
+        client.responses.create(model="e2e-blocked-model", input="responses-blocked-%s: hello" % RUN)
+        return {"unexpected": "the blocked call succeeded"}
+
+    return client.max_retries, [
+        ("basic", basic),
+        ("stream", stream),
+        ("redact", redact),
+        ("blocked", blocked),
+        ("responses", responses),
+        ("responses_blocked", responses_blocked),
+    ]
 
 
 def anthropic_steps():

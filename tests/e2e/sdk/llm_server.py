@@ -4,6 +4,8 @@
 Speaks the real wire formats the official SDKs expect, over HTTPS on --port (dual-stack):
   * OpenAI Chat Completions: POST /v1/chat/completions, a `chat.completion` object, or with `stream: true`
     `chat.completion.chunk` server-sent events ending in `data: [DONE]`; a tool call when the request declares tools.
+  * OpenAI Responses: POST /v1/responses, a `response` object whose output is a `function_call` when the request
+    declares a function tool, a `message` otherwise (non-streaming).
   * Anthropic Messages: POST /v1/messages, a `message` object, or with `stream: true` the named events
     (message_start, content_block_start/delta/stop, message_delta, message_stop); a `tool_use` block when the
     request declares tools.
@@ -113,9 +115,48 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.endswith("/chat/completions"):
             return self._openai(body)
+        if path.endswith("/v1/responses"):
+            return self._responses(body)
         if path.endswith("/v1/messages"):
             return self._anthropic(body)
         return self._json(404, {"error": {"message": "unknown path", "type": "invalid_request_error"}})
+
+    # ---- OpenAI Responses ----
+
+    def _responses(self, body):
+        tools = [t for t in body.get("tools") or [] if t.get("type") == "function"]
+        if tools:
+            item = {
+                "type": "function_call",
+                "id": "fc_e2e_1",
+                "call_id": "call_e2e_1",
+                "name": tools[0]["name"],
+                "arguments": json.dumps({"city": "Paris"}),
+                "status": "completed",
+            }
+        else:
+            item = {
+                "type": "message",
+                "id": "msg_e2e_1",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "Hello from the e2e server.", "annotations": []}],
+            }
+        return self._json(
+            200,
+            {
+                "id": "resp_e2e",
+                "object": "response",
+                "created_at": int(time.time()),
+                "model": body.get("model", ""),
+                "status": "completed",
+                "output": [item],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": body.get("tools") or [],
+                "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+            },
+        )
 
     # ---- OpenAI Chat Completions ----
 

@@ -108,10 +108,10 @@ pub fn apply(
     apply_with(rewrites, policy.detectors(), &options, parts, body)
 }
 
-/// A request's host or path as an audit record may show it: as sent, unless one of the policy's detectors fires in
-/// it (also behind percent-escapes, or upper-cased: host names arrive lower-cased); then decoded (and upper-cased
-/// when only that spelling fired), with every hit replaced by the policy's marker.
-pub fn for_record(policy: &Policy, text: &str) -> String {
+/// A request's host and path as an audit record may show them: as sent, unless one of the policy's detectors fires
+/// in one (also behind percent-escapes, or upper-cased: host names arrive lower-cased); then that one is decoded (and
+/// upper-cased when only that spelling fired), with every hit replaced by the policy's marker.
+pub fn scrub_for_record<'a>(policy: &Policy, texts: impl IntoIterator<Item = &'a mut String>) {
     let detect = policy.detectors();
     let names: Vec<String> = detect.names().map(String::from).collect();
     let redactor = Redactor {
@@ -119,11 +119,15 @@ pub fn for_record(policy: &Policy, text: &str) -> String {
         names: &names,
         marker: policy.redaction_marker(),
     };
-    let decoded = percent_decode(text, false);
-    redactor
-        .redact_str(&decoded)
-        .or_else(|| redactor.redact_str(&decoded.to_ascii_uppercase()))
-        .map_or_else(|| text.to_string(), |(redacted, _)| redacted)
+    for text in texts {
+        let decoded = percent_decode(text, false);
+        if let Some((redacted, _)) = redactor
+            .redact_str(&decoded)
+            .or_else(|| redactor.redact_str(&decoded.to_ascii_uppercase()))
+        {
+            *text = redacted;
+        }
+    }
 }
 
 /// The body as the rewrites see it: parsed once, on first need.

@@ -68,13 +68,11 @@ impl ProxyContext {
         &self,
         mut event: AuditEvent,
     ) -> Result<u64, crate::audit::AuditError> {
-        let policy = self.policy.current();
-        for text in [&mut event.request.host, &mut event.request.path]
-            .into_iter()
-            .flatten()
-        {
-            *text = crate::constrain::for_record(&policy, text);
-        }
+        let request = &mut event.request;
+        crate::constrain::scrub_for_record(
+            &self.policy.current(),
+            [&mut request.host, &mut request.path].into_iter().flatten(),
+        );
         self.audit.record(event).await
     }
 }

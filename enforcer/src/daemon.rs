@@ -18,9 +18,7 @@ use crate::capture::{Capture, CaptureConfig};
 use crate::config::Config;
 use crate::model::{Origin, OriginLookup};
 use crate::policy::{Policy, PolicyError, SharedPolicy};
-use crate::proxy::{
-    CancellationToken, CertAuthority, DnsContext, HostBinder, ProxyContext, UpstreamTls,
-};
+use crate::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
 
 /// The policy enforced when the configuration names none: `policies/default.yaml`, built in.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -183,7 +181,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let dns_upstream = config
         .dns
         .upstream
-        .or_else(|| crate::proxy::resolv_conf_nameserver(std::path::Path::new("/etc/resolv.conf")));
+        .or_else(|| crate::dns::resolv_conf_nameserver(std::path::Path::new("/etc/resolv.conf")));
     match dns_upstream {
         Some(upstream) => tracing::info!(%upstream, port = dns_port, "DNS listener ready"),
         None => tracing::warn!(
@@ -219,7 +217,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         inspect: config.inspect.clone(),
         hosts: HostBinder::new(&config.proxy.static_hosts),
     });
-    let dns = Arc::new(DnsContext {
+    let dns = Arc::new(crate::dns::DnsContext {
         proxy: ctx.clone(),
         origins: dns_origins,
         upstream: dns_upstream,
@@ -239,11 +237,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     for socket in [dns4, dns6] {
-        tasks.spawn(crate::proxy::serve_dns(
-            socket,
-            dns.clone(),
-            shutdown.clone(),
-        ));
+        tasks.spawn(crate::dns::serve_dns(socket, dns.clone(), shutdown.clone()));
     }
     if let Some((listener, profile)) = explicit {
         tasks.spawn(crate::proxy::serve_explicit(

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod constrain;
 pub mod daemon;
+pub mod dns;
 pub mod encoding;
 pub mod inspect;
 pub mod model;

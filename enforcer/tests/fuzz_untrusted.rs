@@ -476,8 +476,8 @@ fn dns_query(id: u16, name: &str, edns: bool) -> Vec<u8> {
 /// and the accepted names through the policy as dns actions. Nothing may panic; what parses must round-trip.
 #[test]
 fn random_and_mutated_dns_queries_never_panic() {
+    use enforcer::dns::{error_answer, parse_query, qtype_name, upstream_query, Rcode};
     use enforcer::model::Scheme;
-    use enforcer::proxy::{error_answer, parse_query, qtype_name, upstream_query, Rcode};
     let policy = default_policy();
     let seeds = [
         dns_query(1, "api.openai.com", false),

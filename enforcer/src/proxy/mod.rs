@@ -7,11 +7,10 @@
 //! A connection's path: [`serve_transparent`] / [`serve_explicit`] → `accept` (original destination, sniff) →
 //! `tls` (leaf, ALPN) or plain HTTP or `tunnel` (TCP) → `http` (the per-request pipeline; for plain HTTP the
 //! `hostbind` check that the claimed Host lives at the original destination) → `upstream`. DNS datagrams redirected
-//! by the kernel take their own short path through `dns` (parse, decide, audit, forward to one resolver).
+//! by the kernel take their own short path through [`crate::dns`].
 
 mod accept;
 mod ca;
-mod dns;
 mod explicit;
 mod hostbind;
 mod http;
@@ -31,10 +30,6 @@ use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority};
-pub use dns::{
-    error_answer, parse_query, qtype_name, resolv_conf_nameserver, serve_dns, upstream_query,
-    DnsContext, DnsParseError, DnsQuery, Rcode,
-};
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
@@ -176,7 +171,7 @@ pub async fn serve_explicit(
 }
 
 /// A block the proxy decides itself (protocol errors, upstream failures), under the current policy's hash.
-fn proxy_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
+pub(crate) fn proxy_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
     Decision {
         verdict: Verdict::Block,
         deciding_rule: None,
@@ -190,7 +185,7 @@ fn proxy_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
 }
 
 /// Record a block; a failing audit write is logged (the request is refused either way).
-async fn record_block(
+pub(crate) async fn record_block(
     ctx: &ProxyContext,
     decision: Decision,
     agent: &Agent,

@@ -232,7 +232,7 @@ fn answers(answer: &[u8], query: &DnsQuery) -> bool {
 /// Everything the DNS listener shares.
 pub struct DnsContext {
     /// The proxy's context, for the policy in force and the audit trail (shared with every other request).
-    pub proxy: Arc<super::ProxyContext>,
+    pub proxy: Arc<crate::proxy::ProxyContext>,
     /// Who sent a datagram and to which resolver, by its source address.
     pub origins: Arc<dyn OriginLookup>,
     /// Where allowed queries go; `None` answers them SERVFAIL (and audits a block).
@@ -333,7 +333,7 @@ async fn answer(ctx: &DnsContext, packet: &[u8], peer: SocketAddr) -> Option<Vec
         return Some(error_answer(&query, Rcode::Refused));
     }
     let Some(upstream) = ctx.upstream else {
-        let d = super::proxy_decision(
+        let d = crate::proxy::proxy_decision(
             &policy,
             Reason::UpstreamUnreachable,
             "no DNS upstream configured",

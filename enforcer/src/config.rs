@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 /// Default location of the daemon's state (CA, audit trail).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
+/// Default for `proxy.max_connections`: client connections served at once over every listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default cgroup v2 mount point.
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
@@ -162,7 +164,7 @@ impl Default for ProxyConfig {
             explicit: None,
             extra_roots: Vec::new(),
             static_hosts: BTreeMap::new(),
-            max_connections: crate::proxy::Limits::default().max_connections,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

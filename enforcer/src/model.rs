@@ -8,7 +8,11 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
+use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
+
+use crate::glob::NameGlob;
+use crate::jsonpath::JsonPath;
 
 /// Who is acting: the agent process behind a connection. Every field may be unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,34 +232,71 @@ pub enum Mode {
     Shadow,
 }
 
-/// One rewrite a CONSTRAIN decision asks for. Paths are the policy's JSONPath subset, as written in the policy.
+/// One rewrite a CONSTRAIN decision asks for, compiled when the policy loads (JSONPaths parsed, header names and
+/// values checked, globs built), so carrying it out parses nothing. Serialises as the policy wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Rewrite {
+    /// Replace what these detectors (by name) find with the policy's redaction marker.
     Redact {
         detectors: Vec<String>,
     },
     JsonSet {
-        path: String,
+        path: JsonPath,
         value: serde_json::Value,
     },
     JsonRemove {
-        path: String,
+        path: JsonPath,
     },
     JsonCap {
-        path: String,
+        path: JsonPath,
         max: f64,
     },
     HeaderSet {
-        name: String,
-        value: String,
+        #[serde(with = "header_text::name")]
+        name: HeaderName,
+        #[serde(with = "header_text::value")]
+        value: HeaderValue,
     },
     HeaderRemove {
-        name: String,
+        #[serde(with = "header_text::name")]
+        name: HeaderName,
     },
+    /// Drop declared LLM tools whose names match (plain globs).
     DropTools {
-        globs: Vec<String>,
+        globs: Vec<NameGlob>,
     },
+}
+
+/// Header names and values as text in serialised rewrites (RFC 9110 §5.1 names, visible-ASCII values).
+mod header_text {
+    pub mod name {
+        use http::HeaderName;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(name: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(name.as_str())
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderName, D::Error> {
+            let text = String::deserialize(d)?;
+            HeaderName::from_bytes(text.as_bytes()).map_err(serde::de::Error::custom)
+        }
+    }
+
+    pub mod value {
+        use http::HeaderValue;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(value: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&String::from_utf8_lossy(value.as_bytes()))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderValue, D::Error> {
+            let text = String::deserialize(d)?;
+            HeaderValue::from_str(&text).map_err(serde::de::Error::custom)
+        }
+    }
 }
 
 /// A rewrite together with the rule that asked for it, in policy file order.
@@ -284,6 +325,8 @@ pub enum Reason {
     SignedField,
     /// A secret a redaction named was still in the rewritten request (URL path, object key, binary body, ...).
     Unredactable,
+    /// A constrain rule matched an Action with nothing to rewrite (raw TCP, a DNS query): carried out as a block.
+    Unrewritable,
     /// Host/:authority did not match SNI.
     HostMismatch,
     /// The upstream's certificate failed verification.
@@ -292,6 +335,10 @@ pub enum Reason {
     UpstreamUnreachable,
     /// The client sent something the proxy could not parse.
     BadRequest,
+    /// The audit record could not be written, so nothing was forwarded.
+    AuditUnavailable,
+    /// The client went away (closed the connection, reset the stream) before the exchange was forwarded.
+    ClientClosed,
 }
 
 /// The policy's answer for one Action.
@@ -310,6 +357,19 @@ pub struct Decision {
     pub mode: Mode,
     /// Hex SHA-256 of the policy file's bytes.
     pub policy_hash: String,
+}
+
+/// The policy's answer for everything one exchange asks for (one Action for a plain request or an LLM call, one
+/// per element of a JSON-RPC batch): see [`crate::policy::Policy::decide_all`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decided {
+    /// The most restrictive of `each`, carrying every matched rule of every Action and, for constrain, every
+    /// constrain rewrite: what is carried out and recorded.
+    pub decision: Decision,
+    /// The index of the Action whose decision `decision` is.
+    pub index: usize,
+    /// Each Action's own decision, in order: a batch's block answer names each element's own reason.
+    pub each: Vec<Decision>,
 }
 
 /// What a connection redirected by the kernel really was: recovered by the capture stage for the proxy.
@@ -359,8 +419,13 @@ pub struct RequestSummary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Disposition {
+    /// Sent to the upstream (rewritten when the decision constrained it).
     Forwarded,
+    /// Refused by the enforcer: the policy blocked it, or a check failed (malformed request, host not bound to the
+    /// destination, upstream certificate not verified, the audit record not written).
     Blocked,
+    /// Allowed, but the upstream could not be reached: nothing was sent.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -214,29 +214,29 @@ fn rewrites() -> Vec<PlannedRewrite> {
                 .collect(),
         }),
         rw(Rewrite::JsonCap {
-            path: "$.max_tokens".into(),
+            path: "$.max_tokens".parse().unwrap(),
             max: 1024.0,
         }),
         rw(Rewrite::JsonCap {
-            path: "$.params.arguments.*".into(),
+            path: "$.params.arguments.*".parse().unwrap(),
             max: 5.0,
         }),
         rw(Rewrite::JsonSet {
-            path: "$.messages[*].content".into(),
+            path: "$.messages[*].content".parse().unwrap(),
             value: serde_json::json!("x"),
         }),
         rw(Rewrite::JsonRemove {
-            path: "$.tools[*].input_schema".into(),
+            path: "$.tools[*].input_schema".parse().unwrap(),
         }),
         rw(Rewrite::HeaderSet {
-            name: "x-enforced".into(),
-            value: "1".into(),
+            name: "x-enforced".parse().unwrap(),
+            value: "1".parse().unwrap(),
         }),
         rw(Rewrite::HeaderRemove {
-            name: "cookie".into(),
+            name: "cookie".parse().unwrap(),
         }),
         rw(Rewrite::DropTools {
-            globs: vec!["delete_*".into(), "mcp:*".into()],
+            globs: vec!["delete_*".parse().unwrap(), "mcp:*".parse().unwrap()],
         }),
     ]
 }

@@ -329,17 +329,25 @@ async fn answer(ctx: &DnsContext, packet: &[u8], peer: SocketAddr) -> Option<Vec
     let decision = policy.evaluate(&action);
     // Nothing in a query can be rewritten: constrain is carried out as a block, as for raw TCP.
     if decision.mode == Mode::Enforce && decision.verdict >= Verdict::Constrain {
-        record(ctx, decision, agent, summary, Disposition::Blocked, None).await;
+        record(
+            (ctx, &policy),
+            decision,
+            agent,
+            summary,
+            Disposition::Blocked,
+            None,
+        )
+        .await;
         return Some(error_answer(&query, Rcode::Refused));
     }
     let Some(upstream) = ctx.upstream else {
-        let d = crate::proxy::proxy_decision(
+        let d = crate::proxy::enforcer_decision(
             &policy,
             Reason::UpstreamUnreachable,
             "no DNS upstream configured",
         );
         record(
-            ctx,
+            (ctx, &policy),
             d,
             agent,
             summary,
@@ -350,7 +358,16 @@ async fn answer(ctx: &DnsContext, packet: &[u8], peer: SocketAddr) -> Option<Vec
         return Some(error_answer(&query, Rcode::ServFail));
     };
     // Recorded before the query leaves the host; an audit failure means it does not leave.
-    if !record(ctx, decision, agent, summary, Disposition::Forwarded, None).await {
+    if !record(
+        (ctx, &policy),
+        decision,
+        agent,
+        summary,
+        Disposition::Forwarded,
+        None,
+    )
+    .await
+    {
         return Some(error_answer(&query, Rcode::ServFail));
     }
     match exchange(upstream, &query, ctx.timeout).await {
@@ -364,7 +381,7 @@ async fn answer(ctx: &DnsContext, packet: &[u8], peer: SocketAddr) -> Option<Vec
 
 /// Write one record; false (and an error log) when the audit trail did not take it.
 async fn record(
-    ctx: &DnsContext,
+    (ctx, policy): (&DnsContext, &crate::policy::Policy),
     decision: Decision,
     agent: Agent,
     request: RequestSummary,
@@ -381,7 +398,7 @@ async fn record(
             error,
         },
     };
-    match ctx.proxy.record(event).await {
+    match ctx.proxy.record(policy, event).await {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(error = %e, "audit write failed for a DNS query");

@@ -148,7 +148,7 @@ impl Default for InspectConfig {
 impl InspectConfig {
     /// The provider serving `host` (optionally on `port`), if any.
     pub fn provider_for(&self, host: &str, port: u16) -> Option<Provider> {
-        let host = normalise_host(host);
+        let host = crate::host::normalise(host);
         let matches = |entry: &str| host_matches(entry, &host, port);
         if let Some(o) = self.provider_overrides.iter().find(|o| matches(&o.host)) {
             return Some(o.provider);
@@ -164,33 +164,12 @@ impl InspectConfig {
     }
 }
 
-fn normalise_host(host: &str) -> String {
-    host.trim().trim_end_matches('.').to_ascii_lowercase()
-}
-
 /// `entry` is `host`, `host:port`, `[v6]` or `[v6]:port`.
 fn host_matches(entry: &str, host: &str, port: u16) -> bool {
-    let entry = normalise_host(entry);
-    let (entry_host, entry_port) = split_host_port(&entry);
+    let entry = crate::host::normalise(entry);
+    let (entry_host, entry_port) = crate::host::split_host_port(&entry);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     entry_host == host && entry_port.is_none_or(|p| p == port)
-}
-
-fn split_host_port(entry: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = entry.strip_prefix('[') {
-        return match rest.split_once(']') {
-            Some((h, tail)) => (h, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
-            None => (rest, None),
-        };
-    }
-    match entry.rsplit_once(':') {
-        // One colon: host:port. More than one: a bare IPv6 address.
-        Some((h, p)) if !h.contains(':') => match p.parse() {
-            Ok(port) => (h, Some(port)),
-            Err(_) => (entry, None),
-        },
-        _ => (entry, None),
-    }
 }
 
 /// Classify the request in `action.http` and return the Actions to decide. A recognised LLM call whose body is not
@@ -212,7 +191,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         .host
         .as_deref()
         .or_else(|| http.headers.get("host"))
-        .map(|h| strip_port(h).to_string());
+        .map(|h| crate::host::authority_host(h).to_string());
     let provider = host
         .as_deref()
         .and_then(|h| cfg.provider_for(h, action.transport.port));
@@ -311,23 +290,12 @@ fn policy_path(raw: &str, canonical: &str) -> String {
     path
 }
 
-/// `Host` header value without its port.
-fn strip_port(host: &str) -> &str {
-    let (h, _) = split_host_port(host);
-    h
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn host_and_port_forms() {
-        assert_eq!(split_host_port("api.openai.com"), ("api.openai.com", None));
-        assert_eq!(split_host_port("127.0.0.1:8443"), ("127.0.0.1", Some(8443)));
-        assert_eq!(split_host_port("[fd77::2]:443"), ("fd77::2", Some(443)));
-        assert_eq!(split_host_port("[fd77::2]"), ("fd77::2", None));
-        assert_eq!(split_host_port("fd77::2"), ("fd77::2", None));
         assert!(host_matches("[FD77::2]:443", "fd77::2", 443));
         assert!(!host_matches("[fd77::2]:443", "fd77::2", 80));
         assert!(host_matches("api.openai.com.", "api.openai.com", 1));

@@ -169,9 +169,17 @@ pub fn explain(policy: &Policy, d: &Decision) -> String {
                 Rewrite::JsonSet { path, value } => format!("set {path} = {value}"),
                 Rewrite::JsonRemove { path } => format!("remove {path}"),
                 Rewrite::JsonCap { path, max } => format!("cap {path} at {max}"),
-                Rewrite::HeaderSet { name, value } => format!("set header {name}: {value}"),
+                Rewrite::HeaderSet { name, value } => {
+                    format!(
+                        "set header {name}: {}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    )
+                }
                 Rewrite::HeaderRemove { name } => format!("remove header {name}"),
-                Rewrite::DropTools { globs } => format!("drop tools {}", globs.join(", ")),
+                Rewrite::DropTools { globs } => {
+                    let globs: Vec<&str> = globs.iter().map(|g| g.as_str()).collect();
+                    format!("drop tools {}", globs.join(", "))
+                }
             };
             let _ = writeln!(s, "  - {what} (rule {})", p.rule);
         }

@@ -9,10 +9,10 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::detect::Detectors;
-use super::glob::Glob;
-use super::jsonpath::JsonPath;
 use super::yaml::{Kind, Loc, Node};
 use crate::encoding;
+use crate::glob::Glob;
+use crate::jsonpath::JsonPath;
 use crate::model::{Action, Scheme};
 
 /// A compile failure at one node (turned into a `PolicyError` with the file name by the caller), with the
@@ -307,7 +307,7 @@ pub fn strings(v: &Node) -> CResult<Vec<(Loc, String)>> {
     }
 }
 
-fn globs(v: &Node, f: impl Fn(&str) -> Result<Glob, super::glob::GlobError>) -> CResult<Vec<Glob>> {
+fn globs(v: &Node, f: impl Fn(&str) -> Result<Glob, crate::glob::GlobError>) -> CResult<Vec<Glob>> {
     strings(v)?
         .into_iter()
         .map(|(loc, s)| f(&s).or_else(|e| fault(loc, format!("bad glob `{s}`: {e}"))))
@@ -490,7 +490,7 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     pub fn new(action: &'a Action, detectors: &'a Detectors) -> Ctx<'a> {
-        let host = action.transport.host.as_deref().map(normalize_host);
+        let host = action.transport.host.as_deref().map(crate::host::normalise);
         Ctx {
             action,
             host,
@@ -552,15 +552,6 @@ impl<'a> Ctx<'a> {
                 })
                 .as_deref()
                 .is_some_and(|text| d.fires(i, text))
-    }
-}
-
-pub fn normalize_host(h: &str) -> Cow<'_, str> {
-    let h = h.strip_suffix('.').unwrap_or(h);
-    if h.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(h.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(h)
     }
 }
 

@@ -16,8 +16,8 @@
 
 use std::time::Instant;
 
-use super::glob::Glob;
 use super::{cond::Ctx, Policy, Rule};
+use crate::glob::Glob;
 use crate::model::{Action, Decision, Reason, Scheme, Verdict};
 
 impl Policy {

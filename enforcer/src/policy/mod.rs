@@ -15,8 +15,6 @@ pub mod cli;
 mod cond;
 pub mod detect;
 mod dns;
-mod glob;
-pub mod jsonpath;
 mod ratelimit;
 mod shared;
 mod yaml;
@@ -29,7 +27,7 @@ use std::time::Instant;
 use cond::{fault, CResult, Cond, Ctx, Fault, Scope};
 use yaml::{Kind, Loc, Node};
 
-use crate::model::{Action, Decision, Mode, PlannedRewrite, Reason, Rewrite, Verdict};
+use crate::model::{Action, Decided, Decision, Mode, PlannedRewrite, Reason, Rewrite, Verdict};
 
 pub use shared::SharedPolicy;
 pub use yaml::MAX_SOURCE_BYTES;
@@ -41,6 +39,10 @@ pub const DEFAULT_REDACTION_MARKER: &str = "[REDACTED:{detector}]";
 
 /// The client-facing message of the default block when the policy does not set `default_message`.
 pub const DEFAULT_BLOCK_MESSAGE: &str = "blocked by policy: no rule allows this request";
+
+/// The message of a constrain rule carried out as a block on an Action with nothing to rewrite.
+pub const UNREWRITABLE_MESSAGE: &str =
+    "blocked by policy: a constrain rule matched, and this connection has nothing it could rewrite";
 
 /// The client-facing message of a rate-limited rule without its own `message`.
 pub const RATE_LIMIT_MESSAGE: &str = "rate limit exceeded";
@@ -217,6 +219,54 @@ impl Policy {
         self.evaluate_at(action, Instant::now())
     }
 
+    /// Decide everything one exchange asks for: each Action on its own, then the most restrictive decision wins
+    /// (the first among equals, and an enforced decision over a shadow one with the same verdict). The winner
+    /// carries every rule any Action matched and, when it is constrain, every constrain rewrite of every Action, each
+    /// once, in order. No Actions decide like one empty Action (the default).
+    pub fn decide_all(&self, actions: &[Action]) -> Decided {
+        let now = Instant::now();
+        let each: Vec<Decision> = actions.iter().map(|a| self.evaluate_at(a, now)).collect();
+        let mut index = 0;
+        for (i, d) in each.iter().enumerate().skip(1) {
+            let b = &each[index];
+            if d.verdict > b.verdict
+                || (d.verdict == b.verdict && d.mode == Mode::Enforce && b.mode == Mode::Shadow)
+            {
+                index = i;
+            }
+        }
+        let Some(winner) = each.get(index) else {
+            let decision = self.evaluate_at(&Action::default(), now);
+            return Decided {
+                decision: decision.clone(),
+                index: 0,
+                each: vec![decision],
+            };
+        };
+        let mut decision = winner.clone();
+        decision.matched_rules.clear();
+        decision.rewrites.clear();
+        for d in &each {
+            for m in &d.matched_rules {
+                if !decision.matched_rules.contains(m) {
+                    decision.matched_rules.push(m.clone());
+                }
+            }
+            if decision.verdict == Verdict::Constrain && d.verdict == Verdict::Constrain {
+                for r in &d.rewrites {
+                    if !decision.rewrites.contains(r) {
+                        decision.rewrites.push(r.clone());
+                    }
+                }
+            }
+        }
+        Decided {
+            decision,
+            index,
+            each,
+        }
+    }
+
     /// Decide one action as of `now` (rate limits refill against this clock; tests and cases advance it).
     /// A DNS query (scheme `dns`) is decided as docs/policy.md describes (see [`Policy::evaluate_dns`]).
     pub fn evaluate_at(&self, action: &Action, now: Instant) -> Decision {
@@ -318,6 +368,13 @@ impl Policy {
         decision.reason = Reason::Rule;
         decision.deciding_rule = deciding.map(|r| r.id.clone());
         decision.message = deciding.and_then(|r| r.message.clone());
+        if verdict == Verdict::Constrain && action.http.is_none() {
+            // Raw TCP (and anything else without an HTTP part) has nothing a rewrite could change.
+            decision.verdict = Verdict::Block;
+            decision.reason = Reason::Unrewritable;
+            decision.message = Some(UNREWRITABLE_MESSAGE.to_owned());
+            return decision;
+        }
         if verdict == Verdict::Constrain {
             decision.rewrites = rules
                 .iter()
@@ -767,22 +824,22 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
             }
             "json_set" => {
                 for (loc, path, value) in pairs(v)? {
-                    cond::json_path(loc, &path)?;
                     out.push(Rewrite::JsonSet {
-                        path,
+                        path: cond::json_path(loc, &path)?,
                         value: value.to_json(),
                     });
                 }
             }
             "json_remove" => {
                 for (loc, path) in cond::strings(v)? {
-                    cond::json_path(loc, &path)?;
-                    out.push(Rewrite::JsonRemove { path });
+                    out.push(Rewrite::JsonRemove {
+                        path: cond::json_path(loc, &path)?,
+                    });
                 }
             }
             "json_cap" => {
                 for (loc, path, value) in pairs(v)? {
-                    cond::json_path(loc, &path)?;
+                    let path = cond::json_path(loc, &path)?;
                     let max = match value.kind {
                         Kind::Int(i) => i as f64,
                         Kind::Float(f) => f,
@@ -799,12 +856,15 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
             "header_set" => {
                 for (loc, name, value) in pairs(v)? {
                     let name = header_name(loc, &name)?;
-                    let Some(value) = value.scalar_text() else {
+                    let Some(text) = value.scalar_text() else {
                         return fault(value.loc, "expected a header value string");
                     };
-                    if value.chars().any(|c| c.is_control()) {
-                        return fault(loc, "header values cannot contain control characters");
-                    }
+                    let Ok(value) = http::HeaderValue::from_str(&text) else {
+                        return fault(
+                            loc,
+                            "header values must be visible ASCII, spaces and tabs (RFC 9110 §5.5)",
+                        );
+                    };
                     out.push(Rewrite::HeaderSet { name, value });
                 }
             }
@@ -818,9 +878,9 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
             "drop_tools" => {
                 let mut globs = Vec::new();
                 for (loc, g) in cond::strings(v)? {
-                    glob::Glob::plain(&g)
+                    let glob = crate::glob::NameGlob::new(&g)
                         .or_else(|e| fault(loc, format!("bad glob `{g}`: {e}")))?;
-                    globs.push(g);
+                    globs.push(glob);
                 }
                 out.push(Rewrite::DropTools { globs });
             }
@@ -847,16 +907,10 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
     Ok(out)
 }
 
-fn header_name(loc: Loc, name: &str) -> CResult<String> {
-    let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if ok {
-        Ok(name.to_ascii_lowercase())
-    } else {
-        fault(loc, format!("`{name}` is not a valid header name"))
-    }
+fn header_name(loc: Loc, name: &str) -> CResult<http::HeaderName> {
+    // RFC 9110 §5.1: a token; stored lower-cased, as HTTP/2 sends it.
+    http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+        .or_else(|_| fault(loc, format!("`{name}` is not a valid header name")))
 }
 
 fn compile_rate_limit(node: &Node) -> CResult<ratelimit::RateLimit> {

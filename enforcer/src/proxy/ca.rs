@@ -153,7 +153,7 @@ impl CertAuthority {
 
     /// The leaf for `host` (a DNS name or an IP literal), minted on first use and cached.
     pub async fn leaf(&self, host: &str) -> Result<Arc<CertifiedKey>, CaError> {
-        let host = normalise_host(host);
+        let host = crate::host::normalise(host).into_owned();
         let cell = {
             let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
             if leaves.len() >= LEAF_CACHE_MAX && !leaves.contains_key(&host) {
@@ -201,10 +201,6 @@ fn ca_der(pem: &str) -> Option<CertificateDer<'static>> {
 }
 
 /// Lower-case and strip a trailing dot so `Example.COM.` and `example.com` share one leaf.
-pub(crate) fn normalise_host(host: &str) -> String {
-    host.trim_end_matches('.').to_ascii_lowercase()
-}
-
 /// The one crypto provider the proxy uses.
 pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())

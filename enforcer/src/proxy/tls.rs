@@ -105,7 +105,9 @@ impl Hello {
             .map(|p| p.to_vec())
             .collect();
         Hello {
-            sni: hello.server_name().map(super::ca::normalise_host),
+            sni: hello
+                .server_name()
+                .map(|n| crate::host::normalise(n).into_owned()),
             alpn,
             client_sent_alpn: hello.alpn().is_some(),
         }

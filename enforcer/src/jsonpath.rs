@@ -225,6 +225,28 @@ impl std::fmt::Display for JsonPath {
     }
 }
 
+impl std::str::FromStr for JsonPath {
+    type Err = JsonPathError;
+    fn from_str(src: &str) -> Result<JsonPath, JsonPathError> {
+        JsonPath::parse(src)
+    }
+}
+
+/// Serialised as the text it was compiled from.
+impl serde::Serialize for JsonPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.src)
+    }
+}
+
+/// Compiled from its text; a path outside the subset is a deserialisation error.
+impl<'de> serde::Deserialize<'de> for JsonPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<JsonPath, D::Error> {
+        let src = String::deserialize(d)?;
+        JsonPath::parse(&src).map_err(serde::de::Error::custom)
+    }
+}
+
 fn select_into<'a>(segs: &[Seg], v: &'a Value, out: &mut Vec<&'a Value>) {
     let Some((seg, rest)) = segs.split_first() else {
         out.push(v);

@@ -1,0 +1,128 @@
+//! The classify phase: the request as one plain-data [`Action`] (agent, transport, the HTTP head and the decoded
+//! body, JSON parsed once), then `inspect::classify` says what it asks for — the protocol, and one Action per thing
+//! the request asks for (one for plain HTTP and LLM calls, one per element of a JSON-RPC batch).
+
+use http::header::{self, HeaderMap, HeaderName};
+
+use super::body::{self, Body};
+use super::head::Head;
+use super::http::Conn;
+use super::refusal::Refusal;
+use crate::encoding::percent_decode;
+use crate::inspect::{self, InspectConfig, InspectError, Inspected, Protocol};
+use crate::model::{Action, HttpRequest, Pairs, Transport};
+
+/// Build and classify the Actions of a request; `inspected.actions` is never empty.
+pub(crate) fn classify(
+    cfg: &InspectConfig,
+    conn: &Conn,
+    head: &Head,
+    parts: &http::request::Parts,
+    body: &Body,
+) -> Result<Inspected, Refusal> {
+    let action = build_action(conn, &head.host, parts, body);
+    let mut inspected = inspect::classify(action.clone(), cfg).map_err(|e| body::refusal(&e))?;
+    // Inspection reads a lossy UTF-8 copy of the body: on an LLM or MCP call, bytes that are not UTF-8 could mean
+    // something else to the upstream than what was decided, so they are refused rather than forwarded.
+    let protocol = match &inspected.protocol {
+        Protocol::Llm { provider, .. } => Some(provider.as_str()),
+        Protocol::Mcp { .. } => Some("MCP"),
+        Protocol::Http | Protocol::Provider(_) => None,
+    };
+    if let Some(protocol) = protocol {
+        if std::str::from_utf8(&body.decoded).is_err() {
+            return Err(body::refusal(&InspectError::BadJson { protocol }));
+        }
+    }
+    if inspected.actions.is_empty() {
+        inspected.actions.push(action);
+    }
+    Ok(inspected)
+}
+
+/// The Action for a request before classification.
+pub(crate) fn build_action(
+    conn: &Conn,
+    host: &str,
+    parts: &http::request::Parts,
+    body: &Body,
+) -> Action {
+    let headers = Pairs(
+        parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    );
+    let content_type = header_str(&parts.headers, &header::CONTENT_TYPE);
+    let is_json = content_type.as_deref().is_some_and(|ct| {
+        let ct = ct.to_ascii_lowercase();
+        ct.contains("/json") || ct.contains("+json")
+    });
+    let json = if is_json && !body.decoded.is_empty() {
+        serde_json::from_slice(&body.decoded).ok()
+    } else {
+        None
+    };
+    Action {
+        agent: conn.agent.clone(),
+        transport: Transport {
+            scheme: conn.scheme,
+            host: Some(host.to_string()),
+            ip: Some(conn.dst.ip()),
+            port: conn.dst.port(),
+        },
+        http: Some(HttpRequest {
+            method: parts.method.as_str().to_string(),
+            path: parts.uri.path().to_string(),
+            query: parse_query(parts.uri.query().unwrap_or("")),
+            headers,
+            content_type,
+            body_size: body.raw.len() as u64,
+            body: String::from_utf8_lossy(&body.decoded).into_owned(),
+            json,
+        }),
+        mcp: None,
+        llm: None,
+    }
+}
+
+/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space).
+pub(crate) fn parse_query(q: &str) -> Pairs {
+    Pairs(
+        q.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k, true), percent_decode(v, true))
+            })
+            .collect(),
+    )
+}
+
+fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_split_and_decoded() {
+        let q = parse_query("a=1&b=x%20y+z&flag&&c=%zz&d=%4");
+        assert_eq!(q.get("a"), Some("1"));
+        assert_eq!(q.get("b"), Some("x y z"));
+        assert_eq!(q.get("flag"), Some(""));
+        assert_eq!(q.get("c"), Some("%zz"));
+        assert_eq!(q.get("d"), Some("%4"));
+    }
+}

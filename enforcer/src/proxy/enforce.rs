@@ -1,0 +1,72 @@
+//! The enforce phase: carry the decision out on the request. An enforced block is a refusal (answered in the
+//! protocol's own language); a constrain applies the decision's compiled rewrites with the constrain stage, and a
+//! rewrite that cannot be applied (a signed field, a secret redaction cannot reach, a JSON rewrite on a body that is
+//! not JSON) turns the decision into a block. Shadow mode forwards the request unmodified whatever the verdict.
+
+use bytes::Bytes;
+
+use super::body::Body;
+use super::record::ExchangeRecord;
+use super::refusal::Refusal;
+use crate::constrain::ConstrainError;
+use crate::model::{Mode, Reason, Verdict};
+
+/// The request as it is to be forwarded.
+pub(crate) struct Outgoing {
+    pub parts: http::request::Parts,
+    pub body: Bytes,
+    /// The body was rewritten: it goes out decoded (no `Content-Encoding`) and re-framed.
+    pub body_changed: bool,
+}
+
+pub(crate) fn enforce(
+    rec: &mut ExchangeRecord,
+    mut parts: http::request::Parts,
+    body: Body,
+) -> Result<Outgoing, Refusal> {
+    let unchanged = |parts| Outgoing {
+        parts,
+        body: body.raw.clone(),
+        body_changed: false,
+    };
+    let Some(decision) = rec.decision() else {
+        return Ok(unchanged(parts));
+    };
+    if decision.mode == Mode::Shadow {
+        return Ok(unchanged(parts));
+    }
+    match decision.verdict {
+        Verdict::Block => return Err(Refusal::policy(decision)),
+        Verdict::Allow | Verdict::Log => return Ok(unchanged(parts)),
+        Verdict::Constrain => {}
+    }
+    let mut rewritten = body.decoded.clone();
+    let applied =
+        crate::constrain::apply(&decision.rewrites, rec.policy(), &mut parts, &mut rewritten);
+    match applied {
+        Ok(changes) => {
+            rec.note_changes(changes);
+            let body_changed = rewritten != body.decoded;
+            Ok(Outgoing {
+                parts,
+                body: if body_changed { rewritten } else { body.raw },
+                body_changed,
+            })
+        }
+        Err(e) => {
+            let (reason, message) = match &e {
+                ConstrainError::SignedField { .. } => (Reason::SignedField, None),
+                // Names only the detector and where: policy words, no request data.
+                ConstrainError::Unredactable { .. } => (Reason::Unredactable, Some(e.to_string())),
+                _ => (Reason::Unparseable, None),
+            };
+            // Not the error itself: its JSON path is made of the body's (attacker-chosen) keys.
+            tracing::info!(reason = ?reason, "constrain could not be applied: blocking");
+            let blocked = rec.block_instead(reason, message);
+            Err(blocked.map_or_else(
+                || Refusal::new(reason, http::StatusCode::FORBIDDEN, "blocked by policy"),
+                Refusal::policy,
+            ))
+        }
+    }
+}

@@ -637,7 +637,12 @@ fn errors_for_non_json_bodies_unknown_detectors_and_bad_paths() {
     let mut b = Bytes::new();
     let r = apply_with(
         &[
-            rw("r", Rewrite::JsonRemove { path: "$.a".parse().unwrap() }),
+            rw(
+                "r",
+                Rewrite::JsonRemove {
+                    path: "$.a".parse().unwrap(),
+                },
+            ),
             rw(
                 "c",
                 Rewrite::JsonCap {
@@ -662,7 +667,9 @@ fn errors_for_non_json_bodies_unknown_detectors_and_bad_paths() {
         matches!(out.result, Err(ConstrainError::UnknownDetector { detector, .. }) if detector == "no-such-detector")
     );
     // Rewrites are compiled when the policy loads: a path outside the JSONPath subset cannot be written down.
-    assert!("messages[0]".parse::<enforcer::jsonpath::JsonPath>().is_err());
+    assert!("messages[0]"
+        .parse::<enforcer::jsonpath::JsonPath>()
+        .is_err());
 }
 
 #[test]

@@ -78,9 +78,14 @@ pub(crate) async fn read(
         let Some(frame) = next else {
             break;
         };
-        let frame = frame.map_err(|_| {
+        let frame = frame.map_err(|e| {
+            let reason = if client_left(&e) {
+                Reason::ClientClosed
+            } else {
+                Reason::BadRequest
+            };
             Refusal::new(
-                Reason::BadRequest,
+                reason,
                 StatusCode::BAD_REQUEST,
                 "the request body could not be read",
             )
@@ -93,4 +98,30 @@ pub(crate) async fn read(
         }
     }
     Ok(buf.freeze())
+}
+
+/// Whether a body read failed because the client went away (closed or reset the connection, or the stream) rather
+/// than because it sent something malformed.
+fn client_left(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_reset() || h2.is_io();
+        }
+        source = s.source();
+    }
+    false
 }

@@ -169,16 +169,14 @@ impl ExchangeRecord {
                 let error = decision_error(d.decision.reason);
                 (d.decision, Disposition::Blocked, error)
             }
-            Some(d) if refusal.is_upstream() => {
-                let disposition = match refusal.reason {
-                    Reason::UpstreamUnreachable => Disposition::Failed,
-                    _ => Disposition::Blocked,
-                };
-                (d.decision, disposition, Some(refusal.reason))
-            }
+            Some(d) if refusal.is_upstream() => (
+                d.decision,
+                disposition(refusal.reason),
+                Some(refusal.reason),
+            ),
             _ => (
                 enforcer_decision(&self.policy, refusal.reason, &refusal.message),
-                Disposition::Blocked,
+                disposition(refusal.reason),
                 Some(refusal.reason),
             ),
         };
@@ -239,6 +237,15 @@ impl Drop for ExchangeRecord {
                 tracing::error!(error = %e, "audit write failed for an abandoned exchange");
             }
         });
+    }
+}
+
+/// What became of an exchange the enforcer answered itself for `reason`: not sent because the upstream could not be
+/// reached or the client left (failed), or refused (blocked).
+fn disposition(reason: Reason) -> Disposition {
+    match reason {
+        Reason::UpstreamUnreachable | Reason::ClientClosed => Disposition::Failed,
+        _ => Disposition::Blocked,
     }
 }
 

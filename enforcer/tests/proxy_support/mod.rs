@@ -284,6 +284,8 @@ impl OriginLookup for Table {
 /// The proxy under test.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The proxy's shared context (the tests reload its policy).
+    pub ctx: Arc<ProxyContext>,
     pub ca_pem: String,
     pub table: Arc<Table>,
     pub audit_dir: PathBuf,
@@ -341,7 +343,7 @@ pub async fn start_proxy_with_hosts(
         let a = l.local_addr().unwrap();
         tokio::spawn(enforcer::proxy::serve_explicit(
             l,
-            ctx,
+            ctx.clone(),
             "explicit-profile".into(),
             shutdown.clone(),
         ));
@@ -351,6 +353,7 @@ pub async fn start_proxy_with_hosts(
     };
     Proxy {
         addr,
+        ctx,
         ca_pem: ca.cert_pem().to_string(),
         table,
         audit_dir,

@@ -3,6 +3,8 @@
 //! globs (exact, `*`, or `*.suffix` meaning one or more labels before the suffix). Patterns without wildcards
 //! compare as plain strings. Shared by the policy's conditions and the constrain stage's `drop_tools`.
 
+#![forbid(unsafe_code)]
+
 use regex::Regex;
 
 #[derive(Debug, thiserror::Error)]

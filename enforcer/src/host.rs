@@ -5,6 +5,8 @@
 //! Host names are case-insensitive and a trailing dot names the same (fully qualified) host (RFC 3986 §3.2.2,
 //! RFC 1034 §3.1); an authority is `host[:port]` with IPv6 literals in brackets (RFC 3986 §3.2).
 
+#![forbid(unsafe_code)]
+
 use std::borrow::Cow;
 
 /// The comparable form of a host name: surrounding whitespace and trailing dots removed, ASCII lower-cased.

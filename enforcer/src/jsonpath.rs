@@ -2,6 +2,8 @@
 //! `mcp.args` conditions and by the constrain stage's JSON rewrites. Selection never allocates copies of values;
 //! mutation reports the concrete paths it touched (e.g. `$.messages[0].content`).
 
+#![forbid(unsafe_code)]
+
 use std::fmt::Write as _;
 
 use serde_json::Value;

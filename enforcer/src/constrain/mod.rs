@@ -7,6 +7,8 @@
 //! The body given to [`apply`] is the decoded body (see `inspect::decode_body`); when a rewrite changes it, the new
 //! body is identity-encoded, so `content-encoding` is removed and `content-length` (if present) updated.
 
+#![forbid(unsafe_code)]
+
 mod redact;
 mod signed;
 mod tools;

@@ -12,6 +12,8 @@
 //! and datagrams too short to carry an id are dropped. Bounded: at most `max_in_flight` queries at once (more are
 //! dropped; clients retry) and `timeout` per upstream exchange. Operational logs never carry the queried name.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;

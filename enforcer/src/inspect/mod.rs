@@ -3,6 +3,8 @@
 //! `Action` (one Action per JSON-RPC batch element), and shapes block answers in each protocol's own language.
 //! Pure functions over plain data; no I/O. It does not decide anything (policy) and does not rewrite (constrain).
 
+#![forbid(unsafe_code)]
+
 mod block;
 mod decode;
 mod llm;

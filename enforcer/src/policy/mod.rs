@@ -10,6 +10,8 @@
 //! their own short procedure in `dns.rs`. [`SharedPolicy`] holds the policy in force so the daemon can replace it
 //! while it runs.
 
+#![forbid(unsafe_code)]
+
 pub mod cases;
 pub mod cli;
 mod cond;

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::model::Action;
 
 pub use block::{
-    block_batch_response, block_message, block_response, BlockResponse, MCP_POLICY_ERROR_CODE,
+    block_batch_response, block_message, block_response, refusal_response, BlockResponse,
+    MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, decode_body};
 pub(crate) use llm::tool_name;
@@ -201,6 +202,11 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     if http.json.is_none() && !http.body.trim().is_empty() {
         http.json = serde_json::from_str(&http.body).ok();
     }
+    // A body that says it is JSON and does not parse is refused, never decided as something else: servers parse
+    // more leniently (NaN, Infinity, 1e400, deeper nesting) and could read a JSON-RPC call the policy never saw.
+    if http.json.is_none() && claims_json(http.content_type.as_deref(), &http.body) {
+        return Err(InspectError::BadJson { protocol: "JSON" });
+    }
 
     if let Some(provider) = provider {
         if let Some(api) = llm::endpoint(provider, &http.method, &path) {
@@ -253,6 +259,50 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         protocol,
         actions: vec![action],
     })
+}
+
+/// Whether a body claims to be JSON: by its media type (`*/json`, `*/*+json`) or by its shape (its first
+/// non-whitespace character opens an object or an array).
+pub fn claims_json(content_type: Option<&str>, body: &str) -> bool {
+    let by_type = content_type.is_some_and(|ct| {
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        ct.ends_with("/json") || ct.ends_with("+json")
+    });
+    let trimmed = body.trim_start();
+    !trimmed.is_empty() && (by_type || trimmed.starts_with(['{', '[']))
+}
+
+/// The protocol a request speaks as far as its answer's shape is concerned, when it could not be classified (its
+/// body did not parse): an LLM endpoint or another request to a provider's host gets the provider's error shape, a
+/// request carrying MCP headers or JSON-RPC text gets a JSON-RPC error, anything else the enforcer's own.
+pub fn claimed_protocol(action: &Action, cfg: &InspectConfig) -> Protocol {
+    let Some(http) = action.http.as_ref() else {
+        return Protocol::Http;
+    };
+    let provider = action
+        .transport
+        .host
+        .as_deref()
+        .and_then(|h| cfg.provider_for(h, action.transport.port));
+    if let Some(provider) = provider {
+        let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+        return match llm::endpoint(provider, &http.method, &path) {
+            Some(api) => Protocol::Llm { provider, api },
+            None => Protocol::Provider(provider),
+        };
+    }
+    if mcp::marked(&http.headers) || http.body.contains("\"jsonrpc\"") {
+        return Protocol::Mcp {
+            batch: http.body.trim_start().starts_with('['),
+            messages: Vec::new(),
+        };
+    }
+    Protocol::Http
 }
 
 /// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:

@@ -7,37 +7,55 @@ use http::header::{self, HeaderMap, HeaderName};
 use super::body::{self, Body};
 use super::head::Head;
 use super::http::Conn;
+use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
-use crate::inspect::{self, InspectConfig, InspectError, Inspected, Protocol};
+use crate::inspect::{self, InspectError, Inspected, Protocol};
 use crate::model::{Action, HttpRequest, Pairs, Transport};
 
-/// Build and classify the Actions of a request; `inspected.actions` is never empty.
+/// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
+/// classified is refused, answered in the shape of the protocol it claims to speak.
 pub(crate) fn classify(
-    cfg: &InspectConfig,
+    rec: &mut ExchangeRecord,
     conn: &Conn,
     head: &Head,
     parts: &http::request::Parts,
     body: &Body,
 ) -> Result<Inspected, Refusal> {
+    let cfg = &rec.ctx().inspect;
     let action = build_action(conn, &head.host, parts, body);
-    let mut inspected = inspect::classify(action.clone(), cfg).map_err(|e| body::refusal(&e))?;
-    // Inspection reads a lossy UTF-8 copy of the body: on an LLM or MCP call, bytes that are not UTF-8 could mean
-    // something else to the upstream than what was decided, so they are refused rather than forwarded.
-    let protocol = match &inspected.protocol {
-        Protocol::Llm { provider, .. } => Some(provider.as_str()),
-        Protocol::Mcp { .. } => Some("MCP"),
-        Protocol::Http | Protocol::Provider(_) => None,
-    };
-    if let Some(protocol) = protocol {
-        if std::str::from_utf8(&body.decoded).is_err() {
-            return Err(body::refusal(&InspectError::BadJson { protocol }));
+    let classified = inspect::classify(action.clone(), cfg).and_then(|inspected| {
+        // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something
+        // else to the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
+        let protocol = match &inspected.protocol {
+            Protocol::Llm { provider, .. } => Some(provider.as_str()),
+            Protocol::Mcp { .. } => Some("MCP"),
+            Protocol::Http | Protocol::Provider(_) => {
+                let http = action.http.as_ref();
+                let ct = http.and_then(|h| h.content_type.as_deref());
+                inspect::claims_json(ct, http.map_or("", |h| h.body.as_str())).then_some("JSON")
+            }
+        };
+        match protocol {
+            Some(protocol) if std::str::from_utf8(&body.decoded).is_err() => {
+                Err(InspectError::BadJson { protocol })
+            }
+            _ => Ok(inspected),
+        }
+    });
+    match classified {
+        Ok(mut inspected) => {
+            if inspected.actions.is_empty() {
+                inspected.actions.push(action);
+            }
+            Ok(inspected)
+        }
+        Err(e) => {
+            let claimed = inspect::claimed_protocol(&action, cfg);
+            rec.note_protocol(claimed);
+            Err(body::refusal(&e))
         }
     }
-    if inspected.actions.is_empty() {
-        inspected.actions.push(action);
-    }
-    Ok(inspected)
 }
 
 /// The Action for a request before classification.

@@ -66,7 +66,7 @@ async fn phases(
     rec.note_body(&raw);
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
 
-    let inspected = classify::classify(&rec.ctx().inspect, conn, &head, &parts, &body)?;
+    let inspected = classify::classify(rec, conn, &head, &parts, &body)?;
     let decided = policy.decide_all(&inspected.actions);
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
 

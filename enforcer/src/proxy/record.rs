@@ -12,11 +12,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use sha2::Digest;
 
-use super::http::{full, ProxyBody};
-use super::refusal::{error_response, Refusal};
+use super::http::ProxyBody;
+use super::refusal::{into_response, shaped_response, Refusal};
 use super::{enforcer_decision, ProxyContext};
 use crate::inspect::{self, Protocol};
 use crate::model::{
@@ -94,6 +94,11 @@ impl ExchangeRecord {
         self.decided = Some(decided);
     }
 
+    /// The protocol a request that could not be classified claims to speak: the shape of its refusal.
+    pub fn note_protocol(&mut self, protocol: Protocol) {
+        self.protocol = protocol;
+    }
+
     /// The decision carried out (the most restrictive of the exchange's Actions).
     pub fn decision(&self) -> Option<&Decision> {
         self.decided.as_ref().map(|d| &d.decision)
@@ -157,7 +162,12 @@ impl ExchangeRecord {
             .is_some_and(|d| d.mode == Mode::Enforce && d.verdict == Verdict::Block);
         let answer = match &self.decided {
             Some(decided) if policy_block => block_answer(&self.protocol, decided),
-            _ => error_response(refusal.status, refusal.reason, &refusal.message),
+            _ => shaped_response(
+                &self.protocol,
+                refusal.status,
+                refusal.reason,
+                &refusal.message,
+            ),
         };
         if self.written {
             return answer;
@@ -259,13 +269,5 @@ fn decision_error(reason: Reason) -> Option<Reason> {
 
 /// The protocol's own block answer: for a JSON-RPC batch, each element answered with its own decision.
 fn block_answer(protocol: &Protocol, decided: &Decided) -> Response<ProxyBody> {
-    let answer = inspect::block_batch_response(protocol, &decided.each);
-    let mut resp = Response::new(full(Bytes::from(answer.body)));
-    *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
-    for (k, v) in answer.headers {
-        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
-            resp.headers_mut().append(k, v);
-        }
-    }
-    resp
+    into_response(inspect::block_batch_response(protocol, &decided.each))
 }

@@ -5,11 +5,11 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::http::{full, ProxyBody};
-use crate::inspect::block_message;
+use crate::inspect::{self, block_message, BlockResponse, Protocol};
 use crate::model::{Decision, Reason};
 
 /// Why the enforcer answers an exchange itself.
@@ -51,22 +51,39 @@ impl Refusal {
     }
 }
 
-/// A JSON error the enforcer answers itself, naming the reason (`{"error":{"type":"enforcer_error","reason":…,
-/// "message":…}}`); never contains request data.
+/// The enforcer's own JSON error (`{"error":{"type":"enforcer_error","reason":…,"message":…}}`), for a refusal
+/// whose protocol is not known; never contains request data.
 pub(crate) fn error_response(
     status: StatusCode,
     reason: Reason,
     message: &str,
 ) -> Response<ProxyBody> {
-    let reason = serde_json::to_value(reason).unwrap_or(serde_json::Value::Null);
-    let body = serde_json::json!({
-        "error": {"type": "enforcer_error", "reason": reason, "message": message}
-    });
-    let mut resp = Response::new(full(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    shaped_response(&Protocol::Http, status, reason, message)
+}
+
+/// A refusal answered in `protocol`'s own error shape (see `inspect::refusal_response`).
+pub(crate) fn shaped_response(
+    protocol: &Protocol,
+    status: StatusCode,
+    reason: Reason,
+    message: &str,
+) -> Response<ProxyBody> {
+    into_response(inspect::refusal_response(
+        protocol,
+        status.as_u16(),
+        reason,
+        message,
+    ))
+}
+
+/// An answer inspect shaped, as a response.
+pub(crate) fn into_response(answer: BlockResponse) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::from(answer.body)));
+    *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
+    for (k, v) in answer.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            resp.headers_mut().append(k, v);
+        }
+    }
     resp
 }

@@ -541,7 +541,9 @@ async fn json_the_parser_refuses_is_refused_not_decided_as_plain_http() {
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = http_upstream().await;
     let call = |args: &str| {
-        format!(r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"delete_everything","arguments":{args}}}}}"#)
+        format!(
+            r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"delete_everything","arguments":{args}}}}}"#
+        )
     };
     let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
     let bodies = [
@@ -558,11 +560,21 @@ async fn json_the_parser_refuses_is_refused_not_decided_as_plain_http() {
                 body.len()
             );
             let (resp, _) = exchange(&p, up, request.as_bytes(), Duration::from_secs(5)).await;
-            assert!(resp.starts_with("HTTP/1.1 400"), "{content_type} {body:.60}: {resp}");
-            assert!(resp.contains("\"code\":-32700"), "a JSON-RPC parse error: {resp}");
+            assert!(
+                resp.starts_with("HTTP/1.1 400"),
+                "{content_type} {body:.60}: {resp}"
+            );
+            assert!(
+                resp.contains("\"code\":-32700"),
+                "a JSON-RPC parse error: {resp}"
+            );
         }
     }
-    assert_eq!(seen.count(), 0, "nothing the policy could not read reached the upstream");
+    assert_eq!(
+        seen.count(),
+        0,
+        "nothing the policy could not read reached the upstream"
+    );
     let records = p.audit_records().await;
     assert_eq!(records.len(), bodies.len() * 2);
     for r in &records {
@@ -577,6 +589,9 @@ async fn json_the_parser_refuses_is_refused_not_decided_as_plain_http() {
     );
     let (resp, _) = exchange(&p, up, request.as_bytes(), Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.contains("\"isError\":true"), "the tool call is blocked as a tool error: {resp}");
+    assert!(
+        resp.contains("\"isError\":true"),
+        "the tool call is blocked as a tool error: {resp}"
+    );
     assert_eq!(seen.count(), 0);
 }

@@ -202,11 +202,6 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     if http.json.is_none() && !http.body.trim().is_empty() {
         http.json = serde_json::from_str(&http.body).ok();
     }
-    // A body that says it is JSON and does not parse is refused, never decided as something else: servers parse
-    // more leniently (NaN, Infinity, 1e400, deeper nesting) and could read a JSON-RPC call the policy never saw.
-    if http.json.is_none() && claims_json(http.content_type.as_deref(), &http.body) {
-        return Err(InspectError::BadJson { protocol: "JSON" });
-    }
 
     if let Some(provider) = provider {
         if let Some(api) = llm::endpoint(provider, &http.method, &path) {
@@ -230,6 +225,13 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         if http.json.is_none() && !http.body.trim().is_empty() && mcp::marked(&http.headers) {
             return Err(InspectError::BadJson { protocol: "MCP" });
         }
+    }
+    // A body that says it is JSON and does not parse is refused, never decided as something else: servers parse
+    // more leniently (NaN, Infinity, 1e400, deeper nesting) and could read a JSON-RPC call the policy never saw.
+    if http.json.is_none() && claims_json(http.content_type.as_deref(), &http.body) {
+        return Err(InspectError::BadJson { protocol: "JSON" });
+    }
+    if http.method.eq_ignore_ascii_case("POST") {
         if let Some(json) = http.json.as_ref() {
             if let Some(elements) = mcp::parse(json) {
                 let session = mcp::session_id(&http.headers, &http.query);

@@ -595,3 +595,35 @@ async fn json_the_parser_refuses_is_refused_not_decided_as_plain_http() {
     );
     assert_eq!(seen.count(), 0);
 }
+
+/// What is forwarded is what was inspected: a content-coded body the policy allows goes upstream decoded, without
+/// its `Content-Encoding`, so no difference between the proxy's decoder and the upstream's can matter.
+#[tokio::test]
+async fn an_allowed_coded_body_is_forwarded_as_inspected() {
+    use std::io::Write;
+    short_limits();
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    let body = r#"{"prompt":"hello"}"#;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(body.as_bytes()).unwrap();
+    let z = z.finish().unwrap();
+    let mut req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-encoding: deflate\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        z.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&z);
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, sent) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", body.len())),
+        "{head}"
+    );
+    assert_eq!(sent, body);
+}

@@ -110,7 +110,7 @@ pub fn refusal_response(
             let body = json!({
                 "jsonrpc": "2.0",
                 "id": null,
-                "error": {"code": code, "message": message},
+                "error": {"code": code, "message": message, "data": {"reason": reason}},
             });
             json_response(status, &[], &body)
         }

@@ -1,6 +1,8 @@
 //! The request-body phase: read the whole body, bounded by the policy's `max_body_bytes` (declared and actual
 //! length) and by the idle timeout between its frames, then decode its content-coding for inspection. A body that
 //! is too large, stalls, cannot be read, decoded or (for JSON) is not UTF-8 is refused — never passed uninspected.
+//! The decoded body is what the policy decides on and what is forwarded (without its `Content-Encoding`), so the
+//! upstream's decoder can never read anything other than what was inspected.
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
@@ -17,8 +19,16 @@ use crate::model::Reason;
 pub(crate) struct Body {
     /// The bytes as the agent sent them (still content-coded).
     pub raw: Bytes,
-    /// `raw` with its content-coding undone (the same bytes when there is none).
+    /// `raw` with its content-coding undone (the same bytes when there is none): what is inspected, and so what is
+    /// forwarded.
     pub decoded: Bytes,
+}
+
+impl Body {
+    /// Whether a content-coding was undone (the decoded bytes are not the received ones).
+    pub fn was_coded(&self) -> bool {
+        self.raw.as_ptr() != self.decoded.as_ptr() || self.raw.len() != self.decoded.len()
+    }
 }
 
 /// Decode `raw`, the body of a request with `headers`, for inspection.

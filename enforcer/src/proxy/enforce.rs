@@ -14,8 +14,10 @@ use crate::model::{Mode, Reason, Verdict};
 /// The request as it is to be forwarded.
 pub(crate) struct Outgoing {
     pub parts: http::request::Parts,
+    /// The body as inspected (decoded) and, under a constrain, rewritten.
     pub body: Bytes,
-    /// The body was rewritten: it goes out decoded (no `Content-Encoding`) and re-framed.
+    /// The body goes out other than it came in (a content-coding undone, or rewritten): without
+    /// `Content-Encoding`, framed by its new length.
     pub body_changed: bool,
 }
 
@@ -26,8 +28,8 @@ pub(crate) fn enforce(
 ) -> Result<Outgoing, Refusal> {
     let unchanged = |parts| Outgoing {
         parts,
-        body: body.raw.clone(),
-        body_changed: false,
+        body: body.decoded.clone(),
+        body_changed: body.was_coded(),
     };
     let Some(decision) = rec.decision() else {
         return Ok(unchanged(parts));
@@ -46,10 +48,10 @@ pub(crate) fn enforce(
     match applied {
         Ok(changes) => {
             rec.note_changes(changes);
-            let body_changed = rewritten != body.decoded;
+            let body_changed = body.was_coded() || rewritten != body.decoded;
             Ok(Outgoing {
                 parts,
-                body: if body_changed { rewritten } else { body.raw },
+                body: rewritten,
                 body_changed,
             })
         }

@@ -153,6 +153,10 @@ pub struct HttpRequest {
     pub body: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub json: Option<serde_json::Value>,
+    /// The protocol an HTTP/1.1 request asks to switch the connection to (its `Upgrade` tokens, lower-cased, as
+    /// sent: `websocket`, `h2c`, …; RFC 9110 §7.8), when it asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
 }
 
 /// An MCP JSON-RPC message (one element of a batch), filled by the protocol classifier.
@@ -221,6 +225,18 @@ impl Verdict {
             Verdict::Block => "block",
         }
     }
+}
+
+/// How a connection the upstream agreed to upgrade is relayed (a rule's `relay:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Relay {
+    /// Read: WebSocket messages are decided one by one; any other upgrade is not relayed at all (its `Upgrade`
+    /// is removed, so the request goes on as a plain request).
+    #[default]
+    Inspect,
+    /// Relayed unread, and recorded as such. Only where a rule that decides says so.
+    Opaque,
 }
 
 /// `enforce` carries decisions out; `shadow` records them but forwards everything unmodified.
@@ -413,6 +429,9 @@ pub struct RequestSummary {
     /// Hex SHA-256 of the body as received from the agent.
     pub body_sha256: Option<String>,
     pub changes: Vec<Change>,
+    /// The protocol the request asked to upgrade the connection to (`Upgrade`), when it asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
 }
 
 /// What the enforcer did with the request.

@@ -321,6 +321,7 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
                 body_size: decoded.len() as u64,
                 body: String::from_utf8_lossy(&decoded).into_owned(),
                 json,
+                upgrade: None,
             }),
             ..Action::default()
         };

@@ -39,6 +39,7 @@ fn action_from(req: &Value, parsed: bool) -> Action {
             body_size: body.len() as u64,
             json: parsed.then(|| req["body"].clone()),
             body,
+            upgrade: None,
         }),
         ..Action::default()
     }

@@ -44,6 +44,7 @@ pub const CONDITION_KEYS: &[&str] = &[
     "scheme",
     "method",
     "path",
+    "upgrade",
     "query.<name>",
     "header.<name>",
     "body.size",
@@ -74,6 +75,7 @@ pub enum Cond {
     Scheme(Vec<Scheme>),
     Method(Vec<String>),
     Path(Vec<Glob>),
+    Upgrade(Vec<Glob>),
     Query(String, StrTest),
     Header(String, StrTest),
     BodySize { gt: Option<u64>, lt: Option<u64> },
@@ -165,6 +167,7 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
             Cond::Profile(globs)
         }
         "exe" => Cond::Exe(globs(v, Glob::plain)?),
+        "upgrade" => Cond::Upgrade(globs(v, |s| Glob::plain(&s.to_ascii_lowercase()))?),
         "uid" => Cond::Uid(ints(v, "a uid")?),
         "host" => Cond::Host(globs(v, Glob::host)?),
         "port" => Cond::Port(ints(v, "a port number (1-65535)")?),
@@ -579,6 +582,11 @@ impl Cond {
             Cond::Path(g) => http.is_some_and(|h| {
                 let path = h.path.split('?').next().unwrap_or("");
                 g.iter().any(|g| g.is_match(path))
+            }),
+            Cond::Upgrade(g) => http.is_some_and(|h| {
+                h.upgrade
+                    .as_deref()
+                    .is_some_and(|tokens| tokens.split(',').any(|t| any_glob(g, Some(t.trim()))))
             }),
             Cond::Query(name, t) => http.is_some_and(|h| t.eval(h.query.get_all(name))),
             Cond::Header(name, t) => http.is_some_and(|h| t.eval(h.headers.get_all(name))),

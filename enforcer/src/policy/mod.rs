@@ -29,7 +29,9 @@ use std::time::Instant;
 use cond::{fault, CResult, Cond, Ctx, Fault, Scope};
 use yaml::{Kind, Loc, Node};
 
-use crate::model::{Action, Decided, Decision, Mode, PlannedRewrite, Reason, Rewrite, Verdict};
+use crate::model::{
+    Action, Decided, Decision, Mode, PlannedRewrite, Reason, Relay, Rewrite, Verdict,
+};
 
 pub use shared::SharedPolicy;
 pub use yaml::MAX_SOURCE_BYTES;
@@ -174,6 +176,7 @@ struct Rule {
     message: Option<String>,
     rewrites: Vec<Rewrite>,
     rate_limit: Option<ratelimit::RateLimit>,
+    relay: Relay,
 }
 
 /// A loaded, compiled policy. Cheap to share behind an `Arc`.
@@ -392,6 +395,16 @@ impl Policy {
         decision
     }
 
+    /// How a connection the upstream agreed to upgrade may be relayed under `decision`: as its deciding rule's
+    /// `relay:` says (`inspect` unless the rule says `opaque`); the default decision always inspects.
+    pub fn relay(&self, decision: &Decision) -> Relay {
+        decision
+            .deciding_rule
+            .as_deref()
+            .and_then(|id| self.rules.iter().find(|r| r.id == id))
+            .map_or(Relay::Inspect, |r| r.relay)
+    }
+
     /// Hex SHA-256 of the policy source.
     pub fn hash(&self) -> &str {
         &self.hash
@@ -463,6 +476,7 @@ const RULE_KEYS: &[&str] = &[
     "message",
     "constrain",
     "rate_limit",
+    "relay",
 ];
 const CONSTRAIN_KEYS: &[&str] = &[
     "redact",
@@ -776,6 +790,20 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         .get("rate_limit")
         .map(|(_, r)| compile_rate_limit(r))
         .transpose()?;
+    let relay = match f.get("relay") {
+        None => Relay::Inspect,
+        Some((_, r)) => match (r.scalar_text().as_deref(), verdict) {
+            (Some("inspect"), _) => Relay::Inspect,
+            (Some("opaque"), Verdict::Allow | Verdict::Log) => Relay::Opaque,
+            (Some("opaque"), _) => {
+                return fault(
+                    r.loc,
+                    format!("{what} relays opaque but its verdict is not allow or log: only a rule that lets a connection through can let it through unread"),
+                )
+            }
+            _ => return fault(r.loc, "unknown relay, expected inspect or opaque"),
+        },
+    };
     Ok(Rule {
         id,
         description,
@@ -784,6 +812,7 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         message,
         rewrites,
         rate_limit,
+        relay,
     })
 }
 

@@ -23,7 +23,7 @@ pub(crate) fn classify(
     body: &Body,
 ) -> Result<Inspected, Refusal> {
     let cfg = &rec.ctx().inspect;
-    let action = build_action(conn, &head.host, parts, body);
+    let action = build_action(conn, head, parts, body);
     let classified = inspect::classify(action.clone(), cfg).and_then(|inspected| {
         // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something
         // else to the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
@@ -61,7 +61,7 @@ pub(crate) fn classify(
 /// The Action for a request before classification.
 pub(crate) fn build_action(
     conn: &Conn,
-    host: &str,
+    head: &Head,
     parts: &http::request::Parts,
     body: &Body,
 ) -> Action {
@@ -91,7 +91,7 @@ pub(crate) fn build_action(
         agent: conn.agent.clone(),
         transport: Transport {
             scheme: conn.scheme,
-            host: Some(host.to_string()),
+            host: Some(head.host.clone()),
             ip: Some(conn.dst.ip()),
             port: conn.dst.port(),
         },
@@ -104,6 +104,7 @@ pub(crate) fn build_action(
             body_size: body.raw.len() as u64,
             body: String::from_utf8_lossy(&body.decoded).into_owned(),
             json,
+            upgrade: head.upgrade.clone(),
         }),
         mcp: None,
         llm: None,

@@ -6,10 +6,11 @@
 use bytes::Bytes;
 
 use super::body::Body;
+use super::head::Head;
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::constrain::ConstrainError;
-use crate::model::{Mode, Reason, Verdict};
+use crate::model::{Change, Mode, Reason, Relay, Verdict};
 
 /// The request as it is to be forwarded.
 pub(crate) struct Outgoing {
@@ -23,9 +24,11 @@ pub(crate) struct Outgoing {
 
 pub(crate) fn enforce(
     rec: &mut ExchangeRecord,
+    head: &Head,
     mut parts: http::request::Parts,
     body: Body,
 ) -> Result<Outgoing, Refusal> {
+    admit_upgrade(rec, head, &mut parts);
     let unchanged = |parts| Outgoing {
         parts,
         body: body.decoded.clone(),
@@ -71,4 +74,27 @@ pub(crate) fn enforce(
             ))
         }
     }
+}
+
+/// An upgraded connection is relayed only where it can be read or a rule lets it through unread: a WebSocket is
+/// kept (its messages go through the answer phases), any other `Upgrade` (h2c above all: a whole HTTP/2 session
+/// after the 101 would skip every decision) is removed unless the deciding rule relays `opaque`. Without its
+/// `Upgrade` the request goes on as a plain request (RFC 9110 §7.8: a server may ignore it).
+fn admit_upgrade(rec: &mut ExchangeRecord, head: &Head, parts: &mut http::request::Parts) {
+    let Some(tokens) = head.upgrade.as_deref() else {
+        return;
+    };
+    let websocket = tokens.split(',').map(str::trim).all(|t| t == "websocket");
+    let opaque = rec
+        .decision()
+        .is_some_and(|d| rec.policy().relay(d) == Relay::Opaque);
+    if websocket || opaque {
+        return;
+    }
+    parts.headers.remove(http::header::UPGRADE);
+    parts.headers.remove("http2-settings");
+    rec.note_changes(vec![Change {
+        path: "header.upgrade".into(),
+        cause: "upgrade_removed".into(),
+    }]);
 }

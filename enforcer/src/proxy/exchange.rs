@@ -59,7 +59,7 @@ async fn phases(
     let client_upgrade = parts.extensions.remove::<OnUpgrade>();
 
     let head = head::read(&parts)?;
-    rec.note_host(&head.host);
+    rec.note_head(&head);
     head::bind_to_sni(conn, &head)?;
 
     let raw = body::read(incoming, &parts.headers, policy.max_body_bytes()).await?;
@@ -73,7 +73,7 @@ async fn phases(
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
-    let outgoing = enforce::enforce(rec, parts, body)?;
+    let outgoing = enforce::enforce(rec, &head, parts, body)?;
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());

@@ -4,7 +4,7 @@
 //! really live at the original destination (`hostbind`), checked only for requests that are going to be forwarded.
 
 use http::header::{self, HeaderMap};
-use http::{Method, StatusCode, Uri};
+use http::{Method, StatusCode, Uri, Version};
 
 use super::http::Conn;
 use super::refusal::Refusal;
@@ -19,6 +19,8 @@ pub(crate) struct Head {
     pub authority: String,
     /// The host of `authority`, normalised: what the policy and the upstream's certificate check see.
     pub host: String,
+    /// The protocols an HTTP/1.1 request asks to upgrade the connection to (`Upgrade`, lower-cased), if any.
+    pub upgrade: Option<String>,
 }
 
 /// Read the authority and host, refusing heads the proxy will not forward: no valid host, `CONNECT` outside the
@@ -47,7 +49,15 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
             "the request path contains dot segments",
         ));
     }
-    Ok(Head { authority, host })
+    let upgrade = (parts.version == Version::HTTP_11)
+        .then(|| parts.headers.get(header::UPGRADE))
+        .flatten()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase());
+    Ok(Head {
+        authority,
+        host,
+        upgrade,
+    })
 }
 
 /// Over TLS, the host the request names must be the server name the agent opened the session for.

@@ -60,9 +60,10 @@ impl ExchangeRecord {
         &self.ctx
     }
 
-    /// The host the request names, as the policy sees it.
-    pub fn note_host(&mut self, host: &str) {
-        self.summary.host = Some(host.to_string());
+    /// What the request head names: the host as the policy sees it, and the upgrade it asks for.
+    pub fn note_head(&mut self, head: &super::head::Head) {
+        self.summary.host = Some(head.host.clone());
+        self.summary.upgrade.clone_from(&head.upgrade);
     }
 
     /// The body as received from the agent: its size and SHA-256.
@@ -73,9 +74,9 @@ impl ExchangeRecord {
         }
     }
 
-    /// What a constrain changed (paths and causes, never values).
+    /// What a constrain (or the removal of an upgrade) changed: paths and causes, never values.
     pub fn note_changes(&mut self, changes: Vec<crate::model::Change>) {
-        self.summary.changes = changes;
+        self.summary.changes.extend(changes);
     }
 
     /// The protocol and the policy's decision; the record names what the deciding Action asked for.

@@ -292,6 +292,9 @@ pub enum Reason {
     UpstreamUnreachable,
     /// The client sent something the proxy could not parse.
     BadRequest,
+    /// The agent's TLS client did not complete the handshake with the enforcer's certificate (it sent an alert,
+    /// typically `unknown_ca`: it does not trust the enforcer CA).
+    ClientTls,
 }
 
 /// The policy's answer for one Action.
@@ -353,6 +356,10 @@ pub struct RequestSummary {
     /// Hex SHA-256 of the body as received from the agent.
     pub body_sha256: Option<String>,
     pub changes: Vec<Change>,
+    /// The TLS alert the agent's client sent when it ended the handshake with the proxy (IANA name, `unknown_ca`);
+    /// only in `client_tls` records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_alert: Option<String>,
 }
 
 /// What the enforcer did with the request.

@@ -135,7 +135,10 @@ fn eval_action_is_inline_json_a_file_or_stdin() {
     for (action, stdin) in [(ACTION, None), (path.as_str(), None), ("-", Some(ACTION))] {
         let (code, out, err) = eval(action, stdin);
         assert_eq!(code, Some(0), "--action {action}: {err}");
-        assert!(out.contains("deciding rule: sql-cap-rows"), "--action {action}: {out}");
+        assert!(
+            out.contains("deciding rule: sql-cap-rows"),
+            "--action {action}: {out}"
+        );
     }
     // Errors name where the action came from.
     let (code, _, err) = eval("{not json", None);
@@ -143,7 +146,10 @@ fn eval_action_is_inline_json_a_file_or_stdin() {
     assert!(err.contains("--action is not a valid Action"), "{err}");
     let (code, _, err) = eval("-", Some("nope"));
     assert_ne!(code, Some(0));
-    assert!(err.contains("standard input is not a valid Action"), "{err}");
+    assert!(
+        err.contains("standard input is not a valid Action"),
+        "{err}"
+    );
     let missing = dir.path().join("missing.json").display().to_string();
     let (code, _, err) = eval(&missing, None);
     assert_ne!(code, Some(0));

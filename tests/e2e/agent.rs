@@ -388,6 +388,29 @@ fn run_tool(env: &Env, ws: &Workspace, unset: &[&str], cmd: &[&str]) -> (i32, St
     harness::output(env.agent_command(c))
 }
 
+/// `pip download` of a package that does not exist from `index`, as the agent (see [`run_tool`]).
+fn pip_download(env: &Env, ws: &Workspace, unset: &[&str], index: &str) -> (i32, String, String) {
+    let dl = ws.dir.join("dl").display().to_string();
+    let pip = [
+        "python3",
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--retries",
+        "0",
+        "--timeout",
+        "20",
+        "-d",
+        &dl,
+        "--index-url",
+        index,
+        "enforcer-probe",
+    ];
+    run_tool(env, ws, unset, &pip)
+}
+
 /// The records the proxy left for agents that refused its certificate.
 fn client_tls_records(env: &Env) -> Vec<serde_json::Value> {
     env.audit_records()
@@ -418,7 +441,6 @@ pub fn every_runtime_trusts_the_enforcer_ca(env: &mut Env) {
     let base = |tag: &str| format!("/allowed/{}", unique(tag));
     let url = |path: &str| format!("https://{API_HOST}{path}");
     let cargo = ws.cargo.display().to_string();
-    let dl = ws.dir.join("dl").display().to_string();
 
     let mut checks: Vec<(&str, String)> = Vec::new();
     let p = base("curl");
@@ -455,58 +477,34 @@ pub fn every_runtime_trusts_the_enforcer_ca(env: &mut Env) {
     // The package managers get an answer that is no index, so they fail after the request; what matters is that
     // the request got through TLS to the upstream (counted there) and was decided (recorded).
     let p = base("pip");
-    let index = format!("{}/", url(&p));
-    let pip = [
-        "python3",
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-cache-dir",
-        "--retries",
-        "0",
-        "--timeout",
-        "20",
-        "-d",
-        &dl,
-        "--index-url",
-        &index,
-        "enforcer-probe",
-    ];
-    let (_, out, err) = run_tool(env, &ws, &[], &pip);
+    let (_, out, err) = pip_download(env, &ws, &[], &format!("{}/", url(&p)));
     checks.push(("pip", format!("{p}/enforcer-probe/")));
-    let pip_out = format!("{out}{err}");
-    let p = base("npm");
-    let registry = format!("{}/", url(&p));
-    let (_, out, err) = run_tool(
-        env,
-        &ws,
-        &[],
-        &["npm", "view", "enforcer-probe", "--registry", &registry],
-    );
-    checks.push(("npm", format!("{p}/enforcer-probe")));
-    let npm_out = format!("{out}{err}");
-    let p = base("git");
-    let (_, out, err) = run_tool(
-        env,
-        &ws,
-        &[],
-        &["git", "ls-remote", &url(&format!("{p}/repo.git"))],
-    );
-    checks.push(("git", format!("{p}/repo.git/info/refs")));
-    let git_out = format!("{out}{err}");
-    let p = base("cargo");
-    let index = format!("sparse+{}/", url(&p));
-    let (_, out, err) = run_tool(
-        env,
-        &ws,
-        &[],
-        &[&cargo, "search", "--index", &index, "enforcer-probe"],
-    );
-    checks.push(("cargo", format!("{p}/config.json")));
-    let cargo_out = format!("{out}{err}");
-
-    let outputs = format!("pip: {pip_out}\nnpm: {npm_out}\ngit: {git_out}\ncargo: {cargo_out}");
+    let mut outputs = format!("pip: {out}{err}\n");
+    let (npm, git, cargo_path) = (base("npm"), base("git"), base("cargo"));
+    let (registry, repo) = (format!("{}/", url(&npm)), url(&format!("{git}/repo.git")));
+    let index = format!("sparse+{}/", url(&cargo_path));
+    let managers: [(&str, Vec<&str>, String); 3] = [
+        (
+            "npm",
+            vec!["npm", "view", "enforcer-probe", "--registry", &registry],
+            format!("{npm}/enforcer-probe"),
+        ),
+        (
+            "git",
+            vec!["git", "ls-remote", &repo],
+            format!("{git}/repo.git/info/refs"),
+        ),
+        (
+            "cargo",
+            vec![&cargo, "search", "--index", &index, "enforcer-probe"],
+            format!("{cargo_path}/config.json"),
+        ),
+    ];
+    for (tool, cmd, counted) in managers {
+        let (_, out, err) = run_tool(env, &ws, &[], &cmd);
+        outputs.push_str(&format!("{tool}: {out}{err}\n"));
+        checks.push((tool, counted));
+    }
     let records = env.audit_records();
     for (tool, path) in &checks {
         assert_eq!(
@@ -567,29 +565,11 @@ pub fn a_client_refusing_the_certificate_is_recorded(env: &mut Env) {
 
     let before = client_tls_records(env).len();
     let p = format!("/allowed/{}", unique("pip-refused"));
-    let index = format!("https://{API_HOST}{p}/");
-    let dl = ws.dir.join("dl").display().to_string();
-    let (code, out, err) = run_tool(
+    let (code, out, err) = pip_download(
         env,
         &ws,
         &["PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"],
-        &[
-            "python3",
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-cache-dir",
-            "--retries",
-            "0",
-            "--timeout",
-            "20",
-            "-d",
-            &dl,
-            "--index-url",
-            &index,
-            "enforcer-probe",
-        ],
+        &format!("https://{API_HOST}{p}/"),
     );
     assert_ne!(code, 0, "{out} {err}");
     assert_eq!(

@@ -22,7 +22,7 @@ pub enum Command {
     Run(crate::daemon::RunArgs),
     /// Check the configured policy and make the running daemon load it (SIGHUP).
     Reload(crate::daemon::RunArgs),
-    /// Run a command inside a fresh cgroup tagged with a profile.
+    /// Run a command inside a fresh cgroup tagged with a profile, as an unprivileged user.
     Exec(crate::capture::ExecArgs),
     /// Tag and untag cgroups at runtime (the daemon must be running).
     #[command(subcommand)]

@@ -36,7 +36,9 @@ pub enum ConfigError {
 pub struct Config {
     /// Policy file. Default: the shipped default policy.
     pub policy: Option<PathBuf>,
-    /// State directory: `ca/` and `audit/` live under it unless set explicitly.
+    /// State directory (made 0711: others may reach files by name, not list it). `ca/` (the CA key, 0700) and
+    /// `audit/` (0700) live under it unless set explicitly, and `public/` (0755: the CA certificate and the trust
+    /// bundle agents read, 0644).
     pub state_dir: PathBuf,
     /// The cgroup v2 mount point.
     pub cgroup_root: PathBuf,
@@ -87,7 +89,11 @@ pub struct ProxyConfig {
     pub port: u16,
     /// Explicit proxy (HTTP CONNECT / absolute-form) listener; off unless set.
     pub explicit: Option<ExplicitProxy>,
-    /// Extra PEM files of CA certificates trusted for upstream connections, beside the webpki roots.
+    /// Where upstream certificates are verified from: `system` (default: the host's trust store, as OpenSSL finds it
+    /// — `/etc/ssl/certs` on Debian, or the files `SSL_CERT_FILE` / `SSL_CERT_DIR` name in the daemon's
+    /// environment) or `bundled` (the Mozilla roots compiled into the binary, for hosts without a usable store).
+    pub upstream_roots: UpstreamRoots,
+    /// Extra PEM files of CA certificates trusted for upstream connections, added to `upstream_roots`.
     pub extra_roots: Vec<PathBuf>,
     /// Host names pinned to addresses, for binding plain-HTTP `Host` headers to the original destination in
     /// transparent mode (checked before DNS, and authoritative for the names listed: no DNS for them). Air-gapped
@@ -95,6 +101,18 @@ pub struct ProxyConfig {
     pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
     /// Most client connections served at once over every listener; more wait in the kernel's backlog.
     pub max_connections: usize,
+}
+
+/// The source of the roots upstream certificates are verified against (`proxy.upstream_roots`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamRoots {
+    /// The host's trust store, found like OpenSSL finds it (rustls-native-certs): follows the host's CA updates, a
+    /// corporate TLS proxy's CA and internal CAs the administrator installed.
+    #[default]
+    System,
+    /// The Mozilla roots compiled into the binary (webpki-roots): updated only by a rebuild.
+    Bundled,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +180,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             port: 15001,
             explicit: None,
+            upstream_roots: UpstreamRoots::default(),
             extra_roots: Vec::new(),
             static_hosts: BTreeMap::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -209,9 +228,19 @@ impl Config {
         self.attach_cgroup().join("enforcer").join(profile)
     }
 
+    /// Where the daemon publishes what agents must read (0755, files 0644): the CA certificate and the bundle.
+    pub fn public_dir(&self) -> PathBuf {
+        self.state_dir.join("public")
+    }
+
     /// The bundle of system roots + the enforcer CA that `enforcer exec` hands to clients.
     pub fn ca_bundle(&self) -> PathBuf {
-        self.ca_dir().join("bundle.pem")
+        self.public_dir().join("bundle.pem")
+    }
+
+    /// The enforcer CA certificate alone, for clients that add it to roots of their own.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.public_dir().join("ca.pem")
     }
 
     pub fn audit_dir(&self) -> PathBuf {
@@ -221,6 +250,7 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("audit"))
     }
 
+    /// The CA's private directory (0700): its certificate and key.
     pub fn ca_dir(&self) -> PathBuf {
         self.state_dir.join("ca")
     }
@@ -268,5 +298,17 @@ mod tests {
         assert_eq!(default.dns.port, 15053);
         assert!(default.dns.upstream.is_none());
         assert!(serde_saphyr::from_str::<Config>("dns: { upstream: nowhere }\n").is_err());
+    }
+
+    #[test]
+    fn upstream_roots_default_to_the_system_store() {
+        assert_eq!(
+            Config::default().proxy.upstream_roots,
+            UpstreamRoots::System
+        );
+        let config: Config =
+            serde_saphyr::from_str("proxy: { upstream_roots: bundled }\n").unwrap();
+        assert_eq!(config.proxy.upstream_roots, UpstreamRoots::Bundled);
+        assert!(serde_saphyr::from_str::<Config>("proxy: { upstream_roots: mozilla }\n").is_err());
     }
 }

@@ -147,12 +147,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let policy = load_policy(&config)?;
     tracing::info!(policy_hash = %policy.hash(), "policy loaded");
 
-    create_private_dir(&config.state_dir)?;
+    prepare_state_dir(&config.state_dir)?;
     let ca = CertAuthority::load_or_create(&config.ca_dir())?;
-    let bundle = ca.write_bundle(&config.ca_dir())?;
-    tracing::info!(bundle = %bundle.display(), "CA ready");
-    let upstream = UpstreamTls::new(&config.proxy.extra_roots)?;
+    let public = ca.write_public(&config.public_dir())?;
+    tracing::info!(bundle = %public.bundle.display(), ca = %public.ca_cert.display(), "CA ready");
+    let upstream = UpstreamTls::new(config.proxy.upstream_roots, &config.proxy.extra_roots)?;
     let audit = AuditLog::open(config.audit_config()).await?;
+    restrict_to_owner(&config.audit_dir())?;
 
     // Listeners first: the kernel programs must never redirect to a port nobody listens on.
     let port = config.proxy.port;
@@ -265,13 +266,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+/// Mode of the state directory: others may pass through it to the files they are meant to read (`public/`), by
+/// name, but not list it. What is private inside it has its own 0700 directory (`ca/`, `audit/`).
+const STATE_DIR_MODE: u32 = 0o711;
+
+/// Create the state directory, or give an existing one (an older install made it 0700) [`STATE_DIR_MODE`].
+fn prepare_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(STATE_DIR_MODE)
         .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
+/// Make `dir` 0700 (the audit trail and its signing key are the daemon's alone; an older install may have left the
+/// directory wider).
+fn restrict_to_owner(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
 fn report_ready(port: u16) {

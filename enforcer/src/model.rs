@@ -355,6 +355,9 @@ pub enum Reason {
     AuditUnavailable,
     /// The client went away (closed the connection, reset the stream) before the exchange was forwarded.
     ClientClosed,
+    /// The agent's TLS client did not complete the handshake with the enforcer's certificate (it sent an alert,
+    /// typically `unknown_ca`: it does not trust the enforcer CA).
+    ClientTls,
 }
 
 /// The policy's answer for one Action.
@@ -432,6 +435,10 @@ pub struct RequestSummary {
     /// The protocol the request asked to upgrade the connection to (`Upgrade`), when it asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
+    /// The TLS alert the agent's client sent when it ended the handshake with the proxy (IANA name, `unknown_ca`);
+    /// only in `client_tls` records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_alert: Option<String>,
 }
 
 /// What the enforcer did with the request.

@@ -763,11 +763,43 @@ fn enforcer(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
-/// A daemon config pointing `enforcer exec` at the harness (its cgroup, pins) and a state dir with a CA bundle.
+/// The unprivileged user `enforcer exec` runs these tests' commands as (`--user`).
+const AGENT: &str = "nobody";
+
+/// `exec --config CFG --profile PROFILE --user nobody --`: the arguments before the command.
+fn exec_args<'a>(cfg: &'a str, profile: &'a str) -> [&'a str; 8] {
+    [
+        "exec",
+        "--config",
+        cfg,
+        "--profile",
+        profile,
+        "--user",
+        AGENT,
+        "--",
+    ]
+}
+
+/// `enforcer exec --config CFG --profile PROFILE --user nobody -- CMD…`; (exit code, stdout, stderr).
+fn exec_as_agent(cfg: &str, profile: &str, cmd: &[&str]) -> (Option<i32>, String, String) {
+    let mut args = exec_args(cfg, profile).to_vec();
+    args.extend_from_slice(cmd);
+    enforcer(&args)
+}
+
+/// A daemon config pointing `enforcer exec` at the harness (its cgroup, pins) and a state dir with the published
+/// CA files (`public/bundle.pem`, `public/ca.pem`); the state dir is world-writable so the agent can leave marks.
 fn exec_config(h: &Harness, state: &Path) -> PathBuf {
-    let bundle = state.join("ca/bundle.pem");
-    std::fs::create_dir_all(state.join("ca")).expect("ca dir");
-    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\n").expect("bundle");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o777)).expect("chmod state");
+    std::fs::create_dir_all(state.join("public")).expect("public dir");
+    for file in ["bundle.pem", "ca.pem"] {
+        std::fs::write(
+            state.join("public").join(file),
+            "-----BEGIN CERTIFICATE-----\n",
+        )
+        .expect("CA file");
+    }
     let cfg = state.join("enforcer.yaml");
     let yaml = format!(
         "state_dir: {}\ncgroup_root: {CGROUP_ROOT}\ncapture:\n  cgroup: {}\n  pin_dir: {}\n",
@@ -788,11 +820,12 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
     let state = tempfile::tempdir().expect("tempdir");
     let cfg = exec_config(&h, state.path());
     let cfg = cfg.to_str().expect("utf-8");
-    let bundle = state.path().join("ca/bundle.pem");
+    let bundle = state.path().join("public/bundle.pem");
+    let ca_cert = state.path().join("public/ca.pem");
 
     // The command is captured, in a cgroup of its own below the profile's.
     let child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
-        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args(exec_args(cfg, PROFILE))
         .args(["python3", "-c", CLIENT, "-", "127.0.0.2", "9"])
         .spawn()
         .expect("enforcer exec runs");
@@ -820,58 +853,34 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
         "exec cgroup removed after the command"
     );
 
-    // The CA variables point at the bundle.
-    let (code, stdout, stderr) = enforcer(&[
-        "exec",
-        "--config",
+    // The CA variables point at the published files (the full list: tests/e2e/agent.rs).
+    let (code, stdout, stderr) = exec_as_agent(
         cfg,
-        "--profile",
         PROFILE,
-        "--",
-        "sh",
-        "-c",
-        "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $CURL_CA_BUNDLE $GIT_SSL_CAINFO $AWS_CA_BUNDLE",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $PIP_CERT $NODE_EXTRA_CA_CERTS",
+        ],
+    );
     assert_eq!(code, Some(0), "{stderr}");
-    let b = bundle.display().to_string();
-    assert_eq!(stdout.trim(), [b.as_str(); 6].join(" "));
+    let (b, c) = (bundle.display().to_string(), ca_cert.display().to_string());
+    assert_eq!(stdout.trim(), format!("{b} {b} {b} {c}"));
 
     // Exit codes pass through; a signal becomes 128 + signal.
     assert_eq!(
-        enforcer(&[
-            "exec",
-            "--config",
-            cfg,
-            "--profile",
-            PROFILE,
-            "--",
-            "sh",
-            "-c",
-            "exit 7"
-        ])
-        .0,
+        exec_as_agent(cfg, PROFILE, &["sh", "-c", "exit 7"]).0,
         Some(7)
     );
     assert_eq!(
-        enforcer(&[
-            "exec",
-            "--config",
-            cfg,
-            "--profile",
-            PROFILE,
-            "--",
-            "sh",
-            "-c",
-            "kill -TERM $$"
-        ])
-        .0,
+        exec_as_agent(cfg, PROFILE, &["sh", "-c", "kill -TERM $$"]).0,
         Some(128 + 15)
     );
 
     // SIGTERM to exec reaches the command (which reports it), and exec still cleans up.
     let ready = state.path().join("ready");
     let mut term = Command::new(env!("CARGO_BIN_EXE_enforcer"))
-        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args(exec_args(cfg, PROFILE))
         .args([
             "sh",
             "-c",
@@ -895,17 +904,16 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
     assert!(!exec_cgroup.exists(), "exec cgroup removed after SIGTERM");
 
     // A profile the daemon does not tag is refused, clearly (here: the default profile, not configured).
-    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--", "true"]);
+    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--user", AGENT, "--", "true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("\"default\""), "stderr: {stderr}");
-    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--profile", "nope", "--", "true"]);
+    let (code, _, stderr) = exec_as_agent(cfg, "nope", &["true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("nope"), "stderr: {stderr}");
 
     // No CA bundle: refused.
     std::fs::remove_file(&bundle).expect("remove bundle");
-    let (code, _, stderr) =
-        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    let (code, _, stderr) = exec_as_agent(cfg, PROFILE, &["true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("bundle"), "stderr: {stderr}");
 
@@ -914,8 +922,7 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
     if let Some(capture) = h.capture.take() {
         capture.shutdown().expect("shutdown");
     }
-    let (code, _, stderr) =
-        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    let (code, _, stderr) = exec_as_agent(cfg, PROFILE, &["true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("not running"), "stderr: {stderr}");
 }

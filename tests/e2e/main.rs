@@ -6,6 +6,7 @@
 //! its cleanup (see `harness::Env`'s `Drop`) runs after the last test whatever happened; the output follows libtest's
 //! (`test NAME ... ok`, `test result: …`). Arguments that do not start with `-` filter tests by substring.
 
+mod agent;
 mod harness;
 mod reload;
 mod sdk;
@@ -81,6 +82,38 @@ const TESTS: &[Test] = &[
     (
         "one_audit_record_per_request_and_verify_passes",
         one_audit_record_per_request_and_verify_passes,
+    ),
+    (
+        "agent_runs_unprivileged_without_capabilities",
+        agent::runs_unprivileged_without_capabilities,
+    ),
+    (
+        "agent_cannot_escape_read_keys_or_stop_the_daemon",
+        agent::cannot_escape_read_keys_or_stop_the_daemon,
+    ),
+    (
+        "agent_sudo_caller_root_refusal_and_allow_root",
+        agent::sudo_caller_root_refusal_and_allow_root,
+    ),
+    (
+        "agent_published_bundle_is_readable_keys_are_not",
+        agent::published_bundle_is_readable_keys_are_not,
+    ),
+    (
+        "trust_variables_replace_inherited_values",
+        agent::trust_variables_replace_inherited_values,
+    ),
+    (
+        "trust_every_runtime_trusts_the_enforcer_ca",
+        agent::every_runtime_trusts_the_enforcer_ca,
+    ),
+    (
+        "trust_a_client_refusing_the_certificate_is_recorded",
+        agent::a_client_refusing_the_certificate_is_recorded,
+    ),
+    (
+        "upstream_trust_comes_from_the_system_store",
+        agent::upstream_trust_comes_from_the_system_store,
     ),
     ("sdk_openai_python", sdk::openai_python_sdk),
     ("sdk_anthropic_python", sdk::anthropic_python_sdk),
@@ -393,8 +426,8 @@ fn spoofed_plain_http_host_gets_421_and_never_reaches_upstream(env: &mut Env) {
 /// speaking RFC 6455 itself (tests/e2e/ws_client.py).
 fn websocket_is_decided_then_relayed(env: &mut Env) {
     env.need_daemon();
-    let script = harness::repo_root().join("tests/e2e/ws_client.py");
-    let script = script.to_str().unwrap_or_default();
+    let script = env.script("ws_client.py");
+    let script = script.as_str();
     for allowed in [true, false] {
         let path = unique(if allowed { "/allowed" } else { "/blocked" }, "websocket");
         let (code, out, err) =
@@ -428,7 +461,7 @@ fn websocket_is_decided_then_relayed(env: &mut Env) {
 fn explicit_proxy_connect_and_absolute_form(env: &mut Env) {
     env.need_daemon();
     let proxy = format!("http://127.0.0.1:{}", env.explicit_port);
-    let bundle = env.dir.path().join("state/ca/bundle.pem");
+    let bundle = env.dir.path().join("state/public/bundle.pem");
     let bundle = bundle.to_str().unwrap_or_default();
     for (scheme, allowed) in [("https", true), ("https", false), ("http", true)] {
         let tag = format!("explicit-{scheme}");
@@ -505,7 +538,7 @@ fn mentions_substring(v: &serde_json::Value, needle: &str) -> bool {
 /// Tagged, the client sees the enforcer's certificate; untagged, the same request sees the upstream's own.
 fn untagged_request_is_not_intercepted(env: &mut Env) {
     env.need_daemon();
-    let enforcer_ca = env.dir.path().join("state/ca/ca.pem");
+    let enforcer_ca = env.dir.path().join("state/public/ca.pem");
     assert!(
         enforcer_ca.exists(),
         "no enforcer CA at {}",
@@ -547,13 +580,8 @@ fn untagged_request_is_not_intercepted(env: &mut Env) {
 fn sse_arrives_event_by_event(env: &mut Env) {
     env.need_daemon();
     for (i, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
-        let mut cmd = Command::new(harness::enforcer_bin());
-        cmd.arg("exec").arg("--config").arg(&env.config).args([
-            "--profile",
-            harness::PROFILE,
-            "--",
-            "curl",
-        ]);
+        let mut cmd = env.exec_command();
+        cmd.arg("curl");
         sse_event_by_event(env, cmd, http, &format!("tagged-{i}"), &[]);
     }
 }
@@ -904,26 +932,13 @@ fn dns_glibc_resolver_accepts_redirected_answers(env: &mut Env) {
     )
     .expect("write resolv.conf");
     let resolve = |name: &str| {
-        let out = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
             .arg(&conf)
-            .arg(harness::enforcer_bin())
-            .arg("exec")
-            .arg("--config")
-            .arg(&env.config)
-            .args([
-                "--profile",
-                harness::PROFILE,
-                "--",
-                "python3",
-                "-c",
-                GETADDRINFO,
-                name,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("unshare runs");
+            .args(env.exec_argv())
+            .args(["python3", "-c", GETADDRINFO, name]);
+        let out = env.agent_command(cmd).output().expect("unshare runs");
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout).trim(),

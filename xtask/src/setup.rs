@@ -6,7 +6,7 @@
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
 //! Python SDKs (pip).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
@@ -24,13 +24,23 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("node", "nodejs"),
+    ("npm", "npm"),
+    ("git", "git"),
+    ("useradd", "passwd"),
 ];
 
-/// The official SDKs the end-to-end tests run as unmodified agents (tests/e2e/sdk.rs), pinned.
-const PYTHON_SDKS: &[(&str, &str)] = &[
+/// The Python the virtual environment is made from: Debian's, outside /root, so every user can run the venv.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+/// The test virtual environment (world-readable); tests/e2e/harness.rs runs every Python from it.
+pub const TEST_VENV: &str = "/opt/enforcer-test/venv";
+
+/// What the tests import, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which also
+/// runs the MCP SDK's server) and requests (the trust-environment test).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "3.51.0"),
     ("anthropic", "2.10.0"),
     ("mcp", "2.3.0"),
+    ("requests", "2.34.2"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -48,9 +58,12 @@ pub fn run() -> anyhow::Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        eprintln!("xtask: setup: ip, curl, python3, openssl, node present");
+        eprintln!("xtask: setup: ip, curl, python3, openssl, node, npm, git, useradd present");
     } else {
         apt.install(&missing)?;
+    }
+    if quiet_output(Command::new(SYSTEM_PYTHON).args(["-c", "import venv, ensurepip"])).is_none() {
+        apt.install(&["python3-venv"])?;
     }
 
     if bpf_linker_ok() {
@@ -72,7 +85,7 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
 
-    python_sdks()?;
+    test_venv()?;
 
     if rust_src_installed() {
         eprintln!("xtask: setup: rust-src already installed");
@@ -88,36 +101,53 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `python3 -m pip install` the pinned SDKs unless exactly those versions are installed already.
-fn python_sdks() -> anyhow::Result<()> {
-    let names: Vec<String> = PYTHON_SDKS.iter().map(|(n, _)| format!("{n:?}")).collect();
+/// Create [`TEST_VENV`] from [`SYSTEM_PYTHON`] and install [`PYTHON_PACKAGES`] into it, unless exactly those
+/// versions are there already; then make it readable and runnable by everyone (whatever root's umask was).
+fn test_venv() -> anyhow::Result<()> {
+    let venv = Path::new(TEST_VENV);
+    let python = venv.join("bin/python3");
+    let names: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .map(|(n, _)| format!("{n:?}"))
+        .collect();
     let script = format!(
         "import importlib.metadata as m\nfor n in [{}]:\n    print(n, m.version(n))",
         names.join(", ")
     );
-    let want: Vec<String> = PYTHON_SDKS
+    let want: Vec<String> = PYTHON_PACKAGES
         .iter()
         .map(|(n, v)| format!("{n} {v}"))
         .collect();
-    let have = quiet_output(Command::new("python3").args(["-c", &script]));
+    let have = quiet_output(Command::new(&python).args(["-c", &script]));
     if have.is_some_and(|h| h.lines().map(str::trim).eq(want.iter().map(String::as_str))) {
         eprintln!(
-            "xtask: setup: Python SDKs already installed ({})",
+            "xtask: setup: test venv {TEST_VENV} already has {}",
             want.join(", ")
         );
         return Ok(());
     }
-    let pins: Vec<String> = PYTHON_SDKS
+    if !python.is_file() {
+        run_checked(Command::new(SYSTEM_PYTHON).args(["-m", "venv", TEST_VENV]))?;
+    }
+    let pins: Vec<String> = PYTHON_PACKAGES
         .iter()
         .map(|(n, v)| format!("{n}=={v}"))
         .collect();
-    let pip = || {
-        let mut cmd = Command::new("python3");
-        cmd.args(["-m", "pip", "install", "--quiet"]).args(&pins);
-        cmd
-    };
-    // A Debian system Python refuses (PEP 668) unless told; try the plain install first.
-    run_checked(&mut pip()).or_else(|_| run_checked(pip().arg("--break-system-packages")))
+    run_checked(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&pins),
+    )?;
+    if let Some(parent) = venv.parent() {
+        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
+    }
+    Ok(())
 }
 
 /// apt-get, with `update` run once before the first install.

@@ -173,10 +173,12 @@ where
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "TLS handshake with the agent failed");
+            super::tls::record_agent_handshake_failure(&ctx, &target, hello.sni, Some(&e)).await;
             return;
         }
         Err(_) => {
             tracing::debug!(dst = %target.dst, "TLS handshake with the agent timed out");
+            super::tls::record_agent_handshake_failure(&ctx, &target, hello.sni, None).await;
             return;
         }
     };

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use enforcer::audit::{AuditConfig, AuditLog};
+use enforcer::config::UpstreamRoots;
 use enforcer::inspect::InspectConfig;
 use enforcer::model::{Agent, Origin, OriginLookup};
 use enforcer::policy::{Policy, SharedPolicy};
@@ -314,7 +315,7 @@ pub async fn start_proxy_with_hosts(
     let audit = AuditLog::open(audit_cfg).await.unwrap();
     let ca = Arc::new(CertAuthority::load_or_create(&dir.path().join("ca")).unwrap());
     let roots: Vec<PathBuf> = extra_roots.iter().map(|c| c.write(dir.path())).collect();
-    let upstream = UpstreamTls::new(&roots).unwrap();
+    let upstream = UpstreamTls::new(UpstreamRoots::Bundled, &roots).unwrap();
     let table = Arc::new(Table::default());
     let ctx = Arc::new(ProxyContext {
         policy,

@@ -301,11 +301,6 @@ mod tests {
         );
     }
 
-    fn mode(path: &Path) -> u32 {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
-
     #[tokio::test]
     async fn leaves_are_cached_per_host_and_verify_against_the_ca() {
         let dir = tempfile::tempdir().unwrap();

@@ -20,8 +20,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: load the eBPF programs, start the proxy, enforce the policy.
     Run(crate::daemon::RunArgs),
-    /// Check the configured policy and make the running daemon load it (SIGHUP).
-    Reload(crate::daemon::RunArgs),
+    /// Check the configured policy and make the running daemon load it.
+    Reload(crate::daemon::ReloadArgs),
+    /// Show the running daemon's state (over its control socket).
+    Status(crate::control::StatusArgs),
     /// Run a command inside a fresh cgroup tagged with a profile.
     Exec(crate::capture::ExecArgs),
     /// Tag and untag cgroups at runtime (the daemon must be running).
@@ -42,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => crate::daemon::run(args),
         Command::Reload(args) => crate::daemon::reload(args),
+        Command::Status(args) => crate::control::status_command(args),
         Command::Exec(args) => crate::capture::exec(args),
         Command::Cgroup(cmd) => crate::capture::cgroup_command(cmd),
         Command::Ca(cmd) => crate::proxy::ca_command(cmd),

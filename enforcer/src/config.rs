@@ -48,6 +48,26 @@ pub struct Config {
     /// Profiles and the cgroups (paths relative to `cgroup_root`) that belong to each. `enforcer exec` also creates
     /// cgroups under `<cgroup_root>/enforcer/<profile>/`, which the daemon tags for every profile listed here.
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// The Prometheus endpoint (off unless `listen` is set).
+    pub metrics: MetricsConfig,
+    /// The local control socket (`<state_dir>/control.sock`) that `enforcer status` and `enforcer reload` use.
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` endpoint, e.g. `127.0.0.1:9464`. Off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Serve on a non-loopback address (the endpoint has no authentication; refused unless set).
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// A group (name or gid) whose members may use the control socket besides root (`enforcer status`).
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +80,9 @@ pub struct CaptureSettings {
     pub cgroup: PathBuf,
     /// bpffs directory where the tag map is pinned (so `enforcer exec` and `enforcer cgroup` can reach it).
     pub pin_dir: PathBuf,
+    /// Seconds between full rescans of the cgroup tree for profile cgroups (paths and globs) that appeared; new
+    /// cgroups are normally seen at once through inotify, the rescan is the safety net.
+    pub rescan_secs: u64,
 }
 
 impl Default for CaptureSettings {
@@ -68,6 +91,7 @@ impl Default for CaptureSettings {
             enabled: true,
             cgroup: PathBuf::new(),
             pin_dir: PathBuf::from("/sys/fs/bpf/enforcer"),
+            rescan_secs: 10,
         }
     }
 }
@@ -75,6 +99,9 @@ impl Default for CaptureSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProfileConfig {
+    /// Cgroups of this profile, relative to `cgroup_root`: paths or globs (`*` and `?` within a segment, `**` any
+    /// number of segments, e.g. `agents-*.scope` or `kubepods.slice/**/kubepods-*pod<uid>.slice`). The daemon tags
+    /// those that exist at start and each one that appears later.
     pub cgroups: Vec<PathBuf>,
 }
 
@@ -151,6 +178,8 @@ impl Default for Config {
             audit: AuditSettings::default(),
             inspect: crate::inspect::InspectConfig::default(),
             profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
+            metrics: MetricsConfig::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -250,6 +279,23 @@ mod tests {
         assert!(Config::default().proxy.static_hosts.is_empty());
         let bad = "proxy:\n  static_hosts:\n    x.test: [\"not-an-ip\"]\n";
         assert!(serde_saphyr::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn ops_settings_parse_and_default() {
+        let yaml = "metrics: { listen: \"127.0.0.1:9464\" }\ncontrol: { group: enforcer }\ncapture: { rescan_secs: 3 }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        assert!(!config.metrics.allow_non_loopback);
+        assert_eq!(config.control.group.as_deref(), Some("enforcer"));
+        assert_eq!(config.capture.rescan_secs, 3);
+        let default = Config::default();
+        assert!(default.metrics.listen.is_none());
+        assert!(default.control.group.is_none());
+        assert!(serde_saphyr::from_str::<Config>("metrics: { listen: nowhere }\n").is_err());
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl ProxyContext {
             &self.policy.current(),
             [&mut request.host, &mut request.path].into_iter().flatten(),
         );
-        self.audit.record(event).await
+        crate::metrics::global().audited(&self.audit, event).await
     }
 }
 

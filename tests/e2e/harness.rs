@@ -73,6 +73,10 @@ pub struct Env {
     pub explicit_port: u16,
     /// The daemon's DNS listener port (UDP, 127.0.0.1 and ::1).
     pub dns_port: u16,
+    /// The daemon's Prometheus endpoint (`metrics.listen`) on 127.0.0.1.
+    pub metrics_port: u16,
+    /// Extra environment for the daemon (e.g. `NOTIFY_SOCKET`), applied at its next start.
+    pub daemon_env: Vec<(String, String)>,
     /// The host side of the veth pair (10.77.N.1, fd77:N::1): nothing listens on port 53 there, so a DNS query
     /// sent to it is answered only when the enforcer redirected it.
     pub host_v4: String,
@@ -125,6 +129,8 @@ impl Env {
             port: free_port()?,
             explicit_port: free_port()?,
             dns_port: free_udp_port()?,
+            metrics_port: free_port()?,
+            daemon_env: Vec::new(),
             host_v4: format!("10.77.{n}.1"),
             host_v6: format!("fd77:{n}::1"),
             daemon_log: root.join("daemon.log"),
@@ -244,6 +250,7 @@ impl Env {
              \x20   {V4_ONLY_HOST}: [\"{v4}\"]\n\
              dns:\n  port: {dns_port}\n  upstream: \"{v4}:53\"\n\
              audit:\n  checkpoint_interval_secs: 1\n\
+             metrics:\n  listen: \"127.0.0.1:{metrics}\"\n\
              profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
             policy = policy.display(),
             state = root.join("state").display(),
@@ -252,6 +259,7 @@ impl Env {
             port = self.port,
             explicit = self.explicit_port,
             dns_port = self.dns_port,
+            metrics = self.metrics_port,
             ca = self.test_ca.display(),
             v4 = self.v4,
             v6 = self.v6,
@@ -267,6 +275,7 @@ impl Env {
             .arg(&self.config)
             .env("RUST_LOG", "info,enforcer=debug")
             .env("NO_COLOR", "1")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -684,7 +693,7 @@ fn sweep_stale() {
 }
 
 /// Kill every process left in the cgroup tree, then remove the cgroups bottom-up.
-fn remove_cgroup_tree(top: &Path) {
+pub fn remove_cgroup_tree(top: &Path) {
     if !top.exists() {
         return;
     }
@@ -833,6 +842,11 @@ impl Env {
             ));
         }
         Ok(())
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
     }
 
     /// Whether the daemon process is still running.

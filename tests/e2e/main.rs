@@ -7,6 +7,7 @@
 //! (`test NAME ... ok`, `test result: …`). Arguments that do not start with `-` filter tests by substring.
 
 mod harness;
+mod ops;
 mod reload;
 mod sdk;
 
@@ -81,6 +82,26 @@ const TESTS: &[Test] = &[
     (
         "one_audit_record_per_request_and_verify_passes",
         one_audit_record_per_request_and_verify_passes,
+    ),
+    (
+        "ops_status_reports_the_daemon",
+        ops::status_reports_the_daemon,
+    ),
+    (
+        "ops_metrics_pass_promtool_and_prometheus_scrapes_them",
+        ops::metrics_pass_promtool_and_prometheus_scrapes_them,
+    ),
+    (
+        "ops_notify_ready_watchdog_reload_stopping",
+        ops::notify_ready_watchdog_reload_stopping,
+    ),
+    (
+        "ops_glob_profiles_tag_cgroups_as_they_appear",
+        ops::glob_profiles_tag_cgroups_as_they_appear,
+    ),
+    (
+        "ops_setup_errors_name_what_is_missing",
+        ops::setup_errors_name_what_is_missing,
     ),
     ("sdk_openai_python", sdk::openai_python_sdk),
     ("sdk_anthropic_python", sdk::anthropic_python_sdk),

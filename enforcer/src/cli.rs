@@ -52,3 +52,38 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => crate::audit::cli::run(cmd),
     }
 }
+
+/// An error chain as one line for the terminal: each cause after the first is appended unless the message before it
+/// already ends with it (several error types print their source inside their own message).
+pub fn error_message(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::from(crate::config::ConfigError::Io {
+            path: "/etc/x.yaml".into(),
+            source: io,
+        })
+        .context("loading the configuration");
+        assert_eq!(
+            error_message(&err),
+            "loading the configuration: /etc/x.yaml: No such file"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_message(&plain), "outer: inner");
+    }
+}

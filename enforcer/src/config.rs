@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 /// Default location of the daemon's state (CA, audit trail).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
-/// Default cgroup v2 mount point.
+/// Default cgroup v2 mount point on hosts where `/sys/fs/cgroup` is not cgroup2 (hybrid hierarchy).
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
 #[derive(Debug, thiserror::Error)]
@@ -38,19 +38,26 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The cgroup v2 mount point.
     pub cgroup_root: PathBuf,
+    #[serde(deserialize_with = "null_as_default")]
     pub capture: CaptureSettings,
+    #[serde(deserialize_with = "null_as_default")]
     pub proxy: ProxyConfig,
     /// The DNS listener tagged processes' DNS datagrams are redirected to.
+    #[serde(deserialize_with = "null_as_default")]
     pub dns: DnsConfig,
+    #[serde(deserialize_with = "null_as_default")]
     pub audit: AuditSettings,
     /// How LLM providers are recognised (host lists, per-host overrides for self-hosted or test endpoints).
+    #[serde(deserialize_with = "null_as_default")]
     pub inspect: crate::inspect::InspectConfig,
     /// Profiles and the cgroups (paths relative to `cgroup_root`) that belong to each. `enforcer exec` also creates
     /// cgroups under `<cgroup_root>/enforcer/<profile>/`, which the daemon tags for every profile listed here.
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// The Prometheus endpoint (off unless `listen` is set).
+    #[serde(deserialize_with = "null_as_default")]
     pub metrics: MetricsConfig,
     /// The local control socket (`<state_dir>/control.sock`) that `enforcer status` and `enforcer reload` use.
+    #[serde(deserialize_with = "null_as_default")]
     pub control: ControlConfig,
 }
 
@@ -171,7 +178,7 @@ impl Default for Config {
         Config {
             policy: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
+            cgroup_root: default_cgroup_root(),
             capture: CaptureSettings::default(),
             proxy: ProxyConfig::default(),
             dns: DnsConfig::default(),
@@ -206,6 +213,26 @@ impl Default for AuditSettings {
             durable: true,
             syslog: false,
         }
+    }
+}
+
+/// A section written with nothing but comments under it (`metrics:`) is YAML null: read it as the defaults.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The cgroup v2 mount: `/sys/fs/cgroup` on hosts with the unified hierarchy (systemd's default), else
+/// [`DEFAULT_CGROUP_ROOT`] (hybrid hosts).
+fn default_cgroup_root() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup");
+    if crate::service::preflight::is_cgroup2(unified) {
+        unified.to_path_buf()
+    } else {
+        PathBuf::from(DEFAULT_CGROUP_ROOT)
     }
 }
 
@@ -279,6 +306,26 @@ mod tests {
         assert!(Config::default().proxy.static_hosts.is_empty());
         let bad = "proxy:\n  static_hosts:\n    x.test: [\"not-an-ip\"]\n";
         assert!(serde_saphyr::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn sections_with_only_comments_take_the_defaults() {
+        let yaml = "metrics:\n  #listen: x\ncontrol:\ncapture:\n  #cgroup: x\nproxy:\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert!(config.metrics.listen.is_none());
+        assert!(config.capture.enabled);
+        assert_eq!(config.proxy.port, 15001);
+    }
+
+    #[test]
+    fn the_packaged_config_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/enforcer.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert!(config.policy.is_none());
+        assert_eq!(config.proxy.port, Config::default().proxy.port);
+        assert_eq!(config.profiles.keys().collect::<Vec<_>>(), ["default"]);
+        assert!(config.metrics.listen.is_none());
     }
 
     #[test]

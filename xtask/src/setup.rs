@@ -4,7 +4,8 @@
 //! The recipe (DESIGN.md): Debian `llvm-22-dev`; `bpf-linker` 0.13.0 built against LLVM 22 (`LLVM_PREFIX` must point
 //! at LLVM 22 or it finds Debian's LLVM 14); `rust-src` for `-Z build-std=core`. The end-to-end tests and the demo
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
-//! Python SDKs (pip).
+//! Python SDKs (pip). The operations tests need `promtool` and `prometheus` (Debian `prometheus`), `setpriv`
+//! (util-linux) and `systemd-analyze` (systemd); the package test (root only) needs `cargo-deb`, pinned.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -24,7 +25,14 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("node", "nodejs"),
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
 ];
+
+/// cargo-deb builds the Debian package in the package test (enforcer/tests/package.rs, root only).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// The official SDKs the end-to-end tests run as unmodified agents (tests/e2e/sdk.rs), pinned.
 const PYTHON_SDKS: &[(&str, &str)] = &[
@@ -42,15 +50,34 @@ pub fn run() -> anyhow::Result<()> {
         apt.install(&[LLVM_PACKAGE])?;
     }
 
-    let missing: Vec<&str> = TOOLS
+    let mut missing: Vec<&str> = TOOLS
         .iter()
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
-        eprintln!("xtask: setup: ip, curl, python3, openssl, node present");
+        let tools: Vec<&str> = TOOLS.iter().map(|(tool, _)| *tool).collect();
+        eprintln!("xtask: setup: {} present", tools.join(", "));
     } else {
         apt.install(&missing)?;
+    }
+
+    // Only the package test uses it, and it runs only as root.
+    if !is_root() {
+        eprintln!("xtask: setup: not root, cargo-deb not needed (the package test runs as root)");
+    } else if cargo_deb_ok() {
+        eprintln!("xtask: setup: cargo-deb {CARGO_DEB_VERSION} already installed");
+    } else {
+        run_checked(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+                "install",
+                "cargo-deb",
+                "--version",
+                CARGO_DEB_VERSION,
+                "--locked",
+            ]),
+        )?;
     }
 
     if bpf_linker_ok() {
@@ -170,6 +197,14 @@ fn dpkg_installed(package: &str) -> bool {
 fn bpf_linker_ok() -> bool {
     quiet_output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
+}
+
+fn cargo_deb_ok() -> bool {
+    quiet_output(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["deb", "--version"]),
+    )
+    .is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DEB_VERSION))
 }
 
 fn rust_src_installed() -> bool {

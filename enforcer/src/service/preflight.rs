@@ -88,6 +88,11 @@ fn check_pin_dir(pin_dir: &Path) -> Result<(), SetupError> {
     }
 }
 
+/// Whether `path` is a cgroup v2 mount.
+pub fn is_cgroup2(path: &Path) -> bool {
+    fs_magic(path).is_ok_and(|m| m == CGROUP2_SUPER_MAGIC)
+}
+
 /// The filesystem type (`f_type`) of `path`.
 fn fs_magic(path: &Path) -> std::io::Result<i64> {
     use std::os::unix::ffi::OsStrExt;

@@ -679,7 +679,11 @@ fn sweep_stale() {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_prefix(PREFIX) {
+            // `enforcer-e2e-<pid>`, and the ops tests' `enforcer-e2e-<what>-<pid>`.
+            if let Some(id) = name
+                .strip_prefix(PREFIX)
+                .and_then(|rest| rest.rsplit('-').next())
+            {
                 if dead(id) {
                     if base == CGROUP_ROOT {
                         remove_cgroup_tree(&entry.path());

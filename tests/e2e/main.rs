@@ -103,6 +103,10 @@ const TESTS: &[Test] = &[
         "ops_setup_errors_name_what_is_missing",
         ops::setup_errors_name_what_is_missing,
     ),
+    (
+        "ops_the_units_capabilities_suffice_and_each_is_needed",
+        ops::the_units_capabilities_suffice_and_each_is_needed,
+    ),
     ("sdk_openai_python", sdk::openai_python_sdk),
     ("sdk_anthropic_python", sdk::anthropic_python_sdk),
     ("sdk_mcp_python", sdk::mcp_python_sdk),

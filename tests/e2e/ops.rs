@@ -677,3 +677,160 @@ fn start_and_stop(config: &str) -> Result<(bool, String), String> {
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     Ok((ready, String::from_utf8_lossy(&out.stderr).into_owned()))
 }
+
+/// What one daemon run under a capability bounding set did.
+struct CapsRun {
+    ready: bool,
+    stderr: String,
+    /// The audit record of a request made by an agent running as `nobody` in a tagged cgroup.
+    record: Option<serde_json::Value>,
+}
+
+/// The capabilities the packaged unit grants (`CapabilityBoundingSet=`), as setpriv names them (`bpf`, …).
+fn unit_capabilities() -> Vec<String> {
+    let unit = harness::repo_root().join("packaging/systemd/enforcer.service");
+    let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("{}: {e}", unit.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .map(|caps| {
+            caps.split_whitespace()
+                .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+                .collect()
+        })
+        .unwrap_or_else(|| panic!("no CapabilityBoundingSet= in {}", unit.display()))
+}
+
+/// The packaged unit's capability set is exactly what the daemon needs: under it the daemon starts, captures an agent
+/// running as another user, records its executable, and hands the control socket to `control.group`; without any
+/// one of them it cannot start, or (CAP_SYS_PTRACE) records the agent's command name only.
+pub fn the_units_capabilities_suffice_and_each_is_needed(env: &mut Env) {
+    env.need_daemon();
+    let caps = unit_capabilities();
+    assert_eq!(caps, ["bpf", "net_admin", "perfmon", "sys_ptrace", "chown"]);
+    let full = run_with_caps(env, &caps);
+    assert!(
+        full.ready,
+        "not ready under the unit's capabilities:\n{}",
+        full.stderr
+    );
+    let rec = full
+        .record
+        .unwrap_or_else(|| panic!("no record:\n{}", full.stderr));
+    assert_eq!(rec["decision"]["verdict"], "block", "{rec}");
+    assert_eq!(rec["agent"]["uid"], 65534, "{rec}");
+    assert_eq!(rec["agent"]["exe"], "/usr/bin/curl", "{rec}");
+    for dropped in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
+        let run = run_with_caps(env, &fewer);
+        if dropped == "sys_ptrace" {
+            assert!(run.ready, "{}", run.stderr);
+            let rec = run
+                .record
+                .unwrap_or_else(|| panic!("no record:\n{}", run.stderr));
+            assert_eq!(rec["agent"]["exe"], "curl", "without CAP_SYS_PTRACE: {rec}");
+        } else {
+            assert!(
+                !run.ready,
+                "ready without CAP_{}:\n{}",
+                dropped.to_uppercase(),
+                run.stderr
+            );
+        }
+    }
+}
+
+fn run_with_caps(env: &Env, caps: &[String]) -> CapsRun {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::Builder::new()
+        .prefix("caps-")
+        .tempdir_in(env.dir.path())
+        .expect("tempdir");
+    let cgroup = PathBuf::from(format!(
+        "/sys/fs/cgroup/unified/enforcer-e2e-caps-{}",
+        env.id
+    ));
+    let agent = cgroup.join("agent");
+    std::fs::create_dir_all(&agent).unwrap_or_else(|e| panic!("mkdir {}: {e}", agent.display()));
+    let pin = env.pin_dir.join("caps");
+    let config = dir.path().join("enforcer.yaml");
+    let name = cgroup
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    std::fs::write(
+        &config,
+        format!(
+            "policy: {policy}\nstate_dir: {state}\ncgroup_root: /sys/fs/cgroup/unified\n\
+             capture: {{ cgroup: {name}, pin_dir: {pin} }}\n\
+             proxy: {{ port: {port} }}\ndns: {{ port: {dns}, upstream: \"{v4}:53\" }}\n\
+             control: {{ group: nogroup }}\nprofiles: {{ caps: {{ cgroups: [{name}/agent] }} }}\n",
+            policy = harness::repo_root().join("tests/e2e/policy.yaml").display(),
+            state = dir.path().join("state").display(),
+            pin = pin.display(),
+            port = free_port(),
+            dns = free_port(),
+            v4 = env.v4,
+        ),
+    )
+    .expect("write config");
+    let bounding = format!(
+        "--bounding-set=-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut child = Command::new("setpriv")
+        .arg(&bounding)
+        .arg("--")
+        .arg(harness::enforcer_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("setpriv enforcer run: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        let _ = tx.send(lines.any(|l| l.starts_with("READY")));
+        lines.for_each(drop);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(90)).unwrap_or(false);
+    let mut record = None;
+    if ready {
+        let url = format!("http://{}/blocked/caps", env.v4);
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec setpriv --reuid=65534 --regid=65534 --clear-groups \
+             curl -s -o /dev/null --max-time 10 {url}",
+            agent.display()
+        );
+        let _ = Command::new("sh").args(["-c", &script]).status();
+        let audit = dir.path().join("state/audit").display().to_string();
+        let (_, out, _) = enforcer(&["audit", "tail", &audit, "--json", "-n", "1"]);
+        record = out
+            .lines()
+            .next()
+            .and_then(|l| serde_json::from_str(l).ok());
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let out = child.wait_with_output().expect("wait");
+    harness::remove_cgroup_tree(&cgroup);
+    let _ = std::fs::remove_dir_all(&pin);
+    CapsRun {
+        ready,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        record,
+    }
+}

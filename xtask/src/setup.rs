@@ -34,11 +34,13 @@ const TOOLS: &[(&str, &str)] = &[
 /// cargo-deb builds the Debian package in the package test (enforcer/tests/package.rs, root only).
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
-/// The official SDKs the end-to-end tests run as unmodified agents (tests/e2e/sdk.rs), pinned.
+/// The official SDKs the end-to-end tests run as unmodified agents (tests/e2e/sdk.rs), and the offline schema
+/// validator of the Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled), pinned.
 const PYTHON_SDKS: &[(&str, &str)] = &[
     ("openai", "3.51.0"),
     ("anthropic", "2.10.0"),
     ("mcp", "2.3.0"),
+    ("kubernetes-validate", "1.37.0"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -129,7 +131,7 @@ fn python_sdks() -> anyhow::Result<()> {
     let have = quiet_output(Command::new("python3").args(["-c", &script]));
     if have.is_some_and(|h| h.lines().map(str::trim).eq(want.iter().map(String::as_str))) {
         eprintln!(
-            "xtask: setup: Python SDKs already installed ({})",
+            "xtask: setup: Python packages already installed ({})",
             want.join(", ")
         );
         return Ok(());

@@ -46,13 +46,20 @@ fn manifests_pass_the_kubernetes_schemas() {
 #[test]
 fn the_configmap_holds_a_configuration_and_policy_the_daemon_loads() {
     let cm = yaml(&deploy_dir().join("configmap.yaml"));
-    let config = cm["data"]["enforcer.yaml"].as_str().expect("data.enforcer.yaml");
+    let config = cm["data"]["enforcer.yaml"]
+        .as_str()
+        .expect("data.enforcer.yaml");
     let config: enforcer::config::Config =
         serde_saphyr::from_str(config).unwrap_or_else(|e| panic!("enforcer.yaml: {e}"));
-    assert_eq!(config.policy.as_deref(), Some(Path::new("/etc/enforcer/policy.yaml")));
+    assert_eq!(
+        config.policy.as_deref(),
+        Some(Path::new("/etc/enforcer/policy.yaml"))
+    );
     assert_eq!(config.cgroup_root, Path::new("/sys/fs/cgroup"));
     assert!(config.profiles.contains_key("agents"));
-    let policy = cm["data"]["policy.yaml"].as_str().expect("data.policy.yaml");
+    let policy = cm["data"]["policy.yaml"]
+        .as_str()
+        .expect("data.policy.yaml");
     enforcer::policy::Policy::from_yaml(policy, "configmap policy.yaml")
         .unwrap_or_else(|e| panic!("{e}"));
 }

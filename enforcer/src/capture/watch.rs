@@ -201,14 +201,7 @@ impl State {
             if let Some(p) = self.patterns.iter().find(|p| p.matches(&segs)).cloned() {
                 self.tag(&dir, &p);
             }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                queue.extend(
-                    entries
-                        .filter_map(Result::ok)
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
+            queue.extend(child_cgroups(&dir));
         }
     }
 
@@ -260,6 +253,19 @@ impl State {
             Err(e) => tracing::warn!(cgroup = %dir.display(), error = %e, "cannot tag cgroup"),
         }
     }
+}
+
+/// The cgroups directly below `dir` (none when it cannot be read).
+pub fn child_cgroups(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One segment against a segment glob: `*` any run of characters, `?` one character.

@@ -319,14 +319,11 @@ fn tagged_cgroups(
                 .unwrap_or(0);
             *agents.entry(profile.clone()).or_default() += procs;
         }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            queue.extend(
-                entries
-                    .filter_map(Result::ok)
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| (e.path(), effective.clone())),
-            );
-        }
+        queue.extend(
+            crate::capture::child_cgroups(&dir)
+                .into_iter()
+                .map(|child| (child, effective.clone())),
+        );
     }
     for list in tagged.values_mut() {
         list.sort();

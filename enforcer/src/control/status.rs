@@ -381,8 +381,11 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// RFC 3339 in UTC, to the second.
 fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
+    let t = time::OffsetDateTime::from(t);
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }

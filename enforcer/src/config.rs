@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
 /// Default for `proxy.max_connections`: client connections served at once over every listener.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// Default cgroup v2 mount point.
+/// Default cgroup v2 mount point on hosts where `/sys/fs/cgroup` is not cgroup2 (hybrid hierarchy).
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
 #[derive(Debug, thiserror::Error)]
@@ -42,16 +42,43 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The cgroup v2 mount point.
     pub cgroup_root: PathBuf,
+    #[serde(deserialize_with = "null_as_default")]
     pub capture: CaptureSettings,
+    #[serde(deserialize_with = "null_as_default")]
     pub proxy: ProxyConfig,
     /// The DNS listener tagged processes' DNS datagrams are redirected to.
+    #[serde(deserialize_with = "null_as_default")]
     pub dns: DnsConfig,
+    #[serde(deserialize_with = "null_as_default")]
     pub audit: AuditSettings,
     /// How LLM providers are recognised (host lists, per-host overrides for self-hosted or test endpoints).
+    #[serde(deserialize_with = "null_as_default")]
     pub inspect: crate::inspect::InspectConfig,
     /// Profiles and the cgroups (paths relative to `cgroup_root`) that belong to each. `enforcer exec` also creates
     /// cgroups under `<cgroup_root>/enforcer/<profile>/`, which the daemon tags for every profile listed here.
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// The Prometheus endpoint (off unless `listen` is set).
+    #[serde(deserialize_with = "null_as_default")]
+    pub metrics: MetricsConfig,
+    /// The local control socket (`<state_dir>/control.sock`) that `enforcer status` and `enforcer reload` use.
+    #[serde(deserialize_with = "null_as_default")]
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` endpoint, e.g. `127.0.0.1:9464`. Off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Serve on a non-loopback address (the endpoint has no authentication; refused unless set).
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// A group (name or gid) whose members may use the control socket besides root (`enforcer status`).
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +91,9 @@ pub struct CaptureSettings {
     pub cgroup: PathBuf,
     /// bpffs directory where the tag map is pinned (so `enforcer exec` and `enforcer cgroup` can reach it).
     pub pin_dir: PathBuf,
+    /// Seconds between full rescans of the cgroup tree for profile cgroups (paths and globs) that appeared; new
+    /// cgroups are normally seen at once through inotify, the rescan is the safety net.
+    pub rescan_secs: u64,
 }
 
 impl Default for CaptureSettings {
@@ -72,6 +102,7 @@ impl Default for CaptureSettings {
             enabled: true,
             cgroup: PathBuf::new(),
             pin_dir: PathBuf::from("/sys/fs/bpf/enforcer"),
+            rescan_secs: 10,
         }
     }
 }
@@ -79,6 +110,9 @@ impl Default for CaptureSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProfileConfig {
+    /// Cgroups of this profile, relative to `cgroup_root`: paths or globs (`*` and `?` within a segment, `**` any
+    /// number of segments, e.g. `agents-*.scope` or `kubepods.slice/**/kubepods-*pod<uid>.slice`). The daemon tags
+    /// those that exist at start and each one that appears later.
     pub cgroups: Vec<PathBuf>,
 }
 
@@ -164,13 +198,15 @@ impl Default for Config {
         Config {
             policy: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
+            cgroup_root: default_cgroup_root(),
             capture: CaptureSettings::default(),
             proxy: ProxyConfig::default(),
             dns: DnsConfig::default(),
             audit: AuditSettings::default(),
             inspect: crate::inspect::InspectConfig::default(),
             profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
+            metrics: MetricsConfig::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -198,6 +234,26 @@ impl Default for AuditSettings {
             durable: true,
             syslog: false,
         }
+    }
+}
+
+/// A section written with nothing but comments under it (`metrics:`) is YAML null: read it as the defaults.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The cgroup v2 mount: `/sys/fs/cgroup` on hosts with the unified hierarchy (systemd's default), else
+/// [`DEFAULT_CGROUP_ROOT`] (hybrid hosts).
+fn default_cgroup_root() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup");
+    if crate::service::preflight::is_cgroup2(unified) {
+        unified.to_path_buf()
+    } else {
+        PathBuf::from(DEFAULT_CGROUP_ROOT)
     }
 }
 
@@ -282,6 +338,43 @@ mod tests {
         assert!(Config::default().proxy.static_hosts.is_empty());
         let bad = "proxy:\n  static_hosts:\n    x.test: [\"not-an-ip\"]\n";
         assert!(serde_saphyr::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn sections_with_only_comments_take_the_defaults() {
+        let yaml = "metrics:\n  #listen: x\ncontrol:\ncapture:\n  #cgroup: x\nproxy:\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert!(config.metrics.listen.is_none());
+        assert!(config.capture.enabled);
+        assert_eq!(config.proxy.port, 15001);
+    }
+
+    #[test]
+    fn the_packaged_config_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/enforcer.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert!(config.policy.is_none());
+        assert_eq!(config.proxy.port, Config::default().proxy.port);
+        assert_eq!(config.profiles.keys().collect::<Vec<_>>(), ["default"]);
+        assert!(config.metrics.listen.is_none());
+    }
+
+    #[test]
+    fn ops_settings_parse_and_default() {
+        let yaml = "metrics: { listen: \"127.0.0.1:9464\" }\ncontrol: { group: enforcer }\ncapture: { rescan_secs: 3 }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        assert!(!config.metrics.allow_non_loopback);
+        assert_eq!(config.control.group.as_deref(), Some("enforcer"));
+        assert_eq!(config.capture.rescan_secs, 3);
+        let default = Config::default();
+        assert!(default.metrics.listen.is_none());
+        assert!(default.control.group.is_none());
+        assert!(serde_saphyr::from_str::<Config>("metrics: { listen: nowhere }\n").is_err());
     }
 
     #[test]

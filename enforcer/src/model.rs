@@ -360,6 +360,29 @@ pub enum Reason {
     ClientTls,
 }
 
+impl Reason {
+    /// The name used in records, logs and metrics (`rule`, `upstream_tls`, …; the serialised form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Rule => "rule",
+            Reason::Default => "default",
+            Reason::RateLimited => "rate_limited",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::Unparseable => "unparseable",
+            Reason::SignedField => "signed_field",
+            Reason::Unredactable => "unredactable",
+            Reason::Unrewritable => "unrewritable",
+            Reason::HostMismatch => "host_mismatch",
+            Reason::UpstreamTls => "upstream_tls",
+            Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::BadRequest => "bad_request",
+            Reason::AuditUnavailable => "audit_unavailable",
+            Reason::ClientClosed => "client_closed",
+            Reason::ClientTls => "client_tls",
+        }
+    }
+}
+
 /// The policy's answer for one Action.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {

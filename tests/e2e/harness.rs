@@ -85,6 +85,10 @@ pub struct Env {
     pub explicit_port: u16,
     /// The daemon's DNS listener port (UDP, 127.0.0.1 and ::1).
     pub dns_port: u16,
+    /// The daemon's Prometheus endpoint (`metrics.listen`) on 127.0.0.1.
+    pub metrics_port: u16,
+    /// Extra environment for the daemon (e.g. `NOTIFY_SOCKET`), applied at its next start.
+    pub daemon_env: Vec<(String, String)>,
     /// The host side of the veth pair (10.77.N.1, fd77:N::1): nothing listens on port 53 there, so a DNS query
     /// sent to it is answered only when the enforcer redirected it.
     pub host_v4: String,
@@ -147,6 +151,8 @@ impl Env {
             port: free_port()?,
             explicit_port: free_port()?,
             dns_port: free_udp_port()?,
+            metrics_port: free_port()?,
+            daemon_env: Vec::new(),
             host_v4: format!("10.77.{n}.1"),
             host_v6: format!("fd77:{n}::1"),
             daemon_log: root.join("daemon.log"),
@@ -271,6 +277,7 @@ impl Env {
              \x20   {V4_ONLY_HOST}: [\"{v4}\"]\n\
              dns:\n  port: {dns_port}\n  upstream: \"{v4}:53\"\n\
              audit:\n  checkpoint_interval_secs: 1\n\
+             metrics:\n  listen: \"127.0.0.1:{metrics}\"\n\
              profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
             policy = policy.display(),
             state = root.join("state").display(),
@@ -279,6 +286,7 @@ impl Env {
             port = self.port,
             explicit = self.explicit_port,
             dns_port = self.dns_port,
+            metrics = self.metrics_port,
             ca = self.test_ca.display(),
             v4 = self.v4,
             v6 = self.v6,
@@ -300,6 +308,7 @@ impl Env {
             .envs(vars.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "info,enforcer=debug")
             .env("NO_COLOR", "1")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -802,7 +811,11 @@ fn sweep_stale() {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_prefix(PREFIX) {
+            // `enforcer-e2e-<pid>`, and the ops tests' `enforcer-e2e-<what>-<pid>`.
+            if let Some(id) = name
+                .strip_prefix(PREFIX)
+                .and_then(|rest| rest.rsplit('-').next())
+            {
                 if dead(id) {
                     if base == CGROUP_ROOT {
                         remove_cgroup_tree(&entry.path());
@@ -816,7 +829,7 @@ fn sweep_stale() {
 }
 
 /// Kill every process left in the cgroup tree, then remove the cgroups bottom-up.
-fn remove_cgroup_tree(top: &Path) {
+pub fn remove_cgroup_tree(top: &Path) {
     if !top.exists() {
         return;
     }
@@ -934,11 +947,6 @@ impl Env {
         self.start_daemon_with_env(vars)
             .inspect_err(|e| self.daemon_error = Some(e.clone()))
     }
-
-    /// The running daemon's pid.
-    pub fn daemon_pid(&self) -> Option<u32> {
-        self.daemon.as_ref().map(|d| d.child.id())
-    }
 }
 
 // ---- for the policy reload test (reload.rs) ----
@@ -979,6 +987,11 @@ impl Env {
             ));
         }
         Ok(())
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
     }
 
     /// Whether the daemon process is still running.

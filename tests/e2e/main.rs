@@ -8,6 +8,7 @@
 
 mod agent;
 mod harness;
+mod ops;
 mod reload;
 mod sdk;
 
@@ -114,6 +115,30 @@ const TESTS: &[Test] = &[
     (
         "upstream_trust_comes_from_the_system_store",
         agent::upstream_trust_comes_from_the_system_store,
+    ),
+    (
+        "ops_status_reports_the_daemon",
+        ops::status_reports_the_daemon,
+    ),
+    (
+        "ops_metrics_pass_promtool_and_prometheus_scrapes_them",
+        ops::metrics_pass_promtool_and_prometheus_scrapes_them,
+    ),
+    (
+        "ops_notify_ready_watchdog_reload_stopping",
+        ops::notify_ready_watchdog_reload_stopping,
+    ),
+    (
+        "ops_glob_profiles_tag_cgroups_as_they_appear",
+        ops::glob_profiles_tag_cgroups_as_they_appear,
+    ),
+    (
+        "ops_setup_errors_name_what_is_missing",
+        ops::setup_errors_name_what_is_missing,
+    ),
+    (
+        "ops_the_units_capabilities_suffice_and_each_is_needed",
+        ops::the_units_capabilities_suffice_and_each_is_needed,
     ),
     ("sdk_openai_python", sdk::openai_python_sdk),
     ("sdk_anthropic_python", sdk::anthropic_python_sdk),

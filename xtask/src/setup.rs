@@ -4,7 +4,8 @@
 //! The recipe (DESIGN.md): Debian `llvm-22-dev`; `bpf-linker` 0.13.0 built against LLVM 22 (`LLVM_PREFIX` must point
 //! at LLVM 22 or it finds Debian's LLVM 14); `rust-src` for `-Z build-std=core`. The end-to-end tests and the demo
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
-//! Python SDKs (pip).
+//! Python SDKs (pip). The operations tests need `promtool` and `prometheus` (Debian `prometheus`), `setpriv`
+//! (util-linux) and `systemd-analyze` (systemd); the package test (root only) needs `cargo-deb`, pinned.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,20 +28,29 @@ const TOOLS: &[(&str, &str)] = &[
     ("npm", "npm"),
     ("git", "git"),
     ("useradd", "passwd"),
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
 ];
+
+/// cargo-deb builds the Debian package in the package test (enforcer/tests/package.rs, root only).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// The Python the virtual environment is made from: Debian's, outside /root, so every user can run the venv.
 const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 /// The test virtual environment (world-readable); tests/e2e/harness.rs runs every Python from it.
 pub const TEST_VENV: &str = "/opt/enforcer-test/venv";
 
-/// What the tests import, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which also
-/// runs the MCP SDK's server) and requests (the trust-environment test).
+/// What the tests import or run, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which
+/// also runs the MCP SDK's server), requests (the trust-environment test) and the offline schema validator of the
+/// Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled).
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "3.51.0"),
     ("anthropic", "2.10.0"),
     ("mcp", "2.3.0"),
     ("requests", "2.34.2"),
+    ("kubernetes-validate", "1.37.0"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -52,18 +62,37 @@ pub fn run() -> anyhow::Result<()> {
         apt.install(&[LLVM_PACKAGE])?;
     }
 
-    let missing: Vec<&str> = TOOLS
+    let mut missing: Vec<&str> = TOOLS
         .iter()
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
-        eprintln!("xtask: setup: ip, curl, python3, openssl, node, npm, git, useradd present");
+        let tools: Vec<&str> = TOOLS.iter().map(|(tool, _)| *tool).collect();
+        eprintln!("xtask: setup: {} present", tools.join(", "));
     } else {
         apt.install(&missing)?;
     }
     if quiet_output(Command::new(SYSTEM_PYTHON).args(["-c", "import venv, ensurepip"])).is_none() {
         apt.install(&["python3-venv"])?;
+    }
+
+    // Only the package test uses it, and it runs only as root.
+    if !is_root() {
+        eprintln!("xtask: setup: not root, cargo-deb not needed (the package test runs as root)");
+    } else if cargo_deb_ok() {
+        eprintln!("xtask: setup: cargo-deb {CARGO_DEB_VERSION} already installed");
+    } else {
+        run_checked(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+                "install",
+                "cargo-deb",
+                "--version",
+                CARGO_DEB_VERSION,
+                "--locked",
+            ]),
+        )?;
     }
 
     if bpf_linker_ok() {
@@ -200,6 +229,14 @@ fn dpkg_installed(package: &str) -> bool {
 fn bpf_linker_ok() -> bool {
     quiet_output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
+}
+
+fn cargo_deb_ok() -> bool {
+    quiet_output(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["deb", "--version"]),
+    )
+    .is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DEB_VERSION))
 }
 
 fn rust_src_installed() -> bool {

@@ -7,6 +7,7 @@ mod cli;
 mod links;
 mod origins;
 mod tags;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use enforcer_common::{
 pub use cli::{cgroup_command, exec, CgroupCommand, ExecArgs};
 pub use origins::{cgroup_path, BpfOrigins};
 pub use tags::{cgroup_id, map_in_use, pin_path, TagTable};
+pub use watch::{child_cgroups, start as watch_cgroups, CgroupPattern, Watcher};
 
 /// The kernel object built by `build.rs` (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));

@@ -16,6 +16,7 @@
 //! 11. `answer::respond` — the response phases: what the agent receives.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -41,11 +42,14 @@ pub(crate) async fn handle(
         path: Some(req.uri().path().to_string()),
         ..RequestSummary::default()
     };
+    let started = Instant::now();
     let mut rec = ExchangeRecord::open(ctx.clone(), &conn.agent, summary);
-    match phases(&mut rec, conn, req).await {
+    let resp = match phases(&mut rec, conn, req).await {
         Ok(resp) => resp,
         Err(refusal) => rec.refuse(refusal).await,
-    }
+    };
+    crate::metrics::global().request_latency(started.elapsed());
+    resp
 }
 
 /// The request path, phase by phase. Every `?` is a refusal [`handle`] answers and records.
@@ -67,7 +71,9 @@ async fn phases(
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
 
     let inspected = classify::classify(rec, conn, &head, &parts, &body)?;
+    let deciding = Instant::now();
     let decided = policy.decide_all(&inspected.actions);
+    crate::metrics::global().decision_latency(deciding.elapsed());
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
 
     if rec.will_forward() {

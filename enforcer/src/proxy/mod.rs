@@ -80,7 +80,7 @@ impl ProxyContext {
             policy,
             [&mut request.host, &mut request.path].into_iter().flatten(),
         );
-        self.audit.record(event).await
+        crate::metrics::global().audited(&self.audit, event).await
     }
 
     /// Record a refusal the proxy decided itself, outside an HTTP exchange (a connection without an origin, a TLS
@@ -174,6 +174,7 @@ pub async fn serve(
         let (ctx, mode, shutdown) = (ctx.clone(), mode.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let _open = crate::metrics::global().connection_opened();
             tokio::select! {
                 _ = client(ctx, stream, peer, local, mode) => {}
                 _ = shutdown.cancelled() => {}
@@ -203,6 +204,7 @@ async fn client(
             let origin = ctx.origins.lookup(peer);
             let Some(origin) = origin.filter(|o| Some(o.dst) != local) else {
                 tracing::info!(client = %peer, "connection without a recorded original destination: closed");
+                crate::metrics::global().connection_refused();
                 let summary = RequestSummary {
                     scheme: Some(Scheme::Tcp),
                     ..RequestSummary::default()

@@ -208,6 +208,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_connections: config.proxy.max_connections,
         ..crate::proxy::Limits::default()
     });
+    let dns = Arc::new(crate::dns::DnsStage::new(
+        &config.dns,
+        dns_upstream,
+        dns_origins,
+    ));
     let ctx = Arc::new(ProxyContext {
         policy: SharedPolicy::new(policy),
         audit: audit.clone(),
@@ -216,13 +221,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         origins,
         inspect: config.inspect.clone(),
         hosts: HostBinder::new(&config.proxy.static_hosts),
-    });
-    let dns = Arc::new(crate::dns::DnsContext {
-        proxy: ctx.clone(),
-        origins: dns_origins,
-        upstream: dns_upstream,
-        timeout: std::time::Duration::from_millis(config.dns.timeout_ms),
-        max_in_flight: config.dns.max_in_flight,
+        dns: Some(dns.clone()),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -237,7 +236,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     for socket in [dns4, dns6] {
-        tasks.spawn(crate::dns::serve_dns(socket, dns.clone(), shutdown.clone()));
+        tasks.spawn(crate::dns::serve_udp(
+            socket,
+            ctx.clone(),
+            dns.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some((listener, profile)) = explicit {
         tasks.spawn(crate::proxy::serve_explicit(

@@ -505,7 +505,8 @@ pub fn leftovers(id: u32) -> Vec<String> {
     found
 }
 
-fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
+/// Run curl as `cmd` (its program and any wrapper) with the harness's output options and `args`.
+pub fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
     cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
         .args(args)
         .stdin(Stdio::null());

@@ -257,6 +257,10 @@ pub(crate) async fn handle_request(
         inspected.actions
     };
     let (mut decision, worst) = decide(&policy, &actions);
+    // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
+    if crate::dns::is_synthetic(conn.dst.ip()) {
+        decision = crate::dns::stand_in_decision(&policy, &conn.agent, Some(&host), decision);
+    }
     if let Some(a) = actions.get(worst) {
         fill_protocol(&mut rec.summary, a);
     }

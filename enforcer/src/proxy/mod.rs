@@ -7,7 +7,7 @@
 //! A connection's path: [`serve_transparent`] / [`serve_explicit`] → `accept` (original destination, sniff) →
 //! `tls` (leaf, ALPN) or plain HTTP or `tunnel` (TCP) → `http` (the per-request pipeline; for plain HTTP the
 //! `hostbind` check that the claimed Host lives at the original destination) → `upstream`. DNS datagrams redirected
-//! by the kernel take their own short path through [`crate::dns`].
+//! by the kernel take their own short path through [`crate::dns`], and so do connections to port 53 (DNS over TCP).
 
 mod accept;
 mod ca;
@@ -54,6 +54,8 @@ pub struct ProxyContext {
     pub inspect: InspectConfig,
     /// Binds a plain-HTTP `Host` to the original destination (transparent mode; see `hostbind`).
     pub hosts: HostBinder,
+    /// The DNS stage, which serves connections to port 53 (DNS over TCP); `None`: they are decided as raw TCP.
+    pub dns: Option<Arc<crate::dns::DnsStage>>,
 }
 
 impl ProxyContext {

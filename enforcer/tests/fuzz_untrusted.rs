@@ -393,6 +393,33 @@ fn count_panics() {
     });
 }
 
+/// One connection to the proxy as if redirected from `dst` per input: the input written (then the write side
+/// closed when `half_close`), and whatever comes back read until the proxy closes or 4 s pass; 48 at most at once.
+async fn throw_at_proxy(
+    p: &Proxy,
+    dst: std::net::SocketAddr,
+    inputs: Vec<Vec<u8>>,
+    half_close: bool,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for bytes in inputs {
+        let mut stream = p.connect_as(dst).await;
+        tasks.spawn(async move {
+            let _ = stream.write_all(&bytes).await;
+            if half_close {
+                let _ = stream.shutdown().await;
+            }
+            let mut sink = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(4), stream.read_to_end(&mut sink)).await;
+        });
+        if tasks.len() >= 48 {
+            let _ = tasks.join_next().await;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_raw_requests_never_panic_the_proxy() {
     count_panics();
@@ -416,29 +443,19 @@ async fn mutated_raw_requests_never_panic_the_proxy() {
         format!("GET http://{up}/abs HTTP/1.1\r\nHost: {up}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").into_bytes(),
     ];
     let mut rng = Rng(0xfeed_beef_0bad_cafe);
-    let mut tasks = tokio::task::JoinSet::new();
-    for round in 0..240 {
-        let seed = rng.pick(&valid).clone();
-        let bytes = if round % 10 == 0 {
-            (0..rng.below(200))
-                .map(|_| (rng.next() & 0xff) as u8)
-                .collect()
-        } else {
-            mutate(&mut rng, &seed, &valid)
-        };
-        let stream = p.connect_as(up).await;
-        tasks.spawn(async move {
-            let mut stream = stream;
-            let _ = stream.write_all(&bytes).await;
-            let mut sink = Vec::new();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(4), stream.read_to_end(&mut sink)).await;
-        });
-        if tasks.len() >= 48 {
-            let _ = tasks.join_next().await;
-        }
-    }
-    while tasks.join_next().await.is_some() {}
+    let inputs = (0..240)
+        .map(|round| {
+            let seed = rng.pick(&valid).clone();
+            if round % 10 == 0 {
+                (0..rng.below(200))
+                    .map(|_| (rng.next() & 0xff) as u8)
+                    .collect()
+            } else {
+                mutate(&mut rng, &seed, &valid)
+            }
+        })
+        .collect();
+    throw_at_proxy(&p, up, inputs, false).await;
 
     // Still serving, and nothing panicked along the way.
     let mut s = p.connect_as(up).await;
@@ -574,7 +591,7 @@ async fn mutated_dns_over_tcp_streams_never_panic_the_stage() {
         timeout_ms: 300,
         ..enforcer::config::DnsConfig::default()
     };
-    let p = Arc::new(start_proxy_with_dns(&default_policy_yaml(), nowhere, dns).await);
+    let p = start_proxy_with_dns(&default_policy_yaml(), nowhere, dns).await;
     let resolver: std::net::SocketAddr = "10.0.0.53:53".parse().unwrap();
     let framed = |m: &[u8]| [&(m.len() as u16).to_be_bytes()[..], m].concat();
     let seeds: Vec<Vec<u8>> = vec![
@@ -587,28 +604,17 @@ async fn mutated_dns_over_tcp_streams_never_panic_the_stage() {
         framed(&[0xff; 40]),
     ];
     let mut rng = Rng(0x0d45_07c9);
-    let mut tasks = tokio::task::JoinSet::new();
-    for round in 0..200 {
-        let bytes = if round % 8 == 0 {
-            (0..rng.below(300)).map(|_| rng.next() as u8).collect()
-        } else {
-            let seed = rng.pick(&seeds).clone();
-            mutate(&mut rng, &seed, &seeds)
-        };
-        let stream = p.connect_as(resolver).await;
-        tasks.spawn(async move {
-            let mut stream = stream;
-            let _ = stream.write_all(&bytes).await;
-            let _ = stream.shutdown().await;
-            let mut sink = Vec::new();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(4), stream.read_to_end(&mut sink)).await;
-        });
-        if tasks.len() >= 48 {
-            let _ = tasks.join_next().await;
-        }
-    }
-    while tasks.join_next().await.is_some() {}
+    let inputs = (0..200)
+        .map(|round| {
+            if round % 8 == 0 {
+                (0..rng.below(300)).map(|_| rng.next() as u8).collect()
+            } else {
+                let seed = rng.pick(&seeds).clone();
+                mutate(&mut rng, &seed, &seeds)
+            }
+        })
+        .collect();
+    throw_at_proxy(&p, resolver, inputs, true).await;
 
     let mut s = p.connect_as(resolver).await;
     s.write_all(&framed(&dns_query(0x77, "x.exfil.test", false)))

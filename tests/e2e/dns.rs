@@ -166,20 +166,9 @@ fn resolv_conf(env: &Env) -> PathBuf {
     conf
 }
 
-/// `enforcer exec --profile e2e -- CMD…` in a private mount namespace whose /etc/resolv.conf is `conf`.
+/// `enforcer exec --profile e2e -- CMD…` with `conf` as its /etc/resolv.conf.
 fn tagged_with_resolv_conf(env: &Env, conf: &Path, cmd: &[&str]) -> Command {
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
-        .arg(conf)
-        .arg(harness::enforcer_bin())
-        .arg("exec")
-        .arg("--config")
-        .arg(&env.config)
-        .args(["--profile", harness::PROFILE, "--"])
-        .args(cmd)
-        .stdin(Stdio::null());
-    c
+    env.tagged_with_file(conf, "/etc/resolv.conf", cmd)
 }
 
 /// getaddrinfo(`name`) through glibc in a tagged process (see [`GETADDRINFO`]).

@@ -346,6 +346,24 @@ impl Env {
         }
     }
 
+    /// `enforcer exec --profile e2e -- CMD…` in a private mount namespace where `file` is bind-mounted over `over`
+    /// (a client's own /etc/hosts or /etc/resolv.conf, leaving the host's untouched).
+    pub fn tagged_with_file(&self, file: &Path, over: &str, cmd: &[&str]) -> Command {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" "$1" && shift && exec "$@""#)
+            .arg(file)
+            .arg(over)
+            .arg(enforcer_bin())
+            .arg("exec")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--profile", PROFILE, "--"])
+            .args(cmd)
+            .stdin(Stdio::null());
+        c
+    }
+
     /// `--resolve` argument pinning `host:port` to the upstream's IPv4 or IPv6 address.
     pub fn resolve(&self, host: &str, port: u16, v6: bool) -> String {
         if v6 {

@@ -17,6 +17,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use dns::DNS_CLIENT;
 use harness::{
     Env, API_HOST, BAD_HOST, BAD_TLS_PORT, ECHO_ALLOWED, ECHO_BLOCKED, UDP_SINK, V4_ONLY_HOST,
 };
@@ -829,15 +830,8 @@ fn a_killed_daemon_fails_closed_until_restarted(env: &mut Env) {
     assert_eq!((out.code, out.status), (0, 200), "{out:?}");
     // DNS too: a query to the responder's own address is still redirected, to a listener that is gone.
     let name = "killed.dns.e2e.test";
-    let (_, out, err) = env.exec_tagged(&[
-        "python3",
-        "-c",
-        dns::DNS_CLIENT,
-        &env.v4,
-        name,
-        "7",
-        "connect",
-    ]);
+    let (_, out, err) =
+        env.exec_tagged(&["python3", "-c", DNS_CLIENT, &env.v4, name, "7", "connect"]);
     assert!(
         out.contains("\"error\""),
         "a DNS answer without the daemon: {out} {err}"
@@ -855,15 +849,8 @@ fn a_killed_daemon_fails_closed_until_restarted(env: &mut Env) {
     assert_eq!(recs.len(), 1, "audit records {recs:?}");
     assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
     let name = "restarted.dns.e2e.test";
-    let (_, out, err) = env.exec_tagged(&[
-        "python3",
-        "-c",
-        dns::DNS_CLIENT,
-        &env.v4,
-        name,
-        "8",
-        "connect",
-    ]);
+    let (_, out, err) =
+        env.exec_tagged(&["python3", "-c", DNS_CLIENT, &env.v4, name, "8", "connect"]);
     assert!(
         out.contains("\"rcode\": 0"),
         "DNS after the restart: {out} {err}"

@@ -198,18 +198,7 @@ fn start_server(
 
 /// `unshare --mount` → bind the private hosts file over /etc/hosts → `enforcer exec --profile e2e -- CMD…`.
 fn tagged(env: &Env, sdk: &Sdk, cmd: &[&str]) -> Command {
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
-        .arg(&sdk.hosts)
-        .arg(harness::enforcer_bin())
-        .arg("exec")
-        .arg("--config")
-        .arg(&env.config)
-        .args(["--profile", harness::PROFILE, "--"])
-        .args(cmd)
-        .stdin(Stdio::null());
-    c
+    env.tagged_with_file(&sdk.hosts, "/etc/hosts", cmd)
 }
 
 /// Run a tagged client; every `FIRST <id>` line it prints releases stream `<id>` on the LLM server (only then may

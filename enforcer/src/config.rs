@@ -152,14 +152,18 @@ pub enum UpstreamRoots {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
-    /// UDP port of the DNS listener on 127.0.0.1 and ::1.
+    /// UDP port of the DNS listener on 127.0.0.1 and ::1. (DNS over TCP port 53 arrives through the proxy's port.)
     pub port: u16,
-    /// The resolver allowed queries are forwarded to. Default: the first `nameserver` in /etc/resolv.conf.
+    /// The resolver allowed queries are forwarded to (over UDP, or over TCP for queries that came over TCP).
+    /// Default: the first `nameserver` in /etc/resolv.conf.
     pub upstream: Option<SocketAddr>,
     /// How long to wait for the upstream's answer before answering SERVFAIL.
     pub timeout_ms: u64,
-    /// Queries handled at once; datagrams beyond this are dropped (the client retries).
+    /// Queries handled at once, over every agent; datagrams beyond this are dropped (the client retries).
     pub max_in_flight: usize,
+    /// Queries one agent (one cgroup) may have in flight at once: its share, so an agent that floods the listener
+    /// cannot take the places of the others. Datagrams beyond it are dropped; a TCP connection waits.
+    pub max_in_flight_per_agent: usize,
 }
 
 impl Default for DnsConfig {
@@ -168,7 +172,8 @@ impl Default for DnsConfig {
             port: 15053,
             upstream: None,
             timeout_ms: 2000,
-            max_in_flight: 256,
+            max_in_flight: 512,
+            max_in_flight_per_agent: 64,
         }
     }
 }
@@ -387,6 +392,13 @@ mod tests {
             Some(SocketAddr::from(([10, 77, 0, 2], 53)))
         );
         assert_eq!(config.dns.timeout_ms, 2000);
+        assert_eq!(
+            (config.dns.max_in_flight, config.dns.max_in_flight_per_agent),
+            (512, 64)
+        );
+        let config: Config =
+            serde_saphyr::from_str("dns: { max_in_flight_per_agent: 8 }\n").unwrap();
+        assert_eq!(config.dns.max_in_flight_per_agent, 8);
         let default = Config::default();
         assert_eq!(default.dns.port, 15053);
         assert!(default.dns.upstream.is_none());

@@ -377,6 +377,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_connections: config.proxy.max_connections,
         ..crate::proxy::Limits::default()
     });
+    let dns = Arc::new(crate::dns::DnsStage::new(
+        &config.dns,
+        dns_upstream,
+        dns_origins,
+    ));
     let ctx = Arc::new(ProxyContext {
         policy: SharedPolicy::new(policy),
         audit: audit.clone(),
@@ -385,13 +390,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         origins,
         inspect: config.inspect.clone(),
         hosts: HostBinder::new(&config.proxy.static_hosts),
-    });
-    let dns = Arc::new(crate::dns::DnsContext {
-        proxy: ctx.clone(),
-        origins: dns_origins,
-        upstream: dns_upstream,
-        timeout: std::time::Duration::from_millis(config.dns.timeout_ms),
-        max_in_flight: config.dns.max_in_flight,
+        dns: Some(dns.clone()),
     });
     let reloader = Arc::new(Reloader {
         config: config.clone(),
@@ -442,7 +441,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for (name, socket) in [("127.0.0.1", dns4), ("[::1]", dns6)] {
         spawn(
             format!("dns {name}:{dns_port}"),
-            Box::pin(crate::dns::serve_dns(socket, dns.clone(), shutdown.clone())),
+            Box::pin(crate::dns::serve_udp(
+                socket,
+                ctx.clone(),
+                dns.clone(),
+                shutdown.clone(),
+            )),
         );
     }
     if let Some((listener, profile)) = explicit {

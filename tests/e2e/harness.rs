@@ -409,6 +409,19 @@ impl Env {
         output(exec)
     }
 
+    /// `enforcer exec --profile e2e -- CMD…` in a private mount namespace where `file` is bind-mounted over `over`
+    /// (a client's own /etc/hosts or /etc/resolv.conf, leaving the host's untouched).
+    pub fn tagged_with_file(&self, file: &Path, over: &str, cmd: &[&str]) -> Command {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" "$1" && shift && exec "$@""#)
+            .arg(file)
+            .arg(over)
+            .args(self.exec_argv())
+            .args(cmd);
+        self.agent_command(c)
+    }
+
     /// `--resolve` argument pinning `host:port` to the upstream's IPv4 or IPv6 address.
     pub fn resolve(&self, host: &str, port: u16, v6: bool) -> String {
         if v6 {
@@ -580,7 +593,8 @@ pub fn output(mut cmd: Command) -> (i32, String, String) {
     }
 }
 
-fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
+/// Run curl as `cmd` (its program and any wrapper) with the harness's output options and `args`.
+pub fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
     cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
         .args(args)
         .stdin(Stdio::null());

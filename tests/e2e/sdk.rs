@@ -199,13 +199,7 @@ fn start_server(
 
 /// `unshare --mount` → bind the private hosts file over /etc/hosts → `enforcer exec --profile e2e --user … -- CMD…`.
 fn tagged(env: &Env, sdk: &Sdk, cmd: &[&str]) -> Command {
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
-        .arg(&sdk.hosts)
-        .args(env.exec_argv())
-        .args(cmd);
-    env.agent_command(c)
+    env.tagged_with_file(&sdk.hosts, "/etc/hosts", cmd)
 }
 
 /// The leaf key the SDK servers (root) read: nobody else needs it.

@@ -33,6 +33,7 @@ use crate::model::{
     Action, Decided, Decision, Mode, PlannedRewrite, Reason, Relay, Rewrite, Verdict,
 };
 
+pub use dns::RefusedAnswer;
 pub use shared::SharedPolicy;
 pub use yaml::MAX_SOURCE_BYTES;
 
@@ -191,6 +192,8 @@ pub struct Policy {
     detectors: detect::Detectors,
     profiles: Vec<String>,
     rules: Vec<Rule>,
+    /// The `dns:` settings (how refused names are answered).
+    dns: dns::DnsSettings,
     /// Rule indices (ascending) per exact lower-case host.
     by_host: HashMap<String, Vec<usize>>,
     /// Rules without an exact-host condition (ascending): checked for every action.
@@ -429,6 +432,11 @@ impl Policy {
         self.default
     }
 
+    /// How the DNS stage answers a query this policy refuses (`dns.refused_answer`).
+    pub fn dns_refused_answer(&self) -> RefusedAnswer {
+        self.dns.refused_answer
+    }
+
     /// Built-in and policy-defined detectors, for redaction.
     pub fn detectors(&self) -> &detect::Detectors {
         &self.detectors
@@ -466,6 +474,7 @@ const TOP_KEYS: &[&str] = &[
     "redaction_marker",
     "profiles",
     "detectors",
+    "dns",
     "rules",
 ];
 const RULE_KEYS: &[&str] = &[
@@ -669,6 +678,12 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         }
     }
 
+    let dns = top
+        .get("dns")
+        .map(|(_, v)| dns::compile_settings(v))
+        .transpose()?
+        .unwrap_or_default();
+
     let scope = Scope {
         detectors: &detectors,
         profiles: &profiles,
@@ -738,6 +753,7 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         detectors,
         profiles,
         rules,
+        dns,
         by_host,
         unindexed,
         limiter: ratelimit::Limiter::default(),

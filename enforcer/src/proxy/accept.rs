@@ -72,6 +72,14 @@ pub(crate) async fn handle<S>(ctx: Arc<ProxyContext>, mut io: S, target: Target)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Port 53 is DNS over TCP: every query on it is decided by the DNS stage, nothing passes as raw TCP.
+    if let Some(dns) = ctx
+        .dns
+        .clone()
+        .filter(|_| target.dst.port() == crate::dns::PORT)
+    {
+        return crate::dns::serve_tcp(ctx, dns, io, target.dst, target.agent).await;
+    }
     let mut buf = BytesMut::with_capacity(SNIFF_MAX);
     let kind = loop {
         if let Some(kind) = sniff(&buf) {

@@ -72,7 +72,14 @@ async fn phases(
 
     let inspected = classify::classify(rec, conn, &head, &parts, &body)?;
     let deciding = Instant::now();
-    let decided = policy.decide_all(&inspected.actions);
+    let mut decided = policy.decide_all(&inspected.actions);
+    // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
+    if crate::dns::is_synthetic(conn.dst.ip()) {
+        let d =
+            crate::dns::stand_in_decision(&policy, &conn.agent, Some(&head.host), decided.decision);
+        decided.each = vec![d.clone(); decided.each.len()];
+        decided.decision = d;
+    }
     crate::metrics::global().decision_latency(deciding.elapsed());
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
 

@@ -10,6 +10,8 @@
 //! `head` (authority, SNI and destination binding) → `body` (read and decode) → `classify` (the Actions) → the
 //! policy's decision → `enforce` (block or constrain) → `forward` (connect, record, send) → `answer` (the response
 //! phases). `record` keeps the exchange's one audit record, `refusal` the one error type every phase returns.
+//! DNS datagrams redirected by the kernel take their own short path through [`crate::dns`], and so do connections to
+//! port 53 (DNS over TCP).
 
 #![forbid(unsafe_code)]
 
@@ -68,6 +70,8 @@ pub struct ProxyContext {
     pub inspect: InspectConfig,
     /// Binds a plain-HTTP `Host` to the original destination (transparent mode; see `hostbind`).
     pub hosts: HostBinder,
+    /// The DNS stage, which serves connections to port 53 (DNS over TCP); `None`: they are decided as raw TCP.
+    pub dns: Option<Arc<crate::dns::DnsStage>>,
 }
 
 impl ProxyContext {

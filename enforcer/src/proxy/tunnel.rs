@@ -34,7 +34,12 @@ where
         ..RequestSummary::default()
     };
     let policy = ctx.policy.current();
-    let decision = policy.evaluate(&action);
+    let mut decision = policy.evaluate(&action);
+    // The DNS stage's stand-in address for a refused name: never relayed (see `dns::stand_in_decision`).
+    if crate::dns::is_synthetic(target.dst.ip()) {
+        let host = target.host_hint.as_deref();
+        decision = crate::dns::stand_in_decision(&policy, &target.agent, host, decision);
+    }
     let blocked = decision.mode == Mode::Enforce && decision.verdict == Verdict::Block;
     let (disposition, error, upstream) = if blocked {
         (Disposition::Blocked, None, None)

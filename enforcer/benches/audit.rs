@@ -56,6 +56,7 @@ fn event(task: u32, i: u64) -> AuditEvent {
             body_size: 1000 + i,
             body_sha256: Some("5e".repeat(32)),
             changes: vec![],
+            count: None,
         },
         outcome: Outcome {
             disposition: Disposition::Forwarded,

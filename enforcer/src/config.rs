@@ -76,6 +76,10 @@ impl Default for CaptureSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ProfileConfig {
     pub cgroups: Vec<PathBuf>,
+    /// Let this profile's agents serve: bind non-loopback addresses (the wildcard included) and receive packets from
+    /// other hosts. Off by default: the kernel refuses such binds and drops such packets (docs/proxy.md). What an
+    /// agent sends back over a connection it accepted is not seen by the proxy.
+    pub accept_inbound: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,5 +270,15 @@ mod tests {
         assert_eq!(default.dns.port, 15053);
         assert!(default.dns.upstream.is_none());
         assert!(serde_saphyr::from_str::<Config>("dns: { upstream: nowhere }\n").is_err());
+    }
+
+    #[test]
+    fn profiles_refuse_inbound_unless_configured_to_serve() {
+        let yaml = "profiles:\n  coder: {}\n  devserver: { accept_inbound: true }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert!(!config.profiles["coder"].accept_inbound);
+        assert!(config.profiles["devserver"].accept_inbound);
+        assert!(!Config::default().profiles["default"].accept_inbound);
+        assert!(serde_saphyr::from_str::<Config>("profiles: { a: { serve: true } }\n").is_err());
     }
 }

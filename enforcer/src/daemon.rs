@@ -45,6 +45,22 @@ pub fn reload(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let pid = running_daemon_pid(&config)?;
+    // SAFETY: kill(2) with a checked pid and a valid signal number has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("signalling the daemon (pid {pid})"));
+    }
+    println!(
+        "policy {} checked; the daemon (pid {pid}) is loading it",
+        policy.hash()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The pid of the `enforcer run` that runs with `config`, from `<state_dir>/enforcer.pid`, checked to be a running
+/// `enforcer run` (a stale pid file never names an unrelated process).
+pub fn running_daemon_pid(config: &Config) -> anyhow::Result<i32> {
     let pid_path = config.state_dir.join(PID_FILE);
     let text = std::fs::read_to_string(&pid_path).with_context(|| {
         format!(
@@ -56,7 +72,6 @@ pub fn reload(args: RunArgs) -> anyhow::Result<ExitCode> {
         .trim()
         .parse()
         .with_context(|| format!("{} does not hold a pid", pid_path.display()))?;
-    // A stale pid file must not make us signal an unrelated process.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let mut argv = cmdline.split(|b| *b == 0);
     let is_daemon =
@@ -67,16 +82,7 @@ pub fn reload(args: RunArgs) -> anyhow::Result<ExitCode> {
             pid_path.display()
         );
     }
-    // SAFETY: kill(2) with a checked pid and a valid signal number has no memory-safety preconditions.
-    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("signalling the daemon (pid {pid})"));
-    }
-    println!(
-        "policy {} checked; the daemon (pid {pid}) is loading it",
-        policy.hash()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(pid)
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -189,7 +195,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
     }
 
-    let capture = if config.capture.enabled {
+    let mut capture = if config.capture.enabled {
         Some(Capture::start(&CaptureConfig::from_config(&config))?)
     } else {
         tracing::warn!("capture disabled: only the explicit proxy enforces");
@@ -238,6 +244,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     for socket in [dns4, dns6] {
         tasks.spawn(crate::dns::serve_dns(socket, dns.clone(), shutdown.clone()));
+    }
+    if let Some(refusals) = capture.as_mut().and_then(Capture::take_refusals) {
+        tasks.spawn(refusals.record(ctx.clone(), shutdown.clone()));
     }
     if let Some((listener, profile)) = explicit {
         tasks.spawn(crate::proxy::serve_explicit(

@@ -292,6 +292,9 @@ pub enum Reason {
     UpstreamUnreachable,
     /// The client sent something the proxy could not parse.
     BadRequest,
+    /// Refused in the kernel by the capture programs, before anything left the socket: a socket kind, a bind, an
+    /// inbound packet or a datagram the enforcer does not carry (see docs/proxy.md).
+    Kernel,
 }
 
 /// The policy's answer for one Action.
@@ -353,6 +356,10 @@ pub struct RequestSummary {
     /// Hex SHA-256 of the body as received from the agent.
     pub body_sha256: Option<String>,
     pub changes: Vec<Change>,
+    /// Kernel refusals only: how many refusals this record stands for (itself, and those of the same cgroup and
+    /// kind before it that the kernel's rate bound left unrecorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// What the enforcer did with the request.

@@ -25,6 +25,11 @@ pub(super) fn pin(
     let fd: FdLink = link
         .try_into()
         .map_err(|source| CaptureError::Link { name, source })?;
+    pin_fd(fd, pin_dir, name)
+}
+
+/// Pin a link that is an fd link already.
+pub(super) fn pin_fd(fd: FdLink, pin_dir: &Path, name: &'static str) -> Result<(), CaptureError> {
     // The returned handle is dropped: the pin alone keeps the link, and the program, attached.
     fd.pin(pin_dir.join(format!("{LINK_PREFIX}{name}")))?;
     Ok(())

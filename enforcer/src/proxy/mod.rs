@@ -102,7 +102,10 @@ pub async fn serve_transparent(
             let _slot = slot;
             let _ = stream.set_nodelay(true);
             let origin = ctx.origins.lookup(peer);
-            let Some(origin) = origin.filter(|o| Some(o.dst) != local) else {
+            let Some(origin) = origin.as_ref().filter(|o| Some(o.dst) != local).cloned() else {
+                // A tagged connect straight to the proxy is recorded with the proxy as its destination: refused
+                // like one without any, with its agent named.
+                let agent = origin.map(|o| o.agent).unwrap_or_default();
                 tracing::info!(client = %peer, "connection without a recorded original destination: closed");
                 let summary = RequestSummary {
                     scheme: Some(Scheme::Tcp),
@@ -113,7 +116,7 @@ pub async fn serve_transparent(
                     Reason::BadRequest,
                     "the connection has no recorded original destination",
                 );
-                record_block(&ctx, decision, &Agent::default(), summary, None).await;
+                record_block(&ctx, decision, &agent, summary, None).await;
                 return;
             };
             let target = accept::Target {

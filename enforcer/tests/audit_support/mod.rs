@@ -78,6 +78,7 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             } else {
                 vec![]
             },
+            count: None,
         },
         outcome: Outcome {
             disposition: if verdict == Verdict::Block {

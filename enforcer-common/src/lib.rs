@@ -65,6 +65,12 @@ pub const REFUSED_INBOUND: u16 = 3;
 pub const REFUSED_CONNECT: u16 = 4;
 /// An unconnected `sendto()`/`sendmsg()` to a destination other than DNS.
 pub const REFUSED_SENDMSG: u16 = 5;
+/// A frame a tagged cgroup's socket (a packet socket, say) tried to send out of a network device (dropped).
+pub const REFUSED_TRANSMIT: u16 = 6;
+/// A socket option that would let a socket send past the device egress check (`PACKET_QDISC_BYPASS`, AF_XDP).
+pub const REFUSED_SOCKOPT: u16 = 7;
+/// [`OriginalDst::uid`] when the uid is not known (Linux's invalid uid, `(uid_t)-1`).
+pub const UID_UNKNOWN: u32 = u32::MAX;
 
 /// Value of the `TAGGED` map (key: cgroup id, `u64`): the profile the cgroup and all its descendants belong to.
 #[repr(C)]

@@ -29,6 +29,11 @@
 //!   a socket of a tagged cgroup is dropped unless its profile accepts inbound connections. This also covers
 //!   `listen()` on a socket that was never bound (the kernel binds it to the wildcard without running the bind
 //!   hook).
+//! - `device_egress` (tc egress, on every network device but loopback): a frame owned by a socket of a tagged cgroup
+//!   never leaves through a device unless its profile serves. Tagged connections and DNS only ever reach loopback,
+//!   so this drops nothing they carry; it stops whatever got past the socket hooks (a packet socket where the BPF
+//!   LSM cannot run, a raw socket created before its process was tagged). `setsockopt` keeps sockets from
+//!   bypassing that check (`PACKET_QDISC_BYPASS`, AF_XDP rings).
 //! - `dns_peer` (cgroup_skb egress): when a redirected DNS socket sends, copy its `DNS_SOCKETS` entry to `DNS_PEERS`
 //!   keyed by the datagram's source address and port, which is what the DNS listener sees as its peer.
 //! - `rekey_established` (sock_ops): when a redirected connection is established, move its entry to `ORIGINS` and
@@ -59,9 +64,15 @@ mod programs {
             bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
             bpf_get_socket_uid, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         },
-        macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
+        macros::{
+            cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, lsm_cgroup, map,
+            sock_ops,
+        },
         maps::{HashMap, LruHashMap, RingBuf},
-        programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+        programs::{
+            LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext,
+            SockoptContext, TcContext,
+        },
         EbpfContext,
     };
     use aya_log_ebpf::debug;
@@ -69,7 +80,7 @@ mod programs {
         OriginalDst, ProfileFlags, RateKey, RateState, Refusal, SockKey, Tag, COMM_LEN, FAMILY_V4,
         FAMILY_V6, MAX_CGROUP_DEPTH, PROFILE_ACCEPT_INBOUND, REFUSALS_BYTES, REFUSAL_BURST,
         REFUSAL_WINDOW_NS, REFUSED_BIND, REFUSED_CONNECT, REFUSED_INBOUND, REFUSED_SENDMSG,
-        REFUSED_SOCKET,
+        REFUSED_SOCKET, REFUSED_SOCKOPT, REFUSED_TRANSMIT, UID_UNKNOWN,
     };
 
     const ALLOW: i32 = 1;
@@ -84,6 +95,11 @@ mod programs {
     const IPPROTO_UDP: u32 = 17;
     const IPPROTO_UDPLITE: u32 = 136;
     const IPPROTO_MPTCP: u32 = 262;
+    const TC_ACT_OK: i32 = 0;
+    const TC_ACT_SHOT: i32 = 2;
+    const SOL_PACKET: i32 = 263;
+    const PACKET_QDISC_BYPASS: i32 = 20;
+    const SOL_XDP: i32 = 283;
     /// The only UDP destination port a tagged cgroup may use (and it is redirected to the daemon).
     const DNS: u16 = 53;
     const ETH_P_IPV6: u16 = 0x86dd;
@@ -913,6 +929,68 @@ mod programs {
         };
         report(REFUSED_INBOUND, &who, sock);
         REFUSE
+    }
+
+    /// Every frame leaving a network device other than loopback passes here. One owned by a socket of a tagged
+    /// cgroup whose profile does not serve is dropped and reported; frames without a socket (forwarded, or sent by
+    /// the kernel itself) and untagged sockets' frames pass at once.
+    #[classifier]
+    pub fn device_egress(ctx: TcContext) -> i32 {
+        let skb = ctx.skb.skb;
+        // SAFETY: plain helper call on the program's own context (0 when the frame has no full socket).
+        let Some(tag) = deepest_tag(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
+        else {
+            return TC_ACT_OK;
+        };
+        if accepts_inbound(&tag) {
+            return TC_ACT_OK;
+        }
+        let who = OriginalDst {
+            // SAFETY: plain helper call on the program's own context.
+            cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+            addr: [0; 4],
+            port: 0,
+            family: 0,
+            pid: 0,
+            uid: UID_UNKNOWN,
+            _pad: 0,
+            comm: [0; COMM_LEN],
+            tag,
+        };
+        // The socket is not known here: the frame's protocol (EtherType, network byte order) is.
+        let sock = SockKind {
+            family: 0,
+            type_: 0,
+            protocol: ctx.skb.protocol(),
+        };
+        report(REFUSED_TRANSMIT, &who, sock);
+        TC_ACT_SHOT
+    }
+
+    /// Socket options that would take a tagged socket's frames past `device_egress`: packet sockets' qdisc bypass
+    /// and every AF_XDP option (an XDP socket cannot be used without them).
+    #[cgroup_sockopt(setsockopt)]
+    pub fn bypass_sockopt(ctx: SockoptContext) -> i32 {
+        let p = ctx.sockopt;
+        // SAFETY: level and optname are readable by setsockopt programs (4-byte loads).
+        let (level, optname) = unsafe {
+            (
+                core::ptr::read_volatile(&(*p).level),
+                core::ptr::read_volatile(&(*p).optname),
+            )
+        };
+        if !(level == SOL_XDP || (level == SOL_PACKET && optname == PACKET_QDISC_BYPASS)) {
+            return ALLOW;
+        }
+        let Some(tag) = current_tag() else {
+            return ALLOW;
+        };
+        let sock = SockKind {
+            family: 0,
+            type_: 0,
+            protocol: ((level as u32) << 16) | (optname as u32 & 0xffff),
+        };
+        refuse(REFUSED_SOCKOPT, tag, sock, [0; 4], 0, 0)
     }
 
     // ---- where the daemon finds a redirected socket's origin ----

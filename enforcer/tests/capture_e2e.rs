@@ -760,6 +760,41 @@ fn agents_alive_at_shutdown_keep_the_programs_attached_until_a_new_daemon() {
     let _ = sleeper.wait();
 }
 
+#[test]
+fn network_devices_that_appear_later_are_covered_too() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let name = format!("enfta{}", std::process::id() % 100_000);
+    let peer = format!("enftb{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip runs")
+            .success()
+    };
+    assert!(
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]),
+        "add {name}"
+    );
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .expect("ifindex")
+        .trim()
+        .to_string();
+    let pin = h.pin_dir.join(format!("link_device_egress_{ifindex}"));
+    let deadline = Instant::now() + TIMEOUT;
+    while !pin.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let covered = pin.exists();
+    assert!(ip(&["link", "del", &name]), "del {name}");
+    assert!(covered, "{name} was not covered within {TIMEOUT:?}");
+    // Loopback never is.
+    assert!(!h.pin_dir.join("link_device_egress_1").exists());
+}
+
 /// Runs the real `enforcer` binary with `args`; returns (exit code, stdout, stderr).
 fn enforcer(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_enforcer"))

@@ -21,6 +21,8 @@ pub const BAD_HOST: &str = "bad.e2e.test";
 pub const V4_ONLY_HOST: &str = "v4only.e2e.test";
 /// The profile the tests tag their clients with.
 pub const PROFILE: &str = "e2e";
+/// A profile configured to serve (`accept_inbound`): its agents may listen for other hosts.
+pub const SERVE_PROFILE: &str = "e2e-serve";
 pub const ECHO_ALLOWED: u16 = 7000;
 pub const ECHO_BLOCKED: u16 = 7001;
 pub const BAD_TLS_PORT: u16 = 8443;
@@ -244,7 +246,7 @@ impl Env {
              \x20   {V4_ONLY_HOST}: [\"{v4}\"]\n\
              dns:\n  port: {dns_port}\n  upstream: \"{v4}:53\"\n\
              audit:\n  checkpoint_interval_secs: 1\n\
-             profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
+             profiles:\n  {PROFILE}: {{ cgroups: [] }}\n  {SERVE_PROFILE}: {{ accept_inbound: true }}\n",
             policy = policy.display(),
             state = root.join("state").display(),
             id = self.id,
@@ -328,12 +330,8 @@ impl Env {
 
     /// Run any command as a tagged agent; returns (exit code, stdout, stderr).
     pub fn exec_tagged(&self, cmd: &[&str]) -> (i32, String, String) {
-        let out = Command::new(enforcer_bin())
-            .arg("exec")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--profile", PROFILE, "--"])
-            .args(cmd)
+        let out = self
+            .exec_command(PROFILE, cmd)
             .stdin(Stdio::null())
             .output();
         match out {
@@ -344,6 +342,27 @@ impl Env {
             ),
             Err(e) => (-1, String::new(), format!("spawn: {e}")),
         }
+    }
+
+    /// `enforcer exec --config … --profile <profile> -- <cmd>`, not started.
+    pub fn exec_command(&self, profile: &str, cmd: &[&str]) -> Command {
+        let mut c = Command::new(enforcer_bin());
+        c.arg("exec")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--profile", profile, "--"])
+            .args(cmd);
+        c
+    }
+
+    /// The cgroup the daemon tags with `profile` (`enforcer exec` creates its cgroups below it).
+    pub fn profile_cgroup(&self, profile: &str) -> PathBuf {
+        self.cgroup.join("enforcer").join(profile)
+    }
+
+    /// The running daemon's process id.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
     }
 
     /// `--resolve` argument pinning `host:port` to the upstream's IPv4 or IPv6 address.

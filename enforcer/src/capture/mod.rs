@@ -10,6 +10,7 @@
 //! anyway, the kernel refuses its sockets rather than redirect them back to it).
 
 mod cli;
+mod devices;
 mod links;
 mod origins;
 mod refusals;
@@ -20,8 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, RingBuf};
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
-    SockOps,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, CgroupSockopt,
+    LsmCgroup, SockOps,
 };
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{
@@ -54,6 +55,7 @@ const SOCK_PROGRAMS: [&str; 2] = ["sock_create", "sock_release"];
 const SOCK_OPS_PROGRAM: &str = "rekey_established";
 const DNS_PEER_PROGRAM: &str = "dns_peer";
 const INBOUND_PROGRAM: &str = "inbound";
+const SOCKOPT_PROGRAM: &str = "bypass_sockopt";
 /// The lsm_cgroup program and the LSM hook it attaches to (families other than IPv4/IPv6).
 const LSM_PROGRAM: &str = "socket_create";
 const LSM_HOOK: &str = "socket_create";
@@ -178,7 +180,8 @@ impl CaptureConfig {
 
 /// The loaded and attached capture. Dropping it cleans up like [`Capture::shutdown`], which also reports errors.
 pub struct Capture {
-    ebpf: Option<Ebpf>,
+    /// Shared with the task that covers new network devices ([`devices`]).
+    ebpf: Arc<Mutex<Option<Ebpf>>>,
     tags: Mutex<TagTable>,
     origins: Arc<BpfOrigins>,
     dns_peers: Arc<BpfOrigins>,
@@ -190,6 +193,7 @@ pub struct Capture {
     /// `enforcer` and `enforcer/<profile>` cgroups created by start, removed (when empty) at shutdown.
     created_cgroups: Vec<PathBuf>,
     log_task: Option<tokio::task::JoinHandle<()>>,
+    device_task: Option<tokio::task::JoinHandle<()>>,
     /// The refusal channel, until the daemon takes it ([`Capture::take_refusals`]).
     refusals: Option<Refusals>,
 }
@@ -281,7 +285,7 @@ impl Capture {
         ));
 
         let mut capture = Capture {
-            ebpf: None,
+            ebpf: Arc::new(Mutex::new(None)),
             tags: Mutex::new(tags),
             origins,
             dns_peers,
@@ -291,6 +295,7 @@ impl Capture {
             attach_cgroup: cfg.attach_cgroup.clone(),
             created_cgroups: Vec::new(),
             log_task: Some(log_task),
+            device_task: None,
             refusals: Some(refusals),
         };
         // From here on, errors unwind through Capture's Drop.
@@ -306,7 +311,15 @@ impl Capture {
             );
         }
         attach(&mut ebpf, &cfg.attach_cgroup, &cfg.pin_dir)?;
-        capture.ebpf = Some(ebpf);
+        devices::load(&mut ebpf)?;
+        let mut covered = devices::Covered::default();
+        devices::cover(&mut ebpf, &cfg.pin_dir, &mut covered)?;
+        *capture.lock_ebpf() = Some(ebpf);
+        capture.device_task = Some(runtime.spawn(cover_new_devices(
+            capture.ebpf.clone(),
+            cfg.pin_dir.clone(),
+            covered,
+        )));
         tracing::info!(
             cgroup = %cfg.attach_cgroup.display(),
             port = cfg.proxy_port,
@@ -349,6 +362,12 @@ impl Capture {
     /// until they exit or a daemon starts again. Without agents it leaves no trace.
     pub fn shutdown(mut self) -> Result<(), CaptureError> {
         self.cleanup()
+    }
+
+    fn lock_ebpf(&self) -> std::sync::MutexGuard<'_, Option<Ebpf>> {
+        self.ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock_tags(&self) -> std::sync::MutexGuard<'_, TagTable> {
@@ -400,8 +419,11 @@ impl Capture {
             .map(|(id, _)| id)
             .collect();
         let agents = links::agents_in_tagged_cgroups(&self.attach_cgroup, &tagged);
+        if let Some(task) = self.device_task.take() {
+            task.abort();
+        }
         // The links are pinned: dropping the object only closes our handles.
-        drop(self.ebpf.take());
+        drop(self.lock_ebpf().take());
         if agents > 0 {
             tracing::warn!(
                 agents,
@@ -439,6 +461,24 @@ impl Drop for Capture {
     fn drop(&mut self) {
         if let Err(err) = self.cleanup() {
             tracing::warn!(error = %err, "capture cleanup");
+        }
+    }
+}
+
+/// Every [`devices::RESCAN_EVERY`], cover the network devices that appeared since (until aborted at cleanup).
+async fn cover_new_devices(
+    ebpf: Arc<Mutex<Option<Ebpf>>>,
+    pin_dir: PathBuf,
+    mut covered: devices::Covered,
+) {
+    loop {
+        tokio::time::sleep(devices::RESCAN_EVERY).await;
+        let mut guard = ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(ebpf) = guard.as_mut() else { return };
+        if let Err(err) = devices::cover(ebpf, &pin_dir, &mut covered) {
+            tracing::warn!(error = %err, "cannot cover new network devices");
         }
     }
 }
@@ -485,7 +525,36 @@ fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureE
         CgroupSkbAttachType::Ingress,
         CgroupAttachMode::Single
     ));
+    attach_sockopt(ebpf, &file, pin_dir)?;
     attach_lsm(ebpf, &file, pin_dir)
+}
+
+/// The setsockopt guard, linked and pinned by hand (see [`links::create_and_pin`]).
+fn attach_sockopt(
+    ebpf: &mut Ebpf,
+    file: &std::fs::File,
+    pin_dir: &Path,
+) -> Result<(), CaptureError> {
+    use std::os::fd::AsFd;
+    const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+    let err = |source| CaptureError::Program {
+        name: SOCKOPT_PROGRAM,
+        source,
+    };
+    let p: &mut CgroupSockopt = ebpf
+        .program_mut(SOCKOPT_PROGRAM)
+        .ok_or(CaptureError::MissingProgram(SOCKOPT_PROGRAM))?
+        .try_into()
+        .map_err(err)?;
+    p.load().map_err(err)?;
+    let prog = p.fd().map_err(err)?;
+    links::create_and_pin(
+        prog.as_fd(),
+        file.as_fd(),
+        BPF_CGROUP_SETSOCKOPT,
+        pin_dir,
+        SOCKOPT_PROGRAM,
+    )
 }
 
 /// The socket families other than IPv4/IPv6 are refused by an lsm_cgroup program, which runs only when the kernel

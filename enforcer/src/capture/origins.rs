@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData};
-use enforcer_common::{OriginalDst, SockKey, FAMILY_V4, FAMILY_V6};
+use enforcer_common::{OriginalDst, SockKey, FAMILY_V4, FAMILY_V6, UID_UNKNOWN};
 
 use crate::model::{Agent, Origin, OriginLookup};
 
@@ -141,7 +141,7 @@ pub(super) fn agent_of(raw: &OriginalDst, cgroup_root: &Path) -> Agent {
         cgroup: cgroup_path(raw.cgroup_id, raw.pid, cgroup_root),
         pid,
         exe,
-        uid: Some(raw.uid),
+        uid: (raw.uid != UID_UNKNOWN).then_some(raw.uid),
     }
 }
 

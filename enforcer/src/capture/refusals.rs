@@ -14,7 +14,7 @@ use std::time::Duration;
 use aya::maps::{HashMap, MapData, RingBuf};
 use enforcer_common::{
     RateKey, RateState, Refusal, REFUSAL_WINDOW_NS, REFUSED_BIND, REFUSED_CONNECT, REFUSED_INBOUND,
-    REFUSED_SENDMSG, REFUSED_SOCKET,
+    REFUSED_SENDMSG, REFUSED_SOCKET, REFUSED_SOCKOPT, REFUSED_TRANSMIT,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -180,7 +180,13 @@ fn monotonic_ns() -> u64 {
 /// involved (`ip`, `port`) and how many refusals the record stands for.
 fn request(event: &Refusal, count: u64) -> RequestSummary {
     let addr = original_dst(&event.who);
-    let socket = socket_kind(event.sock_family, event.sock_type, event.protocol);
+    let socket = match event.kind {
+        // The frame's EtherType, as the device saw it (network byte order).
+        REFUSED_TRANSMIT => format!("frame/0x{:04x}", u16::from_be(event.protocol as u16)),
+        // Level and option name, packed by the kernel program.
+        REFUSED_SOCKOPT => socket_option(event.protocol >> 16, event.protocol & 0xffff),
+        _ => socket_kind(event.sock_family, event.sock_type, event.protocol),
+    };
     RequestSummary {
         ip: addr.map(|a| a.ip()),
         port: addr.map_or(0, |a| a.port()),
@@ -216,6 +222,8 @@ pub fn operation(kind: u16) -> &'static str {
         REFUSED_INBOUND => "inbound",
         REFUSED_CONNECT => "connect",
         REFUSED_SENDMSG => "sendmsg",
+        REFUSED_TRANSMIT => "transmit",
+        REFUSED_SOCKOPT => "setsockopt",
         _ => "refused",
     }
 }
@@ -272,6 +280,15 @@ pub fn socket_kind(family: u16, type_: u16, protocol: u32) -> String {
     }
 }
 
+/// A socket option as `level/option`: `packet/qdisc_bypass`, `xdp/<n>`.
+fn socket_option(level: u32, name: u32) -> String {
+    match (level, name) {
+        (263, 20) => "packet/qdisc_bypass".to_string(),
+        (283, n) => format!("xdp/{n}"),
+        (level, n) => format!("sol{level}/{n}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +307,13 @@ mod tests {
         assert_eq!(socket_kind(40, 1, 0), "vsock/stream/0");
         assert_eq!(socket_kind(99, 7, 5), "af99/type7/5");
         assert_eq!(socket_kind(2, 0, 6), "inet/tcp");
+    }
+
+    #[test]
+    fn socket_options_are_named() {
+        assert_eq!(socket_option(263, 20), "packet/qdisc_bypass");
+        assert_eq!(socket_option(283, 4), "xdp/4");
+        assert_eq!(socket_option(1, 2), "sol1/2");
     }
 
     #[test]

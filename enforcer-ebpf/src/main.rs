@@ -55,7 +55,7 @@ fn main() {}
 mod programs {
     use aya_ebpf::{
         bindings::{
-            bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
             BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         },
         cty::c_void,
@@ -377,37 +377,76 @@ mod programs {
         (type_, protocol, u16::from_be(port_be as u16))
     }
 
-    #[inline(always)]
-    fn user_ip6(p: *const bpf_sock_addr) -> [u32; 4] {
-        // SAFETY: user_ip6 is readable by the IPv6 sock_addr programs (4-byte loads).
-        unsafe {
-            [
-                core::ptr::read_volatile(&(*p).user_ip6[0]),
-                core::ptr::read_volatile(&(*p).user_ip6[1]),
-                core::ptr::read_volatile(&(*p).user_ip6[2]),
-                core::ptr::read_volatile(&(*p).user_ip6[3]),
-            ]
-        }
-    }
+    /// A sock_addr program's address family: the IPv4 programs (`V6 = false`) may touch only `user_ip4`, the IPv6
+    /// ones only `user_ip6` (the verifier rejects the other), so every access goes through these, whose other
+    /// branch is compiled out.
+    struct Family<const V6: bool>;
 
-    #[inline(always)]
-    fn write_ip4_port(p: *mut bpf_sock_addr, ip4: u32, port: u16) {
-        // SAFETY: the IPv4 programs that call this may write user_ip4 and user_port (4-byte stores).
-        unsafe {
-            core::ptr::write_volatile(&mut (*p).user_ip4, ip4);
-            core::ptr::write_volatile(&mut (*p).user_port, u32::from(port.to_be()));
-        }
-    }
+    impl<const V6: bool> Family<V6> {
+        /// `AF_INET` / `AF_INET6`.
+        const AF: u16 = if V6 { AF_INET6 as u16 } else { AF_INET as u16 };
+        /// How addresses of this family are stored ([`FAMILY_V4`] / [`FAMILY_V6`]).
+        const STORED: u16 = if V6 { FAMILY_V6 } else { FAMILY_V4 };
+        /// 127.0.0.1 / ::1, as the kernel holds it (IPv4 in the first word).
+        const LOOPBACK: [u32; 4] = if V6 {
+            [0, 0, 0, V6_LOOPBACK_LAST]
+        } else {
+            [LOOPBACK4, 0, 0, 0]
+        };
 
-    #[inline(always)]
-    fn write_ip6_port(p: *mut bpf_sock_addr, ip6: [u32; 4], port: u16) {
-        // SAFETY: the IPv6 programs that call this may write user_ip6 (one 4-byte store per word) and user_port.
-        unsafe {
-            core::ptr::write_volatile(&mut (*p).user_ip6[0], ip6[0]);
-            core::ptr::write_volatile(&mut (*p).user_ip6[1], ip6[1]);
-            core::ptr::write_volatile(&mut (*p).user_ip6[2], ip6[2]);
-            core::ptr::write_volatile(&mut (*p).user_ip6[3], ip6[3]);
-            core::ptr::write_volatile(&mut (*p).user_port, u32::from(port.to_be()));
+        /// The address the program sees (IPv4 in the first word).
+        #[inline(always)]
+        fn user_addr(p: *const bpf_sock_addr) -> [u32; 4] {
+            // SAFETY: only the user_ip field of this program's family is read (4-byte loads).
+            unsafe {
+                if V6 {
+                    [
+                        core::ptr::read_volatile(&(*p).user_ip6[0]),
+                        core::ptr::read_volatile(&(*p).user_ip6[1]),
+                        core::ptr::read_volatile(&(*p).user_ip6[2]),
+                        core::ptr::read_volatile(&(*p).user_ip6[3]),
+                    ]
+                } else {
+                    [core::ptr::read_volatile(&(*p).user_ip4), 0, 0, 0]
+                }
+            }
+        }
+
+        /// Rewrite the address and port the program sees. Only programs that may write them call this.
+        #[inline(always)]
+        fn write(p: *mut bpf_sock_addr, addr: [u32; 4], port: u16) {
+            // SAFETY: only this family's user_ip field (one 4-byte store per word) and user_port are written.
+            unsafe {
+                if V6 {
+                    core::ptr::write_volatile(&mut (*p).user_ip6[0], addr[0]);
+                    core::ptr::write_volatile(&mut (*p).user_ip6[1], addr[1]);
+                    core::ptr::write_volatile(&mut (*p).user_ip6[2], addr[2]);
+                    core::ptr::write_volatile(&mut (*p).user_ip6[3], addr[3]);
+                } else {
+                    core::ptr::write_volatile(&mut (*p).user_ip4, addr[0]);
+                }
+                core::ptr::write_volatile(&mut (*p).user_port, u32::from(port.to_be()));
+            }
+        }
+
+        #[inline(always)]
+        fn is_loopback(addr: &[u32; 4]) -> bool {
+            if V6 {
+                is_loopback6(addr)
+            } else {
+                is_loopback4(addr[0])
+            }
+        }
+
+        /// A stored address (`FAMILY_V4` or `FAMILY_V6`) as this family reports it: IPv4 on an IPv6 socket reads
+        /// back IPv4-mapped; `None` when it cannot be reported on this family.
+        #[inline(always)]
+        fn reported(dst: &OriginalDst) -> Option<[u32; 4]> {
+            match (V6, dst.family) {
+                (false, FAMILY_V4) | (true, FAMILY_V6) => Some(dst.addr),
+                (true, FAMILY_V4) => Some([0, 0, V4_MAPPED_PREFIX, dst.addr[0]]),
+                _ => None,
+            }
         }
     }
 
@@ -480,101 +519,47 @@ mod programs {
 
     #[cgroup_sock_addr(connect4)]
     pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
-        let p = ctx.sock_addr;
-        let (type_, protocol, port) = sock_addr_fields(p);
-        // SAFETY: user_ip4 is readable in connect4 (4-byte load).
-        let ip4 = unsafe { core::ptr::read_volatile(&(*p).user_ip4) };
-        let Some(tag) = current_tag() else {
-            return ALLOW;
-        };
-        match connect4(&ctx, tag, type_, protocol, ip4, port) {
-            Ok(()) => ALLOW,
-            Err(()) => {
-                debug!(&ctx, "connect4 refused: port {}", port);
-                let sock = SockKind {
-                    family: AF_INET as u16,
-                    type_: type_ as u16,
-                    protocol,
-                };
-                refuse(REFUSED_CONNECT, tag, sock, [ip4, 0, 0, 0], port, FAMILY_V4)
-            }
-        }
-    }
-
-    /// A tagged IPv4 connect: redirected (`Ok`) or to be refused (`Err`).
-    #[inline(always)]
-    fn connect4(
-        ctx: &SockAddrContext,
-        tag: Tag,
-        type_: u32,
-        protocol: u32,
-        ip4: u32,
-        port: u16,
-    ) -> Result<(), ()> {
-        if in_daemon_cgroup() || !carried(type_, protocol) {
-            return Err(());
-        }
-        if type_ == SOCK_DGRAM {
-            return if port == DNS {
-                redirect_dns4(ctx, tag, ip4)
-            } else {
-                Err(())
-            };
-        }
-        // A connect to the proxy itself is recorded as one: the proxy then names the agent when it refuses it.
-        let addr = if is_loopback4(ip4) && port == proxy_port() {
-            LOOPBACK4
-        } else {
-            ip4
-        };
-        let mut dst = caller(tag);
-        dst.addr = [addr, 0, 0, 0];
-        dst.port = port;
-        dst.family = FAMILY_V4;
-        // SAFETY: helper on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if SOCKETS.insert(&cookie, &dst, 0).is_err() {
-            debug!(
-                ctx,
-                "connect4: could not record the original destination; refused"
-            );
-            return Err(());
-        }
-        write_ip4_port(ctx.sock_addr, LOOPBACK4, proxy_port());
-        debug!(ctx, "connect4 redirected: pid {} port {}", dst.pid, port);
-        Ok(())
+        connect::<false>(&ctx)
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+        connect::<true>(&ctx)
+    }
+
+    /// A connect: untagged, left alone; tagged, redirected or refused (and reported).
+    #[inline(always)]
+    fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         let p = ctx.sock_addr;
         let (type_, protocol, port) = sock_addr_fields(p);
-        let ip6 = user_ip6(p);
+        let addr = Family::<V6>::user_addr(p);
         let Some(tag) = current_tag() else {
             return ALLOW;
         };
-        match connect6(&ctx, tag, type_, protocol, ip6, port) {
-            Ok(()) => ALLOW,
-            Err(()) => {
-                debug!(&ctx, "connect6 refused: port {}", port);
-                let sock = SockKind {
-                    family: AF_INET6 as u16,
-                    type_: type_ as u16,
-                    protocol,
-                };
-                refuse(REFUSED_CONNECT, tag, sock, ip6, port, FAMILY_V6)
-            }
+        if redirect::<V6>(ctx, tag, type_, protocol, addr, port).is_ok() {
+            return ALLOW;
         }
+        if V6 {
+            debug!(ctx, "connect6 refused: port {}", port);
+        } else {
+            debug!(ctx, "connect4 refused: port {}", port);
+        }
+        let sock = SockKind {
+            family: Family::<V6>::AF,
+            type_: type_ as u16,
+            protocol,
+        };
+        refuse(REFUSED_CONNECT, tag, sock, addr, port, Family::<V6>::STORED)
     }
 
-    /// A tagged IPv6 connect: redirected (`Ok`) or to be refused (`Err`).
+    /// A tagged connect: redirected (`Ok`) or to be refused (`Err`).
     #[inline(always)]
-    fn connect6(
+    fn redirect<const V6: bool>(
         ctx: &SockAddrContext,
         tag: Tag,
         type_: u32,
         protocol: u32,
-        ip6: [u32; 4],
+        addr: [u32; 4],
         port: u16,
     ) -> Result<(), ()> {
         if in_daemon_cgroup() || !carried(type_, protocol) {
@@ -582,117 +567,98 @@ mod programs {
         }
         if type_ == SOCK_DGRAM {
             return if port == DNS {
-                redirect_dns6(ctx, tag, ip6)
+                redirect_dns::<V6>(ctx, tag, addr)
             } else {
                 Err(())
             };
         }
-        let loopback6 = [0, 0, 0, V6_LOOPBACK_LAST];
         let mut dst = caller(tag);
-        dst.addr = if is_loopback6(&ip6) && port == proxy_port() {
-            loopback6
+        // A connect to the proxy itself is recorded as one: the proxy then names the agent when it refuses it.
+        dst.addr = if Family::<V6>::is_loopback(&addr) && port == proxy_port() {
+            Family::<V6>::LOOPBACK
         } else {
-            ip6
+            addr
         };
         dst.port = port;
-        dst.family = FAMILY_V6;
+        dst.family = Family::<V6>::STORED;
         // SAFETY: helper on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if SOCKETS.insert(&cookie, &dst, 0).is_err() {
             debug!(
                 ctx,
-                "connect6: could not record the original destination; refused"
+                "connect: could not record the original destination; refused"
             );
             return Err(());
         }
-        write_ip6_port(ctx.sock_addr, loopback6, proxy_port());
-        debug!(ctx, "connect6 redirected: pid {} port {}", dst.pid, port);
+        Family::<V6>::write(ctx.sock_addr, Family::<V6>::LOOPBACK, proxy_port());
+        if V6 {
+            debug!(ctx, "connect6 redirected: pid {} port {}", dst.pid, port);
+        } else {
+            debug!(ctx, "connect4 redirected: pid {} port {}", dst.pid, port);
+        }
         Ok(())
     }
 
-    /// Record a tagged DNS socket's resolver and caller by cookie; false when it could not be recorded.
+    /// Send a tagged DNS datagram (connect or sendmsg; an IPv4-mapped one takes the IPv6 path on connect, the IPv4
+    /// one on sendmsg) to the daemon's listener on 127.0.0.1 / ::1, its resolver and caller recorded by cookie;
+    /// `Err` (refuse) when they could not be recorded.
     #[inline(always)]
-    fn record_dns(ctx: &SockAddrContext, tag: Tag, addr: [u32; 4], family: u16) -> bool {
+    fn redirect_dns<const V6: bool>(
+        ctx: &SockAddrContext,
+        tag: Tag,
+        addr: [u32; 4],
+    ) -> Result<(), ()> {
         let mut dst = caller(tag);
         dst.addr = addr;
         dst.port = DNS;
-        dst.family = family;
+        dst.family = Family::<V6>::STORED;
         // SAFETY: helper on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        DNS_SOCKETS.insert(&cookie, &dst, 0).is_ok()
-    }
-
-    /// Send a tagged IPv4 DNS datagram (connect or sendmsg) to the daemon's listener on 127.0.0.1; `Err` (refuse)
-    /// when the resolver could not be recorded.
-    #[inline(always)]
-    fn redirect_dns4(ctx: &SockAddrContext, tag: Tag, ip4: u32) -> Result<(), ()> {
-        if !record_dns(ctx, tag, [ip4, 0, 0, 0], FAMILY_V4) {
-            debug!(ctx, "dns4: could not record the resolver; refused");
+        if DNS_SOCKETS.insert(&cookie, &dst, 0).is_err() {
+            debug!(ctx, "dns: could not record the resolver; refused");
             return Err(());
         }
-        write_ip4_port(ctx.sock_addr, LOOPBACK4, dns_port());
-        Ok(())
-    }
-
-    /// Send a tagged IPv6 DNS datagram (connect or sendmsg; IPv4-mapped too) to the daemon's listener on ::1;
-    /// `Err` (refuse) when the resolver could not be recorded.
-    #[inline(always)]
-    fn redirect_dns6(ctx: &SockAddrContext, tag: Tag, ip6: [u32; 4]) -> Result<(), ()> {
-        if !record_dns(ctx, tag, ip6, FAMILY_V6) {
-            debug!(ctx, "dns6: could not record the resolver; refused");
-            return Err(());
-        }
-        write_ip6_port(ctx.sock_addr, [0, 0, 0, V6_LOOPBACK_LAST], dns_port());
+        Family::<V6>::write(ctx.sock_addr, Family::<V6>::LOOPBACK, dns_port());
         Ok(())
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn udp_sendmsg4(ctx: SockAddrContext) -> i32 {
-        let p = ctx.sock_addr;
-        let (type_, protocol, port) = sock_addr_fields(p);
-        // SAFETY: user_ip4 is readable in sendmsg4 (4-byte load).
-        let ip4 = unsafe { core::ptr::read_volatile(&(*p).user_ip4) };
-        let Some(tag) = current_tag() else {
-            return ALLOW;
-        };
-        if is_udp(protocol)
-            && port == DNS
-            && !in_daemon_cgroup()
-            && redirect_dns4(&ctx, tag, ip4).is_ok()
-        {
-            return ALLOW;
-        }
-        debug!(&ctx, "sendmsg4 refused: port {}", port);
-        let sock = SockKind {
-            family: AF_INET as u16,
-            type_: type_ as u16,
-            protocol,
-        };
-        refuse(REFUSED_SENDMSG, tag, sock, [ip4, 0, 0, 0], port, FAMILY_V4)
+        sendmsg::<false>(&ctx)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
     pub fn udp_sendmsg6(ctx: SockAddrContext) -> i32 {
+        sendmsg::<true>(&ctx)
+    }
+
+    /// An unconnected UDP send: untagged, left alone; tagged, DNS redirected, anything else refused.
+    #[inline(always)]
+    fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         let p = ctx.sock_addr;
         let (type_, protocol, port) = sock_addr_fields(p);
-        let ip6 = user_ip6(p);
+        let addr = Family::<V6>::user_addr(p);
         let Some(tag) = current_tag() else {
             return ALLOW;
         };
         if is_udp(protocol)
             && port == DNS
             && !in_daemon_cgroup()
-            && redirect_dns6(&ctx, tag, ip6).is_ok()
+            && redirect_dns::<V6>(ctx, tag, addr).is_ok()
         {
             return ALLOW;
         }
-        debug!(&ctx, "sendmsg6 refused: port {}", port);
+        if V6 {
+            debug!(ctx, "sendmsg6 refused: port {}", port);
+        } else {
+            debug!(ctx, "sendmsg4 refused: port {}", port);
+        }
         let sock = SockKind {
-            family: AF_INET6 as u16,
+            family: Family::<V6>::AF,
             type_: type_ as u16,
             protocol,
         };
-        refuse(REFUSED_SENDMSG, tag, sock, ip6, port, FAMILY_V6)
+        refuse(REFUSED_SENDMSG, tag, sock, addr, port, Family::<V6>::STORED)
     }
 
     // ---- what a redirected socket reports ----
@@ -702,131 +668,84 @@ mod programs {
 
     #[cgroup_sock_addr(recvmsg4)]
     pub fn dns_recvmsg4(ctx: SockAddrContext) -> i32 {
-        let p = ctx.sock_addr;
-        // SAFETY: user_ip4 and user_port are readable in recvmsg4 (4-byte loads).
-        let (ip4, port_be) = unsafe {
-            (
-                core::ptr::read_volatile(&(*p).user_ip4),
-                core::ptr::read_volatile(&(*p).user_port),
-            )
-        };
-        if ip4 == LOOPBACK4 && u16::from_be(port_be as u16) == dns_port() {
-            restore_dns4(&ctx);
-        }
-        REPORT_OK
-    }
-
-    /// Report a redirected IPv4 DNS socket's resolver instead of the DNS listener.
-    #[inline(always)]
-    fn restore_dns4(ctx: &SockAddrContext) {
-        // SAFETY: helper on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        // SAFETY: the value is copied out immediately.
-        if let Some(dst) = (unsafe { DNS_SOCKETS.get(&cookie) }).copied() {
-            if dst.family == FAMILY_V4 {
-                write_ip4_port(ctx.sock_addr, dst.addr[0], dst.port);
-            }
-        }
+        recvmsg::<false>(&ctx)
     }
 
     #[cgroup_sock_addr(recvmsg6)]
     pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
+        recvmsg::<true>(&ctx)
+    }
+
+    /// A datagram from the DNS listener to a redirected DNS socket reads as coming from the recorded resolver.
+    #[inline(always)]
+    fn recvmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         let p = ctx.sock_addr;
-        // SAFETY: user_port is readable in recvmsg6 (4-byte load).
-        let port_be = unsafe { core::ptr::read_volatile(&(*p).user_port) };
-        if is_loopback6(&user_ip6(p)) && u16::from_be(port_be as u16) == dns_port() {
-            restore_dns6(&ctx);
+        let (_, _, port) = sock_addr_fields(p);
+        let from = Family::<V6>::user_addr(p);
+        if Family::<V6>::is_loopback(&from) && port == dns_port() {
+            restore_dns::<V6>(ctx);
         }
         REPORT_OK
     }
 
-    /// Report a redirected IPv6 DNS socket's resolver instead of the DNS listener.
+    /// Report a redirected DNS socket's resolver instead of the DNS listener.
     #[inline(always)]
-    fn restore_dns6(ctx: &SockAddrContext) {
+    fn restore_dns<const V6: bool>(ctx: &SockAddrContext) {
         // SAFETY: helper on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: the value is copied out immediately.
         if let Some(dst) = (unsafe { DNS_SOCKETS.get(&cookie) }).copied() {
-            // An IPv4 resolver reached from an IPv6 socket (IPv4-mapped, through sendmsg4) reads back IPv4-mapped.
-            let addr = if dst.family == FAMILY_V4 {
-                [0, 0, V4_MAPPED_PREFIX, dst.addr[0]]
-            } else {
-                dst.addr
-            };
-            write_ip6_port(ctx.sock_addr, addr, dst.port);
+            if let Some(addr) = Family::<V6>::reported(&dst) {
+                Family::<V6>::write(ctx.sock_addr, addr, dst.port);
+            }
         }
-    }
-
-    /// The socket behind a sock_addr context.
-    #[inline(always)]
-    fn ctx_sock(p: *const bpf_sock_addr) -> *mut bpf_sock {
-        // SAFETY: `sk` is readable by every sock_addr program (an 8-byte load of a non-null socket pointer).
-        unsafe { core::ptr::read_volatile(&(*p).__bindgen_anon_1.sk) }
     }
 
     #[cgroup_sock_addr(getpeername4)]
     pub fn peer_getpeername4(ctx: SockAddrContext) -> i32 {
-        let p = ctx.sock_addr;
-        let (_, _, port) = sock_addr_fields(p);
-        // SAFETY: user_ip4 is readable in getpeername4 (4-byte load).
-        let ip4 = unsafe { core::ptr::read_volatile(&(*p).user_ip4) };
-        if ip4 != LOOPBACK4 {
-            return REPORT_OK;
-        }
-        if port == dns_port() {
-            restore_dns4(&ctx);
-        } else if port == proxy_port() {
-            let sk = ctx_sock(p);
-            // SAFETY: src_ip4 and src_port of the socket are readable (4-byte loads).
-            let (src, src_port) = unsafe {
-                (
-                    core::ptr::read_volatile(&(*sk).src_ip4),
-                    core::ptr::read_volatile(&(*sk).src_port),
-                )
-            };
-            let key = sock_key(FAMILY_V4, src, [0; 4], src_port as u16);
-            // SAFETY: the value is copied out immediately.
-            if let Some(dst) = (unsafe { PEERS.get(&key) }).copied() {
-                if dst.family == FAMILY_V4 {
-                    write_ip4_port(p, dst.addr[0], dst.port);
-                }
-            }
-        }
-        REPORT_OK
+        getpeername::<false>(&ctx)
     }
 
     #[cgroup_sock_addr(getpeername6)]
     pub fn peer_getpeername6(ctx: SockAddrContext) -> i32 {
+        getpeername::<true>(&ctx)
+    }
+
+    /// A redirected socket's peer is its original destination: TCP/MPTCP from `PEERS` (keyed by the socket's local
+    /// address, which an MPTCP socket shares with the subflow that was redirected), DNS from `DNS_SOCKETS`.
+    #[inline(always)]
+    fn getpeername<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         let p = ctx.sock_addr;
         let (_, _, port) = sock_addr_fields(p);
-        if !is_loopback6(&user_ip6(p)) {
+        if !Family::<V6>::is_loopback(&Family::<V6>::user_addr(p)) {
             return REPORT_OK;
         }
         if port == dns_port() {
-            restore_dns6(&ctx);
+            restore_dns::<V6>(ctx);
         } else if port == proxy_port() {
-            let sk = ctx_sock(p);
-            // SAFETY: src_ip6 and src_port of the socket are readable (4-byte loads).
-            let (src, src_port) = unsafe {
-                (
-                    [
+            // SAFETY: `sk` is readable by every sock_addr program (an 8-byte load of a non-null socket pointer);
+            // its source address and port are readable through it (4-byte loads).
+            let key = unsafe {
+                let sk = core::ptr::read_volatile(&(*p).__bindgen_anon_1.sk);
+                let src_port = core::ptr::read_volatile(&(*sk).src_port) as u16;
+                if V6 {
+                    let src = [
                         core::ptr::read_volatile(&(*sk).src_ip6[0]),
                         core::ptr::read_volatile(&(*sk).src_ip6[1]),
                         core::ptr::read_volatile(&(*sk).src_ip6[2]),
                         core::ptr::read_volatile(&(*sk).src_ip6[3]),
-                    ],
-                    core::ptr::read_volatile(&(*sk).src_port),
-                )
+                    ];
+                    sock_key(FAMILY_V6, 0, src, src_port)
+                } else {
+                    let src = core::ptr::read_volatile(&(*sk).src_ip4);
+                    sock_key(FAMILY_V4, src, [0; 4], src_port)
+                }
             };
-            let key = sock_key(FAMILY_V6, 0, src, src_port as u16);
             // SAFETY: the value is copied out immediately.
             if let Some(dst) = (unsafe { PEERS.get(&key) }).copied() {
-                let addr = if dst.family == FAMILY_V4 {
-                    [0, 0, V4_MAPPED_PREFIX, dst.addr[0]]
-                } else {
-                    dst.addr
-                };
-                write_ip6_port(p, addr, dst.port);
+                if let Some(addr) = Family::<V6>::reported(&dst) {
+                    Family::<V6>::write(p, addr, dst.port);
+                }
             }
         }
         REPORT_OK
@@ -836,33 +755,21 @@ mod programs {
 
     #[cgroup_sock_addr(bind4)]
     pub fn serve_bind4(ctx: SockAddrContext) -> i32 {
-        let p = ctx.sock_addr;
-        let (type_, protocol, port) = sock_addr_fields(p);
-        // SAFETY: user_ip4 is readable in bind4 (4-byte load).
-        let ip4 = unsafe { core::ptr::read_volatile(&(*p).user_ip4) };
-        if port == 0 || is_loopback4(ip4) {
-            return ALLOW;
-        }
-        let Some(tag) = current_tag() else {
-            return ALLOW;
-        };
-        if accepts_inbound(&tag) {
-            return ALLOW;
-        }
-        let sock = SockKind {
-            family: AF_INET as u16,
-            type_: type_ as u16,
-            protocol,
-        };
-        refuse(REFUSED_BIND, tag, sock, [ip4, 0, 0, 0], port, FAMILY_V4)
+        bind::<false>(&ctx)
     }
 
     #[cgroup_sock_addr(bind6)]
     pub fn serve_bind6(ctx: SockAddrContext) -> i32 {
+        bind::<true>(&ctx)
+    }
+
+    /// A tagged server's bind (a non-loopback address with a port) is refused unless its profile serves.
+    #[inline(always)]
+    fn bind<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         let p = ctx.sock_addr;
         let (type_, protocol, port) = sock_addr_fields(p);
-        let ip6 = user_ip6(p);
-        if port == 0 || is_loopback6(&ip6) {
+        let addr = Family::<V6>::user_addr(p);
+        if port == 0 || Family::<V6>::is_loopback(&addr) {
             return ALLOW;
         }
         let Some(tag) = current_tag() else {
@@ -872,11 +779,11 @@ mod programs {
             return ALLOW;
         }
         let sock = SockKind {
-            family: AF_INET6 as u16,
+            family: Family::<V6>::AF,
             type_: type_ as u16,
             protocol,
         };
-        refuse(REFUSED_BIND, tag, sock, ip6, port, FAMILY_V6)
+        refuse(REFUSED_BIND, tag, sock, addr, port, Family::<V6>::STORED)
     }
 
     /// Every ingress packet of the attached cgroups' sockets passes here. From the loopback device: passed at once.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::harness::{
     self, Env, API_HOST, ECHO_ALLOWED, ECHO_BLOCKED, PROFILE, SERVE_PROFILE, UDP_SINK,
 };
+use crate::run;
 
 /// Python for agents: the system interpreter (a non-root agent cannot use one under /root).
 const PYTHON: &str = "/usr/bin/python3";
@@ -102,21 +103,6 @@ fn assert_refusal(rec: &serde_json::Value, method: &str, profile: &str) {
     assert_eq!(rec["outcome"]["error"], "kernel", "{rec}");
     assert_eq!(rec["request"]["method"], method, "{rec}");
     assert_eq!(rec["agent"]["profile"], profile, "{rec}");
-}
-
-fn run(cmd: &[&str]) -> (i32, String, String) {
-    match Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) => (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        ),
-        Err(e) => (-1, String::new(), e.to_string()),
-    }
 }
 
 /// Wait until the UDP sink has counted `want` datagrams (or give up), then a little longer so late ones show.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
-use super::{links, CaptureError};
+use super::{links, program_error, program_mut, CaptureError};
 
 /// The program, by function name in `enforcer-ebpf`.
 pub(super) const PROGRAM: &str = "device_egress";
@@ -25,22 +25,9 @@ pub(super) struct Covered(HashSet<u32>);
 
 /// Load the program (once, before the first [`cover`]).
 pub(super) fn load(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    program(ebpf)?
+    program_mut::<SchedClassifier>(ebpf, PROGRAM)?
         .load()
-        .map_err(|source| CaptureError::Program {
-            name: PROGRAM,
-            source,
-        })
-}
-
-fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
-    ebpf.program_mut(PROGRAM)
-        .ok_or(CaptureError::MissingProgram(PROGRAM))?
-        .try_into()
-        .map_err(|source| CaptureError::Program {
-            name: PROGRAM,
-            source,
-        })
+        .map_err(program_error(PROGRAM))
 }
 
 /// Attach the program to every device not covered yet (loopback excepted) and pin each link in `pin_dir`.
@@ -51,7 +38,7 @@ pub(super) fn cover(
     pin_dir: &Path,
     covered: &mut Covered,
 ) -> Result<usize, CaptureError> {
-    let prog = program(ebpf)?;
+    let prog: &mut SchedClassifier = program_mut(ebpf, PROGRAM)?;
     let mut added = 0;
     for (name, ifindex) in devices() {
         if ifindex == LOOPBACK_IFINDEX || covered.0.contains(&ifindex) {
@@ -61,10 +48,7 @@ pub(super) fn cover(
         let attached = prog
             .attach(&name, TcAttachType::Egress)
             .and_then(|id| prog.take_link(id))
-            .map_err(|source| CaptureError::Program {
-                name: PROGRAM,
-                source,
-            })
+            .map_err(program_error(PROGRAM))
             .and_then(|link| links::pin_named(link, pin_dir, PROGRAM, &pin));
         match attached {
             Ok(()) => {

@@ -97,15 +97,7 @@ pub(super) fn create_and_pin(
         flags: 0,
         rest: [0; 8],
     };
-    // SAFETY: bpf(2) reads a properly sized, zero-padded attribute we own; it returns a new fd or -1.
-    let link = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &create as *const LinkCreate,
-            std::mem::size_of::<LinkCreate>(),
-        )
-    };
+    let link = bpf(BPF_LINK_CREATE, &create);
     if link < 0 {
         return Err(syscall_error("bpf_link_create"));
     }
@@ -122,20 +114,26 @@ pub(super) fn create_and_pin(
         pad: 0,
         rest: [0; 8],
     };
-    // SAFETY: as above; the path outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &pin as *const ObjPin,
-            std::mem::size_of::<ObjPin>(),
-        )
-    };
-    if rc < 0 {
+    // The path outlives the call.
+    if bpf(BPF_OBJ_PIN, &pin) < 0 {
         return Err(syscall_error("bpf_obj_pin"));
     }
     // Our fd closes here; the pin keeps the link, and the program, attached.
     Ok(())
+}
+
+/// bpf(2) with command `cmd` and attribute `attr` (a `#[repr(C)]` struct, zero-padded to the command's size).
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of an attribute we own and keep alive for the call; pointers
+    // inside it are the caller's, valid for the call. It returns a new fd, 0, or -1 with errno set.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    }
 }
 
 /// The link pins in `pin_dir`.

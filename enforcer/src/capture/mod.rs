@@ -487,16 +487,33 @@ async fn cover_new_devices(
 macro_rules! attach_pinned {
     ($ebpf:expr, $pin_dir:expr, $name:expr, $ty:ty, |$p:ident| $attach:expr) => {{
         let name = $name;
-        let err = |source| CaptureError::Program { name, source };
-        let $p: &mut $ty = $ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::MissingProgram(name))?
-            .try_into()
-            .map_err(err)?;
+        let err = program_error(name);
+        let $p: &mut $ty = program_mut($ebpf, name)?;
         $p.load().map_err(err)?;
         let link = $attach.and_then(|id| $p.take_link(id)).map_err(err)?;
         links::pin(link, $pin_dir, name)?;
     }};
+}
+
+/// Program `name` of the object, as the program type `T`.
+pub(super) fn program_mut<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut aya::programs::Program: TryInto<&'a mut T, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+/// How an error of program `name` is reported.
+pub(super) fn program_error(
+    name: &'static str,
+) -> impl Fn(aya::programs::ProgramError) -> CaptureError + Copy {
+    move |source| CaptureError::Program { name, source }
 }
 
 /// Load and attach every program to `cgroup`, pinning each link in `pin_dir` (see [`links`]).
@@ -537,15 +554,8 @@ fn attach_sockopt(
 ) -> Result<(), CaptureError> {
     use std::os::fd::AsFd;
     const BPF_CGROUP_SETSOCKOPT: u32 = 22;
-    let err = |source| CaptureError::Program {
-        name: SOCKOPT_PROGRAM,
-        source,
-    };
-    let p: &mut CgroupSockopt = ebpf
-        .program_mut(SOCKOPT_PROGRAM)
-        .ok_or(CaptureError::MissingProgram(SOCKOPT_PROGRAM))?
-        .try_into()
-        .map_err(err)?;
+    let err = program_error(SOCKOPT_PROGRAM);
+    let p: &mut CgroupSockopt = program_mut(ebpf, SOCKOPT_PROGRAM)?;
     p.load().map_err(err)?;
     let prog = p.fd().map_err(err)?;
     links::create_and_pin(
@@ -563,23 +573,16 @@ fn attach_sockopt(
 /// IPv4/IPv6 side is enforced either way).
 fn attach_lsm(ebpf: &mut Ebpf, file: &std::fs::File, pin_dir: &Path) -> Result<(), CaptureError> {
     const UNCOVERED: &str =
-        "tagged processes' packet, vsock and other non-IP sockets are limited only by their \
-                             capabilities";
+        "tagged processes' packet, vsock and other non-IP sockets are limited only by \
+                             their capabilities";
     if bpf_lsm_active() == Some(false) {
         tracing::warn!("the BPF LSM is not active (boot with lsm=...,bpf): {UNCOVERED}");
         return Ok(());
     }
     let attached = (|| {
         let btf = aya::Btf::from_sys_fs()?;
-        let err = |source| CaptureError::Program {
-            name: LSM_PROGRAM,
-            source,
-        };
-        let p: &mut LsmCgroup = ebpf
-            .program_mut(LSM_PROGRAM)
-            .ok_or(CaptureError::MissingProgram(LSM_PROGRAM))?
-            .try_into()
-            .map_err(err)?;
+        let err = program_error(LSM_PROGRAM);
+        let p: &mut LsmCgroup = program_mut(ebpf, LSM_PROGRAM)?;
         p.load(LSM_HOOK, &btf).map_err(err)?;
         let link = p.attach(file).and_then(|id| p.take_link(id)).map_err(err)?;
         links::pin_fd(link.into(), pin_dir, LSM_PROGRAM)

@@ -376,13 +376,25 @@ print("pid not obtained")
 sys.exit(1)
 "#;
 
-/// After the daemon dies its programs stay attached (fail closed). A tagged process that obtains the dead
-/// daemon's process id is still an agent: its connect is redirected to the dead proxy port and refused, never sent
-/// out unaudited. The restarted daemon enforces again.
+/// After the daemon dies its programs stay attached (fail closed): raw sockets are still refused, and a tagged
+/// process that obtains the dead daemon's process id is still an agent: its connect is redirected to the dead proxy
+/// port and refused, never sent out unaudited. The restarted daemon enforces again.
 pub fn a_tagged_process_with_the_dead_daemons_pid_is_not_exempt(env: &mut Env) {
     env.need_daemon();
     let pid = env.daemon_pid().expect("daemon pid").to_string();
     env.kill_daemon().unwrap_or_else(|e| panic!("{e}"));
+    let port = UDP_SINK.to_string();
+    let (code, out, err) = as_root_in_tagged_cgroup(
+        env,
+        PROFILE,
+        &[PYTHON, "-c", RAW_SOCKETS, &env.v4, &env.v6, &port],
+        |_| {},
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "eperm eperm"),
+        "raw sockets with the daemon dead: {err}"
+    );
     let cgroup = env.profile_cgroup(PROFILE).join("pid-reuse");
     std::fs::create_dir_all(&cgroup).expect("cgroup");
     let (code, out, err) = run(&[

@@ -568,13 +568,13 @@ fn attach_sockopt(
 }
 
 /// The socket families other than IPv4/IPv6 are refused by an lsm_cgroup program, which runs only when the kernel
-/// was booted with the BPF LSM active (`lsm=...,bpf`) and lets BPF LSM programs load. Where it cannot run, those
-/// families are limited only by the agent's capabilities, and the daemon says so (a warning, not a failure: the
-/// IPv4/IPv6 side is enforced either way).
+/// was booted with the BPF LSM active (`lsm=...,bpf`) and lets BPF LSM programs load. Where it cannot run, the
+/// daemon says so (a warning, not a failure: the IPv4/IPv6 side is enforced either way, and packet sockets' frames
+/// are dropped at the devices).
 fn attach_lsm(ebpf: &mut Ebpf, file: &std::fs::File, pin_dir: &Path) -> Result<(), CaptureError> {
-    const UNCOVERED: &str =
-        "tagged processes' packet, vsock and other non-IP sockets are limited only by \
-                             their capabilities";
+    const UNCOVERED: &str = "tagged processes' non-IP sockets are not refused at creation: packet \
+        sockets' frames are dropped at the network devices, vsock and the other families are limited only by \
+        the agent's capabilities";
     if bpf_lsm_active() == Some(false) {
         tracing::warn!("the BPF LSM is not active (boot with lsm=...,bpf): {UNCOVERED}");
         return Ok(());

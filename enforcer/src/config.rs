@@ -114,6 +114,10 @@ pub struct ProfileConfig {
     /// number of segments, e.g. `agents-*.scope` or `kubepods.slice/**/kubepods-*pod<uid>.slice`). The daemon tags
     /// those that exist at start and each one that appears later.
     pub cgroups: Vec<PathBuf>,
+    /// Let this profile's agents serve: bind non-loopback addresses (the wildcard included) and receive packets from
+    /// other hosts. Off by default: the kernel refuses such binds and drops such packets (docs/proxy.md). What an
+    /// agent sends back over a connection it accepted is not seen by the proxy.
+    pub accept_inbound: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -415,5 +419,15 @@ mod tests {
             serde_saphyr::from_str("proxy: { upstream_roots: bundled }\n").unwrap();
         assert_eq!(config.proxy.upstream_roots, UpstreamRoots::Bundled);
         assert!(serde_saphyr::from_str::<Config>("proxy: { upstream_roots: mozilla }\n").is_err());
+    }
+
+    #[test]
+    fn profiles_refuse_inbound_unless_configured_to_serve() {
+        let yaml = "profiles:\n  coder: {}\n  devserver: { accept_inbound: true }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert!(!config.profiles["coder"].accept_inbound);
+        assert!(config.profiles["devserver"].accept_inbound);
+        assert!(!Config::default().profiles["default"].accept_inbound);
+        assert!(serde_saphyr::from_str::<Config>("profiles: { a: { serve: true } }\n").is_err());
     }
 }

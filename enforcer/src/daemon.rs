@@ -80,6 +80,22 @@ pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         Err(crate::control::ControlError::NotRunning(_)) => {}
         Err(e) => return Err(e.into()),
     }
+    let pid = running_daemon_pid(&config)?;
+    // SAFETY: kill(2) with a checked pid and a valid signal number has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("signalling the daemon (pid {pid})"));
+    }
+    println!(
+        "policy {} checked; the daemon (pid {pid}) is loading it",
+        policy.hash()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The pid of the `enforcer run` that runs with `config`, from `<state_dir>/enforcer.pid`, checked to be a running
+/// `enforcer run` (a stale pid file never names an unrelated process).
+pub fn running_daemon_pid(config: &Config) -> anyhow::Result<i32> {
     let pid_path = config.state_dir.join(PID_FILE);
     let text = std::fs::read_to_string(&pid_path).with_context(|| {
         format!(
@@ -91,7 +107,6 @@ pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         .trim()
         .parse()
         .with_context(|| format!("{} does not hold a pid", pid_path.display()))?;
-    // A stale pid file must not make us signal an unrelated process.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let mut argv = cmdline.split(|b| *b == 0);
     let is_daemon =
@@ -102,16 +117,7 @@ pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
             pid_path.display()
         );
     }
-    // SAFETY: kill(2) with a checked pid and a valid signal number has no memory-safety preconditions.
-    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("signalling the daemon (pid {pid})"));
-    }
-    println!(
-        "policy {} checked; the daemon (pid {pid}) is loading it",
-        policy.hash()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(pid)
 }
 
 fn print_reload(reply: &ReloadReply) -> ExitCode {
@@ -336,7 +342,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let control_path = crate::control::socket_path(&config.state_dir);
     let control = crate::control::bind(&control_path, access)?;
 
-    let capture = if config.capture.enabled {
+    let mut capture = if config.capture.enabled {
         if let Some(created) = crate::service::preflight::check_capture(&config)? {
             tracing::info!(cgroup = %created.display(), "created the capture cgroup (capture.cgroup)");
         }
@@ -447,6 +453,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 dns.clone(),
                 shutdown.clone(),
             )),
+        );
+    }
+    if let Some(refusals) = capture.as_mut().and_then(Capture::take_refusals) {
+        spawn(
+            "kernel refusals".into(),
+            Box::pin(refusals.record(ctx.clone(), shutdown.clone())),
         );
     }
     if let Some((listener, profile)) = explicit {

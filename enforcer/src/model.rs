@@ -358,6 +358,9 @@ pub enum Reason {
     /// The agent's TLS client did not complete the handshake with the enforcer's certificate (it sent an alert,
     /// typically `unknown_ca`: it does not trust the enforcer CA).
     ClientTls,
+    /// Refused in the kernel by the capture programs, before anything left the socket: a socket kind, a bind, an
+    /// inbound packet or a datagram the enforcer does not carry (see docs/proxy.md).
+    Kernel,
 }
 
 impl Reason {
@@ -379,6 +382,7 @@ impl Reason {
             Reason::AuditUnavailable => "audit_unavailable",
             Reason::ClientClosed => "client_closed",
             Reason::ClientTls => "client_tls",
+            Reason::Kernel => "kernel",
         }
     }
 }
@@ -462,6 +466,10 @@ pub struct RequestSummary {
     /// only in `client_tls` records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_alert: Option<String>,
+    /// Kernel refusals only: how many refusals this record stands for (itself, and those of the same cgroup and
+    /// kind before it that the kernel's rate bound left unrecorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// What the enforcer did with the request.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use enforcer::capture::{Capture, CaptureConfig, TagTable};
+use enforcer::capture::{Capture, CaptureConfig, CaptureProfile, TagTable};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const PROFILE: &str = "agents";
@@ -227,7 +227,7 @@ impl Harness {
             pin_dir: self.pin_dir.clone(),
             proxy_port: self.proxy_port(),
             dns_port: self.proxy_port(),
-            profiles: vec![(PROFILE.to_string(), vec![])],
+            profiles: vec![CaptureProfile::new(PROFILE)],
         };
         let capture = {
             let _enter = self.runtime.enter();
@@ -431,16 +431,26 @@ fn tagged_connects_are_redirected_with_their_origin() {
         SocketAddr::new(ip2, 80),
     );
 
-    // A direct connect to the proxy port is left alone (and has no origin).
-    let port = h.proxy_port().to_string();
-    let child = python(
-        CLIENT,
-        &[client.to_str().expect("utf-8"), "127.0.0.1", &port],
-    );
-    let (stream, peer) = h.accept_proxy().expect("direct connect to the proxy");
-    assert_eq!(h.capture().origins().lookup(peer), None);
-    answer(stream);
-    finish(child);
+    // A direct connect to the proxy port is recorded with the proxy as its destination, so the proxy (which refuses
+    // it: it has no original destination) can name the agent.
+    let port = h.proxy_port();
+    for host in ["127.0.0.1", "::1"] {
+        let child = python(
+            CLIENT,
+            &[client.to_str().expect("utf-8"), host, &port.to_string()],
+        );
+        let (stream, peer) = h.accept_proxy().expect("direct connect to the proxy");
+        let origin = h
+            .capture()
+            .origins()
+            .lookup(peer)
+            .expect("a direct connect is recorded");
+        assert_eq!(origin.dst, SocketAddr::new(host.parse().expect("ip"), port));
+        assert_eq!(origin.agent.pid, Some(child.id()));
+        assert_eq!(origin.agent.profile.as_deref(), Some(PROFILE));
+        answer(stream);
+        finish(child);
+    }
 }
 
 #[test]
@@ -559,8 +569,8 @@ fn udp_from_tagged_cgroups_is_refused_except_dns() {
     let h = Harness::new();
     let tagged = finish(python(UDP, &[h.profile_cgroup().to_str().expect("utf-8")]));
     assert_eq!(tagged.trim(), udp_expected(true));
-    assert!(logged("refused udp sendmsg to port 443"));
-    assert!(logged("refused udp4 connect to port 4443"));
+    assert!(logged("sendmsg4 refused: port 443"));
+    assert!(logged("connect4 refused: port 4443"));
     let plain = finish(python(
         UDP,
         &[h.child_cgroup("plain").to_str().expect("utf-8")],
@@ -748,6 +758,41 @@ fn agents_alive_at_shutdown_keep_the_programs_attached_until_a_new_daemon() {
     );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+}
+
+#[test]
+fn network_devices_that_appear_later_are_covered_too() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let name = format!("enfta{}", std::process::id() % 100_000);
+    let peer = format!("enftb{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip runs")
+            .success()
+    };
+    assert!(
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]),
+        "add {name}"
+    );
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .expect("ifindex")
+        .trim()
+        .to_string();
+    let pin = h.pin_dir.join(format!("link_device_egress_{ifindex}"));
+    let deadline = Instant::now() + TIMEOUT;
+    while !pin.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let covered = pin.exists();
+    assert!(ip(&["link", "del", &name]), "del {name}");
+    assert!(covered, "{name} was not covered within {TIMEOUT:?}");
+    // Loopback never is.
+    assert!(!h.pin_dir.join("link_device_egress_1").exists());
 }
 
 /// Runs the real `enforcer` binary with `args`; returns (exit code, stdout, stderr).

@@ -26,6 +26,8 @@ pub const BAD_HOST: &str = "bad.e2e.test";
 pub const V4_ONLY_HOST: &str = "v4only.e2e.test";
 /// The profile the tests tag their clients with.
 pub const PROFILE: &str = "e2e";
+/// A profile configured to serve (`accept_inbound`): its agents may listen for other hosts.
+pub const SERVE_PROFILE: &str = "e2e-serve";
 pub const ECHO_ALLOWED: u16 = 7000;
 pub const ECHO_BLOCKED: u16 = 7001;
 pub const BAD_TLS_PORT: u16 = 8443;
@@ -278,7 +280,7 @@ impl Env {
              dns:\n  port: {dns_port}\n  upstream: \"{v4}:53\"\n\
              audit:\n  checkpoint_interval_secs: 1\n\
              metrics:\n  listen: \"127.0.0.1:{metrics}\"\n\
-             profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
+             profiles:\n  {PROFILE}: {{ cgroups: [] }}\n  {SERVE_PROFILE}: {{ accept_inbound: true }}\n",
             policy = policy.display(),
             state = root.join("state").display(),
             id = self.id,
@@ -354,10 +356,15 @@ impl Env {
     /// `enforcer exec --config … --profile e2e --user enforcer-e2e --`: what runs a tagged agent, as argv (for
     /// wrappers such as `unshare`); the command to run follows.
     pub fn exec_argv(&self) -> Vec<std::ffi::OsString> {
+        self.exec_argv_in(PROFILE)
+    }
+
+    /// [`Env::exec_argv`] with another profile.
+    pub fn exec_argv_in(&self, profile: &str) -> Vec<std::ffi::OsString> {
         let mut argv: Vec<std::ffi::OsString> = vec![enforcer_bin().into(), "exec".into()];
         argv.push("--config".into());
         argv.push(self.config.clone().into());
-        for a in ["--profile", PROFILE, "--user", AGENT_USER, "--"] {
+        for a in ["--profile", profile, "--user", AGENT_USER, "--"] {
             argv.push(a.into());
         }
         argv
@@ -374,7 +381,12 @@ impl Env {
 
     /// `enforcer exec … --` as a Command, ready for the agent's command and arguments.
     pub fn exec_command(&self) -> Command {
-        let argv = self.exec_argv();
+        self.exec_command_in(PROFILE)
+    }
+
+    /// [`Env::exec_command`] with another profile.
+    pub fn exec_command_in(&self, profile: &str) -> Command {
+        let argv = self.exec_argv_in(profile);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         self.agent_command(cmd)
@@ -420,6 +432,11 @@ impl Env {
             .args(self.exec_argv())
             .args(cmd);
         self.agent_command(c)
+    }
+
+    /// The cgroup the daemon tags with `profile` (`enforcer exec` creates its cgroups below it).
+    pub fn profile_cgroup(&self, profile: &str) -> PathBuf {
+        self.cgroup.join("enforcer").join(profile)
     }
 
     /// `--resolve` argument pinning `host:port` to the upstream's IPv4 or IPv6 address.

@@ -9,6 +9,7 @@
 mod agent;
 mod dns;
 mod harness;
+mod kernel;
 mod ops;
 mod reload;
 mod sdk;
@@ -92,6 +93,42 @@ const TESTS: &[Test] = &[
     (
         "dns_one_agent_flooding_does_not_starve_another",
         dns::one_agent_flooding_does_not_starve_another,
+    ),
+    (
+        "raw_and_packet_sockets_of_a_tagged_root_process_are_refused_and_recorded",
+        kernel::raw_and_packet_sockets_of_a_tagged_root_process_are_refused_and_recorded,
+    ),
+    (
+        "icmp_ping_sockets_of_a_tagged_process_are_refused",
+        kernel::icmp_ping_sockets_of_a_tagged_process_are_refused,
+    ),
+    (
+        "tagging_the_daemons_cgroup_is_refused",
+        kernel::tagging_the_daemons_cgroup_is_refused,
+    ),
+    (
+        "a_tagged_listener_is_unreachable_from_another_host_unless_its_profile_serves",
+        kernel::a_tagged_listener_is_unreachable_from_another_host_unless_its_profile_serves,
+    ),
+    (
+        "getpeername_reports_the_original_destination",
+        kernel::getpeername_reports_the_original_destination,
+    ),
+    (
+        "a_connect_straight_to_the_proxy_is_recorded_with_its_agent",
+        kernel::a_connect_straight_to_the_proxy_is_recorded_with_its_agent,
+    ),
+    (
+        "origins_are_keyed_by_the_full_local_address",
+        kernel::origins_are_keyed_by_the_full_local_address,
+    ),
+    (
+        "kernel_refusals_are_rate_bounded_and_counted",
+        kernel::kernel_refusals_are_rate_bounded_and_counted,
+    ),
+    (
+        "a_tagged_process_with_the_dead_daemons_pid_is_not_exempt",
+        kernel::a_tagged_process_with_the_dead_daemons_pid_is_not_exempt,
     ),
     (
         "one_audit_record_per_request_and_verify_passes",

@@ -72,15 +72,23 @@ pub enum CgroupCommand {
     },
 }
 
-/// Open the running daemon's tag map, refusing clearly when the daemon is not running.
+/// Open the running daemon's tag map, refusing clearly when the daemon is not running. Tagging the daemon's own
+/// cgroup (or an ancestor) through it is refused; should the daemon's pid file be unreadable, the kernel programs
+/// still refuse rather than loop the daemon's sockets back to it.
 fn open_daemon_tags(config: &Config) -> anyhow::Result<TagTable> {
-    let tags = TagTable::open_pinned(&config.capture.pin_dir, &config.cgroup_root)?;
+    let mut tags = TagTable::open_pinned(&config.capture.pin_dir, &config.cgroup_root)?;
     let alive = tags.map_id().is_some_and(map_in_use);
     if !alive {
         bail!(
             "the enforcer daemon is not running (the tag map pinned in {} is not used by any loaded program)",
             config.capture.pin_dir.display()
         );
+    }
+    let daemon = crate::daemon::running_daemon_pid(config)
+        .ok()
+        .and_then(|pid| super::process_cgroup(u32::try_from(pid).ok(), &config.cgroup_root));
+    if let Some(cgroup) = daemon {
+        tags.protect_daemon_cgroup(cgroup);
     }
     Ok(tags)
 }

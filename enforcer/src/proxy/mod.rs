@@ -206,7 +206,10 @@ async fn client(
         }
         Listen::Transparent => {
             let origin = ctx.origins.lookup(peer);
-            let Some(origin) = origin.filter(|o| Some(o.dst) != local) else {
+            let Some(origin) = origin.as_ref().filter(|o| Some(o.dst) != local).cloned() else {
+                // A tagged connect straight to the proxy is recorded with the proxy as its destination: refused
+                // like one without any, with its agent named.
+                let agent = origin.map(|o| o.agent).unwrap_or_default();
                 tracing::info!(client = %peer, "connection without a recorded original destination: closed");
                 crate::metrics::global().connection_refused();
                 let summary = RequestSummary {
@@ -215,7 +218,6 @@ async fn client(
                 };
                 let policy = ctx.policy.current();
                 let message = "the connection has no recorded original destination";
-                let agent = Agent::default();
                 ctx.record_refusal(
                     &policy,
                     &agent,

@@ -114,10 +114,11 @@ async fn tail_prints_the_last_records() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_follow_prints_new_records_across_rotation() {
+async fn tail_follow_prints_new_records_across_rotation_and_compression() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.rotate_bytes = 2048;
+    cfg.compress = true;
     write(cfg.clone(), 5).await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
         .args(["audit", "tail", s(dir.path()), "-f", "-n", "1", "--json"])

@@ -255,11 +255,13 @@ impl Syslog {
     }
 }
 
-/// Open `checkpoints.jsonl` for appending (created 0600).
-pub(crate) fn open_append(path: &Path) -> Result<File, AuditError> {
+/// Open `checkpoints.jsonl` for writing at explicit offsets (created 0600): the writer appends at the end of its
+/// whole lines, so a failed write can be cut back.
+pub(crate) fn open_checkpoints(path: &Path) -> Result<File, AuditError> {
     OpenOptions::new()
-        .append(true)
+        .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o600)
         .open(path)
         .map_err(|e| AuditError::io(path, e))

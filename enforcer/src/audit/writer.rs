@@ -143,10 +143,17 @@ struct State {
     /// A file was created since the directory was last synced.
     dir_dirty: bool,
     write_error: Option<Arc<std::io::Error>>,
+    /// The last sync round failed: appends are refused until a retry succeeds.
     sync_error: Option<Arc<std::io::Error>>,
     /// When to retry after `sync_error`, and the next backoff.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// A failure episode: from the first failed round until rounds have succeeded for a whole backoff period (so a
+    /// device that fails again as soon as records are taken again is one episode, logged once).
+    episode: Option<Arc<std::io::Error>>,
+    /// Since when rounds have succeeded in the episode, and when to look again.
+    ok_since: Option<Instant>,
+    probe_at: Option<Instant>,
     /// Seq of the last signed record.
     signed: Option<u64>,
     /// When the oldest record not covered by a checkpoint was written.
@@ -174,7 +181,7 @@ impl State {
     fn health(&self) -> Health {
         if self.stopped {
             Health::Closed
-        } else if let Some(e) = &self.sync_error {
+        } else if let Some(e) = self.sync_error.as_ref().or(self.episode.as_ref()) {
             Health::SyncFailing(e.clone())
         } else if let Some(e) = &self.write_error {
             Health::WriteFailing(e.clone())
@@ -332,7 +339,7 @@ impl Shared {
             st.next_seq += 1;
             st.prev = hash;
             if st.write_error.take().is_some() {
-                tracing::warn!(seq, "audit records are written again");
+                tracing::warn!(file = %st.current.path.display(), seq, "audit records are written again");
                 self.publish_health(&st);
             }
             self.wake_sync(&mut st);
@@ -444,6 +451,9 @@ impl Handle {
             sync_error: None,
             retry_at: None,
             backoff: RETRY_FIRST,
+            episode: None,
+            ok_since: None,
+            probe_at: None,
             signed,
             unsigned_since: Instant::now(),
             checkpoint_wanted: None,
@@ -665,15 +675,21 @@ impl Syncer {
             if st.closing {
                 break;
             }
-            let retry_wait = st.retry_at.filter(|&t| t > now);
+            // After a failure nothing is done until the retry is due; then the retry runs even with nothing new.
+            let failed = st.sync_error.is_some();
+            let retry_wait = st.retry_at.filter(|&t| failed && t > now);
             let checkpoint_at = st
                 .unsigned()
                 .then(|| st.unsigned_since + cfg.checkpoint_interval);
             let timed = checkpoint_at.is_some_and(|t| t <= now);
-            if retry_wait.is_none() && (st.retry_at.is_some() || timed || shared.sync_needed(&st)) {
+            let probe = st.probe_at.is_some_and(|t| t <= now);
+            if retry_wait.is_none() && (failed || probe || timed || shared.sync_needed(&st)) {
                 break;
             }
-            let deadline = [retry_wait, checkpoint_at].into_iter().flatten().min();
+            let deadline = [retry_wait, checkpoint_at, st.probe_at]
+                .into_iter()
+                .flatten()
+                .min();
             st.sync_idle = true;
             st = match deadline {
                 Some(d) => {
@@ -792,11 +808,22 @@ impl Syncer {
                 st.checkpoint_wanted = None;
             }
         }
-        if let Some(e) = st.sync_error.take() {
-            tracing::warn!(error = %e, "audit records are made durable again");
-        }
+        st.sync_error = None;
         st.retry_at = None;
-        st.backoff = RETRY_FIRST;
+        if let Some(e) = st.episode.clone() {
+            let now = Instant::now();
+            let since = *st.ok_since.get_or_insert(now);
+            if now >= since + st.backoff {
+                tracing::warn!(dir = %self.shared.cfg.dir.display(), error = %e,
+                    "audit records are made durable again");
+                st.episode = None;
+                st.ok_since = None;
+                st.probe_at = None;
+                st.backoff = RETRY_FIRST;
+            } else {
+                st.probe_at = Some(since + st.backoff);
+            }
+        }
         self.shared.publish_health(st);
         if self.shared.cfg.durable && round.current.is_some() {
             let next = round.next_seq;
@@ -810,10 +837,13 @@ impl Syncer {
 
     fn failed(&mut self, st: &mut State, round: &Round, e: std::io::Error) {
         let e = Arc::new(e);
-        if st.sync_error.is_none() {
-            tracing::error!(error = %e,
+        if st.episode.is_none() {
+            tracing::error!(dir = %self.shared.cfg.dir.display(), error = %e,
                 "audit records cannot be made durable: refusing every action until a retry succeeds");
+            st.episode = Some(e.clone());
         }
+        st.ok_since = None;
+        st.probe_at = None;
         st.sync_error = Some(e.clone());
         st.retry_at = Some(Instant::now() + st.backoff);
         st.backoff = (st.backoff * 2).min(RETRY_MAX);

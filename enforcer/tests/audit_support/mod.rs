@@ -237,10 +237,47 @@ impl Mount {
                 "-q",
                 "-F",
                 "-E",
-                "lazy_itable_init=0,lazy_journal_init=0",
+                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
                 image.to_str().unwrap(),
             ],
         );
+    }
+
+    /// Make `image` (from [`Mount::make_ext4`]) hold storage for every block ext4 uses and none for the blocks it has
+    /// free, so that once the file system holding `image` is full, only writes of newly allocated data fail (never
+    /// the journal's or an inode table's). mke2fs zeroes with hole punching, so on a tmpfs its metadata is holes too.
+    pub fn back_only_used_blocks(image: &Path) {
+        let path = image.to_str().unwrap();
+        let len = fs::metadata(image).unwrap().len().to_string();
+        run("fallocate", &["-l", &len, path]);
+        let info = run("dumpe2fs", &[path]);
+        let block: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Block size:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        for ranges in info
+            .lines()
+            .filter_map(|l| l.strip_prefix("  Free blocks: "))
+        {
+            for range in ranges.split(", ").filter(|r| !r.is_empty()) {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+                run(
+                    "fallocate",
+                    &[
+                        "-p",
+                        "-o",
+                        &(a * block).to_string(),
+                        "-l",
+                        &((b - a + 1) * block).to_string(),
+                        path,
+                    ],
+                );
+            }
+        }
     }
 
     /// The ext4 file system in `image`, through a loop device, at `dir`.

@@ -73,6 +73,11 @@ pub enum AuditError {
     Locked { path: String },
     #[error("the audit log ends before record {checkpoint}, which a checkpoint signs (next seq would be {next}): the log was truncated; run `enforcer audit verify`")]
     BehindCheckpoint { checkpoint: u64, next: u64 },
+    #[error("audit.max_total_bytes ({max_total_bytes}) must be 0 (no limit) or at least twice audit.rotate_bytes ({rotate_bytes}): the current file and the one being sealed are never deleted")]
+    RetentionTooSmall {
+        max_total_bytes: u64,
+        rotate_bytes: u64,
+    },
     #[error("{path} is damaged: {why}; run `enforcer audit verify`")]
     Damaged { path: String, why: String },
 }
@@ -85,6 +90,9 @@ impl AuditError {
         }
     }
 }
+
+/// The default bound on the trail's files on disk (`max_total_bytes`): 4 GiB, about 50 million compressed records.
+pub const DEFAULT_MAX_TOTAL_BYTES: u64 = 4 << 30;
 
 /// Where and how the trail is written. The daemon fills it from the `audit:` section of its configuration
 /// ([`crate::config::AuditSettings`]).
@@ -104,8 +112,9 @@ pub struct AuditConfig {
     pub syslog: bool,
     /// Compress rotated files with zstd (`audit-<seq>.jsonl.zst`).
     pub compress: bool,
-    /// Delete the oldest rotated files while the trail's files take more than this many bytes on disk (0: no
-    /// limit). The current file is never deleted.
+    /// Delete the oldest rotated files so the trail's files stay within this many bytes on disk, counting the files
+    /// not sealed yet at `rotate_bytes` each (0: no limit; otherwise at least `2 * rotate_bytes`). The current file
+    /// is never deleted.
     pub max_total_bytes: u64,
     /// Delete rotated files whose newest record is older than this (`None`: no limit).
     pub max_age: Option<Duration>,
@@ -121,7 +130,7 @@ impl AuditConfig {
             durable: true,
             syslog: false,
             compress: true,
-            max_total_bytes: 0,
+            max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
             max_age: None,
         }
     }

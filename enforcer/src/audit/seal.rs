@@ -159,11 +159,14 @@ impl Sealer {
             self.delete(&files, delete, RetentionReason::MaxAge)?;
         }
         if cfg.max_total_bytes > 0 {
-            let sizes: Vec<u64> = files
+            let sizes: Vec<u64> = files[..candidates]
                 .iter()
                 .map(|f| fs::metadata(&f.path).map_or(0, |m| m.len()))
                 .collect();
-            let mut total: u64 = sizes[delete..].iter().sum();
+            // The files not sealed yet count at the size they may grow to, so the trail stays within the bound
+            // until the next file is sealed and retention runs again.
+            let reserve = (files.len() - candidates) as u64 * cfg.rotate_bytes;
+            let mut total: u64 = sizes[delete..].iter().sum::<u64>() + reserve;
             let start = delete;
             while delete < candidates && total > cfg.max_total_bytes {
                 total -= sizes[delete];

@@ -192,7 +192,8 @@ pub struct VerifyReport {
     pub pruned_by: Option<u64>,
     /// The public key the signatures were checked against.
     pub key: PathBuf,
-    /// At most one record problem (the first) and one checkpoint problem (the first).
+    /// The first record problem, or (when every record checked out) a start that no retention record accounts for
+    /// and a tail shorter than the checkpoints say; then the first checkpoint problem.
     pub problems: Vec<Problem>,
 }
 
@@ -274,22 +275,26 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
     let mut walked = Walk::default();
     let record_problem = walk(&files, &signed, &mut report, &mut walked)?;
     if let Some(p) = record_problem {
+        // The walk stopped there: what it did not reach is not missing.
         report.problems.push(p);
-    } else if let Some(p) = check_start(&walked, last_cp, &mut report) {
-        report.problems.push(p);
-    } else if let Some((&seq, &(n, _))) = signed
-        .iter()
-        .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
-        .min_by_key(|(&s, _)| s)
-    {
-        // The first checkpoint that signs a record the log no longer has.
-        report.problems.push(Problem::Truncated {
-            checkpoint: n,
-            seq,
-            last: report.last_seq,
-        });
-    } else if report.last_seq.is_some() && cp_lines.is_empty() {
-        report.problems.push(Problem::NoCheckpoint);
+    } else {
+        if let Some(p) = check_start(&walked, last_cp, &mut report) {
+            report.problems.push(p);
+        }
+        if let Some((&seq, &(n, _))) = signed
+            .iter()
+            .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
+            .min_by_key(|(&s, _)| s)
+        {
+            // The first checkpoint that signs a record the log no longer has.
+            report.problems.push(Problem::Truncated {
+                checkpoint: n,
+                seq,
+                last: report.last_seq,
+            });
+        } else if report.last_seq.is_some() && cp_lines.is_empty() {
+            report.problems.push(Problem::NoCheckpoint);
+        }
     }
     if let Some(p) = cp_problem {
         report.problems.push(p);

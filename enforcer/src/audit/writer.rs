@@ -412,6 +412,12 @@ impl Handle {
     /// Create the directory, take the lock, load or create the key, recover, sign what recovery found unsigned and
     /// start the sync and seal threads.
     pub fn open(cfg: AuditConfig) -> Result<Handle, AuditError> {
+        if cfg.max_total_bytes > 0 && cfg.max_total_bytes < cfg.rotate_bytes.saturating_mul(2) {
+            return Err(AuditError::RetentionTooSmall {
+                max_total_bytes: cfg.max_total_bytes,
+                rotate_bytes: cfg.rotate_bytes,
+            });
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

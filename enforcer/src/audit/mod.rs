@@ -191,7 +191,8 @@ impl Appended {
     }
 
     /// Resolves with the record's `seq` once an `fdatasync` that covers it has completed (at once with
-    /// `durable: false`). Many records share one `fdatasync`; every waiter of a batch is woken together.
+    /// `durable: false`). Many records share one `fdatasync`; the sync thread wakes every waiter of the batch, each
+    /// once, as soon as it completes.
     ///
     /// Errors: [`AuditError::NotDurable`] when that `fdatasync` failed (the record stays in the file and the writer
     /// retries, but nothing may rely on it), [`AuditError::Closed`] when the writer stopped before syncing it.

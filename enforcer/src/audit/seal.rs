@@ -217,7 +217,7 @@ impl Sealer {
             kept_from: head.seq,
             deleted,
         };
-        let seq = self.shared.append(&encode_retention(&record)?)?;
+        let (seq, _) = self.shared.append(&encode_retention(&record)?, false)?;
         if !self.shared.sign_through(seq) {
             return Ok(());
         }

@@ -330,7 +330,10 @@ async fn append_writes_the_record_and_durable_waits_for_its_fdatasync() {
         assert_eq!(a.seq(), u64::from(i));
         // In the file as soon as append returns (before any fdatasync): the daemon may die now and it stays.
         let lines = read_lines(&log_files(dir.path())[0]);
-        assert_eq!(parse_record(lines[i as usize].as_bytes()).unwrap().seq, a.seq());
+        assert_eq!(
+            parse_record(lines[i as usize].as_bytes()).unwrap().seq,
+            a.seq()
+        );
         pending.push(a);
     }
     // Awaited in any order, each resolves with its own seq.

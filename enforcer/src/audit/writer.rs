@@ -133,6 +133,9 @@ struct State {
     cut_needed: bool,
     /// A file was created since the directory was last synced.
     dir_dirty: bool,
+    /// The sync thread is writing zeros after `allocated` into the file whose first seq this is, outside the mutex:
+    /// no append may write past `allocated` in that file until it is done.
+    zeroing: Option<u64>,
     write_error: Option<Arc<std::io::Error>>,
     /// The last sync round failed: appends are refused until a retry succeeds.
     sync_error: Option<Arc<std::io::Error>>,
@@ -319,6 +322,17 @@ impl Shared {
                     Err(e) => return Err(e),
                 }
             }
+            if st.zeroing == Some(st.current.first_seq) && st.current.len + n > st.current.allocated
+            {
+                // Zeros are being written where this record goes (only at the start of a file, where nothing is
+                // preallocated yet): wait for that chunk.
+                st.line = line;
+                st = self
+                    .progress
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
             let f = &mut st.current;
             if let Err(e) = f.file.write_all_at(&line, f.len) {
                 st.line = line;
@@ -455,6 +469,7 @@ impl Handle {
             prev: tail.prev,
             cut_needed: false,
             dir_dirty: false,
+            zeroing: None,
             write_error: None,
             sync_error: None,
             retry_at: None,
@@ -718,11 +733,9 @@ impl Syncer {
             };
             st.sync_idle = false;
         }
-        // Preallocate a step, a chunk per mutex hold, so appenders wait for one chunk at most.
+        // Preallocate a step, a chunk at a time, outside the mutex.
         while !st.closing && st.sync_error.is_none() && shared.preallocation_due(&st) {
-            self.zero_chunk(&mut st);
-            drop(st);
-            st = shared.lock();
+            st = Self::zero_chunk(&shared, st);
         }
         let now = Instant::now();
         let timed = st.unsigned() && st.unsigned_since + cfg.checkpoint_interval <= now;
@@ -751,31 +764,48 @@ impl Syncer {
         }
     }
 
-    /// Write one chunk of zeros ahead of the current file's records (under the mutex: appends write below
-    /// `allocated` or past it, never while this runs). On failure, fall back to plain appends for this file.
-    fn zero_chunk(&mut self, st: &mut State) {
-        let cap = self.shared.cfg.rotate_bytes;
+    /// Write one chunk of zeros ahead of the current file's records. The range is reserved under the mutex
+    /// (`zeroing`) and written outside it, since appends write below `allocated`. On failure, give the space back and
+    /// fall back to plain appends for this file.
+    fn zero_chunk<'a>(shared: &'a Shared, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
         let f = &mut st.current;
         if f.allocated < f.len {
             f.allocated = f.len;
         }
         if f.allocated >= f.fill_to {
-            f.fill_to = (f.allocated + PREALLOCATE).min(cap);
+            f.fill_to = (f.allocated + PREALLOCATE).min(shared.cfg.rotate_bytes);
         }
-        let n = (f.fill_to - f.allocated).min(ZERO_CHUNK as u64);
-        static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
-        match f.file.write_all_at(&ZEROS[..n as usize], f.allocated) {
-            Ok(()) => f.allocated += n,
-            Err(e) => {
-                // Give back what was allocated ahead: the records need the space more.
-                let _ = f.file.set_len(f.len);
-                f.allocated = f.len;
-                f.fill_to = f.len;
-                f.prealloc = false;
-                tracing::warn!(file = %f.path.display(), error = %e,
-                    "audit log: could not preallocate space; appending without preallocation in this file");
+        let (at, n) = (
+            f.allocated,
+            (f.fill_to - f.allocated).min(ZERO_CHUNK as u64),
+        );
+        let (file, first_seq) = (f.file.clone(), f.first_seq);
+        st.zeroing = Some(first_seq);
+        drop(st);
+        let res = file.write_all_at(&ZEROS[..n as usize], at);
+        let mut st = shared.lock();
+        st.zeroing = None;
+        if let Some(sealing) = st.sealing.as_mut().filter(|f| f.first_seq == first_seq) {
+            // Rotated away from meanwhile: its seal trims what was written.
+            sealing.allocated = sealing.allocated.max(at + n);
+        } else if st.current.first_seq == first_seq {
+            let f = &mut st.current;
+            match res {
+                Ok(()) => f.allocated = at + n,
+                Err(e) => {
+                    // Give back what was allocated ahead: the records need the space more.
+                    let _ = f.file.set_len(f.len);
+                    f.allocated = f.len;
+                    f.fill_to = f.len;
+                    f.prealloc = false;
+                    tracing::warn!(file = %f.path.display(), error = %e,
+                        "audit log: could not preallocate space; appending without preallocation in this file");
+                }
             }
         }
+        shared.progress.notify_all();
+        st
     }
 
     fn io(&mut self, round: &Round) -> std::io::Result<()> {

@@ -4,7 +4,8 @@
 //! The recipe (DESIGN.md): Debian `llvm-22-dev`; `bpf-linker` 0.13.0 built against LLVM 22 (`LLVM_PREFIX` must point
 //! at LLVM 22 or it finds Debian's LLVM 14); `rust-src` for `-Z build-std=core`. The end-to-end tests and the demo
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
-//! Python SDKs (pip).
+//! Python SDKs (pip); the audit trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and
+//! `fallocate`.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -24,6 +25,12 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("node", "nodejs"),
+    // The audit trail's crash and disk-full tests mount tmpfs and ext4 on loop devices.
+    ("mount", "mount"),
+    ("losetup", "mount"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("dumpe2fs", "e2fsprogs"),
+    ("fallocate", "util-linux"),
 ];
 
 /// The official SDKs the end-to-end tests run as unmodified agents (tests/e2e/sdk.rs), pinned.
@@ -42,13 +49,14 @@ pub fn run() -> anyhow::Result<()> {
         apt.install(&[LLVM_PACKAGE])?;
     }
 
-    let missing: Vec<&str> = TOOLS
+    let mut missing: Vec<&str> = TOOLS
         .iter()
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
-        eprintln!("xtask: setup: ip, curl, python3, openssl, node present");
+        eprintln!("xtask: setup: ip, curl, python3, openssl, node, mount, losetup, mkfs.ext4, dumpe2fs, fallocate present");
     } else {
         apt.install(&missing)?;
     }

@@ -4,7 +4,8 @@
 //! A crash can leave bytes that were written but never synced: a torn line, page-sized gaps of NULs, preallocated
 //! NUL padding, and, because the writer keeps appending to a new file while the file it rotated away from is still
 //! being sealed, an unsynced tail in the last two plain files. Such bytes are moved aside (never deleted) and the
-//! chain continues from the last whole record. A compression interrupted half way leaves a `.tmp` file or a file that
+//! chain continues from the last whole record. What a killed writer left whole in the page cache is synced before the
+//! chain continues, so nothing acknowledged after it can outlive it. A compression interrupted half way leaves a `.tmp` file or a file that
 //! exists both plain and compressed; the plain one is the original.
 
 use std::fs::{self, File, OpenOptions};
@@ -49,6 +50,12 @@ fn cut(path: &Path, len: u64) -> Result<(), AuditError> {
         .write(true)
         .open(path)
         .and_then(|f| f.set_len(len).and_then(|()| f.sync_all()))
+        .map_err(|e| AuditError::io(path, e))
+}
+
+fn sync_file(path: &Path) -> Result<(), AuditError> {
+    File::open(path)
+        .and_then(|f| f.sync_data())
         .map_err(|e| AuditError::io(path, e))
 }
 
@@ -190,6 +197,10 @@ pub(crate) fn recover_log(dir: &Path, signed: Option<u64>) -> Result<Tail, Audit
             }
             if bend < bdata.len() {
                 cut(&before.path, bend as u64)?;
+            } else {
+                // A killed writer leaves its records in the page cache: make them durable before anything is
+                // acknowledged after them.
+                sync_file(&before.path)?;
             }
         }
 
@@ -199,6 +210,8 @@ pub(crate) fn recover_log(dir: &Path, signed: Option<u64>) -> Result<Tail, Audit
             move_aside(path, &data[..end], keep)?;
         } else if end < data.len() {
             cut(path, end as u64)?;
+        } else {
+            sync_file(path)?;
         }
         match last {
             Some((seq, hash)) => {

@@ -733,8 +733,12 @@ impl Syncer {
             };
             st.sync_idle = false;
         }
-        // Preallocate a step, a chunk at a time, outside the mutex.
-        while !st.closing && st.sync_error.is_none() && shared.preallocation_due(&st) {
+        // Preallocate, a chunk at a time, outside the mutex; at most 1 MiB per round, so records waiting for this
+        // round's fdatasync wait for little zeroing (a step is spread over a few rounds, well ahead of the records).
+        for _ in 0..4 {
+            if st.closing || st.sync_error.is_some() || !shared.preallocation_due(&st) {
+                break;
+            }
             st = Self::zero_chunk(&shared, st);
         }
         let now = Instant::now();

@@ -226,12 +226,15 @@ fn main() {
         ("durable, old order     ", Pattern::ProxyOldOrder, 8),
         ("not durable            ", Pattern::NotDurable, 8),
     ];
-    // `AUDIT_BENCH_ONLY=proxy` (a word of the case's name) runs only the matching cases, for profiling.
+    // `AUDIT_BENCH_ONLY=proxy` runs only the cases whose `name/writers` (e.g. `durable, strict/8`) contains it.
     let only = std::env::var("AUDIT_BENCH_ONLY").ok();
     let mut strict_8 = None;
     let mut last_dir = None;
     for (k, (name, pattern, writers)) in cases.into_iter().enumerate() {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+        if only
+            .as_deref()
+            .is_some_and(|o| !format!("{}/{writers}", name.trim()).contains(o))
+        {
             continue;
         }
         let dir = base.path().join(format!("case{k}"));

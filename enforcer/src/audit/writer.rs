@@ -46,6 +46,8 @@ const PREALLOCATE_LOW: u64 = 1024 * 1024;
 const ZERO_CHUNK: usize = 256 * 1024;
 /// Files smaller than this are not preallocated.
 const PREALLOCATE_MIN_FILE: u64 = 1024 * 1024;
+/// Longest a sync round waits for the writers the last round woke to append again (group commit).
+const GATHER_MAX: Duration = Duration::from_micros(200);
 /// Backoff between retries of a failed `fdatasync`.
 const RETRY_FIRST: Duration = Duration::from_millis(10);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -159,6 +161,12 @@ struct State {
     close_replies: Vec<oneshot::Sender<Result<(), AuditError>>>,
     /// The sync thread is waiting for work.
     sync_idle: bool,
+    /// Group commit: records appended since the last round's snapshot, how many the last round answered, until when
+    /// the next round waits for as many to have arrived, and how long the last `fdatasync` took.
+    appended_since: usize,
+    gather_want: usize,
+    gather_until: Option<Instant>,
+    last_sync: Duration,
     /// Scratch for the line being composed.
     line: Vec<u8>,
     /// The waiters of records not durable yet, in seq order (appends push under the mutex, so in order).
@@ -253,8 +261,23 @@ impl Shared {
             || self.preallocation_due(st)
     }
 
+    /// Whether only records are waiting (nothing else the sync thread must do at once).
+    fn only_records(&self, st: &State) -> bool {
+        !(st.closing
+            || st.sealing.is_some()
+            || st.dir_dirty
+            || st.sync_error.is_some()
+            || (st.unsigned() && self.checkpoint_due_by_count(st))
+            || Self::checkpoint_wanted(st)
+            || self.preallocation_due(st))
+    }
+
     fn wake_sync(&self, st: &mut State) {
-        if st.sync_idle && self.sync_needed(st) {
+        // While the sync thread gathers a batch it sleeps until its deadline, or until the batch is complete.
+        let gathering = st.gather_until.is_some()
+            && st.appended_since < st.gather_want
+            && self.only_records(st);
+        if st.sync_idle && !gathering && self.sync_needed(st) {
             st.sync_idle = false;
             self.work.notify_one();
         }
@@ -349,6 +372,7 @@ impl Shared {
             let seq = st.next_seq;
             st.next_seq += 1;
             st.prev = hash;
+            st.appended_since += 1;
             if st.write_error.take().is_some() {
                 tracing::warn!(file = %st.current.path.display(), seq, "audit records are written again");
                 self.publish_health(&st);
@@ -484,6 +508,10 @@ impl Handle {
             stopped: false,
             close_replies: Vec::new(),
             sync_idle: false,
+            appended_since: 0,
+            gather_want: 0,
+            gather_until: None,
+            last_sync: Duration::ZERO,
             line: Vec::with_capacity(1024),
             waiters: VecDeque::new(),
         };
@@ -505,6 +533,7 @@ impl Handle {
             sealer: None,
             seal_stop: Arc::new(AtomicBool::new(false)),
             failure: None,
+            last_sync: Duration::ZERO,
             _lock: lock,
             shared: shared.clone(),
         };
@@ -640,6 +669,8 @@ struct Syncer {
     seal_stop: Arc<AtomicBool>,
     /// The error of the last failed round.
     failure: Option<Arc<std::io::Error>>,
+    /// How long the last `fdatasync` of the current file took.
+    last_sync: Duration,
     /// The directory's `flock`, held until the threads have stopped.
     _lock: File,
 }
@@ -679,6 +710,7 @@ impl Syncer {
                 st.waiters.partition_point(|(seq, _)| *seq < round.next_seq)
             };
             let answered: Vec<_> = st.waiters.drain(..covered).collect();
+            st.gather_want = if ok { answered.len() } else { 0 };
             shared.progress.notify_all();
             drop(st);
             for (_, tx) in answered {
@@ -713,10 +745,24 @@ impl Syncer {
                 .then(|| st.unsigned_since + cfg.checkpoint_interval);
             let timed = checkpoint_at.is_some_and(|t| t <= now);
             let probe = st.probe_at.is_some_and(|t| t <= now);
+            let mut gather = None;
             if retry_wait.is_none() && (failed || probe || timed || shared.sync_needed(&st)) {
-                break;
+                // Group commit: when records alone call for a round, give the writers the last round woke a moment
+                // (a quarter of an fdatasync, at most GATHER_MAX) to append again, so they share this round.
+                let batch_open = st.appended_since < st.gather_want
+                    && !(failed || probe || timed)
+                    && shared.only_records(&st);
+                if !batch_open {
+                    break;
+                }
+                let wait = (st.last_sync / 4).min(GATHER_MAX);
+                let until = *st.gather_until.get_or_insert(now + wait);
+                if until <= now {
+                    break;
+                }
+                gather = Some(until);
             }
-            let deadline = [retry_wait, checkpoint_at, st.probe_at]
+            let deadline = [retry_wait, checkpoint_at, st.probe_at, gather]
                 .into_iter()
                 .flatten()
                 .min();
@@ -757,6 +803,8 @@ impl Syncer {
         let current = (checkpoint || closing || (cfg.durable && cur.len > cur.synced) || rewrite)
             .then(|| FileSync::snapshot(cur, closing, rewrite));
         let dir = std::mem::take(&mut st.dir_dirty);
+        st.appended_since = 0;
+        st.gather_until = None;
         Round {
             seal,
             dir,
@@ -820,7 +868,9 @@ impl Syncer {
             File::open(&self.shared.cfg.dir).and_then(|d| d.sync_all())?;
         }
         if let Some(f) = &round.current {
+            let start = Instant::now();
             f.run()?;
+            self.last_sync = start.elapsed();
         }
         if round.checkpoint {
             self.sign(round.next_seq - 1, &round.prev)?;
@@ -829,6 +879,7 @@ impl Syncer {
     }
 
     fn succeeded(&mut self, st: &mut State, round: &Round) {
+        st.last_sync = self.last_sync;
         for f in round.seal.iter().chain(&round.current) {
             if let Some(open) = st.file_mut(&f.path) {
                 let done = (f.len - open.synced.min(f.len)) as usize;

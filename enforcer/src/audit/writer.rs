@@ -6,12 +6,13 @@
 //!
 //! The sync thread runs whenever there is unsynced data: it snapshots how far the files go, runs `fdatasync` outside
 //! the mutex (the file rotated away from first, then the directory, then the current file) and then answers every
-//! waiter the round covered, each exactly once (group commit: one `fdatasync` for all of them). Waiters are queued in
-//! seq order as records are appended, so a round wakes only the records it made durable; a watch channel that wakes
-//! every waiter on each round and lets the uncovered ones sleep again measured about 5% more CPU per record in the
-//! proxy pattern (enforcer/benches/audit.rs). The sync thread also preallocates the current file ahead of its records
-//! (so the `fdatasync` is a data-only flush), signs checkpoints, hands sealed files to the seal thread (`seal`) and
-//! keeps the health state.
+//! waiter the round covered, each exactly once (group commit: one `fdatasync` for all of them; a round that would
+//! carry fewer records than the last one answered waits a moment for those writers to append again). Waiters are
+//! queued in seq order as records are appended, so a round wakes only the records it made durable; a watch channel
+//! that wakes every waiter on each round and lets the uncovered ones sleep again measured about 5% more CPU per record
+//! in the proxy pattern (enforcer/benches/audit.rs). The sync thread also preallocates the current file ahead of its
+//! records (so the `fdatasync` is a data-only flush), signs checkpoints, hands sealed files to the seal thread (`seal`)
+//! and keeps the health state.
 //!
 //! Failures: an append whose write fails cuts the file back to the last record and returns the error; the next append
 //! tries again. An `fdatasync` that fails fails the waiters of that batch, makes appends refuse until a retry succeeds,

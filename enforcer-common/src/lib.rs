@@ -10,26 +10,67 @@ pub const COMM_LEN: usize = 16;
 /// How many cgroup levels the kernel programs walk looking for a tagged ancestor.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
 
-/// `AF_INET` / `AF_INET6` as stored in [`OriginalDst::family`] and [`PortKey::family`].
+/// `AF_INET` / `AF_INET6` as stored in [`OriginalDst::family`] and [`SockKey::family`].
 pub const FAMILY_V4: u16 = 2;
 pub const FAMILY_V6: u16 = 10;
 
 /// Map names, shared so the loader and the kernel object cannot drift apart.
 pub const MAP_TAGGED: &str = "TAGGED";
 pub const MAP_SOCKETS: &str = "SOCKETS";
+/// Redirected connections by the client's local address ([`SockKey`]), filled when a connection is established and
+/// consumed by the proxy when it accepts it.
 pub const MAP_ORIGINS: &str = "ORIGINS";
+/// The same entries, kept for the connection's life (removed when it closes): what `getpeername` reports.
+pub const MAP_PEERS: &str = "PEERS";
 /// DNS sockets redirected to the daemon's DNS listener, by socket cookie: the resolver they were sent to and the
 /// caller (value [`OriginalDst`]). Read by the recvmsg programs to restore the resolver's address on replies.
 pub const MAP_DNS_SOCKETS: &str = "DNS_SOCKETS";
-/// The same entries keyed by the client's local port and the datagram's family ([`PortKey`]), filled when a
-/// redirected DNS socket sends: what the daemon's DNS listener sees as its peer.
+/// The same entries keyed by the datagram's source address ([`SockKey`]), filled when a redirected DNS socket sends:
+/// what the daemon's DNS listener sees as its peer.
 pub const MAP_DNS_PEERS: &str = "DNS_PEERS";
+/// Per-profile settings the kernel enforces (key: [`Tag`], value: [`ProfileFlags`]), written by the daemon.
+pub const MAP_PROFILES: &str = "PROFILES";
+/// Ring buffer of [`Refusal`] events: what the kernel programs refused, for the audit trail.
+pub const MAP_REFUSALS: &str = "REFUSALS";
+/// Refusal counters and the rate bound's state, by [`RateKey`] (value [`RateState`]).
+pub const MAP_REFUSAL_RATE: &str = "REFUSAL_RATE";
 /// Global patched by the loader: the proxy port connects are redirected to.
 pub const GLOBAL_PROXY_PORT: &str = "PROXY_PORT";
 /// Global patched by the loader: the port of the daemon's DNS listener on 127.0.0.1 and ::1.
 pub const GLOBAL_DNS_PORT: &str = "DNS_PORT";
-/// Global patched by the loader: the daemon's process id (its connects are never redirected).
-pub const GLOBAL_DAEMON_TGID: &str = "DAEMON_TGID";
+/// Global patched by the loader: the id of the cgroup the daemon runs in. A task of that cgroup is never tagged (the
+/// daemon refuses to tag it or an ancestor); should it be tagged anyway, its sockets are refused rather than
+/// redirected back to the daemon.
+pub const GLOBAL_DAEMON_CGROUP: &str = "DAEMON_CGROUP";
+
+/// [`ProfileFlags::flags`]: the profile's agents may serve: bind non-loopback addresses and receive packets from
+/// other hosts.
+pub const PROFILE_ACCEPT_INBOUND: u32 = 1;
+
+/// At most this many [`Refusal`] events per cgroup and kind in each [`REFUSAL_WINDOW_NS`]; the rest are only counted.
+pub const REFUSAL_BURST: u64 = 10;
+/// The rate bound's window.
+pub const REFUSAL_WINDOW_NS: u64 = 1_000_000_000;
+/// Bytes of the `REFUSALS` ring buffer (a power of two, a multiple of the page size).
+pub const REFUSALS_BYTES: u32 = 256 * 1024;
+
+/// [`Refusal::kind`]: what was refused.
+pub const REFUSED_SOCKET: u16 = 1;
+/// `bind()` to a non-loopback address with a port (a server).
+pub const REFUSED_BIND: u16 = 2;
+/// A packet from another host to a tagged socket (dropped).
+pub const REFUSED_INBOUND: u16 = 3;
+/// `connect()`: a datagram destination other than DNS, a socket kind the proxy does not carry, or a connection
+/// whose original destination could not be recorded.
+pub const REFUSED_CONNECT: u16 = 4;
+/// An unconnected `sendto()`/`sendmsg()` to a destination other than DNS.
+pub const REFUSED_SENDMSG: u16 = 5;
+/// A frame a tagged cgroup's socket (a packet socket, say) tried to send out of a network device (dropped).
+pub const REFUSED_TRANSMIT: u16 = 6;
+/// A socket option that would let a socket send past the device egress check (`PACKET_QDISC_BYPASS`, AF_XDP).
+pub const REFUSED_SOCKOPT: u16 = 7;
+/// [`OriginalDst::uid`] when the uid is not known (Linux's invalid uid, `(uid_t)-1`).
+pub const UID_UNKNOWN: u32 = u32::MAX;
 
 /// Value of the `TAGGED` map (key: cgroup id, `u64`): the profile the cgroup and all its descendants belong to.
 #[repr(C)]
@@ -39,19 +80,78 @@ pub struct Tag {
     pub profile: [u8; PROFILE_NAME_LEN],
 }
 
-/// Key of the `ORIGINS` and `DNS_PEERS` maps: the client side of a redirected connection (or DNS socket) as the
-/// daemon sees it.
+/// Key of the `ORIGINS`, `PEERS` and `DNS_PEERS` maps: the client side of a redirected connection (or DNS socket)
+/// as the daemon sees it — its full local address, so two sockets that share a port on different addresses never
+/// share an entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortKey {
+pub struct SockKey {
+    /// Local (client) address as the kernel holds it (network byte order words); IPv4 uses `addr[0]` only, and an
+    /// IPv4-mapped IPv6 address is stored as IPv4.
+    pub addr: [u32; 4],
     /// Local (client) port, host byte order.
     pub port: u16,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the family of the socket as redirected (for `DNS_PEERS`: of the datagram,
-    /// which is IPv4 when an IPv6 socket sent to an IPv4-mapped address).
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]: the family of the address (for `DNS_PEERS`: of the datagram, which is IPv4
+    /// when an IPv6 socket sent to an IPv4-mapped address).
     pub family: u16,
 }
 
-/// Value of the `SOCKETS` (by socket cookie) and `ORIGINS` (by [`PortKey`]) maps: what the connect really was.
+/// Value of the `PROFILES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProfileFlags {
+    /// [`PROFILE_ACCEPT_INBOUND`] or 0.
+    pub flags: u32,
+}
+
+/// One event of the `REFUSALS` ring buffer: something a tagged process tried that the kernel refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// How many refusals of this kind the cgroup has had so far, this one included (from `REFUSAL_RATE`): the
+    /// daemon learns from the gaps how many the rate bound left out.
+    pub total: u64,
+    /// Who, and the address involved: the destination of a connect or send, the address of a bind, the remote
+    /// peer of an inbound packet (whose `port` is then the local port it was sent to). `pid` and `comm` are zero
+    /// for inbound packets (they are not sent by any task of the cgroup).
+    pub who: OriginalDst,
+    /// `REFUSED_*`.
+    pub kind: u16,
+    /// The socket's address family (`AF_*`), type (`SOCK_*`) and protocol as the program saw them.
+    pub sock_family: u16,
+    pub sock_type: u16,
+    pub _pad: u16,
+    pub protocol: u32,
+    pub _pad2: u32,
+}
+
+/// Key of the `REFUSAL_RATE` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateKey {
+    /// The refusing task's cgroup (for inbound packets: the receiving socket's).
+    pub cgroup_id: u64,
+    /// `REFUSED_*`.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `REFUSAL_RATE` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateState {
+    /// Refusals so far (monotonic).
+    pub total: u64,
+    /// Start of the current window (`bpf_ktime_get_ns`).
+    pub window_start: u64,
+    /// Events sent in the current window.
+    pub in_window: u64,
+    /// The cgroup's profile when the entry was created.
+    pub tag: Tag,
+}
+
+/// Value of the `SOCKETS` (by socket cookie) and `ORIGINS` / `PEERS` (by [`SockKey`]) maps: what the connect really
+/// was.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OriginalDst {
@@ -75,13 +175,23 @@ pub struct OriginalDst {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all three): `#[repr(C)]`, only integer/array fields, no padding bytes, every bit pattern valid.
+    // SAFETY (all): `#[repr(C)]`, only integer/array fields, no padding bytes (asserted below), every bit pattern
+    // valid.
     unsafe impl aya::Pod for super::Tag {}
-    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::ProfileFlags {}
+    unsafe impl aya::Pod for super::Refusal {}
+    unsafe impl aya::Pod for super::RateKey {}
+    unsafe impl aya::Pod for super::RateState {}
 }
 
 const _: () = assert!(
     core::mem::size_of::<OriginalDst>() == 8 + 16 + 2 + 2 + 4 + 4 + 4 + COMM_LEN + PROFILE_NAME_LEN
 );
-const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 2 + 2);
+const _: () = assert!(
+    core::mem::size_of::<Refusal>() == 8 + core::mem::size_of::<OriginalDst>() + 2 * 4 + 4 + 4
+);
+const _: () = assert!(core::mem::size_of::<RateKey>() == 16);
+const _: () = assert!(core::mem::size_of::<RateState>() == 3 * 8 + PROFILE_NAME_LEN);

@@ -68,6 +68,7 @@ fn event(task: u32, i: u64) -> AuditEvent {
             body_size: 1000 + i,
             body_sha256: Some(format!("{:064x}", u128::from(task) << 64 | u128::from(i))),
             changes: vec![],
+            ..RequestSummary::default()
         },
         outcome: Outcome {
             disposition: Disposition::Forwarded,

@@ -10,7 +10,9 @@ use serde::Deserialize;
 
 /// Default location of the daemon's state (CA, audit trail).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
-/// Default cgroup v2 mount point.
+/// Default for `proxy.max_connections`: client connections served at once over every listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default cgroup v2 mount point on hosts where `/sys/fs/cgroup` is not cgroup2 (hybrid hierarchy).
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
 #[derive(Debug, thiserror::Error)]
@@ -34,20 +36,49 @@ pub enum ConfigError {
 pub struct Config {
     /// Policy file. Default: the shipped default policy.
     pub policy: Option<PathBuf>,
-    /// State directory: `ca/` and `audit/` live under it unless set explicitly.
+    /// State directory (made 0711: others may reach files by name, not list it). `ca/` (the CA key, 0700) and
+    /// `audit/` (0700) live under it unless set explicitly, and `public/` (0755: the CA certificate and the trust
+    /// bundle agents read, 0644).
     pub state_dir: PathBuf,
     /// The cgroup v2 mount point.
     pub cgroup_root: PathBuf,
+    #[serde(deserialize_with = "null_as_default")]
     pub capture: CaptureSettings,
+    #[serde(deserialize_with = "null_as_default")]
     pub proxy: ProxyConfig,
     /// The DNS listener tagged processes' DNS datagrams are redirected to.
+    #[serde(deserialize_with = "null_as_default")]
     pub dns: DnsConfig,
+    #[serde(deserialize_with = "null_as_default")]
     pub audit: AuditSettings,
     /// How LLM providers are recognised (host lists, per-host overrides for self-hosted or test endpoints).
+    #[serde(deserialize_with = "null_as_default")]
     pub inspect: crate::inspect::InspectConfig,
     /// Profiles and the cgroups (paths relative to `cgroup_root`) that belong to each. `enforcer exec` also creates
     /// cgroups under `<cgroup_root>/enforcer/<profile>/`, which the daemon tags for every profile listed here.
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// The Prometheus endpoint (off unless `listen` is set).
+    #[serde(deserialize_with = "null_as_default")]
+    pub metrics: MetricsConfig,
+    /// The local control socket (`<state_dir>/control.sock`) that `enforcer status` and `enforcer reload` use.
+    #[serde(deserialize_with = "null_as_default")]
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` endpoint, e.g. `127.0.0.1:9464`. Off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Serve on a non-loopback address (the endpoint has no authentication; refused unless set).
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// A group (name or gid) whose members may use the control socket besides root (`enforcer status`).
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +91,9 @@ pub struct CaptureSettings {
     pub cgroup: PathBuf,
     /// bpffs directory where the tag map is pinned (so `enforcer exec` and `enforcer cgroup` can reach it).
     pub pin_dir: PathBuf,
+    /// Seconds between full rescans of the cgroup tree for profile cgroups (paths and globs) that appeared; new
+    /// cgroups are normally seen at once through inotify, the rescan is the safety net.
+    pub rescan_secs: u64,
 }
 
 impl Default for CaptureSettings {
@@ -68,6 +102,7 @@ impl Default for CaptureSettings {
             enabled: true,
             cgroup: PathBuf::new(),
             pin_dir: PathBuf::from("/sys/fs/bpf/enforcer"),
+            rescan_secs: 10,
         }
     }
 }
@@ -75,7 +110,14 @@ impl Default for CaptureSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProfileConfig {
+    /// Cgroups of this profile, relative to `cgroup_root`: paths or globs (`*` and `?` within a segment, `**` any
+    /// number of segments, e.g. `agents-*.scope` or `kubepods.slice/**/kubepods-*pod<uid>.slice`). The daemon tags
+    /// those that exist at start and each one that appears later.
     pub cgroups: Vec<PathBuf>,
+    /// Let this profile's agents serve: bind non-loopback addresses (the wildcard included) and receive packets from
+    /// other hosts. Off by default: the kernel refuses such binds and drops such packets (docs/proxy.md). What an
+    /// agent sends back over a connection it accepted is not seen by the proxy.
+    pub accept_inbound: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,7 +127,11 @@ pub struct ProxyConfig {
     pub port: u16,
     /// Explicit proxy (HTTP CONNECT / absolute-form) listener; off unless set.
     pub explicit: Option<ExplicitProxy>,
-    /// Extra PEM files of CA certificates trusted for upstream connections, beside the webpki roots.
+    /// Where upstream certificates are verified from: `system` (default: the host's trust store, as OpenSSL finds it
+    /// — `/etc/ssl/certs` on Debian, or the files `SSL_CERT_FILE` / `SSL_CERT_DIR` name in the daemon's
+    /// environment) or `bundled` (the Mozilla roots compiled into the binary, for hosts without a usable store).
+    pub upstream_roots: UpstreamRoots,
+    /// Extra PEM files of CA certificates trusted for upstream connections, added to `upstream_roots`.
     pub extra_roots: Vec<PathBuf>,
     /// Host names pinned to addresses, for binding plain-HTTP `Host` headers to the original destination in
     /// transparent mode (checked before DNS, and authoritative for the names listed: no DNS for them). Air-gapped
@@ -95,17 +141,33 @@ pub struct ProxyConfig {
     pub max_connections: usize,
 }
 
+/// The source of the roots upstream certificates are verified against (`proxy.upstream_roots`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamRoots {
+    /// The host's trust store, found like OpenSSL finds it (rustls-native-certs): follows the host's CA updates, a
+    /// corporate TLS proxy's CA and internal CAs the administrator installed.
+    #[default]
+    System,
+    /// The Mozilla roots compiled into the binary (webpki-roots): updated only by a rebuild.
+    Bundled,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
-    /// UDP port of the DNS listener on 127.0.0.1 and ::1.
+    /// UDP port of the DNS listener on 127.0.0.1 and ::1. (DNS over TCP port 53 arrives through the proxy's port.)
     pub port: u16,
-    /// The resolver allowed queries are forwarded to. Default: the first `nameserver` in /etc/resolv.conf.
+    /// The resolver allowed queries are forwarded to (over UDP, or over TCP for queries that came over TCP).
+    /// Default: the first `nameserver` in /etc/resolv.conf.
     pub upstream: Option<SocketAddr>,
     /// How long to wait for the upstream's answer before answering SERVFAIL.
     pub timeout_ms: u64,
-    /// Queries handled at once; datagrams beyond this are dropped (the client retries).
+    /// Queries handled at once, over every agent; datagrams beyond this are dropped (the client retries).
     pub max_in_flight: usize,
+    /// Queries one agent (one cgroup) may have in flight at once: its share, so an agent that floods the listener
+    /// cannot take the places of the others. Datagrams beyond it are dropped; a TCP connection waits.
+    pub max_in_flight_per_agent: usize,
 }
 
 impl Default for DnsConfig {
@@ -114,7 +176,8 @@ impl Default for DnsConfig {
             port: 15053,
             upstream: None,
             timeout_ms: 2000,
-            max_in_flight: 256,
+            max_in_flight: 512,
+            max_in_flight_per_agent: 64,
         }
     }
 }
@@ -160,13 +223,15 @@ impl Default for Config {
         Config {
             policy: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
+            cgroup_root: default_cgroup_root(),
             capture: CaptureSettings::default(),
             proxy: ProxyConfig::default(),
             dns: DnsConfig::default(),
             audit: AuditSettings::default(),
             inspect: crate::inspect::InspectConfig::default(),
             profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
+            metrics: MetricsConfig::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -176,9 +241,10 @@ impl Default for ProxyConfig {
         ProxyConfig {
             port: 15001,
             explicit: None,
+            upstream_roots: UpstreamRoots::default(),
             extra_roots: Vec::new(),
             static_hosts: BTreeMap::new(),
-            max_connections: crate::proxy::Limits::default().max_connections,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -196,6 +262,26 @@ impl Default for AuditSettings {
             max_total_bytes: crate::audit::DEFAULT_MAX_TOTAL_BYTES,
             max_age_days: 0,
         }
+    }
+}
+
+/// A section written with nothing but comments under it (`metrics:`) is YAML null: read it as the defaults.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The cgroup v2 mount: `/sys/fs/cgroup` on hosts with the unified hierarchy (systemd's default), else
+/// [`DEFAULT_CGROUP_ROOT`] (hybrid hosts).
+fn default_cgroup_root() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup");
+    if crate::service::preflight::is_cgroup2(unified) {
+        unified.to_path_buf()
+    } else {
+        PathBuf::from(DEFAULT_CGROUP_ROOT)
     }
 }
 
@@ -226,9 +312,19 @@ impl Config {
         self.attach_cgroup().join("enforcer").join(profile)
     }
 
+    /// Where the daemon publishes what agents must read (0755, files 0644): the CA certificate and the bundle.
+    pub fn public_dir(&self) -> PathBuf {
+        self.state_dir.join("public")
+    }
+
     /// The bundle of system roots + the enforcer CA that `enforcer exec` hands to clients.
     pub fn ca_bundle(&self) -> PathBuf {
-        self.ca_dir().join("bundle.pem")
+        self.public_dir().join("bundle.pem")
+    }
+
+    /// The enforcer CA certificate alone, for clients that add it to roots of their own.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.public_dir().join("ca.pem")
     }
 
     pub fn audit_dir(&self) -> PathBuf {
@@ -238,6 +334,7 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("audit"))
     }
 
+    /// The CA's private directory (0700): its certificate and key.
     pub fn ca_dir(&self) -> PathBuf {
         self.state_dir.join("ca")
     }
@@ -296,6 +393,43 @@ mod tests {
     }
 
     #[test]
+    fn sections_with_only_comments_take_the_defaults() {
+        let yaml = "metrics:\n  #listen: x\ncontrol:\ncapture:\n  #cgroup: x\nproxy:\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert!(config.metrics.listen.is_none());
+        assert!(config.capture.enabled);
+        assert_eq!(config.proxy.port, 15001);
+    }
+
+    #[test]
+    fn the_packaged_config_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/enforcer.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert!(config.policy.is_none());
+        assert_eq!(config.proxy.port, Config::default().proxy.port);
+        assert_eq!(config.profiles.keys().collect::<Vec<_>>(), ["default"]);
+        assert!(config.metrics.listen.is_none());
+    }
+
+    #[test]
+    fn ops_settings_parse_and_default() {
+        let yaml = "metrics: { listen: \"127.0.0.1:9464\" }\ncontrol: { group: enforcer }\ncapture: { rescan_secs: 3 }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        assert!(!config.metrics.allow_non_loopback);
+        assert_eq!(config.control.group.as_deref(), Some("enforcer"));
+        assert_eq!(config.capture.rescan_secs, 3);
+        let default = Config::default();
+        assert!(default.metrics.listen.is_none());
+        assert!(default.control.group.is_none());
+        assert!(serde_saphyr::from_str::<Config>("metrics: { listen: nowhere }\n").is_err());
+    }
+
+    #[test]
     fn dns_settings_parse_and_default() {
         let yaml = "dns: { port: 15099, upstream: \"10.77.0.2:53\" }\n";
         let config: Config = serde_saphyr::from_str(yaml).unwrap();
@@ -305,9 +439,38 @@ mod tests {
             Some(SocketAddr::from(([10, 77, 0, 2], 53)))
         );
         assert_eq!(config.dns.timeout_ms, 2000);
+        assert_eq!(
+            (config.dns.max_in_flight, config.dns.max_in_flight_per_agent),
+            (512, 64)
+        );
+        let config: Config =
+            serde_saphyr::from_str("dns: { max_in_flight_per_agent: 8 }\n").unwrap();
+        assert_eq!(config.dns.max_in_flight_per_agent, 8);
         let default = Config::default();
         assert_eq!(default.dns.port, 15053);
         assert!(default.dns.upstream.is_none());
         assert!(serde_saphyr::from_str::<Config>("dns: { upstream: nowhere }\n").is_err());
+    }
+
+    #[test]
+    fn upstream_roots_default_to_the_system_store() {
+        assert_eq!(
+            Config::default().proxy.upstream_roots,
+            UpstreamRoots::System
+        );
+        let config: Config =
+            serde_saphyr::from_str("proxy: { upstream_roots: bundled }\n").unwrap();
+        assert_eq!(config.proxy.upstream_roots, UpstreamRoots::Bundled);
+        assert!(serde_saphyr::from_str::<Config>("proxy: { upstream_roots: mozilla }\n").is_err());
+    }
+
+    #[test]
+    fn profiles_refuse_inbound_unless_configured_to_serve() {
+        let yaml = "profiles:\n  coder: {}\n  devserver: { accept_inbound: true }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert!(!config.profiles["coder"].accept_inbound);
+        assert!(config.profiles["devserver"].accept_inbound);
+        assert!(!Config::default().profiles["default"].accept_inbound);
+        assert!(serde_saphyr::from_str::<Config>("profiles: { a: { serve: true } }\n").is_err());
     }
 }

@@ -1,7 +1,9 @@
 //! `enforcer run`: wires the stages together. Loads the configuration and policy, opens the audit trail, loads the
-//! CA, attaches the eBPF capture, starts the proxy and DNS listeners, reports readiness (`READY proxy_port=N` on stdout,
-//! and `READY=1` to systemd when `NOTIFY_SOCKET` is set), reloads the policy on SIGHUP and shuts down cleanly on
-//! SIGTERM/SIGINT.
+//! CA, checks the host's setup, attaches the eBPF capture, starts the proxy, DNS, control-socket and metrics
+//! listeners and the cgroup watcher, reports readiness (`READY proxy_port=N` on stdout, and `READY=1` to systemd when
+//! `NOTIFY_SOCKET` is set: only once all of that is in place), pings the systemd watchdog while healthy, reloads the
+//! policy on SIGHUP or `enforcer reload` (`RELOADING=1` … `READY=1`), and shuts down cleanly on SIGTERM/SIGINT
+//! (`STOPPING=1`).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -16,9 +18,13 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::audit::AuditLog;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::Config;
+use crate::control::{ReloadReply, StatusSources};
+use crate::metrics::{Metrics, ReloadResult};
 use crate::model::{Origin, OriginLookup};
 use crate::policy::{Policy, PolicyError, SharedPolicy};
 use crate::proxy::{CancellationToken, CertAuthority, HostBinder, ProxyContext, UpstreamTls};
+use crate::service::preflight::bind_error;
+use crate::service::{Health, Notifier};
 
 /// The policy enforced when the configuration names none: `policies/default.yaml`, built in.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -28,14 +34,33 @@ pub struct RunArgs {
     /// Daemon configuration file (YAML). Without it the built-in defaults apply.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Operational log format on stderr: `text` (readable) or `json` (one object per line, for journald and log
+    /// shippers). The level comes from `RUST_LOG` (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Daemon configuration file (YAML), as given to `enforcer run`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// Where a running daemon writes its pid, under the state directory (removed on clean shutdown).
 const PID_FILE: &str = "enforcer.pid";
 
-/// `enforcer reload`: check the configured policy, then ask the running daemon to load it (SIGHUP to the pid in
-/// `<state_dir>/enforcer.pid`). A policy that does not load is reported here and the daemon is not signalled.
-pub fn reload(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// `enforcer reload`: check the configured policy, then ask the running daemon to load it over the control socket
+/// and report what it did (exit 1 when the daemon could not load it). A daemon without a control socket is sent
+/// SIGHUP through the pid in `<state_dir>/enforcer.pid`. A policy that does not load is reported here and the daemon
+/// is not asked.
+pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load_or_default(args.config.as_deref())?;
     let policy = match load_policy(&config) {
         Ok(p) => p,
@@ -45,28 +70,17 @@ pub fn reload(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let pid_path = config.state_dir.join(PID_FILE);
-    let text = std::fs::read_to_string(&pid_path).with_context(|| {
-        format!(
-            "reading {} (is `enforcer run` running with this configuration?)",
-            pid_path.display()
-        )
-    })?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("{} does not hold a pid", pid_path.display()))?;
-    // A stale pid file must not make us signal an unrelated process.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let mut argv = cmdline.split(|b| *b == 0);
-    let is_daemon =
-        argv.next().is_some_and(|exe| exe.ends_with(b"enforcer")) && argv.any(|a| a == b"run");
-    if !is_daemon {
-        anyhow::bail!(
-            "process {pid} from {} is not a running `enforcer run` (stale pid file?)",
-            pid_path.display()
-        );
+    let socket = crate::control::socket_path(&config.state_dir);
+    match crate::control::request(&socket, &crate::control::Request::Reload) {
+        Ok(answer) => {
+            let reply: ReloadReply = serde_json::from_value(answer)
+                .with_context(|| format!("unreadable reload answer from {}", socket.display()))?;
+            return Ok(print_reload(&reply));
+        }
+        Err(crate::control::ControlError::NotRunning(_)) => {}
+        Err(e) => return Err(e.into()),
     }
+    let pid = running_daemon_pid(&config)?;
     // SAFETY: kill(2) with a checked pid and a valid signal number has no memory-safety preconditions.
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
         return Err(std::io::Error::last_os_error())
@@ -79,8 +93,59 @@ pub fn reload(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The pid of the `enforcer run` that runs with `config`, from `<state_dir>/enforcer.pid`, checked to be a running
+/// `enforcer run` (a stale pid file never names an unrelated process).
+pub fn running_daemon_pid(config: &Config) -> anyhow::Result<i32> {
+    let pid_path = config.state_dir.join(PID_FILE);
+    let text = std::fs::read_to_string(&pid_path).with_context(|| {
+        format!(
+            "reading {} (is `enforcer run` running with this configuration?)",
+            pid_path.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a pid", pid_path.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut argv = cmdline.split(|b| *b == 0);
+    let is_daemon =
+        argv.next().is_some_and(|exe| exe.ends_with(b"enforcer")) && argv.any(|a| a == b"run");
+    if !is_daemon {
+        anyhow::bail!(
+            "process {pid} from {} is not a running `enforcer run` (stale pid file?)",
+            pid_path.display()
+        );
+    }
+    Ok(pid)
+}
+
+fn print_reload(reply: &ReloadReply) -> ExitCode {
+    match reply.result {
+        ReloadResult::Loaded => {
+            println!(
+                "policy {} loaded (was {})",
+                reply.policy_hash, reply.previous_hash
+            );
+            ExitCode::SUCCESS
+        }
+        ReloadResult::Unchanged => {
+            println!("policy {} unchanged", reply.policy_hash);
+            ExitCode::SUCCESS
+        }
+        ReloadResult::Failed => {
+            eprintln!(
+                "the daemon could not load the policy: {}",
+                reply.error.as_deref().unwrap_or("no reason given")
+            );
+            eprintln!("it keeps enforcing policy {}", reply.policy_hash);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    init_tracing();
+    init_tracing(args.log_format);
     let config = Config::load_or_default(args.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -90,15 +155,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A second initialisation (tests calling run twice) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests calling run twice) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        // One JSON object per line: timestamp, level, target, and the event's fields flattened beside `message`.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
 }
 
 /// Load the configured policy, or the built-in default.
@@ -112,23 +186,84 @@ pub fn load_policy(config: &Config) -> Result<Policy, PolicyError> {
 /// SIGHUP: load the configured policy again. A policy that loads is put in force for every request that starts from
 /// now on (requests already being decided finish under the old one; its rate-limit counters start fresh); the same
 /// bytes again change nothing. A policy that fails to load is rejected: the old one stays in force.
-pub fn reload_policy(config: &Config, live: &SharedPolicy) {
+pub fn reload_policy(config: &Config, live: &SharedPolicy) -> ReloadReply {
     let old = live.current();
-    match load_policy(config) {
+    let previous_hash = old.hash().to_string();
+    let (result, policy_hash, error) = match load_policy(config) {
         Ok(policy) if policy.hash() == old.hash() => {
             tracing::info!(policy_hash = %old.hash(), "policy unchanged, nothing reloaded");
+            (ReloadResult::Unchanged, previous_hash.clone(), None)
         }
         Ok(policy) => {
             let new_hash = policy.hash().to_string();
             live.replace(policy);
             tracing::info!(old_hash = %old.hash(), new_hash = %new_hash, "policy reloaded");
+            (ReloadResult::Loaded, new_hash, None)
         }
-        Err(e) => tracing::error!(
-            error = %e,
-            policy_hash = %old.hash(),
-            "policy reload failed: still enforcing the previous policy"
-        ),
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                policy_hash = %old.hash(),
+                "policy reload failed: still enforcing the previous policy"
+            );
+            (
+                ReloadResult::Failed,
+                previous_hash.clone(),
+                Some(e.to_string()),
+            )
+        }
+    };
+    ReloadReply {
+        result,
+        policy_hash,
+        previous_hash,
+        error,
     }
+}
+
+/// Reloads announced to systemd (`RELOADING=1` … `READY=1`) and counted; used by SIGHUP and the control socket.
+struct Reloader {
+    config: Config,
+    proxy: Arc<ProxyContext>,
+    notifier: Arc<Notifier>,
+    metrics: Arc<Metrics>,
+    port: u16,
+}
+
+impl Reloader {
+    fn reload(&self) -> ReloadReply {
+        self.notifier.reloading();
+        let reply = reload_policy(&self.config, &self.proxy.policy);
+        self.metrics.reload(reply.result);
+        self.notifier
+            .ready(&status_line(&self.proxy.policy, self.port));
+        reply
+    }
+}
+
+/// What the control socket answers with.
+struct ControlHandler {
+    sources: StatusSources,
+    reloader: Arc<Reloader>,
+}
+
+impl crate::control::Handler for ControlHandler {
+    fn status(&self) -> crate::control::Status {
+        self.sources.collect()
+    }
+
+    fn reload(&self) -> ReloadReply {
+        self.reloader.reload()
+    }
+}
+
+/// The one-line `STATUS=` systemd shows.
+fn status_line(policy: &SharedPolicy, port: u16) -> String {
+    let hash = policy.current().hash().to_string();
+    format!(
+        "enforcing policy {}, proxy on port {port}",
+        hash.get(..12).unwrap_or(&hash)
+    )
 }
 
 /// The origin lookup when capture is off: nothing is redirected, so nothing is known.
@@ -144,40 +279,47 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Handlers first: a SIGHUP must never end the daemon (the default action); one that arrives while it starts is
     // handled once it is ready.
     let mut signals = Signals::install()?;
-    let policy = load_policy(&config)?;
+    let started = std::time::SystemTime::now();
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.status("starting");
+    let metrics = crate::metrics::global().clone();
+    let policy = load_policy(&config).context("loading the policy")?;
     tracing::info!(policy_hash = %policy.hash(), "policy loaded");
 
-    create_private_dir(&config.state_dir)?;
+    prepare_state_dir(&config.state_dir)?;
     let ca = CertAuthority::load_or_create(&config.ca_dir())?;
-    let bundle = ca.write_bundle(&config.ca_dir())?;
-    tracing::info!(bundle = %bundle.display(), "CA ready");
-    let upstream = UpstreamTls::new(&config.proxy.extra_roots)?;
+    let public = ca.write_public(&config.public_dir())?;
+    tracing::info!(bundle = %public.bundle.display(), ca = %public.ca_cert.display(), "CA ready");
+    let upstream = UpstreamTls::new(config.proxy.upstream_roots, &config.proxy.extra_roots)?;
     let audit = AuditLog::open(config.audit_config()).await?;
+    restrict_to_owner(&config.audit_dir())?;
+    let health = Health::new(metrics.clone(), config.audit_dir());
 
     // Listeners first: the kernel programs must never redirect to a port nobody listens on.
     let port = config.proxy.port;
-    let v4 = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        .await
-        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
-    let v6 = TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
-        .await
-        .with_context(|| format!("binding [::1]:{port}"))?;
+    let v4 = bind_tcp("proxy.port", SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+    let v6 = bind_tcp("proxy.port", SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?;
     let explicit = match &config.proxy.explicit {
         Some(e) => {
-            let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, e.port)))
-                .await
-                .with_context(|| format!("binding the explicit proxy on 127.0.0.1:{}", e.port))?;
-            Some((l, e.profile.clone()))
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, e.port));
+            Some((
+                bind_tcp("proxy.explicit.port", addr).await?,
+                e.profile.clone(),
+            ))
         }
         None => None,
     };
     let dns_port = config.dns.port;
-    let dns4 = UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, dns_port)))
-        .await
-        .with_context(|| format!("binding the DNS listener on 127.0.0.1:{dns_port}"))?;
-    let dns6 = UdpSocket::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, dns_port)))
-        .await
-        .with_context(|| format!("binding the DNS listener on [::1]:{dns_port}"))?;
+    let dns4 = bind_udp(
+        "dns.port",
+        SocketAddr::from((Ipv4Addr::LOCALHOST, dns_port)),
+    )
+    .await?;
+    let dns6 = bind_udp(
+        "dns.port",
+        SocketAddr::from((Ipv6Addr::LOCALHOST, dns_port)),
+    )
+    .await?;
     let dns_upstream = config
         .dns
         .upstream
@@ -188,8 +330,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "no DNS upstream (dns.upstream unset, no nameserver in /etc/resolv.conf): allowed queries get SERVFAIL"
         ),
     }
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr, config.metrics.allow_non_loopback).await?;
+            tracing::info!(%addr, "metrics endpoint ready");
+            Some(listener)
+        }
+        None => None,
+    };
+    let access = crate::control::Access::from_group(config.control.group.as_deref())?;
+    let control_path = crate::control::socket_path(&config.state_dir);
+    let control = crate::control::bind(&control_path, access)?;
 
-    let capture = if config.capture.enabled {
+    let mut capture = if config.capture.enabled {
+        if let Some(created) = crate::service::preflight::check_capture(&config)? {
+            tracing::info!(cgroup = %created.display(), "created the capture cgroup (capture.cgroup)");
+        }
         Some(Capture::start(&CaptureConfig::from_config(&config))?)
     } else {
         tracing::warn!("capture disabled: only the explicit proxy enforces");
@@ -203,11 +359,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Some(c) => c.dns_origins(),
         None => Arc::new(NoCapture),
     };
+    let patterns: Vec<crate::capture::CgroupPattern> = config
+        .profiles
+        .iter()
+        .flat_map(|(profile, p)| {
+            p.cgroups
+                .iter()
+                .map(|c| crate::capture::CgroupPattern::new(profile, c))
+        })
+        .collect();
+    let watcher = match &capture {
+        Some(_) if !patterns.is_empty() => Some(crate::capture::watch_cgroups(
+            &config.cgroup_root,
+            &config.capture.pin_dir,
+            patterns,
+            std::time::Duration::from_secs(config.capture.rescan_secs.max(1)),
+            metrics.clone(),
+        )?),
+        _ => None,
+    };
 
     crate::proxy::set_limits(crate::proxy::Limits {
         max_connections: config.proxy.max_connections,
         ..crate::proxy::Limits::default()
     });
+    let dns = Arc::new(crate::dns::DnsStage::new(
+        &config.dns,
+        dns_upstream,
+        dns_origins,
+    ));
     let ctx = Arc::new(ProxyContext {
         policy: SharedPolicy::new(policy),
         audit: audit.clone(),
@@ -216,47 +396,125 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         origins,
         inspect: config.inspect.clone(),
         hosts: HostBinder::new(&config.proxy.static_hosts),
+        dns: Some(dns.clone()),
     });
-    let dns = Arc::new(crate::dns::DnsContext {
+    let reloader = Arc::new(Reloader {
+        config: config.clone(),
         proxy: ctx.clone(),
-        origins: dns_origins,
-        upstream: dns_upstream,
-        timeout: std::time::Duration::from_millis(config.dns.timeout_ms),
-        max_in_flight: config.dns.max_in_flight,
+        notifier: notifier.clone(),
+        metrics: metrics.clone(),
+        port,
     });
+    let handler = Arc::new(ControlHandler {
+        sources: StatusSources {
+            config: config.clone(),
+            proxy: ctx.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            started,
+            metrics_listen: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        },
+        reloader: reloader.clone(),
+    });
+
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::proxy::serve_transparent(
-        v4,
-        ctx.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(crate::proxy::serve_transparent(
-        v6,
-        ctx.clone(),
-        shutdown.clone(),
-    ));
-    for socket in [dns4, dns6] {
-        tasks.spawn(crate::dns::serve_dns(socket, dns.clone(), shutdown.clone()));
+    // Each long-running task holds a health guard: one that ends before shutdown makes the daemon unhealthy.
+    let mut spawn =
+        |name: String, task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+            let guard = health.task(name);
+            tasks.spawn(async move {
+                let _guard = guard;
+                task.await;
+            });
+        };
+    spawn(
+        format!("proxy 127.0.0.1:{port}"),
+        Box::pin(crate::proxy::serve_transparent(
+            v4,
+            ctx.clone(),
+            shutdown.clone(),
+        )),
+    );
+    spawn(
+        format!("proxy [::1]:{port}"),
+        Box::pin(crate::proxy::serve_transparent(
+            v6,
+            ctx.clone(),
+            shutdown.clone(),
+        )),
+    );
+    for (name, socket) in [("127.0.0.1", dns4), ("[::1]", dns6)] {
+        spawn(
+            format!("dns {name}:{dns_port}"),
+            Box::pin(crate::dns::serve_udp(
+                socket,
+                ctx.clone(),
+                dns.clone(),
+                shutdown.clone(),
+            )),
+        );
+    }
+    if let Some(refusals) = capture.as_mut().and_then(Capture::take_refusals) {
+        spawn(
+            "kernel refusals".into(),
+            Box::pin(refusals.record(ctx.clone(), shutdown.clone())),
+        );
     }
     if let Some((listener, profile)) = explicit {
-        tasks.spawn(crate::proxy::serve_explicit(
-            listener,
-            ctx.clone(),
-            profile,
+        spawn(
+            "explicit proxy".into(),
+            Box::pin(crate::proxy::serve_explicit(
+                listener,
+                ctx.clone(),
+                profile,
+                shutdown.clone(),
+            )),
+        );
+    }
+    spawn(
+        "control socket".into(),
+        Box::pin(crate::control::serve(
+            control,
+            control_path,
+            access,
+            handler,
             shutdown.clone(),
-        ));
+        )),
+    );
+    if let Some(listener) = metrics_listener {
+        spawn(
+            "metrics endpoint".into(),
+            Box::pin(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                shutdown.clone(),
+            )),
+        );
     }
 
     let pid_path = config.state_dir.join(PID_FILE);
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_path.display()))?;
+    // Programs attached, listeners bound, audit trail open: ready.
     report_ready(port);
-    signals.serve(&config, &ctx.policy).await;
+    notifier.ready(&status_line(&ctx.policy, port));
+    if let Some(every) = notifier.watchdog_interval() {
+        tasks.spawn(watchdog(
+            notifier.clone(),
+            health.clone(),
+            every,
+            shutdown.clone(),
+        ));
+    }
+    signals.serve(&reloader).await;
     tracing::info!("shutting down");
+    notifier.stopping();
+    health.stopping();
     let _ = std::fs::remove_file(&pid_path);
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
+    drop(watcher);
     if let Some(capture) = capture {
         capture.shutdown()?;
     }
@@ -265,26 +523,76 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
+async fn bind_tcp(setting: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| bind_error(setting, addr, e))
 }
 
+async fn bind_udp(setting: &str, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    UdpSocket::bind(addr)
+        .await
+        .map_err(|e| bind_error(setting, addr, e))
+}
+
+/// Ping the systemd watchdog every `every` (half of `WatchdogSec=`) while the daemon is healthy. Unhealthy, it stops
+/// pinging and says why in `STATUS=`: systemd then restarts the service (`Restart=on-failure`).
+async fn watchdog(
+    notifier: Arc<Notifier>,
+    health: Arc<Health>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut reported = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match health.check() {
+            Ok(()) => notifier.watchdog(),
+            Err(problem) => {
+                if !reported {
+                    tracing::error!(%problem, "unhealthy: no more watchdog pings");
+                    notifier.status(&format!("unhealthy: {problem}"));
+                    reported = true;
+                }
+            }
+        }
+    }
+}
+
+/// Mode of the state directory: others may pass through it to the files they are meant to read (`public/`), by
+/// name, but not list it. What is private inside it has its own 0700 directory (`ca/`, `audit/`).
+const STATE_DIR_MODE: u32 = 0o711;
+
+/// Create the state directory, or give an existing one (an older install made it 0700) [`STATE_DIR_MODE`].
+fn prepare_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(STATE_DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
+/// Make `dir` 0700 (the audit trail and its signing key are the daemon's alone; an older install may have left the
+/// directory wider).
+fn restrict_to_owner(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
+/// `READY proxy_port=N` on stdout (for scripts and tests that start the daemon themselves).
 fn report_ready(port: u16) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "READY proxy_port={port}");
     let _ = out.flush();
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let sock = std::os::unix::net::UnixDatagram::unbound();
-        if let Ok(sock) = sock {
-            let _ = sock.send_to(b"READY=1", path);
-        }
-    }
     tracing::info!(port, "ready");
 }
 
@@ -305,13 +613,15 @@ impl Signals {
     }
 
     /// Reload the policy on every SIGHUP; return on SIGTERM or SIGINT.
-    async fn serve(&mut self, config: &Config, policy: &SharedPolicy) {
+    async fn serve(&mut self, reloader: &Reloader) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
                 // Reading and compiling the file blocks: keep it off the runtime's other tasks.
-                _ = self.hup.recv() => tokio::task::block_in_place(|| reload_policy(config, policy)),
+                _ = self.hup.recv() => {
+                    tokio::task::block_in_place(|| reloader.reload());
+                }
             }
         }
     }

@@ -2,6 +2,8 @@
 //! encoding's `+`, and JSON string escapes. Every stage that must see what the upstream will see (the policy's path
 //! and detectors, redaction and its final check) undoes them here, the same way. Pure functions; no I/O.
 
+#![forbid(unsafe_code)]
+
 use serde_json::Value;
 
 /// Decode `%XX` escapes once (and `+` as a space when `plus_is_space`, as in query strings and form bodies).

@@ -3,7 +3,9 @@
 //! One module per pipeline stage, with the plain data that passes between them in [`model`]:
 //! `capture` (eBPF + cgroups) → `proxy` (accept, original destination, TLS) → `inspect` (classify → `Action`)
 //! → `policy` (evaluate → `Decision`) → `constrain` (rewrite) → forward or block → `audit` (hash chain).
-//! `daemon` wires the stages together for `enforcer run`; `cli` is the command line. This crate owns no kernel code:
+//! `daemon` wires the stages together for `enforcer run`; `service` (systemd notify, health, setup checks),
+//! `control` (the local control socket behind `enforcer status`) and `metrics` (Prometheus) operate it; `cli` is
+//! the command line. This crate owns no kernel code:
 //! the programs it loads live in `enforcer-ebpf`.
 
 pub mod audit;
@@ -11,10 +13,16 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod constrain;
+pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod encoding;
+pub mod glob;
+pub mod host;
 pub mod inspect;
+pub mod jsonpath;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod proxy;
+pub mod service;

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     match enforcer::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", enforcer::cli::error_message(&err));
             ExitCode::from(2)
         }
     }

@@ -8,7 +8,11 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
+use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
+
+use crate::glob::NameGlob;
+use crate::jsonpath::JsonPath;
 
 /// Who is acting: the agent process behind a connection. Every field may be unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +153,10 @@ pub struct HttpRequest {
     pub body: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub json: Option<serde_json::Value>,
+    /// The protocol an HTTP/1.1 request asks to switch the connection to (its `Upgrade` tokens, lower-cased, as
+    /// sent: `websocket`, `h2c`, …; RFC 9110 §7.8), when it asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
 }
 
 /// An MCP JSON-RPC message (one element of a batch), filled by the protocol classifier.
@@ -219,6 +227,18 @@ impl Verdict {
     }
 }
 
+/// How a connection the upstream agreed to upgrade is relayed (a rule's `relay:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Relay {
+    /// Read: WebSocket messages are decided one by one; any other upgrade is not relayed at all (its `Upgrade`
+    /// is removed, so the request goes on as a plain request).
+    #[default]
+    Inspect,
+    /// Relayed unread, and recorded as such. Only where a rule that decides says so.
+    Opaque,
+}
+
 /// `enforce` carries decisions out; `shadow` records them but forwards everything unmodified.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -228,34 +248,71 @@ pub enum Mode {
     Shadow,
 }
 
-/// One rewrite a CONSTRAIN decision asks for. Paths are the policy's JSONPath subset, as written in the policy.
+/// One rewrite a CONSTRAIN decision asks for, compiled when the policy loads (JSONPaths parsed, header names and
+/// values checked, globs built), so carrying it out parses nothing. Serialises as the policy wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Rewrite {
+    /// Replace what these detectors (by name) find with the policy's redaction marker.
     Redact {
         detectors: Vec<String>,
     },
     JsonSet {
-        path: String,
+        path: JsonPath,
         value: serde_json::Value,
     },
     JsonRemove {
-        path: String,
+        path: JsonPath,
     },
     JsonCap {
-        path: String,
+        path: JsonPath,
         max: f64,
     },
     HeaderSet {
-        name: String,
-        value: String,
+        #[serde(with = "header_text::name")]
+        name: HeaderName,
+        #[serde(with = "header_text::value")]
+        value: HeaderValue,
     },
     HeaderRemove {
-        name: String,
+        #[serde(with = "header_text::name")]
+        name: HeaderName,
     },
+    /// Drop declared LLM tools whose names match (plain globs).
     DropTools {
-        globs: Vec<String>,
+        globs: Vec<NameGlob>,
     },
+}
+
+/// Header names and values as text in serialised rewrites (RFC 9110 §5.1 names, visible-ASCII values).
+mod header_text {
+    pub mod name {
+        use http::HeaderName;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(name: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(name.as_str())
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderName, D::Error> {
+            let text = String::deserialize(d)?;
+            HeaderName::from_bytes(text.as_bytes()).map_err(serde::de::Error::custom)
+        }
+    }
+
+    pub mod value {
+        use http::HeaderValue;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(value: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&String::from_utf8_lossy(value.as_bytes()))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderValue, D::Error> {
+            let text = String::deserialize(d)?;
+            HeaderValue::from_str(&text).map_err(serde::de::Error::custom)
+        }
+    }
 }
 
 /// A rewrite together with the rule that asked for it, in policy file order.
@@ -284,6 +341,8 @@ pub enum Reason {
     SignedField,
     /// A secret a redaction named was still in the rewritten request (URL path, object key, binary body, ...).
     Unredactable,
+    /// A constrain rule matched an Action with nothing to rewrite (raw TCP, a DNS query): carried out as a block.
+    Unrewritable,
     /// Host/:authority did not match SNI.
     HostMismatch,
     /// The upstream's certificate failed verification.
@@ -292,6 +351,40 @@ pub enum Reason {
     UpstreamUnreachable,
     /// The client sent something the proxy could not parse.
     BadRequest,
+    /// The audit record could not be written, so nothing was forwarded.
+    AuditUnavailable,
+    /// The client went away (closed the connection, reset the stream) before the exchange was forwarded.
+    ClientClosed,
+    /// The agent's TLS client did not complete the handshake with the enforcer's certificate (it sent an alert,
+    /// typically `unknown_ca`: it does not trust the enforcer CA).
+    ClientTls,
+    /// Refused in the kernel by the capture programs, before anything left the socket: a socket kind, a bind, an
+    /// inbound packet or a datagram the enforcer does not carry (see docs/proxy.md).
+    Kernel,
+}
+
+impl Reason {
+    /// The name used in records, logs and metrics (`rule`, `upstream_tls`, …; the serialised form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Rule => "rule",
+            Reason::Default => "default",
+            Reason::RateLimited => "rate_limited",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::Unparseable => "unparseable",
+            Reason::SignedField => "signed_field",
+            Reason::Unredactable => "unredactable",
+            Reason::Unrewritable => "unrewritable",
+            Reason::HostMismatch => "host_mismatch",
+            Reason::UpstreamTls => "upstream_tls",
+            Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::BadRequest => "bad_request",
+            Reason::AuditUnavailable => "audit_unavailable",
+            Reason::ClientClosed => "client_closed",
+            Reason::ClientTls => "client_tls",
+            Reason::Kernel => "kernel",
+        }
+    }
 }
 
 /// The policy's answer for one Action.
@@ -310,6 +403,19 @@ pub struct Decision {
     pub mode: Mode,
     /// Hex SHA-256 of the policy file's bytes.
     pub policy_hash: String,
+}
+
+/// The policy's answer for everything one exchange asks for (one Action for a plain request or an LLM call, one
+/// per element of a JSON-RPC batch): see [`crate::policy::Policy::decide_all`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decided {
+    /// The most restrictive of `each`, carrying every matched rule of every Action and, for constrain, every
+    /// constrain rewrite: what is carried out and recorded.
+    pub decision: Decision,
+    /// The index of the Action whose decision `decision` is.
+    pub index: usize,
+    /// Each Action's own decision, in order: a batch's block answer names each element's own reason.
+    pub each: Vec<Decision>,
 }
 
 /// What a connection redirected by the kernel really was: recovered by the capture stage for the proxy.
@@ -353,14 +459,30 @@ pub struct RequestSummary {
     /// Hex SHA-256 of the body as received from the agent.
     pub body_sha256: Option<String>,
     pub changes: Vec<Change>,
+    /// The protocol the request asked to upgrade the connection to (`Upgrade`), when it asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
+    /// The TLS alert the agent's client sent when it ended the handshake with the proxy (IANA name, `unknown_ca`);
+    /// only in `client_tls` records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_alert: Option<String>,
+    /// Kernel refusals only: how many refusals this record stands for (itself, and those of the same cgroup and
+    /// kind before it that the kernel's rate bound left unrecorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// What the enforcer did with the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Disposition {
+    /// Sent to the upstream (rewritten when the decision constrained it).
     Forwarded,
+    /// Refused by the enforcer: the policy blocked it, or a check failed (malformed request, host not bound to the
+    /// destination, upstream certificate not verified, the audit record not written).
     Blocked,
+    /// Allowed, but the upstream could not be reached: nothing was sent.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

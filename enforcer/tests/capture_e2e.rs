@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use enforcer::capture::{Capture, CaptureConfig, TagTable};
+use enforcer::capture::{Capture, CaptureConfig, CaptureProfile, TagTable};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const PROFILE: &str = "agents";
@@ -227,7 +227,7 @@ impl Harness {
             pin_dir: self.pin_dir.clone(),
             proxy_port: self.proxy_port(),
             dns_port: self.proxy_port(),
-            profiles: vec![(PROFILE.to_string(), vec![])],
+            profiles: vec![CaptureProfile::new(PROFILE)],
         };
         let capture = {
             let _enter = self.runtime.enter();
@@ -431,16 +431,26 @@ fn tagged_connects_are_redirected_with_their_origin() {
         SocketAddr::new(ip2, 80),
     );
 
-    // A direct connect to the proxy port is left alone (and has no origin).
-    let port = h.proxy_port().to_string();
-    let child = python(
-        CLIENT,
-        &[client.to_str().expect("utf-8"), "127.0.0.1", &port],
-    );
-    let (stream, peer) = h.accept_proxy().expect("direct connect to the proxy");
-    assert_eq!(h.capture().origins().lookup(peer), None);
-    answer(stream);
-    finish(child);
+    // A direct connect to the proxy port is recorded with the proxy as its destination, so the proxy (which refuses
+    // it: it has no original destination) can name the agent.
+    let port = h.proxy_port();
+    for host in ["127.0.0.1", "::1"] {
+        let child = python(
+            CLIENT,
+            &[client.to_str().expect("utf-8"), host, &port.to_string()],
+        );
+        let (stream, peer) = h.accept_proxy().expect("direct connect to the proxy");
+        let origin = h
+            .capture()
+            .origins()
+            .lookup(peer)
+            .expect("a direct connect is recorded");
+        assert_eq!(origin.dst, SocketAddr::new(host.parse().expect("ip"), port));
+        assert_eq!(origin.agent.pid, Some(child.id()));
+        assert_eq!(origin.agent.profile.as_deref(), Some(PROFILE));
+        answer(stream);
+        finish(child);
+    }
 }
 
 #[test]
@@ -559,8 +569,8 @@ fn udp_from_tagged_cgroups_is_refused_except_dns() {
     let h = Harness::new();
     let tagged = finish(python(UDP, &[h.profile_cgroup().to_str().expect("utf-8")]));
     assert_eq!(tagged.trim(), udp_expected(true));
-    assert!(logged("refused udp sendmsg to port 443"));
-    assert!(logged("refused udp4 connect to port 4443"));
+    assert!(logged("sendmsg4 refused: port 443"));
+    assert!(logged("connect4 refused: port 4443"));
     let plain = finish(python(
         UDP,
         &[h.child_cgroup("plain").to_str().expect("utf-8")],
@@ -750,6 +760,41 @@ fn agents_alive_at_shutdown_keep_the_programs_attached_until_a_new_daemon() {
     let _ = sleeper.wait();
 }
 
+#[test]
+fn network_devices_that_appear_later_are_covered_too() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let name = format!("enfta{}", std::process::id() % 100_000);
+    let peer = format!("enftb{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip runs")
+            .success()
+    };
+    assert!(
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]),
+        "add {name}"
+    );
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .expect("ifindex")
+        .trim()
+        .to_string();
+    let pin = h.pin_dir.join(format!("link_device_egress_{ifindex}"));
+    let deadline = Instant::now() + TIMEOUT;
+    while !pin.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let covered = pin.exists();
+    assert!(ip(&["link", "del", &name]), "del {name}");
+    assert!(covered, "{name} was not covered within {TIMEOUT:?}");
+    // Loopback never is.
+    assert!(!h.pin_dir.join("link_device_egress_1").exists());
+}
+
 /// Runs the real `enforcer` binary with `args`; returns (exit code, stdout, stderr).
 fn enforcer(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_enforcer"))
@@ -763,11 +808,43 @@ fn enforcer(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
-/// A daemon config pointing `enforcer exec` at the harness (its cgroup, pins) and a state dir with a CA bundle.
+/// The unprivileged user `enforcer exec` runs these tests' commands as (`--user`).
+const AGENT: &str = "nobody";
+
+/// `exec --config CFG --profile PROFILE --user nobody --`: the arguments before the command.
+fn exec_args<'a>(cfg: &'a str, profile: &'a str) -> [&'a str; 8] {
+    [
+        "exec",
+        "--config",
+        cfg,
+        "--profile",
+        profile,
+        "--user",
+        AGENT,
+        "--",
+    ]
+}
+
+/// `enforcer exec --config CFG --profile PROFILE --user nobody -- CMD…`; (exit code, stdout, stderr).
+fn exec_as_agent(cfg: &str, profile: &str, cmd: &[&str]) -> (Option<i32>, String, String) {
+    let mut args = exec_args(cfg, profile).to_vec();
+    args.extend_from_slice(cmd);
+    enforcer(&args)
+}
+
+/// A daemon config pointing `enforcer exec` at the harness (its cgroup, pins) and a state dir with the published
+/// CA files (`public/bundle.pem`, `public/ca.pem`); the state dir is world-writable so the agent can leave marks.
 fn exec_config(h: &Harness, state: &Path) -> PathBuf {
-    let bundle = state.join("ca/bundle.pem");
-    std::fs::create_dir_all(state.join("ca")).expect("ca dir");
-    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\n").expect("bundle");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o777)).expect("chmod state");
+    std::fs::create_dir_all(state.join("public")).expect("public dir");
+    for file in ["bundle.pem", "ca.pem"] {
+        std::fs::write(
+            state.join("public").join(file),
+            "-----BEGIN CERTIFICATE-----\n",
+        )
+        .expect("CA file");
+    }
     let cfg = state.join("enforcer.yaml");
     let yaml = format!(
         "state_dir: {}\ncgroup_root: {CGROUP_ROOT}\ncapture:\n  cgroup: {}\n  pin_dir: {}\n",
@@ -788,11 +865,12 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
     let state = tempfile::tempdir().expect("tempdir");
     let cfg = exec_config(&h, state.path());
     let cfg = cfg.to_str().expect("utf-8");
-    let bundle = state.path().join("ca/bundle.pem");
+    let bundle = state.path().join("public/bundle.pem");
+    let ca_cert = state.path().join("public/ca.pem");
 
     // The command is captured, in a cgroup of its own below the profile's.
     let child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
-        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args(exec_args(cfg, PROFILE))
         .args(["python3", "-c", CLIENT, "-", "127.0.0.2", "9"])
         .spawn()
         .expect("enforcer exec runs");
@@ -820,58 +898,34 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
         "exec cgroup removed after the command"
     );
 
-    // The CA variables point at the bundle.
-    let (code, stdout, stderr) = enforcer(&[
-        "exec",
-        "--config",
+    // The CA variables point at the published files (the full list: tests/e2e/agent.rs).
+    let (code, stdout, stderr) = exec_as_agent(
         cfg,
-        "--profile",
         PROFILE,
-        "--",
-        "sh",
-        "-c",
-        "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $CURL_CA_BUNDLE $GIT_SSL_CAINFO $AWS_CA_BUNDLE",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $PIP_CERT $NODE_EXTRA_CA_CERTS",
+        ],
+    );
     assert_eq!(code, Some(0), "{stderr}");
-    let b = bundle.display().to_string();
-    assert_eq!(stdout.trim(), [b.as_str(); 6].join(" "));
+    let (b, c) = (bundle.display().to_string(), ca_cert.display().to_string());
+    assert_eq!(stdout.trim(), format!("{b} {b} {b} {c}"));
 
     // Exit codes pass through; a signal becomes 128 + signal.
     assert_eq!(
-        enforcer(&[
-            "exec",
-            "--config",
-            cfg,
-            "--profile",
-            PROFILE,
-            "--",
-            "sh",
-            "-c",
-            "exit 7"
-        ])
-        .0,
+        exec_as_agent(cfg, PROFILE, &["sh", "-c", "exit 7"]).0,
         Some(7)
     );
     assert_eq!(
-        enforcer(&[
-            "exec",
-            "--config",
-            cfg,
-            "--profile",
-            PROFILE,
-            "--",
-            "sh",
-            "-c",
-            "kill -TERM $$"
-        ])
-        .0,
+        exec_as_agent(cfg, PROFILE, &["sh", "-c", "kill -TERM $$"]).0,
         Some(128 + 15)
     );
 
     // SIGTERM to exec reaches the command (which reports it), and exec still cleans up.
     let ready = state.path().join("ready");
     let mut term = Command::new(env!("CARGO_BIN_EXE_enforcer"))
-        .args(["exec", "--config", cfg, "--profile", PROFILE, "--"])
+        .args(exec_args(cfg, PROFILE))
         .args([
             "sh",
             "-c",
@@ -895,17 +949,16 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
     assert!(!exec_cgroup.exists(), "exec cgroup removed after SIGTERM");
 
     // A profile the daemon does not tag is refused, clearly (here: the default profile, not configured).
-    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--", "true"]);
+    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--user", AGENT, "--", "true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("\"default\""), "stderr: {stderr}");
-    let (code, _, stderr) = enforcer(&["exec", "--config", cfg, "--profile", "nope", "--", "true"]);
+    let (code, _, stderr) = exec_as_agent(cfg, "nope", &["true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("nope"), "stderr: {stderr}");
 
     // No CA bundle: refused.
     std::fs::remove_file(&bundle).expect("remove bundle");
-    let (code, _, stderr) =
-        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    let (code, _, stderr) = exec_as_agent(cfg, PROFILE, &["true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("bundle"), "stderr: {stderr}");
 
@@ -914,8 +967,7 @@ fn exec_runs_the_command_in_a_fresh_tagged_cgroup() {
     if let Some(capture) = h.capture.take() {
         capture.shutdown().expect("shutdown");
     }
-    let (code, _, stderr) =
-        enforcer(&["exec", "--config", cfg, "--profile", PROFILE, "--", "true"]);
+    let (code, _, stderr) = exec_as_agent(cfg, PROFILE, &["true"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("not running"), "stderr: {stderr}");
 }

@@ -36,7 +36,7 @@ fn action(host: &str, path: &str, body: &Value) -> Action {
         },
         http: Some(HttpRequest {
             method: "POST".into(),
-            path: path.into(),
+            path: path.parse().unwrap(),
             body: body.to_string(),
             ..HttpRequest::default()
         }),
@@ -88,21 +88,21 @@ fn rewrites_on_odd_bodies_do_not_panic() {
             detectors: detectors.names().map(str::to_string).collect(),
         },
         Rewrite::DropTools {
-            globs: vec!["*".into()],
+            globs: vec!["*".parse().unwrap()],
         },
         Rewrite::JsonCap {
-            path: "$.*".into(),
+            path: "$.*".parse().unwrap(),
             max: 1.0,
         },
         Rewrite::JsonRemove {
-            path: "$.messages[0].content[*]".into(),
+            path: "$.messages[0].content[*]".parse().unwrap(),
         },
         Rewrite::JsonSet {
-            path: "$.a.b".into(),
+            path: "$.a.b".parse().unwrap(),
             value: json!(1),
         },
         Rewrite::JsonSet {
-            path: "$".into(),
+            path: "$".parse().unwrap(),
             value: json!({}),
         },
     ]

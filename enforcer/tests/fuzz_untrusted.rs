@@ -1,6 +1,7 @@
 //! Deterministic fuzz-style robustness tests for everything that reads network bytes: random and mutated bodies
 //! (from the golden provider and MCP requests) through `inspect::decode_body`, `inspect::classify`, the policy and
-//! `constrain::apply`, and mutated raw HTTP/1.1 requests through a loopback proxy. Nothing may panic. Plain Rust
+//! `constrain::apply`, mutated raw HTTP/1.1 requests through a loopback proxy, and mutated DNS queries through the
+//! DNS stage's parser and over DNS-over-TCP connections. Nothing may panic. Plain Rust
 //! loops over a seeded xorshift generator, bounded iterations, no extra dependencies.
 
 mod proxy_support;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use enforcer::constrain;
 use enforcer::inspect::{self, InspectConfig, Provider, ProviderOverride};
-use enforcer::model::{Action, HttpRequest, Pairs, PlannedRewrite, Rewrite, Transport};
+use enforcer::model::{Action, HttpRequest, Pairs, PlannedRewrite, Reason, Rewrite, Transport};
 use enforcer::policy::Policy;
 use enforcer::proxy::{set_limits, Limits};
 use proxy_support::*;
@@ -214,36 +215,40 @@ fn rewrites() -> Vec<PlannedRewrite> {
                 .collect(),
         }),
         rw(Rewrite::JsonCap {
-            path: "$.max_tokens".into(),
+            path: "$.max_tokens".parse().unwrap(),
             max: 1024.0,
         }),
         rw(Rewrite::JsonCap {
-            path: "$.params.arguments.*".into(),
+            path: "$.params.arguments.*".parse().unwrap(),
             max: 5.0,
         }),
         rw(Rewrite::JsonSet {
-            path: "$.messages[*].content".into(),
+            path: "$.messages[*].content".parse().unwrap(),
             value: serde_json::json!("x"),
         }),
         rw(Rewrite::JsonRemove {
-            path: "$.tools[*].input_schema".into(),
+            path: "$.tools[*].input_schema".parse().unwrap(),
         }),
         rw(Rewrite::HeaderSet {
-            name: "x-enforced".into(),
-            value: "1".into(),
+            name: "x-enforced".parse().unwrap(),
+            value: "1".parse().unwrap(),
         }),
         rw(Rewrite::HeaderRemove {
-            name: "cookie".into(),
+            name: "cookie".parse().unwrap(),
         }),
         rw(Rewrite::DropTools {
-            globs: vec!["delete_*".into(), "mcp:*".into()],
+            globs: vec!["delete_*".parse().unwrap(), "mcp:*".parse().unwrap()],
         }),
     ]
 }
 
 fn default_policy() -> Policy {
+    Policy::from_yaml(&default_policy_yaml(), "default.yaml").unwrap()
+}
+
+fn default_policy_yaml() -> String {
     let path = format!("{}/../policies/default.yaml", env!("CARGO_MANIFEST_DIR"));
-    Policy::load(std::path::Path::new(&path)).unwrap()
+    std::fs::read_to_string(path).unwrap()
 }
 
 #[test]
@@ -262,6 +267,7 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
     let limit = 256 * 1024;
     let iterations = 4000;
     let mut classified = 0usize;
+    let mut refused = 0usize;
     let mut rewritten = 0usize;
     for _ in 0..iterations {
         let seed = rng.pick(&seeds).clone();
@@ -320,10 +326,16 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
                 body_size: decoded.len() as u64,
                 body: String::from_utf8_lossy(&decoded).into_owned(),
                 json,
+                upgrade: None,
             }),
             ..Action::default()
         };
+        let claimed = inspect::claimed_protocol(&action, &cfg);
         let Ok(inspected) = inspect::classify(action, &cfg) else {
+            // Refused (a body claiming JSON that does not parse, an LLM call without JSON): answered in the shape
+            // of the protocol the request claims.
+            let _ = inspect::refusal_response(&claimed, 400, Reason::Unparseable, "refused");
+            refused += 1;
             continue;
         };
         classified += 1;
@@ -370,7 +382,10 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
             }
         }
     }
-    assert!(classified > iterations / 4, "{classified}");
+    // Most mutated bodies claim JSON (its media type, or a leading `{`) without parsing, and are refused; enough
+    // must still reach the policy and the rewrites.
+    assert_eq!(classified + refused, iterations);
+    assert!(classified > iterations / 20, "{classified}");
     assert!(rewritten > 0);
 }
 
@@ -386,6 +401,33 @@ fn count_panics() {
             previous(info);
         }));
     });
+}
+
+/// One connection to the proxy as if redirected from `dst` per input: the input written (then the write side
+/// closed when `half_close`), and whatever comes back read until the proxy closes or 4 s pass; 48 at most at once.
+async fn throw_at_proxy(
+    p: &Proxy,
+    dst: std::net::SocketAddr,
+    inputs: Vec<Vec<u8>>,
+    half_close: bool,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for bytes in inputs {
+        let mut stream = p.connect_as(dst).await;
+        tasks.spawn(async move {
+            let _ = stream.write_all(&bytes).await;
+            if half_close {
+                let _ = stream.shutdown().await;
+            }
+            let mut sink = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(4), stream.read_to_end(&mut sink)).await;
+        });
+        if tasks.len() >= 48 {
+            let _ = tasks.join_next().await;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,29 +453,19 @@ async fn mutated_raw_requests_never_panic_the_proxy() {
         format!("GET http://{up}/abs HTTP/1.1\r\nHost: {up}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").into_bytes(),
     ];
     let mut rng = Rng(0xfeed_beef_0bad_cafe);
-    let mut tasks = tokio::task::JoinSet::new();
-    for round in 0..240 {
-        let seed = rng.pick(&valid).clone();
-        let bytes = if round % 10 == 0 {
-            (0..rng.below(200))
-                .map(|_| (rng.next() & 0xff) as u8)
-                .collect()
-        } else {
-            mutate(&mut rng, &seed, &valid)
-        };
-        let stream = p.connect_as(up).await;
-        tasks.spawn(async move {
-            let mut stream = stream;
-            let _ = stream.write_all(&bytes).await;
-            let mut sink = Vec::new();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(4), stream.read_to_end(&mut sink)).await;
-        });
-        if tasks.len() >= 48 {
-            let _ = tasks.join_next().await;
-        }
-    }
-    while tasks.join_next().await.is_some() {}
+    let inputs = (0..240)
+        .map(|round| {
+            let seed = rng.pick(&valid).clone();
+            if round % 10 == 0 {
+                (0..rng.below(200))
+                    .map(|_| (rng.next() & 0xff) as u8)
+                    .collect()
+            } else {
+                mutate(&mut rng, &seed, &valid)
+            }
+        })
+        .collect();
+    throw_at_proxy(&p, up, inputs, false).await;
 
     // Still serving, and nothing panicked along the way.
     let mut s = p.connect_as(up).await;
@@ -472,11 +504,15 @@ fn dns_query(id: u16, name: &str, edns: bool) -> Vec<u8> {
     out
 }
 
-/// Random and mutated DNS datagrams through the DNS stage's parser and the answers built from what it accepts,
-/// and the accepted names through the policy as dns actions. Nothing may panic; what parses must round-trip.
+/// Random and mutated DNS messages through the DNS stage's parser (hickory-proto's decoder underneath) and every
+/// answer built from what it accepts, and the accepted names through the policy as dns actions. Nothing may panic;
+/// what parses must round-trip, and every answer built for a query must answer it.
 #[test]
 fn random_and_mutated_dns_queries_never_panic() {
-    use enforcer::dns::{error_answer, parse_query, qtype_name, upstream_query, Rcode};
+    use enforcer::dns::{
+        answers, bare_answer, error_answer, parse_query, qtype_name, synthetic_answer,
+        truncated_answer, upstream_query, DnsParseError, Rcode,
+    };
     use enforcer::model::Scheme;
     let policy = default_policy();
     let seeds = [
@@ -502,19 +538,37 @@ fn random_and_mutated_dns_queries_never_panic() {
             }
             p
         };
-        let Ok(q) = parse_query(&packet) else {
-            continue;
+        let q = match parse_query(&packet) {
+            Ok(q) => q,
+            Err(DnsParseError::Answer(rcode)) => {
+                if let Some(reply) = bare_answer(&packet, rcode) {
+                    assert_eq!(&reply[..2], &packet[..2]);
+                }
+                continue;
+            }
+            Err(DnsParseError::NotAQuery) => continue,
         };
         parsed += 1;
-        let refused = error_answer(&q, Rcode::Refused);
-        assert_eq!(&refused[..2], &q.id.to_be_bytes());
+        for reply in [
+            error_answer(&q, Rcode::Refused),
+            error_answer(&q, Rcode::NXDomain),
+            synthetic_answer(&q),
+            truncated_answer(&q),
+        ] {
+            assert!(
+                answers(&reply, &q),
+                "an answer built for the query answers it"
+            );
+        }
+        // Upstream replies are matched to the query before they are relayed; random bytes never match.
+        assert!(!answers(&packet, &q) || packet.get(2).is_some_and(|b| b & 0x80 != 0));
         let up = upstream_query(&q);
         let again = parse_query(&up).expect("a rebuilt query parses");
         assert_eq!(
-            (again.id, &again.name, again.qtype),
-            (q.id, &q.name, q.qtype)
+            (again.id, &again.name, again.qtype()),
+            (q.id, &q.name, q.qtype())
         );
-        let _ = qtype_name(q.qtype);
+        let _ = qtype_name(q.qtype());
         let action = Action {
             transport: Transport {
                 scheme: Scheme::Dns,
@@ -529,5 +583,63 @@ fn random_and_mutated_dns_queries_never_panic() {
     assert!(
         parsed > 100,
         "too few mutated queries parsed ({parsed}) to exercise the rest"
+    );
+}
+
+/// Random and mutated byte streams on DNS-over-TCP connections (the proxy hands a connection to port 53 to the DNS
+/// stage): framed seed queries, mutated as a whole so lengths and messages break in every way, and random bytes.
+/// No connection task may panic, and the stage still answers a well-formed query afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_dns_over_tcp_streams_never_panic_the_stage() {
+    count_panics();
+    // Nothing listens upstream: allowed queries fail fast (SERVFAIL), the framing and decisions are what is tested.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dns = enforcer::config::DnsConfig {
+        timeout_ms: 300,
+        ..enforcer::config::DnsConfig::default()
+    };
+    let p = start_proxy_with_dns(&default_policy_yaml(), nowhere, dns).await;
+    let resolver: std::net::SocketAddr = "10.0.0.53:53".parse().unwrap();
+    let framed = |m: &[u8]| [&(m.len() as u16).to_be_bytes()[..], m].concat();
+    let seeds: Vec<Vec<u8>> = vec![
+        framed(&dns_query(1, "api.openai.com", false)),
+        [
+            framed(&dns_query(2, "AKIAIOSFODNN7EXAMPLE.exfil.test", true)),
+            framed(&dns_query(3, "a.b.c", false)),
+        ]
+        .concat(),
+        framed(&[0xff; 40]),
+    ];
+    let mut rng = Rng(0x0d45_07c9);
+    let inputs = (0..200)
+        .map(|round| {
+            if round % 8 == 0 {
+                (0..rng.below(300)).map(|_| rng.next() as u8).collect()
+            } else {
+                let seed = rng.pick(&seeds).clone();
+                mutate(&mut rng, &seed, &seeds)
+            }
+        })
+        .collect();
+    throw_at_proxy(&p, resolver, inputs, true).await;
+
+    let mut s = p.connect_as(resolver).await;
+    s.write_all(&framed(&dns_query(0x77, "x.exfil.test", false)))
+        .await
+        .unwrap();
+    let len = tokio::time::timeout(Duration::from_secs(5), s.read_u16())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut reply = vec![0u8; usize::from(len)];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply[..2], &[0, 0x77]);
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        0,
+        "a connection task panicked"
     );
 }

@@ -39,6 +39,7 @@ fn action_from(req: &Value, parsed: bool) -> Action {
             body_size: body.len() as u64,
             json: parsed.then(|| req["body"].clone()),
             body,
+            upgrade: None,
         }),
         ..Action::default()
     }
@@ -260,9 +261,19 @@ fn unparseable_body_from_an_mcp_client_is_an_error() {
             other => panic!("{header}: expected BadJson, got {other:?}"),
         }
     }
-    // Without an MCP header the same bytes are plain HTTP, decided on host and path.
+    // Without an MCP header the same bytes still claim JSON by their shape: refused too, never decided as plain
+    // HTTP (a stateless MCP server needs no headers, and parses leniently).
     let mut a = simple("tools.example.test", "POST", "/mcp", json!(null));
     a.http.as_mut().unwrap().body = "{\"jsonrpc\":".into();
+    assert!(matches!(
+        classify(a, &InspectConfig::default()),
+        Err(InspectError::BadJson { protocol: "JSON" })
+    ));
+    // A body that does not claim JSON is plain HTTP, decided on host and path.
+    let mut a = simple("tools.example.test", "POST", "/upload", json!(null));
+    let http = a.http.as_mut().unwrap();
+    http.body = "name=value&jsonrpc=2.0".into();
+    http.content_type = Some("application/x-www-form-urlencoded".into());
     assert_eq!(
         classify(a, &InspectConfig::default()).unwrap().protocol,
         Protocol::Http

@@ -134,3 +134,58 @@ fn identity_over_the_limit_is_too_large() {
         LIMIT
     );
 }
+
+/// Inspection must see exactly the bytes that are forwarded: data after the end of a compressed stream (a secret
+/// placed there) would be skipped by the decoder and forwarded as-is, so a body with trailing data after any
+/// content-coding's end is corrupt, whatever the coding and wherever it sits in a stack.
+#[test]
+fn data_after_the_end_of_a_compressed_stream_is_refused() {
+    let tail: &[u8] = b"AKIAIOSFODNN7EXAMPLE";
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("gzip", gzip(BODY)),
+        ("deflate", zlib(BODY)),
+        ("deflate", raw_deflate(BODY)),
+        ("br", br(BODY)),
+        ("zstd", zstd(BODY)),
+    ];
+    for (enc, mut data) in cases {
+        data.extend_from_slice(tail);
+        assert!(
+            matches!(decode(Some(enc), data), Err(InspectError::Corrupt { .. })),
+            "{enc} with trailing data was decoded"
+        );
+    }
+    // Inside a stack: the inner stream ends early, the outer one is whole.
+    let mut inner = zlib(BODY);
+    inner.extend_from_slice(tail);
+    assert!(matches!(
+        decode(Some("deflate, gzip"), gzip(&inner)),
+        Err(InspectError::Corrupt { .. })
+    ));
+    // A compressed stream larger than the decoders' read buffers, with data after its end.
+    let mut x: u32 = 0x9e37_79b9;
+    let noise: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    for (enc, mut data) in [
+        ("br", br(&noise)),
+        ("deflate", zlib(&noise)),
+        ("gzip", gzip(&noise)),
+    ] {
+        assert_eq!(decode(Some(enc), data.clone()).unwrap(), noise, "{enc}");
+        data.extend_from_slice(tail);
+        assert!(
+            matches!(decode(Some(enc), data), Err(InspectError::Corrupt { .. })),
+            "{enc}: a large stream with trailing data was decoded"
+        );
+    }
+    // Whole streams still decode, including gzip members back to back.
+    let mut two = gzip(b"first,");
+    two.extend(gzip(b"second"));
+    assert_eq!(decode(Some("gzip"), two).unwrap(), &b"first,second"[..]);
+}

@@ -72,7 +72,7 @@ fn eval_explains_a_decision() {
     for json in [false, true] {
         let code = run(PolicyCommand::Eval {
             file: file.clone(),
-            action: action.clone(),
+            action: action.display().to_string(),
             json,
         })
         .unwrap();
@@ -95,8 +95,73 @@ fn eval_explains_a_decision() {
     std::fs::write(&action, "{not json").unwrap();
     assert!(run(PolicyCommand::Eval {
         file,
-        action,
+        action: action.display().to_string(),
         json: false
     })
     .is_err());
+}
+
+/// The binary: `--action` takes inline JSON, a file, or `-` (standard input), and says so in its help.
+#[test]
+fn eval_action_is_inline_json_a_file_or_stdin() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    const ACTION: &str = r#"{"transport":{"host":"sql.internal","port":443},"http":{"method":"POST","path":"/query","json":{"query":"select 1","limit":1000}}}"#;
+    let policy = policies().join("example.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("action.json");
+    std::fs::write(&file, ACTION).unwrap();
+    let eval = |action: &str, stdin: Option<&str>| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+            .args(["policy", "eval"])
+            .arg(&policy)
+            .args(["--action", action])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let path = file.display().to_string();
+    for (action, stdin) in [(ACTION, None), (path.as_str(), None), ("-", Some(ACTION))] {
+        let (code, out, err) = eval(action, stdin);
+        assert_eq!(code, Some(0), "--action {action}: {err}");
+        assert!(
+            out.contains("deciding rule: sql-cap-rows"),
+            "--action {action}: {out}"
+        );
+    }
+    // Errors name where the action came from.
+    let (code, _, err) = eval("{not json", None);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--action is not a valid Action"), "{err}");
+    let (code, _, err) = eval("-", Some("nope"));
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("standard input is not a valid Action"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing.json").display().to_string();
+    let (code, _, err) = eval(&missing, None);
+    assert_ne!(code, Some(0));
+    assert!(err.contains(&missing), "{err}");
+
+    let help = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(["policy", "eval", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("inline JSON") && help.contains("standard input"),
+        "{help}"
+    );
 }

@@ -355,3 +355,29 @@ fn every_broken_rule_is_reported_not_just_the_first() {
         "{t}"
     );
 }
+
+#[test]
+fn an_opaque_relay_is_only_for_rules_that_let_a_connection_through() {
+    let t = error_at(
+        &format!("{HEAD}  - id: a\n    verdict: block\n    relay: opaque\n"),
+        6,
+        12,
+    );
+    assert!(
+        t.contains("relays opaque but its verdict is not allow or log"),
+        "{t}"
+    );
+    let t = error_at(
+        &format!("{HEAD}  - id: a\n    verdict: allow\n    relay: blind\n"),
+        6,
+        12,
+    );
+    assert!(
+        t.contains("unknown relay, expected inspect or opaque"),
+        "{t}"
+    );
+    assert!(load(&format!(
+        "{HEAD}  - id: a\n    when: {{ upgrade: websocket }}\n    verdict: log\n    relay: opaque\n"
+    ))
+    .is_ok());
+}

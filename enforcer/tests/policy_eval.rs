@@ -28,7 +28,7 @@ fn http(host: &str, method: &str, path: &str) -> Action {
         },
         http: Some(HttpRequest {
             method: method.into(),
-            path: path.into(),
+            path: path.parse().unwrap(),
             ..Default::default()
         }),
         ..Default::default()
@@ -125,40 +125,40 @@ fn constrain_rewrites_accumulate_in_file_order() {
             (
                 "first",
                 &Rewrite::JsonSet {
-                    path: "$.user".into(),
+                    path: "$.user".parse().unwrap(),
                     value: json!("anon")
                 }
             ),
             (
                 "first",
                 &Rewrite::HeaderRemove {
-                    name: "cookie".into()
+                    name: "cookie".parse().unwrap()
                 }
             ),
             (
                 "first",
                 &Rewrite::JsonCap {
-                    path: "$.max_tokens".into(),
+                    path: "$.max_tokens".parse().unwrap(),
                     max: 1024.0
                 }
             ),
             (
                 "second",
                 &Rewrite::JsonRemove {
-                    path: "$.metadata".into()
+                    path: "$.metadata".parse().unwrap()
                 }
             ),
             (
                 "second",
                 &Rewrite::HeaderSet {
-                    name: "x-agent".into(),
-                    value: "enforcer".into()
+                    name: "x-agent".parse().unwrap(),
+                    value: "enforcer".parse().unwrap()
                 }
             ),
             (
                 "second",
                 &Rewrite::DropTools {
-                    globs: vec!["web_*".into()]
+                    globs: vec!["web_*".parse().unwrap()]
                 }
             ),
             (

@@ -529,3 +529,101 @@ async fn a_secret_hidden_by_escapes_is_redacted_and_one_redaction_cannot_reach_i
     assert!(!serde_json::to_string(&records).unwrap().contains(key_tail));
     assert_eq!(seen.len(), 1);
 }
+
+/// A body that claims JSON but that the proxy's parser refuses must never be decided as plain HTTP: MCP servers
+/// (the official Python SDK's among them) accept `NaN`, `Infinity`, out-of-range numbers and deeper nesting, so a
+/// host-level allow would let a `tools/call` the policy blocks run. Refused with a JSON-RPC parse error, whether the
+/// JSON is claimed by the media type or only by the body's shape, and nothing reaches the upstream.
+#[tokio::test]
+async fn json_the_parser_refuses_is_refused_not_decided_as_plain_http() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: allow-mcp-host\n    when: { host: 127.0.0.1 }\n    verdict: allow\n  - id: no-delete\n    when: { mcp.tool: \"delete_*\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let call = |args: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"delete_everything","arguments":{args}}}}}"#
+        )
+    };
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let bodies = [
+        call(r#"{"n":NaN}"#),
+        call(r#"{"n":Infinity}"#),
+        call(r#"{"n":-Infinity}"#),
+        call(r#"{"n":1e400}"#),
+        call(&format!(r#"{{"deep":{deep}}}"#)),
+    ];
+    for body in &bodies {
+        for content_type in ["application/json", "text/plain"] {
+            let request = format!(
+                "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let (resp, _) = exchange(&p, up, request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(
+                resp.starts_with("HTTP/1.1 400"),
+                "{content_type} {body:.60}: {resp}"
+            );
+            assert!(
+                resp.contains("\"code\":-32700"),
+                "a JSON-RPC parse error: {resp}"
+            );
+        }
+    }
+    assert_eq!(
+        seen.count(),
+        0,
+        "nothing the policy could not read reached the upstream"
+    );
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), bodies.len() * 2);
+    for r in &records {
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+    // Valid JSON-RPC on the same host is still classified and decided per tool.
+    let ok = call(r#"{"n":1}"#);
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ok}",
+        ok.len()
+    );
+    let (resp, _) = exchange(&p, up, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.contains("\"isError\":true"),
+        "the tool call is blocked as a tool error: {resp}"
+    );
+    assert_eq!(seen.count(), 0);
+}
+
+/// What is forwarded is what was inspected: a content-coded body the policy allows goes upstream decoded, without
+/// its `Content-Encoding`, so no difference between the proxy's decoder and the upstream's can matter.
+#[tokio::test]
+async fn an_allowed_coded_body_is_forwarded_as_inspected() {
+    use std::io::Write;
+    short_limits();
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    let body = r#"{"prompt":"hello"}"#;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(body.as_bytes()).unwrap();
+    let z = z.finish().unwrap();
+    let mut req = format!(
+        "POST /x HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-encoding: deflate\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        z.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&z);
+    let (resp, _) = exchange(&p, up, &req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, sent) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", body.len())),
+        "{head}"
+    );
+    assert_eq!(sent, body);
+}

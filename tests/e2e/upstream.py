@@ -7,12 +7,16 @@ Serves, on every address of the namespace (IPv4 and IPv6, dual-stack sockets):
   * HTTPS with a certificate from an untrusted CA (--bad-port, default 8443), when --bad-cert is given,
   * a TCP echo on each --echo-port,
   * a UDP sink on each --udp-port that counts the datagrams it receives,
-  * a DNS responder on --dns-port (UDP) answering every A query with --dns-answer and every other type with no
-    records, counting queries per (lower-case) name.
+  * a DNS responder on --dns-port, UDP and TCP (RFC 7766 framing, several queries per connection), answering every
+    A query with --dns-answer and every other type with no records, counting queries per (lower-case) name and
+    transport. Two names answer differently: `big.e2e.test` (A) gets a CNAME chain of long names and BIG_A_RECORDS
+    addresses, more than a 512-byte UDP reply holds, so over UDP without EDNS it is answered truncated (TC, question
+    only) as a real resolver does; names under `silent.e2e.test` are never answered (upstream timeouts).
 HTTP paths:
   * /_ctl/count?path=P     the number of requests seen for path P (control requests are never counted),
   * /_ctl/udp_count?port=N the number of datagrams the UDP sink on port N received,
-  * /_ctl/dns_count?name=X the number of DNS queries the responder received for name X,
+  * /_ctl/dns_count?name=X the number of DNS queries the responder received for name X (`&transport=tcp`: over
+                           TCP only),
   * /_ctl/release?id=X     lets stream X send its second event,
   * /sse?id=X              text/event-stream: event 1, then event 2 only after /_ctl/release?id=X,
   * any path with `Upgrade: websocket`: the RFC 6455 handshake, then every text frame echoed as "echo: <text>",
@@ -36,6 +40,7 @@ COUNTS = {}
 COUNTS_LOCK = threading.Lock()
 UDP_COUNTS = {}
 DNS_COUNTS = {}
+DNS_TCP_COUNTS = {}
 RELEASES = {}
 RELEASES_LOCK = threading.Lock()
 
@@ -79,8 +84,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._reply(200, json.dumps({"port": port, "count": n}), "application/json")
         if url.path == "/_ctl/dns_count":
             name = query.get("name", [""])[0].lower()
+            counts = DNS_TCP_COUNTS if query.get("transport", [""])[0] == "tcp" else DNS_COUNTS
             with COUNTS_LOCK:
-                n = DNS_COUNTS.get(name, 0)
+                n = counts.get(name, 0)
             return self._reply(200, json.dumps({"name": name, "count": n}), "application/json")
         if url.path == "/_ctl/release":
             release_event(query.get("id", [""])[0]).set()
@@ -210,8 +216,38 @@ def udp_sink(port):
     threading.Thread(target=run, daemon=True).start()
 
 
-def dns_answer(packet, answer_ip):
-    """The response to one query, or None for anything that is not a one-question query."""
+BIG_NAME = "big.e2e.test"
+# Long enough, with the CNAME chain, that the answer cannot fit 512 bytes.
+BIG_A_RECORDS = 40
+SILENT_SUFFIX = ".silent.e2e.test"
+
+
+def encode_name(name):
+    out = b""
+    for label in name.split("."):
+        out += bytes([len(label)]) + label.encode()
+    return out + b"\x00"
+
+
+def rr(owner, rtype, rdata, ttl=60):
+    return owner + rtype.to_bytes(2, "big") + b"\x00\x01" + ttl.to_bytes(4, "big") + len(rdata).to_bytes(2, "big") + rdata
+
+
+def big_answers():
+    """The CNAME chain big.e2e.test -> edge-1... -> edge-3..., then BIG_A_RECORDS A records (198.51.100.0/24)."""
+    chain = ["edge-%d-%s.cdn-%d.e2e.test" % (i, "x" * 40, i) for i in range(1, 4)]
+    records, owner = [], b"\xc0\x0c"
+    for target in chain:
+        records.append(rr(owner, 5, encode_name(target)))
+        owner = encode_name(target)
+    for i in range(BIG_A_RECORDS):
+        records.append(rr(owner, 1, bytes([198, 51, 100, i + 1])))
+    return records
+
+
+def dns_answer(packet, answer_ip, limit):
+    """The response to one query (None for anything that is not a one-question query, and for silent names),
+    truncated to header + question with TC set when it is longer than `limit` bytes."""
     if len(packet) < 12 or packet[2] & 0x80 or packet[4:6] != b"\x00\x01":
         return None
     at, labels = 12, []
@@ -224,14 +260,46 @@ def dns_answer(packet, answer_ip):
         return None
     name = ".".join(labels).lower()
     qtype = int.from_bytes(packet[at + 1:at + 3], "big")
-    with COUNTS_LOCK:
-        DNS_COUNTS[name] = DNS_COUNTS.get(name, 0) + 1
-    answers = b""
-    if qtype == 1:
-        answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(answer_ip)
+    if limit is None:
+        with COUNTS_LOCK:
+            DNS_TCP_COUNTS[name] = DNS_TCP_COUNTS.get(name, 0) + 1
+            DNS_COUNTS[name] = DNS_COUNTS.get(name, 0) + 1
+    else:
+        with COUNTS_LOCK:
+            DNS_COUNTS[name] = DNS_COUNTS.get(name, 0) + 1
+        # EDNS: an OPT record right after the question raises the limit to its UDP payload size.
+        if packet[end:end + 3] == b"\x00\x00\x29" and len(packet) >= end + 5:
+            limit = max(512, int.from_bytes(packet[end + 3:end + 5], "big"))
+    if name.endswith(SILENT_SUFFIX):
+        return None
+    answers = []
+    if qtype == 1 and name == BIG_NAME:
+        answers = big_answers()
+    elif qtype == 1:
+        answers = [b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(answer_ip)]
     flags = 0x8180 | (packet[2] << 8 & 0x0100)
-    header = packet[:2] + flags.to_bytes(2, "big") + b"\x00\x01" + (1 if answers else 0).to_bytes(2, "big")
-    return header + b"\x00\x00\x00\x00" + packet[12:end] + answers
+    question = packet[12:end]
+    reply = packet[:2] + flags.to_bytes(2, "big") + b"\x00\x01" + len(answers).to_bytes(2, "big") + b"\x00\x00\x00\x00"
+    reply += question + b"".join(answers)
+    if limit is not None and len(reply) > limit:
+        flags |= 0x0200
+        reply = packet[:2] + flags.to_bytes(2, "big") + b"\x00\x01" + b"\x00" * 6 + question
+    return reply
+
+
+class DnsTcpHandler(socketserver.BaseRequestHandler):
+    """DNS over TCP: 2-byte length-prefixed messages, answered in order, until the client closes."""
+
+    def handle(self):
+        stream = self.request.makefile("rb")
+        while True:
+            head = stream.read(2)
+            if len(head) < 2:
+                return
+            packet = stream.read(int.from_bytes(head, "big"))
+            reply = dns_answer(packet, self.server.answer_ip, None)
+            if reply is not None:
+                self.request.sendall(len(reply).to_bytes(2, "big") + reply)
 
 
 def dns_responder(port, answer_ip):
@@ -242,11 +310,14 @@ def dns_responder(port, answer_ip):
     def run():
         while True:
             packet, peer = sock.recvfrom(4096)
-            reply = dns_answer(packet, answer_ip)
+            reply = dns_answer(packet, answer_ip, 512)
             if reply is not None:
                 sock.sendto(reply, peer)
 
     threading.Thread(target=run, daemon=True).start()
+    tcp = DualStackTCPServer(("::", port), DnsTcpHandler)
+    tcp.answer_ip = answer_ip
+    serve(tcp)
 
 
 def tls_context(cert, key):

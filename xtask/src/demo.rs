@@ -2,7 +2,8 @@
 //!
 //! 1. a network-namespace host (10.77.250.2) serving HTTPS with a certificate from a CA minted here (openssl);
 //! 2. `enforcer run --config tests/demo/enforcer.yaml` (default policy, programs attached at its own cgroup);
-//! 3. the demo agent `tests/demo/agent.sh` under `enforcer exec`: ordinary curl requests, some allowed, some not;
+//! 3. the demo agent `tests/demo/agent.sh` under `enforcer exec --user nobody` (an unprivileged agent, as agents
+//!    should run): ordinary curl requests, some allowed, some not;
 //! 4. SIGTERM to the daemon, then the audit trail's tail and its verification;
 //! 5. cleanup (daemon, server, netns, cgroups, pins) — by a guard, so it also runs on failure.
 
@@ -18,6 +19,8 @@ use crate::setup::{is_root, require};
 use crate::{run_checked, target_dir, workspace_root};
 
 const RUN_DIR: &str = "/run/enforcer-demo";
+/// The unprivileged user the demo agent runs as (`enforcer exec --user`).
+const AGENT_USER: &str = "nobody";
 const CONFIG: &str = "tests/demo/enforcer.yaml";
 const NETNS: &str = "enf-demo";
 const VETH_HOST: &str = "enfdemoh";
@@ -47,6 +50,9 @@ pub fn run() -> anyhow::Result<()> {
     demo.cleanup_host(); // leftovers of an interrupted earlier run
     let _ = std::fs::remove_dir_all(run_dir);
     std::fs::create_dir_all(run_dir).context("creating /run/enforcer-demo")?;
+    // The agent user reaches the published CA bundle below it (whatever root's umask).
+    std::fs::set_permissions(run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .context("chmod /run/enforcer-demo")?;
     ensure_bpffs()?;
 
     step("network-namespace host");
@@ -95,11 +101,17 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
 
-    step("demo agent under `enforcer exec`");
+    step("demo agent under `enforcer exec --user nobody`");
+    // The script is handed over as text: the repository may sit where the agent user cannot read (/root).
+    let agent = std::fs::read_to_string(root.join("tests/demo/agent.sh"))
+        .context("reading tests/demo/agent.sh")?;
     let status = Command::new(&enforcer)
-        .args(["exec", "--config", CONFIG, "--profile", "default", "--"])
-        .args(["sh", "tests/demo/agent.sh"])
-        .current_dir(&root)
+        .arg("exec")
+        .arg("--config")
+        .arg(root.join(CONFIG))
+        .args(["--profile", "default", "--user", AGENT_USER, "--"])
+        .args(["sh", "-c", &agent, "agent.sh"])
+        .current_dir(run_dir)
         .env("DEMO_IP", DEMO_IP)
         .status()
         .context("enforcer exec")?;

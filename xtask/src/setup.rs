@@ -4,10 +4,11 @@
 //! The recipe (DESIGN.md): Debian `llvm-22-dev`; `bpf-linker` 0.13.0 built against LLVM 22 (`LLVM_PREFIX` must point
 //! at LLVM 22 or it finds Debian's LLVM 14); `rust-src` for `-Z build-std=core`. The end-to-end tests and the demo
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
-//! Python SDKs (pip); the audit trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and
-//! `fallocate`.
+//! Python SDKs (pip). The operations tests need `promtool` and `prometheus` (Debian `prometheus`), `setpriv`
+//! (util-linux) and `systemd-analyze` (systemd); the package test (root only) needs `cargo-deb`, pinned. The audit
+//! trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and `fallocate`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
@@ -25,6 +26,13 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("node", "nodejs"),
+    ("npm", "npm"),
+    ("git", "git"),
+    ("useradd", "passwd"),
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
     // The audit trail's crash and disk-full tests mount tmpfs and ext4 on loop devices.
     ("mount", "mount"),
     ("losetup", "mount"),
@@ -33,11 +41,23 @@ const TOOLS: &[(&str, &str)] = &[
     ("fallocate", "util-linux"),
 ];
 
-/// The official SDKs the end-to-end tests run as unmodified agents (tests/e2e/sdk.rs), pinned.
-const PYTHON_SDKS: &[(&str, &str)] = &[
+/// cargo-deb builds the Debian package in the package test (enforcer/tests/package.rs, root only).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// The Python the virtual environment is made from: Debian's, outside /root, so every user can run the venv.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+/// The test virtual environment (world-readable); tests/e2e/harness.rs runs every Python from it.
+pub const TEST_VENV: &str = "/opt/enforcer-test/venv";
+
+/// What the tests import or run, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which
+/// also runs the MCP SDK's server), requests (the trust-environment test) and the offline schema validator of the
+/// Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "3.51.0"),
     ("anthropic", "2.10.0"),
     ("mcp", "2.3.0"),
+    ("requests", "2.34.2"),
+    ("kubernetes-validate", "1.37.0"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -54,11 +74,33 @@ pub fn run() -> anyhow::Result<()> {
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
-        eprintln!("xtask: setup: ip, curl, python3, openssl, node, mount, losetup, mkfs.ext4, dumpe2fs, fallocate present");
+        let tools: Vec<&str> = TOOLS.iter().map(|(tool, _)| *tool).collect();
+        eprintln!("xtask: setup: {} present", tools.join(", "));
     } else {
         apt.install(&missing)?;
+    }
+    if quiet_output(Command::new(SYSTEM_PYTHON).args(["-c", "import venv, ensurepip"])).is_none() {
+        apt.install(&["python3-venv"])?;
+    }
+
+    // Only the package test uses it, and it runs only as root.
+    if !is_root() {
+        eprintln!("xtask: setup: not root, cargo-deb not needed (the package test runs as root)");
+    } else if cargo_deb_ok() {
+        eprintln!("xtask: setup: cargo-deb {CARGO_DEB_VERSION} already installed");
+    } else {
+        run_checked(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+                "install",
+                "cargo-deb",
+                "--version",
+                CARGO_DEB_VERSION,
+                "--locked",
+            ]),
+        )?;
     }
 
     if bpf_linker_ok() {
@@ -80,7 +122,7 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
 
-    python_sdks()?;
+    test_venv()?;
 
     if rust_src_installed() {
         eprintln!("xtask: setup: rust-src already installed");
@@ -96,36 +138,53 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `python3 -m pip install` the pinned SDKs unless exactly those versions are installed already.
-fn python_sdks() -> anyhow::Result<()> {
-    let names: Vec<String> = PYTHON_SDKS.iter().map(|(n, _)| format!("{n:?}")).collect();
+/// Create [`TEST_VENV`] from [`SYSTEM_PYTHON`] and install [`PYTHON_PACKAGES`] into it, unless exactly those
+/// versions are there already; then make it readable and runnable by everyone (whatever root's umask was).
+fn test_venv() -> anyhow::Result<()> {
+    let venv = Path::new(TEST_VENV);
+    let python = venv.join("bin/python3");
+    let names: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .map(|(n, _)| format!("{n:?}"))
+        .collect();
     let script = format!(
         "import importlib.metadata as m\nfor n in [{}]:\n    print(n, m.version(n))",
         names.join(", ")
     );
-    let want: Vec<String> = PYTHON_SDKS
+    let want: Vec<String> = PYTHON_PACKAGES
         .iter()
         .map(|(n, v)| format!("{n} {v}"))
         .collect();
-    let have = quiet_output(Command::new("python3").args(["-c", &script]));
+    let have = quiet_output(Command::new(&python).args(["-c", &script]));
     if have.is_some_and(|h| h.lines().map(str::trim).eq(want.iter().map(String::as_str))) {
         eprintln!(
-            "xtask: setup: Python SDKs already installed ({})",
+            "xtask: setup: test venv {TEST_VENV} already has {}",
             want.join(", ")
         );
         return Ok(());
     }
-    let pins: Vec<String> = PYTHON_SDKS
+    if !python.is_file() {
+        run_checked(Command::new(SYSTEM_PYTHON).args(["-m", "venv", TEST_VENV]))?;
+    }
+    let pins: Vec<String> = PYTHON_PACKAGES
         .iter()
         .map(|(n, v)| format!("{n}=={v}"))
         .collect();
-    let pip = || {
-        let mut cmd = Command::new("python3");
-        cmd.args(["-m", "pip", "install", "--quiet"]).args(&pins);
-        cmd
-    };
-    // A Debian system Python refuses (PEP 668) unless told; try the plain install first.
-    run_checked(&mut pip()).or_else(|_| run_checked(pip().arg("--break-system-packages")))
+    run_checked(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&pins),
+    )?;
+    if let Some(parent) = venv.parent() {
+        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
+    }
+    Ok(())
 }
 
 /// apt-get, with `update` run once before the first install.
@@ -178,6 +237,14 @@ fn dpkg_installed(package: &str) -> bool {
 fn bpf_linker_ok() -> bool {
     quiet_output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
+}
+
+fn cargo_deb_ok() -> bool {
+    quiet_output(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["deb", "--version"]),
+    )
+    .is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DEB_VERSION))
 }
 
 fn rust_src_installed() -> bool {

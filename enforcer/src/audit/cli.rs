@@ -290,6 +290,7 @@ fn row(l: &Line) -> String {
     let mut outcome = match r.outcome.disposition {
         Disposition::Forwarded => "forwarded".to_owned(),
         Disposition::Blocked => "blocked".to_owned(),
+        Disposition::Failed => "failed".to_owned(),
     };
     if let Some(s) = r.outcome.status {
         outcome.push_str(&format!(" {s}"));

@@ -16,6 +16,8 @@
 //! - [`verify`]: the verifier; [`read`]: tail, follow and query.
 //! - [`cli`]: `enforcer audit verify|tail|query`.
 
+#![forbid(unsafe_code)]
+
 pub mod checkpoint;
 pub mod cli;
 pub mod read;

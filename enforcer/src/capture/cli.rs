@@ -1,5 +1,10 @@
 //! `enforcer exec` and `enforcer cgroup`: commands that reach the running daemon through the pinned `TAGGED` map.
-//! `anyhow` is allowed here because this is the binary's edge.
+//! `exec` runs its command in a fresh tagged cgroup, as an unprivileged user ([`identity`]), with the environment
+//! that makes its clients trust the enforcer CA ([`trust`]). `anyhow` is allowed here because this is the binary's
+//! edge.
+
+mod identity;
+mod trust;
 
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
@@ -13,19 +18,16 @@ use clap::{Args, Subcommand};
 
 use super::tags::{map_in_use, TagTable};
 use crate::config::Config;
-
-/// Variables through which common clients (OpenSSL and what builds on it — Python, Ruby, Go —, Python requests,
-/// Node, curl, git, the AWS SDKs and CLI) learn the CA bundle.
-pub const CA_VARIABLES: [&str; 6] = [
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "CURL_CA_BUNDLE",
-    "GIT_SSL_CAINFO",
-    "AWS_CA_BUNDLE",
-];
+use identity::{RunAs, StepReport, Switch};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "The command runs as an unprivileged user with no capabilities and no_new_privs set: \
+    the user who ran `sudo enforcer exec` (SUDO_UID, SUDO_GID, supplementary groups from the user database), or \
+    the one --user names. HOME, USER and LOGNAME are that user's. Run as root without either, exec refuses \
+    unless --allow-root is given. The CA trust variables (SSL_CERT_FILE, PIP_CERT, NPM_CONFIG_CAFILE, ... see \
+    docs/agents.md) are set to the daemon's published bundle, replacing inherited values."
+)]
 pub struct ExecArgs {
     /// The daemon's configuration file (to find its pin directory, cgroups and CA bundle).
     #[arg(long)]
@@ -33,6 +35,14 @@ pub struct ExecArgs {
     /// Profile to tag the new cgroup with.
     #[arg(long, default_value = "default")]
     pub profile: String,
+    /// Run the command as this user (a name or a numeric uid), with its groups from the user database.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// DANGEROUS: run the command as root, with root's capabilities. A root agent can move itself out of its
+    /// cgroup, open raw sockets, untag itself, remove the pinned programs, read the CA and audit keys and stop
+    /// the daemon: nothing it does is then enforced.
+    #[arg(long, conflicts_with = "user")]
+    pub allow_root: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<OsString>,
@@ -62,15 +72,23 @@ pub enum CgroupCommand {
     },
 }
 
-/// Open the running daemon's tag map, refusing clearly when the daemon is not running.
+/// Open the running daemon's tag map, refusing clearly when the daemon is not running. Tagging the daemon's own
+/// cgroup (or an ancestor) through it is refused; should the daemon's pid file be unreadable, the kernel programs
+/// still refuse rather than loop the daemon's sockets back to it.
 fn open_daemon_tags(config: &Config) -> anyhow::Result<TagTable> {
-    let tags = TagTable::open_pinned(&config.capture.pin_dir, &config.cgroup_root)?;
+    let mut tags = TagTable::open_pinned(&config.capture.pin_dir, &config.cgroup_root)?;
     let alive = tags.map_id().is_some_and(map_in_use);
     if !alive {
         bail!(
             "the enforcer daemon is not running (the tag map pinned in {} is not used by any loaded program)",
             config.capture.pin_dir.display()
         );
+    }
+    let daemon = crate::daemon::running_daemon_pid(config)
+        .ok()
+        .and_then(|pid| super::process_cgroup(u32::try_from(pid).ok(), &config.cgroup_root));
+    if let Some(cgroup) = daemon {
+        tags.protect_daemon_cgroup(cgroup);
     }
     Ok(tags)
 }
@@ -124,6 +142,24 @@ impl Drop for ExecCgroup {
 }
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    let caller_uid = unsafe { libc::geteuid() };
+    let sudo_uid = std::env::var("SUDO_UID").ok();
+    let sudo_gid = std::env::var("SUDO_GID").ok();
+    let run_as = identity::choose(&identity::Request {
+        user: args.user.as_deref(),
+        allow_root: args.allow_root,
+        sudo_uid: sudo_uid.as_deref(),
+        sudo_gid: sudo_gid.as_deref(),
+        caller_uid,
+    })?;
+    if run_as == RunAs::Root {
+        eprintln!(
+            "enforcer exec: WARNING: --allow-root: the agent runs as root. It can leave its cgroup, open raw \
+             sockets, untag itself, detach the enforcer's programs, read its keys and stop the daemon; nothing it \
+             does is guaranteed to be enforced."
+        );
+    }
     let config = Config::load_or_default(args.config.as_deref())?;
     let tags = open_daemon_tags(&config)?;
     let profile_cgroup = config.profile_cgroup(&args.profile);
@@ -142,19 +178,24 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             effective.map_or("untagged".to_string(), |p| format!("tagged {p:?}"))
         );
     }
-    let bundle = config.ca_bundle();
-    if !bundle.is_file() {
-        bail!(
-            "CA bundle {} is missing (the daemon writes it at start-up)",
-            bundle.display()
-        );
+    let trust = Trust {
+        bundle: config.ca_bundle(),
+        ca_cert: config.ca_cert(),
+    };
+    for file in [&trust.bundle, &trust.ca_cert] {
+        if !file.is_file() {
+            bail!(
+                "{} is missing (the daemon publishes the CA bundle and certificate at start-up)",
+                file.display()
+            );
+        }
     }
 
     let cgroup = profile_cgroup.join(format!("exec-{}", std::process::id()));
     std::fs::create_dir(&cgroup)
         .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
     let cgroup = ExecCgroup(cgroup);
-    let status = run_in_cgroup(&cgroup.0, &bundle, &args.command)?;
+    let status = run_in_cgroup(&cgroup.0, &run_as, &trust, &args.command)?;
     drop(cgroup);
     let code = match (status.code(), status.signal()) {
         (Some(code), _) => code,
@@ -164,9 +205,16 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
 }
 
+/// The published files the agent's clients are pointed at.
+struct Trust {
+    bundle: PathBuf,
+    ca_cert: PathBuf,
+}
+
 fn run_in_cgroup(
     cgroup: &Path,
-    bundle: &Path,
+    run_as: &RunAs,
+    trust: &Trust,
     command: &[OsString],
 ) -> anyhow::Result<std::process::ExitStatus> {
     let Some((program, rest)) = command.split_first() else {
@@ -177,32 +225,49 @@ fn run_in_cgroup(
         .write(true)
         .open(&procs_path)
         .with_context(|| format!("opening {}", procs_path.display()))?;
-    let procs_fd = procs.as_raw_fd();
     let mut cmd = std::process::Command::new(program);
     cmd.args(rest);
-    for var in CA_VARIABLES {
-        cmd.env(var, bundle);
+    for (var, path) in trust::trust_env(&trust.bundle, &trust.ca_cert) {
+        cmd.env(var, path);
     }
-    // SAFETY: the closure only calls write(2), which is async-signal-safe, on an fd that stays open until spawn
-    // returns. Writing "0" moves the calling (child) process into the cgroup before it execs, so every socket the
-    // command creates is captured.
+    if let RunAs::User(user) = run_as {
+        cmd.env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    let (switch, report) = Switch::new(run_as, procs.as_raw_fd(), &[&trust.bundle, &trust.ca_cert])
+        .context("preparing the agent's identity")?;
+    // SAFETY: `Switch::apply` makes only async-signal-safe system calls on memory prepared before the fork (see its
+    // documentation), on descriptors that stay open until spawn returns. Writing "0" to cgroup.procs moves the child
+    // into the cgroup before it execs, so every socket the command creates is captured.
     unsafe {
-        cmd.pre_exec(move || {
-            let buf = b"0";
-            if libc::write(procs_fd, buf.as_ptr().cast(), buf.len()) == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+        cmd.pre_exec(move || switch.apply());
     }
     install_signal_forwarding();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", program.to_string_lossy()))?;
+    let spawned = cmd.spawn();
     drop(procs);
+    let mut child = spawned.map_err(|e| spawn_error(e, &report, program, trust))?;
     forward_signals_to(child.id());
     Ok(child.wait()?)
+}
+
+/// Say which step failed when the child did not get to run the command.
+fn spawn_error(
+    err: std::io::Error,
+    report: &StepReport,
+    program: &OsString,
+    trust: &Trust,
+) -> anyhow::Error {
+    match report.failed_step() {
+        Some(identity::Step::TrustFiles) => anyhow::anyhow!(
+            "{} ({}, {}): {err}",
+            identity::Step::TrustFiles.describe(),
+            trust.bundle.display(),
+            trust.ca_cert.display()
+        ),
+        Some(step) => anyhow::anyhow!("{}: {err}", step.describe()),
+        None => anyhow::Error::new(err).context(format!("starting {}", program.to_string_lossy())),
+    }
 }
 
 /// The command's pid, for the signal handler (0 until it is spawned).

@@ -4,6 +4,8 @@
 //! links pinned for the same reason; one that stops with no agent left removes them (nothing stays attached). The
 //! next daemon replaces links it finds pinned before attaching its own.
 
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -16,18 +18,122 @@ const LINK_PREFIX: &str = "link_";
 /// Upper bound on cgroup directories visited when looking for agents in tagged cgroups.
 const WALK_LIMIT: usize = 4096;
 
-/// Pin an attached program's link in `pin_dir`.
+/// Pin an attached program's link in `pin_dir`, named after the program.
 pub(super) fn pin(
     link: impl TryInto<FdLink, Error = LinkError>,
     pin_dir: &Path,
     name: &'static str,
 ) -> Result<(), CaptureError> {
+    pin_named(link, pin_dir, name, name)
+}
+
+/// Pin a link of program `name` as `link_<pin>` (one program attached at several places has one pin per place).
+pub(super) fn pin_named(
+    link: impl TryInto<FdLink, Error = LinkError>,
+    pin_dir: &Path,
+    name: &'static str,
+    pin: &str,
+) -> Result<(), CaptureError> {
     let fd: FdLink = link
         .try_into()
         .map_err(|source| CaptureError::Link { name, source })?;
+    pin_fd(fd, pin_dir, pin)
+}
+
+/// Pin a link that is an fd link already, as `link_<pin>` (replacing a stale pin of that name).
+pub(super) fn pin_fd(fd: FdLink, pin_dir: &Path, pin: &str) -> Result<(), CaptureError> {
+    let path = pin_dir.join(format!("{LINK_PREFIX}{pin}"));
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(|source| CaptureError::PinDir {
+            path: path.clone(),
+            source,
+        })?;
+    }
     // The returned handle is dropped: the pin alone keeps the link, and the program, attached.
-    fd.pin(pin_dir.join(format!("{LINK_PREFIX}{name}")))?;
+    fd.pin(path)?;
     Ok(())
+}
+
+/// Attach program `prog` (named `name`) to `cgroup` as `attach_type` with `BPF_LINK_CREATE`, and pin the link as
+/// `link_<name>`. For program types whose aya link cannot be turned into an fd link (aya 0.14's cgroup sockopt
+/// links); the kernel interface is bpf(2)'s `BPF_LINK_CREATE` and `BPF_OBJ_PIN`.
+pub(super) fn create_and_pin(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<(), CaptureError> {
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        rest: [u64; 8],
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        pad: u32,
+        rest: [u64; 8],
+    }
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    let syscall_error = |call| CaptureError::Link {
+        name,
+        source: LinkError::SyscallError(aya::sys::SyscallError {
+            call,
+            io_error: std::io::Error::last_os_error(),
+        }),
+    };
+    let create = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+        rest: [0; 8],
+    };
+    let link = bpf(BPF_LINK_CREATE, &create);
+    if link < 0 {
+        return Err(syscall_error("bpf_link_create"));
+    }
+    // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(link as RawFd) };
+    let path = pin_dir.join(format!("{LINK_PREFIX}{name}"));
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| CaptureError::NotBpffs(path.clone()))?;
+    let pin = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: link.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        pad: 0,
+        rest: [0; 8],
+    };
+    // The path outlives the call.
+    if bpf(BPF_OBJ_PIN, &pin) < 0 {
+        return Err(syscall_error("bpf_obj_pin"));
+    }
+    // Our fd closes here; the pin keeps the link, and the program, attached.
+    Ok(())
+}
+
+/// bpf(2) with command `cmd` and attribute `attr` (a `#[repr(C)]` struct, zero-padded to the command's size).
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of an attribute we own and keep alive for the call; pointers
+    // inside it are the caller's, valid for the call. It returns a new fd, 0, or -1 with errno set.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    }
 }
 
 /// The link pins in `pin_dir`.

@@ -1,41 +1,68 @@
 //! Capture: loads and attaches the eBPF programs (`enforcer-ebpf`), tags cgroups with profiles through the pinned
-//! `TAGGED` map, and recovers the original destination and calling process of each redirected connection for the
-//! proxy ([`crate::model::OriginLookup`]). Also the `enforcer exec` and `enforcer cgroup` commands, which reach the
-//! running daemon through the pinned map. It owns no policy: the kernel only asks "is this cgroup tagged".
+//! `TAGGED` map, tells the kernel which profiles may serve (`PROFILES`), recovers the original destination and
+//! calling process of each redirected connection for the proxy ([`crate::model::OriginLookup`]), and turns what the
+//! kernel refused into audit records ([`Refusals`]). Also the `enforcer exec` and `enforcer cgroup` commands, which
+//! reach the running daemon through the pinned map. It owns no policy: the kernel only asks "is this cgroup tagged"
+//! and "may its profile serve".
+//!
+//! The daemon is recognised by its cgroup, never by its pid: the kernel programs leave untagged processes alone and
+//! never exempt a tagged one, and the daemon refuses to tag its own cgroup or an ancestor of it (were it tagged
+//! anyway, the kernel refuses its sockets rather than redirect them back to it).
 
 mod cli;
+mod devices;
 mod links;
 mod origins;
+mod refusals;
 mod tags;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use aya::maps::HashMap;
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
+use aya::maps::{HashMap, RingBuf};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, CgroupSockopt,
+    LsmCgroup, SockOps,
+};
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{
-    GLOBAL_DAEMON_TGID, GLOBAL_DNS_PORT, GLOBAL_PROXY_PORT, MAP_DNS_PEERS, MAP_ORIGINS, MAP_TAGGED,
+    ProfileFlags, GLOBAL_DAEMON_CGROUP, GLOBAL_DNS_PORT, GLOBAL_PROXY_PORT, MAP_DNS_PEERS,
+    MAP_ORIGINS, MAP_PROFILES, MAP_REFUSALS, MAP_REFUSAL_RATE, MAP_TAGGED, PROFILE_ACCEPT_INBOUND,
 };
 
 pub use cli::{cgroup_command, exec, CgroupCommand, ExecArgs};
 pub use origins::{cgroup_path, BpfOrigins};
-pub use tags::{cgroup_id, map_in_use, pin_path, TagTable};
+pub use refusals::{operation, socket_kind, Refusals};
+pub use tags::{cgroup_id, map_in_use, pin_path, process_cgroup, TagTable};
+pub use watch::{child_cgroups, start as watch_cgroups, CgroupPattern, Watcher};
 
 /// The kernel object built by `build.rs` (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
 /// The cgroup programs, by function name in `enforcer-ebpf`.
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+const SOCK_ADDR_PROGRAMS: [&str; 10] = [
     "redirect_connect4",
     "redirect_connect6",
     "udp_sendmsg4",
     "udp_sendmsg6",
     "dns_recvmsg4",
     "dns_recvmsg6",
+    "peer_getpeername4",
+    "peer_getpeername6",
+    "serve_bind4",
+    "serve_bind6",
 ];
+const SOCK_PROGRAMS: [&str; 2] = ["sock_create", "sock_release"];
 const SOCK_OPS_PROGRAM: &str = "rekey_established";
 const DNS_PEER_PROGRAM: &str = "dns_peer";
+const INBOUND_PROGRAM: &str = "inbound";
+const SOCKOPT_PROGRAM: &str = "bypass_sockopt";
+/// The lsm_cgroup program and the LSM hook it attaches to (families other than IPv4/IPv6).
+const LSM_PROGRAM: &str = "socket_create";
+const LSM_HOOK: &str = "socket_create";
+/// Where the kernel lists its active LSMs (securityfs).
+const LSM_LIST: &str = "/sys/kernel/security/lsm";
 /// bpffs mount point; mounted by [`Capture::start`] when missing.
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -86,6 +113,10 @@ pub enum CaptureError {
     NotRunning(PathBuf),
     #[error("kernel log forwarding needs a tokio runtime: {0}")]
     NoRuntime(std::io::Error),
+    #[error("refusing to tag {}: the enforcer daemon runs in {} (its own connections would be redirected to itself)", cgroup.display(), daemon.display())]
+    DaemonCgroup { cgroup: PathBuf, daemon: PathBuf },
+    #[error("kernel BTF (needed for the socket_create LSM program): {0}")]
+    Btf(#[from] aya::BtfError),
 }
 
 /// What [`Capture::start`] needs; the daemon builds it from [`crate::config::Config`].
@@ -101,8 +132,29 @@ pub struct CaptureConfig {
     pub proxy_port: u16,
     /// The DNS listener's port on 127.0.0.1 and ::1 (where tagged DNS datagrams are redirected).
     pub dns_port: u16,
-    /// Profile → cgroup paths (relative to `cgroup_root`) to tag.
-    pub profiles: Vec<(String, Vec<PathBuf>)>,
+    /// The profiles to tag cgroups with.
+    pub profiles: Vec<CaptureProfile>,
+}
+
+/// One profile as capture sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureProfile {
+    pub name: String,
+    /// Cgroup paths (relative to `cgroup_root`) to tag, beside `<attach_cgroup>/enforcer/<name>`.
+    pub cgroups: Vec<PathBuf>,
+    /// Its agents may bind non-loopback addresses and receive packets from other hosts.
+    pub accept_inbound: bool,
+}
+
+impl CaptureProfile {
+    /// A profile with no configured cgroups that does not serve.
+    pub fn new(name: &str) -> CaptureProfile {
+        CaptureProfile {
+            name: name.to_string(),
+            cgroups: Vec::new(),
+            accept_inbound: false,
+        }
+    }
 }
 
 impl CaptureConfig {
@@ -118,7 +170,11 @@ impl CaptureConfig {
             profiles: config
                 .profiles
                 .iter()
-                .map(|(name, profile)| (name.clone(), profile.cgroups.clone()))
+                .map(|(name, profile)| CaptureProfile {
+                    name: name.clone(),
+                    cgroups: profile.cgroups.clone(),
+                    accept_inbound: profile.accept_inbound,
+                })
                 .collect(),
         }
     }
@@ -126,7 +182,8 @@ impl CaptureConfig {
 
 /// The loaded and attached capture. Dropping it cleans up like [`Capture::shutdown`], which also reports errors.
 pub struct Capture {
-    ebpf: Option<Ebpf>,
+    /// Shared with the task that covers new network devices ([`devices`]).
+    ebpf: Arc<Mutex<Option<Ebpf>>>,
     tags: Mutex<TagTable>,
     origins: Arc<BpfOrigins>,
     dns_peers: Arc<BpfOrigins>,
@@ -138,17 +195,22 @@ pub struct Capture {
     /// `enforcer` and `enforcer/<profile>` cgroups created by start, removed (when empty) at shutdown.
     created_cgroups: Vec<PathBuf>,
     log_task: Option<tokio::task::JoinHandle<()>>,
+    device_task: Option<tokio::task::JoinHandle<()>>,
+    /// The refusal channel, until the daemon takes it ([`Capture::take_refusals`]).
+    refusals: Option<Refusals>,
 }
 
 impl Capture {
-    /// Load the programs with the proxy port and this process's id (never redirected) patched in, attach them to
-    /// `attach_cgroup`, pin `TAGGED`, tag `<attach_cgroup>/enforcer/<profile>` (created) and the configured cgroups
-    /// of every profile, and forward kernel logs to `tracing` (debug level). Must be called inside a tokio runtime.
+    /// Load the programs with the proxy and DNS ports and this process's cgroup patched in, attach them to
+    /// `attach_cgroup`, pin `TAGGED`, record which profiles serve, tag `<attach_cgroup>/enforcer/<profile>`
+    /// (created) and the configured cgroups of every profile, and forward kernel logs to `tracing` (debug level).
+    /// Refuses ([`CaptureError::DaemonCgroup`]) a configured cgroup that contains this process. Must be called inside
+    /// a tokio runtime.
     pub fn start(cfg: &CaptureConfig) -> Result<Capture, CaptureError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| CaptureError::NoRuntime(std::io::Error::other(e)))?;
-        for (profile, _) in &cfg.profiles {
-            tags::encode_profile(profile)?;
+        for profile in &cfg.profiles {
+            tags::encode_profile(&profile.name)?;
         }
         let pin = pin_path(&cfg.pin_dir);
         let pin_dir_created = prepare_pin_dir(&cfg.pin_dir)?;
@@ -160,18 +222,54 @@ impl Capture {
             })?;
         }
 
-        let daemon_tgid = std::process::id();
+        // The daemon is known to the kernel by its cgroup (see the module docs).
+        let daemon_cgroup = process_cgroup(None, &cfg.cgroup_root);
+        let daemon_cgroup_id = daemon_cgroup
+            .as_deref()
+            .and_then(|c| cgroup_id(c).ok())
+            .unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_PROXY_PORT, &cfg.proxy_port, true)
             .override_global(GLOBAL_DNS_PORT, &cfg.dns_port, true)
-            .override_global(GLOBAL_DAEMON_TGID, &daemon_tgid, true)
+            .override_global(GLOBAL_DAEMON_CGROUP, &daemon_cgroup_id, true)
             .load(EBPF_OBJECT)?;
         let log_task = start_log_forwarding(&mut ebpf, &runtime)?;
 
         let tag_map = ebpf
             .take_map(MAP_TAGGED)
             .ok_or(CaptureError::MissingMap(MAP_TAGGED))?;
-        let tags = TagTable::new(tag_map, &cfg.cgroup_root)?;
+        let mut tags = TagTable::new(tag_map, &cfg.cgroup_root)?;
+        match daemon_cgroup {
+            Some(cgroup) => tags.protect_daemon_cgroup(cgroup),
+            None => tracing::warn!("cannot read this process's cgroup: tagging it is not refused"),
+        }
+        let mut profiles: HashMap<_, _, ProfileFlags> = HashMap::try_from(
+            ebpf.take_map(MAP_PROFILES)
+                .ok_or(CaptureError::MissingMap(MAP_PROFILES))?,
+        )?;
+        for profile in &cfg.profiles {
+            let flags = if profile.accept_inbound {
+                PROFILE_ACCEPT_INBOUND
+            } else {
+                0
+            };
+            profiles.insert(
+                tags::encode_profile(&profile.name)?,
+                ProfileFlags { flags },
+                0,
+            )?;
+        }
+        let refusals = Refusals::new(
+            RingBuf::try_from(
+                ebpf.take_map(MAP_REFUSALS)
+                    .ok_or(CaptureError::MissingMap(MAP_REFUSALS))?,
+            )?,
+            HashMap::try_from(
+                ebpf.take_map(MAP_REFUSAL_RATE)
+                    .ok_or(CaptureError::MissingMap(MAP_REFUSAL_RATE))?,
+            )?,
+            &cfg.cgroup_root,
+        );
         let origin_map = ebpf
             .take_map(MAP_ORIGINS)
             .ok_or(CaptureError::MissingMap(MAP_ORIGINS))?;
@@ -189,7 +287,7 @@ impl Capture {
         ));
 
         let mut capture = Capture {
-            ebpf: None,
+            ebpf: Arc::new(Mutex::new(None)),
             tags: Mutex::new(tags),
             origins,
             dns_peers,
@@ -199,6 +297,8 @@ impl Capture {
             attach_cgroup: cfg.attach_cgroup.clone(),
             created_cgroups: Vec::new(),
             log_task: Some(log_task),
+            device_task: None,
+            refusals: Some(refusals),
         };
         // From here on, errors unwind through Capture's Drop.
         capture.lock_tags().pin(&pin)?;
@@ -213,7 +313,15 @@ impl Capture {
             );
         }
         attach(&mut ebpf, &cfg.attach_cgroup, &cfg.pin_dir)?;
-        capture.ebpf = Some(ebpf);
+        devices::load(&mut ebpf)?;
+        let mut covered = devices::Covered::default();
+        devices::cover(&mut ebpf, &cfg.pin_dir, &mut covered)?;
+        *capture.lock_ebpf() = Some(ebpf);
+        capture.device_task = Some(runtime.spawn(cover_new_devices(
+            capture.ebpf.clone(),
+            cfg.pin_dir.clone(),
+            covered,
+        )));
         tracing::info!(
             cgroup = %cfg.attach_cgroup.display(),
             port = cfg.proxy_port,
@@ -235,7 +343,13 @@ impl Capture {
         self.dns_peers.clone()
     }
 
-    /// Tag `cgroup` (absolute, or relative to the cgroup root) and everything below it with `profile`.
+    /// The kernel's refusal reports, for the task that records them (once; `None` afterwards).
+    pub fn take_refusals(&mut self) -> Option<Refusals> {
+        self.refusals.take()
+    }
+
+    /// Tag `cgroup` (absolute, or relative to the cgroup root) and everything below it with `profile`. Refused for
+    /// the daemon's own cgroup and its ancestors ([`CaptureError::DaemonCgroup`]).
     pub fn tag(&self, cgroup: &Path, profile: &str) -> Result<(), CaptureError> {
         self.lock_tags().tag(cgroup, profile)
     }
@@ -252,6 +366,12 @@ impl Capture {
         self.cleanup()
     }
 
+    fn lock_ebpf(&self) -> std::sync::MutexGuard<'_, Option<Ebpf>> {
+        self.ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn lock_tags(&self) -> std::sync::MutexGuard<'_, TagTable> {
         self.tags
             .lock()
@@ -260,7 +380,12 @@ impl Capture {
 
     fn tag_profiles(&mut self, cfg: &CaptureConfig) -> Result<(), CaptureError> {
         let base = cfg.attach_cgroup.join("enforcer");
-        for (profile, cgroups) in &cfg.profiles {
+        for CaptureProfile {
+            name: profile,
+            cgroups,
+            ..
+        } in &cfg.profiles
+        {
             let dir = base.join(profile);
             for d in [&base, &dir] {
                 if !d.exists() {
@@ -296,8 +421,11 @@ impl Capture {
             .map(|(id, _)| id)
             .collect();
         let agents = links::agents_in_tagged_cgroups(&self.attach_cgroup, &tagged);
+        if let Some(task) = self.device_task.take() {
+            task.abort();
+        }
         // The links are pinned: dropping the object only closes our handles.
-        drop(self.ebpf.take());
+        drop(self.lock_ebpf().take());
         if agents > 0 {
             tracing::warn!(
                 agents,
@@ -339,20 +467,55 @@ impl Drop for Capture {
     }
 }
 
+/// Every [`devices::RESCAN_EVERY`], cover the network devices that appeared since (until aborted at cleanup).
+async fn cover_new_devices(
+    ebpf: Arc<Mutex<Option<Ebpf>>>,
+    pin_dir: PathBuf,
+    mut covered: devices::Covered,
+) {
+    loop {
+        tokio::time::sleep(devices::RESCAN_EVERY).await;
+        let mut guard = ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(ebpf) = guard.as_mut() else { return };
+        if let Err(err) = devices::cover(ebpf, &pin_dir, &mut covered) {
+            tracing::warn!(error = %err, "cannot cover new network devices");
+        }
+    }
+}
+
 /// Load program `$name` as `$ty`, attach it with `$attach` (an expression using the program `$p`), and pin the link.
 macro_rules! attach_pinned {
     ($ebpf:expr, $pin_dir:expr, $name:expr, $ty:ty, |$p:ident| $attach:expr) => {{
         let name = $name;
-        let err = |source| CaptureError::Program { name, source };
-        let $p: &mut $ty = $ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::MissingProgram(name))?
-            .try_into()
-            .map_err(err)?;
+        let err = program_error(name);
+        let $p: &mut $ty = program_mut($ebpf, name)?;
         $p.load().map_err(err)?;
         let link = $attach.and_then(|id| $p.take_link(id)).map_err(err)?;
         links::pin(link, $pin_dir, name)?;
     }};
+}
+
+/// Program `name` of the object, as the program type `T`.
+pub(super) fn program_mut<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut aya::programs::Program: TryInto<&'a mut T, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+/// How an error of program `name` is reported.
+pub(super) fn program_error(
+    name: &'static str,
+) -> impl Fn(aya::programs::ProgramError) -> CaptureError + Copy {
+    move |source| CaptureError::Program { name, source }
 }
 
 /// Load and attach every program to `cgroup`, pinning each link in `pin_dir` (see [`links`]).
@@ -365,6 +528,10 @@ fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureE
         attach_pinned!(ebpf, pin_dir, name, CgroupSockAddr, |p| p
             .attach(&file, CgroupAttachMode::Single));
     }
+    for name in SOCK_PROGRAMS {
+        attach_pinned!(ebpf, pin_dir, name, CgroupSock, |p| p
+            .attach(&file, CgroupAttachMode::Single));
+    }
     attach_pinned!(ebpf, pin_dir, SOCK_OPS_PROGRAM, SockOps, |p| p
         .attach(&file, CgroupAttachMode::Single));
     attach_pinned!(ebpf, pin_dir, DNS_PEER_PROGRAM, CgroupSkb, |p| p.attach(
@@ -372,7 +539,100 @@ fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureE
         CgroupSkbAttachType::Egress,
         CgroupAttachMode::Single
     ));
+    attach_pinned!(ebpf, pin_dir, INBOUND_PROGRAM, CgroupSkb, |p| p.attach(
+        &file,
+        CgroupSkbAttachType::Ingress,
+        CgroupAttachMode::Single
+    ));
+    attach_sockopt(ebpf, &file, pin_dir)?;
+    attach_lsm(ebpf, &file, pin_dir)
+}
+
+/// The setsockopt guard, linked and pinned by hand (see [`links::create_and_pin`]).
+fn attach_sockopt(
+    ebpf: &mut Ebpf,
+    file: &std::fs::File,
+    pin_dir: &Path,
+) -> Result<(), CaptureError> {
+    use std::os::fd::AsFd;
+    const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+    let err = program_error(SOCKOPT_PROGRAM);
+    let p: &mut CgroupSockopt = program_mut(ebpf, SOCKOPT_PROGRAM)?;
+    p.load().map_err(err)?;
+    let prog = p.fd().map_err(err)?;
+    links::create_and_pin(
+        prog.as_fd(),
+        file.as_fd(),
+        BPF_CGROUP_SETSOCKOPT,
+        pin_dir,
+        SOCKOPT_PROGRAM,
+    )
+}
+
+/// The socket families other than IPv4/IPv6 are refused by an lsm_cgroup program, which runs only when the kernel
+/// was booted with the BPF LSM active (`lsm=...,bpf`) and lets BPF LSM programs load. Where it cannot run, the
+/// daemon says so (a warning, not a failure: the IPv4/IPv6 side is enforced either way, and packet sockets' frames
+/// are dropped at the devices).
+fn attach_lsm(ebpf: &mut Ebpf, file: &std::fs::File, pin_dir: &Path) -> Result<(), CaptureError> {
+    const UNCOVERED: &str = "tagged processes' non-IP sockets are not refused at creation: packet \
+        sockets' frames are dropped at the network devices, vsock and the other families are limited only by \
+        the agent's capabilities";
+    if bpf_lsm_active() == Some(false) {
+        tracing::warn!("the BPF LSM is not active (boot with lsm=...,bpf): {UNCOVERED}");
+        return Ok(());
+    }
+    let attached = (|| {
+        let btf = aya::Btf::from_sys_fs()?;
+        let err = program_error(LSM_PROGRAM);
+        let p: &mut LsmCgroup = program_mut(ebpf, LSM_PROGRAM)?;
+        p.load(LSM_HOOK, &btf).map_err(err)?;
+        let link = p.attach(file).and_then(|id| p.take_link(id)).map_err(err)?;
+        links::pin_fd(link.into(), pin_dir, LSM_PROGRAM)
+    })();
+    if let Err(err) = attached {
+        tracing::warn!(error = %err, "cannot attach the socket_create LSM program: {UNCOVERED}");
+    }
     Ok(())
+}
+
+/// Whether the kernel runs the BPF LSM, from securityfs's LSM list (mounted for the read on a private directory
+/// when it is not mounted); `None` when that cannot be told.
+fn bpf_lsm_active() -> Option<bool> {
+    let list = match std::fs::read_to_string(LSM_LIST) {
+        Ok(list) => list,
+        Err(_) => read_lsm_list_from_private_securityfs()?,
+    };
+    Some(list.trim().split(',').any(|lsm| lsm == "bpf"))
+}
+
+fn read_lsm_list_from_private_securityfs() -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::env::temp_dir().join(format!("enforcer-securityfs-{}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok();
+    let list = c_dir.and_then(|c_dir| {
+        // SAFETY: C strings we own; mount and umount do not retain them.
+        let mounted = unsafe {
+            libc::mount(
+                c"securityfs".as_ptr(),
+                c_dir.as_ptr(),
+                c"securityfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } == 0;
+        if !mounted {
+            return None;
+        }
+        let list = std::fs::read_to_string(dir.join("lsm")).ok();
+        // SAFETY: as above.
+        unsafe {
+            libc::umount2(c_dir.as_ptr(), libc::MNT_DETACH);
+        }
+        list
+    });
+    let _ = std::fs::remove_dir(&dir);
+    list
 }
 
 /// Make sure `pin_dir` exists on a bpffs, mounting bpffs at `/sys/fs/bpf` when nothing is mounted there.

@@ -1,5 +1,6 @@
 //! The proxy's side of capture: turns an accepted connection's peer address into the [`Origin`] the kernel
-//! recorded (original destination, process, profile), consuming the entry.
+//! recorded (original destination, process, profile), consuming the entry. The kernel keys its entries by the
+//! client's full local address ([`SockKey`]), which is the peer address the daemon sees.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData};
-use enforcer_common::{OriginalDst, PortKey, FAMILY_V4, FAMILY_V6};
+use enforcer_common::{OriginalDst, SockKey, FAMILY_V4, FAMILY_V6, UID_UNKNOWN};
 
 use crate::model::{Agent, Origin, OriginLookup};
 
@@ -19,14 +20,14 @@ const WALK_LIMIT: usize = 4096;
 /// [`OriginLookup`] over the kernel's `ORIGINS` map (entries consumed), or `DNS_PEERS` (entries only read: a DNS
 /// socket sends many datagrams, and the kernel refreshes the entry on each).
 pub struct BpfOrigins {
-    map: Mutex<HashMap<MapData, PortKey, OriginalDst>>,
+    map: Mutex<HashMap<MapData, SockKey, OriginalDst>>,
     cgroup_root: PathBuf,
     consume: bool,
 }
 
 impl BpfOrigins {
     pub(super) fn new(
-        map: HashMap<MapData, PortKey, OriginalDst>,
+        map: HashMap<MapData, SockKey, OriginalDst>,
         cgroup_root: &Path,
     ) -> BpfOrigins {
         BpfOrigins {
@@ -37,7 +38,7 @@ impl BpfOrigins {
     }
 
     pub(super) fn new_peeking(
-        map: HashMap<MapData, PortKey, OriginalDst>,
+        map: HashMap<MapData, SockKey, OriginalDst>,
         cgroup_root: &Path,
     ) -> BpfOrigins {
         BpfOrigins {
@@ -46,7 +47,7 @@ impl BpfOrigins {
         }
     }
 
-    fn take(&self, key: &PortKey) -> Option<OriginalDst> {
+    fn take(&self, key: &SockKey) -> Option<OriginalDst> {
         let mut map = self
             .map
             .lock()
@@ -62,21 +63,37 @@ impl BpfOrigins {
 
 impl OriginLookup for BpfOrigins {
     fn lookup(&self, client: SocketAddr) -> Option<Origin> {
-        let family = match client.ip().to_canonical() {
-            IpAddr::V4(_) => FAMILY_V4,
-            IpAddr::V6(_) => FAMILY_V6,
-        };
-        let raw = self.take(&PortKey {
-            port: client.port(),
-            family,
-        })?;
+        let raw = self.take(&sock_key(client))?;
         let origin = to_origin(&raw, &self.cgroup_root);
         tracing::debug!(client = %client, dst = %origin.dst, pid = raw.pid, "original destination recovered");
         Some(origin)
     }
 }
 
-/// The original destination: IPv4-mapped IPv6 destinations are reported as IPv4 (what policy rules name).
+/// The map key the kernel files a socket under: its local address, IPv4-mapped IPv6 as IPv4.
+pub fn sock_key(local: SocketAddr) -> SockKey {
+    match local.ip().to_canonical() {
+        IpAddr::V4(ip) => SockKey {
+            addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
+            port: local.port(),
+            family: FAMILY_V4,
+        },
+        IpAddr::V6(ip) => {
+            let mut addr = [0u32; 4];
+            for (word, chunk) in addr.iter_mut().zip(ip.octets().chunks_exact(4)) {
+                *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+            SockKey {
+                addr,
+                port: local.port(),
+                family: FAMILY_V6,
+            }
+        }
+    }
+}
+
+/// The address in a kernel record: IPv4-mapped IPv6 addresses are reported as IPv4 (what policy rules name).
+/// `None` when the record carries no address (family 0).
 pub fn original_dst(raw: &OriginalDst) -> Option<SocketAddr> {
     let ip = match raw.family {
         FAMILY_V4 => IpAddr::V4(Ipv4Addr::from(raw.addr[0].to_ne_bytes())),
@@ -94,28 +111,37 @@ pub fn original_dst(raw: &OriginalDst) -> Option<SocketAddr> {
 
 fn to_origin(raw: &OriginalDst, cgroup_root: &Path) -> Origin {
     let dst = original_dst(raw).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], raw.port)));
-    let profile = decode_profile(&raw.tag);
-    let exe = std::fs::read_link(format!("/proc/{}/exe", raw.pid))
-        .ok()
-        .map(|p| p.display().to_string())
-        .or_else(|| {
-            // The process is gone: its command name is all that is left.
-            let len = raw
-                .comm
-                .iter()
-                .position(|b| *b == 0)
-                .unwrap_or(raw.comm.len());
-            (len > 0).then(|| String::from_utf8_lossy(&raw.comm[..len]).into_owned())
-        });
     Origin {
         dst,
-        agent: Agent {
-            profile: (!profile.is_empty()).then_some(profile),
-            cgroup: cgroup_path(raw.cgroup_id, raw.pid, cgroup_root),
-            pid: Some(raw.pid),
-            exe,
-            uid: Some(raw.uid),
-        },
+        agent: agent_of(raw, cgroup_root),
+    }
+}
+
+/// The agent a kernel record names: its profile, cgroup, process (pid 0: none, as for inbound packets), executable
+/// (from `/proc`, or the command name when the process is gone) and uid.
+pub(super) fn agent_of(raw: &OriginalDst, cgroup_root: &Path) -> Agent {
+    let profile = decode_profile(&raw.tag);
+    let pid = (raw.pid != 0).then_some(raw.pid);
+    let exe = pid.and_then(|pid| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|p| p.display().to_string())
+            .or_else(|| {
+                // The process is gone: its command name is all that is left.
+                let len = raw
+                    .comm
+                    .iter()
+                    .position(|b| *b == 0)
+                    .unwrap_or(raw.comm.len());
+                (len > 0).then(|| String::from_utf8_lossy(&raw.comm[..len]).into_owned())
+            })
+    });
+    Agent {
+        profile: (!profile.is_empty()).then_some(profile),
+        cgroup: cgroup_path(raw.cgroup_id, raw.pid, cgroup_root),
+        pid,
+        exe,
+        uid: (raw.uid != UID_UNKNOWN).then_some(raw.uid),
     }
 }
 
@@ -208,5 +234,25 @@ mod tests {
         );
         assert_eq!(original_dst(&v6), Some("[fd77::2]:8443".parse().unwrap()));
         assert_eq!(original_dst(&raw(99, [0; 4], 1)), None);
+    }
+
+    #[test]
+    fn keys_are_full_local_addresses_as_the_kernel_files_them() {
+        let v4 = sock_key("127.0.0.2:40000".parse().unwrap());
+        assert_eq!(
+            v4,
+            SockKey {
+                addr: [u32::from_ne_bytes([127, 0, 0, 2]), 0, 0, 0],
+                port: 40000,
+                family: FAMILY_V4
+            }
+        );
+        // Two sockets on one port, different addresses: different keys.
+        assert_ne!(v4, sock_key("127.0.0.3:40000".parse().unwrap()));
+        // An IPv4-mapped peer (an IPv6 listener accepting IPv4) is filed as IPv4.
+        assert_eq!(v4, sock_key("[::ffff:127.0.0.2]:40000".parse().unwrap()));
+        let v6 = sock_key("[::1]:40000".parse().unwrap());
+        assert_eq!(v6.family, FAMILY_V6);
+        assert_eq!(v6.addr, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
     }
 }

@@ -52,10 +52,25 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CaptureError> {
     Ok(meta.ino())
 }
 
+/// The cgroup (absolute path under `cgroup_root`) process `pid` runs in, from `/proc/<pid>/cgroup`; `None` for the
+/// calling process. `None` when it cannot be read.
+pub fn process_cgroup(pid: Option<u32>, cgroup_root: &Path) -> Option<PathBuf> {
+    let file = match pid {
+        Some(pid) => format!("/proc/{pid}/cgroup"),
+        None => "/proc/self/cgroup".to_string(),
+    };
+    let text = std::fs::read_to_string(file).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(cgroup_root.join(rel.trim_start_matches('/')))
+}
+
 /// A handle on the `TAGGED` map, owned by the daemon or opened from its pin.
 pub struct TagTable {
     map: HashMap<MapData, u64, Tag>,
     cgroup_root: PathBuf,
+    /// The daemon's own cgroup: neither it nor an ancestor may be tagged (the daemon's connections would be
+    /// redirected to itself).
+    daemon_cgroup: Option<PathBuf>,
 }
 
 impl TagTable {
@@ -63,6 +78,7 @@ impl TagTable {
         Ok(TagTable {
             map: HashMap::try_from(map)?,
             cgroup_root: cgroup_root.to_path_buf(),
+            daemon_cgroup: None,
         })
     }
 
@@ -81,10 +97,27 @@ impl TagTable {
         self.cgroup_root.join(cgroup)
     }
 
-    /// Tag `cgroup` (and so every cgroup below it) with `profile`; replaces an earlier tag.
+    /// From now on refuse to tag `daemon_cgroup` (absolute) or any cgroup above it: the daemon's own cgroup.
+    pub fn protect_daemon_cgroup(&mut self, daemon_cgroup: PathBuf) {
+        self.daemon_cgroup = Some(daemon_cgroup);
+    }
+
+    /// Tag `cgroup` (and so every cgroup below it) with `profile`; replaces an earlier tag. Refused
+    /// ([`CaptureError::DaemonCgroup`]) for the daemon's own cgroup and its ancestors.
     pub fn tag(&mut self, cgroup: &Path, profile: &str) -> Result<(), CaptureError> {
         let tag = encode_profile(profile)?;
-        let id = cgroup_id(&self.resolve(cgroup))?;
+        let path = self.resolve(cgroup);
+        let id = cgroup_id(&path)?;
+        if let Some(daemon) = &self.daemon_cgroup {
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            let daemon_real = std::fs::canonicalize(daemon).unwrap_or_else(|_| daemon.clone());
+            if daemon_real.starts_with(&path) {
+                return Err(CaptureError::DaemonCgroup {
+                    cgroup: path,
+                    daemon: daemon.clone(),
+                });
+            }
+        }
         self.map.insert(id, tag, 0)?;
         Ok(())
     }

@@ -5,41 +5,12 @@
 
 use serde_json::{Map, Value};
 
+use crate::glob::NameGlob;
 use crate::inspect::tool_name;
 use crate::model::Change;
 
-/// A `*`/`?` glob (`*` any run of characters, `?` one character).
-pub(super) fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ti));
-                pi += 1;
-            }
-            Some(&c) if c == '?' || Some(&c) == t.get(ti) => {
-                pi += 1;
-                ti += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    pi = sp + 1;
-                    ti = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p.get(pi..)
-        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
-}
-
-fn matches_any(globs: &[String], names: &[String]) -> bool {
-    names.iter().any(|n| globs.iter().any(|g| glob_match(g, n)))
+fn matches_any(globs: &[NameGlob], names: &[String]) -> bool {
+    names.iter().any(|n| globs.iter().any(|g| g.is_match(n)))
 }
 
 /// The names a tool declaration answers to (its name, plus the server URL for hosted MCP servers).
@@ -53,7 +24,7 @@ fn names_of(tool: &Value) -> Vec<String> {
 
 /// Drop every declared tool whose name matches one of `globs`. Returns the names dropped (for tool_choice
 /// clean-up) and records one change per removed declaration.
-pub(super) fn drop_tools(doc: &mut Value, globs: &[String], changes: &mut Vec<Change>) {
+pub(super) fn drop_tools(doc: &mut Value, globs: &[NameGlob], changes: &mut Vec<Change>) {
     let Some(root) = doc.as_object_mut() else {
         return;
     };
@@ -137,7 +108,7 @@ fn gemini_declarations(tool: &mut Value) -> Option<&mut Vec<Value>> {
 fn drop_from_array(
     root: &mut Map<String, Value>,
     key: &str,
-    globs: &[String],
+    globs: &[NameGlob],
     dropped: &mut Vec<String>,
     changes: &mut Vec<Change>,
     names: impl Fn(&Value) -> Option<Vec<String>>,
@@ -211,20 +182,5 @@ fn clean_references(root: &mut Map<String, Value>, dropped: &[String], changes: 
                 "$.toolConfig.functionCallingConfig.allowedFunctionNames".into(),
             ));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("delete_*", "delete_file"));
-        assert!(glob_match("*", ""));
-        assert!(glob_match("mcp:*", "mcp:https://x/y"));
-        assert!(glob_match("a?c*d", "abcxxd"));
-        assert!(!glob_match("delete_*", "undelete_file"));
-        assert!(!glob_match("a?c", "ac"));
     }
 }

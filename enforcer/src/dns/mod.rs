@@ -1,244 +1,94 @@
 //! The DNS stage: serves the UDP listener (127.0.0.1 and ::1 at `dns.port`) that the kernel programs redirect
-//! tagged processes' DNS datagrams to. It owns DNS wire parsing (by hand: header and one question, nothing else is
-//! trusted or kept), the per-query decision ([`Policy::evaluate`] on an [`Action`] with scheme `dns`), the audit
-//! record (one per query, written before anything leaves the host; a detector hit in the name is redacted as for
-//! every host) and the forwarding of allowed queries to one
-//! upstream resolver. It does not own which names may resolve (policy) nor who sent the query (capture, through an
-//! [`OriginLookup`] keyed by the datagram's source).
+//! tagged processes' DNS datagrams to, and DNS over TCP port 53, which the proxy's accept path hands over
+//! ([`serve_tcp`]). It owns the DNS wire format (`wire`, over hickory-proto: header, one question and an OPT record
+//! are read; nothing else is trusted or kept), the per-query decision ([`Policy::evaluate`] on an [`Action`] with
+//! scheme `dns`), the audit record (one per query, written before anything leaves the host; a detector hit in the
+//! name is redacted as for every host), how a refused name is answered (the policy's `dns.refused_answer`), the
+//! forwarding of allowed queries to one upstream resolver (`upstream`), and the per-agent shares of queries in
+//! flight (`admission`). It does not own which names may resolve (policy) nor who sent the query (capture, through
+//! an [`OriginLookup`] keyed by the datagram's source, or the proxy's for a TCP connection).
 //!
 //! What goes upstream is rebuilt from the parsed question (id, RD/CD flags, the question as sent, and an EDNS OPT
-//! record without options when the client sent one), so no other byte of the client's packet leaves the host.
-//! Blocked queries get REFUSED, malformed ones FORMERR, upstream failures SERVFAIL; responses sent to the listener
-//! and datagrams too short to carry an id are dropped. Bounded: at most `max_in_flight` queries at once (more are
-//! dropped; clients retry) and `timeout` per upstream exchange. Operational logs never carry the queried name.
+//! record without options when the client sent one), so no other byte of the client's message leaves the host.
+//! A refused name is answered locally (NXDOMAIN, REFUSED, or a synthetic answer pointing at a stand-in address the
+//! proxy refuses: [`is_synthetic`], [`stand_in_decision`]), malformed queries get FORMERR, other opcodes NOTIMP,
+//! upstream failures SERVFAIL; responses sent to the listener and messages too short to carry an id are dropped.
+//! A UDP answer larger than the client takes is replaced by a truncated one (TC), and the client's retry over TCP
+//! is forwarded over TCP, so large answers arrive whole. Bounded: each agent (cgroup) has a share of at most
+//! `max_in_flight_per_agent` queries in flight, all agents together `max_in_flight` (UDP datagrams beyond it are
+//! dropped and clients retry; a TCP connection waits), and `timeout` per upstream exchange. Operational logs never
+//! carry the queried name.
+//!
+//! [`Policy::evaluate`]: crate::policy::Policy::evaluate
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+#![forbid(unsafe_code)]
+
+mod admission;
+mod tcp;
+mod upstream;
+mod wire;
+
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{
     Action, Agent, AuditEvent, Decision, Disposition, Mode, OriginLookup, Outcome, Reason,
     RequestSummary, Scheme, Transport, Verdict,
 };
+use crate::policy::{Policy, RefusedAnswer};
+use crate::proxy::ProxyContext;
 
-/// The largest query accepted (a question is at most 255 + 4 bytes; room for an OPT record).
-const MAX_QUERY: usize = 512;
-/// The EDNS UDP payload size offered upstream when the client asked for EDNS (the DNS flag day value).
-const EDNS_PAYLOAD: u16 = 1232;
-/// Receive buffer for upstream answers.
-const MAX_ANSWER: usize = 4096;
+pub use admission::Admission;
+pub use tcp::serve_tcp;
+pub use wire::{
+    answers, bare_answer, error_answer, parse_query, qtype_name, synthetic_answer,
+    truncated_answer, upstream_query, DnsParseError, DnsQuery, QueryType, Rcode, EDNS_PAYLOAD,
+    MAX_QUERY, SYNTHETIC_V4, SYNTHETIC_V6,
+};
 
-const HEADER: usize = 12;
-const QR: u16 = 0x8000;
-const OPCODE_MASK: u16 = 0x7800;
-const RD: u16 = 0x0100;
-const RA: u16 = 0x0080;
-const CD: u16 = 0x0010;
-const TYPE_OPT: u16 = 41;
+/// The DNS port (RFC 1035 §4.2): TCP connections to it are DNS, served by [`serve_tcp`].
+pub const PORT: u16 = 53;
+/// How often, at most, dropped datagrams are reported in the operational log.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(5);
 
-/// Response codes this stage answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rcode {
-    FormErr = 1,
-    ServFail = 2,
-    NotImp = 4,
-    Refused = 5,
-}
-
-/// Why a datagram is not a query this stage serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum DnsParseError {
-    /// Shorter than an id, or a response (QR set): dropped without an answer.
-    #[error("not a DNS query")]
-    NotAQuery,
-    /// A query this stage cannot serve: answered with this code.
-    #[error("malformed or unsupported query ({0:?})")]
-    Answer(Rcode),
-}
-
-/// One parsed query: only what is decided on and what is forwarded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsQuery {
-    pub id: u16,
-    /// The header flags of the query (RD and CD are forwarded).
-    pub flags: u16,
-    /// The queried name in presentation form: lower-case, no trailing dot, `\DDD` escapes for bytes outside
-    /// letters, digits, `-` and `_`; empty for the root.
-    pub name: String,
-    pub qtype: u16,
-    pub qclass: u16,
-    /// The question section as sent (echoed in answers and forwarded, so the case the client chose survives).
-    pub question: Vec<u8>,
-    /// Whether the client sent an EDNS OPT record (then one without options goes upstream).
-    pub edns: bool,
-}
-
-/// Parse one query: a 12-byte header with QR clear, opcode QUERY, exactly one question, no answer or authority
-/// records; the question's name as uncompressed labels (1–63 bytes each, 255 bytes in all). Additional records are
-/// only looked at for an OPT record; nothing else of them is kept.
-pub fn parse_query(packet: &[u8]) -> Result<DnsQuery, DnsParseError> {
-    let formerr = DnsParseError::Answer(Rcode::FormErr);
-    if packet.len() < 2 {
-        return Err(DnsParseError::NotAQuery);
-    }
-    let word = |at: usize| -> Option<u16> {
-        Some(u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]))
-    };
-    let id = word(0).ok_or(DnsParseError::NotAQuery)?;
-    let Some(flags) = word(2) else {
-        return Err(formerr);
-    };
-    if flags & QR != 0 {
-        return Err(DnsParseError::NotAQuery);
-    }
-    if packet.len() < HEADER || packet.len() > MAX_QUERY {
-        return Err(formerr);
-    }
-    if flags & OPCODE_MASK != 0 {
-        return Err(DnsParseError::Answer(Rcode::NotImp));
-    }
-    let (qd, an, ns, ar) = (word(4), word(6), word(8), word(10));
-    if (qd, an, ns) != (Some(1), Some(0), Some(0)) {
-        return Err(formerr);
-    }
-    let mut at = HEADER;
-    let mut labels: Vec<&[u8]> = Vec::new();
-    let mut wire_len = 0usize;
-    loop {
-        let len = usize::from(*packet.get(at).ok_or(formerr)?);
-        at += 1;
-        wire_len += 1 + len;
-        if len == 0 {
-            break;
-        }
-        // Compression pointers (and the reserved 0x40/0x80 label types) have no place in a question.
-        if len > 63 || wire_len > 255 {
-            return Err(formerr);
-        }
-        labels.push(packet.get(at..at + len).ok_or(formerr)?);
-        at += len;
-    }
-    let qtype = word(at).ok_or(formerr)?;
-    let qclass = word(at + 2).ok_or(formerr)?;
-    let question = packet.get(HEADER..at + 4).ok_or(formerr)?.to_vec();
-    at += 4;
-    let edns = ar.unwrap_or(0) > 0 && packet.get(at) == Some(&0) && word(at + 1) == Some(TYPE_OPT);
-    Ok(DnsQuery {
-        id,
-        flags,
-        name: presentation(&labels).to_ascii_lowercase(),
-        qtype,
-        qclass,
-        question,
-        edns,
-    })
-}
-
-fn presentation(labels: &[&[u8]]) -> String {
-    let mut out = String::new();
-    for (i, label) in labels.iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        for &b in *label {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-                out.push(char::from(b));
-            } else {
-                out.push_str(&format!("\\{b:03}"));
-            }
-        }
-    }
-    out
-}
-
-/// The name of a query type as the audit record shows it (`A`, `AAAA`, …, else `TYPE<n>`).
-pub fn qtype_name(qtype: u16) -> String {
-    let known = match qtype {
-        1 => "A",
-        2 => "NS",
-        5 => "CNAME",
-        6 => "SOA",
-        12 => "PTR",
-        13 => "HINFO",
-        15 => "MX",
-        16 => "TXT",
-        28 => "AAAA",
-        33 => "SRV",
-        35 => "NAPTR",
-        43 => "DS",
-        46 => "RRSIG",
-        48 => "DNSKEY",
-        64 => "SVCB",
-        65 => "HTTPS",
-        255 => "ANY",
-        257 => "CAA",
-        _ => return format!("TYPE{qtype}"),
-    };
-    known.to_string()
-}
-
-/// An answer without records: `rcode`, the query's id and RD, the question echoed.
-pub fn error_answer(query: &DnsQuery, rcode: Rcode) -> Vec<u8> {
-    let flags = QR | (query.flags & RD) | RA | rcode as u16;
-    let mut out = Vec::with_capacity(HEADER + query.question.len());
-    for w in [query.id, flags, 1, 0, 0, 0] {
-        out.extend_from_slice(&w.to_be_bytes());
-    }
-    out.extend_from_slice(&query.question);
-    out
-}
-
-/// FORMERR / NOTIMP for a packet that did not parse: its id, no question.
-fn bare_answer(packet: &[u8], rcode: Rcode) -> Option<Vec<u8>> {
-    let id = packet.get(..2)?;
-    let mut out = id.to_vec();
-    out.extend_from_slice(&(QR | rcode as u16).to_be_bytes());
-    out.extend_from_slice(&[0; 8]);
-    Some(out)
-}
-
-/// The query as it goes upstream: rebuilt from the parsed parts only.
-pub fn upstream_query(query: &DnsQuery) -> Vec<u8> {
-    let flags = query.flags & (RD | CD);
-    let mut out = Vec::with_capacity(HEADER + query.question.len() + 11);
-    for w in [query.id, flags, 1, 0, 0, u16::from(query.edns)] {
-        out.extend_from_slice(&w.to_be_bytes());
-    }
-    out.extend_from_slice(&query.question);
-    if query.edns {
-        // Root name, type OPT, class = UDP payload size, TTL 0 (no DO bit), no options.
-        out.push(0);
-        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-        out.extend_from_slice(&EDNS_PAYLOAD.to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    }
-    out
-}
-
-/// Whether `answer` answers `query`: same id, QR set, the same question (case included).
-fn answers(answer: &[u8], query: &DnsQuery) -> bool {
-    answer.len() >= HEADER + query.question.len()
-        && answer[..2] == query.id.to_be_bytes()
-        && answer[2] & 0x80 != 0
-        && answer[4..6] == [0, 1]
-        && answer[HEADER..HEADER + query.question.len()] == query.question[..]
-}
-
-/// Everything the DNS listener shares.
-pub struct DnsContext {
-    /// The proxy's context, for the policy in force and the audit trail (shared with every other request).
-    pub proxy: Arc<crate::proxy::ProxyContext>,
+/// Everything the DNS listener and DNS-over-TCP connections share (the proxy's context, for the policy in force
+/// and the audit trail, is passed beside it).
+pub struct DnsStage {
     /// Who sent a datagram and to which resolver, by its source address.
-    pub origins: Arc<dyn OriginLookup>,
+    origins: Arc<dyn OriginLookup>,
     /// Where allowed queries go; `None` answers them SERVFAIL (and audits a block).
-    pub upstream: Option<SocketAddr>,
-    pub timeout: Duration,
-    pub max_in_flight: usize,
+    upstream: Option<SocketAddr>,
+    timeout: Duration,
+    admission: Admission,
+}
+
+impl DnsStage {
+    /// The stage for `config` (`dns:` in the daemon's configuration), forwarding to `upstream`, learning who sent a
+    /// datagram from `origins`.
+    pub fn new(
+        config: &crate::config::DnsConfig,
+        upstream: Option<SocketAddr>,
+        origins: Arc<dyn OriginLookup>,
+    ) -> DnsStage {
+        DnsStage {
+            origins,
+            upstream,
+            timeout: Duration::from_millis(config.timeout_ms),
+            admission: Admission::new(config.max_in_flight, config.max_in_flight_per_agent),
+        }
+    }
+}
+
+/// How the client asked, which is how the query is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Udp,
+    Tcp,
 }
 
 /// The default upstream: the first usable `nameserver` of a resolv.conf (port 53).
@@ -249,15 +99,21 @@ pub fn resolv_conf_nameserver(path: &Path) -> Option<SocketAddr> {
         (words.next() == Some("nameserver"))
             .then(|| words.next()?.parse::<IpAddr>().ok())
             .flatten()
-            .map(|ip| SocketAddr::new(ip, 53))
+            .map(|ip| SocketAddr::new(ip, PORT))
     })
 }
 
-/// Serve one listener socket until `shutdown` fires.
-pub async fn serve_dns(socket: UdpSocket, ctx: Arc<DnsContext>, shutdown: CancellationToken) {
+/// Serve one listener socket until `shutdown` fires. A datagram is admitted only when its sender's share (and the
+/// total) has a place; otherwise it is dropped, and the drops are reported at most every few seconds.
+pub async fn serve_udp(
+    socket: UdpSocket,
+    ctx: Arc<ProxyContext>,
+    stage: Arc<DnsStage>,
+    shutdown: CancellationToken,
+) {
     let socket = Arc::new(socket);
-    let permits = Arc::new(Semaphore::new(ctx.max_in_flight.max(1)));
     let mut buf = vec![0u8; MAX_QUERY + 1];
+    let (mut dropped, mut reported) = (0u64, Instant::now());
     loop {
         let (len, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -269,16 +125,37 @@ pub async fn serve_dns(socket: UdpSocket, ctx: Arc<DnsContext>, shutdown: Cancel
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(client = %peer, "dns: too many queries in flight; datagram dropped");
+        let origin = stage.origins.lookup(peer);
+        let Some(place) = stage.admission.try_admit(origin.as_ref().map(|o| &o.agent)) else {
+            dropped += 1;
+            if reported.elapsed() >= DROP_REPORT_EVERY {
+                tracing::warn!(
+                    dropped,
+                    "dns: datagrams dropped: their agent's share of queries in flight was in use"
+                );
+                (dropped, reported) = (0, Instant::now());
+            }
             continue;
         };
         let packet = buf[..len].to_vec();
-        let (ctx, socket, shutdown) = (ctx.clone(), socket.clone(), shutdown.clone());
+        let (ctx, stage, socket, shutdown) =
+            (ctx.clone(), stage.clone(), socket.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _place = place;
+            let (agent, resolver) = match origin {
+                Some(o) => (o.agent, Some(o.dst.ip())),
+                None => (Agent::default(), None),
+            };
+            let reply = async {
+                match parse_query(&packet) {
+                    Ok(query) => {
+                        Some(resolve(&ctx, &stage, &query, &agent, resolver, Via::Udp).await)
+                    }
+                    Err(e) => unparsed(&packet, e),
+                }
+            };
             let reply = tokio::select! {
-                reply = answer(&ctx, &packet, peer) => reply,
+                reply = reply => reply,
                 _ = shutdown.cancelled() => None,
             };
             if let Some(reply) = reply {
@@ -290,90 +167,131 @@ pub async fn serve_dns(socket: UdpSocket, ctx: Arc<DnsContext>, shutdown: Cancel
     }
 }
 
-/// Decide, record and (when allowed) forward one datagram; the reply for the client, if any.
-async fn answer(ctx: &DnsContext, packet: &[u8], peer: SocketAddr) -> Option<Vec<u8>> {
-    let query = match parse_query(packet) {
-        Ok(q) => q,
-        Err(DnsParseError::NotAQuery) => return None,
-        Err(DnsParseError::Answer(rcode)) => {
-            tracing::debug!(client = %peer, ?rcode, "dns: query refused unparsed");
-            return bare_answer(packet, rcode);
+/// The reply to a message that is not a query this stage serves: FORMERR / NOTIMP with its id, or nothing (a
+/// response, or too short to carry an id). Answered locally and not recorded: nothing of it leaves the host.
+fn unparsed(packet: &[u8], error: DnsParseError) -> Option<Vec<u8>> {
+    match error {
+        DnsParseError::NotAQuery => None,
+        DnsParseError::Answer(rcode) => {
+            tracing::debug!(?rcode, "dns: query answered unparsed");
+            bare_answer(packet, rcode)
         }
-    };
-    // One snapshot of the policy in force decides and names this query (a reload applies to later queries).
-    let policy = ctx.proxy.policy.current();
-    let origin = ctx.origins.lookup(peer);
-    let (agent, resolver) = match origin {
-        Some(o) => (o.agent, Some(o.dst.ip())),
-        None => (Agent::default(), None),
-    };
-    let action = Action {
-        agent: agent.clone(),
-        transport: Transport {
-            scheme: Scheme::Dns,
-            host: Some(query.name.clone()),
-            ip: resolver,
-            port: 53,
-        },
-        ..Action::default()
-    };
+    }
+}
+
+/// Decide, record and answer one query from `agent` to `resolver`: refused names are answered as the policy says,
+/// allowed ones forwarded (after their record is written) over the transport the client used.
+async fn resolve(
+    ctx: &ProxyContext,
+    stage: &DnsStage,
+    query: &DnsQuery,
+    agent: &Agent,
+    resolver: Option<IpAddr>,
+    via: Via,
+) -> Vec<u8> {
+    // One snapshot of the policy in force decides and answers this query (a reload applies to later queries).
+    let policy = ctx.policy.current();
+    let action = dns_action(agent, &query.name, resolver);
     let summary = RequestSummary {
         scheme: Some(Scheme::Dns),
         // Redacted where a policy detector fires in it, by `ProxyContext::record`.
         host: Some(query.name.clone()),
         ip: resolver,
-        port: 53,
-        method: Some(qtype_name(query.qtype)),
+        port: PORT,
+        method: Some(qtype_name(query.qtype())),
         ..RequestSummary::default()
     };
     let decision = policy.evaluate(&action);
     // Nothing in a query can be rewritten: constrain is carried out as a block, as for raw TCP.
     if decision.mode == Mode::Enforce && decision.verdict >= Verdict::Constrain {
-        record(ctx, decision, agent, summary, Disposition::Blocked, None).await;
-        return Some(error_answer(&query, Rcode::Refused));
+        // Answered locally whether or not the record could be written: nothing leaves the host.
+        record(
+            (ctx, &policy),
+            decision,
+            agent,
+            summary,
+            Disposition::Blocked,
+            None,
+        )
+        .await;
+        return match policy.dns_refused_answer() {
+            RefusedAnswer::Synthetic => synthetic_answer(query),
+            RefusedAnswer::Nxdomain => error_answer(query, Rcode::NXDomain),
+            RefusedAnswer::Refused => error_answer(query, Rcode::Refused),
+        };
     }
-    let Some(upstream) = ctx.upstream else {
-        let d = crate::proxy::proxy_decision(
+    let Some(upstream) = stage.upstream else {
+        let d = crate::proxy::enforcer_decision(
             &policy,
             Reason::UpstreamUnreachable,
             "no DNS upstream configured",
         );
+        let error = Some(Reason::UpstreamUnreachable);
         record(
-            ctx,
+            (ctx, &policy),
             d,
             agent,
             summary,
             Disposition::Blocked,
-            Some(Reason::UpstreamUnreachable),
+            error,
         )
         .await;
-        return Some(error_answer(&query, Rcode::ServFail));
+        return error_answer(query, Rcode::ServFail);
     };
     // Recorded before the query leaves the host; an audit failure means it does not leave.
-    if !record(ctx, decision, agent, summary, Disposition::Forwarded, None).await {
-        return Some(error_answer(&query, Rcode::ServFail));
+    if !record(
+        (ctx, &policy),
+        decision,
+        agent,
+        summary,
+        Disposition::Forwarded,
+        None,
+    )
+    .await
+    {
+        return error_answer(query, Rcode::ServFail);
     }
-    match exchange(upstream, &query, ctx.timeout).await {
-        Ok(reply) => Some(reply),
+    let exchanged = match via {
+        Via::Udp => upstream::udp(upstream, query, stage.timeout).await,
+        Via::Tcp => upstream::tcp(upstream, query, stage.timeout).await,
+    };
+    match exchanged {
+        // The upstream was offered at most the client's size; an answer over it is not passed on whole.
+        Ok(reply) if via == Via::Udp && reply.len() > query.udp_limit() => truncated_answer(query),
+        Ok(reply) => reply,
         Err(e) => {
-            tracing::debug!(upstream = %upstream, error = %e, "dns: upstream exchange failed");
-            Some(error_answer(&query, Rcode::ServFail))
+            tracing::debug!(upstream = %upstream, ?via, error = %e, "dns: upstream exchange failed");
+            error_answer(query, Rcode::ServFail)
         }
+    }
+}
+
+/// A DNS query as the policy sees it: scheme `dns`, host = the name, the resolver the agent named, port 53.
+fn dns_action(agent: &Agent, name: &str, resolver: Option<IpAddr>) -> Action {
+    Action {
+        agent: agent.clone(),
+        transport: Transport {
+            scheme: Scheme::Dns,
+            host: Some(name.to_string()),
+            ip: resolver,
+            port: PORT,
+        },
+        ..Action::default()
     }
 }
 
 /// Write one record; false (and an error log) when the audit trail did not take it.
 async fn record(
-    ctx: &DnsContext,
+    (ctx, policy): (&ProxyContext, &Policy),
     decision: Decision,
-    agent: Agent,
+    agent: &Agent,
     request: RequestSummary,
     disposition: Disposition,
     error: Option<Reason>,
 ) -> bool {
     let event = AuditEvent {
         decision,
-        agent,
+        agent: agent.clone(),
         request,
         outcome: Outcome {
             disposition,
@@ -381,7 +299,7 @@ async fn record(
             error,
         },
     };
-    match ctx.proxy.record(event).await {
+    match ctx.record(policy, event).await {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(error = %e, "audit write failed for a DNS query");
@@ -390,136 +308,50 @@ async fn record(
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum ExchangeError {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("no answer in time")]
-    Timeout,
+/// Whether `ip` is one of the stand-in addresses synthetic answers point at ([`SYNTHETIC_V4`], [`SYNTHETIC_V6`];
+/// IPv4-mapped IPv6 counts as IPv4).
+pub fn is_synthetic(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4 == SYNTHETIC_V4,
+        IpAddr::V6(v6) => v6 == SYNTHETIC_V6,
+    }
 }
 
-/// Send the rebuilt query to `upstream` from a fresh socket and wait for the datagram that answers it.
-async fn exchange(
-    upstream: SocketAddr,
-    query: &DnsQuery,
-    timeout: Duration,
-) -> Result<Vec<u8>, ExchangeError> {
-    let local: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await?;
-    socket.connect(upstream).await?;
-    socket.send(&upstream_query(query)).await?;
-    let mut buf = vec![0u8; MAX_ANSWER];
-    tokio::time::timeout(timeout, async {
-        loop {
-            let n = socket.recv(&mut buf).await?;
-            if answers(&buf[..n], query) {
-                return Ok(buf[..n].to_vec());
-            }
+/// The decision for a request or connection whose destination is a stand-in address ([`is_synthetic`]): it is
+/// never forwarded, as nothing is there. `decision` is the request's own: kept when it is an enforced block (its
+/// rule and message). Otherwise the DNS decision for `host` (the SNI or Host the client named) decides when it
+/// refuses the name, so the client sees the rule that refused it; else (no host, or the name resolves again after
+/// a policy change) the proxy blocks with a message saying to resolve the name again.
+pub fn stand_in_decision(
+    policy: &Policy,
+    agent: &Agent,
+    host: Option<&str>,
+    decision: Decision,
+) -> Decision {
+    let enforced_block = |d: &Decision| d.mode == Mode::Enforce && d.verdict >= Verdict::Constrain;
+    if enforced_block(&decision) && decision.verdict == Verdict::Block {
+        return decision;
+    }
+    if let Some(host) = host {
+        let dns = policy.evaluate(&dns_action(agent, host, None));
+        if enforced_block(&dns) {
+            return Decision {
+                verdict: Verdict::Block,
+                rewrites: Vec::new(),
+                ..dns
+            };
         }
-    })
-    .await
-    .map_err(|_| ExchangeError::Timeout)?
+    }
+    crate::proxy::enforcer_decision(
+        policy,
+        Reason::UpstreamUnreachable,
+        "this address stands in for a name the DNS policy refused; nothing is there (resolve the name again)",
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A query for `name` (dot-separated, no trailing dot) of `qtype`, RD set, optionally with an OPT record.
-    pub fn query_bytes(id: u16, name: &str, qtype: u16, edns: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        for w in [id, RD, 1, 0, 0, u16::from(edns)] {
-            out.extend_from_slice(&w.to_be_bytes());
-        }
-        for label in name.split('.').filter(|l| !l.is_empty()) {
-            out.push(label.len() as u8);
-            out.extend_from_slice(label.as_bytes());
-        }
-        out.push(0);
-        out.extend_from_slice(&qtype.to_be_bytes());
-        out.extend_from_slice(&1u16.to_be_bytes());
-        if edns {
-            out.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef]);
-        }
-        out
-    }
-
-    #[test]
-    fn parses_a_query_and_normalises_the_name() {
-        let q = parse_query(&query_bytes(0x1234, "API.Example.COM", 28, false)).unwrap();
-        assert_eq!(q.id, 0x1234);
-        assert_eq!(q.name, "api.example.com");
-        assert_eq!(qtype_name(q.qtype), "AAAA");
-        assert!(!q.edns);
-        let root = parse_query(&query_bytes(1, "", 2, false)).unwrap();
-        assert_eq!(root.name, "");
-        let odd = {
-            let mut p = query_bytes(1, "ab", 1, false);
-            p[13] = b'.';
-            p
-        };
-        assert_eq!(parse_query(&odd).unwrap().name, "\\046b");
-    }
-
-    #[test]
-    fn refuses_malformed_queries() {
-        let formerr = Err(DnsParseError::Answer(Rcode::FormErr));
-        let good = query_bytes(7, "a.test", 1, false);
-        assert_eq!(parse_query(&good[..11]), formerr);
-        assert_eq!(parse_query(&good[..good.len() - 1]), formerr);
-        let mut two = good.clone();
-        two[5] = 2;
-        assert_eq!(parse_query(&two), formerr);
-        let mut pointer = good.clone();
-        pointer[12] = 0xc0;
-        assert_eq!(parse_query(&pointer), formerr);
-        let long = query_bytes(7, &"a".repeat(64), 1, false);
-        assert_eq!(parse_query(&long), formerr);
-        let name = vec!["a".repeat(63); 4].join(".");
-        assert_eq!(parse_query(&query_bytes(7, &name, 1, false)), formerr);
-        let mut response = good.clone();
-        response[2] |= 0x80;
-        assert_eq!(parse_query(&response), Err(DnsParseError::NotAQuery));
-        assert_eq!(parse_query(&[1]), Err(DnsParseError::NotAQuery));
-        let mut notify = good;
-        notify[2] |= 0x20;
-        assert_eq!(
-            parse_query(&notify),
-            Err(DnsParseError::Answer(Rcode::NotImp))
-        );
-    }
-
-    #[test]
-    fn refused_answer_echoes_id_and_question() {
-        let packet = query_bytes(0xbeef, "x.exfil.test", 1, true);
-        let q = parse_query(&packet).unwrap();
-        let a = error_answer(&q, Rcode::Refused);
-        assert_eq!(&a[..2], &[0xbe, 0xef]);
-        assert_eq!(a[3] & 0x0f, 5);
-        assert!(answers(&a, &q));
-    }
-
-    #[test]
-    fn upstream_gets_the_question_and_a_bare_opt_only() {
-        let packet = query_bytes(9, "a.test", 1, true);
-        let q = parse_query(&packet).unwrap();
-        assert!(q.edns);
-        let up = upstream_query(&q);
-        assert!(
-            !up.windows(4).any(|w| w == [0xde, 0xad, 0xbe, 0xef]),
-            "EDNS option data is not forwarded"
-        );
-        let again = parse_query(&up).unwrap();
-        assert_eq!(
-            (again.id, again.question, again.edns),
-            (9, q.question.clone(), true)
-        );
-        let plain = upstream_query(&parse_query(&query_bytes(9, "a.test", 1, false)).unwrap());
-        assert_eq!(&plain[10..12], &[0, 0]);
-    }
 
     #[test]
     fn resolv_conf_first_nameserver() {
@@ -535,5 +367,73 @@ mod tests {
             Some(SocketAddr::from(([10, 0, 0, 53], 53)))
         );
         assert_eq!(resolv_conf_nameserver(&dir.path().join("none")), None);
+    }
+
+    #[test]
+    fn stand_in_addresses() {
+        assert!(is_synthetic(IpAddr::V4(SYNTHETIC_V4)));
+        assert!(is_synthetic(IpAddr::V6(SYNTHETIC_V4.to_ipv6_mapped())));
+        assert!(is_synthetic(IpAddr::V6(SYNTHETIC_V6)));
+        assert!(!is_synthetic("192.0.2.7".parse().unwrap()));
+        assert!(!is_synthetic("2001:db8::2".parse().unwrap()));
+    }
+
+    fn policy(src: &str) -> Policy {
+        Policy::from_yaml(src, "test.yaml").expect("policy compiles")
+    }
+
+    #[test]
+    fn a_stand_in_destination_is_never_forwarded() {
+        let p = policy(
+            r#"version: 1
+default: block
+rules:
+  - id: http-ok
+    when: { host: "*.test" }
+    verdict: allow
+  - id: dns-no
+    when: { scheme: dns, host: "x.test" }
+    verdict: block
+    message: x.test does not resolve
+  - id: hard-no
+    when: { host: "y.test" }
+    verdict: block
+    message: y.test is blocked
+"#,
+        );
+        let agent = Agent::default();
+        let request = |host: &str| {
+            let mut a = dns_action(&agent, host, Some(IpAddr::V4(SYNTHETIC_V4)));
+            a.transport.scheme = Scheme::Https;
+            a.transport.port = 443;
+            p.evaluate(&a)
+        };
+        // The request's own block stands.
+        let d = stand_in_decision(&p, &agent, Some("y.test"), request("y.test"));
+        assert_eq!(
+            (d.verdict, d.deciding_rule.as_deref(), d.message.as_deref()),
+            (Verdict::Block, Some("hard-no"), Some("y.test is blocked"))
+        );
+        // Allowed as a request, refused as a name: the DNS rule decides, with its message.
+        let allowed = request("x.test");
+        assert_eq!(allowed.verdict, Verdict::Allow);
+        let d = stand_in_decision(&p, &agent, Some("x.test"), allowed);
+        assert_eq!(
+            (d.verdict, d.deciding_rule.as_deref(), d.message.as_deref()),
+            (
+                Verdict::Block,
+                Some("dns-no"),
+                Some("x.test does not resolve")
+            )
+        );
+        // A name that resolves (now), or no name at all: the proxy's own block.
+        for host in [Some("ok.test"), None] {
+            let d = stand_in_decision(&p, &agent, host, request("ok.test"));
+            assert_eq!(
+                (d.verdict, d.reason),
+                (Verdict::Block, Reason::UpstreamUnreachable)
+            );
+            assert_eq!(d.mode, Mode::Enforce);
+        }
     }
 }

@@ -73,6 +73,60 @@ pub fn block_batch_response(protocol: &Protocol, decisions: &[Decision]) -> Bloc
     }
 }
 
+/// The answer when the enforcer refuses a request itself (not a policy block): a malformed or unreadable request,
+/// an upstream that failed. Requests the client got wrong (4xx) are answered in the protocol's own error shape, so
+/// SDKs and MCP clients report them as what they are: the provider's `invalid_request_error` (Gemini
+/// `INVALID_ARGUMENT`) with `x-should-retry: false`, or a JSON-RPC error (-32700 for an unparseable body) with a null id (JSON-RPC 2.0 specification §5.1). Anything else gets the enforcer's JSON error
+/// `{"error":{"type":"enforcer_error","reason":…,"message":…}}`. `message` never carries request data.
+pub fn refusal_response(
+    protocol: &Protocol,
+    status: u16,
+    reason: crate::model::Reason,
+    message: &str,
+) -> BlockResponse {
+    let client_error = (400..500).contains(&status);
+    match protocol {
+        Protocol::Provider(provider) | Protocol::Llm { provider, .. } if client_error => {
+            let body = match provider {
+                Provider::OpenAi => json!({
+                    "error": {"message": message, "type": "invalid_request_error", "param": null,
+                              "code": reason}
+                }),
+                Provider::Anthropic => json!({
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": message},
+                }),
+                Provider::Gemini => json!({
+                    "error": {"code": status, "message": message, "status": "INVALID_ARGUMENT"}
+                }),
+            };
+            json_response(status, &[("x-should-retry", "false")], &body)
+        }
+        Protocol::Mcp { .. } if client_error => {
+            let code = match reason {
+                crate::model::Reason::Unparseable => JSONRPC_PARSE_ERROR,
+                _ => JSONRPC_INVALID_REQUEST,
+            };
+            let body = json!({
+                "jsonrpc": "2.0",
+                "id": null,
+                "error": {"code": code, "message": message, "data": {"reason": reason}},
+            });
+            json_response(status, &[], &body)
+        }
+        _ => json_response(
+            status,
+            &[],
+            &json!({"error": {"type": "enforcer_error", "reason": reason, "message": message}}),
+        ),
+    }
+}
+
+/// JSON-RPC 2.0 §5.1: invalid JSON was received.
+const JSONRPC_PARSE_ERROR: i64 = -32700;
+/// JSON-RPC 2.0 §5.1: the JSON sent is not a valid request object.
+const JSONRPC_INVALID_REQUEST: i64 = -32600;
+
 /// The human-readable text of a block: the policy's message and the deciding rule, nothing from the request.
 pub fn block_message(decision: &Decision) -> String {
     let message = decision.message.as_deref().unwrap_or("blocked by policy");

@@ -1,6 +1,7 @@
 //! Request body decoding: undoes `Content-Encoding` (gzip, deflate as zlib or raw, br, zstd, and stacks of them) so
 //! inspection sees what the upstream will see, with every decoding stage capped at the inspection limit so a
-//! compression bomb stops at the limit instead of filling memory.
+//! compression bomb stops at the limit instead of filling memory. A body with anything after the end of a coding's
+//! stream is corrupt: inspection sees exactly the bytes that are forwarded.
 
 use std::io::Read;
 
@@ -55,27 +56,37 @@ pub fn decode_body(encoding: Option<&str>, body: Bytes, limit: u64) -> Result<By
     for coding in codings.into_iter().rev() {
         current = match coding {
             Coding::Identity => current,
-            Coding::Gzip => read_capped(
-                flate2::read::MultiGzDecoder::new(&current[..]),
-                coding,
-                limit,
-            )?,
-            Coding::Deflate => {
-                if looks_like_zlib(&current) {
-                    read_capped(flate2::read::ZlibDecoder::new(&current[..]), coding, limit)?
-                } else {
-                    read_capped(
-                        flate2::read::DeflateDecoder::new(&current[..]),
-                        coding,
-                        limit,
-                    )?
-                }
+            Coding::Gzip => {
+                let mut decoder = flate2::bufread::MultiGzDecoder::new(&current[..]);
+                let out = read_capped(&mut decoder, coding, limit)?;
+                whole(decoder.into_inner(), coding)?;
+                out
             }
-            Coding::Brotli => read_capped(
-                brotli_decompressor::Decompressor::new(&current[..], 64 * 1024),
-                coding,
-                limit,
-            )?,
+            Coding::Deflate if looks_like_zlib(&current) => {
+                let mut decoder = flate2::bufread::ZlibDecoder::new(&current[..]);
+                let out = read_capped(&mut decoder, coding, limit)?;
+                whole(decoder.into_inner(), coding)?;
+                out
+            }
+            Coding::Deflate => {
+                let mut decoder = flate2::bufread::DeflateDecoder::new(&current[..]);
+                let out = read_capped(&mut decoder, coding, limit)?;
+                whole(decoder.into_inner(), coding)?;
+                out
+            }
+            Coding::Brotli => {
+                let mut decoder = brotli_decompressor::Decompressor::new(&current[..], 64 * 1024);
+                let out = read_capped(&mut decoder, coding, limit)?;
+                // Once the stream has ended, one more read fails if input is left in the decoder's buffer.
+                let buffered_rest = decoder.read(&mut [0u8; 1]).map_or(true, |n| n != 0);
+                if buffered_rest {
+                    return Err(InspectError::Corrupt {
+                        encoding: coding.name(),
+                    });
+                }
+                whole(decoder.into_inner(), coding)?;
+                out
+            }
             Coding::Zstd => decode_zstd(&current, limit)?,
         };
     }
@@ -130,6 +141,18 @@ fn looks_like_zlib(data: &[u8]) -> bool {
     match data {
         [cmf, flg, ..] => cmf & 0x0f == 8 && (u16::from(*cmf) << 8 | u16::from(*flg)) % 31 == 0,
         _ => false,
+    }
+}
+
+/// The input a decoder left unread once its stream ended must be empty: bytes after the end of a compressed stream
+/// would be forwarded without ever being inspected.
+fn whole(rest: &[u8], coding: Coding) -> Result<(), InspectError> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(InspectError::Corrupt {
+            encoding: coding.name(),
+        })
     }
 }
 

@@ -3,6 +3,8 @@
 //! `Action` (one Action per JSON-RPC batch element), and shapes block answers in each protocol's own language.
 //! Pure functions over plain data; no I/O. It does not decide anything (policy) and does not rewrite (constrain).
 
+#![forbid(unsafe_code)]
+
 mod block;
 mod decode;
 mod llm;
@@ -13,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::model::Action;
 
 pub use block::{
-    block_batch_response, block_message, block_response, BlockResponse, MCP_POLICY_ERROR_CODE,
+    block_batch_response, block_message, block_response, refusal_response, BlockResponse,
+    MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, decode_body};
 pub(crate) use llm::tool_name;
@@ -148,7 +151,7 @@ impl Default for InspectConfig {
 impl InspectConfig {
     /// The provider serving `host` (optionally on `port`), if any.
     pub fn provider_for(&self, host: &str, port: u16) -> Option<Provider> {
-        let host = normalise_host(host);
+        let host = crate::host::normalise(host);
         let matches = |entry: &str| host_matches(entry, &host, port);
         if let Some(o) = self.provider_overrides.iter().find(|o| matches(&o.host)) {
             return Some(o.provider);
@@ -164,33 +167,12 @@ impl InspectConfig {
     }
 }
 
-fn normalise_host(host: &str) -> String {
-    host.trim().trim_end_matches('.').to_ascii_lowercase()
-}
-
 /// `entry` is `host`, `host:port`, `[v6]` or `[v6]:port`.
 fn host_matches(entry: &str, host: &str, port: u16) -> bool {
-    let entry = normalise_host(entry);
-    let (entry_host, entry_port) = split_host_port(&entry);
+    let entry = crate::host::normalise(entry);
+    let (entry_host, entry_port) = crate::host::split_host_port(&entry);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     entry_host == host && entry_port.is_none_or(|p| p == port)
-}
-
-fn split_host_port(entry: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = entry.strip_prefix('[') {
-        return match rest.split_once(']') {
-            Some((h, tail)) => (h, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
-            None => (rest, None),
-        };
-    }
-    match entry.rsplit_once(':') {
-        // One colon: host:port. More than one: a bare IPv6 address.
-        Some((h, p)) if !h.contains(':') => match p.parse() {
-            Ok(port) => (h, Some(port)),
-            Err(_) => (entry, None),
-        },
-        _ => (entry, None),
-    }
 }
 
 /// Classify the request in `action.http` and return the Actions to decide. A recognised LLM call whose body is not
@@ -212,7 +194,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         .host
         .as_deref()
         .or_else(|| http.headers.get("host"))
-        .map(|h| strip_port(h).to_string());
+        .map(|h| crate::host::authority_host(h).to_string());
     let provider = host
         .as_deref()
         .and_then(|h| cfg.provider_for(h, action.transport.port));
@@ -243,6 +225,13 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         if http.json.is_none() && !http.body.trim().is_empty() && mcp::marked(&http.headers) {
             return Err(InspectError::BadJson { protocol: "MCP" });
         }
+    }
+    // A body that says it is JSON and does not parse is refused, never decided as something else: servers parse
+    // more leniently (NaN, Infinity, 1e400, deeper nesting) and could read a JSON-RPC call the policy never saw.
+    if http.json.is_none() && claims_json(http.content_type.as_deref(), &http.body) {
+        return Err(InspectError::BadJson { protocol: "JSON" });
+    }
+    if http.method.eq_ignore_ascii_case("POST") {
         if let Some(json) = http.json.as_ref() {
             if let Some(elements) = mcp::parse(json) {
                 let session = mcp::session_id(&http.headers, &http.query);
@@ -272,6 +261,50 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         protocol,
         actions: vec![action],
     })
+}
+
+/// Whether a body claims to be JSON: by its media type (`*/json`, `*/*+json`) or by its shape (its first
+/// non-whitespace character opens an object or an array).
+pub fn claims_json(content_type: Option<&str>, body: &str) -> bool {
+    let by_type = content_type.is_some_and(|ct| {
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        ct.ends_with("/json") || ct.ends_with("+json")
+    });
+    let trimmed = body.trim_start();
+    !trimmed.is_empty() && (by_type || trimmed.starts_with(['{', '[']))
+}
+
+/// The protocol a request speaks as far as its answer's shape is concerned, when it could not be classified (its
+/// body did not parse): an LLM endpoint or another request to a provider's host gets the provider's error shape, a
+/// request carrying MCP headers or JSON-RPC text gets a JSON-RPC error, anything else the enforcer's own.
+pub fn claimed_protocol(action: &Action, cfg: &InspectConfig) -> Protocol {
+    let Some(http) = action.http.as_ref() else {
+        return Protocol::Http;
+    };
+    let provider = action
+        .transport
+        .host
+        .as_deref()
+        .and_then(|h| cfg.provider_for(h, action.transport.port));
+    if let Some(provider) = provider {
+        let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+        return match llm::endpoint(provider, &http.method, &path) {
+            Some(api) => Protocol::Llm { provider, api },
+            None => Protocol::Provider(provider),
+        };
+    }
+    if mcp::marked(&http.headers) || http.body.contains("\"jsonrpc\"") {
+        return Protocol::Mcp {
+            batch: http.body.trim_start().starts_with('['),
+            messages: Vec::new(),
+        };
+    }
+    Protocol::Http
 }
 
 /// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:
@@ -311,23 +344,12 @@ fn policy_path(raw: &str, canonical: &str) -> String {
     path
 }
 
-/// `Host` header value without its port.
-fn strip_port(host: &str) -> &str {
-    let (h, _) = split_host_port(host);
-    h
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn host_and_port_forms() {
-        assert_eq!(split_host_port("api.openai.com"), ("api.openai.com", None));
-        assert_eq!(split_host_port("127.0.0.1:8443"), ("127.0.0.1", Some(8443)));
-        assert_eq!(split_host_port("[fd77::2]:443"), ("fd77::2", Some(443)));
-        assert_eq!(split_host_port("[fd77::2]"), ("fd77::2", None));
-        assert_eq!(split_host_port("fd77::2"), ("fd77::2", None));
         assert!(host_matches("[FD77::2]:443", "fd77::2", 443));
         assert!(!host_matches("[fd77::2]:443", "fd77::2", 80));
         assert!(host_matches("api.openai.com.", "api.openai.com", 1));

@@ -22,9 +22,10 @@ pub enum PolicyCommand {
     /// Decide one action (JSON) and explain the decision.
     Eval {
         file: PathBuf,
-        /// The Action as JSON (the model::Action shape).
-        #[arg(long)]
-        action: PathBuf,
+        /// The Action (the model::Action shape, as in a cases file's `action:`): inline JSON (`'{"host": ...}'`), a
+        /// path to a JSON file, or `-` to read it from standard input.
+        #[arg(long, value_name = "JSON|FILE|-")]
+        action: String,
         /// Print the decision as JSON instead of an explanation.
         #[arg(long)]
         json: bool,
@@ -97,7 +98,35 @@ fn test(file: &Path, cases_path: &Path) -> ExitCode {
     }
 }
 
-fn eval(file: &Path, action_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+/// Where `--action` came from, for error messages.
+fn action_source(arg: &str) -> String {
+    match arg {
+        "-" => "standard input".to_string(),
+        a if looks_inline(a) => "--action".to_string(),
+        path => path.to_string(),
+    }
+}
+
+/// Inline JSON starts with `{` (an Action is an object); anything else is a path.
+fn looks_inline(arg: &str) -> bool {
+    arg.trim_start().starts_with('{')
+}
+
+/// The text of `--action`: itself when it is inline JSON, standard input for `-`, else the file it names.
+fn read_action(arg: &str) -> anyhow::Result<String> {
+    if arg == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading the action from standard input")?;
+        Ok(text)
+    } else if looks_inline(arg) {
+        Ok(arg.to_string())
+    } else {
+        std::fs::read_to_string(arg).with_context(|| format!("reading {arg}"))
+    }
+}
+
+fn eval(file: &Path, action_arg: &str, json: bool) -> anyhow::Result<ExitCode> {
     let policy = match Policy::load(file) {
         Ok(p) => p,
         Err(e) => {
@@ -105,10 +134,9 @@ fn eval(file: &Path, action_path: &Path, json: bool) -> anyhow::Result<ExitCode>
             return Ok(ExitCode::FAILURE);
         }
     };
-    let text = std::fs::read_to_string(action_path)
-        .with_context(|| format!("reading {}", action_path.display()))?;
+    let text = read_action(action_arg)?;
     let mut action: Action = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid Action", action_path.display()))?;
+        .with_context(|| format!("{} is not a valid Action", action_source(action_arg)))?;
     cases::normalize(&mut action);
     let decision = policy.evaluate(&action);
     if json {
@@ -169,9 +197,17 @@ pub fn explain(policy: &Policy, d: &Decision) -> String {
                 Rewrite::JsonSet { path, value } => format!("set {path} = {value}"),
                 Rewrite::JsonRemove { path } => format!("remove {path}"),
                 Rewrite::JsonCap { path, max } => format!("cap {path} at {max}"),
-                Rewrite::HeaderSet { name, value } => format!("set header {name}: {value}"),
+                Rewrite::HeaderSet { name, value } => {
+                    format!(
+                        "set header {name}: {}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    )
+                }
                 Rewrite::HeaderRemove { name } => format!("remove header {name}"),
-                Rewrite::DropTools { globs } => format!("drop tools {}", globs.join(", ")),
+                Rewrite::DropTools { globs } => {
+                    let globs: Vec<&str> = globs.iter().map(|g| g.as_str()).collect();
+                    format!("drop tools {}", globs.join(", "))
+                }
             };
             let _ = writeln!(s, "  - {what} (rule {})", p.rule);
         }

@@ -9,10 +9,10 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::detect::Detectors;
-use super::glob::Glob;
-use super::jsonpath::JsonPath;
 use super::yaml::{Kind, Loc, Node};
 use crate::encoding;
+use crate::glob::Glob;
+use crate::jsonpath::JsonPath;
 use crate::model::{Action, Scheme};
 
 /// A compile failure at one node (turned into a `PolicyError` with the file name by the caller), with the
@@ -44,6 +44,7 @@ pub const CONDITION_KEYS: &[&str] = &[
     "scheme",
     "method",
     "path",
+    "upgrade",
     "query.<name>",
     "header.<name>",
     "body.size",
@@ -74,6 +75,7 @@ pub enum Cond {
     Scheme(Vec<Scheme>),
     Method(Vec<String>),
     Path(Vec<Glob>),
+    Upgrade(Vec<Glob>),
     Query(String, StrTest),
     Header(String, StrTest),
     BodySize { gt: Option<u64>, lt: Option<u64> },
@@ -165,6 +167,7 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
             Cond::Profile(globs)
         }
         "exe" => Cond::Exe(globs(v, Glob::plain)?),
+        "upgrade" => Cond::Upgrade(globs(v, |s| Glob::plain(&s.to_ascii_lowercase()))?),
         "uid" => Cond::Uid(ints(v, "a uid")?),
         "host" => Cond::Host(globs(v, Glob::host)?),
         "port" => Cond::Port(ints(v, "a port number (1-65535)")?),
@@ -307,7 +310,7 @@ pub fn strings(v: &Node) -> CResult<Vec<(Loc, String)>> {
     }
 }
 
-fn globs(v: &Node, f: impl Fn(&str) -> Result<Glob, super::glob::GlobError>) -> CResult<Vec<Glob>> {
+fn globs(v: &Node, f: impl Fn(&str) -> Result<Glob, crate::glob::GlobError>) -> CResult<Vec<Glob>> {
     strings(v)?
         .into_iter()
         .map(|(loc, s)| f(&s).or_else(|e| fault(loc, format!("bad glob `{s}`: {e}"))))
@@ -490,7 +493,7 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     pub fn new(action: &'a Action, detectors: &'a Detectors) -> Ctx<'a> {
-        let host = action.transport.host.as_deref().map(normalize_host);
+        let host = action.transport.host.as_deref().map(crate::host::normalise);
         Ctx {
             action,
             host,
@@ -555,15 +558,6 @@ impl<'a> Ctx<'a> {
     }
 }
 
-pub fn normalize_host(h: &str) -> Cow<'_, str> {
-    let h = h.strip_suffix('.').unwrap_or(h);
-    if h.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(h.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(h)
-    }
-}
-
 fn any_glob(globs: &[Glob], s: Option<&str>) -> bool {
     s.is_some_and(|s| globs.iter().any(|g| g.is_match(s)))
 }
@@ -588,6 +582,11 @@ impl Cond {
             Cond::Path(g) => http.is_some_and(|h| {
                 let path = h.path.split('?').next().unwrap_or("");
                 g.iter().any(|g| g.is_match(path))
+            }),
+            Cond::Upgrade(g) => http.is_some_and(|h| {
+                h.upgrade
+                    .as_deref()
+                    .is_some_and(|tokens| tokens.split(',').any(|t| any_glob(g, Some(t.trim()))))
             }),
             Cond::Query(name, t) => http.is_some_and(|h| t.eval(h.query.get_all(name))),
             Cond::Header(name, t) => http.is_some_and(|h| t.eval(h.headers.get_all(name))),

@@ -13,12 +13,61 @@
 //! Rules that name `dns` are left out of steps 2 and 3: they already had their say in step 1. Only top-level
 //! conditions are looked at; a `host:` nested under `any`/`all`/`not` counts as no host condition (the name
 //! resolves, and the request itself is still decided in full later).
+//!
+//! How a refused name is answered is the policy's too: the top-level `dns: { refused_answer: ... }` key
+//! ([`RefusedAnswer`]), compiled here.
 
 use std::time::Instant;
 
-use super::glob::Glob;
-use super::{cond::Ctx, Policy, Rule};
+use super::cond::{fault, CResult, Ctx};
+use super::yaml::Node;
+use super::{fields, Policy, Rule};
+use crate::glob::Glob;
 use crate::model::{Action, Decision, Reason, Scheme, Verdict};
+
+/// How the DNS stage answers a query the policy refuses (`dns: { refused_answer: ... }`). The name is never sent
+/// upstream, whichever is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefusedAnswer {
+    /// A and AAAA are answered with a stand-in address (`enforcer::dns::SYNTHETIC_V4` / `SYNTHETIC_V6`), other
+    /// types with no records (NODATA). A tagged agent's connection to it reaches the proxy, which refuses it with
+    /// the deciding rule's message (HTTP 403 for HTTP and HTTPS) and forwards nothing. The default: the agent (and
+    /// the model behind it) sees why, and nothing retries.
+    #[default]
+    Synthetic,
+    /// NXDOMAIN: the name does not exist. Final (resolvers do not retry), but the client only learns that the name
+    /// did not resolve.
+    Nxdomain,
+    /// REFUSED: resolvers treat it as a temporary failure and retry (glibc asks again; many clients back off and
+    /// retry for seconds).
+    Refused,
+}
+
+/// The policy's `dns:` settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct DnsSettings {
+    pub refused_answer: RefusedAnswer,
+}
+
+/// Compile the top-level `dns:` mapping.
+pub(super) fn compile_settings(node: &Node) -> CResult<DnsSettings> {
+    let f = fields(node, &["refused_answer"], "`dns`")?;
+    let refused_answer = match f.get("refused_answer") {
+        None => RefusedAnswer::default(),
+        Some((_, v)) => match v.scalar_text().as_deref() {
+            Some("synthetic") => RefusedAnswer::Synthetic,
+            Some("nxdomain") => RefusedAnswer::Nxdomain,
+            Some("refused") => RefusedAnswer::Refused,
+            _ => {
+                return fault(
+                    v.loc,
+                    "unknown refused_answer, expected synthetic, nxdomain or refused",
+                )
+            }
+        },
+    };
+    Ok(DnsSettings { refused_answer })
+}
 
 impl Policy {
     /// Decide a DNS query (scheme `dns`); see the module documentation.
@@ -212,6 +261,35 @@ mod tests {
             )
         );
         assert_eq!(decide(&p, "example.com").0, Verdict::Allow);
+    }
+
+    #[test]
+    fn refused_answer_is_set_per_policy_and_defaults_to_synthetic() {
+        use crate::policy::RefusedAnswer;
+        let base = "version: 1\ndefault: block\n";
+        let p = Policy::from_yaml(base, "t.yaml").unwrap();
+        assert_eq!(p.dns_refused_answer(), RefusedAnswer::Synthetic);
+        for (text, want) in [
+            ("nxdomain", RefusedAnswer::Nxdomain),
+            ("refused", RefusedAnswer::Refused),
+            ("synthetic", RefusedAnswer::Synthetic),
+        ] {
+            let src = format!("{base}dns: {{ refused_answer: {text} }}\n");
+            let p = Policy::from_yaml(&src, "t.yaml").unwrap();
+            assert_eq!(p.dns_refused_answer(), want);
+        }
+        let err = Policy::from_yaml(&format!("{base}dns:\n  refused_answer: drop\n"), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("t.yaml:4:19:")
+                && err.contains("expected synthetic, nxdomain or refused"),
+            "{err}"
+        );
+        let err = Policy::from_yaml(&format!("{base}dns: {{ answer: nxdomain }}\n"), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key `answer` in `dns`"), "{err}");
     }
 
     #[test]

@@ -10,13 +10,13 @@
 //! their own short procedure in `dns.rs`. [`SharedPolicy`] holds the policy in force so the daemon can replace it
 //! while it runs.
 
+#![forbid(unsafe_code)]
+
 pub mod cases;
 pub mod cli;
 mod cond;
 pub mod detect;
 mod dns;
-mod glob;
-pub mod jsonpath;
 mod ratelimit;
 mod shared;
 mod yaml;
@@ -29,8 +29,11 @@ use std::time::Instant;
 use cond::{fault, CResult, Cond, Ctx, Fault, Scope};
 use yaml::{Kind, Loc, Node};
 
-use crate::model::{Action, Decision, Mode, PlannedRewrite, Reason, Rewrite, Verdict};
+use crate::model::{
+    Action, Decided, Decision, Mode, PlannedRewrite, Reason, Relay, Rewrite, Verdict,
+};
 
+pub use dns::RefusedAnswer;
 pub use shared::SharedPolicy;
 pub use yaml::MAX_SOURCE_BYTES;
 
@@ -41,6 +44,10 @@ pub const DEFAULT_REDACTION_MARKER: &str = "[REDACTED:{detector}]";
 
 /// The client-facing message of the default block when the policy does not set `default_message`.
 pub const DEFAULT_BLOCK_MESSAGE: &str = "blocked by policy: no rule allows this request";
+
+/// The message of a constrain rule carried out as a block on an Action with nothing to rewrite.
+pub const UNREWRITABLE_MESSAGE: &str =
+    "blocked by policy: a constrain rule matched, and this connection has nothing it could rewrite";
 
 /// The client-facing message of a rate-limited rule without its own `message`.
 pub const RATE_LIMIT_MESSAGE: &str = "rate limit exceeded";
@@ -170,6 +177,7 @@ struct Rule {
     message: Option<String>,
     rewrites: Vec<Rewrite>,
     rate_limit: Option<ratelimit::RateLimit>,
+    relay: Relay,
 }
 
 /// A loaded, compiled policy. Cheap to share behind an `Arc`.
@@ -184,6 +192,8 @@ pub struct Policy {
     detectors: detect::Detectors,
     profiles: Vec<String>,
     rules: Vec<Rule>,
+    /// The `dns:` settings (how refused names are answered).
+    dns: dns::DnsSettings,
     /// Rule indices (ascending) per exact lower-case host.
     by_host: HashMap<String, Vec<usize>>,
     /// Rules without an exact-host condition (ascending): checked for every action.
@@ -215,6 +225,54 @@ impl Policy {
     /// Decide one action.
     pub fn evaluate(&self, action: &Action) -> Decision {
         self.evaluate_at(action, Instant::now())
+    }
+
+    /// Decide everything one exchange asks for: each Action on its own, then the most restrictive decision wins
+    /// (the first among equals, and an enforced decision over a shadow one with the same verdict). The winner
+    /// carries every rule any Action matched and, when it is constrain, every constrain rewrite of every Action, each
+    /// once, in order. No Actions decide like one empty Action (the default).
+    pub fn decide_all(&self, actions: &[Action]) -> Decided {
+        let now = Instant::now();
+        let each: Vec<Decision> = actions.iter().map(|a| self.evaluate_at(a, now)).collect();
+        let mut index = 0;
+        for (i, d) in each.iter().enumerate().skip(1) {
+            let b = &each[index];
+            if d.verdict > b.verdict
+                || (d.verdict == b.verdict && d.mode == Mode::Enforce && b.mode == Mode::Shadow)
+            {
+                index = i;
+            }
+        }
+        let Some(winner) = each.get(index) else {
+            let decision = self.evaluate_at(&Action::default(), now);
+            return Decided {
+                decision: decision.clone(),
+                index: 0,
+                each: vec![decision],
+            };
+        };
+        let mut decision = winner.clone();
+        decision.matched_rules.clear();
+        decision.rewrites.clear();
+        for d in &each {
+            for m in &d.matched_rules {
+                if !decision.matched_rules.contains(m) {
+                    decision.matched_rules.push(m.clone());
+                }
+            }
+            if decision.verdict == Verdict::Constrain && d.verdict == Verdict::Constrain {
+                for r in &d.rewrites {
+                    if !decision.rewrites.contains(r) {
+                        decision.rewrites.push(r.clone());
+                    }
+                }
+            }
+        }
+        Decided {
+            decision,
+            index,
+            each,
+        }
     }
 
     /// Decide one action as of `now` (rate limits refill against this clock; tests and cases advance it).
@@ -318,6 +376,13 @@ impl Policy {
         decision.reason = Reason::Rule;
         decision.deciding_rule = deciding.map(|r| r.id.clone());
         decision.message = deciding.and_then(|r| r.message.clone());
+        if verdict == Verdict::Constrain && action.http.is_none() {
+            // Raw TCP (and anything else without an HTTP part) has nothing a rewrite could change.
+            decision.verdict = Verdict::Block;
+            decision.reason = Reason::Unrewritable;
+            decision.message = Some(UNREWRITABLE_MESSAGE.to_owned());
+            return decision;
+        }
         if verdict == Verdict::Constrain {
             decision.rewrites = rules
                 .iter()
@@ -331,6 +396,16 @@ impl Policy {
                 .collect();
         }
         decision
+    }
+
+    /// How a connection the upstream agreed to upgrade may be relayed under `decision`: as its deciding rule's
+    /// `relay:` says (`inspect` unless the rule says `opaque`); the default decision always inspects.
+    pub fn relay(&self, decision: &Decision) -> Relay {
+        decision
+            .deciding_rule
+            .as_deref()
+            .and_then(|id| self.rules.iter().find(|r| r.id == id))
+            .map_or(Relay::Inspect, |r| r.relay)
     }
 
     /// Hex SHA-256 of the policy source.
@@ -355,6 +430,11 @@ impl Policy {
     /// The verdict when no rule matches.
     pub fn default_verdict(&self) -> Verdict {
         self.default
+    }
+
+    /// How the DNS stage answers a query this policy refuses (`dns.refused_answer`).
+    pub fn dns_refused_answer(&self) -> RefusedAnswer {
+        self.dns.refused_answer
     }
 
     /// Built-in and policy-defined detectors, for redaction.
@@ -394,6 +474,7 @@ const TOP_KEYS: &[&str] = &[
     "redaction_marker",
     "profiles",
     "detectors",
+    "dns",
     "rules",
 ];
 const RULE_KEYS: &[&str] = &[
@@ -404,6 +485,7 @@ const RULE_KEYS: &[&str] = &[
     "message",
     "constrain",
     "rate_limit",
+    "relay",
 ];
 const CONSTRAIN_KEYS: &[&str] = &[
     "redact",
@@ -596,6 +678,12 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         }
     }
 
+    let dns = top
+        .get("dns")
+        .map(|(_, v)| dns::compile_settings(v))
+        .transpose()?
+        .unwrap_or_default();
+
     let scope = Scope {
         detectors: &detectors,
         profiles: &profiles,
@@ -665,6 +753,7 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         detectors,
         profiles,
         rules,
+        dns,
         by_host,
         unindexed,
         limiter: ratelimit::Limiter::default(),
@@ -717,6 +806,20 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         .get("rate_limit")
         .map(|(_, r)| compile_rate_limit(r))
         .transpose()?;
+    let relay = match f.get("relay") {
+        None => Relay::Inspect,
+        Some((_, r)) => match (r.scalar_text().as_deref(), verdict) {
+            (Some("inspect"), _) => Relay::Inspect,
+            (Some("opaque"), Verdict::Allow | Verdict::Log) => Relay::Opaque,
+            (Some("opaque"), _) => {
+                return fault(
+                    r.loc,
+                    format!("{what} relays opaque but its verdict is not allow or log: only a rule that lets a connection through can let it through unread"),
+                )
+            }
+            _ => return fault(r.loc, "unknown relay, expected inspect or opaque"),
+        },
+    };
     Ok(Rule {
         id,
         description,
@@ -725,6 +828,7 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         message,
         rewrites,
         rate_limit,
+        relay,
     })
 }
 
@@ -767,22 +871,22 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
             }
             "json_set" => {
                 for (loc, path, value) in pairs(v)? {
-                    cond::json_path(loc, &path)?;
                     out.push(Rewrite::JsonSet {
-                        path,
+                        path: cond::json_path(loc, &path)?,
                         value: value.to_json(),
                     });
                 }
             }
             "json_remove" => {
                 for (loc, path) in cond::strings(v)? {
-                    cond::json_path(loc, &path)?;
-                    out.push(Rewrite::JsonRemove { path });
+                    out.push(Rewrite::JsonRemove {
+                        path: cond::json_path(loc, &path)?,
+                    });
                 }
             }
             "json_cap" => {
                 for (loc, path, value) in pairs(v)? {
-                    cond::json_path(loc, &path)?;
+                    let path = cond::json_path(loc, &path)?;
                     let max = match value.kind {
                         Kind::Int(i) => i as f64,
                         Kind::Float(f) => f,
@@ -799,12 +903,15 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
             "header_set" => {
                 for (loc, name, value) in pairs(v)? {
                     let name = header_name(loc, &name)?;
-                    let Some(value) = value.scalar_text() else {
+                    let Some(text) = value.scalar_text() else {
                         return fault(value.loc, "expected a header value string");
                     };
-                    if value.chars().any(|c| c.is_control()) {
-                        return fault(loc, "header values cannot contain control characters");
-                    }
+                    let Ok(value) = http::HeaderValue::from_str(&text) else {
+                        return fault(
+                            loc,
+                            "header values must be visible ASCII, spaces and tabs (RFC 9110 §5.5)",
+                        );
+                    };
                     out.push(Rewrite::HeaderSet { name, value });
                 }
             }
@@ -818,9 +925,9 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
             "drop_tools" => {
                 let mut globs = Vec::new();
                 for (loc, g) in cond::strings(v)? {
-                    glob::Glob::plain(&g)
+                    let glob = crate::glob::NameGlob::new(&g)
                         .or_else(|e| fault(loc, format!("bad glob `{g}`: {e}")))?;
-                    globs.push(g);
+                    globs.push(glob);
                 }
                 out.push(Rewrite::DropTools { globs });
             }
@@ -847,16 +954,10 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
     Ok(out)
 }
 
-fn header_name(loc: Loc, name: &str) -> CResult<String> {
-    let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if ok {
-        Ok(name.to_ascii_lowercase())
-    } else {
-        fault(loc, format!("`{name}` is not a valid header name"))
-    }
+fn header_name(loc: Loc, name: &str) -> CResult<http::HeaderName> {
+    // RFC 9110 §5.1: a token; stored lower-cased, as HTTP/2 sends it.
+    http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+        .or_else(|_| fault(loc, format!("`{name}` is not a valid header name")))
 }
 
 fn compile_rate_limit(node: &Node) -> CResult<ratelimit::RateLimit> {

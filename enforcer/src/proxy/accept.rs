@@ -1,7 +1,6 @@
 //! The accept path shared by both modes: sniff the first bytes of a connection whose original destination is known,
-//! then hand it to TLS termination, the plain-HTTP server, or the destination-only TCP relay.
+//! then hand it to TLS termination, the plain-HTTP server, or the destination-only TCP relay (`tunnel`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +11,8 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::http::{self, Conn};
 use super::io::Prefixed;
 use super::tls::{server_config, Hello, H2};
-use super::{tunnel, ProxyContext};
-use crate::model::{Agent, Reason, RequestSummary, Scheme};
+use super::{tunnel, ProxyContext, Target};
+use crate::model::{Reason, RequestSummary, Scheme};
 
 /// How long a client may stay silent before the connection is treated as a server-speaks-first TCP protocol.
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(800);
@@ -21,16 +20,6 @@ const SNIFF_TIMEOUT: Duration = Duration::from_millis(800);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes the sniffer needs at most to decide.
 const SNIFF_MAX: usize = 16;
-
-/// Where an accepted connection was really going, and on whose behalf.
-#[derive(Debug, Clone)]
-pub(crate) struct Target {
-    pub dst: SocketAddr,
-    pub agent: Agent,
-    /// The host name the client named (explicit CONNECT), when known before any byte is read. The daemon resolved
-    /// it to `dst` itself, so it is bound to `dst`; transparent connections have none.
-    pub host_hint: Option<String>,
-}
 
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +72,14 @@ pub(crate) async fn handle<S>(ctx: Arc<ProxyContext>, mut io: S, target: Target)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Port 53 is DNS over TCP: every query on it is decided by the DNS stage, nothing passes as raw TCP.
+    if let Some(dns) = ctx
+        .dns
+        .clone()
+        .filter(|_| target.dst.port() == crate::dns::PORT)
+    {
+        return crate::dns::serve_tcp(ctx, dns, io, target.dst, target.agent).await;
+    }
     let mut buf = BytesMut::with_capacity(SNIFF_MAX);
     let kind = loop {
         if let Some(kind) = sniff(&buf) {
@@ -148,12 +145,17 @@ where
             port: target.dst.port(),
             ..RequestSummary::default()
         };
-        let decision = super::proxy_decision(
-            &ctx.policy.current(),
-            Reason::BadRequest,
-            "the TLS client offered no ALPN protocol the proxy can inspect (h2, http/1.1)",
-        );
-        super::record_block(&ctx, decision, &target.agent, summary, None).await;
+        let message =
+            "the TLS client offered no ALPN protocol the proxy can inspect (h2, http/1.1)";
+        let policy = ctx.policy.current();
+        ctx.record_refusal(
+            &policy,
+            &target.agent,
+            summary,
+            (Reason::BadRequest, None),
+            message,
+        )
+        .await;
         return;
     }
     let name = hello
@@ -179,10 +181,12 @@ where
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "TLS handshake with the agent failed");
+            super::tls::record_agent_handshake_failure(&ctx, &target, hello.sni, Some(&e)).await;
             return;
         }
         Err(_) => {
             tracing::debug!(dst = %target.dst, "TLS handshake with the agent timed out");
+            super::tls::record_agent_handshake_failure(&ctx, &target, hello.sni, None).await;
             return;
         }
     };

@@ -1,7 +1,8 @@
-//! The enforcer's certificate authority: creates or loads the CA (ECDSA P-256) in the state directory, writes the
-//! bundle clients trust (system roots + the CA), and mints leaf certificates for intercepted hosts. All leaves share
-//! one leaf key (never the CA key); each host's leaf is minted once and cached, with concurrent first requests for
-//! the same host waiting on the same mint (single-flight).
+//! The enforcer's certificate authority: creates or loads the CA (ECDSA P-256) in a private directory (0700, key
+//! 0600), publishes what clients must read (the CA certificate and a bundle of system roots + the CA, 0644 in a 0755
+//! directory, whatever the daemon's umask), and mints leaf certificates for intercepted hosts. All leaves share one
+//! leaf key (never the CA key); each host's leaf is minted once and cached, with concurrent first requests for the
+//! same host waiting on the same mint (single-flight).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,10 +19,15 @@ use rustls::sign::{CertifiedKey, SigningKey};
 use time::{Duration, OffsetDateTime};
 use tokio::sync::OnceCell;
 
-/// File names inside the CA directory.
+/// File names inside the CA directory (private) and the public directory.
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
 const BUNDLE: &str = "bundle.pem";
+/// Modes: the CA directory and key are root's alone; what agents read is readable by everyone.
+const PRIVATE_DIR_MODE: u32 = 0o700;
+const PRIVATE_FILE_MODE: u32 = 0o600;
+const PUBLIC_DIR_MODE: u32 = 0o755;
+const PUBLIC_FILE_MODE: u32 = 0o644;
 /// The system trust store that goes into the bundle when present.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Leaves cached before the cache is emptied (bounds memory against clients inventing host names).
@@ -69,11 +75,14 @@ impl std::fmt::Debug for CertAuthority {
 }
 
 impl CertAuthority {
-    /// Load the CA from `dir` (`ca.pem`, `ca.key`), creating it (key readable by root only) when absent.
+    /// Load the CA from `dir` (`ca.pem`, `ca.key`), creating it when absent. `dir` is made 0700 and the key 0600
+    /// (also when they already existed with wider modes), so only the daemon's user can read the key.
     pub fn load_or_create(dir: &Path) -> Result<CertAuthority, CaError> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
+        ensure_dir(dir, PRIVATE_DIR_MODE)?;
         if cert_path.exists() && key_path.exists() {
+            set_mode(&key_path, PRIVATE_FILE_MODE)?;
             let cert_pem = read(&cert_path)?;
             let key_pem = read(&key_path)?;
             let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Cert {
@@ -87,7 +96,6 @@ impl CertAuthority {
                 })?;
             return Self::with_issuer(cert_pem, issuer);
         }
-        std::fs::create_dir_all(dir).map_err(|source| io_err(dir, source))?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -105,9 +113,8 @@ impl CertAuthority {
         params.not_after = now + Duration::days(3650);
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        std::fs::write(&cert_path, cert_pem.as_bytes())
-            .map_err(|source| io_err(&cert_path, source))?;
+        write_file(&key_path, key.serialize_pem().as_bytes(), PRIVATE_FILE_MODE)?;
+        write_file(&cert_path, cert_pem.as_bytes(), PUBLIC_FILE_MODE)?;
         Self::with_issuer(cert_pem, Issuer::new(params, key))
     }
 
@@ -132,9 +139,11 @@ impl CertAuthority {
         &self.cert_pem
     }
 
-    /// Write `<dir>/bundle.pem`: the system roots (when the system store exists) followed by the CA. Returns its path.
-    pub fn write_bundle(&self, dir: &Path) -> Result<PathBuf, CaError> {
-        std::fs::create_dir_all(dir).map_err(|source| io_err(dir, source))?;
+    /// Publish what clients read into `dir` (made 0755): `ca.pem`, the CA certificate, and `bundle.pem`, the system
+    /// roots (`/etc/ssl/certs/ca-certificates.crt`, when present) followed by the CA. Both are 0644 whatever the
+    /// umask, and replaced atomically (a client never reads half a file).
+    pub fn write_public(&self, dir: &Path) -> Result<PublicFiles, CaError> {
+        ensure_dir(dir, PUBLIC_DIR_MODE)?;
         let mut bundle = match std::fs::read_to_string(SYSTEM_ROOTS) {
             Ok(roots) => roots,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -144,16 +153,18 @@ impl CertAuthority {
             bundle.push('\n');
         }
         bundle.push_str(&self.cert_pem);
-        let path = dir.join(BUNDLE);
-        let tmp = dir.join(format!(".{BUNDLE}.tmp"));
-        std::fs::write(&tmp, bundle.as_bytes()).map_err(|source| io_err(&tmp, source))?;
-        std::fs::rename(&tmp, &path).map_err(|source| io_err(&path, source))?;
-        Ok(path)
+        let files = PublicFiles {
+            ca_cert: dir.join(CA_CERT),
+            bundle: dir.join(BUNDLE),
+        };
+        replace_file(&files.ca_cert, self.cert_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+        replace_file(&files.bundle, bundle.as_bytes(), PUBLIC_FILE_MODE)?;
+        Ok(files)
     }
 
     /// The leaf for `host` (a DNS name or an IP literal), minted on first use and cached.
     pub async fn leaf(&self, host: &str) -> Result<Arc<CertifiedKey>, CaError> {
-        let host = normalise_host(host);
+        let host = crate::host::normalise(host).into_owned();
         let cell = {
             let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
             if leaves.len() >= LEAF_CACHE_MAX && !leaves.contains_key(&host) {
@@ -194,6 +205,15 @@ impl CertAuthority {
     }
 }
 
+/// The world-readable files [`CertAuthority::write_public`] wrote.
+#[derive(Debug, Clone)]
+pub struct PublicFiles {
+    /// The CA certificate alone (PEM), for clients that add it to roots of their own (`NODE_EXTRA_CA_CERTS`).
+    pub ca_cert: PathBuf,
+    /// System roots + the CA (PEM), for clients that replace their roots with a file (`SSL_CERT_FILE`, ...).
+    pub bundle: PathBuf,
+}
+
 /// The DER of the CA certificate, for the chain sent with each leaf.
 fn ca_der(pem: &str) -> Option<CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
@@ -201,10 +221,6 @@ fn ca_der(pem: &str) -> Option<CertificateDer<'static>> {
 }
 
 /// Lower-case and strip a trailing dot so `Example.COM.` and `example.com` share one leaf.
-pub(crate) fn normalise_host(host: &str) -> String {
-    host.trim_end_matches('.').to_ascii_lowercase()
-}
-
 /// The one crypto provider the proxy uses.
 pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -221,17 +237,48 @@ fn io_err(path: &Path, source: std::io::Error) -> CaError {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+/// Create `dir` (and its parents) if needed, then give it `mode` (also when it existed: an older install may have
+/// left it wider or narrower).
+pub(crate) fn ensure_dir(dir: &Path, mode: u32) -> Result<(), CaError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|source| io_err(dir, source))?;
+    set_mode(dir, mode)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|source| io_err(path, source))
+}
+
+/// Write `bytes` to a new file at `path` with exactly `mode` (the umask does not narrow or widen it).
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .map_err(|source| io_err(path, source))?;
-    f.write_all(bytes).map_err(|source| io_err(path, source))
+    f.write_all(bytes).map_err(|source| io_err(path, source))?;
+    set_mode(path, mode)
+}
+
+/// [`write_file`] to a temporary name beside `path`, then rename over it.
+fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    write_file(&tmp, bytes, mode)?;
+    std::fs::rename(&tmp, path).map_err(|source| io_err(path, source))
 }
 
 #[cfg(test)]
@@ -245,8 +292,13 @@ mod tests {
         let b = CertAuthority::load_or_create(dir.path()).unwrap();
         assert_eq!(a.cert_pem(), b.cert_pem());
         assert!(a.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
-        let bundle = std::fs::read_to_string(a.write_bundle(dir.path()).unwrap()).unwrap();
+        let public = a.write_public(&dir.path().join("public")).unwrap();
+        let bundle = std::fs::read_to_string(&public.bundle).unwrap();
         assert!(bundle.ends_with(a.cert_pem()));
+        assert_eq!(
+            std::fs::read_to_string(&public.ca_cert).unwrap(),
+            a.cert_pem()
+        );
     }
 
     #[tokio::test]

@@ -12,9 +12,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::accept::{self, Target};
-use super::http::{self, error_response, full, Conn, ProxyBody};
-use super::{HostBinder, ProxyContext};
+use super::accept;
+use super::http::{full, Conn, ProxyBody};
+use super::refusal::error_response;
+use super::{exchange, HostBinder, ProxyContext, Target};
 use crate::model::{Agent, Reason, RequestSummary, Scheme};
 
 pub(crate) async fn serve_client(ctx: Arc<ProxyContext>, stream: TcpStream, agent: Agent) {
@@ -57,7 +58,7 @@ async fn explicit_request(
             "use CONNECT for https:// through the explicit proxy",
         );
     }
-    let host = super::ca::normalise_host(authority.host().trim_matches(['[', ']']));
+    let host = crate::host::normalise(authority.host().trim_matches(['[', ']'])).into_owned();
     let default_port = if connect { 443 } else { 80 };
     let port = authority.port_u16().unwrap_or(default_port);
     let Some(dst) = resolve(&ctx.hosts, &host, port).await else {
@@ -69,9 +70,10 @@ async fn explicit_request(
             ..RequestSummary::default()
         };
         let message = "the destination could not be resolved";
-        let decision =
-            super::proxy_decision(&ctx.policy.current(), Reason::UpstreamUnreachable, message);
-        super::record_block(&ctx, decision, &agent, summary, Some(502)).await;
+        let policy = ctx.policy.current();
+        let refusal = (Reason::UpstreamUnreachable, Some(502));
+        ctx.record_refusal(&policy, &agent, summary, refusal, message)
+            .await;
         return error_response(
             StatusCode::BAD_GATEWAY,
             Reason::UpstreamUnreachable,
@@ -101,7 +103,7 @@ async fn explicit_request(
         agent,
         upstream: Default::default(),
     };
-    http::handle_request(&ctx, &conn, req).await
+    exchange::handle(&ctx, &conn, req).await
 }
 
 /// Resolve a CONNECT or absolute-form target once (an IP literal, a `proxy.static_hosts` pin, else DNS); the

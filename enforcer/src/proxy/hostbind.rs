@@ -64,7 +64,7 @@ impl HostBinder {
             .iter()
             .map(|(name, ips)| {
                 (
-                    super::ca::normalise_host(name),
+                    crate::host::normalise(name).into_owned(),
                     ips.iter().map(|ip| ip.to_canonical()).collect(),
                 )
             })

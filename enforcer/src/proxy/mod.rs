@@ -1,41 +1,57 @@
 //! The proxy: accepts redirected (transparent) and explicit-proxy connections, terminates TLS with leaves minted
-//! by the enforcer CA, turns each request into an `Action`, has it decided and audited, then forwards it upstream
-//! (verifying the real certificate) or answers with a block. Owns sockets, TLS and HTTP framing; knows nothing of
-//! how decisions are made (policy), how requests are classified or rewritten (inspect, constrain) or how records
-//! are stored (audit).
+//! by the enforcer CA, and takes every HTTP exchange through its ordered phases ([`exchange`]): the request is turned
+//! into Actions, decided by the policy, carried out (blocked, rewritten or forwarded to the verified upstream) and
+//! recorded once. Owns sockets, TLS and HTTP framing; knows nothing of how decisions are made (policy), how requests
+//! are classified or rewritten (inspect, constrain) or how records are stored (audit).
 //!
-//! A connection's path: [`serve_transparent`] / [`serve_explicit`] → `accept` (original destination, sniff) →
-//! `tls` (leaf, ALPN) or plain HTTP or `tunnel` (TCP) → `http` (the per-request pipeline; for plain HTTP the
-//! `hostbind` check that the claimed Host lives at the original destination) → `upstream`. DNS datagrams redirected
-//! by the kernel take their own short path through [`crate::dns`].
+//! A connection's path: [`serve`] (one accept loop; the [`Listen`] mode says how the target is learned) →
+//! `accept` (sniff) → `tls` (leaf, ALPN) or plain HTTP or `tunnel` (raw TCP, decided on the destination) → `http`
+//! (the hyper server) → `exchange` for each request. The request phases, in order, each a module of its own:
+//! `head` (authority, SNI and destination binding) → `body` (read and decode) → `classify` (the Actions) → the
+//! policy's decision → `enforce` (block or constrain) → `forward` (connect, record, send) → `answer` (the response
+//! phases). `record` keeps the exchange's one audit record, `refusal` the one error type every phase returns.
+//! DNS datagrams redirected by the kernel take their own short path through [`crate::dns`], and so do connections to
+//! port 53 (DNS over TCP).
+
+#![forbid(unsafe_code)]
 
 mod accept;
+mod answer;
+mod body;
 mod ca;
+mod classify;
+mod enforce;
+mod exchange;
 mod explicit;
+mod forward;
+mod head;
 mod hostbind;
 mod http;
 mod io;
 mod limits;
+mod record;
+mod refusal;
 mod tls;
 mod tunnel;
 mod upstream;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Subcommand;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
-pub use ca::{CaError, CertAuthority};
+pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::UpstreamError;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditError, AuditLog};
 use crate::inspect::InspectConfig;
 use crate::model::{
     Agent, AuditEvent, Decision, Disposition, Mode, OriginLookup, Outcome, Reason, RequestSummary,
@@ -45,7 +61,7 @@ use crate::policy::{Policy, SharedPolicy};
 
 /// Everything the connections share.
 pub struct ProxyContext {
-    /// The policy in force; each request decides under the snapshot it took when it started.
+    /// The policy in force; each exchange decides, scrubs and records under the snapshot it took when it started.
     pub policy: SharedPolicy,
     pub audit: AuditLog,
     pub ca: Arc<CertAuthority>,
@@ -54,29 +70,91 @@ pub struct ProxyContext {
     pub inspect: InspectConfig,
     /// Binds a plain-HTTP `Host` to the original destination (transparent mode; see `hostbind`).
     pub hosts: HostBinder,
+    /// The DNS stage, which serves connections to port 53 (DNS over TCP); `None`: they are decided as raw TCP.
+    pub dns: Option<Arc<crate::dns::DnsStage>>,
 }
 
 impl ProxyContext {
-    /// Write `event` to the audit trail (durably; the caller acts only on success). The host and path are the
-    /// agent's words and can carry a secret: where a policy detector fires in one, the record shows it redacted.
-    pub(crate) async fn record(
-        &self,
-        mut event: AuditEvent,
-    ) -> Result<u64, crate::audit::AuditError> {
+    /// Write `event` to the audit trail, durably, under `policy` (the snapshot the event was decided under). The
+    /// host and path are the agent's words and can carry a secret: where one of that policy's detectors fires in
+    /// one, the record shows it redacted.
+    pub async fn record(&self, policy: &Policy, mut event: AuditEvent) -> Result<u64, AuditError> {
         let request = &mut event.request;
         crate::constrain::scrub_for_record(
-            &self.policy.current(),
+            policy,
             [&mut request.host, &mut request.path].into_iter().flatten(),
         );
-        self.audit.record(event).await
+        crate::metrics::global().audited(&self.audit, event).await
+    }
+
+    /// Record a refusal the proxy decided itself, outside an HTTP exchange (a connection without an origin, a TLS
+    /// client offering nothing inspectable); a failing audit write is logged, the connection is refused either way.
+    pub(crate) async fn record_refusal(
+        &self,
+        policy: &Policy,
+        agent: &Agent,
+        request: RequestSummary,
+        (reason, status): (Reason, Option<u16>),
+        message: &str,
+    ) {
+        let event = AuditEvent {
+            decision: enforcer_decision(policy, reason, message),
+            agent: agent.clone(),
+            request,
+            outcome: Outcome {
+                disposition: Disposition::Blocked,
+                status,
+                error: Some(reason),
+            },
+        };
+        if let Err(e) = self.record(policy, event).await {
+            tracing::error!(error = %e, "audit write failed for a refusal");
+        }
     }
 }
 
-/// Serve redirected connections: each client's original destination and agent come from `ctx.origins`. A client
-/// without a recorded origin is closed (and audited as a TCP block), never forwarded. Returns once `shutdown` fires.
-pub async fn serve_transparent(
+/// A block the enforcer decides itself (malformed input, failed checks), not the policy: no rule, under `policy`'s
+/// hash.
+pub(crate) fn enforcer_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
+    Decision {
+        verdict: Verdict::Block,
+        deciding_rule: None,
+        matched_rules: Vec::new(),
+        reason,
+        message: Some(message.to_string()),
+        rewrites: Vec::new(),
+        mode: Mode::Enforce,
+        policy_hash: policy.hash().to_string(),
+    }
+}
+
+/// Where an accepted connection was really going, and on whose behalf.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub dst: SocketAddr,
+    pub agent: Agent,
+    /// The host name the client named (explicit CONNECT), when known before any byte is read. The daemon resolved
+    /// it to `dst` itself, so it is bound to `dst`; transparent connections have none.
+    pub host_hint: Option<String>,
+}
+
+/// How a listener learns where its clients were going.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// Connections redirected by the kernel: each client's original destination and agent come from the origin
+    /// lookup; a client without a recorded origin is closed (and audited as a refusal), never forwarded.
+    Transparent,
+    /// An explicit proxy (HTTP CONNECT and absolute-form requests): the client names its target; every client gets
+    /// this profile.
+    Explicit { profile: String },
+}
+
+/// Serve `listener` until `shutdown` fires: one task per client connection, at most `proxy.max_connections` at
+/// once over every listener (more wait in the kernel's backlog).
+pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ProxyContext>,
+    mode: Listen,
     shutdown: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
@@ -96,119 +174,87 @@ pub async fn serve_transparent(
                 }
             },
         };
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
+        let _ = stream.set_nodelay(true);
+        let (ctx, mode, shutdown) = (ctx.clone(), mode.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = stream.set_nodelay(true);
-            let origin = ctx.origins.lookup(peer);
-            let Some(origin) = origin.filter(|o| Some(o.dst) != local) else {
-                tracing::info!(client = %peer, "connection without a recorded original destination: closed");
-                let summary = RequestSummary {
-                    scheme: Some(Scheme::Tcp),
-                    ..RequestSummary::default()
-                };
-                let decision = proxy_decision(
-                    &ctx.policy.current(),
-                    Reason::BadRequest,
-                    "the connection has no recorded original destination",
-                );
-                record_block(&ctx, decision, &Agent::default(), summary, None).await;
-                return;
-            };
-            let target = accept::Target {
-                dst: origin.dst,
-                agent: origin.agent,
-                host_hint: None,
-            };
+            let _open = crate::metrics::global().connection_opened();
             tokio::select! {
-                _ = accept::handle(ctx, stream, target) => {}
+                _ = client(ctx, stream, peer, local, mode) => {}
                 _ = shutdown.cancelled() => {}
             }
         });
     }
 }
 
-/// Serve the explicit proxy (HTTP CONNECT and absolute-form requests); every client gets `profile`.
+/// One accepted client, by listener mode.
+async fn client(
+    ctx: Arc<ProxyContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    mode: Listen,
+) {
+    match mode {
+        Listen::Explicit { profile } => {
+            tracing::debug!(client = %peer, "explicit proxy client");
+            let agent = Agent {
+                profile: Some(profile),
+                ..Agent::default()
+            };
+            explicit::serve_client(ctx, stream, agent).await;
+        }
+        Listen::Transparent => {
+            let origin = ctx.origins.lookup(peer);
+            let Some(origin) = origin.as_ref().filter(|o| Some(o.dst) != local).cloned() else {
+                // A tagged connect straight to the proxy is recorded with the proxy as its destination: refused
+                // like one without any, with its agent named.
+                let agent = origin.map(|o| o.agent).unwrap_or_default();
+                tracing::info!(client = %peer, "connection without a recorded original destination: closed");
+                crate::metrics::global().connection_refused();
+                let summary = RequestSummary {
+                    scheme: Some(Scheme::Tcp),
+                    ..RequestSummary::default()
+                };
+                let policy = ctx.policy.current();
+                let message = "the connection has no recorded original destination";
+                ctx.record_refusal(
+                    &policy,
+                    &agent,
+                    summary,
+                    (Reason::BadRequest, None),
+                    message,
+                )
+                .await;
+                return;
+            };
+            let target = Target {
+                dst: origin.dst,
+                agent: origin.agent,
+                host_hint: None,
+            };
+            accept::handle(ctx, stream, target).await;
+        }
+    }
+}
+
+/// [`serve`] for connections redirected by the kernel.
+pub async fn serve_transparent(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    shutdown: CancellationToken,
+) {
+    serve(listener, ctx, Listen::Transparent, shutdown).await;
+}
+
+/// [`serve`] as an explicit proxy whose clients all get `profile`.
 pub async fn serve_explicit(
     listener: TcpListener,
     ctx: Arc<ProxyContext>,
     profile: String,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            slot = limits::connection_slot() => slot,
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        tracing::debug!(client = %peer, "explicit proxy client");
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        let agent = Agent {
-            profile: Some(profile.clone()),
-            ..Agent::default()
-        };
-        tokio::spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                _ = explicit::serve_client(ctx, stream, agent) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
-}
-
-/// A block the proxy decides itself (protocol errors, upstream failures), under the current policy's hash.
-pub(crate) fn proxy_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
-    Decision {
-        verdict: Verdict::Block,
-        deciding_rule: None,
-        matched_rules: Vec::new(),
-        reason,
-        message: Some(message.to_string()),
-        rewrites: Vec::new(),
-        mode: Mode::Enforce,
-        policy_hash: policy.hash().to_string(),
-    }
-}
-
-/// Record a block; a failing audit write is logged (the request is refused either way).
-pub(crate) async fn record_block(
-    ctx: &ProxyContext,
-    decision: Decision,
-    agent: &Agent,
-    request: RequestSummary,
-    status: Option<u16>,
-) {
-    let error = match decision.reason {
-        Reason::Rule | Reason::Default | Reason::RateLimited => None,
-        other => Some(other),
-    };
-    let event = AuditEvent {
-        decision,
-        agent: agent.clone(),
-        request,
-        outcome: Outcome {
-            disposition: Disposition::Blocked,
-            status,
-            error,
-        },
-    };
-    if let Err(e) = ctx.record(event).await {
-        tracing::error!(error = %e, "audit write failed for a block");
-    }
+    serve(listener, ctx, Listen::Explicit { profile }, shutdown).await;
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,7 @@
 //! TLS on both sides of the proxy: the per-connection server configuration presented to the agent (the minted leaf,
-//! ALPN chosen from the client's offer) and the client configuration used upstream (webpki roots plus the extra
-//! roots the daemon config names), both on the one aws-lc-rs provider.
+//! ALPN chosen from the client's offer), the record left when an agent's client refuses that certificate, and the
+//! client configuration used upstream (the host's trust store, or the bundled Mozilla roots when configured, plus
+//! the extra roots the daemon config names), all on the one aws-lc-rs provider.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +13,9 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::ca::crypto_provider;
+use super::{ProxyContext, Target};
+use crate::config::UpstreamRoots;
+use crate::model::{Reason, RequestSummary, Scheme};
 
 pub(crate) const H2: &[u8] = b"h2";
 pub(crate) const HTTP11: &[u8] = b"http/1.1";
@@ -28,6 +32,11 @@ pub enum TlsSetupError {
     Pem { path: String, detail: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error(
+        "the system trust store has no usable certificate ({detail}); install the CA certificates \
+         (Debian: ca-certificates), point SSL_CERT_FILE at a PEM bundle, or set proxy.upstream_roots: bundled"
+    )]
+    NoSystemRoots { detail: String },
 }
 
 /// The upstream TLS client configurations: one offering `h2, http/1.1` (for agents that spoke h2) and one offering
@@ -39,10 +48,45 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    /// Trust the webpki roots plus every certificate in the `extra_roots` PEM files.
-    pub fn new(extra_roots: &[impl AsRef<Path>]) -> Result<UpstreamTls, TlsSetupError> {
+    /// Trust `source` (the host's store, or the bundled Mozilla roots) plus every certificate in the `extra_roots`
+    /// PEM files.
+    ///
+    /// The system store is what OpenSSL would use (rustls-native-certs, through openssl-probe: on Debian
+    /// `/etc/ssl/certs/ca-certificates.crt` and `/etc/ssl/certs`), or only the `SSL_CERT_FILE` / `SSL_CERT_DIR` of
+    /// the daemon's environment when either is set. It is read once, at start-up. Errors: an unreadable
+    /// `extra_roots` file or one without a certificate; a system store without a single usable certificate.
+    pub fn new(
+        source: UpstreamRoots,
+        extra_roots: &[impl AsRef<Path>],
+    ) -> Result<UpstreamTls, TlsSetupError> {
         let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        match source {
+            UpstreamRoots::System => {
+                let found = rustls_native_certs::load_native_certs();
+                for error in &found.errors {
+                    tracing::warn!(%error, "part of the system trust store could not be read");
+                }
+                let (added, ignored) = roots.add_parsable_certificates(found.certs);
+                if ignored > 0 {
+                    tracing::warn!(ignored, "system trust store certificates rustls cannot use");
+                }
+                if added == 0 {
+                    let detail = match found.errors.first() {
+                        Some(e) => e.to_string(),
+                        None => "no certificate found".to_string(),
+                    };
+                    return Err(TlsSetupError::NoSystemRoots { detail });
+                }
+                tracing::info!(roots = added, "upstream roots: the system trust store");
+            }
+            UpstreamRoots::Bundled => {
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                tracing::info!(
+                    roots = roots.len(),
+                    "upstream roots: the bundled Mozilla roots"
+                );
+            }
+        }
         for path in extra_roots {
             let path = path.as_ref();
             let bytes = std::fs::read(path).map_err(|source| TlsSetupError::Io {
@@ -105,7 +149,9 @@ impl Hello {
             .map(|p| p.to_vec())
             .collect();
         Hello {
-            sni: hello.server_name().map(super::ca::normalise_host),
+            sni: hello
+                .server_name()
+                .map(|n| crate::host::normalise(n).into_owned()),
             alpn,
             client_sent_alpn: hello.alpn().is_some(),
         }
@@ -125,11 +171,166 @@ pub(crate) fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// Record an agent's TLS client that did not complete the handshake with the minted leaf — typically one that does
+/// not trust the enforcer CA (its own CA setting names another file) and answered with a fatal alert: a block with
+/// reason `client_tls`, the SNI as host, the original destination, the agent, and in the message the alert it sent
+/// (RFC 8446 §6 name) or what happened instead. `error` is `None` when the handshake timed out.
+pub(crate) async fn record_agent_handshake_failure(
+    ctx: &ProxyContext,
+    target: &Target,
+    sni: Option<String>,
+    error: Option<&std::io::Error>,
+) {
+    let message = agent_handshake_failure_message(error);
+    let summary = RequestSummary {
+        scheme: Some(Scheme::Https),
+        host: sni.or_else(|| target.host_hint.clone()),
+        ip: Some(target.dst.ip()),
+        port: target.dst.port(),
+        tls_alert: error.and_then(received_alert).map(alert_name),
+        ..RequestSummary::default()
+    };
+    let policy = ctx.policy.current();
+    let refusal = (Reason::ClientTls, None);
+    ctx.record_refusal(&policy, &target.agent, summary, refusal, &message)
+        .await;
+}
+
+/// The rustls error inside a tokio-rustls handshake error, if that is what it is.
+fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// The fatal alert the client sent, when that is how the handshake ended.
+fn received_alert(error: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match rustls_error(error) {
+        Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+        _ => None,
+    }
+}
+
+/// The block message of the record's decision (operational context; the audit record keeps the alert in
+/// `request.tls_alert`, not the message).
+fn agent_handshake_failure_message(error: Option<&std::io::Error>) -> String {
+    let Some(error) = error else {
+        return "the TLS handshake with the agent timed out".to_string();
+    };
+    match rustls_error(error) {
+        Some(rustls::Error::AlertReceived(alert)) => {
+            let name = alert_name(*alert);
+            if is_certificate_alert(*alert) {
+                format!(
+                    "the agent's TLS client refused the enforcer's certificate (alert {name}): it does not trust \
+                     the enforcer CA; its own CA setting names another file (see docs/agents.md)"
+                )
+            } else {
+                format!("the agent's TLS client ended the handshake with alert {name}")
+            }
+        }
+        Some(other) => format!("the TLS handshake with the agent failed: {other}"),
+        None if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the agent's TLS client closed the connection during the handshake, without an alert"
+                .to_string()
+        }
+        None => format!("the TLS handshake with the agent failed: {}", error.kind()),
+    }
+}
+
+/// Alerts a client sends when it does not accept the server's certificate (RFC 8446 §6.2).
+fn is_certificate_alert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+    )
+}
+
+/// The IANA TLS Alert Registry name of an alert (`unknown_ca`, `bad_certificate`, ...), or its number.
+fn alert_name(alert: rustls::AlertDescription) -> String {
+    let name = match u8::from(alert) {
+        0 => "close_notify",
+        10 => "unexpected_message",
+        20 => "bad_record_mac",
+        22 => "record_overflow",
+        40 => "handshake_failure",
+        42 => "bad_certificate",
+        43 => "unsupported_certificate",
+        44 => "certificate_revoked",
+        45 => "certificate_expired",
+        46 => "certificate_unknown",
+        47 => "illegal_parameter",
+        48 => "unknown_ca",
+        49 => "access_denied",
+        50 => "decode_error",
+        51 => "decrypt_error",
+        70 => "protocol_version",
+        71 => "insufficient_security",
+        80 => "internal_error",
+        86 => "inappropriate_fallback",
+        90 => "user_canceled",
+        109 => "missing_extension",
+        110 => "unsupported_extension",
+        112 => "unrecognized_name",
+        113 => "bad_certificate_status_response",
+        115 => "unknown_psk_identity",
+        116 => "certificate_required",
+        120 => "no_application_protocol",
+        other => return format!("{other}"),
+    };
+    name.to_string()
+}
+
 #[derive(Debug)]
 struct Fixed(Arc<CertifiedKey>);
 
 impl ResolvesServerCert for Fixed {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rustls_io(e: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn a_refused_certificate_names_the_alert_the_client_sent() {
+        let e = rustls_io(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnknownCA,
+        ));
+        let m = agent_handshake_failure_message(Some(&e));
+        assert!(
+            m.contains("alert unknown_ca") && m.contains("does not trust"),
+            "{m}"
+        );
+        assert_eq!(
+            received_alert(&e).map(alert_name).as_deref(),
+            Some("unknown_ca")
+        );
+        let e = rustls_io(rustls::Error::AlertReceived(
+            rustls::AlertDescription::ProtocolVersion,
+        ));
+        let m = agent_handshake_failure_message(Some(&e));
+        assert!(
+            m.contains("alert protocol_version") && !m.contains("trust"),
+            "{m}"
+        );
+        let e = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert!(agent_handshake_failure_message(Some(&e)).contains("without an alert"));
+        assert!(received_alert(&e).is_none());
+        assert!(agent_handshake_failure_message(None).contains("timed out"));
+        assert_eq!(alert_name(rustls::AlertDescription::from(200)), "200");
     }
 }

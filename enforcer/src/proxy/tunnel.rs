@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::accept::Target;
-use super::upstream::{connect_tcp, UpstreamError};
-use super::ProxyContext;
+use super::upstream::connect_tcp;
+use super::{ProxyContext, Target};
 use crate::model::{
     Action, AuditEvent, Disposition, Mode, Outcome, RequestSummary, Scheme, Transport, Verdict,
 };
@@ -35,20 +34,22 @@ where
         ..RequestSummary::default()
     };
     let policy = ctx.policy.current();
-    let decision = policy.evaluate(&action);
-    // A byte stream cannot be rewritten, so a constrain verdict on raw TCP is carried out as a block.
-    let enforced_block = decision.mode == Mode::Enforce && decision.verdict >= Verdict::Constrain;
-    if enforced_block {
-        super::record_block(&ctx, decision, &target.agent, summary, None).await;
-        return;
+    let mut decision = policy.evaluate(&action);
+    // The DNS stage's stand-in address for a refused name: never relayed (see `dns::stand_in_decision`).
+    if crate::dns::is_synthetic(target.dst.ip()) {
+        let host = target.host_hint.as_deref();
+        decision = crate::dns::stand_in_decision(&policy, &target.agent, host, decision);
     }
-    let mut upstream = match connect_tcp(target.dst).await {
-        Ok(s) => s,
-        Err(e) => {
-            let reason = UpstreamError::reason(&e);
-            let d = super::proxy_decision(&policy, reason, "the destination could not be reached");
-            super::record_block(&ctx, d, &target.agent, summary, None).await;
-            return;
+    let blocked = decision.mode == Mode::Enforce && decision.verdict == Verdict::Block;
+    let (disposition, error, upstream) = if blocked {
+        (Disposition::Blocked, None, None)
+    } else {
+        match connect_tcp(target.dst).await {
+            Ok(s) => (Disposition::Forwarded, None, Some(s)),
+            Err(e) => {
+                tracing::info!(dst = %target.dst, error = %e, "tcp destination unreachable");
+                (Disposition::Failed, Some(e.reason()), None)
+            }
         }
     };
     let event = AuditEvent {
@@ -56,15 +57,18 @@ where
         agent: target.agent.clone(),
         request: summary,
         outcome: Outcome {
-            disposition: Disposition::Forwarded,
+            disposition,
             status: None,
-            error: None,
+            error,
         },
     };
-    if let Err(e) = ctx.record(event).await {
+    if let Err(e) = ctx.record(&policy, event).await {
         tracing::error!(error = %e, "audit write failed: not relaying");
         return;
     }
+    let Some(mut upstream) = upstream else {
+        return;
+    };
     match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
         Ok((up, down)) => {
             tracing::debug!(dst = %target.dst, up, down, "tcp relay finished");

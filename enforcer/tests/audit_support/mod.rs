@@ -78,6 +78,7 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             } else {
                 vec![]
             },
+            ..RequestSummary::default()
         },
         outcome: Outcome {
             disposition: if verdict == Verdict::Block {

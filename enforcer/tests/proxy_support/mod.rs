@@ -1,5 +1,6 @@
 //! Loopback harness for the proxy tests: a test CA, HTTPS/plain/TCP upstreams that count what reaches them, the
-//! proxy itself with a table-backed original-destination lookup, and clients that trust the enforcer CA.
+//! proxy itself with a table-backed original-destination lookup (and, when asked, the DNS stage with its UDP
+//! listener), and clients that trust the enforcer CA.
 
 #![allow(
     dead_code,
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use enforcer::audit::{AuditConfig, AuditLog};
+use enforcer::config::UpstreamRoots;
 use enforcer::inspect::InspectConfig;
 use enforcer::model::{Agent, Origin, OriginLookup};
 use enforcer::policy::{Policy, SharedPolicy};
@@ -271,6 +273,15 @@ pub async fn tcp_echo() -> (SocketAddr, Arc<Seen>) {
     (addr, seen)
 }
 
+/// The agent every test connection comes from.
+pub fn test_agent() -> Agent {
+    Agent {
+        profile: Some("test-agent".into()),
+        pid: Some(4242),
+        ..Agent::default()
+    }
+}
+
 /// Original destinations by client port, filled by the test before each connect.
 #[derive(Default)]
 pub struct Table(Mutex<HashMap<u16, Origin>>);
@@ -284,12 +295,16 @@ impl OriginLookup for Table {
 /// The proxy under test.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The proxy's shared context (the tests reload its policy).
+    pub ctx: Arc<ProxyContext>,
     pub ca_pem: String,
     pub table: Arc<Table>,
     pub audit_dir: PathBuf,
     pub audit: AuditLog,
     pub shutdown: CancellationToken,
     pub explicit: Option<SocketAddr>,
+    /// The DNS stage's UDP listener, when the proxy was started with one.
+    pub dns_udp: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -304,6 +319,26 @@ pub async fn start_proxy_with_hosts(
     explicit: bool,
     static_hosts: &[(&str, &[IpAddr])],
 ) -> Proxy {
+    start(policy_yaml, extra_roots, explicit, static_hosts, None).await
+}
+
+/// The proxy with the DNS stage (UDP listener on 127.0.0.1, DNS over TCP through the proxy) forwarding allowed
+/// queries to `dns_upstream`; `dns` tunes its bounds (`upstream` is ignored).
+pub async fn start_proxy_with_dns(
+    policy_yaml: &str,
+    dns_upstream: SocketAddr,
+    dns: enforcer::config::DnsConfig,
+) -> Proxy {
+    start(policy_yaml, &[], false, &[], Some((dns_upstream, dns))).await
+}
+
+async fn start(
+    policy_yaml: &str,
+    extra_roots: &[&TestCa],
+    explicit: bool,
+    static_hosts: &[(&str, &[IpAddr])],
+    dns: Option<(SocketAddr, enforcer::config::DnsConfig)>,
+) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let policy = SharedPolicy::new(Policy::from_yaml(policy_yaml, "test-policy.yaml").unwrap());
     let audit_dir = dir.path().join("audit");
@@ -312,8 +347,15 @@ pub async fn start_proxy_with_hosts(
     let audit = AuditLog::open(audit_cfg).await.unwrap();
     let ca = Arc::new(CertAuthority::load_or_create(&dir.path().join("ca")).unwrap());
     let roots: Vec<PathBuf> = extra_roots.iter().map(|c| c.write(dir.path())).collect();
-    let upstream = UpstreamTls::new(&roots).unwrap();
+    let upstream = UpstreamTls::new(UpstreamRoots::Bundled, &roots).unwrap();
     let table = Arc::new(Table::default());
+    let stage = dns.map(|(upstream, config)| {
+        Arc::new(enforcer::dns::DnsStage::new(
+            &config,
+            Some(upstream),
+            table.clone(),
+        ))
+    });
     let ctx = Arc::new(ProxyContext {
         policy,
         audit: audit.clone(),
@@ -327,8 +369,23 @@ pub async fn start_proxy_with_hosts(
                 .map(|(name, ips)| (name.to_string(), ips.to_vec()))
                 .collect(),
         ),
+        dns: stage.clone(),
     });
     let shutdown = CancellationToken::new();
+    let dns_udp = match stage {
+        Some(stage) => {
+            let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = socket.local_addr().unwrap();
+            tokio::spawn(enforcer::dns::serve_udp(
+                socket,
+                ctx.clone(),
+                stage,
+                shutdown.clone(),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(enforcer::proxy::serve_transparent(
@@ -341,7 +398,7 @@ pub async fn start_proxy_with_hosts(
         let a = l.local_addr().unwrap();
         tokio::spawn(enforcer::proxy::serve_explicit(
             l,
-            ctx,
+            ctx.clone(),
             "explicit-profile".into(),
             shutdown.clone(),
         ));
@@ -351,12 +408,14 @@ pub async fn start_proxy_with_hosts(
     };
     Proxy {
         addr,
+        ctx,
         ca_pem: ca.cert_pem().to_string(),
         table,
         audit_dir,
         audit,
         shutdown,
         explicit,
+        dns_udp,
         _dir: dir,
     }
 }
@@ -371,14 +430,34 @@ impl Proxy {
             port,
             Origin {
                 dst,
-                agent: Agent {
-                    profile: Some("test-agent".into()),
-                    pid: Some(4242),
-                    ..Agent::default()
-                },
+                agent: test_agent(),
             },
         );
         socket.connect(self.addr).await.unwrap()
+    }
+
+    /// A UDP socket whose datagrams reach the DNS listener as if the kernel had redirected a query meant for the
+    /// resolver `resolver`; the origin is registered for one datagram (call again before each).
+    pub async fn dns_socket_as(&self, resolver: SocketAddr) -> tokio::net::UdpSocket {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket
+            .connect(self.dns_udp.expect("started with DNS"))
+            .await
+            .unwrap();
+        self.register_dns(&socket, resolver);
+        socket
+    }
+
+    /// Register (again) `socket`'s next datagram as a query to `resolver` from the test agent.
+    pub fn register_dns(&self, socket: &tokio::net::UdpSocket, resolver: SocketAddr) {
+        let port = socket.local_addr().unwrap().port();
+        self.table.0.lock().unwrap().insert(
+            port,
+            Origin {
+                dst: resolver,
+                agent: test_agent(),
+            },
+        );
     }
 
     /// A TLS client config trusting only the enforcer CA, offering `alpn`.

@@ -1,7 +1,9 @@
 //! The policy's glob dialects, compiled once: plain globs (`*` any run of characters, `?` one character), path
 //! globs (`*` within one segment, `**` across segments; a trailing `/**` also matches the bare prefix) and host
 //! globs (exact, `*`, or `*.suffix` meaning one or more labels before the suffix). Patterns without wildcards
-//! compare as plain strings.
+//! compare as plain strings. Shared by the policy's conditions and the constrain stage's `drop_tools`.
+
+#![forbid(unsafe_code)]
 
 use regex::Regex;
 
@@ -150,6 +152,64 @@ impl Glob {
     }
 }
 
+/// A plain glob kept with the text it was compiled from, for what a rewrite names (`drop_tools`): compiled once,
+/// shown and serialised as its text, equal when the texts are equal.
+#[derive(Debug, Clone)]
+pub struct NameGlob {
+    text: String,
+    glob: Glob,
+}
+
+impl NameGlob {
+    /// Compile a plain glob (`*` any run of characters, `?` one character).
+    pub fn new(text: &str) -> Result<NameGlob, GlobError> {
+        Ok(NameGlob {
+            text: text.to_owned(),
+            glob: Glob::plain(text)?,
+        })
+    }
+
+    pub fn is_match(&self, name: &str) -> bool {
+        self.glob.is_match(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl PartialEq for NameGlob {
+    fn eq(&self, other: &NameGlob) -> bool {
+        self.text == other.text
+    }
+}
+
+impl std::str::FromStr for NameGlob {
+    type Err = GlobError;
+    fn from_str(text: &str) -> Result<NameGlob, GlobError> {
+        NameGlob::new(text)
+    }
+}
+
+impl std::fmt::Display for NameGlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl serde::Serialize for NameGlob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NameGlob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<NameGlob, D::Error> {
+        let text = String::deserialize(d)?;
+        NameGlob::new(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 fn check_chars(src: &str) -> Result<(), GlobError> {
     if src.is_empty() {
         return Err(GlobError::Empty);
@@ -216,5 +276,17 @@ mod tests {
         assert!(!g.is_match("undelete_file"));
         assert!(Glob::plain("a.b").unwrap().is_match("a.b"));
         assert!(!Glob::plain("a.?").unwrap().is_match("a.bc"));
+    }
+
+    #[test]
+    fn name_globs_as_drop_tools_uses_them() {
+        let m = |g: &str, n: &str| NameGlob::new(g).unwrap().is_match(n);
+        assert!(m("delete_*", "delete_file"));
+        assert!(m("*", ""));
+        assert!(m("mcp:*", "mcp:https://x/y"));
+        assert!(m("a?c*d", "abcxxd"));
+        assert!(!m("delete_*", "undelete_file"));
+        assert!(!m("a?c", "ac"));
+        assert_eq!(NameGlob::new("x_*").unwrap().to_string(), "x_*");
     }
 }

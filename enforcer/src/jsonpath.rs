@@ -2,6 +2,8 @@
 //! `mcp.args` conditions and by the constrain stage's JSON rewrites. Selection never allocates copies of values;
 //! mutation reports the concrete paths it touched (e.g. `$.messages[0].content`).
 
+#![forbid(unsafe_code)]
+
 use std::fmt::Write as _;
 
 use serde_json::Value;
@@ -222,6 +224,28 @@ impl JsonPath {
 impl std::fmt::Display for JsonPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.src)
+    }
+}
+
+impl std::str::FromStr for JsonPath {
+    type Err = JsonPathError;
+    fn from_str(src: &str) -> Result<JsonPath, JsonPathError> {
+        JsonPath::parse(src)
+    }
+}
+
+/// Serialised as the text it was compiled from.
+impl serde::Serialize for JsonPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.src)
+    }
+}
+
+/// Compiled from its text; a path outside the subset is a deserialisation error.
+impl<'de> serde::Deserialize<'de> for JsonPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<JsonPath, D::Error> {
+        let src = String::deserialize(d)?;
+        JsonPath::parse(&src).map_err(serde::de::Error::custom)
     }
 }
 

@@ -1,0 +1,478 @@
+//! The local control socket: how `enforcer status` and `enforcer reload` talk to the running daemon.
+//!
+//! A Unix stream socket at `<state_dir>/control.sock`, mode 0660, owned by root and by `control.group` when one is
+//! configured. Each connection is checked with `SO_PEERCRED` (unix(7)): the peer must run as root, or have the
+//! configured group as its primary or a supplementary group; anyone else gets one error line and is closed.
+//!
+//! Protocol: line-delimited JSON. The client writes one request object per line, the daemon answers each with one
+//! response object per line, in order; a connection may carry several requests. A request names its type in
+//! `"request"`; further fields are the type's own:
+//!
+//! ```text
+//! → {"request":"status"}
+//! ← {"ok":true,"result":{"daemon":{…},"capture":{…},"profiles":[…],"policy":{…},"audit":{…},"decisions":{…}}}
+//! → {"request":"reload"}
+//! ← {"ok":true,"result":{"result":"loaded","policy_hash":"…","previous_hash":"…"}}
+//! → {"request":"frobnicate"}
+//! ← {"ok":false,"error":"unknown variant `frobnicate`, expected `status` or `reload` at line 1 column 24"}
+//! ```
+//!
+//! Later commands (human review: `review list|approve|deny`, sessions: `session list|show`) become further
+//! [`Request`] variants with their own result objects; clients that do not know a field ignore it. A request line
+//! longer than [`MAX_REQUEST`] bytes is refused and the connection closed.
+
+pub mod status;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+pub use status::{Status, StatusSources};
+
+/// The socket's file name under the state directory.
+pub const SOCKET_NAME: &str = "control.sock";
+/// Longest request line accepted, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client may take to send a request or read its answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the daemon with state directory `state_dir` listens.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_NAME)
+}
+
+/// One request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The daemon's state: [`Status`].
+    Status,
+    /// Load the configured policy again (as SIGHUP does) and report how it went: [`ReloadReply`].
+    Reload,
+}
+
+/// One response line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn ok(result: impl Serialize) -> Response {
+        match serde_json::to_value(result) {
+            Ok(v) => Response {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Response::error(format!("encoding the answer: {e}")),
+        }
+    }
+
+    fn error(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(message.into()),
+        }
+    }
+}
+
+/// How a reload requested over the socket ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// `loaded`, `unchanged` or `failed`.
+    pub result: crate::metrics::ReloadResult,
+    /// The hash of the policy in force after the reload.
+    pub policy_hash: String,
+    /// The hash in force before it.
+    pub previous_hash: String,
+    /// Why the file did not load (with file, line and column), when `result` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the daemon answers with.
+pub trait Handler: Send + Sync + 'static {
+    fn status(&self) -> Status;
+    fn reload(&self) -> ReloadReply;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control.group {0:?}: no such group")]
+    NoSuchGroup(String),
+    #[error("control socket {}: the daemon is not running (no socket; is `enforcer run` running with this configuration?)", .0.display())]
+    NotRunning(PathBuf),
+    #[error("control socket {}: {message}", path.display())]
+    Protocol { path: PathBuf, message: String },
+    #[error("the daemon refused the request: {0}")]
+    Refused(String),
+}
+
+/// Who may use the socket besides root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    pub gid: Option<u32>,
+}
+
+impl Access {
+    /// Resolve `control.group` (a group name or a numeric gid).
+    pub fn from_group(group: Option<&str>) -> Result<Access, ControlError> {
+        let Some(group) = group else {
+            return Ok(Access { gid: None });
+        };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Access { gid: Some(gid) });
+        }
+        group_gid(group)
+            .map(|gid| Access { gid: Some(gid) })
+            .ok_or_else(|| ControlError::NoSuchGroup(group.to_string()))
+    }
+
+    /// Whether a peer with these credentials may talk to the daemon.
+    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let Some(allowed) = self.gid else {
+            return false;
+        };
+        gid == allowed || pid.is_some_and(|pid| supplementary_groups(pid).contains(&allowed))
+    }
+}
+
+/// Bind the socket (replacing a stale one), mode 0660, group `access.gid`.
+pub fn bind(path: &Path, access: Access) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    Ok(listener)
+}
+
+/// Serve requests until `shutdown` fires, then remove the socket.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    access: Access,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_client(stream, access, handler).await {
+                tracing::debug!(error = %e, "control client");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn serve_client(
+    stream: UnixStream,
+    access: Access,
+    handler: Arc<dyn Handler>,
+) -> io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    if !access.allows(cred.uid(), cred.gid(), cred.pid()) {
+        tracing::warn!(
+            uid = cred.uid(),
+            pid = cred.pid(),
+            "control socket: peer is neither root nor in control.group; refused"
+        );
+        let resp = Response::error("permission denied: root or the configured control.group only");
+        return send(&mut write, &resp).await;
+    }
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        reader.set_limit(MAX_REQUEST as u64 + 1);
+        let n = match tokio::time::timeout(IO_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+            Ok(n) => n?,
+            Err(_) => return Ok(()),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST {
+            let resp = Response::error(format!("request longer than {MAX_REQUEST} bytes"));
+            return send(&mut write, &resp).await;
+        }
+        let resp = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Response::error(e.to_string()),
+            Ok(request) => {
+                let handler = handler.clone();
+                // Status walks the cgroup tree and reload compiles a file: both block.
+                match tokio::task::spawn_blocking(move || answer(&*handler, &request)).await {
+                    Ok(resp) => resp,
+                    Err(_) => Response::error("the request failed inside the daemon"),
+                }
+            }
+        };
+        send(&mut write, &resp).await?;
+    }
+}
+
+fn answer(handler: &dyn Handler, request: &Request) -> Response {
+    match request {
+        Request::Status => Response::ok(handler.status()),
+        Request::Reload => Response::ok(handler.reload()),
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> io::Result<()> {
+    let mut line = serde_json::to_vec(resp).map_err(io::Error::other)?;
+    line.push(b'\n');
+    tokio::time::timeout(IO_TIMEOUT, write.write_all(&line))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+/// Send one request to the daemon listening at `path` and return its result (blocking; for the CLI).
+pub fn request(path: &Path, request: &Request) -> Result<serde_json::Value, ControlError> {
+    use std::io::{BufRead, Write};
+    let io_err = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ControlError::NotRunning(path.to_path_buf()))
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| ControlError::Protocol {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io_err)?;
+    let mut answer = String::new();
+    io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(io_err)?;
+    let resp: Response = serde_json::from_str(&answer).map_err(|e| ControlError::Protocol {
+        path: path.to_path_buf(),
+        message: format!("unreadable answer: {e}"),
+    })?;
+    match (resp.ok, resp.result, resp.error) {
+        (true, Some(result), _) => Ok(result),
+        (_, _, error) => Err(ControlError::Refused(
+            error.unwrap_or_else(|| "no reason given".into()),
+        )),
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Daemon configuration file (YAML), as given to `enforcer run` (it names the state directory).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the status as one JSON object (the control socket's `result`) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `enforcer status`: ask the daemon and print its answer. Exit 0 when it is healthy, 1 when it is not, 2 when it
+/// cannot be reached.
+pub fn status_command(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
+    let config = crate::config::Config::load_or_default(args.config.as_deref())?;
+    let answer = request(&socket_path(&config.state_dir), &Request::Status)?;
+    let status: Status = serde_json::from_value(answer.clone())
+        .map_err(|e| anyhow::anyhow!("unreadable status from the daemon: {e}"))?;
+    if args.json {
+        println!("{answer}");
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(if status.daemon.healthy {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// The gid of group `name` (getgrnam_r(3), so NSS sources count too).
+fn group_gid(name: &str) -> Option<u32> {
+    let c_name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: all pointers point at memory we own for the call's duration; getgrnam_r writes only into them.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        );
+        (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
+    }
+}
+
+/// The supplementary groups of process `pid` (`Groups:` in /proc/PID/status, proc(5)).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+
+    impl Handler for Fixed {
+        fn status(&self) -> Status {
+            Status::example()
+        }
+        fn reload(&self) -> ReloadReply {
+            ReloadReply {
+                result: crate::metrics::ReloadResult::Unchanged,
+                policy_hash: "ab".into(),
+                previous_hash: "ab".into(),
+                error: None,
+            }
+        }
+    }
+
+    #[test]
+    fn requests_are_tagged_objects() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"request":"status"}"#
+        );
+        let err = serde_json::from_str::<Request>(r#"{"request":"frobnicate"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `frobnicate`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn root_and_the_configured_group_only() {
+        let none = Access { gid: None };
+        assert!(none.allows(0, 0, None));
+        assert!(!none.allows(1000, 1000, None));
+        let group = Access { gid: Some(4242) };
+        assert!(group.allows(1000, 4242, None));
+        assert!(!group.allows(1000, 1000, None));
+        assert_eq!(Access::from_group(Some("root")).unwrap().gid, Some(0));
+        assert_eq!(Access::from_group(Some("77")).unwrap().gid, Some(77));
+        assert!(matches!(
+            Access::from_group(Some("no-such-group-here")),
+            Err(ControlError::NoSuchGroup(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_reload_and_errors_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let access = Access { gid: None };
+        let listener = bind(&path, access).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            path.clone(),
+            access,
+            Arc::new(Fixed),
+            shutdown.clone(),
+        ));
+        let p = path.clone();
+        let (status, reload, bad, long) = tokio::task::spawn_blocking(move || {
+            let status = request(&p, &Request::Status).unwrap();
+            let reload = request(&p, &Request::Reload).unwrap();
+            // Raw lines: an unknown type, then an over-long line.
+            use std::io::{BufRead, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(&p).unwrap();
+            s.write_all(b"{\"request\":\"frobnicate\"}\n").unwrap();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut bad = String::new();
+            r.read_line(&mut bad).unwrap();
+            let _ = s.write_all(&vec![b'x'; MAX_REQUEST + 10]);
+            let mut long = String::new();
+            r.read_line(&mut long).unwrap();
+            (status, reload, bad, long)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status["daemon"]["pid"], 1);
+        assert_eq!(reload["result"], "unchanged");
+        assert!(
+            bad.contains("\"ok\":false") && bad.contains("frobnicate"),
+            "{bad}"
+        );
+        assert!(long.contains("longer than"), "{long}");
+        let mode = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o660
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(!path.exists());
+        assert!(matches!(
+            request(&path, &Request::Status),
+            Err(ControlError::NotRunning(_))
+        ));
+    }
+}

@@ -1,0 +1,137 @@
+//! The request-body phase: read the whole body, bounded by the policy's `max_body_bytes` (declared and actual
+//! length) and by the idle timeout between its frames, then decode its content-coding for inspection. A body that
+//! is too large, stalls, cannot be read, decoded or (for JSON) is not UTF-8 is refused — never passed uninspected.
+//! The decoded body is what the policy decides on and what is forwarded (without its `Content-Encoding`), so the
+//! upstream's decoder can never read anything other than what was inspected.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::refusal::Refusal;
+use crate::inspect::{self, InspectError};
+use crate::model::Reason;
+
+/// A request body as received and as inspection reads it.
+#[derive(Debug, Clone)]
+pub(crate) struct Body {
+    /// The bytes as the agent sent them (still content-coded).
+    pub raw: Bytes,
+    /// `raw` with its content-coding undone (the same bytes when there is none): what is inspected, and so what is
+    /// forwarded.
+    pub decoded: Bytes,
+}
+
+impl Body {
+    /// Whether a content-coding was undone (the decoded bytes are not the received ones).
+    pub fn was_coded(&self) -> bool {
+        self.raw.as_ptr() != self.decoded.as_ptr() || self.raw.len() != self.decoded.len()
+    }
+}
+
+/// Decode `raw`, the body of a request with `headers`, for inspection.
+pub(crate) fn decode(raw: Bytes, headers: &HeaderMap, limit: u64) -> Result<Body, Refusal> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let decoded = inspect::decode_body(encoding, raw.clone(), limit).map_err(|e| refusal(&e))?;
+    inspect::check_json_charset(&decoded).map_err(|e| refusal(&e))?;
+    Ok(Body { raw, decoded })
+}
+
+/// The refusal for a body inspection cannot read.
+pub(crate) fn refusal(e: &InspectError) -> Refusal {
+    let (reason, status) = match e {
+        InspectError::TooLarge { .. } => (Reason::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+        InspectError::UnsupportedEncoding(_) | InspectError::NotUtf8Json => {
+            (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        }
+        InspectError::BadJson { .. } | InspectError::Corrupt { .. } => {
+            (Reason::Unparseable, StatusCode::BAD_REQUEST)
+        }
+    };
+    Refusal::new(reason, status, e.to_string())
+}
+
+/// Read the whole body of a request with `headers`, as sent.
+pub(crate) async fn read(
+    mut body: Incoming,
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<Bytes, Refusal> {
+    let too_large = || {
+        Refusal::new(
+            Reason::BodyTooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body exceeds the inspection limit",
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let idle = super::limits::limits().body_idle_timeout;
+    let mut buf = BytesMut::new();
+    loop {
+        let Ok(next) = tokio::time::timeout(idle, body.frame()).await else {
+            return Err(Refusal::new(
+                Reason::BadRequest,
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stalled",
+            ));
+        };
+        let Some(frame) = next else {
+            break;
+        };
+        let frame = frame.map_err(|e| {
+            let reason = if client_left(&e) {
+                Reason::ClientClosed
+            } else {
+                Reason::BadRequest
+            };
+            Refusal::new(
+                reason,
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() as u64).saturating_add(data.len() as u64) > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Whether a body read failed because the client went away (closed or reset the connection, or the stream) rather
+/// than because it sent something malformed.
+fn client_left(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_reset() || h2.is_io();
+        }
+        source = s.source();
+    }
+    false
+}

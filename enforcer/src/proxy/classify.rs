@@ -1,0 +1,147 @@
+//! The classify phase: the request as one plain-data [`Action`] (agent, transport, the HTTP head and the decoded
+//! body, JSON parsed once), then `inspect::classify` says what it asks for — the protocol, and one Action per thing
+//! the request asks for (one for plain HTTP and LLM calls, one per element of a JSON-RPC batch).
+
+use http::header::{self, HeaderMap, HeaderName};
+
+use super::body::{self, Body};
+use super::head::Head;
+use super::http::Conn;
+use super::record::ExchangeRecord;
+use super::refusal::Refusal;
+use crate::encoding::percent_decode;
+use crate::inspect::{self, InspectError, Inspected, Protocol};
+use crate::model::{Action, HttpRequest, Pairs, Transport};
+
+/// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
+/// classified is refused, answered in the shape of the protocol it claims to speak.
+pub(crate) fn classify(
+    rec: &mut ExchangeRecord,
+    conn: &Conn,
+    head: &Head,
+    parts: &http::request::Parts,
+    body: &Body,
+) -> Result<Inspected, Refusal> {
+    let cfg = &rec.ctx().inspect;
+    let action = build_action(conn, head, parts, body);
+    let classified = inspect::classify(action.clone(), cfg).and_then(|inspected| {
+        // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something
+        // else to the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
+        let protocol = match &inspected.protocol {
+            Protocol::Llm { provider, .. } => Some(provider.as_str()),
+            Protocol::Mcp { .. } => Some("MCP"),
+            Protocol::Http | Protocol::Provider(_) => {
+                let http = action.http.as_ref();
+                let ct = http.and_then(|h| h.content_type.as_deref());
+                inspect::claims_json(ct, http.map_or("", |h| h.body.as_str())).then_some("JSON")
+            }
+        };
+        match protocol {
+            Some(protocol) if std::str::from_utf8(&body.decoded).is_err() => {
+                Err(InspectError::BadJson { protocol })
+            }
+            _ => Ok(inspected),
+        }
+    });
+    match classified {
+        Ok(mut inspected) => {
+            if inspected.actions.is_empty() {
+                inspected.actions.push(action);
+            }
+            Ok(inspected)
+        }
+        Err(e) => {
+            let claimed = inspect::claimed_protocol(&action, cfg);
+            rec.note_protocol(claimed);
+            Err(body::refusal(&e))
+        }
+    }
+}
+
+/// The Action for a request before classification.
+pub(crate) fn build_action(
+    conn: &Conn,
+    head: &Head,
+    parts: &http::request::Parts,
+    body: &Body,
+) -> Action {
+    let headers = Pairs(
+        parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    );
+    let content_type = header_str(&parts.headers, &header::CONTENT_TYPE);
+    let is_json = content_type.as_deref().is_some_and(|ct| {
+        let ct = ct.to_ascii_lowercase();
+        ct.contains("/json") || ct.contains("+json")
+    });
+    let json = if is_json && !body.decoded.is_empty() {
+        serde_json::from_slice(&body.decoded).ok()
+    } else {
+        None
+    };
+    Action {
+        agent: conn.agent.clone(),
+        transport: Transport {
+            scheme: conn.scheme,
+            host: Some(head.host.clone()),
+            ip: Some(conn.dst.ip()),
+            port: conn.dst.port(),
+        },
+        http: Some(HttpRequest {
+            method: parts.method.as_str().to_string(),
+            path: parts.uri.path().to_string(),
+            query: parse_query(parts.uri.query().unwrap_or("")),
+            headers,
+            content_type,
+            body_size: body.raw.len() as u64,
+            body: String::from_utf8_lossy(&body.decoded).into_owned(),
+            json,
+            upgrade: head.upgrade.clone(),
+        }),
+        mcp: None,
+        llm: None,
+    }
+}
+
+/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space).
+pub(crate) fn parse_query(q: &str) -> Pairs {
+    Pairs(
+        q.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k, true), percent_decode(v, true))
+            })
+            .collect(),
+    )
+}
+
+fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_split_and_decoded() {
+        let q = parse_query("a=1&b=x%20y+z&flag&&c=%zz&d=%4");
+        assert_eq!(q.get("a"), Some("1"));
+        assert_eq!(q.get("b"), Some("x y z"));
+        assert_eq!(q.get("flag"), Some(""));
+        assert_eq!(q.get("c"), Some("%zz"));
+        assert_eq!(q.get("d"), Some("%4"));
+    }
+}

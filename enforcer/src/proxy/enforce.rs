@@ -1,0 +1,100 @@
+//! The enforce phase: carry the decision out on the request. An enforced block is a refusal (answered in the
+//! protocol's own language); a constrain applies the decision's compiled rewrites with the constrain stage, and a
+//! rewrite that cannot be applied (a signed field, a secret redaction cannot reach, a JSON rewrite on a body that is
+//! not JSON) turns the decision into a block. Shadow mode forwards the request unmodified whatever the verdict.
+
+use bytes::Bytes;
+
+use super::body::Body;
+use super::head::Head;
+use super::record::ExchangeRecord;
+use super::refusal::Refusal;
+use crate::constrain::ConstrainError;
+use crate::model::{Change, Mode, Reason, Relay, Verdict};
+
+/// The request as it is to be forwarded.
+pub(crate) struct Outgoing {
+    pub parts: http::request::Parts,
+    /// The body as inspected (decoded) and, under a constrain, rewritten.
+    pub body: Bytes,
+    /// The body goes out other than it came in (a content-coding undone, or rewritten): without
+    /// `Content-Encoding`, framed by its new length.
+    pub body_changed: bool,
+}
+
+pub(crate) fn enforce(
+    rec: &mut ExchangeRecord,
+    head: &Head,
+    mut parts: http::request::Parts,
+    body: Body,
+) -> Result<Outgoing, Refusal> {
+    admit_upgrade(rec, head, &mut parts);
+    let unchanged = |parts| Outgoing {
+        parts,
+        body: body.decoded.clone(),
+        body_changed: body.was_coded(),
+    };
+    let Some(decision) = rec.decision() else {
+        return Ok(unchanged(parts));
+    };
+    if decision.mode == Mode::Shadow {
+        return Ok(unchanged(parts));
+    }
+    match decision.verdict {
+        Verdict::Block => return Err(Refusal::policy(decision)),
+        Verdict::Allow | Verdict::Log => return Ok(unchanged(parts)),
+        Verdict::Constrain => {}
+    }
+    let mut rewritten = body.decoded.clone();
+    let applied =
+        crate::constrain::apply(&decision.rewrites, rec.policy(), &mut parts, &mut rewritten);
+    match applied {
+        Ok(changes) => {
+            rec.note_changes(changes);
+            let body_changed = body.was_coded() || rewritten != body.decoded;
+            Ok(Outgoing {
+                parts,
+                body: rewritten,
+                body_changed,
+            })
+        }
+        Err(e) => {
+            let (reason, message) = match &e {
+                ConstrainError::SignedField { .. } => (Reason::SignedField, None),
+                // Names only the detector and where: policy words, no request data.
+                ConstrainError::Unredactable { .. } => (Reason::Unredactable, Some(e.to_string())),
+                _ => (Reason::Unparseable, None),
+            };
+            // Not the error itself: its JSON path is made of the body's (attacker-chosen) keys.
+            tracing::info!(reason = ?reason, "constrain could not be applied: blocking");
+            let blocked = rec.block_instead(reason, message);
+            Err(blocked.map_or_else(
+                || Refusal::new(reason, http::StatusCode::FORBIDDEN, "blocked by policy"),
+                Refusal::policy,
+            ))
+        }
+    }
+}
+
+/// An upgraded connection is relayed only where it can be read or a rule lets it through unread: a WebSocket is
+/// kept (its messages go through the answer phases), any other `Upgrade` (h2c above all: a whole HTTP/2 session
+/// after the 101 would skip every decision) is removed unless the deciding rule relays `opaque`. Without its
+/// `Upgrade` the request goes on as a plain request (RFC 9110 §7.8: a server may ignore it).
+fn admit_upgrade(rec: &mut ExchangeRecord, head: &Head, parts: &mut http::request::Parts) {
+    let Some(tokens) = head.upgrade.as_deref() else {
+        return;
+    };
+    let websocket = tokens.split(',').map(str::trim).all(|t| t == "websocket");
+    let opaque = rec
+        .decision()
+        .is_some_and(|d| rec.policy().relay(d) == Relay::Opaque);
+    if websocket || opaque {
+        return;
+    }
+    parts.headers.remove(http::header::UPGRADE);
+    parts.headers.remove("http2-settings");
+    rec.note_changes(vec![Change {
+        path: "header.upgrade".into(),
+        cause: "upgrade_removed".into(),
+    }]);
+}

@@ -1,0 +1,199 @@
+//! The forward phases: connect to the verified upstream at the original destination (reusing this client
+//! connection's upstream connection when it was verified for the same host), build the request exactly as the
+//! upstream will see it (origin-form with `Host` for HTTP/1.1, `:authority` for HTTP/2, hop-by-hop fields removed,
+//! the body framed by `Content-Length`), and send it. Only the response head is timed: once it arrives, bodies
+//! (server-sent events) stream for as long as they run.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use super::enforce::Outgoing;
+use super::head::Head;
+use super::http::Conn;
+use super::refusal::Refusal;
+use super::upstream::{self, Sender};
+use super::ProxyContext;
+use crate::model::{Reason, Scheme};
+
+/// A connected, verified upstream for one request.
+pub(crate) struct Upstream {
+    sender: Sender,
+    /// HTTP/1.1 `Upgrade` request: its connection is never returned to the slot.
+    is_upgrade: bool,
+    want_h2: bool,
+}
+
+impl Upstream {
+    /// Whether the request asks to upgrade the connection (HTTP/1.1 `Upgrade`).
+    pub fn is_upgrade(&self) -> bool {
+        self.is_upgrade
+    }
+}
+
+/// Connect (or reuse) and verify the upstream for `out`.
+pub(crate) async fn connect(
+    ctx: &ProxyContext,
+    conn: &Conn,
+    head: &Head,
+    out: &Outgoing,
+) -> Result<Upstream, Refusal> {
+    let is_upgrade =
+        out.parts.version == Version::HTTP_11 && out.parts.headers.contains_key(header::UPGRADE);
+    let want_h2 = out.parts.version == Version::HTTP_2 && !is_upgrade;
+    let tls = (conn.scheme == Scheme::Https).then_some(&ctx.upstream);
+    let reused = if is_upgrade {
+        None
+    } else {
+        conn.upstream.take(&head.host, want_h2).await
+    };
+    let connected = match reused {
+        Some(s) => Ok(s),
+        None => upstream::connect(tls, conn.dst, &head.host, want_h2).await,
+    };
+    let sender = connected.map_err(|e| {
+        tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
+        Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
+    })?;
+    Ok(Upstream {
+        sender,
+        is_upgrade,
+        want_h2,
+    })
+}
+
+/// The request as the upstream will see it; refused when it cannot be expressed (an authority or path that does
+/// not form a URI again).
+pub(crate) fn request(
+    out: Outgoing,
+    authority: &str,
+    upstream: &Upstream,
+) -> Result<Request<Full<Bytes>>, Refusal> {
+    upstream_request(out, authority, &upstream.sender, upstream.is_upgrade).ok_or_else(|| {
+        Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request cannot be forwarded",
+        )
+    })
+}
+
+/// Send `req` and wait for the response head (bounded by the response-head timeout). A reusable connection goes
+/// back to the client connection's slot.
+pub(crate) async fn send(
+    conn: &Conn,
+    head: &Head,
+    mut upstream: Upstream,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, Refusal> {
+    let head_timeout = super::limits::limits().response_head_timeout;
+    let Ok(sent) = tokio::time::timeout(head_timeout, upstream.sender.send(req)).await else {
+        // The connection is left mid-request: dropped, never reused.
+        tracing::info!(dst = %conn.dst, "upstream sent no response head in time");
+        return Err(Refusal::new(
+            Reason::UpstreamUnreachable,
+            StatusCode::GATEWAY_TIMEOUT,
+            "the upstream did not answer in time",
+        ));
+    };
+    if !upstream.is_upgrade {
+        conn.upstream
+            .put(&head.host, upstream.want_h2, upstream.sender)
+            .await;
+    }
+    sent.map_err(|e| {
+        tracing::info!(dst = %conn.dst, error = %e, "upstream request failed");
+        Refusal::new(
+            Reason::UpstreamUnreachable,
+            StatusCode::BAD_GATEWAY,
+            "the upstream failed to answer",
+        )
+    })
+}
+
+fn upstream_request(
+    out: Outgoing,
+    authority: &str,
+    sender: &Sender,
+    is_upgrade: bool,
+) -> Option<Request<Full<Bytes>>> {
+    let Outgoing {
+        mut parts,
+        body,
+        body_changed,
+    } = out;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    strip_hop_by_hop(&mut parts.headers, is_upgrade);
+    // The body is already complete: the client had its 100 Continue from us, the upstream needs none.
+    parts.headers.remove(header::EXPECT);
+    if body_changed {
+        parts.headers.remove(header::CONTENT_ENCODING);
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if !body.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    if sender.is_h2() {
+        parts.uri = Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(path.as_str())
+            .build()
+            .ok()?;
+        parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.uri = Uri::builder().path_and_query(path.as_str()).build().ok()?;
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_str(authority).ok()?);
+        parts.version = Version::HTTP_11;
+    }
+    Some(Request::from_parts(parts, Full::new(body)))
+}
+
+/// Remove connection-scoped fields (RFC 9110 §7.6.1: `Connection` and the fields it names, and the classic
+/// hop-by-hop set); keep `Upgrade` on upgrade requests. `TE` survives only as `trailers`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}

@@ -1,0 +1,167 @@
+//! The request-head phases: read the authority the request names and the host the policy sees, and bind that
+//! authority to the connection's destination — over TLS the host must be the server name the session was opened
+//! for (RFC 9110 §4.3.4: else 421, so a shared certificate cannot front for another host); over plain HTTP it must
+//! really live at the original destination (`hostbind`), checked only for requests that are going to be forwarded.
+
+use http::header::{self, HeaderMap};
+use http::{Method, StatusCode, Uri, Version};
+
+use super::http::Conn;
+use super::refusal::Refusal;
+use super::ProxyContext;
+use crate::encoding::percent_decode;
+use crate::model::{Reason, Scheme};
+
+/// What the request head names.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    /// `host[:port]` as the request named it (h2 `:authority`, absolute-form, or `Host`).
+    pub authority: String,
+    /// The host of `authority`, normalised: what the policy and the upstream's certificate check see.
+    pub host: String,
+    /// The protocols an HTTP/1.1 request asks to upgrade the connection to (`Upgrade`, lower-cased), if any.
+    pub upgrade: Option<String>,
+}
+
+/// Read the authority and host, refusing heads the proxy will not forward: no valid host, `CONNECT` outside the
+/// explicit listener, and paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server resolving them
+/// would serve another path than the one the policy matched).
+pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
+    let Some(authority) = request_authority(&parts.uri, &parts.headers) else {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request names no valid host",
+        ));
+    };
+    let host = crate::host::normalise(crate::host::authority_host(&authority)).into_owned();
+    if parts.method == Method::CONNECT {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is only served by the explicit proxy listener",
+        ));
+    }
+    if has_dot_segments(parts.uri.path()) {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request path contains dot segments",
+        ));
+    }
+    let upgrade = (parts.version == Version::HTTP_11)
+        .then(|| parts.headers.get(header::UPGRADE))
+        .flatten()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase());
+    Ok(Head {
+        authority,
+        host,
+        upgrade,
+    })
+}
+
+/// Over TLS, the host the request names must be the server name the agent opened the session for.
+pub(crate) fn bind_to_sni(conn: &Conn, head: &Head) -> Result<(), Refusal> {
+    match &conn.sni {
+        Some(sni) if *sni != head.host => Err(Refusal::new(
+            Reason::HostMismatch,
+            StatusCode::MISDIRECTED_REQUEST,
+            "the request's host does not match the TLS server name",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Plain HTTP has no certificate binding the name: a request that is going to be forwarded must name a host that
+/// really lives at the original destination (an IP literal, a `static_hosts` pin, or DNS). Called after the
+/// decision, so names the policy blocks anyway are never looked up (an agent must not turn the daemon's resolver
+/// into an exfiltration channel).
+pub(crate) async fn bind_to_destination(
+    ctx: &ProxyContext,
+    conn: &Conn,
+    head: &Head,
+) -> Result<(), Refusal> {
+    let bound_already = conn.resolved_host.as_deref() == Some(head.host.as_str());
+    if conn.scheme != Scheme::Http || bound_already {
+        return Ok(());
+    }
+    ctx.hosts
+        .bind(&head.host, conn.dst.ip())
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::info!(dst = %conn.dst, error = %e, "plain-HTTP host not bound to the destination");
+            Refusal::new(
+                Reason::HostMismatch,
+                StatusCode::MISDIRECTED_REQUEST,
+                "the request's host does not live at the connection's destination",
+            )
+        })
+}
+
+/// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash.
+fn has_dot_segments(path: &str) -> bool {
+    let decoded = percent_decode(path, false);
+    decoded
+        .split(['/', '\\'])
+        .any(|segment| segment == "." || segment == "..")
+}
+
+/// The authority the request names: the URI's (h2 `:authority`, absolute-form) or the Host header; `None` when it
+/// is not a valid authority, carries userinfo, or has an empty host.
+fn request_authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let raw = match uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => headers.get(header::HOST)?.to_str().ok()?.to_string(),
+    };
+    let parsed: http::uri::Authority = raw.parse().ok()?;
+    if parsed.host().is_empty() || parsed.as_str().contains('@') {
+        return None;
+    }
+    Some(parsed.as_str().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn dot_segments_are_found_however_spelt() {
+        for bad in [
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/..%2Fb",
+            "/a/..\\b",
+            "/..",
+        ] {
+            assert!(has_dot_segments(bad), "{bad}");
+        }
+        for ok in [
+            "/",
+            "/a/b",
+            "/a/...",
+            "/a/.b/c.d",
+            "/a/..b",
+            "/v1/chat/completions",
+            "/a+b/",
+        ] {
+            assert!(!has_dot_segments(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn authorities() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("user@evil.test"));
+        assert_eq!(request_authority(&Uri::from_static("/x"), &h), None);
+        h.insert(header::HOST, HeaderValue::from_static("ok.test:8443"));
+        assert_eq!(
+            request_authority(&Uri::from_static("/x"), &h).as_deref(),
+            Some("ok.test:8443")
+        );
+    }
+}

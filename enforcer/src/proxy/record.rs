@@ -1,0 +1,274 @@
+//! The exchange's one audit record. It is opened before anything can fail, filled as the phases learn facts (the
+//! host, the body's size and digest, the protocol, the policy's decision, what a rewrite changed), and written
+//! exactly once: when the request is about to be forwarded ([`ExchangeRecord::forwarded`]), when the enforcer
+//! answers instead ([`ExchangeRecord::refuse`], the one place a [`Refusal`] becomes an answer and an outcome), or,
+//! if the exchange is abandoned before either (the client went away), when it is dropped.
+//!
+//! The record keeps two facts apart: the decision (the policy's — verdict, deciding and matching rules — or, when the
+//! enforcer refused before the policy could decide or on facts the decision rested on, the enforcer's own) and the
+//! outcome (forwarded, refused, or failed upstream, with the reason and the status the agent got). Host, path and
+//! detectors are scrubbed under the same policy snapshot the exchange was decided under.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use sha2::Digest;
+
+use super::http::ProxyBody;
+use super::refusal::{into_response, shaped_response, Refusal};
+use super::{enforcer_decision, ProxyContext};
+use crate::inspect::{self, Protocol};
+use crate::model::{
+    Action, Agent, AuditEvent, Decided, Decision, Disposition, Mode, Outcome, Reason,
+    RequestSummary, Verdict,
+};
+use crate::policy::Policy;
+
+/// What is known about one exchange so far, and its record.
+pub(crate) struct ExchangeRecord {
+    ctx: Arc<ProxyContext>,
+    /// The policy this exchange is decided, scrubbed and recorded under (a reload does not change it mid-way).
+    policy: Arc<Policy>,
+    agent: Agent,
+    summary: RequestSummary,
+    /// What the request speaks, once classified (`Http` until then): the shape of a policy block's answer.
+    protocol: Protocol,
+    decided: Option<Decided>,
+    written: bool,
+}
+
+impl ExchangeRecord {
+    /// Open the record of a request as it arrived (method and path as sent), under the policy in force now.
+    pub fn open(ctx: Arc<ProxyContext>, agent: &Agent, summary: RequestSummary) -> Self {
+        ExchangeRecord {
+            policy: ctx.policy.current(),
+            ctx,
+            agent: agent.clone(),
+            summary,
+            protocol: Protocol::Http,
+            decided: None,
+            written: false,
+        }
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    pub fn ctx(&self) -> &ProxyContext {
+        &self.ctx
+    }
+
+    /// What the request head names: the host as the policy sees it, and the upgrade it asks for.
+    pub fn note_head(&mut self, head: &super::head::Head) {
+        self.summary.host = Some(head.host.clone());
+        self.summary.upgrade.clone_from(&head.upgrade);
+    }
+
+    /// The body as received from the agent: its size and SHA-256.
+    pub fn note_body(&mut self, raw: &Bytes) {
+        self.summary.body_size = raw.len() as u64;
+        if !raw.is_empty() {
+            self.summary.body_sha256 = Some(hex::encode(sha2::Sha256::digest(raw)));
+        }
+    }
+
+    /// What a constrain (or the removal of an upgrade) changed: paths and causes, never values.
+    pub fn note_changes(&mut self, changes: Vec<crate::model::Change>) {
+        self.summary.changes.extend(changes);
+    }
+
+    /// The protocol and the policy's decision; the record names what the deciding Action asked for.
+    pub fn note_decided(&mut self, protocol: Protocol, decided: Decided, actions: &[Action]) {
+        if let Some(action) = actions.get(decided.index) {
+            if let Some(mcp) = &action.mcp {
+                self.summary.mcp_method = Some(mcp.method.clone());
+                self.summary.mcp_tool = mcp.tool.clone();
+            }
+            if let Some(llm) = &action.llm {
+                self.summary.llm_provider = Some(llm.provider.clone());
+                self.summary.llm_model = llm.model.clone();
+            }
+        }
+        self.protocol = protocol;
+        self.decided = Some(decided);
+    }
+
+    /// The protocol a request that could not be classified claims to speak: the shape of its refusal.
+    pub fn note_protocol(&mut self, protocol: Protocol) {
+        self.protocol = protocol;
+    }
+
+    /// The decision carried out (the most restrictive of the exchange's Actions).
+    pub fn decision(&self) -> Option<&Decision> {
+        self.decided.as_ref().map(|d| &d.decision)
+    }
+
+    /// Turn the decision into a block the enforcer carries out for the policy (a constrain that could not be
+    /// applied): `reason` and `message` (policy words only) replace the decision's, and the deciding Action's own
+    /// decision says the same, so a batch's answer names it.
+    pub fn block_instead(&mut self, reason: Reason, message: Option<String>) -> Option<&Decision> {
+        let decided = self.decided.as_mut()?;
+        let d = &mut decided.decision;
+        d.verdict = Verdict::Block;
+        d.reason = reason;
+        d.rewrites.clear();
+        if message.is_some() {
+            d.message = message;
+        }
+        if let Some(own) = decided.each.get_mut(decided.index) {
+            own.clone_from(d);
+        }
+        Some(&decided.decision)
+    }
+
+    /// Whether the decision, as carried out, sends the request on (everything but an enforced block).
+    pub fn will_forward(&self) -> bool {
+        self.decision()
+            .is_some_and(|d| !(d.mode == Mode::Enforce && d.verdict == Verdict::Block))
+    }
+
+    /// Write the record of a request about to be forwarded. On failure nothing may be forwarded: the refusal says
+    /// so (and no second record is attempted).
+    pub async fn forwarded(&mut self) -> Result<u64, Refusal> {
+        let Some(decision) = self.decision().cloned() else {
+            return Err(Refusal::new(
+                Reason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                "the request was not decided",
+            ));
+        };
+        let outcome = Outcome {
+            disposition: Disposition::Forwarded,
+            status: None,
+            error: None,
+        };
+        self.written = true;
+        self.write(decision, outcome).await.map_err(|()| {
+            Refusal::new(
+                Reason::AuditUnavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the enforcer could not record the request, so it was not forwarded",
+            )
+        })
+    }
+
+    /// Answer `refusal` and, unless the exchange is already recorded, record it: the one place a refusal becomes
+    /// the client's answer (the protocol's own block for a policy block, else the enforcer's JSON error) and the
+    /// record's outcome.
+    pub async fn refuse(mut self, refusal: Refusal) -> Response<ProxyBody> {
+        let policy_block = self
+            .decision()
+            .is_some_and(|d| d.mode == Mode::Enforce && d.verdict == Verdict::Block);
+        let answer = match &self.decided {
+            Some(decided) if policy_block => block_answer(&self.protocol, decided),
+            _ => shaped_response(
+                &self.protocol,
+                refusal.status,
+                refusal.reason,
+                &refusal.message,
+            ),
+        };
+        if self.written {
+            return answer;
+        }
+        self.written = true;
+        let status = Some(answer.status().as_u16());
+        let (decision, disposition, error) = match self.decided.take() {
+            Some(d) if policy_block => {
+                let error = decision_error(d.decision.reason);
+                (d.decision, Disposition::Blocked, error)
+            }
+            Some(d) if refusal.is_upstream() => (
+                d.decision,
+                disposition(refusal.reason),
+                Some(refusal.reason),
+            ),
+            _ => (
+                enforcer_decision(&self.policy, refusal.reason, &refusal.message),
+                disposition(refusal.reason),
+                Some(refusal.reason),
+            ),
+        };
+        let outcome = Outcome {
+            disposition,
+            status,
+            error,
+        };
+        let _ = self.write(decision, outcome).await;
+        answer
+    }
+
+    async fn write(&mut self, decision: Decision, outcome: Outcome) -> Result<u64, ()> {
+        let event = AuditEvent {
+            decision,
+            agent: self.agent.clone(),
+            request: std::mem::take(&mut self.summary),
+            outcome,
+        };
+        self.ctx
+            .record(&self.policy, event)
+            .await
+            .map_err(|e| tracing::error!(error = %e, "audit write failed"))
+    }
+}
+
+impl Drop for ExchangeRecord {
+    /// An exchange abandoned before it was forwarded or answered (the client reset the stream or closed the
+    /// connection) is still recorded: not forwarded, reason `client_closed`.
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let decision = match self.decided.take() {
+            Some(d) => d.decision,
+            None => enforcer_decision(
+                &self.policy,
+                Reason::ClientClosed,
+                "the client went away before the exchange completed",
+            ),
+        };
+        let event = AuditEvent {
+            decision,
+            agent: std::mem::take(&mut self.agent),
+            request: std::mem::take(&mut self.summary),
+            outcome: Outcome {
+                disposition: Disposition::Failed,
+                status: None,
+                error: Some(Reason::ClientClosed),
+            },
+        };
+        let (ctx, policy) = (self.ctx.clone(), self.policy.clone());
+        runtime.spawn(async move {
+            if let Err(e) = ctx.record(&policy, event).await {
+                tracing::error!(error = %e, "audit write failed for an abandoned exchange");
+            }
+        });
+    }
+}
+
+/// What became of an exchange the enforcer answered itself for `reason`: not sent because the upstream could not be
+/// reached or the client left (failed), or refused (blocked).
+fn disposition(reason: Reason) -> Disposition {
+    match reason {
+        Reason::UpstreamUnreachable | Reason::ClientClosed => Disposition::Failed,
+        _ => Disposition::Blocked,
+    }
+}
+
+/// A decision reason that is itself an error the outcome names (not a rule, the default or a rate limit).
+fn decision_error(reason: Reason) -> Option<Reason> {
+    match reason {
+        Reason::Rule | Reason::Default | Reason::RateLimited => None,
+        other => Some(other),
+    }
+}
+
+/// The protocol's own block answer: for a JSON-RPC batch, each element answered with its own decision.
+fn block_answer(protocol: &Protocol, decided: &Decided) -> Response<ProxyBody> {
+    into_response(inspect::block_batch_response(protocol, &decided.each))
+}

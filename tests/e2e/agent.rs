@@ -1,0 +1,666 @@
+//! What an agent started by `enforcer exec` is, and what it can reach: it runs as an unprivileged user without
+//! capabilities (`--user`, or the sudo caller), it cannot leave its cgroup, open raw sockets, read the keys, remove
+//! the pinned programs or signal the daemon; it reads the published CA bundle, and every runtime installed here
+//! trusts the enforcer CA through the variables `exec` sets, even when the tool's own configuration names another
+//! CA file. A client that refuses the enforcer's certificate leaves a `client_tls` record. Upstream certificates are
+//! verified against the host's trust store.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::harness::{self, Env, AGENT_USER, API_HOST, PROFILE};
+
+/// The system trust store, which does not contain the enforcer CA (nor the e2e test CA).
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// `enforcer exec` without `--user` (for the sudo and root cases), as the harness runs agents otherwise.
+fn exec_without_user(env: &Env) -> Command {
+    let mut cmd = Command::new(harness::enforcer_bin());
+    cmd.arg("exec")
+        .arg("--config")
+        .arg(&env.config)
+        .args(["--profile", PROFILE]);
+    env.agent_command(cmd)
+}
+
+/// The agent's ids, its capability sets and no_new_privs, as the kernel reports them.
+pub fn runs_unprivileged_without_capabilities(env: &mut Env) {
+    env.need_daemon();
+    let (code, out, err) = env.exec_tagged(&[
+        "sh",
+        "-c",
+        "id -u; id -g; echo HOME=$HOME USER=$USER; \
+         grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], env.agent_uid.to_string(), "uid: {out}");
+    assert_ne!(lines[0], "0");
+    assert_eq!(lines[1], env.agent_gid.to_string(), "gid: {out}");
+    assert_eq!(
+        lines[2],
+        format!("HOME=/nonexistent USER={AGENT_USER}"),
+        "{out}"
+    );
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(set))
+            .unwrap_or_else(|| panic!("no {set} in {out}"));
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("0000000000000000"),
+            "{set} not empty: {out}"
+        );
+    }
+    assert!(lines.contains(&"NoNewPrivs:\t1"), "no_new_privs: {out}");
+    // A setuid program gains nothing: su cannot become root.
+    let (code, out, err) = env.exec_tagged(&["sh", "-c", "su -c id root </dev/null; id -u"]);
+    assert_eq!(
+        out.lines().last(),
+        Some(env.agent_uid.to_string().as_str()),
+        "code {code} {out} {err}"
+    );
+}
+
+/// Each attempt prints its outcome: `ok` or the errno name. argv[1] is JSON: the daemon's pid, `cgroup.procs` files
+/// to write the agent's pid to, keys to read, pinned files to remove, the tag map's pin for bpf(BPF_OBJ_GET).
+const ESCAPE: &str = r#"
+import ctypes, errno, json, os, signal, socket, struct, sys
+args = json.loads(sys.argv[1])
+out = {}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+def write(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+def read(path):
+    with open(path, "rb") as f:
+        f.read()
+for i, procs in enumerate(args["procs"]):
+    attempt("cgroup %s" % procs, lambda p=procs: write(p))
+out["cgroup_after"] = open("/proc/self/cgroup").read().strip()
+attempt("raw inet", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close())
+attempt("raw inet6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6).close())
+attempt("packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close())
+for key in args["keys"]:
+    attempt("read %s" % key, lambda k=key: read(k))
+attempt("signal 0 daemon", lambda: os.kill(args["daemon"], 0))
+attempt("SIGTERM daemon", lambda: os.kill(args["daemon"], signal.SIGTERM))
+attempt("SIGTERM exec", lambda: os.kill(os.getppid(), signal.SIGTERM))
+for pin in args["pins"]:
+    attempt("unlink %s" % pin, lambda p=pin: os.unlink(p))
+libc = ctypes.CDLL(None, use_errno=True)
+path = ctypes.create_string_buffer(args["map"].encode())
+attr = ctypes.create_string_buffer(struct.pack("QIIi", ctypes.addressof(path), 0, 0, 0))
+def bpf_obj_get():
+    # bpf(2) is syscall 321 on x86_64; BPF_OBJ_GET = 7.
+    if libc.syscall(ctypes.c_long(321), ctypes.c_int(7), attr, ctypes.c_uint(len(attr.raw))) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+attempt("bpf obj_get tag map", bpf_obj_get)
+print(json.dumps(out))
+"#;
+
+/// The attempts a root agent could make to get out from under the enforcer, each refused for the unprivileged
+/// agent; afterwards the daemon still runs and still decides the agent's requests.
+pub fn cannot_escape_read_keys_or_stop_the_daemon(env: &mut Env) {
+    env.need_daemon();
+    let state = env.dir.path().join("state");
+    let daemon = env.daemon_pid().expect("daemon running");
+    let pins: Vec<String> = std::fs::read_dir(&env.pin_dir)
+        .expect("pin dir")
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert!(pins.iter().any(|p| p.contains("link_")), "pins: {pins:?}");
+    let profile = env.cgroup.join("enforcer").join(PROFILE);
+    let args = serde_json::json!({
+        "daemon": daemon,
+        "procs": [
+            env.cgroup.join("cgroup.procs"),
+            profile.join("cgroup.procs"),
+            Path::new("/sys/fs/cgroup/unified/cgroup.procs"),
+        ],
+        "keys": [state.join("ca/ca.key"), state.join("audit/audit.key")],
+        "pins": pins,
+        "map": env.pin_dir.join("TAGGED"),
+    });
+    let (code, out, err) = env.exec_tagged(&["python3", "-c", ESCAPE, &args.to_string()]);
+    assert_eq!(code, 0, "{out} {err}");
+    let result: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    let attempts = result.as_object().expect("object");
+    assert!(attempts.len() >= 12, "{result}");
+    for (what, outcome) in attempts {
+        if what == "cgroup_after" {
+            continue;
+        }
+        assert_ne!(outcome, "ok", "the agent could: {what} ({result})");
+    }
+    for raw in ["raw inet", "raw inet6", "packet"] {
+        assert_eq!(attempts[raw], "EPERM", "{result}");
+    }
+    assert_eq!(attempts["SIGTERM daemon"], "EPERM", "{result}");
+    let cgroup = attempts["cgroup_after"].as_str().unwrap_or_default();
+    assert!(
+        cgroup.contains(&format!("/enforcer/{PROFILE}/exec-")),
+        "the agent left its cgroup: {cgroup}"
+    );
+    // The daemon, the pins and the agent's capture are all still there.
+    assert!(env.daemon_running(), "the daemon stopped");
+    for pin in &pins {
+        assert!(Path::new(pin).exists(), "{pin} removed");
+    }
+    let path = format!("/blocked/{}", unique("after-escape"));
+    let out = env.curl_tagged(&[
+        "--resolve",
+        &env.resolve(API_HOST, 443, false),
+        &format!("https://{API_HOST}{path}"),
+    ]);
+    assert_eq!(out.status, 403, "{out:?}");
+}
+
+/// `sudo enforcer exec` runs the agent as the sudo caller; root without a user is refused with what to pass; only
+/// `--allow-root` gives a root agent, with a warning.
+pub fn sudo_caller_root_refusal_and_allow_root(env: &mut Env) {
+    env.need_daemon();
+    // As sudo(8) sets them for the command it runs.
+    let mut cmd = exec_without_user(env);
+    cmd.env("SUDO_UID", env.agent_uid.to_string())
+        .env("SUDO_GID", env.agent_gid.to_string())
+        .env("SUDO_USER", AGENT_USER)
+        .env("HOME", "/root")
+        .args(["--", "sh", "-c", "id -u; id -G; echo $HOME"]);
+    let (code, out, err) = harness::output(cmd);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], env.agent_uid.to_string(), "{out}");
+    assert!(
+        lines[1]
+            .split_whitespace()
+            .any(|g| g == env.agent_gid.to_string()),
+        "{out}"
+    );
+    assert_eq!(lines[2], "/nonexistent", "HOME is the user's: {out}");
+
+    let mut cmd = exec_without_user(env);
+    cmd.env_remove("SUDO_UID")
+        .env_remove("SUDO_GID")
+        .args(["--", "id", "-u"]);
+    let (code, out, err) = harness::output(cmd);
+    assert_ne!(code, 0, "a root agent was started: {out}");
+    assert!(out.is_empty(), "{out}");
+    for hint in [
+        "refusing to run the agent as root",
+        "--user NAME",
+        "--allow-root",
+        "sudo",
+    ] {
+        assert!(err.contains(hint), "{hint:?} not in: {err}");
+    }
+
+    // The one root agent of the suite.
+    let mut cmd = exec_without_user(env);
+    cmd.env_remove("SUDO_UID")
+        .args(["--allow-root", "--", "id", "-u"]);
+    let (code, out, err) = harness::output(cmd);
+    assert_eq!((code, out.trim()), (0, "0"), "{err}");
+    assert!(
+        err.contains("WARNING") && err.contains("--allow-root"),
+        "{err}"
+    );
+}
+
+/// The state directory publishes the CA certificate and bundle to every user and keeps the keys to root; the
+/// unprivileged agent's curl trusts the bundle it is pointed at.
+pub fn published_bundle_is_readable_keys_are_not(env: &mut Env) {
+    env.need_daemon();
+    let state = env.dir.path().join("state");
+    for (path, want) in [
+        (state.clone(), 0o711),
+        (state.join("public"), 0o755),
+        (state.join("public/bundle.pem"), 0o644),
+        (state.join("public/ca.pem"), 0o644),
+        (state.join("ca"), 0o700),
+        (state.join("ca/ca.key"), 0o600),
+        (state.join("audit"), 0o700),
+        (state.join("audit/audit.key"), 0o600),
+    ] {
+        assert_eq!(mode(&path), want, "{}", path.display());
+    }
+    let path = format!("/allowed/{}", unique("bundle"));
+    let out = env.curl_tagged(&[
+        "--resolve",
+        &env.resolve(API_HOST, 443, false),
+        &format!("https://{API_HOST}{path}"),
+    ]);
+    assert_eq!((out.code, out.status), (0, 200), "{out:?}");
+    assert_eq!(env.upstream_count(&path), 1);
+}
+
+/// Every trust variable `exec` sets, and the published file it names.
+const TRUST_VARIABLES: &[(&str, &str)] = &[
+    ("SSL_CERT_FILE", "bundle.pem"),
+    ("REQUESTS_CA_BUNDLE", "bundle.pem"),
+    ("CURL_CA_BUNDLE", "bundle.pem"),
+    ("NODE_EXTRA_CA_CERTS", "ca.pem"),
+    ("PIP_CERT", "bundle.pem"),
+    ("NPM_CONFIG_CAFILE", "bundle.pem"),
+    ("GIT_SSL_CAINFO", "bundle.pem"),
+    ("CARGO_HTTP_CAINFO", "bundle.pem"),
+    ("AWS_CA_BUNDLE", "bundle.pem"),
+    ("CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE", "bundle.pem"),
+    ("HTTPLIB2_CA_CERTS", "bundle.pem"),
+    ("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", "bundle.pem"),
+    ("CONDA_SSL_VERIFY", "bundle.pem"),
+    ("DENO_CERT", "bundle.pem"),
+    ("NIX_SSL_CERT_FILE", "bundle.pem"),
+    ("HEX_CACERTS_PATH", "bundle.pem"),
+];
+
+/// Values the caller's environment had (the system bundle: no enforcer CA) are replaced.
+pub fn trust_variables_replace_inherited_values(env: &mut Env) {
+    env.need_daemon();
+    let public = env.dir.path().join("state/public");
+    let mut cmd = env.exec_command();
+    for (var, _) in TRUST_VARIABLES {
+        cmd.env(var, SYSTEM_BUNDLE);
+    }
+    cmd.arg("env");
+    let (code, out, err) = harness::output(cmd);
+    assert_eq!(code, 0, "{err}");
+    for (var, file) in TRUST_VARIABLES {
+        let want = format!("{var}={}", public.join(file).display());
+        assert!(out.lines().any(|l| l == want), "{want} not in:\n{out}");
+    }
+}
+
+/// A working directory of the agent's own, with tool configurations that name the system bundle as their CA file.
+struct Workspace {
+    dir: PathBuf,
+    hosts: PathBuf,
+    cargo: PathBuf,
+}
+
+fn workspace(env: &Env) -> Workspace {
+    let dir = env.dir.path().join("runtimes");
+    let hosts = env.dir.path().join("runtimes-hosts");
+    std::fs::create_dir_all(dir.join("cargo-home")).expect("mkdir");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1 localhost\n::1 localhost\n{} {API_HOST}\n",
+            env.v4
+        ),
+    )
+    .expect("hosts");
+    for (name, text) in [
+        ("pip.conf", format!("[global]\ncert = {SYSTEM_BUNDLE}\n")),
+        ("npmrc", format!("cafile={SYSTEM_BUNDLE}\n")),
+        (
+            "gitconfig",
+            format!("[http]\n\tsslCAInfo = {SYSTEM_BUNDLE}\n"),
+        ),
+        (
+            "cargo-home/config.toml",
+            format!("[http]\ncainfo = \"{SYSTEM_BUNDLE}\"\n"),
+        ),
+    ] {
+        std::fs::write(dir.join(name), text).expect("config");
+    }
+    // The cargo that runs this test, copied where the agent user can run it (rustup's toolchains are under /root).
+    let cargo = env.dir.path().join("bin/cargo");
+    if !cargo.exists() {
+        let real = std::env::var_os("CARGO")
+            .map(PathBuf::from)
+            .expect("CARGO is set by cargo test");
+        std::fs::create_dir_all(cargo.parent().expect("parent")).expect("mkdir bin");
+        std::fs::copy(&real, &cargo).unwrap_or_else(|e| panic!("copy {}: {e}", real.display()));
+        harness::set_mode(cargo.parent().expect("parent"), 0o755).expect("chmod");
+        harness::set_mode(&cargo, 0o755).expect("chmod");
+    }
+    let (uid, gid) = (env.agent_uid, env.agent_gid);
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(&dir)
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    Workspace { dir, hosts, cargo }
+}
+
+/// Run `cmd` as the tagged agent, with `api.e2e.test` resolving to the upstream (a private /etc/hosts in its own
+/// mount namespace), HOME in the workspace and the tools' configuration files set; `unset` names trust variables
+/// removed inside the agent (to show what the tool's own configuration does without them).
+fn run_tool(env: &Env, ws: &Workspace, unset: &[&str], cmd: &[&str]) -> (i32, String, String) {
+    let d = |name: &str| ws.dir.join(name).display().to_string();
+    let mut inner: Vec<String> = vec!["env".into()];
+    for var in unset {
+        inner.push(format!("--unset={var}"));
+    }
+    for (k, v) in [
+        ("HOME", d("")),
+        ("PIP_CONFIG_FILE", d("pip.conf")),
+        ("PIP_DISABLE_PIP_VERSION_CHECK", "1".into()),
+        ("NPM_CONFIG_USERCONFIG", d("npmrc")),
+        ("npm_config_cache", d("npm-cache")),
+        ("npm_config_fetch_retries", "0".into()),
+        ("npm_config_update_notifier", "false".into()),
+        ("GIT_CONFIG_GLOBAL", d("gitconfig")),
+        ("GIT_TERMINAL_PROMPT", "0".into()),
+        ("CARGO_HOME", d("cargo-home")),
+        ("CARGO_NET_RETRY", "0".into()),
+    ] {
+        inner.push(format!("{k}={v}"));
+    }
+    inner.extend(cmd.iter().map(|s| s.to_string()));
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+        .arg(&ws.hosts)
+        .args(env.exec_argv())
+        .args(&inner);
+    harness::output(env.agent_command(c))
+}
+
+/// `pip download` of a package that does not exist from `index`, as the agent (see [`run_tool`]).
+fn pip_download(env: &Env, ws: &Workspace, unset: &[&str], index: &str) -> (i32, String, String) {
+    let dl = ws.dir.join("dl").display().to_string();
+    let pip = [
+        "python3",
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--retries",
+        "0",
+        "--timeout",
+        "20",
+        "-d",
+        &dl,
+        "--index-url",
+        index,
+        "enforcer-probe",
+    ];
+    run_tool(env, ws, unset, &pip)
+}
+
+/// The records the proxy left for agents that refused its certificate.
+fn client_tls_records(env: &Env) -> Vec<serde_json::Value> {
+    env.audit_records()
+        .into_iter()
+        .filter(|r| r["decision"]["reason"] == "client_tls")
+        .collect()
+}
+
+/// The `client_tls` records, once there are more than `before` (the proxy writes the record after the client has
+/// already given up, so it may land a moment later); bounded wait.
+fn client_tls_records_after(env: &Env, before: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let recs = client_tls_records(env);
+        if recs.len() > before || std::time::Instant::now() > deadline {
+            return recs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Every runtime installed here, run as the agent, reaches the upstream through the proxy — curl, Python's urllib
+/// and requests, Node's https, and pip, npm, git and cargo each with a configuration file that names the system
+/// bundle as its CA file (which the variables `exec` sets override).
+pub fn every_runtime_trusts_the_enforcer_ca(env: &mut Env) {
+    env.need_daemon();
+    let ws = workspace(env);
+    let base = |tag: &str| format!("/allowed/{}", unique(tag));
+    let url = |path: &str| format!("https://{API_HOST}{path}");
+    let cargo = ws.cargo.display().to_string();
+
+    let mut checks: Vec<(&str, String)> = Vec::new();
+    let p = base("curl");
+    let (code, out, err) = run_tool(
+        env,
+        &ws,
+        &[],
+        &["curl", "-sS", "--max-time", "20", &url(&p)],
+    );
+    assert!(
+        code == 0 && out.contains("upstream ok"),
+        "curl: {out} {err}"
+    );
+    checks.push(("curl", p));
+    let p = base("urllib");
+    let py =
+        "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=20).status)";
+    let (code, out, err) = run_tool(env, &ws, &[], &["python3", "-c", py, &url(&p)]);
+    assert_eq!((code, out.trim()), (0, "200"), "urllib: {err}");
+    checks.push(("urllib", p));
+    let p = base("requests");
+    let py = "import sys, requests; print(requests.get(sys.argv[1], timeout=20).status_code)";
+    let (code, out, err) = run_tool(env, &ws, &[], &["python3", "-c", py, &url(&p)]);
+    assert_eq!((code, out.trim()), (0, "200"), "requests: {err}");
+    checks.push(("requests", p));
+    let p = base("node");
+    let js =
+        "require('https').get(process.argv[1], r => { console.log(r.statusCode); r.resume(); })\
+              .on('error', e => { console.error(String(e)); process.exit(1); })";
+    let (code, out, err) = run_tool(env, &ws, &[], &["node", "-e", js, &url(&p)]);
+    assert_eq!((code, out.trim()), (0, "200"), "node: {err}");
+    checks.push(("node", p));
+
+    // The package managers get an answer that is no index, so they fail after the request; what matters is that
+    // the request got through TLS to the upstream (counted there) and was decided (recorded).
+    let p = base("pip");
+    let (_, out, err) = pip_download(env, &ws, &[], &format!("{}/", url(&p)));
+    checks.push(("pip", format!("{p}/enforcer-probe/")));
+    let mut outputs = format!("pip: {out}{err}\n");
+    let (npm, git, cargo_path) = (base("npm"), base("git"), base("cargo"));
+    let (registry, repo) = (format!("{}/", url(&npm)), url(&format!("{git}/repo.git")));
+    let index = format!("sparse+{}/", url(&cargo_path));
+    let managers: [(&str, Vec<&str>, String); 3] = [
+        (
+            "npm",
+            vec!["npm", "view", "enforcer-probe", "--registry", &registry],
+            format!("{npm}/enforcer-probe"),
+        ),
+        (
+            "git",
+            vec!["git", "ls-remote", &repo],
+            format!("{git}/repo.git/info/refs"),
+        ),
+        (
+            "cargo",
+            vec![&cargo, "search", "--index", &index, "enforcer-probe"],
+            format!("{cargo_path}/config.json"),
+        ),
+    ];
+    for (tool, cmd, counted) in managers {
+        let (_, out, err) = run_tool(env, &ws, &[], &cmd);
+        outputs.push_str(&format!("{tool}: {out}{err}\n"));
+        checks.push((tool, counted));
+    }
+    let records = env.audit_records();
+    for (tool, path) in &checks {
+        assert_eq!(
+            env.upstream_count(path),
+            1,
+            "{tool}: {path} did not reach the upstream\n{outputs}"
+        );
+        let recs: Vec<_> = records
+            .iter()
+            .filter(|r| r["request"]["path"].as_str() == Some(path.as_str()))
+            .collect();
+        assert_eq!(recs.len(), 1, "{tool}: records {recs:?}");
+        assert_eq!(
+            recs[0]["decision"]["verdict"], "allow",
+            "{tool}: {}",
+            recs[0]
+        );
+        assert_eq!(
+            recs[0]["agent"]["uid"], env.agent_uid,
+            "{tool}: {}",
+            recs[0]
+        );
+    }
+}
+
+/// A client whose own CA setting names a file without the enforcer CA refuses the handshake; the refusal is in the
+/// audit trail with the destination, SNI, agent, the alert it sent and reason `client_tls`. curl given `--cacert`,
+/// and pip left to its pip.conf `cert =` (the variables that override it removed inside the agent: `PIP_CERT`, and
+/// `REQUESTS_CA_BUNDLE` and `CURL_CA_BUNDLE`, which requests lets win over a session's CA file).
+pub fn a_client_refusing_the_certificate_is_recorded(env: &mut Env) {
+    env.need_daemon();
+    let ws = workspace(env);
+    let before = client_tls_records(env).len();
+    let path = format!("/allowed/{}", unique("refused"));
+    let out = env.curl_tagged(&[
+        "--cacert",
+        SYSTEM_BUNDLE,
+        "--resolve",
+        &env.resolve(API_HOST, 443, false),
+        &format!("https://{API_HOST}{path}"),
+    ]);
+    assert_eq!(out.code, 60, "{out:?}");
+    assert_eq!(env.upstream_count(&path), 0);
+    let recs = client_tls_records_after(env, before);
+    assert_eq!(recs.len(), before + 1, "{recs:?}");
+    let rec = &recs[before];
+    assert_eq!(rec["decision"]["verdict"], "block", "{rec}");
+    assert_eq!(rec["outcome"]["disposition"], "blocked", "{rec}");
+    assert_eq!(rec["outcome"]["error"], "client_tls", "{rec}");
+    assert_eq!(rec["request"]["host"], API_HOST, "{rec}");
+    assert_eq!(rec["request"]["ip"], env.v4.as_str(), "{rec}");
+    assert_eq!(rec["request"]["port"], 443, "{rec}");
+    assert_eq!(rec["request"]["scheme"], "https", "{rec}");
+    assert_eq!(rec["agent"]["profile"], PROFILE, "{rec}");
+    assert_eq!(rec["agent"]["uid"], env.agent_uid, "{rec}");
+    assert!(rec["agent"]["pid"].as_u64().is_some(), "{rec}");
+    assert_eq!(rec["request"]["tls_alert"], "unknown_ca", "{rec}");
+
+    let before = client_tls_records(env).len();
+    let p = format!("/allowed/{}", unique("pip-refused"));
+    let (code, out, err) = pip_download(
+        env,
+        &ws,
+        &["PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"],
+        &format!("https://{API_HOST}{p}/"),
+    );
+    assert_ne!(code, 0, "{out} {err}");
+    assert_eq!(
+        env.upstream_count(&format!("{p}/enforcer-probe/")),
+        0,
+        "pip trusted the enforcer without PIP_CERT: {out} {err}"
+    );
+    let recs = client_tls_records_after(env, before);
+    assert!(
+        recs.len() > before,
+        "pip's refusal left no record: {out} {err}"
+    );
+    for rec in &recs[before..] {
+        assert_eq!(rec["request"]["host"], API_HOST, "{rec}");
+        assert_eq!(rec["request"]["tls_alert"], "unknown_ca", "{rec}");
+        assert!(
+            rec["agent"]["exe"]
+                .as_str()
+                .is_some_and(|e| e.contains("python")),
+            "{rec}"
+        );
+    }
+}
+
+/// Upstream certificates are verified against the host's trust store: a CA found only in the store the daemon's
+/// environment points at (SSL_CERT_FILE, as OpenSSL reads it) is trusted, and without it, or with
+/// `proxy.upstream_roots: bundled`, the same upstream is not.
+pub fn upstream_trust_comes_from_the_system_store(env: &mut Env) {
+    env.need_daemon();
+    let original = env.config.clone();
+    let base = std::fs::read_to_string(&original).expect("config");
+    let roots_line = format!("  extra_roots: [{}]\n", env.test_ca.display());
+    assert!(base.contains(&roots_line), "{base}");
+    let system_only = base.replace(&roots_line, "  extra_roots: []\n");
+    let bundled = system_only.replace("proxy:\n", "proxy:\n  upstream_roots: bundled\n");
+    let dir = env.dir.path();
+    let (system_cfg, bundled_cfg) = (
+        dir.join("system-roots.yaml"),
+        dir.join("bundled-roots.yaml"),
+    );
+    std::fs::write(&system_cfg, system_only).expect("config");
+    std::fs::write(&bundled_cfg, bundled).expect("config");
+    let store = dir.join("system-store.pem");
+    let mut text = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap_or_default();
+    text.push_str(&std::fs::read_to_string(&env.test_ca).expect("test CA"));
+    std::fs::write(&store, text).expect("store");
+
+    let request = |env: &Env, tag: &str| {
+        let path = format!("/allowed/{}", unique(tag));
+        let out = env.curl_tagged(&[
+            "--resolve",
+            &env.resolve(API_HOST, 443, false),
+            &format!("https://{API_HOST}{path}"),
+        ]);
+        let count = env.upstream_count(&path);
+        let recs: Vec<serde_json::Value> = env
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["request"]["path"].as_str() == Some(path.as_str()))
+            .collect();
+        (out, count, recs)
+    };
+    let cases: [(&Path, &Path, bool); 3] = [
+        (&system_cfg, &store, true),
+        (&system_cfg, Path::new(SYSTEM_BUNDLE), false),
+        (&bundled_cfg, &store, false),
+    ];
+    for (config, store, trusted) in cases {
+        env.restart_daemon_with_env(config.to_path_buf(), &[("SSL_CERT_FILE", store)])
+            .unwrap_or_else(|e| panic!("restart: {e}"));
+        let (out, count, recs) = request(env, "roots");
+        let case = format!(
+            "{} with SSL_CERT_FILE={}",
+            config.display(),
+            store.display()
+        );
+        assert_eq!(recs.len(), 1, "{case}: {recs:?}");
+        if trusted {
+            assert_eq!((out.code, out.status), (0, 200), "{case}: {out:?}");
+            assert_eq!(count, 1, "{case}");
+            assert_eq!(recs[0]["outcome"]["disposition"], "forwarded", "{case}");
+        } else {
+            assert_ne!(out.status, 200, "{case}: {out:?}");
+            assert_eq!(count, 0, "{case}: forwarded to an untrusted upstream");
+            assert_eq!(
+                recs[0]["outcome"]["error"], "upstream_tls",
+                "{case}: {}",
+                recs[0]
+            );
+        }
+    }
+    env.restart_daemon(original)
+        .unwrap_or_else(|e| panic!("restart on the harness config: {e}"));
+}

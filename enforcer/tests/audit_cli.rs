@@ -2,10 +2,8 @@
 
 mod audit_support;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use audit_support::{config, event, log_files, read_lines, write, write_lines};
@@ -126,15 +124,7 @@ async fn tail_follow_prints_new_records_across_rotation_and_compression() {
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = audit_support::lines(out);
     let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(parse_record(first.as_bytes()).unwrap().seq, 4);
     let log = AuditLog::open(cfg).await.unwrap();

@@ -17,10 +17,9 @@ mod audit_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,15 +107,7 @@ fn crash_child(test: &str, dir: &Path, rotate: u64, compress: bool, target: usiz
     }
     let mut child = cmd.spawn().unwrap();
     let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = audit_support::lines(out);
     let mut c = Crashed {
         appended: BTreeMap::new(),
         durable: BTreeSet::new(),

@@ -34,7 +34,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), AuditError> {
         .map_err(|e| AuditError::io(dir, e))
 }
 
-/// Open (or create, `0600`) a log file for writing at explicit offsets.
+/// Open (or create, `0600`) a log file or `checkpoints.jsonl` for writing at explicit offsets.
 pub(crate) fn open_log(path: &Path) -> Result<File, AuditError> {
     OpenOptions::new()
         .write(true)

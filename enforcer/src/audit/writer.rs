@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::checkpoint::{open_checkpoints, Signer, Syslog, CHECKPOINT_FILE};
+use super::checkpoint::{Signer, Syslog, CHECKPOINT_FILE};
 use super::read::file_name;
 use super::record::compose;
 use super::recover::{
@@ -482,7 +482,8 @@ impl Handle {
             .find(|f| f.path == path)
             .map_or(tail.next_seq, |f| f.first_seq);
         let current = OpenFile::open(path, first_seq, len, cfg.rotate_bytes)?;
-        let checkpoints = open_checkpoints(&cp_path)?;
+        // Written at the end of its whole lines, so a failed write can be cut back.
+        let checkpoints = open_log(&cp_path)?;
         // New files (key, log, checkpoints, anything moved aside) exist durably from here on.
         sync_dir(&cfg.dir)?;
         let to_seal = sealed_plain(&cfg.dir)?;

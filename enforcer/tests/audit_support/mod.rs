@@ -174,6 +174,21 @@ pub fn stated_hash(line: &str) -> [u8; 32] {
     out
 }
 
+/// The lines a child writes to `out`, as they come (a thread reads them).
+pub fn lines(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// Tests that mount file systems need root; without it they are skipped, unless `CI` is set (where skipping would
 /// hide a broken writer), so they fail.
 pub fn root_or_skip() -> bool {

@@ -30,6 +30,10 @@ fn event(task: u32, i: u64) -> AuditEvent {
             rewrites: vec![],
             mode: Mode::Enforce,
             policy_hash: "3a".repeat(32),
+            review: None,
+            labels: Vec::new(),
+            counts: Vec::new(),
+            retain: None,
         },
         agent: Agent {
             profile: Some("coder".into()),
@@ -63,6 +67,8 @@ fn event(task: u32, i: u64) -> AuditEvent {
             status: Some(200),
             error: None,
         },
+        review: None,
+        trace: None,
     }
 }
 

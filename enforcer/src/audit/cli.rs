@@ -53,7 +53,7 @@ pub enum AuditCommand {
         /// Before this time (same forms as --since).
         #[arg(long)]
         until: Option<String>,
-        /// allow, log, constrain or block.
+        /// allow, log, constrain, review or block.
         #[arg(long)]
         verdict: Option<String>,
         /// Agent profile.
@@ -276,6 +276,7 @@ fn row(l: &Line) -> String {
         Disposition::Forwarded => "forwarded".to_owned(),
         Disposition::Blocked => "blocked".to_owned(),
         Disposition::Failed => "failed".to_owned(),
+        Disposition::Held => "held".to_owned(),
     };
     if let Some(s) = r.outcome.status {
         outcome.push_str(&format!(" {s}"));
@@ -318,8 +319,9 @@ fn parse_verdict(s: &str) -> anyhow::Result<Verdict> {
         "allow" => Verdict::Allow,
         "log" => Verdict::Log,
         "constrain" => Verdict::Constrain,
+        "review" => Verdict::Review,
         "block" => Verdict::Block,
-        _ => bail!("unknown verdict {s:?}: expected allow, log, constrain or block"),
+        _ => bail!("unknown verdict {s:?}: expected allow, log, constrain, review or block"),
     })
 }
 

@@ -130,6 +130,16 @@ pub(crate) fn compose(
     hash
 }
 
+/// `t` in UTC as RFC 3339 with microseconds, e.g. `2026-11-26T23:18:55.123456Z` (the records' `ts` format).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    time::OffsetDateTime::from(t)
+        .format(&fmt)
+        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000000Z"))
+}
+
 /// Why a line is not a well-formed record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Malformed {
@@ -234,6 +244,10 @@ mod tests {
                 rewrites: vec![],
                 mode: Mode::Enforce,
                 policy_hash: "ab".repeat(32),
+                review: None,
+                labels: Vec::new(),
+                counts: Vec::new(),
+                retain: None,
             },
             agent: Agent {
                 profile: Some("coder".into()),
@@ -251,6 +265,8 @@ mod tests {
                 status: Some(403),
                 error: None,
             },
+            review: None,
+            trace: None,
         }
     }
 

@@ -28,7 +28,7 @@ pub struct Status {
     pub profiles: Vec<ProfileStatus>,
     pub policy: PolicyStatus,
     pub audit: AuditStatus,
-    /// Decisions since the daemon started, by verdict (`allow`, `log`, `constrain`, `block`).
+    /// Decisions since the daemon started, by verdict (`allow`, `log`, `constrain`, `review`, `block`).
     pub decisions: BTreeMap<String, u64>,
 }
 
@@ -228,9 +228,10 @@ impl Status {
                 .map_or_else(|| "none".into(), |c| format!("seq {} at {}", c.seq, c.ts)),
             a.bytes
         ));
-        let counts: Vec<String> = ["allow", "log", "constrain", "block"]
+        let counts: Vec<String> = crate::model::Verdict::ALL
             .iter()
-            .map(|v| format!("{v} {}", self.decisions.get(*v).copied().unwrap_or(0)))
+            .map(|v| v.as_str())
+            .map(|v| format!("{v} {}", self.decisions.get(v).copied().unwrap_or(0)))
             .collect();
         out.push_str(&format!("decisions: {} (since start)\n", counts.join(", ")));
         if let Some(m) = &d.metrics {
@@ -423,7 +424,9 @@ mod tests {
         assert!(text.contains("2 programs attached at /sys/fs/cgroup/unified"));
         assert!(text.contains("  agents           2 agents; tagged: enforcer/agents, agents-1.scope; configured: agents-*.scope\n"), "{text}");
         assert!(text.contains("last seq 41, last checkpoint seq 40 at 2026-11-30T05:01:00.000000Z, 12345 bytes on disk"));
-        assert!(text.contains("decisions: allow 3, log 0, constrain 0, block 27 (since start)\n"));
+        assert!(text.contains(
+            "decisions: allow 3, log 0, constrain 0, review 0, block 27 (since start)\n"
+        ));
     }
 
     #[test]

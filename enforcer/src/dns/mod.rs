@@ -289,16 +289,12 @@ async fn record(
     disposition: Disposition,
     error: Option<Reason>,
 ) -> bool {
-    let event = AuditEvent {
-        decision,
-        agent: agent.clone(),
-        request,
-        outcome: Outcome {
-            disposition,
-            status: None,
-            error,
-        },
+    let outcome = Outcome {
+        disposition,
+        status: None,
+        error,
     };
+    let event = AuditEvent::new(decision, agent.clone(), request, outcome);
     match ctx.record(policy, event).await {
         Ok(_) => true,
         Err(e) => {

@@ -7,13 +7,16 @@
 //! 2. `head::bind_to_sni` — over TLS, that host is the server name the session was opened for;
 //! 3. `body::read`, `body::decode` — the whole body, bounded, and its content-coding undone;
 //! 4. `classify::classify` — the Actions and the protocol;
-//! 5. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with;
-//! 6. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
-//! 7. `enforce::enforce` — block, or constrain the request;
-//! 8. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
-//! 9. `ExchangeRecord::forwarded` — the record, written before anything reaches the upstream;
-//! 10. `forward::send` — the request sent, the response head received;
-//! 11. `answer::respond` — the response phases: what the agent receives.
+//! 5. `Sessions::fill` — what the agent's session did so far, for `session.*` conditions;
+//! 6. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with;
+//! 7. `Sessions::note` — what each decided Action leaves on the session (labels, counters, the tool it called);
+//! 8. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
+//! 9. `enforce::enforce` — block, or constrain the request;
+//! 10. `hold::review` — a `review` verdict waits for a person's answer (or its timeout) before anything goes on;
+//! 11. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
+//! 12. `ExchangeRecord::forwarded` — the record, written before anything reaches the upstream;
+//! 13. `forward::send` — the request sent, the response head received;
+//! 14. `answer::respond` — the response phases: what the agent receives.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +28,7 @@ use hyper::upgrade::OnUpgrade;
 use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
-use super::{answer, body, classify, enforce, forward, head, ProxyContext};
+use super::{answer, body, classify, enforce, forward, head, hold, ProxyContext};
 use crate::model::RequestSummary;
 
 /// Take one request through the phases; the response the client gets.
@@ -70,7 +73,9 @@ async fn phases(
     rec.note_body(&raw);
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
 
-    let inspected = classify::classify(rec, conn, &head, &parts, &body)?;
+    let mut inspected = classify::classify(rec, conn, &head, &parts, &body)?;
+    let sessions = rec.ctx().sessions.clone();
+    sessions.fill(&mut inspected.actions, policy.session_counters());
     let deciding = Instant::now();
     let mut decided = policy.decide_all(&inspected.actions);
     // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
@@ -81,12 +86,16 @@ async fn phases(
         decided.decision = d;
     }
     crate::metrics::global().decision_latency(deciding.elapsed());
+    for (action, decision) in inspected.actions.iter().zip(&decided.each) {
+        sessions.note(&conn.agent, decision, action);
+    }
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
 
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
     let outgoing = enforce::enforce(rec, &head, parts, body)?;
+    hold::review(rec).await?;
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());

@@ -370,6 +370,11 @@ async fn start(
                 .collect(),
         ),
         dns: stage.clone(),
+        sessions: Arc::new(enforcer::session::Sessions::new(
+            enforcer::session::SessionLimits::default(),
+            HashMap::new(),
+        )),
+        reviews: enforcer::review::Reviews::new(16, None),
     });
     let shutdown = CancellationToken::new();
     let dns_udp = match stage {

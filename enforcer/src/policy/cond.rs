@@ -58,6 +58,7 @@ pub const CONDITION_KEYS: &[&str] = &[
     "mcp.method",
     "mcp.tool",
     "mcp.args",
+    "mcp.resource",
     "llm.provider",
     "llm.model",
     "llm.tools",
@@ -107,6 +108,8 @@ pub enum Cond {
     McpMethod(Vec<Glob>),
     McpTool(Vec<Glob>),
     McpArgs(Vec<(JsonPath, Vec<Op>)>),
+    /// The resource URI of `resources/read` (and subscribe, unsubscribe).
+    McpResource(Vec<Glob>),
     LlmProvider(Vec<Glob>),
     LlmModel(Vec<Glob>),
     LlmTools(Vec<Glob>),
@@ -313,6 +316,7 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
         "mcp.method" => Cond::McpMethod(globs(v, Glob::plain)?),
         "mcp.tool" => Cond::McpTool(globs(v, Glob::plain)?),
         "mcp.args" => Cond::McpArgs(json_tests(v)?),
+        "mcp.resource" => Cond::McpResource(globs(v, Glob::plain)?),
         "llm.provider" => Cond::LlmProvider(globs(v, Glob::plain)?),
         "llm.model" => Cond::LlmModel(globs(v, Glob::plain)?),
         "llm.tools" => Cond::LlmTools(globs(v, Glob::plain)?),
@@ -849,6 +853,7 @@ impl Cond {
                 Some(m) => json_eval(tests, m.args.as_ref()),
                 None => false,
             },
+            Cond::McpResource(g) => any_glob(g, a.mcp.as_ref().and_then(|m| m.resource.as_deref())),
             Cond::LlmProvider(g) => any_glob(g, a.llm.as_ref().map(|l| l.provider.as_str())),
             Cond::LlmModel(g) => any_glob(g, a.llm.as_ref().and_then(|l| l.model.as_deref())),
             Cond::LlmTools(g) => a

@@ -340,6 +340,33 @@ impl Sessions {
         }
     }
 
+    /// Make `agent`'s session hold at least what `state` says (its labels, its counters' totals as of `now`, its
+    /// previous tool): how a policy test case states a session's history.
+    pub fn seed_at(&self, agent: &Agent, state: &SessionState, now: Instant) {
+        let Some(id) = agent.session.as_deref() else {
+            return;
+        };
+        let minute = self.minute(now);
+        let mut table = self.lock();
+        let Some(s) = table.values_mut().find(|s| s.id == id) else {
+            return;
+        };
+        for label in &state.labels {
+            if !s.labels.contains(label) && s.labels.len() < self.limits.max_labels {
+                s.labels.push(label.clone());
+            }
+        }
+        for (name, value) in state.counts.iter().filter(|(k, _)| !k.contains('@')) {
+            let c = s.counters.entry(name.clone()).or_default();
+            if c.total < *value {
+                c.add(value - c.total, minute);
+            }
+        }
+        if state.previous_tool.is_some() {
+            s.previous_tool.clone_from(&state.previous_tool);
+        }
+    }
+
     /// Every live session, oldest first.
     pub fn list(&self) -> Vec<SessionInfo> {
         let now = Instant::now();

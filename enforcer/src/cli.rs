@@ -44,6 +44,9 @@ pub enum Command {
     /// Live agent sessions with their labels and counters (the daemon must be running).
     #[command(subcommand)]
     Session(crate::session::cli::SessionCommand),
+    /// Retained traces: decrypt one with the private key, or make a key pair.
+    #[command(subcommand)]
+    Trace(crate::trace::cli::TraceCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => crate::audit::cli::run(cmd),
         Command::Review(cmd) => crate::review::cli::run(cmd),
         Command::Session(cmd) => crate::session::cli::run(cmd),
+        Command::Trace(cmd) => crate::trace::cli::run(cmd),
     }
 }
 

@@ -69,6 +69,9 @@ pub struct Config {
     /// Bounds on the per-session state the daemon keeps.
     #[serde(deserialize_with = "null_as_default")]
     pub sessions: crate::session::SessionLimits,
+    /// Retained traces: the recipient they are encrypted to, where they live, their size and age limits.
+    #[serde(deserialize_with = "null_as_default")]
+    pub traces: crate::trace::TraceSettings,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -229,6 +232,7 @@ impl Default for Config {
             control: ControlConfig::default(),
             review: crate::review::ReviewSettings::default(),
             sessions: crate::session::SessionLimits::default(),
+            traces: crate::trace::TraceSettings::default(),
         }
     }
 }

@@ -437,6 +437,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     let session_watch = crate::session::watch(sessions.clone(), &config.cgroup_root)
         .context("watching session cgroups")?;
+    let traces = crate::trace::TraceStore::open(&config.traces, &config.audit_dir())?.map(Arc::new);
+    if let Some(t) = &traces {
+        tracing::info!(dir = %t.dir().display(), "retained traces are encrypted to the configured recipient");
+    }
     let ctx = Arc::new(ProxyContext {
         policy: SharedPolicy::new(policy),
         audit: audit.clone(),
@@ -448,6 +452,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         dns: Some(dns.clone()),
         sessions,
         reviews: reviews.clone(),
+        traces: traces.clone(),
     });
     let reloader = Arc::new(Reloader {
         config: config.clone(),
@@ -534,6 +539,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
     );
+    if let Some(store) = traces {
+        spawn(
+            "trace retention".into(),
+            Box::pin(crate::trace::sweep(
+                ctx.clone(),
+                store,
+                std::time::Duration::from_secs(60),
+                shutdown.clone(),
+            )),
+        );
+    }
     if let Some((hook, listener)) = webhook {
         spawn(
             "review links".into(),

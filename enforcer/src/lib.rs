@@ -30,3 +30,4 @@ pub mod proxy;
 pub mod review;
 pub mod service;
 pub mod session;
+pub mod trace;

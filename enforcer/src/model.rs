@@ -523,6 +523,8 @@ pub enum Reason {
     ReviewDenied,
     /// Nobody answered the review in time: its fallback verdict applied.
     ReviewTimeout,
+    /// A retained trace was deleted because it outgrew the retention limits (age or total size).
+    Retention,
     /// The review could not be held (too many pending, or no way to ask anyone): its fallback verdict applied.
     ReviewUnavailable,
 }
@@ -550,6 +552,7 @@ impl Reason {
             Reason::UserNotAllowed => "user_not_allowed",
             Reason::ReviewDenied => "review_denied",
             Reason::ReviewTimeout => "review_timeout",
+            Reason::Retention => "retention",
             Reason::ReviewUnavailable => "review_unavailable",
         }
     }
@@ -687,6 +690,10 @@ pub enum Disposition {
     /// Held for a person's review: nothing was sent yet. The exchange's closing record (linked by
     /// `review.held_seq`) says how it ended.
     Held,
+    /// A trace of the exchange (record `trace.of`) was stored.
+    Retained,
+    /// A stored trace was deleted by the retention limits.
+    Deleted,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

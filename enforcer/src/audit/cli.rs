@@ -28,6 +28,9 @@ pub enum AuditCommand {
         /// Default: the audit.pub inside it.
         #[arg(long, value_name = "PUBKEY")]
         key: Option<PathBuf>,
+        /// The retained traces' directory, when `traces.dir` puts it elsewhere than `<dir>/traces`.
+        #[arg(long, value_name = "DIR")]
+        traces: Option<PathBuf>,
     },
     /// Print the last records; with -f, keep printing new ones.
     Tail {
@@ -95,7 +98,9 @@ fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         bail!("no audit trail at {}: not a directory", dir.display());
     }
     match cmd {
-        AuditCommand::Verify { dir, key } => verify(&dir, key.as_deref()),
+        AuditCommand::Verify { dir, key, traces } => {
+            verify(&dir, key.as_deref(), traces.as_deref())
+        }
         AuditCommand::Tail {
             dir,
             follow,
@@ -128,8 +133,8 @@ fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let r = super::verify(dir, key).map_err(flat)?;
+fn verify(dir: &Path, key: Option<&Path>, traces: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let r = super::verify::verify_with(dir, key, traces).map_err(flat)?;
     let mb = r.bytes as f64 / 1e6;
     if r.ok() {
         let range = match r.last_seq {
@@ -143,6 +148,9 @@ fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
             r.checkpoints,
             r.key.display()
         );
+        if r.traces > 0 {
+            println!("{} retained traces match their records", r.traces);
+        }
         if let Some(c) = r.last_checkpoint {
             println!(
                 "last checkpoint signs record {c}; {} records after it are chained but not yet signed",
@@ -277,6 +285,8 @@ fn row(l: &Line) -> String {
         Disposition::Blocked => "blocked".to_owned(),
         Disposition::Failed => "failed".to_owned(),
         Disposition::Held => "held".to_owned(),
+        Disposition::Retained => "trace stored".to_owned(),
+        Disposition::Deleted => "trace deleted".to_owned(),
     };
     if let Some(s) = r.outcome.status {
         outcome.push_str(&format!(" {s}"));

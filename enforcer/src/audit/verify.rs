@@ -1,6 +1,8 @@
 //! `verify`: walks every log file in order, recomputes every record's hash, checks that `seq` runs on without a gap
 //! and that each record links to the one before it (across rotations too), checks every checkpoint's signature and
-//! that the log still holds each checkpoint's (seq, hash). Reports counts, or the first bad record and why.
+//! that the log still holds each checkpoint's (seq, hash), and that every retained trace the records name is there
+//! with the digest recorded for it (unless its deletion is recorded). Reports counts, or the first bad record and
+//! why.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -74,6 +76,12 @@ pub enum Problem {
     CheckpointOrder { checkpoint: usize },
     /// Records but no checkpoint at all.
     NoCheckpoint,
+    /// A trace file whose bytes are not the ones its record's digest names (swapped or altered).
+    TraceAltered { seq: u64, file: String },
+    /// A trace file a record names, gone without a record of its deletion.
+    TraceMissing { seq: u64, file: String },
+    /// A file in the trace directory that no record names.
+    TraceUnrecorded { file: String },
 }
 
 impl fmt::Display for Problem {
@@ -156,6 +164,18 @@ impl fmt::Display for Problem {
                 f,
                 "truncated: the log has records but {CHECKPOINT_FILE} has no signed checkpoint"
             ),
+            Problem::TraceAltered { seq, file } => write!(
+                f,
+                "swapped: trace {file} (recorded in record {seq}) does not match the digest its record holds"
+            ),
+            Problem::TraceMissing { seq, file } => write!(
+                f,
+                "deleted: trace {file} (recorded in record {seq}) is missing and no record says it was deleted"
+            ),
+            Problem::TraceUnrecorded { file } => write!(
+                f,
+                "inserted: trace {file} is in the trace directory but no record names it"
+            ),
         }
     }
 }
@@ -172,6 +192,8 @@ pub struct VerifyReport {
     pub last_checkpoint: Option<u64>,
     /// The public key the signatures were checked against.
     pub key: PathBuf,
+    /// Retained traces checked against their records' digests.
+    pub traces: usize,
     /// At most one record problem (the first) and one checkpoint problem (the first).
     pub problems: Vec<Problem>,
 }
@@ -191,8 +213,18 @@ impl VerifyReport {
     }
 }
 
-/// Verify the trail in `dir`, checking signatures against `key` (default `<dir>/audit.pub`).
+/// Verify the trail in `dir`, checking signatures against `key` (default `<dir>/audit.pub`) and retained traces in
+/// `<dir>/traces`.
 pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError> {
+    verify_with(dir, key, None)
+}
+
+/// [`verify`] with the trace directory named (`traces.dir` when it is not `<dir>/traces`).
+pub fn verify_with(
+    dir: &Path,
+    key: Option<&Path>,
+    traces: Option<&Path>,
+) -> Result<VerifyReport, AuditError> {
     let key_path = key.map_or_else(|| dir.join(PUB_FILE), Path::to_path_buf);
     let public = PublicKey::load(&key_path)?;
     let mut report = VerifyReport {
@@ -203,6 +235,7 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
         last_seq: None,
         last_checkpoint: None,
         key: key_path,
+        traces: 0,
         problems: Vec::new(),
     };
 
@@ -249,7 +282,9 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
 
     let files = list_files(dir)?;
     report.files = files.len();
-    let record_problem = walk(&files, &signed, &mut report)?;
+    let mut traced = TraceBook::default();
+    let record_problem = walk(&files, &signed, &mut report, &mut traced)?;
+    let traces_dir = traces.map_or_else(|| dir.join(TRACE_DIR), Path::to_path_buf);
     if let Some(p) = record_problem {
         report.problems.push(p);
     } else if let Some((&seq, &(n, _))) = signed
@@ -265,6 +300,8 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
         });
     } else if report.last_seq.is_some() && cp_lines.is_empty() {
         report.problems.push(Problem::NoCheckpoint);
+    } else if let Some(p) = traced.check(&traces_dir, &mut report.traces)? {
+        report.problems.push(p);
     }
     if let Some(p) = cp_problem {
         report.problems.push(p);
@@ -272,11 +309,75 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
     Ok(report)
 }
 
+/// The trace directory under the audit directory.
+const TRACE_DIR: &str = "traces";
+
+/// The traces the records name: by file, the record that stored it and its digest; deleted ones removed.
+#[derive(Default)]
+struct TraceBook(std::collections::BTreeMap<String, (u64, String)>);
+
+impl TraceBook {
+    /// Note the trace member of a record line, if it has one.
+    fn note(&mut self, seq: u64, line: &[u8]) {
+        if memchr::memmem::find(line, b"\"trace\":{").is_none() {
+            return;
+        }
+        let Ok(record) = super::record::parse_record(line) else {
+            return;
+        };
+        let Some(t) = record.trace else { return };
+        match t.event {
+            crate::model::TraceEvent::Stored => {
+                self.0.insert(t.file, (seq, t.sha256));
+            }
+            _ => {
+                self.0.remove(&t.file);
+            }
+        }
+    }
+
+    /// Every recorded trace is in `dir` with its digest, and `dir` holds nothing else that looks like a trace.
+    fn check(&self, dir: &Path, checked: &mut usize) -> Result<Option<Problem>, AuditError> {
+        use sha2::Digest;
+        for (file, (seq, sha)) in &self.0 {
+            let problem = |altered: bool| {
+                let (seq, file) = (*seq, file.clone());
+                Some(if altered {
+                    Problem::TraceAltered { seq, file }
+                } else {
+                    Problem::TraceMissing { seq, file }
+                })
+            };
+            if !file.starts_with("trace-") || file.contains('/') {
+                return Ok(problem(true));
+            }
+            let path = dir.join(file);
+            match fs::read(&path) {
+                Ok(data) if hex::encode(sha2::Sha256::digest(&data)) == *sha => *checked += 1,
+                Ok(_) => return Ok(problem(true)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(problem(false)),
+                Err(e) => return Err(AuditError::io(&path, e)),
+            }
+        }
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Ok(None);
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("trace-") && !self.0.contains_key(&name) {
+                return Ok(Some(Problem::TraceUnrecorded { file: name }));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// The fast pass over every record; returns the first problem.
 fn walk(
     files: &[(u64, PathBuf)],
     signed: &HashMap<u64, (usize, [u8; 32])>,
     report: &mut VerifyReport,
+    traced: &mut TraceBook,
 ) -> Result<Option<Problem>, AuditError> {
     let mut expected = 0u64;
     let mut prev = GENESIS;
@@ -321,6 +422,7 @@ fn walk(
                     }));
                 }
             }
+            traced.note(p.seq, line);
             report.records += 1;
             report.last_seq = Some(p.seq);
             expected += 1;

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 use super::{read_source, yaml, Policy, PolicyError};
-use crate::session::{SessionLimits, Sessions};
 use crate::model::{Action, Decision, PlannedRewrite, Reason, Verdict};
+use crate::session::{SessionLimits, Sessions};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,9 +197,10 @@ impl SimulatedSession {
             self.0.identify(&mut a.agent);
             match &action.session {
                 Some(stated) => self.0.seed_at(&a.agent, stated, now),
-                None => self
-                    .0
-                    .fill_at(std::slice::from_mut(&mut a), policy.session_counters(), now),
+                None => {
+                    self.0
+                        .fill_at(std::slice::from_mut(&mut a), policy.session_counters(), now)
+                }
             }
             let d = policy.evaluate_at(&a, now);
             self.0.note_at(&a.agent, &d, &a, now);

@@ -16,7 +16,8 @@
 //! 11. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
 //! 12. `ExchangeRecord::forwarded` — the record, written before anything reaches the upstream;
 //! 13. `forward::send` — the request sent, the response head received;
-//! 14. `answer::respond` — the response phases: what the agent receives.
+//! 14. `answer::respond` — the response phases: what the agent receives (copied into the exchange's trace when its
+//!     decision retains it: `trace::attach`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -90,6 +91,7 @@ async fn phases(
         sessions.note(&conn.agent, decision, action);
     }
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
+    rec.start_trace(conn.scheme.as_str(), &parts, &body.decoded);
 
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
@@ -103,5 +105,6 @@ async fn phases(
     rec.forwarded().await?;
     let resp = forward::send(conn, &head, upstream, upstream_req).await?;
 
-    Ok(answer::respond(resp, upgrade))
+    let traced = rec.take_trace().filter(|_| upgrade.is_none());
+    Ok(crate::trace::attach(answer::respond(resp, upgrade), traced))
 }

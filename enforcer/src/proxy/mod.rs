@@ -48,6 +48,7 @@ pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use hostbind::{Binding, HostBindError, HostBinder};
+pub use http::ProxyBody;
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::UpstreamError;
@@ -77,6 +78,8 @@ pub struct ProxyContext {
     pub sessions: Arc<crate::session::Sessions>,
     /// Exchanges held for a person's answer (`review` verdict).
     pub reviews: Arc<crate::review::Reviews>,
+    /// Where retained exchanges are written, encrypted (`traces.recipient`); `None`: nothing is retained.
+    pub traces: Option<Arc<crate::trace::TraceStore>>,
 }
 
 impl ProxyContext {

@@ -41,6 +41,8 @@ pub(crate) struct ExchangeRecord {
     review: Option<ReviewNote>,
     /// The seq of the closing record, once written.
     seq: Option<u64>,
+    /// The exchange's trace, when its decision retains it: linked to the closing record once written.
+    trace: Option<crate::trace::Draft>,
     written: bool,
 }
 
@@ -56,6 +58,7 @@ impl ExchangeRecord {
             decided: None,
             review: None,
             seq: None,
+            trace: None,
             written: false,
         }
     }
@@ -77,9 +80,27 @@ impl ExchangeRecord {
         &self.summary
     }
 
-    /// The seq of the exchange's closing record, once it is written.
-    pub fn seq(&self) -> Option<u64> {
-        self.seq
+    /// Start the exchange's trace when its decision retains it (`retain:`) and traces are configured.
+    pub fn start_trace(&mut self, scheme: &str, parts: &http::request::Parts, body: &[u8]) {
+        let Some(decision) = self.decision() else {
+            return;
+        };
+        let host = self.summary.host.clone().unwrap_or_default();
+        self.trace = crate::trace::Draft::start(
+            &self.ctx,
+            &self.policy,
+            decision,
+            &self.agent,
+            scheme,
+            &host,
+            parts,
+            body,
+        );
+    }
+
+    /// The trace of a forwarded exchange, to be fed its response.
+    pub fn take_trace(&mut self) -> Option<crate::trace::Draft> {
+        self.trace.take()
     }
 
     /// Write the held record of an exchange a review holds (outcome `held`, the review's terms); its seq is the
@@ -278,6 +299,8 @@ impl ExchangeRecord {
     }
 
     async fn write(&mut self, decision: Decision, outcome: Outcome) -> Result<u64, ()> {
+        let disposition = outcome.disposition;
+        let traced = self.trace.as_ref().map(|_| self.summary.clone());
         let mut event = AuditEvent::new(
             decision,
             self.agent.clone(),
@@ -291,6 +314,15 @@ impl ExchangeRecord {
             .await
             .map_err(|e| tracing::error!(error = %e, "audit write failed"))?;
         self.seq = Some(seq);
+        if let (Some(draft), Some(summary)) = (self.trace.as_mut(), traced) {
+            draft.linked(seq, summary, disposition);
+        }
+        // Refused: nothing more will come; the trace holds the request alone.
+        if disposition != Disposition::Forwarded {
+            if let Some(draft) = self.trace.take() {
+                draft.finish();
+            }
+        }
         Ok(seq)
     }
 }

@@ -375,6 +375,7 @@ async fn start(
             HashMap::new(),
         )),
         reviews: enforcer::review::Reviews::new(16, None),
+        traces: None,
     });
     let shutdown = CancellationToken::new();
     let dns_udp = match stage {

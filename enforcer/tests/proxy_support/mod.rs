@@ -319,7 +319,25 @@ pub async fn start_proxy_with_hosts(
     explicit: bool,
     static_hosts: &[(&str, &[IpAddr])],
 ) -> Proxy {
-    start(policy_yaml, extra_roots, explicit, static_hosts, None).await
+    start(policy_yaml, extra_roots, explicit, static_hosts, None, None).await
+}
+
+/// The proxy with `static_hosts` pins that also retains traces as `traces` says.
+pub async fn start_proxy_retaining(
+    policy_yaml: &str,
+    extra_roots: &[&TestCa],
+    static_hosts: &[(&str, &[IpAddr])],
+    traces: enforcer::trace::TraceSettings,
+) -> Proxy {
+    start(
+        policy_yaml,
+        extra_roots,
+        false,
+        static_hosts,
+        None,
+        Some(traces),
+    )
+    .await
 }
 
 /// The proxy with the DNS stage (UDP listener on 127.0.0.1, DNS over TCP through the proxy) forwarding allowed
@@ -329,7 +347,15 @@ pub async fn start_proxy_with_dns(
     dns_upstream: SocketAddr,
     dns: enforcer::config::DnsConfig,
 ) -> Proxy {
-    start(policy_yaml, &[], false, &[], Some((dns_upstream, dns))).await
+    start(
+        policy_yaml,
+        &[],
+        false,
+        &[],
+        Some((dns_upstream, dns)),
+        None,
+    )
+    .await
 }
 
 async fn start(
@@ -338,6 +364,7 @@ async fn start(
     explicit: bool,
     static_hosts: &[(&str, &[IpAddr])],
     dns: Option<(SocketAddr, enforcer::config::DnsConfig)>,
+    traces: Option<enforcer::trace::TraceSettings>,
 ) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let policy = SharedPolicy::new(Policy::from_yaml(policy_yaml, "test-policy.yaml").unwrap());
@@ -375,7 +402,13 @@ async fn start(
             HashMap::new(),
         )),
         reviews: enforcer::review::Reviews::new(16, None),
-        traces: None,
+        traces: traces.map(|t| {
+            Arc::new(
+                enforcer::trace::TraceStore::open(&t, &audit_dir)
+                    .unwrap()
+                    .expect("a recipient"),
+            )
+        }),
     });
     let shutdown = CancellationToken::new();
     let dns_udp = match stage {
@@ -429,16 +462,19 @@ async fn start(
 impl Proxy {
     /// Connect to the proxy as if the kernel had redirected a connection meant for `dst`.
     pub async fn connect_as(&self, dst: SocketAddr) -> TcpStream {
+        self.connect_as_agent(dst, test_agent()).await
+    }
+
+    /// [`Proxy::connect_as`] from another agent (its cgroup names its session).
+    pub async fn connect_as_agent(&self, dst: SocketAddr, agent: Agent) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = socket.local_addr().unwrap().port();
-        self.table.0.lock().unwrap().insert(
-            port,
-            Origin {
-                dst,
-                agent: test_agent(),
-            },
-        );
+        self.table
+            .0
+            .lock()
+            .unwrap()
+            .insert(port, Origin { dst, agent });
         socket.connect(self.addr).await.unwrap()
     }
 

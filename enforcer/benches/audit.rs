@@ -41,6 +41,7 @@ fn event(task: u32, i: u64) -> AuditEvent {
             pid: Some(4000 + task),
             exe: Some("/usr/bin/node".into()),
             uid: Some(1000),
+            ..Agent::default()
         },
         request: RequestSummary {
             scheme: Some(Scheme::Https),

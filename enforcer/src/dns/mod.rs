@@ -142,10 +142,11 @@ pub async fn serve_udp(
             (ctx.clone(), stage.clone(), socket.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _place = place;
-            let (agent, resolver) = match origin {
+            let (mut agent, resolver) = match origin {
                 Some(o) => (o.agent, Some(o.dst.ip())),
                 None => (Agent::default(), None),
             };
+            ctx.sessions.identify(&mut agent);
             let reply = async {
                 match parse_query(&packet) {
                     Ok(query) => {

@@ -42,8 +42,8 @@ pub fn run(cmd: SessionCommand) -> anyhow::Result<ExitCode> {
             }
             let sessions: Vec<SessionInfo> = serde_json::from_value(answer)?;
             println!(
-                "{:<16}  {:<12}  {:<12}  {:<24}  {:>8}  {}",
-                "ID", "PROFILE", "USER", "STARTED", "REQUESTS", "LABELS"
+                "{:<16}  {:<12}  {:<12}  {:<24}  {:>8}  LABELS",
+                "ID", "PROFILE", "USER", "STARTED", "REQUESTS"
             );
             for s in &sessions {
                 println!(

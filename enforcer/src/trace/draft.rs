@@ -42,6 +42,9 @@ fn kept_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A response's status, the header fields a trace keeps, and its `Content-Encoding`.
+type ResponseHead = (u16, Vec<(String, String)>, Option<String>);
+
 /// A trace being gathered for one exchange.
 pub struct Draft {
     ctx: Arc<ProxyContext>,
@@ -52,7 +55,8 @@ pub struct Draft {
     request: TracedRequest,
     /// The exchange's record: its seq, what it says of the request, and what became of it.
     record: Option<(u64, RequestSummary, Disposition)>,
-    response: Option<(u16, Vec<(String, String)>, Option<String>)>,
+    /// The response head: status, header fields kept, content-coding.
+    response: Option<ResponseHead>,
     body: Vec<u8>,
     truncated: bool,
     done: bool,

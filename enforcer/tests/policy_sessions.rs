@@ -52,7 +52,10 @@ fn review_is_between_block_and_constrain() {
          \x20 - { id: ask2, when: { host: a.test, path: /nuke }, verdict: review, review: { timeout: 30s, fallback: log } }\n",
     );
     let d = p.evaluate(&request("a.test", "/merge"));
-    assert_eq!((d.verdict, d.deciding_rule.as_deref()), (Verdict::Review, Some("ask")));
+    assert_eq!(
+        (d.verdict, d.deciding_rule.as_deref()),
+        (Verdict::Review, Some("ask"))
+    );
     assert_eq!(
         d.review,
         Some(ReviewSpec {
@@ -88,7 +91,10 @@ fn labels_counts_and_retention_travel_with_the_decision() {
     });
     let d = p.evaluate(&response);
     let counts: Vec<(String, u64)> = d.counts.iter().map(|c| (c.counter.clone(), c.by)).collect();
-    assert_eq!(counts, [("records".to_string(), 3), ("calls".to_string(), 1)]);
+    assert_eq!(
+        counts,
+        [("records".to_string(), 3), ("calls".to_string(), 1)]
+    );
     assert_eq!(d.verdict, Verdict::Log);
 }
 
@@ -102,7 +108,10 @@ fn session_conditions_read_the_stated_session() {
     );
     assert_eq!(
         p.session_counters(),
-        [("records".to_string(), Some(3600)), ("records".to_string(), None)]
+        [
+            ("records".to_string(), Some(3600)),
+            ("records".to_string(), None)
+        ]
     );
     let with = |state: SessionState| {
         let mut a = request("x.test", "/");
@@ -119,17 +128,28 @@ fn session_conditions_read_the_stated_session() {
         counts: pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         ..SessionState::default()
     };
-    assert_eq!(with(counts(&[("records", 101)])).deciding_rule.as_deref(), Some("budget"));
-    assert_eq!(with(counts(&[("records", 900), ("records@3600", 3)])).reason, Reason::Default);
     assert_eq!(
-        with(counts(&[("records", 1001), ("records@3600", 3)])).deciding_rule.as_deref(),
+        with(counts(&[("records", 101)])).deciding_rule.as_deref(),
+        Some("budget")
+    );
+    assert_eq!(
+        with(counts(&[("records", 900), ("records@3600", 3)])).reason,
+        Reason::Default
+    );
+    assert_eq!(
+        with(counts(&[("records", 1001), ("records@3600", 3)]))
+            .deciding_rule
+            .as_deref(),
         Some("total")
     );
     let d = with(SessionState {
         previous_tool: Some("read_inbox".into()),
         ..SessionState::default()
     });
-    assert_eq!((d.verdict, d.deciding_rule.as_deref()), (Verdict::Log, Some("after")));
+    assert_eq!(
+        (d.verdict, d.deciding_rule.as_deref()),
+        (Verdict::Log, Some("after"))
+    );
 }
 
 #[test]
@@ -153,7 +173,10 @@ fn the_person_decides_user_and_groups_and_restricted_profiles() {
     let d = p.evaluate(&as_person("open", Some("alice"), &["alice"]));
     assert_eq!(d.deciding_rule.as_deref(), Some("alice"));
     let d = p.evaluate(&as_person("analysts", Some("alice"), &["alice"]));
-    assert_eq!((d.verdict, d.reason), (Verdict::Block, Reason::UserNotAllowed));
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Block, Reason::UserNotAllowed)
+    );
     // Unknown person: no `user`/`groups` condition matches, and a restricted profile is closed.
     let d = p.evaluate(&as_person("analysts", None, &[]));
     assert_eq!(d.reason, Reason::UserNotAllowed);

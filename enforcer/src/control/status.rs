@@ -30,6 +30,12 @@ pub struct Status {
     pub audit: AuditStatus,
     /// Decisions since the daemon started, by verdict (`allow`, `log`, `constrain`, `review`, `block`).
     pub decisions: BTreeMap<String, u64>,
+    /// Exchanges held for review now (`enforcer review list`).
+    #[serde(default)]
+    pub reviews_pending: usize,
+    /// Live agent sessions now (`enforcer session list`).
+    #[serde(default)]
+    pub sessions_live: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +176,8 @@ impl StatusSources {
                 .into_iter()
                 .map(|(v, n)| (v.as_str().to_string(), n))
                 .collect(),
+            reviews_pending: self.proxy.reviews.list().len(),
+            sessions_live: self.proxy.sessions.list().len(),
         }
     }
 }
@@ -234,6 +242,10 @@ impl Status {
             .map(|v| format!("{v} {}", self.decisions.get(v).copied().unwrap_or(0)))
             .collect();
         out.push_str(&format!("decisions: {} (since start)\n", counts.join(", ")));
+        out.push_str(&format!(
+            "sessions:  {} live; reviews: {} pending\n",
+            self.sessions_live, self.reviews_pending
+        ));
         if let Some(m) = &d.metrics {
             out.push_str(&format!("metrics:   {m}\n"));
         }
@@ -278,6 +290,8 @@ impl Status {
                 bytes: 12345,
             },
             decisions: BTreeMap::from([("allow".into(), 3), ("block".into(), 27)]),
+            reviews_pending: 1,
+            sessions_live: 2,
         }
     }
 }
@@ -427,6 +441,10 @@ mod tests {
         assert!(text.contains(
             "decisions: allow 3, log 0, constrain 0, review 0, block 27 (since start)\n"
         ));
+        assert!(
+            text.contains("sessions:  2 live; reviews: 1 pending\n"),
+            "{text}"
+        );
     }
 
     #[test]

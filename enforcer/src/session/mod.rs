@@ -253,11 +253,8 @@ impl Sessions {
         let minute = self.minute(now);
         let table = self.lock();
         for action in actions {
-            let Some(s) = action
-                .agent
-                .session
-                .as_deref()
-                .and_then(|id| table.values().find(|s| s.id == id))
+            let Some(s) = session_key(&action.agent)
+                .and_then(|(cgroup, id)| table.get(&cgroup).filter(|s| s.id == id))
             else {
                 continue;
             };
@@ -288,13 +285,13 @@ impl Sessions {
 
     /// [`Sessions::note`] as of `now`.
     pub fn note_at(&self, agent: &Agent, decision: &Decision, action: &Action, now: Instant) {
-        let Some(id) = agent.session.as_deref() else {
+        let Some((cgroup, id)) = session_key(agent) else {
             return;
         };
         let minute = self.minute(now);
         let limits = self.limits;
         let mut table = self.lock();
-        let Some(s) = table.values_mut().find(|s| s.id == id) else {
+        let Some(s) = table.get_mut(&cgroup).filter(|s| s.id == id) else {
             return;
         };
         s.last_active = now;
@@ -343,12 +340,12 @@ impl Sessions {
     /// Make `agent`'s session hold at least what `state` says (its labels, its counters' totals as of `now`, its
     /// previous tool): how a policy test case states a session's history.
     pub fn seed_at(&self, agent: &Agent, state: &SessionState, now: Instant) {
-        let Some(id) = agent.session.as_deref() else {
+        let Some((cgroup, id)) = session_key(agent) else {
             return;
         };
         let minute = self.minute(now);
         let mut table = self.lock();
-        let Some(s) = table.values_mut().find(|s| s.id == id) else {
+        let Some(s) = table.get_mut(&cgroup).filter(|s| s.id == id) else {
             return;
         };
         for label in &state.labels {
@@ -478,6 +475,14 @@ fn tool_of(action: &Action) -> Option<&str> {
             .and_then(|m| m.tool.as_deref()),
         Phase::Response => None,
     }
+}
+
+/// Where an identified agent's session is kept (its cgroup) and which session it is (its id: a later session of the
+/// same cgroup path is another one).
+fn session_key(agent: &Agent) -> Option<(String, &str)> {
+    let id = agent.session.as_deref()?;
+    let cgroup = normalise_cgroup(agent.cgroup.as_deref()?).ok()?;
+    Some((cgroup, id))
 }
 
 /// A session id: 16 random hex digits.

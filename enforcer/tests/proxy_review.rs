@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use enforcer::model::{Agent, Approver};
+use enforcer::proxy::{set_limits, Limits};
 use http_body_util::Full;
 use hyper::Request;
 use proxy_support::*;
@@ -66,6 +67,12 @@ struct World {
 }
 
 async fn world_with(policy: &str, traces: Option<enforcer::trace::TraceSettings>) -> World {
+    // Short client-side bounds, so a hold longer than them shows they do not cut a held exchange.
+    set_limits(Limits {
+        header_read_timeout: Duration::from_secs(1),
+        body_idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    });
     let ca = TestCa::new("review test upstream CA");
     let (chain, key) = ca.leaf(&["app.test"]);
     let (upstream, seen) = https_upstream(chain, key, false).await;
@@ -119,6 +126,17 @@ async fn request(w: &World, agent: Agent, req: Request<Full<Bytes>>) -> (u16, St
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A request from `cgroup`'s agent for `path`, sent in the background (it will be held); and the held review's id.
+async fn held(
+    w: &Arc<World>,
+    cgroup: &'static str,
+    path: &'static str,
+) -> (tokio::task::JoinHandle<(u16, String)>, u64) {
+    let w2 = w.clone();
+    let client = tokio::spawn(async move { request(&w2, agent(cgroup), post(path, "{}")).await });
+    (client, pending(w).await)
+}
+
 /// Wait (bounded) until a review is pending; its id.
 async fn pending(w: &World) -> u64 {
     for _ in 0..200 {
@@ -150,10 +168,9 @@ fn cli(name: &str) -> Approver {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_review_is_forwarded_once_with_its_approver_recorded() {
     let w = Arc::new(world().await);
-    let w2 = w.clone();
-    let client =
-        tokio::spawn(async move { request(&w2, agent("/a/1"), post("/merge/7", "{}")).await });
-    let id = pending(&w).await;
+    let (client, id) = held(&w, "/a/1", "/merge/7").await;
+    // Held longer than the header-read and body-idle timeouts: the connection stays open.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         w.seen.count(),
         0,
@@ -195,10 +212,7 @@ async fn an_approved_review_is_forwarded_once_with_its_approver_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_review_never_reaches_the_upstream_and_is_answered_like_a_block() {
     let w = Arc::new(world().await);
-    let w2 = w.clone();
-    let client =
-        tokio::spawn(async move { request(&w2, agent("/a/2"), post("/merge/8", "{}")).await });
-    let id = pending(&w).await;
+    let (client, id) = held(&w, "/a/2", "/merge/8").await;
     w.proxy
         .ctx
         .reviews
@@ -249,10 +263,7 @@ async fn a_review_nobody_answers_applies_its_fallback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_request_whose_client_leaves_is_withdrawn_and_recorded() {
     let w = Arc::new(world().await);
-    let w2 = w.clone();
-    let client =
-        tokio::spawn(async move { request(&w2, agent("/a/4"), post("/merge/9", "{}")).await });
-    let id = pending(&w).await;
+    let (client, id) = held(&w, "/a/4", "/merge/9").await;
     client.abort();
     for _ in 0..200 {
         if w.proxy.ctx.reviews.list().is_empty() {

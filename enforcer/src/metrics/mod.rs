@@ -411,20 +411,7 @@ mod tests {
         profile: Option<&str>,
     ) -> AuditEvent {
         AuditEvent {
-            decision: Decision {
-                verdict,
-                deciding_rule: None,
-                matched_rules: Vec::new(),
-                reason,
-                message: None,
-                rewrites: Vec::new(),
-                mode: Mode::Enforce,
-                policy_hash: "00".into(),
-                review: None,
-                labels: Vec::new(),
-                counts: Vec::new(),
-                retain: None,
-            },
+            decision: Decision::bare(verdict, reason, Mode::Enforce, "00".into()),
             agent: Agent {
                 profile: profile.map(str::to_string),
                 ..Agent::default()

@@ -666,6 +666,13 @@ pub struct RequestSummary {
     /// The protocol the request asked to upgrade the connection to (`Upgrade`), when it asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
+    /// A later part of an exchange (a WebSocket message, a proposal, a response): the `seq` of the exchange's
+    /// request record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u64>,
+    /// Which part of the exchange a record with a `parent` is (`request` for a WebSocket message from the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
     /// The TLS alert the agent's client sent when it ended the handshake with the proxy (IANA name, `unknown_ca`);
     /// only in `client_tls` records.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,8 +1,9 @@
-//! `verify`: walks every log file in order, recomputes every record's hash, checks that `seq` runs on without a gap
-//! and that each record links to the one before it (across rotations too), checks every checkpoint's signature and
-//! that the log still holds each checkpoint's (seq, hash), and that every retained trace the records name is there
-//! with the digest recorded for it (unless its deletion is recorded). Reports counts, or the first bad record and
-//! why.
+//! `verify`: walks every log file in order (compressed ones decompressed), recomputes every record's hash, checks that
+//! `seq` runs on without a gap and that each record links to the one before it (across rotations too), checks every
+//! checkpoint's signature and that the log still holds each checkpoint's (seq, hash), and that every retained trace the
+//! records name is there with the digest recorded for it (unless its deletion is recorded). A trail whose start was
+//! deleted by retention is checked from its first kept record on: a signed retention record must account for exactly the
+//! records missing before it. Reports counts, or the first bad record and why.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,7 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::{Checkpoint, CheckpointProblem, PublicKey, CHECKPOINT_FILE, PUB_FILE};
-use super::read::{content_len, list_files, whole_lines};
+use super::read::{list_files, load, whole_lines, LogFile};
 use super::record::{parse_line, Malformed, GENESIS};
 use super::AuditError;
 
@@ -82,6 +83,11 @@ pub enum Problem {
     TraceMissing { seq: u64, file: String },
     /// A file in the trace directory that no record names.
     TraceUnrecorded { file: String },
+    /// A compressed file that does not decompress or fails its checksum.
+    Unreadable { file: PathBuf, why: String },
+    /// The trail starts at record `to + 1`, and no signed retention record deleted exactly records `from..=to` (up to
+    /// the hash the first kept record links to).
+    Pruned { at: Location, from: u64, to: u64 },
 }
 
 impl fmt::Display for Problem {
@@ -176,6 +182,15 @@ impl fmt::Display for Problem {
                 f,
                 "inserted: trace {file} is in the trace directory but no record names it"
             ),
+            Problem::Unreadable { file, why } => {
+                let name = file.file_name().unwrap_or(file.as_os_str());
+                write!(f, "edited: {} is damaged: {why}", name.to_string_lossy())
+            }
+            Problem::Pruned { at, from, to } => write!(
+                f,
+                "deleted: records {from} to {to} are missing before {at} and no signed retention record accounts for \
+                 them"
+            ),
         }
     }
 }
@@ -188,13 +203,18 @@ pub struct VerifyReport {
     pub records: u64,
     pub bytes: u64,
     pub checkpoints: usize,
+    /// The first record's seq: above 0 when retention deleted the oldest files.
+    pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub last_checkpoint: Option<u64>,
+    /// The signed retention record that accounts for the records missing before `first_seq`.
+    pub pruned_by: Option<u64>,
     /// The public key the signatures were checked against.
     pub key: PathBuf,
     /// Retained traces checked against their records' digests.
     pub traces: usize,
-    /// At most one record problem (the first) and one checkpoint problem (the first).
+    /// The first record problem, or (when every record checked out) a start that no retention record accounts for
+    /// and a tail shorter than the checkpoints say; then the first checkpoint problem.
     pub problems: Vec<Problem>,
 }
 
@@ -232,8 +252,10 @@ pub fn verify_with(
         records: 0,
         bytes: 0,
         checkpoints: 0,
+        first_seq: None,
         last_seq: None,
         last_checkpoint: None,
+        pruned_by: None,
         key: key_path,
         traces: 0,
         problems: Vec::new(),
@@ -282,26 +304,36 @@ pub fn verify_with(
 
     let files = list_files(dir)?;
     report.files = files.len();
-    let mut traced = TraceBook::default();
-    let record_problem = walk(&files, &signed, &mut report, &mut traced)?;
+    let mut walked = Walk::default();
+    let record_problem = walk(&files, &signed, &mut report, &mut walked)?;
     let traces_dir = traces.map_or_else(|| dir.join(TRACE_DIR), Path::to_path_buf);
     if let Some(p) = record_problem {
+        // The walk stopped there: what it did not reach is not missing.
         report.problems.push(p);
-    } else if let Some((&seq, &(n, _))) = signed
-        .iter()
-        .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
-        .min_by_key(|(&s, _)| s)
-    {
-        // The first checkpoint that signs a record the log no longer has.
-        report.problems.push(Problem::Truncated {
-            checkpoint: n,
-            seq,
-            last: report.last_seq,
-        });
-    } else if report.last_seq.is_some() && cp_lines.is_empty() {
-        report.problems.push(Problem::NoCheckpoint);
-    } else if let Some(p) = traced.check(&traces_dir, &mut report.traces)? {
-        report.problems.push(p);
+    } else {
+        if let Some(p) = check_start(&walked, last_cp, &mut report) {
+            report.problems.push(p);
+        }
+        if let Some((&seq, &(n, _))) = signed
+            .iter()
+            .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
+            .min_by_key(|(&s, _)| s)
+        {
+            // The first checkpoint that signs a record the log no longer has.
+            report.problems.push(Problem::Truncated {
+                checkpoint: n,
+                seq,
+                last: report.last_seq,
+            });
+        } else if report.last_seq.is_some() && cp_lines.is_empty() {
+            report.problems.push(Problem::NoCheckpoint);
+        } else if let Some(p) =
+            walked
+                .traces
+                .check(&traces_dir, report.first_seq, &mut report.traces)?
+        {
+            report.problems.push(p);
+        }
     }
     if let Some(p) = cp_problem {
         report.problems.push(p);
@@ -336,8 +368,15 @@ impl TraceBook {
         }
     }
 
-    /// Every recorded trace is in `dir` with its digest, and `dir` holds nothing else that looks like a trace.
-    fn check(&self, dir: &Path, checked: &mut usize) -> Result<Option<Problem>, AuditError> {
+    /// Every recorded trace is in `dir` with its digest, and `dir` holds nothing else that looks like a trace, but for
+    /// the traces of exchanges before `kept_from` (the first record of a trail pruned by retention: their records are
+    /// gone, so nothing can vouch for or against them).
+    fn check(
+        &self,
+        dir: &Path,
+        kept_from: Option<u64>,
+        checked: &mut usize,
+    ) -> Result<Option<Problem>, AuditError> {
         use sha2::Digest;
         for (file, (seq, sha)) in &self.0 {
             let problem = |altered: bool| {
@@ -364,7 +403,9 @@ impl TraceBook {
         };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("trace-") && !self.0.contains_key(&name) {
+            let pruned = crate::trace::parse_file_name(&name)
+                .is_some_and(|of| kept_from.is_some_and(|k| of < k));
+            if name.starts_with("trace-") && !pruned && !self.0.contains_key(&name) {
                 return Ok(Some(Problem::TraceUnrecorded { file: name }));
             }
         }
@@ -372,18 +413,62 @@ impl TraceBook {
     }
 }
 
+/// What the walk saw beyond the counts: where the trail starts, and the retention records in it.
+#[derive(Default)]
+struct Walk {
+    /// The first record: its location, seq and `prev`.
+    start: Option<(Location, u64, [u8; 32])>,
+    /// (seq, kept_from, last_hash) of every retention record.
+    retentions: Vec<(u64, u64, String)>,
+    /// The retained traces the records name.
+    traces: TraceBook,
+}
+
+/// A trail that starts after record 0 must be accounted for by a signed retention record: one that deleted exactly
+/// the records before the first kept one, whose `last_hash` is what that record links to.
+fn check_start(w: &Walk, last_cp: Option<u64>, report: &mut VerifyReport) -> Option<Problem> {
+    let (at, first, prev) = w.start.clone()?;
+    if first == 0 {
+        return None;
+    }
+    let prev = hex::encode(prev);
+    let by = w.retentions.iter().find(|(seq, kept_from, last_hash)| {
+        *kept_from == first && *last_hash == prev && last_cp.is_some_and(|c| c >= *seq)
+    });
+    match by {
+        Some(&(seq, ..)) => {
+            report.pruned_by = Some(seq);
+            None
+        }
+        None => Some(Problem::Pruned {
+            at,
+            from: 0,
+            to: first - 1,
+        }),
+    }
+}
+
 /// The fast pass over every record; returns the first problem.
 fn walk(
-    files: &[(u64, PathBuf)],
+    files: &[LogFile],
     signed: &HashMap<u64, (usize, [u8; 32])>,
     report: &mut VerifyReport,
-    traced: &mut TraceBook,
+    walked: &mut Walk,
 ) -> Result<Option<Problem>, AuditError> {
-    let mut expected = 0u64;
+    let mut expected: Option<u64> = None;
     let mut prev = GENESIS;
-    for (fi, (_, path)) in files.iter().enumerate() {
-        let mut data = fs::read(path).map_err(|e| AuditError::io(path, e))?;
-        data.truncate(content_len(&data));
+    for (fi, file) in files.iter().enumerate() {
+        let path = &file.path;
+        let data = match load(file) {
+            Ok(d) => d,
+            Err(AuditError::Damaged { why, .. }) => {
+                return Ok(Some(Problem::Unreadable {
+                    file: path.clone(),
+                    why,
+                }))
+            }
+            Err(e) => return Err(e),
+        };
         report.bytes += data.len() as u64;
         let lines: Vec<&[u8]> = whole_lines(&data).collect();
         let bad = first_bad(&lines);
@@ -404,8 +489,20 @@ fn walk(
                     seq: p.seq,
                 }));
             }
-            if p.seq != expected {
-                return Ok(Some(classify(files, fi, line_no, expected, p.seq)?));
+            let want = match expected {
+                Some(e) => e,
+                None => {
+                    // The first record: record 0, or the first one retention kept.
+                    walked.start = Some((at(), p.seq, p.prev));
+                    report.first_seq = Some(p.seq);
+                    if p.seq > 0 {
+                        prev = p.prev;
+                    }
+                    p.seq
+                }
+            };
+            if p.seq != want {
+                return Ok(Some(classify(files, fi, line_no, want, p.seq)?));
             }
             if p.prev != prev {
                 return Ok(Some(Problem::BrokenLink {
@@ -422,10 +519,13 @@ fn walk(
                     }));
                 }
             }
-            traced.note(p.seq, line);
+            if let Some(r) = p.retention() {
+                walked.retentions.push((p.seq, r.kept_from, r.last_hash));
+            }
+            walked.traces.note(p.seq, line);
             report.records += 1;
             report.last_seq = Some(p.seq);
-            expected += 1;
+            expected = Some(p.seq + 1);
             prev = p.hash;
         }
         if data.last().is_some_and(|&b| b != b'\n') {
@@ -472,21 +572,23 @@ fn first_bad(lines: &[&[u8]]) -> Option<usize> {
 /// The seq at `files[fi]` line `line_no` is `found`, not `expected`: work out whether records were deleted,
 /// reordered or inserted. Only runs once, on failure, so it simply rescans.
 fn classify(
-    files: &[(u64, PathBuf)],
+    files: &[LogFile],
     fi: usize,
     line_no: usize,
     expected: u64,
     found: u64,
 ) -> Result<Problem, AuditError> {
     let at = Location {
-        file: files[fi].1.clone(),
+        file: files[fi].path.clone(),
         line: line_no,
     };
     let mut before = None;
     let mut after = None;
     let mut past = false;
-    for (i, (_, path)) in files.iter().enumerate() {
-        let data = fs::read(path).map_err(|e| AuditError::io(path, e))?;
+    for (i, file) in files.iter().enumerate() {
+        let path = &file.path;
+        // An unreadable file was reported before the walk got here, or comes after the problem.
+        let data = load(file).unwrap_or_default();
         for (n, line) in whole_lines(&data).enumerate() {
             let here = (i, n + 1);
             if here == (fi, line_no) {

@@ -392,11 +392,12 @@ fn json_rewrite(
     }
 }
 
-/// Apply `rewrites` (in order) to one JSON value that is not a request body: a proposed tool call's arguments, a
-/// response body or one of its events, a WebSocket message. Redaction rewrites the value's strings; the JSON
-/// rewrites apply as to a body; header rewrites and `drop_tools` (refused by the policy outside request rules)
-/// change nothing. Signed regions are never touched. On error `value` is unchanged and nothing must be passed on
-/// as it was rewritten (the caller blocks).
+/// Apply `rewrites` (in order) to one JSON value that is not a request body: a WebSocket message, a proposed tool
+/// call's arguments, a response body or one of its events. Redaction rewrites the value's strings; the JSON
+/// rewrites and `drop_tools` apply as to a body; header rewrites change nothing. Signed regions are never touched.
+/// Afterwards the value is scanned again with every detector a redaction named (escapes undone): a secret that
+/// redaction cannot reach (an object key) is [`ConstrainError::Unredactable`]. On error `value` is unchanged and
+/// nothing may be passed on (the caller blocks).
 pub fn apply_to_json(
     rewrites: &[PlannedRewrite],
     policy: &Policy,
@@ -419,8 +420,26 @@ pub fn apply_to_json(
                 };
                 redactor.redact_json(&mut candidate, &mut changes)?;
             }
+            Rewrite::DropTools { globs } => tools::drop_tools(&mut candidate, globs, &mut changes),
             rewrite => {
                 json_rewrite(rewrite, &mut candidate, &mut changes)?;
+            }
+        }
+    }
+    let text = candidate.to_string();
+    let decoded = decoded_body(&text, Some(&candidate), Some("application/json"));
+    for planned in rewrites {
+        let Rewrite::Redact { detectors } = &planned.rewrite else {
+            continue;
+        };
+        for detector in detectors {
+            let fires = |s: &str| !Detect::find(detect, detector, s).is_empty();
+            if fires(&text) || decoded.as_deref().is_some_and(fires) {
+                return Err(ConstrainError::Unredactable {
+                    rule: planned.rule.clone(),
+                    detector: detector.clone(),
+                    location: "body",
+                });
             }
         }
     }

@@ -77,6 +77,10 @@ async fn phases(
     let mut inspected = classify::classify(rec, conn, &head, &parts, &body)?;
     let sessions = rec.ctx().sessions.clone();
     sessions.fill(&mut inspected.actions, policy.session_counters());
+    let upgrading = head
+        .upgrade
+        .is_some()
+        .then(|| inspected.actions.first().cloned());
     let deciding = Instant::now();
     let mut decided = policy.decide_all(&inspected.actions);
     // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
@@ -102,9 +106,13 @@ async fn phases(
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
     let upstream_req = forward::request(outgoing, &head.authority, &upstream)?;
-    rec.forwarded().await?;
+    let seq = rec.forwarded().await?;
     let resp = forward::send(conn, &head, upstream, upstream_req).await?;
 
     let traced = rec.take_trace().filter(|_| upgrade.is_none());
+    let upgrade = upgrade.zip(upgrading.flatten()).map(|(client, request)| {
+        let answering = rec.answering(request, seq);
+        (client, answering)
+    });
     Ok(crate::trace::attach(answer::respond(resp, upgrade), traced))
 }

@@ -66,12 +66,12 @@ pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
 fn find(audit_dir: &Path, seq: u64) -> anyhow::Result<TraceNote> {
     let mut stored: Option<TraceNote> = None;
     let mut deleted: Option<(u64, TraceEvent)> = None;
-    for (_, path) in
-        crate::audit::read::list_files(audit_dir).map_err(|e| anyhow::anyhow!("{e}"))?
-    {
-        for line in crate::audit::read::read_file(&path).map_err(|e| anyhow::anyhow!("{e}"))? {
-            let r = line.record;
-            let Some(note) = r.trace else { continue };
+    for file in crate::audit::read::list_files(audit_dir).map_err(|e| anyhow::anyhow!("{e}"))? {
+        for line in crate::audit::read::read_file(&file).map_err(|e| anyhow::anyhow!("{e}"))? {
+            let Some(r) = line.record() else { continue };
+            let Some(note) = r.trace.clone() else {
+                continue;
+            };
             let ours = note.of == seq || (r.seq == seq && note.event == TraceEvent::Stored);
             let stored_of = stored.as_ref().map(|s| s.of);
             match note.event {

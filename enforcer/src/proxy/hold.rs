@@ -121,10 +121,7 @@ fn conclude(
             Reason::ReviewTimeout,
             format!("{base}: nobody approved it in time"),
         ),
-        _ => (
-            Reason::ReviewUnavailable,
-            format!("{base}: it could not be held for review"),
-        ),
+        _ => (Reason::ReviewUnavailable, unavailable(&base)),
     };
     rec.note_review(ReviewNote {
         held_seq,
@@ -143,4 +140,20 @@ fn conclude(
         ));
     }
     Ok(())
+}
+
+/// What the agent is told of a review that could not be held, after the rule's message (or the default one).
+fn unavailable(base: &str) -> String {
+    format!("{base}: it could not be held for review")
+}
+
+/// `decision`, an enforced review that cannot be held (a WebSocket message, see `websocket`), as the block it is
+/// carried out as: its message says why.
+pub(crate) fn unheld(decision: &crate::model::Decision) -> crate::model::Decision {
+    let mut d = decision.clone();
+    if d.verdict == Verdict::Review {
+        d.verdict = Verdict::Block;
+        d.message = Some(unavailable(d.message.as_deref().unwrap_or(REVIEW_MESSAGE)));
+    }
+    d
 }

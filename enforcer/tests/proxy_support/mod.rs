@@ -135,7 +135,9 @@ async fn upstream_handler(
                 let Ok(up) = on_upgrade.await else { return };
                 let mut io = TokioIo::new(up);
                 let mut buf = [0u8; 64];
-                let Ok(n) = io.read(&mut buf).await else { return };
+                let Ok(n) = io.read(&mut buf).await else {
+                    return;
+                };
                 let _ = io.write_all(b"echo:").await;
                 let _ = io.write_all(&buf[..n]).await;
                 let _ = io.flush().await;
@@ -528,7 +530,18 @@ impl Proxy {
         sni: &str,
         alpn: &[&[u8]],
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let tcp = self.connect_as(dst).await;
+        self.tls_to_as(dst, sni, alpn, test_agent()).await
+    }
+
+    /// [`Proxy::tls_to`] from another agent (its cgroup names its session).
+    pub async fn tls_to_as(
+        &self,
+        dst: SocketAddr,
+        sni: &str,
+        alpn: &[&[u8]],
+        agent: Agent,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = self.connect_as_agent(dst, agent).await;
         tokio_rustls::TlsConnector::from(self.client_tls(alpn))
             .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
             .await
@@ -730,8 +743,20 @@ pub async fn ws_connect(
     path: &str,
     extra: &[(&str, &str)],
 ) -> Result<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, (u16, Vec<u8>)> {
+    ws_connect_as(proxy, test_agent(), dst, host, path, extra).await
+}
+
+/// [`ws_connect`] from another agent (its cgroup names its session).
+pub async fn ws_connect_as(
+    proxy: &Proxy,
+    agent: Agent,
+    dst: SocketAddr,
+    host: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, (u16, Vec<u8>)> {
     use tokio_tungstenite::tungstenite::protocol::Role;
-    let tls = proxy.tls_to(dst, host, &[b"http/1.1"]).await;
+    let tls = proxy.tls_to_as(dst, host, &[b"http/1.1"], agent).await;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();

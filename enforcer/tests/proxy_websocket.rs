@@ -182,17 +182,19 @@ async fn responses_api_events_are_decided_redacted_and_refused_like_their_http_f
     );
 }
 
+/// A JSON-RPC `tools/call` of `tool` without arguments.
+fn call(id: u32, tool: &str) -> String {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": {}}})
+    .to_string()
+}
+
 #[tokio::test]
 async fn json_rpc_over_websocket_is_decided_per_tool_call() {
     let w = world(POLICY).await;
     let mut ws = ws_connect(&w.proxy, w.up, "tools.test", "/mcp", &[])
         .await
         .expect("upgraded");
-    let call = |id: u32, tool: &str| {
-        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-            "params": {"name": tool, "arguments": {}}})
-        .to_string()
-    };
     ws.send(Message::Text(call(1, "delete_repo").into()))
         .await
         .unwrap();
@@ -352,11 +354,6 @@ rules:
     let mut ws = ws_connect_as(&w.proxy, agent, w.up, "tools.test", "/mcp", &[])
         .await
         .expect("upgraded");
-    let call = |id: u32, tool: &str| {
-        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-            "params": {"name": tool, "arguments": {}}})
-        .to_string()
-    };
     let mut answer = async |id: u32, tool: &str| {
         ws.send(Message::Text(call(id, tool).into())).await.unwrap();
         let Message::Text(a) = text(&mut ws).await else {

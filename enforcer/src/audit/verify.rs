@@ -629,3 +629,28 @@ fn classify(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trace file no record names is an insertion, unless retention deleted its exchange's record (a pruned trail
+    /// starts after it): then nothing is left to vouch for or against it.
+    #[test]
+    fn unrecorded_traces_are_reported_unless_retention_deleted_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = crate::trace::file_name(3);
+        fs::write(dir.path().join(&old), b"age").unwrap();
+        let book = TraceBook::default();
+        let mut checked = 0;
+        let whole = book.check(dir.path(), None, &mut checked).unwrap();
+        assert!(
+            matches!(&whole, Some(Problem::TraceUnrecorded { file }) if *file == old),
+            "{whole:?}"
+        );
+        let pruned = book.check(dir.path(), Some(10), &mut checked).unwrap();
+        assert!(pruned.is_none(), "{pruned:?}");
+        let kept = book.check(dir.path(), Some(3), &mut checked).unwrap();
+        assert!(kept.is_some(), "its exchange's record is kept: {kept:?}");
+    }
+}

@@ -39,8 +39,11 @@ const METHODS: &[&[u8]] = &[
     b"PATCH ",
     b"TRACE ",
     b"CONNECT ",
-    b"PRI * HTTP/2.0",
+    H2_PREFACE,
 ];
+
+/// The start of the HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// Classify the first bytes; `None` while more are needed to decide.
 pub(crate) fn sniff(buf: &[u8]) -> Option<Kind> {
@@ -100,6 +103,8 @@ where
             }
         }
     };
+    // HTTP/2 with prior knowledge (RFC 9113 §3.3): the connection preface instead of a request line.
+    let h2_preface = buf.starts_with(H2_PREFACE);
     let io = Prefixed::new(buf.freeze(), io);
     tracing::debug!(dst = %target.dst, kind = ?kind, "connection sniffed");
     match kind {
@@ -113,7 +118,7 @@ where
                 agent: target.agent,
                 upstream: Default::default(),
             };
-            http::serve(ctx, io, conn, false).await;
+            http::serve(ctx, io, conn, h2_preface, target.head_timeout).await;
         }
         Kind::Other => tunnel::relay(ctx, io, target).await,
     }
@@ -199,7 +204,7 @@ where
         agent: target.agent,
         upstream: Default::default(),
     };
-    http::serve(ctx, tls, conn, h2).await;
+    http::serve(ctx, tls, conn, h2, target.head_timeout).await;
 }
 
 #[cfg(test)]

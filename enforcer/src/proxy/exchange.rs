@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
+use super::body::ClientBody;
 use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
@@ -32,7 +32,7 @@ use crate::model::RequestSummary;
 pub(crate) async fn handle(
     ctx: &Arc<ProxyContext>,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let summary = RequestSummary {
         scheme: Some(conn.scheme),
@@ -56,7 +56,7 @@ pub(crate) async fn handle(
 async fn phases(
     rec: &mut ExchangeRecord,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let policy = rec.policy().clone();
     let (mut parts, incoming) = req.into_parts();

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::accept;
+use super::body::ClientBody;
 use super::http::{full, Conn, ProxyBody};
 use super::refusal::error_response;
 use super::{exchange, HostBinder, ProxyContext, Target};
@@ -86,6 +87,7 @@ async fn explicit_request(
             dst,
             agent,
             host_hint: Some(host),
+            head_timeout: super::limits::limits().header_read_timeout,
         };
         tokio::spawn(async move {
             match on_upgrade.await {
@@ -103,7 +105,7 @@ async fn explicit_request(
         agent,
         upstream: Default::default(),
     };
-    exchange::handle(&ctx, &conn, req).await
+    exchange::handle(&ctx, &conn, req.map(ClientBody::Http1)).await
 }
 
 /// Resolve a CONNECT or absolute-form target once (an IP literal, a `proxy.static_hosts` pin, else DNS); the

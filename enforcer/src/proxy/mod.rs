@@ -27,6 +27,7 @@ mod forward;
 mod head;
 mod hostbind;
 mod http;
+mod http2;
 mod io;
 mod limits;
 mod record;
@@ -136,6 +137,9 @@ pub(crate) struct Target {
     /// The host name the client named (explicit CONNECT), when known before any byte is read. The daemon resolved
     /// it to `dst` itself, so it is bound to `dst`; transparent connections have none.
     pub host_hint: Option<String>,
+    /// How long this connection's client may take over a request head (and, over HTTP/2, stay without a stream):
+    /// `proxy` limits' `header_read_timeout`, shorter while the proxy is under pressure (see `limits`).
+    pub head_timeout: Duration,
 }
 
 /// How a listener learns where its clients were going.
@@ -232,6 +236,7 @@ async fn client(
                 dst: origin.dst,
                 agent: origin.agent,
                 host_hint: None,
+                head_timeout: limits::limits().header_read_timeout,
             };
             accept::handle(ctx, stream, target).await;
         }

@@ -1,7 +1,12 @@
 //! Upstream connections: always to the original destination IP and port (never a fresh DNS lookup), TLS with
 //! SNI = the host the agent named and the real certificate verified, then an HTTP/2 or HTTP/1.1 client connection.
+//! The connection is read the way a direct client reads it: an answer the upstream sent before it stopped reading
+//! the request body still arrives (`io::EarlyAnswer`), and a close-delimited body ended without TLS `close_notify`
+//! ends cleanly (`io::CloseDelimited`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +17,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::io::{CloseDelimited, EarlyAnswer};
 use super::tls::{UpstreamTls, H2};
 use crate::model::Reason;
 
@@ -71,20 +77,38 @@ impl UpstreamError {
 }
 
 /// A ready client connection to the upstream.
-pub(crate) enum Sender {
+pub(crate) struct Sender {
+    http: Http,
+    /// Set when writing to the connection failed (see `io::EarlyAnswer`): it carries no further request.
+    write_failed: Arc<AtomicBool>,
+}
+
+enum Http {
     H1(http1::SendRequest<Full<Bytes>>),
     H2(http2::SendRequest<Full<Bytes>>),
 }
 
 impl Sender {
     pub fn is_h2(&self) -> bool {
-        matches!(self, Sender::H2(_))
+        matches!(self.http, Http::H2(_))
     }
 
     fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+        self.write_failed.load(Ordering::Acquire)
+            || match &self.http {
+                Http::H1(s) => s.is_closed(),
+                Http::H2(s) => s.is_closed(),
+            }
+    }
+
+    /// Another handle on a shared (HTTP/2) connection; `None` for HTTP/1.1, which carries one request at a time.
+    fn shared(&self) -> Option<Sender> {
+        match &self.http {
+            Http::H2(s) => Some(Sender {
+                http: Http::H2(s.clone()),
+                write_failed: self.write_failed.clone(),
+            }),
+            Http::H1(_) => None,
         }
     }
 
@@ -92,12 +116,12 @@ impl Sender {
         &mut self,
         req: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-        match self {
-            Sender::H1(s) => {
+        match &mut self.http {
+            Http::H1(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
-            Sender::H2(s) => {
+            Http::H2(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
@@ -123,9 +147,10 @@ pub(crate) async fn connect(
     host: &str,
     want_h2: bool,
 ) -> Result<Sender, UpstreamError> {
-    let tcp = connect_tcp(dst).await?;
+    let tcp = EarlyAnswer::new(connect_tcp(dst).await?);
+    let write_failed = tcp.write_failed();
     let Some(tls) = tls else {
-        return h1(tcp).await;
+        return h1(tcp, write_failed).await;
     };
     let name = ServerName::try_from(host.to_string()).map_err(|_| UpstreamError::Name {
         host: host.to_string(),
@@ -137,20 +162,25 @@ pub(crate) async fn connect(
         Ok(Err(source)) => return Err(UpstreamError::Tls { source }),
         Err(_) => return Err(UpstreamError::Timeout { dst }),
     };
-    if stream.get_ref().1.alpn_protocol() == Some(H2) {
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(H2);
+    let stream = CloseDelimited(stream);
+    if h2 {
         let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        Ok(Sender::H2(sender))
+        Ok(Sender {
+            http: Http::H2(sender),
+            write_failed,
+        })
     } else {
-        h1(stream).await
+        h1(stream, write_failed).await
     }
 }
 
-async fn h1<S>(io: S) -> Result<Sender, UpstreamError>
+async fn h1<S>(io: S, write_failed: Arc<AtomicBool>) -> Result<Sender, UpstreamError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -160,7 +190,10 @@ where
             tracing::debug!(error = %e, "upstream h1 connection ended");
         }
     });
-    Ok(Sender::H1(sender))
+    Ok(Sender {
+        http: Http::H1(sender),
+        write_failed,
+    })
 }
 
 /// The upstream connection one client connection reuses between its requests: kept for one host and protocol
@@ -185,9 +218,9 @@ impl Slot {
             *slot = None;
             return None;
         }
-        match slot.as_ref() {
-            Some((_, _, Sender::H2(s))) => Some(Sender::H2(s.clone())),
-            _ => slot.take().map(|(_, _, s)| s),
+        match slot.as_ref().and_then(|(_, _, s)| s.shared()) {
+            Some(shared) => Some(shared),
+            None => slot.take().map(|(_, _, s)| s),
         }
     }
 

@@ -1,0 +1,275 @@
+//! Protocol conformance of the proxy on loopback, against the RFCs a direct client and server would hold each other
+//! to: `Expect: 100-continue` over HTTP/1.1 and HTTP/2 (RFC 9110 §10.1.1), an upstream's early answer to a request
+//! whose body it did not read (RFC 9112 §9.3), HTTP/2 ↔ HTTP/1.1 translation (RFC 9113 §8.2), close-delimited
+//! responses ended without TLS `close_notify` (RFC 9112 §9.8), and per-agent connection shares.
+
+mod proxy_support;
+
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use proxy_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HOST: &str = "api.conform.test";
+/// Long enough for anything on loopback; only reached when the proxy fails to answer.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// An allow-all-for-`HOST` proxy and an upstream that speaks h2 and http/1.1.
+async fn setup() -> (Proxy, std::net::SocketAddr, Arc<Seen>) {
+    let ca = TestCa::new("conform upstream CA");
+    let (chain, key) = ca.leaf(&[HOST]);
+    let (up, seen) = https_upstream(chain, key, true).await;
+    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    (proxy, up, seen)
+}
+
+// ---- Expect: 100-continue ----
+
+/// An HTTP/2 client that waits for `100 (Continue)` before it sends its body (as Node's http2 client does) gets it
+/// promptly, then its answer; the body reaches the upstream once.
+#[tokio::test]
+async fn h2_expect_100_continue_is_answered_before_the_body() {
+    let (proxy, up, seen) = setup().await;
+    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(format!("https://{HOST}/upload"))
+        .header("expect", "100-continue")
+        .header("content-length", "5")
+        .body(())
+        .unwrap();
+    let (mut resp, mut body) = client.send_request(req, false).unwrap();
+    let interim = tokio::time::timeout(WAIT, poll_fn(|cx| resp.poll_informational(cx)))
+        .await
+        .expect("no 100 Continue: the client would wait for ever")
+        .expect("an informational response")
+        .unwrap();
+    assert_eq!(interim.status(), 100);
+    assert_eq!(seen.count(), 0, "nothing forwarded before the body");
+    body.send_data(Bytes::from_static(b"hello"), true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut data = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = data.data().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("path=/upload") && text.ends_with("body=hello"), "{text}");
+    assert_eq!(seen.count(), 1);
+}
+
+/// A request refused on its head (here: a declared body over the inspection limit) gets its final status at once,
+/// without a `100` and without the client having to send the body — over HTTP/2 and HTTP/1.1.
+#[tokio::test]
+async fn expect_100_continue_refused_on_the_head_gets_the_final_status() {
+    let (proxy, up, seen) = setup().await;
+    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(format!("https://{HOST}/upload"))
+        .header("expect", "100-continue")
+        .header("content-length", (64u64 << 20).to_string())
+        .body(())
+        .unwrap();
+    let (mut resp, _body) = client.send_request(req, false).unwrap();
+    let first = tokio::time::timeout(WAIT, poll_fn(|cx| resp.poll_informational(cx)))
+        .await
+        .expect("no answer");
+    assert!(first.is_none(), "a 100 for a refused request: {first:?}");
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 413);
+
+    let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {HOST}\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        64u64 << 20
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, read_head(&mut tls)).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(seen.count(), 0);
+}
+
+/// HTTP/1.1 as a regression check: `100 Continue`, then the body, then the answer.
+#[tokio::test]
+async fn h1_expect_100_continue_is_answered_before_the_body() {
+    let (proxy, up, seen) = setup().await;
+    let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {HOST}\r\nexpect: 100-continue\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let interim = tokio::time::timeout(WAIT, read_head(&mut tls)).await.unwrap();
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    tls.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200") && rest.contains("body=hello"), "{rest}");
+    assert_eq!(seen.count(), 1);
+}
+
+// ---- an upstream's early answer ----
+
+/// The answer of [`early_413_upstream`]: an Anthropic-style error, padded to 64 KiB so that it takes several reads (and still fits the receive buffers).
+fn early_answer_body() -> String {
+    let error = r#"{"type":"error","error":{"type":"request_too_large","message":"Request exceeds the maximum allowed number of bytes."}}"#;
+    format!("{error}{}", " ".repeat((64 << 10) - error.len()))
+}
+
+/// An upstream that answers `413` once it has read more than its body limit (the head and 256 KiB), then closes the
+/// connection with the rest of the body unread (so the kernel resets it), as servers with a body limit do: every
+/// other time after TLS `close_notify`, else at once. The answer goes out in two writes.
+async fn early_413_upstream(ca: &TestCa) -> std::net::SocketAddr {
+    let (chain, key) = ca.leaf(&[HOST]);
+    let connections = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let handler: RawHandler = Arc::new(move |mut tls| {
+        let n = connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            let mut read = read_head(&mut tls).await.len();
+            let mut chunk = vec![0u8; 4096];
+            while read < 256 << 10 {
+                match tls.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => read += k,
+                }
+            }
+            let body = early_answer_body();
+            let head = format!(
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let (first, second) = body.split_at(body.len() / 2);
+            for part in [format!("{head}{first}"), second.to_string()] {
+                let _ = tls.write_all(part.as_bytes()).await;
+                let _ = tls.flush().await;
+            }
+            if n % 2 == 0 {
+                let _ = tls.shutdown().await;
+            }
+        })
+    });
+    raw_tls_upstream(chain, key, &[b"http/1.1"], handler).await
+}
+
+/// A 3 MiB request to [`early_413_upstream`].
+fn big_request() -> Request<Full<Bytes>> {
+    Request::post(format!("https://{HOST}/v1/messages"))
+        .header("host", HOST)
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(Bytes::from(vec![b'x'; 3 << 20])))
+        .unwrap()
+}
+
+/// The proxy, still sending a large body when the upstream answered and closed, passes the upstream's answer on —
+/// every time, over HTTP/1.1 and HTTP/2 — instead of a gateway error or an empty reply.
+#[tokio::test]
+async fn an_upstreams_early_answer_reaches_the_client() {
+    let ca = TestCa::new("conform upstream CA");
+    let up = early_413_upstream(&ca).await;
+    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    for round in 0..6 {
+        for h2 in [false, true] {
+            let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+            let tls = proxy.tls_to(up, HOST, &[alpn]).await;
+            let (status, _, body) = tokio::time::timeout(WAIT, send(tls, h2, big_request()))
+                .await
+                .unwrap_or_else(|_| panic!("round {round} h2={h2}: no answer"));
+            let body = String::from_utf8_lossy(&body);
+            assert_eq!(status, 413, "round {round} h2={h2}: {body}");
+            assert_eq!(body, early_answer_body(), "round {round} h2={h2}");
+        }
+    }
+}
+
+/// The same while the agent reads the answer slowly (an HTTP/2 client with a small window): the proxy is still
+/// sending the request body when the upstream resets the connection, with half of the answer not yet read — and
+/// the agent still gets all of it.
+#[tokio::test]
+async fn an_upstreams_early_answer_reaches_a_slow_reader_whole() {
+    let ca = TestCa::new("conform upstream CA");
+    let up = early_413_upstream(&ca).await;
+    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    for round in 0..2 {
+        let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+        let (client, conn) = h2::client::Builder::new()
+            .initial_window_size(1024)
+            .handshake(tls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let (parts, body) = big_request().into_parts();
+        let (resp, mut tx) = client
+            .send_request(Request::from_parts(parts, ()), false)
+            .unwrap();
+        let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+        tx.send_data(body, true).unwrap();
+        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 413, "round {round}");
+        // Let the upstream finish and reset the connection before reading on.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut data = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(WAIT, data.data()).await.unwrap() {
+            let chunk = chunk.unwrap_or_else(|e| panic!("round {round}: the answer broke off: {e}"));
+            let _ = data.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), early_answer_body(), "round {round}");
+    }
+}
+
+// ---- close-delimited responses ----
+
+/// An HTTP/1.1 upstream answering without a length (the body ends when the connection closes) and closing the TCP
+/// connection without TLS `close_notify`, as some servers and load balancers do.
+async fn close_delimited_upstream(ca: &TestCa, seen: Arc<Mutex<u32>>) -> std::net::SocketAddr {
+    let (chain, key) = ca.leaf(&[HOST]);
+    let handler: RawHandler = Arc::new(move |mut tls| {
+        let seen = seen.clone();
+        Box::pin(async move {
+            let _ = read_head(&mut tls).await;
+            *seen.lock().unwrap() += 1;
+            let resp = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nthe whole answer";
+            let _ = tls.write_all(resp.as_bytes()).await;
+            let _ = tls.flush().await;
+            // No close_notify: the TCP connection just ends.
+            let (mut tcp, _) = tls.into_inner();
+            let _ = tcp.shutdown().await;
+        })
+    });
+    raw_tls_upstream(chain, key, &[b"http/1.1"], handler).await
+}
+
+/// Such a response ends cleanly for the agent, as it does for a direct client (curl and browsers accept it): every
+/// byte, then a proper end (the terminal chunk over HTTP/1.1, END_STREAM over HTTP/2), not an aborted stream.
+#[tokio::test]
+async fn a_close_delimited_response_without_close_notify_ends_cleanly() {
+    let ca = TestCa::new("conform upstream CA");
+    let seen = Arc::new(Mutex::new(0));
+    let up = close_delimited_upstream(&ca, seen.clone()).await;
+    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    for h2 in [false, true] {
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let tls = proxy.tls_to(up, HOST, &[alpn]).await;
+        let (status, _, body) = tokio::time::timeout(WAIT, send(tls, h2, get("/text", HOST)))
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_slice()), (200, &b"the whole answer"[..]), "h2={h2}");
+    }
+    assert_eq!(*seen.lock().unwrap(), 2);
+}

@@ -61,7 +61,10 @@ async fn h2_expect_100_continue_is_answered_before_the_body() {
         text.extend_from_slice(&chunk.unwrap());
     }
     let text = String::from_utf8_lossy(&text);
-    assert!(text.contains("path=/upload") && text.ends_with("body=hello"), "{text}");
+    assert!(
+        text.contains("path=/upload") && text.ends_with("body=hello"),
+        "{text}"
+    );
     assert_eq!(seen.count(), 1);
 }
 
@@ -93,7 +96,9 @@ async fn expect_100_continue_refused_on_the_head_gets_the_final_status() {
         64u64 << 20
     );
     tls.write_all(head.as_bytes()).await.unwrap();
-    let answer = tokio::time::timeout(WAIT, read_head(&mut tls)).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, read_head(&mut tls))
+        .await
+        .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert_eq!(seen.count(), 0);
@@ -108,7 +113,9 @@ async fn h1_expect_100_continue_is_answered_before_the_body() {
         "POST /upload HTTP/1.1\r\nhost: {HOST}\r\nexpect: 100-continue\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
     );
     tls.write_all(head.as_bytes()).await.unwrap();
-    let interim = tokio::time::timeout(WAIT, read_head(&mut tls)).await.unwrap();
+    let interim = tokio::time::timeout(WAIT, read_head(&mut tls))
+        .await
+        .unwrap();
     assert!(
         interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
         "{}",
@@ -118,7 +125,10 @@ async fn h1_expect_100_continue_is_answered_before_the_body() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut rest)).await;
     let rest = String::from_utf8_lossy(&rest);
-    assert!(rest.starts_with("HTTP/1.1 200") && rest.contains("body=hello"), "{rest}");
+    assert!(
+        rest.starts_with("HTTP/1.1 200") && rest.contains("body=hello"),
+        "{rest}"
+    );
     assert_eq!(seen.count(), 1);
 }
 
@@ -216,7 +226,10 @@ async fn an_upstreams_early_answer_reaches_a_slow_reader_whole() {
         let (resp, mut tx) = client
             .send_request(Request::from_parts(parts, ()), false)
             .unwrap();
-        let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
         tx.send_data(body, true).unwrap();
         let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
         assert_eq!(resp.status(), 413, "round {round}");
@@ -225,11 +238,16 @@ async fn an_upstreams_early_answer_reaches_a_slow_reader_whole() {
         let mut data = resp.into_body();
         let mut got = Vec::new();
         while let Some(chunk) = tokio::time::timeout(WAIT, data.data()).await.unwrap() {
-            let chunk = chunk.unwrap_or_else(|e| panic!("round {round}: the answer broke off: {e}"));
+            let chunk =
+                chunk.unwrap_or_else(|e| panic!("round {round}: the answer broke off: {e}"));
             let _ = data.flow_control().release_capacity(chunk.len());
             got.extend_from_slice(&chunk);
         }
-        assert_eq!(String::from_utf8_lossy(&got), early_answer_body(), "round {round}");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            early_answer_body(),
+            "round {round}"
+        );
     }
 }
 
@@ -269,7 +287,293 @@ async fn a_close_delimited_response_without_close_notify_ends_cleanly() {
         let (status, _, body) = tokio::time::timeout(WAIT, send(tls, h2, get("/text", HOST)))
             .await
             .unwrap();
-        assert_eq!((status, body.as_slice()), (200, &b"the whole answer"[..]), "h2={h2}");
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"the whole answer"[..]),
+            "h2={h2}"
+        );
     }
     assert_eq!(*seen.lock().unwrap(), 2);
+}
+
+// ---- HTTP/2 ↔ HTTP/1.1 translation (RFC 9113 §8.2, §8.3) ----
+
+/// An HTTP/1.1-only upstream that records each request head as it arrived on the wire and answers with the
+/// connection-specific fields an HTTP/1.1 server may send (which HTTP/2 forbids), plus one end-to-end field.
+async fn h1_recording_upstream(
+    ca: &TestCa,
+    heads: Arc<Mutex<Vec<String>>>,
+) -> std::net::SocketAddr {
+    let (chain, key) = ca.leaf(&[HOST]);
+    let handler: RawHandler = Arc::new(move |mut tls| {
+        let heads = heads.clone();
+        Box::pin(async move {
+            let head = read_head(&mut tls).await;
+            heads
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&head).into_owned());
+            let resp = "HTTP/1.1 200 OK\r\nconnection: close, x-resp-hop\r\nx-resp-hop: 1\r\nkeep-alive: timeout=5\r\nproxy-connection: close\r\nupgrade: h2c\r\nx-kept: yes\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+            let _ = tls.write_all(resp.as_bytes()).await;
+            let _ = tls.shutdown().await;
+        })
+    });
+    raw_tls_upstream(chain, key, &[b"http/1.1"], handler).await
+}
+
+/// The head lines of `head` after the request line, lower-cased names (values as sent).
+fn fields(head: &str) -> Vec<(String, String)> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect()
+}
+
+/// An HTTP/2 client's request to an HTTP/1.1 upstream: its `cookie` fields are joined into one with `; ` (§8.2.3),
+/// `:authority` becomes `Host`, the request line is origin-form, `te` is not sent on (hop-by-hop in HTTP/1.1); the
+/// upstream's connection-specific response fields never reach the HTTP/2 client (§8.2.2), which would reject the
+/// response as malformed, and its end-to-end fields do.
+#[tokio::test]
+async fn h2_client_to_h1_upstream_follows_rfc_9113() {
+    let ca = TestCa::new("conform upstream CA");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let up = h1_recording_upstream(&ca, heads.clone()).await;
+    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("https://{HOST}/a/b?q=1"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3; d=4")
+        .header("te", "trailers")
+        .header("x-end-to-end", "kept")
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    for gone in [
+        "connection",
+        "x-resp-hop",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert!(
+            !h.contains_key(gone),
+            "{gone} reached the HTTP/2 client: {h:?}"
+        );
+    }
+    assert_eq!(h.get("x-kept").map(|v| v.as_bytes()), Some(&b"yes"[..]));
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, b"ok");
+
+    let head = heads
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the upstream saw the request");
+    assert!(head.starts_with("GET /a/b?q=1 HTTP/1.1\r\n"), "{head}");
+    let f = fields(&head);
+    let cookies: Vec<&str> = f
+        .iter()
+        .filter(|(k, _)| k == "cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3; d=4"], "{head}");
+    let hosts: Vec<&str> = f
+        .iter()
+        .filter(|(k, _)| k == "host")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(hosts, [HOST], "{head}");
+    assert!(
+        !f.iter().any(|(k, _)| k == "te" || k.starts_with(':')),
+        "{head}"
+    );
+    assert!(
+        f.iter().any(|(k, v)| k == "x-end-to-end" && v == "kept"),
+        "{head}"
+    );
+}
+
+/// What an HTTP/2 upstream received: (method, URI, version, header fields).
+type H2Seen = Arc<Mutex<Vec<(String, String, http::Version, http::HeaderMap)>>>;
+
+/// An HTTP/2-only upstream recording each request.
+async fn h2_recording_upstream(ca: &TestCa, seen: H2Seen) -> std::net::SocketAddr {
+    let (chain, key) = ca.leaf(&[HOST]);
+    let handler: RawHandler = Arc::new(move |tls| {
+        let seen = seen.clone();
+        Box::pin(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push((
+                            req.method().to_string(),
+                            req.uri().to_string(),
+                            req.version(),
+                            req.headers().clone(),
+                        ));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+        })
+    });
+    raw_tls_upstream(chain, key, &[b"h2"], handler).await
+}
+
+/// An HTTP/1.1 client's request to an HTTP/2 upstream: `Host` becomes `:authority` (and no `host` field goes
+/// along), every connection-specific field — `Connection` and the fields it names, `Keep-Alive`,
+/// `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` — is removed, and `TE` is sent on only as `trailers`, the one
+/// value HTTP/2 allows (§8.2.2): a `TE` listing `trailers` among others keeps it.
+#[tokio::test]
+async fn h1_client_to_h2_upstream_follows_rfc_9113() {
+    let ca = TestCa::new("conform upstream CA");
+    let seen: H2Seen = Arc::default();
+    let up = h2_recording_upstream(&ca, seen.clone()).await;
+    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
+    let req = format!(
+        "POST /v1/x?y=2 HTTP/1.1\r\nHost: {HOST}\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+         Proxy-Connection: keep-alive\r\nTE: gzip;q=0.5, trailers\r\nTransfer-Encoding: chunked\r\nCookie: a=1; b=2\r\n\
+         X-End-To-End: kept\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, read_head(&mut tls))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let (method, uri, version, h) = seen
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the upstream saw the request");
+    assert_eq!((method.as_str(), version), ("POST", http::Version::HTTP_2));
+    assert_eq!(uri, format!("https://{HOST}/v1/x?y=2"));
+    for gone in [
+        "host",
+        "connection",
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        assert!(
+            !h.contains_key(gone),
+            "{gone} reached the HTTP/2 upstream: {h:?}"
+        );
+    }
+    let te: Vec<_> = h.get_all("te").iter().collect();
+    assert_eq!(te, ["trailers"], "{h:?}");
+    assert_eq!(
+        h.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
+    assert_eq!(
+        h.get("cookie").map(|v| v.as_bytes()),
+        Some(&b"a=1; b=2"[..])
+    );
+    assert_eq!(
+        h.get("x-end-to-end").map(|v| v.as_bytes()),
+        Some(&b"kept"[..])
+    );
+}
+
+/// `OPTIONS *` (RFC 9113 §8.3.1: `:path` `*`) reaches an HTTP/1.1 upstream in asterisk form (RFC 9112 §3.2.4).
+#[tokio::test]
+async fn h2_options_asterisk_reaches_h1_in_asterisk_form() {
+    let ca = TestCa::new("conform upstream CA");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let up = h1_recording_upstream(&ca, heads.clone()).await;
+    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let uri = http::Uri::from_parts({
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(http::uri::Scheme::HTTPS);
+        p.authority = Some(HOST.parse().unwrap());
+        p.path_and_query = Some("*".parse().unwrap());
+        p
+    })
+    .unwrap();
+    let req = Request::builder()
+        .method("OPTIONS")
+        .uri(uri)
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let head = heads
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the upstream saw the request");
+    assert!(head.starts_with("OPTIONS * HTTP/1.1\r\n"), "{head}");
+}
+
+/// An HTTP/2 request whose `host` field names another host than its `:authority` is malformed (RFC 9113 §8.3.1),
+/// and so is an HTTP/1.1 request with two `Host` fields (RFC 9112 §3.2): refused with 400, and never forwarded —
+/// the policy decided on one name, the upstream could read the other. The same host spelt with its default port
+/// is the same host.
+#[tokio::test]
+async fn a_host_field_naming_another_host_is_refused() {
+    let (proxy, up, seen) = setup().await;
+    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("https://{HOST}/x"))
+        .header("host", "other.conform.test")
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(seen.count(), 0);
+    let req = Request::get(format!("https://{HOST}/x"))
+        .header("host", format!("{}:443", HOST.to_ascii_uppercase()))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(seen.count(), 1);
+
+    let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
+    let req = format!("GET /x HTTP/1.1\r\nhost: {HOST}\r\nhost: other.conform.test\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, read_head(&mut tls))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(seen.count(), 1);
 }

@@ -165,7 +165,9 @@ pub(crate) async fn read(
 fn client_left(e: &BodyError) -> bool {
     use std::error::Error as _;
     let e = match e {
-        BodyError::Http2(h2) => return h2.is_io() || h2.is_go_away() || (h2.is_reset() && h2.is_remote()),
+        BodyError::Http2(h2) => {
+            return h2.is_io() || h2.is_go_away() || (h2.is_reset() && h2.is_remote())
+        }
         BodyError::Http1(e) => e,
     };
     if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {

@@ -169,7 +169,9 @@ async fn stream(
 }
 
 /// The signal that the exchange began reading the body (never, once it was taken).
-async fn continued(rx: &mut Option<oneshot::Receiver<()>>) -> Result<(), oneshot::error::RecvError> {
+async fn continued(
+    rx: &mut Option<oneshot::Receiver<()>>,
+) -> Result<(), oneshot::error::RecvError> {
     match rx {
         Some(rx) => rx.await,
         None => std::future::pending().await,

@@ -112,7 +112,9 @@ impl<S> EarlyAnswer<S> {
 fn peer_closed(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
     )
 }
 
@@ -287,7 +289,11 @@ mod tests {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         use hyper_util::rt::TokioIo;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Full<Bytes>>(TokioIo::new(io)).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Full<Bytes>,
+        >(TokioIo::new(io))
+        .await?;
         tokio::spawn(conn);
         let req = http::Request::post("/upload")
             .header("host", "upstream.test")

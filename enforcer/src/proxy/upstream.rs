@@ -15,6 +15,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::io::{CloseDelimited, EarlyAnswer};
@@ -46,6 +47,21 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the server refused every protocol offered by ALPN (RFC 7301 §3.2 `no_application_protocol`).
+    fn refused_protocol(&self) -> bool {
+        let UpstreamError::Tls { source } = self else {
+            return false;
+        };
+        matches!(
+            source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>()),
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol
+            ))
+        )
+    }
+
     /// The audit reason for this failure.
     pub fn reason(&self) -> Reason {
         match self {
@@ -140,27 +156,31 @@ pub(crate) async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, UpstreamEr
     }
 }
 
-/// Connect to `dst`; with `tls`, verify the upstream as `host` and offer h2 when `want_h2`.
+/// Connect to `dst`; with `tls`, verify the upstream as `host` and offer h2 when `want_h2`. A server that refuses
+/// HTTP/1.1 (the `no_application_protocol` alert: an HTTP/2-only server) is tried again offering h2 when
+/// `h2_fallback` (not for upgrade requests, which need HTTP/1.1); the request is then translated (see `forward`).
 pub(crate) async fn connect(
     tls: Option<&UpstreamTls>,
     dst: SocketAddr,
     host: &str,
     want_h2: bool,
+    h2_fallback: bool,
 ) -> Result<Sender, UpstreamError> {
-    let tcp = EarlyAnswer::new(connect_tcp(dst).await?);
-    let write_failed = tcp.write_failed();
     let Some(tls) = tls else {
+        let tcp = EarlyAnswer::new(connect_tcp(dst).await?);
+        let write_failed = tcp.write_failed();
         return h1(tcp, write_failed).await;
     };
     let name = ServerName::try_from(host.to_string()).map_err(|_| UpstreamError::Name {
         host: host.to_string(),
     })?;
     let config = if want_h2 { &tls.h2 } else { &tls.h1 };
-    let connector = TlsConnector::from(config.clone());
-    let stream = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name, tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(UpstreamError::Tls { source }),
-        Err(_) => return Err(UpstreamError::Timeout { dst }),
+    let (stream, write_failed) = match tls_connect(config, &name, dst).await {
+        Err(e) if !want_h2 && h2_fallback && e.refused_protocol() => {
+            tracing::debug!(dst = %dst, "the upstream refused HTTP/1.1: offering h2");
+            tls_connect(&tls.h2, &name, dst).await?
+        }
+        other => other?,
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(H2);
     let stream = CloseDelimited(stream);
@@ -177,6 +197,22 @@ pub(crate) async fn connect(
         })
     } else {
         h1(stream, write_failed).await
+    }
+}
+
+/// A TCP connection to `dst` and the TLS handshake on it with `config`, verifying `name`.
+async fn tls_connect(
+    config: &Arc<rustls::ClientConfig>,
+    name: &ServerName<'static>,
+    dst: SocketAddr,
+) -> Result<(TlsStream<EarlyAnswer<TcpStream>>, Arc<AtomicBool>), UpstreamError> {
+    let tcp = EarlyAnswer::new(connect_tcp(dst).await?);
+    let write_failed = tcp.write_failed();
+    let connector = TlsConnector::from(config.clone());
+    match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name.clone(), tcp)).await {
+        Ok(Ok(s)) => Ok((s, write_failed)),
+        Ok(Err(source)) => Err(UpstreamError::Tls { source }),
+        Err(_) => Err(UpstreamError::Timeout { dst }),
     }
 }
 

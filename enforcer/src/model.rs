@@ -361,6 +361,9 @@ pub enum Reason {
     /// Refused in the kernel by the capture programs, before anything left the socket: a socket kind, a bind, an
     /// inbound packet or a datagram the enforcer does not carry (see docs/proxy.md).
     Kernel,
+    /// The agent already had its share of the proxy's connections (`proxy.max_connections_per_agent`), or all
+    /// agents together the total (`proxy.max_connections`): the connection was closed unserved.
+    ConnectionLimit,
 }
 
 impl Reason {
@@ -383,6 +386,7 @@ impl Reason {
             Reason::ClientClosed => "client_closed",
             Reason::ClientTls => "client_tls",
             Reason::Kernel => "kernel",
+            Reason::ConnectionLimit => "connection_limit",
         }
     }
 }

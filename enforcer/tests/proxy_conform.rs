@@ -167,7 +167,7 @@ async fn early_413_upstream(ca: &TestCa) -> std::net::SocketAddr {
                 let _ = tls.write_all(part.as_bytes()).await;
                 let _ = tls.flush().await;
             }
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 let _ = tls.shutdown().await;
             }
         })

@@ -129,7 +129,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
-    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+    // Shorter under pressure (see `limits`): a client that is slow to say hello holds a connection slot.
+    let handshake_timeout = HANDSHAKE_TIMEOUT.min(target.head_timeout);
+    let start = match tokio::time::timeout(handshake_timeout, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "unreadable ClientHello");
@@ -182,7 +184,7 @@ where
             return;
         }
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+    let tls = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "TLS handshake with the agent failed");

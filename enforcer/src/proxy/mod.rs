@@ -153,8 +153,8 @@ pub enum Listen {
     Explicit { profile: String },
 }
 
-/// Serve `listener` until `shutdown` fires: one task per client connection, at most `proxy.max_connections` at
-/// once over every listener (more wait in the kernel's backlog).
+/// Serve `listener` until `shutdown` fires: one task per client connection. Every connection is accepted; it is
+/// served if its agent is within its share of `proxy.max_connections` (see `limits`), else closed and recorded.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ProxyContext>,
@@ -163,10 +163,6 @@ pub async fn serve(
 ) {
     let local = listener.local_addr().ok();
     loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            slot = limits::connection_slot() => slot,
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -181,8 +177,6 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (ctx, mode, shutdown) = (ctx.clone(), mode.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let _open = crate::metrics::global().connection_opened();
             tokio::select! {
                 _ = client(ctx, stream, peer, local, mode) => {}
                 _ = shutdown.cancelled() => {}
@@ -191,7 +185,7 @@ pub async fn serve(
     }
 }
 
-/// One accepted client, by listener mode.
+/// One accepted client, by listener mode: its agent and target, its admission, then the accept path.
 async fn client(
     ctx: Arc<ProxyContext>,
     stream: TcpStream,
@@ -199,48 +193,127 @@ async fn client(
     local: Option<SocketAddr>,
     mode: Listen,
 ) {
-    match mode {
+    let target = match mode {
         Listen::Explicit { profile } => {
             tracing::debug!(client = %peer, "explicit proxy client");
             let agent = Agent {
                 profile: Some(profile),
                 ..Agent::default()
             };
-            explicit::serve_client(ctx, stream, agent).await;
-        }
-        Listen::Transparent => {
-            let origin = ctx.origins.lookup(peer);
-            let Some(origin) = origin.as_ref().filter(|o| Some(o.dst) != local).cloned() else {
-                // A tagged connect straight to the proxy is recorded with the proxy as its destination: refused
-                // like one without any, with its agent named.
-                let agent = origin.map(|o| o.agent).unwrap_or_default();
-                tracing::info!(client = %peer, "connection without a recorded original destination: closed");
-                crate::metrics::global().connection_refused();
-                let summary = RequestSummary {
-                    scheme: Some(Scheme::Tcp),
-                    ..RequestSummary::default()
-                };
-                let policy = ctx.policy.current();
-                let message = "the connection has no recorded original destination";
-                ctx.record_refusal(
-                    &policy,
-                    &agent,
-                    summary,
-                    (Reason::BadRequest, None),
-                    message,
-                )
-                .await;
+            let Some(admitted) = admitted(&ctx, &agent, None) else {
                 return;
             };
-            let target = Target {
-                dst: origin.dst,
-                agent: origin.agent,
-                host_hint: None,
-                head_timeout: limits::limits().header_read_timeout,
-            };
-            accept::handle(ctx, stream, target).await;
+            let _open = crate::metrics::global().connection_opened();
+            return explicit::serve_client(ctx, stream, agent, admitted).await;
         }
+        Listen::Transparent => match transparent_target(&ctx, peer, local).await {
+            Some(target) => target,
+            None => return,
+        },
+    };
+    let Some(admitted) = admitted(&ctx, &target.agent, Some(target.dst)) else {
+        return;
+    };
+    let _open = crate::metrics::global().connection_opened();
+    let target = Target {
+        head_timeout: admitted.head_timeout,
+        ..target
+    };
+    accept::handle(ctx, stream, target).await;
+    drop(admitted);
+}
+
+/// Where a redirected connection was going and for whom; `None` (closed and recorded) without a recorded origin.
+async fn transparent_target(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Option<Target> {
+    let origin = ctx.origins.lookup(peer);
+    let Some(origin) = origin.as_ref().filter(|o| Some(o.dst) != local).cloned() else {
+        // A tagged connect straight to the proxy is recorded with the proxy as its destination: refused
+        // like one without any, with its agent named.
+        let agent = origin.map(|o| o.agent).unwrap_or_default();
+        tracing::info!(client = %peer, "connection without a recorded original destination: closed");
+        crate::metrics::global().connection_refused();
+        let summary = RequestSummary {
+            scheme: Some(Scheme::Tcp),
+            ..RequestSummary::default()
+        };
+        let policy = ctx.policy.current();
+        let message = "the connection has no recorded original destination";
+        ctx.record_refusal(
+            &policy,
+            &agent,
+            summary,
+            (Reason::BadRequest, None),
+            message,
+        )
+        .await;
+        return None;
+    };
+    Some(Target {
+        dst: origin.dst,
+        agent: origin.agent,
+        host_hint: None,
+        head_timeout: limits::limits().header_read_timeout,
+    })
+}
+
+/// The connection's place among those served, or `None`: beyond its agent's share or the total, it is closed (by
+/// the caller dropping it) and recorded, at most once a second per agent with the count it stands for.
+fn admitted(
+    ctx: &Arc<ProxyContext>,
+    agent: &Agent,
+    dst: Option<SocketAddr>,
+) -> Option<limits::Admitted> {
+    if let Some(admitted) = limits::admit(agent) {
+        return Some(admitted);
     }
+    crate::metrics::global().connection_refused();
+    let when = match limits::refused(agent) {
+        limits::Refused::Record(count) => Some((Duration::ZERO, Some(count))),
+        limits::Refused::Counted(Some(after)) => Some((after, None)),
+        limits::Refused::Counted(None) => None,
+    };
+    if let Some((after, count)) = when {
+        let (ctx, agent) = (ctx.clone(), agent.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let count = count.unwrap_or_else(|| limits::unrecorded(&agent));
+            if count > 0 {
+                record_connection_limit(&ctx, &agent, dst, count).await;
+            }
+        });
+    }
+    None
+}
+
+/// The record of `count` connections of `agent` closed for the connection limit.
+async fn record_connection_limit(
+    ctx: &ProxyContext,
+    agent: &Agent,
+    dst: Option<SocketAddr>,
+    count: u64,
+) {
+    tracing::info!(profile = ?agent.profile, cgroup = ?agent.cgroup, count, "connections over the agent's share closed");
+    let summary = RequestSummary {
+        scheme: Some(Scheme::Tcp),
+        ip: dst.map(|d| d.ip()),
+        port: dst.map_or(0, |d| d.port()),
+        count: Some(count),
+        ..RequestSummary::default()
+    };
+    let policy = ctx.policy.current();
+    let message = "the agent has its share of the proxy's connections open";
+    ctx.record_refusal(
+        &policy,
+        agent,
+        summary,
+        (Reason::ConnectionLimit, None),
+        message,
+    )
+    .await;
 }
 
 /// [`serve`] for connections redirected by the kernel.

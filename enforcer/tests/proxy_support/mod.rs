@@ -483,16 +483,19 @@ async fn start(
 impl Proxy {
     /// Connect to the proxy as if the kernel had redirected a connection meant for `dst`.
     pub async fn connect_as(&self, dst: SocketAddr) -> TcpStream {
+        self.connect_as_agent(dst, test_agent()).await
+    }
+
+    /// [`Proxy::connect_as`] on behalf of `agent`.
+    pub async fn connect_as_agent(&self, dst: SocketAddr, agent: Agent) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = socket.local_addr().unwrap().port();
-        self.table.0.lock().unwrap().insert(
-            port,
-            Origin {
-                dst,
-                agent: test_agent(),
-            },
-        );
+        self.table
+            .0
+            .lock()
+            .unwrap()
+            .insert(port, Origin { dst, agent });
         socket.connect(self.addr).await.unwrap()
     }
 

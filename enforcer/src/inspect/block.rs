@@ -194,13 +194,24 @@ fn mcp_error(id: Option<&Value>, message: String, rule: Option<&String>) -> Valu
     })
 }
 
-fn mcp_element(message: &McpMessage, decision: Option<&Decision>) -> Value {
+/// The answer to one element: its own block, or (`decision` `None`: it was allowed) a `-32001` error saying it was
+/// not forwarded because of the elements `blocked_by` names (their rules, `policy default` for the default), with
+/// `data.reason` `batch_blocked`.
+fn mcp_element(message: &McpMessage, decision: Option<&Decision>, blocked_by: &[String]) -> Value {
     let Some(decision) = decision else {
-        return mcp_error(
-            message.id.as_ref(),
-            "not forwarded: another message in the same batch was blocked by policy".to_string(),
-            None,
+        let text = format!(
+            "not forwarded: another message in the same batch was blocked by policy ({})",
+            blocked_by.join(", ")
         );
+        return json!({
+            "jsonrpc": "2.0",
+            "id": message.id.clone().unwrap_or(Value::Null),
+            "error": {
+                "code": MCP_POLICY_ERROR_CODE,
+                "message": text,
+                "data": {"reason": "batch_blocked", "rule": null, "blocked_by": blocked_by},
+            }
+        });
     };
     if message.method == "tools/call" {
         json!({
@@ -231,11 +242,21 @@ fn mcp_answer(
     messages: &[McpMessage],
     decisions: &[Option<&Decision>],
 ) -> BlockResponse {
+    let mut blocked_by: Vec<String> = Vec::new();
+    for d in decisions.iter().flatten() {
+        let name = d.deciding_rule.as_ref().map_or_else(
+            || "policy default".to_string(),
+            |r| format!("policy rule: {r}"),
+        );
+        if !blocked_by.contains(&name) {
+            blocked_by.push(name);
+        }
+    }
     let answers: Vec<Value> = messages
         .iter()
         .zip(decisions)
         .filter(|(m, _)| m.expects_answer())
-        .map(|(m, d)| mcp_element(m, *d))
+        .map(|(m, d)| mcp_element(m, *d, &blocked_by))
         .collect();
     if answers.is_empty() {
         let decision = decisions.iter().flatten().next().copied();

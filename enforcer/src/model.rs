@@ -68,6 +68,10 @@ pub struct Transport {
     pub ip: Option<IpAddr>,
     #[serde(default)]
     pub port: u16,
+    /// The LLM provider whose API this host serves (`openai`, `anthropic`, `gemini`; inspect's provider hosts), if
+    /// it is one: a key of that provider in a credential header is the agent's own, not a finding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
 }
 
 /// An ordered list of name/value pairs that serialises as a map (headers, query parameters).
@@ -343,6 +347,9 @@ pub enum Reason {
     Unredactable,
     /// A constrain rule matched an Action with nothing to rewrite (raw TCP, a DNS query): carried out as a block.
     Unrewritable,
+    /// A constrain rule decided, but its rewrites changed nothing in the request: forwarded as received, recorded
+    /// with verdict `log`.
+    Unchanged,
     /// Host/:authority did not match SNI.
     HostMismatch,
     /// The upstream's certificate failed verification.
@@ -378,6 +385,7 @@ impl Reason {
             Reason::SignedField => "signed_field",
             Reason::Unredactable => "unredactable",
             Reason::Unrewritable => "unrewritable",
+            Reason::Unchanged => "unchanged",
             Reason::HostMismatch => "host_mismatch",
             Reason::UpstreamTls => "upstream_tls",
             Reason::UpstreamUnreachable => "upstream_unreachable",

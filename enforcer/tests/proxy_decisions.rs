@@ -263,3 +263,73 @@ rules:
         records[0]
     );
 }
+
+/// Through the whole pipeline: an agent's own Anthropic key in `x-api-key` to Anthropic's API is not a leaked
+/// secret (neither a `detect` block rule nor the redaction rule fires: recorded as the plain log it is), the same
+/// key in the prompt is; and a constrain whose rewrites change nothing is recorded as what was done — forwarded as
+/// received, verdict `log`, reason `unchanged`, its rule named — not as a constrain.
+#[tokio::test]
+async fn a_providers_own_key_is_no_secret_and_an_unchanged_constrain_is_recorded_as_such() {
+    let ca = TestCa::new("decisions CA");
+    let yaml = r#"version: 1
+default: block
+rules:
+ - id: llm-providers
+   when: { host: api.anthropic.com }
+   verdict: log
+ - id: no-anthropic-keys-out
+   when: { detect: [anthropic-key] }
+   verdict: block
+   message: Anthropic keys stay here
+ - id: cap-tokens
+   when: { path: /v1/capped }
+   verdict: constrain
+   constrain: { json_cap: { "$.max_tokens": 4096 } }
+"#;
+    let proxy = start_proxy(yaml, &[&ca], false).await;
+    let (chain, key) = ca.leaf(&["api.anthropic.com"]);
+    let (up, seen) = https_upstream(chain, key, true).await;
+    let own = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz_0123";
+    let call = |path: &str, body: String| {
+        Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", "api.anthropic.com")
+            .header("content-type", "application/json")
+            .header("x-api-key", own)
+            .header("anthropic-version", "2023-06-01")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let messages = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"hi"}]}"#;
+    for (path, status) in [("/v1/messages", 200), ("/v1/capped", 200)] {
+        let tls = proxy.tls_to(up, "api.anthropic.com", &[H1]).await;
+        let (got, _, body) = send(tls, false, call(path, messages.to_string())).await;
+        assert_eq!(got, status, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let leaked = messages.replace("\"hi\"", &format!("\"my key is {own}\""));
+    let tls = proxy.tls_to(up, "api.anthropic.com", &[H1]).await;
+    let (got, _, body) = send(tls, false, call("/v1/messages", leaked)).await;
+    assert_eq!(got, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(seen.count(), 2);
+
+    let records = proxy.audit_records().await;
+    assert_eq!(records.len(), 3, "{records:#?}");
+    let d = |i: usize| &records[i]["decision"];
+    assert_eq!(
+        (d(0)["verdict"].as_str(), d(0)["rule"].as_str()),
+        (Some("log"), Some("llm-providers")),
+        "{}",
+        records[0]
+    );
+    assert_eq!(records[0]["request"]["changes"], serde_json::json!([]));
+    assert_eq!(d(1)["verdict"], "log", "{}", records[1]);
+    assert_eq!(d(1)["reason"], "unchanged", "{}", records[1]);
+    assert_eq!(d(1)["rule"], "cap-tokens", "{}", records[1]);
+    assert_eq!(records[1]["request"]["changes"], serde_json::json!([]));
+    assert_eq!(records[1]["outcome"]["disposition"], "forwarded");
+    assert_eq!(
+        (d(2)["verdict"].as_str(), d(2)["rule"].as_str()),
+        (Some("block"), Some("no-anthropic-keys-out"))
+    );
+}

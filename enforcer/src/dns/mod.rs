@@ -276,6 +276,7 @@ fn dns_action(agent: &Agent, name: &str, resolver: Option<IpAddr>) -> Action {
             host: Some(name.to_string()),
             ip: resolver,
             port: PORT,
+            provider: None,
         },
         ..Action::default()
     }

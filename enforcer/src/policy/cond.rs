@@ -520,8 +520,18 @@ impl<'a> Ctx<'a> {
         fires
     }
 
+    /// The LLM provider the request goes to: its host's (`transport.provider`), else the LLM call's.
+    fn provider(&self) -> Option<&str> {
+        let a = self.action;
+        a.transport
+            .provider
+            .as_deref()
+            .or_else(|| a.llm.as_ref().map(|l| l.provider.as_str()))
+    }
+
     /// Runs detector `i` over the host (also upper-cased: names arrive lower-cased), the URL path and query, every
-    /// header value and the body, the body also as the upstream will read it (JSON escapes undone, a form
+    /// header value (but the client's own credential for the provider it talks to, see
+    /// `Detectors::own_credential`) and the body, the body also as the upstream will read it (JSON escapes undone, a form
     /// decoded), so neither case nor an escape can hide a secret.
     /// The host is scanned whatever the action (a DNS query has nothing else).
     fn scan(&self, i: usize) -> bool {
@@ -542,7 +552,11 @@ impl<'a> Ctx<'a> {
                 .0
                 .iter()
                 .any(|(k, v)| d.fires(i, k) || d.fires(i, v))
-            || http.headers.0.iter().any(|(_, v)| d.fires(i, v))
+            || http
+                .headers
+                .0
+                .iter()
+                .any(|(k, v)| !d.own_credential(i, k, self.provider()) && d.fires(i, v))
             || d.fires(i, &http.body)
             || self
                 .decoded_body

@@ -1,6 +1,10 @@
 //! Secret and PII detectors: a cheap keyword prefilter, then a regex, then an optional validator (Luhn for card
 //! numbers). Built-in detectors cover common API keys, private keys, e-mail addresses and card numbers; a policy may
 //! add its own under `detectors:`. Used by `detect:` conditions and by the constrain stage's redaction.
+//!
+//! A detector of a provider's API key knows its provider (`openai-key`: `openai`, `anthropic-key`: `anthropic`; a
+//! policy's own detector may name one): that key in a credential header ([`CREDENTIAL_HEADERS`]) of a request to
+//! that provider's API is the agent authenticating, not a secret leaving — see [`Detectors::own_credential`].
 
 use std::ops::Range;
 
@@ -71,12 +75,25 @@ impl Prefilter {
     }
 }
 
+/// The request header fields that carry a client's credentials to the server it talks to (RFC 9110 §11.6.2
+/// `Authorization`; Anthropic `x-api-key`, Gemini `x-goog-api-key`, Azure OpenAI `api-key`; `Proxy-Authorization`
+/// for a proxy on the way), lower case.
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "api-key",
+];
+
 #[derive(Debug, Clone)]
 struct Detector {
     name: String,
     prefilter: Prefilter,
     regex: Regex,
     validator: Option<Validator>,
+    /// The LLM provider whose API keys this detector finds (`openai`, `anthropic`, `gemini`), if it is such one.
+    provider: Option<String>,
 }
 
 impl Detector {
@@ -112,12 +129,21 @@ pub struct Detectors {
     list: Vec<Detector>,
 }
 
-/// The built-in detectors: name, keywords, regex, validator.
-const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
+/// The built-in detectors: name, keywords, regex, validator, the provider whose keys they are.
+type Builtin = (
+    &'static str,
+    &'static [&'static str],
+    &'static str,
+    Option<Validator>,
+    Option<&'static str>,
+);
+
+const BUILTIN: &[Builtin] = &[
     (
         "aws-access-key",
         &["AKIA", "ASIA", "ABIA", "ACCA"],
         r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)",
+        None,
         None,
     ),
     (
@@ -125,23 +151,27 @@ const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
         &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
         r"(?-u:\b)(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})(?-u:\b)",
         None,
+        None,
     ),
     (
         "openai-key",
         &["sk-"],
         r"(?-u:\b)sk-(?:(?:proj|svcacct|admin)-[A-Za-z0-9_-]{20,}|[A-Za-z0-9]{20,})",
         None,
+        Some("openai"),
     ),
     (
         "anthropic-key",
         &["sk-ant-"],
         r"(?-u:\b)sk-ant-[a-z]+[0-9]*-[A-Za-z0-9_-]{20,}",
         None,
+        Some("anthropic"),
     ),
     (
         "slack-token",
         &["xox"],
         r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}",
+        None,
         None,
     ),
     (
@@ -149,11 +179,13 @@ const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
         &["PRIVATE KEY-----"],
         r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\z)",
         None,
+        None,
     ),
     (
         "email",
         &["@"],
         r"(?-u:\b)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?-u:\b)",
+        None,
         None,
     ),
     (
@@ -161,6 +193,7 @@ const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
         &[],
         r"(?-u:\b)[0-9](?:[ -]?[0-9]){12,18}(?-u:\b)",
         Some(Validator::Luhn),
+        None,
     ),
 ];
 
@@ -174,7 +207,7 @@ impl Detectors {
             .get_or_init(|| {
                 let list = BUILTIN
                     .iter()
-                    .filter_map(|(name, keywords, re, validator)| {
+                    .filter_map(|(name, keywords, re, validator, provider)| {
                         // The built-in patterns are constants covered by tests; a failure would drop only that one.
                         let regex = Regex::new(re).ok()?;
                         Some(Detector {
@@ -184,6 +217,7 @@ impl Detectors {
                             ),
                             regex,
                             validator: *validator,
+                            provider: provider.map(String::from),
                         })
                     })
                     .collect();
@@ -192,13 +226,14 @@ impl Detectors {
             .clone()
     }
 
-    /// Add a policy-defined detector.
+    /// Add a policy-defined detector; `provider` names the LLM provider whose API keys it finds, if it does.
     pub fn add(
         &mut self,
         name: &str,
         regex: &str,
         keywords: Vec<String>,
         validator: Option<Validator>,
+        provider: Option<String>,
     ) -> Result<(), DetectError> {
         if BUILTIN.iter().any(|(n, ..)| *n == name) {
             return Err(DetectError::Builtin(name.to_owned()));
@@ -213,8 +248,18 @@ impl Detectors {
             prefilter: Prefilter::new(keywords),
             regex,
             validator,
+            provider,
         });
         Ok(())
+    }
+
+    /// Whether what detector number `i` finds in the request header `header` (lower case) is the client's own
+    /// credential for `provider`, the LLM provider the request goes to: the header is a credential header and the
+    /// detector finds that provider's keys. Such a value is not a finding; the same key in another header, the
+    /// URL or the body, or a key of another provider, is.
+    pub fn own_credential(&self, i: usize, header: &str, provider: Option<&str>) -> bool {
+        let owned = self.list.get(i).and_then(|d| d.provider.as_deref());
+        owned.is_some() && owned == provider && CREDENTIAL_HEADERS.contains(&header)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -639,7 +639,7 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
                 for (k, body) in entries {
                     let name = string(k, "a detector name")?;
                     let what = format!("detector `{name}`");
-                    let f = fields(body, &["regex", "keywords", "validator"], &what)?;
+                    let f = fields(body, &["regex", "keywords", "validator", "provider"], &what)?;
                     let Some((_, re)) = f.get("regex") else {
                         return fault(
                             body.loc,
@@ -658,8 +658,12 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
                         ),
                         None => None,
                     };
+                    let provider = match f.get("provider") {
+                        Some((_, p)) => Some(string(p, "a provider name")?),
+                        None => None,
+                    };
                     detectors
-                        .add(&name, &re_src, keywords, validator)
+                        .add(&name, &re_src, keywords, validator, provider)
                         .or_else(|e| match e {
                             detect::DetectError::Regex(e) => fault(
                                 re.loc,

@@ -86,7 +86,11 @@ async fn phases(
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
-    let outgoing = enforce::enforce(rec, &head, parts, body)?;
+    let provider = inspected
+        .actions
+        .first()
+        .and_then(|a| a.transport.provider.clone());
+    let outgoing = enforce::enforce(rec, &head, provider.as_deref(), parts, body)?;
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());

@@ -135,6 +135,7 @@ mod tests {
                 host: Some(name.into()),
                 ip: None,
                 port: 53,
+                provider: None,
             },
             ..Action::default()
         }

@@ -310,7 +310,7 @@ rules:
     let leaked = messages.replace("\"hi\"", &format!("\"my key is {own}\""));
     let tls = proxy.tls_to(up, "api.anthropic.com", &[H1]).await;
     let (got, _, body) = send(tls, false, call("/v1/messages", leaked)).await;
-    assert_eq!(got, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(got, 451, "{}", String::from_utf8_lossy(&body));
     assert_eq!(seen.count(), 2);
 
     let records = proxy.audit_records().await;

@@ -311,8 +311,8 @@ fn responses_api(sdk: &Sdk, lines: &[serde_json::Value], err: &str, run: &str, p
 
     let b = step(lines, "responses_blocked", err);
     assert_eq!(b["ok"], false, "{b}");
-    assert_eq!(b["exception"], "openai.PermissionDeniedError", "{b}");
-    assert_eq!(b["status"], 403, "{b}");
+    assert_eq!(b["exception"], "openai.BadRequestError", "{b}");
+    assert_eq!(b["status"], 400, "{b}");
     assert_eq!(b["should_retry"], "false", "{b}");
     assert!(
         llm_requests(sdk, &format!("responses-blocked-{run}")).is_empty(),
@@ -430,15 +430,16 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
         "Content-Length does not match the rewritten body"
     );
 
-    // A blocked model: the SDK's permission error, the policy's message, no retry, nothing upstream.
+    // A blocked model: the SDK's error for the provider's block status (docs/protocols.md), the policy's message,
+    // no retry, nothing upstream.
     let blocked = step(&lines, "blocked", &err);
     assert_eq!(blocked["ok"], false, "{blocked}");
-    assert_eq!(
-        blocked["exception"],
-        format!("{provider}.PermissionDeniedError"),
-        "{blocked}"
-    );
-    assert_eq!(blocked["status"], 403, "{blocked}");
+    let (exception, status) = match provider {
+        "openai" => ("openai.BadRequestError", 400),
+        _ => ("anthropic.APIStatusError", 451),
+    };
+    assert_eq!(blocked["exception"], exception, "{blocked}");
+    assert_eq!(blocked["status"], status, "{blocked}");
     assert_eq!(blocked["should_retry"], "false", "{blocked}");
     let message = blocked["message"].as_str().unwrap_or_default();
     assert!(
@@ -613,11 +614,11 @@ pub fn node_fetch(env: &mut Env) {
         "POST",
         &request,
     ]);
-    assert_eq!(out["status"], 403, "{out}");
+    assert_eq!(out["status"], 400, "{out}");
     assert_eq!(out["should_retry"], "false", "{out}");
     let body: serde_json::Value = serde_json::from_str(out["body"].as_str().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("403 body not JSON ({e}): {out}"));
-    assert_eq!(body["error"]["type"], "permission_error", "{body}");
+        .unwrap_or_else(|e| panic!("400 body not JSON ({e}): {out}"));
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert_eq!(body["error"]["code"], "blocked_by_policy", "{body}");
     assert!(llm_requests(&sdk, &format!("blocked-{run}")).is_empty());
 

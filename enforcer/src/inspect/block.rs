@@ -1,5 +1,6 @@
 //! Block answers in each protocol's own language: MCP tool errors and JSON-RPC errors with the request's id, the
-//! provider's own error JSON for LLM APIs (status 403, `x-should-retry: false`), and a plain 403 JSON otherwise.
+//! provider's own error JSON for LLM APIs (with the status each provider's SDKs and agent CLIs show as a final error,
+//! `x-should-retry: false`; see `provider_error`), and a plain 403 JSON otherwise.
 //! The text comes only from the policy (its message and rule id), never from request data.
 
 use serde_json::{json, Value};
@@ -160,26 +161,45 @@ fn plain(decision: &Decision) -> BlockResponse {
     )
 }
 
+/// A policy block of a call to an LLM provider's API, in that provider's error shape, with the status each
+/// provider's SDKs and agent CLIs surface as a plain, final error carrying the message (measured with the pinned SDKs
+/// and CLIs, tests/e2e/conform.rs):
+/// - OpenAI: 400 `invalid_request_error`, code `blocked_by_policy` (the shape of OpenAI's own policy refusals,
+///   `content_policy_violation`). The SDKs raise `BadRequestError`; Codex CLI retries every other 4xx it does not
+///   know five times (403 and 451 included) but shows a 400's body once.
+/// - Anthropic: 451 `permission_error`. Claude Code reads every 403 as "Failed to authenticate" and answers a 400 by
+///   retrying with altered requests; a 451 it shows as `API Error: 451 <message>`, once. The SDKs raise their
+///   generic `APIStatusError`/`APIError`.
+/// - Gemini: 403 `PERMISSION_DENIED` (google.rpc.Code 7). Neither the SDK nor Gemini CLI retries it.
+///
+/// Every answer carries `x-should-retry: false`, which the OpenAI and Anthropic SDKs honour.
 fn provider_error(provider: Provider, decision: &Decision) -> BlockResponse {
     let message = block_message(decision);
-    let body = match provider {
-        Provider::OpenAi => json!({
-            "error": {
-                "message": message,
-                "type": "permission_error",
-                "param": null,
-                "code": "blocked_by_policy",
-            }
-        }),
-        Provider::Anthropic => json!({
-            "type": "error",
-            "error": {"type": "permission_error", "message": message},
-        }),
-        Provider::Gemini => json!({
-            "error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}
-        }),
+    let (status, body) = match provider {
+        Provider::OpenAi => (
+            400,
+            json!({
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": null,
+                    "code": "blocked_by_policy",
+                }
+            }),
+        ),
+        Provider::Anthropic => (
+            451,
+            json!({
+                "type": "error",
+                "error": {"type": "permission_error", "message": message},
+            }),
+        ),
+        Provider::Gemini => (
+            403,
+            json!({"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}),
+        ),
     };
-    json_response(403, &[("x-should-retry", "false")], &body)
+    json_response(status, &[("x-should-retry", "false")], &body)
 }
 
 fn mcp_error(id: Option<&Value>, message: String, rule: Option<&String>) -> Value {

@@ -10,6 +10,8 @@ use std::ops::Range;
 
 use regex::Regex;
 
+use crate::glob::Glob;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
     #[error("invalid regex: {0}")]
@@ -94,6 +96,9 @@ struct Detector {
     validator: Option<Validator>,
     /// The LLM provider whose API keys this detector finds (`openai`, `anthropic`, `gemini`), if it is such one.
     provider: Option<String>,
+    /// Values that are not findings although the detector matches them (the policy's `exempt:`), lower-case globs
+    /// compared with the lower-cased match.
+    exempt: Vec<Glob>,
 }
 
 impl Detector {
@@ -103,7 +108,7 @@ impl Detector {
         }
         self.regex
             .find_iter(text)
-            .filter(|m| self.validator.is_none_or(|v| v.accepts(m.as_str())))
+            .filter(|m| self.counts(m.as_str()))
             .map(|m| m.range())
             .collect()
     }
@@ -112,10 +117,22 @@ impl Detector {
         if !self.prefilter(text) {
             return false;
         }
-        match self.validator {
-            None => self.regex.is_match(text),
-            Some(v) => self.regex.find_iter(text).any(|m| v.accepts(m.as_str())),
+        if self.validator.is_none() && self.exempt.is_empty() {
+            return self.regex.is_match(text);
         }
+        self.regex.find_iter(text).any(|m| self.counts(m.as_str()))
+    }
+
+    /// Whether a regex match is a finding: its validator accepts it and no exemption covers it.
+    fn counts(&self, matched: &str) -> bool {
+        if !self.validator.is_none_or(|v| v.accepts(matched)) {
+            return false;
+        }
+        if self.exempt.is_empty() {
+            return true;
+        }
+        let lower = matched.to_ascii_lowercase();
+        !self.exempt.iter().any(|g| g.is_match(&lower))
     }
 
     fn prefilter(&self, text: &str) -> bool {
@@ -191,7 +208,10 @@ const BUILTIN: &[Builtin] = &[
     (
         "card-number",
         &[],
-        r"(?-u:\b)[0-9](?:[ -]?[0-9]){12,18}(?-u:\b)",
+        // Payment cards start with a major industry identifier 2-6 (ISO/IEC 7812-1): Mastercard 2 and 5, Amex, JCB
+        // and Diners 3, Visa 4, Discover, UnionPay and Maestro 6. Other runs of 13-19 digits that pass Luhn by chance
+        // — a Unix time in milliseconds (1…) in an agent's request metadata — are not card numbers.
+        r"(?-u:\b)[2-6](?:[ -]?[0-9]){12,18}(?-u:\b)",
         Some(Validator::Luhn),
         None,
     ),
@@ -218,6 +238,7 @@ impl Detectors {
                             regex,
                             validator: *validator,
                             provider: provider.map(String::from),
+                            exempt: Vec::new(),
                         })
                     })
                     .collect();
@@ -249,8 +270,22 @@ impl Detectors {
             regex,
             validator,
             provider,
+            exempt: Vec::new(),
         });
         Ok(())
+    }
+
+    /// Make the values `globs` match (compared lower-case) no findings of detector `name` — a vendor's no-reply
+    /// address in an agent's own instructions is no personal e-mail address. `Err(name)` when there is no such
+    /// detector.
+    pub fn exempt(&mut self, name: &str, globs: Vec<Glob>) -> Result<(), String> {
+        match self.list.iter_mut().find(|d| d.name == name) {
+            Some(d) => {
+                d.exempt.extend(globs);
+                Ok(())
+            }
+            None => Err(name.to_string()),
+        }
     }
 
     /// Whether what detector number `i` finds in the request header `header` (lower case) is the client's own
@@ -366,6 +401,13 @@ mod tests {
         assert!(fires("card-number", "card 4111 1111 1111 1111 exp"));
         assert!(!fires("card-number", "card 4111 1111 1111 1112 exp"));
         assert!(!fires("card-number", "order 1234567890123"));
+        // A Unix time in milliseconds that happens to pass Luhn (one in ten does; Codex CLI sends one in its turn
+        // metadata) is no card number.
+        assert!(super::luhn("1796023728837"));
+        assert!(!fires(
+            "card-number",
+            r#"{"turn_started_at_unix_ms":1796023728837}"#
+        ));
     }
 
     #[test]
@@ -374,6 +416,31 @@ mod tests {
         let r = Detectors::builtin().find("aws-access-key", text);
         assert_eq!(r.len(), 1);
         assert_eq!(&text[r[0].clone()], "AKIAIOSFODNN7EXAMPLE");
+    }
+
+    #[test]
+    fn exempt_values_are_no_findings() {
+        let mut d = Detectors::builtin();
+        let globs = ["noreply@*", "*@users.noreply.github.com"]
+            .iter()
+            .map(|g| Glob::plain(g).unwrap())
+            .collect();
+        d.exempt("email", globs).unwrap();
+        let text = "Co-Authored-By: Claude <NoReply@anthropic.com>, 1+bob@users.noreply.github.com, alice@example.com";
+        let i = d.index("email").unwrap();
+        let found: Vec<&str> = d
+            .find("email", text)
+            .into_iter()
+            .map(|r| &text[r])
+            .collect();
+        assert_eq!(found, ["alice@example.com"]);
+        assert!(d.fires(i, text));
+        assert!(!d.fires(i, "attribution: noreply@anthropic.com"));
+        assert_eq!(d.exempt("nope", Vec::new()), Err("nope".to_string()));
+        // The built-in set itself is untouched.
+        assert!(!Detectors::builtin()
+            .find("email", "noreply@anthropic.com")
+            .is_empty());
     }
 
     #[test]

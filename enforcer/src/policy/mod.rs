@@ -474,6 +474,7 @@ const TOP_KEYS: &[&str] = &[
     "redaction_marker",
     "profiles",
     "detectors",
+    "exempt",
     "dns",
     "rules",
 ];
@@ -496,6 +497,34 @@ const CONSTRAIN_KEYS: &[&str] = &[
     "header_remove",
     "drop_tools",
 ];
+
+/// `exempt:` — per detector, globs of matched values that are no findings (`email: ["noreply@*"]`), compared
+/// lower-case.
+fn exempt_values(v: &Node, detectors: &mut detect::Detectors) -> CResult<()> {
+    let Kind::Map(entries) = &v.kind else {
+        if matches!(v.kind, Kind::Null) {
+            return Ok(());
+        }
+        return fault(
+            v.loc,
+            "expected `exempt` to map detector names to lists of values, e.g. `email: [\"noreply@*\"]`",
+        );
+    };
+    for (k, list) in entries {
+        let name = string(k, "a detector name")?;
+        let globs = cond::strings(list)?
+            .into_iter()
+            .map(|(loc, s)| {
+                crate::glob::Glob::plain(&s.to_ascii_lowercase())
+                    .or_else(|e| fault(loc, format!("bad glob `{s}`: {e}")))
+            })
+            .collect::<CResult<Vec<_>>>()?;
+        detectors
+            .exempt(&name, globs)
+            .or_else(|name| fault(k.loc, cond::unknown_detector(&name, detectors)))?;
+    }
+    Ok(())
+}
 
 /// A mapping's entries keyed by their string key, rejecting unknown and non-string keys.
 fn fields<'n>(
@@ -680,6 +709,10 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
                 )
             }
         }
+    }
+
+    if let Some((_, v)) = top.get("exempt") {
+        exempt_values(v, &mut detectors)?;
     }
 
     let dns = top

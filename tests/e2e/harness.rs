@@ -699,10 +699,11 @@ fn ensure_agent_user() -> Result<(u32, u32)> {
     ids().ok_or_else(|| format!("user {AGENT_USER} still missing after useradd"))
 }
 
-/// Copy the client scripts (tests/e2e/*.py, tests/e2e/sdk/*) to `dest`, readable by every user.
+/// Copy the client scripts (tests/e2e/*.py, tests/e2e/sdk/*, tests/e2e/conform/*) to `dest`, readable by every
+/// user.
 fn copy_scripts(dest: &Path) -> Result<()> {
     let src = repo_root().join("tests/e2e");
-    for sub in ["", "sdk"] {
+    for sub in ["", "sdk", "conform"] {
         let from = src.join(sub);
         let to = dest.join(sub);
         std::fs::create_dir_all(&to).map_err(|e| format!("mkdir {}: {e}", to.display()))?;

@@ -28,6 +28,37 @@ async fn setup() -> (Proxy, std::net::SocketAddr, Arc<Seen>) {
     (proxy, up, seen)
 }
 
+/// An HTTP/2 client (the h2 crate's, for control over every frame) on `io`, ready for a request.
+async fn h2_client<S>(io: S) -> h2::client::SendRequest<Bytes>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    client.ready().await.unwrap()
+}
+
+/// Write `request` on `io` and read the answer's head (and whatever came with it).
+async fn send_head<S>(io: &mut S, request: &str) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    io.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, read_head(io)).await.unwrap()
+}
+
+/// The whole body of an HTTP/2 response.
+async fn h2_body(resp: http::Response<h2::RecvStream>) -> Vec<u8> {
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
 // ---- Expect: 100-continue ----
 
 /// An HTTP/2 client that waits for `100 (Continue)` before it sends its body (as Node's http2 client does) gets it
@@ -36,9 +67,7 @@ async fn setup() -> (Proxy, std::net::SocketAddr, Arc<Seen>) {
 async fn h2_expect_100_continue_is_answered_before_the_body() {
     let (proxy, up, seen) = setup().await;
     let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
-    let (client, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(tls).await;
     let req = Request::post(format!("https://{HOST}/upload"))
         .header("expect", "100-continue")
         .header("content-length", "5")
@@ -55,11 +84,7 @@ async fn h2_expect_100_continue_is_answered_before_the_body() {
     body.send_data(Bytes::from_static(b"hello"), true).unwrap();
     let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
-    let mut data = resp.into_body();
-    let mut text = Vec::new();
-    while let Some(chunk) = data.data().await {
-        text.extend_from_slice(&chunk.unwrap());
-    }
+    let text = h2_body(resp).await;
     let text = String::from_utf8_lossy(&text);
     assert!(
         text.contains("path=/upload") && text.ends_with("body=hello"),
@@ -74,9 +99,7 @@ async fn h2_expect_100_continue_is_answered_before_the_body() {
 async fn expect_100_continue_refused_on_the_head_gets_the_final_status() {
     let (proxy, up, seen) = setup().await;
     let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
-    let (client, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(tls).await;
     let req = Request::post(format!("https://{HOST}/upload"))
         .header("expect", "100-continue")
         .header("content-length", (64u64 << 20).to_string())
@@ -95,10 +118,7 @@ async fn expect_100_continue_refused_on_the_head_gets_the_final_status() {
         "POST /upload HTTP/1.1\r\nhost: {HOST}\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
         64u64 << 20
     );
-    tls.write_all(head.as_bytes()).await.unwrap();
-    let answer = tokio::time::timeout(WAIT, read_head(&mut tls))
-        .await
-        .unwrap();
+    let answer = send_head(&mut tls, &head).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert_eq!(seen.count(), 0);
@@ -112,10 +132,7 @@ async fn h1_expect_100_continue_is_answered_before_the_body() {
     let head = format!(
         "POST /upload HTTP/1.1\r\nhost: {HOST}\r\nexpect: 100-continue\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
     );
-    tls.write_all(head.as_bytes()).await.unwrap();
-    let interim = tokio::time::timeout(WAIT, read_head(&mut tls))
-        .await
-        .unwrap();
+    let interim = send_head(&mut tls, &head).await;
     assert!(
         interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
         "{}",
@@ -341,9 +358,7 @@ async fn h2_client_to_h1_upstream_follows_rfc_9113() {
     let up = h1_recording_upstream(&ca, heads.clone()).await;
     let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
     let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
-    let (client, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(tls).await;
     let req = Request::get(format!("https://{HOST}/a/b?q=1"))
         .header("cookie", "a=1")
         .header("cookie", "b=2")
@@ -370,12 +385,7 @@ async fn h2_client_to_h1_upstream_follows_rfc_9113() {
         );
     }
     assert_eq!(h.get("x-kept").map(|v| v.as_bytes()), Some(&b"yes"[..]));
-    let mut body = resp.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = body.data().await {
-        got.extend_from_slice(&chunk.unwrap());
-    }
-    assert_eq!(got, b"ok");
+    assert_eq!(h2_body(resp).await, b"ok");
 
     let head = heads
         .lock()
@@ -454,10 +464,7 @@ async fn h1_client_to_h2_upstream_follows_rfc_9113() {
          Proxy-Connection: keep-alive\r\nTE: gzip;q=0.5, trailers\r\nTransfer-Encoding: chunked\r\nCookie: a=1; b=2\r\n\
          X-End-To-End: kept\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     );
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let answer = tokio::time::timeout(WAIT, read_head(&mut tls))
-        .await
-        .unwrap();
+    let answer = send_head(&mut tls, &req).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 200"),
         "{}",
@@ -509,9 +516,7 @@ async fn h2_options_asterisk_reaches_h1_in_asterisk_form() {
     let up = h1_recording_upstream(&ca, heads.clone()).await;
     let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
     let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
-    let (client, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(tls).await;
     let uri = http::Uri::from_parts({
         let mut p = http::uri::Parts::default();
         p.scheme = Some(http::uri::Scheme::HTTPS);
@@ -544,9 +549,7 @@ async fn h2_options_asterisk_reaches_h1_in_asterisk_form() {
 async fn a_host_field_naming_another_host_is_refused() {
     let (proxy, up, seen) = setup().await;
     let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
-    let (client, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(tls).await;
     let req = Request::get(format!("https://{HOST}/x"))
         .header("host", "other.conform.test")
         .body(())
@@ -566,10 +569,7 @@ async fn a_host_field_naming_another_host_is_refused() {
 
     let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
     let req = format!("GET /x HTTP/1.1\r\nhost: {HOST}\r\nhost: other.conform.test\r\n\r\n");
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let answer = tokio::time::timeout(WAIT, read_head(&mut tls))
-        .await
-        .unwrap();
+    let answer = send_head(&mut tls, &req).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 400"),
         "{}",

@@ -10,7 +10,6 @@
 //! naming it and restart it on the harness's own config afterwards, also when they fail.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -104,13 +103,7 @@ fn start_stub(env: &Env, cert: &Path, key: &Path, records: &Path) -> harness::Re
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    harness::die_with_harness(&mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting the stand-in: {e}"))?;
@@ -161,18 +154,6 @@ fn agent_home(env: &Env, root: &Path) -> harness::Result<PathBuf> {
 /// harness's own config, whatever happened.
 fn with_policy(env: &mut Env, p: &Providers, policy: &Path, test: impl FnOnce(&mut Env)) {
     let original = env.config.clone();
-    let base = std::fs::read_to_string(&original).unwrap_or_else(|e| panic!("read config: {e}"));
-    let mut yaml = String::new();
-    for l in base.lines() {
-        if l.starts_with("policy:") {
-            yaml.push_str(&format!("policy: {}\n", policy.display()));
-        } else if let Some(rest) = l.strip_prefix("  extra_roots: [") {
-            yaml.push_str(&format!("  extra_roots: [{}, {rest}\n", p.ca.display()));
-        } else {
-            yaml.push_str(l);
-            yaml.push('\n');
-        }
-    }
     let name = format!(
         "enforcer-conform-{}.yaml",
         policy
@@ -180,8 +161,9 @@ fn with_policy(env: &mut Env, p: &Providers, policy: &Path, test: impl FnOnce(&m
             .and_then(|s| s.to_str())
             .unwrap_or("policy")
     );
-    let config = env.dir.path().join(name);
-    std::fs::write(&config, yaml).unwrap_or_else(|e| panic!("write config: {e}"));
+    let config = env
+        .config_with(policy, Some(&p.ca), &name)
+        .unwrap_or_else(|e| panic!("config for {}: {e}", policy.display()));
     env.restart_daemon(config)
         .unwrap_or_else(|e| panic!("restart on {}: {e}", policy.display()));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(env)));

@@ -724,6 +724,19 @@ fn copy_scripts(dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Make the process `cmd` starts die with the harness (PR_SET_PDEATHSIG), so a server a test starts never outlives
+/// it, whatever happens to the harness.
+pub fn die_with_harness(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -986,6 +999,16 @@ impl Env {
 impl Env {
     /// A copy of the current daemon config that names `policy` as the policy file, written as `name` in the tempdir.
     pub fn config_with_policy(&self, policy: &Path, name: &str) -> Result<PathBuf> {
+        self.config_with(policy, None, name)
+    }
+
+    /// [`Env::config_with_policy`], also trusting the CA in `extra_root` for upstream connections.
+    pub fn config_with(
+        &self,
+        policy: &Path,
+        extra_root: Option<&Path>,
+        name: &str,
+    ) -> Result<PathBuf> {
         let base =
             std::fs::read_to_string(&self.config).map_err(|e| format!("read config: {e}"))?;
         let mut yaml = String::new();
@@ -994,6 +1017,10 @@ impl Env {
             if l.starts_with("policy:") {
                 yaml.push_str(&format!("policy: {}\n", policy.display()));
                 saw_policy = true;
+            } else if let (Some(rest), Some(root)) =
+                (l.strip_prefix("  extra_roots: ["), extra_root)
+            {
+                yaml.push_str(&format!("  extra_roots: [{}, {rest}\n", root.display()));
             } else {
                 yaml.push_str(l);
                 yaml.push('\n');

@@ -180,12 +180,12 @@ async fn upstream_handler(
     Ok(Response::new(Full::new(Bytes::from(text)).boxed()))
 }
 
-/// An HTTPS upstream on 127.0.0.1 presenting `chain`, speaking h2 and http/1.1 (or only http/1.1).
-pub async fn https_upstream(
+/// A TLS server presenting `chain`, offering `alpn`.
+pub fn tls_acceptor(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    h2: bool,
-) -> (SocketAddr, Arc<Seen>) {
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsAcceptor {
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -194,12 +194,22 @@ pub async fn https_upstream(
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
-    cfg.alpn_protocols = if h2 {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// An HTTPS upstream on 127.0.0.1 presenting `chain`, speaking h2 and http/1.1 (or only http/1.1).
+pub async fn https_upstream(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    h2: bool,
+) -> (SocketAddr, Arc<Seen>) {
+    let alpn: &[&[u8]] = if h2 {
+        &[b"h2", b"http/1.1"]
     } else {
-        vec![b"http/1.1".to_vec()]
+        &[b"http/1.1"]
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tls_acceptor(chain, key, alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
@@ -243,16 +253,7 @@ pub async fn raw_tls_upstream(
     alpn: &[&[u8]],
     handler: RawHandler,
 ) -> SocketAddr {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tls_acceptor(chain, key, alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -577,3 +577,20 @@ async fn a_host_field_naming_another_host_is_refused() {
     );
     assert_eq!(seen.count(), 1);
 }
+
+/// HTTP/2 with prior knowledge over plain TCP (RFC 9113 §3.3: the connection preface instead of a request line) is
+/// served by the same HTTP/2 server as over TLS: decided, forwarded, answered.
+#[tokio::test]
+async fn h2_prior_knowledge_over_plain_tcp_is_served() {
+    let (up, seen) = http_upstream().await;
+    let proxy = start_proxy(&policy(&["127.0.0.1"], &[]), &[], false).await;
+    let tcp = proxy.connect_as(up).await;
+    let mut client = h2_client(tcp).await;
+    let req = Request::get(format!("http://{up}/prior")).body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8(h2_body(resp).await).unwrap();
+    assert!(text.contains("path=/prior"), "{text}");
+    assert_eq!(seen.count(), 1);
+}

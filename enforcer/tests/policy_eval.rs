@@ -531,36 +531,85 @@ rules:
         }
         p.evaluate(&a).verdict
     };
-    let anthropic = Some("anthropic");
-    let openai = Some("openai");
-    // Its own key, in its credential header: not a finding.
-    assert_eq!(
-        call(
+    let (anthropic, openai) = (Some("anthropic"), Some("openai"));
+    let bearer = |key: &str| format!("Bearer {key}");
+    let in_body = format!("{{\"k\":\"{ant}\"}}");
+    /// Host, provider, headers, body, and the verdict.
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        &'a [(&'a str, String)],
+        &'a str,
+        Verdict,
+    );
+    let cases: [Case; 8] = [
+        // Its own key, in its credential header: not a finding.
+        (
             "api.anthropic.com",
             anthropic,
             &[("x-api-key", ant.into())],
-            "{}"
+            "{}",
+            Verdict::Allow,
         ),
-        Verdict::Allow
-    );
-    assert_eq!(
-        call(
+        (
             "api.openai.com",
             openai,
-            &[("authorization", format!("Bearer {oai}"))],
-            "{}"
+            &[("authorization", bearer(oai))],
+            "{}",
+            Verdict::Allow,
         ),
-        Verdict::Allow
-    );
-    assert_eq!(
-        call(
+        (
             "api.openai.com",
             openai,
-            &[("authorization", "Bearer gw_0123456789abcdef".into())],
-            "{}"
+            &[("authorization", bearer("gw_0123456789abcdef"))],
+            "{}",
+            Verdict::Allow,
         ),
-        Verdict::Allow
-    );
+        // Another provider's key in the credential header, or the key sent to a host that is no provider: findings.
+        (
+            "api.openai.com",
+            openai,
+            &[("x-api-key", ant.into())],
+            "{}",
+            Verdict::Block,
+        ),
+        (
+            "api.anthropic.com",
+            anthropic,
+            &[("authorization", bearer(oai))],
+            "{}",
+            Verdict::Block,
+        ),
+        (
+            "collector.example",
+            None,
+            &[("x-api-key", ant.into())],
+            "{}",
+            Verdict::Block,
+        ),
+        // Its own key anywhere but a credential header: a finding.
+        (
+            "api.anthropic.com",
+            anthropic,
+            &[("x-debug", ant.into())],
+            "{}",
+            Verdict::Block,
+        ),
+        (
+            "api.anthropic.com",
+            anthropic,
+            &[],
+            &in_body,
+            Verdict::Block,
+        ),
+    ];
+    for (host, provider, headers, body, verdict) in cases {
+        assert_eq!(
+            call(host, provider, headers, body),
+            verdict,
+            "{host} {headers:?} {body}"
+        );
+    }
     // The provider known from the LLM call alone (policy cases) counts the same.
     let mut a = http("api.anthropic.com", "POST", "/v1/messages");
     a.llm = Some(LlmCall {
@@ -571,48 +620,6 @@ rules:
         h.headers = Pairs(vec![("x-api-key".into(), ant.into())]);
     }
     assert_eq!(p.evaluate(&a).verdict, Verdict::Allow);
-    // Another provider's key in the credential header, or the key sent to a host that is no provider: findings.
-    assert_eq!(
-        call("api.openai.com", openai, &[("x-api-key", ant.into())], "{}"),
-        Verdict::Block
-    );
-    assert_eq!(
-        call(
-            "api.anthropic.com",
-            anthropic,
-            &[("authorization", format!("Bearer {oai}"))],
-            "{}"
-        ),
-        Verdict::Block
-    );
-    assert_eq!(
-        call(
-            "collector.example",
-            None,
-            &[("x-api-key", ant.into())],
-            "{}"
-        ),
-        Verdict::Block
-    );
-    // Its own key anywhere but a credential header: a finding.
-    assert_eq!(
-        call(
-            "api.anthropic.com",
-            anthropic,
-            &[("x-debug", ant.into())],
-            "{}"
-        ),
-        Verdict::Block
-    );
-    assert_eq!(
-        call(
-            "api.anthropic.com",
-            anthropic,
-            &[],
-            &format!("{{\"k\":\"{ant}\"}}")
-        ),
-        Verdict::Block
-    );
     let mut a = http("api.anthropic.com", "POST", "/v1/messages");
     a.transport.provider = anthropic.map(String::from);
     if let Some(h) = &mut a.http {

@@ -1,7 +1,7 @@
 //! Protocol conformance of the proxy on loopback, against the RFCs a direct client and server would hold each other
 //! to: `Expect: 100-continue` over HTTP/1.1 and HTTP/2 (RFC 9110 §10.1.1), an upstream's early answer to a request
 //! whose body it did not read (RFC 9112 §9.3), HTTP/2 ↔ HTTP/1.1 translation (RFC 9113 §8.2), close-delimited
-//! responses ended without TLS `close_notify` (RFC 9112 §9.8), and per-agent connection shares.
+//! responses ended without TLS `close_notify` (RFC 9112 §9.8), and HTTP/2 with prior knowledge over plain TCP.
 
 mod proxy_support;
 
@@ -19,13 +19,17 @@ const HOST: &str = "api.conform.test";
 /// Long enough for anything on loopback; only reached when the proxy fails to answer.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A proxy allowing `HOST` and trusting `ca` for upstreams.
+async fn conform_proxy(ca: &TestCa) -> Proxy {
+    start_proxy(&policy(&[HOST], &[]), &[ca], false).await
+}
+
 /// An allow-all-for-`HOST` proxy and an upstream that speaks h2 and http/1.1.
 async fn setup() -> (Proxy, std::net::SocketAddr, Arc<Seen>) {
     let ca = TestCa::new("conform upstream CA");
     let (chain, key) = ca.leaf(&[HOST]);
     let (up, seen) = https_upstream(chain, key, true).await;
-    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
-    (proxy, up, seen)
+    (conform_proxy(&ca).await, up, seen)
 }
 
 /// An HTTP/2 client (the h2 crate's, for control over every frame) on `io`, ready for a request.
@@ -207,7 +211,7 @@ fn big_request() -> Request<Full<Bytes>> {
 async fn an_upstreams_early_answer_reaches_the_client() {
     let ca = TestCa::new("conform upstream CA");
     let up = early_413_upstream(&ca).await;
-    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    let proxy = conform_proxy(&ca).await;
     for round in 0..6 {
         for h2 in [false, true] {
             let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
@@ -229,7 +233,7 @@ async fn an_upstreams_early_answer_reaches_the_client() {
 async fn an_upstreams_early_answer_reaches_a_slow_reader_whole() {
     let ca = TestCa::new("conform upstream CA");
     let up = early_413_upstream(&ca).await;
-    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    let proxy = conform_proxy(&ca).await;
     for round in 0..2 {
         let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
         let (client, conn) = h2::client::Builder::new()
@@ -297,7 +301,7 @@ async fn a_close_delimited_response_without_close_notify_ends_cleanly() {
     let ca = TestCa::new("conform upstream CA");
     let seen = Arc::new(Mutex::new(0));
     let up = close_delimited_upstream(&ca, seen.clone()).await;
-    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    let proxy = conform_proxy(&ca).await;
     for h2 in [false, true] {
         let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
         let tls = proxy.tls_to(up, HOST, &[alpn]).await;
@@ -338,6 +342,20 @@ async fn h1_recording_upstream(
     raw_tls_upstream(chain, key, &[b"http/1.1"], handler).await
 }
 
+/// An HTTP/2 client through the proxy to an [`h1_recording_upstream`], and the heads that upstream records.
+async fn h2_client_to_h1_upstream() -> (
+    Proxy,
+    h2::client::SendRequest<Bytes>,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let ca = TestCa::new("conform upstream CA");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let up = h1_recording_upstream(&ca, heads.clone()).await;
+    let proxy = conform_proxy(&ca).await;
+    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+    (proxy, h2_client(tls).await, heads)
+}
+
 /// The head lines of `head` after the request line, lower-cased names (values as sent).
 fn fields(head: &str) -> Vec<(String, String)> {
     head.split("\r\n")
@@ -353,12 +371,7 @@ fn fields(head: &str) -> Vec<(String, String)> {
 /// response as malformed, and its end-to-end fields do.
 #[tokio::test]
 async fn h2_client_to_h1_upstream_follows_rfc_9113() {
-    let ca = TestCa::new("conform upstream CA");
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let up = h1_recording_upstream(&ca, heads.clone()).await;
-    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
-    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
-    let mut client = h2_client(tls).await;
+    let (_proxy, mut client, heads) = h2_client_to_h1_upstream().await;
     let req = Request::get(format!("https://{HOST}/a/b?q=1"))
         .header("cookie", "a=1")
         .header("cookie", "b=2")
@@ -457,7 +470,7 @@ async fn h1_client_to_h2_upstream_follows_rfc_9113() {
     let ca = TestCa::new("conform upstream CA");
     let seen: H2Seen = Arc::default();
     let up = h2_recording_upstream(&ca, seen.clone()).await;
-    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
+    let proxy = conform_proxy(&ca).await;
     let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
     let req = format!(
         "POST /v1/x?y=2 HTTP/1.1\r\nHost: {HOST}\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
@@ -511,12 +524,7 @@ async fn h1_client_to_h2_upstream_follows_rfc_9113() {
 /// `OPTIONS *` (RFC 9113 §8.3.1: `:path` `*`) reaches an HTTP/1.1 upstream in asterisk form (RFC 9112 §3.2.4).
 #[tokio::test]
 async fn h2_options_asterisk_reaches_h1_in_asterisk_form() {
-    let ca = TestCa::new("conform upstream CA");
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let up = h1_recording_upstream(&ca, heads.clone()).await;
-    let proxy = start_proxy(&policy(&[HOST], &[]), &[&ca], false).await;
-    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
-    let mut client = h2_client(tls).await;
+    let (_proxy, mut client, heads) = h2_client_to_h1_upstream().await;
     let uri = http::Uri::from_parts({
         let mut p = http::uri::Parts::default();
         p.scheme = Some(http::uri::Scheme::HTTPS);

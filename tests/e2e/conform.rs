@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, Env, API_HOST};
+use crate::harness::{self, Env, ServerFiles, API_HOST};
 
 const OPENAI: &str = "api.openai.com";
 const ANTHROPIC: &str = "api.anthropic.com";
@@ -53,24 +53,17 @@ fn providers(env: &Env) -> Providers {
 }
 
 fn setup(env: &Env) -> harness::Result<Providers> {
-    let root = env.dir.path().join("conform");
-    let records = root.join("records");
-    std::fs::create_dir_all(&records).map_err(|e| format!("mkdir {}: {e}", records.display()))?;
-    let names = vec![
-        OPENAI.to_string(),
-        ANTHROPIC.to_string(),
-        GEMINI.to_string(),
-    ];
-    let (ca, leaf, key) = harness::mint_ca_and_leaf("enforcer e2e provider stand-in CA", names)?;
-    let (ca_path, cert, key_path) = (
-        root.join("ca.pem"),
-        root.join("leaf.pem"),
-        root.join("leaf.key"),
-    );
-    for (path, text) in [(&ca_path, &ca), (&cert, &leaf), (&key_path, &key)] {
-        std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
-    }
-    harness::set_mode(&key_path, 0o600)?;
+    let ServerFiles {
+        root,
+        records,
+        ca: ca_path,
+        cert,
+        key: key_path,
+    } = harness::server_files(
+        env.dir.path().join("conform"),
+        "enforcer e2e provider stand-in CA",
+        &[OPENAI, ANTHROPIC, GEMINI],
+    )?;
     let hosts = root.join("hosts");
     let lines = format!(
         "127.0.0.1 localhost\n::1 localhost\n{} {OPENAI} {ANTHROPIC} {GEMINI}\n{} {API_HOST}\n",

@@ -1089,7 +1089,34 @@ impl Env {
     }
 }
 
-/// A CA and one leaf it signs for `names`: (CA PEM, leaf PEM, leaf key PEM).
-pub fn mint_ca_and_leaf(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
-    mint(ca_name, names)
+/// The files of a test's stand-in servers, under one directory.
+pub struct ServerFiles {
+    /// The directory, e.g. `<tempdir>/sdk`.
+    pub root: PathBuf,
+    /// `root/records`, where the servers write what they received.
+    pub records: PathBuf,
+    /// `root/ca.pem`: the CA that signed the servers' certificate (for the daemon's `extra_roots`).
+    pub ca: PathBuf,
+    /// `root/leaf.pem` and `root/leaf.key` (mode 0600): the servers' certificate for `names` and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Creates `root` and `root/records`, mints a CA named `ca_name` and one leaf it signs for `names`, and writes them.
+pub fn server_files(root: PathBuf, ca_name: &str, names: &[&str]) -> Result<ServerFiles> {
+    let records = root.join("records");
+    std::fs::create_dir_all(&records).map_err(|e| format!("mkdir {}: {e}", records.display()))?;
+    let (ca, leaf, key) = mint(ca_name, names.iter().map(|n| n.to_string()).collect())?;
+    let files = ServerFiles {
+        ca: root.join("ca.pem"),
+        cert: root.join("leaf.pem"),
+        key: root.join("leaf.key"),
+        records,
+        root,
+    };
+    for (path, text) in [(&files.ca, &ca), (&files.cert, &leaf), (&files.key, &key)] {
+        write(path, text)?;
+    }
+    set_mode(&files.key, 0o600)?;
+    Ok(files)
 }

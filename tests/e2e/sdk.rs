@@ -50,23 +50,17 @@ fn sdk(env: &mut Env) -> Sdk {
 }
 
 fn setup(env: &mut Env) -> harness::Result<Sdk> {
-    let root = env.dir.path().join("sdk");
-    let records = root.join("records");
-    std::fs::create_dir_all(&records).map_err(|e| format!("mkdir {}: {e}", records.display()))?;
-    let names = vec![
-        OPENAI_HOST.to_string(),
-        ANTHROPIC_HOST.to_string(),
-        MCP_HOST.to_string(),
-    ];
-    let (ca, leaf, key) = harness::mint_ca_and_leaf("enforcer e2e SDK test CA", names)?;
-    let (ca_path, cert, key_path) = (
-        root.join("ca.pem"),
-        root.join("leaf.pem"),
-        root.join("leaf.key"),
-    );
-    for (path, text) in [(&ca_path, &ca), (&cert, &leaf), (&key_path, &key)] {
-        std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
-    }
+    let harness::ServerFiles {
+        root,
+        records,
+        ca: ca_path,
+        cert,
+        key: key_path,
+    } = harness::server_files(
+        env.dir.path().join("sdk"),
+        "enforcer e2e SDK test CA",
+        &[OPENAI_HOST, ANTHROPIC_HOST, MCP_HOST],
+    )?;
     let hosts = root.join("hosts");
     let line = format!(
         "127.0.0.1 localhost\n::1 localhost\n{} {OPENAI_HOST} {ANTHROPIC_HOST} {MCP_HOST} {}\n",
@@ -78,7 +72,6 @@ fn setup(env: &mut Env) -> harness::Result<Sdk> {
     let cgroup = env.cgroup.join("sdk-servers");
     std::fs::create_dir_all(&cgroup).map_err(|e| format!("mkdir {}: {e}", cgroup.display()))?;
     let dir = harness::repo_root().join("tests/e2e/sdk");
-    set_key_private(&key_path)?;
     for (script, port, ready) in [
         ("llm_server.py", LLM_PORT, "LLM READY"),
         ("mcp_server.py", MCP_PORT, "MCP READY"),
@@ -196,10 +189,6 @@ fn tagged(env: &Env, sdk: &Sdk, cmd: &[&str]) -> Command {
 }
 
 /// The leaf key the SDK servers (root) read: nobody else needs it.
-fn set_key_private(key: &Path) -> harness::Result<()> {
-    harness::set_mode(key, 0o600)
-}
-
 /// Run a tagged client; every `FIRST <id>` line it prints releases stream `<id>` on the LLM server (only then may
 /// the server send the rest). Returns the client's JSON lines, its stderr and whether it exited 0.
 fn run_client(

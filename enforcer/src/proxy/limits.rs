@@ -138,9 +138,11 @@ pub(crate) fn refused(agent: &Agent) -> Refused {
             *pending > 0 || now.duration_since(*at) < REFUSAL_RECORD_INTERVAL
         });
     }
-    let entry = table
-        .entry(agent_key(Some(agent)))
-        .or_insert((now - REFUSAL_RECORD_INTERVAL, 0));
+    let key = agent_key(Some(agent));
+    let Some(entry) = table.get_mut(&key) else {
+        table.insert(key, (now, 0));
+        return Refused::Record(1);
+    };
     let since = now.duration_since(entry.0);
     if since >= REFUSAL_RECORD_INTERVAL {
         let count = entry.1 + 1;

@@ -116,7 +116,6 @@ where
                 dst: target.dst,
                 resolved_host: target.host_hint,
                 agent: target.agent,
-                upstream: Default::default(),
             };
             http::serve(ctx, io, conn, h2_preface, target.head_timeout).await;
         }
@@ -204,7 +203,6 @@ where
         dst: target.dst,
         resolved_host: target.host_hint,
         agent: target.agent,
-        upstream: Default::default(),
     };
     http::serve(ctx, tls, conn, h2, target.head_timeout).await;
 }

@@ -120,7 +120,6 @@ async fn explicit_request(
         dst,
         resolved_host: Some(host),
         agent,
-        upstream: Default::default(),
     };
     exchange::handle(&ctx, &conn, req.map(ClientBody::Http1)).await
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ClientBody;
-use super::{exchange, http2, upstream, ProxyContext};
+use super::{exchange, http2, ProxyContext};
 use crate::model::{Agent, Scheme};
 
 /// The body type the proxy answers with: the upstream's streamed body or a small buffered one.
@@ -33,8 +33,6 @@ pub(crate) struct Conn {
     /// plain-HTTP request naming any other host must be bound to `dst` by the `HostBinder`.
     pub resolved_host: Option<String>,
     pub agent: Agent,
-    /// The upstream connection reused across this client connection's requests.
-    pub upstream: Arc<upstream::Slot>,
 }
 
 /// Serve HTTP/1.1, or HTTP/2 when `h2` (ALPN chose h2, or the client sent the HTTP/2 preface over plain TCP), on

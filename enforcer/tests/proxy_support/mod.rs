@@ -425,6 +425,7 @@ async fn start(
         audit: audit.clone(),
         ca: ca.clone(),
         upstream,
+        pool: Default::default(),
         origins: table.clone(),
         inspect: InspectConfig::default(),
         hosts: HostBinder::new(
@@ -490,7 +491,7 @@ impl Proxy {
         self.connect_as_agent(dst, test_agent()).await
     }
 
-    /// [`Proxy::connect_as`] on behalf of `agent`.
+    /// [`Proxy::connect_as`] for a connection of `agent`.
     pub async fn connect_as_agent(&self, dst: SocketAddr, agent: Agent) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -552,7 +553,18 @@ impl Proxy {
         sni: &str,
         alpn: &[&[u8]],
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let tcp = self.connect_as(dst).await;
+        self.tls_to_as(dst, sni, alpn, test_agent()).await
+    }
+
+    /// [`Proxy::tls_to`] for a connection of `agent`.
+    pub async fn tls_to_as(
+        &self,
+        dst: SocketAddr,
+        sni: &str,
+        alpn: &[&[u8]],
+        agent: Agent,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = self.connect_as_agent(dst, agent).await;
         tokio_rustls::TlsConnector::from(self.client_tls(alpn))
             .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
             .await

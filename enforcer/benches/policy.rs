@@ -80,6 +80,7 @@ fn host_path_action() -> Action {
             host: Some("svc517.example.com".into()),
             ip: None,
             port: 443,
+            provider: None,
         },
         http: Some(HttpRequest {
             method: "GET".into(),
@@ -115,6 +116,7 @@ fn llm_action() -> Action {
             host: Some("api.openai.com".into()),
             ip: None,
             port: 443,
+            provider: None,
         },
         http: Some(HttpRequest {
             method: "POST".into(),

@@ -12,6 +12,8 @@ use serde::Deserialize;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
 /// Default for `proxy.max_connections`: client connections served at once over every listener.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default for `proxy.max_connections_per_agent`: one agent's (cgroup's) share of them.
+pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 256;
 /// Default cgroup v2 mount point on hosts where `/sys/fs/cgroup` is not cgroup2 (hybrid hierarchy).
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
@@ -151,8 +153,10 @@ pub struct ProxyConfig {
     /// transparent mode (checked before DNS, and authoritative for the names listed: no DNS for them). Air-gapped
     /// hosts and tests use it; other names are bound through the system resolver.
     pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
-    /// Most client connections served at once over every listener; more wait in the kernel's backlog.
+    /// Most client connections served at once over every listener; more are closed unserved (and recorded).
     pub max_connections: usize,
+    /// Most client connections served at once for one agent (cgroup): its share of `max_connections`.
+    pub max_connections_per_agent: usize,
 }
 
 /// The source of the roots upstream certificates are verified against (`proxy.upstream_roots`).
@@ -262,6 +266,7 @@ impl Default for ProxyConfig {
             extra_roots: Vec::new(),
             static_hosts: BTreeMap::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_agent: DEFAULT_MAX_CONNECTIONS_PER_AGENT,
         }
     }
 }

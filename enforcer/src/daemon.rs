@@ -410,6 +410,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     crate::proxy::set_limits(crate::proxy::Limits {
         max_connections: config.proxy.max_connections,
+        max_connections_per_agent: config.proxy.max_connections_per_agent,
         ..crate::proxy::Limits::default()
     });
     let dns = Arc::new(crate::dns::DnsStage::new(

@@ -79,6 +79,10 @@ pub struct Transport {
     pub ip: Option<IpAddr>,
     #[serde(default)]
     pub port: u16,
+    /// The LLM provider whose API this host serves (`openai`, `anthropic`, `gemini`; inspect's provider hosts), if
+    /// it is one: a key of that provider in a credential header is the agent's own, not a finding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
 }
 
 /// An ordered list of name/value pairs that serialises as a map (headers, query parameters).
@@ -499,6 +503,9 @@ pub enum Reason {
     Unredactable,
     /// A constrain rule matched an Action with nothing to rewrite (raw TCP, a DNS query): carried out as a block.
     Unrewritable,
+    /// A constrain rule decided, but its rewrites changed nothing in the request: forwarded as received, recorded
+    /// with verdict `log`.
+    Unchanged,
     /// Host/:authority did not match SNI.
     HostMismatch,
     /// The upstream's certificate failed verification.
@@ -527,6 +534,9 @@ pub enum Reason {
     Retention,
     /// The review could not be held (too many pending, or no way to ask anyone): its fallback verdict applied.
     ReviewUnavailable,
+    /// The agent already had its share of the proxy's connections (`proxy.max_connections_per_agent`), or all
+    /// agents together the total (`proxy.max_connections`): the connection was closed unserved.
+    ConnectionLimit,
 }
 
 impl Reason {
@@ -541,6 +551,7 @@ impl Reason {
             Reason::SignedField => "signed_field",
             Reason::Unredactable => "unredactable",
             Reason::Unrewritable => "unrewritable",
+            Reason::Unchanged => "unchanged",
             Reason::HostMismatch => "host_mismatch",
             Reason::UpstreamTls => "upstream_tls",
             Reason::UpstreamUnreachable => "upstream_unreachable",
@@ -554,6 +565,7 @@ impl Reason {
             Reason::ReviewTimeout => "review_timeout",
             Reason::Retention => "retention",
             Reason::ReviewUnavailable => "review_unavailable",
+            Reason::ConnectionLimit => "connection_limit",
         }
     }
 }

@@ -55,15 +55,17 @@ struct Run {
     body: Bytes,
 }
 
+/// The options for a request to OpenAI's API: its own key in a credential header is the client's.
+fn to_openai() -> ConstrainOptions {
+    ConstrainOptions {
+        credential_provider: Some("openai".into()),
+        ..ConstrainOptions::default()
+    }
+}
+
 fn run(rewrites: &[PlannedRewrite], mut parts: http::request::Parts, body: &Value) -> Run {
     let mut body = Bytes::from(serde_json::to_vec(body).unwrap());
-    let result = apply_with(
-        rewrites,
-        &detectors(),
-        &ConstrainOptions::default(),
-        &mut parts,
-        &mut body,
-    );
+    let result = apply_with(rewrites, &detectors(), &to_openai(), &mut parts, &mut body);
     Run {
         result,
         parts,
@@ -733,7 +735,7 @@ fn redact_raw(
     let result = apply_with(
         &[redact(&["aws-access-key", "openai-key"])],
         &detectors(),
-        &ConstrainOptions::default(),
+        &to_openai(),
         &mut p,
         &mut b,
     );
@@ -822,4 +824,53 @@ fn the_clients_own_credentials_do_not_make_a_request_unredactable() {
         br#"{"prompt":"hello"}"#,
     );
     assert_eq!(result.unwrap(), vec![]);
+}
+
+/// Redaction leaves the client's own key to its own provider alone, but redacts another provider's key in the same
+/// credential header (which then does not make the request unredactable), and the own key anywhere else.
+#[test]
+fn only_the_destinations_own_key_in_a_credential_header_is_left_alone() {
+    let ant = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz_0123";
+    let p = parts(
+        "https://api.openai.com/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {OPENAI_KEY}")),
+            ("x-api-key", ant),
+            ("x-debug", OPENAI_KEY),
+        ],
+    );
+    let body = json!({"model": "gpt-4o", "messages": []});
+    let out = run(&[redact(&["openai-key", "anthropic-key"])], p, &body);
+    let mut changes = out.result.unwrap();
+    changes.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(
+        changes,
+        vec![
+            change("header.x-api-key", "redact:anthropic-key"),
+            change("header.x-debug", "redact:openai-key"),
+        ]
+    );
+    let h = &out.parts.headers;
+    assert_eq!(h["authorization"], format!("Bearer {OPENAI_KEY}").as_str());
+    assert_eq!(h["x-api-key"], "[REDACTED:anthropic-key]");
+    assert_eq!(h["x-debug"], "[REDACTED:openai-key]");
+
+    // Sent to a host that is no provider, the same credential header is redacted too.
+    let mut p = parts(
+        "https://collector.example/upload",
+        &[("authorization", &format!("Bearer {OPENAI_KEY}"))],
+    );
+    let mut b = Bytes::from_static(b"{}");
+    let changes = apply_with(
+        &[redact(&["openai-key"])],
+        &detectors(),
+        &ConstrainOptions::default(),
+        &mut p,
+        &mut b,
+    )
+    .unwrap();
+    assert_eq!(
+        changes,
+        vec![change("header.authorization", "redact:openai-key")]
+    );
 }

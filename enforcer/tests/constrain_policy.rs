@@ -70,7 +70,8 @@ fn every_builtin_secret_in_a_prompt_reaches_the_upstream_redacted() {
         assert!(matches!(inspected.protocol, Protocol::Llm { .. }));
         let decision = policy.evaluate(&inspected.actions[0]);
         assert_eq!(decision.verdict, Verdict::Constrain, "{detector}");
-        let changes = constrain::apply(&decision.rewrites, &policy, &mut parts, &mut raw).unwrap();
+        let changes =
+            constrain::apply(&decision.rewrites, &policy, None, &mut parts, &mut raw).unwrap();
         assert_eq!(changes.len(), 1, "{detector}: {changes:?}");
         assert_eq!(changes[0].path, "$.messages[0].content");
         assert_eq!(changes[0].cause, format!("redact:{detector}"));
@@ -117,7 +118,8 @@ rules:
     let (action, mut parts, mut bytes) = llm_request("paste.test", "/notes", &body);
     let decision = policy.evaluate(&action);
     assert_eq!(decision.verdict, Verdict::Constrain);
-    let changes = constrain::apply(&decision.rewrites, &policy, &mut parts, &mut bytes).unwrap();
+    let changes =
+        constrain::apply(&decision.rewrites, &policy, None, &mut parts, &mut bytes).unwrap();
     assert_eq!(changes.len(), 1);
     let sent: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(

@@ -369,7 +369,7 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
             .into_parts()
             .0;
         let mut out = decoded.clone();
-        if let Ok(changes) = constrain::apply(&chosen, &policy, &mut parts, &mut out) {
+        if let Ok(changes) = constrain::apply(&chosen, &policy, None, &mut parts, &mut out) {
             if out != decoded {
                 rewritten += 1;
                 // A changed body is re-framed: identity-encoded and its Content-Length exact.
@@ -575,6 +575,7 @@ fn random_and_mutated_dns_queries_never_panic() {
                 host: Some(q.name.clone()),
                 ip: None,
                 port: 53,
+                provider: None,
             },
             ..Action::default()
         };

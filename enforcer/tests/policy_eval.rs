@@ -25,6 +25,7 @@ fn http(host: &str, method: &str, path: &str) -> Action {
             host: Some(host.into()),
             ip: None,
             port: 443,
+            provider: None,
         },
         http: Some(HttpRequest {
             method: method.into(),
@@ -273,6 +274,7 @@ fn every_condition_key() {
             host: None,
             ip: None,
             port: 8443,
+            provider: None,
         },
         ..Default::default()
     };
@@ -365,6 +367,7 @@ fn json_operators() {
             host: Some("h".into()),
             ip: None,
             port: 5432,
+            provider: None,
         },
         ..Default::default()
     };
@@ -492,4 +495,135 @@ fn detectors_are_exposed_for_redaction() {
 fn policy_is_send_and_sync() {
     fn is<T: Send + Sync>() {}
     is::<Policy>();
+}
+
+/// The agent's own key in a credential header of a request to its own provider is the agent authenticating, not a
+/// secret leaving: a `detect` of that provider's key does not fire on it. The same key anywhere else — another
+/// header, the URL, the body — and another provider's key in that header, still fire; so do keys sent to a host that
+/// is no provider. A policy's own detector can name the provider whose keys it finds.
+#[test]
+fn a_providers_own_credential_is_not_a_finding() {
+    let p = Policy::from_yaml(
+        r#"version: 1
+default: allow
+detectors:
+  gateway-key: { regex: "gw_[a-z0-9]{16}", keywords: [gw_], provider: openai }
+rules:
+  - { id: no-anthropic-keys, when: { detect: [anthropic-key] }, verdict: block }
+  - { id: no-openai-keys, when: { detect: [openai-key, gateway-key] }, verdict: block }
+"#,
+        "x",
+    )
+    .unwrap();
+    let ant = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz_0123";
+    let oai = "sk-proj-abcdefghijklmnopqrstuvwxyz012345";
+    let call = |host: &str, provider: Option<&str>, headers: &[(&str, String)], body: &str| {
+        let mut a = http(host, "POST", "/v1/messages");
+        a.transport.provider = provider.map(String::from);
+        if let Some(h) = &mut a.http {
+            h.headers = Pairs(
+                headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            );
+            h.body = body.to_string();
+        }
+        p.evaluate(&a).verdict
+    };
+    let (anthropic, openai) = (Some("anthropic"), Some("openai"));
+    let bearer = |key: &str| format!("Bearer {key}");
+    let in_body = format!("{{\"k\":\"{ant}\"}}");
+    /// Host, provider, headers, body, and the verdict.
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        &'a [(&'a str, String)],
+        &'a str,
+        Verdict,
+    );
+    let cases: [Case; 8] = [
+        // Its own key, in its credential header: not a finding.
+        (
+            "api.anthropic.com",
+            anthropic,
+            &[("x-api-key", ant.into())],
+            "{}",
+            Verdict::Allow,
+        ),
+        (
+            "api.openai.com",
+            openai,
+            &[("authorization", bearer(oai))],
+            "{}",
+            Verdict::Allow,
+        ),
+        (
+            "api.openai.com",
+            openai,
+            &[("authorization", bearer("gw_0123456789abcdef"))],
+            "{}",
+            Verdict::Allow,
+        ),
+        // Another provider's key in the credential header, or the key sent to a host that is no provider: findings.
+        (
+            "api.openai.com",
+            openai,
+            &[("x-api-key", ant.into())],
+            "{}",
+            Verdict::Block,
+        ),
+        (
+            "api.anthropic.com",
+            anthropic,
+            &[("authorization", bearer(oai))],
+            "{}",
+            Verdict::Block,
+        ),
+        (
+            "collector.example",
+            None,
+            &[("x-api-key", ant.into())],
+            "{}",
+            Verdict::Block,
+        ),
+        // Its own key anywhere but a credential header: a finding.
+        (
+            "api.anthropic.com",
+            anthropic,
+            &[("x-debug", ant.into())],
+            "{}",
+            Verdict::Block,
+        ),
+        (
+            "api.anthropic.com",
+            anthropic,
+            &[],
+            &in_body,
+            Verdict::Block,
+        ),
+    ];
+    for (host, provider, headers, body, verdict) in cases {
+        assert_eq!(
+            call(host, provider, headers, body),
+            verdict,
+            "{host} {headers:?} {body}"
+        );
+    }
+    // The provider known from the LLM call alone (policy cases) counts the same.
+    let mut a = http("api.anthropic.com", "POST", "/v1/messages");
+    a.llm = Some(LlmCall {
+        provider: "anthropic".into(),
+        ..Default::default()
+    });
+    if let Some(h) = &mut a.http {
+        h.headers = Pairs(vec![("x-api-key".into(), ant.into())]);
+    }
+    assert_eq!(p.evaluate(&a).verdict, Verdict::Allow);
+    let mut a = http("api.anthropic.com", "POST", "/v1/messages");
+    a.transport.provider = anthropic.map(String::from);
+    if let Some(h) = &mut a.http {
+        h.query = Pairs(vec![("key".into(), ant.into())]);
+    }
+    assert_eq!(p.evaluate(&a).verdict, Verdict::Block);
 }

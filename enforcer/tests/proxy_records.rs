@@ -340,15 +340,7 @@ async fn tls_exits_leave_exactly_one_record() {
     let slow_addr = slow.local_addr().unwrap();
     let acceptor = {
         let (chain, key) = w.test_ca.leaf(&["allowed.test"]);
-        let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
+        tls_acceptor(chain, key, &[])
     };
     tokio::spawn(async move {
         let (tcp, _) = slow.accept().await.unwrap();

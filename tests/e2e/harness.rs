@@ -699,10 +699,11 @@ fn ensure_agent_user() -> Result<(u32, u32)> {
     ids().ok_or_else(|| format!("user {AGENT_USER} still missing after useradd"))
 }
 
-/// Copy the client scripts (tests/e2e/*.py, tests/e2e/sdk/*) to `dest`, readable by every user.
+/// Copy the client scripts (tests/e2e/*.py, tests/e2e/sdk/*, tests/e2e/conform/*) to `dest`, readable by every
+/// user.
 fn copy_scripts(dest: &Path) -> Result<()> {
     let src = repo_root().join("tests/e2e");
-    for sub in ["", "sdk"] {
+    for sub in ["", "sdk", "conform"] {
         let from = src.join(sub);
         let to = dest.join(sub);
         std::fs::create_dir_all(&to).map_err(|e| format!("mkdir {}: {e}", to.display()))?;
@@ -721,6 +722,19 @@ fn copy_scripts(dest: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Make the process `cmd` starts die with the harness (PR_SET_PDEATHSIG), so a server a test starts never outlives
+/// it, whatever happens to the harness.
+pub fn die_with_harness(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
@@ -985,6 +999,16 @@ impl Env {
 impl Env {
     /// A copy of the current daemon config that names `policy` as the policy file, written as `name` in the tempdir.
     pub fn config_with_policy(&self, policy: &Path, name: &str) -> Result<PathBuf> {
+        self.config_with(policy, None, name)
+    }
+
+    /// [`Env::config_with_policy`], also trusting the CA in `extra_root` for upstream connections.
+    pub fn config_with(
+        &self,
+        policy: &Path,
+        extra_root: Option<&Path>,
+        name: &str,
+    ) -> Result<PathBuf> {
         let base =
             std::fs::read_to_string(&self.config).map_err(|e| format!("read config: {e}"))?;
         let mut yaml = String::new();
@@ -993,6 +1017,10 @@ impl Env {
             if l.starts_with("policy:") {
                 yaml.push_str(&format!("policy: {}\n", policy.display()));
                 saw_policy = true;
+            } else if let (Some(rest), Some(root)) =
+                (l.strip_prefix("  extra_roots: ["), extra_root)
+            {
+                yaml.push_str(&format!("  extra_roots: [{}, {rest}\n", root.display()));
             } else {
                 yaml.push_str(l);
                 yaml.push('\n');
@@ -1061,7 +1089,34 @@ impl Env {
     }
 }
 
-/// A CA and one leaf it signs for `names`: (CA PEM, leaf PEM, leaf key PEM).
-pub fn mint_ca_and_leaf(ca_name: &str, names: Vec<String>) -> Result<(String, String, String)> {
-    mint(ca_name, names)
+/// The files of a test's stand-in servers, under one directory.
+pub struct ServerFiles {
+    /// The directory, e.g. `<tempdir>/sdk`.
+    pub root: PathBuf,
+    /// `root/records`, where the servers write what they received.
+    pub records: PathBuf,
+    /// `root/ca.pem`: the CA that signed the servers' certificate (for the daemon's `extra_roots`).
+    pub ca: PathBuf,
+    /// `root/leaf.pem` and `root/leaf.key` (mode 0600): the servers' certificate for `names` and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Creates `root` and `root/records`, mints a CA named `ca_name` and one leaf it signs for `names`, and writes them.
+pub fn server_files(root: PathBuf, ca_name: &str, names: &[&str]) -> Result<ServerFiles> {
+    let records = root.join("records");
+    std::fs::create_dir_all(&records).map_err(|e| format!("mkdir {}: {e}", records.display()))?;
+    let (ca, leaf, key) = mint(ca_name, names.iter().map(|n| n.to_string()).collect())?;
+    let files = ServerFiles {
+        ca: root.join("ca.pem"),
+        cert: root.join("leaf.pem"),
+        key: root.join("leaf.key"),
+        records,
+        root,
+    };
+    for (path, text) in [(&files.ca, &ca), (&files.cert, &leaf), (&files.key, &key)] {
+        write(path, text)?;
+    }
+    set_mode(&files.key, 0o600)?;
+    Ok(files)
 }

@@ -7,6 +7,7 @@
 //! (`test NAME ... ok`, `test result: …`). Arguments that do not start with `-` filter tests by substring.
 
 mod agent;
+mod conform;
 mod dns;
 mod harness;
 mod kernel;
@@ -196,6 +197,18 @@ const TESTS: &[Test] = &[
     ("sdk_mcp_python", sdk::mcp_python_sdk),
     ("sdk_node_fetch", sdk::node_fetch),
     ("sdk_audit_verifies", sdk::sdk_audit_verifies),
+    (
+        "conform_h2_expect_100_continue_curl_and_node",
+        conform::h2_expect_100_continue_curl_and_node,
+    ),
+    (
+        "conform_agent_clis_and_sdks_read_blocks_as_policy_refusals",
+        conform::agent_clis_and_sdks_read_blocks_as_policy_refusals,
+    ),
+    (
+        "conform_default_policy_runs_the_agent_clis_without_rewrites",
+        conform::default_policy_runs_the_agent_clis_without_rewrites,
+    ),
     ("policy_reload_on_sighup", reload::sighup_reloads_the_policy),
     (
         "sessions_review_approved_through_the_cli_is_forwarded_once",

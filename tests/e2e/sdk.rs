@@ -12,7 +12,6 @@
 //! /etc/hosts is never touched. The servers write what they received to files the tests read directly.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -51,23 +50,17 @@ fn sdk(env: &mut Env) -> Sdk {
 }
 
 fn setup(env: &mut Env) -> harness::Result<Sdk> {
-    let root = env.dir.path().join("sdk");
-    let records = root.join("records");
-    std::fs::create_dir_all(&records).map_err(|e| format!("mkdir {}: {e}", records.display()))?;
-    let names = vec![
-        OPENAI_HOST.to_string(),
-        ANTHROPIC_HOST.to_string(),
-        MCP_HOST.to_string(),
-    ];
-    let (ca, leaf, key) = harness::mint_ca_and_leaf("enforcer e2e SDK test CA", names)?;
-    let (ca_path, cert, key_path) = (
-        root.join("ca.pem"),
-        root.join("leaf.pem"),
-        root.join("leaf.key"),
-    );
-    for (path, text) in [(&ca_path, &ca), (&cert, &leaf), (&key_path, &key)] {
-        std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
-    }
+    let harness::ServerFiles {
+        root,
+        records,
+        ca: ca_path,
+        cert,
+        key: key_path,
+    } = harness::server_files(
+        env.dir.path().join("sdk"),
+        "enforcer e2e SDK test CA",
+        &[OPENAI_HOST, ANTHROPIC_HOST, MCP_HOST],
+    )?;
     let hosts = root.join("hosts");
     let line = format!(
         "127.0.0.1 localhost\n::1 localhost\n{} {OPENAI_HOST} {ANTHROPIC_HOST} {MCP_HOST} {}\n",
@@ -79,7 +72,6 @@ fn setup(env: &mut Env) -> harness::Result<Sdk> {
     let cgroup = env.cgroup.join("sdk-servers");
     std::fs::create_dir_all(&cgroup).map_err(|e| format!("mkdir {}: {e}", cgroup.display()))?;
     let dir = harness::repo_root().join("tests/e2e/sdk");
-    set_key_private(&key_path)?;
     for (script, port, ready) in [
         ("llm_server.py", LLM_PORT, "LLM READY"),
         ("mcp_server.py", MCP_PORT, "MCP READY"),
@@ -158,13 +150,7 @@ fn start_server(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    harness::die_with_harness(&mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting {}: {e}", script.display()))?;
@@ -203,10 +189,6 @@ fn tagged(env: &Env, sdk: &Sdk, cmd: &[&str]) -> Command {
 }
 
 /// The leaf key the SDK servers (root) read: nobody else needs it.
-fn set_key_private(key: &Path) -> harness::Result<()> {
-    harness::set_mode(key, 0o600)
-}
-
 /// Run a tagged client; every `FIRST <id>` line it prints releases stream `<id>` on the LLM server (only then may
 /// the server send the rest). Returns the client's JSON lines, its stderr and whether it exited 0.
 fn run_client(
@@ -311,8 +293,8 @@ fn responses_api(sdk: &Sdk, lines: &[serde_json::Value], err: &str, run: &str, p
 
     let b = step(lines, "responses_blocked", err);
     assert_eq!(b["ok"], false, "{b}");
-    assert_eq!(b["exception"], "openai.PermissionDeniedError", "{b}");
-    assert_eq!(b["status"], 403, "{b}");
+    assert_eq!(b["exception"], "openai.BadRequestError", "{b}");
+    assert_eq!(b["status"], 400, "{b}");
     assert_eq!(b["should_retry"], "false", "{b}");
     assert!(
         llm_requests(sdk, &format!("responses-blocked-{run}")).is_empty(),
@@ -430,15 +412,16 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
         "Content-Length does not match the rewritten body"
     );
 
-    // A blocked model: the SDK's permission error, the policy's message, no retry, nothing upstream.
+    // A blocked model: the SDK's error for the provider's block status (docs/protocols.md), the policy's message,
+    // no retry, nothing upstream.
     let blocked = step(&lines, "blocked", &err);
     assert_eq!(blocked["ok"], false, "{blocked}");
-    assert_eq!(
-        blocked["exception"],
-        format!("{provider}.PermissionDeniedError"),
-        "{blocked}"
-    );
-    assert_eq!(blocked["status"], 403, "{blocked}");
+    let (exception, status) = match provider {
+        "openai" => ("openai.BadRequestError", 400),
+        _ => ("anthropic.APIStatusError", 451),
+    };
+    assert_eq!(blocked["exception"], exception, "{blocked}");
+    assert_eq!(blocked["status"], status, "{blocked}");
     assert_eq!(blocked["should_retry"], "false", "{blocked}");
     let message = blocked["message"].as_str().unwrap_or_default();
     assert!(
@@ -613,11 +596,11 @@ pub fn node_fetch(env: &mut Env) {
         "POST",
         &request,
     ]);
-    assert_eq!(out["status"], 403, "{out}");
+    assert_eq!(out["status"], 400, "{out}");
     assert_eq!(out["should_retry"], "false", "{out}");
     let body: serde_json::Value = serde_json::from_str(out["body"].as_str().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("403 body not JSON ({e}): {out}"));
-    assert_eq!(body["error"]["type"], "permission_error", "{body}");
+        .unwrap_or_else(|e| panic!("400 body not JSON ({e}): {out}"));
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert_eq!(body["error"]["code"], "blocked_by_policy", "{body}");
     assert!(llm_requests(&sdk, &format!("blocked-{run}")).is_empty());
 

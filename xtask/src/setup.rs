@@ -6,7 +6,8 @@
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
 //! Python SDKs (pip). The operations tests need `promtool` and `prometheus` (Debian `prometheus`), `setpriv`
 //! (util-linux) and `systemd-analyze` (systemd); the package test (root only) needs `cargo-deb`, pinned. The audit
-//! trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and `fallocate`.
+//! trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and `fallocate`. The
+//! conformance tests run the providers' Node SDKs and the agent CLIs (npm, pinned, under `/opt/enforcer-test/node`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,6 +53,20 @@ pub const TEST_VENV: &str = "/opt/enforcer-test/venv";
 /// What the tests import or run, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which
 /// also runs the MCP SDK's server), requests (the trust-environment test) and the offline schema validator of the
 /// Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled).
+/// The npm prefix of the Node packages the tests run (world-readable): `node_modules/.bin` holds the agent CLIs.
+pub const TEST_NODE: &str = "/opt/enforcer-test/node";
+
+/// What the conformance tests (tests/e2e/conform.rs) run as unmodified agents, pinned: the official Node SDKs of
+/// the three providers and the three agent CLIs (Claude Code and Codex ship native binaries through npm).
+const NODE_PACKAGES: &[(&str, &str)] = &[
+    ("openai", "7.59.0"),
+    ("@anthropic-ai/sdk", "1.14.0"),
+    ("@google/genai", "3.3.0"),
+    ("@anthropic-ai/claude-code", "2.1.332"),
+    ("@openai/codex", "0.171.0"),
+    ("@google/gemini-cli", "0.61.0"),
+];
+
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "3.51.0"),
     ("anthropic", "2.10.0"),
@@ -123,6 +138,7 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     test_venv()?;
+    test_node()?;
 
     if rust_src_installed() {
         eprintln!("xtask: setup: rust-src already installed");
@@ -182,6 +198,46 @@ fn test_venv() -> anyhow::Result<()> {
             .args(&pins),
     )?;
     if let Some(parent) = venv.parent() {
+        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
+    }
+    Ok(())
+}
+
+/// Install [`NODE_PACKAGES`] under [`TEST_NODE`] with npm, unless exactly those versions are there already; then
+/// make the tree readable and runnable by everyone.
+fn test_node() -> anyhow::Result<()> {
+    let prefix = Path::new(TEST_NODE);
+    let installed = |name: &str| -> Option<String> {
+        let manifest = prefix.join("node_modules").join(name).join("package.json");
+        let script = format!("require({:?}).version", manifest.display().to_string());
+        quiet_output(Command::new("node").args(["-p", &script])).map(|v| v.trim().to_string())
+    };
+    let want: Vec<String> = NODE_PACKAGES
+        .iter()
+        .map(|(n, v)| format!("{n}@{v}"))
+        .collect();
+    if NODE_PACKAGES
+        .iter()
+        .all(|(n, v)| installed(n).as_deref() == Some(*v))
+    {
+        eprintln!("xtask: setup: {TEST_NODE} already has {}", want.join(", "));
+        return Ok(());
+    }
+    std::fs::create_dir_all(prefix).with_context(|| format!("creating {TEST_NODE}"))?;
+    run_checked(
+        Command::new("npm")
+            .args([
+                "install",
+                "--prefix",
+                TEST_NODE,
+                "--no-audit",
+                "--no-fund",
+                "--omit=dev",
+            ])
+            .args(["--save-exact", "--loglevel=error"])
+            .args(&want),
+    )?;
+    if let Some(parent) = prefix.parent() {
         run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
     }
     Ok(())

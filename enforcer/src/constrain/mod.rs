@@ -52,6 +52,11 @@ pub trait Detect {
     fn contains(&self, name: &str) -> bool;
     /// Byte ranges of `text` where detector `name` fires.
     fn find(&self, name: &str, text: &str) -> Vec<Range<usize>>;
+    /// Whether what detector `name` finds in request header `header` is the client's own credential for
+    /// `provider`, the provider the request goes to (see `policy::detect::Detectors::own_credential`).
+    fn own_credential(&self, _name: &str, _header: &str, _provider: Option<&str>) -> bool {
+        false
+    }
 }
 
 /// How redaction writes and where it looks.
@@ -59,26 +64,31 @@ pub trait Detect {
 pub struct ConstrainOptions {
     /// Replacement for a detected secret; `{detector}` is replaced by the detector's name.
     pub marker: String,
-    /// Header names (lower case) whose values redaction leaves alone: the credentials a client sends to its own
-    /// provider, which a content redaction must not break.
-    pub redact_skip_headers: Vec<String>,
+    /// The LLM provider the request goes to, if its host is one (`openai`, `anthropic`, `gemini`): that provider's
+    /// key in a credential header is the client authenticating, which redaction leaves alone (and which does not
+    /// make the request unredactable). Any other provider's key there is redacted like a secret anywhere else.
+    pub credential_provider: Option<String>,
 }
 
 impl Default for ConstrainOptions {
     fn default() -> Self {
         ConstrainOptions {
             marker: crate::policy::DEFAULT_REDACTION_MARKER.into(),
-            redact_skip_headers: [
-                "authorization",
-                "proxy-authorization",
-                "x-api-key",
-                "x-goog-api-key",
-                "api-key",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            credential_provider: None,
         }
+    }
+}
+
+impl ConstrainOptions {
+    /// The detectors of `names` that redaction runs on header `header`: all but those finding the client's own
+    /// credential there.
+    fn for_header(&self, detect: &dyn Detect, names: &[String], header: &str) -> Vec<String> {
+        let provider = self.credential_provider.as_deref();
+        names
+            .iter()
+            .filter(|n| !detect.own_credential(n, header, provider))
+            .cloned()
+            .collect()
     }
 }
 
@@ -89,19 +99,26 @@ impl Detect for crate::policy::detect::Detectors {
     fn find(&self, name: &str, text: &str) -> Vec<Range<usize>> {
         crate::policy::detect::Detectors::find(self, name, text)
     }
+    fn own_credential(&self, name: &str, header: &str, provider: Option<&str>) -> bool {
+        self.index(name).is_some_and(|i| {
+            crate::policy::detect::Detectors::own_credential(self, i, header, provider)
+        })
+    }
 }
 
-/// Apply `rewrites` (in order) to the request head and body with the policy's detectors and default options.
-/// On success returns what changed; on error nothing must be forwarded (the caller blocks).
+/// Apply `rewrites` (in order) to the request head and body with the policy's detectors and marker, for a request
+/// to `provider`'s API (see [`ConstrainOptions::credential_provider`]). On success returns what changed; on error
+/// nothing must be forwarded (the caller blocks).
 pub fn apply(
     rewrites: &[PlannedRewrite],
     policy: &Policy,
+    provider: Option<&str>,
     parts: &mut http::request::Parts,
     body: &mut Bytes,
 ) -> Result<Vec<Change>, ConstrainError> {
     let options = ConstrainOptions {
         marker: policy.redaction_marker().to_string(),
-        ..ConstrainOptions::default()
+        credential_provider: provider.map(str::to_string),
     };
     apply_with(rewrites, policy.detectors(), &options, parts, body)
 }
@@ -263,8 +280,8 @@ pub fn apply_with(
 /// Redaction rewrites JSON string values, query values and header values. A secret anywhere else (the host, the URL
 /// path, an object key, a query name, a body that is not text) would be forwarded as it is, so the request as it will leave
 /// is scanned once more, the way the policy's `detect` scans it, with every detector a redaction named; a hit is an
-/// error and the caller blocks. Headers redaction deliberately leaves alone (the client's own credentials) are
-/// skipped here too.
+/// error and the caller blocks. The client's own credential, which redaction deliberately leaves alone, is skipped
+/// here too.
 fn check_redacted(
     rewrites: &[PlannedRewrite],
     detect: &dyn Detect,
@@ -297,16 +314,16 @@ fn check_redacted(
     let host = format!("{host}\n{}", host.to_ascii_uppercase());
     let path = percent_decode(uri.path(), false);
     let query = percent_decode(uri.query().unwrap_or_default(), true);
-    let header_values: Vec<String> = headers
+    let header_values: Vec<(&str, String)> = headers
         .iter()
-        .filter(|(name, _)| {
-            !options
-                .redact_skip_headers
-                .iter()
-                .any(|s| s == name.as_str())
+        .map(|(name, v)| {
+            (
+                name.as_str(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
         })
-        .map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .collect();
+    let provider = options.credential_provider.as_deref();
     let text = String::from_utf8_lossy(body);
     let json = match doc {
         Doc::Json(v) => Some(v),
@@ -324,7 +341,10 @@ fn check_redacted(
             "path"
         } else if fires(&query) {
             "query"
-        } else if header_values.iter().any(|v| fires(v)) {
+        } else if header_values
+            .iter()
+            .any(|(h, v)| !detect.own_credential(detector, h, provider) && fires(v))
+        {
             "headers"
         } else if fires(&text) || decoded.as_deref().is_some_and(fires) {
             "body"
@@ -516,7 +536,8 @@ fn capped_number(max: f64) -> Value {
     }
 }
 
-/// Redact header values (except the credential headers in `options`) and URL query values.
+/// Redact header values (but the client's own credential, see [`ConstrainOptions::credential_provider`]) and URL
+/// query values.
 fn redact_head(
     redactor: &Redactor<'_>,
     options: &ConstrainOptions,
@@ -527,18 +548,18 @@ fn redact_head(
     let mut replaced = Vec::new();
     for (name, value) in headers.iter() {
         // The host routes the request (and is the TLS name upstream): never rewritten, only checked afterwards.
-        if name == http::header::HOST
-            || options
-                .redact_skip_headers
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(name.as_str()))
-        {
+        if name == http::header::HOST {
             continue;
         }
         let Ok(text) = value.to_str() else {
             continue;
         };
-        if let Some((new, fired)) = redactor.redact_str(text) {
+        let names = options.for_header(redactor.detect, redactor.names, name.as_str());
+        let for_header = Redactor {
+            names: &names,
+            ..*redactor
+        };
+        if let Some((new, fired)) = for_header.redact_str(text) {
             let shown = redactor.safe_path(&format!("header.{name}"));
             changes.extend(fired.into_iter().map(|d| Change {
                 path: shown.clone(),

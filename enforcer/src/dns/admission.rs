@@ -16,6 +16,7 @@ const SWEEP_AT: usize = 256;
 /// The shares of places in flight.
 pub struct Admission {
     total: Arc<Semaphore>,
+    places: usize,
     per_agent: usize,
     agents: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
@@ -32,6 +33,7 @@ impl Admission {
     pub fn new(total: usize, per_agent: usize) -> Admission {
         Admission {
             total: Arc::new(Semaphore::new(total.max(1))),
+            places: total.max(1),
             per_agent: per_agent.max(1),
             agents: Mutex::new(HashMap::new()),
         }
@@ -66,6 +68,13 @@ impl Admission {
         }
     }
 
+    /// Whether more than half of `agent`'s share, or of the total, is in use: the proxy then gives new connections
+    /// less time to send their request head.
+    pub fn pressed(&self, agent: Option<&Agent>) -> bool {
+        self.share(agent).available_permits() < self.per_agent.div_ceil(2)
+            || self.total.available_permits() < self.places.div_ceil(2)
+    }
+
     /// The semaphore of `agent`'s share, created on first use.
     fn share(&self, agent: Option<&Agent>) -> Arc<Semaphore> {
         let key = agent_key(agent);
@@ -83,7 +92,7 @@ impl Admission {
 
 /// Whose share a query takes: the agent's cgroup; else (cgroup unknown) its profile, then its process; queries
 /// whose sender is unknown share one.
-fn agent_key(agent: Option<&Agent>) -> String {
+pub(crate) fn agent_key(agent: Option<&Agent>) -> String {
     match agent {
         Some(Agent {
             cgroup: Some(cgroup),

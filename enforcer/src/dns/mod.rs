@@ -43,7 +43,8 @@ use crate::model::{
 use crate::policy::{Policy, RefusedAnswer};
 use crate::proxy::ProxyContext;
 
-pub use admission::Admission;
+pub(crate) use admission::agent_key;
+pub use admission::{Admission, Place};
 pub use tcp::serve_tcp;
 pub use wire::{
     answers, bare_answer, error_answer, parse_query, qtype_name, synthetic_answer,
@@ -285,6 +286,7 @@ fn dns_action(agent: &Agent, name: &str, resolver: Option<IpAddr>) -> Action {
             host: Some(name.to_string()),
             ip: resolver,
             port: PORT,
+            provider: None,
         },
         ..Action::default()
     }

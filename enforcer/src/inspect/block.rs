@@ -1,5 +1,6 @@
 //! Block answers in each protocol's own language: MCP tool errors and JSON-RPC errors with the request's id, the
-//! provider's own error JSON for LLM APIs (status 403, `x-should-retry: false`), and a plain 403 JSON otherwise.
+//! provider's own error JSON for LLM APIs (with the status each provider's SDKs and agent CLIs show as a final error,
+//! `x-should-retry: false`; see `provider_error`), and a plain 403 JSON otherwise.
 //! The text comes only from the policy (its message and rule id), never from request data.
 
 use serde_json::{json, Value};
@@ -156,26 +157,45 @@ fn plain(decision: &Decision) -> BlockResponse {
     )
 }
 
+/// A policy block of a call to an LLM provider's API, in that provider's error shape, with the status each
+/// provider's SDKs and agent CLIs surface as a plain, final error carrying the message (measured with the pinned SDKs
+/// and CLIs, tests/e2e/conform.rs):
+/// - OpenAI: 400 `invalid_request_error`, code `blocked_by_policy` (the shape of OpenAI's own policy refusals,
+///   `content_policy_violation`). The SDKs raise `BadRequestError`; Codex CLI retries every other 4xx it does not
+///   know five times (403 and 451 included) but shows a 400's body once.
+/// - Anthropic: 451 `permission_error`. Claude Code reads every 403 as "Failed to authenticate" and answers a 400 by
+///   retrying with altered requests; a 451 it shows as `API Error: 451 <message>`, once. The SDKs raise their
+///   generic `APIStatusError`/`APIError`.
+/// - Gemini: 403 `PERMISSION_DENIED` (google.rpc.Code 7). Neither the SDK nor Gemini CLI retries it.
+///
+/// Every answer carries `x-should-retry: false`, which the OpenAI and Anthropic SDKs honour.
 fn provider_error(provider: Provider, decision: &Decision) -> BlockResponse {
     let message = block_message(decision);
-    let body = match provider {
-        Provider::OpenAi => json!({
-            "error": {
-                "message": message,
-                "type": "permission_error",
-                "param": null,
-                "code": "blocked_by_policy",
-            }
-        }),
-        Provider::Anthropic => json!({
-            "type": "error",
-            "error": {"type": "permission_error", "message": message},
-        }),
-        Provider::Gemini => json!({
-            "error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}
-        }),
+    let (status, body) = match provider {
+        Provider::OpenAi => (
+            400,
+            json!({
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": null,
+                    "code": "blocked_by_policy",
+                }
+            }),
+        ),
+        Provider::Anthropic => (
+            451,
+            json!({
+                "type": "error",
+                "error": {"type": "permission_error", "message": message},
+            }),
+        ),
+        Provider::Gemini => (
+            403,
+            json!({"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}),
+        ),
     };
-    json_response(403, &[("x-should-retry", "false")], &body)
+    json_response(status, &[("x-should-retry", "false")], &body)
 }
 
 fn mcp_error(id: Option<&Value>, message: String, rule: Option<&String>) -> Value {
@@ -190,13 +210,24 @@ fn mcp_error(id: Option<&Value>, message: String, rule: Option<&String>) -> Valu
     })
 }
 
-fn mcp_element(message: &McpMessage, decision: Option<&Decision>) -> Value {
+/// The answer to one element: its own block, or (`decision` `None`: it was allowed) a `-32001` error saying it was
+/// not forwarded because of the elements `blocked_by` names (their rules, `policy default` for the default), with
+/// `data.reason` `batch_blocked`.
+fn mcp_element(message: &McpMessage, decision: Option<&Decision>, blocked_by: &[String]) -> Value {
     let Some(decision) = decision else {
-        return mcp_error(
-            message.id.as_ref(),
-            "not forwarded: another message in the same batch was blocked by policy".to_string(),
-            None,
+        let text = format!(
+            "not forwarded: another message in the same batch was blocked by policy ({})",
+            blocked_by.join(", ")
         );
+        return json!({
+            "jsonrpc": "2.0",
+            "id": message.id.clone().unwrap_or(Value::Null),
+            "error": {
+                "code": MCP_POLICY_ERROR_CODE,
+                "message": text,
+                "data": {"reason": "batch_blocked", "rule": null, "blocked_by": blocked_by},
+            }
+        });
     };
     if message.method == "tools/call" {
         json!({
@@ -227,11 +258,21 @@ fn mcp_answer(
     messages: &[McpMessage],
     decisions: &[Option<&Decision>],
 ) -> BlockResponse {
+    let mut blocked_by: Vec<String> = Vec::new();
+    for d in decisions.iter().flatten() {
+        let name = d.deciding_rule.as_ref().map_or_else(
+            || "policy default".to_string(),
+            |r| format!("policy rule: {r}"),
+        );
+        if !blocked_by.contains(&name) {
+            blocked_by.push(name);
+        }
+    }
     let answers: Vec<Value> = messages
         .iter()
         .zip(decisions)
         .filter(|(m, _)| m.expects_answer())
-        .map(|(m, d)| mcp_element(m, *d))
+        .map(|(m, d)| mcp_element(m, *d, &blocked_by))
         .collect();
     if answers.is_empty() {
         let decision = decisions.iter().flatten().next().copied();

@@ -200,6 +200,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     let provider = host
         .as_deref()
         .and_then(|h| cfg.provider_for(h, action.transport.port));
+    action.transport.provider = provider.map(|p| p.as_str().to_string());
 
     if http.json.is_none() && !http.body.trim().is_empty() {
         http.json = serde_json::from_str(&http.body).ok();

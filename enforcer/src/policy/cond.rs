@@ -709,11 +709,21 @@ impl<'a> Ctx<'a> {
         fires
     }
 
+    /// The LLM provider the request goes to: its host's (`transport.provider`), else the LLM call's.
+    fn provider(&self) -> Option<&str> {
+        let a = self.action;
+        a.transport
+            .provider
+            .as_deref()
+            .or_else(|| a.llm.as_ref().map(|l| l.provider.as_str()))
+    }
+
     /// Runs detector `i` over what the Action's phase is about. A request: the host (also upper-cased: names
     /// arrive lower-cased; scanned even for a DNS query, which has nothing else), the URL path and query, every
-    /// header value and the body, the body also as the upstream will read it (JSON escapes undone, a form decoded),
-    /// so neither case nor an escape can hide a secret. A proposal: its arguments, as JSON text and with escapes
-    /// undone. A response: its body, likewise.
+    /// header value (but the client's own credential for the provider it talks to, see
+    /// `Detectors::own_credential`) and the body, the body also as the upstream will read it (JSON escapes undone,
+    /// a form decoded), so neither case nor an escape can hide a secret. A proposal: its arguments, as JSON text and
+    /// with escapes undone. A response: its body, likewise.
     fn scan(&self, i: usize) -> bool {
         let d = self.detectors;
         let json_text = |text: &str, json: Option<&Value>, content_type: Option<&str>| {
@@ -756,19 +766,12 @@ impl<'a> Ctx<'a> {
                 .0
                 .iter()
                 .any(|(k, v)| d.fires(i, k) || d.fires(i, v))
-            || http.headers.0.iter().any(|(_, v)| d.fires(i, v))
-            || d.fires(i, &http.body)
-            || self
-                .decoded_body
-                .get_or_init(|| {
-                    encoding::decoded_body(
-                        &http.body,
-                        http.json.as_ref(),
-                        http.content_type.as_deref(),
-                    )
-                })
-                .as_deref()
-                .is_some_and(|text| d.fires(i, text))
+            || http
+                .headers
+                .0
+                .iter()
+                .any(|(k, v)| !d.own_credential(i, k, self.provider()) && d.fires(i, v))
+            || json_text(&http.body, http.json.as_ref(), http.content_type.as_deref())
     }
 }
 

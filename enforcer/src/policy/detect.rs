@@ -1,10 +1,16 @@
 //! Secret and PII detectors: a cheap keyword prefilter, then a regex, then an optional validator (Luhn for card
 //! numbers). Built-in detectors cover common API keys, private keys, e-mail addresses and card numbers; a policy may
 //! add its own under `detectors:`. Used by `detect:` conditions and by the constrain stage's redaction.
+//!
+//! A detector of a provider's API key knows its provider (`openai-key`: `openai`, `anthropic-key`: `anthropic`; a
+//! policy's own detector may name one): that key in a credential header ([`CREDENTIAL_HEADERS`]) of a request to
+//! that provider's API is the agent authenticating, not a secret leaving — see [`Detectors::own_credential`].
 
 use std::ops::Range;
 
 use regex::Regex;
+
+use crate::glob::Glob;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
@@ -71,12 +77,28 @@ impl Prefilter {
     }
 }
 
+/// The request header fields that carry a client's credentials to the server it talks to (RFC 9110 §11.6.2
+/// `Authorization`; Anthropic `x-api-key`, Gemini `x-goog-api-key`, Azure OpenAI `api-key`; `Proxy-Authorization`
+/// for a proxy on the way), lower case.
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "api-key",
+];
+
 #[derive(Debug, Clone)]
 struct Detector {
     name: String,
     prefilter: Prefilter,
     regex: Regex,
     validator: Option<Validator>,
+    /// The LLM provider whose API keys this detector finds (`openai`, `anthropic`, `gemini`), if it is such one.
+    provider: Option<String>,
+    /// Values that are not findings although the detector matches them (the policy's `exempt:`), lower-case globs
+    /// compared with the lower-cased match.
+    exempt: Vec<Glob>,
 }
 
 impl Detector {
@@ -86,7 +108,7 @@ impl Detector {
         }
         self.regex
             .find_iter(text)
-            .filter(|m| self.validator.is_none_or(|v| v.accepts(m.as_str())))
+            .filter(|m| self.counts(m.as_str()))
             .map(|m| m.range())
             .collect()
     }
@@ -95,10 +117,22 @@ impl Detector {
         if !self.prefilter(text) {
             return false;
         }
-        match self.validator {
-            None => self.regex.is_match(text),
-            Some(v) => self.regex.find_iter(text).any(|m| v.accepts(m.as_str())),
+        if self.validator.is_none() && self.exempt.is_empty() {
+            return self.regex.is_match(text);
         }
+        self.regex.find_iter(text).any(|m| self.counts(m.as_str()))
+    }
+
+    /// Whether a regex match is a finding: its validator accepts it and no exemption covers it.
+    fn counts(&self, matched: &str) -> bool {
+        if !self.validator.is_none_or(|v| v.accepts(matched)) {
+            return false;
+        }
+        if self.exempt.is_empty() {
+            return true;
+        }
+        let lower = matched.to_ascii_lowercase();
+        !self.exempt.iter().any(|g| g.is_match(&lower))
     }
 
     fn prefilter(&self, text: &str) -> bool {
@@ -112,12 +146,21 @@ pub struct Detectors {
     list: Vec<Detector>,
 }
 
-/// The built-in detectors: name, keywords, regex, validator.
-const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
+/// The built-in detectors: name, keywords, regex, validator, the provider whose keys they are.
+type Builtin = (
+    &'static str,
+    &'static [&'static str],
+    &'static str,
+    Option<Validator>,
+    Option<&'static str>,
+);
+
+const BUILTIN: &[Builtin] = &[
     (
         "aws-access-key",
         &["AKIA", "ASIA", "ABIA", "ACCA"],
         r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)",
+        None,
         None,
     ),
     (
@@ -125,23 +168,27 @@ const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
         &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
         r"(?-u:\b)(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})(?-u:\b)",
         None,
+        None,
     ),
     (
         "openai-key",
         &["sk-"],
         r"(?-u:\b)sk-(?:(?:proj|svcacct|admin)-[A-Za-z0-9_-]{20,}|[A-Za-z0-9]{20,})",
         None,
+        Some("openai"),
     ),
     (
         "anthropic-key",
         &["sk-ant-"],
         r"(?-u:\b)sk-ant-[a-z]+[0-9]*-[A-Za-z0-9_-]{20,}",
         None,
+        Some("anthropic"),
     ),
     (
         "slack-token",
         &["xox"],
         r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}",
+        None,
         None,
     ),
     (
@@ -149,18 +196,24 @@ const BUILTIN: &[(&str, &[&str], &str, Option<Validator>)] = &[
         &["PRIVATE KEY-----"],
         r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\z)",
         None,
+        None,
     ),
     (
         "email",
         &["@"],
         r"(?-u:\b)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?-u:\b)",
         None,
+        None,
     ),
     (
         "card-number",
         &[],
-        r"(?-u:\b)[0-9](?:[ -]?[0-9]){12,18}(?-u:\b)",
+        // Payment cards start with a major industry identifier 2-6 (ISO/IEC 7812-1): Mastercard 2 and 5, Amex, JCB
+        // and Diners 3, Visa 4, Discover, UnionPay and Maestro 6. Other runs of 13-19 digits that pass Luhn by chance
+        // — a Unix time in milliseconds (1…) in an agent's request metadata — are not card numbers.
+        r"(?-u:\b)[2-6](?:[ -]?[0-9]){12,18}(?-u:\b)",
         Some(Validator::Luhn),
+        None,
     ),
 ];
 
@@ -174,7 +227,7 @@ impl Detectors {
             .get_or_init(|| {
                 let list = BUILTIN
                     .iter()
-                    .filter_map(|(name, keywords, re, validator)| {
+                    .filter_map(|(name, keywords, re, validator, provider)| {
                         // The built-in patterns are constants covered by tests; a failure would drop only that one.
                         let regex = Regex::new(re).ok()?;
                         Some(Detector {
@@ -184,6 +237,8 @@ impl Detectors {
                             ),
                             regex,
                             validator: *validator,
+                            provider: provider.map(String::from),
+                            exempt: Vec::new(),
                         })
                     })
                     .collect();
@@ -192,13 +247,14 @@ impl Detectors {
             .clone()
     }
 
-    /// Add a policy-defined detector.
+    /// Add a policy-defined detector; `provider` names the LLM provider whose API keys it finds, if it does.
     pub fn add(
         &mut self,
         name: &str,
         regex: &str,
         keywords: Vec<String>,
         validator: Option<Validator>,
+        provider: Option<String>,
     ) -> Result<(), DetectError> {
         if BUILTIN.iter().any(|(n, ..)| *n == name) {
             return Err(DetectError::Builtin(name.to_owned()));
@@ -213,8 +269,32 @@ impl Detectors {
             prefilter: Prefilter::new(keywords),
             regex,
             validator,
+            provider,
+            exempt: Vec::new(),
         });
         Ok(())
+    }
+
+    /// Make the values `globs` match (compared lower-case) no findings of detector `name` — a vendor's no-reply
+    /// address in an agent's own instructions is no personal e-mail address. `Err(name)` when there is no such
+    /// detector.
+    pub fn exempt(&mut self, name: &str, globs: Vec<Glob>) -> Result<(), String> {
+        match self.list.iter_mut().find(|d| d.name == name) {
+            Some(d) => {
+                d.exempt.extend(globs);
+                Ok(())
+            }
+            None => Err(name.to_string()),
+        }
+    }
+
+    /// Whether what detector number `i` finds in the request header `header` (lower case) is the client's own
+    /// credential for `provider`, the LLM provider the request goes to: the header is a credential header and the
+    /// detector finds that provider's keys. Such a value is not a finding; the same key in another header, the
+    /// URL or the body, or a key of another provider, is.
+    pub fn own_credential(&self, i: usize, header: &str, provider: Option<&str>) -> bool {
+        let owned = self.list.get(i).and_then(|d| d.provider.as_deref());
+        owned.is_some() && owned == provider && CREDENTIAL_HEADERS.contains(&header)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -321,6 +401,13 @@ mod tests {
         assert!(fires("card-number", "card 4111 1111 1111 1111 exp"));
         assert!(!fires("card-number", "card 4111 1111 1111 1112 exp"));
         assert!(!fires("card-number", "order 1234567890123"));
+        // A Unix time in milliseconds that happens to pass Luhn (one in ten does; Codex CLI sends one in its turn
+        // metadata) is no card number.
+        assert!(super::luhn("1796023728837"));
+        assert!(!fires(
+            "card-number",
+            r#"{"turn_started_at_unix_ms":1796023728837}"#
+        ));
     }
 
     #[test]
@@ -329,6 +416,31 @@ mod tests {
         let r = Detectors::builtin().find("aws-access-key", text);
         assert_eq!(r.len(), 1);
         assert_eq!(&text[r[0].clone()], "AKIAIOSFODNN7EXAMPLE");
+    }
+
+    #[test]
+    fn exempt_values_are_no_findings() {
+        let mut d = Detectors::builtin();
+        let globs = ["noreply@*", "*@users.noreply.github.com"]
+            .iter()
+            .map(|g| Glob::plain(g).unwrap())
+            .collect();
+        d.exempt("email", globs).unwrap();
+        let text = "Co-Authored-By: Claude <NoReply@anthropic.com>, 1+bob@users.noreply.github.com, alice@example.com";
+        let i = d.index("email").unwrap();
+        let found: Vec<&str> = d
+            .find("email", text)
+            .into_iter()
+            .map(|r| &text[r])
+            .collect();
+        assert_eq!(found, ["alice@example.com"]);
+        assert!(d.fires(i, text));
+        assert!(!d.fires(i, "attribution: noreply@anthropic.com"));
+        assert_eq!(d.exempt("nope", Vec::new()), Err("nope".to_string()));
+        // The built-in set itself is untouched.
+        assert!(!Detectors::builtin()
+            .find("email", "noreply@anthropic.com")
+            .is_empty());
     }
 
     #[test]

@@ -130,6 +130,7 @@ mod tests {
                 host: Some(name.into()),
                 ip: None,
                 port: 53,
+                provider: None,
             },
             ..Action::default()
         }

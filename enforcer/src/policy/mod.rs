@@ -579,6 +579,7 @@ const TOP_KEYS: &[&str] = &[
     "redaction_marker",
     "profiles",
     "detectors",
+    "exempt",
     "dns",
     "rules",
 ];
@@ -607,6 +608,34 @@ const CONSTRAIN_KEYS: &[&str] = &[
     "header_remove",
     "drop_tools",
 ];
+
+/// `exempt:` — per detector, globs of matched values that are no findings (`email: ["noreply@*"]`), compared
+/// lower-case.
+fn exempt_values(v: &Node, detectors: &mut detect::Detectors) -> CResult<()> {
+    let Kind::Map(entries) = &v.kind else {
+        if matches!(v.kind, Kind::Null) {
+            return Ok(());
+        }
+        return fault(
+            v.loc,
+            "expected `exempt` to map detector names to lists of values, e.g. `email: [\"noreply@*\"]`",
+        );
+    };
+    for (k, list) in entries {
+        let name = string(k, "a detector name")?;
+        let globs = cond::strings(list)?
+            .into_iter()
+            .map(|(loc, s)| {
+                crate::glob::Glob::plain(&s.to_ascii_lowercase())
+                    .or_else(|e| fault(loc, format!("bad glob `{s}`: {e}")))
+            })
+            .collect::<CResult<Vec<_>>>()?;
+        detectors
+            .exempt(&name, globs)
+            .or_else(|name| fault(k.loc, cond::unknown_detector(&name, detectors)))?;
+    }
+    Ok(())
+}
 
 /// A mapping's entries keyed by their string key, rejecting unknown and non-string keys.
 fn fields<'n>(
@@ -768,7 +797,7 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
                 for (k, body) in entries {
                     let name = string(k, "a detector name")?;
                     let what = format!("detector `{name}`");
-                    let f = fields(body, &["regex", "keywords", "validator"], &what)?;
+                    let f = fields(body, &["regex", "keywords", "validator", "provider"], &what)?;
                     let Some((_, re)) = f.get("regex") else {
                         return fault(
                             body.loc,
@@ -787,8 +816,12 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
                         ),
                         None => None,
                     };
+                    let provider = match f.get("provider") {
+                        Some((_, p)) => Some(string(p, "a provider name")?),
+                        None => None,
+                    };
                     detectors
-                        .add(&name, &re_src, keywords, validator)
+                        .add(&name, &re_src, keywords, validator, provider)
                         .or_else(|e| match e {
                             detect::DetectError::Regex(e) => fault(
                                 re.loc,
@@ -805,6 +838,10 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
                 )
             }
         }
+    }
+
+    if let Some((_, v)) = top.get("exempt") {
+        exempt_values(v, &mut detectors)?;
     }
 
     let dns = top

@@ -39,8 +39,11 @@ const METHODS: &[&[u8]] = &[
     b"PATCH ",
     b"TRACE ",
     b"CONNECT ",
-    b"PRI * HTTP/2.0",
+    H2_PREFACE,
 ];
+
+/// The start of the HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// Classify the first bytes; `None` while more are needed to decide.
 pub(crate) fn sniff(buf: &[u8]) -> Option<Kind> {
@@ -100,6 +103,8 @@ where
             }
         }
     };
+    // HTTP/2 with prior knowledge (RFC 9113 §3.3): the connection preface instead of a request line.
+    let h2_preface = buf.starts_with(H2_PREFACE);
     let io = Prefixed::new(buf.freeze(), io);
     tracing::debug!(dst = %target.dst, kind = ?kind, "connection sniffed");
     match kind {
@@ -112,7 +117,7 @@ where
                 resolved_host: target.host_hint,
                 agent: target.agent,
             };
-            http::serve(ctx, io, conn, false).await;
+            http::serve(ctx, io, conn, h2_preface, target.head_timeout).await;
         }
         Kind::Other => tunnel::relay(ctx, io, target).await,
     }
@@ -123,7 +128,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
-    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+    // Shorter under pressure (see `limits`): a client that is slow to say hello holds a connection slot.
+    let handshake_timeout = HANDSHAKE_TIMEOUT.min(target.head_timeout);
+    let start = match tokio::time::timeout(handshake_timeout, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "unreadable ClientHello");
@@ -176,7 +183,7 @@ where
             return;
         }
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+    let tls = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "TLS handshake with the agent failed");
@@ -197,7 +204,7 @@ where
         resolved_host: target.host_hint,
         agent: target.agent,
     };
-    http::serve(ctx, tls, conn, h2).await;
+    http::serve(ctx, tls, conn, h2, target.head_timeout).await;
 }
 
 #[cfg(test)]

@@ -4,15 +4,65 @@
 //! The decoded body is what the policy decides on and what is forwarded (without its `Content-Encoding`), so the
 //! upstream's decoder can never read anything other than what was inspected.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 
+use super::http2::RecvBody;
 use super::refusal::Refusal;
 use crate::inspect::{self, InspectError};
 use crate::model::Reason;
+
+/// A request body as the client sends it: hyper's for HTTP/1.1 (which sends `100 Continue` when it is first read),
+/// an HTTP/2 stream's (which does the same, see `http2`).
+#[derive(Debug)]
+pub(crate) enum ClientBody {
+    Http1(Incoming),
+    Http2(RecvBody),
+}
+
+/// Why a client's request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    #[error(transparent)]
+    Http2(#[from] h2::Error),
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            ClientBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Http1(b) => b.is_end_stream(),
+            ClientBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Http1(b) => b.size_hint(),
+            ClientBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
 
 /// A request body as received and as inspection reads it.
 #[derive(Debug, Clone)]
@@ -57,7 +107,7 @@ pub(crate) fn refusal(e: &InspectError) -> Refusal {
 
 /// Read the whole body of a request with `headers`, as sent.
 pub(crate) async fn read(
-    mut body: Incoming,
+    mut body: ClientBody,
     headers: &HeaderMap,
     limit: u64,
 ) -> Result<Bytes, Refusal> {
@@ -112,8 +162,14 @@ pub(crate) async fn read(
 
 /// Whether a body read failed because the client went away (closed or reset the connection, or the stream) rather
 /// than because it sent something malformed.
-fn client_left(e: &hyper::Error) -> bool {
+fn client_left(e: &BodyError) -> bool {
     use std::error::Error as _;
+    let e = match e {
+        BodyError::Http2(h2) => {
+            return h2.is_io() || h2.is_go_away() || (h2.is_reset() && h2.is_remote())
+        }
+        BodyError::Http1(e) => e,
+    };
     if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
         return true;
     }

@@ -94,6 +94,7 @@ pub(crate) fn build_action(
             host: Some(head.host.clone()),
             ip: Some(conn.dst.ip()),
             port: conn.dst.port(),
+            provider: None,
         },
         http: Some(HttpRequest {
             method: parts.method.as_str().to_string(),

@@ -22,9 +22,13 @@ pub(crate) struct Outgoing {
     pub body_changed: bool,
 }
 
+/// Carry the decision out on the request; `provider` is the LLM provider whose API the request goes to (its own
+/// key in a credential header is not redacted). A constrain whose rewrites change nothing is recorded as what was
+/// done: forwarded as received (`ExchangeRecord::note_unchanged`).
 pub(crate) fn enforce(
     rec: &mut ExchangeRecord,
     head: &Head,
+    provider: Option<&str>,
     mut parts: http::request::Parts,
     body: Body,
 ) -> Result<Outgoing, Refusal> {
@@ -48,9 +52,19 @@ pub(crate) fn enforce(
         Verdict::Constrain | Verdict::Review => {}
     }
     let mut rewritten = body.decoded.clone();
-    let applied =
-        crate::constrain::apply(&decision.rewrites, rec.policy(), &mut parts, &mut rewritten);
+    let rewrites = decision.rewrites.clone();
+    let applied = crate::constrain::apply(
+        &rewrites,
+        rec.policy(),
+        provider,
+        &mut parts,
+        &mut rewritten,
+    );
     match applied {
+        Ok(changes) if changes.is_empty() => {
+            rec.note_unchanged();
+            Ok(unchanged(parts))
+        }
         Ok(changes) => {
             rec.note_changes(changes);
             let body_changed = body.was_coded() || rewritten != body.decoded;

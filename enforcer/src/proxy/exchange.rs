@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
+use super::body::ClientBody;
 use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
@@ -37,7 +37,7 @@ use crate::model::RequestSummary;
 pub(crate) async fn handle(
     ctx: &Arc<ProxyContext>,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let summary = RequestSummary {
         scheme: Some(conn.scheme),
@@ -61,7 +61,7 @@ pub(crate) async fn handle(
 async fn phases(
     rec: &mut ExchangeRecord,
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let policy = rec.policy().clone();
     let (mut parts, incoming) = req.into_parts();
@@ -101,7 +101,11 @@ async fn phases(
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
-    let outgoing = enforce::enforce(rec, &head, parts, body)?;
+    let provider = inspected
+        .actions
+        .first()
+        .and_then(|a| a.transport.provider.clone());
+    let outgoing = enforce::enforce(rec, &head, provider.as_deref(), parts, body)?;
     hold::review(rec).await?;
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;

@@ -13,21 +13,35 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::accept;
+use super::body::ClientBody;
 use super::http::{full, Conn, ProxyBody};
+use super::limits::Admitted;
 use super::refusal::error_response;
 use super::{exchange, HostBinder, ProxyContext, Target};
 use crate::model::{Agent, Reason, RequestSummary, Scheme};
 
-pub(crate) async fn serve_client(ctx: Arc<ProxyContext>, stream: TcpStream, agent: Agent) {
+/// Serve one explicit-proxy client for as long as it holds its place (`admitted`).
+pub(crate) async fn serve_client(
+    ctx: Arc<ProxyContext>,
+    stream: TcpStream,
+    agent: Agent,
+    admitted: Admitted,
+) {
+    let head_timeout = admitted.head_timeout;
+    // A CONNECT tunnel outlives this HTTP connection: it keeps the place too.
+    let admitted = Arc::new(admitted);
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         let agent = agent.clone();
-        async move { Ok::<_, std::convert::Infallible>(explicit_request(ctx, agent, req).await) }
+        let admitted = admitted.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(explicit_request(ctx, agent, req, admitted).await)
+        }
     });
     let limits = super::limits::limits();
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(head_timeout)
         .max_headers(limits.h1_max_headers)
         .max_buf_size(limits.h1_max_buf_size)
         .serve_connection(TokioIo::new(stream), service)
@@ -42,6 +56,7 @@ async fn explicit_request(
     ctx: Arc<ProxyContext>,
     agent: Agent,
     mut req: Request<Incoming>,
+    admitted: Arc<Admitted>,
 ) -> Response<ProxyBody> {
     let Some(authority) = req.uri().authority().cloned() else {
         return error_response(
@@ -86,10 +101,14 @@ async fn explicit_request(
             dst,
             agent,
             host_hint: Some(host),
+            head_timeout: admitted.head_timeout,
         };
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => accept::handle(ctx, TokioIo::new(upgraded), target).await,
+                Ok(upgraded) => {
+                    accept::handle(ctx, TokioIo::new(upgraded), target).await;
+                    drop(admitted);
+                }
                 Err(e) => tracing::debug!(error = %e, "CONNECT tunnel was not established"),
             }
         });
@@ -102,7 +121,7 @@ async fn explicit_request(
         resolved_host: Some(host),
         agent,
     };
-    exchange::handle(&ctx, &conn, req).await
+    exchange::handle(&ctx, &conn, req.map(ClientBody::Http1)).await
 }
 
 /// Resolve a CONNECT or absolute-form target once (an IP literal, a `proxy.static_hosts` pin, else DNS); the

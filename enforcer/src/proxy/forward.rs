@@ -58,7 +58,7 @@ pub(crate) async fn connect(
     };
     let connected = match reused {
         Some(s) => Ok(s),
-        None => upstream::connect(tls, conn.dst, &head.host, want_h2).await,
+        None => upstream::connect(tls, conn.dst, &head.host, want_h2, !is_upgrade).await,
     };
     let sender = connected.map_err(|e| {
         tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
@@ -88,7 +88,7 @@ pub(crate) fn request(
 }
 
 /// Send `req` and wait for the response head (bounded by the response-head timeout). A reusable connection goes
-/// back to the client connection's slot.
+/// back to the pool.
 pub(crate) async fn send(
     ctx: &ProxyContext,
     conn: &Conn,
@@ -160,13 +160,35 @@ fn upstream_request(
         parts
             .headers
             .insert(header::HOST, HeaderValue::from_str(authority).ok()?);
+        // TE is hop-by-hop in HTTP/1.1 (RFC 9110 §10.1.4): it concerns the proxy's own hop, not the upstream's.
+        parts.headers.remove(header::TE);
+        join_cookies(&mut parts.headers);
         parts.version = Version::HTTP_11;
     }
     Some(Request::from_parts(parts, Full::new(body)))
 }
 
+/// HTTP/2 lets a client split `Cookie` into several fields; HTTP/1.1 requires one, joined with `; ` (RFC 9113
+/// §8.2.3, RFC 6265 §5.4).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Remove connection-scoped fields (RFC 9110 §7.6.1: `Connection` and the fields it names, and the classic
-/// hop-by-hop set); keep `Upgrade` on upgrade requests. `TE` survives only as `trailers`.
+/// hop-by-hop set); keep `Upgrade` on upgrade requests. `TE` survives only as `trailers` (the one value HTTP/2
+/// allows, RFC 9113 §8.2.2), and only when it was among the values sent.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -195,10 +217,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let name = t.split(';').next().unwrap_or_default();
+            name.trim().eq_ignore_ascii_case("trailers")
+        });
+    headers.remove(header::TE);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }

@@ -23,10 +23,19 @@ pub(crate) struct Head {
     pub upgrade: Option<String>,
 }
 
-/// Read the authority and host, refusing heads the proxy will not forward: no valid host, `CONNECT` outside the
-/// explicit listener, and paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server resolving them
-/// would serve another path than the one the policy matched).
+/// Read the authority and host, refusing heads the proxy will not forward: no valid host, more than one `Host`
+/// field or one that names another host than the request's authority (RFC 9112 §3.2, RFC 9113 §8.3.1: a server
+/// could read the other name than the policy did), `CONNECT` outside the explicit listener, and paths with dot
+/// segments (RFC 3986 §5.2.4: clients remove them; a server resolving them would serve another path than the one
+/// the policy matched).
 pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
+    if conflicting_host(parts) {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request's Host field does not match its authority",
+        ));
+    }
     let Some(authority) = request_authority(&parts.uri, &parts.headers) else {
         return Err(Refusal::new(
             Reason::BadRequest,
@@ -105,6 +114,40 @@ fn has_dot_segments(path: &str) -> bool {
     decoded
         .split(['/', '\\'])
         .any(|segment| segment == "." || segment == "..")
+}
+
+/// Whether the request carries several `Host` fields, or (HTTP/2) one naming another host or port than its
+/// `:authority`. An HTTP/1.1 absolute-form request's `Host` is ignored (RFC 9112 §3.2.2): the URI's authority is
+/// used, and the upstream gets a `Host` made from it.
+fn conflicting_host(parts: &http::request::Parts) -> bool {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return parts.headers.contains_key(header::HOST);
+    };
+    let Some(authority) = parts
+        .uri
+        .authority()
+        .filter(|_| parts.version == Version::HTTP_2)
+    else {
+        return false;
+    };
+    let default_port = if parts.uri.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
+    let endpoint = |a: &http::uri::Authority| {
+        let name = crate::host::normalise(crate::host::authority_host(a.as_str())).into_owned();
+        (name, a.port_u16().unwrap_or(default_port))
+    };
+    match host
+        .to_str()
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+    {
+        Some(h) => endpoint(&h) != endpoint(authority),
+        None => true,
+    }
 }
 
 /// The authority the request names: the URI's (h2 `:authority`, absolute-form) or the Host header; `None` when it

@@ -1,6 +1,7 @@
-//! The HTTP server side of an accepted (and possibly TLS-terminated) client connection: hyper serving HTTP/1.1 and
-//! HTTP/2 within the resource bounds of `limits`, each request handed to [`super::exchange::handle`]. Also the
-//! connection facts every exchange on it shares ([`Conn`]) and the body type the proxy answers with.
+//! The HTTP server side of an accepted (and possibly TLS-terminated) client connection: hyper serving HTTP/1.1, or
+//! `http2` serving HTTP/2, within the resource bounds of `limits`, each request handed to
+//! [`super::exchange::handle`]. Also the connection facts every exchange on it shares ([`Conn`]) and the body type
+//! the proxy answers with.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,15 +11,12 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{exchange, ProxyContext};
+use super::body::ClientBody;
+use super::{exchange, http2, ProxyContext};
 use crate::model::{Agent, Scheme};
-
-/// HTTP/2 pings to notice dead clients.
-const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The body type the proxy answers with: the upstream's streamed body or a small buffered one.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -37,38 +35,36 @@ pub(crate) struct Conn {
     pub agent: Agent,
 }
 
-/// Serve HTTP/1.1 and HTTP/2 on `io`. `h2` is true when ALPN chose h2, in which case only HTTP/2 is spoken.
-pub(crate) async fn serve<S>(ctx: Arc<ProxyContext>, io: S, conn: Conn, h2: bool)
-where
+/// Serve HTTP/1.1, or HTTP/2 when `h2` (ALPN chose h2, or the client sent the HTTP/2 preface over plain TCP), on
+/// `io`. `head_timeout` bounds how long a request head (HTTP/1.1) or an idle spell without a stream (HTTP/2) may
+/// take.
+pub(crate) async fn serve<S>(
+    ctx: Arc<ProxyContext>,
+    io: S,
+    conn: Conn,
+    h2: bool,
+    head_timeout: std::time::Duration,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if h2 {
+        return http2::serve(ctx, io, conn, head_timeout).await;
+    }
     let dst = conn.dst;
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let ctx = ctx.clone();
         let conn = conn.clone();
+        let req = req.map(ClientBody::Http1);
         async move { Ok::<_, Infallible>(exchange::handle(&ctx, &conn, req).await) }
     });
     let limits = super::limits::limits();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(head_timeout)
         .max_headers(limits.h1_max_headers)
-        .max_buf_size(limits.h1_max_buf_size);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE)
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(limits.h2_max_header_list_size)
-        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
-        .max_send_buf_size(limits.h2_max_send_buf_size);
-    if h2 {
-        builder = builder.http2_only();
-    }
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .max_buf_size(limits.h1_max_buf_size)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
         .await
     {
         tracing::debug!(dst = %dst, error = %e, "client connection ended with an error");

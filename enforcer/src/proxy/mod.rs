@@ -28,6 +28,7 @@ mod head;
 mod hold;
 mod hostbind;
 mod http;
+mod http2;
 mod io;
 mod limits;
 mod record;
@@ -154,6 +155,9 @@ pub(crate) struct Target {
     /// The host name the client named (explicit CONNECT), when known before any byte is read. The daemon resolved
     /// it to `dst` itself, so it is bound to `dst`; transparent connections have none.
     pub host_hint: Option<String>,
+    /// How long this connection's client may take over a request head (and, over HTTP/2, stay without a stream):
+    /// `proxy` limits' `header_read_timeout`, shorter while the proxy is under pressure (see `limits`).
+    pub head_timeout: Duration,
 }
 
 /// How a listener learns where its clients were going.
@@ -167,8 +171,8 @@ pub enum Listen {
     Explicit { profile: String },
 }
 
-/// Serve `listener` until `shutdown` fires: one task per client connection, at most `proxy.max_connections` at
-/// once over every listener (more wait in the kernel's backlog).
+/// Serve `listener` until `shutdown` fires: one task per client connection. Every connection is accepted; it is
+/// served if its agent is within its share of `proxy.max_connections` (see `limits`), else closed and recorded.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ProxyContext>,
@@ -177,10 +181,6 @@ pub async fn serve(
 ) {
     let local = listener.local_addr().ok();
     loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            slot = limits::connection_slot() => slot,
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -195,8 +195,6 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (ctx, mode, shutdown) = (ctx.clone(), mode.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let _open = crate::metrics::global().connection_opened();
             tokio::select! {
                 _ = client(ctx, stream, peer, local, mode) => {}
                 _ = shutdown.cancelled() => {}
@@ -205,7 +203,7 @@ pub async fn serve(
     }
 }
 
-/// One accepted client, by listener mode.
+/// One accepted client, by listener mode: its agent and target, its admission, then the accept path.
 async fn client(
     ctx: Arc<ProxyContext>,
     stream: TcpStream,
@@ -213,49 +211,129 @@ async fn client(
     local: Option<SocketAddr>,
     mode: Listen,
 ) {
-    match mode {
+    let target = match mode {
         Listen::Explicit { profile } => {
             tracing::debug!(client = %peer, "explicit proxy client");
             let agent = Agent {
                 profile: Some(profile),
                 ..Agent::default()
             };
-            explicit::serve_client(ctx, stream, agent).await;
-        }
-        Listen::Transparent => {
-            let origin = ctx.origins.lookup(peer);
-            let Some(origin) = origin.as_ref().filter(|o| Some(o.dst) != local).cloned() else {
-                // A tagged connect straight to the proxy is recorded with the proxy as its destination: refused
-                // like one without any, with its agent named.
-                let agent = origin.map(|o| o.agent).unwrap_or_default();
-                tracing::info!(client = %peer, "connection without a recorded original destination: closed");
-                crate::metrics::global().connection_refused();
-                let summary = RequestSummary {
-                    scheme: Some(Scheme::Tcp),
-                    ..RequestSummary::default()
-                };
-                let policy = ctx.policy.current();
-                let message = "the connection has no recorded original destination";
-                ctx.record_refusal(
-                    &policy,
-                    &agent,
-                    summary,
-                    (Reason::BadRequest, None),
-                    message,
-                )
-                .await;
+            let Some(admitted) = admitted(&ctx, &agent, None) else {
                 return;
             };
-            let mut agent = origin.agent;
-            ctx.sessions.identify(&mut agent);
-            let target = Target {
-                dst: origin.dst,
-                agent,
-                host_hint: None,
-            };
-            accept::handle(ctx, stream, target).await;
+            let _open = crate::metrics::global().connection_opened();
+            return explicit::serve_client(ctx, stream, agent, admitted).await;
         }
+        Listen::Transparent => match transparent_target(&ctx, peer, local).await {
+            Some(target) => target,
+            None => return,
+        },
+    };
+    let Some(admitted) = admitted(&ctx, &target.agent, Some(target.dst)) else {
+        return;
+    };
+    let _open = crate::metrics::global().connection_opened();
+    let target = Target {
+        head_timeout: admitted.head_timeout,
+        ..target
+    };
+    accept::handle(ctx, stream, target).await;
+    drop(admitted);
+}
+
+/// Where a redirected connection was going and for whom; `None` (closed and recorded) without a recorded origin.
+async fn transparent_target(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Option<Target> {
+    let origin = ctx.origins.lookup(peer);
+    let Some(origin) = origin.as_ref().filter(|o| Some(o.dst) != local).cloned() else {
+        // A tagged connect straight to the proxy is recorded with the proxy as its destination: refused
+        // like one without any, with its agent named.
+        let agent = origin.map(|o| o.agent).unwrap_or_default();
+        tracing::info!(client = %peer, "connection without a recorded original destination: closed");
+        crate::metrics::global().connection_refused();
+        let summary = RequestSummary {
+            scheme: Some(Scheme::Tcp),
+            ..RequestSummary::default()
+        };
+        let policy = ctx.policy.current();
+        let message = "the connection has no recorded original destination";
+        ctx.record_refusal(
+            &policy,
+            &agent,
+            summary,
+            (Reason::BadRequest, None),
+            message,
+        )
+        .await;
+        return None;
+    };
+    let mut agent = origin.agent;
+    ctx.sessions.identify(&mut agent);
+    Some(Target {
+        dst: origin.dst,
+        agent,
+        host_hint: None,
+        head_timeout: limits::limits().header_read_timeout,
+    })
+}
+
+/// The connection's place among those served, or `None`: beyond its agent's share or the total, it is closed (by
+/// the caller dropping it) and recorded, at most once a second per agent with the count it stands for.
+fn admitted(
+    ctx: &Arc<ProxyContext>,
+    agent: &Agent,
+    dst: Option<SocketAddr>,
+) -> Option<limits::Admitted> {
+    if let Some(admitted) = limits::admit(agent) {
+        return Some(admitted);
     }
+    crate::metrics::global().connection_refused();
+    let when = match limits::refused(agent) {
+        limits::Refused::Record(count) => Some((Duration::ZERO, Some(count))),
+        limits::Refused::Counted(Some(after)) => Some((after, None)),
+        limits::Refused::Counted(None) => None,
+    };
+    if let Some((after, count)) = when {
+        let (ctx, agent) = (ctx.clone(), agent.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let count = count.unwrap_or_else(|| limits::unrecorded(&agent));
+            if count > 0 {
+                record_connection_limit(&ctx, &agent, dst, count).await;
+            }
+        });
+    }
+    None
+}
+
+/// The record of `count` connections of `agent` closed for the connection limit.
+async fn record_connection_limit(
+    ctx: &ProxyContext,
+    agent: &Agent,
+    dst: Option<SocketAddr>,
+    count: u64,
+) {
+    tracing::info!(profile = ?agent.profile, cgroup = ?agent.cgroup, count, "connections over the agent's share closed");
+    let summary = RequestSummary {
+        scheme: Some(Scheme::Tcp),
+        ip: dst.map(|d| d.ip()),
+        port: dst.map_or(0, |d| d.port()),
+        count: Some(count),
+        ..RequestSummary::default()
+    };
+    let policy = ctx.policy.current();
+    let message = "the agent has its share of the proxy's connections open";
+    ctx.record_refusal(
+        &policy,
+        agent,
+        summary,
+        (Reason::ConnectionLimit, None),
+        message,
+    )
+    .await;
 }
 
 /// [`serve`] for connections redirected by the kernel.

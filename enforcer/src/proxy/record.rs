@@ -174,6 +174,19 @@ impl ExchangeRecord {
         self.summary.changes.extend(changes);
     }
 
+    /// A constrain whose rewrites changed nothing (say, a redaction whose detector fired only where redaction does
+    /// not rewrite and nothing remains to remove): the request is forwarded as received, so the record says so —
+    /// verdict `log`, reason `unchanged`, the deciding (constrain) rule kept — instead of a constrain that did not
+    /// happen.
+    pub fn note_unchanged(&mut self) {
+        if let Some(decided) = self.decided.as_mut() {
+            let d = &mut decided.decision;
+            d.verdict = Verdict::Log;
+            d.reason = Reason::Unchanged;
+            d.rewrites.clear();
+        }
+    }
+
     /// The protocol and the policy's decision; the record names what the deciding Action asked for.
     pub fn note_decided(&mut self, protocol: Protocol, decided: Decided, actions: &[Action]) {
         if let Some(action) = actions.get(decided.index) {

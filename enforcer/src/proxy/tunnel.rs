@@ -24,6 +24,7 @@ where
             host: target.host_hint.clone(),
             ip: Some(target.dst.ip()),
             port: target.dst.port(),
+            provider: None,
         },
         ..Action::default()
     };

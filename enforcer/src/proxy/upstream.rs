@@ -1,7 +1,12 @@
 //! Upstream connections: always to the original destination IP and port (never a fresh DNS lookup), TLS with
 //! SNI = the host the agent named and the real certificate verified, then an HTTP/2 or HTTP/1.1 client connection.
+//! The connection is read the way a direct client reads it: an answer the upstream sent before it stopped reading
+//! the request body still arrives (`io::EarlyAnswer`), and a close-delimited body ended without TLS `close_notify`
+//! ends cleanly (`io::CloseDelimited`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,8 +15,10 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::io::{CloseDelimited, EarlyAnswer};
 use super::tls::{UpstreamTls, H2};
 use crate::model::Reason;
 
@@ -40,6 +47,21 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the server refused every protocol offered by ALPN (RFC 7301 §3.2 `no_application_protocol`).
+    fn refused_protocol(&self) -> bool {
+        let UpstreamError::Tls { source } = self else {
+            return false;
+        };
+        matches!(
+            source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>()),
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol
+            ))
+        )
+    }
+
     /// The audit reason for this failure.
     pub fn reason(&self) -> Reason {
         match self {
@@ -71,28 +93,46 @@ impl UpstreamError {
 }
 
 /// A ready client connection to the upstream.
-pub(crate) enum Sender {
+pub(crate) struct Sender {
+    http: Http,
+    /// Set when writing to the connection failed (see `io::EarlyAnswer`): it carries no further request.
+    write_failed: Arc<AtomicBool>,
+}
+
+enum Http {
     H1(http1::SendRequest<Full<Bytes>>),
     H2(http2::SendRequest<Full<Bytes>>),
 }
 
 impl Sender {
     pub fn is_h2(&self) -> bool {
-        matches!(self, Sender::H2(_))
+        matches!(self.http, Http::H2(_))
     }
 
     fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+        self.write_failed.load(Ordering::Acquire)
+            || match &self.http {
+                Http::H1(s) => s.is_closed(),
+                Http::H2(s) => s.is_closed(),
+            }
+    }
+
+    /// Another handle on a shared (HTTP/2) connection; `None` for HTTP/1.1, which carries one request at a time.
+    fn shared(&self) -> Option<Sender> {
+        match &self.http {
+            Http::H2(s) => Some(Sender {
+                http: Http::H2(s.clone()),
+                write_failed: self.write_failed.clone(),
+            }),
+            Http::H1(_) => None,
         }
     }
 
     /// Whether a request can be sent now (HTTP/1.1: the previous response was read to the end).
     fn is_ready(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
+        match &self.http {
+            Http::H1(s) => s.is_ready(),
+            Http::H2(s) => s.is_ready(),
         }
     }
 
@@ -100,12 +140,12 @@ impl Sender {
         &mut self,
         req: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-        match self {
-            Sender::H1(s) => {
+        match &mut self.http {
+            Http::H1(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
-            Sender::H2(s) => {
+            Http::H2(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
@@ -124,41 +164,67 @@ pub(crate) async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, UpstreamEr
     }
 }
 
-/// Connect to `dst`; with `tls`, verify the upstream as `host` and offer h2 when `want_h2`.
+/// Connect to `dst`; with `tls`, verify the upstream as `host` and offer h2 when `want_h2`. A server that refuses
+/// HTTP/1.1 (the `no_application_protocol` alert: an HTTP/2-only server) is tried again offering h2 when
+/// `h2_fallback` (not for upgrade requests, which need HTTP/1.1); the request is then translated (see `forward`).
 pub(crate) async fn connect(
     tls: Option<&UpstreamTls>,
     dst: SocketAddr,
     host: &str,
     want_h2: bool,
+    h2_fallback: bool,
 ) -> Result<Sender, UpstreamError> {
-    let tcp = connect_tcp(dst).await?;
     let Some(tls) = tls else {
-        return h1(tcp).await;
+        let tcp = EarlyAnswer::new(connect_tcp(dst).await?);
+        let write_failed = tcp.write_failed();
+        return h1(tcp, write_failed).await;
     };
     let name = ServerName::try_from(host.to_string()).map_err(|_| UpstreamError::Name {
         host: host.to_string(),
     })?;
     let config = if want_h2 { &tls.h2 } else { &tls.h1 };
-    let connector = TlsConnector::from(config.clone());
-    let stream = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name, tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(UpstreamError::Tls { source }),
-        Err(_) => return Err(UpstreamError::Timeout { dst }),
+    let (stream, write_failed) = match tls_connect(config, &name, dst).await {
+        Err(e) if !want_h2 && h2_fallback && e.refused_protocol() => {
+            tracing::debug!(dst = %dst, "the upstream refused HTTP/1.1: offering h2");
+            tls_connect(&tls.h2, &name, dst).await?
+        }
+        other => other?,
     };
-    if stream.get_ref().1.alpn_protocol() == Some(H2) {
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(H2);
+    let stream = CloseDelimited(stream);
+    if h2 {
         let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        Ok(Sender::H2(sender))
+        Ok(Sender {
+            http: Http::H2(sender),
+            write_failed,
+        })
     } else {
-        h1(stream).await
+        h1(stream, write_failed).await
     }
 }
 
-async fn h1<S>(io: S) -> Result<Sender, UpstreamError>
+/// A TCP connection to `dst` and the TLS handshake on it with `config`, verifying `name`.
+async fn tls_connect(
+    config: &Arc<rustls::ClientConfig>,
+    name: &ServerName<'static>,
+    dst: SocketAddr,
+) -> Result<(TlsStream<EarlyAnswer<TcpStream>>, Arc<AtomicBool>), UpstreamError> {
+    let tcp = EarlyAnswer::new(connect_tcp(dst).await?);
+    let write_failed = tcp.write_failed();
+    let connector = TlsConnector::from(config.clone());
+    match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name.clone(), tcp)).await {
+        Ok(Ok(s)) => Ok((s, write_failed)),
+        Ok(Err(source)) => Err(UpstreamError::Tls { source }),
+        Err(_) => Err(UpstreamError::Timeout { dst }),
+    }
+}
+
+async fn h1<S>(io: S, write_failed: Arc<AtomicBool>) -> Result<Sender, UpstreamError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -168,7 +234,10 @@ where
             tracing::debug!(error = %e, "upstream h1 connection ended");
         }
     });
-    Ok(Sender::H1(sender))
+    Ok(Sender {
+        http: Http::H1(sender),
+        write_failed,
+    })
 }
 
 /// Which idle connections a request may reuse: the same agent (its cgroup; agents never share an upstream
@@ -219,10 +288,7 @@ impl Pool {
         idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
         let mut taken = None;
         if let Some(i) = idle.iter().position(|(s, _)| s.is_ready()) {
-            taken = Some(match &idle[i].0 {
-                Sender::H2(s) => Sender::H2(s.clone()),
-                Sender::H1(_) => idle.swap_remove(i).0,
-            });
+            taken = Some(idle[i].0.shared().unwrap_or_else(|| idle.swap_remove(i).0));
         }
         state.count -= before - idle.len();
         if idle.is_empty() {
@@ -245,9 +311,10 @@ impl Pool {
             return;
         }
         let idle = state.idle.entry(key).or_default();
-        let full = match sender {
-            Sender::H2(_) => idle.iter().any(|(s, _)| s.is_h2() && !s.is_closed()),
-            Sender::H1(_) => idle.len() >= IDLE_PER_KEY,
+        let full = if sender.is_h2() {
+            idle.iter().any(|(s, _)| s.is_h2() && !s.is_closed())
+        } else {
+            idle.len() >= IDLE_PER_KEY
         };
         if !full {
             idle.push((sender, std::time::Instant::now()));

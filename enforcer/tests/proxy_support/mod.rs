@@ -183,12 +183,12 @@ async fn upstream_handler(
     Ok(Response::new(Full::new(Bytes::from(text)).boxed()))
 }
 
-/// An HTTPS upstream on 127.0.0.1 presenting `chain`, speaking h2 and http/1.1 (or only http/1.1).
-pub async fn https_upstream(
+/// A TLS server presenting `chain`, offering `alpn`.
+pub fn tls_acceptor(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    h2: bool,
-) -> (SocketAddr, Arc<Seen>) {
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsAcceptor {
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -197,12 +197,22 @@ pub async fn https_upstream(
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
-    cfg.alpn_protocols = if h2 {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// An HTTPS upstream on 127.0.0.1 presenting `chain`, speaking h2 and http/1.1 (or only http/1.1).
+pub async fn https_upstream(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    h2: bool,
+) -> (SocketAddr, Arc<Seen>) {
+    let alpn: &[&[u8]] = if h2 {
+        &[b"h2", b"http/1.1"]
     } else {
-        vec![b"http/1.1".to_vec()]
+        &[b"http/1.1"]
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tls_acceptor(chain, key, alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
@@ -227,6 +237,57 @@ pub async fn https_upstream(
         }
     });
     (addr, seen)
+}
+
+/// What a raw upstream does with one accepted (TLS) connection.
+pub type RawHandler = Arc<
+    dyn Fn(
+            tokio_rustls::server::TlsStream<TcpStream>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// An HTTPS upstream on 127.0.0.1 presenting `chain`, speaking only `alpn` (e.g. `http/1.1`), whose every TLS
+/// connection is handed to `handler` as it is: for upstreams that misbehave on the wire in ways a real server does.
+pub async fn raw_tls_upstream(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+    handler: RawHandler,
+) -> SocketAddr {
+    let acceptor = tls_acceptor(chain, key, alpn);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            // As servers do (nginx's tcp_nodelay): an answer is not held back behind unacknowledged bytes.
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    handler(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Read from `s` until the end of a request head (`\r\n\r\n`); returns the head (possibly with body bytes after it).
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf
 }
 
 /// A plain-HTTP upstream on 127.0.0.1.

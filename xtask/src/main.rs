@@ -8,6 +8,7 @@
 
 mod demo;
 mod setup;
+mod sys;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

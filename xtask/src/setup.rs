@@ -181,12 +181,35 @@ fn test_venv() -> anyhow::Result<()> {
 
 /// apt-get, with `update` run once before the first install.
 #[derive(Default)]
-struct Apt {
+pub(crate) struct Apt {
     updated: bool,
 }
 
 impl Apt {
-    fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+    pub(crate) fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+        self.update(packages)?;
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    }
+
+    /// Install the first of `candidates` the package lists offer (a package renamed between Debian releases).
+    pub(crate) fn install_first_available(&mut self, candidates: &[&str]) -> anyhow::Result<()> {
+        self.update(candidates)?;
+        let offered = candidates.iter().find(|pkg| {
+            quiet_output(Command::new("apt-cache").args(["show", "--no-all-versions", pkg]))
+                .is_some_and(|out| !out.trim().is_empty())
+        });
+        match offered {
+            Some(pkg) => self.install(&[pkg]),
+            None => bail!("apt offers none of {}", candidates.join(", ")),
+        }
+    }
+
+    fn update(&mut self, packages: &[&str]) -> anyhow::Result<()> {
         if !is_root() {
             bail!(
                 "need root to install {} with apt-get (run as root, or install them yourself)",
@@ -201,16 +224,11 @@ impl Apt {
             )?;
             self.updated = true;
         }
-        run_checked(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(packages)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
+        Ok(())
     }
 }
 
-fn quiet_output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn quiet_output(cmd: &mut Command) -> Option<String> {
     let out = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::null())
@@ -221,7 +239,7 @@ fn quiet_output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn dpkg_installed(package: &str) -> bool {
+pub(crate) fn dpkg_installed(package: &str) -> bool {
     quiet_output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
         .is_some_and(|status| status.contains("install ok installed"))
 }

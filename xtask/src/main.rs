@@ -1,11 +1,14 @@
 //! Developer workflows that are not a plain cargo command: installing prerequisites, running the demo, the test
 //! suite (including the privileged end-to-end tests) and benchmarks.
 //!
+//! `cargo xtask bench` measures the enforcer's overhead against a direct connection and mitmproxy in one run.
+//!
 //! `cargo xtask setup` installs what building the eBPF object needs (Debian `llvm-22-dev`, `bpf-linker` 0.13 built
 //! against LLVM 22, `rust-src`) plus the tools the end-to-end tests and the demo use, skipping every step that is
 //! already satisfied. `cargo xtask test` and `cargo xtask demo` run it first, so on a fresh machine they are the only
 //! commands a user types. This crate must not depend on `enforcer`: it installs what the enforcer's build needs.
 
+mod bench;
 mod demo;
 mod setup;
 mod sys;
@@ -35,6 +38,9 @@ enum Cmd {
     },
     /// Set up, build, then run the daemon on the default policy and enforce a demo agent against a netns host.
     Demo,
+    /// Measure the enforcer's overhead side by side with a direct connection and mitmproxy (root; ~25 min, or
+    /// about a minute with --quick).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Demo => setup::run()
             .and_then(|()| build())
             .and_then(|()| demo::run()),
+        Cmd::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -136,7 +136,7 @@ impl Cells<'_> {
                 notes.push(format!("{} direct", times(v / d)));
             }
         }
-        if contender != MITMPROXY {
+        if contender != MITMPROXY && contender != DIRECT {
             if let Some(x) = self.median(MITMPROXY, f).filter(|x| *x > 0.0) {
                 notes.push(format!("{} mitm", multiple(v / x)));
             }

@@ -39,7 +39,7 @@ enum Cmd {
     /// Set up, build, then run the daemon on the default policy and enforce a demo agent against a netns host.
     Demo,
     /// Measure the enforcer's overhead side by side with a direct connection and mitmproxy (root; ~25 min, or
-    /// about a minute with --quick).
+    /// well under a minute with --short / ENFORCER_BENCH_SHORT=1).
     Bench(bench::BenchArgs),
 }
 
@@ -108,27 +108,11 @@ fn test(no_bench: bool) -> anyhow::Result<()> {
     if no_bench {
         return Ok(());
     }
-    if has_benches()? {
-        // Short mode: benches read ENFORCER_BENCH_SHORT and keep each measurement to a few seconds.
-        run_checked(
-            cargo()
-                .args(["bench", "-p", "enforcer"])
-                .env("ENFORCER_BENCH_SHORT", "1"),
-        )?;
-    } else {
-        eprintln!("xtask: no [[bench]] targets in enforcer yet; skipping benchmarks");
+    // Short mode: every benchmark path once (the library benches and the side-by-side run), in well under a minute.
+    // It needs root, as the privileged end-to-end tests do: skipped without, unless in CI.
+    if !setup::is_root() && std::env::var_os("CI").is_none() {
+        eprintln!("xtask: not root: skipping the benchmarks' short mode (cargo xtask bench --short needs root)");
+        return Ok(());
     }
-    Ok(())
-}
-
-/// Whether the enforcer package declares any benchmark (explicitly or by the `benches/` convention).
-fn has_benches() -> anyhow::Result<bool> {
-    let root = workspace_root();
-    let manifest = std::fs::read_to_string(root.join("enforcer/Cargo.toml"))
-        .context("reading enforcer/Cargo.toml")?;
-    let benches_dir = root.join("enforcer/benches");
-    let has_dir = std::fs::read_dir(&benches_dir)
-        .map(|mut it| it.next().is_some())
-        .unwrap_or(false);
-    Ok(manifest.contains("[[bench]]") || has_dir)
+    bench::run(bench::BenchArgs::short())
 }

@@ -39,28 +39,43 @@ fn interrupted() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 
-#[derive(Debug, clap::Args)]
+/// The environment variable that selects the short mode (set by `cargo xtask test`).
+pub const SHORT_ENV: &str = "ENFORCER_BENCH_SHORT";
+
+#[derive(Debug, Default, clap::Args)]
 pub struct BenchArgs {
-    /// A check that the harness works: one rep of 3 s per test, no mitmproxy (about a minute).
+    /// Every path once, as `cargo xtask test` runs it (also `ENFORCER_BENCH_SHORT=1`): the library benches in the
+    /// debug build, and one rep of 1 s per test kind against direct and the debug daemon, no mitmproxy. Checks the
+    /// harness; the figures mean nothing.
     #[arg(long)]
-    quick: bool,
+    pub short: bool,
     /// The tests, comma-separated: rate<Q> (fixed Q req/s), sat<N> (N keep-alive connections, closed loop),
     /// newconn<N> (a new TLS connection per request), conns<N> (N connections at once: the proxy's memory).
-    /// Default: rate200,rate1000,sat16,sat64,newconn16,conns1000.
+    /// Default: rate200,rate1000,sat16,sat64,newconn16,conns1000 (short: rate100,sat4,newconn4,conns100).
     #[arg(long, value_delimiter = ',')]
     tests: Vec<Test>,
-    /// Reps of every test (default 3; 1 with --quick).
+    /// Reps of every test (default 3; 1 short).
     #[arg(long)]
     reps: Option<u32>,
-    /// Seconds per measurement (default 15; 3 with --quick).
+    /// Seconds per measurement (default 15; 1 short).
     #[arg(long)]
     duration: Option<u64>,
     /// Leave mitmproxy out.
     #[arg(long)]
     no_mitmproxy: bool,
     /// Print the summary of an earlier run's results directory again (measures nothing).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "tests", "reps", "duration"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["short", "tests", "reps", "duration"])]
     report: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The short mode with every other option at its default.
+    pub fn short() -> BenchArgs {
+        BenchArgs {
+            short: true,
+            ..BenchArgs::default()
+        }
+    }
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -72,22 +87,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark attaches eBPF programs and runs its client as another user: run it as root");
     }
+    let short = args.short || std::env::var_os(SHORT_ENV).is_some_and(|v| v == "1");
     let plan = Plan::new(
-        args.quick,
+        short,
         args.tests,
         args.reps,
         args.duration,
         args.no_mitmproxy,
     );
+    let started = Instant::now();
     crate::setup::run()?;
     let tools = tools::install(plan.mitmproxy)?;
-    run_checked(cargo().args(["build", "--release", "-p", "enforcer"]))?;
-    raise_open_files_limit()?;
-
     let out = target_dir().join("bench").join(stamp());
     let (raw, logs) = (out.join("raw"), out.join("logs"));
     std::fs::create_dir_all(&raw)?;
     std::fs::create_dir_all(&logs)?;
+    library_benches(&plan, &out.join("library.txt"))?;
+    let mut build = cargo();
+    build.args(["build", "-p", "enforcer"]);
+    if !plan.short {
+        build.arg("--release");
+    }
+    run_checked(&mut build)?;
+    raise_open_files_limit()?;
     // From here on a Ctrl-C stops the run and cleans up; a second one exits at once.
     for signal in [
         signal_hook::consts::SIGINT,
@@ -97,7 +119,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&STOP))?;
         signal_hook::flag::register(signal, Arc::clone(&STOP))?;
     }
-    let stack = stack::Stack::start(&tools, &logs, plan.mitmproxy)?;
+    let enforcer = target_dir().join(plan.profile()).join("enforcer");
+    let stack = stack::Stack::start(&tools, &enforcer, &logs, plan.mitmproxy)?;
     let mut meta = meta(&plan, &tools, &stack);
     write_json(&out.join("run.json"), &meta)?;
     eprintln!(
@@ -127,7 +150,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::write(out.join("summary.md"), &summary)?;
     std::fs::write(out.join("measurements.csv"), report::csv(&ms))?;
     print!("{summary}");
-    println!("\nresults: {}", out.display());
+    println!(
+        "\nresults: {} (summary.md, measurements.jsonl/.csv, run.json, library.txt); {:.0} s in all",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
     if interrupted() {
         bail!("interrupted; the summary covers the measurements done");
     }
@@ -146,7 +173,7 @@ fn measure_all(bench: &Bench<'_>, jsonl: &Path) -> (Vec<Measurement>, usize) {
     let contenders = &bench.stack.contenders;
     let mut ms = Vec::new();
     let mut failures = 0;
-    for c in contenders {
+    for c in contenders.iter().filter(|_| bench.plan.warmup > 0) {
         if interrupted() {
             return (ms, failures);
         }
@@ -191,6 +218,32 @@ fn measure_all(bench: &Bench<'_>, jsonl: &Path) -> (Vec<Measurement>, usize) {
         }
     }
     (ms, failures)
+}
+
+/// The enforcer's own benches (`enforcer/benches`: the proxy library against direct connections, the audit trail,
+/// policy evaluation, redaction): `cargo bench` in the release profile, or in the short mode `cargo test --benches`
+/// (the debug build `cargo xtask test` has just made) with [`SHORT_ENV`] set so each runs its paths once. Their
+/// output is printed and kept in `out`.
+fn library_benches(plan: &Plan, out: &Path) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    if plan.short {
+        cmd.args(["test", "-p", "enforcer", "--benches"])
+            .env(SHORT_ENV, "1");
+    } else {
+        cmd.args(["bench", "-p", "enforcer"]).env_remove(SHORT_ENV);
+    }
+    eprintln!("xtask: running {cmd:?}");
+    let output = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    print!("{text}");
+    std::fs::write(out, text.as_bytes()).with_context(|| format!("writing {}", out.display()))?;
+    if !output.status.success() {
+        bail!("{cmd:?} failed: {}", output.status);
+    }
+    Ok(())
 }
 
 /// One line of progress.

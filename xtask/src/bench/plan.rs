@@ -32,6 +32,14 @@ pub const DEFAULT_TESTS: &[Test] = &[
     Test::Connections(1000),
 ];
 
+/// The short mode's tests: every kind once, small enough for the debug build and a second each.
+pub const SHORT_TESTS: &[Test] = &[
+    Test::Rate(100),
+    Test::Saturation(4),
+    Test::NewConnection(4),
+    Test::Connections(100),
+];
+
 impl Test {
     /// One line for the table: what the client does.
     pub fn describe(self) -> String {
@@ -58,7 +66,7 @@ impl Test {
 }
 
 fn thousands(n: u32) -> String {
-    if n >= 1000 && n % 1000 == 0 {
+    if n >= 1000 && n.is_multiple_of(1000) {
         format!("{},000", n / 1000)
     } else {
         n.to_string()
@@ -105,35 +113,49 @@ pub struct Plan {
     pub seconds: u64,
     /// Seconds of quiet between measurements.
     pub settle: f64,
-    /// Seconds of closed-loop load per contender before the first measurement.
+    /// Seconds of closed-loop load per contender before the first measurement (0: none).
     pub warmup: u64,
     /// Fixed-rate percentiles leave out requests scheduled in the first this many seconds (connection set-up).
     pub skip: f64,
     pub mitmproxy: bool,
+    /// The short mode (`cargo xtask test`): every path once, figures meaningless; the debug build is measured.
+    pub short: bool,
 }
 
 impl Plan {
-    /// The full run (3 reps of 15 s) or the quick one (1 rep of 3 s, no mitmproxy); explicit options win.
+    /// The full run (3 reps of 15 s, mitmproxy included) or the short one ([`SHORT_TESTS`], 1 rep of 1 s, no
+    /// warm-up, no mitmproxy); explicit options win.
     pub fn new(
-        quick: bool,
+        short: bool,
         tests: Vec<Test>,
         reps: Option<u32>,
         seconds: Option<u64>,
         no_mitmproxy: bool,
     ) -> Plan {
-        let seconds = seconds.unwrap_or(if quick { 3 } else { 15 }).max(1);
+        let seconds = seconds.unwrap_or(if short { 1 } else { 15 }).max(1);
+        let default_tests = if short { SHORT_TESTS } else { DEFAULT_TESTS };
         Plan {
             tests: if tests.is_empty() {
-                DEFAULT_TESTS.to_vec()
+                default_tests.to_vec()
             } else {
                 tests
             },
-            reps: reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
+            reps: reps.unwrap_or(if short { 1 } else { 3 }).max(1),
             seconds,
-            settle: if quick { 0.5 } else { 2.0 },
-            warmup: if quick { 1 } else { 3 },
-            skip: (seconds as f64 / 3.0).min(1.0),
-            mitmproxy: !quick && !no_mitmproxy,
+            settle: if short { 0.2 } else { 2.0 },
+            warmup: if short { 0 } else { 3 },
+            skip: (seconds as f64 / 5.0).min(1.0),
+            mitmproxy: !short && !no_mitmproxy,
+            short,
+        }
+    }
+
+    /// The cargo profile whose enforcer is measured: release, or the debug build in the short mode.
+    pub fn profile(&self) -> &'static str {
+        if self.short {
+            "debug"
+        } else {
+            "release"
         }
     }
 }
@@ -153,10 +175,19 @@ mod tests {
     }
 
     #[test]
-    fn quick_is_one_short_rep_without_mitmproxy_unless_told_otherwise() {
-        let quick = Plan::new(true, vec![], None, None, false);
-        assert_eq!((quick.reps, quick.seconds, quick.mitmproxy), (1, 3, false));
-        assert_eq!(quick.tests, DEFAULT_TESTS);
+    fn short_is_every_test_kind_once_for_a_second_without_mitmproxy() {
+        let short = Plan::new(true, vec![], None, None, false);
+        assert_eq!(
+            (short.reps, short.seconds, short.warmup, short.mitmproxy),
+            (1, 1, 0, false)
+        );
+        assert_eq!(short.profile(), "debug");
+        let kinds = |ts: &[Test]| {
+            let mut k: Vec<_> = ts.iter().map(std::mem::discriminant).collect();
+            k.dedup();
+            k
+        };
+        assert_eq!(kinds(&short.tests), kinds(DEFAULT_TESTS));
         let full = Plan::new(false, vec![Test::Saturation(16)], Some(5), Some(10), false);
         assert_eq!((full.reps, full.seconds, full.mitmproxy), (5, 10, true));
         assert_eq!(full.skip, 1.0);

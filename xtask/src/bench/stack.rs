@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use super::procfs;
 use super::tools::{Tools, BENCH_USER};
 use crate::sys::{self, mint_upstream_pki, remove_cgroup_tree, terminate, wait_for_line};
-use crate::{target_dir, workspace_root};
+use crate::workspace_root;
 
 /// The run's scratch space, on disk (the audit trail's fsyncs must reach a disk), reachable by [`BENCH_USER`].
 pub const WORK_DIR: &str = "/var/tmp/enforcer-bench";
@@ -81,7 +81,13 @@ pub struct Stack {
 
 impl Stack {
     /// Sweep what an earlier run left, then start nginx and every contender, and check each answers.
-    pub fn start(tools: &Tools, logs: &Path, mitmproxy: bool) -> anyhow::Result<Stack> {
+    /// `enforcer` is the binary the two enforcer contenders run.
+    pub fn start(
+        tools: &Tools,
+        enforcer: &Path,
+        logs: &Path,
+        mitmproxy: bool,
+    ) -> anyhow::Result<Stack> {
         let work = PathBuf::from(WORK_DIR);
         sweep(&work)?;
         std::fs::create_dir_all(work.join("client"))?;
@@ -118,8 +124,8 @@ impl Stack {
             &[("PORT", &UPSTREAM_PORT.to_string())],
         );
         std::fs::write(stack.work.join("policy.yaml"), policy)?;
-        stack.start_enforcer(false)?;
-        stack.start_enforcer(true)?;
+        stack.start_enforcer(enforcer, false)?;
+        stack.start_enforcer(enforcer, true)?;
         if let Some(mitmdump) = &tools.mitmdump {
             if mitmproxy {
                 stack.start_mitmproxy(mitmdump)?;
@@ -206,7 +212,7 @@ impl Stack {
     }
 
     /// One enforcer daemon: explicit proxy (capture off) or transparent (capture on, at the bench cgroup).
-    fn start_enforcer(&mut self, transparent: bool) -> anyhow::Result<()> {
+    fn start_enforcer(&mut self, enforcer: &Path, transparent: bool) -> anyhow::Result<()> {
         let name = if transparent {
             "enforcer-transparent"
         } else {
@@ -238,10 +244,9 @@ impl Stack {
         if transparent {
             sys::ensure_bpffs()?;
         }
-        let enforcer = target_dir().join("release/enforcer");
         let mut child = self.spawn(
             name,
-            Command::new(&enforcer)
+            Command::new(enforcer)
                 .arg("run")
                 .arg("--config")
                 .arg(&config_path)

@@ -170,8 +170,17 @@ fn test_venv() -> anyhow::Result<()> {
         .iter()
         .map(|(n, v)| format!("{n}=={v}"))
         .collect();
+    pip_install(&python, &pins)?;
+    if let Some(parent) = venv.parent() {
+        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
+    }
+    Ok(())
+}
+
+/// `pip install` the requirement specifiers (`name==version`) with a virtual environment's Python.
+pub(crate) fn pip_install(python: &Path, specs: &[String]) -> anyhow::Result<()> {
     run_checked(
-        Command::new(&python)
+        Command::new(python)
             .args([
                 "-m",
                 "pip",
@@ -179,12 +188,8 @@ fn test_venv() -> anyhow::Result<()> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .args(&pins),
-    )?;
-    if let Some(parent) = venv.parent() {
-        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
-    }
-    Ok(())
+            .args(specs),
+    )
 }
 
 /// apt-get, with `update` run once before the first install.

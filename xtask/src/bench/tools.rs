@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::setup::{dpkg_installed, quiet_output, which, Apt};
+use crate::setup::{dpkg_installed, pip_install, quiet_output, which, Apt};
 use crate::{cargo, run_checked};
 
 /// Where oha and the mitmproxy venv live: outside /root, readable by everyone (the captured client runs oha).
@@ -99,17 +99,7 @@ fn install_mitmproxy() -> anyhow::Result<PathBuf> {
     let pin = mitmproxy_pin(version).map_or("", |(_, pin)| pin);
     let _ = std::fs::remove_dir_all(&venv);
     run_checked(Command::new(&base).arg("-m").arg("venv").arg(&venv))?;
-    run_checked(
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(format!("mitmproxy=={pin}")),
-    )?;
+    pip_install(&python, &[format!("mitmproxy=={pin}")])?;
     world_readable(&venv)?;
     Ok(mitmdump)
 }

@@ -103,10 +103,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&raw)?;
     std::fs::create_dir_all(&logs)?;
     library_benches(&plan, &out.join("library.txt"))?;
+    // Short: the workspace's debug build, as `cargo xtask test` has just made it (`-p enforcer` alone would unify
+    // features differently and rebuild it).
     let mut build = cargo();
-    build.args(["build", "-p", "enforcer"]);
+    build.arg("build");
     if !plan.short {
-        build.arg("--release");
+        build.args(["--release", "-p", "enforcer"]);
     }
     run_checked(&mut build)?;
     raise_open_files_limit()?;

@@ -270,7 +270,7 @@ fn main() {
 
     // Sealing: a trail rotated into 4 MiB files, compressed by the seal thread as it goes.
     let sealed = base.path().join("sealed");
-    let records: u32 = if short { 20_000 } else { 160_000 };
+    let records: u32 = if short { 2_000 } else { 160_000 };
     let t = rt.block_on(async {
         let mut cfg = AuditConfig::new(&sealed);
         cfg.durable = false;

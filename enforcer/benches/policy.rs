@@ -1,6 +1,7 @@
 //! Decision time of a generated 1,000-rule policy: p50/p99 of `Policy::evaluate` for a host/path-only Action and
 //! for an LLM request whose 16 KiB JSON body runs JSON conditions and secret detectors.
-//! Run with `cargo bench -p enforcer --bench policy` (about 10 s; set POLICY_BENCH_ITERS to change the count).
+//! Run with `cargo bench -p enforcer --bench policy` (about 10 s; set POLICY_BENCH_ITERS to change the count, or
+//! ENFORCER_BENCH_SHORT for 100 iterations).
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -163,8 +164,10 @@ fn measure(name: &str, policy: &Policy, action: &Action, iters: usize) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too, so keep that run short.
-    let quick = !std::env::args().any(|a| a == "--bench");
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too, so keep that run short, as the short
+    // mode of `cargo xtask bench` (ENFORCER_BENCH_SHORT) does.
+    let quick = !std::env::args().any(|a| a == "--bench")
+        || std::env::var_os("ENFORCER_BENCH_SHORT").is_some();
     let iters = std::env::var("POLICY_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())

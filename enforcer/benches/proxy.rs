@@ -1,6 +1,7 @@
 //! Proxy overhead on loopback, as ratios against direct connections measured in the same run (absolute figures vary
 //! with the machine): requests on one kept-alive HTTP/1.1 connection, a fresh TLS connection per request, and leaf
-//! minting. Runs for a few seconds: `cargo bench -p enforcer --bench proxy`.
+//! minting. Runs for a few seconds: `cargo bench -p enforcer --bench proxy` (a fiftieth of the work with
+//! `ENFORCER_BENCH_SHORT` set).
 
 #[path = "../tests/proxy_support/mod.rs"]
 mod proxy_support;
@@ -14,9 +15,20 @@ use proxy_support::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+/// Requests, connections and leaves per case; divided by [`SHORT_DIVISOR`] with `ENFORCER_BENCH_SHORT` set.
 const KEEPALIVE_REQUESTS: u32 = 2000;
 const FRESH_CONNECTIONS: u32 = 200;
 const MINTS: u32 = 500;
+const SHORT_DIVISOR: u32 = 50;
+
+/// `n`, or a fiftieth of it (at least 1) in the short mode: every path once, the figures meaningless.
+fn count(n: u32) -> u32 {
+    if std::env::var_os("ENFORCER_BENCH_SHORT").is_some() {
+        (n / SHORT_DIVISOR).max(1)
+    } else {
+        n
+    }
+}
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -53,11 +65,16 @@ async fn run() {
     let tcp = tokio::net::TcpStream::connect(up).await.expect("upstream");
     let direct = keepalive(direct_tls.connect(name(), tcp).await.expect("direct TLS")).await;
     let via = keepalive(proxy.tls_to(up, "allowed.test", &[b"http/1.1"]).await).await;
-    report("keep-alive h1 request", direct, via, KEEPALIVE_REQUESTS);
+    report(
+        "keep-alive h1 request",
+        direct,
+        via,
+        count(KEEPALIVE_REQUESTS),
+    );
 
     // A fresh TLS connection per request.
     let t = Instant::now();
-    for _ in 0..FRESH_CONNECTIONS {
+    for _ in 0..count(FRESH_CONNECTIONS) {
         let tcp = tokio::net::TcpStream::connect(up).await.expect("upstream");
         let tls = direct_tls.connect(name(), tcp).await.expect("direct TLS");
         let (status, _, _) = send(tls, false, get("/", "allowed.test")).await;
@@ -65,7 +82,7 @@ async fn run() {
     }
     let direct = t.elapsed();
     let t = Instant::now();
-    for _ in 0..FRESH_CONNECTIONS {
+    for _ in 0..count(FRESH_CONNECTIONS) {
         let tls = proxy.tls_to(up, "allowed.test", &[b"http/1.1"]).await;
         let (status, _, _) = send(tls, false, get("/", "allowed.test")).await;
         assert_eq!(status, 200);
@@ -74,18 +91,18 @@ async fn run() {
         "new TLS connection + request",
         direct,
         t.elapsed(),
-        FRESH_CONNECTIONS,
+        count(FRESH_CONNECTIONS),
     );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = enforcer::proxy::CertAuthority::load_or_create(dir.path()).expect("CA");
     let t = Instant::now();
-    for i in 0..MINTS {
+    for i in 0..count(MINTS) {
         ca.mint(&format!("host{i}.bench.test")).expect("mint");
     }
     println!(
         "leaf minting: {:.1} µs per leaf",
-        t.elapsed().as_secs_f64() * 1e6 / f64::from(MINTS)
+        t.elapsed().as_secs_f64() * 1e6 / f64::from(count(MINTS))
     );
 }
 
@@ -98,7 +115,7 @@ where
         .expect("h1 handshake");
     tokio::spawn(conn);
     let t = Instant::now();
-    for _ in 0..KEEPALIVE_REQUESTS {
+    for _ in 0..count(KEEPALIVE_REQUESTS) {
         s.ready().await.expect("ready");
         let resp = s
             .send_request(get("/", "allowed.test"))

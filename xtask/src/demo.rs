@@ -7,16 +7,18 @@
 //! 4. SIGTERM to the daemon, then the audit trail's tail and its verification;
 //! 5. cleanup (daemon, server, netns, cgroups, pins) — by a guard, so it also runs on failure.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 use crate::setup::{is_root, require};
-use crate::{run_checked, target_dir, workspace_root};
+use crate::sys::{
+    checked_quiet, ensure_bpffs, mint_upstream_pki, quiet, remove_cgroup_tree, terminate,
+    wait_for_line,
+};
+use crate::{target_dir, workspace_root};
 
 const RUN_DIR: &str = "/run/enforcer-demo";
 /// The unprivileged user the demo agent runs as (`enforcer exec --user`).
@@ -58,7 +60,12 @@ pub fn run() -> anyhow::Result<()> {
     step("network-namespace host");
     demo.netns = true;
     netns_up()?;
-    mint_certs(run_dir)?;
+    let sans: Vec<String> = NAMES
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .chain([format!("IP:{DEMO_IP}")])
+        .collect();
+    mint_upstream_pki(run_dir, "enforcer demo upstream CA", &sans)?;
     let upstream_log = std::fs::File::create(run_dir.join("upstream.log"))?;
     let mut upstream = Command::new("ip")
         .args(["netns", "exec", NETNS, "python3"])
@@ -161,24 +168,9 @@ impl Demo {
     /// SIGTERM, then SIGKILL after 10 s.
     fn stop_daemon(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
-            let _ = quiet(Command::new("kill").args(["-TERM", &daemon.id().to_string()]));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match daemon.try_wait() {
-                    Ok(Some(status)) => {
-                        println!("  daemon stopped: {status}");
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    _ => {
-                        let _ = daemon.kill();
-                        let _ = daemon.wait();
-                        println!("  daemon killed (did not stop within 10 s of SIGTERM)");
-                        break;
-                    }
-                }
+            match terminate(&mut daemon, Duration::from_secs(10)) {
+                Some(status) => println!("  daemon stopped: {status}"),
+                None => println!("  daemon killed (did not stop within 10 s of SIGTERM)"),
             }
         }
     }
@@ -199,27 +191,6 @@ impl Drop for Demo {
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     checked_quiet(Command::new("ip").args(args))
-}
-
-/// Run a set-up command without echoing it; show its output only when it fails.
-fn checked_quiet(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn quiet(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()
 }
 
 fn netns_up() -> anyhow::Result<()> {
@@ -244,144 +215,4 @@ fn netns_up() -> anyhow::Result<()> {
     ])?;
     ip(&["netns", "exec", NETNS, "ip", "link", "set", VETH_NS, "up"])?;
     Ok(())
-}
-
-/// A throwaway CA and a leaf for the demo names, with openssl (keys stay in /run/enforcer-demo).
-fn mint_certs(dir: &Path) -> anyhow::Result<()> {
-    let p = |name: &str| -> PathBuf { dir.join(name) };
-    let sans: Vec<String> = NAMES
-        .iter()
-        .map(|n| format!("DNS:{n}"))
-        .chain([format!("IP:{DEMO_IP}")])
-        .collect();
-    std::fs::write(
-        p("leaf.ext"),
-        format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth\nsubjectAltName={}\n",
-            sans.join(",")
-        ),
-    )?;
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        checked_quiet(Command::new("openssl").args(args).current_dir(dir))
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend_from_slice(&ec);
-    ca.extend_from_slice(&[
-        "-keyout",
-        "upstream-ca.key",
-        "-out",
-        "upstream-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=enforcer demo upstream CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(&ca)?;
-    let mut csr = vec!["req"];
-    csr.extend_from_slice(&ec);
-    csr.extend_from_slice(&[
-        "-keyout",
-        "upstream.key",
-        "-out",
-        "upstream.csr",
-        "-subj",
-        "/CN=enforcer demo upstream",
-    ]);
-    openssl(&csr)?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "upstream.csr",
-        "-CA",
-        "upstream-ca.pem",
-        "-CAkey",
-        "upstream-ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "leaf.ext",
-        "-out",
-        "upstream.pem",
-    ])
-}
-
-fn ensure_bpffs() -> anyhow::Result<()> {
-    let mounts = std::fs::read_to_string("/proc/mounts")?;
-    if mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        f.nth(1) == Some("/sys/fs/bpf") && f.next() == Some("bpf")
-    }) {
-        return Ok(());
-    }
-    run_checked(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
-}
-
-/// Kill what is left in the cgroup tree, then remove it bottom-up.
-fn remove_cgroup_tree(top: &Path) {
-    if !top.exists() {
-        return;
-    }
-    let _ = std::fs::write(top.join("cgroup.kill"), "1");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while top.exists() && Instant::now() < deadline {
-        let mut dirs = Vec::new();
-        collect_dirs(top, &mut dirs);
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        for d in &dirs {
-            let _ = std::fs::remove_dir(d);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
-    out.push(dir.to_path_buf());
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                collect_dirs(&e.path(), out);
-            }
-        }
-    }
-}
-
-/// Wait for a line containing `needle` on a child's stdout; keep draining it afterwards.
-fn wait_for_line(
-    stdout: Option<std::process::ChildStdout>,
-    needle: &str,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let stdout = stdout.context("no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    let needle = needle.to_string();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent && line.contains(&needle) {
-                let _ = tx.send(line);
-                sent = true;
-            }
-        }
-    });
-    rx.recv_timeout(timeout).map_err(|_| {
-        anyhow::anyhow!(
-            "no {:?} line within {timeout:?} (or the process exited)",
-            "READY"
-        )
-    })
 }

@@ -186,8 +186,17 @@ fn test_venv() -> anyhow::Result<()> {
         .iter()
         .map(|(n, v)| format!("{n}=={v}"))
         .collect();
+    pip_install(&python, &pins)?;
+    if let Some(parent) = venv.parent() {
+        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
+    }
+    Ok(())
+}
+
+/// `pip install` the requirement specifiers (`name==version`) with a virtual environment's Python.
+pub(crate) fn pip_install(python: &Path, specs: &[String]) -> anyhow::Result<()> {
     run_checked(
-        Command::new(&python)
+        Command::new(python)
             .args([
                 "-m",
                 "pip",
@@ -195,12 +204,8 @@ fn test_venv() -> anyhow::Result<()> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .args(&pins),
-    )?;
-    if let Some(parent) = venv.parent() {
-        run_checked(Command::new("chmod").arg("-R").arg("a+rX").arg(parent))?;
-    }
-    Ok(())
+            .args(specs),
+    )
 }
 
 /// Install [`NODE_PACKAGES`] under [`TEST_NODE`] with npm, unless exactly those versions are there already; then
@@ -245,12 +250,35 @@ fn test_node() -> anyhow::Result<()> {
 
 /// apt-get, with `update` run once before the first install.
 #[derive(Default)]
-struct Apt {
+pub(crate) struct Apt {
     updated: bool,
 }
 
 impl Apt {
-    fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+    pub(crate) fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+        self.update(packages)?;
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    }
+
+    /// Install the first of `candidates` the package lists offer (a package renamed between Debian releases).
+    pub(crate) fn install_first_available(&mut self, candidates: &[&str]) -> anyhow::Result<()> {
+        self.update(candidates)?;
+        let offered = candidates.iter().find(|pkg| {
+            quiet_output(Command::new("apt-cache").args(["show", "--no-all-versions", pkg]))
+                .is_some_and(|out| !out.trim().is_empty())
+        });
+        match offered {
+            Some(pkg) => self.install(&[pkg]),
+            None => bail!("apt offers none of {}", candidates.join(", ")),
+        }
+    }
+
+    fn update(&mut self, packages: &[&str]) -> anyhow::Result<()> {
         if !is_root() {
             bail!(
                 "need root to install {} with apt-get (run as root, or install them yourself)",
@@ -265,16 +293,11 @@ impl Apt {
             )?;
             self.updated = true;
         }
-        run_checked(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(packages)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
+        Ok(())
     }
 }
 
-fn quiet_output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn quiet_output(cmd: &mut Command) -> Option<String> {
     let out = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::null())
@@ -285,7 +308,7 @@ fn quiet_output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn dpkg_installed(package: &str) -> bool {
+pub(crate) fn dpkg_installed(package: &str) -> bool {
     quiet_output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
         .is_some_and(|status| status.contains("install ok installed"))
 }

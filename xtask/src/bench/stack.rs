@@ -1,0 +1,564 @@
+//! Everything a run starts, and its removal: the work directory (test PKI, configurations, the daemons' state), nginx
+//! on loopback, and the contenders — direct, the enforcer as an explicit proxy, the enforcer with transparent eBPF
+//! capture (its own cgroup and pin directory; the client under `enforcer exec --user` [`BENCH_USER`]), mitmproxy.
+//!
+//! [`Stack`] stops and removes all of it when dropped, so also on failure and after Ctrl-C. What a killed run left
+//! (its processes are recorded in `<work>/pids`, with their executables) is swept at the next start.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::procfs;
+use super::tools::{Tools, BENCH_USER};
+use crate::sys::{self, mint_upstream_pki, remove_cgroup_tree, terminate, wait_for_line};
+use crate::workspace_root;
+
+/// The run's scratch space, on disk (the audit trail's fsyncs must reach a disk), reachable by [`BENCH_USER`].
+pub const WORK_DIR: &str = "/var/tmp/enforcer-bench";
+/// The transparent contender's capture cgroup (relative to the cgroup root) and pin directory.
+const CGROUP: &str = "enforcer-bench";
+const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
+/// Loopback ports: nginx, the two enforcer daemons (proxy, explicit listener, DNS), mitmproxy.
+pub const UPSTREAM_PORT: u16 = 18443;
+const EXPLICIT_PROXY_PORT: u16 = 18101;
+const EXPLICIT_PORT: u16 = 18102;
+const EXPLICIT_DNS_PORT: u16 = 18103;
+const TRANSPARENT_PROXY_PORT: u16 = 18111;
+const TRANSPARENT_DNS_PORT: u16 = 18113;
+const MITMPROXY_PORT: u16 = 18180;
+const PORTS: &[u16] = &[
+    UPSTREAM_PORT,
+    EXPLICIT_PROXY_PORT,
+    EXPLICIT_PORT,
+    EXPLICIT_DNS_PORT,
+    TRANSPARENT_PROXY_PORT,
+    TRANSPARENT_DNS_PORT,
+    MITMPROXY_PORT,
+];
+/// The response body nginx serves: exactly this many bytes of JSON.
+pub const BODY_BYTES: usize = 1024;
+
+/// One way for the client to reach the upstream.
+pub struct Contender {
+    /// Short name, used in file names and `--report`: `direct`, `enforcer-explicit`, `enforcer-transparent`,
+    /// `mitmproxy`.
+    pub name: &'static str,
+    /// Column header: the name and, for mitmproxy, its version.
+    pub label: String,
+    /// The explicit proxy the client is pointed at (`oha -x`), if any.
+    pub proxy: Option<String>,
+    /// The CA the client must trust: the upstream's (direct) or the proxy's.
+    pub ca: PathBuf,
+    /// Prefix of the client's command line (`enforcer exec … --` for the transparent contender).
+    pub wrap: Vec<OsString>,
+    /// The port the client's connections are accepted on (where they are counted).
+    pub port: u16,
+    process: Option<Child>,
+}
+
+impl Contender {
+    /// The proxy's pid (its process tree's CPU time and memory are the proxy's cost); `None` for direct.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+}
+
+/// nginx, the contenders, the work directory, cgroup and pins; all removed on drop.
+pub struct Stack {
+    pub work: PathBuf,
+    pub logs: PathBuf,
+    pub cgroup: PathBuf,
+    nginx: Option<Child>,
+    pub contenders: Vec<Contender>,
+}
+
+impl Stack {
+    /// Sweep what an earlier run left, then start nginx and every contender, and check each answers.
+    /// `enforcer` is the binary the two enforcer contenders run.
+    pub fn start(
+        tools: &Tools,
+        enforcer: &Path,
+        logs: &Path,
+        mitmproxy: bool,
+    ) -> anyhow::Result<Stack> {
+        let work = PathBuf::from(WORK_DIR);
+        sweep(&work)?;
+        std::fs::create_dir_all(work.join("client"))?;
+        std::fs::create_dir_all(work.join("nginx-tmp"))?;
+        std::fs::create_dir_all(work.join("pki"))?;
+        set_mode(&work, 0o755)?;
+        // The captured client (BENCH_USER) writes oha's request database here.
+        set_mode(&work.join("client"), 0o1777)?;
+        std::fs::write(work.join("xtask.pid"), std::process::id().to_string())?;
+        let mut stack = Stack {
+            work,
+            logs: logs.to_path_buf(),
+            cgroup: sys::cgroup_root().join(CGROUP),
+            nginx: None,
+            contenders: Vec::new(),
+        };
+        for port in PORTS {
+            if procfs::listening(*port) {
+                bail!("port {port} is in use on this machine; the benchmark needs ports {PORTS:?}");
+            }
+        }
+        stack.start_nginx(tools)?;
+        stack.contenders.push(Contender {
+            name: "direct",
+            label: "direct".into(),
+            proxy: None,
+            ca: stack.work.join("pki/upstream-ca.pem"),
+            wrap: Vec::new(),
+            port: UPSTREAM_PORT,
+            process: None,
+        });
+        let policy = fill(
+            &template("policy.yaml")?,
+            &[("PORT", &UPSTREAM_PORT.to_string())],
+        );
+        std::fs::write(stack.work.join("policy.yaml"), policy)?;
+        stack.start_enforcer(enforcer, false)?;
+        stack.start_enforcer(enforcer, true)?;
+        if let Some(mitmdump) = &tools.mitmdump {
+            if mitmproxy {
+                stack.start_mitmproxy(mitmdump)?;
+            }
+        }
+        Ok(stack)
+    }
+
+    pub fn nginx_pid(&self) -> u32 {
+        self.nginx.as_ref().map_or(0, Child::id)
+    }
+
+    /// The file nginx logs `/newconn` requests to (see bench/nginx.conf).
+    pub fn newconn_log(&self) -> PathBuf {
+        self.work.join("newconn.log")
+    }
+
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<Child> {
+        let log = File::create(self.logs.join(format!("{name}.log")))?;
+        // Its own process group: a Ctrl-C reaches the client and us, and we stop the servers in order.
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let exe = procfs::exe(child.id()).unwrap_or_default();
+        let mut pids = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work.join("pids"))?;
+        writeln!(pids, "{} {}", child.id(), exe.display())?;
+        Ok(child)
+    }
+
+    fn start_nginx(&mut self, tools: &Tools) -> anyhow::Result<()> {
+        let pki = self.work.join("pki");
+        mint_upstream_pki(
+            &pki,
+            "enforcer bench upstream CA",
+            &[
+                "DNS:localhost".into(),
+                "IP:127.0.0.1".into(),
+                "IP:::1".into(),
+            ],
+        )?;
+        let mut conf = fill(
+            &template("nginx.conf")?,
+            &[
+                ("WORK", &self.work.display().to_string()),
+                ("LOGS", &self.logs.display().to_string()),
+                ("PORT", &UPSTREAM_PORT.to_string()),
+                ("BODY", &body()),
+            ],
+        );
+        if !ipv6_loopback() {
+            conf = conf
+                .lines()
+                .filter(|l| !l.contains("[::1]"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        let path = self.work.join("nginx.conf");
+        std::fs::write(&path, conf)?;
+        let child = self.spawn(
+            "nginx",
+            Command::new(&tools.nginx)
+                .arg("-c")
+                .arg(&path)
+                .arg("-p")
+                .arg(&self.work)
+                .arg("-e")
+                .arg(self.logs.join("nginx-error.log"))
+                .stdout(Stdio::null()),
+        )?;
+        self.nginx = Some(child);
+        wait_listening(UPSTREAM_PORT, "nginx")?;
+        check(
+            "nginx",
+            &mut Command::new("curl"),
+            &pki.join("upstream-ca.pem"),
+            None,
+        )
+    }
+
+    /// One enforcer daemon: explicit proxy (capture off) or transparent (capture on, at the bench cgroup).
+    fn start_enforcer(&mut self, enforcer: &Path, transparent: bool) -> anyhow::Result<()> {
+        let name = if transparent {
+            "enforcer-transparent"
+        } else {
+            "enforcer-explicit"
+        };
+        let dir = self.work.join(name);
+        std::fs::create_dir_all(&dir)?;
+        set_mode(&dir, 0o755)?;
+        let (proxy_port, dns_port) = if transparent {
+            (TRANSPARENT_PROXY_PORT, TRANSPARENT_DNS_PORT)
+        } else {
+            (EXPLICIT_PROXY_PORT, EXPLICIT_DNS_PORT)
+        };
+        let config = fill(
+            &template(&format!("{name}.yaml"))?,
+            &[
+                ("WORK", &self.work.display().to_string()),
+                ("DIR", &dir.display().to_string()),
+                ("CGROUP_ROOT", &sys::cgroup_root().display().to_string()),
+                ("CGROUP", CGROUP),
+                ("PIN_DIR", PIN_DIR),
+                ("PROXY_PORT", &proxy_port.to_string()),
+                ("EXPLICIT_PORT", &EXPLICIT_PORT.to_string()),
+                ("DNS_PORT", &dns_port.to_string()),
+            ],
+        );
+        let config_path = dir.join("enforcer.yaml");
+        std::fs::write(&config_path, config)?;
+        if transparent {
+            sys::ensure_bpffs()?;
+        }
+        let mut child = self.spawn(
+            name,
+            Command::new(enforcer)
+                .arg("run")
+                .arg("--config")
+                .arg(&config_path)
+                .stdout(Stdio::piped()),
+        )?;
+        let ready = wait_for_line(child.stdout.take(), "READY", Duration::from_secs(60));
+        let ca = dir.join("state/public/ca.pem");
+        let (proxy, wrap, port) = if transparent {
+            let wrap: Vec<OsString> = vec![
+                enforcer.into(),
+                "exec".into(),
+                "--config".into(),
+                config_path.into(),
+                "--profile".into(),
+                "default".into(),
+                "--user".into(),
+                BENCH_USER.into(),
+                "--".into(),
+            ];
+            (None, wrap, TRANSPARENT_PROXY_PORT)
+        } else {
+            (
+                Some(format!("http://127.0.0.1:{EXPLICIT_PORT}")),
+                Vec::new(),
+                EXPLICIT_PORT,
+            )
+        };
+        self.contenders.push(Contender {
+            name,
+            label: name.replace('-', " "),
+            proxy,
+            ca,
+            wrap,
+            port,
+            process: Some(child),
+        });
+        ready.with_context(|| {
+            format!(
+                "{name} did not become ready (log: {})",
+                self.logs.join(format!("{name}.log")).display()
+            )
+        })?;
+        let c = self.contenders.last().context("contender")?;
+        let mut curl = wrapped(&c.wrap, "curl");
+        check(name, &mut curl, &c.ca, c.proxy.as_deref())
+    }
+
+    fn start_mitmproxy(&mut self, mitmdump: &Path) -> anyhow::Result<()> {
+        let confdir = self.work.join("mitmproxy");
+        std::fs::create_dir_all(&confdir)?;
+        let child = self.spawn(
+            "mitmproxy",
+            Command::new(mitmdump)
+                .args(["--mode", "regular", "--listen-host", "127.0.0.1", "-p"])
+                .arg(MITMPROXY_PORT.to_string())
+                .args([
+                    "-q",
+                    "--set",
+                    "flow_detail=0",
+                    "--set",
+                    "termlog_verbosity=error",
+                ])
+                .arg("--set")
+                .arg(format!("confdir={}", confdir.display()))
+                .arg("--set")
+                .arg(format!(
+                    "ssl_verify_upstream_trusted_ca={}",
+                    self.work.join("pki/upstream-ca.pem").display()
+                ))
+                .stdout(Stdio::null()),
+        )?;
+        let version = crate::setup::quiet_output(Command::new(mitmdump).arg("--version"))
+            .and_then(|v| v.lines().next().map(str::to_string))
+            .unwrap_or_default();
+        let proxy = format!("http://127.0.0.1:{MITMPROXY_PORT}");
+        self.contenders.push(Contender {
+            name: "mitmproxy",
+            label: format!(
+                "mitmproxy {}",
+                version.trim_start_matches("Mitmproxy:").trim()
+            ),
+            proxy: Some(proxy.clone()),
+            ca: confdir.join("mitmproxy-ca-cert.pem"),
+            wrap: Vec::new(),
+            port: MITMPROXY_PORT,
+            process: Some(child),
+        });
+        wait_listening(MITMPROXY_PORT, "mitmproxy")?;
+        check(
+            "mitmproxy",
+            &mut Command::new("curl"),
+            &confdir.join("mitmproxy-ca-cert.pem"),
+            Some(&proxy),
+        )
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // The daemons first (SIGTERM: with no agent left the transparent one detaches its programs), then nginx.
+        for c in self.contenders.iter_mut().rev() {
+            if let Some(mut p) = c.process.take() {
+                if terminate(&mut p, Duration::from_secs(10)).is_none() {
+                    eprintln!("xtask: bench: {} did not stop within 10 s; killed", c.name);
+                }
+            }
+        }
+        if let Some(mut nginx) = self.nginx.take() {
+            terminate(&mut nginx, Duration::from_secs(10));
+        }
+        remove_cgroup_tree(&self.cgroup);
+        let _ = std::fs::remove_dir_all(PIN_DIR);
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// Stop what a killed earlier run left (refusing while that run is still going), remove its cgroup, pins and work
+/// directory.
+fn sweep(work: &Path) -> anyhow::Result<()> {
+    let running = std::fs::read_to_string(work.join("xtask.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            procfs::exe(*pid).is_some_and(|exe| {
+                exe.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("xtask"))
+            })
+        });
+    if let Some(pid) = running {
+        bail!("another `cargo xtask bench` is running (pid {pid}); wait for it or stop it first");
+    }
+    let recorded = std::fs::read_to_string(work.join("pids")).unwrap_or_default();
+    for line in recorded.lines() {
+        let Some((pid, exe)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if procfs::exe(pid).is_some_and(|e| e == Path::new(exe)) {
+            eprintln!("xtask: bench: stopping {exe} (pid {pid}) left by an earlier run");
+            sys::signal(i64::from(pid), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while procfs::exe(pid).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            sys::signal(i64::from(pid), "KILL");
+        }
+    }
+    remove_cgroup_tree(&sys::cgroup_root().join(CGROUP));
+    let _ = std::fs::remove_dir_all(PIN_DIR);
+    match std::fs::remove_dir_all(work) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", work.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A committed template from `bench/`.
+fn template(name: &str) -> anyhow::Result<String> {
+    let path = workspace_root().join("bench").join(name);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Replace each `@NAME@` of a template.
+fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    values
+        .iter()
+        .fold(template.to_string(), |s, (name, value)| {
+            s.replace(&format!("@{name}@"), value)
+        })
+}
+
+/// A JSON object of exactly [`BODY_BYTES`] bytes, with no character nginx's quoted `return` text would mangle.
+pub fn body() -> String {
+    let mut items = Vec::new();
+    let render = |items: &[String], pad: usize| {
+        format!(
+            "{{\"id\":\"bench\",\"ok\":true,\"items\":[{}],\"pad\":\"{}\"}}",
+            items.join(","),
+            "p".repeat(pad)
+        )
+    };
+    while render(&items, 0).len() + 40 < BODY_BYTES {
+        items.push(format!(
+            "{{\"n\":{},\"v\":\"{}\"}}",
+            items.len(),
+            "x".repeat(20)
+        ));
+    }
+    let pad = BODY_BYTES - render(&items, 0).len();
+    render(&items, pad)
+}
+
+fn ipv6_loopback() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("00000000000000000000000000000001"))
+    })
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
+fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !procfs::listening(port) {
+        if Instant::now() > deadline {
+            bail!("{what} does not listen on port {port} after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// `program` run directly, or after the wrapper (`enforcer exec … --`).
+pub fn wrapped(wrap: &[OsString], program: impl Into<OsString>) -> Command {
+    match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program.into());
+            cmd
+        }
+        None => Command::new(program.into()),
+    }
+}
+
+/// One request through the contender with curl: 200 and the whole body, or a clear error.
+fn check(what: &str, curl: &mut Command, ca: &Path, proxy: Option<&str>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ca.is_file() {
+        if Instant::now() > deadline {
+            bail!("{what}: no CA certificate at {} after 30 s", ca.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    curl.args(["-sS", "--max-time", "20", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{size_download}"])
+        .arg("--cacert")
+        .arg(ca)
+        .current_dir(WORK_DIR);
+    if let Some(proxy) = proxy {
+        curl.args(["--proxy", proxy]);
+    }
+    let out = curl
+        .arg(format!("https://localhost:{UPSTREAM_PORT}/"))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{what}: running curl"))?;
+    let got = String::from_utf8_lossy(&out.stdout);
+    if got.trim() != format!("200 {BODY_BYTES}") {
+        bail!(
+            "{what}: a request through it got {:?} ({}): {}",
+            got.trim(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    eprintln!("xtask: bench: {what} answers");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_is_1_kib_of_json_without_quotes_nginx_would_mangle() {
+        let body = body();
+        assert_eq!(body.len(), BODY_BYTES);
+        assert!(!body.contains('\'') && !body.contains('\\') && !body.contains('$'));
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["id"], "bench");
+    }
+
+    #[test]
+    fn templates_are_filled_and_every_placeholder_is_known() {
+        for (name, values) in [
+            ("nginx.conf", &["WORK", "LOGS", "PORT", "BODY"][..]),
+            ("policy.yaml", &["PORT"][..]),
+            (
+                "enforcer-explicit.yaml",
+                &["WORK", "DIR", "PROXY_PORT", "EXPLICIT_PORT", "DNS_PORT"][..],
+            ),
+            (
+                "enforcer-transparent.yaml",
+                &[
+                    "WORK",
+                    "DIR",
+                    "CGROUP_ROOT",
+                    "CGROUP",
+                    "PIN_DIR",
+                    "PROXY_PORT",
+                    "DNS_PORT",
+                ][..],
+            ),
+        ] {
+            let t = template(name).expect("template");
+            let pairs: Vec<(&str, &str)> = values.iter().map(|v| (*v, "x")).collect();
+            let filled = fill(&t, &pairs);
+            assert!(
+                !filled.contains('@'),
+                "{name}: a placeholder is left: {filled}"
+            );
+            for v in values {
+                assert!(t.contains(&format!("@{v}@")), "{name} has no @{v}@");
+            }
+        }
+    }
+}

@@ -10,17 +10,13 @@
 //! the command line. This crate owns no kernel code:
 //! the programs it loads live in `enforcer-ebpf`.
 
+// The stages and the data between them: used by the binary, the tests, the benches and the fuzz targets.
 pub mod audit;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod constrain;
-pub mod control;
-pub mod daemon;
 pub mod dns;
-pub mod encoding;
-pub mod glob;
-pub mod host;
 pub mod inspect;
 pub mod jsonpath;
 pub mod metrics;
@@ -28,6 +24,19 @@ pub mod model;
 pub mod policy;
 pub mod proxy;
 pub mod review;
-pub mod service;
 pub mod session;
 pub mod trace;
+
+// Internal: the daemon's wiring and operation, and helpers the stages share.
+mod control;
+mod daemon;
+mod encoding;
+mod glob;
+mod host;
+mod service;
+
+pub use audit::{AuditConfig, AuditLog};
+pub use config::Config;
+pub use model::{Action, Agent, AuditEvent, Decision, Verdict};
+pub use policy::Policy;
+pub use proxy::ProxyContext;

@@ -6,5 +6,5 @@ pub mod health;
 pub mod notify;
 pub mod preflight;
 
-pub use health::{Health, TaskGuard};
+pub use health::Health;
 pub use notify::Notifier;

@@ -33,11 +33,6 @@ impl Notifier {
         Notifier { target, watchdog }
     }
 
-    /// Whether a service manager listens.
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
-
     /// How often to send `WATCHDOG=1`: half the manager's `WatchdogSec=` (as sd_watchdog_enabled(3) advises), or
     /// `None` when no watchdog is configured.
     pub fn watchdog_interval(&self) -> Option<Duration> {
@@ -174,7 +169,7 @@ mod tests {
             target: None,
             watchdog: None,
         };
-        assert!(!n.enabled());
+        assert!(n.target.is_none());
         n.ready("x");
         assert_eq!(n.watchdog_interval(), None);
     }

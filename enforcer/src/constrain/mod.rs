@@ -13,6 +13,8 @@ mod redact;
 mod signed;
 mod tools;
 
+pub use signed::is_signed_object;
+
 use std::ops::Range;
 
 use bytes::Bytes;

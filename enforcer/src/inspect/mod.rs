@@ -10,6 +10,8 @@ mod decode;
 mod llm;
 mod mcp;
 mod message;
+pub mod proposal;
+pub mod sse;
 
 use serde::{Deserialize, Serialize};
 

@@ -444,6 +444,8 @@ pub enum Reason {
     /// The agent's TLS client did not complete the handshake with the enforcer's certificate (it sent an alert,
     /// typically `unknown_ca`: it does not trust the enforcer CA).
     ClientTls,
+    /// A tool call or response body held for its decision did not complete within the proxy's time bound.
+    HoldTimeout,
     /// Refused in the kernel by the capture programs, before anything left the socket: a socket kind, a bind, an
     /// inbound packet or a datagram the enforcer does not carry (see docs/proxy.md).
     Kernel,
@@ -468,6 +470,7 @@ impl Reason {
             Reason::AuditUnavailable => "audit_unavailable",
             Reason::ClientClosed => "client_closed",
             Reason::ClientTls => "client_tls",
+            Reason::HoldTimeout => "hold_timeout",
             Reason::Kernel => "kernel",
         }
     }
@@ -559,6 +562,9 @@ pub struct RequestSummary {
     /// only in `client_tls` records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_alert: Option<String>,
+    /// A proposal's record: the tool the model proposed to call (never its arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
     /// Kernel refusals only: how many refusals this record stands for (itself, and those of the same cgroup and
     /// kind before it that the kernel's rate bound left unrecorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -449,6 +449,51 @@ pub fn apply_to_json(
     Ok(changes)
 }
 
+/// Apply `rewrites` to a text that is not JSON (a response body, one server-sent event's data): redaction rewrites
+/// it as text (`path: body`); a JSON rewrite cannot apply ([`ConstrainError::NotJson`]); header rewrites and
+/// `drop_tools` change nothing. On error `text` is unchanged and nothing may be passed on (the caller blocks).
+pub fn apply_to_text(
+    rewrites: &[PlannedRewrite],
+    policy: &Policy,
+    text: &mut String,
+) -> Result<Vec<Change>, ConstrainError> {
+    let detect = policy.detectors();
+    let mut candidate: Option<String> = None;
+    let mut changes = Vec::new();
+    for planned in rewrites {
+        match &planned.rewrite {
+            Rewrite::Redact { detectors } => {
+                let redactor = Redactor {
+                    detect,
+                    names: detectors,
+                    marker: policy.redaction_marker(),
+                };
+                let current = candidate.as_deref().unwrap_or(text);
+                if let Some((new, fired)) = redactor.redact_str(current) {
+                    changes.extend(fired.into_iter().map(|d| Change {
+                        path: "body".into(),
+                        cause: format!("redact:{d}"),
+                    }));
+                    candidate = Some(new);
+                }
+            }
+            Rewrite::JsonSet { .. }
+            | Rewrite::JsonRemove { .. }
+            | Rewrite::JsonCap { .. }
+            | Rewrite::JsonTruncate { .. } => {
+                return Err(ConstrainError::NotJson {
+                    rule: planned.rule.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    if let Some(new) = candidate {
+        *text = new;
+    }
+    Ok(changes)
+}
+
 /// Arrays at `path` longer than `max` keep their first `max` elements; returns the paths truncated.
 fn truncate(path: &JsonPath, doc: &mut Value, max: usize) -> Vec<String> {
     let mut truncated = Vec::new();

@@ -13,7 +13,8 @@
 //! 8. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
 //! 9. `ExchangeRecord::forwarded` — the record, written before anything reaches the upstream;
 //! 10. `forward::send` — the request sent, the response head received;
-//! 11. `answer::respond` — the response phases: what the agent receives.
+//! 11. `answer::respond` — the response phases: what the agent receives (proposed tool calls and data decided when
+//!     the policy has rules for them).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,10 +72,6 @@ async fn phases(
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
 
     let inspected = classify::classify(rec, conn, &head, &parts, &body)?;
-    let upgrading = head
-        .upgrade
-        .is_some()
-        .then(|| inspected.actions.first().cloned());
     let deciding = Instant::now();
     let mut decided = policy.decide_all(&inspected.actions);
     // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
@@ -85,12 +82,24 @@ async fn phases(
         decided.decision = d;
     }
     crate::metrics::global().decision_latency(deciding.elapsed());
+    let reads_responses = answer::reads_responses(&policy);
+    // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses).
+    let answered = (head.upgrade.is_some() || reads_responses)
+        .then(|| inspected.actions.get(decided.index).cloned())
+        .flatten();
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
 
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
-    let outgoing = enforce::enforce(rec, &head, parts, body)?;
+    let mut outgoing = enforce::enforce(rec, &head, parts, body)?;
+    if reads_responses {
+        // What the response phases read must not be content-coded; a coded answer is still decoded.
+        outgoing
+            .parts
+            .headers
+            .insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+    }
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
@@ -98,9 +107,6 @@ async fn phases(
     let seq = rec.forwarded().await?;
     let resp = forward::send(conn, &head, upstream, upstream_req).await?;
 
-    let upgrade = upgrade.zip(upgrading.flatten()).map(|(client, request)| {
-        let answering = rec.answering(request, seq);
-        (client, answering)
-    });
-    Ok(answer::respond(resp, upgrade))
+    let answering = answered.map(|request| rec.answering(request, seq));
+    Ok(answer::respond(resp, answering, upgrade).await)
 }

@@ -8,7 +8,9 @@
 //!   protocol's own shape (an `error` event, a JSON-RPC error) — or, where the protocol has none, by closing the
 //!   connection with 1008 (policy violation);
 //! - a message from the upstream is a response-phase Action when the policy has response rules, and passes
-//!   untouched (unrecorded) when none matches;
+//!   untouched (unrecorded) when none matches; on an OpenAI Responses connection (`/v1/responses`) its events then
+//!   go through the proposal reader, as the same events do over server-sent events (`proposal`): a proposed tool
+//!   call is held until complete, decided, and passed, rewritten or replaced by a message saying it was refused;
 //! - a message over the policy's `max_body_bytes` closes the connection with 1009 (message too big), recorded: it is
 //!   never relayed uninspected. `permessage-deflate` is never negotiated (the upgrade request's
 //!   `Sec-WebSocket-Extensions` is removed), so every frame is read as sent.
@@ -28,7 +30,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::answer::Answering;
-use crate::inspect::{self, InspectError, Protocol};
+use crate::inspect::proposal::{Emit, Event, Proposals};
+use crate::inspect::{self, InspectError, LlmApi, Protocol, Provider};
 use crate::model::{
     Decision, Disposition, HttpResponse, Mode, Outcome, Phase, Reason, RequestSummary, Verdict,
 };
@@ -88,9 +91,22 @@ async fn from_agent(ans: &Answering, mut rx: SplitStream<Ws>, client: &Sink, ups
 }
 
 async fn from_upstream(ans: &Answering, mut rx: SplitStream<Ws>, client: &Sink, upstream: &Sink) {
+    let mut props = proposals_for(ans);
     while let Some(next) = rx.next().await {
         let fate = match next {
-            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => upstream_message(ans, msg).await,
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                match (upstream_message(ans, msg).await, props.as_mut()) {
+                    (Fate::Forward(msg), Some(props)) => {
+                        for fate in proposed(ans, props, msg).await {
+                            if !carry_out(fate, client, upstream, client).await {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    (fate, _) => fate,
+                }
+            }
             Ok(Message::Close(frame)) => {
                 let _ = client.lock().await.send(Message::Close(frame)).await;
                 return;
@@ -270,6 +286,52 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         summary: summary(ans, &raw),
     };
     carry_out_decision(ans, judged, msg).await
+}
+
+/// The proposal reader of an OpenAI Responses WebSocket connection (its server events carry proposed tool calls as
+/// its server-sent events do), when the policy has proposal rules.
+fn proposals_for(ans: &Answering) -> Option<Proposals> {
+    let openai = matches!(
+        ans.protocol,
+        Protocol::Provider(Provider::OpenAi)
+            | Protocol::Llm {
+                provider: Provider::OpenAi,
+                ..
+            }
+    );
+    let path = ans.request.http.as_ref().map(|h| h.path.trim_end_matches('/'));
+    let responses = path.is_some_and(|p| p.ends_with("/v1/responses"));
+    (openai && responses && ans.policy.has_rules_for(Phase::Proposal))
+        .then(|| Proposals::new(Provider::OpenAi, LlmApi::Responses))
+        .flatten()
+}
+
+/// One server event through the proposal reader: the messages to send now (none while a call is held). A call held
+/// beyond the policy's `max_body_bytes` closes the connection (1009), recorded.
+async fn proposed(ans: &Answering, props: &mut Proposals, msg: Message) -> Vec<Fate> {
+    let (raw, text, _) = contents(&msg);
+    let calls = props.push(Event {
+        name: None,
+        data: text,
+        raw,
+    });
+    let rulings = super::proposal::rule(ans, &calls).await;
+    let mut out: Vec<Fate> = props
+        .release(&rulings)
+        .into_iter()
+        .map(|e| match e {
+            Emit::Raw(b) => Fate::Forward(Message::Text(String::from_utf8_lossy(&b).into_owned().into())),
+            Emit::New { data, .. } => Fate::Forward(Message::Text(data.into())),
+        })
+        .collect();
+    if props.held_bytes() as u64 > ans.policy.max_body_bytes() {
+        let message = "a proposed tool call exceeds the inspection limit";
+        let decision = super::enforcer_decision(&ans.policy, Reason::BodyTooLarge, message);
+        ans.record(Phase::Proposal, decision, ans.summary.clone(), refused(Some(Reason::BodyTooLarge)))
+            .await;
+        out.push(Fate::Close(CloseCode::Size, "a tool call exceeds the inspection limit"));
+    }
+    out
 }
 
 /// A message and what was decided about it.

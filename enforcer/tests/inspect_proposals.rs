@@ -65,7 +65,11 @@ fn every_split(provider: Provider, api: LlmApi, stream: &[u8], decide: Decide) -
         assert_eq!(p, props, "split at byte {i}");
     }
     let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-    assert_eq!(through(provider, api, &bytes, decide).0, whole, "byte by byte");
+    assert_eq!(
+        through(provider, api, &bytes, decide).0,
+        whole,
+        "byte by byte"
+    );
     whole
 }
 
@@ -77,7 +81,10 @@ fn events(bytes: &[u8]) -> Vec<(Option<String>, Value)> {
     all.into_iter()
         .filter_map(|e| {
             let data = e.data?;
-            Some((e.event, serde_json::from_str(&data).unwrap_or(Value::String(data))))
+            Some((
+                e.event,
+                serde_json::from_str(&data).unwrap_or(Value::String(data)),
+            ))
         })
         .collect()
 }
@@ -153,17 +160,26 @@ fn chat_stream(calls: &[(&str, &str, &str)]) -> Vec<u8> {
         }
     }
     ev.push(chat_chunk(json!({}), json!("tool_calls")));
-    ev.push((None, json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
-                          "model": "m", "choices": [], "usage": {"total_tokens": 9}})));
+    ev.push((
+        None,
+        json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                          "model": "m", "choices": [], "usage": {"total_tokens": 9}}),
+    ));
     ev.push((None, Value::String("[DONE]".into())));
     sse_stream(&ev)
 }
 
 /// What the OpenAI SDK accumulates: content, tool calls by index (which must be dense), the finish reason.
 fn chat_accumulate(out: &[u8]) -> (String, Vec<(String, String, String)>, String) {
-    let (mut content, mut calls, mut finish) = (String::new(), Vec::<(String, String, String)>::new(), String::new());
+    let (mut content, mut calls, mut finish) = (
+        String::new(),
+        Vec::<(String, String, String)>::new(),
+        String::new(),
+    );
     for (_, v) in events(out) {
-        let Some(choice) = v["choices"].get(0) else { continue };
+        let Some(choice) = v["choices"].get(0) else {
+            continue;
+        };
         let d = &choice["delta"];
         content.push_str(d["content"].as_str().unwrap_or_default());
         for tc in d["tool_calls"].as_array().into_iter().flatten() {
@@ -175,7 +191,9 @@ fn chat_accumulate(out: &[u8]) -> (String, Vec<(String, String, String)>, String
             let f = &tc["function"];
             calls[i].0.push_str(tc["id"].as_str().unwrap_or_default());
             calls[i].1.push_str(f["name"].as_str().unwrap_or_default());
-            calls[i].2.push_str(f["arguments"].as_str().unwrap_or_default());
+            calls[i]
+                .2
+                .push_str(f["arguments"].as_str().unwrap_or_default());
         }
         if let Some(f) = choice["finish_reason"].as_str() {
             finish = f.to_string();
@@ -196,17 +214,28 @@ fn chat_stream_passes_byte_for_byte_when_every_call_passes() {
     assert_eq!(props.len(), 2);
     assert_eq!(props[0].tool, "shell");
     assert_eq!(props[0].call_id.as_deref(), Some("call_a"));
-    assert_eq!(props[0].args.as_ref().unwrap()["command"], json!(serde_json::from_str::<Value>(CURL).unwrap()["command"]));
+    assert_eq!(
+        props[0].args.as_ref().unwrap()["command"],
+        json!(serde_json::from_str::<Value>(CURL).unwrap()["command"])
+    );
     assert_eq!(props[1].args, Some(json!({"city": "Paris"})));
 }
 
 #[test]
 fn chat_stream_refused_call_becomes_text_and_the_other_is_renumbered() {
     let stream = chat_stream(&[("call_a", "shell", CURL), ("call_b", "get_weather", PARIS)]);
-    let out = every_split(Provider::OpenAi, LlmApi::ChatCompletions, &stream, policy_like);
+    let out = every_split(
+        Provider::OpenAi,
+        LlmApi::ChatCompletions,
+        &stream,
+        policy_like,
+    );
     let (content, calls, finish) = chat_accumulate(&out);
     assert!(content.starts_with("Let me check.\n\n[The enforcer refused the tool call `shell`: no curl (policy rule: r)]"), "{content}");
-    assert_eq!(calls, vec![("call_b".into(), "get_weather".into(), PARIS.into())]);
+    assert_eq!(
+        calls,
+        vec![("call_b".into(), "get_weather".into(), PARIS.into())]
+    );
     assert_eq!(finish, "tool_calls");
     assert!(!String::from_utf8_lossy(&out).contains("AKIA"));
     assert!(out.ends_with(b"data: [DONE]\n\n"));
@@ -215,10 +244,19 @@ fn chat_stream_refused_call_becomes_text_and_the_other_is_renumbered() {
 #[test]
 fn chat_stream_all_refused_finishes_with_stop() {
     let stream = chat_stream(&[("call_a", "shell", CURL), ("call_b", "get_weather", PARIS)]);
-    let out = every_split(Provider::OpenAi, LlmApi::ChatCompletions, &stream, refuse_all);
+    let out = every_split(
+        Provider::OpenAi,
+        LlmApi::ChatCompletions,
+        &stream,
+        refuse_all,
+    );
     let (content, calls, finish) = chat_accumulate(&out);
     assert!(calls.is_empty(), "{calls:?}");
-    assert_eq!(content.matches("[The enforcer refused").count(), 2, "{content}");
+    assert_eq!(
+        content.matches("[The enforcer refused").count(),
+        2,
+        "{content}"
+    );
     assert_eq!(finish, "stop");
 }
 
@@ -226,10 +264,18 @@ fn chat_stream_all_refused_finishes_with_stop() {
 fn chat_stream_rewritten_arguments_arrive_whole() {
     let secret = r#"{"city": "secret place"}"#;
     let stream = chat_stream(&[("call_a", "get_weather", secret)]);
-    let out = every_split(Provider::OpenAi, LlmApi::ChatCompletions, &stream, policy_like);
+    let out = every_split(
+        Provider::OpenAi,
+        LlmApi::ChatCompletions,
+        &stream,
+        policy_like,
+    );
     let (_, calls, finish) = chat_accumulate(&out);
     assert_eq!(calls.len(), 1);
-    assert_eq!(serde_json::from_str::<Value>(&calls[0].2).unwrap(), json!({"city": "[REDACTED]"}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&calls[0].2).unwrap(),
+        json!({"city": "[REDACTED]"})
+    );
     assert_eq!(calls[0].0, "call_a");
     assert_eq!(finish, "tool_calls");
 }
@@ -242,17 +288,33 @@ fn chat_whole_response_refusal_and_rewrite() {
             {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"secret\"}"}}]}}]});
     let calls = proposal::body_calls(Provider::OpenAi, LlmApi::ChatCompletions, &body);
     let rulings: Vec<Ruling> = calls.iter().map(|c| policy_like(&c.proposal)).collect();
-    proposal::apply_to_body(Provider::OpenAi, LlmApi::ChatCompletions, &mut body, &rulings);
+    proposal::apply_to_body(
+        Provider::OpenAi,
+        LlmApi::ChatCompletions,
+        &mut body,
+        &rulings,
+    );
     let m = &body["choices"][0]["message"];
-    assert!(m["content"].as_str().unwrap().contains("refused the tool call `shell`"));
+    assert!(m["content"]
+        .as_str()
+        .unwrap()
+        .contains("refused the tool call `shell`"));
     assert_eq!(m["tool_calls"].as_array().unwrap().len(), 1);
-    assert_eq!(m["tool_calls"][0]["function"]["arguments"], json!("{\"city\":\"[REDACTED]\"}"));
+    assert_eq!(
+        m["tool_calls"][0]["function"]["arguments"],
+        json!("{\"city\":\"[REDACTED]\"}")
+    );
     assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
     let rulings: Vec<Ruling> = calls.iter().map(|c| refuse_all(&c.proposal)).collect();
     let mut body2 = json!({"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
         "role": "assistant", "content": null, "tool_calls": [{"id": "a", "type": "function",
         "function": {"name": "shell", "arguments": CURL}}]}}]});
-    proposal::apply_to_body(Provider::OpenAi, LlmApi::ChatCompletions, &mut body2, &rulings[..1]);
+    proposal::apply_to_body(
+        Provider::OpenAi,
+        LlmApi::ChatCompletions,
+        &mut body2,
+        &rulings[..1],
+    );
     assert!(body2["choices"][0]["message"].get("tool_calls").is_none());
     assert_eq!(body2["choices"][0]["finish_reason"], "stop");
 }
@@ -262,15 +324,27 @@ fn chat_whole_response_refusal_and_rewrite() {
 fn anthropic_stream(calls: &[(&str, &str, &str, &str)]) -> Vec<u8> {
     let ev = |v: Value| (None::<&str>, v);
     let mut out = vec![
-        ev(json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
-            "content": [], "model": "m", "stop_reason": null, "usage": {"input_tokens": 1, "output_tokens": 1}}})),
-        ev(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})),
-        ev(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm"}})),
-        ev(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}})),
+        ev(
+            json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "content": [], "model": "m", "stop_reason": null, "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+        ),
+        ev(
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+        ),
+        ev(
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm"}}),
+        ),
+        ev(
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}}),
+        ),
         ev(json!({"type": "content_block_stop", "index": 0})),
-        ev(json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}})),
+        ev(
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+        ),
         ev(json!({"type": "ping"})),
-        ev(json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Checking."}})),
+        ev(
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Checking."}}),
+        ),
         ev(json!({"type": "content_block_stop", "index": 1})),
     ];
     let mut index = 2;
@@ -284,8 +358,10 @@ fn anthropic_stream(calls: &[(&str, &str, &str, &str)]) -> Vec<u8> {
         out.push(ev(json!({"type": "content_block_stop", "index": index})));
         index += 1;
         if *kind == "server_tool_use" {
-            out.push(ev(json!({"type": "content_block_start", "index": index, "content_block":
-                {"type": "web_search_tool_result", "tool_use_id": id, "content": []}})));
+            out.push(ev(
+                json!({"type": "content_block_start", "index": index, "content_block":
+                {"type": "web_search_tool_result", "tool_use_id": id, "content": []}}),
+            ));
             out.push(ev(json!({"type": "content_block_stop", "index": index})));
             index += 1;
         }
@@ -299,7 +375,8 @@ fn anthropic_stream(calls: &[(&str, &str, &str, &str)]) -> Vec<u8> {
     let named: Vec<(Option<&str>, Value)> = out
         .into_iter()
         .map(|(_, v)| {
-            let name: &'static str = Box::leak(v["type"].as_str().unwrap().to_string().into_boxed_str());
+            let name: &'static str =
+                Box::leak(v["type"].as_str().unwrap().to_string().into_boxed_str());
             (Some(name), v)
         })
         .collect();
@@ -310,10 +387,18 @@ fn anthropic_stream(calls: &[(&str, &str, &str, &str)]) -> Vec<u8> {
 fn anthropic_accumulate(out: &[u8]) -> (Vec<Value>, String) {
     let (mut blocks, mut stop, mut open) = (Vec::<Value>::new(), String::new(), None);
     for (name, v) in events(out) {
-        assert_eq!(name.as_deref(), v["type"].as_str(), "event name and type agree");
+        assert_eq!(
+            name.as_deref(),
+            v["type"].as_str(),
+            "event name and type agree"
+        );
         match v["type"].as_str().unwrap() {
             "content_block_start" => {
-                assert_eq!(v["index"].as_u64(), Some(blocks.len() as u64), "indices are dense");
+                assert_eq!(
+                    v["index"].as_u64(),
+                    Some(blocks.len() as u64),
+                    "indices are dense"
+                );
                 assert!(open.is_none());
                 open = v["index"].as_u64();
                 let mut b = v["content_block"].clone();
@@ -327,8 +412,20 @@ fn anthropic_accumulate(out: &[u8]) -> (Vec<Value>, String) {
                 let b = blocks.last_mut().unwrap();
                 let d = &v["delta"];
                 match d["type"].as_str().unwrap() {
-                    "text_delta" => b["text"] = json!(format!("{}{}", b["text"].as_str().unwrap(), d["text"].as_str().unwrap())),
-                    "input_json_delta" => b["partial"] = json!(format!("{}{}", b["partial"].as_str().unwrap(), d["partial_json"].as_str().unwrap())),
+                    "text_delta" => {
+                        b["text"] = json!(format!(
+                            "{}{}",
+                            b["text"].as_str().unwrap(),
+                            d["text"].as_str().unwrap()
+                        ))
+                    }
+                    "input_json_delta" => {
+                        b["partial"] = json!(format!(
+                            "{}{}",
+                            b["partial"].as_str().unwrap(),
+                            d["partial_json"].as_str().unwrap()
+                        ))
+                    }
                     _ => {}
                 }
             }
@@ -344,27 +441,44 @@ fn anthropic_accumulate(out: &[u8]) -> (Vec<Value>, String) {
 
 #[test]
 fn anthropic_stream_passes_byte_for_byte() {
-    let stream = anthropic_stream(&[("tool_use", "toolu_a", "bash", CURL), ("tool_use", "toolu_b", "get_weather", PARIS)]);
-    assert_eq!(every_split(Provider::Anthropic, LlmApi::Messages, &stream, pass), stream);
+    let stream = anthropic_stream(&[
+        ("tool_use", "toolu_a", "bash", CURL),
+        ("tool_use", "toolu_b", "get_weather", PARIS),
+    ]);
+    assert_eq!(
+        every_split(Provider::Anthropic, LlmApi::Messages, &stream, pass),
+        stream
+    );
 }
 
 #[test]
 fn anthropic_stream_refusals_keep_indices_and_stop_reason_right() {
     let stream = anthropic_stream(&[
         ("tool_use", "toolu_a", "bash", CURL),
-        ("server_tool_use", "srvtoolu_s", "web_search", r#"{"query": "curl me"}"#),
+        (
+            "server_tool_use",
+            "srvtoolu_s",
+            "web_search",
+            r#"{"query": "curl me"}"#,
+        ),
         ("tool_use", "toolu_b", "get_weather", PARIS),
     ]);
     let out = every_split(Provider::Anthropic, LlmApi::Messages, &stream, policy_like);
     let (blocks, stop) = anthropic_accumulate(&out);
     let types: Vec<&str> = blocks.iter().map(|b| b["type"].as_str().unwrap()).collect();
     // thinking, text, refused bash → text, refused search → text (its result dropped), weather, text.
-    assert_eq!(types, ["thinking", "text", "text", "text", "tool_use", "text"]);
+    assert_eq!(
+        types,
+        ["thinking", "text", "text", "text", "tool_use", "text"]
+    );
     assert!(blocks[2]["text"].as_str().unwrap().contains("`bash`"));
     assert!(blocks[3]["text"].as_str().unwrap().contains("`web_search`"));
     assert_eq!(blocks[4]["partial"], json!(PARIS));
     assert_eq!(stop, "tool_use");
-    assert!(String::from_utf8_lossy(&out).contains("\"signature\":\"c2ln\"") || String::from_utf8_lossy(&out).contains("\"signature\": \"c2ln\""));
+    assert!(
+        String::from_utf8_lossy(&out).contains("\"signature\":\"c2ln\"")
+            || String::from_utf8_lossy(&out).contains("\"signature\": \"c2ln\"")
+    );
 
     let out = every_split(Provider::Anthropic, LlmApi::Messages, &stream, refuse_all);
     let (blocks, stop) = anthropic_accumulate(&out);
@@ -374,10 +488,18 @@ fn anthropic_stream_refusals_keep_indices_and_stop_reason_right() {
 
 #[test]
 fn anthropic_stream_rewrite_sends_the_new_input_whole() {
-    let stream = anthropic_stream(&[("tool_use", "toolu_a", "get_weather", r#"{"city": "secret"}"#)]);
+    let stream = anthropic_stream(&[(
+        "tool_use",
+        "toolu_a",
+        "get_weather",
+        r#"{"city": "secret"}"#,
+    )]);
     let out = every_split(Provider::Anthropic, LlmApi::Messages, &stream, policy_like);
     let (blocks, stop) = anthropic_accumulate(&out);
-    assert_eq!(serde_json::from_str::<Value>(blocks[2]["partial"].as_str().unwrap()).unwrap(), json!({"city": "[REDACTED]"}));
+    assert_eq!(
+        serde_json::from_str::<Value>(blocks[2]["partial"].as_str().unwrap()).unwrap(),
+        json!({"city": "[REDACTED]"})
+    );
     assert_eq!(blocks[2]["id"], "toolu_a");
     assert_eq!(stop, "tool_use");
 }
@@ -393,7 +515,12 @@ fn anthropic_whole_message() {
     assert_eq!(calls[1].proposal.kind, "mcp");
     let rulings: Vec<Ruling> = calls.iter().map(|c| refuse_all(&c.proposal)).collect();
     proposal::apply_to_body(Provider::Anthropic, LlmApi::Messages, &mut body, &rulings);
-    let types: Vec<&str> = body["content"].as_array().unwrap().iter().map(|b| b["type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = body["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["type"].as_str().unwrap())
+        .collect();
     assert_eq!(types, ["text", "text", "text"]);
     assert_eq!(body["stop_reason"], "end_turn");
 }
@@ -406,16 +533,27 @@ fn responses_stream(calls: &[(&str, &str, &str)]) -> Vec<u8> {
         let mut v = v;
         v["sequence_number"] = json!(seq);
         seq += 1;
-        let name: &'static str = Box::leak(v["type"].as_str().unwrap().to_string().into_boxed_str());
+        let name: &'static str =
+            Box::leak(v["type"].as_str().unwrap().to_string().into_boxed_str());
         (Some(name), v)
     };
     let mut out = vec![
         ev(json!({"type": "response.created", "response": {"id": "resp_1", "output": []}})),
-        ev(json!({"type": "response.output_item.added", "output_index": 0, "item": {"id": "rs_1", "type": "reasoning", "encrypted_content": "ZW5j", "summary": []}})),
-        ev(json!({"type": "response.output_item.done", "output_index": 0, "item": {"id": "rs_1", "type": "reasoning", "encrypted_content": "ZW5j", "summary": []}})),
-        ev(json!({"type": "response.output_item.added", "output_index": 1, "item": {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}})),
-        ev(json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 1, "content_index": 0, "delta": "Checking."})),
-        ev(json!({"type": "response.output_item.done", "output_index": 1, "item": {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]}})),
+        ev(
+            json!({"type": "response.output_item.added", "output_index": 0, "item": {"id": "rs_1", "type": "reasoning", "encrypted_content": "ZW5j", "summary": []}}),
+        ),
+        ev(
+            json!({"type": "response.output_item.done", "output_index": 0, "item": {"id": "rs_1", "type": "reasoning", "encrypted_content": "ZW5j", "summary": []}}),
+        ),
+        ev(
+            json!({"type": "response.output_item.added", "output_index": 1, "item": {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}}),
+        ),
+        ev(
+            json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 1, "content_index": 0, "delta": "Checking."}),
+        ),
+        ev(
+            json!({"type": "response.output_item.done", "output_index": 1, "item": {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]}}),
+        ),
     ];
     let mut final_output = vec![
         json!({"id": "rs_1", "type": "reasoning", "encrypted_content": "ZW5j", "summary": []}),
@@ -442,7 +580,11 @@ fn responses_accumulate(out: &[u8]) -> (Vec<Value>, Vec<Value>) {
     let (mut items, mut final_output, mut seq) = (Vec::<Value>::new(), Vec::new(), 0);
     for (name, v) in events(out) {
         assert_eq!(name.as_deref(), v["type"].as_str());
-        assert_eq!(v["sequence_number"], json!(seq), "sequence numbers run on: {v}");
+        assert_eq!(
+            v["sequence_number"],
+            json!(seq),
+            "sequence numbers run on: {v}"
+        );
         seq += 1;
         let oi = v["output_index"].as_u64().map(|i| i as usize);
         match v["type"].as_str().unwrap() {
@@ -451,7 +593,9 @@ fn responses_accumulate(out: &[u8]) -> (Vec<Value>, Vec<Value>) {
                 items.push(v["item"].clone());
             }
             "response.output_item.done" => items[oi.unwrap()] = v["item"].clone(),
-            "response.completed" => final_output = v["response"]["output"].as_array().unwrap().clone(),
+            "response.completed" => {
+                final_output = v["response"]["output"].as_array().unwrap().clone()
+            }
             _ => {
                 if let Some(id) = v["item_id"].as_str() {
                     assert_eq!(items[oi.unwrap()]["id"], id, "the event names its item");
@@ -465,22 +609,34 @@ fn responses_accumulate(out: &[u8]) -> (Vec<Value>, Vec<Value>) {
 #[test]
 fn responses_stream_passes_byte_for_byte() {
     let stream = responses_stream(&[("call_a", "shell", CURL), ("call_b", "get_weather", PARIS)]);
-    assert_eq!(every_split(Provider::OpenAi, LlmApi::Responses, &stream, pass), stream);
+    assert_eq!(
+        every_split(Provider::OpenAi, LlmApi::Responses, &stream, pass),
+        stream
+    );
 }
 
 #[test]
 fn responses_stream_refusal_becomes_a_message_with_sequence_numbers_consistent() {
     for calls in [
         vec![("call_a", "shell", CURL), ("call_b", "get_weather", PARIS)],
-        vec![("call_a", "shell", r#"{"c":"curl"}"#), ("call_b", "get_weather", r#"{"city": "secret"}"#)],
+        vec![
+            ("call_a", "shell", r#"{"c":"curl"}"#),
+            ("call_b", "get_weather", r#"{"city": "secret"}"#),
+        ],
     ] {
         let stream = responses_stream(&calls);
         let out = every_split(Provider::OpenAi, LlmApi::Responses, &stream, policy_like);
         let (items, final_output) = responses_accumulate(&out);
-        assert_eq!(items, final_output, "the final response lists what the events built");
+        assert_eq!(
+            items, final_output,
+            "the final response lists what the events built"
+        );
         assert_eq!(items[0]["encrypted_content"], "ZW5j", "reasoning untouched");
         assert_eq!(items[2]["type"], "message");
-        assert!(items[2]["content"][0]["text"].as_str().unwrap().contains("`shell`"));
+        assert!(items[2]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("`shell`"));
         assert_eq!(items[3]["type"], "function_call");
         assert_eq!(items[3]["call_id"], "call_b");
         assert!(!String::from_utf8_lossy(&out).contains("AKIA"));
@@ -494,10 +650,24 @@ fn responses_whole_and_websocket_events() {
         {"type": "mcp_call", "id": "mc_1", "server_label": "db", "name": "query", "arguments": "{\"q\":1}"},
         {"type": "custom_tool_call", "id": "ct_1", "call_id": "c3", "name": "apply_patch", "input": "*** Begin Patch"}]});
     let calls = proposal::body_calls(Provider::OpenAi, LlmApi::Responses, &body);
-    let tools: Vec<(&str, &str)> = calls.iter().map(|c| (c.proposal.tool.as_str(), c.proposal.kind.as_str())).collect();
-    assert_eq!(tools, [("local_shell", "shell"), ("mcp:db/query", "mcp"), ("apply_patch", "custom")]);
+    let tools: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|c| (c.proposal.tool.as_str(), c.proposal.kind.as_str()))
+        .collect();
+    assert_eq!(
+        tools,
+        [
+            ("local_shell", "shell"),
+            ("mcp:db/query", "mcp"),
+            ("apply_patch", "custom")
+        ]
+    );
     assert_eq!(calls[2].proposal.args, Some(json!("*** Begin Patch")));
-    let rulings = [refuse_all(&calls[0].proposal), Ruling::Rewrite(json!({"q": 2})), Ruling::Pass];
+    let rulings = [
+        refuse_all(&calls[0].proposal),
+        Ruling::Rewrite(json!({"q": 2})),
+        Ruling::Pass,
+    ];
     proposal::apply_to_body(Provider::OpenAi, LlmApi::Responses, &mut body, &rulings);
     assert_eq!(body["output"][0]["type"], "message");
     assert_eq!(body["output"][1]["arguments"], "{\"q\":2}");
@@ -509,7 +679,11 @@ fn responses_whole_and_websocket_events() {
     let mut sent = Vec::new();
     for (_, v) in events(&stream) {
         let data = v.to_string();
-        let calls = props.push(Event { name: None, data: data.clone(), raw: Bytes::from(data) });
+        let calls = props.push(Event {
+            name: None,
+            data: data.clone(),
+            raw: Bytes::from(data),
+        });
         let rulings: Vec<Ruling> = calls.iter().map(|c| refuse_all(&c.proposal)).collect();
         for e in props.release(&rulings) {
             sent.push(match e {
@@ -521,7 +695,10 @@ fn responses_whole_and_websocket_events() {
             });
         }
     }
-    let seqs: Vec<u64> = sent.iter().map(|v| v["sequence_number"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = sent
+        .iter()
+        .map(|v| v["sequence_number"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
     assert!(sent.iter().all(|v| v["item"]["type"] != "function_call"));
 }
@@ -535,26 +712,44 @@ fn gemini_stream_calls_refused_rewritten_and_signed() {
         let mut s = Vec::new();
         for v in [
             chunk(json!([{"text": "Checking."}])),
-            chunk(json!([{"functionCall": {"name": "shell", "args": {"command": "curl x"}}, "thoughtSignature": "c2ln"},
-                         {"functionCall": {"name": "get_weather", "args": {"city": "secret"}}}])),
+            chunk(
+                json!([{"functionCall": {"name": "shell", "args": {"command": "curl x"}}, "thoughtSignature": "c2ln"},
+                         {"functionCall": {"name": "get_weather", "args": {"city": "secret"}}}]),
+            ),
             chunk(json!([{"text": "Done."}])),
         ] {
             s.extend_from_slice(format!("data: {v}\r\n\r\n").as_bytes());
         }
         s
     };
-    assert_eq!(every_split(Provider::Gemini, LlmApi::GenerateContent, &stream, pass), stream);
+    assert_eq!(
+        every_split(Provider::Gemini, LlmApi::GenerateContent, &stream, pass),
+        stream
+    );
     let (_, props) = through(Provider::Gemini, LlmApi::GenerateContent, &[&stream], pass);
     assert_eq!(props.len(), 2);
-    let out = every_split(Provider::Gemini, LlmApi::GenerateContent, &stream, policy_like);
+    let out = every_split(
+        Provider::Gemini,
+        LlmApi::GenerateContent,
+        &stream,
+        policy_like,
+    );
     let evs = events(&out);
     let parts = &evs[1].1["candidates"][0]["content"]["parts"];
     assert!(parts[0]["text"].as_str().unwrap().contains("`shell`"));
-    assert_eq!(parts[1]["functionCall"]["args"], json!({"city": "[REDACTED]"}));
+    assert_eq!(
+        parts[1]["functionCall"]["args"],
+        json!({"city": "[REDACTED]"})
+    );
 
-    let body = chunk(json!([{"functionCall": {"name": "a", "args": {}}, "thoughtSignature": "c2ln"},
-                            {"functionCall": {"name": "b", "args": {}}, "thoughtSignature": "skip_thought_signature_validator"}]));
+    let body = chunk(
+        json!([{"functionCall": {"name": "a", "args": {}}, "thoughtSignature": "c2ln"},
+                            {"functionCall": {"name": "b", "args": {}}, "thoughtSignature": "skip_thought_signature_validator"}]),
+    );
     let calls = proposal::body_calls(Provider::Gemini, LlmApi::GenerateContent, &body);
     assert!(calls[0].signed, "a real signature binds the call");
-    assert!(!calls[1].signed, "the skip-validation sentinel signs nothing");
+    assert!(
+        !calls[1].signed,
+        "the skip-validation sentinel signs nothing"
+    );
 }

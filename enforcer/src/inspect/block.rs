@@ -274,7 +274,11 @@ pub enum StreamBlock {
 ///   `event: error` with `{"type":"error","error":{"type":"permission_error",…}}`, Gemini `{"error":{…}}`), ending
 ///   the stream;
 /// - anything else: `event: error` with the enforcer's `policy_violation` JSON, ending the stream.
-pub fn stream_block(protocol: &Protocol, decision: &Decision, event: Option<&Value>) -> StreamBlock {
+pub fn stream_block(
+    protocol: &Protocol,
+    decision: &Decision,
+    event: Option<&Value>,
+) -> StreamBlock {
     match protocol {
         Protocol::Mcp { messages, .. } => {
             let Some(id) = event

@@ -168,7 +168,8 @@ mod tests {
         (out, rest)
     }
 
-    const STREAM: &[u8] = b"\xEF\xBB\xBFevent: a\r\ndata: one\r\ndata:  two\r\n\r\n: comment\n\ndata\nid: 7\n\n\
+    const STREAM: &[u8] =
+        b"\xEF\xBB\xBFevent: a\r\ndata: one\r\ndata:  two\r\n\r\n: comment\n\ndata\nid: 7\n\n\
 event: b\rdata: x\r\rdata: tail";
 
     #[test]
@@ -184,7 +185,11 @@ event: b\rdata: x\r\rdata: tail";
         assert_eq!(rest.len(), 1);
         assert_eq!(&rest[0].raw[..], b"data: tail");
         assert_eq!(rest[0].data.as_deref(), Some("tail"));
-        let joined: Vec<u8> = whole.iter().chain(&rest).flat_map(|e| e.raw.to_vec()).collect();
+        let joined: Vec<u8> = whole
+            .iter()
+            .chain(&rest)
+            .flat_map(|e| e.raw.to_vec())
+            .collect();
         assert_eq!(joined, STREAM);
         for i in 0..=STREAM.len() {
             for j in i..=STREAM.len() {

@@ -764,18 +764,22 @@ impl Cond {
     /// depends on the body (`response.json`, `detect`).
     pub fn on_head(&self, cx: &Ctx) -> Option<bool> {
         match self {
-            Cond::All(cs) => cs.iter().try_fold(Some(true), |acc, c| match c.on_head(cx) {
-                Some(false) => Err(()),
-                None => Ok(None),
-                Some(true) => Ok(acc),
-            })
-            .unwrap_or(Some(false)),
-            Cond::Any(cs) => cs.iter().try_fold(Some(false), |acc, c| match c.on_head(cx) {
-                Some(true) => Err(()),
-                None => Ok(None),
-                Some(false) => Ok(acc),
-            })
-            .map_or(Some(true), |r| r),
+            Cond::All(cs) => cs
+                .iter()
+                .try_fold(Some(true), |acc, c| match c.on_head(cx) {
+                    Some(false) => Err(()),
+                    None => Ok(None),
+                    Some(true) => Ok(acc),
+                })
+                .unwrap_or(Some(false)),
+            Cond::Any(cs) => cs
+                .iter()
+                .try_fold(Some(false), |acc, c| match c.on_head(cx) {
+                    Some(true) => Err(()),
+                    None => Ok(None),
+                    Some(false) => Ok(acc),
+                })
+                .map_or(Some(true), |r| r),
             Cond::Not(c) => c.on_head(cx).map(|v| !v),
             Cond::ResponseJson(_) | Cond::Detect(_) => None,
             other => Some(other.eval(cx)),

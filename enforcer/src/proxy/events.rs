@@ -231,19 +231,21 @@ impl Reading {
                 event.data = data;
                 Some(event)
             }
-            Fate::Block(decision) => match inspect::stream_block(&self.ans.protocol, &decision, json.as_ref()) {
-                StreamBlock::Replace(data) => {
-                    event.raw = sse::encode(event.name.as_deref(), &data);
-                    event.data = data;
-                    Some(event)
+            Fate::Block(decision) => {
+                match inspect::stream_block(&self.ans.protocol, &decision, json.as_ref()) {
+                    StreamBlock::Replace(data) => {
+                        event.raw = sse::encode(event.name.as_deref(), &data);
+                        event.data = data;
+                        Some(event)
+                    }
+                    StreamBlock::Drop => None,
+                    StreamBlock::End { event: name, data } => {
+                        out.extend_from_slice(&sse::encode(name, &data));
+                        self.ended = true;
+                        None
+                    }
                 }
-                StreamBlock::Drop => None,
-                StreamBlock::End { event: name, data } => {
-                    out.extend_from_slice(&sse::encode(name, &data));
-                    self.ended = true;
-                    None
-                }
-            },
+            }
         }
     }
 

@@ -95,10 +95,10 @@ async fn phases(
     let mut outgoing = enforce::enforce(rec, &head, parts, body)?;
     if reads_responses {
         // What the response phases read must not be content-coded; a coded answer is still decoded.
-        outgoing
-            .parts
-            .headers
-            .insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+        outgoing.parts.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
     }
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;

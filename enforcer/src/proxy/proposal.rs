@@ -47,7 +47,12 @@ async fn rule_one(ans: &Answering, call: &Call) -> Ruling {
     };
     let tool = call.proposal.tool.clone();
     if !ans
-        .record(Phase::Proposal, decision, summary(ans, call, changes), outcome)
+        .record(
+            Phase::Proposal,
+            decision,
+            summary(ans, call, changes),
+            outcome,
+        )
         .await
     {
         // What was not recorded is not passed on.
@@ -67,7 +72,11 @@ async fn decide(ans: &Answering, action: &Action) -> Decision {
 
 /// The ruling for `decision` (shadow mode passes everything), the decision as carried out (a constrain that could
 /// not be carried out is a block) and what a rewrite changed.
-fn carry_out(ans: &Answering, call: &Call, mut decision: Decision) -> (Ruling, Decision, Vec<Change>) {
+fn carry_out(
+    ans: &Answering,
+    call: &Call,
+    mut decision: Decision,
+) -> (Ruling, Decision, Vec<Change>) {
     if decision.mode == Mode::Shadow {
         return (Ruling::Pass, decision, Vec::new());
     }
@@ -91,7 +100,10 @@ fn carry_out(ans: &Answering, call: &Call, mut decision: Decision) -> (Ruling, D
         }
     }
     if decision.verdict == Verdict::Block {
-        let text = refusal_text(&call.proposal.tool, &crate::inspect::block_message(&decision));
+        let text = refusal_text(
+            &call.proposal.tool,
+            &crate::inspect::block_message(&decision),
+        );
         return (Ruling::Refuse(text), decision, Vec::new());
     }
     (Ruling::Pass, decision, Vec::new())

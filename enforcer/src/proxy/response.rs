@@ -169,7 +169,12 @@ pub(crate) async fn decide(
             .then_some(decision.reason),
     };
     if !ans
-        .record(Phase::Response, decision, summary(ans, body, changes), outcome)
+        .record(
+            Phase::Response,
+            decision,
+            summary(ans, body, changes),
+            outcome,
+        )
         .await
     {
         let message = "the enforcer could not record the response, so it was not passed on";
@@ -191,7 +196,9 @@ fn rewrite(
 ) -> Result<(String, Vec<Change>), Reason> {
     use crate::constrain::{apply_to_json, apply_to_text, ConstrainError};
     let result = match json {
-        Some(mut v) => apply_to_json(&decision.rewrites, &ans.policy, &mut v).map(|c| (v.to_string(), c)),
+        Some(mut v) => {
+            apply_to_json(&decision.rewrites, &ans.policy, &mut v).map(|c| (v.to_string(), c))
+        }
         None => {
             let mut text = body.to_string();
             apply_to_text(&decision.rewrites, &ans.policy, &mut text).map(|c| (text, c))
@@ -242,7 +249,11 @@ pub(crate) async fn record_refusal(
 
 /// A whole (not streamed) response, read, decided and answered: its proposed tool calls ruled on, then the
 /// response rules on what is left.
-pub(crate) async fn whole(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Response<ProxyBody> {
+pub(crate) async fn whole(
+    resp: Response<Incoming>,
+    ans: Answering,
+    plan: Plan,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
     let raw = match read_whole(body, &ans, plan, &parts.headers).await {
@@ -278,7 +289,9 @@ pub(crate) async fn whole(resp: Response<Incoming>, ans: Answering, plan: Plan) 
     }
     let out = if changed { Bytes::from(body) } else { raw };
     parts.headers.remove(header::CONTENT_ENCODING);
-    parts.headers.insert(header::CONTENT_LENGTH, out.len().into());
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, out.len().into());
     Response::from_parts(parts, full(out))
 }
 
@@ -294,7 +307,10 @@ async fn read_whole(
         let mut buf = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
-                return Err((Reason::UpstreamUnreachable, "the upstream's answer broke off"));
+                return Err((
+                    Reason::UpstreamUnreachable,
+                    "the upstream's answer broke off",
+                ));
             };
             if let Some(data) = frame.data_ref() {
                 buf.extend_from_slice(data);
@@ -315,8 +331,12 @@ async fn read_whole(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    inspect::decode_body(Some(coding), raw, limit)
-        .map_err(|_| (Reason::Unparseable, "the upstream's answer could not be decoded for inspection"))
+    inspect::decode_body(Some(coding), raw, limit).map_err(|_| {
+        (
+            Reason::Unparseable,
+            "the upstream's answer could not be decoded for inspection",
+        )
+    })
 }
 
 pub(crate) const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
@@ -326,5 +346,10 @@ pub(crate) const TOO_SLOW: &str = "the upstream's answer did not complete within
 async fn refused(ans: &Answering, reason: Reason, message: &str) -> Response<ProxyBody> {
     let status = http::StatusCode::BAD_GATEWAY.as_u16();
     record_refusal(ans, Phase::Response, reason, message, Some(status)).await;
-    into_response(inspect::refusal_response(&ans.protocol, status, reason, message))
+    into_response(inspect::refusal_response(
+        &ans.protocol,
+        status,
+        reason,
+        message,
+    ))
 }

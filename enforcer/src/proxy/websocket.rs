@@ -299,7 +299,11 @@ fn proposals_for(ans: &Answering) -> Option<Proposals> {
                 ..
             }
     );
-    let path = ans.request.http.as_ref().map(|h| h.path.trim_end_matches('/'));
+    let path = ans
+        .request
+        .http
+        .as_ref()
+        .map(|h| h.path.trim_end_matches('/'));
     let responses = path.is_some_and(|p| p.ends_with("/v1/responses"));
     (openai && responses && ans.policy.has_rules_for(Phase::Proposal))
         .then(|| Proposals::new(Provider::OpenAi, LlmApi::Responses))
@@ -320,16 +324,26 @@ async fn proposed(ans: &Answering, props: &mut Proposals, msg: Message) -> Vec<F
         .release(&rulings)
         .into_iter()
         .map(|e| match e {
-            Emit::Raw(b) => Fate::Forward(Message::Text(String::from_utf8_lossy(&b).into_owned().into())),
+            Emit::Raw(b) => Fate::Forward(Message::Text(
+                String::from_utf8_lossy(&b).into_owned().into(),
+            )),
             Emit::New { data, .. } => Fate::Forward(Message::Text(data.into())),
         })
         .collect();
     if props.held_bytes() as u64 > ans.policy.max_body_bytes() {
         let message = "a proposed tool call exceeds the inspection limit";
         let decision = super::enforcer_decision(&ans.policy, Reason::BodyTooLarge, message);
-        ans.record(Phase::Proposal, decision, ans.summary.clone(), refused(Some(Reason::BodyTooLarge)))
-            .await;
-        out.push(Fate::Close(CloseCode::Size, "a tool call exceeds the inspection limit"));
+        ans.record(
+            Phase::Proposal,
+            decision,
+            ans.summary.clone(),
+            refused(Some(Reason::BodyTooLarge)),
+        )
+        .await;
+        out.push(Fate::Close(
+            CloseCode::Size,
+            "a tool call exceeds the inspection limit",
+        ));
     }
     out
 }

@@ -135,7 +135,9 @@ async fn upstream_handler(
                 let Ok(up) = on_upgrade.await else { return };
                 let mut io = TokioIo::new(up);
                 let mut buf = [0u8; 64];
-                let Ok(n) = io.read(&mut buf).await else { return };
+                let Ok(n) = io.read(&mut buf).await else {
+                    return;
+                };
                 let _ = io.write_all(b"echo:").await;
                 let _ = io.write_all(&buf[..n]).await;
                 let _ = io.flush().await;

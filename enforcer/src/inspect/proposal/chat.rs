@@ -52,7 +52,10 @@ struct Held {
 #[derive(Debug)]
 enum Item {
     Emit(Emit),
-    Call { choice: u64, held: Held },
+    Call {
+        choice: u64,
+        held: Held,
+    },
     /// A chunk finishing choices, sent once their calls are ruled on.
     Finish {
         name: Option<String>,
@@ -86,7 +89,13 @@ impl Stream {
             o.remove("usage");
         }
         for (choice, role, piece) in pieces {
-            self.absorb(choice, role, &piece, &envelope, pure.then(|| ev.raw.clone()));
+            self.absorb(
+                choice,
+                role,
+                &piece,
+                &envelope,
+                pure.then(|| ev.raw.clone()),
+            );
         }
         if !finishing.is_empty() {
             let calls = finishing.iter().flat_map(|&c| self.close(c)).collect();
@@ -109,11 +118,11 @@ impl Stream {
 
     /// Remove the tool-call pieces from `chunk`: the pieces (choice, the delta's role, piece), the choices it
     /// finishes, and whether nothing else of note is left in it (a role, nulls and empty text aside).
-    #[expect(
-        clippy::type_complexity,
-        reason = "a private triple read once by push"
-    )]
-    fn take_pieces(&mut self, chunk: &mut Value) -> (Vec<(u64, Option<Value>, Value)>, Vec<u64>, bool) {
+    #[expect(clippy::type_complexity, reason = "a private triple read once by push")]
+    fn take_pieces(
+        &mut self,
+        chunk: &mut Value,
+    ) -> (Vec<(u64, Option<Value>, Value)>, Vec<u64>, bool) {
         let (mut pieces, mut finishing, mut bare) = (Vec::new(), Vec::new(), true);
         if chunk.get("usage").is_some_and(|u| !u.is_null()) {
             bare = false;
@@ -140,9 +149,9 @@ impl Stream {
             if let Some(Value::Array(calls)) = delta.remove("tool_calls") {
                 pieces.extend(calls.into_iter().map(|p| (index, role.clone(), p)));
             }
-            bare &= delta.iter().all(|(k, v)| {
-                k == "role" || v.is_null() || v.as_str().is_some_and(str::is_empty)
-            });
+            bare &= delta
+                .iter()
+                .all(|(k, v)| k == "role" || v.is_null() || v.as_str().is_some_and(str::is_empty));
         }
         (pieces, finishing, bare)
     }
@@ -327,7 +336,8 @@ impl Stream {
 
 fn chunk_with(envelope: &Value, choice: u64, delta: Value) -> Emit {
     let mut chunk = envelope.clone();
-    chunk["choices"] = json!([{ "index": choice, "delta": delta, "logprobs": null, "finish_reason": null }]);
+    chunk["choices"] =
+        json!([{ "index": choice, "delta": delta, "logprobs": null, "finish_reason": null }]);
     Emit::New {
         name: None,
         data: chunk.to_string(),

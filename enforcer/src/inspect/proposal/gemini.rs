@@ -89,7 +89,8 @@ fn parts(body: &Value) -> Vec<&Value> {
 }
 
 fn function_call(part: &Value) -> Option<&Value> {
-    part.get("functionCall").or_else(|| part.get("function_call"))
+    part.get("functionCall")
+        .or_else(|| part.get("function_call"))
 }
 
 pub(super) fn body_calls(body: &Value) -> Vec<Call> {

@@ -206,7 +206,8 @@ impl Stream {
                 }
                 Item::Final(raw, mut v) => {
                     let none_left = self.refused && self.passed == 0;
-                    let asks = v.get("delta").and_then(|d| str_of(d, "stop_reason")) == Some("tool_use");
+                    let asks =
+                        v.get("delta").and_then(|d| str_of(d, "stop_reason")) == Some("tool_use");
                     if none_left && asks {
                         v["delta"]["stop_reason"] = json!("end_turn");
                         out.push(self.written(v));
@@ -230,12 +231,18 @@ impl Stream {
             }
             Ruling::Rewrite(args) => {
                 self.passed += u64::from(held.kind == "function");
-                let mut start = held.events.first().map(|(_, v)| v.clone()).unwrap_or_default();
+                let mut start = held
+                    .events
+                    .first()
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
                 start["index"] = json!(index);
                 start["content_block"]["input"] = json!({});
                 out.push(self.written(start));
-                out.push(self.written(json!({"type": "content_block_delta", "index": index,
-                    "delta": {"type": "input_json_delta", "partial_json": args.to_string()}})));
+                out.push(
+                    self.written(json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": args.to_string()}})),
+                );
                 out.push(self.written(json!({"type": "content_block_stop", "index": index})));
             }
             Ruling::Refuse(text) => {
@@ -243,10 +250,14 @@ impl Stream {
                 if held.kind != "function" {
                     self.refused_ids.extend(held.id);
                 }
-                out.push(self.written(json!({"type": "content_block_start", "index": index,
-                    "content_block": {"type": "text", "text": ""}})));
-                out.push(self.written(json!({"type": "content_block_delta", "index": index,
-                    "delta": {"type": "text_delta", "text": text}})));
+                out.push(
+                    self.written(json!({"type": "content_block_start", "index": index,
+                    "content_block": {"type": "text", "text": ""}})),
+                );
+                out.push(
+                    self.written(json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "text_delta", "text": text}})),
+                );
                 out.push(self.written(json!({"type": "content_block_stop", "index": index})));
             }
         }
@@ -293,7 +304,9 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
             }
         }
     }
-    content.retain(|b| !str_of(b, "tool_use_id").is_some_and(|id| refused_ids.iter().any(|r| r == id)));
+    content.retain(|b| {
+        !str_of(b, "tool_use_id").is_some_and(|id| refused_ids.iter().any(|r| r == id))
+    });
     if refused && passed == 0 && str_of(body, "stop_reason") == Some("tool_use") {
         body["stop_reason"] = json!("end_turn");
     }

@@ -204,4 +204,3 @@ fn proposal(tool: &str, kind: &str, args: Value, call_id: Option<&str>) -> Propo
         call_id: call_id.map(str::to_string),
     }
 }
-

@@ -95,7 +95,11 @@ fn with_args(item: &Value, args: &Value) -> Value {
     let mut item = item.clone();
     let ty = str_of(&item, "type").unwrap_or_default();
     let (field, text) = args_field(ty);
-    item[field] = if text { json!(args_text(args)) } else { args.clone() };
+    item[field] = if text {
+        json!(args_text(args))
+    } else {
+        args.clone()
+    };
     item
 }
 
@@ -285,7 +289,8 @@ impl Stream {
             out.push(self.written(e));
         }
         self.shift += added - removed;
-        self.replaced.push((id.clone(), message_item(&id, text, true)));
+        self.replaced
+            .push((id.clone(), message_item(&id, text, true)));
     }
 }
 

@@ -44,9 +44,12 @@ pub const TEST_VENV: &str = "/opt/enforcer-test/venv";
 
 /// What the tests import or run, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which
 /// also runs the MCP SDK's server), requests (the trust-environment test) and the offline schema validator of the
-/// Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled).
+/// Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled). `websockets` is the `openai` SDK's optional
+/// `realtime` dependency, which its Responses WebSocket mode (`client.responses.connect()`) needs (it requires
+/// `>=13,<16`).
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "3.51.0"),
+    ("websockets", "15.0.1"),
     ("anthropic", "2.10.0"),
     ("mcp", "2.3.0"),
     ("requests", "2.34.2"),

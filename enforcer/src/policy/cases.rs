@@ -220,7 +220,12 @@ pub fn normalize(action: &mut Action) {
         for (k, _) in &mut r.headers.0 {
             k.make_ascii_lowercase();
         }
-        complete_body(&mut r.body, &mut r.json, r.content_type.as_deref(), &mut r.body_size);
+        complete_body(
+            &mut r.body,
+            &mut r.json,
+            r.content_type.as_deref(),
+            &mut r.body_size,
+        );
     }
     let Some(http) = &mut action.http else { return };
     for (k, _) in &mut http.headers.0 {

@@ -131,6 +131,32 @@ async fn answer(up: Arc<Upstream>, req: Request<Incoming>) -> Response<TestBody>
             .unwrap()
     };
     match path.as_str() {
+        "/v1/chat/completions" if body.windows(5).any(|w| w == b"stall" || w == b"large") => {
+            let req: Value = serde_json::from_slice(&body).unwrap();
+            let mut events = chat_events("m");
+            events.truncate(3);
+            if req["model"] == "large" {
+                let piece = "x".repeat(8 * 1024);
+                let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                    "logprobs": null, "finish_reason": null}]});
+                events.extend(std::iter::repeat_n(chunk, 10));
+            }
+            let events = sse(&events);
+            let (mut tx, rx) = http_body_util::channel::Channel::<Bytes>::new(16);
+            tokio::spawn(async move {
+                for e in events {
+                    tx.send_data(e).await.unwrap();
+                }
+                // The call never completes: the upstream stalls with it open.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(tx);
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(rx.boxed())
+                .unwrap()
+        }
         "/v1/chat/completions" => {
             let req: Value = serde_json::from_slice(&body).unwrap();
             let events = sse(&chat_events(req["model"].as_str().unwrap()));
@@ -245,6 +271,15 @@ async fn canned_upstream(ca: &TestCa) -> (SocketAddr, Arc<Upstream>) {
     (addr, up)
 }
 
+/// Every test's proxy holds a tool call at most 2 s (limits are process-wide: the first call wins, so every test sets
+/// the same before its proxy starts).
+fn short_hold() {
+    enforcer::proxy::set_limits(enforcer::proxy::Limits {
+        hold_timeout: Duration::from_secs(2),
+        ..enforcer::proxy::Limits::default()
+    });
+}
+
 struct World {
     proxy: Proxy,
     up: SocketAddr,
@@ -252,6 +287,7 @@ struct World {
 }
 
 async fn world(policy: &str) -> World {
+    short_hold();
     let ca = TestCa::new("answer test CA");
     let proxy = start_proxy(policy, &[&ca], false).await;
     let (up, seen) = canned_upstream(&ca).await;
@@ -354,6 +390,44 @@ async fn a_streamed_tool_call_is_refused_before_the_agent_sees_it_while_text_str
     );
     assert_eq!(w.seen.accept_encoding.lock().unwrap()[0], "identity");
     assert_eq!(w.proxy.close_and_verify().await, 2);
+}
+
+/// Held tool calls are bounded in time (the hold timeout, shortened for this binary) and size (`max_body_bytes`):
+/// beyond either the stream ends with the provider's error event, recorded; the text before the call arrived.
+#[tokio::test]
+async fn a_held_call_past_its_time_or_size_bound_ends_the_stream_recorded() {
+    let w = world(POLICY).await;
+    for (model, reason) in [("stall", "hold_timeout"), ("large", "body_too_large")] {
+        let tls = w.proxy.tls_to(w.up, "api.openai.com", &[H1]).await;
+        let req = post(
+            "api.openai.com",
+            "/v1/chat/completions",
+            json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        let started = std::time::Instant::now();
+        let (status, _, body) = send(tls, false, req).await;
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the stream ended at the bound"
+        );
+        let data = sse_data(&body);
+        assert_eq!(
+            data[0]["choices"][0]["delta"]["content"], "Let me ",
+            "{data:?}"
+        );
+        let last = data.last().unwrap();
+        assert_eq!(last["error"]["code"], "blocked_by_policy", "{data:?}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("tool_calls"),
+            "{data:?}"
+        );
+        let recs = records(&w.proxy).await;
+        let rec = recs.last().unwrap();
+        assert_eq!(rec["request"]["phase"], "proposal", "{rec}");
+        assert_eq!(rec["decision"]["reason"], reason, "{rec}");
+        assert_eq!(rec["outcome"]["disposition"], "blocked", "{rec}");
+    }
 }
 
 #[tokio::test]
@@ -543,6 +617,7 @@ async fn mcp_results_are_capped_redacted_and_blocked_as_tool_errors() {
 
 #[tokio::test]
 async fn responses_websocket_events_carry_proposals_decided_like_their_sse_form() {
+    short_hold();
     let ca = TestCa::new("ws answer CA");
     let policy = format!(
         "{POLICY}  - id: allow-openai\n    when: {{ host: api.openai.com }}\n    verdict: log\n"

@@ -173,6 +173,9 @@ impl Reading {
     async fn end(&mut self) -> BytesMut {
         let events = self.reader.finish();
         let mut out = self.events(events).await;
+        if self.ended {
+            return out;
+        }
         if let Some(props) = self.props.as_mut() {
             let calls = props.finish();
             let rulings = super::proposal::rule(&self.ans, &calls).await;

@@ -61,8 +61,17 @@ impl Head {
     }
 }
 
-/// What is read of a response with this head, or `None` when nothing is (it streams through untouched).
+/// What is read of a response with this head, or `None` when nothing is (it streams through untouched, as does a
+/// response that has no body: to `HEAD`, `204`, `304`).
 pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<Plan> {
+    let head_request = ans
+        .request
+        .http
+        .as_ref()
+        .is_some_and(|h| h.method.eq_ignore_ascii_case("HEAD"));
+    if head_request || matches!(head.status, 204 | 304) {
+        return None;
+    }
     let proposals = match ans.protocol {
         Protocol::Llm { provider, api }
             if (200..300).contains(&head.status)
@@ -287,7 +296,11 @@ pub(crate) async fn whole(
             }
         }
     }
-    let out = if changed { Bytes::from(body) } else { raw };
+    if !changed {
+        // The body as it came (its own `Content-Length`, if it had one, stands).
+        return Response::from_parts(parts, full(raw));
+    }
+    let out = Bytes::from(body);
     parts.headers.remove(header::CONTENT_ENCODING);
     parts
         .headers

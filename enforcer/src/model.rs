@@ -494,6 +494,21 @@ pub struct Decision {
     pub policy_hash: String,
 }
 
+impl Decision {
+    /// Turn a constrain that could not be carried out into a block for `reason` (its rewrites dropped).
+    pub fn block_instead(&mut self, reason: Reason) {
+        self.verdict = Verdict::Block;
+        self.reason = reason;
+        self.rewrites.clear();
+    }
+
+    /// The reason an outcome records as its error when a constrain could not be carried out (a signed field or
+    /// an unredactable secret), else none.
+    pub fn rewrite_failure(&self) -> Option<Reason> {
+        matches!(self.reason, Reason::SignedField | Reason::Unredactable).then_some(self.reason)
+    }
+}
+
 /// The policy's answer for everything one exchange asks for (one Action for a plain request or an LLM call, one
 /// per element of a JSON-RPC batch): see [`crate::policy::Policy::decide_all`].
 #[derive(Debug, Clone, PartialEq)]

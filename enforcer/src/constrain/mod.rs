@@ -48,6 +48,18 @@ pub enum ConstrainError {
     UnknownDetector { rule: String, detector: String },
 }
 
+impl ConstrainError {
+    /// The reason a decision that could not be carried out records: a signed field, an unredactable secret, or
+    /// anything else a rewrite could not apply to (`unparseable`).
+    pub fn reason(&self) -> crate::model::Reason {
+        match self {
+            ConstrainError::SignedField { .. } => crate::model::Reason::SignedField,
+            ConstrainError::Unredactable { .. } => crate::model::Reason::Unredactable,
+            _ => crate::model::Reason::Unparseable,
+        }
+    }
+}
+
 /// Secret detectors as the redaction needs them (the policy's `Detectors` implements this).
 pub trait Detect {
     /// Whether a detector of this name exists.

@@ -22,8 +22,11 @@ use super::forward::strip_hop_by_hop;
 use super::http::ProxyBody;
 use super::{events, response, websocket, ProxyContext};
 use crate::inspect::Protocol;
-use crate::model::{Action, Agent, AuditEvent, Decision, Outcome, Phase, Relay, RequestSummary};
+use crate::model::{
+    Action, Agent, AuditEvent, Change, Decision, Outcome, Phase, Relay, RequestSummary,
+};
 use crate::policy::Policy;
+use sha2::Digest;
 
 /// What the response phases need of the exchange they answer.
 pub(crate) struct Answering {
@@ -43,6 +46,17 @@ pub(crate) struct Answering {
 }
 
 impl Answering {
+    /// The record's view of one later part of the exchange: the request's summary with the part's size and
+    /// SHA-256 digest (hex, none for an empty part) and what a rewrite changed.
+    pub fn part_summary(&self, part: &[u8], changes: Vec<Change>) -> RequestSummary {
+        RequestSummary {
+            body_size: part.len() as u64,
+            body_sha256: (!part.is_empty()).then(|| hex::encode(sha2::Sha256::digest(part))),
+            changes,
+            ..self.summary.clone()
+        }
+    }
+
     /// Record one later part of the exchange (`phase`), linked to the request's record; `request` holds what
     /// differs from the request's summary (body size and digest, protocol fields, changes). A failing write is
     /// logged and reported as `false`: the caller must not pass on what was not recorded.

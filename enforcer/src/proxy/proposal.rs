@@ -8,10 +8,7 @@
 //! [`decide`] is where every proposal's verdict is settled, one at a time and in order, while the stream holds the
 //! call: a verdict that must wait (a human review) waits there, and the stream with it.
 
-use sha2::Digest;
-
 use super::answer::Answering;
-use crate::constrain::ConstrainError;
 use crate::inspect::proposal::{refusal_text, Call, Ruling};
 use crate::model::{
     Action, Change, Decision, Disposition, Mode, Outcome, Phase, Reason, RequestSummary, Verdict,
@@ -42,8 +39,7 @@ async fn rule_one(ans: &Answering, call: &Call) -> Ruling {
             Disposition::Forwarded
         },
         status: None,
-        error: matches!(decision.reason, Reason::SignedField | Reason::Unredactable)
-            .then_some(decision.reason),
+        error: decision.rewrite_failure(),
     };
     let tool = call.proposal.tool.clone();
     if !ans
@@ -88,15 +84,11 @@ fn carry_out(
             match crate::constrain::apply_to_json(&decision.rewrites, &ans.policy, &mut args) {
                 Ok(changes) if changes.is_empty() => return (Ruling::Pass, decision, changes),
                 Ok(changes) => return (Ruling::Rewrite(args), decision, changes),
-                Err(ConstrainError::SignedField { .. }) => Some(Reason::SignedField),
-                Err(ConstrainError::Unredactable { .. }) => Some(Reason::Unredactable),
-                Err(_) => Some(Reason::Unparseable),
+                Err(e) => Some(e.reason()),
             }
         };
         if let Some(reason) = failed {
-            decision.verdict = Verdict::Block;
-            decision.reason = reason;
-            decision.rewrites.clear();
+            decision.block_instead(reason);
         }
     }
     if decision.verdict == Verdict::Block {
@@ -123,9 +115,6 @@ fn summary(ans: &Answering, call: &Call, changes: Vec<Change>) -> RequestSummary
         llm_provider: llm.map(|l| l.provider.clone()),
         llm_model: llm.and_then(|l| l.model.clone()),
         tool: Some(call.proposal.tool.clone()),
-        body_size: args.len() as u64,
-        body_sha256: (!args.is_empty()).then(|| hex::encode(sha2::Sha256::digest(args.as_bytes()))),
-        changes,
-        ..ans.summary.clone()
+        ..ans.part_summary(args.as_bytes(), changes)
     }
 }

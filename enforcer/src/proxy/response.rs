@@ -11,7 +11,6 @@ use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
-use sha2::Digest;
 
 use super::answer::Answering;
 use super::http::{full, ProxyBody};
@@ -152,11 +151,7 @@ pub(crate) async fn decide(
                     fate = Fate::Rewrite(text);
                 }
             }
-            Err(reason) => {
-                decision.verdict = Verdict::Block;
-                decision.reason = reason;
-                decision.rewrites.clear();
-            }
+            Err(reason) => decision.block_instead(reason),
         }
     }
     let blocked = enforce && decision.verdict == Verdict::Block;
@@ -174,8 +169,7 @@ pub(crate) async fn decide(
         } else {
             head.status
         }),
-        error: matches!(decision.reason, Reason::SignedField | Reason::Unredactable)
-            .then_some(decision.reason),
+        error: decision.rewrite_failure(),
     };
     if !ans
         .record(
@@ -203,7 +197,7 @@ fn rewrite(
     body: &str,
     json: Option<Value>,
 ) -> Result<(String, Vec<Change>), Reason> {
-    use crate::constrain::{apply_to_json, apply_to_text, ConstrainError};
+    use crate::constrain::{apply_to_json, apply_to_text};
     let result = match json {
         Some(mut v) => {
             apply_to_json(&decision.rewrites, &ans.policy, &mut v).map(|c| (v.to_string(), c))
@@ -213,11 +207,7 @@ fn rewrite(
             apply_to_text(&decision.rewrites, &ans.policy, &mut text).map(|c| (text, c))
         }
     };
-    result.map_err(|e| match e {
-        ConstrainError::SignedField { .. } => Reason::SignedField,
-        ConstrainError::Unredactable { .. } => Reason::Unredactable,
-        _ => Reason::Unparseable,
-    })
+    result.map_err(|e| e.reason())
 }
 
 /// The record's view of a response: the exchange's head, model and MCP method, the body's size and digest (as the
@@ -229,10 +219,7 @@ pub(crate) fn summary(ans: &Answering, body: &str, changes: Vec<Change>) -> Requ
         llm_model: llm.and_then(|l| l.model.clone()),
         mcp_method: mcp.map(|m| m.method.clone()),
         mcp_tool: mcp.and_then(|m| m.tool.clone()),
-        body_size: body.len() as u64,
-        body_sha256: (!body.is_empty()).then(|| hex::encode(sha2::Sha256::digest(body.as_bytes()))),
-        changes,
-        ..ans.summary.clone()
+        ..ans.part_summary(body.as_bytes(), changes)
     }
 }
 

@@ -22,7 +22,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use sha2::Digest;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -196,20 +195,10 @@ fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
     (raw, text, json)
 }
 
-/// The record's view of a message: the upgrade's head, the message's size and digest.
-fn summary(ans: &Answering, raw: &Bytes) -> RequestSummary {
-    RequestSummary {
-        body_size: raw.len() as u64,
-        body_sha256: (!raw.is_empty()).then(|| hex::encode(sha2::Sha256::digest(raw))),
-        changes: Vec::new(),
-        ..ans.summary.clone()
-    }
-}
-
 /// Decide one message from the agent.
 async fn agent_message(ans: &Answering, msg: Message) -> Fate {
     let (raw, text, json) = contents(&msg);
-    let mut summary = summary(ans, &raw);
+    let mut summary = ans.part_summary(&raw, Vec::new());
     // A message claiming JSON that does not parse is refused, never decided as plain data (see the request path).
     if json.is_none() && inspect::claims_json(None, &text) {
         let e = InspectError::BadJson { protocol: "JSON" };
@@ -283,7 +272,7 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         each: &each,
         decision,
         json,
-        summary: summary(ans, &raw),
+        summary: ans.part_summary(&raw, Vec::new()),
     };
     carry_out_decision(ans, judged, msg).await
 }
@@ -379,11 +368,7 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
                 summary.changes = changes;
                 fate = Fate::Forward(rewritten);
             }
-            Err(reason) => {
-                decision.verdict = Verdict::Block;
-                decision.reason = reason;
-                decision.rewrites.clear();
-            }
+            Err(reason) => decision.block_instead(reason),
         }
     }
     let blocked = enforce && decision.verdict == Verdict::Block;
@@ -398,8 +383,7 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
             _ => Fate::Close(CloseCode::Policy, "blocked by policy"),
         };
     }
-    let error = matches!(decision.reason, Reason::SignedField | Reason::Unredactable)
-        .then_some(decision.reason);
+    let error = decision.rewrite_failure();
     let outcome = if blocked { refused(error) } else { forwarded() };
     if !ans.record(phase, decision, summary, outcome).await {
         return Fate::Close(
@@ -422,8 +406,6 @@ fn rewrite(
     };
     match crate::constrain::apply_to_json(&decision.rewrites, &ans.policy, &mut value) {
         Ok(changes) => Ok((Message::Text(value.to_string().into()), changes)),
-        Err(crate::constrain::ConstrainError::SignedField { .. }) => Err(Reason::SignedField),
-        Err(crate::constrain::ConstrainError::Unredactable { .. }) => Err(Reason::Unredactable),
-        Err(_) => Err(Reason::Unparseable),
+        Err(e) => Err(e.reason()),
     }
 }

@@ -607,6 +607,22 @@ pub struct Outcome {
     pub error: Option<Reason>,
 }
 
+impl Outcome {
+    /// What became of a part of an exchange under `decision`: `blocked` or forwarded, with the status the agent got
+    /// (when it got one) and, as the error, the reason a constrain could not be carried out.
+    pub fn of(decision: &Decision, blocked: bool, status: Option<u16>) -> Outcome {
+        Outcome {
+            disposition: if blocked {
+                Disposition::Blocked
+            } else {
+                Disposition::Forwarded
+            },
+            status,
+            error: decision.rewrite_failure(),
+        }
+    }
+}
+
 /// One security decision handed to the audit sink; the sink adds `seq`, `ts` and the chain hashes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {

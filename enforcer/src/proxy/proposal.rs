@@ -11,7 +11,7 @@
 use super::answer::Answering;
 use crate::inspect::proposal::{refusal_text, Call, Ruling};
 use crate::model::{
-    Action, Change, Decision, Disposition, Mode, Outcome, Phase, Reason, RequestSummary, Verdict,
+    Action, Change, Decision, Mode, Outcome, Phase, Reason, RequestSummary, Verdict,
 };
 
 /// The rulings on `calls`, in order.
@@ -32,15 +32,7 @@ async fn rule_one(ans: &Answering, call: &Call) -> Ruling {
     }
     let (ruling, decision, changes) = carry_out(ans, call, decision);
     let blocked = matches!(ruling, Ruling::Refuse(_));
-    let outcome = Outcome {
-        disposition: if blocked {
-            Disposition::Blocked
-        } else {
-            Disposition::Forwarded
-        },
-        status: None,
-        error: decision.rewrite_failure(),
-    };
+    let outcome = Outcome::of(&decision, blocked, None);
     let tool = call.proposal.tool.clone();
     if !ans
         .record(

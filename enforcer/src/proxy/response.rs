@@ -158,19 +158,12 @@ pub(crate) async fn decide(
     if blocked {
         fate = Fate::Block(decision.clone());
     }
-    let outcome = Outcome {
-        disposition: if blocked {
-            Disposition::Blocked
-        } else {
-            Disposition::Forwarded
-        },
-        status: Some(if blocked && whole {
-            inspect::block_response(&ans.protocol, &decision).status
-        } else {
-            head.status
-        }),
-        error: decision.rewrite_failure(),
+    let status = if blocked && whole {
+        inspect::block_response(&ans.protocol, &decision).status
+    } else {
+        head.status
     };
+    let outcome = Outcome::of(&decision, blocked, Some(status));
     if !ans
         .record(
             Phase::Response,

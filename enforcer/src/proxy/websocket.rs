@@ -175,14 +175,6 @@ fn refused(error: Option<Reason>) -> Outcome {
     }
 }
 
-fn forwarded() -> Outcome {
-    Outcome {
-        disposition: Disposition::Forwarded,
-        status: None,
-        error: None,
-    }
-}
-
 /// The text inspection reads of a message (binary as lossy UTF-8) and its JSON, when it is JSON.
 fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
     let raw = match msg {
@@ -383,8 +375,7 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
             _ => Fate::Close(CloseCode::Policy, "blocked by policy"),
         };
     }
-    let error = decision.rewrite_failure();
-    let outcome = if blocked { refused(error) } else { forwarded() };
+    let outcome = Outcome::of(&decision, blocked, None);
     if !ans.record(phase, decision, summary, outcome).await {
         return Fate::Close(
             CloseCode::Error,

@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{args_value, proposal, str_of, Call, Emit, Event, Ruling, Rulings};
+use super::{args_value, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -180,18 +180,9 @@ impl Stream {
         match v.get("index").and_then(Value::as_u64) {
             Some(i) if self.shift(i) > 0 => {
                 v["index"] = json!(i - self.shift(i));
-                self.written(v)
+                typed(self.named, v)
             }
             _ => Emit::Raw(raw),
-        }
-    }
-
-    fn written(&self, v: Value) -> Emit {
-        Emit::New {
-            name: self
-                .named
-                .then(|| str_of(&v, "type").unwrap_or_default().to_string()),
-            data: v.to_string(),
         }
     }
 
@@ -210,7 +201,7 @@ impl Stream {
                         v.get("delta").and_then(|d| str_of(d, "stop_reason")) == Some("tool_use");
                     if none_left && asks {
                         v["delta"]["stop_reason"] = json!("end_turn");
-                        out.push(self.written(v));
+                        out.push(typed(self.named, v));
                     } else {
                         out.push(Emit::Raw(raw));
                     }
@@ -238,27 +229,36 @@ impl Stream {
                     .unwrap_or_default();
                 start["index"] = json!(index);
                 start["content_block"]["input"] = json!({});
-                out.push(self.written(start));
-                out.push(
-                    self.written(json!({"type": "content_block_delta", "index": index,
-                    "delta": {"type": "input_json_delta", "partial_json": args.to_string()}})),
-                );
-                out.push(self.written(json!({"type": "content_block_stop", "index": index})));
+                out.push(typed(self.named, start));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": args.to_string()}}),
+                ));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_stop", "index": index}),
+                ));
             }
             Ruling::Refuse(text) => {
                 self.refused = true;
                 if held.kind != "function" {
                     self.refused_ids.extend(held.id);
                 }
-                out.push(
-                    self.written(json!({"type": "content_block_start", "index": index,
-                    "content_block": {"type": "text", "text": ""}})),
-                );
-                out.push(
-                    self.written(json!({"type": "content_block_delta", "index": index,
-                    "delta": {"type": "text_delta", "text": text}})),
-                );
-                out.push(self.written(json!({"type": "content_block_stop", "index": index})));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_start", "index": index,
+                    "content_block": {"type": "text", "text": ""}}),
+                ));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "text_delta", "text": text}}),
+                ));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_stop", "index": index}),
+                ));
             }
         }
     }

@@ -192,6 +192,15 @@ fn args_text(args: &Value) -> String {
     }
 }
 
+/// An event the rewrite writes: its JSON, named by its own `type` over server-sent events (`named`; the
+/// Responses WebSocket mode names none).
+fn typed(named: bool, v: Value) -> Emit {
+    Emit::New {
+        name: named.then(|| str_of(&v, "type").unwrap_or_default().to_string()),
+        data: v.to_string(),
+    }
+}
+
 fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }

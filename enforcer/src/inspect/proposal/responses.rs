@@ -14,7 +14,7 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{args_text, args_value, proposal, str_of, Call, Emit, Event, Ruling, Rulings};
+use super::{args_text, args_value, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -176,18 +176,9 @@ impl Stream {
         match v.get("sequence_number").and_then(Value::as_i64) {
             Some(n) if self.shift != 0 => {
                 v["sequence_number"] = json!(n + self.shift);
-                self.written(v)
+                typed(self.named, v)
             }
             _ => Emit::Raw(raw),
-        }
-    }
-
-    fn written(&self, v: Value) -> Emit {
-        Emit::New {
-            name: self
-                .named
-                .then(|| str_of(&v, "type").unwrap_or_default().to_string()),
-            data: v.to_string(),
         }
     }
 
@@ -207,7 +198,7 @@ impl Stream {
                         if let Some(n) = v.get("sequence_number").and_then(Value::as_i64) {
                             v["sequence_number"] = json!(n + self.shift);
                         }
-                        out.push(self.written(v));
+                        out.push(typed(self.named, v));
                     } else {
                         out.push(self.shifted(raw, v));
                     }
@@ -244,7 +235,7 @@ impl Stream {
                     if let Some(n) = v.get("sequence_number").and_then(Value::as_i64) {
                         v["sequence_number"] = json!(n + self.shift);
                     }
-                    out.push(self.written(v));
+                    out.push(typed(self.named, v));
                 }
                 if let Some(id) = held.item_id {
                     self.replaced.push((id, item));
@@ -286,7 +277,7 @@ impl Stream {
         let added = i64::try_from(events.len()).unwrap_or(0);
         let removed = i64::try_from(held.events.len()).unwrap_or(0);
         for e in events {
-            out.push(self.written(e));
+            out.push(typed(self.named, e));
         }
         self.shift += added - removed;
         self.replaced

@@ -18,8 +18,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use proxy_support::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::json;
 
 const EVENTS: usize = 1000;
@@ -198,21 +197,7 @@ async fn run() {
     let ca = TestCa::new("stream bench CA");
     let up = upstream(&ca).await;
     let proxy = start_proxy(POLICY, &[&ca], false).await;
-    let direct_tls = {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).expect("CA PEM"))
-            .expect("CA");
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    };
+    let direct_tls = tokio_rustls::TlsConnector::from(client_trusting(&ca.pem, &[b"http/1.1"]));
     let mut direct = Vec::new();
     let mut via = Vec::new();
     // Interleaved, after one warm-up each, so both see the same machine load.

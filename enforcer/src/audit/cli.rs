@@ -29,6 +29,9 @@ pub enum AuditCommand {
         /// Default: the audit.pub inside it.
         #[arg(long, value_name = "PUBKEY")]
         key: Option<PathBuf>,
+        /// The retained traces' directory, when `traces.dir` puts it elsewhere than `<dir>/traces`.
+        #[arg(long, value_name = "DIR")]
+        traces: Option<PathBuf>,
     },
     /// Print the last records; with -f, keep printing new ones.
     Tail {
@@ -54,7 +57,7 @@ pub enum AuditCommand {
         /// Before this time (same forms as --since).
         #[arg(long)]
         until: Option<String>,
-        /// allow, log, constrain or block.
+        /// allow, log, constrain, review or block.
         #[arg(long)]
         verdict: Option<String>,
         /// Agent profile.
@@ -96,7 +99,9 @@ fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         bail!("no audit trail at {}: not a directory", dir.display());
     }
     match cmd {
-        AuditCommand::Verify { dir, key } => verify(&dir, key.as_deref()),
+        AuditCommand::Verify { dir, key, traces } => {
+            verify(&dir, key.as_deref(), traces.as_deref())
+        }
         AuditCommand::Tail {
             dir,
             follow,
@@ -129,8 +134,8 @@ fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let r = super::verify(dir, key).map_err(flat)?;
+fn verify(dir: &Path, key: Option<&Path>, traces: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let r = super::verify::verify_with(dir, key, traces).map_err(flat)?;
     let mb = r.bytes as f64 / 1e6;
     if r.ok() {
         let range = match (r.first_seq, r.last_seq) {
@@ -149,6 +154,9 @@ fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
                 "records 0 to {} were deleted by retention, as the signed retention record {by} says",
                 f - 1
             );
+        }
+        if r.traces > 0 {
+            println!("{} retained traces match their records", r.traces);
         }
         if let Some(c) = r.last_checkpoint {
             println!(
@@ -291,6 +299,9 @@ fn row(l: &Line) -> String {
         Disposition::Forwarded => "forwarded".to_owned(),
         Disposition::Blocked => "blocked".to_owned(),
         Disposition::Failed => "failed".to_owned(),
+        Disposition::Held => "held".to_owned(),
+        Disposition::Retained => "trace stored".to_owned(),
+        Disposition::Deleted => "trace deleted".to_owned(),
     };
     if let Some(s) = r.outcome.status {
         outcome.push_str(&format!(" {s}"));
@@ -356,8 +367,9 @@ fn parse_verdict(s: &str) -> anyhow::Result<Verdict> {
         "allow" => Verdict::Allow,
         "log" => Verdict::Log,
         "constrain" => Verdict::Constrain,
+        "review" => Verdict::Review,
         "block" => Verdict::Block,
-        _ => bail!("unknown verdict {s:?}: expected allow, log, constrain or block"),
+        _ => bail!("unknown verdict {s:?}: expected allow, log, constrain, review or block"),
     })
 }
 

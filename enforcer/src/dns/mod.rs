@@ -142,10 +142,11 @@ pub async fn serve_udp(
             (ctx.clone(), stage.clone(), socket.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _place = place;
-            let (agent, resolver) = match origin {
+            let (mut agent, resolver) = match origin {
                 Some(o) => (o.agent, Some(o.dst.ip())),
                 None => (Agent::default(), None),
             };
+            ctx.sessions.identify(&mut agent);
             let reply = async {
                 match parse_query(&packet) {
                     Ok(query) => {
@@ -238,23 +239,32 @@ async fn resolve(
         .await;
         return error_answer(query, Rcode::ServFail);
     };
-    // Recorded before the query leaves the host; an audit failure means it does not leave.
-    if !record(
-        (ctx, &policy),
-        decision,
-        agent,
-        summary,
-        Disposition::Forwarded,
-        None,
-    )
-    .await
-    {
+    // In the trail before the query leaves the host (an audit failure means it does not leave), durable before the
+    // agent gets the answer: the fdatasync runs while the upstream resolves.
+    let outcome = Outcome {
+        disposition: Disposition::Forwarded,
+        status: None,
+        error: None,
+    };
+    let event = AuditEvent::new(decision, agent.clone(), summary, outcome);
+    let appended = match ctx.append(&policy, event) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "audit write failed for a DNS query");
+            return error_answer(query, Rcode::ServFail);
+        }
+    };
+    let exchange = async {
+        match via {
+            Via::Udp => upstream::udp(upstream, query, stage.timeout).await,
+            Via::Tcp => upstream::tcp(upstream, query, stage.timeout).await,
+        }
+    };
+    let (exchanged, durable) = tokio::join!(exchange, crate::metrics::global().durable(appended));
+    if let Err(e) = durable {
+        tracing::error!(error = %e, "a DNS query's record is not durable: withholding the answer");
         return error_answer(query, Rcode::ServFail);
     }
-    let exchanged = match via {
-        Via::Udp => upstream::udp(upstream, query, stage.timeout).await,
-        Via::Tcp => upstream::tcp(upstream, query, stage.timeout).await,
-    };
     match exchanged {
         // The upstream was offered at most the client's size; an answer over it is not passed on whole.
         Ok(reply) if via == Via::Udp && reply.len() > query.udp_limit() => truncated_answer(query),
@@ -289,16 +299,12 @@ async fn record(
     disposition: Disposition,
     error: Option<Reason>,
 ) -> bool {
-    let event = AuditEvent {
-        decision,
-        agent: agent.clone(),
-        request,
-        outcome: Outcome {
-            disposition,
-            status: None,
-            error,
-        },
+    let outcome = Outcome {
+        disposition,
+        status: None,
+        error,
     };
+    let event = AuditEvent::new(decision, agent.clone(), request, outcome);
     match ctx.record(policy, event).await {
         Ok(_) => true,
         Err(e) => {

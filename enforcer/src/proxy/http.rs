@@ -14,14 +14,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{exchange, upstream, ProxyContext};
+use super::{exchange, ProxyContext};
 use crate::model::{Agent, Scheme};
 
 /// HTTP/2 pings to notice dead clients.
 const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The body type the proxy answers with: the upstream's streamed body or a small buffered one.
-pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// One accepted client connection, as the exchanges on it need it.
 #[derive(Debug, Clone)]
@@ -35,8 +35,6 @@ pub(crate) struct Conn {
     /// plain-HTTP request naming any other host must be bound to `dst` by the `HostBinder`.
     pub resolved_host: Option<String>,
     pub agent: Agent,
-    /// The upstream connection reused across this client connection's requests.
-    pub upstream: Arc<upstream::Slot>,
 }
 
 /// Serve HTTP/1.1 and HTTP/2 on `io`. `h2` is true when ALPN chose h2, in which case only HTTP/2 is spoken.

@@ -8,8 +8,8 @@
 //! `accept` (sniff) → `tls` (leaf, ALPN) or plain HTTP or `tunnel` (raw TCP, decided on the destination) → `http`
 //! (the hyper server) → `exchange` for each request. The request phases, in order, each a module of its own:
 //! `head` (authority, SNI and destination binding) → `body` (read and decode) → `classify` (the Actions) → the
-//! policy's decision → `enforce` (block or constrain) → `forward` (connect, record, send) → `answer` (the response
-//! phases). `record` keeps the exchange's one audit record, `refusal` the one error type every phase returns.
+//! session's state and the policy's decision → `enforce` (block or constrain) → `hold` (a review waits for a
+//! person) → `forward` (connect, record, send) → `answer` (the response phases). `record` keeps the exchange's one audit record, `refusal` the one error type every phase returns.
 //! DNS datagrams redirected by the kernel take their own short path through [`crate::dns`], and so do connections to
 //! port 53 (DNS over TCP).
 
@@ -26,6 +26,7 @@ mod exchange;
 mod explicit;
 mod forward;
 mod head;
+mod hold;
 mod hostbind;
 mod http;
 mod io;
@@ -51,11 +52,12 @@ pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use hostbind::{Binding, HostBindError, HostBinder};
+pub use http::ProxyBody;
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
-pub use upstream::UpstreamError;
+pub use upstream::{Pool as UpstreamPool, UpstreamError};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{Appended, AuditError, AuditLog};
 use crate::inspect::InspectConfig;
 use crate::model::{
     Agent, AuditEvent, Decision, Disposition, Mode, OriginLookup, Outcome, Reason, RequestSummary,
@@ -70,25 +72,41 @@ pub struct ProxyContext {
     pub audit: AuditLog,
     pub ca: Arc<CertAuthority>,
     pub upstream: UpstreamTls,
+    /// Idle verified upstream connections, reused by later requests of the same agent to the same host.
+    pub pool: UpstreamPool,
     pub origins: Arc<dyn OriginLookup>,
     pub inspect: InspectConfig,
     /// Binds a plain-HTTP `Host` to the original destination (transparent mode; see `hostbind`).
     pub hosts: HostBinder,
     /// The DNS stage, which serves connections to port 53 (DNS over TCP); `None`: they are decided as raw TCP.
     pub dns: Option<Arc<crate::dns::DnsStage>>,
+    /// Per-agent-run state rules read (`session.*`) and write (`label:`, `count:`); kept across policy reloads.
+    pub sessions: Arc<crate::session::Sessions>,
+    /// Exchanges held for a person's answer (`review` verdict).
+    pub reviews: Arc<crate::review::Reviews>,
+    /// Where retained exchanges are written, encrypted (`traces.recipient`); `None`: nothing is retained.
+    pub traces: Option<Arc<crate::trace::TraceStore>>,
 }
 
 impl ProxyContext {
     /// Write `event` to the audit trail, durably, under `policy` (the snapshot the event was decided under). The
     /// host and path are the agent's words and can carry a secret: where one of that policy's detectors fires in
     /// one, the record shows it redacted.
-    pub async fn record(&self, policy: &Policy, mut event: AuditEvent) -> Result<u64, AuditError> {
+    pub async fn record(&self, policy: &Policy, event: AuditEvent) -> Result<u64, AuditError> {
+        let appended = self.append(policy, event)?;
+        crate::metrics::global().durable(appended).await
+    }
+
+    /// [`ProxyContext::record`] in two steps: the record is in the trail (it survives the daemon being killed) when
+    /// this returns; [`Appended::durable`] (through [`crate::metrics::Metrics::durable`]) says when a power cut can no
+    /// longer lose it. What an agent may see of an action's result waits for that.
+    pub fn append(&self, policy: &Policy, mut event: AuditEvent) -> Result<Appended, AuditError> {
         let request = &mut event.request;
         crate::constrain::scrub_for_record(
             policy,
             [&mut request.host, &mut request.path].into_iter().flatten(),
         );
-        crate::metrics::global().audited(&self.audit, event).await
+        crate::metrics::global().appended(&self.audit, &event)
     }
 
     /// Record a refusal the proxy decided itself, outside an HTTP exchange (a connection without an origin, a TLS
@@ -101,16 +119,16 @@ impl ProxyContext {
         (reason, status): (Reason, Option<u16>),
         message: &str,
     ) {
-        let event = AuditEvent {
-            decision: enforcer_decision(policy, reason, message),
-            agent: agent.clone(),
+        let event = AuditEvent::new(
+            enforcer_decision(policy, reason, message),
+            agent.clone(),
             request,
-            outcome: Outcome {
+            Outcome {
                 disposition: Disposition::Blocked,
                 status,
                 error: Some(reason),
             },
-        };
+        );
         if let Err(e) = self.record(policy, event).await {
             tracing::error!(error = %e, "audit write failed for a refusal");
         }
@@ -121,14 +139,13 @@ impl ProxyContext {
 /// hash.
 pub(crate) fn enforcer_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
     Decision {
-        verdict: Verdict::Block,
-        deciding_rule: None,
-        matched_rules: Vec::new(),
-        reason,
         message: Some(message.to_string()),
-        rewrites: Vec::new(),
-        mode: Mode::Enforce,
-        policy_hash: policy.hash().to_string(),
+        ..Decision::bare(
+            Verdict::Block,
+            reason,
+            Mode::Enforce,
+            policy.hash().to_string(),
+        )
     }
 }
 
@@ -232,9 +249,11 @@ async fn client(
                 .await;
                 return;
             };
+            let mut agent = origin.agent;
+            ctx.sessions.identify(&mut agent);
             let target = Target {
                 dst: origin.dst,
-                agent: origin.agent,
+                agent,
                 host_hint: None,
             };
             accept::handle(ctx, stream, target).await;

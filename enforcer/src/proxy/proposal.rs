@@ -60,14 +60,12 @@ async fn decide(ans: &Answering, action: &Action) -> Decision {
 
 /// The ruling for `decision` (shadow mode passes everything), the decision as carried out (a constrain that could
 /// not be carried out is a block) and what a rewrite changed.
-fn carry_out(
-    ans: &Answering,
-    call: &Call,
-    mut decision: Decision,
-) -> (Ruling, Decision, Vec<Change>) {
+fn carry_out(ans: &Answering, call: &Call, decision: Decision) -> (Ruling, Decision, Vec<Change>) {
     if decision.mode == Mode::Shadow {
         return (Ruling::Pass, decision, Vec::new());
     }
+    // A proposal is not held for a person's answer (yet): an enforced review refuses it, saying so.
+    let mut decision = super::hold::unheld(&decision);
     if decision.verdict == Verdict::Constrain {
         let failed = if call.signed {
             Some(Reason::SignedField)

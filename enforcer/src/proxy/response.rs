@@ -142,6 +142,10 @@ pub(crate) async fn decide(
         return Fate::Pass;
     }
     let enforce = decision.mode == Mode::Enforce;
+    if enforce {
+        // A response is not held for a person's answer: an enforced review refuses it, saying so.
+        decision = super::hold::unheld(&decision);
+    }
     let (mut fate, mut changes) = (Fate::Pass, Vec::new());
     if enforce && decision.verdict == Verdict::Constrain {
         match rewrite(ans, &decision, body, json) {

@@ -11,6 +11,10 @@
 //!   untouched (unrecorded) when none matches; on an OpenAI Responses connection (`/v1/responses`) its events then
 //!   go through the proposal reader, as the same events do over server-sent events (`proposal`): a proposed tool
 //!   call is held until complete, decided, and passed, rewritten or replaced by a message saying it was refused;
+//! - a message under an enforced `review` is refused like a block (reason `review_unavailable`): it cannot be held,
+//!   since the connection's later messages would wait behind it and the protocols have no "pending" answer;
+//! - every message is an Action of the agent's session: it sees the session's labels and counters and leaves its own
+//!   (`Sessions::fill`, `Sessions::note`), as a request does;
 //! - a message over the policy's `max_body_bytes` closes the connection with 1009 (message too big), recorded: it is
 //!   never relayed uninspected. `permessage-deflate` is never negotiated (the upgrade request's
 //!   `Sec-WebSocket-Extensions` is removed), so every frame is read as sent.
@@ -210,8 +214,8 @@ async fn agent_message(ans: &Answering, msg: Message) -> Fate {
         http.body = text;
         http.json = json;
     }
-    let inspected = inspect::classify_message(action, &ans.ctx.inspect);
-    let decided = ans.policy.decide_all(&inspected.actions);
+    let mut inspected = inspect::classify_message(action, &ans.ctx.inspect);
+    let decided = decide(ans, &mut inspected.actions);
     if let Some(a) = inspected.actions.get(decided.index) {
         if let Some(llm) = &a.llm {
             summary.llm_provider = Some(llm.provider.clone());
@@ -253,7 +257,7 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         json: json.clone(),
         ..HttpResponse::default()
     });
-    let decision = ans.policy.evaluate(&action);
+    let decision = decide(ans, std::slice::from_mut(&mut action)).decision;
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Fate::Forward(msg);
     }
@@ -329,6 +333,17 @@ async fn proposed(ans: &Answering, props: &mut Proposals, msg: Message) -> Vec<F
     out
 }
 
+/// Decide a message's Actions with their session's state, and note on the session what each decision leaves.
+fn decide(ans: &Answering, actions: &mut [crate::model::Action]) -> crate::model::Decided {
+    let sessions = &ans.ctx.sessions;
+    sessions.fill(actions, ans.policy.session_counters());
+    let decided = ans.policy.decide_all(actions);
+    for (action, decision) in actions.iter().zip(&decided.each) {
+        sessions.note(&ans.agent, decision, action);
+    }
+    decided
+}
+
 /// A message and what was decided about it.
 struct Judged<'a> {
     phase: Phase,
@@ -363,19 +378,23 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
             Err(reason) => decision.block_instead(reason),
         }
     }
-    let blocked = enforce && decision.verdict == Verdict::Block;
+    let unheld = enforce && decision.verdict == Verdict::Review;
+    let blocked = enforce && (decision.verdict == Verdict::Block || unheld);
     if blocked {
         let refusal_each: Vec<Decision> = if each.len() == 1 {
-            vec![decision.clone()]
+            vec![super::hold::unheld(&decision)]
         } else {
-            each.to_vec()
+            each.iter().map(super::hold::unheld).collect()
         };
         fate = match inspect::message_block(protocol, &refusal_each) {
             Some(text) if phase == Phase::Request => Fate::Answer(Message::Text(text.into())),
             _ => Fate::Close(CloseCode::Policy, "blocked by policy"),
         };
     }
-    let outcome = Outcome::of(&decision, blocked, None);
+    let mut outcome = Outcome::of(&decision, blocked, None);
+    if unheld {
+        outcome.error = Some(Reason::ReviewUnavailable);
+    }
     if !ans.record(phase, decision, summary, outcome).await {
         return Fate::Close(
             CloseCode::Error,

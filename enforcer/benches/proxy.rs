@@ -6,14 +6,12 @@
 #[path = "../tests/proxy_support/mod.rs"]
 mod proxy_support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use proxy_support::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 /// Requests, connections and leaves per case; divided by [`SHORT_DIVISOR`] with `ENFORCER_BENCH_SHORT` set.
 const KEEPALIVE_REQUESTS: u32 = 2000;
@@ -44,21 +42,8 @@ async fn run() {
     let proxy = start_proxy(&policy(&["allowed.test"], &[]), &[&test_ca], false).await;
     let (chain, key) = test_ca.leaf(&["allowed.test"]);
     let (up, _) = https_upstream(chain, key, false).await;
-    let direct_tls = {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(test_ca.pem.as_bytes()).expect("test CA PEM"))
-            .expect("test CA");
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    };
+    let direct_tls =
+        tokio_rustls::TlsConnector::from(client_trusting(&test_ca.pem, &[b"http/1.1"]));
     let name = || ServerName::try_from("allowed.test").expect("server name");
 
     // Kept-alive HTTP/1.1.

@@ -521,6 +521,8 @@ pub enum Reason {
     /// The agent's TLS client did not complete the handshake with the enforcer's certificate (it sent an alert,
     /// typically `unknown_ca`: it does not trust the enforcer CA).
     ClientTls,
+    /// A tool call or response body held for its decision did not complete within the proxy's time bound.
+    HoldTimeout,
     /// Refused in the kernel by the capture programs, before anything left the socket: a socket kind, a bind, an
     /// inbound packet or a datagram the enforcer does not carry (see docs/proxy.md).
     Kernel,
@@ -559,6 +561,7 @@ impl Reason {
             Reason::AuditUnavailable => "audit_unavailable",
             Reason::ClientClosed => "client_closed",
             Reason::ClientTls => "client_tls",
+            Reason::HoldTimeout => "hold_timeout",
             Reason::Kernel => "kernel",
             Reason::UserNotAllowed => "user_not_allowed",
             Reason::ReviewDenied => "review_denied",
@@ -618,6 +621,21 @@ impl Decision {
             counts: Vec::new(),
             retain: None,
         }
+    }
+}
+
+impl Decision {
+    /// Turn a constrain that could not be carried out into a block for `reason` (its rewrites dropped).
+    pub fn block_instead(&mut self, reason: Reason) {
+        self.verdict = Verdict::Block;
+        self.reason = reason;
+        self.rewrites.clear();
+    }
+
+    /// The reason an outcome records as its error when a constrain could not be carried out (a signed field or
+    /// an unredactable secret), else none.
+    pub fn rewrite_failure(&self) -> Option<Reason> {
+        matches!(self.reason, Reason::SignedField | Reason::Unredactable).then_some(self.reason)
     }
 }
 
@@ -689,6 +707,9 @@ pub struct RequestSummary {
     /// only in `client_tls` records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_alert: Option<String>,
+    /// A proposal's record: the tool the model proposed to call (never its arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
     /// Kernel refusals only: how many refusals this record stands for (itself, and those of the same cgroup and
     /// kind before it that the kernel's rate bound left unrecorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -721,6 +742,22 @@ pub struct Outcome {
     /// HTTP status sent to the client when the enforcer answered itself, or the upstream's when known.
     pub status: Option<u16>,
     pub error: Option<Reason>,
+}
+
+impl Outcome {
+    /// What became of a part of an exchange under `decision`: `blocked` or forwarded, with the status the agent got
+    /// (when it got one) and, as the error, the reason a constrain could not be carried out.
+    pub fn of(decision: &Decision, blocked: bool, status: Option<u16>) -> Outcome {
+        Outcome {
+            disposition: if blocked {
+                Disposition::Blocked
+            } else {
+                Disposition::Forwarded
+            },
+            status,
+            error: decision.rewrite_failure(),
+        }
+    }
 }
 
 /// Who answered a review.

@@ -228,3 +228,56 @@ fn a_condition_of_another_phase_is_an_error_located_at_its_key() {
         "{err}"
     );
 }
+
+/// Whether a response must be read at all is judged on its head: a rule whose head conditions fail cannot decide it
+/// (it streams through unread); one that needs the body is assumed to, also under `not` and `any`.
+#[test]
+fn a_response_is_read_only_where_a_rule_may_decide_it() {
+    let p = policy();
+    let head = |host: &str, status: u16, content_type: Option<&str>| {
+        let mut a = response(host, status, json!(null));
+        if let Some(r) = a.response.as_mut() {
+            r.json = None;
+            r.body = String::new();
+            r.content_type = content_type.map(str::to_string);
+        }
+        a
+    };
+    assert!(
+        p.response_may_match(&head("db.internal.test", 200, None)),
+        "the body decides"
+    );
+    assert!(
+        !p.response_may_match(&head("db.internal.test", 404, None)),
+        "2xx only"
+    );
+    assert!(
+        !p.response_may_match(&head("api.openai.com", 200, None)),
+        "another host"
+    );
+    assert!(p.response_may_match(&head(
+        "api.openai.com",
+        503,
+        Some("application/json; charset=utf-8")
+    )));
+    assert!(!p.response_may_match(&head("api.openai.com", 503, Some("text/html"))));
+
+    let nested = Policy::from_yaml(
+        r#"version: 1
+default: allow
+rules:
+  - id: r
+    phase: response
+    when: { any: [{ host: a.test }, { not: { response.json: { "$.ok": true } } }] }
+    verdict: log
+"#,
+        "nested.yaml",
+    )
+    .unwrap();
+    assert!(
+        nested.response_may_match(&head("b.test", 200, None)),
+        "the body may decide"
+    );
+    let none = Policy::from_yaml("version: 1\ndefault: allow\nrules: []\n", "none.yaml").unwrap();
+    assert!(!none.response_may_match(&head("a.test", 200, None)));
+}

@@ -262,6 +262,15 @@ fn llm_requests(sdk: &Sdk, needle: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// OpenAI's steps exercise two of some things (HTTP and the Responses API or its WebSocket mode).
+fn per_kind(provider: &str) -> usize {
+    if provider == "openai" {
+        2
+    } else {
+        1
+    }
+}
+
 fn run_id(env: &Env, tag: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -300,6 +309,46 @@ fn responses_api(sdk: &Sdk, lines: &[serde_json::Value], err: &str, run: &str, p
         llm_requests(sdk, &format!("responses-blocked-{run}")).is_empty(),
         "a blocked Responses call reached the upstream"
     );
+}
+
+/// The OpenAI SDK's Responses WebSocket mode (`client.responses.connect()`) through the proxy: a pasted key in a
+/// `response.create` event reaches the provider redacted, a blocked model is answered with an error event on the
+/// open connection, and a proposed `shell` call that curls a key to an unlisted host arrives as a message saying
+/// it was refused — in the events and in the final response.
+fn websocket_mode(sdk: &Sdk, lines: &[serde_json::Value], err: &str, run: &str, pasted: &str) {
+    let ws = step(lines, "websocket", err);
+    assert_eq!(ws["ok"], true, "{ws}");
+    assert_eq!(ws["redact"]["text"], "Hello over WebSocket.", "{ws}");
+    let recs = llm_requests(sdk, &format!("wskey-{run}"));
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let raw = recs[0]["body"].as_str().unwrap_or_default();
+    assert!(!raw.contains(pasted), "the key reached the upstream: {raw}");
+    assert!(raw.contains("[REDACTED:openai-key]"), "{raw}");
+
+    let blocked = ws["blocked"].to_string();
+    assert!(
+        blocked.contains("blocked_by_policy") && blocked.contains("this model is not approved"),
+        "{ws}"
+    );
+    assert!(llm_requests(sdk, &format!("wsdeny-{run}")).is_empty());
+
+    let p = &ws["proposal"];
+    assert_eq!(
+        p["items"],
+        serde_json::json!(["message", "message"]),
+        "{ws}"
+    );
+    assert_eq!(
+        p["final"],
+        serde_json::json!(["message", "message"]),
+        "{ws}"
+    );
+    let text = p["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with("Hello over WebSocket.") && text.contains("refused the tool call `shell`"),
+        "{ws}"
+    );
+    assert!(!ws.to_string().contains("AKIA"), "{ws}");
 }
 
 // ---- tests ----
@@ -435,16 +484,70 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
     );
     if provider == "openai" {
         responses_api(&sdk, &lines, &err, &run, &pasted);
+        websocket_mode(&sdk, &lines, &err, &run, &pasted);
     }
+
+    // The model proposes a `shell` call that curls an AWS key to an unlisted host: the SDK's streaming helper
+    // accumulates a message without any tool call, whose text says why, and the turn no longer asks for tools.
+    let p = step(&lines, "proposal", &err);
+    assert_eq!(p["ok"], true, "{p}");
+    assert_eq!(p["tool_calls"], serde_json::json!([]), "{p}");
+    let content = p["content"].as_str().unwrap_or_default();
+    assert!(
+        content.contains("refused the tool call `shell`")
+            && content.contains("(policy rule: sdk-no-fetch-to-unlisted-hosts)"),
+        "{p}"
+    );
+    assert!(
+        !p.to_string().contains("AKIA"),
+        "the key reached the agent: {p}"
+    );
+    let finish = if provider == "openai" {
+        "stop"
+    } else {
+        "end_turn"
+    };
+    assert_eq!(p["finish"], finish, "{p}");
 
     // The audit trail: one record per call (so no retry ever reached the proxy), the right decisions, no secret.
     let records = env.audit_records();
     let mine: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["request"]["host"] == host && r["request"]["llm_provider"] == provider)
+        .filter(|r| r["request"]["phase"].is_null())
         .collect();
+    // One record per refused proposal (the streamed one; for OpenAI also the WebSocket one), linked to its request.
+    let proposals: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["request"]["host"] == host && r["request"]["phase"] == "proposal")
+        .collect();
+    assert_eq!(proposals.len(), per_kind(provider), "{proposals:#?}");
+    for rec in &proposals {
+        assert_eq!(rec["request"]["tool"], "shell", "{rec}");
+        assert_eq!(rec["decision"]["verdict"], "block", "{rec}");
+        assert_eq!(
+            rec["decision"]["rule"], "sdk-no-fetch-to-unlisted-hosts",
+            "{rec}"
+        );
+        assert_eq!(
+            rec["decision"]["matched"],
+            serde_json::json!([
+                "sdk-no-fetch-to-unlisted-hosts",
+                "sdk-no-secrets-in-tool-calls"
+            ]),
+            "{rec}"
+        );
+        assert_eq!(rec["outcome"]["disposition"], "blocked", "{rec}");
+        let parent = &rec["request"]["parent"];
+        assert!(
+            records
+                .iter()
+                .any(|r| &r["seq"] == parent && r["request"]["phase"].is_null()),
+            "{rec}"
+        );
+    }
     // OpenAI's Responses steps add one blocked and one redacted call.
-    let per_kind = if provider == "openai" { 2 } else { 1 };
+    let per_kind = per_kind(provider);
     let blocked_recs: Vec<_> = mine
         .iter()
         .filter(|r| r["request"]["llm_model"] == "e2e-blocked-model")
@@ -467,9 +570,10 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
     }
     let text = constrained[0].to_string();
     assert!(text.contains("max_tokens"), "cap not recorded: {text}");
+    // basic, stream, redact and proposal, plus the blocked and constrained ones.
     assert_eq!(
         mine.len(),
-        2 + 2 * per_kind,
+        3 + 2 * per_kind,
         "one record per call: {mine:?}"
     );
     let all = records.iter().map(|r| r.to_string()).collect::<String>();
@@ -488,7 +592,7 @@ pub fn mcp_python_sdk(env: &mut Env) {
     let list = step(&lines, "list", &err);
     assert_eq!(
         list["tools"],
-        serde_json::json!(["delete_file", "read_file"]),
+        serde_json::json!(["delete_file", "list_records", "read_file"]),
         "{list}"
     );
 
@@ -528,10 +632,49 @@ pub fn mcp_python_sdk(env: &mut Env) {
         vec![serde_json::json!({"tool": "read_file", "path": file})]
     );
 
+    // A result of 150 items, each with a key, reaches the SDK capped to 100 and redacted.
+    let got = step(&lines, "records", &err);
+    assert_eq!(got["ok"], true, "{got}");
+    assert_eq!(got["is_error"], false, "{got}");
+    let items = got["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 100, "{got}");
+    assert_eq!(
+        items[5],
+        format!("record 5 of {run}: key [REDACTED:aws-access-key]").as_str()
+    );
+    assert!(!got.to_string().contains("AKIA"), "{got}");
+
     let records = env.audit_records();
+    let responses: Vec<_> = records
+        .iter()
+        .filter(|r| r["request"]["host"] == MCP_HOST && r["request"]["phase"] == "response")
+        .filter(|r| r["request"]["mcp_tool"] == "list_records")
+        .collect();
+    assert_eq!(responses.len(), 1, "{responses:#?}");
+    let rec = responses[0];
+    assert_eq!(rec["decision"]["verdict"], "constrain", "{rec}");
+    assert_eq!(
+        rec["decision"]["matched"],
+        serde_json::json!(["sdk-mcp-results-at-most-100", "sdk-mcp-redact-results"]),
+        "{rec}"
+    );
+    let changes = rec["request"]["changes"].to_string();
+    assert!(
+        changes.contains(r#""path":"$.result.content","cause":"json_truncate""#)
+            && changes.contains("redact:aws-access-key"),
+        "{rec}"
+    );
+    let parent = &rec["request"]["parent"];
+    assert!(
+        records
+            .iter()
+            .any(|r| &r["seq"] == parent && r["request"]["mcp_tool"] == "list_records"),
+        "{rec}"
+    );
     let tool_recs: Vec<_> = records
         .iter()
         .filter(|r| r["request"]["host"] == MCP_HOST && r["request"]["mcp_method"] == "tools/call")
+        .filter(|r| r["request"]["phase"].is_null())
         .collect();
     let rec_for = |tool: &str| {
         let found: Vec<_> = tool_recs

@@ -50,9 +50,6 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 /// The test virtual environment (world-readable); tests/e2e/harness.rs runs every Python from it.
 pub const TEST_VENV: &str = "/opt/enforcer-test/venv";
 
-/// What the tests import or run, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which
-/// also runs the MCP SDK's server), requests (the trust-environment test) and the offline schema validator of the
-/// Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled).
 /// The npm prefix of the Node packages the tests run (world-readable): `node_modules/.bin` holds the agent CLIs.
 pub const TEST_NODE: &str = "/opt/enforcer-test/node";
 
@@ -67,8 +64,14 @@ const NODE_PACKAGES: &[(&str, &str)] = &[
     ("@google/gemini-cli", "0.61.0"),
 ];
 
+/// What the tests import or run, pinned: the official SDKs they run as unmodified agents (tests/e2e/sdk.rs, which
+/// also runs the MCP SDK's server), requests (the trust-environment test) and the offline schema validator of the
+/// Kubernetes manifests (enforcer/tests/deploy.rs, its schemas bundled). `websockets` is the `openai` SDK's optional
+/// `realtime` dependency, which its Responses WebSocket mode (`client.responses.connect()`) needs (it requires
+/// `>=13,<16`).
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "3.51.0"),
+    ("websockets", "15.0.1"),
     ("anthropic", "2.10.0"),
     ("mcp", "2.3.0"),
     ("requests", "2.34.2"),

@@ -13,6 +13,8 @@ mod redact;
 mod signed;
 mod tools;
 
+pub use signed::is_signed_object;
+
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -44,6 +46,18 @@ pub enum ConstrainError {
     Unsupported { rule: String, op: &'static str },
     #[error("rule {rule} names the unknown detector {detector:?}")]
     UnknownDetector { rule: String, detector: String },
+}
+
+impl ConstrainError {
+    /// The reason a decision that could not be carried out records: a signed field, an unredactable secret, or
+    /// anything else a rewrite could not apply to (`unparseable`).
+    pub fn reason(&self) -> crate::model::Reason {
+        match self {
+            ConstrainError::SignedField { .. } => crate::model::Reason::SignedField,
+            ConstrainError::Unredactable { .. } => crate::model::Reason::Unredactable,
+            _ => crate::model::Reason::Unparseable,
+        }
+    }
 }
 
 /// Secret detectors as the redaction needs them (the policy's `Detectors` implements this).
@@ -464,6 +478,51 @@ pub fn apply_to_json(
         }
     }
     *value = candidate;
+    Ok(changes)
+}
+
+/// Apply `rewrites` to a text that is not JSON (a response body, one server-sent event's data): redaction rewrites
+/// it as text (`path: body`); a JSON rewrite cannot apply ([`ConstrainError::NotJson`]); header rewrites and
+/// `drop_tools` change nothing. On error `text` is unchanged and nothing may be passed on (the caller blocks).
+pub fn apply_to_text(
+    rewrites: &[PlannedRewrite],
+    policy: &Policy,
+    text: &mut String,
+) -> Result<Vec<Change>, ConstrainError> {
+    let detect = policy.detectors();
+    let mut candidate: Option<String> = None;
+    let mut changes = Vec::new();
+    for planned in rewrites {
+        match &planned.rewrite {
+            Rewrite::Redact { detectors } => {
+                let redactor = Redactor {
+                    detect,
+                    names: detectors,
+                    marker: policy.redaction_marker(),
+                };
+                let current = candidate.as_deref().unwrap_or(text);
+                if let Some((new, fired)) = redactor.redact_str(current) {
+                    changes.extend(fired.into_iter().map(|d| Change {
+                        path: "body".into(),
+                        cause: format!("redact:{d}"),
+                    }));
+                    candidate = Some(new);
+                }
+            }
+            Rewrite::JsonSet { .. }
+            | Rewrite::JsonRemove { .. }
+            | Rewrite::JsonCap { .. }
+            | Rewrite::JsonTruncate { .. } => {
+                return Err(ConstrainError::NotJson {
+                    rule: planned.rule.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    if let Some(new) = candidate {
+        *text = new;
+    }
     Ok(changes)
 }
 

@@ -4,14 +4,26 @@
 
 use serde_json::{Map, Value};
 
-/// Whether the object `map` is, as a whole, a signed region (an Anthropic thinking block or a Gemini part with a
-/// thought signature).
-pub(super) fn is_signed_object(map: &Map<String, Value>) -> bool {
+/// The `thoughtSignature` values Gemini documents as "skip validation" (for histories the client did not get from
+/// the model): they sign nothing, so a part carrying one is not a signed region.
+const THOUGHT_SIGNATURE_SENTINELS: &[&str] = &[
+    "skip_thought_signature_validator",
+    "context_engineering_is_the_way_to_go",
+];
+
+/// Whether the object `map` is, as a whole, a signed region (an Anthropic thinking block, or a Gemini part with a
+/// thought signature other than the skip-validation sentinels).
+pub fn is_signed_object(map: &Map<String, Value>) -> bool {
+    let signature = map
+        .get("thoughtSignature")
+        .or_else(|| map.get("thought_signature"));
     matches!(
         map.get("type").and_then(Value::as_str),
         Some("thinking" | "redacted_thinking")
-    ) || map.contains_key("thoughtSignature")
-        || map.contains_key("thought_signature")
+    ) || signature.is_some_and(|s| {
+        !s.as_str()
+            .is_some_and(|s| THOUGHT_SIGNATURE_SENTINELS.contains(&s))
+    })
 }
 
 /// Whether the value under `key` is a signed region by itself.

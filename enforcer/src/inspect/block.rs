@@ -287,3 +287,80 @@ fn mcp_answer(
     };
     json_response(200, &[], &body)
 }
+
+/// How a blocked event of a response stream (server-sent events) is answered, in the stream's own protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamBlock {
+    /// Send this event data instead and go on (MCP: the answer to the request the event answered).
+    Replace(String),
+    /// Send nothing for this event and go on (an MCP message that expects no answer).
+    Drop,
+    /// End the stream with this event (`event:` name, data): the provider's error event, or the enforcer's.
+    End {
+        event: Option<&'static str>,
+        data: String,
+    },
+}
+
+/// The answer to a blocked event `event` (its JSON, when it is JSON) of a response stream of `protocol`:
+///
+/// - MCP (Streamable HTTP, JSON-RPC in `message` events): a response to a request is replaced by that request's
+///   block answer (a `tools/call` by a tool error, `isError: true`; other methods by a `-32001` error), with the
+///   same `id`; a server request or notification is dropped;
+/// - an LLM provider: its error event, on which the SDKs raise (OpenAI `{"type":"error","error":{…}}`, Anthropic
+///   `event: error` with `{"type":"error","error":{"type":"permission_error",…}}`, Gemini `{"error":{…}}`), ending
+///   the stream;
+/// - anything else: `event: error` with the enforcer's `policy_violation` JSON, ending the stream.
+pub fn stream_block(
+    protocol: &Protocol,
+    decision: &Decision,
+    event: Option<&Value>,
+) -> StreamBlock {
+    match protocol {
+        Protocol::Mcp { messages, .. } => {
+            let Some(id) = event
+                .filter(|e| e.get("result").is_some() || e.get("error").is_some())
+                .and_then(|e| e.get("id"))
+            else {
+                return StreamBlock::Drop;
+            };
+            let method = messages
+                .iter()
+                .find(|m| m.id.as_ref() == Some(id))
+                .map_or("tools/call", |m| m.method.as_str());
+            let message = McpMessage {
+                id: Some(id.clone()),
+                method: method.to_string(),
+            };
+            StreamBlock::Replace(mcp_element(&message, Some(decision), &[]).to_string())
+        }
+        Protocol::Provider(provider) | Protocol::Llm { provider, .. } => {
+            let message = block_message(decision);
+            let (event, data) = match provider {
+                Provider::OpenAi => (
+                    None,
+                    json!({"type": "error", "error": {"message": message, "type": "permission_error",
+                           "param": null, "code": "blocked_by_policy"}}),
+                ),
+                Provider::Anthropic => (
+                    Some("error"),
+                    json!({"type": "error", "error": {"type": "permission_error", "message": message}}),
+                ),
+                Provider::Gemini => (
+                    None,
+                    json!({"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}),
+                ),
+            };
+            StreamBlock::End {
+                event,
+                data: data.to_string(),
+            }
+        }
+        Protocol::Http => StreamBlock::End {
+            event: Some("error"),
+            data: json!({"error": {"type": "policy_violation", "rule": decision.deciding_rule,
+                                   "message": block_message(decision)}})
+            .to_string(),
+        },
+    }
+}

@@ -10,14 +10,16 @@ mod decode;
 mod llm;
 mod mcp;
 mod message;
+pub mod proposal;
+pub mod sse;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::Action;
 
 pub use block::{
-    block_batch_response, block_message, block_response, refusal_response, BlockResponse,
-    MCP_POLICY_ERROR_CODE,
+    block_batch_response, block_message, block_response, refusal_response, stream_block,
+    BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, decode_body};
 pub(crate) use llm::tool_name;

@@ -288,27 +288,49 @@ fn check(want: &Expect, got: &Decision, prefix: &str) -> Vec<String> {
 }
 
 /// Fill what a hand-written Action leaves out, as the inspect stage would: lower-case header names, `json` from a
-/// JSON body (or the body from `json`), `body_size` from the body.
+/// JSON body (or the body from `json`), `body_size` from the body; for a response Action the same of its `response`.
 pub fn normalize(action: &mut Action) {
+    if let Some(r) = &mut action.response {
+        for (k, _) in &mut r.headers.0 {
+            k.make_ascii_lowercase();
+        }
+        complete_body(
+            &mut r.body,
+            &mut r.json,
+            r.content_type.as_deref(),
+            &mut r.body_size,
+        );
+    }
     let Some(http) = &mut action.http else { return };
     for (k, _) in &mut http.headers.0 {
         k.make_ascii_lowercase();
     }
-    if http.json.is_none() && !http.body.is_empty() {
-        let looks_json = http
-            .content_type
-            .as_deref()
-            .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
-            || http.body.trim_start().starts_with(['{', '[']);
+    complete_body(
+        &mut http.body,
+        &mut http.json,
+        http.content_type.as_deref(),
+        &mut http.body_size,
+    );
+}
+
+fn complete_body(
+    body: &mut String,
+    json: &mut Option<serde_json::Value>,
+    content_type: Option<&str>,
+    size: &mut u64,
+) {
+    if json.is_none() && !body.is_empty() {
+        let looks_json = content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
+            || body.trim_start().starts_with(['{', '[']);
         if looks_json {
-            http.json = serde_json::from_str(&http.body).ok();
+            *json = serde_json::from_str(body).ok();
         }
-    } else if http.body.is_empty() {
-        if let Some(json) = &http.json {
-            http.body = json.to_string();
+    } else if body.is_empty() {
+        if let Some(j) = json {
+            *body = j.to_string();
         }
     }
-    if http.body_size == 0 {
-        http.body_size = http.body.len() as u64;
+    if *size == 0 {
+        *size = body.len() as u64;
     }
 }

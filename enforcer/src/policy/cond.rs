@@ -886,6 +886,33 @@ impl Cond {
         }
     }
 
+    /// Whether this condition can still hold once the response body is known, judged on a response Action that
+    /// has only its head (status, headers, content type): `Some(v)` when the head alone decides, `None` when it
+    /// depends on the body (`response.json`, `detect`).
+    pub fn on_head(&self, cx: &Ctx) -> Option<bool> {
+        match self {
+            Cond::All(cs) => cs
+                .iter()
+                .try_fold(Some(true), |acc, c| match c.on_head(cx) {
+                    Some(false) => Err(()),
+                    None => Ok(None),
+                    Some(true) => Ok(acc),
+                })
+                .unwrap_or(Some(false)),
+            Cond::Any(cs) => cs
+                .iter()
+                .try_fold(Some(false), |acc, c| match c.on_head(cx) {
+                    Some(true) => Err(()),
+                    None => Ok(None),
+                    Some(false) => Ok(acc),
+                })
+                .map_or(Some(true), |r| r),
+            Cond::Not(c) => c.on_head(cx).map(|v| !v),
+            Cond::ResponseJson(_) | Cond::Detect(_) => None,
+            other => Some(other.eval(cx)),
+        }
+    }
+
     /// Add every (counter, window) a `session.count` in this condition reads to `out`, once each.
     pub fn session_counters(&self, out: &mut Vec<(String, Option<u64>)>) {
         match self {

@@ -488,6 +488,16 @@ impl Policy {
         self.rules.iter().any(|r| r.on == phase)
     }
 
+    /// Whether a `phase: response` rule could match the response whose head `action` carries (its `response` has
+    /// status, headers and content type, no body): rules whose other conditions already fail are left out, so only
+    /// a response some rule may decide is read whole or event by event.
+    pub fn response_may_match(&self, action: &Action) -> bool {
+        let cx = Ctx::new(action, &self.detectors);
+        self.rules
+            .iter()
+            .any(|r| r.on == Phase::Response && r.when.on_head(&cx) != Some(false))
+    }
+
     /// How a connection the upstream agreed to upgrade may be relayed under `decision`: as its deciding rule's
     /// `relay:` says (`inspect` unless the rule says `opaque`); the default decision always inspects.
     pub fn relay(&self, decision: &Decision) -> Relay {

@@ -1,9 +1,14 @@
 //! The response phases: what the agent receives of the upstream's answer, after the request's record. Connection-
 //! scoped fields are removed and the body streams through frame by frame (server-sent events are never buffered).
 //! An upgrade the upstream accepted (`101`) is relayed: a WebSocket message by message, each decided (`websocket`),
-//! an upgrade a rule lets through unread (`relay: opaque`) byte for byte. Response-side decisions on a response
-//! body, a server-sent event or a proposed tool call are phases of their own, added here; each decides under the
-//! exchange's policy snapshot and leaves a record linked to the request's ([`Answering::record`]).
+//! an upgrade a rule lets through unread (`relay: opaque`) byte for byte.
+//!
+//! When the policy has `phase: proposal` or `phase: response` rules, the exchange is answered with an
+//! [`Answering`] and the response is read where a rule may decide it (`response::plan`): a stream of server-sent
+//! events event by event (`events`), any other body whole (`response::whole`); proposed tool calls are decided in
+//! `proposal`, data in `response`. Each decides under the exchange's policy snapshot and leaves a record linked to
+//! the request's ([`Answering::record`]). Without such rules, or when none may apply, the body streams through as
+//! it came: nothing is buffered or parsed.
 
 use std::sync::Arc;
 
@@ -15,10 +20,13 @@ use hyper_util::rt::TokioIo;
 
 use super::forward::strip_hop_by_hop;
 use super::http::ProxyBody;
-use super::{websocket, ProxyContext};
+use super::{events, response, websocket, ProxyContext};
 use crate::inspect::Protocol;
-use crate::model::{Action, Agent, AuditEvent, Decision, Outcome, Phase, Relay, RequestSummary};
+use crate::model::{
+    Action, Agent, AuditEvent, Change, Decision, Outcome, Phase, Relay, RequestSummary,
+};
 use crate::policy::Policy;
+use sha2::Digest;
 
 /// What the response phases need of the exchange they answer.
 pub(crate) struct Answering {
@@ -38,6 +46,17 @@ pub(crate) struct Answering {
 }
 
 impl Answering {
+    /// The record's view of one later part of the exchange: the request's summary with the part's size and
+    /// SHA-256 digest (hex, none for an empty part) and what a rewrite changed.
+    pub fn part_summary(&self, part: &[u8], changes: Vec<Change>) -> RequestSummary {
+        RequestSummary {
+            body_size: part.len() as u64,
+            body_sha256: (!part.is_empty()).then(|| hex::encode(sha2::Sha256::digest(part))),
+            changes,
+            ..self.summary.clone()
+        }
+    }
+
     /// Record one later part of the exchange (`phase`), linked to the request's record; `request` holds what
     /// differs from the request's summary (body size and digest, protocol fields, changes). A failing write is
     /// logged and reported as `false`: the caller must not pass on what was not recorded.
@@ -64,20 +83,39 @@ impl Answering {
     }
 }
 
-/// The agent's answer from the upstream's `resp`. `upgrade` is the client side of an `Upgrade` request and what
-/// its relay needs.
-pub(crate) fn respond(
+/// Whether responses of exchanges under `policy` are read at all (it has proposal or response rules).
+pub(crate) fn reads_responses(policy: &Policy) -> bool {
+    policy.has_rules_for(Phase::Proposal) || policy.has_rules_for(Phase::Response)
+}
+
+/// The agent's answer from the upstream's `resp`. `answering` is what the response phases need (present for an
+/// upgrade and when the policy reads responses); `client` is the client side of an `Upgrade` request.
+pub(crate) async fn respond(
     mut resp: Response<Incoming>,
-    upgrade: Option<(OnUpgrade, Answering)>,
+    answering: Option<Answering>,
+    client: Option<OnUpgrade>,
 ) -> Response<ProxyBody> {
-    match upgrade {
-        Some((client, answering)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+    let Some(answering) = answering else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+        return resp.map(|b| b.boxed());
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client {
             let upstream = hyper::upgrade::on(&mut resp);
             tokio::spawn(relay_upgraded(client, upstream, answering));
+            return resp.map(|b| b.boxed());
         }
-        _ => strip_hop_by_hop(resp.headers_mut(), false),
     }
-    resp.map(|b| b.boxed())
+    strip_hop_by_hop(resp.headers_mut(), false);
+    if !reads_responses(&answering.policy) {
+        return resp.map(|b| b.boxed());
+    }
+    let head = response::Head::of(resp.status().as_u16(), resp.headers());
+    match response::plan(&answering, &head, resp.headers()) {
+        None => resp.map(|b| b.boxed()),
+        Some(plan) if plan.events => events::stream(resp, answering, plan),
+        Some(plan) => response::whole(resp, answering, plan).await,
+    }
 }
 
 async fn relay_upgraded(client: OnUpgrade, upstream: OnUpgrade, answering: Answering) {

@@ -10,7 +10,7 @@ use super::head::Head;
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::constrain::ConstrainError;
-use crate::model::{Change, Mode, Reason, Relay, Verdict};
+use crate::model::{Change, Mode, Relay, Verdict};
 
 /// The request as it is to be forwarded.
 pub(crate) struct Outgoing {
@@ -75,12 +75,9 @@ pub(crate) fn enforce(
             })
         }
         Err(e) => {
-            let (reason, message) = match &e {
-                ConstrainError::SignedField { .. } => (Reason::SignedField, None),
-                // Names only the detector and where: policy words, no request data.
-                ConstrainError::Unredactable { .. } => (Reason::Unredactable, Some(e.to_string())),
-                _ => (Reason::Unparseable, None),
-            };
+            let reason = e.reason();
+            // Names only the detector and where: policy words, no request data.
+            let message = matches!(e, ConstrainError::Unredactable { .. }).then(|| e.to_string());
             // Not the error itself: its JSON path is made of the body's (attacker-chosen) keys.
             tracing::info!(reason = ?reason, "constrain could not be applied: blocking");
             let blocked = rec.block_instead(reason, message);

@@ -17,8 +17,8 @@
 //! 12. `ExchangeRecord::forwarded` — the record, in the trail before anything reaches the upstream;
 //! 13. `forward::send` — the request sent, the response head received, while the record is made durable
 //!     (`ExchangeRecord::durable`): the agent sees nothing of the answer before both;
-//! 14. `answer::respond` — the response phases: what the agent receives (copied into the exchange's trace when its
-//!     decision retains it: `trace::attach`).
+//! 14. `answer::respond` — the response phases: what the agent receives (proposed tool calls and data decided when
+//!     the policy has rules for them; copied into the exchange's trace when its decision retains it: `trace::attach`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -78,10 +78,6 @@ async fn phases(
     let mut inspected = classify::classify(rec, conn, &head, &parts, &body)?;
     let sessions = rec.ctx().sessions.clone();
     sessions.fill(&mut inspected.actions, policy.session_counters());
-    let upgrading = head
-        .upgrade
-        .is_some()
-        .then(|| inspected.actions.first().cloned());
     let deciding = Instant::now();
     let mut decided = policy.decide_all(&inspected.actions);
     // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
@@ -95,6 +91,11 @@ async fn phases(
     for (action, decision) in inspected.actions.iter().zip(&decided.each) {
         sessions.note(&conn.agent, decision, action);
     }
+    let reads_responses = answer::reads_responses(&policy);
+    // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses).
+    let answered = (head.upgrade.is_some() || reads_responses)
+        .then(|| inspected.actions.get(decided.index).cloned())
+        .flatten();
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
     rec.start_trace(conn.scheme.as_str(), &parts, &body.decoded);
 
@@ -105,7 +106,14 @@ async fn phases(
         .actions
         .first()
         .and_then(|a| a.transport.provider.clone());
-    let outgoing = enforce::enforce(rec, &head, provider.as_deref(), parts, body)?;
+    let mut outgoing = enforce::enforce(rec, &head, provider.as_deref(), parts, body)?;
+    if reads_responses {
+        // What the response phases read must not be content-coded; a coded answer is still decoded.
+        outgoing.parts.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
+    }
     hold::review(rec).await?;
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
@@ -122,9 +130,9 @@ async fn phases(
     durable?;
 
     let traced = rec.take_trace().filter(|_| upgrade.is_none());
-    let upgrade = upgrade.zip(upgrading.flatten()).map(|(client, request)| {
-        let answering = rec.answering(request, seq);
-        (client, answering)
-    });
-    Ok(crate::trace::attach(answer::respond(resp, upgrade), traced))
+    let answering = answered.map(|request| rec.answering(request, seq));
+    Ok(crate::trace::attach(
+        answer::respond(resp, answering, upgrade).await,
+        traced,
+    ))
 }

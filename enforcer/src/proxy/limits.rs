@@ -38,6 +38,9 @@ pub struct Limits {
     /// How long the upstream may take to send its response head; streaming bodies are never timed out once the
     /// head has arrived. 504 after it.
     pub response_head_timeout: Duration,
+    /// How long a response may hold a part of an upstream's answer for its decision: a tool call whose arguments
+    /// are still streaming, or a body read whole for a response rule. Refused (`hold_timeout`) after it.
+    pub hold_timeout: Duration,
     /// HTTP/1.1: most header fields in a request head.
     pub h1_max_headers: usize,
     /// HTTP/1.1: the connection's read buffer, which bounds a request head's size.
@@ -61,6 +64,7 @@ impl Default for Limits {
             pressure_head_timeout: Duration::from_secs(5),
             body_idle_timeout: Duration::from_secs(30),
             response_head_timeout: Duration::from_secs(120),
+            hold_timeout: Duration::from_secs(300),
             h1_max_headers: 100,
             h1_max_buf_size: 64 * 1024,
             h2_max_concurrent_streams: 100,

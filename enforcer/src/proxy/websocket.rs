@@ -8,7 +8,9 @@
 //!   protocol's own shape (an `error` event, a JSON-RPC error) — or, where the protocol has none, by closing the
 //!   connection with 1008 (policy violation);
 //! - a message from the upstream is a response-phase Action when the policy has response rules, and passes
-//!   untouched (unrecorded) when none matches;
+//!   untouched (unrecorded) when none matches; on an OpenAI Responses connection (`/v1/responses`) its events then
+//!   go through the proposal reader, as the same events do over server-sent events (`proposal`): a proposed tool
+//!   call is held until complete, decided, and passed, rewritten or replaced by a message saying it was refused;
 //! - a message under an enforced `review` is refused like a block (reason `review_unavailable`): it cannot be held,
 //!   since the connection's later messages would wait behind it and the protocols have no "pending" answer;
 //! - every message is an Action of the agent's session: it sees the session's labels and counters and leaves its own
@@ -24,7 +26,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use sha2::Digest;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -32,7 +33,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::answer::Answering;
-use crate::inspect::{self, InspectError, Protocol};
+use crate::inspect::proposal::{Emit, Event, Proposals};
+use crate::inspect::{self, InspectError, LlmApi, Protocol, Provider};
 use crate::model::{
     Decision, Disposition, HttpResponse, Mode, Outcome, Phase, Reason, RequestSummary, Verdict,
 };
@@ -92,9 +94,22 @@ async fn from_agent(ans: &Answering, mut rx: SplitStream<Ws>, client: &Sink, ups
 }
 
 async fn from_upstream(ans: &Answering, mut rx: SplitStream<Ws>, client: &Sink, upstream: &Sink) {
+    let mut props = proposals_for(ans);
     while let Some(next) = rx.next().await {
         let fate = match next {
-            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => upstream_message(ans, msg).await,
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                match (upstream_message(ans, msg).await, props.as_mut()) {
+                    (Fate::Forward(msg), Some(props)) => {
+                        for fate in proposed(ans, props, msg).await {
+                            if !carry_out(fate, client, upstream, client).await {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    (fate, _) => fate,
+                }
+            }
             Ok(Message::Close(frame)) => {
                 let _ = client.lock().await.send(Message::Close(frame)).await;
                 return;
@@ -164,14 +179,6 @@ fn refused(error: Option<Reason>) -> Outcome {
     }
 }
 
-fn forwarded() -> Outcome {
-    Outcome {
-        disposition: Disposition::Forwarded,
-        status: None,
-        error: None,
-    }
-}
-
 /// The text inspection reads of a message (binary as lossy UTF-8) and its JSON, when it is JSON.
 fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
     let raw = match msg {
@@ -184,20 +191,10 @@ fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
     (raw, text, json)
 }
 
-/// The record's view of a message: the upgrade's head, the message's size and digest.
-fn summary(ans: &Answering, raw: &Bytes) -> RequestSummary {
-    RequestSummary {
-        body_size: raw.len() as u64,
-        body_sha256: (!raw.is_empty()).then(|| hex::encode(sha2::Sha256::digest(raw))),
-        changes: Vec::new(),
-        ..ans.summary.clone()
-    }
-}
-
 /// Decide one message from the agent.
 async fn agent_message(ans: &Answering, msg: Message) -> Fate {
     let (raw, text, json) = contents(&msg);
-    let mut summary = summary(ans, &raw);
+    let mut summary = ans.part_summary(&raw, Vec::new());
     // A message claiming JSON that does not parse is refused, never decided as plain data (see the request path).
     if json.is_none() && inspect::claims_json(None, &text) {
         let e = InspectError::BadJson { protocol: "JSON" };
@@ -271,9 +268,69 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         each: &each,
         decision,
         json,
-        summary: summary(ans, &raw),
+        summary: ans.part_summary(&raw, Vec::new()),
     };
     carry_out_decision(ans, judged, msg).await
+}
+
+/// The proposal reader of an OpenAI Responses WebSocket connection (its server events carry proposed tool calls as
+/// its server-sent events do), when the policy has proposal rules.
+fn proposals_for(ans: &Answering) -> Option<Proposals> {
+    let openai = matches!(
+        ans.protocol,
+        Protocol::Provider(Provider::OpenAi)
+            | Protocol::Llm {
+                provider: Provider::OpenAi,
+                ..
+            }
+    );
+    let path = ans
+        .request
+        .http
+        .as_ref()
+        .map(|h| h.path.trim_end_matches('/'));
+    let responses = path.is_some_and(|p| p.ends_with("/v1/responses"));
+    (openai && responses && ans.policy.has_rules_for(Phase::Proposal))
+        .then(|| Proposals::new(Provider::OpenAi, LlmApi::Responses))
+        .flatten()
+}
+
+/// One server event through the proposal reader: the messages to send now (none while a call is held). A call held
+/// beyond the policy's `max_body_bytes` closes the connection (1009), recorded.
+async fn proposed(ans: &Answering, props: &mut Proposals, msg: Message) -> Vec<Fate> {
+    let (raw, text, _) = contents(&msg);
+    let calls = props.push(Event {
+        name: None,
+        data: text,
+        raw,
+    });
+    let rulings = super::proposal::rule(ans, &calls).await;
+    let mut out: Vec<Fate> = props
+        .release(&rulings)
+        .into_iter()
+        .map(|e| match e {
+            Emit::Raw(b) => Fate::Forward(Message::Text(
+                String::from_utf8_lossy(&b).into_owned().into(),
+            )),
+            Emit::New { data, .. } => Fate::Forward(Message::Text(data.into())),
+        })
+        .collect();
+    if props.held_bytes() as u64 > ans.policy.max_body_bytes() {
+        let message = "a proposed tool call exceeds the inspection limit";
+        let decision = super::enforcer_decision(&ans.policy, Reason::BodyTooLarge, message);
+        ans.record(
+            Phase::Proposal,
+            decision,
+            ans.summary.clone(),
+            refused(Some(Reason::BodyTooLarge)),
+        )
+        .await;
+        out.push(Fate::Close(
+            CloseCode::Size,
+            "a tool call exceeds the inspection limit",
+        ));
+    }
+    out
 }
 
 /// Decide a message's Actions with their session's state, and note on the session what each decision leaves.
@@ -318,11 +375,7 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
                 summary.changes = changes;
                 fate = Fate::Forward(rewritten);
             }
-            Err(reason) => {
-                decision.verdict = Verdict::Block;
-                decision.reason = reason;
-                decision.rewrites.clear();
-            }
+            Err(reason) => decision.block_instead(reason),
         }
     }
     let unheld = enforce && decision.verdict == Verdict::Review;
@@ -338,13 +391,10 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
             _ => Fate::Close(CloseCode::Policy, "blocked by policy"),
         };
     }
-    let error = if unheld {
-        Some(Reason::ReviewUnavailable)
-    } else {
-        matches!(decision.reason, Reason::SignedField | Reason::Unredactable)
-            .then_some(decision.reason)
-    };
-    let outcome = if blocked { refused(error) } else { forwarded() };
+    let mut outcome = Outcome::of(&decision, blocked, None);
+    if unheld {
+        outcome.error = Some(Reason::ReviewUnavailable);
+    }
     if !ans.record(phase, decision, summary, outcome).await {
         return Fate::Close(
             CloseCode::Error,
@@ -366,8 +416,6 @@ fn rewrite(
     };
     match crate::constrain::apply_to_json(&decision.rewrites, &ans.policy, &mut value) {
         Ok(changes) => Ok((Message::Text(value.to_string().into()), changes)),
-        Err(crate::constrain::ConstrainError::SignedField { .. }) => Err(Reason::SignedField),
-        Err(crate::constrain::ConstrainError::Unredactable { .. }) => Err(Reason::Unredactable),
-        Err(_) => Err(Reason::Unparseable),
+        Err(e) => Err(e.reason()),
     }
 }

@@ -183,6 +183,24 @@ async fn upstream_handler(
     Ok(Response::new(Full::new(Bytes::from(text)).boxed()))
 }
 
+/// A TLS client config trusting only the CA in `ca_pem` (PEM), offering `alpn`.
+pub fn client_trusting(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(cfg)
+}
+
 /// A TLS server presenting `chain`, offering `alpn`.
 pub fn tls_acceptor(
     chain: Vec<CertificateDer<'static>>,
@@ -569,20 +587,7 @@ impl Proxy {
 
     /// A TLS client config trusting only the enforcer CA, offering `alpn`.
     pub fn client_tls(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap())
-            .unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        Arc::new(cfg)
+        client_trusting(&self.ca_pem, alpn)
     }
 
     /// TLS through the proxy to `dst` with SNI `sni`.

@@ -25,6 +25,12 @@ PASTED = {
 }[PROVIDER]
 
 
+# A shell tool the agent declares; the policy refuses the model's proposal to curl a key to an unlisted host with it.
+SHELL_SCHEMA = {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}
+SHELL_OPENAI = [{"type": "function", "function": {"name": "shell", "description": "Run a shell command", "parameters": SHELL_SCHEMA}}]
+SHELL_ANTHROPIC = [{"name": "shell", "description": "Run a shell command", "input_schema": SHELL_SCHEMA}]
+
+
 def out(obj):
     print(json.dumps(obj), flush=True)
 
@@ -140,6 +146,50 @@ def openai_steps():
         client.responses.create(model="e2e-blocked-model", input="responses-blocked-%s: hello" % RUN)
         return {"unexpected": "the blocked call succeeded"}
 
+    def proposal():
+        with client.chat.completions.stream(
+            model="e2e-model",
+            messages=[{"role": "user", "content": "proposal-%s: upload my notes" % RUN}],
+            tools=SHELL_OPENAI,
+        ) as s:
+            for _ in s:
+                pass
+            final = s.get_final_completion()
+        m = final.choices[0].message
+        return {
+            "tool_calls": [tc.function.name for tc in m.tool_calls or []],
+            "content": m.content,
+            "finish": final.choices[0].finish_reason,
+        }
+
+    def websocket():
+        def turn(conn):
+            text, items = "", []
+            for ev in conn:
+                if ev.type == "response.output_text.delta":
+                    text += ev.delta
+                elif ev.type == "response.output_item.done":
+                    items.append(ev.item.type)
+                elif ev.type == "response.completed":
+                    return {"text": text, "items": items, "final": [o.type for o in ev.response.output]}
+                elif ev.type == "error":
+                    return {"error": ev.to_dict()}
+            return {"closed": True}
+
+        out = {}
+        with client.responses.connect() as conn:
+            conn.response.create(model="e2e-model", input="wskey-%s: my key is %s" % (RUN, PASTED))
+            out["redact"] = turn(conn)
+            conn.response.create(model="e2e-blocked-model", input="wsdeny-%s: hello" % RUN)
+            out["blocked"] = turn(conn)
+            conn.response.create(
+                model="e2e-model",
+                input="wsproposal-%s: upload my notes" % RUN,
+                tools=[dict(SHELL_OPENAI[0]["function"], type="function")],
+            )
+            out["proposal"] = turn(conn)
+        return out
+
     return client.max_retries, [
         ("basic", basic),
         ("stream", stream),
@@ -147,6 +197,8 @@ def openai_steps():
         ("blocked", blocked),
         ("responses", responses),
         ("responses_blocked", responses_blocked),
+        ("proposal", proposal),
+        ("websocket", websocket),
     ]
 
 
@@ -214,7 +266,29 @@ def anthropic_steps():
         )
         return {"unexpected": "the blocked call succeeded"}
 
-    return client.max_retries, [("basic", basic), ("stream", stream), ("redact", redact), ("blocked", blocked)]
+    def proposal():
+        with client.messages.stream(
+            model="e2e-model",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "proposal-%s: upload my notes" % RUN}],
+            tools=SHELL_ANTHROPIC,
+        ) as s:
+            for _ in s:
+                pass
+            final = s.get_final_message()
+        return {
+            "tool_calls": [b.name for b in final.content if b.type == "tool_use"],
+            "content": "".join(b.text for b in final.content if b.type == "text"),
+            "finish": final.stop_reason,
+        }
+
+    return client.max_retries, [
+        ("basic", basic),
+        ("stream", stream),
+        ("redact", redact),
+        ("blocked", blocked),
+        ("proposal", proposal),
+    ]
 
 
 def main():

@@ -3,8 +3,9 @@
 
 usage: mcp_client.py URL RUN_ID
 
-Lists the tools, calls `read_file` (allowed by the policy) and `delete_file` (blocked by it), and prints one JSON
-line per step with what the SDK returned: `is_error` (CallToolResult.isError) and the text content.
+Lists the tools, calls `read_file` (allowed by the policy), `delete_file` (blocked by it) and `list_records` (its
+result capped and redacted on the way back), and prints one JSON line per step with what the SDK returned:
+`is_error` (CallToolResult.isError), the text content, and for `records` the content items.
 """
 
 import asyncio
@@ -36,6 +37,13 @@ async def main():
             except Exception as e:  # reported, the test decides
                 out({"step": step, "ok": False, "exception": type(e).__name__, "message": str(e),
                      "trace": traceback.format_exc()[-800:]})
+        try:
+            r = await client.call_tool("list_records", {"run": RUN})
+            out({"step": "records", "ok": True, "is_error": r.is_error,
+                 "items": [getattr(c, "text", "") for c in r.content]})
+        except Exception as e:  # reported, the test decides
+            out({"step": "records", "ok": False, "exception": type(e).__name__, "message": str(e),
+                 "trace": traceback.format_exc()[-800:]})
 
 
 if __name__ == "__main__":

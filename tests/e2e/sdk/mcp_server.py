@@ -2,8 +2,9 @@
 """A real MCP server for the SDK end-to-end tests, built with the official MCP Python SDK (`MCPServer`, called
 FastMCP before mcp 2) and served over Streamable HTTP with TLS (uvicorn) on --port inside the harness's netns.
 
-Tools: `read_file(path)` answers with the file's (made-up) contents; `delete_file(path)` would delete it. Every tool
-call the server actually executes is appended as one JSON line to RECORD_DIR/mcp-calls.jsonl, so the harness can
+Tools: `read_file(path)` answers with the file's (made-up) contents; `delete_file(path)` would delete it;
+`list_records(run)` answers with 150 text items, each carrying an AWS key (a result the policy caps and redacts
+on its way back). Every tool call the server actually executes is appended as one JSON line to RECORD_DIR/mcp-calls.jsonl, so the harness can
 tell that a blocked call never reached the server. Prints "MCP READY" once listening.
 """
 
@@ -38,6 +39,13 @@ def delete_file(path: str) -> str:
     """Delete a file from the e2e workspace."""
     record("delete_file", path)
     return "deleted %s" % path
+
+
+@server.tool(structured_output=False)
+def list_records(run: str) -> list[str]:
+    """List the records of the e2e database (one content item each)."""
+    record("list_records", run)
+    return ["record %d of %s: key AKIAIOSFODNN7EXAMPLE" % (i, run) for i in range(150)]
 
 
 def main():

@@ -1,0 +1,423 @@
+//! OpenAI Chat Completions: `choices[].message.tool_calls` in a whole response; in a stream, `chat.completion.chunk`
+//! events whose `choices[].delta.tool_calls[]` carry each call in pieces by `index` (`id`, `type` and name first,
+//! then argument text), a chunk with the choice's `finish_reason`, and `data: [DONE]`. Function (`function.name`,
+//! `function.arguments`) and custom (`custom.name`, `custom.input`) calls.
+//!
+//! A call is held from its first piece until its choice finishes. Passed on unchanged it is re-sent as it came (or as
+//! one chunk, renumbered, when an earlier call was refused or its pieces shared a chunk with other content); a
+//! refused call becomes a `content` delta, and `finish_reason: tool_calls` becomes `stop` when no call is left.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::{args_text, args_value, proposal, str_of, Call, Emit, Event, Ruling, Rulings};
+
+#[derive(Debug, Default)]
+pub(super) struct Stream {
+    /// Open calls by choice index, then by tool-call index.
+    open: BTreeMap<u64, BTreeMap<u64, Held>>,
+    choices: BTreeMap<u64, Choice>,
+    pending: Vec<Item>,
+}
+
+/// What the agent has been sent for one choice.
+#[derive(Debug, Default)]
+struct Choice {
+    /// Calls passed on so far: the next one's index.
+    passed: u64,
+    /// Text was sent (a refusal then starts on a new paragraph).
+    text: bool,
+    refused: bool,
+}
+
+#[derive(Debug)]
+struct Held {
+    index: u64,
+    id: Option<String>,
+    /// `function` or `custom`.
+    kind: String,
+    name: String,
+    args: String,
+    /// The `role` the call's first chunk carried, to keep when that chunk is not re-sent.
+    role: Option<Value>,
+    /// The chunk the call started in, without its choices: the envelope of a chunk written for it.
+    envelope: Value,
+    raws: Vec<Bytes>,
+    /// Every chunk of the call carried only this call, so its bytes can be re-sent as they came.
+    pure: bool,
+}
+
+#[derive(Debug)]
+enum Item {
+    Emit(Emit),
+    Call {
+        choice: u64,
+        held: Held,
+    },
+    /// A chunk finishing choices, sent once their calls are ruled on.
+    Finish {
+        name: Option<String>,
+        chunk: Value,
+        raw: Bytes,
+        changed: bool,
+    },
+}
+
+impl Stream {
+    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
+        if ev.data.trim() == "[DONE]" {
+            let calls = self.close_all();
+            self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
+            return calls;
+        }
+        let Ok(mut chunk) = serde_json::from_str::<Value>(&ev.data) else {
+            self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
+            return Vec::new();
+        };
+        let (pieces, finishing, bare) = self.take_pieces(&mut chunk);
+        if pieces.is_empty() && finishing.is_empty() {
+            self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
+            return Vec::new();
+        }
+        let pure = pieces.len() == 1 && bare && finishing.is_empty();
+        let took = !pieces.is_empty();
+        let mut envelope = chunk.clone();
+        if let Some(o) = envelope.as_object_mut() {
+            o.insert("choices".into(), Value::Array(Vec::new()));
+            o.remove("usage");
+        }
+        for (choice, role, piece) in pieces {
+            self.absorb(
+                choice,
+                role,
+                &piece,
+                &envelope,
+                pure.then(|| ev.raw.clone()),
+            );
+        }
+        if !finishing.is_empty() {
+            let calls = finishing.iter().flat_map(|&c| self.close(c)).collect();
+            self.pending.push(Item::Finish {
+                name: ev.name,
+                chunk,
+                raw: ev.raw,
+                changed: took,
+            });
+            return calls;
+        }
+        if !bare {
+            self.pending.push(Item::Emit(Emit::New {
+                name: ev.name,
+                data: chunk.to_string(),
+            }));
+        }
+        Vec::new()
+    }
+
+    /// Remove the tool-call pieces from `chunk`: the pieces (choice, the delta's role, piece), the choices it
+    /// finishes, and whether nothing else of note is left in it (a role, nulls and empty text aside).
+    #[expect(clippy::type_complexity, reason = "a private triple read once by push")]
+    fn take_pieces(
+        &mut self,
+        chunk: &mut Value,
+    ) -> (Vec<(u64, Option<Value>, Value)>, Vec<u64>, bool) {
+        let (mut pieces, mut finishing, mut bare) = (Vec::new(), Vec::new(), true);
+        if chunk.get("usage").is_some_and(|u| !u.is_null()) {
+            bare = false;
+        }
+        let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) else {
+            return (pieces, finishing, false);
+        };
+        for c in choices.iter_mut() {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                finishing.push(index);
+            }
+            let Some(delta) = c.get_mut("delta").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            if delta
+                .get("content")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+            {
+                self.choices.entry(index).or_default().text = true;
+            }
+            let role = delta.get("role").cloned();
+            if let Some(Value::Array(calls)) = delta.remove("tool_calls") {
+                pieces.extend(calls.into_iter().map(|p| (index, role.clone(), p)));
+            }
+            bare &= delta
+                .iter()
+                .all(|(k, v)| k == "role" || v.is_null() || v.as_str().is_some_and(str::is_empty));
+        }
+        (pieces, finishing, bare)
+    }
+
+    fn absorb(
+        &mut self,
+        choice: u64,
+        role: Option<Value>,
+        piece: &Value,
+        envelope: &Value,
+        raw: Option<Bytes>,
+    ) {
+        let index = piece.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let held = self
+            .open
+            .entry(choice)
+            .or_default()
+            .entry(index)
+            .or_insert_with(|| Held {
+                index,
+                id: None,
+                kind: "function".into(),
+                name: String::new(),
+                args: String::new(),
+                role,
+                envelope: envelope.clone(),
+                raws: Vec::new(),
+                pure: true,
+            });
+        if let Some(id) = str_of(piece, "id") {
+            held.id = Some(id.to_string());
+        }
+        if let Some(kind) = str_of(piece, "type") {
+            held.kind = kind.to_string();
+        }
+        let (body, field) = match piece.get("custom") {
+            Some(c) => (Some(c), "input"),
+            None => (piece.get("function"), "arguments"),
+        };
+        if let Some(body) = body {
+            held.name.push_str(str_of(body, "name").unwrap_or_default());
+            held.args.push_str(str_of(body, field).unwrap_or_default());
+        }
+        match raw {
+            Some(raw) if held.pure => held.raws.push(raw),
+            _ => held.pure = false,
+        }
+    }
+
+    /// The open calls of `choice`, complete now, in index order.
+    fn close(&mut self, choice: u64) -> Vec<Call> {
+        let Some(open) = self.open.remove(&choice) else {
+            return Vec::new();
+        };
+        let mut calls = Vec::with_capacity(open.len());
+        for held in open.into_values() {
+            calls.push(Call {
+                proposal: proposal(
+                    &held.name,
+                    &held.kind,
+                    args_value(&held.args),
+                    held.id.as_deref(),
+                ),
+                signed: false,
+            });
+            self.pending.push(Item::Call { choice, held });
+        }
+        calls
+    }
+
+    fn close_all(&mut self) -> Vec<Call> {
+        let choices: Vec<u64> = self.open.keys().copied().collect();
+        choices.into_iter().flat_map(|c| self.close(c)).collect()
+    }
+
+    pub(super) fn finish(&mut self) -> Vec<Call> {
+        self.close_all()
+    }
+
+    pub(super) fn release(&mut self, rulings: &mut Rulings) -> Vec<Emit> {
+        let mut out = Vec::new();
+        for item in std::mem::take(&mut self.pending) {
+            match item {
+                Item::Emit(e) => out.push(e),
+                Item::Call { choice, held } => {
+                    let ruling = rulings.next();
+                    out.extend(self.render_call(choice, held, ruling));
+                }
+                Item::Finish {
+                    name,
+                    mut chunk,
+                    raw,
+                    mut changed,
+                } => {
+                    changed |= self.finish_reasons(&mut chunk);
+                    out.push(if changed {
+                        Emit::New {
+                            name,
+                            data: chunk.to_string(),
+                        }
+                    } else {
+                        Emit::Raw(raw)
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn held_bytes(&self) -> usize {
+        self.open
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(|h| h.args.len() + h.raws.iter().map(Bytes::len).sum::<usize>())
+            .sum()
+    }
+
+    fn render_call(&mut self, choice: u64, held: Held, ruling: Ruling) -> Vec<Emit> {
+        let st = self.choices.entry(choice).or_default();
+        let args = match ruling {
+            Ruling::Pass if held.pure && held.index == st.passed => {
+                st.passed += 1;
+                return held.raws.into_iter().map(Emit::Raw).collect();
+            }
+            Ruling::Pass => held.args.clone(),
+            Ruling::Rewrite(v) => args_text(&v),
+            Ruling::Refuse(text) => {
+                let text = if st.text { format!("\n\n{text}") } else { text };
+                st.text = true;
+                st.refused = true;
+                let mut delta = json!({ "content": text });
+                if let Some(role) = held.role {
+                    delta["role"] = role;
+                }
+                return vec![chunk_with(&held.envelope, choice, delta)];
+            }
+        };
+        let (body, field) = if held.kind == "custom" {
+            ("custom", "input")
+        } else {
+            ("function", "arguments")
+        };
+        let mut piece = json!({ "index": st.passed, "type": held.kind });
+        if let Some(id) = &held.id {
+            piece["id"] = json!(id);
+        }
+        piece[body] = json!({ "name": held.name, field: args });
+        st.passed += 1;
+        let mut delta = json!({ "tool_calls": [piece] });
+        if let Some(role) = held.role {
+            delta["role"] = role;
+        }
+        vec![chunk_with(&held.envelope, choice, delta)]
+    }
+
+    /// `finish_reason: tool_calls` becomes `stop` for a choice whose calls were all refused. Whether it changed.
+    fn finish_reasons(&self, chunk: &mut Value) -> bool {
+        let mut changed = false;
+        for c in chunk
+            .get_mut("choices")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let none_left = self
+                .choices
+                .get(&index)
+                .is_some_and(|s| s.refused && s.passed == 0);
+            let asks = matches!(
+                str_of(c, "finish_reason"),
+                Some("tool_calls" | "function_call")
+            );
+            if none_left && asks {
+                c["finish_reason"] = json!("stop");
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+fn chunk_with(envelope: &Value, choice: u64, delta: Value) -> Emit {
+    let mut chunk = envelope.clone();
+    chunk["choices"] =
+        json!([{ "index": choice, "delta": delta, "logprobs": null, "finish_reason": null }]);
+    Emit::New {
+        name: None,
+        data: chunk.to_string(),
+    }
+}
+
+/// `(name, kind, arguments text, id)` of one entry of `message.tool_calls`.
+fn call_parts(tc: &Value) -> (&str, &str, &str, Option<&str>) {
+    let kind = str_of(tc, "type").unwrap_or("function");
+    let (body, field) = match tc.get("custom") {
+        Some(c) => (c, "input"),
+        None => (tc.get("function").unwrap_or(&Value::Null), "arguments"),
+    };
+    (
+        str_of(body, "name").unwrap_or_default(),
+        kind,
+        str_of(body, field).unwrap_or_default(),
+        str_of(tc, "id"),
+    )
+}
+
+pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+    let choices = body.get("choices").and_then(Value::as_array);
+    choices
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("message")?.get("tool_calls")?.as_array())
+        .flatten()
+        .map(|tc| {
+            let (name, kind, args, id) = call_parts(tc);
+            Call {
+                proposal: proposal(name, kind, args_value(args), id),
+                signed: false,
+            }
+        })
+        .collect()
+}
+
+pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
+    let choices = body.get_mut("choices").and_then(Value::as_array_mut);
+    for c in choices.into_iter().flatten() {
+        let Some(message) = c.get_mut("message").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let Some(Value::Array(calls)) = message.remove("tool_calls") else {
+            continue;
+        };
+        let (mut kept, mut refusals) = (Vec::new(), Vec::new());
+        for mut tc in calls {
+            match rulings.next() {
+                Ruling::Pass => kept.push(tc),
+                Ruling::Rewrite(v) => {
+                    let field = if tc.get("custom").is_some() {
+                        ("custom", "input")
+                    } else {
+                        ("function", "arguments")
+                    };
+                    tc[field.0][field.1] = json!(args_text(&v));
+                    kept.push(tc);
+                }
+                Ruling::Refuse(text) => refusals.push(text),
+            }
+        }
+        let refused = !refusals.is_empty();
+        if refused {
+            let mut text = message
+                .get("content")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(|s| format!("{s}\n\n"))
+                .unwrap_or_default();
+            text.push_str(&refusals.join("\n\n"));
+            message.insert("content".into(), json!(text));
+        }
+        let none_left = kept.is_empty();
+        if !none_left {
+            message.insert("tool_calls".into(), Value::Array(kept));
+        }
+        if refused && none_left && matches!(str_of(c, "finish_reason"), Some("tool_calls")) {
+            c["finish_reason"] = json!("stop");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Gemini `generateContent`: `functionCall` parts (`name`, `args`, optional `id`) of `candidates[].content.parts` in
+//! a response; `streamGenerateContent` sends whole `GenerateContentResponse` chunks (server-sent events with
+//! `alt=sse`, else one JSON array), and a function call always arrives whole in one chunk, so nothing is held.
+//!
+//! A refused call's part becomes a `text` part. A part carrying a `thoughtSignature` is covered by it: its call is
+//! [`Call::signed`] (its arguments may not be rewritten), unless the signature is the documented sentinel that skips
+//! validation.
+
+use serde_json::{json, Value};
+
+use super::{proposal, str_of, Call, Emit, Event, Ruling, Rulings};
+
+#[derive(Debug, Default)]
+pub(super) struct Stream {
+    pending: Vec<Pending>,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Emit(Emit),
+    /// A chunk with calls, sent once they are ruled on.
+    Chunk(Option<String>, bytes::Bytes, Value),
+}
+
+impl Stream {
+    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
+        let calls = serde_json::from_str::<Value>(&ev.data)
+            .ok()
+            .map(|v| (body_calls(&v), v));
+        match calls {
+            Some((calls, v)) if !calls.is_empty() => {
+                self.pending.push(Pending::Chunk(ev.name, ev.raw, v));
+                calls
+            }
+            _ => {
+                self.pending.push(Pending::Emit(Emit::Raw(ev.raw)));
+                Vec::new()
+            }
+        }
+    }
+
+    pub(super) fn release(&mut self, rulings: &mut Rulings) -> Vec<Emit> {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|p| match p {
+                Pending::Emit(e) => e,
+                Pending::Chunk(name, raw, mut v) => {
+                    if apply_to_body(&mut v, rulings) {
+                        Emit::New {
+                            name,
+                            data: v.to_string(),
+                        }
+                    } else {
+                        Emit::Raw(raw)
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// The parts of every candidate of one response, or of each response of an array (the non-SSE stream).
+fn parts_mut(body: &mut Value) -> Vec<&mut Value> {
+    let responses: Vec<&mut Value> = match body {
+        Value::Array(items) => items.iter_mut().collect(),
+        one => vec![one],
+    };
+    responses
+        .into_iter()
+        .filter_map(|r| r.get_mut("candidates")?.as_array_mut())
+        .flatten()
+        .filter_map(|c| c.get_mut("content")?.get_mut("parts")?.as_array_mut())
+        .flatten()
+        .collect()
+}
+
+fn parts(body: &Value) -> Vec<&Value> {
+    let responses: Vec<&Value> = match body {
+        Value::Array(items) => items.iter().collect(),
+        one => vec![one],
+    };
+    responses
+        .into_iter()
+        .filter_map(|r| r.get("candidates")?.as_array())
+        .flatten()
+        .filter_map(|c| c.get("content")?.get("parts")?.as_array())
+        .flatten()
+        .collect()
+}
+
+fn function_call(part: &Value) -> Option<&Value> {
+    part.get("functionCall")
+        .or_else(|| part.get("function_call"))
+}
+
+pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+    parts(body)
+        .into_iter()
+        .filter_map(|part| {
+            let call = function_call(part)?;
+            Some(Call {
+                proposal: proposal(
+                    str_of(call, "name").unwrap_or_default(),
+                    "function",
+                    call.get("args").cloned().unwrap_or(json!({})),
+                    str_of(call, "id"),
+                ),
+                signed: part
+                    .as_object()
+                    .is_some_and(crate::constrain::is_signed_object),
+            })
+        })
+        .collect()
+}
+
+/// Whether anything changed.
+pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) -> bool {
+    let mut changed = false;
+    for part in parts_mut(body) {
+        if function_call(part).is_none() {
+            continue;
+        }
+        let ruling = rulings.next();
+        changed |= ruling != Ruling::Pass;
+        match ruling {
+            Ruling::Pass => {}
+            Ruling::Rewrite(args) => {
+                let key = if part.get("functionCall").is_some() {
+                    "functionCall"
+                } else {
+                    "function_call"
+                };
+                part[key]["args"] = args;
+            }
+            Ruling::Refuse(text) => *part = json!({ "text": text }),
+        }
+    }
+    changed
+}

@@ -1,0 +1,313 @@
+//! Anthropic Messages: `tool_use` (the agent's tools), `server_tool_use` (tools Anthropic runs, such as web search)
+//! and `mcp_tool_use` (the MCP connector) blocks of `content` in a whole message; in a stream, the named events
+//! `content_block_start` (the block, `input: {}`), `content_block_delta` (`input_json_delta.partial_json`, the input's
+//! JSON text in pieces) and `content_block_stop`, each with the block's `index`, then `message_delta` with the
+//! `stop_reason`.
+//!
+//! A tool block is held from its start to its stop. A refused call becomes a text block at the same index; the result
+//! block of a refused server-side call (its `tool_use_id`) is dropped and later indices close up; `stop_reason:
+//! tool_use` becomes `end_turn` when no call of the agent's is left.
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::{args_value, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings};
+
+#[derive(Debug, Default)]
+pub(super) struct Stream {
+    /// The tool block being read (blocks stream one after another).
+    open: Option<Held>,
+    /// Upstream indices of blocks not sent (results of refused server-side calls), in this message.
+    dropped: Vec<u64>,
+    /// The index of the block being dropped.
+    dropping: Option<u64>,
+    /// Ids of refused server-side and MCP calls, whose result blocks are dropped.
+    refused_ids: Vec<String>,
+    /// The agent's own calls passed in this message, and whether any call was refused.
+    passed: u64,
+    refused: bool,
+    /// Events carry SSE names (`event: content_block_start`); written events do too.
+    named: bool,
+    pending: Vec<Item>,
+}
+
+#[derive(Debug)]
+struct Held {
+    index: u64,
+    id: Option<String>,
+    tool: String,
+    kind: &'static str,
+    /// The `input` of the start event (the whole input when no delta follows).
+    input: Value,
+    json: String,
+    /// The block's events as received: bytes and parsed data.
+    events: Vec<(Bytes, Value)>,
+}
+
+#[derive(Debug)]
+enum Item {
+    Emit(Emit),
+    Call(Held),
+    /// `message_delta`, sent once the calls before it are ruled on.
+    Final(Bytes, Value),
+}
+
+/// The proposal kind of a content block type, when it is a tool call.
+fn kind_of(block_type: &str) -> Option<&'static str> {
+    match block_type {
+        "tool_use" => Some("function"),
+        "server_tool_use" => Some("server"),
+        "mcp_tool_use" => Some("mcp"),
+        _ => None,
+    }
+}
+
+/// The tool's name as a policy sees it (`mcp:<server>/<tool>` through the MCP connector).
+fn tool_name(block: &Value) -> String {
+    let name = str_of(block, "name").unwrap_or_default();
+    match str_of(block, "server_name") {
+        Some(server) if str_of(block, "type") == Some("mcp_tool_use") => {
+            format!("mcp:{server}/{name}")
+        }
+        _ => name.to_string(),
+    }
+}
+
+impl Stream {
+    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
+        self.named |= ev.name.is_some();
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
+            return Vec::new();
+        };
+        let index = v.get("index").and_then(Value::as_u64);
+        match (str_of(&v, "type").unwrap_or_default(), index) {
+            ("message_start", _) => {
+                self.dropped.clear();
+                self.passed = 0;
+                self.refused = false;
+            }
+            ("content_block_start", Some(index)) => {
+                let block = v.get("content_block").unwrap_or(&Value::Null);
+                if let Some(kind) = str_of(block, "type").and_then(kind_of) {
+                    self.open = Some(Held {
+                        index,
+                        id: str_of(block, "id").map(str::to_string),
+                        tool: tool_name(block),
+                        kind,
+                        input: block.get("input").cloned().unwrap_or(json!({})),
+                        json: String::new(),
+                        events: vec![(ev.raw, v)],
+                    });
+                    return Vec::new();
+                }
+                let answers = str_of(block, "tool_use_id");
+                if answers.is_some_and(|id| self.refused_ids.iter().any(|r| r == id)) {
+                    self.dropping = Some(index);
+                    self.dropped.push(index);
+                    return Vec::new();
+                }
+            }
+            ("content_block_delta" | "content_block_stop", Some(index))
+                if self.open.as_ref().is_some_and(|h| h.index == index) =>
+            {
+                return self.absorb(ev.raw, v);
+            }
+            ("content_block_delta" | "content_block_stop", Some(index))
+                if self.dropping == Some(index) =>
+            {
+                if str_of(&v, "type") == Some("content_block_stop") {
+                    self.dropping = None;
+                }
+                return Vec::new();
+            }
+            ("message_delta", _) => {
+                self.pending.push(Item::Final(ev.raw, v));
+                return Vec::new();
+            }
+            _ => {}
+        }
+        let emit = self.shifted(ev.raw, v);
+        self.pending.push(Item::Emit(emit));
+        Vec::new()
+    }
+
+    fn absorb(&mut self, raw: Bytes, v: Value) -> Vec<Call> {
+        let Some(held) = self.open.as_mut() else {
+            return Vec::new();
+        };
+        if let Some(piece) = v.get("delta").and_then(|d| d.get("partial_json")) {
+            held.json.push_str(piece.as_str().unwrap_or_default());
+        }
+        let stop = str_of(&v, "type") == Some("content_block_stop");
+        held.events.push((raw, v));
+        if stop {
+            return self.finish();
+        }
+        Vec::new()
+    }
+
+    pub(super) fn finish(&mut self) -> Vec<Call> {
+        let Some(held) = self.open.take() else {
+            return Vec::new();
+        };
+        let args = if held.json.trim().is_empty() {
+            held.input.clone()
+        } else {
+            args_value(&held.json)
+        };
+        let call = Call {
+            proposal: proposal(&held.tool, held.kind, args, held.id.as_deref()),
+            signed: false,
+        };
+        self.pending.push(Item::Call(held));
+        vec![call]
+    }
+
+    pub(super) fn held_bytes(&self) -> usize {
+        self.open.as_ref().map_or(0, |h| {
+            h.json.len() + h.events.iter().map(|(b, _)| b.len()).sum::<usize>()
+        })
+    }
+
+    /// How far `index` moves down: the dropped blocks before it.
+    fn shift(&self, index: u64) -> u64 {
+        self.dropped.iter().filter(|&&d| d < index).count() as u64
+    }
+
+    /// An event as it came, or with its `index` closed up over dropped blocks.
+    fn shifted(&self, raw: Bytes, mut v: Value) -> Emit {
+        match v.get("index").and_then(Value::as_u64) {
+            Some(i) if self.shift(i) > 0 => {
+                v["index"] = json!(i - self.shift(i));
+                typed(self.named, v)
+            }
+            _ => Emit::Raw(raw),
+        }
+    }
+
+    pub(super) fn release(&mut self, rulings: &mut Rulings) -> Vec<Emit> {
+        let mut out = Vec::new();
+        for item in std::mem::take(&mut self.pending) {
+            match item {
+                Item::Emit(e) => out.push(e),
+                Item::Call(held) => {
+                    let ruling = rulings.next();
+                    self.render_call(held, ruling, &mut out);
+                }
+                Item::Final(raw, mut v) => {
+                    let none_left = self.refused && self.passed == 0;
+                    let asks =
+                        v.get("delta").and_then(|d| str_of(d, "stop_reason")) == Some("tool_use");
+                    if none_left && asks {
+                        v["delta"]["stop_reason"] = json!("end_turn");
+                        out.push(typed(self.named, v));
+                    } else {
+                        out.push(Emit::Raw(raw));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn render_call(&mut self, held: Held, ruling: Ruling, out: &mut Vec<Emit>) {
+        let index = held.index - self.shift(held.index);
+        match ruling {
+            Ruling::Pass => {
+                self.passed += u64::from(held.kind == "function");
+                for (raw, v) in held.events {
+                    out.push(self.shifted(raw, v));
+                }
+            }
+            Ruling::Rewrite(args) => {
+                self.passed += u64::from(held.kind == "function");
+                let mut start = held
+                    .events
+                    .first()
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                start["index"] = json!(index);
+                start["content_block"]["input"] = json!({});
+                out.push(typed(self.named, start));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": args.to_string()}}),
+                ));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_stop", "index": index}),
+                ));
+            }
+            Ruling::Refuse(text) => {
+                self.refused = true;
+                if held.kind != "function" {
+                    self.refused_ids.extend(held.id);
+                }
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_start", "index": index,
+                    "content_block": {"type": "text", "text": ""}}),
+                ));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "text_delta", "text": text}}),
+                ));
+                out.push(typed(
+                    self.named,
+                    json!({"type": "content_block_stop", "index": index}),
+                ));
+            }
+        }
+    }
+}
+
+pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+    let content = body.get("content").and_then(Value::as_array);
+    content
+        .into_iter()
+        .flatten()
+        .filter_map(|b| {
+            let kind = kind_of(str_of(b, "type")?)?;
+            let args = b.get("input").cloned().unwrap_or(json!({}));
+            Some(Call {
+                proposal: proposal(&tool_name(b), kind, args, str_of(b, "id")),
+                signed: false,
+            })
+        })
+        .collect()
+}
+
+pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
+    let Some(content) = body.get_mut("content").and_then(Value::as_array_mut) else {
+        return;
+    };
+    let (mut passed, mut refused, mut refused_ids) = (0, false, Vec::new());
+    for block in content.iter_mut() {
+        let Some(kind) = str_of(block, "type").and_then(kind_of) else {
+            continue;
+        };
+        match rulings.next() {
+            Ruling::Pass => passed += u64::from(kind == "function"),
+            Ruling::Rewrite(args) => {
+                passed += u64::from(kind == "function");
+                block["input"] = args;
+            }
+            Ruling::Refuse(text) => {
+                refused = true;
+                if kind != "function" {
+                    refused_ids.extend(str_of(block, "id").map(str::to_string));
+                }
+                *block = json!({"type": "text", "text": text});
+            }
+        }
+    }
+    content.retain(|b| {
+        !str_of(b, "tool_use_id").is_some_and(|id| refused_ids.iter().any(|r| r == id))
+    });
+    if refused && passed == 0 && str_of(body, "stop_reason") == Some("tool_use") {
+        body["stop_reason"] = json!("end_turn");
+    }
+}

@@ -1,0 +1,215 @@
+//! Tool calls a model proposes in an LLM response, found and rewritten before the agent sees them: OpenAI Chat
+//! Completions `tool_calls`, OpenAI Responses `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call`
+//! and `mcp_call` items (over server-sent events, the WebSocket mode, or JSON), Anthropic Messages `tool_use`,
+//! `server_tool_use` and `mcp_tool_use` blocks, Gemini `functionCall` parts; streamed and whole.
+//!
+//! A stream is read event by event ([`Proposals`]): text, reasoning and every other event pass at once, as they
+//! came; only the events of a tool call are held until its arguments are complete. [`Proposals::push`] returns the
+//! calls an event completed, the caller rules on each (pass, rewrite the arguments, or refuse with a text), and
+//! [`Proposals::release`] returns what to send. A refused call becomes a text (block or part) saying so, and the
+//! stop/finish reason no longer asks the agent to run tools when none is left; indices, ids and sequence numbers of
+//! everything after it stay consistent for the SDKs' stream accumulators. Whole bodies: [`body_calls`] and
+//! [`apply_to_body`]. Pure functions over plain data; deciding is the proxy's (`proxy::proposal`).
+
+mod chat;
+mod gemini;
+mod messages;
+mod responses;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{LlmApi, Provider};
+use crate::model::Proposal;
+
+/// One event of a stream: a server-sent event (its name and data) or one WebSocket message (data only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The SSE `event:` name; `None` for unnamed events and WebSocket messages.
+    pub name: Option<String>,
+    pub data: String,
+    /// The event's bytes as received, re-sent as they are when nothing in it changes.
+    pub raw: Bytes,
+}
+
+/// What to send the agent: an event exactly as it came, or a new or rewritten one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Emit {
+    Raw(Bytes),
+    New { name: Option<String>, data: String },
+}
+
+/// A proposed tool call, complete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub proposal: Proposal,
+    /// The call is covered by an opaque signature (a Gemini part's `thoughtSignature`): its arguments may not be
+    /// rewritten, only passed or refused.
+    pub signed: bool,
+}
+
+/// What becomes of a proposed call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ruling {
+    /// Passed on untouched.
+    Pass,
+    /// Passed on with these arguments.
+    Rewrite(Value),
+    /// Replaced by this text; the agent runs nothing.
+    Refuse(String),
+}
+
+/// The text that replaces a refused call: the tool's name and the policy's block text, nothing else.
+pub fn refusal_text(tool: &str, block_message: &str) -> String {
+    format!("[The enforcer refused the tool call `{tool}`: {block_message}]")
+}
+
+/// The proposal-aware reader of one response stream.
+#[derive(Debug)]
+pub struct Proposals(Flavour);
+
+#[derive(Debug)]
+enum Flavour {
+    Chat(chat::Stream),
+    Messages(messages::Stream),
+    Responses(responses::Stream),
+    Gemini(gemini::Stream),
+}
+
+impl Proposals {
+    /// The reader for a response of `api`; `None` when the API proposes no tool calls.
+    pub fn new(provider: Provider, api: LlmApi) -> Option<Proposals> {
+        Some(Proposals(match (provider, api) {
+            (Provider::OpenAi, LlmApi::ChatCompletions) => Flavour::Chat(chat::Stream::default()),
+            (Provider::OpenAi, LlmApi::Responses) => {
+                Flavour::Responses(responses::Stream::default())
+            }
+            (Provider::Anthropic, LlmApi::Messages) => {
+                Flavour::Messages(messages::Stream::default())
+            }
+            (Provider::Gemini, LlmApi::GenerateContent) => {
+                Flavour::Gemini(gemini::Stream::default())
+            }
+            _ => return None,
+        }))
+    }
+
+    /// Read one event; the calls it completed, in order. [`Proposals::release`] must follow, with one ruling per
+    /// call, before the next event.
+    pub fn push(&mut self, event: Event) -> Vec<Call> {
+        match &mut self.0 {
+            Flavour::Chat(s) => s.push(event),
+            Flavour::Messages(s) => s.push(event),
+            Flavour::Responses(s) => s.push(event),
+            Flavour::Gemini(s) => s.push(event),
+        }
+    }
+
+    /// The end of the stream: calls still open are complete now (their arguments as far as they came).
+    pub fn finish(&mut self) -> Vec<Call> {
+        match &mut self.0 {
+            Flavour::Chat(s) => s.finish(),
+            Flavour::Messages(s) => s.finish(),
+            Flavour::Responses(s) => s.finish(),
+            Flavour::Gemini(_) => Vec::new(),
+        }
+    }
+
+    /// What to send now, given the rulings on the calls the last `push` or `finish` returned (in their order; a
+    /// missing ruling refuses).
+    pub fn release(&mut self, rulings: &[Ruling]) -> Vec<Emit> {
+        let mut rulings = Rulings(rulings.iter());
+        match &mut self.0 {
+            Flavour::Chat(s) => s.release(&mut rulings),
+            Flavour::Messages(s) => s.release(&mut rulings),
+            Flavour::Responses(s) => s.release(&mut rulings),
+            Flavour::Gemini(s) => s.release(&mut rulings),
+        }
+    }
+
+    /// Bytes held for calls not yet complete.
+    pub fn held_bytes(&self) -> usize {
+        match &self.0 {
+            Flavour::Chat(s) => s.held_bytes(),
+            Flavour::Messages(s) => s.held_bytes(),
+            Flavour::Responses(s) => s.held_bytes(),
+            Flavour::Gemini(_) => 0,
+        }
+    }
+}
+
+/// The calls proposed in a whole (non-streamed) response body of `api`, in order.
+pub fn body_calls(provider: Provider, api: LlmApi, body: &Value) -> Vec<Call> {
+    match (provider, api) {
+        (Provider::OpenAi, LlmApi::ChatCompletions) => chat::body_calls(body),
+        (Provider::OpenAi, LlmApi::Responses) => responses::body_calls(body),
+        (Provider::Anthropic, LlmApi::Messages) => messages::body_calls(body),
+        (Provider::Gemini, LlmApi::GenerateContent) => gemini::body_calls(body),
+        _ => Vec::new(),
+    }
+}
+
+/// Carry out `rulings` (one per call of [`body_calls`], in order) on the body.
+pub fn apply_to_body(provider: Provider, api: LlmApi, body: &mut Value, rulings: &[Ruling]) {
+    let mut rulings = Rulings(rulings.iter());
+    match (provider, api) {
+        (Provider::OpenAi, LlmApi::ChatCompletions) => chat::apply_to_body(body, &mut rulings),
+        (Provider::OpenAi, LlmApi::Responses) => responses::apply_to_body(body, &mut rulings),
+        (Provider::Anthropic, LlmApi::Messages) => messages::apply_to_body(body, &mut rulings),
+        (Provider::Gemini, LlmApi::GenerateContent) => {
+            gemini::apply_to_body(body, &mut rulings);
+        }
+        _ => {}
+    }
+}
+
+/// The rulings in call order; a missing one refuses (a caller's mistake must never pass a call unread).
+struct Rulings<'a>(std::slice::Iter<'a, Ruling>);
+
+impl Rulings<'_> {
+    fn next(&mut self) -> Ruling {
+        self.0
+            .next()
+            .cloned()
+            .unwrap_or_else(|| Ruling::Refuse("[The enforcer refused this tool call.]".into()))
+    }
+}
+
+/// Arguments as the policy reads them: the JSON the text holds, or the text itself when it is not JSON (a custom
+/// tool's free-form input).
+fn args_value(text: &str) -> Value {
+    if text.trim().is_empty() {
+        return Value::Object(serde_json::Map::new());
+    }
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// Arguments as a provider writes them in a string field: JSON text, or the string itself.
+fn args_text(args: &Value) -> String {
+    match args {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// An event the rewrite writes: its JSON, named by its own `type` over server-sent events (`named`; the
+/// Responses WebSocket mode names none).
+fn typed(named: bool, v: Value) -> Emit {
+    Emit::New {
+        name: named.then(|| str_of(&v, "type").unwrap_or_default().to_string()),
+        data: v.to_string(),
+    }
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn proposal(tool: &str, kind: &str, args: Value, call_id: Option<&str>) -> Proposal {
+    Proposal {
+        tool: tool.to_string(),
+        kind: kind.to_string(),
+        args: Some(args),
+        call_id: call_id.map(str::to_string),
+    }
+}

@@ -1,0 +1,338 @@
+//! OpenAI Responses: `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call` and `mcp_call` items of
+//! `output` in a whole response; in a stream (server-sent events, or the same events as WebSocket messages),
+//! `response.output_item.added` opens an item at its `output_index`, events naming that `output_index` or `item_id`
+//! build it (`response.function_call_arguments.delta`/`.done`, `response.custom_tool_call_input.delta`/`.done`,
+//! `response.mcp_call_arguments.delta`/`.done`, …), `response.output_item.done` carries it whole, and
+//! `response.completed` (`.incomplete`, `.failed`) carries the whole response again. Every event has a
+//! `sequence_number`.
+//!
+//! A call is held from `output_item.added` to `output_item.done`. Passed on it is re-sent as it came; rewritten, the
+//! same events carry the new arguments (the first delta all of them, the others none) so sequence numbers stay;
+//! refused, it becomes an assistant `message` item with one `output_text` at the same `output_index`, and the
+//! sequence numbers after it move by the difference in event count. The final response lists the items as sent.
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::{args_text, args_value, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings};
+
+#[derive(Debug, Default)]
+pub(super) struct Stream {
+    open: Option<Held>,
+    /// How far sequence numbers from here on move (events a refusal added or removed).
+    shift: i64,
+    /// Output items sent in another form: item id → the item as the agent got it.
+    replaced: Vec<(String, Value)>,
+    named: bool,
+    pending: Vec<Item>,
+}
+
+#[derive(Debug)]
+struct Held {
+    output_index: u64,
+    item_id: Option<String>,
+    /// The item as `output_item.added` had it, then as `output_item.done` completed it.
+    item: Value,
+    events: Vec<(Bytes, Value)>,
+}
+
+#[derive(Debug)]
+enum Item {
+    Emit(Emit),
+    Call(Held),
+    Final(Bytes, Value),
+}
+
+/// The proposal kind of an output item type, when it is a tool call the agent would see.
+fn kind_of(item_type: &str) -> Option<&'static str> {
+    match item_type {
+        "function_call" => Some("function"),
+        "custom_tool_call" => Some("custom"),
+        "local_shell_call" | "shell_call" => Some("shell"),
+        "mcp_call" => Some("mcp"),
+        _ => None,
+    }
+}
+
+/// The field of an item holding its arguments, and whether it is text (else a JSON object).
+fn args_field(item_type: &str) -> (&'static str, bool) {
+    match item_type {
+        "custom_tool_call" => ("input", true),
+        "local_shell_call" | "shell_call" => ("action", false),
+        _ => ("arguments", true),
+    }
+}
+
+fn item_call(item: &Value) -> Option<Call> {
+    let ty = str_of(item, "type")?;
+    let kind = kind_of(ty)?;
+    let name = str_of(item, "name").unwrap_or_default();
+    let tool = match ty {
+        "local_shell_call" => "local_shell".to_string(),
+        "shell_call" => "shell".to_string(),
+        "mcp_call" => format!(
+            "mcp:{}/{name}",
+            str_of(item, "server_label").unwrap_or_default()
+        ),
+        _ => name.to_string(),
+    };
+    let (field, text) = args_field(ty);
+    let args = match item.get(field) {
+        Some(Value::String(s)) if ty == "custom_tool_call" => Value::String(s.clone()),
+        Some(Value::String(s)) => args_value(s),
+        Some(v) if !text => v.clone(),
+        _ => json!({}),
+    };
+    let id = str_of(item, "call_id").or_else(|| str_of(item, "id"));
+    Some(Call {
+        proposal: proposal(&tool, kind, args, id),
+        signed: false,
+    })
+}
+
+/// `item` with its arguments replaced by `args`.
+fn with_args(item: &Value, args: &Value) -> Value {
+    let mut item = item.clone();
+    let ty = str_of(&item, "type").unwrap_or_default();
+    let (field, text) = args_field(ty);
+    item[field] = if text {
+        json!(args_text(args))
+    } else {
+        args.clone()
+    };
+    item
+}
+
+/// The assistant message that stands for a refused call (`id` derived from the call's).
+fn message_item(item_id: &str, text: &str, done: bool) -> Value {
+    let content = if done {
+        json!([{"type": "output_text", "annotations": [], "text": text}])
+    } else {
+        json!([])
+    };
+    json!({"id": format!("msg_refused_{item_id}"), "type": "message", "role": "assistant",
+           "status": if done { "completed" } else { "in_progress" }, "content": content})
+}
+
+impl Stream {
+    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
+        self.named |= ev.name.is_some();
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
+            return Vec::new();
+        };
+        let ty = str_of(&v, "type").unwrap_or_default();
+        if ty == "response.output_item.added" {
+            let item = v.get("item").cloned().unwrap_or_default();
+            if str_of(&item, "type").and_then(kind_of).is_some() {
+                self.open = Some(Held {
+                    output_index: v.get("output_index").and_then(Value::as_u64).unwrap_or(0),
+                    item_id: str_of(&item, "id").map(str::to_string),
+                    item,
+                    events: vec![(ev.raw, v)],
+                });
+                return Vec::new();
+            }
+        }
+        if let Some(held) = self.open.as_mut().filter(|h| belongs(h, &v)) {
+            if ty == "response.output_item.done" {
+                if let Some(item) = v.get("item") {
+                    held.item = item.clone();
+                }
+                held.events.push((ev.raw, v));
+                return self.finish();
+            }
+            held.events.push((ev.raw, v));
+            return Vec::new();
+        }
+        if matches!(
+            ty,
+            "response.completed" | "response.incomplete" | "response.failed" | "response.done"
+        ) {
+            self.pending.push(Item::Final(ev.raw, v));
+            return Vec::new();
+        }
+        let emit = self.shifted(ev.raw, v);
+        self.pending.push(Item::Emit(emit));
+        Vec::new()
+    }
+
+    pub(super) fn finish(&mut self) -> Vec<Call> {
+        let Some(held) = self.open.take() else {
+            return Vec::new();
+        };
+        let call = item_call(&held.item);
+        self.pending.push(Item::Call(held));
+        call.into_iter().collect()
+    }
+
+    pub(super) fn held_bytes(&self) -> usize {
+        self.open
+            .as_ref()
+            .map_or(0, |h| h.events.iter().map(|(b, _)| b.len()).sum())
+    }
+
+    fn shifted(&self, raw: Bytes, mut v: Value) -> Emit {
+        match v.get("sequence_number").and_then(Value::as_i64) {
+            Some(n) if self.shift != 0 => {
+                v["sequence_number"] = json!(n + self.shift);
+                typed(self.named, v)
+            }
+            _ => Emit::Raw(raw),
+        }
+    }
+
+    pub(super) fn release(&mut self, rulings: &mut Rulings) -> Vec<Emit> {
+        let mut out = Vec::new();
+        for item in std::mem::take(&mut self.pending) {
+            match item {
+                Item::Emit(e) => out.push(e),
+                Item::Call(held) => {
+                    let ruling = rulings.next();
+                    self.render_call(held, ruling, &mut out);
+                }
+                Item::Final(raw, mut v) => {
+                    let output = v.get_mut("response").and_then(|r| r.get_mut("output"));
+                    let changed = output.is_some_and(|o| replace_items(o, &self.replaced));
+                    if changed {
+                        if let Some(n) = v.get("sequence_number").and_then(Value::as_i64) {
+                            v["sequence_number"] = json!(n + self.shift);
+                        }
+                        out.push(typed(self.named, v));
+                    } else {
+                        out.push(self.shifted(raw, v));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn render_call(&mut self, held: Held, ruling: Ruling, out: &mut Vec<Emit>) {
+        match ruling {
+            Ruling::Pass => {
+                for (raw, v) in held.events {
+                    out.push(self.shifted(raw, v));
+                }
+            }
+            Ruling::Rewrite(args) => {
+                let item = with_args(&held.item, &args);
+                let text = args_text(&args);
+                let mut first_delta = true;
+                for (_, mut v) in held.events {
+                    if v.get("delta").is_some_and(Value::is_string) {
+                        v["delta"] = json!(if first_delta { text.as_str() } else { "" });
+                        first_delta = false;
+                    }
+                    for field in ["arguments", "input"] {
+                        if v.get(field).is_some_and(Value::is_string) {
+                            v[field] = json!(text);
+                        }
+                    }
+                    if str_of(&v, "type") == Some("response.output_item.done") {
+                        v["item"] = item.clone();
+                    }
+                    if let Some(n) = v.get("sequence_number").and_then(Value::as_i64) {
+                        v["sequence_number"] = json!(n + self.shift);
+                    }
+                    out.push(typed(self.named, v));
+                }
+                if let Some(id) = held.item_id {
+                    self.replaced.push((id, item));
+                }
+            }
+            Ruling::Refuse(text) => self.render_refusal(held, &text, out),
+        }
+    }
+
+    /// The refused call's events replaced by a message item's, at least as many (padded with empty deltas).
+    fn render_refusal(&mut self, held: Held, text: &str, out: &mut Vec<Emit>) {
+        let id = held.item_id.clone().unwrap_or_default();
+        let msg_id = format!("msg_refused_{id}");
+        let oi = held.output_index;
+        let part = |t: &str| json!({"type": "output_text", "annotations": [], "text": t});
+        let mut events = vec![
+            json!({"type": "response.output_item.added", "output_index": oi, "item": message_item(&id, text, false)}),
+            json!({"type": "response.content_part.added", "item_id": msg_id, "output_index": oi, "content_index": 0, "part": part("")}),
+            json!({"type": "response.output_text.delta", "item_id": msg_id, "output_index": oi, "content_index": 0, "delta": text, "logprobs": []}),
+        ];
+        for _ in 6..held.events.len() {
+            events.push(json!({"type": "response.output_text.delta", "item_id": msg_id, "output_index": oi, "content_index": 0, "delta": "", "logprobs": []}));
+        }
+        events.extend([
+            json!({"type": "response.output_text.done", "item_id": msg_id, "output_index": oi, "content_index": 0, "text": text, "logprobs": []}),
+            json!({"type": "response.content_part.done", "item_id": msg_id, "output_index": oi, "content_index": 0, "part": part(text)}),
+            json!({"type": "response.output_item.done", "output_index": oi, "item": message_item(&id, text, true)}),
+        ]);
+        let first = held
+            .events
+            .first()
+            .and_then(|(_, v)| v.get("sequence_number"))
+            .and_then(Value::as_i64);
+        if let Some(first) = first {
+            for (i, e) in (0_i64..).zip(events.iter_mut()) {
+                e["sequence_number"] = json!(first + self.shift + i);
+            }
+        }
+        let added = i64::try_from(events.len()).unwrap_or(0);
+        let removed = i64::try_from(held.events.len()).unwrap_or(0);
+        for e in events {
+            out.push(typed(self.named, e));
+        }
+        self.shift += added - removed;
+        self.replaced
+            .push((id.clone(), message_item(&id, text, true)));
+    }
+}
+
+/// Whether event `v` builds the held item: it names the item's `output_index` or `item_id`.
+fn belongs(held: &Held, v: &Value) -> bool {
+    v.get("output_index").and_then(Value::as_u64) == Some(held.output_index)
+        || (held.item_id.is_some() && str_of(v, "item_id") == held.item_id.as_deref())
+}
+
+/// Replace the items of `output` listed in `replaced` (by id); whether any was.
+fn replace_items(output: &mut Value, replaced: &[(String, Value)]) -> bool {
+    let mut changed = false;
+    for item in output.as_array_mut().into_iter().flatten() {
+        let id = str_of(item, "id").unwrap_or_default();
+        if let Some((_, new)) = replaced.iter().find(|(r, _)| r == id) {
+            *item = new.clone();
+            changed = true;
+        }
+    }
+    changed
+}
+
+pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+    let output = body
+        .get("output")
+        .or_else(|| body.get("response").and_then(|r| r.get("output")));
+    output
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(item_call)
+        .collect()
+}
+
+pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
+    let output = if body.get("output").is_some() {
+        body.get_mut("output")
+    } else {
+        body.get_mut("response").and_then(|r| r.get_mut("output"))
+    };
+    for item in output.and_then(Value::as_array_mut).into_iter().flatten() {
+        if str_of(item, "type").and_then(kind_of).is_none() {
+            continue;
+        }
+        match rulings.next() {
+            Ruling::Pass => {}
+            Ruling::Rewrite(args) => *item = with_args(item, &args),
+            Ruling::Refuse(text) => {
+                let id = str_of(item, "id").unwrap_or_default().to_string();
+                *item = message_item(&id, &text, true);
+            }
+        }
+    }
+}

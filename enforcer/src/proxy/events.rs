@@ -1,0 +1,309 @@
+//! A response streamed as server-sent events, decided event by event while it streams: each event is read whole
+//! (`inspect::sse`), decided by the response rules when some may apply, then handed to the proposal reader of its
+//! LLM API when proposal rules exist; what comes out is sent as soon as the upstream's chunk that carried it is read.
+//! Text and reasoning events are never held; only a proposed tool call is, until its arguments are complete, within
+//! the policy's `max_body_bytes` and the proxy's hold timeout (beyond either the stream ends with the protocol's error
+//! event, recorded). A stream that ends early ends the agent's too (an error, not a clean end); a content-coded stream
+//! is read whole and decoded first.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+use http::Response;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::answer::Answering;
+use super::http::ProxyBody;
+use super::response::{self, Fate, Head, Plan};
+use crate::inspect::proposal::{Emit, Event, Proposals};
+use crate::inspect::sse::{self, SseEvent, SseReader};
+use crate::inspect::{self, StreamBlock};
+use crate::model::{Phase, Reason};
+
+const UNDECODABLE: &str = "the upstream's answer could not be decoded for inspection";
+
+type Sent = Result<Frame<Bytes>, hyper::Error>;
+
+/// The agent's body: frames the reading task sends.
+struct Channel(mpsc::Receiver<Sent>);
+
+impl Body for Channel {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Sent>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// The agent's response: the upstream's head at once, the body as the reading task decides it.
+pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    let head = Head::of(parts.status.as_u16(), &parts.headers);
+    let coding = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // Events may be rewritten and a coded stream is passed on decoded: the length is the stream's own.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if plan.encoded {
+        parts.headers.remove(header::CONTENT_ENCODING);
+    }
+    let (tx, rx) = mpsc::channel(16);
+    let props = plan
+        .proposals
+        .and_then(|(provider, api)| Proposals::new(provider, api));
+    let reading = Reading {
+        ans,
+        plan,
+        head,
+        reader: SseReader::new(),
+        props,
+        held_since: None,
+        ended: false,
+    };
+    tokio::spawn(reading.run(body, tx, coding));
+    Response::from_parts(parts, Channel(rx).boxed())
+}
+
+struct Reading {
+    ans: Answering,
+    plan: Plan,
+    head: Head,
+    reader: SseReader,
+    props: Option<Proposals>,
+    /// Since when a tool call has been held.
+    held_since: Option<Instant>,
+    /// The stream was ended by a refusal: nothing more is sent.
+    ended: bool,
+}
+
+/// What the upstream's body gave next.
+enum Next {
+    Data(Bytes),
+    Trailers(Frame<Bytes>),
+    End,
+    Broken(hyper::Error),
+    /// A held call did not complete in time.
+    TimedOut,
+}
+
+impl Reading {
+    async fn run(mut self, mut body: Incoming, tx: mpsc::Sender<Sent>, coding: Option<String>) {
+        if self.plan.encoded {
+            match self.decoded(&mut body, coding.as_deref()).await {
+                Ok(all) => {
+                    let mut out = self.chunk(&all).await;
+                    out.extend(self.end().await);
+                    let _ = tx.send(Ok(Frame::data(out.freeze()))).await;
+                }
+                Err(out) => drop(tx.send(Ok(Frame::data(out))).await),
+            }
+            return;
+        }
+        loop {
+            let out = match self.next(&mut body).await {
+                Next::Data(data) => self.chunk(&data).await,
+                Next::End => self.end().await,
+                Next::Trailers(t) => {
+                    let _ = tx.send(Ok(t)).await;
+                    continue;
+                }
+                Next::Broken(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Next::TimedOut => {
+                    let out = self.refuse(Reason::HoldTimeout, response::TOO_SLOW).await;
+                    BytesMut::from(&out[..])
+                }
+            };
+            if !out.is_empty() && tx.send(Ok(Frame::data(out.freeze()))).await.is_err() {
+                return;
+            }
+            if self.ended {
+                return;
+            }
+        }
+    }
+
+    /// The next frame, waiting no longer than the hold bound while a call is held.
+    async fn next(&mut self, body: &mut Incoming) -> Next {
+        let frame = match self.held_since {
+            Some(since) => {
+                let left = super::limits::limits()
+                    .hold_timeout
+                    .saturating_sub(since.elapsed());
+                match tokio::time::timeout(left, body.frame()).await {
+                    Ok(f) => f,
+                    Err(_) => return Next::TimedOut,
+                }
+            }
+            None => body.frame().await,
+        };
+        match frame {
+            None => Next::End,
+            Some(Err(e)) => Next::Broken(e),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Next::Data(data),
+                Err(frame) => Next::Trailers(frame),
+            },
+        }
+    }
+
+    /// The events `data` completed, decided; what to send for them.
+    async fn chunk(&mut self, data: &[u8]) -> BytesMut {
+        let events = self.reader.push(data);
+        let mut out = self.events(events).await;
+        let held = self.reader.pending() + self.props.as_ref().map_or(0, Proposals::held_bytes);
+        if !self.ended && held as u64 > self.ans.policy.max_body_bytes() {
+            out.extend_from_slice(&self.refuse(Reason::BodyTooLarge, response::TOO_LARGE).await);
+        }
+        out
+    }
+
+    /// The end of the upstream's stream: what is still buffered or held, decided and sent.
+    async fn end(&mut self) -> BytesMut {
+        let events = self.reader.finish();
+        let mut out = self.events(events).await;
+        if self.ended {
+            return out;
+        }
+        if let Some(props) = self.props.as_mut() {
+            let calls = props.finish();
+            let rulings = super::proposal::rule(&self.ans, &calls).await;
+            if let Some(props) = self.props.as_mut() {
+                emit(props.release(&rulings), &mut out);
+            }
+        }
+        self.ended = true;
+        out
+    }
+
+    async fn events(&mut self, events: Vec<SseEvent>) -> BytesMut {
+        let mut out = BytesMut::new();
+        for e in events {
+            if self.ended {
+                break;
+            }
+            let Some(event) = self.respond(e, &mut out).await else {
+                continue;
+            };
+            match self.props.as_mut() {
+                Some(props) => {
+                    let calls = props.push(event);
+                    let rulings = super::proposal::rule(&self.ans, &calls).await;
+                    if let Some(props) = self.props.as_mut() {
+                        emit(props.release(&rulings), &mut out);
+                        self.held_since = match props.held_bytes() {
+                            0 => None,
+                            _ => self.held_since.or_else(|| Some(Instant::now())),
+                        };
+                    }
+                }
+                None => out.extend_from_slice(&event.raw),
+            }
+        }
+        out
+    }
+
+    /// One event through the response rules: as it came, rewritten, or answered by a block (written to `out`).
+    async fn respond(&mut self, e: SseEvent, out: &mut BytesMut) -> Option<Event> {
+        let mut event = Event {
+            name: e.event,
+            data: e.data.clone().unwrap_or_default(),
+            raw: e.raw,
+        };
+        if !self.plan.responses || e.data.is_none() {
+            return Some(event);
+        }
+        let json = inspect::claims_json(None, &event.data)
+            .then(|| serde_json::from_str::<Value>(&event.data).ok())
+            .flatten();
+        match response::decide(&self.ans, &self.head, &event.data, json.clone(), false).await {
+            Fate::Pass => Some(event),
+            Fate::Rewrite(data) => {
+                event.raw = sse::encode(event.name.as_deref(), &data);
+                event.data = data;
+                Some(event)
+            }
+            Fate::Block(decision) => {
+                match inspect::stream_block(&self.ans.protocol, &decision, json.as_ref()) {
+                    StreamBlock::Replace(data) => {
+                        event.raw = sse::encode(event.name.as_deref(), &data);
+                        event.data = data;
+                        Some(event)
+                    }
+                    StreamBlock::Drop => None,
+                    StreamBlock::End { event: name, data } => {
+                        out.extend_from_slice(&sse::encode(name, &data));
+                        self.ended = true;
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// End the stream for a bound the enforcer holds it to: recorded, and answered with the protocol's error event.
+    async fn refuse(&mut self, reason: Reason, message: &str) -> Bytes {
+        self.ended = true;
+        let phase = if self.held_since.is_some() {
+            Phase::Proposal
+        } else {
+            Phase::Response
+        };
+        let decision = response::record_refusal(&self.ans, phase, reason, message, None).await;
+        match inspect::stream_block(&self.ans.protocol, &decision, None) {
+            StreamBlock::End { event, data } => sse::encode(event, &data),
+            // MCP: the enforcer's own event (nothing to answer by id).
+            _ => sse::encode(
+                Some("error"),
+                &serde_json::json!({"error": {"type": "enforcer_error", "reason": reason, "message": message}})
+                    .to_string(),
+            ),
+        }
+    }
+
+    /// A content-coded stream, whole (within the bounds) and decoded; or the refusal to send instead.
+    async fn decoded(&mut self, body: &mut Incoming, coding: Option<&str>) -> Result<Bytes, Bytes> {
+        let limit = self.ans.policy.max_body_bytes();
+        let mut buf = BytesMut::new();
+        let read = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(d) = frame.data_ref() {
+                    buf.extend_from_slice(d);
+                    if buf.len() as u64 > limit {
+                        return false;
+                    }
+                }
+            }
+            true
+        };
+        match tokio::time::timeout(super::limits::limits().hold_timeout, read).await {
+            Ok(true) => {}
+            Ok(false) => return Err(self.refuse(Reason::BodyTooLarge, response::TOO_LARGE).await),
+            Err(_) => return Err(self.refuse(Reason::HoldTimeout, response::TOO_SLOW).await),
+        }
+        match inspect::decode_body(coding, buf.freeze(), limit) {
+            Ok(all) => Ok(all),
+            Err(_) => Err(self.refuse(Reason::Unparseable, UNDECODABLE).await),
+        }
+    }
+}
+
+fn emit(emits: Vec<Emit>, out: &mut BytesMut) {
+    for e in emits {
+        match e {
+            Emit::Raw(b) => out.extend_from_slice(&b),
+            Emit::New { name, data } => out.extend_from_slice(&sse::encode(name.as_deref(), &data)),
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The response phase: what the upstream returns, decided by the policy's `phase: response` rules before the agent
+//! receives it — a whole body (JSON or text), one server-sent event, one WebSocket message — and carried out as a
+//! [`Fate`]: passed, rewritten (redaction, `json_truncate` and the other JSON rewrites), or blocked. A body is read
+//! whole only when some rule may decide it (its head, status and content type, already let one match) or a tool call
+//! may be proposed in it, bounded by the policy's `max_body_bytes` and the proxy's hold timeout: a body beyond either
+//! is refused and recorded, never passed on unread.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::Response;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::answer::Answering;
+use super::http::{full, ProxyBody};
+use super::refusal::into_response;
+use crate::inspect::proposal::{self, Ruling};
+use crate::inspect::{self, LlmApi, Protocol, Provider};
+use crate::model::{
+    Action, Change, Decision, Disposition, HttpResponse, Mode, Outcome, Pairs, Phase, Reason,
+    RequestSummary, Verdict,
+};
+
+/// What is read of one response, decided before it reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// The LLM API whose proposed tool calls are decided (the policy has proposal rules, the call succeeded).
+    pub proposals: Option<(Provider, LlmApi)>,
+    /// Some response rule may decide this response.
+    pub responses: bool,
+    /// The body is a stream of server-sent events, read event by event.
+    pub events: bool,
+    /// The body is content-coded: decoded before it is read (and passed on decoded).
+    pub encoded: bool,
+}
+
+/// The response's head as a response rule sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub status: u16,
+    pub headers: Pairs,
+    pub content_type: Option<String>,
+}
+
+impl Head {
+    pub fn of(status: u16, headers: &HeaderMap) -> Head {
+        let pairs = headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        Head {
+            status,
+            headers: Pairs(pairs),
+            content_type: headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        }
+    }
+}
+
+/// What is read of a response with this head, or `None` when nothing is (it streams through untouched, as does a
+/// response that has no body: to `HEAD`, `204`, `304`).
+pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<Plan> {
+    let head_request = ans
+        .request
+        .http
+        .as_ref()
+        .is_some_and(|h| h.method.eq_ignore_ascii_case("HEAD"));
+    if head_request || matches!(head.status, 204 | 304) {
+        return None;
+    }
+    let proposals = match ans.protocol {
+        Protocol::Llm { provider, api }
+            if (200..300).contains(&head.status)
+                && ans.policy.has_rules_for(Phase::Proposal)
+                && proposal::Proposals::new(provider, api).is_some() =>
+        {
+            Some((provider, api))
+        }
+        _ => None,
+    };
+    let responses = ans.policy.has_rules_for(Phase::Response)
+        && ans.policy.response_may_match(&action(ans, head, "", None));
+    if proposals.is_none() && !responses {
+        return None;
+    }
+    let media = head
+        .content_type
+        .as_deref()
+        .and_then(|c| c.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase());
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    Some(Plan {
+        proposals,
+        responses,
+        events: media.as_deref() == Some("text/event-stream"),
+        encoded,
+    })
+}
+
+/// The response Action: the request's (its body dropped) with the response's head and `body`.
+fn action(ans: &Answering, head: &Head, body: &str, json: Option<Value>) -> Action {
+    let mut action = ans.request.clone();
+    action.response = Some(HttpResponse {
+        status: head.status,
+        headers: head.headers.clone(),
+        content_type: head.content_type.clone(),
+        body_size: body.len() as u64,
+        body: body.to_string(),
+        json,
+    });
+    action
+}
+
+/// What becomes of one body, event or message.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Fate {
+    Pass,
+    /// Passed on as this text instead.
+    Rewrite(String),
+    /// Refused under this decision (the caller answers in the protocol's shape).
+    Block(Decision),
+}
+
+/// Decide `body` (`json` when it is JSON) under the response rules, record it when a rule matched, and say what
+/// becomes of it. `whole`: the body is the whole response, so a block is answered with the protocol's own status
+/// (else the stream's status stands).
+pub(crate) async fn decide(
+    ans: &Answering,
+    head: &Head,
+    body: &str,
+    json: Option<Value>,
+    whole: bool,
+) -> Fate {
+    let mut decision = ans.policy.evaluate(&action(ans, head, body, json.clone()));
+    if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
+        return Fate::Pass;
+    }
+    let enforce = decision.mode == Mode::Enforce;
+    if enforce {
+        // A response is not held for a person's answer: an enforced review refuses it, saying so.
+        decision = super::hold::unheld(&decision);
+    }
+    let (mut fate, mut changes) = (Fate::Pass, Vec::new());
+    if enforce && decision.verdict == Verdict::Constrain {
+        match rewrite(ans, &decision, body, json) {
+            Ok((text, ch)) => {
+                changes = ch;
+                if !changes.is_empty() {
+                    fate = Fate::Rewrite(text);
+                }
+            }
+            Err(reason) => decision.block_instead(reason),
+        }
+    }
+    let blocked = enforce && decision.verdict == Verdict::Block;
+    if blocked {
+        fate = Fate::Block(decision.clone());
+    }
+    let status = if blocked && whole {
+        inspect::block_response(&ans.protocol, &decision).status
+    } else {
+        head.status
+    };
+    let outcome = Outcome::of(&decision, blocked, Some(status));
+    if !ans
+        .record(
+            Phase::Response,
+            decision,
+            summary(ans, body, changes),
+            outcome,
+        )
+        .await
+    {
+        let message = "the enforcer could not record the response, so it was not passed on";
+        return Fate::Block(super::enforcer_decision(
+            &ans.policy,
+            Reason::AuditUnavailable,
+            message,
+        ));
+    }
+    fate
+}
+
+/// Carry out a constrain on a body: its JSON, or its text when it is not JSON.
+fn rewrite(
+    ans: &Answering,
+    decision: &Decision,
+    body: &str,
+    json: Option<Value>,
+) -> Result<(String, Vec<Change>), Reason> {
+    use crate::constrain::{apply_to_json, apply_to_text};
+    let result = match json {
+        Some(mut v) => {
+            apply_to_json(&decision.rewrites, &ans.policy, &mut v).map(|c| (v.to_string(), c))
+        }
+        None => {
+            let mut text = body.to_string();
+            apply_to_text(&decision.rewrites, &ans.policy, &mut text).map(|c| (text, c))
+        }
+    };
+    result.map_err(|e| e.reason())
+}
+
+/// The record's view of a response: the exchange's head, model and MCP method, the body's size and digest (as the
+/// upstream sent it, decoded), what a rewrite changed.
+pub(crate) fn summary(ans: &Answering, body: &str, changes: Vec<Change>) -> RequestSummary {
+    let (llm, mcp) = (ans.request.llm.as_ref(), ans.request.mcp.as_ref());
+    RequestSummary {
+        llm_provider: llm.map(|l| l.provider.clone()),
+        llm_model: llm.and_then(|l| l.model.clone()),
+        mcp_method: mcp.map(|m| m.method.clone()),
+        mcp_tool: mcp.and_then(|m| m.tool.clone()),
+        ..ans.part_summary(body.as_bytes(), changes)
+    }
+}
+
+/// Record a refusal of the enforcer's own in `phase` (a body or held call over a bound) with the status the agent
+/// got, when it got one.
+pub(crate) async fn record_refusal(
+    ans: &Answering,
+    phase: Phase,
+    reason: Reason,
+    message: &str,
+    status: Option<u16>,
+) -> Decision {
+    let decision = super::enforcer_decision(&ans.policy, reason, message);
+    let outcome = Outcome {
+        disposition: Disposition::Blocked,
+        status,
+        error: Some(reason),
+    };
+    ans.record(phase, decision.clone(), ans.summary.clone(), outcome)
+        .await;
+    decision
+}
+
+/// A whole (not streamed) response, read, decided and answered: its proposed tool calls ruled on, then the
+/// response rules on what is left.
+pub(crate) async fn whole(
+    resp: Response<Incoming>,
+    ans: Answering,
+    plan: Plan,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    let head = Head::of(parts.status.as_u16(), &parts.headers);
+    let raw = match read_whole(body, &ans, plan, &parts.headers).await {
+        Ok(raw) => raw,
+        Err((reason, message)) => return refused(&ans, reason, message).await,
+    };
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let mut json = inspect::claims_json(head.content_type.as_deref(), &text)
+        .then(|| serde_json::from_str::<Value>(&text).ok())
+        .flatten();
+    let mut changed = plan.encoded;
+    let mut body = text;
+    if let (Some((provider, api)), Some(doc)) = (plan.proposals, json.as_mut()) {
+        let calls = proposal::body_calls(provider, api, doc);
+        let rulings = super::proposal::rule(&ans, &calls).await;
+        if rulings.iter().any(|r| *r != Ruling::Pass) {
+            proposal::apply_to_body(provider, api, doc, &rulings);
+            body = doc.to_string();
+            changed = true;
+        }
+    }
+    if plan.responses {
+        match decide(&ans, &head, &body, json, true).await {
+            Fate::Pass => {}
+            Fate::Rewrite(new) => {
+                body = new;
+                changed = true;
+            }
+            Fate::Block(decision) => {
+                return into_response(inspect::block_response(&ans.protocol, &decision))
+            }
+        }
+    }
+    if !changed {
+        // The body as it came (its own `Content-Length`, if it had one, stands).
+        return Response::from_parts(parts, full(raw));
+    }
+    let out = Bytes::from(body);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, out.len().into());
+    Response::from_parts(parts, full(out))
+}
+
+/// The body, whole and decoded, within the size and time bounds.
+async fn read_whole(
+    mut body: Incoming,
+    ans: &Answering,
+    plan: Plan,
+    headers: &HeaderMap,
+) -> Result<Bytes, (Reason, &'static str)> {
+    let limit = ans.policy.max_body_bytes();
+    let read = async {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err((
+                    Reason::UpstreamUnreachable,
+                    "the upstream's answer broke off",
+                ));
+            };
+            if let Some(data) = frame.data_ref() {
+                buf.extend_from_slice(data);
+                if buf.len() as u64 > limit {
+                    return Err((Reason::BodyTooLarge, TOO_LARGE));
+                }
+            }
+        }
+        Ok(buf.freeze())
+    };
+    let raw = tokio::time::timeout(super::limits::limits().hold_timeout, read)
+        .await
+        .map_err(|_| (Reason::HoldTimeout, TOO_SLOW))??;
+    if !plan.encoded {
+        return Ok(raw);
+    }
+    let coding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    inspect::decode_body(Some(coding), raw, limit).map_err(|_| {
+        (
+            Reason::Unparseable,
+            "the upstream's answer could not be decoded for inspection",
+        )
+    })
+}
+
+pub(crate) const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
+pub(crate) const TOO_SLOW: &str = "the upstream's answer did not complete within the hold time";
+
+/// The answer (and record) when the enforcer refuses to pass a response on: the protocol's error shape, 502.
+async fn refused(ans: &Answering, reason: Reason, message: &str) -> Response<ProxyBody> {
+    let status = http::StatusCode::BAD_GATEWAY.as_u16();
+    record_refusal(ans, Phase::Response, reason, message, Some(status)).await;
+    into_response(inspect::refusal_response(
+        &ans.protocol,
+        status,
+        reason,
+        message,
+    ))
+}

@@ -216,6 +216,38 @@ pub struct AuditSettings {
     /// Delete rotated files whose records are all older than this many days (recorded likewise); 0 keeps them.
     /// Default 0.
     pub max_age_days: u64,
+    /// Ship every record and checkpoint to a central syslog collector (RFC 5424 over TLS, docs/audit.md
+    /// "Shipping"). Default: not shipped.
+    pub ship: Option<ShipSettings>,
+}
+
+/// The `audit.ship:` section: the collector, the TLS material, the queue bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipSettings {
+    /// `host:port` of the collector's RFC 5425 (syslog over TLS) listener; 6514 is the registered port.
+    pub collector: String,
+    /// PEM file of the CA certificate(s) the collector's certificate must chain to (nothing else is trusted).
+    pub ca_file: PathBuf,
+    /// Name the collector's certificate must be valid for. Default: the host part of `collector`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM certificate chain and key for a collector that asks for client certificates (both or neither).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Messages waiting to be shipped, at most; past it new ones are dropped from shipping (never from the local
+    /// trail), counted, and show as a seq gap at the collector. Default 4096.
+    #[serde(default = "default_ship_queue")]
+    pub queue: usize,
+    /// The HOSTNAME the messages carry. Default: the system's hostname.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+fn default_ship_queue() -> usize {
+    crate::audit::ship::DEFAULT_QUEUE
 }
 
 impl Default for Config {
@@ -261,6 +293,7 @@ impl Default for AuditSettings {
             compress: true,
             max_total_bytes: crate::audit::DEFAULT_MAX_TOTAL_BYTES,
             max_age_days: 0,
+            ship: None,
         }
     }
 }
@@ -352,6 +385,15 @@ impl Config {
         cfg.max_age = (self.audit.max_age_days > 0).then(|| {
             std::time::Duration::from_secs(self.audit.max_age_days.saturating_mul(86_400))
         });
+        cfg.ship = self.audit.ship.as_ref().map(|s| crate::audit::ShipConfig {
+            collector: s.collector.clone(),
+            server_name: s.server_name.clone(),
+            ca_file: s.ca_file.clone(),
+            client_cert: s.client_cert.clone(),
+            client_key: s.client_key.clone(),
+            queue: s.queue,
+            hostname: s.hostname.clone(),
+        });
         cfg
     }
 }
@@ -390,6 +432,14 @@ mod tests {
             (4 << 30, None, true)
         );
         assert!(serde_saphyr::from_str::<Config>("audit:\n  max_total_byte: 1\n").is_err());
+        let yaml = "audit:\n  ship:\n    collector: logs.example.net:6514\n    ca_file: /etc/enforcer/collector-ca.pem\n";
+        let ship = serde_saphyr::from_str::<Config>(yaml)
+            .unwrap()
+            .audit_config()
+            .ship
+            .unwrap();
+        assert_eq!((ship.collector.as_str(), ship.queue), ("logs.example.net:6514", 4096));
+        assert!(serde_saphyr::from_str::<Config>("audit:\n  ship:\n    collector: x:1\n").is_err());
     }
 
     #[test]

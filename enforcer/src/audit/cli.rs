@@ -20,15 +20,20 @@ pub const DEFAULT_DIR: &str = "/var/lib/enforcer/audit";
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check every record, the chain across files and every signed checkpoint.
+    /// Check every record, the chain across files and every signed checkpoint. Given a file instead of a directory,
+    /// check what a syslog collector received from many hosts (with --keys): each host's chain and checkpoints,
+    /// gaps reported as gaps.
     Verify {
-        /// The trail's directory.
+        /// The trail's directory, or a collected file (RFC 5424 lines written by rsyslog or another collector).
         #[arg(default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// Public key to check checkpoint signatures against: a copy of audit.pub kept outside the log directory.
         /// Default: the audit.pub inside it.
-        #[arg(long, value_name = "PUBKEY")]
+        #[arg(long, value_name = "PUBKEY", conflicts_with = "keys")]
         key: Option<PathBuf>,
+        /// For a collected file: the directory of trusted host keys (each host's audit.pub, saved as NAME.pub).
+        #[arg(long, value_name = "DIR")]
+        keys: Option<PathBuf>,
     },
     /// Print the last records; with -f, keep printing new ones.
     Tail {
@@ -89,14 +94,28 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    if let AuditCommand::Verify {
+        dir,
+        keys: Some(keys),
+        ..
+    } = &cmd
+    {
+        return verify_collected(dir, keys);
+    }
     let (AuditCommand::Verify { dir, .. }
     | AuditCommand::Tail { dir, .. }
     | AuditCommand::Query { dir, .. }) = &cmd;
+    if dir.is_file() {
+        bail!(
+            "{} is a file: to verify a collected (multi-host) file, pass --keys DIR with the trusted host keys",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!("no audit trail at {}: not a directory", dir.display());
     }
     match cmd {
-        AuditCommand::Verify { dir, key } => verify(&dir, key.as_deref()),
+        AuditCommand::Verify { dir, key, .. } => verify(&dir, key.as_deref()),
         AuditCommand::Tail {
             dir,
             follow,
@@ -169,6 +188,55 @@ fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
         r.records, r.files, r.checkpoints
     );
     Ok(ExitCode::from(1))
+}
+
+/// Per host: what was checked, the gaps, and the tampering. Exit 1 on tampering or a host whose key is not trusted;
+/// gaps alone exit 0 (they are reported: those records are only in that host's local trail).
+fn verify_collected(file: &Path, keys: &Path) -> anyhow::Result<ExitCode> {
+    if !keys.is_dir() {
+        bail!("--keys {}: not a directory", keys.display());
+    }
+    let r = super::fleet::verify_collected(file, keys).map_err(flat)?;
+    for h in &r.hosts {
+        let range = match (h.first_seq, h.last_seq) {
+            (Some(f), Some(l)) => format!("seq {f} to {l}"),
+            _ => "no records".to_owned(),
+        };
+        let verdict = if h.ok() { "OK" } else { "FAILED" };
+        println!(
+            "{verdict}: host {}: {} records ({range}), {} checkpoints verified ({} matched a collected record)",
+            h.name(),
+            h.records,
+            h.checkpoints,
+            h.checkpoints_matched
+        );
+        match &h.key_file {
+            Some(k) => println!("  key: {}", k.display()),
+            None => println!(
+                "  untrusted: key {} is not in {} (add the host's audit.pub as NAME.pub if it is yours)",
+                h.key_id,
+                keys.display()
+            ),
+        }
+        for (from, to) in &h.gaps {
+            let n = to - from + 1;
+            println!("  gap: records {from} to {to} ({n}) were not collected; that host's local trail has them");
+        }
+        for t in &h.tampering {
+            println!("  tampered: host {}: {t}", h.name());
+        }
+    }
+    if r.hosts.is_empty() {
+        println!("no enforcer audit messages in {}", file.display());
+    }
+    if r.other_lines > 0 {
+        println!("({} other lines skipped)", r.other_lines);
+    }
+    Ok(if r.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn tail(dir: &Path, follow: bool, n: usize, json: bool) -> anyhow::Result<ExitCode> {

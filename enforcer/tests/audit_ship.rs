@@ -272,6 +272,18 @@ async fn a_collector_outage_shows_as_a_gap_and_shipping_resumes() {
     }
     let during = log.shipping().unwrap();
     assert!(during.dropped > 0, "{during:?}");
+    // The drops are counted where Prometheus scrapes them.
+    let metrics = enforcer::metrics::Metrics::new();
+    metrics.watch_shipping(log.ship_probe().unwrap());
+    let text = metrics.encode(false);
+    let dropped: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("enforcer_audit_ship_dropped_total "))
+        .unwrap_or_else(|| panic!("no drop counter in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(dropped >= during.dropped, "{text}");
+    assert!(text.contains("enforcer_audit_ship_connected 0"), "{text}");
 
     let collector = Collector::start(dir.path(), &pki, port);
     // The shipper reconnects (backoff) and sends what the queue kept; then records flow again.

@@ -12,7 +12,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::read::{self, Line, Query};
-use super::record::{Entry, RetentionRecord};
+use super::record::{CgroupAction, CgroupRecord, CgroupSource, Entry, RetentionRecord};
 use crate::model::{Disposition, Verdict};
 
 /// Default trail location (`<state dir>/audit`).
@@ -325,6 +325,7 @@ fn row(l: &Line) -> String {
     let r = match &l.entry {
         Entry::Decision(r) => r,
         Entry::Retention(r) => return retention_row(r),
+        Entry::Cgroup(r) => return cgroup_row(r),
     };
     let ts = short_ts(&r.ts);
     let rule = r.decision.rule.as_deref().unwrap_or("(default)");
@@ -411,6 +412,28 @@ fn retention_row(r: &RetentionRecord) -> String {
         d.last_seq,
         d.reason.as_str(),
         d.kept_from
+    )
+}
+
+fn cgroup_row(r: &CgroupRecord) -> String {
+    let c = &r.cgroup;
+    let action = match c.action {
+        CgroupAction::Tag => "tagged",
+        CgroupAction::Untag => "untagged",
+    };
+    let source = match (c.source, &c.pattern) {
+        (CgroupSource::Glob, Some(p)) => format!("glob {p}"),
+        (CgroupSource::Glob, None) => "glob".into(),
+        (CgroupSource::Config, _) => "config".into(),
+        (CgroupSource::Exec, _) => "enforcer exec".into(),
+    };
+    format!(
+        "{:>8}  {:<23}  {:<9}  {action} {} with profile {} ({source})",
+        r.seq,
+        short_ts(&r.ts),
+        "cgroup",
+        c.path,
+        c.profile
     )
 }
 

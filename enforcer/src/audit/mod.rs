@@ -244,6 +244,14 @@ impl AuditLog {
         Ok(Appended { seq, wait })
     }
 
+    /// Record that the daemon tagged or untagged a cgroup ([`record::CgroupChange`]); returns once it is in the file.
+    /// Errors as [`AuditLog::append`].
+    pub fn append_cgroup(&self, change: &record::CgroupChange) -> Result<u64, AuditError> {
+        let body = record::encode_cgroup(change)?;
+        let (seq, _wait) = self.inner.append(&body)?;
+        Ok(seq)
+    }
+
     /// [`AuditLog::append`], then [`Appended::durable`]: returns the record's `seq` once it is durable.
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
         self.append(&event)?.durable().await
@@ -259,8 +267,13 @@ impl AuditLog {
         self.inner.health()
     }
 
-    /// Shipping's state (`None` when the trail is not shipped).
+    /// Shipping's state now (`None` when the trail is not shipped).
     pub fn shipping(&self) -> Option<ShipStatus> {
+        self.inner.shipping().map(|p| p.status())
+    }
+
+    /// A handle that reads shipping's state later (metrics, status) without keeping the writer open.
+    pub fn ship_probe(&self) -> Option<ship::ShipProbe> {
         self.inner.shipping()
     }
 

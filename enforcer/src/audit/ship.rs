@@ -162,19 +162,41 @@ struct Item {
     line: Vec<u8>,
 }
 
+/// A cheap handle on shipping's counters, read at each metrics scrape or status request.
+#[derive(Debug, Clone)]
+pub struct ShipProbe {
+    stats: Arc<Stats>,
+    collector: String,
+}
+
+impl ShipProbe {
+    pub fn status(&self) -> ShipStatus {
+        let s = &self.stats;
+        let last = s.last_seq.load(Ordering::Relaxed);
+        ShipStatus {
+            collector: self.collector.clone(),
+            connected: s.connected.load(Ordering::Relaxed),
+            shipped: s.shipped.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            queued: s.queued.load(Ordering::Relaxed),
+            last_seq: last.checked_sub(1),
+        }
+    }
+}
+
 /// The running shipper: the queue's sending end and the thread draining it.
 pub(crate) struct Shipper {
     tx: SyncSender<Item>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    collector: String,
+    probe: ShipProbe,
 }
 
 impl std::fmt::Debug for Shipper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shipper")
-            .field("collector", &self.collector)
+            .field("collector", &self.probe.collector)
             .finish_non_exhaustive()
     }
 }
@@ -216,37 +238,32 @@ impl Shipper {
             })?;
         Ok(Shipper {
             tx,
+            probe: ShipProbe {
+                stats: stats.clone(),
+                collector: cfg.collector.clone(),
+            },
             stats,
             stop,
             thread: Mutex::new(Some(thread)),
-            collector: cfg.collector.clone(),
         })
     }
 
     /// Queue one line (with or without its `\n`) for shipping; never blocks. A full queue drops it from shipping.
     pub fn offer(&self, kind: Kind, seq: u64, line: &[u8]) {
         let line = line.strip_suffix(b"\n").unwrap_or(line).to_vec();
+        // Counted before the send, so the thread never takes it below zero.
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(Item { kind, seq, line }) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
-    pub fn status(&self) -> ShipStatus {
-        let s = &self.stats;
-        let last = s.last_seq.load(Ordering::Relaxed);
-        ShipStatus {
-            collector: self.collector.clone(),
-            connected: s.connected.load(Ordering::Relaxed),
-            shipped: s.shipped.load(Ordering::Relaxed),
-            dropped: s.dropped.load(Ordering::Relaxed),
-            queued: s.queued.load(Ordering::Relaxed),
-            last_seq: last.checked_sub(1),
-        }
+    pub fn probe(&self) -> ShipProbe {
+        self.probe.clone()
     }
 
     /// Ship what is queued (for at most a couple of seconds), then stop the thread.
@@ -588,7 +605,7 @@ mod tests {
         for seq in 0..10 {
             s.offer(Kind::Record, seq, b"{}\n");
         }
-        let st = s.status();
+        let st = s.probe().status();
         // The thread may hold one message as pending, so 2 or 3 are taken.
         assert!((7..=8).contains(&st.dropped), "{st:?}");
         assert!(!st.connected);

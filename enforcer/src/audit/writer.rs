@@ -598,8 +598,8 @@ impl Handle {
         self.shared.health.subscribe()
     }
 
-    pub fn shipping(&self) -> Option<super::ShipStatus> {
-        self.shared.ship.as_ref().map(Shipper::status)
+    pub fn shipping(&self) -> Option<super::ship::ShipProbe> {
+        self.shared.ship.as_ref().map(Shipper::probe)
     }
 
     pub async fn close(&self) -> Result<(), AuditError> {

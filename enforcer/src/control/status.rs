@@ -85,6 +85,9 @@ pub struct AuditStatus {
     pub last_checkpoint: Option<CheckpointStatus>,
     /// Bytes of all files in the audit directory.
     pub bytes: u64,
+    /// Shipping to the central collector, when configured (`audit.ship`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipping: Option<crate::audit::ShipStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +166,7 @@ impl StatusSources {
                     .or(last_checkpoint.as_ref().map(|c| c.seq)),
                 last_checkpoint,
                 bytes: dir_bytes(&audit_dir),
+                shipping: self.metrics.shipping(),
             },
             decisions: self
                 .metrics
@@ -228,6 +232,17 @@ impl Status {
                 .map_or_else(|| "none".into(), |c| format!("seq {} at {}", c.seq, c.ts)),
             a.bytes
         ));
+        if let Some(sh) = &a.shipping {
+            out.push_str(&format!(
+                "shipping:  to {} ({}): {} shipped, {} dropped, {} queued, last record shipped {}\n",
+                sh.collector,
+                if sh.connected { "connected" } else { "not connected" },
+                sh.shipped,
+                sh.dropped,
+                sh.queued,
+                sh.last_seq.map_or_else(|| "none".into(), |s| s.to_string()),
+            ));
+        }
         let counts: Vec<String> = ["allow", "log", "constrain", "block"]
             .iter()
             .map(|v| format!("{v} {}", self.decisions.get(*v).copied().unwrap_or(0)))
@@ -275,6 +290,7 @@ impl Status {
                     ts: "2026-11-30T05:01:00.000000Z".into(),
                 }),
                 bytes: 12345,
+                shipping: None,
             },
             decisions: BTreeMap::from([("allow".into(), 3), ("block".into(), 27)]),
         }

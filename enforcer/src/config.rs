@@ -438,7 +438,10 @@ mod tests {
             .audit_config()
             .ship
             .unwrap();
-        assert_eq!((ship.collector.as_str(), ship.queue), ("logs.example.net:6514", 4096));
+        assert_eq!(
+            (ship.collector.as_str(), ship.queue),
+            ("logs.example.net:6514", 4096)
+        );
         assert!(serde_saphyr::from_str::<Config>("audit:\n  ship:\n    collector: x:1\n").is_err());
     }
 

@@ -363,7 +363,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Some(c) => c.dns_origins(),
         None => Arc::new(NoCapture),
     };
-    let cgroup_sink = cgroup_sink(&audit);
+    let cgroup_sink = cgroup_sink(&audit, &metrics);
     if let Some(c) = &capture {
         record_config_tags(&config, c, &cgroup_sink, CgroupAction::Tag);
     }
@@ -613,13 +613,16 @@ fn prepare_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The audit trail as the place cgroup changes are recorded (a failure is logged: the trail's health already
 /// refuses every action while it cannot take records).
-fn cgroup_sink(audit: &AuditLog) -> crate::capture::CgroupSink {
-    let audit = audit.clone();
-    Arc::new(move |change: &CgroupChange| {
-        if let Err(e) = audit.append_cgroup(change) {
-            tracing::error!(cgroup = %change.path, error = %e, "cannot record a cgroup change in the audit trail");
-        }
-    })
+fn cgroup_sink(audit: &AuditLog, metrics: &Arc<Metrics>) -> crate::capture::CgroupSink {
+    let (audit, metrics) = (audit.clone(), metrics.clone());
+    Arc::new(
+        move |change: &CgroupChange| match audit.append_cgroup(change) {
+            Ok(seq) => metrics.recorded(seq),
+            Err(e) => {
+                tracing::error!(cgroup = %change.path, error = %e, "cannot record a cgroup change in the audit trail")
+            }
+        },
+    )
 }
 
 /// Record the cgroups tagged at start (the profiles' own cgroups and the configured paths), or their untagging at

@@ -99,7 +99,10 @@ ruleset(name="collect") {{
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "rsyslogd did not listen on {port}");
+            assert!(
+                Instant::now() < deadline,
+                "rsyslogd did not listen on {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         c
@@ -146,10 +149,7 @@ fn wait_for(file: &Path, needles: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(file).unwrap_or_default();
-        if text
-            .lines()
-            .any(|l| needles.iter().all(|n| l.contains(n)))
-        {
+        if text.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
             return;
         }
         assert!(
@@ -181,7 +181,8 @@ fn verify(file: &Path, keys: &Path) -> (Option<i32>, String) {
         .arg(keys)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     (o.status.code(), text)
 }
 
@@ -196,8 +197,12 @@ async fn two_hosts_ship_to_rsyslog_and_the_collected_file_verifies_per_host() {
     let pki = pki(dir.path());
     let collector = Collector::start(dir.path(), &pki, free_port());
     let (a, b) = (dir.path().join("host-a"), dir.path().join("host-b"));
-    let log_a = AuditLog::open(shipped(&a, &pki, collector.port, "agent-a", 4096)).await.unwrap();
-    let log_b = AuditLog::open(shipped(&b, &pki, collector.port, "agent-b", 4096)).await.unwrap();
+    let log_a = AuditLog::open(shipped(&a, &pki, collector.port, "agent-a", 4096))
+        .await
+        .unwrap();
+    let log_b = AuditLog::open(shipped(&b, &pki, collector.port, "agent-b", 4096))
+        .await
+        .unwrap();
     for i in 0..30 {
         log_a.record(event(0, i)).await.unwrap();
         if i < 20 {
@@ -239,7 +244,11 @@ async fn two_hosts_ship_to_rsyslog_and_the_collected_file_verifies_per_host() {
             }
         })
         .collect();
-    assert_ne!(edited.join("\n") + "\n", text, "record 7 of agent-b not found");
+    assert_ne!(
+        edited.join("\n") + "\n",
+        text,
+        "record 7 of agent-b not found"
+    );
     std::fs::write(&file, edited.join("\n") + "\n").unwrap();
     let (code, out) = verify(&file, &keys);
     assert_eq!(code, Some(1), "{out}");
@@ -257,7 +266,9 @@ async fn a_collector_outage_shows_as_a_gap_and_shipping_resumes() {
     let port = free_port();
     let mut collector = Collector::start(dir.path(), &pki, port);
     let trail = dir.path().join("host");
-    let log = AuditLog::open(shipped(&trail, &pki, port, "agent-c", 4)).await.unwrap();
+    let log = AuditLog::open(shipped(&trail, &pki, port, "agent-c", 4))
+        .await
+        .unwrap();
     for i in 0..10 {
         log.record(event(0, i)).await.unwrap();
     }
@@ -301,7 +312,10 @@ async fn a_collector_outage_shows_as_a_gap_and_shipping_resumes() {
     }
     shipped_through(&log, 69).await;
     log.close().await.unwrap();
-    wait_for(&collector.file(), &["agent-c", "checkpoint", "\"seq\":69,\"hash\""]);
+    wait_for(
+        &collector.file(),
+        &["agent-c", "checkpoint", "\"seq\":69,\"hash\""],
+    );
 
     // Every record is still in the local trail.
     let local = enforcer::audit::verify(&trail, None).unwrap();

@@ -94,7 +94,10 @@ pub fn run() -> anyhow::Result<()> {
         .filter(|p| !dpkg_installed(p))
         .collect();
     if syslog.is_empty() {
-        eprintln!("xtask: setup: {} already installed", SYSLOG_PACKAGES.join(", "));
+        eprintln!(
+            "xtask: setup: {} already installed",
+            SYSLOG_PACKAGES.join(", ")
+        );
     } else {
         apt.install(&syslog)?;
     }

@@ -305,7 +305,9 @@ impl Host {
                     report.checkpoints += 1;
                     match hashes.get(&cp.seq) {
                         Some(h) if *h == cp.hash => report.checkpoints_matched += 1,
-                        Some(_) => report.tampering.push(Tamper::Rewritten { line, seq: cp.seq }),
+                        Some(_) => report
+                            .tampering
+                            .push(Tamper::Rewritten { line, seq: cp.seq }),
                         None => {}
                     }
                 }
@@ -327,9 +329,22 @@ mod tests {
         let mut out = Vec::new();
         for seq in 0..seqs.end {
             let mut line = Vec::new();
-            prev = compose(&mut line, seq, "2026-01-01T00:00:00.000000Z", &prev, b"{\"x\":1}");
+            prev = compose(
+                &mut line,
+                seq,
+                "2026-01-01T00:00:00.000000Z",
+                &prev,
+                b"{\"x\":1}",
+            );
             if seqs.contains(&seq) {
-                let f = frame(id, 1, "2026-01-01T00:00:00.000000Z", Kind::Record, seq, &line[..line.len() - 1]);
+                let f = frame(
+                    id,
+                    1,
+                    "2026-01-01T00:00:00.000000Z",
+                    Kind::Record,
+                    seq,
+                    &line[..line.len() - 1],
+                );
                 // What rsyslog writes: the message without its octet count.
                 let text = String::from_utf8(f).unwrap();
                 out.push(text.split_once(' ').unwrap().1.to_string());
@@ -346,7 +361,10 @@ mod tests {
         };
         let line = &shipped_lines(&id, 0..1)[0];
         let m = parse_shipped(line.as_bytes()).unwrap();
-        assert_eq!((m.key.as_str(), m.host.as_str(), m.seq), ("abcd", "h\"1", 0));
+        assert_eq!(
+            (m.key.as_str(), m.host.as_str(), m.seq),
+            ("abcd", "h\"1", 0)
+        );
         assert!(m.msg.starts_with(b"{\"seq\":0,"));
         assert!(parse_shipped(b"<13>1 - host app - - - hello").is_none());
     }

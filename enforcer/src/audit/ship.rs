@@ -552,7 +552,14 @@ mod tests {
             key_id: "0123456789abcdef".into(),
         };
         let line = br#"{"seq":7,"ts":"t","prev":"00","x":"a]\"b","hash":"11"}"#;
-        let out = frame(&id, 42, "2026-01-01T00:00:00.000001Z", Kind::Record, 7, line);
+        let out = frame(
+            &id,
+            42,
+            "2026-01-01T00:00:00.000001Z",
+            Kind::Record,
+            7,
+            line,
+        );
         let text = String::from_utf8(out).unwrap();
         let (len, msg) = text.split_once(' ').unwrap();
         assert_eq!(len.parse::<usize>().unwrap(), msg.len());

@@ -252,14 +252,10 @@ impl State {
         if self.watched.len() >= MAX_DIRS {
             return;
         }
-        match self
-            .inotify
-            .watches()
-            .add(
-                dir,
-                WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR,
-            )
-        {
+        match self.inotify.watches().add(
+            dir,
+            WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR,
+        ) {
             Ok(wd) => {
                 self.watched.insert(wd, dir.to_path_buf());
             }

@@ -141,8 +141,16 @@ impl prometheus_client::collector::Collector for ShipCollector {
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
         let gauges = [
-            ("audit_ship_queue_depth", "Audit messages waiting to be shipped", i64::try_from(s.queued).unwrap_or(i64::MAX)),
-            ("audit_ship_connected", "1 while connected to the syslog collector", i64::from(s.connected)),
+            (
+                "audit_ship_queue_depth",
+                "Audit messages waiting to be shipped",
+                i64::try_from(s.queued).unwrap_or(i64::MAX),
+            ),
+            (
+                "audit_ship_connected",
+                "1 while connected to the syslog collector",
+                i64::from(s.connected),
+            ),
         ];
         for (name, help, value) in gauges {
             let g = ConstGauge::new(value);
@@ -346,17 +354,21 @@ impl Metrics {
         let result = audit.record(event).await;
         self.audit_write.observe(start.elapsed().as_secs_f64());
         match &result {
-            Ok(seq) => {
-                self.last_seq.fetch_max(*seq, Ordering::Relaxed);
-                self.any_seq.store(true, Ordering::Relaxed);
-                self.audit_last_seq
-                    .set(i64::try_from(self.last_seq.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-            }
+            Ok(seq) => self.recorded(*seq),
             Err(_) => {
                 self.audit_errors.inc();
             }
         }
         result
+    }
+
+    /// A record with `seq` is in the audit trail (decisions through [`Metrics::audited`]; the daemon's cgroup records
+    /// directly): the audit position `enforcer status` and `enforcer_audit_last_seq` report.
+    pub fn recorded(&self, seq: u64) {
+        self.last_seq.fetch_max(seq, Ordering::Relaxed);
+        self.any_seq.store(true, Ordering::Relaxed);
+        self.audit_last_seq
+            .set(i64::try_from(self.last_seq.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     }
 
     /// A policy reload ended with `result`.

@@ -46,8 +46,8 @@ use clap::Subcommand;
 use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
-pub use ca::{CaError, CertAuthority, PublicFiles};
 pub(crate) use ca::crypto_provider;
+pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};

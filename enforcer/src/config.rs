@@ -218,36 +218,7 @@ pub struct AuditSettings {
     pub max_age_days: u64,
     /// Ship every record and checkpoint to a central syslog collector (RFC 5424 over TLS, docs/audit.md
     /// "Shipping"). Default: not shipped.
-    pub ship: Option<ShipSettings>,
-}
-
-/// The `audit.ship:` section: the collector, the TLS material, the queue bound.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShipSettings {
-    /// `host:port` of the collector's RFC 5425 (syslog over TLS) listener; 6514 is the registered port.
-    pub collector: String,
-    /// PEM file of the CA certificate(s) the collector's certificate must chain to (nothing else is trusted).
-    pub ca_file: PathBuf,
-    /// Name the collector's certificate must be valid for. Default: the host part of `collector`.
-    #[serde(default)]
-    pub server_name: Option<String>,
-    /// PEM certificate chain and key for a collector that asks for client certificates (both or neither).
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
-    /// Messages waiting to be shipped, at most; past it new ones are dropped from shipping (never from the local
-    /// trail), counted, and show as a seq gap at the collector. Default 4096.
-    #[serde(default = "default_ship_queue")]
-    pub queue: usize,
-    /// The HOSTNAME the messages carry. Default: the system's hostname.
-    #[serde(default)]
-    pub hostname: Option<String>,
-}
-
-fn default_ship_queue() -> usize {
-    crate::audit::ship::DEFAULT_QUEUE
+    pub ship: Option<crate::audit::ShipConfig>,
 }
 
 impl Default for Config {
@@ -385,15 +356,7 @@ impl Config {
         cfg.max_age = (self.audit.max_age_days > 0).then(|| {
             std::time::Duration::from_secs(self.audit.max_age_days.saturating_mul(86_400))
         });
-        cfg.ship = self.audit.ship.as_ref().map(|s| crate::audit::ShipConfig {
-            collector: s.collector.clone(),
-            server_name: s.server_name.clone(),
-            ca_file: s.ca_file.clone(),
-            client_cert: s.client_cert.clone(),
-            client_key: s.client_key.clone(),
-            queue: s.queue,
-            hostname: s.hostname.clone(),
-        });
+        cfg.ship = self.audit.ship.clone();
         cfg
     }
 }

@@ -49,22 +49,35 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(100);
 
-/// Where and how to ship (`audit.ship` in the configuration; docs/audit.md, "Shipping").
-#[derive(Debug, Clone)]
+/// Where and how to ship: the `audit.ship:` section of the daemon's configuration (docs/audit.md, "Shipping to a
+/// central collector").
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShipConfig {
     /// `host:port` of the collector's RFC 5425 listener (6514 is the registered port).
     pub collector: String,
     /// The name the collector's certificate must be valid for. Default: the host part of `collector`.
+    #[serde(default)]
     pub server_name: Option<String>,
     /// PEM file of the CA certificate(s) the collector's certificate must chain to (the only roots trusted).
     pub ca_file: PathBuf,
-    /// PEM certificate chain and private key presented to a collector that asks for a client certificate.
+    /// PEM certificate chain and private key presented to a collector that asks for a client certificate (both or
+    /// neither).
+    #[serde(default)]
     pub client_cert: Option<PathBuf>,
+    #[serde(default)]
     pub client_key: Option<PathBuf>,
-    /// Messages waiting to be shipped, at most; past it new ones are dropped from shipping and counted.
+    /// Messages waiting to be shipped, at most; past it new ones are dropped from shipping (never from the local
+    /// trail), counted, and show as a seq gap at the collector. Default 4096.
+    #[serde(default = "default_queue")]
     pub queue: usize,
-    /// The HOSTNAME field. Default: gethostname(2).
+    /// The HOSTNAME field and `host` parameter. Default: the system's hostname.
+    #[serde(default)]
     pub hostname: Option<String>,
+}
+
+fn default_queue() -> usize {
+    DEFAULT_QUEUE
 }
 
 impl ShipConfig {

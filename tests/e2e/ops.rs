@@ -147,8 +147,7 @@ pub fn status_reports_the_daemon(env: &mut Env) {
     let records = env.audit_records();
     let last = records
         .iter()
-        .filter(|r| r.get("decision").is_some())
-        .next_back()
+        .rfind(|r| r.get("decision").is_some())
         .and_then(|r| r["seq"].as_u64());
     assert!(
         status["audit"]["last_seq"].as_u64() >= last && last.is_some(),

@@ -42,6 +42,10 @@ fn event(task: u32, i: u64) -> AuditEvent {
             rewrites: vec![],
             mode: Mode::Enforce,
             policy_hash: "3a".repeat(32),
+            review: None,
+            labels: Vec::new(),
+            counts: Vec::new(),
+            retain: None,
         },
         agent: Agent {
             profile: Some("coder".into()),
@@ -49,6 +53,7 @@ fn event(task: u32, i: u64) -> AuditEvent {
             pid: Some(4000 + task),
             exe: Some("/usr/bin/node".into()),
             uid: Some(1000),
+            ..Agent::default()
         },
         request: RequestSummary {
             scheme: Some(Scheme::Https),
@@ -75,6 +80,8 @@ fn event(task: u32, i: u64) -> AuditEvent {
             status: Some(200),
             error: None,
         },
+        review: None,
+        trace: None,
     }
 }
 

@@ -38,6 +38,15 @@ pub enum Command {
     /// Verify and read the audit trail.
     #[command(subcommand)]
     Audit(crate::audit::cli::AuditCommand),
+    /// Exchanges held for human review: list, show, approve, deny (the daemon must be running).
+    #[command(subcommand)]
+    Review(crate::review::cli::ReviewCommand),
+    /// Live agent sessions with their labels and counters (the daemon must be running).
+    #[command(subcommand)]
+    Session(crate::session::cli::SessionCommand),
+    /// Retained traces: decrypt one with the private key, or make a key pair.
+    #[command(subcommand)]
+    Trace(crate::trace::cli::TraceCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -50,6 +59,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ca(cmd) => crate::proxy::ca_command(cmd),
         Command::Policy(cmd) => crate::policy::cli::run(cmd),
         Command::Audit(cmd) => crate::audit::cli::run(cmd),
+        Command::Review(cmd) => crate::review::cli::run(cmd),
+        Command::Session(cmd) => crate::session::cli::run(cmd),
+        Command::Trace(cmd) => crate::trace::cli::run(cmd),
     }
 }
 

@@ -63,6 +63,15 @@ pub struct Config {
     /// The local control socket (`<state_dir>/control.sock`) that `enforcer status` and `enforcer reload` use.
     #[serde(deserialize_with = "null_as_default")]
     pub control: ControlConfig,
+    /// Human review of exchanges a `review` verdict holds: bounds and the optional webhook.
+    #[serde(deserialize_with = "null_as_default")]
+    pub review: crate::review::ReviewSettings,
+    /// Bounds on the per-session state the daemon keeps.
+    #[serde(deserialize_with = "null_as_default")]
+    pub sessions: crate::session::SessionLimits,
+    /// Retained traces: the recipient they are encrypted to, where they live, their size and age limits.
+    #[serde(deserialize_with = "null_as_default")]
+    pub traces: crate::trace::TraceSettings,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -118,6 +127,11 @@ pub struct ProfileConfig {
     /// other hosts. Off by default: the kernel refuses such binds and drops such packets (docs/proxy.md). What an
     /// agent sends back over a connection it accepted is not seen by the proxy.
     pub accept_inbound: bool,
+    /// The person this profile's cgroups act for (the `user` condition), when they are not started by
+    /// `enforcer exec` (which names the user who ran it).
+    pub user: Option<String>,
+    /// That person's groups (the `groups` condition).
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +249,9 @@ impl Default for Config {
             profiles: BTreeMap::from([("default".to_string(), ProfileConfig::default())]),
             metrics: MetricsConfig::default(),
             control: ControlConfig::default(),
+            review: crate::review::ReviewSettings::default(),
+            sessions: crate::session::SessionLimits::default(),
+            traces: crate::trace::TraceSettings::default(),
         }
     }
 }
@@ -341,6 +358,24 @@ impl Config {
     /// The CA's private directory (0700): its certificate and key.
     pub fn ca_dir(&self) -> PathBuf {
         self.state_dir.join("ca")
+    }
+
+    /// The person configured for each profile's cgroups (`profiles.NAME.user`, `groups`).
+    pub fn profile_people(&self) -> std::collections::HashMap<String, crate::session::Person> {
+        self.profiles
+            .iter()
+            .filter_map(|(name, p)| {
+                let user = p.user.clone()?;
+                Some((
+                    name.clone(),
+                    crate::session::Person {
+                        user,
+                        uid: None,
+                        groups: p.groups.clone(),
+                    },
+                ))
+            })
+            .collect()
     }
 
     pub fn audit_config(&self) -> crate::audit::AuditConfig {

@@ -246,6 +246,7 @@ impl Reloader {
 struct ControlHandler {
     sources: StatusSources,
     reloader: Arc<Reloader>,
+    proxy: Arc<ProxyContext>,
 }
 
 impl crate::control::Handler for ControlHandler {
@@ -255,6 +256,34 @@ impl crate::control::Handler for ControlHandler {
 
     fn reload(&self) -> ReloadReply {
         self.reloader.reload()
+    }
+
+    fn reviews(&self) -> Option<&crate::review::Reviews> {
+        Some(&self.proxy.reviews)
+    }
+
+    fn sessions(&self) -> Option<&crate::session::Sessions> {
+        Some(&self.proxy.sessions)
+    }
+
+    /// An `enforcer exec` run starts its session, unless the policy in force keeps its profile from its person.
+    fn register(
+        &self,
+        reg: crate::session::Registration,
+    ) -> Result<crate::session::SessionInfo, String> {
+        let agent = crate::model::Agent {
+            profile: Some(reg.profile.clone()),
+            user: Some(reg.person.user.clone()),
+            groups: reg.person.groups.clone(),
+            ..crate::model::Agent::default()
+        };
+        if !self.proxy.policy.current().profile_admits(&agent) {
+            return Err(format!(
+                "the policy keeps profile {:?} from user {:?}",
+                reg.profile, reg.person.user
+            ));
+        }
+        self.proxy.sessions.register(reg).map_err(|e| e.to_string())
     }
 }
 
@@ -403,6 +432,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         dns_upstream,
         dns_origins,
     ));
+    let webhook = match &config.review.webhook {
+        Some(settings) => {
+            let hook =
+                crate::review::Webhook::new(settings, &config.state_dir, upstream.h1.clone())?;
+            let listener = bind_tcp("review.webhook.listen", settings.listen).await?;
+            tracing::info!(listen = %settings.listen, "review links ready");
+            Some((Arc::new(hook), listener))
+        }
+        None => None,
+    };
+    let reviews = crate::review::Reviews::new(
+        config.review.max_pending,
+        webhook.as_ref().map(|(h, _)| h.clone()),
+    );
+    let sessions = Arc::new(crate::session::Sessions::new(
+        config.sessions,
+        config.profile_people(),
+    ));
+    let session_watch = crate::session::watch(sessions.clone(), &config.cgroup_root)
+        .context("watching session cgroups")?;
+    let traces = crate::trace::TraceStore::open(&config.traces, &config.audit_dir())?.map(Arc::new);
+    if let Some(t) = &traces {
+        tracing::info!(dir = %t.dir().display(), "retained traces are encrypted to the configured recipient");
+    }
     let ctx = Arc::new(ProxyContext {
         policy: SharedPolicy::new(policy),
         audit: audit.clone(),
@@ -413,6 +466,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         inspect: config.inspect.clone(),
         hosts: HostBinder::new(&config.proxy.static_hosts),
         dns: Some(dns.clone()),
+        sessions,
+        reviews: reviews.clone(),
+        traces: traces.clone(),
     });
     let reloader = Arc::new(Reloader {
         config: config.clone(),
@@ -431,6 +487,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             metrics_listen: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
         },
         reloader: reloader.clone(),
+        proxy: ctx.clone(),
     });
 
     let shutdown = CancellationToken::new();
@@ -498,6 +555,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
     );
+    if let Some(store) = traces {
+        spawn(
+            "trace retention".into(),
+            Box::pin(crate::trace::sweep(
+                ctx.clone(),
+                store,
+                std::time::Duration::from_secs(60),
+                shutdown.clone(),
+            )),
+        );
+    }
+    if let Some((hook, listener)) = webhook {
+        spawn(
+            "review links".into(),
+            Box::pin(crate::review::serve_links(
+                listener,
+                reviews.clone(),
+                hook,
+                shutdown.clone(),
+            )),
+        );
+    }
     if let Some(listener) = metrics_listener {
         spawn(
             "metrics endpoint".into(),
@@ -533,6 +612,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     drop(watcher);
+    drop(session_watch);
     if let Some(capture) = capture {
         record_config_tags(&config, &capture, &cgroup_sink, CgroupAction::Untag);
         capture.shutdown()?;

@@ -3,6 +3,8 @@
 //! One module per pipeline stage, with the plain data that passes between them in [`model`]:
 //! `capture` (eBPF + cgroups) → `proxy` (accept, original destination, TLS) → `inspect` (classify → `Action`)
 //! → `policy` (evaluate → `Decision`) → `constrain` (rewrite) → forward or block → `audit` (hash chain).
+//! Beside the pipeline: `session` (per-agent-run state rules read and write: labels, counters, the person the agent
+//! acts for), `review` (exchanges held for a person's approval) and `trace` (retained exchanges, encrypted).
 //! `daemon` wires the stages together for `enforcer run`; `service` (systemd notify, health, setup checks),
 //! `control` (the local control socket behind `enforcer status`) and `metrics` (Prometheus) operate it; `cli` is
 //! the command line. This crate owns no kernel code:
@@ -25,4 +27,7 @@ pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod proxy;
+pub mod review;
 pub mod service;
+pub mod session;
+pub mod trace;

@@ -28,6 +28,17 @@ pub struct Agent {
     pub exe: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// The session (one agent run: an `enforcer exec` invocation or a configured cgroup) the process belongs to:
+    /// see [`crate::session`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The person the agent acts for: the user who ran `enforcer exec` (through `sudo`, the invoking user, not
+    /// root), or the user configured for the profile's cgroups. Not the account the agent runs as (that is `uid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// That person's groups (names), primary group first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// How the agent reached out.
@@ -271,6 +282,29 @@ pub struct Action {
     /// What the upstream answered (a response Action: `http` then describes the request it answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<HttpResponse>,
+    /// What the agent's session has done so far, as `session.*` conditions read it (filled by
+    /// [`crate::session::Sessions::fill`] before each decision; written by hand in policy test cases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionState>,
+}
+
+/// A session's state at the moment an Action is decided: what earlier Actions of the same agent run left behind.
+/// Plain data, so a policy decides it without reaching into the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionState {
+    /// Labels earlier decisions put on the session (a rule's `label:`), in the order they were first set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Counter values: `NAME` is the session's total, `NAME@SECONDS` the sum over the last SECONDS (1-minute
+    /// resolution). A condition on a window reads `NAME@SECONDS` when present, else `NAME`; a counter that is absent
+    /// is 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u64>,
+    /// The tool of the session's previous tool call (an MCP `tools/call` the agent sent, or a tool call the model
+    /// proposed), whatever its verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_tool: Option<String>,
 }
 
 impl Action {
@@ -287,25 +321,61 @@ impl Action {
     }
 }
 
-/// The four verdicts, ordered from least to most restrictive so `max` picks the one that wins.
+/// The five verdicts, ordered from least to most restrictive so `max` picks the one that wins:
+/// block > review > constrain > log > allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Allow,
     Log,
     Constrain,
+    /// Held until a person approves or denies it (or the review times out and its fallback applies).
+    Review,
     Block,
 }
 
 impl Verdict {
+    /// Every verdict, least restrictive first.
+    pub const ALL: [Verdict; 5] = [
+        Verdict::Allow,
+        Verdict::Log,
+        Verdict::Constrain,
+        Verdict::Review,
+        Verdict::Block,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
             Verdict::Log => "log",
             Verdict::Constrain => "constrain",
+            Verdict::Review => "review",
             Verdict::Block => "block",
         }
     }
+}
+
+/// How a `review` verdict waits (a rule's `review:`): at most `timeout_secs` for a person's answer, then `fallback`
+/// (allow, log or block) applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewSpec {
+    pub timeout_secs: u64,
+    pub fallback: Verdict,
+}
+
+/// What a review rule waits for by default: five minutes (under the OpenAI and Anthropic SDKs' ten-minute request
+/// timeouts), then block.
+pub const DEFAULT_REVIEW: ReviewSpec = ReviewSpec {
+    timeout_secs: 300,
+    fallback: Verdict::Block,
+};
+
+/// A session counter a matching rule adds to (a rule's `count:`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountAdd {
+    pub counter: String,
+    pub by: u64,
 }
 
 /// How a connection the upstream agreed to upgrade is relayed (a rule's `relay:`).
@@ -447,6 +517,16 @@ pub enum Reason {
     /// Refused in the kernel by the capture programs, before anything left the socket: a socket kind, a bind, an
     /// inbound packet or a datagram the enforcer does not carry (see docs/proxy.md).
     Kernel,
+    /// The policy restricts the agent's profile to other users (`profiles: NAME: { users, groups }`).
+    UserNotAllowed,
+    /// A person denied the held exchange.
+    ReviewDenied,
+    /// Nobody answered the review in time: its fallback verdict applied.
+    ReviewTimeout,
+    /// A retained trace was deleted because it outgrew the retention limits (age or total size).
+    Retention,
+    /// The review could not be held (too many pending, or no way to ask anyone): its fallback verdict applied.
+    ReviewUnavailable,
 }
 
 impl Reason {
@@ -469,6 +549,11 @@ impl Reason {
             Reason::ClientClosed => "client_closed",
             Reason::ClientTls => "client_tls",
             Reason::Kernel => "kernel",
+            Reason::UserNotAllowed => "user_not_allowed",
+            Reason::ReviewDenied => "review_denied",
+            Reason::ReviewTimeout => "review_timeout",
+            Reason::Retention => "retention",
+            Reason::ReviewUnavailable => "review_unavailable",
         }
     }
 }
@@ -489,6 +574,39 @@ pub struct Decision {
     pub mode: Mode,
     /// Hex SHA-256 of the policy file's bytes.
     pub policy_hash: String,
+    /// How the review waits, when the verdict is `review` (the deciding rule's `review:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewSpec>,
+    /// Labels every matching rule puts on the session (`label:`), each once, in file order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// What matching rules add to the session's counters (`count:`), in file order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counts: Vec<CountAdd>,
+    /// The fraction (0 to 1] of such decisions whose whole exchange is kept as an encrypted trace (the largest
+    /// `retain:` of the matching rules); `None`: not retained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain: Option<f64>,
+}
+
+impl Decision {
+    /// A decision with only a verdict and a reason, under `mode` and `policy_hash`: no rule, message or effects.
+    pub fn bare(verdict: Verdict, reason: Reason, mode: Mode, policy_hash: String) -> Decision {
+        Decision {
+            verdict,
+            deciding_rule: None,
+            matched_rules: Vec::new(),
+            reason,
+            message: None,
+            rewrites: Vec::new(),
+            mode,
+            policy_hash,
+            review: None,
+            labels: Vec::new(),
+            counts: Vec::new(),
+            retain: None,
+        }
+    }
 }
 
 /// The policy's answer for everything one exchange asks for (one Action for a plain request or an LLM call, one
@@ -576,6 +694,13 @@ pub enum Disposition {
     Blocked,
     /// Allowed, but the upstream could not be reached: nothing was sent.
     Failed,
+    /// Held for a person's review: nothing was sent yet. The exchange's closing record (linked by
+    /// `review.held_seq`) says how it ended.
+    Held,
+    /// A trace of the exchange (record `trace.of`) was stored.
+    Retained,
+    /// A stored trace was deleted by the retention limits.
+    Deleted,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -586,6 +711,84 @@ pub struct Outcome {
     pub error: Option<Reason>,
 }
 
+/// Who answered a review.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "via")]
+pub enum Approver {
+    /// `enforcer review approve|deny` over the control socket: the peer's uid (`SO_PEERCRED`) and its user name.
+    Cli { uid: u32, name: Option<String> },
+    /// A signed link the review webhook handed out: the webhook's configured name, and the approver the receiver
+    /// says acted (its word, not checked by the enforcer).
+    Webhook {
+        webhook: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        claimed_by: Option<String>,
+    },
+}
+
+/// How a review ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewResult {
+    Approved,
+    Denied,
+    /// Nobody answered in time: the fallback verdict applied.
+    Timeout,
+    /// The review could not be held (too many pending): the fallback verdict applied at once.
+    Unavailable,
+}
+
+/// The review part of a record. The held record states the terms of the wait (`timeout_secs`, `fallback`); the
+/// exchange's closing record says how the review ended, by whom and when, and links to the held record by
+/// `held_seq` — which is also the review's id (what `enforcer review approve ID` names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewNote {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Verdict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ReviewResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<Approver>,
+    /// The approver's reason, as they wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the answer (or the timeout) came, RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// The verdict carried out: the decision's own after an approval, `block` after a denial, the fallback after a
+    /// timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried_out: Option<Verdict>,
+}
+
+/// A retained trace, as its record names it: see [`crate::trace`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceNote {
+    /// The seq of the exchange's record the trace belongs to.
+    pub of: u64,
+    /// The trace file's name in the trace directory.
+    pub file: String,
+    /// Hex SHA-256 of the file's bytes (the encrypted trace), so `enforcer audit verify` notices a swapped file.
+    pub sha256: String,
+    pub bytes: u64,
+    /// `stored`, or why it was deleted (`expired`, `over_size`).
+    pub event: TraceEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceEvent {
+    Stored,
+    /// Deleted because it was older than `traces.max_age`.
+    Expired,
+    /// Deleted to keep the trace directory under `traces.max_total_bytes`.
+    OverSize,
+}
+
 /// One security decision handed to the audit sink; the sink adds `seq`, `ts` and the chain hashes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
@@ -593,4 +796,29 @@ pub struct AuditEvent {
     pub agent: Agent,
     pub request: RequestSummary,
     pub outcome: Outcome,
+    /// A held exchange's review (its held record, and its closing record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewNote>,
+    /// A retained trace stored or deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceNote>,
+}
+
+impl AuditEvent {
+    /// An event without review or trace parts.
+    pub fn new(
+        decision: Decision,
+        agent: Agent,
+        request: RequestSummary,
+        outcome: Outcome,
+    ) -> AuditEvent {
+        AuditEvent {
+            decision,
+            agent,
+            request,
+            outcome,
+            review: None,
+            trace: None,
+        }
+    }
 }

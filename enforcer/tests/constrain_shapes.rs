@@ -55,6 +55,10 @@ fn classification_and_blocks_of_odd_bodies_do_not_panic() {
         rewrites: Vec::new(),
         mode: Mode::Enforce,
         policy_hash: String::new(),
+        review: None,
+        labels: Vec::new(),
+        counts: Vec::new(),
+        retain: None,
     };
     for body in odd_bodies() {
         for (host, path) in [

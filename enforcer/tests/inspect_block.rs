@@ -26,6 +26,10 @@ fn decision(verdict: Verdict, rule: Option<&str>, message: Option<&str>) -> Deci
         rewrites: Vec::new(),
         mode: Mode::Enforce,
         policy_hash: "00".into(),
+        review: None,
+        labels: Vec::new(),
+        counts: Vec::new(),
+        retain: None,
     }
 }
 

@@ -182,17 +182,19 @@ async fn responses_api_events_are_decided_redacted_and_refused_like_their_http_f
     );
 }
 
+/// A JSON-RPC `tools/call` of `tool` without arguments.
+fn call(id: u32, tool: &str) -> String {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": {}}})
+    .to_string()
+}
+
 #[tokio::test]
 async fn json_rpc_over_websocket_is_decided_per_tool_call() {
     let w = world(POLICY).await;
     let mut ws = ws_connect(&w.proxy, w.up, "tools.test", "/mcp", &[])
         .await
         .expect("upgraded");
-    let call = |id: u32, tool: &str| {
-        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-            "params": {"name": tool, "arguments": {}}})
-        .to_string()
-    };
     ws.send(Message::Text(call(1, "delete_repo").into()))
         .await
         .unwrap();
@@ -316,5 +318,75 @@ async fn oversized_messages_and_compression_never_pass_unread() {
         recs.last().unwrap()["decision"]["reason"],
         "body_too_large",
         "{recs:#?}"
+    );
+}
+
+/// A message under `review` cannot be held (the connection's other messages would wait behind it, and the
+/// protocols have no "pending" answer): in enforce mode it is refused in its protocol's shape, recorded as
+/// `review_unavailable`, and never reaches the upstream. Messages are Actions of the agent's session like requests:
+/// a label one leaves blocks a later one.
+#[tokio::test]
+async fn a_message_under_review_is_refused_and_messages_label_their_session() {
+    const SESSIONS: &str = r#"version: 1
+default: block
+rules:
+  - id: log-tools
+    when: { host: tools.test }
+    verdict: log
+  - id: deploys-need-a-person
+    when: { mcp.tool: "deploy_*" }
+    verdict: review
+    review: { timeout: 60s, fallback: block }
+  - id: customer-read
+    when: { mcp.tool: read_customer }
+    verdict: log
+    label: customer-data
+  - id: no-mail-after-customer-data
+    when: { mcp.tool: send_mail, session.labels: customer-data }
+    verdict: block
+    message: this run has read customer data
+"#;
+    let w = world(SESSIONS).await;
+    let agent = enforcer::model::Agent {
+        cgroup: Some("/ws/session".into()),
+        ..test_agent()
+    };
+    let mut ws = ws_connect_as(&w.proxy, agent, w.up, "tools.test", "/mcp", &[])
+        .await
+        .expect("upgraded");
+    let mut answer = async |id: u32, tool: &str| {
+        ws.send(Message::Text(call(id, tool).into())).await.unwrap();
+        let Message::Text(a) = text(&mut ws).await else {
+            panic!("an answer")
+        };
+        a.to_string()
+    };
+    let held = answer(1, "deploy_prod").await;
+    let held: serde_json::Value = serde_json::from_str(&held).expect("a JSON-RPC answer");
+    assert_eq!(held["id"], 1);
+    assert_eq!(held["result"]["isError"], true, "{held}");
+    assert!(answer(2, "send_mail").await.starts_with("echo:"));
+    assert!(answer(3, "read_customer").await.starts_with("echo:"));
+    let refused: serde_json::Value =
+        serde_json::from_str(&answer(4, "send_mail").await).expect("a JSON-RPC answer");
+    assert_eq!(refused["result"]["isError"], true, "{refused}");
+    let seen = w.seen.messages.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "only the two allowed calls: {seen:?}");
+    assert!(seen.iter().all(|m| !m.contains("deploy_prod")));
+
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs[1]["decision"]["verdict"], "review");
+    assert_eq!(recs[1]["outcome"]["disposition"], "blocked");
+    assert_eq!(recs[1]["outcome"]["error"], "review_unavailable");
+    assert_eq!(
+        recs[3]["decision"]["labels"],
+        serde_json::json!(["customer-data"])
+    );
+    assert_eq!(recs[4]["decision"]["rule"], "no-mail-after-customer-data");
+    let session = recs[0]["agent"]["session"].as_str().expect("a session");
+    let info = w.proxy.ctx.sessions.show(session).expect("live");
+    assert_eq!(
+        info.counters["requests"], 5,
+        "the upgrade and four messages"
     );
 }

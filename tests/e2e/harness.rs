@@ -777,7 +777,7 @@ fn pick_subnet() -> Result<u8> {
 }
 
 /// A port free on both 127.0.0.1 and ::1 right now.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     for _ in 0..50 {
         let v4 = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let port = v4.local_addr().map_err(|e| e.to_string())?.port();

@@ -13,6 +13,7 @@ mod kernel;
 mod ops;
 mod reload;
 mod sdk;
+mod sessions;
 
 use std::io::{BufRead, BufReader};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -196,6 +197,46 @@ const TESTS: &[Test] = &[
     ("sdk_node_fetch", sdk::node_fetch),
     ("sdk_audit_verifies", sdk::sdk_audit_verifies),
     ("policy_reload_on_sighup", reload::sighup_reloads_the_policy),
+    (
+        "sessions_review_approved_through_the_cli_is_forwarded_once",
+        sessions::review_approved_through_the_cli_is_forwarded_once,
+    ),
+    (
+        "sessions_review_denied_never_reaches_the_upstream_and_times_out_to_a_block",
+        sessions::review_denied_never_reaches_the_upstream_and_times_out_to_a_block,
+    ),
+    (
+        "sessions_review_approved_through_the_webhook_link",
+        sessions::review_approved_through_the_webhook_link,
+    ),
+    (
+        "sessions_customer_data_then_no_egress",
+        sessions::session_customer_data_then_no_egress,
+    ),
+    (
+        "sessions_query_budget_per_hour",
+        sessions::session_query_budget_per_hour,
+    ),
+    (
+        "sessions_no_external_mail_right_after_the_inbox",
+        sessions::session_no_external_mail_right_after_the_inbox,
+    ),
+    (
+        "sessions_list_shows_a_live_run_and_forgets_it_when_it_ends",
+        sessions::session_list_shows_a_live_run_and_forgets_it_when_it_ends,
+    ),
+    (
+        "sessions_role_of_the_sudo_caller_decides_and_profiles_are_restricted",
+        sessions::role_of_the_sudo_caller_decides_and_profiles_are_restricted,
+    ),
+    (
+        "sessions_trace_decrypts_with_its_key_only_and_a_swap_is_caught",
+        sessions::trace_decrypts_with_its_key_only_and_a_swap_is_caught,
+    ),
+    (
+        "sessions_restore_the_harness_configuration",
+        sessions::sessions_restore_the_harness_configuration,
+    ),
     (
         "a_killed_daemon_fails_closed_until_restarted",
         a_killed_daemon_fails_closed_until_restarted,

@@ -34,6 +34,9 @@ pub enum AuditCommand {
         /// For a collected file: the directory of trusted host keys (each host's audit.pub, saved as NAME.pub).
         #[arg(long, value_name = "DIR")]
         keys: Option<PathBuf>,
+        /// The retained traces' directory, when `traces.dir` puts it elsewhere than `<dir>/traces`.
+        #[arg(long, value_name = "DIR", conflicts_with = "keys")]
+        traces: Option<PathBuf>,
     },
     /// Print the last records; with -f, keep printing new ones.
     Tail {
@@ -59,7 +62,7 @@ pub enum AuditCommand {
         /// Before this time (same forms as --since).
         #[arg(long)]
         until: Option<String>,
-        /// allow, log, constrain or block.
+        /// allow, log, constrain, review or block.
         #[arg(long)]
         verdict: Option<String>,
         /// Agent profile.
@@ -115,7 +118,9 @@ fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         bail!("no audit trail at {}: not a directory", dir.display());
     }
     match cmd {
-        AuditCommand::Verify { dir, key, .. } => verify(&dir, key.as_deref()),
+        AuditCommand::Verify {
+            dir, key, traces, ..
+        } => verify(&dir, key.as_deref(), traces.as_deref()),
         AuditCommand::Tail {
             dir,
             follow,
@@ -148,8 +153,8 @@ fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let r = super::verify(dir, key).map_err(flat)?;
+fn verify(dir: &Path, key: Option<&Path>, traces: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let r = super::verify::verify_with(dir, key, traces).map_err(flat)?;
     let mb = r.bytes as f64 / 1e6;
     if r.ok() {
         let range = match (r.first_seq, r.last_seq) {
@@ -168,6 +173,9 @@ fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
                 "records 0 to {} were deleted by retention, as the signed retention record {by} says",
                 f - 1
             );
+        }
+        if r.traces > 0 {
+            println!("{} retained traces match their records", r.traces);
         }
         if let Some(c) = r.last_checkpoint {
             println!(
@@ -360,6 +368,9 @@ fn row(l: &Line) -> String {
         Disposition::Forwarded => "forwarded".to_owned(),
         Disposition::Blocked => "blocked".to_owned(),
         Disposition::Failed => "failed".to_owned(),
+        Disposition::Held => "held".to_owned(),
+        Disposition::Retained => "trace stored".to_owned(),
+        Disposition::Deleted => "trace deleted".to_owned(),
     };
     if let Some(s) = r.outcome.status {
         outcome.push_str(&format!(" {s}"));
@@ -447,8 +458,9 @@ fn parse_verdict(s: &str) -> anyhow::Result<Verdict> {
         "allow" => Verdict::Allow,
         "log" => Verdict::Log,
         "constrain" => Verdict::Constrain,
+        "review" => Verdict::Review,
         "block" => Verdict::Block,
-        _ => bail!("unknown verdict {s:?}: expected allow, log, constrain or block"),
+        _ => bail!("unknown verdict {s:?}: expected allow, log, constrain, review or block"),
     })
 }
 

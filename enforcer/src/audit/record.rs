@@ -2,7 +2,8 @@
 //! computed and checked. The layout and the hash are specified in docs/audit.md; this module is the one place that
 //! implements them.
 //!
-//! A line is `{"seq":N,"ts":"…","prev":"<64 hex>","decision":{…},"agent":{…},"request":{…},"outcome":{…},"hash":"<64 hex>"}`.
+//! A line is `{"seq":N,"ts":"…","prev":"<64 hex>","decision":{…},"agent":{…},"request":{…},"outcome":{…},"hash":"<64 hex>"}`,
+//! with `"review":{…}` and `"trace":{…}` after `outcome` in the records that have them.
 //! Its hash is `SHA-256(prev_raw_32_bytes || line_without_hash_member)`, where the line without its hash member is the
 //! line with its final `,"hash":"<64 hex>"}` replaced by `}`.
 //!
@@ -16,7 +17,9 @@ use std::io::Write as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Agent, AuditEvent, Mode, Outcome, Reason, RequestSummary, Verdict};
+use crate::model::{
+    Agent, AuditEvent, Mode, Outcome, Reason, RequestSummary, ReviewNote, TraceNote, Verdict,
+};
 
 /// The `prev` of record 0.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -36,6 +39,9 @@ pub struct RecordDecision {
     pub reason: Reason,
     pub mode: Mode,
     pub policy_hash: String,
+    /// Labels the decision put on the agent's session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 /// A record as read back from the log.
@@ -48,6 +54,10 @@ pub struct Record {
     pub agent: Agent,
     pub request: RequestSummary,
     pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewNote>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceNote>,
     pub hash: String,
 }
 
@@ -209,6 +219,8 @@ struct DecisionRef<'a> {
     reason: Reason,
     mode: Mode,
     policy_hash: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    labels: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -217,6 +229,10 @@ struct BodyRef<'a> {
     agent: &'a Agent,
     request: &'a RequestSummary,
     outcome: &'a Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    review: Option<&'a ReviewNote>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<&'a TraceNote>,
 }
 
 /// Serialise the event part of a record (done by the caller, off the writer thread). Returns the JSON object
@@ -241,10 +257,13 @@ pub(crate) fn encode_event(event: &AuditEvent) -> Result<Vec<u8>, serde_json::Er
             reason: d.reason,
             mode: d.mode,
             policy_hash: &d.policy_hash,
+            labels: &d.labels,
         },
         agent: &event.agent,
         request,
         outcome: &event.outcome,
+        review: event.review.as_ref(),
+        trace: event.trace.as_ref(),
     };
     let mut out = Vec::with_capacity(512);
     serde_json::to_writer(&mut out, &body)?;
@@ -283,6 +302,16 @@ pub(crate) fn compose(
     out.extend_from_slice(&hex);
     out.extend_from_slice(b"\"}\n");
     hash
+}
+
+/// `t` in UTC as RFC 3339 with microseconds, e.g. `2026-11-26T23:18:55.123456Z` (the records' `ts` format).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    time::OffsetDateTime::from(t)
+        .format(&fmt)
+        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000000Z"))
 }
 
 /// Why a line is not a well-formed record.
@@ -423,6 +452,10 @@ mod tests {
                 rewrites: vec![],
                 mode: Mode::Enforce,
                 policy_hash: "ab".repeat(32),
+                review: None,
+                labels: Vec::new(),
+                counts: Vec::new(),
+                retain: None,
             },
             agent: Agent {
                 profile: Some("coder".into()),
@@ -440,6 +473,8 @@ mod tests {
                 status: Some(403),
                 error: None,
             },
+            review: None,
+            trace: None,
         }
     }
 

@@ -20,12 +20,7 @@ use super::AuditError;
 
 /// UTC now as RFC 3339 with microseconds, e.g. `2026-11-26T23:18:55.123456Z`.
 pub(crate) fn now_ts() -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    time::OffsetDateTime::now_utc()
-        .format(&fmt)
-        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000000Z"))
+    super::record::rfc3339(std::time::SystemTime::now())
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), AuditError> {

@@ -1,7 +1,8 @@
 //! `verify`: walks every log file in order (compressed ones decompressed), recomputes every record's hash, checks that
 //! `seq` runs on without a gap and that each record links to the one before it (across rotations too), checks every
-//! checkpoint's signature and that the log still holds each checkpoint's (seq, hash). A trail whose start was deleted
-//! by retention is checked from its first kept record on: a signed retention record must account for exactly the
+//! checkpoint's signature and that the log still holds each checkpoint's (seq, hash), and that every retained trace the
+//! records name is there with the digest recorded for it (unless its deletion is recorded). A trail whose start was
+//! deleted by retention is checked from its first kept record on: a signed retention record must account for exactly the
 //! records missing before it. Reports counts, or the first bad record and why.
 
 use std::collections::HashMap;
@@ -76,6 +77,12 @@ pub enum Problem {
     CheckpointOrder { checkpoint: usize },
     /// Records but no checkpoint at all.
     NoCheckpoint,
+    /// A trace file whose bytes are not the ones its record's digest names (swapped or altered).
+    TraceAltered { seq: u64, file: String },
+    /// A trace file a record names, gone without a record of its deletion.
+    TraceMissing { seq: u64, file: String },
+    /// A file in the trace directory that no record names.
+    TraceUnrecorded { file: String },
     /// A compressed file that does not decompress or fails its checksum.
     Unreadable { file: PathBuf, why: String },
     /// The trail starts at record `to + 1`, and no signed retention record deleted exactly records `from..=to` (up to
@@ -163,6 +170,18 @@ impl fmt::Display for Problem {
                 f,
                 "truncated: the log has records but {CHECKPOINT_FILE} has no signed checkpoint"
             ),
+            Problem::TraceAltered { seq, file } => write!(
+                f,
+                "swapped: trace {file} (recorded in record {seq}) does not match the digest its record holds"
+            ),
+            Problem::TraceMissing { seq, file } => write!(
+                f,
+                "deleted: trace {file} (recorded in record {seq}) is missing and no record says it was deleted"
+            ),
+            Problem::TraceUnrecorded { file } => write!(
+                f,
+                "inserted: trace {file} is in the trace directory but no record names it"
+            ),
             Problem::Unreadable { file, why } => {
                 let name = file.file_name().unwrap_or(file.as_os_str());
                 write!(f, "edited: {} is damaged: {why}", name.to_string_lossy())
@@ -192,6 +211,8 @@ pub struct VerifyReport {
     pub pruned_by: Option<u64>,
     /// The public key the signatures were checked against.
     pub key: PathBuf,
+    /// Retained traces checked against their records' digests.
+    pub traces: usize,
     /// The first record problem, or (when every record checked out) a start that no retention record accounts for
     /// and a tail shorter than the checkpoints say; then the first checkpoint problem.
     pub problems: Vec<Problem>,
@@ -212,8 +233,18 @@ impl VerifyReport {
     }
 }
 
-/// Verify the trail in `dir`, checking signatures against `key` (default `<dir>/audit.pub`).
+/// Verify the trail in `dir`, checking signatures against `key` (default `<dir>/audit.pub`) and retained traces in
+/// `<dir>/traces`.
 pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError> {
+    verify_with(dir, key, None)
+}
+
+/// [`verify`] with the trace directory named (`traces.dir` when it is not `<dir>/traces`).
+pub fn verify_with(
+    dir: &Path,
+    key: Option<&Path>,
+    traces: Option<&Path>,
+) -> Result<VerifyReport, AuditError> {
     let key_path = key.map_or_else(|| dir.join(PUB_FILE), Path::to_path_buf);
     let public = PublicKey::load(&key_path)?;
     let mut report = VerifyReport {
@@ -226,6 +257,7 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
         last_checkpoint: None,
         pruned_by: None,
         key: key_path,
+        traces: 0,
         problems: Vec::new(),
     };
 
@@ -274,6 +306,7 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
     report.files = files.len();
     let mut walked = Walk::default();
     let record_problem = walk(&files, &signed, &mut report, &mut walked)?;
+    let traces_dir = traces.map_or_else(|| dir.join(TRACE_DIR), Path::to_path_buf);
     if let Some(p) = record_problem {
         // The walk stopped there: what it did not reach is not missing.
         report.problems.push(p);
@@ -294,12 +327,90 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
             });
         } else if report.last_seq.is_some() && cp_lines.is_empty() {
             report.problems.push(Problem::NoCheckpoint);
+        } else if let Some(p) =
+            walked
+                .traces
+                .check(&traces_dir, report.first_seq, &mut report.traces)?
+        {
+            report.problems.push(p);
         }
     }
     if let Some(p) = cp_problem {
         report.problems.push(p);
     }
     Ok(report)
+}
+
+/// The trace directory under the audit directory.
+const TRACE_DIR: &str = "traces";
+
+/// The traces the records name: by file, the record that stored it and its digest; deleted ones removed.
+#[derive(Default)]
+struct TraceBook(std::collections::BTreeMap<String, (u64, String)>);
+
+impl TraceBook {
+    /// Note the trace member of a record line, if it has one.
+    fn note(&mut self, seq: u64, line: &[u8]) {
+        if memchr::memmem::find(line, b"\"trace\":{").is_none() {
+            return;
+        }
+        let Ok(record) = super::record::parse_record(line) else {
+            return;
+        };
+        let Some(t) = record.trace else { return };
+        match t.event {
+            crate::model::TraceEvent::Stored => {
+                self.0.insert(t.file, (seq, t.sha256));
+            }
+            _ => {
+                self.0.remove(&t.file);
+            }
+        }
+    }
+
+    /// Every recorded trace is in `dir` with its digest, and `dir` holds nothing else that looks like a trace, but for
+    /// the traces of exchanges before `kept_from` (the first record of a trail pruned by retention: their records are
+    /// gone, so nothing can vouch for or against them).
+    fn check(
+        &self,
+        dir: &Path,
+        kept_from: Option<u64>,
+        checked: &mut usize,
+    ) -> Result<Option<Problem>, AuditError> {
+        use sha2::Digest;
+        for (file, (seq, sha)) in &self.0 {
+            let problem = |altered: bool| {
+                let (seq, file) = (*seq, file.clone());
+                Some(if altered {
+                    Problem::TraceAltered { seq, file }
+                } else {
+                    Problem::TraceMissing { seq, file }
+                })
+            };
+            if !file.starts_with("trace-") || file.contains('/') {
+                return Ok(problem(true));
+            }
+            let path = dir.join(file);
+            match fs::read(&path) {
+                Ok(data) if hex::encode(sha2::Sha256::digest(&data)) == *sha => *checked += 1,
+                Ok(_) => return Ok(problem(true)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(problem(false)),
+                Err(e) => return Err(AuditError::io(&path, e)),
+            }
+        }
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Ok(None);
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pruned = crate::trace::parse_file_name(&name)
+                .is_some_and(|of| kept_from.is_some_and(|k| of < k));
+            if name.starts_with("trace-") && !pruned && !self.0.contains_key(&name) {
+                return Ok(Some(Problem::TraceUnrecorded { file: name }));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// What the walk saw beyond the counts: where the trail starts, and the retention records in it.
@@ -309,6 +420,8 @@ struct Walk {
     start: Option<(Location, u64, [u8; 32])>,
     /// (seq, kept_from, last_hash) of every retention record.
     retentions: Vec<(u64, u64, String)>,
+    /// The retained traces the records name.
+    traces: TraceBook,
 }
 
 /// A trail that starts after record 0 must be accounted for by a signed retention record: one that deleted exactly
@@ -409,6 +522,7 @@ fn walk(
             if let Some(r) = p.retention() {
                 walked.retentions.push((p.seq, r.kept_from, r.last_hash));
             }
+            walked.traces.note(p.seq, line);
             report.records += 1;
             report.last_seq = Some(p.seq);
             expected = Some(p.seq + 1);
@@ -514,4 +628,29 @@ fn classify(
             to: found - 1,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trace file no record names is an insertion, unless retention deleted its exchange's record (a pruned trail
+    /// starts after it): then nothing is left to vouch for or against it.
+    #[test]
+    fn unrecorded_traces_are_reported_unless_retention_deleted_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = crate::trace::file_name(3);
+        fs::write(dir.path().join(&old), b"age").unwrap();
+        let book = TraceBook::default();
+        let mut checked = 0;
+        let whole = book.check(dir.path(), None, &mut checked).unwrap();
+        assert!(
+            matches!(&whole, Some(Problem::TraceUnrecorded { file }) if *file == old),
+            "{whole:?}"
+        );
+        let pruned = book.check(dir.path(), Some(10), &mut checked).unwrap();
+        assert!(pruned.is_none(), "{pruned:?}");
+        let kept = book.check(dir.path(), Some(3), &mut checked).unwrap();
+        assert!(kept.is_some(), "its exchange's record is kept: {kept:?}");
+    }
 }

@@ -20,6 +20,8 @@ use super::tags::{map_in_use, TagTable};
 use crate::config::Config;
 use identity::{RunAs, StepReport, Switch};
 
+pub use identity::user_name;
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "The command runs as an unprivileged user with no capabilities and no_new_privs set: \
@@ -146,13 +148,15 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let caller_uid = unsafe { libc::geteuid() };
     let sudo_uid = std::env::var("SUDO_UID").ok();
     let sudo_gid = std::env::var("SUDO_GID").ok();
-    let run_as = identity::choose(&identity::Request {
+    let request = identity::Request {
         user: args.user.as_deref(),
         allow_root: args.allow_root,
         sudo_uid: sudo_uid.as_deref(),
         sudo_gid: sudo_gid.as_deref(),
         caller_uid,
-    })?;
+    };
+    let run_as = identity::choose(&request)?;
+    let person = identity::launching_user(&request)?;
     if run_as == RunAs::Root {
         eprintln!(
             "enforcer exec: WARNING: --allow-root: the agent runs as root. It can leave its cgroup, open raw \
@@ -195,6 +199,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir(&cgroup)
         .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
     let cgroup = ExecCgroup(cgroup);
+    register_session(&config, &cgroup.0, &args.profile, &person)?;
     let status = run_in_cgroup(&cgroup.0, &run_as, &trust, &args.command)?;
     drop(cgroup);
     let code = match (status.code(), status.signal()) {
@@ -203,6 +208,54 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         (None, None) => 1,
     };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
+}
+
+/// Tell the daemon about this run before the agent starts: its cgroup, profile, and the person it acts for (see
+/// [`crate::session`]). Refused when the policy keeps the profile from that person; a daemon that cannot be asked
+/// (no control socket) only costs the run its session identity, with a warning.
+fn register_session(
+    config: &Config,
+    cgroup: &Path,
+    profile: &str,
+    person: &identity::Identity,
+) -> anyhow::Result<()> {
+    let rel = cgroup.strip_prefix(&config.cgroup_root).with_context(|| {
+        format!(
+            "{} is not under {}",
+            cgroup.display(),
+            config.cgroup_root.display()
+        )
+    })?;
+    let mut groups: Vec<String> = Vec::new();
+    for gid in std::iter::once(person.gid).chain(person.groups.iter().copied()) {
+        let name = identity::group_name(gid);
+        if !groups.contains(&name) {
+            groups.push(name);
+        }
+    }
+    let reg = crate::session::Registration {
+        cgroup: format!("/{}", rel.display()),
+        profile: profile.to_owned(),
+        person: crate::session::Person {
+            user: person.name.clone(),
+            uid: Some(person.uid),
+            groups,
+        },
+    };
+    let socket = crate::control::socket_path(&config.state_dir);
+    match crate::control::request(&socket, &crate::control::Request::SessionStart(reg)) {
+        Ok(_) => Ok(()),
+        Err(crate::control::ControlError::Refused(e)) => {
+            bail!("the daemon refused to start this agent: {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "enforcer exec: WARNING: could not register the run with the daemon ({e}); rules on the user \
+                 and on the session's history do not see it"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// The published files the agent's clients are pointed at.

@@ -31,7 +31,7 @@ use enforcer_common::{
     MAP_ORIGINS, MAP_PROFILES, MAP_REFUSALS, MAP_REFUSAL_RATE, MAP_TAGGED, PROFILE_ACCEPT_INBOUND,
 };
 
-pub use cli::{cgroup_command, exec, CgroupCommand, ExecArgs};
+pub use cli::{cgroup_command, exec, user_name, CgroupCommand, ExecArgs};
 pub use origins::{cgroup_path, BpfOrigins};
 pub use refusals::{operation, socket_kind, Refusals};
 pub use tags::{cgroup_id, map_in_use, pin_path, process_cgroup, TagTable};

@@ -142,6 +142,7 @@ pub(super) fn agent_of(raw: &OriginalDst, cgroup_root: &Path) -> Agent {
         pid,
         exe,
         uid: (raw.uid != UID_UNKNOWN).then_some(raw.uid),
+        ..Agent::default()
     }
 }
 

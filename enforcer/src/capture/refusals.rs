@@ -107,7 +107,8 @@ impl Counts {
             // The kernel's count goes up by one per refusal; what lies between two records was left out.
             let count = event.total.saturating_sub(*seen).max(1);
             *seen = (*seen).max(event.total);
-            let agent = agent_of(&event.who, &self.cgroup_root);
+            let mut agent = agent_of(&event.who, &self.cgroup_root);
+            ctx.sessions.identify(&mut agent);
             write(ctx, agent, request(&event, count)).await;
         }
     }

@@ -13,13 +13,21 @@
 //! ← {"ok":true,"result":{"daemon":{…},"capture":{…},"profiles":[…],"policy":{…},"audit":{…},"decisions":{…}}}
 //! → {"request":"reload"}
 //! ← {"ok":true,"result":{"result":"loaded","policy_hash":"…","previous_hash":"…"}}
+//! → {"request":"review_list"}
+//! ← {"ok":true,"result":[{"id":1234,"rule":"…","agent":{…},"request":{…},"deadline":"…",…}]}
+//! → {"request":"review_answer","id":1234,"approve":true,"reason":"checked with the team"}
+//! ← {"ok":true,"result":{"id":1234,"result":"approved","by":{"via":"cli","uid":1000,"name":"alice"}}}
+//! → {"request":"session_list"}            (also "session_show" with "id")
+//! ← {"ok":true,"result":[{"id":"9f…","cgroup":"/…/exec-77","labels":["customer-data"],"counters":{…},…}]}
+//! → {"request":"session_start","cgroup":"/…/exec-77","profile":"coder","person":{"user":"alice","uid":1000,"groups":["alice"]}}
+//! ← {"ok":true,"result":{"id":"9f…",…}}   (root peers only: `enforcer exec` registering its run)
 //! → {"request":"frobnicate"}
-//! ← {"ok":false,"error":"unknown variant `frobnicate`, expected `status` or `reload` at line 1 column 24"}
+//! ← {"ok":false,"error":"unknown variant `frobnicate`, expected one of `status`, `reload`, … at line 1 column 24"}
 //! ```
 //!
-//! Later commands (human review: `review list|approve|deny`, sessions: `session list|show`) become further
-//! [`Request`] variants with their own result objects; clients that do not know a field ignore it. A request line
-//! longer than [`MAX_REQUEST`] bytes is refused and the connection closed.
+//! Further commands become further [`Request`] variants with their own result objects; clients that do not know a
+//! field ignore it. A request line longer than [`MAX_REQUEST`] bytes is refused and the connection closed. Who
+//! answered a review is the peer's uid from `SO_PEERCRED` and its name from the user database.
 
 pub mod status;
 
@@ -55,6 +63,40 @@ pub enum Request {
     Status,
     /// Load the configured policy again (as SIGHUP does) and report how it went: [`ReloadReply`].
     Reload,
+    /// The pending reviews: a list of [`crate::review::Pending`].
+    ReviewList,
+    /// One pending review.
+    ReviewShow { id: u64 },
+    /// Approve or deny a pending review: [`ReviewReply`].
+    ReviewAnswer {
+        id: u64,
+        approve: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The live sessions: a list of [`crate::session::SessionInfo`].
+    SessionList,
+    /// One session, by id or cgroup path.
+    SessionShow { id: String },
+    /// `enforcer exec` registers its run before starting the agent (root peers only).
+    SessionStart(crate::session::Registration),
+}
+
+/// How `review_answer` went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewReply {
+    pub id: u64,
+    /// `approved` or `denied`.
+    pub result: crate::model::ReviewResult,
+    pub by: crate::model::Approver,
+}
+
+/// Who is asking, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
 }
 
 /// One response line.
@@ -106,6 +148,22 @@ pub struct ReloadReply {
 pub trait Handler: Send + Sync + 'static {
     fn status(&self) -> Status;
     fn reload(&self) -> ReloadReply;
+    /// The pending reviews, when the daemon holds any.
+    fn reviews(&self) -> Option<&crate::review::Reviews> {
+        None
+    }
+    /// The live sessions.
+    fn sessions(&self) -> Option<&crate::session::Sessions> {
+        None
+    }
+    /// Register an `enforcer exec` run; refused when the policy keeps its profile from the person.
+    fn register(
+        &self,
+        reg: crate::session::Registration,
+    ) -> Result<crate::session::SessionInfo, String> {
+        let _ = reg;
+        Err("this daemon keeps no sessions".into())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,12 +298,17 @@ async fn serve_client(
             let resp = Response::error(format!("request longer than {MAX_REQUEST} bytes"));
             return send(&mut write, &resp).await;
         }
+        let peer = Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        };
         let resp = match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::error(e.to_string()),
             Ok(request) => {
                 let handler = handler.clone();
                 // Status walks the cgroup tree and reload compiles a file: both block.
-                match tokio::task::spawn_blocking(move || answer(&*handler, &request)).await {
+                match tokio::task::spawn_blocking(move || answer(&*handler, &request, peer)).await {
                     Ok(resp) => resp,
                     Err(_) => Response::error("the request failed inside the daemon"),
                 }
@@ -255,10 +318,60 @@ async fn serve_client(
     }
 }
 
-fn answer(handler: &dyn Handler, request: &Request) -> Response {
+fn answer(handler: &dyn Handler, request: &Request, peer: Peer) -> Response {
+    let no_reviews = || Response::error("this daemon holds no reviews");
+    let no_sessions = || Response::error("this daemon keeps no sessions");
     match request {
         Request::Status => Response::ok(handler.status()),
         Request::Reload => Response::ok(handler.reload()),
+        Request::ReviewList => handler
+            .reviews()
+            .map_or_else(no_reviews, |r| Response::ok(r.list())),
+        Request::ReviewShow { id } => match handler.reviews().map(|r| r.get(*id)) {
+            None => no_reviews(),
+            Some(None) => Response::error(crate::review::ReviewError::NotPending(*id).to_string()),
+            Some(Some(p)) => Response::ok(p),
+        },
+        Request::ReviewAnswer {
+            id,
+            approve,
+            reason,
+        } => {
+            let Some(reviews) = handler.reviews() else {
+                return no_reviews();
+            };
+            let by = crate::model::Approver::Cli {
+                uid: peer.uid,
+                name: crate::capture::user_name(peer.uid),
+            };
+            match reviews.answer(*id, *approve, by.clone(), reason.clone()) {
+                Ok(_) => Response::ok(ReviewReply {
+                    id: *id,
+                    result: if *approve {
+                        crate::model::ReviewResult::Approved
+                    } else {
+                        crate::model::ReviewResult::Denied
+                    },
+                    by,
+                }),
+                Err(e) => Response::error(e.to_string()),
+            }
+        }
+        Request::SessionList => handler
+            .sessions()
+            .map_or_else(no_sessions, |s| Response::ok(s.list())),
+        Request::SessionShow { id } => match handler.sessions().map(|s| s.show(id)) {
+            None => no_sessions(),
+            Some(None) => Response::error(format!("no live session {id:?}")),
+            Some(Some(s)) => Response::ok(s),
+        },
+        Request::SessionStart(reg) if peer.uid == 0 => match handler.register(reg.clone()) {
+            Ok(info) => Response::ok(info),
+            Err(e) => Response::error(e),
+        },
+        Request::SessionStart(_) => {
+            Response::error("permission denied: only root registers sessions")
+        }
     }
 }
 

@@ -28,8 +28,14 @@ pub struct Status {
     pub profiles: Vec<ProfileStatus>,
     pub policy: PolicyStatus,
     pub audit: AuditStatus,
-    /// Decisions since the daemon started, by verdict (`allow`, `log`, `constrain`, `block`).
+    /// Decisions since the daemon started, by verdict (`allow`, `log`, `constrain`, `review`, `block`).
     pub decisions: BTreeMap<String, u64>,
+    /// Exchanges held for review now (`enforcer review list`).
+    #[serde(default)]
+    pub reviews_pending: usize,
+    /// Live agent sessions now (`enforcer session list`).
+    #[serde(default)]
+    pub sessions_live: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +180,8 @@ impl StatusSources {
                 .into_iter()
                 .map(|(v, n)| (v.as_str().to_string(), n))
                 .collect(),
+            reviews_pending: self.proxy.reviews.list().len(),
+            sessions_live: self.proxy.sessions.list().len(),
         }
     }
 }
@@ -243,11 +251,16 @@ impl Status {
                 sh.last_seq.map_or_else(|| "none".into(), |s| s.to_string()),
             ));
         }
-        let counts: Vec<String> = ["allow", "log", "constrain", "block"]
+        let counts: Vec<String> = crate::model::Verdict::ALL
             .iter()
-            .map(|v| format!("{v} {}", self.decisions.get(*v).copied().unwrap_or(0)))
+            .map(|v| v.as_str())
+            .map(|v| format!("{v} {}", self.decisions.get(v).copied().unwrap_or(0)))
             .collect();
         out.push_str(&format!("decisions: {} (since start)\n", counts.join(", ")));
+        out.push_str(&format!(
+            "sessions:  {} live; reviews: {} pending\n",
+            self.sessions_live, self.reviews_pending
+        ));
         if let Some(m) = &d.metrics {
             out.push_str(&format!("metrics:   {m}\n"));
         }
@@ -293,6 +306,8 @@ impl Status {
                 shipping: None,
             },
             decisions: BTreeMap::from([("allow".into(), 3), ("block".into(), 27)]),
+            reviews_pending: 1,
+            sessions_live: 2,
         }
     }
 }
@@ -439,7 +454,13 @@ mod tests {
         assert!(text.contains("2 programs attached at /sys/fs/cgroup/unified"));
         assert!(text.contains("  agents           2 agents; tagged: enforcer/agents, agents-1.scope; configured: agents-*.scope\n"), "{text}");
         assert!(text.contains("last seq 41, last checkpoint seq 40 at 2026-11-30T05:01:00.000000Z, 12345 bytes on disk"));
-        assert!(text.contains("decisions: allow 3, log 0, constrain 0, block 27 (since start)\n"));
+        assert!(text.contains(
+            "decisions: allow 3, log 0, constrain 0, review 0, block 27 (since start)\n"
+        ));
+        assert!(
+            text.contains("sessions:  2 live; reviews: 1 pending\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -142,10 +142,11 @@ pub async fn serve_udp(
             (ctx.clone(), stage.clone(), socket.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _place = place;
-            let (agent, resolver) = match origin {
+            let (mut agent, resolver) = match origin {
                 Some(o) => (o.agent, Some(o.dst.ip())),
                 None => (Agent::default(), None),
             };
+            ctx.sessions.identify(&mut agent);
             let reply = async {
                 match parse_query(&packet) {
                     Ok(query) => {
@@ -240,16 +241,12 @@ async fn resolve(
     };
     // In the trail before the query leaves the host (an audit failure means it does not leave), durable before the
     // agent gets the answer: the fdatasync runs while the upstream resolves.
-    let event = AuditEvent {
-        decision,
-        agent: agent.clone(),
-        request: summary,
-        outcome: Outcome {
-            disposition: Disposition::Forwarded,
-            status: None,
-            error: None,
-        },
+    let outcome = Outcome {
+        disposition: Disposition::Forwarded,
+        status: None,
+        error: None,
     };
+    let event = AuditEvent::new(decision, agent.clone(), summary, outcome);
     let appended = match ctx.append(&policy, event) {
         Ok(a) => a,
         Err(e) => {
@@ -302,16 +299,12 @@ async fn record(
     disposition: Disposition,
     error: Option<Reason>,
 ) -> bool {
-    let event = AuditEvent {
-        decision,
-        agent: agent.clone(),
-        request,
-        outcome: Outcome {
-            disposition,
-            status: None,
-            error,
-        },
+    let outcome = Outcome {
+        disposition,
+        status: None,
+        error,
     };
+    let event = AuditEvent::new(decision, agent.clone(), request, outcome);
     match ctx.record(policy, event).await {
         Ok(_) => true,
         Err(e) => {

@@ -59,16 +59,12 @@ pub fn block_batch_response(protocol: &Protocol, decisions: &[Decision]) -> Bloc
         }
         _ => match first_block {
             Some(d) => block_response(protocol, d),
-            None => plain(&Decision {
-                verdict: Verdict::Block,
-                deciding_rule: None,
-                matched_rules: Vec::new(),
-                reason: crate::model::Reason::Default,
-                message: None,
-                rewrites: Vec::new(),
-                mode: crate::model::Mode::Enforce,
-                policy_hash: String::new(),
-            }),
+            None => plain(&Decision::bare(
+                Verdict::Block,
+                crate::model::Reason::Default,
+                crate::model::Mode::Enforce,
+                String::new(),
+            )),
         },
     }
 }

@@ -90,7 +90,7 @@ impl ReloadResult {
 
 /// Counts by verdict since start, for `enforcer status` (the Prometheus families hold the same by label).
 #[derive(Debug, Default)]
-struct VerdictCounts([AtomicU64; 4]);
+struct VerdictCounts([AtomicU64; Verdict::ALL.len()]);
 
 /// The daemon's metrics. One per process ([`global`]); tests build their own with [`Metrics::new`].
 pub struct Metrics {
@@ -430,15 +430,9 @@ impl Metrics {
         self.request_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// Decisions since start by verdict, in [`Verdict`] order (allow, log, constrain, block).
-    pub fn verdict_counts(&self) -> [(Verdict, u64); 4] {
-        [
-            Verdict::Allow,
-            Verdict::Log,
-            Verdict::Constrain,
-            Verdict::Block,
-        ]
-        .map(|v| (v, self.verdicts.0[v as usize].load(Ordering::Relaxed)))
+    /// Decisions since start by verdict, in [`Verdict`] order (allow, log, constrain, review, block).
+    pub fn verdict_counts(&self) -> [(Verdict, u64); Verdict::ALL.len()] {
+        Verdict::ALL.map(|v| (v, self.verdicts.0[v as usize].load(Ordering::Relaxed)))
     }
 
     /// Seq of the last record this daemon wrote, if it wrote any.
@@ -483,16 +477,7 @@ mod tests {
         profile: Option<&str>,
     ) -> AuditEvent {
         AuditEvent {
-            decision: Decision {
-                verdict,
-                deciding_rule: None,
-                matched_rules: Vec::new(),
-                reason,
-                message: None,
-                rewrites: Vec::new(),
-                mode: Mode::Enforce,
-                policy_hash: "00".into(),
-            },
+            decision: Decision::bare(verdict, reason, Mode::Enforce, "00".into()),
             agent: Agent {
                 profile: profile.map(str::to_string),
                 ..Agent::default()
@@ -508,6 +493,8 @@ mod tests {
                 status: None,
                 error: (reason == Reason::UpstreamTls).then_some(reason),
             },
+            review: None,
+            trace: None,
         }
     }
 
@@ -558,6 +545,7 @@ mod tests {
                 (Verdict::Allow, 1),
                 (Verdict::Log, 0),
                 (Verdict::Constrain, 0),
+                (Verdict::Review, 0),
                 (Verdict::Block, 4)
             ]
         );

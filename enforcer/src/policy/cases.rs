@@ -1,14 +1,20 @@
 //! Policy test cases (`policies/NAME.cases.yaml`): an Action in YAML plus the expected decision. Shared by
 //! `enforcer policy test` and the test suite, so both run exactly the same code. Each case gets a freshly compiled
-//! policy (independent rate-limit state) and a simulated clock for `repeat` and `then` steps.
+//! policy (independent rate-limit state), a simulated clock for `repeat` and `then` steps, and one simulated agent
+//! session kept by the daemon's own session registry: what a step's decision labels or counts is what later steps'
+//! `session.*` conditions read, exactly as in the proxy. A `then` step may name its own Action (the request after
+//! the response, the second tool call).
 
 use std::path::Path;
 use std::time::Instant;
 
 use serde::Deserialize;
 
+use std::collections::HashMap;
+
 use super::{read_source, yaml, Policy, PolicyError};
 use crate::model::{Action, Decision, PlannedRewrite, Reason, Verdict};
+use crate::session::{SessionLimits, Sessions};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +42,9 @@ pub struct Step {
     /// A duration such as `6s` or `1m`, added to the simulated clock before evaluating.
     #[serde(default)]
     pub wait: Option<String>,
+    /// The Action of this step (and of the steps after it that name none); default: the case's.
+    #[serde(default)]
+    pub action: Option<Action>,
     #[serde(default = "one")]
     pub repeat: u32,
     pub expect: Expect,
@@ -61,6 +70,15 @@ pub struct Expect {
     pub rewrites: Option<Vec<PlannedRewrite>>,
     #[serde(default)]
     pub message: Option<String>,
+    /// The labels the decision puts on the session, in order.
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// Whether the decision keeps the exchange as a trace (`retain:` on a matching rule).
+    #[serde(default)]
+    pub retain: Option<bool>,
+    /// A review's timeout in seconds and fallback (`{ timeout_secs: 300, fallback: block }`).
+    #[serde(default)]
+    pub review: Option<crate::model::ReviewSpec>,
 }
 
 /// The result of one case.
@@ -125,12 +143,17 @@ pub fn run(src: &str, origin: &str, file: &CasesFile) -> Result<Vec<Outcome>, Po
     let mut out = Vec::with_capacity(file.cases.len());
     for case in &file.cases {
         let policy = Policy::from_yaml(src, origin)?;
+        let session = SimulatedSession::new();
         let mut action = case.action.clone();
         normalize(&mut action);
         let mut now = Instant::now();
-        let mut decision = evaluate_n(&policy, &action, case.repeat, now);
+        let mut decision = session.evaluate_n(&policy, &action, case.repeat, now);
         let mut failures = check(&case.expect, &decision, "");
         for (n, step) in case.then.iter().enumerate() {
+            if let Some(a) = &step.action {
+                action = a.clone();
+                normalize(&mut action);
+            }
             if let Some(w) = &step.wait {
                 match super::ratelimit::parse_duration(w) {
                     Some(d) => now += d,
@@ -139,7 +162,7 @@ pub fn run(src: &str, origin: &str, file: &CasesFile) -> Result<Vec<Outcome>, Po
                     }
                 }
             }
-            decision = evaluate_n(&policy, &action, step.repeat, now);
+            decision = session.evaluate_n(&policy, &action, step.repeat, now);
             failures.extend(check(&step.expect, &decision, &format!("then[{n}]: ")));
         }
         out.push(Outcome {
@@ -151,12 +174,40 @@ pub fn run(src: &str, origin: &str, file: &CasesFile) -> Result<Vec<Outcome>, Po
     Ok(out)
 }
 
-fn evaluate_n(policy: &Policy, action: &Action, n: u32, now: Instant) -> Decision {
-    let mut d = policy.evaluate_at(action, now);
-    for _ in 1..n.max(1) {
-        d = policy.evaluate_at(action, now);
+/// The one agent run a case's steps belong to, in a session registry of its own.
+struct SimulatedSession(Sessions);
+
+/// The cgroup a case's agent is taken to run in when its Action names none.
+const CASE_CGROUP: &str = "/policy-case";
+
+impl SimulatedSession {
+    fn new() -> SimulatedSession {
+        SimulatedSession(Sessions::new(SessionLimits::default(), HashMap::new()))
     }
-    d
+
+    /// Decide `action` `n` times at `now` as the proxy does: the session's state filled in (unless the Action
+    /// states it), decided, and what the decision leaves noted on the session. Returns the last decision.
+    fn evaluate_n(&self, policy: &Policy, action: &Action, n: u32, now: Instant) -> Decision {
+        let mut last = None;
+        for _ in 0..n.max(1) {
+            let mut a = action.clone();
+            if a.agent.cgroup.is_none() {
+                a.agent.cgroup = Some(CASE_CGROUP.into());
+            }
+            self.0.identify(&mut a.agent);
+            match &action.session {
+                Some(stated) => self.0.seed_at(&a.agent, stated, now),
+                None => {
+                    self.0
+                        .fill_at(std::slice::from_mut(&mut a), policy.session_counters(), now)
+                }
+            }
+            let d = policy.evaluate_at(&a, now);
+            self.0.note_at(&a.agent, &d, &a, now);
+            last = Some(d);
+        }
+        last.unwrap_or_else(|| policy.evaluate_at(action, now))
+    }
 }
 
 fn check(want: &Expect, got: &Decision, prefix: &str) -> Vec<String> {
@@ -201,6 +252,29 @@ fn check(want: &Expect, got: &Decision, prefix: &str) -> Vec<String> {
                 serde_json::to_string(&got.rewrites).unwrap_or_default()
             ));
         }
+    }
+    if let Some(labels) = &want.labels {
+        if *labels != got.labels {
+            f.push(format!(
+                "{prefix}labels: expected [{}], got [{}]",
+                labels.join(", "),
+                got.labels.join(", ")
+            ));
+        }
+    }
+    if let Some(retain) = want.retain {
+        if retain != got.retain.is_some() {
+            f.push(format!(
+                "{prefix}retain: expected {retain}, got {:?}",
+                got.retain
+            ));
+        }
+    }
+    if want.review.is_some() && want.review != got.review {
+        f.push(format!(
+            "{prefix}review: expected {:?}, got {:?}",
+            want.review, got.review
+        ));
     }
     if let Some(message) = &want.message {
         if got.message.as_deref() != Some(message.as_str()) {

@@ -189,6 +189,23 @@ pub fn explain(policy: &Policy, d: &Decision) -> String {
     if let Some(m) = &d.message {
         let _ = writeln!(s, "message: {m}");
     }
+    if let Some(r) = &d.review {
+        let _ = writeln!(
+            s,
+            "review: held for a person's answer, at most {}s, then {}",
+            r.timeout_secs,
+            r.fallback.as_str()
+        );
+    }
+    if !d.labels.is_empty() {
+        let _ = writeln!(s, "labels the session: {}", d.labels.join(", "));
+    }
+    for c in &d.counts {
+        let _ = writeln!(s, "adds {} to the session's {}", c.by, c.counter);
+    }
+    if let Some(f) = d.retain {
+        let _ = writeln!(s, "retained as a trace: {}%", f * 100.0);
+    }
     if !d.rewrites.is_empty() {
         let _ = writeln!(s, "rewrites:");
         for p in &d.rewrites {

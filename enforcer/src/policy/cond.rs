@@ -39,6 +39,11 @@ pub const CONDITION_KEYS: &[&str] = &[
     "profile",
     "exe",
     "uid",
+    "user",
+    "groups",
+    "session.labels",
+    "session.count",
+    "session.previous_tool",
     "host",
     "port",
     "scheme",
@@ -53,6 +58,7 @@ pub const CONDITION_KEYS: &[&str] = &[
     "mcp.method",
     "mcp.tool",
     "mcp.args",
+    "mcp.resource",
     "llm.provider",
     "llm.model",
     "llm.tools",
@@ -76,6 +82,15 @@ pub enum Cond {
     Profile(Vec<Glob>),
     Exe(Vec<Glob>),
     Uid(Vec<u32>),
+    /// The user the agent acts for.
+    User(Vec<Glob>),
+    /// Any of that user's groups.
+    Groups(Vec<Glob>),
+    /// Any label on the session.
+    SessionLabels(Vec<Glob>),
+    /// Counters of the session, each compared over its window (all must hold).
+    SessionCount(Vec<CounterTest>),
+    SessionPreviousTool(Vec<Glob>),
     Host(Vec<Glob>),
     Port(Vec<u16>),
     Scheme(Vec<Scheme>),
@@ -93,6 +108,8 @@ pub enum Cond {
     McpMethod(Vec<Glob>),
     McpTool(Vec<Glob>),
     McpArgs(Vec<(JsonPath, Vec<Op>)>),
+    /// The resource URI of `resources/read` (and subscribe, unsubscribe).
+    McpResource(Vec<Glob>),
     LlmProvider(Vec<Glob>),
     LlmModel(Vec<Glob>),
     LlmTools(Vec<Glob>),
@@ -104,6 +121,37 @@ pub enum Cond {
     ResponseContentType(Vec<Glob>),
     ResponseJson(Vec<(JsonPath, Vec<Op>)>),
     Detect(Vec<usize>),
+}
+
+/// One `session.count` entry: `NAME: { gt: N, lt: N, within: DURATION }`.
+#[derive(Debug)]
+pub struct CounterTest {
+    pub counter: String,
+    /// Seconds to look back; `None`: the whole session.
+    pub within: Option<u64>,
+    pub gt: Option<u64>,
+    pub lt: Option<u64>,
+}
+
+impl CounterTest {
+    /// The key the session state holds this counter's value under: `NAME` or `NAME@SECONDS`.
+    fn key(&self) -> String {
+        match self.within {
+            Some(secs) => format!("{}@{secs}", self.counter),
+            None => self.counter.clone(),
+        }
+    }
+
+    fn eval(&self, state: Option<&crate::model::SessionState>) -> bool {
+        let value = state.map_or(0, |s| {
+            s.counts
+                .get(&self.key())
+                .or_else(|| s.counts.get(&self.counter))
+                .copied()
+                .unwrap_or(0)
+        });
+        self.gt.is_none_or(|g| value > g) && self.lt.is_none_or(|l| value < l)
+    }
 }
 
 #[derive(Debug)]
@@ -207,6 +255,11 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
         "exe" => Cond::Exe(globs(v, Glob::plain)?),
         "upgrade" => Cond::Upgrade(globs(v, |s| Glob::plain(&s.to_ascii_lowercase()))?),
         "uid" => Cond::Uid(ints(v, "a uid")?),
+        "user" => Cond::User(globs(v, Glob::plain)?),
+        "groups" => Cond::Groups(globs(v, Glob::plain)?),
+        "session.labels" => Cond::SessionLabels(globs(v, Glob::plain)?),
+        "session.previous_tool" => Cond::SessionPreviousTool(globs(v, Glob::plain)?),
+        "session.count" => Cond::SessionCount(counter_tests(v)?),
         "host" => Cond::Host(globs(v, Glob::host)?),
         "port" => Cond::Port(ints(v, "a port number (1-65535)")?),
         "scheme" => Cond::Scheme(
@@ -263,6 +316,7 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
         "mcp.method" => Cond::McpMethod(globs(v, Glob::plain)?),
         "mcp.tool" => Cond::McpTool(globs(v, Glob::plain)?),
         "mcp.args" => Cond::McpArgs(json_tests(v)?),
+        "mcp.resource" => Cond::McpResource(globs(v, Glob::plain)?),
         "llm.provider" => Cond::LlmProvider(globs(v, Glob::plain)?),
         "llm.model" => Cond::LlmModel(globs(v, Glob::plain)?),
         "llm.tools" => Cond::LlmTools(globs(v, Glob::plain)?),
@@ -348,6 +402,64 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
             }
         }
     })
+}
+
+/// `session.count: { NAME: { gt: N, lt: N, within: 1h } }`.
+fn counter_tests(v: &Node) -> CResult<Vec<CounterTest>> {
+    let Some(entries) = v.as_map().filter(|e| !e.is_empty()) else {
+        return fault(
+            v.loc,
+            "expected a mapping of counters such as `{ records: { gt: 100, within: 1h } }`",
+        );
+    };
+    let mut out = Vec::new();
+    for (k, body) in entries {
+        let counter = k.scalar_text().unwrap_or_default();
+        if !super::effects::valid_name(&counter) {
+            return fault(k.loc, format!("bad counter name `{counter}`"));
+        }
+        let Some(ops) = body.as_map() else {
+            return fault(body.loc, "expected a mapping with gt, lt and within");
+        };
+        let mut test = CounterTest {
+            counter,
+            within: None,
+            gt: None,
+            lt: None,
+        };
+        for (op, val) in ops {
+            let count = || match val.kind {
+                Kind::Int(n) if n >= 0 => Ok(n as u64),
+                _ => fault(val.loc, "expected a non-negative whole number"),
+            };
+            match op.scalar_text().as_deref() {
+                Some("gt") => test.gt = Some(count()?),
+                Some("lt") => test.lt = Some(count()?),
+                Some("within") => {
+                    let secs = val
+                        .scalar_text()
+                        .and_then(|s| super::ratelimit::parse_duration(&s))
+                        .map(|d| d.as_secs())
+                        .filter(|s| (60..=super::effects::MAX_WINDOW_SECS).contains(s));
+                    test.within = Some(secs.map_or_else(
+                        || {
+                            fault(
+                                val.loc,
+                                "expected a window from 1m to 24h such as 10m or 1h",
+                            )
+                        },
+                        Ok,
+                    )?);
+                }
+                _ => return fault(op.loc, "unknown key, expected gt, lt or within"),
+            }
+        }
+        if test.gt.is_none() && test.lt.is_none() {
+            return fault(body.loc, "expected `gt` or `lt`");
+        }
+        out.push(test);
+    }
+    Ok(out)
 }
 
 pub fn unknown_detector(name: &str, detectors: &Detectors) -> String {
@@ -699,6 +811,17 @@ impl Cond {
             Cond::Profile(g) => any_glob(g, a.agent.profile.as_deref()),
             Cond::Exe(g) => any_glob(g, a.agent.exe.as_deref()),
             Cond::Uid(u) => a.agent.uid.is_some_and(|uid| u.contains(&uid)),
+            Cond::User(g) => any_glob(g, a.agent.user.as_deref()),
+            Cond::Groups(g) => a.agent.groups.iter().any(|n| any_glob(g, Some(n))),
+            Cond::SessionLabels(g) => a
+                .session
+                .as_ref()
+                .is_some_and(|s| s.labels.iter().any(|l| any_glob(g, Some(l)))),
+            Cond::SessionCount(tests) => tests.iter().all(|t| t.eval(a.session.as_ref())),
+            Cond::SessionPreviousTool(g) => any_glob(
+                g,
+                a.session.as_ref().and_then(|s| s.previous_tool.as_deref()),
+            ),
             Cond::Host(g) => any_glob(g, cx.host.as_deref()),
             Cond::Port(p) => p.contains(&a.transport.port),
             Cond::Scheme(s) => s.contains(&a.transport.scheme),
@@ -730,6 +853,7 @@ impl Cond {
                 Some(m) => json_eval(tests, m.args.as_ref()),
                 None => false,
             },
+            Cond::McpResource(g) => any_glob(g, a.mcp.as_ref().and_then(|m| m.resource.as_deref())),
             Cond::LlmProvider(g) => any_glob(g, a.llm.as_ref().map(|l| l.provider.as_str())),
             Cond::LlmModel(g) => any_glob(g, a.llm.as_ref().and_then(|l| l.model.as_deref())),
             Cond::LlmTools(g) => a
@@ -759,7 +883,23 @@ impl Cond {
         }
     }
 
-    /// The exact hosts this condition requires, when it requires one of a fixed set (for the host index).
+    /// Add every (counter, window) a `session.count` in this condition reads to `out`, once each.
+    pub fn session_counters(&self, out: &mut Vec<(String, Option<u64>)>) {
+        match self {
+            Cond::All(cs) | Cond::Any(cs) => cs.iter().for_each(|c| c.session_counters(out)),
+            Cond::Not(c) => c.session_counters(out),
+            Cond::SessionCount(tests) => {
+                for t in tests {
+                    let key = (t.counter.clone(), t.within);
+                    if !out.contains(&key) {
+                        out.push(key);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Whether the rule's own (top-level) `scheme:` condition lists `scheme`.
     pub fn names_scheme(&self, scheme: Scheme) -> bool {
         let Cond::All(cs) = self else { return false };
@@ -768,6 +908,7 @@ impl Cond {
     }
 
     /// The rule's own (top-level) `host:` globs, when it has that condition.
+    /// (`exact_hosts` below gives the exact hosts this condition requires, for the host index.)
     pub fn host_globs(&self) -> Option<&[Glob]> {
         let Cond::All(cs) = self else { return None };
         cs.iter().find_map(|c| match c {

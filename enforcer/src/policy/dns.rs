@@ -106,16 +106,11 @@ impl Policy {
     }
 
     fn rule_decision(&self, rule: &Rule, verdict: Verdict, message: Option<String>) -> Decision {
-        Decision {
-            verdict,
-            deciding_rule: Some(rule.id.clone()),
-            matched_rules: vec![rule.id.clone()],
-            reason: Reason::Rule,
-            message,
-            rewrites: Vec::new(),
-            mode: self.mode,
-            policy_hash: self.hash.clone(),
-        }
+        let mut decision = self.decision(verdict, Reason::Rule);
+        decision.deciding_rule = Some(rule.id.clone());
+        decision.matched_rules = vec![rule.id.clone()];
+        decision.message = message;
+        decision
     }
 }
 

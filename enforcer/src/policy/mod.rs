@@ -17,6 +17,7 @@ pub mod cli;
 mod cond;
 pub mod detect;
 mod dns;
+mod effects;
 mod ratelimit;
 mod shared;
 mod yaml;
@@ -32,6 +33,8 @@ use yaml::{Kind, Loc, Node};
 use crate::model::{
     Action, Decided, Decision, Mode, Phase, PlannedRewrite, Reason, Relay, Rewrite, Verdict,
 };
+
+pub use effects::{BUILTIN_COUNTERS, MAX_REVIEW_SECS, MAX_WINDOW_SECS};
 
 pub use dns::RefusedAnswer;
 pub use shared::SharedPolicy;
@@ -51,6 +54,10 @@ pub const UNREWRITABLE_MESSAGE: &str =
 
 /// The client-facing message of a rate-limited rule without its own `message`.
 pub const RATE_LIMIT_MESSAGE: &str = "rate limit exceeded";
+
+/// The client-facing message when a profile restricted to some users is used by another.
+pub const USER_NOT_ALLOWED_MESSAGE: &str =
+    "blocked by policy: this agent profile is not for the user the agent acts for";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -180,6 +187,28 @@ struct Rule {
     relay: Relay,
     /// The part of an exchange the rule decides.
     on: Phase,
+    /// `review:`, `label:`, `count:`, `retain:`.
+    effects: effects::Effects,
+}
+
+/// Who may use a profile (`profiles: NAME: { users, groups }`): a user named in `users` or a member of one of
+/// `groups`. A profile with neither is open to everyone.
+#[derive(Debug, Clone, Default)]
+struct ProfileAccess {
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl ProfileAccess {
+    fn is_open(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty()
+    }
+
+    fn admits(&self, agent: &crate::model::Agent) -> bool {
+        self.is_open()
+            || agent.user.as_ref().is_some_and(|u| self.users.contains(u))
+            || agent.groups.iter().any(|g| self.groups.contains(g))
+    }
 }
 
 /// A loaded, compiled policy. Cheap to share behind an `Arc`.
@@ -193,6 +222,10 @@ pub struct Policy {
     redaction_marker: String,
     detectors: detect::Detectors,
     profiles: Vec<String>,
+    /// Profiles restricted to some users, by name.
+    access: HashMap<String, ProfileAccess>,
+    /// Every (counter, window) a `session.count` condition reads, so the session registry fills exactly those.
+    session_counters: Vec<(String, Option<u64>)>,
     rules: Vec<Rule>,
     /// The `dns:` settings (how refused names are answered).
     dns: dns::DnsSettings,
@@ -256,19 +289,30 @@ impl Policy {
         let mut decision = winner.clone();
         decision.matched_rules.clear();
         decision.rewrites.clear();
+        decision.labels.clear();
+        decision.counts.clear();
+        // A review carries the rewrites it would forward with once approved.
+        let rewrites = |v: Verdict| matches!(v, Verdict::Constrain | Verdict::Review);
         for d in &each {
             for m in &d.matched_rules {
                 if !decision.matched_rules.contains(m) {
                     decision.matched_rules.push(m.clone());
                 }
             }
-            if decision.verdict == Verdict::Constrain && d.verdict == Verdict::Constrain {
+            if rewrites(decision.verdict) && rewrites(d.verdict) {
                 for r in &d.rewrites {
                     if !decision.rewrites.contains(r) {
                         decision.rewrites.push(r.clone());
                     }
                 }
             }
+            for l in &d.labels {
+                if !decision.labels.contains(l) {
+                    decision.labels.push(l.clone());
+                }
+            }
+            decision.counts.extend(d.counts.iter().cloned());
+            decision.retain = effects::larger(decision.retain, d.retain);
         }
         Decided {
             decision,
@@ -280,6 +324,9 @@ impl Policy {
     /// Decide one action as of `now` (rate limits refill against this clock; tests and cases advance it).
     /// A DNS query (scheme `dns`) is decided as docs/policy.md describes (see [`Policy::evaluate_dns`]).
     pub fn evaluate_at(&self, action: &Action, now: Instant) -> Decision {
+        if let Some(decision) = self.profile_refusal(action) {
+            return decision;
+        }
         if action.transport.scheme == crate::model::Scheme::Dns {
             return self.evaluate_dns(action, now);
         }
@@ -324,6 +371,24 @@ impl Policy {
         self.decide(action, &matched, now)
     }
 
+    /// A request from a profile restricted to other users (`profiles: NAME: { users, groups }`) is blocked
+    /// before any rule is read.
+    fn profile_refusal(&self, action: &Action) -> Option<Decision> {
+        let profile = action.agent.profile.as_deref()?;
+        let access = self.access.get(profile)?;
+        if action.phase() != Phase::Request || access.admits(&action.agent) {
+            return None;
+        }
+        let mut decision = self.decision(Verdict::Block, Reason::UserNotAllowed);
+        decision.message = Some(USER_NOT_ALLOWED_MESSAGE.to_owned());
+        Some(decision)
+    }
+
+    /// A decision with nothing but a verdict and a reason, under this policy's mode and hash.
+    fn decision(&self, verdict: Verdict, reason: Reason) -> Decision {
+        Decision::bare(verdict, reason, self.mode, self.hash.clone())
+    }
+
     fn decide(&self, action: &Action, matched: &[usize], now: Instant) -> Decision {
         // What the agent sends is decided by the policy's default when no rule matches; what comes back (a proposal,
         // a response) passes unless a rule says otherwise.
@@ -331,21 +396,22 @@ impl Policy {
             Phase::Request => self.default,
             Phase::Proposal | Phase::Response => Verdict::Allow,
         };
-        let mut decision = Decision {
-            verdict: default,
-            deciding_rule: None,
-            matched_rules: Vec::with_capacity(matched.len()),
-            reason: Reason::Default,
-            message: None,
-            rewrites: Vec::new(),
-            mode: self.mode,
-            policy_hash: self.hash.clone(),
-        };
+        let mut decision = self.decision(default, Reason::Default);
         let rules: Vec<(usize, &Rule)> = matched
             .iter()
             .filter_map(|&i| self.rules.get(i).map(|r| (i, r)))
             .collect();
         decision.matched_rules = rules.iter().map(|(_, r)| r.id.clone()).collect();
+        // What a match leaves on the session, and whether the exchange is kept, whatever the verdict.
+        for (_, rule) in &rules {
+            for label in &rule.effects.labels {
+                if !decision.labels.contains(label) {
+                    decision.labels.push(label.clone());
+                }
+            }
+            decision.counts.extend(rule.effects.count_adds(action));
+            decision.retain = effects::larger(decision.retain, rule.effects.retain);
+        }
         if rules.is_empty() {
             if default == Verdict::Block {
                 decision.message = Some(
@@ -389,17 +455,19 @@ impl Policy {
         decision.reason = Reason::Rule;
         decision.deciding_rule = deciding.map(|r| r.id.clone());
         decision.message = deciding.and_then(|r| r.message.clone());
-        if verdict == Verdict::Constrain
-            && action.phase() == Phase::Request
-            && action.http.is_none()
-        {
+        decision.review = deciding.and_then(|r| r.effects.review);
+        let constrained = rules.iter().any(|(_, r)| r.verdict == Verdict::Constrain);
+        let rewrites_apply =
+            verdict == Verdict::Constrain || (verdict == Verdict::Review && constrained);
+        if rewrites_apply && action.phase() == Phase::Request && action.http.is_none() {
             // Raw TCP (and anything else without an HTTP part) has nothing a rewrite could change.
             decision.verdict = Verdict::Block;
             decision.reason = Reason::Unrewritable;
             decision.message = Some(UNREWRITABLE_MESSAGE.to_owned());
+            decision.review = None;
             return decision;
         }
-        if verdict == Verdict::Constrain {
+        if rewrites_apply {
             decision.rewrites = rules
                 .iter()
                 .filter(|(_, r)| r.verdict == Verdict::Constrain)
@@ -469,6 +537,21 @@ impl Policy {
         &self.profiles
     }
 
+    /// Whether the profile is open to an agent acting for this user (`profiles: NAME: { users, groups }`); a
+    /// profile the policy does not restrict is open to everyone.
+    pub fn profile_admits(&self, agent: &crate::model::Agent) -> bool {
+        agent
+            .profile
+            .as_deref()
+            .and_then(|p| self.access.get(p))
+            .is_none_or(|a| a.admits(agent))
+    }
+
+    /// Every (counter, window in seconds) a `session.count` condition reads; `None` is the session's total.
+    pub fn session_counters(&self) -> &[(String, Option<u64>)] {
+        &self.session_counters
+    }
+
     /// Rule ids in file order.
     pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.id.as_str())
@@ -509,6 +592,10 @@ const RULE_KEYS: &[&str] = &[
     "rate_limit",
     "relay",
     "phase",
+    "review",
+    "label",
+    "count",
+    "retain",
 ];
 const CONSTRAIN_KEYS: &[&str] = &[
     "redact",
@@ -569,10 +656,11 @@ fn verdict(v: &Node) -> CResult<Verdict> {
         Some("allow") => Ok(Verdict::Allow),
         Some("log") => Ok(Verdict::Log),
         Some("constrain") => Ok(Verdict::Constrain),
+        Some("review") => Ok(Verdict::Review),
         Some("block") => Ok(Verdict::Block),
         _ => fault(
             v.loc,
-            "unknown verdict, expected allow, log, constrain or block",
+            "unknown verdict, expected allow, log, constrain, review or block",
         ),
     }
 }
@@ -592,8 +680,8 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
     let default = match top.get("default") {
         Some((_, v)) => {
             let d = verdict(v)?;
-            if d == Verdict::Constrain {
-                return fault(v.loc, "`default` cannot be constrain (it has no rewrites), expected allow, log or block");
+            if matches!(d, Verdict::Constrain | Verdict::Review) {
+                return fault(v.loc, format!("`default` cannot be {} (it has no rule to say how), expected allow, log or block", d.as_str()));
             }
             d
         }
@@ -636,13 +724,30 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
     };
 
     let mut profiles = Vec::new();
+    let mut access = HashMap::new();
     if let Some((_, v)) = top.get("profiles") {
         match &v.kind {
             Kind::Null => {}
             Kind::Map(entries) => {
                 for (k, body) in entries {
                     let name = string(k, "a profile name")?;
-                    fields(body, &["description"], &format!("profile `{name}`"))?;
+                    let f = fields(
+                        body,
+                        &["description", "users", "groups"],
+                        &format!("profile `{name}`"),
+                    )?;
+                    let names = |key: &str| -> CResult<Vec<String>> {
+                        f.get(key).map_or(Ok(Vec::new()), |(_, v)| {
+                            Ok(cond::strings(v)?.into_iter().map(|(_, s)| s).collect())
+                        })
+                    };
+                    let a = ProfileAccess {
+                        users: names("users")?,
+                        groups: names("groups")?,
+                    };
+                    if !a.is_open() {
+                        access.insert(name.clone(), a);
+                    }
                     profiles.push(name);
                 }
             }
@@ -752,6 +857,10 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         }
     }
 
+    let mut session_counters = Vec::new();
+    for rule in &rules {
+        rule.when.session_counters(&mut session_counters);
+    }
     let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
     let mut unindexed = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
@@ -777,6 +886,8 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         redaction_marker,
         detectors,
         profiles,
+        access,
+        session_counters,
         rules,
         dns,
         by_host,
@@ -802,6 +913,7 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         );
     };
     let verdict = verdict(v)?;
+    let effects = effects::compile(|k| f.get(k).copied(), verdict, &what)?;
     let on = match f.get("phase") {
         None => Phase::Request,
         Some((_, p)) => match p.scalar_text().as_deref() {
@@ -873,6 +985,7 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         rate_limit,
         relay,
         on,
+        effects,
     })
 }
 

@@ -53,12 +53,7 @@ impl Answering {
             phase: Some(phase),
             ..request
         };
-        let event = AuditEvent {
-            decision,
-            agent: self.agent.clone(),
-            request,
-            outcome,
-        };
+        let event = AuditEvent::new(decision, self.agent.clone(), request, outcome);
         match self.ctx.record(&self.policy, event).await {
             Ok(_) => true,
             Err(e) => {

@@ -110,6 +110,7 @@ pub(crate) fn build_action(
         llm: None,
         proposal: None,
         response: None,
+        session: None,
     }
 }
 

@@ -43,7 +43,9 @@ pub(crate) fn enforce(
     match decision.verdict {
         Verdict::Block => return Err(Refusal::policy(decision)),
         Verdict::Allow | Verdict::Log => return Ok(unchanged(parts)),
-        Verdict::Constrain => {}
+        // A review forwards, once approved, what the matching constrain rules make of it (see `hold`).
+        Verdict::Review if decision.rewrites.is_empty() => return Ok(unchanged(parts)),
+        Verdict::Constrain | Verdict::Review => {}
     }
     let mut rewritten = body.decoded.clone();
     let applied =

@@ -7,14 +7,18 @@
 //! 2. `head::bind_to_sni` — over TLS, that host is the server name the session was opened for;
 //! 3. `body::read`, `body::decode` — the whole body, bounded, and its content-coding undone;
 //! 4. `classify::classify` — the Actions and the protocol;
-//! 5. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with;
-//! 6. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
-//! 7. `enforce::enforce` — block, or constrain the request;
-//! 8. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
-//! 9. `ExchangeRecord::forwarded` — the record, in the trail before anything reaches the upstream;
-//! 10. `forward::send` — the request sent, the response head received, while the record is made durable
+//! 5. `Sessions::fill` — what the agent's session did so far, for `session.*` conditions;
+//! 6. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with;
+//! 7. `Sessions::note` — what each decided Action leaves on the session (labels, counters, the tool it called);
+//! 8. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
+//! 9. `enforce::enforce` — block, or constrain the request;
+//! 10. `hold::review` — a `review` verdict waits for a person's answer (or its timeout) before anything goes on;
+//! 11. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
+//! 12. `ExchangeRecord::forwarded` — the record, in the trail before anything reaches the upstream;
+//! 13. `forward::send` — the request sent, the response head received, while the record is made durable
 //!     (`ExchangeRecord::durable`): the agent sees nothing of the answer before both;
-//! 11. `answer::respond` — the response phases: what the agent receives.
+//! 14. `answer::respond` — the response phases: what the agent receives (copied into the exchange's trace when its
+//!     decision retains it: `trace::attach`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +30,7 @@ use hyper::upgrade::OnUpgrade;
 use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
-use super::{answer, body, classify, enforce, forward, head, ProxyContext};
+use super::{answer, body, classify, enforce, forward, head, hold, ProxyContext};
 use crate::model::RequestSummary;
 
 /// Take one request through the phases; the response the client gets.
@@ -71,7 +75,9 @@ async fn phases(
     rec.note_body(&raw);
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
 
-    let inspected = classify::classify(rec, conn, &head, &parts, &body)?;
+    let mut inspected = classify::classify(rec, conn, &head, &parts, &body)?;
+    let sessions = rec.ctx().sessions.clone();
+    sessions.fill(&mut inspected.actions, policy.session_counters());
     let upgrading = head
         .upgrade
         .is_some()
@@ -86,12 +92,17 @@ async fn phases(
         decided.decision = d;
     }
     crate::metrics::global().decision_latency(deciding.elapsed());
+    for (action, decision) in inspected.actions.iter().zip(&decided.each) {
+        sessions.note(&conn.agent, decision, action);
+    }
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
+    rec.start_trace(conn.scheme.as_str(), &parts, &body.decoded);
 
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
     let outgoing = enforce::enforce(rec, &head, parts, body)?;
+    hold::review(rec).await?;
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
@@ -106,9 +117,10 @@ async fn phases(
     let resp = resp?;
     durable?;
 
+    let traced = rec.take_trace().filter(|_| upgrade.is_none());
     let upgrade = upgrade.zip(upgrading.flatten()).map(|(client, request)| {
         let answering = rec.answering(request, seq);
         (client, answering)
     });
-    Ok(answer::respond(resp, upgrade))
+    Ok(crate::trace::attach(answer::respond(resp, upgrade), traced))
 }

@@ -21,7 +21,7 @@ use crate::model::{Agent, Scheme};
 const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The body type the proxy answers with: the upstream's streamed body or a small buffered one.
-pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// One accepted client connection, as the exchanges on it need it.
 #[derive(Debug, Clone)]

@@ -8,8 +8,8 @@
 //! `accept` (sniff) → `tls` (leaf, ALPN) or plain HTTP or `tunnel` (raw TCP, decided on the destination) → `http`
 //! (the hyper server) → `exchange` for each request. The request phases, in order, each a module of its own:
 //! `head` (authority, SNI and destination binding) → `body` (read and decode) → `classify` (the Actions) → the
-//! policy's decision → `enforce` (block or constrain) → `forward` (connect, record, send) → `answer` (the response
-//! phases). `record` keeps the exchange's one audit record, `refusal` the one error type every phase returns.
+//! session's state and the policy's decision → `enforce` (block or constrain) → `hold` (a review waits for a
+//! person) → `forward` (connect, record, send) → `answer` (the response phases). `record` keeps the exchange's one audit record, `refusal` the one error type every phase returns.
 //! DNS datagrams redirected by the kernel take their own short path through [`crate::dns`], and so do connections to
 //! port 53 (DNS over TCP).
 
@@ -25,6 +25,7 @@ mod exchange;
 mod explicit;
 mod forward;
 mod head;
+mod hold;
 mod hostbind;
 mod http;
 mod io;
@@ -49,6 +50,7 @@ pub use tokio_util::sync::CancellationToken;
 pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use hostbind::{Binding, HostBindError, HostBinder};
+pub use http::ProxyBody;
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::{Pool as UpstreamPool, UpstreamError};
@@ -76,6 +78,12 @@ pub struct ProxyContext {
     pub hosts: HostBinder,
     /// The DNS stage, which serves connections to port 53 (DNS over TCP); `None`: they are decided as raw TCP.
     pub dns: Option<Arc<crate::dns::DnsStage>>,
+    /// Per-agent-run state rules read (`session.*`) and write (`label:`, `count:`); kept across policy reloads.
+    pub sessions: Arc<crate::session::Sessions>,
+    /// Exchanges held for a person's answer (`review` verdict).
+    pub reviews: Arc<crate::review::Reviews>,
+    /// Where retained exchanges are written, encrypted (`traces.recipient`); `None`: nothing is retained.
+    pub traces: Option<Arc<crate::trace::TraceStore>>,
 }
 
 impl ProxyContext {
@@ -109,16 +117,16 @@ impl ProxyContext {
         (reason, status): (Reason, Option<u16>),
         message: &str,
     ) {
-        let event = AuditEvent {
-            decision: enforcer_decision(policy, reason, message),
-            agent: agent.clone(),
+        let event = AuditEvent::new(
+            enforcer_decision(policy, reason, message),
+            agent.clone(),
             request,
-            outcome: Outcome {
+            Outcome {
                 disposition: Disposition::Blocked,
                 status,
                 error: Some(reason),
             },
-        };
+        );
         if let Err(e) = self.record(policy, event).await {
             tracing::error!(error = %e, "audit write failed for a refusal");
         }
@@ -129,14 +137,13 @@ impl ProxyContext {
 /// hash.
 pub(crate) fn enforcer_decision(policy: &Policy, reason: Reason, message: &str) -> Decision {
     Decision {
-        verdict: Verdict::Block,
-        deciding_rule: None,
-        matched_rules: Vec::new(),
-        reason,
         message: Some(message.to_string()),
-        rewrites: Vec::new(),
-        mode: Mode::Enforce,
-        policy_hash: policy.hash().to_string(),
+        ..Decision::bare(
+            Verdict::Block,
+            reason,
+            Mode::Enforce,
+            policy.hash().to_string(),
+        )
     }
 }
 
@@ -240,9 +247,11 @@ async fn client(
                 .await;
                 return;
             };
+            let mut agent = origin.agent;
+            ctx.sessions.identify(&mut agent);
             let target = Target {
                 dst: origin.dst,
-                agent: origin.agent,
+                agent,
                 host_hint: None,
             };
             accept::handle(ctx, stream, target).await;

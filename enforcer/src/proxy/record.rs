@@ -2,7 +2,9 @@
 //! host, the body's size and digest, the protocol, the policy's decision, what a rewrite changed), and written
 //! exactly once: when the request is about to be forwarded ([`ExchangeRecord::forwarded`]), when the enforcer
 //! answers instead ([`ExchangeRecord::refuse`], the one place a [`Refusal`] becomes an answer and an outcome), or,
-//! if the exchange is abandoned before either (the client went away), when it is dropped.
+//! if the exchange is abandoned before either (the client went away), when it is dropped. An exchange held for
+//! review also has a held record before it ([`ExchangeRecord::held`]); its closing record says how the review
+//! ended and links to the held one (`review.held_seq`).
 //!
 //! The record keeps two facts apart: the decision (the policy's — verdict, deciding and matching rules — or, when the
 //! enforcer refused before the policy could decide or on facts the decision rested on, the enforcer's own) and the
@@ -23,7 +25,7 @@ use crate::audit::Appended;
 use crate::inspect::{self, Protocol};
 use crate::model::{
     Action, Agent, AuditEvent, Decided, Decision, Disposition, Mode, Outcome, Reason, Relay,
-    RequestSummary, Verdict,
+    RequestSummary, ReviewNote, ReviewSpec, Verdict,
 };
 use crate::policy::Policy;
 
@@ -40,6 +42,12 @@ pub(crate) struct ExchangeRecord {
     /// What the request speaks, once classified (`Http` until then): the shape of a policy block's answer.
     protocol: Protocol,
     decided: Option<Decided>,
+    /// How a review of this exchange ended (or, while held, its held record's link).
+    review: Option<ReviewNote>,
+    /// The seq of the closing record, once written.
+    seq: Option<u64>,
+    /// The exchange's trace, when its decision retains it: linked to the closing record once written.
+    trace: Option<crate::trace::Draft>,
     written: bool,
 }
 
@@ -54,6 +62,9 @@ impl ExchangeRecord {
             summary,
             protocol: Protocol::Http,
             decided: None,
+            review: None,
+            seq: None,
+            trace: None,
             written: false,
         }
     }
@@ -64,6 +75,83 @@ impl ExchangeRecord {
 
     pub fn ctx(&self) -> &ProxyContext {
         &self.ctx
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The request as recorded so far.
+    pub fn summary(&self) -> &RequestSummary {
+        &self.summary
+    }
+
+    /// Start the exchange's trace when its decision retains it (`retain:`) and traces are configured.
+    pub fn start_trace(&mut self, scheme: &str, parts: &http::request::Parts, body: &[u8]) {
+        let Some(decision) = self.decision() else {
+            return;
+        };
+        let host = self.summary.host.clone().unwrap_or_default();
+        self.trace = crate::trace::Draft::start(
+            &self.ctx,
+            &self.policy,
+            decision,
+            &self.agent,
+            scheme,
+            &host,
+            parts,
+            body,
+        );
+    }
+
+    /// The trace of a forwarded exchange, to be fed its response.
+    pub fn take_trace(&mut self) -> Option<crate::trace::Draft> {
+        self.trace.take()
+    }
+
+    /// Write the held record of an exchange a review holds (outcome `held`, the review's terms); its seq is the
+    /// review's id. Nothing may be held unrecorded: a failure is a refusal.
+    pub async fn held(&mut self, spec: ReviewSpec) -> Result<u64, Refusal> {
+        let decision = self.decision().cloned().ok_or_else(|| {
+            Refusal::new(
+                Reason::BadRequest,
+                StatusCode::BAD_REQUEST,
+                "the request was not decided",
+            )
+        })?;
+        let mut event = AuditEvent::new(
+            decision,
+            self.agent.clone(),
+            self.summary.clone(),
+            Outcome {
+                disposition: Disposition::Held,
+                status: None,
+                error: None,
+            },
+        );
+        event.review = Some(ReviewNote {
+            timeout_secs: Some(spec.timeout_secs),
+            fallback: Some(spec.fallback),
+            ..ReviewNote::default()
+        });
+        let seq = self.ctx.record(&self.policy, event).await.map_err(|e| {
+            tracing::error!(error = %e, "audit write failed for a held exchange");
+            Refusal::new(
+                Reason::AuditUnavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the enforcer could not record the request, so it was not held for review",
+            )
+        })?;
+        self.review = Some(ReviewNote {
+            held_seq: Some(seq),
+            ..ReviewNote::default()
+        });
+        Ok(seq)
+    }
+
+    /// How the review of this exchange ended: carried by its closing record.
+    pub fn note_review(&mut self, note: ReviewNote) {
+        self.review = Some(note);
     }
 
     /// What the request head names: the host as the policy sees it, and the upgrade it asks for.
@@ -175,14 +263,7 @@ impl ExchangeRecord {
             error: None,
         };
         self.written = true;
-        let event = AuditEvent {
-            decision,
-            agent: self.agent.clone(),
-            request: std::mem::take(&mut self.summary),
-            outcome,
-        };
-        self.ctx.append(&self.policy, event).map_err(|e| {
-            tracing::error!(error = %e, "audit write failed: not forwarding");
+        self.append(decision, outcome).map_err(|()| {
             audit_unavailable("the enforcer could not record the request, so it was not forwarded")
         })
     }
@@ -202,10 +283,19 @@ impl ExchangeRecord {
     /// the client's answer (the protocol's own block for a policy block, else the enforcer's JSON error) and the
     /// record's outcome.
     pub async fn refuse(mut self, refusal: Refusal) -> Response<ProxyBody> {
-        let policy_block = self
-            .decision()
-            .is_some_and(|d| d.mode == Mode::Enforce && d.verdict == Verdict::Block);
+        // A review that ended in a block (denied, or timed out to a block) is answered exactly like one.
+        let review_block = self
+            .review
+            .as_ref()
+            .is_some_and(|r| r.carried_out == Some(Verdict::Block));
+        let policy_block = review_block
+            || self
+                .decision()
+                .is_some_and(|d| d.mode == Mode::Enforce && d.verdict == Verdict::Block);
         let answer = match &self.decided {
+            Some(decided) if review_block => {
+                block_answer(&self.protocol, &as_review_block(decided, &refusal))
+            }
             Some(decided) if policy_block => block_answer(&self.protocol, decided),
             _ => shaped_response(
                 &self.protocol,
@@ -220,6 +310,7 @@ impl ExchangeRecord {
         self.written = true;
         let status = Some(answer.status().as_u16());
         let (decision, disposition, error) = match self.decided.take() {
+            Some(d) if review_block => (d.decision, Disposition::Blocked, Some(refusal.reason)),
             Some(d) if policy_block => {
                 let error = decision_error(d.decision.reason);
                 (d.decision, Disposition::Blocked, error)
@@ -245,16 +336,40 @@ impl ExchangeRecord {
     }
 
     async fn write(&mut self, decision: Decision, outcome: Outcome) -> Result<u64, ()> {
-        let event = AuditEvent {
-            decision,
-            agent: self.agent.clone(),
-            request: std::mem::take(&mut self.summary),
-            outcome,
-        };
-        self.ctx
-            .record(&self.policy, event)
+        let appended = self.append(decision, outcome)?;
+        crate::metrics::global()
+            .durable(appended)
             .await
-            .map_err(|e| tracing::error!(error = %e, "audit write failed"))
+            .map_err(|e| tracing::error!(error = %e, "audit record not durable"))
+    }
+
+    /// The record in the trail (not yet durable), linked to the exchange's trace.
+    fn append(&mut self, decision: Decision, outcome: Outcome) -> Result<Appended, ()> {
+        let disposition = outcome.disposition;
+        let traced = self.trace.as_ref().map(|_| self.summary.clone());
+        let mut event = AuditEvent::new(
+            decision,
+            self.agent.clone(),
+            std::mem::take(&mut self.summary),
+            outcome,
+        );
+        event.review = self.review.take();
+        let appended = self
+            .ctx
+            .append(&self.policy, event)
+            .map_err(|e| tracing::error!(error = %e, "audit write failed"))?;
+        let seq = appended.seq();
+        self.seq = Some(seq);
+        if let (Some(draft), Some(summary)) = (self.trace.as_mut(), traced) {
+            draft.linked(seq, summary, disposition);
+        }
+        // Refused: nothing more will come; the trace holds the request alone.
+        if disposition != Disposition::Forwarded {
+            if let Some(draft) = self.trace.take() {
+                draft.finish();
+            }
+        }
+        Ok(appended)
     }
 }
 
@@ -276,16 +391,18 @@ impl Drop for ExchangeRecord {
                 "the client went away before the exchange completed",
             ),
         };
-        let event = AuditEvent {
-            decision,
-            agent: std::mem::take(&mut self.agent),
-            request: std::mem::take(&mut self.summary),
-            outcome: Outcome {
-                disposition: Disposition::Failed,
-                status: None,
-                error: Some(Reason::ClientClosed),
-            },
+        let outcome = Outcome {
+            disposition: Disposition::Failed,
+            status: None,
+            error: Some(Reason::ClientClosed),
         };
+        let mut event = AuditEvent::new(
+            decision,
+            std::mem::take(&mut self.agent),
+            std::mem::take(&mut self.summary),
+            outcome,
+        );
+        event.review = self.review.take();
         let (ctx, policy) = (self.ctx.clone(), self.policy.clone());
         runtime.spawn(async move {
             if let Err(e) = ctx.record(&policy, event).await {
@@ -317,6 +434,23 @@ fn decision_error(reason: Reason) -> Option<Reason> {
     match reason {
         Reason::Rule | Reason::Default | Reason::RateLimited => None,
         other => Some(other),
+    }
+}
+
+/// The decisions a review refusal is answered with: each held element as a block carrying the refusal's message.
+fn as_review_block(decided: &Decided, refusal: &Refusal) -> Decided {
+    let block = |d: &Decision| {
+        let mut d = d.clone();
+        if d.verdict == Verdict::Review {
+            d.verdict = Verdict::Block;
+            d.message = Some(refusal.message.to_string());
+        }
+        d
+    };
+    Decided {
+        decision: block(&decided.decision),
+        index: decided.index,
+        each: decided.each.iter().map(block).collect(),
     }
 }
 

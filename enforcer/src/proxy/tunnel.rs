@@ -1,6 +1,7 @@
 //! Destination-only decisions for bytes that are neither TLS nor HTTP: the policy sees scheme `tcp`, the original
 //! IP and port (and the host only when an explicit CONNECT named it). Allowed connections are relayed both ways to
-//! the original destination; blocked ones are closed. Either way one audit record is written first.
+//! the original destination; blocked ones are closed. Either way one audit record is written first. A raw connection
+//! cannot be held for review: a `review` verdict on one is carried out as a block (`review_unavailable`).
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ pub(crate) async fn relay<S>(ctx: Arc<ProxyContext>, mut io: S, target: Target)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let action = Action {
+    let mut action = Action {
         agent: target.agent.clone(),
         transport: Transport {
             scheme: Scheme::Tcp,
@@ -34,7 +35,14 @@ where
         ..RequestSummary::default()
     };
     let policy = ctx.policy.current();
+    ctx.sessions
+        .fill(std::slice::from_mut(&mut action), policy.session_counters());
     let mut decision = policy.evaluate(&action);
+    ctx.sessions.note(&target.agent, &decision, &action);
+    if decision.verdict == Verdict::Review && decision.mode == Mode::Enforce {
+        decision.verdict = Verdict::Block;
+        decision.reason = crate::model::Reason::ReviewUnavailable;
+    }
     // The DNS stage's stand-in address for a refused name: never relayed (see `dns::stand_in_decision`).
     if crate::dns::is_synthetic(target.dst.ip()) {
         let host = target.host_hint.as_deref();
@@ -52,16 +60,12 @@ where
             }
         }
     };
-    let event = AuditEvent {
-        decision,
-        agent: target.agent.clone(),
-        request: summary,
-        outcome: Outcome {
-            disposition,
-            status: None,
-            error,
-        },
+    let outcome = Outcome {
+        disposition,
+        status: None,
+        error,
     };
+    let event = AuditEvent::new(decision, target.agent.clone(), summary, outcome);
     if let Err(e) = ctx.record(&policy, event).await {
         tracing::error!(error = %e, "audit write failed: not relaying");
         return;

@@ -9,6 +9,10 @@
 //!   connection with 1008 (policy violation);
 //! - a message from the upstream is a response-phase Action when the policy has response rules, and passes
 //!   untouched (unrecorded) when none matches;
+//! - a message under an enforced `review` is refused like a block (reason `review_unavailable`): it cannot be held,
+//!   since the connection's later messages would wait behind it and the protocols have no "pending" answer;
+//! - every message is an Action of the agent's session: it sees the session's labels and counters and leaves its own
+//!   (`Sessions::fill`, `Sessions::note`), as a request does;
 //! - a message over the policy's `max_body_bytes` closes the connection with 1009 (message too big), recorded: it is
 //!   never relayed uninspected. `permessage-deflate` is never negotiated (the upgrade request's
 //!   `Sec-WebSocket-Extensions` is removed), so every frame is read as sent.
@@ -213,8 +217,8 @@ async fn agent_message(ans: &Answering, msg: Message) -> Fate {
         http.body = text;
         http.json = json;
     }
-    let inspected = inspect::classify_message(action, &ans.ctx.inspect);
-    let decided = ans.policy.decide_all(&inspected.actions);
+    let mut inspected = inspect::classify_message(action, &ans.ctx.inspect);
+    let decided = decide(ans, &mut inspected.actions);
     if let Some(a) = inspected.actions.get(decided.index) {
         if let Some(llm) = &a.llm {
             summary.llm_provider = Some(llm.provider.clone());
@@ -256,7 +260,7 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         json: json.clone(),
         ..HttpResponse::default()
     });
-    let decision = ans.policy.evaluate(&action);
+    let decision = decide(ans, std::slice::from_mut(&mut action)).decision;
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Fate::Forward(msg);
     }
@@ -270,6 +274,17 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         summary: summary(ans, &raw),
     };
     carry_out_decision(ans, judged, msg).await
+}
+
+/// Decide a message's Actions with their session's state, and note on the session what each decision leaves.
+fn decide(ans: &Answering, actions: &mut [crate::model::Action]) -> crate::model::Decided {
+    let sessions = &ans.ctx.sessions;
+    sessions.fill(actions, ans.policy.session_counters());
+    let decided = ans.policy.decide_all(actions);
+    for (action, decision) in actions.iter().zip(&decided.each) {
+        sessions.note(&ans.agent, decision, action);
+    }
+    decided
 }
 
 /// A message and what was decided about it.
@@ -310,20 +325,25 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
             }
         }
     }
-    let blocked = enforce && decision.verdict == Verdict::Block;
+    let unheld = enforce && decision.verdict == Verdict::Review;
+    let blocked = enforce && (decision.verdict == Verdict::Block || unheld);
     if blocked {
         let refusal_each: Vec<Decision> = if each.len() == 1 {
-            vec![decision.clone()]
+            vec![super::hold::unheld(&decision)]
         } else {
-            each.to_vec()
+            each.iter().map(super::hold::unheld).collect()
         };
         fate = match inspect::message_block(protocol, &refusal_each) {
             Some(text) if phase == Phase::Request => Fate::Answer(Message::Text(text.into())),
             _ => Fate::Close(CloseCode::Policy, "blocked by policy"),
         };
     }
-    let error = matches!(decision.reason, Reason::SignedField | Reason::Unredactable)
-        .then_some(decision.reason);
+    let error = if unheld {
+        Some(Reason::ReviewUnavailable)
+    } else {
+        matches!(decision.reason, Reason::SignedField | Reason::Unredactable)
+            .then_some(decision.reason)
+    };
     let outcome = if blocked { refused(error) } else { forwarded() };
     if !ans.record(phase, decision, summary, outcome).await {
         return Fate::Close(

@@ -35,6 +35,10 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             rewrites: vec![],
             mode: Mode::Enforce,
             policy_hash: "0f".repeat(32),
+            review: None,
+            labels: Vec::new(),
+            counts: Vec::new(),
+            retain: None,
         },
         agent: Agent {
             profile: Some(
@@ -49,6 +53,7 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             pid: Some(task),
             exe: Some("/usr/bin/python3".into()),
             uid: Some(1000),
+            ..Agent::default()
         },
         request: RequestSummary {
             scheme: Some(enforcer::model::Scheme::Https),
@@ -89,6 +94,8 @@ pub fn event(task: u32, i: u32) -> AuditEvent {
             status: Some(if verdict == Verdict::Block { 403 } else { 200 }),
             error: None,
         },
+        review: None,
+        trace: None,
     }
 }
 

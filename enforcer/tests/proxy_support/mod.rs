@@ -322,7 +322,25 @@ pub async fn start_proxy_with_hosts(
     explicit: bool,
     static_hosts: &[(&str, &[IpAddr])],
 ) -> Proxy {
-    start(policy_yaml, extra_roots, explicit, static_hosts, None).await
+    start(policy_yaml, extra_roots, explicit, static_hosts, None, None).await
+}
+
+/// The proxy with `static_hosts` pins that also retains traces as `traces` says.
+pub async fn start_proxy_retaining(
+    policy_yaml: &str,
+    extra_roots: &[&TestCa],
+    static_hosts: &[(&str, &[IpAddr])],
+    traces: enforcer::trace::TraceSettings,
+) -> Proxy {
+    start(
+        policy_yaml,
+        extra_roots,
+        false,
+        static_hosts,
+        None,
+        Some(traces),
+    )
+    .await
 }
 
 /// The proxy with the DNS stage (UDP listener on 127.0.0.1, DNS over TCP through the proxy) forwarding allowed
@@ -332,7 +350,15 @@ pub async fn start_proxy_with_dns(
     dns_upstream: SocketAddr,
     dns: enforcer::config::DnsConfig,
 ) -> Proxy {
-    start(policy_yaml, &[], false, &[], Some((dns_upstream, dns))).await
+    start(
+        policy_yaml,
+        &[],
+        false,
+        &[],
+        Some((dns_upstream, dns)),
+        None,
+    )
+    .await
 }
 
 async fn start(
@@ -341,6 +367,7 @@ async fn start(
     explicit: bool,
     static_hosts: &[(&str, &[IpAddr])],
     dns: Option<(SocketAddr, enforcer::config::DnsConfig)>,
+    traces: Option<enforcer::trace::TraceSettings>,
 ) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let policy = SharedPolicy::new(Policy::from_yaml(policy_yaml, "test-policy.yaml").unwrap());
@@ -374,6 +401,18 @@ async fn start(
                 .collect(),
         ),
         dns: stage.clone(),
+        sessions: Arc::new(enforcer::session::Sessions::new(
+            enforcer::session::SessionLimits::default(),
+            HashMap::new(),
+        )),
+        reviews: enforcer::review::Reviews::new(16, None),
+        traces: traces.map(|t| {
+            Arc::new(
+                enforcer::trace::TraceStore::open(&t, &audit_dir)
+                    .unwrap()
+                    .expect("a recipient"),
+            )
+        }),
     });
     let shutdown = CancellationToken::new();
     let dns_udp = match stage {
@@ -430,7 +469,7 @@ impl Proxy {
         self.connect_as_agent(dst, test_agent()).await
     }
 
-    /// [`Proxy::connect_as`] for a connection of `agent`.
+    /// [`Proxy::connect_as`] from another agent (its cgroup names its session).
     pub async fn connect_as_agent(&self, dst: SocketAddr, agent: Agent) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -495,7 +534,7 @@ impl Proxy {
         self.tls_to_as(dst, sni, alpn, test_agent()).await
     }
 
-    /// [`Proxy::tls_to`] for a connection of `agent`.
+    /// [`Proxy::tls_to`] from another agent (its cgroup names its session).
     pub async fn tls_to_as(
         &self,
         dst: SocketAddr,
@@ -705,8 +744,20 @@ pub async fn ws_connect(
     path: &str,
     extra: &[(&str, &str)],
 ) -> Result<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, (u16, Vec<u8>)> {
+    ws_connect_as(proxy, test_agent(), dst, host, path, extra).await
+}
+
+/// [`ws_connect`] from another agent (its cgroup names its session).
+pub async fn ws_connect_as(
+    proxy: &Proxy,
+    agent: Agent,
+    dst: SocketAddr,
+    host: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, (u16, Vec<u8>)> {
     use tokio_tungstenite::tungstenite::protocol::Role;
-    let tls = proxy.tls_to(dst, host, &[b"http/1.1"]).await;
+    let tls = proxy.tls_to_as(dst, host, &[b"http/1.1"], agent).await;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();

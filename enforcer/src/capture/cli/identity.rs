@@ -109,6 +109,47 @@ pub(super) fn choose(req: &Request<'_>) -> Result<RunAs, IdentityError> {
     Ok(RunAs::User(identity))
 }
 
+/// The person `enforcer exec` acts for, whoever the agent runs as: the user who ran `sudo` (`SUDO_UID`, with
+/// `SUDO_GID` as the primary group) when sudo was run by someone other than root, else the caller itself.
+pub(super) fn launching_user(req: &Request<'_>) -> Result<Identity, IdentityError> {
+    let sudo = match req.sudo_uid {
+        Some(uid) => Some(parse_id("SUDO_UID", uid)?).filter(|uid| *uid != 0),
+        None => None,
+    };
+    let uid = sudo.unwrap_or(req.caller_uid);
+    let mut identity = lookup_uid(uid)?.ok_or(IdentityError::NoSudoUser(uid))?;
+    if let (Some(_), Some(gid)) = (sudo, req.sudo_gid) {
+        let gid = parse_id("SUDO_GID", gid)?;
+        if gid != identity.gid {
+            identity.gid = gid;
+            identity.groups = group_list(&identity.name, gid)?;
+        }
+    }
+    Ok(identity)
+}
+
+/// The name of user `uid` in the user database (getpwuid_r(3)).
+pub fn user_name(uid: libc::uid_t) -> Option<String> {
+    lookup_uid(uid).ok().flatten().map(|i| i.name)
+}
+
+/// The name of group `gid` in the group database (getgrgid_r(3)); its number when it has none.
+pub(super) fn group_name(gid: libc::gid_t) -> String {
+    let mut buf: Vec<libc::c_char> = vec![0; 16 * 1024];
+    // SAFETY: an all-zero group is a valid value of this plain C struct.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrgid_r writes only into `grp` and `buf` (whose length it is given) and sets `out`.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() || grp.gr_name.is_null() {
+        return gid.to_string();
+    }
+    // SAFETY: on success gr_name points at a NUL-terminated string inside `buf`, alive here.
+    unsafe { CStr::from_ptr(grp.gr_name) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn parse_id(var: &'static str, value: &str) -> Result<u32, IdentityError> {
     value.trim().parse().map_err(|_| IdentityError::BadSudoId {
         var,

@@ -234,6 +234,9 @@ pub struct AuditSettings {
     /// Delete rotated files whose records are all older than this many days (recorded likewise); 0 keeps them.
     /// Default 0.
     pub max_age_days: u64,
+    /// Ship every record and checkpoint to a central syslog collector (RFC 5424 over TLS, docs/audit.md
+    /// "Shipping"). Default: not shipped.
+    pub ship: Option<crate::audit::ShipConfig>,
 }
 
 impl Default for Config {
@@ -283,6 +286,7 @@ impl Default for AuditSettings {
             compress: true,
             max_total_bytes: crate::audit::DEFAULT_MAX_TOTAL_BYTES,
             max_age_days: 0,
+            ship: None,
         }
     }
 }
@@ -392,6 +396,7 @@ impl Config {
         cfg.max_age = (self.audit.max_age_days > 0).then(|| {
             std::time::Duration::from_secs(self.audit.max_age_days.saturating_mul(86_400))
         });
+        cfg.ship = self.audit.ship.clone();
         cfg
     }
 }
@@ -430,6 +435,17 @@ mod tests {
             (4 << 30, None, true)
         );
         assert!(serde_saphyr::from_str::<Config>("audit:\n  max_total_byte: 1\n").is_err());
+        let yaml = "audit:\n  ship:\n    collector: logs.example.net:6514\n    ca_file: /etc/enforcer/collector-ca.pem\n";
+        let ship = serde_saphyr::from_str::<Config>(yaml)
+            .unwrap()
+            .audit_config()
+            .ship
+            .unwrap();
+        assert_eq!(
+            (ship.collector.as_str(), ship.queue),
+            ("logs.example.net:6514", 4096)
+        );
+        assert!(serde_saphyr::from_str::<Config>("audit:\n  ship:\n    collector: x:1\n").is_err());
     }
 
     #[test]

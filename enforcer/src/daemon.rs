@@ -15,6 +15,7 @@ use clap::Args;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use crate::audit::record::{CgroupAction, CgroupChange, CgroupSource};
 use crate::audit::AuditLog;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::Config;
@@ -321,6 +322,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(bundle = %public.bundle.display(), ca = %public.ca_cert.display(), "CA ready");
     let upstream = UpstreamTls::new(config.proxy.upstream_roots, &config.proxy.extra_roots)?;
     let audit = AuditLog::open(config.audit_config()).await?;
+    if let Some(probe) = audit.ship_probe() {
+        crate::metrics::global().watch_shipping(probe);
+    }
     restrict_to_owner(&config.audit_dir())?;
     let health = Health::new(audit.health(), config.audit_dir());
 
@@ -388,24 +392,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Some(c) => c.dns_origins(),
         None => Arc::new(NoCapture),
     };
+    let cgroup_sink = cgroup_sink(&audit, &metrics);
+    if let Some(c) = &capture {
+        record_config_tags(&config, c, &cgroup_sink, CgroupAction::Tag);
+    }
     let patterns: Vec<crate::capture::CgroupPattern> = config
         .profiles
         .iter()
         .flat_map(|(profile, p)| {
+            let exec_dir = config.profile_cgroup(profile);
+            let exec_dir = exec_dir
+                .strip_prefix(&config.cgroup_root)
+                .unwrap_or(&exec_dir)
+                .to_path_buf();
             p.cgroups
                 .iter()
                 .map(|c| crate::capture::CgroupPattern::new(profile, c))
+                .chain([crate::capture::CgroupPattern::exec(profile, &exec_dir)])
         })
         .collect();
     let watcher = match &capture {
-        Some(_) if !patterns.is_empty() => Some(crate::capture::watch_cgroups(
+        Some(_) => Some(crate::capture::watch_cgroups(
             &config.cgroup_root,
             &config.capture.pin_dir,
             patterns,
             std::time::Duration::from_secs(config.capture.rescan_secs.max(1)),
             metrics.clone(),
+            Some(cgroup_sink.clone()),
         )?),
-        _ => None,
+        None => None,
     };
 
     crate::proxy::set_limits(crate::proxy::Limits {
@@ -600,6 +615,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     drop(watcher);
     drop(session_watch);
     if let Some(capture) = capture {
+        record_config_tags(&config, &capture, &cgroup_sink, CgroupAction::Untag);
         capture.shutdown()?;
     }
     audit.close().await?;
@@ -675,6 +691,46 @@ fn prepare_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
         .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
+/// The audit trail as the place cgroup changes are recorded (a failure is logged: the trail's health already
+/// refuses every action while it cannot take records).
+fn cgroup_sink(audit: &AuditLog, metrics: &Arc<Metrics>) -> crate::capture::CgroupSink {
+    let (audit, metrics) = (audit.clone(), metrics.clone());
+    Arc::new(
+        move |change: &CgroupChange| match audit.append_cgroup(change) {
+            Ok(seq) => metrics.recorded(seq),
+            Err(e) => {
+                tracing::error!(cgroup = %change.path, error = %e, "cannot record a cgroup change in the audit trail")
+            }
+        },
+    )
+}
+
+/// Record the cgroups tagged at start (the profiles' own cgroups and the configured paths), or their untagging at
+/// shutdown (the tag map is removed with the daemon).
+fn record_config_tags(
+    config: &Config,
+    capture: &Capture,
+    sink: &crate::capture::CgroupSink,
+    action: CgroupAction,
+) {
+    for (id, profile) in capture.tagged() {
+        let Some(rel) = crate::capture::cgroup_path(id, 0, &config.cgroup_root) else {
+            continue;
+        };
+        sink(&CgroupChange {
+            action,
+            profile,
+            path: config
+                .cgroup_root
+                .join(rel.trim_start_matches('/'))
+                .display()
+                .to_string(),
+            source: CgroupSource::Config,
+            pattern: None,
+        });
+    }
 }
 
 /// Make `dir` 0700 (the audit trail and its signing key are the daemon's alone; an older install may have left the

@@ -142,8 +142,13 @@ pub fn status_reports_the_daemon(env: &mut Env) {
     assert!(profile["agents"].as_u64() >= Some(1), "{profile}");
     let policy = harness::repo_root().join("tests/e2e/policy.yaml");
     assert_eq!(status["policy"]["hash"], sha256_file(&policy), "{status}");
+    // The last decision the status was taken after (the watcher records `enforcer exec` cgroups as they come and go,
+    // so a cgroup record may have been appended since).
     let records = env.audit_records();
-    let last = records.last().and_then(|r| r["seq"].as_u64());
+    let last = records
+        .iter()
+        .rfind(|r| r.get("decision").is_some())
+        .and_then(|r| r["seq"].as_u64());
     assert!(
         status["audit"]["last_seq"].as_u64() >= last && last.is_some(),
         "{status}"
@@ -552,6 +557,53 @@ fn glob_tagging(env: &Env, config: &Path) {
         1.0,
         "{text}"
     );
+    tagging_is_recorded(env, &scope);
+}
+
+/// Each tagging is an audit record: the glob-matched cgroup tagged, and untagged once it is removed; an `enforcer
+/// exec` cgroup from its creation to its removal; the profiles' own cgroups tagged at start.
+fn tagging_is_recorded(env: &Env, scope: &Path) {
+    let count = |action: &str, source: &str, profile: &str, suffix: &str| {
+        env.audit_records()
+            .iter()
+            .filter(|r| {
+                let c = &r["cgroup"];
+                c["action"] == action
+                    && c["source"] == source
+                    && c["profile"] == profile
+                    && c["path"].as_str().is_some_and(|p| p.ends_with(suffix))
+            })
+            .count()
+    };
+    let wait_for = |action: &str, source: &str, profile: &str, suffix: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while count(action, source, profile, suffix) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {action} record ({source}, {profile}) for a cgroup ending in {suffix}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(count("tag", "glob", "globbed", "/agents-7.scope"), 1);
+    assert_eq!(count("tag", "glob", "globbed", "/other-7.scope"), 0);
+    assert_eq!(count("untag", "glob", "globbed", "/agents-7.scope"), 0);
+    assert_eq!(count("tag", "config", "globbed", "/enforcer/globbed"), 1);
+    harness::remove_cgroup_tree(scope);
+    wait_for("untag", "glob", "globbed", "/agents-7.scope");
+
+    let (code, out, err) = env.exec_tagged(&["sh", "-c", "cat /proc/self/cgroup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let exec_cgroup = out
+        .trim()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(exec_cgroup.starts_with("exec-"), "{out}");
+    let suffix = format!("/{exec_cgroup}");
+    wait_for("tag", "exec", PROFILE, &suffix);
+    wait_for("untag", "exec", PROFILE, &suffix);
 }
 
 /// What `enforcer run` says when the host or the configuration is not ready: each error names the setting and

@@ -6,7 +6,8 @@
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
 //! Python SDKs (pip). The operations tests need `promtool` and `prometheus` (Debian `prometheus`), `setpriv`
 //! (util-linux) and `systemd-analyze` (systemd); the package test (root only) needs `cargo-deb`, pinned. The audit
-//! trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and `fallocate`. The
+//! trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and `fallocate`; its shipping
+//! test needs `rsyslogd` with the GnuTLS network stream driver (Debian `rsyslog`, `rsyslog-gnutls`). The
 //! conformance tests run the providers' Node SDKs and the agent CLIs (npm, pinned, under `/opt/enforcer-test/node`).
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("dumpe2fs", "e2fsprogs"),
     ("fallocate", "util-linux"),
 ];
+
+/// The collector the audit shipping test sends to: rsyslog and its TLS (GnuTLS) network stream driver.
+const SYSLOG_PACKAGES: &[&str] = &["rsyslog", "rsyslog-gnutls"];
 
 /// cargo-deb builds the Debian package in the package test (enforcer/tests/package.rs, root only).
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -99,6 +103,21 @@ pub fn run() -> anyhow::Result<()> {
         eprintln!("xtask: setup: {} present", tools.join(", "));
     } else {
         apt.install(&missing)?;
+    }
+    // The audit shipping test (enforcer/tests/audit_ship.rs) starts its own rsyslogd in the foreground; the
+    // package's service is not started here (no systemd as PID 1), and the test never uses it.
+    let syslog: Vec<&str> = SYSLOG_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if syslog.is_empty() {
+        eprintln!(
+            "xtask: setup: {} already installed",
+            SYSLOG_PACKAGES.join(", ")
+        );
+    } else {
+        apt.install(&syslog)?;
     }
     if quiet_output(Command::new(SYSTEM_PYTHON).args(["-c", "import venv, ensurepip"])).is_none() {
         apt.install(&["python3-venv"])?;

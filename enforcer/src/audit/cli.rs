@@ -12,7 +12,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::read::{self, Line, Query};
-use super::record::{Entry, RetentionRecord};
+use super::record::{CgroupAction, CgroupRecord, CgroupSource, Entry, RetentionRecord};
 use crate::model::{Disposition, Verdict};
 
 /// Default trail location (`<state dir>/audit`).
@@ -20,17 +20,22 @@ pub const DEFAULT_DIR: &str = "/var/lib/enforcer/audit";
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check every record, the chain across files and every signed checkpoint.
+    /// Check every record, the chain across files and every signed checkpoint. Given a file instead of a directory,
+    /// check what a syslog collector received from many hosts (with --keys): each host's chain and checkpoints,
+    /// gaps reported as gaps.
     Verify {
-        /// The trail's directory.
+        /// The trail's directory, or a collected file (RFC 5424 lines written by rsyslog or another collector).
         #[arg(default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// Public key to check checkpoint signatures against: a copy of audit.pub kept outside the log directory.
         /// Default: the audit.pub inside it.
-        #[arg(long, value_name = "PUBKEY")]
+        #[arg(long, value_name = "PUBKEY", conflicts_with = "keys")]
         key: Option<PathBuf>,
-        /// The retained traces' directory, when `traces.dir` puts it elsewhere than `<dir>/traces`.
+        /// For a collected file: the directory of trusted host keys (each host's audit.pub, saved as NAME.pub).
         #[arg(long, value_name = "DIR")]
+        keys: Option<PathBuf>,
+        /// The retained traces' directory, when `traces.dir` puts it elsewhere than `<dir>/traces`.
+        #[arg(long, value_name = "DIR", conflicts_with = "keys")]
         traces: Option<PathBuf>,
     },
     /// Print the last records; with -f, keep printing new ones.
@@ -92,16 +97,30 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn run_inner(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    if let AuditCommand::Verify {
+        dir,
+        keys: Some(keys),
+        ..
+    } = &cmd
+    {
+        return verify_collected(dir, keys);
+    }
     let (AuditCommand::Verify { dir, .. }
     | AuditCommand::Tail { dir, .. }
     | AuditCommand::Query { dir, .. }) = &cmd;
+    if dir.is_file() {
+        bail!(
+            "{} is a file: to verify a collected (multi-host) file, pass --keys DIR with the trusted host keys",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!("no audit trail at {}: not a directory", dir.display());
     }
     match cmd {
-        AuditCommand::Verify { dir, key, traces } => {
-            verify(&dir, key.as_deref(), traces.as_deref())
-        }
+        AuditCommand::Verify {
+            dir, key, traces, ..
+        } => verify(&dir, key.as_deref(), traces.as_deref()),
         AuditCommand::Tail {
             dir,
             follow,
@@ -177,6 +196,55 @@ fn verify(dir: &Path, key: Option<&Path>, traces: Option<&Path>) -> anyhow::Resu
         r.records, r.files, r.checkpoints
     );
     Ok(ExitCode::from(1))
+}
+
+/// Per host: what was checked, the gaps, and the tampering. Exit 1 on tampering or a host whose key is not trusted;
+/// gaps alone exit 0 (they are reported: those records are only in that host's local trail).
+fn verify_collected(file: &Path, keys: &Path) -> anyhow::Result<ExitCode> {
+    if !keys.is_dir() {
+        bail!("--keys {}: not a directory", keys.display());
+    }
+    let r = super::fleet::verify_collected(file, keys).map_err(flat)?;
+    for h in &r.hosts {
+        let range = match (h.first_seq, h.last_seq) {
+            (Some(f), Some(l)) => format!("seq {f} to {l}"),
+            _ => "no records".to_owned(),
+        };
+        let verdict = if h.ok() { "OK" } else { "FAILED" };
+        println!(
+            "{verdict}: host {}: {} records ({range}), {} checkpoints verified ({} matched a collected record)",
+            h.name(),
+            h.records,
+            h.checkpoints,
+            h.checkpoints_matched
+        );
+        match &h.key_file {
+            Some(k) => println!("  key: {}", k.display()),
+            None => println!(
+                "  untrusted: key {} is not in {} (add the host's audit.pub as NAME.pub if it is yours)",
+                h.key_id,
+                keys.display()
+            ),
+        }
+        for (from, to) in &h.gaps {
+            let n = to - from + 1;
+            println!("  gap: records {from} to {to} ({n}) were not collected; that host's local trail has them");
+        }
+        for t in &h.tampering {
+            println!("  tampered: host {}: {t}", h.name());
+        }
+    }
+    if r.hosts.is_empty() {
+        println!("no enforcer audit messages in {}", file.display());
+    }
+    if r.other_lines > 0 {
+        println!("({} other lines skipped)", r.other_lines);
+    }
+    Ok(if r.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn tail(dir: &Path, follow: bool, n: usize, json: bool) -> anyhow::Result<ExitCode> {
@@ -265,6 +333,7 @@ fn row(l: &Line) -> String {
     let r = match &l.entry {
         Entry::Decision(r) => r,
         Entry::Retention(r) => return retention_row(r),
+        Entry::Cgroup(r) => return cgroup_row(r),
     };
     let ts = short_ts(&r.ts);
     let rule = r.decision.rule.as_deref().unwrap_or("(default)");
@@ -354,6 +423,28 @@ fn retention_row(r: &RetentionRecord) -> String {
         d.last_seq,
         d.reason.as_str(),
         d.kept_from
+    )
+}
+
+fn cgroup_row(r: &CgroupRecord) -> String {
+    let c = &r.cgroup;
+    let action = match c.action {
+        CgroupAction::Tag => "tagged",
+        CgroupAction::Untag => "untagged",
+    };
+    let source = match (c.source, &c.pattern) {
+        (CgroupSource::Glob, Some(p)) => format!("glob {p}"),
+        (CgroupSource::Glob, None) => "glob".into(),
+        (CgroupSource::Config, _) => "config".into(),
+        (CgroupSource::Exec, _) => "enforcer exec".into(),
+    };
+    format!(
+        "{:>8}  {:<23}  {:<9}  {action} {} with profile {} ({source})",
+        r.seq,
+        short_ts(&r.ts),
+        "cgroup",
+        c.path,
+        c.profile
     )
 }
 

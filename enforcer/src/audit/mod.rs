@@ -13,6 +13,8 @@
 //!   commit, rotation, checkpoints, health).
 //! - `seal`: compression of rotated files and retention.
 //! - [`checkpoint`]: the Ed25519 key, signed checkpoint lines, the syslog copy.
+//! - [`ship`]: every record and checkpoint shipped to a central collector (RFC 5424 over TLS), never blocking.
+//! - [`fleet`]: `audit verify` of a collected, multi-host file.
 //! - [`verify`]: the verifier; [`read`]: tail, follow and query.
 //! - [`cli`]: `enforcer audit verify|tail|query`.
 
@@ -20,10 +22,12 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod fleet;
 pub mod read;
 pub mod record;
 mod recover;
 mod seal;
+pub mod ship;
 pub mod verify;
 mod writer;
 
@@ -37,6 +41,7 @@ use crate::model::AuditEvent;
 
 pub use checkpoint::PublicKey;
 pub use record::Record;
+pub use ship::{ShipConfig, ShipStatus};
 pub use verify::{verify, Problem, VerifyReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +87,8 @@ pub enum AuditError {
     },
     #[error("{path} is damaged: {why}; run `enforcer audit verify`")]
     Damaged { path: String, why: String },
+    #[error(transparent)]
+    Ship(#[from] ship::ShipError),
 }
 
 impl AuditError {
@@ -120,6 +127,8 @@ pub struct AuditConfig {
     pub max_total_bytes: u64,
     /// Delete rotated files whose newest record is older than this (`None`: no limit).
     pub max_age: Option<Duration>,
+    /// Ship every record and checkpoint to a central collector ([`ship`]); `None`: local only.
+    pub ship: Option<ShipConfig>,
 }
 
 impl AuditConfig {
@@ -134,6 +143,7 @@ impl AuditConfig {
             compress: true,
             max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
             max_age: None,
+            ship: None,
         }
     }
 }
@@ -234,6 +244,14 @@ impl AuditLog {
         Ok(Appended { seq, wait })
     }
 
+    /// Record that the daemon tagged or untagged a cgroup ([`record::CgroupChange`]); returns once it is in the file.
+    /// Errors as [`AuditLog::append`].
+    pub fn append_cgroup(&self, change: &record::CgroupChange) -> Result<u64, AuditError> {
+        let body = record::encode_cgroup(change)?;
+        let (seq, _wait) = self.inner.append(&body)?;
+        Ok(seq)
+    }
+
     /// [`AuditLog::append`], then [`Appended::durable`]: returns the record's `seq` once it is durable.
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
         self.append(&event)?.durable().await
@@ -247,6 +265,16 @@ impl AuditLog {
     /// The writer's health, updated on every change of state (for readiness and `enforcer status`).
     pub fn health(&self) -> watch::Receiver<Health> {
         self.inner.health()
+    }
+
+    /// Shipping's state now (`None` when the trail is not shipped).
+    pub fn shipping(&self) -> Option<ShipStatus> {
+        self.inner.shipping().map(|p| p.status())
+    }
+
+    /// A handle that reads shipping's state later (metrics, status) without keeping the writer open.
+    pub fn ship_probe(&self) -> Option<ship::ShipProbe> {
+        self.inner.shipping()
     }
 
     /// Sync, write a final checkpoint, finish the current file and stop the threads. Records appended afterwards fail

@@ -137,7 +137,7 @@ impl Line {
     pub fn record(&self) -> Option<&Record> {
         match &self.entry {
             Entry::Decision(r) => Some(r),
-            Entry::Retention(_) => None,
+            Entry::Retention(_) | Entry::Cgroup(_) => None,
         }
     }
 }
@@ -295,6 +295,15 @@ impl Query {
             Entry::Retention(r) => {
                 self.verdict.is_none()
                     && self.profile.is_none()
+                    && self.host.is_none()
+                    && self.rule.is_none()
+                    && self.tool.is_none()
+                    && self.in_time(&r.ts)
+            }
+            // A cgroup record matches a query on its profile and time.
+            Entry::Cgroup(r) => {
+                self.verdict.is_none()
+                    && self.profile.as_ref().is_none_or(|p| *p == r.cgroup.profile)
                     && self.host.is_none()
                     && self.rule.is_none()
                     && self.tool.is_none()

@@ -8,7 +8,9 @@
 //! line with its final `,"hash":"<64 hex>"}` replaced by `}`.
 //!
 //! Besides decision records the chain holds retention records, written when retention deletes old files:
-//! `{"seq":N,"ts":"…","prev":"<64 hex>","retention":{…},"hash":"<64 hex>"}`, chained and hashed the same way.
+//! `{"seq":N,"ts":"…","prev":"<64 hex>","retention":{…},"hash":"<64 hex>"}`, and cgroup records, written when the
+//! daemon tags or untags a cgroup: `{"seq":N,"ts":"…","prev":"<64 hex>","cgroup":{…},"hash":"<64 hex>"}`; both are
+//! chained and hashed the same way.
 
 use std::io::Write as _;
 
@@ -117,11 +119,58 @@ pub struct RetentionRecord {
     pub hash: String,
 }
 
-/// A line of the trail: a decision record or a retention record.
+/// Whether a cgroup's processes became subject to a profile or stopped being.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupAction {
+    Tag,
+    Untag,
+}
+
+/// Why the daemon tagged or untagged a cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupSource {
+    /// A cgroup the configuration names for the profile (and the profile's own `enforcer/<profile>` cgroup).
+    Config,
+    /// A new cgroup that matched a profile's cgroup glob; untagged when it is removed.
+    Glob,
+    /// `enforcer exec`'s cgroup under `enforcer/<profile>`, covered by that cgroup's tag from its creation until it
+    /// is removed.
+    Exec,
+}
+
+/// What a cgroup record says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupChange {
+    pub action: CgroupAction,
+    pub profile: String,
+    /// The cgroup's absolute path (under the cgroup v2 mount).
+    pub path: String,
+    pub source: CgroupSource,
+    /// The configured glob it matched (`source: glob`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+}
+
+/// A cgroup record as read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupRecord {
+    pub seq: u64,
+    pub ts: String,
+    pub prev: String,
+    pub cgroup: CgroupChange,
+    pub hash: String,
+}
+
+/// A line of the trail: a decision, retention or cgroup record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
     Decision(Box<Record>),
     Retention(RetentionRecord),
+    Cgroup(CgroupRecord),
 }
 
 impl Entry {
@@ -129,6 +178,7 @@ impl Entry {
         match self {
             Entry::Decision(r) => r.seq,
             Entry::Retention(r) => r.seq,
+            Entry::Cgroup(r) => r.seq,
         }
     }
 
@@ -136,6 +186,7 @@ impl Entry {
         match self {
             Entry::Decision(r) => &r.ts,
             Entry::Retention(r) => &r.ts,
+            Entry::Cgroup(r) => &r.ts,
         }
     }
 }
@@ -143,6 +194,16 @@ impl Entry {
 #[derive(Serialize)]
 struct RetentionBody<'a> {
     retention: &'a Retention,
+}
+
+#[derive(Serialize)]
+struct CgroupBody<'a> {
+    cgroup: &'a CgroupChange,
+}
+
+/// The body of a cgroup record: `{"cgroup":{…}}`, for [`compose`].
+pub(crate) fn encode_cgroup(c: &CgroupChange) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&CgroupBody { cgroup: c })
 }
 
 /// The body of a retention record: `{"retention":{…}}`, for [`compose`].
@@ -364,12 +425,13 @@ pub fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
     serde_json::from_slice(line)
 }
 
-/// Parse a whole line into a decision or retention record.
+/// Parse a whole line into a decision, retention or cgroup record.
 pub fn parse_entry(line: &[u8]) -> Result<Entry, serde_json::Error> {
     match parse_record(line) {
         Ok(r) => Ok(Entry::Decision(Box::new(r))),
         Err(e) => serde_json::from_slice(line)
             .map(Entry::Retention)
+            .or_else(|_| serde_json::from_slice(line).map(Entry::Cgroup))
             .map_err(|_| e),
     }
 }

@@ -37,6 +37,7 @@ use super::recover::{
     clean_compression, now_ts, open_log, recover_checkpoints, recover_log, sealed_plain, sync_dir,
 };
 use super::seal::{SealMsg, Sealer};
+use super::ship::{Kind, Shipper};
 use super::{AuditConfig, AuditError, Health};
 
 /// How far ahead of its records the current file is preallocated, in one step.
@@ -214,6 +215,8 @@ pub(crate) struct Shared {
     /// waiting for a checkpoint.
     progress: Condvar,
     health: watch::Sender<Health>,
+    /// Ships each line as it is written (`cfg.ship`).
+    ship: Option<Shipper>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -365,6 +368,10 @@ impl Shared {
             f.len += n;
             if self.cfg.durable {
                 f.unsynced.extend_from_slice(&line);
+            }
+            if let Some(ship) = &self.ship {
+                // Under the mutex, so messages are queued in seq order; never blocks.
+                ship.offer(Kind::Record, st.next_seq, &line);
             }
             st.line = line;
             if !st.unsigned() {
@@ -518,7 +525,13 @@ impl Handle {
             waiters: VecDeque::new(),
         };
         let (health, _) = watch::channel(Health::Healthy);
+        let ship = cfg
+            .ship
+            .as_ref()
+            .map(|s| Shipper::start(s, &signer.public.key_id()))
+            .transpose()?;
         let shared = Arc::new(Shared {
+            ship,
             cfg,
             state: Mutex::new(state),
             work: Condvar::new(),
@@ -583,6 +596,10 @@ impl Handle {
 
     pub fn health(&self) -> watch::Receiver<Health> {
         self.shared.health.subscribe()
+    }
+
+    pub fn shipping(&self) -> Option<super::ship::ShipProbe> {
+        self.shared.ship.as_ref().map(Shipper::probe)
     }
 
     pub async fn close(&self) -> Result<(), AuditError> {
@@ -691,6 +708,9 @@ impl Syncer {
         }
         self.cp_len += line.len() as u64;
         self.syslog.send(&line);
+        if let Some(ship) = &self.shared.ship {
+            ship.offer(Kind::Checkpoint, seq, &line);
+        }
         Ok(())
     }
 
@@ -965,6 +985,10 @@ impl Syncer {
         };
         for (_, tx) in waiters {
             let _ = tx.send(Synced::Closed);
+        }
+        if let Some(ship) = &self.shared.ship {
+            // The final checkpoint is queued: ship what is left (bounded), then stop.
+            ship.close();
         }
         self.shared.progress.notify_all();
         // Release the directory before answering, so a caller may reopen it at once.

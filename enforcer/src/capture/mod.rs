@@ -35,7 +35,7 @@ pub use cli::{cgroup_command, exec, user_name, CgroupCommand, ExecArgs};
 pub use origins::{cgroup_path, BpfOrigins};
 pub use refusals::{operation, socket_kind, Refusals};
 pub use tags::{cgroup_id, map_in_use, pin_path, process_cgroup, TagTable};
-pub use watch::{child_cgroups, start as watch_cgroups, CgroupPattern, Watcher};
+pub use watch::{child_cgroups, start as watch_cgroups, CgroupPattern, CgroupSink, Watcher};
 
 /// The kernel object built by `build.rs` (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
@@ -352,6 +352,11 @@ impl Capture {
     /// the daemon's own cgroup and its ancestors ([`CaptureError::DaemonCgroup`]).
     pub fn tag(&self, cgroup: &Path, profile: &str) -> Result<(), CaptureError> {
         self.lock_tags().tag(cgroup, profile)
+    }
+
+    /// The tagged cgroups now: (cgroup id, profile).
+    pub fn tagged(&self) -> Vec<(u64, String)> {
+        self.lock_tags().entries()
     }
 
     /// Remove the tag of `cgroup` itself.

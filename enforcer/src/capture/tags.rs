@@ -133,6 +133,14 @@ impl TagTable {
         }
     }
 
+    /// Remove the tag of the cgroup with inode `id` (one that no longer exists, so has no path).
+    pub fn untag_id(&mut self, id: u64) -> Result<(), CaptureError> {
+        match self.map.remove(&id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// The profile `cgroup` itself is tagged with, if any.
     pub fn direct_profile(&self, cgroup: &Path) -> Result<Option<String>, CaptureError> {
         let id = cgroup_id(&self.resolve(cgroup))?;

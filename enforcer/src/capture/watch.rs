@@ -11,6 +11,11 @@
 //!
 //! A cgroup the configuration or `enforcer cgroup tag` tagged directly is left as it is. Each tag is logged and
 //! counted (`enforcer_cgroups_tagged_total`); `enforcer status` lists the tagged cgroups.
+//!
+//! Every change is also recorded in the audit trail through the [`CgroupSink`] the daemon passes: a glob-matched
+//! cgroup tagged, and untagged when it is removed (`IN_DELETE`: its tag is taken out of the map); and each
+//! `enforcer exec` cgroup (`enforcer/<profile>/exec-*`, covered by its parent's tag, so not tagged itself) from its
+//! creation to its removal.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -22,7 +27,11 @@ use std::time::{Duration, Instant};
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use super::{CaptureError, TagTable};
+use crate::audit::record::{CgroupAction, CgroupChange, CgroupSource};
 use crate::metrics::Metrics;
+
+/// Where the watcher reports each cgroup it tags or untags (the daemon appends it to the audit trail).
+pub type CgroupSink = Arc<dyn Fn(&CgroupChange) + Send + Sync>;
 
 /// Most directories watched (and visited per rescan).
 const MAX_DIRS: usize = 8192;
@@ -36,6 +45,8 @@ pub struct CgroupPattern {
     /// As written in the configuration, relative to the cgroup root.
     pub pattern: String,
     segments: Vec<String>,
+    /// `Glob`: tag what matches. `Exec`: `enforcer exec` cgroups, covered by their parent's tag: only recorded.
+    source: CgroupSource,
 }
 
 impl CgroupPattern {
@@ -49,6 +60,16 @@ impl CgroupPattern {
                 .map(str::to_string)
                 .collect(),
             pattern: text,
+            source: CgroupSource::Glob,
+        }
+    }
+
+    /// The cgroups `enforcer exec` creates for `profile` under `profile_dir` (relative to the cgroup root):
+    /// recorded as they come and go, never tagged themselves.
+    pub fn exec(profile: &str, profile_dir: &Path) -> CgroupPattern {
+        CgroupPattern {
+            source: CgroupSource::Exec,
+            ..CgroupPattern::new(profile, &profile_dir.join("exec-*"))
         }
     }
 
@@ -86,6 +107,7 @@ pub fn start(
     patterns: Vec<CgroupPattern>,
     rescan: Duration,
     metrics: Arc<Metrics>,
+    sink: Option<CgroupSink>,
 ) -> Result<Watcher, CaptureError> {
     let tags = TagTable::open_pinned(pin_dir, cgroup_root)?;
     let inotify = Inotify::init().map_err(|source| CaptureError::Cgroup {
@@ -99,6 +121,8 @@ pub fn start(
         inotify,
         watched: HashMap::new(),
         metrics,
+        sink,
+        tagged: HashMap::new(),
     };
     state.rescan();
     let stop = Arc::new(AtomicBool::new(false));
@@ -125,6 +149,9 @@ struct State {
     inotify: Inotify,
     watched: HashMap<WatchDescriptor, PathBuf>,
     metrics: Arc<Metrics>,
+    sink: Option<CgroupSink>,
+    /// Cgroups this watcher tagged (or recorded, for exec), with their cgroup id and pattern: untagged on removal.
+    tagged: HashMap<PathBuf, (u64, CgroupPattern)>,
 }
 
 impl State {
@@ -140,6 +167,7 @@ impl State {
             // SAFETY: one pollfd we own, for the duration of the call.
             unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
             let mut created = Vec::new();
+            let mut removed = Vec::new();
             let mut overflow = false;
             match self.inotify.read_events(&mut buffer) {
                 Ok(events) => {
@@ -148,11 +176,13 @@ impl State {
                             overflow = true;
                         } else if event.mask.contains(EventMask::IGNORED) {
                             self.watched.remove(&event.wd);
-                        } else if event.mask.contains(EventMask::CREATE | EventMask::ISDIR) {
-                            if let (Some(dir), Some(name)) =
-                                (self.watched.get(&event.wd), event.name)
-                            {
+                        } else if let (Some(dir), Some(name)) =
+                            (self.watched.get(&event.wd), event.name)
+                        {
+                            if event.mask.contains(EventMask::CREATE | EventMask::ISDIR) {
                                 created.push(dir.join(name));
+                            } else if event.mask.contains(EventMask::DELETE | EventMask::ISDIR) {
+                                removed.push(dir.join(name));
                             }
                         }
                     }
@@ -162,6 +192,9 @@ impl State {
             }
             for dir in created {
                 self.visit_tree(&dir);
+            }
+            for dir in removed {
+                self.removed(&dir);
             }
             if overflow || Instant::now() >= next_scan {
                 self.rescan();
@@ -219,11 +252,10 @@ impl State {
         if self.watched.len() >= MAX_DIRS {
             return;
         }
-        match self
-            .inotify
-            .watches()
-            .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)
-        {
+        match self.inotify.watches().add(
+            dir,
+            WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR,
+        ) {
             Ok(wd) => {
                 self.watched.insert(wd, dir.to_path_buf());
             }
@@ -232,6 +264,14 @@ impl State {
     }
 
     fn tag(&mut self, dir: &Path, pattern: &CgroupPattern) {
+        if pattern.source == CgroupSource::Exec {
+            // Covered by its parent's tag from its creation on: recorded once, not tagged.
+            if !self.tagged.contains_key(dir) {
+                self.tagged.insert(dir.to_path_buf(), (0, pattern.clone()));
+                self.record(CgroupAction::Tag, dir, pattern);
+            }
+            return;
+        }
         match self.tags.direct_profile(dir) {
             Ok(Some(_)) => return,
             Ok(None) => {}
@@ -240,8 +280,9 @@ impl State {
                 return;
             }
         }
-        match self.tags.tag(dir, &pattern.profile) {
-            Ok(()) => {
+        let id = super::cgroup_id(dir);
+        match self.tags.tag(dir, &pattern.profile).and(id) {
+            Ok(id) => {
                 tracing::info!(
                     cgroup = %dir.display(),
                     profile = %pattern.profile,
@@ -249,8 +290,36 @@ impl State {
                     "tagged a new cgroup"
                 );
                 self.metrics.cgroup_tagged(&pattern.profile);
+                self.tagged.insert(dir.to_path_buf(), (id, pattern.clone()));
+                self.record(CgroupAction::Tag, dir, pattern);
             }
             Err(e) => tracing::warn!(cgroup = %dir.display(), error = %e, "cannot tag cgroup"),
+        }
+    }
+
+    /// A cgroup directory was removed: take a glob tag out of the map (by id: the path is gone) and record it.
+    fn removed(&mut self, dir: &Path) {
+        let Some((id, pattern)) = self.tagged.remove(dir) else {
+            return;
+        };
+        if pattern.source == CgroupSource::Glob {
+            if let Err(e) = self.tags.untag_id(id) {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cannot untag a removed cgroup");
+            }
+        }
+        tracing::info!(cgroup = %dir.display(), profile = %pattern.profile, "tagged cgroup removed");
+        self.record(CgroupAction::Untag, dir, &pattern);
+    }
+
+    fn record(&self, action: CgroupAction, dir: &Path, pattern: &CgroupPattern) {
+        if let Some(sink) = &self.sink {
+            sink(&CgroupChange {
+                action,
+                profile: pattern.profile.clone(),
+                path: dir.display().to_string(),
+                source: pattern.source,
+                pattern: (pattern.source == CgroupSource::Glob).then(|| pattern.pattern.clone()),
+            });
         }
     }
 }

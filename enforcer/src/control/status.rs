@@ -91,6 +91,9 @@ pub struct AuditStatus {
     pub last_checkpoint: Option<CheckpointStatus>,
     /// Bytes of all files in the audit directory.
     pub bytes: u64,
+    /// Shipping to the central collector, when configured (`audit.ship`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipping: Option<crate::audit::ShipStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,6 +172,7 @@ impl StatusSources {
                     .or(last_checkpoint.as_ref().map(|c| c.seq)),
                 last_checkpoint,
                 bytes: dir_bytes(&audit_dir),
+                shipping: self.metrics.shipping(),
             },
             decisions: self
                 .metrics
@@ -236,6 +240,17 @@ impl Status {
                 .map_or_else(|| "none".into(), |c| format!("seq {} at {}", c.seq, c.ts)),
             a.bytes
         ));
+        if let Some(sh) = &a.shipping {
+            out.push_str(&format!(
+                "shipping:  to {} ({}): {} shipped, {} dropped, {} queued, last record shipped {}\n",
+                sh.collector,
+                if sh.connected { "connected" } else { "not connected" },
+                sh.shipped,
+                sh.dropped,
+                sh.queued,
+                sh.last_seq.map_or_else(|| "none".into(), |s| s.to_string()),
+            ));
+        }
         let counts: Vec<String> = crate::model::Verdict::ALL
             .iter()
             .map(|v| v.as_str())
@@ -288,6 +303,7 @@ impl Status {
                     ts: "2026-11-30T05:01:00.000000Z".into(),
                 }),
                 bytes: 12345,
+                shipping: None,
             },
             decisions: BTreeMap::from([("allow".into(), 3), ("block".into(), 27)]),
             reviews_pending: 1,

@@ -16,7 +16,7 @@
 mod http;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -111,6 +111,53 @@ pub struct Metrics {
     verdicts: VerdictCounts,
     last_seq: AtomicU64,
     any_seq: AtomicBool,
+    /// Audit shipping's counters, read at each scrape (set once the trail is open, when it is shipped).
+    shipping: Arc<OnceLock<crate::audit::ship::ShipProbe>>,
+}
+
+/// Exposes audit shipping's own counters at scrape time: `enforcer_audit_shipped_total`,
+/// `enforcer_audit_ship_dropped_total`, `enforcer_audit_ship_queue_depth`, `enforcer_audit_ship_connected`.
+#[derive(Debug)]
+struct ShipCollector(Arc<OnceLock<crate::audit::ship::ShipProbe>>);
+
+impl prometheus_client::collector::Collector for ShipCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let Some(probe) = self.0.get() else {
+            return Ok(());
+        };
+        let s = probe.status();
+        let counters = [
+            ("audit_shipped", "Audit records and checkpoints shipped to the syslog collector", s.shipped),
+            ("audit_ship_dropped", "Audit records and checkpoints dropped from shipping (queue full or collector down; the local trail keeps them)", s.dropped),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let gauges = [
+            (
+                "audit_ship_queue_depth",
+                "Audit messages waiting to be shipped",
+                i64::try_from(s.queued).unwrap_or(i64::MAX),
+            ),
+            (
+                "audit_ship_connected",
+                "1 while connected to the syslog collector",
+                i64::from(s.connected),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -136,6 +183,8 @@ impl Metrics {
     /// A fresh set with every family registered under the `enforcer_` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("enforcer");
+        let shipping = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(ShipCollector(shipping.clone())));
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -257,6 +306,7 @@ impl Metrics {
             verdicts: VerdictCounts::default(),
             last_seq: AtomicU64::new(0),
             any_seq: AtomicBool::new(false),
+            shipping,
         }
     }
 
@@ -302,12 +352,7 @@ impl Metrics {
         self.decision(event);
         let result = audit.append(event);
         match &result {
-            Ok(appended) => {
-                self.last_seq.fetch_max(appended.seq(), Ordering::Relaxed);
-                self.any_seq.store(true, Ordering::Relaxed);
-                self.audit_last_seq
-                    .set(i64::try_from(self.last_seq.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-            }
+            Ok(appended) => self.recorded(appended.seq()),
             Err(_) => {
                 self.audit_errors.inc();
             }
@@ -326,6 +371,15 @@ impl Metrics {
         result
     }
 
+    /// A record with `seq` is in the audit trail (decisions through [`Metrics::appended`]; the daemon's cgroup records
+    /// directly): the audit position `enforcer status` and `enforcer_audit_last_seq` report.
+    pub fn recorded(&self, seq: u64) {
+        self.last_seq.fetch_max(seq, Ordering::Relaxed);
+        self.any_seq.store(true, Ordering::Relaxed);
+        self.audit_last_seq
+            .set(i64::try_from(self.last_seq.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+    }
+
     /// A policy reload ended with `result`.
     pub fn reload(&self, result: ReloadResult) {
         self.reloads
@@ -333,6 +387,16 @@ impl Metrics {
                 result: result.as_str(),
             })
             .inc();
+    }
+
+    /// Expose audit shipping's counters (once; later calls are ignored).
+    pub fn watch_shipping(&self, probe: crate::audit::ship::ShipProbe) {
+        let _ = self.shipping.set(probe);
+    }
+
+    /// Audit shipping's state, when the trail is shipped.
+    pub fn shipping(&self) -> Option<crate::audit::ShipStatus> {
+        self.shipping.get().map(|p| p.status())
     }
 
     /// The cgroup watcher tagged a new cgroup with `profile`.

@@ -51,6 +51,7 @@ use clap::Subcommand;
 use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
+pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use http::ProxyBody;

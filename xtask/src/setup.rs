@@ -32,6 +32,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("setpriv", "util-linux"),
     ("systemd-analyze", "systemd"),
+    // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    ("c++", "g++"),
 ];
 
 /// cargo-deb builds the Debian package in the package test (enforcer/tests/package.rs, root only).

@@ -24,38 +24,68 @@ pub(crate) fn classify(
 ) -> Result<Inspected, Refusal> {
     let cfg = &rec.ctx().inspect;
     let action = build_action(conn, head, parts, body);
-    let classified = inspect::classify(action.clone(), cfg).and_then(|inspected| {
-        // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something
-        // else to the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
-        let protocol = match &inspected.protocol {
-            Protocol::Llm { provider, .. } => Some(provider.as_str()),
-            Protocol::Mcp { .. } => Some("MCP"),
-            Protocol::Http | Protocol::Provider(_) => {
-                let http = action.http.as_ref();
-                let ct = http.and_then(|h| h.content_type.as_deref());
-                inspect::claims_json(ct, http.map_or("", |h| h.body.as_str())).then_some("JSON")
-            }
-        };
-        match protocol {
-            Some(protocol) if std::str::from_utf8(&body.decoded).is_err() => {
-                Err(InspectError::BadJson { protocol })
-            }
-            _ => Ok(inspected),
-        }
-    });
-    match classified {
-        Ok(mut inspected) => {
-            if inspected.actions.is_empty() {
-                inspected.actions.push(action);
-            }
-            Ok(inspected)
-        }
+    match inspect_action(action.clone(), cfg, &body.decoded) {
+        Ok(inspected) => Ok(inspected),
         Err(e) => {
             let claimed = inspect::claimed_protocol(&action, cfg);
             rec.note_protocol(claimed);
             Err(body::refusal(&e))
         }
     }
+}
+
+/// Classify `action`, whose body decodes to `decoded`; the Actions are never empty (`action` itself when
+/// classification names none).
+pub(crate) fn inspect_action(
+    action: Action,
+    cfg: &inspect::InspectConfig,
+    decoded: &[u8],
+) -> Result<Inspected, InspectError> {
+    let mut inspected = inspect::classify(action.clone(), cfg)?;
+    // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something else to
+    // the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
+    let protocol = match &inspected.protocol {
+        Protocol::Llm { provider, .. } => Some(provider.as_str()),
+        Protocol::Mcp { .. } => Some("MCP"),
+        Protocol::Http | Protocol::Provider(_) => {
+            let http = action.http.as_ref();
+            let ct = http.and_then(|h| h.content_type.as_deref());
+            inspect::claims_json(ct, http.map_or("", |h| h.body.as_str())).then_some("JSON")
+        }
+    };
+    if let Some(protocol) = protocol.filter(|_| std::str::from_utf8(decoded).is_err()) {
+        return Err(InspectError::BadJson { protocol });
+    }
+    if inspected.actions.is_empty() {
+        inspected.actions.push(action);
+    }
+    Ok(inspected)
+}
+
+/// Exists for fuzzing (`fuzz/fuzz_targets/http_request.rs`), and nothing else calls it: the request phases that read
+/// the agent's bytes, with the proxy's own code and in its order — `head::read`, `body::decode` (bounded by `limit`
+/// bytes), the Action and its classification — for a request head already parsed from the wire (`parts`) and its
+/// raw body, as if it arrived with `scheme` at `dst` from an unnamed agent. Returns what the policy would decide
+/// (`actions` never empty), or the reason the proxy would refuse the request. No connection, record or upstream.
+pub fn fuzz_request_to_action(
+    parts: &http::request::Parts,
+    raw_body: bytes::Bytes,
+    (scheme, dst): (crate::model::Scheme, std::net::SocketAddr),
+    cfg: &inspect::InspectConfig,
+    limit: u64,
+) -> Result<Inspected, crate::model::Reason> {
+    let head = super::head::read(parts).map_err(|r| r.reason)?;
+    let body = body::decode(raw_body, &parts.headers, limit).map_err(|r| r.reason)?;
+    let conn = Conn {
+        scheme,
+        sni: None,
+        dst,
+        resolved_host: None,
+        agent: crate::model::Agent::default(),
+        upstream: Default::default(),
+    };
+    let action = build_action(&conn, &head, parts, &body);
+    inspect_action(action, cfg, &body.decoded).map_err(|e| body::refusal(&e).reason)
 }
 
 /// The Action for a request before classification.

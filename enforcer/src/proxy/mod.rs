@@ -46,6 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
 pub use ca::{CaError, CertAuthority, PublicFiles};
+pub use classify::fuzz_request_to_action;
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};

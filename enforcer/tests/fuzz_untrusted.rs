@@ -3,6 +3,7 @@
 //! `constrain::apply`, mutated raw HTTP/1.1 requests through a loopback proxy, and mutated DNS queries through the
 //! DNS stage's parser and over DNS-over-TCP connections. Nothing may panic. Plain Rust
 //! loops over a seeded xorshift generator, bounded iterations, no extra dependencies.
+//! The coverage-guided targets over the same parsers (libFuzzer, committed corpora) live in `fuzz/`.
 
 mod proxy_support;
 

@@ -23,8 +23,8 @@ fuzz_target!(|data: &[u8]| {
             let Ok(inspected) =
                 enforcer::proxy::fuzz_request_to_action(&parts, body.clone(), to, cfg, limit)
             else {
-                // Refused before any decision: the same for every policy with this limit.
-                break;
+                // Refused before any decision (the limit is the policy's).
+                continue;
             };
             assert!(!inspected.actions.is_empty());
             enforcer_fuzz::decide_and_carry_out(policy, &inspected, &parts, &body);

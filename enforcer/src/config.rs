@@ -190,16 +190,32 @@ pub struct ExplicitProxy {
     pub profile: String,
 }
 
+/// The `audit:` section: where the trail lives, when files rotate and checkpoints are signed, durability, and how
+/// much is kept (docs/audit.md, "Configuration").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSettings {
     /// Default: `<state_dir>/audit`.
     pub dir: Option<PathBuf>,
+    /// Start a new file before one would grow past this many bytes. Default 64 MiB.
     pub rotate_bytes: u64,
+    /// Sign a checkpoint every this many records ... Default 1000.
     pub checkpoint_every: u64,
+    /// ... or this many seconds after the first unsigned record. Default 10.
     pub checkpoint_interval_secs: u64,
+    /// Hold the agent's response until its record is on disk (`fdatasync`): it then survives a power cut, not just
+    /// the daemon being killed. Default true; `false` is the explicit opt-out.
     pub durable: bool,
+    /// Copy each checkpoint to the local syslog socket `/dev/log`. Default false.
     pub syslog: bool,
+    /// Compress rotated files with zstd (`audit-<seq>.jsonl.zst`, about a tenth of the size). Default true.
+    pub compress: bool,
+    /// Delete the oldest rotated files (recording the deletion in the chain first) so the trail's files stay within
+    /// this many bytes on disk; 0 keeps everything. Must be 0 or at least twice `rotate_bytes`. Default 4 GiB.
+    pub max_total_bytes: u64,
+    /// Delete rotated files whose records are all older than this many days (recorded likewise); 0 keeps them.
+    /// Default 0.
+    pub max_age_days: u64,
 }
 
 impl Default for Config {
@@ -242,6 +258,9 @@ impl Default for AuditSettings {
             checkpoint_interval_secs: 10,
             durable: true,
             syslog: false,
+            compress: true,
+            max_total_bytes: crate::audit::DEFAULT_MAX_TOTAL_BYTES,
+            max_age_days: 0,
         }
     }
 }
@@ -328,6 +347,11 @@ impl Config {
             std::time::Duration::from_secs(self.audit.checkpoint_interval_secs);
         cfg.durable = self.audit.durable;
         cfg.syslog = self.audit.syslog;
+        cfg.compress = self.audit.compress;
+        cfg.max_total_bytes = self.audit.max_total_bytes;
+        cfg.max_age = (self.audit.max_age_days > 0).then(|| {
+            std::time::Duration::from_secs(self.audit.max_age_days.saturating_mul(86_400))
+        });
         cfg
     }
 }
@@ -347,6 +371,25 @@ mod tests {
         assert!(Config::default().proxy.static_hosts.is_empty());
         let bad = "proxy:\n  static_hosts:\n    x.test: [\"not-an-ip\"]\n";
         assert!(serde_saphyr::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn audit_retention_settings_parse_and_default() {
+        let yaml = "audit:\n  max_total_bytes: 1073741824\n  max_age_days: 30\n  compress: false\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        let cfg = config.audit_config();
+        assert_eq!(cfg.max_total_bytes, 1 << 30);
+        assert_eq!(
+            cfg.max_age,
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert!(!cfg.compress && cfg.durable);
+        let cfg = Config::default().audit_config();
+        assert_eq!(
+            (cfg.max_total_bytes, cfg.max_age, cfg.compress),
+            (4 << 30, None, true)
+        );
+        assert!(serde_saphyr::from_str::<Config>("audit:\n  max_total_byte: 1\n").is_err());
     }
 
     #[test]

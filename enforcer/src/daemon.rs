@@ -293,7 +293,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let upstream = UpstreamTls::new(config.proxy.upstream_roots, &config.proxy.extra_roots)?;
     let audit = AuditLog::open(config.audit_config()).await?;
     restrict_to_owner(&config.audit_dir())?;
-    let health = Health::new(metrics.clone(), config.audit_dir());
+    let health = Health::new(audit.health(), config.audit_dir());
 
     // Listeners first: the kernel programs must never redirect to a port nobody listens on.
     let port = config.proxy.port;
@@ -500,11 +500,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     report_ready(port);
     notifier.ready(&status_line(&ctx.policy, port));
     if let Some(every) = notifier.watchdog_interval() {
+        let proxy = ctx.clone();
         tasks.spawn(watchdog(
             notifier.clone(),
             health.clone(),
             every,
             shutdown.clone(),
+            move || status_line(&proxy.policy, port),
         ));
     }
     signals.serve(&reloader).await;
@@ -535,30 +537,44 @@ async fn bind_udp(setting: &str, addr: SocketAddr) -> anyhow::Result<UdpSocket> 
         .map_err(|e| bind_error(setting, addr, e))
 }
 
-/// Ping the systemd watchdog every `every` (half of `WatchdogSec=`) while the daemon is healthy. Unhealthy, it stops
-/// pinging and says why in `STATUS=`: systemd then restarts the service (`Restart=on-failure`).
+/// Ping the systemd watchdog every `every` (half of `WatchdogSec=`) while the daemon is alive. Dead (a task ended), it
+/// stops pinging and says why in `STATUS=`: systemd then restarts the service (`Restart=on-failure`). Alive but not
+/// ready (the audit trail takes no records, so every action is refused), it keeps pinging — a restart would not free a
+/// disk — and says why in `STATUS=` until the trail takes records again, then restores `ready_status`.
 async fn watchdog(
     notifier: Arc<Notifier>,
     health: Arc<Health>,
     every: std::time::Duration,
     shutdown: CancellationToken,
+    ready_status: impl Fn() -> String,
 ) {
     let mut tick = tokio::time::interval(every);
-    let mut reported = false;
+    let mut dead = false;
+    let mut not_ready = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match health.check() {
-            Ok(()) => notifier.watchdog(),
-            Err(problem) => {
-                if !reported {
-                    tracing::error!(%problem, "unhealthy: no more watchdog pings");
-                    notifier.status(&format!("unhealthy: {problem}"));
-                    reported = true;
-                }
+        if let Err(problem) = health.live() {
+            if !dead {
+                tracing::error!(%problem, "unhealthy: no more watchdog pings");
+                notifier.status(&format!("unhealthy: {problem}"));
+                dead = true;
             }
+            continue;
+        }
+        notifier.watchdog();
+        match health.check() {
+            Err(problem) if !not_ready => {
+                notifier.status(&problem);
+                not_ready = true;
+            }
+            Ok(()) if not_ready => {
+                notifier.status(&ready_status());
+                not_ready = false;
+            }
+            _ => {}
         }
     }
 }

@@ -190,6 +190,67 @@ pub struct LlmCall {
     pub has_tool_results: bool,
 }
 
+/// A tool call the model proposes in an LLM response, before the agent runs it: OpenAI Chat Completions
+/// `tool_calls`, OpenAI Responses `function_call`/`custom_tool_call`/`local_shell_call`/`mcp_call` items, Anthropic
+/// `tool_use`/`server_tool_use` blocks, Gemini `functionCall` parts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proposal {
+    /// The tool's name as the model called it (an MCP tool through the provider: `mcp:<server label>/<tool>`).
+    pub tool: String,
+    /// `function`, `custom`, `shell`, `mcp` or `server` (a provider-hosted tool), in the providers' vocabulary.
+    #[serde(default)]
+    pub kind: String,
+    /// The arguments as parsed JSON (a custom tool's free-form input as a JSON string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<serde_json::Value>,
+    /// The provider's id of the call (`call_…`, `toolu_…`), when it gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+}
+
+/// What an upstream answered, as a response rule sees it: the status, the head and the body (decoded from its
+/// content-coding; one server-sent event's data, or one WebSocket message, when the body is a stream of them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub headers: Pairs,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// Size in bytes of `body`; filled from `body` when a test case leaves it out.
+    #[serde(default)]
+    pub body_size: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub body: String,
+    /// `body` parsed once when it is JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<serde_json::Value>,
+}
+
+/// Which part of an exchange an Action is, and so which rules decide it (a rule's `phase:`): the request the agent
+/// sends (a WebSocket message from the agent too), a tool call the model proposes in the response, or the data the
+/// response returns to the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    #[default]
+    Request,
+    Proposal,
+    Response,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Request => "request",
+            Phase::Proposal => "proposal",
+            Phase::Response => "response",
+        }
+    }
+}
+
 /// One thing an agent is trying to do: the input of the policy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +265,26 @@ pub struct Action {
     pub mcp: Option<McpCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub llm: Option<LlmCall>,
+    /// A tool call the model proposed (a proposal Action: `http` then describes the request it answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposal: Option<Proposal>,
+    /// What the upstream answered (a response Action: `http` then describes the request it answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<HttpResponse>,
+}
+
+impl Action {
+    /// The part of an exchange this Action is: a proposal if it carries one, else a response if it carries one,
+    /// else a request.
+    pub fn phase(&self) -> Phase {
+        if self.proposal.is_some() {
+            Phase::Proposal
+        } else if self.response.is_some() {
+            Phase::Response
+        } else {
+            Phase::Request
+        }
+    }
 }
 
 /// The four verdicts, ordered from least to most restrictive so `max` picks the one that wins.
@@ -267,6 +348,11 @@ pub enum Rewrite {
     JsonCap {
         path: JsonPath,
         max: f64,
+    },
+    /// Arrays at the path keep their first `max` elements.
+    JsonTruncate {
+        path: JsonPath,
+        max: usize,
     },
     HeaderSet {
         #[serde(with = "header_text::name")]
@@ -462,6 +548,13 @@ pub struct RequestSummary {
     /// The protocol the request asked to upgrade the connection to (`Upgrade`), when it asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
+    /// A later part of an exchange (a WebSocket message, a proposal, a response): the `seq` of the exchange's
+    /// request record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u64>,
+    /// Which part of the exchange a record with a `parent` is (`request` for a WebSocket message from the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
     /// The TLS alert the agent's client sent when it ended the handshake with the proxy (IANA name, `unknown_ca`);
     /// only in `client_tls` records.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,10 +2,8 @@
 
 mod audit_support;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use audit_support::{config, event, log_files, read_lines, write, write_lines};
@@ -114,10 +112,11 @@ async fn tail_prints_the_last_records() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_follow_prints_new_records_across_rotation() {
+async fn tail_follow_prints_new_records_across_rotation_and_compression() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.rotate_bytes = 2048;
+    cfg.compress = true;
     write(cfg.clone(), 5).await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
         .args(["audit", "tail", s(dir.path()), "-f", "-n", "1", "--json"])
@@ -125,15 +124,7 @@ async fn tail_follow_prints_new_records_across_rotation() {
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = audit_support::lines(out);
     let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(parse_record(first.as_bytes()).unwrap().seq, 4);
     let log = AuditLog::open(cfg).await.unwrap();
@@ -208,4 +199,62 @@ async fn query_filters() {
 
     let o = enforcer(&["audit", "query", d, "--verdict", "deny"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// Run `args` with a standard output whose reader is already gone, as in `enforcer audit tail | head -1` once `head`
+/// has exited: the first write fails with EPIPE.
+fn closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_printing_command_ends_quietly_when_its_reader_is_gone() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    write(config(dir.path()), 30).await;
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "version: 1\ndefault: allow\n").unwrap();
+    let d = s(dir.path());
+    for args in [
+        &["audit", "verify", d][..],
+        &["audit", "tail", d, "-n", "20"],
+        &["audit", "tail", d, "-n", "20", "--json"],
+        &["audit", "query", d, "--json"],
+        &["audit", "query", d, "--verdict", "block"],
+        &["policy", "check", s(&policy)],
+    ] {
+        let o = closed_stdout(args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+        // Ended by SIGPIPE, as `cat` or `grep` would be.
+        assert_eq!(
+            o.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}",
+            o.status
+        );
+    }
+    // And in a real pipeline.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} audit tail {d} -n 30 --json | head -1",
+            env!("CARGO_BIN_EXE_enforcer")
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(seqs(&stdout(&o)), vec![0]);
 }

@@ -128,8 +128,9 @@ async fn an_unsynced_tail_with_gaps_and_padding_is_moved_aside() {
     fs::write(&file, &data).unwrap();
 
     let log = AuditLog::open(config(dir.path())).await.unwrap();
-    // Padding alone is cut, not moved aside.
-    assert_eq!(fs::metadata(&file).unwrap().len(), len as u64);
+    // Padding alone is cut, not moved aside (the writer may have preallocated afresh since).
+    let kept = fs::read(&file).unwrap();
+    assert_eq!(kept.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1), len);
     assert_eq!(log.record(event(0, 20)).await.unwrap(), 20);
     log.close().await.unwrap();
     let aside = fs::read_dir(dir.path())
@@ -316,4 +317,55 @@ async fn a_log_truncated_behind_its_checkpoints_is_refused() {
             next: 12
         })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_writes_the_record_and_durable_waits_for_its_fdatasync() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small files are not preallocated: the test reads the file after each append.
+    let mut cfg = config(dir.path());
+    cfg.rotate_bytes = 512 * 1024;
+    let log = AuditLog::open(cfg).await.unwrap();
+    assert!(log.is_healthy());
+    let mut pending = Vec::new();
+    for i in 0..20 {
+        let a = log.append(&event(2, i)).unwrap();
+        assert_eq!(a.seq(), u64::from(i));
+        // In the file as soon as append returns (before any fdatasync): the daemon may die now and it stays.
+        let lines = read_lines(&log_files(dir.path())[0]);
+        assert_eq!(
+            parse_record(lines[i as usize].as_bytes()).unwrap().seq,
+            a.seq()
+        );
+        pending.push(a);
+    }
+    // Awaited in any order, each resolves with its own seq.
+    for a in pending.into_iter().rev() {
+        let seq = a.seq();
+        assert_eq!(a.durable().await.unwrap(), seq);
+    }
+    let mut health = log.health();
+    log.close().await.unwrap();
+    assert!(matches!(
+        *health.wait_for(|h| !h.is_healthy()).await.unwrap(),
+        enforcer::audit::Health::Closed
+    ));
+    assert!(matches!(log.append(&event(2, 20)), Err(AuditError::Closed)));
+
+    // The explicit opt-out: durable() resolves at once, without waiting for a sync.
+    let mut cfg = config(dir.path());
+    cfg.durable = false;
+    let log = AuditLog::open(cfg).await.unwrap();
+    let a = log.append(&event(2, 20)).unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_millis(1), a.durable())
+            .await
+            .unwrap()
+            .unwrap(),
+        20
+    );
+    log.close().await.unwrap();
+    let r = verify(dir.path(), None).unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+    assert_eq!((r.records, r.unsigned()), (21, 0));
 }

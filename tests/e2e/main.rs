@@ -496,9 +496,10 @@ fn spoofed_plain_http_host_gets_421_and_never_reaches_upstream(env: &mut Env) {
     }
 }
 
-/// A WebSocket upgrade is a request like any other: decided and audited once, then (allowed) relayed both ways
-/// frame by frame, or (blocked) answered 403 without reaching the upstream. The client is a tagged Python script
-/// speaking RFC 6455 itself (tests/e2e/ws_client.py).
+/// A WebSocket upgrade is a request like any other: decided and audited, then (allowed) relayed both ways message
+/// by message, each message from the agent decided and recorded too (linked to the upgrade's record), or (blocked)
+/// answered 403 without reaching the upstream. The client is a tagged Python script speaking RFC 6455 itself
+/// (tests/e2e/ws_client.py).
 fn websocket_is_decided_then_relayed(env: &mut Env) {
     env.need_daemon();
     let script = env.script("ws_client.py");
@@ -513,12 +514,19 @@ fn websocket_is_decided_then_relayed(env: &mut Env) {
 {err}"
         );
         let recs = records_for(env, &path);
-        assert_eq!(recs.len(), 1, "audit records {recs:?}");
         if allowed {
             assert_eq!(out, "STATUS 101\nRECV echo: one\nRECV echo: two\n", "{err}");
             assert_eq!(env.upstream_count(&path), 1);
+            assert_eq!(recs.len(), 3, "the upgrade and each message: {recs:?}");
             assert_record(&recs[0], "allow", Some("e2e-allow-api"), "forwarded");
+            for (rec, message) in recs[1..].iter().zip(["one", "two"]) {
+                assert_record(rec, "allow", Some("e2e-allow-api"), "forwarded");
+                assert_eq!(rec["request"]["parent"], recs[0]["seq"], "{rec}");
+                assert_eq!(rec["request"]["phase"], "request", "{rec}");
+                assert_eq!(rec["request"]["body_size"], message.len(), "{rec}");
+            }
         } else {
+            assert_eq!(recs.len(), 1, "audit records {recs:?}");
             assert_eq!(out, "STATUS 403\n", "{err}");
             assert_eq!(
                 env.upstream_count(&path),

@@ -5,7 +5,8 @@
 //! at LLVM 22 or it finds Debian's LLVM 14); `rust-src` for `-Z build-std=core`. The end-to-end tests and the demo
 //! also need `ip` (iproute2), `curl`, `python3`, `openssl`, `node` and the pinned `openai`, `anthropic` and `mcp`
 //! Python SDKs (pip). The operations tests need `promtool` and `prometheus` (Debian `prometheus`), `setpriv`
-//! (util-linux) and `systemd-analyze` (systemd); the package test (root only) needs `cargo-deb`, pinned.
+//! (util-linux) and `systemd-analyze` (systemd); the package test (root only) needs `cargo-deb`, pinned. The audit
+//! trail's crash and disk-full tests need `mount`, `losetup`, `mkfs.ext4`, `dumpe2fs` and `fallocate`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,6 +33,12 @@ const TOOLS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("setpriv", "util-linux"),
     ("systemd-analyze", "systemd"),
+    // The audit trail's crash and disk-full tests mount tmpfs and ext4 on loop devices.
+    ("mount", "mount"),
+    ("losetup", "mount"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("dumpe2fs", "e2fsprogs"),
+    ("fallocate", "util-linux"),
     // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     ("c++", "g++"),
 ];
@@ -69,6 +76,7 @@ pub fn run() -> anyhow::Result<()> {
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         let tools: Vec<&str> = TOOLS.iter().map(|(tool, _)| *tool).collect();

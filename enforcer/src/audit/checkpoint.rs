@@ -4,7 +4,7 @@
 //! A checkpoint line is `{"seq":N,"hash":"<64 hex>","ts":"…","key":"<16 hex>","sig":"<128 hex>"}`; the signature
 //! covers the line with its final `,"sig":"<128 hex>"}` replaced by `}` (see docs/audit.md).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -253,16 +253,6 @@ impl Syslog {
             tracing::debug!(error = %e, "checkpoint not sent to syslog");
         }
     }
-}
-
-/// Open `checkpoints.jsonl` for appending (created 0600).
-pub(crate) fn open_append(path: &Path) -> Result<File, AuditError> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| AuditError::io(path, e))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::read::{self, Line, Query};
+use super::record::{Entry, RetentionRecord};
 use crate::model::{Disposition, Verdict};
 
 /// Default trail location (`<state dir>/audit`).
@@ -132,9 +133,9 @@ fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
     let r = super::verify(dir, key).map_err(flat)?;
     let mb = r.bytes as f64 / 1e6;
     if r.ok() {
-        let range = match r.last_seq {
-            Some(l) => format!("seq 0 to {l}"),
-            None => "empty".to_owned(),
+        let range = match (r.first_seq, r.last_seq) {
+            (Some(f), Some(l)) => format!("seq {f} to {l}"),
+            _ => "empty".to_owned(),
         };
         println!(
             "OK: {} records ({range}) in {} files, {mb:.1} MB; {} checkpoints verified against {}",
@@ -143,6 +144,12 @@ fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<ExitCode> {
             r.checkpoints,
             r.key.display()
         );
+        if let (Some(by), Some(f)) = (r.pruned_by, r.first_seq) {
+            println!(
+                "records 0 to {} were deleted by retention, as the signed retention record {by} says",
+                f - 1
+            );
+        }
         if let Some(c) = r.last_checkpoint {
             println!(
                 "last checkpoint signs record {c}; {} records after it are chained but not yet signed",
@@ -192,12 +199,19 @@ fn query(dir: &Path, q: &Query, json: bool) -> anyhow::Result<ExitCode> {
     if !json {
         writeln!(out, "{}", header())?;
     }
-    for (_, path) in read::list_files(dir).map_err(flat)? {
-        let lines: Vec<Line> = read::read_file(&path)
-            .map_err(flat)?
-            .into_iter()
-            .filter(|l| q.matches(&l.record))
-            .collect();
+    for file in read::list_files(dir).map_err(flat)? {
+        let lines: Vec<Line> = match read::read_file(&file) {
+            // Deleted by retention since the listing.
+            Err(super::AuditError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                continue
+            }
+            other => other.map_err(flat)?,
+        }
+        .into_iter()
+        .filter(|l| q.matches_entry(&l.entry))
+        .collect();
         print_lines(&mut out, &lines, json)?;
     }
     Ok(ExitCode::SUCCESS)
@@ -240,10 +254,11 @@ fn cut(s: &str, max: usize) -> String {
 }
 
 fn row(l: &Line) -> String {
-    let r = &l.record;
-    let ts = r.ts.replace('T', " ");
-    let ts = ts.trim_end_matches('Z');
-    let ts = ts.get(..23).unwrap_or(ts);
+    let r = match &l.entry {
+        Entry::Decision(r) => r,
+        Entry::Retention(r) => return retention_row(r),
+    };
+    let ts = short_ts(&r.ts);
     let rule = r.decision.rule.as_deref().unwrap_or("(default)");
     let mut verdict = r.decision.verdict.as_str().to_owned();
     if r.decision.mode == crate::model::Mode::Shadow {
@@ -305,6 +320,29 @@ fn row(l: &Line) -> String {
         cut(&dest, 32),
         cut(&request, 40),
         outcome
+    )
+}
+
+fn short_ts(ts: &str) -> String {
+    let ts = ts.replace('T', " ");
+    let ts = ts.trim_end_matches('Z');
+    ts.get(..23).unwrap_or(ts).to_owned()
+}
+
+/// A retention record as a table row: what was deleted and why.
+fn retention_row(r: &RetentionRecord) -> String {
+    let d = &r.retention;
+    let bytes: u64 = d.deleted.iter().map(|f| f.bytes).sum();
+    format!(
+        "{:>8}  {:<23}  {:<9}  deleted {} files, records {} to {} ({bytes} bytes; {}); the trail now starts at record {}",
+        r.seq,
+        short_ts(&r.ts),
+        "retention",
+        d.deleted.len(),
+        d.first_seq,
+        d.last_seq,
+        d.reason.as_str(),
+        d.kept_from
     )
 }
 

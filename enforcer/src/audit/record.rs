@@ -5,6 +5,9 @@
 //! A line is `{"seq":N,"ts":"…","prev":"<64 hex>","decision":{…},"agent":{…},"request":{…},"outcome":{…},"hash":"<64 hex>"}`.
 //! Its hash is `SHA-256(prev_raw_32_bytes || line_without_hash_member)`, where the line without its hash member is the
 //! line with its final `,"hash":"<64 hex>"}` replaced by `}`.
+//!
+//! Besides decision records the chain holds retention records, written when retention deletes old files:
+//! `{"seq":N,"ts":"…","prev":"<64 hex>","retention":{…},"hash":"<64 hex>"}`, chained and hashed the same way.
 
 use std::io::Write as _;
 
@@ -44,6 +47,97 @@ pub struct Record {
     pub request: RequestSummary,
     pub outcome: Outcome,
     pub hash: String,
+}
+
+/// Why retention deleted files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionReason {
+    /// The trail's files took more than `audit.max_total_bytes`.
+    MaxBytes,
+    /// Every record in the files was older than `audit.max_age_days`.
+    MaxAge,
+}
+
+impl RetentionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionReason::MaxBytes => "max_bytes",
+            RetentionReason::MaxAge => "max_age",
+        }
+    }
+}
+
+/// One file deleted by retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeletedFile {
+    /// Its name in the trail's directory.
+    pub file: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Its size on disk.
+    pub bytes: u64,
+}
+
+/// What a retention record says: which files were deleted, the seq range they held, the hash of the last record in
+/// them (the `prev` of the first record kept) and why. Written, made durable and signed before the files are deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub reason: RetentionReason,
+    pub deleted: Vec<DeletedFile>,
+    /// The first and last seq deleted.
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// 64 lowercase hex digits: the hash of record `last_seq`.
+    pub last_hash: String,
+    /// The seq the trail starts at once the files are gone (`last_seq + 1`).
+    pub kept_from: u64,
+}
+
+/// A retention record as read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRecord {
+    pub seq: u64,
+    pub ts: String,
+    pub prev: String,
+    pub retention: Retention,
+    pub hash: String,
+}
+
+/// A line of the trail: a decision record or a retention record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    Decision(Box<Record>),
+    Retention(RetentionRecord),
+}
+
+impl Entry {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Entry::Decision(r) => r.seq,
+            Entry::Retention(r) => r.seq,
+        }
+    }
+
+    pub fn ts(&self) -> &str {
+        match self {
+            Entry::Decision(r) => &r.ts,
+            Entry::Retention(r) => &r.ts,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RetentionBody<'a> {
+    retention: &'a Retention,
+}
+
+/// The body of a retention record: `{"retention":{…}}`, for [`compose`].
+pub(crate) fn encode_retention(r: &Retention) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&RetentionBody { retention: r })
 }
 
 #[derive(Serialize)]
@@ -148,6 +242,8 @@ pub(crate) struct Parsed<'a> {
     pub hash: [u8; 32],
     /// The line without its hash member and without the closing `}`.
     pub unhashed: &'a [u8],
+    /// The members after `prev`: `"decision":{…},…,"outcome":{…}` or `"retention":{…}`.
+    pub body: &'a [u8],
 }
 
 impl Parsed<'_> {
@@ -159,6 +255,25 @@ impl Parsed<'_> {
             .chain_update(b"}")
             .finalize()
             .into()
+    }
+
+    /// What a retention record says; `None` for a decision record (or a retention member that does not parse).
+    pub fn retention(&self) -> Option<Retention> {
+        if !self.body.starts_with(b"\"retention\":") {
+            return None;
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            retention: Retention,
+        }
+        let mut obj = Vec::with_capacity(self.body.len() + 2);
+        obj.push(b'{');
+        obj.extend_from_slice(self.body);
+        obj.push(b'}');
+        serde_json::from_slice::<Body>(&obj)
+            .ok()
+            .map(|b| b.retention)
     }
 }
 
@@ -205,17 +320,29 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed<'_>, Malformed> {
         return Err(Malformed::Tail);
     }
     let hash = hex32(&tail[9..73]).ok_or(Malformed::Tail)?;
+    let body_start = line.len() - rest.len();
     Ok(Parsed {
         seq,
         prev,
         hash,
         unhashed: &line[..cut],
+        body: &line[body_start..cut],
     })
 }
 
 /// Parse a whole line into a [`Record`] (readers; the chain checks use [`parse_line`]).
 pub fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
     serde_json::from_slice(line)
+}
+
+/// Parse a whole line into a decision or retention record.
+pub fn parse_entry(line: &[u8]) -> Result<Entry, serde_json::Error> {
+    match parse_record(line) {
+        Ok(r) => Ok(Entry::Decision(Box::new(r))),
+        Err(e) => serde_json::from_slice(line)
+            .map(Entry::Retention)
+            .map_err(|_| e),
+    }
 }
 
 #[cfg(test)]
@@ -271,6 +398,41 @@ mod tests {
         assert_eq!(r.decision.rule.as_deref(), Some("no-paste"));
         assert!(!String::from_utf8_lossy(line).contains("secret"));
         assert!(!String::from_utf8_lossy(line).contains("pasting"));
+    }
+
+    #[test]
+    fn a_retention_record_chains_like_any_other() {
+        let r = Retention {
+            reason: RetentionReason::MaxBytes,
+            deleted: vec![DeletedFile {
+                file: "audit-00000000000000000000.jsonl.zst".into(),
+                first_seq: 0,
+                last_seq: 9,
+                bytes: 1234,
+            }],
+            first_seq: 0,
+            last_seq: 9,
+            last_hash: "ab".repeat(32),
+            kept_from: 10,
+        };
+        let body = encode_retention(&r).unwrap();
+        let mut out = Vec::new();
+        let h = compose(&mut out, 20, "2026-01-01T00:00:00.000001Z", &[1; 32], &body);
+        let line = &out[..out.len() - 1];
+        let p = parse_line(line).unwrap();
+        assert_eq!((p.seq, p.hash, p.computed()), (20, h, h));
+        assert_eq!(
+            parse_entry(line).unwrap(),
+            Entry::Retention(RetentionRecord {
+                seq: 20,
+                ts: "2026-01-01T00:00:00.000001Z".into(),
+                prev: hex::encode([1; 32]),
+                retention: r,
+                hash: hex::encode(h),
+            })
+        );
+        assert!(String::from_utf8_lossy(line).contains(",\"retention\":{\"reason\":\"max_bytes\","));
+        assert!(parse_entry(b"{}").is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! `verify`: walks every log file in order, recomputes every record's hash, checks that `seq` runs on without a gap
-//! and that each record links to the one before it (across rotations too), checks every checkpoint's signature and
-//! that the log still holds each checkpoint's (seq, hash). Reports counts, or the first bad record and why.
+//! `verify`: walks every log file in order (compressed ones decompressed), recomputes every record's hash, checks that
+//! `seq` runs on without a gap and that each record links to the one before it (across rotations too), checks every
+//! checkpoint's signature and that the log still holds each checkpoint's (seq, hash). A trail whose start was deleted
+//! by retention is checked from its first kept record on: a signed retention record must account for exactly the
+//! records missing before it. Reports counts, or the first bad record and why.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::{Checkpoint, CheckpointProblem, PublicKey, CHECKPOINT_FILE, PUB_FILE};
-use super::read::{content_len, list_files, whole_lines};
+use super::read::{list_files, load, whole_lines, LogFile};
 use super::record::{parse_line, Malformed, GENESIS};
 use super::AuditError;
 
@@ -74,6 +76,11 @@ pub enum Problem {
     CheckpointOrder { checkpoint: usize },
     /// Records but no checkpoint at all.
     NoCheckpoint,
+    /// A compressed file that does not decompress or fails its checksum.
+    Unreadable { file: PathBuf, why: String },
+    /// The trail starts at record `to + 1`, and no signed retention record deleted exactly records `from..=to` (up to
+    /// the hash the first kept record links to).
+    Pruned { at: Location, from: u64, to: u64 },
 }
 
 impl fmt::Display for Problem {
@@ -156,6 +163,15 @@ impl fmt::Display for Problem {
                 f,
                 "truncated: the log has records but {CHECKPOINT_FILE} has no signed checkpoint"
             ),
+            Problem::Unreadable { file, why } => {
+                let name = file.file_name().unwrap_or(file.as_os_str());
+                write!(f, "edited: {} is damaged: {why}", name.to_string_lossy())
+            }
+            Problem::Pruned { at, from, to } => write!(
+                f,
+                "deleted: records {from} to {to} are missing before {at} and no signed retention record accounts for \
+                 them"
+            ),
         }
     }
 }
@@ -168,11 +184,16 @@ pub struct VerifyReport {
     pub records: u64,
     pub bytes: u64,
     pub checkpoints: usize,
+    /// The first record's seq: above 0 when retention deleted the oldest files.
+    pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub last_checkpoint: Option<u64>,
+    /// The signed retention record that accounts for the records missing before `first_seq`.
+    pub pruned_by: Option<u64>,
     /// The public key the signatures were checked against.
     pub key: PathBuf,
-    /// At most one record problem (the first) and one checkpoint problem (the first).
+    /// The first record problem, or (when every record checked out) a start that no retention record accounts for
+    /// and a tail shorter than the checkpoints say; then the first checkpoint problem.
     pub problems: Vec<Problem>,
 }
 
@@ -200,8 +221,10 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
         records: 0,
         bytes: 0,
         checkpoints: 0,
+        first_seq: None,
         last_seq: None,
         last_checkpoint: None,
+        pruned_by: None,
         key: key_path,
         problems: Vec::new(),
     };
@@ -249,22 +272,29 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
 
     let files = list_files(dir)?;
     report.files = files.len();
-    let record_problem = walk(&files, &signed, &mut report)?;
+    let mut walked = Walk::default();
+    let record_problem = walk(&files, &signed, &mut report, &mut walked)?;
     if let Some(p) = record_problem {
+        // The walk stopped there: what it did not reach is not missing.
         report.problems.push(p);
-    } else if let Some((&seq, &(n, _))) = signed
-        .iter()
-        .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
-        .min_by_key(|(&s, _)| s)
-    {
-        // The first checkpoint that signs a record the log no longer has.
-        report.problems.push(Problem::Truncated {
-            checkpoint: n,
-            seq,
-            last: report.last_seq,
-        });
-    } else if report.last_seq.is_some() && cp_lines.is_empty() {
-        report.problems.push(Problem::NoCheckpoint);
+    } else {
+        if let Some(p) = check_start(&walked, last_cp, &mut report) {
+            report.problems.push(p);
+        }
+        if let Some((&seq, &(n, _))) = signed
+            .iter()
+            .filter(|(&s, _)| report.last_seq.is_none_or(|l| s > l))
+            .min_by_key(|(&s, _)| s)
+        {
+            // The first checkpoint that signs a record the log no longer has.
+            report.problems.push(Problem::Truncated {
+                checkpoint: n,
+                seq,
+                last: report.last_seq,
+            });
+        } else if report.last_seq.is_some() && cp_lines.is_empty() {
+            report.problems.push(Problem::NoCheckpoint);
+        }
     }
     if let Some(p) = cp_problem {
         report.problems.push(p);
@@ -272,17 +302,60 @@ pub fn verify(dir: &Path, key: Option<&Path>) -> Result<VerifyReport, AuditError
     Ok(report)
 }
 
+/// What the walk saw beyond the counts: where the trail starts, and the retention records in it.
+#[derive(Default)]
+struct Walk {
+    /// The first record: its location, seq and `prev`.
+    start: Option<(Location, u64, [u8; 32])>,
+    /// (seq, kept_from, last_hash) of every retention record.
+    retentions: Vec<(u64, u64, String)>,
+}
+
+/// A trail that starts after record 0 must be accounted for by a signed retention record: one that deleted exactly
+/// the records before the first kept one, whose `last_hash` is what that record links to.
+fn check_start(w: &Walk, last_cp: Option<u64>, report: &mut VerifyReport) -> Option<Problem> {
+    let (at, first, prev) = w.start.clone()?;
+    if first == 0 {
+        return None;
+    }
+    let prev = hex::encode(prev);
+    let by = w.retentions.iter().find(|(seq, kept_from, last_hash)| {
+        *kept_from == first && *last_hash == prev && last_cp.is_some_and(|c| c >= *seq)
+    });
+    match by {
+        Some(&(seq, ..)) => {
+            report.pruned_by = Some(seq);
+            None
+        }
+        None => Some(Problem::Pruned {
+            at,
+            from: 0,
+            to: first - 1,
+        }),
+    }
+}
+
 /// The fast pass over every record; returns the first problem.
 fn walk(
-    files: &[(u64, PathBuf)],
+    files: &[LogFile],
     signed: &HashMap<u64, (usize, [u8; 32])>,
     report: &mut VerifyReport,
+    walked: &mut Walk,
 ) -> Result<Option<Problem>, AuditError> {
-    let mut expected = 0u64;
+    let mut expected: Option<u64> = None;
     let mut prev = GENESIS;
-    for (fi, (_, path)) in files.iter().enumerate() {
-        let mut data = fs::read(path).map_err(|e| AuditError::io(path, e))?;
-        data.truncate(content_len(&data));
+    for (fi, file) in files.iter().enumerate() {
+        let path = &file.path;
+        let data = match load(file) {
+            Ok(d) => d,
+            Err(AuditError::Damaged { why, .. }) => {
+                return Ok(Some(Problem::Unreadable {
+                    file: path.clone(),
+                    why,
+                }))
+            }
+            Err(e) => return Err(e),
+        };
         report.bytes += data.len() as u64;
         let lines: Vec<&[u8]> = whole_lines(&data).collect();
         let bad = first_bad(&lines);
@@ -303,8 +376,20 @@ fn walk(
                     seq: p.seq,
                 }));
             }
-            if p.seq != expected {
-                return Ok(Some(classify(files, fi, line_no, expected, p.seq)?));
+            let want = match expected {
+                Some(e) => e,
+                None => {
+                    // The first record: record 0, or the first one retention kept.
+                    walked.start = Some((at(), p.seq, p.prev));
+                    report.first_seq = Some(p.seq);
+                    if p.seq > 0 {
+                        prev = p.prev;
+                    }
+                    p.seq
+                }
+            };
+            if p.seq != want {
+                return Ok(Some(classify(files, fi, line_no, want, p.seq)?));
             }
             if p.prev != prev {
                 return Ok(Some(Problem::BrokenLink {
@@ -321,9 +406,12 @@ fn walk(
                     }));
                 }
             }
+            if let Some(r) = p.retention() {
+                walked.retentions.push((p.seq, r.kept_from, r.last_hash));
+            }
             report.records += 1;
             report.last_seq = Some(p.seq);
-            expected += 1;
+            expected = Some(p.seq + 1);
             prev = p.hash;
         }
         if data.last().is_some_and(|&b| b != b'\n') {
@@ -370,21 +458,23 @@ fn first_bad(lines: &[&[u8]]) -> Option<usize> {
 /// The seq at `files[fi]` line `line_no` is `found`, not `expected`: work out whether records were deleted,
 /// reordered or inserted. Only runs once, on failure, so it simply rescans.
 fn classify(
-    files: &[(u64, PathBuf)],
+    files: &[LogFile],
     fi: usize,
     line_no: usize,
     expected: u64,
     found: u64,
 ) -> Result<Problem, AuditError> {
     let at = Location {
-        file: files[fi].1.clone(),
+        file: files[fi].path.clone(),
         line: line_no,
     };
     let mut before = None;
     let mut after = None;
     let mut past = false;
-    for (i, (_, path)) in files.iter().enumerate() {
-        let data = fs::read(path).map_err(|e| AuditError::io(path, e))?;
+    for (i, file) in files.iter().enumerate() {
+        let path = &file.path;
+        // An unreadable file was reported before the walk got here, or comes after the problem.
+        let data = load(file).unwrap_or_default();
         for (n, line) in whole_lines(&data).enumerate() {
             let here = (i, n + 1);
             if here == (fi, line_no) {

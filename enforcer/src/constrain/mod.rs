@@ -209,31 +209,16 @@ pub fn apply_with(
                     }
                 }
             }
-            Rewrite::JsonSet { path, value } => {
-                let Some(value_doc) = json_for(&mut doc, body, rule, false)? else {
+            rewrite @ (Rewrite::JsonSet { .. }
+            | Rewrite::JsonRemove { .. }
+            | Rewrite::JsonCap { .. }
+            | Rewrite::JsonTruncate { .. }) => {
+                // Setting needs a document to set in; removing, capping or truncating an empty body is a no-op.
+                let empty_ok = !matches!(rewrite, Rewrite::JsonSet { .. });
+                let Some(value_doc) = json_for(&mut doc, body, rule, empty_ok)? else {
                     continue;
                 };
-                let n = guarded(
-                    value_doc,
-                    |d| path.set(d, value.clone()),
-                    "json_set",
-                    &mut changes,
-                )?;
-                body_changed |= n > 0;
-            }
-            Rewrite::JsonRemove { path } => {
-                let Some(value_doc) = json_for(&mut doc, body, rule, true)? else {
-                    continue;
-                };
-                let n = guarded(value_doc, |d| path.remove(d), "json_remove", &mut changes)?;
-                body_changed |= n > 0;
-            }
-            Rewrite::JsonCap { path, max } => {
-                let Some(value_doc) = json_for(&mut doc, body, rule, true)? else {
-                    continue;
-                };
-                let n = guarded(value_doc, |d| cap(path, d, *max), "json_cap", &mut changes)?;
-                body_changed |= n > 0;
+                body_changed |= json_rewrite(rewrite, value_doc, &mut changes)? > 0;
             }
             Rewrite::DropTools { globs } => {
                 if let Some(value) = parse(&mut doc, body) {
@@ -385,6 +370,95 @@ fn json_for<'a>(
             rule: rule.to_string(),
         }),
     }
+}
+
+/// Carry out one JSON rewrite (`json_set`, `json_remove`, `json_cap`, `json_truncate`) on `doc`, never touching a
+/// signed region; returns how many locations changed. Any other rewrite changes nothing here.
+fn json_rewrite(
+    rewrite: &Rewrite,
+    doc: &mut Value,
+    changes: &mut Vec<Change>,
+) -> Result<usize, ConstrainError> {
+    match rewrite {
+        Rewrite::JsonSet { path, value } => {
+            guarded(doc, |d| path.set(d, value.clone()), "json_set", changes)
+        }
+        Rewrite::JsonRemove { path } => guarded(doc, |d| path.remove(d), "json_remove", changes),
+        Rewrite::JsonCap { path, max } => guarded(doc, |d| cap(path, d, *max), "json_cap", changes),
+        Rewrite::JsonTruncate { path, max } => {
+            guarded(doc, |d| truncate(path, d, *max), "json_truncate", changes)
+        }
+        _ => Ok(0),
+    }
+}
+
+/// Apply `rewrites` (in order) to one JSON value that is not a request body: a WebSocket message, a proposed tool
+/// call's arguments, a response body or one of its events. Redaction rewrites the value's strings; the JSON
+/// rewrites and `drop_tools` apply as to a body; header rewrites change nothing. Signed regions are never touched.
+/// Afterwards the value is scanned again with every detector a redaction named (escapes undone): a secret that
+/// redaction cannot reach (an object key) is [`ConstrainError::Unredactable`]. On error `value` is unchanged and
+/// nothing may be passed on (the caller blocks).
+pub fn apply_to_json(
+    rewrites: &[PlannedRewrite],
+    policy: &Policy,
+    value: &mut Value,
+) -> Result<Vec<Change>, ConstrainError> {
+    let options = ConstrainOptions {
+        marker: policy.redaction_marker().to_string(),
+        ..ConstrainOptions::default()
+    };
+    let detect = policy.detectors();
+    let mut candidate = value.clone();
+    let mut changes = Vec::new();
+    for planned in rewrites {
+        match &planned.rewrite {
+            Rewrite::Redact { detectors } => {
+                let redactor = Redactor {
+                    detect,
+                    names: detectors,
+                    marker: &options.marker,
+                };
+                redactor.redact_json(&mut candidate, &mut changes)?;
+            }
+            Rewrite::DropTools { globs } => tools::drop_tools(&mut candidate, globs, &mut changes),
+            rewrite => {
+                json_rewrite(rewrite, &mut candidate, &mut changes)?;
+            }
+        }
+    }
+    let text = candidate.to_string();
+    let decoded = decoded_body(&text, Some(&candidate), Some("application/json"));
+    for planned in rewrites {
+        let Rewrite::Redact { detectors } = &planned.rewrite else {
+            continue;
+        };
+        for detector in detectors {
+            let fires = |s: &str| !Detect::find(detect, detector, s).is_empty();
+            if fires(&text) || decoded.as_deref().is_some_and(fires) {
+                return Err(ConstrainError::Unredactable {
+                    rule: planned.rule.clone(),
+                    detector: detector.clone(),
+                    location: "body",
+                });
+            }
+        }
+    }
+    *value = candidate;
+    Ok(changes)
+}
+
+/// Arrays at `path` longer than `max` keep their first `max` elements; returns the paths truncated.
+fn truncate(path: &JsonPath, doc: &mut Value, max: usize) -> Vec<String> {
+    let mut truncated = Vec::new();
+    path.for_each_mut(doc, &mut |p, v| {
+        if let Value::Array(items) = v {
+            if items.len() > max {
+                items.truncate(max);
+                truncated.push(p.to_string());
+            }
+        }
+    });
+    truncated
 }
 
 /// Run a JSON rewrite on a copy of the document and keep the result only if every signed region survived it

@@ -9,6 +9,7 @@ mod block;
 mod decode;
 mod llm;
 mod mcp;
+mod message;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,7 @@ pub use block::{
 };
 pub use decode::{check_json_charset, decode_body};
 pub(crate) use llm::tool_name;
+pub use message::{classify_message, message_block};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {

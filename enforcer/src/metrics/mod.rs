@@ -111,7 +111,6 @@ pub struct Metrics {
     verdicts: VerdictCounts,
     last_seq: AtomicU64,
     any_seq: AtomicBool,
-    audit_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -258,7 +257,6 @@ impl Metrics {
             verdicts: VerdictCounts::default(),
             last_seq: AtomicU64::new(0),
             any_seq: AtomicBool::new(false),
-            audit_failed: AtomicBool::new(false),
         }
     }
 
@@ -298,7 +296,8 @@ impl Metrics {
     }
 
     /// Count `event` ([`Metrics::decision`]), hand it to `audit` and observe the write: its latency until durable,
-    /// the seq it got, or the failure (which makes the daemon unhealthy: the writer refuses records until restart).
+    /// the seq it got, or the failure. (Whether the writer takes records right now is `AuditLog::health`, which the
+    /// daemon's readiness follows.)
     pub async fn audited(&self, audit: &AuditLog, event: AuditEvent) -> Result<u64, AuditError> {
         self.decision(&event);
         let start = Instant::now();
@@ -313,7 +312,6 @@ impl Metrics {
             }
             Err(_) => {
                 self.audit_errors.inc();
-                self.audit_failed.store(true, Ordering::Relaxed);
             }
         }
         result
@@ -375,11 +373,6 @@ impl Metrics {
         self.any_seq
             .load(Ordering::Relaxed)
             .then(|| self.last_seq.load(Ordering::Relaxed))
-    }
-
-    /// Whether an audit write failed since start (the writer then refuses every record until restarted).
-    pub fn audit_failed(&self) -> bool {
-        self.audit_failed.load(Ordering::Relaxed)
     }
 
     /// The Prometheus text format 0.0.4 (`openmetrics: false`) or OpenMetrics 1.0 text.
@@ -543,7 +536,6 @@ mod tests {
             .contains("enforcer_audit_write_duration_seconds_count 2\n"));
         audit.close().await.unwrap();
         assert!(m.audited(&audit, e).await.is_err());
-        assert!(m.audit_failed());
         assert!(m
             .encode(false)
             .contains("enforcer_audit_write_errors_total 1\n"));

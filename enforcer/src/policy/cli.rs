@@ -197,6 +197,7 @@ pub fn explain(policy: &Policy, d: &Decision) -> String {
                 Rewrite::JsonSet { path, value } => format!("set {path} = {value}"),
                 Rewrite::JsonRemove { path } => format!("remove {path}"),
                 Rewrite::JsonCap { path, max } => format!("cap {path} at {max}"),
+                Rewrite::JsonTruncate { path, max } => format!("keep the first {max} of {path}"),
                 Rewrite::HeaderSet { name, value } => {
                     format!(
                         "set header {name}: {}",

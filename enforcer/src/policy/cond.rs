@@ -13,7 +13,7 @@ use super::yaml::{Kind, Loc, Node};
 use crate::encoding;
 use crate::glob::Glob;
 use crate::jsonpath::JsonPath;
-use crate::model::{Action, Scheme};
+use crate::model::{Action, Phase, Scheme};
 
 /// A compile failure at one node (turned into a `PolicyError` with the file name by the caller), with the
 /// failures of later, independent parts of the same file (other rules) in `more`.
@@ -56,6 +56,12 @@ pub const CONDITION_KEYS: &[&str] = &[
     "llm.provider",
     "llm.model",
     "llm.tools",
+    "proposal.tool",
+    "proposal.kind",
+    "proposal.args",
+    "response.status",
+    "response.content_type",
+    "response.json",
     "detect",
     "not",
     "any",
@@ -78,7 +84,10 @@ pub enum Cond {
     Upgrade(Vec<Glob>),
     Query(String, StrTest),
     Header(String, StrTest),
-    BodySize { gt: Option<u64>, lt: Option<u64> },
+    BodySize {
+        gt: Option<u64>,
+        lt: Option<u64>,
+    },
     ContentType(Vec<Glob>),
     Json(Vec<(JsonPath, Vec<Op>)>),
     McpMethod(Vec<Glob>),
@@ -87,6 +96,13 @@ pub enum Cond {
     LlmProvider(Vec<Glob>),
     LlmModel(Vec<Glob>),
     LlmTools(Vec<Glob>),
+    ProposalTool(Vec<Glob>),
+    ProposalKind(Vec<Glob>),
+    ProposalArgs(Vec<(JsonPath, Vec<Op>)>),
+    /// Status codes, each an exact code or a class (`4xx` as 400..=499).
+    ResponseStatus(Vec<(u16, u16)>),
+    ResponseContentType(Vec<Glob>),
+    ResponseJson(Vec<(JsonPath, Vec<Op>)>),
     Detect(Vec<usize>),
 }
 
@@ -110,9 +126,14 @@ pub enum Op {
     Lt(f64),
     Exists(bool),
     Contains(Value),
+    /// More than N values selected (`$.records[*]` selects each element).
+    CountGt(usize),
+    /// Fewer than N values selected.
+    CountLt(usize),
 }
 
-pub const OPS: &str = "equals, in, glob, matches, not_matches, gt, lt, exists, contains";
+pub const OPS: &str =
+    "equals, in, glob, matches, not_matches, gt, lt, exists, contains, count_gt, count_lt";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Compilation
@@ -121,6 +142,8 @@ pub const OPS: &str = "equals, in, glob, matches, not_matches, gt, lt, exists, c
 pub struct Scope<'a> {
     pub detectors: &'a Detectors,
     pub profiles: &'a [String],
+    /// The part of an exchange the rule decides (its `phase:`): `proposal.*` and `response.*` conditions need theirs.
+    pub phase: Phase,
 }
 
 pub fn compile_when(node: &Node, scope: &Scope) -> CResult<Cond> {
@@ -148,6 +171,21 @@ pub fn compile_when(node: &Node, scope: &Scope) -> CResult<Cond> {
 }
 
 fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
+    for (prefix, phase) in [
+        ("proposal.", Phase::Proposal),
+        ("response.", Phase::Response),
+    ] {
+        if key.starts_with(prefix) && scope.phase != phase {
+            return fault(
+                kloc,
+                format!(
+                    "`{key}` applies to {}s, expected `phase: {}` on this rule",
+                    phase.as_str(),
+                    phase.as_str()
+                ),
+            );
+        }
+    }
     Ok(match key {
         "profile" => {
             let globs = globs(v, Glob::plain)?;
@@ -228,6 +266,29 @@ fn compile_key(key: &str, kloc: Loc, v: &Node, scope: &Scope) -> CResult<Cond> {
         "llm.provider" => Cond::LlmProvider(globs(v, Glob::plain)?),
         "llm.model" => Cond::LlmModel(globs(v, Glob::plain)?),
         "llm.tools" => Cond::LlmTools(globs(v, Glob::plain)?),
+        "proposal.tool" => Cond::ProposalTool(globs(v, Glob::plain)?),
+        "proposal.kind" => Cond::ProposalKind(globs(v, Glob::plain)?),
+        "proposal.args" => Cond::ProposalArgs(json_tests(v)?),
+        "response.status" => Cond::ResponseStatus(
+            strings(v)?
+                .into_iter()
+                .map(|(loc, s)| {
+                    status_range(&s).map_or_else(
+                        || {
+                            fault(
+                                loc,
+                                format!("`{s}` is not a status, expected e.g. 200, 403 or 4xx"),
+                            )
+                        },
+                        Ok,
+                    )
+                })
+                .collect::<CResult<_>>()?,
+        ),
+        "response.content_type" => {
+            Cond::ResponseContentType(globs(v, |s| Glob::plain(&s.to_ascii_lowercase()))?)
+        }
+        "response.json" => Cond::ResponseJson(json_tests(v)?),
         "detect" => Cond::Detect(
             strings(v)?
                 .into_iter()
@@ -459,6 +520,22 @@ fn ops(v: &Node) -> CResult<Vec<Op>> {
                     _ => return fault(val.loc, "expected true or false for `exists`"),
                 },
                 "contains" => Op::Contains(val.to_json()),
+                "count_gt" | "count_lt" => {
+                    let Kind::Int(n) = val.kind else {
+                        return fault(val.loc, format!("expected a whole number for `{name}`"));
+                    };
+                    let n = usize::try_from(n).or_else(|_| {
+                        fault(
+                            val.loc,
+                            format!("expected a non-negative number for `{name}`"),
+                        )
+                    })?;
+                    if name == "count_gt" {
+                        Op::CountGt(n)
+                    } else {
+                        Op::CountLt(n)
+                    }
+                }
                 _ => {
                     return fault(
                         k.loc,
@@ -520,12 +597,37 @@ impl<'a> Ctx<'a> {
         fires
     }
 
-    /// Runs detector `i` over the host (also upper-cased: names arrive lower-cased), the URL path and query, every
-    /// header value and the body, the body also as the upstream will read it (JSON escapes undone, a form
-    /// decoded), so neither case nor an escape can hide a secret.
-    /// The host is scanned whatever the action (a DNS query has nothing else).
+    /// Runs detector `i` over what the Action's phase is about. A request: the host (also upper-cased: names
+    /// arrive lower-cased; scanned even for a DNS query, which has nothing else), the URL path and query, every
+    /// header value and the body, the body also as the upstream will read it (JSON escapes undone, a form decoded),
+    /// so neither case nor an escape can hide a secret. A proposal: its arguments, as JSON text and with escapes
+    /// undone. A response: its body, likewise.
     fn scan(&self, i: usize) -> bool {
         let d = self.detectors;
+        let json_text = |text: &str, json: Option<&Value>, content_type: Option<&str>| {
+            d.fires(i, text)
+                || self
+                    .decoded_body
+                    .get_or_init(|| encoding::decoded_body(text, json, content_type))
+                    .as_deref()
+                    .is_some_and(|t| d.fires(i, t))
+        };
+        match self.action.phase() {
+            Phase::Proposal => {
+                let Some(args) = self.action.proposal.as_ref().and_then(|p| p.args.as_ref()) else {
+                    return false;
+                };
+                let text = args.to_string();
+                return json_text(&text, Some(args), Some("application/json"));
+            }
+            Phase::Response => {
+                let Some(r) = self.action.response.as_ref() else {
+                    return false;
+                };
+                return json_text(&r.body, r.json.as_ref(), r.content_type.as_deref());
+            }
+            Phase::Request => {}
+        }
         if self
             .host
             .as_deref()
@@ -562,6 +664,30 @@ fn any_glob(globs: &[Glob], s: Option<&str>) -> bool {
     s.is_some_and(|s| globs.iter().any(|g| g.is_match(s)))
 }
 
+/// Whether a `Content-Type` value's media type (parameters dropped, lower-cased) matches one of `globs`.
+fn media_type_matches(globs: &[Glob], content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| {
+        let media = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        globs.iter().any(|g| g.is_match(&media))
+    })
+}
+
+/// `404` as (404, 404), `4xx` as (400, 499); `None` for anything else.
+fn status_range(s: &str) -> Option<(u16, u16)> {
+    let s = s.trim().to_ascii_lowercase();
+    if let Some(class) = s.strip_suffix("xx") {
+        let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
+        return Some((c * 100, c * 100 + 99));
+    }
+    let code: u16 = s.parse().ok().filter(|c| (100..=599).contains(c))?;
+    Some((code, code))
+}
+
 impl Cond {
     pub fn eval(&self, cx: &Ctx) -> bool {
         let a = cx.action;
@@ -594,17 +720,9 @@ impl Cond {
                 let size = h.body_size.max(h.body.len() as u64);
                 gt.is_none_or(|g| size > g) && lt.is_none_or(|l| size < l)
             }),
-            Cond::ContentType(g) => http.is_some_and(|h| {
-                h.content_type.as_deref().is_some_and(|ct| {
-                    let media = ct
-                        .split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .to_ascii_lowercase();
-                    g.iter().any(|g| g.is_match(&media))
-                })
-            }),
+            Cond::ContentType(g) => {
+                http.is_some_and(|h| media_type_matches(g, h.content_type.as_deref()))
+            }
             Cond::Json(tests) => http.is_some_and(|h| json_eval(tests, h.json.as_ref())),
             Cond::McpMethod(g) => any_glob(g, a.mcp.as_ref().map(|m| m.method.as_str())),
             Cond::McpTool(g) => any_glob(g, a.mcp.as_ref().and_then(|m| m.tool.as_deref())),
@@ -618,6 +736,25 @@ impl Cond {
                 .llm
                 .as_ref()
                 .is_some_and(|l| l.tools.iter().any(|t| g.iter().any(|g| g.is_match(t)))),
+            Cond::ProposalTool(g) => any_glob(g, a.proposal.as_ref().map(|p| p.tool.as_str())),
+            Cond::ProposalKind(g) => any_glob(g, a.proposal.as_ref().map(|p| p.kind.as_str())),
+            Cond::ProposalArgs(tests) => match &a.proposal {
+                Some(p) => json_eval(tests, p.args.as_ref()),
+                None => false,
+            },
+            Cond::ResponseStatus(ranges) => a.response.as_ref().is_some_and(|r| {
+                ranges
+                    .iter()
+                    .any(|(lo, hi)| (*lo..=*hi).contains(&r.status))
+            }),
+            Cond::ResponseContentType(g) => a
+                .response
+                .as_ref()
+                .is_some_and(|r| media_type_matches(g, r.content_type.as_deref())),
+            Cond::ResponseJson(tests) => match &a.response {
+                Some(r) => json_eval(tests, r.json.as_ref()),
+                None => false,
+            },
             Cond::Detect(ids) => ids.iter().any(|&i| cx.detect(i)),
         }
     }
@@ -708,6 +845,8 @@ impl Op {
             Op::Gt(n) => vals.iter().any(|v| num(v).is_some_and(|x| x > *n)),
             Op::Lt(n) => vals.iter().any(|v| num(v).is_some_and(|x| x < *n)),
             Op::Exists(want) => vals.is_empty() != *want,
+            Op::CountGt(n) => vals.len() > *n,
+            Op::CountLt(n) => vals.len() < *n,
             Op::Contains(want) => vals.iter().any(|v| match (v, want) {
                 (Value::String(s), Value::String(w)) => s.contains(w.as_str()),
                 (Value::Array(items), w) => items.iter().any(|i| json_eq(i, w)),

@@ -30,7 +30,7 @@ use cond::{fault, CResult, Cond, Ctx, Fault, Scope};
 use yaml::{Kind, Loc, Node};
 
 use crate::model::{
-    Action, Decided, Decision, Mode, PlannedRewrite, Reason, Relay, Rewrite, Verdict,
+    Action, Decided, Decision, Mode, Phase, PlannedRewrite, Reason, Relay, Rewrite, Verdict,
 };
 
 pub use dns::RefusedAnswer;
@@ -178,6 +178,8 @@ struct Rule {
     rewrites: Vec<Rewrite>,
     rate_limit: Option<ratelimit::RateLimit>,
     relay: Relay,
+    /// The part of an exchange the rule decides.
+    on: Phase,
 }
 
 /// A loaded, compiled policy. Cheap to share behind an `Arc`.
@@ -281,6 +283,7 @@ impl Policy {
         if action.transport.scheme == crate::model::Scheme::Dns {
             return self.evaluate_dns(action, now);
         }
+        let phase = action.phase();
         let cx = Ctx::new(action, &self.detectors);
         let indexed: &[usize] = cx
             .host
@@ -310,7 +313,11 @@ impl Policy {
                 }
                 (None, None) => break,
             };
-            if self.rules.get(next).is_some_and(|r| r.when.eval(&cx)) {
+            if self
+                .rules
+                .get(next)
+                .is_some_and(|r| r.on == phase && r.when.eval(&cx))
+            {
                 matched.push(next);
             }
         }
@@ -318,8 +325,14 @@ impl Policy {
     }
 
     fn decide(&self, action: &Action, matched: &[usize], now: Instant) -> Decision {
+        // What the agent sends is decided by the policy's default when no rule matches; what comes back (a proposal,
+        // a response) passes unless a rule says otherwise.
+        let default = match action.phase() {
+            Phase::Request => self.default,
+            Phase::Proposal | Phase::Response => Verdict::Allow,
+        };
         let mut decision = Decision {
-            verdict: self.default,
+            verdict: default,
             deciding_rule: None,
             matched_rules: Vec::with_capacity(matched.len()),
             reason: Reason::Default,
@@ -334,7 +347,7 @@ impl Policy {
             .collect();
         decision.matched_rules = rules.iter().map(|(_, r)| r.id.clone()).collect();
         if rules.is_empty() {
-            if self.default == Verdict::Block {
+            if default == Verdict::Block {
                 decision.message = Some(
                     self.default_message
                         .clone()
@@ -367,7 +380,7 @@ impl Policy {
             .iter()
             .map(|(_, r)| r.verdict)
             .max()
-            .unwrap_or(self.default);
+            .unwrap_or(default);
         let deciding = rules
             .iter()
             .find(|(_, r)| r.verdict == verdict)
@@ -376,7 +389,10 @@ impl Policy {
         decision.reason = Reason::Rule;
         decision.deciding_rule = deciding.map(|r| r.id.clone());
         decision.message = deciding.and_then(|r| r.message.clone());
-        if verdict == Verdict::Constrain && action.http.is_none() {
+        if verdict == Verdict::Constrain
+            && action.phase() == Phase::Request
+            && action.http.is_none()
+        {
             // Raw TCP (and anything else without an HTTP part) has nothing a rewrite could change.
             decision.verdict = Verdict::Block;
             decision.reason = Reason::Unrewritable;
@@ -396,6 +412,12 @@ impl Policy {
                 .collect();
         }
         decision
+    }
+
+    /// Whether any rule decides `phase` (a rule's `phase:`): without one, proposals and responses are not read at all
+    /// and stream through as they come.
+    pub fn has_rules_for(&self, phase: Phase) -> bool {
+        self.rules.iter().any(|r| r.on == phase)
     }
 
     /// How a connection the upstream agreed to upgrade may be relayed under `decision`: as its deciding rule's
@@ -486,12 +508,14 @@ const RULE_KEYS: &[&str] = &[
     "constrain",
     "rate_limit",
     "relay",
+    "phase",
 ];
 const CONSTRAIN_KEYS: &[&str] = &[
     "redact",
     "json_set",
     "json_remove",
     "json_cap",
+    "json_truncate",
     "header_set",
     "header_remove",
     "drop_tools",
@@ -687,6 +711,7 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
     let scope = Scope {
         detectors: &detectors,
         profiles: &profiles,
+        phase: Phase::Request,
     };
     let mut rules: Vec<Rule> = Vec::new();
     let mut seen: HashMap<String, Loc> = HashMap::new();
@@ -777,6 +802,24 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         );
     };
     let verdict = verdict(v)?;
+    let on = match f.get("phase") {
+        None => Phase::Request,
+        Some((_, p)) => match p.scalar_text().as_deref() {
+            Some("request") => Phase::Request,
+            Some("proposal") => Phase::Proposal,
+            Some("response") => Phase::Response,
+            _ => {
+                return fault(
+                    p.loc,
+                    "unknown `phase`, expected request, proposal or response",
+                )
+            }
+        },
+    };
+    let scope = &Scope {
+        phase: on,
+        ..*scope
+    };
     let when = match f.get("when") {
         Some((_, w)) => cond::compile_when(w, scope)?,
         None => Cond::All(Vec::new()),
@@ -829,6 +872,7 @@ fn compile_rule(node: &Node, scope: &Scope) -> CResult<Rule> {
         rewrites,
         rate_limit,
         relay,
+        on,
     })
 }
 
@@ -899,6 +943,30 @@ fn compile_rewrites(node: &Node, scope: &Scope) -> CResult<Vec<Rewrite>> {
                     };
                     out.push(Rewrite::JsonCap { path, max });
                 }
+            }
+            "json_truncate" => {
+                for (loc, path, value) in pairs(v)? {
+                    let path = cond::json_path(loc, &path)?;
+                    let Kind::Int(n) = value.kind else {
+                        return fault(value.loc, "expected the number of elements to keep");
+                    };
+                    let Ok(max) = usize::try_from(n) else {
+                        return fault(value.loc, "expected a non-negative number of elements");
+                    };
+                    out.push(Rewrite::JsonTruncate { path, max });
+                }
+            }
+            "header_set" if scope.phase != Phase::Request => {
+                return fault(k.loc, "header rewrites apply to requests only")
+            }
+            "header_remove" if scope.phase != Phase::Request => {
+                return fault(k.loc, "header rewrites apply to requests only")
+            }
+            "drop_tools" if scope.phase != Phase::Request => {
+                return fault(
+                    k.loc,
+                    "`drop_tools` applies to requests (the tools an LLM call declares) only",
+                )
             }
             "header_set" => {
                 for (loc, name, value) in pairs(v)? {

@@ -143,6 +143,8 @@ pub(crate) fn build_action(
         }),
         mcp: None,
         llm: None,
+        proposal: None,
+        response: None,
     }
 }
 

@@ -88,7 +88,12 @@ fn admit_upgrade(rec: &mut ExchangeRecord, head: &Head, parts: &mut http::reques
     let opaque = rec
         .decision()
         .is_some_and(|d| rec.policy().relay(d) == Relay::Opaque);
-    if websocket || opaque {
+    if opaque {
+        return;
+    }
+    if websocket {
+        // Every message is read as sent: no compression is negotiated (RFC 7692 needs the client's offer).
+        parts.headers.remove(http::header::SEC_WEBSOCKET_EXTENSIONS);
         return;
     }
     parts.headers.remove(http::header::UPGRADE);

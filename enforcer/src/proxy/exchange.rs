@@ -71,6 +71,10 @@ async fn phases(
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
 
     let inspected = classify::classify(rec, conn, &head, &parts, &body)?;
+    let upgrading = head
+        .upgrade
+        .is_some()
+        .then(|| inspected.actions.first().cloned());
     let deciding = Instant::now();
     let mut decided = policy.decide_all(&inspected.actions);
     // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
@@ -91,8 +95,12 @@ async fn phases(
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
     let upstream_req = forward::request(outgoing, &head.authority, &upstream)?;
-    rec.forwarded().await?;
+    let seq = rec.forwarded().await?;
     let resp = forward::send(conn, &head, upstream, upstream_req).await?;
 
+    let upgrade = upgrade.zip(upgrading.flatten()).map(|(client, request)| {
+        let answering = rec.answering(request, seq);
+        (client, answering)
+    });
     Ok(answer::respond(resp, upgrade))
 }

@@ -34,6 +34,7 @@ mod refusal;
 mod tls;
 mod tunnel;
 mod upstream;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -15,12 +15,13 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use sha2::Digest;
 
+use super::answer::Answering;
 use super::http::ProxyBody;
 use super::refusal::{into_response, shaped_response, Refusal};
 use super::{enforcer_decision, ProxyContext};
 use crate::inspect::{self, Protocol};
 use crate::model::{
-    Action, Agent, AuditEvent, Decided, Decision, Disposition, Mode, Outcome, Reason,
+    Action, Agent, AuditEvent, Decided, Decision, Disposition, Mode, Outcome, Reason, Relay,
     RequestSummary, Verdict,
 };
 use crate::policy::Policy;
@@ -32,6 +33,9 @@ pub(crate) struct ExchangeRecord {
     policy: Arc<Policy>,
     agent: Agent,
     summary: RequestSummary,
+    /// The request's head as recorded (scheme, host, address, method, path, upgrade): what the records of the
+    /// exchange's later parts name.
+    head: RequestSummary,
     /// What the request speaks, once classified (`Http` until then): the shape of a policy block's answer.
     protocol: Protocol,
     decided: Option<Decided>,
@@ -45,6 +49,7 @@ impl ExchangeRecord {
             policy: ctx.policy.current(),
             ctx,
             agent: agent.clone(),
+            head: summary.clone(),
             summary,
             protocol: Protocol::Http,
             decided: None,
@@ -64,6 +69,7 @@ impl ExchangeRecord {
     pub fn note_head(&mut self, head: &super::head::Head) {
         self.summary.host = Some(head.host.clone());
         self.summary.upgrade.clone_from(&head.upgrade);
+        self.head = self.summary.clone();
     }
 
     /// The body as received from the agent: its size and SHA-256.
@@ -127,6 +133,28 @@ impl ExchangeRecord {
     pub fn will_forward(&self) -> bool {
         self.decision()
             .is_some_and(|d| !(d.mode == Mode::Enforce && d.verdict == Verdict::Block))
+    }
+
+    /// What the response phases of this exchange need, once its record is written as `seq`: `request` is the
+    /// deciding Action (its body dropped).
+    pub fn answering(&self, mut request: Action, seq: u64) -> Answering {
+        if let Some(http) = request.http.as_mut() {
+            http.body = String::new();
+            http.json = None;
+        }
+        let relay = self
+            .decision()
+            .map_or(Relay::Inspect, |d| self.policy.relay(d));
+        Answering {
+            ctx: self.ctx.clone(),
+            policy: self.policy.clone(),
+            agent: self.agent.clone(),
+            protocol: self.protocol.clone(),
+            request,
+            summary: self.head.clone(),
+            parent: seq,
+            relay,
+        }
     }
 
     /// Write the record of a request about to be forwarded. On failure nothing may be forwarded: the refusal says

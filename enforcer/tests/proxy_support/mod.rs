@@ -131,13 +131,14 @@ async fn upstream_handler(
             .push((version, host, path, Vec::new()));
         if let Some(on_upgrade) = on_upgrade {
             tokio::spawn(async move {
-                let up = on_upgrade.await.unwrap();
+                // The peer may close first (a fuzzed client, a relay refusing a message): not the upstream's fault.
+                let Ok(up) = on_upgrade.await else { return };
                 let mut io = TokioIo::new(up);
                 let mut buf = [0u8; 64];
-                let n = io.read(&mut buf).await.unwrap();
-                io.write_all(b"echo:").await.unwrap();
-                io.write_all(&buf[..n]).await.unwrap();
-                io.flush().await.unwrap();
+                let Ok(n) = io.read(&mut buf).await else { return };
+                let _ = io.write_all(b"echo:").await;
+                let _ = io.write_all(&buf[..n]).await;
+                let _ = io.flush().await;
             });
         }
         return Ok(Response::builder()
@@ -581,4 +582,148 @@ pub fn policy(allow_hosts: &[&str], tcp_ports: &[u16]) -> String {
         " - id: no-blocked\n   when: { host: blocked.test }\n   verdict: block\n   message: blocked.test is off limits\n",
     );
     y
+}
+
+/// What a WebSocket upstream received: the upgrade request's headers and every text message, in order.
+#[derive(Default)]
+pub struct WsSeen {
+    pub upgrades: Mutex<Vec<http::HeaderMap>>,
+    pub messages: Mutex<Vec<String>>,
+}
+
+/// An HTTPS upstream on 127.0.0.1 that accepts WebSocket upgrades and then answers each text message: `reply:X`
+/// with `X`, a JSON `response.create` event with `{"type":"response.completed"}`, `records` with a JSON object of
+/// 150 records, anything else with `echo:` and the message.
+pub async fn ws_upstream(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> (SocketAddr, Arc<WsSeen>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(WsSeen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, seen) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = service_fn(move |mut req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.upgrades.lock().unwrap().push(req.headers().clone());
+                        let on_upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let Ok(up) = on_upgrade.await else { return };
+                            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                                TokioIo::new(up),
+                                Role::Server,
+                                None,
+                            )
+                            .await;
+                            while let Some(Ok(msg)) = ws.next().await {
+                                let Message::Text(text) = msg else { continue };
+                                let text = text.to_string();
+                                seen.messages.lock().unwrap().push(text.clone());
+                                let answer = if let Some(rest) = text.strip_prefix("reply:") {
+                                    rest.to_string()
+                                } else if text.contains("\"response.create\"") {
+                                    r#"{"type":"response.completed"}"#.to_string()
+                                } else if text == "records" {
+                                    let records: Vec<_> =
+                                        (0..150).map(|i| serde_json::json!({"id": i})).collect();
+                                    serde_json::json!({"records": records}).to_string()
+                                } else {
+                                    format!("echo:{text}")
+                                };
+                                if ws.send(Message::Text(answer.into())).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(101)
+                                .header("connection", "upgrade")
+                                .header("upgrade", "websocket")
+                                .header("sec-websocket-accept", "test")
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A WebSocket client through the proxy: TLS to `dst` as `host`, an HTTP/1.1 upgrade on `path` (with the given
+/// extra headers), then RFC 6455 framing. `None` and the status when the upgrade was refused.
+pub async fn ws_connect(
+    proxy: &Proxy,
+    dst: SocketAddr,
+    host: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, (u16, Vec<u8>)> {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let tls = proxy.tls_to(dst, host, &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let mut req = Request::builder()
+        .uri(path)
+        .header("host", host)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    if resp.status() != 101 {
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        return Err((status, body));
+    }
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await)
 }

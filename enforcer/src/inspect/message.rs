@@ -1,0 +1,161 @@
+//! WebSocket messages (RFC 6455) on an upgraded connection, classified like requests: a message from the agent
+//! becomes an Action with the same fields as its HTTP form, so the same rules decide it. Recognised: the OpenAI
+//! Responses API over WebSocket (`wss://…/v1/responses`: a `response.create` event carries what a `POST
+//! /v1/responses` body carries — model, tools, input), the OpenAI Realtime API (`/v1/realtime`: `session.update`
+//! declares the tools, the model is the `model` query parameter), and JSON-RPC (MCP over WebSocket). Anything else
+//! is plain data: host, path and `detect` still apply. Also the refusal of a message in its protocol's own shape.
+
+use serde_json::{json, Value};
+
+use super::{block, llm, mcp, InspectConfig, Inspected, LlmApi, Protocol, Provider};
+use crate::model::{Action, Decision, LlmCall};
+
+/// The OpenAI Responses API's WebSocket mode (its events mirror the HTTP create body).
+const RESPONSES_PATH: &str = "/v1/responses";
+/// The OpenAI Realtime API.
+const REALTIME_PATH: &str = "/v1/realtime";
+
+/// Classify one message from the agent. `action` is the upgrade request's Action (transport, head) with the
+/// message as its body (`http.body`, and `http.json` when it is JSON).
+pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
+    let Some(http) = action.http.as_ref() else {
+        return Inspected {
+            protocol: Protocol::Http,
+            actions: vec![action],
+        };
+    };
+    let provider = action
+        .transport
+        .host
+        .as_deref()
+        .and_then(|h| cfg.provider_for(h, action.transport.port));
+    let path = super::canonical_path(http.path.split('?').next().unwrap_or_default());
+    let json = http.json.clone();
+    if let (Some(Provider::OpenAi), Some(event)) = (provider, json.as_ref()) {
+        let kind = event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let call = match (path.as_str(), kind) {
+            (RESPONSES_PATH, "response.create") => {
+                // The event is the create body itself; some clients nest it under `response`.
+                let body = event.get("response").unwrap_or(event);
+                Some(llm::describe(
+                    Provider::OpenAi,
+                    LlmApi::Responses,
+                    &path,
+                    &http.query,
+                    body,
+                ))
+            }
+            (REALTIME_PATH, "session.update" | "response.create") => {
+                Some(realtime_call(event, http.query.get("model")))
+            }
+            _ => None,
+        };
+        return match call {
+            Some(call) => {
+                action.llm = Some(call);
+                Inspected {
+                    protocol: Protocol::Llm {
+                        provider: Provider::OpenAi,
+                        api: LlmApi::Responses,
+                    },
+                    actions: vec![action],
+                }
+            }
+            None => Inspected {
+                protocol: Protocol::Provider(Provider::OpenAi),
+                actions: vec![action],
+            },
+        };
+    }
+    if let Some(elements) = json.as_ref().and_then(mcp::parse) {
+        let batch = json.as_ref().is_some_and(Value::is_array);
+        let (messages, actions) = elements
+            .into_iter()
+            .map(|(message, call)| {
+                let mut a = action.clone();
+                a.mcp = Some(call);
+                (message, a)
+            })
+            .unzip();
+        return Inspected {
+            protocol: Protocol::Mcp { batch, messages },
+            actions,
+        };
+    }
+    let protocol = match provider {
+        Some(p) => Protocol::Provider(p),
+        None => Protocol::Http,
+    };
+    Inspected {
+        protocol,
+        actions: vec![action],
+    }
+}
+
+/// A Realtime session's model (the `model` query parameter of the connection) and the tools a `session.update`
+/// (or a `response.create` overriding the session) declares.
+fn realtime_call(event: &Value, model: Option<&str>) -> LlmCall {
+    let session = event
+        .get("session")
+        .or_else(|| event.get("response"))
+        .unwrap_or(&Value::Null);
+    LlmCall {
+        provider: Provider::OpenAi.as_str().to_string(),
+        model: session
+            .get("model")
+            .and_then(Value::as_str)
+            .or(model)
+            .map(str::to_string),
+        stream: true,
+        tools: session
+            .get("tools")
+            .and_then(Value::as_array)
+            .map(|tools| tools.iter().filter_map(llm::tool_name).collect())
+            .unwrap_or_default(),
+        has_tool_results: false,
+    }
+}
+
+/// What to send the agent instead of a blocked message, in its protocol's own shape; `None` when the protocol has
+/// no way to say it in a message (plain data: the connection is closed with 1008, policy violation) or expects no
+/// answer (a JSON-RPC notification).
+///
+/// - OpenAI (Responses WebSocket mode, Realtime): an `error` event with the status a `POST` would have had
+///   (`{"type":"error","status":403,"error":{"type":"permission_error","code":"blocked_by_policy",…}}`), which
+///   clients surface as the HTTP error it stands for.
+/// - JSON-RPC: each element's answer, as for a `POST` (a blocked `tools/call` is a tool error).
+pub fn message_block(protocol: &Protocol, decisions: &[Decision]) -> Option<String> {
+    match protocol {
+        Protocol::Llm {
+            provider: Provider::OpenAi,
+            ..
+        }
+        | Protocol::Provider(Provider::OpenAi) => {
+            let decision = decisions
+                .iter()
+                .find(|d| d.verdict == crate::model::Verdict::Block)
+                .or(decisions.first())?;
+            Some(
+                json!({
+                    "type": "error",
+                    "status": 403,
+                    "error": {
+                        "type": "permission_error",
+                        "code": "blocked_by_policy",
+                        "message": block::block_message(decision),
+                        "param": null,
+                    }
+                })
+                .to_string(),
+            )
+        }
+        Protocol::Mcp { .. } => {
+            let answer = block::block_batch_response(protocol, decisions);
+            (answer.status == 200).then(|| String::from_utf8_lossy(&answer.body).into_owned())
+        }
+        _ => None,
+    }
+}

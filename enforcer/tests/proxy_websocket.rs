@@ -1,0 +1,320 @@
+//! WebSocket messages under policy, through the real proxy on loopback: every message from the agent is decided,
+//! recorded (linked to the upgrade's record), redacted, refused in its protocol's shape or by closing the
+//! connection; messages from the upstream go through response rules; oversized messages and compression never pass
+//! unread.
+
+mod proxy_support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use proxy_support::*;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+
+const KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+
+const POLICY: &str = r#"version: 1
+default: block
+rules:
+  - id: log-openai
+    when: { host: [api.openai.com, tools.test, other.test] }
+    verdict: log
+  - id: redact-keys
+    when: { host: api.openai.com, detect: [aws-access-key] }
+    verdict: constrain
+    constrain: { redact: [aws-access-key] }
+  - id: no-blocked-models
+    when: { llm.model: "blocked-*" }
+    verdict: block
+    message: this model is not approved for agents
+  - id: no-shell-tools
+    when: { llm.tools: [shell] }
+    verdict: block
+    message: agents may not declare a shell tool
+  - id: no-delete-tools
+    when: { mcp.tool: "delete_*" }
+    verdict: block
+    message: destructive tools are not allowed
+  - id: no-keys-in-plain-data
+    when: { host: other.test, detect: [aws-access-key] }
+    verdict: block
+  - id: at-most-100-records
+    phase: response
+    when: { host: other.test, response.json: { "$.records[*]": { count_gt: 100 } } }
+    verdict: constrain
+    constrain: { json_truncate: { "$.records": 100 } }
+"#;
+
+struct World {
+    proxy: Proxy,
+    up: std::net::SocketAddr,
+    seen: std::sync::Arc<WsSeen>,
+}
+
+async fn world(policy: &str) -> World {
+    let ca = TestCa::new("ws test upstream CA");
+    let proxy = start_proxy(policy, &[&ca], false).await;
+    let (chain, key) = ca.leaf(&["api.openai.com", "tools.test", "other.test"]);
+    let (up, seen) = ws_upstream(chain, key).await;
+    World { proxy, up, seen }
+}
+
+async fn text(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> Message {
+    tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("a message in time")
+        .expect("the connection is open")
+        .expect("a message")
+}
+
+/// The records of one connection: the upgrade's, then its messages'.
+async fn records(proxy: &Proxy) -> Vec<serde_json::Value> {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.audit_records().await
+}
+
+#[tokio::test]
+async fn responses_api_events_are_decided_redacted_and_refused_like_their_http_form() {
+    let w = world(POLICY).await;
+    let mut ws = ws_connect(&w.proxy, w.up, "api.openai.com", "/v1/responses", &[])
+        .await
+        .expect("upgraded");
+    // A pasted key reaches the provider redacted, the rest of the event intact.
+    let create = serde_json::json!({
+        "type": "response.create",
+        "model": "gpt-test",
+        "input": [{"role": "user", "content": format!("deploy with {KEY} now")}],
+        "tools": [{"type": "function", "name": "read_file"}],
+    });
+    ws.send(Message::Text(create.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&mut ws).await,
+        Message::Text(r#"{"type":"response.completed"}"#.into())
+    );
+    let sent: serde_json::Value =
+        serde_json::from_str(&w.seen.messages.lock().unwrap()[0]).unwrap();
+    assert_eq!(
+        sent["input"][0]["content"],
+        "deploy with [REDACTED:aws-access-key] now"
+    );
+    assert_eq!(sent["tools"], create["tools"]);
+
+    // A blocked model: an error event the client surfaces as the 403 a POST would have had; nothing reaches the
+    // provider, and the connection stays open.
+    let blocked = serde_json::json!({"type": "response.create", "model": "blocked-1", "input": []});
+    ws.send(Message::Text(blocked.to_string().into()))
+        .await
+        .unwrap();
+    let Message::Text(error) = text(&mut ws).await else {
+        panic!("an error event")
+    };
+    let error: serde_json::Value = serde_json::from_str(&error).unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["status"], 403);
+    assert_eq!(error["error"]["code"], "blocked_by_policy");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this model is not approved for agents (policy rule: no-blocked-models)"),
+        "{error}"
+    );
+    // A call declaring a shell tool, likewise.
+    let shell = serde_json::json!({"type": "response.create", "model": "gpt-test",
+        "tools": [{"type": "function", "name": "shell"}], "input": []});
+    ws.send(Message::Text(shell.to_string().into()))
+        .await
+        .unwrap();
+    let Message::Text(error) = text(&mut ws).await else {
+        panic!("an error event")
+    };
+    assert!(
+        error.contains("agents may not declare a shell tool"),
+        "{error}"
+    );
+    ws.send(Message::Text("reply:still open".into()))
+        .await
+        .unwrap();
+    assert_eq!(text(&mut ws).await, Message::Text("still open".into()));
+    assert_eq!(
+        w.seen.messages.lock().unwrap().len(),
+        2,
+        "only the allowed events reached the provider"
+    );
+
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs.len(), 5, "the upgrade and four messages: {recs:#?}");
+    let upgrade = recs[0]["seq"].clone();
+    let verdicts: Vec<(&str, &str)> = recs[1..]
+        .iter()
+        .map(|r| {
+            assert_eq!(r["request"]["parent"], upgrade, "{r}");
+            assert_eq!(r["request"]["phase"], "request", "{r}");
+            (
+                r["decision"]["verdict"].as_str().unwrap(),
+                r["outcome"]["disposition"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("constrain", "forwarded"),
+            ("block", "blocked"),
+            ("block", "blocked"),
+            ("log", "forwarded")
+        ]
+    );
+    assert_eq!(recs[1]["request"]["llm_model"], "gpt-test");
+    assert_eq!(
+        recs[1]["request"]["changes"][0]["cause"],
+        "redact:aws-access-key"
+    );
+    assert!(
+        !serde_json::to_string(&recs).unwrap().contains(KEY),
+        "no record carries the key"
+    );
+}
+
+#[tokio::test]
+async fn json_rpc_over_websocket_is_decided_per_tool_call() {
+    let w = world(POLICY).await;
+    let mut ws = ws_connect(&w.proxy, w.up, "tools.test", "/mcp", &[])
+        .await
+        .expect("upgraded");
+    let call = |id: u32, tool: &str| {
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": tool, "arguments": {}}})
+        .to_string()
+    };
+    ws.send(Message::Text(call(1, "delete_repo").into()))
+        .await
+        .unwrap();
+    let Message::Text(answer) = text(&mut ws).await else {
+        panic!("an answer")
+    };
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["id"], 1);
+    assert_eq!(
+        answer["result"]["isError"], true,
+        "a tool error the model reads: {answer}"
+    );
+    ws.send(Message::Text(call(2, "read_file").into()))
+        .await
+        .unwrap();
+    let Message::Text(echo) = text(&mut ws).await else {
+        panic!("an answer")
+    };
+    assert!(echo.starts_with("echo:"), "{echo}");
+    assert_eq!(w.seen.messages.lock().unwrap().len(), 1);
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs[1]["request"]["mcp_tool"], "delete_repo");
+    assert_eq!(recs[1]["decision"]["rule"], "no-delete-tools");
+}
+
+#[tokio::test]
+async fn plain_data_with_a_secret_closes_the_connection_with_policy_violation() {
+    let w = world(POLICY).await;
+    let mut ws = ws_connect(&w.proxy, w.up, "other.test", "/stream", &[])
+        .await
+        .expect("upgraded");
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(text(&mut ws).await, Message::Text("echo:hello".into()));
+    // Split over three frames, a ping between them: reassembled before it is decided, so a key split across
+    // frames is still one key.
+    let (first, rest) = KEY.split_at(8);
+    let frames = [
+        Frame::message(format!("here is {first}"), OpCode::Data(Data::Text), false),
+        Frame::message(rest[..6].to_string(), OpCode::Data(Data::Continue), false),
+        Frame::message(rest[6..].to_string(), OpCode::Data(Data::Continue), true),
+    ];
+    for (i, frame) in frames.into_iter().enumerate() {
+        ws.send(Message::Frame(frame)).await.unwrap();
+        if i == 0 {
+            ws.send(Message::Ping(bytes::Bytes::from_static(b"p")))
+                .await
+                .unwrap();
+        }
+    }
+    let closed = loop {
+        match text(&mut ws).await {
+            Message::Pong(_) => continue,
+            other => break other,
+        }
+    };
+    match closed {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Policy),
+        other => panic!("expected a close with 1008, got {other:?}"),
+    }
+    assert_eq!(*w.seen.messages.lock().unwrap(), ["hello"]);
+}
+
+#[tokio::test]
+async fn messages_from_the_upstream_go_through_response_rules() {
+    let w = world(POLICY).await;
+    let mut ws = ws_connect(&w.proxy, w.up, "other.test", "/db", &[])
+        .await
+        .expect("upgraded");
+    ws.send(Message::Text("records".into())).await.unwrap();
+    let Message::Text(answer) = text(&mut ws).await else {
+        panic!("records")
+    };
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["records"].as_array().unwrap().len(), 100);
+    let recs = records(&w.proxy).await;
+    let response: Vec<_> = recs
+        .iter()
+        .filter(|r| r["request"]["phase"] == "response")
+        .collect();
+    assert_eq!(response.len(), 1, "{recs:#?}");
+    assert_eq!(response[0]["decision"]["rule"], "at-most-100-records");
+    assert_eq!(
+        response[0]["request"]["changes"][0]["cause"],
+        "json_truncate"
+    );
+    assert_eq!(response[0]["request"]["parent"], recs[0]["seq"]);
+}
+
+#[tokio::test]
+async fn oversized_messages_and_compression_never_pass_unread() {
+    let small = POLICY.replace("default: block\n", "default: block\nmax_body_bytes: 1KiB\n");
+    let w = world(&small).await;
+    let mut ws = ws_connect(
+        &w.proxy,
+        w.up,
+        "other.test",
+        "/stream",
+        &[(
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits",
+        )],
+    )
+    .await
+    .expect("upgraded");
+    assert!(
+        w.seen.upgrades.lock().unwrap()[0]
+            .get("sec-websocket-extensions")
+            .is_none(),
+        "compression is never offered to the upstream"
+    );
+    ws.send(Message::Text("x".repeat(4096).into()))
+        .await
+        .unwrap();
+    match text(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Size),
+        other => panic!("expected a close with 1009, got {other:?}"),
+    }
+    assert!(w.seen.messages.lock().unwrap().is_empty());
+    let recs = records(&w.proxy).await;
+    assert_eq!(
+        recs.last().unwrap()["decision"]["reason"],
+        "body_too_large",
+        "{recs:#?}"
+    );
+}

@@ -1,11 +1,14 @@
 //! Policy evaluation of arbitrary Actions: the input is read (libFuzzer's `arbitrary`) as an Action whose strings are
 //! either taken from the shipped policies' vocabulary (hosts, methods, tools, secrets) or raw, with a JSON body
-//! where the bytes parse as one. Every shipped policy decides it alone and in a batch; nothing may panic and the
-//! decision of a batch is one of its Actions' decisions.
+//! where the bytes parse as one, and maybe a proposed tool call or a response (the proposal and response phases).
+//! Every shipped policy decides it alone and in a batch; nothing may panic and the decision of a batch is one of its
+//! Actions' decisions.
 
 #![no_main]
 
-use enforcer::model::{Action, Agent, HttpRequest, LlmCall, McpCall, Pairs, Scheme, Transport};
+use enforcer::model::{
+    Action, Agent, HttpRequest, HttpResponse, LlmCall, McpCall, Pairs, Proposal, Scheme, Transport,
+};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -26,6 +29,9 @@ const WORDS: &[&str] = &[
     "tools/call",
     "delete_all",
     "read_file",
+    "function",
+    "shell",
+    "mcp:fs/delete_all",
     "coding-agent",
     "AKIAIOSFODNN7EXAMPLE",
     "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
@@ -116,6 +122,30 @@ fn action(u: &mut Unstructured) -> Result<Action> {
                     .map(|_| word(u))
                     .collect::<Result<_>>()?,
                 has_tool_results: u.arbitrary()?,
+            })
+        } else {
+            None
+        },
+        proposal: if u.arbitrary()? {
+            let args = word(u)?;
+            Some(Proposal {
+                tool: word(u)?,
+                kind: word(u)?,
+                args: serde_json::from_str(&args).ok(),
+                call_id: opt_word(u)?,
+            })
+        } else {
+            None
+        },
+        response: if u.arbitrary()? {
+            let body = word(u)?;
+            Some(HttpResponse {
+                status: u.arbitrary()?,
+                headers: pairs(u)?,
+                content_type: opt_word(u)?,
+                body_size: body.len() as u64,
+                json: serde_json::from_str(&body).ok(),
+                body,
             })
         } else {
             None

@@ -190,3 +190,38 @@ fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
         rest = rest.get(size..)?.strip_prefix(b"\r\n")?;
     }
 }
+
+/// The upgrade requests the WebSocket target's connections start from, as raw HTTP/1.1: the OpenAI Responses API's
+/// WebSocket mode, the OpenAI Realtime API (model in the query), MCP over WebSocket, and a plain WebSocket.
+const UPGRADES: &[(&str, &str)] = &[
+    ("api.openai.com", "/v1/responses"),
+    (
+        "api.openai.com",
+        "/v1/realtime?model=gpt-4o-realtime-preview",
+    ),
+    ("mcp.example", "/mcp"),
+    ("example.com", "/socket"),
+];
+
+/// The deciding Action of each upgrade request in [`UPGRADES`], built by the proxy's own request phases
+/// (`enforcer::proxy::fuzz_request_to_action`) as the proxy hands it to its WebSocket relay (no body).
+pub fn upgrade_actions() -> &'static [enforcer::model::Action] {
+    static ACTIONS: OnceLock<Vec<enforcer::model::Action>> = OnceLock::new();
+    ACTIONS.get_or_init(|| {
+        UPGRADES
+            .iter()
+            .map(|(host, path)| {
+                let raw = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                );
+                let (parts, body) = parse_http1(raw.as_bytes()).expect("upgrade request");
+                let to = (enforcer::model::Scheme::Https, "203.0.113.7:443".parse().expect("address"));
+                let inspected =
+                    enforcer::proxy::fuzz_request_to_action(&parts, body, to, inspect_config(), 1 << 20)
+                        .unwrap_or_else(|r| panic!("{host}{path}: refused: {r:?}"));
+                inspected.actions[0].clone()
+            })
+            .collect()
+    })
+}

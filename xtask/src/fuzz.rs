@@ -6,6 +6,10 @@
 //! those flags is unstable, so neither nightly nor cargo-fuzz is needed; `--asan` adds AddressSanitizer, which on
 //! stable needs `-Zsanitizer=address` and so `RUSTC_BOOTSTRAP=1` (the runtime ships with the stable toolchain).
 //!
+//! The fuzz workspace's lock file is not committed: each build starts it from the project's `Cargo.lock`, so the
+//! targets link exactly the dependency versions the daemon ships with, and cargo adds only the fuzzing crates
+//! (`fuzz/Cargo.toml` pins those exactly).
+//!
 //! Each target runs over a working corpus in `<target>/fuzz/corpus/NAME` (new inputs land there, kept between runs)
 //! and the committed seeds in `fuzz/corpus/NAME` (read only). A crash, panic, timeout or out-of-memory fails the run
 //! and leaves the input in `<target>/fuzz/artifacts/NAME/`; its log is `<target>/fuzz/logs/NAME.log`.
@@ -23,7 +27,7 @@ use crate::{cargo, run_checked, target_dir, workspace_root};
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 /// Seconds per target in `--smoke` mode (what `cargo xtask test` runs).
-pub const SMOKE_SECONDS: u64 = 8;
+pub const SMOKE_SECONDS: u64 = 5;
 
 /// What to fuzz and how long.
 #[derive(Debug, Clone)]
@@ -34,6 +38,9 @@ pub struct FuzzRun {
     pub seconds: u64,
     /// Build with AddressSanitizer.
     pub asan: bool,
+    /// The short pass `cargo xtask test` runs: the committed seeds and what this run finds, without the working
+    /// corpus earlier runs grew (so it takes the same few seconds on every machine).
+    pub smoke: bool,
 }
 
 pub fn run(opts: &FuzzRun) -> anyhow::Result<()> {
@@ -52,7 +59,7 @@ pub fn run(opts: &FuzzRun) -> anyhow::Result<()> {
     let out = target_dir().join("fuzz");
     let mut failed = Vec::new();
     for name in &chosen {
-        if let Err(e) = run_one(&out, name, opts.seconds) {
+        if let Err(e) = run_one(&out, name, opts) {
             eprintln!("xtask: fuzz: {name}: {e:#}");
             failed.push(name.as_str());
         }
@@ -96,24 +103,22 @@ fn build(asan: bool) -> anyhow::Result<()> {
         rustflags.push_str(" -Zsanitizer=address");
         cmd.env("RUSTC_BOOTSTRAP", "1");
     }
+    let lock = workspace_root().join("Cargo.lock");
+    let fuzz_lock = workspace_root().join("fuzz/Cargo.lock");
+    std::fs::copy(&lock, &fuzz_lock)
+        .with_context(|| format!("copying {} to {}", lock.display(), fuzz_lock.display()))?;
     let target = target_dir().join("fuzz");
-    cmd.args([
-        "build",
-        "--release",
-        "--locked",
-        "--bins",
-        "--manifest-path",
-    ])
-    .arg(workspace_root().join("fuzz/Cargo.toml"))
-    .args(["--target", TRIPLE, "--target-dir"])
-    .arg(&target)
-    .env("RUSTFLAGS", rustflags)
-    .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd.args(["build", "--release", "--bins", "--manifest-path"])
+        .arg(workspace_root().join("fuzz/Cargo.toml"))
+        .args(["--target", TRIPLE, "--target-dir"])
+        .arg(&target)
+        .env("RUSTFLAGS", rustflags)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
     run_checked(&mut cmd)
 }
 
-/// Run one target for `seconds`; fails on any crash, panic, timeout or out-of-memory.
-fn run_one(out: &Path, name: &str, seconds: u64) -> anyhow::Result<()> {
+/// Run one target for `opts.seconds`; fails on any crash, panic, timeout or out-of-memory.
+fn run_one(out: &Path, name: &str, opts: &FuzzRun) -> anyhow::Result<()> {
     let binary = out.join(TRIPLE).join("release").join(name);
     if !binary.is_file() {
         bail!(
@@ -121,7 +126,12 @@ fn run_one(out: &Path, name: &str, seconds: u64) -> anyhow::Result<()> {
             binary.display()
         );
     }
-    let work = out.join("corpus").join(name);
+    let work = out
+        .join(if opts.smoke { "smoke-corpus" } else { "corpus" })
+        .join(name);
+    if opts.smoke && work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
     let artifacts = out.join("artifacts").join(name);
     let logs = out.join("logs");
     for dir in [&work, &artifacts, &logs] {
@@ -134,7 +144,7 @@ fn run_one(out: &Path, name: &str, seconds: u64) -> anyhow::Result<()> {
     let mut cmd = Command::new(&binary);
     cmd.arg(&work)
         .arg(&seeds)
-        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-max_total_time={}", opts.seconds))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"])
         .stdout(Stdio::null())

@@ -69,6 +69,7 @@ fn main() -> ExitCode {
             targets,
             seconds: if smoke { fuzz::SMOKE_SECONDS } else { seconds },
             asan,
+            smoke,
         }),
     };
     match result {
@@ -128,6 +129,7 @@ fn test(no_bench: bool) -> anyhow::Result<()> {
         targets: Vec::new(),
         seconds: fuzz::SMOKE_SECONDS,
         asan: false,
+        smoke: true,
     })?;
     if no_bench {
         return Ok(());

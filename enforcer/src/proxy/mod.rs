@@ -52,6 +52,7 @@ pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::UpstreamError;
+pub use websocket::fuzz_agent_messages;
 
 use crate::audit::{AuditError, AuditLog};
 use crate::inspect::InspectConfig;

@@ -4,6 +4,8 @@
 //! `http::request::Parts` and body the proxy's phases take. Nothing here decides or parses for the product: the
 //! targets call the enforcer's own functions.
 
+pub mod dns;
+
 use std::sync::OnceLock;
 
 use bytes::Bytes;

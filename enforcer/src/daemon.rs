@@ -393,6 +393,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         audit: audit.clone(),
         ca: Arc::new(ca),
         upstream,
+        pool: Default::default(),
         origins,
         inspect: config.inspect.clone(),
         hosts: HostBinder::new(&config.proxy.static_hosts),

@@ -447,6 +447,57 @@ async fn malformed_http_gets_a_400() {
     assert_eq!(seen.count(), 0);
 }
 
+/// A client connection per request (as `curl` and many SDKs make them) costs one upstream TLS handshake per agent,
+/// not one per request; another agent (another cgroup) never gets the first agent's upstream connection.
+#[tokio::test]
+async fn client_connections_of_one_agent_share_upstream_connections() {
+    use std::sync::atomic::Ordering;
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    for (alpn, h2) in [(H1, false), (H2, true)] {
+        let (up, seen) = trusted_upstream(&w, true).await;
+        let agent = |cgroup: &str| enforcer::model::Agent {
+            cgroup: Some(cgroup.into()),
+            ..test_agent()
+        };
+        let mut statuses = Vec::new();
+        for (i, cgroup) in ["/agents/a", "/agents/a", "/agents/a", "/agents/b"]
+            .into_iter()
+            .enumerate()
+        {
+            let tls = w
+                .proxy
+                .tls_to_as(up, "allowed.test", &[alpn], agent(cgroup))
+                .await;
+            let io = TokioIo::new(tls);
+            let req = Request::builder()
+                .uri(format!("https://allowed.test/{i}"))
+                .header("host", "allowed.test")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = if h2 {
+                let (mut s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+                tokio::spawn(c);
+                s.send_request(req).await.unwrap()
+            } else {
+                let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(c);
+                s.send_request(req).await.unwrap()
+            };
+            statuses.push(resp.status().as_u16());
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(statuses, vec![200; 4]);
+        assert_eq!(seen.count(), 4);
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            2,
+            "one upstream connection for agent a's three client connections, one for agent b (h2: {h2})"
+        );
+    }
+}
+
 #[tokio::test]
 async fn requests_on_one_client_connection_share_one_upstream_connection() {
     use std::sync::atomic::Ordering;

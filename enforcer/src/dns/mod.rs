@@ -238,23 +238,36 @@ async fn resolve(
         .await;
         return error_answer(query, Rcode::ServFail);
     };
-    // Recorded before the query leaves the host; an audit failure means it does not leave.
-    if !record(
-        (ctx, &policy),
+    // In the trail before the query leaves the host (an audit failure means it does not leave), durable before the
+    // agent gets the answer: the fdatasync runs while the upstream resolves.
+    let event = AuditEvent {
         decision,
-        agent,
-        summary,
-        Disposition::Forwarded,
-        None,
-    )
-    .await
-    {
+        agent: agent.clone(),
+        request: summary,
+        outcome: Outcome {
+            disposition: Disposition::Forwarded,
+            status: None,
+            error: None,
+        },
+    };
+    let appended = match ctx.append(&policy, event) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "audit write failed for a DNS query");
+            return error_answer(query, Rcode::ServFail);
+        }
+    };
+    let exchange = async {
+        match via {
+            Via::Udp => upstream::udp(upstream, query, stage.timeout).await,
+            Via::Tcp => upstream::tcp(upstream, query, stage.timeout).await,
+        }
+    };
+    let (exchanged, durable) = tokio::join!(exchange, crate::metrics::global().durable(appended));
+    if let Err(e) = durable {
+        tracing::error!(error = %e, "a DNS query's record is not durable: withholding the answer");
         return error_answer(query, Rcode::ServFail);
     }
-    let exchanged = match via {
-        Via::Udp => upstream::udp(upstream, query, stage.timeout).await,
-        Via::Tcp => upstream::tcp(upstream, query, stage.timeout).await,
-    };
     match exchanged {
         // The upstream was offered at most the client's size; an answer over it is not passed on whole.
         Ok(reply) if via == Via::Udp && reply.len() > query.udp_limit() => truncated_answer(query),

@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{Appended, AuditError, AuditLog};
 use crate::model::{AuditEvent, Reason, Scheme, Verdict};
 
 pub use http::{bind, serve, MetricsError};
@@ -295,17 +295,15 @@ impl Metrics {
         }
     }
 
-    /// Count `event` ([`Metrics::decision`]), hand it to `audit` and observe the write: its latency until durable,
-    /// the seq it got, or the failure. (Whether the writer takes records right now is `AuditLog::health`, which the
-    /// daemon's readiness follows.)
-    pub async fn audited(&self, audit: &AuditLog, event: AuditEvent) -> Result<u64, AuditError> {
-        self.decision(&event);
-        let start = Instant::now();
-        let result = audit.record(event).await;
-        self.audit_write.observe(start.elapsed().as_secs_f64());
+    /// Count `event` ([`Metrics::decision`]) and hand it to `audit` (appended, not yet durable): the seq it got, or
+    /// the failure. (Whether the writer takes records right now is `AuditLog::health`, which the daemon's readiness
+    /// follows.)
+    pub fn appended(&self, audit: &AuditLog, event: &AuditEvent) -> Result<Appended, AuditError> {
+        self.decision(event);
+        let result = audit.append(event);
         match &result {
-            Ok(seq) => {
-                self.last_seq.fetch_max(*seq, Ordering::Relaxed);
+            Ok(appended) => {
+                self.last_seq.fetch_max(appended.seq(), Ordering::Relaxed);
                 self.any_seq.store(true, Ordering::Relaxed);
                 self.audit_last_seq
                     .set(i64::try_from(self.last_seq.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
@@ -313,6 +311,17 @@ impl Metrics {
             Err(_) => {
                 self.audit_errors.inc();
             }
+        }
+        result
+    }
+
+    /// Wait for `appended` to be durable, observing how long that took (or counting the failure).
+    pub async fn durable(&self, appended: Appended) -> Result<u64, AuditError> {
+        let start = Instant::now();
+        let result = appended.durable().await;
+        self.audit_write.observe(start.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.audit_errors.inc();
         }
         result
     }
@@ -527,15 +536,17 @@ mod tests {
         let m = Metrics::new();
         assert_eq!(m.last_seq(), None);
         let e = event(Verdict::Allow, Reason::Rule, Scheme::Https, Some("p"));
-        assert_eq!(m.audited(&audit, e.clone()).await.unwrap(), 0);
-        assert_eq!(m.audited(&audit, e.clone()).await.unwrap(), 1);
+        for want in [0, 1] {
+            let appended = m.appended(&audit, &e).unwrap();
+            assert_eq!(m.durable(appended).await.unwrap(), want);
+        }
         assert_eq!(m.last_seq(), Some(1));
         assert!(m.encode(false).contains("enforcer_audit_last_seq 1\n"));
         assert!(m
             .encode(false)
             .contains("enforcer_audit_write_duration_seconds_count 2\n"));
         audit.close().await.unwrap();
-        assert!(m.audited(&audit, e).await.is_err());
+        assert!(m.appended(&audit, &e).is_err());
         assert!(m
             .encode(false)
             .contains("enforcer_audit_write_errors_total 1\n"));

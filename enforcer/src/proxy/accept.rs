@@ -111,7 +111,6 @@ where
                 dst: target.dst,
                 resolved_host: target.host_hint,
                 agent: target.agent,
-                upstream: Default::default(),
             };
             http::serve(ctx, io, conn, false).await;
         }
@@ -197,7 +196,6 @@ where
         dst: target.dst,
         resolved_host: target.host_hint,
         agent: target.agent,
-        upstream: Default::default(),
     };
     http::serve(ctx, tls, conn, h2).await;
 }

@@ -87,7 +87,6 @@ pub fn fuzz_request_to_action(
         dst,
         resolved_host: None,
         agent: crate::model::Agent::default(),
-        upstream: Default::default(),
     };
     let action = build_action(&conn, &head, parts, &body);
     inspect_action(action, cfg, &body.decoded).map_err(|e| body::refusal(&e).reason)

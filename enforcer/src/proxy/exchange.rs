@@ -11,8 +11,9 @@
 //! 6. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
 //! 7. `enforce::enforce` — block, or constrain the request;
 //! 8. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
-//! 9. `ExchangeRecord::forwarded` — the record, written before anything reaches the upstream;
-//! 10. `forward::send` — the request sent, the response head received;
+//! 9. `ExchangeRecord::forwarded` — the record, in the trail before anything reaches the upstream;
+//! 10. `forward::send` — the request sent, the response head received, while the record is made durable
+//!     (`ExchangeRecord::durable`): the agent sees nothing of the answer before both;
 //! 11. `answer::respond` — the response phases: what the agent receives.
 
 use std::sync::Arc;
@@ -95,8 +96,15 @@ async fn phases(
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
     let upstream_req = forward::request(outgoing, &head.authority, &upstream)?;
-    let seq = rec.forwarded().await?;
-    let resp = forward::send(conn, &head, upstream, upstream_req).await?;
+    let appended = rec.forwarded()?;
+    let seq = appended.seq();
+    // The record's fdatasync runs while the request is upstream; the answer waits for both.
+    let (resp, durable) = tokio::join!(
+        forward::send(rec.ctx(), conn, upstream, upstream_req),
+        ExchangeRecord::durable(appended),
+    );
+    let resp = resp?;
+    durable?;
 
     let upgrade = upgrade.zip(upgrading.flatten()).map(|(client, request)| {
         let answering = rec.answering(request, seq);

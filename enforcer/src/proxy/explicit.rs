@@ -101,7 +101,6 @@ async fn explicit_request(
         dst,
         resolved_host: Some(host),
         agent,
-        upstream: Default::default(),
     };
     exchange::handle(&ctx, &conn, req).await
 }

@@ -1,5 +1,5 @@
-//! The forward phases: connect to the verified upstream at the original destination (reusing this client
-//! connection's upstream connection when it was verified for the same host), build the request exactly as the
+//! The forward phases: connect to the verified upstream at the original destination (reusing an idle connection
+//! of the same agent that was verified for the same host and destination, see [`upstream::Pool`]), build the request exactly as the
 //! upstream will see it (origin-form with `Host` for HTTP/1.1, `:authority` for HTTP/2, hop-by-hop fields removed,
 //! the body framed by `Content-Length`), and send it. Only the response head is timed: once it arrives, bodies
 //! (server-sent events) stream for as long as they run.
@@ -14,16 +14,16 @@ use super::enforce::Outgoing;
 use super::head::Head;
 use super::http::Conn;
 use super::refusal::Refusal;
-use super::upstream::{self, Sender};
+use super::upstream::{self, PoolKey, Sender};
 use super::ProxyContext;
 use crate::model::{Reason, Scheme};
 
 /// A connected, verified upstream for one request.
 pub(crate) struct Upstream {
     sender: Sender,
-    /// HTTP/1.1 `Upgrade` request: its connection is never returned to the slot.
+    /// HTTP/1.1 `Upgrade` request: its connection is never returned to the pool.
     is_upgrade: bool,
-    want_h2: bool,
+    key: PoolKey,
 }
 
 impl Upstream {
@@ -44,10 +44,17 @@ pub(crate) async fn connect(
         out.parts.version == Version::HTTP_11 && out.parts.headers.contains_key(header::UPGRADE);
     let want_h2 = out.parts.version == Version::HTTP_2 && !is_upgrade;
     let tls = (conn.scheme == Scheme::Https).then_some(&ctx.upstream);
+    let key = PoolKey {
+        agent: conn.agent.cgroup.clone(),
+        dst: conn.dst,
+        tls: tls.is_some(),
+        host: head.host.clone(),
+        want_h2,
+    };
     let reused = if is_upgrade {
         None
     } else {
-        conn.upstream.take(&head.host, want_h2).await
+        ctx.pool.take(&key)
     };
     let connected = match reused {
         Some(s) => Ok(s),
@@ -60,7 +67,7 @@ pub(crate) async fn connect(
     Ok(Upstream {
         sender,
         is_upgrade,
-        want_h2,
+        key,
     })
 }
 
@@ -83,8 +90,8 @@ pub(crate) fn request(
 /// Send `req` and wait for the response head (bounded by the response-head timeout). A reusable connection goes
 /// back to the client connection's slot.
 pub(crate) async fn send(
+    ctx: &ProxyContext,
     conn: &Conn,
-    head: &Head,
     mut upstream: Upstream,
     req: Request<Full<Bytes>>,
 ) -> Result<Response<Incoming>, Refusal> {
@@ -99,9 +106,7 @@ pub(crate) async fn send(
         ));
     };
     if !upstream.is_upgrade {
-        conn.upstream
-            .put(&head.host, upstream.want_h2, upstream.sender)
-            .await;
+        ctx.pool.put(upstream.key, upstream.sender);
     }
     sent.map_err(|e| {
         tracing::info!(dst = %conn.dst, error = %e, "upstream request failed");

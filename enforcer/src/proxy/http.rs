@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{exchange, upstream, ProxyContext};
+use super::{exchange, ProxyContext};
 use crate::model::{Agent, Scheme};
 
 /// HTTP/2 pings to notice dead clients.
@@ -35,8 +35,6 @@ pub(crate) struct Conn {
     /// plain-HTTP request naming any other host must be bound to `dst` by the `HostBinder`.
     pub resolved_host: Option<String>,
     pub agent: Agent,
-    /// The upstream connection reused across this client connection's requests.
-    pub upstream: Arc<upstream::Slot>,
 }
 
 /// Serve HTTP/1.1 and HTTP/2 on `io`. `h2` is true when ALPN chose h2, in which case only HTTP/2 is spoken.

@@ -51,10 +51,10 @@ pub use classify::fuzz_request_to_action;
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
-pub use upstream::UpstreamError;
+pub use upstream::{Pool as UpstreamPool, UpstreamError};
 pub use websocket::fuzz_agent_messages;
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{Appended, AuditError, AuditLog};
 use crate::inspect::InspectConfig;
 use crate::model::{
     Agent, AuditEvent, Decision, Disposition, Mode, OriginLookup, Outcome, Reason, RequestSummary,
@@ -69,6 +69,8 @@ pub struct ProxyContext {
     pub audit: AuditLog,
     pub ca: Arc<CertAuthority>,
     pub upstream: UpstreamTls,
+    /// Idle verified upstream connections, reused by later requests of the same agent to the same host.
+    pub pool: UpstreamPool,
     pub origins: Arc<dyn OriginLookup>,
     pub inspect: InspectConfig,
     /// Binds a plain-HTTP `Host` to the original destination (transparent mode; see `hostbind`).
@@ -81,13 +83,21 @@ impl ProxyContext {
     /// Write `event` to the audit trail, durably, under `policy` (the snapshot the event was decided under). The
     /// host and path are the agent's words and can carry a secret: where one of that policy's detectors fires in
     /// one, the record shows it redacted.
-    pub async fn record(&self, policy: &Policy, mut event: AuditEvent) -> Result<u64, AuditError> {
+    pub async fn record(&self, policy: &Policy, event: AuditEvent) -> Result<u64, AuditError> {
+        let appended = self.append(policy, event)?;
+        crate::metrics::global().durable(appended).await
+    }
+
+    /// [`ProxyContext::record`] in two steps: the record is in the trail (it survives the daemon being killed) when
+    /// this returns; [`Appended::durable`] (through [`crate::metrics::Metrics::durable`]) says when a power cut can no
+    /// longer lose it. What an agent may see of an action's result waits for that.
+    pub fn append(&self, policy: &Policy, mut event: AuditEvent) -> Result<Appended, AuditError> {
         let request = &mut event.request;
         crate::constrain::scrub_for_record(
             policy,
             [&mut request.host, &mut request.path].into_iter().flatten(),
         );
-        crate::metrics::global().audited(&self.audit, event).await
+        crate::metrics::global().appended(&self.audit, &event)
     }
 
     /// Record a refusal the proxy decided itself, outside an HTTP exchange (a connection without an origin, a TLS

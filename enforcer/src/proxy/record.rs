@@ -19,6 +19,7 @@ use super::answer::Answering;
 use super::http::ProxyBody;
 use super::refusal::{into_response, shaped_response, Refusal};
 use super::{enforcer_decision, ProxyContext};
+use crate::audit::Appended;
 use crate::inspect::{self, Protocol};
 use crate::model::{
     Action, Agent, AuditEvent, Decided, Decision, Disposition, Mode, Outcome, Reason, Relay,
@@ -157,9 +158,10 @@ impl ExchangeRecord {
         }
     }
 
-    /// Write the record of a request about to be forwarded. On failure nothing may be forwarded: the refusal says
-    /// so (and no second record is attempted).
-    pub async fn forwarded(&mut self) -> Result<u64, Refusal> {
+    /// Append the record of a request about to be forwarded: once this returns the record survives the daemon being
+    /// killed; the caller forwards and waits for [`Appended::durable`] before the agent sees the answer. On failure
+    /// nothing may be forwarded: the refusal says so (and no second record is attempted).
+    pub fn forwarded(&mut self) -> Result<Appended, Refusal> {
         let Some(decision) = self.decision().cloned() else {
             return Err(Refusal::new(
                 Reason::BadRequest,
@@ -173,13 +175,27 @@ impl ExchangeRecord {
             error: None,
         };
         self.written = true;
-        self.write(decision, outcome).await.map_err(|()| {
-            Refusal::new(
-                Reason::AuditUnavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the enforcer could not record the request, so it was not forwarded",
-            )
+        let event = AuditEvent {
+            decision,
+            agent: self.agent.clone(),
+            request: std::mem::take(&mut self.summary),
+            outcome,
+        };
+        self.ctx.append(&self.policy, event).map_err(|e| {
+            tracing::error!(error = %e, "audit write failed: not forwarding");
+            audit_unavailable("the enforcer could not record the request, so it was not forwarded")
         })
+    }
+
+    /// Wait until the forwarded request's record is durable; until then the agent must not see the answer.
+    pub async fn durable(appended: Appended) -> Result<u64, Refusal> {
+        crate::metrics::global()
+            .durable(appended)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit record not durable: withholding the answer");
+                audit_unavailable("the enforcer could not make the request's record durable")
+            })
     }
 
     /// Answer `refusal` and, unless the exchange is already recorded, record it: the one place a refusal becomes
@@ -277,6 +293,14 @@ impl Drop for ExchangeRecord {
             }
         });
     }
+}
+
+fn audit_unavailable(message: &'static str) -> Refusal {
+    Refusal::new(
+        Reason::AuditUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+        message,
+    )
 }
 
 /// What became of an exchange the enforcer answered itself for `reason`: not sent because the upstream could not be

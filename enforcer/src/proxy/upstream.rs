@@ -88,6 +88,14 @@ impl Sender {
         }
     }
 
+    /// Whether a request can be sent now (HTTP/1.1: the previous response was read to the end).
+    fn is_ready(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+
     pub async fn send(
         &mut self,
         req: http::Request<Full<Bytes>>,
@@ -163,38 +171,98 @@ where
     Ok(Sender::H1(sender))
 }
 
-/// The upstream connection one client connection reuses between its requests: kept for one host and protocol
-/// choice (so a reused connection was verified for exactly the host being asked for). HTTP/2 senders are shared by
-/// concurrent requests; an HTTP/1.1 sender is lent to one request at a time.
-#[derive(Default)]
-pub(crate) struct Slot(tokio::sync::Mutex<Option<(String, bool, Sender)>>);
+/// Which idle connections a request may reuse: the same agent (its cgroup; agents never share an upstream
+/// connection), the same original destination and scheme, the same host the certificate was verified for, and the
+/// same protocol offer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub agent: Option<String>,
+    pub dst: SocketAddr,
+    pub tls: bool,
+    pub host: String,
+    pub want_h2: bool,
+}
 
-impl std::fmt::Debug for Slot {
+/// How long an idle upstream connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections kept per key (an HTTP/2 connection carries every concurrent request of its key).
+const IDLE_PER_KEY: usize = 32;
+/// Idle connections kept in all.
+const IDLE_TOTAL: usize = 1024;
+
+/// Verified upstream connections shared by every client connection, so an agent that opens a new connection per
+/// request (most SDKs under load, every `curl`) costs one TLS handshake with the agent, not two. An HTTP/2
+/// connection is shared by concurrent requests; an HTTP/1.1 connection is lent to one request at a time and is
+/// handed out again only once hyper reports it ready (its previous response body read to the end).
+#[derive(Default)]
+pub struct Pool(std::sync::Mutex<PoolState>);
+
+#[derive(Default)]
+struct PoolState {
+    idle: std::collections::HashMap<PoolKey, Vec<(Sender, std::time::Instant)>>,
+    count: usize,
+}
+
+impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Slot")
+        f.write_str("Pool")
     }
 }
 
-impl Slot {
-    pub async fn take(&self, host: &str, want_h2: bool) -> Option<Sender> {
-        let mut slot = self.0.lock().await;
-        let matches = slot
-            .as_ref()
-            .is_some_and(|(h, w, s)| h == host && *w == want_h2 && !s.is_closed());
-        if !matches {
-            *slot = None;
-            return None;
+impl Pool {
+    /// A live connection for `key`, if one is idle.
+    pub(crate) fn take(&self, key: &PoolKey) -> Option<Sender> {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *state;
+        let idle = state.idle.get_mut(key)?;
+        let before = idle.len();
+        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        let mut taken = None;
+        if let Some(i) = idle.iter().position(|(s, _)| s.is_ready()) {
+            taken = Some(match &idle[i].0 {
+                Sender::H2(s) => Sender::H2(s.clone()),
+                Sender::H1(_) => idle.swap_remove(i).0,
+            });
         }
-        match slot.as_ref() {
-            Some((_, _, Sender::H2(s))) => Some(Sender::H2(s.clone())),
-            _ => slot.take().map(|(_, _, s)| s),
+        state.count -= before - idle.len();
+        if idle.is_empty() {
+            state.idle.remove(key);
         }
+        taken
     }
 
-    pub async fn put(&self, host: &str, want_h2: bool, sender: Sender) {
-        let mut slot = self.0.lock().await;
-        if slot.is_none() && !sender.is_closed() {
-            *slot = Some((host.to_string(), want_h2, sender));
+    /// Keep `sender` for later requests with `key` (dropped when the pool is full or it already holds an HTTP/2
+    /// connection for `key`; a dropped connection closes once its response is read).
+    pub(crate) fn put(&self, key: PoolKey, sender: Sender) {
+        if sender.is_closed() {
+            return;
         }
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if state.count >= IDLE_TOTAL {
+            state.sweep();
+        }
+        if state.count >= IDLE_TOTAL {
+            return;
+        }
+        let idle = state.idle.entry(key).or_default();
+        let full = match sender {
+            Sender::H2(_) => idle.iter().any(|(s, _)| s.is_h2() && !s.is_closed()),
+            Sender::H1(_) => idle.len() >= IDLE_PER_KEY,
+        };
+        if !full {
+            idle.push((sender, std::time::Instant::now()));
+            state.count += 1;
+        }
+    }
+}
+
+impl PoolState {
+    /// Forget closed and expired connections under every key.
+    fn sweep(&mut self) {
+        self.idle.retain(|_, idle| {
+            idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+            !idle.is_empty()
+        });
+        self.count = self.idle.values().map(Vec::len).sum();
     }
 }

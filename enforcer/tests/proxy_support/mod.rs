@@ -135,7 +135,9 @@ async fn upstream_handler(
                 let Ok(up) = on_upgrade.await else { return };
                 let mut io = TokioIo::new(up);
                 let mut buf = [0u8; 64];
-                let Ok(n) = io.read(&mut buf).await else { return };
+                let Ok(n) = io.read(&mut buf).await else {
+                    return;
+                };
                 let _ = io.write_all(b"echo:").await;
                 let _ = io.write_all(&buf[..n]).await;
                 let _ = io.flush().await;
@@ -362,6 +364,7 @@ async fn start(
         audit: audit.clone(),
         ca: ca.clone(),
         upstream,
+        pool: Default::default(),
         origins: table.clone(),
         inspect: InspectConfig::default(),
         hosts: HostBinder::new(
@@ -424,16 +427,19 @@ async fn start(
 impl Proxy {
     /// Connect to the proxy as if the kernel had redirected a connection meant for `dst`.
     pub async fn connect_as(&self, dst: SocketAddr) -> TcpStream {
+        self.connect_as_agent(dst, test_agent()).await
+    }
+
+    /// [`Proxy::connect_as`] for a connection of `agent`.
+    pub async fn connect_as_agent(&self, dst: SocketAddr, agent: Agent) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = socket.local_addr().unwrap().port();
-        self.table.0.lock().unwrap().insert(
-            port,
-            Origin {
-                dst,
-                agent: test_agent(),
-            },
-        );
+        self.table
+            .0
+            .lock()
+            .unwrap()
+            .insert(port, Origin { dst, agent });
         socket.connect(self.addr).await.unwrap()
     }
 
@@ -486,7 +492,18 @@ impl Proxy {
         sni: &str,
         alpn: &[&[u8]],
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let tcp = self.connect_as(dst).await;
+        self.tls_to_as(dst, sni, alpn, test_agent()).await
+    }
+
+    /// [`Proxy::tls_to`] for a connection of `agent`.
+    pub async fn tls_to_as(
+        &self,
+        dst: SocketAddr,
+        sni: &str,
+        alpn: &[&[u8]],
+        agent: Agent,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = self.connect_as_agent(dst, agent).await;
         tokio_rustls::TlsConnector::from(self.client_tls(alpn))
             .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
             .await

@@ -5,10 +5,10 @@
 //! loops over a seeded xorshift generator, bounded iterations, no extra dependencies.
 //! The coverage-guided targets over the same parsers (libFuzzer, committed corpora) live in `fuzz/`.
 
-mod proxy_support;
 /// The checks the `dns_query` fuzz target runs on each input.
 #[path = "../../fuzz/src/dns.rs"]
 mod dns_check;
+mod proxy_support;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};

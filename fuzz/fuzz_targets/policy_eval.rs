@@ -58,7 +58,22 @@ fn word(u: &mut Unstructured) -> Result<String> {
 }
 
 fn opt_word(u: &mut Unstructured) -> Result<Option<String>> {
-    Ok(if u.arbitrary()? { Some(word(u)?) } else { None })
+    maybe(u, word)
+}
+
+/// `Some` of what `part` reads, or `None`, as the input says.
+fn maybe<T>(
+    u: &mut Unstructured,
+    part: impl FnOnce(&mut Unstructured) -> Result<T>,
+) -> Result<Option<T>> {
+    Ok(if u.arbitrary()? { Some(part(u)?) } else { None })
+}
+
+/// A word, and its JSON where it parses as JSON.
+fn text(u: &mut Unstructured) -> Result<(String, Option<serde_json::Value>)> {
+    let text = word(u)?;
+    let json = serde_json::from_str(&text).ok();
+    Ok((text, json))
 }
 
 fn pairs(u: &mut Unstructured) -> Result<Pairs> {
@@ -69,9 +84,65 @@ fn pairs(u: &mut Unstructured) -> Result<Pairs> {
         .map(Pairs)
 }
 
+fn http(u: &mut Unstructured) -> Result<HttpRequest> {
+    let (body, json) = text(u)?;
+    Ok(HttpRequest {
+        method: word(u)?,
+        path: word(u)?,
+        query: pairs(u)?,
+        headers: pairs(u)?,
+        content_type: opt_word(u)?,
+        body_size: u.arbitrary()?,
+        body,
+        json,
+        upgrade: opt_word(u)?,
+    })
+}
+
+fn mcp(u: &mut Unstructured) -> Result<McpCall> {
+    Ok(McpCall {
+        method: word(u)?,
+        tool: opt_word(u)?,
+        args: text(u)?.1,
+        resource: opt_word(u)?,
+        session: opt_word(u)?,
+    })
+}
+
+fn llm(u: &mut Unstructured) -> Result<LlmCall> {
+    Ok(LlmCall {
+        provider: word(u)?,
+        model: opt_word(u)?,
+        stream: u.arbitrary()?,
+        tools: (0..u.int_in_range(0..=3)?)
+            .map(|_| word(u))
+            .collect::<Result<_>>()?,
+        has_tool_results: u.arbitrary()?,
+    })
+}
+
+fn proposal(u: &mut Unstructured) -> Result<Proposal> {
+    Ok(Proposal {
+        tool: word(u)?,
+        kind: word(u)?,
+        args: text(u)?.1,
+        call_id: opt_word(u)?,
+    })
+}
+
+fn response(u: &mut Unstructured) -> Result<HttpResponse> {
+    let (body, json) = text(u)?;
+    Ok(HttpResponse {
+        status: u.arbitrary()?,
+        headers: pairs(u)?,
+        content_type: opt_word(u)?,
+        body_size: body.len() as u64,
+        body,
+        json,
+    })
+}
+
 fn action(u: &mut Unstructured) -> Result<Action> {
-    let body = word(u)?;
-    let json = serde_json::from_str(&body).ok();
     Ok(Action {
         agent: Agent {
             profile: opt_word(u)?,
@@ -86,70 +157,11 @@ fn action(u: &mut Unstructured) -> Result<Action> {
             ip: u.arbitrary()?,
             port: u.arbitrary()?,
         },
-        http: if u.arbitrary()? {
-            Some(HttpRequest {
-                method: word(u)?,
-                path: word(u)?,
-                query: pairs(u)?,
-                headers: pairs(u)?,
-                content_type: opt_word(u)?,
-                body_size: u.arbitrary()?,
-                body,
-                json,
-                upgrade: opt_word(u)?,
-            })
-        } else {
-            None
-        },
-        mcp: if u.arbitrary()? {
-            let args = word(u)?;
-            Some(McpCall {
-                method: word(u)?,
-                tool: opt_word(u)?,
-                args: serde_json::from_str(&args).ok(),
-                resource: opt_word(u)?,
-                session: opt_word(u)?,
-            })
-        } else {
-            None
-        },
-        llm: if u.arbitrary()? {
-            Some(LlmCall {
-                provider: word(u)?,
-                model: opt_word(u)?,
-                stream: u.arbitrary()?,
-                tools: (0..u.int_in_range(0..=3)?)
-                    .map(|_| word(u))
-                    .collect::<Result<_>>()?,
-                has_tool_results: u.arbitrary()?,
-            })
-        } else {
-            None
-        },
-        proposal: if u.arbitrary()? {
-            let args = word(u)?;
-            Some(Proposal {
-                tool: word(u)?,
-                kind: word(u)?,
-                args: serde_json::from_str(&args).ok(),
-                call_id: opt_word(u)?,
-            })
-        } else {
-            None
-        },
-        response: if u.arbitrary()? {
-            let body = word(u)?;
-            Some(HttpResponse {
-                status: u.arbitrary()?,
-                headers: pairs(u)?,
-                content_type: opt_word(u)?,
-                body_size: body.len() as u64,
-                json: serde_json::from_str(&body).ok(),
-                body,
-            })
-        } else {
-            None
-        },
+        http: maybe(u, http)?,
+        mcp: maybe(u, mcp)?,
+        llm: maybe(u, llm)?,
+        proposal: maybe(u, proposal)?,
+        response: maybe(u, response)?,
     })
 }
 

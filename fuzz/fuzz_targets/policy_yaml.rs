@@ -3,9 +3,36 @@
 
 #![no_main]
 
-use enforcer::model::{Action, HttpRequest, Scheme, Transport};
+use std::sync::OnceLock;
+
+use enforcer::model::{Action, Scheme, Transport};
 use enforcer::policy::Policy;
 use libfuzzer_sys::fuzz_target;
+
+/// What each compiled policy decides: an empty Action, a chat completion carrying a secret (built by the proxy's
+/// own request phases) and a DNS query.
+fn samples() -> &'static [Action] {
+    static SAMPLES: OnceLock<Vec<Action>> = OnceLock::new();
+    SAMPLES.get_or_init(|| {
+        let body =
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"AKIAIOSFODNN7EXAMPLE"}]}"#;
+        let chat = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let dns = Action {
+            transport: Transport {
+                scheme: Scheme::Dns,
+                host: Some("exfil.example".into()),
+                ip: None,
+                port: 53,
+            },
+            ..Action::default()
+        };
+        vec![Action::default(), enforcer_fuzz::request_action(&chat), dns]
+    })
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(src) = std::str::from_utf8(data) else {
@@ -18,38 +45,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    let actions = [
-        Action::default(),
-        Action {
-            transport: Transport {
-                scheme: Scheme::Https,
-                host: Some("api.openai.com".into()),
-                ip: None,
-                port: 443,
-            },
-            http: Some(HttpRequest {
-                method: "POST".into(),
-                path: "/v1/chat/completions".into(),
-                content_type: Some("application/json".into()),
-                body: r#"{"messages":[{"role":"user","content":"AKIAIOSFODNN7EXAMPLE"}]}"#.into(),
-                json: Some(
-                    serde_json::json!({"messages":[{"role":"user","content":"AKIAIOSFODNN7EXAMPLE"}]}),
-                ),
-                ..HttpRequest::default()
-            }),
-            ..Action::default()
-        },
-        Action {
-            transport: Transport {
-                scheme: Scheme::Dns,
-                host: Some("exfil.example".into()),
-                ip: None,
-                port: 53,
-            },
-            ..Action::default()
-        },
-    ];
-    let decided = policy.decide_all(&actions);
+    let decided = policy.decide_all(samples());
     let _ = policy.relay(&decided.decision);
     let _ = (policy.hash(), policy.rule_ids().count());
 });

@@ -205,25 +205,33 @@ const UPGRADES: &[(&str, &str)] = &[
     ("example.com", "/socket"),
 ];
 
-/// The deciding Action of each upgrade request in [`UPGRADES`], built by the proxy's own request phases
-/// (`enforcer::proxy::fuzz_request_to_action`) as the proxy hands it to its WebSocket relay (no body).
+/// The deciding Action of each upgrade request in [`UPGRADES`], as the proxy hands it to its WebSocket relay (no
+/// body).
 pub fn upgrade_actions() -> &'static [enforcer::model::Action] {
     static ACTIONS: OnceLock<Vec<enforcer::model::Action>> = OnceLock::new();
     ACTIONS.get_or_init(|| {
         UPGRADES
             .iter()
             .map(|(host, path)| {
-                let raw = format!(
+                request_action(&format!(
                     "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                );
-                let (parts, body) = parse_http1(raw.as_bytes()).expect("upgrade request");
-                let to = (enforcer::model::Scheme::Https, "203.0.113.7:443".parse().expect("address"));
-                let inspected =
-                    enforcer::proxy::fuzz_request_to_action(&parts, body, to, inspect_config(), 1 << 20)
-                        .unwrap_or_else(|r| panic!("{host}{path}: refused: {r:?}"));
-                inspected.actions[0].clone()
+                ))
             })
             .collect()
     })
+}
+
+/// The (first) Action of the raw HTTP/1.1 request `raw`, sent over TLS to 203.0.113.7:443, built by the proxy's own
+/// request phases (`enforcer::proxy::fuzz_request_to_action`). Panics when the proxy would refuse it.
+pub fn request_action(raw: &str) -> enforcer::model::Action {
+    let (parts, body) = parse_http1(raw.as_bytes()).expect("a whole request");
+    let to = (
+        enforcer::model::Scheme::Https,
+        "203.0.113.7:443".parse().expect("address"),
+    );
+    match enforcer::proxy::fuzz_request_to_action(&parts, body, to, inspect_config(), 1 << 20) {
+        Ok(inspected) => inspected.actions[0].clone(),
+        Err(reason) => panic!("refused ({reason:?}): {raw}"),
+    }
 }

@@ -4,7 +4,8 @@
 //! `cargo xtask setup` installs what building the eBPF object needs (Debian `llvm-22-dev`, `bpf-linker` 0.13 built
 //! against LLVM 22, `rust-src`) plus the tools the end-to-end tests and the demo use, skipping every step that is
 //! already satisfied. `cargo xtask test` and `cargo xtask demo` run it first, so on a fresh machine they are the only
-//! commands a user types. `cargo xtask fuzz` builds and runs the fuzz targets (`fuzz/`); `test` runs them briefly.
+//! commands a user types. `cargo xtask fuzz` (after setup) builds and runs the fuzz targets (`fuzz/`); `test` runs them
+//! briefly.
 //! This crate must not depend on `enforcer`: it installs what the enforcer's build needs.
 
 mod demo;
@@ -36,7 +37,7 @@ enum Cmd {
     },
     /// Set up, build, then run the daemon on the default policy and enforce a demo agent against a netns host.
     Demo,
-    /// Build the libFuzzer targets of `fuzz/` and run each for a bounded time; fails on any crash.
+    /// Set up, build the libFuzzer targets of `fuzz/` and run each for a bounded time; fails on any crash.
     Fuzz {
         /// The short run `cargo xtask test` does: each target for a few seconds.
         #[arg(long, conflicts_with = "seconds")]
@@ -65,11 +66,13 @@ fn main() -> ExitCode {
             seconds,
             asan,
             targets,
-        } => fuzz::run(&fuzz::FuzzRun {
-            targets,
-            seconds: if smoke { fuzz::SMOKE_SECONDS } else { seconds },
-            asan,
-            smoke,
+        } => setup::run().and_then(|()| {
+            fuzz::run(&fuzz::FuzzRun {
+                targets,
+                seconds: if smoke { fuzz::SMOKE_SECONDS } else { seconds },
+                asan,
+                smoke,
+            })
         }),
     };
     match result {

@@ -6,10 +6,13 @@
 //! `cargo xtask setup` installs what building the eBPF object needs (Debian `llvm-22-dev`, `bpf-linker` 0.13 built
 //! against LLVM 22, `rust-src`) plus the tools the end-to-end tests and the demo use, skipping every step that is
 //! already satisfied. `cargo xtask test` and `cargo xtask demo` run it first, so on a fresh machine they are the only
-//! commands a user types. This crate must not depend on `enforcer`: it installs what the enforcer's build needs.
+//! commands a user types. `cargo xtask fuzz` (after setup) builds and runs the fuzz targets (`fuzz/`); `test` runs them
+//! briefly.
+//! This crate must not depend on `enforcer`: it installs what the enforcer's build needs.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod sys;
 
@@ -41,6 +44,20 @@ enum Cmd {
     /// Measure the enforcer's overhead side by side with a direct connection and mitmproxy (root; ~25 min, or
     /// well under a minute with --short / ENFORCER_BENCH_SHORT=1).
     Bench(bench::BenchArgs),
+    /// Set up, build the libFuzzer targets of `fuzz/` and run each for a bounded time; fails on any crash.
+    Fuzz {
+        /// The short run `cargo xtask test` does: each target for a few seconds.
+        #[arg(long, conflicts_with = "seconds")]
+        smoke: bool,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Build with AddressSanitizer (on stable: `-Zsanitizer=address` under `RUSTC_BOOTSTRAP=1`).
+        #[arg(long)]
+        asan: bool,
+        /// Targets to run (default: every file of `fuzz/fuzz_targets/`).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +69,19 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| demo::run()),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Fuzz {
+            smoke,
+            seconds,
+            asan,
+            targets,
+        } => setup::run().and_then(|()| {
+            fuzz::run(&fuzz::FuzzRun {
+                targets,
+                seconds: if smoke { fuzz::SMOKE_SECONDS } else { seconds },
+                asan,
+                smoke,
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +135,13 @@ fn test(no_bench: bool) -> anyhow::Result<()> {
     // Unit, integration and the privileged end-to-end tests (tests/e2e, run as the `e2e` test of `enforcer`).
     // Every failure is fatal; `test result:` lines are cargo's own.
     run_checked(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    // The fuzz targets over their committed seeds and a few seconds of new inputs each: a crash fails the run.
+    fuzz::run(&fuzz::FuzzRun {
+        targets: Vec::new(),
+        seconds: fuzz::SMOKE_SECONDS,
+        asan: false,
+        smoke: true,
+    })?;
     if no_bench {
         return Ok(());
     }

@@ -41,6 +41,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("mkfs.ext4", "e2fsprogs"),
     ("dumpe2fs", "e2fsprogs"),
     ("fallocate", "util-linux"),
+    // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    ("c++", "g++"),
 ];
 
 /// The collector the audit shipping test sends to: rsyslog and its TLS (GnuTLS) network stream driver.

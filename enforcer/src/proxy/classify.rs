@@ -24,38 +24,72 @@ pub(crate) fn classify(
 ) -> Result<Inspected, Refusal> {
     let cfg = &rec.ctx().inspect;
     let action = build_action(conn, head, parts, body);
-    let classified = inspect::classify(action.clone(), cfg).and_then(|inspected| {
-        // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something
-        // else to the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
-        let protocol = match &inspected.protocol {
-            Protocol::Llm { provider, .. } => Some(provider.as_str()),
-            Protocol::Mcp { .. } => Some("MCP"),
-            Protocol::Http | Protocol::Provider(_) => {
-                let http = action.http.as_ref();
-                let ct = http.and_then(|h| h.content_type.as_deref());
-                inspect::claims_json(ct, http.map_or("", |h| h.body.as_str())).then_some("JSON")
-            }
-        };
-        match protocol {
-            Some(protocol) if std::str::from_utf8(&body.decoded).is_err() => {
-                Err(InspectError::BadJson { protocol })
-            }
-            _ => Ok(inspected),
-        }
-    });
-    match classified {
-        Ok(mut inspected) => {
-            if inspected.actions.is_empty() {
-                inspected.actions.push(action);
-            }
-            Ok(inspected)
-        }
+    match inspect_action(action.clone(), cfg, &body.decoded) {
+        Ok(inspected) => Ok(inspected),
         Err(e) => {
             let claimed = inspect::claimed_protocol(&action, cfg);
             rec.note_protocol(claimed);
             Err(body::refusal(&e))
         }
     }
+}
+
+/// Classify `action`, whose body decodes to `decoded`; the Actions are never empty (`action` itself when
+/// classification names none).
+pub(crate) fn inspect_action(
+    action: Action,
+    cfg: &inspect::InspectConfig,
+    decoded: &[u8],
+) -> Result<Inspected, InspectError> {
+    let mut inspected = inspect::classify(action.clone(), cfg)?;
+    // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something else to
+    // the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
+    let protocol = match &inspected.protocol {
+        Protocol::Llm { provider, .. } => Some(provider.as_str()),
+        Protocol::Mcp { .. } => Some("MCP"),
+        Protocol::Http | Protocol::Provider(_) => {
+            let http = action.http.as_ref();
+            let ct = http.and_then(|h| h.content_type.as_deref());
+            inspect::claims_json(ct, http.map_or("", |h| h.body.as_str())).then_some("JSON")
+        }
+    };
+    if let Some(protocol) = protocol.filter(|_| std::str::from_utf8(decoded).is_err()) {
+        return Err(InspectError::BadJson { protocol });
+    }
+    if inspected.actions.is_empty() {
+        inspected.actions.push(action);
+    }
+    Ok(inspected)
+}
+
+/// Exists for fuzzing (`fuzz/fuzz_targets/http_request.rs`), and nothing else calls it: the request phases that read
+/// the agent's bytes, with the proxy's own code and in its order — `head::read`, the body bounded by `limit` bytes
+/// and `body::decode`, the Action and its classification — for a request head already parsed from the wire
+/// (`parts`) and its raw body, as if it arrived with `scheme` at `dst` from an unnamed agent. Returns what the policy
+/// would decide (`actions` never empty), or the reason the proxy would refuse the request. No connection, record or
+/// upstream.
+pub fn fuzz_request_to_action(
+    parts: &http::request::Parts,
+    raw_body: bytes::Bytes,
+    (scheme, dst): (crate::model::Scheme, std::net::SocketAddr),
+    cfg: &inspect::InspectConfig,
+    limit: u64,
+) -> Result<Inspected, crate::model::Reason> {
+    let head = super::head::read(parts).map_err(|r| r.reason)?;
+    if raw_body.len() as u64 > limit {
+        // What `body::read` refuses while reading.
+        return Err(crate::model::Reason::BodyTooLarge);
+    }
+    let body = body::decode(raw_body, &parts.headers, limit).map_err(|r| r.reason)?;
+    let conn = Conn {
+        scheme,
+        sni: None,
+        dst,
+        resolved_host: None,
+        agent: crate::model::Agent::default(),
+    };
+    let action = build_action(&conn, &head, parts, &body);
+    inspect_action(action, cfg, &body.decoded).map_err(|e| body::refusal(&e).reason)
 }
 
 /// The Action for a request before classification.
@@ -147,5 +181,44 @@ mod tests {
         assert_eq!(q.get("flag"), Some(""));
         assert_eq!(q.get("c"), Some("%zz"));
         assert_eq!(q.get("d"), Some("%4"));
+    }
+
+    #[test]
+    fn the_fuzzing_entry_runs_the_request_phases() {
+        use crate::model::{Reason, Scheme};
+        let cfg = inspect::InspectConfig::default();
+        let dst = (Scheme::Https, "203.0.113.7:443".parse().unwrap());
+        let request = |path: &str, encoding: Option<&str>, body: &[u8]| {
+            let mut b = http::Request::post(path)
+                .header("host", "api.openai.com")
+                .header("content-type", "application/json");
+            if let Some(e) = encoding {
+                b = b.header("content-encoding", e);
+            }
+            (
+                b.body(()).unwrap().into_parts().0,
+                bytes::Bytes::copy_from_slice(body),
+            )
+        };
+        let chat = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, chat).unwrap();
+        let (parts, body) = request("/v1/chat/completions", Some("gzip"), &gz.finish().unwrap());
+        let inspected = fuzz_request_to_action(&parts, body, dst, &cfg, 1 << 20).unwrap();
+        assert!(matches!(inspected.protocol, Protocol::Llm { .. }));
+        assert_eq!(
+            inspected.actions[0].llm.as_ref().unwrap().model.as_deref(),
+            Some("gpt-4o")
+        );
+
+        let (parts, body) = request("/v1/%2e%2e/admin", None, chat);
+        let refused = fuzz_request_to_action(&parts, body, dst, &cfg, 1 << 20);
+        assert_eq!(refused.unwrap_err(), Reason::BadRequest);
+        let (parts, body) = request("/v1/chat/completions", Some("br"), b"not brotli");
+        let refused = fuzz_request_to_action(&parts, body, dst, &cfg, 1 << 20);
+        assert_eq!(refused.unwrap_err(), Reason::Unparseable);
+        let (parts, body) = request("/v1/chat/completions", None, chat);
+        let refused = fuzz_request_to_action(&parts, body, dst, &cfg, 8);
+        assert_eq!(refused.unwrap_err(), Reason::BodyTooLarge);
     }
 }

@@ -53,11 +53,13 @@ pub use tokio_util::sync::CancellationToken;
 
 pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};
+pub use classify::fuzz_request_to_action;
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use http::ProxyBody;
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::{Pool as UpstreamPool, UpstreamError};
+pub use websocket::fuzz_agent_messages;
 
 use crate::audit::{Appended, AuditError, AuditLog};
 use crate::inspect::InspectConfig;

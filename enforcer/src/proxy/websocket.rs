@@ -27,6 +27,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -34,9 +35,10 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::answer::Answering;
 use crate::inspect::proposal::{Emit, Event, Proposals};
-use crate::inspect::{self, InspectError, LlmApi, Protocol, Provider};
+use crate::inspect::{self, InspectConfig, InspectError, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{
-    Decision, Disposition, HttpResponse, Mode, Outcome, Phase, Reason, RequestSummary, Verdict,
+    Action, Decision, Disposition, HttpResponse, Mode, Outcome, Phase, Reason, RequestSummary,
+    Verdict,
 };
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -44,10 +46,7 @@ type Sink = Arc<Mutex<SplitSink<Ws, Message>>>;
 
 /// Relay the two upgraded connections message by message until either side closes.
 pub(crate) async fn relay(client: TokioIo<Upgraded>, upstream: TokioIo<Upgraded>, ans: Answering) {
-    let max = usize::try_from(ans.policy.max_body_bytes()).unwrap_or(usize::MAX);
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+    let config = config(ans.policy.max_body_bytes());
     let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(config)).await;
     let upstream = WebSocketStream::from_raw_socket(upstream, Role::Client, Some(config)).await;
     let (client_tx, client_rx) = client.split();
@@ -61,6 +60,15 @@ pub(crate) async fn relay(client: TokioIo<Upgraded>, upstream: TokioIo<Upgraded>
         () = from_agent(&ans, client_rx, &client_tx, &upstream_tx) => {}
         () = from_upstream(&ans, upstream_rx, &client_tx, &upstream_tx) => {}
     }
+}
+
+/// The proxy's WebSocket settings under a policy whose `max_body_bytes` is `limit`: a message or frame larger than
+/// that is a read error (`Error::Capacity`), never a message.
+fn config(limit: u64) -> WebSocketConfig {
+    let max = usize::try_from(limit).unwrap_or(usize::MAX);
+    WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
 }
 
 /// What becomes of one message.
@@ -195,26 +203,22 @@ fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
 async fn agent_message(ans: &Answering, msg: Message) -> Fate {
     let (raw, text, json) = contents(&msg);
     let mut summary = ans.part_summary(&raw, Vec::new());
-    // A message claiming JSON that does not parse is refused, never decided as plain data (see the request path).
-    if json.is_none() && inspect::claims_json(None, &text) {
-        let e = InspectError::BadJson { protocol: "JSON" };
-        let decision = super::enforcer_decision(&ans.policy, Reason::Unparseable, &e.to_string());
-        ans.record(
-            Phase::Request,
-            decision,
-            summary,
-            refused(Some(Reason::Unparseable)),
-        )
-        .await;
-        return Fate::Close(CloseCode::Invalid, "message is not valid JSON");
-    }
-    let mut action = ans.request.clone();
-    if let Some(http) = action.http.as_mut() {
-        http.body_size = raw.len() as u64;
-        http.body = text;
-        http.json = json;
-    }
-    let mut inspected = inspect::classify_message(action, &ans.ctx.inspect);
+    let mut inspected =
+        match classify_agent_message(&ans.request, &raw, text, json, &ans.ctx.inspect) {
+            Ok(inspected) => inspected,
+            Err(e) => {
+                let decision =
+                    super::enforcer_decision(&ans.policy, Reason::Unparseable, &e.to_string());
+                ans.record(
+                    Phase::Request,
+                    decision,
+                    summary,
+                    refused(Some(Reason::Unparseable)),
+                )
+                .await;
+                return Fate::Close(CloseCode::Invalid, "message is not valid JSON");
+            }
+        };
     let decided = decide(ans, &mut inspected.actions);
     if let Some(a) = inspected.actions.get(decided.index) {
         if let Some(llm) = &a.llm {
@@ -240,6 +244,80 @@ async fn agent_message(ans: &Answering, msg: Message) -> Fate {
         summary,
     };
     carry_out_decision(ans, judged, msg).await
+}
+
+/// The Actions of one message from the agent (`raw`, read as `text` and, when it parses, `json`): the upgrade
+/// request's Action `request` with the message as its body, classified by `inspect::classify_message`. A message
+/// claiming JSON that does not parse is refused (`BadJson`), never decided as plain data (see the request path).
+fn classify_agent_message(
+    request: &Action,
+    raw: &Bytes,
+    text: String,
+    json: Option<serde_json::Value>,
+    cfg: &InspectConfig,
+) -> Result<Inspected, InspectError> {
+    if json.is_none() && inspect::claims_json(None, &text) {
+        return Err(InspectError::BadJson { protocol: "JSON" });
+    }
+    let mut action = request.clone();
+    if let Some(http) = action.http.as_mut() {
+        http.body_size = raw.len() as u64;
+        http.body = text;
+        http.json = json;
+    }
+    Ok(inspect::classify_message(action, cfg))
+}
+
+/// Exists for fuzzing (`fuzz/fuzz_targets/websocket_messages.rs`), and nothing else calls it: the bytes an agent
+/// sends on an upgraded connection (`wire`: RFC 6455 frames, masked as a client's must be, §5.3) read with the
+/// proxy's own settings under a policy whose `max_body_bytes` is `limit` — fragments reassembled into messages,
+/// control frames answered (the answers discarded), the size limit enforced — and every text or binary message
+/// classified as the proxy's agent side does, on the connection upgraded by `request` (the deciding Action of the
+/// upgrade request). Returns, in order, each message's Actions or the reason it would be refused, and the close
+/// code the read error that ended the stream would get (`None` when it ended with a close frame or the input).
+pub fn fuzz_agent_messages(
+    request: &Action,
+    wire: &[u8],
+    limit: u64,
+    cfg: &InspectConfig,
+) -> (Vec<Result<Inspected, Reason>>, Option<u16>) {
+    let stream = Wire(std::io::Cursor::new(wire));
+    let mut ws = tungstenite::WebSocket::from_raw_socket(stream, Role::Server, Some(config(limit)));
+    let mut out = Vec::new();
+    loop {
+        match ws.read() {
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                let (raw, text, json) = contents(&msg);
+                let classified = classify_agent_message(request, &raw, text, json, cfg);
+                out.push(classified.map_err(|_| Reason::Unparseable));
+            }
+            Ok(Message::Close(_)) => return (out, None),
+            Ok(_) => {}
+            Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return (out, None)
+            }
+            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return (out, None),
+            Err(e) => return (out, Some(close_code(&e).into())),
+        }
+    }
+}
+
+/// An agent's bytes as a connection: read from the input, writes (pongs, the close reply) discarded.
+struct Wire<'a>(std::io::Cursor<&'a [u8]>);
+
+impl std::io::Read for Wire<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for Wire<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Decide one message from the upstream, when response rules exist; untouched and unrecorded otherwise, or when
@@ -417,5 +495,71 @@ fn rewrite(
     match crate::constrain::apply_to_json(&decision.rewrites, &ans.policy, &mut value) {
         Ok(changes) => Ok((Message::Text(value.to_string().into()), changes)),
         Err(e) => Err(e.reason()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Scheme;
+
+    /// A client's frame (RFC 6455 §5.2), masked, payload under 126 bytes.
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = vec![u8::from(fin) << 7 | opcode, 0x80 | payload.len() as u8];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        out
+    }
+
+    fn upgrade(host: &str, path: &str, cfg: &InspectConfig) -> Action {
+        let parts = http::Request::get(path)
+            .header("host", host)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let dst = (Scheme::Https, "203.0.113.7:443".parse().unwrap());
+        let inspected =
+            super::super::fuzz_request_to_action(&parts, Bytes::new(), dst, cfg, 1 << 20).unwrap();
+        inspected.actions[0].clone()
+    }
+
+    #[test]
+    fn the_fuzzing_entry_reassembles_and_classifies_agent_messages() {
+        let cfg = InspectConfig::default();
+        let realtime = upgrade("api.openai.com", "/v1/realtime?model=gpt-4o-realtime", &cfg);
+        let mut wire = frame(
+            false,
+            1,
+            br#"{"type":"session.update","session":{"tools":[{"#,
+        );
+        wire.extend(frame(true, 9, b"ping"));
+        wire.extend(frame(
+            true,
+            0,
+            br#""type":"function","name":"run_shell"}]}}"#,
+        ));
+        wire.extend(frame(true, 1, br#"{"type":"session.update","#));
+        wire.extend(frame(true, 8, &[0x03, 0xe8]));
+        let (messages, close) = fuzz_agent_messages(&realtime, &wire, 1 << 20, &cfg);
+        assert_eq!(close, None);
+        assert_eq!(messages.len(), 2);
+        let first = messages[0].as_ref().unwrap();
+        let llm = first.actions[0].llm.as_ref().unwrap();
+        assert_eq!(llm.model.as_deref(), Some("gpt-4o-realtime"));
+        assert_eq!(llm.tools, ["run_shell"]);
+        assert_eq!(messages[1].as_ref().unwrap_err(), &Reason::Unparseable);
+
+        let plain = upgrade("example.com", "/socket", &cfg);
+        let (messages, close) = fuzz_agent_messages(&plain, &frame(true, 2, &[7; 64]), 16, &cfg);
+        assert!(messages.is_empty());
+        assert_eq!(close, Some(1009));
+        let unmasked = [0x81, 0x02, b'h', b'i'];
+        let (messages, close) = fuzz_agent_messages(&plain, &unmasked, 16, &cfg);
+        assert!(messages.is_empty());
+        assert_eq!(close, Some(1002));
     }
 }

@@ -680,3 +680,90 @@ async fn responses_websocket_events_carry_proposals_decided_like_their_sse_form(
     assert_eq!(proposals[0]["request"]["parent"], recs[0]["seq"]);
     assert_eq!(proposals[0]["decision"]["rule"], "no-curl");
 }
+
+/// What comes back takes part in the agent's session like a request does: a response rule's label (customer data
+/// returned by an MCP tool) blocks a later request of the same agent that a `session.labels` rule names, and not
+/// another agent's; an enforced `review` on a proposal (which cannot be held mid-stream) refuses it, recorded as
+/// `review_unavailable`.
+#[tokio::test]
+async fn responses_and_proposals_take_part_in_the_session() {
+    let policy = r#"version: 1
+default: allow
+rules:
+  - id: customer-data-returned
+    phase: response
+    when: { mcp.tool: list_records }
+    verdict: log
+    label: customer-data
+  - id: no-upload-after-customer-data
+    when: { session.labels: customer-data, path: "/upload/**" }
+    verdict: block
+    message: customer data may not leave
+  - id: bash-needs-a-person
+    phase: proposal
+    when: { proposal.tool: bash }
+    verdict: review
+    review: { timeout: 30s, fallback: block }
+"#;
+    let w = world(policy).await;
+    let agent = |cgroup: &str| enforcer::model::Agent {
+        cgroup: Some(cgroup.into()),
+        ..test_agent()
+    };
+    let upload = |a: &str| {
+        let tls = w.proxy.tls_to_as(w.up, "mcp.test", &[H1], agent(a));
+        async move {
+            send(tls.await, false, post("mcp.test", "/upload/x", json!({})))
+                .await
+                .0
+        }
+    };
+    assert_eq!(
+        upload("/s/a").await,
+        404,
+        "nothing labelled the session yet"
+    );
+    let tls = w
+        .proxy
+        .tls_to_as(w.up, "mcp.test", &[H1], agent("/s/a"))
+        .await;
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "list_records", "arguments": {}}});
+    let (status, _, _) = send(tls, false, post("mcp.test", "/mcp", call)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        upload("/s/a").await,
+        403,
+        "the response labelled the session"
+    );
+    assert_eq!(
+        upload("/s/b").await,
+        404,
+        "another agent's session is its own"
+    );
+
+    let tls = w.proxy.tls_to(w.up, "api.anthropic.com", &[H1]).await;
+    let req = post(
+        "api.anthropic.com",
+        "/v1/messages",
+        json!({"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let (status, _, body) = send(tls, false, req).await;
+    assert_eq!(status, 200);
+    let msg: Value = serde_json::from_slice(&body).unwrap();
+    let names: Vec<&str> = msg["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert_eq!(names, ["get_weather"], "the bash call was refused: {msg}");
+    let recs = records(&w.proxy).await;
+    let proposal = recs
+        .iter()
+        .find(|r| r["request"]["phase"] == "proposal")
+        .expect("the refused proposal is recorded");
+    assert_eq!(proposal["decision"]["verdict"], "block");
+    assert_eq!(proposal["decision"]["reason"], "review_unavailable");
+    assert_eq!(proposal["outcome"]["disposition"], "blocked");
+}

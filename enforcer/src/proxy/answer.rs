@@ -46,6 +46,19 @@ pub(crate) struct Answering {
 }
 
 impl Answering {
+    /// Decide Actions of what passes after the request (a proposal, a response, a WebSocket message) with the agent's
+    /// session as it is now (`session.*` conditions), and note on the session what each decision leaves (labels,
+    /// counters, the tool called): the same session step the request took (`exchange.rs`).
+    pub fn decide_in_session(&self, actions: &mut [crate::model::Action]) -> crate::model::Decided {
+        let sessions = &self.ctx.sessions;
+        sessions.fill(actions, self.policy.session_counters());
+        let decided = self.policy.decide_all(actions);
+        for (action, decision) in actions.iter().zip(&decided.each) {
+            sessions.note(&self.agent, decision, action);
+        }
+        decided
+    }
+
     /// The record's view of one later part of the exchange: the request's summary with the part's size and
     /// SHA-256 digest (hex, none for an empty part) and what a rewrite changed.
     pub fn part_summary(&self, part: &[u8], changes: Vec<Change>) -> RequestSummary {

@@ -147,12 +147,13 @@ fn unavailable(base: &str) -> String {
     format!("{base}: it could not be held for review")
 }
 
-/// `decision`, an enforced review that cannot be held (a WebSocket message, see `websocket`), as the block it is
-/// carried out as: its message says why.
+/// `decision`, an enforced review that cannot be held (a WebSocket message, a proposed tool call mid-stream, a
+/// response), as the block it is carried out as: reason `review_unavailable`, and its message says why.
 pub(crate) fn unheld(decision: &crate::model::Decision) -> crate::model::Decision {
     let mut d = decision.clone();
     if d.verdict == Verdict::Review {
         d.verdict = Verdict::Block;
+        d.reason = Reason::ReviewUnavailable;
         d.message = Some(unavailable(d.message.as_deref().unwrap_or(REVIEW_MESSAGE)));
     }
     d

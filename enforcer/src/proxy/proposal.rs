@@ -55,7 +55,8 @@ async fn rule_one(ans: &Answering, call: &Call) -> Ruling {
 /// The decision on one proposal Action. The hook for verdicts that wait: a review would be awaited here, before the
 /// call is released; the stream holding it waits too (its hold bound still applies).
 async fn decide(ans: &Answering, action: &Action) -> Decision {
-    ans.policy.evaluate(action)
+    let mut actions = [action.clone()];
+    ans.decide_in_session(&mut actions).decision
 }
 
 /// The ruling for `decision` (shadow mode passes everything), the decision as carried out (a constrain that could

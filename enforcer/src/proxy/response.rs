@@ -137,7 +137,8 @@ pub(crate) async fn decide(
     json: Option<Value>,
     whole: bool,
 ) -> Fate {
-    let mut decision = ans.policy.evaluate(&action(ans, head, body, json.clone()));
+    let mut actions = [action(ans, head, body, json.clone())];
+    let mut decision = ans.decide_in_session(&mut actions).decision;
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Fate::Pass;
     }

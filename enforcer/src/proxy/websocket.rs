@@ -219,7 +219,7 @@ async fn agent_message(ans: &Answering, msg: Message) -> Fate {
                 return Fate::Close(CloseCode::Invalid, "message is not valid JSON");
             }
         };
-    let decided = decide(ans, &mut inspected.actions);
+    let decided = ans.decide_in_session(&mut inspected.actions);
     if let Some(a) = inspected.actions.get(decided.index) {
         if let Some(llm) = &a.llm {
             summary.llm_provider = Some(llm.provider.clone());
@@ -335,7 +335,9 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         json: json.clone(),
         ..HttpResponse::default()
     });
-    let decision = decide(ans, std::slice::from_mut(&mut action)).decision;
+    let decision = ans
+        .decide_in_session(std::slice::from_mut(&mut action))
+        .decision;
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Fate::Forward(msg);
     }
@@ -409,17 +411,6 @@ async fn proposed(ans: &Answering, props: &mut Proposals, msg: Message) -> Vec<F
         ));
     }
     out
-}
-
-/// Decide a message's Actions with their session's state, and note on the session what each decision leaves.
-fn decide(ans: &Answering, actions: &mut [crate::model::Action]) -> crate::model::Decided {
-    let sessions = &ans.ctx.sessions;
-    sessions.fill(actions, ans.policy.session_counters());
-    let decided = ans.policy.decide_all(actions);
-    for (action, decision) in actions.iter().zip(&decided.each) {
-        sessions.note(&ans.agent, decision, action);
-    }
-    decided
 }
 
 /// A message and what was decided about it.

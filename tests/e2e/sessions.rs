@@ -538,8 +538,11 @@ pub fn session_list_shows_a_live_run_and_forgets_it_when_it_ends(env: &mut Env) 
         let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         let found = list.as_array().and_then(|l| {
             l.iter()
+                // This run's session: an earlier test's run may not have ended yet.
                 .find(|s| {
-                    s["labels"] == serde_json::json!(["customer-data"]) && s["source"] == "exec"
+                    s["labels"] == serde_json::json!(["customer-data"])
+                        && s["source"] == "exec"
+                        && s["person"]["user"] == AGENT_USER
                 })
                 .cloned()
         });

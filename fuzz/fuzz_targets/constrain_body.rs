@@ -29,7 +29,10 @@ fuzz_target!(|data: &[u8]| {
     let original = Bytes::copy_from_slice(body);
     let mut out = original.clone();
     let policy = &enforcer_fuzz::policies()[0];
-    let Ok(changes) = enforcer::constrain::apply(&chosen, policy, &mut parts, &mut out) else {
+    // Both ways of a request: to the provider whose own credential header is no finding, and to anyone else.
+    let provider = (body.len() % 2 == 0).then_some("anthropic");
+    let Ok(changes) = enforcer::constrain::apply(&chosen, policy, provider, &mut parts, &mut out)
+    else {
         return;
     };
     if out != original {

@@ -129,8 +129,18 @@ pub fn decide_and_carry_out(
     if decided.decision.verdict == enforcer::model::Verdict::Constrain {
         let mut parts = parts.clone();
         let mut body = body.clone();
-        let _ =
-            enforcer::constrain::apply(&decided.decision.rewrites, policy, &mut parts, &mut body);
+        // The provider whose own credential header is no finding: the deciding request's, as the proxy passes it.
+        let provider = inspected
+            .actions
+            .first()
+            .and_then(|a| a.transport.provider.as_deref());
+        let _ = enforcer::constrain::apply(
+            &decided.decision.rewrites,
+            policy,
+            provider,
+            &mut parts,
+            &mut body,
+        );
     }
     decided
 }

@@ -254,8 +254,10 @@ pub(crate) struct PoolKey {
 
 /// How long an idle upstream connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle HTTP/1.1 connections kept per key (an HTTP/2 connection carries every concurrent request of its key).
-const IDLE_PER_KEY: usize = 32;
+/// Idle HTTP/1.1 connections kept per key (an HTTP/2 connection carries every concurrent request of its key): as
+/// many as one agent keeps requests in flight to one host, so a busy agent does not open and drop upstream
+/// connections (a TLS handshake each) once its concurrency passes the bound.
+const IDLE_PER_KEY: usize = 512;
 /// Idle connections kept in all.
 const IDLE_TOTAL: usize = 1024;
 

@@ -50,13 +50,7 @@ impl Answering {
     /// session as it is now (`session.*` conditions), and note on the session what each decision leaves (labels,
     /// counters, the tool called): the same session step the request took (`exchange.rs`).
     pub fn decide_in_session(&self, actions: &mut [crate::model::Action]) -> crate::model::Decided {
-        let sessions = &self.ctx.sessions;
-        sessions.fill(actions, self.policy.session_counters());
-        let decided = self.policy.decide_all(actions);
-        for (action, decision) in actions.iter().zip(&decided.each) {
-            sessions.note(&self.agent, decision, action);
-        }
-        decided
+        self.ctx.sessions.decide(&self.policy, &self.agent, actions)
     }
 
     /// The record's view of one later part of the exchange: the request's summary with the part's size and

@@ -36,14 +36,14 @@ where
         ..RequestSummary::default()
     };
     let policy = ctx.policy.current();
-    ctx.sessions
-        .fill(std::slice::from_mut(&mut action), policy.session_counters());
-    let mut decision = policy.evaluate(&action);
-    ctx.sessions.note(&target.agent, &decision, &action);
-    if decision.verdict == Verdict::Review && decision.mode == Mode::Enforce {
-        decision.verdict = Verdict::Block;
-        decision.reason = crate::model::Reason::ReviewUnavailable;
-    }
+    let decided = ctx
+        .sessions
+        .decide(&policy, &target.agent, std::slice::from_mut(&mut action));
+    // A connection cannot be held for a person's answer: an enforced review refuses it, saying so.
+    let mut decision = match decided.decision.mode {
+        Mode::Enforce => super::hold::unheld(&decided.decision),
+        Mode::Shadow => decided.decision,
+    };
     // The DNS stage's stand-in address for a refused name: never relayed (see `dns::stand_in_decision`).
     if crate::dns::is_synthetic(target.dst.ip()) {
         let host = target.host_hint.as_deref();

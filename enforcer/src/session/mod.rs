@@ -283,6 +283,23 @@ impl Sessions {
         self.note_at(agent, decision, action, Instant::now());
     }
 
+    /// Decide `actions` under `policy` with `agent`'s session as it is now (`session.*` conditions), and note on the
+    /// session what each decision leaves (labels, counters, the tool called): the session step of every phase that
+    /// decides (a raw TCP connection, a WebSocket message, a proposal, a response).
+    pub fn decide(
+        &self,
+        policy: &crate::policy::Policy,
+        agent: &Agent,
+        actions: &mut [Action],
+    ) -> crate::model::Decided {
+        self.fill(actions, policy.session_counters());
+        let decided = policy.decide_all(actions);
+        for (action, decision) in actions.iter().zip(&decided.each) {
+            self.note(agent, decision, action);
+        }
+        decided
+    }
+
     /// [`Sessions::note`] as of `now`.
     pub fn note_at(&self, agent: &Agent, decision: &Decision, action: &Action, now: Instant) {
         let Some((cgroup, id)) = session_key(agent) else {

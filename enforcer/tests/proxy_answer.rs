@@ -672,6 +672,95 @@ async fn responses_websocket_events_carry_proposals_decided_like_their_sse_form(
     assert_eq!(proposals[0]["decision"]["rule"], "no-curl");
 }
 
+/// In the Responses WebSocket mode the server events answer the agent's last `response.create`: a call they propose
+/// is decided with that message's model (a `llm.model` proposal rule applies, as it does to the same call over
+/// server-sent events) and its record names the message's record, not only the connection's upgrade.
+#[tokio::test]
+async fn responses_websocket_proposals_carry_the_model_and_record_of_the_turn_they_answer() {
+    short_hold();
+    let ca = TestCa::new("ws turn CA");
+    let policy = format!(
+        "{POLICY}  - id: allow-openai\n    when: {{ host: api.openai.com }}\n    verdict: log\n"
+    );
+    let proxy = start_proxy(&policy, &[&ca], false).await;
+    let (chain, key) = ca.leaf(&["api.openai.com"]);
+    let (up, _) = ws_upstream(chain, key).await;
+    let mut ws = ws_connect(&proxy, up, "api.openai.com", "/v1/responses", &[])
+        .await
+        .expect("upgraded");
+    let create =
+        json!({"type": "response.create", "model": "gpt-logged", "input": "read the readme"});
+    ws.send(Message::Text(create.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ws).await["type"], "response.completed");
+    let args = r#"{"path": "README.md"}"#;
+    let item = |args: &str, status: &str| {
+        json!({"id": "fc_1", "type": "function_call", "call_id": "call_1",
+        "name": "read_file", "arguments": args, "status": status})
+    };
+    let events = [
+        json!({"type": "response.output_item.added", "output_index": 0, "item": item("", "in_progress"), "sequence_number": 0}),
+        json!({"type": "response.output_item.done", "output_index": 0, "item": item(args, "completed"), "sequence_number": 1}),
+    ];
+    for e in &events {
+        ws.send(Message::Text(format!("reply:{e}").into()))
+            .await
+            .unwrap();
+    }
+    for want in ["response.output_item.added", "response.output_item.done"] {
+        assert_eq!(
+            next_text(&mut ws).await["type"],
+            want,
+            "the logged call passes"
+        );
+    }
+    let recs = records(&proxy).await;
+    let create_rec = recs
+        .iter()
+        .find(|r| r["request"]["llm_model"] == "gpt-logged" && r["request"]["phase"] == "request")
+        .unwrap_or_else(|| panic!("no record of the response.create: {recs:#?}"));
+    let proposals: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["request"]["phase"] == "proposal")
+        .collect();
+    assert_eq!(proposals.len(), 1, "{recs:#?}");
+    let p = proposals[0];
+    assert_eq!(
+        (
+            p["decision"]["verdict"].as_str(),
+            p["decision"]["rule"].as_str(),
+            p["request"]["tool"].as_str(),
+            p["request"]["llm_provider"].as_str(),
+            p["request"]["llm_model"].as_str(),
+        ),
+        (
+            Some("log"),
+            Some("log-proposals"),
+            Some("read_file"),
+            Some("openai"),
+            Some("gpt-logged")
+        ),
+        "{p}"
+    );
+    assert_eq!(p["request"]["parent"], create_rec["seq"], "{p}");
+}
+
+async fn next_text(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message in time")
+            .expect("the connection is open")
+            .expect("a message");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).expect("JSON");
+        }
+    }
+}
+
 /// What comes back takes part in the agent's session like a request does: a response rule's label (customer data
 /// returned by an MCP tool) blocks a later request of the same agent that a `session.labels` rule names, and not
 /// another agent's; an enforced `review` on a proposal (which cannot be held mid-stream) refuses it, recorded as

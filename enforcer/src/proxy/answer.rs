@@ -23,7 +23,7 @@ use super::http::ProxyBody;
 use super::{events, response, websocket, ProxyContext};
 use crate::inspect::Protocol;
 use crate::model::{
-    Action, Agent, AuditEvent, Change, Decision, Outcome, Phase, Relay, RequestSummary,
+    Action, Agent, AuditEvent, Change, Decision, LlmCall, Outcome, Phase, Relay, RequestSummary,
 };
 use crate::policy::Policy;
 use sha2::Digest;
@@ -74,6 +74,19 @@ impl Answering {
         request: RequestSummary,
         outcome: Outcome,
     ) -> bool {
+        self.record_seq(phase, decision, request, outcome)
+            .await
+            .is_some()
+    }
+
+    /// [`Answering::record`], giving the record's `seq` (`None` when the write failed).
+    pub async fn record_seq(
+        &self,
+        phase: Phase,
+        decision: Decision,
+        request: RequestSummary,
+        outcome: Outcome,
+    ) -> Option<u64> {
         let request = RequestSummary {
             parent: Some(self.parent),
             phase: Some(phase),
@@ -81,11 +94,29 @@ impl Answering {
         };
         let event = AuditEvent::new(decision, self.agent.clone(), request, outcome);
         match self.ctx.record(&self.policy, event).await {
-            Ok(_) => true,
+            Ok(seq) => Some(seq),
             Err(e) => {
                 tracing::error!(error = %e, phase = phase.as_str(), "audit write failed");
-                false
+                None
             }
+        }
+    }
+
+    /// The same exchange answering one LLM call made within it (a WebSocket message such as a Responses
+    /// `response.create`, recorded as `parent`): what is decided after it carries that call's `llm` (provider,
+    /// model, tools) and its records are linked to the call's record.
+    pub fn for_turn(&self, llm: LlmCall, parent: u64) -> Answering {
+        let mut request = self.request.clone();
+        request.llm = Some(llm);
+        Answering {
+            ctx: self.ctx.clone(),
+            policy: self.policy.clone(),
+            agent: self.agent.clone(),
+            protocol: self.protocol.clone(),
+            request,
+            summary: self.summary.clone(),
+            parent,
+            relay: self.relay,
         }
     }
 }

@@ -4,11 +4,13 @@
 CA, which the daemon trusts as an upstream root). It answers every request at once with the provider's own error
 shape and a status the provider's clients do not retry (OpenAI 400, Anthropic 451, Gemini 403), so an agent CLI
 run against it sends its first real request and stops. Every request (method, path, Host, SHA-256 and size of the
-body as it arrived) is appended as a JSON line to RECORD_DIR/provider-requests.jsonl. Prints "STUB READY" once
-listening. Standard library only.
+body as it arrived) is appended as a JSON line to RECORD_DIR/provider-requests.jsonl. While RECORD_DIR/script.json
+exists it plays scripted model turns instead (scripted.py: a text and a proposed shell command, then a final text),
+over HTTP and over the Responses API's WebSocket mode. Prints "STUB READY" once listening. Standard library only.
 """
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -16,6 +18,8 @@ import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import scripted
 
 LOCK = threading.Lock()
 ARGS = None
@@ -33,10 +37,26 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write("stub: %s\n" % (fmt % args))
 
+    def _read_body(self):
+        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+        data = b""
+        while True:
+            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return data
+            data += self.rfile.read(size)
+            self.rfile.readline()
+
     def _handle(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self._read_body()
         host = (self.headers.get("Host") or "").split(":")[0]
+        script = scripted.load(ARGS.record_dir)
+        if script is not None:
+            return self._scripted(script, host, body)
         entry = {
             "method": self.command,
             "path": self.path,
@@ -57,6 +77,110 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+    # ---- scripted turns (scripted.py) ----
+
+    def _scripted(self, script, host, raw):
+        path = self.path
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            return self._websocket(script, host)
+        text = raw.decode("utf-8", errors="replace")
+        scripted.record(ARGS.record_dir, {"host": host, "method": self.command, "path": path, "transport": "http", "body": text})
+        try:
+            body = json.loads(text) if text else {}
+        except ValueError:
+            body = {}
+        route = path.split("?", 1)[0]
+        answer = None
+        if self.command == "POST" and host == "api.anthropic.com" and route.endswith("/v1/messages"):
+            answer = scripted.anthropic(script, body, text)
+        elif self.command == "POST" and host == "generativelanguage.googleapis.com" and "/models/" in route:
+            answer = scripted.gemini(script, body, text, route)
+        elif self.command == "POST" and host == "api.openai.com" and route.endswith("/v1/responses"):
+            answer = scripted.responses_sse(script, body, text)
+        if answer is None:
+            return self._json(404, {"error": {"message": "not scripted", "type": "invalid_request_error"}})
+        ctype, data = answer
+        if isinstance(data, bytes):
+            return self._json(200, None, data)
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in data:
+            piece = chunk.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _json(self, status, obj, data=None):
+        data = data if data is not None else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _websocket(self, script, host):
+        """The Responses API's WebSocket mode (RFC 6455 by hand: no extension negotiated, fragments joined): each
+        `response.create` message is answered with the turn's events, one text message each."""
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        message, first = b"", 0
+        while True:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                return
+            fin, opcode, length = head[0] & 0x80, head[0] & 0x0F, head[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(self.rfile.read(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self.rfile.read(8), "big")
+            mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
+            if opcode == 8:
+                self._ws_send(data[:2], 8)
+                return
+            if opcode == 9:
+                self._ws_send(data, 10)
+                continue
+            if opcode in (1, 2):
+                message, first = data, opcode
+            elif opcode == 0:
+                message += data
+            else:
+                continue
+            if not fin or first != 1:
+                continue
+            text = message.decode("utf-8", errors="replace")
+            scripted.record(ARGS.record_dir, {"host": host, "method": "WS", "path": self.path, "transport": "websocket", "body": text})
+            try:
+                event = json.loads(text)
+            except ValueError:
+                continue
+            if event.get("type") == "response.create":
+                for e in scripted.responses_events(script, event, text):
+                    self._ws_send(json.dumps(e).encode(), 1)
+
+    def _ws_send(self, payload, opcode):
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, n])
+        elif n < 65536:
+            head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
+        self.wfile.write(head + payload)
+        self.wfile.flush()
 
 
 class TlsServer(ThreadingHTTPServer):

@@ -6,8 +6,11 @@
 //! The provider names resolve (a private /etc/hosts in the client's own mount namespace, as in sdk.rs) to the host
 //! side of the harness's veth pair, where a stand-in for the three APIs (`conform/provider_stub.py`, a certificate
 //! from a test CA the daemon is given as an upstream root) listens on port 443 and answers every request at once
-//! with the provider's own non-retryable error. The tests that need another policy restart the daemon on a config
-//! naming it and restart it on the harness's own config afterwards, also when they fail.
+//! with the provider's own non-retryable error — or, while a test has written it a script, plays scripted model
+//! turns (`conform/scripted.py`): a text and a proposed shell command that sends a pasted key to the harness's
+//! netns host (the exfiltration sink, which counts every hit), then a final text. The tests that need another
+//! policy restart the daemon on a config naming it and restart it on the harness's own config afterwards, also
+//! when they fail.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

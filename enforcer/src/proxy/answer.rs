@@ -29,6 +29,7 @@ use crate::policy::Policy;
 use sha2::Digest;
 
 /// What the response phases need of the exchange they answer.
+#[derive(Clone)]
 pub(crate) struct Answering {
     pub ctx: Arc<ProxyContext>,
     /// The policy the exchange was decided under.
@@ -106,18 +107,10 @@ impl Answering {
     /// `response.create`, recorded as `parent`): what is decided after it carries that call's `llm` (provider,
     /// model, tools) and its records are linked to the call's record.
     pub fn for_turn(&self, llm: LlmCall, parent: u64) -> Answering {
-        let mut request = self.request.clone();
-        request.llm = Some(llm);
-        Answering {
-            ctx: self.ctx.clone(),
-            policy: self.policy.clone(),
-            agent: self.agent.clone(),
-            protocol: self.protocol.clone(),
-            request,
-            summary: self.summary.clone(),
-            parent,
-            relay: self.relay,
-        }
+        let mut turn = self.clone();
+        turn.request.llm = Some(llm);
+        turn.parent = parent;
+        turn
     }
 }
 

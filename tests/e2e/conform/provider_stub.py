@@ -10,7 +10,6 @@ over HTTP and over the Responses API's WebSocket mode. Prints "STUB READY" once 
 """
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -20,6 +19,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import scripted
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import wire  # noqa: E402  (tests/e2e/wire.py)
 
 LOCK = threading.Lock()
 ARGS = None
@@ -37,22 +39,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write("stub: %s\n" % (fmt % args))
 
-    def _read_body(self):
-        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
-            length = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(length) if length else b""
-        data = b""
-        while True:
-            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass
-                return data
-            data += self.rfile.read(size)
-            self.rfile.readline()
-
     def _handle(self):
-        body = self._read_body()
+        body = wire.read_body(self.rfile, self.headers)
         host = (self.headers.get("Host") or "").split(":")[0]
         script = scripted.load(ARGS.record_dir)
         if script is not None:
@@ -126,32 +114,17 @@ class Handler(BaseHTTPRequestHandler):
     def _websocket(self, script, host):
         """The Responses API's WebSocket mode (RFC 6455 by hand: no extension negotiated, fragments joined): each
         `response.create` message is answered with the turn's events, one text message each."""
-        key = self.headers.get("Sec-WebSocket-Key", "")
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
-        self.send_response(101)
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", accept)
-        self.end_headers()
-        self.wfile.flush()
-        self.close_connection = True
+        wire.accept_upgrade(self)
         message, first = b"", 0
         while True:
-            head = self.rfile.read(2)
-            if len(head) < 2:
+            fin, opcode, data = wire.read_frame(self.rfile)
+            if opcode is None:
                 return
-            fin, opcode, length = head[0] & 0x80, head[0] & 0x0F, head[1] & 0x7F
-            if length == 126:
-                length = int.from_bytes(self.rfile.read(2), "big")
-            elif length == 127:
-                length = int.from_bytes(self.rfile.read(8), "big")
-            mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
-            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
             if opcode == 8:
-                self._ws_send(data[:2], 8)
+                wire.send_frame(self.wfile, data[:2], 8)
                 return
             if opcode == 9:
-                self._ws_send(data, 10)
+                wire.send_frame(self.wfile, data, 10)
                 continue
             if opcode in (1, 2):
                 message, first = data, opcode
@@ -169,18 +142,7 @@ class Handler(BaseHTTPRequestHandler):
                 continue
             if event.get("type") == "response.create":
                 for e in scripted.responses_events(script, event, text):
-                    self._ws_send(json.dumps(e).encode(), 1)
-
-    def _ws_send(self, payload, opcode):
-        n = len(payload)
-        if n < 126:
-            head = bytes([0x80 | opcode, n])
-        elif n < 65536:
-            head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
-        else:
-            head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
-        self.wfile.write(head + payload)
-        self.wfile.flush()
+                    wire.send_frame(self.wfile, json.dumps(e).encode())
 
 
 class TlsServer(ThreadingHTTPServer):

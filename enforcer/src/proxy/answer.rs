@@ -74,17 +74,20 @@ impl Answering {
         request: RequestSummary,
         outcome: Outcome,
     ) -> bool {
-        let request = RequestSummary {
-            parent: Some(self.parent),
-            phase: Some(phase),
-            ..request
-        };
         let event = AuditEvent::new(decision, self.agent.clone(), request, outcome);
+        self.record_event(phase, event).await.is_some()
+    }
+
+    /// [`Answering::record`] of a whole `event` (one that also carries a review or a trace): its seq once durable,
+    /// `None` when the write failed (logged).
+    pub async fn record_event(&self, phase: Phase, mut event: AuditEvent) -> Option<u64> {
+        event.request.parent = Some(self.parent);
+        event.request.phase = Some(phase);
         match self.ctx.record(&self.policy, event).await {
-            Ok(_) => true,
+            Ok(seq) => Some(seq),
             Err(e) => {
                 tracing::error!(error = %e, phase = phase.as_str(), "audit write failed");
-                false
+                None
             }
         }
     }

@@ -3,7 +3,8 @@
 //! LLM API when proposal rules exist; what comes out is sent as soon as the upstream's chunk that carried it is read.
 //! Text and reasoning events are never held; only a proposed tool call is, until its arguments are complete, within
 //! the policy's `max_body_bytes` and the proxy's hold timeout (beyond either the stream ends with the protocol's error
-//! event, recorded). A stream that ends early ends the agent's too (an error, not a clean end); a content-coded stream
+//! event, recorded), and then while a review of it waits (up to the review's timeout; what came before the call has
+//! been sent, and an SSE comment line every `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean end); a content-coded stream
 //! is read whole and decoded first.
 
 use std::pin::Pin;
@@ -19,16 +20,18 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::answer::Answering;
+use super::hold::Holding;
 use super::http::ProxyBody;
 use super::response::{self, Fate, Head, Plan};
-use crate::inspect::proposal::{Emit, Event, Proposals};
+use crate::inspect::proposal::{Call, Emit, Event, Proposals, Ruling};
 use crate::inspect::sse::{self, SseEvent, SseReader};
 use crate::inspect::{self, StreamBlock};
 use crate::model::{Phase, Reason};
 
 const UNDECODABLE: &str = "the upstream's answer could not be decoded for inspection";
 
-type Sent = Result<Frame<Bytes>, hyper::Error>;
+/// One frame of the agent's body, or the upstream's error that ends it.
+pub(crate) type Sent = Result<Frame<Bytes>, hyper::Error>;
 
 /// The agent's body: frames the reading task sends.
 struct Channel(mpsc::Receiver<Sent>);
@@ -68,8 +71,9 @@ pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Re
         props,
         held_since: None,
         ended: false,
+        tx,
     };
-    tokio::spawn(reading.run(body, tx, coding));
+    tokio::spawn(reading.run(body, coding));
     Response::from_parts(parts, Channel(rx).boxed())
 }
 
@@ -83,6 +87,8 @@ struct Reading {
     held_since: Option<Instant>,
     /// The stream was ended by a refusal: nothing more is sent.
     ended: bool,
+    /// The agent's body.
+    tx: mpsc::Sender<Sent>,
 }
 
 /// What the upstream's body gave next.
@@ -96,7 +102,8 @@ enum Next {
 }
 
 impl Reading {
-    async fn run(mut self, mut body: Incoming, tx: mpsc::Sender<Sent>, coding: Option<String>) {
+    async fn run(mut self, mut body: Incoming, coding: Option<String>) {
+        let tx = self.tx.clone();
         if self.plan.encoded {
             match self.decoded(&mut body, coding.as_deref()).await {
                 Ok(all) => {
@@ -178,7 +185,7 @@ impl Reading {
         }
         if let Some(props) = self.props.as_mut() {
             let calls = props.finish();
-            let rulings = super::proposal::rule(&self.ans, &calls).await;
+            let rulings = self.rule(&calls, &mut out).await;
             if let Some(props) = self.props.as_mut() {
                 emit(props.release(&rulings), &mut out);
             }
@@ -199,7 +206,7 @@ impl Reading {
             match self.props.as_mut() {
                 Some(props) => {
                     let calls = props.push(event);
-                    let rulings = super::proposal::rule(&self.ans, &calls).await;
+                    let rulings = self.rule(&calls, &mut out).await;
                     if let Some(props) = self.props.as_mut() {
                         emit(props.release(&rulings), &mut out);
                         self.held_since = match props.held_bytes() {
@@ -212,6 +219,19 @@ impl Reading {
             }
         }
         out
+    }
+
+    /// The rulings on `calls`. What `out` holds of the events before them is sent first: only the calls wait for
+    /// their decision (a review holds them, with keep-alives meanwhile: `hold::proposal`).
+    async fn rule(&mut self, calls: &[Call], out: &mut BytesMut) -> Vec<Ruling> {
+        if calls.is_empty() {
+            return Vec::new();
+        }
+        if !out.is_empty() {
+            // A client gone shows when the held call's keep-alive or release is sent.
+            let _ = self.tx.send(Ok(Frame::data(out.split().freeze()))).await;
+        }
+        super::proposal::rule(&self.ans, calls, &Holding::Events(&self.tx)).await
     }
 
     /// One event through the response rules: as it came, rewritten, or answered by a block (written to `out`).

@@ -262,7 +262,7 @@ pub(crate) async fn whole(
     let mut body = text;
     if let (Some((provider, api)), Some(doc)) = (plan.proposals, json.as_mut()) {
         let calls = proposal::body_calls(provider, api, doc);
-        let rulings = super::proposal::rule(&ans, &calls).await;
+        let rulings = super::proposal::rule(&ans, &calls, &super::hold::Holding::Whole).await;
         if rulings.iter().any(|r| *r != Ruling::Pass) {
             proposal::apply_to_body(provider, api, doc, &rulings);
             body = doc.to_string();

@@ -384,7 +384,7 @@ async fn proposed(ans: &Answering, props: &mut Proposals, msg: Message) -> Vec<F
         data: text,
         raw,
     });
-    let rulings = super::proposal::rule(ans, &calls).await;
+    let rulings = super::proposal::rule(ans, &calls, &super::hold::Holding::No).await;
     let mut out: Vec<Fate> = props
         .release(&rulings)
         .into_iter()

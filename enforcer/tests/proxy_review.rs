@@ -435,24 +435,36 @@ async fn a_retained_exchange_is_encrypted_recorded_and_a_swap_is_caught() {
     assert!(err.to_string().contains("cannot decrypt"), "{err}");
     // Swapping the file for another valid trace is caught, by `show` and by `audit verify`.
     w.proxy.audit.close().await.unwrap();
-    let report = enforcer::audit::verify(&audit_dir, None).unwrap();
+    let file = traces.join(trace_rec["trace"]["file"].as_str().unwrap());
+    a_swap_is_caught(&audit_dir, &file, of, &key);
+}
+
+/// The trail verifies with its one trace; then `file` (the trace of record `of`) altered is caught by `audit verify`
+/// and by `trace show`, and deleted is caught too.
+fn a_swap_is_caught(
+    audit_dir: &std::path::Path,
+    file: &std::path::Path,
+    of: u64,
+    key: &std::path::Path,
+) {
+    let report = enforcer::audit::verify(audit_dir, None).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.traces, 1);
-    let file = traces.join(trace_rec["trace"]["file"].as_str().unwrap());
-    let mut bytes = std::fs::read(&file).unwrap();
+    let mut bytes = std::fs::read(file).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
-    std::fs::write(&file, &bytes).unwrap();
-    let report = enforcer::audit::verify(&audit_dir, None).unwrap();
+    std::fs::write(file, &bytes).unwrap();
+    let report = enforcer::audit::verify(audit_dir, None).unwrap();
     let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
     assert!(
         problems.iter().any(|p| p.starts_with("swapped: trace")),
         "{problems:?}"
     );
-    let err = enforcer::trace::cli::show(&audit_dir, &traces, of, &key).unwrap_err();
+    let traces = file.parent().unwrap();
+    let err = enforcer::trace::cli::show(audit_dir, traces, of, key).unwrap_err();
     assert!(err.to_string().contains("swapped or altered"), "{err}");
-    std::fs::remove_file(&file).unwrap();
-    let report = enforcer::audit::verify(&audit_dir, None).unwrap();
+    std::fs::remove_file(file).unwrap();
+    let report = enforcer::audit::verify(audit_dir, None).unwrap();
     assert!(
         report
             .problems
@@ -474,6 +486,7 @@ rules:
     verdict: review
     review: { timeout: 30s, fallback: block }
     message: deploying needs a person's approval
+    retain: true
   - id: hasty-deploy
     phase: proposal
     when: { proposal.tool: deploy_now }
@@ -915,4 +928,97 @@ async fn pending_review(proxy: &Proxy) -> u64 {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("no review became pending");
+}
+
+/// Trace settings encrypting to a fresh key: (settings, the key file, its directory).
+fn trace_settings() -> (
+    enforcer::trace::TraceSettings,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("trace.key");
+    let recipient = enforcer::trace::cli::keygen(&key).unwrap();
+    let settings = enforcer::trace::TraceSettings {
+        recipient: Some(recipient),
+        ..Default::default()
+    };
+    (settings, key, dir)
+}
+
+/// The retained records written so far (bounded wait until there are `n`).
+async fn retained(proxy: &Proxy, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let recs: Vec<Value> = proxy
+            .audit_records()
+            .await
+            .into_iter()
+            .filter(|r| r["outcome"]["disposition"] == "retained")
+            .collect();
+        if recs.len() >= n {
+            return recs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} retained records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reviewed_proposal_retains_its_exchange_as_the_model_proposed_it() {
+    let (settings, key, _keys) = trace_settings();
+    let w = llm_world(Some(settings)).await;
+    // A call no rule matches keeps nothing.
+    let (_, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "lookup").await;
+    assert_eq!(task.await.unwrap(), anthropic_stream("lookup").into_bytes());
+    // A denied call under a `retain: true` review rule keeps its whole exchange, before the refusal rewrote it.
+    let (seen, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "deploy").await;
+    let id = pending_review(&w.proxy).await;
+    arrived(&seen, KEEPALIVE).await;
+    w.proxy
+        .ctx
+        .reviews
+        .answer(id, false, cli("bob"), None)
+        .unwrap();
+    let body = without_keepalives(&task.await.unwrap());
+    assert!(
+        body.contains("[The enforcer refused the tool call `deploy`"),
+        "{body}"
+    );
+    let recs = retained(&w.proxy, 1).await;
+    assert_eq!(
+        recs.len(),
+        1,
+        "only the retained proposal is kept: {recs:#?}"
+    );
+    let trace_rec = &recs[0];
+    let closing = proposal_records(&w.proxy)
+        .await
+        .into_iter()
+        .find(|r| r["review"]["held_seq"] == id)
+        .unwrap();
+    let of = closing["seq"].as_u64().unwrap();
+    assert_eq!(trace_rec["trace"]["of"], of);
+    assert_eq!(trace_rec["trace"]["event"], "stored");
+    assert_eq!(trace_rec["request"]["phase"], "proposal");
+    assert_eq!(trace_rec["request"]["tool"], "deploy");
+    assert_eq!(trace_rec["request"]["parent"], closing["request"]["parent"]);
+    assert_eq!(trace_rec["decision"]["rule"], "deploy-needs-approval");
+    let audit_dir = w.proxy.audit_dir.clone();
+    let traces = audit_dir.join("traces");
+    let text = enforcer::trace::cli::show(&audit_dir, &traces, of, &key).unwrap();
+    let trace: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(trace["of"], of);
+    assert_eq!(trace["request"]["target"], "/v1/messages");
+    let sent: Value = serde_json::from_str(trace["request"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(sent["messages"][0]["content"], "ship it");
+    assert_eq!(trace["response"]["status"], 200);
+    assert_eq!(
+        trace["response"]["body"],
+        anthropic_stream("deploy"),
+        "the response as the upstream sent it: the call as proposed, no refusal, no keep-alives"
+    );
+    assert_eq!(trace["response"]["truncated"], false);
+    w.proxy.audit.close().await.unwrap();
+    let file = traces.join(trace_rec["trace"]["file"].as_str().unwrap());
+    a_swap_is_caught(&audit_dir, &file, of, &key);
 }

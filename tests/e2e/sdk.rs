@@ -777,6 +777,102 @@ pub fn node_fetch(env: &mut Env) {
 }
 
 /// Stop the SDK servers (the harness's cleanup would kill them too) and check the trail still verifies.
+/// The Anthropic SDK streams an answer whose `deploy_service` call a `review` rule holds: the call waits (the stream
+/// kept alive) until `enforcer review approve` — then the SDK's accumulated message has the call as the model
+/// proposed it — or `enforcer review deny` — then it has the refusal text, no tool call, and stop reason `end_turn`.
+/// The held and closing records name the tool and how the review ended.
+pub fn review_holds_a_streamed_tool_call_until_approved_or_denied(env: &mut Env) {
+    env.need_daemon();
+    let sdk = sdk(env);
+    env.need_daemon();
+    let run = run_id(env, "review");
+    let script = env.script("sdk/review_client.py");
+    let base = format!("https://{ANTHROPIC_HOST}:{LLM_PORT}");
+    for verb in ["approve", "deny"] {
+        let prompt = format!("review-{verb}-{run}: ship it");
+        let env = &*env;
+        let (lines, err, id) = std::thread::scope(|s| {
+            let client = s.spawn(|| run_client(env, &sdk, &["python3", &script, &base, &prompt]));
+            let id = pending_proposal(env, "deploy_service");
+            let config = env.config.display().to_string();
+            let mut cmd = Command::new(harness::enforcer_bin());
+            cmd.args([
+                "review",
+                verb,
+                &id.to_string(),
+                "--reason",
+                "e2e",
+                "--config",
+                &config,
+            ]);
+            let (code, out, err) = harness::output(cmd);
+            assert_eq!(code, 0, "review {verb}: {out}{err}");
+            let (lines, _, err, _) = client.join().unwrap_or_else(|_| panic!("client thread"));
+            (lines, err, id)
+        });
+        let got = lines
+            .first()
+            .unwrap_or_else(|| panic!("no answer from the client; stderr:\n{err}"));
+        assert_eq!(got["ok"], true, "{got}; stderr:\n{err}");
+        if verb == "approve" {
+            assert_eq!(
+                got["tool_calls"],
+                serde_json::json!([{"id": "toolu_e2e_2", "name": "deploy_service", "input": {"city": "Paris"}}]),
+                "{got}"
+            );
+            assert_eq!(got["content"], "first second", "{got}");
+            assert_eq!(got["finish"], "tool_use", "{got}");
+        } else {
+            assert_eq!(got["tool_calls"], serde_json::json!([]), "{got}");
+            assert_eq!(
+                got["content"],
+                "first second[The enforcer refused the tool call `deploy_service`: a deployment needs a person's \
+                 approval: denied by a reviewer: e2e (policy rule: sdk-review-deploys)]",
+                "{got}"
+            );
+            assert_eq!(got["finish"], "end_turn", "{got}");
+        }
+        let closing = env
+            .audit_records()
+            .into_iter()
+            .find(|r| r["review"]["held_seq"] == id)
+            .unwrap_or_else(|| panic!("no closing record for review {id}"));
+        assert_eq!(closing["request"]["phase"], "proposal", "{closing}");
+        assert_eq!(closing["request"]["tool"], "deploy_service", "{closing}");
+        let (result, disposition) = match verb {
+            "approve" => ("approved", "forwarded"),
+            _ => ("denied", "blocked"),
+        };
+        assert_eq!(closing["review"]["result"], result, "{closing}");
+        assert_eq!(closing["outcome"]["disposition"], disposition, "{closing}");
+        assert_eq!(closing["review"]["by"]["via"], "cli", "{closing}");
+    }
+}
+
+/// Poll `enforcer review list --json` until a proposal of `tool` is held; its id.
+fn pending_proposal(env: &Env, tool: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let config = env.config.display().to_string();
+    loop {
+        let mut cmd = Command::new(harness::enforcer_bin());
+        cmd.args(["review", "list", "--json", "--config", &config]);
+        let (code, out, err) = harness::output(cmd);
+        assert_eq!(code, 0, "review list: {err}");
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if let Some(p) = list.as_array().and_then(|l| {
+            l.iter()
+                .find(|p| p["phase"] == "proposal" && p["proposal_tool"] == tool)
+        }) {
+            return p["id"].as_u64().unwrap_or_else(|| panic!("{p}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no proposal of {tool} held: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn sdk_audit_verifies(env: &mut Env) {
     env.need_daemon();
     env.assert_audit_verifies();

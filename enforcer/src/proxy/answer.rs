@@ -10,7 +10,7 @@
 //! the request's ([`Answering::record`]). Without such rules, or when none may apply, the body streams through as
 //! it came: nothing is buffered or parsed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
@@ -26,6 +26,7 @@ use crate::model::{
     Action, Agent, AuditEvent, Change, Decision, Outcome, Phase, Relay, RequestSummary,
 };
 use crate::policy::Policy;
+use crate::trace::Draft;
 use sha2::Digest;
 
 /// What the response phases need of the exchange they answer.
@@ -43,6 +44,9 @@ pub(crate) struct Answering {
     pub parent: u64,
     /// How an accepted upgrade is relayed (the deciding rule's `relay:`).
     pub relay: Relay,
+    /// The exchange kept aside for a retained proposal (`trace::Draft::candidate`): fed the response as the
+    /// upstream sent it, written when a proposal's decision retains it.
+    pub proposal_trace: Option<Mutex<Draft>>,
 }
 
 impl Answering {
@@ -78,11 +82,57 @@ impl Answering {
         self.record_event(phase, event).await.is_some()
     }
 
+    /// `request` as the record of a later part (`phase`) names it: linked to the request's record.
+    pub fn linked(&self, phase: Phase, request: RequestSummary) -> RequestSummary {
+        RequestSummary {
+            parent: Some(self.parent),
+            phase: Some(phase),
+            ..request
+        }
+    }
+
+    /// The upstream's response head, for the proposal trace.
+    pub fn trace_head(&self, status: u16, headers: &http::HeaderMap) {
+        self.with_trace(|d| d.response_head(status, headers));
+    }
+
+    /// More of the upstream's body as it sent it (decoded), for the proposal trace.
+    pub fn trace_body(&self, data: &[u8]) {
+        self.with_trace(|d| d.push(data));
+    }
+
+    /// Keep the proposal trace for the proposal recorded as `seq`, when `decision` retains it.
+    pub fn retain_for(
+        &self,
+        seq: u64,
+        summary: RequestSummary,
+        disposition: crate::model::Disposition,
+        decision: &Decision,
+    ) {
+        self.with_trace(|d| {
+            d.retain(seq, summary, disposition, decision);
+        });
+    }
+
+    /// The response ended: the proposal trace is written if a proposal retained it, else dropped.
+    pub fn finish_trace(&mut self) {
+        if let Some(d) = self.proposal_trace.take() {
+            d.into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .finish();
+        }
+    }
+
+    fn with_trace(&self, f: impl FnOnce(&mut Draft)) {
+        if let Some(d) = &self.proposal_trace {
+            f(&mut d.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
     /// [`Answering::record`] of a whole `event` (one that also carries a review or a trace): its seq once durable,
     /// `None` when the write failed (logged).
     pub async fn record_event(&self, phase: Phase, mut event: AuditEvent) -> Option<u64> {
-        event.request.parent = Some(self.parent);
-        event.request.phase = Some(phase);
+        event.request = self.linked(phase, event.request);
         match self.ctx.record(&self.policy, event).await {
             Ok(seq) => Some(seq),
             Err(e) => {

@@ -59,6 +59,7 @@ pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Re
     if plan.encoded {
         parts.headers.remove(header::CONTENT_ENCODING);
     }
+    ans.trace_head(parts.status.as_u16(), &parts.headers);
     let (tx, rx) = mpsc::channel(16);
     let props = plan
         .proposals
@@ -102,7 +103,12 @@ enum Next {
 }
 
 impl Reading {
-    async fn run(mut self, mut body: Incoming, coding: Option<String>) {
+    async fn run(mut self, body: Incoming, coding: Option<String>) {
+        self.pass_on(body, coding).await;
+        self.ans.finish_trace();
+    }
+
+    async fn pass_on(&mut self, mut body: Incoming, coding: Option<String>) {
         let tx = self.tx.clone();
         if self.plan.encoded {
             match self.decoded(&mut body, coding.as_deref()).await {
@@ -167,6 +173,7 @@ impl Reading {
 
     /// The events `data` completed, decided; what to send for them.
     async fn chunk(&mut self, data: &[u8]) -> BytesMut {
+        self.ans.trace_body(data);
         let events = self.reader.push(data);
         let mut out = self.events(events).await;
         let held = self.reader.pending() + self.props.as_ref().map_or(0, Proposals::held_bytes);

@@ -55,21 +55,26 @@ async fn rule_one(ans: &Answering, call: &Call, holding: &Holding<'_>) -> Ruling
         }
         None => carried,
     };
+    let disposition = outcome.disposition;
+    let summary = summary(ans, call, changes);
     let mut event = AuditEvent::new(
-        recorded,
+        recorded.clone(),
         ans.agent.clone(),
-        summary(ans, call, changes),
+        summary.clone(),
         outcome,
     );
     event.review = reviewed.note;
-    let tool = &call.proposal.tool;
-    if ans.record_event(Phase::Proposal, event).await.is_none() {
+    let Some(seq) = ans.record_event(Phase::Proposal, event).await else {
         // What was not recorded is not passed on.
+        let tool = &call.proposal.tool;
         return Ruling::Refuse(refusal_text(
             tool,
             "the enforcer could not record this tool call",
         ));
-    }
+    };
+    // A `retain:` rule keeps the exchange that carried the call, as the model proposed it.
+    let traced = ans.linked(Phase::Proposal, summary);
+    ans.retain_for(seq, traced, disposition, &recorded);
     ruling
 }
 

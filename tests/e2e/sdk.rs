@@ -33,6 +33,9 @@ struct Sdk {
     records: PathBuf,
     /// The private hosts file the clients see as /etc/hosts.
     hosts: PathBuf,
+    /// The identity (private key) retained traces are encrypted to, and another one.
+    trace_key: PathBuf,
+    other_key: PathBuf,
 }
 
 static SDK: Mutex<Option<Sdk>> = Mutex::new(None);
@@ -115,10 +118,32 @@ fn setup(env: &mut Env) -> harness::Result<Sdk> {
         // A signed checkpoint every second, so `enforcer audit verify` can check the live trail.
         yaml.push_str("audit:\n  checkpoint_interval_secs: 1\n");
     }
+    // Retained traces (the policy retains reviewed proposals), encrypted to a key `enforcer trace keygen` made.
+    let (trace_key, other_key) = (root.join("trace.key"), root.join("other.key"));
+    let recipient = trace_keygen(&trace_key)?;
+    trace_keygen(&other_key)?;
+    yaml.push_str(&format!("traces:\n  recipient: {recipient}\n"));
     let config = root.join("enforcer-sdk.yaml");
     std::fs::write(&config, yaml).map_err(|e| format!("write config: {e}"))?;
     env.restart_daemon(config)?;
-    Ok(Sdk { records, hosts })
+    Ok(Sdk {
+        records,
+        hosts,
+        trace_key,
+        other_key,
+    })
+}
+
+/// A new age identity in `path`; its recipient.
+fn trace_keygen(path: &Path) -> harness::Result<String> {
+    let _ = std::fs::remove_file(path);
+    let mut cmd = Command::new(harness::enforcer_bin());
+    cmd.args(["trace", "keygen", "--out"]).arg(path);
+    let (code, out, err) = harness::output(cmd);
+    if code != 0 || !out.trim().starts_with("age1") {
+        return Err(format!("trace keygen: {out}{err}"));
+    }
+    Ok(out.trim().to_owned())
 }
 
 #[expect(
@@ -788,6 +813,7 @@ pub fn review_holds_a_streamed_tool_call_until_approved_or_denied(env: &mut Env)
     let run = run_id(env, "review");
     let script = env.script("sdk/review_client.py");
     let base = format!("https://{ANTHROPIC_HOST}:{LLM_PORT}");
+    let mut closings = Vec::new();
     for verb in ["approve", "deny"] {
         let prompt = format!("review-{verb}-{run}: ship it");
         let env = &*env;
@@ -846,7 +872,68 @@ pub fn review_holds_a_streamed_tool_call_until_approved_or_denied(env: &mut Env)
         assert_eq!(closing["review"]["result"], result, "{closing}");
         assert_eq!(closing["outcome"]["disposition"], disposition, "{closing}");
         assert_eq!(closing["review"]["by"]["via"], "cli", "{closing}");
+        closings.push(closing["seq"].as_u64().unwrap_or_default());
     }
+    retained_proposal_traces(env, &sdk, &run, closings[0], closings[1]);
+}
+
+/// The reviewed proposals' exchanges were retained (`retain: true` on the review rule): the denied one decrypts with
+/// the key — the request and the tool call as the model proposed it, not the refusal — and not with another key;
+/// the approved one's file in its place is caught by `enforcer audit verify`.
+fn retained_proposal_traces(env: &Env, sdk: &Sdk, run: &str, approved: u64, denied: u64) {
+    let file = |of: u64| -> PathBuf {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rec = env
+                .audit_records()
+                .into_iter()
+                .find(|r| r["outcome"]["disposition"] == "retained" && r["trace"]["of"] == of);
+            if let Some(rec) = rec {
+                assert_eq!(rec["request"]["tool"], "deploy_service", "{rec}");
+                let name = rec["trace"]["file"].as_str().unwrap_or_default();
+                return env.audit_dir.join("traces").join(name);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no trace retained for record {of}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (file_a, file_d) = (file(approved), file(denied));
+    let show = |key: &Path| {
+        let mut cmd = Command::new(harness::enforcer_bin());
+        cmd.args(["trace", "show", &denied.to_string(), "--identity"])
+            .arg(key)
+            .arg("--audit-dir")
+            .arg(&env.audit_dir);
+        harness::output(cmd)
+    };
+    let (code, text, err) = show(&sdk.trace_key);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains(&format!("review-deny-{run}: ship it")),
+        "{text}"
+    );
+    assert!(
+        text.contains("toolu_e2e_2") && text.contains("deploy_service"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("The enforcer refused"),
+        "the trace holds the call as proposed: {text}"
+    );
+    let (code, _, err) = show(&sdk.other_key);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot decrypt"), "{err}");
+    env.assert_audit_verifies();
+    let original = std::fs::read(&file_d).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(&file_a, &file_d).unwrap_or_else(|e| panic!("{e}"));
+    let (ok, out) = env.audit_verify();
+    std::fs::write(&file_d, &original).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!ok, "audit verify missed a swapped trace: {out}");
+    assert!(out.contains("swapped: trace"), "{out}");
+    env.assert_audit_verifies();
 }
 
 /// Poll `enforcer review list --json` until a proposal of `tool` is held; its id.

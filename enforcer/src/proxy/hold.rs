@@ -5,9 +5,14 @@
 //! `block` fallback) is a refusal, answered exactly like a block. In shadow mode nothing is held: the record says
 //! `review` ("would review") and the request is forwarded.
 //!
+//! A proposed tool call ([`proposal`]) is held the same way inside the response phases: its own held record (phase
+//! `proposal`, linked to the request's record), the same review table and webhook, and a closing record; a streamed
+//! call's stream gets an SSE comment line every `review_keepalive` while it waits ([`Holding`]), a whole response
+//! just waits, and a WebSocket message is not held (`review_unavailable`).
+//!
 //! Bounds: a held exchange keeps its client connection (and one of `proxy.max_connections`) for at most the
-//! review's timeout (1 hour at most, 5 minutes by default); at most `review.max_pending` are held at once, beyond
-//! which the fallback applies at once (`review_unavailable`).
+//! review's timeout (1 hour at most, 5 minutes by default); at most `review.max_pending` — requests and proposals
+//! together — are held at once, beyond which the fallback applies at once (`review_unavailable`).
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};

@@ -436,20 +436,21 @@ async fn a_retained_exchange_is_encrypted_recorded_and_a_swap_is_caught() {
     // Swapping the file for another valid trace is caught, by `show` and by `audit verify`.
     w.proxy.audit.close().await.unwrap();
     let file = traces.join(trace_rec["trace"]["file"].as_str().unwrap());
-    a_swap_is_caught(&audit_dir, &file, of, &key);
+    a_swap_is_caught(&audit_dir, 1, &file, of, &key);
 }
 
-/// The trail verifies with its one trace; then `file` (the trace of record `of`) altered is caught by `audit verify`
-/// and by `trace show`, and deleted is caught too.
+/// The trail verifies with its `traces` traces; then `file` (the trace of record `of`) altered is caught by `audit
+/// verify` and by `trace show`, and deleted is caught too.
 fn a_swap_is_caught(
     audit_dir: &std::path::Path,
+    traces: usize,
     file: &std::path::Path,
     of: u64,
     key: &std::path::Path,
 ) {
     let report = enforcer::audit::verify(audit_dir, None).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.traces, 1);
+    assert_eq!(report.traces, traces);
     let mut bytes = std::fs::read(file).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
@@ -493,6 +494,12 @@ rules:
     verdict: review
     review: { timeout: 1s, fallback: block }
     message: deploying needs a person's approval
+  - id: no-wipes
+    phase: proposal
+    when: { proposal.tool: wipe }
+    verdict: block
+    message: no wipes
+    retain: true
 "#;
 
 /// The keep-alive a held stream gets (an SSE comment line).
@@ -964,13 +971,36 @@ async fn retained(proxy: &Proxy, n: usize) -> Vec<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reviewed_proposal_retains_its_exchange_as_the_model_proposed_it() {
+async fn a_blocked_or_reviewed_proposal_retains_its_exchange_as_the_model_proposed_it() {
     let (settings, key, _keys) = trace_settings();
     let w = llm_world(Some(settings)).await;
     // A call no rule matches keeps nothing.
     let (_, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "lookup").await;
     assert_eq!(task.await.unwrap(), anthropic_stream("lookup").into_bytes());
-    // A denied call under a `retain: true` review rule keeps its whole exchange, before the refusal rewrote it.
+    // A blocked call under a `retain: true` block rule keeps its whole exchange, before the refusal rewrote it.
+    let (_, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "wipe").await;
+    let body = String::from_utf8(task.await.unwrap()).unwrap();
+    assert!(
+        body.contains("[The enforcer refused the tool call `wipe`: no wipes"),
+        "{body}"
+    );
+    let blocked = proposal_records(&w.proxy).await[0]["seq"].as_u64().unwrap();
+    let recs = retained(&w.proxy, 1).await;
+    assert_eq!(
+        recs.len(),
+        1,
+        "only the retained proposal is kept: {recs:#?}"
+    );
+    assert_eq!(recs[0]["trace"]["of"], blocked);
+    assert_eq!(recs[0]["decision"]["rule"], "no-wipes");
+    let trace = proposal_trace(&w, blocked, &key);
+    assert_eq!(
+        trace["response"]["body"],
+        anthropic_stream("wipe"),
+        "the call as proposed"
+    );
+
+    // A denied call under a `retain: true` review rule: its closing record's trace, without the keep-alives.
     let (seen, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "deploy").await;
     let id = pending_review(&w.proxy).await;
     arrived(&seen, KEEPALIVE).await;
@@ -984,13 +1014,8 @@ async fn a_reviewed_proposal_retains_its_exchange_as_the_model_proposed_it() {
         body.contains("[The enforcer refused the tool call `deploy`"),
         "{body}"
     );
-    let recs = retained(&w.proxy, 1).await;
-    assert_eq!(
-        recs.len(),
-        1,
-        "only the retained proposal is kept: {recs:#?}"
-    );
-    let trace_rec = &recs[0];
+    let recs = retained(&w.proxy, 2).await;
+    let trace_rec = &recs[1];
     let closing = proposal_records(&w.proxy)
         .await
         .into_iter()
@@ -1003,10 +1028,7 @@ async fn a_reviewed_proposal_retains_its_exchange_as_the_model_proposed_it() {
     assert_eq!(trace_rec["request"]["tool"], "deploy");
     assert_eq!(trace_rec["request"]["parent"], closing["request"]["parent"]);
     assert_eq!(trace_rec["decision"]["rule"], "deploy-needs-approval");
-    let audit_dir = w.proxy.audit_dir.clone();
-    let traces = audit_dir.join("traces");
-    let text = enforcer::trace::cli::show(&audit_dir, &traces, of, &key).unwrap();
-    let trace: Value = serde_json::from_str(&text).unwrap();
+    let trace = proposal_trace(&w, of, &key);
     assert_eq!(trace["of"], of);
     assert_eq!(trace["request"]["target"], "/v1/messages");
     let sent: Value = serde_json::from_str(trace["request"]["body"].as_str().unwrap()).unwrap();
@@ -1019,6 +1041,14 @@ async fn a_reviewed_proposal_retains_its_exchange_as_the_model_proposed_it() {
     );
     assert_eq!(trace["response"]["truncated"], false);
     w.proxy.audit.close().await.unwrap();
+    let traces = w.proxy.audit_dir.join("traces");
     let file = traces.join(trace_rec["trace"]["file"].as_str().unwrap());
-    a_swap_is_caught(&audit_dir, &file, of, &key);
+    a_swap_is_caught(&w.proxy.audit_dir, 2, &file, of, &key);
+}
+
+/// The trace of record `of`, decrypted with `key`.
+fn proposal_trace(w: &LlmWorld, of: u64, key: &std::path::Path) -> Value {
+    let audit_dir = &w.proxy.audit_dir;
+    let text = enforcer::trace::cli::show(audit_dir, &audit_dir.join("traces"), of, key).unwrap();
+    serde_json::from_str(&text).unwrap()
 }

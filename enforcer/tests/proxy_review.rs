@@ -818,15 +818,7 @@ async fn a_streamed_anthropic_tool_call_under_review_is_held_kept_alive_and_rele
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_anthropic_tool_call_is_answered_like_a_block() {
     let w = llm_world(None).await;
-    let (seen, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "deploy").await;
-    let id = pending_review(&w.proxy).await;
-    arrived(&seen, KEEPALIVE).await;
-    w.proxy
-        .ctx
-        .reviews
-        .answer(id, false, cli("bob"), Some("not today".into()))
-        .unwrap();
-    let body = without_keepalives(&task.await.unwrap());
+    let (_, _, body) = held_call(&w, ANTHROPIC, false, "bob", Some("not today")).await;
     assert!(!body.contains("tool_use\""), "{body}");
     let (blocks, stop) = anthropic_text_and_stop(&body);
     let texts: Vec<&str> = blocks.iter().map(|b| b["text"].as_str().unwrap()).collect();
@@ -854,29 +846,13 @@ async fn a_denied_anthropic_tool_call_is_answered_like_a_block() {
 async fn a_streamed_openai_chat_tool_call_is_held_then_approved_denied_or_timed_out() {
     let w = llm_world(None).await;
     // Approved: the call as the model proposed it.
-    let (seen, task) = stream_call(&w, "api.openai.com", "/v1/chat/completions", "deploy").await;
-    let id = pending_review(&w.proxy).await;
-    let so_far = arrived(&seen, KEEPALIVE).await;
+    let (_, so_far, body) = held_call(&w, OPENAI, true, "alice", None).await;
     assert!(so_far.contains("Deploying now."), "{so_far}");
     assert!(!so_far.contains("call_1"), "{so_far}");
-    w.proxy
-        .ctx
-        .reviews
-        .answer(id, true, cli("alice"), None)
-        .unwrap();
-    let body = task.await.unwrap();
-    assert_eq!(without_keepalives(&body), chat_stream("deploy"));
+    assert_eq!(body, chat_stream("deploy"));
 
     // Denied: the refusal as text, finish reason `stop`.
-    let (seen, task) = stream_call(&w, "api.openai.com", "/v1/chat/completions", "deploy").await;
-    let id = pending_review(&w.proxy).await;
-    arrived(&seen, KEEPALIVE).await;
-    w.proxy
-        .ctx
-        .reviews
-        .answer(id, false, cli("bob"), None)
-        .unwrap();
-    let body = without_keepalives(&task.await.unwrap());
+    let (_, _, body) = held_call(&w, OPENAI, false, "bob", None).await;
     let (content, finish) = chat_text_and_finish(&body);
     assert_eq!(
         content,
@@ -924,6 +900,29 @@ async fn a_streamed_openai_chat_tool_call_is_held_then_approved_denied_or_timed_
     assert_eq!(recs[5]["review"]["carried_out"], "block");
     assert_eq!(recs[5]["review"]["held_seq"], recs[4]["seq"]);
     w.proxy.close_and_verify().await;
+}
+
+const ANTHROPIC: (&str, &str) = ("api.anthropic.com", "/v1/messages");
+const OPENAI: (&str, &str) = ("api.openai.com", "/v1/chat/completions");
+
+/// A streamed call of `(host, path)` whose `deploy` proposal is held, answered (approved or not, by `by`, for
+/// `reason`) once its keep-alives arrived: the review's id, what had arrived while held, and the whole body without
+/// the keep-alives.
+async fn held_call(
+    w: &LlmWorld,
+    (host, path): (&str, &str),
+    approve: bool,
+    by: &str,
+    reason: Option<&str>,
+) -> (u64, String, String) {
+    let (seen, task) = stream_call(w, host, path, "deploy").await;
+    let id = pending_review(&w.proxy).await;
+    let so_far = arrived(&seen, KEEPALIVE).await;
+    let reviews = &w.proxy.ctx.reviews;
+    reviews
+        .answer(id, approve, cli(by), reason.map(str::to_owned))
+        .unwrap();
+    (id, so_far, without_keepalives(&task.await.unwrap()))
 }
 
 /// Wait (bounded) until a review is pending on `proxy`; its id.
@@ -1001,15 +1000,7 @@ async fn a_blocked_or_reviewed_proposal_retains_its_exchange_as_the_model_propos
     );
 
     // A denied call under a `retain: true` review rule: its closing record's trace, without the keep-alives.
-    let (seen, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "deploy").await;
-    let id = pending_review(&w.proxy).await;
-    arrived(&seen, KEEPALIVE).await;
-    w.proxy
-        .ctx
-        .reviews
-        .answer(id, false, cli("bob"), None)
-        .unwrap();
-    let body = without_keepalives(&task.await.unwrap());
+    let (id, _, body) = held_call(&w, ANTHROPIC, false, "bob", None).await;
     assert!(
         body.contains("[The enforcer refused the tool call `deploy`"),
         "{body}"

@@ -44,7 +44,7 @@ pub(crate) struct Answering {
     pub parent: u64,
     /// How an accepted upgrade is relayed (the deciding rule's `relay:`).
     pub relay: Relay,
-    /// The exchange kept aside for a retained proposal (`trace::Draft::candidate`): fed the response as the
+    /// The exchange kept aside for a retained proposal (`trace::Draft::new`): fed the response as the
     /// upstream sent it, written when a proposal's decision retains it.
     pub proposal_trace: Option<Mutex<Draft>>,
 }

@@ -97,12 +97,13 @@ impl ExchangeRecord {
         };
         let host = self.summary.host.clone().unwrap_or_default();
         let (ctx, policy, agent) = (&self.ctx, &self.policy, &self.agent);
-        self.trace =
-            crate::trace::Draft::start(ctx, policy, decision, agent, scheme, &host, parts, body);
+        let draft =
+            || crate::trace::Draft::new(ctx, policy, decision, agent, scheme, &host, parts, body);
+        if crate::trace::Draft::sampled(decision) {
+            self.trace = draft();
+        }
         if policy.retains_in(crate::model::Phase::Proposal) {
-            self.proposal_trace = crate::trace::Draft::candidate(
-                ctx, policy, decision, agent, scheme, &host, parts, body,
-            );
+            self.proposal_trace = draft();
         }
     }
 

@@ -1,7 +1,7 @@
 //! A trace being gathered: started when an exchange's decision retains it ([`retain`]), linked to the exchange's
 //! record once that is written, fed the response as it streams to the agent ([`Tee`], which passes every frame on
 //! unchanged and unbuffered), and finished — encrypted, written, recorded — when the response ends, or at once when
-//! the exchange was refused. A proposal's trace ([`Draft::candidate`]) is fed the response as the upstream sent it,
+//! the exchange was refused. A proposal's trace ([`Draft::new`]) is fed the response as the upstream sent it,
 //! before any rewrite, and is written only when a retained proposal names its record ([`Draft::retain`]).
 
 use std::pin::Pin;
@@ -64,37 +64,19 @@ pub struct Draft {
 }
 
 impl Draft {
-    /// Start the trace of an exchange decided as `decision`, when its policy retains it (and the sample says so)
-    /// and a trace store is configured.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the facts of one exchange, each needed once"
-    )]
-    pub fn start(
-        ctx: &Arc<ProxyContext>,
-        policy: &Arc<Policy>,
-        decision: &Decision,
-        agent: &Agent,
-        scheme: &str,
-        host: &str,
-        parts: &http::request::Parts,
-        body: &[u8],
-    ) -> Option<Draft> {
-        ctx.traces.as_ref()?;
-        let fraction = decision.retain?;
-        if !TraceStore::sample(fraction) {
-            return None;
-        }
-        Draft::candidate(ctx, policy, decision, agent, scheme, host, parts, body)
+    /// Whether an exchange decided as `decision` is traced: its policy retains it (and the sample says so).
+    pub fn sampled(decision: &Decision) -> bool {
+        decision.retain.is_some_and(TraceStore::sample)
     }
 
-    /// A draft of the exchange kept aside in case one of its proposals is retained: written only once
-    /// [`Draft::retain`] names the proposal's record (else dropped unwritten). `decision` is the request's, until then.
+    /// A draft of the exchange decided as `decision`, when a trace store is configured: the exchange's own trace (when
+    /// [`Draft::sampled`]), or one kept aside in case one of its proposals is retained — written only once
+    /// [`Draft::retain`] names the proposal's record (else dropped unwritten), with `decision` the request's until then.
     #[allow(
         clippy::too_many_arguments,
         reason = "the facts of one exchange, each needed once"
     )]
-    pub fn candidate(
+    pub fn new(
         ctx: &Arc<ProxyContext>,
         policy: &Arc<Policy>,
         decision: &Decision,

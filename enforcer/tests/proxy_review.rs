@@ -231,14 +231,19 @@ async fn a_denied_review_never_reaches_the_upstream_and_is_answered_like_a_block
     let recs = records_for(&w, "/merge/8").await;
     assert_eq!(recs.len(), 2, "{recs:#?}");
     let closing = &recs[1];
+    assert_eq!(closing["outcome"]["status"], 403);
+    denied_by(closing, "bob");
+    w.proxy.close_and_verify().await;
+}
+
+/// `closing` is the closing record of a review `name` denied: the `review` decision kept, carried out as a block.
+fn denied_by(closing: &Value, name: &str) {
     assert_eq!(closing["decision"]["verdict"], "review");
     assert_eq!(closing["outcome"]["disposition"], "blocked");
     assert_eq!(closing["outcome"]["error"], "review_denied");
-    assert_eq!(closing["outcome"]["status"], 403);
     assert_eq!(closing["review"]["result"], "denied");
-    assert_eq!(closing["review"]["by"]["name"], "bob");
+    assert_eq!(closing["review"]["by"]["name"], name);
     assert_eq!(closing["review"]["carried_out"], "block");
-    w.proxy.close_and_verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -833,12 +838,7 @@ async fn a_denied_anthropic_tool_call_is_answered_like_a_block() {
     assert_eq!(stop, "end_turn");
     let recs = proposal_records(&w.proxy).await;
     assert_eq!(recs.len(), 2, "{recs:#?}");
-    let closing = &recs[1];
-    assert_eq!(closing["outcome"]["disposition"], "blocked");
-    assert_eq!(closing["outcome"]["error"], "review_denied");
-    assert_eq!(closing["review"]["result"], "denied");
-    assert_eq!(closing["review"]["by"]["name"], "bob");
-    assert_eq!(closing["review"]["carried_out"], "block");
+    denied_by(&recs[1], "bob");
     w.proxy.close_and_verify().await;
 }
 

@@ -238,7 +238,11 @@ impl Reading {
             // A client gone shows when the held call's keep-alive or release is sent.
             let _ = self.tx.send(Ok(Frame::data(out.split().freeze()))).await;
         }
-        super::proposal::rule(&self.ans, calls, &Holding::Events(&self.tx)).await
+        let rulings = super::proposal::rule(&self.ans, calls, &Holding::Events(&self.tx)).await;
+        // Time spent waiting for a person is not the upstream's: a call still streaming behind the ruled ones gets
+        // the whole hold bound from here.
+        self.held_since = self.held_since.map(|_| Instant::now());
+        rulings
     }
 
     /// One event through the response rules: as it came, rewritten, or answered by a block (written to `out`).

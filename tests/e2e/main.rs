@@ -213,6 +213,14 @@ const TESTS: &[Test] = &[
         "conform_default_policy_runs_the_agent_clis_without_rewrites",
         conform::default_policy_runs_the_agent_clis_without_rewrites,
     ),
+    (
+        "conform_agent_clis_run_a_proposed_command_without_a_proposal_rule",
+        conform::agent_clis_run_a_proposed_command_without_a_proposal_rule,
+    ),
+    (
+        "conform_agent_clis_proposed_exfiltration_is_refused_at_the_proposal",
+        conform::agent_clis_proposed_exfiltration_is_refused_at_the_proposal,
+    ),
     ("policy_reload_on_sighup", reload::sighup_reloads_the_policy),
     (
         "sessions_review_approved_through_the_cli_is_forwarded_once",

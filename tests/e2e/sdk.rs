@@ -563,11 +563,21 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
             "{rec}"
         );
         assert_eq!(rec["outcome"]["disposition"], "blocked", "{rec}");
+        // Its parent is the LLM call it answers: the request, or over the WebSocket the `response.create` message,
+        // whose model it names.
         let parent = &rec["request"]["parent"];
-        assert!(
-            records
-                .iter()
-                .any(|r| &r["seq"] == parent && r["request"]["phase"].is_null()),
+        let call = records.iter().find(|r| &r["seq"] == parent);
+        let call = call.unwrap_or_else(|| panic!("no parent record: {rec}"));
+        let ws = rec["request"]["upgrade"] == "websocket";
+        let phase = if ws { "request" } else { "" };
+        assert_eq!(
+            call["request"]["phase"].as_str().unwrap_or_default(),
+            phase,
+            "{call}"
+        );
+        assert_eq!(call["request"]["llm_provider"], provider, "{call}");
+        assert_eq!(
+            rec["request"]["llm_model"], call["request"]["llm_model"],
             "{rec}"
         );
     }

@@ -25,8 +25,6 @@ Prints "UPSTREAM READY" on stdout once every listener is bound. Standard library
 """
 
 import argparse
-import base64
-import hashlib
 import json
 import socket
 import socketserver
@@ -35,6 +33,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+import wire
 
 COUNTS = {}
 COUNTS_LOCK = threading.Lock()
@@ -105,36 +105,16 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(200, text)
 
     def _websocket(self):
-        key = self.headers.get("Sec-WebSocket-Key", "")
-        accept = base64.b64encode(
-            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
-        ).decode()
-        self.send_response(101)
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", accept)
-        self.end_headers()
-        self.wfile.flush()
-        self.close_connection = True
+        wire.accept_upgrade(self)
         while True:
-            head = self.rfile.read(2)
-            if len(head) < 2:
+            _, opcode, data = wire.read_frame(self.rfile)
+            if opcode is None:
                 return
-            opcode, length = head[0] & 0x0F, head[1] & 0x7F
-            if length == 126:
-                length = int.from_bytes(self.rfile.read(2), "big")
-            elif length == 127:
-                length = int.from_bytes(self.rfile.read(8), "big")
-            mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
-            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
             if opcode == 8:  # close: answer it and stop
-                self.wfile.write(b"\x88\x00")
-                self.wfile.flush()
+                wire.send_frame(self.wfile, b"", 8)
                 return
             if opcode == 1:
-                reply = b"echo: " + data
-                self.wfile.write(bytes([0x81, len(reply)]) + reply)
-                self.wfile.flush()
+                wire.send_frame(self.wfile, b"echo: " + data)
 
     def _sse(self, stream_id):
         self.send_response(200)

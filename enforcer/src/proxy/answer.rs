@@ -23,7 +23,7 @@ use super::http::ProxyBody;
 use super::{events, response, websocket, ProxyContext};
 use crate::inspect::Protocol;
 use crate::model::{
-    Action, Agent, AuditEvent, Change, Decision, Outcome, Phase, Relay, RequestSummary,
+    Action, Agent, AuditEvent, Change, Decision, LlmCall, Outcome, Phase, Relay, RequestSummary,
 };
 use crate::policy::Policy;
 use crate::trace::Draft;
@@ -78,8 +78,21 @@ impl Answering {
         request: RequestSummary,
         outcome: Outcome,
     ) -> bool {
+        self.record_seq(phase, decision, request, outcome)
+            .await
+            .is_some()
+    }
+
+    /// [`Answering::record`], giving the record's `seq` (`None` when the write failed).
+    pub async fn record_seq(
+        &self,
+        phase: Phase,
+        decision: Decision,
+        request: RequestSummary,
+        outcome: Outcome,
+    ) -> Option<u64> {
         let event = AuditEvent::new(decision, self.agent.clone(), request, outcome);
-        self.record_event(phase, event).await.is_some()
+        self.record_event(phase, event).await
     }
 
     /// `request` as the record of a later part (`phase`) names it: linked to the request's record.
@@ -139,6 +152,26 @@ impl Answering {
                 tracing::error!(error = %e, phase = phase.as_str(), "audit write failed");
                 None
             }
+        }
+    }
+
+    /// The same exchange answering one LLM call made within it (a WebSocket message such as a Responses
+    /// `response.create`, recorded as `parent`): what is decided after it carries that call's `llm` (provider,
+    /// model, tools) and its records are linked to the call's record.
+    /// The turn keeps no proposal trace (the WebSocket mode's messages are not retained).
+    pub fn for_turn(&self, llm: LlmCall, parent: u64) -> Answering {
+        let mut request = self.request.clone();
+        request.llm = Some(llm);
+        Answering {
+            ctx: self.ctx.clone(),
+            policy: self.policy.clone(),
+            agent: self.agent.clone(),
+            protocol: self.protocol.clone(),
+            request,
+            summary: self.summary.clone(),
+            parent,
+            relay: self.relay,
+            proposal_trace: None,
         }
     }
 }

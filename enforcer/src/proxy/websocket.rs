@@ -10,7 +10,9 @@
 //! - a message from the upstream is a response-phase Action when the policy has response rules, and passes
 //!   untouched (unrecorded) when none matches; on an OpenAI Responses connection (`/v1/responses`) its events then
 //!   go through the proposal reader, as the same events do over server-sent events (`proposal`): a proposed tool
-//!   call is held until complete, decided, and passed, rewritten or replaced by a message saying it was refused;
+//!   call is held until complete, decided with the model of the agent's last forwarded LLM call (its
+//!   `response.create`), recorded linked to that call's record, and passed, rewritten or replaced by a message
+//!   saying it was refused;
 //! - a message under an enforced `review` is refused like a block (reason `review_unavailable`): it cannot be held,
 //!   since the connection's later messages would wait behind it and the protocols have no "pending" answer;
 //! - every message is an Action of the agent's session: it sees the session's labels and counters and leaves its own
@@ -37,8 +39,8 @@ use super::answer::Answering;
 use crate::inspect::proposal::{Emit, Event, Proposals};
 use crate::inspect::{self, InspectConfig, InspectError, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{
-    Action, Decision, Disposition, HttpResponse, Mode, Outcome, Phase, Reason, RequestSummary,
-    Verdict,
+    Action, Decision, Disposition, HttpResponse, LlmCall, Mode, Outcome, Phase, Reason,
+    RequestSummary, Verdict,
 };
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -56,9 +58,27 @@ pub(crate) async fn relay(client: TokioIo<Upgraded>, upstream: TokioIo<Upgraded>
         Arc::new(Mutex::new(upstream_tx)),
     );
     let ans = Arc::new(ans);
+    let turn = Turn::default();
     tokio::select! {
-        () = from_agent(&ans, client_rx, &client_tx, &upstream_tx) => {}
-        () = from_upstream(&ans, upstream_rx, &client_tx, &upstream_tx) => {}
+        () = from_agent(&ans, &turn, client_rx, &client_tx, &upstream_tx) => {}
+        () = from_upstream(&ans, &turn, upstream_rx, &client_tx, &upstream_tx) => {}
+    }
+}
+
+/// The LLM call the upstream's events answer: the last message from the agent that made one (a Responses
+/// `response.create`) and was forwarded, with its record's `seq`. Proposals in the events are decided with that
+/// call's `llm` (its provider and model, as over server-sent events) and linked to its record; before any, to
+/// the upgrade's.
+#[derive(Default)]
+struct Turn(std::sync::Mutex<Option<(LlmCall, u64)>>);
+
+impl Turn {
+    fn set(&self, llm: LlmCall, seq: u64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((llm, seq));
+    }
+
+    fn get(&self) -> Option<(LlmCall, u64)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -80,10 +100,18 @@ enum Fate {
     Close(CloseCode, &'static str),
 }
 
-async fn from_agent(ans: &Answering, mut rx: SplitStream<Ws>, client: &Sink, upstream: &Sink) {
+async fn from_agent(
+    ans: &Answering,
+    turn: &Turn,
+    mut rx: SplitStream<Ws>,
+    client: &Sink,
+    upstream: &Sink,
+) {
     while let Some(next) = rx.next().await {
         let fate = match next {
-            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => agent_message(ans, msg).await,
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                agent_message(ans, turn, msg).await
+            }
             Ok(Message::Close(frame)) => {
                 let _ = upstream.lock().await.send(Message::Close(frame)).await;
                 return;
@@ -101,14 +129,20 @@ async fn from_agent(ans: &Answering, mut rx: SplitStream<Ws>, client: &Sink, ups
     }
 }
 
-async fn from_upstream(ans: &Answering, mut rx: SplitStream<Ws>, client: &Sink, upstream: &Sink) {
+async fn from_upstream(
+    ans: &Answering,
+    turn: &Turn,
+    mut rx: SplitStream<Ws>,
+    client: &Sink,
+    upstream: &Sink,
+) {
     let mut props = proposals_for(ans);
     while let Some(next) = rx.next().await {
         let fate = match next {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
                 match (upstream_message(ans, msg).await, props.as_mut()) {
                     (Fate::Forward(msg), Some(props)) => {
-                        for fate in proposed(ans, props, msg).await {
+                        for fate in proposed(ans, turn, props, msg).await {
                             if !carry_out(fate, client, upstream, client).await {
                                 return;
                             }
@@ -199,8 +233,8 @@ fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
     (raw, text, json)
 }
 
-/// Decide one message from the agent.
-async fn agent_message(ans: &Answering, msg: Message) -> Fate {
+/// Decide one message from the agent; a forwarded LLM call becomes the `turn` the upstream's events answer.
+async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
     let (raw, text, json) = contents(&msg);
     let mut summary = ans.part_summary(&raw, Vec::new());
     let mut inspected =
@@ -220,6 +254,10 @@ async fn agent_message(ans: &Answering, msg: Message) -> Fate {
             }
         };
     let decided = ans.decide_in_session(&mut inspected.actions);
+    let llm = inspected
+        .actions
+        .get(decided.index)
+        .and_then(|a| a.llm.clone());
     if let Some(a) = inspected.actions.get(decided.index) {
         if let Some(llm) = &a.llm {
             summary.llm_provider = Some(llm.provider.clone());
@@ -243,7 +281,11 @@ async fn agent_message(ans: &Answering, msg: Message) -> Fate {
         json,
         summary,
     };
-    carry_out_decision(ans, judged, msg).await
+    let (fate, seq) = carry_out_decision(ans, judged, msg).await;
+    if let (Fate::Forward(_), Some(llm), Some(seq)) = (&fate, llm, seq) {
+        turn.set(llm, seq);
+    }
+    fate
 }
 
 /// The Actions of one message from the agent (`raw`, read as `text` and, when it parses, `json`): the upgrade
@@ -350,7 +392,7 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         json,
         summary: ans.part_summary(&raw, Vec::new()),
     };
-    carry_out_decision(ans, judged, msg).await
+    carry_out_decision(ans, judged, msg).await.0
 }
 
 /// The proposal reader of an OpenAI Responses WebSocket connection (its server events carry proposed tool calls as
@@ -377,14 +419,20 @@ fn proposals_for(ans: &Answering) -> Option<Proposals> {
 
 /// One server event through the proposal reader: the messages to send now (none while a call is held). A call held
 /// beyond the policy's `max_body_bytes` closes the connection (1009), recorded.
-async fn proposed(ans: &Answering, props: &mut Proposals, msg: Message) -> Vec<Fate> {
+async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Message) -> Vec<Fate> {
     let (raw, text, _) = contents(&msg);
     let calls = props.push(Event {
         name: None,
         data: text,
         raw,
     });
-    let rulings = super::proposal::rule(ans, &calls, &super::hold::Holding::No).await;
+    let hold = super::hold::Holding::No;
+    let rulings = match turn.get() {
+        Some((llm, seq)) if !calls.is_empty() => {
+            super::proposal::rule(&ans.for_turn(llm, seq), &calls, &hold).await
+        }
+        _ => super::proposal::rule(ans, &calls, &hold).await,
+    };
     let mut out: Vec<Fate> = props
         .release(&rulings)
         .into_iter()
@@ -426,8 +474,13 @@ struct Judged<'a> {
     summary: RequestSummary,
 }
 
-/// Record the decision for a message and carry it out: forward it as it is, rewritten, or refuse it.
-async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -> Fate {
+/// Record the decision for a message and carry it out: forward it as it is, rewritten, or refuse it. The fate, and
+/// the record's `seq` once written.
+async fn carry_out_decision(
+    ans: &Answering,
+    judged: Judged<'_>,
+    msg: Message,
+) -> (Fate, Option<u64>) {
     let Judged {
         phase,
         protocol,
@@ -464,13 +517,16 @@ async fn carry_out_decision(ans: &Answering, judged: Judged<'_>, msg: Message) -
     if unheld {
         outcome.error = Some(Reason::ReviewUnavailable);
     }
-    if !ans.record(phase, decision, summary, outcome).await {
-        return Fate::Close(
-            CloseCode::Error,
-            "the enforcer could not record the message",
-        );
+    match ans.record_seq(phase, decision, summary, outcome).await {
+        Some(seq) => (fate, Some(seq)),
+        None => (
+            Fate::Close(
+                CloseCode::Error,
+                "the enforcer could not record the message",
+            ),
+            None,
+        ),
     }
-    fate
 }
 
 /// A constrained message, rewritten: JSON through the constrain stage, re-serialised as a text message. A message

@@ -4,8 +4,9 @@
 CA, which the daemon trusts as an upstream root). It answers every request at once with the provider's own error
 shape and a status the provider's clients do not retry (OpenAI 400, Anthropic 451, Gemini 403), so an agent CLI
 run against it sends its first real request and stops. Every request (method, path, Host, SHA-256 and size of the
-body as it arrived) is appended as a JSON line to RECORD_DIR/provider-requests.jsonl. Prints "STUB READY" once
-listening. Standard library only.
+body as it arrived) is appended as a JSON line to RECORD_DIR/provider-requests.jsonl. While RECORD_DIR/script.json
+exists it plays scripted model turns instead (scripted.py: a text and a proposed shell command, then a final text),
+over HTTP and over the Responses API's WebSocket mode. Prints "STUB READY" once listening. Standard library only.
 """
 
 import argparse
@@ -16,6 +17,11 @@ import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import scripted
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import wire  # noqa: E402  (tests/e2e/wire.py)
 
 LOCK = threading.Lock()
 ARGS = None
@@ -34,9 +40,11 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write("stub: %s\n" % (fmt % args))
 
     def _handle(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = wire.read_body(self.rfile, self.headers)
         host = (self.headers.get("Host") or "").split(":")[0]
+        script = scripted.load(ARGS.record_dir)
+        if script is not None:
+            return self._scripted(script, host, body)
         entry = {
             "method": self.command,
             "path": self.path,
@@ -57,6 +65,84 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+    # ---- scripted turns (scripted.py) ----
+
+    def _scripted(self, script, host, raw):
+        path = self.path
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            return self._websocket(script, host)
+        text = raw.decode("utf-8", errors="replace")
+        scripted.record(ARGS.record_dir, {"host": host, "method": self.command, "path": path, "transport": "http", "body": text})
+        try:
+            body = json.loads(text) if text else {}
+        except ValueError:
+            body = {}
+        route = path.split("?", 1)[0]
+        answer = None
+        if self.command == "POST" and host == "api.anthropic.com" and route.endswith("/v1/messages"):
+            answer = scripted.anthropic(script, body, text)
+        elif self.command == "POST" and host == "generativelanguage.googleapis.com" and "/models/" in route:
+            answer = scripted.gemini(script, body, text, route)
+        elif self.command == "POST" and host == "api.openai.com" and route.endswith("/v1/responses"):
+            answer = scripted.responses_sse(script, body, text)
+        if answer is None:
+            return self._json(404, {"error": {"message": "not scripted", "type": "invalid_request_error"}})
+        ctype, data = answer
+        if isinstance(data, bytes):
+            return self._json(200, None, data)
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in data:
+            piece = chunk.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _json(self, status, obj, data=None):
+        data = data if data is not None else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _websocket(self, script, host):
+        """The Responses API's WebSocket mode (RFC 6455 by hand: no extension negotiated, fragments joined): each
+        `response.create` message is answered with the turn's events, one text message each."""
+        wire.accept_upgrade(self)
+        message, first = b"", 0
+        while True:
+            fin, opcode, data = wire.read_frame(self.rfile)
+            if opcode is None:
+                return
+            if opcode == 8:
+                wire.send_frame(self.wfile, data[:2], 8)
+                return
+            if opcode == 9:
+                wire.send_frame(self.wfile, data, 10)
+                continue
+            if opcode in (1, 2):
+                message, first = data, opcode
+            elif opcode == 0:
+                message += data
+            else:
+                continue
+            if not fin or first != 1:
+                continue
+            text = message.decode("utf-8", errors="replace")
+            scripted.record(ARGS.record_dir, {"host": host, "method": "WS", "path": self.path, "transport": "websocket", "body": text})
+            try:
+                event = json.loads(text)
+            except ValueError:
+                continue
+            if event.get("type") == "response.create":
+                for e in scripted.responses_events(script, event, text):
+                    wire.send_frame(self.wfile, json.dumps(e).encode())
 
 
 class TlsServer(ThreadingHTTPServer):

@@ -63,8 +63,17 @@ pub struct BenchArgs {
     /// Leave mitmproxy out.
     #[arg(long)]
     no_mitmproxy: bool,
+    /// Also measure the explicit proxy with `audit.durable: false` (contender `enforcer-not-durable`): the share of
+    /// the cost that is the audit trail's `fdatasync` before each answer.
+    #[arg(long)]
+    not_durable: bool,
+    /// Also measure another enforcer binary as an explicit proxy (contender `enforcer-baseline`), e.g. a release
+    /// build of an earlier commit: before and after in the same run. It is given the minimal configuration every
+    /// version reads (bench/enforcer-baseline.yaml).
+    #[arg(long, value_name = "BINARY")]
+    baseline: Option<PathBuf>,
     /// Print the summary of an earlier run's results directory again (measures nothing).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["short", "tests", "reps", "duration"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["short", "tests", "reps", "duration", "baseline"])]
     report: Option<PathBuf>,
 }
 
@@ -88,13 +97,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("the benchmark attaches eBPF programs and runs its client as another user: run it as root");
     }
     let short = args.short || std::env::var_os(SHORT_ENV).is_some();
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         short,
         args.tests,
         args.reps,
         args.duration,
         args.no_mitmproxy,
     );
+    plan.not_durable = args.not_durable;
+    plan.baseline = match args.baseline {
+        Some(b) => Some(
+            std::fs::canonicalize(&b).with_context(|| format!("--baseline {}", b.display()))?,
+        ),
+        None => None,
+    };
     let started = Instant::now();
     crate::setup::run()?;
     let tools = tools::install(plan.mitmproxy)?;
@@ -122,8 +138,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&STOP))?;
     }
     let enforcer = target_dir().join(plan.profile()).join("enforcer");
-    let stack = stack::Stack::start(&tools, &enforcer, &logs, plan.mitmproxy)?;
+    let stack = stack::Stack::start(&tools, &enforcer, &logs, &plan)?;
     let mut meta = meta(&plan, &tools, &stack);
+    meta.fdatasync_ms = fdatasync_latency(&stack.work)
+        .inspect_err(|e| eprintln!("xtask: bench: warning: measuring fdatasync: {e:#}"))
+        .ok();
     write_json(&out.join("run.json"), &meta)?;
     eprintln!(
         "xtask: bench: {} test(s) × {} contender(s) × {} rep(s) of {} s; results in {}",
@@ -167,6 +186,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `fdatasync(2)` latency on the work directory's file system, as the audit trail's writer meets it: 200 rounds of a
+/// 300-byte append (about one record) to a preallocated file, then its fdatasync. (p50, p99) in milliseconds.
+fn fdatasync_latency(work: &Path) -> anyhow::Result<(f64, f64)> {
+    use std::os::unix::fs::FileExt as _;
+    let path = work.join("fdatasync-probe");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    file.set_len(1 << 20)?;
+    file.sync_all()?;
+    let record = [b'x'; 300];
+    let mut took = Vec::with_capacity(200);
+    for i in 0..200u64 {
+        file.write_all_at(&record, i * 300)?;
+        let t = Instant::now();
+        file.sync_data()?;
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    std::fs::remove_file(&path)?;
+    took.sort_by(f64::total_cmp);
+    Ok((took[took.len() / 2], took[took.len() * 99 / 100]))
 }
 
 /// Warm every contender up, then every rep: every test, every contender (in reversed order every other rep).
@@ -303,6 +348,9 @@ fn meta(plan: &Plan, tools: &tools::Tools, stack: &stack::Stack) -> Meta {
             .filter(|c| c.name == "mitmproxy")
             .map(|c| c.label.clone()),
     );
+    if let Some(baseline) = &plan.baseline {
+        tool_versions.push(format!("baseline {}", baseline.display()));
+    }
     Meta {
         started: output(Command::new("date").arg("-Is")),
         machine: format!(
@@ -332,6 +380,7 @@ fn meta(plan: &Plan, tools: &tools::Tools, stack: &stack::Stack) -> Meta {
             .iter()
             .filter_map(|c| c.pid().map(|p| (c.label.clone(), procfs::tree_rss_kib(p))))
             .collect(),
+        fdatasync_ms: None,
     }
 }
 

@@ -13,6 +13,7 @@ mod measure;
 mod plan;
 mod procfs;
 mod report;
+mod soak;
 mod stack;
 mod tools;
 
@@ -63,6 +64,9 @@ pub struct BenchArgs {
     /// Leave mitmproxy out.
     #[arg(long)]
     no_mitmproxy: bool,
+    /// Leave the library benches (`enforcer/benches`) out: only the side-by-side table.
+    #[arg(long)]
+    no_library: bool,
     /// Also measure the explicit proxy with `audit.durable: false` (contender `enforcer-not-durable`): the share of
     /// the cost that is the audit trail's `fdatasync` before each answer.
     #[arg(long)]
@@ -72,8 +76,12 @@ pub struct BenchArgs {
     /// version reads (bench/enforcer-baseline.yaml).
     #[arg(long, value_name = "BINARY")]
     baseline: Option<PathBuf>,
+    /// After the tests, a saturation run of this many seconds through the explicit proxy, then a check that the audit
+    /// trail gained one record per answered request and that `enforcer audit verify` passes (e.g. 600).
+    #[arg(long, value_name = "SECS")]
+    soak: Option<u64>,
     /// Print the summary of an earlier run's results directory again (measures nothing).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["short", "tests", "reps", "duration", "baseline"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["short", "tests", "reps", "duration", "baseline", "soak"])]
     report: Option<PathBuf>,
 }
 
@@ -105,10 +113,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.no_mitmproxy,
     );
     plan.not_durable = args.not_durable;
+    plan.soak = args.soak.unwrap_or(0);
     plan.baseline = match args.baseline {
-        Some(b) => Some(
-            std::fs::canonicalize(&b).with_context(|| format!("--baseline {}", b.display()))?,
-        ),
+        Some(b) => {
+            Some(std::fs::canonicalize(&b).with_context(|| format!("--baseline {}", b.display()))?)
+        }
         None => None,
     };
     let started = Instant::now();
@@ -118,7 +127,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (raw, logs) = (out.join("raw"), out.join("logs"));
     std::fs::create_dir_all(&raw)?;
     std::fs::create_dir_all(&logs)?;
-    library_benches(&plan, &out.join("library.txt"))?;
+    if !args.no_library {
+        library_benches(&plan, &out.join("library.txt"))?;
+    }
     // Short: the workspace's debug build, as `cargo xtask test` has just made it (`-p enforcer` alone would unify
     // features differently and rebuild it).
     let mut build = cargo();
@@ -161,7 +172,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         raw,
         ticks_per_sec: procfs::clock_ticks_per_sec(),
     };
-    let (ms, failures) = measure_all(&bench, &out.join("measurements.jsonl"));
+    let (ms, mut failures) = measure_all(&bench, &out.join("measurements.jsonl"));
+    if plan.soak > 0 && !interrupted() {
+        match soak::run(&bench, &enforcer, plan.soak) {
+            Ok(s) => meta.soak = Some(s),
+            Err(err) => {
+                failures += 1;
+                eprintln!("xtask: bench: warning: soak: {err:#}");
+            }
+        }
+    }
     meta.load_end = loadavg();
     drop(bench);
     drop(stack);
@@ -381,6 +401,7 @@ fn meta(plan: &Plan, tools: &tools::Tools, stack: &stack::Stack) -> Meta {
             .filter_map(|c| c.pid().map(|p| (c.label.clone(), procfs::tree_rss_kib(p))))
             .collect(),
         fdatasync_ms: None,
+        soak: None,
     }
 }
 

@@ -122,6 +122,8 @@ pub struct Plan {
     pub not_durable: bool,
     /// Also another enforcer binary as an explicit proxy (a build of an earlier commit): before and after in one run.
     pub baseline: Option<std::path::PathBuf>,
+    /// Seconds of the soak after the tests (`--soak`; 0: none).
+    pub soak: u64,
     /// The short mode (`cargo xtask test`): every path once, figures meaningless; the debug build is measured.
     pub short: bool,
 }
@@ -152,6 +154,7 @@ impl Plan {
             mitmproxy: !short && !no_mitmproxy,
             not_durable: false,
             baseline: None,
+            soak: 0,
             short,
         }
     }

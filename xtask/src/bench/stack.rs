@@ -310,7 +310,12 @@ impl Stack {
                 .stdout(Stdio::piped()),
         )?;
         let ready = wait_for_line(child.stdout.take(), "READY", Duration::from_secs(60));
-        let ca = dir.join("state/public/ca.pem");
+        // Versions before the state directory had a public part kept the CA at its top (a baseline may be one).
+        let ca = ["state/public/ca.pem", "state/ca/ca.pem"]
+            .iter()
+            .map(|p| dir.join(p))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| dir.join("state/public/ca.pem"));
         let (proxy, wrap, port) = if transparent {
             let wrap: Vec<OsString> = vec![
                 enforcer.into(),

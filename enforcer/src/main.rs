@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc for the whole process: per-thread free lists, fewer CPU microseconds per proxied request than glibc
+/// malloc (`cargo xtask bench`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = enforcer::cli::Cli::parse();
     if !matches!(cli.command, enforcer::cli::Command::Run(_)) {

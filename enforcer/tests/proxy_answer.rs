@@ -874,13 +874,35 @@ rules:
         "another agent's session is its own"
     );
 
+    // A whole (not streamed) answer whose bash call a review holds: held whole until the person answers.
     let tls = w.proxy.tls_to(w.up, "api.anthropic.com", &[H1]).await;
     let req = post(
         "api.anthropic.com",
         "/v1/messages",
         json!({"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}),
     );
-    let (status, _, body) = send(tls, false, req).await;
+    let client = tokio::spawn(async move { send(tls, false, req).await });
+    let mut pending = None;
+    for _ in 0..200 {
+        pending = w.proxy.ctx.reviews.list().into_iter().next();
+        if pending.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let pending = pending.expect("the bash call is held for review");
+    assert_eq!(pending.proposal_tool.as_deref(), Some("bash"));
+    assert!(!client.is_finished(), "nothing is answered while held");
+    let by = enforcer::model::Approver::Cli {
+        uid: 0,
+        name: Some("root".into()),
+    };
+    w.proxy
+        .ctx
+        .reviews
+        .answer(pending.id, false, by, None)
+        .unwrap();
+    let (status, _, body) = client.await.unwrap();
     assert_eq!(status, 200);
     let msg: Value = serde_json::from_slice(&body).unwrap();
     let names: Vec<&str> = msg["content"]
@@ -890,12 +912,21 @@ rules:
         .filter_map(|b| b["name"].as_str())
         .collect();
     assert_eq!(names, ["get_weather"], "the bash call was refused: {msg}");
+    let refusal = "[The enforcer refused the tool call `bash`: this action needs a person's approval: denied by a \
+                   reviewer (policy rule: bash-needs-a-person)]";
+    assert!(msg.to_string().contains(refusal), "{msg}");
     let recs = records(&w.proxy).await;
-    let proposal = recs
+    let proposals: Vec<&Value> = recs
         .iter()
-        .find(|r| r["request"]["phase"] == "proposal")
-        .expect("the refused proposal is recorded");
-    assert_eq!(proposal["decision"]["verdict"], "block");
-    assert_eq!(proposal["decision"]["reason"], "review_unavailable");
-    assert_eq!(proposal["outcome"]["disposition"], "blocked");
+        .filter(|r| r["request"]["phase"] == "proposal")
+        .collect();
+    assert_eq!(proposals.len(), 2, "held and closing: {proposals:#?}");
+    assert_eq!(proposals[0]["seq"], pending.id);
+    assert_eq!(proposals[0]["outcome"]["disposition"], "held");
+    let closing = proposals[1];
+    assert_eq!(closing["decision"]["verdict"], "review");
+    assert_eq!(closing["outcome"]["disposition"], "blocked");
+    assert_eq!(closing["outcome"]["error"], "review_denied");
+    assert_eq!(closing["review"]["held_seq"], pending.id);
+    assert_eq!(closing["review"]["carried_out"], "block");
 }

@@ -66,13 +66,20 @@ struct World {
     seen: Arc<Seen>,
 }
 
-async fn world_with(policy: &str, traces: Option<enforcer::trace::TraceSettings>) -> World {
-    // Short client-side bounds, so a hold longer than them shows they do not cut a held exchange.
+/// Every test's proxy has the same limits (process-wide: the first call wins).
+fn short_limits() {
+    // Short client-side bounds, so a hold longer than them shows they do not cut a held exchange; a short
+    // keep-alive interval, so a held stream shows its keep-alives within a test's time.
     set_limits(Limits {
         header_read_timeout: Duration::from_secs(1),
         body_idle_timeout: Duration::from_secs(1),
+        review_keepalive: Duration::from_millis(200),
         ..Limits::default()
     });
+}
+
+async fn world_with(policy: &str, traces: Option<enforcer::trace::TraceSettings>) -> World {
+    short_limits();
     let ca = TestCa::new("review test upstream CA");
     let (chain, key) = ca.leaf(&["app.test"]);
     let (upstream, seen) = https_upstream(chain, key, false).await;
@@ -139,13 +146,7 @@ async fn held(
 
 /// Wait (bounded) until a review is pending; its id.
 async fn pending(w: &World) -> u64 {
-    for _ in 0..200 {
-        if let Some(p) = w.proxy.ctx.reviews.list().first() {
-            return p.id;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no review became pending");
+    pending_review(&w.proxy).await
 }
 
 /// The records written so far that belong to `path`.
@@ -230,14 +231,19 @@ async fn a_denied_review_never_reaches_the_upstream_and_is_answered_like_a_block
     let recs = records_for(&w, "/merge/8").await;
     assert_eq!(recs.len(), 2, "{recs:#?}");
     let closing = &recs[1];
+    assert_eq!(closing["outcome"]["status"], 403);
+    denied_by(closing, "bob");
+    w.proxy.close_and_verify().await;
+}
+
+/// `closing` is the closing record of a review `name` denied: the `review` decision kept, carried out as a block.
+fn denied_by(closing: &Value, name: &str) {
     assert_eq!(closing["decision"]["verdict"], "review");
     assert_eq!(closing["outcome"]["disposition"], "blocked");
     assert_eq!(closing["outcome"]["error"], "review_denied");
-    assert_eq!(closing["outcome"]["status"], 403);
     assert_eq!(closing["review"]["result"], "denied");
-    assert_eq!(closing["review"]["by"]["name"], "bob");
+    assert_eq!(closing["review"]["by"]["name"], name);
     assert_eq!(closing["review"]["carried_out"], "block");
-    w.proxy.close_and_verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,24 +440,37 @@ async fn a_retained_exchange_is_encrypted_recorded_and_a_swap_is_caught() {
     assert!(err.to_string().contains("cannot decrypt"), "{err}");
     // Swapping the file for another valid trace is caught, by `show` and by `audit verify`.
     w.proxy.audit.close().await.unwrap();
-    let report = enforcer::audit::verify(&audit_dir, None).unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.traces, 1);
     let file = traces.join(trace_rec["trace"]["file"].as_str().unwrap());
-    let mut bytes = std::fs::read(&file).unwrap();
+    a_swap_is_caught(&audit_dir, 1, &file, of, &key);
+}
+
+/// The trail verifies with its `traces` traces; then `file` (the trace of record `of`) altered is caught by `audit
+/// verify` and by `trace show`, and deleted is caught too.
+fn a_swap_is_caught(
+    audit_dir: &std::path::Path,
+    traces: usize,
+    file: &std::path::Path,
+    of: u64,
+    key: &std::path::Path,
+) {
+    let report = enforcer::audit::verify(audit_dir, None).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.traces, traces);
+    let mut bytes = std::fs::read(file).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
-    std::fs::write(&file, &bytes).unwrap();
-    let report = enforcer::audit::verify(&audit_dir, None).unwrap();
+    std::fs::write(file, &bytes).unwrap();
+    let report = enforcer::audit::verify(audit_dir, None).unwrap();
     let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
     assert!(
         problems.iter().any(|p| p.starts_with("swapped: trace")),
         "{problems:?}"
     );
-    let err = enforcer::trace::cli::show(&audit_dir, &traces, of, &key).unwrap_err();
+    let traces = file.parent().unwrap();
+    let err = enforcer::trace::cli::show(audit_dir, traces, of, key).unwrap_err();
     assert!(err.to_string().contains("swapped or altered"), "{err}");
-    std::fs::remove_file(&file).unwrap();
-    let report = enforcer::audit::verify(&audit_dir, None).unwrap();
+    std::fs::remove_file(file).unwrap();
+    let report = enforcer::audit::verify(audit_dir, None).unwrap();
     assert!(
         report
             .problems
@@ -460,4 +479,567 @@ async fn a_retained_exchange_is_encrypted_recorded_and_a_swap_is_caught() {
         "{:?}",
         report.problems
     );
+}
+
+// ---- Proposals held for review while their stream stays alive ----
+
+const PROPOSAL_POLICY: &str = r#"version: 1
+default: allow
+rules:
+  - id: deploy-needs-approval
+    phase: proposal
+    when: { proposal.tool: deploy }
+    verdict: review
+    review: { timeout: 30s, fallback: block }
+    message: deploying needs a person's approval
+    retain: true
+  - id: hasty-deploy
+    phase: proposal
+    when: { proposal.tool: deploy_now }
+    verdict: review
+    review: { timeout: 1s, fallback: block }
+    message: deploying needs a person's approval
+  - id: no-wipes
+    phase: proposal
+    when: { proposal.tool: wipe }
+    verdict: block
+    message: no wipes
+    retain: true
+"#;
+
+/// The keep-alive a held stream gets (an SSE comment line).
+const KEEPALIVE: &str = ": held for review by the enforcer\n\n";
+
+fn sse_events(events: &[(Option<&str>, Value)]) -> String {
+    events
+        .iter()
+        .map(|(name, data)| match name {
+            Some(n) => format!("event: {n}\ndata: {data}\n\n"),
+            None => format!("data: {data}\n\n"),
+        })
+        .collect()
+}
+
+/// An Anthropic Messages stream: a text block, then a call of `tool` with `{"env": "prod"}`.
+fn anthropic_stream(tool: &str) -> String {
+    use serde_json::json;
+    let events = [
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "content": [], "model": "claude-x", "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Deploying now."}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "content_block_start", "index": 1,
+            "content_block": {"type": "tool_use", "id": "toolu_1", "name": tool, "input": {}}}),
+        json!({"type": "content_block_delta", "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": "{\"env\": "}}),
+        json!({"type": "content_block_delta", "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": "\"prod\"}"}}),
+        json!({"type": "content_block_stop", "index": 1}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+            "usage": {"output_tokens": 5}}),
+        json!({"type": "message_stop"}),
+    ];
+    let named: Vec<(Option<&str>, Value)> = events
+        .into_iter()
+        .map(|v| {
+            let name: &'static str = match v["type"].as_str().unwrap() {
+                "message_start" => "message_start",
+                "content_block_start" => "content_block_start",
+                "content_block_delta" => "content_block_delta",
+                "content_block_stop" => "content_block_stop",
+                "message_delta" => "message_delta",
+                _ => "message_stop",
+            };
+            (Some(name), v)
+        })
+        .collect();
+    sse_events(&named)
+}
+
+/// An OpenAI Chat Completions stream: text, then a call of `tool` with `{"env": "prod"}`, then `[DONE]`.
+fn chat_stream(tool: &str) -> String {
+    use serde_json::json;
+    let chunk = |delta: Value, finish: Value| {
+        (
+            None,
+            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-x",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]}),
+        )
+    };
+    let events = [
+        chunk(
+            json!({"role": "assistant", "content": "Deploying now."}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": tool, "arguments": ""}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"env\": "}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"prod\"}"}}]}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("tool_calls")),
+    ];
+    sse_events(&events) + "data: [DONE]\n\n"
+}
+
+/// The stream an LLM upstream sends for `path`, its tool named by the request's `model`.
+fn llm_stream(path: &str, body: &[u8]) -> String {
+    let req: Value = serde_json::from_slice(body).unwrap_or_default();
+    let tool = req["model"].as_str().unwrap_or("deploy");
+    match path {
+        "/v1/messages" => anthropic_stream(tool),
+        _ => chat_stream(tool),
+    }
+}
+
+/// An LLM upstream (api.anthropic.com, api.openai.com) streaming [`llm_stream`] at once, in one write.
+async fn llm_upstream(ca: &TestCa) -> SocketAddr {
+    use http_body_util::BodyExt;
+    let (chain, key) = ca.leaf(&["api.anthropic.com", "api.openai.com"]);
+    let acceptor = tls_acceptor(chain, key, &[H1]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let resp = hyper::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(Full::new(Bytes::from(llm_stream(&path, &body))))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct LlmWorld {
+    proxy: Proxy,
+    upstream: SocketAddr,
+}
+
+async fn llm_world(traces: Option<enforcer::trace::TraceSettings>) -> LlmWorld {
+    short_limits();
+    let ca = TestCa::new("review test LLM CA");
+    let upstream = llm_upstream(&ca).await;
+    let hosts: &[(&str, &[IpAddr])] = &[
+        ("api.anthropic.com", &[LOOPBACK]),
+        ("api.openai.com", &[LOOPBACK]),
+    ];
+    let proxy = match traces {
+        Some(t) => start_proxy_retaining(PROPOSAL_POLICY, &[&ca], hosts, t).await,
+        None => start_proxy_with_hosts(PROPOSAL_POLICY, &[&ca], false, hosts).await,
+    };
+    LlmWorld { proxy, upstream }
+}
+
+/// A streamed LLM call (`model` names the tool the upstream proposes) read in the background; what has arrived so
+/// far is in the shared buffer, and the task ends with the whole body.
+async fn stream_call(
+    w: &LlmWorld,
+    host: &str,
+    path: &str,
+    model: &str,
+) -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tokio::task::JoinHandle<Vec<u8>>,
+) {
+    use http_body_util::BodyExt;
+    let tls = w.proxy.tls_to(w.upstream, host, &[H1]).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let body = serde_json::json!({"model": model, "stream": true, "max_tokens": 100,
+        "messages": [{"role": "user", "content": "ship it"}]});
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let task = tokio::spawn(async move {
+        let _sender = sender;
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                s.lock().unwrap().extend_from_slice(&data);
+            }
+        }
+        let all = s.lock().unwrap().clone();
+        all
+    });
+    (seen, task)
+}
+
+/// Wait (bounded) until `seen` holds `what`.
+async fn arrived(seen: &std::sync::Mutex<Vec<u8>>, what: &str) -> String {
+    for _ in 0..200 {
+        let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        if text.contains(what) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what:?} never arrived");
+}
+
+/// `body` without the keep-alives.
+fn without_keepalives(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).replace(KEEPALIVE, "")
+}
+
+/// The proposal records of the trail: (held, closing).
+async fn proposal_records(proxy: &Proxy) -> Vec<Value> {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["request"]["phase"] == "proposal")
+        .collect()
+}
+
+/// Anthropic's text blocks and stop reason, as the SDK accumulates them.
+fn anthropic_text_and_stop(body: &str) -> (Vec<Value>, String) {
+    let (mut blocks, mut stop) = (Vec::<Value>::new(), String::new());
+    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let v: Value = serde_json::from_str(data).unwrap();
+        match v["type"].as_str().unwrap_or_default() {
+            "content_block_start" => blocks.push(v["content_block"].clone()),
+            "content_block_delta" if v["delta"]["type"] == "text_delta" => {
+                let b = blocks.last_mut().unwrap();
+                let text = format!(
+                    "{}{}",
+                    b["text"].as_str().unwrap(),
+                    v["delta"]["text"].as_str().unwrap()
+                );
+                b["text"] = Value::String(text);
+            }
+            "message_delta" => stop = v["delta"]["stop_reason"].as_str().unwrap().to_owned(),
+            _ => {}
+        }
+    }
+    (blocks, stop)
+}
+
+/// OpenAI Chat's content and finish reasons, as the SDK accumulates them.
+fn chat_text_and_finish(body: &str) -> (String, Vec<String>) {
+    let (mut content, mut finish) = (String::new(), Vec::new());
+    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(c);
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish.push(f.to_owned());
+        }
+        assert!(
+            v["choices"][0]["delta"]["tool_calls"].is_null(),
+            "a tool call reached the agent: {body}"
+        );
+    }
+    (content, finish)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_anthropic_tool_call_under_review_is_held_kept_alive_and_released_unchanged() {
+    let w = llm_world(None).await;
+    let (seen, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "deploy").await;
+    let id = pending_review(&w.proxy).await;
+    // While held: the text before the call has arrived, the call has not, and keep-alives come.
+    let so_far = arrived(&seen, KEEPALIVE).await;
+    assert!(so_far.contains("Deploying now."), "{so_far}");
+    assert!(
+        !so_far.contains("toolu_1"),
+        "the held call reached the agent: {so_far}"
+    );
+    let shown = w.proxy.ctx.reviews.get(id).unwrap();
+    assert_eq!(shown.phase, enforcer::model::Phase::Proposal);
+    assert_eq!(shown.proposal_tool.as_deref(), Some("deploy"));
+    assert_eq!(shown.rule.as_deref(), Some("deploy-needs-approval"));
+    assert_eq!(shown.request.host.as_deref(), Some("api.anthropic.com"));
+    w.proxy
+        .ctx
+        .reviews
+        .answer(id, true, cli("alice"), Some("release train".into()))
+        .unwrap();
+    let body = task.await.unwrap();
+    assert_eq!(
+        without_keepalives(&body),
+        anthropic_stream("deploy"),
+        "released unchanged"
+    );
+    let recs = proposal_records(&w.proxy).await;
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    let (held, closing) = (&recs[0], &recs[1]);
+    assert_eq!(held["seq"], id);
+    assert_eq!(held["decision"]["verdict"], "review");
+    assert_eq!(held["outcome"]["disposition"], "held");
+    assert_eq!(held["request"]["tool"], "deploy");
+    assert_eq!(held["review"]["timeout_secs"], 30);
+    assert_eq!(held["review"]["fallback"], "block");
+    assert_eq!(closing["request"]["parent"], held["request"]["parent"]);
+    assert_eq!(closing["decision"]["verdict"], "review");
+    assert_eq!(closing["outcome"]["disposition"], "forwarded");
+    assert_eq!(closing["review"]["held_seq"], id);
+    assert_eq!(closing["review"]["result"], "approved");
+    assert_eq!(closing["review"]["by"]["name"], "alice");
+    assert_eq!(closing["review"]["reason"], "release train");
+    assert_eq!(closing["review"]["carried_out"], "allow");
+    assert!(w.proxy.ctx.reviews.list().is_empty());
+    w.proxy.close_and_verify().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_anthropic_tool_call_is_answered_like_a_block() {
+    let w = llm_world(None).await;
+    let (_, _, body) = held_call(&w, ANTHROPIC, false, "bob", Some("not today")).await;
+    assert!(!body.contains("tool_use\""), "{body}");
+    let (blocks, stop) = anthropic_text_and_stop(&body);
+    let texts: Vec<&str> = blocks.iter().map(|b| b["text"].as_str().unwrap()).collect();
+    assert_eq!(
+        texts,
+        [
+            "Deploying now.",
+            "[The enforcer refused the tool call `deploy`: deploying needs a person's approval: denied by a reviewer: \
+             not today (policy rule: deploy-needs-approval)]"
+        ]
+    );
+    assert_eq!(stop, "end_turn");
+    let recs = proposal_records(&w.proxy).await;
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    denied_by(&recs[1], "bob");
+    w.proxy.close_and_verify().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_openai_chat_tool_call_is_held_then_approved_denied_or_timed_out() {
+    let w = llm_world(None).await;
+    // Approved: the call as the model proposed it.
+    let (_, so_far, body) = held_call(&w, OPENAI, true, "alice", None).await;
+    assert!(so_far.contains("Deploying now."), "{so_far}");
+    assert!(!so_far.contains("call_1"), "{so_far}");
+    assert_eq!(body, chat_stream("deploy"));
+
+    // Denied: the refusal as text, finish reason `stop`.
+    let (_, _, body) = held_call(&w, OPENAI, false, "bob", None).await;
+    let (content, finish) = chat_text_and_finish(&body);
+    assert_eq!(
+        content,
+        "Deploying now.\n\n[The enforcer refused the tool call `deploy`: deploying needs a person's approval: \
+         denied by a reviewer (policy rule: deploy-needs-approval)]"
+    );
+    assert_eq!(finish, ["stop"]);
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+
+    // Nobody answers within the rule's 1 s: the `block` fallback, kept alive meanwhile.
+    let (_, task) = stream_call(&w, "api.openai.com", "/v1/chat/completions", "deploy_now").await;
+    let raw = task.await.unwrap();
+    assert!(String::from_utf8_lossy(&raw).contains(KEEPALIVE));
+    let (content, finish) = chat_text_and_finish(&without_keepalives(&raw));
+    assert_eq!(
+        content,
+        "Deploying now.\n\n[The enforcer refused the tool call `deploy_now`: deploying needs a person's approval: \
+         nobody approved it in time (policy rule: hasty-deploy)]"
+    );
+    assert_eq!(finish, ["stop"]);
+
+    let recs = proposal_records(&w.proxy).await;
+    assert_eq!(recs.len(), 6, "held and closing, three times: {recs:#?}");
+    let results: Vec<(&str, &str)> = recs
+        .iter()
+        .map(|r| {
+            (
+                r["outcome"]["disposition"].as_str().unwrap(),
+                r["review"]["result"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("held", "-"),
+            ("forwarded", "approved"),
+            ("held", "-"),
+            ("blocked", "denied"),
+            ("held", "-"),
+            ("blocked", "timeout")
+        ]
+    );
+    assert_eq!(recs[5]["outcome"]["error"], "review_timeout");
+    assert_eq!(recs[5]["review"]["carried_out"], "block");
+    assert_eq!(recs[5]["review"]["held_seq"], recs[4]["seq"]);
+    w.proxy.close_and_verify().await;
+}
+
+const ANTHROPIC: (&str, &str) = ("api.anthropic.com", "/v1/messages");
+const OPENAI: (&str, &str) = ("api.openai.com", "/v1/chat/completions");
+
+/// A streamed call of `(host, path)` whose `deploy` proposal is held, answered (approved or not, by `by`, for
+/// `reason`) once its keep-alives arrived: the review's id, what had arrived while held, and the whole body without
+/// the keep-alives.
+async fn held_call(
+    w: &LlmWorld,
+    (host, path): (&str, &str),
+    approve: bool,
+    by: &str,
+    reason: Option<&str>,
+) -> (u64, String, String) {
+    let (seen, task) = stream_call(w, host, path, "deploy").await;
+    let id = pending_review(&w.proxy).await;
+    let so_far = arrived(&seen, KEEPALIVE).await;
+    let reviews = &w.proxy.ctx.reviews;
+    reviews
+        .answer(id, approve, cli(by), reason.map(str::to_owned))
+        .unwrap();
+    (id, so_far, without_keepalives(&task.await.unwrap()))
+}
+
+/// Wait (bounded) until a review is pending on `proxy`; its id.
+async fn pending_review(proxy: &Proxy) -> u64 {
+    for _ in 0..200 {
+        if let Some(p) = proxy.ctx.reviews.list().first() {
+            return p.id;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no review became pending");
+}
+
+/// Trace settings encrypting to a fresh key: (settings, the key file, its directory).
+fn trace_settings() -> (
+    enforcer::trace::TraceSettings,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("trace.key");
+    let recipient = enforcer::trace::cli::keygen(&key).unwrap();
+    let settings = enforcer::trace::TraceSettings {
+        recipient: Some(recipient),
+        ..Default::default()
+    };
+    (settings, key, dir)
+}
+
+/// The retained records written so far (bounded wait until there are `n`).
+async fn retained(proxy: &Proxy, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let recs: Vec<Value> = proxy
+            .audit_records()
+            .await
+            .into_iter()
+            .filter(|r| r["outcome"]["disposition"] == "retained")
+            .collect();
+        if recs.len() >= n {
+            return recs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} retained records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_or_reviewed_proposal_retains_its_exchange_as_the_model_proposed_it() {
+    let (settings, key, _keys) = trace_settings();
+    let w = llm_world(Some(settings)).await;
+    // A call no rule matches keeps nothing.
+    let (_, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "lookup").await;
+    assert_eq!(task.await.unwrap(), anthropic_stream("lookup").into_bytes());
+    // A blocked call under a `retain: true` block rule keeps its whole exchange, before the refusal rewrote it.
+    let (_, task) = stream_call(&w, "api.anthropic.com", "/v1/messages", "wipe").await;
+    let body = String::from_utf8(task.await.unwrap()).unwrap();
+    assert!(
+        body.contains("[The enforcer refused the tool call `wipe`: no wipes"),
+        "{body}"
+    );
+    let blocked = proposal_records(&w.proxy).await[0]["seq"].as_u64().unwrap();
+    let recs = retained(&w.proxy, 1).await;
+    assert_eq!(
+        recs.len(),
+        1,
+        "only the retained proposal is kept: {recs:#?}"
+    );
+    assert_eq!(recs[0]["trace"]["of"], blocked);
+    assert_eq!(recs[0]["decision"]["rule"], "no-wipes");
+    let trace = proposal_trace(&w, blocked, &key);
+    assert_eq!(
+        trace["response"]["body"],
+        anthropic_stream("wipe"),
+        "the call as proposed"
+    );
+
+    // A denied call under a `retain: true` review rule: its closing record's trace, without the keep-alives.
+    let (id, _, body) = held_call(&w, ANTHROPIC, false, "bob", None).await;
+    assert!(
+        body.contains("[The enforcer refused the tool call `deploy`"),
+        "{body}"
+    );
+    let recs = retained(&w.proxy, 2).await;
+    let trace_rec = &recs[1];
+    let closing = proposal_records(&w.proxy)
+        .await
+        .into_iter()
+        .find(|r| r["review"]["held_seq"] == id)
+        .unwrap();
+    let of = closing["seq"].as_u64().unwrap();
+    assert_eq!(trace_rec["trace"]["of"], of);
+    assert_eq!(trace_rec["trace"]["event"], "stored");
+    assert_eq!(trace_rec["request"]["phase"], "proposal");
+    assert_eq!(trace_rec["request"]["tool"], "deploy");
+    assert_eq!(trace_rec["request"]["parent"], closing["request"]["parent"]);
+    assert_eq!(trace_rec["decision"]["rule"], "deploy-needs-approval");
+    let trace = proposal_trace(&w, of, &key);
+    assert_eq!(trace["of"], of);
+    assert_eq!(trace["request"]["target"], "/v1/messages");
+    let sent: Value = serde_json::from_str(trace["request"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(sent["messages"][0]["content"], "ship it");
+    assert_eq!(trace["response"]["status"], 200);
+    assert_eq!(
+        trace["response"]["body"],
+        anthropic_stream("deploy"),
+        "the response as the upstream sent it: the call as proposed, no refusal, no keep-alives"
+    );
+    assert_eq!(trace["response"]["truncated"], false);
+    w.proxy.audit.close().await.unwrap();
+    let traces = w.proxy.audit_dir.join("traces");
+    let file = traces.join(trace_rec["trace"]["file"].as_str().unwrap());
+    a_swap_is_caught(&w.proxy.audit_dir, 2, &file, of, &key);
+}
+
+/// The trace of record `of`, decrypted with `key`.
+fn proposal_trace(w: &LlmWorld, of: u64, key: &std::path::Path) -> Value {
+    let audit_dir = &w.proxy.audit_dir;
+    let text = enforcer::trace::cli::show(audit_dir, &audit_dir.join("traces"), of, key).unwrap();
+    serde_json::from_str(&text).unwrap()
 }

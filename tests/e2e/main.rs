@@ -196,6 +196,10 @@ const TESTS: &[Test] = &[
     ("sdk_anthropic_python", sdk::anthropic_python_sdk),
     ("sdk_mcp_python", sdk::mcp_python_sdk),
     ("sdk_node_fetch", sdk::node_fetch),
+    (
+        "sdk_review_holds_a_streamed_tool_call_until_approved_or_denied",
+        sdk::review_holds_a_streamed_tool_call_until_approved_or_denied,
+    ),
     ("sdk_audit_verifies", sdk::sdk_audit_verifies),
     (
         "conform_h2_expect_100_continue_curl_and_node",

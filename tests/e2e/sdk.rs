@@ -33,6 +33,9 @@ struct Sdk {
     records: PathBuf,
     /// The private hosts file the clients see as /etc/hosts.
     hosts: PathBuf,
+    /// The identity (private key) retained traces are encrypted to, and another one.
+    trace_key: PathBuf,
+    other_key: PathBuf,
 }
 
 static SDK: Mutex<Option<Sdk>> = Mutex::new(None);
@@ -115,10 +118,32 @@ fn setup(env: &mut Env) -> harness::Result<Sdk> {
         // A signed checkpoint every second, so `enforcer audit verify` can check the live trail.
         yaml.push_str("audit:\n  checkpoint_interval_secs: 1\n");
     }
+    // Retained traces (the policy retains reviewed proposals), encrypted to a key `enforcer trace keygen` made.
+    let (trace_key, other_key) = (root.join("trace.key"), root.join("other.key"));
+    let recipient = trace_keygen(&trace_key)?;
+    trace_keygen(&other_key)?;
+    yaml.push_str(&format!("traces:\n  recipient: {recipient}\n"));
     let config = root.join("enforcer-sdk.yaml");
     std::fs::write(&config, yaml).map_err(|e| format!("write config: {e}"))?;
     env.restart_daemon(config)?;
-    Ok(Sdk { records, hosts })
+    Ok(Sdk {
+        records,
+        hosts,
+        trace_key,
+        other_key,
+    })
+}
+
+/// A new age identity in `path`; its recipient.
+fn trace_keygen(path: &Path) -> harness::Result<String> {
+    let _ = std::fs::remove_file(path);
+    let mut cmd = Command::new(harness::enforcer_bin());
+    cmd.args(["trace", "keygen", "--out"]).arg(path);
+    let (code, out, err) = harness::output(cmd);
+    if code != 0 || !out.trim().starts_with("age1") {
+        return Err(format!("trace keygen: {out}{err}"));
+    }
+    Ok(out.trim().to_owned())
 }
 
 #[expect(
@@ -787,6 +812,164 @@ pub fn node_fetch(env: &mut Env) {
 }
 
 /// Stop the SDK servers (the harness's cleanup would kill them too) and check the trail still verifies.
+/// The Anthropic SDK streams an answer whose `deploy_service` call a `review` rule holds: the call waits (the stream
+/// kept alive) until `enforcer review approve` — then the SDK's accumulated message has the call as the model
+/// proposed it — or `enforcer review deny` — then it has the refusal text, no tool call, and stop reason `end_turn`.
+/// The held and closing records name the tool and how the review ended.
+pub fn review_holds_a_streamed_tool_call_until_approved_or_denied(env: &mut Env) {
+    env.need_daemon();
+    let sdk = sdk(env);
+    env.need_daemon();
+    let run = run_id(env, "review");
+    let script = env.script("sdk/review_client.py");
+    let base = format!("https://{ANTHROPIC_HOST}:{LLM_PORT}");
+    let mut closings = Vec::new();
+    for verb in ["approve", "deny"] {
+        let prompt = format!("review-{verb}-{run}: ship it");
+        let env = &*env;
+        let (lines, err, id) = std::thread::scope(|s| {
+            let client = s.spawn(|| run_client(env, &sdk, &["python3", &script, &base, &prompt]));
+            let id = pending_proposal(env, "deploy_service");
+            let config = env.config.display().to_string();
+            let mut cmd = Command::new(harness::enforcer_bin());
+            cmd.args([
+                "review",
+                verb,
+                &id.to_string(),
+                "--reason",
+                "e2e",
+                "--config",
+                &config,
+            ]);
+            let (code, out, err) = harness::output(cmd);
+            assert_eq!(code, 0, "review {verb}: {out}{err}");
+            let (lines, _, err, _) = client.join().unwrap_or_else(|_| panic!("client thread"));
+            (lines, err, id)
+        });
+        let got = lines
+            .first()
+            .unwrap_or_else(|| panic!("no answer from the client; stderr:\n{err}"));
+        assert_eq!(got["ok"], true, "{got}; stderr:\n{err}");
+        if verb == "approve" {
+            assert_eq!(
+                got["tool_calls"],
+                serde_json::json!([{"id": "toolu_e2e_2", "name": "deploy_service", "input": {"city": "Paris"}}]),
+                "{got}"
+            );
+            assert_eq!(got["content"], "first second", "{got}");
+            assert_eq!(got["finish"], "tool_use", "{got}");
+        } else {
+            assert_eq!(got["tool_calls"], serde_json::json!([]), "{got}");
+            assert_eq!(
+                got["content"],
+                "first second[The enforcer refused the tool call `deploy_service`: a deployment needs a person's \
+                 approval: denied by a reviewer: e2e (policy rule: sdk-review-deploys)]",
+                "{got}"
+            );
+            assert_eq!(got["finish"], "end_turn", "{got}");
+        }
+        let closing = env
+            .audit_records()
+            .into_iter()
+            .find(|r| r["review"]["held_seq"] == id)
+            .unwrap_or_else(|| panic!("no closing record for review {id}"));
+        assert_eq!(closing["request"]["phase"], "proposal", "{closing}");
+        assert_eq!(closing["request"]["tool"], "deploy_service", "{closing}");
+        let (result, disposition) = match verb {
+            "approve" => ("approved", "forwarded"),
+            _ => ("denied", "blocked"),
+        };
+        assert_eq!(closing["review"]["result"], result, "{closing}");
+        assert_eq!(closing["outcome"]["disposition"], disposition, "{closing}");
+        assert_eq!(closing["review"]["by"]["via"], "cli", "{closing}");
+        closings.push(closing["seq"].as_u64().unwrap_or_default());
+    }
+    retained_proposal_traces(env, &sdk, &run, closings[0], closings[1]);
+}
+
+/// The reviewed proposals' exchanges were retained (`retain: true` on the review rule): the denied one decrypts with
+/// the key — the request and the tool call as the model proposed it, not the refusal — and not with another key;
+/// the approved one's file in its place is caught by `enforcer audit verify`.
+fn retained_proposal_traces(env: &Env, sdk: &Sdk, run: &str, approved: u64, denied: u64) {
+    let file = |of: u64| -> PathBuf {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rec = env
+                .audit_records()
+                .into_iter()
+                .find(|r| r["outcome"]["disposition"] == "retained" && r["trace"]["of"] == of);
+            if let Some(rec) = rec {
+                assert_eq!(rec["request"]["tool"], "deploy_service", "{rec}");
+                let name = rec["trace"]["file"].as_str().unwrap_or_default();
+                return env.audit_dir.join("traces").join(name);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no trace retained for record {of}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (file_a, file_d) = (file(approved), file(denied));
+    let show = |key: &Path| {
+        let mut cmd = Command::new(harness::enforcer_bin());
+        cmd.args(["trace", "show", &denied.to_string(), "--identity"])
+            .arg(key)
+            .arg("--audit-dir")
+            .arg(&env.audit_dir);
+        harness::output(cmd)
+    };
+    let (code, text, err) = show(&sdk.trace_key);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains(&format!("review-deny-{run}: ship it")),
+        "{text}"
+    );
+    assert!(
+        text.contains("toolu_e2e_2") && text.contains("deploy_service"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("The enforcer refused"),
+        "the trace holds the call as proposed: {text}"
+    );
+    let (code, _, err) = show(&sdk.other_key);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot decrypt"), "{err}");
+    env.assert_audit_verifies();
+    let original = std::fs::read(&file_d).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(&file_a, &file_d).unwrap_or_else(|e| panic!("{e}"));
+    let (ok, out) = env.audit_verify();
+    std::fs::write(&file_d, &original).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!ok, "audit verify missed a swapped trace: {out}");
+    assert!(out.contains("swapped: trace"), "{out}");
+    env.assert_audit_verifies();
+}
+
+/// Poll `enforcer review list --json` until a proposal of `tool` is held; its id.
+fn pending_proposal(env: &Env, tool: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let config = env.config.display().to_string();
+    loop {
+        let mut cmd = Command::new(harness::enforcer_bin());
+        cmd.args(["review", "list", "--json", "--config", &config]);
+        let (code, out, err) = harness::output(cmd);
+        assert_eq!(code, 0, "review list: {err}");
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if let Some(p) = list.as_array().and_then(|l| {
+            l.iter()
+                .find(|p| p["phase"] == "proposal" && p["proposal_tool"] == tool)
+        }) {
+            return p["id"].as_u64().unwrap_or_else(|| panic!("{p}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no proposal of {tool} held: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn sdk_audit_verifies(env: &mut Env) {
     env.need_daemon();
     env.assert_audit_verifies();

@@ -152,7 +152,9 @@ fn setup(env: &mut Env) -> &'static Setup {
          traces:\n  recipient: {recipient}\n",
         receiver.local_addr().map(|a| a.port()).unwrap_or(0)
     );
-    let mut yaml = std::fs::read_to_string(&config).unwrap_or_default();
+    let base = std::fs::read_to_string(&config).unwrap_or_default();
+    // The configuration this one is derived from (the SDK tests', when they ran first) may have its own.
+    let mut yaml = without_sections(&base, &["review:", "traces:"]);
     yaml.push_str(&extra);
     std::fs::write(&config, yaml).unwrap_or_else(|e| panic!("{e}"));
     let original = env.config.clone();
@@ -166,6 +168,22 @@ fn setup(env: &mut Env) -> &'static Setup {
         other_key,
     });
     SETUP.get().unwrap_or_else(|| panic!("setup"))
+}
+
+/// `yaml` without its top-level `sections` (each line naming one, and the indented lines under it).
+fn without_sections(yaml: &str, sections: &[&str]) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in yaml.lines() {
+        if !line.starts_with([' ', '\t']) {
+            skipping = sections.iter().any(|s| line.starts_with(s));
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn cfg(env: &Env) -> String {

@@ -488,6 +488,14 @@ impl Policy {
         self.rules.iter().any(|r| r.on == phase)
     }
 
+    /// Whether any rule of `phase` retains what it matches (`retain:`): a proposal's exchange is kept aside while its
+    /// response streams, in case one of its proposals is retained.
+    pub fn retains_in(&self, phase: Phase) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.on == phase && r.effects.retain.is_some())
+    }
+
     /// Whether a `phase: response` rule could match the response whose head `action` carries (its `response` has
     /// status, headers and content type, no body): rules whose other conditions already fail are left out, so only
     /// a response some rule may decide is read whole or event by event.

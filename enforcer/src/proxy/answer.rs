@@ -10,7 +10,7 @@
 //! the request's ([`Answering::record`]). Without such rules, or when none may apply, the body streams through as
 //! it came: nothing is buffered or parsed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
@@ -26,10 +26,10 @@ use crate::model::{
     Action, Agent, AuditEvent, Change, Decision, LlmCall, Outcome, Phase, Relay, RequestSummary,
 };
 use crate::policy::Policy;
+use crate::trace::Draft;
 use sha2::Digest;
 
 /// What the response phases need of the exchange they answer.
-#[derive(Clone)]
 pub(crate) struct Answering {
     pub ctx: Arc<ProxyContext>,
     /// The policy the exchange was decided under.
@@ -44,6 +44,9 @@ pub(crate) struct Answering {
     pub parent: u64,
     /// How an accepted upgrade is relayed (the deciding rule's `relay:`).
     pub relay: Relay,
+    /// The exchange kept aside for a retained proposal (`trace::Draft::new`): fed the response as the
+    /// upstream sent it, written when a proposal's decision retains it.
+    pub proposal_trace: Option<Mutex<Draft>>,
 }
 
 impl Answering {
@@ -88,12 +91,61 @@ impl Answering {
         request: RequestSummary,
         outcome: Outcome,
     ) -> Option<u64> {
-        let request = RequestSummary {
+        let event = AuditEvent::new(decision, self.agent.clone(), request, outcome);
+        self.record_event(phase, event).await
+    }
+
+    /// `request` as the record of a later part (`phase`) names it: linked to the request's record.
+    pub fn linked(&self, phase: Phase, request: RequestSummary) -> RequestSummary {
+        RequestSummary {
             parent: Some(self.parent),
             phase: Some(phase),
             ..request
-        };
-        let event = AuditEvent::new(decision, self.agent.clone(), request, outcome);
+        }
+    }
+
+    /// The upstream's response head, for the proposal trace.
+    pub fn trace_head(&self, status: u16, headers: &http::HeaderMap) {
+        self.with_trace(|d| d.response_head(status, headers));
+    }
+
+    /// More of the upstream's body as it sent it (decoded), for the proposal trace.
+    pub fn trace_body(&self, data: &[u8]) {
+        self.with_trace(|d| d.push(data));
+    }
+
+    /// Keep the proposal trace for the proposal recorded as `seq`, when `decision` retains it.
+    pub fn retain_for(
+        &self,
+        seq: u64,
+        summary: RequestSummary,
+        disposition: crate::model::Disposition,
+        decision: &Decision,
+    ) {
+        self.with_trace(|d| {
+            d.retain(seq, summary, disposition, decision);
+        });
+    }
+
+    /// The response ended: the proposal trace is written if a proposal retained it, else dropped.
+    pub fn finish_trace(&mut self) {
+        if let Some(d) = self.proposal_trace.take() {
+            d.into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .finish();
+        }
+    }
+
+    fn with_trace(&self, f: impl FnOnce(&mut Draft)) {
+        if let Some(d) = &self.proposal_trace {
+            f(&mut d.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    /// [`Answering::record`] of a whole `event` (one that also carries a review or a trace): its seq once durable,
+    /// `None` when the write failed (logged).
+    pub async fn record_event(&self, phase: Phase, mut event: AuditEvent) -> Option<u64> {
+        event.request = self.linked(phase, event.request);
         match self.ctx.record(&self.policy, event).await {
             Ok(seq) => Some(seq),
             Err(e) => {
@@ -106,11 +158,21 @@ impl Answering {
     /// The same exchange answering one LLM call made within it (a WebSocket message such as a Responses
     /// `response.create`, recorded as `parent`): what is decided after it carries that call's `llm` (provider,
     /// model, tools) and its records are linked to the call's record.
+    /// The turn keeps no proposal trace (the WebSocket mode's messages are not retained).
     pub fn for_turn(&self, llm: LlmCall, parent: u64) -> Answering {
-        let mut turn = self.clone();
-        turn.request.llm = Some(llm);
-        turn.parent = parent;
-        turn
+        let mut request = self.request.clone();
+        request.llm = Some(llm);
+        Answering {
+            ctx: self.ctx.clone(),
+            policy: self.policy.clone(),
+            agent: self.agent.clone(),
+            protocol: self.protocol.clone(),
+            request,
+            summary: self.summary.clone(),
+            parent,
+            relay: self.relay,
+            proposal_trace: None,
+        }
     }
 }
 

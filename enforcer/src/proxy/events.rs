@@ -3,7 +3,8 @@
 //! LLM API when proposal rules exist; what comes out is sent as soon as the upstream's chunk that carried it is read.
 //! Text and reasoning events are never held; only a proposed tool call is, until its arguments are complete, within
 //! the policy's `max_body_bytes` and the proxy's hold timeout (beyond either the stream ends with the protocol's error
-//! event, recorded). A stream that ends early ends the agent's too (an error, not a clean end); a content-coded stream
+//! event, recorded), and then while a review of it waits (up to the review's timeout; what came before the call has
+//! been sent, and an SSE comment line every `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean end); a content-coded stream
 //! is read whole and decoded first.
 
 use std::pin::Pin;
@@ -19,16 +20,18 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::answer::Answering;
+use super::hold::Holding;
 use super::http::ProxyBody;
 use super::response::{self, Fate, Head, Plan};
-use crate::inspect::proposal::{Emit, Event, Proposals};
+use crate::inspect::proposal::{Call, Emit, Event, Proposals, Ruling};
 use crate::inspect::sse::{self, SseEvent, SseReader};
 use crate::inspect::{self, StreamBlock};
 use crate::model::{Action, Phase, Reason};
 
 const UNDECODABLE: &str = "the upstream's answer could not be decoded for inspection";
 
-type Sent = Result<Frame<Bytes>, hyper::Error>;
+/// One frame of the agent's body, or the upstream's error that ends it.
+pub(crate) type Sent = Result<Frame<Bytes>, hyper::Error>;
 
 /// The agent's body: frames the reading task sends.
 struct Channel(mpsc::Receiver<Sent>);
@@ -56,6 +59,7 @@ pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Re
     if plan.encoded {
         parts.headers.remove(header::CONTENT_ENCODING);
     }
+    ans.trace_head(parts.status.as_u16(), &parts.headers);
     let (tx, rx) = mpsc::channel(16);
     let props = plan
         .proposals
@@ -71,8 +75,9 @@ pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Re
         props,
         held_since: None,
         ended: false,
+        tx,
     };
-    tokio::spawn(reading.run(body, tx, coding));
+    tokio::spawn(reading.run(body, coding));
     Response::from_parts(parts, Channel(rx).boxed())
 }
 
@@ -88,6 +93,8 @@ struct Reading {
     held_since: Option<Instant>,
     /// The stream was ended by a refusal: nothing more is sent.
     ended: bool,
+    /// The agent's body.
+    tx: mpsc::Sender<Sent>,
 }
 
 /// What the upstream's body gave next.
@@ -101,7 +108,13 @@ enum Next {
 }
 
 impl Reading {
-    async fn run(mut self, mut body: Incoming, tx: mpsc::Sender<Sent>, coding: Option<String>) {
+    async fn run(mut self, body: Incoming, coding: Option<String>) {
+        self.pass_on(body, coding).await;
+        self.ans.finish_trace();
+    }
+
+    async fn pass_on(&mut self, mut body: Incoming, coding: Option<String>) {
+        let tx = self.tx.clone();
         if self.plan.encoded {
             match self.decoded(&mut body, coding.as_deref()).await {
                 Ok(all) => {
@@ -165,6 +178,7 @@ impl Reading {
 
     /// The events `data` completed, decided; what to send for them.
     async fn chunk(&mut self, data: &[u8]) -> BytesMut {
+        self.ans.trace_body(data);
         let events = self.reader.push(data);
         let mut out = self.events(events).await;
         let held = self.reader.pending() + self.props.as_ref().map_or(0, Proposals::held_bytes);
@@ -183,7 +197,7 @@ impl Reading {
         }
         if let Some(props) = self.props.as_mut() {
             let calls = props.finish();
-            let rulings = super::proposal::rule(&self.ans, &calls).await;
+            let rulings = self.rule(&calls, &mut out).await;
             if let Some(props) = self.props.as_mut() {
                 emit(props.release(&rulings), &mut out);
             }
@@ -204,7 +218,7 @@ impl Reading {
             match self.props.as_mut() {
                 Some(props) => {
                     let calls = props.push(event);
-                    let rulings = super::proposal::rule(&self.ans, &calls).await;
+                    let rulings = self.rule(&calls, &mut out).await;
                     if let Some(props) = self.props.as_mut() {
                         emit(props.release(&rulings), &mut out);
                         self.held_since = match props.held_bytes() {
@@ -217,6 +231,23 @@ impl Reading {
             }
         }
         out
+    }
+
+    /// The rulings on `calls`. What `out` holds of the events before them is sent first: only the calls wait for
+    /// their decision (a review holds them, with keep-alives meanwhile: `hold::proposal`).
+    async fn rule(&mut self, calls: &[Call], out: &mut BytesMut) -> Vec<Ruling> {
+        if calls.is_empty() {
+            return Vec::new();
+        }
+        if !out.is_empty() {
+            // A client gone shows when the held call's keep-alive or release is sent.
+            let _ = self.tx.send(Ok(Frame::data(out.split().freeze()))).await;
+        }
+        let rulings = super::proposal::rule(&self.ans, calls, &Holding::Events(&self.tx)).await;
+        // Time spent waiting for a person is not the upstream's: a call still streaming behind the ruled ones gets
+        // the whole hold bound from here.
+        self.held_since = self.held_since.map(|_| Instant::now());
+        rulings
     }
 
     /// One event through the response rules: as it came, rewritten, or answered by a block (written to `out`).

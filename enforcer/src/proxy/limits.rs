@@ -41,6 +41,9 @@ pub struct Limits {
     /// How long a response may hold a part of an upstream's answer for its decision: a tool call whose arguments
     /// are still streaming, or a body read whole for a response rule. Refused (`hold_timeout`) after it.
     pub hold_timeout: Duration,
+    /// How often a stream of server-sent events whose tool call a review holds gets a comment line (`: …`), so the
+    /// agent's client and any proxy between see bytes well within their idle timeouts.
+    pub review_keepalive: Duration,
     /// HTTP/1.1: most header fields in a request head.
     pub h1_max_headers: usize,
     /// HTTP/1.1: the connection's read buffer, which bounds a request head's size.
@@ -65,6 +68,7 @@ impl Default for Limits {
             body_idle_timeout: Duration::from_secs(30),
             response_head_timeout: Duration::from_secs(120),
             hold_timeout: Duration::from_secs(300),
+            review_keepalive: Duration::from_secs(15),
             h1_max_headers: 100,
             h1_max_buf_size: 64 * 1024,
             h2_max_concurrent_streams: 100,

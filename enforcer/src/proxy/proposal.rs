@@ -5,55 +5,80 @@
 //! out as a [`Ruling`]: passed, its arguments rewritten (`constrain`: redaction, `json_*`), or refused (`block`, and a
 //! rewrite that would touch a signed call or could not remove a secret).
 //!
-//! [`decide`] is where every proposal's verdict is settled, one at a time and in order, while the stream holds the
-//! call: a verdict that must wait (a human review) waits there, and the stream with it.
+//! Every proposal's verdict is settled one at a time and in order, while the stream holds the call: an enforced
+//! `review` waits there for a person's answer (`hold::proposal`: held record, published like a held request, the
+//! stream kept alive meanwhile), and the stream's later events with it; the closing record links the held one.
 
 use super::answer::Answering;
+use super::hold::Holding;
 use crate::inspect::proposal::{refusal_text, Call, Ruling};
 use crate::model::{
-    Action, Change, Decision, Mode, Outcome, Phase, Reason, RequestSummary, Verdict,
+    Action, AuditEvent, Change, Decision, Disposition, Mode, Outcome, Phase, Reason,
+    RequestSummary, Verdict,
 };
 
-/// The rulings on `calls`, in order.
-pub(crate) async fn rule(ans: &Answering, calls: &[Call]) -> Vec<Ruling> {
+/// The rulings on `calls`, in order; a call under an enforced review is held as `holding` allows
+/// (`hold::proposal`).
+pub(crate) async fn rule(ans: &Answering, calls: &[Call], holding: &Holding<'_>) -> Vec<Ruling> {
     let mut rulings = Vec::with_capacity(calls.len());
     for call in calls {
-        rulings.push(rule_one(ans, call).await);
+        rulings.push(rule_one(ans, call, holding).await);
     }
     rulings
 }
 
-async fn rule_one(ans: &Answering, call: &Call) -> Ruling {
+async fn rule_one(ans: &Answering, call: &Call, holding: &Holding<'_>) -> Ruling {
     let mut action = ans.request.clone();
     action.proposal = Some(call.proposal.clone());
     let decision = decide(ans, &action).await;
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Ruling::Pass;
     }
-    let (ruling, decision, changes) = carry_out(ans, call, decision);
+    let reviewed =
+        super::hold::proposal(ans, &decision, &summary(ans, call, Vec::new()), holding).await;
+    let (ruling, carried, changes) = carry_out(ans, call, reviewed.carried);
     let blocked = matches!(ruling, Ruling::Refuse(_));
-    let outcome = Outcome::of(&decision, blocked, None);
-    let tool = call.proposal.tool.clone();
-    if !ans
-        .record(
-            Phase::Proposal,
-            decision,
-            summary(ans, call, changes),
-            outcome,
-        )
-        .await
-    {
+    let mut outcome = Outcome::of(&carried, blocked, None);
+    // A held call's closing record keeps the policy's `review` decision; its outcome and review part say how it
+    // ended (as a held request's does).
+    let recorded = match &reviewed.note {
+        Some(_) if reviewed.gone => {
+            outcome.disposition = Disposition::Failed;
+            outcome.error = Some(Reason::ClientClosed);
+            decision
+        }
+        Some(_) => {
+            if blocked {
+                outcome.error = Some(carried.reason);
+            }
+            decision
+        }
+        None => carried,
+    };
+    let disposition = outcome.disposition;
+    let summary = summary(ans, call, changes);
+    let mut event = AuditEvent::new(
+        recorded.clone(),
+        ans.agent.clone(),
+        summary.clone(),
+        outcome,
+    );
+    event.review = reviewed.note;
+    let Some(seq) = ans.record_event(Phase::Proposal, event).await else {
         // What was not recorded is not passed on.
+        let tool = &call.proposal.tool;
         return Ruling::Refuse(refusal_text(
-            &tool,
+            tool,
             "the enforcer could not record this tool call",
         ));
-    }
+    };
+    // A `retain:` rule keeps the exchange that carried the call, as the model proposed it.
+    let traced = ans.linked(Phase::Proposal, summary);
+    ans.retain_for(seq, traced, disposition, &recorded);
     ruling
 }
 
-/// The decision on one proposal Action. The hook for verdicts that wait: a review would be awaited here, before the
-/// call is released; the stream holding it waits too (its hold bound still applies).
+/// The decision on one proposal Action, under the agent's session.
 async fn decide(ans: &Answering, action: &Action) -> Decision {
     let mut actions = [action.clone()];
     ans.decide_in_session(&mut actions).decision
@@ -65,7 +90,7 @@ fn carry_out(ans: &Answering, call: &Call, decision: Decision) -> (Ruling, Decis
     if decision.mode == Mode::Shadow {
         return (Ruling::Pass, decision, Vec::new());
     }
-    // A proposal is not held for a person's answer (yet): an enforced review refuses it, saying so.
+    // A review still standing here could not be held: refused, saying so.
     let mut decision = super::hold::unheld(&decision);
     if decision.verdict == Verdict::Constrain {
         let failed = if call.signed {

@@ -48,6 +48,8 @@ pub(crate) struct ExchangeRecord {
     seq: Option<u64>,
     /// The exchange's trace, when its decision retains it: linked to the closing record once written.
     trace: Option<crate::trace::Draft>,
+    /// The exchange kept aside for a proposal a `retain:` rule may keep (the policy has such rules).
+    proposal_trace: Option<crate::trace::Draft>,
     written: bool,
 }
 
@@ -65,6 +67,7 @@ impl ExchangeRecord {
             review: None,
             seq: None,
             trace: None,
+            proposal_trace: None,
             written: false,
         }
     }
@@ -86,22 +89,22 @@ impl ExchangeRecord {
         &self.summary
     }
 
-    /// Start the exchange's trace when its decision retains it (`retain:`) and traces are configured.
+    /// Start the exchange's trace when its decision retains it (`retain:`) and traces are configured; and keep the
+    /// exchange aside for its proposals when a proposal rule retains what it matches.
     pub fn start_trace(&mut self, scheme: &str, parts: &http::request::Parts, body: &[u8]) {
-        let Some(decision) = self.decision() else {
+        let Some(decision) = self.decided.as_ref().map(|d| &d.decision) else {
             return;
         };
         let host = self.summary.host.clone().unwrap_or_default();
-        self.trace = crate::trace::Draft::start(
-            &self.ctx,
-            &self.policy,
-            decision,
-            &self.agent,
-            scheme,
-            &host,
-            parts,
-            body,
-        );
+        let (ctx, policy, agent) = (&self.ctx, &self.policy, &self.agent);
+        let draft =
+            || crate::trace::Draft::new(ctx, policy, decision, agent, scheme, &host, parts, body);
+        if crate::trace::Draft::sampled(decision) {
+            self.trace = draft();
+        }
+        if policy.retains_in(crate::model::Phase::Proposal) {
+            self.proposal_trace = draft();
+        }
     }
 
     /// The trace of a forwarded exchange, to be fed its response.
@@ -239,7 +242,7 @@ impl ExchangeRecord {
 
     /// What the response phases of this exchange need, once its record is written as `seq`: `request` is the
     /// deciding Action (its body dropped).
-    pub fn answering(&self, mut request: Action, seq: u64) -> Answering {
+    pub fn answering(&mut self, mut request: Action, seq: u64) -> Answering {
         if let Some(http) = request.http.as_mut() {
             http.body = String::new();
             http.json = None;
@@ -256,6 +259,7 @@ impl ExchangeRecord {
             summary: self.head.clone(),
             parent: seq,
             relay,
+            proposal_trace: self.proposal_trace.take().map(std::sync::Mutex::new),
         }
     }
 

@@ -250,15 +250,30 @@ pub(crate) async fn record_refusal(
 /// response rules on what is left.
 pub(crate) async fn whole(
     resp: Response<Incoming>,
-    ans: Answering,
+    mut ans: Answering,
+    plan: Plan,
+) -> Response<ProxyBody> {
+    let answer = answer_whole(resp, &ans, plan).await;
+    ans.finish_trace();
+    answer
+}
+
+async fn answer_whole(
+    resp: Response<Incoming>,
+    ans: &Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
-    let raw = match read_whole(body, &ans, plan, &parts.headers).await {
+    let raw = match read_whole(body, ans, plan, &parts.headers).await {
         Ok(raw) => raw,
-        Err((reason, message)) => return refused(&ans, reason, message).await,
+        Err((reason, message)) => return refused(ans, reason, message).await,
     };
+    // The proposal trace keeps the body decoded, as it was decided.
+    let mut traced = parts.headers.clone();
+    traced.remove(header::CONTENT_ENCODING);
+    ans.trace_head(parts.status.as_u16(), &traced);
+    ans.trace_body(&raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
     let mut json = inspect::claims_json(head.content_type.as_deref(), &text)
         .then(|| serde_json::from_str::<Value>(&text).ok())
@@ -267,7 +282,7 @@ pub(crate) async fn whole(
     let mut body = text;
     if let (Some((provider, api)), Some(doc)) = (plan.proposals, json.as_mut()) {
         let calls = proposal::body_calls(provider, api, doc);
-        let rulings = super::proposal::rule(&ans, &calls).await;
+        let rulings = super::proposal::rule(ans, &calls, &super::hold::Holding::Whole).await;
         if rulings.iter().any(|r| *r != Ruling::Pass) {
             proposal::apply_to_body(provider, api, doc, &rulings);
             body = doc.to_string();
@@ -275,7 +290,7 @@ pub(crate) async fn whole(
         }
     }
     if plan.responses {
-        match decide(&ans, &mut action(&ans, &head, body.clone(), json), true).await {
+        match decide(ans, &mut action(ans, &head, body.clone(), json), true).await {
             Fate::Pass => {}
             Fate::Rewrite(new) => {
                 body = new;

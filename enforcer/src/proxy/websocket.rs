@@ -426,11 +426,12 @@ async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Mess
         data: text,
         raw,
     });
+    let hold = super::hold::Holding::No;
     let rulings = match turn.get() {
         Some((llm, seq)) if !calls.is_empty() => {
-            super::proposal::rule(&ans.for_turn(llm, seq), &calls).await
+            super::proposal::rule(&ans.for_turn(llm, seq), &calls, &hold).await
         }
-        _ => super::proposal::rule(ans, &calls).await,
+        _ => super::proposal::rule(ans, &calls, &hold).await,
     };
     let mut out: Vec<Fate> = props
         .release(&rulings)

@@ -8,9 +8,9 @@
 //! The table is bounded ([`ReviewSettings::max_pending`]); a [`Held`] that is dropped (the client went away)
 //! withdraws its review.
 //!
-//! Holding a proposal or an MCP tool call works the same way (the response phases call the same API): build a
-//! [`Pending`], [`Reviews::hold`] it, keep the stream alive while [`Held::wait`] runs (server-sent events: a comment
-//! line every 15 s), then pass it on or answer it as a block.
+//! Holding a proposal works the same way (the response phases call the same API, `proxy::hold::proposal`): build a
+//! [`Pending`] (`phase: proposal`, `proposal_tool`), [`Reviews::hold`] it, keep the stream alive while
+//! [`Held::wait`] runs (server-sent events: a comment line every 15 s), then pass it on or answer it as a block.
 
 mod webhook;
 

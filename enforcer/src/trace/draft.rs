@@ -1,7 +1,8 @@
 //! A trace being gathered: started when an exchange's decision retains it ([`retain`]), linked to the exchange's
 //! record once that is written, fed the response as it streams to the agent ([`Tee`], which passes every frame on
 //! unchanged and unbuffered), and finished — encrypted, written, recorded — when the response ends, or at once when
-//! the exchange was refused. The response phases feed proposals and response events the same way.
+//! the exchange was refused. A proposal's trace ([`Draft::new`]) is fed the response as the upstream sent it,
+//! before any rewrite, and is written only when a retained proposal names its record ([`Draft::retain`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -63,13 +64,19 @@ pub struct Draft {
 }
 
 impl Draft {
-    /// Start the trace of an exchange decided as `decision`, when its policy retains it (and the sample says so)
-    /// and a trace store is configured.
+    /// Whether an exchange decided as `decision` is traced: its policy retains it (and the sample says so).
+    pub fn sampled(decision: &Decision) -> bool {
+        decision.retain.is_some_and(TraceStore::sample)
+    }
+
+    /// A draft of the exchange decided as `decision`, when a trace store is configured: the exchange's own trace (when
+    /// [`Draft::sampled`]), or one kept aside in case one of its proposals is retained — written only once
+    /// [`Draft::retain`] names the proposal's record (else dropped unwritten), with `decision` the request's until then.
     #[allow(
         clippy::too_many_arguments,
         reason = "the facts of one exchange, each needed once"
     )]
-    pub fn start(
+    pub fn new(
         ctx: &Arc<ProxyContext>,
         policy: &Arc<Policy>,
         decision: &Decision,
@@ -80,10 +87,6 @@ impl Draft {
         body: &[u8],
     ) -> Option<Draft> {
         let store = ctx.traces.clone()?;
-        let fraction = decision.retain?;
-        if !TraceStore::sample(fraction) {
-            return None;
-        }
         Some(Draft {
             ctx: ctx.clone(),
             store,
@@ -110,6 +113,28 @@ impl Draft {
         })
     }
 
+    /// Keep this candidate as the trace of the proposal recorded as `seq` (`summary`, ending in `disposition`) and
+    /// decided as `decision`, when that decision retains it and the sample says so; the first such proposal of the
+    /// exchange wins. Whether it is kept for this one.
+    pub fn retain(
+        &mut self,
+        seq: u64,
+        summary: RequestSummary,
+        disposition: Disposition,
+        decision: &Decision,
+    ) -> bool {
+        if self.record.is_some() {
+            return false;
+        }
+        match decision.retain {
+            Some(f) if TraceStore::sample(f) => {}
+            _ => return false,
+        }
+        self.decision = decision.clone();
+        self.record = Some((seq, summary, disposition));
+        true
+    }
+
     /// The exchange's record is written: `seq`, with `summary`, ending in `disposition`.
     pub fn linked(&mut self, seq: u64, summary: RequestSummary, disposition: Disposition) {
         self.record = Some((seq, summary, disposition));
@@ -124,7 +149,8 @@ impl Draft {
         self.response = Some((status, kept_headers(headers), coding));
     }
 
-    fn push(&mut self, data: &[u8]) {
+    /// More of the response body, kept up to `traces.max_trace_bytes` (the rest is cut, and the trace says so).
+    pub fn push(&mut self, data: &[u8]) {
         let room = self.store.max_trace_bytes().saturating_sub(self.body.len());
         if data.len() > room {
             self.truncated = true;

@@ -162,8 +162,19 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// One measurement of `test` against `c`.
+    /// One measurement of `test` against `c`, for the plan's duration.
     pub fn measure(&self, c: &Contender, test: Test, rep: u32) -> anyhow::Result<Measurement> {
+        self.measure_for(c, test, rep, self.plan.seconds)
+    }
+
+    /// One measurement of `test` against `c` lasting `seconds`.
+    pub fn measure_for(
+        &self,
+        c: &Contender,
+        test: Test,
+        rep: u32,
+        seconds: u64,
+    ) -> anyhow::Result<Measurement> {
         let stem = self.raw.join(format!("{}.{test}.r{rep}", c.name));
         let db = matches!(test, Test::Rate(_)).then(|| {
             self.stack
@@ -197,7 +208,6 @@ impl Bench<'_> {
         let mut rss_peak = 0;
         let mut conns_peak = 0;
         let sample_conns = matches!(test, Test::Connections(_));
-        let seconds = self.plan.seconds;
         let json = self.run_client(c, Load::Test(test), seconds, db.as_deref(), &stem, || {
             if let Some(pid) = pid {
                 rss_peak = rss_peak.max(procfs::tree_rss_kib(pid));

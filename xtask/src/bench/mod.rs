@@ -13,6 +13,7 @@ mod measure;
 mod plan;
 mod procfs;
 mod report;
+mod soak;
 mod stack;
 mod tools;
 
@@ -63,8 +64,24 @@ pub struct BenchArgs {
     /// Leave mitmproxy out.
     #[arg(long)]
     no_mitmproxy: bool,
+    /// Leave the library benches (`enforcer/benches`) out: only the side-by-side table.
+    #[arg(long)]
+    no_library: bool,
+    /// Also measure the explicit proxy with `audit.durable: false` (contender `enforcer-not-durable`): the share of
+    /// the cost that is the audit trail's `fdatasync` before each answer.
+    #[arg(long)]
+    not_durable: bool,
+    /// Also measure another enforcer binary as an explicit proxy (contender `enforcer-baseline`), e.g. a release
+    /// build of an earlier commit: before and after in the same run. It is given the minimal configuration every
+    /// version reads (bench/enforcer-baseline.yaml).
+    #[arg(long, value_name = "BINARY")]
+    baseline: Option<PathBuf>,
+    /// After the tests, a saturation run of this many seconds through the explicit proxy, then a check that the audit
+    /// trail gained one record per answered request and that `enforcer audit verify` passes (e.g. 600).
+    #[arg(long, value_name = "SECS")]
+    soak: Option<u64>,
     /// Print the summary of an earlier run's results directory again (measures nothing).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["short", "tests", "reps", "duration"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["short", "tests", "reps", "duration", "baseline", "soak"])]
     report: Option<PathBuf>,
 }
 
@@ -88,13 +105,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("the benchmark attaches eBPF programs and runs its client as another user: run it as root");
     }
     let short = args.short || std::env::var_os(SHORT_ENV).is_some();
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         short,
         args.tests,
         args.reps,
         args.duration,
         args.no_mitmproxy,
     );
+    plan.not_durable = args.not_durable;
+    plan.soak = args.soak.unwrap_or(0);
+    plan.baseline = match args.baseline {
+        Some(b) => {
+            Some(std::fs::canonicalize(&b).with_context(|| format!("--baseline {}", b.display()))?)
+        }
+        None => None,
+    };
     let started = Instant::now();
     crate::setup::run()?;
     let tools = tools::install(plan.mitmproxy)?;
@@ -102,7 +127,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (raw, logs) = (out.join("raw"), out.join("logs"));
     std::fs::create_dir_all(&raw)?;
     std::fs::create_dir_all(&logs)?;
-    library_benches(&plan, &out.join("library.txt"))?;
+    if !args.no_library {
+        library_benches(&plan, &out.join("library.txt"))?;
+    }
     // Short: the workspace's debug build, as `cargo xtask test` has just made it (`-p enforcer` alone would unify
     // features differently and rebuild it).
     let mut build = cargo();
@@ -122,8 +149,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&STOP))?;
     }
     let enforcer = target_dir().join(plan.profile()).join("enforcer");
-    let stack = stack::Stack::start(&tools, &enforcer, &logs, plan.mitmproxy)?;
+    let stack = stack::Stack::start(&tools, &enforcer, &logs, &plan)?;
     let mut meta = meta(&plan, &tools, &stack);
+    meta.fdatasync_ms = fdatasync_latency(&stack.work)
+        .inspect_err(|e| eprintln!("xtask: bench: warning: measuring fdatasync: {e:#}"))
+        .ok();
     write_json(&out.join("run.json"), &meta)?;
     eprintln!(
         "xtask: bench: {} test(s) × {} contender(s) × {} rep(s) of {} s; results in {}",
@@ -142,7 +172,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         raw,
         ticks_per_sec: procfs::clock_ticks_per_sec(),
     };
-    let (ms, failures) = measure_all(&bench, &out.join("measurements.jsonl"));
+    let (ms, mut failures) = measure_all(&bench, &out.join("measurements.jsonl"));
+    if plan.soak > 0 && !interrupted() {
+        match soak::run(&bench, &enforcer, plan.soak) {
+            Ok(s) => meta.soak = Some(s),
+            Err(err) => {
+                failures += 1;
+                eprintln!("xtask: bench: warning: soak: {err:#}");
+            }
+        }
+    }
     meta.load_end = loadavg();
     drop(bench);
     drop(stack);
@@ -167,6 +206,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `fdatasync(2)` latency on the work directory's file system, as the audit trail's writer meets it: 200 rounds of a
+/// 300-byte append (about one record) to a preallocated file, then its fdatasync. (p50, p99) in milliseconds.
+fn fdatasync_latency(work: &Path) -> anyhow::Result<(f64, f64)> {
+    use std::os::unix::fs::FileExt as _;
+    let path = work.join("fdatasync-probe");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    file.set_len(1 << 20)?;
+    file.sync_all()?;
+    let record = [b'x'; 300];
+    let mut took = Vec::with_capacity(200);
+    for i in 0..200u64 {
+        file.write_all_at(&record, i * 300)?;
+        let t = Instant::now();
+        file.sync_data()?;
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    std::fs::remove_file(&path)?;
+    took.sort_by(f64::total_cmp);
+    Ok((took[took.len() / 2], took[took.len() * 99 / 100]))
 }
 
 /// Warm every contender up, then every rep: every test, every contender (in reversed order every other rep).
@@ -303,6 +368,9 @@ fn meta(plan: &Plan, tools: &tools::Tools, stack: &stack::Stack) -> Meta {
             .filter(|c| c.name == "mitmproxy")
             .map(|c| c.label.clone()),
     );
+    if let Some(baseline) = &plan.baseline {
+        tool_versions.push(format!("baseline {}", baseline.display()));
+    }
     Meta {
         started: output(Command::new("date").arg("-Is")),
         machine: format!(
@@ -332,6 +400,8 @@ fn meta(plan: &Plan, tools: &tools::Tools, stack: &stack::Stack) -> Meta {
             .iter()
             .filter_map(|c| c.pid().map(|p| (c.label.clone(), procfs::tree_rss_kib(p))))
             .collect(),
+        fdatasync_ms: None,
+        soak: None,
     }
 }
 

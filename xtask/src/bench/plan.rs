@@ -118,6 +118,12 @@ pub struct Plan {
     /// Fixed-rate percentiles leave out requests scheduled in the first this many seconds (connection set-up).
     pub skip: f64,
     pub mitmproxy: bool,
+    /// Also the explicit proxy with `audit.durable: false`: what the `fdatasync` before each answer costs.
+    pub not_durable: bool,
+    /// Also another enforcer binary as an explicit proxy (a build of an earlier commit): before and after in one run.
+    pub baseline: Option<std::path::PathBuf>,
+    /// Seconds of the soak after the tests (`--soak`; 0: none).
+    pub soak: u64,
     /// The short mode (`cargo xtask test`): every path once, figures meaningless; the debug build is measured.
     pub short: bool,
 }
@@ -146,6 +152,9 @@ impl Plan {
             warmup: if short { 0 } else { 3 },
             skip: (seconds as f64 / 5.0).min(1.0),
             mitmproxy: !short && !no_mitmproxy,
+            not_durable: false,
+            baseline: None,
+            soak: 0,
             short,
         }
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::measure::Measurement;
 use super::plan::Test;
+use super::soak::Soak;
 
 /// What the run was: written first as `run.json`, completed at the end.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,6 +32,13 @@ pub struct Meta {
     pub load_end: String,
     /// Each proxy's resident memory after start-up, before any load, in KiB.
     pub idle_rss_kib: Vec<(String, u64)>,
+    /// The disk's floor under a durable record: `fdatasync(2)` after a 300-byte append in the work directory,
+    /// (p50, p99) in milliseconds; `None` in runs from before it was measured.
+    #[serde(default)]
+    pub fdatasync_ms: Option<(f64, f64)>,
+    /// The `--soak` run and what the audit trail showed after it.
+    #[serde(default)]
+    pub soak: Option<Soak>,
 }
 
 const DIRECT: &str = "direct";
@@ -77,6 +85,16 @@ pub fn render(meta: &Meta, ms: &[Measurement]) -> String {
             "Resident memory after start-up, before load: {}.",
             idle.join(", ")
         );
+    }
+    if let Some((p50, p99)) = meta.fdatasync_ms {
+        let _ = writeln!(
+            out,
+            "The disk under the audit trail: fdatasync after a 300-byte append took p50 {p50:.2} ms, p99 {p99:.2} ms \
+             (the floor of the latency a durable record adds when the upstream answers faster than that)."
+        );
+    }
+    if let Some(soak) = &meta.soak {
+        let _ = writeln!(out, "\n{}", soak.describe());
     }
     out.push_str(&every_rep(meta, ms, reps));
     out

@@ -1,6 +1,7 @@
 //! Everything a run starts, and its removal: the work directory (test PKI, configurations, the daemons' state), nginx
 //! on loopback, and the contenders — direct, the enforcer as an explicit proxy, the enforcer with transparent eBPF
-//! capture (its own cgroup and pin directory; the client under `enforcer exec --user` [`BENCH_USER`]), mitmproxy.
+//! capture (its own cgroup and pin directory; the client under `enforcer exec --user` [`BENCH_USER`]), mitmproxy, and
+//! on request the explicit proxy without durable records and another enforcer binary (the baseline).
 //!
 //! [`Stack`] stops and removes all of it when dropped, so also on failure and after Ctrl-C. What a killed run left
 //! (its processes are recorded in `<work>/pids`, with their executables) is swept at the next start.
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use super::plan::Plan;
 use super::procfs;
 use super::tools::{Tools, BENCH_USER};
 use crate::sys::{self, mint_upstream_pki, remove_cgroup_tree, terminate, wait_for_line};
@@ -33,6 +35,8 @@ const EXPLICIT_DNS_PORT: u16 = 18103;
 const TRANSPARENT_PROXY_PORT: u16 = 18111;
 const TRANSPARENT_DNS_PORT: u16 = 18113;
 const MITMPROXY_PORT: u16 = 18180;
+const NOT_DURABLE_PORTS: (u16, u16, u16) = (18121, 18122, 18123);
+const BASELINE_PORTS: (u16, u16, u16) = (18131, 18132, 18133);
 const PORTS: &[u16] = &[
     UPSTREAM_PORT,
     EXPLICIT_PROXY_PORT,
@@ -41,7 +45,58 @@ const PORTS: &[u16] = &[
     TRANSPARENT_PROXY_PORT,
     TRANSPARENT_DNS_PORT,
     MITMPROXY_PORT,
+    NOT_DURABLE_PORTS.0,
+    NOT_DURABLE_PORTS.1,
+    NOT_DURABLE_PORTS.2,
+    BASELINE_PORTS.0,
+    BASELINE_PORTS.1,
+    BASELINE_PORTS.2,
 ];
+
+/// Which enforcer daemon a contender is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Daemon {
+    /// An explicit (HTTP CONNECT) proxy, no eBPF capture.
+    Explicit,
+    /// eBPF capture at the bench cgroup; the client runs under `enforcer exec`.
+    Transparent,
+    /// [`Daemon::Explicit`] with `audit.durable: false`.
+    NotDurable,
+    /// Another binary (`--baseline`) as an explicit proxy, on the minimal configuration.
+    Baseline,
+}
+
+impl Daemon {
+    /// The contender's name, its directory under the work directory and its log's name.
+    fn name(self) -> &'static str {
+        match self {
+            Daemon::Explicit => "enforcer-explicit",
+            Daemon::Transparent => "enforcer-transparent",
+            Daemon::NotDurable => "enforcer-not-durable",
+            Daemon::Baseline => "enforcer-baseline",
+        }
+    }
+
+    /// Its configuration's template under `bench/`.
+    fn template(self) -> &'static str {
+        match self {
+            Daemon::Explicit | Daemon::NotDurable => "enforcer-explicit.yaml",
+            Daemon::Transparent => "enforcer-transparent.yaml",
+            Daemon::Baseline => "enforcer-baseline.yaml",
+        }
+    }
+
+    /// (transparent proxy port, explicit listener port, DNS port).
+    fn ports(self) -> (u16, u16, u16) {
+        match self {
+            Daemon::Explicit => (EXPLICIT_PROXY_PORT, EXPLICIT_PORT, EXPLICIT_DNS_PORT),
+            // The transparent daemon's explicit listener is not configured.
+            Daemon::Transparent => (TRANSPARENT_PROXY_PORT, 0, TRANSPARENT_DNS_PORT),
+            Daemon::NotDurable => NOT_DURABLE_PORTS,
+            Daemon::Baseline => BASELINE_PORTS,
+        }
+    }
+}
 /// The response body nginx serves: exactly this many bytes of JSON.
 pub const BODY_BYTES: usize = 1024;
 
@@ -81,12 +136,12 @@ pub struct Stack {
 
 impl Stack {
     /// Sweep what an earlier run left, then start nginx and every contender, and check each answers.
-    /// `enforcer` is the binary the two enforcer contenders run.
+    /// `enforcer` is the binary the enforcer contenders run (all but the baseline).
     pub fn start(
         tools: &Tools,
         enforcer: &Path,
         logs: &Path,
-        mitmproxy: bool,
+        plan: &Plan,
     ) -> anyhow::Result<Stack> {
         let work = PathBuf::from(WORK_DIR);
         sweep(&work)?;
@@ -124,10 +179,16 @@ impl Stack {
             &[("PORT", &UPSTREAM_PORT.to_string())],
         );
         std::fs::write(stack.work.join("policy.yaml"), policy)?;
-        stack.start_enforcer(enforcer, false)?;
-        stack.start_enforcer(enforcer, true)?;
+        stack.start_enforcer(enforcer, Daemon::Explicit)?;
+        stack.start_enforcer(enforcer, Daemon::Transparent)?;
+        if plan.not_durable {
+            stack.start_enforcer(enforcer, Daemon::NotDurable)?;
+        }
+        if let Some(baseline) = &plan.baseline {
+            stack.start_enforcer(baseline, Daemon::Baseline)?;
+        }
         if let Some(mitmdump) = &tools.mitmdump {
-            if mitmproxy {
+            if plan.mitmproxy {
                 stack.start_mitmproxy(mitmdump)?;
             }
         }
@@ -211,23 +272,16 @@ impl Stack {
         )
     }
 
-    /// One enforcer daemon: explicit proxy (capture off) or transparent (capture on, at the bench cgroup).
-    fn start_enforcer(&mut self, enforcer: &Path, transparent: bool) -> anyhow::Result<()> {
-        let name = if transparent {
-            "enforcer-transparent"
-        } else {
-            "enforcer-explicit"
-        };
+    /// One enforcer daemon, its configuration filled from its template.
+    fn start_enforcer(&mut self, enforcer: &Path, daemon: Daemon) -> anyhow::Result<()> {
+        let name = daemon.name();
+        let transparent = daemon == Daemon::Transparent;
         let dir = self.work.join(name);
         std::fs::create_dir_all(&dir)?;
         set_mode(&dir, 0o755)?;
-        let (proxy_port, dns_port) = if transparent {
-            (TRANSPARENT_PROXY_PORT, TRANSPARENT_DNS_PORT)
-        } else {
-            (EXPLICIT_PROXY_PORT, EXPLICIT_DNS_PORT)
-        };
-        let config = fill(
-            &template(&format!("{name}.yaml"))?,
+        let (proxy_port, explicit_port, dns_port) = daemon.ports();
+        let mut config = fill(
+            &template(daemon.template())?,
             &[
                 ("WORK", &self.work.display().to_string()),
                 ("DIR", &dir.display().to_string()),
@@ -235,10 +289,13 @@ impl Stack {
                 ("CGROUP", CGROUP),
                 ("PIN_DIR", PIN_DIR),
                 ("PROXY_PORT", &proxy_port.to_string()),
-                ("EXPLICIT_PORT", &EXPLICIT_PORT.to_string()),
+                ("EXPLICIT_PORT", &explicit_port.to_string()),
                 ("DNS_PORT", &dns_port.to_string()),
             ],
         );
+        if daemon == Daemon::NotDurable {
+            config.push_str("audit:\n  durable: false\n");
+        }
         let config_path = dir.join("enforcer.yaml");
         std::fs::write(&config_path, config)?;
         if transparent {
@@ -253,7 +310,12 @@ impl Stack {
                 .stdout(Stdio::piped()),
         )?;
         let ready = wait_for_line(child.stdout.take(), "READY", Duration::from_secs(60));
-        let ca = dir.join("state/public/ca.pem");
+        // Versions before the state directory had a public part kept the CA at its top (a baseline may be one).
+        let ca = ["state/public/ca.pem", "state/ca/ca.pem"]
+            .iter()
+            .map(|p| dir.join(p))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| dir.join("state/public/ca.pem"));
         let (proxy, wrap, port) = if transparent {
             let wrap: Vec<OsString> = vec![
                 enforcer.into(),
@@ -269,9 +331,9 @@ impl Stack {
             (None, wrap, TRANSPARENT_PROXY_PORT)
         } else {
             (
-                Some(format!("http://127.0.0.1:{EXPLICIT_PORT}")),
+                Some(format!("http://127.0.0.1:{explicit_port}")),
                 Vec::new(),
-                EXPLICIT_PORT,
+                explicit_port,
             )
         };
         self.contenders.push(Contender {
@@ -534,6 +596,10 @@ mod tests {
             ("policy.yaml", &["PORT"][..]),
             (
                 "enforcer-explicit.yaml",
+                &["WORK", "DIR", "PROXY_PORT", "EXPLICIT_PORT", "DNS_PORT"][..],
+            ),
+            (
+                "enforcer-baseline.yaml",
                 &["WORK", "DIR", "PROXY_PORT", "EXPLICIT_PORT", "DNS_PORT"][..],
             ),
             (

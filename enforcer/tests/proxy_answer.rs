@@ -542,10 +542,7 @@ async fn streamed_events_decided_as_text_still_redact_a_key_in_plain_or_escaped_
         assert_eq!(r["request"]["phase"], "response");
         assert_eq!(r["request"]["parent"], recs[0]["seq"]);
         assert_eq!(r["decision"]["verdict"], "constrain");
-        assert_eq!(
-            r["request"]["changes"][0]["cause"],
-            "redact:aws-access-key"
-        );
+        assert_eq!(r["request"]["changes"][0]["cause"], "redact:aws-access-key");
     }
     assert_eq!(w.proxy.close_and_verify().await, 3);
 }

@@ -21,6 +21,10 @@ use proxy_support::*;
 use rustls::pki_types::ServerName;
 use serde_json::json;
 
+/// The allocator the daemon ships with (`src/main.rs`): the proxy's per-event CPU depends on it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EVENTS: usize = 1000;
 
 const POLICY: &str = r#"version: 1

@@ -52,7 +52,7 @@ pub fn decoded_body(
     content_type: Option<&str>,
 ) -> Option<String> {
     if let Some(json) = json {
-        if !(body.contains("\\u") || body.contains("\\/")) {
+        if !json_escapes(body) {
             return None;
         }
         let mut out = String::with_capacity(body.len());
@@ -61,6 +61,12 @@ pub fn decoded_body(
     }
     (is_form(content_type) && body.bytes().any(|b| b == b'%' || b == b'+'))
         .then(|| percent_decode(body, true))
+}
+
+/// Whether JSON text holds `\u` or `\/` escapes: the ones [`decoded_body`] undoes, so that only then does it need
+/// the text's parsed JSON.
+pub fn json_escapes(body: &str) -> bool {
+    body.contains("\\u") || body.contains("\\/")
 }
 
 fn collect_strings(value: &Value, out: &mut String) {

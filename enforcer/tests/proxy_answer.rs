@@ -197,6 +197,18 @@ async fn answer(up: Arc<Upstream>, req: Request<Incoming>) -> Response<TestBody>
                 .body(Full::new(Bytes::from(gz.finish().unwrap())).boxed())
                 .unwrap()
         }
+        "/events" => {
+            // A key in plain text, and one spelled with a JSON escape (`\u0041` is `A`).
+            let events = format!(
+                "data: {{\"text\":\"plain\"}}\n\ndata: {{\"text\":\"key {KEY}\"}}\n\n\
+                 data: {{\"text\":\"key \\u0041{}\"}}\n\n",
+                &KEY[1..]
+            );
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Full::new(Bytes::from(events)).boxed())
+                .unwrap()
+        }
         "/classified" => json_resp(json!({"classified": true, "plans": "secret"})),
         "/big" => json_resp(json!({"blob": "x".repeat(100_000)})),
         "/plain" => Response::builder()
@@ -493,6 +505,46 @@ async fn response_rules_cap_and_redact_a_decoded_body_and_record_what_changed() 
         "{changes:?}"
     );
     assert!(!r.to_string().contains(KEY));
+}
+
+/// A policy whose response rule reads no JSON: events are decided as text, their JSON parsed only where escapes could
+/// hide a secret and for the rewrite.
+const DETECT_ONLY: &str = r#"version: 1
+default: allow
+rules:
+  - id: redact-returned-keys
+    phase: response
+    when: { host: data.test, detect: [aws-access-key] }
+    verdict: constrain
+    constrain: { redact: [aws-access-key] }
+"#;
+
+#[tokio::test]
+async fn streamed_events_decided_as_text_still_redact_a_key_in_plain_or_escaped_json() {
+    let w = world(DETECT_ONLY).await;
+    let tls = w.proxy.tls_to(w.up, "data.test", &[H1]).await;
+    let (status, _, body) = send(tls, false, post("data.test", "/events", json!({}))).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.starts_with("data: {\"text\":\"plain\"}\n\n"),
+        "passed on as it came: {text}"
+    );
+    assert!(!text.contains(&KEY[1..]), "a key reached the agent: {text}");
+    let data = sse_data(&body);
+    assert_eq!(data.len(), 3, "{text}");
+    for d in &data[1..] {
+        assert_eq!(d["text"], "key [REDACTED:aws-access-key]", "{text}");
+    }
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs.len(), 3, "{recs:#?}");
+    for r in &recs[1..] {
+        assert_eq!(r["request"]["phase"], "response");
+        assert_eq!(r["request"]["parent"], recs[0]["seq"]);
+        assert_eq!(r["decision"]["verdict"], "constrain");
+        assert_eq!(r["request"]["changes"][0]["cause"], "redact:aws-access-key");
+    }
+    assert_eq!(w.proxy.close_and_verify().await, 3);
 }
 
 #[tokio::test]

@@ -913,6 +913,17 @@ impl Cond {
         }
     }
 
+    /// Whether this condition reads a response body's parsed JSON (`response.json`). `detect` reads the body's text
+    /// and its JSON only where escapes could hide a secret (`encoding::decoded_body`).
+    pub fn reads_response_json(&self) -> bool {
+        match self {
+            Cond::All(cs) | Cond::Any(cs) => cs.iter().any(Cond::reads_response_json),
+            Cond::Not(c) => c.reads_response_json(),
+            Cond::ResponseJson(_) => true,
+            _ => false,
+        }
+    }
+
     /// Add every (counter, window) a `session.count` in this condition reads to `out`, once each.
     pub fn session_counters(&self, out: &mut Vec<(String, Option<u64>)>) {
         match self {

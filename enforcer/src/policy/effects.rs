@@ -53,6 +53,15 @@ impl Effects {
     }
 }
 
+impl Effects {
+    /// Whether a `count:` reads the Action's JSON (a path whose matches it counts).
+    pub fn reads_json(&self) -> bool {
+        self.counts
+            .iter()
+            .any(|(_, by)| matches!(by, CountBy::Selected(_)))
+    }
+}
+
 /// The JSON a `count:` path reads for this Action's phase.
 fn phase_json(action: &Action) -> Option<&Value> {
     match action.phase() {

@@ -506,6 +506,15 @@ impl Policy {
             .any(|r| r.on == Phase::Response && r.when.on_head(&cx) != Some(false))
     }
 
+    /// Whether a `phase: response` rule reads a response body's parsed JSON (a `response.json` condition, a `count:`
+    /// path). Without one, a body's JSON is parsed only for what else needs it (escapes a detector must see through,
+    /// a rewrite, a block), see `proxy::response`.
+    pub fn response_reads_json(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.on == Phase::Response && (r.when.reads_response_json() || r.effects.reads_json())
+        })
+    }
+
     /// How a connection the upstream agreed to upgrade may be relayed under `decision`: as its deciding rule's
     /// `relay:` says (`inspect` unless the rule says `opaque`); the default decision always inspects.
     pub fn relay(&self, decision: &Decision) -> Relay {

@@ -26,7 +26,7 @@ use super::response::{self, Fate, Head, Plan};
 use crate::inspect::proposal::{Call, Emit, Event, Proposals, Ruling};
 use crate::inspect::sse::{self, SseEvent, SseReader};
 use crate::inspect::{self, StreamBlock};
-use crate::model::{Phase, Reason};
+use crate::model::{Action, Phase, Reason};
 
 const UNDECODABLE: &str = "the upstream's answer could not be decoded for inspection";
 
@@ -64,10 +64,13 @@ pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Re
     let props = plan
         .proposals
         .and_then(|(provider, api)| Proposals::new(provider, api));
+    let response = plan
+        .responses
+        .then(|| response::action(&ans, &head, String::new(), None));
     let reading = Reading {
         ans,
         plan,
-        head,
+        response,
         reader: SseReader::new(),
         props,
         held_since: None,
@@ -81,7 +84,9 @@ pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Re
 struct Reading {
     ans: Answering,
     plan: Plan,
-    head: Head,
+    /// The response Action every event is decided with, its body the event's data (when response rules may apply):
+    /// built once, not once per event.
+    response: Option<Action>,
     reader: SseReader,
     props: Option<Proposals>,
     /// Since when a tool call has been held.
@@ -247,18 +252,35 @@ impl Reading {
 
     /// One event through the response rules: as it came, rewritten, or answered by a block (written to `out`).
     async fn respond(&mut self, e: SseEvent, out: &mut BytesMut) -> Option<Event> {
+        let has_data = e.data.is_some();
         let mut event = Event {
             name: e.event,
-            data: e.data.clone().unwrap_or_default(),
+            data: e.data.unwrap_or_default(),
             raw: e.raw,
         };
-        if !self.plan.responses || e.data.is_none() {
+        let Some(action) = self.response.as_mut().filter(|_| has_data) else {
             return Some(event);
+        };
+        let json = (inspect::claims_json(None, &event.data)
+            && response::needs_json(&self.ans.policy, &event.data))
+        .then(|| serde_json::from_str::<Value>(&event.data).ok())
+        .flatten();
+        // Each event is decided as the request's own response Action would be: its session as of now.
+        action.session.clone_from(&self.ans.request.session);
+        if let Some(r) = action.response.as_mut() {
+            r.body_size = event.data.len() as u64;
+            r.body = std::mem::take(&mut event.data);
+            r.json = json;
         }
-        let json = inspect::claims_json(None, &event.data)
-            .then(|| serde_json::from_str::<Value>(&event.data).ok())
-            .flatten();
-        match response::decide(&self.ans, &self.head, &event.data, json.clone(), false).await {
+        let fate = response::decide(&self.ans, action, false).await;
+        let json = match action.response.as_mut() {
+            Some(r) => {
+                event.data = std::mem::take(&mut r.body);
+                r.json.take()
+            }
+            None => None,
+        };
+        match fate {
             Fate::Pass => Some(event),
             Fate::Rewrite(data) => {
                 event.raw = sse::encode(event.name.as_deref(), &data);

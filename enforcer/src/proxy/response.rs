@@ -82,7 +82,9 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
         _ => None,
     };
     let responses = ans.policy.has_rules_for(Phase::Response)
-        && ans.policy.response_may_match(&action(ans, head, "", None));
+        && ans
+            .policy
+            .response_may_match(&action(ans, head, String::new(), None));
     if proposals.is_none() && !responses {
         return None;
     }
@@ -103,18 +105,26 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
     })
 }
 
-/// The response Action: the request's (its body dropped) with the response's head and `body`.
-fn action(ans: &Answering, head: &Head, body: &str, json: Option<Value>) -> Action {
+/// The response Action: the request's (its body dropped) with the response's head and `body`. A stream decides
+/// each of its events with one such Action, its body replaced event by event.
+pub(crate) fn action(ans: &Answering, head: &Head, body: String, json: Option<Value>) -> Action {
     let mut action = ans.request.clone();
     action.response = Some(HttpResponse {
         status: head.status,
         headers: head.headers.clone(),
         content_type: head.content_type.clone(),
         body_size: body.len() as u64,
-        body: body.to_string(),
+        body,
         json,
     });
     action
+}
+
+/// Whether the response rules need `body`'s parsed JSON to decide it: some rule reads JSON (`response.json`, a
+/// `count:` path), or the text has escapes a detector must see through (`encoding::decoded_body`). When they do
+/// not, the body is decided as text and its JSON parsed only if the decision rewrites or blocks it (see [`decide`]).
+pub(crate) fn needs_json(policy: &crate::policy::Policy, body: &str) -> bool {
+    policy.response_reads_json() || crate::encoding::json_escapes(body)
 }
 
 /// What becomes of one body, event or message.
@@ -127,20 +137,19 @@ pub(crate) enum Fate {
     Block(Decision),
 }
 
-/// Decide `body` (`json` when it is JSON) under the response rules, record it when a rule matched, and say what
-/// becomes of it. `whole`: the body is the whole response, so a block is answered with the protocol's own status
+/// Decide the response Action `action` (its `response` carries the body and, when parsed, its JSON) under the
+/// response rules, record it when a rule matched, and say what becomes of it. A body that claims JSON but was decided
+/// without it ([`needs_json`]) has its JSON parsed into `action` here when a rule matched, for the rewrite and the
+/// block's shape. `whole`: the body is the whole response, so a block is answered with the protocol's own status
 /// (else the stream's status stands).
-pub(crate) async fn decide(
-    ans: &Answering,
-    head: &Head,
-    body: &str,
-    json: Option<Value>,
-    whole: bool,
-) -> Fate {
-    let mut actions = [action(ans, head, body, json.clone())];
-    let mut decision = ans.decide_in_session(&mut actions).decision;
+pub(crate) async fn decide(ans: &Answering, action: &mut Action, whole: bool) -> Fate {
+    let mut decision = ans.decide_in_session(std::slice::from_mut(action)).decision;
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Fate::Pass;
+    }
+    let r = action.response.get_or_insert_with(HttpResponse::default);
+    if r.json.is_none() && inspect::claims_json(r.content_type.as_deref(), &r.body) {
+        r.json = serde_json::from_str::<Value>(&r.body).ok();
     }
     let enforce = decision.mode == Mode::Enforce;
     if enforce {
@@ -149,7 +158,7 @@ pub(crate) async fn decide(
     }
     let (mut fate, mut changes) = (Fate::Pass, Vec::new());
     if enforce && decision.verdict == Verdict::Constrain {
-        match rewrite(ans, &decision, body, json) {
+        match rewrite(ans, &decision, &r.body, r.json.clone()) {
             Ok((text, ch)) => {
                 changes = ch;
                 if !changes.is_empty() {
@@ -166,16 +175,12 @@ pub(crate) async fn decide(
     let status = if blocked && whole {
         inspect::block_response(&ans.protocol, &decision).status
     } else {
-        head.status
+        r.status
     };
     let outcome = Outcome::of(&decision, blocked, Some(status));
+    let summary = summary(ans, &r.body, changes);
     if !ans
-        .record(
-            Phase::Response,
-            decision,
-            summary(ans, body, changes),
-            outcome,
-        )
+        .record(Phase::Response, decision, summary, outcome)
         .await
     {
         let message = "the enforcer could not record the response, so it was not passed on";
@@ -285,7 +290,7 @@ async fn answer_whole(
         }
     }
     if plan.responses {
-        match decide(ans, &head, &body, json, true).await {
+        match decide(ans, &mut action(ans, &head, body.clone(), json), true).await {
             Fate::Pass => {}
             Fate::Rewrite(new) => {
                 body = new;

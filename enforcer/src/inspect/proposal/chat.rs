@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{args_text, args_value, proposal, str_of, Call, Emit, Event, Ruling, Rulings};
@@ -71,6 +72,13 @@ impl Stream {
             let calls = self.close_all();
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return calls;
+        }
+        if let Some(text) = no_calls(&ev.data) {
+            for index in text {
+                self.choices.entry(index).or_default().text = true;
+            }
+            self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
+            return Vec::new();
         }
         let Ok(mut chunk) = serde_json::from_str::<Value>(&ev.data) else {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
@@ -334,6 +342,52 @@ impl Stream {
     }
 }
 
+/// A JSON object read one level deep: its members' text, not yet parsed (the last of a repeated name, as when the
+/// whole is parsed).
+type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
+
+/// The choices (their `index`) whose delta carries text, when the chunk `data` holds no tool-call piece and finishes
+/// no choice: all [`Stream::push`] reads of such a chunk, which is passed on as it came. Read without building
+/// the chunk's JSON (most of a stream is such chunks: text deltas). `None` whenever that cannot be told this way (a
+/// piece or a `finish_reason`, or a shape read otherwise: not an object, an escaped member name): then the chunk is
+/// read whole. (It also reads as text a chunk whole parsing would refuse, a number beyond `f64` or nesting beyond
+/// 128 levels; such a chunk is passed on as it came either way, and text only ever starts a refusal on a new
+/// paragraph.)
+fn no_calls(data: &str) -> Option<Vec<u64>> {
+    let chunk: Members = serde_json::from_str(data).ok()?;
+    let mut text = Vec::new();
+    let Some(choices) = chunk.get("choices") else {
+        return Some(text);
+    };
+    let choices: Vec<&RawValue> = serde_json::from_str(choices.get()).ok()?;
+    let given = |v: Option<&&RawValue>| v.is_some_and(|v| v.get() != "null");
+    for choice in choices {
+        if !choice.get().starts_with('{') {
+            continue;
+        }
+        let choice: Members = serde_json::from_str(choice.get()).ok()?;
+        if given(choice.get("finish_reason")) {
+            return None;
+        }
+        let Some(delta) = choice.get("delta").filter(|d| d.get().starts_with('{')) else {
+            continue;
+        };
+        let delta: Members = serde_json::from_str(delta.get()).ok()?;
+        if given(delta.get("tool_calls")) {
+            return None;
+        }
+        let content = delta.get("content").map_or("", |c| c.get());
+        if content.starts_with('"') && content != "\"\"" {
+            let index = match choice.get("index") {
+                Some(i) => serde_json::from_str::<Value>(i.get()).ok()?.as_u64(),
+                None => None,
+            };
+            text.push(index.unwrap_or(0));
+        }
+    }
+    Some(text)
+}
+
 fn chunk_with(envelope: &Value, choice: u64, delta: Value) -> Emit {
     let mut chunk = envelope.clone();
     chunk["choices"] =
@@ -418,6 +472,61 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
         }
         if refused && none_left && matches!(str_of(c, "finish_reason"), Some("tool_calls")) {
             c["finish_reason"] = json!("stop");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reading `data` whole gives: whether it is passed on as it came, and the choices it marks as text.
+    fn whole(data: &str) -> (bool, Vec<u64>) {
+        let mut s = Stream::default();
+        let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
+            return (true, Vec::new());
+        };
+        let (pieces, finishing, _) = s.take_pieces(&mut chunk);
+        let text = s.choices.iter().filter(|(_, c)| c.text).map(|(i, _)| *i);
+        (pieces.is_empty() && finishing.is_empty(), text.collect())
+    }
+
+    #[test]
+    fn chunks_read_without_their_json_read_as_when_read_whole() {
+        let plain = [
+            r#"{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":2,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices":[{"index":1,"delta":{"content":"a"}},{"index":3,"delta":{"content":"\u0041"}}]}"#,
+            r#"{"choices":[{"delta":{"content":"no index"}},{"index":"7","delta":{"content":"x"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":null,"tool_calls":null}}],"usage":null}"#,
+            r#"{"choices":[{"index":0,"delta":"text"},7,[1],null]}"#,
+            r#"{"choices":[],"usage":{"total_tokens":3}}"#,
+            r#"{"id":"x"}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"choices":[]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"},"delta":{}}]}"#,
+        ];
+        for data in plain {
+            let (raw, text) = whole(data);
+            assert!(raw, "{data}");
+            let mut fast = no_calls(data).unwrap_or_else(|| panic!("{data}: read whole"));
+            fast.sort_unstable();
+            fast.dedup();
+            assert_eq!(fast, text, "{data}");
+        }
+        // A piece, a finish, or a shape not read member by member: read whole.
+        let read_whole = [
+            r#"{"choices":[{"index":0,"delta":{"content":"a","tool_calls":[{"index":0}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":{}}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"choices":{"0":{"delta":{"content":"a"}}}}"#,
+            r#"{"choices":null}"#,
+            r#"{"ch\u006fices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            r#"[{"choices":[]}]"#,
+            "not json",
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}"#,
+        ];
+        for data in read_whole {
+            assert_eq!(no_calls(data), None, "{data}");
         }
     }
 }

@@ -24,6 +24,10 @@ use enforcer::model::{
 };
 use tokio::sync::Semaphore;
 
+/// The allocator the daemon ships with (`src/main.rs`), so the figures are those of the shipped binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const UPSTREAM: Duration = Duration::from_millis(1);
 const IN_FLIGHT: usize = 64;
 

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 use enforcer::model::{Action, HttpRequest, LlmCall, Pairs, Scheme, Transport, Verdict};
 use enforcer::policy::Policy;
 
+/// The allocator the daemon ships with (`src/main.rs`), so the figures are those of the shipped binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const LLM_HOSTS: [&str; 3] = [
     "api.openai.com",
     "api.anthropic.com",

@@ -13,6 +13,10 @@ use hyper_util::rt::TokioIo;
 use proxy_support::*;
 use rustls::pki_types::ServerName;
 
+/// The allocator the daemon ships with (`src/main.rs`), so the figures are those of the shipped binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Requests, connections and leaves per case; divided by [`SHORT_DIVISOR`] with `ENFORCER_BENCH_SHORT` set.
 const KEEPALIVE_REQUESTS: u32 = 2000;
 const FRESH_CONNECTIONS: u32 = 200;

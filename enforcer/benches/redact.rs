@@ -13,6 +13,10 @@ use enforcer::model::{PlannedRewrite, Rewrite};
 use enforcer::policy::detect::Detectors;
 use serde_json::{json, Value};
 
+/// The allocator the daemon ships with (`src/main.rs`), so the figures are those of the shipped binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TARGET: usize = 1 << 20;
 
 const PROSE: &str = "The deployment pipeline builds the service, runs the integration suite against a disposable \

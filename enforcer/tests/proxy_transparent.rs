@@ -560,6 +560,62 @@ async fn requests_on_one_client_connection_share_one_upstream_connection() {
     );
 }
 
+/// An agent's next TLS connection resumes the session of an earlier one (RFC 8446 §2.2): no certificate, no
+/// signature. Before sessions were shared across connections every connection got a fresh cache and none resumed.
+/// The suite is the proxy's choice: TLS_AES_128_GCM_SHA256, whose key schedule is cheaper than SHA-384's.
+#[tokio::test]
+async fn an_agents_next_tls_connection_resumes_its_session_under_the_same_name_only() {
+    use rustls::HandshakeKind;
+    let w = world(&policy(&["allowed.test", "other.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, false).await;
+    let client = w.proxy.client_tls(&[H1]);
+    let mut kinds = Vec::new();
+    for (i, name) in ["allowed.test", "allowed.test", "allowed.test", "other.test"]
+        .into_iter()
+        .enumerate()
+    {
+        let tcp = w.proxy.connect_as(up).await;
+        let tls = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(rustls::pki_types::ServerName::try_from(name).unwrap(), tcp)
+            .await
+            .unwrap();
+        kinds.push(tls.get_ref().1.handshake_kind());
+        assert_eq!(
+            tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "the proxy's choice of suite, though this client lists TLS_AES_256_GCM_SHA384 first"
+        );
+        // Reading the whole answer also reads the session tickets the proxy sent after the handshake.
+        let (status, _, _) = send(tls, false, get(&format!("/{i}"), name)).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            Some(HandshakeKind::Full),
+            Some(HandshakeKind::Resumed),
+            Some(HandshakeKind::Resumed),
+            Some(HandshakeKind::Full),
+        ],
+        "the second and third connection to allowed.test resume; other.test gets a full handshake"
+    );
+    assert_eq!(seen.count(), 4);
+    let records = w.proxy.audit_records().await;
+    let hosts: Vec<_> = records
+        .iter()
+        .map(|r| (outcome(r).0, r["request"]["host"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        hosts,
+        vec![
+            ("forwarded", "allowed.test"),
+            ("forwarded", "allowed.test"),
+            ("forwarded", "allowed.test"),
+            ("forwarded", "other.test"),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn tls_client_offering_only_unknown_alpn_is_refused_and_audited() {
     let w = world(&policy(&["allowed.test"], &[])).await;

@@ -4,11 +4,11 @@
 //! the extra roots the daemon config names), all on the one aws-lc-rs provider.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -158,7 +158,32 @@ impl Hello {
     }
 }
 
-/// The server configuration for one accepted connection: the leaf for its name and the ALPN overlap.
+/// Sessions agents' TLS clients can resume, shared by every accepted connection: TLS 1.3 tickets (RFC 8446 §4.6.1)
+/// sealed with keys held in memory and rotated every 6 hours (rustls's RFC 5077 §4 construction: AES-256-CBC and
+/// HMAC-SHA256), so the proxy keeps nothing per session; TLS 1.2 session IDs in a shared cache of at most
+/// [`TLS12_SESSIONS`]. rustls resumes a session only under the server name it was made for (RFC 6066 §3), so a
+/// session never carries one name's leaf to another. Errors: the system's random source failed.
+struct AgentSessions {
+    tickets: Result<Arc<dyn ProducesTickets>, rustls::Error>,
+    tls12: Arc<ServerSessionMemoryCache>,
+}
+
+/// TLS 1.2 sessions kept (each ~200 bytes; rustls's cache scans them when one is taken, so it stays small).
+const TLS12_SESSIONS: usize = 256;
+
+fn agent_sessions() -> &'static AgentSessions {
+    static SESSIONS: OnceLock<AgentSessions> = OnceLock::new();
+    SESSIONS.get_or_init(|| AgentSessions {
+        tickets: rustls::crypto::aws_lc_rs::Ticketer::new(),
+        tls12: ServerSessionMemoryCache::new(TLS12_SESSIONS),
+    })
+}
+
+/// The server configuration for one accepted connection: the leaf for its name, the ALPN overlap, and the
+/// sessions shared across connections ([`AgentSessions`]), so an agent's next connection resumes instead of doing a
+/// full handshake (no certificate, no signature; rustls's per-configuration default would be a fresh cache per
+/// connection that no later connection sees). The suite is the proxy's choice, not the agent's: TLS 1.3's
+/// mandatory TLS_AES_128_GCM_SHA256 first ([`crypto_provider`]). Errors: no ticket keys (see [`AgentSessions`]).
 pub(crate) fn server_config(
     leaf: Arc<CertifiedKey>,
     alpn: Vec<Vec<u8>>,
@@ -168,6 +193,10 @@ pub(crate) fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Fixed(leaf)));
     cfg.alpn_protocols = alpn;
+    cfg.ignore_client_order = true;
+    let sessions = agent_sessions();
+    cfg.ticketer = sessions.tickets.clone()?;
+    cfg.session_storage = sessions.tls12.clone();
     Ok(Arc::new(cfg))
 }
 

@@ -270,7 +270,11 @@ pub struct Pool(std::sync::Mutex<PoolState>);
 
 #[derive(Default)]
 struct PoolState {
-    idle: std::collections::HashMap<PoolKey, Vec<(Sender, std::time::Instant)>>,
+    /// Per key, in the order they were returned (oldest first).
+    idle: std::collections::HashMap<
+        PoolKey,
+        std::collections::VecDeque<(Sender, std::time::Instant)>,
+    >,
     count: usize,
 }
 
@@ -281,16 +285,36 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A live connection for `key`, if one is idle.
+    /// A live connection for `key`, if one is idle: the most recently returned ready one. Entries are kept in the
+    /// order they were returned, so the expired ones are a prefix, dropped first; the search then goes newest first
+    /// and stops at the first ready connection, forgetting closed ones on the way (a take costs the entries it
+    /// passes, not the whole list, under the lock).
     pub(crate) fn take(&self, key: &PoolKey) -> Option<Sender> {
         let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let state = &mut *state;
         let idle = state.idle.get_mut(key)?;
         let before = idle.len();
-        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        let now = std::time::Instant::now();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
         let mut taken = None;
-        if let Some(i) = idle.iter().position(|(s, _)| s.is_ready()) {
-            taken = Some(idle[i].0.shared().unwrap_or_else(|| idle.swap_remove(i).0));
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let sender = &idle[i].0;
+            if sender.is_closed() {
+                idle.remove(i);
+            } else if sender.is_ready() {
+                taken = match sender.shared() {
+                    Some(shared) => Some(shared),
+                    None => idle.remove(i).map(|(s, _)| s),
+                };
+                break;
+            }
         }
         state.count -= before - idle.len();
         if idle.is_empty() {
@@ -319,7 +343,7 @@ impl Pool {
             idle.len() >= IDLE_PER_KEY
         };
         if !full {
-            idle.push((sender, std::time::Instant::now()));
+            idle.push_back((sender, std::time::Instant::now()));
             state.count += 1;
         }
     }
@@ -332,6 +356,10 @@ impl PoolState {
             idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
             !idle.is_empty()
         });
-        self.count = self.idle.values().map(Vec::len).sum();
+        self.count = self
+            .idle
+            .values()
+            .map(std::collections::VecDeque::len)
+            .sum();
     }
 }

@@ -560,26 +560,86 @@ async fn requests_on_one_client_connection_share_one_upstream_connection() {
     );
 }
 
+/// A client's session store that files every session under one name and offers it for any name: what a client
+/// trying to carry one name's session to another would do.
+#[derive(Debug)]
+struct OneName {
+    sessions: rustls::client::ClientSessionMemoryCache,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::ClientSessionStore for OneName {
+    fn set_kx_hint(&self, _: rustls::pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.sessions.set_kx_hint(self.name.clone(), group)
+    }
+    fn kx_hint(&self, _: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.sessions.kx_hint(&self.name)
+    }
+    fn set_tls12_session(
+        &self,
+        _: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.sessions.set_tls12_session(self.name.clone(), value)
+    }
+    fn tls12_session(
+        &self,
+        _: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.sessions.tls12_session(&self.name)
+    }
+    fn remove_tls12_session(&self, _: &rustls::pki_types::ServerName<'static>) {
+        self.sessions.remove_tls12_session(&self.name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        _: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.sessions.insert_tls13_ticket(self.name.clone(), value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        _: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.sessions.take_tls13_ticket(&self.name)
+    }
+}
+
 /// An agent's next TLS connection resumes the session of an earlier one (RFC 8446 §2.2): no certificate, no
 /// signature. Before sessions were shared across connections every connection got a fresh cache and none resumed.
-/// The suite is the proxy's choice: TLS_AES_128_GCM_SHA256, whose key schedule is cheaper than SHA-384's.
+/// A session is never resumed under another server name, nor on a connection without one (its leaf is the
+/// destination's, which the session does not name). The suite is the proxy's choice: TLS_AES_128_GCM_SHA256, whose
+/// key schedule is cheaper than SHA-384's.
 #[tokio::test]
 async fn an_agents_next_tls_connection_resumes_its_session_under_the_same_name_only() {
-    use rustls::HandshakeKind;
-    let w = world(&policy(&["allowed.test", "other.test"], &[])).await;
+    use rustls::pki_types::ServerName;
+    use rustls::HandshakeKind::{Full, Resumed};
+    let w = world(&policy(&["allowed.test", "other.test", "127.0.0.1"], &[])).await;
     let (up, seen) = trusted_upstream(&w, false).await;
-    let client = w.proxy.client_tls(&[H1]);
+    let mut client = (*w.proxy.client_tls(&[H1])).clone();
+    client.resumption = rustls::client::Resumption::store(std::sync::Arc::new(OneName {
+        sessions: rustls::client::ClientSessionMemoryCache::new(32),
+        name: ServerName::try_from("allowed.test").unwrap(),
+    }));
+    let client = std::sync::Arc::new(client);
+    // Each connection: the name the client asks for (an IP address sends no SNI), and how its handshake must go.
+    let steps = [
+        ("allowed.test", Full),
+        ("allowed.test", Resumed),
+        ("allowed.test", Resumed),
+        ("other.test", Full),
+        ("127.0.0.1", Full),
+        ("127.0.0.1", Full),
+    ];
     let mut kinds = Vec::new();
-    for (i, name) in ["allowed.test", "allowed.test", "allowed.test", "other.test"]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, (name, _)) in steps.iter().enumerate() {
         let tcp = w.proxy.connect_as(up).await;
         let tls = tokio_rustls::TlsConnector::from(client.clone())
-            .connect(rustls::pki_types::ServerName::try_from(name).unwrap(), tcp)
+            .connect(ServerName::try_from(*name).unwrap(), tcp)
             .await
             .unwrap();
-        kinds.push(tls.get_ref().1.handshake_kind());
+        kinds.push((*name, tls.get_ref().1.handshake_kind().unwrap()));
         assert_eq!(
             tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
             Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
@@ -589,31 +649,15 @@ async fn an_agents_next_tls_connection_resumes_its_session_under_the_same_name_o
         let (status, _, _) = send(tls, false, get(&format!("/{i}"), name)).await;
         assert_eq!(status, 200);
     }
-    assert_eq!(
-        kinds,
-        vec![
-            Some(HandshakeKind::Full),
-            Some(HandshakeKind::Resumed),
-            Some(HandshakeKind::Resumed),
-            Some(HandshakeKind::Full),
-        ],
-        "the second and third connection to allowed.test resume; other.test gets a full handshake"
-    );
-    assert_eq!(seen.count(), 4);
+    assert_eq!(kinds, steps.to_vec());
+    assert_eq!(seen.count(), 6);
     let records = w.proxy.audit_records().await;
     let hosts: Vec<_> = records
         .iter()
         .map(|r| (outcome(r).0, r["request"]["host"].as_str().unwrap_or("")))
         .collect();
-    assert_eq!(
-        hosts,
-        vec![
-            ("forwarded", "allowed.test"),
-            ("forwarded", "allowed.test"),
-            ("forwarded", "allowed.test"),
-            ("forwarded", "other.test"),
-        ]
-    );
+    let expected: Vec<_> = steps.iter().map(|(name, _)| ("forwarded", *name)).collect();
+    assert_eq!(hosts, expected);
 }
 
 #[tokio::test]

@@ -176,7 +176,7 @@ where
             return;
         }
     };
-    let config = match server_config(leaf, hello.alpn.clone()) {
+    let config = match server_config(leaf, hello.alpn.clone(), hello.sni.is_some()) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the TLS server configuration");

@@ -8,7 +8,10 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert,
+    ServerSessionMemoryCache,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -158,13 +161,15 @@ impl Hello {
     }
 }
 
-/// Sessions agents' TLS clients can resume, shared by every accepted connection: TLS 1.3 tickets (RFC 8446 §4.6.1)
-/// sealed with keys held in memory and rotated every 6 hours (rustls's RFC 5077 §4 construction: AES-256-CBC and
-/// HMAC-SHA256), so the proxy keeps nothing per session; TLS 1.2 session IDs in a shared cache of at most
-/// [`TLS12_SESSIONS`]. rustls resumes a session only under the server name it was made for (RFC 6066 §3), so a
-/// session never carries one name's leaf to another. Errors: the system's random source failed.
+/// Sessions agents' TLS clients can resume, shared by every accepted connection that sent a server name: TLS 1.3
+/// tickets (RFC 8446 §4.6.1) sealed with keys held in memory and rotated every 6 hours (rustls's RFC 5077 §4
+/// construction: AES-256-CBC and HMAC-SHA256), so the proxy keeps nothing per session; TLS 1.2 session IDs in a
+/// shared cache of at most [`TLS12_SESSIONS`]. rustls resumes a session only under the server name it was made for
+/// (RFC 6066 §3), so a session never carries one name's leaf to another.
 struct AgentSessions {
-    tickets: Result<Arc<dyn ProducesTickets>, rustls::Error>,
+    /// `None` when the ticket keys could not be made (the system's random source failed): then TLS 1.3 sessions
+    /// are kept in `tls12`'s cache instead.
+    tickets: Option<Arc<dyn ProducesTickets>>,
     tls12: Arc<ServerSessionMemoryCache>,
 }
 
@@ -174,19 +179,26 @@ const TLS12_SESSIONS: usize = 256;
 fn agent_sessions() -> &'static AgentSessions {
     static SESSIONS: OnceLock<AgentSessions> = OnceLock::new();
     SESSIONS.get_or_init(|| AgentSessions {
-        tickets: rustls::crypto::aws_lc_rs::Ticketer::new(),
+        tickets: rustls::crypto::aws_lc_rs::Ticketer::new()
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no TLS ticket keys: agents' sessions resume from memory instead")
+            })
+            .ok(),
         tls12: ServerSessionMemoryCache::new(TLS12_SESSIONS),
     })
 }
 
-/// The server configuration for one accepted connection: the leaf for its name, the ALPN overlap, and the
-/// sessions shared across connections ([`AgentSessions`]), so an agent's next connection resumes instead of doing a
-/// full handshake (no certificate, no signature; rustls's per-configuration default would be a fresh cache per
-/// connection that no later connection sees). The suite is the proxy's choice, not the agent's: TLS 1.3's
-/// mandatory TLS_AES_128_GCM_SHA256 first ([`crypto_provider`]). Errors: no ticket keys (see [`AgentSessions`]).
+/// The server configuration for one accepted connection: the leaf for its name, the ALPN overlap, and, when the
+/// agent sent a server name (`resumable`), the sessions shared across connections ([`AgentSessions`]), so its next
+/// connection resumes instead of doing a full handshake (no certificate, no signature; rustls's per-configuration
+/// default would be a fresh cache per connection that no later connection sees). A connection without a server
+/// name gets its leaf from the destination or the CONNECT target, which rustls does not see: it neither makes nor
+/// resumes a session, so it always gets the leaf for where it goes. The suite is the proxy's choice, not the
+/// agent's: TLS 1.3's mandatory TLS_AES_128_GCM_SHA256 first ([`crypto_provider`]).
 pub(crate) fn server_config(
     leaf: Arc<CertifiedKey>,
     alpn: Vec<Vec<u8>>,
+    resumable: bool,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let mut cfg = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
@@ -194,9 +206,16 @@ pub(crate) fn server_config(
         .with_cert_resolver(Arc::new(Fixed(leaf)));
     cfg.alpn_protocols = alpn;
     cfg.ignore_client_order = true;
-    let sessions = agent_sessions();
-    cfg.ticketer = sessions.tickets.clone()?;
-    cfg.session_storage = sessions.tls12.clone();
+    if resumable {
+        let sessions = agent_sessions();
+        if let Some(tickets) = &sessions.tickets {
+            cfg.ticketer = tickets.clone();
+        }
+        cfg.session_storage = sessions.tls12.clone();
+    } else {
+        cfg.session_storage = Arc::new(NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(cfg))
 }
 

@@ -3,13 +3,16 @@
 //! for the SNI at the original IP, which binds the name.) The binding holds when the host is an IP literal equal to
 //! the destination, when it is pinned in the daemon's `proxy.static_hosts` table to a set containing the destination
 //! (the table is authoritative for its names: no DNS), or when the system resolver answers, within a short timeout,
-//! with a set containing the destination. Successful resolutions are cached for a short TTL in a bounded map.
+//! with a set containing the destination. Successful resolutions are cached for a short TTL in a bounded map, and at
+//! most a few lookups run at once. The explicit proxy resolves its CONNECT targets here too ([`HostBinder::addresses`]).
 //! Owns only this check; the caller answers 421 and audits `Reason::HostMismatch` when it fails.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 
 /// How long one resolution may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -17,6 +20,9 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 const CACHE_TTL: Duration = Duration::from_secs(60);
 /// Most names cached at once.
 const CACHE_MAX: usize = 1024;
+/// Most system-resolver lookups running at once. Each runs `getaddrinfo` on a blocking thread that a timeout cannot
+/// stop, so the bound holds until the lookup itself returns: names an agent chooses cannot grow the daemon's threads.
+const LOOKUPS_MAX: usize = 16;
 
 /// Why a host is not bound to the destination. Messages name no host (they may reach logs).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,6 +61,7 @@ struct Cached {
 pub struct HostBinder {
     static_hosts: BTreeMap<String, Vec<IpAddr>>,
     cache: Mutex<HashMap<String, Cached>>,
+    lookups: Arc<Semaphore>,
 }
 
 impl HostBinder {
@@ -72,6 +79,7 @@ impl HostBinder {
         HostBinder {
             static_hosts,
             cache: Mutex::new(HashMap::new()),
+            lookups: Arc::new(Semaphore::new(LOOKUPS_MAX)),
         }
     }
 
@@ -109,7 +117,7 @@ impl HostBinder {
         if let Some(addrs) = self.cached(host) {
             return Ok(addrs);
         }
-        let addrs = resolve(host).await?;
+        let addrs = resolve(&self.lookups, host).await?;
         self.store(host, addrs.clone());
         Ok(addrs)
     }
@@ -146,15 +154,34 @@ impl HostBinder {
     }
 }
 
-/// The system resolver's answer for `host`, canonical (IPv4-mapped IPv6 as IPv4).
-async fn resolve(host: &str) -> Result<Vec<IpAddr>, HostBindError> {
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await {
+/// The system resolver's answer for `host`, canonical (IPv4-mapped IPv6 as IPv4), within [`RESOLVE_TIMEOUT`]
+/// (waiting for one of the [`LOOKUPS_MAX`] lookup slots counts). An empty answer is `Unresolved`.
+async fn resolve(lookups: &Arc<Semaphore>, host: &str) -> Result<Vec<IpAddr>, HostBindError> {
+    let lookup = async {
+        let slot = lookups.clone().acquire_owned().await.ok()?;
+        let name = host.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            (name.as_str(), 0).to_socket_addrs()
+        })
+        .await
+        .ok()
+    };
+    match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
         Err(_) => Err(HostBindError::Timeout),
-        Ok(Err(e)) => {
+        Ok(None) => Err(HostBindError::Unresolved),
+        Ok(Some(Err(e))) => {
             tracing::debug!(error = %e, "host binding: the name did not resolve");
             Err(HostBindError::Unresolved)
         }
-        Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip().to_canonical()).collect()),
+        Ok(Some(Ok(addrs))) => {
+            let addrs: Vec<IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
+            if addrs.is_empty() {
+                Err(HostBindError::Unresolved)
+            } else {
+                Ok(addrs)
+            }
+        }
     }
 }
 
@@ -265,6 +292,22 @@ mod tests {
             b.cached("nowhere.invalid").is_none(),
             "failures are not cached"
         );
+    }
+
+    /// Names an agent chooses cannot hold more than LOOKUPS_MAX blocking lookups: with every slot taken, a lookup
+    /// waits for one within its timeout and fails with `Timeout`; a slot freed, it runs.
+    #[tokio::test]
+    async fn lookups_beyond_the_bound_wait_within_the_timeout() {
+        let b = binder();
+        let held = b
+            .lookups
+            .clone()
+            .acquire_many_owned(LOOKUPS_MAX as u32)
+            .await
+            .unwrap();
+        assert_eq!(b.addresses("localhost").await, Err(HostBindError::Timeout));
+        drop(held);
+        assert!(b.addresses("localhost").await.is_ok());
     }
 
     #[test]

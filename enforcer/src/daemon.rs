@@ -379,7 +379,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if let Some(created) = crate::service::preflight::check_capture(&config)? {
             tracing::info!(cgroup = %created.display(), "created the capture cgroup (capture.cgroup)");
         }
-        Some(Capture::start(&CaptureConfig::from_config(&config))?)
+        let capture = Capture::start(&CaptureConfig::from_config(&config))?;
+        release_freed_memory();
+        Some(capture)
     } else {
         tracing::warn!("capture disabled: only the explicit proxy enforces");
         None
@@ -695,6 +697,14 @@ fn prepare_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The audit trail as the place cgroup changes are recorded (a failure is logged: the trail's health already
 /// refuses every action while it cannot take records).
+/// Give memory freed so far back to the system. Loading the eBPF programs parses the kernel's BTF (~40 MiB resident,
+/// freed once the programs are loaded); mimalloc purges freed memory only when later allocations come round to it,
+/// which an idle daemon never does, so without this the daemon idled at ~57 MiB instead of ~18 MiB.
+fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time (mimalloc.h).
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 fn cgroup_sink(audit: &AuditLog, metrics: &Arc<Metrics>) -> crate::capture::CgroupSink {
     let (audit, metrics) = (audit.clone(), metrics.clone());
     Arc::new(

@@ -57,6 +57,8 @@ fn outcome(r: &serde_json::Value) -> (&str, Option<u64>) {
     )
 }
 
+/// An HTTP/1.1 agent's request reaches an upstream that offers h2 over HTTP/2 (its requests can then share one
+/// connection, see `h1_agents_share_h2_upstream_connections_up_to_100_streams_each`).
 #[tokio::test]
 async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
     let w = world(&policy(&["allowed.test"], &[])).await;
@@ -74,7 +76,7 @@ async fn allowed_h1_request_reaches_the_upstream_and_is_audited() {
     assert_eq!(status, 200, "{body}");
     assert!(
         body.starts_with(
-            "upstream HTTP/1.1 host=allowed.test path=/v1/things?secret=hunter2 tag=- body={\"a\":1}"
+            "upstream HTTP/2.0 host=allowed.test path=/v1/things?secret=hunter2 tag=- body={\"a\":1}"
         ),
         "{body}"
     );
@@ -543,15 +545,11 @@ async fn requests_on_one_client_connection_share_one_upstream_connection() {
         }
         assert_eq!(statuses, vec![200, 200, 200]);
         assert_eq!(seen.count(), 3);
-        if !h2 {
-            assert_eq!(
-                seen.connections.load(Ordering::SeqCst),
-                1,
-                "h1 requests reuse one upstream connection"
-            );
-        } else {
-            assert!(seen.connections.load(Ordering::SeqCst) <= 3);
-        }
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            1,
+            "the requests share one upstream connection (h2 client: {h2})"
+        );
     }
     assert_eq!(
         w.proxy.audit_records().await.len(),
@@ -786,4 +784,112 @@ async fn plain_http_host_blocked_by_policy_is_refused_without_a_lookup() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["decision"]["reason"], "default");
     assert_eq!(outcome(&records[0]), ("blocked", Some(403)));
+}
+
+/// An HTTP/1.1 request to `/sse` on its own agent connection, its response head and first event read, its body
+/// left open (the upstream holds the rest until `Seen::sse_go`).
+async fn open_event_stream(
+    w: &World,
+    up: std::net::SocketAddr,
+    i: usize,
+) -> hyper::Response<hyper::body::Incoming> {
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let mut resp = s
+        .send_request(get(&format!("/sse/{i}"), "allowed.test"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp
+        .body_mut()
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(&first[..], b"data: one\n\n");
+    resp
+}
+
+/// HTTP/1.1 agents' concurrent requests share an upstream HTTP/2 connection (RFC 9113 §9.1: one connection per
+/// origin) instead of holding one HTTP/1.1 connection each: a burst of first requests opens one connection, not one
+/// per request, and a connection with 100 requests in flight gets a second (RFC 9113 §6.5.2's least
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`). An upstream that speaks only HTTP/1.1 gets a connection per request in flight.
+#[tokio::test]
+async fn h1_agents_share_h2_upstream_connections_up_to_100_streams_each() {
+    use std::sync::atomic::Ordering;
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    for h2 in [true, false] {
+        let (up, seen) = trusted_upstream(&w, h2).await;
+        let mut burst = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+            burst.spawn(async move {
+                let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .unwrap();
+                tokio::spawn(c);
+                let mut resp = s
+                    .send_request(get(&format!("/sse/burst/{i}"), "allowed.test"))
+                    .await
+                    .unwrap();
+                resp.body_mut().frame().await.unwrap().unwrap();
+                (resp.status().as_u16(), resp)
+            });
+        }
+        let mut open = Vec::new();
+        while let Some(done) = burst.join_next().await {
+            let (status, resp) = done.unwrap();
+            assert_eq!(status, 200);
+            open.push(resp);
+        }
+        let version = if h2 { "HTTP/2.0" } else { "HTTP/1.1" };
+        assert!(
+            seen.log.lock().unwrap().iter().all(|r| r.0 == version),
+            "h2 upstream: {h2}"
+        );
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            if h2 { 1 } else { 8 },
+            "8 requests in flight at once (h2 upstream: {h2})"
+        );
+        if !h2 {
+            continue;
+        }
+        for i in 8..100 {
+            open.push(open_event_stream(&w, up, i).await);
+        }
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            1,
+            "100 streams on one connection"
+        );
+        open.push(open_event_stream(&w, up, 100).await);
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            2,
+            "the 101st request opens a second connection"
+        );
+
+        // Once their bodies end, the streams are free again: 101 more requests in flight fit on the two
+        // connections (they would need a third if the ended streams still counted).
+        seen.sse_go.notify_waiters();
+        for resp in open.drain(..) {
+            let rest = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&rest[..], b"data: two\n\n");
+        }
+        for i in 101..202 {
+            open.push(open_event_stream(&w, up, i).await);
+        }
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.count(), 202);
+        seen.sse_go.notify_waiters();
+        for resp in open {
+            resp.into_body().collect().await.unwrap();
+        }
+    }
 }

@@ -12,9 +12,9 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::upstream::UpstreamBody;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -184,7 +184,7 @@ pub(crate) fn reads_responses(policy: &Policy) -> bool {
 /// The agent's answer from the upstream's `resp`. `answering` is what the response phases need (present for an
 /// upgrade and when the policy reads responses); `client` is the client side of an `Upgrade` request.
 pub(crate) async fn respond(
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     answering: Option<Answering>,
     client: Option<OnUpgrade>,
 ) -> Response<ProxyBody> {

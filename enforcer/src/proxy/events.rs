@@ -15,7 +15,9 @@ use bytes::{Bytes, BytesMut};
 use http::header;
 use http::Response;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Body, Frame};
+
+use super::upstream::UpstreamBody;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -46,7 +48,11 @@ impl Body for Channel {
 }
 
 /// The agent's response: the upstream's head at once, the body as the reading task decides it.
-pub(crate) fn stream(resp: Response<Incoming>, ans: Answering, plan: Plan) -> Response<ProxyBody> {
+pub(crate) fn stream(
+    resp: Response<UpstreamBody>,
+    ans: Answering,
+    plan: Plan,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
     let coding = parts
@@ -108,12 +114,12 @@ enum Next {
 }
 
 impl Reading {
-    async fn run(mut self, body: Incoming, coding: Option<String>) {
+    async fn run(mut self, body: UpstreamBody, coding: Option<String>) {
         self.pass_on(body, coding).await;
         self.ans.finish_trace();
     }
 
-    async fn pass_on(&mut self, mut body: Incoming, coding: Option<String>) {
+    async fn pass_on(&mut self, mut body: UpstreamBody, coding: Option<String>) {
         let tx = self.tx.clone();
         if self.plan.encoded {
             match self.decoded(&mut body, coding.as_deref()).await {
@@ -153,7 +159,7 @@ impl Reading {
     }
 
     /// The next frame, waiting no longer than the hold bound while a call is held.
-    async fn next(&mut self, body: &mut Incoming) -> Next {
+    async fn next(&mut self, body: &mut UpstreamBody) -> Next {
         let frame = match self.held_since {
             Some(since) => {
                 let left = super::limits::limits()
@@ -326,7 +332,11 @@ impl Reading {
     }
 
     /// A content-coded stream, whole (within the bounds) and decoded; or the refusal to send instead.
-    async fn decoded(&mut self, body: &mut Incoming, coding: Option<&str>) -> Result<Bytes, Bytes> {
+    async fn decoded(
+        &mut self,
+        body: &mut UpstreamBody,
+        coding: Option<&str>,
+    ) -> Result<Bytes, Bytes> {
         let limit = self.ans.policy.max_body_bytes();
         let mut buf = BytesMut::new();
         let read = async {

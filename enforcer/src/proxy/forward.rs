@@ -1,6 +1,6 @@
-//! The forward phases: connect to the verified upstream at the original destination (reusing an idle connection
-//! of the same agent that was verified for the same host and destination, see [`upstream::Pool`]), build the request exactly as the
-//! upstream will see it (origin-form with `Host` for HTTP/1.1, `:authority` for HTTP/2, hop-by-hop fields removed,
+//! The forward phases: connect to the verified upstream at the original destination (reusing or sharing a
+//! connection of the same agent that was verified for the same host and destination, see [`upstream::Pool`]), build
+//! the request exactly as the upstream will see it (origin-form with `Host` for HTTP/1.1, `:authority` for HTTP/2, hop-by-hop fields removed,
 //! the body framed by `Content-Length`), and send it. Only the response head is timed: once it arrives, bodies
 //! (server-sent events) stream for as long as they run.
 
@@ -8,13 +8,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use super::enforce::Outgoing;
 use super::head::Head;
 use super::http::Conn;
 use super::refusal::Refusal;
-use super::upstream::{self, PoolKey, Sender};
+use super::upstream::{self, PoolKey, Sender, UpstreamBody};
 use super::ProxyContext;
 use crate::model::{Reason, Scheme};
 
@@ -42,8 +41,10 @@ pub(crate) async fn connect(
 ) -> Result<Upstream, Refusal> {
     let is_upgrade =
         out.parts.version == Version::HTTP_11 && out.parts.headers.contains_key(header::UPGRADE);
-    let want_h2 = out.parts.version == Version::HTTP_2 && !is_upgrade;
     let tls = (conn.scheme == Scheme::Https).then_some(&ctx.upstream);
+    // Over TLS the upstream is offered h2 first, whichever version the agent spoke: its requests then share one
+    // connection (see `upstream::Pool`). An upgrade needs HTTP/1.1 and a connection of its own.
+    let want_h2 = tls.is_some() && !is_upgrade;
     let key = PoolKey {
         agent: conn.agent.cgroup.clone(),
         dst: conn.dst,
@@ -51,14 +52,11 @@ pub(crate) async fn connect(
         host: head.host.clone(),
         want_h2,
     };
-    let reused = if is_upgrade {
-        None
+    let open = || upstream::connect(tls, conn.dst, &head.host, want_h2);
+    let connected = if is_upgrade {
+        open().await
     } else {
-        ctx.pool.take(&key)
-    };
-    let connected = match reused {
-        Some(s) => Ok(s),
-        None => upstream::connect(tls, conn.dst, &head.host, want_h2, !is_upgrade).await,
+        ctx.pool.checkout(&key, open).await
     };
     let sender = connected.map_err(|e| {
         tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
@@ -94,7 +92,7 @@ pub(crate) async fn send(
     conn: &Conn,
     mut upstream: Upstream,
     req: Request<Full<Bytes>>,
-) -> Result<Response<Incoming>, Refusal> {
+) -> Result<Response<UpstreamBody>, Refusal> {
     let head_timeout = super::limits::limits().response_head_timeout;
     let Ok(sent) = tokio::time::timeout(head_timeout, upstream.sender.send(req)).await else {
         // The connection is left mid-request: dropped, never reused.

@@ -5,11 +5,11 @@
 //! may be proposed in it, bounded by the policy's `max_body_bytes` and the proxy's hold timeout: a body beyond either
 //! is refused and recorded, never passed on unread.
 
+use super::upstream::UpstreamBody;
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::Response;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::answer::Answering;
@@ -249,7 +249,7 @@ pub(crate) async fn record_refusal(
 /// A whole (not streamed) response, read, decided and answered: its proposed tool calls ruled on, then the
 /// response rules on what is left.
 pub(crate) async fn whole(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     mut ans: Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
@@ -259,7 +259,7 @@ pub(crate) async fn whole(
 }
 
 async fn answer_whole(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     ans: &Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
@@ -315,7 +315,7 @@ async fn answer_whole(
 
 /// The body, whole and decoded, within the size and time bounds.
 async fn read_whole(
-    mut body: Incoming,
+    mut body: UpstreamBody,
     ans: &Answering,
     plan: Plan,
     headers: &HeaderMap,

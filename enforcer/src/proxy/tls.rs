@@ -42,8 +42,8 @@ pub enum TlsSetupError {
     NoSystemRoots { detail: String },
 }
 
-/// The upstream TLS client configurations: one offering `h2, http/1.1` (for agents that spoke h2) and one offering
-/// `http/1.1` only.
+/// The upstream TLS client configurations: one offering `h2, http/1.1` (every request but an upgrade, whichever
+/// version the agent spoke) and one offering `http/1.1` only (upgrades, RFC 9110 §7.8).
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     pub(crate) h2: Arc<ClientConfig>,

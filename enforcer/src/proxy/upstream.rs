@@ -3,14 +3,23 @@
 //! The connection is read the way a direct client reads it: an answer the upstream sent before it stopped reading
 //! the request body still arrives (`io::EarlyAnswer`), and a close-delimited body ended without TLS `close_notify`
 //! ends cleanly (`io::CloseDelimited`).
+//!
+//! The [`Pool`] keeps verified connections for later requests of the same agent: HTTP/1.1 ones lent to one request
+//! at a time, HTTP/2 ones shared by up to [`STREAMS_PER_CONNECTION`] requests at once, whatever HTTP version the
+//! agent itself spoke.
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
@@ -47,21 +56,6 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the server refused every protocol offered by ALPN (RFC 7301 §3.2 `no_application_protocol`).
-    fn refused_protocol(&self) -> bool {
-        let UpstreamError::Tls { source } = self else {
-            return false;
-        };
-        matches!(
-            source
-                .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>()),
-            Some(rustls::Error::AlertReceived(
-                rustls::AlertDescription::NoApplicationProtocol
-            ))
-        )
-    }
-
     /// The audit reason for this failure.
     pub fn reason(&self) -> Reason {
         match self {
@@ -92,64 +86,144 @@ impl UpstreamError {
     }
 }
 
+/// Requests one upstream HTTP/2 connection carries at once before the pool opens another for the same key: the
+/// least a server should allow (RFC 9113 §6.5.2 recommends a `SETTINGS_MAX_CONCURRENT_STREAMS` of no fewer than
+/// 100). A server that allows fewer queues the rest in the HTTP/2 client until a stream closes.
+pub(crate) const STREAMS_PER_CONNECTION: usize = 100;
+
 /// A ready client connection to the upstream.
 pub(crate) struct Sender {
     http: Http,
     /// Set when writing to the connection failed (see `io::EarlyAnswer`): it carries no further request.
     write_failed: Arc<AtomicBool>,
+    /// The place of this handle's request among its HTTP/2 connection's streams (see [`Sender::shared`]); moved to
+    /// the response body by [`Sender::send`].
+    stream: Option<StreamSlot>,
 }
 
 enum Http {
     H1(http1::SendRequest<Full<Bytes>>),
-    H2(http2::SendRequest<Full<Bytes>>),
+    H2 {
+        sender: http2::SendRequest<Full<Bytes>>,
+        /// Requests in flight on the connection: from [`Sender::shared`] to the end (or drop) of the response body.
+        streams: Arc<AtomicUsize>,
+    },
+}
+
+/// One request's place on a shared HTTP/2 connection, given back when dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn open(streams: &Arc<AtomicUsize>) -> StreamSlot {
+        streams.fetch_add(1, Ordering::AcqRel);
+        StreamSlot(streams.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Sender {
     pub fn is_h2(&self) -> bool {
-        matches!(self.http, Http::H2(_))
+        matches!(self.http, Http::H2 { .. })
     }
 
     fn is_closed(&self) -> bool {
         self.write_failed.load(Ordering::Acquire)
             || match &self.http {
                 Http::H1(s) => s.is_closed(),
-                Http::H2(s) => s.is_closed(),
+                Http::H2 { sender, .. } => sender.is_closed(),
             }
     }
 
-    /// Another handle on a shared (HTTP/2) connection; `None` for HTTP/1.1, which carries one request at a time.
+    /// Another handle on a shared (HTTP/2) connection, holding a place among its streams; `None` for HTTP/1.1,
+    /// which carries one request at a time.
     fn shared(&self) -> Option<Sender> {
         match &self.http {
-            Http::H2(s) => Some(Sender {
-                http: Http::H2(s.clone()),
+            Http::H2 { sender, streams } => Some(Sender {
+                http: Http::H2 {
+                    sender: sender.clone(),
+                    streams: streams.clone(),
+                },
                 write_failed: self.write_failed.clone(),
+                stream: Some(StreamSlot::open(streams)),
             }),
             Http::H1(_) => None,
         }
     }
 
-    /// Whether a request can be sent now (HTTP/1.1: the previous response was read to the end).
+    /// Whether a request can be sent now: HTTP/1.1, the previous response was read to the end; HTTP/2, fewer than
+    /// [`STREAMS_PER_CONNECTION`] requests are in flight on the connection.
     fn is_ready(&self) -> bool {
         match &self.http {
             Http::H1(s) => s.is_ready(),
-            Http::H2(s) => s.is_ready(),
+            Http::H2 { sender, streams } => {
+                sender.is_ready() && streams.load(Ordering::Acquire) < STREAMS_PER_CONNECTION
+            }
         }
     }
 
+    /// Whether `self` and `other` are handles on the same HTTP/2 connection.
+    fn same_connection(&self, other: &Sender) -> bool {
+        match (&self.http, &other.http) {
+            (Http::H2 { streams: a, .. }, Http::H2 { streams: b, .. }) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// Send `req` and wait for the response head. The response body keeps the request's place among the HTTP/2
+    /// connection's streams until it ends or is dropped.
     pub async fn send(
         &mut self,
         req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-        match &mut self.http {
+    ) -> Result<http::Response<UpstreamBody>, hyper::Error> {
+        let stream = self.stream.take();
+        let resp = match &mut self.http {
             Http::H1(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
-            Http::H2(s) => {
-                s.ready().await?;
-                s.send_request(req).await
+            Http::H2 { sender, .. } => {
+                sender.ready().await?;
+                sender.send_request(req).await
             }
+        }?;
+        Ok(resp.map(|body| UpstreamBody { body, stream }))
+    }
+}
+
+/// A response body from the upstream: hyper's, plus the request's place on its HTTP/2 connection, given back once
+/// the body has ended (or is dropped), so the pool counts streams that are still open.
+pub(crate) struct UpstreamBody {
+    body: Incoming,
+    stream: Option<StreamSlot>,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            this.stream = None;
         }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -164,15 +238,12 @@ pub(crate) async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, UpstreamEr
     }
 }
 
-/// Connect to `dst`; with `tls`, verify the upstream as `host` and offer h2 when `want_h2`. A server that refuses
-/// HTTP/1.1 (the `no_application_protocol` alert: an HTTP/2-only server) is tried again offering h2 when
-/// `h2_fallback` (not for upgrade requests, which need HTTP/1.1); the request is then translated (see `forward`).
+/// Connect to `dst`; with `tls`, verify the upstream as `host` and offer h2 (before http/1.1) when `want_h2`.
 pub(crate) async fn connect(
     tls: Option<&UpstreamTls>,
     dst: SocketAddr,
     host: &str,
     want_h2: bool,
-    h2_fallback: bool,
 ) -> Result<Sender, UpstreamError> {
     let Some(tls) = tls else {
         let tcp = EarlyAnswer::new(connect_tcp(dst).await?);
@@ -183,13 +254,7 @@ pub(crate) async fn connect(
         host: host.to_string(),
     })?;
     let config = if want_h2 { &tls.h2 } else { &tls.h1 };
-    let (stream, write_failed) = match tls_connect(config, &name, dst).await {
-        Err(e) if !want_h2 && h2_fallback && e.refused_protocol() => {
-            tracing::debug!(dst = %dst, "the upstream refused HTTP/1.1: offering h2");
-            tls_connect(&tls.h2, &name, dst).await?
-        }
-        other => other?,
-    };
+    let (stream, write_failed) = tls_connect(config, &name, dst).await?;
     let h2 = stream.get_ref().1.alpn_protocol() == Some(H2);
     let stream = CloseDelimited(stream);
     if h2 {
@@ -200,8 +265,12 @@ pub(crate) async fn connect(
             }
         });
         Ok(Sender {
-            http: Http::H2(sender),
+            http: Http::H2 {
+                sender,
+                streams: Arc::default(),
+            },
             write_failed,
+            stream: None,
         })
     } else {
         h1(stream, write_failed).await
@@ -237,12 +306,13 @@ where
     Ok(Sender {
         http: Http::H1(sender),
         write_failed,
+        stream: None,
     })
 }
 
-/// Which idle connections a request may reuse: the same agent (its cgroup; agents never share an upstream
-/// connection), the same original destination and scheme, the same host the certificate was verified for, and the
-/// same protocol offer.
+/// Which connections a request may use: the same agent (its cgroup; agents never share an upstream connection), the
+/// same original destination and scheme, the same host the certificate was verified for, and the same protocol
+/// offer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
     pub agent: Option<String>,
@@ -252,30 +322,44 @@ pub(crate) struct PoolKey {
     pub want_h2: bool,
 }
 
-/// How long an idle upstream connection is kept.
+/// How long a connection is kept after it was last returned or shared.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle HTTP/1.1 connections kept per key (an HTTP/2 connection carries every concurrent request of its key): as
-/// many as one agent keeps requests in flight to one host, so a busy agent does not open and drop upstream
-/// connections (a TLS handshake each) once its concurrency passes the bound.
-const IDLE_PER_KEY: usize = 512;
-/// Idle connections kept in all.
+/// Connections kept per key: idle HTTP/1.1 ones, as many as one agent keeps requests in flight to one host (so a
+/// busy agent does not open and drop upstream connections, a TLS handshake each, once its concurrency passes the
+/// bound), and HTTP/2 ones, each shared by up to [`STREAMS_PER_CONNECTION`] requests.
+const PER_KEY: usize = 512;
+/// Connections kept in all.
 const IDLE_TOTAL: usize = 1024;
+/// Keys whose way of opening connections is remembered (beyond it, those nobody is waiting on are forgotten).
+const OPENINGS_KEPT: usize = 4096;
 
 /// Verified upstream connections shared by every client connection, so an agent that opens a new connection per
-/// request (most SDKs under load, every `curl`) costs one TLS handshake with the agent, not two. An HTTP/2
-/// connection is shared by concurrent requests; an HTTP/1.1 connection is lent to one request at a time and is
-/// handed out again only once hyper reports it ready (its previous response body read to the end).
+/// request (most SDKs under load, every `curl`) costs one TLS handshake with the agent, not two.
+///
+/// An HTTP/1.1 connection is lent to one request at a time and handed out again only once hyper reports it ready
+/// (its previous response body read to the end). An HTTP/2 connection stays in the pool while requests share it, up
+/// to [`STREAMS_PER_CONNECTION`] at once. While a connection is being opened for a key whose last connection spoke
+/// HTTP/2 (or that has had none yet), the key's other requests wait for it rather than each opening their own: a
+/// burst of requests from one agent to one host opens one connection, not one per request.
 #[derive(Default)]
 pub struct Pool(std::sync::Mutex<PoolState>);
 
 #[derive(Default)]
 struct PoolState {
-    /// Per key, in the order they were returned (oldest first).
-    idle: std::collections::HashMap<
-        PoolKey,
-        std::collections::VecDeque<(Sender, std::time::Instant)>,
-    >,
+    /// Per key, in the order they were returned or last shared (oldest first).
+    idle: HashMap<PoolKey, VecDeque<(Sender, Instant)>>,
     count: usize,
+    /// Per key, how its connections are opened.
+    opening: HashMap<PoolKey, Opening>,
+}
+
+/// How connections for one key are opened.
+struct Opening {
+    /// One at a time: the key's last connection spoke HTTP/2 or none has been opened yet, so the requests waiting
+    /// can share the next one. Cleared by a connection that spoke HTTP/1.1 or failed to open: each request then
+    /// opens its own at once.
+    in_turn: bool,
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -285,16 +369,81 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A live connection for `key`, if one is idle: the most recently returned ready one. Entries are kept in the
-    /// order they were returned, so the expired ones are a prefix, dropped first; the search then goes newest first
-    /// and stops at the first ready connection, forgetting closed ones on the way (a take costs the entries it
-    /// passes, not the whole list, under the lock).
-    pub(crate) fn take(&self, key: &PoolKey) -> Option<Sender> {
-        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    /// A connection for one request with `key`: a ready one from the pool, else one `open` makes (an HTTP/2 one is
+    /// put in the pool at once, for the key's other requests to share).
+    ///
+    /// Errors: `open`'s.
+    pub(crate) async fn checkout<F>(
+        &self,
+        key: &PoolKey,
+        open: impl FnOnce() -> F,
+    ) -> Result<Sender, UpstreamError>
+    where
+        F: Future<Output = Result<Sender, UpstreamError>>,
+    {
+        if let Some(sender) = self.take(key) {
+            return Ok(sender);
+        }
+        let _turn = self.turn(key).await;
+        if let Some(sender) = self.take(key) {
+            return Ok(sender);
+        }
+        let opened = open().await;
+        self.opened(key, opened.as_ref().is_ok_and(Sender::is_h2));
+        let sender = opened?;
+        Ok(match sender.shared() {
+            Some(mine) => {
+                self.put(key.clone(), sender);
+                mine
+            }
+            None => sender,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait for `key`'s turn to open a connection, when its connections are opened one at a time (`None` when they
+    /// are not).
+    async fn turn(&self, key: &PoolKey) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let turn = {
+            let mut state = self.lock();
+            if state.opening.len() >= OPENINGS_KEPT && !state.opening.contains_key(key) {
+                state.opening.retain(|_, o| Arc::strong_count(&o.turn) > 1);
+            }
+            let opening = state.opening.entry(key.clone()).or_insert_with(|| Opening {
+                in_turn: true,
+                turn: Arc::default(),
+            });
+            if !opening.in_turn {
+                return None;
+            }
+            opening.turn.clone()
+        };
+        let guard = turn.lock_owned().await;
+        // The connection opened before this turn may have shown that the key's connections cannot be shared.
+        let in_turn = self.lock().opening.get(key).is_none_or(|o| o.in_turn);
+        in_turn.then_some(guard)
+    }
+
+    /// Note how a connection for `key` turned out: HTTP/2 (`h2`), or HTTP/1.1 or not opened.
+    fn opened(&self, key: &PoolKey, h2: bool) {
+        if let Some(opening) = self.lock().opening.get_mut(key) {
+            opening.in_turn = h2;
+        }
+    }
+
+    /// A live connection for `key`, if one is ready: the most recently returned or shared. Entries are kept in
+    /// that order, so the expired ones are a prefix, dropped first; the search then goes newest first and stops at
+    /// the first ready connection, forgetting closed ones on the way (a take costs the entries it passes, not the
+    /// whole list, under the lock). A shared (HTTP/2) connection stays, moved to the back.
+    fn take(&self, key: &PoolKey) -> Option<Sender> {
+        let mut state = self.lock();
         let state = &mut *state;
         let idle = state.idle.get_mut(key)?;
         let before = idle.len();
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         while idle
             .front()
             .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT)
@@ -309,10 +458,14 @@ impl Pool {
             if sender.is_closed() {
                 idle.remove(i);
             } else if sender.is_ready() {
-                taken = match sender.shared() {
-                    Some(shared) => Some(shared),
-                    None => idle.remove(i).map(|(s, _)| s),
-                };
+                let entry = idle.remove(i);
+                taken = entry.map(|(sender, _)| match sender.shared() {
+                    Some(shared) => {
+                        idle.push_back((sender, now));
+                        shared
+                    }
+                    None => sender,
+                });
                 break;
             }
         }
@@ -323,13 +476,13 @@ impl Pool {
         taken
     }
 
-    /// Keep `sender` for later requests with `key` (dropped when the pool is full or it already holds an HTTP/2
-    /// connection for `key`; a dropped connection closes once its response is read).
+    /// Keep `sender` for later requests with `key` (not when the pool or the key's list is full, or it is an
+    /// HTTP/2 connection the pool already holds; a dropped connection closes once its responses are read).
     pub(crate) fn put(&self, key: PoolKey, sender: Sender) {
         if sender.is_closed() {
             return;
         }
-        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
         if state.count >= IDLE_TOTAL {
             state.sweep();
         }
@@ -337,13 +490,9 @@ impl Pool {
             return;
         }
         let idle = state.idle.entry(key).or_default();
-        let full = if sender.is_h2() {
-            idle.iter().any(|(s, _)| s.is_h2() && !s.is_closed())
-        } else {
-            idle.len() >= IDLE_PER_KEY
-        };
-        if !full {
-            idle.push_back((sender, std::time::Instant::now()));
+        let held = idle.len() >= PER_KEY || idle.iter().any(|(s, _)| s.same_connection(&sender));
+        if !held {
+            idle.push_back((sender, Instant::now()));
             state.count += 1;
         }
     }
@@ -356,10 +505,6 @@ impl PoolState {
             idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
             !idle.is_empty()
         });
-        self.count = self
-            .idle
-            .values()
-            .map(std::collections::VecDeque::len)
-            .sum();
+        self.count = self.idle.values().map(VecDeque::len).sum();
     }
 }

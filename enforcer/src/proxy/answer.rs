@@ -181,17 +181,21 @@ pub(crate) fn reads_responses(policy: &Policy) -> bool {
     policy.has_rules_for(Phase::Proposal) || policy.has_rules_for(Phase::Response)
 }
 
-/// The agent's answer from the upstream's `resp`. `answering` is what the response phases need (present for an
-/// upgrade and when the policy reads responses); `client` is the client side of an `Upgrade` request.
+/// The agent's answer from the upstream's `resp` when no response phase sees the exchange: passed on as it comes,
+/// without its connection-specific fields.
+pub(crate) fn pass_on(mut resp: Response<UpstreamBody>) -> Response<ProxyBody> {
+    strip_hop_by_hop(resp.headers_mut(), false);
+    resp.map(|b| b.boxed())
+}
+
+/// The agent's answer from the upstream's `resp` through the response phases. `answering` is what they need
+/// (present for an upgrade and when the policy reads responses); `client` is the client side of an `Upgrade`
+/// request.
 pub(crate) async fn respond(
     mut resp: Response<UpstreamBody>,
-    answering: Option<Answering>,
+    answering: Answering,
     client: Option<OnUpgrade>,
 ) -> Response<ProxyBody> {
-    let Some(answering) = answering else {
-        strip_hop_by_hop(resp.headers_mut(), false);
-        return resp.map(|b| b.boxed());
-    };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client {
             let upstream = hyper::upgrade::on(&mut resp);

@@ -17,8 +17,9 @@
 //! 12. `ExchangeRecord::forwarded` — the record, in the trail before anything reaches the upstream;
 //! 13. `forward::send` — the request sent, the response head received, while the record is made durable
 //!     (`ExchangeRecord::durable`): the agent sees nothing of the answer before both;
-//! 14. `answer::respond` — the response phases: what the agent receives (proposed tool calls and data decided when
-//!     the policy has rules for them; copied into the exchange's trace when its decision retains it: `trace::attach`).
+//! 14. `answer::respond` (else `answer::pass_on`) — the response phases: what the agent receives (proposed tool
+//!     calls and data decided when the policy has rules for them; copied into the exchange's trace when its decision
+//!     retains it: `trace::attach`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,7 +52,9 @@ pub(crate) async fn handle(
     let mut rec = ExchangeRecord::open(ctx.clone(), &conn.agent, summary);
     let resp = match phases(&mut rec, conn, req).await {
         Ok(resp) => resp,
-        Err(refusal) => rec.refuse(refusal).await,
+        // Boxed, as the cold paths below are: an exchange's future is held (boxed by hyper) for as long as the
+        // exchange runs, and is as large as its largest state.
+        Err(refusal) => Box::pin(rec.refuse(refusal)).await,
     };
     crate::metrics::global().request_latency(started.elapsed());
     resp
@@ -130,9 +133,12 @@ async fn phases(
     durable?;
 
     let traced = rec.take_trace().filter(|_| upgrade.is_none());
-    let answering = answered.map(|request| rec.answering(request, seq));
-    Ok(crate::trace::attach(
-        answer::respond(resp, answering, upgrade).await,
-        traced,
-    ))
+    let answer = match answered {
+        None => answer::pass_on(resp),
+        // Boxed: the response phases are a large future only this path needs (see `handle`).
+        Some(request) => {
+            Box::pin(answer::respond(resp, rec.answering(request, seq), upgrade)).await
+        }
+    };
+    Ok(crate::trace::attach(answer, traced))
 }

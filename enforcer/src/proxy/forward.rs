@@ -1,8 +1,8 @@
 //! The forward phases: connect to the verified upstream at the original destination (reusing or sharing a
 //! connection of the same agent that was verified for the same host and destination, see [`upstream::Pool`]), build
-//! the request exactly as the upstream will see it (origin-form with `Host` for HTTP/1.1, `:authority` for HTTP/2, hop-by-hop fields removed,
-//! the body framed by `Content-Length`), and send it. Only the response head is timed: once it arrives, bodies
-//! (server-sent events) stream for as long as they run.
+//! the request exactly as the upstream will see it (origin-form with `Host` for HTTP/1.1, `:authority` for HTTP/2,
+//! hop-by-hop fields removed, the body framed by `Content-Length`), and send it. Only the response head is timed:
+//! once it arrives, bodies (server-sent events) stream for as long as they run.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -54,7 +54,8 @@ pub(crate) async fn connect(
     };
     let open = || upstream::connect(tls, conn.dst, &head.host, want_h2);
     let connected = if is_upgrade {
-        open().await
+        // Boxed: opening is a large future every request would otherwise carry (see `exchange::handle`).
+        Box::pin(open()).await
     } else {
         ctx.pool.checkout(&key, open).await
     };

@@ -388,7 +388,8 @@ impl Pool {
         if let Some(sender) = self.take(key) {
             return Ok(sender);
         }
-        let opened = open().await;
+        // Boxed: opening (TLS, HTTP/2 handshake) is a large future every request would otherwise carry.
+        let opened = Box::pin(open()).await;
         self.opened(key, opened.as_ref().is_ok_and(Sender::is_h2));
         let sender = opened?;
         Ok(match sender.shared() {

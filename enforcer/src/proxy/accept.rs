@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::http::{self, Conn};
@@ -108,7 +109,14 @@ where
     let io = Prefixed::new(buf.freeze(), io);
     tracing::debug!(dst = %target.dst, kind = ?kind, "connection sniffed");
     match kind {
-        Kind::Tls => terminate_tls(ctx, io, target).await,
+        Kind::Tls => {
+            // The handshake runs boxed and is gone before serving starts: a connection kept open for its next
+            // request holds only what serving needs.
+            let head_timeout = target.head_timeout;
+            if let Some((tls, conn, h2)) = Box::pin(terminate_tls(&ctx, io, target)).await {
+                http::serve(ctx, tls, conn, h2, head_timeout).await;
+            }
+        }
         Kind::Http => {
             let conn = Conn {
                 scheme: Scheme::Http,
@@ -123,7 +131,14 @@ where
     }
 }
 
-async fn terminate_tls<S>(ctx: Arc<ProxyContext>, io: S, target: Target)
+/// The TLS handshake with the agent, as the proxy's own server for the name it asked for: the stream, the
+/// connection's facts and whether ALPN chose h2; `None` when the handshake did not complete (recorded where the
+/// client asked for something the proxy refuses).
+async fn terminate_tls<S>(
+    ctx: &Arc<ProxyContext>,
+    io: S,
+    target: Target,
+) -> Option<(TlsStream<S>, Conn, bool)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -134,11 +149,11 @@ where
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "unreadable ClientHello");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(dst = %target.dst, "ClientHello timed out");
-            return;
+            return None;
         }
     };
     let hello = Hello::read(&start.client_hello());
@@ -162,7 +177,7 @@ where
             message,
         )
         .await;
-        return;
+        return None;
     }
     let name = hello
         .sni
@@ -173,27 +188,27 @@ where
         Ok(leaf) => leaf,
         Err(e) => {
             tracing::warn!(error = %e, "cannot mint a leaf for this connection");
-            return;
+            return None;
         }
     };
     let config = match server_config(leaf, hello.alpn.clone(), hello.sni.is_some()) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the TLS server configuration");
-            return;
+            return None;
         }
     };
     let tls = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(dst = %target.dst, error = %e, "TLS handshake with the agent failed");
-            super::tls::record_agent_handshake_failure(&ctx, &target, hello.sni, Some(&e)).await;
-            return;
+            super::tls::record_agent_handshake_failure(ctx, &target, hello.sni, Some(&e)).await;
+            return None;
         }
         Err(_) => {
             tracing::debug!(dst = %target.dst, "TLS handshake with the agent timed out");
-            super::tls::record_agent_handshake_failure(&ctx, &target, hello.sni, None).await;
-            return;
+            super::tls::record_agent_handshake_failure(ctx, &target, hello.sni, None).await;
+            return None;
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(H2);
@@ -204,7 +219,7 @@ where
         resolved_host: target.host_hint,
         agent: target.agent,
     };
-    http::serve(ctx, tls, conn, h2, target.head_timeout).await;
+    Some((tls, conn, h2))
 }
 
 #[cfg(test)]

@@ -48,7 +48,8 @@ pub(crate) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if h2 {
-        return http2::serve(ctx, io, conn, head_timeout).await;
+        // Boxed: a connection served over HTTP/1.1 need not hold the room HTTP/2 serving takes.
+        return Box::pin(http2::serve(ctx, io, conn, head_timeout)).await;
     }
     let dst = conn.dst;
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {

@@ -893,3 +893,75 @@ async fn h1_agents_share_h2_upstream_connections_up_to_100_streams_each() {
         }
     }
 }
+
+/// A connection allowed as raw TCP to its destination port never carries TLS or HTTP past the policy. A client that
+/// stays silent longer than the sniffer waits (800 ms) and then sends a TLS ClientHello or an HTTP request — a slow
+/// client, or one waiting on purpose to be relayed uninspected — is intercepted like any other; so is a request
+/// behind empty lines (RFC 9112 §2.2) or one whose first bytes stall mid-method. Each is decided on its host here
+/// (blocked.test: refused), and the upstream sees nothing.
+#[tokio::test]
+async fn a_raw_tcp_allowance_never_carries_tls_or_http_uninspected() {
+    let upstream_ca = TestCa::new("raw upstream CA");
+    let (chain, key) = upstream_ca.leaf(&["blocked.test"]);
+    let (tls_up, tls_seen) = https_upstream(chain, key, true).await;
+    let (http_up, http_seen) = http_upstream().await;
+    let w = world(&policy(&["allowed.test"], &[tls_up.port(), http_up.port()])).await;
+    let pause = Duration::from_millis(1200);
+
+    // TLS after silence: the proxy's own certificate (the client trusts only the enforcer CA), then a 403.
+    let tcp = w.proxy.connect_as(tls_up).await;
+    tokio::time::sleep(pause).await;
+    let tls = tokio_rustls::TlsConnector::from(w.proxy.client_tls(&[H1]))
+        .connect(
+            rustls::pki_types::ServerName::try_from("blocked.test").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("intercepted: the enforcer's certificate");
+    let (status, _, _) = send(tls, false, get("/evil", "blocked.test")).await;
+    assert_eq!(status, 403);
+
+    // Plain HTTP after silence, behind empty lines, and stalled mid-method: each refused as HTTP.
+    let request = b"GET /evil HTTP/1.1\r\nhost: blocked.test\r\nconnection: close\r\n\r\n";
+    let cases: [(&str, Vec<&[u8]>); 3] = [
+        ("after silence", vec![b"", request]),
+        ("behind empty lines", vec![b"\r\n\r\n", request]),
+        ("stalled mid-method", vec![b"GE", &request[2..]]),
+    ];
+    for (case, parts) in cases {
+        let mut tcp = w.proxy.connect_as(http_up).await;
+        for part in parts {
+            tcp.write_all(part).await.unwrap();
+            tokio::time::sleep(pause).await;
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 403"), "{case}: {answer}");
+    }
+    assert_eq!(tls_seen.count(), 0);
+    assert_eq!(http_seen.count(), 0);
+    let records = w.proxy.audit_records().await;
+    let kinds: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["request"]["scheme"].as_str().unwrap_or("").to_string(),
+                outcome(r).0.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("https".to_string(), "blocked".to_string()),
+            ("http".to_string(), "blocked".to_string()),
+            ("http".to_string(), "blocked".to_string()),
+            ("http".to_string(), "blocked".to_string()),
+        ],
+        "one record per request, none for a raw relay"
+    );
+}

@@ -15,12 +15,12 @@ use super::tls::{server_config, Hello, H2};
 use super::{tunnel, ProxyContext, Target};
 use crate::model::{Reason, RequestSummary, Scheme};
 
-/// How long a client may stay silent before the connection is treated as a server-speaks-first TCP protocol.
+/// How long a client may stay silent before the server is let speak first (see `tunnel::server_first`).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long the TLS handshake with the agent may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes the sniffer needs at most to decide.
-const SNIFF_MAX: usize = 16;
+pub(crate) const SNIFF_MAX: usize = 16;
 
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,12 +46,14 @@ const METHODS: &[&[u8]] = &[
 /// The start of the HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
-/// Classify the first bytes; `None` while more are needed to decide.
+/// Classify the first bytes; `None` while more are needed to decide. Empty lines before a request line are HTTP
+/// (RFC 9112 §2.2: a server ignores them), so a request behind them is read as one, not relayed raw.
 pub(crate) fn sniff(buf: &[u8]) -> Option<Kind> {
     match buf {
         [] => None,
         [0x16] => None,
         [0x16, 0x03, ..] => Some(Kind::Tls),
+        [b'\r' | b'\n', ..] => Some(Kind::Http),
         _ => {
             let mut undecided = false;
             for m in METHODS {
@@ -92,9 +94,24 @@ where
         if buf.len() >= SNIFF_MAX {
             break Kind::Other;
         }
-        match tokio::time::timeout(SNIFF_TIMEOUT, io.read_buf(&mut buf)).await {
-            // Silent client: a server-speaks-first protocol.
-            Err(_) => break Kind::Other,
+        // A client silent from the start may speak a server-speaks-first protocol; one that stops within the
+        // prefix of TLS or an HTTP method is waited for like any request head, never relayed raw.
+        let wait = if buf.is_empty() {
+            SNIFF_TIMEOUT
+        } else {
+            target.head_timeout
+        };
+        match tokio::time::timeout(wait, io.read_buf(&mut buf)).await {
+            Err(_) if buf.is_empty() => {
+                let Some((first, back)) = tunnel::server_first(&ctx, io, &target).await else {
+                    return;
+                };
+                (buf, io) = (first, back);
+            }
+            Err(_) => {
+                tracing::debug!(dst = %target.dst, "client stalled within its first bytes");
+                return;
+            }
             Ok(Ok(0)) if buf.is_empty() => return,
             Ok(Ok(0)) => break Kind::Other,
             Ok(Ok(_)) => {}
@@ -106,10 +123,12 @@ where
     };
     // HTTP/2 with prior knowledge (RFC 9113 §3.3): the connection preface instead of a request line.
     let h2_preface = buf.starts_with(H2_PREFACE);
-    let io = Prefixed::new(buf.freeze(), io);
+    let first = buf.freeze();
     tracing::debug!(dst = %target.dst, kind = ?kind, "connection sniffed");
     match kind {
+        Kind::Other => tunnel::relay(ctx, io, target, first).await,
         Kind::Tls => {
+            let io = Prefixed::new(first, io);
             // The handshake runs boxed and is gone before serving starts: a connection kept open for its next
             // request holds only what serving needs.
             let head_timeout = target.head_timeout;
@@ -118,6 +137,7 @@ where
             }
         }
         Kind::Http => {
+            let io = Prefixed::new(first, io);
             let conn = Conn {
                 scheme: Scheme::Http,
                 sni: None,
@@ -127,7 +147,6 @@ where
             };
             http::serve(ctx, io, conn, h2_preface, target.head_timeout).await;
         }
-        Kind::Other => tunnel::relay(ctx, io, target).await,
     }
 }
 
@@ -237,5 +256,7 @@ mod tests {
         assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Some(Kind::Other));
         assert_eq!(sniff(&[0x16, 0x01]), Some(Kind::Other));
         assert_eq!(sniff(b"GETX"), Some(Kind::Other));
+        assert_eq!(sniff(b"\r\n"), Some(Kind::Http));
+        assert_eq!(sniff(b"\nGET /"), Some(Kind::Http));
     }
 }

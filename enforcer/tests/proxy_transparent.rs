@@ -965,3 +965,114 @@ async fn a_raw_tcp_allowance_never_carries_tls_or_http_uninspected() {
         "one record per request, none for a raw relay"
     );
 }
+
+/// Agents that stop reading their downloads hold only their own streams' flow-control windows on a shared upstream
+/// HTTP/2 connection, never the whole connection's (RFC 9113 §6.9): another request on it still gets its answer.
+#[tokio::test]
+async fn stalled_readers_do_not_starve_the_requests_sharing_their_connection() {
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, seen) = trusted_upstream(&w, true).await;
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+        let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(c);
+        let resp = s
+            .send_request(get(&format!("/big/{}", 64 << 20), "allowed.test"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "download {i}");
+        // The body is never read.
+        stalled.push((s, resp));
+    }
+    // Time for the upstream to fill every window the stalled downloads can hold.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        send(tls, false, get("/small", "allowed.test")),
+    )
+    .await
+    .expect("the request sharing the connection is answered");
+    assert_eq!(answer.0, 200);
+    assert!(String::from_utf8_lossy(&answer.2).contains("path=/small"));
+    assert_eq!(
+        seen.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one shared upstream connection"
+    );
+    drop(stalled);
+}
+
+/// An HTTPS upstream speaking only h2 (the h2 crate's server, for control over every frame), counting its
+/// connections: the first refuses every stream (`RST_STREAM` with `REFUSED_STREAM`), later ones answer each request
+/// with its body.
+async fn refusing_upstream(
+    w: &World,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (chain, key) = w.test_ca.leaf(&["allowed.test"]);
+    let acceptor = tls_acceptor(chain, key, &[H2]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut h2 = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((req, mut respond))) = h2.accept().await {
+                    if n == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let mut recv = req.into_body();
+                    let mut body = Vec::new();
+                    while let Some(chunk) = recv.data().await {
+                        let chunk = chunk.unwrap();
+                        let _ = recv.flow_control().release_capacity(chunk.len());
+                        body.extend_from_slice(&chunk);
+                    }
+                    let mut send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    send.send_data(Bytes::from(body), true).unwrap();
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// A request the upstream refused without processing it (RFC 9113 §8.7: `REFUSED_STREAM`, or a stream above a
+/// GOAWAY's last stream ID) is sent once more on another connection, body and all, and answered; the exchange
+/// leaves one record, of the answer.
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_on_another_connection() {
+    use std::sync::atomic::Ordering;
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, connections) = refusing_upstream(&w).await;
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/messages")
+        .header("host", "allowed.test")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"prompt\":\"again\"}")))
+        .unwrap();
+    let (status, _, body) = send(tls, false, req).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"{\"prompt\":\"again\"}");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    let records = w.proxy.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(outcome(&records[0]).0, "forwarded");
+}

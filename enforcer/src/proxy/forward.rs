@@ -86,8 +86,9 @@ pub(crate) fn request(
     })
 }
 
-/// Send `req` and wait for the response head (bounded by the response-head timeout). A reusable connection goes
-/// back to the pool.
+/// Send `req` and wait for the response head (bounded by the response-head timeout). A request the upstream never
+/// processed — refused, or left out by its GOAWAY (`upstream::unprocessed`) — is sent once more, on another
+/// connection. A reusable connection goes back to the pool.
 pub(crate) async fn send(
     ctx: &ProxyContext,
     conn: &Conn,
@@ -95,7 +96,25 @@ pub(crate) async fn send(
     req: Request<Full<Bytes>>,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let head_timeout = super::limits::limits().response_head_timeout;
-    let Ok(sent) = tokio::time::timeout(head_timeout, upstream.sender.send(req)).await else {
+    let again = copy(&req);
+    let sent = tokio::time::timeout(head_timeout, async {
+        match upstream.sender.send(req).await {
+            Err(e) if upstream::unprocessed(&e) && !upstream.is_upgrade => {
+                tracing::debug!(dst = %conn.dst, error = %e, "the upstream did not process the request: sending it again");
+                upstream.sender.retire();
+                let key = &upstream.key;
+                let tls = key.tls.then_some(&ctx.upstream);
+                let open = || upstream::connect(tls, key.dst, &key.host, key.want_h2);
+                upstream.sender = ctx.pool.checkout(key, open).await.map_err(|e| {
+                    tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
+                    Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
+                })?;
+                Ok(upstream.sender.send(again).await)
+            }
+            sent => Ok(sent),
+        }
+    });
+    let Ok(sent) = sent.await else {
         // The connection is left mid-request: dropped, never reused.
         tracing::info!(dst = %conn.dst, "upstream sent no response head in time");
         return Err(Refusal::new(
@@ -104,6 +123,7 @@ pub(crate) async fn send(
             "the upstream did not answer in time",
         ));
     };
+    let sent = sent?;
     if !upstream.is_upgrade {
         ctx.pool.put(upstream.key, upstream.sender);
     }
@@ -115,6 +135,16 @@ pub(crate) async fn send(
             "the upstream failed to answer",
         )
     })
+}
+
+/// A copy of `req` to send again (the body is shared, not copied).
+fn copy(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut copy = Request::new(req.body().clone());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 fn upstream_request(

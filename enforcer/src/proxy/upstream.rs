@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -44,6 +44,8 @@ pub enum UpstreamError {
     },
     #[error("connecting to {dst}: timed out")]
     Timeout { dst: SocketAddr },
+    #[error("TLS handshake with {dst}: timed out")]
+    TlsTimeout { dst: SocketAddr },
     #[error("{host:?} is not a valid TLS server name")]
     Name { host: String },
     #[error("TLS with the upstream failed: {source}")]
@@ -78,9 +80,9 @@ impl UpstreamError {
                 None => "TLS with the upstream failed".into(),
             },
             UpstreamError::Name { .. } => "the host is not a valid TLS server name".into(),
-            UpstreamError::Connect { .. } | UpstreamError::Timeout { .. } => {
-                "the upstream could not be reached".into()
-            }
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::TlsTimeout { .. } => "the upstream could not be reached".into(),
             UpstreamError::Http(_) => "the upstream did not speak HTTP".into(),
         }
     }
@@ -94,7 +96,8 @@ pub(crate) const STREAMS_PER_CONNECTION: usize = 100;
 /// A ready client connection to the upstream.
 pub(crate) struct Sender {
     http: Http,
-    /// Set when writing to the connection failed (see `io::EarlyAnswer`): it carries no further request.
+    /// Set when writing to the connection failed (see `io::EarlyAnswer`) or it refused a request
+    /// ([`Sender::retire`]): it carries no further request.
     write_failed: Arc<AtomicBool>,
     /// The place of this handle's request among its HTTP/2 connection's streams (see [`Sender::shared`]); moved to
     /// the response body by [`Sender::send`].
@@ -164,6 +167,11 @@ impl Sender {
                 sender.is_ready() && streams.load(Ordering::Acquire) < STREAMS_PER_CONNECTION
             }
         }
+    }
+
+    /// Mark the connection as carrying no further request: the pool forgets it (its open streams run on).
+    pub fn retire(&self) {
+        self.write_failed.store(true, Ordering::Release);
     }
 
     /// Whether `self` and `other` are handles on the same HTTP/2 connection.
@@ -258,7 +266,7 @@ pub(crate) async fn connect(
     let h2 = stream.get_ref().1.alpn_protocol() == Some(H2);
     let stream = CloseDelimited(stream);
     if h2 {
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        let (sender, conn) = h2_client().handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
@@ -277,6 +285,46 @@ pub(crate) async fn connect(
     }
 }
 
+/// Flow-control window of each upstream HTTP/2 stream: what the upstream may send ahead of an agent that reads
+/// slowly (RFC 9113 §6.9), and so what such an agent can hold in the proxy's memory per request.
+const STREAM_WINDOW: u32 = 1 << 20;
+
+/// The HTTP/2 client for upstream connections.
+///
+/// - The connection's window is every stream's at once ([`STREAMS_PER_CONNECTION`] × [`STREAM_WINDOW`]): agents
+///   that stop reading hold only their own streams' windows, never the whole connection's, so the requests they
+///   share it with still get their answers.
+/// - Headers up to 64 KiB are accepted, the same bound as HTTP/1.1's (see `limits`).
+/// - A ping every 30 s that is not answered within 20 s closes the connection (RFC 9113 §6.7): one that went
+///   silently dead fails its requests and leaves the pool instead of holding every later request until the
+///   response-head timeout.
+fn h2_client() -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONNECTION as u32)
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    builder
+}
+
+/// Whether a request that failed with `error` was never processed by the upstream, so it may be sent again on
+/// another connection (RFC 9113 §8.7): it was not sent at all (hyper's `is_canceled`), its stream was refused
+/// (`REFUSED_STREAM`), or the server's GOAWAY excluded it (a stream above its last stream ID).
+pub(crate) fn unprocessed(error: &hyper::Error) -> bool {
+    if error.is_canceled() {
+        return true;
+    }
+    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
+    h2.is_some_and(|e| {
+        (e.is_go_away() && e.is_remote())
+            || (e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
+}
+
 /// A TCP connection to `dst` and the TLS handshake on it with `config`, verifying `name`.
 async fn tls_connect(
     config: &Arc<rustls::ClientConfig>,
@@ -289,7 +337,7 @@ async fn tls_connect(
     match tokio::time::timeout(TLS_TIMEOUT, connector.connect(name.clone(), tcp)).await {
         Ok(Ok(s)) => Ok((s, write_failed)),
         Ok(Err(source)) => Err(UpstreamError::Tls { source }),
-        Err(_) => Err(UpstreamError::Timeout { dst }),
+        Err(_) => Err(UpstreamError::TlsTimeout { dst }),
     }
 }
 
@@ -330,6 +378,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const PER_KEY: usize = 512;
 /// Connections kept in all.
 const IDLE_TOTAL: usize = 1024;
+/// How long a request waits for the connection another request of its key is opening.
+const TURN_WAIT: Duration = Duration::from_secs(3);
 /// Keys whose way of opening connections is remembered (beyond it, those nobody is waiting on are forgotten).
 const OPENINGS_KEPT: usize = 4096;
 
@@ -422,7 +472,11 @@ impl Pool {
             }
             opening.turn.clone()
         };
-        let guard = turn.lock_owned().await;
+        // A connection that takes longer than this to open (an upstream that accepts TCP but never answers the TLS
+        // hello) is not waited for: each request then opens its own, as without turns.
+        let guard = tokio::time::timeout(TURN_WAIT, turn.lock_owned())
+            .await
+            .ok()?;
         // The connection opened before this turn may have shown that the key's connections cannot be shared.
         let in_turn = self.lock().opening.get(key).is_none_or(|o| o.in_turn);
         in_turn.then_some(guard)
@@ -487,7 +541,7 @@ impl Pool {
         if state.count >= IDLE_TOTAL {
             state.sweep();
         }
-        if state.count >= IDLE_TOTAL {
+        if state.count >= IDLE_TOTAL && !(sender.is_h2() && state.evict_h1()) {
             return;
         }
         let idle = state.idle.entry(key).or_default();
@@ -500,6 +554,30 @@ impl Pool {
 }
 
 impl PoolState {
+    /// Make room for a shared (HTTP/2) connection, which serves many requests, by closing the least recently
+    /// returned idle HTTP/1.1 connection of some key; `false` when there is none.
+    fn evict_h1(&mut self) -> bool {
+        let oldest = self
+            .idle
+            .iter()
+            .filter_map(|(key, idle)| {
+                let (sender, since) = idle.front()?;
+                (!sender.is_h2()).then_some((*since, key.clone()))
+            })
+            .min_by_key(|(since, _)| *since);
+        let Some((_, key)) = oldest else {
+            return false;
+        };
+        if let Some(idle) = self.idle.get_mut(&key) {
+            idle.pop_front();
+            if idle.is_empty() {
+                self.idle.remove(&key);
+            }
+        }
+        self.count -= 1;
+        true
+    }
+
     /// Forget closed and expired connections under every key.
     fn sweep(&mut self) {
         self.idle.retain(|_, idle| {

@@ -159,6 +159,28 @@ async fn upstream_handler(
         .lock()
         .unwrap()
         .push((version.clone(), host.clone(), path.clone(), body.to_vec()));
+    // `/big/N`: N bytes of `x`, streamed in 64 KiB chunks.
+    if let Some(n) = path
+        .strip_prefix("/big/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let (mut tx, rx) = http_body_util::channel::Channel::<Bytes>::new(4);
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let mut left = n;
+            while left > 0 {
+                let part = chunk.slice(..left.min(chunk.len()));
+                left -= part.len();
+                if tx.send_data(part).await.is_err() {
+                    return;
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .header("content-length", n)
+            .body(rx.boxed())
+            .unwrap());
+    }
     if path.starts_with("/sse") {
         let (mut tx, rx) = http_body_util::channel::Channel::<Bytes>::new(4);
         let seen = seen.clone();

@@ -1006,11 +1006,14 @@ async fn stalled_readers_do_not_starve_the_requests_sharing_their_connection() {
     drop(stalled);
 }
 
-/// An HTTPS upstream speaking only h2 (the h2 crate's server, for control over every frame), counting its
-/// connections: the first refuses every stream (`RST_STREAM` with `REFUSED_STREAM`), later ones answer each request
-/// with its body.
-async fn refusing_upstream(
+/// An HTTPS upstream speaking only h2 (the h2 crate's server, for control over every frame), allowing
+/// `max_streams` concurrent streams and counting its connections. With `refuse_first`, the first connection
+/// refuses every stream (`RST_STREAM` with `REFUSED_STREAM`). Otherwise `/hold` gets a response head and a body
+/// that never ends, and any other request its own body back.
+async fn h2_upstream(
     w: &World,
+    refuse_first: bool,
+    max_streams: u32,
 ) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -1028,10 +1031,20 @@ async fn refusing_upstream(
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
-                let mut h2 = h2::server::handshake(tls).await.unwrap();
+                let mut h2 = h2::server::Builder::new()
+                    .max_concurrent_streams(max_streams)
+                    .handshake(tls)
+                    .await
+                    .unwrap();
+                let mut held = Vec::new();
                 while let Some(Ok((req, mut respond))) = h2.accept().await {
-                    if n == 0 {
+                    if refuse_first && n == 0 {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    if req.uri().path() == "/hold" {
+                        let response = http::Response::new(());
+                        held.push(respond.send_response(response, false).unwrap());
                         continue;
                     }
                     let mut recv = req.into_body();
@@ -1059,7 +1072,7 @@ async fn refusing_upstream(
 async fn a_refused_stream_is_sent_again_on_another_connection() {
     use std::sync::atomic::Ordering;
     let w = world(&policy(&["allowed.test"], &[])).await;
-    let (up, connections) = refusing_upstream(&w).await;
+    let (up, connections) = h2_upstream(&w, true, 100).await;
     let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
     let req = Request::builder()
         .method("POST")
@@ -1075,4 +1088,35 @@ async fn a_refused_stream_is_sent_again_on_another_connection() {
     let records = w.proxy.audit_records().await;
     assert_eq!(records.len(), 1);
     assert_eq!(outcome(&records[0]).0, "forwarded");
+}
+
+/// An upstream that allows fewer concurrent streams than 100 (its `SETTINGS_MAX_CONCURRENT_STREAMS`, RFC 9113
+/// §6.5.2) gets a second connection once they are all in use, instead of a request waiting behind open streams.
+#[tokio::test]
+async fn a_servers_stream_limit_opens_another_connection_not_a_queue() {
+    use std::sync::atomic::Ordering;
+    let w = world(&policy(&["allowed.test"], &[])).await;
+    let (up, connections) = h2_upstream(&w, false, 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+        let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(c);
+        let resp = s.send_request(get("/hold", "allowed.test")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push((s, resp));
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    let tls = w.proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let (status, _, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        send(tls, false, get("/third", "allowed.test")),
+    )
+    .await
+    .expect("answered on another connection, not queued behind the held streams");
+    assert_eq!(status, 200);
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    drop(held);
 }

@@ -108,24 +108,46 @@ enum Http {
     H1(http1::SendRequest<Full<Bytes>>),
     H2 {
         sender: http2::SendRequest<Full<Bytes>>,
-        /// Requests in flight on the connection: from [`Sender::shared`] to the end (or drop) of the response body.
-        streams: Arc<AtomicUsize>,
+        streams: Arc<Streams>,
     },
 }
 
+/// One HTTP/2 connection's requests in flight, and how many its server allows at once.
+struct Streams {
+    /// From [`Sender::shared`] to the end (or drop) of the response body.
+    open: AtomicUsize,
+    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS` as last seen by the connection's task (RFC 9113 §6.5.2).
+    allowed: AtomicUsize,
+}
+
+impl Streams {
+    fn new() -> Arc<Streams> {
+        Arc::new(Streams {
+            open: AtomicUsize::new(0),
+            allowed: AtomicUsize::new(STREAMS_PER_CONNECTION),
+        })
+    }
+
+    /// Whether another request fits: fewer in flight than the server allows, and than [`STREAMS_PER_CONNECTION`].
+    fn have_room(&self) -> bool {
+        let allowed = self.allowed.load(Ordering::Acquire);
+        self.open.load(Ordering::Acquire) < allowed.min(STREAMS_PER_CONNECTION)
+    }
+}
+
 /// One request's place on a shared HTTP/2 connection, given back when dropped.
-struct StreamSlot(Arc<AtomicUsize>);
+struct StreamSlot(Arc<Streams>);
 
 impl StreamSlot {
-    fn open(streams: &Arc<AtomicUsize>) -> StreamSlot {
-        streams.fetch_add(1, Ordering::AcqRel);
+    fn open(streams: &Arc<Streams>) -> StreamSlot {
+        streams.open.fetch_add(1, Ordering::AcqRel);
         StreamSlot(streams.clone())
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -158,14 +180,12 @@ impl Sender {
         }
     }
 
-    /// Whether a request can be sent now: HTTP/1.1, the previous response was read to the end; HTTP/2, fewer than
-    /// [`STREAMS_PER_CONNECTION`] requests are in flight on the connection.
+    /// Whether a request can be sent now: HTTP/1.1, the previous response was read to the end; HTTP/2, fewer
+    /// requests are in flight on the connection than its server allows and than [`STREAMS_PER_CONNECTION`].
     fn is_ready(&self) -> bool {
         match &self.http {
             Http::H1(s) => s.is_ready(),
-            Http::H2 { sender, streams } => {
-                sender.is_ready() && streams.load(Ordering::Acquire) < STREAMS_PER_CONNECTION
-            }
+            Http::H2 { sender, streams } => sender.is_ready() && streams.have_room(),
         }
     }
 
@@ -267,16 +287,22 @@ pub(crate) async fn connect(
     let stream = CloseDelimited(stream);
     if h2 {
         let (sender, conn) = h2_client().handshake(TokioIo::new(stream)).await?;
+        let streams = Streams::new();
+        let seen = streams.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            // Each time the connection runs, what its server now allows (its SETTINGS may change it).
+            let ended = std::future::poll_fn(|cx| {
+                let allowed = conn.current_max_send_streams();
+                seen.allowed.store(allowed, Ordering::Release);
+                conn.as_mut().poll(cx)
+            });
+            if let Err(e) = ended.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
         Ok(Sender {
-            http: Http::H2 {
-                sender,
-                streams: Arc::default(),
-            },
+            http: Http::H2 { sender, streams },
             write_failed,
             stream: None,
         })

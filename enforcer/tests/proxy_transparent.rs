@@ -897,7 +897,7 @@ async fn h1_agents_share_h2_upstream_connections_up_to_100_streams_each() {
 /// A connection allowed as raw TCP to its destination port never carries TLS or HTTP past the policy. A client that
 /// stays silent longer than the sniffer waits (800 ms) and then sends a TLS ClientHello or an HTTP request — a slow
 /// client, or one waiting on purpose to be relayed uninspected — is intercepted like any other; so is a request
-/// behind empty lines (RFC 9112 §2.2) or one whose first bytes stall mid-method. Each is decided on its host here
+/// behind empty lines (RFC 9112 §2.2), one whose first bytes stall mid-method, and one with a method of its own. Each is decided on its host here
 /// (blocked.test: refused), and the upstream sees nothing.
 #[tokio::test]
 async fn a_raw_tcp_allowance_never_carries_tls_or_http_uninspected() {
@@ -923,10 +923,12 @@ async fn a_raw_tcp_allowance_never_carries_tls_or_http_uninspected() {
 
     // Plain HTTP after silence, behind empty lines, and stalled mid-method: each refused as HTTP.
     let request = b"GET /evil HTTP/1.1\r\nhost: blocked.test\r\nconnection: close\r\n\r\n";
-    let cases: [(&str, Vec<&[u8]>); 3] = [
+    let query = b"QUERY /evil HTTP/1.1\r\nhost: blocked.test\r\nconnection: close\r\n\r\n";
+    let cases: [(&str, Vec<&[u8]>); 4] = [
         ("after silence", vec![b"", request]),
         ("behind empty lines", vec![b"\r\n\r\n", request]),
         ("stalled mid-method", vec![b"GE", &request[2..]]),
+        ("a method of its own (RFC 9110 §9.1)", vec![query]),
     ];
     for (case, parts) in cases {
         let mut tcp = w.proxy.connect_as(http_up).await;
@@ -958,6 +960,7 @@ async fn a_raw_tcp_allowance_never_carries_tls_or_http_uninspected() {
         kinds,
         vec![
             ("https".to_string(), "blocked".to_string()),
+            ("http".to_string(), "blocked".to_string()),
             ("http".to_string(), "blocked".to_string()),
             ("http".to_string(), "blocked".to_string()),
             ("http".to_string(), "blocked".to_string()),

@@ -19,8 +19,10 @@ use crate::model::{Reason, RequestSummary, Scheme};
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long the TLS handshake with the agent may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Bytes the sniffer needs at most to decide.
-pub(crate) const SNIFF_MAX: usize = 16;
+/// Bytes the sniffer reads at most before deciding: a whole request line, up to the HTTP/1.1 head limit (`limits`).
+const SNIFF_MAX: usize = 64 * 1024;
+/// The longest method the sniffer waits for (RFC 9110 §9.1: any token is a method).
+const METHOD_MAX: usize = 32;
 
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,47 +32,58 @@ pub(crate) enum Kind {
     Other,
 }
 
+/// Methods that make a connection HTTP as soon as they and a space arrive (RFC 9110 §9.3, RFC 5789).
 const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"HEAD ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-    b"CONNECT ",
-    H2_PREFACE,
+    b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT",
 ];
 
-/// The start of the HTTP/2 connection preface.
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4), which has a request line's shape.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
-/// Classify the first bytes; `None` while more are needed to decide. Empty lines before a request line are HTTP
-/// (RFC 9112 §2.2: a server ignores them), so a request behind them is read as one, not relayed raw.
+/// Classify the first bytes; `None` while more are needed to decide. What an HTTP server would read as a request is
+/// HTTP, so it is decided as one and never relayed raw: empty lines before a request line (RFC 9112 §2.2: a server
+/// ignores them), and a request line of any method (a token, a space, a target, a space and an HTTP version, RFC
+/// 9112 §3), not only the well-known ones.
 pub(crate) fn sniff(buf: &[u8]) -> Option<Kind> {
     match buf {
-        [] => None,
-        [0x16] => None,
+        [] | [0x16] => None,
         [0x16, 0x03, ..] => Some(Kind::Tls),
         [b'\r' | b'\n', ..] => Some(Kind::Http),
-        _ => {
-            let mut undecided = false;
-            for m in METHODS {
-                if buf.starts_with(m) {
-                    return Some(Kind::Http);
-                }
-                if m.starts_with(buf) {
-                    undecided = true;
-                }
-            }
-            if undecided {
-                None
-            } else {
-                Some(Kind::Other)
-            }
-        }
+        _ => request_line(buf),
     }
+}
+
+/// Whether `buf` starts an HTTP/1 request line (`None` while it may still).
+fn request_line(buf: &[u8]) -> Option<Kind> {
+    let method = buf.iter().take_while(|b| is_tchar(**b)).count();
+    if method > METHOD_MAX || method == 0 {
+        return Some(Kind::Other);
+    }
+    if method == buf.len() {
+        return None;
+    }
+    if buf[method] != b' ' {
+        return Some(Kind::Other);
+    }
+    if METHODS.contains(&&buf[..method]) {
+        return Some(Kind::Http);
+    }
+    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+        // Not yet a whole line: wait for it; one longer than a head may be is read as HTTP, which refuses it.
+        return (buf.len() >= SNIFF_MAX).then_some(Kind::Http);
+    };
+    let line = &buf[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = line.len().checked_sub(9).map(|at| &line[at..]);
+    let http = version.is_some_and(|v| {
+        v.starts_with(b" HTTP/") && v[6].is_ascii_digit() && v[7] == b'.' && v[8].is_ascii_digit()
+    });
+    Some(if http { Kind::Http } else { Kind::Other })
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Serve one connection whose target is known.
@@ -86,13 +99,10 @@ where
     {
         return crate::dns::serve_tcp(ctx, dns, io, target.dst, target.agent).await;
     }
-    let mut buf = BytesMut::with_capacity(SNIFF_MAX);
+    let mut buf = BytesMut::with_capacity(64);
     let kind = loop {
         if let Some(kind) = sniff(&buf) {
             break kind;
-        }
-        if buf.len() >= SNIFF_MAX {
-            break Kind::Other;
         }
         // A client silent from the start may speak a server-speaks-first protocol; one that stops within the
         // prefix of TLS or an HTTP method is waited for like any request head, never relayed raw.
@@ -253,9 +263,20 @@ mod tests {
         assert_eq!(sniff(b"GE"), None);
         assert_eq!(sniff(b"GET /"), Some(Kind::Http));
         assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Some(Kind::Http));
-        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Some(Kind::Other));
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), None);
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH_9.6\r\n"), Some(Kind::Other));
         assert_eq!(sniff(&[0x16, 0x01]), Some(Kind::Other));
-        assert_eq!(sniff(b"GETX"), Some(Kind::Other));
+        assert_eq!(sniff(&[0x00, 0x00, 0x00, 0x08]), Some(Kind::Other));
+        assert_eq!(sniff(b"GETX"), None);
+        assert_eq!(sniff(b"GETX /"), None);
+        assert_eq!(sniff(b"GETX / HTTP/1.1\r\n"), Some(Kind::Http));
+        assert_eq!(sniff(b"QUERY /search HTTP/1.1\r\n"), Some(Kind::Http));
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Some(Kind::Http));
+        assert_eq!(sniff(b"SET key value\r\n"), Some(Kind::Other));
+        assert_eq!(sniff(b"*1\r\n$4\r\nPING\r\n"), Some(Kind::Other));
+        assert_eq!(sniff(&[b'A'; 40]), Some(Kind::Other));
+        let long = [b"QUERY /".as_slice(), &[b'a'; SNIFF_MAX]].concat();
+        assert_eq!(sniff(&long), Some(Kind::Http));
         assert_eq!(sniff(b"\r\n"), Some(Kind::Http));
         assert_eq!(sniff(b"\nGET /"), Some(Kind::Http));
     }

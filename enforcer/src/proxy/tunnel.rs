@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::accept::{sniff, Kind, SNIFF_MAX};
+use super::accept::{sniff, Kind};
 use super::upstream::connect_tcp;
 use super::{ProxyContext, Target};
 use crate::model::{
@@ -52,7 +52,7 @@ where
         opened.record(ctx, target).await;
         return None;
     };
-    let mut client = BytesMut::with_capacity(SNIFF_MAX);
+    let mut client = BytesMut::with_capacity(64);
     let mut server = BytesMut::with_capacity(4096);
     let first = tokio::time::timeout(target.head_timeout, async {
         tokio::select! {
@@ -65,7 +65,7 @@ where
         Ok(Ok((n, true))) if n > 0 => {
             // The client spoke first: the rest of its sniffed prefix, as for any connection.
             let mut complete = true;
-            while complete && sniff(&client).is_none() && client.len() < SNIFF_MAX {
+            while complete && sniff(&client).is_none() {
                 let read = tokio::time::timeout(target.head_timeout, io.read_buf(&mut client));
                 complete = matches!(read.await, Ok(Ok(n)) if n > 0);
             }

@@ -396,6 +396,16 @@ async fn non_http_tcp_is_decided_by_port() {
     tcp.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"\x00\x01binary");
     assert_eq!(seen.count(), 1);
+    // A client that sends a word and waits for its answer (no space, no line end) is relayed once it goes quiet.
+    let mut tcp = w.proxy.connect_as(echo).await;
+    tcp.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut back))
+        .await
+        .expect("relayed after the sniff timeout")
+        .unwrap();
+    assert_eq!(&back, b"HELLO\nping");
+    assert_eq!(seen.count(), 2);
     // Blocked: closed without reaching the destination.
     let mut tcp = w.proxy.connect_as(other).await;
     tcp.write_all(b"\x00\x01binary").await.unwrap();
@@ -407,10 +417,11 @@ async fn non_http_tcp_is_decided_by_port() {
     assert_eq!(n, 0);
     assert_eq!(other_seen.count(), 0);
     let records = w.proxy.audit_records().await;
-    assert_eq!(records.len(), 2);
+    assert_eq!(records.len(), 3);
     assert_eq!(records[0]["request"]["scheme"], "tcp");
     assert_eq!(outcome(&records[0]).0, "forwarded");
-    assert_eq!(outcome(&records[1]).0, "blocked");
+    assert_eq!(outcome(&records[1]).0, "forwarded");
+    assert_eq!(outcome(&records[2]).0, "blocked");
 }
 
 #[tokio::test]

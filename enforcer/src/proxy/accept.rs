@@ -16,7 +16,7 @@ use super::{tunnel, ProxyContext, Target};
 use crate::model::{Reason, RequestSummary, Scheme};
 
 /// How long a client may stay silent before the server is let speak first (see `tunnel::server_first`).
-const SNIFF_TIMEOUT: Duration = Duration::from_millis(800);
+pub(crate) const SNIFF_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long the TLS handshake with the agent may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes the sniffer reads at most before deciding: a whole request line, up to the HTTP/1.1 head limit (`limits`).
@@ -81,6 +81,14 @@ fn request_line(buf: &[u8]) -> Option<Kind> {
     Some(if http { Kind::Http } else { Kind::Other })
 }
 
+/// Whether undecided first bytes that stall are waited for like a request head (the start of a TLS record, of a
+/// well-known method, or a token and a space: a request line on its way), rather than taken after the sniff timeout
+/// for a text protocol's client that sent a word and waits for an answer (an echo's `ping`).
+pub(crate) fn patient(buf: &[u8]) -> bool {
+    !buf.is_empty()
+        && (buf[0] == 0x16 || buf.contains(&b' ') || METHODS.iter().any(|m| m.starts_with(buf)))
+}
+
 /// A token character (RFC 9110 §5.6.2).
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -106,10 +114,10 @@ where
         }
         // A client silent from the start may speak a server-speaks-first protocol; one that stops within the
         // prefix of TLS or an HTTP method is waited for like any request head, never relayed raw.
-        let wait = if buf.is_empty() {
-            SNIFF_TIMEOUT
-        } else {
+        let wait = if patient(&buf) {
             target.head_timeout
+        } else {
+            SNIFF_TIMEOUT
         };
         match tokio::time::timeout(wait, io.read_buf(&mut buf)).await {
             Err(_) if buf.is_empty() => {
@@ -118,6 +126,7 @@ where
                 };
                 (buf, io) = (first, back);
             }
+            Err(_) if !patient(&buf) => break Kind::Other,
             Err(_) => {
                 tracing::debug!(dst = %target.dst, "client stalled within its first bytes");
                 return;
@@ -275,6 +284,8 @@ mod tests {
         assert_eq!(sniff(b"SET key value\r\n"), Some(Kind::Other));
         assert_eq!(sniff(b"*1\r\n$4\r\nPING\r\n"), Some(Kind::Other));
         assert_eq!(sniff(&[b'A'; 40]), Some(Kind::Other));
+        assert!(patient(b"GE") && patient(b"QUERY /ev") && patient(&[0x16]));
+        assert!(!patient(b"ping") && !patient(b""));
         let long = [b"QUERY /".as_slice(), &[b'a'; SNIFF_MAX]].concat();
         assert_eq!(sniff(&long), Some(Kind::Http));
         assert_eq!(sniff(b"\r\n"), Some(Kind::Http));

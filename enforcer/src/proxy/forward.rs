@@ -96,23 +96,27 @@ pub(crate) async fn send(
     req: Request<Full<Bytes>>,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let head_timeout = super::limits::limits().response_head_timeout;
-    let again = copy(&req);
     let sent = tokio::time::timeout(head_timeout, async {
-        match upstream.sender.send(req).await {
-            Err(e) if upstream::unprocessed(&e) && !upstream.is_upgrade => {
-                tracing::debug!(dst = %conn.dst, error = %e, "the upstream did not process the request: sending it again");
-                upstream.sender.retire();
-                let key = &upstream.key;
-                let tls = key.tls.then_some(&ctx.upstream);
-                let open = || upstream::connect(tls, key.dst, &key.host, key.want_h2);
-                upstream.sender = ctx.pool.checkout(key, open).await.map_err(|e| {
-                    tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
-                    Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
-                })?;
-                Ok(upstream.sender.send(again).await)
+        let again = copy(&req);
+        let mut sent = upstream.sender.send(req).await;
+        for _ in 0..RESENDS {
+            match sent {
+                Err(e) if upstream::unprocessed(&e) && !upstream.is_upgrade => {
+                    tracing::debug!(dst = %conn.dst, error = %e, "the upstream did not process the request: sending it again");
+                    upstream.sender.retire();
+                    let key = &upstream.key;
+                    let tls = key.tls.then_some(&ctx.upstream);
+                    let open = || upstream::connect(tls, key.dst, &key.host, key.want_h2);
+                    upstream.sender = ctx.pool.checkout(key, open).await.map_err(|e| {
+                        tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
+                        Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
+                    })?;
+                    sent = upstream.sender.send(copy(&again)).await;
+                }
+                done => return Ok(done),
             }
-            sent => Ok(sent),
         }
+        Ok(sent)
     });
     let Ok(sent) = sent.await else {
         // The connection is left mid-request: dropped, never reused.
@@ -136,6 +140,10 @@ pub(crate) async fn send(
         )
     })
 }
+
+/// How many times a request the upstream did not process is sent again: a new connection can refuse streams too
+/// before the server's SETTINGS arrive with its stream limit.
+const RESENDS: usize = 2;
 
 /// A copy of `req` to send again (the body is shared, not copied).
 fn copy(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::accept::{sniff, Kind};
+use super::accept::{patient, sniff, Kind, SNIFF_TIMEOUT};
 use super::upstream::connect_tcp;
 use super::{ProxyContext, Target};
 use crate::model::{
@@ -66,8 +66,17 @@ where
             // The client spoke first: the rest of its sniffed prefix, as for any connection.
             let mut complete = true;
             while complete && sniff(&client).is_none() {
-                let read = tokio::time::timeout(target.head_timeout, io.read_buf(&mut client));
-                complete = matches!(read.await, Ok(Ok(n)) if n > 0);
+                let wait = if patient(&client) {
+                    target.head_timeout
+                } else {
+                    SNIFF_TIMEOUT
+                };
+                match tokio::time::timeout(wait, io.read_buf(&mut client)).await {
+                    Ok(Ok(n)) => complete = n > 0,
+                    // A word and then silence: a text protocol's client waiting for its answer.
+                    Err(_) if !patient(&client) => break,
+                    _ => complete = false,
+                }
             }
             if matches!(sniff(&client), Some(Kind::Tls | Kind::Http)) {
                 return Some((client, io));

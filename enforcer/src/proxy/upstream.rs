@@ -338,10 +338,15 @@ fn h2_client() -> http2::Builder<TokioExecutor> {
 }
 
 /// Whether a request that failed with `error` was never processed by the upstream, so it may be sent again on
-/// another connection (RFC 9113 §8.7): it was not sent at all (hyper's `is_canceled`), its stream was refused
-/// (`REFUSED_STREAM`), or the server's GOAWAY excluded it (a stream above its last stream ID).
+/// another connection (RFC 9113 §8.7): it was not sent at all (hyper's `is_canceled`, `is_closed`, or its
+/// "dispatch task is gone": the connection ended with the request still queued, for which hyper has no
+/// predicate), its stream was refused (`REFUSED_STREAM`), or the server's GOAWAY excluded it (a stream above its
+/// last stream ID).
 pub(crate) fn unprocessed(error: &hyper::Error) -> bool {
-    if error.is_canceled() {
+    if error.is_canceled() || error.is_closed() {
+        return true;
+    }
+    if error.is_user() && error.to_string().starts_with("dispatch task is gone") {
         return true;
     }
     let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());

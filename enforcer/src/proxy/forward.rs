@@ -41,28 +41,24 @@ pub(crate) async fn connect(
 ) -> Result<Upstream, Refusal> {
     let is_upgrade =
         out.parts.version == Version::HTTP_11 && out.parts.headers.contains_key(header::UPGRADE);
-    let tls = (conn.scheme == Scheme::Https).then_some(&ctx.upstream);
+    let tls = conn.scheme == Scheme::Https;
     // Over TLS the upstream is offered h2 first, whichever version the agent spoke: its requests then share one
     // connection (see `upstream::Pool`). An upgrade needs HTTP/1.1 and a connection of its own.
-    let want_h2 = tls.is_some() && !is_upgrade;
+    let want_h2 = tls && !is_upgrade;
     let key = PoolKey {
         agent: conn.agent.cgroup.clone(),
         dst: conn.dst,
-        tls: tls.is_some(),
+        tls,
         host: head.host.clone(),
         want_h2,
     };
-    let open = || upstream::connect(tls, conn.dst, &head.host, want_h2);
     let connected = if is_upgrade {
         // Boxed: opening is a large future every request would otherwise carry (see `exchange::handle`).
-        Box::pin(open()).await
+        Box::pin(open(ctx, &key)).await
     } else {
-        ctx.pool.checkout(&key, open).await
+        ctx.pool.checkout(&key, || open(ctx, &key)).await
     };
-    let sender = connected.map_err(|e| {
-        tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
-        Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
-    })?;
+    let sender = connected.map_err(|e| refused(conn, e))?;
     Ok(Upstream {
         sender,
         is_upgrade,
@@ -87,8 +83,8 @@ pub(crate) fn request(
 }
 
 /// Send `req` and wait for the response head (bounded by the response-head timeout). A request the upstream never
-/// processed — refused, or left out by its GOAWAY (`upstream::unprocessed`) — is sent once more, on another
-/// connection. A reusable connection goes back to the pool.
+/// processed — refused, or left out by its GOAWAY (`upstream::unprocessed`) — is sent again (up to [`RESENDS`]
+/// times), each time on another connection. A reusable connection goes back to the pool.
 pub(crate) async fn send(
     ctx: &ProxyContext,
     conn: &Conn,
@@ -105,12 +101,8 @@ pub(crate) async fn send(
                     tracing::debug!(dst = %conn.dst, error = %e, "the upstream did not process the request: sending it again");
                     upstream.sender.retire();
                     let key = &upstream.key;
-                    let tls = key.tls.then_some(&ctx.upstream);
-                    let open = || upstream::connect(tls, key.dst, &key.host, key.want_h2);
-                    upstream.sender = ctx.pool.checkout(key, open).await.map_err(|e| {
-                        tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
-                        Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
-                    })?;
+                    let other = ctx.pool.checkout(key, || open(ctx, key)).await;
+                    upstream.sender = other.map_err(|e| refused(conn, e))?;
                     sent = upstream.sender.send(copy(&again)).await;
                 }
                 done => return Ok(done),
@@ -139,6 +131,25 @@ pub(crate) async fn send(
             "the upstream failed to answer",
         )
     })
+}
+
+/// A new connection for `key`: to its destination, verified as its host over TLS, offering h2 when it wants it.
+fn open<'a>(
+    ctx: &'a ProxyContext,
+    key: &'a PoolKey,
+) -> impl std::future::Future<Output = Result<Sender, upstream::UpstreamError>> + 'a {
+    upstream::connect(
+        key.tls.then_some(&ctx.upstream),
+        key.dst,
+        &key.host,
+        key.want_h2,
+    )
+}
+
+/// The refusal for an upstream that could not be connected to.
+fn refused(conn: &Conn, e: upstream::UpstreamError) -> Refusal {
+    tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
+    Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
 }
 
 /// How many times a request the upstream did not process is sent again: a new connection can refuse streams too

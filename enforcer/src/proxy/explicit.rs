@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::accept;
 use super::body::ClientBody;
-use super::http::{full, Conn, ProxyBody};
+use super::http::{detach_head, full, Conn, ProxyBody};
 use super::limits::Admitted;
 use super::refusal::error_response;
 use super::{exchange, HostBinder, ProxyContext, Target};
@@ -31,6 +31,7 @@ pub(crate) async fn serve_client(
     // A CONNECT tunnel outlives this HTTP connection: it keeps the place too.
     let admitted = Arc::new(admitted);
     let service = service_fn(move |req| {
+        let req = detach_head(req);
         let ctx = ctx.clone();
         let agent = agent.clone();
         let admitted = admitted.clone();

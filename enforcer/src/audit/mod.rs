@@ -194,6 +194,7 @@ pub struct AuditLog {
 pub struct Appended {
     seq: u64,
     wait: writer::DurableWait,
+    at: std::time::Instant,
 }
 
 impl Appended {
@@ -202,9 +203,15 @@ impl Appended {
         self.seq
     }
 
+    /// When its bytes reached the file: where the wait for durability starts.
+    pub fn appended_at(&self) -> std::time::Instant {
+        self.at
+    }
+
     /// Resolves with the record's `seq` once an `fdatasync` that covers it has completed (at once with
     /// `durable: false`). Many records share one `fdatasync`; the sync thread wakes every waiter of the batch, each
-    /// once, as soon as it completes.
+    /// once, as soon as it completes. The sync runs whether or not this is awaited yet: await it after other work
+    /// (the upstream's answer) and a record already durable costs no wake-up.
     ///
     /// Errors: [`AuditError::NotDurable`] when that `fdatasync` failed (the record stays in the file and the writer
     /// retries, but nothing may rely on it), [`AuditError::Closed`] when the writer stopped before syncing it.
@@ -241,7 +248,11 @@ impl AuditLog {
     pub fn append(&self, event: &AuditEvent) -> Result<Appended, AuditError> {
         let body = record::encode_event(event)?;
         let (seq, wait) = self.inner.append(&body)?;
-        Ok(Appended { seq, wait })
+        Ok(Appended {
+            seq,
+            wait,
+            at: std::time::Instant::now(),
+        })
     }
 
     /// Record that the daemon tagged or untagged a cgroup ([`record::CgroupChange`]); returns once it is in the file.

@@ -261,7 +261,9 @@ async fn resolve(
             Via::Tcp => upstream::tcp(upstream, query, stage.timeout).await,
         }
     };
-    let (exchanged, durable) = tokio::join!(exchange, crate::metrics::global().durable(appended));
+    // The record's fdatasync runs meanwhile; awaited after the exchange, a record already durable costs no wake-up.
+    let exchanged = exchange.await;
+    let durable = crate::metrics::global().durable(appended).await;
     if let Err(e) = durable {
         tracing::error!(error = %e, "a DNS query's record is not durable: withholding the answer");
         return error_answer(query, Rcode::ServFail);

@@ -17,7 +17,7 @@ mod http;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -360,9 +360,9 @@ impl Metrics {
         result
     }
 
-    /// Wait for `appended` to be durable, observing how long that took (or counting the failure).
+    /// Wait for `appended` to be durable, observing how long that took from its append (or counting the failure).
     pub async fn durable(&self, appended: Appended) -> Result<u64, AuditError> {
-        let start = Instant::now();
+        let start = appended.appended_at();
         let result = appended.durable().await;
         self.audit_write.observe(start.elapsed().as_secs_f64());
         if result.is_err() {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::interrupted;
 use super::plan::{Plan, Test, RATE_CONNECTIONS};
 use super::procfs::{self, MachineCpu};
-use super::stack::{wrapped, Contender, Stack, UPSTREAM_PORT};
+use super::stack::{wrapped, Contender, Stack};
 
 /// What one measurement found. Times in seconds unless named otherwise; CPU shares in percent of one CPU.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -149,7 +149,7 @@ impl Bench<'_> {
                 t.path()
             }
         };
-        cmd.arg(format!("https://localhost:{UPSTREAM_PORT}{path}"))
+        cmd.arg(format!("https://localhost:{}{path}", c.url_port))
             .current_dir(self.stack.work.join("client"))
             .stdin(Stdio::null());
         cmd

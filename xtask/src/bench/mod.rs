@@ -2,8 +2,9 @@
 //! in one run on this machine, so every figure is a ratio to direct taken under the same conditions.
 //!
 //! The topology is all loopback: oha → proxy → nginx (`bench/nginx.conf`), TLS 1.3 on both legs, a 1 KiB JSON body.
-//! The contenders are direct (no proxy), the enforcer as an explicit proxy, the enforcer with transparent eBPF
-//! capture (the client in a tagged cgroup through `enforcer exec --user`), and mitmproxy. Each test ([`plan::Test`])
+//! The contenders are direct (no proxy), nginx as a plain TLS-terminating proxy (`bench/nginx-proxy.conf`: the same
+//! transport work with no policy and no record), the enforcer as an explicit proxy, the enforcer with transparent
+//! eBPF capture (the client in a tagged cgroup through `enforcer exec --user`), and mitmproxy. Each test ([`plan::Test`])
 //! runs against every contender, interleaved, for several reps; the table gives medians. The run installs what it
 //! needs ([`tools`]), builds the release enforcer, starts everything ([`stack`]), measures ([`measure`]), and writes
 //! the table and raw data to `target/bench/<stamp>/` ([`report`]). Everything it started is stopped and removed on
@@ -46,7 +47,8 @@ pub const SHORT_ENV: &str = "ENFORCER_BENCH_SHORT";
 #[derive(Debug, Default, clap::Args)]
 pub struct BenchArgs {
     /// Every path once, as `cargo xtask test` runs it (also when `ENFORCER_BENCH_SHORT` is set): the library benches
-    /// in the debug build, and one rep of 1 s per test kind against direct and the debug daemon, no mitmproxy.
+    /// in the debug build, and one rep of 1 s per test kind against direct, nginx as proxy and the debug daemons, no
+    /// mitmproxy.
     /// Checks the harness; the figures mean nothing.
     #[arg(long)]
     pub short: bool,

@@ -71,7 +71,9 @@ pub fn render(meta: &Meta, ms: &[Measurement]) -> String {
          (throughput: this ÷ mitmproxy; CPU, memory: mitmproxy ÷ this). Proxy CPU is user + system time of the \
          proxy's process tree per response. Fixed-rate latencies count from each request's scheduled time (oha \
          --latency-correction); requests scheduled in the first {} s are left out. Upstream TLS resumed: share of \
-         the connections nginx accepted on /newconn that resumed a session.",
+         the connections nginx accepted on /newconn that resumed a session. nginx as proxy: a second nginx \
+         terminating the client's TLS and forwarding over pooled TLS connections to the same upstream, with no policy \
+         and no record (bench/nginx-proxy.conf): what the transport work alone costs a proxy in C on this machine.",
         meta.skip
     );
     if !meta.idle_rss_kib.is_empty() {

@@ -1,5 +1,6 @@
 //! Everything a run starts, and its removal: the work directory (test PKI, configurations, the daemons' state), nginx
-//! on loopback, and the contenders — direct, the enforcer as an explicit proxy, the enforcer with transparent eBPF
+//! on loopback, and the contenders — direct, nginx as a plain TLS-terminating proxy (the reference: the same
+//! transport work with no policy and no record), the enforcer as an explicit proxy, the enforcer with transparent eBPF
 //! capture (its own cgroup and pin directory; the client under `enforcer exec --user` [`BENCH_USER`]), mitmproxy, and
 //! on request the explicit proxy without durable records and another enforcer binary (the baseline).
 //!
@@ -27,8 +28,9 @@ pub const WORK_DIR: &str = "/var/tmp/enforcer-bench";
 /// The transparent contender's capture cgroup (relative to the cgroup root) and pin directory.
 const CGROUP: &str = "enforcer-bench";
 const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
-/// Loopback ports: nginx, the two enforcer daemons (proxy, explicit listener, DNS), mitmproxy.
+/// Loopback ports: nginx, the reference proxy, the two enforcer daemons (proxy, explicit listener, DNS), mitmproxy.
 pub const UPSTREAM_PORT: u16 = 18443;
+const REFERENCE_PORT: u16 = 18190;
 const EXPLICIT_PROXY_PORT: u16 = 18101;
 const EXPLICIT_PORT: u16 = 18102;
 const EXPLICIT_DNS_PORT: u16 = 18103;
@@ -39,6 +41,7 @@ const NOT_DURABLE_PORTS: (u16, u16, u16) = (18121, 18122, 18123);
 const BASELINE_PORTS: (u16, u16, u16) = (18131, 18132, 18133);
 const PORTS: &[u16] = &[
     UPSTREAM_PORT,
+    REFERENCE_PORT,
     EXPLICIT_PROXY_PORT,
     EXPLICIT_PORT,
     EXPLICIT_DNS_PORT,
@@ -102,8 +105,8 @@ pub const BODY_BYTES: usize = 1024;
 
 /// One way for the client to reach the upstream.
 pub struct Contender {
-    /// Short name, used in file names and `--report`: `direct`, `enforcer-explicit`, `enforcer-transparent`,
-    /// `mitmproxy`.
+    /// Short name, used in file names and `--report`: `direct`, `nginx-proxy`, `enforcer-explicit`,
+    /// `enforcer-transparent`, `mitmproxy`.
     pub name: &'static str,
     /// Column header: the name and, for mitmproxy, its version.
     pub label: String,
@@ -115,6 +118,9 @@ pub struct Contender {
     pub wrap: Vec<OsString>,
     /// The port the client's connections are accepted on (where they are counted).
     pub port: u16,
+    /// The port of the URL the client asks for: the upstream's, except for the reference proxy, which the client
+    /// addresses as its server.
+    pub url_port: u16,
     process: Option<Child>,
 }
 
@@ -172,8 +178,10 @@ impl Stack {
             ca: stack.work.join("pki/upstream-ca.pem"),
             wrap: Vec::new(),
             port: UPSTREAM_PORT,
+            url_port: UPSTREAM_PORT,
             process: None,
         });
+        stack.start_reference(tools)?;
         let policy = fill(
             &template("policy.yaml")?,
             &[("PORT", &UPSTREAM_PORT.to_string())],
@@ -233,35 +241,7 @@ impl Stack {
                 "IP:::1".into(),
             ],
         )?;
-        let mut conf = fill(
-            &template("nginx.conf")?,
-            &[
-                ("WORK", &self.work.display().to_string()),
-                ("LOGS", &self.logs.display().to_string()),
-                ("PORT", &UPSTREAM_PORT.to_string()),
-                ("BODY", &body()),
-            ],
-        );
-        if !ipv6_loopback() {
-            conf = conf
-                .lines()
-                .filter(|l| !l.contains("[::1]"))
-                .collect::<Vec<_>>()
-                .join("\n");
-        }
-        let path = self.work.join("nginx.conf");
-        std::fs::write(&path, conf)?;
-        let child = self.spawn(
-            "nginx",
-            Command::new(&tools.nginx)
-                .arg("-c")
-                .arg(&path)
-                .arg("-p")
-                .arg(&self.work)
-                .arg("-e")
-                .arg(self.logs.join("nginx-error.log"))
-                .stdout(Stdio::null()),
-        )?;
+        let child = self.nginx_from("nginx", tools, &[("BODY", &body())], UPSTREAM_PORT)?;
         self.nginx = Some(child);
         wait_listening(UPSTREAM_PORT, "nginx")?;
         check(
@@ -269,7 +249,82 @@ impl Stack {
             &mut Command::new("curl"),
             &pki.join("upstream-ca.pem"),
             None,
+            UPSTREAM_PORT,
         )
+    }
+
+    /// The reference contender: nginx as a TLS-terminating proxy in front of the upstream (bench/nginx-proxy.conf),
+    /// presenting the upstream's certificate on its own port.
+    fn start_reference(&mut self, tools: &Tools) -> anyhow::Result<()> {
+        let upstream = UPSTREAM_PORT.to_string();
+        let child = self.nginx_from(
+            "nginx-proxy",
+            tools,
+            &[("UPSTREAM_PORT", &upstream)],
+            REFERENCE_PORT,
+        )?;
+        let ca = self.work.join("pki/upstream-ca.pem");
+        self.contenders.push(Contender {
+            name: "nginx-proxy",
+            label: "nginx as proxy".into(),
+            proxy: None,
+            ca: ca.clone(),
+            wrap: Vec::new(),
+            port: REFERENCE_PORT,
+            url_port: REFERENCE_PORT,
+            process: Some(child),
+        });
+        wait_listening(REFERENCE_PORT, "nginx as proxy")?;
+        check(
+            "nginx as proxy",
+            &mut Command::new("curl"),
+            &ca,
+            None,
+            REFERENCE_PORT,
+        )
+    }
+
+    /// Start an nginx from the template `bench/<name>.conf` (its placeholders `WORK`, `LOGS`, `PORT` and `extra`).
+    fn nginx_from(
+        &mut self,
+        name: &str,
+        tools: &Tools,
+        extra: &[(&str, &str)],
+        port: u16,
+    ) -> anyhow::Result<Child> {
+        let (work, logs) = (
+            self.work.display().to_string(),
+            self.logs.display().to_string(),
+        );
+        let port_text = port.to_string();
+        let mut values = vec![
+            ("WORK", work.as_str()),
+            ("LOGS", logs.as_str()),
+            ("PORT", &port_text),
+        ];
+        values.extend_from_slice(extra);
+        let mut conf = fill(&template(&format!("{name}.conf"))?, &values);
+        if !ipv6_loopback() {
+            conf = conf
+                .lines()
+                .filter(|l| !l.contains("[::1]"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        let path = self.work.join(format!("{name}.conf"));
+        std::fs::write(&path, conf)?;
+        let child = self.spawn(
+            name,
+            Command::new(&tools.nginx)
+                .arg("-c")
+                .arg(&path)
+                .arg("-p")
+                .arg(&self.work)
+                .arg("-e")
+                .arg(self.logs.join(format!("{name}-error.log")))
+                .stdout(Stdio::null()),
+        )?;
+        Ok(child)
     }
 
     /// One enforcer daemon, its configuration filled from its template.
@@ -343,6 +398,7 @@ impl Stack {
             ca,
             wrap,
             port,
+            url_port: UPSTREAM_PORT,
             process: Some(child),
         });
         ready.with_context(|| {
@@ -353,7 +409,7 @@ impl Stack {
         })?;
         let c = self.contenders.last().context("contender")?;
         let mut curl = wrapped(&c.wrap, "curl");
-        check(name, &mut curl, &c.ca, c.proxy.as_deref())
+        check(name, &mut curl, &c.ca, c.proxy.as_deref(), UPSTREAM_PORT)
     }
 
     fn start_mitmproxy(&mut self, mitmdump: &Path) -> anyhow::Result<()> {
@@ -394,6 +450,7 @@ impl Stack {
             ca: confdir.join("mitmproxy-ca-cert.pem"),
             wrap: Vec::new(),
             port: MITMPROXY_PORT,
+            url_port: UPSTREAM_PORT,
             process: Some(child),
         });
         wait_listening(MITMPROXY_PORT, "mitmproxy")?;
@@ -402,6 +459,7 @@ impl Stack {
             &mut Command::new("curl"),
             &confdir.join("mitmproxy-ca-cert.pem"),
             Some(&proxy),
+            UPSTREAM_PORT,
         )
     }
 }
@@ -541,8 +599,15 @@ pub fn wrapped(wrap: &[OsString], program: impl Into<OsString>) -> Command {
     }
 }
 
-/// One request through the contender with curl: 200 and the whole body, or a clear error.
-fn check(what: &str, curl: &mut Command, ca: &Path, proxy: Option<&str>) -> anyhow::Result<()> {
+/// One request through the contender with curl to `https://localhost:<url_port>/`: 200 and the whole body, or a
+/// clear error.
+fn check(
+    what: &str,
+    curl: &mut Command,
+    ca: &Path,
+    proxy: Option<&str>,
+    url_port: u16,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ca.is_file() {
         if Instant::now() > deadline {
@@ -559,7 +624,7 @@ fn check(what: &str, curl: &mut Command, ca: &Path, proxy: Option<&str>) -> anyh
         curl.args(["--proxy", proxy]);
     }
     let out = curl
-        .arg(format!("https://localhost:{UPSTREAM_PORT}/"))
+        .arg(format!("https://localhost:{url_port}/"))
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("{what}: running curl"))?;
@@ -593,6 +658,10 @@ mod tests {
     fn templates_are_filled_and_every_placeholder_is_known() {
         for (name, values) in [
             ("nginx.conf", &["WORK", "LOGS", "PORT", "BODY"][..]),
+            (
+                "nginx-proxy.conf",
+                &["WORK", "LOGS", "PORT", "UPSTREAM_PORT"][..],
+            ),
             ("policy.yaml", &["PORT"][..]),
             (
                 "enforcer-explicit.yaml",

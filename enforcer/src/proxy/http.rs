@@ -81,19 +81,27 @@ pub(crate) async fn serve<S>(
 /// bytes and hyper reuses its buffer — 8 KiB less per connection with a request in flight. A value that does not
 /// copy (none: the bytes were valid once) stays as it was.
 pub(crate) fn detach_head<B>(req: http::Request<B>) -> http::Request<B> {
+    use std::fmt::Write as _;
     let (mut parts, body) = req.into_parts();
-    let target = parts.uri.to_string();
-    let len = target.len() + parts.headers.values().map(|v| v.len()).sum::<usize>();
-    let mut buf = bytes::BytesMut::with_capacity(len);
-    buf.extend_from_slice(target.as_bytes());
+    // The target as it renders: `scheme://authority` (absolute form, to an explicit proxy) and the path and query.
+    let target_hint = parts
+        .uri
+        .authority()
+        .map_or(0, |a| a.as_str().len() + "https://".len())
+        + parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let values_len = parts.headers.values().map(|v| v.len()).sum::<usize>();
+    let mut buf = bytes::BytesMut::with_capacity(target_hint + values_len);
+    // Writing into a `BytesMut` cannot fail; it grows if the hint was short.
+    let _ = write!(buf, "{}", parts.uri);
+    let target_len = buf.len();
     for value in parts.headers.values() {
         buf.extend_from_slice(value.as_bytes());
     }
     let owned = buf.freeze();
-    if let Ok(uri) = http::Uri::from_maybe_shared(owned.slice(..target.len())) {
+    if let Ok(uri) = http::Uri::from_maybe_shared(owned.slice(..target_len)) {
         parts.uri = uri;
     }
-    let mut at = target.len();
+    let mut at = target_len;
     for value in parts.headers.values_mut() {
         let end = at + value.len();
         if let Ok(mut copy) = http::HeaderValue::from_maybe_shared(owned.slice(at..end)) {
@@ -140,5 +148,12 @@ mod tests {
         assert!(keys[0].is_sensitive() && !keys[1].is_sensitive());
         assert!(keys.iter().all(|v| !within(v.as_bytes().as_ptr())));
         assert_eq!(req.headers()["accept"], "*/*");
+
+        // The absolute form an explicit proxy receives for plain HTTP keeps its scheme and authority.
+        let mut req = http::Request::new(());
+        *req.uri_mut() = http::Uri::from_static("http://api.example.test:8080/v1/models?x=1");
+        let req = detach_head(req);
+        assert_eq!(req.uri(), "http://api.example.test:8080/v1/models?x=1");
+        assert_eq!(req.uri().authority().unwrap(), "api.example.test:8080");
     }
 }

@@ -3,8 +3,8 @@
 //! for the SNI at the original IP, which binds the name.) The binding holds when the host is an IP literal equal to
 //! the destination, when it is pinned in the daemon's `proxy.static_hosts` table to a set containing the destination
 //! (the table is authoritative for its names: no DNS), or when the system resolver answers, within a short timeout,
-//! with a set containing the destination. Successful resolutions are cached for a short TTL in a bounded map, and at
-//! most a few lookups run at once. The explicit proxy resolves its CONNECT targets here too ([`HostBinder::addresses`]).
+//! with a set containing the destination. Successful resolutions are cached for a short TTL in a bounded map, at
+//! most a few lookups run at once, and callers asking for a name already being looked up share that lookup. The explicit proxy resolves its CONNECT targets here too ([`HostBinder::addresses`]).
 //! Owns only this check; the caller answers 421 and audits `Reason::HostMismatch` when it fails.
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +12,7 @@ use std::net::{IpAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 /// How long one resolution may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -25,7 +25,7 @@ const CACHE_MAX: usize = 1024;
 const LOOKUPS_MAX: usize = 16;
 
 /// Why a host is not bound to the destination. Messages name no host (they may reach logs).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum HostBindError {
     #[error("the host is an IP address other than the connection's destination")]
     OtherIp,
@@ -57,11 +57,17 @@ struct Cached {
     at: Instant,
 }
 
+/// One lookup on its way, shared by every caller asking for its name meanwhile.
+type Lookup = Arc<OnceCell<Result<Vec<IpAddr>, HostBindError>>>;
+
 /// Checks that a claimed host lives at a destination IP. Cheap to share (hold it in `ProxyContext`).
 pub struct HostBinder {
     static_hosts: BTreeMap<String, Vec<IpAddr>>,
     cache: Mutex<HashMap<String, Cached>>,
     lookups: Arc<Semaphore>,
+    /// Lookups on their way, by name: a burst of connections to one name (a thousand CONNECTs at once) costs one
+    /// blocking lookup, not one each.
+    in_flight: Mutex<HashMap<String, Lookup>>,
 }
 
 impl HostBinder {
@@ -80,6 +86,7 @@ impl HostBinder {
             static_hosts,
             cache: Mutex::new(HashMap::new()),
             lookups: Arc::new(Semaphore::new(LOOKUPS_MAX)),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -108,8 +115,9 @@ impl HostBinder {
     }
 
     /// The addresses `host` (normalised, not an IP literal) lives at: its `static_hosts` pin, else the system
-    /// resolver's answer (within 2 s; cached for 60 s, at most 1,024 names; failures are not cached), in the
-    /// resolver's order. Errors: the name did not resolve, or not in time.
+    /// resolver's answer (within 2 s; cached for 60 s, at most 1,024 names; failures are not cached; concurrent
+    /// callers for one name share one lookup and its answer), in the resolver's order. Errors: the name did not
+    /// resolve, or not in time.
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, HostBindError> {
         if let Some(pinned) = self.static_hosts.get(host) {
             return Ok(pinned.clone());
@@ -117,9 +125,17 @@ impl HostBinder {
         if let Some(addrs) = self.cached(host) {
             return Ok(addrs);
         }
-        let addrs = resolve(&self.lookups, host).await?;
-        self.store(host, addrs.clone());
-        Ok(addrs)
+        let joined = Joined::new(&self.in_flight, host);
+        let lookup = joined.lookup();
+        // Only one caller's `resolve` runs; should that caller go away, the next waiting one runs its own.
+        let answer = lookup
+            .get_or_init(|| resolve(&self.lookups, host))
+            .await
+            .clone();
+        if let Ok(addrs) = &answer {
+            self.store(host, addrs.clone());
+        }
+        answer
     }
 
     fn cached(&self, host: &str) -> Option<Vec<IpAddr>> {
@@ -151,6 +167,47 @@ impl HostBinder {
                 at: Instant::now(),
             },
         );
+    }
+}
+
+/// A caller's share of the lookup of one name, in `in_flight` while its lookup is on its way: the entry goes when
+/// the answer is in (answers live in the cache, failures nowhere) or when its last caller goes away without one.
+struct Joined<'a> {
+    in_flight: &'a Mutex<HashMap<String, Lookup>>,
+    host: &'a str,
+    lookup: Option<Lookup>,
+}
+
+impl<'a> Joined<'a> {
+    fn new(in_flight: &'a Mutex<HashMap<String, Lookup>>, host: &'a str) -> Joined<'a> {
+        let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let lookup = map.entry(host.to_string()).or_default().clone();
+        Joined {
+            in_flight,
+            host,
+            lookup: Some(lookup),
+        }
+    }
+
+    fn lookup(&self) -> &Lookup {
+        self.lookup.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(lookup) = self.lookup.take() else {
+            return;
+        };
+        // Shares are taken and given back only under the lock, so the count is exact: the map's and this one.
+        let last = Arc::strong_count(&lookup) == 2;
+        if (lookup.initialized() || last)
+            && map.get(self.host).is_some_and(|l| Arc::ptr_eq(l, &lookup))
+        {
+            map.remove(self.host);
+        }
+        drop(lookup);
     }
 }
 
@@ -308,6 +365,56 @@ mod tests {
         assert_eq!(b.addresses("localhost").await, Err(HostBindError::Timeout));
         drop(held);
         assert!(b.addresses("localhost").await.is_ok());
+    }
+
+    /// A burst of callers for one name shares one lookup: with every lookup slot taken, twenty callers wait on one
+    /// entry; the slots freed, all get the same answer and the entry is gone. A caller that gives up leaves nothing.
+    #[tokio::test]
+    async fn concurrent_callers_for_one_name_share_one_lookup() {
+        let b = Arc::new(binder());
+        let held = b
+            .lookups
+            .clone()
+            .acquire_many_owned(LOOKUPS_MAX as u32)
+            .await
+            .unwrap();
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { b.addresses("localhost").await })
+            })
+            .collect();
+        while b
+            .in_flight
+            .lock()
+            .unwrap()
+            .get("localhost")
+            .map(Arc::strong_count)
+            != Some(21)
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(b.in_flight.lock().unwrap().len(), 1);
+        drop(held);
+        let mut answers = Vec::new();
+        for caller in callers {
+            answers.push(caller.await.unwrap().unwrap());
+        }
+        assert!(answers[0].contains(&ip("127.0.0.1")), "{answers:?}");
+        assert!(answers.iter().all(|a| *a == answers[0]));
+        assert!(b.in_flight.lock().unwrap().is_empty());
+
+        let held = b
+            .lookups
+            .clone()
+            .acquire_many_owned(LOOKUPS_MAX as u32)
+            .await
+            .unwrap();
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(20), b.addresses("other.localhost")).await;
+        assert!(gave_up.is_err());
+        assert!(b.in_flight.lock().unwrap().is_empty());
+        drop(held);
     }
 
     #[test]

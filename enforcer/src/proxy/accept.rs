@@ -120,8 +120,10 @@ where
             SNIFF_TIMEOUT
         };
         match tokio::time::timeout(wait, io.read_buf(&mut buf)).await {
+            // The raw-TCP paths run boxed: a connection served as HTTP need not keep their room.
             Err(_) if buf.is_empty() => {
-                let Some((first, back)) = tunnel::server_first(&ctx, io, &target).await else {
+                let Some((first, back)) = Box::pin(tunnel::server_first(&ctx, io, &target)).await
+                else {
                     return;
                 };
                 (buf, io) = (first, back);
@@ -145,7 +147,7 @@ where
     let first = buf.freeze();
     tracing::debug!(dst = %target.dst, kind = ?kind, "connection sniffed");
     match kind {
-        Kind::Other => tunnel::relay(ctx, io, target, first).await,
+        Kind::Other => Box::pin(tunnel::relay(ctx, io, target, first)).await,
         Kind::Tls => {
             let io = Prefixed::new(first, io);
             // The handshake runs boxed and is gone before serving starts: a connection kept open for its next
@@ -172,11 +174,14 @@ where
 /// The TLS handshake with the agent, as the proxy's own server for the name it asked for: the stream, the
 /// connection's facts and whether ALPN chose h2; `None` when the handshake did not complete (recorded where the
 /// client asked for something the proxy refuses).
+///
+/// The stream is boxed: its TLS session is over a kilobyte, and a value moved from one future into the next keeps
+/// its room in each (the accept task, `http::serve`, hyper's connection) for as long as the connection is served.
 async fn terminate_tls<S>(
     ctx: &Arc<ProxyContext>,
     io: S,
     target: Target,
-) -> Option<(TlsStream<S>, Conn, bool)>
+) -> Option<(Box<TlsStream<S>>, Conn, bool)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -257,7 +262,7 @@ where
         resolved_host: target.host_hint,
         agent: target.agent,
     };
-    Some((tls, conn, h2))
+    Some((Box::new(tls), conn, h2))
 }
 
 #[cfg(test)]

@@ -95,9 +95,10 @@ async fn phases(
         sessions.note(&conn.agent, decision, action);
     }
     let reads_responses = answer::reads_responses(&policy);
-    // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses).
+    // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses); boxed, so
+    // the exchange holds a pointer's room for it while its request is upstream.
     let answered = (head.upgrade.is_some() || reads_responses)
-        .then(|| inspected.actions.get(decided.index).cloned())
+        .then(|| inspected.actions.get(decided.index).cloned().map(Box::new))
         .flatten();
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
     rec.start_trace(conn.scheme.as_str(), &parts, &body.decoded);
@@ -136,7 +137,7 @@ async fn phases(
         None => answer::pass_on(resp),
         // Boxed: the response phases are a large future only this path needs (see `handle`).
         Some(request) => {
-            Box::pin(answer::respond(resp, rec.answering(request, seq), upgrade)).await
+            Box::pin(answer::respond(resp, rec.answering(*request, seq), upgrade)).await
         }
     };
     Ok(crate::trace::attach(answer, traced))

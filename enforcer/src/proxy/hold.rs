@@ -45,6 +45,12 @@ pub(crate) async fn review(rec: &mut ExchangeRecord) -> Result<(), Refusal> {
         return Ok(());
     }
     let spec = d.review.unwrap_or(DEFAULT_REVIEW);
+    // Boxed: every exchange's future would otherwise keep room for the few that are held.
+    Box::pin(hold(rec, spec)).await
+}
+
+/// Hold the exchange for a person's answer under `spec`.
+async fn hold(rec: &mut ExchangeRecord, spec: ReviewSpec) -> Result<(), Refusal> {
     let reviews = rec.ctx().reviews.clone();
     if !reviews.has_room() {
         return conclude(rec, spec, None, ReviewResult::Unavailable, None);

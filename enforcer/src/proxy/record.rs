@@ -46,10 +46,11 @@ pub(crate) struct ExchangeRecord {
     review: Option<ReviewNote>,
     /// The seq of the closing record, once written.
     seq: Option<u64>,
-    /// The exchange's trace, when its decision retains it: linked to the closing record once written.
-    trace: Option<crate::trace::Draft>,
+    /// The exchange's trace, when its decision retains it: linked to the closing record once written. Boxed, as
+    /// the other: most exchanges have none, and a record is held for as long as its exchange runs.
+    trace: Option<Box<crate::trace::Draft>>,
     /// The exchange kept aside for a proposal a `retain:` rule may keep (the policy has such rules).
-    proposal_trace: Option<crate::trace::Draft>,
+    proposal_trace: Option<Box<crate::trace::Draft>>,
     written: bool,
 }
 
@@ -97,8 +98,10 @@ impl ExchangeRecord {
         };
         let host = self.summary.host.clone().unwrap_or_default();
         let (ctx, policy, agent) = (&self.ctx, &self.policy, &self.agent);
-        let draft =
-            || crate::trace::Draft::new(ctx, policy, decision, agent, scheme, &host, parts, body);
+        let draft = || {
+            crate::trace::Draft::new(ctx, policy, decision, agent, scheme, &host, parts, body)
+                .map(Box::new)
+        };
         if crate::trace::Draft::sampled(decision) {
             self.trace = draft();
         }
@@ -108,7 +111,7 @@ impl ExchangeRecord {
     }
 
     /// The trace of a forwarded exchange, to be fed its response.
-    pub fn take_trace(&mut self) -> Option<crate::trace::Draft> {
+    pub fn take_trace(&mut self) -> Option<Box<crate::trace::Draft>> {
         self.trace.take()
     }
 
@@ -259,7 +262,10 @@ impl ExchangeRecord {
             summary: self.head.clone(),
             parent: seq,
             relay,
-            proposal_trace: self.proposal_trace.take().map(std::sync::Mutex::new),
+            proposal_trace: self
+                .proposal_trace
+                .take()
+                .map(|d| std::sync::Mutex::new(*d)),
         }
     }
 

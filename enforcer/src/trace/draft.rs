@@ -246,14 +246,14 @@ impl Drop for Draft {
 /// The agent's answer `resp`, with its body copied into `draft` as it streams (passed on unchanged).
 pub fn attach(
     resp: http::Response<crate::proxy::ProxyBody>,
-    draft: Option<Draft>,
+    draft: Option<Box<Draft>>,
 ) -> http::Response<crate::proxy::ProxyBody> {
     use http_body_util::BodyExt;
     let Some(mut draft) = draft else {
         return resp;
     };
     draft.response_head(resp.status().as_u16(), resp.headers());
-    resp.map(|b| Tee::new(b, draft).boxed())
+    resp.map(|b| Tee::new(b, *draft).boxed())
 }
 
 /// A response body passed on frame by frame, copied into the trace as it goes.

@@ -1,7 +1,7 @@
 //! One HTTP exchange, as ordered phases. [`handle`] opens the exchange's record before anything can fail, runs
 //! [`phases`], and turns a [`Refusal`] from any phase into the client's answer and the record — so every exit leaves
-//! exactly one record. The phases read top to bottom as the exchange happens; each is a function of its own module
-//! returning `Result<_, Refusal>`:
+//! exactly one record. The phases read top to bottom as the exchange happens, phases 1–11 in [`prepare`] and the rest
+//! in [`phases`]; each is a function of its own module returning `Result<_, Refusal>`:
 //!
 //! 1. `head::read` — the authority the request names and the host the policy sees;
 //! 2. `head::bind_to_sni` — over TLS, that host is the server name the session was opened for;
@@ -32,14 +32,16 @@ use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use super::{answer, body, classify, enforce, forward, head, hold, ProxyContext};
-use crate::model::RequestSummary;
+use crate::model::{Action, RequestSummary};
 
-/// Take one request through the phases; the response the client gets.
+/// Take one request through the phases; the response the client gets. The request is boxed: passed down by value,
+/// it would keep a copy's room (a few hundred bytes) in each phase's future for as long as the exchange runs.
 pub(crate) async fn handle(
     ctx: &Arc<ProxyContext>,
     conn: &Conn,
-    req: Request<ClientBody>,
+    req: Box<Request<ClientBody>>,
 ) -> Response<ProxyBody> {
+    let started = Instant::now();
     let summary = RequestSummary {
         scheme: Some(conn.scheme),
         ip: Some(conn.dst.ip()),
@@ -48,7 +50,6 @@ pub(crate) async fn handle(
         path: Some(req.uri().path().to_string()),
         ..RequestSummary::default()
     };
-    let started = Instant::now();
     let mut rec = ExchangeRecord::open(ctx.clone(), &conn.agent, summary);
     let resp = match phases(&mut rec, conn, req).await {
         Ok(resp) => resp,
@@ -64,8 +65,54 @@ pub(crate) async fn handle(
 async fn phases(
     rec: &mut ExchangeRecord,
     conn: &Conn,
-    req: Request<ClientBody>,
+    req: Box<Request<ClientBody>>,
 ) -> Result<Response<ProxyBody>, Refusal> {
+    let Prepared {
+        upstream,
+        request,
+        answered,
+        upgrade,
+    } = prepare(rec, conn, req).await?;
+    let appended = rec.forwarded()?;
+    let seq = appended.seq();
+    // The record's fdatasync runs on the sync thread while the request is upstream; the answer waits for both.
+    // Awaited in turn, not joined: a record made durable before the answer came costs no second wake-up.
+    let resp = forward::send(rec.ctx(), conn, upstream, request).await;
+    let durable = ExchangeRecord::durable(appended).await;
+    let resp = resp?;
+    durable?;
+
+    let traced = rec.take_trace().filter(|_| upgrade.is_none());
+    let answer = match answered {
+        None => answer::pass_on(resp),
+        // Boxed: the response phases are a large future only this path needs (see `handle`).
+        Some(request) => {
+            Box::pin(answer::respond(resp, rec.answering(*request, seq), upgrade)).await
+        }
+    };
+    Ok(crate::trace::attach(answer, traced))
+}
+
+/// A request decided, cleared to go on, and made ready for its verified upstream: what the forwarding phases take.
+struct Prepared {
+    upstream: forward::Upstream,
+    /// The request as the upstream will see it.
+    request: Request<http_body_util::Full<bytes::Bytes>>,
+    /// The deciding Action, when the response phases read the answer. Boxed, so the exchange holds a pointer's room
+    /// for it while its request is upstream.
+    answered: Option<Box<Action>>,
+    /// The client's side of an HTTP/1.1 upgrade the upstream is asked for.
+    upgrade: Option<OnUpgrade>,
+}
+
+/// Phases 1–11: read, decide, enforce, hold for review, connect, and build the upstream request. A function of its
+/// own so that what only deciding needs (the head's parts, the body, the Actions) is gone before the request is sent:
+/// an exchange's future keeps room for each value its current phase may still reach.
+async fn prepare(
+    rec: &mut ExchangeRecord,
+    conn: &Conn,
+    req: Box<Request<ClientBody>>,
+) -> Result<Prepared, Refusal> {
     let policy = rec.policy().clone();
     let (mut parts, incoming) = req.into_parts();
     let client_upgrade = parts.extensions.remove::<OnUpgrade>();
@@ -95,8 +142,7 @@ async fn phases(
         sessions.note(&conn.agent, decision, action);
     }
     let reads_responses = answer::reads_responses(&policy);
-    // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses); boxed, so
-    // the exchange holds a pointer's room for it while its request is upstream.
+    // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses).
     let answered = (head.upgrade.is_some() || reads_responses)
         .then(|| inspected.actions.get(decided.index).cloned().map(Box::new))
         .flatten();
@@ -122,23 +168,11 @@ async fn phases(
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
-    let upstream_req = forward::request(outgoing, &head.authority, &upstream)?;
-    let appended = rec.forwarded()?;
-    let seq = appended.seq();
-    // The record's fdatasync runs on the sync thread while the request is upstream; the answer waits for both.
-    // Awaited in turn, not joined: a record made durable before the answer came costs no second wake-up.
-    let resp = forward::send(rec.ctx(), conn, upstream, upstream_req).await;
-    let durable = ExchangeRecord::durable(appended).await;
-    let resp = resp?;
-    durable?;
-
-    let traced = rec.take_trace().filter(|_| upgrade.is_none());
-    let answer = match answered {
-        None => answer::pass_on(resp),
-        // Boxed: the response phases are a large future only this path needs (see `handle`).
-        Some(request) => {
-            Box::pin(answer::respond(resp, rec.answering(*request, seq), upgrade)).await
-        }
-    };
-    Ok(crate::trace::attach(answer, traced))
+    let request = forward::request(outgoing, &head.authority, &upstream)?;
+    Ok(Prepared {
+        upstream,
+        request,
+        answered,
+        upgrade,
+    })
 }

@@ -122,7 +122,7 @@ async fn explicit_request(
         resolved_host: Some(host),
         agent,
     };
-    exchange::handle(&ctx, &conn, req.map(ClientBody::Http1)).await
+    exchange::handle(&ctx, &conn, Box::new(req.map(ClientBody::Http1))).await
 }
 
 /// Resolve a CONNECT or absolute-form target once (an IP literal, a `proxy.static_hosts` pin, else DNS through the

@@ -52,10 +52,12 @@ pub(crate) async fn serve<S>(
         return Box::pin(http2::serve(ctx, io, conn, head_timeout)).await;
     }
     let dst = conn.dst;
+    // Shared, not copied, by the exchanges on this connection.
+    let conn = Arc::new(conn);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let ctx = ctx.clone();
         let conn = conn.clone();
-        let req = detach_head(req).map(ClientBody::Http1);
+        let req = Box::new(detach_head(req).map(ClientBody::Http1));
         async move { Ok::<_, Infallible>(exchange::handle(&ctx, &conn, req).await) }
     });
     let limits = super::limits::limits();

@@ -43,6 +43,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let dst = conn.dst;
+    // Shared, not copied, by the streams on this connection.
+    let conn = Arc::new(conn);
     let limits = super::limits::limits();
     let mut builder = Builder::new();
     builder
@@ -74,7 +76,7 @@ where
             accepted = connection.accept() => match accepted {
                 Some(Ok((req, reply))) => {
                     idle_since = tokio::time::Instant::now();
-                    tokio::spawn(stream(ctx.clone(), conn.clone(), req, reply));
+                    tokio::spawn(stream(ctx.clone(), Arc::clone(&conn), req, reply));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(dst = %dst, error = %e, "client HTTP/2 connection ended with an error");
@@ -123,7 +125,7 @@ async fn keepalive(ping_pong: Option<PingPong>) {
 /// the stream, then the response.
 async fn stream(
     ctx: Arc<ProxyContext>,
-    conn: Conn,
+    conn: Arc<Conn>,
     req: Request<RecvStream>,
     mut reply: SendResponse<Bytes>,
 ) {
@@ -144,7 +146,7 @@ async fn stream(
         data_done: false,
         continue_tx,
     });
-    let req = Request::from_parts(parts, body);
+    let req = Box::new(Request::from_parts(parts, body));
     let exchange = exchange::handle(&ctx, &conn, req);
     tokio::pin!(exchange);
     let resp = loop {

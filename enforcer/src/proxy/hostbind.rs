@@ -351,17 +351,18 @@ mod tests {
         );
     }
 
+    /// Every lookup slot, held until dropped.
+    async fn every_lookup_slot(b: &HostBinder) -> tokio::sync::OwnedSemaphorePermit {
+        let all = LOOKUPS_MAX as u32;
+        b.lookups.clone().acquire_many_owned(all).await.unwrap()
+    }
+
     /// Names an agent chooses cannot hold more than LOOKUPS_MAX blocking lookups: with every slot taken, a lookup
     /// waits for one within its timeout and fails with `Timeout`; a slot freed, it runs.
     #[tokio::test]
     async fn lookups_beyond_the_bound_wait_within_the_timeout() {
         let b = binder();
-        let held = b
-            .lookups
-            .clone()
-            .acquire_many_owned(LOOKUPS_MAX as u32)
-            .await
-            .unwrap();
+        let held = every_lookup_slot(&b).await;
         assert_eq!(b.addresses("localhost").await, Err(HostBindError::Timeout));
         drop(held);
         assert!(b.addresses("localhost").await.is_ok());
@@ -372,12 +373,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_callers_for_one_name_share_one_lookup() {
         let b = Arc::new(binder());
-        let held = b
-            .lookups
-            .clone()
-            .acquire_many_owned(LOOKUPS_MAX as u32)
-            .await
-            .unwrap();
+        let held = every_lookup_slot(&b).await;
         let callers: Vec<_> = (0..20)
             .map(|_| {
                 let b = b.clone();
@@ -404,12 +400,7 @@ mod tests {
         assert!(answers.iter().all(|a| *a == answers[0]));
         assert!(b.in_flight.lock().unwrap().is_empty());
 
-        let held = b
-            .lookups
-            .clone()
-            .acquire_many_owned(LOOKUPS_MAX as u32)
-            .await
-            .unwrap();
+        let held = every_lookup_slot(&b).await;
         let gave_up =
             tokio::time::timeout(Duration::from_millis(20), b.addresses("other.localhost")).await;
         assert!(gave_up.is_err());

@@ -627,3 +627,88 @@ async fn an_allowed_coded_body_is_forwarded_as_inspected() {
     );
     assert_eq!(sent, body);
 }
+
+/// `Content-Encoding` may come as several field lines, which a recipient reads as one list (RFC 9110 §5.3):
+/// `identity` on one line and `gzip` on the next is a gzip body. Inspection reads every line, so a secret behind the
+/// second line's coding is found (and a body the policy allows goes upstream decoded, without the field), never
+/// forwarded still coded with a label the upstream reads in full.
+#[tokio::test]
+async fn every_content_encoding_line_is_undone_before_inspection() {
+    use std::io::Write;
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-keys\n    when: { detect: [aws-access-key] }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let request = |text: &str| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut req = format!(
+            "POST /paste HTTP/1.1\r\nhost: {up}\r\ncontent-type: text/plain\r\ncontent-encoding: identity\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            gz.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&gz);
+        req
+    };
+    let (resp, _) = exchange(
+        &p,
+        up,
+        &request("note AKIAIOSFODNN7EXAMPLE"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "the coded secret reached the upstream"
+    );
+
+    let (resp, _) = exchange(&p, up, &request("just a note"), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, sent) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("content-encoding"),
+        "{head}"
+    );
+    assert_eq!(sent, "just a note");
+
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["decision"]["rule"], "no-keys");
+    assert_eq!(records[1]["decision"]["verdict"], "allow");
+}
+
+/// A body labelled as a form is read by the upstream as a form, whatever else its text parses as: `"k=%41KIA…"` is a
+/// JSON string, and also the form field `k` holding an AWS key once percent-decoded. Detection reads the form too.
+#[tokio::test]
+async fn a_form_body_that_is_also_json_is_scanned_as_the_form_it_is() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-keys\n    when: { detect: [aws-access-key] }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let bodies = [
+        r#""k=%41KIAIOSFODNN7EXAMPLE""#,
+        r#"["&k=%41KIAIOSFODNN7EXAMPLE&"]"#,
+        r#"{"a":"&k=%41KIAIOSFODNN7EXAMPLE&"}"#,
+    ];
+    for body in bodies {
+        let req = format!(
+            "POST /paste HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(403), "{body}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a form-encoded key reached the upstream"
+    );
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), bodies.len());
+    for r in &records {
+        assert_eq!(r["decision"]["rule"], "no-keys", "{r}");
+    }
+}

@@ -345,11 +345,8 @@ async fn read_whole(
     if !plan.encoded {
         return Ok(raw);
     }
-    let coding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    inspect::decode_body(Some(coding), raw, limit).map_err(|_| {
+    let coding = inspect::content_coding(headers);
+    inspect::decode_body(coding.as_deref(), raw, limit).map_err(|_| {
         (
             Reason::Unparseable,
             "the upstream's answer could not be decoded for inspection",

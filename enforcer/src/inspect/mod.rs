@@ -22,7 +22,7 @@ pub use block::{
     BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, content_coding, decode_body};
-pub(crate) use llm::tool_name;
+pub(crate) use llm::{gemini_json_name, tool_name};
 pub use message::{classify_message, message_block};
 
 #[derive(Debug, thiserror::Error)]

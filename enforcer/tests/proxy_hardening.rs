@@ -628,6 +628,9 @@ async fn an_allowed_coded_body_is_forwarded_as_inspected() {
     assert_eq!(sent, body);
 }
 
+/// Blocks any request in which the AWS access key detector fires.
+const NO_AWS_KEYS: &str = "version: 1\ndefault: allow\nrules:\n  - id: no-keys\n    when: { detect: [aws-access-key] }\n    verdict: block\n";
+
 /// `Content-Encoding` may come as several field lines, which a recipient reads as one list (RFC 9110 §5.3):
 /// `identity` on one line and `gzip` on the next is a gzip body. Inspection reads every line, so a secret behind the
 /// second line's coding is found (and a body the policy allows goes upstream decoded, without the field), never
@@ -636,8 +639,7 @@ async fn an_allowed_coded_body_is_forwarded_as_inspected() {
 async fn every_content_encoding_line_is_undone_before_inspection() {
     use std::io::Write;
     short_limits();
-    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-keys\n    when: { detect: [aws-access-key] }\n    verdict: block\n";
-    let p = start_proxy(yaml, &[], false).await;
+    let p = start_proxy(NO_AWS_KEYS, &[], false).await;
     let (up, seen) = raw_upstream(false).await;
     let request = |text: &str| {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -686,8 +688,7 @@ async fn every_content_encoding_line_is_undone_before_inspection() {
 #[tokio::test]
 async fn a_form_body_that_is_also_json_is_scanned_as_the_form_it_is() {
     short_limits();
-    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-keys\n    when: { detect: [aws-access-key] }\n    verdict: block\n";
-    let p = start_proxy(yaml, &[], false).await;
+    let p = start_proxy(NO_AWS_KEYS, &[], false).await;
     let (up, seen) = raw_upstream(false).await;
     let bodies = [
         r#""k=%41KIAIOSFODNN7EXAMPLE""#,

@@ -713,3 +713,29 @@ async fn a_form_body_that_is_also_json_is_scanned_as_the_form_it_is() {
         assert_eq!(r["decision"]["rule"], "no-keys", "{r}");
     }
 }
+
+/// `Upgrade` may come as several field lines, which the upstream reads as one list (RFC 9110 §5.3): `websocket` on
+/// one line and `h2c` on the next asks for both. The request is decided on the whole list, so it is no WebSocket
+/// upgrade and its `Upgrade` is removed (an h2c session after a 101 would skip every decision), never forwarded as a
+/// WebSocket upgrade that still asks for h2c.
+#[tokio::test]
+async fn every_upgrade_line_is_read_before_the_upgrade_is_admitted() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nhost: {up}\r\nconnection: upgrade\r\nupgrade: websocket\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(!head.contains("upgrade: h2c"), "{head}");
+    assert!(!head.contains("http2-settings"), "{head}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert!(
+        records[0].to_string().contains("upgrade_removed"),
+        "{}",
+        records[0]
+    );
+}

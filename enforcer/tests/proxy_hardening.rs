@@ -739,3 +739,44 @@ async fn every_upgrade_line_is_read_before_the_upgrade_is_admitted() {
         records[0]
     );
 }
+
+/// JSON-RPC member names are case-sensitive, but an MCP server built on Go's `encoding/json` matches them
+/// case-insensitively (also folding `ſ` to `s`), the last of two such keys winning (CVE-2026-27896): each body below
+/// is, to such a server, a call of `delete_all` the policy would not have seen. They are refused as unparseable
+/// JSON-RPC and nothing reaches the upstream; a differently-cased key that is no member and has no twin still passes.
+#[tokio::test]
+async fn json_rpc_members_spelt_in_another_case_are_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: allow-mcp-host\n    when: { host: 127.0.0.1 }\n    verdict: allow\n  - id: no-delete\n    when: { mcp.tool: \"delete_*\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let post = |body: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let bodies = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","Name":"delete_all"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"delete_all"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"delete_all"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file"},"paramſ":{"name":"delete_all"}}"#,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"JSONRPC":"2.0","id":2,"method":"tools/call","params":{"name":"delete_all"}}]"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"path":"/tmp/x","Path":"/etc/passwd"}}}"#,
+    ];
+    for body in bodies {
+        let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{body}: {resp}");
+        assert!(resp.contains("\"code\":-32700"), "{body}: {resp}");
+    }
+    assert_eq!(seen.count(), 0, "an ambiguous call reached the upstream");
+    let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"Path":"/tmp/x"}}}"#;
+    let (resp, _) = exchange(&p, up, post(ok).as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(seen.count(), 1);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), bodies.len() + 1);
+    for r in &records[..bodies.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+}

@@ -421,11 +421,24 @@ fn proposals_for(ans: &Answering) -> Option<Proposals> {
 /// beyond the policy's `max_body_bytes` closes the connection (1009), recorded.
 async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Message) -> Vec<Fate> {
     let (raw, text, _) = contents(&msg);
-    let calls = props.push(Event {
+    let pushed = props.push(Event {
         name: None,
         data: text,
         raw,
     });
+    let Ok(calls) = pushed else {
+        // What the reader cannot read may carry a call: the connection ends (fail closed), recorded.
+        let message = crate::inspect::proposal::Unreadable.to_string();
+        let decision = super::enforcer_decision(&ans.policy, Reason::Unparseable, &message);
+        ans.record(
+            Phase::Proposal,
+            decision,
+            ans.summary.clone(),
+            refused(Some(Reason::Unparseable)),
+        )
+        .await;
+        return vec![Fate::Close(CloseCode::Invalid, "message is not valid JSON")];
+    };
     let hold = super::hold::Holding::No;
     let rulings = match turn.get() {
         Some((llm, seq)) if !calls.is_empty() => {

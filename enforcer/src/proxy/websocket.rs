@@ -429,14 +429,8 @@ async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Mess
     let Ok(calls) = pushed else {
         // What the reader cannot read may carry a call: the connection ends (fail closed), recorded.
         let message = crate::inspect::proposal::Unreadable.to_string();
-        let decision = super::enforcer_decision(&ans.policy, Reason::Unparseable, &message);
-        ans.record(
-            Phase::Proposal,
-            decision,
-            ans.summary.clone(),
-            refused(Some(Reason::Unparseable)),
-        )
-        .await;
+        let reason = Reason::Unparseable;
+        super::response::record_refusal(ans, Phase::Proposal, reason, &message, None).await;
         return vec![Fate::Close(CloseCode::Invalid, "message is not valid JSON")];
     };
     let hold = super::hold::Holding::No;
@@ -458,14 +452,8 @@ async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Mess
         .collect();
     if props.held_bytes() as u64 > ans.policy.max_body_bytes() {
         let message = "a proposed tool call exceeds the inspection limit";
-        let decision = super::enforcer_decision(&ans.policy, Reason::BodyTooLarge, message);
-        ans.record(
-            Phase::Proposal,
-            decision,
-            ans.summary.clone(),
-            refused(Some(Reason::BodyTooLarge)),
-        )
-        .await;
+        let reason = Reason::BodyTooLarge;
+        super::response::record_refusal(ans, Phase::Proposal, reason, message, None).await;
         out.push(Fate::Close(
             CloseCode::Size,
             "a tool call exceeds the inspection limit",

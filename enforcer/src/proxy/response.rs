@@ -267,7 +267,7 @@ async fn answer_whole(
     let head = Head::of(parts.status.as_u16(), &parts.headers);
     let raw = match read_whole(body, ans, plan, &parts.headers).await {
         Ok(raw) => raw,
-        Err((reason, message)) => return refused(ans, reason, message).await,
+        Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
     // The proposal trace keeps the body decoded, as it was decided.
     let mut traced = parts.headers.clone();
@@ -275,9 +275,19 @@ async fn answer_whole(
     ans.trace_head(parts.status.as_u16(), &traced);
     ans.trace_body(&raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let mut json = inspect::claims_json(head.content_type.as_deref(), &text)
-        .then(|| serde_json::from_str::<Value>(&text).ok())
-        .flatten();
+    let mut json = if plan.proposals.is_some() {
+        // Whatever its content type claims: an SDK may parse the body as JSON (or read it as events) anyway.
+        match proposal::body_json(&text) {
+            Ok(json) => json,
+            Err(e) => {
+                return refused(ans, Phase::Proposal, Reason::Unparseable, &e.to_string()).await
+            }
+        }
+    } else {
+        inspect::claims_json(head.content_type.as_deref(), &text)
+            .then(|| serde_json::from_str::<Value>(&text).ok())
+            .flatten()
+    };
     let mut changed = plan.encoded;
     let mut body = text;
     if let (Some((provider, api)), Some(doc)) = (plan.proposals, json.as_mut()) {
@@ -345,11 +355,7 @@ async fn read_whole(
     if !plan.encoded {
         return Ok(raw);
     }
-    let coding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    inspect::decode_body(Some(coding), raw, limit).map_err(|_| {
+    inspect::decode_body(content_coding(headers).as_deref(), raw, limit).map_err(|_| {
         (
             Reason::Unparseable,
             "the upstream's answer could not be decoded for inspection",
@@ -360,10 +366,28 @@ async fn read_whole(
 pub(crate) const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
 pub(crate) const TOO_SLOW: &str = "the upstream's answer did not complete within the hold time";
 
-/// The answer (and record) when the enforcer refuses to pass a response on: the protocol's error shape, 502.
-async fn refused(ans: &Answering, reason: Reason, message: &str) -> Response<ProxyBody> {
+/// The response's content codings in the order they were applied: every `Content-Encoding` line, joined into the
+/// one list they make (RFC 9110 §5.3, §8.4); `None` without any. A value that is not text is kept (lossily) so
+/// that decoding it fails rather than skips it.
+pub(crate) fn content_coding(headers: &HeaderMap) -> Option<String> {
+    let lines: Vec<String> = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(", "))
+}
+
+/// The answer (and record, in `phase`) when the enforcer refuses to pass a response on: the protocol's error shape,
+/// 502.
+async fn refused(
+    ans: &Answering,
+    phase: Phase,
+    reason: Reason,
+    message: &str,
+) -> Response<ProxyBody> {
     let status = http::StatusCode::BAD_GATEWAY.as_u16();
-    record_refusal(ans, Phase::Response, reason, message, Some(status)).await;
+    record_refusal(ans, phase, reason, message, Some(status)).await;
     into_response(inspect::refusal_response(
         &ans.protocol,
         status,

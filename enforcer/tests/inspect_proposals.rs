@@ -5,7 +5,7 @@
 //! all pass comes out byte for byte as it went in.
 
 use bytes::Bytes;
-use enforcer::inspect::proposal::{self, Emit, Event, Proposals, Ruling};
+use enforcer::inspect::proposal::{self, Emit, Event, Proposals, Ruling, Unreadable};
 use enforcer::inspect::sse::{self, SseReader};
 use enforcer::inspect::{LlmApi, Provider};
 use enforcer::model::Proposal;
@@ -25,11 +25,13 @@ fn through(
     let (mut out, mut seen) = (Vec::new(), Vec::new());
     let mut feed = |events: Vec<sse::SseEvent>, props: &mut Proposals, out: &mut Vec<u8>| {
         for e in events {
-            let calls = props.push(Event {
-                name: e.event,
-                data: e.data.unwrap_or_default(),
-                raw: e.raw,
-            });
+            let calls = props
+                .push(Event {
+                    name: e.event,
+                    data: e.data.unwrap_or_default(),
+                    raw: e.raw,
+                })
+                .expect("every event of these streams is readable");
             let rulings: Vec<Ruling> = calls.iter().map(|c| decide(&c.proposal)).collect();
             seen.extend(calls.into_iter().map(|c| c.proposal));
             emit(props.release(&rulings), out);
@@ -679,11 +681,13 @@ fn responses_whole_and_websocket_events() {
     let mut sent = Vec::new();
     for (_, v) in events(&stream) {
         let data = v.to_string();
-        let calls = props.push(Event {
-            name: None,
-            data: data.clone(),
-            raw: Bytes::from(data),
-        });
+        let calls = props
+            .push(Event {
+                name: None,
+                data: data.clone(),
+                raw: Bytes::from(data),
+            })
+            .unwrap();
         let rulings: Vec<Ruling> = calls.iter().map(|c| refuse_all(&c.proposal)).collect();
         for e in props.release(&rulings) {
             sent.push(match e {
@@ -752,4 +756,46 @@ fn gemini_stream_calls_refused_rewritten_and_signed() {
         !calls[1].signed,
         "the skip-validation sentinel signs nothing"
     );
+}
+
+/// An event whose data no JSON parser here reads (a number beyond `f64`, nesting beyond the depth limit, a stray
+/// byte) is unreadable for every API: the stream carrying it is ended, never passed on with a call unread. An event
+/// without data (a keep-alive) passes as it came.
+#[test]
+fn an_event_the_reader_cannot_parse_is_unreadable_for_every_api() {
+    let deep = format!(
+        r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"index":0}}]}}}}],"pad":{}{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let apis = [
+        (Provider::OpenAi, LlmApi::ChatCompletions),
+        (Provider::OpenAi, LlmApi::Responses),
+        (Provider::Anthropic, LlmApi::Messages),
+        (Provider::Gemini, LlmApi::GenerateContent),
+    ];
+    for (provider, api) in apis {
+        for data in [
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}],"pad":1e400}"#,
+            deep.as_str(),
+            "{\"type\":",
+        ] {
+            let mut props = Proposals::new(provider, api).unwrap();
+            let event = Event {
+                name: None,
+                data: data.to_string(),
+                raw: Bytes::from(format!("data: {data}\n\n")),
+            };
+            assert_eq!(props.push(event), Err(Unreadable), "{api:?}: {data}");
+        }
+        let mut props = Proposals::new(provider, api).unwrap();
+        let keep_alive = Bytes::from_static(b": ping\n\n");
+        let event = Event {
+            name: None,
+            data: String::new(),
+            raw: keep_alive.clone(),
+        };
+        assert_eq!(props.push(event), Ok(Vec::new()), "{api:?}");
+        assert_eq!(props.release(&[]), [Emit::Raw(keep_alive)], "{api:?}");
+    }
 }

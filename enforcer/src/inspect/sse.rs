@@ -18,6 +18,9 @@ pub struct SseEvent {
     pub event: Option<String>,
     /// The `data:` fields joined with LF; `None` when the event has no `data` field (a comment, a keep-alive).
     pub data: Option<String>,
+    /// Some line named a field the standard does not define (not `event`, `data`, `id` or `retry`): ignored by an
+    /// event-stream reader, but a sign the body may be read as something else (a JSON object's first line is one).
+    pub unknown_field: bool,
 }
 
 /// Reads events from a byte stream fed chunk by chunk.
@@ -28,6 +31,8 @@ pub struct SseReader {
     pos: usize,
     event: Option<String>,
     data: Option<String>,
+    /// A line of the current event named a field the standard does not define.
+    unknown_field: bool,
     /// Whether the stream's first bytes were checked for a byte-order mark.
     started: bool,
 }
@@ -67,6 +72,7 @@ impl SseReader {
                     d.pop();
                     d
                 }),
+                unknown_field: std::mem::take(&mut self.unknown_field),
             });
         }
         out
@@ -109,6 +115,7 @@ impl SseReader {
                         d.pop();
                         d
                     }),
+                    unknown_field: std::mem::take(&mut self.unknown_field),
                 });
             }
             let line = String::from_utf8_lossy(&self.buf[start..line_end]).into_owned();
@@ -131,7 +138,8 @@ impl SseReader {
                 data.push_str(value);
                 data.push('\n');
             }
-            _ => {}
+            "id" | "retry" => {}
+            _ => self.unknown_field = true,
         }
     }
 }
@@ -213,6 +221,16 @@ event: b\rdata: x\r\rdata: tail";
         assert_eq!(last.len(), 1);
         assert_eq!(&last[0].raw[..], b"data: a\r\r");
         assert_eq!(last[0].data.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_field_the_standard_does_not_define_is_noted() {
+        let (events, rest) = all(&[b"id: 1\nretry: 5\n: c\ndata: x\n\n{\"a\":1}\n\nevent: e\n\n"]);
+        assert!(rest.is_empty());
+        let unknown: Vec<bool> = events.iter().map(|e| e.unknown_field).collect();
+        assert_eq!(unknown, [false, true, false]);
+        let (_, rest) = all(&[b"data: x\n\n  \"a\": 1"]);
+        assert!(rest[0].unknown_field);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::answer::Answering;
 use super::hold::Holding;
 use super::http::ProxyBody;
 use super::response::{self, Fate, Head, Plan};
-use crate::inspect::proposal::{Call, Emit, Event, Proposals, Ruling};
+use crate::inspect::proposal::{Call, Emit, Event, Proposals, Ruling, Unreadable};
 use crate::inspect::sse::{self, SseEvent, SseReader};
 use crate::inspect::{self, StreamBlock};
 use crate::model::{Action, Phase, Reason};
@@ -214,12 +214,20 @@ impl Reading {
             if self.ended {
                 break;
             }
+            if e.unknown_field && self.props.is_some() {
+                // Not an event a provider sends: the body may be read as something else (JSON labelled as events).
+                out.extend_from_slice(&self.unreadable().await);
+                break;
+            }
             let Some(event) = self.respond(e, &mut out).await else {
                 continue;
             };
             match self.props.as_mut() {
                 Some(props) => {
-                    let calls = props.push(event);
+                    let Ok(calls) = props.push(event) else {
+                        out.extend_from_slice(&self.unreadable().await);
+                        break;
+                    };
                     let rulings = self.rule(&calls, &mut out).await;
                     if let Some(props) = self.props.as_mut() {
                         emit(props.release(&rulings), &mut out);
@@ -307,14 +315,26 @@ impl Reading {
         }
     }
 
+    /// End the stream for an event the proposal reader cannot read (fail closed): what it held is dropped.
+    async fn unreadable(&mut self) -> Bytes {
+        let message = Unreadable.to_string();
+        self.refuse_in(Phase::Proposal, Reason::Unparseable, &message)
+            .await
+    }
+
     /// End the stream for a bound the enforcer holds it to: recorded, and answered with the protocol's error event.
     async fn refuse(&mut self, reason: Reason, message: &str) -> Bytes {
-        self.ended = true;
         let phase = if self.held_since.is_some() {
             Phase::Proposal
         } else {
             Phase::Response
         };
+        self.refuse_in(phase, reason, message).await
+    }
+
+    /// End the stream for the enforcer's own refusal, recorded in `phase`.
+    async fn refuse_in(&mut self, phase: Phase, reason: Reason, message: &str) -> Bytes {
+        self.ended = true;
         let decision = response::record_refusal(&self.ans, phase, reason, message, None).await;
         match inspect::stream_block(&self.ans.protocol, &decision, None) {
             StreamBlock::End { event, data } => sse::encode(event, &data),

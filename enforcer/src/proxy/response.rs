@@ -267,7 +267,7 @@ async fn answer_whole(
     let head = Head::of(parts.status.as_u16(), &parts.headers);
     let raw = match read_whole(body, ans, plan, &parts.headers).await {
         Ok(raw) => raw,
-        Err((reason, message)) => return refused(ans, reason, message).await,
+        Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
     // The proposal trace keeps the body decoded, as it was decided.
     let mut traced = parts.headers.clone();
@@ -275,9 +275,19 @@ async fn answer_whole(
     ans.trace_head(parts.status.as_u16(), &traced);
     ans.trace_body(&raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let mut json = inspect::claims_json(head.content_type.as_deref(), &text)
-        .then(|| serde_json::from_str::<Value>(&text).ok())
-        .flatten();
+    let mut json = if plan.proposals.is_some() {
+        // Whatever its content type claims: an SDK may parse the body as JSON (or read it as events) anyway.
+        match proposal::body_json(&text) {
+            Ok(json) => json,
+            Err(e) => {
+                return refused(ans, Phase::Proposal, Reason::Unparseable, &e.to_string()).await
+            }
+        }
+    } else {
+        inspect::claims_json(head.content_type.as_deref(), &text)
+            .then(|| serde_json::from_str::<Value>(&text).ok())
+            .flatten()
+    };
     let mut changed = plan.encoded;
     let mut body = text;
     if let (Some((provider, api)), Some(doc)) = (plan.proposals, json.as_mut()) {
@@ -357,10 +367,16 @@ async fn read_whole(
 pub(crate) const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
 pub(crate) const TOO_SLOW: &str = "the upstream's answer did not complete within the hold time";
 
-/// The answer (and record) when the enforcer refuses to pass a response on: the protocol's error shape, 502.
-async fn refused(ans: &Answering, reason: Reason, message: &str) -> Response<ProxyBody> {
+/// The answer (and record, in `phase`) when the enforcer refuses to pass a response on: the protocol's error shape,
+/// 502.
+async fn refused(
+    ans: &Answering,
+    phase: Phase,
+    reason: Reason,
+    message: &str,
+) -> Response<ProxyBody> {
     let status = http::StatusCode::BAD_GATEWAY.as_u16();
-    record_refusal(ans, Phase::Response, reason, message, Some(status)).await;
+    record_refusal(ans, phase, reason, message, Some(status)).await;
     into_response(inspect::refusal_response(
         &ans.protocol,
         status,

@@ -426,11 +426,18 @@ fn proposals_for(ans: &Answering) -> Option<Proposals> {
 /// beyond the policy's `max_body_bytes` closes the connection (1009), recorded.
 async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Message) -> Vec<Fate> {
     let (raw, text, _) = contents(&msg);
-    let calls = props.push(Event {
+    let pushed = props.push(Event {
         name: None,
         data: text,
         raw,
     });
+    let Ok(calls) = pushed else {
+        // What the reader cannot read may carry a call: the connection ends (fail closed), recorded.
+        let message = crate::inspect::proposal::Unreadable.to_string();
+        let reason = Reason::Unparseable;
+        super::response::record_refusal(ans, Phase::Proposal, reason, &message, None).await;
+        return vec![Fate::Close(CloseCode::Invalid, "message is not valid JSON")];
+    };
     let hold = super::hold::Holding::No;
     let rulings = match turn.get() {
         Some((llm, seq)) if !calls.is_empty() => {
@@ -450,14 +457,8 @@ async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Mess
         .collect();
     if props.held_bytes() as u64 > ans.policy.max_body_bytes() {
         let message = "a proposed tool call exceeds the inspection limit";
-        let decision = super::enforcer_decision(&ans.policy, Reason::BodyTooLarge, message);
-        ans.record(
-            Phase::Proposal,
-            decision,
-            ans.summary.clone(),
-            refused(Some(Reason::BodyTooLarge)),
-        )
-        .await;
+        let reason = Reason::BodyTooLarge;
+        super::response::record_refusal(ans, Phase::Proposal, reason, message, None).await;
         out.push(Fate::Close(
             CloseCode::Size,
             "a tool call exceeds the inspection limit",

@@ -13,7 +13,10 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use super::{args_text, args_value, proposal, str_of, Call, Emit, Event, Ruling, Rulings};
+use super::{
+    args_text, args_value, event_json, proposal, str_of, Call, Emit, Event, Ruling, Rulings,
+    Unreadable,
+};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -67,23 +70,28 @@ enum Item {
 }
 
 impl Stream {
-    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
+    pub(super) fn push(&mut self, ev: Event) -> Result<Vec<Call>, Unreadable> {
         if ev.data.trim() == "[DONE]" {
             let calls = self.close_all();
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
-            return calls;
+            return Ok(calls);
         }
         if let Some(text) = no_calls(&ev.data) {
             for index in text {
                 self.choices.entry(index).or_default().text = true;
             }
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let Ok(mut chunk) = serde_json::from_str::<Value>(&ev.data) else {
+        let Some(chunk) = event_json(&ev.data)? else {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
-            return Vec::new();
+            return Ok(Vec::new());
         };
+        Ok(self.read(ev, chunk))
+    }
+
+    /// One chunk of JSON `chunk`: the calls it completed.
+    fn read(&mut self, ev: Event, mut chunk: Value) -> Vec<Call> {
         let (pieces, finishing, bare) = self.take_pieces(&mut chunk);
         if pieces.is_empty() && finishing.is_empty() {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
@@ -351,8 +359,8 @@ type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 /// the chunk's JSON (most of a stream is such chunks: text deltas). `None` whenever that cannot be told this way (a
 /// piece or a `finish_reason`, or a shape read otherwise: not an object, an escaped member name): then the chunk is
 /// read whole. (It also reads as text a chunk whole parsing would refuse, a number beyond `f64` or nesting beyond
-/// 128 levels; such a chunk is passed on as it came either way, and text only ever starts a refusal on a new
-/// paragraph.)
+/// 128 levels: its members, read as any JSON parser reads them, hold no piece and no finish, so it is passed on as it
+/// came; a chunk that holds one is read whole and, when that fails, refused as [`Unreadable`].)
 fn no_calls(data: &str) -> Option<Vec<u64>> {
     let chunk: Members = serde_json::from_str(data).ok()?;
     let mut text = Vec::new();

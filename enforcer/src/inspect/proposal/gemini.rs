@@ -8,7 +8,7 @@
 
 use serde_json::{json, Value};
 
-use super::{proposal, str_of, Call, Emit, Event, Ruling, Rulings};
+use super::{event_json, proposal, str_of, Call, Emit, Event, Ruling, Rulings, Unreadable};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -23,11 +23,9 @@ enum Pending {
 }
 
 impl Stream {
-    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
-        let calls = serde_json::from_str::<Value>(&ev.data)
-            .ok()
-            .map(|v| (body_calls(&v), v));
-        match calls {
+    pub(super) fn push(&mut self, ev: Event) -> Result<Vec<Call>, Unreadable> {
+        let calls = event_json(&ev.data)?.map(|v| (body_calls(&v), v));
+        Ok(match calls {
             Some((calls, v)) if !calls.is_empty() => {
                 self.pending.push(Pending::Chunk(ev.name, ev.raw, v));
                 calls
@@ -36,7 +34,7 @@ impl Stream {
                 self.pending.push(Pending::Emit(Emit::Raw(ev.raw)));
                 Vec::new()
             }
-        }
+        })
     }
 
     pub(super) fn release(&mut self, rulings: &mut Rulings) -> Vec<Emit> {

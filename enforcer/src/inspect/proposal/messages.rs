@@ -11,7 +11,9 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{args_value, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings};
+use super::{
+    args_value, event_json, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings, Unreadable,
+};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -74,12 +76,17 @@ fn tool_name(block: &Value) -> String {
 }
 
 impl Stream {
-    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
+    pub(super) fn push(&mut self, ev: Event) -> Result<Vec<Call>, Unreadable> {
         self.named |= ev.name.is_some();
-        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+        let Some(v) = event_json(&ev.data)? else {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
-            return Vec::new();
+            return Ok(Vec::new());
         };
+        Ok(self.read(ev, v))
+    }
+
+    /// One event of JSON `v`: the calls it completed.
+    fn read(&mut self, ev: Event, v: Value) -> Vec<Call> {
         let index = v.get("index").and_then(Value::as_u64);
         match (str_of(&v, "type").unwrap_or_default(), index) {
             ("message_start", _) => {

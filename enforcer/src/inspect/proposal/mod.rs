@@ -64,6 +64,13 @@ pub fn refusal_text(tool: &str, block_message: &str) -> String {
     format!("[The enforcer refused the tool call `{tool}`: {block_message}]")
 }
 
+/// An event whose data is neither empty nor JSON the reader can parse (a number beyond `f64`, nesting beyond the
+/// parser's depth limit, a stray byte): the calls it may carry cannot be decided, so it must not be passed on. An
+/// SDK's parser may well read it (Python's `json.loads` and JavaScript's `JSON.parse` take both examples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an event of the upstream's answer could not be read for its tool calls")]
+pub struct Unreadable;
+
 /// The proposal-aware reader of one response stream.
 #[derive(Debug)]
 pub struct Proposals(Flavour);
@@ -95,8 +102,11 @@ impl Proposals {
     }
 
     /// Read one event; the calls it completed, in order. [`Proposals::release`] must follow, with one ruling per
-    /// call, before the next event.
-    pub fn push(&mut self, event: Event) -> Vec<Call> {
+    /// call, before the next event. An event without data (a comment, a keep-alive) passes as it came.
+    ///
+    /// # Errors
+    /// [`Unreadable`] when the event's data cannot be read: the caller ends the stream (fail closed).
+    pub fn push(&mut self, event: Event) -> Result<Vec<Call>, Unreadable> {
         match &mut self.0 {
             Flavour::Chat(s) => s.push(event),
             Flavour::Messages(s) => s.push(event),
@@ -173,6 +183,23 @@ impl Rulings<'_> {
             .cloned()
             .unwrap_or_else(|| Ruling::Refuse("[The enforcer refused this tool call.]".into()))
     }
+}
+
+/// The JSON of a whole response body whose tool calls are to be decided; `None` for an empty body. A UTF-8
+/// byte-order mark before it is ignored, as the SDKs' parsers ignore it (RFC 8259 §8.1 allows either).
+///
+/// # Errors
+/// [`Unreadable`] when the body is not JSON the reader can parse: it must not be passed on (fail closed).
+pub fn body_json(text: &str) -> Result<Option<Value>, Unreadable> {
+    event_json(text.strip_prefix('\u{feff}').unwrap_or(text))
+}
+
+/// The JSON of an event's `data`; `None` for an event without data, passed on as it came.
+fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
+    if data.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(data).map(Some).map_err(|_| Unreadable)
 }
 
 /// Arguments as the policy reads them: the JSON the text holds, or the text itself when it is not JSON (a custom

@@ -14,7 +14,10 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{args_text, args_value, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings};
+use super::{
+    args_text, args_value, event_json, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings,
+    Unreadable,
+};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -115,12 +118,17 @@ fn message_item(item_id: &str, text: &str, done: bool) -> Value {
 }
 
 impl Stream {
-    pub(super) fn push(&mut self, ev: Event) -> Vec<Call> {
+    pub(super) fn push(&mut self, ev: Event) -> Result<Vec<Call>, Unreadable> {
         self.named |= ev.name.is_some();
-        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+        let Some(v) = event_json(&ev.data)? else {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
-            return Vec::new();
+            return Ok(Vec::new());
         };
+        Ok(self.read(ev, v))
+    }
+
+    /// One event of JSON `v`: the calls it completed.
+    fn read(&mut self, ev: Event, v: Value) -> Vec<Call> {
         let ty = str_of(&v, "type").unwrap_or_default();
         if ty == "response.output_item.added" {
             let item = v.get("item").cloned().unwrap_or_default();

@@ -45,22 +45,28 @@ pub fn is_form(content_type: Option<&str>) -> bool {
 
 /// The body as the upstream reads it, when that differs from its bytes: a JSON body's strings (object keys and
 /// string values, one per line) when the text holds `\u` or `\/` escapes that could spell a secret the bytes do not
-/// show, and a form body percent-decoded. `None` when the bytes already are what the upstream reads.
+/// show, and a body labelled as a form percent-decoded — also when its text happens to be JSON too (`"k=%41…"` is a
+/// JSON string, and a form whose field `k` the upstream's form parser decodes). Both readings, one after the other,
+/// when both apply. `None` when the bytes already are what the upstream reads.
 pub fn decoded_body(
     body: &str,
     json: Option<&Value>,
     content_type: Option<&str>,
 ) -> Option<String> {
-    if let Some(json) = json {
-        if !json_escapes(body) {
-            return None;
-        }
+    let strings = json.filter(|_| json_escapes(body)).map(|json| {
         let mut out = String::with_capacity(body.len());
         collect_strings(json, &mut out);
-        return Some(out);
+        out
+    });
+    let form = (is_form(content_type) && body.bytes().any(|b| b == b'%' || b == b'+'))
+        .then(|| percent_decode(body, true));
+    match (strings, form) {
+        (Some(mut strings), Some(form)) => {
+            strings.push_str(&form);
+            Some(strings)
+        }
+        (strings, form) => strings.or(form),
     }
-    (is_form(content_type) && body.bytes().any(|b| b == b'%' || b == b'+'))
-        .then(|| percent_decode(body, true))
 }
 
 /// Whether JSON text holds `\u` or `\/` escapes: the ones [`decoded_body`] undoes, so that only then does it need
@@ -124,5 +130,21 @@ mod tests {
         );
         assert_eq!(decoded_body("k=%41", None, Some("text/plain")), None);
         assert_eq!(decoded_body("k=v", None, ct), None);
+    }
+
+    #[test]
+    fn a_form_body_that_is_also_json_is_read_as_the_form_it_is_labelled() {
+        let ct = Some("application/x-www-form-urlencoded");
+        for body in [r#""k=%41KIA""#, r#"["&k=%41KIA&"]"#] {
+            let json: Value = serde_json::from_str(body).unwrap();
+            let decoded = decoded_body(body, Some(&json), ct).unwrap_or_default();
+            assert!(decoded.contains("k=AKIA"), "{body}: {decoded}");
+        }
+        // Both readings when both apply.
+        let body = r#""\u0041&k=%42""#;
+        let json: Value = serde_json::from_str(body).unwrap();
+        let decoded = decoded_body(body, Some(&json), ct).unwrap_or_default();
+        assert!(decoded.starts_with("A&k=%42\n"), "{decoded}");
+        assert!(decoded.contains("k=B"), "{decoded}");
     }
 }

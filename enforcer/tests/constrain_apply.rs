@@ -587,6 +587,43 @@ fn drop_tools_anthropic_with_forced_choice() {
     assert_eq!(got["messages"], body["messages"]);
 }
 
+/// Gemini's built-in tools are named in `llm.tools` by their keys (`googleSearch`), so `drop_tools` drops them by
+/// those names too, in either spelling Gemini reads (`google_search`, proto3 JSON), and declarations under
+/// `function_declarations` as under `functionDeclarations`.
+#[test]
+fn drop_tools_gemini_builtin_tools_in_either_spelling() {
+    let body = json!({
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+        "tools": [
+            {"google_search": {}},
+            {"codeExecution": {}},
+            {"function_declarations": [{"name": "delete_all"}, {"name": "set_light"}], "googleSearch": {}}
+        ]
+    });
+    let out = run(
+        &[drop_tools(&["googleSearch", "delete_*"])],
+        parts("/", &[]),
+        &body,
+    );
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("$.tools[0]", "drop_tools"),
+            change("$.tools[2].functionDeclarations[0]", "drop_tools"),
+            change("$.tools[2]", "drop_tools"),
+        ]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(
+        got["tools"],
+        json!([
+            {"codeExecution": {}},
+            {"function_declarations": [{"name": "set_light"}]}
+        ])
+    );
+    assert_eq!(got["contents"], body["contents"]);
+}
+
 #[test]
 fn drop_tools_gemini_declarations() {
     let body = fixture_body("gemini_generate");

@@ -161,6 +161,39 @@ fn gemini_generate_content_without_sse_is_not_streaming() {
     assert!(!llm.has_tool_results);
 }
 
+/// Gemini reads request bodies as proto3 JSON, which takes a field's proto name (`google_search`) for its JSON name
+/// (`googleSearch`): a built-in tool has one name in `llm.tools` however the body spells it, so a rule on
+/// `googleSearch` cannot be dodged by writing `google_search`.
+#[test]
+fn gemini_builtin_tools_have_one_name_however_spelt() {
+    let a = simple(
+        "generativelanguage.googleapis.com",
+        "POST",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        json!({
+            "contents": [{"parts": [{"text": "hi"}]}],
+            "tools": [
+                {"google_search": {}},
+                {"code_execution": {}, "url_context": {}},
+                {"function_declarations": [{"name": "set_light"}]},
+                {"googleSearchRetrieval": {}}
+            ]
+        }),
+    );
+    let out = classify(a, &InspectConfig::default()).unwrap();
+    let llm = out.actions[0].llm.clone().unwrap();
+    assert_eq!(
+        llm.tools,
+        [
+            "googleSearch",
+            "codeExecution",
+            "urlContext",
+            "set_light",
+            "googleSearchRetrieval"
+        ]
+    );
+}
+
 #[test]
 fn legacy_embedding_and_tuned_model_calls_are_llm_calls() {
     let cases = [

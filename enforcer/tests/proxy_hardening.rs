@@ -627,3 +627,156 @@ async fn an_allowed_coded_body_is_forwarded_as_inspected() {
     );
     assert_eq!(sent, body);
 }
+
+/// Blocks any request in which the AWS access key detector fires.
+const NO_AWS_KEYS: &str = "version: 1\ndefault: allow\nrules:\n  - id: no-keys\n    when: { detect: [aws-access-key] }\n    verdict: block\n";
+
+/// `Content-Encoding` may come as several field lines, which a recipient reads as one list (RFC 9110 §5.3):
+/// `identity` on one line and `gzip` on the next is a gzip body. Inspection reads every line, so a secret behind the
+/// second line's coding is found (and a body the policy allows goes upstream decoded, without the field), never
+/// forwarded still coded with a label the upstream reads in full.
+#[tokio::test]
+async fn every_content_encoding_line_is_undone_before_inspection() {
+    use std::io::Write;
+    short_limits();
+    let p = start_proxy(NO_AWS_KEYS, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let request = |text: &str| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut req = format!(
+            "POST /paste HTTP/1.1\r\nhost: {up}\r\ncontent-type: text/plain\r\ncontent-encoding: identity\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            gz.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&gz);
+        req
+    };
+    let (resp, _) = exchange(
+        &p,
+        up,
+        &request("note AKIAIOSFODNN7EXAMPLE"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "the coded secret reached the upstream"
+    );
+
+    let (resp, _) = exchange(&p, up, &request("just a note"), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, sent) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("content-encoding"),
+        "{head}"
+    );
+    assert_eq!(sent, "just a note");
+
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["decision"]["rule"], "no-keys");
+    assert_eq!(records[1]["decision"]["verdict"], "allow");
+}
+
+/// A body labelled as a form is read by the upstream as a form, whatever else its text parses as: `"k=%41KIA…"` is a
+/// JSON string, and also the form field `k` holding an AWS key once percent-decoded. Detection reads the form too.
+#[tokio::test]
+async fn a_form_body_that_is_also_json_is_scanned_as_the_form_it_is() {
+    short_limits();
+    let p = start_proxy(NO_AWS_KEYS, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let bodies = [
+        r#""k=%41KIAIOSFODNN7EXAMPLE""#,
+        r#"["&k=%41KIAIOSFODNN7EXAMPLE&"]"#,
+        r#"{"a":"&k=%41KIAIOSFODNN7EXAMPLE&"}"#,
+    ];
+    for body in bodies {
+        let req = format!(
+            "POST /paste HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(403), "{body}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a form-encoded key reached the upstream"
+    );
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), bodies.len());
+    for r in &records {
+        assert_eq!(r["decision"]["rule"], "no-keys", "{r}");
+    }
+}
+
+/// `Upgrade` may come as several field lines, which the upstream reads as one list (RFC 9110 §5.3): `websocket` on
+/// one line and `h2c` on the next asks for both. The request is decided on the whole list, so it is no WebSocket
+/// upgrade and its `Upgrade` is removed (an h2c session after a 101 would skip every decision), never forwarded as a
+/// WebSocket upgrade that still asks for h2c.
+#[tokio::test]
+async fn every_upgrade_line_is_read_before_the_upgrade_is_admitted() {
+    let p = proxy().await;
+    let (up, seen) = raw_upstream(false).await;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nhost: {up}\r\nconnection: upgrade\r\nupgrade: websocket\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let raw = seen.lock().unwrap()[0].clone();
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(!head.contains("upgrade: h2c"), "{head}");
+    assert!(!head.contains("http2-settings"), "{head}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert!(
+        records[0].to_string().contains("upgrade_removed"),
+        "{}",
+        records[0]
+    );
+}
+
+/// JSON-RPC member names are case-sensitive, but an MCP server built on Go's `encoding/json` matches them
+/// case-insensitively (also folding `ſ` to `s`), the last of two such keys winning (CVE-2026-27896): each body below
+/// is, to such a server, a call of `delete_all` the policy would not have seen. They are refused as unparseable
+/// JSON-RPC and nothing reaches the upstream; a differently-cased key that is no member and has no twin still passes.
+#[tokio::test]
+async fn json_rpc_members_spelt_in_another_case_are_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: allow-mcp-host\n    when: { host: 127.0.0.1 }\n    verdict: allow\n  - id: no-delete\n    when: { mcp.tool: \"delete_*\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let post = |body: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let bodies = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","Name":"delete_all"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"delete_all"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"delete_all"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file"},"paramſ":{"name":"delete_all"}}"#,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"JSONRPC":"2.0","id":2,"method":"tools/call","params":{"name":"delete_all"}}]"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"path":"/tmp/x","Path":"/etc/passwd"}}}"#,
+    ];
+    for body in bodies {
+        let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{body}: {resp}");
+        assert!(resp.contains("\"code\":-32700"), "{body}: {resp}");
+    }
+    assert_eq!(seen.count(), 0, "an ambiguous call reached the upstream");
+    let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"Path":"/tmp/x"}}}"#;
+    let (resp, _) = exchange(&p, up, post(ok).as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(seen.count(), 1);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), bodies.len() + 1);
+    for r in &records[..bodies.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+}

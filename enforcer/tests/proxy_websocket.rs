@@ -220,6 +220,26 @@ async fn json_rpc_over_websocket_is_decided_per_tool_call() {
     assert_eq!(recs[1]["decision"]["rule"], "no-delete-tools");
 }
 
+/// Over WebSocket as over HTTP: a JSON-RPC message whose members a server on Go's `encoding/json` reads
+/// case-insensitively (`Name` beside `name`: `delete_repo` to such a server) is refused, never relayed.
+#[tokio::test]
+async fn json_rpc_members_spelt_in_another_case_close_the_connection() {
+    let w = world(POLICY).await;
+    let mut ws = ws_connect(&w.proxy, w.up, "tools.test", "/mcp", &[])
+        .await
+        .expect("upgraded");
+    let smuggled = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","Name":"delete_repo","arguments":{}}}"#;
+    ws.send(Message::Text(smuggled.into())).await.unwrap();
+    match text(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Invalid),
+        other => panic!("expected a close with 1007, got {other:?}"),
+    }
+    assert!(w.seen.messages.lock().unwrap().is_empty());
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[1]["outcome"]["error"], "unparseable", "{}", recs[1]);
+}
+
 #[tokio::test]
 async fn plain_data_with_a_secret_closes_the_connection_with_policy_violation() {
     let w = world(POLICY).await;

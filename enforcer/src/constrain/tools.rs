@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::glob::NameGlob;
-use crate::inspect::tool_name;
+use crate::inspect::{gemini_json_name, tool_name};
 use crate::model::Change;
 
 fn matches_any(globs: &[NameGlob], names: &[String]) -> bool {
@@ -33,25 +33,16 @@ pub(super) fn drop_tools(doc: &mut Value, globs: &[NameGlob], changes: &mut Vec<
     if let Some(Value::Array(tools)) = root.get_mut("tools") {
         let mut kept = Vec::with_capacity(tools.len());
         for (i, mut tool) in std::mem::take(tools).into_iter().enumerate() {
-            if let Some(decls) = gemini_declarations(&mut tool) {
-                let mut kept_decls = Vec::with_capacity(decls.len());
-                for (j, decl) in std::mem::take(decls).into_iter().enumerate() {
-                    let name = decl.get("name").and_then(Value::as_str).map(str::to_string);
-                    match name {
-                        Some(n) if matches_any(globs, std::slice::from_ref(&n)) => {
-                            changes.push(change(format!("$.tools[{i}].functionDeclarations[{j}]")));
-                            dropped.push(n);
-                        }
-                        _ => kept_decls.push(decl),
-                    }
+            if let Some(gemini) = gemini_tool(&mut tool) {
+                let dropped_before = dropped.len();
+                drop_gemini(gemini, i, globs, &mut dropped, changes);
+                // A tool object left with nothing (or an empty declaration list) goes too.
+                let emptied = gemini
+                    .values()
+                    .all(|v| v.as_array().is_some_and(Vec::is_empty));
+                if dropped.len() == dropped_before || !emptied {
+                    kept.push(tool);
                 }
-                let now_empty = kept_decls.is_empty();
-                *decls = kept_decls;
-                // A tool object left with nothing but an empty declaration list goes too.
-                if now_empty && tool.as_object().is_some_and(|o| o.len() == 1) {
-                    continue;
-                }
-                kept.push(tool);
                 continue;
             }
             let names = names_of(&tool);
@@ -94,15 +85,56 @@ fn change(path: String) -> Change {
     }
 }
 
-/// The `functionDeclarations` array of a Gemini tool object.
-fn gemini_declarations(tool: &mut Value) -> Option<&mut Vec<Value>> {
+/// A Gemini tool object (`{"functionDeclarations": [...]}`, `{"googleSearch": {}}`, ...): one without the `type`,
+/// `name` or `function` every OpenAI and Anthropic declaration has.
+fn gemini_tool(tool: &mut Value) -> Option<&mut Map<String, Value>> {
     let obj = tool.as_object_mut()?;
-    let key = if obj.contains_key("functionDeclarations") {
-        "functionDeclarations"
-    } else {
-        "function_declarations"
-    };
-    obj.get_mut(key)?.as_array_mut()
+    let declaration = ["type", "name", "function"]
+        .iter()
+        .any(|k| obj.contains_key(*k));
+    (!declaration).then_some(obj)
+}
+
+/// Drop from the Gemini tool object `tools[i]` the function declarations and the built-in tools (its other keys)
+/// whose names match `globs`. Keys are read by their JSON names (`inspect::gemini_json_name`), as `llm.tools`
+/// names them: `function_declarations` and `google_search` are what Gemini reads as `functionDeclarations` and
+/// `googleSearch`.
+fn drop_gemini(
+    tool: &mut Map<String, Value>,
+    i: usize,
+    globs: &[NameGlob],
+    dropped: &mut Vec<String>,
+    changes: &mut Vec<Change>,
+) {
+    tool.retain(|key, value| {
+        let name = gemini_json_name(key);
+        if name != "functionDeclarations" {
+            if !matches_any(globs, std::slice::from_ref(&name)) {
+                return true;
+            }
+            // The tool's place only: its key is the body's text.
+            changes.push(change(format!("$.tools[{i}]")));
+            dropped.push(name);
+            return false;
+        }
+        if let Some(decls) = value.as_array_mut() {
+            let mut j = 0;
+            decls.retain(|decl| {
+                let name = decl.get("name").and_then(Value::as_str).map(str::to_string);
+                let keep = match name {
+                    Some(n) if matches_any(globs, std::slice::from_ref(&n)) => {
+                        changes.push(change(format!("$.tools[{i}].functionDeclarations[{j}]")));
+                        dropped.push(n);
+                        false
+                    }
+                    _ => true,
+                };
+                j += 1;
+                keep
+            });
+        }
+        true
+    });
 }
 
 fn drop_from_array(

@@ -42,6 +42,21 @@ impl Coding {
     }
 }
 
+/// The `Content-Encoding` of a message with `headers`, as one list: every field line, in order, joined with `, `
+/// (RFC 9110 §5.3: a recipient may combine a field's lines, so `identity` on one line and `gzip` on the next is a
+/// gzip body, and an upstream that combines them decodes it). Bytes that are not ASCII become U+FFFD, which names no
+/// coding ([`decode_body`] then refuses it). `None` when the field is absent.
+pub fn content_coding(headers: &http::HeaderMap) -> Option<String> {
+    let mut lines = headers.get_all(http::header::CONTENT_ENCODING).iter();
+    let first = lines.next()?;
+    let mut list = String::from_utf8_lossy(first.as_bytes()).into_owned();
+    for line in lines {
+        list.push_str(", ");
+        list.push_str(&String::from_utf8_lossy(line.as_bytes()));
+    }
+    Some(list)
+}
+
 /// Decode `body` according to the `Content-Encoding` header value `encoding` (a comma-separated list, applied in
 /// order by the sender, so undone in reverse). Every stage's output is capped at `limit` bytes.
 pub fn decode_body(encoding: Option<&str>, body: Bytes, limit: u64) -> Result<Bytes, InspectError> {

@@ -190,7 +190,8 @@ fn declared_tools(body: &Value) -> Vec<String> {
     out
 }
 
-/// Gemini: `tools[].functionDeclarations[].name`, and the key of each built-in tool (`googleSearch`, ...).
+/// Gemini: `tools[].functionDeclarations[].name`, and the key of each built-in tool as its JSON name
+/// ([`gemini_json_name`]: `googleSearch` also when the body spells it `google_search`).
 fn gemini_tools(body: &Value) -> Vec<String> {
     let mut out = Vec::new();
     for tool in each(body.get("tools")) {
@@ -198,15 +199,37 @@ fn gemini_tools(body: &Value) -> Vec<String> {
             continue;
         };
         for (key, value) in obj {
-            if key == "functionDeclarations" || key == "function_declarations" {
+            let key = gemini_json_name(key);
+            if key == "functionDeclarations" {
                 for decl in each(Some(value)) {
                     if let Some(name) = decl.get("name").and_then(Value::as_str) {
                         push_unique(&mut out, name.to_string());
                     }
                 }
             } else {
-                push_unique(&mut out, key.clone());
+                push_unique(&mut out, key);
             }
+        }
+    }
+    out
+}
+
+/// A field name of Gemini's API as its lowerCamelCase JSON name (`google_search` → `googleSearch`): the API reads
+/// request bodies as proto3 JSON, whose parsers accept a field's original proto name as well as its lowerCamelCase
+/// JSON name (the proto3 JSON mapping, protobuf.dev/programming-guides/json), so each field has one name however it
+/// is spelt. The JSON name is the proto name with every
+/// `_` removed and the letter after it upper-cased.
+pub(crate) fn gemini_json_name(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut upper = false;
+    for c in key.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
         }
     }
     out

@@ -21,8 +21,9 @@ pub use block::{
     block_batch_response, block_message, block_response, refusal_response, stream_block,
     BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
-pub use decode::{check_json_charset, decode_body};
-pub(crate) use llm::tool_name;
+pub use decode::{check_json_charset, content_coding, decode_body};
+pub(crate) use llm::{gemini_json_name, tool_name};
+pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +239,9 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     }
     if http.method.eq_ignore_ascii_case("POST") {
         if let Some(json) = http.json.as_ref() {
+            if mcp::ambiguous(json) {
+                return Err(InspectError::BadJson { protocol: "MCP" });
+            }
             if let Some(elements) = mcp::parse(json) {
                 let session = mcp::session_id(&http.headers, &http.query);
                 let batch = json.is_array();

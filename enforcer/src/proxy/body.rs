@@ -83,10 +83,9 @@ impl Body {
 
 /// Decode `raw`, the body of a request with `headers`, for inspection.
 pub(crate) fn decode(raw: Bytes, headers: &HeaderMap, limit: u64) -> Result<Body, Refusal> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok());
-    let decoded = inspect::decode_body(encoding, raw.clone(), limit).map_err(|e| refusal(&e))?;
+    let encoding = inspect::content_coding(headers);
+    let decoded =
+        inspect::decode_body(encoding.as_deref(), raw.clone(), limit).map_err(|e| refusal(&e))?;
     inspect::check_json_charset(&decoded).map_err(|e| refusal(&e))?;
     Ok(Body { raw, decoded })
 }

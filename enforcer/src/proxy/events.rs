@@ -55,7 +55,7 @@ pub(crate) fn stream(
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
-    let coding = response::content_coding(&parts.headers);
+    let coding = inspect::content_coding(&parts.headers);
     // Events may be rewritten and a coded stream is passed on decoded: the length is the stream's own.
     parts.headers.remove(header::CONTENT_LENGTH);
     if plan.encoded {

@@ -59,9 +59,8 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
         ));
     }
     let upgrade = (parts.version == Version::HTTP_11)
-        .then(|| parts.headers.get(header::UPGRADE))
-        .flatten()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase());
+        .then(|| upgrade_list(&parts.headers))
+        .flatten();
     Ok(Head {
         authority,
         host,
@@ -106,6 +105,18 @@ pub(crate) async fn bind_to_destination(
                 "the request's host does not live at the connection's destination",
             )
         })
+}
+
+/// Every `Upgrade` field line, in order, as one lower-cased list joined with `, ` (RFC 9110 §5.3: the upstream reads
+/// the lines as one list, so `websocket` on one line and `h2c` on the next asks for both); `None` without the field.
+fn upgrade_list(headers: &HeaderMap) -> Option<String> {
+    let mut lines = headers.get_all(header::UPGRADE).iter();
+    let mut list = String::from_utf8_lossy(lines.next()?.as_bytes()).to_ascii_lowercase();
+    for line in lines {
+        list.push_str(", ");
+        list.push_str(&String::from_utf8_lossy(line.as_bytes()).to_ascii_lowercase());
+    }
+    Some(list)
 }
 
 /// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash.

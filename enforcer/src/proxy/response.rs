@@ -355,7 +355,8 @@ async fn read_whole(
     if !plan.encoded {
         return Ok(raw);
     }
-    inspect::decode_body(content_coding(headers).as_deref(), raw, limit).map_err(|_| {
+    let coding = inspect::content_coding(headers);
+    inspect::decode_body(coding.as_deref(), raw, limit).map_err(|_| {
         (
             Reason::Unparseable,
             "the upstream's answer could not be decoded for inspection",
@@ -365,18 +366,6 @@ async fn read_whole(
 
 pub(crate) const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
 pub(crate) const TOO_SLOW: &str = "the upstream's answer did not complete within the hold time";
-
-/// The response's content codings in the order they were applied: every `Content-Encoding` line, joined into the
-/// one list they make (RFC 9110 §5.3, §8.4); `None` without any. A value that is not text is kept (lossily) so
-/// that decoding it fails rather than skips it.
-pub(crate) fn content_coding(headers: &HeaderMap) -> Option<String> {
-    let lines: Vec<String> = headers
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .collect();
-    (!lines.is_empty()).then(|| lines.join(", "))
-}
 
 /// The answer (and record, in `phase`) when the enforcer refuses to pass a response on: the protocol's error shape,
 /// 502.

@@ -290,7 +290,8 @@ async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
 
 /// The Actions of one message from the agent (`raw`, read as `text` and, when it parses, `json`): the upgrade
 /// request's Action `request` with the message as its body, classified by `inspect::classify_message`. A message
-/// claiming JSON that does not parse is refused (`BadJson`), never decided as plain data (see the request path).
+/// claiming JSON that does not parse, or JSON-RPC whose members a server could read otherwise
+/// (`inspect::ambiguous_json_rpc`), is refused (`BadJson`), never decided as plain data (see the request path).
 fn classify_agent_message(
     request: &Action,
     raw: &Bytes,
@@ -300,6 +301,10 @@ fn classify_agent_message(
 ) -> Result<Inspected, InspectError> {
     if json.is_none() && inspect::claims_json(None, &text) {
         return Err(InspectError::BadJson { protocol: "JSON" });
+    }
+    // JSON-RPC a server could read otherwise than the policy (see the request path).
+    if json.as_ref().is_some_and(inspect::ambiguous_json_rpc) {
+        return Err(InspectError::BadJson { protocol: "MCP" });
     }
     let mut action = request.clone();
     if let Some(http) = action.http.as_mut() {

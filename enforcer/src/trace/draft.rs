@@ -142,10 +142,7 @@ impl Draft {
 
     /// The response head the agent gets.
     pub fn response_head(&mut self, status: u16, headers: &http::HeaderMap) {
-        let coding = headers
-            .get(http::header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let coding = crate::inspect::content_coding(headers);
         self.response = Some((status, kept_headers(headers), coding));
     }
 

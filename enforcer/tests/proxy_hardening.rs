@@ -306,6 +306,11 @@ impl std::io::Write for Logs {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_refused_rewrite_logs_no_body_data() {
+    // tracing caches each callsite's interest process-wide, computed once by whichever thread reaches it first; with
+    // at most one dispatcher registered it asks only that thread's default. A test running alongside, with no
+    // subscriber, would pin the callsites this test reads to "never" (tracing-core `Rebuilder::JustOne`). A global
+    // default registered first means no thread ever answers with "no subscriber" (set once per process).
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
     let logs = Logs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()

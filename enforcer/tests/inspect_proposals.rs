@@ -43,7 +43,7 @@ fn through(
     }
     let events = reader.finish();
     feed(events, &mut props, &mut out);
-    let calls = props.finish();
+    let calls = props.finish().unwrap();
     let rulings: Vec<Ruling> = calls.iter().map(|c| decide(&c.proposal)).collect();
     emit(props.release(&rulings), &mut out);
     (out, seen)

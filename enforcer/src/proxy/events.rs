@@ -198,7 +198,11 @@ impl Reading {
             return out;
         }
         if let Some(props) = self.props.as_mut() {
-            let calls = props.finish();
+            let Ok(calls) = props.finish() else {
+                out.extend_from_slice(&self.unreadable().await);
+                self.ended = true;
+                return out;
+            };
             let rulings = self.rule(&calls, &mut out).await;
             if let Some(props) = self.props.as_mut() {
                 emit(props.release(&rulings), &mut out);

@@ -11,9 +11,7 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{
-    args_value, event_json, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings, Unreadable,
-};
+use super::{event_json, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings, Unreadable};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -23,6 +21,11 @@ pub(super) struct Stream {
     dropped: Vec<u64>,
     /// The index of the block being dropped.
     dropping: Option<u64>,
+    /// Blocks started in this message: the next block's index (the SDKs append every started block, and read a
+    /// delta's `index` as the position in that list).
+    started: u64,
+    /// Indices of the tool blocks in this message.
+    tools: Vec<u64>,
     /// Ids of refused server-side and MCP calls, whose result blocks are dropped.
     refused_ids: Vec<String>,
     /// The agent's own calls passed in this message, and whether any call was refused.
@@ -82,21 +85,30 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
-        Ok(self.read(ev, v))
+        self.read(ev, v)
     }
 
     /// One event of JSON `v`: the calls it completed.
-    fn read(&mut self, ev: Event, v: Value) -> Vec<Call> {
+    ///
+    /// # Errors
+    /// [`Unreadable`] for an event the SDKs would assemble otherwise than this reader ([`Stream::in_order`]).
+    fn read(&mut self, ev: Event, v: Value) -> Result<Vec<Call>, Unreadable> {
+        if !self.in_order(&v) {
+            return Err(Unreadable);
+        }
         let index = v.get("index").and_then(Value::as_u64);
         match (str_of(&v, "type").unwrap_or_default(), index) {
             ("message_start", _) => {
                 self.dropped.clear();
+                self.tools.clear();
+                self.started = 0;
                 self.passed = 0;
                 self.refused = false;
             }
             ("content_block_start", Some(index)) => {
                 let block = v.get("content_block").unwrap_or(&Value::Null);
                 if let Some(kind) = str_of(block, "type").and_then(kind_of) {
+                    self.tools.push(index);
                     self.open = Some(Held {
                         index,
                         id: str_of(block, "id").map(str::to_string),
@@ -106,13 +118,13 @@ impl Stream {
                         json: String::new(),
                         events: vec![(ev.raw, v)],
                     });
-                    return Vec::new();
+                    return Ok(Vec::new());
                 }
                 let answers = str_of(block, "tool_use_id");
                 if answers.is_some_and(|id| self.refused_ids.iter().any(|r| r == id)) {
                     self.dropping = Some(index);
                     self.dropped.push(index);
-                    return Vec::new();
+                    return Ok(Vec::new());
                 }
             }
             ("content_block_delta" | "content_block_stop", Some(index))
@@ -126,22 +138,51 @@ impl Stream {
                 if str_of(&v, "type") == Some("content_block_stop") {
                     self.dropping = None;
                 }
-                return Vec::new();
+                return Ok(Vec::new());
             }
             ("message_delta", _) => {
                 self.pending.push(Item::Final(ev.raw, v));
-                return Vec::new();
+                return Ok(Vec::new());
             }
             _ => {}
         }
         let emit = self.shifted(ev.raw, v);
         self.pending.push(Item::Emit(emit));
-        Vec::new()
+        Ok(Vec::new())
     }
 
-    fn absorb(&mut self, raw: Bytes, v: Value) -> Vec<Call> {
+    /// Whether event `v` is read here as the anthropic SDKs read it: their accumulators start from `message_start`'s
+    /// `content` (which must hold no tool call), append every `content_block_start` whatever its `index` (which must
+    /// be the next position, and no block start while a tool block is open), and apply a delta or stop to the block
+    /// at its `index` (which must be a started block, and a tool block only while it is open).
+    fn in_order(&mut self, v: &Value) -> bool {
+        let ty = str_of(v, "type").unwrap_or_default();
+        if ty == "message_start" {
+            let content = v.get("message").and_then(|m| m.get("content"));
+            return !content
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|b| str_of(b, "type").and_then(kind_of).is_some());
+        }
+        if !ty.starts_with("content_block_") {
+            return true;
+        }
+        let Some(index) = v.get("index").and_then(Value::as_u64) else {
+            return false;
+        };
+        if ty == "content_block_start" {
+            let next = index == self.started && self.open.is_none();
+            self.started += 1;
+            return next;
+        }
+        let open = self.open.as_ref().is_some_and(|h| h.index == index);
+        index < self.started && (open || !self.tools.contains(&index))
+    }
+
+    fn absorb(&mut self, raw: Bytes, v: Value) -> Result<Vec<Call>, Unreadable> {
         let Some(held) = self.open.as_mut() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         if let Some(piece) = v.get("delta").and_then(|d| d.get("partial_json")) {
             held.json.push_str(piece.as_str().unwrap_or_default());
@@ -151,24 +192,29 @@ impl Stream {
         if stop {
             return self.finish();
         }
-        Vec::new()
+        Ok(Vec::new())
     }
 
-    pub(super) fn finish(&mut self) -> Vec<Call> {
+    /// The open tool block, complete.
+    ///
+    /// # Errors
+    /// [`Unreadable`] when its input's JSON text is not one whole JSON value: the anthropic SDKs parse it partially
+    /// (`jiter` in `partial_mode`), so an object left open still reads as the arguments it holds.
+    pub(super) fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
         let Some(held) = self.open.take() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let args = if held.json.trim().is_empty() {
             held.input.clone()
         } else {
-            args_value(&held.json)
+            serde_json::from_str(&held.json).map_err(|_| Unreadable)?
         };
         let call = Call {
             proposal: proposal(&held.tool, held.kind, args, held.id.as_deref()),
             signed: false,
         };
         self.pending.push(Item::Call(held));
-        vec![call]
+        Ok(vec![call])
     }
 
     pub(super) fn held_bytes(&self) -> usize {

@@ -116,12 +116,15 @@ impl Proposals {
     }
 
     /// The end of the stream: calls still open are complete now (their arguments as far as they came).
-    pub fn finish(&mut self) -> Vec<Call> {
+    ///
+    /// # Errors
+    /// [`Unreadable`] when a call still open cannot be read as an SDK would assemble it: the caller ends the stream.
+    pub fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
         match &mut self.0 {
-            Flavour::Chat(s) => s.finish(),
+            Flavour::Chat(s) => Ok(s.finish()),
             Flavour::Messages(s) => s.finish(),
             Flavour::Responses(s) => s.finish(),
-            Flavour::Gemini(_) => Vec::new(),
+            Flavour::Gemini(_) => Ok(Vec::new()),
         }
     }
 

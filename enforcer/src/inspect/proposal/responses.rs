@@ -26,6 +26,8 @@ pub(super) struct Stream {
     shift: i64,
     /// Output items sent in another form: item id → the item as the agent got it.
     replaced: Vec<(String, Value)>,
+    /// The calls passed on (as passed, or as rewritten): a lifecycle event's `response.output` may list only these.
+    sent: Vec<Call>,
     named: bool,
     pending: Vec<Item>,
 }
@@ -36,6 +38,8 @@ struct Held {
     item_id: Option<String>,
     /// The item as `output_item.added` had it, then as `output_item.done` completed it.
     item: Value,
+    /// The item as `output_item.added` had it.
+    added: Value,
     events: Vec<(Bytes, Value)>,
 }
 
@@ -124,23 +128,35 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
-        Ok(self.read(ev, v))
+        self.read(ev, v)
     }
 
     /// One event of JSON `v`: the calls it completed.
-    fn read(&mut self, ev: Event, v: Value) -> Vec<Call> {
+    ///
+    /// # Errors
+    /// [`Unreadable`] for an event that makes the call ambiguous (see [`Stream::lifecycle_lists_sent`] and
+    /// [`agrees`]).
+    fn read(&mut self, ev: Event, v: Value) -> Result<Vec<Call>, Unreadable> {
         let ty = str_of(&v, "type").unwrap_or_default();
         if ty == "response.output_item.added" {
             let item = v.get("item").cloned().unwrap_or_default();
             if str_of(&item, "type").and_then(kind_of).is_some() {
+                if self.open.is_some() {
+                    // Items stream one after another; a second one open would be read into the wrong call.
+                    return Err(Unreadable);
+                }
                 self.open = Some(Held {
                     output_index: v.get("output_index").and_then(Value::as_u64).unwrap_or(0),
                     item_id: str_of(&item, "id").map(str::to_string),
+                    added: item.clone(),
                     item,
                     events: vec![(ev.raw, v)],
                 });
-                return Vec::new();
+                return Ok(Vec::new());
             }
+        }
+        if self.open.as_ref().is_some_and(|h| half_named(h, &v)) {
+            return Err(Unreadable);
         }
         if let Some(held) = self.open.as_mut().filter(|h| belongs(h, &v)) {
             if ty == "response.output_item.done" {
@@ -151,27 +167,56 @@ impl Stream {
                 return self.finish();
             }
             held.events.push((ev.raw, v));
-            return Vec::new();
+            return Ok(Vec::new());
+        }
+        if LIFECYCLE.contains(&ty) && !self.lifecycle_lists_sent(&v) {
+            return Err(Unreadable);
         }
         if matches!(
             ty,
             "response.completed" | "response.incomplete" | "response.failed" | "response.done"
         ) {
             self.pending.push(Item::Final(ev.raw, v));
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let emit = self.shifted(ev.raw, v);
         self.pending.push(Item::Emit(emit));
-        Vec::new()
+        Ok(Vec::new())
     }
 
-    pub(super) fn finish(&mut self) -> Vec<Call> {
+    /// Whether every tool call a lifecycle event's `response.output` lists is one the agent was sent as it is
+    /// listed (passed or rewritten), or one refused (its item is replaced there). The openai SDK's
+    /// `get_final_response()` is `response.completed`'s `response.output`, and its snapshot starts from
+    /// `response.created`'s: a call listed only there, or there otherwise than streamed, would reach the agent
+    /// undecided.
+    fn lifecycle_lists_sent(&self, v: &Value) -> bool {
+        let output = v.get("response").and_then(|r| r.get("output"));
+        output
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|item| str_of(item, "type").and_then(kind_of).is_some())
+            .all(|item| {
+                let id = str_of(item, "id");
+                let refused = id.is_some_and(|id| self.replaced.iter().any(|(r, _)| r == id));
+                refused || item_call(item).is_some_and(|call| self.sent.contains(&call))
+            })
+    }
+
+    /// The held call, complete.
+    ///
+    /// # Errors
+    /// [`Unreadable`] when its events disagree on it ([`agrees`]).
+    pub(super) fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
         let Some(held) = self.open.take() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
+        if !agrees(&held) {
+            return Err(Unreadable);
+        }
         let call = item_call(&held.item);
         self.pending.push(Item::Call(held));
-        call.into_iter().collect()
+        Ok(call.into_iter().collect())
     }
 
     pub(super) fn held_bytes(&self) -> usize {
@@ -219,12 +264,14 @@ impl Stream {
     fn render_call(&mut self, held: Held, ruling: Ruling, out: &mut Vec<Emit>) {
         match ruling {
             Ruling::Pass => {
+                self.sent.extend(item_call(&held.item));
                 for (raw, v) in held.events {
                     out.push(self.shifted(raw, v));
                 }
             }
             Ruling::Rewrite(args) => {
                 let item = with_args(&held.item, &args);
+                self.sent.extend(item_call(&item));
                 let text = args_text(&args);
                 let mut first_delta = true;
                 for (_, mut v) in held.events {
@@ -291,6 +338,60 @@ impl Stream {
         self.replaced
             .push((id.clone(), message_item(&id, text, true)));
     }
+}
+
+/// The lifecycle events, each carrying the whole response (`response.output` as far as it is).
+const LIFECYCLE: [&str; 7] = [
+    "response.created",
+    "response.queued",
+    "response.in_progress",
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+    "response.done",
+];
+
+/// Whether the held call's events agree on it: `output_item.done` names the tool `output_item.added` named, and
+/// where the arguments are text, the deltas joined, every `.done` event's text and the item's own are one text (the
+/// openai SDK's snapshot joins the deltas, its `.done` event is read by agents as is, and the item by others).
+fn agrees(held: &Held) -> bool {
+    let ty = str_of(&held.item, "type").unwrap_or_default();
+    let same = |key: &str| held.added.get(key) == held.item.get(key);
+    if str_of(&held.added, "type") != Some(ty) || !same("name") || !same("call_id") {
+        return false;
+    }
+    let (field, text) = args_field(ty);
+    if !text {
+        return true;
+    }
+    let whole = str_of(&held.item, field).unwrap_or_default();
+    let added = str_of(&held.added, field).unwrap_or_default();
+    let mut joined: Option<String> = None;
+    for (_, v) in &held.events[1..] {
+        if str_of(v, "type") == Some("response.output_item.done") {
+            continue;
+        }
+        if let Some(piece) = str_of(v, "delta") {
+            joined.get_or_insert_with(String::new).push_str(piece);
+        }
+        if str_of(v, field).is_some_and(|done| done != whole) {
+            return false;
+        }
+    }
+    (added.is_empty() || added == whole) && joined.is_none_or(|j| j == whole)
+}
+
+/// Whether event `v` names the held item by one of `output_index` and `item_id` and another item by the other (the
+/// openai SDK reads the `output_index`).
+fn half_named(held: &Held, v: &Value) -> bool {
+    let index = v
+        .get("output_index")
+        .map(|i| i.as_u64() == Some(held.output_index));
+    let id = match (&held.item_id, str_of(v, "item_id")) {
+        (Some(held_id), Some(id)) => Some(held_id == id),
+        _ => None,
+    };
+    matches!((index, id), (Some(a), Some(b)) if a != b)
 }
 
 /// Whether event `v` builds the held item: it names the item's `output_index` or `item_id`.

@@ -13,12 +13,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy_support::*;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 const POLICY: &str = r#"version: 1
 default: allow
@@ -108,27 +105,7 @@ async fn answer(req: Request<Incoming>) -> Response<TestBody> {
 }
 
 async fn upstream(ca: &TestCa) -> SocketAddr {
-    let (chain, key) = ca.leaf(&["api.openai.com"]);
-    let acceptor = tls_acceptor(chain, key, &[b"http/1.1"]);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = service_fn(|req| async {
-                    Ok::<_, std::convert::Infallible>(answer(req).await)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    answering_upstream(ca, &["api.openai.com"], answer).await
 }
 
 /// One chat request for `model` through the proxy: status and body as the agent got them, and the exchange's

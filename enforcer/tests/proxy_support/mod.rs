@@ -279,6 +279,37 @@ pub async fn https_upstream(
     (addr, seen)
 }
 
+/// An HTTPS upstream on 127.0.0.1 for `names` (a leaf of `ca`), speaking http/1.1, answering every request with
+/// `answer`: for tests whose upstream plays a provider's API.
+pub async fn answering_upstream<F, Fut>(ca: &TestCa, names: &[&str], answer: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let (chain, key) = ca.leaf(names);
+    let acceptor = tls_acceptor(chain, key, &[b"http/1.1"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, answer) = (acceptor.clone(), answer.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// What a raw upstream does with one accepted (TLS) connection.
 pub type RawHandler = Arc<
     dyn Fn(

@@ -132,7 +132,8 @@ impl Glob {
         build(&re)
     }
 
-    /// A host glob: exact (case-insensitive), `*`, or `*.suffix`.
+    /// A host glob: exact (case-insensitive; an IP literal in its canonical spelling, `host::request_host`, which is
+    /// how requests name it), `*`, or `*.suffix`.
     pub fn host(src: &str) -> Result<Glob, GlobError> {
         check_chars(src)?;
         let lower = src.trim_end_matches('.').to_ascii_lowercase();
@@ -148,7 +149,7 @@ impl Glob {
         if lower.contains(['*', '?']) {
             return Err(GlobError::BadHostGlob);
         }
-        Ok(Glob::Exact(lower))
+        Ok(Glob::Exact(crate::host::request_host(&lower).into_owned()))
     }
 }
 
@@ -271,6 +272,9 @@ mod tests {
         assert!(!g.is_match("example.com"));
         assert!(!g.is_match("badexample.com"));
         assert!(Glob::host("api.*.com").is_err());
+        // An address is matched however the rule spells it, as requests' hosts are spelt canonically.
+        assert!(Glob::host("FD00:0::7").unwrap().is_match("fd00::7"));
+        assert!(Glob::host("::ffff:10.0.0.7").unwrap().is_match("10.0.0.7"));
         let g = Glob::plain("delete_*").unwrap();
         assert!(g.is_match("delete_file"));
         assert!(!g.is_match("undelete_file"));

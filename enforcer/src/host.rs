@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// The comparable form of a host name: surrounding whitespace and trailing dots removed, ASCII lower-cased.
 /// Borrows when the name is already in that form (the common case on the request path).
@@ -18,6 +19,86 @@ pub fn normalise(host: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(trimmed)
     }
+}
+
+/// The host a request or a proxy target names, as the policy and the host binding see it: [`normalise`]d, and an
+/// IP literal in its one canonical spelling, so that a rule naming an address matches however the client spelt it
+/// (else `[::ffff:10.0.0.7]`, `[FD00:0::7]` or `167772167` would reach 10.0.0.7 / fd00::7 decided on a host no rule
+/// names). IPv6 is written compressed in lower case (RFC 5952 §4), an IPv4-mapped IPv6 address as its IPv4 address,
+/// and the numeric IPv4 forms `inet_aton(3)` (hence `getaddrinfo`) and the WHATWG URL host parser read — one to
+/// four parts, each decimal, octal with a leading `0` or hexadecimal with `0x`, the last filling the remaining bytes
+/// (`2130706433`, `0x7f.1`, `0177.0.0.1`) — in dotted decimal. Anything else is returned as `normalise` gives it.
+pub fn request_host(host: &str) -> Cow<'_, str> {
+    let name = normalise(host);
+    match ip_literal(&name) {
+        Some(ip) => Cow::Owned(ip.to_string()),
+        None => name,
+    }
+}
+
+/// The address a normalised host spells, in any of the forms [`request_host`] reads, canonical (IPv4-mapped IPv6
+/// as IPv4); `None` for a name.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    // Most hosts are names with a letter past `f`: not an address in any form.
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b':' | b'x'))
+    {
+        return None;
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    numeric_ipv4(host).map(IpAddr::V4)
+}
+
+/// Whether the last label of a normalised host is a number (decimal, or hexadecimal with `0x`): the hosts a
+/// resolver may read as an IPv4 address rather than look up (no top-level domain is numeric; WHATWG URL
+/// "ends in a number"). Such a host is never handed to a resolver.
+pub fn ends_in_a_number(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let hex = last
+        .strip_prefix("0x")
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    hex || (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `inet_aton(3)`'s numbers-and-dots forms (glibc `inet_aton_exact`, the WHATWG URL IPv4 parser): 1–4 parts, all
+/// but the last at most 255, the last filling the remaining bytes.
+fn numeric_ipv4(host: &str) -> Option<Ipv4Addr> {
+    let mut numbers = [0u64; 4];
+    let mut count = 0;
+    for part in host.split('.') {
+        *numbers.get_mut(count)? = ipv4_number(part)?;
+        count += 1;
+    }
+    let (last, leading) = numbers[..count].split_last()?;
+    if leading.iter().any(|n| *n > 255) || *last >= 1u64 << (8 * (5 - count)) {
+        return None;
+    }
+    let mut value = *last;
+    for (i, n) in leading.iter().enumerate() {
+        value += n << (8 * (3 - i));
+    }
+    u32::try_from(value).ok().map(Ipv4Addr::from)
+}
+
+/// One part of a numeric IPv4 form: decimal, `0x` hexadecimal, or octal with a leading `0`; `None` otherwise (or
+/// past 2^32).
+fn ipv4_number(part: &str) -> Option<u64> {
+    let (digits, radix) = if let Some(hex) = part.strip_prefix("0x") {
+        (hex, 16)
+    } else if let Some(octal) = part.strip_prefix('0').filter(|o| !o.is_empty()) {
+        (octal, 8)
+    } else {
+        (part, 10)
+    };
+    if digits.is_empty() || digits.len() > 11 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix)
+        .ok()
+        .filter(|n| *n <= u64::from(u32::MAX))
 }
 
 /// Split `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address into the host (without brackets) and the
@@ -54,6 +135,42 @@ mod tests {
         assert_eq!(normalise(" example.com "), "example.com");
         assert_eq!(normalise("example.com.."), "example.com");
         assert!(matches!(normalise("example.com"), Cow::Borrowed(_)));
+    }
+
+    /// Every spelling of an address a resolver or a URL parser reads as that address is written one way.
+    #[test]
+    fn ip_literals_are_spelt_one_way() {
+        for (spelt, canonical) in [
+            ("10.0.0.7", "10.0.0.7"),
+            ("::ffff:10.0.0.7", "10.0.0.7"),
+            ("::FFFF:a00:7", "10.0.0.7"),
+            ("0:0:0:0:0:ffff:10.0.0.7", "10.0.0.7"),
+            ("167772167", "10.0.0.7"),
+            ("0xa000007", "10.0.0.7"),
+            ("0xA.0.0.7", "10.0.0.7"),
+            ("012.0.0.07", "10.0.0.7"),
+            ("10.7", "10.0.0.7"),
+            ("10.0.7", "10.0.0.7"),
+            ("10.0.0.7.", "10.0.0.7"),
+            ("127.1", "127.0.0.1"),
+            ("FD00:0:0::7", "fd00::7"),
+            ("fd00:0000:0000:0000:0000:0000:0000:0007", "fd00::7"),
+            ("api.example.com", "api.example.com"),
+            ("API.Example.com.", "api.example.com"),
+            ("1.2.3.example", "1.2.3.example"),
+            ("08.0.0.1", "08.0.0.1"),
+            ("256.0.0.1", "256.0.0.1"),
+            ("4294967296", "4294967296"),
+            ("0x", "0x"),
+        ] {
+            assert_eq!(request_host(spelt), canonical, "{spelt}");
+        }
+        assert!(ends_in_a_number("08.0.0.1"));
+        assert!(ends_in_a_number("4294967296"));
+        assert!(ends_in_a_number("example.0x1f"));
+        assert!(!ends_in_a_number("api.example.com"));
+        assert!(!ends_in_a_number("1.2.3.example"));
+        assert!(!ends_in_a_number("example.0xg"));
     }
 
     #[test]

@@ -673,6 +673,94 @@ pub fn getpeername_reports_the_original_destination(env: &mut Env) {
     }
 }
 
+// ---- other ways to connect ----
+
+/// Reach argv[1]:argv[2] over TCP the way argv[3] says, send a line, print what comes back (`RECV <eof>` when the
+/// connection is closed, `ERR <kind>` on an error):
+/// - `fastopen`: no connect(), `sendto(MSG_FASTOPEN)` with the address (TCP Fast Open, RFC 7413);
+/// - `fastopen_connect`: `TCP_FASTOPEN_CONNECT`, then connect() and send (the SYN goes with the first send);
+/// - `reconnect`: connect to argv[4] (another port), dissolve it with connect(AF_UNSPEC), connect again;
+/// - `mapped`: an IPv6 socket connecting to the IPv4-mapped address.
+const CONNECT_WAYS: &str = r#"
+import ctypes, signal, socket, sys
+signal.alarm(15)
+host, port, way = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fam = socket.AF_INET6 if way == "mapped" or ":" in host else socket.AF_INET
+if way == "mapped":
+    host = "::ffff:" + host
+s = socket.socket(fam, socket.SOCK_STREAM)
+line = b"ping-e2e\n"
+try:
+    if way == "fastopen":
+        s.sendto(line, socket.MSG_FASTOPEN, (host, port))
+    else:
+        if way == "fastopen_connect":
+            s.setsockopt(socket.IPPROTO_TCP, 30, 1)
+        elif way == "reconnect":
+            s.connect((host, int(sys.argv[4])))
+            unspec = ctypes.create_string_buffer(28)
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.connect(s.fileno(), unspec, 28) != 0:
+                raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+        s.connect((host, port))
+        s.sendall(line)
+    s.settimeout(10)
+    data = s.recv(100)
+    print("RECV " + (data.decode(errors="replace").strip() or "<eof>"))
+except Exception as e:
+    print("ERR " + type(e).__name__ + " " + str(e))
+"#;
+
+/// Every way to open a TCP connection goes through the connect hooks and so the proxy: TCP Fast Open (the address
+/// on `sendto`), `TCP_FASTOPEN_CONNECT`, a connection dissolved with `connect(AF_UNSPEC)` and made again to
+/// another port, and an IPv6 socket to an IPv4-mapped address. To the blocked echo port each is closed by the proxy
+/// and recorded as raw TCP to that port; untagged, the same port echoes.
+pub fn other_ways_to_connect_are_captured_too(env: &mut Env) {
+    env.need_daemon();
+    let blocked = ECHO_BLOCKED.to_string();
+    let allowed = ECHO_ALLOWED.to_string();
+    for (addr, way) in [
+        (env.v4.clone(), "fastopen"),
+        (env.v6.clone(), "fastopen"),
+        (env.v4.clone(), "fastopen_connect"),
+        (env.v4.clone(), "reconnect"),
+        (env.v6.clone(), "reconnect"),
+        (env.v4.clone(), "mapped"),
+    ] {
+        let before = blocked_tcp_records(env);
+        let args = [PYTHON, "-c", CONNECT_WAYS, &addr, &blocked, way, &allowed];
+        let (code, out, err) = env.exec_tagged(&args);
+        let out = out.trim();
+        assert!(
+            code == 0 && (out == "RECV <eof>" || out.starts_with("ERR ConnectionResetError")),
+            "{way} to {addr}: code {code} out {out:?} err {err}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while blocked_tcp_records(env) == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            blocked_tcp_records(env),
+            before + 1,
+            "{way} to {addr}: one record"
+        );
+        let (code, out, err) = run(&[PYTHON, "-c", CONNECT_WAYS, &addr, &blocked, way, &allowed]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, "RECV ping-e2e"),
+            "{way} to {addr} untagged: {err}"
+        );
+    }
+}
+
+/// How many raw TCP connections to the blocked echo port the audit trail holds.
+fn blocked_tcp_records(env: &Env) -> usize {
+    env.audit_records()
+        .iter()
+        .filter(|r| r["request"]["scheme"] == "tcp" && r["request"]["port"] == ECHO_BLOCKED)
+        .count()
+}
+
 // ---- origins ----
 
 /// Connect straight to the proxy port argv[2] on argv[1], send a byte, wait for the close; print our pid.

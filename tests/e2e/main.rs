@@ -48,6 +48,10 @@ const TESTS: &[Test] = &[
         spoofed_plain_http_host_gets_421_and_never_reaches_upstream,
     ),
     (
+        "ip_literal_hosts_are_decided_as_their_address",
+        ip_literal_hosts_are_decided_as_their_address,
+    ),
+    (
         "blocked_gets_403_and_never_reaches_upstream",
         blocked_gets_403_and_never_reaches_upstream,
     ),
@@ -103,6 +107,10 @@ const TESTS: &[Test] = &[
     (
         "icmp_ping_sockets_of_a_tagged_process_are_refused",
         kernel::icmp_ping_sockets_of_a_tagged_process_are_refused,
+    ),
+    (
+        "other_ways_to_connect_are_captured_too",
+        kernel::other_ways_to_connect_are_captured_too,
     ),
     (
         "tagging_the_daemons_cgroup_is_refused",
@@ -560,6 +568,122 @@ fn spoofed_plain_http_host_gets_421_and_never_reaches_upstream(env: &mut Env) {
             assert_record(&recs[0], "allow", Some("e2e-allow-v4only"), "forwarded");
         }
     }
+}
+
+/// The e2e policy plus a block on the upstream's own addresses (by `host:`, the only way a rule names one) and an
+/// allow for one path on any host: only the spelling of the address can tell the two apart.
+fn address_block_policy(env: &Env) -> String {
+    let base = std::fs::read_to_string(harness::repo_root().join("tests/e2e/policy.yaml"))
+        .unwrap_or_else(|e| panic!("read tests/e2e/policy.yaml: {e}"));
+    format!(
+        "{base}\
+         \x20 - id: e2e-block-upstream-address\n    when: {{ host: [\"{v4}\", \"{v6}\"] }}\n    verdict: block\n\
+         \x20   message: the upstream's address is blocked\n\
+         \x20 - id: e2e-allow-anyhost\n    when: {{ path: \"/anyhost/**\" }}\n    verdict: allow\n",
+        v4 = env.v4,
+        v6 = env.v6,
+    )
+}
+
+/// A request to an address is decided on that address however the client spells it: a rule blocking the upstream's
+/// IPv4 and IPv6 addresses refuses plain HTTP naming them as an IPv4-mapped IPv6 literal, a decimal or hexadecimal
+/// number, octal parts, a shortened form or an uncompressed upper-case IPv6 literal (transparent, and absolute-form
+/// through the explicit proxy), and the record names the address in its one spelling. (Before, each of these was
+/// bound to the destination — as an IP literal, or by `getaddrinfo` reading the number — and decided on the
+/// spelling, which no rule named: allowed and forwarded.)
+fn ip_literal_hosts_are_decided_as_their_address(env: &mut Env) {
+    env.need_daemon();
+    let original = env.config.clone();
+    let policy = env.dir.path().join("address-block-policy.yaml");
+    std::fs::write(&policy, address_block_policy(env)).unwrap_or_else(|e| panic!("write: {e}"));
+    let config = env
+        .config_with_policy(&policy, "enforcer-address-block.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.restart_daemon(config)
+        .unwrap_or_else(|e| panic!("restart: {e}"));
+    let v4: std::net::Ipv4Addr = env.v4.parse().unwrap_or_else(|e| panic!("v4: {e}"));
+    let v6: std::net::Ipv6Addr = env.v6.parse().unwrap_or_else(|e| panic!("v6: {e}"));
+    let [a, b, c, d] = v4.octets();
+    let full_v6 = v6
+        .segments()
+        .iter()
+        .map(|s| format!("{s:04X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let v4_hosts = [
+        env.v4.clone(),
+        format!("[::ffff:{v4}]"),
+        format!(
+            "[::FFFF:{:x}:{:x}]",
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d])
+        ),
+        u32::from(v4).to_string(),
+        format!("{:#x}", u32::from(v4)),
+        format!("0{a:o}.0{b:o}.{c}.0x{d:x}"),
+        format!("{a}.{}", u32::from_be_bytes([0, b, c, d])),
+    ];
+    let v6_hosts = [format!("[{v6}]"), format!("[{full_v6}]")];
+    let cases = v4_hosts
+        .iter()
+        .map(|h| (h, &env.v4, format!("http://{}", env.v4)))
+        .chain(
+            v6_hosts
+                .iter()
+                .map(|h| (h, &env.v6, format!("http://[{}]", env.v6))),
+        );
+    let mut misdecided = Vec::new();
+    for (i, (host, canonical, base)) in cases.enumerate() {
+        let path = unique("/anyhost", &format!("spelling-{i}"));
+        let out = env.curl_tagged(&["-H", &format!("Host: {host}"), &format!("{base}{path}")]);
+        let reached = env.upstream_count(&path);
+        let recs = records_for(env, &path);
+        let blocked = (out.code, out.status) == (0, 403)
+            && out.body.contains("the upstream's address is blocked")
+            && reached == 0
+            && recs.len() == 1
+            && recs[0]["decision"]["rule"] == "e2e-block-upstream-address"
+            && recs[0]["outcome"]["disposition"] == "blocked"
+            && recs[0]["request"]["host"] == canonical.as_str();
+        if !blocked {
+            misdecided.push(format!(
+                "Host: {host}: status {} (curl {}), upstream saw {reached}, records {recs:?}",
+                out.status, out.code
+            ));
+        }
+    }
+    assert!(
+        misdecided.is_empty(),
+        "decided on the spelling, not the address:\n{}",
+        misdecided.join("\n")
+    );
+    // The explicit proxy resolves an absolute-form target itself: the mapped spelling is still the address.
+    let proxy = format!("http://127.0.0.1:{}", env.explicit_port);
+    let path = unique("/anyhost", "explicit-mapped");
+    let out = env.curl_untagged(&["-x", &proxy, &format!("http://[::ffff:{v4}]{path}")]);
+    assert_eq!((out.code, out.status), (0, 403), "{out:?}");
+    assert_eq!(
+        env.upstream_count(&path),
+        0,
+        "the explicit request reached the upstream"
+    );
+    let recs = records_for(env, &path);
+    assert_eq!(recs.len(), 1, "audit records {recs:?}");
+    assert_eq!(
+        recs[0]["decision"]["rule"], "e2e-block-upstream-address",
+        "{}",
+        recs[0]
+    );
+    assert_eq!(recs[0]["request"]["host"], env.v4.as_str(), "{}", recs[0]);
+    // Control: the allowed path on a name is still forwarded under this policy.
+    let path = unique("/anyhost", "name");
+    let url = format!("http://{API_HOST}{path}");
+    let out = env.curl_tagged(&["--resolve", &env.resolve(API_HOST, 80, false), &url]);
+    assert_eq!((out.code, out.status), (0, 200), "{out:?}");
+    assert_eq!(env.upstream_count(&path), 1);
+    env.assert_audit_verifies();
+    env.restart_daemon(original)
+        .unwrap_or_else(|e| panic!("restart: {e}"));
 }
 
 /// A WebSocket upgrade is a request like any other: decided and audited, then (allowed) relayed both ways message

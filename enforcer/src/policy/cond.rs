@@ -669,7 +669,8 @@ fn str_test(v: &Node) -> CResult<StrTest> {
 // ---------------------------------------------------------------------------------------------------------------
 // Evaluation
 
-/// Per-evaluation state: the normalised host and lazily computed detector results.
+/// Per-evaluation state: the normalised host (`host::request_host`, a DNS query's name `host::normalise`) and
+/// lazily computed detector results.
 pub struct Ctx<'a> {
     pub action: &'a Action,
     pub host: Option<Cow<'a, str>>,
@@ -682,7 +683,14 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     pub fn new(action: &'a Action, detectors: &'a Detectors) -> Ctx<'a> {
-        let host = action.transport.host.as_deref().map(crate::host::normalise);
+        // A query's name is a name; every other host is matched as requests name it (an address in one spelling).
+        let host = action.transport.host.as_deref().map(|h| {
+            if action.transport.scheme == crate::model::Scheme::Dns {
+                crate::host::normalise(h)
+            } else {
+                crate::host::request_host(h)
+            }
+        });
         Ctx {
             action,
             host,

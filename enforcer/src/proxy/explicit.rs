@@ -74,7 +74,7 @@ async fn explicit_request(
             "use CONNECT for https:// through the explicit proxy",
         );
     }
-    let host = crate::host::normalise(authority.host().trim_matches(['[', ']'])).into_owned();
+    let host = crate::host::request_host(authority.host().trim_matches(['[', ']'])).into_owned();
     let default_port = if connect { 443 } else { 80 };
     let port = authority.port_u16().unwrap_or(default_port);
     let Some(dst) = resolve(&ctx.hosts, &host, port).await else {

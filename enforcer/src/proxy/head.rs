@@ -17,7 +17,8 @@ use crate::model::{Reason, Scheme};
 pub(crate) struct Head {
     /// `host[:port]` as the request named it (h2 `:authority`, absolute-form, or `Host`).
     pub authority: String,
-    /// The host of `authority`, normalised: what the policy and the upstream's certificate check see.
+    /// The host of `authority`, normalised and an IP literal spelt canonically (`host::request_host`): what the
+    /// policy, the host binding and the upstream's certificate check see.
     pub host: String,
     /// The protocols an HTTP/1.1 request asks to upgrade the connection to (`Upgrade`, lower-cased), if any.
     pub upgrade: Option<String>,
@@ -43,7 +44,7 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
             "the request names no valid host",
         ));
     };
-    let host = crate::host::normalise(crate::host::authority_host(&authority)).into_owned();
+    let host = crate::host::request_host(crate::host::authority_host(&authority)).into_owned();
     if parts.method == Method::CONNECT {
         return Err(Refusal::new(
             Reason::BadRequest,
@@ -148,7 +149,7 @@ fn conflicting_host(parts: &http::request::Parts) -> bool {
         443
     };
     let endpoint = |a: &http::uri::Authority| {
-        let name = crate::host::normalise(crate::host::authority_host(a.as_str())).into_owned();
+        let name = crate::host::request_host(crate::host::authority_host(a.as_str())).into_owned();
         (name, a.port_u16().unwrap_or(default_port))
     };
     match host

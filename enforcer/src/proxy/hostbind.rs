@@ -90,10 +90,12 @@ impl HostBinder {
         }
     }
 
-    /// Does `host` (already normalised: lower case, no port, no brackets) live at `dst`?
+    /// Does `host` (already normalised: lower case, no port, no brackets) live at `dst`? An IP literal in any
+    /// spelling `host::ip_literal` reads binds only to itself; a string `getaddrinfo` would read as an address
+    /// without looking it up is never resolved (`Unresolved`).
     pub async fn bind(&self, host: &str, dst: IpAddr) -> Result<Binding, HostBindError> {
         let dst = dst.to_canonical();
-        if let Ok(ip) = host.parse::<IpAddr>() {
+        if let Some(ip) = crate::host::ip_literal(host) {
             return if ip.to_canonical() == dst {
                 Ok(Binding::IpLiteral)
             } else {
@@ -121,6 +123,9 @@ impl HostBinder {
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, HostBindError> {
         if let Some(pinned) = self.static_hosts.get(host) {
             return Ok(pinned.clone());
+        }
+        if !resolvable(host) {
+            return Err(HostBindError::Unresolved);
         }
         if let Some(addrs) = self.cached(host) {
             return Ok(addrs);
@@ -168,6 +173,19 @@ impl HostBinder {
             },
         );
     }
+}
+
+/// Whether `host` may be handed to the system resolver: a name of letters, digits, `-`, `_` and dots whose last
+/// label is not a number. `getaddrinfo` reads other strings as addresses without a lookup — numeric IPv4 forms
+/// (`inet_aton(3)`: `2130706433`, `0x7f.1`; those `host::request_host` does not spell canonically, such as
+/// `0x00000000007f.1`), IPv6 with a zone (`fd00::7%1`) — which would bind a host the policy never saw as that
+/// address.
+fn resolvable(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !crate::host::ends_in_a_number(host)
 }
 
 /// A caller's share of the lookup of one name, in `in_flight` while its lookup is on its way: the entry goes when
@@ -279,6 +297,28 @@ mod tests {
             b.bind("10.0.0.9", ip("10.0.0.1")).await,
             Err(HostBindError::OtherIp)
         );
+    }
+
+    /// Strings `getaddrinfo` reads as an address are never resolved: every numeric form binds only as the address
+    /// it spells, and the forms the canonical spelling does not cover (or a zone) do not bind at all.
+    #[tokio::test]
+    async fn numeric_hosts_bind_only_as_their_address() {
+        let b = binder();
+        assert_eq!(
+            b.bind("167772167", ip("10.0.0.7")).await,
+            Ok(Binding::IpLiteral)
+        );
+        assert_eq!(
+            b.bind("0x7f.1", ip("10.0.0.7")).await,
+            Err(HostBindError::OtherIp)
+        );
+        for host in ["0x00000000007f.1", "4294967297", "fd00::7%1", "127.0.0.1 x"] {
+            assert_eq!(
+                b.bind(host, ip("127.0.0.1")).await,
+                Err(HostBindError::Unresolved),
+                "{host}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 use std::borrow::Cow;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 /// The comparable form of a host name: surrounding whitespace and trailing dots removed, ASCII lower-cased.
 /// Borrows when the name is already in that form (the common case on the request path).
@@ -49,7 +49,12 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Some(ip.to_canonical());
     }
-    numeric_ipv4(host).map(IpAddr::V4)
+    // The numeric forms, as the WHATWG URL host parser reads them (the `url` crate): "ends in a number", then 1-4
+    // parts, the last filling the remaining bytes.
+    match url::Host::parse(host) {
+        Ok(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+        _ => None,
+    }
 }
 
 /// Whether the last label of a normalised host is a number (decimal, or hexadecimal with `0x`): the hosts a
@@ -61,44 +66,6 @@ pub fn ends_in_a_number(host: &str) -> bool {
         .strip_prefix("0x")
         .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
     hex || (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// `inet_aton(3)`'s numbers-and-dots forms (glibc `inet_aton_exact`, the WHATWG URL IPv4 parser): 1–4 parts, all
-/// but the last at most 255, the last filling the remaining bytes.
-fn numeric_ipv4(host: &str) -> Option<Ipv4Addr> {
-    let mut numbers = [0u64; 4];
-    let mut count = 0;
-    for part in host.split('.') {
-        *numbers.get_mut(count)? = ipv4_number(part)?;
-        count += 1;
-    }
-    let (last, leading) = numbers[..count].split_last()?;
-    if leading.iter().any(|n| *n > 255) || *last >= 1u64 << (8 * (5 - count)) {
-        return None;
-    }
-    let mut value = *last;
-    for (i, n) in leading.iter().enumerate() {
-        value += n << (8 * (3 - i));
-    }
-    u32::try_from(value).ok().map(Ipv4Addr::from)
-}
-
-/// One part of a numeric IPv4 form: decimal, `0x` hexadecimal, or octal with a leading `0`; `None` otherwise (or
-/// past 2^32).
-fn ipv4_number(part: &str) -> Option<u64> {
-    let (digits, radix) = if let Some(hex) = part.strip_prefix("0x") {
-        (hex, 16)
-    } else if let Some(octal) = part.strip_prefix('0').filter(|o| !o.is_empty()) {
-        (octal, 8)
-    } else {
-        (part, 10)
-    };
-    if digits.is_empty() || digits.len() > 11 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(digits, radix)
-        .ok()
-        .filter(|n| *n <= u64::from(u32::MAX))
 }
 
 /// Split `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address into the host (without brackets) and the
@@ -161,7 +128,7 @@ mod tests {
             ("08.0.0.1", "08.0.0.1"),
             ("256.0.0.1", "256.0.0.1"),
             ("4294967296", "4294967296"),
-            ("0x", "0x"),
+            ("0x", "0.0.0.0"),
         ] {
             assert_eq!(request_host(spelt), canonical, "{spelt}");
         }

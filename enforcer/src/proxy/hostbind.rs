@@ -312,7 +312,11 @@ mod tests {
             b.bind("0x7f.1", ip("10.0.0.7")).await,
             Err(HostBindError::OtherIp)
         );
-        for host in ["0x00000000007f.1", "4294967297", "fd00::7%1", "127.0.0.1 x"] {
+        assert_eq!(
+            b.bind("0x00000000007f.1", ip("127.0.0.1")).await,
+            Ok(Binding::IpLiteral)
+        );
+        for host in ["4294967297", "08.0.0.1", "fd00::7%1", "127.0.0.1 x"] {
             assert_eq!(
                 b.bind(host, ip("127.0.0.1")).await,
                 Err(HostBindError::Unresolved),

@@ -42,14 +42,19 @@ impl Coding {
     }
 }
 
-/// The `Content-Encoding` of a message with `headers`, as one list: every field line, in order, joined with `, `
-/// (RFC 9110 §5.3: a recipient may combine a field's lines, so `identity` on one line and `gzip` on the next is a
-/// gzip body, and an upstream that combines them decodes it). Bytes that are not ASCII become U+FFFD, which names no
-/// coding ([`decode_body`] then refuses it). `None` when the field is absent.
+/// The `Content-Encoding` of a message with `headers`, as one list ([`field_list`]): `identity` on one line and
+/// `gzip` on the next is a gzip body, and an upstream that combines the lines decodes it. A line that is not ASCII
+/// names no coding ([`decode_body`] then refuses it). `None` when the field is absent.
 pub fn content_coding(headers: &http::HeaderMap) -> Option<String> {
-    let mut lines = headers.get_all(http::header::CONTENT_ENCODING).iter();
-    let first = lines.next()?;
-    let mut list = String::from_utf8_lossy(first.as_bytes()).into_owned();
+    field_list(headers, http::header::CONTENT_ENCODING)
+}
+
+/// Every field line of `name` in `headers`, in order, as the one list they make, joined with `, ` (RFC 9110 §5.3: a
+/// recipient may combine a field's lines, so the policy reads them as the upstream may). Bytes that are not ASCII
+/// become U+FFFD. `None` when the field is absent.
+pub fn field_list(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<String> {
+    let mut lines = headers.get_all(name).iter();
+    let mut list = String::from_utf8_lossy(lines.next()?.as_bytes()).into_owned();
     for line in lines {
         list.push_str(", ");
         list.push_str(&String::from_utf8_lossy(line.as_bytes()));

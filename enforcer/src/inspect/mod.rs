@@ -21,7 +21,7 @@ pub use block::{
     block_batch_response, block_message, block_response, refusal_response, stream_block,
     BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
-pub use decode::{check_json_charset, content_coding, decode_body};
+pub use decode::{check_json_charset, content_coding, decode_body, field_list};
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};

@@ -20,7 +20,8 @@ pub(crate) struct Head {
     /// The host of `authority`, normalised and an IP literal spelt canonically (`host::request_host`): what the
     /// policy, the host binding and the upstream's certificate check see.
     pub host: String,
-    /// The protocols an HTTP/1.1 request asks to upgrade the connection to (`Upgrade`, lower-cased), if any.
+    /// The protocols an HTTP/1.1 request asks to upgrade the connection to (`Upgrade`, every field line as one
+    /// lower-cased list: `inspect::field_list`), if any.
     pub upgrade: Option<String>,
 }
 
@@ -60,8 +61,9 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
         ));
     }
     let upgrade = (parts.version == Version::HTTP_11)
-        .then(|| upgrade_list(&parts.headers))
-        .flatten();
+        .then(|| crate::inspect::field_list(&parts.headers, header::UPGRADE))
+        .flatten()
+        .map(|list| list.to_ascii_lowercase());
     Ok(Head {
         authority,
         host,
@@ -106,18 +108,6 @@ pub(crate) async fn bind_to_destination(
                 "the request's host does not live at the connection's destination",
             )
         })
-}
-
-/// Every `Upgrade` field line, in order, as one lower-cased list joined with `, ` (RFC 9110 §5.3: the upstream reads
-/// the lines as one list, so `websocket` on one line and `h2c` on the next asks for both); `None` without the field.
-fn upgrade_list(headers: &HeaderMap) -> Option<String> {
-    let mut lines = headers.get_all(header::UPGRADE).iter();
-    let mut list = String::from_utf8_lossy(lines.next()?.as_bytes()).to_ascii_lowercase();
-    for line in lines {
-        list.push_str(", ");
-        list.push_str(&String::from_utf8_lossy(line.as_bytes()).to_ascii_lowercase());
-    }
-    Some(list)
 }
 
 /// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash.

@@ -177,9 +177,8 @@ impl HostBinder {
 
 /// Whether `host` may be handed to the system resolver: a name of letters, digits, `-`, `_` and dots whose last
 /// label is not a number. `getaddrinfo` reads other strings as addresses without a lookup — numeric IPv4 forms
-/// (`inet_aton(3)`: `2130706433`, `0x7f.1`; those `host::request_host` does not spell canonically, such as
-/// `0x00000000007f.1`), IPv6 with a zone (`fd00::7%1`) — which would bind a host the policy never saw as that
-/// address.
+/// (`inet_aton(3)`) that `host::ip_literal` does not read (`08.0.0.1`, `4294967297`), IPv6 with a zone
+/// (`fd00::7%1`) — which would bind a host the policy never saw as that address.
 fn resolvable(host: &str) -> bool {
     !host.is_empty()
         && host

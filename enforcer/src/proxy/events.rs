@@ -17,7 +17,7 @@ use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 
-use super::upstream::UpstreamBody;
+use super::upstream::{HttpError, UpstreamBody};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -33,14 +33,14 @@ use crate::model::{Action, Phase, Reason};
 const UNDECODABLE: &str = "the upstream's answer could not be decoded for inspection";
 
 /// One frame of the agent's body, or the upstream's error that ends it.
-pub(crate) type Sent = Result<Frame<Bytes>, hyper::Error>;
+pub(crate) type Sent = Result<Frame<Bytes>, HttpError>;
 
 /// The agent's body: frames the reading task sends.
 struct Channel(mpsc::Receiver<Sent>);
 
 impl Body for Channel {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = HttpError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Sent>> {
         self.0.poll_recv(cx)
@@ -104,7 +104,7 @@ enum Next {
     Data(Bytes),
     Trailers(Frame<Bytes>),
     End,
-    Broken(hyper::Error),
+    Broken(HttpError),
     /// A held call did not complete in time.
     TimedOut,
 }

@@ -1,7 +1,9 @@
 //! OpenAI Chat Completions: `choices[].message.tool_calls` in a whole response; in a stream, `chat.completion.chunk`
 //! events whose `choices[].delta.tool_calls[]` carry each call in pieces by `index` (`id`, `type` and name first,
 //! then argument text), a chunk with the choice's `finish_reason`, and `data: [DONE]`. Function (`function.name`,
-//! `function.arguments`) and custom (`custom.name`, `custom.input`) calls.
+//! `function.arguments`) and custom (`custom.name`, `custom.input`) calls; and the legacy single function call of
+//! the `functions` parameter, `message.function_call` (`name`, `arguments`; streamed as `delta.function_call`
+//! pieces, `finish_reason: function_call`), which the SDKs still assemble and hand to the agent.
 //!
 //! A call is held from its first piece until its choice finishes. Passed on unchanged it is re-sent as it came (or as
 //! one chunk, renumbered, when an earlier call was refused or its pieces shared a chunk with other content); a
@@ -14,7 +16,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{
-    args_text, args_value, event_json, proposal, str_of, Call, Emit, Event, Ruling, Rulings,
+    args_text, event_json, function_args, proposal, str_of, Call, Emit, Event, Ruling, Rulings,
     Unreadable,
 };
 
@@ -33,12 +35,19 @@ struct Choice {
     passed: u64,
     /// Text was sent (a refusal then starts on a new paragraph).
     text: bool,
+    /// A legacy `function_call` was passed on.
+    legacy: bool,
     refused: bool,
 }
+
+/// The key of a choice's legacy `function_call` among its open calls (after every tool-call index).
+const LEGACY: u64 = u64::MAX;
 
 #[derive(Debug)]
 struct Held {
     index: u64,
+    /// A legacy `function_call`, not a `tool_calls` entry.
+    legacy: bool,
     id: Option<String>,
     /// `function` or `custom`.
     kind: String,
@@ -51,6 +60,15 @@ struct Held {
     raws: Vec<Bytes>,
     /// Every chunk of the call carried only this call, so its bytes can be re-sent as they came.
     pure: bool,
+    /// A name or argument piece was not a string: not read as the SDKs join it.
+    odd: bool,
+}
+
+/// One call piece of a delta: a `tool_calls` entry or the legacy `function_call`.
+#[derive(Debug)]
+enum Piece {
+    Tool(Value),
+    Legacy(Value),
 }
 
 #[derive(Debug)]
@@ -105,13 +123,7 @@ impl Stream {
             o.remove("usage");
         }
         for (choice, role, piece) in pieces {
-            self.absorb(
-                choice,
-                role,
-                &piece,
-                &envelope,
-                pure.then(|| ev.raw.clone()),
-            );
+            self.absorb(choice, role, piece, &envelope, pure.then(|| ev.raw.clone()));
         }
         if !finishing.is_empty() {
             let calls = finishing.iter().flat_map(|&c| self.close(c)).collect();
@@ -138,7 +150,7 @@ impl Stream {
     fn take_pieces(
         &mut self,
         chunk: &mut Value,
-    ) -> (Vec<(u64, Option<Value>, Value)>, Vec<u64>, bool) {
+    ) -> (Vec<(u64, Option<Value>, Piece)>, Vec<u64>, bool) {
         let (mut pieces, mut finishing, mut bare) = (Vec::new(), Vec::new(), true);
         if chunk.get("usage").is_some_and(|u| !u.is_null()) {
             bare = false;
@@ -163,7 +175,14 @@ impl Stream {
             }
             let role = delta.get("role").cloned();
             if let Some(Value::Array(calls)) = delta.remove("tool_calls") {
-                pieces.extend(calls.into_iter().map(|p| (index, role.clone(), p)));
+                pieces.extend(
+                    calls
+                        .into_iter()
+                        .map(|p| (index, role.clone(), Piece::Tool(p))),
+                );
+            }
+            if let Some(call) = delta.remove("function_call").filter(|c| !c.is_null()) {
+                pieces.push((index, role.clone(), Piece::Legacy(call)));
             }
             bare &= delta
                 .iter()
@@ -176,11 +195,19 @@ impl Stream {
         &mut self,
         choice: u64,
         role: Option<Value>,
-        piece: &Value,
+        piece: Piece,
         envelope: &Value,
         raw: Option<Bytes>,
     ) {
-        let index = piece.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let (legacy, piece) = match piece {
+            Piece::Tool(p) => (false, p),
+            Piece::Legacy(p) => (true, p),
+        };
+        let index = if legacy {
+            LEGACY
+        } else {
+            piece.get("index").and_then(Value::as_u64).unwrap_or(0)
+        };
         let held = self
             .open
             .entry(choice)
@@ -188,6 +215,7 @@ impl Stream {
             .entry(index)
             .or_insert_with(|| Held {
                 index,
+                legacy,
                 id: None,
                 kind: "function".into(),
                 name: String::new(),
@@ -196,20 +224,28 @@ impl Stream {
                 envelope: envelope.clone(),
                 raws: Vec::new(),
                 pure: true,
+                odd: false,
             });
-        if let Some(id) = str_of(piece, "id") {
+        if let Some(id) = str_of(&piece, "id") {
             held.id = Some(id.to_string());
         }
-        if let Some(kind) = str_of(piece, "type") {
+        if let Some(kind) = str_of(&piece, "type") {
             held.kind = kind.to_string();
         }
         let (body, field) = match piece.get("custom") {
+            _ if legacy => (Some(&piece), "arguments"),
             Some(c) => (Some(c), "input"),
             None => (piece.get("function"), "arguments"),
         };
         if let Some(body) = body {
-            held.name.push_str(str_of(body, "name").unwrap_or_default());
-            held.args.push_str(str_of(body, field).unwrap_or_default());
+            // The SDKs' accumulators join string pieces; a piece of another type is not text they join.
+            for (key, into) in [("name", &mut held.name), (field, &mut held.args)] {
+                match body.get(key) {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(s)) => into.push_str(s),
+                    Some(_) => held.odd = true,
+                }
+            }
         }
         match raw {
             Some(raw) if held.pure => held.raws.push(raw),
@@ -224,14 +260,11 @@ impl Stream {
         };
         let mut calls = Vec::with_capacity(open.len());
         for held in open.into_values() {
+            let (args, unreadable) = call_args(&held.kind, &held.args);
             calls.push(Call {
-                proposal: proposal(
-                    &held.name,
-                    &held.kind,
-                    args_value(&held.args),
-                    held.id.as_deref(),
-                ),
+                proposal: proposal(&held.name, &held.kind, args, held.id.as_deref()),
                 signed: false,
+                unreadable: unreadable || held.odd,
             });
             self.pending.push(Item::Call { choice, held });
         }
@@ -288,8 +321,12 @@ impl Stream {
     fn render_call(&mut self, choice: u64, held: Held, ruling: Ruling) -> Vec<Emit> {
         let st = self.choices.entry(choice).or_default();
         let args = match ruling {
-            Ruling::Pass if held.pure && held.index == st.passed => {
-                st.passed += 1;
+            Ruling::Pass if held.pure && (held.legacy || held.index == st.passed) => {
+                if held.legacy {
+                    st.legacy = true;
+                } else {
+                    st.passed += 1;
+                }
                 return held.raws.into_iter().map(Emit::Raw).collect();
             }
             Ruling::Pass => held.args.clone(),
@@ -305,6 +342,14 @@ impl Stream {
                 return vec![chunk_with(&held.envelope, choice, delta)];
             }
         };
+        if held.legacy {
+            st.legacy = true;
+            let mut delta = json!({ "function_call": { "name": held.name, "arguments": args } });
+            if let Some(role) = held.role {
+                delta["role"] = role;
+            }
+            return vec![chunk_with(&held.envelope, choice, delta)];
+        }
         let (body, field) = if held.kind == "custom" {
             ("custom", "input")
         } else {
@@ -336,7 +381,7 @@ impl Stream {
             let none_left = self
                 .choices
                 .get(&index)
-                .is_some_and(|s| s.refused && s.passed == 0);
+                .is_some_and(|s| s.refused && s.passed == 0 && !s.legacy);
             let asks = matches!(
                 str_of(c, "finish_reason"),
                 Some("tool_calls" | "function_call")
@@ -362,7 +407,7 @@ type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 /// 128 levels: its members, read as any JSON parser reads them, hold no piece and no finish, so it is passed on as it
 /// came; a chunk that holds one is read whole and, when that fails, refused as [`Unreadable`].)
 fn no_calls(data: &str) -> Option<Vec<u64>> {
-    let chunk: Members = serde_json::from_str(data).ok()?;
+    let chunk: Members = plain(data)?;
     let mut text = Vec::new();
     let Some(choices) = chunk.get("choices") else {
         return Some(text);
@@ -373,15 +418,15 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
         if !choice.get().starts_with('{') {
             continue;
         }
-        let choice: Members = serde_json::from_str(choice.get()).ok()?;
+        let choice: Members = plain(choice.get())?;
         if given(choice.get("finish_reason")) {
             return None;
         }
         let Some(delta) = choice.get("delta").filter(|d| d.get().starts_with('{')) else {
             continue;
         };
-        let delta: Members = serde_json::from_str(delta.get()).ok()?;
-        if given(delta.get("tool_calls")) {
+        let delta: Members = plain(delta.get())?;
+        if given(delta.get("tool_calls")) || given(delta.get("function_call")) {
             return None;
         }
         let content = delta.get("content").map_or("", |c| c.get());
@@ -396,6 +441,25 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
     Some(text)
 }
 
+/// The members of the JSON object `text` when every name is in lower case (as the API writes them all): another
+/// spelling may be read otherwise by another reader (`members`), so the chunk is then read whole.
+fn plain(text: &str) -> Option<Members<'_>> {
+    let members: Members = serde_json::from_str(text).ok()?;
+    members
+        .keys()
+        .all(|k| !k.chars().any(|c| c.is_uppercase() || !c.is_ascii()))
+        .then_some(members)
+}
+
+/// A call's arguments as the policy reads them, and whether they are unreadable (`function_args`); a custom tool's
+/// free-form input is its text.
+fn call_args(kind: &str, text: &str) -> (Value, bool) {
+    if kind == "custom" {
+        return (Value::String(text.to_string()), false);
+    }
+    function_args(text)
+}
+
 fn chunk_with(envelope: &Value, choice: u64, delta: Value) -> Emit {
     let mut chunk = envelope.clone();
     chunk["choices"] =
@@ -406,36 +470,54 @@ fn chunk_with(envelope: &Value, choice: u64, delta: Value) -> Emit {
     }
 }
 
-/// `(name, kind, arguments text, id)` of one entry of `message.tool_calls`.
-fn call_parts(tc: &Value) -> (&str, &str, &str, Option<&str>) {
-    let kind = str_of(tc, "type").unwrap_or("function");
+/// The call of one entry of `message.tool_calls` (`legacy`: of `message.function_call`, the function itself). A
+/// name or arguments that are not a string are not what the SDKs hand on as one: the call is unreadable.
+fn body_call(tc: &Value, legacy: bool) -> Call {
+    let kind = if legacy {
+        "function"
+    } else {
+        str_of(tc, "type").unwrap_or("function")
+    };
     let (body, field) = match tc.get("custom") {
+        _ if legacy => (tc, "arguments"),
         Some(c) => (c, "input"),
         None => (tc.get("function").unwrap_or(&Value::Null), "arguments"),
     };
-    (
-        str_of(body, "name").unwrap_or_default(),
-        kind,
-        str_of(body, field).unwrap_or_default(),
-        str_of(tc, "id"),
-    )
+    let text = |key: &str| match body.get(key) {
+        None | Some(Value::Null) => Some(""),
+        Some(v) => v.as_str(),
+    };
+    let (name, args) = (text("name"), text(field));
+    let (value, unreadable) = call_args(kind, args.unwrap_or_default());
+    Call {
+        proposal: proposal(
+            name.unwrap_or_default(),
+            kind,
+            value,
+            str_of(tc, "id").filter(|_| !legacy),
+        ),
+        signed: false,
+        unreadable: unreadable || name.is_none() || args.is_none(),
+    }
 }
 
+/// The calls of a whole response: each choice's `message.tool_calls`, then its legacy `message.function_call`.
 pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+    let mut calls = Vec::new();
     let choices = body.get("choices").and_then(Value::as_array);
-    choices
+    for message in choices
         .into_iter()
         .flatten()
-        .filter_map(|c| c.get("message")?.get("tool_calls")?.as_array())
-        .flatten()
-        .map(|tc| {
-            let (name, kind, args, id) = call_parts(tc);
-            Call {
-                proposal: proposal(name, kind, args_value(args), id),
-                signed: false,
-            }
-        })
-        .collect()
+        .filter_map(|c| c.get("message"))
+    {
+        if let Some(tcs) = message.get("tool_calls").and_then(Value::as_array) {
+            calls.extend(tcs.iter().map(|tc| body_call(tc, false)));
+        }
+        if let Some(fc) = message.get("function_call").filter(|f| !f.is_null()) {
+            calls.push(body_call(fc, true));
+        }
+    }
+    calls
 }
 
 pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
@@ -444,9 +526,19 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
         let Some(message) = c.get_mut("message").and_then(Value::as_object_mut) else {
             continue;
         };
-        let Some(Value::Array(calls)) = message.remove("tool_calls") else {
+        let has_calls = message
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+        let has_legacy = message.get("function_call").is_some_and(|f| !f.is_null());
+        if !has_calls && !has_legacy {
             continue;
+        }
+        let calls = match message.remove("tool_calls") {
+            Some(Value::Array(calls)) => calls,
+            _ => Vec::new(),
         };
+        let legacy = message.remove("function_call").filter(|_| has_legacy);
         let (mut kept, mut refusals) = (Vec::new(), Vec::new());
         for mut tc in calls {
             match rulings.next() {
@@ -463,6 +555,20 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
                 Ruling::Refuse(text) => refusals.push(text),
             }
         }
+        let mut legacy_kept = false;
+        if let Some(mut fc) = legacy {
+            match rulings.next() {
+                Ruling::Pass => legacy_kept = true,
+                Ruling::Rewrite(v) => {
+                    fc["arguments"] = json!(args_text(&v));
+                    legacy_kept = true;
+                }
+                Ruling::Refuse(text) => refusals.push(text),
+            }
+            if legacy_kept {
+                message.insert("function_call".into(), fc);
+            }
+        }
         let refused = !refusals.is_empty();
         if refused {
             let mut text = message
@@ -474,11 +580,17 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
             text.push_str(&refusals.join("\n\n"));
             message.insert("content".into(), json!(text));
         }
-        let none_left = kept.is_empty();
-        if !none_left {
+        let none_left = kept.is_empty() && !legacy_kept;
+        if !kept.is_empty() {
             message.insert("tool_calls".into(), Value::Array(kept));
         }
-        if refused && none_left && matches!(str_of(c, "finish_reason"), Some("tool_calls")) {
+        if refused
+            && none_left
+            && matches!(
+                str_of(c, "finish_reason"),
+                Some("tool_calls" | "function_call")
+            )
+        {
             c["finish_reason"] = json!("stop");
         }
     }

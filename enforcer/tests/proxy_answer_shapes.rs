@@ -121,6 +121,17 @@ fn canned(case: &str) -> (&'static str, String) {
                 ),
             )
         }
+        // A function call also carrying a custom tool's member: the SDKs read the member its `type` names.
+        "decoy-whole" => {
+            let mut message = tool_message(json!(args_with("")));
+            message["tool_calls"][0]["custom"] = json!({"name": "notes", "input": "hi"});
+            (whole, completion(message, "tool_calls"))
+        }
+        "decoy-stream" => {
+            let mut piece = tool_piece(&args_with(""));
+            piece["tool_calls"][0]["custom"] = json!({"name": "notes", "input": "hi"});
+            (sse, chat_stream(&[piece], "tool_calls"))
+        }
         "dup-whole" => {
             let args = format!("{{\"command\":{},\"command\":\"echo ok\"}}", json!(COMMAND));
             (whole, completion(tool_message(json!(args)), "tool_calls"))
@@ -144,6 +155,32 @@ fn canned(case: &str) -> (&'static str, String) {
                 "tool_calls",
             ),
         ),
+        // The SDK's accumulator puts a call's first piece at `min(index, calls so far)` (Python's list.insert), so
+        // a piece for index 1 before any for 0 is the first call, and the piece for 0 joins it: `sh` + `ell`.
+        "sparse-index-stream" => (
+            sse,
+            chat_stream(
+                &[
+                    json!({"tool_calls": [{"index": 1, "id": "call_1", "type": "function",
+                        "function": {"name": "sh", "arguments": args_with("")}}]}),
+                    json!({"tool_calls": [{"index": 0, "function": {"name": "ell"}}]}),
+                ],
+                "tool_calls",
+            ),
+        ),
+        // A piece after the choice's finish joins the call of its index, already decided (as `shell` with `{}`).
+        "reopened-stream" => {
+            let mut s = chunk(json!({"role": "assistant", "content": null}), None);
+            s.push_str(&chunk(tool_piece(""), None));
+            s.push_str(&chunk(json!({}), Some("tool_calls")));
+            s.push_str(&chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": args_with("")}}]}),
+                None,
+            ));
+            s.push_str(&chunk(json!({}), Some("tool_calls")));
+            s.push_str("data: [DONE]\n\n");
+            (sse, s)
+        }
         _ => ("text/plain", "unknown case".into()),
     }
 }
@@ -314,6 +351,8 @@ async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
         "twin-whole",
         "twin-stream",
         "dup-whole",
+        "decoy-whole",
+        "decoy-stream",
     ] {
         let (status, body, recs) = chat(&w, case).await;
         assert_eq!(status, 200, "{case}: {body}");
@@ -331,12 +370,17 @@ async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
 }
 
 /// An answer whose own members another reader matches otherwise (a provider's name in other letter case, twin
-/// names) is refused whole; a Gemini part with both spellings of its call has that call refused.
+/// names, a streamed call piece whose index the SDK's accumulator files under another call) is refused whole; a Gemini part with both spellings of its call has that call refused.
 #[tokio::test]
 async fn answer_members_read_otherwise_refuse_the_answer() {
     let w = world().await;
     let mut answers = Vec::new();
-    for case in ["case-member-whole", "case-member-stream"] {
+    for case in [
+        "case-member-whole",
+        "case-member-stream",
+        "sparse-index-stream",
+        "reopened-stream",
+    ] {
         answers.push((case, chat(&w, case).await));
     }
     for case in ["gemini-name-case", "gemini-twin-args", "gemini-both"] {

@@ -37,6 +37,10 @@ struct Choice {
     text: bool,
     /// A legacy `function_call` was passed on.
     legacy: bool,
+    /// Calls the upstream opened in this choice (the length of the SDK's list of them).
+    calls: u64,
+    /// The upstream opened a legacy `function_call` in this choice.
+    legacy_seen: bool,
     refused: bool,
 }
 
@@ -105,15 +109,15 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
-        Ok(self.read(ev, chunk))
+        self.read(ev, chunk)
     }
 
     /// One chunk of JSON `chunk`: the calls it completed.
-    fn read(&mut self, ev: Event, mut chunk: Value) -> Vec<Call> {
+    fn read(&mut self, ev: Event, mut chunk: Value) -> Result<Vec<Call>, Unreadable> {
         let (pieces, finishing, bare) = self.take_pieces(&mut chunk);
         if pieces.is_empty() && finishing.is_empty() {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let pure = pieces.len() == 1 && bare && finishing.is_empty();
         let took = !pieces.is_empty();
@@ -123,7 +127,7 @@ impl Stream {
             o.remove("usage");
         }
         for (choice, role, piece) in pieces {
-            self.absorb(choice, role, piece, &envelope, pure.then(|| ev.raw.clone()));
+            self.absorb(choice, role, piece, &envelope, pure.then(|| ev.raw.clone()))?;
         }
         if !finishing.is_empty() {
             let calls = finishing.iter().flat_map(|&c| self.close(c)).collect();
@@ -133,7 +137,7 @@ impl Stream {
                 raw: ev.raw,
                 changed: took,
             });
-            return calls;
+            return Ok(calls);
         }
         if !bare {
             self.pending.push(Item::Emit(Emit::New {
@@ -141,7 +145,7 @@ impl Stream {
                 data: chunk.to_string(),
             }));
         }
-        Vec::new()
+        Ok(Vec::new())
     }
 
     /// Remove the tool-call pieces from `chunk`: the pieces (choice, the delta's role, piece), the choices it
@@ -191,6 +195,15 @@ impl Stream {
         (pieces, finishing, bare)
     }
 
+    /// Add one piece to its call.
+    ///
+    /// # Errors
+    /// [`Unreadable`] when the SDKs' accumulator files the piece under another call than its `index` says. The
+    /// openai SDK keeps a choice's calls in a list (`lib/streaming/_deltas.py`, `accumulate_delta`): a piece is
+    /// joined to the entry at its index when there is one — a call already decided, after its choice finished,
+    /// included — and a new call is inserted at that index, which Python's `list.insert` clamps to the list's end.
+    /// So a new call's index must be the number of calls the choice has had (indices dense from 0), an integer, and a
+    /// piece may not come for a call already closed; the legacy `function_call` is likewise one per choice.
     fn absorb(
         &mut self,
         choice: u64,
@@ -198,7 +211,7 @@ impl Stream {
         piece: Piece,
         envelope: &Value,
         raw: Option<Bytes>,
-    ) {
+    ) -> Result<(), Unreadable> {
         let (legacy, piece) = match piece {
             Piece::Tool(p) => (false, p),
             Piece::Legacy(p) => (true, p),
@@ -206,36 +219,49 @@ impl Stream {
         let index = if legacy {
             LEGACY
         } else {
-            piece.get("index").and_then(Value::as_u64).unwrap_or(0)
+            piece
+                .get("index")
+                .and_then(Value::as_u64)
+                .ok_or(Unreadable)?
         };
-        let held = self
-            .open
-            .entry(choice)
-            .or_default()
-            .entry(index)
-            .or_insert_with(|| Held {
-                index,
-                legacy,
-                id: None,
-                kind: "function".into(),
-                name: String::new(),
-                args: String::new(),
-                role,
-                envelope: envelope.clone(),
-                raws: Vec::new(),
-                pure: true,
-                odd: false,
-            });
+        let open = self.open.entry(choice).or_default();
+        if !open.contains_key(&index) {
+            let seen = self.choices.entry(choice).or_default();
+            if legacy {
+                if std::mem::replace(&mut seen.legacy_seen, true) {
+                    return Err(Unreadable);
+                }
+            } else if index == seen.calls {
+                seen.calls += 1;
+            } else {
+                return Err(Unreadable);
+            }
+        }
+        let held = open.entry(index).or_insert_with(|| Held {
+            index,
+            legacy,
+            id: None,
+            kind: "function".into(),
+            name: String::new(),
+            args: String::new(),
+            role,
+            envelope: envelope.clone(),
+            raws: Vec::new(),
+            pure: true,
+            odd: false,
+        });
         if let Some(id) = str_of(&piece, "id") {
             held.id = Some(id.to_string());
         }
         if let Some(kind) = str_of(&piece, "type") {
             held.kind = kind.to_string();
         }
-        let (body, field) = match piece.get("custom") {
-            _ if legacy => (Some(&piece), "arguments"),
-            Some(c) => (Some(c), "input"),
-            None => (piece.get("function"), "arguments"),
+        let (body, field) = if legacy {
+            (Some(&piece), "arguments")
+        } else {
+            let (body, field, both) = call_body(&piece, &held.kind);
+            held.odd |= both;
+            (body, field)
         };
         if let Some(body) = body {
             // The SDKs' accumulators join string pieces; a piece of another type is not text they join.
@@ -251,6 +277,7 @@ impl Stream {
             Some(raw) if held.pure => held.raws.push(raw),
             _ => held.pure = false,
         }
+        Ok(())
     }
 
     /// The open calls of `choice`, complete now, in index order.
@@ -478,11 +505,12 @@ fn body_call(tc: &Value, legacy: bool) -> Call {
     } else {
         str_of(tc, "type").unwrap_or("function")
     };
-    let (body, field) = match tc.get("custom") {
-        _ if legacy => (tc, "arguments"),
-        Some(c) => (c, "input"),
-        None => (tc.get("function").unwrap_or(&Value::Null), "arguments"),
+    let (body, field, both) = if legacy {
+        (Some(tc), "arguments", false)
+    } else {
+        call_body(tc, kind)
     };
+    let body = body.unwrap_or(&Value::Null);
     let text = |key: &str| match body.get(key) {
         None | Some(Value::Null) => Some(""),
         Some(v) => v.as_str(),
@@ -497,7 +525,19 @@ fn body_call(tc: &Value, legacy: bool) -> Call {
             str_of(tc, "id").filter(|_| !legacy),
         ),
         signed: false,
-        unreadable: unreadable || name.is_none() || args.is_none(),
+        unreadable: unreadable || both || name.is_none() || args.is_none(),
+    }
+}
+
+/// The member holding a call's name and arguments, chosen by the call's `type` as the SDKs choose the variant of
+/// their tagged union (`custom` → `custom.input`, else `function.arguments`), its arguments field, and whether the
+/// entry also carries the other member (a reader choosing by the member present would read that one).
+fn call_body<'a>(tc: &'a Value, kind: &str) -> (Option<&'a Value>, &'static str, bool) {
+    let given = |k: &str| tc.get(k).filter(|v| !v.is_null());
+    if kind == "custom" {
+        (given("custom"), "input", given("function").is_some())
+    } else {
+        (given("function"), "arguments", given("custom").is_some())
     }
 }
 

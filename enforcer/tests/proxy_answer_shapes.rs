@@ -132,6 +132,15 @@ fn canned(case: &str) -> (&'static str, String) {
             piece["tool_calls"][0]["custom"] = json!({"name": "notes", "input": "hi"});
             (sse, chat_stream(&[piece], "tool_calls"))
         }
+        // The arguments encoded twice: a JSON string holding the object (an agent that decodes until it has an
+        // object runs it; the function tools' arguments are always an object).
+        "string-args-whole" => (
+            whole,
+            completion(
+                tool_message(json!(json!(args_with("")).to_string())),
+                "tool_calls",
+            ),
+        ),
         "dup-whole" => {
             let args = format!("{{\"command\":{},\"command\":\"echo ok\"}}", json!(COMMAND));
             (whole, completion(tool_message(json!(args)), "tool_calls"))
@@ -351,6 +360,7 @@ async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
         "twin-whole",
         "twin-stream",
         "dup-whole",
+        "string-args-whole",
         "decoy-whole",
         "decoy-stream",
     ] {

@@ -208,7 +208,7 @@ impl Stream {
             return Ok(Vec::new());
         };
         let (args, unreadable) = if held.json.trim().is_empty() {
-            (held.input.clone(), false)
+            (held.input.clone(), !held.input.is_object())
         } else {
             serde_json::from_str::<Value>(&held.json).map_err(|_| Unreadable)?;
             function_args(&held.json)
@@ -331,9 +331,10 @@ pub(super) fn body_calls(body: &Value) -> Vec<Call> {
             let kind = kind_of(str_of(b, "type")?)?;
             let args = b.get("input").cloned().unwrap_or(json!({}));
             Some(Call {
+                // A tool's input is an object (its `input_schema`); anything else is not decided as it stands.
+                unreadable: !args.is_object(),
                 proposal: proposal(&tool_name(b), kind, args, str_of(b, "id")),
                 signed: false,
-                unreadable: false,
             })
         })
         .collect()

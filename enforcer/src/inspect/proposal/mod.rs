@@ -222,14 +222,17 @@ fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
 /// agent, which parses it as JSON with its own parser: Python's `json.loads` also reads `NaN`, `Infinity`, numbers
 /// beyond `f64` and lone surrogate escapes; a last-duplicate-wins reader and Go's case-insensitive
 /// `encoding/json` read `{"command":"echo ok","Command":"curl …"}` as the second command. So the text is readable
-/// only when it is empty (no arguments: `{}`) or one JSON value this parser reads with no object naming a member
-/// twice, even in other letter case ([`members::twins`]). What is not is returned as the text itself, unreadable.
+/// only when it is empty (no arguments: `{}`) or one JSON object this parser reads with no object naming a member
+/// twice, even in other letter case ([`members::twins`]). A function's arguments are always an object (its
+/// parameters are a JSON Schema object: OpenAI `parameters`, Anthropic `input_schema`); any other value — a string
+/// holding the object again, which an agent decoding until it has an object would run — is not decided as a
+/// string. What is not readable is returned as the text itself, unreadable.
 fn function_args(text: &str) -> (Value, bool) {
     if text.trim().is_empty() {
         return (Value::Object(serde_json::Map::new()), false);
     }
-    match serde_json::from_str(text) {
-        Ok(v) if !members::twins(text) => (v, false),
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) if v.is_object() && !members::twins(text) => (v, false),
         _ => (Value::String(text.to_string()), true),
     }
 }

@@ -190,6 +190,36 @@ fn canned(case: &str) -> (&'static str, String) {
             s.push_str("data: [DONE]\n\n");
             (sse, s)
         }
+        // The same twin names in a Responses call's arguments (whole) and an Anthropic tool input (streamed).
+        "responses-twin-whole" => {
+            let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
+            let item = json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+                "arguments": args, "status": "completed"});
+            let doc = json!({"id": "resp_1", "object": "response", "status": "completed", "model": "m",
+                "output": [item]});
+            (whole, doc.to_string())
+        }
+        "messages-twin-stream" => {
+            let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
+            let events = [
+                json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                    "model": "m", "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+                json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {}}}),
+                json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": args}}),
+                json!({"type": "content_block_stop", "index": 0}),
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+                    "usage": {"output_tokens": 5}}),
+                json!({"type": "message_stop"}),
+            ];
+            let text = events
+                .iter()
+                .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+                .collect();
+            (sse, text)
+        }
         _ => ("text/plain", "unknown case".into()),
     }
 }
@@ -257,7 +287,7 @@ struct World {
 async fn world() -> World {
     let ca = TestCa::new("answer shapes test CA");
     let proxy = start_proxy(NO_CURL_POLICY, &[&ca], false).await;
-    let openai = answering_upstream(&ca, &["api.openai.com"], answer).await;
+    let openai = answering_upstream(&ca, &["api.openai.com", "api.anthropic.com"], answer).await;
     let gemini = answering_upstream(&ca, &["generativelanguage.googleapis.com"], answer).await;
     World {
         proxy,
@@ -270,7 +300,7 @@ async fn world() -> World {
 /// request's.
 async fn exchange(w: &World, host: &str, path: &str, body: Value) -> (u16, String, Vec<Value>) {
     let before = w.proxy.audit_records().await.len();
-    let up = if host == "api.openai.com" {
+    let up = if host.starts_with("api.") {
         w.openai
     } else {
         w.gemini
@@ -297,7 +327,12 @@ async fn chat(w: &World, case: &str) -> (u16, String, Vec<Value>) {
     let stream = case.ends_with("-stream");
     let body =
         json!({"model": case, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
-    exchange(w, "api.openai.com", "/v1/chat/completions", body).await
+    let (host, path) = match case.split('-').next() {
+        Some("responses") => ("api.openai.com", "/v1/responses"),
+        Some("messages") => ("api.anthropic.com", "/v1/messages"),
+        _ => ("api.openai.com", "/v1/chat/completions"),
+    };
+    exchange(w, host, path, body).await
 }
 
 async fn ask_gemini(w: &World, case: &str) -> (u16, String, Vec<Value>) {
@@ -363,6 +398,8 @@ async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
         "string-args-whole",
         "decoy-whole",
         "decoy-stream",
+        "responses-twin-whole",
+        "messages-twin-stream",
     ] {
         let (status, body, recs) = chat(&w, case).await;
         assert_eq!(status, 200, "{case}: {body}");

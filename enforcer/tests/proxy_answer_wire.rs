@@ -5,6 +5,7 @@
 
 mod proxy_support;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -169,5 +170,98 @@ async fn a_coded_stream_broken_off_upstream_is_broken_off_for_the_agent() {
         assert!(!clean, "h2={h2}: a clean end: {body}");
         assert!(!body.contains("echo ok"), "h2={h2}: {body}");
     }
+    assert!(proxy.close_and_verify().await > 0);
+}
+
+/// A body of one data frame, then (a moment later, once the frame has gone out) an error: hyper's HTTP/2 server
+/// resets the stream (RST_STREAM) there.
+struct Resetting(Option<Bytes>, std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl hyper::body::Body for Resetting {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        if let Some(data) = self.0.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+        }
+        std::task::ready!(self.1.as_mut().poll(cx));
+        std::task::Poll::Ready(Some(Err(std::io::Error::other("reset mid-body"))))
+    }
+}
+
+/// An upstream speaking only HTTP/2 whose answer (an event stream with a call still open, or the start of a
+/// whole completion) is reset mid-body.
+async fn h2_resetting_upstream(ca: &TestCa) -> SocketAddr {
+    let (chain, key) = ca.leaf(&[OPENAI]);
+    let acceptor = tls_acceptor(chain, key, &[b"h2"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let events = req
+                            .headers()
+                            .get("x-case")
+                            .is_some_and(|c| c == "h2-reset-stream");
+                        let (ct, body) = if events {
+                            let mut s = chunk(json!({"role": "assistant", "content": "ok"}), None);
+                            let args = json!({"command": "echo ok"}).to_string();
+                            s.push_str(&chunk(tool_piece(&args), None));
+                            ("text/event-stream", s)
+                        } else {
+                            (
+                                "application/json",
+                                "{\"id\":\"c1\",\"choices\":[".to_string(),
+                            )
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", ct)
+                                .body(Resetting(
+                                    Some(Bytes::from(body)),
+                                    Box::pin(tokio::time::sleep(Duration::from_millis(200))),
+                                ))
+                                .unwrap(),
+                        )
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 upstream resetting its stream mid-body, to an HTTP/1.1 agent: a stream breaks off for the agent with
+/// the call it held never sent; a whole answer is refused (502, recorded), never passed on cut short.
+#[tokio::test]
+async fn an_h2_answer_reset_mid_body_never_passes_what_it_held() {
+    let ca = TestCa::new("answer wire CA");
+    let proxy = start_proxy(NO_CURL_POLICY, &[&ca], false).await;
+    let up = h2_resetting_upstream(&ca).await;
+    let (body, clean) = wire_ask(&proxy, up, "h2-reset-stream", false).await;
+    assert!(!clean, "a clean end: {body}");
+    assert!(body.contains("\"ok\""), "{body}");
+    assert!(!body.contains("echo ok"), "{body}");
+    let before = proxy.audit_records().await.len();
+    let (body, clean) = wire_ask(&proxy, up, "h2-reset-whole", false).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(clean, "{body}");
+    assert!(!body.contains("\"choices\":["), "{body}");
+    let recs = proxy.audit_records().await;
+    let recs = &recs[before + 1..];
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "blocked", "{}", recs[0]);
     assert!(proxy.close_and_verify().await > 0);
 }

@@ -141,6 +141,20 @@ fn canned(case: &str) -> (&'static str, String) {
                 "tool_calls",
             ),
         ),
+        // A call whose type changes between pieces: the SDKs keep the last type and read the member it names,
+        // joined over every piece (`shell` with the curl input), not the function pieces before it.
+        "retyped-stream" => (
+            sse,
+            chat_stream(
+                &[
+                    json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                        "function": {"name": "read", "arguments": "{}"}}]}),
+                    json!({"tool_calls": [{"index": 0, "type": "custom",
+                        "custom": {"name": "shell", "input": COMMAND}}]}),
+                ],
+                "tool_calls",
+            ),
+        ),
         "dup-whole" => {
             let args = format!("{{\"command\":{},\"command\":\"echo ok\"}}", json!(COMMAND));
             (whole, completion(tool_message(json!(args)), "tool_calls"))
@@ -398,6 +412,7 @@ async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
         "string-args-whole",
         "decoy-whole",
         "decoy-stream",
+        "retyped-stream",
         "responses-twin-whole",
         "messages-twin-stream",
     ] {
@@ -407,8 +422,9 @@ async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
             !body.contains("evil.example"),
             "{case}: the call reached the agent: {body}"
         );
+        // The refusal names the tool as this reader joined it (`readshell` for the retyped call).
         assert!(
-            body.contains("refused the tool call `shell`"),
+            body.contains("refused the tool call `") && body.contains("shell`"),
             "{case}: {body}"
         );
         assert_refused(case, &recs, "unparseable");

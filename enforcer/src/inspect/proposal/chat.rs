@@ -66,6 +66,8 @@ struct Held {
     pure: bool,
     /// A name or argument piece was not a string: not read as the SDKs join it.
     odd: bool,
+    /// A piece named the call's `type`.
+    typed: bool,
 }
 
 /// One call piece of a delta: a `tool_calls` entry or the legacy `function_call`.
@@ -249,12 +251,17 @@ impl Stream {
             raws: Vec::new(),
             pure: true,
             odd: false,
+            typed: false,
         });
         if let Some(id) = str_of(&piece, "id") {
             held.id = Some(id.to_string());
         }
         if let Some(kind) = str_of(&piece, "type") {
+            // The SDKs keep the last `type` and read the member it names from every piece joined: a call whose
+            // type changes is read from pieces this reader did not join as that member.
+            held.odd |= held.typed && held.kind != kind;
             held.kind = kind.to_string();
+            held.typed = true;
         }
         let (body, field) = if legacy {
             (Some(&piece), "arguments")

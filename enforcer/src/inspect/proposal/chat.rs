@@ -204,7 +204,8 @@ impl Stream {
     /// openai SDK keeps a choice's calls in a list (`lib/streaming/_deltas.py`, `accumulate_delta`): a piece is
     /// joined to the entry at its index when there is one — a call already decided, after its choice finished,
     /// included — and a new call is inserted at that index, which Python's `list.insert` clamps to the list's end.
-    /// So a new call's index must be the number of calls the choice has had (indices dense from 0), an integer, and a
+    /// So a new call's index must be the number of calls the choice has had (indices dense from 0), an integer (none
+    /// is 0), and a
     /// piece may not come for a call already closed; the legacy `function_call` is likewise one per choice.
     fn absorb(
         &mut self,
@@ -221,9 +222,10 @@ impl Stream {
         let index = if legacy {
             LEGACY
         } else {
+            // Without one the SDK keeps the piece as its list's first entry: index 0.
             piece
                 .get("index")
-                .and_then(Value::as_u64)
+                .map_or(Some(0), Value::as_u64)
                 .ok_or(Unreadable)?
         };
         let open = self.open.entry(choice).or_default();

@@ -13,6 +13,7 @@
 
 mod chat;
 mod gemini;
+mod members;
 mod messages;
 mod responses;
 
@@ -46,6 +47,9 @@ pub struct Call {
     /// The call is covered by an opaque signature (a Gemini part's `thoughtSignature`): its arguments may not be
     /// rewritten, only passed or refused.
     pub signed: bool,
+    /// The arguments cannot be read as the agent's SDK reads them ([`function_args`]): the call is refused, never
+    /// decided on a reading the agent would not share (its `proposal.args` is what could be read, for the record).
+    pub unreadable: bool,
 }
 
 /// What becomes of a proposed call.
@@ -198,20 +202,39 @@ pub fn body_json(text: &str) -> Result<Option<Value>, Unreadable> {
 }
 
 /// The JSON of an event's `data`; `None` for an event without data, passed on as it came.
+///
+/// # Errors
+/// [`Unreadable`] when it is not JSON the reader parses, or when another reader would read its members otherwise
+/// ([`members::ambiguous`]: twin names, a provider's member name written in other letter case).
 fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
     if data.trim().is_empty() {
         return Ok(None);
     }
-    serde_json::from_str(data).map(Some).map_err(|_| Unreadable)
+    let value = serde_json::from_str(data).map_err(|_| Unreadable)?;
+    if members::ambiguous(data) {
+        return Err(Unreadable);
+    }
+    Ok(Some(value))
 }
 
-/// Arguments as the policy reads them: the JSON the text holds, or the text itself when it is not JSON (a custom
-/// tool's free-form input).
-fn args_value(text: &str) -> Value {
+/// A function call's arguments text (Chat `function.arguments`, Responses `arguments`, Anthropic's streamed input
+/// JSON) as the policy reads it, and whether the agent's SDK reads it the same way. The SDKs hand the text to the
+/// agent, which parses it as JSON with its own parser: Python's `json.loads` also reads `NaN`, `Infinity`, numbers
+/// beyond `f64` and lone surrogate escapes; a last-duplicate-wins reader and Go's case-insensitive
+/// `encoding/json` read `{"command":"echo ok","Command":"curl …"}` as the second command. So the text is readable
+/// only when it is empty (no arguments: `{}`) or one JSON object this parser reads with no object naming a member
+/// twice, even in other letter case ([`members::twins`]). A function's arguments are always an object (its
+/// parameters are a JSON Schema object: OpenAI `parameters`, Anthropic `input_schema`); any other value — a string
+/// holding the object again, which an agent decoding until it has an object would run — is not decided as a
+/// string. What is not readable is returned as the text itself, unreadable.
+fn function_args(text: &str) -> (Value, bool) {
     if text.trim().is_empty() {
-        return Value::Object(serde_json::Map::new());
+        return (Value::Object(serde_json::Map::new()), false);
     }
-    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) if v.is_object() && !members::twins(text) => (v, false),
+        _ => (Value::String(text.to_string()), true),
+    }
 }
 
 /// Arguments as a provider writes them in a string field: JSON text, or the string itself.

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::{
-    args_text, args_value, event_json, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings,
-    Unreadable,
+    args_text, event_json, function_args, proposal, str_of, typed, Call, Emit, Event, Ruling,
+    Rulings, Unreadable,
 };
 
 #[derive(Debug, Default)]
@@ -84,16 +84,22 @@ fn item_call(item: &Value) -> Option<Call> {
         _ => name.to_string(),
     };
     let (field, text) = args_field(ty);
-    let args = match item.get(field) {
-        Some(Value::String(s)) if ty == "custom_tool_call" => Value::String(s.clone()),
-        Some(Value::String(s)) => args_value(s),
-        Some(v) if !text => v.clone(),
-        _ => json!({}),
+    // Arguments text of a type the SDKs do not hand on as text, a name not a string: unreadable.
+    let (args, unreadable) = match item.get(field) {
+        Some(Value::String(s)) if ty == "custom_tool_call" => (Value::String(s.clone()), false),
+        Some(Value::String(s)) => function_args(s),
+        Some(v) if !text => (v.clone(), false),
+        None | Some(Value::Null) => (json!({}), false),
+        Some(v) => (v.clone(), true),
     };
+    let odd_name = item
+        .get("name")
+        .is_some_and(|n| !n.is_string() && !n.is_null());
     let id = str_of(item, "call_id").or_else(|| str_of(item, "id"));
     Some(Call {
         proposal: proposal(&tool, kind, args, id),
         signed: false,
+        unreadable: unreadable || odd_name,
     })
 }
 

@@ -401,7 +401,7 @@ enum Whole {
     /// Decoded.
     All(Bytes),
     /// The upstream's body broke off with this error.
-    Broken(hyper::Error),
+    Broken(HttpError),
 }
 
 fn emit(emits: Vec<Emit>, out: &mut BytesMut) {

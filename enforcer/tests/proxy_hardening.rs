@@ -785,3 +785,51 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
         assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
     }
 }
+
+/// An address in the NAT64 well-known prefix reaches the IPv4 address it embeds (RFC 6052): `[64:ff9b::7f00:1]` is
+/// 127.0.0.1 through a NAT64 gateway, and is decided as 127.0.0.1 (blocked by the rule naming it, not bound to
+/// nothing). An address in the local-use prefix `64:ff9b:1::/48` embeds its IPv4 address where the network chose,
+/// and is refused.
+#[tokio::test]
+async fn nat64_addresses_are_decided_as_the_ipv4_address_they_reach() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-loopback\n    when: { host: 127.0.0.1 }\n    verdict: block\n    message: the upstream's address is blocked\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let get = |host: &str| {
+        format!(
+            "GET /x HTTP/1.1\r\nhost: {host}:{}\r\nconnection: close\r\n\r\n",
+            up.port()
+        )
+    };
+    for host in ["[64:ff9b::7f00:1]", "[64:FF9B::127.0.0.1]"] {
+        let (resp, _) = exchange(&p, up, get(host).as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(403), "{host}: {resp}");
+        assert!(
+            resp.contains("the upstream's address is blocked"),
+            "{host}: {resp}"
+        );
+    }
+    let (resp, _) = exchange(
+        &p,
+        up,
+        get("[64:ff9b:1::7f00:1]").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(400), "{resp}");
+    assert!(seen.lock().unwrap().is_empty());
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 3);
+    assert_eq!(
+        records[0]["decision"]["rule"], "no-loopback",
+        "{}",
+        records[0]
+    );
+    assert_eq!(records[0]["request"]["host"], "127.0.0.1", "{}", records[0]);
+    assert_eq!(
+        records[2]["outcome"]["error"], "bad_request",
+        "{}",
+        records[2]
+    );
+}

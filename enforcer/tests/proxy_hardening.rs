@@ -768,6 +768,8 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file"},"paramſ":{"name":"delete_all"}}"#,
         r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"JSONRPC":"2.0","id":2,"method":"tools/call","params":{"name":"delete_all"}}]"#,
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"path":"/tmp/x","Path":"/etc/passwd"}}}"#,
+        // An exact duplicate: the policy's parser keeps the last `name`, a server keeping the first calls delete_all.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","name":"read_file"}}"#,
     ];
     for body in bodies {
         let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
@@ -776,6 +778,46 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
     }
     assert_eq!(seen.count(), 0, "an ambiguous call reached the upstream");
     let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"Path":"/tmp/x"}}}"#;
+    let (resp, _) = exchange(&p, up, post(ok).as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(seen.count(), 1);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), bodies.len() + 1);
+    for r in &records[..bodies.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+}
+
+/// A JSON body whose object names one member twice — exactly, or in another letter case — is read differently by
+/// its receivers: serde_json (the policy) keeps the last of exact twins, other decoders the first; Go's
+/// `encoding/json` matches `Query` to the field `query` and keeps the last of the two. Each body below is allowed by
+/// a rule that read a SELECT where the database gateway runs the DROP. They are refused (400, one record, reason
+/// unparseable) and nothing reaches the upstream; the same query without a twin is allowed.
+#[tokio::test]
+async fn json_objects_with_twin_members_are_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: select-only\n    when:\n      host: 127.0.0.1\n      json: { \"$.query\": { matches: \"(?i)^select\\\\b\" } }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let post = |body: &str| {
+        format!(
+            "POST /query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let bodies = [
+        r#"{"query":"select 1","Query":"drop table users"}"#,
+        r#"{"query":"drop table users","query":"select 1"}"#,
+        r#"{"query":"select 1","QUERY":"drop table users"}"#,
+        r#"{"options":{"a":1,"A":2},"query":"select 1"}"#,
+        r#"[{"query":"select 1"},{"x":{"y":[{"k":"a","K":"b"}]}}]"#,
+    ];
+    for body in bodies {
+        let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{body}: {resp}");
+    }
+    assert_eq!(seen.count(), 0, "an ambiguous body reached the upstream");
+    let ok = r#"{"query":"select 1","Options":{"Query":"x"}}"#;
     let (resp, _) = exchange(&p, up, post(ok).as_bytes(), Duration::from_secs(5)).await;
     assert_eq!(status_of(&resp), Some(200), "{resp}");
     assert_eq!(seen.count(), 1);
@@ -832,4 +874,70 @@ async fn nat64_addresses_are_decided_as_the_ipv4_address_they_reach() {
         "{}",
         records[2]
     );
+}
+
+/// An OpenAI-compatible server built on Go's `encoding/json` (local model servers, API gateways) binds `Model` to
+/// its `model` field and a tool's `NAME` to `name`: each call below asks it for the model or declares the tool the
+/// policy blocks, while the policy found no model and no tool. Such a call is refused in OpenAI's error shape (400,
+/// one record, unparseable) and never reaches the upstream; the same call spelt exactly is decided (blocked by its
+/// rule), and a call naming neither passes.
+#[tokio::test]
+async fn llm_fields_spelt_in_another_case_are_refused() {
+    use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-gpt5\n    when: { llm.model: \"gpt-5*\" }\n    verdict: block\n  - id: no-shell\n    when: { llm.tools: shell }\n    verdict: block\n";
+    let ca = TestCa::new("llm case test CA");
+    let p = start_proxy(yaml, &[&ca], false).await;
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    let up = answering_upstream(&ca, &["api.openai.com"], move |_req| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            hyper::Response::new(Full::new(bytes::Bytes::from_static(b"{}")).boxed())
+        }
+    })
+    .await;
+    let ask = |body: &'static str| {
+        let p = &p;
+        async move {
+            let tls = p.tls_to(up, "api.openai.com", &[b"http/1.1"]).await;
+            let req = hyper::Request::post("/v1/chat/completions")
+                .header("host", "api.openai.com")
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+                .unwrap();
+            let (status, _, body) = send(tls, false, req).await;
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let misspelt = [
+        r#"{"Model":"gpt-5","messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o","messages":[],"Tools":[{"type":"function","function":{"name":"shell"}}]}"#,
+        r#"{"model":"gpt-4o","messages":[],"tools":[{"type":"function","function":{"NAME":"shell"}}]}"#,
+        r#"{"model":"gpt-4o","messages":[{"Role":"tool","content":"x"}]}"#,
+    ];
+    for body in misspelt {
+        let (status, answer) = ask(body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains("invalid_request_error"), "{body}: {answer}");
+    }
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "a misspelt call reached the upstream"
+    );
+    let (status, _) = ask(r#"{"model":"gpt-5","messages":[]}"#).await;
+    assert_eq!(status, 400);
+    let (status, answer) =
+        ask(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi","name":"Ann"}]}"#).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), misspelt.len() + 2);
+    for r in &records[..misspelt.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+    assert_eq!(records[misspelt.len()]["decision"]["rule"], "no-gpt5");
 }

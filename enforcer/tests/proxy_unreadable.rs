@@ -21,15 +21,24 @@ const POLICY: &str = NO_CURL_POLICY;
 const COMMAND: &str = CURL_COMMAND;
 
 fn completion() -> Value {
+    completion_with(&json!({"command": COMMAND}).to_string())
+}
+
+/// A whole completion proposing one `shell` call with the arguments text `args`.
+fn completion_with(args: &str) -> Value {
     json!({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
         "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": null,
             "message": {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
-                "function": {"name": "shell", "arguments": json!({"command": COMMAND}).to_string()}}]}}]})
+                "function": {"name": "shell", "arguments": args}}]}}]})
 }
 
 /// The chat stream of one `shell` call, its call chunk carrying `extra` (JSON text) as one more member.
 fn chat_stream(extra: &str) -> String {
-    let args = json!({"command": COMMAND}).to_string();
+    chat_stream_with(extra, &json!({"command": COMMAND}).to_string())
+}
+
+/// [`chat_stream`] with the call's arguments text `args`.
+fn chat_stream_with(extra: &str, args: &str) -> String {
     let call = json!({"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1",
         "type": "function", "function": {"name": "shell", "arguments": args}}]}, "finish_reason": null});
     let finish = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
@@ -73,6 +82,22 @@ fn canned(model: &str) -> (&'static str, Vec<&'static str>, Vec<u8>) {
             [b"\xEF\xBB\xBF", whole.as_bytes()].concat(),
         ),
         // gzip applied twice, named in two `Content-Encoding` lines (RFC 9110 §5.3: one list).
+        // Arguments naming `command` twice: the reader keeps the last (`ls`), an agent whose decoder keeps the
+        // first runs curl.
+        "twin-args-stream" => (
+            "text/event-stream",
+            vec![],
+            chat_stream_with("", &format!(r#"{{"command":"{COMMAND}","command":"ls"}}"#))
+                .into_bytes(),
+        ),
+        // `Command` beside `command`: Go's encoding/json reads the last of the two into its `command` field.
+        "twin-args" => (
+            "application/json",
+            vec![],
+            completion_with(&format!(r#"{{"command":"ls","Command":"{COMMAND}"}}"#))
+                .to_string()
+                .into_bytes(),
+        ),
         "gzip-twice" => (
             "application/json",
             vec!["gzip", "gzip"],
@@ -142,6 +167,8 @@ async fn an_answer_the_reader_cannot_parse_never_passes_a_call() {
         ("json-as-events", false),
         ("events-as-json", true),
         ("deep", false),
+        ("twin-args-stream", true),
+        ("twin-args", false),
     ];
     let mut answers = Vec::new();
     for (model, stream) in cases {

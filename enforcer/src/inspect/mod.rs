@@ -7,6 +7,7 @@
 
 mod block;
 mod decode;
+mod keys;
 mod llm;
 mod mcp;
 mod message;
@@ -22,6 +23,7 @@ pub use block::{
     BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, content_coding, decode_body, field_list};
+pub(crate) use keys::twin_members;
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};
@@ -41,6 +43,11 @@ pub enum InspectError {
     /// inspection does not, so it is refused rather than forwarded unclassified.
     #[error("JSON request bodies must be UTF-8 without a byte-order mark (RFC 8259)")]
     NotUtf8Json,
+    /// An object names one member twice, or two whose names differ only in letter case: decoders read such JSON
+    /// differently (first or last, case-sensitive or not), so what the policy read may not be what the receiver
+    /// acts on (see `keys`).
+    #[error("an object in the JSON body names a member twice (or twice in different letter case)")]
+    TwinMembers,
 }
 
 /// An LLM provider whose API shapes are understood.
@@ -208,6 +215,10 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     if http.json.is_none() && !http.body.trim().is_empty() {
         http.json = serde_json::from_str(&http.body).ok();
     }
+    // Whatever member the policy reads (`json:`, `mcp.args`, the LLM fields), a receiver must read the same one.
+    if http.json.is_some() && keys::twin_members(&http.body) {
+        return Err(InspectError::TwinMembers);
+    }
 
     if let Some(provider) = provider {
         if let Some(api) = llm::endpoint(provider, &http.method, &path) {
@@ -216,6 +227,11 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: provider.as_str(),
                 });
             };
+            if provider != Provider::Gemini && llm::misread(json) {
+                return Err(InspectError::BadJson {
+                    protocol: provider.as_str(),
+                });
+            }
             let call = llm::describe(provider, api, &path, &http.query, json);
             action.llm = Some(call);
             return Ok(Inspected {

@@ -97,7 +97,7 @@ pub(crate) fn refusal(e: &InspectError) -> Refusal {
         InspectError::UnsupportedEncoding(_) | InspectError::NotUtf8Json => {
             (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE)
         }
-        InspectError::BadJson { .. } | InspectError::Corrupt { .. } => {
+        InspectError::BadJson { .. } | InspectError::Corrupt { .. } | InspectError::TwinMembers => {
             (Reason::Unparseable, StatusCode::BAD_REQUEST)
         }
     };

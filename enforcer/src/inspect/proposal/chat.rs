@@ -72,7 +72,7 @@ enum Item {
 impl Stream {
     pub(super) fn push(&mut self, ev: Event) -> Result<Vec<Call>, Unreadable> {
         if ev.data.trim() == "[DONE]" {
-            let calls = self.close_all();
+            let calls = self.close_all()?;
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(calls);
         }
@@ -87,15 +87,15 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
-        Ok(self.read(ev, chunk))
+        self.read(ev, chunk)
     }
 
     /// One chunk of JSON `chunk`: the calls it completed.
-    fn read(&mut self, ev: Event, mut chunk: Value) -> Vec<Call> {
+    fn read(&mut self, ev: Event, mut chunk: Value) -> Result<Vec<Call>, Unreadable> {
         let (pieces, finishing, bare) = self.take_pieces(&mut chunk);
         if pieces.is_empty() && finishing.is_empty() {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let pure = pieces.len() == 1 && bare && finishing.is_empty();
         let took = !pieces.is_empty();
@@ -114,14 +114,17 @@ impl Stream {
             );
         }
         if !finishing.is_empty() {
-            let calls = finishing.iter().flat_map(|&c| self.close(c)).collect();
+            let mut calls = Vec::new();
+            for &c in &finishing {
+                calls.extend(self.close(c)?);
+            }
             self.pending.push(Item::Finish {
                 name: ev.name,
                 chunk,
                 raw: ev.raw,
                 changed: took,
             });
-            return calls;
+            return Ok(calls);
         }
         if !bare {
             self.pending.push(Item::Emit(Emit::New {
@@ -129,7 +132,7 @@ impl Stream {
                 data: chunk.to_string(),
             }));
         }
-        Vec::new()
+        Ok(Vec::new())
     }
 
     /// Remove the tool-call pieces from `chunk`: the pieces (choice, the delta's role, piece), the choices it
@@ -218,9 +221,12 @@ impl Stream {
     }
 
     /// The open calls of `choice`, complete now, in index order.
-    fn close(&mut self, choice: u64) -> Vec<Call> {
+    ///
+    /// # Errors
+    /// [`Unreadable`] when a call's arguments are JSON with twin members (`args_value`).
+    fn close(&mut self, choice: u64) -> Result<Vec<Call>, Unreadable> {
         let Some(open) = self.open.remove(&choice) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let mut calls = Vec::with_capacity(open.len());
         for held in open.into_values() {
@@ -228,22 +234,26 @@ impl Stream {
                 proposal: proposal(
                     &held.name,
                     &held.kind,
-                    args_value(&held.args),
+                    args_value(&held.args)?,
                     held.id.as_deref(),
                 ),
                 signed: false,
             });
             self.pending.push(Item::Call { choice, held });
         }
-        calls
+        Ok(calls)
     }
 
-    fn close_all(&mut self) -> Vec<Call> {
+    fn close_all(&mut self) -> Result<Vec<Call>, Unreadable> {
         let choices: Vec<u64> = self.open.keys().copied().collect();
-        choices.into_iter().flat_map(|c| self.close(c)).collect()
+        let mut calls = Vec::new();
+        for c in choices {
+            calls.extend(self.close(c)?);
+        }
+        Ok(calls)
     }
 
-    pub(super) fn finish(&mut self) -> Vec<Call> {
+    pub(super) fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
         self.close_all()
     }
 
@@ -421,7 +431,7 @@ fn call_parts(tc: &Value) -> (&str, &str, &str, Option<&str>) {
     )
 }
 
-pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+pub(super) fn body_calls(body: &Value) -> Result<Vec<Call>, Unreadable> {
     let choices = body.get("choices").and_then(Value::as_array);
     choices
         .into_iter()
@@ -430,10 +440,10 @@ pub(super) fn body_calls(body: &Value) -> Vec<Call> {
         .flatten()
         .map(|tc| {
             let (name, kind, args, id) = call_parts(tc);
-            Call {
-                proposal: proposal(name, kind, args_value(args), id),
+            Ok(Call {
+                proposal: proposal(name, kind, args_value(args)?, id),
                 signed: false,
-            }
+            })
         })
         .collect()
 }

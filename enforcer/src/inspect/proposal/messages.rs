@@ -207,7 +207,11 @@ impl Stream {
         let args = if held.json.trim().is_empty() {
             held.input.clone()
         } else {
-            serde_json::from_str(&held.json).map_err(|_| Unreadable)?
+            let input = serde_json::from_str(&held.json).map_err(|_| Unreadable)?;
+            if crate::inspect::twin_members(&held.json) {
+                return Err(Unreadable);
+            }
+            input
         };
         let call = Call {
             proposal: proposal(&held.tool, held.kind, args, held.id.as_deref()),

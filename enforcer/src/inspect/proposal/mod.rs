@@ -121,7 +121,7 @@ impl Proposals {
     /// [`Unreadable`] when a call still open cannot be read as an SDK would assemble it: the caller ends the stream.
     pub fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
         match &mut self.0 {
-            Flavour::Chat(s) => Ok(s.finish()),
+            Flavour::Chat(s) => s.finish(),
             Flavour::Messages(s) => s.finish(),
             Flavour::Responses(s) => s.finish(),
             Flavour::Gemini(_) => Ok(Vec::new()),
@@ -152,13 +152,16 @@ impl Proposals {
 }
 
 /// The calls proposed in a whole (non-streamed) response body of `api`, in order.
-pub fn body_calls(provider: Provider, api: LlmApi, body: &Value) -> Vec<Call> {
+///
+/// # Errors
+/// [`Unreadable`] when a call's arguments are JSON text with twin members (see [`event_json`]).
+pub fn body_calls(provider: Provider, api: LlmApi, body: &Value) -> Result<Vec<Call>, Unreadable> {
     match (provider, api) {
         (Provider::OpenAi, LlmApi::ChatCompletions) => chat::body_calls(body),
         (Provider::OpenAi, LlmApi::Responses) => responses::body_calls(body),
-        (Provider::Anthropic, LlmApi::Messages) => messages::body_calls(body),
-        (Provider::Gemini, LlmApi::GenerateContent) => gemini::body_calls(body),
-        _ => Vec::new(),
+        (Provider::Anthropic, LlmApi::Messages) => Ok(messages::body_calls(body)),
+        (Provider::Gemini, LlmApi::GenerateContent) => Ok(gemini::body_calls(body)),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -197,21 +200,35 @@ pub fn body_json(text: &str) -> Result<Option<Value>, Unreadable> {
     event_json(text.strip_prefix('\u{feff}').unwrap_or(text))
 }
 
-/// The JSON of an event's `data`; `None` for an event without data, passed on as it came.
+/// The JSON of an event's `data`; `None` for an event without data, passed on as it came. JSON with an object that
+/// names a member twice, or twice in different letter case (`inspect::twin_members`), is [`Unreadable`]: the agent's
+/// decoder may read the other member than the policy did (Go's `encoding/json` matches `Command` to `command`, and
+/// keeps the last).
 fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
     if data.trim().is_empty() {
         return Ok(None);
     }
-    serde_json::from_str(data).map(Some).map_err(|_| Unreadable)
+    let json = serde_json::from_str(data).map_err(|_| Unreadable)?;
+    if crate::inspect::twin_members(data) {
+        return Err(Unreadable);
+    }
+    Ok(Some(json))
 }
 
 /// Arguments as the policy reads them: the JSON the text holds, or the text itself when it is not JSON (a custom
 /// tool's free-form input).
-fn args_value(text: &str) -> Value {
+///
+/// # Errors
+/// [`Unreadable`] for JSON with twin members (see [`event_json`]).
+fn args_value(text: &str) -> Result<Value, Unreadable> {
     if text.trim().is_empty() {
-        return Value::Object(serde_json::Map::new());
+        return Ok(Value::Object(serde_json::Map::new()));
     }
-    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+    match serde_json::from_str(text) {
+        Ok(_) if crate::inspect::twin_members(text) => Err(Unreadable),
+        Ok(json) => Ok(json),
+        Err(_) => Ok(Value::String(text.to_string())),
+    }
 }
 
 /// Arguments as a provider writes them in a string field: JSON text, or the string itself.

@@ -70,9 +70,17 @@ fn args_field(item_type: &str) -> (&'static str, bool) {
     }
 }
 
-fn item_call(item: &Value) -> Option<Call> {
-    let ty = str_of(item, "type")?;
-    let kind = kind_of(ty)?;
+/// The call an output item proposes, if it is one.
+///
+/// # Errors
+/// [`Unreadable`] when its arguments are JSON text with twin members (`args_value`).
+fn item_call(item: &Value) -> Result<Option<Call>, Unreadable> {
+    let Some(ty) = str_of(item, "type") else {
+        return Ok(None);
+    };
+    let Some(kind) = kind_of(ty) else {
+        return Ok(None);
+    };
     let name = str_of(item, "name").unwrap_or_default();
     let tool = match ty {
         "local_shell_call" => "local_shell".to_string(),
@@ -86,15 +94,15 @@ fn item_call(item: &Value) -> Option<Call> {
     let (field, text) = args_field(ty);
     let args = match item.get(field) {
         Some(Value::String(s)) if ty == "custom_tool_call" => Value::String(s.clone()),
-        Some(Value::String(s)) => args_value(s),
+        Some(Value::String(s)) => args_value(s)?,
         Some(v) if !text => v.clone(),
         _ => json!({}),
     };
     let id = str_of(item, "call_id").or_else(|| str_of(item, "id"));
-    Some(Call {
+    Ok(Some(Call {
         proposal: proposal(&tool, kind, args, id),
         signed: false,
-    })
+    }))
 }
 
 /// `item` with its arguments replaced by `args`.
@@ -199,7 +207,11 @@ impl Stream {
             .all(|item| {
                 let id = str_of(item, "id");
                 let refused = id.is_some_and(|id| self.replaced.iter().any(|(r, _)| r == id));
-                refused || item_call(item).is_some_and(|call| self.sent.contains(&call))
+                refused
+                    || item_call(item)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|call| self.sent.contains(&call))
             })
     }
 
@@ -214,7 +226,7 @@ impl Stream {
         if !agrees(&held) {
             return Err(Unreadable);
         }
-        let call = item_call(&held.item);
+        let call = item_call(&held.item)?;
         self.pending.push(Item::Call(held));
         Ok(call.into_iter().collect())
     }
@@ -264,14 +276,15 @@ impl Stream {
     fn render_call(&mut self, held: Held, ruling: Ruling, out: &mut Vec<Emit>) {
         match ruling {
             Ruling::Pass => {
-                self.sent.extend(item_call(&held.item));
+                // Read once already, when the call was complete (`finish`).
+                self.sent.extend(item_call(&held.item).ok().flatten());
                 for (raw, v) in held.events {
                     out.push(self.shifted(raw, v));
                 }
             }
             Ruling::Rewrite(args) => {
                 let item = with_args(&held.item, &args);
-                self.sent.extend(item_call(&item));
+                self.sent.extend(item_call(&item).ok().flatten());
                 let text = args_text(&args);
                 let mut first_delta = true;
                 for (_, mut v) in held.events {
@@ -413,7 +426,7 @@ fn replace_items(output: &mut Value, replaced: &[(String, Value)]) -> bool {
     changed
 }
 
-pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+pub(super) fn body_calls(body: &Value) -> Result<Vec<Call>, Unreadable> {
     let output = body
         .get("output")
         .or_else(|| body.get("response").and_then(|r| r.get("output")));
@@ -421,7 +434,7 @@ pub(super) fn body_calls(body: &Value) -> Vec<Call> {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(item_call)
+        .filter_map(|item| item_call(item).transpose())
         .collect()
 }
 

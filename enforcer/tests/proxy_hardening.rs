@@ -828,6 +828,96 @@ async fn json_objects_with_twin_members_are_refused() {
     }
 }
 
+/// A multipart (RFC 7578) body whose part has its own `Content-Transfer-Encoding` is decoded by python-multipart and
+/// Django (base64, quoted-printable) and by Go (quoted-printable): the detectors would read only the encoding. Such
+/// a body is refused (415, one record, unparseable), as is a part with its own `Content-Encoding` or a charset that
+/// hides ASCII, and a boundary that reads two ways; a file name given as an RFC 2231 extended parameter is read as
+/// receivers decode it, so a key spelt with escapes there is found. Nothing reaches the upstream; a plain multipart
+/// body passes.
+#[tokio::test]
+async fn multipart_parts_a_receiver_decodes_are_refused_or_read_decoded() {
+    short_limits();
+    let p = start_proxy(NO_AWS_KEYS, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let post = |content_type: &str, body: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nhost: {up}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let form = "multipart/form-data; boundary=B0und";
+    let part = |headers: &str, data: &str| {
+        format!("--B0und\r\nContent-Disposition: form-data; name=\"note\"\r\n{headers}\r\n{data}\r\n--B0und--\r\n")
+    };
+    // base64 and quoted-printable spellings of AKIAIOSFODNN7EXAMPLE.
+    let refused = [
+        (
+            form,
+            part(
+                "Content-Transfer-Encoding: base64\r\n",
+                "QUtJQUlPU0ZPRE5ON0VYQU1QTEU=",
+            ),
+        ),
+        (
+            form,
+            part(
+                "Content-Transfer-Encoding: quoted-printable\r\n",
+                "=41=4B=49=41IOSFODNN7EXAMPLE",
+            ),
+        ),
+        (form, part("Content-Encoding: gzip\r\n", "x")),
+        (
+            form,
+            part("Content-Type: text/plain; charset=utf-16le\r\n", "x"),
+        ),
+        (
+            "multipart/form-data; boundary=B0und; boundary=other",
+            part("", "x"),
+        ),
+    ];
+    for (content_type, body) in &refused {
+        let (resp, _) = exchange(
+            &p,
+            up,
+            post(content_type, body).as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(status_of(&resp), Some(415), "{body}: {resp}");
+    }
+    let named = part("", "x").replace(
+        "name=\"note\"",
+        "name=\"note\"; filename*=UTF-8''%41KIAIOSFODNN7EXAMPLE.txt",
+    );
+    let (resp, _) = exchange(
+        &p,
+        up,
+        post(form, &named).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "an encoded part reached the upstream"
+    );
+
+    let (resp, _) = exchange(
+        &p,
+        up,
+        post(form, &part("", "just a note")).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), refused.len() + 2);
+    for r in &records[..refused.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+    assert_eq!(records[refused.len()]["decision"]["rule"], "no-keys");
+}
+
 /// An address in the NAT64 well-known prefix reaches the IPv4 address it embeds (RFC 6052): `[64:ff9b::7f00:1]` is
 /// 127.0.0.1 through a NAT64 gateway, and is decided as 127.0.0.1 (blocked by the rule naming it, not bound to
 /// nothing). An address in the local-use prefix `64:ff9b:1::/48` embeds its IPv4 address where the network chose,

@@ -11,6 +11,7 @@ mod keys;
 mod llm;
 mod mcp;
 mod message;
+mod multipart;
 pub mod proposal;
 pub mod sse;
 
@@ -27,6 +28,9 @@ pub(crate) use keys::twin_members;
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};
+pub use multipart::{
+    check as check_body_encodings, decoded_params as multipart_params, Undecodable,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -48,6 +52,10 @@ pub enum InspectError {
     /// acts on (see `keys`).
     #[error("an object in the JSON body names a member twice (or twice in different letter case)")]
     TwinMembers,
+    /// Text the receiver decodes in a way inspection does not: a charset that does not spell ASCII as ASCII, a
+    /// multipart part's own transfer or content coding, a boundary or content type that reads more than one way.
+    #[error(transparent)]
+    Encoded(Undecodable),
 }
 
 /// An LLM provider whose API shapes are understood.

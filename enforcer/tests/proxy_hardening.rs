@@ -966,6 +966,64 @@ async fn nat64_addresses_are_decided_as_the_ipv4_address_they_reach() {
     );
 }
 
+/// Frameworks route a POST as the method it names in `X-HTTP-Method-Override` (and `X-HTTP-Method`,
+/// `X-Method-Override`) or a `_method` parameter of its query or form (Rack, Laravel, Spring, Express
+/// `method-override`): each request below is a DELETE to such an application, where the policy saw a POST. They are
+/// refused (400, one record, bad_request) and nothing reaches the upstream; an override naming the request's own
+/// method passes.
+#[tokio::test]
+async fn a_method_override_naming_another_method_is_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-deletes\n    when: { method: DELETE }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let post = |target: &str, extra: &str, content_type: &str, body: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nhost: {up}\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let form = "application/x-www-form-urlencoded";
+    let requests = [
+        post(
+            "/items/7",
+            "x-http-method-override: DELETE\r\n",
+            "text/plain",
+            "",
+        ),
+        post("/items/7", "X-HTTP-Method: delete\r\n", "text/plain", ""),
+        post(
+            "/items/7",
+            "x-method-override: DELETE\r\n",
+            "text/plain",
+            "",
+        ),
+        post("/items/7?_method=DELETE", "", "text/plain", ""),
+        post("/items/7", "", form, "confirm=1&_method=DELETE"),
+    ];
+    for req in &requests {
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{req}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "an overridden method reached the upstream"
+    );
+    let same = post(
+        "/items/7",
+        "x-http-method-override: POST\r\n",
+        "text/plain",
+        "",
+    );
+    let (resp, _) = exchange(&p, up, same.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), requests.len() + 1);
+    for r in &records[..requests.len()] {
+        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
+    }
+}
+
 /// An OpenAI-compatible server built on Go's `encoding/json` (local model servers, API gateways) binds `Model` to
 /// its `model` field and a tool's `NAME` to `name`: each call below asks it for the model or declares the tool the
 /// policy blocks, while the policy found no model and no tool. Such a call is refused in OpenAI's error shape (400,

@@ -11,6 +11,7 @@ mod keys;
 mod llm;
 mod mcp;
 mod message;
+mod method;
 mod multipart;
 pub mod proposal;
 pub mod sse;
@@ -56,6 +57,10 @@ pub enum InspectError {
     /// multipart part's own transfer or content coding, a boundary or content type that reads more than one way.
     #[error(transparent)]
     Encoded(Undecodable),
+    /// The request names another method than its own in an override header or a `_method` parameter (see
+    /// `method`): the upstream may act on either.
+    #[error("the request names another method than its own (a method override)")]
+    MethodOverride,
 }
 
 /// An LLM provider whose API shapes are understood.
@@ -209,6 +214,9 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     // The policy matches the path as the upstream's router will read it, so `/%61dmin` or `/admin;x` cannot
     // dodge a rule written for `/admin/**`. The audit record keeps the path as sent.
     http.path = policy_path(raw_path, &path);
+    if method::overrides_method(http) {
+        return Err(InspectError::MethodOverride);
+    }
     let host = action
         .transport
         .host

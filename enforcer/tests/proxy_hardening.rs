@@ -1089,3 +1089,40 @@ async fn llm_fields_spelt_in_another_case_are_refused() {
     }
     assert_eq!(records[misspelt.len()]["decision"]["rule"], "no-gpt5");
 }
+
+/// A condition on a header or query parameter holds when any of its values meets it, while a receiver acts on the
+/// first, the last or all of them — and a CGI-style server (WSGI, Django, PHP) reads `X_Role` as `X-Role`. Each
+/// request below passes an allow rule on `x-role: reader` and `mode=read` with a second value the application may
+/// act on instead. Such a request is refused (400, one record, bad_request) and nothing reaches the upstream; the
+/// same request given one way passes.
+#[tokio::test]
+async fn a_field_the_policy_reads_given_two_ways_is_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: readers\n    when: { header.x-role: reader, query.mode: read }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let get = |query: &str, headers: &str| {
+        format!("GET /records?{query} HTTP/1.1\r\nhost: {up}\r\n{headers}connection: close\r\n\r\n")
+    };
+    let requests = [
+        get("mode=read", "x-role: reader\r\nx-role: admin\r\n"),
+        get("mode=read", "x-role: reader\r\nx_role: admin\r\n"),
+        get("mode=read&mode=write", "x-role: reader\r\n"),
+    ];
+    for req in &requests {
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{req}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a second value reached the upstream"
+    );
+    let one_way = get("mode=read&mode=read", "x-role: reader\r\n");
+    let (resp, _) = exchange(&p, up, one_way.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), requests.len() + 1);
+    for r in &records[..requests.len()] {
+        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
+    }
+}

@@ -3,6 +3,7 @@
 //! the request asks for (one for plain HTTP and LLM calls, one per element of a JSON-RPC batch).
 
 use http::header::{self, HeaderMap, HeaderName};
+use http::StatusCode;
 
 use super::body::{self, Body};
 use super::head::Head;
@@ -11,7 +12,7 @@ use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
 use crate::inspect::{self, InspectError, Inspected, Protocol};
-use crate::model::{Action, HttpRequest, Pairs, Transport};
+use crate::model::{Action, HttpRequest, Pairs, Reason, Transport};
 
 /// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
 /// classified is refused, answered in the shape of the protocol it claims to speak.
@@ -22,8 +23,22 @@ pub(crate) fn classify(
     parts: &http::request::Parts,
     body: &Body,
 ) -> Result<Inspected, Refusal> {
-    let cfg = &rec.ctx().inspect;
     let action = build_action(conn, head, parts, body);
+    // A header or parameter a rule reads, given two ways: a receiver may act on the value no rule saw.
+    let ambiguous = action
+        .http
+        .as_ref()
+        .is_some_and(|http| rec.policy().ambiguous_field(http).is_some());
+    let cfg = &rec.ctx().inspect;
+    if ambiguous {
+        let claimed = inspect::claimed_protocol(&action, cfg);
+        rec.note_protocol(claimed);
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "a header or query parameter the policy reads is given more than one value",
+        ));
+    }
     match inspect_action(action.clone(), cfg, &body.decoded) {
         Ok(inspected) => Ok(inspected),
         Err(e) => {

@@ -588,9 +588,11 @@ impl Policy {
             let first = values.next();
             values.any(|v| Some(v) != first)
         }
+        // Cookie lines are one list of cookies (RFC 9113 §8.2.3 lets an HTTP/2 client split them), not rivals.
         let header = self
             .read_headers
             .iter()
+            .filter(|name| *name != "cookie")
             .find(|name| differ(cond::header_values(&http.headers, name)));
         let query = || {
             self.read_queries

@@ -1126,3 +1126,25 @@ async fn a_field_the_policy_reads_given_two_ways_is_refused() {
         assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
     }
 }
+
+/// A tool on Go's `encoding/json` binds an argument spelt `Command` to its `command` field: a rule on
+/// `$.command` reads it so too, and the call is blocked (a tool error), never forwarded.
+#[tokio::test]
+async fn a_condition_reads_a_member_spelt_in_another_case() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-rm\n    when: { mcp.args: { \"$.command\": { matches: \"\\\\brm\\\\b\" } } }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"shell","arguments":{"Command":"rm -rf /"}}}"#;
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert!(resp.contains("\"isError\":true"), "{resp}");
+    assert_eq!(seen.count(), 0, "the call reached the upstream");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["decision"]["rule"], "no-rm", "{}", records[0]);
+}

@@ -41,6 +41,18 @@ pub(crate) fn folds_to(name: &str, member: &str) -> bool {
     }
 }
 
+/// The member `name` of `map`, else the first whose name folds ([`fold`]) to `name`'s fold: the member a
+/// case-insensitive decoder binds to a field `name`.
+pub(crate) fn member<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    map.get(name).or_else(|| {
+        let want = fold(name);
+        map.iter().find(|(k, _)| fold(k) == want).map(|(_, v)| v)
+    })
+}
+
 /// Whether `map` has a member whose name folds to one of `members` (lower-case) without being it: a name a
 /// case-insensitive decoder binds to a field the policy reads under its exact name (`Model`, `paramſ`).
 pub(crate) fn misspelt(map: &serde_json::Map<String, serde_json::Value>, members: &[&str]) -> bool {

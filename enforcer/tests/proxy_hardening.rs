@@ -1148,3 +1148,23 @@ async fn a_condition_reads_a_member_spelt_in_another_case() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["decision"]["rule"], "no-rm", "{}", records[0]);
 }
+
+/// IIS and ASP.NET read a backslash in a path as `/`: `/admin%5Cusers` is `/admin/users` to them and a segment
+/// `admin\users` to the policy, which a rule on `/admin/**` does not match. A path with a backslash, sent or
+/// encoded, is refused (400, bad_request) and never forwarded.
+#[tokio::test]
+async fn a_backslash_in_the_path_is_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-admin\n    when: { path: \"/admin/**\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    for path in ["/admin%5Cusers", "/admin%5cusers", "/admin\\users"] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{path}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a backslash path reached the upstream"
+    );
+}

@@ -98,6 +98,14 @@ fn canned(model: &str) -> (&'static str, Vec<&'static str>, Vec<u8>) {
                 .to_string()
                 .into_bytes(),
         ),
+        // `Tool_calls` for `tool_calls`: go-openai (encoding/json) reads the call, the reader saw only text.
+        "misspelt-calls" => (
+            "text/event-stream",
+            vec![],
+            chat_stream("")
+                .replacen("\"tool_calls\"", "\"Tool_calls\"", 1)
+                .into_bytes(),
+        ),
         "gzip-twice" => (
             "application/json",
             vec!["gzip", "gzip"],
@@ -169,6 +177,7 @@ async fn an_answer_the_reader_cannot_parse_never_passes_a_call() {
         ("deep", false),
         ("twin-args-stream", true),
         ("twin-args", false),
+        ("misspelt-calls", true),
     ];
     let mut answers = Vec::new();
     for (model, stream) in cases {

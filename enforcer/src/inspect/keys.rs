@@ -56,10 +56,39 @@ pub(crate) fn member<'a>(
 /// Whether `map` has a member whose name folds to one of `members` (lower-case) without being it: a name a
 /// case-insensitive decoder binds to a field the policy reads under its exact name (`Model`, `paramſ`).
 pub(crate) fn misspelt(map: &serde_json::Map<String, serde_json::Value>, members: &[&str]) -> bool {
-    map.keys().any(|k| {
-        let folded = fold(k);
-        members.iter().any(|m| *m == folded && *m != k)
-    })
+    map.keys().any(|k| misspelt_name(k, members))
+}
+
+/// Whether `name` is spelt otherwise than one of `members` (ASCII) but folds to it (`Tool_calls`, `functioncall`,
+/// `paramſ`). Allocates only for a name that is not ASCII.
+pub(crate) fn misspelt_name(name: &str, members: &[&str]) -> bool {
+    if name.is_ascii() {
+        return members
+            .iter()
+            .any(|m| *m != name && m.eq_ignore_ascii_case(name));
+    }
+    let folded = fold(name);
+    members.iter().any(|m| folded.eq_ignore_ascii_case(m))
+}
+
+/// Whether `value` has, at any depth, a member spelt otherwise than one of `members` that folds to it
+/// ([`misspelt_name`]); the values of members named exactly as one of `opaque` (arguments a tool reads by its own
+/// schema) are not looked into.
+pub(crate) fn misspelt_within(
+    value: &serde_json::Value,
+    members: &[&str],
+    opaque: &[&str],
+) -> bool {
+    match value {
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| {
+            misspelt_name(k, members)
+                || (!opaque.contains(&k.as_str()) && misspelt_within(v, members, opaque))
+        }),
+        serde_json::Value::Array(items) => {
+            items.iter().any(|v| misspelt_within(v, members, opaque))
+        }
+        _ => false,
+    }
 }
 
 /// Whether the JSON text `json` has an object, at any depth, with two members whose names are equal or fold
@@ -200,5 +229,10 @@ mod tests {
         assert!(folds_to("Method", "method"));
         assert!(folds_to("paramſ", "params"));
         assert!(!folds_to("methods", "method"));
+        assert!(misspelt_name("Tool_calls", &["tool_calls"]));
+        assert!(misspelt_name("functioncall", &["functionCall"]));
+        assert!(misspelt_name("paramſ", &["params"]));
+        assert!(!misspelt_name("tool_calls", &["tool_calls"]));
+        assert!(!misspelt_name("tool_call", &["tool_calls"]));
     }
 }

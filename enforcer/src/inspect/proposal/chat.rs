@@ -372,7 +372,12 @@ type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 /// 128 levels: its members, read as any JSON parser reads them, hold no piece and no finish, so it is passed on as it
 /// came; a chunk that holds one is read whole and, when that fails, refused as [`Unreadable`].)
 fn no_calls(data: &str) -> Option<Vec<u64>> {
-    let chunk: Members = serde_json::from_str(data).ok()?;
+    // A member spelt otherwise (`Tool_calls`) is read whole, and refused there (`event_json`).
+    let plain = |m: &Members| {
+        !m.keys()
+            .any(|k| crate::inspect::misspelt_name(k, super::MEMBERS))
+    };
+    let chunk: Members = serde_json::from_str(data).ok().filter(plain)?;
     let mut text = Vec::new();
     let Some(choices) = chunk.get("choices") else {
         return Some(text);
@@ -383,14 +388,14 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
         if !choice.get().starts_with('{') {
             continue;
         }
-        let choice: Members = serde_json::from_str(choice.get()).ok()?;
+        let choice: Members = serde_json::from_str(choice.get()).ok().filter(plain)?;
         if given(choice.get("finish_reason")) {
             return None;
         }
         let Some(delta) = choice.get("delta").filter(|d| d.get().starts_with('{')) else {
             continue;
         };
-        let delta: Members = serde_json::from_str(delta.get()).ok()?;
+        let delta: Members = serde_json::from_str(delta.get()).ok().filter(plain)?;
         if given(delta.get("tool_calls")) {
             return None;
         }

@@ -201,18 +201,69 @@ pub fn body_json(text: &str) -> Result<Option<Value>, Unreadable> {
 }
 
 /// The JSON of an event's `data`; `None` for an event without data, passed on as it came. JSON with an object that
-/// names a member twice, or twice in different letter case (`inspect::twin_members`), is [`Unreadable`]: the agent's
-/// decoder may read the other member than the policy did (Go's `encoding/json` matches `Command` to `command`, and
-/// keeps the last).
+/// names a member twice, or twice in different letter case (`inspect::twin_members`), or that spells a member the
+/// reader reads otherwise ([`misspelt`]), is [`Unreadable`]: the agent's decoder may read another member than the
+/// policy did (Go's `encoding/json` matches `Command` to `command`, and keeps the last).
 fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
     if data.trim().is_empty() {
         return Ok(None);
     }
     let json = serde_json::from_str(data).map_err(|_| Unreadable)?;
-    if crate::inspect::twin_members(data) {
+    if crate::inspect::twin_members(data) || misspelt(&json) {
         return Err(Unreadable);
     }
     Ok(Some(json))
+}
+
+/// The members the readers find tool calls by, in every provider's events and bodies.
+pub(super) const MEMBERS: &[&str] = &[
+    "type",
+    "index",
+    "delta",
+    "content",
+    "choices",
+    "message",
+    "role",
+    "function",
+    "id",
+    "tool_calls",
+    "function_call",
+    "text",
+    "output_index",
+    "input",
+    "finish_reason",
+    "sequence_number",
+    "output",
+    "name",
+    "item_id",
+    "arguments",
+    "item",
+    "content_index",
+    "stop_reason",
+    "response",
+    "content_block",
+    "tool_use_id",
+    "partial_json",
+    "part",
+    "call_id",
+    "server_name",
+    "server_label",
+    "action",
+    "candidates",
+    "parts",
+    "functionCall",
+    "args",
+    "thoughtSignature",
+];
+
+/// The members holding a call's arguments: read by the tool's own schema, not looked into for [`MEMBERS`].
+const ARGUMENTS: &[&str] = &["input", "args", "arguments", "action"];
+
+/// Whether an event or body spells one of [`MEMBERS`] otherwise (`Tool_calls`, `functioncall`): an agent built on
+/// Go's `encoding/json` (go-openai, the Gemini Go SDK) binds it to the field the reader found absent, so it would
+/// run a call the reader never saw.
+fn misspelt(json: &Value) -> bool {
+    crate::inspect::misspelt_within(json, MEMBERS, ARGUMENTS)
 }
 
 /// Arguments as the policy reads them: the JSON the text holds, or the text itself when it is not JSON (a custom

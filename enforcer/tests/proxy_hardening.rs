@@ -1168,3 +1168,36 @@ async fn a_backslash_in_the_path_is_refused() {
         "a backslash path reached the upstream"
     );
 }
+
+/// Rack 2 (Rails), older Python and Go split a query on `;` as well as `&`: `?mode=read;mode=write` asks such an
+/// application for `mode=write`, where a plain reading gives one value `read;mode=write`. A rule blocking
+/// `mode=write` sees every reading, and the request, giving `mode` two ways, is refused and never forwarded. A `;`
+/// in a parameter no rule reads passes.
+#[tokio::test]
+async fn a_query_split_on_semicolons_is_read_both_ways() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: read-only\n    when: { query.mode: write }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let req = format!(
+        "GET /records?mode=read;mode=write HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(400), "{resp}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "mode=write reached the upstream"
+    );
+    let ok = format!(
+        "GET /records?mode=read&filter=a;b HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, ok.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records[0]["outcome"]["error"], "bad_request",
+        "{}",
+        records[0]
+    );
+}

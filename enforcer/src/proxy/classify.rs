@@ -164,17 +164,28 @@ pub(crate) fn build_action(
     }
 }
 
-/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space).
+/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space). A query with `;` is read both ways servers split it: on
+/// `&` (WHATWG URL, most servers) and on `&` and `;` (Rack 2, hence Rails; Python before 3.9.2; Go before 1.17),
+/// the pairs only the second reading has added after the first's. `?mode=read;mode=write` is `mode` =
+/// `read;mode=write` and also `mode` = `read` and `write`: a rule on `query.mode` sees every value a server may
+/// act on (and `Policy::ambiguous_field` refuses the request when they differ).
 pub(crate) fn parse_query(q: &str) -> Pairs {
-    Pairs(
-        q.split('&')
+    let pair = |p: &str| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (percent_decode(k, true), percent_decode(v, true))
+    };
+    let mut pairs: Vec<(String, String)> =
+        q.split('&').filter(|p| !p.is_empty()).map(pair).collect();
+    if q.contains(';') {
+        let more: Vec<_> = q
+            .split(['&', ';'])
             .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (percent_decode(k, true), percent_decode(v, true))
-            })
-            .collect(),
-    )
+            .map(pair)
+            .filter(|p| !pairs.contains(p))
+            .collect();
+        pairs.extend(more);
+    }
+    Pairs(pairs)
 }
 
 fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
@@ -196,6 +207,10 @@ mod tests {
         assert_eq!(q.get("flag"), Some(""));
         assert_eq!(q.get("c"), Some("%zz"));
         assert_eq!(q.get("d"), Some("%4"));
+        let q = parse_query("mode=read;mode=write&x=1");
+        let modes: Vec<&str> = q.get_all("mode").collect();
+        assert_eq!(modes, ["read;mode=write", "read", "write"]);
+        assert_eq!(q.get_all("x").count(), 1);
     }
 
     #[test]

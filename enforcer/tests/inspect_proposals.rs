@@ -288,7 +288,7 @@ fn chat_whole_response_refusal_and_rewrite() {
         "role": "assistant", "content": null, "tool_calls": [
             {"id": "a", "type": "function", "function": {"name": "shell", "arguments": CURL}},
             {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"secret\"}"}}]}}]});
-    let calls = proposal::body_calls(Provider::OpenAi, LlmApi::ChatCompletions, &body).unwrap();
+    let calls = proposal::body_calls(Provider::OpenAi, LlmApi::ChatCompletions, &body);
     let rulings: Vec<Ruling> = calls.iter().map(|c| policy_like(&c.proposal)).collect();
     proposal::apply_to_body(
         Provider::OpenAi,
@@ -512,7 +512,7 @@ fn anthropic_whole_message() {
         {"type": "tool_use", "id": "a", "name": "bash", "input": {"command": "curl x"}},
         {"type": "mcp_tool_use", "id": "m", "name": "query", "server_name": "db", "input": {"q": 1}},
         {"type": "mcp_tool_result", "tool_use_id": "m", "content": []}], "stop_reason": "tool_use"});
-    let calls = proposal::body_calls(Provider::Anthropic, LlmApi::Messages, &body).unwrap();
+    let calls = proposal::body_calls(Provider::Anthropic, LlmApi::Messages, &body);
     assert_eq!(calls[1].proposal.tool, "mcp:db/query");
     assert_eq!(calls[1].proposal.kind, "mcp");
     let rulings: Vec<Ruling> = calls.iter().map(|c| refuse_all(&c.proposal)).collect();
@@ -651,7 +651,7 @@ fn responses_whole_and_websocket_events() {
         {"type": "local_shell_call", "id": "ls_1", "call_id": "c1", "action": {"type": "exec", "command": ["curl", "x"]}},
         {"type": "mcp_call", "id": "mc_1", "server_label": "db", "name": "query", "arguments": "{\"q\":1}"},
         {"type": "custom_tool_call", "id": "ct_1", "call_id": "c3", "name": "apply_patch", "input": "*** Begin Patch"}]});
-    let calls = proposal::body_calls(Provider::OpenAi, LlmApi::Responses, &body).unwrap();
+    let calls = proposal::body_calls(Provider::OpenAi, LlmApi::Responses, &body);
     let tools: Vec<(&str, &str)> = calls
         .iter()
         .map(|c| (c.proposal.tool.as_str(), c.proposal.kind.as_str()))
@@ -750,7 +750,7 @@ fn gemini_stream_calls_refused_rewritten_and_signed() {
         json!([{"functionCall": {"name": "a", "args": {}}, "thoughtSignature": "c2ln"},
                             {"functionCall": {"name": "b", "args": {}}, "thoughtSignature": "skip_thought_signature_validator"}]),
     );
-    let calls = proposal::body_calls(Provider::Gemini, LlmApi::GenerateContent, &body).unwrap();
+    let calls = proposal::body_calls(Provider::Gemini, LlmApi::GenerateContent, &body);
     assert!(calls[0].signed, "a real signature binds the call");
     assert!(
         !calls[1].signed,

@@ -175,8 +175,6 @@ async fn an_answer_the_reader_cannot_parse_never_passes_a_call() {
         ("json-as-events", false),
         ("events-as-json", true),
         ("deep", false),
-        ("twin-args-stream", true),
-        ("twin-args", false),
         ("misspelt-calls", true),
     ];
     let mut answers = Vec::new();
@@ -190,6 +188,53 @@ async fn an_answer_the_reader_cannot_parse_never_passes_a_call() {
         .collect();
     assert!(leaked.is_empty(), "the call reached the agent: {leaked:#?}");
     for (model, (_, _, recs)) in &answers {
+        assert_eq!(recs.len(), 1, "{model}: {recs:#?}");
+        assert_eq!(
+            recs[0]["request"]["phase"], "proposal",
+            "{model}: {}",
+            recs[0]
+        );
+        assert_eq!(
+            recs[0]["decision"]["reason"], "unparseable",
+            "{model}: {}",
+            recs[0]
+        );
+        assert_eq!(
+            recs[0]["outcome"]["disposition"], "blocked",
+            "{model}: {}",
+            recs[0]
+        );
+    }
+    assert!(proxy.close_and_verify().await > 0);
+}
+
+/// A call whose arguments text names a member twice (or twice in other letter case) is that call's alone to lose: it
+/// is refused undecided (one record: proposal, unparseable, blocked), the agent gets the refusal text in its place,
+/// and the rest of the answer passes (the stream runs to its `[DONE]`).
+#[tokio::test]
+async fn twin_argument_names_refuse_that_call_alone() {
+    let (proxy, up) = world().await;
+    for (model, stream) in [("twin-args-stream", true), ("twin-args", false)] {
+        let (status, body, recs) = ask(&proxy, up, model, stream).await;
+        assert_eq!(status, 200, "{model}: {body}");
+        assert!(
+            !body.contains("evil.example"),
+            "{model}: the call reached the agent: {body}"
+        );
+        assert!(
+            body.contains("refused the tool call `shell`"),
+            "{model}: {body}"
+        );
+        if stream {
+            assert!(body.contains("data: [DONE]"), "{model}: {body}");
+        } else {
+            let doc: Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                doc["choices"][0]["message"].get("tool_calls").is_none(),
+                "{model}: {doc}"
+            );
+            assert_eq!(doc["choices"][0]["finish_reason"], "stop", "{model}: {doc}");
+        }
         assert_eq!(recs.len(), 1, "{model}: {recs:#?}");
         assert_eq!(
             recs[0]["request"]["phase"], "proposal",

@@ -25,7 +25,7 @@ pub use block::{
     BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, content_coding, decode_body, field_list};
-pub(crate) use keys::{member as json_member, misspelt_name, misspelt_within, twin_members};
+pub(crate) use keys::{member as json_member, misspelt_within, twin_members};
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};

@@ -17,7 +17,7 @@ use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 
-use super::upstream::UpstreamBody;
+use super::upstream::{HttpError, UpstreamBody};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -33,14 +33,14 @@ use crate::model::{Action, Phase, Reason};
 const UNDECODABLE: &str = "the upstream's answer could not be decoded for inspection";
 
 /// One frame of the agent's body, or the upstream's error that ends it.
-pub(crate) type Sent = Result<Frame<Bytes>, hyper::Error>;
+pub(crate) type Sent = Result<Frame<Bytes>, HttpError>;
 
 /// The agent's body: frames the reading task sends.
 struct Channel(mpsc::Receiver<Sent>);
 
 impl Body for Channel {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = HttpError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Sent>> {
         self.0.poll_recv(cx)
@@ -104,7 +104,7 @@ enum Next {
     Data(Bytes),
     Trailers(Frame<Bytes>),
     End,
-    Broken(hyper::Error),
+    Broken(HttpError),
     /// A held call did not complete in time.
     TimedOut,
 }
@@ -119,21 +119,26 @@ impl Reading {
         let tx = self.tx.clone();
         if self.plan.encoded {
             match self.decoded(&mut body, coding.as_deref()).await {
-                Ok(all) => {
+                Ok(Whole::All(all)) => {
                     let mut out = self.chunk(&all).await;
                     out.extend(self.end().await);
                     let _ = tx.send(Ok(Frame::data(out.freeze()))).await;
                 }
+                // Broken off upstream: broken off for the agent, nothing of it read or sent.
+                Ok(Whole::Broken(e)) => drop(tx.send(Err(e)).await),
                 Err(out) => drop(tx.send(Ok(Frame::data(out))).await),
             }
             return;
         }
+        // Trailers (RFC 9110 §6.5) end the upstream's body, but what is still held is sent after them: they are
+        // kept and sent last.
+        let mut trailers = None;
         loop {
             let out = match self.next(&mut body).await {
                 Next::Data(data) => self.chunk(&data).await,
                 Next::End => self.end().await,
                 Next::Trailers(t) => {
-                    let _ = tx.send(Ok(t)).await;
+                    trailers = Some(t);
                     continue;
                 }
                 Next::Broken(e) => {
@@ -149,6 +154,9 @@ impl Reading {
                 return;
             }
             if self.ended {
+                if let Some(t) = trailers {
+                    let _ = tx.send(Ok(t)).await;
+                }
                 return;
             }
         }
@@ -351,35 +359,49 @@ impl Reading {
         }
     }
 
-    /// A content-coded stream, whole (within the bounds) and decoded; or the refusal to send instead.
+    /// A content-coded stream, whole (within the bounds) and decoded, or the upstream's error when it broke off
+    /// (a coded body cut where a coding's own frame ends still decodes); or the refusal to send instead.
     async fn decoded(
         &mut self,
         body: &mut UpstreamBody,
         coding: Option<&str>,
-    ) -> Result<Bytes, Bytes> {
+    ) -> Result<Whole, Bytes> {
         let limit = self.ans.policy.max_body_bytes();
         let mut buf = BytesMut::new();
         let read = async {
-            while let Some(Ok(frame)) = body.frame().await {
+            while let Some(frame) = body.frame().await {
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => return Some(Err(e)),
+                };
                 if let Some(d) = frame.data_ref() {
                     buf.extend_from_slice(d);
                     if buf.len() as u64 > limit {
-                        return false;
+                        return None;
                     }
                 }
             }
-            true
+            Some(Ok(()))
         };
         match tokio::time::timeout(super::limits::limits().hold_timeout, read).await {
-            Ok(true) => {}
-            Ok(false) => return Err(self.refuse(Reason::BodyTooLarge, response::TOO_LARGE).await),
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => return Ok(Whole::Broken(e)),
+            Ok(None) => return Err(self.refuse(Reason::BodyTooLarge, response::TOO_LARGE).await),
             Err(_) => return Err(self.refuse(Reason::HoldTimeout, response::TOO_SLOW).await),
         }
         match inspect::decode_body(coding, buf.freeze(), limit) {
-            Ok(all) => Ok(all),
+            Ok(all) => Ok(Whole::All(all)),
             Err(_) => Err(self.refuse(Reason::Unparseable, UNDECODABLE).await),
         }
     }
+}
+
+/// A content-coded stream read whole.
+enum Whole {
+    /// Decoded.
+    All(Bytes),
+    /// The upstream's body broke off with this error.
+    Broken(HttpError),
 }
 
 fn emit(emits: Vec<Emit>, out: &mut BytesMut) {

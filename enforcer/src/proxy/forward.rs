@@ -7,7 +7,6 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::Full;
 
 use super::enforce::Outgoing;
 use super::head::Head;
@@ -72,7 +71,7 @@ pub(crate) fn request(
     out: Outgoing,
     authority: &str,
     upstream: &Upstream,
-) -> Result<Request<Full<Bytes>>, Refusal> {
+) -> Result<Request<Bytes>, Refusal> {
     upstream_request(out, authority, &upstream.sender, upstream.is_upgrade).ok_or_else(|| {
         Refusal::new(
             Reason::BadRequest,
@@ -89,7 +88,7 @@ pub(crate) async fn send(
     ctx: &ProxyContext,
     conn: &Conn,
     mut upstream: Upstream,
-    req: Request<Full<Bytes>>,
+    req: Request<Bytes>,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let head_timeout = super::limits::limits().response_head_timeout;
     let sent = tokio::time::timeout(head_timeout, async {
@@ -157,7 +156,7 @@ fn refused(conn: &Conn, e: upstream::UpstreamError) -> Refusal {
 const RESENDS: usize = 2;
 
 /// A copy of `req` to send again (the body is shared, not copied).
-fn copy(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+fn copy(req: &Request<Bytes>) -> Request<Bytes> {
     let mut copy = Request::new(req.body().clone());
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
@@ -171,7 +170,7 @@ fn upstream_request(
     authority: &str,
     sender: &Sender,
     is_upgrade: bool,
-) -> Option<Request<Full<Bytes>>> {
+) -> Option<Request<Bytes>> {
     let Outgoing {
         mut parts,
         body,
@@ -213,7 +212,7 @@ fn upstream_request(
         join_cookies(&mut parts.headers);
         parts.version = Version::HTTP_11;
     }
-    Some(Request::from_parts(parts, Full::new(body)))
+    Some(Request::from_parts(parts, body))
 }
 
 /// HTTP/2 lets a client split `Cookie` into several fields; HTTP/1.1 requires one, joined with `; ` (RFC 9113

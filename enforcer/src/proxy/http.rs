@@ -19,7 +19,7 @@ use super::{exchange, http2, ProxyContext};
 use crate::model::{Agent, Scheme};
 
 /// The body type the proxy answers with: the upstream's streamed body or a small buffered one.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, super::upstream::HttpError>;
 
 /// One accepted client connection, as the exchanges on it need it.
 #[derive(Debug, Clone)]

@@ -102,8 +102,9 @@ where
     }
 }
 
-/// Ping the client every [`KEEPALIVE_INTERVAL`]; completes when one goes unanswered for [`KEEPALIVE_TIMEOUT`].
-async fn keepalive(ping_pong: Option<PingPong>) {
+/// Ping the peer every [`KEEPALIVE_INTERVAL`]; completes when one goes unanswered for [`KEEPALIVE_TIMEOUT`]. Used
+/// for clients here and for upstream servers by `upstream`.
+pub(crate) async fn keepalive(ping_pong: Option<PingPong>) {
     let Some(mut ping_pong) = ping_pong else {
         return std::future::pending().await;
     };
@@ -274,13 +275,25 @@ async fn send_data(tx: &mut SendStream<Bytes>, mut data: Bytes, end: bool) -> Re
     Ok(())
 }
 
-/// A request body read from an HTTP/2 stream: its flow-control window is released as the data is read, and the
-/// first read sends the `100 Continue` a client that sent `Expect: 100-continue` waits for.
+/// A body read from an HTTP/2 stream: its flow-control window is released as the data is read. A client's request
+/// body's first read sends the `100 Continue` a client that sent `Expect: 100-continue` waits for; an upstream's
+/// response body ([`RecvBody::upstream`]) has none to send.
 #[derive(Debug)]
 pub(crate) struct RecvBody {
     recv: RecvStream,
     data_done: bool,
     continue_tx: Option<oneshot::Sender<()>>,
+}
+
+impl RecvBody {
+    /// An upstream's response body.
+    pub(crate) fn upstream(recv: RecvStream) -> RecvBody {
+        RecvBody {
+            recv,
+            data_done: false,
+            continue_tx: None,
+        }
+    }
 }
 
 impl Body for RecvBody {

@@ -27,7 +27,14 @@ pub(crate) async fn rule(ans: &Answering, calls: &[Call], holding: &Holding<'_>)
     rulings
 }
 
+/// Why a call whose arguments cannot be read as the agent's SDK reads them is refused, undecided.
+const UNREADABLE_ARGS: &str =
+    "its arguments could not be read as the agent would read them, so they could not be decided";
+
 async fn rule_one(ans: &Answering, call: &Call, holding: &Holding<'_>) -> Ruling {
+    if call.unreadable {
+        return refuse_unreadable(ans, call).await;
+    }
     let mut action = ans.request.clone();
     action.proposal = Some(call.proposal.clone());
     let decision = decide(ans, &action).await;
@@ -76,6 +83,22 @@ async fn rule_one(ans: &Answering, call: &Call, holding: &Holding<'_>) -> Ruling
     let traced = ans.linked(Phase::Proposal, summary);
     ans.retain_for(seq, traced, disposition, &recorded);
     ruling
+}
+
+/// A call the reader could not read as the agent would (`Call::unreadable`): refused whatever the policy's mode,
+/// recorded as the enforcer's own block (phase `proposal`, reason `unparseable`).
+async fn refuse_unreadable(ans: &Answering, call: &Call) -> Ruling {
+    let decision = super::enforcer_decision(&ans.policy, Reason::Unparseable, UNREADABLE_ARGS);
+    let outcome = Outcome {
+        disposition: Disposition::Blocked,
+        status: None,
+        error: Some(Reason::Unparseable),
+    };
+    let summary = summary(ans, call, Vec::new());
+    let _recorded = ans
+        .record(Phase::Proposal, decision, summary, outcome)
+        .await;
+    Ruling::Refuse(refusal_text(&call.proposal.tool, UNREADABLE_ARGS))
 }
 
 /// The decision on one proposal Action, under the agent's session.

@@ -291,12 +291,7 @@ async fn answer_whole(
     let mut changed = plan.encoded;
     let mut body = text;
     if let (Some((provider, api)), Some(doc)) = (plan.proposals, json.as_mut()) {
-        let calls = match proposal::body_calls(provider, api, doc) {
-            Ok(calls) => calls,
-            Err(e) => {
-                return refused(ans, Phase::Proposal, Reason::Unparseable, &e.to_string()).await
-            }
-        };
+        let calls = proposal::body_calls(provider, api, doc);
         let rulings = super::proposal::rule(ans, &calls, &super::hold::Holding::Whole).await;
         if rulings.iter().any(|r| *r != Ruling::Pass) {
             proposal::apply_to_body(provider, api, doc, &rulings);

@@ -7,6 +7,11 @@
 //! The [`Pool`] keeps verified connections for later requests of the same agent: HTTP/1.1 ones lent to one request
 //! at a time, HTTP/2 ones shared by up to [`STREAMS_PER_CONNECTION`] requests at once, whatever HTTP version the
 //! agent itself spoke.
+//!
+//! HTTP/1.1 is hyper's client. HTTP/2 is the h2 crate's client used directly: the exchange's own task opens the
+//! stream, sends the (already complete) body and waits for the response head, where hyper's HTTP/2 client hands each
+//! request to the connection's task over a channel and spawns a task per request to wait for its response: two
+//! wake-ups and a task's allocation per request that the direct use does without.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -20,13 +25,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::http2::{keepalive, RecvBody};
 use super::io::{CloseDelimited, EarlyAnswer};
 use super::tls::{UpstreamTls, H2};
 use crate::model::Reason;
@@ -55,6 +61,23 @@ pub enum UpstreamError {
     },
     #[error("HTTP handshake with the upstream failed: {0}")]
     Http(#[from] hyper::Error),
+    #[error("HTTP/2 handshake with the upstream failed: {0}")]
+    Http2(#[from] h2::Error),
+}
+
+/// Why an exchange with an open upstream connection failed: sending the request, or reading the response.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// hyper's HTTP/1.1 client.
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    /// The HTTP/2 stream or its connection (a reset, a GOAWAY, an I/O error).
+    #[error(transparent)]
+    Http2(#[from] h2::Error),
+    /// The HTTP/2 connection could not take the request (it had ended, or its server's GOAWAY had come): nothing
+    /// of the request left the proxy.
+    #[error("the upstream connection took no request: {0}")]
+    Unsent(h2::Error),
 }
 
 impl UpstreamError {
@@ -83,7 +106,9 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
             | UpstreamError::Timeout { .. }
             | UpstreamError::TlsTimeout { .. } => "the upstream could not be reached".into(),
-            UpstreamError::Http(_) => "the upstream did not speak HTTP".into(),
+            UpstreamError::Http(_) | UpstreamError::Http2(_) => {
+                "the upstream did not speak HTTP".into()
+            }
         }
     }
 }
@@ -107,17 +132,19 @@ pub(crate) struct Sender {
 enum Http {
     H1(http1::SendRequest<Full<Bytes>>),
     H2 {
-        sender: http2::SendRequest<Full<Bytes>>,
+        sender: h2::client::SendRequest<Bytes>,
         streams: Arc<Streams>,
     },
 }
 
-/// One HTTP/2 connection's requests in flight, and how many its server allows at once.
+/// One HTTP/2 connection's requests in flight, how many its server allows at once, and whether it has ended.
 struct Streams {
     /// From [`Sender::shared`] to the end (or drop) of the response body.
     open: AtomicUsize,
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS` as last seen by the connection's task (RFC 9113 §6.5.2).
     allowed: AtomicUsize,
+    /// Set by the connection's task when the connection has ended.
+    ended: AtomicBool,
 }
 
 impl Streams {
@@ -125,6 +152,7 @@ impl Streams {
         Arc::new(Streams {
             open: AtomicUsize::new(0),
             allowed: AtomicUsize::new(STREAMS_PER_CONNECTION),
+            ended: AtomicBool::new(false),
         })
     }
 
@@ -160,7 +188,7 @@ impl Sender {
         self.write_failed.load(Ordering::Acquire)
             || match &self.http {
                 Http::H1(s) => s.is_closed(),
-                Http::H2 { sender, .. } => sender.is_closed(),
+                Http::H2 { streams, .. } => streams.ended.load(Ordering::Acquire),
             }
     }
 
@@ -185,7 +213,7 @@ impl Sender {
     fn is_ready(&self) -> bool {
         match &self.http {
             Http::H1(s) => s.is_ready(),
-            Http::H2 { sender, streams } => sender.is_ready() && streams.have_room(),
+            Http::H2 { streams, .. } => streams.have_room(),
         }
     }
 
@@ -204,42 +232,85 @@ impl Sender {
 
     /// Send `req` and wait for the response head. The response body keeps the request's place among the HTTP/2
     /// connection's streams until it ends or is dropped.
+    ///
+    /// Over HTTP/2 the request must carry an absolute URI (`:scheme`, `:authority`) and no connection-specific
+    /// field (RFC 9113 §8.2.2, §8.3.1); its body, complete already, is handed to the stream at once and sent as the
+    /// server's flow-control window allows.
     pub async fn send(
         &mut self,
-        req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<UpstreamBody>, hyper::Error> {
+        req: http::Request<Bytes>,
+    ) -> Result<http::Response<UpstreamBody>, HttpError> {
         let stream = self.stream.take();
-        let resp = match &mut self.http {
+        match &mut self.http {
             Http::H1(s) => {
                 s.ready().await?;
-                s.send_request(req).await
+                let resp = s.send_request(req.map(Full::new)).await?;
+                Ok(resp.map(|body| UpstreamBody {
+                    body: Received::H1(body),
+                    stream,
+                }))
             }
             Http::H2 { sender, .. } => {
-                sender.ready().await?;
-                sender.send_request(req).await
+                let mut sender = sender.clone().ready().await.map_err(HttpError::Unsent)?;
+                let (parts, body) = req.into_parts();
+                let end = body.is_empty();
+                let (response, mut send) = sender
+                    .send_request(http::Request::from_parts(parts, ()), end)
+                    .map_err(HttpError::Unsent)?;
+                if !end {
+                    send.send_data(body, true)?;
+                }
+                let resp = response.await?;
+                let length = content_length(resp.headers());
+                Ok(resp.map(|recv| UpstreamBody {
+                    body: Received::H2(RecvBody::upstream(recv), length),
+                    stream,
+                }))
             }
-        }?;
-        Ok(resp.map(|body| UpstreamBody { body, stream }))
+        }
     }
 }
 
-/// A response body from the upstream: hyper's, plus the request's place on its HTTP/2 connection, given back once
-/// the body has ended (or is dropped), so the pool counts streams that are still open.
+/// A response body from the upstream (hyper's for HTTP/1.1, the h2 stream's for HTTP/2), plus the request's place
+/// on its HTTP/2 connection, given back once the body has ended (or is dropped), so the pool counts streams that
+/// are still open.
 pub(crate) struct UpstreamBody {
-    body: Incoming,
+    body: Received,
     stream: Option<StreamSlot>,
+}
+
+enum Received {
+    H1(Incoming),
+    /// With what is left of the length the response's `Content-Length` gave, if it gave one.
+    H2(RecvBody, Option<u64>),
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = HttpError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let polled = match &mut this.body {
+            Received::H1(b) => Pin::new(b).poll_frame(cx).map_err(HttpError::from),
+            Received::H2(b, left) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(left), Some(data)) = (left.as_mut(), frame.data_ref()) {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                // A server that answered before reading the whole request resets the stream with NO_ERROR (RFC
+                // 9113 §8.1): the answer has ended, it has not failed.
+                Poll::Ready(Some(Err(e))) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    Poll::Ready(None)
+                }
+                polled => polled.map_err(HttpError::from),
+            },
+        };
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             this.stream = None;
         }
@@ -247,12 +318,27 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Received::H1(b) => b.is_end_stream(),
+            Received::H2(b, _) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Received::H1(b) => b.size_hint(),
+            Received::H2(_, Some(left)) => SizeHint::with_exact(*left),
+            Received::H2(b, None) => b.size_hint(),
+        }
     }
+}
+
+/// The length a response's `Content-Length` gives, when it gives one (RFC 9110 §8.6; the h2 crate has already
+/// refused a stream whose fields disagree or whose data runs past it).
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = values.next()?.to_str().ok()?.trim().parse().ok()?;
+    values.next().is_none().then_some(first)
 }
 
 pub(crate) async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
@@ -286,20 +372,27 @@ pub(crate) async fn connect(
     let h2 = stream.get_ref().1.alpn_protocol() == Some(H2);
     let stream = CloseDelimited(stream);
     if h2 {
-        let (sender, conn) = h2_client().handshake(TokioIo::new(stream)).await?;
+        let (sender, mut conn) = h2_client().handshake(stream).await?;
         let streams = Streams::new();
         let seen = streams.clone();
+        let pings = keepalive(conn.ping_pong());
         tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
+            tokio::pin!(pings);
             // Each time the connection runs, what its server now allows (its SETTINGS may change it).
             let ended = std::future::poll_fn(|cx| {
-                let allowed = conn.current_max_send_streams();
+                let allowed = conn.max_concurrent_send_streams();
                 seen.allowed.store(allowed, Ordering::Release);
-                conn.as_mut().poll(cx)
+                if pings.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(None));
+                }
+                Pin::new(&mut conn).poll(cx).map_err(Some)
             });
-            if let Err(e) = ended.await {
-                tracing::debug!(error = %e, "upstream h2 connection ended");
+            match ended.await {
+                Ok(()) => {}
+                Err(Some(e)) => tracing::debug!(error = %e, "upstream h2 connection ended"),
+                Err(None) => tracing::debug!("upstream stopped answering HTTP/2 pings: closing"),
             }
+            seen.ended.store(true, Ordering::Release);
         });
         Ok(Sender {
             http: Http::H2 { sender, streams },
@@ -321,39 +414,38 @@ const STREAM_WINDOW: u32 = 1 << 20;
 ///   that stop reading hold only their own streams' windows, never the whole connection's, so the requests they
 ///   share it with still get their answers.
 /// - Headers up to 64 KiB are accepted, the same bound as HTTP/1.1's (see `limits`).
-/// - A ping every 30 s that is not answered within 20 s closes the connection (RFC 9113 §6.7): one that went
-///   silently dead fails its requests and leaves the pool instead of holding every later request until the
-///   response-head timeout.
-fn h2_client() -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+/// - Server push is refused (`SETTINGS_ENABLE_PUSH` 0, RFC 9113 §6.5.2): nothing the agent did not ask for.
+/// - The connection's task pings the server every 30 s and closes the connection when a ping is not answered
+///   within 20 s (RFC 9113 §6.7, see `http2::keepalive`): one that went silently dead fails its requests and
+///   leaves the pool instead of holding every later request until the response-head timeout.
+fn h2_client() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW * STREAMS_PER_CONNECTION as u32)
         .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+        .enable_push(false);
     builder
 }
 
 /// Whether a request that failed with `error` was never processed by the upstream, so it may be sent again on
-/// another connection (RFC 9113 §8.7): it was not sent at all (hyper's `is_canceled`, `is_closed`, or its
-/// "dispatch task is gone": the connection ended with the request still queued, for which hyper has no
-/// predicate), its stream was refused (`REFUSED_STREAM`), or the server's GOAWAY excluded it (a stream above its
-/// last stream ID).
-pub(crate) fn unprocessed(error: &hyper::Error) -> bool {
-    if error.is_canceled() || error.is_closed() {
-        return true;
+/// another connection (RFC 9113 §8.7): it was not sent at all ([`HttpError::Unsent`]; for HTTP/1.1 hyper's
+/// `is_canceled`, `is_closed`, or its "dispatch task is gone": the connection ended with the request still queued,
+/// for which hyper has no predicate), its stream was refused (`REFUSED_STREAM`), or the server's GOAWAY excluded
+/// it (a stream above its last stream ID).
+pub(crate) fn unprocessed(error: &HttpError) -> bool {
+    match error {
+        HttpError::Unsent(_) => true,
+        HttpError::Http1(e) => {
+            e.is_canceled()
+                || e.is_closed()
+                || (e.is_user() && e.to_string().starts_with("dispatch task is gone"))
+        }
+        HttpError::Http2(e) => {
+            (e.is_go_away() && e.is_remote())
+                || (e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
+        }
     }
-    if error.is_user() && error.to_string().starts_with("dispatch task is gone") {
-        return true;
-    }
-    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
-    h2.is_some_and(|e| {
-        (e.is_go_away() && e.is_remote())
-            || (e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
-    })
 }
 
 /// A TCP connection to `dst` and the TLS handshake on it with `config`, verifying `name`.

@@ -351,6 +351,9 @@ impl Stack {
         if daemon == Daemon::NotDurable {
             config.push_str("audit:\n  durable: false\n");
         }
+        if daemon == Daemon::Baseline {
+            raise_agent_share(&mut config, enforcer)?;
+        }
         let config_path = dir.join("enforcer.yaml");
         std::fs::write(&config_path, config)?;
         if transparent {
@@ -462,6 +465,27 @@ impl Stack {
             UPSTREAM_PORT,
         )
     }
+}
+
+/// The key of the per-agent connection share, which versions from f958fac on read (and older ones refuse: the
+/// configuration denies unknown keys).
+const AGENT_SHARE_KEY: &str = "max_connections_per_agent";
+
+/// Give a baseline binary that knows [`AGENT_SHARE_KEY`] the same share as the explicit contender, so that
+/// `conns1000` holds all its connections there too: the binary is searched for the key's name, which serde keeps in
+/// it as a string, as no older version has a way to ask which keys it reads.
+fn raise_agent_share(config: &mut String, binary: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
+    let knows = bytes
+        .windows(AGENT_SHARE_KEY.len())
+        .any(|w| w == AGENT_SHARE_KEY.as_bytes());
+    if knows {
+        *config = config.replace(
+            "  max_connections: 4096\n",
+            &format!("  max_connections: 4096\n  {AGENT_SHARE_KEY}: 2048\n"),
+        );
+    }
+    Ok(())
 }
 
 impl Drop for Stack {

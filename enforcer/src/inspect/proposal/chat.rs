@@ -1,7 +1,9 @@
 //! OpenAI Chat Completions: `choices[].message.tool_calls` in a whole response; in a stream, `chat.completion.chunk`
 //! events whose `choices[].delta.tool_calls[]` carry each call in pieces by `index` (`id`, `type` and name first,
 //! then argument text), a chunk with the choice's `finish_reason`, and `data: [DONE]`. Function (`function.name`,
-//! `function.arguments`) and custom (`custom.name`, `custom.input`) calls.
+//! `function.arguments`) and custom (`custom.name`, `custom.input`) calls; and the legacy single function call of
+//! the `functions` parameter, `message.function_call` (`name`, `arguments`; streamed as `delta.function_call`
+//! pieces, `finish_reason: function_call`), which the SDKs still assemble and hand to the agent.
 //!
 //! A call is held from its first piece until its choice finishes. Passed on unchanged it is re-sent as it came (or as
 //! one chunk, renumbered, when an earlier call was refused or its pieces shared a chunk with other content); a
@@ -14,7 +16,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{
-    args_text, args_value, event_json, proposal, str_of, Call, Emit, Event, Ruling, Rulings,
+    args_text, event_json, function_args, proposal, str_of, Call, Emit, Event, Ruling, Rulings,
     Unreadable,
 };
 
@@ -33,12 +35,23 @@ struct Choice {
     passed: u64,
     /// Text was sent (a refusal then starts on a new paragraph).
     text: bool,
+    /// A legacy `function_call` was passed on.
+    legacy: bool,
+    /// Calls the upstream opened in this choice (the length of the SDK's list of them).
+    calls: u64,
+    /// The upstream opened a legacy `function_call` in this choice.
+    legacy_seen: bool,
     refused: bool,
 }
+
+/// The key of a choice's legacy `function_call` among its open calls (after every tool-call index).
+const LEGACY: u64 = u64::MAX;
 
 #[derive(Debug)]
 struct Held {
     index: u64,
+    /// A legacy `function_call`, not a `tool_calls` entry.
+    legacy: bool,
     id: Option<String>,
     /// `function` or `custom`.
     kind: String,
@@ -51,6 +64,17 @@ struct Held {
     raws: Vec<Bytes>,
     /// Every chunk of the call carried only this call, so its bytes can be re-sent as they came.
     pure: bool,
+    /// A name or argument piece was not a string: not read as the SDKs join it.
+    odd: bool,
+    /// A piece named the call's `type`.
+    typed: bool,
+}
+
+/// One call piece of a delta: a `tool_calls` entry or the legacy `function_call`.
+#[derive(Debug)]
+enum Piece {
+    Tool(Value),
+    Legacy(Value),
 }
 
 #[derive(Debug)]
@@ -72,7 +96,7 @@ enum Item {
 impl Stream {
     pub(super) fn push(&mut self, ev: Event) -> Result<Vec<Call>, Unreadable> {
         if ev.data.trim() == "[DONE]" {
-            let calls = self.close_all()?;
+            let calls = self.close_all();
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(calls);
         }
@@ -105,19 +129,10 @@ impl Stream {
             o.remove("usage");
         }
         for (choice, role, piece) in pieces {
-            self.absorb(
-                choice,
-                role,
-                &piece,
-                &envelope,
-                pure.then(|| ev.raw.clone()),
-            );
+            self.absorb(choice, role, piece, &envelope, pure.then(|| ev.raw.clone()))?;
         }
         if !finishing.is_empty() {
-            let mut calls = Vec::new();
-            for &c in &finishing {
-                calls.extend(self.close(c)?);
-            }
+            let calls = finishing.iter().flat_map(|&c| self.close(c)).collect();
             self.pending.push(Item::Finish {
                 name: ev.name,
                 chunk,
@@ -141,7 +156,7 @@ impl Stream {
     fn take_pieces(
         &mut self,
         chunk: &mut Value,
-    ) -> (Vec<(u64, Option<Value>, Value)>, Vec<u64>, bool) {
+    ) -> (Vec<(u64, Option<Value>, Piece)>, Vec<u64>, bool) {
         let (mut pieces, mut finishing, mut bare) = (Vec::new(), Vec::new(), true);
         if chunk.get("usage").is_some_and(|u| !u.is_null()) {
             bare = false;
@@ -166,7 +181,14 @@ impl Stream {
             }
             let role = delta.get("role").cloned();
             if let Some(Value::Array(calls)) = delta.remove("tool_calls") {
-                pieces.extend(calls.into_iter().map(|p| (index, role.clone(), p)));
+                pieces.extend(
+                    calls
+                        .into_iter()
+                        .map(|p| (index, role.clone(), Piece::Tool(p))),
+                );
+            }
+            if let Some(call) = delta.remove("function_call").filter(|c| !c.is_null()) {
+                pieces.push((index, role.clone(), Piece::Legacy(call)));
             }
             bare &= delta
                 .iter()
@@ -175,85 +197,122 @@ impl Stream {
         (pieces, finishing, bare)
     }
 
+    /// Add one piece to its call.
+    ///
+    /// # Errors
+    /// [`Unreadable`] when the SDKs' accumulator files the piece under another call than its `index` says. The
+    /// openai SDK keeps a choice's calls in a list (`lib/streaming/_deltas.py`, `accumulate_delta`): a piece is
+    /// joined to the entry at its index when there is one — a call already decided, after its choice finished,
+    /// included — and a new call is inserted at that index, which Python's `list.insert` clamps to the list's end.
+    /// So a new call's index must be the number of calls the choice has had (indices dense from 0), an integer (none
+    /// is 0), and a
+    /// piece may not come for a call already closed; the legacy `function_call` is likewise one per choice.
     fn absorb(
         &mut self,
         choice: u64,
         role: Option<Value>,
-        piece: &Value,
+        piece: Piece,
         envelope: &Value,
         raw: Option<Bytes>,
-    ) {
-        let index = piece.get("index").and_then(Value::as_u64).unwrap_or(0);
-        let held = self
-            .open
-            .entry(choice)
-            .or_default()
-            .entry(index)
-            .or_insert_with(|| Held {
-                index,
-                id: None,
-                kind: "function".into(),
-                name: String::new(),
-                args: String::new(),
-                role,
-                envelope: envelope.clone(),
-                raws: Vec::new(),
-                pure: true,
-            });
-        if let Some(id) = str_of(piece, "id") {
+    ) -> Result<(), Unreadable> {
+        let (legacy, piece) = match piece {
+            Piece::Tool(p) => (false, p),
+            Piece::Legacy(p) => (true, p),
+        };
+        let index = if legacy {
+            LEGACY
+        } else {
+            // Without one the SDK keeps the piece as its list's first entry: index 0.
+            piece
+                .get("index")
+                .map_or(Some(0), Value::as_u64)
+                .ok_or(Unreadable)?
+        };
+        let open = self.open.entry(choice).or_default();
+        if !open.contains_key(&index) {
+            let seen = self.choices.entry(choice).or_default();
+            if legacy {
+                if std::mem::replace(&mut seen.legacy_seen, true) {
+                    return Err(Unreadable);
+                }
+            } else if index == seen.calls {
+                seen.calls += 1;
+            } else {
+                return Err(Unreadable);
+            }
+        }
+        let held = open.entry(index).or_insert_with(|| Held {
+            index,
+            legacy,
+            id: None,
+            kind: "function".into(),
+            name: String::new(),
+            args: String::new(),
+            role,
+            envelope: envelope.clone(),
+            raws: Vec::new(),
+            pure: true,
+            odd: false,
+            typed: false,
+        });
+        if let Some(id) = str_of(&piece, "id") {
             held.id = Some(id.to_string());
         }
-        if let Some(kind) = str_of(piece, "type") {
+        if let Some(kind) = str_of(&piece, "type") {
+            // The SDKs keep the last `type` and read the member it names from every piece joined: a call whose
+            // type changes is read from pieces this reader did not join as that member.
+            held.odd |= held.typed && held.kind != kind;
             held.kind = kind.to_string();
+            held.typed = true;
         }
-        let (body, field) = match piece.get("custom") {
-            Some(c) => (Some(c), "input"),
-            None => (piece.get("function"), "arguments"),
+        let (body, field) = if legacy {
+            (Some(&piece), "arguments")
+        } else {
+            let (body, field, both) = call_body(&piece, &held.kind);
+            held.odd |= both;
+            (body, field)
         };
         if let Some(body) = body {
-            held.name.push_str(str_of(body, "name").unwrap_or_default());
-            held.args.push_str(str_of(body, field).unwrap_or_default());
+            // The SDKs' accumulators join string pieces; a piece of another type is not text they join.
+            for (key, into) in [("name", &mut held.name), (field, &mut held.args)] {
+                match body.get(key) {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(s)) => into.push_str(s),
+                    Some(_) => held.odd = true,
+                }
+            }
         }
         match raw {
             Some(raw) if held.pure => held.raws.push(raw),
             _ => held.pure = false,
         }
+        Ok(())
     }
 
     /// The open calls of `choice`, complete now, in index order.
-    ///
-    /// # Errors
-    /// [`Unreadable`] when a call's arguments are JSON with twin members (`args_value`).
-    fn close(&mut self, choice: u64) -> Result<Vec<Call>, Unreadable> {
+    fn close(&mut self, choice: u64) -> Vec<Call> {
         let Some(open) = self.open.remove(&choice) else {
-            return Ok(Vec::new());
+            return Vec::new();
         };
         let mut calls = Vec::with_capacity(open.len());
         for held in open.into_values() {
+            let (args, unreadable) = call_args(&held.kind, &held.args);
             calls.push(Call {
-                proposal: proposal(
-                    &held.name,
-                    &held.kind,
-                    args_value(&held.args)?,
-                    held.id.as_deref(),
-                ),
+                proposal: proposal(&held.name, &held.kind, args, held.id.as_deref()),
                 signed: false,
+                unreadable: unreadable || held.odd,
             });
             self.pending.push(Item::Call { choice, held });
         }
-        Ok(calls)
+        calls
     }
 
-    fn close_all(&mut self) -> Result<Vec<Call>, Unreadable> {
+    fn close_all(&mut self) -> Vec<Call> {
         let choices: Vec<u64> = self.open.keys().copied().collect();
-        let mut calls = Vec::new();
-        for c in choices {
-            calls.extend(self.close(c)?);
-        }
-        Ok(calls)
+        choices.into_iter().flat_map(|c| self.close(c)).collect()
     }
 
-    pub(super) fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
+    pub(super) fn finish(&mut self) -> Vec<Call> {
         self.close_all()
     }
 
@@ -298,8 +357,12 @@ impl Stream {
     fn render_call(&mut self, choice: u64, held: Held, ruling: Ruling) -> Vec<Emit> {
         let st = self.choices.entry(choice).or_default();
         let args = match ruling {
-            Ruling::Pass if held.pure && held.index == st.passed => {
-                st.passed += 1;
+            Ruling::Pass if held.pure && (held.legacy || held.index == st.passed) => {
+                if held.legacy {
+                    st.legacy = true;
+                } else {
+                    st.passed += 1;
+                }
                 return held.raws.into_iter().map(Emit::Raw).collect();
             }
             Ruling::Pass => held.args.clone(),
@@ -315,6 +378,14 @@ impl Stream {
                 return vec![chunk_with(&held.envelope, choice, delta)];
             }
         };
+        if held.legacy {
+            st.legacy = true;
+            let mut delta = json!({ "function_call": { "name": held.name, "arguments": args } });
+            if let Some(role) = held.role {
+                delta["role"] = role;
+            }
+            return vec![chunk_with(&held.envelope, choice, delta)];
+        }
         let (body, field) = if held.kind == "custom" {
             ("custom", "input")
         } else {
@@ -346,7 +417,7 @@ impl Stream {
             let none_left = self
                 .choices
                 .get(&index)
-                .is_some_and(|s| s.refused && s.passed == 0);
+                .is_some_and(|s| s.refused && s.passed == 0 && !s.legacy);
             let asks = matches!(
                 str_of(c, "finish_reason"),
                 Some("tool_calls" | "function_call")
@@ -372,12 +443,7 @@ type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 /// 128 levels: its members, read as any JSON parser reads them, hold no piece and no finish, so it is passed on as it
 /// came; a chunk that holds one is read whole and, when that fails, refused as [`Unreadable`].)
 fn no_calls(data: &str) -> Option<Vec<u64>> {
-    // A member spelt otherwise (`Tool_calls`) is read whole, and refused there (`event_json`).
-    let plain = |m: &Members| {
-        !m.keys()
-            .any(|k| crate::inspect::misspelt_name(k, super::MEMBERS))
-    };
-    let chunk: Members = serde_json::from_str(data).ok().filter(plain)?;
+    let chunk: Members = plain(data)?;
     let mut text = Vec::new();
     let Some(choices) = chunk.get("choices") else {
         return Some(text);
@@ -388,15 +454,15 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
         if !choice.get().starts_with('{') {
             continue;
         }
-        let choice: Members = serde_json::from_str(choice.get()).ok().filter(plain)?;
+        let choice: Members = plain(choice.get())?;
         if given(choice.get("finish_reason")) {
             return None;
         }
         let Some(delta) = choice.get("delta").filter(|d| d.get().starts_with('{')) else {
             continue;
         };
-        let delta: Members = serde_json::from_str(delta.get()).ok().filter(plain)?;
-        if given(delta.get("tool_calls")) {
+        let delta: Members = plain(delta.get())?;
+        if given(delta.get("tool_calls")) || given(delta.get("function_call")) {
             return None;
         }
         let content = delta.get("content").map_or("", |c| c.get());
@@ -411,6 +477,26 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
     Some(text)
 }
 
+/// The members of the JSON object `text` when every name is in lower case ASCII (as the API writes them all):
+/// another spelling may be read otherwise by another reader, so the chunk is then read whole and refused there if
+/// so (`event_json`: twin members, a member spelt otherwise).
+fn plain(text: &str) -> Option<Members<'_>> {
+    let members: Members = serde_json::from_str(text).ok()?;
+    members
+        .keys()
+        .all(|k| !k.chars().any(|c| c.is_uppercase() || !c.is_ascii()))
+        .then_some(members)
+}
+
+/// A call's arguments as the policy reads them, and whether they are unreadable (`function_args`); a custom tool's
+/// free-form input is its text.
+fn call_args(kind: &str, text: &str) -> (Value, bool) {
+    if kind == "custom" {
+        return (Value::String(text.to_string()), false);
+    }
+    function_args(text)
+}
+
 fn chunk_with(envelope: &Value, choice: u64, delta: Value) -> Emit {
     let mut chunk = envelope.clone();
     chunk["choices"] =
@@ -421,36 +507,67 @@ fn chunk_with(envelope: &Value, choice: u64, delta: Value) -> Emit {
     }
 }
 
-/// `(name, kind, arguments text, id)` of one entry of `message.tool_calls`.
-fn call_parts(tc: &Value) -> (&str, &str, &str, Option<&str>) {
-    let kind = str_of(tc, "type").unwrap_or("function");
-    let (body, field) = match tc.get("custom") {
-        Some(c) => (c, "input"),
-        None => (tc.get("function").unwrap_or(&Value::Null), "arguments"),
+/// The call of one entry of `message.tool_calls` (`legacy`: of `message.function_call`, the function itself). A
+/// name or arguments that are not a string are not what the SDKs hand on as one: the call is unreadable.
+fn body_call(tc: &Value, legacy: bool) -> Call {
+    let kind = if legacy {
+        "function"
+    } else {
+        str_of(tc, "type").unwrap_or("function")
     };
-    (
-        str_of(body, "name").unwrap_or_default(),
-        kind,
-        str_of(body, field).unwrap_or_default(),
-        str_of(tc, "id"),
-    )
+    let (body, field, both) = if legacy {
+        (Some(tc), "arguments", false)
+    } else {
+        call_body(tc, kind)
+    };
+    let body = body.unwrap_or(&Value::Null);
+    let text = |key: &str| match body.get(key) {
+        None | Some(Value::Null) => Some(""),
+        Some(v) => v.as_str(),
+    };
+    let (name, args) = (text("name"), text(field));
+    let (value, unreadable) = call_args(kind, args.unwrap_or_default());
+    Call {
+        proposal: proposal(
+            name.unwrap_or_default(),
+            kind,
+            value,
+            str_of(tc, "id").filter(|_| !legacy),
+        ),
+        signed: false,
+        unreadable: unreadable || both || name.is_none() || args.is_none(),
+    }
 }
 
-pub(super) fn body_calls(body: &Value) -> Result<Vec<Call>, Unreadable> {
+/// The member holding a call's name and arguments, chosen by the call's `type` as the SDKs choose the variant of
+/// their tagged union (`custom` → `custom.input`, else `function.arguments`), its arguments field, and whether the
+/// entry also carries the other member (a reader choosing by the member present would read that one).
+fn call_body<'a>(tc: &'a Value, kind: &str) -> (Option<&'a Value>, &'static str, bool) {
+    let given = |k: &str| tc.get(k).filter(|v| !v.is_null());
+    if kind == "custom" {
+        (given("custom"), "input", given("function").is_some())
+    } else {
+        (given("function"), "arguments", given("custom").is_some())
+    }
+}
+
+/// The calls of a whole response: each choice's `message.tool_calls`, then its legacy `message.function_call`.
+pub(super) fn body_calls(body: &Value) -> Vec<Call> {
+    let mut calls = Vec::new();
     let choices = body.get("choices").and_then(Value::as_array);
-    choices
+    for message in choices
         .into_iter()
         .flatten()
-        .filter_map(|c| c.get("message")?.get("tool_calls")?.as_array())
-        .flatten()
-        .map(|tc| {
-            let (name, kind, args, id) = call_parts(tc);
-            Ok(Call {
-                proposal: proposal(name, kind, args_value(args)?, id),
-                signed: false,
-            })
-        })
-        .collect()
+        .filter_map(|c| c.get("message"))
+    {
+        if let Some(tcs) = message.get("tool_calls").and_then(Value::as_array) {
+            calls.extend(tcs.iter().map(|tc| body_call(tc, false)));
+        }
+        if let Some(fc) = message.get("function_call").filter(|f| !f.is_null()) {
+            calls.push(body_call(fc, true));
+        }
+    }
+    calls
 }
 
 pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
@@ -459,9 +576,19 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
         let Some(message) = c.get_mut("message").and_then(Value::as_object_mut) else {
             continue;
         };
-        let Some(Value::Array(calls)) = message.remove("tool_calls") else {
+        let has_calls = message
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+        let has_legacy = message.get("function_call").is_some_and(|f| !f.is_null());
+        if !has_calls && !has_legacy {
             continue;
+        }
+        let calls = match message.remove("tool_calls") {
+            Some(Value::Array(calls)) => calls,
+            _ => Vec::new(),
         };
+        let legacy = message.remove("function_call").filter(|_| has_legacy);
         let (mut kept, mut refusals) = (Vec::new(), Vec::new());
         for mut tc in calls {
             match rulings.next() {
@@ -478,6 +605,20 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
                 Ruling::Refuse(text) => refusals.push(text),
             }
         }
+        let mut legacy_kept = false;
+        if let Some(mut fc) = legacy {
+            match rulings.next() {
+                Ruling::Pass => legacy_kept = true,
+                Ruling::Rewrite(v) => {
+                    fc["arguments"] = json!(args_text(&v));
+                    legacy_kept = true;
+                }
+                Ruling::Refuse(text) => refusals.push(text),
+            }
+            if legacy_kept {
+                message.insert("function_call".into(), fc);
+            }
+        }
         let refused = !refusals.is_empty();
         if refused {
             let mut text = message
@@ -489,11 +630,17 @@ pub(super) fn apply_to_body(body: &mut Value, rulings: &mut Rulings) {
             text.push_str(&refusals.join("\n\n"));
             message.insert("content".into(), json!(text));
         }
-        let none_left = kept.is_empty();
-        if !none_left {
+        let none_left = kept.is_empty() && !legacy_kept;
+        if !kept.is_empty() {
             message.insert("tool_calls".into(), Value::Array(kept));
         }
-        if refused && none_left && matches!(str_of(c, "finish_reason"), Some("tool_calls")) {
+        if refused
+            && none_left
+            && matches!(
+                str_of(c, "finish_reason"),
+                Some("tool_calls" | "function_call")
+            )
+        {
             c["finish_reason"] = json!("stop");
         }
     }

@@ -106,6 +106,13 @@ pub(super) fn body_calls(body: &Value) -> Vec<Call> {
                 signed: part
                     .as_object()
                     .is_some_and(crate::constrain::is_signed_object),
+                // Both spellings in one part: which one a reader takes is its own (`functionCall` here). `args` is
+                // a `Struct` (an object) when given.
+                unreadable: (part.get("functionCall").is_some()
+                    && part.get("function_call").is_some())
+                    || call
+                        .get("args")
+                        .is_some_and(|a| !a.is_object() && !a.is_null()),
             })
         })
         .collect()

@@ -11,7 +11,10 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{event_json, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings, Unreadable};
+use super::{
+    event_json, function_args, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings,
+    Unreadable,
+};
 
 #[derive(Debug, Default)]
 pub(super) struct Stream {
@@ -204,18 +207,16 @@ impl Stream {
         let Some(held) = self.open.take() else {
             return Ok(Vec::new());
         };
-        let args = if held.json.trim().is_empty() {
-            held.input.clone()
+        let (args, unreadable) = if held.json.trim().is_empty() {
+            (held.input.clone(), !held.input.is_object())
         } else {
-            let input = serde_json::from_str(&held.json).map_err(|_| Unreadable)?;
-            if crate::inspect::twin_members(&held.json) {
-                return Err(Unreadable);
-            }
-            input
+            serde_json::from_str::<Value>(&held.json).map_err(|_| Unreadable)?;
+            function_args(&held.json)
         };
         let call = Call {
             proposal: proposal(&held.tool, held.kind, args, held.id.as_deref()),
             signed: false,
+            unreadable,
         };
         self.pending.push(Item::Call(held));
         Ok(vec![call])
@@ -330,6 +331,8 @@ pub(super) fn body_calls(body: &Value) -> Vec<Call> {
             let kind = kind_of(str_of(b, "type")?)?;
             let args = b.get("input").cloned().unwrap_or(json!({}));
             Some(Call {
+                // A tool's input is an object (its `input_schema`); anything else is not decided as it stands.
+                unreadable: !args.is_object(),
                 proposal: proposal(&tool_name(b), kind, args, str_of(b, "id")),
                 signed: false,
             })

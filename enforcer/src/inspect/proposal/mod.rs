@@ -46,6 +46,9 @@ pub struct Call {
     /// The call is covered by an opaque signature (a Gemini part's `thoughtSignature`): its arguments may not be
     /// rewritten, only passed or refused.
     pub signed: bool,
+    /// The arguments cannot be read as the agent's SDK reads them ([`function_args`]): the call is refused, never
+    /// decided on a reading the agent would not share (its `proposal.args` is what could be read, for the record).
+    pub unreadable: bool,
 }
 
 /// What becomes of a proposed call.
@@ -121,7 +124,7 @@ impl Proposals {
     /// [`Unreadable`] when a call still open cannot be read as an SDK would assemble it: the caller ends the stream.
     pub fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
         match &mut self.0 {
-            Flavour::Chat(s) => s.finish(),
+            Flavour::Chat(s) => Ok(s.finish()),
             Flavour::Messages(s) => s.finish(),
             Flavour::Responses(s) => s.finish(),
             Flavour::Gemini(_) => Ok(Vec::new()),
@@ -152,16 +155,13 @@ impl Proposals {
 }
 
 /// The calls proposed in a whole (non-streamed) response body of `api`, in order.
-///
-/// # Errors
-/// [`Unreadable`] when a call's arguments are JSON text with twin members (see [`event_json`]).
-pub fn body_calls(provider: Provider, api: LlmApi, body: &Value) -> Result<Vec<Call>, Unreadable> {
+pub fn body_calls(provider: Provider, api: LlmApi, body: &Value) -> Vec<Call> {
     match (provider, api) {
         (Provider::OpenAi, LlmApi::ChatCompletions) => chat::body_calls(body),
         (Provider::OpenAi, LlmApi::Responses) => responses::body_calls(body),
-        (Provider::Anthropic, LlmApi::Messages) => Ok(messages::body_calls(body)),
-        (Provider::Gemini, LlmApi::GenerateContent) => Ok(gemini::body_calls(body)),
-        _ => Ok(Vec::new()),
+        (Provider::Anthropic, LlmApi::Messages) => messages::body_calls(body),
+        (Provider::Gemini, LlmApi::GenerateContent) => gemini::body_calls(body),
+        _ => Vec::new(),
     }
 }
 
@@ -200,9 +200,12 @@ pub fn body_json(text: &str) -> Result<Option<Value>, Unreadable> {
     event_json(text.strip_prefix('\u{feff}').unwrap_or(text))
 }
 
-/// The JSON of an event's `data`; `None` for an event without data, passed on as it came. JSON with an object that
-/// names a member twice, or twice in different letter case (`inspect::twin_members`), or that spells a member the
-/// reader reads otherwise ([`misspelt`]), is [`Unreadable`]: the agent's decoder may read another member than the
+/// The JSON of an event's `data`; `None` for an event without data, passed on as it came.
+///
+/// # Errors
+/// [`Unreadable`] when it is not JSON the reader parses, or when another reader would read its members otherwise:
+/// an object that names a member twice, or twice in different letter case (`inspect::twin_members`), or a member
+/// the readers find calls by spelt otherwise ([`misspelt`]). The agent's decoder may read another member than the
 /// policy did (Go's `encoding/json` matches `Command` to `command`, and keeps the last).
 fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
     if data.trim().is_empty() {
@@ -215,70 +218,83 @@ fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
     Ok(Some(json))
 }
 
-/// The members the readers find tool calls by, in every provider's events and bodies.
-pub(super) const MEMBERS: &[&str] = &[
-    "type",
-    "index",
-    "delta",
-    "content",
+/// The members the readers find tool calls by (and the SDKs' structs declare), in every provider's events and
+/// bodies, spelt as the providers write them.
+const MEMBERS: &[&str] = &[
+    // Chat Completions
     "choices",
     "message",
-    "role",
-    "function",
-    "id",
+    "delta",
     "tool_calls",
     "function_call",
-    "text",
-    "output_index",
-    "input",
-    "finish_reason",
-    "sequence_number",
-    "output",
-    "name",
-    "item_id",
+    "function",
+    "custom",
     "arguments",
+    "finish_reason",
+    "index",
+    "role",
+    // Responses
+    "output",
     "item",
+    "item_id",
+    "output_index",
     "content_index",
-    "stop_reason",
-    "response",
-    "content_block",
-    "tool_use_id",
-    "partial_json",
-    "part",
     "call_id",
-    "server_name",
     "server_label",
+    "response",
+    "sequence_number",
+    "part",
     "action",
+    // Messages
+    "content",
+    "content_block",
+    "partial_json",
+    "server_name",
+    "stop_reason",
+    "tool_use_id",
+    "input",
+    // Gemini (the JSON mapping of its protos accepts the field names as written in the proto too)
     "candidates",
     "parts",
     "functionCall",
     "args",
     "thoughtSignature",
+    "thought_signature",
+    // every API
+    "type",
+    "name",
+    "id",
+    "text",
 ];
 
-/// The members holding a call's arguments: read by the tool's own schema, not looked into for [`MEMBERS`].
+/// The members holding a call's arguments: read by the tool's own schema, not looked into for [`MEMBERS`] (their
+/// names are the tool's; `inspect::twin_members` still reads them).
 const ARGUMENTS: &[&str] = &["input", "args", "arguments", "action"];
 
-/// Whether an event or body spells one of [`MEMBERS`] otherwise (`Tool_calls`, `functioncall`): an agent built on
-/// Go's `encoding/json` (go-openai, the Gemini Go SDK) binds it to the field the reader found absent, so it would
-/// run a call the reader never saw.
+/// Whether an event or body spells one of [`MEMBERS`] otherwise, at any depth outside a call's arguments
+/// (`Tool_calls`, `functioncall`, `NAME`, `tool_callſ`): an agent built on Go's `encoding/json` (go-openai, the
+/// Gemini Go SDK) binds it to the field the reader found absent, so it would run a call the reader never saw.
 fn misspelt(json: &Value) -> bool {
     crate::inspect::misspelt_within(json, MEMBERS, ARGUMENTS)
 }
 
-/// Arguments as the policy reads them: the JSON the text holds, or the text itself when it is not JSON (a custom
-/// tool's free-form input).
-///
-/// # Errors
-/// [`Unreadable`] for JSON with twin members (see [`event_json`]).
-fn args_value(text: &str) -> Result<Value, Unreadable> {
+/// A function call's arguments text (Chat `function.arguments`, Responses `arguments`, Anthropic's streamed input
+/// JSON) as the policy reads it, and whether the agent's SDK reads it the same way. The SDKs hand the text to the
+/// agent, which parses it as JSON with its own parser: Python's `json.loads` also reads `NaN`, `Infinity`, numbers
+/// beyond `f64` and lone surrogate escapes; a last-duplicate-wins reader and Go's case-insensitive
+/// `encoding/json` read `{"command":"echo ok","Command":"curl …"}` as the second command. So the text is readable
+/// only when it is empty (no arguments: `{}`) or one JSON object this parser reads with no object naming a member
+/// twice, even in other letter case (`inspect::twin_members`). A function's arguments are always an object (its
+/// parameters are a JSON Schema object: OpenAI `parameters`, Anthropic `input_schema`); any other value — a string
+/// holding the object again, which an agent decoding until it has an object would run — is not decided as a
+/// string. What is not readable is returned as the text itself, unreadable.
+fn function_args(text: &str) -> (Value, bool) {
     if text.trim().is_empty() {
-        return Ok(Value::Object(serde_json::Map::new()));
+        return (Value::Object(serde_json::Map::new()), false);
     }
-    match serde_json::from_str(text) {
-        Ok(_) if crate::inspect::twin_members(text) => Err(Unreadable),
-        Ok(json) => Ok(json),
-        Err(_) => Ok(Value::String(text.to_string())),
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) if v.is_object() && !crate::inspect::twin_members(text) => (v, false),
+        _ => (Value::String(text.to_string()), true),
     }
 }
 
@@ -309,5 +325,64 @@ fn proposal(tool: &str, kind: &str, args: Value, call_id: Option<&str>) -> Propo
         kind: kind.to_string(),
         args: Some(args),
         call_id: call_id.map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Event data another reader may read otherwise is unreadable: twin members (`inspect::twin_members`) and a
+    /// member the readers find calls by spelt otherwise ([`misspelt`]), outside a call's own arguments.
+    #[test]
+    fn twins_and_members_spelt_otherwise_are_unreadable() {
+        for text in [
+            r#"{"command":"echo ok","Command":"curl x"}"#,
+            r#"{"command":"echo ok","command":"curl x"}"#,
+            r#"{"a":[{"k":1,"K":2}]}"#,
+            "{\"mask\":1,\"ma\u{17f}k\":2}",
+            "{\"kind\":1,\"\u{212a}ind\":2}",
+            r#"{"type":"tool_use","input":{"path":"a","Path":"b"}}"#,
+            r#"{"choices":[{"message":{"Tool_calls":[]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_callſ":[]}}]}"#,
+            r#"{"choices":[{"delta":{"Custom":{}}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"FunctionCall":{}}]}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"functioncall":{}}]}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"functionCall":{"Name":"shell"}}]}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"Thought_Signature":"x"}]}}]}"#,
+            r#"{"type":"tool_use","NAME":"shell"}"#,
+        ] {
+            assert_eq!(event_json(text), Err(Unreadable), "{text}");
+        }
+        for text in [
+            r#"{"choices":[{"message":{"tool_calls":[],"content":"Name"}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{"Name":"x","ID":1}}}]}}]}"#,
+            r#"{"type":"tool_use","input":{"Type":"a"}}"#,
+            r#"{"thoughtSignature":"x","function_call":{}}"#,
+            r#"{"thought_signature":"x","functionCall":{}}"#,
+            "[1,2,\"x\"]",
+        ] {
+            assert!(event_json(text).is_ok_and(|v| v.is_some()), "{text}");
+        }
+    }
+
+    /// A function's arguments text: one JSON object without twin members, else unreadable (the call alone refused).
+    #[test]
+    fn function_arguments_are_one_object_without_twins() {
+        assert_eq!(function_args(""), (serde_json::json!({}), false));
+        assert_eq!(
+            function_args(r#"{"command":"ls"}"#),
+            (serde_json::json!({"command": "ls"}), false)
+        );
+        for text in [
+            r#"{"command":"ls","Command":"curl x"}"#,
+            r#"{"command":"ls","command":"curl x"}"#,
+            r#""{\"command\":\"curl x\"}""#,
+            "[1]",
+            "{\"command\": NaN}",
+            "not json",
+        ] {
+            assert!(function_args(text).1, "{text}");
+        }
     }
 }

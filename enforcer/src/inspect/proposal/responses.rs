@@ -15,8 +15,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::{
-    args_text, args_value, event_json, proposal, str_of, typed, Call, Emit, Event, Ruling, Rulings,
-    Unreadable,
+    args_text, event_json, function_args, proposal, str_of, typed, Call, Emit, Event, Ruling,
+    Rulings, Unreadable,
 };
 
 #[derive(Debug, Default)]
@@ -70,17 +70,9 @@ fn args_field(item_type: &str) -> (&'static str, bool) {
     }
 }
 
-/// The call an output item proposes, if it is one.
-///
-/// # Errors
-/// [`Unreadable`] when its arguments are JSON text with twin members (`args_value`).
-fn item_call(item: &Value) -> Result<Option<Call>, Unreadable> {
-    let Some(ty) = str_of(item, "type") else {
-        return Ok(None);
-    };
-    let Some(kind) = kind_of(ty) else {
-        return Ok(None);
-    };
+fn item_call(item: &Value) -> Option<Call> {
+    let ty = str_of(item, "type")?;
+    let kind = kind_of(ty)?;
     let name = str_of(item, "name").unwrap_or_default();
     let tool = match ty {
         "local_shell_call" => "local_shell".to_string(),
@@ -92,17 +84,23 @@ fn item_call(item: &Value) -> Result<Option<Call>, Unreadable> {
         _ => name.to_string(),
     };
     let (field, text) = args_field(ty);
-    let args = match item.get(field) {
-        Some(Value::String(s)) if ty == "custom_tool_call" => Value::String(s.clone()),
-        Some(Value::String(s)) => args_value(s)?,
-        Some(v) if !text => v.clone(),
-        _ => json!({}),
+    // Arguments text of a type the SDKs do not hand on as text, a name not a string: unreadable.
+    let (args, unreadable) = match item.get(field) {
+        Some(Value::String(s)) if ty == "custom_tool_call" => (Value::String(s.clone()), false),
+        Some(Value::String(s)) => function_args(s),
+        Some(v) if !text => (v.clone(), false),
+        None | Some(Value::Null) => (json!({}), false),
+        Some(v) => (v.clone(), true),
     };
+    let odd_name = item
+        .get("name")
+        .is_some_and(|n| !n.is_string() && !n.is_null());
     let id = str_of(item, "call_id").or_else(|| str_of(item, "id"));
-    Ok(Some(Call {
+    Some(Call {
         proposal: proposal(&tool, kind, args, id),
         signed: false,
-    }))
+        unreadable: unreadable || odd_name,
+    })
 }
 
 /// `item` with its arguments replaced by `args`.
@@ -207,11 +205,7 @@ impl Stream {
             .all(|item| {
                 let id = str_of(item, "id");
                 let refused = id.is_some_and(|id| self.replaced.iter().any(|(r, _)| r == id));
-                refused
-                    || item_call(item)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|call| self.sent.contains(&call))
+                refused || item_call(item).is_some_and(|call| self.sent.contains(&call))
             })
     }
 
@@ -226,7 +220,7 @@ impl Stream {
         if !agrees(&held) {
             return Err(Unreadable);
         }
-        let call = item_call(&held.item)?;
+        let call = item_call(&held.item);
         self.pending.push(Item::Call(held));
         Ok(call.into_iter().collect())
     }
@@ -276,15 +270,14 @@ impl Stream {
     fn render_call(&mut self, held: Held, ruling: Ruling, out: &mut Vec<Emit>) {
         match ruling {
             Ruling::Pass => {
-                // Read once already, when the call was complete (`finish`).
-                self.sent.extend(item_call(&held.item).ok().flatten());
+                self.sent.extend(item_call(&held.item));
                 for (raw, v) in held.events {
                     out.push(self.shifted(raw, v));
                 }
             }
             Ruling::Rewrite(args) => {
                 let item = with_args(&held.item, &args);
-                self.sent.extend(item_call(&item).ok().flatten());
+                self.sent.extend(item_call(&item));
                 let text = args_text(&args);
                 let mut first_delta = true;
                 for (_, mut v) in held.events {
@@ -426,7 +419,7 @@ fn replace_items(output: &mut Value, replaced: &[(String, Value)]) -> bool {
     changed
 }
 
-pub(super) fn body_calls(body: &Value) -> Result<Vec<Call>, Unreadable> {
+pub(super) fn body_calls(body: &Value) -> Vec<Call> {
     let output = body
         .get("output")
         .or_else(|| body.get("response").and_then(|r| r.get("output")));
@@ -434,7 +427,7 @@ pub(super) fn body_calls(body: &Value) -> Result<Vec<Call>, Unreadable> {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|item| item_call(item).transpose())
+        .filter_map(item_call)
         .collect()
 }
 

@@ -1,0 +1,486 @@
+//! Tool calls in shapes of an answer the SDKs assemble and hand to the agent, through the real proxy from a real TLS
+//! upstream: the legacy Chat `function_call` (whole and streamed), arguments the agent's JSON parser reads but the
+//! reader's does not (`NaN`, a lone surrogate escape), arguments that are not text, twin member names (the same
+//! name twice, or in other letter case as Go's `encoding/json` matches them), a provider's member name in other
+//! letter case, and Gemini parts so written. Each call is either decided by the policy as the agent would read it,
+//! or refused and recorded (`proposal`, `unparseable`): it never reaches the agent unread.
+
+mod proxy_support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use proxy_support::*;
+use serde_json::{json, Value};
+
+const COMMAND: &str = CURL_COMMAND;
+
+fn chunk(delta: Value, finish: Option<&str>) -> String {
+    let c = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+    format!("data: {c}\n\n")
+}
+
+/// A chat stream of one call: `pieces` are the deltas carrying it, then the finish and `[DONE]`.
+fn chat_stream(pieces: &[Value], finish: &str) -> String {
+    let mut s = chunk(json!({"role": "assistant", "content": null}), None);
+    for p in pieces {
+        s.push_str(&chunk(p.clone(), None));
+    }
+    s.push_str(&chunk(json!({}), Some(finish)));
+    s.push_str("data: [DONE]\n\n");
+    s
+}
+
+fn tool_piece(args: &str) -> Value {
+    json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+        "function": {"name": "shell", "arguments": args}}]})
+}
+
+/// A whole chat completion whose message is `message`.
+fn completion(message: Value, finish: &str) -> String {
+    json!({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "finish_reason": finish, "logprobs": null, "message": message}]})
+    .to_string()
+}
+
+fn tool_message(args: Value) -> Value {
+    json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+        "function": {"name": "shell", "arguments": args}}]})
+}
+
+/// Arguments text: `{"command": <curl>}` with `extra` members after it.
+fn args_with(extra: &str) -> String {
+    format!("{{\"command\":{}{extra}}}", json!(COMMAND))
+}
+
+/// The canned answer for a case: content type and body.
+fn canned(case: &str) -> (&'static str, String) {
+    let legacy = json!({"name": "shell", "arguments": args_with("")});
+    let sse = "text/event-stream";
+    let whole = "application/json";
+    match case {
+        "legacy-whole" => (
+            whole,
+            completion(
+                json!({"role": "assistant", "content": null, "function_call": legacy}),
+                "function_call",
+            ),
+        ),
+        "legacy-stream" => {
+            let text = args_with("");
+            let (a, b) = text.split_at(12);
+            let pieces = [
+                json!({"function_call": {"name": "shell", "arguments": ""}}),
+                json!({"function_call": {"arguments": a}}),
+                json!({"function_call": {"arguments": b}}),
+            ];
+            (sse, chat_stream(&pieces, "function_call"))
+        }
+        // Python's json.loads reads NaN and a lone surrogate; the reader's parser does not.
+        "nan-whole" => (
+            whole,
+            completion(tool_message(json!(args_with(",\"n\":NaN"))), "tool_calls"),
+        ),
+        "nan-stream" => (
+            sse,
+            chat_stream(&[tool_piece(&args_with(",\"n\":NaN"))], "tool_calls"),
+        ),
+        "surrogate-whole" => (
+            whole,
+            completion(
+                tool_message(json!(args_with(",\"s\":\"\\ud800\""))),
+                "tool_calls",
+            ),
+        ),
+        // Arguments as an object, not text: the SDKs hand the object on as it came.
+        "object-whole" => (
+            whole,
+            completion(tool_message(json!({"command": COMMAND})), "tool_calls"),
+        ),
+        // Go's case-insensitive decoder reads the second; a first-wins reader reads the first of two.
+        "twin-whole" => {
+            let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
+            (whole, completion(tool_message(json!(args)), "tool_calls"))
+        }
+        "twin-stream" => {
+            let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
+            let (a, b) = args.split_at(20);
+            (
+                sse,
+                chat_stream(
+                    &[
+                        tool_piece(a),
+                        json!({"tool_calls": [{"index": 0, "function": {"arguments": b}}]}),
+                    ],
+                    "tool_calls",
+                ),
+            )
+        }
+        // A function call also carrying a custom tool's member: the SDKs read the member its `type` names.
+        "decoy-whole" => {
+            let mut message = tool_message(json!(args_with("")));
+            message["tool_calls"][0]["custom"] = json!({"name": "notes", "input": "hi"});
+            (whole, completion(message, "tool_calls"))
+        }
+        "decoy-stream" => {
+            let mut piece = tool_piece(&args_with(""));
+            piece["tool_calls"][0]["custom"] = json!({"name": "notes", "input": "hi"});
+            (sse, chat_stream(&[piece], "tool_calls"))
+        }
+        // The arguments encoded twice: a JSON string holding the object (an agent that decodes until it has an
+        // object runs it; the function tools' arguments are always an object).
+        "string-args-whole" => (
+            whole,
+            completion(
+                tool_message(json!(json!(args_with("")).to_string())),
+                "tool_calls",
+            ),
+        ),
+        // A call whose type changes between pieces: the SDKs keep the last type and read the member it names,
+        // joined over every piece (`shell` with the curl input), not the function pieces before it.
+        "retyped-stream" => (
+            sse,
+            chat_stream(
+                &[
+                    json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                        "function": {"name": "read", "arguments": "{}"}}]}),
+                    json!({"tool_calls": [{"index": 0, "type": "custom",
+                        "custom": {"name": "shell", "input": COMMAND}}]}),
+                ],
+                "tool_calls",
+            ),
+        ),
+        "dup-whole" => {
+            let args = format!("{{\"command\":{},\"command\":\"echo ok\"}}", json!(COMMAND));
+            (whole, completion(tool_message(json!(args)), "tool_calls"))
+        }
+        // The message's own member in other letter case: Go's decoder reads it as `tool_calls`.
+        "case-member-whole" => (
+            whole,
+            completion(
+                json!({"role": "assistant", "content": null, "Tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "shell", "arguments": args_with("")}}]}),
+                "tool_calls",
+            ),
+        ),
+        "case-member-stream" => (
+            sse,
+            chat_stream(
+                &[
+                    json!({"Tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "shell", "arguments": args_with("")}}]}),
+                ],
+                "tool_calls",
+            ),
+        ),
+        // The SDK's accumulator puts a call's first piece at `min(index, calls so far)` (Python's list.insert), so
+        // a piece for index 1 before any for 0 is the first call, and the piece for 0 joins it: `sh` + `ell`.
+        "sparse-index-stream" => (
+            sse,
+            chat_stream(
+                &[
+                    json!({"tool_calls": [{"index": 1, "id": "call_1", "type": "function",
+                        "function": {"name": "sh", "arguments": args_with("")}}]}),
+                    json!({"tool_calls": [{"index": 0, "function": {"name": "ell"}}]}),
+                ],
+                "tool_calls",
+            ),
+        ),
+        // A piece after the choice's finish joins the call of its index, already decided (as `shell` with `{}`).
+        "reopened-stream" => {
+            let mut s = chunk(json!({"role": "assistant", "content": null}), None);
+            s.push_str(&chunk(tool_piece(""), None));
+            s.push_str(&chunk(json!({}), Some("tool_calls")));
+            s.push_str(&chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": args_with("")}}]}),
+                None,
+            ));
+            s.push_str(&chunk(json!({}), Some("tool_calls")));
+            s.push_str("data: [DONE]\n\n");
+            (sse, s)
+        }
+        // The same twin names in a Responses call's arguments (whole) and an Anthropic tool input (streamed).
+        "responses-twin-whole" => {
+            let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
+            let item = json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+                "arguments": args, "status": "completed"});
+            let doc = json!({"id": "resp_1", "object": "response", "status": "completed", "model": "m",
+                "output": [item]});
+            (whole, doc.to_string())
+        }
+        "messages-twin-stream" => {
+            let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
+            let events = [
+                json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                    "model": "m", "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+                json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {}}}),
+                json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": args}}),
+                json!({"type": "content_block_stop", "index": 0}),
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+                    "usage": {"output_tokens": 5}}),
+                json!({"type": "message_stop"}),
+            ];
+            let text = events
+                .iter()
+                .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+                .collect();
+            (sse, text)
+        }
+        _ => ("text/plain", "unknown case".into()),
+    }
+}
+
+/// A Gemini answer for a case (the model in the path).
+fn gemini(case: &str) -> (&'static str, String) {
+    let doc = |parts: Value| json!({"candidates": [{"index": 0, "finishReason": "STOP", "content": {"role": "model", "parts": parts}}]});
+    match case {
+        // The call's name in other letter case: Go's genai reads it as the name.
+        "gemini-name-case" => (
+            "application/json",
+            doc(json!([{"functionCall": {"Name": "shell", "args": {"command": COMMAND}}}])).to_string(),
+        ),
+        "gemini-twin-args" => (
+            "application/json",
+            format!(
+                "{{\"candidates\":[{{\"content\":{{\"role\":\"model\",\"parts\":[{{\"functionCall\":{{\"name\":\"shell\",\"args\":{{\"command\":\"echo ok\",\"COMMAND\":{}}}}}}}]}}}}]}}",
+                json!(COMMAND)
+            ),
+        ),
+        // Both spellings of the part's call: each reader takes the one it prefers.
+        "gemini-both" => (
+            "application/json",
+            doc(json!([{"functionCall": {"name": "read", "args": {}},
+                "function_call": {"name": "shell", "args": {"command": COMMAND}}}]))
+            .to_string(),
+        ),
+        // A call in the second candidate of a streamed chunk, and in a JSON array (no `alt=sse`).
+        "gemini-second-candidate" => {
+            let chunk = json!({"candidates": [
+                {"index": 0, "content": {"role": "model", "parts": [{"text": "hi"}]}},
+                {"index": 1, "content": {"role": "model", "parts": [{"functionCall": {"name": "shell",
+                    "args": {"command": COMMAND}}}]}}]});
+            ("text/event-stream", format!("data: {chunk}\n\n"))
+        }
+        "gemini-array" => {
+            let chunk = doc(json!([{"functionCall": {"name": "shell", "args": {"command": COMMAND}}}]));
+            ("application/json", json!([doc(json!([{"text": "hi"}])), chunk]).to_string())
+        }
+        _ => ("text/plain", "unknown case".into()),
+    }
+}
+
+async fn answer(req: Request<Incoming>) -> Response<TestBody> {
+    let path = req.uri().path().to_string();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let (content_type, body) = if let Some(rest) = path.strip_prefix("/v1beta/models/") {
+        gemini(rest.split(':').next().unwrap_or_default())
+    } else {
+        let req: Value = serde_json::from_slice(&body).unwrap();
+        canned(req["model"].as_str().unwrap_or_default())
+    };
+    Response::builder()
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap()
+}
+
+struct World {
+    proxy: Proxy,
+    openai: SocketAddr,
+    gemini: SocketAddr,
+}
+
+async fn world() -> World {
+    let ca = TestCa::new("answer shapes test CA");
+    let proxy = start_proxy(NO_CURL_POLICY, &[&ca], false).await;
+    let openai = answering_upstream(&ca, &["api.openai.com", "api.anthropic.com"], answer).await;
+    let gemini = answering_upstream(&ca, &["generativelanguage.googleapis.com"], answer).await;
+    World {
+        proxy,
+        openai,
+        gemini,
+    }
+}
+
+/// One request through the proxy: status and body as the agent got them, and the exchange's records after the
+/// request's.
+async fn exchange(w: &World, host: &str, path: &str, body: Value) -> (u16, String, Vec<Value>) {
+    let before = w.proxy.audit_records().await.len();
+    let up = if host.starts_with("api.") {
+        w.openai
+    } else {
+        w.gemini
+    };
+    let tls = w.proxy.tls_to(up, host, &[b"http/1.1"]).await;
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let (status, _, body) = send(tls, false, req).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recs = w.proxy.audit_records().await;
+    (
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        recs[before + 1..].to_vec(),
+    )
+}
+
+async fn chat(w: &World, case: &str) -> (u16, String, Vec<Value>) {
+    let stream = case.ends_with("-stream");
+    let body =
+        json!({"model": case, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    let (host, path) = match case.split('-').next() {
+        Some("responses") => ("api.openai.com", "/v1/responses"),
+        Some("messages") => ("api.anthropic.com", "/v1/messages"),
+        _ => ("api.openai.com", "/v1/chat/completions"),
+    };
+    exchange(w, host, path, body).await
+}
+
+async fn ask_gemini(w: &World, case: &str) -> (u16, String, Vec<Value>) {
+    let method = if case == "gemini-second-candidate" {
+        "streamGenerateContent?alt=sse"
+    } else if case == "gemini-array" {
+        "streamGenerateContent"
+    } else {
+        "generateContent"
+    };
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+    let path = format!("/v1beta/models/{case}:{method}");
+    exchange(w, "generativelanguage.googleapis.com", &path, body).await
+}
+
+/// One record: the proposal's, blocked, for `reason` (`rule` for the policy's rule).
+fn assert_refused(case: &str, recs: &[Value], reason: &str) {
+    assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
+    let r = &recs[0];
+    assert_eq!(r["request"]["phase"], "proposal", "{case}: {r}");
+    assert_eq!(r["outcome"]["disposition"], "blocked", "{case}: {r}");
+    if reason == "rule" {
+        assert_eq!(r["decision"]["rule"], "no-curl", "{case}: {r}");
+    } else {
+        assert_eq!(r["decision"]["reason"], reason, "{case}: {r}");
+    }
+}
+
+/// The legacy `function_call` (the `functions` parameter) is a tool call the SDKs assemble: decided as one.
+#[tokio::test]
+async fn a_legacy_function_call_is_decided_whole_and_streamed() {
+    let w = world().await;
+    for case in ["legacy-whole", "legacy-stream"] {
+        let (status, body, recs) = chat(&w, case).await;
+        assert_eq!(status, 200, "{case}: {body}");
+        assert!(
+            !body.contains("evil.example"),
+            "{case}: the call reached the agent: {body}"
+        );
+        assert!(
+            body.contains("refused the tool call `shell`"),
+            "{case}: {body}"
+        );
+        assert!(!body.contains("\"function_call\""), "{case}: {body}");
+        assert_refused(case, &recs, "rule");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Arguments the agent's parser reads otherwise than the reader's (or not text at all) are not decided on a
+/// reading the agent does not share: the call is refused, the rest of the answer intact.
+#[tokio::test]
+async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
+    let w = world().await;
+    for case in [
+        "nan-whole",
+        "nan-stream",
+        "surrogate-whole",
+        "object-whole",
+        "twin-whole",
+        "twin-stream",
+        "dup-whole",
+        "string-args-whole",
+        "decoy-whole",
+        "decoy-stream",
+        "retyped-stream",
+        "responses-twin-whole",
+        "messages-twin-stream",
+    ] {
+        let (status, body, recs) = chat(&w, case).await;
+        assert_eq!(status, 200, "{case}: {body}");
+        assert!(
+            !body.contains("evil.example"),
+            "{case}: the call reached the agent: {body}"
+        );
+        // The refusal names the tool as this reader joined it (`readshell` for the retyped call).
+        assert!(
+            body.contains("refused the tool call `") && body.contains("shell`"),
+            "{case}: {body}"
+        );
+        assert_refused(case, &recs, "unparseable");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// An answer whose own members another reader matches otherwise (a provider's name in other letter case, twin
+/// names, a streamed call piece whose index the SDK's accumulator files under another call) is refused whole; a Gemini part with both spellings of its call has that call refused.
+#[tokio::test]
+async fn answer_members_read_otherwise_refuse_the_answer() {
+    let w = world().await;
+    let mut answers = Vec::new();
+    for case in [
+        "case-member-whole",
+        "case-member-stream",
+        "sparse-index-stream",
+        "reopened-stream",
+    ] {
+        answers.push((case, chat(&w, case).await));
+    }
+    for case in ["gemini-name-case", "gemini-twin-args", "gemini-both"] {
+        answers.push((case, ask_gemini(&w, case).await));
+    }
+    for (case, (status, body, recs)) in &answers {
+        assert!(
+            !body.contains("evil.example"),
+            "{case}: the call reached the agent: {status} {body}"
+        );
+        match *case {
+            // The part's call alone is refused (two readings of one call).
+            "gemini-both" => assert!(body.contains("refused the tool call"), "{case}: {body}"),
+            c if c.ends_with("-stream") => {}
+            _ => assert_eq!(*status, 502, "{case}: {body}"),
+        }
+        assert_refused(case, recs, "unparseable");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Gemini calls in a later candidate of a streamed chunk and in a JSON-array stream are decided.
+#[tokio::test]
+async fn gemini_calls_in_any_candidate_and_either_stream_are_decided() {
+    let w = world().await;
+    for case in ["gemini-second-candidate", "gemini-array"] {
+        let (status, body, recs) = ask_gemini(&w, case).await;
+        assert_eq!(status, 200, "{case}: {body}");
+        assert!(
+            !body.contains("evil.example"),
+            "{case}: the call reached the agent: {body}"
+        );
+        assert!(
+            body.contains("refused the tool call `shell`"),
+            "{case}: {body}"
+        );
+        assert_refused(case, &recs, "rule");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}

@@ -46,8 +46,9 @@ pub fn is_form(content_type: Option<&str>) -> bool {
 /// The body as the upstream reads it, when that differs from its bytes: a JSON body's strings (object keys and
 /// string values, one per line) when the text holds `\u` or `\/` escapes that could spell a secret the bytes do not
 /// show, and a body labelled as a form percent-decoded — also when its text happens to be JSON too (`"k=%41…"` is a
-/// JSON string, and a form whose field `k` the upstream's form parser decodes). Both readings, one after the other,
-/// when both apply. `None` when the bytes already are what the upstream reads.
+/// JSON string, and a form whose field `k` the upstream's form parser decodes), and a multipart body's part headers
+/// with their RFC 2231 extended parameters percent-decoded (`inspect::multipart_params`). Every reading that
+/// applies, one after the other. `None` when the bytes already are what the upstream reads.
 pub fn decoded_body(
     body: &str,
     json: Option<&Value>,
@@ -60,13 +61,14 @@ pub fn decoded_body(
     });
     let form = (is_form(content_type) && body.bytes().any(|b| b == b'%' || b == b'+'))
         .then(|| percent_decode(body, true));
-    match (strings, form) {
-        (Some(mut strings), Some(form)) => {
-            strings.push_str(&form);
-            Some(strings)
-        }
-        (strings, form) => strings.or(form),
-    }
+    let multipart = crate::inspect::multipart_params(content_type, body);
+    [strings, form, multipart]
+        .into_iter()
+        .flatten()
+        .reduce(|mut all, more| {
+            all.push_str(&more);
+            all
+        })
 }
 
 /// Whether JSON text holds `\u` or `\/` escapes: the ones [`decoded_body`] undoes, so that only then does it need

@@ -24,8 +24,9 @@ pub fn normalise(host: &str) -> Cow<'_, str> {
 /// The host a request or a proxy target names, as the policy and the host binding see it: [`normalise`]d, and an
 /// IP literal in its one canonical spelling, so that a rule naming an address matches however the client spelt it
 /// (else `[::ffff:10.0.0.7]`, `[FD00:0::7]` or `167772167` would reach 10.0.0.7 / fd00::7 decided on a host no rule
-/// names). IPv6 is written compressed in lower case (RFC 5952 §4), an IPv4-mapped IPv6 address as its IPv4 address,
-/// and the numeric IPv4 forms `inet_aton(3)` (hence `getaddrinfo`) and the WHATWG URL host parser read — one to
+/// names). IPv6 is written compressed in lower case (RFC 5952 §4), an IPv4-mapped IPv6 address and an address in
+/// the NAT64 well-known prefix `64:ff9b::/96` (RFC 6052 §2.1: a NAT64 gateway carries it to the IPv4 address in its
+/// last 32 bits, so `[64:ff9b::a00:7]` reaches 10.0.0.7) as its IPv4 address, and the numeric IPv4 forms `inet_aton(3)` (hence `getaddrinfo`) and the WHATWG URL host parser read — one to
 /// four parts, each decimal, octal with a leading `0` or hexadecimal with `0x`, the last filling the remaining bytes
 /// (`2130706433`, `0x7f.1`, `0177.0.0.1`) — in dotted decimal. Anything else is returned as `normalise` gives it.
 pub fn request_host(host: &str) -> Cow<'_, str> {
@@ -36,8 +37,8 @@ pub fn request_host(host: &str) -> Cow<'_, str> {
     }
 }
 
-/// The address a normalised host spells, in any of the forms [`request_host`] reads, canonical (IPv4-mapped IPv6
-/// as IPv4); `None` for a name.
+/// The address a normalised host spells, in any of the forms [`request_host`] reads, canonical ([`canonical_ip`]);
+/// `None` for a name.
 pub fn ip_literal(host: &str) -> Option<IpAddr> {
     // Most hosts are names with a letter past `f`: not an address in any form.
     if !host
@@ -47,7 +48,7 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
         return None;
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some(ip.to_canonical());
+        return Some(canonical_ip(ip));
     }
     // The numeric forms, as the WHATWG URL host parser reads them (the `url` crate): "ends in a number", then 1-4
     // parts, the last filling the remaining bytes.
@@ -55,6 +56,27 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
         Ok(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
         _ => None,
     }
+}
+
+/// The address `ip` reaches, as the policy names it: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) and an address
+/// in the NAT64 well-known prefix (`64:ff9b::a.b.c.d`, RFC 6052 §2.1) are the IPv4 address they embed.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => match v6.octets() {
+            [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, a, b, c, d] => {
+                IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d))
+            }
+            _ => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` is in the NAT64 local-use prefix `64:ff9b:1::/48` (RFC 8215): a network may embed an IPv4 address
+/// in it behind any prefix length from /48 to /96 (RFC 6052 §2.2), so which IPv4 address it reaches cannot be read
+/// from the address alone. A request naming one is refused rather than decided on a spelling no rule names.
+pub fn nat64_local_use(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[..3] == [0x64, 0xff9b, 1])
 }
 
 /// Whether the last label of a normalised host is a number (decimal, or hexadecimal with `0x`): the hosts a
@@ -121,6 +143,11 @@ mod tests {
             ("10.0.0.7.", "10.0.0.7"),
             ("127.1", "127.0.0.1"),
             ("FD00:0:0::7", "fd00::7"),
+            ("64:ff9b::a00:7", "10.0.0.7"),
+            ("64:FF9B::10.0.0.7", "10.0.0.7"),
+            ("0064:ff9b:0000:0000:0000:0000:0a00:0007", "10.0.0.7"),
+            ("64:ff9b:0:0:1::a00:7", "64:ff9b::1:0:a00:7"),
+            ("64:ff9b:1::a00:7", "64:ff9b:1::a00:7"),
             ("fd00:0000:0000:0000:0000:0000:0000:0007", "fd00::7"),
             ("api.example.com", "api.example.com"),
             ("API.Example.com.", "api.example.com"),
@@ -132,6 +159,10 @@ mod tests {
         ] {
             assert_eq!(request_host(spelt), canonical, "{spelt}");
         }
+        assert!(nat64_local_use("64:ff9b:1::a00:7".parse().unwrap()));
+        assert!(nat64_local_use("64:ff9b:1:ffff::".parse().unwrap()));
+        assert!(!nat64_local_use("64:ff9b::a00:7".parse().unwrap()));
+        assert!(!nat64_local_use("64:ff9b:2::".parse().unwrap()));
         assert!(ends_in_a_number("08.0.0.1"));
         assert!(ends_in_a_number("4294967296"));
         assert!(ends_in_a_number("example.0x1f"));

@@ -129,6 +129,10 @@ impl JsonPath {
         &self.src
     }
 
+    /// The values the path selects, as a receiver reads the document: a key is the member of that name, else the
+    /// one member whose name folds to it (`inspect::json_member`: `Command` for `.command`), as Go's
+    /// `encoding/json` binds it — so a condition on `$.command` is not dodged by spelling the member `Command`. (A
+    /// document with two such members never gets here: it is refused as ambiguous.) Rewrites name members exactly.
     pub fn select<'a>(&self, root: &'a Value) -> Vec<&'a Value> {
         let mut out = Vec::new();
         select_into(&self.segs, root, &mut out);
@@ -256,7 +260,7 @@ fn select_into<'a>(segs: &[Seg], v: &'a Value, out: &mut Vec<&'a Value>) {
     };
     match (seg, v) {
         (Seg::Key(k), Value::Object(map)) => {
-            if let Some(child) = map.get(k) {
+            if let Some(child) = crate::inspect::json_member(map, k) {
                 select_into(rest, child, out);
             }
         }
@@ -366,6 +370,16 @@ mod tests {
         for bad in ["a.b", "$.", "$[", "$[x]", "$.a[0", "$..a", "$.a b", "$[-1]"] {
             assert!(JsonPath::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_key_selects_the_member_a_case_insensitive_decoder_binds() {
+        let p = JsonPath::parse("$.args.command").unwrap();
+        let v = json!({"Args": {"Command": "rm -rf /"}});
+        assert_eq!(p.select(&v), vec![&json!("rm -rf /")]);
+        let exact = json!({"args": {"command": "ls", "Commands": "x"}});
+        assert_eq!(p.select(&exact), vec![&json!("ls")]);
+        assert!(p.select(&json!({"args": {"commands": "x"}})).is_empty());
     }
 
     #[test]

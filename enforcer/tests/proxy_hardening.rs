@@ -768,6 +768,8 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file"},"paramſ":{"name":"delete_all"}}"#,
         r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"JSONRPC":"2.0","id":2,"method":"tools/call","params":{"name":"delete_all"}}]"#,
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"path":"/tmp/x","Path":"/etc/passwd"}}}"#,
+        // An exact duplicate: the policy's parser keeps the last `name`, a server keeping the first calls delete_all.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","name":"read_file"}}"#,
     ];
     for body in bodies {
         let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
@@ -784,4 +786,418 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
     for r in &records[..bodies.len()] {
         assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
     }
+}
+
+/// A JSON body whose object names one member twice — exactly, or in another letter case — is read differently by
+/// its receivers: serde_json (the policy) keeps the last of exact twins, other decoders the first; Go's
+/// `encoding/json` matches `Query` to the field `query` and keeps the last of the two. Each body below is allowed by
+/// a rule that read a SELECT where the database gateway runs the DROP. They are refused (400, one record, reason
+/// unparseable) and nothing reaches the upstream; the same query without a twin is allowed.
+#[tokio::test]
+async fn json_objects_with_twin_members_are_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: select-only\n    when:\n      host: 127.0.0.1\n      json: { \"$.query\": { matches: \"(?i)^select\\\\b\" } }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let post = |body: &str| {
+        format!(
+            "POST /query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let bodies = [
+        r#"{"query":"select 1","Query":"drop table users"}"#,
+        r#"{"query":"drop table users","query":"select 1"}"#,
+        r#"{"query":"select 1","QUERY":"drop table users"}"#,
+        r#"{"options":{"a":1,"A":2},"query":"select 1"}"#,
+        r#"[{"query":"select 1"},{"x":{"y":[{"k":"a","K":"b"}]}}]"#,
+    ];
+    for body in bodies {
+        let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{body}: {resp}");
+    }
+    assert_eq!(seen.count(), 0, "an ambiguous body reached the upstream");
+    let ok = r#"{"query":"select 1","Options":{"Query":"x"}}"#;
+    let (resp, _) = exchange(&p, up, post(ok).as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(seen.count(), 1);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), bodies.len() + 1);
+    for r in &records[..bodies.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+}
+
+/// A multipart (RFC 7578) body whose part has its own `Content-Transfer-Encoding` is decoded by python-multipart and
+/// Django (base64, quoted-printable) and by Go (quoted-printable): the detectors would read only the encoding. Such
+/// a body is refused (415, one record, unparseable), as is a part with its own `Content-Encoding` or a charset that
+/// hides ASCII, and a boundary that reads two ways; a file name given as an RFC 2231 extended parameter is read as
+/// receivers decode it, so a key spelt with escapes there is found. Nothing reaches the upstream; a plain multipart
+/// body passes.
+#[tokio::test]
+async fn multipart_parts_a_receiver_decodes_are_refused_or_read_decoded() {
+    short_limits();
+    let p = start_proxy(NO_AWS_KEYS, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let post = |content_type: &str, body: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nhost: {up}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let form = "multipart/form-data; boundary=B0und";
+    let part = |headers: &str, data: &str| {
+        format!("--B0und\r\nContent-Disposition: form-data; name=\"note\"\r\n{headers}\r\n{data}\r\n--B0und--\r\n")
+    };
+    // base64 and quoted-printable spellings of AKIAIOSFODNN7EXAMPLE.
+    let refused = [
+        (
+            form,
+            part(
+                "Content-Transfer-Encoding: base64\r\n",
+                "QUtJQUlPU0ZPRE5ON0VYQU1QTEU=",
+            ),
+        ),
+        (
+            form,
+            part(
+                "Content-Transfer-Encoding: quoted-printable\r\n",
+                "=41=4B=49=41IOSFODNN7EXAMPLE",
+            ),
+        ),
+        (form, part("Content-Encoding: gzip\r\n", "x")),
+        (
+            form,
+            part("Content-Type: text/plain; charset=utf-16le\r\n", "x"),
+        ),
+        (
+            "multipart/form-data; boundary=B0und; boundary=other",
+            part("", "x"),
+        ),
+    ];
+    for (content_type, body) in &refused {
+        let (resp, _) = exchange(
+            &p,
+            up,
+            post(content_type, body).as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(status_of(&resp), Some(415), "{body}: {resp}");
+    }
+    let named = part("", "x").replace(
+        "name=\"note\"",
+        "name=\"note\"; filename*=UTF-8''%41KIAIOSFODNN7EXAMPLE.txt",
+    );
+    let (resp, _) = exchange(
+        &p,
+        up,
+        post(form, &named).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "an encoded part reached the upstream"
+    );
+
+    let (resp, _) = exchange(
+        &p,
+        up,
+        post(form, &part("", "just a note")).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), refused.len() + 2);
+    for r in &records[..refused.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+    assert_eq!(records[refused.len()]["decision"]["rule"], "no-keys");
+}
+
+/// An address in the NAT64 well-known prefix reaches the IPv4 address it embeds (RFC 6052): `[64:ff9b::7f00:1]` is
+/// 127.0.0.1 through a NAT64 gateway, and is decided as 127.0.0.1 (blocked by the rule naming it, not bound to
+/// nothing). An address in the local-use prefix `64:ff9b:1::/48` embeds its IPv4 address where the network chose,
+/// and is refused.
+#[tokio::test]
+async fn nat64_addresses_are_decided_as_the_ipv4_address_they_reach() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-loopback\n    when: { host: 127.0.0.1 }\n    verdict: block\n    message: the upstream's address is blocked\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let get = |host: &str| {
+        format!(
+            "GET /x HTTP/1.1\r\nhost: {host}:{}\r\nconnection: close\r\n\r\n",
+            up.port()
+        )
+    };
+    for host in ["[64:ff9b::7f00:1]", "[64:FF9B::127.0.0.1]"] {
+        let (resp, _) = exchange(&p, up, get(host).as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(403), "{host}: {resp}");
+        assert!(
+            resp.contains("the upstream's address is blocked"),
+            "{host}: {resp}"
+        );
+    }
+    let (resp, _) = exchange(
+        &p,
+        up,
+        get("[64:ff9b:1::7f00:1]").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&resp), Some(400), "{resp}");
+    assert!(seen.lock().unwrap().is_empty());
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 3);
+    assert_eq!(
+        records[0]["decision"]["rule"], "no-loopback",
+        "{}",
+        records[0]
+    );
+    assert_eq!(records[0]["request"]["host"], "127.0.0.1", "{}", records[0]);
+    assert_eq!(
+        records[2]["outcome"]["error"], "bad_request",
+        "{}",
+        records[2]
+    );
+}
+
+/// Frameworks route a POST as the method it names in `X-HTTP-Method-Override` (and `X-HTTP-Method`,
+/// `X-Method-Override`) or a `_method` parameter of its query or form (Rack, Laravel, Spring, Express
+/// `method-override`): each request below is a DELETE to such an application, where the policy saw a POST. They are
+/// refused (400, one record, bad_request) and nothing reaches the upstream; an override naming the request's own
+/// method passes.
+#[tokio::test]
+async fn a_method_override_naming_another_method_is_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-deletes\n    when: { method: DELETE }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let post = |target: &str, extra: &str, content_type: &str, body: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nhost: {up}\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let form = "application/x-www-form-urlencoded";
+    let requests = [
+        post(
+            "/items/7",
+            "x-http-method-override: DELETE\r\n",
+            "text/plain",
+            "",
+        ),
+        post("/items/7", "X-HTTP-Method: delete\r\n", "text/plain", ""),
+        post(
+            "/items/7",
+            "x-method-override: DELETE\r\n",
+            "text/plain",
+            "",
+        ),
+        post("/items/7?_method=DELETE", "", "text/plain", ""),
+        post("/items/7", "", form, "confirm=1&_method=DELETE"),
+    ];
+    for req in &requests {
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{req}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "an overridden method reached the upstream"
+    );
+    let same = post(
+        "/items/7",
+        "x-http-method-override: POST\r\n",
+        "text/plain",
+        "",
+    );
+    let (resp, _) = exchange(&p, up, same.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), requests.len() + 1);
+    for r in &records[..requests.len()] {
+        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
+    }
+}
+
+/// An OpenAI-compatible server built on Go's `encoding/json` (local model servers, API gateways) binds `Model` to
+/// its `model` field and a tool's `NAME` to `name`: each call below asks it for the model or declares the tool the
+/// policy blocks, while the policy found no model and no tool. Such a call is refused in OpenAI's error shape (400,
+/// one record, unparseable) and never reaches the upstream; the same call spelt exactly is decided (blocked by its
+/// rule), and a call naming neither passes.
+#[tokio::test]
+async fn llm_fields_spelt_in_another_case_are_refused() {
+    use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-gpt5\n    when: { llm.model: \"gpt-5*\" }\n    verdict: block\n  - id: no-shell\n    when: { llm.tools: shell }\n    verdict: block\n";
+    let ca = TestCa::new("llm case test CA");
+    let p = start_proxy(yaml, &[&ca], false).await;
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    let up = answering_upstream(&ca, &["api.openai.com"], move |_req| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            hyper::Response::new(Full::new(bytes::Bytes::from_static(b"{}")).boxed())
+        }
+    })
+    .await;
+    let ask = |body: &'static str| {
+        let p = &p;
+        async move {
+            let tls = p.tls_to(up, "api.openai.com", &[b"http/1.1"]).await;
+            let req = hyper::Request::post("/v1/chat/completions")
+                .header("host", "api.openai.com")
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+                .unwrap();
+            let (status, _, body) = send(tls, false, req).await;
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let misspelt = [
+        r#"{"Model":"gpt-5","messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o","messages":[],"Tools":[{"type":"function","function":{"name":"shell"}}]}"#,
+        r#"{"model":"gpt-4o","messages":[],"tools":[{"type":"function","function":{"NAME":"shell"}}]}"#,
+        r#"{"model":"gpt-4o","messages":[{"Role":"tool","content":"x"}]}"#,
+    ];
+    for body in misspelt {
+        let (status, answer) = ask(body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains("invalid_request_error"), "{body}: {answer}");
+    }
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "a misspelt call reached the upstream"
+    );
+    let (status, _) = ask(r#"{"model":"gpt-5","messages":[]}"#).await;
+    assert_eq!(status, 400);
+    let (status, answer) =
+        ask(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi","name":"Ann"}]}"#).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), misspelt.len() + 2);
+    for r in &records[..misspelt.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+    }
+    assert_eq!(records[misspelt.len()]["decision"]["rule"], "no-gpt5");
+}
+
+/// A condition on a header or query parameter holds when any of its values meets it, while a receiver acts on the
+/// first, the last or all of them — and a CGI-style server (WSGI, Django, PHP) reads `X_Role` as `X-Role`. Each
+/// request below passes an allow rule on `x-role: reader` and `mode=read` with a second value the application may
+/// act on instead. Such a request is refused (400, one record, bad_request) and nothing reaches the upstream; the
+/// same request given one way passes.
+#[tokio::test]
+async fn a_field_the_policy_reads_given_two_ways_is_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: readers\n    when: { header.x-role: reader, query.mode: read }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let get = |query: &str, headers: &str| {
+        format!("GET /records?{query} HTTP/1.1\r\nhost: {up}\r\n{headers}connection: close\r\n\r\n")
+    };
+    let requests = [
+        get("mode=read", "x-role: reader\r\nx-role: admin\r\n"),
+        get("mode=read", "x-role: reader\r\nx_role: admin\r\n"),
+        get("mode=read&mode=write", "x-role: reader\r\n"),
+    ];
+    for req in &requests {
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{req}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a second value reached the upstream"
+    );
+    let one_way = get("mode=read&mode=read", "x-role: reader\r\n");
+    let (resp, _) = exchange(&p, up, one_way.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), requests.len() + 1);
+    for r in &records[..requests.len()] {
+        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
+    }
+}
+
+/// A tool on Go's `encoding/json` binds an argument spelt `Command` to its `command` field: a rule on
+/// `$.command` reads it so too, and the call is blocked (a tool error), never forwarded.
+#[tokio::test]
+async fn a_condition_reads_a_member_spelt_in_another_case() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-rm\n    when: { mcp.args: { \"$.command\": { matches: \"\\\\brm\\\\b\" } } }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"shell","arguments":{"Command":"rm -rf /"}}}"#;
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert!(resp.contains("\"isError\":true"), "{resp}");
+    assert_eq!(seen.count(), 0, "the call reached the upstream");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["decision"]["rule"], "no-rm", "{}", records[0]);
+}
+
+/// IIS and ASP.NET read a backslash in a path as `/`: `/admin%5Cusers` is `/admin/users` to them and a segment
+/// `admin\users` to the policy, which a rule on `/admin/**` does not match. A path with a backslash, sent or
+/// encoded, is refused (400, bad_request) and never forwarded.
+#[tokio::test]
+async fn a_backslash_in_the_path_is_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-admin\n    when: { path: \"/admin/**\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    for path in ["/admin%5Cusers", "/admin%5cusers", "/admin\\users"] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{path}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a backslash path reached the upstream"
+    );
+}
+
+/// Rack 2 (Rails), older Python and Go split a query on `;` as well as `&`: `?mode=read;mode=write` asks such an
+/// application for `mode=write`, where a plain reading gives one value `read;mode=write`. A rule blocking
+/// `mode=write` sees every reading, and the request, giving `mode` two ways, is refused and never forwarded. A `;`
+/// in a parameter no rule reads passes.
+#[tokio::test]
+async fn a_query_split_on_semicolons_is_read_both_ways() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: read-only\n    when: { query.mode: write }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let req = format!(
+        "GET /records?mode=read;mode=write HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(400), "{resp}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "mode=write reached the upstream"
+    );
+    let ok = format!(
+        "GET /records?mode=read&filter=a;b HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"
+    );
+    let (resp, _) = exchange(&p, up, ok.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records[0]["outcome"]["error"], "bad_request",
+        "{}",
+        records[0]
+    );
 }

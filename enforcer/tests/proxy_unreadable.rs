@@ -21,15 +21,24 @@ const POLICY: &str = NO_CURL_POLICY;
 const COMMAND: &str = CURL_COMMAND;
 
 fn completion() -> Value {
+    completion_with(&json!({"command": COMMAND}).to_string())
+}
+
+/// A whole completion proposing one `shell` call with the arguments text `args`.
+fn completion_with(args: &str) -> Value {
     json!({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
         "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": null,
             "message": {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
-                "function": {"name": "shell", "arguments": json!({"command": COMMAND}).to_string()}}]}}]})
+                "function": {"name": "shell", "arguments": args}}]}}]})
 }
 
 /// The chat stream of one `shell` call, its call chunk carrying `extra` (JSON text) as one more member.
 fn chat_stream(extra: &str) -> String {
-    let args = json!({"command": COMMAND}).to_string();
+    chat_stream_with(extra, &json!({"command": COMMAND}).to_string())
+}
+
+/// [`chat_stream`] with the call's arguments text `args`.
+fn chat_stream_with(extra: &str, args: &str) -> String {
     let call = json!({"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1",
         "type": "function", "function": {"name": "shell", "arguments": args}}]}, "finish_reason": null});
     let finish = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
@@ -73,6 +82,30 @@ fn canned(model: &str) -> (&'static str, Vec<&'static str>, Vec<u8>) {
             [b"\xEF\xBB\xBF", whole.as_bytes()].concat(),
         ),
         // gzip applied twice, named in two `Content-Encoding` lines (RFC 9110 §5.3: one list).
+        // Arguments naming `command` twice: the reader keeps the last (`ls`), an agent whose decoder keeps the
+        // first runs curl.
+        "twin-args-stream" => (
+            "text/event-stream",
+            vec![],
+            chat_stream_with("", &format!(r#"{{"command":"{COMMAND}","command":"ls"}}"#))
+                .into_bytes(),
+        ),
+        // `Command` beside `command`: Go's encoding/json reads the last of the two into its `command` field.
+        "twin-args" => (
+            "application/json",
+            vec![],
+            completion_with(&format!(r#"{{"command":"ls","Command":"{COMMAND}"}}"#))
+                .to_string()
+                .into_bytes(),
+        ),
+        // `Tool_calls` for `tool_calls`: go-openai (encoding/json) reads the call, the reader saw only text.
+        "misspelt-calls" => (
+            "text/event-stream",
+            vec![],
+            chat_stream("")
+                .replacen("\"tool_calls\"", "\"Tool_calls\"", 1)
+                .into_bytes(),
+        ),
         "gzip-twice" => (
             "application/json",
             vec!["gzip", "gzip"],
@@ -142,6 +175,7 @@ async fn an_answer_the_reader_cannot_parse_never_passes_a_call() {
         ("json-as-events", false),
         ("events-as-json", true),
         ("deep", false),
+        ("misspelt-calls", true),
     ];
     let mut answers = Vec::new();
     for (model, stream) in cases {
@@ -154,6 +188,53 @@ async fn an_answer_the_reader_cannot_parse_never_passes_a_call() {
         .collect();
     assert!(leaked.is_empty(), "the call reached the agent: {leaked:#?}");
     for (model, (_, _, recs)) in &answers {
+        assert_eq!(recs.len(), 1, "{model}: {recs:#?}");
+        assert_eq!(
+            recs[0]["request"]["phase"], "proposal",
+            "{model}: {}",
+            recs[0]
+        );
+        assert_eq!(
+            recs[0]["decision"]["reason"], "unparseable",
+            "{model}: {}",
+            recs[0]
+        );
+        assert_eq!(
+            recs[0]["outcome"]["disposition"], "blocked",
+            "{model}: {}",
+            recs[0]
+        );
+    }
+    assert!(proxy.close_and_verify().await > 0);
+}
+
+/// A call whose arguments text names a member twice (or twice in other letter case) is that call's alone to lose: it
+/// is refused undecided (one record: proposal, unparseable, blocked), the agent gets the refusal text in its place,
+/// and the rest of the answer passes (the stream runs to its `[DONE]`).
+#[tokio::test]
+async fn twin_argument_names_refuse_that_call_alone() {
+    let (proxy, up) = world().await;
+    for (model, stream) in [("twin-args-stream", true), ("twin-args", false)] {
+        let (status, body, recs) = ask(&proxy, up, model, stream).await;
+        assert_eq!(status, 200, "{model}: {body}");
+        assert!(
+            !body.contains("evil.example"),
+            "{model}: the call reached the agent: {body}"
+        );
+        assert!(
+            body.contains("refused the tool call `shell`"),
+            "{model}: {body}"
+        );
+        if stream {
+            assert!(body.contains("data: [DONE]"), "{model}: {body}");
+        } else {
+            let doc: Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                doc["choices"][0]["message"].get("tool_calls").is_none(),
+                "{model}: {doc}"
+            );
+            assert_eq!(doc["choices"][0]["finish_reason"], "stop", "{model}: {doc}");
+        }
         assert_eq!(recs.len(), 1, "{model}: {recs:#?}");
         assert_eq!(
             recs[0]["request"]["phase"], "proposal",

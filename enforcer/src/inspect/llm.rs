@@ -4,6 +4,8 @@
 
 use serde_json::Value;
 
+use super::keys::misspelt;
+
 use super::{LlmApi, Provider};
 use crate::model::{LlmCall, Pairs};
 
@@ -121,6 +123,68 @@ pub(super) fn describe(
         }
     }
     call
+}
+
+/// The members an OpenAI or Anthropic request is read by, at each place [`describe`] and `constrain` read them.
+const TOP_MEMBERS: [&str; 9] = [
+    "model",
+    "stream",
+    "messages",
+    "input",
+    "tools",
+    "functions",
+    "mcp_servers",
+    "tool_choice",
+    "function_call",
+];
+const MESSAGE_MEMBERS: [&str; 2] = ["role", "content"];
+const TYPE_MEMBERS: [&str; 1] = ["type"];
+const TOOL_MEMBERS: [&str; 6] = [
+    "type",
+    "name",
+    "function",
+    "server_label",
+    "server_url",
+    "mcp_server_name",
+];
+const NAME_MEMBERS: [&str; 2] = ["name", "url"];
+
+/// Whether an OpenAI or Anthropic request `body` has, where the policy reads a member, a member spelt otherwise
+/// that folds to its name (`{"Model": …}`, a tool's `Name`): servers built on Go's `encoding/json` (OpenAI-compatible
+/// gateways and local model servers) bind it to the field the policy found absent, so the call they run names a
+/// model or a tool the policy never saw. Gemini reads proto3 JSON, whose parsers match names exactly.
+pub(super) fn misread(body: &Value) -> bool {
+    let Some(top) = body.as_object() else {
+        return false;
+    };
+    let messages = objects(top.get("messages"));
+    let blocks = messages
+        .iter()
+        .flat_map(|m| objects(m.get("content")))
+        .collect::<Vec<_>>();
+    let tools = objects(top.get("tools"));
+    let functions = tools
+        .iter()
+        .filter_map(|t| t.get("function").and_then(Value::as_object));
+    misspelt(top, &TOP_MEMBERS)
+        || messages.iter().any(|m| misspelt(m, &MESSAGE_MEMBERS))
+        || blocks.iter().any(|b| misspelt(b, &TYPE_MEMBERS))
+        || objects(top.get("input"))
+            .iter()
+            .any(|i| misspelt(i, &TYPE_MEMBERS))
+        || tools.iter().any(|t| misspelt(t, &TOOL_MEMBERS))
+        || functions.into_iter().any(|f| misspelt(f, &NAME_MEMBERS))
+        || objects(top.get("functions"))
+            .iter()
+            .any(|f| misspelt(f, &NAME_MEMBERS))
+        || objects(top.get("mcp_servers"))
+            .iter()
+            .any(|s| misspelt(s, &NAME_MEMBERS))
+}
+
+/// The objects among the elements of `v` when it is an array.
+fn objects(v: Option<&Value>) -> Vec<&serde_json::Map<String, Value>> {
+    each(v).filter_map(Value::as_object).collect()
 }
 
 fn item_type(v: &Value) -> Option<&str> {

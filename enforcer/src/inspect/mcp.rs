@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use super::keys::{folds_to, misspelt};
 use super::McpMessage;
 use crate::model::{McpCall, Pairs};
 
@@ -31,10 +32,10 @@ const PARAMS_MEMBERS: [&str; 4] = ["name", "arguments", "uri", "_meta"];
 /// Whether `body` is JSON-RPC (a message, or a batch with one, that has a member named like `jsonrpc` in any case)
 /// that a server could read otherwise than the policy does. JSON-RPC member names are case-sensitive, but Go's
 /// `encoding/json` (MCP servers built on it) matches them case-insensitively, also folding `ſ` to `s` and `K` (the
-/// Kelvin sign) to `k`, and the last of two such keys wins (GHSA-wvj2-96wp-fq3f, CVE-2026-27896): `"Method"`, or
-/// `"Name"` beside `"name"`, would be a call the policy never saw. So a message is ambiguous when a member of the
-/// message or of its `params` is spelt other than exactly (`Method`, `paramſ`), or when any of its objects has two
-/// keys that fold to the same name.
+/// Kelvin sign) to `k` (GHSA-wvj2-96wp-fq3f, CVE-2026-27896): `"Method"` would be a call the policy never saw. So a
+/// message is ambiguous when a member of the message or of its `params` is spelt other than exactly (`Method`,
+/// `paramſ`). Two members of one object named alike (`name` and `Name`) are refused in every JSON body, this one
+/// included ([`super::keys::twin_members`]).
 pub(crate) fn ambiguous(body: &Value) -> bool {
     let elements = match body {
         Value::Array(items) => items.as_slice(),
@@ -49,51 +50,8 @@ pub(crate) fn ambiguous(body: &Value) -> bool {
                 .iter()
                 .filter(|(k, _)| folds_to(k, "params"))
                 .filter_map(|(_, v)| v.as_object());
-            misspelt(m, &MESSAGE_MEMBERS)
-                || params.clone().any(|p| misspelt(p, &PARAMS_MEMBERS))
-                || fold_twins(m)
+            misspelt(m, &MESSAGE_MEMBERS) || params.clone().any(|p| misspelt(p, &PARAMS_MEMBERS))
         })
-}
-
-/// A key as Go's `encoding/json` compares it with a field name (`bytes.EqualFold`: Unicode simple case folding,
-/// under which `ſ` is `s` and the Kelvin sign is `k`).
-fn fold(key: &str) -> String {
-    key.chars()
-        .flat_map(char::to_lowercase)
-        .map(|c| if c == 'ſ' { 's' } else { c })
-        .collect()
-}
-
-/// Whether `key` folds to `name` (lower-case ASCII): without allocating for an ASCII key, as nearly every key of the
-/// JSON bodies this reads (every POST's) is.
-fn folds_to(key: &str, name: &str) -> bool {
-    if key.is_ascii() {
-        key.eq_ignore_ascii_case(name)
-    } else {
-        fold(key) == name
-    }
-}
-
-/// Whether `map` has a key that folds to one of `members` without being it.
-fn misspelt(map: &serde_json::Map<String, Value>, members: &[&str]) -> bool {
-    map.keys().any(|k| {
-        let folded = fold(k);
-        members.iter().any(|m| *m == folded && *m != k)
-    })
-}
-
-/// Whether `map` or an object within it (serde_json bounds the nesting) has two keys that fold to the same name.
-fn fold_twins(map: &serde_json::Map<String, Value>) -> bool {
-    let mut seen = std::collections::HashSet::with_capacity(map.len());
-    map.keys().any(|k| !seen.insert(fold(k))) || map.values().any(value_fold_twins)
-}
-
-fn value_fold_twins(v: &Value) -> bool {
-    match v {
-        Value::Object(map) => fold_twins(map),
-        Value::Array(items) => items.iter().any(value_fold_twins),
-        _ => false,
-    }
 }
 
 fn is_jsonrpc(v: &Value) -> bool {

@@ -7,9 +7,12 @@
 
 mod block;
 mod decode;
+mod keys;
 mod llm;
 mod mcp;
 mod message;
+mod method;
+mod multipart;
 pub mod proposal;
 pub mod sse;
 
@@ -22,9 +25,13 @@ pub use block::{
     BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, content_coding, decode_body, field_list};
+pub(crate) use keys::{member as json_member, misspelt_within, twin_members};
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};
+pub use multipart::{
+    check as check_body_encodings, decoded_params as multipart_params, Undecodable,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -41,6 +48,19 @@ pub enum InspectError {
     /// inspection does not, so it is refused rather than forwarded unclassified.
     #[error("JSON request bodies must be UTF-8 without a byte-order mark (RFC 8259)")]
     NotUtf8Json,
+    /// An object names one member twice, or two whose names differ only in letter case: decoders read such JSON
+    /// differently (first or last, case-sensitive or not), so what the policy read may not be what the receiver
+    /// acts on (see `keys`).
+    #[error("an object in the JSON body names a member twice (or twice in different letter case)")]
+    TwinMembers,
+    /// Text the receiver decodes in a way inspection does not: a charset that does not spell ASCII as ASCII, a
+    /// multipart part's own transfer or content coding, a boundary or content type that reads more than one way.
+    #[error(transparent)]
+    Encoded(Undecodable),
+    /// The request names another method than its own in an override header or a `_method` parameter (see
+    /// `method`): the upstream may act on either.
+    #[error("the request names another method than its own (a method override)")]
+    MethodOverride,
 }
 
 /// An LLM provider whose API shapes are understood.
@@ -194,6 +214,9 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     // The policy matches the path as the upstream's router will read it, so `/%61dmin` or `/admin;x` cannot
     // dodge a rule written for `/admin/**`. The audit record keeps the path as sent.
     http.path = policy_path(raw_path, &path);
+    if method::overrides_method(http) {
+        return Err(InspectError::MethodOverride);
+    }
     let host = action
         .transport
         .host
@@ -208,6 +231,10 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     if http.json.is_none() && !http.body.trim().is_empty() {
         http.json = serde_json::from_str(&http.body).ok();
     }
+    // Whatever member the policy reads (`json:`, `mcp.args`, the LLM fields), a receiver must read the same one.
+    if http.json.is_some() && keys::twin_members(&http.body) {
+        return Err(InspectError::TwinMembers);
+    }
 
     if let Some(provider) = provider {
         if let Some(api) = llm::endpoint(provider, &http.method, &path) {
@@ -216,6 +243,11 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: provider.as_str(),
                 });
             };
+            if provider != Provider::Gemini && llm::misread(json) {
+                return Err(InspectError::BadJson {
+                    protocol: provider.as_str(),
+                });
+            }
             let call = llm::describe(provider, api, &path, &http.query, json);
             action.llm = Some(call);
             return Ok(Inspected {

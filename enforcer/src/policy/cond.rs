@@ -783,6 +783,34 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// Whether the header field `field` is `name` (lower-case) as a receiver may read it: case-insensitively, and with
+/// `_` and `-` alike, as CGI-style servers name fields (`HTTP_X_ROLE` for both `X-Role` and `X_Role`: WSGI, Django,
+/// PHP).
+pub fn same_header(field: &str, name: &str) -> bool {
+    field.len() == name.len()
+        && field.bytes().zip(name.bytes()).all(|(f, n)| {
+            let f = if f == b'_' {
+                b'-'
+            } else {
+                f.to_ascii_lowercase()
+            };
+            let n = if n == b'_' { b'-' } else { n };
+            f == n
+        })
+}
+
+/// Every value of the header fields a receiver may read as `name` ([`same_header`]).
+pub fn header_values<'a>(
+    headers: &'a crate::model::Pairs,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .0
+        .iter()
+        .filter(move |(k, _)| same_header(k, name))
+        .map(|(_, v)| v.as_str())
+}
+
 fn any_glob(globs: &[Glob], s: Option<&str>) -> bool {
     s.is_some_and(|s| globs.iter().any(|g| g.is_match(s)))
 }
@@ -849,7 +877,7 @@ impl Cond {
                     .is_some_and(|tokens| tokens.split(',').any(|t| any_glob(g, Some(t.trim()))))
             }),
             Cond::Query(name, t) => http.is_some_and(|h| t.eval(h.query.get_all(name))),
-            Cond::Header(name, t) => http.is_some_and(|h| t.eval(h.headers.get_all(name))),
+            Cond::Header(name, t) => http.is_some_and(|h| t.eval(header_values(&h.headers, name))),
             Cond::BodySize { gt, lt } => http.is_some_and(|h| {
                 let size = h.body_size.max(h.body.len() as u64);
                 gt.is_none_or(|g| size > g) && lt.is_none_or(|l| size < l)
@@ -929,6 +957,20 @@ impl Cond {
             Cond::Not(c) => c.reads_response_json(),
             Cond::ResponseJson(_) => true,
             _ => false,
+        }
+    }
+
+    /// Add the header names (lower-case) and query parameter names this condition reads (`header.<name>`,
+    /// `query.<name>`) to `headers` and `queries`, once each.
+    pub fn field_names(&self, headers: &mut Vec<String>, queries: &mut Vec<String>) {
+        match self {
+            Cond::All(cs) | Cond::Any(cs) => {
+                cs.iter().for_each(|c| c.field_names(headers, queries))
+            }
+            Cond::Not(c) => c.field_names(headers, queries),
+            Cond::Header(name, _) if !headers.contains(name) => headers.push(name.clone()),
+            Cond::Query(name, _) if !queries.contains(name) => queries.push(name.clone()),
+            _ => {}
         }
     }
 

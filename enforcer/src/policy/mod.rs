@@ -226,6 +226,10 @@ pub struct Policy {
     access: HashMap<String, ProfileAccess>,
     /// Every (counter, window) a `session.count` condition reads, so the session registry fills exactly those.
     session_counters: Vec<(String, Option<u64>)>,
+    /// The header names (lower-case) and query parameter names some condition reads, whose values a request must
+    /// give one way ([`Policy::ambiguous_field`]).
+    read_headers: Vec<String>,
+    read_queries: Vec<String>,
     rules: Vec<Rule>,
     /// The `dns:` settings (how refused names are answered).
     dns: dns::DnsSettings,
@@ -572,6 +576,30 @@ impl Policy {
             .as_deref()
             .and_then(|p| self.access.get(p))
             .is_none_or(|a| a.admits(agent))
+    }
+
+    /// The name of a header field or query parameter some condition reads that `http` gives more than one value
+    /// (several field lines, `X-Role` beside `X_Role`, a repeated parameter), when the values differ. Receivers
+    /// take the first, the last or all of them (joined with `, `), while a condition holds when any value meets it:
+    /// an allow rule on `header.x-role: reader` would pass `X-Role: reader` followed by `X-Role: admin`. The proxy
+    /// refuses such a request. Only the names the policy reads are looked at.
+    pub fn ambiguous_field<'a>(&'a self, http: &crate::model::HttpRequest) -> Option<&'a str> {
+        fn differ<'v>(mut values: impl Iterator<Item = &'v str>) -> bool {
+            let first = values.next();
+            values.any(|v| Some(v) != first)
+        }
+        // Cookie lines are one list of cookies (RFC 9113 §8.2.3 lets an HTTP/2 client split them), not rivals.
+        let header = self
+            .read_headers
+            .iter()
+            .filter(|name| *name != "cookie")
+            .find(|name| differ(cond::header_values(&http.headers, name)));
+        let query = || {
+            self.read_queries
+                .iter()
+                .find(|name| differ(http.query.get_all(name)))
+        };
+        header.or_else(query).map(String::as_str)
     }
 
     /// Every (counter, window in seconds) a `session.count` condition reads; `None` is the session's total.
@@ -922,8 +950,10 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
     }
 
     let mut session_counters = Vec::new();
+    let (mut read_headers, mut read_queries) = (Vec::new(), Vec::new());
     for rule in &rules {
         rule.when.session_counters(&mut session_counters);
+        rule.when.field_names(&mut read_headers, &mut read_queries);
     }
     let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
     let mut unindexed = Vec::new();
@@ -952,6 +982,8 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         profiles,
         access,
         session_counters,
+        read_headers,
+        read_queries,
         rules,
         dns,
         by_host,

@@ -1,8 +1,9 @@
 //! The request-body phase: read the whole body, bounded by the policy's `max_body_bytes` (declared and actual
 //! length) and by the idle timeout between its frames, then decode its content-coding for inspection. A body that
 //! is too large, stalls, cannot be read, decoded or (for JSON) is not UTF-8 is refused — never passed uninspected.
-//! The decoded body is what the policy decides on and what is forwarded (without its `Content-Encoding`), so the
-//! upstream's decoder can never read anything other than what was inspected.
+//! A body whose text the receiver decodes otherwise (a charset, a multipart part's own coding: `inspect::multipart`)
+//! is refused too. The decoded body is what the policy decides on and what is forwarded (without its
+//! `Content-Encoding`), so the upstream's decoder can never read anything other than what was inspected.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -87,6 +88,13 @@ pub(crate) fn decode(raw: Bytes, headers: &HeaderMap, limit: u64) -> Result<Body
     let decoded =
         inspect::decode_body(encoding.as_deref(), raw.clone(), limit).map_err(|e| refusal(&e))?;
     inspect::check_json_charset(&decoded).map_err(|e| refusal(&e))?;
+    let content_types: Vec<&[u8]> = headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .map(http::HeaderValue::as_bytes)
+        .collect();
+    inspect::check_body_encodings(&content_types, &decoded)
+        .map_err(|e| refusal(&InspectError::from(e)))?;
     Ok(Body { raw, decoded })
 }
 
@@ -94,12 +102,13 @@ pub(crate) fn decode(raw: Bytes, headers: &HeaderMap, limit: u64) -> Result<Body
 pub(crate) fn refusal(e: &InspectError) -> Refusal {
     let (reason, status) = match e {
         InspectError::TooLarge { .. } => (Reason::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
-        InspectError::UnsupportedEncoding(_) | InspectError::NotUtf8Json => {
-            (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE)
-        }
-        InspectError::BadJson { .. } | InspectError::Corrupt { .. } => {
+        InspectError::UnsupportedEncoding(_)
+        | InspectError::NotUtf8Json
+        | InspectError::Encoded(_) => (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        InspectError::BadJson { .. } | InspectError::Corrupt { .. } | InspectError::TwinMembers => {
             (Reason::Unparseable, StatusCode::BAD_REQUEST)
         }
+        InspectError::MethodOverride => (Reason::BadRequest, StatusCode::BAD_REQUEST),
     };
     Refusal::new(reason, status, e.to_string())
 }

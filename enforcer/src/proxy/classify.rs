@@ -3,6 +3,7 @@
 //! the request asks for (one for plain HTTP and LLM calls, one per element of a JSON-RPC batch).
 
 use http::header::{self, HeaderMap, HeaderName};
+use http::StatusCode;
 
 use super::body::{self, Body};
 use super::head::Head;
@@ -11,7 +12,7 @@ use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
 use crate::inspect::{self, InspectError, Inspected, Protocol};
-use crate::model::{Action, HttpRequest, Pairs, Transport};
+use crate::model::{Action, HttpRequest, Pairs, Reason, Transport};
 
 /// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
 /// classified is refused, answered in the shape of the protocol it claims to speak.
@@ -22,8 +23,22 @@ pub(crate) fn classify(
     parts: &http::request::Parts,
     body: &Body,
 ) -> Result<Inspected, Refusal> {
-    let cfg = &rec.ctx().inspect;
     let action = build_action(conn, head, parts, body);
+    // A header or parameter a rule reads, given two ways: a receiver may act on the value no rule saw.
+    let ambiguous = action
+        .http
+        .as_ref()
+        .is_some_and(|http| rec.policy().ambiguous_field(http).is_some());
+    let cfg = &rec.ctx().inspect;
+    if ambiguous {
+        let claimed = inspect::claimed_protocol(&action, cfg);
+        rec.note_protocol(claimed);
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "a header or query parameter the policy reads is given more than one value",
+        ));
+    }
     match inspect_action(action.clone(), cfg, &body.decoded) {
         Ok(inspected) => Ok(inspected),
         Err(e) => {
@@ -149,17 +164,28 @@ pub(crate) fn build_action(
     }
 }
 
-/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space).
+/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space). A query with `;` is read both ways servers split it: on
+/// `&` (WHATWG URL, most servers) and on `&` and `;` (Rack 2, hence Rails; Python before 3.9.2; Go before 1.17),
+/// the pairs only the second reading has added after the first's. `?mode=read;mode=write` is `mode` =
+/// `read;mode=write` and also `mode` = `read` and `write`: a rule on `query.mode` sees every value a server may
+/// act on (and `Policy::ambiguous_field` refuses the request when they differ).
 pub(crate) fn parse_query(q: &str) -> Pairs {
-    Pairs(
-        q.split('&')
+    let pair = |p: &str| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (percent_decode(k, true), percent_decode(v, true))
+    };
+    let mut pairs: Vec<(String, String)> =
+        q.split('&').filter(|p| !p.is_empty()).map(pair).collect();
+    if q.contains(';') {
+        let more: Vec<_> = q
+            .split(['&', ';'])
             .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (percent_decode(k, true), percent_decode(v, true))
-            })
-            .collect(),
-    )
+            .map(pair)
+            .filter(|p| !pairs.contains(p))
+            .collect();
+        pairs.extend(more);
+    }
+    Pairs(pairs)
 }
 
 fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
@@ -181,6 +207,10 @@ mod tests {
         assert_eq!(q.get("flag"), Some(""));
         assert_eq!(q.get("c"), Some("%zz"));
         assert_eq!(q.get("d"), Some("%4"));
+        let q = parse_query("mode=read;mode=write&x=1");
+        let modes: Vec<&str> = q.get_all("mode").collect();
+        assert_eq!(modes, ["read;mode=write", "read", "write"]);
+        assert_eq!(q.get_all("x").count(), 1);
     }
 
     #[test]

@@ -27,9 +27,11 @@ pub(crate) struct Head {
 
 /// Read the authority and host, refusing heads the proxy will not forward: no valid host, more than one `Host`
 /// field or one that names another host than the request's authority (RFC 9112 §3.2, RFC 9113 §8.3.1: a server
-/// could read the other name than the policy did), `CONNECT` outside the explicit listener, and paths with dot
-/// segments (RFC 3986 §5.2.4: clients remove them; a server resolving them would serve another path than the one
-/// the policy matched).
+/// could read the other name than the policy did), an address in the NAT64 local-use prefix
+/// (`host::nat64_local_use`: which IPv4 address it reaches is the network's choice, not the address's), `CONNECT`
+/// outside the explicit listener, paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server
+/// resolving them would serve another path than the one the policy matched) and paths with a backslash
+/// ([`has_backslash`]).
 pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
     if conflicting_host(parts) {
         return Err(Refusal::new(
@@ -46,6 +48,13 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
         ));
     };
     let host = crate::host::request_host(crate::host::authority_host(&authority)).into_owned();
+    if crate::host::ip_literal(&host).is_some_and(crate::host::nat64_local_use) {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request names a NAT64 local-use address, whose IPv4 address depends on the network",
+        ));
+    }
     if parts.method == Method::CONNECT {
         return Err(Refusal::new(
             Reason::BadRequest,
@@ -58,6 +67,13 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
             Reason::BadRequest,
             StatusCode::BAD_REQUEST,
             "the request path contains dot segments",
+        ));
+    }
+    if has_backslash(parts.uri.path()) {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request path contains a backslash",
         ));
     }
     let upgrade = (parts.version == Version::HTTP_11)
@@ -108,6 +124,13 @@ pub(crate) async fn bind_to_destination(
                 "the request's host does not live at the connection's destination",
             )
         })
+}
+
+/// Whether `path` holds a backslash, as sent or percent-encoded (`%5C`). IIS, ASP.NET and other servers on Windows
+/// read it as `/` (so `/admin\users` is under `/admin/`), others as part of a segment: which path a rule should
+/// match cannot be told, so such a request is refused. RFC 3986 does not allow it unencoded.
+fn has_backslash(path: &str) -> bool {
+    percent_decode(path, false).contains('\\')
 }
 
 /// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash.

@@ -78,7 +78,9 @@ impl HostBinder {
             .map(|(name, ips)| {
                 (
                     crate::host::normalise(name).into_owned(),
-                    ips.iter().map(|ip| ip.to_canonical()).collect(),
+                    ips.iter()
+                        .map(|ip| crate::host::canonical_ip(*ip))
+                        .collect(),
                 )
             })
             .collect();
@@ -94,9 +96,9 @@ impl HostBinder {
     /// spelling `host::ip_literal` reads binds only to itself; a string `getaddrinfo` would read as an address
     /// without looking it up is never resolved (`Unresolved`).
     pub async fn bind(&self, host: &str, dst: IpAddr) -> Result<Binding, HostBindError> {
-        let dst = dst.to_canonical();
+        let dst = crate::host::canonical_ip(dst);
         if let Some(ip) = crate::host::ip_literal(host) {
-            return if ip.to_canonical() == dst {
+            return if ip == dst {
                 Ok(Binding::IpLiteral)
             } else {
                 Err(HostBindError::OtherIp)
@@ -249,7 +251,7 @@ async fn resolve(lookups: &Arc<Semaphore>, host: &str) -> Result<Vec<IpAddr>, Ho
             Err(HostBindError::Unresolved)
         }
         Ok(Some(Ok(addrs))) => {
-            let addrs: Vec<IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
+            let addrs: Vec<IpAddr> = addrs.map(|a| crate::host::canonical_ip(a.ip())).collect();
             if addrs.is_empty() {
                 Err(HostBindError::Unresolved)
             } else {

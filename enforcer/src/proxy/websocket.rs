@@ -302,9 +302,12 @@ fn classify_agent_message(
     if json.is_none() && inspect::claims_json(None, &text) {
         return Err(InspectError::BadJson { protocol: "JSON" });
     }
-    // JSON-RPC a server could read otherwise than the policy (see the request path).
+    // JSON-RPC a server could read otherwise than the policy, or JSON with twin members (see the request path).
     if json.as_ref().is_some_and(inspect::ambiguous_json_rpc) {
         return Err(InspectError::BadJson { protocol: "MCP" });
+    }
+    if json.is_some() && inspect::twin_members(&text) {
+        return Err(InspectError::TwinMembers);
     }
     let mut action = request.clone();
     if let Some(http) = action.http.as_mut() {

@@ -431,8 +431,8 @@ impl Stream {
     }
 }
 
-/// A JSON object read one level deep: its members' text, not yet parsed (the last of a repeated name, as when the
-/// whole is parsed).
+/// A JSON object read one level deep: its members' text, not yet parsed (only for text without twin members: see
+/// [`no_calls`]).
 type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 
 /// The choices (their `index`) whose delta carries text, when the chunk `data` holds no tool-call piece and finishes
@@ -443,6 +443,11 @@ type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 /// 128 levels: its members, read as any JSON parser reads them, hold no piece and no finish, so it is passed on as it
 /// came; a chunk that holds one is read whole and, when that fails, refused as [`Unreadable`].)
 fn no_calls(data: &str) -> Option<Vec<u64>> {
+    // A map keeps the last of a repeated name: a chunk naming a member twice (`"tool_calls":[…],"tool_calls":null`)
+    // would pass as text what a first-wins reader reads as a call. Read whole, it is refused (`event_json`).
+    if crate::inspect::twin_members(data) {
+        return None;
+    }
     let chunk: Members = plain(data)?;
     let mut text = Vec::new();
     let Some(choices) = chunk.get("choices") else {
@@ -477,8 +482,9 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
     Some(text)
 }
 
-/// The members of the JSON object `text` when every name is in lower case (as the API writes them all): another
-/// spelling may be read otherwise by another reader (`members`), so the chunk is then read whole.
+/// The members of the JSON object `text` when every name is in lower case ASCII (as the API writes them all):
+/// another spelling may be read otherwise by another reader, so the chunk is then read whole and refused there if
+/// so (`event_json`: twin members, a member spelt otherwise).
 fn plain(text: &str) -> Option<Members<'_>> {
     let members: Members = serde_json::from_str(text).ok()?;
     members
@@ -671,8 +677,6 @@ mod tests {
             r#"{"choices":[{"index":0,"delta":"text"},7,[1],null]}"#,
             r#"{"choices":[],"usage":{"total_tokens":3}}"#,
             r#"{"id":"x"}"#,
-            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"choices":[]}"#,
-            r#"{"choices":[{"index":0,"delta":{"content":"a"},"delta":{}}]}"#,
         ];
         for data in plain {
             let (raw, text) = whole(data);
@@ -693,9 +697,34 @@ mod tests {
             r#"[{"choices":[]}]"#,
             "not json",
             r#"{"choices":[{"index":0,"delta":{"content":"a"}}"#,
+            // Twin members, at any depth: read whole, and refused there.
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"choices":[]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"},"delta":{}}]}"#,
         ];
         for data in read_whole {
             assert_eq!(no_calls(data), None, "{data}");
+        }
+    }
+
+    /// A chunk naming `tool_calls` twice, the last `null`: a first-wins reader runs the call; never passed as text.
+    #[test]
+    fn a_chunk_with_twin_members_is_refused_not_passed_as_text() {
+        let call = r#"[{"index":0,"id":"c","type":"function","function":{"name":"shell","arguments":"{}"}}]"#;
+        for data in [
+            format!(
+                r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":{call},"tool_calls":null}}}}]}}"#
+            ),
+            format!(
+                r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":{call}}}}}],"choices":[]}}"#
+            ),
+        ] {
+            let mut s = Stream::default();
+            let ev = Event {
+                name: None,
+                data: data.clone(),
+                raw: Bytes::from(format!("data: {data}\n\n")),
+            };
+            assert_eq!(s.push(ev), Err(Unreadable), "{data}");
         }
     }
 }

@@ -13,7 +13,6 @@
 
 mod chat;
 mod gemini;
-mod members;
 mod messages;
 mod responses;
 
@@ -204,17 +203,79 @@ pub fn body_json(text: &str) -> Result<Option<Value>, Unreadable> {
 /// The JSON of an event's `data`; `None` for an event without data, passed on as it came.
 ///
 /// # Errors
-/// [`Unreadable`] when it is not JSON the reader parses, or when another reader would read its members otherwise
-/// ([`members::ambiguous`]: twin names, a provider's member name written in other letter case).
+/// [`Unreadable`] when it is not JSON the reader parses, or when another reader would read its members otherwise:
+/// an object that names a member twice, or twice in different letter case (`inspect::twin_members`), or a member
+/// the readers find calls by spelt otherwise ([`misspelt`]). The agent's decoder may read another member than the
+/// policy did (Go's `encoding/json` matches `Command` to `command`, and keeps the last).
 fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
     if data.trim().is_empty() {
         return Ok(None);
     }
-    let value = serde_json::from_str(data).map_err(|_| Unreadable)?;
-    if members::ambiguous(data) {
+    let json = serde_json::from_str(data).map_err(|_| Unreadable)?;
+    if crate::inspect::twin_members(data) || misspelt(&json) {
         return Err(Unreadable);
     }
-    Ok(Some(value))
+    Ok(Some(json))
+}
+
+/// The members the readers find tool calls by (and the SDKs' structs declare), in every provider's events and
+/// bodies, spelt as the providers write them.
+const MEMBERS: &[&str] = &[
+    // Chat Completions
+    "choices",
+    "message",
+    "delta",
+    "tool_calls",
+    "function_call",
+    "function",
+    "custom",
+    "arguments",
+    "finish_reason",
+    "index",
+    "role",
+    // Responses
+    "output",
+    "item",
+    "item_id",
+    "output_index",
+    "content_index",
+    "call_id",
+    "server_label",
+    "response",
+    "sequence_number",
+    "part",
+    "action",
+    // Messages
+    "content",
+    "content_block",
+    "partial_json",
+    "server_name",
+    "stop_reason",
+    "tool_use_id",
+    "input",
+    // Gemini (the JSON mapping of its protos accepts the field names as written in the proto too)
+    "candidates",
+    "parts",
+    "functionCall",
+    "args",
+    "thoughtSignature",
+    "thought_signature",
+    // every API
+    "type",
+    "name",
+    "id",
+    "text",
+];
+
+/// The members holding a call's arguments: read by the tool's own schema, not looked into for [`MEMBERS`] (their
+/// names are the tool's; `inspect::twin_members` still reads them).
+const ARGUMENTS: &[&str] = &["input", "args", "arguments", "action"];
+
+/// Whether an event or body spells one of [`MEMBERS`] otherwise, at any depth outside a call's arguments
+/// (`Tool_calls`, `functioncall`, `NAME`, `tool_callſ`): an agent built on Go's `encoding/json` (go-openai, the
+/// Gemini Go SDK) binds it to the field the reader found absent, so it would run a call the reader never saw.
+fn misspelt(json: &Value) -> bool {
+    crate::inspect::misspelt_within(json, MEMBERS, ARGUMENTS)
 }
 
 /// A function call's arguments text (Chat `function.arguments`, Responses `arguments`, Anthropic's streamed input
@@ -223,7 +284,7 @@ fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
 /// beyond `f64` and lone surrogate escapes; a last-duplicate-wins reader and Go's case-insensitive
 /// `encoding/json` read `{"command":"echo ok","Command":"curl …"}` as the second command. So the text is readable
 /// only when it is empty (no arguments: `{}`) or one JSON object this parser reads with no object naming a member
-/// twice, even in other letter case ([`members::twins`]). A function's arguments are always an object (its
+/// twice, even in other letter case (`inspect::twin_members`). A function's arguments are always an object (its
 /// parameters are a JSON Schema object: OpenAI `parameters`, Anthropic `input_schema`); any other value — a string
 /// holding the object again, which an agent decoding until it has an object would run — is not decided as a
 /// string. What is not readable is returned as the text itself, unreadable.
@@ -232,7 +293,7 @@ fn function_args(text: &str) -> (Value, bool) {
         return (Value::Object(serde_json::Map::new()), false);
     }
     match serde_json::from_str::<Value>(text) {
-        Ok(v) if v.is_object() && !members::twins(text) => (v, false),
+        Ok(v) if v.is_object() && !crate::inspect::twin_members(text) => (v, false),
         _ => (Value::String(text.to_string()), true),
     }
 }
@@ -264,5 +325,64 @@ fn proposal(tool: &str, kind: &str, args: Value, call_id: Option<&str>) -> Propo
         kind: kind.to_string(),
         args: Some(args),
         call_id: call_id.map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Event data another reader may read otherwise is unreadable: twin members (`inspect::twin_members`) and a
+    /// member the readers find calls by spelt otherwise ([`misspelt`]), outside a call's own arguments.
+    #[test]
+    fn twins_and_members_spelt_otherwise_are_unreadable() {
+        for text in [
+            r#"{"command":"echo ok","Command":"curl x"}"#,
+            r#"{"command":"echo ok","command":"curl x"}"#,
+            r#"{"a":[{"k":1,"K":2}]}"#,
+            "{\"mask\":1,\"ma\u{17f}k\":2}",
+            "{\"kind\":1,\"\u{212a}ind\":2}",
+            r#"{"type":"tool_use","input":{"path":"a","Path":"b"}}"#,
+            r#"{"choices":[{"message":{"Tool_calls":[]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_callſ":[]}}]}"#,
+            r#"{"choices":[{"delta":{"Custom":{}}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"FunctionCall":{}}]}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"functioncall":{}}]}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"functionCall":{"Name":"shell"}}]}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"Thought_Signature":"x"}]}}]}"#,
+            r#"{"type":"tool_use","NAME":"shell"}"#,
+        ] {
+            assert_eq!(event_json(text), Err(Unreadable), "{text}");
+        }
+        for text in [
+            r#"{"choices":[{"message":{"tool_calls":[],"content":"Name"}}]}"#,
+            r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{"Name":"x","ID":1}}}]}}]}"#,
+            r#"{"type":"tool_use","input":{"Type":"a"}}"#,
+            r#"{"thoughtSignature":"x","function_call":{}}"#,
+            r#"{"thought_signature":"x","functionCall":{}}"#,
+            "[1,2,\"x\"]",
+        ] {
+            assert!(event_json(text).is_ok_and(|v| v.is_some()), "{text}");
+        }
+    }
+
+    /// A function's arguments text: one JSON object without twin members, else unreadable (the call alone refused).
+    #[test]
+    fn function_arguments_are_one_object_without_twins() {
+        assert_eq!(function_args(""), (serde_json::json!({}), false));
+        assert_eq!(
+            function_args(r#"{"command":"ls"}"#),
+            (serde_json::json!({"command": "ls"}), false)
+        );
+        for text in [
+            r#"{"command":"ls","Command":"curl x"}"#,
+            r#"{"command":"ls","command":"curl x"}"#,
+            r#""{\"command\":\"curl x\"}""#,
+            "[1]",
+            "{\"command\": NaN}",
+            "not json",
+        ] {
+            assert!(function_args(text).1, "{text}");
+        }
     }
 }

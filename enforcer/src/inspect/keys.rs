@@ -1,0 +1,238 @@
+//! JSON object member names as the receivers of a body read them. RFC 8259 §4 only says names SHOULD be unique,
+//! and decoders resolve a repeated name differently: most keep the last value (serde_json, Python, JavaScript), some
+//! the first, some refuse. Go's `encoding/json` also matches names to struct fields case-insensitively (Unicode
+//! simple case folding, so `ſ` is `s` and the Kelvin sign `k`), the last of two matching members winning
+//! (CVE-2026-27896): to it, `{"command":"ls","Command":"rm -rf /"}` runs `rm -rf /` while a policy reading
+//! `$.command` saw `ls`. The policy reads members anywhere in a body (`json:`, `mcp.args`, `proposal.args`, the LLM
+//! fields), so JSON with two members of one object named alike — equal, or equal once folded — is read by no one
+//! here ([`twin_members`]): every caller refuses it. I-JSON (RFC 7493 §2.3) forbids the exact duplicates outright.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// A member name as a case-insensitive decoder compares it: every character upper-cased, then lower-cased, so each
+/// character of a Unicode case-folding orbit becomes one (`ς`, `σ` and `Σ` are `σ`; `ſ` is `s`; `K` is `k`; `µ` is
+/// `μ`). This folds at least what Go's `bytes.EqualFold` does (it may fold a few more, such as `ß` and `ss`: a
+/// refusal too many, never one too few). Borrows a name that is lower-case ASCII already.
+pub(crate) fn fold(name: &str) -> Cow<'_, str> {
+    if name.is_ascii() && !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Cow::Borrowed(name);
+    }
+    if name.is_ascii() {
+        return Cow::Owned(name.to_ascii_lowercase());
+    }
+    Cow::Owned(
+        name.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect(),
+    )
+}
+
+/// Whether `name` folds to `member` (lower-case ASCII), without allocating for an ASCII name.
+pub(crate) fn folds_to(name: &str, member: &str) -> bool {
+    if name.is_ascii() {
+        name.eq_ignore_ascii_case(member)
+    } else {
+        fold(name) == member
+    }
+}
+
+/// The member `name` of `map`, else the first whose name folds ([`fold`]) to `name`'s fold: the member a
+/// case-insensitive decoder binds to a field `name`.
+pub(crate) fn member<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    map.get(name).or_else(|| {
+        let want = fold(name);
+        map.iter().find(|(k, _)| fold(k) == want).map(|(_, v)| v)
+    })
+}
+
+/// Whether `map` has a member whose name folds to one of `members` (lower-case) without being it: a name a
+/// case-insensitive decoder binds to a field the policy reads under its exact name (`Model`, `paramſ`).
+pub(crate) fn misspelt(map: &serde_json::Map<String, serde_json::Value>, members: &[&str]) -> bool {
+    map.keys().any(|k| misspelt_name(k, members))
+}
+
+/// Whether `name` is spelt otherwise than one of `members` (ASCII) but folds to it (`Tool_calls`, `functioncall`,
+/// `paramſ`). Allocates only for a name that is not ASCII.
+pub(crate) fn misspelt_name(name: &str, members: &[&str]) -> bool {
+    if name.is_ascii() {
+        return members
+            .iter()
+            .any(|m| *m != name && m.eq_ignore_ascii_case(name));
+    }
+    let folded = fold(name);
+    members.iter().any(|m| folded.eq_ignore_ascii_case(m))
+}
+
+/// Whether `value` has, at any depth, a member spelt otherwise than one of `members` that folds to it
+/// ([`misspelt_name`]); the values of members named exactly as one of `opaque` (arguments a tool reads by its own
+/// schema) are not looked into.
+pub(crate) fn misspelt_within(
+    value: &serde_json::Value,
+    members: &[&str],
+    opaque: &[&str],
+) -> bool {
+    match value {
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| {
+            misspelt_name(k, members)
+                || (!opaque.contains(&k.as_str()) && misspelt_within(v, members, opaque))
+        }),
+        serde_json::Value::Array(items) => {
+            items.iter().any(|v| misspelt_within(v, members, opaque))
+        }
+        _ => false,
+    }
+}
+
+/// Whether the JSON text `json` has an object, at any depth, with two members whose names are equal or fold
+/// ([`fold`]) to the same name; meant for text that parses (text that does not is refused on that ground). One pass
+/// over the text, without building a value: names without escapes are borrowed from it.
+pub(crate) fn twin_members(json: &str) -> bool {
+    match serde_json::from_str::<NoTwins>(json) {
+        Ok(NoTwins) => false,
+        // Our own error is the only data error a visitor that accepts every JSON value can raise.
+        Err(e) => e.classify() == serde_json::error::Category::Data,
+    }
+}
+
+/// A JSON value, any shape, whose objects have no twin members.
+struct NoTwins;
+
+impl<'de> de::Deserialize<'de> for NoTwins {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoTwinsVisitor)
+    }
+}
+
+struct NoTwinsVisitor;
+
+impl<'de> Visitor<'de> for NoTwinsVisitor {
+    type Value = NoTwins;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<NoTwins, E> {
+        Ok(NoTwins)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<NoTwins, E> {
+        Ok(NoTwins)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<NoTwins, E> {
+        Ok(NoTwins)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<NoTwins, E> {
+        Ok(NoTwins)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<NoTwins, E> {
+        Ok(NoTwins)
+    }
+    fn visit_unit<E>(self) -> Result<NoTwins, E> {
+        Ok(NoTwins)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NoTwins, A::Error> {
+        while seq.next_element::<NoTwins>()?.is_some() {}
+        Ok(NoTwins)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoTwins, A::Error> {
+        let mut seen: HashSet<Cow<'de, str>> = HashSet::new();
+        while let Some(name) = map.next_key_seed(Name)? {
+            let folded = match name {
+                Cow::Borrowed(b) => fold(b),
+                Cow::Owned(o) => Cow::Owned(fold(&o).into_owned()),
+            };
+            if !seen.insert(folded) {
+                return Err(de::Error::custom("an object names one member twice"));
+            }
+            map.next_value::<NoTwins>()?;
+        }
+        Ok(NoTwins)
+    }
+}
+
+/// A member name, borrowed from the text when it has no escapes.
+struct Name;
+
+impl<'de> DeserializeSeed<'de> for Name {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Name {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(s))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twins_are_found_at_any_depth_however_spelt() {
+        for twins in [
+            r#"{"command":"ls","command":"rm -rf /"}"#,
+            r#"{"command":"ls","Command":"rm -rf /"}"#,
+            r#"{"command":"ls","COMMAND":"rm -rf /"}"#,
+            r#"{"path":"/tmp","paths":1,"Path":"/etc"}"#,
+            r#"{"aſk":1,"ask":2}"#,
+            "{\"kind\":1,\"\u{212a}ind\":2}",
+            r#"{"σ":1,"ς":2}"#,
+            r#"{"\u0063ommand":"ls","command":"rm"}"#,
+            r#"[1,{"a":{"b":[{"x":1,"X":2}]}}]"#,
+            r#"{"messages":[{"role":"user","content":"hi","Content":"other"}]}"#,
+        ] {
+            assert!(twin_members(twins), "{twins}");
+        }
+        for fine in [
+            r#"{"command":"ls","args":["Command","command"]}"#,
+            r#"{"a":{"x":1},"b":{"x":2}}"#,
+            r#"{"Command":"ls"}"#,
+            r#""just a string""#,
+            "not json",
+            "",
+        ] {
+            assert!(!twin_members(fine), "{fine}");
+        }
+    }
+
+    #[test]
+    fn names_fold_as_a_case_insensitive_decoder_folds_them() {
+        assert_eq!(fold("jsonrpc"), "jsonrpc");
+        assert!(matches!(fold("jsonrpc"), Cow::Borrowed(_)));
+        assert_eq!(fold("JsonRpc"), "jsonrpc");
+        assert_eq!(fold("paramſ"), "params");
+        assert_eq!(fold("\u{212a}"), "k");
+        assert!(folds_to("Method", "method"));
+        assert!(folds_to("paramſ", "params"));
+        assert!(!folds_to("methods", "method"));
+        assert!(misspelt_name("Tool_calls", &["tool_calls"]));
+        assert!(misspelt_name("functioncall", &["functionCall"]));
+        assert!(misspelt_name("paramſ", &["params"]));
+        assert!(!misspelt_name("tool_calls", &["tool_calls"]));
+        assert!(!misspelt_name("tool_call", &["tool_calls"]));
+    }
+}

@@ -1,0 +1,124 @@
+//! Requests that name another method than their own. Web frameworks let a POST stand for another method: the
+//! `X-HTTP-Method-Override` header (Express `method-override`, Rack::MethodOverride, Google APIs, ASP.NET Core's
+//! `HttpMethodOverride`), `X-HTTP-Method` (OData, Microsoft), `X-Method-Override`, and the `_method` parameter of
+//! the query or a form body (Rails, Laravel, Symfony, Spring's `HiddenHttpMethodFilter`, multipart forms included).
+//! A rule on `method: DELETE` would not see a POST that the application routes as a DELETE, and an allow rule on
+//! `method: POST` would pass one. Whether the upstream honours the override cannot be known, so a request whose
+//! override names another method than its own is refused ([`overrides_method`]).
+
+use crate::encoding::{is_form, percent_decode};
+use crate::model::HttpRequest;
+
+/// The header fields that name a method (lower-case).
+const HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+/// The parameter that names a method, in the query or a form.
+const PARAM: &str = "_method";
+
+/// Whether `http` names, in an override header or a `_method` parameter, a method other than its own (compared
+/// without regard to case; a header's list, RFC 9110 §5.3, by each element). A `multipart/*` body with a part
+/// named `_method` counts as naming another method: its value is not read here.
+pub fn overrides_method(http: &HttpRequest) -> bool {
+    let other = |m: &str| !m.trim().eq_ignore_ascii_case(http.method.trim());
+    let by_header = http
+        .headers
+        .0
+        .iter()
+        .filter(|(k, _)| HEADERS.iter().any(|h| k.eq_ignore_ascii_case(h)))
+        .any(|(_, v)| v.split(',').any(other));
+    let by_query = http.query.get_all(PARAM).any(other);
+    let by_form = is_form(http.content_type.as_deref())
+        && http.body.split('&').any(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            percent_decode(k, true) == PARAM && other(&percent_decode(v, true))
+        });
+    let by_part = http.content_type.as_deref().is_some_and(|ct| {
+        ct.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("multipart/")
+    }) && (http.body.contains("name=\"_method\"")
+        || http.body.contains("name=_method"));
+    by_header || by_query || by_form || by_part
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Pairs;
+
+    fn request(
+        method: &str,
+        headers: &[(&str, &str)],
+        query: &[(&str, &str)],
+        ct: Option<&str>,
+        body: &str,
+    ) -> HttpRequest {
+        let pairs = |p: &[(&str, &str)]| {
+            Pairs(
+                p.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        HttpRequest {
+            method: method.into(),
+            path: "/x".into(),
+            headers: pairs(headers),
+            query: pairs(query),
+            content_type: ct.map(str::to_string),
+            body: body.into(),
+            ..HttpRequest::default()
+        }
+    }
+
+    #[test]
+    fn another_method_named_anywhere_is_found() {
+        let form = Some("application/x-www-form-urlencoded");
+        for http in [
+            request(
+                "POST",
+                &[("x-http-method-override", "DELETE")],
+                &[],
+                None,
+                "",
+            ),
+            request("POST", &[("x-http-method", "delete")], &[], None, ""),
+            request(
+                "POST",
+                &[("x-method-override", "POST, DELETE")],
+                &[],
+                None,
+                "",
+            ),
+            request("POST", &[], &[("_method", "DELETE")], None, ""),
+            request("POST", &[], &[], form, "a=1&_method=DELETE"),
+            request("POST", &[], &[], form, "a=1&%5Fmethod=put"),
+            request(
+                "POST",
+                &[],
+                &[],
+                Some("multipart/form-data; boundary=b"),
+                "--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b--",
+            ),
+        ] {
+            assert!(overrides_method(&http), "{http:?}");
+        }
+        for http in [
+            request("POST", &[], &[], None, ""),
+            request(
+                "DELETE",
+                &[("x-http-method-override", "delete")],
+                &[],
+                None,
+                "",
+            ),
+            request("POST", &[], &[], Some("text/plain"), "_method=DELETE"),
+            request("GET", &[], &[("method", "DELETE")], None, ""),
+        ] {
+            assert!(!overrides_method(&http), "{http:?}");
+        }
+    }
+}

@@ -799,3 +799,48 @@ fn an_event_the_reader_cannot_parse_is_unreadable_for_every_api() {
         assert_eq!(props.release(&[]), [Emit::Raw(keep_alive)], "{api:?}");
     }
 }
+
+/// Anthropic streams are joined by the SDKs with JavaScript's `+=` (`jsonBuf += delta.partial_json`), which writes
+/// any value into the text: a `partial_json` that is not a string (an array holding a second `"cmd"`, `null`), or
+/// a tool `name` that is not a string, is unreadable, never skipped. A string piece is read as before.
+#[test]
+fn anthropic_pieces_that_are_not_strings_are_unreadable() {
+    let event = |v: Value| Event {
+        name: Some(v["type"].as_str().unwrap().to_string()),
+        data: v.to_string(),
+        raw: Bytes::from(format!(
+            "event: {}\ndata: {v}\n\n",
+            v["type"].as_str().unwrap()
+        )),
+    };
+    let start = |name: Value| {
+        json!({"type": "content_block_start", "index": 0,
+               "content_block": {"type": "tool_use", "id": "toolu_1", "name": name, "input": {}}})
+    };
+    let delta = |piece: Value| {
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "input_json_delta", "partial_json": piece}})
+    };
+    let message_start = json!({"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": []}});
+    for odd in [json!([",\"cmd\":\"rm -rf /\""]), Value::Null, json!(7)] {
+        let mut props = Proposals::new(Provider::Anthropic, LlmApi::Messages).unwrap();
+        assert!(props.push(event(message_start.clone())).is_ok());
+        assert!(props.push(event(start(json!("shell")))).is_ok());
+        assert!(props.push(event(delta(json!("{\"cmd\":\"ls\"")))).is_ok());
+        assert_eq!(
+            props.push(event(delta(odd.clone()))),
+            Err(Unreadable),
+            "{odd}"
+        );
+    }
+    let mut props = Proposals::new(Provider::Anthropic, LlmApi::Messages).unwrap();
+    assert!(props.push(event(message_start.clone())).is_ok());
+    assert_eq!(props.push(event(start(json!(["shell"])))), Err(Unreadable));
+
+    let body = json!({"content": [{"type": "tool_use", "id": "toolu_1", "name": ["shell"], "input": {"cmd": "ls"}}]});
+    let calls = proposal::body_calls(Provider::Anthropic, LlmApi::Messages, &body);
+    assert!(
+        calls[0].unreadable,
+        "a name that is not a string is not decided as a name"
+    );
+}

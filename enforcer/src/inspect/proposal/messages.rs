@@ -70,15 +70,22 @@ fn kind_of(block_type: &str) -> Option<&'static str> {
     }
 }
 
-/// The tool's name as a policy sees it (`mcp:<server>/<tool>` through the MCP connector).
-fn tool_name(block: &Value) -> String {
-    let name = str_of(block, "name").unwrap_or_default();
-    match str_of(block, "server_name") {
+/// The tool's name as a policy sees it (`mcp:<server>/<tool>` through the MCP connector); `None` when `name` or
+/// `server_name` is there but not a string, which an agent's JavaScript would still turn into a name
+/// (`tools[["shell"]]` looks up `shell`).
+fn tool_name(block: &Value) -> Option<String> {
+    let text = |key| match block.get(key) {
+        None => Some(None),
+        Some(Value::String(s)) => Some(Some(s.as_str())),
+        Some(_) => None,
+    };
+    let name = text("name")?.unwrap_or_default();
+    Some(match text("server_name")? {
         Some(server) if str_of(block, "type") == Some("mcp_tool_use") => {
             format!("mcp:{server}/{name}")
         }
         _ => name.to_string(),
-    }
+    })
 }
 
 impl Stream {
@@ -111,11 +118,12 @@ impl Stream {
             ("content_block_start", Some(index)) => {
                 let block = v.get("content_block").unwrap_or(&Value::Null);
                 if let Some(kind) = str_of(block, "type").and_then(kind_of) {
+                    let tool = tool_name(block).ok_or(Unreadable)?;
                     self.tools.push(index);
                     self.open = Some(Held {
                         index,
                         id: str_of(block, "id").map(str::to_string),
-                        tool: tool_name(block),
+                        tool,
                         kind,
                         input: block.get("input").cloned().unwrap_or(json!({})),
                         json: String::new(),
@@ -187,8 +195,12 @@ impl Stream {
         let Some(held) = self.open.as_mut() else {
             return Ok(Vec::new());
         };
-        if let Some(piece) = v.get("delta").and_then(|d| d.get("partial_json")) {
-            held.json.push_str(piece.as_str().unwrap_or_default());
+        match v.get("delta").and_then(|d| d.get("partial_json")) {
+            None => {}
+            Some(Value::String(piece)) => held.json.push_str(piece),
+            // The SDKs join the pieces with JavaScript's `+=` (`jsonBuf += partial_json`), which writes any other
+            // value into the text too (`null`, an array's elements, a number's digits): not read as they read it.
+            Some(_) => return Err(Unreadable),
         }
         let stop = str_of(&v, "type") == Some("content_block_stop");
         held.events.push((raw, v));
@@ -330,10 +342,12 @@ pub(super) fn body_calls(body: &Value) -> Vec<Call> {
         .filter_map(|b| {
             let kind = kind_of(str_of(b, "type")?)?;
             let args = b.get("input").cloned().unwrap_or(json!({}));
+            let tool = tool_name(b);
             Some(Call {
-                // A tool's input is an object (its `input_schema`); anything else is not decided as it stands.
-                unreadable: !args.is_object(),
-                proposal: proposal(&tool_name(b), kind, args, str_of(b, "id")),
+                // A tool's input is an object (its `input_schema`); anything else, or a name that is not a string,
+                // is not decided as it stands.
+                unreadable: !args.is_object() || tool.is_none(),
+                proposal: proposal(&tool.unwrap_or_default(), kind, args, str_of(b, "id")),
                 signed: false,
             })
         })

@@ -267,9 +267,26 @@ const MEMBERS: &[&str] = &[
     "text",
 ];
 
-/// The members holding a call's arguments: read by the tool's own schema, not looked into for [`MEMBERS`] (their
-/// names are the tool's; `inspect::twin_members` still reads them).
-const ARGUMENTS: &[&str] = &["input", "args", "arguments", "action"];
+/// The members holding data named by someone else than the provider, not looked into for [`MEMBERS`] (their names
+/// are data, which no decoder binds to a field; `inspect::twin_members` still reads them):
+/// - a call's arguments, read by the tool's own schema;
+/// - what a Responses answer echoes of the request (`response.created`, `response.completed` and the whole body
+///   repeat `tools[].parameters`, `text.format.schema`, `metadata`, `prompt.variables`; `mcp_list_tools` lists
+///   `input_schema`s; file search results carry `attributes`): JSON Schemas and maps whose keys are the user's, where
+///   a property named `Name` or `Type` is ordinary (OpenAI API reference, "The response object").
+const ARGUMENTS: &[&str] = &[
+    "input",
+    "args",
+    "arguments",
+    "action",
+    "parameters",
+    "schema",
+    "input_schema",
+    "properties",
+    "metadata",
+    "attributes",
+    "variables",
+];
 
 /// Whether an event or body spells one of [`MEMBERS`] otherwise, at any depth outside a call's arguments
 /// (`Tool_calls`, `functioncall`, `NAME`, `tool_callſ`): an agent built on Go's `encoding/json` (go-openai, the
@@ -358,6 +375,9 @@ mod tests {
             r#"{"choices":[{"message":{"tool_calls":[],"content":"Name"}}]}"#,
             r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{"Name":"x","ID":1}}}]}}]}"#,
             r#"{"type":"tool_use","input":{"Type":"a"}}"#,
+            // What a Responses answer echoes of the request: schemas and maps whose keys are the user's.
+            r#"{"type":"response.created","response":{"tools":[{"type":"function","name":"f","parameters":{"type":"object","properties":{"Name":{"type":"string"},"Type":{"type":"string"}}}}],"metadata":{"Id":"7"},"text":{"format":{"type":"json_schema","name":"r","schema":{"properties":{"Content":{}}}}}}}"#,
+            r#"{"type":"response.output_item.done","item":{"type":"mcp_list_tools","tools":[{"name":"t","input_schema":{"properties":{"Input":{}}}}]}}"#,
             r#"{"thoughtSignature":"x","function_call":{}}"#,
             r#"{"thought_signature":"x","functionCall":{}}"#,
             "[1,2,\"x\"]",

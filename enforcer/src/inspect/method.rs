@@ -20,7 +20,8 @@ const PARAM: &str = "_method";
 
 /// Whether `http` names, in an override header or a `_method` parameter, a method other than its own (compared
 /// without regard to case; a header's list, RFC 9110 §5.3, by each element). A `multipart/*` body with a part
-/// named `_method` counts as naming another method: its value is not read here.
+/// named `_method` counts as naming another method: its value is not read here. An uploaded file that merely holds
+/// the text `name=_method` does not.
 pub fn overrides_method(http: &HttpRequest) -> bool {
     let other = |m: &str| !m.trim().eq_ignore_ascii_case(http.method.trim());
     let by_header = http
@@ -39,8 +40,8 @@ pub fn overrides_method(http: &HttpRequest) -> bool {
         ct.trim_start()
             .to_ascii_lowercase()
             .starts_with("multipart/")
-    }) && (http.body.contains("name=\"_method\"")
-        || http.body.contains("name=_method"));
+            && super::multipart::names_part(ct, &http.body, PARAM)
+    });
     by_header || by_query || by_form || by_part
 }
 
@@ -117,6 +118,14 @@ mod tests {
             ),
             request("POST", &[], &[], Some("text/plain"), "_method=DELETE"),
             request("GET", &[], &[("method", "DELETE")], None, ""),
+            // An uploaded file holding the text, not a part of that name.
+            request(
+                "POST",
+                &[],
+                &[],
+                Some("multipart/form-data; boundary=b"),
+                "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.py\"\r\n\r\nf(name=_method)\r\n--b--",
+            ),
         ] {
             assert!(!overrides_method(&http), "{http:?}");
         }

@@ -91,6 +91,20 @@ pub fn decoded_params(content_type: Option<&str>, body: &str) -> Option<String> 
     (!out.is_empty()).then_some(out)
 }
 
+/// Whether a part of the multipart `body` is named `name` (`Content-Disposition: form-data; name="…"`, RFC 7578
+/// §4.2), looking only at the parts' header blocks, never at their data (an uploaded file may hold any text). A
+/// body whose boundary cannot be read is searched whole (such a body is refused anyway, see [`check`]).
+pub fn names_part(content_type: &str, body: &str, name: &str) -> bool {
+    let (quoted, bare) = (format!("name=\"{name}\""), format!("name={name}"));
+    let names = |text: &str| text.contains(&quoted) || text.contains(&bare);
+    let (_, params) = split_params(content_type);
+    match boundary(&params) {
+        Ok(Some(boundary)) => header_blocks(body.as_bytes(), boundary.as_bytes())
+            .any(|block| names(&String::from_utf8_lossy(block))),
+        _ => names(body),
+    }
+}
+
 /// A media type and its parameters (`name=value`, names lower-cased, values unquoted); RFC 9110 §5.6.6.
 fn split_params(content_type: &str) -> (&str, Vec<(String, String)>) {
     let mut pieces = content_type.split(';');

@@ -15,8 +15,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 
 /// A member name as a case-insensitive decoder compares it: every character upper-cased, then lower-cased, so each
 /// character of a Unicode case-folding orbit becomes one (`ς`, `σ` and `Σ` are `σ`; `ſ` is `s`; `K` is `k`; `µ` is
-/// `μ`). This folds at least what Go's `bytes.EqualFold` does (it may fold a few more, such as `ß` and `ss`: a
-/// refusal too many, never one too few). Borrows a name that is lower-case ASCII already.
+/// `μ`). Only simple (one-to-one) mappings, as Go's `bytes.EqualFold`: `ß` and `ss` are not the same name. Borrows
+/// a name that is lower-case ASCII already.
 pub(crate) fn fold(name: &str) -> Cow<'_, str> {
     if name.is_ascii() && !name.bytes().any(|b| b.is_ascii_uppercase()) {
         return Cow::Borrowed(name);
@@ -24,12 +24,20 @@ pub(crate) fn fold(name: &str) -> Cow<'_, str> {
     if name.is_ascii() {
         return Cow::Owned(name.to_ascii_lowercase());
     }
+    // Simple case mappings only (one character to one), as Go's folding uses: `ß` stays `ß` (its full upper case
+    // is `SS`, which Go does not match to it).
     Cow::Owned(
         name.chars()
-            .flat_map(char::to_uppercase)
-            .flat_map(char::to_lowercase)
+            .map(|c| single(c.to_uppercase()).unwrap_or(c))
+            .map(|c| single(c.to_lowercase()).unwrap_or(c))
             .collect(),
     )
+}
+
+/// The one character a case mapping gives, when it gives one (a simple mapping), else `None`.
+fn single(mut mapped: impl Iterator<Item = char>) -> Option<char> {
+    let c = mapped.next()?;
+    mapped.next().is_none().then_some(c)
 }
 
 /// Whether `name` folds to `member` (lower-case ASCII), without allocating for an ASCII name.
@@ -211,6 +219,8 @@ mod tests {
             r#"{"command":"ls","args":["Command","command"]}"#,
             r#"{"a":{"x":1},"b":{"x":2}}"#,
             r#"{"Command":"ls"}"#,
+            // Only one-to-one case mappings, as Go's: `ß` is not `ss`.
+            r#"{"straße":1,"strasse":2}"#,
             r#""just a string""#,
             "not json",
             "",

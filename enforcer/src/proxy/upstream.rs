@@ -251,12 +251,12 @@ impl Sender {
                 }))
             }
             Http::H2 { sender, .. } => {
-                let mut sender = sender.clone().ready().await.map_err(HttpError::Unsent)?;
+                let mut sender = sender.clone().ready().await.map_err(not_taken)?;
                 let (parts, body) = req.into_parts();
                 let end = body.is_empty();
                 let (response, mut send) = sender
                     .send_request(http::Request::from_parts(parts, ()), end)
-                    .map_err(HttpError::Unsent)?;
+                    .map_err(not_taken)?;
                 if !end {
                     send.send_data(body, true)?;
                 }
@@ -268,6 +268,17 @@ impl Sender {
                 }))
             }
         }
+    }
+}
+
+/// The error of an HTTP/2 connection that did not take a request: [`HttpError::Unsent`] when the connection has
+/// gone (its server's GOAWAY, an I/O error), so another connection may take it; else (a request h2 finds malformed)
+/// another connection would refuse it too.
+fn not_taken(e: h2::Error) -> HttpError {
+    if e.is_go_away() || e.is_io() {
+        HttpError::Unsent(e)
+    } else {
+        HttpError::Http2(e)
     }
 }
 
@@ -305,7 +316,12 @@ impl Body for UpstreamBody {
                 }
                 // A server that answered before reading the whole request resets the stream with NO_ERROR (RFC
                 // 9113 §8.1): the answer has ended, it has not failed.
-                Poll::Ready(Some(Err(e))) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                // One that cut its answer short of its `Content-Length` has sent a malformed response (RFC 9113
+                // §8.1.1), an error.
+                Poll::Ready(Some(Err(e)))
+                    if e.reason() == Some(h2::Reason::NO_ERROR)
+                        && matches!(left, None | Some(0)) =>
+                {
                     Poll::Ready(None)
                 }
                 polled => polled.map_err(HttpError::from),

@@ -144,15 +144,37 @@ fn boundary(params: &[(String, String)]) -> Result<Option<String>, Undecodable> 
 }
 
 /// The charsets whose text spells every ASCII character as that ASCII byte: a secret written in them is the same
-/// bytes the detectors look for. Anything else named by a `charset` parameter is refused.
+/// bytes the detectors look for. The multi-byte East Asian ones (Shift_JIS, EUC, GBK, GB 18030, Big5) are among
+/// them: a decoder reads an ASCII character only from its own byte, so a byte scanner sees at least what it reads
+/// (the WHATWG Encoding Standard's decoders). Anything else named by a `charset` parameter (UTF-16/32, UTF-7,
+/// ISO-2022, EBCDIC) is refused.
 fn ascii_compatible(charset: &str) -> bool {
     let c = charset.trim().to_ascii_lowercase();
     matches!(
         c.as_str(),
-        "utf-8" | "utf8" | "us-ascii" | "ascii" | "latin1" | "latin-1" | "iso-8859-1"
+        "utf-8"
+            | "utf8"
+            | "us-ascii"
+            | "ascii"
+            | "latin1"
+            | "latin-1"
+            | "iso-8859-1"
+            | "koi8-r"
+            | "koi8-u"
+            | "shift_jis"
+            | "sjis"
+            | "windows-31j"
+            | "euc-jp"
+            | "euc-kr"
+            | "gbk"
+            | "gb2312"
+            | "gb18030"
+            | "big5"
     ) || c
-        .strip_prefix("iso-8859-")
-        .is_some_and(|n| n.parse::<u8>().is_ok())
+        .strip_prefix("cp125")
+        .is_some_and(|n| n.parse::<u8>().is_ok_and(|n| n <= 8))
+        || c.strip_prefix("iso-8859-")
+            .is_some_and(|n| n.parse::<u8>().is_ok())
         || c.strip_prefix("windows-125")
             .is_some_and(|n| n.parse::<u8>().is_ok_and(|n| n <= 8))
 }
@@ -330,6 +352,14 @@ mod tests {
             check(&[b"text/plain; charset=cp037"], b"x"),
             Err(Undecodable::Charset)
         );
+        assert_eq!(
+            check(&[b"text/plain; charset=iso-2022-jp"], b"x"),
+            Err(Undecodable::Charset)
+        );
+        for ascii in ["cp1252", "KOI8-R", "Shift_JIS", "gb18030", "big5", "euc-kr"] {
+            let ct = format!("text/plain; charset={ascii}");
+            assert_eq!(check(&[ct.as_bytes()], b"x"), Ok(()), "{ascii}");
+        }
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub enum InspectError {
     /// `method`): the upstream may act on either.
     #[error("the request names another method than its own (a method override)")]
     MethodOverride,
+    /// A header field or query parameter some rule reads is given more than one value (`Policy::ambiguous_field`):
+    /// the receiver may act on one no rule saw.
+    #[error("a header or query parameter the policy reads is given more than one value")]
+    AmbiguousField,
 }
 
 /// An LLM provider whose API shapes are understood.

@@ -108,7 +108,9 @@ pub(crate) fn refusal(e: &InspectError) -> Refusal {
         InspectError::BadJson { .. } | InspectError::Corrupt { .. } | InspectError::TwinMembers => {
             (Reason::Unparseable, StatusCode::BAD_REQUEST)
         }
-        InspectError::MethodOverride => (Reason::BadRequest, StatusCode::BAD_REQUEST),
+        InspectError::MethodOverride | InspectError::AmbiguousField => {
+            (Reason::BadRequest, StatusCode::BAD_REQUEST)
+        }
     };
     Refusal::new(reason, status, e.to_string())
 }

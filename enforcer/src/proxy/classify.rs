@@ -3,7 +3,6 @@
 //! the request asks for (one for plain HTTP and LLM calls, one per element of a JSON-RPC batch).
 
 use http::header::{self, HeaderMap, HeaderName};
-use http::StatusCode;
 
 use super::body::{self, Body};
 use super::head::Head;
@@ -12,7 +11,7 @@ use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
 use crate::inspect::{self, InspectError, Inspected, Protocol};
-use crate::model::{Action, HttpRequest, Pairs, Reason, Transport};
+use crate::model::{Action, HttpRequest, Pairs, Transport};
 
 /// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
 /// classified is refused, answered in the shape of the protocol it claims to speak.
@@ -24,22 +23,18 @@ pub(crate) fn classify(
     body: &Body,
 ) -> Result<Inspected, Refusal> {
     let action = build_action(conn, head, parts, body);
+    let cfg = &rec.ctx().inspect;
     // A header or parameter a rule reads, given two ways: a receiver may act on the value no rule saw.
     let ambiguous = action
         .http
         .as_ref()
         .is_some_and(|http| rec.policy().ambiguous_field(http).is_some());
-    let cfg = &rec.ctx().inspect;
-    if ambiguous {
-        let claimed = inspect::claimed_protocol(&action, cfg);
-        rec.note_protocol(claimed);
-        return Err(Refusal::new(
-            Reason::BadRequest,
-            StatusCode::BAD_REQUEST,
-            "a header or query parameter the policy reads is given more than one value",
-        ));
-    }
-    match inspect_action(action.clone(), cfg, &body.decoded) {
+    let inspected = if ambiguous {
+        Err(InspectError::AmbiguousField)
+    } else {
+        inspect_action(action.clone(), cfg, &body.decoded)
+    };
+    match inspected {
         Ok(inspected) => Ok(inspected),
         Err(e) => {
             let claimed = inspect::claimed_protocol(&action, cfg);

@@ -74,13 +74,12 @@ fn kind_of(block_type: &str) -> Option<&'static str> {
 /// `server_name` is there but not a string, which an agent's JavaScript would still turn into a name
 /// (`tools[["shell"]]` looks up `shell`).
 fn tool_name(block: &Value) -> Option<String> {
-    let text = |key| match block.get(key) {
-        None => Some(None),
-        Some(Value::String(s)) => Some(Some(s.as_str())),
-        Some(_) => None,
-    };
-    let name = text("name")?.unwrap_or_default();
-    Some(match text("server_name")? {
+    let not_text = |key| block.get(key).is_some_and(|v| !v.is_string());
+    if not_text("name") || not_text("server_name") {
+        return None;
+    }
+    let name = str_of(block, "name").unwrap_or_default();
+    Some(match str_of(block, "server_name") {
         Some(server) if str_of(block, "type") == Some("mcp_tool_use") => {
             format!("mcp:{server}/{name}")
         }

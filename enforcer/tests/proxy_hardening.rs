@@ -93,6 +93,31 @@ async fn raw_upstream(silent: bool) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
     (addr, seen)
 }
 
+/// Sends each raw HTTP/1.1 request of `requests` on a connection of its own and asserts the status it gets; the
+/// answers, for further checks.
+async fn answered_each(
+    p: &Proxy,
+    dst: SocketAddr,
+    requests: &[impl AsRef<str>],
+    status: u16,
+) -> Vec<String> {
+    let mut answers = Vec::new();
+    for req in requests {
+        let req = req.as_ref();
+        let (resp, _) = exchange(p, dst, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(status), "{req}: {resp}");
+        answers.push(resp);
+    }
+    answers
+}
+
+/// Asserts that every record of `records` names `error` as its outcome's error.
+fn all_refused_as(records: &[serde_json::Value], error: &str) {
+    for r in records {
+        assert_eq!(r["outcome"]["error"], error, "{r}");
+    }
+}
+
 fn status_of(response: &str) -> Option<u16> {
     response
         .strip_prefix("HTTP/1.1 ")
@@ -771,21 +796,17 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
         // An exact duplicate: the policy's parser keeps the last `name`, a server keeping the first calls delete_all.
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","name":"read_file"}}"#,
     ];
-    for body in bodies {
-        let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
-        assert_eq!(status_of(&resp), Some(400), "{body}: {resp}");
-        assert!(resp.contains("\"code\":-32700"), "{body}: {resp}");
+    let requests: Vec<String> = bodies.iter().map(|b| post(b)).collect();
+    for resp in answered_each(&p, up, &requests, 400).await {
+        assert!(resp.contains("\"code\":-32700"), "{resp}");
     }
     assert_eq!(seen.count(), 0, "an ambiguous call reached the upstream");
     let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"Path":"/tmp/x"}}}"#;
-    let (resp, _) = exchange(&p, up, post(ok).as_bytes(), Duration::from_secs(5)).await;
-    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    answered_each(&p, up, &[post(ok)], 200).await;
     assert_eq!(seen.count(), 1);
     let records = p.audit_records().await;
     assert_eq!(records.len(), bodies.len() + 1);
-    for r in &records[..bodies.len()] {
-        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
-    }
+    all_refused_as(&records[..bodies.len()], "unparseable");
 }
 
 /// A JSON body whose object names one member twice — exactly, or in another letter case — is read differently by
@@ -812,20 +833,15 @@ async fn json_objects_with_twin_members_are_refused() {
         r#"{"options":{"a":1,"A":2},"query":"select 1"}"#,
         r#"[{"query":"select 1"},{"x":{"y":[{"k":"a","K":"b"}]}}]"#,
     ];
-    for body in bodies {
-        let (resp, _) = exchange(&p, up, post(body).as_bytes(), Duration::from_secs(5)).await;
-        assert_eq!(status_of(&resp), Some(400), "{body}: {resp}");
-    }
+    let requests: Vec<String> = bodies.iter().map(|b| post(b)).collect();
+    answered_each(&p, up, &requests, 400).await;
     assert_eq!(seen.count(), 0, "an ambiguous body reached the upstream");
     let ok = r#"{"query":"select 1","Options":{"Query":"x"}}"#;
-    let (resp, _) = exchange(&p, up, post(ok).as_bytes(), Duration::from_secs(5)).await;
-    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    answered_each(&p, up, &[post(ok)], 200).await;
     assert_eq!(seen.count(), 1);
     let records = p.audit_records().await;
     assert_eq!(records.len(), bodies.len() + 1);
-    for r in &records[..bodies.len()] {
-        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
-    }
+    all_refused_as(&records[..bodies.len()], "unparseable");
 }
 
 /// A multipart (RFC 7578) body whose part has its own `Content-Transfer-Encoding` is decoded by python-multipart and
@@ -1001,10 +1017,7 @@ async fn a_method_override_naming_another_method_is_refused() {
         post("/items/7?_method=DELETE", "", "text/plain", ""),
         post("/items/7", "", form, "confirm=1&_method=DELETE"),
     ];
-    for req in &requests {
-        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
-        assert_eq!(status_of(&resp), Some(400), "{req}: {resp}");
-    }
+    answered_each(&p, up, &requests, 400).await;
     assert!(
         seen.lock().unwrap().is_empty(),
         "an overridden method reached the upstream"
@@ -1015,13 +1028,10 @@ async fn a_method_override_naming_another_method_is_refused() {
         "text/plain",
         "",
     );
-    let (resp, _) = exchange(&p, up, same.as_bytes(), Duration::from_secs(5)).await;
-    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    answered_each(&p, up, &[same], 200).await;
     let records = p.audit_records().await;
     assert_eq!(records.len(), requests.len() + 1);
-    for r in &records[..requests.len()] {
-        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
-    }
+    all_refused_as(&records[..requests.len()], "bad_request");
 }
 
 /// An OpenAI-compatible server built on Go's `encoding/json` (local model servers, API gateways) binds `Model` to
@@ -1109,22 +1119,16 @@ async fn a_field_the_policy_reads_given_two_ways_is_refused() {
         get("mode=read", "x-role: reader\r\nx_role: admin\r\n"),
         get("mode=read&mode=write", "x-role: reader\r\n"),
     ];
-    for req in &requests {
-        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
-        assert_eq!(status_of(&resp), Some(400), "{req}: {resp}");
-    }
+    answered_each(&p, up, &requests, 400).await;
     assert!(
         seen.lock().unwrap().is_empty(),
         "a second value reached the upstream"
     );
     let one_way = get("mode=read&mode=read", "x-role: reader\r\n");
-    let (resp, _) = exchange(&p, up, one_way.as_bytes(), Duration::from_secs(5)).await;
-    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    answered_each(&p, up, &[one_way], 200).await;
     let records = p.audit_records().await;
     assert_eq!(records.len(), requests.len() + 1);
-    for r in &records[..requests.len()] {
-        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
-    }
+    all_refused_as(&records[..requests.len()], "bad_request");
 }
 
 /// A tool on Go's `encoding/json` binds an argument spelt `Command` to its `command` field: a rule on
@@ -1191,8 +1195,7 @@ async fn a_query_split_on_semicolons_is_read_both_ways() {
     let ok = format!(
         "GET /records?mode=read&filter=a;b HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"
     );
-    let (resp, _) = exchange(&p, up, ok.as_bytes(), Duration::from_secs(5)).await;
-    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    answered_each(&p, up, &[ok], 200).await;
     let records = p.audit_records().await;
     assert_eq!(records.len(), 2);
     assert_eq!(

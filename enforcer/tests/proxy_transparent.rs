@@ -1104,6 +1104,113 @@ async fn a_refused_stream_is_sent_again_on_another_connection() {
     assert_eq!(outcome(&records[0]).0, "forwarded");
 }
 
+/// How an HTTP/2 upstream takes no request on its first connection: each stream refused (`RST_STREAM` with
+/// `REFUSED_STREAM`), or a GOAWAY sent before any stream was processed (RFC 9113 §6.8: last stream ID 0). Either
+/// way the request is one the client may send again (RFC 9113 §8.7).
+#[derive(Clone, Copy)]
+enum TakesNone {
+    Refuses,
+    GoesAway,
+}
+
+/// An HTTPS upstream whose first connection negotiates h2 and takes no request (`first`), and whose later ones
+/// negotiate only http/1.1 (as when a server's ALPN changes between connections) and answer as a strict HTTP/1.1
+/// server does: 400 to a request without exactly one `Host` field or whose target is not in origin-form (RFC 9112
+/// §3.2, §3.2.1), else `host=<Host> path=<target> body=<body>`. Counts its connections.
+async fn h2_then_h1_upstream(
+    w: &World,
+    first: TakesNone,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (chain, key) = w.test_ca.leaf(&["allowed.test"]);
+    let h2_only = tls_acceptor(chain.clone(), key.clone_key(), &[H2]);
+    let h1_only = tls_acceptor(chain, key, &[H1]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let (h2_only, h1_only) = (h2_only.clone(), h1_only.clone());
+            tokio::spawn(async move {
+                if n == 0 {
+                    let tls = h2_only.accept(tcp).await.unwrap();
+                    let mut h2 = h2::server::handshake(tls).await.unwrap();
+                    if let TakesNone::GoesAway = first {
+                        h2.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    }
+                    while let Some(Ok((_, mut respond))) = h2.accept().await {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                    return;
+                }
+                let tls = h1_only.accept(tcp).await.unwrap();
+                let strict =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let hosts: Vec<_> = req.headers().get_all("host").iter().cloned().collect();
+                        let origin_form = req.uri().authority().is_none();
+                        let path = req.uri().to_string();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let resp = match hosts.as_slice() {
+                            [host] if origin_form => {
+                                hyper::Response::new(Full::new(Bytes::from(format!(
+                                    "host={} path={path} body={}",
+                                    host.to_str().unwrap(),
+                                    String::from_utf8_lossy(&body)
+                                ))))
+                            }
+                            _ => hyper::Response::builder()
+                                .status(400)
+                                .body(Full::new(Bytes::from(format!(
+                                    "hosts={hosts:?} target={path}"
+                                ))))
+                                .unwrap(),
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), strict)
+                    .await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// A request an h2 connection did not take, sent again on a connection that speaks HTTP/1.1 (the upstream's ALPN
+/// changed between connections), is shaped for HTTP/1.1: origin-form with its `Host` (RFC 9112 §3.2), not the
+/// `:authority` and absolute URI of HTTP/2. The agent gets the upstream's answer; the exchange leaves one record.
+#[tokio::test]
+async fn a_request_sent_again_over_http1_carries_its_host() {
+    use std::sync::atomic::Ordering;
+    for first in [TakesNone::Refuses, TakesNone::GoesAway] {
+        let w = world(&policy(&["allowed.test"], &[])).await;
+        let (up, connections) = h2_then_h1_upstream(&w, first).await;
+        let tls = w.proxy.tls_to(up, "allowed.test", &[H2]).await;
+        let req = Request::builder()
+            .method("POST")
+            .uri("https://allowed.test/v1/messages?x=1")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{\"prompt\":\"again\"}")))
+            .unwrap();
+        let (status, _, body) = send(tls, true, req).await;
+        let body = String::from_utf8(body).unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body,
+            "host=allowed.test path=/v1/messages?x=1 body={\"prompt\":\"again\"}"
+        );
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        let records = w.proxy.audit_records().await;
+        assert_eq!(records.len(), 1, "{records:#?}");
+        assert_eq!(outcome(&records[0]).0, "forwarded");
+    }
+}
+
 /// An upstream that allows fewer concurrent streams than 100 (its `SETTINGS_MAX_CONCURRENT_STREAMS`, RFC 9113
 /// §6.5.2) gets a second connection once they are all in use, instead of a request waiting behind open streams.
 #[tokio::test]

@@ -97,7 +97,7 @@ async fn phases(
 struct Prepared {
     upstream: forward::Upstream,
     /// The request as the upstream will see it.
-    request: Request<bytes::Bytes>,
+    request: forward::UpstreamRequest,
     /// The deciding Action, when the response phases read the answer. Boxed, so the exchange holds a pointer's room
     /// for it while its request is upstream.
     answered: Option<Box<Action>>,

@@ -71,8 +71,8 @@ pub(crate) fn request(
     out: Outgoing,
     authority: &str,
     upstream: &Upstream,
-) -> Result<Request<Bytes>, Refusal> {
-    upstream_request(out, authority, &upstream.sender, upstream.is_upgrade).ok_or_else(|| {
+) -> Result<UpstreamRequest, Refusal> {
+    UpstreamRequest::new(out, authority, upstream.is_upgrade).ok_or_else(|| {
         Refusal::new(
             Reason::BadRequest,
             StatusCode::BAD_REQUEST,
@@ -81,19 +81,19 @@ pub(crate) fn request(
     })
 }
 
-/// Send `req` and wait for the response head (bounded by the response-head timeout). A request the upstream never
-/// processed — refused, or left out by its GOAWAY (`upstream::unprocessed`) — is sent again (up to [`RESENDS`]
-/// times), each time on another connection. A reusable connection goes back to the pool.
+/// Send `req`, shaped for the connection's protocol, and wait for the response head (bounded by the response-head
+/// timeout). A request the upstream never processed — refused, or left out by its GOAWAY (`upstream::unprocessed`)
+/// — is sent again (up to [`RESENDS`] times), each time on another connection and shaped for that connection's
+/// protocol. A reusable connection goes back to the pool.
 pub(crate) async fn send(
     ctx: &ProxyContext,
     conn: &Conn,
     mut upstream: Upstream,
-    req: Request<Bytes>,
+    req: UpstreamRequest,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let head_timeout = super::limits::limits().response_head_timeout;
     let sent = tokio::time::timeout(head_timeout, async {
-        let again = copy(&req);
-        let mut sent = upstream.sender.send(req).await;
+        let mut sent = upstream.sender.send(req.shaped_for(&upstream.sender)).await;
         for _ in 0..RESENDS {
             match sent {
                 Err(e) if upstream::unprocessed(&e) && !upstream.is_upgrade => {
@@ -102,7 +102,9 @@ pub(crate) async fn send(
                     let key = &upstream.key;
                     let other = ctx.pool.checkout(key, || open(ctx, key)).await;
                     upstream.sender = other.map_err(|e| refused(conn, e))?;
-                    sent = upstream.sender.send(copy(&again)).await;
+                    // The other connection may speak the other protocol (the upstream's ALPN answer can
+                    // change between connections): the request is shaped for it anew.
+                    sent = upstream.sender.send(req.shaped_for(&upstream.sender)).await;
                 }
                 done => return Ok(done),
             }
@@ -155,64 +157,93 @@ fn refused(conn: &Conn, e: upstream::UpstreamError) -> Refusal {
 /// before the server's SETTINGS arrive with its stream limit.
 const RESENDS: usize = 2;
 
-/// A copy of `req` to send again (the body is shared, not copied).
-fn copy(req: &Request<Bytes>) -> Request<Bytes> {
-    let mut copy = Request::new(req.body().clone());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
+/// A request made ready for the upstream in both shapes a connection for its key may need. The protocol is the
+/// connection's (ALPN, RFC 7301), and a request sent again may go out on a connection that speaks the other: the
+/// upstream's answer can change between connections, and the pool then hands out an HTTP/1.1 connection after an
+/// HTTP/2 one (or the reverse). So the shape is chosen for each connection the request is sent on
+/// ([`UpstreamRequest::shaped_for`]), never kept from the first.
+pub(crate) struct UpstreamRequest {
+    method: Method,
+    /// Without connection-scoped fields and `Host`, the body framed by `Content-Length`.
+    headers: HeaderMap,
+    extensions: http::Extensions,
+    body: Bytes,
+    /// HTTP/2: `https://{authority}{path}`, sent as `:scheme`, `:authority` and `:path` (RFC 9113 §8.3.1).
+    absolute: Uri,
+    /// HTTP/1.1: the origin-form target, `{path}` (RFC 9112 §3.2.1), ...
+    origin: Uri,
+    /// ... and `Host: {authority}`, which every HTTP/1.1 request carries (RFC 9112 §3.2).
+    host: HeaderValue,
 }
 
-fn upstream_request(
-    out: Outgoing,
-    authority: &str,
-    sender: &Sender,
-    is_upgrade: bool,
-) -> Option<Request<Bytes>> {
-    let Outgoing {
-        mut parts,
-        body,
-        body_changed,
-    } = out;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    strip_hop_by_hop(&mut parts.headers, is_upgrade);
-    // The body is already complete: the client had its 100 Continue from us, the upstream needs none.
-    parts.headers.remove(header::EXPECT);
-    if body_changed {
-        parts.headers.remove(header::CONTENT_ENCODING);
-    }
-    parts.headers.remove(header::CONTENT_LENGTH);
-    if !body.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    }
-    if sender.is_h2() {
-        parts.uri = Uri::builder()
+impl UpstreamRequest {
+    /// `out` made ready for an upstream named `authority`; `None` when the authority or path does not form a URI
+    /// again. An upgrade keeps its `Upgrade` field (it is only ever sent over HTTP/1.1, and never sent again).
+    fn new(out: Outgoing, authority: &str, is_upgrade: bool) -> Option<UpstreamRequest> {
+        let Outgoing {
+            mut parts,
+            body,
+            body_changed,
+        } = out;
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let absolute = Uri::builder()
             .scheme("https")
             .authority(authority)
-            .path_and_query(path.as_str())
+            .path_and_query(path)
             .build()
             .ok()?;
+        let origin = Uri::builder().path_and_query(path).build().ok()?;
+        let host = HeaderValue::from_str(authority).ok()?;
+        strip_hop_by_hop(&mut parts.headers, is_upgrade);
+        // The body is already complete: the client had its 100 Continue from us, the upstream needs none.
+        parts.headers.remove(header::EXPECT);
+        if body_changed {
+            parts.headers.remove(header::CONTENT_ENCODING);
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        if !body.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         parts.headers.remove(header::HOST);
-        parts.version = Version::HTTP_2;
-    } else {
-        parts.uri = Uri::builder().path_and_query(path.as_str()).build().ok()?;
-        parts
-            .headers
-            .insert(header::HOST, HeaderValue::from_str(authority).ok()?);
-        // TE is hop-by-hop in HTTP/1.1 (RFC 9110 §10.1.4): it concerns the proxy's own hop, not the upstream's.
-        parts.headers.remove(header::TE);
-        join_cookies(&mut parts.headers);
-        parts.version = Version::HTTP_11;
+        Some(UpstreamRequest {
+            method: parts.method,
+            headers: parts.headers,
+            extensions: parts.extensions,
+            body,
+            absolute,
+            origin,
+            host,
+        })
     }
-    Some(Request::from_parts(parts, body))
+
+    /// The request as `sender`'s connection carries it (the body is shared, not copied).
+    fn shaped_for(&self, sender: &Sender) -> Request<Bytes> {
+        self.shaped(sender.is_h2())
+    }
+
+    /// The request in HTTP/2's shape (`h2`: the absolute URI, no `Host`) or HTTP/1.1's (origin-form with `Host`,
+    /// no `TE`, one `Cookie` field).
+    fn shaped(&self, h2: bool) -> Request<Bytes> {
+        let mut req = Request::new(self.body.clone());
+        *req.method_mut() = self.method.clone();
+        *req.headers_mut() = self.headers.clone();
+        *req.extensions_mut() = self.extensions.clone();
+        if h2 {
+            *req.uri_mut() = self.absolute.clone();
+            *req.version_mut() = Version::HTTP_2;
+        } else {
+            *req.uri_mut() = self.origin.clone();
+            *req.version_mut() = Version::HTTP_11;
+            let headers = req.headers_mut();
+            headers.insert(header::HOST, self.host.clone());
+            // TE is hop-by-hop in HTTP/1.1 (RFC 9110 §10.1.4): it concerns the proxy's own hop, not the upstream's.
+            headers.remove(header::TE);
+            join_cookies(headers);
+        }
+        req
+    }
 }
 
 /// HTTP/2 lets a client split `Cookie` into several fields; HTTP/1.1 requires one, joined with `; ` (RFC 9113
@@ -276,5 +307,57 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.remove(header::TE);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/2 agent's request (absolute URI, split `Cookie`, `TE: trailers`) in each shape.
+    fn ready() -> UpstreamRequest {
+        let (parts, ()) = Request::builder()
+            .method("POST")
+            .uri("https://api.test:8443/v1/x?y=1")
+            .version(Version::HTTP_2)
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let out = Outgoing {
+            parts,
+            body: Bytes::from_static(b"{}"),
+            body_changed: false,
+        };
+        UpstreamRequest::new(out, "api.test:8443", false).unwrap()
+    }
+
+    /// Either shape can be asked of one request, in either order, as a resend on a connection of the other protocol
+    /// asks: HTTP/1.1's carries `Host` and an origin-form target (RFC 9112 §3.2), HTTP/2's the absolute URI and no
+    /// `Host` (RFC 9113 §8.3.1).
+    #[test]
+    fn a_request_is_shaped_for_each_protocol_in_turn() {
+        let req = ready();
+        for h2 in [true, false, true] {
+            let shaped = req.shaped(h2);
+            let headers = shaped.headers();
+            assert_eq!(shaped.body().as_ref(), b"{}");
+            assert_eq!(headers[header::CONTENT_LENGTH], "2");
+            if h2 {
+                assert_eq!(shaped.version(), Version::HTTP_2);
+                assert_eq!(shaped.uri(), "https://api.test:8443/v1/x?y=1");
+                assert!(!headers.contains_key(header::HOST));
+                assert_eq!(headers[header::TE], "trailers");
+                assert_eq!(headers.get_all(header::COOKIE).iter().count(), 2);
+            } else {
+                assert_eq!(shaped.version(), Version::HTTP_11);
+                assert_eq!(shaped.uri(), "/v1/x?y=1");
+                assert_eq!(headers[header::HOST], "api.test:8443");
+                assert!(!headers.contains_key(header::TE));
+                assert_eq!(headers[header::COOKIE], "a=1; b=2");
+            }
+        }
     }
 }

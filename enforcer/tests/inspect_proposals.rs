@@ -844,3 +844,67 @@ fn anthropic_pieces_that_are_not_strings_are_unreadable() {
         "a name that is not a string is not decided as a name"
     );
 }
+
+/// A place an event gives by number (Chat `choices[].index` and `tool_calls[].index`, Responses `output_index`,
+/// Anthropic `index`) that is a string, a fraction, negative, `null` or `true` is unreadable: the SDKs file the
+/// piece by it and disagree on such a value (openai-python keeps a choice's `"1"` as it came but validates a tool
+/// call's to `1`; JavaScript's array keys read `"1"` and `1.0` as `1`; Go's `int` fails to decode them), so a call's
+/// pieces could be joined otherwise than decided. Never read as 0.
+#[test]
+fn a_place_that_is_not_a_non_negative_integer_is_unreadable_for_every_api() {
+    let push = |provider, api, events: &[Value]| {
+        let mut props = Proposals::new(provider, api).unwrap();
+        let mut last = Ok(Vec::new());
+        for v in events {
+            last = props.push(Event {
+                name: None,
+                data: v.to_string(),
+                raw: Bytes::from(format!("data: {v}\n\n")),
+            });
+            if last.is_err() {
+                break;
+            }
+            props.release(&[]);
+        }
+        last
+    };
+    for bad in [json!("1"), json!(1.0), json!(-1), Value::Null, json!(true)] {
+        let call = |choice: &Value, index: &Value| {
+            json!({"choices": [{"index": choice, "delta": {"tool_calls": [{"index": index, "id": "c",
+                "type": "function", "function": {"name": "shell", "arguments": "{}"}}]}}]})
+        };
+        let zero = json!(0);
+        for events in [
+            vec![call(&bad, &zero)],
+            vec![call(&zero, &bad)],
+            vec![call(&zero, &zero), call(&bad, &zero)],
+        ] {
+            assert_eq!(
+                push(Provider::OpenAi, LlmApi::ChatCompletions, &events),
+                Err(Unreadable),
+                "chat: {events:?}"
+            );
+        }
+        let added = json!({"type": "response.output_item.added", "output_index": bad,
+            "item": {"id": "fc_1", "type": "function_call", "call_id": "c", "name": "shell", "arguments": ""}});
+        assert_eq!(
+            push(Provider::OpenAi, LlmApi::Responses, &[added]),
+            Err(Unreadable),
+            "responses: {bad}"
+        );
+        let delta = json!({"type": "response.function_call_arguments.delta", "output_index": bad,
+            "item_id": "fc_1", "delta": "{}"});
+        assert_eq!(
+            push(Provider::OpenAi, LlmApi::Responses, &[delta]),
+            Err(Unreadable),
+            "responses: {bad}"
+        );
+        let start = json!({"type": "content_block_start", "index": bad,
+            "content_block": {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {}}});
+        assert_eq!(
+            push(Provider::Anthropic, LlmApi::Messages, &[start]),
+            Err(Unreadable),
+            "messages: {bad}"
+        );
+    }
+}

@@ -204,6 +204,52 @@ fn canned(case: &str) -> (&'static str, String) {
             s.push_str("data: [DONE]\n\n");
             (sse, s)
         }
+        // A choice's `index` as a string: JavaScript's accumulator files its pieces under choice 1, Go's decoder
+        // fails; read as 0 its piece would join choice 0's call (`shell` + `shell`, a tool no rule names) and pass.
+        "choice-index-stream" => {
+            let chunk_of = |index: Value, delta: Value, finish: Value| {
+                let c = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                    "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+                format!("data: {c}\n\n")
+            };
+            let mut s = chunk_of(json!(0), tool_piece(""), Value::Null);
+            s.push_str(&chunk_of(
+                json!("1"),
+                json!({"tool_calls": [{"index": 0, "id": "call_2", "type": "function",
+                    "function": {"name": "shell", "arguments": args_with("")}}]}),
+                Value::Null,
+            ));
+            s.push_str(&chunk_of(json!(0), json!({}), json!("tool_calls")));
+            s.push_str(&chunk_of(json!("1"), json!({}), json!("tool_calls")));
+            s.push_str("data: [DONE]\n\n");
+            (sse, s)
+        }
+        // A Responses arguments delta naming its item by an `output_index` written as a string: JavaScript's
+        // accumulator adds it to the item at 0, the call decided with the `{}` its `done` events carry.
+        "responses-index-stream" => {
+            let item = |args: &str, status: &str| {
+                json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+                    "arguments": args, "status": status})
+            };
+            let events = [
+                json!({"type": "response.output_item.added", "output_index": 0, "item": item("", "in_progress")}),
+                json!({"type": "response.function_call_arguments.delta", "output_index": "0",
+                    "delta": args_with("")}),
+                json!({"type": "response.function_call_arguments.done", "item_id": "fc_1", "output_index": 0,
+                    "arguments": "{}"}),
+                json!({"type": "response.output_item.done", "output_index": 0, "item": item("{}", "completed")}),
+            ];
+            let text = events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let mut e = e.clone();
+                    e["sequence_number"] = json!(i);
+                    format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())
+                })
+                .collect();
+            (sse, text)
+        }
         // The same twin names in a Responses call's arguments (whole) and an Anthropic tool input (streamed).
         "responses-twin-whole" => {
             let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
@@ -433,7 +479,9 @@ async fn arguments_read_otherwise_by_the_agent_refuse_the_call() {
 }
 
 /// An answer whose own members another reader matches otherwise (a provider's name in other letter case, twin
-/// names, a streamed call piece whose index the SDK's accumulator files under another call) is refused whole; a Gemini part with both spellings of its call has that call refused.
+/// names, a streamed call piece whose index the SDK's accumulator files under another call, a choice's or an
+/// output item's place that is not a non-negative integer) is refused whole; a Gemini part with both spellings of
+/// its call has that call refused.
 #[tokio::test]
 async fn answer_members_read_otherwise_refuse_the_answer() {
     let w = world().await;
@@ -443,6 +491,8 @@ async fn answer_members_read_otherwise_refuse_the_answer() {
         "case-member-stream",
         "sparse-index-stream",
         "reopened-stream",
+        "choice-index-stream",
+        "responses-index-stream",
     ] {
         answers.push((case, chat(&w, case).await));
     }

@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{
-    args_text, event_json, function_args, proposal, str_of, Call, Emit, Event, Ruling, Rulings,
-    Unreadable,
+    args_text, event_json, function_args, position, proposal, str_of, Call, Emit, Event, Ruling,
+    Rulings, Unreadable,
 };
 
 #[derive(Debug, Default)]
@@ -116,7 +116,7 @@ impl Stream {
 
     /// One chunk of JSON `chunk`: the calls it completed.
     fn read(&mut self, ev: Event, mut chunk: Value) -> Result<Vec<Call>, Unreadable> {
-        let (pieces, finishing, bare) = self.take_pieces(&mut chunk);
+        let (pieces, finishing, bare) = self.take_pieces(&mut chunk)?;
         if pieces.is_empty() && finishing.is_empty() {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
@@ -152,20 +152,24 @@ impl Stream {
 
     /// Remove the tool-call pieces from `chunk`: the pieces (choice, the delta's role, piece), the choices it
     /// finishes, and whether nothing else of note is left in it (a role, nulls and empty text aside).
+    ///
+    /// # Errors
+    /// [`Unreadable`] when a choice's `index` is not a non-negative integer: the SDKs would file its pieces under
+    /// another choice than this reader, or fail (see [`position`]). A choice without one is choice 0.
     #[expect(clippy::type_complexity, reason = "a private triple read once by push")]
     fn take_pieces(
         &mut self,
         chunk: &mut Value,
-    ) -> (Vec<(u64, Option<Value>, Piece)>, Vec<u64>, bool) {
+    ) -> Result<(Vec<(u64, Option<Value>, Piece)>, Vec<u64>, bool), Unreadable> {
         let (mut pieces, mut finishing, mut bare) = (Vec::new(), Vec::new(), true);
         if chunk.get("usage").is_some_and(|u| !u.is_null()) {
             bare = false;
         }
         let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) else {
-            return (pieces, finishing, false);
+            return Ok((pieces, finishing, false));
         };
         for c in choices.iter_mut() {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let index = position(c, "index", 0).ok_or(Unreadable)?;
             if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
                 finishing.push(index);
             }
@@ -194,7 +198,7 @@ impl Stream {
                 .iter()
                 .all(|(k, v)| k == "role" || v.is_null() || v.as_str().is_some_and(str::is_empty));
         }
-        (pieces, finishing, bare)
+        Ok((pieces, finishing, bare))
     }
 
     /// Add one piece to its call.
@@ -204,9 +208,9 @@ impl Stream {
     /// openai SDK keeps a choice's calls in a list (`lib/streaming/_deltas.py`, `accumulate_delta`): a piece is
     /// joined to the entry at its index when there is one — a call already decided, after its choice finished,
     /// included — and a new call is inserted at that index, which Python's `list.insert` clamps to the list's end.
-    /// So a new call's index must be the number of calls the choice has had (indices dense from 0), an integer (none
-    /// is 0), and a
-    /// piece may not come for a call already closed; the legacy `function_call` is likewise one per choice.
+    /// So a new call's index must be the number of calls the choice has had (indices dense from 0), a non-negative
+    /// integer (none is 0; see [`position`]), and a piece may not come for a call already closed; the legacy
+    /// `function_call` is likewise one per choice.
     fn absorb(
         &mut self,
         choice: u64,
@@ -223,10 +227,7 @@ impl Stream {
             LEGACY
         } else {
             // Without one the SDK keeps the piece as its list's first entry: index 0.
-            piece
-                .get("index")
-                .map_or(Some(0), Value::as_u64)
-                .ok_or(Unreadable)?
+            position(&piece, "index", 0).ok_or(Unreadable)?
         };
         let open = self.open.entry(choice).or_default();
         if !open.contains_key(&index) {
@@ -413,7 +414,8 @@ impl Stream {
             .into_iter()
             .flatten()
         {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            // Read by `take_pieces` when the chunk came: a non-negative integer, or none (choice 0).
+            let index = position(c, "index", 0).unwrap_or_default();
             let none_left = self
                 .choices
                 .get(&index)
@@ -438,10 +440,11 @@ type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 /// The choices (their `index`) whose delta carries text, when the chunk `data` holds no tool-call piece and finishes
 /// no choice: all [`Stream::push`] reads of such a chunk, which is passed on as it came. Read without building
 /// the chunk's JSON (most of a stream is such chunks: text deltas). `None` whenever that cannot be told this way (a
-/// piece or a `finish_reason`, or a shape read otherwise: not an object, an escaped member name): then the chunk is
-/// read whole. (It also reads as text a chunk whole parsing would refuse, a number beyond `f64` or nesting beyond
-/// 128 levels: its members, read as any JSON parser reads them, hold no piece and no finish, so it is passed on as it
-/// came; a chunk that holds one is read whole and, when that fails, refused as [`Unreadable`].)
+/// piece or a `finish_reason`, a choice's `index` that is not a non-negative integer, or a shape read otherwise: not
+/// an object, an escaped member name): then the chunk is read whole. (It also reads as text a chunk whole parsing
+/// would refuse, a number beyond `f64` or nesting beyond 128 levels: its members, read as any JSON parser reads them,
+/// hold no piece and no finish, so it is passed on as it came; a chunk that holds one is read whole and, when that
+/// fails, refused as [`Unreadable`].)
 fn no_calls(data: &str) -> Option<Vec<u64>> {
     // A map keeps the last of a repeated name: a chunk naming a member twice (`"tool_calls":[…],"tool_calls":null`)
     // would pass as text what a first-wins reader reads as a call. Read whole, it is refused (`event_json`).
@@ -463,6 +466,11 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
         if given(choice.get("finish_reason")) {
             return None;
         }
+        // A choice's place that is not a non-negative integer is refused when the chunk is read whole.
+        let index = match choice.get("index") {
+            Some(i) => serde_json::from_str::<Value>(i.get()).ok()?.as_u64()?,
+            None => 0,
+        };
         let Some(delta) = choice.get("delta").filter(|d| d.get().starts_with('{')) else {
             continue;
         };
@@ -472,11 +480,7 @@ fn no_calls(data: &str) -> Option<Vec<u64>> {
         }
         let content = delta.get("content").map_or("", |c| c.get());
         if content.starts_with('"') && content != "\"\"" {
-            let index = match choice.get("index") {
-                Some(i) => serde_json::from_str::<Value>(i.get()).ok()?.as_u64(),
-                None => None,
-            };
-            text.push(index.unwrap_or(0));
+            text.push(index);
         }
     }
     Some(text)
@@ -556,20 +560,29 @@ fn call_body<'a>(tc: &'a Value, kind: &str) -> (Option<&'a Value>, &'static str,
     }
 }
 
-/// The calls of a whole response: each choice's `message.tool_calls`, then its legacy `message.function_call`.
+/// The calls of a whole response: each choice's `message.tool_calls`, then its legacy `message.function_call`. A
+/// call whose choice's `index` (or its own, which the API does not send in a whole response) is there but not a
+/// non-negative integer is unreadable: go-openai fails to decode the answer, the other SDKs keep it as it came (see
+/// [`position`]).
 pub(super) fn body_calls(body: &Value) -> Vec<Call> {
     let mut calls = Vec::new();
     let choices = body.get("choices").and_then(Value::as_array);
-    for message in choices
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.get("message"))
-    {
+    for c in choices.into_iter().flatten() {
+        let Some(message) = c.get("message") else {
+            continue;
+        };
+        let placed = position(c, "index", 0).is_some();
         if let Some(tcs) = message.get("tool_calls").and_then(Value::as_array) {
-            calls.extend(tcs.iter().map(|tc| body_call(tc, false)));
+            calls.extend(tcs.iter().map(|tc| {
+                let mut call = body_call(tc, false);
+                call.unreadable |= !placed || position(tc, "index", 0).is_none();
+                call
+            }));
         }
         if let Some(fc) = message.get("function_call").filter(|f| !f.is_null()) {
-            calls.push(body_call(fc, true));
+            let mut call = body_call(fc, true);
+            call.unreadable |= !placed;
+            calls.push(call);
         }
     }
     calls
@@ -661,7 +674,7 @@ mod tests {
         let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
             return (true, Vec::new());
         };
-        let (pieces, finishing, _) = s.take_pieces(&mut chunk);
+        let (pieces, finishing, _) = s.take_pieces(&mut chunk).unwrap();
         let text = s.choices.iter().filter(|(_, c)| c.text).map(|(i, _)| *i);
         (pieces.is_empty() && finishing.is_empty(), text.collect())
     }
@@ -672,7 +685,7 @@ mod tests {
             r#"{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#,
             r#"{"choices":[{"index":2,"delta":{"role":"assistant","content":""}}]}"#,
             r#"{"choices":[{"index":1,"delta":{"content":"a"}},{"index":3,"delta":{"content":"\u0041"}}]}"#,
-            r#"{"choices":[{"delta":{"content":"no index"}},{"index":"7","delta":{"content":"x"}}]}"#,
+            r#"{"choices":[{"delta":{"content":"no index"}},{"index":7,"delta":{"content":"x"}}]}"#,
             r#"{"choices":[{"index":0,"delta":{"content":null,"tool_calls":null}}],"usage":null}"#,
             r#"{"choices":[{"index":0,"delta":"text"},7,[1],null]}"#,
             r#"{"choices":[],"usage":{"total_tokens":3}}"#,
@@ -697,6 +710,11 @@ mod tests {
             r#"[{"choices":[]}]"#,
             "not json",
             r#"{"choices":[{"index":0,"delta":{"content":"a"}}"#,
+            // A choice's place the SDKs read otherwise: read whole, and refused there.
+            r#"{"choices":[{"index":"7","delta":{"content":"x"}}]}"#,
+            r#"{"choices":[{"index":1.0,"delta":{"content":"x"}}]}"#,
+            r#"{"choices":[{"index":-1,"delta":{}}]}"#,
+            r#"{"choices":[{"index":null}]}"#,
             // Twin members, at any depth: read whole, and refused there.
             r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"choices":[]}"#,
             r#"{"choices":[{"index":0,"delta":{"content":"a"},"delta":{}}]}"#,
@@ -718,13 +736,44 @@ mod tests {
                 r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":{call}}}}}],"choices":[]}}"#
             ),
         ] {
-            let mut s = Stream::default();
-            let ev = Event {
-                name: None,
-                data: data.clone(),
-                raw: Bytes::from(format!("data: {data}\n\n")),
-            };
-            assert_eq!(s.push(ev), Err(Unreadable), "{data}");
+            assert_eq!(pushed(&data), Err(Unreadable), "{data}");
+        }
+    }
+
+    /// What a new stream's reader makes of one event carrying `data`.
+    fn pushed(data: &str) -> Result<Vec<Call>, Unreadable> {
+        Stream::default().push(Event {
+            name: None,
+            data: data.to_string(),
+            raw: Bytes::from(format!("data: {data}\n\n")),
+        })
+    }
+
+    /// A choice's or a call piece's `index` that is a string, a fraction, negative, `null` or `true` makes the chunk
+    /// unreadable: the SDKs file such a piece elsewhere than under the integer this reader would take (or fail).
+    #[test]
+    fn a_place_that_is_not_a_non_negative_integer_is_unreadable() {
+        for bad in [r#""1""#, "1.0", "1e0", "-1", "null", "true"] {
+            for data in [
+                format!(
+                    r#"{{"choices":[{{"index":{bad},"delta":{{"tool_calls":[{{"index":0,"id":"c","type":"function","function":{{"name":"shell","arguments":"{{}}"}}}}]}}}}]}}"#
+                ),
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"index":{bad},"id":"c","type":"function","function":{{"name":"shell","arguments":"{{}}"}}}}]}}}}]}}"#
+                ),
+                format!(r#"{{"choices":[{{"index":{bad},"delta":{{"content":"hi"}}}}]}}"#),
+                format!(r#"{{"choices":[{{"index":{bad},"delta":{{}},"finish_reason":"stop"}}]}}"#),
+            ] {
+                assert_eq!(pushed(&data), Err(Unreadable), "{data}");
+            }
+            let whole: Value = serde_json::from_str(&format!(
+                r#"{{"choices":[{{"index":{bad},"message":{{"tool_calls":[{{"id":"c","type":"function","function":{{"name":"shell","arguments":"{{}}"}}}}]}}}},
+                    {{"index":1,"message":{{"tool_calls":[{{"index":{bad},"id":"d","type":"function","function":{{"name":"shell","arguments":"{{}}"}}}}]}}}},
+                    {{"index":2,"message":{{"tool_calls":[{{"id":"e","type":"function","function":{{"name":"shell","arguments":"{{}}"}}}}]}}}}]}}"#
+            ))
+            .unwrap();
+            let unreadable: Vec<bool> = body_calls(&whole).iter().map(|c| c.unreadable).collect();
+            assert_eq!(unreadable, [true, true, false], "{bad}");
         }
     }
 }

@@ -191,6 +191,20 @@ impl Rulings<'_> {
     }
 }
 
+/// The position `v`'s member `key` gives (Chat `index`, Responses `output_index`), `absent` when it has none; `None`
+/// when it is not a non-negative JSON integer. The SDKs file a piece by that number and disagree on anything else:
+/// openai-python keeps a choice's `"1"` and `1.0` as they came (`construct_type`, unvalidated) but validates a tool
+/// call's `"1"`, `1.0` and `true` to `1` (pydantic's lax mode), and its stream accumulator raises on a non-`int`
+/// (`lib/streaming/_deltas.py`); openai-node uses it as an array key, where `"1"` and `1.0` are `1`; go-openai's
+/// `int` fails to decode a string or a fraction. A piece whose place cannot be told as the agent tells it is not
+/// read (fail closed).
+fn position(v: &Value, key: &str, absent: u64) -> Option<u64> {
+    match v.get(key) {
+        None => Some(absent),
+        Some(i) => i.as_u64(),
+    }
+}
+
 /// The JSON of a whole response body whose tool calls are to be decided; `None` for an empty body. A UTF-8
 /// byte-order mark before it is ignored, as the SDKs' parsers ignore it (RFC 8259 §8.1 allows either).
 ///

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::{
-    args_text, event_json, function_args, proposal, str_of, typed, Call, Emit, Event, Ruling,
-    Rulings, Unreadable,
+    args_text, event_json, function_args, position, proposal, str_of, typed, Call, Emit, Event,
+    Ruling, Rulings, Unreadable,
 };
 
 #[derive(Debug, Default)]
@@ -141,8 +141,11 @@ impl Stream {
     ///
     /// # Errors
     /// [`Unreadable`] for an event that makes the call ambiguous (see [`Stream::lifecycle_lists_sent`] and
-    /// [`agrees`]).
+    /// [`agrees`]), or whose `output_index` is not a non-negative integer: the openai SDKs file an event under the
+    /// output item at that place (`snapshot.output[event.output_index]`), which a string, a fraction or a negative
+    /// number names otherwise than this reader would, or not at all (see [`position`]).
     fn read(&mut self, ev: Event, v: Value) -> Result<Vec<Call>, Unreadable> {
+        let output_index = position(&v, "output_index", 0).ok_or(Unreadable)?;
         let ty = str_of(&v, "type").unwrap_or_default();
         if ty == "response.output_item.added" {
             let item = v.get("item").cloned().unwrap_or_default();
@@ -152,7 +155,7 @@ impl Stream {
                     return Err(Unreadable);
                 }
                 self.open = Some(Held {
-                    output_index: v.get("output_index").and_then(Value::as_u64).unwrap_or(0),
+                    output_index,
                     item_id: str_of(&item, "id").map(str::to_string),
                     added: item.clone(),
                     item,

@@ -250,6 +250,21 @@ fn canned(case: &str) -> (&'static str, String) {
                 .collect();
             (sse, text)
         }
+        // A completion under a redirect status with no `Location` (or one no client follows, `300`): Go's
+        // net/http hands it back as it came, and go-openai decodes any status below 400 as the answer.
+        "moved-300-whole" | "moved-302-stream" => {
+            if case.ends_with("-stream") {
+                (
+                    sse,
+                    chat_stream(&[tool_piece(&args_with(""))], "tool_calls"),
+                )
+            } else {
+                (
+                    whole,
+                    completion(tool_message(json!(args_with(""))), "tool_calls"),
+                )
+            }
+        }
         // The same twin names in a Responses call's arguments (whole) and an Anthropic tool input (streamed).
         "responses-twin-whole" => {
             let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
@@ -326,13 +341,20 @@ fn gemini(case: &str) -> (&'static str, String) {
 async fn answer(req: Request<Incoming>) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
-    let (content_type, body) = if let Some(rest) = path.strip_prefix("/v1beta/models/") {
-        gemini(rest.split(':').next().unwrap_or_default())
+    let (status, (content_type, body)) = if let Some(rest) = path.strip_prefix("/v1beta/models/") {
+        (200, gemini(rest.split(':').next().unwrap_or_default()))
     } else {
         let req: Value = serde_json::from_slice(&body).unwrap();
-        canned(req["model"].as_str().unwrap_or_default())
+        let case = req["model"].as_str().unwrap_or_default();
+        // `moved-<status>-…`: answered with that status.
+        let status = case
+            .strip_prefix("moved-")
+            .and_then(|c| c.get(..3)?.parse().ok())
+            .unwrap_or(200);
+        (status, canned(case))
     };
     Response::builder()
+        .status(status)
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)).boxed())
         .unwrap()
@@ -426,18 +448,13 @@ fn assert_refused(case: &str, recs: &[Value], reason: &str) {
 async fn a_legacy_function_call_is_decided_whole_and_streamed() {
     let w = world().await;
     for case in ["legacy-whole", "legacy-stream"] {
-        let (status, body, recs) = chat(&w, case).await;
-        assert_eq!(status, 200, "{case}: {body}");
+        let answer = chat(&w, case).await;
         assert!(
-            !body.contains("evil.example"),
-            "{case}: the call reached the agent: {body}"
+            !answer.1.contains("\"function_call\""),
+            "{case}: {}",
+            answer.1
         );
-        assert!(
-            body.contains("refused the tool call `shell`"),
-            "{case}: {body}"
-        );
-        assert!(!body.contains("\"function_call\""), "{case}: {body}");
-        assert_refused(case, &recs, "rule");
+        assert_refused_by_rule(case, 200, answer);
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }
@@ -515,22 +532,39 @@ async fn answer_members_read_otherwise_refuse_the_answer() {
     assert!(w.proxy.close_and_verify().await > 0);
 }
 
+/// A completion under a `3xx` status is read for its calls as one under `2xx` is: the SDKs that follow redirects
+/// never see one, but Go's net/http returns a `300` (and any redirect without a `Location`) as it came, and go-openai
+/// decodes every status below 400 as the answer (`isFailureStatusCode`). The call is decided; the status passes.
+#[tokio::test]
+async fn an_answer_under_a_redirect_status_is_decided() {
+    let w = world().await;
+    for (case, code) in [("moved-300-whole", 300), ("moved-302-stream", 302)] {
+        assert_refused_by_rule(case, code, chat(&w, case).await);
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// The answer to `case` came with status `code` and the call refused by the rule in its place: the agent got the
+/// refusal text, never the call, and the exchange left one record of the refusal.
+fn assert_refused_by_rule(case: &str, code: u16, (status, body, recs): (u16, String, Vec<Value>)) {
+    assert_eq!(status, code, "{case}: {body}");
+    assert!(
+        !body.contains("evil.example"),
+        "{case}: the call reached the agent: {body}"
+    );
+    assert!(
+        body.contains("refused the tool call `shell`"),
+        "{case}: {body}"
+    );
+    assert_refused(case, &recs, "rule");
+}
+
 /// Gemini calls in a later candidate of a streamed chunk and in a JSON-array stream are decided.
 #[tokio::test]
 async fn gemini_calls_in_any_candidate_and_either_stream_are_decided() {
     let w = world().await;
     for case in ["gemini-second-candidate", "gemini-array"] {
-        let (status, body, recs) = ask_gemini(&w, case).await;
-        assert_eq!(status, 200, "{case}: {body}");
-        assert!(
-            !body.contains("evil.example"),
-            "{case}: the call reached the agent: {body}"
-        );
-        assert!(
-            body.contains("refused the tool call `shell`"),
-            "{case}: {body}"
-        );
-        assert_refused(case, &recs, "rule");
+        assert_refused_by_rule(case, 200, ask_gemini(&w, case).await);
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

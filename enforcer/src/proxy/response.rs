@@ -73,7 +73,7 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
     }
     let proposals = match ans.protocol {
         Protocol::Llm { provider, api }
-            if (200..300).contains(&head.status)
+            if answers_with_calls(head.status)
                 && ans.policy.has_rules_for(Phase::Proposal)
                 && proposal::Proposals::new(provider, api).is_some() =>
         {
@@ -103,6 +103,17 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
         events: media.as_deref() == Some("text/event-stream"),
         encoded,
     })
+}
+
+/// Whether an LLM answer with `status` may hand the agent's SDK proposed tool calls: `2xx`, and `3xx` too (`304`,
+/// which has no body, aside). Not every SDK lets a redirect through: openai-python and anthropic-python (httpx with
+/// `follow_redirects=True`, then `raise_for_status` or `is_success`: 2xx only) and openai-node (`fetch` follows, then
+/// `response.ok`: 2xx only) never read one's body as an answer. But Go's net/http follows only a `301`, `302`,
+/// `303`, `307` or `308` that carries a `Location`, handing any other `3xx` back as it came, and go-openai takes
+/// every status below 400 as the answer (`isFailureStatusCode`: `< 200 || >= 400`, `client.go`), decoding its body
+/// (streamed or whole) into a completion whose calls the agent runs.
+fn answers_with_calls(status: u16) -> bool {
+    (200..400).contains(&status)
 }
 
 /// The response Action: the request's (its body dropped) with the response's head and `body`. A stream decides

@@ -153,18 +153,50 @@ impl<'de> Visitor<'de> for NoTwinsVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoTwins, A::Error> {
-        let mut seen: HashSet<Cow<'de, str>> = HashSet::new();
+        // Names so far, while the object is small; the set of their folds once it is not.
+        let mut names: Vec<Cow<'de, str>> = Vec::new();
+        let mut folds: Option<HashSet<Cow<'de, str>>> = None;
         while let Some(name) = map.next_key_seed(Name)? {
-            let folded = match name {
-                Cow::Borrowed(b) => fold(b),
-                Cow::Owned(o) => Cow::Owned(fold(&o).into_owned()),
+            let twin = match &mut folds {
+                Some(set) => !set.insert(fold_cow(name)),
+                None => {
+                    let twin = names.iter().any(|seen| same_name(seen, &name));
+                    names.push(name);
+                    if names.len() > SCAN_MEMBERS {
+                        folds = Some(names.drain(..).map(fold_cow).collect());
+                    }
+                    twin
+                }
             };
-            if !seen.insert(folded) {
+            if twin {
                 return Err(de::Error::custom("an object names one member twice"));
             }
             map.next_value::<NoTwins>()?;
         }
         Ok(NoTwins)
+    }
+}
+
+/// Objects of up to this many members are checked by comparing each name with the ones before it: no hashing, and
+/// no folded copy of an ASCII name. Larger ones switch to a set of folded names, so a huge object stays linear. On
+/// a 33 KiB Chat Completions request the pass took 42 µs with a set for every object, 27–31 µs this way (and on a
+/// Gemini request whose rows have camel-case names, 44 µs and 17–19 µs).
+const SCAN_MEMBERS: usize = 16;
+
+/// Whether two member names are the same name to a case-insensitive decoder ([`fold`]).
+fn same_name(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        fold(a) == fold(b)
+    }
+}
+
+/// [`fold`] of a name borrowed from the text or owned.
+fn fold_cow(name: Cow<'_, str>) -> Cow<'_, str> {
+    match name {
+        Cow::Borrowed(b) => fold(b),
+        Cow::Owned(o) => Cow::Owned(fold(&o).into_owned()),
     }
 }
 
@@ -215,6 +247,22 @@ mod tests {
         ] {
             assert!(twin_members(twins), "{twins}");
         }
+        // Objects beyond SCAN_MEMBERS are checked by their folds: twins before, across and after the switch.
+        let wide = |extra: &str| {
+            let members: Vec<String> = (0..40).map(|i| format!("\"m{i}\":{i}")).collect();
+            format!("{{{},{extra}}}", members.join(","))
+        };
+        for extra in [
+            r#""M3":0"#,
+            r#""M39":0"#,
+            r#""x":1,"X":2"#,
+            r#""ſ":1,"s":2"#,
+        ] {
+            assert!(twin_members(&wide(extra)), "{extra}");
+        }
+        assert!(!twin_members(&wide(r#""x":1,"straße":2,"strasse":3"#)));
+        let early = r#"{"a":1,"A":2,"b":3,"c":4,"d":5,"e":6,"f":7,"g":8,"h":9,"i":10,"j":11,"k":12,"l":13,"m":14,"n":15,"o":16,"p":17,"q":18}"#;
+        assert!(twin_members(early));
         for fine in [
             r#"{"command":"ls","args":["Command","command"]}"#,
             r#"{"a":{"x":1},"b":{"x":2}}"#,

@@ -59,6 +59,10 @@ fn args_with(extra: &str) -> String {
 }
 
 /// The canned answer for a case: content type and body.
+/// The page of an ordinary redirect (not JSON: read as an answer, it would be unreadable and refused).
+const REDIRECT_PAGE: &str =
+    "<html><body>Moved to <a href=\"/v1/elsewhere\">/v1/elsewhere</a></body></html>";
+
 fn canned(case: &str) -> (&'static str, String) {
     let legacy = json!({"name": "shell", "arguments": args_with("")});
     let sse = "text/event-stream";
@@ -252,6 +256,8 @@ fn canned(case: &str) -> (&'static str, String) {
         }
         // A completion under a redirect status with no `Location` (or one no client follows, `300`): Go's
         // net/http hands it back as it came, and go-openai decodes any status below 400 as the answer.
+        // A redirect every client follows (Go's net/http too): its page is nobody's answer, and passes as it came.
+        "moved-307-located" => ("text/html", REDIRECT_PAGE.to_string()),
         "moved-300-whole" | "moved-302-stream" => {
             if case.ends_with("-stream") {
                 (
@@ -341,23 +347,29 @@ fn gemini(case: &str) -> (&'static str, String) {
 async fn answer(req: Request<Incoming>) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
-    let (status, (content_type, body)) = if let Some(rest) = path.strip_prefix("/v1beta/models/") {
-        (200, gemini(rest.split(':').next().unwrap_or_default()))
+    let (case, (content_type, body)) = if let Some(rest) = path.strip_prefix("/v1beta/models/") {
+        (
+            String::new(),
+            gemini(rest.split(':').next().unwrap_or_default()),
+        )
     } else {
         let req: Value = serde_json::from_slice(&body).unwrap();
-        let case = req["model"].as_str().unwrap_or_default();
-        // `moved-<status>-…`: answered with that status.
-        let status = case
-            .strip_prefix("moved-")
-            .and_then(|c| c.get(..3)?.parse().ok())
-            .unwrap_or(200);
-        (status, canned(case))
+        let case = req["model"].as_str().unwrap_or_default().to_string();
+        let answer = canned(&case);
+        (case, answer)
     };
-    Response::builder()
+    // `moved-<status>-…`: answered with that status; `…-located` with a `Location` too.
+    let status = case
+        .strip_prefix("moved-")
+        .and_then(|c| c.get(..3)?.parse().ok())
+        .unwrap_or(200);
+    let mut resp = Response::builder()
         .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)).boxed())
-        .unwrap()
+        .header("content-type", content_type);
+    if case.ends_with("-located") {
+        resp = resp.header("location", "https://api.openai.com/v1/elsewhere");
+    }
+    resp.body(Full::new(Bytes::from(body)).boxed()).unwrap()
 }
 
 struct World {
@@ -541,6 +553,10 @@ async fn an_answer_under_a_redirect_status_is_decided() {
     for (case, code) in [("moved-300-whole", 300), ("moved-302-stream", 302)] {
         assert_refused_by_rule(case, code, chat(&w, case).await);
     }
+    // A redirect with a `Location` is followed by every client: its page is not read, and not refused as unreadable.
+    let (status, body, recs) = chat(&w, "moved-307-located").await;
+    assert_eq!((status, body.as_str()), (307, REDIRECT_PAGE));
+    assert!(recs.is_empty(), "{recs:#?}");
     assert!(w.proxy.close_and_verify().await > 0);
 }
 

@@ -73,7 +73,7 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
     }
     let proposals = match ans.protocol {
         Protocol::Llm { provider, api }
-            if answers_with_calls(head.status)
+            if answers_with_calls(head.status, headers.contains_key(header::LOCATION))
                 && ans.policy.has_rules_for(Phase::Proposal)
                 && proposal::Proposals::new(provider, api).is_some() =>
         {
@@ -105,15 +105,18 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
     })
 }
 
-/// Whether an LLM answer with `status` may hand the agent's SDK proposed tool calls: `2xx`, and `3xx` too (`304`,
-/// which has no body, aside). Not every SDK lets a redirect through: openai-python and anthropic-python (httpx with
-/// `follow_redirects=True`, then `raise_for_status` or `is_success`: 2xx only) and openai-node (`fetch` follows, then
-/// `response.ok`: 2xx only) never read one's body as an answer. But Go's net/http follows only a `301`, `302`,
-/// `303`, `307` or `308` that carries a `Location`, handing any other `3xx` back as it came, and go-openai takes
-/// every status below 400 as the answer (`isFailureStatusCode`: `< 200 || >= 400`, `client.go`), decoding its body
-/// (streamed or whole) into a completion whose calls the agent runs.
-fn answers_with_calls(status: u16) -> bool {
-    (200..400).contains(&status)
+/// Whether an LLM answer with `status` may hand the agent's SDK proposed tool calls: `2xx`, and a `3xx` that some
+/// client hands to its caller as it came. Not every SDK lets a redirect through: openai-python and anthropic-python
+/// (httpx with `follow_redirects=True`, then `raise_for_status` or `is_success`: 2xx only) and openai-node (`fetch`
+/// follows, then `response.ok`: 2xx only) never read one's body as an answer. But go-openai takes every status
+/// below 400 as the answer (`isFailureStatusCode`: `< 200 || >= 400`, `client.go`), decoding its body (streamed or
+/// whole) into a completion whose calls the agent runs, and Go's net/http returns every `3xx` but a `301`, `302`,
+/// `303`, `307` or `308` with a `Location` as it came (`redirectBehavior`, `client.go`; it reads the body of the
+/// ones it follows only to discard it). So those redirects (`located`: the answer has a `Location` field), and
+/// `304`, which has no body, are passed on unread: an ordinary redirect's HTML page is nobody's answer.
+fn answers_with_calls(status: u16, located: bool) -> bool {
+    let followed = matches!(status, 301 | 302 | 303 | 307 | 308) && located;
+    (200..300).contains(&status) || ((300..400).contains(&status) && status != 304 && !followed)
 }
 
 /// The response Action: the request's (its body dropped) with the response's head and `body`. A stream decides

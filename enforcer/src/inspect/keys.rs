@@ -3,9 +3,13 @@
 //! the first, some refuse. Go's `encoding/json` also matches names to struct fields case-insensitively (Unicode
 //! simple case folding, so `ſ` is `s` and the Kelvin sign `k`), the last of two matching members winning
 //! (CVE-2026-27896): to it, `{"command":"ls","Command":"rm -rf /"}` runs `rm -rf /` while a policy reading
-//! `$.command` saw `ls`. The policy reads members anywhere in a body (`json:`, `mcp.args`, `proposal.args`, the LLM
-//! fields), so JSON with two members of one object named alike — equal, or equal once folded — is read by no one
-//! here ([`twin_members`]): every caller refuses it. I-JSON (RFC 7493 §2.3) forbids the exact duplicates outright.
+//! `$.command` saw `ls`. Two members of one object named exactly alike are refused wherever JSON is read
+//! ([`twin_members`] with [`Twins::Exact`]): no producer makes them (RFC 8259 §4; I-JSON, RFC 7493 §2.3, forbids
+//! them). Members named alike only once folded are ordinary data in a request (a database row `{"ID":1,"id":2}` a
+//! tool returns): they are refused only where a reader looks the name up — the protocol members the classifier
+//! reads ([`misspelt`], [`misspelt_within`]) and the members a policy condition's JSONPath selects
+//! (`JsonPath::reads_twins`). What an LLM answers (tool calls and their arguments, `proposal`) is read by the
+//! agent's own decoder wherever it looks: there [`Twins::Folded`] refuses them anywhere.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -61,6 +65,13 @@ pub(crate) fn member<'a>(
     })
 }
 
+/// Whether `map` has more than one member whose name folds to `name`'s fold: an exact decoder and a
+/// case-insensitive one bind different members to a field `name` ([`member`]).
+pub(crate) fn has_twins(map: &serde_json::Map<String, serde_json::Value>, name: &str) -> bool {
+    let want = fold(name);
+    map.keys().filter(|k| fold(k) == want).nth(1).is_some()
+}
+
 /// Whether `map` has a member whose name folds to one of `members` (lower-case) without being it: a name a
 /// case-insensitive decoder binds to a field the policy reads under its exact name (`Model`, `paramſ`).
 pub(crate) fn misspelt(map: &serde_json::Map<String, serde_json::Value>, members: &[&str]) -> bool {
@@ -99,72 +110,84 @@ pub(crate) fn misspelt_within(
     }
 }
 
-/// Whether the JSON text `json` has an object, at any depth, with two members whose names are equal or fold
-/// ([`fold`]) to the same name; meant for text that parses (text that does not is refused on that ground). One pass
-/// over the text, without building a value: names without escapes are borrowed from it.
-pub(crate) fn twin_members(json: &str) -> bool {
-    match serde_json::from_str::<NoTwins>(json) {
-        Ok(NoTwins) => false,
+/// Which member names of one object are twins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Twins {
+    /// Names equal once unescaped (`"a"` and `"\u0061"`).
+    Exact,
+    /// Names equal once folded ([`fold`]): `command` and `Command` too.
+    Folded,
+}
+
+/// Whether the JSON text `json` has an object, at any depth, with two members whose names are `twins`; meant for
+/// text that parses (text that does not is refused on that ground). One pass over the text, without building a
+/// value: names without escapes are borrowed from it.
+pub(crate) fn twin_members(json: &str, twins: Twins) -> bool {
+    let mut de = serde_json::Deserializer::from_str(json);
+    match NoTwins(twins).deserialize(&mut de) {
+        Ok(()) => false,
         // Our own error is the only data error a visitor that accepts every JSON value can raise.
         Err(e) => e.classify() == serde_json::error::Category::Data,
     }
 }
 
 /// A JSON value, any shape, whose objects have no twin members.
-struct NoTwins;
+#[derive(Clone, Copy)]
+struct NoTwins(Twins);
 
-impl<'de> de::Deserialize<'de> for NoTwins {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NoTwinsVisitor)
+impl<'de> DeserializeSeed<'de> for NoTwins {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct NoTwinsVisitor;
-
-impl<'de> Visitor<'de> for NoTwinsVisitor {
-    type Value = NoTwins;
+impl<'de> Visitor<'de> for NoTwins {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_str<E>(self, _: &str) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_unit<E>(self) -> Result<NoTwins, E> {
-        Ok(NoTwins)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NoTwins, A::Error> {
-        while seq.next_element::<NoTwins>()?.is_some() {}
-        Ok(NoTwins)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoTwins, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen: HashSet<Cow<'de, str>> = HashSet::new();
         while let Some(name) = map.next_key_seed(Name)? {
-            let folded = match name {
-                Cow::Borrowed(b) => fold(b),
-                Cow::Owned(o) => Cow::Owned(fold(&o).into_owned()),
+            let name = match (self.0, name) {
+                (Twins::Exact, name) => name,
+                (Twins::Folded, Cow::Borrowed(b)) => fold(b),
+                (Twins::Folded, Cow::Owned(o)) => Cow::Owned(fold(&o).into_owned()),
             };
-            if !seen.insert(folded) {
+            if !seen.insert(name) {
                 return Err(de::Error::custom("an object names one member twice"));
             }
-            map.next_value::<NoTwins>()?;
+            map.next_value_seed(self)?;
         }
-        Ok(NoTwins)
+        Ok(())
     }
 }
 
@@ -213,7 +236,21 @@ mod tests {
             r#"[1,{"a":{"b":[{"x":1,"X":2}]}}]"#,
             r#"{"messages":[{"role":"user","content":"hi","Content":"other"}]}"#,
         ] {
-            assert!(twin_members(twins), "{twins}");
+            assert!(twin_members(twins, Twins::Folded), "{twins}");
+        }
+        for exact in [
+            r#"{"command":"ls","command":"rm -rf /"}"#,
+            r#"{"\u0063ommand":"ls","command":"rm"}"#,
+            r#"[1,{"a":{"b":[{"x":1,"x":2}]}}]"#,
+        ] {
+            assert!(twin_members(exact, Twins::Exact), "{exact}");
+        }
+        for folded_only in [
+            r#"{"command":"ls","Command":"rm -rf /"}"#,
+            r#"{"ID":1,"id":2}"#,
+            r#"{"σ":1,"ς":2}"#,
+        ] {
+            assert!(!twin_members(folded_only, Twins::Exact), "{folded_only}");
         }
         for fine in [
             r#"{"command":"ls","args":["Command","command"]}"#,
@@ -225,7 +262,7 @@ mod tests {
             "not json",
             "",
         ] {
-            assert!(!twin_members(fine), "{fine}");
+            assert!(!twin_members(fine, Twins::Folded), "{fine}");
         }
     }
 

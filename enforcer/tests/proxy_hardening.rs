@@ -118,6 +118,72 @@ fn all_refused_as(records: &[serde_json::Value], error: &str) {
     }
 }
 
+/// A raw HTTP/1.1 POST of `body` to `target` on `host`, with the header lines `extra` (each ending in CRLF), on a
+/// connection the client closes after it.
+fn post_to(host: impl std::fmt::Display, target: &str, extra: &str, body: &str) -> String {
+    format!(
+        "POST {target} HTTP/1.1\r\nhost: {host}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A raw HTTP/1.1 POST of the JSON `body` to `target` (host 127.0.0.1), see [`post_to`].
+fn json_post(target: &str, body: &str) -> String {
+    post_to(
+        "127.0.0.1",
+        target,
+        "content-type: application/json\r\n",
+        body,
+    )
+}
+
+/// The path and query of every request an upstream of `http_upstream` saw.
+fn paths_seen(seen: &Seen) -> Vec<String> {
+    seen.log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.2.clone())
+        .collect()
+}
+
+/// A TLS upstream answering `{}` for `hosts`, and how many requests reached it.
+async fn counting_upstream(
+    ca: &TestCa,
+    hosts: &[&str],
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use http_body_util::{BodyExt, Full};
+    let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = reached.clone();
+    let up = answering_upstream(ca, hosts, move |_req| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            hyper::Response::new(Full::new(bytes::Bytes::from_static(b"{}")).boxed())
+        }
+    })
+    .await;
+    (up, reached)
+}
+
+/// POST the JSON `body` to `path` on `host` over TLS through the proxy to `up`: the status and the answer.
+async fn post_over_tls(
+    p: &Proxy,
+    up: SocketAddr,
+    (host, path): (&str, &str),
+    body: &'static str,
+) -> (u16, String) {
+    use http_body_util::Full;
+    let tls = p.tls_to(up, host, &[b"http/1.1"]).await;
+    let req = hyper::Request::post(path)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let (status, _, body) = send(tls, false, req).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// Asserts that every record of `records` is a request allowed (by `rule`, or the default when `None`) and forwarded.
 fn all_forwarded_as(records: &[serde_json::Value], rule: Option<&str>) {
     for r in records {
@@ -789,12 +855,7 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
     let yaml = "version: 1\ndefault: block\nrules:\n  - id: allow-mcp-host\n    when: { host: 127.0.0.1 }\n    verdict: allow\n  - id: no-delete\n    when: { mcp.tool: \"delete_*\" }\n    verdict: block\n";
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = http_upstream().await;
-    let post = |body: &str| {
-        format!(
-            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let post = |body: &str| json_post("/mcp", body);
     let bodies = [
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","Name":"delete_all"}}"#,
         r#"{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"delete_all"}}"#,
@@ -836,12 +897,7 @@ async fn json_objects_with_twin_members_are_refused() {
     let yaml = "version: 1\ndefault: block\nrules:\n  - id: select-only\n    when:\n      host: 127.0.0.1\n      json: { \"$.query\": { matches: \"(?i)^select\\\\b\" } }\n    verdict: allow\n";
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = http_upstream().await;
-    let post = |body: &str| {
-        format!(
-            "POST /query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let post = |body: &str| json_post("/query", body);
     let bodies = [
         r#"{"query":"select 1","Query":"drop table users"}"#,
         r#"{"query":"drop table users","query":"select 1"}"#,
@@ -1016,9 +1072,11 @@ async fn a_method_override_naming_another_method_is_refused() {
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = raw_upstream(false).await;
     let post = |target: &str, extra: &str, content_type: &str, body: &str| {
-        format!(
-            "POST {target} HTTP/1.1\r\nhost: {up}\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
+        post_to(
+            up,
+            target,
+            &format!("{extra}content-type: {content_type}\r\n"),
+            body,
         )
     };
     let form = "application/x-www-form-urlencoded";
@@ -1077,33 +1135,20 @@ async fn a_method_override_decided_alike_under_each_method_is_forwarded() {
     let yaml = "version: 1\ndefault: block\nrules:\n  - id: items\n    when: { path: \"/items/**\", method: [GET, POST, PUT] }\n    verdict: allow\n";
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = http_upstream().await;
-    let post = |target: &str, extra: &str, content_type: &str, body: &str| {
-        format!(
-            "POST {target} HTTP/1.1\r\nhost: {up}\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    let form = "application/x-www-form-urlencoded";
     let requests = [
-        post(
+        ("/items/7", "x-http-method-override: GET\r\n", ""),
+        ("/items/7", "X-HTTP-Method: put\r\n", ""),
+        ("/items/7?_method=PUT", "", ""),
+        (
             "/items/7",
-            "x-http-method-override: GET\r\n",
-            "text/plain",
-            "",
+            "content-type: application/x-www-form-urlencoded\r\n",
+            "confirm=1&_method=PUT",
         ),
-        post("/items/7", "X-HTTP-Method: put\r\n", "text/plain", ""),
-        post("/items/7?_method=PUT", "", "text/plain", ""),
-        post("/items/7", "", form, "confirm=1&_method=PUT"),
-    ];
+    ]
+    .map(|(target, extra, body)| post_to(up, target, extra, body));
     answered_each(&p, up, &requests, 200).await;
-    assert_eq!(seen.count() as usize, requests.len());
-    let paths: Vec<String> = seen
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.2.clone())
-        .collect();
+    let paths = paths_seen(&seen);
+    assert_eq!(paths.len(), requests.len());
     assert_eq!(paths[2], "/items/7?_method=PUT");
     let records = p.audit_records().await;
     assert_eq!(records.len(), requests.len());
@@ -1117,34 +1162,12 @@ async fn a_method_override_decided_alike_under_each_method_is_forwarded() {
 /// rule), and a call naming neither passes.
 #[tokio::test]
 async fn llm_fields_spelt_in_another_case_are_refused() {
-    use http_body_util::{BodyExt, Full};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-gpt5\n    when: { llm.model: \"gpt-5*\" }\n    verdict: block\n  - id: no-shell\n    when: { llm.tools: shell }\n    verdict: block\n";
     let ca = TestCa::new("llm case test CA");
     let p = start_proxy(yaml, &[&ca], false).await;
-    let reached = Arc::new(AtomicUsize::new(0));
-    let counter = reached.clone();
-    let up = answering_upstream(&ca, &["api.openai.com"], move |_req| {
-        let counter = counter.clone();
-        async move {
-            counter.fetch_add(1, Ordering::SeqCst);
-            hyper::Response::new(Full::new(bytes::Bytes::from_static(b"{}")).boxed())
-        }
-    })
-    .await;
-    let ask = |body: &'static str| {
-        let p = &p;
-        async move {
-            let tls = p.tls_to(up, "api.openai.com", &[b"http/1.1"]).await;
-            let req = hyper::Request::post("/v1/chat/completions")
-                .header("host", "api.openai.com")
-                .header("content-type", "application/json")
-                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
-                .unwrap();
-            let (status, _, body) = send(tls, false, req).await;
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-    };
+    let (up, reached) = counting_upstream(&ca, &["api.openai.com"]).await;
+    let ask = |body| post_over_tls(&p, up, ("api.openai.com", "/v1/chat/completions"), body);
     let misspelt = [
         r#"{"Model":"gpt-5","messages":[{"role":"user","content":"hi"}]}"#,
         r#"{"model":"gpt-4o","messages":[],"Tools":[{"type":"function","function":{"name":"shell"}}]}"#,
@@ -1182,35 +1205,12 @@ async fn llm_fields_spelt_in_another_case_are_refused() {
 /// protocol member spelt in another case beside its own (`model` and `Model`), is still refused (400, unparseable).
 #[tokio::test]
 async fn llm_calls_carrying_rows_with_members_alike_in_letter_case_are_forwarded() {
-    use http_body_util::{BodyExt, Full};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-gpt5\n    when: { llm.model: \"gpt-5*\" }\n    verdict: block\n";
     let ca = TestCa::new("llm twins test CA");
     let p = start_proxy(yaml, &[&ca], false).await;
-    let reached = Arc::new(AtomicUsize::new(0));
-    let counter = reached.clone();
     let hosts = ["api.openai.com", "generativelanguage.googleapis.com"];
-    let up = answering_upstream(&ca, &hosts, move |_req| {
-        let counter = counter.clone();
-        async move {
-            counter.fetch_add(1, Ordering::SeqCst);
-            hyper::Response::new(Full::new(bytes::Bytes::from_static(b"{}")).boxed())
-        }
-    })
-    .await;
-    let ask = |host: &'static str, path: &'static str, body: &'static str| {
-        let p = &p;
-        async move {
-            let tls = p.tls_to(up, host, &[b"http/1.1"]).await;
-            let req = hyper::Request::post(path)
-                .header("host", host)
-                .header("content-type", "application/json")
-                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
-                .unwrap();
-            let (status, _, body) = send(tls, false, req).await;
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-    };
+    let (up, reached) = counting_upstream(&ca, &hosts).await;
     let gemini = (
         "generativelanguage.googleapis.com",
         "/v1beta/models/gemini-2.0-flash:generateContent",
@@ -1226,8 +1226,8 @@ async fn llm_calls_carrying_rows_with_members_alike_in_letter_case_are_forwarded
             r#"{"model":"gpt-4o","messages":[{"role":"user","content":"row 1?"},{"role":"tool","tool_call_id":"c1","content":[{"type":"text","text":"row","data":{"ID":1,"id":2}}]}]}"#,
         ),
     ];
-    for ((host, path), body) in legitimate {
-        let (status, answer) = ask(host, path, body).await;
+    for (to, body) in legitimate {
+        let (status, answer) = post_over_tls(&p, up, to, body).await;
         assert_eq!(status, 200, "{body}: {answer}");
     }
     assert_eq!(reached.load(Ordering::SeqCst), legitimate.len());
@@ -1237,7 +1237,7 @@ async fn llm_calls_carrying_rows_with_members_alike_in_letter_case_are_forwarded
         r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi","data":{"a":1,"a":2}}]}"#,
     ];
     for body in refused {
-        let (status, answer) = ask(chat.0, chat.1, body).await;
+        let (status, answer) = post_over_tls(&p, up, chat, body).await;
         assert_eq!(status, 400, "{body}: {answer}");
     }
     assert_eq!(reached.load(Ordering::SeqCst), legitimate.len());
@@ -1351,12 +1351,7 @@ async fn a_member_a_condition_reads_given_twice_in_letter_case_is_refused() {
     let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-rm\n    when: { mcp.args: { \"$.command\": { matches: \"\\\\brm\\\\b\" } } }\n    verdict: block\n";
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = http_upstream().await;
-    let post = |body: &str| {
-        format!(
-            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let post = |body: &str| json_post("/mcp", body);
     let twins = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"shell","arguments":{"command":"ls","Command":"rm -rf /"}}}"#;
     for resp in answered_each(&p, up, &[post(twins)], 400).await {
         assert!(resp.contains("\"code\":-32700"), "{resp}");
@@ -1407,14 +1402,8 @@ async fn a_backslash_decided_alike_both_ways_is_forwarded() {
         |path: &str| format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
     let requests = [get("/files/C:%5Cdata%5Creport.txt"), get("/files/a%5cb")];
     answered_each(&p, up, &requests, 200).await;
-    assert_eq!(seen.count() as usize, requests.len());
-    let paths: Vec<String> = seen
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.2.clone())
-        .collect();
+    let paths = paths_seen(&seen);
+    assert_eq!(paths.len(), requests.len());
     assert_eq!(paths, ["/files/C:%5Cdata%5Creport.txt", "/files/a%5cb"]);
     let records = p.audit_records().await;
     assert_eq!(records.len(), requests.len());

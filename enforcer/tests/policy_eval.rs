@@ -435,6 +435,36 @@ fn rate_limit_blocks_and_decides() {
     );
 }
 
+/// Another reading of a request (`decide_reading`) looks at a rate limit and takes no token: a request decided
+/// under several readings is counted once, by the decision enforced, and a reading sees the bucket as it does.
+#[test]
+fn a_reading_looks_at_a_rate_limit_and_takes_no_token() {
+    let p = policy(
+        r#"
+  - { id: limited, when: { host: h }, verdict: allow, rate_limit: { requests: 2, per: 1h, by: [host] } }
+"#,
+    );
+    let a = vec![http("h", "GET", "/")];
+    for _ in 0..2 {
+        for _ in 0..5 {
+            assert_eq!(p.decide_reading(&a).decision.verdict, Verdict::Allow);
+        }
+        assert_eq!(p.decide_all(&a).decision.verdict, Verdict::Allow);
+    }
+    let looked = p.decide_reading(&a).decision;
+    let taken = p.decide_all(&a).decision;
+    assert_eq!(
+        (
+            looked.verdict,
+            looked.reason,
+            looked.deciding_rule.as_deref()
+        ),
+        (Verdict::Block, Reason::RateLimited, Some("limited"))
+    );
+    assert_eq!(looked.deciding_rule, taken.deciding_rule);
+    assert_eq!(looked.verdict, taken.verdict);
+}
+
 #[test]
 fn rate_limit_is_exact_under_concurrency() {
     let p = Arc::new(policy(

@@ -16,7 +16,8 @@
 //!   before 3.9.2; Go before 1.17), when that gives a parameter a rule reads other values;
 //! - a backslash in the path, sent or as `%5C`: a segment character to most servers, `/` to IIS and ASP.NET.
 //!
-//! Every combination of the readings is decided, up to [`MAX_READINGS`]; a request with more is refused.
+//! Every combination of the readings is decided, up to [`MAX_READINGS`] (and [`MAX_READING_BYTES`] of body copies);
+//! a request with more is refused.
 
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
@@ -26,6 +27,10 @@ use crate::policy::{same_header, Policy};
 
 /// The most readings one request is decided under; a request that reads more ways is refused.
 pub(crate) const MAX_READINGS: usize = 64;
+
+/// The most body bytes all of one request's readings hold together (each reading is classified with a copy of the
+/// body): a large body that reads many ways is refused rather than copied many times.
+pub(crate) const MAX_READING_BYTES: usize = 32 << 20;
 
 /// The other readings of one request, as [`build`] makes them.
 #[derive(Debug, Default)]
@@ -67,8 +72,8 @@ pub(crate) enum Unreadable {
     /// A `_method` part of a multipart body: its value is not read.
     #[error("a method override in a multipart part")]
     MethodInPart,
-    /// More combinations than [`MAX_READINGS`].
-    #[error("more than {MAX_READINGS} readings")]
+    /// More combinations than [`MAX_READINGS`], or more copies of the body than [`MAX_READING_BYTES`] hold.
+    #[error("too many readings to decide each")]
     TooMany,
 }
 
@@ -162,7 +167,7 @@ pub(crate) fn build<'a>(
         .saturating_mul(paths.len())
         .saturating_mul(header_sets.len())
         .saturating_mul(query_sets.len());
-    if count > MAX_READINGS {
+    if count > MAX_READINGS || count.saturating_mul(http.body.len()) > MAX_READING_BYTES {
         return Err(Unreadable::TooMany);
     }
     let mut requests = Vec::with_capacity(count);
@@ -368,6 +373,12 @@ mod tests {
         let q = q.join("&");
         let http = request("GET", "/", &q, &[]);
         assert!(build(&http, &q, ([].into_iter(), ["p"].into_iter())).is_err());
+        let mut large = request("POST", "/", "", &[("x-http-method-override", "GET, PUT")]);
+        large.body = "x".repeat(MAX_READING_BYTES / 2);
+        assert_eq!(
+            build(&large, "", ([].into_iter(), [].into_iter())).unwrap_err(),
+            Unreadable::TooMany
+        );
         let mut http = request("POST", "/", "", &[]);
         http.content_type = Some("multipart/form-data; boundary=b".into());
         http.body =

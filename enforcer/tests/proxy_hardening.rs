@@ -1320,6 +1320,46 @@ async fn a_list_valued_field_read_alike_every_way_is_forwarded() {
     all_refused_as(&records[legitimate.len()..], "bad_request");
 }
 
+/// A request read several ways is enforced as the proxy parsed it: two `anthropic-beta` lines that each reading
+/// constrains by the same rule are forwarded with that rule's rewrite made once, recorded constrained.
+#[tokio::test]
+async fn readings_decided_alike_are_enforced_as_the_request_was_parsed() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: cap-betas\n    when: { header.anthropic-beta: \"*\" }\n    verdict: constrain\n    constrain: { json_set: { \"$.max_tokens\": 100 } }\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let extra = "anthropic-beta: a\r\nanthropic-beta: b\r\ncontent-type: application/json\r\n";
+    let req = post_to("127.0.0.1", "/v1/complete", extra, r#"{"max_tokens":4096}"#);
+    answered_each(&p, up, &[req], 200).await;
+    let bodies: Vec<Vec<u8>> = seen
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.3.clone())
+        .collect();
+    assert_eq!(bodies.len(), 1);
+    let sent: serde_json::Value = serde_json::from_slice(&bodies[0]).unwrap();
+    assert_eq!(sent["max_tokens"], 100, "{sent}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0]["decision"]["verdict"], "constrain",
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        records[0]["decision"]["rule"], "cap-betas",
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        records[0]["outcome"]["disposition"], "forwarded",
+        "{}",
+        records[0]
+    );
+}
+
 /// A tool on Go's `encoding/json` binds an argument spelt `Command` to its `command` field: a rule on
 /// `$.command` reads it so too, and the call is blocked (a tool error), never forwarded.
 #[tokio::test]

@@ -1312,7 +1312,9 @@ async fn a_list_valued_field_read_alike_every_way_is_forwarded() {
         get("include[]=a&include[]=secrets", ""),
         get("q=a;q=drop", ""),
     ];
-    answered_each(&p, up, &bypasses, 400).await;
+    for resp in answered_each(&p, up, &bypasses, 400).await {
+        assert!(resp.contains("reads more than one way"), "{resp}");
+    }
     assert_eq!(seen.count() as usize, legitimate.len());
     let records = p.audit_records().await;
     assert_eq!(records.len(), legitimate.len() + bypasses.len());

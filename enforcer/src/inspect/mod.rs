@@ -68,7 +68,7 @@ pub enum InspectError {
     /// The request reads more than one way (a method override, a field the policy reads given several values, a
     /// backslash in the path: `proxy::readings`) and the policy decides the readings differently, or it reads too
     /// many ways to decide each: the receiver may act on a reading the enforced decision did not see.
-    #[error("the request reads more than one way ({0}) and the policy does not decide every reading alike")]
+    #[error("the request reads more than one way: {0}")]
     Readings(String),
 }
 

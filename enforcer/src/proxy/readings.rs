@@ -62,7 +62,11 @@ impl Readings {
 
     /// The refusal for a request whose readings the policy decides otherwise than the request's own.
     pub fn refusal(&self) -> Refusal {
-        super::body::refusal(&InspectError::Readings(self.kinds.join(", ")))
+        let what = format!(
+            "{}, and the policy decides the readings differently",
+            self.kinds.join(", ")
+        );
+        super::body::refusal(&InspectError::Readings(what))
     }
 }
 

@@ -521,6 +521,35 @@ fn detectors_are_exposed_for_redaction() {
     .is_err());
 }
 
+/// A member a rule reads — in a condition's JSONPath or a rewrite's — with a twin alike in letter case is found (the
+/// proxy refuses the request); twins elsewhere are data.
+#[test]
+fn a_member_a_rule_reads_with_a_twin_in_letter_case_is_found() {
+    let p = policy(
+        r#"
+  - { id: no-drop, when: { json: { "$.query": { matches: "(?i)drop" } } }, verdict: block }
+  - { id: cap, when: { host: h }, verdict: constrain, constrain: { json_cap: { "$.limit": 10 } } }
+"#,
+    );
+    let with = |body: &str| {
+        let mut a = http("h", "POST", "/");
+        a.http.as_mut().unwrap().json = Some(serde_json::from_str(body).unwrap());
+        a
+    };
+    for twins in [
+        r#"{"query":"select 1","Query":"drop table t"}"#,
+        r#"{"limit":5,"LIMIT":1000000}"#,
+    ] {
+        assert!(p.reads_twin_member(&with(twins)), "{twins}");
+    }
+    for data in [
+        r#"{"query":"select 1","rows":[{"ID":1,"id":2}]}"#,
+        r#"{"limit":5,"options":{"a":1,"A":2}}"#,
+    ] {
+        assert!(!p.reads_twin_member(&with(data)), "{data}");
+    }
+}
+
 #[test]
 fn policy_is_send_and_sync() {
     fn is<T: Send + Sync>() {}

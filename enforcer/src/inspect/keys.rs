@@ -7,8 +7,8 @@
 //! ([`twin_members`] with [`Twins::Exact`]): no producer makes them (RFC 8259 §4; I-JSON, RFC 7493 §2.3, forbids
 //! them). Members named alike only once folded are ordinary data in a request (a database row `{"ID":1,"id":2}` a
 //! tool returns): they are refused only where a reader looks the name up — the protocol members the classifier
-//! reads ([`misspelt`], [`misspelt_within`]) and the members a policy condition's JSONPath selects
-//! (`JsonPath::reads_twins`). What an LLM answers (tool calls and their arguments, `proposal`) is read by the
+//! reads ([`misspelt`], [`misspelt_within`]) and the members a policy condition's or JSON rewrite's JSONPath
+//! selects (`JsonPath::reads_twins`, `Policy::reads_twin_member`). What an LLM answers (tool calls and their arguments, `proposal`) is read by the
 //! agent's own decoder wherever it looks: there [`Twins::Folded`] refuses them anywhere.
 
 use std::borrow::Cow;

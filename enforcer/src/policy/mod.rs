@@ -615,14 +615,26 @@ impl Policy {
         )
     }
 
-    /// Whether a condition of a rule deciding requests selects, in `action`, a JSON member that has a twin named
-    /// alike once folded (`{"command":…,"Command":…}` for `$.command`): a case-insensitive decoder may act on the
-    /// other. The proxy refuses such a request, rather than decide it under each member. Members no condition reads
-    /// may be named alike: they are data.
+    /// Whether a condition or a JSON rewrite of a rule deciding requests selects, in `action`, a JSON member that
+    /// has a twin named alike once folded (`{"command":…,"Command":…}` for `$.command`; `{"limit":5,"LIMIT":1e9}`
+    /// for a `json_cap` on `$.limit`): a case-insensitive decoder may act on the other. The proxy refuses such a
+    /// request, rather than decide it under each member. Members no rule reads may be named alike: they are data.
     pub fn reads_twin_member(&self, action: &Action) -> bool {
-        self.rules
-            .iter()
-            .any(|r| r.on == Phase::Request && r.when.reads_twin_member(action))
+        let body = action.http.as_ref().and_then(|h| h.json.as_ref());
+        let rewrites_twin = |r: &Rule| {
+            body.is_some_and(|json| {
+                r.rewrites.iter().any(|w| match w {
+                    Rewrite::JsonSet { path, .. }
+                    | Rewrite::JsonRemove { path }
+                    | Rewrite::JsonCap { path, .. }
+                    | Rewrite::JsonTruncate { path, .. } => path.reads_twins(json),
+                    _ => false,
+                })
+            })
+        };
+        self.rules.iter().any(|r| {
+            r.on == Phase::Request && (r.when.reads_twin_member(action) || rewrites_twin(r))
+        })
     }
 
     /// Every (counter, window in seconds) a `session.count` condition reads; `None` is the session's total.

@@ -132,11 +132,19 @@ impl JsonPath {
     /// The values the path selects, as a receiver reads the document: a key is the member of that name, else the
     /// one member whose name folds to it (`inspect::json_member`: `Command` for `.command`), as Go's
     /// `encoding/json` binds it — so a condition on `$.command` is not dodged by spelling the member `Command`. (A
-    /// document with two such members never gets here: it is refused as ambiguous.) Rewrites name members exactly.
+    /// document with two such members is refused before it is decided: [`JsonPath::reads_twins`].) Rewrites name
+    /// members exactly.
     pub fn select<'a>(&self, root: &'a Value) -> Vec<&'a Value> {
         let mut out = Vec::new();
         select_into(&self.segs, root, &mut out);
         out
+    }
+
+    /// Whether selecting meets, for one of its keys, an object with two members whose names fold to it
+    /// (`inspect::json_member_twins`: `command` and `Command` for `.command`): a decoder matching names exactly reads
+    /// the one, Go's `encoding/json` the last of the two, so what the path selects depends on the receiver.
+    pub fn reads_twins(&self, root: &Value) -> bool {
+        twins_within(&self.segs, root)
     }
 
     /// Calls `f` with each matching value and its concrete path (e.g. `$.messages[0].content`).
@@ -283,6 +291,25 @@ fn select_into<'a>(segs: &[Seg], v: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
+fn twins_within(segs: &[Seg], v: &Value) -> bool {
+    let Some((seg, rest)) = segs.split_first() else {
+        return false;
+    };
+    match (seg, v) {
+        (Seg::Key(k), Value::Object(map)) => {
+            crate::inspect::json_member_twins(map, k)
+                || crate::inspect::json_member(map, k)
+                    .is_some_and(|child| twins_within(rest, child))
+        }
+        (Seg::Index(n), Value::Array(items)) => {
+            items.get(*n).is_some_and(|c| twins_within(rest, c))
+        }
+        (Seg::Wild, Value::Array(items)) => items.iter().any(|c| twins_within(rest, c)),
+        (Seg::Wild, Value::Object(map)) => map.values().any(|c| twins_within(rest, c)),
+        _ => false,
+    }
+}
+
 fn walk_mut(segs: &[Seg], v: &mut Value, path: &mut String, f: &mut dyn FnMut(&str, &mut Value)) {
     let Some((seg, rest)) = segs.split_first() else {
         f(path, v);
@@ -352,6 +379,36 @@ fn push_seg(path: &mut String, seg: &Seg, key: &str, index: usize) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_key_with_twins_on_the_path_is_found_and_twins_elsewhere_are_not() {
+        let doc: Value = serde_json::from_str(
+            r#"{"rows":[{"ID":1,"id":2}],"args":{"command":"ls","Command":"rm"},"a":{"B":{"c":1,"C":2}}}"#,
+        )
+        .unwrap();
+        for reads in [
+            "$.args.command",
+            "$.args.COMMAND",
+            "$.a.b.c",
+            "$.rows[*].id",
+            "$.rows[0].Id",
+        ] {
+            assert!(JsonPath::parse(reads).unwrap().reads_twins(&doc), "{reads}");
+        }
+        for clear in [
+            "$.args",
+            "$.a.b",
+            "$.rows[0]",
+            "$.rows[1].id",
+            "$.other.command",
+            "$.a.*",
+        ] {
+            assert!(
+                !JsonPath::parse(clear).unwrap().reads_twins(&doc),
+                "{clear}"
+            );
+        }
+    }
 
     #[test]
     fn parses_the_subset() {

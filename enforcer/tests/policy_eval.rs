@@ -435,6 +435,36 @@ fn rate_limit_blocks_and_decides() {
     );
 }
 
+/// Another reading of a request (`decide_reading`) looks at a rate limit and takes no token: a request decided
+/// under several readings is counted once, by the decision enforced, and a reading sees the bucket as it does.
+#[test]
+fn a_reading_looks_at_a_rate_limit_and_takes_no_token() {
+    let p = policy(
+        r#"
+  - { id: limited, when: { host: h }, verdict: allow, rate_limit: { requests: 2, per: 1h, by: [host] } }
+"#,
+    );
+    let a = vec![http("h", "GET", "/")];
+    for _ in 0..2 {
+        for _ in 0..5 {
+            assert_eq!(p.decide_reading(&a).decision.verdict, Verdict::Allow);
+        }
+        assert_eq!(p.decide_all(&a).decision.verdict, Verdict::Allow);
+    }
+    let looked = p.decide_reading(&a).decision;
+    let taken = p.decide_all(&a).decision;
+    assert_eq!(
+        (
+            looked.verdict,
+            looked.reason,
+            looked.deciding_rule.as_deref()
+        ),
+        (Verdict::Block, Reason::RateLimited, Some("limited"))
+    );
+    assert_eq!(looked.deciding_rule, taken.deciding_rule);
+    assert_eq!(looked.verdict, taken.verdict);
+}
+
 #[test]
 fn rate_limit_is_exact_under_concurrency() {
     let p = Arc::new(policy(
@@ -489,6 +519,35 @@ fn detectors_are_exposed_for_redaction() {
         "x"
     )
     .is_err());
+}
+
+/// A member a rule reads — in a condition's JSONPath or a rewrite's — with a twin alike in letter case is found (the
+/// proxy refuses the request); twins elsewhere are data.
+#[test]
+fn a_member_a_rule_reads_with_a_twin_in_letter_case_is_found() {
+    let p = policy(
+        r#"
+  - { id: no-drop, when: { json: { "$.query": { matches: "(?i)drop" } } }, verdict: block }
+  - { id: cap, when: { host: h }, verdict: constrain, constrain: { json_cap: { "$.limit": 10 } } }
+"#,
+    );
+    let with = |body: &str| {
+        let mut a = http("h", "POST", "/");
+        a.http.as_mut().unwrap().json = Some(serde_json::from_str(body).unwrap());
+        a
+    };
+    for twins in [
+        r#"{"query":"select 1","Query":"drop table t"}"#,
+        r#"{"limit":5,"LIMIT":1000000}"#,
+    ] {
+        assert!(p.reads_twin_member(&with(twins)), "{twins}");
+    }
+    for data in [
+        r#"{"query":"select 1","rows":[{"ID":1,"id":2}]}"#,
+        r#"{"limit":5,"options":{"a":1,"A":2}}"#,
+    ] {
+        assert!(!p.reads_twin_member(&with(data)), "{data}");
+    }
 }
 
 #[test]

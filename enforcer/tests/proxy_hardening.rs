@@ -118,6 +118,81 @@ fn all_refused_as(records: &[serde_json::Value], error: &str) {
     }
 }
 
+/// A raw HTTP/1.1 POST of `body` to `target` on `host`, with the header lines `extra` (each ending in CRLF), on a
+/// connection the client closes after it.
+fn post_to(host: impl std::fmt::Display, target: &str, extra: &str, body: &str) -> String {
+    format!(
+        "POST {target} HTTP/1.1\r\nhost: {host}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A raw HTTP/1.1 POST of the JSON `body` to `target` (host 127.0.0.1), see [`post_to`].
+fn json_post(target: &str, body: &str) -> String {
+    post_to(
+        "127.0.0.1",
+        target,
+        "content-type: application/json\r\n",
+        body,
+    )
+}
+
+/// The path and query of every request an upstream of `http_upstream` saw.
+fn paths_seen(seen: &Seen) -> Vec<String> {
+    seen.log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.2.clone())
+        .collect()
+}
+
+/// A TLS upstream answering `{}` for `hosts`, and how many requests reached it.
+async fn counting_upstream(
+    ca: &TestCa,
+    hosts: &[&str],
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use http_body_util::{BodyExt, Full};
+    let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = reached.clone();
+    let up = answering_upstream(ca, hosts, move |_req| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            hyper::Response::new(Full::new(bytes::Bytes::from_static(b"{}")).boxed())
+        }
+    })
+    .await;
+    (up, reached)
+}
+
+/// POST the JSON `body` to `path` on `host` over TLS through the proxy to `up`: the status and the answer.
+async fn post_over_tls(
+    p: &Proxy,
+    up: SocketAddr,
+    (host, path): (&str, &str),
+    body: &'static str,
+) -> (u16, String) {
+    use http_body_util::Full;
+    let tls = p.tls_to(up, host, &[b"http/1.1"]).await;
+    let req = hyper::Request::post(path)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let (status, _, body) = send(tls, false, req).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Asserts that every record of `records` is a request allowed (by `rule`, or the default when `None`) and forwarded.
+fn all_forwarded_as(records: &[serde_json::Value], rule: Option<&str>) {
+    for r in records {
+        assert_eq!(r["decision"]["verdict"], "allow", "{r}");
+        assert_eq!(r["decision"]["rule"].as_str(), rule, "{r}");
+        assert_eq!(r["outcome"]["disposition"], "forwarded", "{r}");
+    }
+}
+
 fn status_of(response: &str) -> Option<u16> {
     response
         .strip_prefix("HTTP/1.1 ")
@@ -780,19 +855,13 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
     let yaml = "version: 1\ndefault: block\nrules:\n  - id: allow-mcp-host\n    when: { host: 127.0.0.1 }\n    verdict: allow\n  - id: no-delete\n    when: { mcp.tool: \"delete_*\" }\n    verdict: block\n";
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = http_upstream().await;
-    let post = |body: &str| {
-        format!(
-            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let post = |body: &str| json_post("/mcp", body);
     let bodies = [
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","Name":"delete_all"}}"#,
         r#"{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"delete_all"}}"#,
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"delete_all"}}"#,
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file"},"paramſ":{"name":"delete_all"}}"#,
         r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"JSONRPC":"2.0","id":2,"method":"tools/call","params":{"name":"delete_all"}}]"#,
-        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"path":"/tmp/x","Path":"/etc/passwd"}}}"#,
         // An exact duplicate: the policy's parser keeps the last `name`, a server keeping the first calls delete_all.
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","name":"read_file"}}"#,
     ];
@@ -801,47 +870,56 @@ async fn json_rpc_members_spelt_in_another_case_are_refused() {
         assert!(resp.contains("\"code\":-32700"), "{resp}");
     }
     assert_eq!(seen.count(), 0, "an ambiguous call reached the upstream");
-    let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"Path":"/tmp/x"}}}"#;
-    answered_each(&p, up, &[post(ok)], 200).await;
-    assert_eq!(seen.count(), 1);
+    // Arguments no rule reads are the tool's data: members alike in letter case there pass.
+    let ok = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"Path":"/tmp/x"}}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"write","arguments":{"path":"/tmp/x","Path":"/tmp/y"}}}"#,
+    ];
+    let oks: Vec<String> = ok.iter().map(|b| post(b)).collect();
+    answered_each(&p, up, &oks, 200).await;
+    assert_eq!(seen.count(), ok.len() as u64);
     let records = p.audit_records().await;
-    assert_eq!(records.len(), bodies.len() + 1);
+    assert_eq!(records.len(), bodies.len() + ok.len());
     all_refused_as(&records[..bodies.len()], "unparseable");
+    all_forwarded_as(&records[bodies.len()..], Some("allow-mcp-host"));
 }
 
-/// A JSON body whose object names one member twice — exactly, or in another letter case — is read differently by
-/// its receivers: serde_json (the policy) keeps the last of exact twins, other decoders the first; Go's
-/// `encoding/json` matches `Query` to the field `query` and keeps the last of the two. Each body below is allowed by
-/// a rule that read a SELECT where the database gateway runs the DROP. They are refused (400, one record, reason
-/// unparseable) and nothing reaches the upstream; the same query without a twin is allowed.
+/// A JSON body whose object names one member twice — exactly anywhere, or in another letter case where the policy
+/// reads it — is read differently by its receivers: serde_json (the policy) keeps the last of exact twins, other
+/// decoders the first; Go's `encoding/json` matches `Query` to the field `query` and keeps the last of the two. Each
+/// body below is allowed by a rule that read a SELECT where the database gateway runs the DROP, or names a member
+/// twice exactly. They are refused (400, one record, reason unparseable) and nothing reaches the upstream. Members
+/// alike only in letter case where no condition reads (a database row `{"ID":1,"id":2}`) are data: such a body is
+/// allowed, as is the same query without a twin.
 #[tokio::test]
 async fn json_objects_with_twin_members_are_refused() {
     short_limits();
     let yaml = "version: 1\ndefault: block\nrules:\n  - id: select-only\n    when:\n      host: 127.0.0.1\n      json: { \"$.query\": { matches: \"(?i)^select\\\\b\" } }\n    verdict: allow\n";
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = http_upstream().await;
-    let post = |body: &str| {
-        format!(
-            "POST /query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let post = |body: &str| json_post("/query", body);
     let bodies = [
         r#"{"query":"select 1","Query":"drop table users"}"#,
         r#"{"query":"drop table users","query":"select 1"}"#,
         r#"{"query":"select 1","QUERY":"drop table users"}"#,
-        r#"{"options":{"a":1,"A":2},"query":"select 1"}"#,
-        r#"[{"query":"select 1"},{"x":{"y":[{"k":"a","K":"b"}]}}]"#,
+        r#"{"options":{"a":1,"a":2},"query":"select 1"}"#,
+        r#"{"query":"select 1","rows":[{"x":{"y":[{"k":"a","k":"b"}]}}]}"#,
     ];
     let requests: Vec<String> = bodies.iter().map(|b| post(b)).collect();
     answered_each(&p, up, &requests, 400).await;
     assert_eq!(seen.count(), 0, "an ambiguous body reached the upstream");
-    let ok = r#"{"query":"select 1","Options":{"Query":"x"}}"#;
-    answered_each(&p, up, &[post(ok)], 200).await;
-    assert_eq!(seen.count(), 1);
+    let ok = [
+        r#"{"query":"select 1","Options":{"Query":"x"}}"#,
+        r#"{"options":{"a":1,"A":2},"query":"select 1"}"#,
+        r#"{"query":"select 1","rows":[{"ID":1,"id":2},{"x":{"y":[{"k":"a","K":"b"}]}}]}"#,
+    ];
+    let oks: Vec<String> = ok.iter().map(|b| post(b)).collect();
+    answered_each(&p, up, &oks, 200).await;
+    assert_eq!(seen.count(), ok.len() as u64);
     let records = p.audit_records().await;
-    assert_eq!(records.len(), bodies.len() + 1);
+    assert_eq!(records.len(), bodies.len() + ok.len());
     all_refused_as(&records[..bodies.len()], "unparseable");
+    all_forwarded_as(&records[bodies.len()..], Some("select-only"));
 }
 
 /// A multipart (RFC 7578) body whose part has its own `Content-Transfer-Encoding` is decoded by python-multipart and
@@ -985,8 +1063,8 @@ async fn nat64_addresses_are_decided_as_the_ipv4_address_they_reach() {
 /// Frameworks route a POST as the method it names in `X-HTTP-Method-Override` (and `X-HTTP-Method`,
 /// `X-Method-Override`) or a `_method` parameter of its query or form (Rack, Laravel, Spring, Express
 /// `method-override`): each request below is a DELETE to such an application, where the policy saw a POST. They are
-/// refused (400, one record, bad_request) and nothing reaches the upstream; an override naming the request's own
-/// method passes.
+/// refused (400, one record, bad_request) and nothing reaches the upstream, as is a `_method` part of a multipart
+/// form (its value is not read); an override naming the request's own method passes.
 #[tokio::test]
 async fn a_method_override_naming_another_method_is_refused() {
     short_limits();
@@ -994,9 +1072,11 @@ async fn a_method_override_naming_another_method_is_refused() {
     let p = start_proxy(yaml, &[], false).await;
     let (up, seen) = raw_upstream(false).await;
     let post = |target: &str, extra: &str, content_type: &str, body: &str| {
-        format!(
-            "POST {target} HTTP/1.1\r\nhost: {up}\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
+        post_to(
+            up,
+            target,
+            &format!("{extra}content-type: {content_type}\r\n"),
+            body,
         )
     };
     let form = "application/x-www-form-urlencoded";
@@ -1016,6 +1096,18 @@ async fn a_method_override_naming_another_method_is_refused() {
         ),
         post("/items/7?_method=DELETE", "", "text/plain", ""),
         post("/items/7", "", form, "confirm=1&_method=DELETE"),
+        post(
+            "/items/7",
+            "x-http-method-override: GET, DELETE\r\n",
+            "text/plain",
+            "",
+        ),
+        post(
+            "/items/7",
+            "",
+            "multipart/form-data; boundary=b",
+            "--b\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\nPUT\r\n--b--\r\n",
+        ),
     ];
     answered_each(&p, up, &requests, 400).await;
     assert!(
@@ -1034,6 +1126,35 @@ async fn a_method_override_naming_another_method_is_refused() {
     all_refused_as(&records[..requests.len()], "bad_request");
 }
 
+/// A POST that names another method (`X-HTTP-Method-Override: GET`, `_method=PUT` in its query or form) is decided
+/// under its own method and under each it names: where the policy decides them alike, it reaches the upstream as
+/// sent, recorded allowed — by the same rule, or by the default.
+#[tokio::test]
+async fn a_method_override_decided_alike_under_each_method_is_forwarded() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: items\n    when: { path: \"/items/**\", method: [GET, POST, PUT] }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let requests = [
+        ("/items/7", "x-http-method-override: GET\r\n", ""),
+        ("/items/7", "X-HTTP-Method: put\r\n", ""),
+        ("/items/7?_method=PUT", "", ""),
+        (
+            "/items/7",
+            "content-type: application/x-www-form-urlencoded\r\n",
+            "confirm=1&_method=PUT",
+        ),
+    ]
+    .map(|(target, extra, body)| post_to(up, target, extra, body));
+    answered_each(&p, up, &requests, 200).await;
+    let paths = paths_seen(&seen);
+    assert_eq!(paths.len(), requests.len());
+    assert_eq!(paths[2], "/items/7?_method=PUT");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), requests.len());
+    all_forwarded_as(&records, Some("items"));
+}
+
 /// An OpenAI-compatible server built on Go's `encoding/json` (local model servers, API gateways) binds `Model` to
 /// its `model` field and a tool's `NAME` to `name`: each call below asks it for the model or declares the tool the
 /// policy blocks, while the policy found no model and no tool. Such a call is refused in OpenAI's error shape (400,
@@ -1041,34 +1162,12 @@ async fn a_method_override_naming_another_method_is_refused() {
 /// rule), and a call naming neither passes.
 #[tokio::test]
 async fn llm_fields_spelt_in_another_case_are_refused() {
-    use http_body_util::{BodyExt, Full};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-gpt5\n    when: { llm.model: \"gpt-5*\" }\n    verdict: block\n  - id: no-shell\n    when: { llm.tools: shell }\n    verdict: block\n";
     let ca = TestCa::new("llm case test CA");
     let p = start_proxy(yaml, &[&ca], false).await;
-    let reached = Arc::new(AtomicUsize::new(0));
-    let counter = reached.clone();
-    let up = answering_upstream(&ca, &["api.openai.com"], move |_req| {
-        let counter = counter.clone();
-        async move {
-            counter.fetch_add(1, Ordering::SeqCst);
-            hyper::Response::new(Full::new(bytes::Bytes::from_static(b"{}")).boxed())
-        }
-    })
-    .await;
-    let ask = |body: &'static str| {
-        let p = &p;
-        async move {
-            let tls = p.tls_to(up, "api.openai.com", &[b"http/1.1"]).await;
-            let req = hyper::Request::post("/v1/chat/completions")
-                .header("host", "api.openai.com")
-                .header("content-type", "application/json")
-                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
-                .unwrap();
-            let (status, _, body) = send(tls, false, req).await;
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-    };
+    let (up, reached) = counting_upstream(&ca, &["api.openai.com"]).await;
+    let ask = |body| post_over_tls(&p, up, ("api.openai.com", "/v1/chat/completions"), body);
     let misspelt = [
         r#"{"Model":"gpt-5","messages":[{"role":"user","content":"hi"}]}"#,
         r#"{"model":"gpt-4o","messages":[],"Tools":[{"type":"function","function":{"name":"shell"}}]}"#,
@@ -1098,6 +1197,55 @@ async fn llm_fields_spelt_in_another_case_are_refused() {
         assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
     }
     assert_eq!(records[misspelt.len()]["decision"]["rule"], "no-gpt5");
+}
+
+/// An agent session's LLM calls carry data the model was given: a Gemini `functionResponse.response` holding a
+/// database row `{"ID":1,"id":2}`, an OpenAI tool message's content with such an object. No reader looks those
+/// members up by name, so the calls reach the upstream, recorded allowed. A member named twice exactly, or a
+/// protocol member spelt in another case beside its own (`model` and `Model`), is still refused (400, unparseable).
+#[tokio::test]
+async fn llm_calls_carrying_rows_with_members_alike_in_letter_case_are_forwarded() {
+    use std::sync::atomic::Ordering;
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-gpt5\n    when: { llm.model: \"gpt-5*\" }\n    verdict: block\n";
+    let ca = TestCa::new("llm twins test CA");
+    let p = start_proxy(yaml, &[&ca], false).await;
+    let hosts = ["api.openai.com", "generativelanguage.googleapis.com"];
+    let (up, reached) = counting_upstream(&ca, &hosts).await;
+    let gemini = (
+        "generativelanguage.googleapis.com",
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+    );
+    let chat = ("api.openai.com", "/v1/chat/completions");
+    let legitimate = [
+        (
+            gemini,
+            r#"{"contents":[{"role":"user","parts":[{"text":"row 1?"}]},{"role":"model","parts":[{"functionCall":{"name":"db","args":{"id":1}}}]},{"role":"user","parts":[{"functionResponse":{"name":"db","response":{"ID":1,"id":2}}}]}]}"#,
+        ),
+        (
+            chat,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"row 1?"},{"role":"tool","tool_call_id":"c1","content":[{"type":"text","text":"row","data":{"ID":1,"id":2}}]}]}"#,
+        ),
+    ];
+    for (to, body) in legitimate {
+        let (status, answer) = post_over_tls(&p, up, to, body).await;
+        assert_eq!(status, 200, "{body}: {answer}");
+    }
+    assert_eq!(reached.load(Ordering::SeqCst), legitimate.len());
+    let refused = [
+        r#"{"model":"gpt-4o","model":"gpt-5","messages":[]}"#,
+        r#"{"model":"gpt-4o","Model":"gpt-5","messages":[]}"#,
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi","data":{"a":1,"a":2}}]}"#,
+    ];
+    for body in refused {
+        let (status, answer) = post_over_tls(&p, up, chat, body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    assert_eq!(reached.load(Ordering::SeqCst), legitimate.len());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), legitimate.len() + refused.len());
+    all_forwarded_as(&records[..legitimate.len()], None);
+    all_refused_as(&records[legitimate.len()..], "unparseable");
 }
 
 /// A condition on a header or query parameter holds when any of its values meets it, while a receiver acts on the
@@ -1131,6 +1279,89 @@ async fn a_field_the_policy_reads_given_two_ways_is_refused() {
     all_refused_as(&records[..requests.len()], "bad_request");
 }
 
+/// List-valued fields are legitimate: two `anthropic-beta` lines (one list, RFC 9110 §5.3), `include[]` given twice,
+/// a `;` in a value (`q=a;b`, which Rails also reads as `q=a` and `b`). Each is decided under every reading — each
+/// value alone, the lines joined with `, `, the query split on `;` too — and, the policy deciding them all alike,
+/// reaches the upstream recorded allowed. The same policy's block rules still see a value one reading gives: such
+/// a request is refused (400, bad_request).
+#[tokio::test]
+async fn a_list_valued_field_read_alike_every_way_is_forwarded() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-computer-use\n    when: { header.anthropic-beta: \"*computer-use*\" }\n    verdict: block\n  - id: no-secrets\n    when: { \"query.include[]\": secrets }\n    verdict: block\n  - id: no-drop\n    when: { query.q: \"drop*\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let get = |query: &str, headers: &str| {
+        format!(
+            "GET /v1/search?{query} HTTP/1.1\r\nhost: {up}\r\n{headers}connection: close\r\n\r\n"
+        )
+    };
+    let betas = "anthropic-beta: prompt-caching-2024-07-31\r\nanthropic-beta: token-efficient-tools-2025-02-19\r\n";
+    let legitimate = [
+        get("x=1", betas),
+        get("include[]=a&include[]=b", ""),
+        get("q=a;b", ""),
+        get("include[]=a&include[]=b&q=a;b", betas),
+    ];
+    answered_each(&p, up, &legitimate, 200).await;
+    assert_eq!(seen.count() as usize, legitimate.len());
+    let bypasses = [
+        get(
+            "x=1",
+            "anthropic-beta: a\r\nanthropic-beta: computer-use-2025-01-24\r\n",
+        ),
+        get("include[]=a&include[]=secrets", ""),
+        get("q=a;q=drop", ""),
+    ];
+    for resp in answered_each(&p, up, &bypasses, 400).await {
+        assert!(resp.contains("reads more than one way"), "{resp}");
+    }
+    assert_eq!(seen.count() as usize, legitimate.len());
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), legitimate.len() + bypasses.len());
+    all_forwarded_as(&records[..legitimate.len()], None);
+    all_refused_as(&records[legitimate.len()..], "bad_request");
+}
+
+/// A request read several ways is enforced as the proxy parsed it: two `anthropic-beta` lines that each reading
+/// constrains by the same rule are forwarded with that rule's rewrite made once, recorded constrained.
+#[tokio::test]
+async fn readings_decided_alike_are_enforced_as_the_request_was_parsed() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: cap-betas\n    when: { header.anthropic-beta: \"*\" }\n    verdict: constrain\n    constrain: { json_set: { \"$.max_tokens\": 100 } }\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let extra = "anthropic-beta: a\r\nanthropic-beta: b\r\ncontent-type: application/json\r\n";
+    let req = post_to("127.0.0.1", "/v1/complete", extra, r#"{"max_tokens":4096}"#);
+    answered_each(&p, up, &[req], 200).await;
+    let bodies: Vec<Vec<u8>> = seen
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.3.clone())
+        .collect();
+    assert_eq!(bodies.len(), 1);
+    let sent: serde_json::Value = serde_json::from_slice(&bodies[0]).unwrap();
+    assert_eq!(sent["max_tokens"], 100, "{sent}");
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0]["decision"]["verdict"], "constrain",
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        records[0]["decision"]["rule"], "cap-betas",
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        records[0]["outcome"]["disposition"], "forwarded",
+        "{}",
+        records[0]
+    );
+}
+
 /// A tool on Go's `encoding/json` binds an argument spelt `Command` to its `command` field: a rule on
 /// `$.command` reads it so too, and the call is blocked (a tool error), never forwarded.
 #[tokio::test]
@@ -1153,9 +1384,34 @@ async fn a_condition_reads_a_member_spelt_in_another_case() {
     assert_eq!(records[0]["decision"]["rule"], "no-rm", "{}", records[0]);
 }
 
+/// Where a condition reads a member (`$.command` of a tool's arguments) and the call gives it twice, alike in letter
+/// case, an exact decoder runs `ls` and Go's `encoding/json` the last, `rm -rf /`: the call is refused (400, one
+/// record, unparseable) and never forwarded. Twins of a member no condition reads pass.
+#[tokio::test]
+async fn a_member_a_condition_reads_given_twice_in_letter_case_is_refused() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-rm\n    when: { mcp.args: { \"$.command\": { matches: \"\\\\brm\\\\b\" } } }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let post = |body: &str| json_post("/mcp", body);
+    let twins = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"shell","arguments":{"command":"ls","Command":"rm -rf /"}}}"#;
+    for resp in answered_each(&p, up, &[post(twins)], 400).await {
+        assert!(resp.contains("\"code\":-32700"), "{resp}");
+    }
+    assert_eq!(seen.count(), 0, "the call reached the upstream");
+    let data = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"shell","arguments":{"command":"ls","env":{"PATH":"/bin","path":"/usr/bin"}}}}"#;
+    answered_each(&p, up, &[post(data)], 200).await;
+    assert_eq!(seen.count(), 1);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 2);
+    all_refused_as(&records[..1], "unparseable");
+    all_forwarded_as(&records[1..], None);
+}
+
 /// IIS and ASP.NET read a backslash in a path as `/`: `/admin%5Cusers` is `/admin/users` to them and a segment
-/// `admin\users` to the policy, which a rule on `/admin/**` does not match. A path with a backslash, sent or
-/// encoded, is refused (400, bad_request) and never forwarded.
+/// `admin\users` to others, which a rule on `/admin/**` does not match. A path with a backslash, sent or encoded,
+/// is decided both ways; these are decided otherwise under each, so they are refused (400, one record each,
+/// bad_request) and never forwarded.
 #[tokio::test]
 async fn a_backslash_in_the_path_is_refused() {
     short_limits();
@@ -1171,6 +1427,29 @@ async fn a_backslash_in_the_path_is_refused() {
         seen.lock().unwrap().is_empty(),
         "a backslash path reached the upstream"
     );
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 3, "{records:#?}");
+    all_refused_as(&records, "bad_request");
+}
+
+/// A backslash the policy decides alike read either way (a Windows file name in a path no rule tells apart) reaches
+/// the upstream as sent, recorded allowed.
+#[tokio::test]
+async fn a_backslash_decided_alike_both_ways_is_forwarded() {
+    short_limits();
+    let yaml = "version: 1\ndefault: block\nrules:\n  - id: no-admin\n    when: { path: \"/admin/**\" }\n    verdict: block\n  - id: files\n    when: { path: \"/files/**\" }\n    verdict: allow\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = http_upstream().await;
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
+    let requests = [get("/files/C:%5Cdata%5Creport.txt"), get("/files/a%5cb")];
+    answered_each(&p, up, &requests, 200).await;
+    let paths = paths_seen(&seen);
+    assert_eq!(paths.len(), requests.len());
+    assert_eq!(paths, ["/files/C:%5Cdata%5Creport.txt", "/files/a%5cb"]);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), requests.len());
+    all_forwarded_as(&records, Some("files"));
 }
 
 /// Rack 2 (Rails), older Python and Go split a query on `;` as well as `&`: `?mode=read;mode=write` asks such an

@@ -240,6 +240,34 @@ async fn json_rpc_members_spelt_in_another_case_close_the_connection() {
     assert_eq!(recs[1]["outcome"]["error"], "unparseable", "{}", recs[1]);
 }
 
+/// Over WebSocket as over HTTP: members alike only in letter case that no condition reads are data (a row
+/// `{"ID":1,"id":2}` in a tool's arguments), relayed and recorded as decided; a member named twice exactly is read
+/// differently by each decoder, and closes the connection (1007), never relayed.
+#[tokio::test]
+async fn members_alike_in_letter_case_pass_and_a_member_named_twice_closes_the_connection() {
+    let w = world(POLICY).await;
+    let mut ws = ws_connect(&w.proxy, w.up, "tools.test", "/mcp", &[])
+        .await
+        .expect("upgraded");
+    let row = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{"row":{"ID":1,"id":2}}}}"#;
+    ws.send(Message::Text(row.into())).await.unwrap();
+    let Message::Text(echo) = text(&mut ws).await else {
+        panic!("an answer")
+    };
+    assert!(echo.starts_with("echo:"), "{echo}");
+    let twice = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"read_file","arguments":{"a":1,"a":2}}}"#;
+    ws.send(Message::Text(twice.into())).await.unwrap();
+    match text(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Invalid),
+        other => panic!("expected a close with 1007, got {other:?}"),
+    }
+    assert_eq!(w.seen.messages.lock().unwrap().len(), 1);
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs.len(), 3);
+    assert_eq!(recs[1]["decision"]["rule"], "log-openai", "{}", recs[1]);
+    assert_eq!(recs[2]["outcome"]["error"], "unparseable", "{}", recs[2]);
+}
+
 #[tokio::test]
 async fn plain_data_with_a_secret_closes_the_connection_with_policy_violation() {
     let w = world(POLICY).await;

@@ -3,9 +3,13 @@
 //! the first, some refuse. Go's `encoding/json` also matches names to struct fields case-insensitively (Unicode
 //! simple case folding, so `ſ` is `s` and the Kelvin sign `k`), the last of two matching members winning
 //! (CVE-2026-27896): to it, `{"command":"ls","Command":"rm -rf /"}` runs `rm -rf /` while a policy reading
-//! `$.command` saw `ls`. The policy reads members anywhere in a body (`json:`, `mcp.args`, `proposal.args`, the LLM
-//! fields), so JSON with two members of one object named alike — equal, or equal once folded — is read by no one
-//! here ([`twin_members`]): every caller refuses it. I-JSON (RFC 7493 §2.3) forbids the exact duplicates outright.
+//! `$.command` saw `ls`. Two members of one object named exactly alike are refused wherever JSON is read
+//! ([`twin_members`] with [`Twins::Exact`]): no producer makes them (RFC 8259 §4; I-JSON, RFC 7493 §2.3, forbids
+//! them). Members named alike only once folded are ordinary data in a request (a database row `{"ID":1,"id":2}` a
+//! tool returns): they are refused only where a reader looks the name up — the protocol members the classifier
+//! reads ([`misspelt`], [`misspelt_within`]) and the members a policy condition's or JSON rewrite's JSONPath
+//! selects (`JsonPath::reads_twins`, `Policy::reads_twin_member`). What an LLM answers (tool calls and their arguments, `proposal`) is read by the
+//! agent's own decoder wherever it looks: there [`Twins::Folded`] refuses them anywhere.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -61,6 +65,13 @@ pub(crate) fn member<'a>(
     })
 }
 
+/// Whether `map` has more than one member whose name folds to `name`'s fold: an exact decoder and a
+/// case-insensitive one bind different members to a field `name` ([`member`]).
+pub(crate) fn has_twins(map: &serde_json::Map<String, serde_json::Value>, name: &str) -> bool {
+    let want = fold(name);
+    map.keys().filter(|k| fold(k) == want).nth(1).is_some()
+}
+
 /// Whether `map` has a member whose name folds to one of `members` (lower-case) without being it: a name a
 /// case-insensitive decoder binds to a field the policy reads under its exact name (`Model`, `paramſ`).
 pub(crate) fn misspelt(map: &serde_json::Map<String, serde_json::Value>, members: &[&str]) -> bool {
@@ -99,71 +110,82 @@ pub(crate) fn misspelt_within(
     }
 }
 
-/// Whether the JSON text `json` has an object, at any depth, with two members whose names are equal or fold
-/// ([`fold`]) to the same name; meant for text that parses (text that does not is refused on that ground). One pass
-/// over the text, without building a value: names without escapes are borrowed from it.
-pub(crate) fn twin_members(json: &str) -> bool {
-    match serde_json::from_str::<NoTwins>(json) {
-        Ok(NoTwins) => false,
+/// Which member names of one object are twins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Twins {
+    /// Names equal once unescaped (`"a"` and `"\u0061"`).
+    Exact,
+    /// Names equal once folded ([`fold`]): `command` and `Command` too.
+    Folded,
+}
+
+/// Whether the JSON text `json` has an object, at any depth, with two members whose names are `twins`; meant for
+/// text that parses (text that does not is refused on that ground). One pass over the text, without building a
+/// value: names without escapes are borrowed from it.
+pub(crate) fn twin_members(json: &str, twins: Twins) -> bool {
+    let mut de = serde_json::Deserializer::from_str(json);
+    match NoTwins(twins).deserialize(&mut de) {
+        Ok(()) => false,
         // Our own error is the only data error a visitor that accepts every JSON value can raise.
         Err(e) => e.classify() == serde_json::error::Category::Data,
     }
 }
 
 /// A JSON value, any shape, whose objects have no twin members.
-struct NoTwins;
+#[derive(Clone, Copy)]
+struct NoTwins(Twins);
 
-impl<'de> de::Deserialize<'de> for NoTwins {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NoTwinsVisitor)
+impl<'de> DeserializeSeed<'de> for NoTwins {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct NoTwinsVisitor;
-
-impl<'de> Visitor<'de> for NoTwinsVisitor {
-    type Value = NoTwins;
+impl<'de> Visitor<'de> for NoTwins {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_str<E>(self, _: &str) -> Result<NoTwins, E> {
-        Ok(NoTwins)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_unit<E>(self) -> Result<NoTwins, E> {
-        Ok(NoTwins)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NoTwins, A::Error> {
-        while seq.next_element::<NoTwins>()?.is_some() {}
-        Ok(NoTwins)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoTwins, A::Error> {
-        // Names so far, while the object is small; the set of their folds once it is not.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // Names so far, while the object is small; the set of their keys (folded for `Twins::Folded`) once it is not.
         let mut names: Vec<Cow<'de, str>> = Vec::new();
-        let mut folds: Option<HashSet<Cow<'de, str>>> = None;
+        let mut keys: Option<HashSet<Cow<'de, str>>> = None;
         while let Some(name) = map.next_key_seed(Name)? {
-            let twin = match &mut folds {
-                Some(set) => !set.insert(fold_cow(name)),
+            let twin = match &mut keys {
+                Some(set) => !set.insert(self.key(name)),
                 None => {
-                    let twin = names.iter().any(|seen| same_name(seen, &name));
+                    let twin = names.iter().any(|seen| self.same(seen, &name));
                     names.push(name);
                     if names.len() > SCAN_MEMBERS {
-                        folds = Some(names.drain(..).map(fold_cow).collect());
+                        keys = Some(names.drain(..).map(|n| self.key(n)).collect());
                     }
                     twin
                 }
@@ -171,32 +193,35 @@ impl<'de> Visitor<'de> for NoTwinsVisitor {
             if twin {
                 return Err(de::Error::custom("an object names one member twice"));
             }
-            map.next_value::<NoTwins>()?;
+            map.next_value_seed(self)?;
         }
-        Ok(NoTwins)
+        Ok(())
     }
 }
 
 /// Objects of up to this many members are checked by comparing each name with the ones before it: no hashing, and
-/// no folded copy of an ASCII name. Larger ones switch to a set of folded names, so a huge object stays linear. On
+/// no folded copy of an ASCII name. Larger ones switch to a set of their names (folded, for `Twins::Folded`), so a huge object stays linear. On
 /// a 33 KiB Chat Completions request the pass took 42 µs with a set for every object, 27–31 µs this way (and on a
 /// Gemini request whose rows have camel-case names, 44 µs and 17–19 µs).
 const SCAN_MEMBERS: usize = 16;
 
-/// Whether two member names are the same name to a case-insensitive decoder ([`fold`]).
-fn same_name(a: &str, b: &str) -> bool {
-    if a.is_ascii() && b.is_ascii() {
-        a.eq_ignore_ascii_case(b)
-    } else {
-        fold(a) == fold(b)
+impl NoTwins {
+    /// Whether two member names are twins.
+    fn same(self, a: &str, b: &str) -> bool {
+        match self.0 {
+            Twins::Exact => a == b,
+            Twins::Folded if a.is_ascii() && b.is_ascii() => a.eq_ignore_ascii_case(b),
+            Twins::Folded => fold(a) == fold(b),
+        }
     }
-}
 
-/// [`fold`] of a name borrowed from the text or owned.
-fn fold_cow(name: Cow<'_, str>) -> Cow<'_, str> {
-    match name {
-        Cow::Borrowed(b) => fold(b),
-        Cow::Owned(o) => Cow::Owned(fold(&o).into_owned()),
+    /// A member name as the set of a large object's names holds it: folded for `Twins::Folded`.
+    fn key(self, name: Cow<'_, str>) -> Cow<'_, str> {
+        match (self.0, name) {
+            (Twins::Exact, name) => name,
+            (Twins::Folded, Cow::Borrowed(b)) => fold(b),
+            (Twins::Folded, Cow::Owned(o)) => Cow::Owned(fold(&o).into_owned()),
+        }
     }
 }
 
@@ -245,9 +270,24 @@ mod tests {
             r#"[1,{"a":{"b":[{"x":1,"X":2}]}}]"#,
             r#"{"messages":[{"role":"user","content":"hi","Content":"other"}]}"#,
         ] {
-            assert!(twin_members(twins), "{twins}");
+            assert!(twin_members(twins, Twins::Folded), "{twins}");
         }
-        // Objects beyond SCAN_MEMBERS are checked by their folds: twins before, across and after the switch.
+        for exact in [
+            r#"{"command":"ls","command":"rm -rf /"}"#,
+            r#"{"\u0063ommand":"ls","command":"rm"}"#,
+            r#"[1,{"a":{"b":[{"x":1,"x":2}]}}]"#,
+        ] {
+            assert!(twin_members(exact, Twins::Exact), "{exact}");
+        }
+        for folded_only in [
+            r#"{"command":"ls","Command":"rm -rf /"}"#,
+            r#"{"ID":1,"id":2}"#,
+            r#"{"σ":1,"ς":2}"#,
+        ] {
+            assert!(!twin_members(folded_only, Twins::Exact), "{folded_only}");
+        }
+        // Objects beyond SCAN_MEMBERS are checked by a set of their names (folded): twins before, across and after
+        // the switch, in both modes.
         let wide = |extra: &str| {
             let members: Vec<String> = (0..40).map(|i| format!("\"m{i}\":{i}")).collect();
             format!("{{{},{extra}}}", members.join(","))
@@ -258,11 +298,17 @@ mod tests {
             r#""x":1,"X":2"#,
             r#""ſ":1,"s":2"#,
         ] {
-            assert!(twin_members(&wide(extra)), "{extra}");
+            assert!(twin_members(&wide(extra), Twins::Folded), "{extra}");
+            assert!(!twin_members(&wide(extra), Twins::Exact), "{extra}");
         }
-        assert!(!twin_members(&wide(r#""x":1,"straße":2,"strasse":3"#)));
+        for extra in [r#""m3":0"#, r#""m39":0"#, r#""x":1,"x":2"#] {
+            assert!(twin_members(&wide(extra), Twins::Exact), "{extra}");
+        }
+        let german = wide(r#""x":1,"straße":2,"strasse":3"#);
+        assert!(!twin_members(&german, Twins::Folded));
         let early = r#"{"a":1,"A":2,"b":3,"c":4,"d":5,"e":6,"f":7,"g":8,"h":9,"i":10,"j":11,"k":12,"l":13,"m":14,"n":15,"o":16,"p":17,"q":18}"#;
-        assert!(twin_members(early));
+        assert!(twin_members(early, Twins::Folded));
+        assert!(!twin_members(early, Twins::Exact));
         for fine in [
             r#"{"command":"ls","args":["Command","command"]}"#,
             r#"{"a":{"x":1},"b":{"x":2}}"#,
@@ -273,7 +319,7 @@ mod tests {
             "not json",
             "",
         ] {
-            assert!(!twin_members(fine), "{fine}");
+            assert!(!twin_members(fine, Twins::Folded), "{fine}");
         }
     }
 

@@ -34,8 +34,8 @@ const PARAMS_MEMBERS: [&str; 4] = ["name", "arguments", "uri", "_meta"];
 /// `encoding/json` (MCP servers built on it) matches them case-insensitively, also folding `ſ` to `s` and `K` (the
 /// Kelvin sign) to `k` (GHSA-wvj2-96wp-fq3f, CVE-2026-27896): `"Method"` would be a call the policy never saw. So a
 /// message is ambiguous when a member of the message or of its `params` is spelt other than exactly (`Method`,
-/// `paramſ`). Two members of one object named alike (`name` and `Name`) are refused in every JSON body, this one
-/// included ([`super::keys::twin_members`]).
+/// `paramſ`), which also refuses `name` beside `Name` there. Members named exactly alike are refused in every JSON
+/// body, this one included ([`super::keys::twin_members`]).
 pub(crate) fn ambiguous(body: &Value) -> bool {
     let elements = match body {
         Value::Array(items) => items.as_slice(),

@@ -3,8 +3,9 @@
 //! `HttpMethodOverride`), `X-HTTP-Method` (OData, Microsoft), `X-Method-Override`, and the `_method` parameter of
 //! the query or a form body (Rails, Laravel, Symfony, Spring's `HiddenHttpMethodFilter`, multipart forms included).
 //! A rule on `method: DELETE` would not see a POST that the application routes as a DELETE, and an allow rule on
-//! `method: POST` would pass one. Whether the upstream honours the override cannot be known, so a request whose
-//! override names another method than its own is refused ([`overrides_method`]).
+//! `method: POST` would pass one. Whether the upstream honours the override cannot be known, so a request naming
+//! another method is decided under its own method and under each method it names (`proxy::readings`), and refused
+//! when those decisions differ. A `_method` part of a multipart body is not read ([`other_methods`]).
 
 use crate::encoding::{is_form, percent_decode};
 use crate::model::HttpRequest;
@@ -18,31 +19,43 @@ const HEADERS: [&str; 3] = [
 /// The parameter that names a method, in the query or a form.
 const PARAM: &str = "_method";
 
-/// Whether `http` names, in an override header or a `_method` parameter, a method other than its own (compared
-/// without regard to case; a header's list, RFC 9110 §5.3, by each element). A `multipart/*` body with a part
-/// named `_method` counts as naming another method: its value is not read here. An uploaded file that merely holds
-/// the text `name=_method` does not.
-pub fn overrides_method(http: &HttpRequest) -> bool {
-    let other = |m: &str| !m.trim().eq_ignore_ascii_case(http.method.trim());
-    let by_header = http
-        .headers
-        .0
-        .iter()
-        .filter(|(k, _)| HEADERS.iter().any(|h| k.eq_ignore_ascii_case(h)))
-        .any(|(_, v)| v.split(',').any(other));
-    let by_query = http.query.get_all(PARAM).any(other);
-    let by_form = is_form(http.content_type.as_deref())
-        && http.body.split('&').any(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            percent_decode(k, true) == PARAM && other(&percent_decode(v, true))
-        });
+/// The methods other than its own (upper-cased, each once, in the order met) that `http` names in an override header
+/// (a header's list, RFC 9110 §5.3, by each element) or a `_method` parameter of its query or form; compared
+/// without regard to case. `None` when a `multipart/*` body has a part named `_method`: its value is not read here,
+/// so the method the receiver routes cannot be told. An uploaded file that merely holds the text `name=_method` does
+/// not count.
+pub fn other_methods(http: &HttpRequest) -> Option<Vec<String>> {
     let by_part = http.content_type.as_deref().is_some_and(|ct| {
         ct.trim_start()
             .to_ascii_lowercase()
             .starts_with("multipart/")
             && super::multipart::names_part(ct, &http.body, PARAM)
     });
-    by_header || by_query || by_form || by_part
+    if by_part {
+        return None;
+    }
+    let by_header = http
+        .headers
+        .0
+        .iter()
+        .filter(|(k, _)| HEADERS.iter().any(|h| k.eq_ignore_ascii_case(h)))
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::to_string);
+    let by_query = http.query.get_all(PARAM).map(str::to_string);
+    let form = is_form(http.content_type.as_deref()).then(|| {
+        http.body.split('&').filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k, true) == PARAM).then(|| percent_decode(v, true))
+        })
+    });
+    let mut methods: Vec<String> = Vec::new();
+    for m in by_header.chain(by_query).chain(form.into_iter().flatten()) {
+        let m = m.trim().to_ascii_uppercase();
+        if !m.is_empty() && !m.eq_ignore_ascii_case(http.method.trim()) && !methods.contains(&m) {
+            methods.push(m);
+        }
+    }
+    Some(methods)
 }
 
 #[cfg(test)]
@@ -105,7 +118,7 @@ mod tests {
                 "--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b--",
             ),
         ] {
-            assert!(overrides_method(&http), "{http:?}");
+            assert_ne!(other_methods(&http), Some(vec![]), "{http:?}");
         }
         for http in [
             request("POST", &[], &[], None, ""),
@@ -127,7 +140,39 @@ mod tests {
                 "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.py\"\r\n\r\nf(name=_method)\r\n--b--",
             ),
         ] {
-            assert!(!overrides_method(&http), "{http:?}");
+            assert_eq!(other_methods(&http), Some(vec![]), "{http:?}");
         }
+    }
+
+    #[test]
+    fn the_methods_named_are_given_each_once_and_a_multipart_part_is_not_read() {
+        let form = Some("application/x-www-form-urlencoded");
+        let http = request(
+            "POST",
+            &[
+                ("x-http-method-override", "get, Delete"),
+                ("x-http-method", "GET"),
+            ],
+            &[("_method", "put")],
+            form,
+            "_method=PATCH&_method=post",
+        );
+        assert_eq!(
+            other_methods(&http),
+            Some(vec![
+                "GET".into(),
+                "DELETE".into(),
+                "PUT".into(),
+                "PATCH".into()
+            ])
+        );
+        let part = request(
+            "POST",
+            &[],
+            &[],
+            Some("multipart/form-data; boundary=b"),
+            "--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nPOST\r\n--b--",
+        );
+        assert_eq!(other_methods(&part), None);
     }
 }

@@ -25,10 +25,13 @@ pub use block::{
     BlockResponse, StreamBlock, MCP_POLICY_ERROR_CODE,
 };
 pub use decode::{check_json_charset, content_coding, decode_body, field_list};
-pub(crate) use keys::{member as json_member, misspelt_within, twin_members};
+pub(crate) use keys::{
+    has_twins as json_member_twins, member as json_member, misspelt_within, twin_members, Twins,
+};
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};
+pub use method::other_methods;
 pub use multipart::{
     check as check_body_encodings, decoded_params as multipart_params, Undecodable,
 };
@@ -48,23 +51,25 @@ pub enum InspectError {
     /// inspection does not, so it is refused rather than forwarded unclassified.
     #[error("JSON request bodies must be UTF-8 without a byte-order mark (RFC 8259)")]
     NotUtf8Json,
-    /// An object names one member twice, or two whose names differ only in letter case: decoders read such JSON
-    /// differently (first or last, case-sensitive or not), so what the policy read may not be what the receiver
-    /// acts on (see `keys`).
+    /// An object names one member twice, or two whose names differ only in letter case where a reader looks the
+    /// name up (a protocol member, a member a condition's JSONPath selects): decoders read such JSON differently
+    /// (first or last, case-sensitive or not), so what the policy read may not be what the receiver acts on (see
+    /// `keys`).
     #[error("an object in the JSON body names a member twice (or twice in different letter case)")]
     TwinMembers,
     /// Text the receiver decodes in a way inspection does not: a charset that does not spell ASCII as ASCII, a
     /// multipart part's own transfer or content coding, a boundary or content type that reads more than one way.
     #[error(transparent)]
     Encoded(Undecodable),
-    /// The request names another method than its own in an override header or a `_method` parameter (see
-    /// `method`): the upstream may act on either.
-    #[error("the request names another method than its own (a method override)")]
+    /// The request names a method in a `_method` part of a multipart body, whose value is not read (see `method`):
+    /// the upstream may route it as a method no reading was decided under.
+    #[error("the request names a method in a multipart part (a method override that is not read)")]
     MethodOverride,
-    /// A header field or query parameter some rule reads is given more than one value (`Policy::ambiguous_field`):
-    /// the receiver may act on one no rule saw.
-    #[error("a header or query parameter the policy reads is given more than one value")]
-    AmbiguousField,
+    /// The request reads more than one way (a method override, a field the policy reads given several values, a
+    /// backslash in the path: `proxy::readings`) and the policy decides the readings differently, or it reads too
+    /// many ways to decide each: the receiver may act on a reading the enforced decision did not see.
+    #[error("the request reads more than one way: {0}")]
+    Readings(String),
 }
 
 /// An LLM provider whose API shapes are understood.
@@ -218,9 +223,6 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     // The policy matches the path as the upstream's router will read it, so `/%61dmin` or `/admin;x` cannot
     // dodge a rule written for `/admin/**`. The audit record keeps the path as sent.
     http.path = policy_path(raw_path, &path);
-    if method::overrides_method(http) {
-        return Err(InspectError::MethodOverride);
-    }
     let host = action
         .transport
         .host
@@ -235,8 +237,10 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     if http.json.is_none() && !http.body.trim().is_empty() {
         http.json = serde_json::from_str(&http.body).ok();
     }
-    // Whatever member the policy reads (`json:`, `mcp.args`, the LLM fields), a receiver must read the same one.
-    if http.json.is_some() && keys::twin_members(&http.body) {
+    // A member named twice: a receiver may read either value (see `keys`). Members named alike only once folded
+    // are refused where a reader looks the name up: the protocol members below (`misspelt`), and the members a
+    // condition's JSONPath selects (`Policy::reads_twin_member`).
+    if http.json.is_some() && keys::twin_members(&http.body, keys::Twins::Exact) {
         return Err(InspectError::TwinMembers);
     }
 

@@ -960,6 +960,21 @@ impl Cond {
         }
     }
 
+    /// Whether a `json:` or `mcp.args` path of this condition selects, in `a`, a member that has a twin named alike
+    /// once folded (`JsonPath::reads_twins`): the receiver may read the other one.
+    pub fn reads_twin_member(&self, a: &Action) -> bool {
+        let twins = |tests: &[(JsonPath, Vec<Op>)], root: Option<&Value>| {
+            root.is_some_and(|r| tests.iter().any(|(path, _)| path.reads_twins(r)))
+        };
+        match self {
+            Cond::All(cs) | Cond::Any(cs) => cs.iter().any(|c| c.reads_twin_member(a)),
+            Cond::Not(c) => c.reads_twin_member(a),
+            Cond::Json(tests) => twins(tests, a.http.as_ref().and_then(|h| h.json.as_ref())),
+            Cond::McpArgs(tests) => twins(tests, a.mcp.as_ref().and_then(|m| m.args.as_ref())),
+            _ => false,
+        }
+    }
+
     /// Add the header names (lower-case) and query parameter names this condition reads (`header.<name>`,
     /// `query.<name>`) to `headers` and `queries`, once each.
     pub fn field_names(&self, headers: &mut Vec<String>, queries: &mut Vec<String>) {

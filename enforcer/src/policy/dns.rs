@@ -81,7 +81,7 @@ impl Policy {
             .map(|(i, _)| i)
             .collect();
         if !matched.is_empty() {
-            return self.decide(action, &matched, now);
+            return self.decide(action, &matched, now, super::Tokens::Take);
         }
         let name = cx.host.as_deref().unwrap_or("");
         let matches = |globs: &[Glob]| globs.iter().any(|g| g.is_match(name));
@@ -102,7 +102,7 @@ impl Policy {
                 return self.rule_decision(rule, Verdict::Allow, None);
             }
         }
-        self.decide(action, &[], now)
+        self.decide(action, &[], now, super::Tokens::Take)
     }
 
     fn rule_decision(&self, rule: &Rule, verdict: Verdict, message: Option<String>) -> Decision {

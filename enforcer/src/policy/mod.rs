@@ -28,6 +28,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use cond::{fault, CResult, Cond, Ctx, Fault, Scope};
+use ratelimit::Tokens;
 use yaml::{Kind, Loc, Node};
 
 use crate::model::{
@@ -36,6 +37,7 @@ use crate::model::{
 
 pub use effects::{BUILTIN_COUNTERS, MAX_REVIEW_SECS, MAX_WINDOW_SECS};
 
+pub use cond::{header_values, same_header};
 pub use dns::RefusedAnswer;
 pub use shared::SharedPolicy;
 pub use yaml::MAX_SOURCE_BYTES;
@@ -226,8 +228,7 @@ pub struct Policy {
     access: HashMap<String, ProfileAccess>,
     /// Every (counter, window) a `session.count` condition reads, so the session registry fills exactly those.
     session_counters: Vec<(String, Option<u64>)>,
-    /// The header names (lower-case) and query parameter names some condition reads, whose values a request must
-    /// give one way ([`Policy::ambiguous_field`]).
+    /// The header names (lower-case) and query parameter names some condition reads ([`Policy::read_fields`]).
     read_headers: Vec<String>,
     read_queries: Vec<String>,
     rules: Vec<Rule>,
@@ -271,8 +272,22 @@ impl Policy {
     /// carries every rule any Action matched and, when it is constrain, every constrain rewrite of every Action, each
     /// once, in order. No Actions decide like one empty Action (the default).
     pub fn decide_all(&self, actions: &[Action]) -> Decided {
+        self.decide_all_with(actions, Tokens::Take)
+    }
+
+    /// [`Policy::decide_all`] for another reading of a request (`proxy::readings`): rate limits are looked at, no
+    /// token is taken — the request is counted once, by the decision enforced. Called before that decision, so a
+    /// reading sees the buckets as the enforced decision does.
+    pub fn decide_reading(&self, actions: &[Action]) -> Decided {
+        self.decide_all_with(actions, Tokens::Look)
+    }
+
+    fn decide_all_with(&self, actions: &[Action], tokens: Tokens) -> Decided {
         let now = Instant::now();
-        let each: Vec<Decision> = actions.iter().map(|a| self.evaluate_at(a, now)).collect();
+        let each: Vec<Decision> = actions
+            .iter()
+            .map(|a| self.evaluate_with(a, now, tokens))
+            .collect();
         let mut index = 0;
         for (i, d) in each.iter().enumerate().skip(1) {
             let b = &each[index];
@@ -283,7 +298,7 @@ impl Policy {
             }
         }
         let Some(winner) = each.get(index) else {
-            let decision = self.evaluate_at(&Action::default(), now);
+            let decision = self.evaluate_with(&Action::default(), now, tokens);
             return Decided {
                 decision: decision.clone(),
                 index: 0,
@@ -328,6 +343,10 @@ impl Policy {
     /// Decide one action as of `now` (rate limits refill against this clock; tests and cases advance it).
     /// A DNS query (scheme `dns`) is decided as docs/policy.md describes (see [`Policy::evaluate_dns`]).
     pub fn evaluate_at(&self, action: &Action, now: Instant) -> Decision {
+        self.evaluate_with(action, now, Tokens::Take)
+    }
+
+    fn evaluate_with(&self, action: &Action, now: Instant, tokens: Tokens) -> Decision {
         if let Some(decision) = self.profile_refusal(action) {
             return decision;
         }
@@ -372,7 +391,7 @@ impl Policy {
                 matched.push(next);
             }
         }
-        self.decide(action, &matched, now)
+        self.decide(action, &matched, now, tokens)
     }
 
     /// A request from a profile restricted to other users (`profiles: NAME: { users, groups }`) is blocked
@@ -393,7 +412,7 @@ impl Policy {
         Decision::bare(verdict, reason, self.mode, self.hash.clone())
     }
 
-    fn decide(&self, action: &Action, matched: &[usize], now: Instant) -> Decision {
+    fn decide(&self, action: &Action, matched: &[usize], now: Instant, tokens: Tokens) -> Decision {
         // What the agent sends is decided by the policy's default when no rule matches; what comes back (a proposal,
         // a response) passes unless a rule says otherwise.
         let default = match action.phase() {
@@ -430,7 +449,7 @@ impl Policy {
         let mut limited: Option<&Rule> = None;
         for (i, rule) in &rules {
             if let Some(limit) = &rule.rate_limit {
-                if !self.limiter.admit(*i, limit, action, now) && limited.is_none() {
+                if !self.limiter.admit(*i, limit, action, now, tokens) && limited.is_none() {
                     limited = Some(rule);
                 }
             }
@@ -578,28 +597,44 @@ impl Policy {
             .is_none_or(|a| a.admits(agent))
     }
 
-    /// The name of a header field or query parameter some condition reads that `http` gives more than one value
-    /// (several field lines, `X-Role` beside `X_Role`, a repeated parameter), when the values differ. Receivers
-    /// take the first, the last or all of them (joined with `, `), while a condition holds when any value meets it:
-    /// an allow rule on `header.x-role: reader` would pass `X-Role: reader` followed by `X-Role: admin`. The proxy
-    /// refuses such a request. Only the names the policy reads are looked at.
-    pub fn ambiguous_field<'a>(&'a self, http: &crate::model::HttpRequest) -> Option<&'a str> {
-        fn differ<'v>(mut values: impl Iterator<Item = &'v str>) -> bool {
-            let first = values.next();
-            values.any(|v| Some(v) != first)
-        }
-        // Cookie lines are one list of cookies (RFC 9113 §8.2.3 lets an HTTP/2 client split them), not rivals.
-        let header = self
-            .read_headers
-            .iter()
-            .filter(|name| *name != "cookie")
-            .find(|name| differ(cond::header_values(&http.headers, name)));
-        let query = || {
-            self.read_queries
+    /// The header names (lower-case, `cookie` left out) and query parameter names some condition reads: the fields
+    /// whose several values make a request read several ways (`proxy::readings`). Cookie lines are one list of
+    /// cookies (RFC 9113 §8.2.3 lets an HTTP/2 client split them), not rivals.
+    pub fn read_fields(
+        &self,
+    ) -> (
+        impl Iterator<Item = &str>,
+        impl Iterator<Item = &str> + Clone,
+    ) {
+        (
+            self.read_headers
                 .iter()
-                .find(|name| differ(http.query.get_all(name)))
+                .map(String::as_str)
+                .filter(|name| *name != "cookie"),
+            self.read_queries.iter().map(String::as_str),
+        )
+    }
+
+    /// Whether a condition or a JSON rewrite of a rule deciding requests selects, in `action`, a JSON member that
+    /// has a twin named alike once folded (`{"command":…,"Command":…}` for `$.command`; `{"limit":5,"LIMIT":1e9}`
+    /// for a `json_cap` on `$.limit`): a case-insensitive decoder may act on the other. The proxy refuses such a
+    /// request, rather than decide it under each member. Members no rule reads may be named alike: they are data.
+    pub fn reads_twin_member(&self, action: &Action) -> bool {
+        let body = action.http.as_ref().and_then(|h| h.json.as_ref());
+        let rewrites_twin = |r: &Rule| {
+            body.is_some_and(|json| {
+                r.rewrites.iter().any(|w| match w {
+                    Rewrite::JsonSet { path, .. }
+                    | Rewrite::JsonRemove { path }
+                    | Rewrite::JsonCap { path, .. }
+                    | Rewrite::JsonTruncate { path, .. } => path.reads_twins(json),
+                    _ => false,
+                })
+            })
         };
-        header.or_else(query).map(String::as_str)
+        self.rules.iter().any(|r| {
+            r.on == Phase::Request && (r.when.reads_twin_member(action) || rewrites_twin(r))
+        })
     }
 
     /// Every (counter, window in seconds) a `session.count` condition reads; `None` is the session's total.

@@ -39,6 +39,13 @@ pub struct RateLimit {
     pub by: Vec<By>,
 }
 
+/// Whether a decision takes a token from the buckets it meets, or only looks whether one is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokens {
+    Take,
+    Look,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -51,8 +58,16 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// Take one token for `rule` under `limit`; `false` when the bucket is empty (over the limit).
-    pub fn admit(&self, rule: usize, limit: &RateLimit, action: &Action, now: Instant) -> bool {
+    /// Take one token for `rule` under `limit` (with [`Tokens::Look`], only look whether there is one); `false` when
+    /// the bucket is empty (over the limit).
+    pub fn admit(
+        &self,
+        rule: usize,
+        limit: &RateLimit,
+        action: &Action,
+        now: Instant,
+        tokens: Tokens,
+    ) -> bool {
         let key = key(rule, limit, action);
         let capacity = f64::from(limit.requests);
         let rate = capacity / limit.per.as_secs_f64().max(f64::MIN_POSITIVE);
@@ -60,6 +75,12 @@ impl Limiter {
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if tokens == Tokens::Look {
+            return buckets.get(&key).is_none_or(|b| {
+                let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+                (b.tokens + elapsed * rate).min(capacity) >= 1.0
+            });
+        }
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&key) {
             buckets.retain(|_, b| {
                 let refilled =
@@ -135,15 +156,33 @@ mod tests {
         };
         let action = Action::default();
         let t0 = Instant::now();
-        assert!(limiter.admit(0, &limit, &action, t0));
-        assert!(limiter.admit(0, &limit, &action, t0));
-        assert!(!limiter.admit(0, &limit, &action, t0));
+        assert!(limiter.admit(0, &limit, &action, t0, Tokens::Take));
+        assert!(limiter.admit(0, &limit, &action, t0, Tokens::Take));
+        assert!(!limiter.admit(0, &limit, &action, t0, Tokens::Take));
         assert!(
-            limiter.admit(1, &limit, &action, t0),
+            limiter.admit(1, &limit, &action, t0, Tokens::Take),
             "other rules have their own bucket"
         );
-        assert!(limiter.admit(0, &limit, &action, t0 + Duration::from_secs(5)));
-        assert!(!limiter.admit(0, &limit, &action, t0 + Duration::from_secs(5)));
+        assert!(limiter.admit(
+            0,
+            &limit,
+            &action,
+            t0 + Duration::from_secs(5),
+            Tokens::Take
+        ));
+        assert!(!limiter.admit(
+            0,
+            &limit,
+            &action,
+            t0 + Duration::from_secs(5),
+            Tokens::Take
+        ));
+        // Looking takes nothing: the bucket that refills one token says yes to each look, then to one take.
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(limiter.admit(0, &limit, &action, t1, Tokens::Look));
+        assert!(limiter.admit(0, &limit, &action, t1, Tokens::Look));
+        assert!(limiter.admit(2, &limit, &action, t1, Tokens::Look));
+        assert!(limiter.admit(0, &limit, &action, t1, Tokens::Take));
     }
 
     #[test]

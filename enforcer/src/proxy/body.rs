@@ -108,7 +108,7 @@ pub(crate) fn refusal(e: &InspectError) -> Refusal {
         InspectError::BadJson { .. } | InspectError::Corrupt { .. } | InspectError::TwinMembers => {
             (Reason::Unparseable, StatusCode::BAD_REQUEST)
         }
-        InspectError::MethodOverride | InspectError::AmbiguousField => {
+        InspectError::MethodOverride | InspectError::Readings(_) => {
             (Reason::BadRequest, StatusCode::BAD_REQUEST)
         }
     };

@@ -7,6 +7,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use super::body::{self, Body};
 use super::head::Head;
 use super::http::Conn;
+use super::readings::{self, Readings};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
@@ -14,28 +15,56 @@ use crate::inspect::{self, InspectError, Inspected, Protocol};
 use crate::model::{Action, HttpRequest, Pairs, Transport};
 
 /// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
-/// classified is refused, answered in the shape of the protocol it claims to speak.
+/// classified is refused, answered in the shape of the protocol it claims to speak. A request that reads more than
+/// one way (`readings`) comes with each other reading's Actions, classified alike, for the decide phase to check
+/// agreement with; none for a request that reads one way.
 pub(crate) fn classify(
     rec: &mut ExchangeRecord,
     conn: &Conn,
     head: &Head,
     parts: &http::request::Parts,
     body: &Body,
-) -> Result<Inspected, Refusal> {
+) -> Result<(Inspected, Readings), Refusal> {
     let action = build_action(conn, head, parts, body);
     let cfg = &rec.ctx().inspect;
-    // A header or parameter a rule reads, given two ways: a receiver may act on the value no rule saw.
-    let ambiguous = action
+    let raw_query = parts.uri.query().unwrap_or("");
+    let classified = action
         .http
         .as_ref()
-        .is_some_and(|http| rec.policy().ambiguous_field(http).is_some());
-    let inspected = if ambiguous {
-        Err(InspectError::AmbiguousField)
-    } else {
-        inspect_action(action.clone(), cfg, &body.decoded)
-    };
-    match inspected {
-        Ok(inspected) => Ok(inspected),
+        .map_or(Ok(readings::Built::default()), |http| {
+            readings::build(http, raw_query, rec.policy().read_fields())
+        })
+        .map_err(|e| match e {
+            readings::Unreadable::MethodInPart => InspectError::MethodOverride,
+            e @ readings::Unreadable::TooMany => InspectError::Readings(e.to_string()),
+        })
+        .and_then(|others| {
+            let inspected = inspect_action(action.clone(), cfg, &body.decoded)?;
+            // A member a condition selects, with a twin named alike once folded: refused, not decided under each.
+            if inspected
+                .actions
+                .iter()
+                .any(|a| rec.policy().reads_twin_member(a))
+            {
+                return Err(InspectError::TwinMembers);
+            }
+            let mut readings = Readings {
+                kinds: others.kinds,
+                actions: Vec::with_capacity(others.requests.len()),
+            };
+            for http in others.requests {
+                let reading = Action {
+                    http: Some(http),
+                    ..action.clone()
+                };
+                readings
+                    .actions
+                    .push(inspect_action(reading, cfg, &body.decoded)?.actions);
+            }
+            Ok((inspected, readings))
+        });
+    match classified {
+        Ok(classified) => Ok(classified),
         Err(e) => {
             let claimed = inspect::claimed_protocol(&action, cfg);
             rec.note_protocol(claimed);
@@ -159,28 +188,25 @@ pub(crate) fn build_action(
     }
 }
 
-/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space). A query with `;` is read both ways servers split it: on
-/// `&` (WHATWG URL, most servers) and on `&` and `;` (Rack 2, hence Rails; Python before 3.9.2; Go before 1.17),
-/// the pairs only the second reading has added after the first's. `?mode=read;mode=write` is `mode` =
-/// `read;mode=write` and also `mode` = `read` and `write`: a rule on `query.mode` sees every value a server may
-/// act on (and `Policy::ambiguous_field` refuses the request when they differ).
+/// `a=1&b=x%20y` → pairs, percent-decoded (`+` as space), split on `&` as WHATWG URL and most servers split a
+/// query. Servers that also split on `;` read the query another way: `readings` decides that reading too.
 pub(crate) fn parse_query(q: &str) -> Pairs {
+    split_query(q, &['&'])
+}
+
+/// The query `q` split on each of `separators`, as [`parse_query`] reads its pairs: `mode=read;mode=write` split on
+/// `&` and `;` (Rack 2, hence Rails; Python before 3.9.2; Go before 1.17) is `mode` = `read` and `write`.
+pub(crate) fn split_query(q: &str, separators: &[char]) -> Pairs {
     let pair = |p: &str| {
         let (k, v) = p.split_once('=').unwrap_or((p, ""));
         (percent_decode(k, true), percent_decode(v, true))
     };
-    let mut pairs: Vec<(String, String)> =
-        q.split('&').filter(|p| !p.is_empty()).map(pair).collect();
-    if q.contains(';') {
-        let more: Vec<_> = q
-            .split(['&', ';'])
+    Pairs(
+        q.split(separators)
             .filter(|p| !p.is_empty())
             .map(pair)
-            .filter(|p| !pairs.contains(p))
-            .collect();
-        pairs.extend(more);
-    }
-    Pairs(pairs)
+            .collect(),
+    )
 }
 
 fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
@@ -204,7 +230,10 @@ mod tests {
         assert_eq!(q.get("d"), Some("%4"));
         let q = parse_query("mode=read;mode=write&x=1");
         let modes: Vec<&str> = q.get_all("mode").collect();
-        assert_eq!(modes, ["read;mode=write", "read", "write"]);
+        assert_eq!(modes, ["read;mode=write"]);
+        let q = split_query("mode=read;mode=write&x=1", &['&', ';']);
+        let modes: Vec<&str> = q.get_all("mode").collect();
+        assert_eq!(modes, ["read", "write"]);
         assert_eq!(q.get_all("x").count(), 1);
     }
 

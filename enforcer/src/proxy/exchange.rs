@@ -6,9 +6,11 @@
 //! 1. `head::read` — the authority the request names and the host the policy sees;
 //! 2. `head::bind_to_sni` — over TLS, that host is the server name the session was opened for;
 //! 3. `body::read`, `body::decode` — the whole body, bounded, and its content-coding undone;
-//! 4. `classify::classify` — the Actions and the protocol;
+//! 4. `classify::classify` — the Actions and the protocol (and, for a request that reads more than one way, each
+//!    other reading's: `readings`);
 //! 5. `Sessions::fill` — what the agent's session did so far, for `session.*` conditions;
-//! 6. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with;
+//! 6. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with; a request whose
+//!    other readings the policy decides otherwise is refused (`readings::agree`);
 //! 7. `Sessions::note` — what each decided Action leaves on the session (labels, counters, the tool it called);
 //! 8. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
 //! 9. `enforce::enforce` — block, or constrain the request;
@@ -31,7 +33,7 @@ use super::body::ClientBody;
 use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
-use super::{answer, body, classify, enforce, forward, head, hold, ProxyContext};
+use super::{answer, body, classify, enforce, forward, head, hold, readings, ProxyContext};
 use crate::model::{Action, RequestSummary};
 
 /// Take one request through the phases; the response the client gets. The request is boxed: passed down by value,
@@ -125,11 +127,19 @@ async fn prepare(
     rec.note_body(&raw);
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
 
-    let mut inspected = classify::classify(rec, conn, &head, &parts, &body)?;
+    let (mut inspected, mut readings) = classify::classify(rec, conn, &head, &parts, &body)?;
     let sessions = rec.ctx().sessions.clone();
     sessions.fill(&mut inspected.actions, policy.session_counters());
+    for actions in &mut readings.actions {
+        sessions.fill(actions, policy.session_counters());
+    }
     let deciding = Instant::now();
+    let others = readings.decide(&policy);
     let mut decided = policy.decide_all(&inspected.actions);
+    if !readings::agree(&decided, &others) {
+        rec.note_protocol(inspected.protocol);
+        return Err(readings.refusal());
+    }
     // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
     if crate::dns::is_synthetic(conn.dst.ip()) {
         let d =

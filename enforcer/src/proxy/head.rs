@@ -30,8 +30,8 @@ pub(crate) struct Head {
 /// could read the other name than the policy did), an address in the NAT64 local-use prefix
 /// (`host::nat64_local_use`: which IPv4 address it reaches is the network's choice, not the address's), `CONNECT`
 /// outside the explicit listener, paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server
-/// resolving them would serve another path than the one the policy matched) and paths with a backslash
-/// ([`has_backslash`]).
+/// resolving them would serve another path than the one the policy matched; also behind a backslash). A path with a
+/// backslash is read both ways servers read it (`readings`).
 pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
     if conflicting_host(parts) {
         return Err(Refusal::new(
@@ -67,13 +67,6 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
             Reason::BadRequest,
             StatusCode::BAD_REQUEST,
             "the request path contains dot segments",
-        ));
-    }
-    if has_backslash(parts.uri.path()) {
-        return Err(Refusal::new(
-            Reason::BadRequest,
-            StatusCode::BAD_REQUEST,
-            "the request path contains a backslash",
         ));
     }
     let upgrade = (parts.version == Version::HTTP_11)
@@ -124,13 +117,6 @@ pub(crate) async fn bind_to_destination(
                 "the request's host does not live at the connection's destination",
             )
         })
-}
-
-/// Whether `path` holds a backslash, as sent or percent-encoded (`%5C`). IIS, ASP.NET and other servers on Windows
-/// read it as `/` (so `/admin\users` is under `/admin/`), others as part of a segment: which path a rule should
-/// match cannot be told, so such a request is refused. RFC 3986 does not allow it unencoded.
-fn has_backslash(path: &str) -> bool {
-    percent_decode(path, false).contains('\\')
 }
 
 /// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash.

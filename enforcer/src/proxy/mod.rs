@@ -33,6 +33,7 @@ mod http2;
 mod io;
 mod limits;
 mod proposal;
+mod readings;
 mod record;
 mod refusal;
 mod response;

@@ -237,22 +237,34 @@ fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
 async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
     let (raw, text, json) = contents(&msg);
     let mut summary = ans.part_summary(&raw, Vec::new());
-    let mut inspected =
-        match classify_agent_message(&ans.request, &raw, text, json, &ans.ctx.inspect) {
-            Ok(inspected) => inspected,
-            Err(e) => {
-                let decision =
-                    super::enforcer_decision(&ans.policy, Reason::Unparseable, &e.to_string());
-                ans.record(
-                    Phase::Request,
-                    decision,
-                    summary,
-                    refused(Some(Reason::Unparseable)),
-                )
-                .await;
-                return Fate::Close(CloseCode::Invalid, "message is not valid JSON");
+    // As a request body: a member a condition selects must not have a twin named alike once folded.
+    let classified = classify_agent_message(&ans.request, &raw, text, json, &ans.ctx.inspect)
+        .and_then(|inspected| {
+            let twins = inspected
+                .actions
+                .iter()
+                .any(|a| ans.policy.reads_twin_member(a));
+            if twins {
+                Err(inspect::InspectError::TwinMembers)
+            } else {
+                Ok(inspected)
             }
-        };
+        });
+    let mut inspected = match classified {
+        Ok(inspected) => inspected,
+        Err(e) => {
+            let decision =
+                super::enforcer_decision(&ans.policy, Reason::Unparseable, &e.to_string());
+            ans.record(
+                Phase::Request,
+                decision,
+                summary,
+                refused(Some(Reason::Unparseable)),
+            )
+            .await;
+            return Fate::Close(CloseCode::Invalid, "message is not valid JSON");
+        }
+    };
     let decided = ans.decide_in_session(&mut inspected.actions);
     let llm = inspected
         .actions
@@ -302,11 +314,11 @@ fn classify_agent_message(
     if json.is_none() && inspect::claims_json(None, &text) {
         return Err(InspectError::BadJson { protocol: "JSON" });
     }
-    // JSON-RPC a server could read otherwise than the policy, or JSON with twin members (see the request path).
+    // JSON-RPC a server could read otherwise than the policy, or JSON naming a member twice (see the request path).
     if json.as_ref().is_some_and(inspect::ambiguous_json_rpc) {
         return Err(InspectError::BadJson { protocol: "MCP" });
     }
-    if json.is_some() && inspect::twin_members(&text) {
+    if json.is_some() && inspect::twin_members(&text, inspect::Twins::Exact) {
         return Err(InspectError::TwinMembers);
     }
     let mut action = request.clone();

@@ -448,7 +448,7 @@ type Members<'a> = BTreeMap<&'a str, &'a RawValue>;
 fn no_calls(data: &str) -> Option<Vec<u64>> {
     // A map keeps the last of a repeated name: a chunk naming a member twice (`"tool_calls":[…],"tool_calls":null`)
     // would pass as text what a first-wins reader reads as a call. Read whole, it is refused (`event_json`).
-    if crate::inspect::twin_members(data) {
+    if crate::inspect::twin_members(data, crate::inspect::Twins::Folded) {
         return None;
     }
     let chunk: Members = plain(data)?;

@@ -226,7 +226,7 @@ fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
         return Ok(None);
     }
     let json = serde_json::from_str(data).map_err(|_| Unreadable)?;
-    if crate::inspect::twin_members(data) || misspelt(&json) {
+    if crate::inspect::twin_members(data, crate::inspect::Twins::Folded) || misspelt(&json) {
         return Err(Unreadable);
     }
     Ok(Some(json))
@@ -324,7 +324,12 @@ fn function_args(text: &str) -> (Value, bool) {
         return (Value::Object(serde_json::Map::new()), false);
     }
     match serde_json::from_str::<Value>(text) {
-        Ok(v) if v.is_object() && !crate::inspect::twin_members(text) => (v, false),
+        Ok(v)
+            if v.is_object()
+                && !crate::inspect::twin_members(text, crate::inspect::Twins::Folded) =>
+        {
+            (v, false)
+        }
         _ => (Value::String(text.to_string()), true),
     }
 }

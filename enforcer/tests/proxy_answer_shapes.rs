@@ -282,27 +282,129 @@ fn canned(case: &str) -> (&'static str, String) {
         }
         "messages-twin-stream" => {
             let args = format!("{{\"command\":\"echo ok\",\"Command\":{}}}", json!(COMMAND));
-            let events = [
-                json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
-                    "model": "m", "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": 1, "output_tokens": 1}}}),
-                json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {}}}),
-                json!({"type": "content_block_delta", "index": 0,
-                    "delta": {"type": "input_json_delta", "partial_json": args}}),
-                json!({"type": "content_block_stop", "index": 0}),
-                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null},
-                    "usage": {"output_tokens": 5}}),
-                json!({"type": "message_stop"}),
+            (sse, messages_stream(&[], &[named(input_piece(0, &args))]))
+        }
+        // A piece of the input between two others (`cu` + `X` + `rl …`) in an event the SDKs skip or apply
+        // otherwise than this reader would join it: unnamed (anthropic-python skips it), named `ping` (every SDK
+        // skips it), under a name only Python's SDK reads, a `text_delta` or `thinking_delta` carrying
+        // `partial_json` (applied as text, if at all), or a piece naming the text block before (anthropic-sdk-go
+        // applies it to the last block started, the tool's).
+        "messages-unnamed-stream"
+        | "messages-ping-stream"
+        | "messages-unknown-name-stream"
+        | "messages-text-delta-stream"
+        | "messages-thinking-delta-stream"
+        | "messages-other-block-stream" => {
+            let args = args_with("");
+            let (a, b) = args.split_at(args.find("curl").unwrap() + 2);
+            let mut x = input_piece(1, "X");
+            let middle = match case {
+                "messages-unnamed-stream" => (None, x),
+                "messages-ping-stream" => (Some("ping".to_string()), x),
+                "messages-unknown-name-stream" => (Some("content_block_piece".to_string()), x),
+                "messages-text-delta-stream" => {
+                    x["delta"] = json!({"type": "text_delta", "text": "", "partial_json": "X"});
+                    named(x)
+                }
+                "messages-thinking-delta-stream" => {
+                    x["delta"] =
+                        json!({"type": "thinking_delta", "thinking": "", "partial_json": "X"});
+                    named(x)
+                }
+                _ => {
+                    x["index"] = json!(0);
+                    named(x)
+                }
+            };
+            let text = [
+                named(json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}})),
+                named(json!({"type": "content_block_stop", "index": 0})),
             ];
-            let text = events
-                .iter()
-                .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
-                .collect();
-            (sse, text)
+            let pieces = [named(input_piece(1, a)), middle, named(input_piece(1, b))];
+            (sse, messages_stream(&text, &pieces))
+        }
+        // What an ordinary stream carries besides a call: `ping` events, a thinking block (thinking and signature
+        // deltas), a text block; the call's input in pieces, a `ping` between them.
+        "messages-ordinary-stream" => {
+            let ping = named(json!({"type": "ping"}));
+            let block = |index: u64, block: Value, delta: Value| {
+                [
+                    named(
+                        json!({"type": "content_block_start", "index": index, "content_block": block}),
+                    ),
+                    named(json!({"type": "content_block_delta", "index": index, "delta": delta})),
+                    named(json!({"type": "content_block_stop", "index": index})),
+                ]
+            };
+            let mut before = vec![ping.clone()];
+            before.extend(block(
+                0,
+                json!({"type": "thinking", "thinking": "", "signature": ""}),
+                json!({"type": "thinking_delta", "thinking": "Let me see."}),
+            ));
+            before.insert(
+                3,
+                named(json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "signature_delta", "signature": "c2ln"}})),
+            );
+            before.push(ping.clone());
+            before.extend(block(
+                1,
+                json!({"type": "text", "text": ""}),
+                json!({"type": "text_delta", "text": "Running it."}),
+            ));
+            let args = args_with("");
+            let (a, b) = args.split_at(args.find("curl").unwrap() + 2);
+            let pieces = [named(input_piece(2, a)), ping, named(input_piece(2, b))];
+            (sse, messages_stream(&before, &pieces))
         }
         _ => ("text/plain", "unknown case".into()),
     }
+}
+
+/// An Anthropic event named by its own `type`, as the API writes it.
+fn named(v: Value) -> (Option<String>, Value) {
+    (v["type"].as_str().map(str::to_string), v)
+}
+
+/// A piece of the input of the tool block at `index`.
+fn input_piece(index: u64, json: &str) -> Value {
+    json!({"type": "content_block_delta", "index": index,
+        "delta": {"type": "input_json_delta", "partial_json": json}})
+}
+
+/// An Anthropic Messages stream: `before` (whole blocks), then a `shell` tool block at the next index built by
+/// `pieces`, then its stop and the end of the message.
+fn messages_stream(
+    before: &[(Option<String>, Value)],
+    pieces: &[(Option<String>, Value)],
+) -> String {
+    let tool = before
+        .iter()
+        .filter(|(_, v)| v["type"] == "content_block_start")
+        .count();
+    let mut all = vec![named(
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "model": "m", "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+    )];
+    all.extend_from_slice(before);
+    all.push(named(json!({"type": "content_block_start", "index": tool,
+        "content_block": {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {}}})));
+    all.extend_from_slice(pieces);
+    all.extend([
+        named(json!({"type": "content_block_stop", "index": tool})),
+        named(json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+            "usage": {"output_tokens": 5}})),
+        named(json!({"type": "message_stop"})),
+    ]);
+    all.iter()
+        .map(|(name, v)| match name {
+            Some(name) => format!("event: {name}\ndata: {v}\n\n"),
+            None => format!("data: {v}\n\n"),
+        })
+        .collect()
 }
 
 /// A Gemini answer for a case (the model in the path).
@@ -522,6 +624,12 @@ async fn answer_members_read_otherwise_refuse_the_answer() {
         "reopened-stream",
         "choice-index-stream",
         "responses-index-stream",
+        "messages-unnamed-stream",
+        "messages-ping-stream",
+        "messages-unknown-name-stream",
+        "messages-text-delta-stream",
+        "messages-thinking-delta-stream",
+        "messages-other-block-stream",
     ] {
         answers.push((case, chat(&w, case).await));
     }
@@ -582,5 +690,19 @@ async fn gemini_calls_in_any_candidate_and_either_stream_are_decided() {
     for case in ["gemini-second-candidate", "gemini-array"] {
         assert_refused_by_rule(case, 200, ask_gemini(&w, case).await);
     }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// An ordinary Anthropic stream (`ping` events, thinking with its signature, text, a call's input in pieces with a
+/// `ping` between them) is read as the SDKs read it: everything but the call passes as it came, the call is decided.
+#[tokio::test]
+async fn an_ordinary_anthropic_stream_is_read_and_its_call_decided() {
+    let w = world().await;
+    let case = "messages-ordinary-stream";
+    let (status, body, recs) = chat(&w, case).await;
+    for kept in ["\"type\":\"ping\"", "Let me see.", "c2ln", "Running it."] {
+        assert!(body.contains(kept), "{case}: {kept} missing: {body}");
+    }
+    assert_refused_by_rule(case, 200, (status, body, recs));
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -94,6 +94,9 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
+        if !named_as_typed(ev.name.as_deref(), &v) || !delta_as_typed(&v) {
+            return Err(Unreadable);
+        }
         self.read(ev, v)
     }
 
@@ -150,6 +153,13 @@ impl Stream {
                 }
                 return Ok(Vec::new());
             }
+            // anthropic-sdk-go applies a delta to the last block started, whatever its `index`: a piece of input
+            // for any block but the open tool block may be joined to a tool's input there.
+            ("content_block_delta", _)
+                if v.get("delta").and_then(|d| str_of(d, "type")) == Some("input_json_delta") =>
+            {
+                return Err(Unreadable);
+            }
             ("message_delta", _) => {
                 self.pending.push(Item::Final(ev.raw, v));
                 return Ok(Vec::new());
@@ -190,18 +200,29 @@ impl Stream {
         index < self.started && (open || !self.tools.contains(&index))
     }
 
+    /// A delta or the stop of the open tool block.
+    ///
+    /// # Errors
+    /// [`Unreadable`] for a delta that is not an `input_json_delta` with its `partial_json` text: the SDKs apply a
+    /// delta by its `type` (anthropic-python's `accumulate_event`, anthropic-sdk-go's `Accumulate`), so a
+    /// `text_delta` or `thinking_delta` on a tool block adds nothing to its input in one SDK and text to the last
+    /// block in another, and a missing `partial_json` is `bytes(None)` (an error) in Python but `"undefined"` in
+    /// JavaScript's `+=`, which writes any other value into the text too (`null`, an array's elements, a number's
+    /// digits).
     fn absorb(&mut self, raw: Bytes, v: Value) -> Result<Vec<Call>, Unreadable> {
         let Some(held) = self.open.as_mut() else {
             return Ok(Vec::new());
         };
-        match v.get("delta").and_then(|d| d.get("partial_json")) {
-            None => {}
-            Some(Value::String(piece)) => held.json.push_str(piece),
-            // The SDKs join the pieces with JavaScript's `+=` (`jsonBuf += partial_json`), which writes any other
-            // value into the text too (`null`, an array's elements, a number's digits): not read as they read it.
-            Some(_) => return Err(Unreadable),
-        }
         let stop = str_of(&v, "type") == Some("content_block_stop");
+        if !stop {
+            let delta = v.get("delta").unwrap_or(&Value::Null);
+            match (str_of(delta, "type"), delta.get("partial_json")) {
+                (Some("input_json_delta"), Some(Value::String(piece))) => {
+                    held.json.push_str(piece);
+                }
+                _ => return Err(Unreadable),
+            }
+        }
         held.events.push((raw, v));
         if stop {
             return self.finish();
@@ -331,6 +352,29 @@ impl Stream {
             }
         }
     }
+}
+
+/// Whether an event's SSE name and its data's `type` agree wherever either is an event the accumulators read
+/// (`message_*`, `content_block_*`). The SDKs choose events by name and apply them by `type`, each differently:
+/// anthropic-python skips unnamed and `ping` events and reads every other name by its data's `type`;
+/// anthropic-sdk-go and anthropic-typescript read only the names they know, then apply the data by its `type`. A
+/// piece of a tool input in an unnamed event, a `ping` or an unknown name is joined by one SDK and skipped by
+/// another; this reader reads `type`, so it must be the name too. `{"type":"ping"}` named `ping` and the `error`
+/// event pass as they are.
+fn named_as_typed(name: Option<&str>, v: &Value) -> bool {
+    let ty = str_of(v, "type");
+    let read = |t: &str| t.starts_with("message_") || t.starts_with("content_block_");
+    name == ty || !(ty.is_some_and(read) || name.is_some_and(read))
+}
+
+/// Whether a `content_block_delta` carries what its `delta.type` names: `partial_json` only in an
+/// `input_json_delta`. The SDKs read a delta's members by its type (a `text_delta` carrying `partial_json` adds
+/// nothing to a tool's input), so a piece carried otherwise is read by no SDK as this reader would read it.
+fn delta_as_typed(v: &Value) -> bool {
+    let Some(delta) = v.get("delta") else {
+        return true;
+    };
+    delta.get("partial_json").is_none() || str_of(delta, "type") == Some("input_json_delta")
 }
 
 pub(super) fn body_calls(body: &Value) -> Vec<Call> {

@@ -254,6 +254,71 @@ fn canned(case: &str) -> (&'static str, String) {
                 .collect();
             (sse, text)
         }
+        // A piece of the arguments between two others (`cu` + `X` + `rl …`) in an event named `thread.…`: the openai
+        // SDKs hand it on as an Assistants event, which their accumulators never apply.
+        "thread-named-stream" => {
+            let args = args_with("");
+            let (a, b) = args.split_at(args.find("curl").unwrap() + 2);
+            let piece =
+                |args: &str| json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]});
+            let mut s = chunk(tool_piece(a), None);
+            s.push_str(&format!(
+                "event: thread.message.delta\n{}",
+                chunk(piece("X"), None)
+            ));
+            s.push_str(&chunk(piece(b), None));
+            s.push_str(&chunk(json!({}), Some("tool_calls")));
+            s.push_str("data: [DONE]\n\n");
+            (sse, s)
+        }
+        "responses-thread-named-stream" | "responses-renamed-stream" => {
+            let args = args_with("");
+            let (a, b) = args.split_at(args.find("curl").unwrap() + 2);
+            let joined = format!("{a}X{b}");
+            let item = |args: &str, status: &str| {
+                json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+                    "arguments": args, "status": status})
+            };
+            let delta = |piece: &str| {
+                json!({"type": "response.function_call_arguments.delta", "item_id": "fc_1",
+                    "output_index": 0, "delta": piece})
+            };
+            let other = if case == "responses-thread-named-stream" {
+                "thread.run.step.delta"
+            } else {
+                "response.output_text.delta"
+            };
+            let events = [
+                (
+                    None,
+                    json!({"type": "response.output_item.added", "output_index": 0, "item": item("", "in_progress")}),
+                ),
+                (None, delta(a)),
+                (Some(other), delta("X")),
+                (None, delta(b)),
+                (
+                    None,
+                    json!({"type": "response.function_call_arguments.done", "item_id": "fc_1",
+                    "output_index": 0, "arguments": joined}),
+                ),
+                (
+                    None,
+                    json!({"type": "response.output_item.done", "output_index": 0,
+                    "item": item(&joined, "completed")}),
+                ),
+            ];
+            let text = events
+                .iter()
+                .enumerate()
+                .map(|(i, (name, e))| {
+                    let mut e = e.clone();
+                    e["sequence_number"] = json!(i);
+                    let name = name.unwrap_or(e["type"].as_str().unwrap());
+                    format!("event: {name}\ndata: {e}\n\n")
+                })
+                .collect();
+            (sse, text)
+        }
         // A completion under a redirect status with no `Location` (or one no client follows, `300`): Go's
         // net/http hands it back as it came, and go-openai decodes any status below 400 as the answer.
         // A redirect every client follows (Go's net/http too): its page is nobody's answer, and passes as it came.
@@ -630,6 +695,9 @@ async fn answer_members_read_otherwise_refuse_the_answer() {
         "messages-text-delta-stream",
         "messages-thinking-delta-stream",
         "messages-other-block-stream",
+        "thread-named-stream",
+        "responses-thread-named-stream",
+        "responses-renamed-stream",
     ] {
         answers.push((case, chat(&w, case).await));
     }

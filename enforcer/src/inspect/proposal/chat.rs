@@ -100,6 +100,9 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(calls);
         }
+        if super::assistants_event(ev.name.as_deref()) {
+            return Err(Unreadable);
+        }
         if let Some(text) = no_calls(&ev.data) {
             for index in text {
                 self.choices.entry(index).or_default().text = true;

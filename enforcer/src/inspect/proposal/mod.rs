@@ -205,6 +205,13 @@ fn position(v: &Value, key: &str, absent: u64) -> Option<u64> {
     }
 }
 
+/// Whether an SSE event's name makes the openai SDKs read it as an Assistants event (`thread.…`): openai-python,
+/// openai-node and openai-go hand its data on wrapped (`{"event": name, "data": …}`), so the Chat and Responses
+/// accumulators never apply it, while this reader would read its data as a piece of a call.
+fn assistants_event(name: Option<&str>) -> bool {
+    name.is_some_and(|n| n.starts_with("thread."))
+}
+
 /// The JSON of a whole response body whose tool calls are to be decided; `None` for an empty body. A UTF-8
 /// byte-order mark before it is ignored, as the SDKs' parsers ignore it (RFC 8259 §8.1 allows either).
 ///

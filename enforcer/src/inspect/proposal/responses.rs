@@ -134,6 +134,14 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
+        // The openai SDKs read an event by its data's `type`, except one named `thread.…`, which they hand on
+        // wrapped as an Assistants event (`{"event": …, "data": …}`): read here, skipped by their accumulators.
+        let ty = str_of(&v, "type");
+        if super::assistants_event(ev.name.as_deref())
+            || ev.name.as_deref().is_some_and(|n| Some(n) != ty)
+        {
+            return Err(Unreadable);
+        }
         self.read(ev, v)
     }
 

@@ -206,8 +206,9 @@ pub struct LlmCall {
 }
 
 /// A tool call the model proposes in an LLM response, before the agent runs it: OpenAI Chat Completions
-/// `tool_calls`, OpenAI Responses `function_call`/`custom_tool_call`/`local_shell_call`/`mcp_call` items, Anthropic
-/// `tool_use`/`server_tool_use` blocks, Gemini `functionCall` parts.
+/// `tool_calls`, OpenAI Responses `function_call`/`custom_tool_call`/`local_shell_call`/`shell_call`/
+/// `apply_patch_call`/`computer_call`/`mcp_call` items, Anthropic `tool_use`/`server_tool_use` blocks, Gemini
+/// `functionCall` parts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Proposal {

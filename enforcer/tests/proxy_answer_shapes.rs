@@ -319,6 +319,43 @@ fn canned(case: &str) -> (&'static str, String) {
                 .collect();
             (sse, text)
         }
+        // Output items the agent acts on besides function calls: a patch to a file, an action on its screen; and an
+        // item of a type the reader does not know.
+        "responses-apply-patch-whole" | "responses-computer-whole" | "responses-program-whole" => {
+            let item = match case {
+                "responses-apply-patch-whole" => json!({"type": "apply_patch_call", "id": "apc_1",
+                    "call_id": "call_1", "status": "completed", "operation": {"type": "update_file",
+                    "path": "/home/user/.bashrc", "diff": format!("@@\n+{COMMAND}\n")}}),
+                "responses-computer-whole" => json!({"type": "computer_call", "id": "cc_1",
+                    "call_id": "call_1", "status": "completed", "pending_safety_checks": [],
+                    "action": {"type": "type", "text": format!("{COMMAND}\n")}}),
+                _ => json!({"type": "program", "id": "pg_1", "call_id": "call_1",
+                    "code": format!("run({})", json!(COMMAND)), "fingerprint": "f"}),
+            };
+            let doc = json!({"id": "resp_1", "object": "response", "status": "completed", "model": "m",
+                "output": [item]});
+            (whole, doc.to_string())
+        }
+        "responses-computer-stream" => {
+            let item = |status: &str| {
+                json!({"type": "computer_call", "id": "cc_1", "call_id": "call_1", "status": status,
+                    "pending_safety_checks": [], "actions": [{"type": "type", "text": COMMAND}]})
+            };
+            let events = [
+                json!({"type": "response.output_item.added", "output_index": 0, "item": item("in_progress")}),
+                json!({"type": "response.output_item.done", "output_index": 0, "item": item("completed")}),
+            ];
+            let text = events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let mut e = e.clone();
+                    e["sequence_number"] = json!(i);
+                    format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())
+                })
+                .collect();
+            (sse, text)
+        }
         // A completion under a redirect status with no `Location` (or one no client follows, `300`): Go's
         // net/http hands it back as it came, and go-openai decodes any status below 400 as the answer.
         // A redirect every client follows (Go's net/http too): its page is nobody's answer, and passes as it came.
@@ -546,8 +583,12 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(NO_CURL_POLICY).await
+}
+
+async fn world_with(policy: &str) -> World {
     let ca = TestCa::new("answer shapes test CA");
-    let proxy = start_proxy(NO_CURL_POLICY, &[&ca], false).await;
+    let proxy = start_proxy(policy, &[&ca], false).await;
     let openai = answering_upstream(&ca, &["api.openai.com", "api.anthropic.com"], answer).await;
     let gemini = answering_upstream(&ca, &["generativelanguage.googleapis.com"], answer).await;
     World {
@@ -772,5 +813,52 @@ async fn an_ordinary_anthropic_stream_is_read_and_its_call_decided() {
         assert!(body.contains(kept), "{case}: {kept} missing: {body}");
     }
     assert_refused_by_rule(case, 200, (status, body, recs));
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A policy refusing the calls that patch files or act on the agent's screen.
+const NO_PATCH_POLICY: &str = r#"version: 1
+default: allow
+rules:
+  - id: no-patch-or-screen
+    phase: proposal
+    when: { proposal.tool: [apply_patch, "computer*"], proposal.kind: [apply_patch, computer] }
+    verdict: block
+    message: no patches or screen actions
+"#;
+
+/// Responses items the agent acts on besides function calls — an `apply_patch_call` (a file created, deleted or
+/// patched), a `computer_call` (a click, keys, text typed; one `action` or batched `actions`) — are proposals of
+/// their own kind and tool (`apply_patch`, `computer_use`), decided on their operation or actions; an item of a type
+/// the reader does not know is refused as unreadable. None reaches the agent past a rule naming it.
+#[tokio::test]
+async fn responses_patches_screen_actions_and_unknown_items_are_proposals() {
+    let w = world_with(NO_PATCH_POLICY).await;
+    for (case, tool) in [
+        ("responses-apply-patch-whole", "apply_patch"),
+        ("responses-computer-whole", "computer_use"),
+        ("responses-computer-stream", "computer_use"),
+        ("responses-program-whole", "program"),
+    ] {
+        let (status, body, recs) = chat(&w, case).await;
+        assert_eq!(status, 200, "{case}: {body}");
+        assert!(
+            !body.contains("evil.example"),
+            "{case}: the call reached the agent: {body}"
+        );
+        assert!(
+            body.contains(&format!("refused the tool call `{tool}`")),
+            "{case}: {body}"
+        );
+        assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
+        let r = &recs[0];
+        assert_eq!(r["request"]["phase"], "proposal", "{case}: {r}");
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{case}: {r}");
+        if tool == "program" {
+            assert_eq!(r["decision"]["reason"], "unparseable", "{case}: {r}");
+        } else {
+            assert_eq!(r["decision"]["rule"], "no-patch-or-screen", "{case}: {r}");
+        }
+    }
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -1,7 +1,8 @@
 //! Tool calls a model proposes in an LLM response, found and rewritten before the agent sees them: OpenAI Chat
-//! Completions `tool_calls`, OpenAI Responses `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call`
-//! and `mcp_call` items (over server-sent events, the WebSocket mode, or JSON), Anthropic Messages `tool_use`,
-//! `server_tool_use` and `mcp_tool_use` blocks, Gemini `functionCall` parts; streamed and whole.
+//! Completions `tool_calls`, OpenAI Responses `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call`,
+//! `apply_patch_call`, `computer_call` and `mcp_call` items (over server-sent events, the WebSocket mode, or JSON),
+//! Anthropic Messages `tool_use`, `server_tool_use` and `mcp_tool_use` blocks, Gemini `functionCall` parts; streamed
+//! and whole.
 //!
 //! A stream is read event by event ([`Proposals`]): text, reasoning and every other event pass at once, as they
 //! came; only the events of a tool call are held until its arguments are complete. [`Proposals::push`] returns the

@@ -1,5 +1,6 @@
-//! OpenAI Responses: `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call` and `mcp_call` items of
-//! `output` in a whole response; in a stream (server-sent events, or the same events as WebSocket messages),
+//! OpenAI Responses: `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call`, `apply_patch_call`,
+//! `computer_call` and `mcp_call` items (and items of a type this reader does not know, refused) of `output` in a
+//! whole response; in a stream (server-sent events, or the same events as WebSocket messages),
 //! `response.output_item.added` opens an item at its `output_index`, events naming that `output_index` or `item_id`
 //! build it (`response.function_call_arguments.delta`/`.done`, `response.custom_tool_call_input.delta`/`.done`,
 //! `response.mcp_call_arguments.delta`/`.done`, …), `response.output_item.done` carries it whole, and
@@ -50,22 +51,61 @@ enum Item {
     Final(Bytes, Value),
 }
 
-/// The proposal kind of an output item type, when it is a tool call the agent would see.
+/// The output item types that are no call of the agent's (openai-python `types/responses/response_output_item.py`):
+/// messages and reasoning, calls the API runs itself and reports (file search, web search, image generation, code
+/// interpreter, tool search), MCP listings and approvals (the approved call comes back as an `mcp_call`), and the
+/// outputs of calls, which the agent already ran.
+const NOT_CALLS: &[&str] = &[
+    "message",
+    "reasoning",
+    "compaction",
+    "file_search_call",
+    "web_search_call",
+    "image_generation_call",
+    "code_interpreter_call",
+    "tool_search_call",
+    "tool_search_output",
+    "additional_tools",
+    "mcp_list_tools",
+    "mcp_approval_request",
+    "mcp_approval_response",
+    "program_output",
+    "function_call_output",
+    "custom_tool_call_output",
+    "computer_call_output",
+    "local_shell_call_output",
+    "shell_call_output",
+    "apply_patch_call_output",
+];
+
+/// The proposal kind of an output item type, when it is a tool call the agent would see: the calls the agent runs
+/// (`function_call`, `custom_tool_call`, `local_shell_call`/`shell_call`, `apply_patch_call` — a file created,
+/// deleted or patched —, `computer_call` — a click, a keypress, text typed on the agent's machine) and `mcp_call`.
+/// An item type outside these and [`NOT_CALLS`] (a type added to the API after this reader, or `program`) is
+/// `unknown`: held as a call, and refused as unreadable ([`item_call`]).
 fn kind_of(item_type: &str) -> Option<&'static str> {
     match item_type {
         "function_call" => Some("function"),
         "custom_tool_call" => Some("custom"),
         "local_shell_call" | "shell_call" => Some("shell"),
         "mcp_call" => Some("mcp"),
-        _ => None,
+        "apply_patch_call" => Some("apply_patch"),
+        "computer_call" => Some("computer"),
+        t if NOT_CALLS.contains(&t) => None,
+        _ => Some("unknown"),
     }
 }
 
-/// The field of an item holding its arguments, and whether it is text (else a JSON object).
+/// The members of a `computer_call` the agent acts on: one `action`, or the batched `actions` (either may be
+/// there), read together as the call's arguments.
+const COMPUTER_ACTIONS: [&str; 2] = ["action", "actions"];
+
+/// The field of an item holding its arguments, and whether it is text (else a JSON value).
 fn args_field(item_type: &str) -> (&'static str, bool) {
     match item_type {
         "custom_tool_call" => ("input", true),
         "local_shell_call" | "shell_call" => ("action", false),
+        "apply_patch_call" => ("operation", false),
         _ => ("arguments", true),
     }
 }
@@ -77,15 +117,25 @@ fn item_call(item: &Value) -> Option<Call> {
     let tool = match ty {
         "local_shell_call" => "local_shell".to_string(),
         "shell_call" => "shell".to_string(),
+        "apply_patch_call" => "apply_patch".to_string(),
+        "computer_call" => "computer_use".to_string(),
         "mcp_call" => format!(
             "mcp:{}/{name}",
             str_of(item, "server_label").unwrap_or_default()
         ),
-        _ => name.to_string(),
+        "function_call" | "custom_tool_call" => name.to_string(),
+        other => other.to_string(),
     };
     let (field, text) = args_field(ty);
     // Arguments text of a type the SDKs do not hand on as text, a name not a string: unreadable.
     let (args, unreadable) = match item.get(field) {
+        _ if ty == "computer_call" => {
+            let actions = COMPUTER_ACTIONS
+                .iter()
+                .filter_map(|k| Some((k.to_string(), item.get(*k)?.clone())))
+                .collect();
+            (Value::Object(actions), false)
+        }
         Some(Value::String(s)) if ty == "custom_tool_call" => (Value::String(s.clone()), false),
         Some(Value::String(s)) => function_args(s),
         Some(v) if !text => (v.clone(), false),
@@ -99,7 +149,7 @@ fn item_call(item: &Value) -> Option<Call> {
     Some(Call {
         proposal: proposal(&tool, kind, args, id),
         signed: false,
-        unreadable: unreadable || odd_name,
+        unreadable: unreadable || odd_name || kind == "unknown",
     })
 }
 
@@ -107,6 +157,19 @@ fn item_call(item: &Value) -> Option<Call> {
 fn with_args(item: &Value, args: &Value) -> Value {
     let mut item = item.clone();
     let ty = str_of(&item, "type").unwrap_or_default();
+    if ty == "computer_call" {
+        for key in COMPUTER_ACTIONS {
+            match args.get(key) {
+                Some(v) => item[key] = v.clone(),
+                None => {
+                    if let Some(o) = item.as_object_mut() {
+                        o.remove(key);
+                    }
+                }
+            }
+        }
+        return item;
+    }
     let (field, text) = args_field(ty);
     item[field] = if text {
         json!(args_text(args))

@@ -182,6 +182,46 @@ async fn responses_api_events_are_decided_redacted_and_refused_like_their_http_f
     );
 }
 
+/// The Responses WebSocket mode is recognised at every path the HTTP classifier reads as the Responses endpoint:
+/// behind a gateway's or an SDK's `base_url` prefix, Azure's `/openai/responses`, the path percent-encoded. A
+/// `response.create` declaring a forbidden tool there is refused as at `/v1/responses`, and never reaches the
+/// provider.
+#[tokio::test]
+async fn responses_api_events_are_decided_at_any_responses_path() {
+    let w = world(POLICY).await;
+    for path in [
+        "/openai/v1/responses",
+        "/openai/responses?api-version=preview",
+        "/v1/respons%65s",
+    ] {
+        let mut ws = ws_connect(&w.proxy, w.up, "api.openai.com", path, &[])
+            .await
+            .expect("upgraded");
+        let shell = serde_json::json!({"type": "response.create", "model": "gpt-test",
+            "tools": [{"type": "function", "name": "shell"}], "input": []});
+        ws.send(Message::Text(shell.to_string().into()))
+            .await
+            .unwrap();
+        let Message::Text(error) = text(&mut ws).await else {
+            panic!("{path}: an error event")
+        };
+        assert!(
+            error.contains("agents may not declare a shell tool"),
+            "{path}: {error}"
+        );
+    }
+    assert!(
+        w.seen.messages.lock().unwrap().is_empty(),
+        "nothing reached the provider"
+    );
+    let recs = records(&w.proxy).await;
+    let blocked = recs
+        .iter()
+        .filter(|r| r["decision"]["rule"] == "no-shell-tools")
+        .count();
+    assert_eq!(blocked, 3, "{recs:#?}");
+}
+
 /// A JSON-RPC `tools/call` of `tool` without arguments.
 fn call(id: u32, tool: &str) -> String {
     serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",

@@ -32,6 +32,19 @@ pub(super) fn endpoint(provider: Provider, method: &str, path: &str) -> Option<L
     }
 }
 
+/// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Responses API's WebSocket
+/// mode: the path [`endpoint`] reads as the Responses endpoint over HTTP (any prefix before `/responses`, as a
+/// gateway or an SDK's `base_url` puts there), so a `response.create` there is read as a create body is.
+pub(super) fn responses_websocket(path: &str) -> bool {
+    endpoint(Provider::OpenAi, "POST", path) == Some(LlmApi::Responses)
+}
+
+/// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Realtime API, by the
+/// same rule: any prefix before `/realtime`.
+pub(super) fn realtime_websocket(path: &str) -> bool {
+    path.trim_end_matches('/').ends_with("/realtime")
+}
+
 /// A Gemini call's target, from a path `.../models/{model}:{method}` or `.../tunedModels/{model}:{method}`.
 struct GeminiTarget<'a> {
     model: &'a str,

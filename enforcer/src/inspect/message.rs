@@ -1,7 +1,8 @@
 //! WebSocket messages (RFC 6455) on an upgraded connection, classified like requests: a message from the agent
 //! becomes an Action with the same fields as its HTTP form, so the same rules decide it. Recognised: the OpenAI
-//! Responses API over WebSocket (`wss://…/v1/responses`: a `response.create` event carries what a `POST
-//! /v1/responses` body carries — model, tools, input), the OpenAI Realtime API (`/v1/realtime`: `session.update`
+//! Responses API over WebSocket (`wss://…/v1/responses`, at any path the HTTP classifier reads as the Responses
+//! endpoint, `/openai/v1/responses` too: a `response.create` event carries what a `POST /v1/responses` body
+//! carries — model, tools, input), the OpenAI Realtime API (`…/realtime`: `session.update`
 //! declares the tools, the model is the `model` query parameter), and JSON-RPC (MCP over WebSocket). Anything else
 //! is plain data: host, path and `detect` still apply. Also the refusal of a message in its protocol's own shape.
 
@@ -9,11 +10,6 @@ use serde_json::{json, Value};
 
 use super::{block, llm, mcp, InspectConfig, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{Action, Decision, LlmCall};
-
-/// The OpenAI Responses API's WebSocket mode (its events mirror the HTTP create body).
-const RESPONSES_PATH: &str = "/v1/responses";
-/// The OpenAI Realtime API.
-const REALTIME_PATH: &str = "/v1/realtime";
 
 /// Classify one message from the agent. `action` is the upgrade request's Action (transport, head) with the
 /// message as its body (`http.body`, and `http.json` when it is JSON).
@@ -36,8 +32,8 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let call = match (path.as_str(), kind) {
-            (RESPONSES_PATH, "response.create") => {
+        let call = match kind {
+            "response.create" if llm::responses_websocket(&path) => {
                 // The event is the create body itself; some clients nest it under `response`.
                 let body = event.get("response").unwrap_or(event);
                 Some(llm::describe(
@@ -48,7 +44,7 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
                     body,
                 ))
             }
-            (REALTIME_PATH, "session.update" | "response.create") => {
+            "session.update" | "response.create" if llm::realtime_websocket(&path) => {
                 Some(realtime_call(event, http.query.get("model")))
             }
             _ => None,
@@ -158,4 +154,13 @@ pub fn message_block(protocol: &Protocol, decisions: &[Decision]) -> Option<Stri
         }
         _ => None,
     }
+}
+
+/// Whether a WebSocket connection opened at `raw_path` (as the agent sent it, query included) is the OpenAI
+/// Responses API's WebSocket mode, whose server events carry proposed tool calls: the path rule the HTTP classifier
+/// uses, on the canonical path.
+pub fn is_responses_websocket(raw_path: &str) -> bool {
+    llm::responses_websocket(&super::canonical_path(
+        raw_path.split('?').next().unwrap_or_default(),
+    ))
 }

@@ -426,12 +426,11 @@ fn proposals_for(ans: &Answering) -> Option<Proposals> {
                 ..
             }
     );
-    let path = ans
+    let responses = ans
         .request
         .http
         .as_ref()
-        .map(|h| h.path.trim_end_matches('/'));
-    let responses = path.is_some_and(|p| p.ends_with("/v1/responses"));
+        .is_some_and(|h| crate::inspect::is_responses_websocket(&h.path));
     (openai && responses && ans.policy.has_rules_for(Phase::Proposal))
         .then(|| Proposals::new(Provider::OpenAi, LlmApi::Responses))
         .flatten()

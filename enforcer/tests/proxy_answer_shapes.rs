@@ -356,6 +356,44 @@ fn canned(case: &str) -> (&'static str, String) {
                 .collect();
             (sse, text)
         }
+        // Answers fetched again (`GET /v1/responses/{id}`, whole or streamed; its `/cancel`; a stored completion):
+        // the object a create returns, with the call the agent runs.
+        "retrieve-responses-whole" => {
+            let item = json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+                "arguments": args_with(""), "status": "completed"});
+            let doc = json!({"id": "resp_1", "object": "response", "status": "completed", "model": "m",
+                "background": true, "output": [item]});
+            (whole, doc.to_string())
+        }
+        "retrieve-responses-stream" => {
+            let args = args_with("");
+            let item = |args: &str, status: &str| {
+                json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+                    "arguments": args, "status": status})
+            };
+            let events = [
+                json!({"type": "response.output_item.added", "output_index": 0, "item": item("", "in_progress")}),
+                json!({"type": "response.function_call_arguments.delta", "item_id": "fc_1", "output_index": 0,
+                    "delta": args}),
+                json!({"type": "response.function_call_arguments.done", "item_id": "fc_1", "output_index": 0,
+                    "arguments": args}),
+                json!({"type": "response.output_item.done", "output_index": 0, "item": item(&args, "completed")}),
+            ];
+            let text = events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let mut e = e.clone();
+                    e["sequence_number"] = json!(i + 1);
+                    format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())
+                })
+                .collect();
+            (sse, text)
+        }
+        "retrieve-chat-whole" => (
+            whole,
+            completion(tool_message(json!(args_with(""))), "tool_calls"),
+        ),
         // A completion under a redirect status with no `Location` (or one no client follows, `300`): Go's
         // net/http hands it back as it came, and go-openai decodes any status below 400 as the answer.
         // A redirect every client follows (Go's net/http too): its page is nobody's answer, and passes as it came.
@@ -548,6 +586,15 @@ fn gemini(case: &str) -> (&'static str, String) {
     }
 }
 
+/// The case an answer fetched again names by its id: `/v1/responses/{case}` (and its `/cancel`),
+/// `/v1/chat/completions/{case}`.
+fn retrieved_case(path: &str) -> Option<&str> {
+    let rest = path
+        .strip_prefix("/v1/responses/")
+        .or_else(|| path.strip_prefix("/v1/chat/completions/"))?;
+    Some(rest.strip_suffix("/cancel").unwrap_or(rest))
+}
+
 async fn answer(req: Request<Incoming>) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -556,6 +603,8 @@ async fn answer(req: Request<Incoming>) -> Response<TestBody> {
             String::new(),
             gemini(rest.split(':').next().unwrap_or_default()),
         )
+    } else if let Some(case) = retrieved_case(&path) {
+        (case.to_string(), canned(case))
     } else {
         let req: Value = serde_json::from_slice(&body).unwrap();
         let case = req["model"].as_str().unwrap_or_default().to_string();
@@ -601,6 +650,17 @@ async fn world_with(policy: &str) -> World {
 /// One request through the proxy: status and body as the agent got them, and the exchange's records after the
 /// request's.
 async fn exchange(w: &World, host: &str, path: &str, body: Value) -> (u16, String, Vec<Value>) {
+    exchange_as(w, "POST", host, path, Some(body)).await
+}
+
+/// [`exchange`] with `method`, and no body when `body` is `None`.
+async fn exchange_as(
+    w: &World,
+    method: &str,
+    host: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, String, Vec<Value>) {
     let before = w.proxy.audit_records().await.len();
     let up = if host.starts_with("api.") {
         w.openai
@@ -608,13 +668,15 @@ async fn exchange(w: &World, host: &str, path: &str, body: Value) -> (u16, Strin
         w.gemini
     };
     let tls = w.proxy.tls_to(up, host, &[b"http/1.1"]).await;
-    let req = Request::builder()
-        .method("POST")
+    let mut req = Request::builder()
+        .method(method)
         .uri(path)
-        .header("host", host)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
+        .header("host", host);
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let req = req.body(Full::new(body)).unwrap();
     let (status, _, body) = send(tls, false, req).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let recs = w.proxy.audit_records().await;
@@ -859,6 +921,27 @@ async fn responses_patches_screen_actions_and_unknown_items_are_proposals() {
         } else {
             assert_eq!(r["decision"]["rule"], "no-patch-or-screen", "{case}: {r}");
         }
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// An answer fetched again from an endpoint other than a create — a Responses answer retrieved (whole, or its events
+/// again with `stream=true`, as a background response is polled or resumed), cancelled, a stored Chat completion —
+/// is the object a create returns, read for its calls the same way: the call is decided before the agent gets it.
+#[tokio::test]
+async fn answers_fetched_again_are_decided_like_a_create_s() {
+    let w = world().await;
+    for (method, path) in [
+        ("GET", "/v1/responses/retrieve-responses-whole"),
+        (
+            "GET",
+            "/v1/responses/retrieve-responses-stream?stream=true&starting_after=0",
+        ),
+        ("POST", "/v1/responses/retrieve-responses-whole/cancel"),
+        ("GET", "/v1/chat/completions/retrieve-chat-whole"),
+    ] {
+        let answer = exchange_as(&w, method, "api.openai.com", path, None).await;
+        assert_refused_by_rule(path, 200, answer);
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -32,6 +32,36 @@ pub(super) fn endpoint(provider: Provider, method: &str, path: &str) -> Option<L
     }
 }
 
+/// The LLM API whose answer `method path` fetches again on a host of `provider`, when it is not a create endpoint:
+/// the answer is the object a create returns, with the tool calls the agent runs (OpenAI API reference, "Responses":
+/// `GET /v1/responses/{response_id}`, whole or with `stream=true` the events again, a background response polled or
+/// its stream resumed; `POST /v1/responses/{response_id}/cancel`; "Chat Completions": `GET` and `POST` (update)
+/// `/v1/chat/completions/{completion_id}`, a stored completion). The request carries no model or tools: it is no
+/// LLM call (`llm` unset), only its answer is read for proposals.
+pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<LlmApi> {
+    if provider != Provider::OpenAi {
+        return None;
+    }
+    let path = path.trim_end_matches('/');
+    let one_id = |prefix: &str| {
+        path.rsplit_once(prefix)
+            .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+    };
+    let get = method.eq_ignore_ascii_case("GET");
+    let post = method.eq_ignore_ascii_case("POST");
+    let cancel = path
+        .strip_suffix("/cancel")
+        .and_then(|p| p.rsplit_once("/responses/"))
+        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'));
+    if (get && one_id("/responses/")) || (post && cancel) {
+        Some(LlmApi::Responses)
+    } else if (get || post) && one_id("/chat/completions/") {
+        Some(LlmApi::ChatCompletions)
+    } else {
+        None
+    }
+}
+
 /// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Responses API's WebSocket
 /// mode: the path [`endpoint`] reads as the Responses endpoint over HTTP (any prefix before `/responses`, as a
 /// gateway or an SDK's `base_url` puts there), so a `response.create` there is read as a create body is.

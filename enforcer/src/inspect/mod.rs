@@ -358,6 +358,21 @@ pub fn claimed_protocol(action: &Action, cfg: &InspectConfig) -> Protocol {
 
 /// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:
 /// percent-escapes decoded, `;parameters` cut from each segment, empty and `.` segments dropped, `..` resolved.
+/// The provider and LLM API whose answer the request of `action` (classified as `protocol`) receives, to be read for
+/// proposed tool calls: a create endpoint's ([`Protocol::Llm`]), or an endpoint on a provider host that fetches
+/// such an answer again ([`llm::retrieval`]).
+pub fn answered_api(protocol: &Protocol, action: &Action) -> Option<(Provider, LlmApi)> {
+    match *protocol {
+        Protocol::Llm { provider, api } => Some((provider, api)),
+        Protocol::Provider(provider) => {
+            let http = action.http.as_ref()?;
+            let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+            llm::retrieval(provider, &http.method, &path).map(|api| (provider, api))
+        }
+        _ => None,
+    }
+}
+
 fn canonical_path(path: &str) -> String {
     let decoded = crate::encoding::percent_decode(path, false);
     let mut segments: Vec<&str> = Vec::new();

@@ -16,7 +16,7 @@ use super::answer::Answering;
 use super::http::{full, ProxyBody};
 use super::refusal::into_response;
 use crate::inspect::proposal::{self, Ruling};
-use crate::inspect::{self, LlmApi, Protocol, Provider};
+use crate::inspect::{self, LlmApi, Provider};
 use crate::model::{
     Action, Change, Decision, Disposition, HttpResponse, Mode, Outcome, Pairs, Phase, Reason,
     RequestSummary, Verdict,
@@ -71,16 +71,12 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
     if head_request || matches!(head.status, 204 | 304) {
         return None;
     }
-    let proposals = match ans.protocol {
-        Protocol::Llm { provider, api }
-            if answers_with_calls(head.status, headers.contains_key(header::LOCATION))
+    let proposals =
+        inspect::answered_api(&ans.protocol, &ans.request).filter(|&(provider, api)| {
+            answers_with_calls(head.status, headers.contains_key(header::LOCATION))
                 && ans.policy.has_rules_for(Phase::Proposal)
-                && proposal::Proposals::new(provider, api).is_some() =>
-        {
-            Some((provider, api))
-        }
-        _ => None,
-    };
+                && proposal::Proposals::new(provider, api).is_some()
+        });
     let responses = ans.policy.has_rules_for(Phase::Response)
         && ans
             .policy

@@ -231,10 +231,7 @@ fn canned(case: &str) -> (&'static str, String) {
         // A Responses arguments delta naming its item by an `output_index` written as a string: JavaScript's
         // accumulator adds it to the item at 0, the call decided with the `{}` its `done` events carry.
         "responses-index-stream" => {
-            let item = |args: &str, status: &str| {
-                json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
-                    "arguments": args, "status": status})
-            };
+            let item = shell_item;
             let events = [
                 json!({"type": "response.output_item.added", "output_index": 0, "item": item("", "in_progress")}),
                 json!({"type": "response.function_call_arguments.delta", "output_index": "0",
@@ -243,16 +240,7 @@ fn canned(case: &str) -> (&'static str, String) {
                     "arguments": "{}"}),
                 json!({"type": "response.output_item.done", "output_index": 0, "item": item("{}", "completed")}),
             ];
-            let text = events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let mut e = e.clone();
-                    e["sequence_number"] = json!(i);
-                    format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())
-                })
-                .collect();
-            (sse, text)
+            (sse, responses_sse(events.map(|e| (None, e)), 0))
         }
         // A piece of the arguments between two others (`cu` + `X` + `rl …`) in an event named `thread.…`: the openai
         // SDKs hand it on as an Assistants event, which their accumulators never apply.
@@ -275,10 +263,7 @@ fn canned(case: &str) -> (&'static str, String) {
             let args = args_with("");
             let (a, b) = args.split_at(args.find("curl").unwrap() + 2);
             let joined = format!("{a}X{b}");
-            let item = |args: &str, status: &str| {
-                json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
-                    "arguments": args, "status": status})
-            };
+            let item = shell_item;
             let delta = |piece: &str| {
                 json!({"type": "response.function_call_arguments.delta", "item_id": "fc_1",
                     "output_index": 0, "delta": piece})
@@ -307,17 +292,7 @@ fn canned(case: &str) -> (&'static str, String) {
                     "item": item(&joined, "completed")}),
                 ),
             ];
-            let text = events
-                .iter()
-                .enumerate()
-                .map(|(i, (name, e))| {
-                    let mut e = e.clone();
-                    e["sequence_number"] = json!(i);
-                    let name = name.unwrap_or(e["type"].as_str().unwrap());
-                    format!("event: {name}\ndata: {e}\n\n")
-                })
-                .collect();
-            (sse, text)
+            (sse, responses_sse(events, 0))
         }
         // Output items the agent acts on besides function calls: a patch to a file, an action on its screen; and an
         // item of a type the reader does not know.
@@ -345,32 +320,19 @@ fn canned(case: &str) -> (&'static str, String) {
                 json!({"type": "response.output_item.added", "output_index": 0, "item": item("in_progress")}),
                 json!({"type": "response.output_item.done", "output_index": 0, "item": item("completed")}),
             ];
-            let text = events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let mut e = e.clone();
-                    e["sequence_number"] = json!(i);
-                    format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())
-                })
-                .collect();
-            (sse, text)
+            (sse, responses_sse(events.map(|e| (None, e)), 0))
         }
         // Answers fetched again (`GET /v1/responses/{id}`, whole or streamed; its `/cancel`; a stored completion):
         // the object a create returns, with the call the agent runs.
         "retrieve-responses-whole" => {
-            let item = json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
-                "arguments": args_with(""), "status": "completed"});
+            let item = shell_item(&args_with(""), "completed");
             let doc = json!({"id": "resp_1", "object": "response", "status": "completed", "model": "m",
                 "background": true, "output": [item]});
             (whole, doc.to_string())
         }
         "retrieve-responses-stream" => {
             let args = args_with("");
-            let item = |args: &str, status: &str| {
-                json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
-                    "arguments": args, "status": status})
-            };
+            let item = shell_item;
             let events = [
                 json!({"type": "response.output_item.added", "output_index": 0, "item": item("", "in_progress")}),
                 json!({"type": "response.function_call_arguments.delta", "item_id": "fc_1", "output_index": 0,
@@ -379,16 +341,7 @@ fn canned(case: &str) -> (&'static str, String) {
                     "arguments": args}),
                 json!({"type": "response.output_item.done", "output_index": 0, "item": item(&args, "completed")}),
             ];
-            let text = events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let mut e = e.clone();
-                    e["sequence_number"] = json!(i + 1);
-                    format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())
-                })
-                .collect();
-            (sse, text)
+            (sse, responses_sse(events.map(|e| (None, e)), 1))
         }
         "retrieve-chat-whole" => (
             whole,
@@ -501,6 +454,29 @@ fn canned(case: &str) -> (&'static str, String) {
         }
         _ => ("text/plain", "unknown case".into()),
     }
+}
+
+/// A Responses `function_call` item calling `shell` with `args`.
+fn shell_item(args: &str, status: &str) -> Value {
+    json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+        "arguments": args, "status": status})
+}
+
+/// Responses events as server-sent events, their `sequence_number`s from `first`, each named by its own `type`
+/// unless it comes with another name.
+fn responses_sse<'a>(
+    events: impl IntoIterator<Item = (Option<&'a str>, Value)>,
+    first: usize,
+) -> String {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, mut e))| {
+            e["sequence_number"] = json!(first + i);
+            let name = name.map_or_else(|| e["type"].as_str().unwrap().to_string(), str::to_string);
+            format!("event: {name}\ndata: {e}\n\n")
+        })
+        .collect()
 }
 
 /// An Anthropic event named by its own `type`, as the API writes it.
@@ -712,16 +688,16 @@ async fn ask_gemini(w: &World, case: &str) -> (u16, String, Vec<Value>) {
     exchange(w, "generativelanguage.googleapis.com", &path, body).await
 }
 
-/// One record: the proposal's, blocked, for `reason` (`rule` for the policy's rule).
+/// One record: the proposal's, blocked, for `reason` (`rule` for the `no-curl` rule; another rule by its id).
 fn assert_refused(case: &str, recs: &[Value], reason: &str) {
     assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
     let r = &recs[0];
     assert_eq!(r["request"]["phase"], "proposal", "{case}: {r}");
     assert_eq!(r["outcome"]["disposition"], "blocked", "{case}: {r}");
-    if reason == "rule" {
-        assert_eq!(r["decision"]["rule"], "no-curl", "{case}: {r}");
-    } else {
-        assert_eq!(r["decision"]["reason"], reason, "{case}: {r}");
+    match reason {
+        "rule" => assert_eq!(r["decision"]["rule"], "no-curl", "{case}: {r}"),
+        "unparseable" => assert_eq!(r["decision"]["reason"], reason, "{case}: {r}"),
+        rule => assert_eq!(r["decision"]["rule"], rule, "{case}: {r}"),
     }
 }
 
@@ -841,17 +817,29 @@ async fn an_answer_under_a_redirect_status_is_decided() {
 
 /// The answer to `case` came with status `code` and the call refused by the rule in its place: the agent got the
 /// refusal text, never the call, and the exchange left one record of the refusal.
-fn assert_refused_by_rule(case: &str, code: u16, (status, body, recs): (u16, String, Vec<Value>)) {
+fn assert_refused_by_rule(case: &str, code: u16, answer: (u16, String, Vec<Value>)) {
+    assert_refused_as(case, code, answer, "shell", "rule");
+}
+
+/// The answer to `case` came with status `code` and the call of `tool` refused in its place for `reason` (as
+/// [`assert_refused`] reads it).
+fn assert_refused_as(
+    case: &str,
+    code: u16,
+    (status, body, recs): (u16, String, Vec<Value>),
+    tool: &str,
+    reason: &str,
+) {
     assert_eq!(status, code, "{case}: {body}");
     assert!(
         !body.contains("evil.example"),
         "{case}: the call reached the agent: {body}"
     );
     assert!(
-        body.contains("refused the tool call `shell`"),
+        body.contains(&format!("refused the tool call `{tool}`")),
         "{case}: {body}"
     );
-    assert_refused(case, &recs, "rule");
+    assert_refused(case, &recs, reason);
 }
 
 /// Gemini calls in a later candidate of a streamed chunk and in a JSON-array stream are decided.
@@ -902,25 +890,12 @@ async fn responses_patches_screen_actions_and_unknown_items_are_proposals() {
         ("responses-computer-stream", "computer_use"),
         ("responses-program-whole", "program"),
     ] {
-        let (status, body, recs) = chat(&w, case).await;
-        assert_eq!(status, 200, "{case}: {body}");
-        assert!(
-            !body.contains("evil.example"),
-            "{case}: the call reached the agent: {body}"
-        );
-        assert!(
-            body.contains(&format!("refused the tool call `{tool}`")),
-            "{case}: {body}"
-        );
-        assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
-        let r = &recs[0];
-        assert_eq!(r["request"]["phase"], "proposal", "{case}: {r}");
-        assert_eq!(r["outcome"]["disposition"], "blocked", "{case}: {r}");
-        if tool == "program" {
-            assert_eq!(r["decision"]["reason"], "unparseable", "{case}: {r}");
+        let reason = if tool == "program" {
+            "unparseable"
         } else {
-            assert_eq!(r["decision"]["rule"], "no-patch-or-screen", "{case}: {r}");
-        }
+            "no-patch-or-screen"
+        };
+        assert_refused_as(case, 200, chat(&w, case).await, tool, reason);
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -126,18 +126,7 @@ async fn responses_api_events_are_decided_redacted_and_refused_like_their_http_f
         "{error}"
     );
     // A call declaring a shell tool, likewise.
-    let shell = serde_json::json!({"type": "response.create", "model": "gpt-test",
-        "tools": [{"type": "function", "name": "shell"}], "input": []});
-    ws.send(Message::Text(shell.to_string().into()))
-        .await
-        .unwrap();
-    let Message::Text(error) = text(&mut ws).await else {
-        panic!("an error event")
-    };
-    assert!(
-        error.contains("agents may not declare a shell tool"),
-        "{error}"
-    );
+    a_shell_tool_is_refused(&mut ws, "/v1/responses").await;
     ws.send(Message::Text("reply:still open".into()))
         .await
         .unwrap();
@@ -182,6 +171,27 @@ async fn responses_api_events_are_decided_redacted_and_refused_like_their_http_f
     );
 }
 
+/// A `response.create` declaring a shell tool, sent on `ws` (opened at `path`): refused with an error event.
+async fn a_shell_tool_is_refused(
+    ws: &mut (impl SinkExt<Message, Error = tokio_tungstenite::tungstenite::Error>
+              + StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+              + Unpin),
+    path: &str,
+) {
+    let shell = serde_json::json!({"type": "response.create", "model": "gpt-test",
+        "tools": [{"type": "function", "name": "shell"}], "input": []});
+    ws.send(Message::Text(shell.to_string().into()))
+        .await
+        .unwrap();
+    let Message::Text(error) = text(ws).await else {
+        panic!("{path}: an error event")
+    };
+    assert!(
+        error.contains("agents may not declare a shell tool"),
+        "{path}: {error}"
+    );
+}
+
 /// The Responses WebSocket mode is recognised at every path the HTTP classifier reads as the Responses endpoint:
 /// behind a gateway's or an SDK's `base_url` prefix, Azure's `/openai/responses`, the path percent-encoded. A
 /// `response.create` declaring a forbidden tool there is refused as at `/v1/responses`, and never reaches the
@@ -197,18 +207,7 @@ async fn responses_api_events_are_decided_at_any_responses_path() {
         let mut ws = ws_connect(&w.proxy, w.up, "api.openai.com", path, &[])
             .await
             .expect("upgraded");
-        let shell = serde_json::json!({"type": "response.create", "model": "gpt-test",
-            "tools": [{"type": "function", "name": "shell"}], "input": []});
-        ws.send(Message::Text(shell.to_string().into()))
-            .await
-            .unwrap();
-        let Message::Text(error) = text(&mut ws).await else {
-            panic!("{path}: an error event")
-        };
-        assert!(
-            error.contains("agents may not declare a shell tool"),
-            "{path}: {error}"
-        );
+        a_shell_tool_is_refused(&mut ws, path).await;
     }
     assert!(
         w.seen.messages.lock().unwrap().is_empty(),

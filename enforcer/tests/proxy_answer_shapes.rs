@@ -417,6 +417,17 @@ fn canned(case: &str) -> (&'static str, String) {
             let pieces = [named(input_piece(1, a)), middle, named(input_piece(1, b))];
             (sse, messages_stream(&text, &pieces))
         }
+        // Pieces after a start whose `input` is not `{}`: anthropic-python reads the pieces alone, anthropic-sdk-go
+        // the start's input with the pieces appended.
+        "messages-start-input-stream" => {
+            let mut events = messages_stream(&[], &[named(input_piece(0, "{}"))]);
+            events = events.replacen(
+                "\"input\":{}",
+                &format!("\"input\":{}", json!({"command": COMMAND})),
+                1,
+            );
+            (sse, events)
+        }
         // What an ordinary stream carries besides a call: `ping` events, a thinking block (thinking and signature
         // deltas), a text block; the call's input in pieces, a `ping` between them.
         "messages-ordinary-stream" => {
@@ -774,6 +785,7 @@ async fn answer_members_read_otherwise_refuse_the_answer() {
         "messages-text-delta-stream",
         "messages-thinking-delta-stream",
         "messages-other-block-stream",
+        "messages-start-input-stream",
         "thread-named-stream",
         "responses-thread-named-stream",
         "responses-renamed-stream",

@@ -234,7 +234,9 @@ impl Stream {
     ///
     /// # Errors
     /// [`Unreadable`] when its input's JSON text is not one whole JSON value: the anthropic SDKs parse it partially
-    /// (`jiter` in `partial_mode`), so an object left open still reads as the arguments it holds.
+    /// (`jiter` in `partial_mode`), so an object left open still reads as the arguments it holds. Also when pieces
+    /// follow a start whose `input` is not `{}`: anthropic-python replaces the start's input with the pieces,
+    /// anthropic-sdk-go appends the pieces to it (`Accumulate`: only a `{}` input is replaced).
     pub(super) fn finish(&mut self) -> Result<Vec<Call>, Unreadable> {
         let Some(held) = self.open.take() else {
             return Ok(Vec::new());
@@ -242,6 +244,9 @@ impl Stream {
         let (args, unreadable) = if held.json.trim().is_empty() {
             (held.input.clone(), !held.input.is_object())
         } else {
+            if held.input != json!({}) {
+                return Err(Unreadable);
+            }
             serde_json::from_str::<Value>(&held.json).map_err(|_| Unreadable)?;
             function_args(&held.json)
         };

@@ -59,10 +59,22 @@ pub(crate) fn member<'a>(
     map: &'a serde_json::Map<String, serde_json::Value>,
     name: &str,
 ) -> Option<&'a serde_json::Value> {
-    map.get(name).or_else(|| {
-        let want = fold(name);
-        map.iter().find(|(k, _)| fold(k) == want).map(|(_, v)| v)
-    })
+    member_name(map, name).and_then(|k| map.get(k))
+}
+
+/// The name of the member [`member`] binds to `name`: `name` itself when `map` has it, else the first name that
+/// folds to it (`Max_tokens` for `max_tokens`).
+pub(crate) fn member_name<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Option<&'a str> {
+    match map.get_key_value(name) {
+        Some((k, _)) => Some(k),
+        None => {
+            let want = fold(name);
+            map.keys().find(|k| fold(k) == want).map(String::as_str)
+        }
+    }
 }
 
 /// Whether `map` has more than one member whose name folds to `name`'s fold: an exact decoder and a

@@ -26,7 +26,8 @@ pub use block::{
 };
 pub use decode::{check_json_charset, content_coding, decode_body, field_list};
 pub(crate) use keys::{
-    has_twins as json_member_twins, member as json_member, misspelt_within, twin_members, Twins,
+    has_twins as json_member_twins, member as json_member, member_name as json_member_name,
+    misspelt_within, twin_members, Twins,
 };
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;

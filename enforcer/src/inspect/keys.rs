@@ -131,31 +131,35 @@ pub(crate) enum Twins {
     Folded,
 }
 
-/// An object in a JSON text names one member twice, exactly (`{"a":1,"a":2}`, or `"a"` and `"\u0061"`).
+/// An object in a JSON text names one member twice (as [`Twins`] compares names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ExactTwins;
+pub(crate) struct TwinMembers;
 
 /// The JSON text `text` as one value: `Ok(None)` when it is not JSON (trailing whitespace aside, as
-/// `serde_json::from_str`), and [`ExactTwins`] when an object names one member twice. One pass, which builds the
-/// value as `serde_json::Value`'s own reader does and notices the twin as the second member replaces the first; the
-/// same as `serde_json::from_str` followed by `twin_members(text, Twins::Exact)`, at the cost of the parse alone
-/// (on a 33 KiB Chat Completions request the second pass added about a quarter to the parse).
-pub(crate) fn read_json(text: &str) -> Result<Option<serde_json::Value>, ExactTwins> {
+/// `serde_json::from_str`), and [`TwinMembers`] when an object names one member twice, as `twins` compares names.
+/// One pass, which builds the value as `serde_json::Value`'s own reader does and compares each name with the
+/// object's names so far; the same as `serde_json::from_str` followed by [`twin_members`], at the cost of the parse
+/// alone (on a 33 KiB Chat Completions request the second pass added about a quarter to the parse).
+pub(crate) fn read_json(
+    text: &str,
+    twins: Twins,
+) -> Result<Option<serde_json::Value>, TwinMembers> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let value = UniqueValue
+    let value = UniqueValue(twins)
         .deserialize(&mut de)
         .and_then(|v| de.end().map(|()| v));
     match value {
         Ok(v) => Ok(Some(v)),
         // Our own error is the only data error a visitor that accepts every JSON value can raise.
-        Err(e) if e.classify() == serde_json::error::Category::Data => Err(ExactTwins),
+        Err(e) if e.classify() == serde_json::error::Category::Data => Err(TwinMembers),
         Err(_) => Ok(None),
     }
 }
 
-/// A JSON value built as `serde_json::Value`'s reader builds it, refusing an object that names a member twice.
+/// A JSON value built as `serde_json::Value`'s reader builds it, refusing an object that names a member twice (as
+/// `.0` compares names).
 #[derive(Clone, Copy)]
-struct UniqueValue;
+struct UniqueValue(Twins);
 
 impl<'de> DeserializeSeed<'de> for UniqueValue {
     type Value = serde_json::Value;
@@ -205,10 +209,21 @@ impl<'de> Visitor<'de> for UniqueValue {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<serde_json::Value, A::Error> {
         let mut members = serde_json::Map::new();
+        // Folded names of an object beyond SCAN_MEMBERS (as `NoTwins` keeps them).
+        let mut folds: Option<HashSet<String>> = None;
         while let Some(name) = map.next_key::<String>()? {
-            let value = map.next_value_seed(self)?;
-            if members.insert(name, value).is_some() {
+            let twin = match (self.0, &mut folds) {
+                (Twins::Exact, _) => members.contains_key(&name),
+                (Twins::Folded, Some(set)) => !set.insert(fold(&name).into_owned()),
+                (Twins::Folded, None) => members.keys().any(|k| NoTwins(self.0).same(k, &name)),
+            };
+            if twin {
                 return Err(de::Error::custom("an object names one member twice"));
+            }
+            let value = map.next_value_seed(self)?;
+            members.insert(name, value);
+            if self.0 == Twins::Folded && folds.is_none() && members.len() > SCAN_MEMBERS {
+                folds = Some(members.keys().map(|k| fold(k).into_owned()).collect());
             }
         }
         Ok(serde_json::Value::Object(members))
@@ -436,15 +451,38 @@ mod tests {
             r#"{"a":1,}"#,
             "",
         ] {
-            let expected = match serde_json::from_str::<serde_json::Value>(text) {
-                Ok(_) if twin_members(text, Twins::Exact) => Err(ExactTwins),
-                Ok(v) => Ok(Some(v)),
-                Err(_) => Ok(None),
-            };
-            assert_eq!(read_json(text), expected, "{text}");
+            for twins in [Twins::Exact, Twins::Folded] {
+                let expected = match serde_json::from_str::<serde_json::Value>(text) {
+                    Ok(_) if twin_members(text, twins) => Err(TwinMembers),
+                    Ok(v) => Ok(Some(v)),
+                    Err(_) => Ok(None),
+                };
+                assert_eq!(read_json(text, twins), expected, "{twins:?} {text}");
+            }
+        }
+        // Beyond SCAN_MEMBERS, as `twin_members` reads them.
+        let members: Vec<String> = (0..40).map(|i| format!("\"m{i}\":{i}")).collect();
+        for extra in [
+            r#""M3":0"#,
+            r#""m39":0"#,
+            r#""x":1,"X":2"#,
+            r#""ſ":1,"s":2"#,
+            r#""y":1"#,
+        ] {
+            let text = format!("{{{},{extra}}}", members.join(","));
+            for twins in [Twins::Exact, Twins::Folded] {
+                let expected = twin_members(&text, twins);
+                assert_eq!(
+                    read_json(&text, twins).is_err(),
+                    expected,
+                    "{twins:?} {extra}"
+                );
+            }
         }
         // Member order is kept, as the crate's `preserve_order` keeps it.
-        let read = read_json(r#"{"z":1,"a":2,"m":3}"#).unwrap().unwrap();
+        let read = read_json(r#"{"z":1,"a":2,"m":3}"#, Twins::Folded)
+            .unwrap()
+            .unwrap();
         let names: Vec<&String> = read.as_object().unwrap().keys().collect();
         assert_eq!(names, ["z", "a", "m"]);
     }

@@ -311,9 +311,9 @@ fn classify_agent_message(
 ) -> Result<Inspected, InspectError> {
     // One pass reads the JSON and finds a member named twice; only then is the text read again, for the checks
     // below to refuse in their order.
-    let (json, twins) = match inspect::read_json(&text) {
+    let (json, twins) = match inspect::read_json(&text, inspect::Twins::Exact) {
         Ok(json) => (json, false),
-        Err(inspect::ExactTwins) => (serde_json::from_str(&text).ok(), true),
+        Err(inspect::TwinMembers) => (serde_json::from_str(&text).ok(), true),
     };
     if json.is_none() && inspect::claims_json(None, &text) {
         return Err(InspectError::BadJson { protocol: "JSON" });

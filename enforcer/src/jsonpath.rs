@@ -132,8 +132,8 @@ impl JsonPath {
     /// The values the path selects, as a receiver reads the document: a key is the member of that name, else the
     /// one member whose name folds to it (`inspect::json_member`: `Command` for `.command`), as Go's
     /// `encoding/json` binds it — so a condition on `$.command` is not dodged by spelling the member `Command`. (A
-    /// document with two such members is refused before it is decided: [`JsonPath::reads_twins`].) Rewrites name
-    /// members exactly.
+    /// document with two such members is refused before it is decided: [`JsonPath::reads_twins`].) Rewrites
+    /// ([`JsonPath::for_each_mut`], [`JsonPath::set`], [`JsonPath::remove`]) work on the same members.
     pub fn select<'a>(&self, root: &'a Value) -> Vec<&'a Value> {
         let mut out = Vec::new();
         select_into(&self.segs, root, &mut out);
@@ -168,8 +168,9 @@ impl JsonPath {
             &mut path,
             &mut |p, parent| match (last, parent) {
                 (Seg::Key(k), Value::Object(map)) => {
-                    map.insert(k.clone(), value.clone());
-                    changed.push(child_path(p, last, k, 0));
+                    let name = bound_name(map, k);
+                    changed.push(child_path(p, last, &name, 0));
+                    map.insert(name, value.clone());
                 }
                 (Seg::Index(n), Value::Array(items)) => {
                     if let Some(slot) = items.get_mut(*n) {
@@ -208,7 +209,11 @@ impl JsonPath {
             &mut path,
             &mut |p, parent| match (last, parent) {
                 (Seg::Key(k), Value::Object(map)) => {
-                    removed.extend(map.shift_remove(k).map(|_| child_path(p, last, k, 0)));
+                    let name = bound_name(map, k);
+                    removed.extend(
+                        map.shift_remove(&name)
+                            .map(|_| child_path(p, last, &name, 0)),
+                    );
                 }
                 (Seg::Index(n), Value::Array(items)) if *n < items.len() => {
                     items.remove(*n);
@@ -310,6 +315,15 @@ fn twins_within(segs: &[Seg], v: &Value) -> bool {
     }
 }
 
+/// The member a rewrite of key `k` works on: the one [`JsonPath::select`] reads (`k` itself, else the one member
+/// whose name folds to it, as Go's `encoding/json` binds it), so a `json_cap` on `$.max_tokens` caps a lone
+/// `Max_tokens` the upstream may read; `k` itself when there is none (a `json_set` adds it).
+fn bound_name(map: &serde_json::Map<String, Value>, k: &str) -> String {
+    crate::inspect::json_member_name(map, k)
+        .unwrap_or(k)
+        .to_owned()
+}
+
 fn walk_mut(segs: &[Seg], v: &mut Value, path: &mut String, f: &mut dyn FnMut(&str, &mut Value)) {
     let Some((seg, rest)) = segs.split_first() else {
         f(path, v);
@@ -318,8 +332,9 @@ fn walk_mut(segs: &[Seg], v: &mut Value, path: &mut String, f: &mut dyn FnMut(&s
     let len = path.len();
     match (seg, v) {
         (Seg::Key(k), Value::Object(map)) => {
-            if let Some(child) = map.get_mut(k) {
-                push_seg(path, seg, k, 0);
+            let name = bound_name(map, k);
+            if let Some(child) = map.get_mut(&name) {
+                push_seg(path, seg, &name, 0);
                 walk_mut(rest, child, path, f);
             }
         }
@@ -463,6 +478,28 @@ mod tests {
         let removed = JsonPath::parse("$.messages[0]").unwrap().remove(&mut v);
         assert_eq!(removed, ["$.messages[0]"]);
         assert_eq!(v["messages"].as_array().map(Vec::len), Some(1));
+        // A rewrite works on the member a condition reads: a lone `Max_tokens` is the `max_tokens` a
+        // case-insensitive decoder binds, so it is capped, set and removed under its own name.
+        let mut v =
+            json!({"Max_tokens": 100000, "Stream_options": {"Include_usage": true}, "Tools": []});
+        let cap = JsonPath::parse("$.max_tokens").unwrap();
+        let mut seen = Vec::new();
+        cap.for_each_mut(&mut v, &mut |path, val| {
+            seen.push(path.to_owned());
+            *val = json!(1024);
+        });
+        assert_eq!(seen, ["$.Max_tokens"]);
+        let nested = JsonPath::parse("$.stream_options.include_usage").unwrap();
+        assert_eq!(
+            nested.set(&mut v, json!(false)),
+            ["$.Stream_options.Include_usage"]
+        );
+        let tools = JsonPath::parse("$.tools").unwrap();
+        assert_eq!(tools.remove(&mut v), ["$.Tools"]);
+        assert_eq!(
+            v,
+            json!({"Max_tokens": 1024, "Stream_options": {"Include_usage": false}})
+        );
         assert!(JsonPath::parse("$.nope.deeper")
             .unwrap()
             .set(&mut v, json!(1))

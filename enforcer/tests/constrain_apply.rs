@@ -911,3 +911,37 @@ fn only_the_destinations_own_key_in_a_credential_header_is_left_alone() {
         vec![change("header.authorization", "redact:openai-key")]
     );
 }
+
+/// A rewrite works on the member a case-insensitive decoder (Go's `encoding/json`) binds: a lone `Max_tokens` is
+/// capped under a `json_cap` on `$.max_tokens`, never left for the upstream to read.
+#[test]
+fn json_rewrites_bind_a_member_spelt_in_another_case() {
+    let body = json!({"model": "m", "Max_tokens": 100000, "Tools": [{"type": "function"}]});
+    let rewrites = [
+        rw(
+            "cap",
+            Rewrite::JsonCap {
+                path: "$.max_tokens".parse().unwrap(),
+                max: 1024.0,
+            },
+        ),
+        rw(
+            "remove",
+            Rewrite::JsonRemove {
+                path: "$.tools".parse().unwrap(),
+            },
+        ),
+    ];
+    let out = run(&rewrites, parts("/", &[]), &body);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("$.Max_tokens", "json_cap"),
+            change("$.Tools", "json_remove")
+        ]
+    );
+    assert_eq!(
+        json_of(&out.body),
+        json!({"model": "m", "Max_tokens": 1024})
+    );
+}

@@ -26,7 +26,8 @@ pub use block::{
 };
 pub use decode::{check_json_charset, content_coding, decode_body, field_list};
 pub(crate) use keys::{
-    has_twins as json_member_twins, member as json_member, misspelt_within, twin_members, Twins,
+    has_twins as json_member_twins, member as json_member, member_name as json_member_name,
+    misspelt_within, read_json, twin_members, TwinMembers, Twins,
 };
 pub(crate) use llm::{gemini_json_name, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
@@ -234,13 +235,13 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         .and_then(|h| cfg.provider_for(h, action.transport.port));
     action.transport.provider = provider.map(|p| p.as_str().to_string());
 
-    if http.json.is_none() && !http.body.trim().is_empty() {
-        http.json = serde_json::from_str(&http.body).ok();
-    }
     // A member named twice: a receiver may read either value (see `keys`). Members named alike only once folded
     // are refused where a reader looks the name up: the protocol members below (`misspelt`), and the members a
     // condition's JSONPath selects (`Policy::reads_twin_member`).
-    if http.json.is_some() && keys::twin_members(&http.body, keys::Twins::Exact) {
+    if http.json.is_none() && !http.body.trim().is_empty() {
+        http.json = keys::read_json(&http.body, keys::Twins::Exact)
+            .map_err(|keys::TwinMembers| InspectError::TwinMembers)?;
+    } else if http.json.is_some() && keys::twin_members(&http.body, keys::Twins::Exact) {
         return Err(InspectError::TwinMembers);
     }
 

@@ -20,7 +20,6 @@
 //! a request with more is refused.
 
 use super::refusal::Refusal;
-use crate::encoding::percent_decode;
 use crate::inspect::InspectError;
 use crate::model::{Action, Decided, HttpRequest, Pairs};
 use crate::policy::{same_header, Policy};
@@ -94,6 +93,18 @@ pub(crate) fn build<'a>(
 ) -> Result<Built, Unreadable> {
     let mut kinds = Vec::new();
     let others = crate::inspect::other_methods(http).ok_or(Unreadable::MethodInPart)?;
+    // A first look, which copies nothing: most requests read one way only.
+    let headers: Vec<&str> = headers.collect();
+    let ambiguous = !others.is_empty()
+        || has_backslash(&http.path)
+        || raw_query.contains(';')
+        || headers
+            .iter()
+            .any(|name| differ(crate::policy::header_values(&http.headers, name)))
+        || queries.clone().any(|name| differ(http.query.get_all(name)));
+    if !ambiguous {
+        return Ok(Built::default());
+    }
     let mut methods = vec![http.method.clone()];
     if !others.is_empty() {
         kinds.push("a method override");
@@ -107,7 +118,7 @@ pub(crate) fn build<'a>(
     let mut header_sets = vec![http.headers.clone()];
     for name in headers {
         let values: Vec<&str> = crate::policy::header_values(&http.headers, name).collect();
-        if differ(&values) {
+        if differ(values.iter().copied()) {
             if !kinds.contains(&"a header given several values") {
                 kinds.push("a header given several values");
             }
@@ -145,7 +156,7 @@ pub(crate) fn build<'a>(
         let mut sets = vec![pairs.clone()];
         for name in queries.clone() {
             let values: Vec<&str> = pairs.get_all(name).collect();
-            if differ(&values) {
+            if differ(values.iter().copied()) {
                 if !kinds.contains(&"a query parameter given several values") {
                     kinds.push("a query parameter given several values");
                 }
@@ -207,18 +218,22 @@ pub(crate) fn agree(own: &Decided, readings: &[Decided]) -> bool {
 
 /// The path with each backslash, sent or percent-encoded, read as `/` (IIS, ASP.NET); `None` when it has none.
 fn backslash_as_slash(path: &str) -> Option<String> {
-    percent_decode(path, false).contains('\\').then(|| {
+    has_backslash(path).then(|| {
         path.replace('\\', "/")
             .replace("%5C", "/")
             .replace("%5c", "/")
     })
 }
 
+/// Whether the path has a backslash once percent-decoded (sent as `\`, or as `%5C`).
+fn has_backslash(path: &str) -> bool {
+    path.contains('\\') || path.contains("%5C") || path.contains("%5c")
+}
+
 /// Whether `values` are not all one.
-fn differ(values: &[&str]) -> bool {
-    values
-        .split_first()
-        .is_some_and(|(first, rest)| rest.iter().any(|v| v != first))
+fn differ<'v>(mut values: impl Iterator<Item = &'v str>) -> bool {
+    let first = values.next();
+    values.any(|v| Some(v) != first)
 }
 
 /// Each of `sets` with each of `values`, by `with`.

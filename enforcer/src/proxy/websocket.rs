@@ -222,24 +222,23 @@ fn refused(error: Option<Reason>) -> Outcome {
 }
 
 /// The text inspection reads of a message (binary as lossy UTF-8) and its JSON, when it is JSON.
-fn contents(msg: &Message) -> (Bytes, String, Option<serde_json::Value>) {
+fn contents(msg: &Message) -> (Bytes, String) {
     let raw = match msg {
         Message::Text(t) => Bytes::copy_from_slice(t.as_bytes()),
         Message::Binary(b) => b.clone(),
         _ => Bytes::new(),
     };
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let json = serde_json::from_str(&text).ok();
-    (raw, text, json)
+    (raw, text)
 }
 
 /// Decide one message from the agent; a forwarded LLM call becomes the `turn` the upstream's events answer.
 async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
-    let (raw, text, json) = contents(&msg);
+    let (raw, text) = contents(&msg);
     let mut summary = ans.part_summary(&raw, Vec::new());
     // As a request body: a member a condition selects must not have a twin named alike once folded.
-    let classified = classify_agent_message(&ans.request, &raw, text, json, &ans.ctx.inspect)
-        .and_then(|inspected| {
+    let classified =
+        classify_agent_message(&ans.request, &raw, text, &ans.ctx.inspect).and_then(|inspected| {
             let twins = inspected
                 .actions
                 .iter()
@@ -300,7 +299,7 @@ async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
     fate
 }
 
-/// The Actions of one message from the agent (`raw`, read as `text` and, when it parses, `json`): the upgrade
+/// The Actions of one message from the agent (`raw`, read as `text` and, when it parses, as JSON): the upgrade
 /// request's Action `request` with the message as its body, classified by `inspect::classify_message`. A message
 /// claiming JSON that does not parse, or JSON-RPC whose members a server could read otherwise
 /// (`inspect::ambiguous_json_rpc`), is refused (`BadJson`), never decided as plain data (see the request path).
@@ -308,9 +307,14 @@ fn classify_agent_message(
     request: &Action,
     raw: &Bytes,
     text: String,
-    json: Option<serde_json::Value>,
     cfg: &InspectConfig,
 ) -> Result<Inspected, InspectError> {
+    // One pass reads the JSON and finds a member named twice; only then is the text read again, for the checks
+    // below to refuse in their order.
+    let (json, twins) = match inspect::read_json(&text, inspect::Twins::Exact) {
+        Ok(json) => (json, false),
+        Err(inspect::TwinMembers) => (serde_json::from_str(&text).ok(), true),
+    };
     if json.is_none() && inspect::claims_json(None, &text) {
         return Err(InspectError::BadJson { protocol: "JSON" });
     }
@@ -318,7 +322,7 @@ fn classify_agent_message(
     if json.as_ref().is_some_and(inspect::ambiguous_json_rpc) {
         return Err(InspectError::BadJson { protocol: "MCP" });
     }
-    if json.is_some() && inspect::twin_members(&text, inspect::Twins::Exact) {
+    if twins {
         return Err(InspectError::TwinMembers);
     }
     let mut action = request.clone();
@@ -349,8 +353,8 @@ pub fn fuzz_agent_messages(
     loop {
         match ws.read() {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
-                let (raw, text, json) = contents(&msg);
-                let classified = classify_agent_message(request, &raw, text, json, cfg);
+                let (raw, text) = contents(&msg);
+                let classified = classify_agent_message(request, &raw, text, cfg);
                 out.push(classified.map_err(|_| Reason::Unparseable));
             }
             Ok(Message::Close(_)) => return (out, None),
@@ -388,7 +392,8 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
     if !ans.policy.has_rules_for(Phase::Response) {
         return Fate::Forward(msg);
     }
-    let (raw, text, json) = contents(&msg);
+    let (raw, text) = contents(&msg);
+    let json = serde_json::from_str(&text).ok();
     let mut action = ans.request.clone();
     action.response = Some(HttpResponse {
         status: 101,
@@ -439,7 +444,7 @@ fn proposals_for(ans: &Answering) -> Option<Proposals> {
 /// One server event through the proposal reader: the messages to send now (none while a call is held). A call held
 /// beyond the policy's `max_body_bytes` closes the connection (1009), recorded.
 async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Message) -> Vec<Fate> {
-    let (raw, text, _) = contents(&msg);
+    let (raw, text) = contents(&msg);
     let pushed = props.push(Event {
         name: None,
         data: text,

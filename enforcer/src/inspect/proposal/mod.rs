@@ -233,8 +233,11 @@ fn event_json(data: &str) -> Result<Option<Value>, Unreadable> {
     if data.trim().is_empty() {
         return Ok(None);
     }
-    let json = serde_json::from_str(data).map_err(|_| Unreadable)?;
-    if crate::inspect::twin_members(data, crate::inspect::Twins::Folded) || misspelt(&json) {
+    let json = crate::inspect::read_json(data, crate::inspect::Twins::Folded)
+        .ok()
+        .flatten()
+        .ok_or(Unreadable)?;
+    if misspelt(&json) {
         return Err(Unreadable);
     }
     Ok(Some(json))
@@ -331,13 +334,8 @@ fn function_args(text: &str) -> (Value, bool) {
     if text.trim().is_empty() {
         return (Value::Object(serde_json::Map::new()), false);
     }
-    match serde_json::from_str::<Value>(text) {
-        Ok(v)
-            if v.is_object()
-                && !crate::inspect::twin_members(text, crate::inspect::Twins::Folded) =>
-        {
-            (v, false)
-        }
+    match crate::inspect::read_json(text, crate::inspect::Twins::Folded) {
+        Ok(Some(v)) if v.is_object() => (v, false),
         _ => (Value::String(text.to_string()), true),
     }
 }

@@ -30,17 +30,20 @@ fn action_from(req: &Value, parsed: bool) -> Action {
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: req["method"].as_str().unwrap().to_string(),
-            path: req["path"].as_str().unwrap().to_string(),
-            query: pairs(req.get("query")),
-            headers: pairs(req.get("headers")),
-            content_type: Some("application/json".into()),
-            body_size: body.len() as u64,
-            json: parsed.then(|| req["body"].clone()),
-            body,
-            upgrade: None,
-        }),
+        http: Some(
+            HttpRequest {
+                method: req["method"].as_str().unwrap().to_string(),
+                path: req["path"].as_str().unwrap().to_string(),
+                query: pairs(req.get("query")),
+                headers: pairs(req.get("headers")),
+                content_type: Some("application/json".into()),
+                body_size: body.len() as u64,
+                json: parsed.then(|| req["body"].clone().into()),
+                body: body.into(),
+                upgrade: None,
+            }
+            .into(),
+        ),
         ..Action::default()
     }
 }
@@ -90,7 +93,7 @@ fn check_golden(name: &str) {
         // The classifier never loses the request: the parsed body is what the fixture sent.
         for a in &out.actions {
             assert_eq!(
-                a.http.as_ref().unwrap().json.as_ref(),
+                a.http.as_ref().unwrap().json.as_deref(),
                 Some(&fx["request"]["body"])
             );
         }
@@ -275,7 +278,7 @@ fn unparseable_json_on_llm_endpoint_is_an_error() {
         "/v1/chat/completions",
         json!(null),
     );
-    a.http.as_mut().unwrap().body = String::new();
+    a.http.as_mut().unwrap().body = String::new().into();
     assert!(matches!(
         classify(a, &InspectConfig::default()),
         Err(InspectError::BadJson { .. })

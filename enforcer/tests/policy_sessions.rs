@@ -23,11 +23,14 @@ fn request(host: &str, path: &str) -> Action {
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: "POST".into(),
-            path: path.into(),
-            ..HttpRequest::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "POST".into(),
+                path: path.into(),
+                ..HttpRequest::default()
+            }
+            .into(),
+        ),
         ..Action::default()
     }
 }

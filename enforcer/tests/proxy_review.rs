@@ -350,11 +350,14 @@ async fn a_label_a_response_leaves_through_the_session_api_blocks_later_requests
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: "POST".into(),
-            path: "/mcp".into(),
-            ..HttpRequest::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "POST".into(),
+                path: "/mcp".into(),
+                ..HttpRequest::default()
+            }
+            .into(),
+        ),
         mcp: Some(McpCall {
             method: "tools/call".into(),
             tool: Some("lookup_customer".into()),

@@ -94,8 +94,8 @@ fn http(u: &mut Unstructured) -> Result<HttpRequest> {
         headers: pairs(u)?,
         content_type: opt_word(u)?,
         body_size: u.arbitrary()?,
-        body,
-        json,
+        body: body.into(),
+        json: json.map(Into::into),
         upgrade: opt_word(u)?,
     })
 }
@@ -162,7 +162,7 @@ fn action(u: &mut Unstructured) -> Result<Action> {
             port: u.arbitrary()?,
             provider: opt_word(u)?,
         },
-        http: maybe(u, http)?,
+        http: maybe(u, http)?.map(Into::into),
         mcp: maybe(u, mcp)?,
         llm: maybe(u, llm)?,
         proposal: maybe(u, proposal)?,

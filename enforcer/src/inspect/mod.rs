@@ -448,6 +448,43 @@ mod tests {
         );
     }
 
+    /// Each element of a JSON-RPC batch is one Action, and all of them share the one request (head, body and parsed
+    /// JSON): a copy per element made a 3 MB batch of 40,000 elements hold 16 GB.
+    #[test]
+    fn the_actions_of_a_batch_share_the_request() {
+        use crate::model::{HttpRequest, Shared, Transport};
+        let batch: Vec<String> = (0..2000)
+            .map(|i| {
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"t{i}","arguments":{{}}}}}}"#
+                )
+            })
+            .collect();
+        let action = Action {
+            transport: Transport {
+                host: Some("mcp.example.com".into()),
+                port: 443,
+                ..Transport::default()
+            },
+            http: Some(Shared::new(HttpRequest {
+                method: "POST".into(),
+                path: "/mcp".into(),
+                body: format!("[{}]", batch.join(",")).into(),
+                ..HttpRequest::default()
+            })),
+            ..Action::default()
+        };
+        let out = classify(action, &InspectConfig::default()).unwrap();
+        assert_eq!(out.actions.len(), 2000);
+        let first = out.actions[0].http.as_ref().unwrap();
+        assert!(first.json.as_ref().is_some_and(|j| j.is_array()));
+        for (i, a) in out.actions.iter().enumerate() {
+            assert!(Shared::same(a.http.as_ref().unwrap(), first), "element {i}");
+            let tool = a.mcp.as_ref().and_then(|m| m.tool.clone());
+            assert_eq!(tool, Some(format!("t{i}")));
+        }
+    }
+
     #[test]
     fn a_disguised_llm_path_is_still_an_llm_call() {
         use crate::model::{HttpRequest, Transport};
@@ -457,12 +494,15 @@ mod tests {
                 port: 443,
                 ..Transport::default()
             },
-            http: Some(HttpRequest {
-                method: "POST".into(),
-                path: path.into(),
-                body: body.into(),
-                ..HttpRequest::default()
-            }),
+            http: Some(
+                HttpRequest {
+                    method: "POST".into(),
+                    path: path.into(),
+                    body: body.into(),
+                    ..HttpRequest::default()
+                }
+                .into(),
+            ),
             ..Action::default()
         };
         let cfg = InspectConfig::default();

@@ -12,7 +12,7 @@ use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
 use crate::inspect::{self, InspectError, Inspected, Protocol};
-use crate::model::{Action, HttpRequest, Pairs, Transport};
+use crate::model::{Action, HttpRequest, Pairs, Shared, Transport};
 
 /// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
 /// classified is refused, answered in the shape of the protocol it claims to speak. A request that reads more than
@@ -25,7 +25,13 @@ pub(crate) fn classify(
     parts: &http::request::Parts,
     body: &Body,
 ) -> Result<(Inspected, Readings), Refusal> {
-    let action = build_action(conn, head, parts, body);
+    let mut action = build_action(conn, head, parts, body);
+    // The body is parsed here once, as `inspect::classify` would parse it, so every reading shares the one parse.
+    if let Some(http) = action.http.as_deref_mut() {
+        if http.json.is_none() && !http.body.trim().is_empty() {
+            http.json = serde_json::from_str(&http.body).ok().map(Shared::new);
+        }
+    }
     let cfg = &rec.ctx().inspect;
     let raw_query = parts.uri.query().unwrap_or("");
     let classified = action
@@ -54,7 +60,7 @@ pub(crate) fn classify(
             };
             for http in others.requests {
                 let reading = Action {
-                    http: Some(http),
+                    http: Some(http.into()),
                     ..action.clone()
                 };
                 readings
@@ -169,17 +175,20 @@ pub(crate) fn build_action(
             port: conn.dst.port(),
             provider: None,
         },
-        http: Some(HttpRequest {
-            method: parts.method.as_str().to_string(),
-            path: parts.uri.path().to_string(),
-            query: parse_query(parts.uri.query().unwrap_or("")),
-            headers,
-            content_type,
-            body_size: body.raw.len() as u64,
-            body: String::from_utf8_lossy(&body.decoded).into_owned(),
-            json,
-            upgrade: head.upgrade.clone(),
-        }),
+        http: Some(
+            HttpRequest {
+                method: parts.method.as_str().to_string(),
+                path: parts.uri.path().to_string(),
+                query: parse_query(parts.uri.query().unwrap_or("")),
+                headers,
+                content_type,
+                body_size: body.raw.len() as u64,
+                body: String::from_utf8_lossy(&body.decoded).into_owned().into(),
+                json,
+                upgrade: head.upgrade.clone(),
+            }
+            .into(),
+        ),
         mcp: None,
         llm: None,
         proposal: None,

@@ -16,8 +16,10 @@
 //!   before 3.9.2; Go before 1.17), when that gives a parameter a rule reads other values;
 //! - a backslash in the path, sent or as `%5C`: a segment character to most servers, `/` to IIS and ASP.NET.
 //!
-//! Every combination of the readings is decided, up to [`MAX_READINGS`] (and [`MAX_READING_BYTES`] of body copies);
-//! a request with more is refused.
+//! Every combination of the readings is decided, up to [`MAX_READINGS`] (and [`MAX_READING_BYTES`]: readings times
+//! body size); a request with more is refused. The readings share the request's body and its parsed JSON
+//! (`model::Shared`); what each reading holds of its own is its head and the parts of the body its Actions read (an
+//! MCP element's arguments).
 
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
@@ -28,8 +30,9 @@ use crate::policy::{same_header, Policy};
 /// The most readings one request is decided under; a request that reads more ways is refused.
 pub(crate) const MAX_READINGS: usize = 64;
 
-/// The most body bytes all of one request's readings hold together (each reading is classified with a copy of the
-/// body): a large body that reads many ways is refused rather than copied many times.
+/// The most body bytes all of one request's readings classify together (readings times body size): each reading is
+/// classified anew, and its Actions hold what they read of the body (an MCP element's arguments), so a large body
+/// that reads many ways is refused rather than read many times.
 pub(crate) const MAX_READING_BYTES: usize = 32 << 20;
 
 /// The other readings of one request, as [`build`] makes them.
@@ -372,13 +375,27 @@ mod tests {
     }
 
     #[test]
+    fn the_readings_share_the_requests_body_and_json() {
+        let mut http = request("POST", "/", "", &[("x-http-method-override", "GET, PUT")]);
+        http.body = r#"{"a":1}"#.into();
+        http.json = Some(crate::model::Shared::new(serde_json::json!({"a": 1})));
+        let r = readings(&http, "", &[], &[]);
+        assert_eq!(r.requests.len(), 3);
+        for reading in &r.requests {
+            assert!(crate::model::Shared::same(&reading.body, &http.body));
+            let (mine, own) = (reading.json.as_ref(), http.json.as_ref());
+            assert!(crate::model::Shared::same(mine.unwrap(), own.unwrap()));
+        }
+    }
+
+    #[test]
     fn too_many_readings_or_an_unread_override_are_refused() {
         let q: Vec<String> = (0..(MAX_READINGS + 1)).map(|i| format!("p={i}")).collect();
         let q = q.join("&");
         let http = request("GET", "/", &q, &[]);
         assert!(build(&http, &q, ([].into_iter(), ["p"].into_iter())).is_err());
         let mut large = request("POST", "/", "", &[("x-http-method-override", "GET, PUT")]);
-        large.body = "x".repeat(MAX_READING_BYTES / 2);
+        large.body = "x".repeat(MAX_READING_BYTES / 2).into();
         assert_eq!(
             build(&large, "", ([].into_iter(), [].into_iter())).unwrap_err(),
             Unreadable::TooMany

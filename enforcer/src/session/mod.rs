@@ -561,10 +561,13 @@ mod tests {
         let id = a.session.clone().unwrap();
         let request = Action {
             agent: a.clone(),
-            http: Some(HttpRequest {
-                body: "12345".into(),
-                ..HttpRequest::default()
-            }),
+            http: Some(
+                HttpRequest {
+                    body: "12345".into(),
+                    ..HttpRequest::default()
+                }
+                .into(),
+            ),
             mcp: Some(McpCall {
                 method: "tools/call".into(),
                 tool: Some("read_inbox".into()),

@@ -14,6 +14,8 @@
 //! - a query parameter a rule reads, given several values: each value alone (first or last);
 //! - a query with `;`: split on `&` only (WHATWG URL, most servers) and also on `;` (Rack 2, hence Rails; Python
 //!   before 3.9.2; Go before 1.17), when that gives a parameter a rule reads other values;
+//! - a query parameter a framework reads under a name a rule reads: as sent, and renamed as Express (qs), Rack and
+//!   PHP name it (`cmd[]`, `cmd%5B%5D`, `cmd[x]` are `cmd`; PHP's `user.id`, `user id`, `user[id` are `user_id`);
 //! - a backslash in the path, sent or as `%5C`: a segment character to most servers, `/` to IIS and ASP.NET.
 //!
 //! Every combination of the readings is decided, up to [`MAX_READINGS`] (and [`MAX_READING_BYTES`]: readings times
@@ -143,6 +145,14 @@ pub(crate) fn build<'a>(
             splittings.push(split);
         }
     }
+    let renamed: Vec<Pairs> = splittings
+        .iter()
+        .filter_map(|pairs| framework_reading(pairs, queries.clone()))
+        .collect();
+    if !renamed.is_empty() {
+        kinds.push("a query parameter name frameworks read as another");
+        splittings.extend(renamed);
+    }
     let mut query_sets = Vec::new();
     for pairs in splittings {
         let mut sets = vec![pairs.clone()];
@@ -194,6 +204,52 @@ pub(crate) fn build<'a>(
         }
     }
     Ok(Built { kinds, requests })
+}
+
+/// `pairs` with each parameter that a framework reads under a name the policy reads (`queries`) given that name; none
+/// when there is no such parameter. Express (qs), Rack (hence Rails) and PHP read `NAME[]` and `NAME[KEY]…` (brackets
+/// sent or percent-encoded) as `NAME`, an array or an object; PHP also reads a space or `.` in a top-level name, and
+/// an unclosed `[`, as `_` (`user.id`, `user id`, `user[id` are `user_id`; leading spaces dropped).
+fn framework_reading<'a>(
+    pairs: &Pairs,
+    queries: impl Iterator<Item = &'a str> + Clone,
+) -> Option<Pairs> {
+    let mut renamed = false;
+    let out = pairs
+        .0
+        .iter()
+        .map(|(k, v)| match read_as(k, queries.clone()) {
+            Some(name) if name != k => {
+                renamed = true;
+                (name.to_string(), v.clone())
+            }
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    renamed.then_some(Pairs(out))
+}
+
+/// The name of `queries` a framework reads the parameter `key` as, if any.
+fn read_as<'a>(key: &str, mut queries: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let bracketed = bracket_base(key).filter(|b| !b.is_empty());
+    let php = php_name(key);
+    queries.find(|q| bracketed == Some(*q) || php == *q)
+}
+
+/// The name before a `[` that a `]` closes later (`cmd` of `cmd[x]`), as qs, Rack and PHP read it.
+fn bracket_base(key: &str) -> Option<&str> {
+    let open = key.find('[')?;
+    key[open..].contains(']').then(|| &key[..open])
+}
+
+/// The name PHP gives a top-level parameter (`php_register_variable_ex`): leading spaces dropped, the part before a
+/// closed `[`, with each space and `.` and an unclosed `[` read as `_`.
+fn php_name(key: &str) -> String {
+    let key = key.trim_start_matches(' ');
+    let base = bracket_base(key).unwrap_or(key);
+    base.chars()
+        .map(|c| if matches!(c, ' ' | '.' | '[') { '_' } else { c })
+        .collect()
 }
 
 /// Whether the policy decides every reading alike with the request's own decision `own`: per Action, the same
@@ -344,6 +400,47 @@ mod tests {
             .map(|h| h.query.get_all("q").collect())
             .collect();
         assert_eq!(seen, [vec!["a;b"], vec!["a"]]);
+    }
+
+    #[test]
+    fn a_query_is_read_with_the_names_frameworks_give_its_parameters() {
+        let read = |q: &str, names: &[&str]| {
+            let r = readings(&request("GET", "/", q, &[]), q, &[], names);
+            r.requests
+                .iter()
+                .map(|h| h.query.0.clone())
+                .collect::<Vec<_>>()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        // The request's own reading, then the frameworks'.
+        let cases = [
+            ("cmd[]=id", "cmd", "cmd[]", "id"),
+            ("cmd%5B%5D=id", "cmd", "cmd[]", "id"),
+            ("cmd[x][y]=id", "cmd", "cmd[x][y]", "id"),
+            ("user.id=0", "user_id", "user.id", "0"),
+            ("user+id=0", "user_id", "user id", "0"),
+            ("user[id=0", "user_id", "user[id", "0"),
+        ];
+        for (q, name, sent, value) in cases {
+            assert_eq!(
+                read(q, &[name]),
+                [vec![pair(sent, value)], vec![pair(name, value)]],
+                "{q}"
+            );
+        }
+        // The plain name beside a framework's: each value alone.
+        assert_eq!(
+            read("cmd=ls&cmd[]=rm", &["cmd"]),
+            [
+                vec![pair("cmd", "ls"), pair("cmd[]", "rm")],
+                vec![pair("cmd", "ls")],
+                vec![pair("cmd", "rm")]
+            ]
+        );
+        // Names no rule reads, and names read as themselves, make no other reading.
+        assert!(read("filter[]=a&user.name=b", &["cmd", "user_id"]).is_empty());
+        assert!(read("cmd=id", &["cmd"]).is_empty());
+        assert!(read("cmd[=id&cmdx[]=1", &["cmd"]).is_empty());
     }
 
     #[test]

@@ -164,6 +164,49 @@ fn gemini_generate_content_without_sse_is_not_streaming() {
     assert!(!llm.has_tool_results);
 }
 
+/// Every tool declaration shape of the OpenAI SDK has its name in `llm.tools`: a Chat custom tool
+/// (`{"type":"custom","custom":{"name":…}}`, `ChatCompletionCustomToolParam`) by its name, not `custom`; a Responses
+/// `namespace` tool (`NamespaceToolParam`) by its name and by the name of each function or custom tool inside it.
+#[test]
+fn custom_and_namespaced_openai_tools_are_named() {
+    let chat = simple(
+        "api.openai.com",
+        "POST",
+        "/v1/chat/completions",
+        json!({
+            "model": "gpt-5",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [
+                {"type": "custom", "custom": {"name": "forbidden_tool", "description": "x"}},
+                {"type": "function", "function": {"name": "get_weather"}}
+            ]
+        }),
+    );
+    let out = classify(chat, &InspectConfig::default()).unwrap();
+    let llm = out.actions[0].llm.clone().unwrap();
+    assert_eq!(llm.tools, ["forbidden_tool", "get_weather"]);
+
+    let responses = simple(
+        "api.openai.com",
+        "POST",
+        "/v1/responses",
+        json!({
+            "model": "gpt-5",
+            "input": "hi",
+            "tools": [
+                {"type": "namespace", "name": "crm", "description": "CRM", "tools": [
+                    {"type": "function", "name": "forbidden_tool"},
+                    {"type": "custom", "name": "lookup"}
+                ]},
+                {"type": "custom", "name": "shell_exec"}
+            ]
+        }),
+    );
+    let out = classify(responses, &InspectConfig::default()).unwrap();
+    let llm = out.actions[0].llm.clone().unwrap();
+    assert_eq!(llm.tools, ["crm", "forbidden_tool", "lookup", "shell_exec"]);
+}
+
 /// Gemini reads request bodies as proto3 JSON, which takes a field's proto name (`google_search`) for its JSON name
 /// (`googleSearch`): a built-in tool has one name in `llm.tools` however the body spells it, so a rule on
 /// `googleSearch` cannot be dodged by writing `google_search`.

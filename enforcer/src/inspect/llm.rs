@@ -197,11 +197,17 @@ fn each(v: Option<&Value>) -> impl Iterator<Item = &Value> {
 }
 
 /// The name a tool declaration in an OpenAI or Anthropic `tools` array is known by: `function.name` (Chat
-/// Completions), `name` (Responses function/custom tools, Anthropic), `mcp:<label>` for hosted MCP servers, or
-/// the `type` of a built-in tool without a name (`web_search_preview`, `code_interpreter`, ...).
+/// Completions), `custom.name` (Chat Completions custom tools, `ChatCompletionCustomToolParam`), `name` (Responses
+/// function/custom/namespace tools, Anthropic), `mcp:<label>` for hosted MCP servers, or the `type` of a built-in
+/// tool without a name (`web_search_preview`, `code_interpreter`, ...). The tools inside a Responses `namespace`
+/// are [`namespaced_tools`].
 pub(crate) fn tool_name(tool: &Value) -> Option<String> {
+    let wrapper = match item_type(tool) {
+        Some("custom") => "custom",
+        _ => "function",
+    };
     if let Some(name) = tool
-        .get("function")
+        .get(wrapper)
         .and_then(|f| f.get("name"))
         .and_then(Value::as_str)
     {
@@ -224,6 +230,13 @@ pub(crate) fn tool_name(tool: &Value) -> Option<String> {
     }
 }
 
+/// The function and custom tools a Responses `namespace` tool groups (`{"type":"namespace","name":"crm","tools":
+/// [...]}`, `NamespaceToolParam`): each is declared to the model by its own name. Nothing for other tools.
+pub(crate) fn namespaced_tools(tool: &Value) -> impl Iterator<Item = &Value> {
+    let nested = (item_type(tool) == Some("namespace")).then(|| tool.get("tools"));
+    each(nested.flatten())
+}
+
 /// Declared tool names of an OpenAI or Anthropic body. Hosted MCP servers appear as `mcp:<label>` and, when the
 /// declaration names it, `mcp:<server_url>` too, so a policy can match either.
 fn declared_tools(body: &Value) -> Vec<String> {
@@ -231,6 +244,11 @@ fn declared_tools(body: &Value) -> Vec<String> {
     for tool in each(body.get("tools")) {
         if let Some(name) = tool_name(tool) {
             push_unique(&mut out, name);
+        }
+        for inner in namespaced_tools(tool) {
+            if let Some(name) = tool_name(inner) {
+                push_unique(&mut out, name);
+            }
         }
         if let Some(url) = tool.get("server_url").and_then(Value::as_str) {
             push_unique(&mut out, format!("mcp:{url}"));

@@ -28,7 +28,7 @@ pub use decode::{check_json_charset, content_coding, decode_body, field_list};
 pub(crate) use keys::{
     has_twins as json_member_twins, member as json_member, misspelt_within, twin_members, Twins,
 };
-pub(crate) use llm::{gemini_json_name, tool_name};
+pub(crate) use llm::{gemini_json_name, namespaced_tools, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
 pub use message::{classify_message, message_block};
 pub use method::other_methods;

@@ -164,6 +164,61 @@ fn gemini_generate_content_without_sse_is_not_streaming() {
     assert!(!llm.has_tool_results);
 }
 
+/// Anthropic and Gemini also serve OpenAI's Chat Completions (`https://api.anthropic.com/v1/chat/completions`,
+/// Gemini's `/v1beta/openai/chat/completions`), which the OpenAI SDK calls with a `base_url`: the API is read from the
+/// path's shape on any provider's host, so `llm.*` rules and proposal rules apply, and the block answer and the
+/// proposals are read in OpenAI's shape. `llm.provider` stays the host's provider.
+#[test]
+fn openai_compatible_chat_on_other_providers_hosts_is_chat_completions() {
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "forbidden_tool"}}]
+    });
+    let cases = [
+        ("api.anthropic.com", "/v1/chat/completions", "anthropic"),
+        (
+            "generativelanguage.googleapis.com",
+            "/v1beta/openai/chat/completions",
+            "gemini",
+        ),
+    ];
+    for (host, path, provider) in cases {
+        let out = classify(
+            simple(host, "POST", path, body.clone()),
+            &InspectConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            out.protocol,
+            Protocol::Llm {
+                provider: Provider::OpenAi,
+                api: LlmApi::ChatCompletions
+            },
+            "{host}{path}"
+        );
+        let llm = out.actions[0].llm.clone().unwrap();
+        assert_eq!(llm.provider, provider);
+        assert_eq!(llm.model.as_deref(), Some("m"));
+        assert_eq!(llm.tools, ["forbidden_tool"]);
+    }
+    // Gemini's OpenAI-compatible embeddings are a call too (model only).
+    let out = classify(
+        simple(
+            "generativelanguage.googleapis.com",
+            "POST",
+            "/v1beta/openai/embeddings",
+            json!({"model": "text-embedding-004", "input": "hi"}),
+        ),
+        &InspectConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        out.actions[0].llm.as_ref().and_then(|l| l.model.as_deref()),
+        Some("text-embedding-004")
+    );
+}
+
 /// Every tool declaration shape of the OpenAI SDK has its name in `llm.tools`: a Chat custom tool
 /// (`{"type":"custom","custom":{"name":…}}`, `ChatCompletionCustomToolParam`) by its name, not `custom`; a Responses
 /// `namespace` tool (`NamespaceToolParam`) by its name and by the name of each function or custom tool inside it.

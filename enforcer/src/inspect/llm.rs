@@ -9,26 +9,27 @@ use super::keys::misspelt;
 use super::{LlmApi, Provider};
 use crate::model::{LlmCall, Pairs};
 
-/// The LLM endpoint `method path` calls on a host of `provider`, if it is one.
-pub(super) fn endpoint(provider: Provider, method: &str, path: &str) -> Option<LlmApi> {
+/// The LLM endpoint `method path` calls on a provider's host, if it is one, read from the path's shape whichever
+/// provider's host it is: Anthropic and Gemini serve OpenAI's Chat Completions too
+/// (`api.anthropic.com/v1/chat/completions`, Gemini `/v1beta/openai/chat/completions` and `/embeddings`), called by
+/// the OpenAI SDK with a `base_url`.
+pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
     if !method.eq_ignore_ascii_case("POST") {
         return None;
     }
     let path = path.trim_end_matches('/');
-    match provider {
-        Provider::OpenAi if path.ends_with("/chat/completions") => Some(LlmApi::ChatCompletions),
-        Provider::OpenAi if path.ends_with("/responses") => Some(LlmApi::Responses),
-        Provider::OpenAi if path.ends_with("/completions") || path.ends_with("/embeddings") => {
-            Some(LlmApi::Other)
-        }
-        Provider::Anthropic if path.ends_with("/v1/messages") || path == "/messages" => {
-            Some(LlmApi::Messages)
-        }
-        Provider::Anthropic if path.ends_with("/v1/complete") || path == "/complete" => {
-            Some(LlmApi::Other)
-        }
-        Provider::Gemini => gemini_target(path).map(|t| t.api),
-        _ => None,
+    if path.ends_with("/chat/completions") {
+        Some(LlmApi::ChatCompletions)
+    } else if path.ends_with("/responses") {
+        Some(LlmApi::Responses)
+    } else if path.ends_with("/completions") || path.ends_with("/embeddings") {
+        Some(LlmApi::Other)
+    } else if path.ends_with("/v1/messages") || path == "/messages" {
+        Some(LlmApi::Messages)
+    } else if path.ends_with("/v1/complete") || path == "/complete" {
+        Some(LlmApi::Other)
+    } else {
+        gemini_target(path).map(|t| t.api)
     }
 }
 
@@ -73,12 +74,11 @@ pub(super) fn describe(
         ..LlmCall::default()
     };
     match api {
-        LlmApi::Other if provider == Provider::Gemini => {
+        LlmApi::Other => {
             if let Some(t) = gemini_target(path.trim_end_matches('/')) {
                 call.model = Some(t.model.to_string());
+                return call;
             }
-        }
-        LlmApi::Other => {
             call.model = body
                 .get("model")
                 .and_then(Value::as_str)

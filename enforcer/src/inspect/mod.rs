@@ -109,6 +109,20 @@ pub enum LlmApi {
     Other,
 }
 
+impl LlmApi {
+    /// The provider whose request, answer and error shapes the call uses: OpenAI's for Chat Completions and
+    /// Responses, Anthropic's for Messages, Gemini's for generateContent, whichever provider's host serves it; the
+    /// host's provider (`host`) for the other calls.
+    pub fn shape(self, host: Provider) -> Provider {
+        match self {
+            LlmApi::ChatCompletions | LlmApi::Responses => Provider::OpenAi,
+            LlmApi::Messages => Provider::Anthropic,
+            LlmApi::GenerateContent => Provider::Gemini,
+            LlmApi::Other => host,
+        }
+    }
+}
+
 /// What a JSON-RPC message is, as far as its block answer is concerned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct McpMessage {
@@ -133,7 +147,8 @@ pub enum Protocol {
     /// A request to a provider's host that is not one of the recognised LLM calls (e.g. `GET /v1/models`): its
     /// block answer still uses the provider's error shape.
     Provider(Provider),
-    /// A recognised LLM API call.
+    /// A recognised LLM API call; `provider` is the one whose shapes the API uses ([`LlmApi::shape`]): OpenAI's for
+    /// Chat Completions on Anthropic's or Gemini's host.
     Llm { provider: Provider, api: LlmApi },
     /// MCP JSON-RPC over HTTP (Streamable HTTP, or a POST of the older HTTP+SSE transport). `messages` has one
     /// element for a single message and one per element, in order, for a batch array.
@@ -245,21 +260,26 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     }
 
     if let Some(provider) = provider {
-        if let Some(api) = llm::endpoint(provider, &http.method, &path) {
+        if let Some(api) = llm::endpoint(&http.method, &path) {
+            // `llm.provider` is the host's provider; the protocol, the shape the call is read and answered in.
+            let shape = api.shape(provider);
             let Some(json) = http.json.as_ref() else {
                 return Err(InspectError::BadJson {
-                    protocol: provider.as_str(),
+                    protocol: shape.as_str(),
                 });
             };
-            if provider != Provider::Gemini && llm::misread(json) {
+            if shape != Provider::Gemini && llm::misread(json) {
                 return Err(InspectError::BadJson {
-                    protocol: provider.as_str(),
+                    protocol: shape.as_str(),
                 });
             }
             let call = llm::describe(provider, api, &path, &http.query, json);
             action.llm = Some(call);
             return Ok(Inspected {
-                protocol: Protocol::Llm { provider, api },
+                protocol: Protocol::Llm {
+                    provider: shape,
+                    api,
+                },
                 actions: vec![action],
             });
         }
@@ -342,8 +362,11 @@ pub fn claimed_protocol(action: &Action, cfg: &InspectConfig) -> Protocol {
         .and_then(|h| cfg.provider_for(h, action.transport.port));
     if let Some(provider) = provider {
         let path = canonical_path(http.path.split('?').next().unwrap_or_default());
-        return match llm::endpoint(provider, &http.method, &path) {
-            Some(api) => Protocol::Llm { provider, api },
+        return match llm::endpoint(&http.method, &path) {
+            Some(api) => Protocol::Llm {
+                provider: api.shape(provider),
+                api,
+            },
             None => Protocol::Provider(provider),
         };
     }

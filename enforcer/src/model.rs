@@ -368,8 +368,9 @@ pub struct Action {
     pub response: Option<HttpResponse>,
     /// What the agent's session has done so far, as `session.*` conditions read it (filled by
     /// [`crate::session::Sessions::fill`] before each decision; written by hand in policy test cases).
+    /// Shared by the Actions of one request (each element of a JSON-RPC batch): held once whatever their number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<SessionState>,
+    pub session: Option<Shared<SessionState>>,
 }
 
 /// A session's state at the moment an Action is decided: what earlier Actions of the same agent run left behind.

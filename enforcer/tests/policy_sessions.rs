@@ -118,7 +118,7 @@ fn session_conditions_read_the_stated_session() {
     );
     let with = |state: SessionState| {
         let mut a = request("x.test", "/");
-        a.session = Some(state);
+        a.session = Some(state.into());
         p.evaluate(&a)
     };
     assert_eq!(p.evaluate(&request("x.test", "/")).reason, Reason::Default);

@@ -860,7 +860,7 @@ impl Cond {
                 .session
                 .as_ref()
                 .is_some_and(|s| s.labels.iter().any(|l| any_glob(g, Some(l)))),
-            Cond::SessionCount(tests) => tests.iter().all(|t| t.eval(a.session.as_ref())),
+            Cond::SessionCount(tests) => tests.iter().all(|t| t.eval(a.session.as_deref())),
             Cond::SessionPreviousTool(g) => any_glob(
                 g,
                 a.session.as_ref().and_then(|s| s.previous_tool.as_deref()),

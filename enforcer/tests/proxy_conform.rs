@@ -52,6 +52,21 @@ where
 }
 
 /// The whole body of an HTTP/2 response.
+/// The status of `GET https://HOST/x` with the field `name: value`, sent on `client`.
+async fn h2_status_with(
+    client: &mut h2::client::SendRequest<Bytes>,
+    name: &str,
+    value: http::HeaderValue,
+) -> u16 {
+    let req = Request::get(format!("https://{HOST}/x"))
+        .header(name, value)
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    resp.status().as_u16()
+}
+
 async fn h2_body(resp: http::Response<h2::RecvStream>) -> Vec<u8> {
     let mut body = resp.into_body();
     let mut got = Vec::new();
@@ -558,21 +573,12 @@ async fn a_host_field_naming_another_host_is_refused() {
     let (proxy, up, seen) = setup().await;
     let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
     let mut client = h2_client(tls).await;
-    let req = Request::get(format!("https://{HOST}/x"))
-        .header("host", "other.conform.test")
-        .body(())
-        .unwrap();
-    let (resp, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 400);
+    let other = http::HeaderValue::from_static("other.conform.test");
+    assert_eq!(h2_status_with(&mut client, "host", other).await, 400);
     assert_eq!(seen.count(), 0);
-    let req = Request::get(format!("https://{HOST}/x"))
-        .header("host", format!("{}:443", HOST.to_ascii_uppercase()))
-        .body(())
-        .unwrap();
-    let (resp, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 200);
+    let same = format!("{}:443", HOST.to_ascii_uppercase());
+    let same = http::HeaderValue::from_str(&same).unwrap();
+    assert_eq!(h2_status_with(&mut client, "host", same).await, 200);
     assert_eq!(seen.count(), 1);
 
     let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
@@ -609,22 +615,13 @@ async fn h2_field_values_with_leading_or_trailing_whitespace_are_refused() {
         ("x-role", b"reader\t"),
     ];
     for (name, value) in bad {
-        let req = Request::get(format!("https://{HOST}/x"))
-            .header(name, http::HeaderValue::from_bytes(value).unwrap())
-            .body(())
-            .unwrap();
-        let (resp, _) = client.send_request(req, true).unwrap();
-        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-        assert_eq!(resp.status(), 400, "{name}: {value:?}");
+        let sent = http::HeaderValue::from_bytes(value).unwrap();
+        let status = h2_status_with(&mut client, name, sent).await;
+        assert_eq!(status, 400, "{name}: {value:?}");
     }
     assert_eq!(seen.count(), 0, "a malformed field reached the upstream");
-    let req = Request::get(format!("https://{HOST}/x"))
-        .header("x-role", "read only")
-        .body(())
-        .unwrap();
-    let (resp, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 200);
+    let inner = http::HeaderValue::from_static("read only");
+    assert_eq!(h2_status_with(&mut client, "x-role", inner).await, 200);
     assert_eq!(seen.count(), 1);
     let records = proxy.audit_records().await;
     assert_eq!(records.len(), bad.len() + 1);

@@ -348,8 +348,9 @@ impl Phase {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Action {
+    /// Shared by the Actions of one request (each element of a JSON-RPC batch), as `http` is.
     #[serde(default)]
-    pub agent: Agent,
+    pub agent: Shared<Agent>,
     #[serde(default)]
     pub transport: Transport,
     /// The request, shared by every Action made of it (each element of a JSON-RPC batch, each response and proposal

@@ -224,7 +224,8 @@ fn every_condition_key() {
         exe: Some("/usr/bin/python3.12".into()),
         uid: Some(1000),
         ..Default::default()
-    };
+    }
+    .into();
     a.transport.port = 8443;
     a.transport.scheme = Scheme::Http;
     if let Some(h) = &mut a.http {

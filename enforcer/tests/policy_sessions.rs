@@ -168,7 +168,8 @@ fn the_person_decides_user_and_groups_and_restricted_profiles() {
             user: user.map(str::to_string),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             ..Agent::default()
-        };
+        }
+        .into();
         a
     };
     let d = p.evaluate(&as_person("analysts", Some("dave"), &["dave", "dba"]));

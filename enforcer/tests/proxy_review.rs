@@ -344,7 +344,7 @@ async fn a_label_a_response_leaves_through_the_session_api_blocks_later_requests
     sessions.identify(&mut who);
     let body = MCP_RESULT;
     let mut result = vec![Action {
-        agent: who.clone(),
+        agent: who.clone().into(),
         transport: Transport {
             host: Some("app.test".into()),
             port: 443,

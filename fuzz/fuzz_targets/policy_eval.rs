@@ -154,7 +154,8 @@ fn action(u: &mut Unstructured) -> Result<Action> {
             session: opt_word(u)?,
             user: opt_word(u)?,
             groups: maybe(u, |u| Ok(vec![word(u)?]))?.unwrap_or_default(),
-        },
+        }
+        .into(),
         transport: Transport {
             scheme: *u.choose(&[Scheme::Http, Scheme::Https, Scheme::Tcp, Scheme::Dns])?,
             host: opt_word(u)?,
@@ -167,7 +168,7 @@ fn action(u: &mut Unstructured) -> Result<Action> {
         llm: maybe(u, llm)?,
         proposal: maybe(u, proposal)?,
         response: maybe(u, response)?,
-        session: maybe(u, session)?,
+        session: maybe(u, session)?.map(Into::into),
     })
 }
 

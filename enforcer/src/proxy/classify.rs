@@ -167,7 +167,7 @@ pub(crate) fn build_action(
         None
     };
     Action {
-        agent: conn.agent.clone(),
+        agent: conn.agent.clone().into(),
         transport: Transport {
             scheme: conn.scheme,
             host: Some(head.host.clone()),

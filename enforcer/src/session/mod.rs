@@ -253,10 +253,10 @@ impl Sessions {
         let minute = self.minute(now);
         let table = self.lock();
         // The Actions of one request (a JSON-RPC batch's elements) share one agent: its state is made once and shared.
-        let mut last: Option<(Agent, Shared<SessionState>)> = None;
+        let mut last: Option<(Shared<Agent>, Shared<SessionState>)> = None;
         for action in actions {
             if let Some((agent, state)) = &last {
-                if *agent == action.agent {
+                if Shared::same(agent, &action.agent) || *agent == action.agent {
                     action.session = Some(state.clone());
                     continue;
                 }
@@ -570,7 +570,7 @@ mod tests {
         sessions.identify(&mut a);
         let id = a.session.clone().unwrap();
         let request = Action {
-            agent: a.clone(),
+            agent: a.clone().into(),
             http: Some(
                 HttpRequest {
                     body: "12345".into(),
@@ -602,7 +602,7 @@ mod tests {
         // The Actions of one request (a JSON-RPC batch's elements) share one state, however many they are.
         let mut next = vec![
             Action {
-                agent: a.clone(),
+                agent: a.clone().into(),
                 ..Action::default()
             };
             3

@@ -15,13 +15,13 @@ async fn upstream(ca: &TestCa) -> (std::net::SocketAddr, std::sync::Arc<Seen>) {
     https_upstream(chain, key, true).await
 }
 
-fn post_json(path: &str, host: &str, body: &'static str) -> Request<Full<Bytes>> {
+fn post_json(path: &str, host: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     Request::builder()
         .method("POST")
         .uri(path)
         .header("host", host)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Full::new(body.into()))
         .unwrap()
 }
 
@@ -245,15 +245,7 @@ rules:
             .collect();
         format!("[{}]", elements.join(","))
     };
-    let post = |body: String| {
-        Request::builder()
-            .method("POST")
-            .uri("/mcp")
-            .header("host", "allowed.test")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap()
-    };
+    let post = |body: String| post_json("/mcp", "allowed.test", body);
     let allowed = batch(None);
     assert!(allowed.len() > 1_400_000, "{}", allowed.len());
     let tls = proxy.tls_to(up, "allowed.test", &[H1]).await;

@@ -87,15 +87,18 @@ fn host_path_action() -> Action {
             port: 443,
             provider: None,
         },
-        http: Some(HttpRequest {
-            method: "GET".into(),
-            path: "/api/v1/517/repos/items".into(),
-            headers: Pairs(vec![
-                ("user-agent".into(), "bench/1".into()),
-                ("accept".into(), "*/*".into()),
-            ]),
-            ..Default::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "GET".into(),
+                path: "/api/v1/517/repos/items".into(),
+                headers: Pairs(vec![
+                    ("user-agent".into(), "bench/1".into()),
+                    ("accept".into(), "*/*".into()),
+                ]),
+                ..Default::default()
+            }
+            .into(),
+        ),
         ..Default::default()
     }
 }
@@ -123,19 +126,22 @@ fn llm_action() -> Action {
             port: 443,
             provider: None,
         },
-        http: Some(HttpRequest {
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
-            headers: Pairs(vec![
-                ("content-type".into(), "application/json".into()),
-                ("authorization".into(), "Bearer redacted-by-bench".into()),
-            ]),
-            content_type: Some("application/json".into()),
-            body_size: body.len() as u64,
-            body,
-            json: Some(json),
-            ..Default::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "POST".into(),
+                path: "/v1/chat/completions".into(),
+                headers: Pairs(vec![
+                    ("content-type".into(), "application/json".into()),
+                    ("authorization".into(), "Bearer redacted-by-bench".into()),
+                ]),
+                content_type: Some("application/json".into()),
+                body_size: body.len() as u64,
+                body: body.into(),
+                json: Some(json.into()),
+                ..Default::default()
+            }
+            .into(),
+        ),
         llm: Some(LlmCall {
             provider: "openai".into(),
             model: Some("gpt-4o".into()),

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
@@ -163,15 +164,92 @@ pub struct HttpRequest {
     /// Size in bytes of the body as sent; filled from `body` when a test case leaves it out.
     #[serde(default)]
     pub body_size: u64,
-    /// The body as text (lossy for binary bodies). Kept as a string so cases and audit tooling can write it.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub body: String,
+    /// The body as text (lossy for binary bodies). Kept as a string so cases and audit tooling can write it. Shared,
+    /// with `json`, by every Action of the request (each element of a JSON-RPC batch, each reading, each response
+    /// and proposal Action): an Action's clone never copies the body.
+    #[serde(default, skip_serializing_if = "Shared::is_empty")]
+    pub body: Shared<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub json: Option<serde_json::Value>,
+    pub json: Option<Shared<serde_json::Value>>,
     /// The protocol an HTTP/1.1 request asks to switch the connection to (its `Upgrade` tokens, lower-cased, as
     /// sent: `websocket`, `h2c`, …; RFC 9110 §7.8), when it asks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
+}
+
+/// A value the Actions of one request share, read through `Deref`: cloning it copies a pointer, so the memory a
+/// request's Actions hold stays that of one body whatever the number of Actions (a JSON-RPC batch of 40,000
+/// elements in a 3 MB body made 40,000 copies of the body and its parsed JSON). A write (`DerefMut`) copies the value
+/// first when another Action still shares it (`Arc::make_mut`). Serialises as the value itself.
+#[derive(Debug, Default, PartialEq)]
+pub struct Shared<T>(Arc<T>);
+
+impl<T: Serialize> Serialize for Shared<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shared<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Shared::new)
+    }
+}
+
+impl<T> Shared<T> {
+    pub fn new(value: T) -> Self {
+        Shared(Arc::new(value))
+    }
+
+    /// The value, copied only when another Action still shares it.
+    pub fn into_inner(self) -> T
+    where
+        T: Clone,
+    {
+        Arc::unwrap_or_clone(self.0)
+    }
+
+    /// Whether `a` and `b` are the one shared value (not only equal ones).
+    pub fn same(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl Shared<String> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(Arc::clone(&self.0))
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: Clone> std::ops::DerefMut for Shared<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl<T> From<T> for Shared<T> {
+    fn from(value: T) -> Self {
+        Shared::new(value)
+    }
+}
+
+impl From<&str> for Shared<String> {
+    fn from(value: &str) -> Self {
+        Shared::new(value.to_string())
+    }
 }
 
 /// An MCP JSON-RPC message (one element of a batch), filled by the protocol classifier.
@@ -271,12 +349,15 @@ impl Phase {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Action {
+    /// Shared by the Actions of one request (each element of a JSON-RPC batch), as `http` is.
     #[serde(default)]
-    pub agent: Agent,
+    pub agent: Shared<Agent>,
     #[serde(default)]
     pub transport: Transport,
+    /// The request, shared by every Action made of it (each element of a JSON-RPC batch, each response and proposal
+    /// Action): the head and body are held once whatever the number of Actions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpRequest>,
+    pub http: Option<Shared<HttpRequest>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -289,8 +370,9 @@ pub struct Action {
     pub response: Option<HttpResponse>,
     /// What the agent's session has done so far, as `session.*` conditions read it (filled by
     /// [`crate::session::Sessions::fill`] before each decision; written by hand in policy test cases).
+    /// Shared by the Actions of one request (each element of a JSON-RPC batch): held once whatever their number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<SessionState>,
+    pub session: Option<Shared<SessionState>>,
 }
 
 /// A session's state at the moment an Action is decided: what earlier Actions of the same agent run left behind.

@@ -540,6 +540,59 @@ fn drop_tools_openai_chat() {
     assert_eq!(got["messages"], body["messages"]);
 }
 
+/// `drop_tools` reads the tool names `llm.tools` reads: a Chat custom tool by `custom.name`; a tool inside a Responses
+/// `namespace` by its own name (the namespace kept with the rest, and dropped when emptied), a namespace by its name.
+#[test]
+fn drop_tools_reads_custom_and_namespaced_tools() {
+    let chat = json!({
+        "model": "gpt-5",
+        "messages": [],
+        "tools": [
+            {"type": "custom", "custom": {"name": "delete_repo"}},
+            {"type": "function", "function": {"name": "get_weather"}}
+        ]
+    });
+    let out = run(&[drop_tools(&["delete_*"])], parts("/", &[]), &chat);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![change("$.tools[0]", "drop_tools")]
+    );
+    assert_eq!(json_of(&out.body)["tools"], json!([chat["tools"][1]]));
+
+    let responses = json!({
+        "model": "gpt-5",
+        "input": "hi",
+        "tools": [
+            {"type": "namespace", "name": "crm", "description": "CRM", "tools": [
+                {"type": "function", "name": "delete_account"},
+                {"type": "function", "name": "lookup"}
+            ]},
+            {"type": "namespace", "name": "admin", "description": "x", "tools": [
+                {"type": "custom", "name": "delete_all"}
+            ]},
+            {"type": "namespace", "name": "delete_ns", "description": "x", "tools": [
+                {"type": "function", "name": "read"}
+            ]}
+        ]
+    });
+    let out = run(&[drop_tools(&["delete_*"])], parts("/", &[]), &responses);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change("$.tools[0].tools[0]", "drop_tools"),
+            change("$.tools[1]", "drop_tools"),
+            change("$.tools[2]", "drop_tools"),
+        ]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(
+        got["tools"],
+        json!([{"type": "namespace", "name": "crm", "description": "CRM", "tools": [
+            {"type": "function", "name": "lookup"}
+        ]}])
+    );
+}
+
 #[test]
 fn drop_tools_openai_responses_hosted_mcp_by_url() {
     let body = fixture_body("openai_responses");

@@ -21,13 +21,16 @@ fn llm_request(host: &str, path: &str, body: &Value) -> (Action, http::request::
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: "POST".into(),
-            path: path.into(),
-            body_size: text.len() as u64,
-            body: text.clone(),
-            ..HttpRequest::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "POST".into(),
+                path: path.into(),
+                body_size: text.len() as u64,
+                body: text.clone().into(),
+                ..HttpRequest::default()
+            }
+            .into(),
+        ),
         ..Action::default()
     };
     let parts = http::Request::builder()

@@ -34,12 +34,15 @@ fn action(host: &str, path: &str, body: &Value) -> Action {
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: "POST".into(),
-            path: path.parse().unwrap(),
-            body: body.to_string(),
-            ..HttpRequest::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "POST".into(),
+                path: path.parse().unwrap(),
+                body: body.to_string().into(),
+                ..HttpRequest::default()
+            }
+            .into(),
+        ),
         ..Action::default()
     }
 }

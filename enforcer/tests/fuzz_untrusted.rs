@@ -304,7 +304,7 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
         let path = *rng.pick(PATHS);
         let query = *rng.pick(QUERIES);
         let method = *rng.pick(&["POST", "GET", "post", "PUT"]);
-        let json = if rng.below(2) == 0 {
+        let json: Option<serde_json::Value> = if rng.below(2) == 0 {
             serde_json::from_slice(&decoded).ok()
         } else {
             None
@@ -315,23 +315,26 @@ fn random_and_mutated_bodies_never_panic_inspect_policy_or_constrain() {
                 port: *rng.pick(&[443, 8443, 80]),
                 ..Transport::default()
             },
-            http: Some(HttpRequest {
-                method: method.to_string(),
-                path: path.to_string(),
-                query: Pairs(vec![("key".into(), query.into())]),
-                headers: Pairs(vec![
-                    (
-                        "mcp-session-id".into(),
-                        String::from_utf8_lossy(&body[..body.len().min(8)]).into_owned(),
-                    ),
-                    ("content-type".into(), "application/json".into()),
-                ]),
-                content_type: Some("application/json".into()),
-                body_size: decoded.len() as u64,
-                body: String::from_utf8_lossy(&decoded).into_owned(),
-                json,
-                upgrade: None,
-            }),
+            http: Some(
+                HttpRequest {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    query: Pairs(vec![("key".into(), query.into())]),
+                    headers: Pairs(vec![
+                        (
+                            "mcp-session-id".into(),
+                            String::from_utf8_lossy(&body[..body.len().min(8)]).into_owned(),
+                        ),
+                        ("content-type".into(), "application/json".into()),
+                    ]),
+                    content_type: Some("application/json".into()),
+                    body_size: decoded.len() as u64,
+                    body: String::from_utf8_lossy(&decoded).into_owned().into(),
+                    json: json.map(Into::into),
+                    upgrade: None,
+                }
+                .into(),
+            ),
             ..Action::default()
         };
         let claimed = inspect::claimed_protocol(&action, &cfg);

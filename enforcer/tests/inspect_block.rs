@@ -51,20 +51,23 @@ fn protocol_of(fixture: &str) -> (Protocol, String) {
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: req["method"].as_str().unwrap().into(),
-            path: req["path"].as_str().unwrap().into(),
-            headers: req
-                .get("headers")
-                .map(|h| serde_json::from_value(h.clone()).unwrap())
-                .unwrap_or_default(),
-            query: req
-                .get("query")
-                .map(|h| serde_json::from_value(h.clone()).unwrap())
-                .unwrap_or_default(),
-            body: body.clone(),
-            ..HttpRequest::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: req["method"].as_str().unwrap().into(),
+                path: req["path"].as_str().unwrap().into(),
+                headers: req
+                    .get("headers")
+                    .map(|h| serde_json::from_value(h.clone()).unwrap())
+                    .unwrap_or_default(),
+                query: req
+                    .get("query")
+                    .map(|h| serde_json::from_value(h.clone()).unwrap())
+                    .unwrap_or_default(),
+                body: body.clone().into(),
+                ..HttpRequest::default()
+            }
+            .into(),
+        ),
         ..Action::default()
     };
     (

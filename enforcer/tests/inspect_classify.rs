@@ -30,17 +30,20 @@ fn action_from(req: &Value, parsed: bool) -> Action {
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: req["method"].as_str().unwrap().to_string(),
-            path: req["path"].as_str().unwrap().to_string(),
-            query: pairs(req.get("query")),
-            headers: pairs(req.get("headers")),
-            content_type: Some("application/json".into()),
-            body_size: body.len() as u64,
-            json: parsed.then(|| req["body"].clone()),
-            body,
-            upgrade: None,
-        }),
+        http: Some(
+            HttpRequest {
+                method: req["method"].as_str().unwrap().to_string(),
+                path: req["path"].as_str().unwrap().to_string(),
+                query: pairs(req.get("query")),
+                headers: pairs(req.get("headers")),
+                content_type: Some("application/json".into()),
+                body_size: body.len() as u64,
+                json: parsed.then(|| req["body"].clone().into()),
+                body: body.into(),
+                upgrade: None,
+            }
+            .into(),
+        ),
         ..Action::default()
     }
 }
@@ -90,7 +93,7 @@ fn check_golden(name: &str) {
         // The classifier never loses the request: the parsed body is what the fixture sent.
         for a in &out.actions {
             assert_eq!(
-                a.http.as_ref().unwrap().json.as_ref(),
+                a.http.as_ref().unwrap().json.as_deref(),
                 Some(&fx["request"]["body"])
             );
         }
@@ -159,6 +162,104 @@ fn gemini_generate_content_without_sse_is_not_streaming() {
     assert_eq!(llm.model.as_deref(), Some("gemini-2.0-flash"));
     assert!(!llm.stream);
     assert!(!llm.has_tool_results);
+}
+
+/// Anthropic and Gemini also serve OpenAI's Chat Completions (`https://api.anthropic.com/v1/chat/completions`,
+/// Gemini's `/v1beta/openai/chat/completions`), which the OpenAI SDK calls with a `base_url`: the API is read from the
+/// path's shape on any provider's host, so `llm.*` rules and proposal rules apply, and the block answer and the
+/// proposals are read in OpenAI's shape. `llm.provider` stays the host's provider.
+#[test]
+fn openai_compatible_chat_on_other_providers_hosts_is_chat_completions() {
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "forbidden_tool"}}]
+    });
+    let cases = [
+        ("api.anthropic.com", "/v1/chat/completions", "anthropic"),
+        (
+            "generativelanguage.googleapis.com",
+            "/v1beta/openai/chat/completions",
+            "gemini",
+        ),
+    ];
+    for (host, path, provider) in cases {
+        let out = classify(
+            simple(host, "POST", path, body.clone()),
+            &InspectConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            out.protocol,
+            Protocol::Llm {
+                provider: Provider::OpenAi,
+                api: LlmApi::ChatCompletions
+            },
+            "{host}{path}"
+        );
+        let llm = out.actions[0].llm.clone().unwrap();
+        assert_eq!(llm.provider, provider);
+        assert_eq!(llm.model.as_deref(), Some("m"));
+        assert_eq!(llm.tools, ["forbidden_tool"]);
+    }
+    // Gemini's OpenAI-compatible embeddings are a call too (model only).
+    let out = classify(
+        simple(
+            "generativelanguage.googleapis.com",
+            "POST",
+            "/v1beta/openai/embeddings",
+            json!({"model": "text-embedding-004", "input": "hi"}),
+        ),
+        &InspectConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        out.actions[0].llm.as_ref().and_then(|l| l.model.as_deref()),
+        Some("text-embedding-004")
+    );
+}
+
+/// Every tool declaration shape of the OpenAI SDK has its name in `llm.tools`: a Chat custom tool
+/// (`{"type":"custom","custom":{"name":…}}`, `ChatCompletionCustomToolParam`) by its name, not `custom`; a Responses
+/// `namespace` tool (`NamespaceToolParam`) by its name and by the name of each function or custom tool inside it.
+#[test]
+fn custom_and_namespaced_openai_tools_are_named() {
+    let chat = simple(
+        "api.openai.com",
+        "POST",
+        "/v1/chat/completions",
+        json!({
+            "model": "gpt-5",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [
+                {"type": "custom", "custom": {"name": "forbidden_tool", "description": "x"}},
+                {"type": "function", "function": {"name": "get_weather"}}
+            ]
+        }),
+    );
+    let out = classify(chat, &InspectConfig::default()).unwrap();
+    let llm = out.actions[0].llm.clone().unwrap();
+    assert_eq!(llm.tools, ["forbidden_tool", "get_weather"]);
+
+    let responses = simple(
+        "api.openai.com",
+        "POST",
+        "/v1/responses",
+        json!({
+            "model": "gpt-5",
+            "input": "hi",
+            "tools": [
+                {"type": "namespace", "name": "crm", "description": "CRM", "tools": [
+                    {"type": "function", "name": "forbidden_tool"},
+                    {"type": "custom", "name": "lookup"}
+                ]},
+                {"type": "custom", "name": "shell_exec"}
+            ]
+        }),
+    );
+    let out = classify(responses, &InspectConfig::default()).unwrap();
+    let llm = out.actions[0].llm.clone().unwrap();
+    assert_eq!(llm.tools, ["crm", "forbidden_tool", "lookup", "shell_exec"]);
 }
 
 /// Gemini reads request bodies as proto3 JSON, which takes a field's proto name (`google_search`) for its JSON name
@@ -275,7 +376,7 @@ fn unparseable_json_on_llm_endpoint_is_an_error() {
         "/v1/chat/completions",
         json!(null),
     );
-    a.http.as_mut().unwrap().body = String::new();
+    a.http.as_mut().unwrap().body = String::new().into();
     assert!(matches!(
         classify(a, &InspectConfig::default()),
         Err(InspectError::BadJson { .. })

@@ -27,18 +27,21 @@ fn http(host: &str, method: &str, path: &str) -> Action {
             port: 443,
             provider: None,
         },
-        http: Some(HttpRequest {
-            method: method.into(),
-            path: path.parse().unwrap(),
-            ..Default::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: method.into(),
+                path: path.parse().unwrap(),
+                ..Default::default()
+            }
+            .into(),
+        ),
         ..Default::default()
     }
 }
 
 fn with_json(mut a: Action, v: serde_json::Value) -> Action {
     if let Some(h) = &mut a.http {
-        h.json = Some(v);
+        h.json = Some(v.into());
     }
     normalize(&mut a);
     a
@@ -221,7 +224,8 @@ fn every_condition_key() {
         exe: Some("/usr/bin/python3.12".into()),
         uid: Some(1000),
         ..Default::default()
-    };
+    }
+    .into();
     a.transport.port = 8443;
     a.transport.scheme = Scheme::Http;
     if let Some(h) = &mut a.http {
@@ -586,7 +590,7 @@ rules:
                     .map(|(k, v)| (k.to_string(), v.clone()))
                     .collect(),
             );
-            h.body = body.to_string();
+            h.body = body.to_string().into();
         }
         p.evaluate(&a).verdict
     };

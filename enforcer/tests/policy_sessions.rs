@@ -23,11 +23,14 @@ fn request(host: &str, path: &str) -> Action {
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: "POST".into(),
-            path: path.into(),
-            ..HttpRequest::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "POST".into(),
+                path: path.into(),
+                ..HttpRequest::default()
+            }
+            .into(),
+        ),
         ..Action::default()
     }
 }
@@ -115,7 +118,7 @@ fn session_conditions_read_the_stated_session() {
     );
     let with = |state: SessionState| {
         let mut a = request("x.test", "/");
-        a.session = Some(state);
+        a.session = Some(state.into());
         p.evaluate(&a)
     };
     assert_eq!(p.evaluate(&request("x.test", "/")).reason, Reason::Default);
@@ -165,7 +168,8 @@ fn the_person_decides_user_and_groups_and_restricted_profiles() {
             user: user.map(str::to_string),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             ..Agent::default()
-        };
+        }
+        .into();
         a
     };
     let d = p.evaluate(&as_person("analysts", Some("dave"), &["dave", "dba"]));

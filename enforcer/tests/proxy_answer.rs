@@ -395,6 +395,39 @@ async fn a_streamed_tool_call_is_refused_before_the_agent_sees_it_while_text_str
     assert_eq!(w.proxy.close_and_verify().await, 2);
 }
 
+/// OpenAI's Chat Completions served on Anthropic's host (the OpenAI SDK with `base_url` set to
+/// `https://api.anthropic.com/v1/`) is an LLM call read as OpenAI's: the `shell` call with `curl` it proposes is
+/// refused as on OpenAI's host, and recorded. It used to pass as a plain request to Anthropic's host, unread.
+#[tokio::test]
+async fn openai_chat_on_anthropics_host_has_its_proposals_decided() {
+    let w = world(POLICY).await;
+    w.seen.go.notify_one();
+    let tls = w.proxy.tls_to(w.up, "api.anthropic.com", &[H1]).await;
+    let req = post(
+        "api.anthropic.com",
+        "/v1/chat/completions",
+        json!({"model": "gpt-logged", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let (status, _, body) = send(tls, false, req).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        !text.contains("tool_calls\":[{"),
+        "a tool call reached the agent: {text}"
+    );
+    assert!(
+        text.contains("[The enforcer refused the tool call `shell`"),
+        "{text}"
+    );
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    assert_eq!(recs[0]["request"]["llm_model"], "gpt-logged");
+    assert_eq!(recs[1]["request"]["phase"], "proposal");
+    assert_eq!(recs[1]["request"]["tool"], "shell");
+    assert_eq!(recs[1]["decision"]["rule"], "no-curl");
+    assert_eq!(recs[1]["outcome"]["disposition"], "blocked");
+}
+
 /// Held tool calls are bounded in time (the hold timeout, shortened for this binary) and size (`max_body_bytes`):
 /// beyond either the stream ends with the provider's error event, recorded; the text before the call arrived.
 #[tokio::test]

@@ -52,6 +52,21 @@ where
 }
 
 /// The whole body of an HTTP/2 response.
+/// The status of `GET https://HOST/x` with the field `name: value`, sent on `client`.
+async fn h2_status_with(
+    client: &mut h2::client::SendRequest<Bytes>,
+    name: &str,
+    value: http::HeaderValue,
+) -> u16 {
+    let req = Request::get(format!("https://{HOST}/x"))
+        .header(name, value)
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    resp.status().as_u16()
+}
+
 async fn h2_body(resp: http::Response<h2::RecvStream>) -> Vec<u8> {
     let mut body = resp.into_body();
     let mut got = Vec::new();
@@ -558,21 +573,12 @@ async fn a_host_field_naming_another_host_is_refused() {
     let (proxy, up, seen) = setup().await;
     let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
     let mut client = h2_client(tls).await;
-    let req = Request::get(format!("https://{HOST}/x"))
-        .header("host", "other.conform.test")
-        .body(())
-        .unwrap();
-    let (resp, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 400);
+    let other = http::HeaderValue::from_static("other.conform.test");
+    assert_eq!(h2_status_with(&mut client, "host", other).await, 400);
     assert_eq!(seen.count(), 0);
-    let req = Request::get(format!("https://{HOST}/x"))
-        .header("host", format!("{}:443", HOST.to_ascii_uppercase()))
-        .body(())
-        .unwrap();
-    let (resp, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 200);
+    let same = format!("{}:443", HOST.to_ascii_uppercase());
+    let same = http::HeaderValue::from_str(&same).unwrap();
+    assert_eq!(h2_status_with(&mut client, "host", same).await, 200);
     assert_eq!(seen.count(), 1);
 
     let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
@@ -584,6 +590,47 @@ async fn a_host_field_naming_another_host_is_refused() {
         String::from_utf8_lossy(&answer)
     );
     assert_eq!(seen.count(), 1);
+}
+
+/// An HTTP/2 field value that begins or ends with space or tab is malformed (RFC 9113 §8.2.1): an HTTP/1.1
+/// upstream strips it as optional whitespace and reads `x-role: " admin"` as `admin`, which the block rule on
+/// `header.x-role: "admin*"` never saw. Refused with 400 (as the other malformed heads), one record, never forwarded;
+/// whitespace inside a value is data and passes.
+#[tokio::test]
+async fn h2_field_values_with_leading_or_trailing_whitespace_are_refused() {
+    let ca = TestCa::new("conform upstream CA");
+    let (chain, key) = ca.leaf(&[HOST]);
+    let (up, seen) = https_upstream(chain, key, true).await;
+    let yaml = format!(
+        "version: 1\ndefault: block\nrules:\n - id: no-admin\n   when: {{ header.x-role: \"admin*\" }}\n   verdict: block\n - id: ok\n   when: {{ host: {HOST} }}\n   verdict: allow\n"
+    );
+    let proxy = start_proxy(&yaml, &[&ca], false).await;
+    let tls = proxy.tls_to(up, HOST, &[b"h2"]).await;
+    let mut client = h2_client(tls).await;
+    let bad: [(&str, &[u8]); 5] = [
+        ("x-role", b" admin"),
+        ("x-role", b"\tadmin"),
+        ("x-role", b"admin "),
+        ("x-other", b"\t"),
+        ("x-role", b"reader\t"),
+    ];
+    for (name, value) in bad {
+        let sent = http::HeaderValue::from_bytes(value).unwrap();
+        let status = h2_status_with(&mut client, name, sent).await;
+        assert_eq!(status, 400, "{name}: {value:?}");
+    }
+    assert_eq!(seen.count(), 0, "a malformed field reached the upstream");
+    let inner = http::HeaderValue::from_static("read only");
+    assert_eq!(h2_status_with(&mut client, "x-role", inner).await, 200);
+    assert_eq!(seen.count(), 1);
+    let records = proxy.audit_records().await;
+    assert_eq!(records.len(), bad.len() + 1);
+    for r in &records[..bad.len()] {
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
+        assert_eq!(r["outcome"]["status"], 400, "{r}");
+    }
+    assert_eq!(records[bad.len()]["decision"]["rule"], "ok");
 }
 
 /// HTTP/2 with prior knowledge over plain TCP (RFC 9113 §3.3: the connection preface instead of a request line) is

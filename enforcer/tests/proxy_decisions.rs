@@ -15,13 +15,13 @@ async fn upstream(ca: &TestCa) -> (std::net::SocketAddr, std::sync::Arc<Seen>) {
     https_upstream(chain, key, true).await
 }
 
-fn post_json(path: &str, host: &str, body: &'static str) -> Request<Full<Bytes>> {
+fn post_json(path: &str, host: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     Request::builder()
         .method("POST")
         .uri(path)
         .header("host", host)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Full::new(body.into()))
         .unwrap()
 }
 
@@ -209,6 +209,84 @@ rules:
             assert!(matched.iter().any(|m| m == rule), "{r}");
         }
     }
+}
+
+/// A JSON-RPC batch of thousands of elements in a body of about 1.5 MB is decided element by element, as any
+/// batch: every element's Action shares the one request (head, body, parsed JSON), so the memory its Actions hold
+/// does not grow with elements × body (a copy per element made a 3 MB batch of 40,000 elements hold 16 GB, and a
+/// batch of 2,000 elements in 200 KB abort the daemon). The allowed batch is forwarded whole; the one naming a
+/// blocked tool in element 4,321 is answered element by element and not forwarded; one record each.
+#[tokio::test]
+async fn a_batch_of_thousands_of_elements_is_decided_without_a_copy_per_element() {
+    let ca = TestCa::new("decisions CA");
+    let yaml = r#"version: 1
+default: block
+rules:
+ - id: no-deletes
+   when: { mcp.tool: "delete_*" }
+   verdict: block
+   message: Deleting is not allowed
+ - id: mcp
+   when: { host: allowed.test }
+   verdict: log
+"#;
+    let proxy = start_proxy(yaml, &[&ca], false).await;
+    let (up, seen) = upstream(&ca).await;
+    const ELEMENTS: usize = 5000;
+    let padding = "x".repeat(240);
+    let batch = |blocked: Option<usize>| {
+        let elements: Vec<String> = (0..ELEMENTS)
+            .map(|i| {
+                let tool = if blocked == Some(i) { "delete_repo" } else { "search" };
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"{tool}","arguments":{{"q":"{padding}"}}}}}}"#
+                )
+            })
+            .collect();
+        format!("[{}]", elements.join(","))
+    };
+    let post = |body: String| post_json("/mcp", "allowed.test", body);
+    let allowed = batch(None);
+    assert!(allowed.len() > 1_400_000, "{}", allowed.len());
+    let tls = proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let (status, _, _) = send(tls, false, post(allowed)).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen.count(), 1, "the allowed batch is forwarded whole");
+
+    let tls = proxy.tls_to(up, "allowed.test", &[H1]).await;
+    let (status, _, body) = send(tls, false, post(batch(Some(4321)))).await;
+    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let answers = body.as_array().expect("one answer per element");
+    assert_eq!(answers.len(), ELEMENTS);
+    let deleted = &answers[4321];
+    assert_eq!(deleted["id"], 4321);
+    assert_eq!(
+        deleted["result"]["content"][0]["text"],
+        "Deleting is not allowed (policy rule: no-deletes)"
+    );
+    assert_eq!(answers[0]["error"]["data"]["reason"], "batch_blocked");
+    assert_eq!(
+        seen.count(),
+        1,
+        "nothing of the blocked batch reaches the server"
+    );
+
+    let records = proxy.audit_records().await;
+    assert_eq!(records.len(), 2, "one record per batch");
+    assert_eq!(
+        records[0]["decision"]["verdict"], "log",
+        "{}",
+        records[0]["decision"]
+    );
+    assert_eq!(records[0]["outcome"]["disposition"], "forwarded");
+    assert_eq!(
+        records[1]["decision"]["verdict"], "block",
+        "{}",
+        records[1]["decision"]
+    );
+    assert_eq!(records[1]["decision"]["rule"], "no-deletes");
+    assert_eq!(records[1]["outcome"]["disposition"], "blocked");
 }
 
 /// A batch whose deciding element is constrained by a rewrite that cannot be applied (a secret in an object key,

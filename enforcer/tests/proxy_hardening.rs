@@ -1452,6 +1452,50 @@ async fn a_backslash_decided_alike_both_ways_is_forwarded() {
     all_forwarded_as(&records, Some("files"));
 }
 
+/// Express (qs), Rack/Rails and PHP read `cmd[]=id`, `cmd%5B%5D=id` and `cmd[x]=id` as the parameter `cmd` (`["id"]`,
+/// `{x: "id"}`); PHP also reads `user.id`, `user id` and `user[id` as `user_id`. A rule blocking any `cmd` (or any
+/// `user_id`) decides the query both as named and as those frameworks name it, and the request, read differently,
+/// is refused (400, bad_request, one record) and never forwarded. Brackets in a parameter no rule reads pass.
+#[tokio::test]
+async fn query_names_frameworks_read_as_another_name_are_read_both_ways() {
+    short_limits();
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-cmd\n    when: { query.cmd: \"*\" }\n    verdict: block\n  - id: no-user-id\n    when: { query.user_id: \"0\" }\n    verdict: block\n";
+    let p = start_proxy(yaml, &[], false).await;
+    let (up, seen) = raw_upstream(false).await;
+    let queries = [
+        "cmd[]=id",
+        "cmd%5B%5D=id",
+        "cmd%5b%5d=id",
+        "cmd[x]=id",
+        "cmd[x][y]=id",
+        "a=1&cmd[]=id",
+        "user.id=0",
+        "user%20id=0",
+        "user+id=0",
+        "user[id=0",
+    ];
+    let requests: Vec<String> = queries
+        .iter()
+        .map(|q| format!("GET /run?{q} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"))
+        .collect();
+    for (q, req) in queries.iter().zip(&requests) {
+        let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&resp), Some(400), "{q}: {resp}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a parameter the policy blocks reached the upstream"
+    );
+    let ok = format!(
+        "GET /run?filter[]=a&user.name=b&user_id=1 HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"
+    );
+    answered_each(&p, up, &[ok], 200).await;
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), queries.len() + 1);
+    all_refused_as(&records[..queries.len()], "bad_request");
+    all_forwarded_as(&records[queries.len()..], None);
+}
+
 /// Rack 2 (Rails), older Python and Go split a query on `;` as well as `&`: `?mode=read;mode=write` asks such an
 /// application for `mode=write`, where a plain reading gives one value `read;mode=write`. A rule blocking
 /// `mode=write` sees every reading, and the request, giving `mode` two ways, is refused and never forwarded. A `;`

@@ -344,17 +344,20 @@ async fn a_label_a_response_leaves_through_the_session_api_blocks_later_requests
     sessions.identify(&mut who);
     let body = MCP_RESULT;
     let mut result = vec![Action {
-        agent: who.clone(),
+        agent: who.clone().into(),
         transport: Transport {
             host: Some("app.test".into()),
             port: 443,
             ..Transport::default()
         },
-        http: Some(HttpRequest {
-            method: "POST".into(),
-            path: "/mcp".into(),
-            ..HttpRequest::default()
-        }),
+        http: Some(
+            HttpRequest {
+                method: "POST".into(),
+                path: "/mcp".into(),
+                ..HttpRequest::default()
+            }
+            .into(),
+        ),
         mcp: Some(McpCall {
             method: "tools/call".into(),
             tool: Some("lookup_customer".into()),

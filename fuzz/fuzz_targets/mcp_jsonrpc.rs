@@ -27,10 +27,10 @@ fuzz_target!(|data: &[u8]| {
             ]),
             content_type: Some("application/json".into()),
             body_size: data.len() as u64,
-            body: String::from_utf8_lossy(data).into_owned(),
-            json,
+            body: String::from_utf8_lossy(data).into_owned().into(),
+            json: json.map(Into::into),
             ..HttpRequest::default()
-        }),
+        }.into()),
         ..Action::default()
     };
     let claimed = inspect::claimed_protocol(&action, cfg);

@@ -94,8 +94,8 @@ fn http(u: &mut Unstructured) -> Result<HttpRequest> {
         headers: pairs(u)?,
         content_type: opt_word(u)?,
         body_size: u.arbitrary()?,
-        body,
-        json,
+        body: body.into(),
+        json: json.map(Into::into),
         upgrade: opt_word(u)?,
     })
 }
@@ -154,7 +154,8 @@ fn action(u: &mut Unstructured) -> Result<Action> {
             session: opt_word(u)?,
             user: opt_word(u)?,
             groups: maybe(u, |u| Ok(vec![word(u)?]))?.unwrap_or_default(),
-        },
+        }
+        .into(),
         transport: Transport {
             scheme: *u.choose(&[Scheme::Http, Scheme::Https, Scheme::Tcp, Scheme::Dns])?,
             host: opt_word(u)?,
@@ -162,12 +163,12 @@ fn action(u: &mut Unstructured) -> Result<Action> {
             port: u.arbitrary()?,
             provider: opt_word(u)?,
         },
-        http: maybe(u, http)?,
+        http: maybe(u, http)?.map(Into::into),
         mcp: maybe(u, mcp)?,
         llm: maybe(u, llm)?,
         proposal: maybe(u, proposal)?,
         response: maybe(u, response)?,
-        session: maybe(u, session)?,
+        session: maybe(u, session)?.map(Into::into),
     })
 }
 

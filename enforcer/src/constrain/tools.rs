@@ -1,12 +1,13 @@
 //! Dropping declared LLM tools by name glob from the provider's declaration arrays: OpenAI `tools[]` (by
-//! `function.name`, `name`, `mcp:<server_label>`/`mcp:<server_url>` or built-in `type`) and legacy `functions[]`,
+//! `function.name`, `custom.name`, `name`, `mcp:<server_label>`/`mcp:<server_url>` or built-in `type`; the tools
+//! inside a Responses `namespace` one by one, the namespace too when none is left) and legacy `functions[]`,
 //! Anthropic `tools[]` and `mcp_servers[]`, Gemini `tools[].functionDeclarations[]`. References to a dropped tool
 //! (`tool_choice`, `function_call`, Gemini `allowedFunctionNames`) are cleaned up so the provider accepts the rest.
 
 use serde_json::{Map, Value};
 
 use crate::glob::NameGlob;
-use crate::inspect::{gemini_json_name, tool_name};
+use crate::inspect::{gemini_json_name, namespaced_tools, tool_name};
 use crate::model::Change;
 
 fn matches_any(globs: &[NameGlob], names: &[String]) -> bool {
@@ -49,9 +50,27 @@ pub(super) fn drop_tools(doc: &mut Value, globs: &[NameGlob], changes: &mut Vec<
             if matches_any(globs, &names) {
                 changes.push(change(format!("$.tools[{i}]")));
                 dropped.extend(names);
-            } else {
-                kept.push(tool);
+                continue;
             }
+            if namespaced_tools(&tool).next().is_some() {
+                // A Responses namespace: its matching tools go, and the namespace with them when none is left.
+                let inner = drop_namespaced(&mut tool, globs, &mut dropped);
+                if inner.is_empty() {
+                    kept.push(tool);
+                } else if namespaced_tools(&tool).next().is_none() {
+                    changes.push(change(format!("$.tools[{i}]")));
+                    dropped.extend(names);
+                } else {
+                    changes.extend(
+                        inner
+                            .iter()
+                            .map(|j| change(format!("$.tools[{i}].tools[{j}]"))),
+                    );
+                    kept.push(tool);
+                }
+                continue;
+            }
+            kept.push(tool);
         }
         *tools = kept;
     }
@@ -76,6 +95,27 @@ pub(super) fn drop_tools(doc: &mut Value, globs: &[NameGlob], changes: &mut Vec<
         return;
     }
     clean_references(root, &dropped, changes);
+}
+
+/// Drop the tools of a Responses namespace `tool` that match `globs`, adding their names to `dropped`; returns
+/// their indexes in the namespace's `tools`.
+fn drop_namespaced(tool: &mut Value, globs: &[NameGlob], dropped: &mut Vec<String>) -> Vec<usize> {
+    let Some(Value::Array(tools)) = tool.get_mut("tools") else {
+        return Vec::new();
+    };
+    let mut gone = Vec::new();
+    let mut kept = Vec::with_capacity(tools.len());
+    for (j, inner) in std::mem::take(tools).into_iter().enumerate() {
+        let names = names_of(&inner);
+        if matches_any(globs, &names) {
+            gone.push(j);
+            dropped.extend(names);
+        } else {
+            kept.push(inner);
+        }
+    }
+    *tools = kept;
+    gone
 }
 
 fn change(path: String) -> Change {

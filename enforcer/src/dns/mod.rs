@@ -282,7 +282,7 @@ async fn resolve(
 /// A DNS query as the policy sees it: scheme `dns`, host = the name, the resolver the agent named, port 53.
 fn dns_action(agent: &Agent, name: &str, resolver: Option<IpAddr>) -> Action {
     Action {
-        agent: agent.clone(),
+        agent: agent.clone().into(),
         transport: Transport {
             scheme: Scheme::Dns,
             host: Some(name.to_string()),

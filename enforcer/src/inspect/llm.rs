@@ -9,26 +9,27 @@ use super::keys::misspelt;
 use super::{LlmApi, Provider};
 use crate::model::{LlmCall, Pairs};
 
-/// The LLM endpoint `method path` calls on a host of `provider`, if it is one.
-pub(super) fn endpoint(provider: Provider, method: &str, path: &str) -> Option<LlmApi> {
+/// The LLM endpoint `method path` calls on a provider's host, if it is one, read from the path's shape whichever
+/// provider's host it is: Anthropic and Gemini serve OpenAI's Chat Completions too
+/// (`api.anthropic.com/v1/chat/completions`, Gemini `/v1beta/openai/chat/completions` and `/embeddings`), called by
+/// the OpenAI SDK with a `base_url`.
+pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
     if !method.eq_ignore_ascii_case("POST") {
         return None;
     }
     let path = path.trim_end_matches('/');
-    match provider {
-        Provider::OpenAi if path.ends_with("/chat/completions") => Some(LlmApi::ChatCompletions),
-        Provider::OpenAi if path.ends_with("/responses") => Some(LlmApi::Responses),
-        Provider::OpenAi if path.ends_with("/completions") || path.ends_with("/embeddings") => {
-            Some(LlmApi::Other)
-        }
-        Provider::Anthropic if path.ends_with("/v1/messages") || path == "/messages" => {
-            Some(LlmApi::Messages)
-        }
-        Provider::Anthropic if path.ends_with("/v1/complete") || path == "/complete" => {
-            Some(LlmApi::Other)
-        }
-        Provider::Gemini => gemini_target(path).map(|t| t.api),
-        _ => None,
+    if path.ends_with("/chat/completions") {
+        Some(LlmApi::ChatCompletions)
+    } else if path.ends_with("/responses") {
+        Some(LlmApi::Responses)
+    } else if path.ends_with("/completions") || path.ends_with("/embeddings") {
+        Some(LlmApi::Other)
+    } else if path.ends_with("/v1/messages") || path == "/messages" {
+        Some(LlmApi::Messages)
+    } else if path.ends_with("/v1/complete") || path == "/complete" {
+        Some(LlmApi::Other)
+    } else {
+        gemini_target(path).map(|t| t.api)
     }
 }
 
@@ -66,7 +67,7 @@ pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<
 /// mode: the path [`endpoint`] reads as the Responses endpoint over HTTP (any prefix before `/responses`, as a
 /// gateway or an SDK's `base_url` puts there), so a `response.create` there is read as a create body is.
 pub(super) fn responses_websocket(path: &str) -> bool {
-    endpoint(Provider::OpenAi, "POST", path) == Some(LlmApi::Responses)
+    endpoint("POST", path) == Some(LlmApi::Responses)
 }
 
 /// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Realtime API, by the
@@ -116,12 +117,11 @@ pub(super) fn describe(
         ..LlmCall::default()
     };
     match api {
-        LlmApi::Other if provider == Provider::Gemini => {
+        LlmApi::Other => {
             if let Some(t) = gemini_target(path.trim_end_matches('/')) {
                 call.model = Some(t.model.to_string());
+                return call;
             }
-        }
-        LlmApi::Other => {
             call.model = body
                 .get("model")
                 .and_then(Value::as_str)
@@ -240,11 +240,17 @@ fn each(v: Option<&Value>) -> impl Iterator<Item = &Value> {
 }
 
 /// The name a tool declaration in an OpenAI or Anthropic `tools` array is known by: `function.name` (Chat
-/// Completions), `name` (Responses function/custom tools, Anthropic), `mcp:<label>` for hosted MCP servers, or
-/// the `type` of a built-in tool without a name (`web_search_preview`, `code_interpreter`, ...).
+/// Completions), `custom.name` (Chat Completions custom tools, `ChatCompletionCustomToolParam`), `name` (Responses
+/// function/custom/namespace tools, Anthropic), `mcp:<label>` for hosted MCP servers, or the `type` of a built-in
+/// tool without a name (`web_search_preview`, `code_interpreter`, ...). The tools inside a Responses `namespace`
+/// are [`namespaced_tools`].
 pub(crate) fn tool_name(tool: &Value) -> Option<String> {
+    let wrapper = match item_type(tool) {
+        Some("custom") => "custom",
+        _ => "function",
+    };
     if let Some(name) = tool
-        .get("function")
+        .get(wrapper)
         .and_then(|f| f.get("name"))
         .and_then(Value::as_str)
     {
@@ -267,6 +273,13 @@ pub(crate) fn tool_name(tool: &Value) -> Option<String> {
     }
 }
 
+/// The function and custom tools a Responses `namespace` tool groups (`{"type":"namespace","name":"crm","tools":
+/// [...]}`, `NamespaceToolParam`): each is declared to the model by its own name. Nothing for other tools.
+pub(crate) fn namespaced_tools(tool: &Value) -> impl Iterator<Item = &Value> {
+    let nested = (item_type(tool) == Some("namespace")).then(|| tool.get("tools"));
+    each(nested.flatten())
+}
+
 /// Declared tool names of an OpenAI or Anthropic body. Hosted MCP servers appear as `mcp:<label>` and, when the
 /// declaration names it, `mcp:<server_url>` too, so a policy can match either.
 fn declared_tools(body: &Value) -> Vec<String> {
@@ -274,6 +287,11 @@ fn declared_tools(body: &Value) -> Vec<String> {
     for tool in each(body.get("tools")) {
         if let Some(name) = tool_name(tool) {
             push_unique(&mut out, name);
+        }
+        for inner in namespaced_tools(tool) {
+            if let Some(name) = tool_name(inner) {
+                push_unique(&mut out, name);
+            }
         }
         if let Some(url) = tool.get("server_url").and_then(Value::as_str) {
             push_unique(&mut out, format!("mcp:{url}"));

@@ -27,7 +27,7 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
         .and_then(|h| cfg.provider_for(h, action.transport.port));
     let path = super::canonical_path(http.path.split('?').next().unwrap_or_default());
     let json = http.json.clone();
-    if let (Some(Provider::OpenAi), Some(event)) = (provider, json.as_ref()) {
+    if let (Some(Provider::OpenAi), Some(event)) = (provider, json.as_deref()) {
         let kind = event
             .get("type")
             .and_then(Value::as_str)
@@ -66,8 +66,8 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
             },
         };
     }
-    if let Some(elements) = json.as_ref().and_then(mcp::parse) {
-        let batch = json.as_ref().is_some_and(Value::is_array);
+    if let Some(elements) = json.as_deref().and_then(mcp::parse) {
+        let batch = json.as_deref().is_some_and(Value::is_array);
         let (messages, actions) = elements
             .into_iter()
             .map(|(message, call)| {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 use super::{read_source, yaml, Policy, PolicyError};
-use crate::model::{Action, Decision, PlannedRewrite, Reason, Verdict};
+use crate::model::{Action, Decision, PlannedRewrite, Reason, Shared, Verdict};
 use crate::session::{SessionLimits, Sessions};
 
 #[derive(Debug, Deserialize)]
@@ -301,16 +301,22 @@ pub fn normalize(action: &mut Action) {
             &mut r.body_size,
         );
     }
-    let Some(http) = &mut action.http else { return };
+    let Some(http) = action.http.as_deref_mut() else {
+        return;
+    };
     for (k, _) in &mut http.headers.0 {
         k.make_ascii_lowercase();
     }
+    let mut body = std::mem::take(&mut http.body).into_inner();
+    let mut json = http.json.take().map(Shared::into_inner);
     complete_body(
-        &mut http.body,
-        &mut http.json,
+        &mut body,
+        &mut json,
         http.content_type.as_deref(),
         &mut http.body_size,
     );
+    http.body = body.into();
+    http.json = json.map(Shared::new);
 }
 
 fn complete_body(
@@ -323,7 +329,10 @@ fn complete_body(
         let looks_json = content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
             || body.trim_start().starts_with(['{', '[']);
         if looks_json {
-            *json = serde_json::from_str(body).ok();
+            // A body naming a member twice stays unparsed here, so classification refuses it as the proxy does.
+            *json = crate::inspect::read_json(body, crate::inspect::Twins::Exact)
+                .ok()
+                .flatten();
         }
     } else if body.is_empty() {
         if let Some(j) = json {

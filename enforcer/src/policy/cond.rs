@@ -779,7 +779,11 @@ impl<'a> Ctx<'a> {
                 .0
                 .iter()
                 .any(|(k, v)| !d.own_credential(i, k, self.provider()) && d.fires(i, v))
-            || json_text(&http.body, http.json.as_ref(), http.content_type.as_deref())
+            || json_text(
+                &http.body,
+                http.json.as_deref(),
+                http.content_type.as_deref(),
+            )
     }
 }
 
@@ -856,7 +860,7 @@ impl Cond {
                 .session
                 .as_ref()
                 .is_some_and(|s| s.labels.iter().any(|l| any_glob(g, Some(l)))),
-            Cond::SessionCount(tests) => tests.iter().all(|t| t.eval(a.session.as_ref())),
+            Cond::SessionCount(tests) => tests.iter().all(|t| t.eval(a.session.as_deref())),
             Cond::SessionPreviousTool(g) => any_glob(
                 g,
                 a.session.as_ref().and_then(|s| s.previous_tool.as_deref()),
@@ -885,7 +889,7 @@ impl Cond {
             Cond::ContentType(g) => {
                 http.is_some_and(|h| media_type_matches(g, h.content_type.as_deref()))
             }
-            Cond::Json(tests) => http.is_some_and(|h| json_eval(tests, h.json.as_ref())),
+            Cond::Json(tests) => http.is_some_and(|h| json_eval(tests, h.json.as_deref())),
             Cond::McpMethod(g) => any_glob(g, a.mcp.as_ref().map(|m| m.method.as_str())),
             Cond::McpTool(g) => any_glob(g, a.mcp.as_ref().and_then(|m| m.tool.as_deref())),
             Cond::McpArgs(tests) => match &a.mcp {
@@ -969,7 +973,7 @@ impl Cond {
         match self {
             Cond::All(cs) | Cond::Any(cs) => cs.iter().any(|c| c.reads_twin_member(a)),
             Cond::Not(c) => c.reads_twin_member(a),
-            Cond::Json(tests) => twins(tests, a.http.as_ref().and_then(|h| h.json.as_ref())),
+            Cond::Json(tests) => twins(tests, a.http.as_ref().and_then(|h| h.json.as_deref())),
             Cond::McpArgs(tests) => twins(tests, a.mcp.as_ref().and_then(|m| m.args.as_ref())),
             _ => false,
         }

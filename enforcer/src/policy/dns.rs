@@ -124,7 +124,8 @@ mod tests {
             agent: Agent {
                 profile: Some("agents".into()),
                 ..Agent::default()
-            },
+            }
+            .into(),
             transport: Transport {
                 scheme: Scheme::Dns,
                 host: Some(name.into()),

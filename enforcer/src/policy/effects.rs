@@ -65,7 +65,7 @@ impl Effects {
 /// The JSON a `count:` path reads for this Action's phase.
 fn phase_json(action: &Action) -> Option<&Value> {
     match action.phase() {
-        Phase::Request => action.http.as_ref().and_then(|h| h.json.as_ref()),
+        Phase::Request => action.http.as_ref().and_then(|h| h.json.as_deref()),
         Phase::Proposal => action.proposal.as_ref().and_then(|p| p.args.as_ref()),
         Phase::Response => action.response.as_ref().and_then(|r| r.json.as_ref()),
     }

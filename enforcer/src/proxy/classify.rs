@@ -12,7 +12,7 @@ use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::encoding::percent_decode;
 use crate::inspect::{self, InspectError, Inspected, Protocol};
-use crate::model::{Action, HttpRequest, Pairs, Transport};
+use crate::model::{Action, HttpRequest, Pairs, Shared, Transport};
 
 /// Build and classify the Actions of a request; `inspected.actions` is never empty. A request that cannot be
 /// classified is refused, answered in the shape of the protocol it claims to speak. A request that reads more than
@@ -25,18 +25,34 @@ pub(crate) fn classify(
     parts: &http::request::Parts,
     body: &Body,
 ) -> Result<(Inspected, Readings), Refusal> {
-    let action = build_action(conn, head, parts, body);
+    let mut action = build_action(conn, head, parts, body);
+    // The body is parsed here once, as `inspect::classify` would parse it, so every reading shares the one parse; a
+    // member named twice is found in the same pass (`inspect::read_json`).
+    let parsed = match action.http.as_deref_mut() {
+        Some(http) if http.json.is_none() && !http.body.trim().is_empty() => {
+            inspect::read_json(&http.body, inspect::Twins::Exact)
+                .map(|json| http.json = json.map(Shared::new))
+                .map_err(|inspect::TwinMembers| InspectError::TwinMembers)
+        }
+        _ => Ok(()),
+    };
     let cfg = &rec.ctx().inspect;
     let raw_query = parts.uri.query().unwrap_or("");
-    let classified = action
-        .http
-        .as_ref()
-        .map_or(Ok(readings::Built::default()), |http| {
-            readings::build(http, raw_query, rec.policy().read_fields())
-        })
-        .map_err(|e| match e {
-            readings::Unreadable::MethodInPart => InspectError::MethodOverride,
-            e @ readings::Unreadable::TooMany => InspectError::Readings(e.to_string()),
+    let classified = parsed
+        .and_then(|()| {
+            action
+                .http
+                .as_ref()
+                .map_or(Ok(readings::Built::default()), |http| {
+                    readings::build(http, raw_query, rec.policy().read_fields()).map_err(
+                        |e| match e {
+                            readings::Unreadable::MethodInPart => InspectError::MethodOverride,
+                            e @ readings::Unreadable::TooMany => {
+                                InspectError::Readings(e.to_string())
+                            }
+                        },
+                    )
+                })
         })
         .and_then(|others| {
             let inspected = inspect_action(action.clone(), cfg, &body.decoded)?;
@@ -54,7 +70,7 @@ pub(crate) fn classify(
             };
             for http in others.requests {
                 let reading = Action {
-                    http: Some(http),
+                    http: Some(http.into()),
                     ..action.clone()
                 };
                 readings
@@ -151,17 +167,8 @@ pub(crate) fn build_action(
             .collect(),
     );
     let content_type = header_str(&parts.headers, &header::CONTENT_TYPE);
-    let is_json = content_type.as_deref().is_some_and(|ct| {
-        let ct = ct.to_ascii_lowercase();
-        ct.contains("/json") || ct.contains("+json")
-    });
-    let json = if is_json && !body.decoded.is_empty() {
-        serde_json::from_slice(&body.decoded).ok()
-    } else {
-        None
-    };
     Action {
-        agent: conn.agent.clone(),
+        agent: conn.agent.clone().into(),
         transport: Transport {
             scheme: conn.scheme,
             host: Some(head.host.clone()),
@@ -169,17 +176,21 @@ pub(crate) fn build_action(
             port: conn.dst.port(),
             provider: None,
         },
-        http: Some(HttpRequest {
-            method: parts.method.as_str().to_string(),
-            path: parts.uri.path().to_string(),
-            query: parse_query(parts.uri.query().unwrap_or("")),
-            headers,
-            content_type,
-            body_size: body.raw.len() as u64,
-            body: String::from_utf8_lossy(&body.decoded).into_owned(),
-            json,
-            upgrade: head.upgrade.clone(),
-        }),
+        http: Some(
+            HttpRequest {
+                method: parts.method.as_str().to_string(),
+                path: parts.uri.path().to_string(),
+                query: parse_query(parts.uri.query().unwrap_or("")),
+                headers,
+                content_type,
+                body_size: body.raw.len() as u64,
+                body: String::from_utf8_lossy(&body.decoded).into_owned().into(),
+                // Parsed by the classify phase (`classify`) or by `inspect::classify`, once.
+                json: None,
+                upgrade: head.upgrade.clone(),
+            }
+            .into(),
+        ),
         mcp: None,
         llm: None,
         proposal: None,

@@ -31,8 +31,15 @@ pub(crate) struct Head {
 /// (`host::nat64_local_use`: which IPv4 address it reaches is the network's choice, not the address's), `CONNECT`
 /// outside the explicit listener, paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server
 /// resolving them would serve another path than the one the policy matched; also behind a backslash). A path with a
-/// backslash is read both ways servers read it (`readings`).
+/// backslash is read both ways servers read it (`readings`), field values that begin or end with whitespace.
 pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
+    if padded_field_value(&parts.headers) {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "a header field value begins or ends with whitespace",
+        ));
+    }
     if conflicting_host(parts) {
         return Err(Refusal::new(
             Reason::BadRequest,
@@ -120,6 +127,18 @@ pub(crate) async fn bind_to_destination(
 }
 
 /// Whether `path` has a `.` or `..` segment, also percent-encoded or behind an encoded or back slash.
+/// Whether a field value begins or ends with space or tab. RFC 9113 §8.2.1 makes such an HTTP/2 field malformed;
+/// an HTTP/1.1 receiver strips the whitespace as optional (RFC 9112 §5.1), so `x-role: " admin"` would be decided as
+/// ` admin` and acted on as `admin`. HTTP/1.1 parsing already strips it, so only an HTTP/2 (or HTTP/3) head can carry
+/// one; refused whatever the version.
+fn padded_field_value(headers: &HeaderMap) -> bool {
+    headers.values().any(|v| {
+        let v = v.as_bytes();
+        let ws = |b: &u8| matches!(b, b' ' | b'\t');
+        v.first().is_some_and(ws) || v.last().is_some_and(ws)
+    })
+}
+
 fn has_dot_segments(path: &str) -> bool {
     let decoded = percent_decode(path, false);
     decoded
@@ -205,6 +224,17 @@ mod tests {
         ] {
             assert!(!has_dot_segments(ok), "{ok}");
         }
+    }
+
+    #[test]
+    fn padded_field_values_are_found() {
+        let padded = |v: &'static [u8]| {
+            let mut h = HeaderMap::new();
+            h.insert("x-role", http::HeaderValue::from_bytes(v).unwrap());
+            padded_field_value(&h)
+        };
+        assert!(padded(b" admin") && padded(b"\tadmin") && padded(b"admin ") && padded(b"\t"));
+        assert!(!padded(b"read only") && !padded(b"") && !padded(b"a\tb"));
     }
 
     #[test]

@@ -14,10 +14,14 @@
 //! - a query parameter a rule reads, given several values: each value alone (first or last);
 //! - a query with `;`: split on `&` only (WHATWG URL, most servers) and also on `;` (Rack 2, hence Rails; Python
 //!   before 3.9.2; Go before 1.17), when that gives a parameter a rule reads other values;
+//! - a query parameter a framework reads under a name a rule reads: as sent, and renamed as Express (qs), Rack and
+//!   PHP name it (`cmd[]`, `cmd%5B%5D`, `cmd[x]` are `cmd`; PHP's `user.id`, `user id`, `user[id` are `user_id`);
 //! - a backslash in the path, sent or as `%5C`: a segment character to most servers, `/` to IIS and ASP.NET.
 //!
-//! Every combination of the readings is decided, up to [`MAX_READINGS`] (and [`MAX_READING_BYTES`] of body copies);
-//! a request with more is refused.
+//! Every combination of the readings is decided, up to [`MAX_READINGS`] (and [`MAX_READING_BYTES`]: readings times
+//! body size); a request with more is refused. The readings share the request's body and its parsed JSON
+//! (`model::Shared`); what each reading holds of its own is its head and the parts of the body its Actions read (an
+//! MCP element's arguments).
 
 use super::refusal::Refusal;
 use crate::inspect::InspectError;
@@ -27,8 +31,9 @@ use crate::policy::{same_header, Policy};
 /// The most readings one request is decided under; a request that reads more ways is refused.
 pub(crate) const MAX_READINGS: usize = 64;
 
-/// The most body bytes all of one request's readings hold together (each reading is classified with a copy of the
-/// body): a large body that reads many ways is refused rather than copied many times.
+/// The most body bytes all of one request's readings classify together (readings times body size): each reading is
+/// classified anew, and its Actions hold what they read of the body (an MCP element's arguments), so a large body
+/// that reads many ways is refused rather than read many times.
 pub(crate) const MAX_READING_BYTES: usize = 32 << 20;
 
 /// The other readings of one request, as [`build`] makes them.
@@ -101,7 +106,13 @@ pub(crate) fn build<'a>(
         || headers
             .iter()
             .any(|name| differ(crate::policy::header_values(&http.headers, name)))
-        || queries.clone().any(|name| differ(http.query.get_all(name)));
+        || queries.clone().any(|name| differ(http.query.get_all(name)))
+        || (queries.clone().next().is_some()
+            && http
+                .query
+                .0
+                .iter()
+                .any(|(k, _)| read_as(k, queries.clone()).is_some_and(|name| name != k)));
     if !ambiguous {
         return Ok(Built::default());
     }
@@ -150,6 +161,14 @@ pub(crate) fn build<'a>(
             kinds.push("a query split on `;`");
             splittings.push(split);
         }
+    }
+    let renamed: Vec<Pairs> = splittings
+        .iter()
+        .filter_map(|pairs| framework_reading(pairs, queries.clone()))
+        .collect();
+    if !renamed.is_empty() {
+        kinds.push("a query parameter name frameworks read as another");
+        splittings.extend(renamed);
     }
     let mut query_sets = Vec::new();
     for pairs in splittings {
@@ -202,6 +221,52 @@ pub(crate) fn build<'a>(
         }
     }
     Ok(Built { kinds, requests })
+}
+
+/// `pairs` with each parameter that a framework reads under a name the policy reads (`queries`) given that name; none
+/// when there is no such parameter. Express (qs), Rack (hence Rails) and PHP read `NAME[]` and `NAME[KEY]…` (brackets
+/// sent or percent-encoded) as `NAME`, an array or an object; PHP also reads a space or `.` in a top-level name, and
+/// an unclosed `[`, as `_` (`user.id`, `user id`, `user[id` are `user_id`; leading spaces dropped).
+fn framework_reading<'a>(
+    pairs: &Pairs,
+    queries: impl Iterator<Item = &'a str> + Clone,
+) -> Option<Pairs> {
+    let mut renamed = false;
+    let out = pairs
+        .0
+        .iter()
+        .map(|(k, v)| match read_as(k, queries.clone()) {
+            Some(name) if name != k => {
+                renamed = true;
+                (name.to_string(), v.clone())
+            }
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    renamed.then_some(Pairs(out))
+}
+
+/// The name of `queries` a framework reads the parameter `key` as, if any.
+fn read_as<'a>(key: &str, mut queries: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let bracketed = bracket_base(key).filter(|b| !b.is_empty());
+    let php = php_name(key);
+    queries.find(|q| bracketed == Some(*q) || php == *q)
+}
+
+/// The name before a `[` that a `]` closes later (`cmd` of `cmd[x]`), as qs, Rack and PHP read it.
+fn bracket_base(key: &str) -> Option<&str> {
+    let open = key.find('[')?;
+    key[open..].contains(']').then(|| &key[..open])
+}
+
+/// The name PHP gives a top-level parameter (`php_register_variable_ex`): leading spaces dropped, the part before a
+/// closed `[`, with each space and `.` and an unclosed `[` read as `_`.
+fn php_name(key: &str) -> String {
+    let key = key.trim_start_matches(' ');
+    let base = bracket_base(key).unwrap_or(key);
+    base.chars()
+        .map(|c| if matches!(c, ' ' | '.' | '[') { '_' } else { c })
+        .collect()
 }
 
 /// Whether the policy decides every reading alike with the request's own decision `own`: per Action, the same
@@ -359,6 +424,47 @@ mod tests {
     }
 
     #[test]
+    fn a_query_is_read_with_the_names_frameworks_give_its_parameters() {
+        let read = |q: &str, names: &[&str]| {
+            let r = readings(&request("GET", "/", q, &[]), q, &[], names);
+            r.requests
+                .iter()
+                .map(|h| h.query.0.clone())
+                .collect::<Vec<_>>()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        // The request's own reading, then the frameworks'.
+        let cases = [
+            ("cmd[]=id", "cmd", "cmd[]", "id"),
+            ("cmd%5B%5D=id", "cmd", "cmd[]", "id"),
+            ("cmd[x][y]=id", "cmd", "cmd[x][y]", "id"),
+            ("user.id=0", "user_id", "user.id", "0"),
+            ("user+id=0", "user_id", "user id", "0"),
+            ("user[id=0", "user_id", "user[id", "0"),
+        ];
+        for (q, name, sent, value) in cases {
+            assert_eq!(
+                read(q, &[name]),
+                [vec![pair(sent, value)], vec![pair(name, value)]],
+                "{q}"
+            );
+        }
+        // The plain name beside a framework's: each value alone.
+        assert_eq!(
+            read("cmd=ls&cmd[]=rm", &["cmd"]),
+            [
+                vec![pair("cmd", "ls"), pair("cmd[]", "rm")],
+                vec![pair("cmd", "ls")],
+                vec![pair("cmd", "rm")]
+            ]
+        );
+        // Names no rule reads, and names read as themselves, make no other reading.
+        assert!(read("filter[]=a&user.name=b", &["cmd", "user_id"]).is_empty());
+        assert!(read("cmd=id", &["cmd"]).is_empty());
+        assert!(read("cmd[=id&cmdx[]=1", &["cmd"]).is_empty());
+    }
+
+    #[test]
     fn overrides_and_backslashes_are_read_every_way_in_every_combination() {
         let http = request(
             "POST",
@@ -387,13 +493,27 @@ mod tests {
     }
 
     #[test]
+    fn the_readings_share_the_requests_body_and_json() {
+        let mut http = request("POST", "/", "", &[("x-http-method-override", "GET, PUT")]);
+        http.body = r#"{"a":1}"#.into();
+        http.json = Some(crate::model::Shared::new(serde_json::json!({"a": 1})));
+        let r = readings(&http, "", &[], &[]);
+        assert_eq!(r.requests.len(), 3);
+        for reading in &r.requests {
+            assert!(crate::model::Shared::same(&reading.body, &http.body));
+            let (mine, own) = (reading.json.as_ref(), http.json.as_ref());
+            assert!(crate::model::Shared::same(mine.unwrap(), own.unwrap()));
+        }
+    }
+
+    #[test]
     fn too_many_readings_or_an_unread_override_are_refused() {
         let q: Vec<String> = (0..(MAX_READINGS + 1)).map(|i| format!("p={i}")).collect();
         let q = q.join("&");
         let http = request("GET", "/", &q, &[]);
         assert!(build(&http, &q, ([].into_iter(), ["p"].into_iter())).is_err());
         let mut large = request("POST", "/", "", &[("x-http-method-override", "GET, PUT")]);
-        large.body = "x".repeat(MAX_READING_BYTES / 2);
+        large.body = "x".repeat(MAX_READING_BYTES / 2).into();
         assert_eq!(
             build(&large, "", ([].into_iter(), [].into_iter())).unwrap_err(),
             Unreadable::TooMany

@@ -25,7 +25,7 @@ use crate::audit::Appended;
 use crate::inspect::{self, Protocol};
 use crate::model::{
     Action, Agent, AuditEvent, Decided, Decision, Disposition, Mode, Outcome, Reason, Relay,
-    RequestSummary, ReviewNote, ReviewSpec, Verdict,
+    RequestSummary, ReviewNote, ReviewSpec, Shared, Verdict,
 };
 use crate::policy::Policy;
 
@@ -247,7 +247,7 @@ impl ExchangeRecord {
     /// deciding Action (its body dropped).
     pub fn answering(&mut self, mut request: Action, seq: u64) -> Answering {
         if let Some(http) = request.http.as_mut() {
-            http.body = String::new();
+            http.body = Shared::default();
             http.json = None;
         }
         let relay = self

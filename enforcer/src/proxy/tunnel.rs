@@ -108,7 +108,7 @@ struct Opened {
 /// Decide `target` as a `tcp` Action and, unless blocked, connect to it.
 async fn open(ctx: &ProxyContext, target: &Target) -> Opened {
     let action = Action {
-        agent: target.agent.clone(),
+        agent: target.agent.clone().into(),
         transport: Transport {
             scheme: Scheme::Tcp,
             host: target.host_hint.clone(),

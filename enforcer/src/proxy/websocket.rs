@@ -40,7 +40,7 @@ use crate::inspect::proposal::{Emit, Event, Proposals};
 use crate::inspect::{self, InspectConfig, InspectError, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{
     Action, Decision, Disposition, HttpResponse, LlmCall, Mode, Outcome, Phase, Reason,
-    RequestSummary, Verdict,
+    RequestSummary, Shared, Verdict,
 };
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -283,7 +283,7 @@ async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
         .actions
         .get(decided.index)
         .and_then(|a| a.http.as_ref())
-        .and_then(|h| h.json.clone());
+        .and_then(|h| h.json.as_deref().cloned());
     let judged = Judged {
         phase: Phase::Request,
         protocol: &inspected.protocol,
@@ -328,8 +328,8 @@ fn classify_agent_message(
     let mut action = request.clone();
     if let Some(http) = action.http.as_mut() {
         http.body_size = raw.len() as u64;
-        http.body = text;
-        http.json = json;
+        http.body = text.into();
+        http.json = json.map(Shared::new);
     }
     Ok(inspect::classify_message(action, cfg))
 }

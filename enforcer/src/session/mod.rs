@@ -28,7 +28,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Action, Agent, Decision, Phase, SessionState};
+use crate::model::{Action, Agent, Decision, Phase, SessionState, Shared};
 
 pub use watch::{watch, SessionWatch};
 
@@ -252,7 +252,15 @@ impl Sessions {
     pub fn fill_at(&self, actions: &mut [Action], wanted: &[(String, Option<u64>)], now: Instant) {
         let minute = self.minute(now);
         let table = self.lock();
+        // The Actions of one request (a JSON-RPC batch's elements) share one agent: its state is made once and shared.
+        let mut last: Option<(Shared<Agent>, Shared<SessionState>)> = None;
         for action in actions {
+            if let Some((agent, state)) = &last {
+                if Shared::same(agent, &action.agent) || *agent == action.agent {
+                    action.session = Some(state.clone());
+                    continue;
+                }
+            }
             let Some(s) = session_key(&action.agent)
                 .and_then(|(cgroup, id)| table.get(&cgroup).filter(|s| s.id == id))
             else {
@@ -270,11 +278,13 @@ impl Sessions {
                 };
                 counts.insert(key, value);
             }
-            action.session = Some(SessionState {
+            let state = Shared::new(SessionState {
                 labels: s.labels.clone(),
                 counts,
                 previous_tool: s.previous_tool.clone(),
             });
+            action.session = Some(state.clone());
+            last = Some((action.agent.clone(), state));
         }
     }
 
@@ -560,11 +570,14 @@ mod tests {
         sessions.identify(&mut a);
         let id = a.session.clone().unwrap();
         let request = Action {
-            agent: a.clone(),
-            http: Some(HttpRequest {
-                body: "12345".into(),
-                ..HttpRequest::default()
-            }),
+            agent: a.clone().into(),
+            http: Some(
+                HttpRequest {
+                    body: "12345".into(),
+                    ..HttpRequest::default()
+                }
+                .into(),
+            ),
             mcp: Some(McpCall {
                 method: "tools/call".into(),
                 tool: Some("read_inbox".into()),
@@ -586,12 +599,19 @@ mod tests {
             ("requests".to_string(), None),
             ("bytes_sent".to_string(), None),
         ];
-        let mut next = [Action {
-            agent: a.clone(),
-            ..Action::default()
-        }];
+        // The Actions of one request (a JSON-RPC batch's elements) share one state, however many they are.
+        let mut next = vec![
+            Action {
+                agent: a.clone().into(),
+                ..Action::default()
+            };
+            3
+        ];
         sessions.fill_at(&mut next, &wanted, t0 + Duration::from_secs(3600));
         let state = next[0].session.clone().unwrap();
+        for other in &next[1..] {
+            assert!(Shared::same(other.session.as_ref().unwrap(), &state));
+        }
         assert_eq!(state.labels, ["inbox"]);
         assert_eq!(state.previous_tool.as_deref(), Some("read_inbox"));
         assert_eq!(state.counts["records"], 12);

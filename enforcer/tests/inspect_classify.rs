@@ -164,6 +164,36 @@ fn gemini_generate_content_without_sse_is_not_streaming() {
     assert!(!llm.has_tool_results);
 }
 
+/// OpenAI's paths in another letter case are LLM calls (a gateway may route them case-insensitively): read as the
+/// API they name, so a rule on `llm.tools` is not dodged by `/V1/Responses`.
+#[test]
+fn llm_paths_in_another_letter_case_are_llm_calls() {
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let responses = json!({"model": "m", "input": "hi"});
+    let cases = [
+        ("/V1/Responses", responses.clone(), LlmApi::Responses),
+        ("/v1/RESPONSES/", responses, LlmApi::Responses),
+        ("/v1/Chat/Completions", chat, LlmApi::ChatCompletions),
+    ];
+    for (path, body, api) in cases {
+        let out = classify(
+            simple("api.openai.com", "POST", path, body),
+            &InspectConfig::default(),
+        )
+        .unwrap();
+        let want = Protocol::Llm {
+            provider: Provider::OpenAi,
+            api,
+        };
+        assert_eq!(out.protocol, want, "{path}");
+        assert_eq!(
+            out.actions[0].llm.as_ref().unwrap().model.as_deref(),
+            Some("m"),
+            "{path}"
+        );
+    }
+}
+
 /// Anthropic and Gemini also serve OpenAI's Chat Completions (`https://api.anthropic.com/v1/chat/completions`,
 /// Gemini's `/v1beta/openai/chat/completions`), which the OpenAI SDK calls with a `base_url`: the API is read from the
 /// path's shape on any provider's host, so `llm.*` rules and proposal rules apply, and the block answer and the

@@ -13,20 +13,26 @@ use crate::model::{LlmCall, Pairs};
 /// provider's host it is: Anthropic and Gemini serve OpenAI's Chat Completions too
 /// (`api.anthropic.com/v1/chat/completions`, Gemini `/v1beta/openai/chat/completions` and `/embeddings`), called by
 /// the OpenAI SDK with a `base_url`.
+///
+/// The OpenAI and Anthropic paths are matched without regard to ASCII case (`/v1/Responses` is the Responses API):
+/// a gateway or server that routes paths case-insensitively serves them, and reading them costs nothing where the
+/// real API answers 404.
 pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
     if !method.eq_ignore_ascii_case("POST") {
         return None;
     }
     let path = path.trim_end_matches('/');
-    if path.ends_with("/chat/completions") {
+    let lower = path.to_ascii_lowercase();
+    let ends = |suffix: &str| lower.ends_with(suffix);
+    if ends("/chat/completions") {
         Some(LlmApi::ChatCompletions)
-    } else if path.ends_with("/responses") {
+    } else if ends("/responses") {
         Some(LlmApi::Responses)
-    } else if path.ends_with("/completions") || path.ends_with("/embeddings") {
+    } else if ends("/completions") || ends("/embeddings") {
         Some(LlmApi::Other)
-    } else if path.ends_with("/v1/messages") || path == "/messages" {
+    } else if ends("/v1/messages") || lower == "/messages" {
         Some(LlmApi::Messages)
-    } else if path.ends_with("/v1/complete") || path == "/complete" {
+    } else if ends("/v1/complete") || lower == "/complete" {
         Some(LlmApi::Other)
     } else {
         gemini_target(path).map(|t| t.api)

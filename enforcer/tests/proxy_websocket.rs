@@ -477,3 +477,303 @@ rules:
         "the upgrade and four messages"
     );
 }
+
+/// Proposal rules for the Realtime tests: a `shell` function and a provider-run MCP `delete_*` tool are refused,
+/// every other function call is recorded; tool results may not go to a `blocked-*` model.
+const REALTIME: &str = r#"version: 1
+default: block
+rules:
+  - id: log-openai
+    when: { host: api.openai.com }
+    verdict: log
+  - id: redact-keys
+    when: { host: api.openai.com, detect: [aws-access-key] }
+    verdict: constrain
+    constrain: { redact: [aws-access-key] }
+  - id: no-blocked-models
+    when: { llm.model: "blocked-*" }
+    verdict: block
+    message: this model is not approved for agents
+  - id: no-shell
+    phase: proposal
+    when: { proposal.tool: [shell, "mcp:*/delete_*"] }
+    verdict: block
+    message: the model may not run a shell here
+  - id: log-calls
+    phase: proposal
+    when: { proposal.kind: [function, mcp] }
+    verdict: log
+"#;
+
+type AgentWs =
+    tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A Realtime connection (`path`, extra upgrade headers `extra`) through the proxy under `policy`.
+async fn realtime(policy: &str, path: &str, extra: &[(&str, &str)]) -> (World, AgentWs) {
+    let w = world(policy).await;
+    let ws = ws_connect(&w.proxy, w.up, "api.openai.com", path, extra)
+        .await
+        .expect("upgraded");
+    (w, ws)
+}
+
+/// Have the test upstream send `events`, one message each (it answers `reply:X` with X).
+async fn upstream_sends(ws: &mut AgentWs, events: &[serde_json::Value]) {
+    for e in events {
+        ws.send(Message::Text(format!("reply:{e}").into()))
+            .await
+            .unwrap();
+    }
+}
+
+/// The next text message the agent receives, as it came and as JSON.
+async fn next_event(ws: &mut AgentWs) -> (String, serde_json::Value) {
+    loop {
+        if let Message::Text(t) = text(ws).await {
+            let v = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}"));
+            return (t.to_string(), v);
+        }
+    }
+}
+
+/// The server events of one function call `id` proposed in response `resp` (GA names): the item added to the
+/// response and the conversation, its arguments in two deltas, `.done`, and the item done in the conversation and
+/// the response, then `response.done` listing it.
+fn ga_call(resp: &str, id: &str, name: &str, args: &str) -> Vec<serde_json::Value> {
+    let item = |status: &str, arguments: &str| {
+        serde_json::json!({"id": id, "object": "realtime.item", "type": "function_call", "status": status,
+            "name": name, "call_id": format!("call_{id}"), "arguments": arguments})
+    };
+    let (first, rest) = args.split_at(args.len() / 2);
+    let call = format!("call_{id}");
+    vec![
+        serde_json::json!({"type": "response.created", "event_id": "ev_0", "response": {"id": resp, "object": "realtime.response", "status": "in_progress", "output": []}}),
+        serde_json::json!({"type": "response.output_item.added", "event_id": "ev_1", "response_id": resp, "output_index": 0, "item": item("in_progress", "")}),
+        serde_json::json!({"type": "conversation.item.added", "event_id": "ev_2", "previous_item_id": null, "item": item("in_progress", "")}),
+        serde_json::json!({"type": "response.function_call_arguments.delta", "event_id": "ev_3", "response_id": resp, "item_id": id, "output_index": 0, "call_id": call, "delta": first}),
+        serde_json::json!({"type": "response.function_call_arguments.delta", "event_id": "ev_4", "response_id": resp, "item_id": id, "output_index": 0, "call_id": call, "delta": rest}),
+        serde_json::json!({"type": "response.function_call_arguments.done", "event_id": "ev_5", "response_id": resp, "item_id": id, "output_index": 0, "call_id": call, "name": name, "arguments": args}),
+        serde_json::json!({"type": "conversation.item.done", "event_id": "ev_6", "previous_item_id": null, "item": item("completed", args)}),
+        serde_json::json!({"type": "response.output_item.done", "event_id": "ev_7", "response_id": resp, "output_index": 0, "item": item("completed", args)}),
+        serde_json::json!({"type": "response.done", "event_id": "ev_8", "response": {"id": resp, "object": "realtime.response", "status": "completed", "output": [item("completed", args)]}}),
+    ]
+}
+
+/// The proposal-phase records.
+fn proposals(recs: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    recs.iter()
+        .filter(|r| r["request"]["phase"] == "proposal")
+        .collect()
+}
+
+/// A function call the model proposes over the Realtime API is held until complete, decided once by the proposal
+/// rules with the model of the agent's last LLM call, and recorded linked to that call's record: a refused one
+/// reaches the agent as an assistant message saying so — none of its nine events, no delta of its arguments, nothing
+/// the agents SDKs would run — and an allowed one passes byte for byte.
+#[tokio::test]
+async fn realtime_function_calls_are_decided_before_the_agent_receives_them() {
+    let (w, mut ws) = realtime(REALTIME, "/v1/realtime?model=gpt-realtime", &[]).await;
+    let create =
+        serde_json::json!({"type": "response.create", "response": {"instructions": "help"}});
+    ws.send(Message::Text(create.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut ws).await.1["type"], "response.completed");
+
+    // The call is held while it is incomplete: an event after its first five reaches the agent before any of them.
+    let shell = ga_call("resp_1", "item_1", "shell", r#"{"command": "rm -rf /"}"#);
+    upstream_sends(&mut ws, &shell[..5]).await;
+    let limits =
+        serde_json::json!({"type": "rate_limits.updated", "event_id": "ev_rl", "rate_limits": []});
+    upstream_sends(&mut ws, std::slice::from_ref(&limits)).await;
+    let (_, created) = next_event(&mut ws).await;
+    assert_eq!(created["type"], "response.created");
+    let (_, first) = next_event(&mut ws).await;
+    assert_eq!(first, limits, "nothing of the held call came before it");
+    upstream_sends(&mut ws, &shell[5..]).await;
+    let mut got = Vec::new();
+    loop {
+        let (raw, v) = next_event(&mut ws).await;
+        assert!(!raw.contains("function_call"), "{raw}");
+        assert!(!raw.contains("rm -rf"), "{raw}");
+        let done = v["type"] == "response.done";
+        got.push(v);
+        if done {
+            break;
+        }
+    }
+    let types: Vec<&str> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "response.output_item.added",
+            "conversation.item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "conversation.item.done",
+            "response.output_item.done",
+            "response.done",
+        ]
+    );
+    for e in &got[..2] {
+        assert_eq!(e["item"]["id"], "item_1", "the item keeps its id: {e}");
+        assert_eq!(e["item"]["type"], "message");
+        assert_eq!(e["item"]["status"], "in_progress");
+    }
+    let said = got[3]["delta"].as_str().unwrap();
+    assert!(
+        said.contains("`shell`") && said.contains("the model may not run a shell here"),
+        "{said}"
+    );
+    assert_eq!(got[3]["item_id"], "item_1");
+    assert_eq!(got[3]["response_id"], "resp_1");
+    let message = serde_json::json!({"id": "item_1", "object": "realtime.item", "type": "message",
+        "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": said}]});
+    assert_eq!(got[6]["item"], message);
+    assert_eq!(got[7]["item"], message);
+    assert_eq!(got[7]["event_id"], "ev_7");
+    assert_eq!(got[8]["response"]["output"], serde_json::json!([message]));
+
+    // An allowed call passes as it came, byte for byte.
+    let read = ga_call("resp_2", "item_2", "read_file", r#"{"path": "README.md"}"#);
+    upstream_sends(&mut ws, &read).await;
+    for e in &read {
+        assert_eq!(next_event(&mut ws).await.0, e.to_string());
+    }
+
+    let recs = records(&w.proxy).await;
+    let calls = proposals(&recs);
+    assert_eq!(calls.len(), 2, "each call decided once: {recs:#?}");
+    let turn = recs
+        .iter()
+        .find(|r| r["request"]["phase"] == "request" && r["request"]["llm_provider"] == "openai")
+        .expect("the response.create's record");
+    for (call, (tool, verdict, rule)) in calls.iter().zip([
+        ("shell", "block", "no-shell"),
+        ("read_file", "log", "log-calls"),
+    ]) {
+        assert_eq!(call["request"]["tool"], tool, "{call}");
+        assert_eq!(call["decision"]["verdict"], verdict, "{call}");
+        assert_eq!(call["decision"]["rule"], rule, "{call}");
+        assert_eq!(call["request"]["llm_model"], "gpt-realtime", "{call}");
+        assert_eq!(call["request"]["parent"], turn["seq"], "{call}");
+    }
+    assert_eq!(calls[0]["outcome"]["disposition"], "blocked");
+}
+
+/// The beta interface (`OpenAI-Beta: realtime=v1`) names its events otherwise: a refused call's message there is a
+/// `text` part streamed with `response.text.*`, and a later `conversation.item.retrieved` of the refused item
+/// carries the message too. A provider-run MCP call (`mcp_call`, `response.mcp_call_arguments.*`,
+/// `response.mcp_call.*`) is decided as `mcp:<server>/<tool>`.
+#[tokio::test]
+async fn realtime_beta_events_and_mcp_calls_are_decided_too() {
+    let (w, mut ws) = realtime(
+        REALTIME,
+        "/v1/realtime?model=gpt-4o-realtime-preview",
+        &[("openai-beta", "realtime=v1")],
+    )
+    .await;
+    let item = |status: &str, args: &str| {
+        serde_json::json!({"id": "item_b", "object": "realtime.item", "type": "function_call",
+            "status": status, "name": "shell", "call_id": "call_b", "arguments": args})
+    };
+    let args = r#"{"command":"id"}"#;
+    let events = [
+        serde_json::json!({"type": "response.output_item.added", "event_id": "e1", "response_id": "r", "output_index": 0, "item": item("in_progress", "")}),
+        serde_json::json!({"type": "conversation.item.created", "event_id": "e2", "previous_item_id": "u1", "item": item("in_progress", "")}),
+        serde_json::json!({"type": "response.function_call_arguments.delta", "event_id": "e3", "response_id": "r", "item_id": "item_b", "output_index": 0, "call_id": "call_b", "delta": args}),
+        serde_json::json!({"type": "response.function_call_arguments.done", "event_id": "e4", "response_id": "r", "item_id": "item_b", "output_index": 0, "call_id": "call_b", "arguments": args}),
+        serde_json::json!({"type": "response.output_item.done", "event_id": "e5", "response_id": "r", "output_index": 0, "item": item("completed", args)}),
+        serde_json::json!({"type": "conversation.item.retrieved", "event_id": "e6", "item": item("completed", args)}),
+    ];
+    upstream_sends(&mut ws, &events).await;
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let (raw, v) = next_event(&mut ws).await;
+        assert!(!raw.contains("function_call"), "{raw}");
+        got.push(v);
+    }
+    let types: Vec<&str> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "response.output_item.added",
+            "conversation.item.created",
+            "response.content_part.added",
+            "response.text.delta",
+            "response.text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "conversation.item.retrieved",
+        ]
+    );
+    assert_eq!(got[1]["previous_item_id"], "u1");
+    assert_eq!(got[6]["item"]["content"][0]["type"], "text");
+    assert_eq!(got[7]["item"], got[6]["item"]);
+
+    let mcp = |args: &str| {
+        serde_json::json!({"id": "mcp_1", "type": "mcp_call", "server_label": "github",
+            "name": "delete_repo", "arguments": args})
+    };
+    let args = r#"{"repo":"acme/app"}"#;
+    let events = [
+        serde_json::json!({"type": "response.output_item.added", "event_id": "m1", "response_id": "r2", "output_index": 0, "item": mcp("")}),
+        serde_json::json!({"type": "response.mcp_call_arguments.delta", "event_id": "m2", "response_id": "r2", "item_id": "mcp_1", "output_index": 0, "delta": args}),
+        serde_json::json!({"type": "response.mcp_call_arguments.done", "event_id": "m3", "response_id": "r2", "item_id": "mcp_1", "output_index": 0, "arguments": args}),
+        serde_json::json!({"type": "response.mcp_call.in_progress", "event_id": "m4", "item_id": "mcp_1", "output_index": 0}),
+        serde_json::json!({"type": "response.mcp_call.completed", "event_id": "m5", "item_id": "mcp_1", "output_index": 0}),
+        serde_json::json!({"type": "response.output_item.done", "event_id": "m6", "response_id": "r2", "output_index": 0, "item": mcp(args)}),
+    ];
+    upstream_sends(&mut ws, &events).await;
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        let (raw, v) = next_event(&mut ws).await;
+        assert!(!raw.contains("mcp_call"), "{raw}");
+        got.push(v);
+    }
+    assert_eq!(got[5]["type"], "response.output_item.done");
+    assert_eq!(got[5]["item"]["type"], "message");
+
+    let recs = records(&w.proxy).await;
+    let tools: Vec<(&str, &str)> = proposals(&recs)
+        .iter()
+        .map(|r| {
+            (
+                r["request"]["tool"].as_str().unwrap(),
+                r["decision"]["rule"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tools,
+        [
+            ("shell", "no-shell"),
+            ("mcp:github/delete_repo", "no-shell")
+        ]
+    );
+}
+
+/// What the agent could read otherwise than the policy is never relayed: an event naming a call that was passed
+/// with other arguments than were decided closes the connection (1007), recorded as unreadable.
+#[tokio::test]
+async fn a_realtime_event_contradicting_a_decided_call_closes_the_connection() {
+    let (w, mut ws) = realtime(REALTIME, "/v1/realtime?model=gpt-realtime", &[]).await;
+    let read = ga_call("r", "item_3", "read_file", r#"{"path": "README.md"}"#);
+    upstream_sends(&mut ws, &read[..8]).await;
+    for e in &read[..8] {
+        assert_eq!(next_event(&mut ws).await.0, e.to_string());
+    }
+    let mut other = read[8].clone();
+    other["response"]["output"][0]["name"] = "shell".into();
+    upstream_sends(&mut ws, &[other]).await;
+    match text(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Invalid),
+        other => panic!("expected a close with 1007, got {other:?}"),
+    }
+    let recs = records(&w.proxy).await;
+    let last = recs.last().unwrap();
+    assert_eq!(last["request"]["phase"], "proposal", "{last}");
+    assert_eq!(last["outcome"]["error"], "unparseable", "{last}");
+}

@@ -164,3 +164,11 @@ pub fn is_responses_websocket(raw_path: &str) -> bool {
         raw_path.split('?').next().unwrap_or_default(),
     ))
 }
+
+/// Whether a WebSocket connection opened at `raw_path` (as the agent sent it, query included) is the OpenAI Realtime
+/// API, whose server events carry proposed tool calls: the path rule [`classify_message`] uses, on the canonical path.
+pub fn is_realtime_websocket(raw_path: &str) -> bool {
+    llm::realtime_websocket(&super::canonical_path(
+        raw_path.split('?').next().unwrap_or_default(),
+    ))
+}

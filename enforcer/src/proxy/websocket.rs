@@ -9,10 +9,11 @@
 //!   connection with 1008 (policy violation);
 //! - a message from the upstream is a response-phase Action when the policy has response rules, and passes
 //!   untouched (unrecorded) when none matches; on an OpenAI Responses connection (`/v1/responses`) its events then
-//!   go through the proposal reader, as the same events do over server-sent events (`proposal`): a proposed tool
-//!   call is held until complete, decided with the model of the agent's last forwarded LLM call (its
-//!   `response.create`), recorded linked to that call's record, and passed, rewritten or replaced by a message
-//!   saying it was refused;
+//!   go through the proposal reader, as the same events do over server-sent events (`proposal`), and on a Realtime
+//!   connection (`/v1/realtime`) through its Realtime reader: a proposed tool call is held until complete (none of
+//!   its events reaches the agent meanwhile), decided with the model of the agent's last forwarded LLM call (a
+//!   `response.create`; over Realtime also a `session.update` or a `conversation.item.create`), recorded linked to
+//!   that call's record, and passed, rewritten or replaced by a message saying it was refused;
 //! - a message under an enforced `review` is refused like a block (reason `review_unavailable`): it cannot be held,
 //!   since the connection's later messages would wait behind it and the protocols have no "pending" answer;
 //! - every message is an Action of the agent's session: it sees the session's labels and counters and leaves its own
@@ -66,7 +67,7 @@ pub(crate) async fn relay(client: TokioIo<Upgraded>, upstream: TokioIo<Upgraded>
 }
 
 /// The LLM call the upstream's events answer: the last message from the agent that made one (a Responses
-/// `response.create`) and was forwarded, with its record's `seq`. Proposals in the events are decided with that
+/// `response.create`; a Realtime `session.update`, `response.create` or `conversation.item.create`) and was forwarded, with its record's `seq`. Proposals in the events are decided with that
 /// call's `llm` (its provider and model, as over server-sent events) and linked to its record; before any, to
 /// the upgrade's.
 #[derive(Default)]
@@ -420,8 +421,9 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
     carry_out_decision(ans, judged, msg).await.0
 }
 
-/// The proposal reader of an OpenAI Responses WebSocket connection (its server events carry proposed tool calls as
-/// its server-sent events do), when the policy has proposal rules.
+/// The proposal reader of an OpenAI connection whose server events carry proposed tool calls, when the policy has
+/// proposal rules: the Responses WebSocket mode (its events are its server-sent events) and the Realtime API (its
+/// own events, in the beta interface when the upgrade asked for it with `OpenAI-Beta: realtime=v1`).
 fn proposals_for(ans: &Answering) -> Option<Proposals> {
     let openai = matches!(
         ans.protocol,
@@ -431,14 +433,22 @@ fn proposals_for(ans: &Answering) -> Option<Proposals> {
                 ..
             }
     );
-    let responses = ans
-        .request
-        .http
-        .as_ref()
-        .is_some_and(|h| crate::inspect::is_responses_websocket(&h.path));
-    (openai && responses && ans.policy.has_rules_for(Phase::Proposal))
-        .then(|| Proposals::new(Provider::OpenAi, LlmApi::Responses))
-        .flatten()
+    if !openai || !ans.policy.has_rules_for(Phase::Proposal) {
+        return None;
+    }
+    let http = ans.request.http.as_ref()?;
+    if crate::inspect::is_responses_websocket(&http.path) {
+        return Proposals::new(Provider::OpenAi, LlmApi::Responses);
+    }
+    if crate::inspect::is_realtime_websocket(&http.path) {
+        let beta = http
+            .headers
+            .get_all("openai-beta")
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case("realtime=v1"));
+        return Some(Proposals::realtime(beta));
+    }
+    None
 }
 
 /// One server event through the proposal reader: the messages to send now (none while a call is held). A call held

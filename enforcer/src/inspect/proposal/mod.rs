@@ -1,8 +1,8 @@
 //! Tool calls a model proposes in an LLM response, found and rewritten before the agent sees them: OpenAI Chat
 //! Completions `tool_calls`, OpenAI Responses `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call`,
 //! `apply_patch_call`, `computer_call` and `mcp_call` items (over server-sent events, the WebSocket mode, or JSON),
-//! Anthropic Messages `tool_use`, `server_tool_use` and `mcp_tool_use` blocks, Gemini `functionCall` parts; streamed
-//! and whole.
+//! OpenAI Realtime `function_call` and `mcp_call` items (its WebSocket server events, GA and beta), Anthropic
+//! Messages `tool_use`, `server_tool_use` and `mcp_tool_use` blocks, Gemini `functionCall` parts; streamed and whole.
 //!
 //! A stream is read event by event ([`Proposals`]): text, reasoning and every other event pass at once, as they
 //! came; only the events of a tool call are held until its arguments are complete. [`Proposals::push`] returns the
@@ -15,6 +15,7 @@
 mod chat;
 mod gemini;
 mod messages;
+mod realtime;
 mod responses;
 
 use bytes::Bytes;
@@ -84,6 +85,7 @@ enum Flavour {
     Chat(chat::Stream),
     Messages(messages::Stream),
     Responses(responses::Stream),
+    Realtime(realtime::Stream),
     Gemini(gemini::Stream),
 }
 
@@ -105,6 +107,13 @@ impl Proposals {
         }))
     }
 
+    /// The reader for the server events of an OpenAI Realtime API connection (`…/realtime`), opened in the beta
+    /// interface (`beta`: the upgrade asked for `OpenAI-Beta: realtime=v1`) or the GA one. The events themselves
+    /// correct `beta` as they come: the two name their text and audio events apart.
+    pub fn realtime(beta: bool) -> Proposals {
+        Proposals(Flavour::Realtime(realtime::Stream::new(beta)))
+    }
+
     /// Read one event; the calls it completed, in order. [`Proposals::release`] must follow, with one ruling per
     /// call, before the next event. An event without data (a comment, a keep-alive) passes as it came.
     ///
@@ -115,6 +124,7 @@ impl Proposals {
             Flavour::Chat(s) => s.push(event),
             Flavour::Messages(s) => s.push(event),
             Flavour::Responses(s) => s.push(event),
+            Flavour::Realtime(s) => s.push(event),
             Flavour::Gemini(s) => s.push(event),
         }
     }
@@ -128,6 +138,7 @@ impl Proposals {
             Flavour::Chat(s) => Ok(s.finish()),
             Flavour::Messages(s) => s.finish(),
             Flavour::Responses(s) => s.finish(),
+            Flavour::Realtime(s) => Ok(s.finish()),
             Flavour::Gemini(_) => Ok(Vec::new()),
         }
     }
@@ -140,6 +151,7 @@ impl Proposals {
             Flavour::Chat(s) => s.release(&mut rulings),
             Flavour::Messages(s) => s.release(&mut rulings),
             Flavour::Responses(s) => s.release(&mut rulings),
+            Flavour::Realtime(s) => s.release(&mut rulings),
             Flavour::Gemini(s) => s.release(&mut rulings),
         }
     }
@@ -150,6 +162,7 @@ impl Proposals {
             Flavour::Chat(s) => s.held_bytes(),
             Flavour::Messages(s) => s.held_bytes(),
             Flavour::Responses(s) => s.held_bytes(),
+            Flavour::Realtime(s) => s.held_bytes(),
             Flavour::Gemini(_) => 0,
         }
     }

@@ -83,7 +83,7 @@ const NOT_CALLS: &[&str] = &[
 /// deleted or patched —, `computer_call` — a click, a keypress, text typed on the agent's machine) and `mcp_call`.
 /// An item type outside these and [`NOT_CALLS`] (a type added to the API after this reader, or `program`) is
 /// `unknown`: held as a call, and refused as unreadable ([`item_call`]).
-fn kind_of(item_type: &str) -> Option<&'static str> {
+pub(super) fn kind_of(item_type: &str) -> Option<&'static str> {
     match item_type {
         "function_call" => Some("function"),
         "custom_tool_call" => Some("custom"),
@@ -101,7 +101,7 @@ fn kind_of(item_type: &str) -> Option<&'static str> {
 const COMPUTER_ACTIONS: [&str; 2] = ["action", "actions"];
 
 /// The field of an item holding its arguments, and whether it is text (else a JSON value).
-fn args_field(item_type: &str) -> (&'static str, bool) {
+pub(super) fn args_field(item_type: &str) -> (&'static str, bool) {
     match item_type {
         "custom_tool_call" => ("input", true),
         "local_shell_call" | "shell_call" => ("action", false),
@@ -110,7 +110,7 @@ fn args_field(item_type: &str) -> (&'static str, bool) {
     }
 }
 
-fn item_call(item: &Value) -> Option<Call> {
+pub(super) fn item_call(item: &Value) -> Option<Call> {
     let ty = str_of(item, "type")?;
     let kind = kind_of(ty)?;
     let name = str_of(item, "name").unwrap_or_default();
@@ -154,7 +154,7 @@ fn item_call(item: &Value) -> Option<Call> {
 }
 
 /// `item` with its arguments replaced by `args`.
-fn with_args(item: &Value, args: &Value) -> Value {
+pub(super) fn with_args(item: &Value, args: &Value) -> Value {
     let mut item = item.clone();
     let ty = str_of(&item, "type").unwrap_or_default();
     if ty == "computer_call" {

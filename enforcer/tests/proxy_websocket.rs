@@ -777,3 +777,50 @@ async fn a_realtime_event_contradicting_a_decided_call_closes_the_connection() {
     assert_eq!(last["request"]["phase"], "proposal", "{last}");
     assert_eq!(last["outcome"]["error"], "unparseable", "{last}");
 }
+
+/// A tool's result returned over Realtime (`conversation.item.create` with a `function_call_output` item) is an LLM
+/// call, as a Responses `input[]` `function_call_output` is: decided with the session's model (a `blocked-*` model
+/// refuses it, in an `error` event), its secrets redacted, recorded with its provider and model.
+#[tokio::test]
+async fn realtime_tool_results_are_llm_calls_decided_like_responses_input() {
+    let output = |call: &str| {
+        serde_json::json!({"type": "conversation.item.create", "item": {"type": "function_call_output",
+            "call_id": call, "output": format!("the key is {KEY}")}})
+    };
+    // The file's base policy: the test upstream echoes what it does not know as text, which a proposal reader
+    // would refuse as unreadable.
+    let (w, mut ws) = realtime(POLICY, "/v1/realtime?model=blocked-rt", &[]).await;
+    ws.send(Message::Text(output("call_1").to_string().into()))
+        .await
+        .unwrap();
+    let (_, error) = next_event(&mut ws).await;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["code"], "blocked_by_policy");
+    assert!(w.seen.messages.lock().unwrap().is_empty());
+    let recs = records(&w.proxy).await;
+    assert_eq!(
+        recs[1]["decision"]["rule"], "no-blocked-models",
+        "{}",
+        recs[1]
+    );
+    assert_eq!(recs[1]["request"]["llm_model"], "blocked-rt");
+
+    let (w, mut ws) = realtime(POLICY, "/v1/realtime?model=gpt-realtime", &[]).await;
+    ws.send(Message::Text(output("call_2").to_string().into()))
+        .await
+        .unwrap();
+    let Message::Text(echo) = text(&mut ws).await else {
+        panic!("the upstream's answer")
+    };
+    assert!(echo.starts_with("echo:"), "{echo}");
+    let sent: serde_json::Value =
+        serde_json::from_str(&w.seen.messages.lock().unwrap()[0]).unwrap();
+    assert_eq!(
+        sent["item"]["output"],
+        "the key is [REDACTED:aws-access-key]"
+    );
+    let recs = records(&w.proxy).await;
+    assert_eq!(recs[1]["decision"]["rule"], "redact-keys", "{}", recs[1]);
+    assert_eq!(recs[1]["request"]["llm_provider"], "openai");
+    assert_eq!(recs[1]["request"]["llm_model"], "gpt-realtime");
+}

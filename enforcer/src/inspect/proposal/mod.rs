@@ -129,7 +129,8 @@ impl Proposals {
         }
     }
 
-    /// The end of the stream: calls still open are complete now (their arguments as far as they came).
+    /// The end of the stream: calls still open are complete now (their arguments as far as they came); a Realtime
+    /// connection's are dropped, never sent (its items are whole only when an event says so).
     ///
     /// # Errors
     /// [`Unreadable`] when a call still open cannot be read as an SDK would assemble it: the caller ends the stream.

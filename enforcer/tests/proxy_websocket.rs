@@ -853,3 +853,60 @@ async fn realtime_tool_results_are_llm_calls_decided_like_responses_input() {
     assert_eq!(recs[1]["request"]["llm_provider"], "openai");
     assert_eq!(recs[1]["request"]["llm_model"], "gpt-realtime");
 }
+
+/// The type an event is read by is the one every SDK reads: an event naming `type` twice — the same name (Python's
+/// `json.loads` keeps the last), or in another letter case (Go's `encoding/json` binds `Type` to the field too) —
+/// could be an audio delta to the reader and a completed `function_call` item to the agent, so it closes the
+/// connection (1007), recorded as unreadable, however large the audio it carries; as does an audio delta that is not
+/// JSON. An audio delta read alike by all passes byte for byte.
+#[tokio::test]
+async fn a_realtime_event_naming_its_type_twice_closes_the_connection() {
+    let audio = "UklGRiQAAABXQVZFZm10IBAAAAABAAEA".repeat(768); // 24 KiB of base64
+    let call = r#"{"id":"item_t","object":"realtime.item","type":"function_call","status":"completed","name":"shell","call_id":"call_t","arguments":"{\"command\":\"rm -rf /\"}"}"#;
+    let delta = |ty: &str| {
+        format!(
+            r#""type":"{ty}","event_id":"ev_a","response_id":"r","item_id":"item_a","output_index":0,"content_index":0,"delta":"{audio}""#
+        )
+    };
+    let fine = format!("{{{}}}", delta("response.output_audio.delta"));
+    let cases = [
+        format!(
+            r#"{{{},"type":"response.output_item.done","item":{call}}}"#,
+            delta("response.output_audio.delta")
+        ),
+        format!(
+            r#"{{"type":"response.output_item.done","item":{call},{}}}"#,
+            delta("response.output_audio.delta")
+        ),
+        format!(
+            r#"{{{},"Type":"response.output_item.done","item":{call}}}"#,
+            delta("response.output_audio.delta")
+        ),
+        format!(
+            r#"{{{},"TYPE":"conversation.item.done","item":{call}}}"#,
+            delta("response.audio.delta")
+        ),
+        format!("{{{}", delta("response.output_audio.delta")),
+    ];
+    for case in cases {
+        let (w, mut ws) = realtime(REALTIME, "/v1/realtime?model=gpt-realtime", &[]).await;
+        ws.send(Message::Text(format!("reply:{fine}").into()))
+            .await
+            .unwrap();
+        assert_eq!(next_event(&mut ws).await.0, fine);
+        ws.send(Message::Text(format!("reply:{case}").into()))
+            .await
+            .unwrap();
+        match text(&mut ws).await {
+            Message::Close(Some(frame)) => {
+                assert_eq!(frame.code, CloseCode::Invalid, "{case:.120}")
+            }
+            other => panic!("expected a close with 1007 for {case:.120}, got {other:.120?}"),
+        }
+        let recs = records(&w.proxy).await;
+        let last = recs.last().unwrap();
+        assert_eq!(last["request"]["phase"], "proposal", "{last}");
+        assert_eq!(last["outcome"]["error"], "unparseable", "{last}");
+        assert_eq!(proposals(&recs).len(), 1, "{recs:#?}");
+    }
+}

@@ -201,6 +201,10 @@ const TESTS: &[Test] = &[
         ops::the_units_capabilities_suffice_and_each_is_needed,
     ),
     ("sdk_openai_python", sdk::openai_python_sdk),
+    (
+        "sdk_openai_realtime_python",
+        sdk::openai_realtime_python_sdk,
+    ),
     ("sdk_anthropic_python", sdk::anthropic_python_sdk),
     ("sdk_mcp_python", sdk::mcp_python_sdk),
     ("sdk_node_fetch", sdk::node_fetch),

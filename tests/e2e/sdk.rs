@@ -3,9 +3,9 @@
 //! `enforcer exec` against test servers in the harness's netns, with the real daemon deciding.
 //!
 //! The first SDK test sets things up once: a CA and leaf for `openai.e2e.test`, `anthropic.e2e.test`,
-//! `mcp.e2e.test`; a provider-compatible LLM server (`sdk/llm_server.py`, :8444) and a real MCP server
-//! (`sdk/mcp_server.py`, MCP SDK + uvicorn, Streamable HTTP, :8445) in the netns, placed in a cgroup under the
-//! harness's own so the harness's cleanup kills them; then the daemon is restarted on a config that adds the SDK CA to
+//! `mcp.e2e.test`; a provider-compatible LLM server (`sdk/llm_server.py`, :8444: HTTP, the Responses WebSocket mode
+//! and the Realtime API) and a real MCP server (`sdk/mcp_server.py`, MCP SDK + uvicorn, Streamable HTTP, :8445) in
+//! the netns, placed in a cgroup under the harness's own so the harness's cleanup kills them; then the daemon is restarted on a config that adds the SDK CA to
 //! the upstream roots, names the two test hosts as providers (`inspect.provider_overrides`) and uses
 //! `tests/e2e/sdk-policy.yaml` (the e2e rules plus the SDK ones). Clients resolve the test names through a private
 //! hosts file bind-mounted over /etc/hosts in their own mount namespace (`unshare --mount`); the machine's
@@ -613,6 +613,195 @@ fn llm_sdk(env: &mut Env, provider: &str, host: &str, base_url: &str) {
     );
     let all = records.iter().map(|r| r.to_string()).collect::<String>();
     assert!(!all.contains(&pasted), "the audit trail holds the key");
+}
+
+/// The OpenAI SDK's Realtime API, GA interface (`client.realtime.connect(model=…)` and its event iterator), through
+/// the proxy to the LLM server's `/v1/realtime`, which answers each `response.create` with an audio message (a
+/// 24 KiB `response.output_audio.delta`) and a function call in its GA events. A `shell` call that curls a key to an
+/// unlisted host reaches the SDK as an assistant message saying it was refused — no `function_call` item and no
+/// argument event among everything the iterator yields, in the response or the conversation — while the audio
+/// before it arrives whole; an allowed `read_file` call arrives intact, every event of it. Each call is recorded
+/// once, with the session's model, linked to the `response.create` that asked for it.
+pub fn openai_realtime_python_sdk(env: &mut Env) {
+    env.need_daemon();
+    let sdk = sdk(env);
+    env.need_daemon();
+    let run = run_id(env, "realtime");
+    let script = env.script("sdk/realtime_client.py");
+    let base_url = format!("https://{OPENAI_HOST}:{LLM_PORT}/v1");
+    let (lines, _, err, _) = run_client(env, &sdk, &["python3", &script, &base_url, &run]);
+    let rt = step(&lines, "realtime", &err);
+    assert_eq!(rt["ok"], true, "{rt}; stderr:\n{err}");
+    assert_eq!(
+        rt["session"],
+        serde_json::json!(["shell", "read_file"]),
+        "{rt}"
+    );
+    let model = "e2e-realtime-model";
+    let updates: Vec<_> = llm_requests(&sdk, "session.update")
+        .into_iter()
+        .filter(|r| r["path"] == format!("ws:/v1/realtime?model={model}"))
+        .collect();
+    assert!(
+        !updates.is_empty(),
+        "the session.update never reached the upstream"
+    );
+
+    // The refused call: the audio message whole, then the call's item events carrying a message with the refusal,
+    // its text streamed before the item is done, and nothing of the call itself.
+    let b = &rt["blocked"];
+    let types: Vec<&str> = b["types"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{b}"))
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "conversation.item.added",
+            "conversation.item.done",
+            "response.created",
+            "response.output_item.added",
+            "response.output_audio.delta",
+            "response.output_audio.done",
+            "response.output_item.done",
+            "response.output_item.added",
+            "conversation.item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "conversation.item.done",
+            "response.output_item.done",
+            "response.done",
+        ],
+        "{b}"
+    );
+    assert_eq!(b["audio_bytes"], 18 * 1024, "the audio arrived whole: {b}");
+    assert_eq!(b["args"], "", "no argument event reached the SDK: {b}");
+    let refusal = b["text"].as_str().unwrap_or_default();
+    assert!(
+        refusal.starts_with("[The enforcer refused the tool call `shell`: ")
+            && refusal.contains("(policy rule: sdk-no-fetch-to-unlisted-hosts)"),
+        "{b}"
+    );
+    let message = serde_json::json!({"id": "item_call_1", "type": "message", "role": "assistant", "text": refusal});
+    let items: Vec<&serde_json::Value> = b["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{b}"))
+        .iter()
+        .filter(|i| i["id"] == "item_call_1")
+        .collect();
+    assert_eq!(items.len(), 2, "{b}");
+    for (item, event) in items
+        .iter()
+        .zip(["conversation.item.done", "response.output_item.done"])
+    {
+        let mut expected = message.clone();
+        expected["event"] = event.into();
+        assert_eq!(**item, expected, "{b}");
+    }
+    assert_eq!(b["final"][1], message, "{b}");
+    assert_eq!(b["final"][0]["type"], "message", "{b}");
+    assert_eq!(b["final"].as_array().map(Vec::len), Some(2), "{b}");
+    assert!(
+        !rt.to_string().contains("AKIA"),
+        "the key reached the agent: {rt}"
+    );
+    assert!(!b.to_string().contains("function_call"), "{b}");
+
+    // The allowed call: every event as the upstream sent it, the arguments as proposed.
+    let a = &rt["allowed"];
+    let types: Vec<&str> = a["types"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{a}"))
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let args = r#"{"path": "README.md"}"#;
+    let mut sent = vec![
+        "conversation.item.added",
+        "conversation.item.done",
+        "response.created",
+        "response.output_item.added",
+        "response.output_audio.delta",
+        "response.output_audio.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "conversation.item.added",
+    ];
+    sent.extend(std::iter::repeat_n(
+        "response.function_call_arguments.delta",
+        args.len().div_ceil(9),
+    ));
+    sent.extend([
+        "response.function_call_arguments.done",
+        "conversation.item.done",
+        "response.output_item.done",
+        "response.done",
+    ]);
+    assert_eq!(types, sent, "{a}");
+    assert_eq!(a["args"], args, "{a}");
+    assert_eq!(a["audio_bytes"], 18 * 1024, "{a}");
+    let call = serde_json::json!({"id": "item_call_2", "type": "function_call", "name": "read_file",
+        "call_id": "call_rt_2", "arguments": args});
+    for event in ["conversation.item.done", "response.output_item.done"] {
+        let mut expected = call.clone();
+        expected["event"] = event.into();
+        let items = a["items"].as_array().unwrap_or_else(|| panic!("{a}"));
+        assert!(items.contains(&expected), "no {event} of the call: {a}");
+    }
+    assert_eq!(a["final"][1], call, "{a}");
+
+    // The audit trail: each call decided once, with the session's model, linked to the response.create asking.
+    let records = env.audit_records();
+    let proposals: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["request"]["phase"] == "proposal")
+        .filter(|r| r["request"]["host"] == OPENAI_HOST)
+        .filter(|r| {
+            r["request"]["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/v1/realtime"))
+        })
+        .collect();
+    assert_eq!(proposals.len(), 2, "{proposals:#?}");
+    let expected = [
+        (
+            "shell",
+            "block",
+            "sdk-no-fetch-to-unlisted-hosts",
+            "blocked",
+        ),
+        ("read_file", "log", "sdk-log-file-reads", "forwarded"),
+    ];
+    for (rec, (tool, verdict, rule, disposition)) in proposals.iter().zip(expected) {
+        assert_eq!(rec["request"]["tool"], tool, "{rec}");
+        assert_eq!(rec["request"]["upgrade"], "websocket", "{rec}");
+        assert_eq!(rec["request"]["llm_provider"], "openai", "{rec}");
+        assert_eq!(rec["request"]["llm_model"], model, "{rec}");
+        assert_eq!(rec["decision"]["verdict"], verdict, "{rec}");
+        assert_eq!(rec["decision"]["rule"], rule, "{rec}");
+        assert_eq!(rec["outcome"]["disposition"], disposition, "{rec}");
+        let parent = &rec["request"]["parent"];
+        let call = records.iter().find(|r| &r["seq"] == parent);
+        let call = call.unwrap_or_else(|| panic!("no parent record: {rec}"));
+        assert_eq!(call["request"]["phase"], "request", "{call}");
+        assert_eq!(call["request"]["llm_model"], model, "{call}");
+        assert_eq!(call["request"]["llm_provider"], "openai", "{call}");
+    }
+    assert_eq!(
+        proposals[0]["decision"]["matched"],
+        serde_json::json!([
+            "sdk-no-fetch-to-unlisted-hosts",
+            "sdk-no-secrets-in-tool-calls"
+        ]),
+        "{}",
+        proposals[0]
+    );
+    let all = records.iter().map(|r| r.to_string()).collect::<String>();
+    assert!(!all.contains("AKIA"), "the audit trail holds the key");
 }
 
 pub fn mcp_python_sdk(env: &mut Env) {

@@ -12,6 +12,12 @@ Speaks the real wire formats the official SDKs expect, over HTTPS on --port (dua
   * OpenAI Responses over WebSocket (the Responses API's WebSocket mode): GET /v1/responses with `Upgrade:
     websocket`, then one `response.create` event per turn answered with the Responses stream events (a text message;
     for an input containing "wsproposal-", a text message and then a `shell` function call).
+  * OpenAI Realtime API, GA interface: GET /v1/realtime with `Upgrade: websocket`; `session.created` first, then
+    `session.updated` for a `session.update`, `conversation.item.added`/`.done` for a `conversation.item.create`,
+    and for a `response.create` one response to the last user text: an assistant audio message (one 24 KiB
+    `response.output_audio.delta`), then a function call in its GA events (item added to the response and the
+    conversation, its arguments in deltas, `.done`, item done twice, `response.done` listing both) — a `shell` call
+    carrying PROPOSED for a text containing "rtproposal-", else `read_file` of README.md.
 A prompt containing "proposal-" makes the streamed tool call (of the request's first declared tool) carry
 PROPOSED — a shell command that uploads an AWS key with curl to a host outside any allowlist — in many small
 argument deltas, after a text delta.
@@ -23,6 +29,7 @@ the harness reads straight from the filesystem. Prints "LLM READY" once listenin
 """
 
 import argparse
+import base64
 import json
 import os
 import socket
@@ -110,6 +117,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.headers.get("Upgrade", "").lower() == "websocket" and self.path.split("?")[0].endswith("/v1/responses"):
             return self._websocket()
+        if self.headers.get("Upgrade", "").lower() == "websocket" and self.path.split("?")[0].endswith("/v1/realtime"):
+            return self._realtime()
         self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
     # ---- OpenAI Responses, WebSocket mode (RFC 6455 framing by hand: text frames, unfragmented) ----
@@ -163,6 +172,89 @@ class Handler(BaseHTTPRequestHandler):
                        "tool_choice": "auto", "tools": event.get("tools") or []}})
         for e in events:
             e["sequence_number"] = next(seq)
+        return events
+
+    # ---- OpenAI Realtime API, GA interface (same framing) ----
+
+    def _realtime(self):
+        wire.accept_upgrade(self)
+        model = self.path.partition("model=")[2].split("&")[0]
+        ids = iter(range(1, 100000))
+        state = {"text": "", "turn": 0, "previous": None}
+
+        def send(event):
+            event["event_id"] = "event_rt_%d" % next(ids)
+            wire.send_frame(self.wfile, json.dumps(event).encode())
+
+        send({"type": "session.created", "session": {"type": "realtime", "object": "realtime.session", "id": "sess_rt", "model": model,
+              "output_modalities": ["audio"], "tools": []}})
+        while True:
+            _, opcode, payload = wire.read_frame(self.rfile)
+            if opcode is None or opcode == 8:
+                wire.send_frame(self.wfile, b"\x03\xe8", 8)
+                return
+            if opcode == 9:
+                wire.send_frame(self.wfile, payload, 10)
+                continue
+            if opcode != 1:
+                continue
+            text = payload.decode("utf-8", errors="replace")
+            record({"path": "ws:" + self.path, "host": self.headers.get("Host", ""), "headers": {}, "body": text})
+            try:
+                event = json.loads(text)
+            except ValueError:
+                continue
+            kind = event.get("type")
+            if kind == "session.update":
+                session = dict(event.get("session") or {}, object="realtime.session", id="sess_rt", model=model)
+                send({"type": "session.updated", "session": session})
+            elif kind == "conversation.item.create":
+                item = dict(event.get("item") or {}, id="item_user_%d" % state["turn"], object="realtime.item", status="completed")
+                state["text"] = json.dumps(item.get("content") or "")
+                for t in ("conversation.item.added", "conversation.item.done"):
+                    send({"type": t, "previous_item_id": state["previous"], "item": item})
+                state["previous"] = item["id"]
+            elif kind == "response.create":
+                state["turn"] += 1
+                for e in self._realtime_turn(state):
+                    send(e)
+
+    def _realtime_turn(self, state):
+        """One response: an audio message, then a function call (the server events the GA interface sends)."""
+        turn, resp = state["turn"], "resp_rt_%d" % state["turn"]
+        msg_id, call_id = "item_msg_%d" % turn, "item_call_%d" % turn
+        if "rtproposal-" in state["text"]:
+            name, args = "shell", json.dumps(PROPOSED)
+        else:
+            name, args = "read_file", json.dumps({"path": "README.md"})
+        audio = base64.b64encode(bytes(range(256)) * 72).decode()  # 18 KiB of PCM16, 24 KiB of base64
+        msg = {"id": msg_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_audio", "transcript": "One moment."}]}
+
+        def call(status, arguments):
+            return {"id": call_id, "object": "realtime.item", "type": "function_call", "status": status,
+                    "name": name, "call_id": "call_rt_%d" % turn, "arguments": arguments}
+
+        at = {"response_id": resp, "output_index": 1}
+        arg = {"response_id": resp, "item_id": call_id, "output_index": 1, "call_id": "call_rt_%d" % turn}
+        events = [
+            {"type": "response.created", "response": {"id": resp, "object": "realtime.response", "status": "in_progress", "output": []}},
+            {"type": "response.output_item.added", "response_id": resp, "output_index": 0, "item": dict(msg, status="in_progress", content=[])},
+            {"type": "response.output_audio.delta", "response_id": resp, "item_id": msg_id, "output_index": 0, "content_index": 0, "delta": audio},
+            {"type": "response.output_audio.done", "response_id": resp, "item_id": msg_id, "output_index": 0, "content_index": 0},
+            {"type": "response.output_item.done", "response_id": resp, "output_index": 0, "item": msg},
+            dict(at, type="response.output_item.added", item=call("in_progress", "")),
+            {"type": "conversation.item.added", "previous_item_id": msg_id, "item": call("in_progress", "")},
+        ]
+        events += [dict(arg, type="response.function_call_arguments.delta", delta=p) for p in pieces(args)]
+        events += [
+            dict(arg, type="response.function_call_arguments.done", name=name, arguments=args),
+            {"type": "conversation.item.done", "previous_item_id": msg_id, "item": call("completed", args)},
+            dict(at, type="response.output_item.done", item=call("completed", args)),
+            {"type": "response.done", "response": {"id": resp, "object": "realtime.response", "status": "completed",
+                                                   "output": [msg, call("completed", args)]}},
+        ]
+        state["previous"] = call_id
         return events
 
     def do_POST(self):

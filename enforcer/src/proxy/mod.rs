@@ -18,6 +18,7 @@
 mod accept;
 mod answer;
 mod body;
+mod budget;
 mod ca;
 mod classify;
 mod enforce;
@@ -152,6 +153,12 @@ pub(crate) fn enforcer_decision(policy: &Policy, reason: Reason, message: &str) 
             policy.hash().to_string(),
         )
     }
+}
+
+/// Bytes the proxy's buffers hold now, over every agent: what the buffer budget counts (`proxy.max_buffered_bytes`
+/// bounds it).
+pub fn buffered_bytes() -> u64 {
+    limits::budget().used()
 }
 
 /// Where an accepted connection was really going, and on whose behalf.

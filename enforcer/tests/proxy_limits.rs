@@ -201,7 +201,11 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     let ca = TestCa::new("budget upstream CA");
     let (chain, key) = ca.leaf(&[HOST]);
     let (up, seen) = https_upstream(chain, key, true).await;
-    let yaml = format!("{}max_body_bytes: 1MiB\n", policy(&[HOST], &[]));
+    // Answers under `/big/` are read whole for a response rule.
+    let yaml = format!(
+        "{} - id: big-answers\n   phase: response\n   when: {{ path: \"/big/*\", detect: [aws-access-key] }}\n   verdict: block\nmax_body_bytes: 1MiB\n",
+        policy(&[HOST], &[])
+    );
     let p = start_proxy(&yaml, &[&ca], false).await;
     let flooder = agent("/agents/bodies");
     let client = h2_client(p.tls_to_as(up, HOST, &[b"h2"], flooder.clone()).await).await;
@@ -233,6 +237,34 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     }
     let (status, retry, _) = answer(resp).await;
     assert_eq!((status, retry.as_deref()), (503, Some("1")));
+
+    // An answer read whole for a response rule counts too: 600 KB do not fit in what is left.
+    let mut c = client.clone().ready().await.unwrap();
+    let (resp, _) = c
+        .send_request(
+            Request::get(format!("https://{HOST}/big/600000"))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    let (status, retry, body) = answer(resp).await;
+    assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
+    assert!(body.contains("buffer_limit"), "{body}");
+    let big: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["request"]["path"] == "/big/600000")
+        .collect();
+    assert_eq!(
+        big.len(),
+        2,
+        "the request and its refused response: {big:#?}"
+    );
+    assert_eq!(big[1]["request"]["phase"], "response", "{big:#?}");
+    assert_eq!(big[1]["outcome"]["error"], "buffer_limit", "{big:#?}");
+    assert_eq!(big[1]["outcome"]["status"], 503, "{big:#?}");
 
     // More streams beyond the share, each refused; the connection and its first streams carry on.
     for i in 7..12 {
@@ -284,7 +316,7 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
         .audit_records()
         .await
         .into_iter()
-        .filter(|r| r["outcome"]["error"] == "buffer_limit")
+        .filter(|r| r["outcome"]["error"] == "buffer_limit" && r["request"]["phase"].is_null())
         .collect();
     let mut paths: Vec<_> = records
         .iter()

@@ -140,6 +140,9 @@ const WAIT: Duration = Duration::from_secs(10);
 
 type Stream = (h2::client::ResponseFuture, h2::SendStream<Bytes>);
 
+/// The budget tests take turns: each counts every byte the proxy buffers.
+static BUDGET_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// An HTTP/2 client (the h2 crate's, for control over every frame) on `io`.
 async fn h2_client<S>(io: S) -> h2::client::SendRequest<Bytes>
 where
@@ -198,6 +201,7 @@ fn within(share: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     limits();
+    let _turn = BUDGET_TESTS.lock().await;
     let ca = TestCa::new("budget upstream CA");
     let (chain, key) = ca.leaf(&[HOST]);
     let (up, seen) = https_upstream(chain, key, true).await;
@@ -357,4 +361,76 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     for resp in again {
         assert_eq!(answer(resp).await.0, 200);
     }
+}
+
+/// What an agent has sent of a WebSocket message counts as it arrives: five connections each holding 700 KiB of an
+/// unfinished message fit in the agent's share, a sixth is closed with 1013 (try again later) and recorded, and the
+/// five messages are relayed once they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_websocket_messages_count_in_the_agents_share() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let ca = TestCa::new("budget ws CA");
+    let (chain, key) = ca.leaf(&[HOST]);
+    let (up, seen) = ws_upstream(chain, key).await;
+    let yaml = format!("{}max_body_bytes: 1MiB\n", policy(&[HOST], &[]));
+    let p = start_proxy(&yaml, &[&ca], false).await;
+    let who = agent("/agents/ws");
+    // The upstream answers a message naming "response.create" with a short event.
+    let first = format!("\"response.create\" {}", "w".repeat(700 * 1024));
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let mut ws = ws_connect_as(&p, who.clone(), up, HOST, "/ws", &[])
+            .await
+            .expect("upgraded");
+        let frame = Frame::message(first.clone(), OpCode::Data(Data::Text), false);
+        ws.send(Message::Frame(frame)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        within(BUFFERED_PER_AGENT);
+        open.push(ws);
+    }
+    let mut sixth = open.pop().unwrap();
+    match tokio::time::timeout(WAIT, sixth.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Again),
+        other => panic!("expected a close with 1013, got {other:?}"),
+    }
+    for ws in &mut open {
+        let end = Frame::message("!".to_string(), OpCode::Data(Data::Continue), true);
+        ws.send(Message::Frame(end)).await.unwrap();
+    }
+    for ws in &mut open {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(t.as_str(), r#"{"type":"response.completed"}"#)
+            }
+            other => panic!("expected the upstream's answer, got {other:?}"),
+        }
+    }
+    assert_eq!(seen.messages.lock().unwrap().len(), 5);
+    let refused: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["outcome"]["error"] == "buffer_limit")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert_eq!(refused[0]["agent"]["cgroup"], "/agents/ws");
+    assert_eq!(
+        refused[0]["request"]["phase"], "request",
+        "{:#}",
+        refused[0]
+    );
+    // Carried out, the messages are no longer held.
+    let released = async {
+        while buffered_bytes() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, released)
+        .await
+        .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
 }

@@ -11,7 +11,8 @@
 //! its agent's share, or the total, is accepted and closed at once — never left in the kernel's backlog, where it
 //! would make every agent wait — and recorded ([`refused`] keeps an agent flooding the proxy from flooding the audit
 //! trail). While an agent's share or the total is more than half used, new connections get the shorter
-//! `pressure_head_timeout` for their TLS handshake and request head.
+//! `pressure_head_timeout` for their TLS handshake and request head. Bytes held in buffers are shared out the same
+//! way ([`budget`], `max_buffered_bytes` and `max_buffered_bytes_per_agent`; see the `budget` module).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};

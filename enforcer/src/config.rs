@@ -15,12 +15,13 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default for `proxy.max_connections_per_agent`: one agent's (cgroup's) share of them.
 pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 256;
 /// Default for `proxy.max_buffered_bytes`: bytes held in buffers (bodies and messages read whole before they are
-/// decided) at once, over every agent. 512 MiB is 128 bodies of the default `max_body_bytes` (4 MiB): four agents
-/// at their full share, and a daemon that stays well inside a 1 GiB memory limit.
+/// decided, each counted twice: the buffer and inspection's text of it) at once, over every agent. 512 MiB is 64
+/// bodies of the default `max_body_bytes` (4 MiB): four agents at their full share, and a daemon that stays well
+/// inside a 1 GiB memory limit.
 pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 512 * 1024 * 1024;
-/// Default for `proxy.max_buffered_bytes_per_agent`: one agent's share of them. 128 MiB is 32 bodies of the default
-/// `max_body_bytes` at once (16 content-coded ones, which hold their decoded copy too): a third of the streams one
-/// HTTP/2 connection may open, so one connection cannot fill the total, and it takes four agents to.
+/// Default for `proxy.max_buffered_bytes_per_agent`: one agent's share of them. 128 MiB is 16 bodies of the default
+/// `max_body_bytes` at once, and hundreds of the sizes agents send (LLM and tool calls of tens of KiB); one HTTP/2
+/// connection (100 streams) cannot fill the total, and it takes four agents to.
 pub const DEFAULT_MAX_BUFFERED_BYTES_PER_AGENT: u64 = 128 * 1024 * 1024;
 /// Default cgroup v2 mount point on hosts where `/sys/fs/cgroup` is not cgroup2 (hybrid hierarchy).
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
@@ -177,7 +178,7 @@ pub struct ProxyConfig {
     /// (recorded, reason `buffer_limit`). Default 512 MiB.
     pub max_buffered_bytes: u64,
     /// Most bytes one agent's (cgroup's) buffers hold at once: its share of `max_buffered_bytes`, at most that and at
-    /// least the policy's `max_body_bytes`. Default 128 MiB.
+    /// least twice the policy's `max_body_bytes` (one body and inspection's text of it). Default 128 MiB.
     pub max_buffered_bytes_per_agent: u64,
 }
 
@@ -200,14 +201,16 @@ impl ProxyConfig {
     }
 
     /// Whether a policy whose `max_body_bytes` is `max_body_bytes` can be served: an agent's share of the buffer
-    /// budget must take one body of that size, else a body the policy allows could never be read. `(field, why)`.
+    /// budget must take one body of that size (counted twice: the body and inspection's text of it), else a body the
+    /// policy allows could never be read. `(field, why)`.
     pub fn check_body_limit(&self, max_body_bytes: u64) -> Result<(), (&'static str, String)> {
-        if self.max_buffered_bytes_per_agent < max_body_bytes {
+        let needed = max_body_bytes.saturating_mul(crate::proxy::INSPECTED_COPIES);
+        if self.max_buffered_bytes_per_agent < needed {
             return Err((
                 "proxy.max_buffered_bytes_per_agent",
                 format!(
-                    "({}) is below the policy's max_body_bytes ({max_body_bytes}): a body the policy allows could \
-                     never be read",
+                    "({}) is below what one body of the policy's max_body_bytes ({max_body_bytes}) takes while it is \
+                     read and inspected ({needed}): a body the policy allows could never be read",
                     self.max_buffered_bytes_per_agent
                 ),
             ));
@@ -541,10 +544,14 @@ mod tests {
             "{e}"
         );
 
-        let (field, why) = d.check_body_limit(256 << 20).unwrap_err();
+        assert!(d.check_body_limit(64 << 20).is_ok());
+        let (field, why) = d.check_body_limit((64 << 20) + 1).unwrap_err();
         assert_eq!(field, "proxy.max_buffered_bytes_per_agent");
         assert!(
-            why.contains("below the policy's max_body_bytes (268435456)"),
+            why.starts_with(
+                "(134217728) is below what one body of the policy's max_body_bytes (67108865) takes while it is \
+                 read and inspected (134217730)"
+            ),
             "{why}"
         );
     }

@@ -194,8 +194,9 @@ pub enum Unservable {
     Config { field: &'static str, why: String },
 }
 
-/// [`load_policy`], and the policy fits the daemon's configuration: its `max_body_bytes` within one agent's share of
-/// the buffer budget (`proxy.max_buffered_bytes_per_agent`), else a body it allows could never be read.
+/// [`load_policy`], and the policy fits the daemon's configuration: one body of its `max_body_bytes` (and
+/// inspection's text of it) within one agent's share of the buffer budget (`proxy.max_buffered_bytes_per_agent`),
+/// else a body it allows could never be read.
 pub fn load_servable_policy(config: &Config) -> Result<Policy, Unservable> {
     let policy = load_policy(config)?;
     config
@@ -872,19 +873,19 @@ mod tests {
         let before = live.current();
         rewrite(
             &config,
-            "version: 1\ndefault: allow\nmax_body_bytes: 16MiB\n",
+            "version: 1\ndefault: allow\nmax_body_bytes: 5MiB\n",
         );
         let reply = reload_policy(&config, &live);
         assert_eq!(reply.result, ReloadResult::Failed);
         let error = reply.error.unwrap_or_default();
         assert!(
-            error.starts_with("proxy.max_buffered_bytes_per_agent (8388608) is below the policy's max_body_bytes (16777216)"),
+            error.starts_with("proxy.max_buffered_bytes_per_agent (8388608) is below what one body of the policy's max_body_bytes (5242880) takes while it is read and inspected (10485760)"),
             "{error}"
         );
         assert!(Arc::ptr_eq(&live.current(), &before));
         rewrite(
             &config,
-            "version: 1\ndefault: allow\nmax_body_bytes: 8MiB\n",
+            "version: 1\ndefault: allow\nmax_body_bytes: 4MiB\n",
         );
         assert_eq!(reload_policy(&config, &live).result, ReloadResult::Loaded);
     }

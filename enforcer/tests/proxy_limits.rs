@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const SHARE: usize = 8;
 const MIB: u64 = 1024 * 1024;
 /// One agent's share of the buffer budget, and the total.
-const BUFFERED_PER_AGENT: u64 = 4 * MIB;
-const BUFFERED: u64 = 6 * MIB;
+const BUFFERED_PER_AGENT: u64 = 8 * MIB;
+const BUFFERED: u64 = 12 * MIB;
 
 /// The limits of this test binary (process-wide, set once).
 fn limits() {
@@ -132,7 +132,8 @@ async fn one_agent_flooding_with_slow_connections_does_not_starve_another() {
 }
 
 const HOST: &str = "api.budget.test";
-/// A body the policy allows (`max_body_bytes: 1MiB`): five of them fit in an agent's share, six do not.
+/// A body the policy allows (`max_body_bytes: 1MiB`). Each counts twice (the buffer, and inspection's text of it):
+/// five of them fit in an agent's share, six do not.
 const BODY: usize = 768 * 1024;
 const CHUNK: usize = 64 * 1024;
 /// Long enough for anything on loopback; only reached when the proxy fails to answer.
@@ -221,7 +222,7 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(within(BUFFERED_PER_AGENT), 5 * BODY as u64);
+    assert_eq!(within(BUFFERED_PER_AGENT), 5 * 2 * BODY as u64);
 
     // A sixth is refused at once: 503, Retry-After.
     let (resp, _tx) = open(&client, 5, Some(BODY)).await;
@@ -229,8 +230,8 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
     assert!(body.contains("buffer_limit"), "{body}");
 
-    // A stream without a length is counted as it grows: its first 256 KiB fit in what is left of the share
-    // (4 MiB - 3.75 MiB), the next are refused.
+    // A stream without a length is counted as it grows: its first 256 KiB (twice: 512 KiB) fit in what is left of
+    // the share (8 MiB - 7.5 MiB), the next are refused.
     let (resp, mut tx) = open(&client, 6, None).await;
     for _ in 0..(BODY / CHUNK) {
         if tx.send_data(Bytes::from(vec![b'b'; CHUNK]), false).is_err() {
@@ -363,9 +364,9 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     }
 }
 
-/// What an agent has sent of a WebSocket message counts as it arrives: five connections each holding 700 KiB of an
-/// unfinished message fit in the agent's share, a sixth is closed with 1013 (try again later) and recorded, and the
-/// five messages are relayed once they end.
+/// What an agent has sent of a WebSocket message counts as it arrives (twice: the message, and inspection's text of
+/// it): four connections each holding 900 KiB of an unfinished message fit in the agent's share, a fifth is closed
+/// with 1013 (try again later) and recorded, and the four messages are relayed once they end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_websocket_messages_count_in_the_agents_share() {
     use futures_util::{SinkExt, StreamExt};
@@ -381,9 +382,9 @@ async fn unfinished_websocket_messages_count_in_the_agents_share() {
     let p = start_proxy(&yaml, &[&ca], false).await;
     let who = agent("/agents/ws");
     // The upstream answers a message naming "response.create" with a short event.
-    let first = format!("\"response.create\" {}", "w".repeat(700 * 1024));
+    let first = format!("\"response.create\" {}", "w".repeat(900 * 1024));
     let mut open = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..5 {
         let mut ws = ws_connect_as(&p, who.clone(), up, HOST, "/ws", &[])
             .await
             .expect("upgraded");
@@ -393,8 +394,8 @@ async fn unfinished_websocket_messages_count_in_the_agents_share() {
         within(BUFFERED_PER_AGENT);
         open.push(ws);
     }
-    let mut sixth = open.pop().unwrap();
-    match tokio::time::timeout(WAIT, sixth.next()).await.unwrap() {
+    let mut fifth = open.pop().unwrap();
+    match tokio::time::timeout(WAIT, fifth.next()).await.unwrap() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Again),
         other => panic!("expected a close with 1013, got {other:?}"),
     }
@@ -410,7 +411,7 @@ async fn unfinished_websocket_messages_count_in_the_agents_share() {
             other => panic!("expected the upstream's answer, got {other:?}"),
         }
     }
-    assert_eq!(seen.messages.lock().unwrap().len(), 5);
+    assert_eq!(seen.messages.lock().unwrap().len(), 4);
     let refused: Vec<_> = p
         .audit_records()
         .await

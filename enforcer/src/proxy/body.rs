@@ -15,7 +15,7 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 
-use super::budget::{Buffer, Overflow, Reservation};
+use super::budget::{Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http2::RecvBody;
 use super::refusal::Refusal;
 use crate::inspect::{self, InspectError};
@@ -118,7 +118,7 @@ pub(crate) fn refusal(e: &InspectError) -> Refusal {
 }
 
 /// Read the whole body of a request with `headers`, as sent, into a buffer reserved in `held` as it grows (a
-/// declared `Content-Length` at once, a body without one frame by frame): the caller keeps the reservation for as
+/// declared `Content-Length` at once, a body without one frame by frame; twice over, for inspection's text of it): the caller keeps the reservation for as
 /// long as it holds the bytes. Refused: 413 beyond `limit`, 503 with `Retry-After` beyond the agent's share of the
 /// buffer budget or the total (`budget`), 408 when it stalls, 400 when it cannot be read.
 pub(crate) async fn read(
@@ -139,7 +139,8 @@ pub(crate) async fn read(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let mut buf = Buffer::new(limit, held);
+    // Each byte counts for the buffer and for the text inspection reads of it (`budget::INSPECTED_COPIES`).
+    let mut buf = Buffer::new(limit, INSPECTED_COPIES, held);
     if let Some(len) = declared {
         buf.expect(len).map_err(overflow)?;
     }

@@ -148,21 +148,28 @@ pub(crate) enum Overflow {
     Budget(Exceeded),
 }
 
+/// How many times the proxy holds each byte of a body it reads whole for a decision: the buffer, and the text
+/// inspection reads of it (the Action's body, `String::from_utf8_lossy`), held while the exchange is decided.
+pub(crate) const INSPECTED_COPIES: u64 = 2;
+
 /// A byte buffer that grows only within its bound and its reservation: its capacity is reserved before it is
-/// allocated (doubling, as a `Vec` grows, but never past the bound), so what the budget counts is what it holds.
+/// allocated (doubling, as a `Vec` grows, but never past the bound), `copies` times over (the buffer and the copies
+/// made of it while it is decided), so what the budget counts is what is held.
 #[derive(Debug)]
 pub(crate) struct Buffer {
     buf: BytesMut,
     limit: u64,
+    copies: u64,
     held: Reservation,
 }
 
 impl Buffer {
-    /// An empty buffer of at most `limit` bytes, reserved in `held`.
-    pub fn new(limit: u64, held: Reservation) -> Buffer {
+    /// An empty buffer of at most `limit` bytes, each reserved `copies` times (at least once) in `held`.
+    pub fn new(limit: u64, copies: u64, held: Reservation) -> Buffer {
         Buffer {
             buf: BytesMut::new(),
             limit,
+            copies: copies.max(1),
             held,
         }
     }
@@ -204,7 +211,9 @@ impl Buffer {
             return Ok(());
         }
         let target = cap.saturating_mul(2).max(1024).min(self.limit).max(needed);
-        self.held.grow_to(target).map_err(Overflow::Budget)?;
+        self.held
+            .grow_to(target.saturating_mul(self.copies))
+            .map_err(Overflow::Budget)?;
         let Ok(target) = usize::try_from(target) else {
             return Err(Overflow::TooLarge);
         };
@@ -259,7 +268,7 @@ mod tests {
     #[test]
     fn a_buffer_reserves_its_capacity_before_it_grows() {
         let budget = Arc::new(Budget::new(10_000, 10_000));
-        let mut buf = Buffer::new(5_000, budget.reserve(&agent("/a")));
+        let mut buf = Buffer::new(5_000, 1, budget.reserve(&agent("/a")));
         buf.push(&[1; 10]).unwrap();
         assert_eq!(budget.used(), 1024, "the first allocation");
         buf.push(&[2; 1500]).unwrap();
@@ -285,7 +294,7 @@ mod tests {
             r.grow(1_000).unwrap();
             r
         };
-        let mut buf = Buffer::new(10_000, budget.reserve(&agent("/a")));
+        let mut buf = Buffer::new(10_000, 1, budget.reserve(&agent("/a")));
         buf.push(&[0; 1500]).unwrap();
         assert_eq!(buf.push(&[0; 1000]), Err(Overflow::Budget(Exceeded::Total)));
         assert_eq!(buf.len(), 1500);
@@ -298,7 +307,7 @@ mod tests {
         drop(other);
         assert_eq!(budget.used(), 0);
         // A declared length is reserved at once.
-        let mut declared = Buffer::new(10_000, budget.reserve(&agent("/a")));
+        let mut declared = Buffer::new(10_000, 1, budget.reserve(&agent("/a")));
         assert_eq!(
             declared.expect(3_001),
             Err(Overflow::Budget(Exceeded::Agent))
@@ -306,6 +315,15 @@ mod tests {
         declared.expect(2_500).unwrap();
         assert_eq!(budget.used(), 2_500);
         assert_eq!(declared.expect(20_000), Err(Overflow::TooLarge));
+        drop(declared);
+        // Each byte of a body that is inspected is reserved for its copies too.
+        let mut inspected = Buffer::new(10_000, INSPECTED_COPIES, budget.reserve(&agent("/a")));
+        inspected.expect(1_500).unwrap();
+        assert_eq!(budget.used(), 3_000);
+        assert_eq!(
+            inspected.push(&[0; 1_501]),
+            Err(Overflow::Budget(Exceeded::Agent))
+        );
     }
 
     #[test]

@@ -383,7 +383,7 @@ impl Reading {
         coding: Option<&str>,
     ) -> Result<Whole, Bytes> {
         let limit = self.ans.policy.max_body_bytes();
-        let mut buf = Buffer::new(limit, super::limits::budget().reserve(&self.ans.agent));
+        let mut buf = Buffer::new(limit, 1, super::limits::budget().reserve(&self.ans.agent));
         let read = async {
             while let Some(frame) = body.frame().await {
                 let frame = match frame {

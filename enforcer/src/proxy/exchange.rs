@@ -138,8 +138,9 @@ async fn prepare(
     rec.note_body(&raw);
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
     if body.was_coded() {
-        // The decoded copy is held beside the received one.
-        held.grow(body.decoded.len() as u64)
+        // The decoded copy is held beside the received one, and inspection's text is of the decoded bytes.
+        let (raw, decoded) = (body.raw.len() as u64, body.decoded.len() as u64);
+        held.grow_to(raw + super::budget::INSPECTED_COPIES * decoded)
             .map_err(Refusal::over_budget)?;
     }
 

@@ -53,6 +53,7 @@ use clap::Subcommand;
 use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
+pub(crate) use budget::INSPECTED_COPIES;
 pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use classify::fuzz_request_to_action;

@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::answer::Answering;
-use super::budget::{Buffer, Overflow, Reservation};
+use super::budget::{Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http::{full, ProxyBody};
 use super::refusal::into_response;
 use crate::inspect::proposal::{self, Ruling};
@@ -345,7 +345,12 @@ async fn read_whole(
     headers: &HeaderMap,
 ) -> Result<(Bytes, Reservation), (Reason, &'static str)> {
     let limit = ans.policy.max_body_bytes();
-    let mut buf = Buffer::new(limit, super::limits::budget().reserve(&ans.agent));
+    // Read as text for the decision, like a request body: each byte twice.
+    let mut buf = Buffer::new(
+        limit,
+        INSPECTED_COPIES,
+        super::limits::budget().reserve(&ans.agent),
+    );
     let read = async {
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
@@ -368,13 +373,14 @@ async fn read_whole(
         return Ok((raw, held));
     }
     let coding = inspect::content_coding(headers);
+    let raw_len = raw.len() as u64;
     let decoded = inspect::decode_body(coding.as_deref(), raw, limit).map_err(|_| {
         (
             Reason::Unparseable,
             "the upstream's answer could not be decoded for inspection",
         )
     })?;
-    held.grow(decoded.len() as u64)
+    held.grow_to(raw_len + INSPECTED_COPIES * decoded.len() as u64)
         .map_err(|_| (Reason::BufferLimit, OVER_BUDGET))?;
     Ok((decoded, held))
 }

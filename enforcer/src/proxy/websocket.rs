@@ -40,7 +40,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::answer::Answering;
-use super::budget::Reservation;
+use super::budget::{Reservation, INSPECTED_COPIES};
 use crate::inspect::proposal::{Emit, Event, Proposals};
 use crate::inspect::{self, InspectConfig, InspectError, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{
@@ -129,7 +129,8 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<S> {
                 .held
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if held.grow(n).is_err() {
+            // The message, and inspection's copies of it while it is decided (`contents`).
+            if held.grow(n * INSPECTED_COPIES).is_err() {
                 return std::task::Poll::Ready(Err(std::io::Error::other(OverBudget)));
             }
         }

@@ -3,9 +3,10 @@
 //! LLM API when proposal rules exist; what comes out is sent as soon as the upstream's chunk that carried it is read.
 //! Text and reasoning events are never held; only a proposed tool call is, until its arguments are complete, within
 //! the policy's `max_body_bytes`, the proxy's hold timeout and the agent's share of the buffer budget (`budget`;
-//! beyond any of them the stream ends with the protocol's error event, recorded), and then while a review of it waits (up to the review's timeout; what came before the call has
-//! been sent, and an SSE comment line every `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean end); a content-coded stream
-//! is read whole and decoded first.
+//! beyond any of them the stream ends with the protocol's error event, recorded), and then while a review of it
+//! waits (up to the review's timeout; what came before the call has been sent, and an SSE comment line every
+//! `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean
+//! end); a content-coded stream is read whole and decoded first.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

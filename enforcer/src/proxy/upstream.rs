@@ -258,7 +258,10 @@ impl Sender {
                     .send_request(http::Request::from_parts(parts, ()), end)
                     .map_err(not_taken)?;
                 if !end {
-                    send.send_data(body, true)?;
+                    // Handing the body over fails only when the stream has ended already: a server may answer
+                    // before it has read the whole request and then end the stream with RST_STREAM(NO_ERROR), and
+                    // its response stands (RFC 9113 §8.1). Either way the response, or the stream's error, counts.
+                    let _ = send.send_data(body, true);
                 }
                 let resp = response.await?;
                 let length = content_length(resp.headers());

@@ -145,6 +145,11 @@ impl Bench<'_> {
                     Test::NewConnection(n) => {
                         cmd.args(["-c", &n.to_string(), "--disable-keepalive"]);
                     }
+                    Test::Llm(n) => {
+                        cmd.args(["-c", &n.to_string(), "-m", "POST"])
+                            .args(["-T", "application/json", "-D"])
+                            .arg(self.stack.llm_request());
+                    }
                 }
                 t.path()
             }

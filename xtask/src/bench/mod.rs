@@ -10,6 +10,7 @@
 //! the table and raw data to `target/bench/<stamp>/` ([`report`]). Everything it started is stopped and removed on
 //! exit, on failure and on Ctrl-C.
 
+mod llm;
 mod measure;
 mod plan;
 mod procfs;
@@ -53,8 +54,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub short: bool,
     /// The tests, comma-separated: rate<Q> (fixed Q req/s), sat<N> (N keep-alive connections, closed loop),
-    /// newconn<N> (a new TLS connection per request), conns<N> (N connections at once: the proxy's memory).
-    /// Default: rate200,rate1000,sat16,sat64,newconn16,conns1000 (short: rate100,sat4,newconn4,conns100).
+    /// newconn<N> (a new TLS connection per request), conns<N> (N connections at once: the proxy's memory),
+    /// llm<N> (N keep-alive connections, each request a 32 KiB LLM call answered with a tool call).
+    /// Default: rate200,rate1000,sat16,sat64,newconn16,conns1000,llm16 (short: rate100,sat4,newconn4,conns100,llm4).
     #[arg(long, value_delimiter = ',')]
     tests: Vec<Test>,
     /// Reps of every test (default 3; 1 short).

@@ -17,6 +17,9 @@ pub enum Test {
     NewConnection(u32),
     /// `conns<N>`: closed loop on N keep-alive connections held at once: the proxy's resident memory.
     Connections(u32),
+    /// `llm<N>`: closed loop on N keep-alive connections, each request a 32 KiB Chat Completions call answered
+    /// with a proposed tool call ([`super::llm`]): the cost of an agent's LLM traffic.
+    Llm(u32),
 }
 
 /// Keep-alive connections the fixed-rate tests spread their requests over.
@@ -30,6 +33,7 @@ pub const DEFAULT_TESTS: &[Test] = &[
     Test::Saturation(64),
     Test::NewConnection(16),
     Test::Connections(1000),
+    Test::Llm(16),
 ];
 
 /// The short mode's tests: every kind once, small enough for the debug build and a second each.
@@ -38,6 +42,7 @@ pub const SHORT_TESTS: &[Test] = &[
     Test::Saturation(4),
     Test::NewConnection(4),
     Test::Connections(100),
+    Test::Llm(4),
 ];
 
 impl Test {
@@ -53,6 +58,9 @@ impl Test {
             Test::Connections(n) => {
                 format!("{} keep-alive conns at once, closed loop", thousands(n))
             }
+            Test::Llm(n) => format!(
+                "{n} keep-alive conns, closed loop, 32 KiB LLM call answered with a tool call"
+            ),
         }
     }
 
@@ -60,6 +68,7 @@ impl Test {
     pub fn path(self) -> &'static str {
         match self {
             Test::NewConnection(_) => "/newconn",
+            Test::Llm(_) => super::llm::PATH,
             _ => "/",
         }
     }
@@ -80,6 +89,7 @@ impl fmt::Display for Test {
             Test::Saturation(n) => write!(f, "sat{n}"),
             Test::NewConnection(n) => write!(f, "newconn{n}"),
             Test::Connections(n) => write!(f, "conns{n}"),
+            Test::Llm(n) => write!(f, "llm{n}"),
         }
     }
 }
@@ -99,7 +109,10 @@ impl FromStr for Test {
             "sat" => Test::Saturation(n),
             "newconn" => Test::NewConnection(n),
             "conns" => Test::Connections(n),
-            _ => bail!("unknown test {s:?}: the tests are rate<Q>, sat<N>, newconn<N>, conns<N>"),
+            "llm" => Test::Llm(n),
+            _ => bail!(
+                "unknown test {s:?}: the tests are rate<Q>, sat<N>, newconn<N>, conns<N>, llm<N>"
+            ),
         })
     }
 }

@@ -239,7 +239,7 @@ fn rows(test: Test) -> Vec<Row> {
             },
             cpu,
         ],
-        Test::Saturation(_) => vec![
+        Test::Saturation(_) | Test::Llm(_) => vec![
             Row {
                 measure: "req/s",
                 cell: |c, n| c.throughput(n),
@@ -372,10 +372,12 @@ fn every_rep(meta: &Meta, ms: &[Measurement], reps: u32) -> String {
                     format!("{} / {}", ms_fmt(s.p50), ms_fmt(s.p99))
                 })
             }),
-            Test::Saturation(_) | Test::NewConnection(_) => ("per s, CPU µs", |m| {
-                let cpu = m.proxy_us_per_request().map(us).unwrap_or_default();
-                format!("{} {cpu}", rate(m.ok_per_sec()))
-            }),
+            Test::Saturation(_) | Test::NewConnection(_) | Test::Llm(_) => {
+                ("per s, CPU µs", |m| {
+                    let cpu = m.proxy_us_per_request().map(us).unwrap_or_default();
+                    format!("{} {cpu}", rate(m.ok_per_sec()))
+                })
+            }
             Test::Connections(_) => ("RSS MiB", |m| {
                 m.proxy_rss_peak_kib
                     .map_or("–".into(), |k| format!("{:.1}", k as f64 / 1024.0))

@@ -170,6 +170,7 @@ impl Stack {
                 bail!("port {port} is in use on this machine; the benchmark needs ports {PORTS:?}");
             }
         }
+        std::fs::write(stack.llm_request(), super::llm::request())?;
         stack.start_nginx(tools)?;
         stack.contenders.push(Contender {
             name: "direct",
@@ -207,6 +208,11 @@ impl Stack {
         self.nginx.as_ref().map_or(0, Child::id)
     }
 
+    /// The request body the `llm<N>` test posts ([`super::llm::request`]), readable by the captured client.
+    pub fn llm_request(&self) -> PathBuf {
+        self.work.join("client/llm-request.json")
+    }
+
     /// The file nginx logs `/newconn` requests to (see bench/nginx.conf).
     pub fn newconn_log(&self) -> PathBuf {
         self.work.join("newconn.log")
@@ -241,12 +247,22 @@ impl Stack {
                 "IP:::1".into(),
             ],
         )?;
-        let child = self.nginx_from("nginx", tools, &[("BODY", &body())], UPSTREAM_PORT)?;
+        let answer = super::llm::nginx_quoted(&super::llm::answer());
+        let child = self.nginx_from(
+            "nginx",
+            tools,
+            &[
+                ("BODY", &body()),
+                ("LLM_PATH", super::llm::PATH),
+                ("LLM_ANSWER", &answer),
+            ],
+            UPSTREAM_PORT,
+        )?;
         self.nginx = Some(child);
         wait_listening(UPSTREAM_PORT, "nginx")?;
         check(
             "nginx",
-            &mut Command::new("curl"),
+            &[],
             &pki.join("upstream-ca.pem"),
             None,
             UPSTREAM_PORT,
@@ -275,13 +291,7 @@ impl Stack {
             process: Some(child),
         });
         wait_listening(REFERENCE_PORT, "nginx as proxy")?;
-        check(
-            "nginx as proxy",
-            &mut Command::new("curl"),
-            &ca,
-            None,
-            REFERENCE_PORT,
-        )
+        check("nginx as proxy", &[], &ca, None, REFERENCE_PORT)
     }
 
     /// Start an nginx from the template `bench/<name>.conf` (its placeholders `WORK`, `LOGS`, `PORT` and `extra`).
@@ -411,8 +421,7 @@ impl Stack {
             )
         })?;
         let c = self.contenders.last().context("contender")?;
-        let mut curl = wrapped(&c.wrap, "curl");
-        check(name, &mut curl, &c.ca, c.proxy.as_deref(), UPSTREAM_PORT)
+        check(name, &c.wrap, &c.ca, c.proxy.as_deref(), UPSTREAM_PORT)
     }
 
     fn start_mitmproxy(&mut self, mitmdump: &Path) -> anyhow::Result<()> {
@@ -459,7 +468,7 @@ impl Stack {
         wait_listening(MITMPROXY_PORT, "mitmproxy")?;
         check(
             "mitmproxy",
-            &mut Command::new("curl"),
+            &[],
             &confdir.join("mitmproxy-ca-cert.pem"),
             Some(&proxy),
             UPSTREAM_PORT,
@@ -623,11 +632,12 @@ pub fn wrapped(wrap: &[OsString], program: impl Into<OsString>) -> Command {
     }
 }
 
-/// One request through the contender with curl to `https://localhost:<url_port>/`: 200 and the whole body, or a
-/// clear error.
+/// Two requests through the contender with curl (under `wrap`): `GET https://localhost:<url_port>/` must get 200 and
+/// the whole 1 KiB body, and the `llm<N>` test's `POST` must get 200 and the whole answer (so the policy let both
+/// through); or a clear error.
 fn check(
     what: &str,
-    curl: &mut Command,
+    wrap: &[OsString],
     ca: &Path,
     proxy: Option<&str>,
     url_port: u16,
@@ -639,27 +649,40 @@ fn check(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    curl.args(["-sS", "--max-time", "20", "-o", "/dev/null"])
-        .args(["-w", "%{http_code} %{size_download}"])
-        .arg("--cacert")
-        .arg(ca)
-        .current_dir(WORK_DIR);
-    if let Some(proxy) = proxy {
-        curl.args(["--proxy", proxy]);
-    }
-    let out = curl
-        .arg(format!("https://localhost:{url_port}/"))
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: running curl"))?;
-    let got = String::from_utf8_lossy(&out.stdout);
-    if got.trim() != format!("200 {BODY_BYTES}") {
-        bail!(
-            "{what}: a request through it got {:?} ({}): {}",
-            got.trim(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let request = Path::new(WORK_DIR).join("client/llm-request.json");
+    let mut post = vec![
+        "-H".into(),
+        "content-type: application/json".into(),
+        "--data-binary".into(),
+        format!("@{}", request.display()),
+    ];
+    post.push(format!("https://localhost:{url_port}{}", super::llm::PATH));
+    let get = vec![format!("https://localhost:{url_port}/")];
+    for (args, want) in [(get, BODY_BYTES), (post, super::llm::answer().len())] {
+        let mut curl = wrapped(wrap, "curl");
+        curl.args(["-sS", "--max-time", "20", "-o", "/dev/null"])
+            .args(["-w", "%{http_code} %{size_download}"])
+            .arg("--cacert")
+            .arg(ca)
+            .current_dir(WORK_DIR);
+        if let Some(proxy) = proxy {
+            curl.args(["--proxy", proxy]);
+        }
+        let out = curl
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("{what}: running curl"))?;
+        let got = String::from_utf8_lossy(&out.stdout);
+        if got.trim() != format!("200 {want}") {
+            bail!(
+                "{what}: a request through it ({}) got {:?} ({}): {}",
+                args.last().map_or("", String::as_str),
+                got.trim(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
     }
     eprintln!("xtask: bench: {what} answers");
     Ok(())
@@ -681,7 +704,10 @@ mod tests {
     #[test]
     fn templates_are_filled_and_every_placeholder_is_known() {
         for (name, values) in [
-            ("nginx.conf", &["WORK", "LOGS", "PORT", "BODY"][..]),
+            (
+                "nginx.conf",
+                &["WORK", "LOGS", "PORT", "BODY", "LLM_PATH", "LLM_ANSWER"][..],
+            ),
             (
                 "nginx-proxy.conf",
                 &["WORK", "LOGS", "PORT", "UPSTREAM_PORT"][..],

@@ -14,6 +14,15 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default for `proxy.max_connections_per_agent`: one agent's (cgroup's) share of them.
 pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 256;
+/// Default for `proxy.max_buffered_bytes`: bytes held in buffers (bodies and messages read whole before they are
+/// decided, each counted twice: the buffer and inspection's text of it) at once, over every agent. 512 MiB is 64
+/// bodies of the default `max_body_bytes` (4 MiB): four agents at their full share, and a daemon that stays well
+/// inside a 1 GiB memory limit.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 512 * 1024 * 1024;
+/// Default for `proxy.max_buffered_bytes_per_agent`: one agent's share of them. 128 MiB is 16 bodies of the default
+/// `max_body_bytes` at once, and hundreds of the sizes agents send (LLM and tool calls of tens of KiB); one HTTP/2
+/// connection (100 streams) cannot fill the total, and it takes four agents to.
+pub const DEFAULT_MAX_BUFFERED_BYTES_PER_AGENT: u64 = 128 * 1024 * 1024;
 /// Default cgroup v2 mount point on hosts where `/sys/fs/cgroup` is not cgroup2 (hybrid hierarchy).
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
@@ -30,6 +39,13 @@ pub enum ConfigError {
         path: String,
         #[source]
         source: Box<serde_saphyr::Error>,
+    },
+    /// A setting out of its range, or at odds with another: `field` names it.
+    #[error("{path}: {field} {why}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        why: String,
     },
 }
 
@@ -157,6 +173,50 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Most client connections served at once for one agent (cgroup): its share of `max_connections`.
     pub max_connections_per_agent: usize,
+    /// Most bytes held at once in buffers — request bodies, and responses, events and WebSocket messages read whole
+    /// for their decision — over every agent. A request that would take more is refused with 503 and `Retry-After`
+    /// (recorded, reason `buffer_limit`). Default 512 MiB.
+    pub max_buffered_bytes: u64,
+    /// Most bytes one agent's (cgroup's) buffers hold at once: its share of `max_buffered_bytes`, at most that and at
+    /// least twice the policy's `max_body_bytes` (one body and inspection's text of it). Default 128 MiB.
+    pub max_buffered_bytes_per_agent: u64,
+}
+
+impl ProxyConfig {
+    /// The buffer budget's fields, checked against each other: `(field, why)` of the first that is wrong.
+    pub fn check_budget(&self) -> Result<(), (&'static str, String)> {
+        if self.max_buffered_bytes == 0 {
+            return Err(("proxy.max_buffered_bytes", "must be more than 0".into()));
+        }
+        if self.max_buffered_bytes_per_agent > self.max_buffered_bytes {
+            return Err((
+                "proxy.max_buffered_bytes_per_agent",
+                format!(
+                    "({}) must not exceed proxy.max_buffered_bytes ({})",
+                    self.max_buffered_bytes_per_agent, self.max_buffered_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a policy whose `max_body_bytes` is `max_body_bytes` can be served: an agent's share of the buffer
+    /// budget must take one body of that size (counted twice: the body and inspection's text of it), else a body the
+    /// policy allows could never be read. `(field, why)`.
+    pub fn check_body_limit(&self, max_body_bytes: u64) -> Result<(), (&'static str, String)> {
+        let needed = max_body_bytes.saturating_mul(crate::proxy::INSPECTED_COPIES);
+        if self.max_buffered_bytes_per_agent < needed {
+            return Err((
+                "proxy.max_buffered_bytes_per_agent",
+                format!(
+                    "({}) is below what one body of the policy's max_body_bytes ({max_body_bytes}) takes while it is \
+                     read and inspected ({needed}): a body the policy allows could never be read",
+                    self.max_buffered_bytes_per_agent
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The source of the roots upstream certificates are verified against (`proxy.upstream_roots`).
@@ -270,6 +330,8 @@ impl Default for ProxyConfig {
             static_hosts: BTreeMap::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_agent: DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            max_buffered_bytes_per_agent: DEFAULT_MAX_BUFFERED_BYTES_PER_AGENT,
         }
     }
 }
@@ -317,10 +379,19 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        serde_saphyr::from_str(&src).map_err(|source| ConfigError::Parse {
+        let config: Config = serde_saphyr::from_str(&src).map_err(|source| ConfigError::Parse {
             path: path.display().to_string(),
             source: Box::new(source),
-        })
+        })?;
+        config
+            .proxy
+            .check_budget()
+            .map_err(|(field, why)| ConfigError::Invalid {
+                path: path.display().to_string(),
+                field,
+                why,
+            })?;
+        Ok(config)
     }
 
     /// Load `path` if given, else the built-in defaults.
@@ -416,6 +487,73 @@ mod tests {
         assert!(Config::default().proxy.static_hosts.is_empty());
         let bad = "proxy:\n  static_hosts:\n    x.test: [\"not-an-ip\"]\n";
         assert!(serde_saphyr::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn the_buffer_budget_is_checked_at_load_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("enforcer.yaml");
+        let load = |yaml: &str| {
+            std::fs::write(&path, yaml).unwrap();
+            Config::load(&path)
+        };
+        let ok = load(
+            "proxy:\n  max_buffered_bytes: 1073741824\n  max_buffered_bytes_per_agent: 268435456\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                ok.proxy.max_buffered_bytes,
+                ok.proxy.max_buffered_bytes_per_agent
+            ),
+            (1 << 30, 1 << 28)
+        );
+        let d = Config::default().proxy;
+        assert_eq!(
+            (d.max_buffered_bytes, d.max_buffered_bytes_per_agent),
+            (512 << 20, 128 << 20)
+        );
+        assert!(d.check_budget().is_ok());
+        assert!(d
+            .check_body_limit(crate::policy::DEFAULT_MAX_BODY_BYTES)
+            .is_ok());
+
+        let e = load("proxy:\n  max_buffered_bytes: 1000\n  max_buffered_bytes_per_agent: 2000\n")
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "proxy.max_buffered_bytes_per_agent",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("proxy.max_buffered_bytes_per_agent (2000) must not exceed proxy.max_buffered_bytes (1000)"), "{e}");
+        let e = load("proxy:\n  max_buffered_bytes: 0\n  max_buffered_bytes_per_agent: 0\n")
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "proxy.max_buffered_bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        assert!(d.check_body_limit(64 << 20).is_ok());
+        let (field, why) = d.check_body_limit((64 << 20) + 1).unwrap_err();
+        assert_eq!(field, "proxy.max_buffered_bytes_per_agent");
+        assert!(
+            why.starts_with(
+                "(134217728) is below what one body of the policy's max_body_bytes (67108865) takes while it is \
+                 read and inspected (134217730)"
+            ),
+            "{why}"
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ const PID_FILE: &str = "enforcer.pid";
 /// is not asked.
 pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load_or_default(args.config.as_deref())?;
-    let policy = match load_policy(&config) {
+    let policy = match load_servable_policy(&config) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
@@ -184,13 +184,35 @@ pub fn load_policy(config: &Config) -> Result<Policy, PolicyError> {
     }
 }
 
+/// Why the daemon cannot serve the configured policy.
+#[derive(Debug, thiserror::Error)]
+pub enum Unservable {
+    #[error(transparent)]
+    Load(#[from] PolicyError),
+    /// The policy is at odds with the daemon's configuration (`field` names the setting).
+    #[error("{field} {why}")]
+    Config { field: &'static str, why: String },
+}
+
+/// [`load_policy`], and the policy fits the daemon's configuration: one body of its `max_body_bytes` (and
+/// inspection's text of it) within one agent's share of the buffer budget (`proxy.max_buffered_bytes_per_agent`),
+/// else a body it allows could never be read.
+pub fn load_servable_policy(config: &Config) -> Result<Policy, Unservable> {
+    let policy = load_policy(config)?;
+    config
+        .proxy
+        .check_body_limit(policy.max_body_bytes())
+        .map_err(|(field, why)| Unservable::Config { field, why })?;
+    Ok(policy)
+}
+
 /// SIGHUP: load the configured policy again. A policy that loads is put in force for every request that starts from
 /// now on (requests already being decided finish under the old one; its rate-limit counters start fresh); the same
 /// bytes again change nothing. A policy that fails to load is rejected: the old one stays in force.
 pub fn reload_policy(config: &Config, live: &SharedPolicy) -> ReloadReply {
     let old = live.current();
     let previous_hash = old.hash().to_string();
-    let (result, policy_hash, error) = match load_policy(config) {
+    let (result, policy_hash, error) = match load_servable_policy(config) {
         Ok(policy) if policy.hash() == old.hash() => {
             tracing::info!(policy_hash = %old.hash(), "policy unchanged, nothing reloaded");
             (ReloadResult::Unchanged, previous_hash.clone(), None)
@@ -313,7 +335,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     notifier.status("starting");
     let metrics = crate::metrics::global().clone();
-    let policy = load_policy(&config).context("loading the policy")?;
+    let policy = load_servable_policy(&config).context("loading the policy")?;
     tracing::info!(policy_hash = %policy.hash(), "policy loaded");
 
     prepare_state_dir(&config.state_dir)?;
@@ -428,6 +450,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::proxy::set_limits(crate::proxy::Limits {
         max_connections: config.proxy.max_connections,
         max_connections_per_agent: config.proxy.max_connections_per_agent,
+        max_buffered_bytes: config.proxy.max_buffered_bytes,
+        max_buffered_bytes_per_agent: config.proxy.max_buffered_bytes_per_agent,
         ..crate::proxy::Limits::default()
     });
     let dns = Arc::new(crate::dns::DnsStage::new(
@@ -840,6 +864,30 @@ mod tests {
         std::fs::remove_file(config.policy.as_ref().unwrap()).unwrap();
         reload_policy(&config, &live);
         assert!(Arc::ptr_eq(&live.current(), &before));
+    }
+
+    #[test]
+    fn a_policy_whose_bodies_exceed_an_agents_buffer_share_is_not_loaded() {
+        let (_dir, mut config, live) = setup(BLOCK);
+        config.proxy.max_buffered_bytes_per_agent = 8 * 1024 * 1024;
+        let before = live.current();
+        rewrite(
+            &config,
+            "version: 1\ndefault: allow\nmax_body_bytes: 5MiB\n",
+        );
+        let reply = reload_policy(&config, &live);
+        assert_eq!(reply.result, ReloadResult::Failed);
+        let error = reply.error.unwrap_or_default();
+        assert!(
+            error.starts_with("proxy.max_buffered_bytes_per_agent (8388608) is below what one body of the policy's max_body_bytes (5242880) takes while it is read and inspected (10485760)"),
+            "{error}"
+        );
+        assert!(Arc::ptr_eq(&live.current(), &before));
+        rewrite(
+            &config,
+            "version: 1\ndefault: allow\nmax_body_bytes: 4MiB\n",
+        );
+        assert_eq!(reload_policy(&config, &live).result, ReloadResult::Loaded);
     }
 
     #[test]

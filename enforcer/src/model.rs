@@ -622,6 +622,10 @@ pub enum Reason {
     /// The agent already had its share of the proxy's connections (`proxy.max_connections_per_agent`), or all
     /// agents together the total (`proxy.max_connections`): the connection was closed unserved.
     ConnectionLimit,
+    /// The agent's buffers already held its share of the proxy's buffer budget
+    /// (`proxy.max_buffered_bytes_per_agent`), or all agents' together the total (`proxy.max_buffered_bytes`): the
+    /// request (or response, or message) was refused, answered 503 with `Retry-After`, never forwarded.
+    BufferLimit,
 }
 
 impl Reason {
@@ -652,6 +656,7 @@ impl Reason {
             Reason::Retention => "retention",
             Reason::ReviewUnavailable => "review_unavailable",
             Reason::ConnectionLimit => "connection_limit",
+            Reason::BufferLimit => "buffer_limit",
         }
     }
 }

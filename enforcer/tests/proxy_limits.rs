@@ -1,18 +1,42 @@
-//! The proxy's connection shares: one agent holding many slow connections uses up its own share of
+//! The proxy's per-agent shares. Connections: one agent holding many slow connections uses up its own share of
 //! `max_connections` and nobody else's; its connections beyond the share are closed at once (not left in the kernel's
-//! backlog, where every agent would wait) and recorded, the records counting every refused connection. A test binary
-//! of its own, because the limits are process-wide.
+//! backlog, where every agent would wait) and recorded, the records counting every refused connection. Buffered
+//! bytes: one agent sending many large bodies slowly on HTTP/2 streams holds at most its share of the buffer budget;
+//! the streams beyond it are refused with 503 and `Retry-After`, recorded, never forwarded, while the others (and
+//! other agents) are served. A test binary of its own, because the limits are process-wide (set once for both).
 
 mod proxy_support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use enforcer::model::Agent;
-use enforcer::proxy::{set_limits, Limits};
+use enforcer::proxy::{buffered_bytes, set_limits, Limits};
+use http::Request;
+use http_body_util::Full;
 use proxy_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SHARE: usize = 8;
+const MIB: u64 = 1024 * 1024;
+/// One agent's share of the buffer budget, and the total.
+const BUFFERED_PER_AGENT: u64 = 8 * MIB;
+const BUFFERED: u64 = 12 * MIB;
+
+/// The limits of this test binary (process-wide, set once).
+fn limits() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        assert!(set_limits(Limits {
+            max_connections: 4 * SHARE,
+            max_connections_per_agent: SHARE,
+            pressure_head_timeout: Duration::from_secs(2),
+            max_buffered_bytes: BUFFERED,
+            max_buffered_bytes_per_agent: BUFFERED_PER_AGENT,
+            ..Limits::default()
+        }));
+    });
+}
 
 fn agent(cgroup: &str) -> Agent {
     Agent {
@@ -24,12 +48,7 @@ fn agent(cgroup: &str) -> Agent {
 
 #[tokio::test]
 async fn one_agent_flooding_with_slow_connections_does_not_starve_another() {
-    assert!(set_limits(Limits {
-        max_connections: 4 * SHARE,
-        max_connections_per_agent: SHARE,
-        pressure_head_timeout: Duration::from_secs(2),
-        ..Limits::default()
-    }));
+    limits();
     let p = start_proxy(&policy(&["127.0.0.1"], &[]), &[], false).await;
     let (up, seen) = http_upstream().await;
     let flooder = agent("/agents/flooder");
@@ -110,4 +129,309 @@ async fn one_agent_flooding_with_slow_connections_does_not_starve_another() {
         assert_eq!(r["agent"]["cgroup"], "/agents/flooder", "{r}");
         assert_eq!(r["decision"]["verdict"], "block", "{r}");
     }
+}
+
+const HOST: &str = "api.budget.test";
+/// A body the policy allows (`max_body_bytes: 1MiB`). Each counts twice (the buffer, and inspection's text of it):
+/// five of them fit in an agent's share, six do not.
+const BODY: usize = 768 * 1024;
+const CHUNK: usize = 64 * 1024;
+/// Long enough for anything on loopback; only reached when the proxy fails to answer.
+const WAIT: Duration = Duration::from_secs(10);
+
+type Stream = (h2::client::ResponseFuture, h2::SendStream<Bytes>);
+
+/// The budget tests take turns: each counts every byte the proxy buffers.
+static BUDGET_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An HTTP/2 client (the h2 crate's, for control over every frame) on `io`.
+async fn h2_client<S>(io: S) -> h2::client::SendRequest<Bytes>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Windows large enough for every answer at once: they are read one after the other.
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(16 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake(io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.ready().await.unwrap()
+}
+
+/// Open stream `POST /upload/{i}` on `client`, its body to follow (declaring `declared` bytes, or no length).
+async fn open(
+    client: &h2::client::SendRequest<Bytes>,
+    i: usize,
+    declared: Option<usize>,
+) -> Stream {
+    let mut req = Request::post(format!("https://{HOST}/upload/{i}"));
+    if let Some(len) = declared {
+        req = req.header("content-length", len);
+    }
+    let mut c = client.clone().ready().await.unwrap();
+    c.send_request(req.body(()).unwrap(), false).unwrap()
+}
+
+/// The response's status, `Retry-After` and body.
+async fn answer(resp: h2::client::ResponseFuture) -> (u16, Option<String>, String) {
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, body.data()).await.unwrap() {
+        let Ok(chunk) = chunk else { break };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (status, retry, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// The buffered total is within the budget: an agent's share while only one agent sends, the total always.
+fn within(share: u64) -> u64 {
+    let now = buffered_bytes();
+    assert!(now <= share && now <= BUFFERED, "{now} bytes buffered");
+    now
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let ca = TestCa::new("budget upstream CA");
+    let (chain, key) = ca.leaf(&[HOST]);
+    let (up, seen) = https_upstream(chain, key, true).await;
+    // Answers under `/big/` are read whole for a response rule.
+    let yaml = format!(
+        "{} - id: big-answers\n   phase: response\n   when: {{ path: \"/big/*\", detect: [aws-access-key] }}\n   verdict: block\nmax_body_bytes: 1MiB\n",
+        policy(&[HOST], &[])
+    );
+    let p = start_proxy(&yaml, &[&ca], false).await;
+    let flooder = agent("/agents/bodies");
+    let client = h2_client(p.tls_to_as(up, HOST, &[b"h2"], flooder.clone()).await).await;
+
+    // Five streams declaring their length: their bytes are reserved as their bodies start, before any arrive.
+    let mut first = Vec::new();
+    for i in 0..5 {
+        first.push(open(&client, i, Some(BODY)).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(within(BUFFERED_PER_AGENT), 5 * 2 * BODY as u64);
+
+    // A sixth is refused at once: 503, Retry-After.
+    let (resp, _tx) = open(&client, 5, Some(BODY)).await;
+    let (status, retry, body) = answer(resp).await;
+    assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
+    assert!(body.contains("buffer_limit"), "{body}");
+
+    // A stream without a length is counted as it grows: its first 256 KiB (twice: 512 KiB) fit in what is left of
+    // the share (8 MiB - 7.5 MiB), the next are refused.
+    let (resp, mut tx) = open(&client, 6, None).await;
+    for _ in 0..(BODY / CHUNK) {
+        if tx.send_data(Bytes::from(vec![b'b'; CHUNK]), false).is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        within(BUFFERED_PER_AGENT);
+    }
+    let (status, retry, _) = answer(resp).await;
+    assert_eq!((status, retry.as_deref()), (503, Some("1")));
+
+    // An answer read whole for a response rule counts too: 600 KB do not fit in what is left.
+    let mut c = client.clone().ready().await.unwrap();
+    let (resp, _) = c
+        .send_request(
+            Request::get(format!("https://{HOST}/big/600000"))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    let (status, retry, body) = answer(resp).await;
+    assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
+    assert!(body.contains("buffer_limit"), "{body}");
+    let big: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["request"]["path"] == "/big/600000")
+        .collect();
+    assert_eq!(
+        big.len(),
+        2,
+        "the request and its refused response: {big:#?}"
+    );
+    assert_eq!(big[1]["request"]["phase"], "response", "{big:#?}");
+    assert_eq!(big[1]["outcome"]["error"], "buffer_limit", "{big:#?}");
+    assert_eq!(big[1]["outcome"]["status"], 503, "{big:#?}");
+
+    // More streams beyond the share, each refused; the connection and its first streams carry on.
+    for i in 7..12 {
+        let (resp, _tx) = open(&client, i, Some(BODY)).await;
+        assert_eq!(answer(resp).await.0, 503, "stream {i}");
+    }
+
+    // Another agent is served meanwhile, from its own share.
+    let other = p
+        .tls_to_as(up, HOST, &[b"h2"], agent("/agents/other"))
+        .await;
+    let req = Request::post(format!("https://{HOST}/other"))
+        .body(Full::new(Bytes::from(vec![b'o'; BODY])))
+        .unwrap();
+    let (status, _, _) = send(other, true, req).await;
+    assert_eq!(status, 200, "the other agent was starved");
+
+    // The first five bodies arrive, slowly, and are forwarded whole.
+    for round in 0..(BODY / CHUNK) {
+        for (_, tx) in &mut first {
+            let last = round + 1 == BODY / CHUNK;
+            tx.send_data(Bytes::from(vec![b'a'; CHUNK]), last).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        within(BUFFERED_PER_AGENT);
+    }
+    for (i, (resp, _)) in first.into_iter().enumerate() {
+        let (status, _, body) = answer(resp).await;
+        assert_eq!(status, 200, "stream {i}: {body}");
+    }
+    {
+        let log = seen.log.lock().unwrap();
+        let uploads: Vec<_> = log
+            .iter()
+            .filter(|(_, _, path, _)| path.starts_with("/upload/"))
+            .collect();
+        assert_eq!(uploads.len(), 5, "only the first five were forwarded");
+        for (_, _, path, body) in uploads {
+            assert!(
+                path.as_str() < "/upload/5" && body.len() == BODY,
+                "{path}: {} bytes",
+                body.len()
+            );
+        }
+    }
+
+    // Each refused stream is recorded once, as the budget's refusal.
+    let records: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["outcome"]["error"] == "buffer_limit" && r["request"]["phase"].is_null())
+        .collect();
+    let mut paths: Vec<_> = records
+        .iter()
+        .map(|r| {
+            r["request"]["path"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    paths.sort();
+    let mut expected: Vec<_> = (5..12).map(|i| format!("/upload/{i}")).collect();
+    expected.sort();
+    assert_eq!(paths, expected, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["agent"]["cgroup"], "/agents/bodies", "{r}");
+        assert_eq!(r["decision"]["verdict"], "block", "{r}");
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+        assert_eq!(r["outcome"]["status"], 503, "{r}");
+    }
+
+    // Everything is given back once the exchanges end: the agent's whole share is there again.
+    let released = async {
+        while buffered_bytes() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, released)
+        .await
+        .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
+    let client = h2_client(p.tls_to_as(up, HOST, &[b"h2"], flooder).await).await;
+    let mut again = Vec::new();
+    for i in 20..25 {
+        let (resp, mut tx) = open(&client, i, Some(BODY)).await;
+        tx.send_data(Bytes::from(vec![b'c'; BODY]), true).unwrap();
+        again.push(resp);
+    }
+    for resp in again {
+        assert_eq!(answer(resp).await.0, 200);
+    }
+}
+
+/// What an agent has sent of a WebSocket message counts as it arrives (twice: the message, and inspection's text of
+/// it): four connections each holding 900 KiB of an unfinished message fit in the agent's share, a fifth is closed
+/// with 1013 (try again later) and recorded, and the four messages are relayed once they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_websocket_messages_count_in_the_agents_share() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let ca = TestCa::new("budget ws CA");
+    let (chain, key) = ca.leaf(&[HOST]);
+    let (up, seen) = ws_upstream(chain, key).await;
+    let yaml = format!("{}max_body_bytes: 1MiB\n", policy(&[HOST], &[]));
+    let p = start_proxy(&yaml, &[&ca], false).await;
+    let who = agent("/agents/ws");
+    // The upstream answers a message naming "response.create" with a short event.
+    let first = format!("\"response.create\" {}", "w".repeat(900 * 1024));
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let mut ws = ws_connect_as(&p, who.clone(), up, HOST, "/ws", &[])
+            .await
+            .expect("upgraded");
+        let frame = Frame::message(first.clone(), OpCode::Data(Data::Text), false);
+        ws.send(Message::Frame(frame)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        within(BUFFERED_PER_AGENT);
+        open.push(ws);
+    }
+    let mut fifth = open.pop().unwrap();
+    match tokio::time::timeout(WAIT, fifth.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Again),
+        other => panic!("expected a close with 1013, got {other:?}"),
+    }
+    for ws in &mut open {
+        let end = Frame::message("!".to_string(), OpCode::Data(Data::Continue), true);
+        ws.send(Message::Frame(end)).await.unwrap();
+    }
+    for ws in &mut open {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(t.as_str(), r#"{"type":"response.completed"}"#)
+            }
+            other => panic!("expected the upstream's answer, got {other:?}"),
+        }
+    }
+    assert_eq!(seen.messages.lock().unwrap().len(), 4);
+    let refused: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["outcome"]["error"] == "buffer_limit")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert_eq!(refused[0]["agent"]["cgroup"], "/agents/ws");
+    assert_eq!(
+        refused[0]["request"]["phase"], "request",
+        "{:#}",
+        refused[0]
+    );
+    // Carried out, the messages are no longer held.
+    let released = async {
+        while buffered_bytes() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, released)
+        .await
+        .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
 }

@@ -1,5 +1,6 @@
 //! The request-body phase: read the whole body, bounded by the policy's `max_body_bytes` (declared and actual
-//! length) and by the idle timeout between its frames, then decode its content-coding for inspection. A body that
+//! length), by the agent's share of the buffer budget (`budget`: reserved as the body grows, given back when the
+//! exchange lets go of it) and by the idle timeout between its frames, then decode its content-coding for inspection. A body that
 //! is too large, stalls, cannot be read, decoded or (for JSON) is not UTF-8 is refused — never passed uninspected.
 //! A body whose text the receiver decodes otherwise (a charset, a multipart part's own coding: `inspect::multipart`)
 //! is refused too. The decoded body is what the policy decides on and what is forwarded (without its
@@ -8,12 +9,13 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 
+use super::budget::{Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http2::RecvBody;
 use super::refusal::Refusal;
 use crate::inspect::{self, InspectError};
@@ -115,28 +117,34 @@ pub(crate) fn refusal(e: &InspectError) -> Refusal {
     Refusal::new(reason, status, e.to_string())
 }
 
-/// Read the whole body of a request with `headers`, as sent.
+/// Read the whole body of a request with `headers`, as sent, into a buffer reserved in `held` as it grows (a
+/// declared `Content-Length` at once, a body without one frame by frame; twice over, for inspection's text of it): the caller keeps the reservation for as
+/// long as it holds the bytes. Refused: 413 beyond `limit`, 503 with `Retry-After` beyond the agent's share of the
+/// buffer budget or the total (`budget`), 408 when it stalls, 400 when it cannot be read.
 pub(crate) async fn read(
     mut body: ClientBody,
     headers: &HeaderMap,
     limit: u64,
-) -> Result<Bytes, Refusal> {
-    let too_large = || {
-        Refusal::new(
+    held: Reservation,
+) -> Result<(Bytes, Reservation), Refusal> {
+    let overflow = |o: Overflow| match o {
+        Overflow::TooLarge => Refusal::new(
             Reason::BodyTooLarge,
             StatusCode::PAYLOAD_TOO_LARGE,
             "the request body exceeds the inspection limit",
-        )
+        ),
+        Overflow::Budget(e) => Refusal::over_budget(e),
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(too_large());
+    // Each byte counts for the buffer and for the text inspection reads of it (`budget::INSPECTED_COPIES`).
+    let mut buf = Buffer::new(limit, INSPECTED_COPIES, held);
+    if let Some(len) = declared {
+        buf.expect(len).map_err(overflow)?;
     }
     let idle = super::limits::limits().body_idle_timeout;
-    let mut buf = BytesMut::new();
     loop {
         let Ok(next) = tokio::time::timeout(idle, body.frame()).await else {
             return Err(Refusal::new(
@@ -161,13 +169,10 @@ pub(crate) async fn read(
             )
         })?;
         if let Ok(data) = frame.into_data() {
-            if (buf.len() as u64).saturating_add(data.len() as u64) > limit {
-                return Err(too_large());
-            }
-            buf.extend_from_slice(&data);
+            buf.push(&data).map_err(overflow)?;
         }
     }
-    Ok(buf.freeze())
+    Ok(buf.finish())
 }
 
 /// Whether a body read failed because the client went away (closed or reset the connection, or the stream) rather

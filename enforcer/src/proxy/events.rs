@@ -2,10 +2,11 @@
 //! (`inspect::sse`), decided by the response rules when some may apply, then handed to the proposal reader of its
 //! LLM API when proposal rules exist; what comes out is sent as soon as the upstream's chunk that carried it is read.
 //! Text and reasoning events are never held; only a proposed tool call is, until its arguments are complete, within
-//! the policy's `max_body_bytes` and the proxy's hold timeout (beyond either the stream ends with the protocol's error
-//! event, recorded), and then while a review of it waits (up to the review's timeout; what came before the call has
-//! been sent, and an SSE comment line every `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean end); a content-coded stream
-//! is read whole and decoded first.
+//! the policy's `max_body_bytes`, the proxy's hold timeout and the agent's share of the buffer budget (`budget`;
+//! beyond any of them the stream ends with the protocol's error event, recorded), and then while a review of it
+//! waits (up to the review's timeout; what came before the call has been sent, and an SSE comment line every
+//! `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean
+//! end); a content-coded stream is read whole and decoded first.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -22,6 +23,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::answer::Answering;
+use super::budget::{Buffer, Reservation};
 use super::hold::Holding;
 use super::http::ProxyBody;
 use super::response::{self, Fate, Head, Plan};
@@ -69,6 +71,7 @@ pub(crate) fn stream(
     let response = plan
         .responses
         .then(|| response::action(&ans, &head, String::new(), None));
+    let held = super::limits::budget().reserve(&ans.agent);
     let reading = Reading {
         ans,
         plan,
@@ -78,6 +81,7 @@ pub(crate) fn stream(
         held_since: None,
         ended: false,
         tx,
+        held,
     };
     tokio::spawn(reading.run(body, coding));
     Response::from_parts(parts, Channel(rx).boxed())
@@ -97,6 +101,8 @@ struct Reading {
     ended: bool,
     /// The agent's body.
     tx: mpsc::Sender<Sent>,
+    /// What the reading holds (a partial event, a held call, a coded stream read whole) in the buffer budget.
+    held: Reservation,
 }
 
 /// What the upstream's body gave next.
@@ -194,6 +200,17 @@ impl Reading {
         let held = self.reader.pending() + self.props.as_ref().map_or(0, Proposals::held_bytes);
         if !self.ended && held as u64 > self.ans.policy.max_body_bytes() {
             out.extend_from_slice(&self.refuse(Reason::BodyTooLarge, response::TOO_LARGE).await);
+        } else if !self.ended {
+            // What is held (a partial event, a tool call's arguments) counts in the agent's share of the buffer
+            // budget for as long as it is held.
+            self.held.shrink_to(held as u64);
+            if self.held.grow_to(held as u64).is_err() {
+                out.extend_from_slice(
+                    &self
+                        .refuse(Reason::BufferLimit, response::OVER_BUDGET)
+                        .await,
+                );
+            }
         }
         out
     }
@@ -367,30 +384,38 @@ impl Reading {
         coding: Option<&str>,
     ) -> Result<Whole, Bytes> {
         let limit = self.ans.policy.max_body_bytes();
-        let mut buf = BytesMut::new();
+        let mut buf = Buffer::new(limit, 1, super::limits::budget().reserve(&self.ans.agent));
         let read = async {
             while let Some(frame) = body.frame().await {
                 let frame = match frame {
                     Ok(frame) => frame,
-                    Err(e) => return Some(Err(e)),
+                    Err(e) => return Ok(Err(e)),
                 };
                 if let Some(d) = frame.data_ref() {
-                    buf.extend_from_slice(d);
-                    if buf.len() as u64 > limit {
-                        return None;
-                    }
+                    buf.push(d).map_err(response::overflow)?;
                 }
             }
-            Some(Ok(()))
+            Ok(Ok(()))
         };
         match tokio::time::timeout(super::limits::limits().hold_timeout, read).await {
-            Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(e))) => return Ok(Whole::Broken(e)),
-            Ok(None) => return Err(self.refuse(Reason::BodyTooLarge, response::TOO_LARGE).await),
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Ok(Whole::Broken(e)),
+            Ok(Err((reason, message))) => return Err(self.refuse(reason, message).await),
             Err(_) => return Err(self.refuse(Reason::HoldTimeout, response::TOO_SLOW).await),
         }
-        match inspect::decode_body(coding, buf.freeze(), limit) {
-            Ok(all) => Ok(Whole::All(all)),
+        let (raw, held) = buf.finish();
+        match inspect::decode_body(coding, raw, limit) {
+            Ok(all) => {
+                // The decoded stream is what the reading holds from now on.
+                self.held = held;
+                self.held.shrink_to(0);
+                if self.held.grow(all.len() as u64).is_err() {
+                    return Err(self
+                        .refuse(Reason::BufferLimit, response::OVER_BUDGET)
+                        .await);
+                }
+                Ok(Whole::All(all))
+            }
             Err(_) => Err(self.refuse(Reason::Unparseable, UNDECODABLE).await),
         }
     }

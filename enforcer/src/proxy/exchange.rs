@@ -5,7 +5,8 @@
 //!
 //! 1. `head::read` — the authority the request names and the host the policy sees;
 //! 2. `head::bind_to_sni` — over TLS, that host is the server name the session was opened for;
-//! 3. `body::read`, `body::decode` — the whole body, bounded, and its content-coding undone;
+//! 3. `body::read`, `body::decode` — the whole body, bounded (by `max_body_bytes`, and by the agent's share of the
+//!    buffer budget, held until the request has been sent: `budget`), and its content-coding undone;
 //! 4. `classify::classify` — the Actions and the protocol (and, for a request that reads more than one way, each
 //!    other reading's: `readings`);
 //! 5. `Sessions::fill` — what the agent's session did so far, for `session.*` conditions;
@@ -30,6 +31,7 @@ use http::{Request, Response};
 use hyper::upgrade::OnUpgrade;
 
 use super::body::ClientBody;
+use super::budget::Reservation;
 use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
@@ -74,12 +76,15 @@ async fn phases(
         request,
         answered,
         upgrade,
+        held,
     } = prepare(rec, conn, req).await?;
     let appended = rec.forwarded()?;
     let seq = appended.seq();
     // The record's fdatasync runs on the sync thread while the request is upstream; the answer waits for both.
     // Awaited in turn, not joined: a record made durable before the answer came costs no second wake-up.
     let resp = forward::send(rec.ctx(), conn, upstream, request).await;
+    // The body has been sent (or never will be): its bytes go back to the budget.
+    drop(held);
     let durable = ExchangeRecord::durable(appended).await;
     let resp = resp?;
     durable?;
@@ -105,6 +110,8 @@ struct Prepared {
     answered: Option<Box<Action>>,
     /// The client's side of an HTTP/1.1 upgrade the upstream is asked for.
     upgrade: Option<OnUpgrade>,
+    /// The body's bytes in the buffer budget, held until it has been sent.
+    held: Reservation,
 }
 
 /// Phases 1–11: read, decide, enforce, hold for review, connect, and build the upstream request. A function of its
@@ -123,9 +130,19 @@ async fn prepare(
     rec.note_head(&head);
     head::bind_to_sni(conn, &head)?;
 
-    let raw = body::read(incoming, &parts.headers, policy.max_body_bytes()).await?;
+    // Reserved in the agent's share of the buffer budget as it is read; given back on every way out (the
+    // reservation drops), else once the request has been sent.
+    let held = super::limits::budget().reserve(&conn.agent);
+    let (raw, mut held) =
+        body::read(incoming, &parts.headers, policy.max_body_bytes(), held).await?;
     rec.note_body(&raw);
     let body = body::decode(raw, &parts.headers, policy.max_body_bytes())?;
+    if body.was_coded() {
+        // The decoded copy is held beside the received one, and inspection's text is of the decoded bytes.
+        let (raw, decoded) = (body.raw.len() as u64, body.decoded.len() as u64);
+        held.grow_to(raw + super::budget::INSPECTED_COPIES * decoded)
+            .map_err(Refusal::over_budget)?;
+    }
 
     let (mut inspected, mut readings) = classify::classify(rec, conn, &head, &parts, &body)?;
     let sessions = rec.ctx().sessions.clone();
@@ -184,5 +201,6 @@ async fn prepare(
         request,
         answered,
         upgrade,
+        held,
     })
 }

@@ -10,8 +10,9 @@
 //! call's stream gets an SSE comment line every `review_keepalive` while it waits ([`Holding`]), a whole response
 //! just waits, and a WebSocket message is not held (`review_unavailable`).
 //!
-//! Bounds: a held exchange keeps its client connection (and one of `proxy.max_connections`) for at most the
-//! review's timeout (1 hour at most, 5 minutes by default); at most `review.max_pending` — requests and proposals
+//! Bounds: a held exchange keeps its client connection (and one of `proxy.max_connections`), and its body's bytes in
+//! the agent's share of the buffer budget (`budget`), for at most the review's timeout (1 hour at most, 5 minutes by
+//! default); at most `review.max_pending` — requests and proposals
 //! together — are held at once, beyond which the fallback applies at once (`review_unavailable`).
 
 use std::borrow::Cow;

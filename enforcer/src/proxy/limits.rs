@@ -11,12 +11,14 @@
 //! its agent's share, or the total, is accepted and closed at once — never left in the kernel's backlog, where it
 //! would make every agent wait — and recorded ([`refused`] keeps an agent flooding the proxy from flooding the audit
 //! trail). While an agent's share or the total is more than half used, new connections get the shorter
-//! `pressure_head_timeout` for their TLS handshake and request head.
+//! `pressure_head_timeout` for their TLS handshake and request head. Bytes held in buffers are shared out the same
+//! way ([`budget`], `max_buffered_bytes` and `max_buffered_bytes_per_agent`; see the `budget` module).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::budget::Budget;
 use crate::dns::{agent_key, Admission};
 use crate::model::Agent;
 
@@ -27,6 +29,14 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most client connections served at once for one agent (cgroup).
     pub max_connections_per_agent: usize,
+    /// Most bytes held in buffers at once (bodies, events and messages read whole before they are decided), over
+    /// every agent: see `budget`.
+    pub max_buffered_bytes: u64,
+    /// Most bytes one agent's buffers hold at once: its share of [`Limits::max_buffered_bytes`].
+    pub max_buffered_bytes_per_agent: u64,
+    /// What a request refused for the buffer budget is told to wait before trying again (`Retry-After`, RFC 9110
+    /// §10.2.3; whole seconds).
+    pub buffer_retry_after: Duration,
     /// How long an HTTP/1.1 client may take to send a request head (slow-loris on the head), and an HTTP/2 client
     /// may keep a connection without an open stream.
     pub header_read_timeout: Duration,
@@ -63,6 +73,9 @@ impl Default for Limits {
         Limits {
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_agent: crate::config::DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            max_buffered_bytes: crate::config::DEFAULT_MAX_BUFFERED_BYTES,
+            max_buffered_bytes_per_agent: crate::config::DEFAULT_MAX_BUFFERED_BYTES_PER_AGENT,
+            buffer_retry_after: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(30),
             pressure_head_timeout: Duration::from_secs(5),
             body_idle_timeout: Duration::from_secs(30),
@@ -90,6 +103,18 @@ pub fn set_limits(limits: Limits) -> bool {
 /// The limits in force.
 pub(crate) fn limits() -> &'static Limits {
     LIMITS.get_or_init(Limits::default)
+}
+
+/// The budget of bytes held in buffers (`budget`), under the limits in force.
+pub(crate) fn budget() -> &'static Arc<Budget> {
+    static BUDGET: OnceLock<Arc<Budget>> = OnceLock::new();
+    BUDGET.get_or_init(|| {
+        let l = limits();
+        Arc::new(Budget::new(
+            l.max_buffered_bytes,
+            l.max_buffered_bytes_per_agent,
+        ))
+    })
 }
 
 /// A connection's place among the ones served: held for the connection's whole life.

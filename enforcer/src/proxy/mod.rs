@@ -18,6 +18,7 @@
 mod accept;
 mod answer;
 mod body;
+mod budget;
 mod ca;
 mod classify;
 mod enforce;
@@ -52,6 +53,7 @@ use clap::Subcommand;
 use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
+pub(crate) use budget::INSPECTED_COPIES;
 pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use classify::fuzz_request_to_action;
@@ -152,6 +154,12 @@ pub(crate) fn enforcer_decision(policy: &Policy, reason: Reason, message: &str) 
             policy.hash().to_string(),
         )
     }
+}
+
+/// Bytes the proxy's buffers hold now, over every agent: what the buffer budget counts (`proxy.max_buffered_bytes`
+/// bounds it).
+pub fn buffered_bytes() -> u64 {
+    limits::budget().used()
 }
 
 /// Where an accepted connection was really going, and on whose behalf.

@@ -327,6 +327,10 @@ impl ExchangeRecord {
                 &refusal.message,
             ),
         };
+        let answer = match refusal.retry_after {
+            Some(after) => super::refusal::with_retry_after(answer, after),
+            None => answer,
+        };
         if self.written {
             return answer;
         }

@@ -21,6 +21,9 @@ pub(crate) struct Refusal {
     pub status: StatusCode,
     /// Shown to the client: the policy's words or the enforcer's, never request data.
     pub message: Cow<'static, str>,
+    /// How long the client should wait before it tries again, sent as `Retry-After` in whole seconds (RFC 9110
+    /// §10.2.3): a refusal for a bound that frees itself (a `503`, RFC 9110 §15.6.4).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Refusal {
@@ -29,6 +32,20 @@ impl Refusal {
             reason,
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The refusal of a buffer the budget could not take (`budget`): 503 with `Retry-After`, reason
+    /// `buffer_limit`.
+    pub fn over_budget(e: super::budget::Exceeded) -> Self {
+        Refusal {
+            retry_after: Some(super::limits::limits().buffer_retry_after),
+            ..Refusal::new(
+                Reason::BufferLimit,
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.to_string(),
+            )
         }
     }
 
@@ -49,6 +66,18 @@ impl Refusal {
             Reason::UpstreamTls | Reason::UpstreamUnreachable
         )
     }
+}
+
+/// `resp` with `Retry-After: <seconds>` (RFC 9110 §10.2.3), at least 1.
+pub(crate) fn with_retry_after(
+    mut resp: Response<ProxyBody>,
+    after: std::time::Duration,
+) -> Response<ProxyBody> {
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(after.as_secs().max(1)),
+    );
+    resp
 }
 
 /// The enforcer's own JSON error (`{"error":{"type":"enforcer_error","reason":…,"message":…}}`), for a refusal

@@ -2,8 +2,9 @@
 //! receives it — a whole body (JSON or text), one server-sent event, one WebSocket message — and carried out as a
 //! [`Fate`]: passed, rewritten (redaction, `json_truncate` and the other JSON rewrites), or blocked. A body is read
 //! whole only when some rule may decide it (its head, status and content type, already let one match) or a tool call
-//! may be proposed in it, bounded by the policy's `max_body_bytes` and the proxy's hold timeout: a body beyond either
-//! is refused and recorded, never passed on unread.
+//! may be proposed in it, bounded by the policy's `max_body_bytes`, the proxy's hold timeout and the agent's share of
+//! the buffer budget (`budget`): a body beyond one is refused and recorded (502; 503 with `Retry-After` for the
+//! budget), never passed on unread.
 
 use super::upstream::UpstreamBody;
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::answer::Answering;
+use super::budget::{Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http::{full, ProxyBody};
 use super::refusal::into_response;
 use crate::inspect::proposal::{self, Ruling};
@@ -275,8 +277,9 @@ async fn answer_whole(
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
-    let raw = match read_whole(body, ans, plan, &parts.headers).await {
-        Ok(raw) => raw,
+    // Held in the budget until the answer is built.
+    let (raw, _held) = match read_whole(body, ans, plan, &parts.headers).await {
+        Ok(read) => read,
         Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
     // The proposal trace keeps the body decoded, as it was decided.
@@ -333,16 +336,22 @@ async fn answer_whole(
     Response::from_parts(parts, full(out))
 }
 
-/// The body, whole and decoded, within the size and time bounds.
+/// The body, whole and decoded, within the size and time bounds and the agent's share of the buffer budget
+/// (`budget`); the reservation holding it goes with it.
 async fn read_whole(
     mut body: UpstreamBody,
     ans: &Answering,
     plan: Plan,
     headers: &HeaderMap,
-) -> Result<Bytes, (Reason, &'static str)> {
+) -> Result<(Bytes, Reservation), (Reason, &'static str)> {
     let limit = ans.policy.max_body_bytes();
+    // Read as text for the decision, like a request body: each byte twice.
+    let mut buf = Buffer::new(
+        limit,
+        INSPECTED_COPIES,
+        super::limits::budget().reserve(&ans.agent),
+    );
     let read = async {
-        let mut buf = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
                 return Err((
@@ -351,46 +360,68 @@ async fn read_whole(
                 ));
             };
             if let Some(data) = frame.data_ref() {
-                buf.extend_from_slice(data);
-                if buf.len() as u64 > limit {
-                    return Err((Reason::BodyTooLarge, TOO_LARGE));
-                }
+                buf.push(data).map_err(overflow)?;
             }
         }
-        Ok(buf.freeze())
+        Ok(())
     };
-    let raw = tokio::time::timeout(super::limits::limits().hold_timeout, read)
+    tokio::time::timeout(super::limits::limits().hold_timeout, read)
         .await
         .map_err(|_| (Reason::HoldTimeout, TOO_SLOW))??;
+    let (raw, mut held) = buf.finish();
     if !plan.encoded {
-        return Ok(raw);
+        return Ok((raw, held));
     }
     let coding = inspect::content_coding(headers);
-    inspect::decode_body(coding.as_deref(), raw, limit).map_err(|_| {
+    let raw_len = raw.len() as u64;
+    let decoded = inspect::decode_body(coding.as_deref(), raw, limit).map_err(|_| {
         (
             Reason::Unparseable,
             "the upstream's answer could not be decoded for inspection",
         )
-    })
+    })?;
+    held.grow_to(raw_len + INSPECTED_COPIES * decoded.len() as u64)
+        .map_err(|_| (Reason::BufferLimit, OVER_BUDGET))?;
+    Ok((decoded, held))
 }
 
+/// The refusal for a response buffer that cannot grow.
+pub(crate) fn overflow(o: Overflow) -> (Reason, &'static str) {
+    match o {
+        Overflow::TooLarge => (Reason::BodyTooLarge, TOO_LARGE),
+        Overflow::Budget(_) => (Reason::BufferLimit, OVER_BUDGET),
+    }
+}
+
+pub(crate) const OVER_BUDGET: &str =
+    "the proxy's buffer budget cannot hold the upstream's answer for inspection; retry later";
 pub(crate) const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
 pub(crate) const TOO_SLOW: &str = "the upstream's answer did not complete within the hold time";
 
 /// The answer (and record, in `phase`) when the enforcer refuses to pass a response on: the protocol's error shape,
-/// 502.
+/// 502 — or 503 with `Retry-After` when the buffer budget could not hold it (it may fit later).
 async fn refused(
     ans: &Answering,
     phase: Phase,
     reason: Reason,
     message: &str,
 ) -> Response<ProxyBody> {
-    let status = http::StatusCode::BAD_GATEWAY.as_u16();
+    let budget = reason == Reason::BufferLimit;
+    let status = if budget {
+        http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        http::StatusCode::BAD_GATEWAY
+    }
+    .as_u16();
     record_refusal(ans, phase, reason, message, Some(status)).await;
-    into_response(inspect::refusal_response(
+    let resp = into_response(inspect::refusal_response(
         &ans.protocol,
         status,
         reason,
         message,
-    ))
+    ));
+    if budget {
+        return super::refusal::with_retry_after(resp, super::limits::limits().buffer_retry_after);
+    }
+    resp
 }

@@ -20,7 +20,11 @@
 //!   (`Sessions::fill`, `Sessions::note`), as a request does;
 //! - a message over the policy's `max_body_bytes` closes the connection with 1009 (message too big), recorded: it is
 //!   never relayed uninspected. `permessage-deflate` is never negotiated (the upgrade request's
-//!   `Sec-WebSocket-Extensions` is removed), so every frame is read as sent.
+//!   `Sec-WebSocket-Extensions` is removed), so every frame is read as sent;
+//! - what each side has sent of a message not yet relayed (and a tool call the proposal reader holds) counts in the
+//!   agent's share of the buffer budget (`budget`): the bytes are reserved as they are read from the socket, and
+//!   given back once the message has been carried out. A message the budget cannot take closes the connection with
+//!   1013 (try again later, RFC 6455 §7.4.2 / the IANA close-code registry), recorded with reason `buffer_limit`.
 
 use std::sync::Arc;
 
@@ -37,6 +41,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::answer::Answering;
+use super::budget::{Reservation, INSPECTED_COPIES};
 use crate::inspect::proposal::{Emit, Event, Proposals};
 use crate::inspect::{self, InspectConfig, InspectError, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{
@@ -44,12 +49,15 @@ use crate::model::{
     RequestSummary, Shared, Verdict,
 };
 
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
+type Ws = WebSocketStream<Metered<TokioIo<Upgraded>>>;
 type Sink = Arc<Mutex<SplitSink<Ws, Message>>>;
 
 /// Relay the two upgraded connections message by message until either side closes.
 pub(crate) async fn relay(client: TokioIo<Upgraded>, upstream: TokioIo<Upgraded>, ans: Answering) {
     let config = config(ans.policy.max_body_bytes());
+    let budget = super::limits::budget();
+    let (client, from_client) = Metered::new(client, budget.reserve(&ans.agent));
+    let (upstream, from_upstream_held) = Metered::new(upstream, budget.reserve(&ans.agent));
     let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(config)).await;
     let upstream = WebSocketStream::from_raw_socket(upstream, Role::Client, Some(config)).await;
     let (client_tx, client_rx) = client.split();
@@ -61,8 +69,109 @@ pub(crate) async fn relay(client: TokioIo<Upgraded>, upstream: TokioIo<Upgraded>
     let ans = Arc::new(ans);
     let turn = Turn::default();
     tokio::select! {
-        () = from_agent(&ans, &turn, client_rx, &client_tx, &upstream_tx) => {}
-        () = from_upstream(&ans, &turn, upstream_rx, &client_tx, &upstream_tx) => {}
+        () = from_agent(&ans, &turn, (client_rx, &from_client), &client_tx, &upstream_tx) => {}
+        () = from_upstream(&ans, &turn, (upstream_rx, &from_upstream_held), &client_tx, &upstream_tx) => {}
+    }
+}
+
+/// One side's bytes read and not yet carried out, in the buffer budget.
+type Held = Arc<std::sync::Mutex<Reservation>>;
+
+/// A side of the relay whose reads are reserved in the buffer budget before tungstenite buffers them: a read the
+/// budget cannot take fails with [`OverBudget`].
+struct Metered<S> {
+    inner: S,
+    held: Held,
+}
+
+/// The read error of a side whose bytes the buffer budget cannot take.
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy's buffer budget cannot hold more of this WebSocket's messages")]
+struct OverBudget;
+
+impl<S> Metered<S> {
+    fn new(inner: S, held: Reservation) -> (Metered<S>, Held) {
+        let held = Arc::new(std::sync::Mutex::new(held));
+        (
+            Metered {
+                inner,
+                held: held.clone(),
+            },
+            held,
+        )
+    }
+}
+
+/// The side's messages so far are carried out: what it holds now is `kept` bytes (a held tool call), the bytes
+/// read past them are counted from the next read. `false` when the budget cannot take `kept`.
+fn settle(held: &Held, kept: u64) -> bool {
+    let mut held = held
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    held.shrink_to(kept);
+    held.grow_to(kept).is_ok()
+}
+
+fn over_budget(e: &WsError) -> bool {
+    matches!(e, WsError::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<OverBudget>()))
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        if n > 0 {
+            let mut held = self
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // The message, and inspection's copies of it while it is decided (`contents`).
+            if held.grow(n * INSPECTED_COPIES).is_err() {
+                return std::task::Poll::Ready(Err(std::io::Error::other(OverBudget)));
+            }
+        }
+        read
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -104,7 +213,7 @@ enum Fate {
 async fn from_agent(
     ans: &Answering,
     turn: &Turn,
-    mut rx: SplitStream<Ws>,
+    (mut rx, held): (SplitStream<Ws>, &Held),
     client: &Sink,
     upstream: &Sink,
 ) {
@@ -117,7 +226,11 @@ async fn from_agent(
                 let _ = upstream.lock().await.send(Message::Close(frame)).await;
                 return;
             }
-            Ok(_) => continue,
+            Ok(_) => {
+                // A control frame: carried out by tungstenite.
+                settle(held, 0);
+                continue;
+            }
             Err(e) => {
                 too_big(ans, &e, Phase::Request).await;
                 close_both(client, upstream, close_code(&e), "").await;
@@ -127,13 +240,14 @@ async fn from_agent(
         if !carry_out(fate, client, upstream, upstream).await {
             return;
         }
+        settle(held, 0);
     }
 }
 
 async fn from_upstream(
     ans: &Answering,
     turn: &Turn,
-    mut rx: SplitStream<Ws>,
+    (mut rx, held): (SplitStream<Ws>, &Held),
     client: &Sink,
     upstream: &Sink,
 ) {
@@ -148,6 +262,12 @@ async fn from_upstream(
                                 return;
                             }
                         }
+                        // A tool call the reader still holds stays in the budget.
+                        if !settle(held, props.held_bytes() as u64) {
+                            too_big(ans, &over_budget_error(), Phase::Proposal).await;
+                            close_both(client, upstream, CloseCode::Again, "").await;
+                            return;
+                        }
                         continue;
                     }
                     (fate, _) => fate,
@@ -157,7 +277,10 @@ async fn from_upstream(
                 let _ = client.lock().await.send(Message::Close(frame)).await;
                 return;
             }
-            Ok(_) => continue,
+            Ok(_) => {
+                settle(held, props.as_ref().map_or(0, |p| p.held_bytes() as u64));
+                continue;
+            }
             Err(e) => {
                 too_big(ans, &e, Phase::Response).await;
                 close_both(client, upstream, close_code(&e), "").await;
@@ -167,6 +290,7 @@ async fn from_upstream(
         if !carry_out(fate, client, upstream, client).await {
             return;
         }
+        settle(held, props.as_ref().map_or(0, |p| p.held_bytes() as u64));
     }
 }
 
@@ -197,19 +321,35 @@ async fn close_both(client: &Sink, upstream: &Sink, code: CloseCode, reason: &'s
 fn close_code(e: &WsError) -> CloseCode {
     match e {
         WsError::Capacity(_) => CloseCode::Size,
+        e if over_budget(e) => CloseCode::Again,
         _ => CloseCode::Protocol,
     }
 }
 
-/// A message over the size limit is recorded as refused (never relayed uninspected).
+/// The read error of a side the buffer budget cannot take more of.
+fn over_budget_error() -> WsError {
+    WsError::Io(std::io::Error::other(OverBudget))
+}
+
+/// A message over the size limit, or one the buffer budget cannot hold, is recorded as refused (never relayed
+/// uninspected).
 async fn too_big(ans: &Answering, e: &WsError, phase: Phase) {
-    if !matches!(e, WsError::Capacity(_)) {
-        tracing::debug!(error = %e, "websocket relay ended with an error");
-        return;
-    }
-    let message = "a WebSocket message exceeds the inspection limit";
-    let decision = super::enforcer_decision(&ans.policy, Reason::BodyTooLarge, message);
-    let outcome = refused(Some(Reason::BodyTooLarge));
+    let (reason, message) = match e {
+        WsError::Capacity(_) => (
+            Reason::BodyTooLarge,
+            "a WebSocket message exceeds the inspection limit",
+        ),
+        e if over_budget(e) => (
+            Reason::BufferLimit,
+            "the proxy's buffer budget cannot hold the agent's WebSocket messages; retry later",
+        ),
+        _ => {
+            tracing::debug!(error = %e, "websocket relay ended with an error");
+            return;
+        }
+    };
+    let decision = super::enforcer_decision(&ans.policy, reason, message);
+    let outcome = refused(Some(reason));
     ans.record(phase, decision, ans.summary.clone(), outcome)
         .await;
 }

@@ -192,6 +192,14 @@ async fn answer(resp: h2::client::ResponseFuture) -> (u16, Option<String>, Strin
     (status, retry, String::from_utf8_lossy(&got).into_owned())
 }
 
+/// The value of the series `series` (name and labels) in the daemon's metrics, 0 when absent.
+fn metric(series: &str) -> u64 {
+    let text = enforcer::metrics::global().encode(false);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.parse().unwrap_or_else(|_| panic!("{series} {v}")))
+}
+
 /// The buffered total is within the budget: an agent's share while only one agent sends, the total always.
 fn within(share: u64) -> u64 {
     let now = buffered_bytes();
@@ -214,6 +222,8 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     let p = start_proxy(&yaml, &[&ca], false).await;
     let flooder = agent("/agents/bodies");
     let client = h2_client(p.tls_to_as(up, HOST, &[b"h2"], flooder.clone()).await).await;
+    let refused_requests = metric("enforcer_buffer_refusals_total{phase=\"request\"}");
+    let refused_responses = metric("enforcer_buffer_refusals_total{phase=\"response\"}");
 
     // Five streams declaring their length: their bytes are reserved as their bodies start, before any arrive.
     let mut first = Vec::new();
@@ -223,6 +233,8 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(within(BUFFERED_PER_AGENT), 5 * 2 * BODY as u64);
+    // Operators see what is held.
+    assert_eq!(metric("enforcer_buffered_bytes"), 5 * 2 * BODY as u64);
 
     // A sixth is refused at once: 503, Retry-After.
     let (resp, _tx) = open(&client, 5, Some(BODY)).await;
@@ -342,6 +354,15 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
         assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
         assert_eq!(r["outcome"]["status"], 503, "{r}");
     }
+    // And counted for operators: the seven requests, the one response.
+    assert_eq!(
+        metric("enforcer_buffer_refusals_total{phase=\"request\"}") - refused_requests,
+        7
+    );
+    assert_eq!(
+        metric("enforcer_buffer_refusals_total{phase=\"response\"}") - refused_responses,
+        1
+    );
 
     // Everything is given back once the exchanges end: the agent's whole share is there again.
     let released = async {
@@ -352,6 +373,7 @@ async fn slow_h2_bodies_stay_within_the_agents_share_of_the_buffer_budget() {
     tokio::time::timeout(WAIT, released)
         .await
         .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
+    assert_eq!(metric("enforcer_buffered_bytes"), 0);
     let client = h2_client(p.tls_to_as(up, HOST, &[b"h2"], flooder).await).await;
     let mut again = Vec::new();
     for i in 20..25 {
@@ -381,6 +403,7 @@ async fn unfinished_websocket_messages_count_in_the_agents_share() {
     let yaml = format!("{}max_body_bytes: 1MiB\n", policy(&[HOST], &[]));
     let p = start_proxy(&yaml, &[&ca], false).await;
     let who = agent("/agents/ws");
+    let refused_before = metric("enforcer_buffer_refusals_total{phase=\"request\"}");
     // The upstream answers a message naming "response.create" with a short event.
     let first = format!("\"response.create\" {}", "w".repeat(900 * 1024));
     let mut open = Vec::new();
@@ -424,6 +447,11 @@ async fn unfinished_websocket_messages_count_in_the_agents_share() {
         refused[0]["request"]["phase"], "request",
         "{:#}",
         refused[0]
+    );
+    assert_eq!(
+        metric("enforcer_buffer_refusals_total{phase=\"request\"}") - refused_before,
+        1,
+        "the refused message is counted"
     );
     // Carried out, the messages are no longer held.
     let released = async {

@@ -8,8 +8,9 @@
 //! Names follow the Prometheus conventions (<https://prometheus.io/docs/practices/naming/>): `enforcer_` prefix,
 //! base units in the name (`_seconds`, `_bytes`), `_total` on counters.
 //!
-//! Fed today: every audited decision ([`Metrics::audited`], called from `ProxyContext::record`, so HTTP, TCP and DNS
-//! alike), policy reloads, cgroups tagged by the watcher, the audit writer's acknowledgement latency. Registered but fed
+//! Fed today: every audited decision ([`Metrics::decision`], called from `ProxyContext::record`, so HTTP, TCP and DNS
+//! alike; refusals for the proxy's buffer budget are counted on their own too), the bytes the proxy's buffers hold
+//! (read at each scrape from the budget, `proxy.max_buffered_bytes`), policy reloads, cgroups tagged by the watcher, the audit writer's acknowledgement latency. Registered but fed
 //! only once the proxy calls them: [`Metrics::connection_opened`], [`Metrics::connection_refused`],
 //! [`Metrics::decision_latency`], [`Metrics::request_latency`].
 
@@ -49,6 +50,11 @@ struct VerdictLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +104,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     dns_queries: Family<VerdictLabels, Counter>,
     upstream_errors: Family<ReasonLabels, Counter>,
+    buffer_refusals: Family<PhaseLabels, Counter>,
     audit_write: Histogram,
     audit_errors: Counter,
     audit_last_seq: Gauge,
@@ -160,6 +167,28 @@ impl prometheus_client::collector::Collector for ShipCollector {
     }
 }
 
+/// Exposes the bytes the proxy's buffers hold (`enforcer_buffered_bytes`), read from the buffer budget at scrape
+/// time so the gauge is exactly what the budget counts.
+#[derive(Debug)]
+struct BufferCollector;
+
+impl prometheus_client::collector::Collector for BufferCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let g = ConstGauge::new(i64::try_from(crate::proxy::buffered_bytes()).unwrap_or(i64::MAX));
+        g.encode(encoder.encode_descriptor(
+            "buffered",
+            "Bytes the proxy holds in buffers now (bodies, events and WebSocket messages read whole before they are decided), over every agent: what proxy.max_buffered_bytes bounds",
+            Some(&Unit::Bytes),
+            g.metric_type(),
+        )?)
+    }
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
@@ -185,6 +214,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("enforcer");
         let shipping = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ShipCollector(shipping.clone())));
+        registry.register_collector(Box::new(BufferCollector));
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -202,6 +232,12 @@ impl Metrics {
             "upstream_errors",
             "Requests refused because the upstream failed (certificate verification, unreachable), by reason",
             upstream_errors.clone(),
+        );
+        let buffer_refusals = Family::<PhaseLabels, Counter>::default();
+        registry.register(
+            "buffer_refusals",
+            "Requests, responses and WebSocket messages refused because the proxy's buffer budget could not hold them (reason buffer_limit: proxy.max_buffered_bytes or _per_agent), by phase: request, response, proposal",
+            buffer_refusals.clone(),
         );
         // 100 µs .. ~3.3 s
         let audit_write = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -293,6 +329,7 @@ impl Metrics {
             requests,
             dns_queries,
             upstream_errors,
+            buffer_refusals,
             audit_write,
             audit_errors,
             audit_last_seq,
@@ -311,7 +348,8 @@ impl Metrics {
     }
 
     /// Count one decision as it goes to the audit trail: requests (or DNS queries) by verdict, reason and profile,
-    /// and upstream failures by reason.
+    /// upstream failures by reason, and refusals for the buffer budget (the record's reason or its outcome's error
+    /// `buffer_limit`) by phase.
     pub fn decision(&self, event: &AuditEvent) {
         let verdict = event.decision.verdict;
         self.verdicts.0[verdict as usize].fetch_add(1, Ordering::Relaxed);
@@ -340,6 +378,15 @@ impl Metrics {
             self.upstream_errors
                 .get_or_create(&ReasonLabels {
                     reason: crate::model::Reason::as_str(reason),
+                })
+                .inc();
+        }
+        if event.decision.reason == Reason::BufferLimit
+            || event.outcome.error == Some(Reason::BufferLimit)
+        {
+            self.buffer_refusals
+                .get_or_create(&PhaseLabels {
+                    phase: event.request.phase.unwrap_or_default().as_str(),
                 })
                 .inc();
         }
@@ -468,7 +515,7 @@ impl Drop for ConnectionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Agent, Decision, Disposition, Mode, Outcome, RequestSummary};
+    use crate::model::{Agent, Decision, Disposition, Mode, Outcome, Phase, RequestSummary};
 
     fn event(
         verdict: Verdict,
@@ -577,6 +624,54 @@ mod tests {
             "{om}"
         );
         assert!(om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn buffer_budget_refusals_are_counted_by_phase_and_the_buffered_bytes_shown() {
+        let m = Metrics::new();
+        let refused = |phase: Option<Phase>, in_outcome: bool| {
+            let mut e = event(
+                Verdict::Block,
+                Reason::BufferLimit,
+                Scheme::Https,
+                Some("ci"),
+            );
+            e.request.phase = phase;
+            if in_outcome {
+                // A response refused for the budget: the exchange's record names the reason in its outcome.
+                e.decision.reason = Reason::Rule;
+                e.outcome.error = Some(Reason::BufferLimit);
+            }
+            m.decision(&e);
+        };
+        refused(None, true);
+        refused(None, false);
+        refused(Some(Phase::Request), false);
+        refused(Some(Phase::Response), true);
+        refused(Some(Phase::Proposal), true);
+        m.decision(&event(
+            Verdict::Block,
+            Reason::Rule,
+            Scheme::Https,
+            Some("ci"),
+        ));
+        let text = m.encode(false);
+        assert!(
+            text.contains("# TYPE enforcer_buffer_refusals_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("enforcer_buffer_refusals_total{phase=\"request\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("enforcer_buffer_refusals_total{phase=\"response\"} 1\n"));
+        assert!(text.contains("enforcer_buffer_refusals_total{phase=\"proposal\"} 1\n"));
+        assert!(
+            text.contains("# TYPE enforcer_buffered_bytes gauge\n"),
+            "{text}"
+        );
+        // No proxy buffers anything in this test.
+        assert!(text.contains("\nenforcer_buffered_bytes 0\n"), "{text}");
     }
 
     #[tokio::test]

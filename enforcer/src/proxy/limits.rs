@@ -105,9 +105,10 @@ pub(crate) fn limits() -> &'static Limits {
     LIMITS.get_or_init(Limits::default)
 }
 
+static BUDGET: OnceLock<Arc<Budget>> = OnceLock::new();
+
 /// The budget of bytes held in buffers (`budget`), under the limits in force.
 pub(crate) fn budget() -> &'static Arc<Budget> {
-    static BUDGET: OnceLock<Arc<Budget>> = OnceLock::new();
     BUDGET.get_or_init(|| {
         let l = limits();
         Arc::new(Budget::new(
@@ -115,6 +116,12 @@ pub(crate) fn budget() -> &'static Arc<Budget> {
             l.max_buffered_bytes_per_agent,
         ))
     })
+}
+
+/// Bytes held in buffers now, over every agent; 0 before anything was buffered (reading it neither fixes the limits
+/// nor starts the budget, so a scrape before the daemon applies its configuration changes nothing).
+pub(crate) fn buffered_now() -> u64 {
+    BUDGET.get().map_or(0, |b| b.used())
 }
 
 /// A connection's place among the ones served: held for the connection's whole life.

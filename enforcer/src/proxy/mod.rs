@@ -159,7 +159,7 @@ pub(crate) fn enforcer_decision(policy: &Policy, reason: Reason, message: &str) 
 /// Bytes the proxy's buffers hold now, over every agent: what the buffer budget counts (`proxy.max_buffered_bytes`
 /// bounds it).
 pub fn buffered_bytes() -> u64 {
-    limits::budget().used()
+    limits::buffered_now()
 }
 
 /// Where an accepted connection was really going, and on whose behalf.

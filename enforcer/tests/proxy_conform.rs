@@ -629,6 +629,8 @@ async fn h2_field_values_with_leading_or_trailing_whitespace_are_refused() {
         assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
         assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
         assert_eq!(r["outcome"]["status"], 400, "{r}");
+        // The request named its authority: the record names the host, as every other refusal's does.
+        assert_eq!(r["request"]["host"], HOST, "{r}");
     }
     assert_eq!(records[bad.len()]["decision"]["rule"], "ok");
 }

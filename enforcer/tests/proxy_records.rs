@@ -201,6 +201,18 @@ async fn every_exit_of_a_plain_http_exchange_leaves_exactly_one_record() {
         let response = exchange(w.proxy.connect_as(up).await, &request).await;
         let records = new_records(&w.proxy, before).await;
         check(&exit, &response, &records);
+        // Every refusal of a request that named a valid host records it (refused on the head or later alike).
+        let host = match exit.name {
+            "no valid host" => serde_json::Value::Null,
+            "policy default" => "127.0.0.1".into(),
+            "host not at the destination" => "elsewhere.test".into(),
+            _ => "allowed.test".into(),
+        };
+        assert_eq!(
+            records[0]["request"]["host"], host,
+            "{}: {}",
+            exit.name, records[0]
+        );
         if exit.record.2 == "forwarded" {
             forwarded += 1;
         }

@@ -118,11 +118,11 @@ pub(crate) fn inspect_action(
 }
 
 /// Exists for fuzzing (`fuzz/fuzz_targets/http_request.rs`), and nothing else calls it: the request phases that read
-/// the agent's bytes, with the proxy's own code and in its order — `head::read`, the body bounded by `limit` bytes
-/// and `body::decode`, the Action and its classification — for a request head already parsed from the wire
-/// (`parts`) and its raw body, as if it arrived with `scheme` at `dst` from an unnamed agent. Returns what the policy
-/// would decide (`actions` never empty), or the reason the proxy would refuse the request. No connection, record or
-/// upstream.
+/// the agent's bytes, with the proxy's own code and in its order — `head::read` and `head::check`, the body bounded
+/// by `limit` bytes and `body::decode`, the Action and its classification — for a request head already parsed from
+/// the wire (`parts`) and its raw body, as if it arrived with `scheme` at `dst` from an unnamed agent. Returns what
+/// the policy would decide (`actions` never empty), or the reason the proxy would refuse the request. No connection,
+/// record or upstream.
 pub fn fuzz_request_to_action(
     parts: &http::request::Parts,
     raw_body: bytes::Bytes,
@@ -131,6 +131,7 @@ pub fn fuzz_request_to_action(
     limit: u64,
 ) -> Result<Inspected, crate::model::Reason> {
     let head = super::head::read(parts).map_err(|r| r.reason)?;
+    super::head::check(parts, &head).map_err(|r| r.reason)?;
     if raw_body.len() as u64 > limit {
         // What `body::read` refuses while reading.
         return Err(crate::model::Reason::BodyTooLarge);

@@ -3,7 +3,8 @@
 //! exactly one record. The phases read top to bottom as the exchange happens, phases 1–11 in [`prepare`] and the rest
 //! in [`phases`]; each is a function of its own module returning `Result<_, Refusal>`:
 //!
-//! 1. `head::read` — the authority the request names and the host the policy sees;
+//! 1. `head::read`, `head::check` — the authority the request names and the host the policy sees (in the record
+//!    from here on), and the head's other checks;
 //! 2. `head::bind_to_sni` — over TLS, that host is the server name the session was opened for;
 //! 3. `body::read`, `body::decode` — the whole body, bounded (by `max_body_bytes`, and by the agent's share of the
 //!    buffer budget, held until the request has been sent: `budget`), and its content-coding undone;
@@ -128,6 +129,7 @@ async fn prepare(
 
     let head = head::read(&parts)?;
     rec.note_head(&head);
+    head::check(&parts, &head)?;
     head::bind_to_sni(conn, &head)?;
 
     // Reserved in the agent's share of the buffer budget as it is read; given back on every way out (the

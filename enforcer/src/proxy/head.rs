@@ -25,21 +25,10 @@ pub(crate) struct Head {
     pub upgrade: Option<String>,
 }
 
-/// Read the authority and host, refusing heads the proxy will not forward: no valid host, more than one `Host`
-/// field or one that names another host than the request's authority (RFC 9112 §3.2, RFC 9113 §8.3.1: a server
-/// could read the other name than the policy did), an address in the NAT64 local-use prefix
-/// (`host::nat64_local_use`: which IPv4 address it reaches is the network's choice, not the address's), `CONNECT`
-/// outside the explicit listener, paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server
-/// resolving them would serve another path than the one the policy matched; also behind a backslash). A path with a
-/// backslash is read both ways servers read it (`readings`), field values that begin or end with whitespace.
+/// Read the authority and host, refusing heads that name no valid host, or more than one `Host` field or one that
+/// names another host than the request's authority (RFC 9112 §3.2, RFC 9113 §8.3.1: a server could read the other
+/// name than the policy did). The rest of the head is checked by [`check`], once the record names the host.
 pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
-    if padded_field_value(&parts.headers) {
-        return Err(Refusal::new(
-            Reason::BadRequest,
-            StatusCode::BAD_REQUEST,
-            "a header field value begins or ends with whitespace",
-        ));
-    }
     if conflicting_host(parts) {
         return Err(Refusal::new(
             Reason::BadRequest,
@@ -55,7 +44,32 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
         ));
     };
     let host = crate::host::request_host(crate::host::authority_host(&authority)).into_owned();
-    if crate::host::ip_literal(&host).is_some_and(crate::host::nat64_local_use) {
+    let upgrade = (parts.version == Version::HTTP_11)
+        .then(|| crate::inspect::field_list(&parts.headers, header::UPGRADE))
+        .flatten()
+        .map(|list| list.to_ascii_lowercase());
+    Ok(Head {
+        authority,
+        host,
+        upgrade,
+    })
+}
+
+/// Refuse heads the proxy will not forward although they name a host (which their record names): field values that
+/// begin or end with whitespace (RFC 9113 §8.2.1), an address in the NAT64 local-use prefix
+/// (`host::nat64_local_use`: which IPv4 address it reaches is the network's choice, not the address's), `CONNECT`
+/// outside the explicit listener, paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server resolving
+/// them would serve another path than the one the policy matched; also behind a backslash). A path with a backslash
+/// is read both ways servers read it (`readings`).
+pub(crate) fn check(parts: &http::request::Parts, head: &Head) -> Result<(), Refusal> {
+    if padded_field_value(&parts.headers) {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "a header field value begins or ends with whitespace",
+        ));
+    }
+    if crate::host::ip_literal(&head.host).is_some_and(crate::host::nat64_local_use) {
         return Err(Refusal::new(
             Reason::BadRequest,
             StatusCode::BAD_REQUEST,
@@ -76,15 +90,7 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
             "the request path contains dot segments",
         ));
     }
-    let upgrade = (parts.version == Version::HTTP_11)
-        .then(|| crate::inspect::field_list(&parts.headers, header::UPGRADE))
-        .flatten()
-        .map(|list| list.to_ascii_lowercase());
-    Ok(Head {
-        authority,
-        host,
-        upgrade,
-    })
+    Ok(())
 }
 
 /// Over TLS, the host the request names must be the server name the agent opened the session for.

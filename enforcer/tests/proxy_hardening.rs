@@ -112,6 +112,12 @@ async fn answered_each(
 }
 
 /// Asserts that every record of `records` names `error` as its outcome's error.
+/// Hex SHA-256 of `bytes`, as records name a body.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 fn all_refused_as(records: &[serde_json::Value], error: &str) {
     for r in records {
         assert_eq!(r["outcome"]["error"], error, "{r}");
@@ -1173,6 +1179,8 @@ async fn llm_fields_spelt_in_another_case_are_refused() {
         r#"{"model":"gpt-4o","messages":[],"Tools":[{"type":"function","function":{"name":"shell"}}]}"#,
         r#"{"model":"gpt-4o","messages":[],"tools":[{"type":"function","function":{"NAME":"shell"}}]}"#,
         r#"{"model":"gpt-4o","messages":[{"Role":"tool","content":"x"}]}"#,
+        // Not JSON at all.
+        r#"{"model":"gpt-5","messages":["#,
     ];
     for body in misspelt {
         let (status, answer) = ask(body).await;
@@ -1193,8 +1201,17 @@ async fn llm_fields_spelt_in_another_case_are_refused() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let records = p.audit_records().await;
     assert_eq!(records.len(), misspelt.len() + 2);
-    for r in &records[..misspelt.len()] {
+    for (r, body) in records.iter().zip(misspelt) {
         assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+        // The provider is known from the host, the body's size and digest from what was read.
+        assert_eq!(r["request"]["host"], "api.openai.com", "{r}");
+        assert_eq!(r["request"]["llm_provider"], "openai", "{r}");
+        assert_eq!(r["request"]["body_size"], body.len(), "{r}");
+        assert_eq!(
+            r["request"]["body_sha256"],
+            sha256_hex(body.as_bytes()),
+            "{r}"
+        );
     }
     assert_eq!(records[misspelt.len()]["decision"]["rule"], "no-gpt5");
 }

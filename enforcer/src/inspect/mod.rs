@@ -350,6 +350,20 @@ pub fn claims_json(content_type: Option<&str>, body: &str) -> bool {
     !trimmed.is_empty() && (by_type || trimmed.starts_with(['{', '[']))
 }
 
+/// The provider of a request to an LLM endpoint (`POST /v1/chat/completions`, `/v1/messages`, …) on a provider's
+/// host, known from the host and the path alone: what the record of such a request names as `llm_provider` even when
+/// its body could not be read. `None` for any other request.
+pub fn claimed_llm_provider(action: &Action, cfg: &InspectConfig) -> Option<Provider> {
+    let http = action.http.as_ref()?;
+    let provider = action
+        .transport
+        .host
+        .as_deref()
+        .and_then(|h| cfg.provider_for(h, action.transport.port))?;
+    let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+    llm::endpoint(&http.method, &path).map(|_| provider)
+}
+
 /// The protocol a request speaks as far as its answer's shape is concerned, when it could not be classified (its
 /// body did not parse): an LLM endpoint or another request to a provider's host gets the provider's error shape, a
 /// request carrying MCP headers or JSON-RPC text gets a JSON-RPC error, anything else the enforcer's own.

@@ -83,7 +83,10 @@ pub(crate) fn classify(
         Ok(classified) => Ok(classified),
         Err(e) => {
             let claimed = inspect::claimed_protocol(&action, cfg);
+            // An LLM call whose body could not be read still names its provider (by its host).
+            let provider = inspect::claimed_llm_provider(&action, cfg);
             rec.note_protocol(claimed);
+            rec.note_llm_provider(provider);
             Err(body::refusal(&e))
         }
     }

@@ -209,6 +209,14 @@ impl ExchangeRecord {
         self.decided = Some(decided);
     }
 
+    /// The provider of an LLM call that could not be classified, known from its host and path
+    /// (`inspect::claimed_llm_provider`).
+    pub fn note_llm_provider(&mut self, provider: Option<inspect::Provider>) {
+        if let Some(provider) = provider {
+            self.summary.llm_provider = Some(provider.as_str().to_string());
+        }
+    }
+
     /// The protocol a request that could not be classified claims to speak: the shape of its refusal.
     pub fn note_protocol(&mut self, protocol: Protocol) {
         self.protocol = protocol;

@@ -289,6 +289,8 @@ async fn a_held_request_whose_client_leaves_is_withdrawn_and_recorded() {
     let recs = records_for(&w, "/merge/9").await;
     assert_eq!(recs.len(), 2, "{recs:#?}");
     assert_eq!(recs[1]["outcome"]["error"], "client_closed");
+    assert_eq!(recs[1]["outcome"]["disposition"], "failed");
+    assert!(recs[1]["outcome"]["status"].is_null(), "{}", recs[1]);
     assert_eq!(recs[1]["review"]["held_seq"], id);
 }
 

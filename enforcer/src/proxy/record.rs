@@ -343,7 +343,8 @@ impl ExchangeRecord {
             return answer;
         }
         self.written = true;
-        let status = Some(answer.status().as_u16());
+        // A client that went away got no answer: no status (docs/audit.md), as when the exchange is dropped.
+        let status = (refusal.reason != Reason::ClientClosed).then(|| answer.status().as_u16());
         let (decision, disposition, error) = match self.decided.take() {
             Some(d) if review_block => (d.decision, Disposition::Blocked, Some(refusal.reason)),
             Some(d) if policy_block => {

@@ -705,6 +705,15 @@ fn assert_refused(case: &str, recs: &[Value], reason: &str) {
     let r = &recs[0];
     assert_eq!(r["request"]["phase"], "proposal", "{case}: {r}");
     assert_eq!(r["outcome"]["disposition"], "blocked", "{case}: {r}");
+    // Every record of the answer names the call it answers, refused by a rule or as unreadable alike (an answer
+    // fetched again answers no call: none, as its request's record).
+    let provider = match case.split('-').next() {
+        _ if case.contains("/retrieve-") => Value::Null,
+        Some("messages") => "anthropic".into(),
+        Some("gemini") => "gemini".into(),
+        _ => "openai".into(),
+    };
+    assert_eq!(r["request"]["llm_provider"], provider, "{case}: {r}");
     match reason {
         "rule" => assert_eq!(r["decision"]["rule"], "no-curl", "{case}: {r}"),
         "unparseable" => assert_eq!(r["decision"]["reason"], reason, "{case}: {r}"),

@@ -68,6 +68,18 @@ impl Answering {
         }
     }
 
+    /// The record's view of a later part the enforcer refused without reading it whole (an answer it could not read
+    /// or hold, a stream it ended): the request's summary, naming the LLM call it answers (provider and model, as
+    /// proposal records do).
+    pub fn refusal_summary(&self) -> RequestSummary {
+        let llm = self.request.llm.as_ref();
+        RequestSummary {
+            llm_provider: llm.map(|l| l.provider.clone()),
+            llm_model: llm.and_then(|l| l.model.clone()),
+            ..self.summary.clone()
+        }
+    }
+
     /// Record one later part of the exchange (`phase`), linked to the request's record; `request` holds what
     /// differs from the request's summary (body size and digest, protocol fields, changes). A failing write is
     /// logged and reported as `false`: the caller must not pass on what was not recorded.

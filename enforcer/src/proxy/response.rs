@@ -253,7 +253,7 @@ pub(crate) async fn record_refusal(
         status,
         error: Some(reason),
     };
-    ans.record(phase, decision.clone(), ans.summary.clone(), outcome)
+    ans.record(phase, decision.clone(), ans.refusal_summary(), outcome)
         .await;
     decision
 }

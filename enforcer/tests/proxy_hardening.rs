@@ -1216,6 +1216,94 @@ async fn llm_fields_spelt_in_another_case_are_refused() {
     assert_eq!(records[misspelt.len()]["decision"]["rule"], "no-gpt5");
 }
 
+/// The tool shapes whose name is not under `function`: a custom tool (Chat Completions `{"type":"custom","custom":
+/// {"name":…}}`, Responses `{"type":"custom","name":…}`) and the tools a Responses `namespace` groups
+/// (`{"type":"namespace","tools":[…]}`). A member of theirs spelt in another letter case (`Name`, `Custom`, `Tools`)
+/// is what a server on Go's `encoding/json` reads the tool's name from, while the policy found none: refused (400,
+/// unparseable, never forwarded). Spelt exactly, each declares `shell` and is blocked by the `llm.tools` rule.
+#[tokio::test]
+async fn custom_and_namespaced_tools_spelt_in_another_case_are_refused() {
+    use std::sync::atomic::Ordering;
+    let yaml = "version: 1\ndefault: allow\nrules:\n  - id: no-shell\n    when: { llm.tools: shell }\n    verdict: block\n";
+    let ca = TestCa::new("llm tool shapes test CA");
+    let p = start_proxy(yaml, &[&ca], false).await;
+    let (up, reached) = counting_upstream(&ca, &["api.openai.com"]).await;
+    let chat = ("api.openai.com", "/v1/chat/completions");
+    let responses = ("api.openai.com", "/v1/responses");
+    let misspelt = [
+        (
+            responses,
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"custom","Name":"shell"}]}"#,
+        ),
+        (
+            chat,
+            r#"{"model":"gpt-5","messages":[],"tools":[{"type":"custom","custom":{"Name":"shell"}}]}"#,
+        ),
+        (
+            chat,
+            r#"{"model":"gpt-5","messages":[],"tools":[{"type":"custom","Custom":{"name":"shell"}}]}"#,
+        ),
+        (
+            responses,
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"namespace","name":"ops","tools":[{"type":"function","Name":"shell"}]}]}"#,
+        ),
+        (
+            responses,
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"namespace","name":"ops","tools":[{"type":"custom","NAME":"shell"}]}]}"#,
+        ),
+        (
+            responses,
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"namespace","name":"ops","Tools":[{"type":"function","name":"shell"}]}]}"#,
+        ),
+        (
+            responses,
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"namespace","name":"ops","tools":[{"type":"function","function":{"nAme":"shell"}}]}]}"#,
+        ),
+    ];
+    for (to, body) in misspelt {
+        let (status, answer) = post_over_tls(&p, up, to, body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains("invalid_request_error"), "{body}: {answer}");
+    }
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "a misspelt tool reached the upstream"
+    );
+    let exact = [
+        (
+            responses,
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"custom","name":"shell"}]}"#,
+        ),
+        (
+            chat,
+            r#"{"model":"gpt-5","messages":[],"tools":[{"type":"custom","custom":{"name":"shell"}}]}"#,
+        ),
+        (
+            responses,
+            r#"{"model":"gpt-5","input":"hi","tools":[{"type":"namespace","name":"ops","tools":[{"type":"function","name":"shell"}]}]}"#,
+        ),
+    ];
+    for (to, body) in exact {
+        post_over_tls(&p, up, to, body).await;
+    }
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "a shell tool reached the upstream"
+    );
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), misspelt.len() + exact.len());
+    for r in &records[..misspelt.len()] {
+        assert_eq!(r["outcome"]["error"], "unparseable", "{r}");
+        assert_eq!(r["request"]["llm_provider"], "openai", "{r}");
+    }
+    for r in &records[misspelt.len()..] {
+        assert_eq!(r["decision"]["rule"], "no-shell", "{r}");
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+    }
+}
+
 /// An agent session's LLM calls carry data the model was given: a Gemini `functionResponse.response` holding a
 /// database row `{"ID":1,"id":2}`, an OpenAI tool message's content with such an object. No reader looks those
 /// members up by name, so the calls reach the upstream, recorded allowed. A member named twice exactly, or a

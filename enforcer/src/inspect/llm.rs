@@ -191,10 +191,14 @@ const TOP_MEMBERS: [&str; 9] = [
 ];
 const MESSAGE_MEMBERS: [&str; 2] = ["role", "content"];
 const TYPE_MEMBERS: [&str; 1] = ["type"];
-const TOOL_MEMBERS: [&str; 6] = [
+/// A tool declaration's (also one a `namespace` groups): `custom` is the Chat Completions custom tool's wrapper,
+/// `tools` a Responses namespace's tools ([`tool_name`], [`namespaced_tools`]).
+const TOOL_MEMBERS: [&str; 8] = [
     "type",
     "name",
     "function",
+    "custom",
+    "tools",
     "server_label",
     "server_url",
     "mcp_server_name",
@@ -214,10 +218,17 @@ pub(super) fn misread(body: &Value) -> bool {
         .iter()
         .flat_map(|m| objects(m.get("content")))
         .collect::<Vec<_>>();
-    let tools = objects(top.get("tools"));
-    let functions = tools
-        .iter()
-        .filter_map(|t| t.get("function").and_then(Value::as_object));
+    // Every tool the body declares, with those a namespace groups: each is read by its name ([`declared_tools`]).
+    let tools: Vec<_> = each(top.get("tools"))
+        .chain(each(top.get("tools")).flat_map(namespaced_tools))
+        .filter_map(Value::as_object)
+        .collect();
+    // The wrappers a tool's name is read from: `function` (Chat Completions), `custom` (its custom tools).
+    let functions = tools.iter().flat_map(|t| {
+        ["function", "custom"]
+            .into_iter()
+            .filter_map(|w| t.get(w).and_then(Value::as_object))
+    });
     misspelt(top, &TOP_MEMBERS)
         || messages.iter().any(|m| misspelt(m, &MESSAGE_MEMBERS))
         || blocks.iter().any(|b| misspelt(b, &TYPE_MEMBERS))

@@ -59,7 +59,8 @@ pub fn render(meta: &Meta, ms: &[Measurement]) -> String {
     );
     let _ = writeln!(
         out,
-        "Loopback: oha → proxy → nginx, TLS 1.3 on both legs, 1 KiB JSON. {reps} rep(s) × {} s per test and contender, \
+        "Loopback: oha → proxy → nginx, TLS 1.3 on both legs, 1 KiB JSON answers (llm tests: a 32 KiB LLM call \
+         answered with a tool call). {reps} rep(s) × {} s per test and contender, \
          interleaved (contender order reversed every other rep); medians over the reps.",
         meta.seconds
     );

@@ -655,10 +655,41 @@ async fn bind_tcp(setting: &str, addr: SocketAddr) -> anyhow::Result<TcpListener
         .map_err(|e| bind_error(setting, addr, e))
 }
 
+/// The DNS listener at `addr`, with room in its kernel buffer for bursts ([`widen_receive_buffer`]; when that
+/// fails the listener keeps the default, with a warning).
 async fn bind_udp(setting: &str, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
-    UdpSocket::bind(addr)
+    let socket = UdpSocket::bind(addr)
         .await
-        .map_err(|e| bind_error(setting, addr, e))
+        .map_err(|e| bind_error(setting, addr, e))?;
+    if let Err(e) = widen_receive_buffer(&socket) {
+        tracing::warn!(%addr, error = %e, "dns: the listener keeps the default receive buffer");
+    }
+    Ok(socket)
+}
+
+/// Give the DNS listener `socket` a [`crate::dns::RECEIVE_BUFFER`] of kernel buffer: `SO_RCVBUFFORCE` (the daemon runs as root,
+/// so `net.core.rmem_max` does not cap it), else `SO_RCVBUF` (capped). Errors: neither option could be set.
+fn widen_receive_buffer(socket: &UdpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let fd = socket.as_raw_fd();
+    let size = libc::c_int::try_from(crate::dns::RECEIVE_BUFFER).unwrap_or(libc::c_int::MAX);
+    let set = |option| {
+        // SAFETY: `fd` is the open socket `socket` owns, and the value is a live c_int of the length given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) == 0 || set(libc::SO_RCVBUF) == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Ping the systemd watchdog every `every` (half of `WatchdogSec=`) while the daemon is alive. Dead (a task ended), it
@@ -818,6 +849,43 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The listener's receive buffer as the kernel reports it (`SO_RCVBUF`: twice the size set, socket(7)).
+    fn receive_buffer(socket: &UdpSocket) -> usize {
+        use std::os::fd::AsRawFd as _;
+        let mut size: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket, and a c_int-sized out-parameter with its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                std::ptr::from_mut(&mut size).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        usize::try_from(size).unwrap()
+    }
+
+    /// A burst of 300 queries from one agent filled the default buffer (about 270 datagrams) whenever the daemon
+    /// fell behind, and the kernel dropped another agent's query (the e2e test
+    /// `dns_one_agent_flooding_does_not_starve_another` failed so, with `RcvbufErrors` rising in /proc/net/snmp).
+    /// As root the listener gets the whole [`crate::dns::RECEIVE_BUFFER`], past `net.core.rmem_max`.
+    #[tokio::test]
+    async fn the_listener_has_room_for_bursts() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let default = receive_buffer(&socket);
+        widen_receive_buffer(&socket).unwrap();
+        let widened = receive_buffer(&socket);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(widened >= crate::dns::RECEIVE_BUFFER, "{widened} bytes");
+        } else {
+            assert!(widened >= default, "{widened} < {default} bytes");
+        }
+    }
 
     const BLOCK: &str = "version: 1\ndefault: block\n";
     const ALLOW: &str = "version: 1\ndefault: allow\n";

@@ -57,6 +57,12 @@ pub const PORT: u16 = 53;
 /// How often, at most, dropped datagrams are reported in the operational log.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(5);
 
+/// Bytes of kernel receive buffer the UDP listener asks for (`SO_RCVBUFFORCE`, socket(7)): room for thousands of
+/// queries. With the default (`net.core.rmem_default`, 208 KiB: about 270 small datagrams) one agent's burst filled
+/// the buffer whenever the daemon fell behind, and the kernel dropped the next datagrams — another agent's queries
+/// among them — before admission could give each agent its own share.
+pub const RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+
 /// Everything the DNS listener and DNS-over-TCP connections share (the proxy's context, for the policy in force
 /// and the audit trail, is passed beside it).
 pub struct DnsStage {

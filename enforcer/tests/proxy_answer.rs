@@ -977,3 +977,57 @@ rules:
     assert_eq!(closing["review"]["held_seq"], pending.id);
     assert_eq!(closing["review"]["carried_out"], "block");
 }
+
+/// An agent that goes away while its answer's events are being read lets go of them: the proxy drops the upstream's
+/// stream at once, and with it what it held in the buffer budget. Found by a black-box attack: an event stream whose
+/// upstream stalled mid-event kept its upstream connection (and the bytes held) after the agent had reset its own,
+/// until the upstream ended it, so one agent could pile up upstream sockets and budget without bound.
+#[tokio::test]
+async fn an_agent_going_away_lets_go_of_the_answer_being_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    short_hold();
+    let ca = TestCa::new("answer test CA");
+    let proxy = start_proxy(POLICY, &[&ca], false).await;
+    let (chain, key) = ca.leaf(&["api.openai.com"]);
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let closed_tx = Arc::new(Mutex::new(Some(closed_tx)));
+    let handler: RawHandler = Arc::new(move |mut tls| {
+        let closed_tx = closed_tx.clone();
+        Box::pin(async move {
+            let _ = read_head(&mut tls).await;
+            // An event stream whose first event (a tool call's start) never ends: the proxy holds it.
+            let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n\
+                          data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\
+                          \"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\
+                          \"type\":\"function\",\"function\":{\"name\":\"shell\",\"arguments\":\"";
+            if tls.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+            if let Some(tx) = closed_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        })
+    });
+    let up = raw_tls_upstream(chain, key, &[H1], handler).await;
+    let tls = proxy.tls_to(up, "api.openai.com", &[H1]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let body =
+        json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let resp = sender
+        .send_request(post("api.openai.com", "/v1/chat/completions", body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The agent goes away without reading the answer.
+    drop((resp, sender));
+    conn.abort();
+    tokio::time::timeout(Duration::from_secs(10), closed_rx)
+        .await
+        .expect("the proxy let go of the upstream's stream once the agent had gone")
+        .unwrap();
+}

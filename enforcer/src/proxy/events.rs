@@ -117,7 +117,14 @@ enum Next {
 
 impl Reading {
     async fn run(mut self, body: UpstreamBody, coding: Option<String>) {
-        self.pass_on(body, coding).await;
+        let agent = self.tx.clone();
+        tokio::select! {
+            () = self.pass_on(body, coding) => {}
+            // The agent went away: the upstream's stream is dropped at once (its connection closed or its HTTP/2
+            // stream reset), and what the reading held is given back, however long the upstream would have
+            // stalled. Waiting for the next send to fail would wait for the upstream.
+            () = agent.closed() => {}
+        }
         self.ans.finish_trace();
     }
 

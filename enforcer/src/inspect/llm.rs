@@ -21,7 +21,8 @@ pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
     if !method.eq_ignore_ascii_case("POST") {
         return None;
     }
-    let path = path.trim_end_matches('/');
+    let path = lenient(path);
+    let path = path.as_ref();
     let lower = path.to_ascii_lowercase();
     let ends = |suffix: &str| lower.ends_with(suffix);
     if ends("/chat/completions") {
@@ -80,9 +81,27 @@ pub(super) fn responses_websocket(path: &str) -> bool {
 /// same rule: any prefix before `/realtime`, in any letter case (as [`endpoint`] reads the HTTP paths: a gateway may
 /// route them so).
 pub(super) fn realtime_websocket(path: &str) -> bool {
-    path.trim_end_matches('/')
-        .to_ascii_lowercase()
-        .ends_with("/realtime")
+    lenient(path).to_ascii_lowercase().ends_with("/realtime")
+}
+
+/// `path` (canonical: percent-decoded) as a lenient server may route it: `\` as `/` (IIS and ASP.NET), nothing from a
+/// `#` on (a fragment sent percent-encoded), and no trailing slashes, dots, spaces or control characters (IIS drops
+/// trailing dots and spaces). So `/v1/chat/completions%20`, `/v1/realtime%5C` or `/v1/realtime%23x` are read as the
+/// endpoint they may reach, and their answers are read for tool calls; where the real API answers 404 it costs
+/// nothing.
+fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
+    let unusual = |c: char| c == '\\' || c == '#' || c.is_ascii_control() || c == ' ' || c == '.';
+    if !path.contains(unusual) {
+        return std::borrow::Cow::Borrowed(path.trim_end_matches('/'));
+    }
+    let path = path
+        .split('#')
+        .next()
+        .unwrap_or_default()
+        .replace('\\', "/");
+    let trimmed =
+        path.trim_end_matches(|c: char| c == '/' || c == '.' || c == ' ' || c.is_ascii_control());
+    std::borrow::Cow::Owned(trimmed.to_string())
 }
 
 /// A Gemini call's target, from a path `.../models/{model}:{method}` or `.../tunedModels/{model}:{method}`.
@@ -383,5 +402,33 @@ pub(crate) fn gemini_json_name(key: &str) -> String {
 fn push_unique(out: &mut Vec<String>, name: String) {
     if !out.contains(&name) {
         out.push(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by a black-box attack: these spellings of an endpoint's path were not read as the endpoint, so a tool
+    /// call in the answer reached the agent undecided wherever a lenient server routed them.
+    #[test]
+    fn endpoint_paths_a_lenient_server_may_route_are_read_as_the_endpoint() {
+        for tail in [" ", ".", "\\", "\t", "\0", "#x", "/.", " .", "\\\\"] {
+            let chat = format!("/v1/chat/completions{tail}");
+            assert_eq!(
+                endpoint("POST", &chat),
+                Some(LlmApi::ChatCompletions),
+                "{chat:?}"
+            );
+            let realtime = format!("/v1/realtime{tail}");
+            assert!(realtime_websocket(&realtime), "{realtime:?}");
+        }
+        assert!(realtime_websocket("/v1\\realtime"));
+        assert_eq!(
+            endpoint("POST", "/v1/chat/completions"),
+            Some(LlmApi::ChatCompletions)
+        );
+        assert_eq!(endpoint("POST", "/v1/chat/completions.json"), None);
+        assert!(!realtime_websocket("/v1/realtime-notes"));
     }
 }

@@ -1036,7 +1036,18 @@ fn realtime_events_that_disagree_on_a_call_are_unreadable() {
     anonymous[0]["item"].as_object_mut().unwrap().remove("id");
     let mut late = call.clone();
     late.push(json!({"type": "response.function_call_arguments.delta", "event_id": "e", "item_id": "i1", "delta": "x"}));
+    // Found by a black-box attack: a message holding an array of events was passed on unread, a blocked call inside.
+    let array = vec![
+        json!([rt_item(
+            "i2",
+            "shell",
+            r#"{"command": "curl x"}"#,
+            "completed"
+        )]),
+        call[0].clone(),
+    ];
     for (events, what) in [
+        (&array, "an array of events"),
         (&deltas, "deltas"),
         (&named, "done name"),
         (&other, "item_id"),

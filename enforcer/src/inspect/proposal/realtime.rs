@@ -172,6 +172,11 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
+        // Every event is one JSON object; anything else (an array of events in one message) is no event an SDK
+        // reads, and is not passed on unread.
+        if !v.is_object() {
+            return Err(Unreadable);
+        }
         self.learn(&v);
         self.read(ev.raw, v)
     }

@@ -197,6 +197,11 @@ impl Stream {
             self.pending.push(Item::Emit(Emit::Raw(ev.raw)));
             return Ok(Vec::new());
         };
+        // Every event is one JSON object; anything else (an array of events in one message) is no event an SDK
+        // reads, and is not passed on unread.
+        if !v.is_object() {
+            return Err(Unreadable);
+        }
         // The openai SDKs read an event by its data's `type`, except one named `thread.…`, which they hand on
         // wrapped as an Assistants event (`{"event": …, "data": …}`): read here, skipped by their accumulators.
         let ty = str_of(&v, "type");

@@ -463,3 +463,53 @@ async fn unfinished_websocket_messages_count_in_the_agents_share() {
         .await
         .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
 }
+
+/// The JSON a body is parsed into counts in the agent's share, reserved before the parse: found by a black-box
+/// attack, where 4 MB bodies of `[0,0,…]` (eighty times their text once parsed) made one agent's exchanges hold about
+/// 2 GB while the budget counted only their text. 600 KB of `0,` can become 48 MB: refused (503, `buffer_limit`)
+/// within the 8 MiB share; as much text in one string parses into one value and is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parsed_json_of_a_body_counts_in_the_agents_share() {
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let ca = TestCa::new("budget upstream CA");
+    let (chain, key) = ca.leaf(&[HOST]);
+    let (up, _seen) = https_upstream(chain, key, true).await;
+    let yaml = format!("{}max_body_bytes: 1MiB\n", policy(&[HOST], &[]));
+    let p = start_proxy(&yaml, &[&ca], false).await;
+    let post = |path: &str, body: String| {
+        Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", HOST)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let zeros = format!("{{\"x\":[{}0]}}", "0,".repeat(300_000));
+    let tls = p
+        .tls_to_as(up, HOST, &[b"http/1.1"], agent("/agents/json"))
+        .await;
+    let (status, headers, body) = send(tls, false, post("/zeros", zeros)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert!(body.contains("buffer_limit"), "{body}");
+    let text = format!("{{\"x\":\"{}\"}}", "a".repeat(600_000));
+    let tls = p
+        .tls_to_as(up, HOST, &[b"http/1.1"], agent("/agents/json"))
+        .await;
+    let (status, _, body) = send(tls, false, post("/text", text)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let released = async {
+        while buffered_bytes() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, released)
+        .await
+        .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
+}

@@ -152,6 +152,30 @@ pub(crate) enum Overflow {
 /// inspection reads of it (the Action's body, `String::from_utf8_lossy`), held while the exchange is decided.
 pub(crate) const INSPECTED_COPIES: u64 = 2;
 
+/// Bytes of parsed JSON one structural character (`,` `:` `[` `{`) of a body's text can become, at most: a
+/// `serde_json::Value` (80 bytes with `preserve_order`) in its array or object's storage, which grows by doubling,
+/// plus an object member's name and index entry.
+pub(crate) const JSON_BYTES_PER_ELEMENT: u64 = 160;
+
+/// What parsing `text` as JSON can hold beyond the text, at most: [`JSON_BYTES_PER_ELEMENT`] per structural
+/// character (strings are already counted as text); 0 for text that does not open an array or object. Parsed JSON
+/// takes several times the text's room, and `[0,0,0,…]` eighty times: a black-box attack made one agent's 4 MB bodies
+/// hold about 2 GB while the budget counted only their text. The bound is reserved before the parse.
+pub(crate) fn json_tree_bound(text: &[u8]) -> u64 {
+    let opens = text
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'[' | b'{'));
+    if !opens {
+        return 0;
+    }
+    let elements = text
+        .iter()
+        .filter(|b| matches!(b, b',' | b':' | b'[' | b'{'))
+        .count() as u64;
+    elements.saturating_mul(JSON_BYTES_PER_ELEMENT)
+}
+
 /// A byte buffer that grows only within its bound and its reservation: its capacity is reserved before it is
 /// allocated (doubling, as a `Vec` grows, but never past the bound), `copies` times over (the buffer and the copies
 /// made of it while it is decided), so what the budget counts is what is held.
@@ -228,6 +252,17 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_bounded_by_its_structure_and_other_text_by_nothing() {
+        assert_eq!(json_tree_bound(b"[0,0,0]"), 3 * JSON_BYTES_PER_ELEMENT);
+        assert_eq!(
+            json_tree_bound(br#" {"a": [1, {"b": "x,y"}]}"#),
+            7 * JSON_BYTES_PER_ELEMENT
+        );
+        assert_eq!(json_tree_bound(b"a,b,c"), 0);
+        assert_eq!(json_tree_bound(b""), 0);
+    }
 
     fn agent(cgroup: &str) -> Agent {
         Agent {

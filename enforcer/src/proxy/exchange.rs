@@ -146,6 +146,9 @@ async fn prepare(
             .map_err(Refusal::over_budget)?;
     }
 
+    // The JSON the classify phase parses the body into is held as long as the body: its room is reserved first.
+    let tree = super::budget::json_tree_bound(&body.decoded);
+    held.grow(tree).map_err(Refusal::over_budget)?;
     let (mut inspected, mut readings) = classify::classify(rec, conn, &head, &parts, &body)?;
     let sessions = rec.ctx().sessions.clone();
     sessions.fill(&mut inspected.actions, policy.session_counters());

@@ -90,18 +90,17 @@ pub(super) fn realtime_websocket(path: &str) -> bool {
 /// endpoint they may reach, and their answers are read for tool calls; where the real API answers 404 it costs
 /// nothing.
 fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
-    let unusual = |c: char| c == '\\' || c == '#' || c.is_ascii_control() || c == ' ' || c == '.';
-    if !path.contains(unusual) {
-        return std::borrow::Cow::Borrowed(path.trim_end_matches('/'));
+    let path = path.split('#').next().unwrap_or_default();
+    let trailing = |c: char| c == '/' || c == '.' || c == ' ' || c.is_ascii_control();
+    if path.contains('\\') {
+        std::borrow::Cow::Owned(
+            path.replace('\\', "/")
+                .trim_end_matches(trailing)
+                .to_string(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(path.trim_end_matches(trailing))
     }
-    let path = path
-        .split('#')
-        .next()
-        .unwrap_or_default()
-        .replace('\\', "/");
-    let trimmed =
-        path.trim_end_matches(|c: char| c == '/' || c == '.' || c == ' ' || c.is_ascii_control());
-    std::borrow::Cow::Owned(trimmed.to_string())
 }
 
 /// A Gemini call's target, from a path `.../models/{model}:{method}` or `.../tunedModels/{model}:{method}`.

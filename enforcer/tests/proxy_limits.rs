@@ -498,6 +498,16 @@ async fn the_parsed_json_of_a_body_counts_in_the_agents_share() {
         Some("1")
     );
     assert!(body.contains("buffer_limit"), "{body}");
+    // One record for the refusal, which never reached the upstream.
+    let zeros: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["request"]["path"] == "/zeros")
+        .collect();
+    assert_eq!(zeros.len(), 1, "{zeros:#?}");
+    assert_eq!(zeros[0]["outcome"]["error"], "buffer_limit", "{zeros:#?}");
+    assert_eq!(zeros[0]["outcome"]["status"], 503, "{zeros:#?}");
     let text = format!("{{\"x\":\"{}\"}}", "a".repeat(600_000));
     let tls = p
         .tls_to_as(up, HOST, &[b"http/1.1"], agent("/agents/json"))

@@ -565,6 +565,10 @@ fn gemini(case: &str) -> (&'static str, String) {
                     "args": {"command": COMMAND}}}]}}]});
             ("text/event-stream", format!("data: {chunk}\n\n"))
         }
+        "gemini-call" => (
+            "application/json",
+            doc(json!([{"functionCall": {"name": "shell", "args": {"command": COMMAND}}}])).to_string(),
+        ),
         "gemini-array" => {
             let chunk = doc(json!([{"functionCall": {"name": "shell", "args": {"command": COMMAND}}}]));
             ("application/json", json!([doc(json!([{"text": "hi"}])), chunk]).to_string())
@@ -585,10 +589,22 @@ fn retrieved_case(path: &str) -> Option<&str> {
 async fn answer(req: Request<Incoming>) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
-    let (case, (content_type, body)) = if let Some(rest) = path.strip_prefix("/v1beta/models/") {
+    // A Gemini path in any letter case (the proxy reads it so; the model names the case, in lower case).
+    let gemini_prefix = "/v1beta/models/";
+    let (case, (content_type, body)) = if path
+        .get(..gemini_prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(gemini_prefix))
+    {
+        let rest = &path[gemini_prefix.len()..];
         (
             String::new(),
-            gemini(rest.split(':').next().unwrap_or_default()),
+            gemini(
+                &rest
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase(),
+            ),
         )
     } else if let Some(case) = retrieved_case(&path) {
         (case.to_string(), canned(case))
@@ -869,6 +885,43 @@ async fn gemini_calls_in_any_candidate_and_either_stream_are_decided() {
     let w = world().await;
     for case in ["gemini-second-candidate", "gemini-array"] {
         assert_refused_by_rule(case, 200, ask_gemini(&w, case).await);
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A Gemini path spelt in other letter case, or with a tail a lenient server drops, is a Gemini call as the other
+/// providers' paths are: its request is recorded as the call it is (the model as the path spells it), and the blocked
+/// call in its answer is refused in its place. Before, such a path was plain HTTP and the call reached the agent.
+#[tokio::test]
+async fn gemini_paths_in_any_letter_case_are_read_and_their_calls_decided() {
+    let w = world().await;
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+    for (path, model) in [
+        ("/v1beta/models/gemini-call:GenerateContent", "gemini-call"),
+        (
+            "/V1BETA/Models/gemini-Array:streamGenerateContent",
+            "gemini-Array",
+        ),
+        (
+            "/v1beta/MODELS/gemini-call:GENERATECONTENT%20",
+            "gemini-call",
+        ),
+    ] {
+        let before = w.proxy.audit_records().await.len();
+        let answer = exchange(&w, "generativelanguage.googleapis.com", path, body.clone()).await;
+        let recs = w.proxy.audit_records().await;
+        let request = &recs[before];
+        assert_eq!(
+            request["request"]["llm_provider"], "gemini",
+            "{path}: {request}"
+        );
+        assert_eq!(request["request"]["llm_model"], model, "{path}: {request}");
+        assert_eq!(request["request"]["path"], path, "{path}: {request}");
+        assert_eq!(
+            request["outcome"]["disposition"], "forwarded",
+            "{path}: {request}"
+        );
+        assert_refused_by_rule(model, 200, answer);
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

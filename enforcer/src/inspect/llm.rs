@@ -14,9 +14,9 @@ use crate::model::{LlmCall, Pairs};
 /// (`api.anthropic.com/v1/chat/completions`, Gemini `/v1beta/openai/chat/completions` and `/embeddings`), called by
 /// the OpenAI SDK with a `base_url`.
 ///
-/// The OpenAI and Anthropic paths are matched without regard to ASCII case (`/v1/Responses` is the Responses API):
-/// a gateway or server that routes paths case-insensitively serves them, and reading them costs nothing where the
-/// real API answers 404.
+/// Every provider's paths are matched without regard to ASCII case (`/v1/Responses` is the Responses API,
+/// `/V1BETA/Models/{model}:GenerateContent` Gemini's generateContent) and as [`lenient`] reads them: a gateway or
+/// server that routes paths so serves them, and reading them costs nothing where the real API answers 404.
 pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
     if !method.eq_ignore_ascii_case("POST") {
         return None;
@@ -45,12 +45,15 @@ pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
 /// `GET /v1/responses/{response_id}`, whole or with `stream=true` the events again, a background response polled or
 /// its stream resumed; `POST /v1/responses/{response_id}/cancel`; "Chat Completions": `GET` and `POST` (update)
 /// `/v1/chat/completions/{completion_id}`, a stored completion). The request carries no model or tools: it is no
-/// LLM call (`llm` unset), only its answer is read for proposals.
+/// LLM call (`llm` unset), only its answer is read for proposals. The path is read as [`endpoint`] reads one: in
+/// any ASCII letter case, as [`lenient`] reads it.
 pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<LlmApi> {
     if provider != Provider::OpenAi {
         return None;
     }
-    let path = path.trim_end_matches('/');
+    // Read as [`endpoint`] reads a create's path (the id is only looked for, never kept).
+    let path = lenient(path).to_ascii_lowercase();
+    let path = path.as_str();
     let one_id = |prefix: &str| {
         path.rsplit_once(prefix)
             .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
@@ -110,19 +113,33 @@ struct GeminiTarget<'a> {
     streaming: bool,
 }
 
+/// The Gemini call `path` (as [`lenient`] reads it) targets, read as the OpenAI and Anthropic paths are: the
+/// collection (`models`, `tunedModels`) and the method (`generateContent`, …) in any ASCII letter case, the method
+/// after the last `:` of the last segment (Google's HTTP rule template `{model=models/*}:generateContent`: a verb
+/// follows the last colon). The model keeps its own spelling.
 fn gemini_target(path: &str) -> Option<GeminiTarget<'_>> {
-    let (_, tail) = path
-        .rsplit_once("/models/")
-        .or_else(|| path.rsplit_once("/tunedModels/"))?;
-    let (model, method) = tail.split_once(':')?;
+    let lower = path.to_ascii_lowercase();
+    // ASCII lower-casing keeps every byte offset, so an index into `lower` is one into `path`.
+    let (at, len) = match (lower.rfind("/models/"), lower.rfind("/tunedmodels/")) {
+        (Some(m), Some(t)) if t > m => (t, "/tunedmodels/".len()),
+        (Some(m), _) => (m, "/models/".len()),
+        (None, Some(t)) => (t, "/tunedmodels/".len()),
+        (None, None) => return None,
+    };
+    let tail = &path[at + len..];
+    let (model, method) = tail.rsplit_once(':')?;
     if model.is_empty() || model.contains('/') {
         return None;
     }
-    let (api, streaming) = match method {
-        "generateContent" => (LlmApi::GenerateContent, false),
-        "streamGenerateContent" => (LlmApi::GenerateContent, true),
-        "embedContent" | "batchEmbedContents" | "countTokens" => (LlmApi::Other, false),
-        _ => return None,
+    let is = |name: &str| method.eq_ignore_ascii_case(name);
+    let (api, streaming) = if is("generateContent") {
+        (LlmApi::GenerateContent, false)
+    } else if is("streamGenerateContent") {
+        (LlmApi::GenerateContent, true)
+    } else if is("embedContent") || is("batchEmbedContents") || is("countTokens") {
+        (LlmApi::Other, false)
+    } else {
+        return None;
     };
     Some(GeminiTarget {
         model,
@@ -145,7 +162,7 @@ pub(super) fn describe(
     };
     match api {
         LlmApi::Other => {
-            if let Some(t) = gemini_target(path.trim_end_matches('/')) {
+            if let Some(t) = gemini_target(&lenient(path)) {
                 call.model = Some(t.model.to_string());
                 return call;
             }
@@ -156,7 +173,7 @@ pub(super) fn describe(
             call.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         }
         LlmApi::GenerateContent => {
-            if let Some(t) = gemini_target(path.trim_end_matches('/')) {
+            if let Some(t) = gemini_target(&lenient(path)) {
                 call.model = Some(t.model.to_string());
                 call.stream = t.streaming || query.get("alt") == Some("sse");
             }
@@ -429,5 +446,134 @@ mod tests {
         );
         assert_eq!(endpoint("POST", "/v1/chat/completions.json"), None);
         assert!(!realtime_websocket("/v1/realtime-notes"));
+    }
+
+    /// Gemini paths are read as a lenient server routes them, as the other providers' are: in any letter case, with
+    /// the tail a lenient server drops; the model keeps its own spelling. Before, `:GenerateContent` or `/V1BETA/Models/`
+    /// was plain HTTP and a blocked function call in its answer reached the agent undecided.
+    #[test]
+    fn gemini_paths_are_read_in_any_letter_case_and_with_a_lenient_tail() {
+        let body = serde_json::json!({"contents": [], "tools": [{"functionDeclarations": [{"name": "shell"}]}]});
+        let query = Pairs::default();
+        for (path, api, model, stream) in [
+            (
+                "/v1beta/models/gemini-2.0-flash:GenerateContent",
+                LlmApi::GenerateContent,
+                "gemini-2.0-flash",
+                false,
+            ),
+            (
+                "/V1BETA/Models/Gemini-2.0-Flash:streamGenerateContent",
+                LlmApi::GenerateContent,
+                "Gemini-2.0-Flash",
+                true,
+            ),
+            (
+                "/v1beta/MODELS/gemini-2.0-flash:STREAMGENERATECONTENT",
+                LlmApi::GenerateContent,
+                "gemini-2.0-flash",
+                true,
+            ),
+            (
+                "/v1beta/TunedModels/my-tuned:generatecontent",
+                LlmApi::GenerateContent,
+                "my-tuned",
+                false,
+            ),
+            (
+                "/v1beta/models/gemini-2.0-flash:generateContent ",
+                LlmApi::GenerateContent,
+                "gemini-2.0-flash",
+                false,
+            ),
+            (
+                "/v1beta/models/gemini-2.0-flash:streamGenerateContent#x",
+                LlmApi::GenerateContent,
+                "gemini-2.0-flash",
+                true,
+            ),
+            (
+                "\\v1beta\\models\\gemini-2.0-flash:generateContent.",
+                LlmApi::GenerateContent,
+                "gemini-2.0-flash",
+                false,
+            ),
+            (
+                "/v1beta/models/tuned:v2:generateContent",
+                LlmApi::GenerateContent,
+                "tuned:v2",
+                false,
+            ),
+            (
+                "/v1beta/models/text-embedding-004:EmbedContent",
+                LlmApi::Other,
+                "text-embedding-004",
+                false,
+            ),
+            (
+                "/v1beta/models/gemini-2.0-flash:CountTokens/",
+                LlmApi::Other,
+                "gemini-2.0-flash",
+                false,
+            ),
+        ] {
+            assert_eq!(endpoint("POST", path), Some(api), "{path:?}");
+            let call = describe(Provider::Gemini, api, path, &query, &body);
+            assert_eq!(call.provider, "gemini", "{path:?}");
+            assert_eq!(call.model.as_deref(), Some(model), "{path:?}");
+            assert_eq!(call.stream, stream, "{path:?}");
+            let tools: &[&str] = if api == LlmApi::GenerateContent {
+                &["shell"]
+            } else {
+                &[]
+            };
+            assert_eq!(call.tools, tools, "{path:?}");
+        }
+        for path in [
+            "/v1beta/models/gemini-2.0-flash:generateContentX",
+            "/v1beta/models/gemini-2.0-flash",
+            "/v1beta/models/:generateContent",
+            "/v1beta/models/a/b:generateContent",
+            "/v1beta/mymodels/gemini:generateContent",
+        ] {
+            assert_eq!(endpoint("POST", path), None, "{path:?}");
+        }
+    }
+
+    /// An answer fetched again is read wherever its path is spelt as a lenient server routes it, as a create's is.
+    #[test]
+    fn retrieval_paths_are_read_in_any_letter_case_and_with_a_lenient_tail() {
+        for (method, path, api) in [
+            ("GET", "/v1/Responses/resp_AbC", Some(LlmApi::Responses)),
+            ("GET", "/V1/RESPONSES/resp_AbC.", Some(LlmApi::Responses)),
+            (
+                "POST",
+                "/v1/responses/resp_AbC/Cancel",
+                Some(LlmApi::Responses),
+            ),
+            (
+                "post",
+                "\\v1\\responses\\resp_1\\cancel ",
+                Some(LlmApi::Responses),
+            ),
+            (
+                "GET",
+                "/v1/Chat/Completions/chatcmpl-1#x",
+                Some(LlmApi::ChatCompletions),
+            ),
+            ("GET", "/v1/responses/", None),
+            ("GET", "/v1/responses/a/b", None),
+            ("DELETE", "/v1/responses/resp_1", None),
+        ] {
+            assert_eq!(
+                retrieval(Provider::OpenAi, method, path),
+                api,
+                "{method} {path:?}"
+            );
+        }
+        assert_eq!(
+            retrieval(Provider::Gemini, "GET", "/v1/responses/resp_1"),
+            None
+        );
     }
 }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use proxy_support::*;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOST: &str = "api.conform.test";
@@ -589,7 +590,37 @@ async fn a_host_field_naming_another_host_is_refused() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    // In absolute form the request's URI names its authority (RFC 9112 §3.2.2); two `Host` fields are still refused.
+    let mut tls = proxy.tls_to(up, HOST, &[b"http/1.1"]).await;
+    let req = format!(
+        "GET https://{HOST}/x HTTP/1.1\r\nhost: {HOST}\r\nhost: other.conform.test\r\n\r\n"
+    );
+    let answer = send_head(&mut tls, &req).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     assert_eq!(seen.count(), 1);
+
+    // One record each. A request whose URI names its authority (`:authority`, absolute form) has its record name
+    // that host, as every other head refusal's does; two `Host` fields and no authority name no one host.
+    let records = proxy.audit_records().await;
+    assert_eq!(records.len(), 4, "{records:#?}");
+    for (r, host) in [
+        (&records[0], Value::from(HOST)),
+        (&records[2], Value::Null),
+        (&records[3], Value::from(HOST)),
+    ] {
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+        assert_eq!(r["outcome"]["error"], "bad_request", "{r}");
+        assert_eq!(r["outcome"]["status"], 400, "{r}");
+        assert_eq!(r["decision"]["reason"], "bad_request", "{r}");
+        assert_eq!(r["request"]["host"], host, "{r}");
+        assert_eq!(r["request"]["path"], "/x", "{r}");
+    }
+    assert_eq!(records[1]["request"]["host"], HOST);
+    assert_eq!(records[1]["outcome"]["disposition"], "forwarded");
 }
 
 /// An HTTP/2 field value that begins or ends with space or tab is malformed (RFC 9113 §8.2.1): an HTTP/1.1

@@ -25,15 +25,18 @@ pub(crate) struct Head {
     pub upgrade: Option<String>,
 }
 
-/// Read the authority and host, refusing heads that name no valid host, or more than one `Host` field or one that
-/// names another host than the request's authority (RFC 9112 §3.2, RFC 9113 §8.3.1: a server could read the other
-/// name than the policy did). The rest of the head is checked by [`check`], once the record names the host.
+/// Read the authority and host, refusing heads that name no one valid host: none, or more than one `Host` field and
+/// no authority in the request's URI (RFC 9112 §3.2). A URI's authority (h2 `:authority`, HTTP/1.1 absolute form)
+/// is the request's whatever its `Host` fields say (RFC 9113 §8.3.1, RFC 9112 §3.2.2); [`check`] refuses those
+/// that disagree with it, once the record names the host.
 pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
-    if conflicting_host(parts) {
+    if parts.uri.authority().is_none()
+        && parts.headers.get_all(header::HOST).iter().nth(1).is_some()
+    {
         return Err(Refusal::new(
             Reason::BadRequest,
             StatusCode::BAD_REQUEST,
-            "the request's Host field does not match its authority",
+            "the request has more than one Host field",
         ));
     }
     let Some(authority) = request_authority(&parts.uri, &parts.headers) else {
@@ -55,13 +58,22 @@ pub(crate) fn read(parts: &http::request::Parts) -> Result<Head, Refusal> {
     })
 }
 
-/// Refuse heads the proxy will not forward although they name a host (which their record names): field values that
+/// Refuse heads the proxy will not forward although they name a host (which their record names): more than one
+/// `Host` field, or (HTTP/2) one naming another host or port than `:authority` (RFC 9112 §3.2, RFC 9113 §8.3.1: a
+/// server could read the other name than the policy did; the record names the authority's); field values that
 /// begin or end with whitespace (RFC 9113 §8.2.1), an address in the NAT64 local-use prefix
 /// (`host::nat64_local_use`: which IPv4 address it reaches is the network's choice, not the address's), `CONNECT`
 /// outside the explicit listener, paths with dot segments (RFC 3986 §5.2.4: clients remove them; a server resolving
 /// them would serve another path than the one the policy matched; also behind a backslash). A path with a backslash
 /// is read both ways servers read it (`readings`).
 pub(crate) fn check(parts: &http::request::Parts, head: &Head) -> Result<(), Refusal> {
+    if conflicting_host(parts) {
+        return Err(Refusal::new(
+            Reason::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request's Host field does not match its authority",
+        ));
+    }
     if padded_field_value(&parts.headers) {
         return Err(Refusal::new(
             Reason::BadRequest,

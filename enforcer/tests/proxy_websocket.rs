@@ -784,6 +784,64 @@ async fn realtime_calls_are_decided_at_any_realtime_path() {
     }
 }
 
+/// A call the model proposes before the agent made any LLM call on the connection is the connection's: recorded with
+/// provider `openai` and the model the URL named (none without `?model=`), linked to the upgrade's record, as is an
+/// unreadable event refused then. Before, both records named no provider.
+#[tokio::test]
+async fn realtime_refusals_before_any_agent_turn_name_the_connections_call() {
+    for (path, model) in [
+        (
+            "/v1/realtime?model=gpt-realtime",
+            serde_json::Value::from("gpt-realtime"),
+        ),
+        ("/v1/realtime", serde_json::Value::Null),
+    ] {
+        let (w, mut ws) = realtime(REALTIME, path, &[]).await;
+        let shell = ga_call("r", "item_p", "shell", r#"{"command": "id"}"#);
+        upstream_sends(&mut ws, &shell).await;
+        loop {
+            let (raw, v) = next_event(&mut ws).await;
+            assert!(!raw.contains("function_call"), "{path}: {raw}");
+            if v["type"] == "response.done" {
+                break;
+            }
+        }
+        // An array of events is unreadable: the connection ends (1007).
+        ws.send(Message::Text("reply:[{}]".into())).await.unwrap();
+        match text(&mut ws).await {
+            Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Invalid, "{path}"),
+            other => panic!("{path}: expected a close with 1007, got {other:?}"),
+        }
+        let recs = records(&w.proxy).await;
+        let upgrade = &recs[0];
+        assert_eq!(
+            upgrade["request"]["path"],
+            path.split('?').next().unwrap(),
+            "{upgrade}"
+        );
+        assert_eq!(
+            upgrade["request"]["llm_provider"],
+            serde_json::Value::Null,
+            "{upgrade}"
+        );
+        let calls = proposals(&recs);
+        assert_eq!(calls.len(), 2, "{path}: {recs:#?}");
+        assert_eq!(calls[0]["decision"]["rule"], "no-shell", "{}", calls[0]);
+        assert_eq!(calls[0]["request"]["tool"], "shell", "{}", calls[0]);
+        assert_eq!(
+            calls[1]["decision"]["reason"], "unparseable",
+            "{}",
+            calls[1]
+        );
+        for call in calls {
+            assert_eq!(call["outcome"]["disposition"], "blocked", "{call}");
+            assert_eq!(call["request"]["llm_provider"], "openai", "{call}");
+            assert_eq!(call["request"]["llm_model"], model, "{call}");
+            assert_eq!(call["request"]["parent"], upgrade["seq"], "{call}");
+        }
+    }
+}
+
 /// What the agent could read otherwise than the policy is never relayed: an event naming a call that was passed
 /// with other arguments than were decided closes the connection (1007), recorded as unreadable.
 #[tokio::test]

@@ -95,6 +95,35 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
     }
 }
 
+/// The LLM call a WebSocket connection of the OpenAI Realtime API or the Responses WebSocket mode makes by being
+/// opened (`action`: the upgrade request's Action), before any message of the agent's makes one: provider `openai`
+/// and, for Realtime, the model the `model` query parameter names (the session's model until an event names
+/// another). What the model proposes on the connection before the agent's first call answers this one. `None` for
+/// any other connection.
+pub fn connection_call(action: &Action, cfg: &InspectConfig) -> Option<LlmCall> {
+    let http = action.http.as_ref()?;
+    let provider = action
+        .transport
+        .host
+        .as_deref()
+        .and_then(|h| cfg.provider_for(h, action.transport.port))?;
+    if provider != Provider::OpenAi {
+        return None;
+    }
+    let path = super::canonical_path(http.path.split('?').next().unwrap_or_default());
+    if llm::realtime_websocket(&path) {
+        Some(realtime_call(&Value::Null, http.query.get("model")))
+    } else if llm::responses_websocket(&path) {
+        Some(LlmCall {
+            provider: provider.as_str().to_string(),
+            stream: true,
+            ..LlmCall::default()
+        })
+    } else {
+        None
+    }
+}
+
 /// A Realtime event that sends the model something, as an LLM call: the session's model (the `model` query parameter
 /// of the connection, unless the event names one), the tools a `session.update` (or a `response.create` overriding the
 /// session) declares, and whether it returns tool results to the model — a `conversation.item.create` adding a

@@ -31,7 +31,9 @@ pub(crate) use keys::{
 };
 pub(crate) use llm::{gemini_json_name, namespaced_tools, tool_name};
 pub(crate) use mcp::ambiguous as ambiguous_json_rpc;
-pub use message::{classify_message, is_realtime_websocket, is_responses_websocket, message_block};
+pub use message::{
+    classify_message, connection_call, is_realtime_websocket, is_responses_websocket, message_block,
+};
 pub use method::other_methods;
 pub use multipart::{
     check as check_body_encodings, decoded_params as multipart_params, Undecodable,

@@ -67,7 +67,10 @@ pub(crate) async fn relay(client: TokioIo<Upgraded>, upstream: TokioIo<Upgraded>
         Arc::new(Mutex::new(upstream_tx)),
     );
     let ans = Arc::new(ans);
-    let turn = Turn::default();
+    let turn = Turn(std::sync::Mutex::new(
+        crate::inspect::connection_call(&ans.request, &ans.ctx.inspect)
+            .map(|llm| (llm, ans.parent)),
+    ));
     tokio::select! {
         () = from_agent(&ans, &turn, (client_rx, &from_client), &client_tx, &upstream_tx) => {}
         () = from_upstream(&ans, &turn, (upstream_rx, &from_upstream_held), &client_tx, &upstream_tx) => {}
@@ -176,13 +179,19 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<S> {
 }
 
 /// The LLM call the upstream's events answer: the last message from the agent that made one (a Responses
-/// `response.create`; a Realtime `session.update`, `response.create` or `conversation.item.create`) and was forwarded, with its record's `seq`. Proposals in the events are decided with that
-/// call's `llm` (its provider and model, as over server-sent events) and linked to its record; before any, to
-/// the upgrade's.
-#[derive(Default)]
+/// `response.create`; a Realtime `session.update`, `response.create` or `conversation.item.create`) and was
+/// forwarded, with its record's `seq`; before any, the call the connection makes by being opened
+/// (`inspect::connection_call`: provider `openai`, Realtime's model from the URL), with the upgrade's `seq`.
+/// Proposals in the events are decided with that call's `llm` (its provider and model, as over server-sent events)
+/// and their records, refusals included, name it and link to its record.
 struct Turn(std::sync::Mutex<Option<(LlmCall, u64)>>);
 
 impl Turn {
+    /// The exchange as answering the current call, when there is one.
+    fn answering(&self, ans: &Answering) -> Option<Answering> {
+        self.get().map(|(llm, seq)| ans.for_turn(llm, seq))
+    }
+
     fn set(&self, llm: LlmCall, seq: u64) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((llm, seq));
     }
@@ -264,7 +273,9 @@ async fn from_upstream(
                         }
                         // A tool call the reader still holds stays in the budget.
                         if !settle(held, props.held_bytes() as u64) {
-                            too_big(ans, &over_budget_error(), Phase::Proposal).await;
+                            let now = turn.answering(ans);
+                            let now = now.as_ref().unwrap_or(ans);
+                            too_big(now, &over_budget_error(), Phase::Proposal).await;
                             close_both(client, upstream, CloseCode::Again, "").await;
                             return;
                         }
@@ -282,7 +293,8 @@ async fn from_upstream(
                 continue;
             }
             Err(e) => {
-                too_big(ans, &e, Phase::Response).await;
+                let now = turn.answering(ans);
+                too_big(now.as_ref().unwrap_or(ans), &e, Phase::Response).await;
                 close_both(client, upstream, close_code(&e), "").await;
                 return;
             }
@@ -350,7 +362,8 @@ async fn too_big(ans: &Answering, e: &WsError, phase: Phase) {
     };
     let decision = super::enforcer_decision(&ans.policy, reason, message);
     let outcome = refused(Some(reason));
-    ans.record(phase, decision, ans.summary.clone(), outcome)
+    // Naming the LLM call `ans` answers, if any (the agent's messages are answered by none).
+    ans.record(phase, decision, ans.refusal_summary(), outcome)
         .await;
 }
 
@@ -600,20 +613,23 @@ async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Mess
         data: text,
         raw,
     });
+    // What is decided or refused here answers the current call (`Turn`), named in its records.
     let Ok(calls) = pushed else {
         // What the reader cannot read may carry a call: the connection ends (fail closed), recorded.
         let message = crate::inspect::proposal::Unreadable.to_string();
         let reason = Reason::Unparseable;
-        super::response::record_refusal(ans, Phase::Proposal, reason, &message, None).await;
+        let now = turn.answering(ans);
+        let now = now.as_ref().unwrap_or(ans);
+        super::response::record_refusal(now, Phase::Proposal, reason, &message, None).await;
         return vec![Fate::Close(CloseCode::Invalid, "message is not valid JSON")];
     };
     let hold = super::hold::Holding::No;
-    let rulings = match turn.get() {
-        Some((llm, seq)) if !calls.is_empty() => {
-            super::proposal::rule(&ans.for_turn(llm, seq), &calls, &hold).await
-        }
-        _ => super::proposal::rule(ans, &calls, &hold).await,
+    let now = if calls.is_empty() {
+        None
+    } else {
+        turn.answering(ans)
     };
+    let rulings = super::proposal::rule(now.as_ref().unwrap_or(ans), &calls, &hold).await;
     let mut out: Vec<Fate> = props
         .release(&rulings)
         .into_iter()
@@ -627,7 +643,9 @@ async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Mess
     if props.held_bytes() as u64 > ans.policy.max_body_bytes() {
         let message = "a proposed tool call exceeds the inspection limit";
         let reason = Reason::BodyTooLarge;
-        super::response::record_refusal(ans, Phase::Proposal, reason, message, None).await;
+        let now = now.or_else(|| turn.answering(ans));
+        let now = now.as_ref().unwrap_or(ans);
+        super::response::record_refusal(now, Phase::Proposal, reason, message, None).await;
         out.push(Fate::Close(
             CloseCode::Size,
             "a tool call exceeds the inspection limit",

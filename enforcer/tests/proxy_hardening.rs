@@ -124,6 +124,21 @@ fn all_refused_as(records: &[serde_json::Value], error: &str) {
     }
 }
 
+/// Asserts that each record says its request was blocked by the policy (403), by `rules` in order (`None`: its
+/// default).
+fn all_blocked_by(records: &[serde_json::Value], rules: &[Option<&str>]) {
+    assert_eq!(records.len(), rules.len(), "{records:#?}");
+    for (r, rule) in records.iter().zip(rules) {
+        assert_eq!(r["decision"]["verdict"], "block", "{r}");
+        assert_eq!(r["decision"]["rule"].as_str(), *rule, "{r}");
+        let reason = if rule.is_some() { "rule" } else { "default" };
+        assert_eq!(r["decision"]["reason"], reason, "{r}");
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+        assert_eq!(r["outcome"]["status"], 403, "{r}");
+        assert_eq!(r["outcome"]["error"], serde_json::Value::Null, "{r}");
+    }
+}
+
 /// A raw HTTP/1.1 POST of `body` to `target` on `host`, with the header lines `extra` (each ending in CRLF), on a
 /// connection the client closes after it.
 fn post_to(host: impl std::fmt::Display, target: &str, extra: &str, body: &str) -> String {
@@ -1068,9 +1083,10 @@ async fn nat64_addresses_are_decided_as_the_ipv4_address_they_reach() {
 
 /// Frameworks route a POST as the method it names in `X-HTTP-Method-Override` (and `X-HTTP-Method`,
 /// `X-Method-Override`) or a `_method` parameter of its query or form (Rack, Laravel, Spring, Express
-/// `method-override`): each request below is a DELETE to such an application, where the policy saw a POST. They are
-/// refused (400, one record, bad_request) and nothing reaches the upstream, as is a `_method` part of a multipart
-/// form (its value is not read); an override naming the request's own method passes.
+/// `method-override`): each request below is a DELETE to such an application, where the policy saw a POST. The
+/// policy blocks the DELETE reading, so the block is the request's decision: refused as the policy refuses (403, one
+/// record naming the rule) and nothing reaches the upstream. A `_method` part of a multipart form is refused as
+/// unreadable (400, bad_request: its value is not read); an override naming the request's own method passes.
 #[tokio::test]
 async fn a_method_override_naming_another_method_is_refused() {
     short_limits();
@@ -1108,14 +1124,18 @@ async fn a_method_override_naming_another_method_is_refused() {
             "text/plain",
             "",
         ),
-        post(
-            "/items/7",
-            "",
-            "multipart/form-data; boundary=b",
-            "--b\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\nPUT\r\n--b--\r\n",
-        ),
     ];
-    answered_each(&p, up, &requests, 400).await;
+    let answers = answered_each(&p, up, &requests, 403).await;
+    for a in &answers {
+        assert!(a.contains("no-deletes"), "{a}");
+    }
+    let multipart = post(
+        "/items/7",
+        "",
+        "multipart/form-data; boundary=b",
+        "--b\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\nPUT\r\n--b--\r\n",
+    );
+    answered_each(&p, up, &[multipart], 400).await;
     assert!(
         seen.lock().unwrap().is_empty(),
         "an overridden method reached the upstream"
@@ -1128,8 +1148,56 @@ async fn a_method_override_naming_another_method_is_refused() {
     );
     answered_each(&p, up, &[same], 200).await;
     let records = p.audit_records().await;
-    assert_eq!(records.len(), requests.len() + 1);
-    all_refused_as(&records[..requests.len()], "bad_request");
+    assert_eq!(records.len(), requests.len() + 2);
+    for r in &records[..requests.len()] {
+        assert_eq!(r["decision"]["verdict"], "block", "{r}");
+        assert_eq!(r["decision"]["rule"], "no-deletes", "{r}");
+        assert_eq!(r["decision"]["reason"], "rule", "{r}");
+        assert_eq!(
+            r["decision"]["matched"],
+            serde_json::json!(["no-deletes"]),
+            "{r}"
+        );
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+        assert_eq!(r["outcome"]["status"], 403, "{r}");
+        assert_eq!(r["outcome"]["error"], serde_json::Value::Null, "{r}");
+        // The record names the request as sent.
+        assert_eq!(r["request"]["method"], "POST", "{r}");
+    }
+    all_refused_as(&records[requests.len()..=requests.len()], "bad_request");
+}
+
+/// Readings the policy decides differently where none is an enforced block (a `log` rule for one, the default for
+/// another; a block under a shadow policy) have no decision that fits the request: refused as ambiguous (400, one
+/// record, bad_request), never forwarded. A request blocked under its own reading is refused by that block (403).
+#[tokio::test]
+async fn readings_decided_differently_without_an_enforced_block_are_refused_as_ambiguous() {
+    short_limits();
+    let logged = "version: 1\ndefault: allow\nrules:\n  - id: log-deletes\n    when: { method: DELETE }\n    verdict: log\n  - id: no-posts-here\n    when: { method: POST, path: /posts/** }\n    verdict: block\n";
+    let shadow = "version: 1\nmode: shadow\ndefault: allow\nrules:\n  - id: no-deletes\n    when: { method: DELETE }\n    verdict: block\n";
+    for (yaml, target, status, error, rule) in [
+        (logged, "/items/7", 400, "bad_request", None),
+        (shadow, "/items/7", 400, "bad_request", None),
+        (logged, "/posts/7", 403, "", Some("no-posts-here")),
+    ] {
+        let p = start_proxy(yaml, &[], false).await;
+        let (up, seen) = raw_upstream(false).await;
+        let req = post_to(up, target, "x-http-method-override: DELETE\r\n", "");
+        answered_each(&p, up, &[req], status).await;
+        assert!(seen.lock().unwrap().is_empty(), "{target}: forwarded");
+        let records = p.audit_records().await;
+        assert_eq!(records.len(), 1, "{records:#?}");
+        let r = &records[0];
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+        assert_eq!(r["outcome"]["status"], status, "{r}");
+        match rule {
+            None => assert_eq!(r["outcome"]["error"], error, "{r}"),
+            Some(rule) => {
+                assert_eq!(r["decision"]["rule"], rule, "{r}");
+                assert_eq!(r["outcome"]["error"], serde_json::Value::Null, "{r}");
+            }
+        }
+    }
 }
 
 /// A POST that names another method (`X-HTTP-Method-Override: GET`, `_method=PUT` in its query or form) is decided
@@ -1356,8 +1424,8 @@ async fn llm_calls_carrying_rows_with_members_alike_in_letter_case_are_forwarded
 /// A condition on a header or query parameter holds when any of its values meets it, while a receiver acts on the
 /// first, the last or all of them — and a CGI-style server (WSGI, Django, PHP) reads `X_Role` as `X-Role`. Each
 /// request below passes an allow rule on `x-role: reader` and `mode=read` with a second value the application may
-/// act on instead. Such a request is refused (400, one record, bad_request) and nothing reaches the upstream; the
-/// same request given one way passes.
+/// act on instead, which the policy's default blocks: refused by that block (403, one record) and nothing reaches the
+/// upstream; the same request given one way passes.
 #[tokio::test]
 async fn a_field_the_policy_reads_given_two_ways_is_refused() {
     short_limits();
@@ -1372,7 +1440,7 @@ async fn a_field_the_policy_reads_given_two_ways_is_refused() {
         get("mode=read", "x-role: reader\r\nx_role: admin\r\n"),
         get("mode=read&mode=write", "x-role: reader\r\n"),
     ];
-    answered_each(&p, up, &requests, 400).await;
+    answered_each(&p, up, &requests, 403).await;
     assert!(
         seen.lock().unwrap().is_empty(),
         "a second value reached the upstream"
@@ -1381,14 +1449,14 @@ async fn a_field_the_policy_reads_given_two_ways_is_refused() {
     answered_each(&p, up, &[one_way], 200).await;
     let records = p.audit_records().await;
     assert_eq!(records.len(), requests.len() + 1);
-    all_refused_as(&records[..requests.len()], "bad_request");
+    all_blocked_by(&records[..requests.len()], &[None, None, None]);
 }
 
 /// List-valued fields are legitimate: two `anthropic-beta` lines (one list, RFC 9110 §5.3), `include[]` given twice,
 /// a `;` in a value (`q=a;b`, which Rails also reads as `q=a` and `b`). Each is decided under every reading — each
 /// value alone, the lines joined with `, `, the query split on `;` too — and, the policy deciding them all alike,
 /// reaches the upstream recorded allowed. The same policy's block rules still see a value one reading gives: such
-/// a request is refused (400, bad_request).
+/// a request is refused by that rule (403).
 #[tokio::test]
 async fn a_list_valued_field_read_alike_every_way_is_forwarded() {
     short_limits();
@@ -1417,14 +1485,19 @@ async fn a_list_valued_field_read_alike_every_way_is_forwarded() {
         get("include[]=a&include[]=secrets", ""),
         get("q=a;q=drop", ""),
     ];
-    for resp in answered_each(&p, up, &bypasses, 400).await {
-        assert!(resp.contains("reads more than one way"), "{resp}");
+    let rules = ["no-computer-use", "no-secrets", "no-drop"];
+    for (resp, rule) in answered_each(&p, up, &bypasses, 403)
+        .await
+        .iter()
+        .zip(rules)
+    {
+        assert!(resp.contains(rule), "{resp}");
     }
     assert_eq!(seen.count() as usize, legitimate.len());
     let records = p.audit_records().await;
     assert_eq!(records.len(), legitimate.len() + bypasses.len());
     all_forwarded_as(&records[..legitimate.len()], None);
-    all_refused_as(&records[legitimate.len()..], "bad_request");
+    all_blocked_by(&records[legitimate.len()..], &rules.map(Some));
 }
 
 /// A request read several ways is enforced as the proxy parsed it: two `anthropic-beta` lines that each reading
@@ -1515,8 +1588,8 @@ async fn a_member_a_condition_reads_given_twice_in_letter_case_is_refused() {
 
 /// IIS and ASP.NET read a backslash in a path as `/`: `/admin%5Cusers` is `/admin/users` to them and a segment
 /// `admin\users` to others, which a rule on `/admin/**` does not match. A path with a backslash, sent or encoded,
-/// is decided both ways; these are decided otherwise under each, so they are refused (400, one record each,
-/// bad_request) and never forwarded.
+/// is decided both ways; the rule blocks the `/` reading of each, so they are refused by it (403, one record each)
+/// and never forwarded.
 #[tokio::test]
 async fn a_backslash_in_the_path_is_refused() {
     short_limits();
@@ -1526,15 +1599,14 @@ async fn a_backslash_in_the_path_is_refused() {
     for path in ["/admin%5Cusers", "/admin%5cusers", "/admin\\users"] {
         let req = format!("GET {path} HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n");
         let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
-        assert_eq!(status_of(&resp), Some(400), "{path}: {resp}");
+        assert_eq!(status_of(&resp), Some(403), "{path}: {resp}");
     }
     assert!(
         seen.lock().unwrap().is_empty(),
         "a backslash path reached the upstream"
     );
     let records = p.audit_records().await;
-    assert_eq!(records.len(), 3, "{records:#?}");
-    all_refused_as(&records, "bad_request");
+    all_blocked_by(&records, &[Some("no-admin"); 3]);
 }
 
 /// A backslash the policy decides alike read either way (a Windows file name in a path no rule tells apart) reaches
@@ -1560,7 +1632,7 @@ async fn a_backslash_decided_alike_both_ways_is_forwarded() {
 /// Express (qs), Rack/Rails and PHP read `cmd[]=id`, `cmd%5B%5D=id` and `cmd[x]=id` as the parameter `cmd` (`["id"]`,
 /// `{x: "id"}`); PHP also reads `user.id`, `user id` and `user[id` as `user_id`. A rule blocking any `cmd` (or any
 /// `user_id`) decides the query both as named and as those frameworks name it, and the request, read differently,
-/// is refused (400, bad_request, one record) and never forwarded. Brackets in a parameter no rule reads pass.
+/// is refused by the rule (403, one record) and never forwarded. Brackets in a parameter no rule reads pass.
 #[tokio::test]
 async fn query_names_frameworks_read_as_another_name_are_read_both_ways() {
     short_limits();
@@ -1585,7 +1657,7 @@ async fn query_names_frameworks_read_as_another_name_are_read_both_ways() {
         .collect();
     for (q, req) in queries.iter().zip(&requests) {
         let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
-        assert_eq!(status_of(&resp), Some(400), "{q}: {resp}");
+        assert_eq!(status_of(&resp), Some(403), "{q}: {resp}");
     }
     assert!(
         seen.lock().unwrap().is_empty(),
@@ -1597,14 +1669,21 @@ async fn query_names_frameworks_read_as_another_name_are_read_both_ways() {
     answered_each(&p, up, &[ok], 200).await;
     let records = p.audit_records().await;
     assert_eq!(records.len(), queries.len() + 1);
-    all_refused_as(&records[..queries.len()], "bad_request");
+    let rules = queries.map(|q| {
+        Some(if q.contains("cmd") {
+            "no-cmd"
+        } else {
+            "no-user-id"
+        })
+    });
+    all_blocked_by(&records[..queries.len()], &rules);
     all_forwarded_as(&records[queries.len()..], None);
 }
 
 /// Rack 2 (Rails), older Python and Go split a query on `;` as well as `&`: `?mode=read;mode=write` asks such an
 /// application for `mode=write`, where a plain reading gives one value `read;mode=write`. A rule blocking
-/// `mode=write` sees every reading, and the request, giving `mode` two ways, is refused and never forwarded. A `;`
-/// in a parameter no rule reads passes.
+/// `mode=write` sees every reading, and the request, giving `mode` two ways, is refused by it (403) and never
+/// forwarded. A `;` in a parameter no rule reads passes.
 #[tokio::test]
 async fn a_query_split_on_semicolons_is_read_both_ways() {
     short_limits();
@@ -1615,7 +1694,7 @@ async fn a_query_split_on_semicolons_is_read_both_ways() {
         "GET /records?mode=read;mode=write HTTP/1.1\r\nhost: {up}\r\nconnection: close\r\n\r\n"
     );
     let (resp, _) = exchange(&p, up, req.as_bytes(), Duration::from_secs(5)).await;
-    assert_eq!(status_of(&resp), Some(400), "{resp}");
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
     assert!(
         seen.lock().unwrap().is_empty(),
         "mode=write reached the upstream"
@@ -1626,9 +1705,5 @@ async fn a_query_split_on_semicolons_is_read_both_ways() {
     answered_each(&p, up, &[ok], 200).await;
     let records = p.audit_records().await;
     assert_eq!(records.len(), 2);
-    assert_eq!(
-        records[0]["outcome"]["error"], "bad_request",
-        "{}",
-        records[0]
-    );
+    all_blocked_by(&records[..1], &[Some("read-only")]);
 }

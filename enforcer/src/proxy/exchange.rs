@@ -12,7 +12,8 @@
 //!    other reading's: `readings`);
 //! 5. `Sessions::fill` — what the agent's session did so far, for `session.*` conditions;
 //! 6. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with; a request whose
-//!    other readings the policy decides otherwise is refused (`readings::agree`);
+//!    other readings the policy decides otherwise is blocked by the policy's block of any reading
+//!    (`readings::blocking`), else refused as ambiguous (`readings::agree`);
 //! 7. `Sessions::note` — what each decided Action leaves on the session (labels, counters, the tool it called);
 //! 8. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
 //! 9. `enforce::enforce` — block, or constrain the request;
@@ -159,8 +160,12 @@ async fn prepare(
     let others = readings.decide(&policy);
     let mut decided = policy.decide_all(&inspected.actions);
     if !readings::agree(&decided, &others) {
-        rec.note_protocol(inspected.protocol);
-        return Err(readings.refusal());
+        // The policy's enforced block of any reading is the request's decision; else no one decision fits.
+        let Some(blocked) = readings::blocking(&decided, &others) else {
+            rec.note_protocol(inspected.protocol);
+            return Err(readings.refusal());
+        };
+        decided = blocked;
     }
     // The DNS stage's stand-in address for a refused name: never forwarded (see `dns::stand_in_decision`).
     if crate::dns::is_synthetic(conn.dst.ip()) {

@@ -1,8 +1,10 @@
 //! Requests that receivers may read more than one way, decided under each reading. A request is forwarded when the
-//! policy decides every reading alike — per Action, the same verdict from the same rule — and refused (400, one
-//! record) when it does not: the upstream may act on a reading the enforced decision did not see. The decision
-//! enforced (a constrain's rewrites included) is always the one for the request as the proxy parsed it; the other
-//! readings only have to agree with it. They are built only for a request that has such an ambiguity ([`build`]
+//! policy decides every reading alike — per Action, the same verdict from the same rule — and refused when it does
+//! not: the upstream may act on a reading the enforced decision did not see. Refused by the policy's block (403, its
+//! rule recorded: [`blocking`]) when the policy blocks some reading with an enforced block — that is its decision
+//! for a reading the upstream may act on; else as ambiguous (400, `bad_request`), no one decision fitting every
+//! reading. One record either way. The decision enforced when they agree (a constrain's rewrites included) is the
+//! one for the request as the proxy parsed it; the other readings only have to agree with it. They are built only for a request that has such an ambiguity ([`build`]
 //! returns none otherwise), so the common path costs one look at the fields the policy reads.
 //!
 //! The ambiguities, each read every way a receiver may read it:
@@ -25,7 +27,7 @@
 
 use super::refusal::Refusal;
 use crate::inspect::InspectError;
-use crate::model::{Action, Decided, HttpRequest, Pairs};
+use crate::model::{Action, Decided, HttpRequest, Mode, Pairs, Verdict};
 use crate::policy::{same_header, Policy};
 
 /// The most readings one request is decided under; a request that reads more ways is refused.
@@ -281,6 +283,29 @@ pub(crate) fn agree(own: &Decided, readings: &[Decided]) -> bool {
     })
 }
 
+/// The decision carried out for a request whose readings the policy decides differently ([`agree`] false) when it
+/// blocks one of them with an enforced block: the request's own decision when it is that, else the first other
+/// reading's block, for every Action of the request (its `each` all that block). `None` when no reading is so
+/// blocked (a shadow block is not carried out): the request is refused as ambiguous ([`Readings::refusal`]).
+pub(crate) fn blocking(own: &Decided, readings: &[Decided]) -> Option<Decided> {
+    let blocks =
+        |d: &Decided| d.decision.verdict == Verdict::Block && d.decision.mode == Mode::Enforce;
+    if blocks(own) {
+        return Some(own.clone());
+    }
+    let reading = readings.iter().find(|r| blocks(r))?;
+    let actions = own.each.len();
+    Some(Decided {
+        decision: reading.decision.clone(),
+        index: if reading.index < actions {
+            reading.index
+        } else {
+            own.index
+        },
+        each: vec![reading.decision.clone(); actions],
+    })
+}
+
 /// The path with each backslash, sent or percent-encoded, read as `/` (IIS, ASP.NET); `None` when it has none.
 fn backslash_as_slash(path: &str) -> Option<String> {
     has_backslash(path).then(|| {
@@ -504,6 +529,44 @@ mod tests {
             let (mine, own) = (reading.json.as_ref(), http.json.as_ref());
             assert!(crate::model::Shared::same(mine.unwrap(), own.unwrap()));
         }
+    }
+
+    /// The policy's enforced block of any reading is carried out (the request's own first), for every Action; a
+    /// shadow block or no block at all leaves the request to be refused as ambiguous.
+    #[test]
+    fn an_enforced_block_of_any_reading_is_the_decision() {
+        use crate::model::{Decision, Reason};
+        let d = |verdict: Verdict, rule: Option<&str>, mode: Mode| {
+            let reason = if rule.is_some() {
+                Reason::Rule
+            } else {
+                Reason::Default
+            };
+            Decision {
+                deciding_rule: rule.map(str::to_string),
+                matched_rules: rule.map(str::to_string).into_iter().collect(),
+                ..Decision::bare(verdict, reason, mode, "h".into())
+            }
+        };
+        let decided = |decision: Decision, n: usize| Decided {
+            decision: decision.clone(),
+            index: 0,
+            each: vec![decision; n],
+        };
+        let allow = decided(d(Verdict::Allow, None, Mode::Enforce), 2);
+        let logged = decided(d(Verdict::Log, Some("log-it"), Mode::Enforce), 2);
+        let block = d(Verdict::Block, Some("no-deletes"), Mode::Enforce);
+        let blocked = decided(block.clone(), 1);
+        let shadow = decided(d(Verdict::Block, Some("no-deletes"), Mode::Shadow), 2);
+
+        let carried = blocking(&allow, &[logged.clone(), blocked.clone()]).unwrap();
+        assert_eq!(carried.decision, block);
+        assert_eq!(carried.each, [block.clone(), block.clone()]);
+        assert_eq!(carried.index, 0);
+        let own = decided(d(Verdict::Block, Some("own"), Mode::Enforce), 2);
+        assert_eq!(blocking(&own, &[blocked]), Some(own));
+        assert_eq!(blocking(&allow, &[logged.clone(), shadow.clone()]), None);
+        assert_eq!(blocking(&shadow, &[logged]), None);
     }
 
     #[test]

@@ -469,6 +469,34 @@ fn a_reading_looks_at_a_rate_limit_and_takes_no_token() {
     assert_eq!(looked.verdict, taken.verdict);
 }
 
+/// When the rate-limit table has no room for another bucket, a request needing one is refused (fail closed), and
+/// another reading of it (`decide_reading`) is decided as the decision enforced is: refused by the same rule, never
+/// allowed. Before, the reading was allowed while the decision enforced was refused.
+#[test]
+fn a_full_rate_limit_table_decides_a_reading_as_the_decision_enforced() {
+    let p = policy(
+        r#"
+  - { id: limited, when: { host: "*" }, verdict: allow, rate_limit: { requests: 5, per: 1h, by: [host] } }
+"#,
+    );
+    // 65,536 buckets (the table's bound), none refilled.
+    for i in 0..65_536 {
+        let d = p
+            .decide_all(&[http(&format!("h{i}.test"), "GET", "/")])
+            .decision;
+        assert_eq!(d.verdict, Verdict::Allow);
+    }
+    let a = vec![http("new.test", "GET", "/")];
+    let looked = p.decide_reading(&a).decision;
+    let taken = p.decide_all(&a).decision;
+    for d in [&looked, &taken] {
+        assert_eq!(
+            (d.verdict, d.reason, d.deciding_rule.as_deref()),
+            (Verdict::Block, Reason::RateLimited, Some("limited"))
+        );
+    }
+}
+
 #[test]
 fn rate_limit_is_exact_under_concurrency() {
     let p = Arc::new(policy(

@@ -1,6 +1,8 @@
 //! Per-rule rate limits: a token bucket per (rule, `by` key values), refilled continuously at `requests / per`.
 //! The buckets live behind a `Mutex` that is only held for one map operation (evaluation is synchronous), and the
-//! table is bounded: when it grows past its cap, buckets that have refilled completely are forgotten first.
+//! table is bounded: when it grows past its cap, buckets that have refilled completely (each by its own rule's
+//! capacity and rate) are forgotten first, and a request needing a bucket the table still has no room for is over
+//! the limit — to a look (another reading of a request) as to a take.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -46,10 +48,22 @@ pub enum Tokens {
     Look,
 }
 
+/// One bucket, with its own rule's capacity and refill rate (tokens per second), so the table can tell a refilled
+/// bucket of any rule.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     last: Instant,
+    capacity: f64,
+    rate: f64,
+}
+
+impl Bucket {
+    /// The tokens the bucket holds at `now`.
+    fn refilled(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * self.rate).min(self.capacity)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -59,7 +73,8 @@ pub struct Limiter {
 
 impl Limiter {
     /// Take one token for `rule` under `limit` (with [`Tokens::Look`], only look whether there is one); `false` when
-    /// the bucket is empty (over the limit).
+    /// the bucket is empty (over the limit), or when it is not in the table and the table has no room for it even
+    /// once the buckets that have refilled completely are forgotten (fail closed: a look says what a take would).
     pub fn admit(
         &self,
         rule: usize,
@@ -75,29 +90,24 @@ impl Limiter {
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if tokens == Tokens::Look {
-            return buckets.get(&key).is_none_or(|b| {
-                let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-                (b.tokens + elapsed * rate).min(capacity) >= 1.0
-            });
-        }
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&key) {
-            buckets.retain(|_, b| {
-                let refilled =
-                    b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate;
-                refilled < capacity
-            });
+            // A bucket that has refilled completely is as good as none: forgetting it changes no decision.
+            buckets.retain(|_, b| b.refilled(now) < b.capacity);
             if buckets.len() >= MAX_BUCKETS {
                 // Every bucket is busy: refuse rather than grow without bound.
                 return false;
             }
         }
+        if tokens == Tokens::Look {
+            return buckets.get(&key).is_none_or(|b| b.refilled(now) >= 1.0);
+        }
         let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: capacity,
             last: now,
+            capacity,
+            rate,
         });
-        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
+        bucket.tokens = bucket.refilled(now);
         bucket.last = bucket.last.max(now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
@@ -183,6 +193,71 @@ mod tests {
         assert!(limiter.admit(0, &limit, &action, t1, Tokens::Look));
         assert!(limiter.admit(2, &limit, &action, t1, Tokens::Look));
         assert!(limiter.admit(0, &limit, &action, t1, Tokens::Take));
+    }
+
+    /// An action to `host` (the key of a `by: [host]` limit).
+    fn to_host(host: String) -> Action {
+        let mut a = Action::default();
+        a.transport.host = Some(host);
+        a
+    }
+
+    /// The table filled with `MAX_BUCKETS` buckets of rule 0 (`limit`), none refilled at `t0`.
+    fn full_table(limiter: &Limiter, limit: &RateLimit, t0: Instant) {
+        for i in 0..MAX_BUCKETS {
+            assert!(limiter.admit(0, limit, &to_host(format!("h{i}")), t0, Tokens::Take));
+        }
+    }
+
+    /// A full table refuses a new bucket (fail closed), and a look at one says what a take would: no. Before, a look
+    /// at a key the table had no room for said yes, so another reading of a request passed where the decision
+    /// enforced was refused.
+    #[test]
+    fn a_full_table_refuses_a_new_bucket_to_a_look_as_to_a_take() {
+        let limiter = Limiter::default();
+        let limit = RateLimit {
+            requests: 2,
+            per: Duration::from_secs(3600),
+            by: vec![By::Host],
+        };
+        let t0 = Instant::now();
+        full_table(&limiter, &limit, t0);
+        let new = to_host("new".into());
+        assert!(!limiter.admit(0, &limit, &new, t0, Tokens::Look));
+        assert!(!limiter.admit(0, &limit, &new, t0, Tokens::Take));
+        assert!(!limiter.admit(1, &limit, &new, t0, Tokens::Look));
+        // A bucket already in the table is looked at and taken from as ever (one token left of two).
+        let known = to_host("h7".into());
+        assert!(limiter.admit(0, &limit, &known, t0, Tokens::Look));
+        assert!(limiter.admit(0, &limit, &known, t0, Tokens::Take));
+        assert!(!limiter.admit(0, &limit, &known, t0, Tokens::Look));
+        // Once the buckets have refilled they are forgotten, for a look as for a take: room again.
+        let later = t0 + Duration::from_secs(3600);
+        assert!(limiter.admit(0, &limit, &new, later, Tokens::Look));
+        assert!(limiter.admit(0, &limit, &new, later, Tokens::Take));
+    }
+
+    /// Each bucket is pruned by its own rule's capacity and rate: another rule's faster refill does not make a busy
+    /// bucket look refilled. Before, the table was pruned with the capacity and rate of the rule asking for room, so
+    /// a rule of 1 per second forgot an hour-long limit's exhausted buckets, and they admitted again at once.
+    #[test]
+    fn buckets_are_pruned_by_their_own_rate() {
+        let limiter = Limiter::default();
+        let slow = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(3600),
+            by: vec![By::Host],
+        };
+        let fast = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(1),
+            by: vec![By::Host],
+        };
+        let t0 = Instant::now();
+        full_table(&limiter, &slow, t0);
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(!limiter.admit(1, &fast, &to_host("new".into()), t1, Tokens::Take));
+        assert!(!limiter.admit(0, &slow, &to_host("h0".into()), t1, Tokens::Take));
     }
 
     #[test]

@@ -842,6 +842,37 @@ async fn realtime_refusals_before_any_agent_turn_name_the_connections_call() {
     }
 }
 
+/// After the agent's LLM call, an unreadable event refused answers that call: its record names the call's provider
+/// and model (the event's own, over the URL's) and links to the call's record. Before, it named none.
+#[tokio::test]
+async fn a_realtime_refusal_after_an_agent_turn_names_the_turns_call() {
+    let (w, mut ws) = realtime(REALTIME, "/v1/realtime?model=gpt-realtime", &[]).await;
+    let create =
+        serde_json::json!({"type": "response.create", "response": {"model": "gpt-realtime-mini"}});
+    ws.send(Message::Text(create.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut ws).await.1["type"], "response.completed");
+    ws.send(Message::Text("reply:[{}]".into())).await.unwrap();
+    match text(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Invalid),
+        other => panic!("expected a close with 1007, got {other:?}"),
+    }
+    let recs = records(&w.proxy).await;
+    let turn = recs
+        .iter()
+        .find(|r| {
+            r["request"]["llm_model"] == "gpt-realtime-mini" && r["request"]["phase"] == "request"
+        })
+        .expect("the response.create's record");
+    let last = recs.last().unwrap();
+    assert_eq!(last["request"]["phase"], "proposal", "{last}");
+    assert_eq!(last["decision"]["reason"], "unparseable", "{last}");
+    assert_eq!(last["request"]["llm_provider"], "openai", "{last}");
+    assert_eq!(last["request"]["llm_model"], "gpt-realtime-mini", "{last}");
+    assert_eq!(last["request"]["parent"], turn["seq"], "{last}");
+}
+
 /// What the agent could read otherwise than the policy is never relayed: an event naming a call that was passed
 /// with other arguments than were decided closes the connection (1007), recorded as unreadable.
 #[tokio::test]

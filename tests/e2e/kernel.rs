@@ -21,7 +21,7 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// Run `cmd` as root in a fresh cgroup below `profile`'s tagged cgroup, kept until `keep` returns (so records can
 /// still name it); returns (exit code, stdout, stderr) and the cgroup's path relative to the cgroup root.
-fn as_root_in_tagged_cgroup(
+pub(crate) fn as_root_in_tagged_cgroup(
     env: &Env,
     profile: &str,
     cmd: &[&str],
@@ -808,6 +808,8 @@ pub fn a_connect_straight_to_the_proxy_is_recorded_with_its_agent(env: &mut Env)
 const SAME_PORT: &str = r#"
 import socket, sys
 host, allowed, blocked = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print("started", flush=True)
+sys.stdin.readline()
 a = socket.socket()
 a.bind(("127.0.0.2", 0))
 b = socket.socket()
@@ -841,7 +843,8 @@ impl Drop for Stopped {
 
 /// The kernel files a redirected connection under the client's full local address. Two connections from the same
 /// port on different loopback addresses, both established before the proxy looks either up (the daemon is stopped
-/// meanwhile), each get their own original destination: the allowed one echoes, the blocked one is closed.
+/// meanwhile, after `enforcer exec` has registered the run and started the client), each get their own original
+/// destination: the allowed one echoes, the blocked one is closed.
 pub fn origins_are_keyed_by_the_full_local_address(env: &mut Env) {
     env.need_daemon();
     let pid = i32::try_from(env.daemon_pid().expect("daemon pid")).expect("pid");
@@ -860,21 +863,51 @@ pub fn origins_are_keyed_by_the_full_local_address(env: &mut Env) {
         .spawn()
         .expect("client");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let started = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(started.trim(), "started");
     let answer = {
         // SAFETY: kill(2) on the daemon's pid, which the harness has not reaped.
         unsafe {
             libc::kill(pid, libc::SIGSTOP);
         }
         let stopped = Stopped(pid);
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        assert_eq!(first.trim(), "connected");
+        stdin.write_all(b"connect\n").expect("connect");
+        let connected = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(connected.trim(), "connected");
         drop(stopped);
-        let mut stdin = child.stdin.take().expect("stdin");
         stdin.write_all(b"go\n").expect("go");
         lines.next().and_then(Result::ok).unwrap_or_default()
     };
     let _ = child.wait();
     assert_eq!(answer.trim(), "ping closed");
+}
+
+/// `enforcer exec` fails closed when the daemon runs but does not answer its registration (here it is stopped):
+/// after the control socket's 30 s it refuses to start the agent, rather than starting a run the daemon would later
+/// decide without the person it acts for. Once the daemon answers again, exec starts agents again.
+pub fn exec_starts_no_agent_a_stopped_daemon_cannot_register(env: &mut Env) {
+    env.need_daemon();
+    let pid = i32::try_from(env.daemon_pid().expect("daemon pid")).expect("pid");
+    let (code, out, err) = {
+        // SAFETY: kill(2) on the daemon's pid, which the harness has not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        let _stopped = Stopped(pid);
+        env.exec_tagged(&["echo", "the agent ran"])
+    };
+    assert_eq!(
+        (code, out.as_str()),
+        (2, ""),
+        "enforcer exec started an agent the stopped daemon did not register: {err}"
+    );
+    assert!(
+        err.contains("the agent is not started") && err.contains("did not answer within 30 s"),
+        "{err}"
+    );
+    let (code, out, err) = env.exec_tagged(&["echo", "the agent ran"]);
+    assert_eq!((code, out.trim()), (0, "the agent ran"), "{err}");
 }
 
 // ---- the refusal channel ----

@@ -133,6 +133,10 @@ const TESTS: &[Test] = &[
         kernel::origins_are_keyed_by_the_full_local_address,
     ),
     (
+        "exec_starts_no_agent_a_stopped_daemon_cannot_register",
+        kernel::exec_starts_no_agent_a_stopped_daemon_cannot_register,
+    ),
+    (
         "kernel_refusals_are_rate_bounded_and_counted",
         kernel::kernel_refusals_are_rate_bounded_and_counted,
     ),
@@ -1105,25 +1109,55 @@ fn one_audit_record_per_request_and_verify_passes(env: &mut Env) {
 
 /// A daemon that dies without shutting down (SIGKILL, a crash, the OOM killer) leaves its programs attached through
 /// their pinned links: a tagged agent's connection is still redirected, to a port nobody listens on, so it is
-/// refused instead of going out unenforced. Untagged processes are not affected. A restarted daemon replaces the
-/// held programs and enforces again.
+/// refused instead of going out unenforced. Untagged processes are not affected. `enforcer exec` starts no agent
+/// while the daemon cannot register it. A restarted daemon replaces the held programs and enforces again.
 fn a_killed_daemon_fails_closed_until_restarted(env: &mut Env) {
     env.need_daemon();
     env.kill_daemon().unwrap_or_else(|e| panic!("{e}"));
 
+    let (code, out, err) = env.exec_tagged(&["echo", "the agent ran"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (2, ""),
+        "enforcer exec started an agent the dead daemon could not register: {err}"
+    );
+    assert!(
+        err.contains("the agent is not started") && err.contains("the daemon is not running"),
+        "{err}"
+    );
+
+    // Processes already in the profile's cgroup (here started there directly, as an agent running when the daemon
+    // died would be) are refused in the kernel.
     let path = unique("/allowed", "daemon-killed");
     let url = format!("https://{API_HOST}{path}");
     let resolve = env.resolve(API_HOST, 443, false);
-    let out = env.curl_tagged(&["--resolve", &resolve, &url]);
-    assert_eq!((out.code, out.status), (7, 0), "not refused: {out:?}");
+    let (code, _, err) = kernel::as_root_in_tagged_cgroup(
+        env,
+        harness::PROFILE,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--resolve",
+            &resolve,
+            &url,
+        ],
+        |_| {},
+    );
+    assert_eq!(code, 7, "not refused: {err}");
     assert_eq!(env.upstream_count(&path), 0, "an agent went out unenforced");
     // Untagged processes go where they connect, as always (-k: the upstream's own test certificate).
     let out = env.curl_untagged(&["-k", "--resolve", &resolve, &url]);
     assert_eq!((out.code, out.status), (0, 200), "{out:?}");
     // DNS too: a query to the responder's own address is still redirected, to a listener that is gone.
     let name = "killed.dns.e2e.test";
-    let (_, out, err) =
-        env.exec_tagged(&["python3", "-c", DNS_CLIENT, &env.v4, name, "7", "connect"]);
+    let (_, out, err) = kernel::as_root_in_tagged_cgroup(
+        env,
+        harness::PROFILE,
+        &["python3", "-c", DNS_CLIENT, &env.v4, name, "7", "connect"],
+        |_| {},
+    );
     assert!(
         out.contains("\"error\""),
         "a DNS answer without the daemon: {out} {err}"

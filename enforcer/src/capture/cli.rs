@@ -211,8 +211,10 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Tell the daemon about this run before the agent starts: its cgroup, profile, and the person it acts for (see
-/// [`crate::session`]). Refused when the policy keeps the profile from that person; a daemon that cannot be asked
-/// (no control socket) only costs the run its session identity, with a warning.
+/// [`crate::session`]). Fails closed: when the daemon refuses the profile for that person, is not running, or does
+/// not answer within the control socket's timeout (30 s), the agent is not started. A run the daemon never
+/// registered would be decided, once the daemon answers again, without its person and session history, so rules on
+/// the user, the groups and the session would not apply to it.
 fn register_session(
     config: &Config,
     cgroup: &Path,
@@ -248,13 +250,10 @@ fn register_session(
         Err(crate::control::ControlError::Refused(e)) => {
             bail!("the daemon refused to start this agent: {e}")
         }
-        Err(e) => {
-            eprintln!(
-                "enforcer exec: WARNING: could not register the run with the daemon ({e}); rules on the user \
-                 and on the session's history do not see it"
-            );
-            Ok(())
-        }
+        Err(e) => bail!(
+            "the agent is not started: the run could not be registered with the daemon ({e}); without it, rules \
+             on the user, the groups and the session would not see the run"
+        ),
     }
 }
 

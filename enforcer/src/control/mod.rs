@@ -180,6 +180,8 @@ pub enum ControlError {
     NotRunning(PathBuf),
     #[error("control socket {}: {message}", path.display())]
     Protocol { path: PathBuf, message: String },
+    #[error("control socket {}: the daemon did not answer within {} s", .0.display(), IO_TIMEOUT.as_secs())]
+    NoAnswer(PathBuf),
     #[error("the daemon refused the request: {0}")]
     Refused(String),
 }
@@ -403,6 +405,7 @@ pub fn request(path: &Path, request: &Request) -> Result<serde_json::Value, Cont
         Err(e) => return Err(io_err(e)),
     };
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
     let mut line = serde_json::to_vec(request).map_err(|e| ControlError::Protocol {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -412,7 +415,12 @@ pub fn request(path: &Path, request: &Request) -> Result<serde_json::Value, Cont
     let mut answer = String::new();
     io::BufReader::new(&stream)
         .read_line(&mut answer)
-        .map_err(io_err)?;
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                ControlError::NoAnswer(path.to_path_buf())
+            }
+            _ => io_err(e),
+        })?;
     let resp: Response = serde_json::from_str(&answer).map_err(|e| ControlError::Protocol {
         path: path.to_path_buf(),
         message: format!("unreadable answer: {e}"),

@@ -3,8 +3,10 @@
 //! line's message decided as a whole Messages answer is. A refused call becomes a text block on its line alone, the
 //! other lines reach the agent as they came, each decision leaves one record; a line that cannot be read refuses the
 //! whole answer (502, `unparseable`), and the answer is held within the body bound and the agent's share of the
-//! buffer budget (its largest line's parsed JSON counted). A test binary of its own: the buffer budget is
-//! process-wide.
+//! buffer budget (its largest line's parsed JSON counted). An OpenAI file's content (`GET /v1/files/{id}/content`)
+//! is read so when its first line is a Batch output line, each line's `response.body` decided as a whole Chat
+//! Completions or Responses answer is; any other file streams through as it came, whatever its size. A test binary
+//! of its own: the buffer budget is process-wide.
 
 mod proxy_support;
 
@@ -12,6 +14,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use enforcer::inspect::proposal::{apply_to_body, Ruling};
+use enforcer::inspect::{LlmApi, Provider};
 use enforcer::proxy::{set_limits, Limits};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -143,7 +147,92 @@ fn case_of(path: &str) -> String {
     rest.split('/').next().unwrap_or_default().to_string()
 }
 
+/// The text a refused `shell` call becomes.
+const REFUSED: &str = "[The enforcer refused the tool call `shell`: no curl to unlisted hosts (policy rule: no-curl)]";
+
+/// An OpenAI Batch output line around `body`.
+fn output_line(custom_id: &str, body: Value) -> Value {
+    json!({"id": format!("batch_req_{custom_id}"), "custom_id": custom_id,
+           "response": {"status_code": 200, "request_id": "req_1", "body": body}, "error": null})
+}
+
+fn chat_completion(command: &str) -> Value {
+    json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+               "tool_calls": [{"id": "call_1", "type": "function",
+                   "function": {"name": "shell", "arguments": json!({"command": command}).to_string()}}]},
+               "finish_reason": "tool_calls"}]})
+}
+
+fn response_object(command: &str) -> Value {
+    json!({"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o",
+           "output": [{"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+               "arguments": json!({"command": command}).to_string(), "status": "completed"}]})
+}
+
+/// `line` as the agent gets it: its body refused as a whole answer of `api` is.
+fn refused_output(mut line: Value, api: LlmApi) -> Value {
+    let body = &mut line["response"]["body"];
+    apply_to_body(
+        Provider::OpenAi,
+        api,
+        body,
+        &[Ruling::Refuse(REFUSED.into())],
+    );
+    line
+}
+
+/// The content of the OpenAI file `case`.
+fn file(case: &str) -> Vec<u8> {
+    let join = |lines: &[Value]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let error_line = json!({"id": "batch_req_e", "custom_id": "e", "response": null,
+                            "error": {"code": "server_error", "message": "x"}});
+    match case {
+        "output" => join(&[
+            output_line("a", chat_completion(CURL_COMMAND)),
+            output_line("b", response_object(CURL_COMMAND)),
+            output_line("c", chat_completion("ls")),
+            output_line(
+                "d",
+                json!({"object": "list", "data": [{"object": "embedding", "embedding": [0.1]}]}),
+            ),
+            error_line,
+        ])
+        .into_bytes(),
+        "output-cut" => format!(
+            "{}\n{{\"id\":\"batch_req_x\",\n",
+            output_line("a", chat_completion("ls"))
+        )
+        .into_bytes(),
+        "output-huge-first-line" => {
+            format!("{{\"custom_id\":\"{}", "a".repeat(70 * 1024)).into_bytes()
+        }
+        // A batch's input file: its lines are requests, not answers.
+        "input" => join(&[
+            json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": CURL_COMMAND}]}}),
+        ])
+        .into_bytes(),
+        // Beyond the policy's 64 KiB `max_body_bytes`: a binary file, and text whose first line opens no object.
+        "binary" => (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+        "csv" => format!("step,train_loss\n{}", "1,0.5\n".repeat(20_000)).into_bytes(),
+        _ => b"unknown case".to_vec(),
+    }
+}
+
+/// The file a content path names: `/v1/files/{case}/content`.
+fn file_of(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/files/")?;
+    Some(rest.split('/').next().unwrap_or_default().to_string())
+}
+
 async fn answer(req: Request<Incoming>) -> Response<TestBody> {
+    if let Some(case) = file_of(req.uri().path()) {
+        return Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(Bytes::from(file(&case))).boxed())
+            .unwrap();
+    }
     let case = case_of(req.uri().path());
     let content_type = if case == "sse-typed" {
         "text/event-stream"
@@ -165,26 +254,26 @@ async fn world() -> World {
     limits();
     let ca = TestCa::new("batch results test CA");
     let proxy = start_proxy(NO_CURL_POLICY, &[&ca], false).await;
-    let anthropic = answering_upstream(&ca, &["api.anthropic.com"], answer).await;
+    let anthropic = answering_upstream(&ca, &["api.anthropic.com", "api.openai.com"], answer).await;
     World { proxy, anthropic }
 }
 
 /// `GET path` on Anthropic's host through the proxy: status and body as the agent got them, and the exchange's
 /// records after the request's.
 async fn fetch(w: &World, path: &str) -> (u16, String, Vec<Value>) {
+    let (status, body, recs) = fetch_from(w, "api.anthropic.com", path).await;
+    (status, String::from_utf8_lossy(&body).into_owned(), recs)
+}
+
+/// `GET path` on `host` through the proxy: status and body bytes as the agent got them, and the exchange's records
+/// after the request's.
+async fn fetch_from(w: &World, host: &str, path: &str) -> (u16, Vec<u8>, Vec<Value>) {
     let before = w.proxy.audit_records().await.len();
-    let tls = w
-        .proxy
-        .tls_to(w.anthropic, "api.anthropic.com", &[b"http/1.1"])
-        .await;
-    let (status, _, body) = send(tls, false, get(path, "api.anthropic.com")).await;
+    let tls = w.proxy.tls_to(w.anthropic, host, &[b"http/1.1"]).await;
+    let (status, _, body) = send(tls, false, get(path, host)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let recs = w.proxy.audit_records().await;
-    (
-        status,
-        String::from_utf8_lossy(&body).into_owned(),
-        recs[before + 1..].to_vec(),
-    )
+    (status, body, recs[before + 1..].to_vec())
 }
 
 /// One record of the `no-curl` rule refusing the `shell` call of the results at `path`.
@@ -328,6 +417,75 @@ async fn results_are_held_within_the_body_bound_and_the_budget() {
             "{case}: {:#}",
             recs[0]
         );
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// An OpenAI Batch output file: each line's Chat Completions or Responses answer is decided as a whole one is — a
+/// refused call rewritten on its line, one record each — and the other lines (an allowed call, embeddings, an error
+/// line) reach the agent as they came.
+#[tokio::test]
+async fn an_openai_batch_output_file_is_read_line_by_line() {
+    let w = world().await;
+    let path = "/v1/files/output/content";
+    let (status, body, recs) = fetch_from(&w, "api.openai.com", path).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let sent = String::from_utf8(file("output")).unwrap();
+    let sent: Vec<&str> = sent.lines().collect();
+    let expected = format!(
+        "{}\n{}\n{}\n{}\n{}\n",
+        refused_output(
+            output_line("a", chat_completion(CURL_COMMAND)),
+            LlmApi::ChatCompletions
+        ),
+        refused_output(
+            output_line("b", response_object(CURL_COMMAND)),
+            LlmApi::Responses
+        ),
+        sent[2],
+        sent[3],
+        sent[4],
+    );
+    assert_eq!(body, expected);
+    assert!(!body.contains("evil.example"), "{body}");
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    for r in &recs {
+        assert_refusal_record(path, r);
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Any other file streams through as it came, however large (a binary file and a CSV beyond the 64 KiB bound, a
+/// batch's input file), with no record; an output file with a line cut short is refused as unreadable (502), and one
+/// whose first line opens an object but does not end within the bound is refused as too large (502): either may hold
+/// calls.
+#[tokio::test]
+async fn other_files_pass_and_unreadable_output_is_refused() {
+    let w = world().await;
+    for case in ["binary", "csv", "input"] {
+        let path = format!("/v1/files/{case}/content");
+        let (status, body, recs) = fetch_from(&w, "api.openai.com", &path).await;
+        assert_eq!(status, 200, "{case}");
+        assert!(
+            body == file(case),
+            "{case}: the file did not come through as it was"
+        );
+        assert!(recs.is_empty(), "{case}: {recs:#?}");
+    }
+    for (case, reason, phase) in [
+        ("output-cut", "unparseable", "proposal"),
+        ("output-huge-first-line", "body_too_large", "response"),
+    ] {
+        let path = format!("/v1/files/{case}/content");
+        let (status, body, recs) = fetch_from(&w, "api.openai.com", &path).await;
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{case}: {}", &body[..body.len().min(200)]);
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["reason"], reason, "{case}: {body}");
+        assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
+        assert_eq!(recs[0]["request"]["phase"], phase, "{case}: {:#}", recs[0]);
+        assert_eq!(recs[0]["outcome"]["error"], reason, "{case}: {:#}", recs[0]);
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

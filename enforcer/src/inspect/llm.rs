@@ -85,6 +85,20 @@ pub(super) fn message_batch_results(provider: Provider, method: &str, path: &str
         .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
 }
 
+/// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":
+/// `GET /v1/files/{file_id}/content`), which is a Batch's output when its first line says so
+/// (`proposal::batch::first_line`). Matched as [`message_batch_results`] is.
+pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) -> bool {
+    if provider != Provider::OpenAi || !method.eq_ignore_ascii_case("GET") {
+        return false;
+    }
+    let lower = lenient(path).to_ascii_lowercase();
+    lower
+        .strip_suffix("/content")
+        .and_then(|p| p.rsplit_once("/files/"))
+        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+}
+
 /// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Responses API's WebSocket
 /// mode: the path [`endpoint`] reads as the Responses endpoint over HTTP (any prefix before `/responses`, as a
 /// gateway or an SDK's `base_url` puts there), so a `response.create` there is read as a create body is.
@@ -485,6 +499,21 @@ mod tests {
         ] {
             assert!(!message_batch_results(provider, method, path), "{path}");
         }
+        assert!(openai_file_content(
+            Provider::OpenAi,
+            "GET",
+            "/v1/files/file-abc/content "
+        ));
+        assert!(!openai_file_content(
+            Provider::OpenAi,
+            "GET",
+            "/v1/files/file-abc"
+        ));
+        assert!(!openai_file_content(
+            Provider::Anthropic,
+            "GET",
+            "/v1/files/file-abc/content"
+        ));
         assert!(!realtime_websocket("/v1/realtime-notes"));
     }
 }

@@ -285,10 +285,35 @@ async fn answer_whole(
     ans: &Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
+    let deadline = tokio::time::Instant::now() + super::limits::limits().hold_timeout;
+    let mut buf = Buffer::new(
+        ans.policy.max_body_bytes(),
+        INSPECTED_COPIES,
+        super::limits::budget().reserve(&ans.agent),
+    );
+    // An answer told by its first line (an OpenAI file's content) that the response rules need not read whole, and
+    // that can be read as it came (not content-coded): read whole only when it holds batch results.
+    if let Some(b) = plan
+        .batch
+        .filter(|b| b.by_first_line() && !plan.responses && !plan.encoded)
+    {
+        match super::sniff::first_line(&mut body, &mut buf, b, deadline).await {
+            Ok(super::sniff::Told::Batch) => {}
+            Ok(super::sniff::Told::Other(read)) => {
+                drop(buf);
+                let rest = super::sniff::Prefixed {
+                    prefix: Some(read),
+                    rest: body,
+                };
+                return Response::from_parts(parts, rest.boxed());
+            }
+            Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
+        }
+    }
     // Held in the budget until the answer is built.
-    let (raw, mut held) = match read_whole(body, ans, plan, &parts.headers).await {
+    let (raw, mut held) = match read_whole(body, buf, deadline, plan, &parts.headers).await {
         Ok(read) => read,
         Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
@@ -298,6 +323,10 @@ async fn answer_whole(
     ans.trace_head(parts.status.as_u16(), &traced);
     ans.trace_body(&raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
+    // Batch results, when the path says so or (an OpenAI file's content) the first line does.
+    let lines = plan
+        .batch
+        .filter(|&b| batch::first_line(b, text.as_bytes(), true) == Some(true));
     let mut json = if plan.proposals.is_some() {
         // Whatever its content type claims: an SDK may parse the body as JSON (or read it as events) anyway.
         match proposal::body_json(&text) {
@@ -306,7 +335,7 @@ async fn answer_whole(
                 return refused(ans, Phase::Proposal, Reason::Unparseable, &e.to_string()).await
             }
         }
-    } else if plan.batch.is_some() {
+    } else if lines.is_some() {
         // Lines of JSON, each read for its calls below; not one JSON document.
         None
     } else {
@@ -316,7 +345,7 @@ async fn answer_whole(
     };
     let mut changed = plan.encoded;
     let mut body = text;
-    if let Some(batch) = plan.batch {
+    if let Some(batch) = lines {
         match rule_lines(ans, batch, &body, &mut held).await {
             Ok(Some(ruled)) => {
                 body = ruled;
@@ -416,19 +445,18 @@ const UNREADABLE_LINE: &str =
 
 /// The body, whole and decoded, within the size and time bounds and the agent's share of the buffer budget
 /// (`budget`); the reservation holding it goes with it.
+///
+/// `buf` holds what was read of it already, bounded by the policy's `max_body_bytes` and reserving each byte
+/// [`INSPECTED_COPIES`] times (it is read as text for the decision, like a request body); `deadline` ends the hold
+/// time.
 async fn read_whole(
     mut body: UpstreamBody,
-    ans: &Answering,
+    mut buf: Buffer,
+    deadline: tokio::time::Instant,
     plan: Plan,
     headers: &HeaderMap,
 ) -> Result<(Bytes, Reservation), (Reason, &'static str)> {
-    let limit = ans.policy.max_body_bytes();
-    // Read as text for the decision, like a request body: each byte twice.
-    let mut buf = Buffer::new(
-        limit,
-        INSPECTED_COPIES,
-        super::limits::budget().reserve(&ans.agent),
-    );
+    let buf_limit = buf.limit();
     let read = async {
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
@@ -443,7 +471,7 @@ async fn read_whole(
         }
         Ok(())
     };
-    tokio::time::timeout(super::limits::limits().hold_timeout, read)
+    tokio::time::timeout_at(deadline, read)
         .await
         .map_err(|_| (Reason::HoldTimeout, TOO_SLOW))??;
     let (raw, mut held) = buf.finish();
@@ -452,7 +480,7 @@ async fn read_whole(
     }
     let coding = inspect::content_coding(headers);
     let raw_len = raw.len() as u64;
-    let decoded = inspect::decode_body(coding.as_deref(), raw, limit).map_err(|_| {
+    let decoded = inspect::decode_body(coding.as_deref(), raw, buf_limit).map_err(|_| {
         (
             Reason::Unparseable,
             "the upstream's answer could not be decoded for inspection",

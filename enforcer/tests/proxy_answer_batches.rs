@@ -199,6 +199,16 @@ fn file(case: &str) -> Vec<u8> {
             error_line,
         ])
         .into_bytes(),
+        // A first line longer than a TLS record: told once it has ended.
+        "output-long-first-line" => {
+            let mut long = chat_completion("ls");
+            long["choices"][0]["message"]["content"] = json!("x".repeat(40 * 1024));
+            join(&[
+                output_line("a", long),
+                output_line("b", chat_completion(CURL_COMMAND)),
+            ])
+            .into_bytes()
+        }
         "output-cut" => format!(
             "{}\n{{\"id\":\"batch_req_x\",\n",
             output_line("a", chat_completion("ls"))
@@ -453,6 +463,27 @@ async fn an_openai_batch_output_file_is_read_line_by_line() {
     for r in &recs {
         assert_refusal_record(path, r);
     }
+
+    let path = "/v1/files/output-long-first-line/content";
+    let (status, body, recs) = fetch_from(&w, "api.openai.com", path).await;
+    let body = String::from_utf8(body).unwrap();
+    let sent = String::from_utf8(file("output-long-first-line")).unwrap();
+    let first = sent.lines().next().unwrap();
+    let expected = format!(
+        "{first}\n{}\n",
+        refused_output(
+            output_line("b", chat_completion(CURL_COMMAND)),
+            LlmApi::ChatCompletions
+        )
+    );
+    assert_eq!(status, 200);
+    assert!(
+        body == expected,
+        "{}",
+        &body[body.len().saturating_sub(600)..]
+    );
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_refusal_record(path, &recs[0]);
     assert!(w.proxy.close_and_verify().await > 0);
 }
 

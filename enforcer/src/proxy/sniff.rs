@@ -40,11 +40,16 @@ pub(crate) async fn first_line(
     deadline: tokio::time::Instant,
 ) -> Result<Told, (Reason, &'static str)> {
     let read = async {
+        // Whether the bytes read since the last look may tell: a line left open is told only by a line end, so a long
+        // first line is not scanned again for each piece of it.
+        let mut look = true;
         loop {
-            match batch::first_line(batch, buf.bytes(), false) {
-                Some(true) => return Ok(Told::Batch),
-                Some(false) => return Ok(Told::Other(Bytes::copy_from_slice(buf.bytes()))),
-                None => {}
+            if look {
+                match batch::first_line(batch, buf.bytes(), false) {
+                    Some(true) => return Ok(Told::Batch),
+                    Some(false) => return Ok(Told::Other(Bytes::copy_from_slice(buf.bytes()))),
+                    None => {}
+                }
             }
             let Some(frame) = body.frame().await else {
                 return Ok(match batch::first_line(batch, buf.bytes(), true) {
@@ -70,6 +75,8 @@ pub(crate) async fn first_line(
                 // A first line beyond the bound that opens no object is no batch results: passed on as it comes.
                 return Ok(Told::Other(Bytes::from(read)));
             }
+            look = !batch::opens_object(buf.bytes())
+                || data.iter().any(|b| matches!(b, b'\n' | b'\r'));
         }
     };
     tokio::time::timeout_at(deadline, read)

@@ -73,6 +73,35 @@ pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<
     }
 }
 
+/// Whether `method path` on a host of `provider` fetches an Anthropic Message Batch's results (Anthropic API
+/// reference, "Retrieve Message Batch Results": `GET /v1/messages/batches/{message_batch_id}/results`, the batch's
+/// `results_url`), whose lines are Messages answers with the tool calls the agent runs. Matched as [`endpoint`]
+/// matches paths: any prefix, any letter case, the spellings a lenient server routes ([`lenient`]).
+pub(super) fn message_batch_results(provider: Provider, method: &str, path: &str) -> bool {
+    if provider != Provider::Anthropic || !method.eq_ignore_ascii_case("GET") {
+        return false;
+    }
+    let lower = lenient(path).to_ascii_lowercase();
+    lower
+        .strip_suffix("/results")
+        .and_then(|p| p.rsplit_once("/messages/batches/"))
+        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+}
+
+/// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":
+/// `GET /v1/files/{file_id}/content`), which is a Batch's output when its first line says so
+/// (`proposal::batch::first_line`). Matched as [`message_batch_results`] is.
+pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) -> bool {
+    if provider != Provider::OpenAi || !method.eq_ignore_ascii_case("GET") {
+        return false;
+    }
+    let lower = lenient(path).to_ascii_lowercase();
+    lower
+        .strip_suffix("/content")
+        .and_then(|p| p.rsplit_once("/files/"))
+        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+}
+
 /// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Responses API's WebSocket
 /// mode: the path [`endpoint`] reads as the Responses endpoint over HTTP (any prefix before `/responses`, as a
 /// gateway or an SDK's `base_url` puts there), so a `response.create` there is read as a create body is.
@@ -445,6 +474,63 @@ mod tests {
             Some(LlmApi::ChatCompletions)
         );
         assert_eq!(endpoint("POST", "/v1/chat/completions.json"), None);
+        for tail in ["", "/", " ", ".", "\\", "#x"] {
+            let results = format!("/v1/messages/batches/msgbatch_01/results{tail}");
+            assert!(
+                message_batch_results(Provider::Anthropic, "GET", &results),
+                "{results:?}"
+            );
+        }
+        assert!(message_batch_results(
+            Provider::Anthropic,
+            "get",
+            "/V1/Messages/Batches/msgbatch_01/RESULTS"
+        ));
+        assert!(message_batch_results(
+            Provider::Anthropic,
+            "GET",
+            "/v1\\messages\\batches\\msgbatch_01\\results"
+        ));
+        for (provider, method, path) in [
+            (
+                Provider::OpenAi,
+                "GET",
+                "/v1/messages/batches/msgbatch_01/results",
+            ),
+            (
+                Provider::Anthropic,
+                "POST",
+                "/v1/messages/batches/msgbatch_01/results",
+            ),
+            (
+                Provider::Anthropic,
+                "GET",
+                "/v1/messages/batches/msgbatch_01",
+            ),
+            (Provider::Anthropic, "GET", "/v1/messages/batches//results"),
+            (
+                Provider::Anthropic,
+                "GET",
+                "/v1/messages/batches/a/b/results",
+            ),
+        ] {
+            assert!(!message_batch_results(provider, method, path), "{path}");
+        }
+        assert!(openai_file_content(
+            Provider::OpenAi,
+            "GET",
+            "/v1/files/file-abc/content "
+        ));
+        assert!(!openai_file_content(
+            Provider::OpenAi,
+            "GET",
+            "/v1/files/file-abc"
+        ));
+        assert!(!openai_file_content(
+            Provider::Anthropic,
+            "GET",
+            "/v1/files/file-abc/content"
+        ));
         assert!(!realtime_websocket("/v1/realtime-notes"));
     }
 

@@ -397,8 +397,6 @@ pub fn claimed_protocol(action: &Action, cfg: &InspectConfig) -> Protocol {
     Protocol::Http
 }
 
-/// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:
-/// percent-escapes decoded, `;parameters` cut from each segment, empty and `.` segments dropped, `..` resolved.
 /// The provider and LLM API whose answer the request of `action` (classified as `protocol`) receives, to be read for
 /// proposed tool calls: a create endpoint's ([`Protocol::Llm`]), or an endpoint on a provider host that fetches
 /// such an answer again ([`llm::retrieval`]).
@@ -414,6 +412,26 @@ pub fn answered_api(protocol: &Protocol, action: &Action) -> Option<(Provider, L
     }
 }
 
+/// The batch results the request of `action` (classified as `protocol`) fetches, each line an LLM answer to be read
+/// for proposed tool calls ([`proposal::batch`]): an Anthropic Message Batch's results on Anthropic's host
+/// ([`llm::message_batch_results`]), an OpenAI file's content on OpenAI's host, batch output when its first line says
+/// so ([`llm::openai_file_content`]). `None` for any other request.
+pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::batch::Batch> {
+    use proposal::batch::Batch;
+    let Protocol::Provider(provider) = *protocol else {
+        return None;
+    };
+    let http = action.http.as_ref()?;
+    let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+    if llm::message_batch_results(provider, &http.method, &path) {
+        Some(Batch::MessageBatch)
+    } else {
+        llm::openai_file_content(provider, &http.method, &path).then_some(Batch::OpenAiOutput)
+    }
+}
+
+/// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:
+/// percent-escapes decoded, `;parameters` cut from each segment, empty and `.` segments dropped, `..` resolved.
 fn canonical_path(path: &str) -> String {
     let decoded = crate::encoding::percent_decode(path, false);
     let mut segments: Vec<&str> = Vec::new();

@@ -223,6 +223,16 @@ impl Buffer {
         self.buf.len()
     }
 
+    /// The bound the buffer was made with.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The bytes so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The bytes, and the reservation that still holds them (drop it once they are no longer held).
     pub fn finish(self) -> (Bytes, Reservation) {
         (self.buf.freeze(), self.held)

@@ -38,6 +38,7 @@ mod readings;
 mod record;
 mod refusal;
 mod response;
+mod sniff;
 mod tls;
 mod tunnel;
 mod upstream;

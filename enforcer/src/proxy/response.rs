@@ -2,9 +2,9 @@
 //! receives it — a whole body (JSON or text), one server-sent event, one WebSocket message — and carried out as a
 //! [`Fate`]: passed, rewritten (redaction, `json_truncate` and the other JSON rewrites), or blocked. A body is read
 //! whole only when some rule may decide it (its head, status and content type, already let one match) or a tool call
-//! may be proposed in it, bounded by the policy's `max_body_bytes`, the proxy's hold timeout and the agent's share of
-//! the buffer budget (`budget`): a body beyond one is refused and recorded (502; 503 with `Retry-After` for the
-//! budget), never passed on unread.
+//! may be proposed in it (in batch results, in the answer on each line: [`rule_lines`]), bounded by the policy's
+//! `max_body_bytes`, the proxy's hold timeout and the agent's share of the buffer budget (`budget`): a body beyond one
+//! is refused and recorded (502; 503 with `Retry-After` for the budget), never passed on unread.
 
 use super::upstream::UpstreamBody;
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use super::answer::Answering;
 use super::budget::{Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http::{full, ProxyBody};
 use super::refusal::into_response;
+use crate::inspect::proposal::batch::{self, Batch};
 use crate::inspect::proposal::{self, Ruling};
 use crate::inspect::{self, LlmApi, Provider};
 use crate::model::{
@@ -29,6 +30,9 @@ use crate::model::{
 pub(crate) struct Plan {
     /// The LLM API whose proposed tool calls are decided (the policy has proposal rules, the call succeeded).
     pub proposals: Option<(Provider, LlmApi)>,
+    /// The body is batch results, whose lines' answers are decided as [`Plan::proposals`]' whole answers are (the
+    /// policy has proposal rules, the fetch succeeded): read whole, never as events.
+    pub batch: Option<Batch>,
     /// Some response rule may decide this response.
     pub responses: bool,
     /// The body is a stream of server-sent events, read event by event.
@@ -79,11 +83,15 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
                 && ans.policy.has_rules_for(Phase::Proposal)
                 && proposal::Proposals::new(provider, api).is_some()
         });
+    let batch = inspect::answered_batch(&ans.protocol, &ans.request).filter(|_| {
+        answers_with_calls(head.status, headers.contains_key(header::LOCATION))
+            && ans.policy.has_rules_for(Phase::Proposal)
+    });
     let responses = ans.policy.has_rules_for(Phase::Response)
         && ans
             .policy
             .response_may_match(&action(ans, head, String::new(), None));
-    if proposals.is_none() && !responses {
+    if proposals.is_none() && batch.is_none() && !responses {
         return None;
     }
     let media = head
@@ -97,8 +105,10 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
         .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     Some(Plan {
         proposals,
+        batch,
         responses,
-        events: media.as_deref() == Some("text/event-stream"),
+        // The SDKs read batch results as JSON Lines whatever their content type says.
+        events: batch.is_none() && media.as_deref() == Some("text/event-stream"),
         encoded,
     })
 }
@@ -275,10 +285,35 @@ async fn answer_whole(
     ans: &Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
+    let deadline = tokio::time::Instant::now() + super::limits::limits().hold_timeout;
+    let mut buf = Buffer::new(
+        ans.policy.max_body_bytes(),
+        INSPECTED_COPIES,
+        super::limits::budget().reserve(&ans.agent),
+    );
+    // An answer told by its first line (an OpenAI file's content) that the response rules need not read whole, and
+    // that can be read as it came (not content-coded): read whole only when it holds batch results.
+    if let Some(b) = plan
+        .batch
+        .filter(|b| b.by_first_line() && !plan.responses && !plan.encoded)
+    {
+        match super::sniff::first_line(&mut body, &mut buf, b, deadline).await {
+            Ok(super::sniff::Told::Batch) => {}
+            Ok(super::sniff::Told::Other(read)) => {
+                drop(buf);
+                let rest = super::sniff::Prefixed {
+                    prefix: Some(read),
+                    rest: body,
+                };
+                return Response::from_parts(parts, rest.boxed());
+            }
+            Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
+        }
+    }
     // Held in the budget until the answer is built.
-    let (raw, _held) = match read_whole(body, ans, plan, &parts.headers).await {
+    let (raw, mut held) = match read_whole(body, buf, deadline, plan, &parts.headers).await {
         Ok(read) => read,
         Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
@@ -288,6 +323,10 @@ async fn answer_whole(
     ans.trace_head(parts.status.as_u16(), &traced);
     ans.trace_body(&raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
+    // Batch results, when the path says so or (an OpenAI file's content) the first line does.
+    let lines = plan
+        .batch
+        .filter(|&b| batch::first_line(b, text.as_bytes(), true) == Some(true));
     let mut json = if plan.proposals.is_some() {
         // Whatever its content type claims: an SDK may parse the body as JSON (or read it as events) anyway.
         match proposal::body_json(&text) {
@@ -296,6 +335,9 @@ async fn answer_whole(
                 return refused(ans, Phase::Proposal, Reason::Unparseable, &e.to_string()).await
             }
         }
+    } else if lines.is_some() {
+        // Lines of JSON, each read for its calls below; not one JSON document.
+        None
     } else {
         inspect::claims_json(head.content_type.as_deref(), &text)
             .then(|| serde_json::from_str::<Value>(&text).ok())
@@ -303,6 +345,16 @@ async fn answer_whole(
     };
     let mut changed = plan.encoded;
     let mut body = text;
+    if let Some(batch) = lines {
+        match rule_lines(ans, batch, &body, &mut held).await {
+            Ok(Some(ruled)) => {
+                body = ruled;
+                changed = true;
+            }
+            Ok(None) => {}
+            Err((phase, reason, message)) => return refused(ans, phase, reason, message).await,
+        }
+    }
     if let (Some((provider, api)), Some(doc)) = (plan.proposals, json.as_mut()) {
         let calls = proposal::body_calls(provider, api, doc);
         let rulings = super::proposal::rule(ans, &calls, &super::hold::Holding::Whole).await;
@@ -336,21 +388,75 @@ async fn answer_whole(
     Response::from_parts(parts, full(out))
 }
 
+/// The lines of batch results `text` (`inspect::proposal::batch`), each line's answer ruled on as a whole answer is:
+/// its calls decided and recorded one by one, a refused call carried out on that line alone, which is then written
+/// anew; every other line, and every line's end, stays as it came. `None` when nothing changed. Every line is read
+/// before any call is decided, each line's parsed JSON dropped before the next is parsed: the largest line's bound
+/// (`budget::json_tree_bound`) is reserved in `held` first.
+///
+/// # Errors
+/// The phase, reason and message of the refusal: a line that cannot be read (`unparseable`: the answer is not passed
+/// on, and no call in it is decided), or the budget that cannot hold the largest line's JSON (`buffer_limit`).
+async fn rule_lines(
+    ans: &Answering,
+    batch: Batch,
+    text: &str,
+    held: &mut Reservation,
+) -> Result<Option<String>, (Phase, Reason, &'static str)> {
+    let lines = batch::lines(text);
+    let tree = lines
+        .iter()
+        .map(|l| super::budget::json_tree_bound(l.text.as_bytes()))
+        .max()
+        .unwrap_or(0);
+    held.grow(tree)
+        .map_err(|_| (Phase::Response, Reason::BufferLimit, OVER_BUDGET))?;
+    if lines
+        .iter()
+        .any(|l| batch::read_line(batch, l.text).is_err())
+    {
+        return Err((Phase::Proposal, Reason::Unparseable, UNREADABLE_LINE));
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    for line in &lines {
+        let mut json = batch::read_line(batch, line.text).ok().flatten();
+        let mut rewritten = None;
+        if let Some((provider, api, answer)) =
+            json.as_mut().and_then(|j| batch::answer_mut(batch, j))
+        {
+            let calls = proposal::body_calls(provider, api, answer);
+            let rulings = super::proposal::rule(ans, &calls, &super::hold::Holding::Whole).await;
+            if rulings.iter().any(|r| *r != Ruling::Pass) {
+                proposal::apply_to_body(provider, api, answer, &rulings);
+                rewritten = json.as_ref().map(Value::to_string);
+            }
+        }
+        changed |= rewritten.is_some();
+        out.push_str(rewritten.as_deref().unwrap_or(line.text));
+        out.push_str(line.end);
+    }
+    Ok(changed.then_some(out))
+}
+
+/// Why batch results with a line that cannot be read are refused.
+const UNREADABLE_LINE: &str =
+    "a line of the upstream's batch results could not be read for its tool calls";
+
 /// The body, whole and decoded, within the size and time bounds and the agent's share of the buffer budget
 /// (`budget`); the reservation holding it goes with it.
+///
+/// `buf` holds what was read of it already, bounded by the policy's `max_body_bytes` and reserving each byte
+/// [`INSPECTED_COPIES`] times (it is read as text for the decision, like a request body); `deadline` ends the hold
+/// time.
 async fn read_whole(
     mut body: UpstreamBody,
-    ans: &Answering,
+    mut buf: Buffer,
+    deadline: tokio::time::Instant,
     plan: Plan,
     headers: &HeaderMap,
 ) -> Result<(Bytes, Reservation), (Reason, &'static str)> {
-    let limit = ans.policy.max_body_bytes();
-    // Read as text for the decision, like a request body: each byte twice.
-    let mut buf = Buffer::new(
-        limit,
-        INSPECTED_COPIES,
-        super::limits::budget().reserve(&ans.agent),
-    );
+    let buf_limit = buf.limit();
     let read = async {
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
@@ -365,7 +471,7 @@ async fn read_whole(
         }
         Ok(())
     };
-    tokio::time::timeout(super::limits::limits().hold_timeout, read)
+    tokio::time::timeout_at(deadline, read)
         .await
         .map_err(|_| (Reason::HoldTimeout, TOO_SLOW))??;
     let (raw, mut held) = buf.finish();
@@ -374,7 +480,7 @@ async fn read_whole(
     }
     let coding = inspect::content_coding(headers);
     let raw_len = raw.len() as u64;
-    let decoded = inspect::decode_body(coding.as_deref(), raw, limit).map_err(|_| {
+    let decoded = inspect::decode_body(coding.as_deref(), raw, buf_limit).map_err(|_| {
         (
             Reason::Unparseable,
             "the upstream's answer could not be decoded for inspection",

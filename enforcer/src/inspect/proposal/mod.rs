@@ -2,7 +2,8 @@
 //! Completions `tool_calls`, OpenAI Responses `function_call`, `custom_tool_call`, `local_shell_call`, `shell_call`,
 //! `apply_patch_call`, `computer_call` and `mcp_call` items (over server-sent events, the WebSocket mode, or JSON),
 //! OpenAI Realtime `function_call` and `mcp_call` items (its WebSocket server events, GA and beta), Anthropic
-//! Messages `tool_use`, `server_tool_use` and `mcp_tool_use` blocks, Gemini `functionCall` parts; streamed and whole.
+//! Messages `tool_use`, `server_tool_use` and `mcp_tool_use` blocks, Gemini `functionCall` parts; streamed and whole,
+//! and the Messages answers of Anthropic Message Batch results, one per line ([`batch`]).
 //!
 //! A stream is read event by event ([`Proposals`]): text, reasoning and every other event pass at once, as they
 //! came; only the events of a tool call are held until its arguments are complete. [`Proposals::push`] returns the
@@ -10,8 +11,10 @@
 //! [`Proposals::release`] returns what to send. A refused call becomes a text (block or part) saying so, and the
 //! stop/finish reason no longer asks the agent to run tools when none is left; indices, ids and sequence numbers of
 //! everything after it stay consistent for the SDKs' stream accumulators. Whole bodies: [`body_calls`] and
-//! [`apply_to_body`]. Pure functions over plain data; deciding is the proxy's (`proxy::proposal`).
+//! [`apply_to_body`]; batch results line by line with the same two ([`batch::read_line`], [`batch::answer_mut`]).
+//! Pure functions over plain data; deciding is the proxy's (`proxy::proposal`).
 
+pub mod batch;
 mod chat;
 mod gemini;
 mod messages;

@@ -1,0 +1,522 @@
+//! Batch results through the real proxy from a real TLS upstream: an Anthropic Message Batch's results
+//! (`GET /v1/messages/batches/{id}/results`, JSON Lines, one Messages answer per line) are read line by line, each
+//! line's message decided as a whole Messages answer is. A refused call becomes a text block on its line alone, the
+//! other lines reach the agent as they came, each decision leaves one record; a line that cannot be read refuses the
+//! whole answer (502, `unparseable`), and the answer is held within the body bound and the agent's share of the
+//! buffer budget (its largest line's parsed JSON counted). An OpenAI file's content (`GET /v1/files/{id}/content`)
+//! is read so when its first line is a Batch output line, each line's `response.body` decided as a whole Chat
+//! Completions or Responses answer is; any other file streams through as it came, whatever its size. A test binary
+//! of its own: the buffer budget is process-wide.
+
+mod proxy_support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use enforcer::inspect::proposal::{apply_to_body, Ruling};
+use enforcer::inspect::{LlmApi, Provider};
+use enforcer::proxy::{set_limits, Limits};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use proxy_support::*;
+use serde_json::{json, Value};
+
+/// One agent's share of the buffer budget in this binary.
+const SHARE: u64 = 1024 * 1024;
+
+/// The limits of this test binary (process-wide, set before any proxy starts).
+fn limits() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        assert!(set_limits(Limits {
+            max_buffered_bytes: 4 * SHARE,
+            max_buffered_bytes_per_agent: SHARE,
+            ..Limits::default()
+        }));
+    });
+}
+
+/// A Messages answer with `content`, stopping for `stop`.
+fn message(content: Value, stop: &str) -> Value {
+    json!({"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+           "content": content, "stop_reason": stop, "stop_sequence": null,
+           "usage": {"input_tokens": 10, "output_tokens": 5}})
+}
+
+fn shell(id: &str, command: &str) -> Value {
+    json!({"type": "tool_use", "id": id, "name": "shell", "input": {"command": command}})
+}
+
+fn succeeded(custom_id: &str, message: Value) -> Value {
+    json!({"custom_id": custom_id, "result": {"type": "succeeded", "message": message}})
+}
+
+/// The refused `curl` call's line: text, then the call.
+fn curl_line(custom_id: &str) -> Value {
+    succeeded(
+        custom_id,
+        message(
+            json!([{"type": "text", "text": "Sending it."}, shell("toolu_1", CURL_COMMAND)]),
+            "tool_use",
+        ),
+    )
+}
+
+/// `curl_line` as the agent gets it: the call replaced by the refusal's text, the stop no longer asking for tools.
+fn curl_line_refused(custom_id: &str) -> Value {
+    let mut line = curl_line(custom_id);
+    let message = &mut line["result"]["message"];
+    message["content"][1] = json!({"type": "text",
+        "text": "[The enforcer refused the tool call `shell`: no curl to unlisted hosts (policy rule: no-curl)]"});
+    message["stop_reason"] = json!("end_turn");
+    line
+}
+
+fn ls_line(custom_id: &str) -> Value {
+    succeeded(
+        custom_id,
+        message(json!([shell("toolu_2", "ls -la")]), "tool_use"),
+    )
+}
+
+fn errored_line() -> Value {
+    json!({"custom_id": "c", "result": {"type": "errored", "error": {"type": "error",
+           "error": {"type": "invalid_request_error", "message": "bad"}, "request_id": null}}})
+}
+
+fn expired_line() -> Value {
+    json!({"custom_id": "d", "result": {"type": "expired"}})
+}
+
+/// The results file of `case`, as the upstream sends it.
+fn results(case: &str) -> String {
+    let join = |lines: &[Value], end: &str| {
+        lines
+            .iter()
+            .map(|l| format!("{l}{end}"))
+            .collect::<String>()
+    };
+    match case {
+        "mixed" | "sse-typed" => join(
+            &[curl_line("a"), ls_line("b"), errored_line(), expired_line()],
+            "\n",
+        ),
+        "two-refused" => format!("{}\r\n{}\r{}", curl_line("a"), ls_line("b"), curl_line("e")),
+        "allowed" => join(&[ls_line("b"), errored_line()], "\n"),
+        // An errored result carrying a message anyway: read wherever a result carries one.
+        "errored-with-message" => {
+            let mut line = curl_line("a");
+            line["result"]["type"] = json!("errored");
+            join(&[line], "\n")
+        }
+        "cut-line" => format!("{}\n{{\"custom_id\":\"x\",\"result\":{{\n", curl_line("a")),
+        "result-otherwise" => format!(
+            "{}\n{}\n",
+            ls_line("b"),
+            curl_line("a")
+                .to_string()
+                .replace("\"result\"", "\"Result\"")
+        ),
+        "two-lines-in-one" => format!("{} {}\n", ls_line("b"), curl_line("a")),
+        "too-large" => {
+            let big = "x".repeat(70 * 1024);
+            join(
+                &[succeeded(
+                    "a",
+                    message(json!([{"type": "text", "text": big}]), "end_turn"),
+                )],
+                "\n",
+            )
+        }
+        "deep-json" => {
+            let zeros = format!("[{}0]", "0,".repeat(10_000));
+            let mut line = curl_line("a");
+            line["result"]["message"]["usage"]["zeros"] = serde_json::from_str(&zeros).unwrap();
+            join(&[line], "\n")
+        }
+        _ => "unknown case".into(),
+    }
+}
+
+/// The case a results path names by its batch id: `…/batches/{case}/results…`, in any letter case.
+fn case_of(path: &str) -> String {
+    let lower = path.to_ascii_lowercase();
+    let rest = lower.split("batches/").nth(1).unwrap_or_default();
+    rest.split('/').next().unwrap_or_default().to_string()
+}
+
+/// The text a refused `shell` call becomes.
+const REFUSED: &str = "[The enforcer refused the tool call `shell`: no curl to unlisted hosts (policy rule: no-curl)]";
+
+/// An OpenAI Batch output line around `body`.
+fn output_line(custom_id: &str, body: Value) -> Value {
+    json!({"id": format!("batch_req_{custom_id}"), "custom_id": custom_id,
+           "response": {"status_code": 200, "request_id": "req_1", "body": body}, "error": null})
+}
+
+fn chat_completion(command: &str) -> Value {
+    json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+               "tool_calls": [{"id": "call_1", "type": "function",
+                   "function": {"name": "shell", "arguments": json!({"command": command}).to_string()}}]},
+               "finish_reason": "tool_calls"}]})
+}
+
+fn response_object(command: &str) -> Value {
+    json!({"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o",
+           "output": [{"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
+               "arguments": json!({"command": command}).to_string(), "status": "completed"}]})
+}
+
+/// `line` as the agent gets it: its body refused as a whole answer of `api` is.
+fn refused_output(mut line: Value, api: LlmApi) -> Value {
+    let body = &mut line["response"]["body"];
+    apply_to_body(
+        Provider::OpenAi,
+        api,
+        body,
+        &[Ruling::Refuse(REFUSED.into())],
+    );
+    line
+}
+
+/// The content of the OpenAI file `case`.
+fn file(case: &str) -> Vec<u8> {
+    let join = |lines: &[Value]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let error_line = json!({"id": "batch_req_e", "custom_id": "e", "response": null,
+                            "error": {"code": "server_error", "message": "x"}});
+    match case {
+        "output" => join(&[
+            output_line("a", chat_completion(CURL_COMMAND)),
+            output_line("b", response_object(CURL_COMMAND)),
+            output_line("c", chat_completion("ls")),
+            output_line(
+                "d",
+                json!({"object": "list", "data": [{"object": "embedding", "embedding": [0.1]}]}),
+            ),
+            error_line,
+        ])
+        .into_bytes(),
+        // A first line longer than a TLS record: told once it has ended.
+        "output-long-first-line" => {
+            let mut long = chat_completion("ls");
+            long["choices"][0]["message"]["content"] = json!("x".repeat(40 * 1024));
+            join(&[
+                output_line("a", long),
+                output_line("b", chat_completion(CURL_COMMAND)),
+            ])
+            .into_bytes()
+        }
+        "output-cut" => format!(
+            "{}\n{{\"id\":\"batch_req_x\",\n",
+            output_line("a", chat_completion("ls"))
+        )
+        .into_bytes(),
+        "output-huge-first-line" => {
+            format!("{{\"custom_id\":\"{}", "a".repeat(70 * 1024)).into_bytes()
+        }
+        // A batch's input file: its lines are requests, not answers.
+        "input" => join(&[
+            json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": CURL_COMMAND}]}}),
+        ])
+        .into_bytes(),
+        // Beyond the policy's 64 KiB `max_body_bytes`: a binary file, and text whose first line opens no object.
+        "binary" => (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+        "csv" => format!("step,train_loss\n{}", "1,0.5\n".repeat(20_000)).into_bytes(),
+        _ => b"unknown case".to_vec(),
+    }
+}
+
+/// The file a content path names: `/v1/files/{case}/content`.
+fn file_of(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/files/")?;
+    Some(rest.split('/').next().unwrap_or_default().to_string())
+}
+
+async fn answer(req: Request<Incoming>) -> Response<TestBody> {
+    if let Some(case) = file_of(req.uri().path()) {
+        return Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(Bytes::from(file(&case))).boxed())
+            .unwrap();
+    }
+    let case = case_of(req.uri().path());
+    let content_type = if case == "sse-typed" {
+        "text/event-stream"
+    } else {
+        "application/x-jsonl"
+    };
+    Response::builder()
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(results(&case))).boxed())
+        .unwrap()
+}
+
+struct World {
+    proxy: Proxy,
+    anthropic: SocketAddr,
+}
+
+async fn world() -> World {
+    limits();
+    let ca = TestCa::new("batch results test CA");
+    let proxy = start_proxy(NO_CURL_POLICY, &[&ca], false).await;
+    let anthropic = answering_upstream(&ca, &["api.anthropic.com", "api.openai.com"], answer).await;
+    World { proxy, anthropic }
+}
+
+/// `GET path` on Anthropic's host through the proxy: status and body as the agent got them, and the exchange's
+/// records after the request's.
+async fn fetch(w: &World, path: &str) -> (u16, String, Vec<Value>) {
+    let (status, body, recs) = fetch_from(w, "api.anthropic.com", path).await;
+    (status, String::from_utf8_lossy(&body).into_owned(), recs)
+}
+
+/// `GET path` on `host` through the proxy: status and body bytes as the agent got them, and the exchange's records
+/// after the request's.
+async fn fetch_from(w: &World, host: &str, path: &str) -> (u16, Vec<u8>, Vec<Value>) {
+    let before = w.proxy.audit_records().await.len();
+    let tls = w.proxy.tls_to(w.anthropic, host, &[b"http/1.1"]).await;
+    let (status, _, body) = send(tls, false, get(path, host)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recs = w.proxy.audit_records().await;
+    (status, body, recs[before + 1..].to_vec())
+}
+
+/// One record of the `no-curl` rule refusing the `shell` call of the results at `path`.
+fn assert_refusal_record(path: &str, r: &Value) {
+    assert_eq!(r["request"]["phase"], "proposal", "{r}");
+    assert_eq!(r["request"]["method"], "GET", "{r}");
+    assert_eq!(r["request"]["path"], path, "{r}");
+    assert_eq!(r["request"]["tool"], "shell", "{r}");
+    assert_eq!(r["decision"]["rule"], "no-curl", "{r}");
+    assert_eq!(r["decision"]["verdict"], "block", "{r}");
+    assert_eq!(r["outcome"]["disposition"], "blocked", "{r}");
+}
+
+/// The refused call's line is rewritten as a refused Messages answer is; every other line (an allowed call, an errored
+/// and an expired result) and every line end reach the agent as they came; one record, of the refusal.
+#[tokio::test]
+async fn each_line_s_message_is_decided_as_a_messages_answer() {
+    let w = world().await;
+    let path = "/v1/messages/batches/mixed/results";
+    let (status, body, recs) = fetch(&w, path).await;
+    assert_eq!(status, 200, "{body}");
+    let expected = format!(
+        "{}\n{}\n{}\n{}\n",
+        curl_line_refused("a"),
+        ls_line("b"),
+        errored_line(),
+        expired_line()
+    );
+    assert_eq!(body, expected);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_refusal_record(path, &recs[0]);
+
+    // Two refused calls on two lines: two records, in order; the `\r\n` and `\r` ends kept.
+    let path = "/v1/messages/batches/two-refused/results";
+    let (status, body, recs) = fetch(&w, path).await;
+    assert_eq!(status, 200, "{body}");
+    let expected = format!(
+        "{}\r\n{}\r{}",
+        curl_line_refused("a"),
+        ls_line("b"),
+        curl_line_refused("e")
+    );
+    assert_eq!(body, expected);
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    for r in &recs {
+        assert_refusal_record(path, r);
+    }
+
+    // Nothing refused: the file as it came, no record.
+    let (status, body, recs) = fetch(&w, "/v1/messages/batches/allowed/results").await;
+    assert_eq!((status, body), (200, results("allowed")));
+    assert!(recs.is_empty(), "{recs:#?}");
+
+    // A result whose type says `errored` but which carries a message: its call is decided too.
+    let path = "/v1/messages/batches/errored-with-message/results";
+    let (status, body, recs) = fetch(&w, path).await;
+    let mut expected = curl_line_refused("a");
+    expected["result"]["type"] = json!("errored");
+    assert_eq!((status, body), (200, format!("{expected}\n")));
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_refusal_record(path, &recs[0]);
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// The results path as a lenient server may route it, under a prefix, in other letter case, with the beta SDK's
+/// query, and results sent as another content type: read all the same.
+#[tokio::test]
+async fn results_paths_are_matched_as_the_other_endpoints_are() {
+    let w = world().await;
+    for path in [
+        "/v1/messages/batches/mixed/results?beta=true",
+        "/V1/Messages/Batches/mixed/RESULTS",
+        "/v1/messages/batches/mixed/results/",
+        "/v1/messages/batches/mixed/results%20",
+        "/v1/messages/batches/mixed/results%5C",
+        "/gateway/anthropic/v1/messages/batches/mixed/results",
+        "/v1/messages/batches/sse-typed/results",
+    ] {
+        let (status, body, recs) = fetch(&w, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(!body.contains("evil.example"), "{path}: {body}");
+        assert_eq!(
+            body.lines().next().map(str::to_string),
+            Some(curl_line_refused("a").to_string()),
+            "{path}"
+        );
+        assert_eq!(recs.len(), 1, "{path}: {recs:#?}");
+        assert_eq!(recs[0]["decision"]["rule"], "no-curl", "{path}");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A line that cannot be read as every SDK reads it — cut short, a wrapper's member in other letter case (Go's
+/// `encoding/json` binds `Result` to `result`), two objects on one line — refuses the whole answer: 502, one record
+/// (`proposal`, `unparseable`), no call in it decided, nothing of it passed on.
+#[tokio::test]
+async fn an_unreadable_line_refuses_the_answer() {
+    let w = world().await;
+    for case in ["cut-line", "result-otherwise", "two-lines-in-one"] {
+        let path = format!("/v1/messages/batches/{case}/results");
+        let (status, body, recs) = fetch(&w, &path).await;
+        assert_eq!(status, 502, "{case}: {body}");
+        let expected = json!({"error": {"type": "enforcer_error", "reason": "unparseable",
+            "message": "a line of the upstream's batch results could not be read for its tool calls"}});
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap(),
+            expected,
+            "{case}"
+        );
+        assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
+        let r = &recs[0];
+        assert_eq!(r["request"]["phase"], "proposal", "{case}: {r}");
+        assert_eq!(r["decision"]["reason"], "unparseable", "{case}: {r}");
+        assert_eq!(r["outcome"]["disposition"], "blocked", "{case}: {r}");
+        assert_eq!(r["outcome"]["error"], "unparseable", "{case}: {r}");
+        assert_eq!(r["outcome"]["status"], 502, "{case}: {r}");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Results beyond the policy's `max_body_bytes` (64 KiB) are refused (502, `body_too_large`); a line whose parsed
+/// JSON the agent's share of the buffer budget cannot hold (10 000 array elements: 1.6 MB at most, the share 1 MiB)
+/// is refused before it is parsed (503 with `Retry-After`, `buffer_limit`). Neither is passed on; one record each.
+#[tokio::test]
+async fn results_are_held_within_the_body_bound_and_the_budget() {
+    let w = world().await;
+    for (case, status, reason) in [
+        ("too-large", 502, "body_too_large"),
+        ("deep-json", 503, "buffer_limit"),
+    ] {
+        let path = format!("/v1/messages/batches/{case}/results");
+        let (got, body, recs) = fetch(&w, &path).await;
+        assert_eq!(got, status, "{case}: {body}");
+        assert!(!body.contains("evil.example"), "{case}: {body}");
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["reason"], reason, "{case}: {body}");
+        assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
+        assert_eq!(recs[0]["outcome"]["error"], reason, "{case}: {:#}", recs[0]);
+        assert_eq!(
+            recs[0]["outcome"]["status"], status,
+            "{case}: {:#}",
+            recs[0]
+        );
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// An OpenAI Batch output file: each line's Chat Completions or Responses answer is decided as a whole one is — a
+/// refused call rewritten on its line, one record each — and the other lines (an allowed call, embeddings, an error
+/// line) reach the agent as they came.
+#[tokio::test]
+async fn an_openai_batch_output_file_is_read_line_by_line() {
+    let w = world().await;
+    let path = "/v1/files/output/content";
+    let (status, body, recs) = fetch_from(&w, "api.openai.com", path).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let sent = String::from_utf8(file("output")).unwrap();
+    let sent: Vec<&str> = sent.lines().collect();
+    let expected = format!(
+        "{}\n{}\n{}\n{}\n{}\n",
+        refused_output(
+            output_line("a", chat_completion(CURL_COMMAND)),
+            LlmApi::ChatCompletions
+        ),
+        refused_output(
+            output_line("b", response_object(CURL_COMMAND)),
+            LlmApi::Responses
+        ),
+        sent[2],
+        sent[3],
+        sent[4],
+    );
+    assert_eq!(body, expected);
+    assert!(!body.contains("evil.example"), "{body}");
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    for r in &recs {
+        assert_refusal_record(path, r);
+    }
+
+    let path = "/v1/files/output-long-first-line/content";
+    let (status, body, recs) = fetch_from(&w, "api.openai.com", path).await;
+    let body = String::from_utf8(body).unwrap();
+    let sent = String::from_utf8(file("output-long-first-line")).unwrap();
+    let first = sent.lines().next().unwrap();
+    let expected = format!(
+        "{first}\n{}\n",
+        refused_output(
+            output_line("b", chat_completion(CURL_COMMAND)),
+            LlmApi::ChatCompletions
+        )
+    );
+    assert_eq!(status, 200);
+    assert!(
+        body == expected,
+        "{}",
+        &body[body.len().saturating_sub(600)..]
+    );
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_refusal_record(path, &recs[0]);
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Any other file streams through as it came, however large (a binary file and a CSV beyond the 64 KiB bound, a
+/// batch's input file), with no record; an output file with a line cut short is refused as unreadable (502), and one
+/// whose first line opens an object but does not end within the bound is refused as too large (502): either may hold
+/// calls.
+#[tokio::test]
+async fn other_files_pass_and_unreadable_output_is_refused() {
+    let w = world().await;
+    for case in ["binary", "csv", "input"] {
+        let path = format!("/v1/files/{case}/content");
+        let (status, body, recs) = fetch_from(&w, "api.openai.com", &path).await;
+        assert_eq!(status, 200, "{case}");
+        assert!(
+            body == file(case),
+            "{case}: the file did not come through as it was"
+        );
+        assert!(recs.is_empty(), "{case}: {recs:#?}");
+    }
+    for (case, reason, phase) in [
+        ("output-cut", "unparseable", "proposal"),
+        ("output-huge-first-line", "body_too_large", "response"),
+    ] {
+        let path = format!("/v1/files/{case}/content");
+        let (status, body, recs) = fetch_from(&w, "api.openai.com", &path).await;
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{case}: {}", &body[..body.len().min(200)]);
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["reason"], reason, "{case}: {body}");
+        assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
+        assert_eq!(recs[0]["request"]["phase"], phase, "{case}: {:#}", recs[0]);
+        assert_eq!(recs[0]["outcome"]["error"], reason, "{case}: {:#}", recs[0]);
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}

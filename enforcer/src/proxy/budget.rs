@@ -96,7 +96,6 @@ fn try_add(counter: &AtomicU64, n: u64, cap: u64) -> bool {
 
 impl Reservation {
     /// Bytes this reservation holds.
-    #[cfg(test)]
     pub fn held(&self) -> u64 {
         self.held
     }

@@ -3,8 +3,8 @@
 //! [`Fate`]: passed, rewritten (redaction, `json_truncate` and the other JSON rewrites), or blocked. A body is read
 //! whole only when some rule may decide it (its head, status and content type, already let one match) or a tool call
 //! may be proposed in it, bounded by the policy's `max_body_bytes`, the proxy's hold timeout and the agent's share of
-//! the buffer budget (`budget`): a body beyond one is refused and recorded (502; 503 with `Retry-After` for the
-//! budget), never passed on unread.
+//! the buffer budget (`budget`: its text, and the JSON it is parsed into, reserved before the parse): a body beyond
+//! one is refused and recorded (502; 503 with `Retry-After` for the budget), never passed on unread.
 
 use super::upstream::UpstreamBody;
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::answer::Answering;
-use super::budget::{Buffer, Overflow, Reservation, INSPECTED_COPIES};
+use super::budget::{json_tree_bound, Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http::{full, ProxyBody};
 use super::refusal::into_response;
 use crate::inspect::proposal::{self, Ruling};
@@ -278,10 +278,15 @@ async fn answer_whole(
     let (mut parts, body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
     // Held in the budget until the answer is built.
-    let (raw, _held) = match read_whole(body, ans, plan, &parts.headers).await {
+    let (raw, mut held) = match read_whole(body, ans, plan, &parts.headers).await {
         Ok(read) => read,
         Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
+    // The JSON the body is parsed into (for its tool calls, or for the response rules) is held as long as the body:
+    // its room is reserved first, as a request body's is.
+    if held.grow(json_tree_bound(&raw)).is_err() {
+        return refused(ans, Phase::Response, Reason::BufferLimit, OVER_BUDGET).await;
+    }
     // The proposal trace keeps the body decoded, as it was decided.
     let mut traced = parts.headers.clone();
     traced.remove(header::CONTENT_ENCODING);

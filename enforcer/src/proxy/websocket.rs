@@ -23,7 +23,8 @@
 //!   `Sec-WebSocket-Extensions` is removed), so every frame is read as sent;
 //! - what each side has sent of a message not yet relayed (and a tool call the proposal reader holds) counts in the
 //!   agent's share of the buffer budget (`budget`): the bytes are reserved as they are read from the socket, and
-//!   given back once the message has been carried out. A message the budget cannot take closes the connection with
+//!   given back once the message has been carried out; so does the JSON a message is parsed into (reserved before
+//!   the parse, `budget::json_tree_bound`). A message the budget cannot take closes the connection with
 //!   1013 (try again later, RFC 6455 §7.4.2 / the IANA close-code registry), recorded with reason `buffer_limit`.
 
 use std::sync::Arc;
@@ -41,7 +42,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::answer::Answering;
-use super::budget::{Reservation, INSPECTED_COPIES};
+use super::budget::{json_tree_bound, Reservation, INSPECTED_COPIES};
 use crate::inspect::proposal::{Emit, Event, Proposals};
 use crate::inspect::{self, InspectConfig, InspectError, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{
@@ -110,6 +111,29 @@ fn settle(held: &Held, kept: u64) -> bool {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     held.shrink_to(kept);
     held.grow_to(kept).is_ok()
+}
+
+/// Bytes the JSON of `msg` can be parsed into (`json_tree_bound`).
+fn message_tree(msg: &Message) -> u64 {
+    match msg {
+        Message::Text(t) => json_tree_bound(t.as_bytes()),
+        Message::Binary(b) => json_tree_bound(b),
+        _ => 0,
+    }
+}
+
+/// Reserve `n` more bytes for the side's message being decided (given back when it is settled); `false` when the
+/// budget cannot take them.
+fn reserve(held: &Held, n: u64) -> bool {
+    held.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .grow(n)
+        .is_ok()
+}
+
+/// Reserve the room `msg`'s JSON can take before it is parsed.
+fn reserve_tree(held: &Held, msg: &Message) -> bool {
+    reserve(held, message_tree(msg))
 }
 
 fn over_budget(e: &WsError) -> bool {
@@ -220,6 +244,11 @@ async fn from_agent(
     while let Some(next) = rx.next().await {
         let fate = match next {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                if !reserve_tree(held, &msg) {
+                    too_big(ans, &over_budget_error(), Phase::Request).await;
+                    close_both(client, upstream, CloseCode::Again, "").await;
+                    return;
+                }
                 agent_message(ans, turn, msg).await
             }
             Ok(Message::Close(frame)) => {
@@ -252,9 +281,19 @@ async fn from_upstream(
     upstream: &Sink,
 ) {
     let mut props = proposals_for(ans);
+    let parses = props.is_some() || ans.policy.has_rules_for(Phase::Response);
+    // The parsed JSON of the messages since the proposal reader began holding a call (each held event keeps its
+    // own; the call's arguments are parsed once complete), in the budget until it holds none.
+    let mut held_tree = 0u64;
     while let Some(next) = rx.next().await {
         let fate = match next {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                let tree = if parses { message_tree(&msg) } else { 0 };
+                if !reserve(held, tree) {
+                    too_big(ans, &over_budget_error(), Phase::Response).await;
+                    close_both(client, upstream, CloseCode::Again, "").await;
+                    return;
+                }
                 match (upstream_message(ans, msg).await, props.as_mut()) {
                     (Fate::Forward(msg), Some(props)) => {
                         for fate in proposed(ans, turn, props, msg).await {
@@ -262,8 +301,12 @@ async fn from_upstream(
                                 return;
                             }
                         }
+                        held_tree = match props.held_bytes() {
+                            0 => 0,
+                            _ => held_tree.saturating_add(tree),
+                        };
                         // A tool call the reader still holds stays in the budget.
-                        if !settle(held, props.held_bytes() as u64) {
+                        if !settle(held, props.held_bytes() as u64 + held_tree) {
                             too_big(ans, &over_budget_error(), Phase::Proposal).await;
                             close_both(client, upstream, CloseCode::Again, "").await;
                             return;
@@ -278,7 +321,8 @@ async fn from_upstream(
                 return;
             }
             Ok(_) => {
-                settle(held, props.as_ref().map_or(0, |p| p.held_bytes() as u64));
+                let kept = props.as_ref().map_or(0, |p| p.held_bytes() as u64);
+                settle(held, kept + held_tree);
                 continue;
             }
             Err(e) => {
@@ -290,7 +334,8 @@ async fn from_upstream(
         if !carry_out(fate, client, upstream, client).await {
             return;
         }
-        settle(held, props.as_ref().map_or(0, |p| p.held_bytes() as u64));
+        let kept = props.as_ref().map_or(0, |p| p.held_bytes() as u64);
+        settle(held, kept + held_tree);
     }
 }
 

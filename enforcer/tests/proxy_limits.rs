@@ -775,3 +775,95 @@ async fn the_parsed_json_of_a_websocket_message_counts_in_the_agents_share() {
     );
     all_given_back().await;
 }
+
+/// What a retained trace keeps counts in the agent's share of the buffer budget, given back once the trace is
+/// written. A copy the budget cannot hold is not kept, and the exchange goes on: the trace is written without it and
+/// says so (`over_budget`), and its record says so too (`outcome.error: buffer_limit`), for a reader without the key.
+/// Here the agent's share holds 7.5 MiB of slow uploads: a 200 KB request (400 KB held while it is decided) fits in
+/// the 512 KiB left, its trace's copy does not; nor does the 3 MB answer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_the_budget_cannot_hold_loses_its_bodies_not_the_exchange() {
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("trace.key");
+    let recipient = enforcer::trace::cli::keygen(&key).unwrap();
+    let settings = enforcer::trace::TraceSettings {
+        recipient: Some(recipient),
+        ..Default::default()
+    };
+    let ca = TestCa::new("budget traces CA");
+    let (chain, key_der) = ca.leaf(&[HOST]);
+    let (up, _seen) = https_upstream(chain, key_der, true).await;
+    let yaml = format!(
+        "{} - id: traced\n   when: {{ host: {HOST}, path: \"/big/*\" }}\n   verdict: log\n   retain: true\nmax_body_bytes: 1MiB\n",
+        policy(&[HOST], &[])
+    );
+    let p = start_proxy_retaining(&yaml, &[&ca], &[], settings).await;
+    let who = agent("/agents/traced");
+    let client = h2_client(p.tls_to_as(up, HOST, &[b"h2"], who.clone()).await).await;
+    let mut uploads = Vec::new();
+    for i in 0..5 {
+        uploads.push(open(&client, i, Some(BODY)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(within(BUFFERED_PER_AGENT), 5 * 2 * BODY as u64);
+
+    let sent = format!("{{\"x\":\"{}\"}}", "r".repeat(200_000));
+    let req = Request::post(format!("https://{HOST}/big/3000000"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(sent)))
+        .unwrap();
+    let tls = p.tls_to_as(up, HOST, &[b"http/1.1"], who).await;
+    let (status, _, body) = send(tls, false, req).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 3_000_000, "the whole answer reached the agent");
+
+    // The trace is written in the background.
+    for _ in 0..100 {
+        let records = p.audit_records().await;
+        if records
+            .iter()
+            .any(|r| r["outcome"]["disposition"] == "retained")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let exchange: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["request"]["path"] == "/big/3000000")
+        .collect();
+    assert_eq!(
+        exchange.len(),
+        2,
+        "the exchange and its trace: {exchange:#?}"
+    );
+    assert_eq!(
+        exchange[0]["outcome"]["disposition"], "forwarded",
+        "{:#}",
+        exchange[0]
+    );
+    let r = &exchange[1];
+    assert_eq!(r["outcome"]["disposition"], "retained", "{r:#}");
+    assert_eq!(r["outcome"]["error"], "buffer_limit", "{r:#}");
+    assert_eq!(r["trace"]["of"], exchange[0]["seq"], "{r:#}");
+    let of = exchange[0]["seq"].as_u64().unwrap();
+    let audit_dir = p.audit_dir.clone();
+    let text = enforcer::trace::cli::show(&audit_dir, &audit_dir.join("traces"), of, &key).unwrap();
+    let trace: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(trace["request"]["body"], "", "{}", short(&text));
+    assert_eq!(trace["request"]["over_budget"], true, "{}", short(&text));
+    let kept = trace["response"]["body"].as_str().unwrap().len();
+    assert!(kept < 524_288, "{kept} bytes of the answer kept");
+    assert_eq!(trace["response"]["truncated"], true, "{}", short(&text));
+    assert_eq!(trace["response"]["over_budget"], true, "{}", short(&text));
+
+    // The uploads end; everything is given back.
+    drop(uploads);
+    drop(client);
+    all_given_back().await;
+}

@@ -549,7 +549,14 @@ async fn zeros_upstream(ca: &TestCa) -> std::net::SocketAddr {
     use http_body_util::BodyExt;
     answering_upstream(ca, &["api.openai.com"], |req: Request<hyper::body::Incoming>| async move {
         let body = req.into_body().collect().await.unwrap().to_bytes();
-        let stream = String::from_utf8_lossy(&body).contains("\"stream\":true");
+        let asked = String::from_utf8_lossy(&body).into_owned();
+        if asked.contains("\"model\":\"held\"") {
+            return hyper::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Full::new(Bytes::from(held_call_stream())).boxed())
+                .unwrap();
+        }
+        let stream = asked.contains("\"stream\":true");
         let completion = format!(
             r#"{{"id":"c","object":"chat.completion","model":"gpt-4o","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"x":{}}}"#,
             zeros()
@@ -571,6 +578,38 @@ async fn zeros_upstream(ca: &TestCa) -> std::net::SocketAddr {
     .await
 }
 
+/// A Chat Completions stream proposing one call of `run` whose arguments are `{"a":[0,0,…]}` (200,000 zeros: 400 KB
+/// of text, held within the 1 MiB limit; 32 MB once parsed), in ten deltas, then its finish and `[DONE]`.
+fn held_call_stream() -> String {
+    let args = format!("{{\"a\":[{}0]}}", "0,".repeat(199_999));
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        let c = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {c}\n\n")
+    };
+    let mut out = chunk(
+        serde_json::json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "run", "arguments": ""}}]}),
+        None,
+    );
+    let piece = args.len() / 10 + 1;
+    for part in args.as_bytes().chunks(piece) {
+        let part = std::str::from_utf8(part).unwrap();
+        out.push_str(&chunk(
+            serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}),
+            None,
+        ));
+    }
+    out.push_str(&chunk(serde_json::json!({}), Some("tool_calls")));
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+/// The error event a Chat stream ends with when the budget cannot hold what its reading would parse.
+const OVER_BUDGET_EVENT: &str = "data: {\"type\":\"error\",\"error\":{\"message\":\"the proxy's buffer budget \
+    cannot hold the upstream's answer for inspection; retry later (policy default)\",\"type\":\"permission_error\",\
+    \"param\":null,\"code\":\"blocked_by_policy\"}}\n\n";
+
 /// Wait until the proxy holds nothing in the buffer budget; the gauge says so too.
 async fn all_given_back() {
     let released = async {
@@ -584,9 +623,9 @@ async fn all_given_back() {
     assert_eq!(metric("enforcer_buffered_bytes"), 0);
 }
 
-/// The records written since the first `before`: exactly the request's and one refusal, the answer's (phase
-/// `response`, `buffer_limit`, blocked, with `status`), linked to the request's record.
-async fn one_answer_refusal(p: &Proxy, before: usize, status: Option<u16>) {
+/// The records written since the first `before`: exactly the request's and one refusal, the answer's (in `phase`,
+/// `buffer_limit`, blocked, with `status`), linked to the request's record.
+async fn one_answer_refusal(p: &Proxy, before: usize, status: Option<u16>, phase: &str) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let recs = p.audit_records().await.split_off(before);
     assert_eq!(
@@ -599,7 +638,7 @@ async fn one_answer_refusal(p: &Proxy, before: usize, status: Option<u16>) {
         "{recs:#?}"
     );
     let r = &recs[1];
-    assert_eq!(r["request"]["phase"], "response", "{r:#}");
+    assert_eq!(r["request"]["phase"], phase, "{r:#}");
     assert_eq!(r["request"]["parent"], recs[0]["seq"], "{r:#}");
     assert_eq!(r["request"]["llm_provider"], "openai", "{r:#}");
     assert_eq!(r["decision"]["verdict"], "block", "{r:#}");
@@ -659,7 +698,7 @@ async fn the_parsed_json_of_an_answer_counts_in_the_agents_share() {
         "the answer was passed on: {}",
         short(&body)
     );
-    one_answer_refusal(&p, before, Some(503)).await;
+    one_answer_refusal(&p, before, Some(503), "response").await;
     all_given_back().await;
 
     // Streamed: the event is not passed on; the stream ends with the protocol's error event saying why.
@@ -676,16 +715,40 @@ async fn the_parsed_json_of_an_answer_counts_in_the_agents_share() {
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 200, "{}", short(&body));
     // Nothing but the error event: not the event, not the rest of the stream.
-    assert_eq!(
-        short(&body),
-        "data: {\"type\":\"error\",\"error\":{\"message\":\"the proxy's buffer budget cannot hold the upstream's \
-         answer for inspection; retry later (policy default)\",\"type\":\"permission_error\",\"param\":null,\
-         \"code\":\"blocked_by_policy\"}}\n\n"
-    );
-    one_answer_refusal(&p, before, None).await;
+    assert_eq!(short(&body), OVER_BUDGET_EVENT);
+    one_answer_refusal(&p, before, None, "response").await;
     assert_eq!(
         metric("enforcer_buffer_refusals_total{phase=\"response\"}") - refused_before,
         2
+    );
+    all_given_back().await;
+
+    // A tool call held until its arguments are complete: the parsed JSON of its events (and of the arguments they
+    // carry, parsed once complete) stays reserved while it is held; beyond the share the stream ends (`proposal`),
+    // the call never reaching the agent.
+    let refused_before = metric("enforcer_buffer_refusals_total{phase=\"proposal\"}");
+    let before = p.audit_records().await.len();
+    let tls = p
+        .tls_to_as(
+            up,
+            "api.openai.com",
+            &[b"http/1.1"],
+            agent("/agents/answers"),
+        )
+        .await;
+    let mut held = ask("/v1/chat/completions", true);
+    *held.body_mut() = Full::new(Bytes::from(
+        serde_json::json!({"model": "held", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
+    ));
+    let (status, _, body) = send(tls, false, held).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "{}", short(&body));
+    assert_eq!(short(&body), OVER_BUDGET_EVENT);
+    one_answer_refusal(&p, before, None, "proposal").await;
+    assert_eq!(
+        metric("enforcer_buffer_refusals_total{phase=\"proposal\"}") - refused_before,
+        1
     );
     all_given_back().await;
 }

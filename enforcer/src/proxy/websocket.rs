@@ -465,11 +465,14 @@ async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
             summary.mcp_tool = mcp.tool.clone();
         }
     }
+    // The message's JSON, taken from the Actions rather than copied: the budget holds room for one parsed tree.
     let json = inspected
         .actions
-        .get(decided.index)
-        .and_then(|a| a.http.as_ref())
-        .and_then(|h| h.json.as_deref().cloned());
+        .get_mut(decided.index)
+        .and_then(|a| a.http.as_mut())
+        .and_then(|h| h.json.take());
+    inspected.actions.clear();
+    let json = json.map(Shared::into_inner);
     let judged = Judged {
         phase: Phase::Request,
         protocol: &inspected.protocol,
@@ -579,13 +582,12 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         return Fate::Forward(msg);
     }
     let (raw, text) = contents(&msg);
-    let json = serde_json::from_str(&text).ok();
     let mut action = ans.request.clone();
     action.response = Some(HttpResponse {
         status: 101,
         body_size: raw.len() as u64,
+        json: serde_json::from_str(&text).ok(),
         body: text,
-        json: json.clone(),
         ..HttpResponse::default()
     });
     let decision = ans
@@ -594,6 +596,8 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Fate::Forward(msg);
     }
+    // Taken back from the Action rather than copied: the budget holds room for one parsed tree.
+    let json = action.response.as_mut().and_then(|r| r.json.take());
     let each = [decision.clone()];
     let judged = Judged {
         phase: Phase::Response,

@@ -318,7 +318,12 @@ async fn answer_whole(
         }
     }
     if plan.responses {
-        match decide(ans, &mut action(ans, &head, body.clone(), json), true).await {
+        // The text is lent to the Action and taken back, not copied: the budget holds two copies of the body.
+        let mut decided = action(ans, &head, std::mem::take(&mut body), json);
+        let fate = decide(ans, &mut decided, true).await;
+        body = decided.response.take().map(|r| r.body).unwrap_or_default();
+        drop(decided);
+        match fate {
             Fate::Pass => {}
             Fate::Rewrite(new) => {
                 body = new;

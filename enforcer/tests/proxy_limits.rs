@@ -523,3 +523,424 @@ async fn the_parsed_json_of_a_body_counts_in_the_agents_share() {
         .await
         .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
 }
+
+/// 600 KB of `0,` in JSON: 1.2 MB of text held twice, 48 MB once parsed (160 bytes per element): far beyond the
+/// 8 MiB share, while its text alone fits.
+fn zeros() -> String {
+    format!("[{}0]", "0,".repeat(300_000))
+}
+
+/// The start of a long text, for a failing assertion's message.
+fn short(text: &str) -> &str {
+    &text[..text.len().min(400)]
+}
+
+/// Proposal rules (the answers of `api.openai.com` are read for tool calls), a 1 MiB inspection limit.
+fn proposal_policy() -> String {
+    format!(
+        "{} - id: no-shell\n   phase: proposal\n   when: {{ proposal.tool: shell }}\n   verdict: block\nmax_body_bytes: 1MiB\n",
+        policy(&["api.openai.com"], &[])
+    )
+}
+
+/// An OpenAI upstream whose answers carry [`zeros`]: whole (`/v1/chat/completions`, a completion with them in an
+/// extra member) or as one event of a stream (`"stream": true`).
+async fn zeros_upstream(ca: &TestCa) -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    answering_upstream(ca, &["api.openai.com"], |req: Request<hyper::body::Incoming>| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let asked = String::from_utf8_lossy(&body).into_owned();
+        if asked.contains("\"model\":\"held\"") {
+            return hyper::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Full::new(Bytes::from(held_call_stream())).boxed())
+                .unwrap();
+        }
+        let stream = asked.contains("\"stream\":true");
+        let completion = format!(
+            r#"{{"id":"c","object":"chat.completion","model":"gpt-4o","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"x":{}}}"#,
+            zeros()
+        );
+        let (content_type, body) = if stream {
+            let chunk = format!(
+                r#"{{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{{"index":0,"delta":{{"content":"hi"}}}}],"x":{}}}"#,
+                zeros()
+            );
+            ("text/event-stream", format!("data: {chunk}\n\ndata: [DONE]\n\n"))
+        } else if asked.contains("\"model\":\"bom\"") {
+            ("application/json", format!("\u{feff}{completion}"))
+        } else {
+            ("application/json", completion)
+        };
+        hyper::Response::builder()
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)).boxed())
+            .unwrap()
+    })
+    .await
+}
+
+/// A Chat Completions stream proposing one call of `run` whose arguments are `{"a":[0,0,…]}` (200,000 zeros: 400 KB
+/// of text, held within the 1 MiB limit; 32 MB once parsed), in ten deltas, then its finish and `[DONE]`.
+fn held_call_stream() -> String {
+    let args = format!("{{\"a\":[{}0]}}", "0,".repeat(199_999));
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        let c = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {c}\n\n")
+    };
+    let mut out = chunk(
+        serde_json::json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "run", "arguments": ""}}]}),
+        None,
+    );
+    let piece = args.len() / 10 + 1;
+    for part in args.as_bytes().chunks(piece) {
+        let part = std::str::from_utf8(part).unwrap();
+        out.push_str(&chunk(
+            serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}),
+            None,
+        ));
+    }
+    out.push_str(&chunk(serde_json::json!({}), Some("tool_calls")));
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+/// The error event a Chat stream ends with when the budget cannot hold what its reading would parse.
+const OVER_BUDGET_EVENT: &str = "data: {\"type\":\"error\",\"error\":{\"message\":\"the proxy's buffer budget \
+    cannot hold the upstream's answer for inspection; retry later (policy default)\",\"type\":\"permission_error\",\
+    \"param\":null,\"code\":\"blocked_by_policy\"}}\n\n";
+
+/// Wait until the proxy holds nothing in the buffer budget; the gauge says so too.
+async fn all_given_back() {
+    let released = async {
+        while buffered_bytes() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, released)
+        .await
+        .unwrap_or_else(|_| panic!("{} bytes still held", buffered_bytes()));
+    assert_eq!(metric("enforcer_buffered_bytes"), 0);
+}
+
+/// The records written since the first `before`: exactly the request's and one refusal, the answer's (in `phase`,
+/// `buffer_limit`, blocked, with `status`), linked to the request's record.
+async fn one_answer_refusal(p: &Proxy, before: usize, status: Option<u16>, phase: &str) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recs = p.audit_records().await.split_off(before);
+    assert_eq!(
+        recs.len(),
+        2,
+        "the request and its refused answer: {recs:#?}"
+    );
+    assert_eq!(
+        recs[0]["request"]["path"], "/v1/chat/completions",
+        "{recs:#?}"
+    );
+    let r = &recs[1];
+    assert_eq!(r["request"]["phase"], phase, "{r:#}");
+    assert_eq!(r["request"]["parent"], recs[0]["seq"], "{r:#}");
+    assert_eq!(r["request"]["llm_provider"], "openai", "{r:#}");
+    assert_eq!(r["decision"]["verdict"], "block", "{r:#}");
+    assert_eq!(r["decision"]["reason"], "buffer_limit", "{r:#}");
+    assert_eq!(r["outcome"]["disposition"], "blocked", "{r:#}");
+    assert_eq!(r["outcome"]["error"], "buffer_limit", "{r:#}");
+    assert_eq!(
+        r["outcome"]["status"],
+        status.map_or(serde_json::Value::Null, Into::into),
+        "{r:#}"
+    );
+}
+
+/// The JSON an LLM answer is parsed into for its tool calls counts in the agent's share, reserved before the parse,
+/// as a request body's does: a whole answer and one event of a stream of `[0,0,…]` (eighty times their text once
+/// parsed) are refused, never passed on unread — the whole one with 503 and `Retry-After`, the stream ended with the
+/// protocol's error event — each recorded once (`buffer_limit`), and everything is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parsed_json_of_an_answer_counts_in_the_agents_share() {
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let ca = TestCa::new("budget answers CA");
+    let up = zeros_upstream(&ca).await;
+    let p = start_proxy(&proposal_policy(), &[&ca], false).await;
+    let refused_before = metric("enforcer_buffer_refusals_total{phase=\"response\"}");
+    let ask = |model: &str, stream: bool| {
+        let body = serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+        Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("host", "api.openai.com")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+
+    // Whole: 503, Retry-After, the protocol's error shape naming the reason.
+    let before = p.audit_records().await.len();
+    let tls = p
+        .tls_to_as(
+            up,
+            "api.openai.com",
+            &[b"http/1.1"],
+            agent("/agents/answers"),
+        )
+        .await;
+    let (status, headers, body) = send(tls, false, ask("gpt-4o", false)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{}", short(&body));
+    assert_eq!(
+        headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert!(body.contains("buffer_limit"), "{}", short(&body));
+    assert!(
+        !body.contains("0,0,0"),
+        "the answer was passed on: {}",
+        short(&body)
+    );
+    one_answer_refusal(&p, before, Some(503), "response").await;
+    all_given_back().await;
+
+    // The same answer after a byte-order mark, which the proposal reader skips as the SDKs' parsers do: its JSON is
+    // bounded all the same.
+    let before = p.audit_records().await.len();
+    let tls = p
+        .tls_to_as(
+            up,
+            "api.openai.com",
+            &[b"http/1.1"],
+            agent("/agents/answers"),
+        )
+        .await;
+    let (status, _, body) = send(tls, false, ask("bom", false)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{}", short(&body));
+    one_answer_refusal(&p, before, Some(503), "response").await;
+    all_given_back().await;
+
+    // Streamed: the event is not passed on; the stream ends with the protocol's error event saying why.
+    let before = p.audit_records().await.len();
+    let tls = p
+        .tls_to_as(
+            up,
+            "api.openai.com",
+            &[b"http/1.1"],
+            agent("/agents/answers"),
+        )
+        .await;
+    let (status, _, body) = send(tls, false, ask("gpt-4o", true)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "{}", short(&body));
+    // Nothing but the error event: not the event, not the rest of the stream.
+    assert_eq!(short(&body), OVER_BUDGET_EVENT);
+    one_answer_refusal(&p, before, None, "response").await;
+    assert_eq!(
+        metric("enforcer_buffer_refusals_total{phase=\"response\"}") - refused_before,
+        3
+    );
+    all_given_back().await;
+
+    // A tool call held until its arguments are complete: the parsed JSON of its events (and of the arguments they
+    // carry, parsed once complete) stays reserved while it is held; beyond the share the stream ends (`proposal`),
+    // the call never reaching the agent.
+    let refused_before = metric("enforcer_buffer_refusals_total{phase=\"proposal\"}");
+    let before = p.audit_records().await.len();
+    let tls = p
+        .tls_to_as(
+            up,
+            "api.openai.com",
+            &[b"http/1.1"],
+            agent("/agents/answers"),
+        )
+        .await;
+    let (status, _, body) = send(tls, false, ask("held", true)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "{}", short(&body));
+    assert_eq!(short(&body), OVER_BUDGET_EVENT);
+    one_answer_refusal(&p, before, None, "proposal").await;
+    assert_eq!(
+        metric("enforcer_buffer_refusals_total{phase=\"proposal\"}") - refused_before,
+        1
+    );
+    all_given_back().await;
+}
+
+/// The JSON of a WebSocket message read for tool calls (Realtime server events) or decided as an agent's message
+/// counts in the agent's share, reserved before the parse: an upstream's event of `[0,0,…]` closes the connection
+/// with 1013 (try again later), recorded once (`response`, `buffer_limit`), never passed on; an agent's message of
+/// them likewise (`request`), never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parsed_json_of_a_websocket_message_counts_in_the_agents_share() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let ca = TestCa::new("budget realtime CA");
+    let (chain, key) = ca.leaf(&["api.openai.com"]);
+    let (up, seen) = ws_upstream(chain, key).await;
+    let p = start_proxy(&proposal_policy(), &[&ca], false).await;
+    let who = agent("/agents/realtime");
+    let path = "/v1/realtime?model=gpt-realtime";
+    let event = format!(
+        r#"{{"type":"response.output_text.delta","delta":"hi","x":{}}}"#,
+        zeros()
+    );
+
+    let closed = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(frame)))) => return frame.code,
+            Some(Ok(Message::Text(t))) => {
+                assert!(!t.contains("0,0,0"), "the event was passed on");
+            }
+            other => panic!("expected a close, got {other:?}"),
+        }
+    };
+
+    // From the upstream (which sends what follows `reply:`).
+    let mut ws = ws_connect_as(&p, who.clone(), up, "api.openai.com", path, &[])
+        .await
+        .expect("upgraded");
+    ws.send(Message::Text(format!("reply:{event}").into()))
+        .await
+        .unwrap();
+    assert_eq!(closed(&mut ws).await, CloseCode::Again);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["outcome"]["error"] == "buffer_limit")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert_eq!(
+        refused[0]["request"]["phase"], "response",
+        "{:#}",
+        refused[0]
+    );
+    assert_eq!(refused[0]["agent"]["cgroup"], "/agents/realtime");
+    all_given_back().await;
+
+    // From the agent.
+    let mut ws = ws_connect_as(&p, who, up, "api.openai.com", path, &[])
+        .await
+        .expect("upgraded");
+    ws.send(Message::Text(event.clone().into())).await.unwrap();
+    assert_eq!(closed(&mut ws).await, CloseCode::Again);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["outcome"]["error"] == "buffer_limit")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert_eq!(
+        refused[1]["request"]["phase"], "request",
+        "{:#}",
+        refused[1]
+    );
+    assert!(
+        seen.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|m| !m.starts_with('{')),
+        "the agent's message was forwarded"
+    );
+    all_given_back().await;
+}
+
+/// What a retained trace keeps counts in the agent's share of the buffer budget, given back once the trace is
+/// written. A copy the budget cannot hold is not kept, and the exchange goes on: the trace is written without it and
+/// says so (`over_budget`), and its record says so too (`outcome.error: buffer_limit`), for a reader without the key.
+/// Here the agent's share holds 7.5 MiB of slow uploads: a 200 KB request (400 KB held while it is decided) fits in
+/// the 512 KiB left, its trace's copy does not; nor does the 3 MB answer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_the_budget_cannot_hold_loses_its_bodies_not_the_exchange() {
+    limits();
+    let _turn = BUDGET_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("trace.key");
+    let recipient = enforcer::trace::cli::keygen(&key).unwrap();
+    let settings = enforcer::trace::TraceSettings {
+        recipient: Some(recipient),
+        ..Default::default()
+    };
+    let ca = TestCa::new("budget traces CA");
+    let (chain, key_der) = ca.leaf(&[HOST]);
+    let (up, _seen) = https_upstream(chain, key_der, true).await;
+    let yaml = format!(
+        "{} - id: traced\n   when: {{ host: {HOST}, path: \"/big/*\" }}\n   verdict: log\n   retain: true\nmax_body_bytes: 1MiB\n",
+        policy(&[HOST], &[])
+    );
+    let p = start_proxy_retaining(&yaml, &[&ca], &[], settings).await;
+    let who = agent("/agents/traced");
+    let client = h2_client(p.tls_to_as(up, HOST, &[b"h2"], who.clone()).await).await;
+    let mut uploads = Vec::new();
+    for i in 0..5 {
+        uploads.push(open(&client, i, Some(BODY)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(within(BUFFERED_PER_AGENT), 5 * 2 * BODY as u64);
+
+    let sent = format!("{{\"x\":\"{}\"}}", "r".repeat(200_000));
+    let req = Request::post(format!("https://{HOST}/big/3000000"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(sent)))
+        .unwrap();
+    let tls = p.tls_to_as(up, HOST, &[b"http/1.1"], who).await;
+    let (status, _, body) = send(tls, false, req).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 3_000_000, "the whole answer reached the agent");
+
+    // The trace is written in the background.
+    for _ in 0..100 {
+        let records = p.audit_records().await;
+        if records
+            .iter()
+            .any(|r| r["outcome"]["disposition"] == "retained")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let exchange: Vec<_> = p
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r["request"]["path"] == "/big/3000000")
+        .collect();
+    assert_eq!(
+        exchange.len(),
+        2,
+        "the exchange and its trace: {exchange:#?}"
+    );
+    assert_eq!(
+        exchange[0]["outcome"]["disposition"], "forwarded",
+        "{:#}",
+        exchange[0]
+    );
+    let r = &exchange[1];
+    assert_eq!(r["outcome"]["disposition"], "retained", "{r:#}");
+    assert_eq!(r["outcome"]["error"], "buffer_limit", "{r:#}");
+    assert_eq!(r["trace"]["of"], exchange[0]["seq"], "{r:#}");
+    let of = exchange[0]["seq"].as_u64().unwrap();
+    let audit_dir = p.audit_dir.clone();
+    let text = enforcer::trace::cli::show(&audit_dir, &audit_dir.join("traces"), of, &key).unwrap();
+    let trace: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(trace["request"]["body"], "", "{}", short(&text));
+    assert_eq!(trace["request"]["over_budget"], true, "{}", short(&text));
+    let kept = trace["response"]["body"].as_str().unwrap().len();
+    assert!(kept < 524_288, "{kept} bytes of the answer kept");
+    assert_eq!(trace["response"]["truncated"], true, "{}", short(&text));
+    assert_eq!(trace["response"]["over_budget"], true, "{}", short(&text));
+
+    // The uploads end; everything is given back.
+    drop(uploads);
+    drop(client);
+    all_given_back().await;
+}

@@ -96,7 +96,6 @@ fn try_add(counter: &AtomicU64, n: u64, cap: u64) -> bool {
 
 impl Reservation {
     /// Bytes this reservation holds.
-    #[cfg(test)]
     pub fn held(&self) -> u64 {
         self.held
     }
@@ -158,11 +157,14 @@ pub(crate) const INSPECTED_COPIES: u64 = 2;
 pub(crate) const JSON_BYTES_PER_ELEMENT: u64 = 160;
 
 /// What parsing `text` as JSON can hold beyond the text, at most: [`JSON_BYTES_PER_ELEMENT`] per structural
-/// character (strings are already counted as text); 0 for text that does not open an array or object. Parsed JSON
-/// takes several times the text's room, and `[0,0,0,…]` eighty times: a black-box attack made one agent's 4 MB bodies
-/// hold about 2 GB while the budget counted only their text. The bound is reserved before the parse.
+/// character (strings are already counted as text); 0 for text that does not open an array or object (after
+/// whitespace and a UTF-8 byte-order mark, which the proposal reader skips: `inspect::proposal::body_json`). Parsed
+/// JSON takes several times the text's room, and `[0,0,0,…]` eighty times: a black-box attack made one agent's 4 MB
+/// bodies hold about 2 GB while the budget counted only their text. The bound is reserved before the parse.
 pub(crate) fn json_tree_bound(text: &[u8]) -> u64 {
     let opens = text
+        .strip_prefix(b"\xef\xbb\xbf")
+        .unwrap_or(text)
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|b| matches!(b, b'[' | b'{'));
@@ -269,6 +271,10 @@ mod tests {
         assert_eq!(
             json_tree_bound(br#" {"a": [1, {"b": "x,y"}]}"#),
             7 * JSON_BYTES_PER_ELEMENT
+        );
+        assert_eq!(
+            json_tree_bound("\u{feff} [0,0]".as_bytes()),
+            2 * JSON_BYTES_PER_ELEMENT
         );
         assert_eq!(json_tree_bound(b"a,b,c"), 0);
         assert_eq!(json_tree_bound(b""), 0);

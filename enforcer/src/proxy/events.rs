@@ -2,10 +2,10 @@
 //! (`inspect::sse`), decided by the response rules when some may apply, then handed to the proposal reader of its
 //! LLM API when proposal rules exist; what comes out is sent as soon as the upstream's chunk that carried it is read.
 //! Text and reasoning events are never held; only a proposed tool call is, until its arguments are complete, within
-//! the policy's `max_body_bytes`, the proxy's hold timeout and the agent's share of the buffer budget (`budget`;
-//! beyond any of them the stream ends with the protocol's error event, recorded), and then while a review of it
-//! waits (up to the review's timeout; what came before the call has been sent, and an SSE comment line every
-//! `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean
+//! the policy's `max_body_bytes`, the proxy's hold timeout and the agent's share of the buffer budget (`budget`, which
+//! also counts the JSON each event is parsed into, reserved before the parse; beyond any of them the stream ends with
+//! the protocol's error event, recorded), and then while a review of it waits (up to the review's timeout; what came
+//! before the call has been sent, and an SSE comment line every `review_keepalive` keeps the stream alive). A stream that ends early ends the agent's too (an error, not a clean
 //! end); a content-coded stream is read whole and decoded first.
 
 use std::pin::Pin;
@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::answer::Answering;
-use super::budget::{Buffer, Reservation};
+use super::budget::{json_tree_bound, Buffer, Reservation};
 use super::hold::Holding;
 use super::http::ProxyBody;
 use super::response::{self, Fate, Head, Plan};
@@ -82,6 +82,7 @@ pub(crate) fn stream(
         ended: false,
         tx,
         held,
+        held_tree: 0,
     };
     tokio::spawn(reading.run(body, coding));
     Response::from_parts(parts, Channel(rx).boxed())
@@ -103,6 +104,8 @@ struct Reading {
     tx: mpsc::Sender<Sent>,
     /// What the reading holds (a partial event, a held call, a coded stream read whole) in the buffer budget.
     held: Reservation,
+    /// Of `held`, the parsed JSON of the events since the proposal reader began holding a call (`json_tree_bound`).
+    held_tree: u64,
 }
 
 /// What the upstream's body gave next.
@@ -208,10 +211,11 @@ impl Reading {
         if !self.ended && held as u64 > self.ans.policy.max_body_bytes() {
             out.extend_from_slice(&self.refuse(Reason::BodyTooLarge, response::TOO_LARGE).await);
         } else if !self.ended {
-            // What is held (a partial event, a tool call's arguments) counts in the agent's share of the buffer
-            // budget for as long as it is held.
-            self.held.shrink_to(held as u64);
-            if self.held.grow_to(held as u64).is_err() {
+            // What is held (a partial event, a tool call's arguments and the parsed JSON of its events) counts in
+            // the agent's share of the buffer budget for as long as it is held.
+            let held = (held as u64).saturating_add(self.held_tree);
+            self.held.shrink_to(held);
+            if self.held.grow_to(held).is_err() {
                 out.extend_from_slice(
                     &self
                         .refuse(Reason::BufferLimit, response::OVER_BUDGET)
@@ -255,7 +259,23 @@ impl Reading {
                 out.extend_from_slice(&self.unreadable().await);
                 break;
             }
+            // The JSON the event's data is parsed into (by the response rules, the proposal reader) is reserved
+            // before the parse; beyond the budget the stream ends, the event unsent.
+            let tree = e
+                .data
+                .as_deref()
+                .map_or(0, |d| json_tree_bound(d.as_bytes()));
+            let before = self.held.held();
+            if self.held.grow(tree).is_err() {
+                out.extend_from_slice(
+                    &self
+                        .refuse(Reason::BufferLimit, response::OVER_BUDGET)
+                        .await,
+                );
+                break;
+            }
             let Some(event) = self.respond(e, &mut out).await else {
+                self.held.shrink_to(before);
                 continue;
             };
             match self.props.as_mut() {
@@ -275,8 +295,23 @@ impl Reading {
                 }
                 None => out.extend_from_slice(&event.raw),
             }
+            self.keep_tree(before, tree);
         }
         out
+    }
+
+    /// After an event whose parsed JSON (`tree` bytes) was reserved on top of `before`: while the proposal reader
+    /// holds a call, the trees of the events since it began holding stay reserved (a held event keeps its parsed
+    /// JSON, and the call's arguments are parsed once complete, a tree bounded by the structure of the events that
+    /// carried them); once it holds none, they are given back.
+    fn keep_tree(&mut self, before: u64, tree: u64) {
+        let holding = self.props.as_ref().is_some_and(|p| p.held_bytes() > 0);
+        if holding {
+            self.held_tree = self.held_tree.saturating_add(tree);
+        } else {
+            self.held.shrink_to(before.saturating_sub(self.held_tree));
+            self.held_tree = 0;
+        }
     }
 
     /// The rulings on `calls`. What `out` holds of the events before them is sent first: only the calls wait for

@@ -54,12 +54,13 @@ use clap::Subcommand;
 use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
-pub(crate) use budget::INSPECTED_COPIES;
+pub(crate) use budget::{Reservation, INSPECTED_COPIES};
 pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};
 pub use classify::fuzz_request_to_action;
 pub use hostbind::{Binding, HostBindError, HostBinder};
 pub use http::ProxyBody;
+pub(crate) use limits::budget as buffer_budget;
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
 pub use upstream::{Pool as UpstreamPool, UpstreamError};

@@ -3,8 +3,9 @@
 //! [`Fate`]: passed, rewritten (redaction, `json_truncate` and the other JSON rewrites), or blocked. A body is read
 //! whole only when some rule may decide it (its head, status and content type, already let one match) or a tool call
 //! may be proposed in it (in batch results, in the answer on each line: [`rule_lines`]), bounded by the policy's
-//! `max_body_bytes`, the proxy's hold timeout and the agent's share of the buffer budget (`budget`): a body beyond one
-//! is refused and recorded (502; 503 with `Retry-After` for the budget), never passed on unread.
+//! `max_body_bytes`, the proxy's hold timeout and the agent's share of the buffer budget (`budget`: its text, and the
+//! JSON it is parsed into, reserved before the parse): a body beyond one is refused and recorded (502; 503 with
+//! `Retry-After` for the budget), never passed on unread.
 
 use super::upstream::UpstreamBody;
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::answer::Answering;
-use super::budget::{Buffer, Overflow, Reservation, INSPECTED_COPIES};
+use super::budget::{json_tree_bound, Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http::{full, ProxyBody};
 use super::refusal::into_response;
 use crate::inspect::proposal::batch::{self, Batch};
@@ -317,6 +318,11 @@ async fn answer_whole(
         Ok(read) => read,
         Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
+    // The JSON the body is parsed into (for its tool calls, or for the response rules) is held as long as the body:
+    // its room is reserved first, as a request body's is.
+    if held.grow(json_tree_bound(&raw)).is_err() {
+        return refused(ans, Phase::Response, Reason::BufferLimit, OVER_BUDGET).await;
+    }
     // The proposal trace keeps the body decoded, as it was decided.
     let mut traced = parts.headers.clone();
     traced.remove(header::CONTENT_ENCODING);
@@ -346,7 +352,7 @@ async fn answer_whole(
     let mut changed = plan.encoded;
     let mut body = text;
     if let Some(batch) = lines {
-        match rule_lines(ans, batch, &body, &mut held).await {
+        match rule_lines(ans, batch, &body).await {
             Ok(Some(ruled)) => {
                 body = ruled;
                 changed = true;
@@ -365,7 +371,12 @@ async fn answer_whole(
         }
     }
     if plan.responses {
-        match decide(ans, &mut action(ans, &head, body.clone(), json), true).await {
+        // The text is lent to the Action and taken back, not copied: the budget holds two copies of the body.
+        let mut decided = action(ans, &head, std::mem::take(&mut body), json);
+        let fate = decide(ans, &mut decided, true).await;
+        body = decided.response.take().map(|r| r.body).unwrap_or_default();
+        drop(decided);
+        match fate {
             Fate::Pass => {}
             Fate::Rewrite(new) => {
                 body = new;
@@ -391,26 +402,18 @@ async fn answer_whole(
 /// The lines of batch results `text` (`inspect::proposal::batch`), each line's answer ruled on as a whole answer is:
 /// its calls decided and recorded one by one, a refused call carried out on that line alone, which is then written
 /// anew; every other line, and every line's end, stays as it came. `None` when nothing changed. Every line is read
-/// before any call is decided, each line's parsed JSON dropped before the next is parsed: the largest line's bound
-/// (`budget::json_tree_bound`) is reserved in `held` first.
+/// before any call is decided, each line's parsed JSON dropped before the next is parsed (the room of the whole body's
+/// JSON, reserved before, covers the largest line's).
 ///
 /// # Errors
 /// The phase, reason and message of the refusal: a line that cannot be read (`unparseable`: the answer is not passed
-/// on, and no call in it is decided), or the budget that cannot hold the largest line's JSON (`buffer_limit`).
+/// on, and no call in it is decided).
 async fn rule_lines(
     ans: &Answering,
     batch: Batch,
     text: &str,
-    held: &mut Reservation,
 ) -> Result<Option<String>, (Phase, Reason, &'static str)> {
     let lines = batch::lines(text);
-    let tree = lines
-        .iter()
-        .map(|l| super::budget::json_tree_bound(l.text.as_bytes()))
-        .max()
-        .unwrap_or(0);
-    held.grow(tree)
-        .map_err(|_| (Phase::Response, Reason::BufferLimit, OVER_BUDGET))?;
     if lines
         .iter()
         .any(|l| batch::read_line(batch, l.text).is_err())

@@ -23,7 +23,8 @@
 //!   `Sec-WebSocket-Extensions` is removed), so every frame is read as sent;
 //! - what each side has sent of a message not yet relayed (and a tool call the proposal reader holds) counts in the
 //!   agent's share of the buffer budget (`budget`): the bytes are reserved as they are read from the socket, and
-//!   given back once the message has been carried out. A message the budget cannot take closes the connection with
+//!   given back once the message has been carried out; so does the JSON a message is parsed into (reserved before
+//!   the parse, `budget::json_tree_bound`). A message the budget cannot take closes the connection with
 //!   1013 (try again later, RFC 6455 §7.4.2 / the IANA close-code registry), recorded with reason `buffer_limit`.
 
 use std::sync::Arc;
@@ -41,7 +42,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::answer::Answering;
-use super::budget::{Reservation, INSPECTED_COPIES};
+use super::budget::{json_tree_bound, Reservation, INSPECTED_COPIES};
 use crate::inspect::proposal::{Emit, Event, Proposals};
 use crate::inspect::{self, InspectConfig, InspectError, Inspected, LlmApi, Protocol, Provider};
 use crate::model::{
@@ -113,6 +114,29 @@ fn settle(held: &Held, kept: u64) -> bool {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     held.shrink_to(kept);
     held.grow_to(kept).is_ok()
+}
+
+/// Bytes the JSON of `msg` can be parsed into (`json_tree_bound`).
+fn message_tree(msg: &Message) -> u64 {
+    match msg {
+        Message::Text(t) => json_tree_bound(t.as_bytes()),
+        Message::Binary(b) => json_tree_bound(b),
+        _ => 0,
+    }
+}
+
+/// Reserve `n` more bytes for the side's message being decided (given back when it is settled); `false` when the
+/// budget cannot take them.
+fn reserve(held: &Held, n: u64) -> bool {
+    held.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .grow(n)
+        .is_ok()
+}
+
+/// Reserve the room `msg`'s JSON can take before it is parsed.
+fn reserve_tree(held: &Held, msg: &Message) -> bool {
+    reserve(held, message_tree(msg))
 }
 
 fn over_budget(e: &WsError) -> bool {
@@ -229,6 +253,11 @@ async fn from_agent(
     while let Some(next) = rx.next().await {
         let fate = match next {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                if !reserve_tree(held, &msg) {
+                    too_big(ans, &over_budget_error(), Phase::Request).await;
+                    close_both(client, upstream, CloseCode::Again, "").await;
+                    return;
+                }
                 agent_message(ans, turn, msg).await
             }
             Ok(Message::Close(frame)) => {
@@ -261,9 +290,25 @@ async fn from_upstream(
     upstream: &Sink,
 ) {
     let mut props = proposals_for(ans);
+    let parses = props.is_some() || ans.policy.has_rules_for(Phase::Response);
+    // The parsed JSON of the messages since the proposal reader began holding a call (each held event keeps its
+    // own; the call's arguments are parsed once complete), in the budget until it holds none.
+    let mut held_tree = 0u64;
     while let Some(next) = rx.next().await {
         let fate = match next {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                let tree = if parses { message_tree(&msg) } else { 0 };
+                if !reserve(held, tree) {
+                    let now = turn.answering(ans);
+                    too_big(
+                        now.as_ref().unwrap_or(ans),
+                        &over_budget_error(),
+                        Phase::Response,
+                    )
+                    .await;
+                    close_both(client, upstream, CloseCode::Again, "").await;
+                    return;
+                }
                 match (upstream_message(ans, msg).await, props.as_mut()) {
                     (Fate::Forward(msg), Some(props)) => {
                         for fate in proposed(ans, turn, props, msg).await {
@@ -271,8 +316,12 @@ async fn from_upstream(
                                 return;
                             }
                         }
+                        held_tree = match props.held_bytes() {
+                            0 => 0,
+                            _ => held_tree.saturating_add(tree),
+                        };
                         // A tool call the reader still holds stays in the budget.
-                        if !settle(held, props.held_bytes() as u64) {
+                        if !settle(held, props.held_bytes() as u64 + held_tree) {
                             let now = turn.answering(ans);
                             let now = now.as_ref().unwrap_or(ans);
                             too_big(now, &over_budget_error(), Phase::Proposal).await;
@@ -289,7 +338,8 @@ async fn from_upstream(
                 return;
             }
             Ok(_) => {
-                settle(held, props.as_ref().map_or(0, |p| p.held_bytes() as u64));
+                let kept = props.as_ref().map_or(0, |p| p.held_bytes() as u64);
+                settle(held, kept + held_tree);
                 continue;
             }
             Err(e) => {
@@ -302,7 +352,8 @@ async fn from_upstream(
         if !carry_out(fate, client, upstream, client).await {
             return;
         }
-        settle(held, props.as_ref().map_or(0, |p| p.held_bytes() as u64));
+        let kept = props.as_ref().map_or(0, |p| p.held_bytes() as u64);
+        settle(held, kept + held_tree);
     }
 }
 
@@ -433,11 +484,14 @@ async fn agent_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
             summary.mcp_tool = mcp.tool.clone();
         }
     }
+    // The message's JSON, taken from the Actions rather than copied: the budget holds room for one parsed tree.
     let json = inspected
         .actions
-        .get(decided.index)
-        .and_then(|a| a.http.as_ref())
-        .and_then(|h| h.json.as_deref().cloned());
+        .get_mut(decided.index)
+        .and_then(|a| a.http.as_mut())
+        .and_then(|h| h.json.take());
+    inspected.actions.clear();
+    let json = json.map(Shared::into_inner);
     let judged = Judged {
         phase: Phase::Request,
         protocol: &inspected.protocol,
@@ -547,13 +601,12 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         return Fate::Forward(msg);
     }
     let (raw, text) = contents(&msg);
-    let json = serde_json::from_str(&text).ok();
     let mut action = ans.request.clone();
     action.response = Some(HttpResponse {
         status: 101,
         body_size: raw.len() as u64,
+        json: serde_json::from_str(&text).ok(),
         body: text,
-        json: json.clone(),
         ..HttpResponse::default()
     });
     let decision = ans
@@ -562,6 +615,8 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
     if decision.matched_rules.is_empty() && decision.verdict == Verdict::Allow {
         return Fate::Forward(msg);
     }
+    // Taken back from the Action rather than copied: the budget holds room for one parsed tree.
+    let json = action.response.as_mut().and_then(|r| r.json.take());
     let each = [decision.clone()];
     let judged = Judged {
         phase: Phase::Response,

@@ -3,6 +3,14 @@
 //! unchanged and unbuffered), and finished — encrypted, written, recorded — when the response ends, or at once when
 //! the exchange was refused. A proposal's trace ([`Draft::new`]) is fed the response as the upstream sent it,
 //! before any rewrite, and is written only when a retained proposal names its record ([`Draft::retain`]).
+//!
+//! What a draft keeps counts in its agent's share of the proxy's buffer budget (`proxy::budget`), reserved before it
+//! is copied and given back once the trace is written or dropped: the request's body, the response's as it grows,
+//! their text and the plaintext and encrypted file while the trace is written. A copy the budget cannot hold is not
+//! kept, and the exchange goes on: the request's body is left out, the response's cut where it stopped fitting, the
+//! trace says so (`over_budget`) and so does its record (`outcome.error: buffer_limit`). A trace is forensics of an
+//! exchange already decided and recorded: refusing the exchange for want of room for its copy would let the traces
+//! decide what passes, and keeping the copy uncounted would let them grow the daemon past the budget.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,7 +26,7 @@ use crate::model::{
     Verdict,
 };
 use crate::policy::Policy;
-use crate::proxy::ProxyContext;
+use crate::proxy::{ProxyContext, Reservation};
 
 /// Header fields a trace never keeps (credentials): any name containing one of these.
 const SECRET_HEADERS: &[&str] = &[
@@ -60,6 +68,10 @@ pub struct Draft {
     response: Option<ResponseHead>,
     body: Vec<u8>,
     truncated: bool,
+    /// The budget could not hold more of the response's body: nothing more is kept.
+    over_budget: bool,
+    /// What the draft holds in its agent's share of the buffer budget (`None` only once it is handed on).
+    held: Option<Reservation>,
     done: bool,
 }
 
@@ -87,6 +99,15 @@ impl Draft {
         body: &[u8],
     ) -> Option<Draft> {
         let store = ctx.traces.clone()?;
+        let mut held = crate::proxy::buffer_budget().reserve(agent);
+        // The request's body, as text, is kept only if the budget holds it.
+        let text = String::from_utf8_lossy(body);
+        let over_budget = held.grow(text.len() as u64).is_err();
+        let body = if over_budget {
+            String::new()
+        } else {
+            text.into_owned()
+        };
         Some(Draft {
             ctx: ctx.clone(),
             store,
@@ -103,12 +124,15 @@ impl Draft {
                     .map_or("/", |p| p.as_str())
                     .to_owned(),
                 headers: kept_headers(&parts.headers),
-                body: String::from_utf8_lossy(body).into_owned(),
+                body,
+                over_budget,
             },
             record: None,
             response: None,
             body: Vec::new(),
             truncated: false,
+            over_budget: false,
+            held: Some(held),
             done: false,
         })
     }
@@ -146,13 +170,40 @@ impl Draft {
         self.response = Some((status, kept_headers(headers), coding));
     }
 
-    /// More of the response body, kept up to `traces.max_trace_bytes` (the rest is cut, and the trace says so).
+    /// More of the response body, kept up to `traces.max_trace_bytes` and while the buffer budget holds it (the
+    /// rest is cut, and the trace says so). The room is reserved before it is allocated: doubling, as a `Vec`
+    /// grows, never past `max_trace_bytes`.
     pub fn push(&mut self, data: &[u8]) {
-        let room = self.store.max_trace_bytes().saturating_sub(self.body.len());
+        if self.over_budget {
+            return;
+        }
+        let max = self.store.max_trace_bytes();
+        let room = max.saturating_sub(self.body.len());
         if data.len() > room {
             self.truncated = true;
         }
-        self.body.extend_from_slice(&data[..data.len().min(room)]);
+        let take = &data[..data.len().min(room)];
+        if take.is_empty() {
+            return;
+        }
+        let needed = self.body.len() + take.len();
+        let cap = self.body.capacity();
+        if needed > cap {
+            let doubled = cap.saturating_mul(2).max(1024).min(max).max(needed);
+            let Some(held) = self.held.as_mut() else {
+                return;
+            };
+            let target = [doubled, needed]
+                .into_iter()
+                .find(|&t| held.grow((t - cap) as u64).is_ok());
+            let Some(target) = target else {
+                self.over_budget = true;
+                self.truncated = true;
+                return;
+            };
+            self.body.reserve_exact(target - self.body.len());
+        }
+        self.body.extend_from_slice(take);
     }
 
     /// Encrypt, write and record the trace (in the background); a trace whose exchange was never recorded is
@@ -162,28 +213,51 @@ impl Draft {
         let Some((of, summary, disposition)) = self.record.take() else {
             return;
         };
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
         let response = self.response.take().map(|(status, headers, coding)| {
             let raw = Bytes::from(std::mem::take(&mut self.body));
-            let limit = self.store.settings.max_trace_bytes;
-            let body =
-                crate::inspect::decode_body(coding.as_deref(), raw.clone(), limit).unwrap_or(raw);
+            let body = self.decoded(&mut held, coding.as_deref(), raw);
+            // Its text, when the budget holds that copy too.
+            let text = String::from_utf8_lossy(&body);
+            let body = if held.grow(text.len() as u64).is_ok() {
+                text.into_owned()
+            } else {
+                self.over_budget = true;
+                self.truncated = true;
+                String::new()
+            };
             TracedResponse {
                 status,
                 headers,
-                body: String::from_utf8_lossy(&body).into_owned(),
+                body,
                 truncated: self.truncated,
+                over_budget: self.over_budget,
             }
         });
-        let status = response.as_ref().map(|r| r.status);
-        let trace = Trace {
+        let mut trace = Trace {
             version: 1,
             of,
             ts: crate::audit::record::rfc3339(SystemTime::now()),
             agent: self.agent.clone(),
             decision: serde_json::to_value(&self.decision).unwrap_or_default(),
-            request: self.request.clone(),
+            request: std::mem::replace(&mut self.request, empty_request()),
             response,
         };
+        // The response's bytes are gone (only its text is kept); writing holds the plaintext and the encrypted file
+        // besides. A trace the budget cannot write with its bodies is written without them.
+        let kept = trace.request.body.len() + trace.response.as_ref().map_or(0, |r| r.body.len());
+        held.shrink_to(kept as u64);
+        if held.grow(TraceStore::write_bound(&trace)).is_err() {
+            leave_out_bodies(&mut trace);
+            held.shrink_to(0);
+            // What is left is the heads, within the proxy's head limits: written all the same.
+            let _ = held.grow(TraceStore::write_bound(&trace));
+        }
+        let over_budget =
+            trace.request.over_budget || trace.response.as_ref().is_some_and(|r| r.over_budget);
+        let status = trace.response.as_ref().map(|r| r.status);
         let (ctx, store, policy) = (self.ctx.clone(), self.store.clone(), self.policy.clone());
         let (decision, agent) = (self.decision.clone(), self.agent.clone());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -191,6 +265,8 @@ impl Draft {
         };
         runtime.spawn(async move {
             let written = tokio::task::spawn_blocking(move || store.write(&trace)).await;
+            // Written (or not): the trace's bytes are let go.
+            drop(held);
             let note = match written {
                 Ok(Ok(note)) => note,
                 Ok(Err(e)) => return tracing::error!(error = %e, "trace not written"),
@@ -199,7 +275,8 @@ impl Draft {
             let outcome = Outcome {
                 disposition: Disposition::Retained,
                 status,
-                error: None,
+                // A trace that lost a body to the budget says so in the trail, for a reader without the key.
+                error: over_budget.then_some(Reason::BufferLimit),
             };
             let mut event = AuditEvent::new(decision, agent, summary, outcome);
             event.trace = Some(note.clone());
@@ -212,6 +289,51 @@ impl Draft {
             }
             tracing::debug!(of, ?disposition, "trace retained");
         });
+    }
+}
+
+impl Draft {
+    /// The response's kept bytes with their content-coding undone, the decoded copy reserved first (up to
+    /// `max_trace_bytes` per coding); as kept when they cannot be decoded, or the budget cannot hold the decoding
+    /// (then the trace says so).
+    fn decoded(&mut self, held: &mut Reservation, coding: Option<&str>, raw: Bytes) -> Bytes {
+        let Some(coding) = coding else {
+            return raw;
+        };
+        let limit = self.store.settings.max_trace_bytes;
+        let before = held.held();
+        let layers = coding.split(',').count() as u64;
+        if held.grow(limit.saturating_mul(layers)).is_err() {
+            self.over_budget = true;
+            return raw;
+        }
+        let body = crate::inspect::decode_body(Some(coding), raw.clone(), limit).unwrap_or(raw);
+        held.shrink_to(before.saturating_add(body.len() as u64));
+        body
+    }
+}
+
+/// A trace's request and response without their bodies, each marked as left out for the budget.
+fn leave_out_bodies(trace: &mut Trace) {
+    trace.request.body = String::new();
+    trace.request.over_budget = true;
+    if let Some(r) = trace.response.as_mut() {
+        r.body = String::new();
+        r.over_budget = true;
+        r.truncated = true;
+    }
+}
+
+/// A placeholder for a request already handed on.
+fn empty_request() -> TracedRequest {
+    TracedRequest {
+        method: String::new(),
+        scheme: String::new(),
+        host: String::new(),
+        target: String::new(),
+        headers: Vec::new(),
+        body: String::new(),
+        over_budget: false,
     }
 }
 
@@ -228,11 +350,13 @@ impl Drop for Draft {
             policy: self.policy.clone(),
             decision: self.decision.clone(),
             agent: std::mem::take(&mut self.agent),
-            request: self.request.clone(),
+            request: std::mem::replace(&mut self.request, empty_request()),
             record: self.record.take(),
             response: self.response.take(),
             body: std::mem::take(&mut self.body),
             truncated: cut,
+            over_budget: self.over_budget,
+            held: self.held.take(),
             done: false,
         };
         self.done = true;

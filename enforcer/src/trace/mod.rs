@@ -105,8 +105,12 @@ pub struct TracedRequest {
     pub target: String,
     /// Header fields, credentials (`authorization`, `x-api-key`, `cookie`, …) left out.
     pub headers: Vec<(String, String)>,
-    /// The body as the enforcer inspected it (content-coding undone), as text.
+    /// The body as the enforcer inspected it (content-coding undone), as text; empty when [`Self::over_budget`].
     pub body: String,
+    /// The proxy's buffer budget (`proxy.max_buffered_bytes`, the agent's share) could not hold the trace's copy of
+    /// the body: it is left out. The exchange itself went on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub over_budget: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +123,10 @@ pub struct TracedResponse {
     /// The body was longer than `traces.max_trace_bytes` and is cut there, or the stream ended early.
     #[serde(default)]
     pub truncated: bool,
+    /// The proxy's buffer budget could not hold more of the trace's copy of the body: it is cut where it stopped
+    /// fitting (`truncated` too), or left out. The exchange itself went on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub over_budget: bool,
 }
 
 /// The trace directory: where traces are written, and their bounds.
@@ -186,6 +194,29 @@ impl TraceStore {
             return true;
         }
         (u64::from_be_bytes(b) as f64 / u64::MAX as f64) < fraction
+    }
+
+    /// Bytes writing `trace` holds at once beyond the trace itself, at most: its plaintext (JSON) and the encrypted
+    /// file (the plaintext, a 16-byte tag per 64 KiB chunk and a header under 1 KiB: age-encryption.org/v1,
+    /// STREAM). Measured without building the plaintext.
+    pub(crate) fn write_bound(trace: &Trace) -> u64 {
+        struct Count(u64);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut plain = Count(0);
+        let _ = serde_json::to_writer(&mut plain, trace);
+        let plain = plain.0;
+        plain
+            .saturating_mul(2)
+            .saturating_add((plain / 65_536 + 1) * 16)
+            .saturating_add(1024)
     }
 
     /// Encrypt `trace` and write it as the trace of record `trace.of` (durably); its note for the record.
@@ -341,12 +372,14 @@ mod tests {
                 target: "/v1/responses".into(),
                 headers: vec![],
                 body: r#"{"input":"hi"}"#.into(),
+                over_budget: false,
             },
             response: Some(TracedResponse {
                 status: 200,
                 headers: vec![],
                 body: "reasoning: let me think".into(),
                 truncated: false,
+                over_budget: false,
             }),
         }
     }

@@ -798,6 +798,10 @@ pub struct RequestSummary {
     /// A proposal's record: the tool the model proposed to call (never its arguments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
+    /// A tool call proposed in one line of batch results (Anthropic Message Batch results, OpenAI Batch output): the
+    /// line's `custom_id`, the caller's name for the batched request (scrubbed as `path` is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_id: Option<String>,
     /// Kernel refusals only: how many refusals this record stands for (itself, and those of the same cgroup and
     /// kind before it that the kernel's rate bound left unrecorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]

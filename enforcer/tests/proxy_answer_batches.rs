@@ -165,7 +165,7 @@ fn chat_completion(command: &str) -> Value {
 }
 
 fn response_object(command: &str) -> Value {
-    json!({"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o",
+    json!({"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4.1-mini",
            "output": [{"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "shell",
                "arguments": json!({"command": command}).to_string(), "status": "completed"}]})
 }
@@ -286,9 +286,13 @@ async fn fetch_from(w: &World, host: &str, path: &str) -> (u16, Vec<u8>, Vec<Val
     (status, body, recs[before + 1..].to_vec())
 }
 
-/// One record of the `no-curl` rule refusing the `shell` call of the results at `path`.
-fn assert_refusal_record(path: &str, r: &Value) {
+/// One record of the `no-curl` rule refusing the `shell` call of the results at `path`, on the line whose
+/// `custom_id` is `line`, whose answer `provider`'s `model` gave.
+fn assert_refusal_record(path: &str, (provider, model, line): (&str, &str, &str), r: &Value) {
     assert_eq!(r["request"]["phase"], "proposal", "{r}");
+    assert_eq!(r["request"]["llm_provider"], provider, "{r}");
+    assert_eq!(r["request"]["llm_model"], model, "{r}");
+    assert_eq!(r["request"]["custom_id"], line, "{r}");
     assert_eq!(r["request"]["method"], "GET", "{r}");
     assert_eq!(r["request"]["path"], path, "{r}");
     assert_eq!(r["request"]["tool"], "shell", "{r}");
@@ -314,7 +318,7 @@ async fn each_line_s_message_is_decided_as_a_messages_answer() {
     );
     assert_eq!(body, expected);
     assert_eq!(recs.len(), 1, "{recs:#?}");
-    assert_refusal_record(path, &recs[0]);
+    assert_refusal_record(path, ("anthropic", "claude-sonnet-4-5", "a"), &recs[0]);
 
     // Two refused calls on two lines: two records, in order; the `\r\n` and `\r` ends kept.
     let path = "/v1/messages/batches/two-refused/results";
@@ -328,9 +332,8 @@ async fn each_line_s_message_is_decided_as_a_messages_answer() {
     );
     assert_eq!(body, expected);
     assert_eq!(recs.len(), 2, "{recs:#?}");
-    for r in &recs {
-        assert_refusal_record(path, r);
-    }
+    assert_refusal_record(path, ("anthropic", "claude-sonnet-4-5", "a"), &recs[0]);
+    assert_refusal_record(path, ("anthropic", "claude-sonnet-4-5", "e"), &recs[1]);
 
     // Nothing refused: the file as it came, no record.
     let (status, body, recs) = fetch(&w, "/v1/messages/batches/allowed/results").await;
@@ -344,7 +347,7 @@ async fn each_line_s_message_is_decided_as_a_messages_answer() {
     expected["result"]["type"] = json!("errored");
     assert_eq!((status, body), (200, format!("{expected}\n")));
     assert_eq!(recs.len(), 1, "{recs:#?}");
-    assert_refusal_record(path, &recs[0]);
+    assert_refusal_record(path, ("anthropic", "claude-sonnet-4-5", "a"), &recs[0]);
     assert!(w.proxy.close_and_verify().await > 0);
 }
 
@@ -460,9 +463,8 @@ async fn an_openai_batch_output_file_is_read_line_by_line() {
     assert_eq!(body, expected);
     assert!(!body.contains("evil.example"), "{body}");
     assert_eq!(recs.len(), 2, "{recs:#?}");
-    for r in &recs {
-        assert_refusal_record(path, r);
-    }
+    assert_refusal_record(path, ("openai", "gpt-4o", "a"), &recs[0]);
+    assert_refusal_record(path, ("openai", "gpt-4.1-mini", "b"), &recs[1]);
 
     let path = "/v1/files/output-long-first-line/content";
     let (status, body, recs) = fetch_from(&w, "api.openai.com", path).await;
@@ -483,7 +485,7 @@ async fn an_openai_batch_output_file_is_read_line_by_line() {
         &body[body.len().saturating_sub(600)..]
     );
     assert_eq!(recs.len(), 1, "{recs:#?}");
-    assert_refusal_record(path, &recs[0]);
+    assert_refusal_record(path, ("openai", "gpt-4o", "b"), &recs[0]);
     assert!(w.proxy.close_and_verify().await > 0);
 }
 

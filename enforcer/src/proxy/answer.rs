@@ -188,6 +188,26 @@ impl Answering {
     }
 }
 
+/// What one line of batch results answers (`response::rule_lines`): the LLM call whose answer the line carries and the
+/// line's `custom_id`, which the decisions on its calls carry and their records name.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Batched {
+    pub llm: Option<LlmCall>,
+    pub custom_id: Option<String>,
+}
+
+impl Answering {
+    /// Decide and record what follows as answering `line` (batch results' line), until the next call: the request's
+    /// `llm` and its records' `custom_id` become the line's. Gives back what they were, to restore once the line is
+    /// decided. The exchange (parent record, proposal trace) stays the same.
+    pub fn answer_line(&mut self, line: Batched) -> Batched {
+        Batched {
+            llm: std::mem::replace(&mut self.request.llm, line.llm),
+            custom_id: std::mem::replace(&mut self.summary.custom_id, line.custom_id),
+        }
+    }
+}
+
 /// Whether responses of exchanges under `policy` are read at all (it has proposal or response rules).
 pub(crate) fn reads_responses(policy: &Policy) -> bool {
     policy.has_rules_for(Phase::Proposal) || policy.has_rules_for(Phase::Response)

@@ -14,7 +14,7 @@ use http::Response;
 use http_body_util::BodyExt;
 use serde_json::Value;
 
-use super::answer::Answering;
+use super::answer::{Answering, Batched};
 use super::budget::{json_tree_bound, Buffer, Overflow, Reservation, INSPECTED_COPIES};
 use super::http::{full, ProxyBody};
 use super::refusal::into_response;
@@ -22,8 +22,8 @@ use crate::inspect::proposal::batch::{self, Batch};
 use crate::inspect::proposal::{self, Ruling};
 use crate::inspect::{self, LlmApi, Provider};
 use crate::model::{
-    Action, Change, Decision, Disposition, HttpResponse, Mode, Outcome, Pairs, Phase, Reason,
-    RequestSummary, Verdict,
+    Action, Change, Decision, Disposition, HttpResponse, LlmCall, Mode, Outcome, Pairs, Phase,
+    Reason, RequestSummary, Verdict,
 };
 
 /// What is read of one response, decided before it reaches the agent.
@@ -276,14 +276,14 @@ pub(crate) async fn whole(
     mut ans: Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
-    let answer = answer_whole(resp, &ans, plan).await;
+    let answer = answer_whole(resp, &mut ans, plan).await;
     ans.finish_trace();
     answer
 }
 
 async fn answer_whole(
     resp: Response<UpstreamBody>,
-    ans: &Answering,
+    ans: &mut Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
     let (mut parts, mut body) = resp.into_parts();
@@ -400,8 +400,9 @@ async fn answer_whole(
 }
 
 /// The lines of batch results `text` (`inspect::proposal::batch`), each line's answer ruled on as a whole answer is:
-/// its calls decided and recorded one by one, a refused call carried out on that line alone, which is then written
-/// anew; every other line, and every line's end, stays as it came. `None` when nothing changed. Every line is read
+/// its calls decided and recorded one by one as answering the line's own LLM call (`llm.provider`, and `llm.model` the
+/// answer's `model`; the records name it, and the line's `custom_id`), a refused call carried out on that line alone,
+/// which is then written anew; every other line, and every line's end, stays as it came. `None` when nothing changed. Every line is read
 /// before any call is decided, each line's parsed JSON dropped before the next is parsed (the room of the whole body's
 /// JSON, reserved before, covers the largest line's).
 ///
@@ -409,7 +410,7 @@ async fn answer_whole(
 /// The phase, reason and message of the refusal: a line that cannot be read (`unparseable`: the answer is not passed
 /// on, and no call in it is decided).
 async fn rule_lines(
-    ans: &Answering,
+    ans: &mut Answering,
     batch: Batch,
     text: &str,
 ) -> Result<Option<String>, (Phase, Reason, &'static str)> {
@@ -424,12 +425,28 @@ async fn rule_lines(
     let mut changed = false;
     for line in &lines {
         let mut json = batch::read_line(batch, line.text).ok().flatten();
+        let custom_id = json.as_ref().and_then(batch::custom_id).map(|id| {
+            let mut id = id.to_string();
+            crate::constrain::scrub_for_record(&ans.policy, [&mut id]);
+            id
+        });
         let mut rewritten = None;
         if let Some((provider, api, answer)) =
             json.as_mut().and_then(|j| batch::answer_mut(batch, j))
         {
             let calls = proposal::body_calls(provider, api, answer);
+            // Each call is decided, and recorded, as answering the line's own LLM call.
+            let llm = LlmCall {
+                provider: provider.as_str().to_string(),
+                model: batch::answer_model(answer).map(str::to_string),
+                ..LlmCall::default()
+            };
+            let exchange = ans.answer_line(Batched {
+                llm: Some(llm),
+                custom_id,
+            });
             let rulings = super::proposal::rule(ans, &calls, &super::hold::Holding::Whole).await;
+            ans.answer_line(exchange);
             if rulings.iter().any(|r| *r != Ruling::Pass) {
                 proposal::apply_to_body(provider, api, answer, &rulings);
                 rewritten = json.as_ref().map(Value::to_string);

@@ -203,6 +203,18 @@ pub fn answer_mut(batch: Batch, line: &mut Value) -> Option<(Provider, LlmApi, &
     }
 }
 
+/// The `custom_id` of one line of batch results (both APIs spell it so): the caller's name for the request the line
+/// answers; `None` when it is not a string.
+pub fn custom_id(line: &Value) -> Option<&str> {
+    line.get("custom_id")?.as_str()
+}
+
+/// The model that gave one line's answer ([`answer_mut`]): its `model`, as a Messages, Chat Completions or Responses
+/// answer names it; `None` when it names none.
+pub fn answer_model(answer: &Value) -> Option<&str> {
+    answer.get("model")?.as_str()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -209,6 +209,11 @@ impl<T> Shared<T> {
         Arc::unwrap_or_clone(self.0)
     }
 
+    /// The value, when no other Action shares it; else the shared value back.
+    pub fn try_into_inner(self) -> Result<T, Self> {
+        Arc::try_unwrap(self.0).map_err(Shared)
+    }
+
     /// Whether `a` and `b` are the one shared value (not only equal ones).
     pub fn same(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.0, &b.0)

@@ -137,6 +137,25 @@ pub fn apply(
     apply_with(rewrites, policy.detectors(), &options, parts, body)
 }
 
+/// [`apply`] to a body already parsed: `parsed` is `body` as `serde_json::from_slice` reads it (the classify phase's
+/// parse of a UTF-8 body), taken and rewritten where it lies rather than parsed a second time, so a request holds one
+/// parse of its body (the one the buffer budget reserved room for).
+pub fn apply_parsed(
+    rewrites: &[PlannedRewrite],
+    policy: &Policy,
+    provider: Option<&str>,
+    parts: &mut http::request::Parts,
+    body: &mut Bytes,
+    parsed: Value,
+) -> Result<Vec<Change>, ConstrainError> {
+    let options = ConstrainOptions {
+        marker: policy.redaction_marker().to_string(),
+        credential_provider: provider.map(str::to_string),
+    };
+    let doc = Doc::Json(parsed);
+    apply_doc(rewrites, policy.detectors(), &options, parts, body, doc)
+}
+
 /// A request's host and path as an audit record may show them: as sent, unless one of the policy's detectors fires
 /// in one (also behind percent-escapes, or upper-cased: host names arrive lower-cased); then that one is decoded (and
 /// upper-cased when only that spelling fired), with every hit replaced by the policy's marker.
@@ -174,10 +193,21 @@ pub fn apply_with(
     parts: &mut http::request::Parts,
     body: &mut Bytes,
 ) -> Result<Vec<Change>, ConstrainError> {
+    apply_doc(rewrites, detect, options, parts, body, Doc::Unparsed)
+}
+
+/// [`apply_with`] on `body` as `doc` says it parses (parsed on first need when [`Doc::Unparsed`]).
+fn apply_doc(
+    rewrites: &[PlannedRewrite],
+    detect: &dyn Detect,
+    options: &ConstrainOptions,
+    parts: &mut http::request::Parts,
+    body: &mut Bytes,
+    mut doc: Doc,
+) -> Result<Vec<Change>, ConstrainError> {
     let mut changes = Vec::new();
     let mut headers = parts.headers.clone();
     let mut uri = parts.uri.clone();
-    let mut doc = Doc::Unparsed;
     let mut text: Option<String> = None;
     let mut body_changed = false;
 
@@ -437,12 +467,25 @@ pub fn apply_to_json(
     policy: &Policy,
     value: &mut Value,
 ) -> Result<Vec<Change>, ConstrainError> {
+    let mut candidate = value.clone();
+    let (_, changes) = rewrite_json(rewrites, policy, &mut candidate)?;
+    *value = candidate;
+    Ok(changes)
+}
+
+/// [`apply_to_json`] on the value itself (the parsed JSON of a response body or event, held once while it is
+/// decided): rewritten where it lies, never copied; the rewritten value's JSON text and what changed. On error the
+/// value may be rewritten in part and must not be passed on (the caller blocks).
+pub fn rewrite_json(
+    rewrites: &[PlannedRewrite],
+    policy: &Policy,
+    candidate: &mut Value,
+) -> Result<(String, Vec<Change>), ConstrainError> {
     let options = ConstrainOptions {
         marker: policy.redaction_marker().to_string(),
         ..ConstrainOptions::default()
     };
     let detect = policy.detectors();
-    let mut candidate = value.clone();
     let mut changes = Vec::new();
     for planned in rewrites {
         match &planned.rewrite {
@@ -452,16 +495,16 @@ pub fn apply_to_json(
                     names: detectors,
                     marker: &options.marker,
                 };
-                redactor.redact_json(&mut candidate, &mut changes)?;
+                redactor.redact_json(candidate, &mut changes)?;
             }
-            Rewrite::DropTools { globs } => tools::drop_tools(&mut candidate, globs, &mut changes),
+            Rewrite::DropTools { globs } => tools::drop_tools(candidate, globs, &mut changes),
             rewrite => {
-                json_rewrite(rewrite, &mut candidate, &mut changes)?;
+                json_rewrite(rewrite, candidate, &mut changes)?;
             }
         }
     }
     let text = candidate.to_string();
-    let decoded = decoded_body(&text, Some(&candidate), Some("application/json"));
+    let decoded = decoded_body(&text, Some(candidate), Some("application/json"));
     for planned in rewrites {
         let Rewrite::Redact { detectors } = &planned.rewrite else {
             continue;
@@ -477,8 +520,7 @@ pub fn apply_to_json(
             }
         }
     }
-    *value = candidate;
-    Ok(changes)
+    Ok((text, changes))
 }
 
 /// Apply `rewrites` to a text that is not JSON (a response body, one server-sent event's data): redaction rewrites
@@ -540,8 +582,10 @@ fn truncate(path: &JsonPath, doc: &mut Value, max: usize) -> Vec<String> {
     truncated
 }
 
-/// Run a JSON rewrite on a copy of the document and keep the result only if every signed region survived it
-/// unchanged. Returns how many locations changed.
+/// Run a JSON rewrite on the document and fail if a signed region did not survive it unchanged (the signed regions
+/// alone are copied to compare, never the whole document: the buffer budget counts one parse of a body). Returns how
+/// many locations changed. On error the document is rewritten in part and must not be passed on: every caller's
+/// document is its own working value (a request body's parse, a copy, a value given up), and the error blocks.
 fn guarded(
     doc: &mut Value,
     op: impl FnOnce(&mut Value) -> Vec<String>,
@@ -552,12 +596,10 @@ fn guarded(
         .into_iter()
         .map(|(p, v)| (p, v.clone()))
         .collect();
-    let mut candidate = doc.clone();
-    let paths = op(&mut candidate);
-    if let Some(path) = signed::first_touched(&before, &candidate) {
+    let paths = op(doc);
+    if let Some(path) = signed::first_touched(&before, doc) {
         return Err(ConstrainError::SignedField { path });
     }
-    *doc = candidate;
     let n = paths.len();
     changes.extend(paths.into_iter().map(|path| Change {
         path,

@@ -23,14 +23,16 @@ pub(crate) struct Outgoing {
 }
 
 /// Carry the decision out on the request; `provider` is the LLM provider whose API the request goes to (its own
-/// key in a credential header is not redacted). A constrain whose rewrites change nothing is recorded as what was
-/// done: forwarded as received (`ExchangeRecord::note_unchanged`).
+/// key in a credential header is not redacted); `parsed` is the body's JSON as the classify phase parsed it (when
+/// it is that of the UTF-8 body as it will be rewritten), which a constrain rewrites instead of parsing the body
+/// again. A constrain whose rewrites change nothing is recorded as what was done: forwarded as received
+/// (`ExchangeRecord::note_unchanged`).
 pub(crate) fn enforce(
     rec: &mut ExchangeRecord,
     head: &Head,
     provider: Option<&str>,
     mut parts: http::request::Parts,
-    body: Body,
+    (body, parsed): (Body, Option<serde_json::Value>),
 ) -> Result<Outgoing, Refusal> {
     admit_upgrade(rec, head, &mut parts);
     let unchanged = |parts| Outgoing {
@@ -53,13 +55,23 @@ pub(crate) fn enforce(
     }
     let mut rewritten = body.decoded.clone();
     let rewrites = decision.rewrites.clone();
-    let applied = crate::constrain::apply(
-        &rewrites,
-        rec.policy(),
-        provider,
-        &mut parts,
-        &mut rewritten,
-    );
+    let applied = match parsed {
+        Some(json) => crate::constrain::apply_parsed(
+            &rewrites,
+            rec.policy(),
+            provider,
+            &mut parts,
+            &mut rewritten,
+            json,
+        ),
+        None => crate::constrain::apply(
+            &rewrites,
+            rec.policy(),
+            provider,
+            &mut parts,
+            &mut rewritten,
+        ),
+    };
     match applied {
         Ok(changes) if changes.is_empty() => {
             rec.note_unchanged();

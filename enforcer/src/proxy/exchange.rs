@@ -116,6 +116,34 @@ struct Prepared {
     held: Reservation,
 }
 
+/// The body's JSON as the classify phase parsed it, taken from the request's Actions (which go) for the enforce
+/// phase's rewrites, so the request holds one parse of its body, the one `tree` bytes of `held` were reserved for.
+/// `None` when there is none, or when it is not what the rewrites would parse (a body that is not UTF-8 was parsed
+/// from its lossy text). Should another holder still share it, the rewrites' own parse is reserved as well.
+fn parsed_body(
+    actions: Vec<Action>,
+    readings: readings::Readings,
+    body: &super::body::Body,
+    tree: u64,
+    held: &mut Reservation,
+) -> Result<Option<serde_json::Value>, Refusal> {
+    let shared = actions
+        .first()
+        .and_then(|a| a.http.as_ref())
+        .and_then(|h| h.json.clone());
+    drop((actions, readings));
+    let Some(shared) = shared else {
+        return Ok(None);
+    };
+    match shared.try_into_inner() {
+        Ok(json) => Ok(std::str::from_utf8(&body.decoded).is_ok().then_some(json)),
+        Err(_still_shared) => {
+            held.grow(tree).map_err(Refusal::over_budget)?;
+            Ok(None)
+        }
+    }
+}
+
 /// Phases 1–11: read, decide, enforce, hold for review, connect, and build the upstream request. A function of its
 /// own so that what only deciding needs (the head's parts, the body, the Actions) is gone before the request is sent:
 /// an exchange's future keeps room for each value its current phase may still reach.
@@ -180,9 +208,16 @@ async fn prepare(
     }
     let reads_responses = answer::reads_responses(&policy);
     // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses).
+    // Without the body's JSON, which the response phases never read (`ExchangeRecord::answering`).
     let answered = (head.upgrade.is_some() || reads_responses)
-        .then(|| inspected.actions.get(decided.index).cloned().map(Box::new))
-        .flatten();
+        .then(|| inspected.actions.get(decided.index).cloned())
+        .flatten()
+        .map(|mut a| {
+            if let Some(http) = a.http.as_mut() {
+                http.json = None;
+            }
+            Box::new(a)
+        });
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
     rec.start_trace(conn.scheme.as_str(), &parts, &body.decoded);
 
@@ -193,7 +228,8 @@ async fn prepare(
         .actions
         .first()
         .and_then(|a| a.transport.provider.clone());
-    let mut outgoing = enforce::enforce(rec, &head, provider.as_deref(), parts, body)?;
+    let parsed = parsed_body(inspected.actions, readings, &body, tree, &mut held)?;
+    let mut outgoing = enforce::enforce(rec, &head, provider.as_deref(), parts, (body, parsed))?;
     if reads_responses {
         // What the response phases read must not be content-coded; a coded answer is still decoded.
         outgoing.parts.headers.insert(

@@ -181,7 +181,8 @@ pub(crate) async fn decide(ans: &Answering, action: &mut Action, whole: bool) ->
     }
     let (mut fate, mut changes) = (Fate::Pass, Vec::new());
     if enforce && decision.verdict == Verdict::Constrain {
-        match rewrite(ans, &decision, &r.body, r.json.clone()) {
+        // The JSON is rewritten where it lies, not copied: the budget holds one parse of the body.
+        match rewrite(ans, &decision, &r.body, r.json.as_mut()) {
             Ok((text, ch)) => {
                 changes = ch;
                 if !changes.is_empty() {
@@ -216,18 +217,17 @@ pub(crate) async fn decide(ans: &Answering, action: &mut Action, whole: bool) ->
     fate
 }
 
-/// Carry out a constrain on a body: its JSON, or its text when it is not JSON.
+/// Carry out a constrain on a body: its JSON (rewritten where it lies: on error it may be rewritten in part, and is
+/// never passed on), or its text when it is not JSON. The new text and what changed.
 fn rewrite(
     ans: &Answering,
     decision: &Decision,
     body: &str,
-    json: Option<Value>,
+    json: Option<&mut Value>,
 ) -> Result<(String, Vec<Change>), Reason> {
-    use crate::constrain::{apply_to_json, apply_to_text};
+    use crate::constrain::{apply_to_text, rewrite_json};
     let result = match json {
-        Some(mut v) => {
-            apply_to_json(&decision.rewrites, &ans.policy, &mut v).map(|c| (v.to_string(), c))
-        }
+        Some(v) => rewrite_json(&decision.rewrites, &ans.policy, v),
         None => {
             let mut text = body.to_string();
             apply_to_text(&decision.rewrites, &ans.policy, &mut text).map(|c| (text, c))

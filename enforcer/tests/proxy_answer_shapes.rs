@@ -573,6 +573,15 @@ fn gemini(case: &str) -> (&'static str, String) {
             let chunk = doc(json!([{"functionCall": {"name": "shell", "args": {"command": COMMAND}}}]));
             ("application/json", json!([doc(json!([{"text": "hi"}])), chunk]).to_string())
         }
+        // Each body labelled as the other: read as neither, never passed on unread.
+        "gemini-array-as-events" => {
+            let chunk = doc(json!([{"functionCall": {"name": "shell", "args": {"command": COMMAND}}}]));
+            ("text/event-stream", json!([chunk]).to_string())
+        }
+        "gemini-events-as-json" => {
+            let chunk = doc(json!([{"functionCall": {"name": "shell", "args": {"command": COMMAND}}}]));
+            ("application/json", format!("data: {chunk}\n\n"))
+        }
         _ => ("text/plain", "unknown case".into()),
     }
 }
@@ -885,6 +894,47 @@ async fn gemini_calls_in_any_candidate_and_either_stream_are_decided() {
     let w = world().await;
     for case in ["gemini-second-candidate", "gemini-array"] {
         assert_refused_by_rule(case, 200, ask_gemini(&w, case).await);
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Gemini's `alt` system parameter (also `$alt`, `%24alt`) asking for events in any letter case (`alt=SSE`): the answer
+/// is read as what its body is, events or JSON, whatever the query said, so its call is refused in its place; a body
+/// that is not what its label says (a JSON array labelled `text/event-stream`, events labelled JSON) is refused as
+/// unreadable, never passed on.
+#[tokio::test]
+async fn gemini_answers_are_read_as_their_bodies_are_whatever_alt_says() {
+    let w = world().await;
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+    let models = "/v1beta/models";
+    for path in [
+        "gemini-second-candidate:streamGenerateContent?alt=SSE",
+        "gemini-second-candidate:streamGenerateContent?$alt=sse",
+        "gemini-second-candidate:streamGenerateContent?%24alt=Sse",
+        "gemini-second-candidate:generateContent?alt=SSE",
+        "gemini-array:streamGenerateContent?alt=SSE",
+        "gemini-call:generateContent?alt=SSE",
+    ] {
+        let host = "generativelanguage.googleapis.com";
+        let answer = exchange(&w, host, &format!("{models}/{path}"), body.clone()).await;
+        assert_refused_by_rule(path, 200, answer);
+    }
+    for (path, status) in [
+        ("gemini-array-as-events:streamGenerateContent?alt=SSE", 200),
+        ("gemini-array-as-events:streamGenerateContent", 200),
+        ("gemini-events-as-json:streamGenerateContent?alt=SSE", 502),
+        ("gemini-events-as-json:generateContent", 502),
+    ] {
+        let host = "generativelanguage.googleapis.com";
+        let (got, text, recs) = exchange(&w, host, &format!("{models}/{path}"), body.clone()).await;
+        assert_eq!(got, status, "{path}: {text}");
+        assert!(!text.contains("evil.example"), "{path}: {text}");
+        // The stream ends with the provider's error event; the whole answer is the enforcer's refusal.
+        assert!(
+            text.contains("could not be read for its tool calls"),
+            "{path}: {text}"
+        );
+        assert_refused(path, &recs, "unparseable");
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

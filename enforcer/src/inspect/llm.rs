@@ -135,6 +135,18 @@ fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether a Gemini call's query asks for its answer as server-sent events: the system parameter `alt` (or `$alt`,
+/// `%24alt` percent-encoded; Google Cloud "System parameters") is `sse`, in any letter case (Google's documentation
+/// does not say whether its frontend reads the value case-insensitively, so it is taken to). This sets `llm.stream`
+/// only: the answer itself is read as what its body turns out to be, events when it is labelled
+/// `text/event-stream` and JSON otherwise, and a body that is not what its label says is refused as unreadable.
+fn alt_sse(query: &Pairs) -> bool {
+    query
+        .get_all("alt")
+        .chain(query.get_all("$alt"))
+        .any(|v| v.eq_ignore_ascii_case("sse"))
+}
+
 /// A Gemini call's target, from a path `.../models/{model}:{method}` or `.../tunedModels/{model}:{method}`.
 struct GeminiTarget<'a> {
     model: &'a str,
@@ -204,7 +216,7 @@ pub(super) fn describe(
         LlmApi::GenerateContent => {
             if let Some(t) = gemini_target(&lenient(path)) {
                 call.model = Some(t.model.to_string());
-                call.stream = t.streaming || query.get("alt") == Some("sse");
+                call.stream = t.streaming || alt_sse(query);
             }
             call.tools = gemini_tools(body);
             call.has_tool_results = each(body.get("contents"))
@@ -537,6 +549,40 @@ mod tests {
     /// Gemini paths are read as a lenient server routes them, as the other providers' are: in any letter case, with
     /// the tail a lenient server drops; the model keeps its own spelling. Before, `:GenerateContent` or `/V1BETA/Models/`
     /// was plain HTTP and a blocked function call in its answer reached the agent undecided.
+    #[test]
+    fn gemini_s_alt_sse_is_read_in_any_letter_case_and_as_the_system_parameter_dollar_alt() {
+        let body = serde_json::json!({"contents": []});
+        let path = "/v1beta/models/gemini-2.0-flash:generateContent";
+        // The query as the classify phase reads it: names and values percent-decoded (`%24alt` is `$alt`).
+        for (pairs, stream) in [
+            (&[("alt", "sse")][..], true),
+            (&[("alt", "SSE")], true),
+            (&[("alt", "Sse")], true),
+            (&[("$alt", "sse")], true),
+            (&[("alt", "json"), ("alt", "sse")], true),
+            (&[("alt", "json")], false),
+            (&[("alt", "proto")], false),
+            (&[("salt", "sse")], false),
+            (&[("ALT", "sse")], false),
+            (&[], false),
+        ] {
+            let query = Pairs(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            let call = describe(
+                Provider::Gemini,
+                LlmApi::GenerateContent,
+                path,
+                &query,
+                &body,
+            );
+            assert_eq!(call.stream, stream, "{query:?}");
+        }
+    }
+
     #[test]
     fn gemini_paths_are_read_in_any_letter_case_and_with_a_lenient_tail() {
         let body = serde_json::json!({"contents": [], "tools": [{"functionDeclarations": [{"name": "shell"}]}]});

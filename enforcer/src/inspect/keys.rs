@@ -208,17 +208,27 @@ impl<'de> Visitor<'de> for UniqueValue {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<serde_json::Value, A::Error> {
+        let twin = || de::Error::custom("an object names one member twice");
         let mut members = serde_json::Map::new();
         // Folded names of an object beyond SCAN_MEMBERS (as `NoTwins` keeps them).
         let mut folds: Option<HashSet<String>> = None;
         while let Some(name) = map.next_key::<String>()? {
-            let twin = match (self.0, &mut folds) {
-                (Twins::Exact, _) => members.contains_key(&name),
-                (Twins::Folded, Some(set)) => !set.insert(fold(&name).into_owned()),
-                (Twins::Folded, None) => members.keys().any(|k| NoTwins(self.0).same(k, &name)),
+            if self.0 == Twins::Exact {
+                // One hash of the name: its slot is found once, for the check and the insert.
+                match members.entry(name) {
+                    serde_json::map::Entry::Occupied(_) => return Err(twin()),
+                    serde_json::map::Entry::Vacant(slot) => {
+                        slot.insert(map.next_value_seed(self)?);
+                    }
+                }
+                continue;
+            }
+            let seen = match &mut folds {
+                Some(set) => !set.insert(fold(&name).into_owned()),
+                None => members.keys().any(|k| NoTwins(self.0).same(k, &name)),
             };
-            if twin {
-                return Err(de::Error::custom("an object names one member twice"));
+            if seen {
+                return Err(twin());
             }
             let value = map.next_value_seed(self)?;
             members.insert(name, value);

@@ -4,9 +4,10 @@
 //! other lines reach the agent as they came, each decision leaves one record; a line that cannot be read refuses the
 //! whole answer (502, `unparseable`), and the answer is held within the body bound and the agent's share of the
 //! buffer budget (its largest line's parsed JSON counted). An OpenAI file's content (`GET /v1/files/{id}/content`)
-//! is read so when its first line is a Batch output line, each line's `response.body` decided as a whole Chat
-//! Completions or Responses answer is; any other file streams through as it came, whatever its size. A test binary
-//! of its own: the buffer budget is process-wide.
+//! is read whole, each line naming `response` read as a Batch output line, its `response.body` decided as a whole
+//! Chat Completions or Responses answer is; other lines pass as they came. Lines are split as every reader splits
+//! them (Python's `str.splitlines` too), a part (`206`) or a body not UTF-8 is refused. A test binary of its own:
+//! the buffer budget is process-wide.
 
 mod proxy_support;
 
@@ -120,6 +121,9 @@ fn results(case: &str) -> String {
                 .replace("\"result\"", "\"Result\"")
         ),
         "two-lines-in-one" => format!("{} {}\n", ls_line("b"), curl_line("a")),
+        // Two lines glued by U+2028: one line to a reader splitting at `\n` alone, two to `str.splitlines`.
+        "glued" => format!("{}\u{2028}{}\n", ls_line("b"), curl_line("a")),
+        "range" => join(&[curl_line("a")], "\n"),
         "too-large" => {
             let big = "x".repeat(70 * 1024);
             join(
@@ -182,6 +186,11 @@ fn refused_output(mut line: Value, api: LlmApi) -> Value {
     line
 }
 
+/// The line ends Python's `str.splitlines` splits at that `\n`, `\r\n` and `\r` are not.
+const GLUES: [&str; 8] = [
+    "\u{2028}", "\u{2029}", "\u{85}", "\u{b}", "\u{c}", "\u{1c}", "\u{1d}", "\u{1e}",
+];
+
 /// The content of the OpenAI file `case`.
 fn file(case: &str) -> Vec<u8> {
     let join = |lines: &[Value]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
@@ -217,6 +226,105 @@ fn file(case: &str) -> Vec<u8> {
         "output-huge-first-line" => {
             format!("{{\"custom_id\":\"{}", "a".repeat(70 * 1024)).into_bytes()
         }
+        // Two output lines glued by one of the ends Python's `str.splitlines` splits at and `\n` does not.
+        c if c.starts_with("glued-") => {
+            let end = GLUES[c["glued-".len()..].parse::<usize>().unwrap()];
+            format!(
+                "{}{end}{}\n",
+                output_line("b", chat_completion("ls")),
+                output_line("a", chat_completion(CURL_COMMAND))
+            )
+            .into_bytes()
+        }
+        // A first line of characters some reader skips as whitespace; then an output line within such characters.
+        "blank-first-line" => format!(
+            "\u{a0}\u{3000}\0\u{1f}\u{feff}\n\u{a0}\0{}\u{3000}\n",
+            output_line("a", chat_completion(CURL_COMMAND))
+        )
+        .into_bytes(),
+        // Blank lines before the first output line.
+        "padded" => format!(
+            "{}{}\n",
+            "\n \r\n".repeat(15_000),
+            output_line("a", chat_completion(CURL_COMMAND))
+        )
+        .into_bytes(),
+        // Beyond the 64 KiB bound: refused whole, never streamed through unread.
+        "padded-beyond" => format!(
+            "{}{}\n",
+            "\n".repeat(70 * 1024),
+            output_line("a", chat_completion(CURL_COMMAND))
+        )
+        .into_bytes(),
+        // A first line that is JSON but no output line, or not JSON at all, before an output line.
+        "junk-first-line" => format!(
+            "{{}}\n{{\"custom_id\":\"x\"}}\nstep,loss\n{}\n",
+            output_line("a", chat_completion(CURL_COMMAND))
+        )
+        .into_bytes(),
+        "broken-first-line" => format!(
+            "{{\"custom_id\":\"x\"}} trailing\n{}\n",
+            output_line("a", chat_completion(CURL_COMMAND))
+        )
+        .into_bytes(),
+        "range" => join(&[output_line("a", chat_completion(CURL_COMMAND))]).into_bytes(),
+        // Output in UTF-16 (with a byte-order mark), said by its charset, and without either.
+        "utf16-charset" | "utf16" => {
+            let text = join(&[output_line("a", chat_completion(CURL_COMMAND))]);
+            let mut bytes = if case == "utf16-charset" {
+                vec![0xff, 0xfe]
+            } else {
+                Vec::new()
+            };
+            bytes.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
+            bytes
+        }
+        "utf8-charset" => join(&[output_line("a", chat_completion(CURL_COMMAND))]).into_bytes(),
+        // A body of two APIs' shapes: read as either, it may propose calls the other does not.
+        c if c.starts_with("mixed-") => {
+            let chat = chat_completion(CURL_COMMAND);
+            let resp = response_object(CURL_COMMAND);
+            let mut body = match c {
+                "mixed-chat-output" | "mixed-text-output" => {
+                    json!({"id": "c", "object": "chat.completion", "model": "gpt-4o",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                        "finish_reason": "stop"}]})
+                }
+                "mixed-response-choices" => resp.clone(),
+                "mixed-text-message" => json!({"id": "t", "object": "text_completion", "model": "g",
+                    "choices": [{"index": 0, "text": "x", "message": chat["choices"][0]["message"],
+                                 "finish_reason": "stop"}]}),
+                _ => json!({"object": "list", "data": []}),
+            };
+            match c {
+                "mixed-chat-output" | "mixed-text-output" | "mixed-list-output" => {
+                    body["output"] = resp["output"].clone();
+                }
+                "mixed-response-choices" => {
+                    body["output"] = json!([]);
+                    body["choices"] = chat["choices"].clone();
+                }
+                _ => {}
+            }
+            if c == "mixed-text-output" {
+                body["object"] = json!("text_completion");
+            }
+            join(&[output_line("a", body)]).into_bytes()
+        }
+        // Embeddings' output: every line's parsed JSON is many times its text; the file's many times the share.
+        "embeddings" => join(
+            &(0..100)
+                .map(|i| {
+                    output_line(
+                        &format!("e{i}"),
+                        json!({"object": "list", "model": "text-embedding-3-small",
+                               "data": [{"object": "embedding", "index": 0, "embedding": vec![0.5; 100]}]}),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_bytes(),
+        "csv-small" => "step,train_loss\n1,0.5\n2,0.4\n".into(),
         // A batch's input file: its lines are requests, not answers.
         "input" => join(&[
             json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
@@ -238,9 +346,22 @@ fn file_of(path: &str) -> Option<String> {
 
 async fn answer(req: Request<Incoming>) -> Response<TestBody> {
     if let Some(case) = file_of(req.uri().path()) {
+        let content_type = match case.as_str() {
+            "utf16-charset" => "application/octet-stream; charset=utf-16",
+            "utf8-charset" => "application/octet-stream; charset=\"UTF-8\"",
+            _ => "application/octet-stream",
+        };
+        let body = file(&case);
+        // A part (`206`, as to `Range: bytes=0-…`): the body given, all of it one range.
+        let status = if case == "range" { 206 } else { 200 };
         return Response::builder()
-            .header("content-type", "application/octet-stream")
-            .body(Full::new(Bytes::from(file(&case))).boxed())
+            .status(status)
+            .header("content-type", content_type)
+            .header(
+                "content-range",
+                format!("bytes 0-{}/*", body.len().max(1) - 1),
+            )
+            .body(Full::new(Bytes::from(body)).boxed())
             .unwrap();
     }
     let case = case_of(req.uri().path());
@@ -249,7 +370,9 @@ async fn answer(req: Request<Incoming>) -> Response<TestBody> {
     } else {
         "application/x-jsonl"
     };
+    let status = if case == "range" { 206 } else { 200 };
     Response::builder()
+        .status(status)
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(results(&case))).boxed())
         .unwrap()
@@ -489,14 +612,45 @@ async fn an_openai_batch_output_file_is_read_line_by_line() {
     assert!(w.proxy.close_and_verify().await > 0);
 }
 
-/// Any other file streams through as it came, however large (a binary file and a CSV beyond the 64 KiB bound, a
-/// batch's input file), with no record; an output file with a line cut short is refused as unreadable (502), and one
-/// whose first line opens an object but does not end within the bound is refused as too large (502): either may hold
-/// calls.
+/// The refusal of the answer at `path` on `host`: `status`, the enforcer's error of `reason` saying `message`, one
+/// record of it in `phase`; nothing of the answer passed on.
+async fn assert_refused(
+    w: &World,
+    (host, path): (&str, &str),
+    (status, reason, phase, message): (u16, &str, &str, &str),
+) {
+    let (got, body, recs) = fetch_from(w, host, path).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(got, status, "{path}: {}", &body[..body.len().min(300)]);
+    let expected =
+        json!({"error": {"type": "enforcer_error", "reason": reason, "message": message}});
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).ok(),
+        Some(expected),
+        "{path}: {body}"
+    );
+    assert_eq!(recs.len(), 1, "{path}: {recs:#?}");
+    let r = &recs[0];
+    assert_eq!(r["request"]["phase"], phase, "{path}: {r:#}");
+    assert_eq!(r["decision"]["reason"], reason, "{path}: {r:#}");
+    assert_eq!(r["outcome"]["disposition"], "blocked", "{path}: {r:#}");
+    assert_eq!(r["outcome"]["error"], reason, "{path}: {r:#}");
+    assert_eq!(r["outcome"]["status"], status, "{path}: {r:#}");
+}
+
+const UNREADABLE_LINE: &str =
+    "a line of the upstream's batch results could not be read for its tool calls";
+const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
+const NOT_UTF8: &str =
+    "the upstream's batch results are not UTF-8 text and could not be read for their tool calls";
+
+/// Any other file passes as it came (a small CSV, a batch's input file), with no record; every file is read whole, so
+/// one beyond the 64 KiB bound is refused (502, `body_too_large`), as is an output file whose line is cut short
+/// (502, `unparseable`), or a file that is not UTF-8 text (502, `unparseable`): either may hold calls.
 #[tokio::test]
 async fn other_files_pass_and_unreadable_output_is_refused() {
     let w = world().await;
-    for case in ["binary", "csv", "input"] {
+    for case in ["csv-small", "input"] {
         let path = format!("/v1/files/{case}/content");
         let (status, body, recs) = fetch_from(&w, "api.openai.com", &path).await;
         assert_eq!(status, 200, "{case}");
@@ -506,19 +660,135 @@ async fn other_files_pass_and_unreadable_output_is_refused() {
         );
         assert!(recs.is_empty(), "{case}: {recs:#?}");
     }
-    for (case, reason, phase) in [
-        ("output-cut", "unparseable", "proposal"),
-        ("output-huge-first-line", "body_too_large", "response"),
+    for (case, reason, phase, message) in [
+        ("output-cut", "unparseable", "proposal", UNREADABLE_LINE),
+        (
+            "output-huge-first-line",
+            "body_too_large",
+            "response",
+            TOO_LARGE,
+        ),
+        ("binary", "body_too_large", "response", TOO_LARGE),
+        ("csv", "body_too_large", "response", TOO_LARGE),
+        ("padded-beyond", "body_too_large", "response", TOO_LARGE),
     ] {
         let path = format!("/v1/files/{case}/content");
+        assert_refused(&w, ("api.openai.com", &path), (502, reason, phase, message)).await;
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Lines as every reader may split and trim them (a black-box attack's finds): two output lines glued by an end
+/// Python's `str.splitlines` splits at (U+2028, U+2029, NEL, VT, FF, FS, GS, RS), a first line of characters a reader
+/// skips as whitespace (NBSP, U+3000, NUL, US, a byte-order mark) or an output line within them, blank lines before
+/// the first output line, a first line that is JSON but no output line, or no JSON: the output line's call is
+/// decided all the same (200, its line rewritten, one record), the other lines kept as they came. A first line that
+/// opens an object but is not one refuses the whole file (502, `unparseable`).
+#[tokio::test]
+async fn every_line_any_reader_finds_is_read() {
+    let w = world().await;
+    let refused_a = || {
+        refused_output(
+            output_line("a", chat_completion(CURL_COMMAND)),
+            LlmApi::ChatCompletions,
+        )
+    };
+    let mut cases: Vec<(String, String)> = (0..GLUES.len())
+        .map(|i| {
+            let glued = format!("glued-{i}");
+            let first = output_line("b", chat_completion("ls"));
+            (glued, format!("{first}{}{}\n", GLUES[i], refused_a()))
+        })
+        .collect();
+    cases.extend([
+        (
+            "blank-first-line".into(),
+            format!("\u{a0}\u{3000}\0\u{1f}\u{feff}\n{}\n", refused_a()),
+        ),
+        (
+            "padded".into(),
+            format!("{}{}\n", "\n \r\n".repeat(15_000), refused_a()),
+        ),
+        (
+            "junk-first-line".into(),
+            format!(
+                "{{}}\n{{\"custom_id\":\"x\"}}\nstep,loss\n{}\n",
+                refused_a()
+            ),
+        ),
+        ("utf8-charset".into(), format!("{}\n", refused_a())),
+    ]);
+    for (case, expected) in cases {
+        let path = format!("/v1/files/{case}/content");
         let (status, body, recs) = fetch_from(&w, "api.openai.com", &path).await;
-        let body = String::from_utf8_lossy(&body);
-        assert_eq!(status, 502, "{case}: {}", &body[..body.len().min(200)]);
-        let json: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(json["error"]["reason"], reason, "{case}: {body}");
+        let body = String::from_utf8(body).unwrap();
+        assert_eq!(status, 200, "{case}: {body}");
+        assert!(
+            body == expected,
+            "{case}: {:?}",
+            &body[body.len().saturating_sub(400)..]
+        );
         assert_eq!(recs.len(), 1, "{case}: {recs:#?}");
-        assert_eq!(recs[0]["request"]["phase"], phase, "{case}: {:#}", recs[0]);
-        assert_eq!(recs[0]["outcome"]["error"], reason, "{case}: {:#}", recs[0]);
+        assert_refusal_record(&path, ("openai", "gpt-4o", "a"), &recs[0]);
+    }
+    assert_refused(
+        &w,
+        ("api.openai.com", "/v1/files/broken-first-line/content"),
+        (502, "unparseable", "proposal", UNREADABLE_LINE),
+    )
+    .await;
+    // Anthropic's results are split alike: a line glued to another by U+2028 is two lines, each read.
+    let path = "/v1/messages/batches/glued/results";
+    let (status, body, recs) = fetch(&w, path).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        format!("{}\u{2028}{}\n", ls_line("b"), curl_line_refused("a"))
+    );
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_refusal_record(path, ("anthropic", "claude-sonnet-4-5", "a"), &recs[0]);
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A body in another charset than UTF-8 (UTF-16, said by `charset=` or not) is refused as not UTF-8 text, or as a
+/// line that opens an object and is not one (502, `unparseable`, one record): a reader may decode it by its charset.
+#[tokio::test]
+async fn other_charsets_are_refused() {
+    let w = world().await;
+    for (path, message) in [
+        ("/v1/files/utf16-charset/content", NOT_UTF8),
+        ("/v1/files/utf16/content", UNREADABLE_LINE),
+    ] {
+        assert_refused(
+            &w,
+            ("api.openai.com", path),
+            (502, "unparseable", "proposal", message),
+        )
+        .await;
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// An output line whose body carries another API's members than its `object` names — a `chat.completion` with a
+/// Responses `output`, a `response` with Chat `choices`, a `text_completion` with either, an embeddings `list` with
+/// `output` — may be read by the agent as either API: refused (502, `unparseable`).
+#[tokio::test]
+async fn a_body_of_two_apis_shapes_is_refused() {
+    let w = world().await;
+    for case in [
+        "mixed-chat-output",
+        "mixed-response-choices",
+        "mixed-text-message",
+        "mixed-text-output",
+        "mixed-list-output",
+    ] {
+        let path = format!("/v1/files/{case}/content");
+        assert_refused(
+            &w,
+            ("api.openai.com", &path),
+            (502, "unparseable", "proposal", UNREADABLE_LINE),
+        )
+        .await;
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -89,8 +89,8 @@ pub(super) fn message_batch_results(provider: Provider, method: &str, path: &str
 }
 
 /// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":
-/// `GET /v1/files/{file_id}/content`), which is a Batch's output when its first line says so
-/// (`proposal::batch::first_line`). Matched as [`message_batch_results`] is.
+/// `GET /v1/files/{file_id}/content`), whose lines naming `response` are a Batch's output
+/// (`proposal::batch::read_line`). Matched as [`message_batch_results`] is.
 pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) -> bool {
     if provider != Provider::OpenAi || !method.eq_ignore_ascii_case("GET") {
         return false;

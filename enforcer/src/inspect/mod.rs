@@ -414,8 +414,8 @@ pub fn answered_api(protocol: &Protocol, action: &Action) -> Option<(Provider, L
 
 /// The batch results the request of `action` (classified as `protocol`) fetches, each line an LLM answer to be read
 /// for proposed tool calls ([`proposal::batch`]): an Anthropic Message Batch's results on Anthropic's host
-/// ([`llm::message_batch_results`]), an OpenAI file's content on OpenAI's host, batch output when its first line says
-/// so ([`llm::openai_file_content`]). `None` for any other request.
+/// ([`llm::message_batch_results`]), an OpenAI file's content on OpenAI's host, read whole and its lines naming
+/// `response` read as batch output ([`llm::openai_file_content`]). `None` for any other request.
 pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::batch::Batch> {
     use proposal::batch::Batch;
     let Protocol::Provider(provider) = *protocol else {

@@ -230,11 +230,6 @@ impl Buffer {
         self.limit
     }
 
-    /// The bytes so far.
-    pub fn bytes(&self) -> &[u8] {
-        &self.buf
-    }
-
     /// The bytes, and the reservation that still holds them (drop it once they are no longer held).
     pub fn finish(self) -> (Bytes, Reservation) {
         (self.buf.freeze(), self.held)

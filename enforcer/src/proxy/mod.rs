@@ -38,7 +38,6 @@ mod readings;
 mod record;
 mod refusal;
 mod response;
-mod sniff;
 mod tls;
 mod tunnel;
 mod upstream;

@@ -286,38 +286,26 @@ async fn answer_whole(
     ans: &mut Answering,
     plan: Plan,
 ) -> Response<ProxyBody> {
-    let (mut parts, mut body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     let head = Head::of(parts.status.as_u16(), &parts.headers);
     let deadline = tokio::time::Instant::now() + super::limits::limits().hold_timeout;
-    let mut buf = Buffer::new(
+    let buf = Buffer::new(
         ans.policy.max_body_bytes(),
         INSPECTED_COPIES,
         super::limits::budget().reserve(&ans.agent),
     );
-    // An answer told by its first line (an OpenAI file's content) that the response rules need not read whole, and
-    // that can be read as it came (not content-coded): read whole only when it holds batch results.
-    if let Some(b) = plan
-        .batch
-        .filter(|b| b.by_first_line() && !plan.responses && !plan.encoded)
-    {
-        match super::sniff::first_line(&mut body, &mut buf, b, deadline).await {
-            Ok(super::sniff::Told::Batch) => {}
-            Ok(super::sniff::Told::Other(read)) => {
-                drop(buf);
-                let rest = super::sniff::Prefixed {
-                    prefix: Some(read),
-                    rest: body,
-                };
-                return Response::from_parts(parts, rest.boxed());
-            }
-            Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
-        }
-    }
     // Held in the budget until the answer is built.
     let (raw, mut held) = match read_whole(body, buf, deadline, plan, &parts.headers).await {
         Ok(read) => read,
         Err((reason, message)) => return refused(ans, Phase::Response, reason, message).await,
     };
+    // Batch results are read as text whose lines split as every reader splits them: UTF-8 alone (a reader may decode
+    // another charset, or bytes that are not UTF-8, otherwise than this one).
+    if plan.batch.is_some()
+        && (!utf8_charset(head.content_type.as_deref()) || std::str::from_utf8(&raw).is_err())
+    {
+        return refused(ans, Phase::Proposal, Reason::Unparseable, NOT_UTF8).await;
+    }
     // The JSON the body is parsed into (for its tool calls, or for the response rules) is held as long as the body:
     // its room is reserved first, as a request body's is.
     if held.grow(json_tree_bound(&raw)).is_err() {
@@ -329,10 +317,7 @@ async fn answer_whole(
     ans.trace_head(parts.status.as_u16(), &traced);
     ans.trace_body(&raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
-    // Batch results, when the path says so or (an OpenAI file's content) the first line does.
-    let lines = plan
-        .batch
-        .filter(|&b| batch::first_line(b, text.as_bytes(), true) == Some(true));
+    let lines = plan.batch;
     let mut json = if plan.proposals.is_some() {
         // Whatever its content type claims: an SDK may parse the body as JSON (or read it as events) anyway.
         match proposal::body_json(&text) {
@@ -449,7 +434,13 @@ async fn rule_lines(
             ans.answer_line(exchange);
             if rulings.iter().any(|r| *r != Ruling::Pass) {
                 proposal::apply_to_body(provider, api, answer, &rulings);
-                rewritten = json.as_ref().map(Value::to_string);
+                // Written with the line ends JSON lets a string hold escaped, so every reader reads it as one line.
+                rewritten = json.as_ref().map(|j| {
+                    j.to_string()
+                        .replace('\u{85}', "\\u0085")
+                        .replace('\u{2028}', "\\u2028")
+                        .replace('\u{2029}', "\\u2029")
+                });
             }
         }
         changed |= rewritten.is_some();
@@ -458,6 +449,28 @@ async fn rule_lines(
     }
     Ok(changed.then_some(out))
 }
+
+/// Whether a `Content-Type` names no charset, or UTF-8 or US-ASCII (RFC 9110 §8.3.2: the `charset` parameter, its
+/// value case-insensitive, perhaps quoted).
+fn utf8_charset(content_type: Option<&str>) -> bool {
+    let Some(content_type) = content_type else {
+        return true;
+    };
+    content_type.split(';').skip(1).all(|param| {
+        let Some((name, value)) = param.split_once('=') else {
+            return true;
+        };
+        if !name.trim().eq_ignore_ascii_case("charset") {
+            return true;
+        }
+        let value = value.trim().trim_matches('"').to_ascii_lowercase();
+        matches!(value.as_str(), "utf-8" | "utf8" | "us-ascii" | "ascii")
+    })
+}
+
+/// Why batch results that are not UTF-8 text are refused.
+const NOT_UTF8: &str =
+    "the upstream's batch results are not UTF-8 text and could not be read for their tool calls";
 
 /// Why batch results with a line that cannot be read are refused.
 const UNREADABLE_LINE: &str =

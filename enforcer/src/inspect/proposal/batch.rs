@@ -12,12 +12,17 @@
 //! `error_file_id`; OpenAI API reference, "The request output object"): one
 //! `{"id": "batch_req_…", "custom_id": …, "response": {"status_code", "request_id", "body": {…}}, "error": …}` per
 //! request, the `body` a Chat Completions (`"object": "chat.completion"`) or Responses (`"object": "response"`) answer
-//! or another endpoint's. That path serves every file, so such a file is told by its first line with anything but
-//! whitespace ([`first_line`]): OpenAI writes that line, and a model's words sit only inside its JSON strings.
+//! or another endpoint's. The SDKs hand the file to the agent as bytes (`client.files.content(…).text`), which it
+//! splits as it likes (`str.splitlines()`), so that path's every file is read: a line that opens a JSON object must
+//! be one, and one naming `response` (in any letter case) is an output line; any other line (a CSV row, a
+//! fine-tuning example) carries no answer.
 //!
-//! A line is read as the strictest of them: split at every one of those ends, so no SDK reads a line this reader did
-//! not; one JSON object, with the wrappers' members spelt as the API spells them (an agent on Go's `encoding/json`
-//! binds `"Result"` to `result`); a `message` is read wherever a result carries one, whatever its `type` says.
+//! A line is read as the strictest of them: split at every end any of them splits at — `\n`, `\r\n`, `\r`, and the
+//! others Python's `str.splitlines` splits at (`\v`, `\f`, `\x1c`, `\x1d`, `\x1e`, U+0085, U+2028, U+2029) — so no
+//! reader finds a line this reader did not; around it, whatever `str.strip` or a JSON parser may skip (Unicode
+//! whitespace, NUL, a byte-order mark) is skipped; one JSON object, with the wrappers' members spelt as the API
+//! spells them (an agent on Go's `encoding/json` binds `"Result"` to `result`); a `message` is read wherever a result
+//! carries one, whatever its `type` says; an output line's `body` by every reader whose members it carries.
 //! Lines with nothing but whitespace carry nothing and are kept as they came.
 
 use serde_json::Value;
@@ -30,17 +35,9 @@ use crate::inspect::{LlmApi, Provider};
 pub enum Batch {
     /// Anthropic Message Batch results: each line's `result.message` is a Messages answer.
     MessageBatch,
-    /// The content of an OpenAI file, batch output when its first line says so ([`first_line`]): each line's
-    /// `response.body` is a Chat Completions or Responses answer, by its `object`.
+    /// The content of an OpenAI file: each line naming `response` is a Batch output line, whose `response.body` is
+    /// a Chat Completions or Responses answer ([`read_line`]).
     OpenAiOutput,
-}
-
-impl Batch {
-    /// Whether a body fetched from the path is told to be batch results by its first line ([`first_line`]) rather
-    /// than by the path alone.
-    pub fn by_first_line(self) -> bool {
-        self == Batch::OpenAiOutput
-    }
 }
 
 /// The members of a Message Batch result line and of its `result`, as the API spells them.
@@ -51,68 +48,58 @@ const OUTPUT_MEMBERS: &[&str] = &["id", "custom_id", "response", "error"];
 const RESPONSE_MEMBERS: &[&str] = &["status_code", "request_id", "body"];
 const BODY_MEMBERS: &[&str] = &["object"];
 
-/// Whether the start of a body fetched for `batch` results holds them: `Some` once it can tell, `None` while it needs
-/// more of the body (`whole`: `start` is all of it). A Message Batch's results always (the path says so). An OpenAI
-/// file's content when its first line with anything but whitespace (a byte-order mark and blank lines skipped) is an
-/// OpenAI Batch output or error line: a JSON object naming `custom_id` and `response`, in any letter case (as Go's
-/// `encoding/json` reads them). Told as soon as that line does not open an object (a binary or text file), or once
-/// it has ended.
-pub fn first_line(batch: Batch, start: &[u8], whole: bool) -> Option<bool> {
-    if batch == Batch::MessageBatch {
-        return Some(true);
+/// The API of an OpenAI Batch output line's `body`: `chat.completion` with `choices`, `response` with `output`;
+/// `None` for the other endpoints' answers, which propose no calls (`text_completion` with choices of text, an
+/// embeddings `list`, a moderation without `object`).
+///
+/// # Errors
+/// [`Unreadable`] for a body that carries members another reader than its `object`'s would read calls from: a Chat
+/// reader `choices`, a Responses reader `output` or `response` (both, or under another `object`: the agent may read it
+/// as either), or a `text_completion` choice with a `message` or `delta`.
+fn output_api(body: &Value) -> Result<Option<LlmApi>, Unreadable> {
+    let has = |m: &str| body.get(m).is_some();
+    let (chat, responses) = (has("choices"), has("output") || has("response"));
+    let object = body.get("object").and_then(Value::as_str);
+    match (object, chat, responses) {
+        (_, true, true) => Err(Unreadable),
+        (Some("chat.completion"), _, false) => Ok(Some(LlmApi::ChatCompletions)),
+        (Some("response"), false, _) => Ok(Some(LlmApi::Responses)),
+        (Some("text_completion"), _, false) => {
+            let choices = body["choices"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let chatty = |c: &Value| c.get("message").is_some() || c.get("delta").is_some();
+            if choices.iter().any(chatty) || (chat && body["choices"].as_array().is_none()) {
+                Err(Unreadable)
+            } else {
+                Ok(None)
+            }
+        }
+        (_, false, false) => Ok(None),
+        _ => Err(Unreadable),
     }
-    let start = start.strip_prefix("\u{feff}".as_bytes()).unwrap_or(start);
-    let Some(at) = start.iter().position(|b| !b.is_ascii_whitespace()) else {
-        return whole.then_some(false);
-    };
-    let rest = &start[at..];
-    if rest[0] != b'{' {
-        return Some(false);
-    }
-    let line = match rest.iter().position(|b| matches!(b, b'\n' | b'\r')) {
-        Some(end) => &rest[..end],
-        None if whole => rest,
-        None => return None,
-    };
-    let names = |obj: &serde_json::Map<String, Value>, name: &str| {
-        obj.keys()
-            .any(|k| k == name || crate::inspect::keys::misspelt_name(k, &[name]))
-    };
-    let line = serde_json::from_slice::<Value>(line).ok();
-    Some(
-        line.as_ref()
-            .and_then(Value::as_object)
-            .is_some_and(|o| names(o, "custom_id") && names(o, "response")),
+}
+
+/// Whether `c` is one of the characters Python's `str.splitlines` ends a line at (the Unicode line boundaries and
+/// `\x1c`..`\x1e`): `\n`, `\r`, `\v`, `\f`, `\x1c`, `\x1d`, `\x1e`, U+0085, U+2028, U+2029.
+fn ends_line(c: char) -> bool {
+    matches!(
+        c,
+        '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}'..='\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}'
     )
 }
 
-/// Whether the start of a body opens a JSON object: its first byte that is not whitespace (after a byte-order mark)
-/// is `{`. A body whose first line is too long to be told by [`first_line`] may be batch results only then.
-pub fn opens_object(start: &[u8]) -> bool {
-    let start = start.strip_prefix("\u{feff}".as_bytes()).unwrap_or(start);
-    start.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+/// Whether `c` may be skipped around a line by some reader: Unicode whitespace (Rust's and Python's `str.strip`,
+/// which also skips `\x1c`..`\x1f`), NUL, a byte-order mark.
+fn blank(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '\0' | '\u{1c}'..='\u{1f}' | '\u{feff}')
 }
 
-/// The API of an OpenAI Batch output line's `body`, by its `object`: `chat.completion`, `response`; `None` for the
-/// other endpoints' answers, which propose no calls (`text_completion`, an embeddings `list`, a moderation without
-/// `object`).
-///
-/// # Errors
-/// [`Unreadable`] for a body of another `object` that has members a Chat or Responses reader would read calls from
-/// (`choices`, `output`, `response`): the agent may read it as either.
-fn output_api(body: &Value) -> Result<Option<LlmApi>, Unreadable> {
-    match body.get("object").and_then(Value::as_str) {
-        Some("chat.completion") => Ok(Some(LlmApi::ChatCompletions)),
-        Some("response") => Ok(Some(LlmApi::Responses)),
-        _ if ["choices", "output", "response"]
-            .iter()
-            .any(|m| body.get(m).is_some())
-            && body.get("object").and_then(Value::as_str) != Some("text_completion") =>
-        {
-            Err(Unreadable)
-        }
-        _ => Ok(None),
-    }
+/// A line's text as it is read ([`read_line`]): whatever some reader skips around it (Unicode whitespace, NUL, a
+/// byte-order mark) cut off.
+pub fn trimmed(text: &str) -> &str {
+    text.trim_matches(blank)
 }
 
 /// One line of a JSON Lines body: its text, without its end, and its end as it came (`\n`, `\r\n`, `\r`, or empty
@@ -123,19 +110,24 @@ pub struct Line<'a> {
     pub end: &'a str,
 }
 
-/// The lines of `body`, split at `\n`, `\r\n` and `\r`; `body` is their texts and ends joined.
+/// The lines of `body`, split at `\n`, `\r\n`, `\r` and every other end Python's `str.splitlines` splits at
+/// ([`ends_line`]); `body` is their texts and ends joined.
 pub fn lines(body: &str) -> Vec<Line<'_>> {
     let mut out = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {
-        let Some(at) = rest.find(['\n', '\r']) else {
+        let Some(at) = rest.find(ends_line) else {
             out.push(Line {
                 text: rest,
                 end: "",
             });
             break;
         };
-        let len = if rest[at..].starts_with("\r\n") { 2 } else { 1 };
+        let len = if rest[at..].starts_with("\r\n") {
+            2
+        } else {
+            rest[at..].chars().next().map_or(1, char::len_utf8)
+        };
         out.push(Line {
             text: &rest[..at],
             end: &rest[at..at + len],
@@ -145,15 +137,39 @@ pub fn lines(body: &str) -> Vec<Line<'_>> {
     out
 }
 
-/// The JSON of one line of `batch` results; `None` for a line of whitespace alone (a UTF-8 byte-order mark before the
-/// first line's text is ignored, as the SDKs' parsers ignore it).
+/// The JSON of one line of `batch` results, whatever a reader may skip around it ([`blank`]) skipped; `None` for a
+/// line of whitespace alone, and for a line of an OpenAI file that is no output line (it does not open an object, or
+/// its object names no `response` in any letter case).
 ///
 /// # Errors
 /// [`Unreadable`] when the line is not one JSON object this reader and every SDK read alike (as an event's data is
-/// read: `event_json`), or when a member of its wrappers is spelt otherwise than the API spells it.
+/// read: `event_json`; a line of an OpenAI file that opens an object must be one, with no member named twice), or
+/// when a member of its wrappers is spelt otherwise than the API spells it.
 pub fn read_line(batch: Batch, text: &str) -> Result<Option<Value>, Unreadable> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let Some(line) = event_json(text)? else {
+    let text = trimmed(text);
+    let line = match batch {
+        Batch::MessageBatch => event_json(text)?,
+        Batch::OpenAiOutput if text.starts_with('{') => {
+            let line = crate::inspect::read_json(text, crate::inspect::Twins::Folded)
+                .ok()
+                .flatten()
+                .ok_or(Unreadable)?;
+            let names_response = line.as_object().is_some_and(|o| {
+                o.keys().any(|k| {
+                    k == "response" || crate::inspect::keys::misspelt_name(k, &["response"])
+                })
+            });
+            if !names_response {
+                return Ok(None);
+            }
+            if super::misspelt(&line) {
+                return Err(Unreadable);
+            }
+            Some(line)
+        }
+        Batch::OpenAiOutput => None,
+    };
+    let Some(line) = line else {
         return Ok(None);
     };
     let Some(obj) = line.as_object() else {
@@ -221,10 +237,14 @@ mod tests {
 
     #[test]
     fn lines_split_at_every_end_an_sdk_splits_at_and_join_back() {
-        let body = "a\nb\r\nc\rd\n\ne";
+        let body =
+            "a\nb\r\nc\rd\n\ne\u{b}f\u{c}g\u{1c}h\u{1d}i\u{1e}j\u{85}k\u{2028}l\u{2029}m\u{1f}";
         let got = lines(body);
         let texts: Vec<_> = got.iter().map(|l| l.text).collect();
-        assert_eq!(texts, ["a", "b", "c", "d", "", "e"]);
+        assert_eq!(
+            texts,
+            ["a", "b", "c", "d", "", "e", "f", "g", "h", "i", "j", "k", "l", "m\u{1f}"]
+        );
         let joined: String = got.iter().flat_map(|l| [l.text, l.end]).collect();
         assert_eq!(joined, body);
         assert!(lines("").is_empty());
@@ -264,33 +284,39 @@ mod tests {
     }
 
     #[test]
-    fn an_openai_file_is_batch_output_when_its_first_line_says_so() {
+    fn a_line_of_an_openai_file_is_output_when_it_names_response() {
         let batch = Batch::OpenAiOutput;
         let line = r#"{"id":"batch_req_1","custom_id":"a","response":null,"error":{"code":"x"}}"#;
-        for (start, whole, told) in [
-            (format!("{line}\n{{"), false, Some(true)),
-            (format!("\u{feff}\n  \r\n{line}"), true, Some(true)),
-            (line.replace("custom_id", "Custom_ID"), true, Some(true)),
-            (line[..20].to_string(), false, None),
-            (line[..20].to_string(), true, Some(false)),
-            ("   ".into(), false, None),
-            ("   ".into(), true, Some(false)),
-            ("\u{89}PNG".into(), false, Some(false)),
-            ("step,train_loss\n".into(), false, Some(false)),
-            (
-                r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}"#
-                    .into(),
-                true,
-                Some(false),
-            ),
+        for told in [
+            line.to_string(),
+            format!("\u{feff}\u{a0}\u{3000}\0\u{1f} {line}\u{a0}\0"),
+            line.replace("\"custom_id\"", "\"custom\""),
         ] {
-            assert_eq!(
-                first_line(batch, start.as_bytes(), whole),
-                told,
-                "{start:?}"
+            assert!(
+                read_line(batch, &told).is_ok_and(|l| l.is_some()),
+                "{told:?}"
             );
         }
-        assert_eq!(first_line(Batch::MessageBatch, b"x", false), Some(true));
+        for other in [
+            "",
+            "\u{a0}\u{3000}\0",
+            "\u{89}PNG",
+            "step,train_loss",
+            "[1]",
+            r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}"#,
+        ] {
+            assert_eq!(read_line(batch, other), Ok(None), "{other:?}");
+        }
+        for bad in [
+            "{}x",
+            "{",
+            r#"{"custom_id":"x"} {}"#,
+            r#"{"a":1,"A":2}"#,
+            &line.replace("\"response\"", "\"Response\""),
+            &line.replace("\"response\"", "\"RESPONSE\""),
+        ] {
+            assert_eq!(read_line(batch, bad), Err(Unreadable), "{bad:?}");
+        }
     }
 
     #[test]
@@ -311,6 +337,10 @@ mod tests {
                 Some(LlmApi::Responses),
             ),
             (r#"{"object":"text_completion","choices":[]}"#, None),
+            (
+                r#"{"object":"text_completion","choices":[{"index":0,"text":"x"}]}"#,
+                None,
+            ),
             (r#"{"object":"list","data":[]}"#, None),
         ] {
             let mut json = read_line(batch, &line(body)).unwrap().unwrap();
@@ -322,6 +352,14 @@ mod tests {
         }
         for body in [
             r#"{"choices":[]}"#,
+            r#"{"output":[]}"#,
+            r#"{"object":"chat.completion","choices":[],"output":[]}"#,
+            r#"{"object":"chat.completion","output":[]}"#,
+            r#"{"object":"response","output":[],"choices":[]}"#,
+            r#"{"object":"text_completion","choices":[{"text":"x","message":{}}]}"#,
+            r#"{"object":"text_completion","choices":[{"text":"x"}],"output":[]}"#,
+            r#"{"object":"moderation","results":[],"output":[]}"#,
+            r#"{"object":"list","data":[],"output":[]}"#,
             r#"{"object":"chat.completion.chunk","choices":[]}"#,
             r#"{"Object":"chat.completion","choices":[]}"#,
         ] {

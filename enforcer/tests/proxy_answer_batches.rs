@@ -643,6 +643,8 @@ const UNREADABLE_LINE: &str =
 const TOO_LARGE: &str = "the upstream's answer exceeds the inspection limit";
 const NOT_UTF8: &str =
     "the upstream's batch results are not UTF-8 text and could not be read for their tool calls";
+const PARTIAL: &str =
+    "a part of an answer (206) cannot be read for its tool calls; ask for the whole answer";
 
 /// Any other file passes as it came (a small CSV, a batch's input file), with no record; every file is read whole, so
 /// one beyond the 64 KiB bound is refused (502, `body_too_large`), as is an output file whose line is cut short
@@ -765,6 +767,21 @@ async fn other_charsets_are_refused() {
             (502, "unparseable", "proposal", message),
         )
         .await;
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A part of batch results (`206`, to a `Range` request) cannot be read alone — it may begin within a line — so it
+/// is refused (502, `unparseable`, in the response phase, one record), an OpenAI file's content and Anthropic's
+/// results alike.
+#[tokio::test]
+async fn a_part_of_batch_results_is_refused() {
+    let w = world().await;
+    for (host, path) in [
+        ("api.openai.com", "/v1/files/range/content"),
+        ("api.anthropic.com", "/v1/messages/batches/range/results"),
+    ] {
+        assert_refused(&w, (host, path), (502, "unparseable", "response", PARTIAL)).await;
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }

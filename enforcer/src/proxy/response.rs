@@ -109,7 +109,10 @@ pub(crate) fn plan(ans: &Answering, head: &Head, headers: &HeaderMap) -> Option<
         batch,
         responses,
         // The SDKs read batch results as JSON Lines whatever their content type says.
-        events: batch.is_none() && media.as_deref() == Some("text/event-stream"),
+        // A part (`206`) of an answer read for calls is refused whole (`answer_whole`), never read as events.
+        events: batch.is_none()
+            && !(head.status == 206 && proposals.is_some())
+            && media.as_deref() == Some("text/event-stream"),
         encoded,
     })
 }
@@ -294,6 +297,11 @@ async fn answer_whole(
         INSPECTED_COPIES,
         super::limits::budget().reserve(&ans.agent),
     );
+    // A part of an answer (`206`, to a `Range` request) read for calls: it cannot be read alone, as a part may begin
+    // or end within a line, an event or a JSON value; the client asked for it, and may ask again without `Range`.
+    if head.status == 206 && (plan.proposals.is_some() || plan.batch.is_some()) {
+        return refused(ans, Phase::Response, Reason::Unparseable, PARTIAL).await;
+    }
     // Held in the budget until the answer is built.
     let (raw, mut held) = match read_whole(body, buf, deadline, plan, &parts.headers).await {
         Ok(read) => read,
@@ -471,6 +479,10 @@ fn utf8_charset(content_type: Option<&str>) -> bool {
 /// Why batch results that are not UTF-8 text are refused.
 const NOT_UTF8: &str =
     "the upstream's batch results are not UTF-8 text and could not be read for their tool calls";
+
+/// Why a part of an answer read for tool calls is refused.
+const PARTIAL: &str =
+    "a part of an answer (206) cannot be read for its tool calls; ask for the whole answer";
 
 /// Why batch results with a line that cannot be read are refused.
 const UNREADABLE_LINE: &str =

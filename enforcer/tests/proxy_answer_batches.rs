@@ -809,3 +809,19 @@ async fn a_body_of_two_apis_shapes_is_refused() {
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }
+
+/// Batch results' lines are parsed one at a time, so the budget holds the largest line's parsed JSON, not the
+/// file's: embeddings' output within the 64 KiB bound whose whole parse would be about twice the 1 MiB share passes
+/// as it came, with no record.
+#[tokio::test]
+async fn the_budget_holds_the_largest_line_not_the_file() {
+    let w = world().await;
+    let sent = file("embeddings");
+    assert!(sent.len() < 64 * 1024, "{}", sent.len());
+    let (status, body, recs) =
+        fetch_from(&w, "api.openai.com", "/v1/files/embeddings/content").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(body == sent, "the file did not come through as it was");
+    assert!(recs.is_empty(), "{recs:#?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}

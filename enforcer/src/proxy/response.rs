@@ -315,8 +315,20 @@ async fn answer_whole(
         return refused(ans, Phase::Proposal, Reason::Unparseable, NOT_UTF8).await;
     }
     // The JSON the body is parsed into (for its tool calls, or for the response rules) is held as long as the body:
-    // its room is reserved first, as a request body's is.
-    if held.grow(json_tree_bound(&raw)).is_err() {
+    // its room is reserved first, as a request body's is. Batch results' lines are parsed one at a time (and nothing
+    // else is): the largest line's room.
+    let tree = match plan.batch {
+        Some(_) if plan.proposals.is_none() && !plan.responses => {
+            let text = std::str::from_utf8(&raw).unwrap_or_default();
+            batch::lines(text)
+                .iter()
+                .map(|l| json_tree_bound(batch::trimmed(l.text).as_bytes()))
+                .max()
+                .unwrap_or(0)
+        }
+        _ => json_tree_bound(&raw),
+    };
+    if held.grow(tree).is_err() {
         return refused(ans, Phase::Response, Reason::BufferLimit, OVER_BUDGET).await;
     }
     // The proposal trace keeps the body decoded, as it was decided.
@@ -396,8 +408,8 @@ async fn answer_whole(
 /// its calls decided and recorded one by one as answering the line's own LLM call (`llm.provider`, and `llm.model` the
 /// answer's `model`; the records name it, and the line's `custom_id`), a refused call carried out on that line alone,
 /// which is then written anew; every other line, and every line's end, stays as it came. `None` when nothing changed. Every line is read
-/// before any call is decided, each line's parsed JSON dropped before the next is parsed (the room of the whole body's
-/// JSON, reserved before, covers the largest line's).
+/// before any call is decided, each line's parsed JSON dropped before the next is parsed (the room of the largest
+/// line's JSON is reserved before).
 ///
 /// # Errors
 /// The phase, reason and message of the refusal: a line that cannot be read (`unparseable`: the answer is not passed

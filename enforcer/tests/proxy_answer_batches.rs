@@ -258,9 +258,20 @@ fn file(case: &str) -> Vec<u8> {
         .into_bytes(),
         // A first line that is JSON but no output line, or not JSON at all, before an output line.
         "junk-first-line" => format!(
-            "{{}}\n{{\"custom_id\":\"x\"}}\nstep,loss\n{}\n",
+            "{{}}\n{{\"custom_id\":\"x\"}}\nstep,loss\n[1,{{\"a\":2}}]\n{}\n",
             output_line("a", chat_completion(CURL_COMMAND))
         )
+        .into_bytes(),
+        // An array of output lines on one line; a line whose `body` is a Chat Completions answer's JSON text.
+        "output-in-array" => format!(
+            "[{}]\n",
+            output_line("a", chat_completion(CURL_COMMAND))
+        )
+        .into_bytes(),
+        "body-as-string" => join(&[output_line(
+            "a",
+            json!(chat_completion(CURL_COMMAND).to_string()),
+        )])
         .into_bytes(),
         "broken-first-line" => format!(
             "{{\"custom_id\":\"x\"}} trailing\n{}\n",
@@ -647,8 +658,9 @@ const PARTIAL: &str =
     "a part of an answer (206) cannot be read for its tool calls; ask for the whole answer";
 
 /// Any other file passes as it came (a small CSV, a batch's input file), with no record; every file is read whole, so
-/// one beyond the 64 KiB bound is refused (502, `body_too_large`), as is an output file whose line is cut short
-/// (502, `unparseable`), or a file that is not UTF-8 text (502, `unparseable`): either may hold calls.
+/// one beyond the 64 KiB bound is refused (502, `body_too_large`), as is an output file whose line is cut short, an
+/// array of output lines on one line, or an output line whose `body` is JSON text in a string (502, `unparseable`):
+/// an agent may read each for its calls.
 #[tokio::test]
 async fn other_files_pass_and_unreadable_output_is_refused() {
     let w = world().await;
@@ -673,6 +685,13 @@ async fn other_files_pass_and_unreadable_output_is_refused() {
         ("binary", "body_too_large", "response", TOO_LARGE),
         ("csv", "body_too_large", "response", TOO_LARGE),
         ("padded-beyond", "body_too_large", "response", TOO_LARGE),
+        (
+            "output-in-array",
+            "unparseable",
+            "proposal",
+            UNREADABLE_LINE,
+        ),
+        ("body-as-string", "unparseable", "proposal", UNREADABLE_LINE),
     ] {
         let path = format!("/v1/files/{case}/content");
         assert_refused(&w, ("api.openai.com", &path), (502, reason, phase, message)).await;
@@ -714,7 +733,7 @@ async fn every_line_any_reader_finds_is_read() {
         (
             "junk-first-line".into(),
             format!(
-                "{{}}\n{{\"custom_id\":\"x\"}}\nstep,loss\n{}\n",
+                "{{}}\n{{\"custom_id\":\"x\"}}\nstep,loss\n[1,{{\"a\":2}}]\n{}\n",
                 refused_a()
             ),
         ),

@@ -81,6 +81,18 @@ fn output_api(body: &Value) -> Result<Option<LlmApi>, Unreadable> {
     }
 }
 
+/// Whether `value` is an OpenAI Batch output line — an object naming `response` in any letter case (Go's
+/// `encoding/json` binds `Response` to it) — or an array holding one, at any depth of arrays.
+fn holds_output(value: &Value) -> bool {
+    match value {
+        Value::Object(o) => o
+            .keys()
+            .any(|k| k == "response" || crate::inspect::keys::misspelt_name(k, &["response"])),
+        Value::Array(items) => items.iter().any(holds_output),
+        _ => false,
+    }
+}
+
 /// Whether `c` is one of the characters Python's `str.splitlines` ends a line at (the Unicode line boundaries and
 /// `\x1c`..`\x1e`): `\n`, `\r`, `\v`, `\f`, `\x1c`, `\x1d`, `\x1e`, U+0085, U+2028, U+2029.
 fn ends_line(c: char) -> bool {
@@ -154,18 +166,21 @@ pub fn read_line(batch: Batch, text: &str) -> Result<Option<Value>, Unreadable> 
                 .ok()
                 .flatten()
                 .ok_or(Unreadable)?;
-            let names_response = line.as_object().is_some_and(|o| {
-                o.keys().any(|k| {
-                    k == "response" || crate::inspect::keys::misspelt_name(k, &["response"])
-                })
-            });
-            if !names_response {
+            if !holds_output(&line) {
                 return Ok(None);
             }
             if super::misspelt(&line) {
                 return Err(Unreadable);
             }
             Some(line)
+        }
+        // An array of output lines on one line (`[{…}]`): an agent may read its elements as lines.
+        Batch::OpenAiOutput if text.starts_with('[') => {
+            let array = crate::inspect::read_json(text, crate::inspect::Twins::Folded);
+            if array.is_ok_and(|a| a.as_ref().is_some_and(holds_output)) {
+                return Err(Unreadable);
+            }
+            None
         }
         Batch::OpenAiOutput => None,
     };
@@ -179,15 +194,25 @@ pub fn read_line(batch: Batch, text: &str) -> Result<Option<Value>, Unreadable> 
         v.and_then(Value::as_object)
             .is_some_and(|o| crate::inspect::keys::misspelt(o, members))
     };
+    // A wrapper or answer that is no object (nor null): JSON text in a string an agent may parse again.
+    let odd = |v: Option<&Value>| v.is_some_and(|v| !v.is_object() && !v.is_null());
     match batch {
         Batch::MessageBatch => {
-            if misspelt(Some(&line), LINE_MEMBERS) || misspelt(obj.get("result"), RESULT_MEMBERS) {
+            let result = obj.get("result");
+            if misspelt(Some(&line), LINE_MEMBERS)
+                || misspelt(result, RESULT_MEMBERS)
+                || odd(result)
+                || odd(result.and_then(|r| r.get("message")))
+            {
                 return Err(Unreadable);
             }
         }
         Batch::OpenAiOutput => {
             let response = obj.get("response");
             let body = response.and_then(|r| r.get("body"));
+            if odd(response) || odd(body) {
+                return Err(Unreadable);
+            }
             if misspelt(Some(&line), OUTPUT_MEMBERS)
                 || misspelt(response, RESPONSE_MEMBERS)
                 || misspelt(body, BODY_MEMBERS)
@@ -272,6 +297,8 @@ mod tests {
             r#"{"custom_id":"a","result":{"type":"succeeded","Message":{}}}"#,
             r#"{"Custom_id":"a","result":{}}"#,
             r#"{"custom_id":"a","result":{"type":"succeeded","message":{},"message":{}}}"#,
+            r#"{"custom_id":"a","result":"{\"message\":{}}"}"#,
+            r#"{"custom_id":"a","result":{"type":"succeeded","message":"{\"content\":[]}"}}"#,
         ] {
             assert_eq!(read_line(batch, bad), Err(Unreadable), "{bad}");
         }
@@ -303,10 +330,16 @@ mod tests {
             "\u{89}PNG",
             "step,train_loss",
             "[1]",
+            "[1,",
+            r#"[{"custom_id":"a"}]"#,
             r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}"#,
         ] {
             assert_eq!(read_line(batch, other), Ok(None), "{other:?}");
         }
+        let array = format!("[{line}]");
+        let nested = format!("[[1,{line}]]");
+        let as_string = line.replace("null", r#""{\"body\":{}}""#);
+        let body_string = line.replace("null", r#"{"body":"{\"object\":\"response\"}"}"#);
         for bad in [
             "{}x",
             "{",
@@ -314,6 +347,10 @@ mod tests {
             r#"{"a":1,"A":2}"#,
             &line.replace("\"response\"", "\"Response\""),
             &line.replace("\"response\"", "\"RESPONSE\""),
+            &array,
+            &nested,
+            &as_string,
+            &body_string,
         ] {
             assert_eq!(read_line(batch, bad), Err(Unreadable), "{bad:?}");
         }

@@ -356,6 +356,16 @@ fn file_of(path: &str) -> Option<String> {
 }
 
 async fn answer(req: Request<Incoming>) -> Response<TestBody> {
+    if req.uri().path() == "/v1/messages" {
+        // A part (`206`) of a whole Messages answer that proposes the refused call.
+        let body = message(json!([shell("toolu_1", CURL_COMMAND)]), "tool_use").to_string();
+        return Response::builder()
+            .status(206)
+            .header("content-type", "application/json")
+            .header("content-range", format!("bytes 0-{}/*", body.len() - 1))
+            .body(Full::new(Bytes::from(body)).boxed())
+            .unwrap();
+    }
     if let Some(case) = file_of(req.uri().path()) {
         let content_type = match case.as_str() {
             "utf16-charset" => "application/octet-stream; charset=utf-16",
@@ -792,7 +802,7 @@ async fn other_charsets_are_refused() {
 
 /// A part of batch results (`206`, to a `Range` request) cannot be read alone — it may begin within a line — so it
 /// is refused (502, `unparseable`, in the response phase, one record), an OpenAI file's content and Anthropic's
-/// results alike.
+/// results alike, and so is a part of a whole Messages answer.
 #[tokio::test]
 async fn a_part_of_batch_results_is_refused() {
     let w = world().await;
@@ -802,6 +812,35 @@ async fn a_part_of_batch_results_is_refused() {
     ] {
         assert_refused(&w, (host, path), (502, "unparseable", "response", PARTIAL)).await;
     }
+    // So is a part of any answer read for proposals: a Messages answer to `POST /v1/messages`.
+    let before = w.proxy.audit_records().await.len();
+    let tls = w
+        .proxy
+        .tls_to(w.anthropic, "api.anthropic.com", &[b"http/1.1"])
+        .await;
+    let request = Request::post("/v1/messages")
+        .header("host", "api.anthropic.com")
+        .header("content-type", "application/json")
+        .header("range", "bytes=0-")
+        .body(Full::new(Bytes::from(
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 16,
+                   "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
+        )))
+        .unwrap();
+    let (status, _, body) = send(tls, false, request).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 502, "{body}");
+    assert!(!body.contains("evil.example"), "{body}");
+    let recs = w.proxy.audit_records().await;
+    let refusal = &recs[before..]
+        .iter()
+        .find(|r| r["request"]["phase"] == "response")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(refusal["decision"]["reason"], "unparseable", "{recs:#?}");
+    assert_eq!(refusal["outcome"]["status"], 502, "{refusal:#}");
     assert!(w.proxy.close_and_verify().await > 0);
 }
 

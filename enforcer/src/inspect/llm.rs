@@ -18,14 +18,21 @@ use crate::model::{LlmCall, Pairs};
 /// `/V1BETA/Models/{model}:GenerateContent` Gemini's generateContent) and as [`lenient`] reads them: a gateway or
 /// server that routes paths so serves them, and reading them costs nothing where the real API answers 404.
 pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
-    if !method.eq_ignore_ascii_case("POST") {
-        return None;
-    }
     let path = lenient(path);
     let path = path.as_ref();
     let lower = path.to_ascii_lowercase();
+    if method.eq_ignore_ascii_case("PATCH") {
+        // Gemini `cachedContents.patch` (`PATCH /v1beta/{cachedContent.name=cachedContents/*}`): its body is a
+        // CachedContent, read as a create's is.
+        return cached_content(&lower, true).then_some(LlmApi::GenerateContent);
+    }
+    if !method.eq_ignore_ascii_case("POST") {
+        return None;
+    }
     let ends = |suffix: &str| lower.ends_with(suffix);
-    if ends("/chat/completions") {
+    if cached_content(&lower, false) {
+        Some(LlmApi::GenerateContent)
+    } else if ends("/chat/completions") {
         Some(LlmApi::ChatCompletions)
     } else if ends("/responses") {
         Some(LlmApi::Responses)
@@ -102,6 +109,21 @@ pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) 
         .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
 }
 
+/// Whether the lower-cased `lower` is Gemini's `cachedContents` collection (`one`: false; `cachedContents.create`,
+/// `POST /v1beta/cachedContents`) or one cached content in it (`one`: true; `cachedContents/{id}`). A CachedContent
+/// (Gemini API reference, "Caching") names the `model` it is for and carries `contents`, `tools`, `toolConfig` and
+/// `systemInstruction` that every generateContent naming it (`cachedContent`) runs with, so it is read as a
+/// generateContent request is.
+fn cached_content(lower: &str, one: bool) -> bool {
+    if one {
+        lower
+            .rsplit_once("/cachedcontents/")
+            .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/') && !id.contains(':'))
+    } else {
+        lower.ends_with("/cachedcontents")
+    }
+}
+
 /// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Responses API's WebSocket
 /// mode: the path [`endpoint`] reads as the Responses endpoint over HTTP (any prefix before `/responses`, as a
 /// gateway or an SDK's `base_url` puts there), so a `response.create` there is read as a create body is.
@@ -173,11 +195,17 @@ fn gemini_target(path: &str) -> Option<GeminiTarget<'_>> {
         return None;
     }
     let is = |name: &str| method.eq_ignore_ascii_case(name);
-    let (api, streaming) = if is("generateContent") {
+    // `batchGenerateContent` (Gemini Batch API, `models.batchGenerateContent`) carries generateContent requests:
+    // `batch.inputConfig.requests.requests[].request` ([`gemini_requests`]), each read as one.
+    let (api, streaming) = if is("generateContent") || is("batchGenerateContent") {
         (LlmApi::GenerateContent, false)
     } else if is("streamGenerateContent") {
         (LlmApi::GenerateContent, true)
-    } else if is("embedContent") || is("batchEmbedContents") || is("countTokens") {
+    } else if is("embedContent")
+        || is("batchEmbedContents")
+        || is("asyncBatchEmbedContent")
+        || is("countTokens")
+    {
         (LlmApi::Other, false)
     } else {
         return None;
@@ -217,13 +245,22 @@ pub(super) fn describe(
             if let Some(t) = gemini_target(&lenient(path)) {
                 call.model = Some(t.model.to_string());
                 call.stream = t.streaming || alt_sse(query);
+            } else {
+                // A CachedContent names its model in its body (`models/{model}`), read as the path's is.
+                call.model = gemini_body_models(body)
+                    .next()
+                    .map(|m| model_id(m).to_string());
             }
-            call.tools = gemini_tools(body);
-            call.has_tool_results = each(body.get("contents"))
-                .flat_map(|c| each(c.get("parts")))
-                .any(|p| {
-                    p.get("functionResponse").is_some() || p.get("function_response").is_some()
-                });
+            for request in gemini_requests(body) {
+                for tool in gemini_tools(request) {
+                    push_unique(&mut call.tools, tool);
+                }
+                call.has_tool_results |= fields(request, "contents")
+                    .flat_map(|c| each(Some(c)))
+                    .flat_map(|c| fields(c, "parts"))
+                    .flat_map(|p| each(Some(p)))
+                    .any(|p| fields(p, "functionResponse").next().is_some());
+            }
         }
         LlmApi::ChatCompletions | LlmApi::Responses | LlmApi::Messages => {
             call.model = body
@@ -251,6 +288,76 @@ pub(super) fn describe(
         }
     }
     call
+}
+
+/// The members of the Gemini object `v` that proto3 JSON reads as the field `json_name` (lowerCamelCase): each
+/// member whose name is it or spells it as its proto name ([`gemini_json_name`]). A body giving both spellings is
+/// read under each.
+fn fields<'a>(v: &'a Value, json_name: &'a str) -> impl Iterator<Item = &'a Value> {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .filter(move |(k, _)| k.as_str() == json_name || gemini_json_name(k) == json_name)
+        .map(|(_, v)| v)
+}
+
+/// The generateContent requests a Gemini body carries: the body itself, and the inline requests of a Batch API
+/// batch (Gemini API reference, "Batch API": `models.batchGenerateContent` and `models.asyncBatchEmbedContent` take
+/// `{"batch": {"model", "displayName", "inputConfig": {"fileName" | "requests": {"requests": [{"request": …,
+/// "metadata": …}]}}}}`; google-genai `batches.py` writes them so), each an InlinedRequest's `request`. A batch
+/// whose requests are in a file (`fileName`) carries none here: the file was uploaded before, as any file is.
+fn gemini_requests(body: &Value) -> Vec<&Value> {
+    let mut out = vec![body];
+    out.extend(
+        fields(body, "batch")
+            .flat_map(|b| fields(b, "inputConfig"))
+            .flat_map(|c| fields(c, "requests"))
+            .flat_map(|r| fields(r, "requests"))
+            .flat_map(|r| each(Some(r)))
+            .flat_map(|r| fields(r, "request")),
+    );
+    out
+}
+
+/// Every model a Gemini body names, as written (`models/{model}`): its own `model` (a CachedContent's, a
+/// generateContent request's), its batch's (`batch.model`), and each request's it carries (a batch's inline
+/// requests, `batchEmbedContents`' `requests[].model`).
+fn gemini_body_models(body: &Value) -> impl Iterator<Item = &str> {
+    let batch_requests = gemini_requests(body).into_iter().skip(1);
+    fields(body, "model")
+        .chain(fields(body, "batch").flat_map(|b| fields(b, "model")))
+        .chain(batch_requests.flat_map(|r| fields(r, "model")))
+        .chain(
+            fields(body, "requests")
+                .flat_map(|r| each(Some(r)))
+                .flat_map(|r| fields(r, "model")),
+        )
+        .map(|m| m.as_str().unwrap_or_default())
+}
+
+/// A Gemini model name without its collection (`models/gemini-2.0-flash` is `gemini-2.0-flash`), as the path's model
+/// is read ([`gemini_target`]).
+fn model_id(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// Whether a Gemini call's body names a model the call's `llm.model` is not: a model in the body (its own, its
+/// batch's, an inline request's: [`gemini_body_models`]) that is not a string, or that is not the path's model, or
+/// (a CachedContent, whose model is its body's) that differs from the body's first. `llm.model` names one model, so
+/// a call that may run another is not read as that one. A body that is not an object (every Gemini method takes one) is not
+/// read either.
+pub(super) fn gemini_misread(path: &str, body: &Value) -> bool {
+    if !body.is_object() {
+        // Every Gemini method takes an object.
+        return true;
+    }
+    let path = lenient(path);
+    let target = gemini_target(&path).map(|t| t.model);
+    let mut models = gemini_body_models(body).peekable();
+    let Some(model) = target.or_else(|| models.peek().map(|m| model_id(m))) else {
+        return false;
+    };
+    models.any(|m| m.is_empty() || model_id(m) != model)
 }
 
 /// The members an OpenAI or Anthropic request is read by, at each place [`describe`] and `constrain` read them.
@@ -415,7 +522,7 @@ fn declared_tools(body: &Value) -> Vec<String> {
 /// ([`gemini_json_name`]: `googleSearch` also when the body spells it `google_search`).
 fn gemini_tools(body: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    for tool in each(body.get("tools")) {
+    for tool in fields(body, "tools").flat_map(|t| each(Some(t))) {
         let Some(obj) = tool.as_object() else {
             continue;
         };

@@ -272,7 +272,12 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: shape.as_str(),
                 });
             };
-            if shape != Provider::Gemini && llm::misread(json) {
+            let misread = if shape == Provider::Gemini {
+                llm::gemini_misread(&path, json)
+            } else {
+                llm::misread(json)
+            };
+            if misread {
                 return Err(InspectError::BadJson {
                     protocol: shape.as_str(),
                 });

@@ -50,13 +50,101 @@ async fn answer(req: Request<Incoming>) -> Response<TestBody> {
         .unwrap()
 }
 
+/// A generateContent answer whose model proposes `command` to `shell`, after a text part.
+fn generated(command: &str) -> Value {
+    json!({"candidates": [{"index": 0, "finishReason": "STOP", "content": {"role": "model", "parts": [
+        {"text": "Running it."}, {"functionCall": {"name": "shell", "args": {"command": command}}}]}}],
+        "modelVersion": "gem-1"})
+}
+
+/// [`generated`] with its call refused by `no-curl`, as the agent gets it.
+fn generated_refused() -> Value {
+    let mut v = generated(CURL_COMMAND);
+    v["candidates"][0]["content"]["parts"][1] = json!({"text":
+        "[The enforcer refused the tool call `shell`: no curl to unlisted hosts (policy rule: no-curl)]"});
+    v
+}
+
+/// A finished batch whose inline answers are `answers`, as `GET /v1beta/batches/{id}` returns it (an Operation; the
+/// answers in its `response`, or in its `metadata.output` when `in_metadata`).
+fn operation(answers: &[Value], in_metadata: bool) -> Value {
+    let inlined: Vec<Value> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| json!({"response": a, "metadata": {"key": format!("r{i}")}}))
+        .collect();
+    let output = json!({"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput",
+        "inlinedResponses": {"inlinedResponses": inlined}});
+    let mut op = json!({"name": "batches/123", "done": true, "metadata": {"model": "models/gem-1",
+        "state": "BATCH_STATE_SUCCEEDED"}});
+    if in_metadata {
+        op["metadata"]["output"] = output;
+    } else {
+        op["response"] = output;
+    }
+    op
+}
+
+/// A Gemini Batch API results file's line.
+fn result_line(key: &str, answer: Value) -> Value {
+    json!({"key": key, "response": answer})
+}
+
+/// An OpenAI Batch output line whose Chat Completions answer calls `shell` with `command`.
+fn openai_line(command: &str) -> Value {
+    let call = json!({"id": "call_1", "type": "function",
+        "function": {"name": "shell", "arguments": json!({"command": command}).to_string()}});
+    json!({"id": "batch_req_1", "custom_id": "a", "response": {"status_code": 200, "request_id": "req_1",
+        "body": {"id": "chatcmpl-1", "object": "chat.completion", "model": "gemini-2.5-flash", "choices": [
+            {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+             "tool_calls": [call]}}]}}, "error": null})
+}
+
 /// What the upstream answers at `path`.
 fn answer_for(path: &str) -> (&'static str, String) {
-    let _ = path;
-    (
-        "application/json",
-        json!({"name": "batches/123"}).to_string(),
-    )
+    let json = "application/json";
+    let octets = "application/octet-stream";
+    match path {
+        "/v1beta/batches/inline" => (
+            json,
+            operation(&[generated("ls"), generated(CURL_COMMAND)], false).to_string(),
+        ),
+        "/V1BETA/Batches/in-metadata" => (
+            json,
+            operation(&[generated(CURL_COMMAND)], true).to_string(),
+        ),
+        "/v1beta/batches" => (
+            json,
+            json!({"operations": [operation(&[generated(CURL_COMMAND)], false)]}).to_string(),
+        ),
+        "/download/v1beta/files/results:download" | "/v1beta/files/results:download" => (
+            octets,
+            format!(
+                "{}\n{}\n{}\n",
+                result_line("r0", generated("ls")),
+                json!({"key": "r1", "error": {"code": 400, "message": "bad"}}),
+                result_line("r2", generated(CURL_COMMAND))
+            ),
+        ),
+        "/download/v1beta/files/cut:download" => (
+            octets,
+            format!(
+                "{}\n{{\"key\":\"r1\",\"response\":{{\n",
+                result_line("r0", generated("ls"))
+            ),
+        ),
+        "/download/v1beta/files/input:download" => (
+            octets,
+            format!(
+                "{}\n",
+                json!({"key": "r0", "request": request("read_file")})
+            ),
+        ),
+        "/v1beta/openai/files/output/content" => {
+            (octets, format!("{}\n", openai_line(CURL_COMMAND)))
+        }
+        _ => (json, json!({"name": "batches/123"}).to_string()),
+    }
 }
 
 struct World {
@@ -236,5 +324,84 @@ async fn batches_and_cached_contents_are_decided_as_generate_content_is() {
         assert_eq!(recs[0]["decision"]["reason"], "unparseable", "{path}");
         assert_eq!(recs[0]["outcome"]["disposition"], "blocked", "{path}");
     }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// The one record of `no-curl` refusing the `shell` call of the answer at `path`, after the request's.
+fn assert_refusal(path: &str, recs: &[Value], model: Value, custom_id: Value) {
+    assert_eq!(recs.len(), 2, "{path}: {recs:#?}");
+    let r = &recs[1];
+    assert_eq!(r["request"]["phase"], "proposal", "{path}: {r}");
+    assert_eq!(r["request"]["method"], "GET", "{path}: {r}");
+    assert_eq!(r["request"]["tool"], "shell", "{path}: {r}");
+    assert_eq!(r["request"]["llm_model"], model, "{path}: {r}");
+    assert_eq!(r["request"]["custom_id"], custom_id, "{path}: {r}");
+    assert_eq!(r["decision"]["rule"], "no-curl", "{path}: {r}");
+    assert_eq!(r["outcome"]["disposition"], "blocked", "{path}: {r}");
+}
+
+/// Found by a black-box attack: a Gemini batch's answers reached the agent unread — fetched with the batch
+/// (`inlinedResponses`, in its `response` or its `metadata.output`, or in a listing), or downloaded as its results
+/// file, or an OpenAI-compatible batch's output file on Gemini's host. Each answer is read as a generateContent
+/// answer now (the compatible output as OpenAI's): the refused call becomes a text part in its place, everything
+/// else as it came.
+#[tokio::test]
+async fn a_gemini_batch_s_answers_are_read_for_their_calls() {
+    let w = world().await;
+    for (path, expected) in [
+        (
+            "/v1beta/batches/inline",
+            operation(&[generated("ls"), generated_refused()], false),
+        ),
+        (
+            "/V1BETA/Batches/in-metadata",
+            operation(&[generated_refused()], true),
+        ),
+        (
+            "/v1beta/batches?pageSize=10",
+            json!({"operations": [operation(&[generated_refused()], false)]}),
+        ),
+    ] {
+        let (status, text, recs) = send_to(&w, "GET", path, None).await;
+        assert_eq!(status, 200, "{path}: {text}");
+        let got: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(got, expected, "{path}");
+        assert_refusal(path, &recs, Value::Null, Value::Null);
+    }
+    // The results file: each line's answer decided on its own, the call's record naming the line's key and model.
+    for path in [
+        "/download/v1beta/files/results:download?alt=media",
+        "/v1beta/files/results:download?alt=media",
+    ] {
+        let (status, text, recs) = send_to(&w, "GET", path, None).await;
+        assert_eq!(status, 200, "{path}: {text}");
+        let expected = format!(
+            "{}\n{}\n{}\n",
+            result_line("r0", generated("ls")),
+            json!({"key": "r1", "error": {"code": 400, "message": "bad"}}),
+            result_line("r2", generated_refused())
+        );
+        assert_eq!(text, expected, "{path}");
+        assert_refusal(path, &recs, json!("gem-1"), json!("r2"));
+    }
+    // Gemini's OpenAI-compatible Batch API: its output file is read as OpenAI's is.
+    let path = "/v1beta/openai/files/output/content";
+    let (status, text, recs) = send_to(&w, "GET", path, None).await;
+    assert_eq!(status, 200, "{path}: {text}");
+    assert!(!text.contains("evil.example"), "{text}");
+    assert!(text.contains("refused the tool call `shell`"), "{text}");
+    assert_refusal(path, &recs, json!("gemini-2.5-flash"), json!("a"));
+    // A results file with a line cut short is refused whole; an input file (its lines name a `request`) passes.
+    let path = "/download/v1beta/files/cut:download?alt=media";
+    let (status, text, recs) = send_to(&w, "GET", path, None).await;
+    assert_eq!(status, 502, "{path}: {text}");
+    assert!(!text.contains("Running it."), "{text}");
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    assert_eq!(recs[1]["decision"]["reason"], "unparseable", "{}", recs[1]);
+    let path = "/download/v1beta/files/input:download?alt=media";
+    let (status, text, recs) = send_to(&w, "GET", path, None).await;
+    let sent = answer_for("/download/v1beta/files/input:download").1;
+    assert_eq!((status, text), (200, sent));
+    assert_eq!(recs.len(), 1, "{recs:#?}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

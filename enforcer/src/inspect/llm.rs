@@ -55,6 +55,9 @@ pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
 /// LLM call (`llm` unset), only its answer is read for proposals. The path is read as [`endpoint`] reads one: in
 /// any ASCII letter case, as [`lenient`] reads it.
 pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<LlmApi> {
+    if provider == Provider::Gemini {
+        return gemini_batch(method, path).then_some(LlmApi::GenerateContent);
+    }
     if provider != Provider::OpenAi {
         return None;
     }
@@ -80,6 +83,36 @@ pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<
     }
 }
 
+/// Whether `method path` fetches Gemini Batch API batches (Gemini API reference, "Batch API": `GET
+/// /v1beta/batches/{batch}`, an Operation whose `response` or `metadata.output` holds the `inlinedResponses`, each a
+/// generateContent answer; `GET /v1beta/batches`, a listing of them), read with the generateContent answer reader.
+/// Matched as [`endpoint`] matches paths.
+fn gemini_batch(method: &str, path: &str) -> bool {
+    if !method.eq_ignore_ascii_case("GET") {
+        return false;
+    }
+    let lower = lenient(path).to_ascii_lowercase();
+    lower.ends_with("/batches")
+        || lower
+            .rsplit_once("/batches/")
+            .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/') && !id.contains(':'))
+}
+
+/// Whether `method path` on Gemini's host downloads a file's content (Gemini API reference, "Files"; the Batch API's
+/// results file, `batch.dest.fileName`, is fetched so: `GET /download/v1beta/files/{file}:download?alt=media`),
+/// which is a batch's results when its first line says so (`proposal::batch::first_line`). Matched as [`endpoint`]
+/// matches paths; any prefix before `/files/`.
+pub(super) fn gemini_file_download(provider: Provider, method: &str, path: &str) -> bool {
+    if provider != Provider::Gemini || !method.eq_ignore_ascii_case("GET") {
+        return false;
+    }
+    let lower = lenient(path).to_ascii_lowercase();
+    lower
+        .strip_suffix(":download")
+        .and_then(|p| p.rsplit_once("/files/"))
+        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+}
+
 /// Whether `method path` on a host of `provider` fetches an Anthropic Message Batch's results (Anthropic API
 /// reference, "Retrieve Message Batch Results": `GET /v1/messages/batches/{message_batch_id}/results`, the batch's
 /// `results_url`), whose lines are Messages answers with the tool calls the agent runs. Matched as [`endpoint`]
@@ -96,10 +129,11 @@ pub(super) fn message_batch_results(provider: Provider, method: &str, path: &str
 }
 
 /// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":
-/// `GET /v1/files/{file_id}/content`), which is a Batch's output when its first line says so
+/// `GET /v1/files/{file_id}/content`; Gemini serves OpenAI's Files and Batch APIs too, under
+/// `/v1beta/openai/`), which is a Batch's output when its first line says so
 /// (`proposal::batch::first_line`). Matched as [`message_batch_results`] is.
 pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) -> bool {
-    if provider != Provider::OpenAi || !method.eq_ignore_ascii_case("GET") {
+    if provider == Provider::Anthropic || !method.eq_ignore_ascii_case("GET") {
         return false;
     }
     let lower = lenient(path).to_ascii_lowercase();

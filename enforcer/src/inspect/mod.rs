@@ -419,8 +419,9 @@ pub fn answered_api(protocol: &Protocol, action: &Action) -> Option<(Provider, L
 
 /// The batch results the request of `action` (classified as `protocol`) fetches, each line an LLM answer to be read
 /// for proposed tool calls ([`proposal::batch`]): an Anthropic Message Batch's results on Anthropic's host
-/// ([`llm::message_batch_results`]), an OpenAI file's content on OpenAI's host, batch output when its first line says
-/// so ([`llm::openai_file_content`]). `None` for any other request.
+/// ([`llm::message_batch_results`]), an OpenAI file's content on OpenAI's or Gemini's host, batch output when its
+/// first line says so ([`llm::openai_file_content`]), a file downloaded from Gemini's, a Batch API results file when
+/// its first line says so ([`llm::gemini_file_download`]). `None` for any other request.
 pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::batch::Batch> {
     use proposal::batch::Batch;
     let Protocol::Provider(provider) = *protocol else {
@@ -430,6 +431,8 @@ pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::
     let path = canonical_path(http.path.split('?').next().unwrap_or_default());
     if llm::message_batch_results(provider, &http.method, &path) {
         Some(Batch::MessageBatch)
+    } else if llm::gemini_file_download(provider, &http.method, &path) {
+        Some(Batch::GeminiOutput)
     } else {
         llm::openai_file_content(provider, &http.method, &path).then_some(Batch::OpenAiOutput)
     }

@@ -15,6 +15,11 @@
 //! or another endpoint's. That path serves every file, so such a file is told by its first line with anything but
 //! whitespace ([`first_line`]): OpenAI writes that line, and a model's words sit only inside its JSON strings.
 //!
+//! Gemini Batch API results files (`GET /download/v1beta/files/{file}:download?alt=media` of a batch's
+//! `dest.fileName`; Gemini API reference, "Batch API"): one `{"key": …, "response": {…a GenerateContentResponse…}}`
+//! or `{"key": …, "error": {…}}` per request. That path serves every uploaded file, so such a file is told by its
+//! first line as an OpenAI file is.
+//!
 //! A line is read as the strictest of them: split at every one of those ends, so no SDK reads a line this reader did
 //! not; one JSON object, with the wrappers' members spelt as the API spells them (an agent on Go's `encoding/json`
 //! binds `"Result"` to `result`); a `message` is read wherever a result carries one, whatever its `type` says.
@@ -33,13 +38,17 @@ pub enum Batch {
     /// The content of an OpenAI file, batch output when its first line says so ([`first_line`]): each line's
     /// `response.body` is a Chat Completions or Responses answer, by its `object`.
     OpenAiOutput,
+    /// A file downloaded from Gemini (`…/files/{file}:download`), a Batch API results file when its first line says
+    /// so ([`first_line`]): each line's `response` is a generateContent answer (Gemini API reference, "Batch API":
+    /// one `{"key": …, "response": {…}}` or `{"key": …, "error": {…}}` per request).
+    GeminiOutput,
 }
 
 impl Batch {
     /// Whether a body fetched from the path is told to be batch results by its first line ([`first_line`]) rather
     /// than by the path alone.
     pub fn by_first_line(self) -> bool {
-        self == Batch::OpenAiOutput
+        self != Batch::MessageBatch
     }
 }
 
@@ -50,6 +59,8 @@ const RESULT_MEMBERS: &[&str] = &["type", "message", "error"];
 const OUTPUT_MEMBERS: &[&str] = &["id", "custom_id", "response", "error"];
 const RESPONSE_MEMBERS: &[&str] = &["status_code", "request_id", "body"];
 const BODY_MEMBERS: &[&str] = &["object"];
+/// The members of a Gemini Batch results line.
+const GEMINI_MEMBERS: &[&str] = &["key", "response", "error"];
 
 /// Whether the start of a body fetched for `batch` results holds them: `Some` once it can tell, `None` while it needs
 /// more of the body (`whole`: `start` is all of it). A Message Batch's results always (the path says so). An OpenAI
@@ -79,11 +90,14 @@ pub fn first_line(batch: Batch, start: &[u8], whole: bool) -> Option<bool> {
             .any(|k| k == name || crate::inspect::keys::misspelt_name(k, &[name]))
     };
     let line = serde_json::from_slice::<Value>(line).ok();
-    Some(
-        line.as_ref()
-            .and_then(Value::as_object)
-            .is_some_and(|o| names(o, "custom_id") && names(o, "response")),
-    )
+    Some(line.as_ref().and_then(Value::as_object).is_some_and(|o| {
+        if batch == Batch::GeminiOutput {
+            // A Gemini results line answers with a `response` or an `error`, its `key` optional.
+            names(o, "response") || names(o, "error")
+        } else {
+            names(o, "custom_id") && names(o, "response")
+        }
+    }))
 }
 
 /// Whether the start of a body opens a JSON object: its first byte that is not whitespace (after a byte-order mark)
@@ -182,6 +196,11 @@ pub fn read_line(batch: Batch, text: &str) -> Result<Option<Value>, Unreadable> 
                 output_api(body)?;
             }
         }
+        Batch::GeminiOutput => {
+            if misspelt(Some(&line), GEMINI_MEMBERS) {
+                return Err(Unreadable);
+            }
+        }
     }
     Ok(Some(line))
 }
@@ -200,19 +219,26 @@ pub fn answer_mut(batch: Batch, line: &mut Value) -> Option<(Provider, LlmApi, &
             let api = output_api(body).ok()??;
             Some((Provider::OpenAi, api, body))
         }
+        Batch::GeminiOutput => {
+            let response = line.get_mut("response")?;
+            Some((Provider::Gemini, LlmApi::GenerateContent, response))
+        }
     }
 }
 
-/// The `custom_id` of one line of batch results (both APIs spell it so): the caller's name for the request the line
+/// The `custom_id` of one line of batch results (Anthropic's and OpenAI's spell it so, Gemini's `key`): the caller's name for the request the line
 /// answers; `None` when it is not a string.
 pub fn custom_id(line: &Value) -> Option<&str> {
-    line.get("custom_id")?.as_str()
+    line.get("custom_id").or_else(|| line.get("key"))?.as_str()
 }
 
 /// The model that gave one line's answer ([`answer_mut`]): its `model`, as a Messages, Chat Completions or Responses
-/// answer names it; `None` when it names none.
+/// answer names it, or a Gemini answer's `modelVersion`; `None` when it names none.
 pub fn answer_model(answer: &Value) -> Option<&str> {
-    answer.get("model")?.as_str()
+    answer
+        .get("model")
+        .or_else(|| answer.get("modelVersion"))?
+        .as_str()
 }
 
 #[cfg(test)]

@@ -173,13 +173,13 @@ pub(super) fn realtime_websocket(path: &str) -> bool {
 }
 
 /// `path` (canonical: percent-decoded) as a lenient server may route it: `\` as `/` (IIS and ASP.NET), nothing from a
-/// `#` on (a fragment sent percent-encoded), and no trailing slashes, dots, spaces or control characters (IIS drops
+/// `#` or a `?` on (a fragment or a query sent percent-encoded), and no trailing slashes, dots, spaces or control characters (IIS drops
 /// trailing dots and spaces). So `/v1/chat/completions%20`, `/v1/realtime%5C` or `/v1/realtime%23x` are read as the
 /// endpoint they may reach, and their answers are read for tool calls; where the real API answers 404 it costs
 /// nothing.
 fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
-    let path = path.split('#').next().unwrap_or_default();
-    let trailing = |c: char| c == '/' || c == '.' || c == ' ' || c.is_ascii_control();
+    let path = path.split(['#', '?']).next().unwrap_or_default();
+    let trailing = lenient_tail;
     if path.contains('\\') {
         std::borrow::Cow::Owned(
             path.replace('\\', "/")
@@ -189,6 +189,12 @@ fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(path.trim_end_matches(trailing))
     }
+}
+
+/// The characters a lenient server drops from the end of a path ([`lenient`]) or of a Gemini model's name before
+/// its method ([`gemini_target`]).
+fn lenient_tail(c: char) -> bool {
+    c == '/' || c == '.' || c == ' ' || c.is_ascii_control()
 }
 
 /// Whether a Gemini call's query asks for its answer as server-sent events: the system parameter `alt` (or `$alt`,
@@ -213,7 +219,8 @@ struct GeminiTarget<'a> {
 /// The Gemini call `path` (as [`lenient`] reads it) targets, read as the OpenAI and Anthropic paths are: the
 /// collection (`models`, `tunedModels`) and the method (`generateContent`, …) in any ASCII letter case, the method
 /// after the last `:` of the last segment (Google's HTTP rule template `{model=models/*}:generateContent`: a verb
-/// follows the last colon). The model keeps its own spelling.
+/// follows the last colon). The model keeps its own spelling, without what a lenient server drops from a path's end
+/// (`models/{model}/:generateContent`).
 fn gemini_target(path: &str) -> Option<GeminiTarget<'_>> {
     let lower = path.to_ascii_lowercase();
     // ASCII lower-casing keeps every byte offset, so an index into `lower` is one into `path`.
@@ -225,6 +232,8 @@ fn gemini_target(path: &str) -> Option<GeminiTarget<'_>> {
     };
     let tail = &path[at + len..];
     let (model, method) = tail.rsplit_once(':')?;
+    // `models/{model}/:generateContent` (`\` read as `/`): the model as a lenient server routes a path's end.
+    let model = model.trim_end_matches(lenient_tail);
     if model.is_empty() || model.contains('/') {
         return None;
     }
@@ -802,8 +811,30 @@ mod tests {
             };
             assert_eq!(call.tools, tools, "{path:?}");
         }
+        for (path, model) in [
+            ("/v1beta/models/evil-x/:generateContent", "evil-x"),
+            ("/v1beta/models/evil-x\\:generateContent", "evil-x"),
+            ("/v1beta/models/evil-x. /:generateContent", "evil-x"),
+            ("/v1beta/models/evil-x:generateContent?x", "evil-x"),
+            ("/v1beta/models/evil-x:generateContent?x:y", "evil-x"),
+        ] {
+            assert_eq!(
+                endpoint("POST", path),
+                Some(LlmApi::GenerateContent),
+                "{path:?}"
+            );
+            let call = describe(
+                Provider::Gemini,
+                LlmApi::GenerateContent,
+                path,
+                &query,
+                &body,
+            );
+            assert_eq!(call.model.as_deref(), Some(model), "{path:?}");
+        }
         for path in [
             "/v1beta/models/gemini-2.0-flash:generateContentX",
+            "/v1beta/models//:generateContent",
             "/v1beta/models/gemini-2.0-flash",
             "/v1beta/models/:generateContent",
             "/v1beta/models/a/b:generateContent",

@@ -701,6 +701,28 @@ fn drop_tools_reaches_a_gemini_batch_s_inline_requests() {
     expected["batch"]["input_config"]["requests"]["requests"][0]["request"] =
         request(&["read_file"]);
     assert_eq!(json_of(&out.body), expected);
+    // A batch updated (`batches.updateGenerateContentBatch`): the body is the batch itself.
+    let updated =
+        json!({"inputConfig": {"requests": {"requests": [{"request": request(&["delete_all"])}]}}});
+    let out = run(&[drop_tools(&["delete_*"])], parts("/", &[]), &updated);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change(
+                "$.inputConfig.requests.requests[0].request.tools[0].functionDeclarations[0]",
+                "drop_tools"
+            ),
+            change(
+                "$.inputConfig.requests.requests[0].request.tools",
+                "drop_tools"
+            ),
+        ]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(
+        got["inputConfig"]["requests"]["requests"][0]["request"]["tools"],
+        json!(null)
+    );
 }
 
 #[test]

@@ -653,6 +653,14 @@ fn gemini_batches_and_cached_contents_are_llm_calls() {
             &["delete_everything"],
             false,
         ),
+        (
+            "PATCH",
+            "/v1beta/batches/123:updateGenerateContentBatch",
+            camel["batch"].clone(),
+            LlmApi::GenerateContent,
+            &["delete_everything"],
+            false,
+        ),
     ] {
         let out = classify(simple(host, method, path, body), &InspectConfig::default())
             .unwrap_or_else(|e| panic!("{path}: {e}"));

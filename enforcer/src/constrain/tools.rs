@@ -24,7 +24,8 @@ fn names_of(tool: &Value) -> Vec<String> {
 }
 
 /// Drop every declared tool whose name matches one of `globs`, in the body and in each inline request of a Gemini
-/// Batch API batch (`batch.inputConfig.requests.requests[].request`, either spelling: the requests `llm.tools` reads,
+/// Batch API batch (`batch.inputConfig.requests.requests[].request`, or `inputConfig…` of a batch updated; either
+/// spelling: the requests `llm.tools` reads,
 /// `inspect::llm::gemini_requests`). Records one change per removed declaration.
 pub(super) fn drop_tools(doc: &mut Value, globs: &[NameGlob], changes: &mut Vec<Change>) {
     drop_tools_in(doc, globs, changes);
@@ -51,18 +52,27 @@ fn batch_requests(doc: &mut Value) -> Vec<(String, &mut Value)> {
             .filter(move |(k, _)| gemini_json_name(k) == name)
             .map(|(k, v)| (k.clone(), v))
     }
+    // A batch created (`{"batch": {"inputConfig": …}}`) or updated (the batch itself, `{"inputConfig": …}`).
+    let mut configs = Vec::new();
+    for (k, v) in doc.as_object_mut().into_iter().flatten() {
+        match gemini_json_name(k).as_str() {
+            "batch" => {
+                configs.extend(fields(v, "inputConfig").map(|(c, v)| (format!("{k}.{c}"), v)))
+            }
+            "inputConfig" => configs.push((k.clone(), v)),
+            _ => {}
+        }
+    }
     let mut out = Vec::new();
-    for (b, batch) in fields(doc, "batch") {
-        for (c, config) in fields(batch, "inputConfig") {
-            for (r, requests) in fields(config, "requests") {
-                for (l, list) in fields(requests, "requests") {
-                    let Some(items) = list.as_array_mut() else {
-                        continue;
-                    };
-                    for (i, item) in items.iter_mut().enumerate() {
-                        for (q, request) in fields(item, "request") {
-                            out.push((format!("{b}.{c}.{r}.{l}[{i}].{q}"), request));
-                        }
+    for (c, config) in configs {
+        for (r, requests) in fields(config, "requests") {
+            for (l, list) in fields(requests, "requests") {
+                let Some(items) = list.as_array_mut() else {
+                    continue;
+                };
+                for (i, item) in items.iter_mut().enumerate() {
+                    for (q, request) in fields(item, "request") {
+                        out.push((format!("{c}.{r}.{l}[{i}].{q}"), request));
                     }
                 }
             }

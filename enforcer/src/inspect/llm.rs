@@ -23,8 +23,11 @@ pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
     let lower = path.to_ascii_lowercase();
     if method.eq_ignore_ascii_case("PATCH") {
         // Gemini `cachedContents.patch` (`PATCH /v1beta/{cachedContent.name=cachedContents/*}`): its body is a
-        // CachedContent, read as a create's is.
-        return cached_content(&lower, true).then_some(LlmApi::GenerateContent);
+        // CachedContent, read as a create's is. `batches.updateGenerateContentBatch` and `.updateEmbedContentBatch`
+        // (`PATCH /v1beta/{…name=batches/*}:update…Batch`): its body is a batch, read as a create's `batch` is.
+        let update = lower.ends_with(":updategeneratecontentbatch")
+            || lower.ends_with(":updateembedcontentbatch");
+        return (cached_content(&lower, true) || update).then_some(LlmApi::GenerateContent);
     }
     if !method.eq_ignore_ascii_case("POST") {
         return None;
@@ -348,11 +351,13 @@ fn fields<'a>(v: &'a Value, json_name: &'a str) -> impl Iterator<Item = &'a Valu
 /// batch (Gemini API reference, "Batch API": `models.batchGenerateContent` and `models.asyncBatchEmbedContent` take
 /// `{"batch": {"model", "displayName", "inputConfig": {"fileName" | "requests": {"requests": [{"request": …,
 /// "metadata": …}]}}}}`; google-genai `batches.py` writes them so), each an InlinedRequest's `request`. A batch
-/// whose requests are in a file (`fileName`) carries none here: the file was uploaded before, as any file is.
+/// whose requests are in a file (`fileName`) carries none here: the file was uploaded before, as any file is. A batch
+/// updated (`batches.updateGenerateContentBatch`) is the body itself: its `inputConfig` is read too.
 fn gemini_requests(body: &Value) -> Vec<&Value> {
     let mut out = vec![body];
     out.extend(
         fields(body, "batch")
+            .chain(std::iter::once(body))
             .flat_map(|b| fields(b, "inputConfig"))
             .flat_map(|c| fields(c, "requests"))
             .flat_map(|r| fields(r, "requests"))

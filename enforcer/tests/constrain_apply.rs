@@ -677,6 +677,54 @@ fn drop_tools_gemini_builtin_tools_in_either_spelling() {
     assert_eq!(got["contents"], body["contents"]);
 }
 
+/// A Gemini Batch API batch declares its tools in each inline request (`batch.inputConfig.requests.requests[]
+/// .request.tools`, either spelling), which `llm.tools` names: `drop_tools` drops them there too. Before, only the
+/// body's own `tools` were looked at and the batch was forwarded with the tool a rule dropped.
+#[test]
+fn drop_tools_reaches_a_gemini_batch_s_inline_requests() {
+    let request = |names: &[&str]| {
+        let declarations: Vec<Value> = names.iter().map(|n| json!({"name": n})).collect();
+        json!({"contents": [{"parts": [{"text": "hi"}]}], "tools": [{"functionDeclarations": declarations}]})
+    };
+    let body = json!({"batch": {"display_name": "x", "input_config": {"requests": {"requests": [
+        {"request": request(&["read_file", "delete_all"]), "metadata": {"key": "a"}},
+        {"request": request(&["read_file"])}]}}}});
+    let out = run(&[drop_tools(&["delete_*"])], parts("/", &[]), &body);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![change(
+            "$.batch.input_config.requests.requests[0].request.tools[0].functionDeclarations[1]",
+            "drop_tools"
+        )]
+    );
+    let mut expected = body.clone();
+    expected["batch"]["input_config"]["requests"]["requests"][0]["request"] =
+        request(&["read_file"]);
+    assert_eq!(json_of(&out.body), expected);
+    // A batch updated (`batches.updateGenerateContentBatch`): the body is the batch itself.
+    let updated =
+        json!({"inputConfig": {"requests": {"requests": [{"request": request(&["delete_all"])}]}}});
+    let out = run(&[drop_tools(&["delete_*"])], parts("/", &[]), &updated);
+    assert_eq!(
+        out.result.unwrap(),
+        vec![
+            change(
+                "$.inputConfig.requests.requests[0].request.tools[0].functionDeclarations[0]",
+                "drop_tools"
+            ),
+            change(
+                "$.inputConfig.requests.requests[0].request.tools",
+                "drop_tools"
+            ),
+        ]
+    );
+    let got = json_of(&out.body);
+    assert_eq!(
+        got["inputConfig"]["requests"]["requests"][0]["request"]["tools"],
+        json!(null)
+    );
+}
+
 #[test]
 fn drop_tools_gemini_declarations() {
     let body = fixture_body("gemini_generate");

@@ -589,3 +589,160 @@ fn config_deserialises_with_defaults() {
         Some(Provider::Gemini)
     );
 }
+
+/// Found by a black-box attack: a Gemini Batch API batch (`:batchGenerateContent`, `:asyncBatchEmbedContent`) and a
+/// cached content (`POST /v1beta/cachedContents`, `PATCH /v1beta/cachedContents/{id}`) were plain provider requests,
+/// so a blocked model or a tool declared in the batch's inline requests or the cache was never decided. Each is an LLM
+/// call now: its model from the path (a cache's from its body, `models/` dropped), the tools of every inline request
+/// or of the cache, and a body naming another model, or none readable, refused.
+#[test]
+fn gemini_batches_and_cached_contents_are_llm_calls() {
+    let host = "generativelanguage.googleapis.com";
+    let request = |tool: &str| {
+        json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+               "tools": [{"functionDeclarations": [{"name": tool}]}]})
+    };
+    let batch = json!({"batch": {"display_name": "x", "input_config": {"requests": {"requests": [
+        {"request": request("read_file"), "metadata": {"key": "r1"}},
+        {"request": {"contents": [{"parts": [{"functionResponse": {"name": "read_file", "response": {}}}]}],
+                     "model": "models/evil-x", "tools": [{"google_search": {}}]}, "metadata": {"key": "r2"}},
+        {"request": request("delete_everything")}]}}}});
+    let camel = json!({"batch": {"model": "models/evil-x", "displayName": "x", "inputConfig": {"requests": {"requests": [
+        {"request": request("delete_everything")}]}}}});
+    let mut cache = request("delete_everything");
+    cache["model"] = json!("models/evil-x");
+    for (method, path, body, api, tools, results) in [
+        (
+            "POST",
+            "/v1beta/models/evil-x:batchGenerateContent",
+            batch.clone(),
+            LlmApi::GenerateContent,
+            &["read_file", "googleSearch", "delete_everything"][..],
+            true,
+        ),
+        (
+            "POST",
+            "/V1BETA/Models/evil-x:BatchGenerateContent/",
+            camel.clone(),
+            LlmApi::GenerateContent,
+            &["delete_everything"],
+            false,
+        ),
+        (
+            "POST",
+            "/v1beta/models/evil-x:asyncBatchEmbedContent",
+            json!({"batch": {"inputConfig": {"requests": {"requests": [
+                {"request": {"model": "models/evil-x", "content": {"parts": [{"text": "hi"}]}}}]}}}}),
+            LlmApi::Other,
+            &[],
+            false,
+        ),
+        (
+            "POST",
+            "/v1beta/cachedContents",
+            cache.clone(),
+            LlmApi::GenerateContent,
+            &["delete_everything"],
+            false,
+        ),
+        (
+            "PATCH",
+            "/v1beta/cachedContents/abc",
+            cache.clone(),
+            LlmApi::GenerateContent,
+            &["delete_everything"],
+            false,
+        ),
+        (
+            "PATCH",
+            "/v1beta/batches/123:updateGenerateContentBatch",
+            camel["batch"].clone(),
+            LlmApi::GenerateContent,
+            &["delete_everything"],
+            false,
+        ),
+    ] {
+        let out = classify(simple(host, method, path, body), &InspectConfig::default())
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            out.protocol,
+            Protocol::Llm {
+                provider: Provider::Gemini,
+                api
+            },
+            "{path}"
+        );
+        let llm = out.actions[0].llm.clone().unwrap();
+        assert_eq!(llm.provider, "gemini", "{path}");
+        assert_eq!(llm.model.as_deref(), Some("evil-x"), "{path}");
+        assert_eq!(llm.tools, tools, "{path}");
+        assert_eq!(llm.has_tool_results, results, "{path}");
+        assert!(!llm.stream, "{path}");
+    }
+    // A body naming another model than the call's (its batch's, an inline request's), a model that is not a string, or a body that is not an object: `llm.model` names one, so it
+    // is refused as unreadable.
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1beta/models/good:batchGenerateContent",
+            camel.clone(),
+        ),
+        ("POST", "/v1beta/models/good:batchGenerateContent", batch),
+        (
+            "POST",
+            "/v1beta/models/good:asyncBatchEmbedContent",
+            json!({"batch": {"input_config": {"requests": {"requests": [{"request": {"model": "models/evil-x"}}]}}}}),
+        ),
+        (
+            "POST",
+            "/v1beta/models/good:batchEmbedContents",
+            json!({"requests": [{"model": "models/evil-x", "content": {"parts": []}}]}),
+        ),
+        (
+            "POST",
+            "/v1beta/models/good:generateContent",
+            json!({"model": "models/evil-x", "contents": []}),
+        ),
+        ("POST", "/v1beta/cachedContents", json!({"model": 7})),
+        (
+            "POST",
+            "/v1beta/models/good:generateContent",
+            json!([{"contents": []}]),
+        ),
+        ("POST", "/v1beta/cachedContents", json!("not an object")),
+    ] {
+        let got = classify(
+            simple(host, method, path, body.clone()),
+            &InspectConfig::default(),
+        );
+        assert!(
+            matches!(got, Err(InspectError::BadJson { protocol: "gemini" })),
+            "{path} {body}: {:?}",
+            got.map(|o| o.actions[0].llm.clone())
+        );
+    }
+    // Not JSON at all: refused as every LLM call's body is.
+    let mut a = simple(host, "POST", "/v1beta/cachedContents", json!(null));
+    a.http.as_mut().unwrap().body = "not json".into();
+    assert!(matches!(
+        classify(a, &InspectConfig::default()),
+        Err(InspectError::BadJson { protocol: "gemini" })
+    ));
+    // Listing or fetching caches carries no model or tools: not an LLM call.
+    for (method, path) in [
+        ("GET", "/v1beta/cachedContents"),
+        ("GET", "/v1beta/cachedContents/abc"),
+        ("DELETE", "/v1beta/cachedContents/abc"),
+    ] {
+        let out = classify(
+            simple(host, method, path, json!(null)),
+            &InspectConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            out.protocol,
+            Protocol::Provider(Provider::Gemini),
+            "{method} {path}"
+        );
+    }
+}

@@ -609,7 +609,7 @@ async fn answer(req: Request<Incoming>) -> Response<TestBody> {
             String::new(),
             gemini(
                 &rest
-                    .split(':')
+                    .split([':', '/', '\\', ';', '%'])
                     .next()
                     .unwrap_or_default()
                     .to_ascii_lowercase(),
@@ -954,6 +954,25 @@ async fn gemini_paths_in_any_letter_case_are_read_and_their_calls_decided() {
         ),
         (
             "/v1beta/MODELS/gemini-call:GENERATECONTENT%20",
+            "gemini-call",
+        ),
+        // Found by a black-box attack: a slash or backslash after the model, a `;parameter` before the method, a
+        // query sent percent-encoded after it — spellings a lenient server routes — were plain HTTP.
+        ("/v1beta/models/gemini-call/:generateContent", "gemini-call"),
+        (
+            "/v1beta/models/gemini-call%5C:generateContent",
+            "gemini-call",
+        ),
+        (
+            "/v1beta/models/gemini-call;foo:generateContent",
+            "gemini-call",
+        ),
+        (
+            "/v1beta/models/gemini-call%3Bfoo:generateContent",
+            "gemini-call",
+        ),
+        (
+            "/v1beta/models/gemini-call:generateContent%3Fx",
             "gemini-call",
         ),
     ] {

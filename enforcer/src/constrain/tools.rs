@@ -23,9 +23,67 @@ fn names_of(tool: &Value) -> Vec<String> {
     names
 }
 
-/// Drop every declared tool whose name matches one of `globs`. Returns the names dropped (for tool_choice
-/// clean-up) and records one change per removed declaration.
+/// Drop every declared tool whose name matches one of `globs`, in the body and in each inline request of a Gemini
+/// Batch API batch (`batch.inputConfig.requests.requests[].request`, or `inputConfig…` of a batch updated; either
+/// spelling: the requests `llm.tools` reads,
+/// `inspect::llm::gemini_requests`). Records one change per removed declaration.
 pub(super) fn drop_tools(doc: &mut Value, globs: &[NameGlob], changes: &mut Vec<Change>) {
+    drop_tools_in(doc, globs, changes);
+    for (path, request) in batch_requests(doc) {
+        let mut inner = Vec::new();
+        drop_tools_in(request, globs, &mut inner);
+        changes.extend(inner.into_iter().map(|c| Change {
+            path: format!("$.{path}{}", c.path.trim_start_matches('$')),
+            cause: c.cause,
+        }));
+    }
+}
+
+/// The inline requests of a Gemini batch body, each with its JSONPath (without the `$.`), as the members are spelt.
+fn batch_requests(doc: &mut Value) -> Vec<(String, &mut Value)> {
+    // The members of `v` read as the Gemini field `name` (proto3 JSON: either spelling), with their spelling.
+    fn fields<'v>(
+        v: &'v mut Value,
+        name: &'v str,
+    ) -> impl Iterator<Item = (String, &'v mut Value)> {
+        v.as_object_mut()
+            .into_iter()
+            .flatten()
+            .filter(move |(k, _)| gemini_json_name(k) == name)
+            .map(|(k, v)| (k.clone(), v))
+    }
+    // A batch created (`{"batch": {"inputConfig": …}}`) or updated (the batch itself, `{"inputConfig": …}`).
+    let mut configs = Vec::new();
+    for (k, v) in doc.as_object_mut().into_iter().flatten() {
+        match gemini_json_name(k).as_str() {
+            "batch" => {
+                configs.extend(fields(v, "inputConfig").map(|(c, v)| (format!("{k}.{c}"), v)))
+            }
+            "inputConfig" => configs.push((k.clone(), v)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (c, config) in configs {
+        for (r, requests) in fields(config, "requests") {
+            for (l, list) in fields(requests, "requests") {
+                let Some(items) = list.as_array_mut() else {
+                    continue;
+                };
+                for (i, item) in items.iter_mut().enumerate() {
+                    for (q, request) in fields(item, "request") {
+                        out.push((format!("{c}.{r}.{l}[{i}].{q}"), request));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [`drop_tools`] in one request body: records one change per removed declaration, and cleans up the references to
+/// the tools dropped (`tool_choice`, `allowedFunctionNames`).
+fn drop_tools_in(doc: &mut Value, globs: &[NameGlob], changes: &mut Vec<Change>) {
     let Some(root) = doc.as_object_mut() else {
         return;
     };

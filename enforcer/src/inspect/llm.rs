@@ -18,14 +18,24 @@ use crate::model::{LlmCall, Pairs};
 /// `/V1BETA/Models/{model}:GenerateContent` Gemini's generateContent) and as [`lenient`] reads them: a gateway or
 /// server that routes paths so serves them, and reading them costs nothing where the real API answers 404.
 pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
-    if !method.eq_ignore_ascii_case("POST") {
-        return None;
-    }
     let path = lenient(path);
     let path = path.as_ref();
     let lower = path.to_ascii_lowercase();
+    if method.eq_ignore_ascii_case("PATCH") {
+        // Gemini `cachedContents.patch` (`PATCH /v1beta/{cachedContent.name=cachedContents/*}`): its body is a
+        // CachedContent, read as a create's is. `batches.updateGenerateContentBatch` and `.updateEmbedContentBatch`
+        // (`PATCH /v1beta/{…name=batches/*}:update…Batch`): its body is a batch, read as a create's `batch` is.
+        let update = lower.ends_with(":updategeneratecontentbatch")
+            || lower.ends_with(":updateembedcontentbatch");
+        return (cached_content(&lower, true) || update).then_some(LlmApi::GenerateContent);
+    }
+    if !method.eq_ignore_ascii_case("POST") {
+        return None;
+    }
     let ends = |suffix: &str| lower.ends_with(suffix);
-    if ends("/chat/completions") {
+    if cached_content(&lower, false) {
+        Some(LlmApi::GenerateContent)
+    } else if ends("/chat/completions") {
         Some(LlmApi::ChatCompletions)
     } else if ends("/responses") {
         Some(LlmApi::Responses)
@@ -48,6 +58,9 @@ pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
 /// LLM call (`llm` unset), only its answer is read for proposals. The path is read as [`endpoint`] reads one: in
 /// any ASCII letter case, as [`lenient`] reads it.
 pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<LlmApi> {
+    if provider == Provider::Gemini {
+        return gemini_batch(method, path).then_some(LlmApi::GenerateContent);
+    }
     if provider != Provider::OpenAi {
         return None;
     }
@@ -73,6 +86,36 @@ pub(super) fn retrieval(provider: Provider, method: &str, path: &str) -> Option<
     }
 }
 
+/// Whether `method path` fetches Gemini Batch API batches (Gemini API reference, "Batch API": `GET
+/// /v1beta/batches/{batch}`, an Operation whose `response` or `metadata.output` holds the `inlinedResponses`, each a
+/// generateContent answer; `GET /v1beta/batches`, a listing of them), read with the generateContent answer reader.
+/// Matched as [`endpoint`] matches paths.
+fn gemini_batch(method: &str, path: &str) -> bool {
+    if !method.eq_ignore_ascii_case("GET") {
+        return false;
+    }
+    let lower = lenient(path).to_ascii_lowercase();
+    lower.ends_with("/batches")
+        || lower
+            .rsplit_once("/batches/")
+            .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/') && !id.contains(':'))
+}
+
+/// Whether `method path` on Gemini's host downloads a file's content (Gemini API reference, "Files"; the Batch API's
+/// results file, `batch.dest.fileName`, is fetched so: `GET /download/v1beta/files/{file}:download?alt=media`),
+/// whose lines naming `response` are a batch's results (`proposal::batch::read_line`). Matched as [`endpoint`]
+/// matches paths; any prefix before `/files/`.
+pub(super) fn gemini_file_download(provider: Provider, method: &str, path: &str) -> bool {
+    if provider != Provider::Gemini || !method.eq_ignore_ascii_case("GET") {
+        return false;
+    }
+    let lower = lenient(path).to_ascii_lowercase();
+    lower
+        .strip_suffix(":download")
+        .and_then(|p| p.rsplit_once("/files/"))
+        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+}
+
 /// Whether `method path` on a host of `provider` fetches an Anthropic Message Batch's results (Anthropic API
 /// reference, "Retrieve Message Batch Results": `GET /v1/messages/batches/{message_batch_id}/results`, the batch's
 /// `results_url`), whose lines are Messages answers with the tool calls the agent runs. Matched as [`endpoint`]
@@ -89,10 +132,11 @@ pub(super) fn message_batch_results(provider: Provider, method: &str, path: &str
 }
 
 /// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":
-/// `GET /v1/files/{file_id}/content`), whose lines naming `response` are a Batch's output
-/// (`proposal::batch::read_line`). Matched as [`message_batch_results`] is.
+/// `GET /v1/files/{file_id}/content`; Gemini serves OpenAI's Files and Batch APIs too, under `/v1beta/openai/`),
+/// whose lines naming `response` are a Batch's output (`proposal::batch::read_line`). Matched as
+/// [`message_batch_results`] is.
 pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) -> bool {
-    if provider != Provider::OpenAi || !method.eq_ignore_ascii_case("GET") {
+    if provider == Provider::Anthropic || !method.eq_ignore_ascii_case("GET") {
         return false;
     }
     let lower = lenient(path).to_ascii_lowercase();
@@ -100,6 +144,21 @@ pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) 
         .strip_suffix("/content")
         .and_then(|p| p.rsplit_once("/files/"))
         .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+}
+
+/// Whether the lower-cased `lower` is Gemini's `cachedContents` collection (`one`: false; `cachedContents.create`,
+/// `POST /v1beta/cachedContents`) or one cached content in it (`one`: true; `cachedContents/{id}`). A CachedContent
+/// (Gemini API reference, "Caching") names the `model` it is for and carries `contents`, `tools`, `toolConfig` and
+/// `systemInstruction` that every generateContent naming it (`cachedContent`) runs with, so it is read as a
+/// generateContent request is.
+fn cached_content(lower: &str, one: bool) -> bool {
+    if one {
+        lower
+            .rsplit_once("/cachedcontents/")
+            .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/') && !id.contains(':'))
+    } else {
+        lower.ends_with("/cachedcontents")
+    }
 }
 
 /// Whether the WebSocket connection at `path` (canonical, without its query) is the OpenAI Responses API's WebSocket
@@ -117,13 +176,13 @@ pub(super) fn realtime_websocket(path: &str) -> bool {
 }
 
 /// `path` (canonical: percent-decoded) as a lenient server may route it: `\` as `/` (IIS and ASP.NET), nothing from a
-/// `#` on (a fragment sent percent-encoded), and no trailing slashes, dots, spaces or control characters (IIS drops
+/// `#` or a `?` on (a fragment or a query sent percent-encoded), and no trailing slashes, dots, spaces or control characters (IIS drops
 /// trailing dots and spaces). So `/v1/chat/completions%20`, `/v1/realtime%5C` or `/v1/realtime%23x` are read as the
 /// endpoint they may reach, and their answers are read for tool calls; where the real API answers 404 it costs
 /// nothing.
 fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
-    let path = path.split('#').next().unwrap_or_default();
-    let trailing = |c: char| c == '/' || c == '.' || c == ' ' || c.is_ascii_control();
+    let path = path.split(['#', '?']).next().unwrap_or_default();
+    let trailing = lenient_tail;
     if path.contains('\\') {
         std::borrow::Cow::Owned(
             path.replace('\\', "/")
@@ -133,6 +192,12 @@ fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(path.trim_end_matches(trailing))
     }
+}
+
+/// The characters a lenient server drops from the end of a path ([`lenient`]) or of a Gemini model's name before
+/// its method ([`gemini_target`]).
+fn lenient_tail(c: char) -> bool {
+    c == '/' || c == '.' || c == ' ' || c.is_ascii_control()
 }
 
 /// Whether a Gemini call's query asks for its answer as server-sent events: the system parameter `alt` (or `$alt`,
@@ -157,7 +222,8 @@ struct GeminiTarget<'a> {
 /// The Gemini call `path` (as [`lenient`] reads it) targets, read as the OpenAI and Anthropic paths are: the
 /// collection (`models`, `tunedModels`) and the method (`generateContent`, …) in any ASCII letter case, the method
 /// after the last `:` of the last segment (Google's HTTP rule template `{model=models/*}:generateContent`: a verb
-/// follows the last colon). The model keeps its own spelling.
+/// follows the last colon). The model keeps its own spelling, without what a lenient server drops from a path's end
+/// (`models/{model}/:generateContent`).
 fn gemini_target(path: &str) -> Option<GeminiTarget<'_>> {
     let lower = path.to_ascii_lowercase();
     // ASCII lower-casing keeps every byte offset, so an index into `lower` is one into `path`.
@@ -169,15 +235,23 @@ fn gemini_target(path: &str) -> Option<GeminiTarget<'_>> {
     };
     let tail = &path[at + len..];
     let (model, method) = tail.rsplit_once(':')?;
+    // `models/{model}/:generateContent` (`\` read as `/`): the model as a lenient server routes a path's end.
+    let model = model.trim_end_matches(lenient_tail);
     if model.is_empty() || model.contains('/') {
         return None;
     }
     let is = |name: &str| method.eq_ignore_ascii_case(name);
-    let (api, streaming) = if is("generateContent") {
+    // `batchGenerateContent` (Gemini Batch API, `models.batchGenerateContent`) carries generateContent requests:
+    // `batch.inputConfig.requests.requests[].request` ([`gemini_requests`]), each read as one.
+    let (api, streaming) = if is("generateContent") || is("batchGenerateContent") {
         (LlmApi::GenerateContent, false)
     } else if is("streamGenerateContent") {
         (LlmApi::GenerateContent, true)
-    } else if is("embedContent") || is("batchEmbedContents") || is("countTokens") {
+    } else if is("embedContent")
+        || is("batchEmbedContents")
+        || is("asyncBatchEmbedContent")
+        || is("countTokens")
+    {
         (LlmApi::Other, false)
     } else {
         return None;
@@ -217,13 +291,22 @@ pub(super) fn describe(
             if let Some(t) = gemini_target(&lenient(path)) {
                 call.model = Some(t.model.to_string());
                 call.stream = t.streaming || alt_sse(query);
+            } else {
+                // A CachedContent names its model in its body (`models/{model}`), read as the path's is.
+                call.model = gemini_body_models(body)
+                    .next()
+                    .map(|m| model_id(m).to_string());
             }
-            call.tools = gemini_tools(body);
-            call.has_tool_results = each(body.get("contents"))
-                .flat_map(|c| each(c.get("parts")))
-                .any(|p| {
-                    p.get("functionResponse").is_some() || p.get("function_response").is_some()
-                });
+            for request in gemini_requests(body) {
+                for tool in gemini_tools(request) {
+                    push_unique(&mut call.tools, tool);
+                }
+                call.has_tool_results |= fields(request, "contents")
+                    .flat_map(|c| each(Some(c)))
+                    .flat_map(|c| fields(c, "parts"))
+                    .flat_map(|p| each(Some(p)))
+                    .any(|p| fields(p, "functionResponse").next().is_some());
+            }
         }
         LlmApi::ChatCompletions | LlmApi::Responses | LlmApi::Messages => {
             call.model = body
@@ -251,6 +334,78 @@ pub(super) fn describe(
         }
     }
     call
+}
+
+/// The members of the Gemini object `v` that proto3 JSON reads as the field `json_name` (lowerCamelCase): each
+/// member whose name is it or spells it as its proto name ([`gemini_json_name`]). A body giving both spellings is
+/// read under each.
+fn fields<'a>(v: &'a Value, json_name: &'a str) -> impl Iterator<Item = &'a Value> {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .filter(move |(k, _)| k.as_str() == json_name || gemini_json_name(k) == json_name)
+        .map(|(_, v)| v)
+}
+
+/// The generateContent requests a Gemini body carries: the body itself, and the inline requests of a Batch API
+/// batch (Gemini API reference, "Batch API": `models.batchGenerateContent` and `models.asyncBatchEmbedContent` take
+/// `{"batch": {"model", "displayName", "inputConfig": {"fileName" | "requests": {"requests": [{"request": …,
+/// "metadata": …}]}}}}`; google-genai `batches.py` writes them so), each an InlinedRequest's `request`. A batch
+/// whose requests are in a file (`fileName`) carries none here: the file was uploaded before, as any file is. A batch
+/// updated (`batches.updateGenerateContentBatch`) is the body itself: its `inputConfig` is read too.
+fn gemini_requests(body: &Value) -> Vec<&Value> {
+    let mut out = vec![body];
+    out.extend(
+        fields(body, "batch")
+            .chain(std::iter::once(body))
+            .flat_map(|b| fields(b, "inputConfig"))
+            .flat_map(|c| fields(c, "requests"))
+            .flat_map(|r| fields(r, "requests"))
+            .flat_map(|r| each(Some(r)))
+            .flat_map(|r| fields(r, "request")),
+    );
+    out
+}
+
+/// Every model a Gemini body names, as written (`models/{model}`): its own `model` (a CachedContent's, a
+/// generateContent request's), its batch's (`batch.model`), and each request's it carries (a batch's inline
+/// requests, `batchEmbedContents`' `requests[].model`).
+fn gemini_body_models(body: &Value) -> impl Iterator<Item = &str> {
+    let batch_requests = gemini_requests(body).into_iter().skip(1);
+    fields(body, "model")
+        .chain(fields(body, "batch").flat_map(|b| fields(b, "model")))
+        .chain(batch_requests.flat_map(|r| fields(r, "model")))
+        .chain(
+            fields(body, "requests")
+                .flat_map(|r| each(Some(r)))
+                .flat_map(|r| fields(r, "model")),
+        )
+        .map(|m| m.as_str().unwrap_or_default())
+}
+
+/// A Gemini model name without its collection (`models/gemini-2.0-flash` is `gemini-2.0-flash`), as the path's model
+/// is read ([`gemini_target`]).
+fn model_id(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// Whether a Gemini call's body names a model the call's `llm.model` is not: a model in the body (its own, its
+/// batch's, an inline request's: [`gemini_body_models`]) that is not a string, or that is not the path's model, or
+/// (a CachedContent, whose model is its body's) that differs from the body's first. `llm.model` names one model, so
+/// a call that may run another is not read as that one. A body that is not an object (every Gemini method takes one) is not
+/// read either.
+pub(super) fn gemini_misread(path: &str, body: &Value) -> bool {
+    if !body.is_object() {
+        // Every Gemini method takes an object.
+        return true;
+    }
+    let path = lenient(path);
+    let target = gemini_target(&path).map(|t| t.model);
+    let mut models = gemini_body_models(body).peekable();
+    let Some(model) = target.or_else(|| models.peek().map(|m| model_id(m))) else {
+        return false;
+    };
+    models.any(|m| m.is_empty() || model_id(m) != model)
 }
 
 /// The members an OpenAI or Anthropic request is read by, at each place [`describe`] and `constrain` read them.
@@ -415,7 +570,7 @@ fn declared_tools(body: &Value) -> Vec<String> {
 /// ([`gemini_json_name`]: `googleSearch` also when the body spells it `google_search`).
 fn gemini_tools(body: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    for tool in each(body.get("tools")) {
+    for tool in fields(body, "tools").flat_map(|t| each(Some(t))) {
         let Some(obj) = tool.as_object() else {
             continue;
         };
@@ -661,8 +816,30 @@ mod tests {
             };
             assert_eq!(call.tools, tools, "{path:?}");
         }
+        for (path, model) in [
+            ("/v1beta/models/evil-x/:generateContent", "evil-x"),
+            ("/v1beta/models/evil-x\\:generateContent", "evil-x"),
+            ("/v1beta/models/evil-x. /:generateContent", "evil-x"),
+            ("/v1beta/models/evil-x:generateContent?x", "evil-x"),
+            ("/v1beta/models/evil-x:generateContent?x:y", "evil-x"),
+        ] {
+            assert_eq!(
+                endpoint("POST", path),
+                Some(LlmApi::GenerateContent),
+                "{path:?}"
+            );
+            let call = describe(
+                Provider::Gemini,
+                LlmApi::GenerateContent,
+                path,
+                &query,
+                &body,
+            );
+            assert_eq!(call.model.as_deref(), Some(model), "{path:?}");
+        }
         for path in [
             "/v1beta/models/gemini-2.0-flash:generateContentX",
+            "/v1beta/models//:generateContent",
             "/v1beta/models/gemini-2.0-flash",
             "/v1beta/models/:generateContent",
             "/v1beta/models/a/b:generateContent",

@@ -272,7 +272,12 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: shape.as_str(),
                 });
             };
-            if shape != Provider::Gemini && llm::misread(json) {
+            let misread = if shape == Provider::Gemini {
+                llm::gemini_misread(&path, json)
+            } else {
+                llm::misread(json)
+            };
+            if misread {
                 return Err(InspectError::BadJson {
                     protocol: shape.as_str(),
                 });
@@ -414,8 +419,9 @@ pub fn answered_api(protocol: &Protocol, action: &Action) -> Option<(Provider, L
 
 /// The batch results the request of `action` (classified as `protocol`) fetches, each line an LLM answer to be read
 /// for proposed tool calls ([`proposal::batch`]): an Anthropic Message Batch's results on Anthropic's host
-/// ([`llm::message_batch_results`]), an OpenAI file's content on OpenAI's host, read whole and its lines naming
-/// `response` read as batch output ([`llm::openai_file_content`]). `None` for any other request.
+/// ([`llm::message_batch_results`]), an OpenAI file's content on OpenAI's or Gemini's host ([`llm::openai_file_content`])
+/// and a file downloaded from Gemini's ([`llm::gemini_file_download`]), each read whole and its lines naming
+/// `response` read as batch output. `None` for any other request.
 pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::batch::Batch> {
     use proposal::batch::Batch;
     let Protocol::Provider(provider) = *protocol else {
@@ -425,30 +431,41 @@ pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::
     let path = canonical_path(http.path.split('?').next().unwrap_or_default());
     if llm::message_batch_results(provider, &http.method, &path) {
         Some(Batch::MessageBatch)
+    } else if llm::gemini_file_download(provider, &http.method, &path) {
+        Some(Batch::GeminiOutput)
     } else {
         llm::openai_file_content(provider, &http.method, &path).then_some(Batch::OpenAiOutput)
     }
 }
 
 /// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:
-/// percent-escapes decoded, `;parameters` cut from each segment, empty and `.` segments dropped, `..` resolved.
+/// percent-escapes decoded, `;parameters` cut from each segment (up to a last `:`, the method of a Google API path),
+/// empty and `.` segments dropped, `..` resolved.
 fn canonical_path(path: &str) -> String {
     let decoded = crate::encoding::percent_decode(path, false);
-    let mut segments: Vec<&str> = Vec::new();
+    let mut segments: Vec<std::borrow::Cow<'_, str>> = Vec::new();
     for segment in decoded.split('/') {
-        let segment = segment.split(';').next().unwrap_or_default();
-        match segment {
+        // A `;parameter` is cut from its segment, up to a Google method's `:` (`models/{model};x:generateContent`
+        // is `models/{model}:generateContent`: the method follows the last colon, `gemini_target`).
+        let segment = match segment.split_once(';') {
+            Some((kept, params)) => match params.rsplit_once(':') {
+                Some((_, verb)) => std::borrow::Cow::Owned(format!("{kept}:{verb}")),
+                None => std::borrow::Cow::Borrowed(kept),
+            },
+            None => std::borrow::Cow::Borrowed(segment),
+        };
+        match segment.as_ref() {
             "" | "." => {}
             ".." => {
                 segments.pop();
             }
-            s => segments.push(s),
+            _ => segments.push(segment),
         }
     }
     let mut out = String::with_capacity(decoded.len());
     for s in segments {
         out.push('/');
-        out.push_str(s);
+        out.push_str(&s);
     }
     if out.is_empty() {
         out.push('/');
@@ -509,6 +526,18 @@ mod tests {
             "/v1/chat/completions"
         );
         assert_eq!(canonical_path("/v1/messages;jsessionid=1"), "/v1/messages");
+        assert_eq!(
+            canonical_path("/v1beta/models/evil-x;foo:generateContent"),
+            "/v1beta/models/evil-x:generateContent"
+        );
+        assert_eq!(
+            canonical_path("/v1beta/models/evil-x%3Bfoo=a:b:generateContent/"),
+            "/v1beta/models/evil-x:generateContent"
+        );
+        assert_eq!(
+            canonical_path("/v1beta/models/evil-x:generateContent;x"),
+            "/v1beta/models/evil-x:generateContent"
+        );
         assert_eq!(
             canonical_path("/v1/chat%2Fcompletions"),
             "/v1/chat/completions"

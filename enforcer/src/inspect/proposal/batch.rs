@@ -17,6 +17,11 @@
 //! be one, and one naming `response` (in any letter case) is an output line; any other line (a CSV row, a
 //! fine-tuning example) carries no answer.
 //!
+//! Gemini Batch API results files (`GET /download/v1beta/files/{file}:download?alt=media` of a batch's
+//! `dest.fileName`; Gemini API reference, "Batch API"): one `{"key": …, "response": {…a GenerateContentResponse…}}`
+//! or `{"key": …, "error": {…}}` per request. That path serves every uploaded file, so such a file is read as an
+//! OpenAI file is: a line naming `response` (in any letter case) is a results line.
+//!
 //! A line is read as the strictest of them: split at every end any of them splits at — `\n`, `\r\n`, `\r`, and the
 //! others Python's `str.splitlines` splits at (`\v`, `\f`, `\x1c`, `\x1d`, `\x1e`, U+0085, U+2028, U+2029) — so no
 //! reader finds a line this reader did not; around it, whatever `str.strip` or a JSON parser may skip (Unicode
@@ -38,6 +43,10 @@ pub enum Batch {
     /// The content of an OpenAI file: each line naming `response` is a Batch output line, whose `response.body` is
     /// a Chat Completions or Responses answer ([`read_line`]).
     OpenAiOutput,
+    /// A file downloaded from Gemini (`…/files/{file}:download`): each line naming `response` is a Batch API results
+    /// line, whose `response` is a generateContent answer (Gemini API reference, "Batch API": one
+    /// `{"key": …, "response": {…}}` or `{"key": …, "error": {…}}` per request).
+    GeminiOutput,
 }
 
 /// The members of a Message Batch result line and of its `result`, as the API spells them.
@@ -47,6 +56,8 @@ const RESULT_MEMBERS: &[&str] = &["type", "message", "error"];
 const OUTPUT_MEMBERS: &[&str] = &["id", "custom_id", "response", "error"];
 const RESPONSE_MEMBERS: &[&str] = &["status_code", "request_id", "body"];
 const BODY_MEMBERS: &[&str] = &["object"];
+/// The members of a Gemini Batch results line.
+const GEMINI_MEMBERS: &[&str] = &["key", "response", "error"];
 
 /// The API of an OpenAI Batch output line's `body`: `chat.completion` with `choices`, `response` with `output`;
 /// `None` for the other endpoints' answers, which propose no calls (`text_completion` with choices of text, an
@@ -81,8 +92,8 @@ fn output_api(body: &Value) -> Result<Option<LlmApi>, Unreadable> {
     }
 }
 
-/// Whether `value` is an OpenAI Batch output line — an object naming `response` in any letter case (Go's
-/// `encoding/json` binds `Response` to it) — or an array holding one, at any depth of arrays.
+/// Whether `value` is an OpenAI Batch output line or a Gemini Batch results line — an object naming `response` in
+/// any letter case (Go's `encoding/json` binds `Response` to it) — or an array holding one, at any depth of arrays.
 fn holds_output(value: &Value) -> bool {
     match value {
         Value::Object(o) => o
@@ -161,7 +172,7 @@ pub fn read_line(batch: Batch, text: &str) -> Result<Option<Value>, Unreadable> 
     let text = trimmed(text);
     let line = match batch {
         Batch::MessageBatch => event_json(text)?,
-        Batch::OpenAiOutput if text.starts_with('{') => {
+        Batch::OpenAiOutput | Batch::GeminiOutput if text.starts_with('{') => {
             let line = crate::inspect::read_json(text, crate::inspect::Twins::Folded)
                 .ok()
                 .flatten()
@@ -175,14 +186,14 @@ pub fn read_line(batch: Batch, text: &str) -> Result<Option<Value>, Unreadable> 
             Some(line)
         }
         // An array of output lines on one line (`[{…}]`): an agent may read its elements as lines.
-        Batch::OpenAiOutput if text.starts_with('[') => {
+        Batch::OpenAiOutput | Batch::GeminiOutput if text.starts_with('[') => {
             let array = crate::inspect::read_json(text, crate::inspect::Twins::Folded);
             if array.is_ok_and(|a| a.as_ref().is_some_and(holds_output)) {
                 return Err(Unreadable);
             }
             None
         }
-        Batch::OpenAiOutput => None,
+        Batch::OpenAiOutput | Batch::GeminiOutput => None,
     };
     let Some(line) = line else {
         return Ok(None);
@@ -223,6 +234,11 @@ pub fn read_line(batch: Batch, text: &str) -> Result<Option<Value>, Unreadable> 
                 output_api(body)?;
             }
         }
+        Batch::GeminiOutput => {
+            if misspelt(Some(&line), GEMINI_MEMBERS) || odd(obj.get("response")) {
+                return Err(Unreadable);
+            }
+        }
     }
     Ok(Some(line))
 }
@@ -241,19 +257,26 @@ pub fn answer_mut(batch: Batch, line: &mut Value) -> Option<(Provider, LlmApi, &
             let api = output_api(body).ok()??;
             Some((Provider::OpenAi, api, body))
         }
+        Batch::GeminiOutput => {
+            let response = line.get_mut("response")?;
+            Some((Provider::Gemini, LlmApi::GenerateContent, response))
+        }
     }
 }
 
-/// The `custom_id` of one line of batch results (both APIs spell it so): the caller's name for the request the line
+/// The `custom_id` of one line of batch results (Anthropic's and OpenAI's spell it so, Gemini's `key`): the caller's name for the request the line
 /// answers; `None` when it is not a string.
 pub fn custom_id(line: &Value) -> Option<&str> {
-    line.get("custom_id")?.as_str()
+    line.get("custom_id").or_else(|| line.get("key"))?.as_str()
 }
 
 /// The model that gave one line's answer ([`answer_mut`]): its `model`, as a Messages, Chat Completions or Responses
-/// answer names it; `None` when it names none.
+/// answer names it, or a Gemini answer's `modelVersion`; `None` when it names none.
 pub fn answer_model(answer: &Value) -> Option<&str> {
-    answer.get("model")?.as_str()
+    answer
+        .get("model")
+        .or_else(|| answer.get("modelVersion"))?
+        .as_str()
 }
 
 #[cfg(test)]

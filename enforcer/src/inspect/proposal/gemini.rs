@@ -1,6 +1,7 @@
 //! Gemini `generateContent`: `functionCall` parts (`name`, `args`, optional `id`) of `candidates[].content.parts` in
 //! a response; `streamGenerateContent` sends whole `GenerateContentResponse` chunks (server-sent events with
-//! `alt=sse`, else one JSON array), and a function call always arrives whole in one chunk, so nothing is held.
+//! `alt=sse`, else one JSON array), and a function call always arrives whole in one chunk, so nothing is held. A
+//! Batch API batch fetched carries its answers whole (`inlinedResponses`), each read as one ([`WRAPPERS`]).
 //!
 //! A refused call's part becomes a `text` part. A part carrying a `thoughtSignature` is covered by it: its call is
 //! [`Call::signed`] (its arguments may not be rewritten), unless the signature is the documented sentinel that skips
@@ -57,13 +58,57 @@ impl Stream {
     }
 }
 
-/// The parts of every candidate of one response, or of each response of an array (the non-SSE stream).
+/// The members a GenerateContentResponse is carried in, looked into where an object is no response itself (has no
+/// `candidates`): a Batch API batch fetched (`GET /v1beta/batches/{id}`, an Operation: its `response`, a
+/// GenerateContentBatchOutput, or its `metadata`, the GenerateContentBatch, whose `output` is one), its
+/// `inlinedResponses.inlinedResponses[]` (each an InlinedResponse: `response`, or `error`, and `metadata`), and a
+/// listing's `operations[]` (`GET /v1beta/batches`; Gemini API reference, "Batch API"; google-genai `batches.py`
+/// reads `metadata.output.inlinedResponses.inlinedResponses[].response` and `operations`).
+const WRAPPERS: &[&str] = &[
+    "response",
+    "metadata",
+    "output",
+    "inlinedResponses",
+    "operations",
+    "batches",
+];
+
+/// The GenerateContentResponses in `v`: `v` itself when it has `candidates`, each element of an array (the non-SSE
+/// stream), and those a batch carries ([`WRAPPERS`]), in document order.
+fn responses<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| responses(i, out)),
+        Value::Object(map) if map.contains_key("candidates") => out.push(v),
+        Value::Object(map) => map
+            .iter()
+            .filter(|(k, _)| WRAPPERS.contains(&k.as_str()))
+            .for_each(|(_, child)| responses(child, out)),
+        _ => {}
+    }
+}
+
+/// [`responses`], to be changed.
+fn responses_mut<'a>(v: &'a mut Value, out: &mut Vec<&'a mut Value>) {
+    if v.get("candidates").is_some() {
+        out.push(v);
+        return;
+    }
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(|i| responses_mut(i, out)),
+        Value::Object(map) => map
+            .iter_mut()
+            .filter(|(k, _)| WRAPPERS.contains(&k.as_str()))
+            .for_each(|(_, child)| responses_mut(child, out)),
+        _ => {}
+    }
+}
+
+/// The parts of every candidate of one response, or of each response of an array (the non-SSE stream), or of each
+/// a batch carries ([`responses`]).
 fn parts_mut(body: &mut Value) -> Vec<&mut Value> {
-    let responses: Vec<&mut Value> = match body {
-        Value::Array(items) => items.iter_mut().collect(),
-        one => vec![one],
-    };
-    responses
+    let mut found = Vec::new();
+    responses_mut(body, &mut found);
+    found
         .into_iter()
         .filter_map(|r| r.get_mut("candidates")?.as_array_mut())
         .flatten()
@@ -73,11 +118,9 @@ fn parts_mut(body: &mut Value) -> Vec<&mut Value> {
 }
 
 fn parts(body: &Value) -> Vec<&Value> {
-    let responses: Vec<&Value> = match body {
-        Value::Array(items) => items.iter().collect(),
-        one => vec![one],
-    };
-    responses
+    let mut found = Vec::new();
+    responses(body, &mut found);
+    found
         .into_iter()
         .filter_map(|r| r.get("candidates")?.as_array())
         .flatten()

@@ -302,6 +302,10 @@ const MEMBERS: &[&str] = &[
     "args",
     "thoughtSignature",
     "thought_signature",
+    // Gemini batches (`gemini::WRAPPERS`)
+    "inlinedResponses",
+    "operations",
+    "batches",
     // every API
     "type",
     "name",

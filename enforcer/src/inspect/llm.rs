@@ -109,11 +109,7 @@ pub(super) fn gemini_file_download(provider: Provider, method: &str, path: &str)
     if provider != Provider::Gemini || !method.eq_ignore_ascii_case("GET") {
         return false;
     }
-    let lower = lenient(path).to_ascii_lowercase();
-    lower
-        .strip_suffix(":download")
-        .and_then(|p| p.rsplit_once("/files/"))
-        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+    one_resource(path, "/files/", ":download")
 }
 
 /// Whether `method path` on a host of `provider` fetches an Anthropic Message Batch's results (Anthropic API
@@ -124,11 +120,7 @@ pub(super) fn message_batch_results(provider: Provider, method: &str, path: &str
     if provider != Provider::Anthropic || !method.eq_ignore_ascii_case("GET") {
         return false;
     }
-    let lower = lenient(path).to_ascii_lowercase();
-    lower
-        .strip_suffix("/results")
-        .and_then(|p| p.rsplit_once("/messages/batches/"))
-        .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+    one_resource(path, "/messages/batches/", "/results")
 }
 
 /// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":
@@ -139,10 +131,16 @@ pub(super) fn openai_file_content(provider: Provider, method: &str, path: &str) 
     if provider == Provider::Anthropic || !method.eq_ignore_ascii_case("GET") {
         return false;
     }
-    let lower = lenient(path).to_ascii_lowercase();
-    lower
-        .strip_suffix("/content")
-        .and_then(|p| p.rsplit_once("/files/"))
+    one_resource(path, "/files/", "/content")
+}
+
+/// Whether `path`, read as a lenient server routes it ([`lenient`]) in any letter case, ends with `collection`, one
+/// resource id (a segment, not empty) and `tail`: `…/files/{file_id}/content`.
+fn one_resource(path: &str, collection: &str, tail: &str) -> bool {
+    lenient(path)
+        .to_ascii_lowercase()
+        .strip_suffix(tail)
+        .and_then(|p| p.rsplit_once(collection))
         .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
 }
 

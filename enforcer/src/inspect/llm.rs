@@ -45,6 +45,10 @@ pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
         Some(LlmApi::Messages)
     } else if ends("/v1/complete") || lower == "/complete" {
         Some(LlmApi::Other)
+    } else if ends("/messages/batches") {
+        // An Anthropic Message Batch create: each element a Messages call ([`message_batch_params`]), one Action
+        // each; its answer is a batch object, not a message, hence not read as one.
+        Some(LlmApi::Other)
     } else {
         gemini_target(path).map(|t| t.api)
     }
@@ -121,6 +125,41 @@ pub(super) fn message_batch_results(provider: Provider, method: &str, path: &str
         return false;
     }
     one_resource(path, "/messages/batches/", "/results")
+}
+
+/// Whether `method path` creates an Anthropic Message Batch (Anthropic API reference, "Create a Message Batch":
+/// `POST /v1/messages/batches`, body `{"requests": [{"custom_id", "params": <a Messages create body>}, …]}`), on
+/// whichever provider's host as [`endpoint`] reads its paths: any prefix, any letter case, as [`lenient`] reads it.
+/// Each element's `params` is an LLM call ([`message_batch_params`]).
+pub(super) fn message_batch_create(method: &str, path: &str) -> bool {
+    method.eq_ignore_ascii_case("POST")
+        && lenient(path)
+            .to_ascii_lowercase()
+            .ends_with("/messages/batches")
+}
+
+/// The Messages create bodies an Anthropic Message Batch create carries (`requests[].params`, in order), or `None`
+/// when the body cannot be read so: not an object, `requests` not an array, an element not an object or without an
+/// object `params`, a member of the body or of an element spelt in another letter case (`Requests`, `Params`: a
+/// case-insensitive decoder reads it where the policy found nothing), or a `params` that [`misread`] refuses.
+pub(super) fn message_batch_params(body: &Value) -> Option<Vec<&Value>> {
+    let top = body.as_object()?;
+    if misspelt(top, &["requests"]) {
+        return None;
+    }
+    let mut out = Vec::new();
+    for element in top.get("requests")?.as_array()? {
+        let element = element.as_object()?;
+        if misspelt(element, &["custom_id", "params"]) {
+            return None;
+        }
+        let params = element.get("params").filter(|p| p.is_object())?;
+        if misread(params) {
+            return None;
+        }
+        out.push(params);
+    }
+    Some(out)
 }
 
 /// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":

@@ -272,6 +272,33 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: shape.as_str(),
                 });
             };
+            if llm::message_batch_create(&http.method, &path) {
+                // Each `requests[].params` decided as the `/v1/messages` body it is: one Action each, as a JSON-RPC
+                // batch's elements are, so each names its own model. The http part is shared.
+                let calls: Vec<crate::model::LlmCall> = llm::message_batch_params(json)
+                    .filter(|p| !p.is_empty())
+                    .ok_or(InspectError::BadJson {
+                        protocol: shape.as_str(),
+                    })?
+                    .into_iter()
+                    .map(|p| llm::describe(provider, LlmApi::Messages, &path, &http.query, p))
+                    .collect();
+                let actions = calls
+                    .into_iter()
+                    .map(|call| {
+                        let mut a = action.clone();
+                        a.llm = Some(call);
+                        a
+                    })
+                    .collect();
+                return Ok(Inspected {
+                    protocol: Protocol::Llm {
+                        provider: shape,
+                        api,
+                    },
+                    actions,
+                });
+            }
             let misread = if shape == Provider::Gemini {
                 llm::gemini_misread(&path, json)
             } else {
@@ -369,6 +396,16 @@ pub fn claimed_llm_provider(action: &Action, cfg: &InspectConfig) -> Option<Prov
         .and_then(|h| cfg.provider_for(h, action.transport.port))?;
     let path = canonical_path(http.path.split('?').next().unwrap_or_default());
     llm::endpoint(&http.method, &path).map(|_| provider)
+}
+
+/// Whether `method path` (the request's path as sent, its query included or not) creates an Anthropic Message
+/// Batch (`POST /v1/messages/batches`, matched as the LLM endpoints are), whose elements are each a Messages call:
+/// a constrain's rewrites, written for one call's body, are not applied to it (the proxy refuses it instead).
+pub fn message_batch_create(method: &str, path: &str) -> bool {
+    llm::message_batch_create(
+        method,
+        &canonical_path(path.split('?').next().unwrap_or_default()),
+    )
 }
 
 /// The protocol a request speaks as far as its answer's shape is concerned, when it could not be classified (its
@@ -587,6 +624,88 @@ mod tests {
             let tool = a.mcp.as_ref().and_then(|m| m.tool.clone());
             assert_eq!(tool, Some(format!("t{i}")));
         }
+    }
+
+    #[test]
+    fn each_request_of_a_message_batch_is_one_messages_call() {
+        use crate::model::{HttpRequest, Shared, Transport};
+        let action = |path: &str, body: &str| Action {
+            transport: Transport {
+                host: Some("api.anthropic.com".into()),
+                port: 443,
+                ..Transport::default()
+            },
+            http: Some(Shared::new(HttpRequest {
+                method: "POST".into(),
+                path: path.into(),
+                body: body.into(),
+                ..HttpRequest::default()
+            })),
+            ..Action::default()
+        };
+        let cfg = InspectConfig::default();
+        let body = r#"{"requests":[
+            {"custom_id":"a","params":{"model":"m-a","max_tokens":1,"messages":[],
+              "tools":[{"name":"read_file","input_schema":{}},{"type":"web_search_20250305","name":"web_search"}]}},
+            {"custom_id":"b","params":{"model":"m-b","max_tokens":1,"stream":true,"messages":[{"role":"user",
+              "content":[{"type":"tool_result","tool_use_id":"t","content":"x"}]}]}}]}"#;
+        for path in [
+            "/v1/messages/batches",
+            "/V1/MESSAGES/BATCHES/",
+            "/proxy/v1/messages//batches",
+            "/v1/messages/batches?beta=true",
+        ] {
+            let out = classify(action(path, body), &cfg).unwrap();
+            assert!(
+                matches!(
+                    out.protocol,
+                    Protocol::Llm {
+                        provider: Provider::Anthropic,
+                        api: LlmApi::Other
+                    }
+                ),
+                "{path}: {:?}",
+                out.protocol
+            );
+            let calls: Vec<_> = out.actions.iter().map(|a| a.llm.clone().unwrap()).collect();
+            assert_eq!(calls.len(), 2, "{path}");
+            assert_eq!(calls[0].model.as_deref(), Some("m-a"));
+            assert_eq!(calls[0].tools, ["read_file", "web_search"]);
+            assert!(!calls[0].has_tool_results && !calls[0].stream);
+            assert_eq!(calls[1].model.as_deref(), Some("m-b"));
+            assert!(calls[1].tools.is_empty() && calls[1].has_tool_results && calls[1].stream);
+            let first = out.actions[0].http.as_ref().unwrap();
+            assert!(Shared::same(out.actions[1].http.as_ref().unwrap(), first));
+            assert!(message_batch_create("post", path), "{path}");
+        }
+        for bad in [
+            "[]",
+            r#"{"requests":{}}"#,
+            r#"{"requests":[]}"#,
+            r#"{"requests":[1]}"#,
+            r#"{"requests":[{"custom_id":"a"}]}"#,
+            r#"{"requests":[{"custom_id":"a","params":[]}]}"#,
+            r#"{"Requests":[{"custom_id":"a","params":{"model":"m"}}],"requests":[]}"#,
+            r#"{"requests":[{"custom_id":"a","params":{"model":"m"},"PARAMS":{"model":"x"}}]}"#,
+            r#"{"requests":[{"custom_id":"a","params":{"model":"m","Tools":[{"name":"x"}]}}]}"#,
+        ] {
+            let got = classify(action("/v1/messages/batches", bad), &cfg);
+            assert!(
+                matches!(
+                    got,
+                    Err(InspectError::BadJson {
+                        protocol: "anthropic"
+                    })
+                ),
+                "{bad}: {got:?}"
+            );
+        }
+        // Reading a batch's results, listing batches: not a create.
+        assert!(!message_batch_create("GET", "/v1/messages/batches"));
+        assert!(!message_batch_create(
+            "POST",
+            "/v1/messages/batches/b1/cancel"
+        ));
     }
 
     #[test]

@@ -12,6 +12,10 @@ use super::refusal::Refusal;
 use crate::constrain::ConstrainError;
 use crate::model::{Change, Mode, Relay, Verdict};
 
+/// The refusal's message for a constrain on an Anthropic Message Batch create (`POST /v1/messages/batches`).
+const MESSAGE_BATCH_UNREWRITABLE: &str =
+    "a constrain rule matched a message batch, whose requests it cannot rewrite: send them to /v1/messages";
+
 /// The request as it is to be forwarded.
 pub(crate) struct Outgoing {
     pub parts: http::request::Parts,
@@ -52,6 +56,27 @@ pub(crate) fn enforce(
         // A review forwards, once approved, what the matching constrain rules make of it (see `hold`).
         Verdict::Review if decision.rewrites.is_empty() => return Ok(unchanged(parts)),
         Verdict::Constrain | Verdict::Review => {}
+    }
+    if provider.is_some()
+        && crate::inspect::message_batch_create(parts.method.as_str(), parts.uri.path())
+    {
+        // An Anthropic Message Batch carries many Messages calls; the rewrites (JSON paths, dropped tools) are
+        // written for one call's body and would miss the elements', so the batch is refused instead (fail closed).
+        tracing::info!("constrain on a message batch: blocking");
+        let blocked = rec.block_instead(
+            crate::model::Reason::Unrewritable,
+            Some(MESSAGE_BATCH_UNREWRITABLE.to_owned()),
+        );
+        return Err(blocked.map_or_else(
+            || {
+                Refusal::new(
+                    crate::model::Reason::Unrewritable,
+                    http::StatusCode::FORBIDDEN,
+                    "blocked by policy",
+                )
+            },
+            Refusal::policy,
+        ));
     }
     let mut rewritten = body.decoded.clone();
     let rewrites = decision.rewrites.clone();

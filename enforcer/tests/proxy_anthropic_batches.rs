@@ -39,16 +39,23 @@ rules:
     when: { llm.model: "capped-*" }
     verdict: constrain
     constrain: { json_cap: { $.max_tokens: 100 } }
+  - id: redact-emails
+    when: { llm.model: "redacted-*", detect: [email] }
+    verdict: constrain
+    constrain: { redact: [email] }
 "#;
 
 /// The batch object Anthropic answers a create with.
 const CREATED: &str =
     r#"{"id":"msgbatch_1","type":"message_batch","processing_status":"in_progress"}"#;
 
-async fn answer(_req: Request<Incoming>) -> Response<TestBody> {
+/// [`CREATED`]; under `/echo/` the body the upstream received.
+async fn answer(req: Request<Incoming>) -> Response<TestBody> {
+    let echo = req.uri().path().starts_with("/echo/");
+    let body = req.into_body().collect().await.unwrap().to_bytes();
     Response::builder()
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(CREATED)).boxed())
+        .body(Full::new(if echo { body } else { Bytes::from(CREATED) }).boxed())
         .unwrap()
 }
 
@@ -166,8 +173,8 @@ async fn a_batch_is_decided_as_its_requests_would_be() {
 
 /// A batch body that cannot be read as Messages bodies (not an object, `requests` not an array or empty, an element
 /// without object `params`, a member spelt in another letter case where a case-insensitive decoder would read it)
-/// is refused as unreadable, as an unreadable `/v1/messages` body is; a constrain verdict refuses the batch, whose
-/// elements its rewrites cannot reach.
+/// is refused as unreadable, as an unreadable `/v1/messages` body is; a constrain whose rewrites read one call's
+/// body (a JSON path, `drop_tools`) refuses the batch, whose elements they cannot reach, and a redaction is applied.
 #[tokio::test]
 async fn an_unreadable_or_constrained_batch_is_refused() {
     let w = world().await;
@@ -213,5 +220,27 @@ async fn an_unreadable_or_constrained_batch_is_refused() {
     assert_eq!(recs[0]["decision"]["reason"], "unrewritable");
     assert_eq!(recs[0]["decision"]["rule"], "cap-tokens");
     assert_eq!(recs[0]["outcome"]["disposition"], "blocked");
+    // A redaction reads every string of the body, each element's: applied, the batch forwarded.
+    let body = batch(&[
+        params("claude-1", "read_file", "hi"),
+        params("redacted-1", "read_file", "mail bob@example.com"),
+    ]);
+    let (status, got, recs) = post(&w, "/echo/v1/messages/batches", body).await;
+    let want: Value = serde_json::from_str(&batch(&[
+        params("claude-1", "read_file", "hi"),
+        params("redacted-1", "read_file", "mail [REDACTED:email]"),
+    ]))
+    .unwrap();
+    assert_eq!((status, got), (200, want));
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let r = &recs[0];
+    assert_eq!(r["decision"]["verdict"], "constrain", "{r}");
+    assert_eq!(r["decision"]["rule"], "redact-emails", "{r}");
+    assert_eq!(
+        r["request"]["changes"],
+        json!([{"path": "$.requests[1].params.messages[0].content", "cause": "redact:email"}]),
+        "{r}"
+    );
+    assert_eq!(r["outcome"]["disposition"], "forwarded", "{r}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

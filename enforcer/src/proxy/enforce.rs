@@ -10,9 +10,10 @@ use super::head::Head;
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::constrain::ConstrainError;
-use crate::model::{Change, Mode, Relay, Verdict};
+use crate::model::{Change, Mode, Relay, Rewrite, Verdict};
 
-/// The refusal's message for a constrain on an Anthropic Message Batch create (`POST /v1/messages/batches`).
+/// The refusal's message for a constrain on an Anthropic Message Batch create (`POST /v1/messages/batches`) whose
+/// rewrites read one call's body ([`request_wide`]).
 const MESSAGE_BATCH_UNREWRITABLE: &str =
     "a constrain rule matched a message batch, whose requests it cannot rewrite: send them to /v1/messages";
 
@@ -59,9 +60,10 @@ pub(crate) fn enforce(
     }
     if provider.is_some()
         && crate::inspect::message_batch_create(parts.method.as_str(), parts.uri.path())
+        && !decision.rewrites.iter().all(|p| request_wide(&p.rewrite))
     {
-        // An Anthropic Message Batch carries many Messages calls; the rewrites (JSON paths, dropped tools) are
-        // written for one call's body and would miss the elements', so the batch is refused instead (fail closed).
+        // An Anthropic Message Batch carries many Messages calls; JSON paths and dropped tools are written for one
+        // call's body and would miss the elements', so the batch is refused instead (fail closed).
         tracing::info!("constrain on a message batch: blocking");
         let blocked = rec.block_instead(
             crate::model::Reason::Unrewritable,
@@ -123,6 +125,19 @@ pub(crate) fn enforce(
                 Refusal::policy,
             ))
         }
+    }
+}
+
+/// Whether `rewrite` does to a request what it means whatever the body's shape: a redaction (every string of the
+/// body, its head) or a header set or removed. JSON paths and `drop_tools` read one call's body.
+fn request_wide(rewrite: &Rewrite) -> bool {
+    match rewrite {
+        Rewrite::Redact { .. } | Rewrite::HeaderSet { .. } | Rewrite::HeaderRemove { .. } => true,
+        Rewrite::JsonSet { .. }
+        | Rewrite::JsonRemove { .. }
+        | Rewrite::JsonCap { .. }
+        | Rewrite::JsonTruncate { .. }
+        | Rewrite::DropTools { .. } => false,
     }
 }
 

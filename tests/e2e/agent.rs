@@ -125,6 +125,77 @@ attempt("bpf obj_get tag map", bpf_obj_get)
 print(json.dumps(out))
 "#;
 
+/// `enforcer exec` runs the command in a cgroup of its own below the profile's (`exec-<exec's pid>`), where its
+/// connections are the command's (the record names that cgroup and a pid other than exec's); passes its exit code on
+/// (a signal as 128 + the signal); forwards SIGTERM to it; and removes the cgroup once the command has ended.
+pub fn exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on(env: &mut Env) {
+    use std::process::Stdio;
+    env.need_daemon();
+    let path = format!("/allowed/{}", unique("exec-cgroup"));
+    let url = format!("https://{API_HOST}{path}");
+    let resolve = env.resolve(API_HOST, 443, false);
+    let mut exec = env.exec_command();
+    exec.args(["curl", "-fsS", "-o", "/dev/null", "--max-time", "20"])
+        .args(["--resolve", &resolve, &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = exec.spawn().expect("enforcer exec");
+    let exec_pid = child.id();
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = crate::records_for(env, &path);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let rec = &recs[0];
+    let cgroup = format!("/enforcer/{PROFILE}/exec-{exec_pid}");
+    assert!(
+        rec["agent"]["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with(&cgroup)),
+        "{rec}"
+    );
+    let pid = rec["agent"]["pid"].as_u64().expect("pid");
+    assert_ne!(pid, u64::from(exec_pid), "exec itself connected: {rec}");
+    let exec_cgroup = env.profile_cgroup(PROFILE).join(format!("exec-{exec_pid}"));
+    assert!(!exec_cgroup.exists(), "exec cgroup left after the command");
+
+    assert_eq!(env.exec_tagged(&["sh", "-c", "exit 7"]).0, 7);
+    assert_eq!(env.exec_tagged(&["sh", "-c", "kill -TERM $$"]).0, 128 + 15);
+
+    // SIGTERM to exec reaches the command (which reports it by its exit code), and exec still removes its cgroup.
+    let ready = std::env::temp_dir().join(unique("exec-ready"));
+    let mut term = env.exec_command();
+    term.args([
+        "sh",
+        "-c",
+        "trap 'exit 42' TERM; touch \"$0\"; while :; do sleep 0.05; done",
+    ])
+    .arg(&ready);
+    let mut term = term.spawn().expect("enforcer exec");
+    let exec_cgroup = env
+        .profile_cgroup(PROFILE)
+        .join(format!("exec-{}", term.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(exec_cgroup.is_dir(), "the command runs in its exec cgroup");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe {
+        libc::kill(i32::try_from(term.id()).expect("pid"), libc::SIGTERM);
+    }
+    assert_eq!(term.wait().expect("wait").code(), Some(42));
+    let _ = std::fs::remove_file(&ready);
+    assert!(!exec_cgroup.exists(), "exec cgroup left after SIGTERM");
+}
+
 /// The attempts a root agent could make to get out from under the enforcer, each refused for the unprivileged
 /// agent; afterwards the daemon still runs and still decides the agent's requests.
 pub fn cannot_escape_read_keys_or_stop_the_daemon(env: &mut Env) {

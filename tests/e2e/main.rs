@@ -153,6 +153,10 @@ const TESTS: &[Test] = &[
         agent::runs_unprivileged_without_capabilities,
     ),
     (
+        "exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on",
+        agent::exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on,
+    ),
+    (
         "agent_cannot_escape_read_keys_or_stop_the_daemon",
         agent::cannot_escape_read_keys_or_stop_the_daemon,
     ),

@@ -22,12 +22,8 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
             actions: vec![action],
         };
     };
-    let provider = action
-        .transport
-        .host
-        .as_deref()
-        .and_then(|h| cfg.provider_for(h, action.transport.port));
-    let path = super::canonical_path(http.path.split('?').next().unwrap_or_default());
+    let provider = super::host_provider(&action, cfg);
+    let path = super::routed_path(http);
     let json = http.json.clone();
     if let (Some(Provider::OpenAi), Some(event)) = (provider, json.as_deref()) {
         let kind = event
@@ -102,15 +98,11 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
 /// any other connection.
 pub fn connection_call(action: &Action, cfg: &InspectConfig) -> Option<LlmCall> {
     let http = action.http.as_ref()?;
-    let provider = action
-        .transport
-        .host
-        .as_deref()
-        .and_then(|h| cfg.provider_for(h, action.transport.port))?;
+    let provider = super::host_provider(action, cfg)?;
     if provider != Provider::OpenAi {
         return None;
     }
-    let path = super::canonical_path(http.path.split('?').next().unwrap_or_default());
+    let path = super::routed_path(http);
     if llm::realtime_websocket(&path) {
         Some(realtime_call(&Value::Null, http.query.get("model")))
     } else if llm::responses_websocket(&path) {

@@ -389,12 +389,8 @@ pub fn claims_json(content_type: Option<&str>, body: &str) -> bool {
 /// its body could not be read. `None` for any other request.
 pub fn claimed_llm_provider(action: &Action, cfg: &InspectConfig) -> Option<Provider> {
     let http = action.http.as_ref()?;
-    let provider = action
-        .transport
-        .host
-        .as_deref()
-        .and_then(|h| cfg.provider_for(h, action.transport.port))?;
-    let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+    let provider = host_provider(action, cfg)?;
+    let path = routed_path(http);
     llm::endpoint(&http.method, &path).map(|_| provider)
 }
 
@@ -415,13 +411,9 @@ pub fn claimed_protocol(action: &Action, cfg: &InspectConfig) -> Protocol {
     let Some(http) = action.http.as_ref() else {
         return Protocol::Http;
     };
-    let provider = action
-        .transport
-        .host
-        .as_deref()
-        .and_then(|h| cfg.provider_for(h, action.transport.port));
+    let provider = host_provider(action, cfg);
     if let Some(provider) = provider {
-        let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+        let path = routed_path(http);
         return match llm::endpoint(&http.method, &path) {
             Some(api) => Protocol::Llm {
                 provider: api.shape(provider),
@@ -447,7 +439,7 @@ pub fn answered_api(protocol: &Protocol, action: &Action) -> Option<(Provider, L
         Protocol::Llm { provider, api } => Some((provider, api)),
         Protocol::Provider(provider) => {
             let http = action.http.as_ref()?;
-            let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+            let path = routed_path(http);
             llm::retrieval(provider, &http.method, &path).map(|api| (provider, api))
         }
         _ => None,
@@ -465,7 +457,7 @@ pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::
         return None;
     };
     let http = action.http.as_ref()?;
-    let path = canonical_path(http.path.split('?').next().unwrap_or_default());
+    let path = routed_path(http);
     if llm::message_batch_results(provider, &http.method, &path) {
         Some(Batch::MessageBatch)
     } else if llm::gemini_file_download(provider, &http.method, &path) {
@@ -473,6 +465,20 @@ pub fn answered_batch(protocol: &Protocol, action: &Action) -> Option<proposal::
     } else {
         llm::openai_file_content(provider, &http.method, &path).then_some(Batch::OpenAiOutput)
     }
+}
+
+/// The provider whose host `action` connects to ([`InspectConfig::provider_for`] of its transport's host and port).
+fn host_provider(action: &Action, cfg: &InspectConfig) -> Option<Provider> {
+    action
+        .transport
+        .host
+        .as_deref()
+        .and_then(|h| cfg.provider_for(h, action.transport.port))
+}
+
+/// The request's path without its query, as a provider's router reads it ([`canonical_path`]).
+fn routed_path(http: &crate::model::HttpRequest) -> String {
+    canonical_path(http.path.split('?').next().unwrap_or_default())
 }
 
 /// The path as a provider's router is likely to see it, so an LLM call cannot dodge classification by spelling:

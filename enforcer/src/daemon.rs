@@ -496,6 +496,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sessions,
         reviews: reviews.clone(),
         traces: traces.clone(),
+        batch_inputs: Default::default(),
     });
     let reloader = Arc::new(Reloader {
         config: config.clone(),

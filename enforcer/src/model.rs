@@ -631,6 +631,10 @@ pub enum Reason {
     /// (`proxy.max_buffered_bytes_per_agent`), or all agents' together the total (`proxy.max_buffered_bytes`): the
     /// request (or response, or message) was refused, answered 503 with `Retry-After`, never forwarded.
     BufferLimit,
+    /// A batch create named an input file the enforcer did not read when it was uploaded (uploaded elsewhere, in
+    /// chunks, before the daemon started or the policy changed): its LLM calls were never decided, so the batch is
+    /// refused (`proxy::batch_input`).
+    UnreadInput,
 }
 
 impl Reason {
@@ -662,6 +666,7 @@ impl Reason {
             Reason::ReviewUnavailable => "review_unavailable",
             Reason::ConnectionLimit => "connection_limit",
             Reason::BufferLimit => "buffer_limit",
+            Reason::UnreadInput => "unread_input",
         }
     }
 }

@@ -231,6 +231,11 @@ fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `path` as [`lenient`] reads it, lower-cased: what the endpoint matchers compare.
+pub(super) fn lenient_lower(path: &str) -> String {
+    lenient(path).to_ascii_lowercase()
+}
+
 /// The characters a lenient server drops from the end of a path ([`lenient`]) or of a Gemini model's name before
 /// its method ([`gemini_target`]).
 fn lenient_tail(c: char) -> bool {
@@ -376,7 +381,7 @@ pub(super) fn describe(
 /// The members of the Gemini object `v` that proto3 JSON reads as the field `json_name` (lowerCamelCase): each
 /// member whose name is it or spells it as its proto name ([`gemini_json_name`]). A body giving both spellings is
 /// read under each.
-fn fields<'a>(v: &'a Value, json_name: &'a str) -> impl Iterator<Item = &'a Value> {
+pub(super) fn fields<'a>(v: &'a Value, json_name: &'a str) -> impl Iterator<Item = &'a Value> {
     v.as_object()
         .into_iter()
         .flatten()

@@ -18,6 +18,8 @@ use crate::model::{Action, Decision, LlmCall};
 pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
     let Some(http) = action.http.as_ref() else {
         return Inspected {
+            carried: None,
+            inputs: Vec::new(),
             protocol: Protocol::Http,
             actions: vec![action],
         };
@@ -53,6 +55,8 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
             Some(call) => {
                 action.llm = Some(call);
                 Inspected {
+                    carried: None,
+                    inputs: Vec::new(),
                     protocol: Protocol::Llm {
                         provider: Provider::OpenAi,
                         api: LlmApi::Responses,
@@ -61,6 +65,8 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
                 }
             }
             None => Inspected {
+                carried: None,
+                inputs: Vec::new(),
                 protocol: Protocol::Provider(Provider::OpenAi),
                 actions: vec![action],
             },
@@ -77,6 +83,8 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
             })
             .unzip();
         return Inspected {
+            carried: None,
+            inputs: Vec::new(),
             protocol: Protocol::Mcp { batch, messages },
             actions,
         };
@@ -86,6 +94,8 @@ pub fn classify_message(mut action: Action, cfg: &InspectConfig) -> Inspected {
         None => Protocol::Http,
     };
     Inspected {
+        carried: None,
+        inputs: Vec::new(),
         protocol,
         actions: vec![action],
     }

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batch_input;
 mod block;
 mod decode;
 mod keys;
@@ -73,6 +74,10 @@ pub enum InspectError {
     /// many ways to decide each: the receiver may act on a reading the enforced decision did not see.
     #[error("the request reads more than one way: {0}")]
     Readings(String),
+    /// A batch input file (or a batch naming one) that cannot be read as the provider's Batch API reads it: its
+    /// calls would run undecided. The message names what is wrong, never the data.
+    #[error("the batch input cannot be read: {0}")]
+    BatchInput(&'static str),
 }
 
 /// An LLM provider whose API shapes are understood.
@@ -167,6 +172,22 @@ pub enum Protocol {
 pub struct Inspected {
     pub protocol: Protocol,
     pub actions: Vec<Action>,
+    /// Set when the Actions are LLM calls the request carries for a provider to run later (the elements of an
+    /// Anthropic Message Batch, the lines of a batch input file) rather than the request's own call: a rewrite
+    /// written for one call's body cannot reach them.
+    pub carried: Option<Carried>,
+    /// The batch input files a batch create names ([`batch_input::named_inputs`]): each must have been read when it
+    /// was uploaded, its lines decided, for the batch to run.
+    pub inputs: Vec<String>,
+}
+
+/// What carries the LLM calls of a request that carries them for later ([`Inspected::carried`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    /// An Anthropic Message Batch create (`POST /v1/messages/batches`): one call per `requests[].params`.
+    MessageBatch,
+    /// An uploaded batch input file: one call per line; the upstream's answer names the file as given.
+    InputFile(batch_input::StoredAs),
 }
 
 /// Settings for recognising providers, filled from the daemon config. Hosts are compared case-insensitively,
@@ -232,6 +253,8 @@ fn host_matches(entry: &str, host: &str, port: u16) -> bool {
 pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, InspectError> {
     let Some(http) = action.http.as_mut() else {
         return Ok(Inspected {
+            carried: None,
+            inputs: Vec::new(),
             protocol: Protocol::Http,
             actions: vec![action],
         });
@@ -292,6 +315,8 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     })
                     .collect();
                 return Ok(Inspected {
+                    carried: Some(Carried::MessageBatch),
+                    inputs: Vec::new(),
                     protocol: Protocol::Llm {
                         provider: shape,
                         api,
@@ -309,15 +334,24 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: shape.as_str(),
                 });
             }
+            let inputs = batch_input::named_inputs(provider, &http.method, &path, Some(json))?;
             let call = llm::describe(provider, api, &path, &http.query, json);
             action.llm = Some(call);
             return Ok(Inspected {
+                carried: None,
+                inputs,
                 protocol: Protocol::Llm {
                     provider: shape,
                     api,
                 },
                 actions: vec![action],
             });
+        }
+    }
+
+    if let Some(provider) = provider {
+        if let Some(file) = batch_input::upload(provider, http, &path)? {
+            return Ok(input_file(action, provider, file));
         }
     }
 
@@ -351,6 +385,8 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     messages.push(message);
                 }
                 return Ok(Inspected {
+                    carried: None,
+                    inputs: Vec::new(),
                     protocol: Protocol::Mcp { batch, messages },
                     actions,
                 });
@@ -362,10 +398,62 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         Some(p) => Protocol::Provider(p),
         None => Protocol::Http,
     };
+    let inputs = match provider {
+        Some(p) => batch_input::named_inputs(p, &http.method, &path, http.json.as_deref())?,
+        None => Vec::new(),
+    };
     Ok(Inspected {
+        carried: None,
+        inputs,
         protocol,
         actions: vec![action],
     })
+}
+
+/// The Actions of a batch input file uploaded to a host of `provider`: one per line, each the LLM call the line
+/// asks for, as the same body sent to its endpoint would be decided (its `http` is the upload's, with the line's
+/// method, endpoint path and body as its JSON; the text detectors read is the whole upload's). A file without lines
+/// is the upload's one Action.
+fn input_file(action: Action, provider: Provider, file: batch_input::InputFile) -> Inspected {
+    let stored_as = file.stored_as;
+    let carried = Some(Carried::InputFile(stored_as));
+    let mut actions = Vec::with_capacity(file.calls.len().max(1));
+    for call in file.calls {
+        let mut a = action.clone();
+        let path = if call.path.is_empty() {
+            a.http.as_ref().map(|h| h.path.clone()).unwrap_or_default()
+        } else {
+            call.path
+        };
+        a.llm = Some(llm::describe(
+            provider,
+            call.api,
+            &path,
+            &crate::model::Pairs::default(),
+            &call.body,
+        ));
+        if let Some(http) = a.http.as_mut() {
+            http.method = "POST".to_string();
+            http.path = path;
+            http.json = Some(Shared::new(call.body));
+        }
+        actions.push(a);
+    }
+    if actions.is_empty() {
+        actions.push(action);
+    }
+    // Refused in the shape of the API the file was uploaded with: OpenAI's Files API (Gemini serves it too,
+    // under `/v1beta/openai/`, to the OpenAI SDK) or Gemini's own.
+    let shape = match stored_as {
+        batch_input::StoredAs::FileId => Provider::OpenAi,
+        batch_input::StoredAs::FileName => Provider::Gemini,
+    };
+    Inspected {
+        protocol: Protocol::Provider(shape),
+        actions,
+        carried,
+        inputs: Vec::new(),
+    }
 }
 
 /// Whether a body claims to be JSON: by its media type (`*/json`, `*/*+json`) or by its shape (its first
@@ -394,14 +482,12 @@ pub fn claimed_llm_provider(action: &Action, cfg: &InspectConfig) -> Option<Prov
     llm::endpoint(&http.method, &path).map(|_| provider)
 }
 
-/// Whether `method path` (the request's path as sent, its query included or not) creates an Anthropic Message
-/// Batch (`POST /v1/messages/batches`, matched as the LLM endpoints are), whose elements are each a Messages call:
-/// a constrain's rewrites, written for one call's body, are not applied to it (the proxy refuses it instead).
-pub fn message_batch_create(method: &str, path: &str) -> bool {
-    llm::message_batch_create(
-        method,
-        &canonical_path(path.split('?').next().unwrap_or_default()),
-    )
+/// Whether `method path` (the request's path as sent) may upload a batch input file (`POST …/files`, matched as the
+/// LLM endpoints are): its body, a form, may carry lines of JSON ([`batch_input::upload`]) whatever it opens with.
+pub fn may_upload_batch_input(method: &str, path: &str) -> bool {
+    method.eq_ignore_ascii_case("POST")
+        && llm::lenient_lower(&canonical_path(path.split('?').next().unwrap_or_default()))
+            .ends_with("/files")
 }
 
 /// The protocol a request speaks as far as its answer's shape is concerned, when it could not be classified (its
@@ -682,7 +768,7 @@ mod tests {
             assert!(calls[1].tools.is_empty() && calls[1].has_tool_results && calls[1].stream);
             let first = out.actions[0].http.as_ref().unwrap();
             assert!(Shared::same(out.actions[1].http.as_ref().unwrap(), first));
-            assert!(message_batch_create("post", path), "{path}");
+            assert_eq!(out.carried, Some(Carried::MessageBatch), "{path}");
         }
         for bad in [
             "[]",
@@ -707,8 +793,8 @@ mod tests {
             );
         }
         // Reading a batch's results, listing batches: not a create.
-        assert!(!message_batch_create("GET", "/v1/messages/batches"));
-        assert!(!message_batch_create(
+        assert!(!llm::message_batch_create("GET", "/v1/messages/batches"));
+        assert!(!llm::message_batch_create(
             "POST",
             "/v1/messages/batches/b1/cancel"
         ));

@@ -105,6 +105,77 @@ pub fn names_part(content_type: &str, body: &str, name: &str) -> bool {
     }
 }
 
+/// One part of a `multipart/form-data` body read by [`form_parts`]: its field name (RFC 7578 §4.2), its file name if
+/// it has one, and its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormPart<'a> {
+    pub name: String,
+    pub filename: Option<String>,
+    pub data: &'a str,
+}
+
+/// The parts of a `multipart/form-data` body (RFC 7578; delimiters as RFC 2046 §5.1.1 writes them), when it reads
+/// one way only, for a reading that must see exactly what the receiver stores: the body opens with the first
+/// delimiter (no preamble), every `--boundary` in it starts a line ending in CRLF, none is followed by transport
+/// padding, the last closes the body (`--boundary--`, then at most a CRLF), and each part has one
+/// `Content-Disposition: form-data` naming it once, in plain parameters (no RFC 2231 `name*` forms), and its
+/// headers end in an empty CRLF line. `None` for any other body: the liberal reader ([`check`]) still reads its
+/// headers, but its data may be cut more than one way.
+pub fn form_parts<'a>(content_type: &str, body: &'a str) -> Option<Vec<FormPart<'a>>> {
+    let (media, params) = split_params(content_type);
+    if !media.eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    let delimiter = format!("--{}", boundary(&params).ok()??);
+    let found: Vec<usize> = memmem::find_iter(body.as_bytes(), delimiter.as_bytes()).collect();
+    let (&close, opens) = found.split_last()?;
+    let epilogue = body.get(close + delimiter.len()..)?.strip_prefix("--")?;
+    if opens.first() != Some(&0) || !matches!(epilogue, "" | "\r\n") {
+        return None;
+    }
+    let mut parts = Vec::with_capacity(opens.len());
+    for (i, &at) in opens.iter().enumerate() {
+        let next = found[i + 1];
+        let part = body
+            .get(at + delimiter.len()..next)?
+            .strip_prefix("\r\n")?
+            .strip_suffix("\r\n")?;
+        let (head, data) = part.split_once("\r\n\r\n")?;
+        let mut disposition = head
+            .split("\r\n")
+            .map(|line| line.split_once(':'))
+            .filter(|field| {
+                field.is_none_or(|(n, _)| n.trim().eq_ignore_ascii_case("content-disposition"))
+            });
+        let (_, value) = disposition.next()??;
+        if disposition.next().is_some() {
+            return None;
+        }
+        let (kind, params) = split_params(value.trim());
+        let one = |n: &str| {
+            let mut named = params.iter().filter(|(k, _)| k.trim_end_matches('*') == n);
+            let first = named.next();
+            match (first, named.next()) {
+                (Some((k, v)), None) if k == n => Ok(Some(v.clone())),
+                (None, _) => Ok(None),
+                _ => Err(()),
+            }
+        };
+        let (Ok(Some(name)), Ok(filename)) = (one("name"), one("filename")) else {
+            return None;
+        };
+        if !kind.eq_ignore_ascii_case("form-data") {
+            return None;
+        }
+        parts.push(FormPart {
+            name,
+            filename,
+            data,
+        });
+    }
+    Some(parts)
+}
+
 /// A media type and its parameters (`name=value`, names lower-cased, values unquoted); RFC 9110 §5.6.6.
 fn split_params(content_type: &str) -> (&str, Vec<(String, String)>) {
     let mut pieces = content_type.split(';');

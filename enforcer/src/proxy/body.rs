@@ -107,9 +107,10 @@ pub(crate) fn refusal(e: &InspectError) -> Refusal {
         InspectError::UnsupportedEncoding(_)
         | InspectError::NotUtf8Json
         | InspectError::Encoded(_) => (Reason::Unparseable, StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        InspectError::BadJson { .. } | InspectError::Corrupt { .. } | InspectError::TwinMembers => {
-            (Reason::Unparseable, StatusCode::BAD_REQUEST)
-        }
+        InspectError::BadJson { .. }
+        | InspectError::Corrupt { .. }
+        | InspectError::TwinMembers
+        | InspectError::BatchInput(_) => (Reason::Unparseable, StatusCode::BAD_REQUEST),
         InspectError::MethodOverride | InspectError::Readings(_) => {
             (Reason::BadRequest, StatusCode::BAD_REQUEST)
         }

@@ -171,6 +171,12 @@ pub(crate) fn json_tree_bound(text: &[u8]) -> u64 {
     if !opens {
         return 0;
     }
+    lines_tree_bound(text)
+}
+
+/// What parsing the JSON lines carried in `text` (a form holding a batch input file) can hold beyond the text, at
+/// most: [`json_tree_bound`] of text wherever its JSON opens.
+pub(crate) fn lines_tree_bound(text: &[u8]) -> u64 {
     let elements = text
         .iter()
         .filter(|b| matches!(b, b',' | b':' | b'[' | b'{'))

@@ -10,12 +10,21 @@ use super::head::Head;
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
 use crate::constrain::ConstrainError;
+use crate::inspect::Carried;
 use crate::model::{Change, Mode, Relay, Rewrite, Verdict};
 
-/// The refusal's message for a constrain on an Anthropic Message Batch create (`POST /v1/messages/batches`) whose
-/// rewrites read one call's body ([`request_wide`]).
-const MESSAGE_BATCH_UNREWRITABLE: &str =
-    "a constrain rule matched a message batch, whose requests it cannot rewrite: send them to /v1/messages";
+/// The refusal's message for a constrain whose rewrites read one call's body ([`request_wide`]) on a request that
+/// carries many calls: an Anthropic Message Batch create (`POST /v1/messages/batches`), a batch input file.
+fn carried_unrewritable(carried: Carried) -> &'static str {
+    match carried {
+        Carried::MessageBatch => {
+            "a constrain rule matched a message batch, whose requests it cannot rewrite: send them to /v1/messages"
+        }
+        Carried::InputFile(_) => {
+            "a constrain rule matched a batch input file, whose requests it cannot rewrite: send them to their endpoint"
+        }
+    }
+}
 
 /// The request as it is to be forwarded.
 pub(crate) struct Outgoing {
@@ -28,14 +37,15 @@ pub(crate) struct Outgoing {
 }
 
 /// Carry the decision out on the request; `provider` is the LLM provider whose API the request goes to (its own
-/// key in a credential header is not redacted); `parsed` is the body's JSON as the classify phase parsed it (when
+/// key in a credential header is not redacted), `carried` what carries the calls of a request that carries many
+/// (`inspect::Inspected::carried`); `parsed` is the body's JSON as the classify phase parsed it (when
 /// it is that of the UTF-8 body as it will be rewritten), which a constrain rewrites instead of parsing the body
 /// again. A constrain whose rewrites change nothing is recorded as what was done: forwarded as received
 /// (`ExchangeRecord::note_unchanged`).
 pub(crate) fn enforce(
     rec: &mut ExchangeRecord,
     head: &Head,
-    provider: Option<&str>,
+    (provider, carried): (Option<&str>, Option<Carried>),
     mut parts: http::request::Parts,
     (body, parsed): (Body, Option<serde_json::Value>),
 ) -> Result<Outgoing, Refusal> {
@@ -58,16 +68,15 @@ pub(crate) fn enforce(
         Verdict::Review if decision.rewrites.is_empty() => return Ok(unchanged(parts)),
         Verdict::Constrain | Verdict::Review => {}
     }
-    if provider.is_some()
-        && crate::inspect::message_batch_create(parts.method.as_str(), parts.uri.path())
-        && !decision.rewrites.iter().all(|p| request_wide(&p.rewrite))
+    if let Some(carried) =
+        carried.filter(|_| !decision.rewrites.iter().all(|p| request_wide(&p.rewrite)))
     {
-        // An Anthropic Message Batch carries many Messages calls; JSON paths and dropped tools are written for one
-        // call's body and would miss the elements', so the batch is refused instead (fail closed).
-        tracing::info!("constrain on a message batch: blocking");
+        // A message batch or a batch input file carries many calls; JSON paths and dropped tools are written for
+        // one call's body and would miss the elements', so the request is refused instead (fail closed).
+        tracing::info!("constrain on a request carrying many calls: blocking");
         let blocked = rec.block_instead(
             crate::model::Reason::Unrewritable,
-            Some(MESSAGE_BATCH_UNREWRITABLE.to_owned()),
+            Some(carried_unrewritable(carried).to_owned()),
         );
         return Err(blocked.map_or_else(
             || {

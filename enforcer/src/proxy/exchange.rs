@@ -37,7 +37,10 @@ use super::budget::Reservation;
 use super::http::{Conn, ProxyBody};
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
-use super::{answer, body, classify, enforce, forward, head, hold, readings, ProxyContext};
+use super::{
+    answer, batch_input, body, classify, enforce, forward, head, hold, readings, ProxyContext,
+};
+use crate::inspect::Carried;
 use crate::model::{Action, RequestSummary};
 
 /// Take one request through the phases; the response the client gets. The request is boxed: passed down by value,
@@ -79,6 +82,7 @@ async fn phases(
         answered,
         upgrade,
         held,
+        stored,
     } = prepare(rec, conn, req).await?;
     let appended = rec.forwarded()?;
     let seq = appended.seq();
@@ -99,6 +103,11 @@ async fn phases(
             Box::pin(answer::respond(resp, rec.answering(*request, seq), upgrade)).await
         }
     };
+    // An uploaded batch input file whose lines were decided: its answer names the file a batch may run.
+    let answer = match stored {
+        Some(stored) => stored.note(&rec.ctx().batch_inputs, answer).await,
+        None => answer,
+    };
     Ok(crate::trace::attach(answer, traced))
 }
 
@@ -114,6 +123,8 @@ struct Prepared {
     upgrade: Option<OnUpgrade>,
     /// The body's bytes in the buffer budget, held until it has been sent.
     held: Reservation,
+    /// An upload of a batch input file whose lines were decided: the answer names the file kept as read.
+    stored: Option<batch_input::Stored>,
 }
 
 /// The body's JSON as the classify phase parsed it, taken from the request's Actions (which go) for the enforce
@@ -176,7 +187,13 @@ async fn prepare(
     }
 
     // The JSON the classify phase parses the body into is held as long as the body: its room is reserved first.
-    let tree = super::budget::json_tree_bound(&body.decoded);
+    // A form may carry a batch input file, whose lines are parsed wherever they stand.
+    let tree = match super::budget::json_tree_bound(&body.decoded) {
+        0 if crate::inspect::may_upload_batch_input(parts.method.as_str(), parts.uri.path()) => {
+            super::budget::lines_tree_bound(&body.decoded)
+        }
+        tree => tree,
+    };
     held.grow(tree).map_err(Refusal::over_budget)?;
     let (mut inspected, mut readings) = classify::classify(rec, conn, &head, &parts, &body)?;
     let sessions = rec.ctx().sessions.clone();
@@ -221,15 +238,23 @@ async fn prepare(
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
     rec.start_trace(conn.scheme.as_str(), &parts, &body.decoded);
 
-    if rec.will_forward() {
-        head::bind_to_destination(rec.ctx(), conn, &head).await?;
-    }
     let provider = inspected
         .actions
         .first()
         .and_then(|a| a.transport.provider.clone());
+    batch_input::check_named(rec, &conn.agent, provider.as_deref(), &inspected.inputs)?;
+    if rec.will_forward() {
+        head::bind_to_destination(rec.ctx(), conn, &head).await?;
+    }
+    let carried = inspected.carried;
     let parsed = parsed_body(inspected.actions, readings, &body, tree, &mut held)?;
-    let mut outgoing = enforce::enforce(rec, &head, provider.as_deref(), parts, (body, parsed))?;
+    let mut outgoing = enforce::enforce(
+        rec,
+        &head,
+        (provider.as_deref(), carried),
+        parts,
+        (body, parsed),
+    )?;
     if reads_responses {
         // What the response phases read must not be content-coded; a coded answer is still decoded.
         outgoing.parts.headers.insert(
@@ -242,11 +267,18 @@ async fn prepare(
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
     let request = forward::request(outgoing, &head.authority, &upstream)?;
+    let stored = match carried {
+        Some(Carried::InputFile(stored_as)) => {
+            batch_input::Stored::after(rec, &conn.agent, provider.as_deref(), stored_as)
+        }
+        _ => None,
+    };
     Ok(Prepared {
         upstream,
         request,
         answered,
         upgrade,
         held,
+        stored,
     })
 }

@@ -17,6 +17,7 @@
 
 mod accept;
 mod answer;
+mod batch_input;
 mod body;
 mod budget;
 mod ca;
@@ -53,6 +54,7 @@ use clap::Subcommand;
 use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
+pub use batch_input::ReadInputs;
 pub(crate) use budget::{Reservation, INSPECTED_COPIES};
 pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};
@@ -94,6 +96,8 @@ pub struct ProxyContext {
     pub reviews: Arc<crate::review::Reviews>,
     /// Where retained exchanges are written, encrypted (`traces.recipient`); `None`: nothing is retained.
     pub traces: Option<Arc<crate::trace::TraceStore>>,
+    /// The batch input files whose lines were decided when they were uploaded: a batch runs only on one of them.
+    pub batch_inputs: ReadInputs,
 }
 
 impl ProxyContext {

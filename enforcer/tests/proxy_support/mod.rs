@@ -560,6 +560,7 @@ async fn start(
                     .expect("a recipient"),
             )
         }),
+        batch_inputs: Default::default(),
     });
     let shutdown = CancellationToken::new();
     let dns_udp = match stage {

@@ -1,0 +1,283 @@
+//! The batch input files this daemon read: a batch runs only on a file whose every line was decided when it was
+//! uploaded through the proxy (`inspect::batch_input`). A provider's Batch API runs the LLM calls of a file named by
+//! the id its upload's answer gave; the proxy learns that id from the answer ([`Stored::note`]) and keeps it as read,
+//! for the agent that uploaded it under the policy that decided its lines ([`ReadInputs`]). A batch create naming
+//! any other file ([`check_named`]) is refused as `unread_input`: a file uploaded elsewhere, in chunks, before the
+//! daemon started, or before the policy last changed, holds calls no rule saw.
+//!
+//! What is kept is the file's name only, in memory, up to [`CAPACITY`] files (the oldest forgotten first): a batch
+//! on a file forgotten, or read by a daemon since restarted, is refused, and the agent uploads it again.
+
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::Response;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::http::ProxyBody;
+use super::record::ExchangeRecord;
+use super::refusal::Refusal;
+use crate::inspect::batch_input::StoredAs;
+use crate::model::{Agent, Mode, Reason, Verdict};
+
+/// How many files are kept as read, at most.
+pub const CAPACITY: usize = 65_536;
+
+/// The most of an upload's answer read for the file's name: a File object is a few hundred bytes.
+const ANSWER_LIMIT: usize = 64 * 1024;
+
+/// One file read: whose, under which policy, on which provider.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    policy_hash: String,
+    profile: Option<String>,
+    user: Option<String>,
+    uid: Option<u32>,
+    provider: String,
+    file: String,
+}
+
+impl Key {
+    fn new(policy_hash: &str, agent: &Agent, provider: &str, file: &str) -> Key {
+        Key {
+            policy_hash: policy_hash.to_owned(),
+            profile: agent.profile.clone(),
+            user: agent.user.clone(),
+            uid: agent.uid,
+            provider: provider.to_owned(),
+            file: file.to_owned(),
+        }
+    }
+}
+
+/// The files read, oldest first.
+#[derive(Debug, Default)]
+pub struct ReadInputs {
+    inner: Mutex<(HashSet<Key>, VecDeque<Key>)>,
+}
+
+impl ReadInputs {
+    fn insert(&self, key: Key) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let (set, order) = &mut *inner;
+        if !set.insert(key.clone()) {
+            return;
+        }
+        order.push_back(key);
+        while order.len() > CAPACITY {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, key: &Key) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.0.contains(key)
+    }
+}
+
+/// The check phase of a batch create: each input file it names (`inputs`, on a host of `provider`) must have been
+/// read by this daemon, for this agent, under the policy deciding the exchange. A file that was not turns the
+/// decision into a block (`unread_input`); refused unless the policy runs in shadow mode.
+pub(crate) fn check_named(
+    rec: &mut ExchangeRecord,
+    agent: &Agent,
+    provider: Option<&str>,
+    inputs: &[String],
+) -> Result<(), Refusal> {
+    let (Some(provider), false) = (provider, inputs.is_empty()) else {
+        return Ok(());
+    };
+    let Some(decision) = rec.decision().filter(|_| rec.will_forward()) else {
+        return Ok(());
+    };
+    let read = &rec.ctx().batch_inputs;
+    let unread = inputs
+        .iter()
+        .any(|file| !read.contains(&Key::new(&decision.policy_hash, agent, provider, file)));
+    if !unread {
+        return Ok(());
+    }
+    tracing::info!("batch names an input file not read: blocking");
+    let message =
+        "the batch's input file was not read by the enforcer when it was uploaded: upload it \
+                   through the enforcer in one request, then create the batch"
+            .to_owned();
+    match rec.block_instead(Reason::UnreadInput, Some(message)) {
+        Some(d) if d.mode == Mode::Enforce => Err(Refusal::policy(d)),
+        _ => Ok(()),
+    }
+}
+
+/// An upload of a batch input file whose lines were decided and that went on: its answer names the file to keep.
+pub(crate) struct Stored {
+    key: Key,
+    stored_as: StoredAs,
+}
+
+impl Stored {
+    /// The upload `rec` decided, when it uploads a batch input file (`stored_as`) to a host of `provider` and its
+    /// decision lets the file run (its lines not blocked, in shadow mode too).
+    pub fn after(
+        rec: &ExchangeRecord,
+        agent: &Agent,
+        provider: Option<&str>,
+        stored_as: StoredAs,
+    ) -> Option<Stored> {
+        let decision = rec.decision()?;
+        let provider = provider?;
+        (rec.will_forward() && decision.verdict != Verdict::Block).then(|| Stored {
+            key: Key::new(&decision.policy_hash, agent, provider, ""),
+            stored_as,
+        })
+    }
+
+    /// Keep the file the upstream's successful `answer` names as read, and pass the answer on as it came. An answer
+    /// that is not a success, too long to be a file's, or unreadable names nothing: it is passed on unread as far
+    /// as it was not read.
+    pub async fn note(
+        mut self,
+        read: &ReadInputs,
+        answer: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        if !answer.status().is_success() {
+            return answer;
+        }
+        let (parts, mut body) = answer.into_parts();
+        let mut seen = BytesMut::new();
+        let mut failed = None;
+        while let Some(frame) = body.frame().await {
+            match frame.map(Frame::into_data) {
+                Ok(Ok(data)) => {
+                    seen.extend_from_slice(&data);
+                    if seen.len() > ANSWER_LIMIT {
+                        break;
+                    }
+                }
+                Ok(Err(_trailers)) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let whole = failed.is_none() && body.is_end_stream();
+        let seen = seen.freeze();
+        if whole {
+            if let Some(file) = stored_name(self.stored_as, &seen) {
+                self.key.file = file;
+                read.insert(self.key);
+            }
+        }
+        let body = Prefixed {
+            seen: (!seen.is_empty()).then_some(seen),
+            failed,
+            rest: body,
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// The file a successful upload answer names: OpenAI's File object `id` (with `object: file`), Gemini's
+/// `file.name`.
+fn stored_name(stored_as: StoredAs, answer: &[u8]) -> Option<String> {
+    let json: serde_json::Value = serde_json::from_slice(answer).ok()?;
+    let name = match stored_as {
+        StoredAs::FileId => json
+            .get("object")
+            .filter(|o| o.as_str() == Some("file"))
+            .and(json.get("id")),
+        StoredAs::FileName => json.get("file").and_then(|f| f.get("name")),
+    };
+    name.and_then(serde_json::Value::as_str).map(str::to_owned)
+}
+
+/// A body of which `seen` was already read: it, then what the read stopped at (`failed`), then the rest.
+struct Prefixed {
+    seen: Option<Bytes>,
+    failed: Option<super::upstream::HttpError>,
+    rest: ProxyBody,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = super::upstream::HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(seen) = self.seen.take() {
+            return Poll::Ready(Some(Ok(Frame::data(seen))));
+        }
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.seen.is_none() && self.failed.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let seen = self.seen.as_ref().map_or(0, |s| s.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + seen);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + seen);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_names_the_file_stored() {
+        let openai = br#"{"id": "file-abc", "object": "file", "purpose": "batch"}"#;
+        assert_eq!(
+            stored_name(StoredAs::FileId, openai).as_deref(),
+            Some("file-abc")
+        );
+        let gemini = br#"{"file": {"name": "files/xyz", "mimeType": "application/jsonl"}}"#;
+        assert_eq!(
+            stored_name(StoredAs::FileName, gemini).as_deref(),
+            Some("files/xyz")
+        );
+        assert_eq!(
+            stored_name(StoredAs::FileId, br#"{"id": "batch_1", "object": "batch"}"#),
+            None
+        );
+        assert_eq!(stored_name(StoredAs::FileName, openai), None);
+        assert_eq!(stored_name(StoredAs::FileId, b"not json"), None);
+    }
+
+    #[test]
+    fn the_oldest_files_are_forgotten_first() {
+        let read = ReadInputs::default();
+        let agent = Agent::default();
+        let key = |i: usize| Key::new("p1", &agent, "openai", &format!("file-{i}"));
+        for i in 0..=CAPACITY {
+            read.insert(key(i));
+        }
+        assert!(!read.contains(&key(0)));
+        assert!(read.contains(&key(1)) && read.contains(&key(CAPACITY)));
+        // Another policy, agent or provider: not the same file read.
+        assert!(!read.contains(&Key::new("p2", &agent, "openai", "file-1")));
+        let other = Agent {
+            user: Some("mallory".into()),
+            ..Agent::default()
+        };
+        assert!(!read.contains(&Key::new("p1", &other, "openai", "file-1")));
+        assert!(!read.contains(&Key::new("p1", &agent, "gemini", "file-1")));
+    }
+}

@@ -1,0 +1,419 @@
+//! Batch input files through the real proxy from real TLS upstreams. A provider's Batch API runs the LLM calls of a
+//! JSON Lines file uploaded before (OpenAI `POST /v1/files` with `purpose=batch`, then `POST /v1/batches` naming its
+//! `input_file_id`; Gemini's resumable upload to `/upload/v1beta/files`, then `:batchGenerateContent` naming
+//! `batch.inputConfig.fileName`). Each line is decided when the file is uploaded, as the same call sent to its
+//! endpoint is; a batch runs only on a file the enforcer read so: one uploaded elsewhere, in chunks, or never is
+//! refused as `unread_input`, and its calls never run undecided.
+
+mod proxy_support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use proxy_support::*;
+use serde_json::{json, Value};
+
+const OPENAI: &str = "api.openai.com";
+const GEMINI: &str = "generativelanguage.googleapis.com";
+
+/// Request rules on the model and on a declared tool, and a constrain on one call's body.
+const POLICY: &str = r#"version: 1
+default: allow
+max_body_bytes: 64KiB
+rules:
+  - id: no-evil-model
+    when: { llm.model: "evil-*" }
+    verdict: block
+    message: that model is not allowed
+  - id: no-declared-delete
+    when: { llm.tools: delete_everything }
+    verdict: block
+    message: that tool may not be declared
+  - id: cap-tokens
+    when: { llm.model: "capped-*" }
+    verdict: constrain
+    constrain: { json_cap: { $.max_tokens: 100 } }
+"#;
+
+/// What the upstreams received: each request's method and path, in order.
+type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A provider that stores every upload as a new file (OpenAI's File object, Gemini's `{"file": …}`) and answers a
+/// batch create with a batch object.
+async fn answer(seen: Seen, files: Arc<AtomicU64>, req: Request<Incoming>) -> Response<TestBody> {
+    let path = req.uri().path().to_string();
+    seen.lock()
+        .unwrap()
+        .push(format!("{} {path}", req.method()));
+    let _ = req.into_body().collect().await;
+    let n = files.fetch_add(1, Ordering::SeqCst) + 1;
+    let body = if path.starts_with("/upload/") {
+        json!({"file": {"name": format!("files/g{n}"), "mimeType": "application/jsonl"}})
+    } else if path.ends_with("/files") {
+        json!({"id": format!("file-{n}"), "object": "file", "purpose": "batch", "bytes": 10})
+    } else {
+        json!({"id": "batch_1", "object": "batch", "name": "batches/b1"})
+    };
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+struct World {
+    proxy: Proxy,
+    upstream: SocketAddr,
+    seen: Seen,
+}
+
+async fn world() -> World {
+    let ca = TestCa::new("batch inputs test CA");
+    let proxy = start_proxy(POLICY, &[&ca], false).await;
+    let seen = Seen::default();
+    let files = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let upstream = answering_upstream(&ca, &[OPENAI, GEMINI], move |req| {
+        answer(s.clone(), files.clone(), req)
+    })
+    .await;
+    World {
+        proxy,
+        upstream,
+        seen,
+    }
+}
+
+/// `req` to `host` through the proxy: status and body as the agent got them, the exchange's records, and what the
+/// upstream received meanwhile.
+async fn exchange(
+    w: &World,
+    host: &str,
+    req: Request<Full<Bytes>>,
+) -> (u16, Value, Vec<Value>, Vec<String>) {
+    let before = w.proxy.audit_records().await.len();
+    let seen_before = w.seen.lock().unwrap().len();
+    let tls = w.proxy.tls_to(w.upstream, host, &[b"http/1.1"]).await;
+    let (status, _, body) = send(tls, false, req).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recs = w.proxy.audit_records().await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let got = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    let seen = w.seen.lock().unwrap()[seen_before..].to_vec();
+    (status, got, recs[before..].to_vec(), seen)
+}
+
+/// An OpenAI batch input line calling Chat Completions with `model`, declaring `tool`.
+fn line(model: &str, tool: &str) -> String {
+    json!({"custom_id": format!("{model}-{tool}"), "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                    "tools": [{"type": "function", "function": {"name": tool, "parameters": {}}}]}})
+    .to_string()
+}
+
+/// `POST {prefix}/files` uploading `lines` as a batch input file, as the OpenAI SDK sends it.
+fn upload(prefix: &str, host: &str, lines: &[String]) -> Request<Full<Bytes>> {
+    let body = format!(
+        "--bnd\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--bnd\r\n\
+         Content-Disposition: form-data; name=\"file\"; filename=\"input.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{}\n\r\n--bnd--\r\n",
+        lines.join("\n")
+    );
+    Request::builder()
+        .method("POST")
+        .uri(format!("{prefix}/files"))
+        .header("host", host)
+        .header("content-type", "multipart/form-data; boundary=bnd")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// `POST path` on `host` with the JSON `body`.
+fn post(path: &str, host: &str, body: &Value) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// `POST {prefix}/batches` naming `file` as its input.
+fn create(prefix: &str, host: &str, file: &str) -> Request<Full<Bytes>> {
+    let body = json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                      "completion_window": "24h"});
+    Request::builder()
+        .method("POST")
+        .uri(format!("{prefix}/batches"))
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// The record's decision: verdict, rule, reason.
+fn decided(r: &Value) -> (String, String, String) {
+    let s = |v: &Value| v.as_str().unwrap_or("null").to_string();
+    (
+        s(&r["decision"]["verdict"]),
+        s(&r["decision"]["rule"]),
+        s(&r["decision"]["reason"]),
+    )
+}
+
+/// Before, an agent could upload a file of calls the policy refuses (a blocked model, a blocked tool) and have the
+/// provider's Batch API run them: the upload was a file and the batch named only its id. Now each line is decided
+/// at the upload, as the call sent to its endpoint is (the same rule, the same refusal), and a batch runs only on a
+/// file the enforcer read: one it did not is refused, and the upstream never sees the create. On OpenAI's host and
+/// on Gemini's OpenAI-compatible one.
+#[tokio::test]
+async fn a_batch_input_file_is_decided_line_by_line_and_only_a_file_read_runs() {
+    let w = world().await;
+    let ok = line("gpt-ok", "read_file");
+    for (prefix, host) in [("/v1", OPENAI), ("/v1beta/openai", GEMINI)] {
+        for (bad, rule, message) in [
+            (
+                line("evil-x", "read_file"),
+                "no-evil-model",
+                "that model is not allowed",
+            ),
+            (
+                line("gpt-ok", "delete_everything"),
+                "no-declared-delete",
+                "that tool may not be declared",
+            ),
+        ] {
+            // The line's call sent to its endpoint: the refusal the upload must get.
+            let call: Value = serde_json::from_str::<Value>(&bad).unwrap()["body"].clone();
+            let (direct, refused, _, _) = exchange(
+                &w,
+                host,
+                post(&format!("{prefix}/chat/completions"), host, &call),
+            )
+            .await;
+            assert!(
+                refused
+                    .to_string()
+                    .contains(&format!("{message} (policy rule: {rule})")),
+                "{refused}"
+            );
+            let (status, got, recs, seen) =
+                exchange(&w, host, upload(prefix, host, &[ok.clone(), bad])).await;
+            assert_eq!((status, &got), (direct, &refused), "{prefix} {rule}");
+            assert_eq!(recs.len(), 1, "{recs:#?}");
+            assert_eq!(
+                decided(&recs[0]),
+                ("block".into(), rule.into(), "rule".into())
+            );
+            assert_eq!(recs[0]["outcome"]["disposition"], "blocked");
+            assert!(seen.is_empty(), "{seen:?}");
+        }
+
+        // A file of allowed calls goes on; the id its answer gives may be run, and only it.
+        let (status, got, recs, seen) =
+            exchange(&w, host, upload(prefix, host, &[ok.clone(), ok.clone()])).await;
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["object"], "file");
+        let file = got["id"].as_str().unwrap().to_string();
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+        assert_eq!(recs[0]["request"]["llm_model"], "gpt-ok");
+        assert_eq!(seen, [format!("POST {prefix}/files")]);
+
+        let (status, got, recs, seen) = exchange(&w, host, create(prefix, host, &file)).await;
+        assert_eq!((status, &got["id"]), (200, &json!("batch_1")), "{got}");
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+        assert_eq!(seen, [format!("POST {prefix}/batches")]);
+
+        let blocked = if host == OPENAI { 400 } else { 403 };
+        for other in ["file-uploaded-elsewhere", "file-999"] {
+            let (status, got, recs, seen) = exchange(&w, host, create(prefix, host, other)).await;
+            assert_eq!(status, blocked, "{got}");
+            assert!(
+                got.to_string().contains("was not read by the enforcer"),
+                "{got}"
+            );
+            assert_eq!(recs.len(), 1, "{recs:#?}");
+            assert_eq!(
+                decided(&recs[0]),
+                ("block".into(), "null".into(), "unread_input".into())
+            );
+            assert_eq!(recs[0]["outcome"]["disposition"], "blocked");
+            assert!(seen.is_empty(), "{seen:?}");
+        }
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A batch input file whose lines cannot all be read as the calls they ask for (not JSON, a method other than POST,
+/// an endpoint that is no LLM call the enforcer reads, a member spelt otherwise) is refused as unreadable, never
+/// forwarded; a constrain written for one call's body refuses the file it cannot rewrite. A file uploaded for
+/// another purpose is not read, and cannot be run as a batch.
+#[tokio::test]
+async fn an_unreadable_or_constrained_batch_input_file_is_refused() {
+    let w = world().await;
+    let ok = line("gpt-ok", "read_file");
+    for bad in [
+        "not json".to_string(),
+        ok.replace("\"POST\"", "\"GET\""),
+        ok.replace("/v1/chat/completions", "/v1/moderations"),
+        ok.replace("\"model\"", "\"Model\""),
+        ok.replace("\"body\"", "\"BODY\""),
+    ] {
+        let (status, got, recs, seen) = exchange(
+            &w,
+            OPENAI,
+            upload("/v1", OPENAI, &[ok.clone(), bad.clone()]),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {got}");
+        assert!(
+            got.to_string().contains("the batch input cannot be read"),
+            "{got}"
+        );
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+
+    let (status, got, recs, seen) = exchange(
+        &w,
+        OPENAI,
+        upload("/v1", OPENAI, &[ok.clone(), line("capped-1", "read_file")]),
+    )
+    .await;
+    assert_eq!(status, 400, "{got}");
+    assert!(got.to_string().contains("batch input file"), "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "cap-tokens".into(), "unrewritable".into())
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+
+    // Another purpose: forwarded unread, and not a batch's input.
+    let mut fine_tune = upload("/v1", OPENAI, &[line("evil-x", "read_file")]);
+    let body = String::from_utf8(
+        fine_tune
+            .body()
+            .clone()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+    .replace("\r\n\r\nbatch\r\n", "\r\n\r\nfine-tune\r\n");
+    *fine_tune.body_mut() = Full::new(Bytes::from(body));
+    let (status, got, recs, _) = exchange(&w, OPENAI, fine_tune).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let file = got["id"].as_str().unwrap().to_string();
+    let (status, got, recs, seen) = exchange(&w, OPENAI, create("/v1", OPENAI, &file)).await;
+    assert_eq!(status, 400, "{got}");
+    assert_eq!(recs[0]["decision"]["reason"], "unread_input");
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A Gemini batch input line: a generateContent request declaring `tool`.
+fn gemini_line(key: &str, tool: &str) -> String {
+    json!({"key": key, "request": {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+           "tools": [{"functionDeclarations": [{"name": tool}]}]}})
+    .to_string()
+}
+
+/// The request of Google's resumable upload that carries `content` to the session `upload_id` (`command`: `upload,
+/// finalize` sends it whole from offset 0; `upload` is one chunk of several).
+fn gemini_upload(content: &str, command: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method("POST")
+        .uri("/upload/v1beta/files?upload_id=u-1&upload_protocol=resumable")
+        .header("host", GEMINI)
+        .header("x-goog-upload-protocol", "resumable")
+        .header("x-goog-upload-command", command)
+        .header("x-goog-upload-offset", "0")
+        .header("content-type", "application/jsonl")
+        .body(Full::new(Bytes::from(content.to_string())))
+        .unwrap()
+}
+
+/// `POST …:batchGenerateContent` naming `file` as its input.
+fn gemini_create(file: &str) -> Request<Full<Bytes>> {
+    let body = json!({"batch": {"displayName": "b", "inputConfig": {"fileName": file}}});
+    Request::builder()
+        .method("POST")
+        .uri("/v1beta/models/gemini-2.5-flash:batchGenerateContent")
+        .header("host", GEMINI)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// Gemini's Batch API with an input file: a file uploaded whole is read when its lines name requests, each decided
+/// as a generateContent is; the `file.name` its answer gives may be run, a file sent in chunks or not through the
+/// enforcer may not.
+#[tokio::test]
+async fn a_gemini_batch_runs_only_on_a_file_whose_requests_were_decided() {
+    let w = world().await;
+    let ok = gemini_line("k1", "read_file");
+    let bad = gemini_line("k2", "delete_everything");
+    let (status, got, recs, seen) = exchange(
+        &w,
+        GEMINI,
+        gemini_upload(&format!("{ok}\n{bad}\n"), "upload, finalize"),
+    )
+    .await;
+    assert_eq!(status, 403, "{got}");
+    assert!(
+        got.to_string()
+            .contains("that tool may not be declared (policy rule: no-declared-delete)"),
+        "{got}"
+    );
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "no-declared-delete".into(), "rule".into())
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+
+    let (status, got, recs, _) = exchange(
+        &w,
+        GEMINI,
+        gemini_upload(&format!("{ok}\n{ok}\n"), "upload, finalize"),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let file = got["file"]["name"].as_str().unwrap().to_string();
+    let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+
+    // Sent in chunks: the content is not read whole, so the file it makes cannot be run.
+    let (status, got, _, seen) =
+        exchange(&w, GEMINI, gemini_upload(&format!("{bad}\n"), "upload")).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+    let chunked = got["file"]["name"].as_str().unwrap().to_string();
+    for file in [chunked.as_str(), "files/elsewhere"] {
+        let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(file)).await;
+        assert_eq!(status, 403, "{file}: {got}");
+        assert!(
+            got.to_string().contains("was not read by the enforcer"),
+            "{got}"
+        );
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(recs[0]["decision"]["reason"], "unread_input");
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}

@@ -999,3 +999,51 @@ async fn a_realtime_event_naming_its_type_twice_closes_the_connection() {
         assert_eq!(proposals(&recs).len(), 1, "{recs:#?}");
     }
 }
+
+/// A response rule on the model reads the model of the agent's last LLM call over the connection, as proposal rules
+/// do: the Realtime API's events answer the `response.create` (or `session.update`) that asked for them, whose model
+/// can be another than the URL's. Before, response rules decided every event with the connection's call (the URL's
+/// model), so a rule for the turn's model never matched; now the event is refused (1008) and its record names the
+/// turn's model and links to the turn's record. Before any turn, the URL's call is the one answered.
+#[tokio::test]
+async fn realtime_response_rules_decide_with_the_turns_call() {
+    let policy = format!(
+        "{REALTIME}  - id: mini-says-nothing-internal\n    phase: response\n    when: {{ llm.model: gpt-realtime-mini, response.json: {{ \"$.delta\": {{ matches: internal-only }} }} }}\n    verdict: block\n"
+    );
+    let delta = serde_json::json!({"type": "response.output_text.delta", "event_id": "ev_1",
+        "response_id": "resp_1", "item_id": "item_1", "output_index": 0, "content_index": 0,
+        "delta": "internal-only figures"});
+    // Before any turn: the URL's model, which no rule limits.
+    let (w, mut ws) = realtime(&policy, "/v1/realtime?model=gpt-realtime", &[]).await;
+    upstream_sends(&mut ws, std::slice::from_ref(&delta)).await;
+    assert_eq!(next_event(&mut ws).await.1, delta);
+
+    let create =
+        serde_json::json!({"type": "response.create", "response": {"model": "gpt-realtime-mini"}});
+    ws.send(Message::Text(create.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut ws).await.1["type"], "response.completed");
+    upstream_sends(&mut ws, std::slice::from_ref(&delta)).await;
+    match text(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Policy),
+        other => panic!("expected a close with 1008, got {other:?}"),
+    }
+    let recs = records(&w.proxy).await;
+    let turn = recs
+        .iter()
+        .find(|r| {
+            r["request"]["llm_model"] == "gpt-realtime-mini" && r["request"]["phase"] == "request"
+        })
+        .expect("the response.create's record");
+    let refused: Vec<_> = recs
+        .iter()
+        .filter(|r| r["decision"]["rule"] == "mini-says-nothing-internal")
+        .collect();
+    assert_eq!(refused.len(), 1, "{recs:#?}");
+    let r = refused[0];
+    assert_eq!(r["request"]["phase"], "response", "{r}");
+    assert_eq!(r["decision"]["verdict"], "block", "{r}");
+    assert_eq!(r["request"]["llm_model"], "gpt-realtime-mini", "{r}");
+    assert_eq!(r["request"]["parent"], turn["seq"], "{r}");
+}

@@ -205,7 +205,7 @@ pub(crate) async fn decide(ans: &Answering, action: &mut Action, whole: bool) ->
         r.status
     };
     let outcome = Outcome::of(&decision, blocked, Some(status));
-    let summary = summary(ans, &r.body, changes);
+    let summary = summary(ans, r.body.as_bytes(), changes);
     if !ans
         .record(Phase::Response, decision, summary, outcome)
         .await
@@ -241,14 +241,14 @@ fn rewrite(
 
 /// The record's view of a response: the exchange's head, model and MCP method, the body's size and digest (as the
 /// upstream sent it, decoded), what a rewrite changed.
-pub(crate) fn summary(ans: &Answering, body: &str, changes: Vec<Change>) -> RequestSummary {
+pub(crate) fn summary(ans: &Answering, body: &[u8], changes: Vec<Change>) -> RequestSummary {
     let (llm, mcp) = (ans.request.llm.as_ref(), ans.request.mcp.as_ref());
     RequestSummary {
         llm_provider: llm.map(|l| l.provider.clone()),
         llm_model: llm.and_then(|l| l.model.clone()),
         mcp_method: mcp.map(|m| m.method.clone()),
         mcp_tool: mcp.and_then(|m| m.tool.clone()),
-        ..ans.part_summary(body.as_bytes(), changes)
+        ..ans.part_summary(body, changes)
     }
 }
 

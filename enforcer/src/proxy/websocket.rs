@@ -309,7 +309,7 @@ async fn from_upstream(
                     close_both(client, upstream, CloseCode::Again, "").await;
                     return;
                 }
-                match (upstream_message(ans, msg).await, props.as_mut()) {
+                match (upstream_message(ans, turn, msg).await, props.as_mut()) {
                     (Fate::Forward(msg), Some(props)) => {
                         for fate in proposed(ans, turn, props, msg).await {
                             if !carry_out(fate, client, upstream, client).await {
@@ -595,11 +595,14 @@ impl std::io::Write for Wire<'_> {
 }
 
 /// Decide one message from the upstream, when response rules exist; untouched and unrecorded otherwise, or when
-/// none matches.
-async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
+/// none matches. It answers the current turn's LLM call (`Turn`): decided with that call's `llm`, recorded linked to
+/// its record, as a proposal in it is.
+async fn upstream_message(ans: &Answering, turn: &Turn, msg: Message) -> Fate {
     if !ans.policy.has_rules_for(Phase::Response) {
         return Fate::Forward(msg);
     }
+    let now = turn.answering(ans);
+    let ans = now.as_ref().unwrap_or(ans);
     let (raw, text) = contents(&msg);
     let mut action = ans.request.clone();
     action.response = Some(HttpResponse {
@@ -624,7 +627,7 @@ async fn upstream_message(ans: &Answering, msg: Message) -> Fate {
         each: &each,
         decision,
         json,
-        summary: ans.part_summary(&raw, Vec::new()),
+        summary: super::response::summary(ans, &raw, Vec::new()),
     };
     carry_out_decision(ans, judged, msg).await.0
 }

@@ -126,7 +126,12 @@ fn key(rule: usize, limit: &RateLimit, action: &Action) -> String {
             By::Profile => action.agent.profile.as_deref(),
             By::Host => action.transport.host.as_deref(),
             By::Rule => None,
-            By::Tool => action.mcp.as_ref().and_then(|m| m.tool.as_deref()),
+            // The MCP tool a request calls, or the tool a model proposes (a proposal rule's Action).
+            By::Tool => action
+                .mcp
+                .as_ref()
+                .and_then(|m| m.tool.as_deref())
+                .or(action.proposal.as_ref().map(|p| p.tool.as_str())),
         };
         if let Some(p) = part {
             k.push_str(&p.to_ascii_lowercase());
@@ -193,6 +198,31 @@ mod tests {
         assert!(limiter.admit(0, &limit, &action, t1, Tokens::Look));
         assert!(limiter.admit(2, &limit, &action, t1, Tokens::Look));
         assert!(limiter.admit(0, &limit, &action, t1, Tokens::Take));
+    }
+
+    /// Before, a `by: [tool]` limit keyed only MCP tool calls: every tool a model proposed shared one bucket, so
+    /// calls of one tool used up the limit of all. Each proposed tool has its own now.
+    #[test]
+    fn proposed_tools_have_a_bucket_each() {
+        let limiter = Limiter::default();
+        let limit = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(60),
+            by: vec![By::Tool],
+        };
+        let proposing = |tool: &str| Action {
+            proposal: Some(crate::model::Proposal {
+                tool: tool.into(),
+                kind: "function".into(),
+                ..Default::default()
+            }),
+            ..Action::default()
+        };
+        let t0 = Instant::now();
+        assert!(limiter.admit(0, &limit, &proposing("shell"), t0, Tokens::Take));
+        assert!(!limiter.admit(0, &limit, &proposing("shell"), t0, Tokens::Take));
+        assert!(limiter.admit(0, &limit, &proposing("read_file"), t0, Tokens::Take));
+        assert!(!limiter.admit(0, &limit, &proposing("Read_File"), t0, Tokens::Take));
     }
 
     /// An action to `host` (the key of a `by: [host]` limit).

@@ -834,11 +834,13 @@ async fn a_part_of_batch_results_is_refused() {
     assert_eq!(status, 502, "{body}");
     assert!(!body.contains("evil.example"), "{body}");
     let recs = w.proxy.audit_records().await;
-    let refusal = &recs[before..]
-        .iter()
-        .find(|r| r["request"]["phase"] == "response")
-        .cloned()
-        .unwrap_or_default();
+    // Two records: the request's, and the one refusal of its answer, linked to it.
+    let recs = &recs[before..];
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    assert!(recs[0]["request"]["phase"].is_null(), "{recs:#?}");
+    let refusal = &recs[1];
+    assert_eq!(refusal["request"]["phase"], "response", "{refusal:#}");
+    assert_eq!(refusal["request"]["parent"], recs[0]["seq"], "{refusal:#}");
     assert_eq!(refusal["decision"]["reason"], "unparseable", "{recs:#?}");
     assert_eq!(refusal["outcome"]["status"], 502, "{refusal:#}");
     assert!(w.proxy.close_and_verify().await > 0);

@@ -338,6 +338,23 @@ mod tests {
         assert!(upload(Provider::OpenAi, &other, "/v1/files")
             .unwrap()
             .is_none());
+        // The file's headers ended by a bare LF line (where Go's `mime/multipart` starts its data): not read.
+        let bare_lf = form("batch", &file).replace(
+            "application/octet-stream\r\n\r\n",
+            &format!(
+                "application/octet-stream\r\n\n{}\n\r\n\r\n",
+                line("/v1/chat/completions", "evil")
+            ),
+        );
+        let odd = request(
+            "POST",
+            "/v1/files",
+            "multipart/form-data; boundary=b",
+            &bare_lf,
+        );
+        assert!(upload(Provider::OpenAi, &odd, "/v1/files")
+            .unwrap()
+            .is_none());
         let preamble = format!("x\r\n{}", form("batch", &file));
         let odd = request(
             "POST",

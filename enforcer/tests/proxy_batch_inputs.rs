@@ -417,3 +417,67 @@ async fn a_gemini_batch_runs_only_on_a_file_whose_requests_were_decided() {
     }
     assert!(w.proxy.close_and_verify().await > 0);
 }
+
+/// Before, a file read as one API's batch lines could be run by the other's batch: Gemini's host serves both
+/// (`:batchGenerateContent` reads `{"key", "request"}` lines, `/v1beta/openai/batches` OpenAI's `{"custom_id", "url",
+/// "body"}` lines), each reader ignores the other's members, and the file was kept by its name alone. An agent
+/// uploaded lines whose `request` was allowed and whose `body` called a blocked model (or the other way round), and
+/// had the other API's batch run the calls no rule saw. Now a file is kept as read for the API it was read as: a
+/// batch of the other API naming it is refused as `unread_input`, and the upstream never sees the create.
+#[tokio::test]
+async fn a_file_read_as_one_apis_batch_lines_is_not_run_by_the_others_batch() {
+    let w = world().await;
+    let evil: Value = serde_json::from_str(&line("evil-x", "delete_everything")).unwrap();
+    let mut both: Value = serde_json::from_str(&gemini_line("k1", "read_file")).unwrap();
+    for member in ["custom_id", "method", "url", "body"] {
+        both[member] = evil[member].clone();
+    }
+    let (status, got, recs, _) = exchange(
+        &w,
+        GEMINI,
+        gemini_upload(&format!("{both}\n"), "upload, finalize"),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    let read_as_gemini = got["file"]["name"].as_str().unwrap().to_string();
+    // Run by the Gemini batch it was read for: allowed.
+    let (status, got, _, seen) = exchange(&w, GEMINI, gemini_create(&read_as_gemini)).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+
+    let mut both: Value = serde_json::from_str(&line("gpt-ok", "read_file")).unwrap();
+    both["key"] = json!("k1");
+    both["request"] = serde_json::from_str::<Value>(&gemini_line("k1", "delete_everything"))
+        .unwrap()["request"]
+        .clone();
+    let (status, got, _, _) = exchange(
+        &w,
+        GEMINI,
+        upload("/v1beta/openai", GEMINI, &[both.to_string()]),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let read_as_openai = got["id"].as_str().unwrap().to_string();
+
+    for (req, file) in [
+        (
+            create("/v1beta/openai", GEMINI, &read_as_gemini),
+            &read_as_gemini,
+        ),
+        (gemini_create(&read_as_openai), &read_as_openai),
+    ] {
+        let (status, got, recs, seen) = exchange(&w, GEMINI, req).await;
+        assert_eq!(status, 403, "{file}: {got}");
+        assert!(
+            got.to_string().contains("was not read by the enforcer"),
+            "{got}"
+        );
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(
+            decided(&recs[0]),
+            ("block".into(), "null".into(), "unread_input".into())
+        );
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}

@@ -178,7 +178,7 @@ pub struct Inspected {
     pub carried: Option<Carried>,
     /// The batch input files a batch create names ([`batch_input::named_inputs`]): each must have been read when it
     /// was uploaded, its lines decided, for the batch to run.
-    pub inputs: Vec<String>,
+    pub inputs: Vec<batch_input::NamedInput>,
 }
 
 /// What carries the LLM calls of a request that carries them for later ([`Inspected::carried`]).

@@ -21,7 +21,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::http::ProxyBody;
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
-use crate::inspect::batch_input::StoredAs;
+use crate::inspect::batch_input::{NamedInput, StoredAs};
 use crate::model::{Agent, Mode, Reason, Verdict};
 
 /// How many files are kept as read, at most.
@@ -30,7 +30,9 @@ pub const CAPACITY: usize = 65_536;
 /// The most of an upload's answer read for the file's name: a File object is a few hundred bytes.
 const ANSWER_LIMIT: usize = 64 * 1024;
 
-/// One file read: whose, under which policy, on which provider.
+/// One file read: whose, under which policy, on which provider, and as which API's batch lines (`read_as`): a file
+/// read as Gemini's `{"key", "request"}` lines was not read as OpenAI's `{"custom_id", "url", "body"}` lines (a line
+/// may carry both, each reader ignoring the other's members), and Gemini's host runs both APIs' batches.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
     policy_hash: String,
@@ -38,17 +40,19 @@ struct Key {
     user: Option<String>,
     uid: Option<u32>,
     provider: String,
+    read_as: StoredAs,
     file: String,
 }
 
 impl Key {
-    fn new(policy_hash: &str, agent: &Agent, provider: &str, file: &str) -> Key {
+    fn new(policy_hash: &str, agent: &Agent, provider: &str, read_as: StoredAs, file: &str) -> Key {
         Key {
             policy_hash: policy_hash.to_owned(),
             profile: agent.profile.clone(),
             user: agent.user.clone(),
             uid: agent.uid,
             provider: provider.to_owned(),
+            read_as,
             file: file.to_owned(),
         }
     }
@@ -88,7 +92,7 @@ pub(crate) fn check_named(
     rec: &mut ExchangeRecord,
     agent: &Agent,
     provider: Option<&str>,
-    inputs: &[String],
+    inputs: &[NamedInput],
 ) -> Result<(), Refusal> {
     let (Some(provider), false) = (provider, inputs.is_empty()) else {
         return Ok(());
@@ -97,9 +101,16 @@ pub(crate) fn check_named(
         return Ok(());
     };
     let read = &rec.ctx().batch_inputs;
-    let unread = inputs
-        .iter()
-        .any(|file| !read.contains(&Key::new(&decision.policy_hash, agent, provider, file)));
+    let unread = inputs.iter().any(|input| {
+        let key = Key::new(
+            &decision.policy_hash,
+            agent,
+            provider,
+            input.read_as,
+            &input.file,
+        );
+        !read.contains(&key)
+    });
     if !unread {
         return Ok(());
     }
@@ -132,7 +143,7 @@ impl Stored {
         let decision = rec.decision()?;
         let provider = provider?;
         (rec.will_forward() && decision.verdict != Verdict::Block).then(|| Stored {
-            key: Key::new(&decision.policy_hash, agent, provider, ""),
+            key: Key::new(&decision.policy_hash, agent, provider, stored_as, ""),
             stored_as,
         })
     }
@@ -265,19 +276,53 @@ mod tests {
     fn the_oldest_files_are_forgotten_first() {
         let read = ReadInputs::default();
         let agent = Agent::default();
-        let key = |i: usize| Key::new("p1", &agent, "openai", &format!("file-{i}"));
+        let key = |i: usize| {
+            Key::new(
+                "p1",
+                &agent,
+                "openai",
+                StoredAs::FileId,
+                &format!("file-{i}"),
+            )
+        };
         for i in 0..=CAPACITY {
             read.insert(key(i));
         }
         assert!(!read.contains(&key(0)));
         assert!(read.contains(&key(1)) && read.contains(&key(CAPACITY)));
         // Another policy, agent or provider: not the same file read.
-        assert!(!read.contains(&Key::new("p2", &agent, "openai", "file-1")));
+        assert!(!read.contains(&Key::new(
+            "p2",
+            &agent,
+            "openai",
+            StoredAs::FileId,
+            "file-1"
+        )));
         let other = Agent {
             user: Some("mallory".into()),
             ..Agent::default()
         };
-        assert!(!read.contains(&Key::new("p1", &other, "openai", "file-1")));
-        assert!(!read.contains(&Key::new("p1", &agent, "gemini", "file-1")));
+        assert!(!read.contains(&Key::new(
+            "p1",
+            &other,
+            "openai",
+            StoredAs::FileId,
+            "file-1"
+        )));
+        assert!(!read.contains(&Key::new(
+            "p1",
+            &agent,
+            "gemini",
+            StoredAs::FileId,
+            "file-1"
+        )));
+        // The same file read as the other API's batch lines: not read as these.
+        assert!(!read.contains(&Key::new(
+            "p1",
+            &agent,
+            "openai",
+            StoredAs::FileName,
+            "file-1"
+        )));
     }
 }

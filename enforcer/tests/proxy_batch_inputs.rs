@@ -418,6 +418,25 @@ async fn a_gemini_batch_runs_only_on_a_file_whose_requests_were_decided() {
     assert!(w.proxy.close_and_verify().await > 0);
 }
 
+/// `POST {prefix}/batches` with `body` as sent, labelled `content_type`.
+fn create_raw(
+    prefix: &str,
+    host: &str,
+    content_type: &str,
+    body: String,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
+    let mut req = Request::builder()
+        .method("POST")
+        .uri(format!("{prefix}/batches"))
+        .header("host", host)
+        .header("content-type", content_type);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Full::new(Bytes::from(body))).unwrap()
+}
+
 /// Before, a file read as one API's batch lines could be run by the other's batch: Gemini's host serves both
 /// (`:batchGenerateContent` reads `{"key", "request"}` lines, `/v1beta/openai/batches` OpenAI's `{"custom_id", "url",
 /// "body"}` lines), each reader ignores the other's members, and the file was kept by its name alone. An agent
@@ -479,5 +498,86 @@ async fn a_file_read_as_one_apis_batch_lines_is_not_run_by_the_others_batch() {
         );
         assert!(seen.is_empty(), "{seen:?}");
     }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, a batch create was read for its input file only when the proxy took it for no other protocol: a create
+/// whose JSON was also a JSON-RPC message (`"jsonrpc": "2.0", "method": …` beside `input_file_id`) was decided as
+/// MCP and forwarded naming any file; a create in a form (`input_file_id=…`), or naming its file as proto3 JSON's
+/// `inputFileId` (Gemini's OpenAI-compatible API), or sent as `GET` with `X-HTTP-Method-Override: POST` (which
+/// Google's frontends honour), named nothing the proxy read. Each ran a file no rule saw. Now every reading of a
+/// create names its files, and a create whose body is not a JSON object is refused as unreadable.
+#[tokio::test]
+async fn a_batch_create_names_its_file_however_it_is_spelt_or_sent() {
+    let w = world().await;
+    let json_rpc = json!({"jsonrpc": "2.0", "id": 1, "method": "batches/create",
+                          "input_file_id": "file-unread", "endpoint": "/v1/chat/completions",
+                          "completion_window": "24h"});
+    let camel = json!({"inputFileId": "files/unread", "endpoint": "/v1/chat/completions",
+                       "completion_window": "24h"});
+    let unread = [
+        (
+            OPENAI,
+            create_raw("/v1", OPENAI, "application/json", json_rpc.to_string(), &[]),
+        ),
+        (
+            GEMINI,
+            create_raw(
+                "/v1beta/openai",
+                GEMINI,
+                "application/json",
+                camel.to_string(),
+                &[],
+            ),
+        ),
+        (GEMINI, {
+            let mut get = create("/v1beta/openai", GEMINI, "files/unread");
+            *get.method_mut() = hyper::Method::GET;
+            get.headers_mut()
+                .insert("x-http-method-override", "POST".parse().unwrap());
+            get
+        }),
+    ];
+    for (i, (host, req)) in unread.into_iter().enumerate() {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (status, got, recs, seen) = exchange(&w, host, req).await;
+        if i == 0 {
+            // Read as a JSON-RPC request too, it is answered as one: a JSON-RPC error.
+            assert_eq!(
+                (status, &got["error"]["code"]),
+                (200, &json!(-32001)),
+                "{got}"
+            );
+        } else {
+            assert_eq!(status, 403, "{what}: {got}");
+        }
+        assert!(
+            got.to_string().contains("was not read by the enforcer"),
+            "{got}"
+        );
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(
+            decided(&recs[0]),
+            ("block".into(), "null".into(), "unread_input".into()),
+            "{what}"
+        );
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    let form = create_raw(
+        "/v1",
+        OPENAI,
+        "application/x-www-form-urlencoded",
+        "input_file_id=file-unread&endpoint=%2Fv1%2Fchat%2Fcompletions&completion_window=24h"
+            .into(),
+        &[],
+    );
+    let (status, got, recs, seen) = exchange(&w, OPENAI, form).await;
+    assert_eq!(status, 400, "{got}");
+    assert!(
+        got.to_string().contains("the batch input cannot be read"),
+        "{got}"
+    );
+    assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+    assert!(seen.is_empty(), "{seen:?}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

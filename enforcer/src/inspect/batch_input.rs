@@ -230,32 +230,36 @@ pub struct NamedInput {
 }
 
 /// The files a batch create sent to a host of `provider` names as its input: OpenAI's `input_file_id` (`POST
-/// …/batches`, OpenAI API reference, "Create batch"), Gemini's `batch.inputConfig.fileName` (or the `inputConfig`
-/// of a batch update: any request to Gemini's host is read so, in either proto3 JSON spelling). Empty for any other
-/// request.
+/// …/batches`, OpenAI API reference, "Create batch"; on Gemini's host, whose OpenAI-compatible API may read proto3
+/// JSON, `inputFileId` too), Gemini's `batch.inputConfig.fileName` (or the `inputConfig` of a batch update: any
+/// request to Gemini's host is read so, in either proto3 JSON spelling). Empty for any other request.
 ///
 /// # Errors
-/// [`InspectError::BatchInput`] for a create whose input is not a string, or whose member is spelt otherwise.
+/// [`InspectError::BatchInput`] for a create whose input is not a string, whose member is spelt otherwise, or (`POST
+/// …/batches`) whose body is not a JSON object: what it names cannot be known, so it is not run.
 pub fn named_inputs(
     provider: Provider,
     method: &str,
     routed: &str,
     body: Option<&Value>,
 ) -> Result<Vec<NamedInput>, InspectError> {
-    let Some(body) =
-        body.filter(|_| method.eq_ignore_ascii_case("POST") || provider == Provider::Gemini)
-    else {
+    let lower = llm::lenient_lower(routed);
+    let create = provider != Provider::Anthropic
+        && method.eq_ignore_ascii_case("POST")
+        && lower.ends_with("/batches");
+    if create && !body.is_some_and(Value::is_object) {
+        return Err(unreadable("the batch create is not a JSON object"));
+    }
+    let Some(body) = body.filter(|_| create || provider == Provider::Gemini) else {
         return Ok(Vec::new());
     };
-    let lower = llm::lenient_lower(routed);
     let mut named: Vec<(StoredAs, &Value)> = Vec::new();
-    if provider != Provider::Anthropic && lower.ends_with("/batches") {
-        if let Some(object) = body.as_object() {
-            if misspelt(object, &["input_file_id"]) {
-                return Err(unreadable("the batch spells input_file_id otherwise"));
-            }
-            named.extend(object.get("input_file_id").map(|v| (StoredAs::FileId, v)));
+    if let Some(object) = body.as_object().filter(|_| create) {
+        if misspelt(object, &["input_file_id", "inputFileId"]) {
+            return Err(unreadable("the batch spells input_file_id otherwise"));
         }
+        // `input_file_id`, and the spellings a proto3 JSON reader binds to it (`inputFileId`).
+        named.extend(llm::fields(body, "inputFileId").map(|v| (StoredAs::FileId, v)));
     }
     if provider == Provider::Gemini {
         let configs = llm::fields(body, "batch")
@@ -515,5 +519,48 @@ mod tests {
         )
         .unwrap()
         .is_empty());
+    }
+
+    /// A create whose body names its file where a reader of the other spelling finds it (proto3 JSON's `inputFileId`
+    /// beside `input_file_id`), or whose body is not a JSON object (a form, an array, none), cannot be known to run
+    /// a file read: the first names every file so spelt, the second is refused.
+    #[test]
+    fn a_batch_create_is_read_every_way_or_refused() {
+        let twin = json!({"input_file_id": "file-ok", "inputFileId": "files/other"});
+        assert_eq!(
+            named(
+                Provider::Gemini,
+                "POST",
+                "/v1beta/openai/batches",
+                Some(&twin)
+            )
+            .unwrap(),
+            [
+                (StoredAs::FileId, "file-ok".to_string()),
+                (StoredAs::FileId, "files/other".to_string())
+            ]
+        );
+        for body in [
+            None,
+            Some(json!([{"input_file_id": "file-1"}])),
+            Some(json!("x")),
+        ] {
+            assert!(
+                matches!(
+                    named_inputs(Provider::OpenAi, "POST", "/V1/Batches/", body.as_ref()),
+                    Err(InspectError::BatchInput(_))
+                ),
+                "{body:?}"
+            );
+        }
+        // Listing batches, and Anthropic's host (whose batches carry their calls): nothing named.
+        assert!(named_inputs(Provider::OpenAi, "GET", "/v1/batches", None)
+            .unwrap()
+            .is_empty());
+        assert!(
+            named_inputs(Provider::Anthropic, "POST", "/v1/batches", None)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -355,6 +355,13 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         }
     }
 
+    // The files a batch create names, whatever else its body reads as (a JSON-RPC message too): each must have been
+    // read when it was uploaded.
+    let inputs = match provider {
+        Some(p) => batch_input::named_inputs(p, &http.method, &path, http.json.as_deref())?,
+        None => Vec::new(),
+    };
+
     if http.method.eq_ignore_ascii_case("POST") {
         // A body an MCP client marks as MCP (its session or protocol-version header) must be JSON-RPC that can be
         // read; otherwise the server might read a tool call the policy never saw.
@@ -386,7 +393,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                 }
                 return Ok(Inspected {
                     carried: None,
-                    inputs: Vec::new(),
+                    inputs,
                     protocol: Protocol::Mcp { batch, messages },
                     actions,
                 });
@@ -397,10 +404,6 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     let protocol = match provider {
         Some(p) => Protocol::Provider(p),
         None => Protocol::Http,
-    };
-    let inputs = match provider {
-        Some(p) => batch_input::named_inputs(p, &http.method, &path, http.json.as_deref())?,
-        None => Vec::new(),
     };
     Ok(Inspected {
         carried: None,

@@ -55,7 +55,7 @@ pub(crate) fn classify(
                 })
         })
         .and_then(|others| {
-            let inspected = inspect_action(action.clone(), cfg, &body.decoded)?;
+            let mut inspected = inspect_action(action.clone(), cfg, &body.decoded)?;
             // A member a condition selects, with a twin named alike once folded: refused, not decided under each.
             if inspected
                 .actions
@@ -73,9 +73,14 @@ pub(crate) fn classify(
                     http: Some(http.into()),
                     ..action.clone()
                 };
-                readings
-                    .actions
-                    .push(inspect_action(reading, cfg, &body.decoded)?.actions);
+                let reading = inspect_action(reading, cfg, &body.decoded)?;
+                // A batch create under any reading (a method override to `POST`) runs only on files read.
+                for input in reading.inputs {
+                    if !inspected.inputs.contains(&input) {
+                        inspected.inputs.push(input);
+                    }
+                }
+                readings.actions.push(reading.actions);
             }
             Ok((inspected, readings))
         });

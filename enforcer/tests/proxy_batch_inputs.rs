@@ -7,6 +7,7 @@
 
 mod proxy_support;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use proxy_support::*;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 const OPENAI: &str = "api.openai.com";
 const GEMINI: &str = "generativelanguage.googleapis.com";
@@ -44,17 +46,69 @@ rules:
 /// What the upstreams received: each request's method and path, in order.
 type Seen = Arc<std::sync::Mutex<Vec<String>>>;
 
+/// Google's resumable upload sessions: what each `upload_id` holds so far.
+type Sessions = Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>>;
+
+/// Standard base64 with padding (RFC 4648 §4).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(ABC[(n >> (18 - 6 * i)) as usize & 63])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
 /// A provider that stores every upload as a new file (OpenAI's File object, Gemini's `{"file": …}`) and answers a
-/// batch create with a batch object.
-async fn answer(seen: Seen, files: Arc<AtomicU64>, req: Request<Incoming>) -> Response<TestBody> {
+/// batch create with a batch object. A Gemini resumable session holds what each `upload` request of it sent, in
+/// order, and its file is all of that once a request finalizes it; its answer names the file's size and its SHA-256
+/// (`sizeBytes`, `sha256Hash`: base64 of the hex digest, as Google's File resource gives it).
+async fn answer(
+    seen: Seen,
+    files: Arc<AtomicU64>,
+    sessions: Sessions,
+    req: Request<Incoming>,
+) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     seen.lock()
         .unwrap()
         .push(format!("{} {path}", req.method()));
-    let _ = req.into_body().collect().await;
+    let session = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|p| p.strip_prefix("upload_id="))
+        .unwrap_or_default()
+        .to_string();
+    let command = req
+        .headers()
+        .get("x-goog-upload-command")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let sent = req.into_body().collect().await.unwrap().to_bytes();
     let n = files.fetch_add(1, Ordering::SeqCst) + 1;
     let body = if path.starts_with("/upload/") {
-        json!({"file": {"name": format!("files/g{n}"), "mimeType": "application/jsonl"}})
+        let mut sessions = sessions.lock().unwrap();
+        let held = sessions.entry(session.clone()).or_default();
+        held.extend_from_slice(&sent);
+        let content = held.clone();
+        if command.contains("finalize") {
+            sessions.remove(&session);
+        }
+        let digest = hex::encode(Sha256::digest(&content));
+        json!({"file": {"name": format!("files/g{n}"), "mimeType": "application/jsonl",
+                        "sizeBytes": content.len().to_string(), "sha256Hash": base64(digest.as_bytes())}})
     } else if path.ends_with("/files") {
         json!({"id": format!("file-{n}"), "object": "file", "purpose": "batch", "bytes": 10})
     } else {
@@ -77,9 +131,10 @@ async fn world() -> World {
     let proxy = start_proxy(POLICY, &[&ca], false).await;
     let seen = Seen::default();
     let files = Arc::new(AtomicU64::new(0));
+    let sessions = Sessions::default();
     let s = seen.clone();
     let upstream = answering_upstream(&ca, &[OPENAI, GEMINI], move |req| {
-        answer(s.clone(), files.clone(), req)
+        answer(s.clone(), files.clone(), sessions.clone(), req)
     })
     .await;
     World {
@@ -578,6 +633,41 @@ async fn a_batch_create_names_its_file_however_it_is_spelt_or_sent() {
         "{got}"
     );
     assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, a Gemini file was kept as read when its `upload, finalize` request at offset 0 was read, whatever the
+/// session held already: an agent sent its blocked lines as an `upload` chunk of a session (forwarded unread, as any
+/// chunk), then finalized the same session with allowed lines from offset 0; the upstream's file held the blocked
+/// lines (a server keeps what it has, or ignores bytes it already holds), the proxy kept its name as read, and a batch
+/// ran it. Now a file is kept only when the answer's `sizeBytes` and `sha256Hash` are those of the bytes the proxy
+/// read and forwarded.
+#[tokio::test]
+async fn a_gemini_file_is_kept_only_when_the_upstream_stored_what_was_read() {
+    let w = world().await;
+    let ok = gemini_line("k1", "read_file");
+    let bad = gemini_line("k2", "delete_everything");
+    let request = |content: &str, command: &str| {
+        let mut req = gemini_upload(content, command);
+        *req.uri_mut() = "/upload/v1beta/files?upload_id=u-2&upload_protocol=resumable"
+            .parse()
+            .unwrap();
+        req
+    };
+    let (status, got, _, seen) = exchange(&w, GEMINI, request(&format!("{bad}\n"), "upload")).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, request(&format!("{ok}\n"), "upload, finalize")).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    let file = got["file"]["name"].as_str().unwrap().to_string();
+    let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+    assert_eq!(status, 403, "{got}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "null".into(), "unread_input".into())
+    );
     assert!(seen.is_empty(), "{seen:?}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

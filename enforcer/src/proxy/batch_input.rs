@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
+use sha2::{Digest, Sha256};
 
 use super::http::ProxyBody;
 use super::record::ExchangeRecord;
@@ -129,22 +130,26 @@ pub(crate) fn check_named(
 pub(crate) struct Stored {
     key: Key,
     stored_as: StoredAs,
+    /// What was sent: its length in bytes and its SHA-256.
+    sent: (u64, [u8; 32]),
 }
 
 impl Stored {
     /// The upload `rec` decided, when it uploads a batch input file (`stored_as`) to a host of `provider` and its
-    /// decision lets the file run (its lines not blocked, in shadow mode too).
+    /// decision lets the file run (its lines not blocked, in shadow mode too); `sent` is the body as it goes upstream.
     pub fn after(
         rec: &ExchangeRecord,
         agent: &Agent,
         provider: Option<&str>,
         stored_as: StoredAs,
+        sent: &[u8],
     ) -> Option<Stored> {
         let decision = rec.decision()?;
         let provider = provider?;
         (rec.will_forward() && decision.verdict != Verdict::Block).then(|| Stored {
             key: Key::new(&decision.policy_hash, agent, provider, stored_as, ""),
             stored_as,
+            sent: (sent.len() as u64, Sha256::digest(sent).into()),
         })
     }
 
@@ -180,7 +185,7 @@ impl Stored {
         let whole = failed.is_none() && body.is_end_stream();
         let seen = seen.freeze();
         if whole {
-            if let Some(file) = stored_name(self.stored_as, &seen) {
+            if let Some(file) = stored_name(self.stored_as, &seen, self.sent) {
                 self.key.file = file;
                 read.insert(self.key);
             }
@@ -195,17 +200,60 @@ impl Stored {
 }
 
 /// The file a successful upload answer names: OpenAI's File object `id` (with `object: file`), Gemini's
-/// `file.name`.
-fn stored_name(stored_as: StoredAs, answer: &[u8]) -> Option<String> {
+/// `file.name` when the File resource says it holds what was `sent` (its length and SHA-256): its `sizeBytes` (an
+/// int64, a string in proto3 JSON) and `sha256Hash` (Gemini API reference, "Files": "SHA-256 hash of the uploaded
+/// bytes", base64; Google gives the base64 of the hex digest, and the base64 of the digest itself is taken too). A
+/// resumable upload's last request is read whole, but its session may hold bytes sent before (a chunk forwarded
+/// unread): a file whose answer does not name what was read, or names no hash, is not kept.
+fn stored_name(stored_as: StoredAs, answer: &[u8], sent: (u64, [u8; 32])) -> Option<String> {
     let json: serde_json::Value = serde_json::from_slice(answer).ok()?;
     let name = match stored_as {
         StoredAs::FileId => json
             .get("object")
             .filter(|o| o.as_str() == Some("file"))
             .and(json.get("id")),
-        StoredAs::FileName => json.get("file").and_then(|f| f.get("name")),
+        StoredAs::FileName => {
+            let file = json.get("file")?;
+            let size = file.get("sizeBytes")?;
+            let size = size
+                .as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .or_else(|| size.as_u64());
+            let hash = file
+                .get("sha256Hash")
+                .and_then(serde_json::Value::as_str)
+                .and_then(base64_decode)?;
+            let (length, digest) = sent;
+            let same = hash == digest || hash.eq_ignore_ascii_case(hex::encode(digest).as_bytes());
+            (size == Some(length) && same).then(|| file.get("name"))?
+        }
     };
     name.and_then(serde_json::Value::as_str).map(str::to_owned)
+}
+
+/// The bytes of base64 text (RFC 4648 §4, or the URL-safe alphabet of §5), padded or not; `None` for anything else.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 /// A body of which `seen` was already read: it, then what the read stopped at (`failed`), then the rest.
@@ -254,22 +302,59 @@ mod tests {
 
     #[test]
     fn the_answer_names_the_file_stored() {
+        let content = b"{\"key\": \"k\", \"request\": {}}\n";
+        let sent = (content.len() as u64, Sha256::digest(content).into());
         let openai = br#"{"id": "file-abc", "object": "file", "purpose": "batch"}"#;
         assert_eq!(
-            stored_name(StoredAs::FileId, openai).as_deref(),
+            stored_name(StoredAs::FileId, openai, sent).as_deref(),
             Some("file-abc")
         );
-        let gemini = br#"{"file": {"name": "files/xyz", "mimeType": "application/jsonl"}}"#;
+        // `sha256Hash` as Google gives it (base64 of the hex digest), and as the base64 of the digest itself.
+        let hex_b64 = "ZWMyMWFjNTMxYmQ5MTg2NmI3ZmNhZGNjNDIxMWYyNTQyNjYzMWFkNDE1ZWM0OWFmZDBiNmIyNWQxM2RlZTllYQ==";
+        let raw_b64 = "7CGsUxvZGGa3/K3MQhHyVCZjGtQV7Emv0LayXRPe6eo=";
+        for hash in [hex_b64, raw_b64, raw_b64.trim_end_matches('=')] {
+            let gemini = format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "{}", "sha256Hash": "{hash}"}}}}"#,
+                content.len()
+            );
+            assert_eq!(
+                stored_name(StoredAs::FileName, gemini.as_bytes(), sent).as_deref(),
+                Some("files/xyz"),
+                "{hash}"
+            );
+        }
+        // A file that is not what was sent (longer: a session that held bytes before; another hash), or whose answer
+        // does not say: not kept.
+        for other in [
+            format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "999", "sha256Hash": "{hex_b64}"}}}}"#
+            ),
+            format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "{}", "sha256Hash": "AAAA"}}}}"#,
+                content.len()
+            ),
+            format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "{}"}}}}"#,
+                content.len()
+            ),
+            r#"{"file": {"name": "files/xyz", "mimeType": "application/jsonl"}}"#.to_string(),
+        ] {
+            assert_eq!(
+                stored_name(StoredAs::FileName, other.as_bytes(), sent),
+                None,
+                "{other}"
+            );
+        }
         assert_eq!(
-            stored_name(StoredAs::FileName, gemini).as_deref(),
-            Some("files/xyz")
-        );
-        assert_eq!(
-            stored_name(StoredAs::FileId, br#"{"id": "batch_1", "object": "batch"}"#),
+            stored_name(
+                StoredAs::FileId,
+                br#"{"id": "batch_1", "object": "batch"}"#,
+                sent
+            ),
             None
         );
-        assert_eq!(stored_name(StoredAs::FileName, openai), None);
-        assert_eq!(stored_name(StoredAs::FileId, b"not json"), None);
+        assert_eq!(stored_name(StoredAs::FileName, openai, sent), None);
+        assert_eq!(stored_name(StoredAs::FileId, b"not json", sent), None);
     }
 
     #[test]

@@ -266,13 +266,17 @@ async fn prepare(
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
-    let request = forward::request(outgoing, &head.authority, &upstream)?;
     let stored = match carried {
-        Some(Carried::InputFile(stored_as)) => {
-            batch_input::Stored::after(rec, &conn.agent, provider.as_deref(), stored_as)
-        }
+        Some(Carried::InputFile(stored_as)) => batch_input::Stored::after(
+            rec,
+            &conn.agent,
+            provider.as_deref(),
+            stored_as,
+            &outgoing.body,
+        ),
         _ => None,
     };
+    let request = forward::request(outgoing, &head.authority, &upstream)?;
     Ok(Prepared {
         upstream,
         request,

@@ -671,3 +671,40 @@ async fn a_gemini_file_is_kept_only_when_the_upstream_stored_what_was_read() {
     assert!(seen.is_empty(), "{seen:?}");
     assert!(w.proxy.close_and_verify().await > 0);
 }
+
+/// Before, a batch input file whose bytes were not UTF-8 was read from their lossy text (each bad byte a U+FFFD),
+/// as no LLM call's body is: a receiver that decodes such bytes otherwise (an overlong `\xC0\xA2` as `"`) reads
+/// other members than the lines decided — here a second `model`. Now an upload read as batch input must be UTF-8,
+/// as an LLM call's body must: refused as unreadable, never forwarded.
+#[tokio::test]
+async fn a_batch_input_file_that_is_not_utf8_is_refused() {
+    let w = world().await;
+    let req = upload("/v1", OPENAI, &[line("gpt-ok", "read_file")]);
+    let (parts, body) = req.into_parts();
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (before, after) = text.split_once("\"model\":\"gpt-ok\"").unwrap();
+    // `"model":"gpt-ok\xC0\xA2,\xC0\xA2model\xC0\xA2:\xC0\xA2evil-x"`: one model to the proxy's lossy reading,
+    // `"model":"gpt-ok","model":"evil-x"` to a decoder that reads the overlong `\xC0\xA2` as `"`.
+    let q = b"\xC0\xA2";
+    let sent = [
+        before.as_bytes(),
+        b"\"model\":\"gpt-ok",
+        q,
+        b",",
+        q,
+        b"model",
+        q,
+        b":",
+        q,
+        b"evil-x\"",
+        after.as_bytes(),
+    ]
+    .concat();
+    let req = Request::from_parts(parts, Full::new(Bytes::from(sent)));
+    let (status, got, recs, seen) = exchange(&w, OPENAI, req).await;
+    assert_eq!(status, 400, "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}

@@ -106,9 +106,12 @@ pub(crate) fn inspect_action(
 ) -> Result<Inspected, InspectError> {
     let mut inspected = inspect::classify(action.clone(), cfg)?;
     // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something else to
-    // the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
+    // the upstream than what was decided (an LLM or MCP call, a batch input file's lines, any body claiming JSON),
+    // they are refused.
     let protocol = match &inspected.protocol {
         Protocol::Llm { provider, .. } => Some(provider.as_str()),
+        // A batch input file's lines are LLM calls, read as their bodies are.
+        Protocol::Provider(provider) if inspected.carried.is_some() => Some(provider.as_str()),
         Protocol::Mcp { .. } => Some("MCP"),
         Protocol::Http | Protocol::Provider(_) => {
             let http = action.http.as_ref();

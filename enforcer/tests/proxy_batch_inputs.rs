@@ -46,8 +46,9 @@ rules:
 /// What the upstreams received: each request's method and path, in order.
 type Seen = Arc<std::sync::Mutex<Vec<String>>>;
 
-/// Google's resumable upload sessions: what each `upload_id` holds so far.
-type Sessions = Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>>;
+/// Google's resumable upload sessions: the file name each `upload_id`'s start request chose, if any, and what it
+/// holds so far.
+type Sessions = Arc<std::sync::Mutex<HashMap<String, (Option<String>, Vec<u8>)>>>;
 
 /// Standard base64 with padding (RFC 4648 §4).
 fn base64(bytes: &[u8]) -> String {
@@ -100,14 +101,23 @@ async fn answer(
     let n = files.fetch_add(1, Ordering::SeqCst) + 1;
     let body = if path.starts_with("/upload/") {
         let mut sessions = sessions.lock().unwrap();
-        let held = sessions.entry(session.clone()).or_default();
-        held.extend_from_slice(&sent);
+        if command == "start" {
+            // The start request's metadata may name the file (`{"file": {"name": "files/…"}}`).
+            let metadata: Value = serde_json::from_slice(&sent).unwrap_or_default();
+            let name = metadata["file"]["name"].as_str().map(str::to_string);
+            sessions.insert(session.clone(), (name, Vec::new()));
+        }
+        let (name, held) = sessions.entry(session.clone()).or_default();
+        if command != "start" {
+            held.extend_from_slice(&sent);
+        }
+        let name = name.clone().unwrap_or(format!("files/g{n}"));
         let content = held.clone();
         if command.contains("finalize") {
             sessions.remove(&session);
         }
         let digest = hex::encode(Sha256::digest(&content));
-        json!({"file": {"name": format!("files/g{n}"), "mimeType": "application/jsonl",
+        json!({"file": {"name": name, "mimeType": "application/jsonl",
                         "sizeBytes": content.len().to_string(), "sha256Hash": base64(digest.as_bytes())}})
     } else if path.ends_with("/files") {
         json!({"id": format!("file-{n}"), "object": "file", "purpose": "batch", "bytes": 10})
@@ -705,6 +715,64 @@ async fn a_batch_input_file_that_is_not_utf8_is_refused() {
     assert_eq!(status, 400, "{got}");
     assert_eq!(recs.len(), 1, "{recs:#?}");
     assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, a Gemini file name was kept as read for as long as the daemon remembered it, while the name itself is
+/// the client's to choose (a start request's `file.name`) once no file holds it: an agent uploaded allowed lines
+/// (kept as `files/x`), deleted the file, uploaded its blocked lines in chunks (never read) under the same name, and
+/// a batch naming `files/x` ran them. Now a `DELETE` of a file on Gemini's host forgets every file kept by that
+/// name (a file that expires, after its `expirationTime` or 48 hours, is forgotten too), so the batch is refused as
+/// `unread_input`.
+#[tokio::test]
+async fn a_gemini_file_name_deleted_and_reused_is_not_run() {
+    let w = world().await;
+    let ok = gemini_line("k1", "read_file");
+    let bad = gemini_line("k2", "delete_everything");
+    let (status, got, _, _) = exchange(
+        &w,
+        GEMINI,
+        gemini_upload(&format!("{ok}\n"), "upload, finalize"),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let file = got["file"]["name"].as_str().unwrap().to_string();
+    let id = file.strip_prefix("files/").unwrap();
+    let delete = Request::builder()
+        .method("DELETE")
+        .uri(format!("/v1beta/files/{id}"))
+        .header("host", GEMINI)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, _, seen) = exchange(&w, GEMINI, delete).await;
+    assert_eq!((status, seen.len()), (200, 1));
+    // The same name, chosen by a start request, for blocked lines sent in a chunk and finalized apart: none read.
+    let at = |command: &str, body: String| {
+        Request::builder()
+            .method("POST")
+            .uri("/upload/v1beta/files?upload_id=u-3&upload_protocol=resumable")
+            .header("host", GEMINI)
+            .header("x-goog-upload-protocol", "resumable")
+            .header("x-goog-upload-command", command)
+            .header("x-goog-upload-offset", "0")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let start = json!({"file": {"name": file, "displayName": "again"}}).to_string();
+    let (status, _, _, _) = exchange(&w, GEMINI, at("start", start)).await;
+    assert_eq!(status, 200);
+    let (status, _, _, _) = exchange(&w, GEMINI, at("upload", format!("{bad}\n"))).await;
+    assert_eq!(status, 200);
+    let (status, got, _, _) = exchange(&w, GEMINI, at("finalize", String::new())).await;
+    assert_eq!((status, &got["file"]["name"]), (200, &json!(file)), "{got}");
+
+    let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+    assert_eq!(status, 403, "{got}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "null".into(), "unread_input".into())
+    );
     assert!(seen.is_empty(), "{seen:?}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -8,10 +8,11 @@
 //! What is kept is the file's name only, in memory, up to [`CAPACITY`] files (the oldest forgotten first): a batch
 //! on a file forgotten, or read by a daemon since restarted, is refused, and the agent uploads it again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::Response;
@@ -30,6 +31,10 @@ pub const CAPACITY: usize = 65_536;
 
 /// The most of an upload's answer read for the file's name: a File object is a few hundred bytes.
 const ANSWER_LIMIT: usize = 64 * 1024;
+
+/// How long a file on Gemini's host is kept as read, at most: its files are deleted 48 hours after they are uploaded
+/// (Gemini API reference, "Files"), after which the name is free to be given again.
+const GEMINI_LIFETIME: Duration = Duration::from_secs(48 * 3600);
 
 /// One file read: whose, under which policy, on which provider, and as which API's batch lines (`read_as`): a file
 /// read as Gemini's `{"key", "request"}` lines was not read as OpenAI's `{"custom_id", "url", "body"}` lines (a line
@@ -59,17 +64,20 @@ impl Key {
     }
 }
 
-/// The files read, oldest first.
+/// The files read, each until when it may be run (`None`: for as long as it is remembered), oldest first.
 #[derive(Debug, Default)]
 pub struct ReadInputs {
-    inner: Mutex<(HashSet<Key>, VecDeque<Key>)>,
+    inner: Mutex<Kept>,
 }
 
+/// Each file kept, with until when, and the files in the order they were kept.
+type Kept = (HashMap<Key, Option<SystemTime>>, VecDeque<Key>);
+
 impl ReadInputs {
-    fn insert(&self, key: Key) {
+    fn insert(&self, key: Key, until: Option<SystemTime>) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let (set, order) = &mut *inner;
-        if !set.insert(key.clone()) {
+        if set.insert(key.clone(), until).is_some() {
             return;
         }
         order.push_back(key);
@@ -82,7 +90,29 @@ impl ReadInputs {
 
     fn contains(&self, key: &Key) -> bool {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.0.contains(key)
+        inner
+            .0
+            .get(key)
+            .is_some_and(|until| until.is_none_or(|t| SystemTime::now() < t))
+    }
+
+    /// Forget every file on `provider` whose name's last segment is `id` (`files/abc` for `abc`), for every agent
+    /// and policy: the name may be given to another file.
+    fn forget(&self, provider: &str, id: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .0
+            .retain(|key, _| key.provider != provider || key.file.rsplit('/').next() != Some(id));
+    }
+}
+
+/// A request to a host of `provider` that may delete the file `id` names (`inspect::batch_input::touched_file`): on
+/// Gemini's host, where a client may choose a new file's name once no file holds it, every file kept by that name is
+/// forgotten before the request goes on, whether or not it succeeds.
+pub(crate) fn note_touched(read: &ReadInputs, provider: Option<&str>, id: Option<&str>) {
+    if let (Some(provider @ "gemini"), Some(id)) = (provider, id) {
+        tracing::debug!("a request may delete a batch input file: forgetting it");
+        read.forget(provider, id);
     }
 }
 
@@ -186,8 +216,10 @@ impl Stored {
         let seen = seen.freeze();
         if whole {
             if let Some(file) = stored_name(self.stored_as, &seen, self.sent) {
+                let until = (self.key.provider == "gemini")
+                    .then(|| gemini_expiry(&seen, SystemTime::now()));
                 self.key.file = file;
-                read.insert(self.key);
+                read.insert(self.key, until);
             }
         }
         let body = Prefixed {
@@ -229,6 +261,26 @@ fn stored_name(stored_as: StoredAs, answer: &[u8], sent: (u64, [u8; 32])) -> Opt
         }
     };
     name.and_then(serde_json::Value::as_str).map(str::to_owned)
+}
+
+/// When a file on Gemini's host stops being kept as read: its `expirationTime` (RFC 3339; a File object's, or an
+/// OpenAI File object's `expires_at` in Unix seconds, as Gemini's OpenAI-compatible API may give it), and at most
+/// [`GEMINI_LIFETIME`] after `now`.
+fn gemini_expiry(answer: &[u8], now: SystemTime) -> SystemTime {
+    let latest = now + GEMINI_LIFETIME;
+    let json: serde_json::Value = serde_json::from_slice(answer).unwrap_or_default();
+    let rfc3339 = json["file"]["expirationTime"].as_str().and_then(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+    });
+    let stated = rfc3339
+        .map(SystemTime::from)
+        .or_else(|| {
+            json["expires_at"]
+                .as_u64()
+                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+        })
+        .unwrap_or(latest);
+    stated.min(latest)
 }
 
 /// The bytes of base64 text (RFC 4648 §4, or the URL-safe alphabet of §5), padded or not; `None` for anything else.
@@ -358,6 +410,25 @@ mod tests {
     }
 
     #[test]
+    fn a_gemini_file_is_kept_until_it_expires_and_48_hours_at_most() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let soon = br#"{"file": {"name": "files/a", "expirationTime": "2023-11-14T23:13:20.5Z"}}"#;
+        assert_eq!(
+            gemini_expiry(soon, now),
+            now + Duration::from_millis(3_600_500)
+        );
+        for late in [
+            &br#"{"file": {"name": "files/a", "expirationTime": "2099-01-01T00:00:00Z"}}"#[..],
+            br#"{"file": {"name": "files/a"}}"#,
+            br#"{"id": "files/a", "object": "file"}"#,
+        ] {
+            assert_eq!(gemini_expiry(late, now), now + GEMINI_LIFETIME);
+        }
+        let openai = br#"{"id": "files/a", "object": "file", "expires_at": 1700000060}"#;
+        assert_eq!(gemini_expiry(openai, now), now + Duration::from_secs(60));
+    }
+
+    #[test]
     fn the_oldest_files_are_forgotten_first() {
         let read = ReadInputs::default();
         let agent = Agent::default();
@@ -371,7 +442,7 @@ mod tests {
             )
         };
         for i in 0..=CAPACITY {
-            read.insert(key(i));
+            read.insert(key(i), None);
         }
         assert!(!read.contains(&key(0)));
         assert!(read.contains(&key(1)) && read.contains(&key(CAPACITY)));
@@ -401,6 +472,22 @@ mod tests {
             StoredAs::FileId,
             "file-1"
         )));
+        // A file kept until a time past, or forgotten by its id: not read.
+        let later = Key::new("p1", &agent, "gemini", StoredAs::FileName, "files/abc");
+        read.insert(
+            later.clone(),
+            Some(SystemTime::now() - Duration::from_secs(1)),
+        );
+        assert!(!read.contains(&later));
+        read.insert(
+            later.clone(),
+            Some(SystemTime::now() + Duration::from_secs(60)),
+        );
+        assert!(read.contains(&later));
+        note_touched(&read, Some("gemini"), Some("abc"));
+        assert!(!read.contains(&later) && read.contains(&key(CAPACITY)));
+        note_touched(&read, Some("openai"), Some(&format!("file-{CAPACITY}")));
+        assert!(read.contains(&key(CAPACITY)));
         // The same file read as the other API's batch lines: not read as these.
         assert!(!read.contains(&Key::new(
             "p1",

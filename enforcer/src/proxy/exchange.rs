@@ -244,6 +244,17 @@ async fn prepare(
         .and_then(|a| a.transport.provider.clone());
     batch_input::check_named(rec, &conn.agent, provider.as_deref(), &inspected.inputs)?;
     if rec.will_forward() {
+        let touched = inspected
+            .actions
+            .first()
+            .and_then(|a| crate::inspect::touched_file(a, &rec.ctx().inspect));
+        batch_input::note_touched(
+            &rec.ctx().batch_inputs,
+            provider.as_deref(),
+            touched.as_deref(),
+        );
+    }
+    if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
     let carried = inspected.carried;

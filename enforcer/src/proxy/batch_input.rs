@@ -277,7 +277,7 @@ fn gemini_expiry(answer: &[u8], now: SystemTime) -> SystemTime {
         .or_else(|| {
             json["expires_at"]
                 .as_u64()
-                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
         })
         .unwrap_or(latest);
     stated.min(latest)
@@ -426,6 +426,9 @@ mod tests {
         }
         let openai = br#"{"id": "files/a", "object": "file", "expires_at": 1700000060}"#;
         assert_eq!(gemini_expiry(openai, now), now + Duration::from_secs(60));
+        // A time past any the clock can hold is no time: at most the lifetime, and no panic.
+        let never = br#"{"id": "files/a", "object": "file", "expires_at": 18446744073709551615}"#;
+        assert_eq!(gemini_expiry(never, now), now + GEMINI_LIFETIME);
     }
 
     #[test]

@@ -97,6 +97,10 @@ async fn answer(
         .get("x-goog-upload-command")
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
+    let gzip = req
+        .headers()
+        .get("accept-encoding")
+        .is_some_and(|v| v.to_str().unwrap_or_default().contains("gzip"));
     let sent = req.into_body().collect().await.unwrap().to_bytes();
     let n = files.fetch_add(1, Ordering::SeqCst) + 1;
     let body = if path.starts_with("/upload/") {
@@ -124,6 +128,16 @@ async fn answer(
     } else {
         json!({"id": "batch_1", "object": "batch", "name": "batches/b1"})
     };
+    // Compressed when the request accepts gzip, as OpenAI's and Google's frontends answer.
+    if gzip {
+        let mut coder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut coder, body.to_string().as_bytes()).unwrap();
+        return Response::builder()
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(Full::new(Bytes::from(coder.finish().unwrap())).boxed())
+            .unwrap();
+    }
     Response::builder()
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())).boxed())
@@ -164,7 +178,13 @@ async fn exchange(
     let before = w.proxy.audit_records().await.len();
     let seen_before = w.seen.lock().unwrap().len();
     let tls = w.proxy.tls_to(w.upstream, host, &[b"http/1.1"]).await;
-    let (status, _, body) = send(tls, false, req).await;
+    let (status, headers, mut body) = send(tls, false, req).await;
+    if headers.get("content-encoding").is_some_and(|c| c == "gzip") {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut plain)
+            .unwrap();
+        body = plain;
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let recs = w.proxy.audit_records().await;
     let text = String::from_utf8_lossy(&body).into_owned();
@@ -774,5 +794,37 @@ async fn a_gemini_file_name_deleted_and_reused_is_not_run() {
         ("block".into(), "null".into(), "unread_input".into())
     );
     assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, an upload's answer was read for the file's name as it came: the OpenAI SDK (httpx) and google-genai send
+/// `Accept-Encoding: gzip`, the provider's frontend compresses its answer, and the compressed File object named
+/// nothing: every file uploaded so was refused at its batch as `unread_input`. Now an upload read as batch input
+/// asks the upstream for its answer uncoded, so its name is read and kept.
+#[tokio::test]
+async fn a_batch_input_file_uploaded_accepting_gzip_is_kept() {
+    let w = world().await;
+    let mut req = upload("/v1", OPENAI, &[line("gpt-ok", "read_file")]);
+    req.headers_mut()
+        .insert("accept-encoding", "gzip, deflate".parse().unwrap());
+    let (status, got, _, _) = exchange(&w, OPENAI, req).await;
+    assert_eq!(status, 200, "{got}");
+    let file = got["id"].as_str().unwrap().to_string();
+    let (status, got, recs, seen) = exchange(&w, OPENAI, create("/v1", OPENAI, &file)).await;
+    assert_eq!((status, &got["id"]), (200, &json!("batch_1")), "{got}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    assert_eq!(seen, ["POST /v1/batches"]);
+
+    let mut req = gemini_upload(
+        &format!("{}\n", gemini_line("k1", "read_file")),
+        "upload, finalize",
+    );
+    req.headers_mut()
+        .insert("accept-encoding", "gzip".parse().unwrap());
+    let (status, got, _, _) = exchange(&w, GEMINI, req).await;
+    assert_eq!(status, 200, "{got}");
+    let file = got["file"]["name"].as_str().unwrap().to_string();
+    let (status, got, _, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

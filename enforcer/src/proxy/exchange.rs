@@ -266,8 +266,9 @@ async fn prepare(
         parts,
         (body, parsed),
     )?;
-    if reads_responses {
-        // What the response phases read must not be content-coded; a coded answer is still decoded.
+    if reads_responses || matches!(carried, Some(Carried::InputFile(_))) {
+        // What the response phases read must not be content-coded; a coded answer is still decoded. An uploaded
+        // batch input file's answer is read for the file's name (`batch_input::Stored::note`).
         outgoing.parts.headers.insert(
             http::header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),

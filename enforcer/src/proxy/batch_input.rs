@@ -5,6 +5,12 @@
 //! any other file ([`check_named`]) is refused as `unread_input`: a file uploaded elsewhere, in chunks, before the
 //! daemon started, or before the policy last changed, holds calls no rule saw.
 //!
+//! A name stands for the bytes read only while nothing else can hold it: it is kept for the API whose lines it was
+//! read as (a file read as Gemini's lines is not run as OpenAI's), only when the answer's File is the bytes sent
+//! (Gemini's `sizeBytes` and `sha256Hash`: a resumable session may hold a chunk sent before), and on Gemini's host,
+//! where a client may choose a free name, until the file expires and until a request may delete it
+//! ([`note_touched`]).
+//!
 //! What is kept is the file's name only, in memory, up to [`CAPACITY`] files (the oldest forgotten first): a batch
 //! on a file forgotten, or read by a daemon since restarted, is refused, and the agent uploads it again.
 

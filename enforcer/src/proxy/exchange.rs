@@ -243,7 +243,8 @@ async fn prepare(
         .first()
         .and_then(|a| a.transport.provider.clone());
     batch_input::check_named(rec, &conn.agent, provider.as_deref(), &inspected.inputs)?;
-    if rec.will_forward() {
+    // Only Gemini's host lets a client choose a file's name (`batch_input::note_touched`): other requests skip this.
+    if rec.will_forward() && provider.as_deref() == Some("gemini") {
         let touched = inspected
             .actions
             .first()

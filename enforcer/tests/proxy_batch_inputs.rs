@@ -7,6 +7,7 @@
 
 mod proxy_support;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use proxy_support::*;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 const OPENAI: &str = "api.openai.com";
 const GEMINI: &str = "generativelanguage.googleapis.com";
@@ -44,22 +46,98 @@ rules:
 /// What the upstreams received: each request's method and path, in order.
 type Seen = Arc<std::sync::Mutex<Vec<String>>>;
 
+/// Google's resumable upload sessions: the file name each `upload_id`'s start request chose, if any, and what it
+/// holds so far.
+type Sessions = Arc<std::sync::Mutex<HashMap<String, (Option<String>, Vec<u8>)>>>;
+
+/// Standard base64 with padding (RFC 4648 §4).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(ABC[(n >> (18 - 6 * i)) as usize & 63])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
 /// A provider that stores every upload as a new file (OpenAI's File object, Gemini's `{"file": …}`) and answers a
-/// batch create with a batch object.
-async fn answer(seen: Seen, files: Arc<AtomicU64>, req: Request<Incoming>) -> Response<TestBody> {
+/// batch create with a batch object. A Gemini resumable session holds what each `upload` request of it sent, in
+/// order, and its file is all of that once a request finalizes it; its answer names the file's size and its SHA-256
+/// (`sizeBytes`, `sha256Hash`: base64 of the hex digest, as Google's File resource gives it).
+async fn answer(
+    seen: Seen,
+    files: Arc<AtomicU64>,
+    sessions: Sessions,
+    req: Request<Incoming>,
+) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     seen.lock()
         .unwrap()
         .push(format!("{} {path}", req.method()));
-    let _ = req.into_body().collect().await;
+    let session = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|p| p.strip_prefix("upload_id="))
+        .unwrap_or_default()
+        .to_string();
+    let command = req
+        .headers()
+        .get("x-goog-upload-command")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let gzip = req
+        .headers()
+        .get("accept-encoding")
+        .is_some_and(|v| v.to_str().unwrap_or_default().contains("gzip"));
+    let sent = req.into_body().collect().await.unwrap().to_bytes();
     let n = files.fetch_add(1, Ordering::SeqCst) + 1;
     let body = if path.starts_with("/upload/") {
-        json!({"file": {"name": format!("files/g{n}"), "mimeType": "application/jsonl"}})
+        let mut sessions = sessions.lock().unwrap();
+        if command == "start" {
+            // The start request's metadata may name the file (`{"file": {"name": "files/…"}}`).
+            let metadata: Value = serde_json::from_slice(&sent).unwrap_or_default();
+            let name = metadata["file"]["name"].as_str().map(str::to_string);
+            sessions.insert(session.clone(), (name, Vec::new()));
+        }
+        let (name, held) = sessions.entry(session.clone()).or_default();
+        if command != "start" {
+            held.extend_from_slice(&sent);
+        }
+        let name = name.clone().unwrap_or(format!("files/g{n}"));
+        let content = held.clone();
+        if command.contains("finalize") {
+            sessions.remove(&session);
+        }
+        let digest = hex::encode(Sha256::digest(&content));
+        json!({"file": {"name": name, "mimeType": "application/jsonl",
+                        "sizeBytes": content.len().to_string(), "sha256Hash": base64(digest.as_bytes())}})
     } else if path.ends_with("/files") {
         json!({"id": format!("file-{n}"), "object": "file", "purpose": "batch", "bytes": 10})
     } else {
         json!({"id": "batch_1", "object": "batch", "name": "batches/b1"})
     };
+    // Compressed when the request accepts gzip, as OpenAI's and Google's frontends answer.
+    if gzip {
+        let mut coder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut coder, body.to_string().as_bytes()).unwrap();
+        return Response::builder()
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(Full::new(Bytes::from(coder.finish().unwrap())).boxed())
+            .unwrap();
+    }
     Response::builder()
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())).boxed())
@@ -77,9 +155,10 @@ async fn world() -> World {
     let proxy = start_proxy(POLICY, &[&ca], false).await;
     let seen = Seen::default();
     let files = Arc::new(AtomicU64::new(0));
+    let sessions = Sessions::default();
     let s = seen.clone();
     let upstream = answering_upstream(&ca, &[OPENAI, GEMINI], move |req| {
-        answer(s.clone(), files.clone(), req)
+        answer(s.clone(), files.clone(), sessions.clone(), req)
     })
     .await;
     World {
@@ -99,7 +178,13 @@ async fn exchange(
     let before = w.proxy.audit_records().await.len();
     let seen_before = w.seen.lock().unwrap().len();
     let tls = w.proxy.tls_to(w.upstream, host, &[b"http/1.1"]).await;
-    let (status, _, body) = send(tls, false, req).await;
+    let (status, headers, mut body) = send(tls, false, req).await;
+    if headers.get("content-encoding").is_some_and(|c| c == "gzip") {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut plain)
+            .unwrap();
+        body = plain;
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let recs = w.proxy.audit_records().await;
     let text = String::from_utf8_lossy(&body).into_owned();
@@ -415,5 +500,331 @@ async fn a_gemini_batch_runs_only_on_a_file_whose_requests_were_decided() {
         assert_eq!(recs[0]["decision"]["reason"], "unread_input");
         assert!(seen.is_empty(), "{seen:?}");
     }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// `POST {prefix}/batches` with `body` as sent, labelled `content_type`.
+fn create_raw(
+    prefix: &str,
+    host: &str,
+    content_type: &str,
+    body: String,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
+    let mut req = Request::builder()
+        .method("POST")
+        .uri(format!("{prefix}/batches"))
+        .header("host", host)
+        .header("content-type", content_type);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+/// Before, a file read as one API's batch lines could be run by the other's batch: Gemini's host serves both
+/// (`:batchGenerateContent` reads `{"key", "request"}` lines, `/v1beta/openai/batches` OpenAI's `{"custom_id", "url",
+/// "body"}` lines), each reader ignores the other's members, and the file was kept by its name alone. An agent
+/// uploaded lines whose `request` was allowed and whose `body` called a blocked model (or the other way round), and
+/// had the other API's batch run the calls no rule saw. Now a file is kept as read for the API it was read as: a
+/// batch of the other API naming it is refused as `unread_input`, and the upstream never sees the create.
+#[tokio::test]
+async fn a_file_read_as_one_apis_batch_lines_is_not_run_by_the_others_batch() {
+    let w = world().await;
+    let evil: Value = serde_json::from_str(&line("evil-x", "delete_everything")).unwrap();
+    let mut both: Value = serde_json::from_str(&gemini_line("k1", "read_file")).unwrap();
+    for member in ["custom_id", "method", "url", "body"] {
+        both[member] = evil[member].clone();
+    }
+    let (status, got, recs, _) = exchange(
+        &w,
+        GEMINI,
+        gemini_upload(&format!("{both}\n"), "upload, finalize"),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    let read_as_gemini = got["file"]["name"].as_str().unwrap().to_string();
+    // Run by the Gemini batch it was read for: allowed.
+    let (status, got, _, seen) = exchange(&w, GEMINI, gemini_create(&read_as_gemini)).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+
+    let mut both: Value = serde_json::from_str(&line("gpt-ok", "read_file")).unwrap();
+    both["key"] = json!("k1");
+    both["request"] = serde_json::from_str::<Value>(&gemini_line("k1", "delete_everything"))
+        .unwrap()["request"]
+        .clone();
+    let (status, got, _, _) = exchange(
+        &w,
+        GEMINI,
+        upload("/v1beta/openai", GEMINI, &[both.to_string()]),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let read_as_openai = got["id"].as_str().unwrap().to_string();
+
+    for (req, file) in [
+        (
+            create("/v1beta/openai", GEMINI, &read_as_gemini),
+            &read_as_gemini,
+        ),
+        (gemini_create(&read_as_openai), &read_as_openai),
+    ] {
+        let (status, got, recs, seen) = exchange(&w, GEMINI, req).await;
+        assert_eq!(status, 403, "{file}: {got}");
+        assert!(
+            got.to_string().contains("was not read by the enforcer"),
+            "{got}"
+        );
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(
+            decided(&recs[0]),
+            ("block".into(), "null".into(), "unread_input".into())
+        );
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, a batch create was read for its input file only when the proxy took it for no other protocol: a create
+/// whose JSON was also a JSON-RPC message (`"jsonrpc": "2.0", "method": …` beside `input_file_id`) was decided as
+/// MCP and forwarded naming any file; a create in a form (`input_file_id=…`), or naming its file as proto3 JSON's
+/// `inputFileId` (Gemini's OpenAI-compatible API), or sent as `GET` with `X-HTTP-Method-Override: POST` (which
+/// Google's frontends honour), named nothing the proxy read. Each ran a file no rule saw. Now every reading of a
+/// create names its files, and a create whose body is not a JSON object is refused as unreadable.
+#[tokio::test]
+async fn a_batch_create_names_its_file_however_it_is_spelt_or_sent() {
+    let w = world().await;
+    let json_rpc = json!({"jsonrpc": "2.0", "id": 1, "method": "batches/create",
+                          "input_file_id": "file-unread", "endpoint": "/v1/chat/completions",
+                          "completion_window": "24h"});
+    let camel = json!({"inputFileId": "files/unread", "endpoint": "/v1/chat/completions",
+                       "completion_window": "24h"});
+    let unread = [
+        (
+            OPENAI,
+            create_raw("/v1", OPENAI, "application/json", json_rpc.to_string(), &[]),
+        ),
+        (
+            GEMINI,
+            create_raw(
+                "/v1beta/openai",
+                GEMINI,
+                "application/json",
+                camel.to_string(),
+                &[],
+            ),
+        ),
+        (GEMINI, {
+            let mut get = create("/v1beta/openai", GEMINI, "files/unread");
+            *get.method_mut() = hyper::Method::GET;
+            get.headers_mut()
+                .insert("x-http-method-override", "POST".parse().unwrap());
+            get
+        }),
+    ];
+    for (i, (host, req)) in unread.into_iter().enumerate() {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (status, got, recs, seen) = exchange(&w, host, req).await;
+        if i == 0 {
+            // Read as a JSON-RPC request too, it is answered as one: a JSON-RPC error.
+            assert_eq!(
+                (status, &got["error"]["code"]),
+                (200, &json!(-32001)),
+                "{got}"
+            );
+        } else {
+            assert_eq!(status, 403, "{what}: {got}");
+        }
+        assert!(
+            got.to_string().contains("was not read by the enforcer"),
+            "{got}"
+        );
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(
+            decided(&recs[0]),
+            ("block".into(), "null".into(), "unread_input".into()),
+            "{what}"
+        );
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    let form = create_raw(
+        "/v1",
+        OPENAI,
+        "application/x-www-form-urlencoded",
+        "input_file_id=file-unread&endpoint=%2Fv1%2Fchat%2Fcompletions&completion_window=24h"
+            .into(),
+        &[],
+    );
+    let (status, got, recs, seen) = exchange(&w, OPENAI, form).await;
+    assert_eq!(status, 400, "{got}");
+    assert!(
+        got.to_string().contains("the batch input cannot be read"),
+        "{got}"
+    );
+    assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, a Gemini file was kept as read when its `upload, finalize` request at offset 0 was read, whatever the
+/// session held already: an agent sent its blocked lines as an `upload` chunk of a session (forwarded unread, as any
+/// chunk), then finalized the same session with allowed lines from offset 0; the upstream's file held the blocked
+/// lines (a server keeps what it has, or ignores bytes it already holds), the proxy kept its name as read, and a batch
+/// ran it. Now a file is kept only when the answer's `sizeBytes` and `sha256Hash` are those of the bytes the proxy
+/// read and forwarded.
+#[tokio::test]
+async fn a_gemini_file_is_kept_only_when_the_upstream_stored_what_was_read() {
+    let w = world().await;
+    let ok = gemini_line("k1", "read_file");
+    let bad = gemini_line("k2", "delete_everything");
+    let request = |content: &str, command: &str| {
+        let mut req = gemini_upload(content, command);
+        *req.uri_mut() = "/upload/v1beta/files?upload_id=u-2&upload_protocol=resumable"
+            .parse()
+            .unwrap();
+        req
+    };
+    let (status, got, _, seen) = exchange(&w, GEMINI, request(&format!("{bad}\n"), "upload")).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, request(&format!("{ok}\n"), "upload, finalize")).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    let file = got["file"]["name"].as_str().unwrap().to_string();
+    let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+    assert_eq!(status, 403, "{got}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "null".into(), "unread_input".into())
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, a batch input file whose bytes were not UTF-8 was read from their lossy text (each bad byte a U+FFFD),
+/// as no LLM call's body is: a receiver that decodes such bytes otherwise (an overlong `\xC0\xA2` as `"`) reads
+/// other members than the lines decided — here a second `model`. Now an upload read as batch input must be UTF-8,
+/// as an LLM call's body must: refused as unreadable, never forwarded.
+#[tokio::test]
+async fn a_batch_input_file_that_is_not_utf8_is_refused() {
+    let w = world().await;
+    let req = upload("/v1", OPENAI, &[line("gpt-ok", "read_file")]);
+    let (parts, body) = req.into_parts();
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (before, after) = text.split_once("\"model\":\"gpt-ok\"").unwrap();
+    // `"model":"gpt-ok\xC0\xA2,\xC0\xA2model\xC0\xA2:\xC0\xA2evil-x"`: one model to the proxy's lossy reading,
+    // `"model":"gpt-ok","model":"evil-x"` to a decoder that reads the overlong `\xC0\xA2` as `"`.
+    let q = b"\xC0\xA2";
+    let sent = [
+        before.as_bytes(),
+        b"\"model\":\"gpt-ok",
+        q,
+        b",",
+        q,
+        b"model",
+        q,
+        b":",
+        q,
+        b"evil-x\"",
+        after.as_bytes(),
+    ]
+    .concat();
+    let req = Request::from_parts(parts, Full::new(Bytes::from(sent)));
+    let (status, got, recs, seen) = exchange(&w, OPENAI, req).await;
+    assert_eq!(status, 400, "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, a Gemini file name was kept as read for as long as the daemon remembered it, while the name itself is
+/// the client's to choose (a start request's `file.name`) once no file holds it: an agent uploaded allowed lines
+/// (kept as `files/x`), deleted the file, uploaded its blocked lines in chunks (never read) under the same name, and
+/// a batch naming `files/x` ran them. Now a `DELETE` of a file on Gemini's host forgets every file kept by that
+/// name (a file that expires, after its `expirationTime` or 48 hours, is forgotten too), so the batch is refused as
+/// `unread_input`.
+#[tokio::test]
+async fn a_gemini_file_name_deleted_and_reused_is_not_run() {
+    let w = world().await;
+    let ok = gemini_line("k1", "read_file");
+    let bad = gemini_line("k2", "delete_everything");
+    let (status, got, _, _) = exchange(
+        &w,
+        GEMINI,
+        gemini_upload(&format!("{ok}\n"), "upload, finalize"),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let file = got["file"]["name"].as_str().unwrap().to_string();
+    let id = file.strip_prefix("files/").unwrap();
+    let delete = Request::builder()
+        .method("DELETE")
+        .uri(format!("/v1beta/files/{id}"))
+        .header("host", GEMINI)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, _, seen) = exchange(&w, GEMINI, delete).await;
+    assert_eq!((status, seen.len()), (200, 1));
+    // The same name, chosen by a start request, for blocked lines sent in a chunk and finalized apart: none read.
+    let at = |command: &str, body: String| {
+        Request::builder()
+            .method("POST")
+            .uri("/upload/v1beta/files?upload_id=u-3&upload_protocol=resumable")
+            .header("host", GEMINI)
+            .header("x-goog-upload-protocol", "resumable")
+            .header("x-goog-upload-command", command)
+            .header("x-goog-upload-offset", "0")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let start = json!({"file": {"name": file, "displayName": "again"}}).to_string();
+    let (status, _, _, _) = exchange(&w, GEMINI, at("start", start)).await;
+    assert_eq!(status, 200);
+    let (status, _, _, _) = exchange(&w, GEMINI, at("upload", format!("{bad}\n"))).await;
+    assert_eq!(status, 200);
+    let (status, got, _, _) = exchange(&w, GEMINI, at("finalize", String::new())).await;
+    assert_eq!((status, &got["file"]["name"]), (200, &json!(file)), "{got}");
+
+    let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+    assert_eq!(status, 403, "{got}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "null".into(), "unread_input".into())
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// Before, an upload's answer was read for the file's name as it came: the OpenAI SDK (httpx) and google-genai send
+/// `Accept-Encoding: gzip`, the provider's frontend compresses its answer, and the compressed File object named
+/// nothing: every file uploaded so was refused at its batch as `unread_input`. Now an upload read as batch input
+/// asks the upstream for its answer uncoded, so its name is read and kept.
+#[tokio::test]
+async fn a_batch_input_file_uploaded_accepting_gzip_is_kept() {
+    let w = world().await;
+    let mut req = upload("/v1", OPENAI, &[line("gpt-ok", "read_file")]);
+    req.headers_mut()
+        .insert("accept-encoding", "gzip, deflate".parse().unwrap());
+    let (status, got, _, _) = exchange(&w, OPENAI, req).await;
+    assert_eq!(status, 200, "{got}");
+    let file = got["id"].as_str().unwrap().to_string();
+    let (status, got, recs, seen) = exchange(&w, OPENAI, create("/v1", OPENAI, &file)).await;
+    assert_eq!((status, &got["id"]), (200, &json!("batch_1")), "{got}");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    assert_eq!(seen, ["POST /v1/batches"]);
+
+    let mut req = gemini_upload(
+        &format!("{}\n", gemini_line("k1", "read_file")),
+        "upload, finalize",
+    );
+    req.headers_mut()
+        .insert("accept-encoding", "gzip".parse().unwrap());
+    let (status, got, _, _) = exchange(&w, GEMINI, req).await;
+    assert_eq!(status, 200, "{got}");
+    let file = got["file"]["name"].as_str().unwrap().to_string();
+    let (status, got, _, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -31,7 +31,7 @@ use super::{llm, multipart, InspectError, LlmApi, Provider};
 use crate::model::HttpRequest;
 
 /// How the upstream's answer to an upload names the file it stored: what a batch create names as its input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoredAs {
     /// An OpenAI File object: `{"id": "file-…", "object": "file", …}`.
     FileId,
@@ -221,45 +221,64 @@ fn gemini_lines(content: &str) -> Result<Option<InputFile>, InspectError> {
     }))
 }
 
+/// One input file a batch create names: the file as the create names it, and which upload API's reading of its
+/// lines the create runs them by (an `input_file_id` is run as OpenAI batch lines, a Gemini `fileName` as Gemini's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedInput {
+    pub read_as: StoredAs,
+    pub file: String,
+}
+
 /// The files a batch create sent to a host of `provider` names as its input: OpenAI's `input_file_id` (`POST
-/// …/batches`, OpenAI API reference, "Create batch"), Gemini's `batch.inputConfig.fileName` (or the `inputConfig`
-/// of a batch update: any request to Gemini's host is read so, in either proto3 JSON spelling). Empty for any other
-/// request.
+/// …/batches`, OpenAI API reference, "Create batch"; on Gemini's host, whose OpenAI-compatible API may read proto3
+/// JSON, `inputFileId` too), Gemini's `batch.inputConfig.fileName` (or the `inputConfig` of a batch update: any
+/// request to Gemini's host is read so, in either proto3 JSON spelling). Empty for any other request.
 ///
 /// # Errors
-/// [`InspectError::BatchInput`] for a create whose input is not a string, or whose member is spelt otherwise.
+/// [`InspectError::BatchInput`] for a create whose input is not a string, whose member is spelt otherwise, or (`POST
+/// …/batches`) whose body is not a JSON object: what it names cannot be known, so it is not run.
 pub fn named_inputs(
     provider: Provider,
     method: &str,
     routed: &str,
     body: Option<&Value>,
-) -> Result<Vec<String>, InspectError> {
-    let Some(body) =
-        body.filter(|_| method.eq_ignore_ascii_case("POST") || provider == Provider::Gemini)
-    else {
+) -> Result<Vec<NamedInput>, InspectError> {
+    let lower = llm::lenient_lower(routed);
+    let create = provider != Provider::Anthropic
+        && method.eq_ignore_ascii_case("POST")
+        && lower.ends_with("/batches");
+    if create && !body.is_some_and(Value::is_object) {
+        return Err(unreadable("the batch create is not a JSON object"));
+    }
+    let Some(body) = body.filter(|_| create || provider == Provider::Gemini) else {
         return Ok(Vec::new());
     };
-    let lower = llm::lenient_lower(routed);
-    let mut named: Vec<&Value> = Vec::new();
-    if provider != Provider::Anthropic && lower.ends_with("/batches") {
-        if let Some(object) = body.as_object() {
-            if misspelt(object, &["input_file_id"]) {
-                return Err(unreadable("the batch spells input_file_id otherwise"));
-            }
-            named.extend(object.get("input_file_id"));
+    let mut named: Vec<(StoredAs, &Value)> = Vec::new();
+    if let Some(object) = body.as_object().filter(|_| create) {
+        if misspelt(object, &["input_file_id", "inputFileId"]) {
+            return Err(unreadable("the batch spells input_file_id otherwise"));
         }
+        // `input_file_id`, and the spellings a proto3 JSON reader binds to it (`inputFileId`).
+        named.extend(llm::fields(body, "inputFileId").map(|v| (StoredAs::FileId, v)));
     }
     if provider == Provider::Gemini {
         let configs = llm::fields(body, "batch")
             .flat_map(|b| llm::fields(b, "inputConfig"))
             .chain(llm::fields(body, "inputConfig"));
-        named.extend(configs.flat_map(|c| llm::fields(c, "fileName")));
+        named.extend(
+            configs
+                .flat_map(|c| llm::fields(c, "fileName"))
+                .map(|v| (StoredAs::FileName, v)),
+        );
     }
     named
         .into_iter()
-        .map(|v| {
+        .map(|(read_as, v)| {
             v.as_str()
-                .map(str::to_owned)
+                .map(|file| NamedInput {
+                    read_as,
+                    file: file.to_owned(),
+                })
                 .ok_or(unreadable("the batch's input file is not a string"))
         })
         .collect()
@@ -336,6 +355,23 @@ mod tests {
             &form("fine-tune", &file),
         );
         assert!(upload(Provider::OpenAi, &other, "/v1/files")
+            .unwrap()
+            .is_none());
+        // The file's headers ended by a bare LF line (where Go's `mime/multipart` starts its data): not read.
+        let bare_lf = form("batch", &file).replace(
+            "application/octet-stream\r\n\r\n",
+            &format!(
+                "application/octet-stream\r\n\n{}\n\r\n\r\n",
+                line("/v1/chat/completions", "evil")
+            ),
+        );
+        let odd = request(
+            "POST",
+            "/v1/files",
+            "multipart/form-data; boundary=b",
+            &bare_lf,
+        );
+        assert!(upload(Provider::OpenAi, &odd, "/v1/files")
             .unwrap()
             .is_none());
         let preamble = format!("x\r\n{}", form("batch", &file));
@@ -420,47 +456,60 @@ mod tests {
         assert!(upload(Provider::Gemini, &mixed, "/upload/v1beta/files").is_err());
     }
 
+    /// What a create names, as (API read as, file).
+    fn named(
+        provider: Provider,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Vec<(StoredAs, String)>, InspectError> {
+        named_inputs(provider, method, path, body)
+            .map(|n| n.into_iter().map(|n| (n.read_as, n.file)).collect())
+    }
+
     #[test]
     fn batch_creates_name_their_input_files() {
+        let id = |f: &str| (StoredAs::FileId, f.to_string());
+        let name = |f: &str| (StoredAs::FileName, f.to_string());
         let openai = json!({"input_file_id": "file-1", "endpoint": "/v1/chat/completions"});
         assert_eq!(
-            named_inputs(Provider::OpenAi, "POST", "/v1/batches", Some(&openai)).unwrap(),
-            ["file-1"]
+            named(Provider::OpenAi, "POST", "/v1/batches", Some(&openai)).unwrap(),
+            [id("file-1")]
         );
         assert_eq!(
-            named_inputs(
+            named(
                 Provider::Gemini,
                 "POST",
                 "/v1beta/openai/batches/",
                 Some(&openai)
             )
             .unwrap(),
-            ["file-1"]
+            [id("file-1")]
         );
         let misspelt = json!({"Input_File_Id": "file-2", "input_file_id": "file-1"});
         assert!(named_inputs(Provider::OpenAi, "POST", "/v1/batches", Some(&misspelt)).is_err());
         let gemini =
             json!({"batch": {"model": "models/m", "input_config": {"file_name": "files/f1"}}});
         assert_eq!(
-            named_inputs(
+            named(
                 Provider::Gemini,
                 "POST",
                 "/v1beta/models/m:batchGenerateContent",
                 Some(&gemini)
             )
             .unwrap(),
-            ["files/f1"]
+            [name("files/f1")]
         );
         let update = json!({"inputConfig": {"fileName": "files/f2"}});
         assert_eq!(
-            named_inputs(
+            named(
                 Provider::Gemini,
                 "PATCH",
                 "/v1beta/batches/b:updateGenerateContentBatch",
                 Some(&update)
             )
             .unwrap(),
-            ["files/f2"]
+            [name("files/f2")]
         );
         assert!(named_inputs(
             Provider::OpenAi,
@@ -470,5 +519,48 @@ mod tests {
         )
         .unwrap()
         .is_empty());
+    }
+
+    /// A create whose body names its file where a reader of the other spelling finds it (proto3 JSON's `inputFileId`
+    /// beside `input_file_id`), or whose body is not a JSON object (a form, an array, none), cannot be known to run
+    /// a file read: the first names every file so spelt, the second is refused.
+    #[test]
+    fn a_batch_create_is_read_every_way_or_refused() {
+        let twin = json!({"input_file_id": "file-ok", "inputFileId": "files/other"});
+        assert_eq!(
+            named(
+                Provider::Gemini,
+                "POST",
+                "/v1beta/openai/batches",
+                Some(&twin)
+            )
+            .unwrap(),
+            [
+                (StoredAs::FileId, "file-ok".to_string()),
+                (StoredAs::FileId, "files/other".to_string())
+            ]
+        );
+        for body in [
+            None,
+            Some(json!([{"input_file_id": "file-1"}])),
+            Some(json!("x")),
+        ] {
+            assert!(
+                matches!(
+                    named_inputs(Provider::OpenAi, "POST", "/V1/Batches/", body.as_ref()),
+                    Err(InspectError::BatchInput(_))
+                ),
+                "{body:?}"
+            );
+        }
+        // Listing batches, and Anthropic's host (whose batches carry their calls): nothing named.
+        assert!(named_inputs(Provider::OpenAi, "GET", "/v1/batches", None)
+            .unwrap()
+            .is_empty());
+        assert!(
+            named_inputs(Provider::Anthropic, "POST", "/v1/batches", None)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

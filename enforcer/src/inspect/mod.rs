@@ -178,7 +178,7 @@ pub struct Inspected {
     pub carried: Option<Carried>,
     /// The batch input files a batch create names ([`batch_input::named_inputs`]): each must have been read when it
     /// was uploaded, its lines decided, for the batch to run.
-    pub inputs: Vec<String>,
+    pub inputs: Vec<batch_input::NamedInput>,
 }
 
 /// What carries the LLM calls of a request that carries them for later ([`Inspected::carried`]).
@@ -355,6 +355,13 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         }
     }
 
+    // The files a batch create names, whatever else its body reads as (a JSON-RPC message too): each must have been
+    // read when it was uploaded.
+    let inputs = match provider {
+        Some(p) => batch_input::named_inputs(p, &http.method, &path, http.json.as_deref())?,
+        None => Vec::new(),
+    };
+
     if http.method.eq_ignore_ascii_case("POST") {
         // A body an MCP client marks as MCP (its session or protocol-version header) must be JSON-RPC that can be
         // read; otherwise the server might read a tool call the policy never saw.
@@ -386,7 +393,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                 }
                 return Ok(Inspected {
                     carried: None,
-                    inputs: Vec::new(),
+                    inputs,
                     protocol: Protocol::Mcp { batch, messages },
                     actions,
                 });
@@ -397,10 +404,6 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
     let protocol = match provider {
         Some(p) => Protocol::Provider(p),
         None => Protocol::Http,
-    };
-    let inputs = match provider {
-        Some(p) => batch_input::named_inputs(p, &http.method, &path, http.json.as_deref())?,
-        None => Vec::new(),
     };
     Ok(Inspected {
         carried: None,
@@ -488,6 +491,27 @@ pub fn may_upload_batch_input(method: &str, path: &str) -> bool {
     method.eq_ignore_ascii_case("POST")
         && llm::lenient_lower(&canonical_path(path.split('?').next().unwrap_or_default()))
             .ends_with("/files")
+}
+
+/// The file a request to a provider's host may delete or replace, by its id (the last segment of its name:
+/// `abc` for `files/abc`): any request but a `GET` or `HEAD` without a method override to `…/files/{id}` (with a
+/// `:method` after it, or the OpenAI-compatible `…/openai/files/{id}`), matched as the LLM endpoints are. `None` for
+/// any other request.
+pub fn touched_file(action: &Action, cfg: &InspectConfig) -> Option<String> {
+    let http = action.http.as_ref()?;
+    host_provider(action, cfg)?;
+    let reads = ["GET", "HEAD"]
+        .iter()
+        .any(|m| http.method.eq_ignore_ascii_case(m))
+        && other_methods(http).is_some_and(|o| o.is_empty());
+    if reads {
+        return None;
+    }
+    let path = llm::lenient_lower(&routed_path(http));
+    let (_, id) = path.rsplit_once("/files/")?;
+    let id = id.rsplit('/').next()?;
+    let id = id.split(':').next().unwrap_or_default();
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 /// The protocol a request speaks as far as its answer's shape is concerned, when it could not be classified (its
@@ -798,6 +822,54 @@ mod tests {
             "POST",
             "/v1/messages/batches/b1/cancel"
         ));
+    }
+
+    #[test]
+    fn a_request_that_may_delete_a_file_names_it() {
+        use crate::model::{HttpRequest, Pairs, Transport};
+        let action = |method: &str, path: &str, headers: &[(&str, &str)]| Action {
+            transport: Transport {
+                host: Some("generativelanguage.googleapis.com".into()),
+                port: 443,
+                ..Transport::default()
+            },
+            http: Some(
+                HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    headers: Pairs(
+                        headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    ),
+                    ..HttpRequest::default()
+                }
+                .into(),
+            ),
+            ..Action::default()
+        };
+        let cfg = InspectConfig::default();
+        let override_delete = [("x-http-method-override", "DELETE")];
+        for (a, want) in [
+            (action("DELETE", "/v1beta/files/abc", &[]), Some("abc")),
+            (action("delete", "/V1BETA/Files/abc/", &[]), Some("abc")),
+            (
+                action("DELETE", "/v1beta/openai/files/files%2Fabc", &[]),
+                Some("abc"),
+            ),
+            (action("POST", "/v1beta/files/abc:delete", &[]), Some("abc")),
+            (
+                action("GET", "/v1beta/files/abc", &override_delete),
+                Some("abc"),
+            ),
+            (action("GET", "/v1beta/files/abc", &[]), None),
+            (action("DELETE", "/v1beta/batches/abc", &[]), None),
+            (action("POST", "/upload/v1beta/files", &[]), None),
+        ] {
+            let path = a.http.as_ref().unwrap().path.clone();
+            assert_eq!(touched_file(&a, &cfg).as_deref(), want, "{path}");
+        }
     }
 
     #[test]

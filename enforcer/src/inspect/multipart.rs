@@ -119,7 +119,7 @@ pub struct FormPart<'a> {
 /// delimiter (no preamble), every `--boundary` in it starts a line ending in CRLF, none is followed by transport
 /// padding, the last closes the body (`--boundary--`, then at most a CRLF), and each part has one
 /// `Content-Disposition: form-data` naming it once, in plain parameters (no RFC 2231 `name*` forms), and its
-/// headers end in an empty CRLF line. `None` for any other body: the liberal reader ([`check`]) still reads its
+/// headers are fields (`name: value`, RFC 9110 §5.1 token names) on lines ended by CRLF, up to an empty CRLF line. `None` for any other body: the liberal reader ([`check`]) still reads its
 /// headers, but its data may be cut more than one way.
 pub fn form_parts<'a>(content_type: &str, body: &'a str) -> Option<Vec<FormPart<'a>>> {
     let (media, params) = split_params(content_type);
@@ -141,6 +141,21 @@ pub fn form_parts<'a>(content_type: &str, body: &'a str) -> Option<Vec<FormPart<
             .strip_prefix("\r\n")?
             .strip_suffix("\r\n")?;
         let (head, data) = part.split_once("\r\n\r\n")?;
+        // Every header line a field (`token ":" value`), ended by CRLF only: a bare LF ends a line (or the headers,
+        // as an empty line) for a reader that accepts it (Go's `net/textproto`), which would start the data
+        // elsewhere.
+        let field = |line: &str| {
+            line.split_once(':').is_some_and(|(name, value)| {
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+                    && !value.contains(['\r', '\n', '\0'])
+            })
+        };
+        if !head.split("\r\n").all(field) {
+            return None;
+        }
         let mut disposition = head
             .split("\r\n")
             .map(|line| line.split_once(':'))
@@ -450,6 +465,27 @@ mod tests {
         assert_eq!(check(&[], b"anything"), Ok(()));
         assert_eq!(check(&[b"application/json; charset=utf-8"], b"{}"), Ok(()));
         assert_eq!(check(&[b"text/plain; charset=windows-1252"], b"x"), Ok(()));
+    }
+
+    /// A header block that a reader accepting bare LF line ends (Go's `net/textproto`) ends earlier: the data it
+    /// reads starts where the proxy's does not, so the form does not read one way.
+    #[test]
+    fn a_form_whose_headers_read_more_than_one_way_has_no_parts() {
+        let ct = "multipart/form-data; boundary=XyZ";
+        let form = |head: &str| {
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"f\"\r\n{head}\r\n\r\nbenign\r\n--XyZ--\r\n")
+        };
+        let ok = form("Content-Type: text/plain");
+        assert_eq!(form_parts(ct, &ok).map(|p| p[0].data), Some("benign"));
+        for head in [
+            "Content-Type: text/plain\r\n\n{\"evil\": 1}\n",
+            "Content-Type: text/plain\nX: 1",
+            "Content-Type : text/plain",
+            " folded: x",
+            "no colon",
+        ] {
+            assert_eq!(form_parts(ct, &form(head)), None, "{head:?}");
+        }
     }
 
     #[test]

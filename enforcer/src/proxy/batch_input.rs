@@ -5,23 +5,31 @@
 //! any other file ([`check_named`]) is refused as `unread_input`: a file uploaded elsewhere, in chunks, before the
 //! daemon started, or before the policy last changed, holds calls no rule saw.
 //!
+//! A name stands for the bytes read only while nothing else can hold it: it is kept for the API whose lines it was
+//! read as (a file read as Gemini's lines is not run as OpenAI's), only when the answer's File is the bytes sent
+//! (Gemini's `sizeBytes` and `sha256Hash`: a resumable session may hold a chunk sent before), and on Gemini's host,
+//! where a client may choose a free name, until the file expires and until a request may delete it
+//! ([`note_touched`]).
+//!
 //! What is kept is the file's name only, in memory, up to [`CAPACITY`] files (the oldest forgotten first): a batch
 //! on a file forgotten, or read by a daemon since restarted, is refused, and the agent uploads it again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
+use sha2::{Digest, Sha256};
 
 use super::http::ProxyBody;
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
-use crate::inspect::batch_input::StoredAs;
+use crate::inspect::batch_input::{NamedInput, StoredAs};
 use crate::model::{Agent, Mode, Reason, Verdict};
 
 /// How many files are kept as read, at most.
@@ -30,7 +38,13 @@ pub const CAPACITY: usize = 65_536;
 /// The most of an upload's answer read for the file's name: a File object is a few hundred bytes.
 const ANSWER_LIMIT: usize = 64 * 1024;
 
-/// One file read: whose, under which policy, on which provider.
+/// How long a file on Gemini's host is kept as read, at most: its files are deleted 48 hours after they are uploaded
+/// (Gemini API reference, "Files"), after which the name is free to be given again.
+const GEMINI_LIFETIME: Duration = Duration::from_secs(48 * 3600);
+
+/// One file read: whose, under which policy, on which provider, and as which API's batch lines (`read_as`): a file
+/// read as Gemini's `{"key", "request"}` lines was not read as OpenAI's `{"custom_id", "url", "body"}` lines (a line
+/// may carry both, each reader ignoring the other's members), and Gemini's host runs both APIs' batches.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
     policy_hash: String,
@@ -38,33 +52,38 @@ struct Key {
     user: Option<String>,
     uid: Option<u32>,
     provider: String,
+    read_as: StoredAs,
     file: String,
 }
 
 impl Key {
-    fn new(policy_hash: &str, agent: &Agent, provider: &str, file: &str) -> Key {
+    fn new(policy_hash: &str, agent: &Agent, provider: &str, read_as: StoredAs, file: &str) -> Key {
         Key {
             policy_hash: policy_hash.to_owned(),
             profile: agent.profile.clone(),
             user: agent.user.clone(),
             uid: agent.uid,
             provider: provider.to_owned(),
+            read_as,
             file: file.to_owned(),
         }
     }
 }
 
-/// The files read, oldest first.
+/// The files read, each until when it may be run (`None`: for as long as it is remembered), oldest first.
 #[derive(Debug, Default)]
 pub struct ReadInputs {
-    inner: Mutex<(HashSet<Key>, VecDeque<Key>)>,
+    inner: Mutex<Kept>,
 }
 
+/// Each file kept, with until when, and the files in the order they were kept.
+type Kept = (HashMap<Key, Option<SystemTime>>, VecDeque<Key>);
+
 impl ReadInputs {
-    fn insert(&self, key: Key) {
+    fn insert(&self, key: Key, until: Option<SystemTime>) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let (set, order) = &mut *inner;
-        if !set.insert(key.clone()) {
+        if set.insert(key.clone(), until).is_some() {
             return;
         }
         order.push_back(key);
@@ -77,7 +96,29 @@ impl ReadInputs {
 
     fn contains(&self, key: &Key) -> bool {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.0.contains(key)
+        inner
+            .0
+            .get(key)
+            .is_some_and(|until| until.is_none_or(|t| SystemTime::now() < t))
+    }
+
+    /// Forget every file on `provider` whose name's last segment is `id` (`files/abc` for `abc`), for every agent
+    /// and policy: the name may be given to another file.
+    fn forget(&self, provider: &str, id: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .0
+            .retain(|key, _| key.provider != provider || key.file.rsplit('/').next() != Some(id));
+    }
+}
+
+/// A request to a host of `provider` that may delete the file `id` names (`inspect::batch_input::touched_file`): on
+/// Gemini's host, where a client may choose a new file's name once no file holds it, every file kept by that name is
+/// forgotten before the request goes on, whether or not it succeeds.
+pub(crate) fn note_touched(read: &ReadInputs, provider: Option<&str>, id: Option<&str>) {
+    if let (Some(provider @ "gemini"), Some(id)) = (provider, id) {
+        tracing::debug!("a request may delete a batch input file: forgetting it");
+        read.forget(provider, id);
     }
 }
 
@@ -88,7 +129,7 @@ pub(crate) fn check_named(
     rec: &mut ExchangeRecord,
     agent: &Agent,
     provider: Option<&str>,
-    inputs: &[String],
+    inputs: &[NamedInput],
 ) -> Result<(), Refusal> {
     let (Some(provider), false) = (provider, inputs.is_empty()) else {
         return Ok(());
@@ -97,9 +138,16 @@ pub(crate) fn check_named(
         return Ok(());
     };
     let read = &rec.ctx().batch_inputs;
-    let unread = inputs
-        .iter()
-        .any(|file| !read.contains(&Key::new(&decision.policy_hash, agent, provider, file)));
+    let unread = inputs.iter().any(|input| {
+        let key = Key::new(
+            &decision.policy_hash,
+            agent,
+            provider,
+            input.read_as,
+            &input.file,
+        );
+        !read.contains(&key)
+    });
     if !unread {
         return Ok(());
     }
@@ -118,22 +166,26 @@ pub(crate) fn check_named(
 pub(crate) struct Stored {
     key: Key,
     stored_as: StoredAs,
+    /// What was sent: its length in bytes and its SHA-256.
+    sent: (u64, [u8; 32]),
 }
 
 impl Stored {
     /// The upload `rec` decided, when it uploads a batch input file (`stored_as`) to a host of `provider` and its
-    /// decision lets the file run (its lines not blocked, in shadow mode too).
+    /// decision lets the file run (its lines not blocked, in shadow mode too); `sent` is the body as it goes upstream.
     pub fn after(
         rec: &ExchangeRecord,
         agent: &Agent,
         provider: Option<&str>,
         stored_as: StoredAs,
+        sent: &[u8],
     ) -> Option<Stored> {
         let decision = rec.decision()?;
         let provider = provider?;
         (rec.will_forward() && decision.verdict != Verdict::Block).then(|| Stored {
-            key: Key::new(&decision.policy_hash, agent, provider, ""),
+            key: Key::new(&decision.policy_hash, agent, provider, stored_as, ""),
             stored_as,
+            sent: (sent.len() as u64, Sha256::digest(sent).into()),
         })
     }
 
@@ -169,9 +221,11 @@ impl Stored {
         let whole = failed.is_none() && body.is_end_stream();
         let seen = seen.freeze();
         if whole {
-            if let Some(file) = stored_name(self.stored_as, &seen) {
+            if let Some(file) = stored_name(self.stored_as, &seen, self.sent) {
+                let until = (self.key.provider == "gemini")
+                    .then(|| gemini_expiry(&seen, SystemTime::now()));
                 self.key.file = file;
-                read.insert(self.key);
+                read.insert(self.key, until);
             }
         }
         let body = Prefixed {
@@ -184,17 +238,80 @@ impl Stored {
 }
 
 /// The file a successful upload answer names: OpenAI's File object `id` (with `object: file`), Gemini's
-/// `file.name`.
-fn stored_name(stored_as: StoredAs, answer: &[u8]) -> Option<String> {
+/// `file.name` when the File resource says it holds what was `sent` (its length and SHA-256): its `sizeBytes` (an
+/// int64, a string in proto3 JSON) and `sha256Hash` (Gemini API reference, "Files": "SHA-256 hash of the uploaded
+/// bytes", base64; Google gives the base64 of the hex digest, and the base64 of the digest itself is taken too). A
+/// resumable upload's last request is read whole, but its session may hold bytes sent before (a chunk forwarded
+/// unread): a file whose answer does not name what was read, or names no hash, is not kept.
+fn stored_name(stored_as: StoredAs, answer: &[u8], sent: (u64, [u8; 32])) -> Option<String> {
     let json: serde_json::Value = serde_json::from_slice(answer).ok()?;
     let name = match stored_as {
         StoredAs::FileId => json
             .get("object")
             .filter(|o| o.as_str() == Some("file"))
             .and(json.get("id")),
-        StoredAs::FileName => json.get("file").and_then(|f| f.get("name")),
+        StoredAs::FileName => {
+            let file = json.get("file")?;
+            let size = file.get("sizeBytes")?;
+            let size = size
+                .as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .or_else(|| size.as_u64());
+            let hash = file
+                .get("sha256Hash")
+                .and_then(serde_json::Value::as_str)
+                .and_then(base64_decode)?;
+            let (length, digest) = sent;
+            let same = hash == digest || hash.eq_ignore_ascii_case(hex::encode(digest).as_bytes());
+            (size == Some(length) && same).then(|| file.get("name"))?
+        }
     };
     name.and_then(serde_json::Value::as_str).map(str::to_owned)
+}
+
+/// When a file on Gemini's host stops being kept as read: its `expirationTime` (RFC 3339; a File object's, or an
+/// OpenAI File object's `expires_at` in Unix seconds, as Gemini's OpenAI-compatible API may give it), and at most
+/// [`GEMINI_LIFETIME`] after `now`.
+fn gemini_expiry(answer: &[u8], now: SystemTime) -> SystemTime {
+    let latest = now + GEMINI_LIFETIME;
+    let json: serde_json::Value = serde_json::from_slice(answer).unwrap_or_default();
+    let rfc3339 = json["file"]["expirationTime"].as_str().and_then(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+    });
+    let stated = rfc3339
+        .map(SystemTime::from)
+        .or_else(|| {
+            json["expires_at"]
+                .as_u64()
+                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        })
+        .unwrap_or(latest);
+    stated.min(latest)
+}
+
+/// The bytes of base64 text (RFC 4648 §4, or the URL-safe alphabet of §5), padded or not; `None` for anything else.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 /// A body of which `seen` was already read: it, then what the read stopped at (`failed`), then the rest.
@@ -243,41 +360,150 @@ mod tests {
 
     #[test]
     fn the_answer_names_the_file_stored() {
+        let content = b"{\"key\": \"k\", \"request\": {}}\n";
+        let sent = (content.len() as u64, Sha256::digest(content).into());
         let openai = br#"{"id": "file-abc", "object": "file", "purpose": "batch"}"#;
         assert_eq!(
-            stored_name(StoredAs::FileId, openai).as_deref(),
+            stored_name(StoredAs::FileId, openai, sent).as_deref(),
             Some("file-abc")
         );
-        let gemini = br#"{"file": {"name": "files/xyz", "mimeType": "application/jsonl"}}"#;
+        // `sha256Hash` as Google gives it (base64 of the hex digest), and as the base64 of the digest itself.
+        let hex_b64 = "ZWMyMWFjNTMxYmQ5MTg2NmI3ZmNhZGNjNDIxMWYyNTQyNjYzMWFkNDE1ZWM0OWFmZDBiNmIyNWQxM2RlZTllYQ==";
+        let raw_b64 = "7CGsUxvZGGa3/K3MQhHyVCZjGtQV7Emv0LayXRPe6eo=";
+        for hash in [hex_b64, raw_b64, raw_b64.trim_end_matches('=')] {
+            let gemini = format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "{}", "sha256Hash": "{hash}"}}}}"#,
+                content.len()
+            );
+            assert_eq!(
+                stored_name(StoredAs::FileName, gemini.as_bytes(), sent).as_deref(),
+                Some("files/xyz"),
+                "{hash}"
+            );
+        }
+        // A file that is not what was sent (longer: a session that held bytes before; another hash), or whose answer
+        // does not say: not kept.
+        for other in [
+            format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "999", "sha256Hash": "{hex_b64}"}}}}"#
+            ),
+            format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "{}", "sha256Hash": "AAAA"}}}}"#,
+                content.len()
+            ),
+            format!(
+                r#"{{"file": {{"name": "files/xyz", "sizeBytes": "{}"}}}}"#,
+                content.len()
+            ),
+            r#"{"file": {"name": "files/xyz", "mimeType": "application/jsonl"}}"#.to_string(),
+        ] {
+            assert_eq!(
+                stored_name(StoredAs::FileName, other.as_bytes(), sent),
+                None,
+                "{other}"
+            );
+        }
         assert_eq!(
-            stored_name(StoredAs::FileName, gemini).as_deref(),
-            Some("files/xyz")
-        );
-        assert_eq!(
-            stored_name(StoredAs::FileId, br#"{"id": "batch_1", "object": "batch"}"#),
+            stored_name(
+                StoredAs::FileId,
+                br#"{"id": "batch_1", "object": "batch"}"#,
+                sent
+            ),
             None
         );
-        assert_eq!(stored_name(StoredAs::FileName, openai), None);
-        assert_eq!(stored_name(StoredAs::FileId, b"not json"), None);
+        assert_eq!(stored_name(StoredAs::FileName, openai, sent), None);
+        assert_eq!(stored_name(StoredAs::FileId, b"not json", sent), None);
+    }
+
+    #[test]
+    fn a_gemini_file_is_kept_until_it_expires_and_48_hours_at_most() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let soon = br#"{"file": {"name": "files/a", "expirationTime": "2023-11-14T23:13:20.5Z"}}"#;
+        assert_eq!(
+            gemini_expiry(soon, now),
+            now + Duration::from_millis(3_600_500)
+        );
+        for late in [
+            &br#"{"file": {"name": "files/a", "expirationTime": "2099-01-01T00:00:00Z"}}"#[..],
+            br#"{"file": {"name": "files/a"}}"#,
+            br#"{"id": "files/a", "object": "file"}"#,
+        ] {
+            assert_eq!(gemini_expiry(late, now), now + GEMINI_LIFETIME);
+        }
+        let openai = br#"{"id": "files/a", "object": "file", "expires_at": 1700000060}"#;
+        assert_eq!(gemini_expiry(openai, now), now + Duration::from_secs(60));
+        // A time past any the clock can hold is no time: at most the lifetime, and no panic.
+        let never = br#"{"id": "files/a", "object": "file", "expires_at": 18446744073709551615}"#;
+        assert_eq!(gemini_expiry(never, now), now + GEMINI_LIFETIME);
     }
 
     #[test]
     fn the_oldest_files_are_forgotten_first() {
         let read = ReadInputs::default();
         let agent = Agent::default();
-        let key = |i: usize| Key::new("p1", &agent, "openai", &format!("file-{i}"));
+        let key = |i: usize| {
+            Key::new(
+                "p1",
+                &agent,
+                "openai",
+                StoredAs::FileId,
+                &format!("file-{i}"),
+            )
+        };
         for i in 0..=CAPACITY {
-            read.insert(key(i));
+            read.insert(key(i), None);
         }
         assert!(!read.contains(&key(0)));
         assert!(read.contains(&key(1)) && read.contains(&key(CAPACITY)));
         // Another policy, agent or provider: not the same file read.
-        assert!(!read.contains(&Key::new("p2", &agent, "openai", "file-1")));
+        assert!(!read.contains(&Key::new(
+            "p2",
+            &agent,
+            "openai",
+            StoredAs::FileId,
+            "file-1"
+        )));
         let other = Agent {
             user: Some("mallory".into()),
             ..Agent::default()
         };
-        assert!(!read.contains(&Key::new("p1", &other, "openai", "file-1")));
-        assert!(!read.contains(&Key::new("p1", &agent, "gemini", "file-1")));
+        assert!(!read.contains(&Key::new(
+            "p1",
+            &other,
+            "openai",
+            StoredAs::FileId,
+            "file-1"
+        )));
+        assert!(!read.contains(&Key::new(
+            "p1",
+            &agent,
+            "gemini",
+            StoredAs::FileId,
+            "file-1"
+        )));
+        // A file kept until a time past, or forgotten by its id: not read.
+        let later = Key::new("p1", &agent, "gemini", StoredAs::FileName, "files/abc");
+        read.insert(
+            later.clone(),
+            Some(SystemTime::now() - Duration::from_secs(1)),
+        );
+        assert!(!read.contains(&later));
+        read.insert(
+            later.clone(),
+            Some(SystemTime::now() + Duration::from_secs(60)),
+        );
+        assert!(read.contains(&later));
+        note_touched(&read, Some("gemini"), Some("abc"));
+        assert!(!read.contains(&later) && read.contains(&key(CAPACITY)));
+        note_touched(&read, Some("openai"), Some(&format!("file-{CAPACITY}")));
+        assert!(read.contains(&key(CAPACITY)));
+        // The same file read as the other API's batch lines: not read as these.
+        assert!(!read.contains(&Key::new(
+            "p1",
+            &agent,
+            "openai",
+            StoredAs::FileName,
+            "file-1"
+        )));
     }
 }

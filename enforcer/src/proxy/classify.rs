@@ -55,7 +55,7 @@ pub(crate) fn classify(
                 })
         })
         .and_then(|others| {
-            let inspected = inspect_action(action.clone(), cfg, &body.decoded)?;
+            let mut inspected = inspect_action(action.clone(), cfg, &body.decoded)?;
             // A member a condition selects, with a twin named alike once folded: refused, not decided under each.
             if inspected
                 .actions
@@ -73,9 +73,14 @@ pub(crate) fn classify(
                     http: Some(http.into()),
                     ..action.clone()
                 };
-                readings
-                    .actions
-                    .push(inspect_action(reading, cfg, &body.decoded)?.actions);
+                let reading = inspect_action(reading, cfg, &body.decoded)?;
+                // A batch create under any reading (a method override to `POST`) runs only on files read.
+                for input in reading.inputs {
+                    if !inspected.inputs.contains(&input) {
+                        inspected.inputs.push(input);
+                    }
+                }
+                readings.actions.push(reading.actions);
             }
             Ok((inspected, readings))
         });
@@ -101,9 +106,12 @@ pub(crate) fn inspect_action(
 ) -> Result<Inspected, InspectError> {
     let mut inspected = inspect::classify(action.clone(), cfg)?;
     // Inspection reads a lossy UTF-8 copy of the body: where bytes that are not UTF-8 could mean something else to
-    // the upstream than what was decided (an LLM or MCP call, any body claiming JSON), they are refused.
+    // the upstream than what was decided (an LLM or MCP call, a batch input file's lines, any body claiming JSON),
+    // they are refused.
     let protocol = match &inspected.protocol {
         Protocol::Llm { provider, .. } => Some(provider.as_str()),
+        // A batch input file's lines are LLM calls, read as their bodies are.
+        Protocol::Provider(provider) if inspected.carried.is_some() => Some(provider.as_str()),
         Protocol::Mcp { .. } => Some("MCP"),
         Protocol::Http | Protocol::Provider(_) => {
             let http = action.http.as_ref();

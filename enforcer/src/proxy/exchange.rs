@@ -243,6 +243,18 @@ async fn prepare(
         .first()
         .and_then(|a| a.transport.provider.clone());
     batch_input::check_named(rec, &conn.agent, provider.as_deref(), &inspected.inputs)?;
+    // Only Gemini's host lets a client choose a file's name (`batch_input::note_touched`): other requests skip this.
+    if rec.will_forward() && provider.as_deref() == Some("gemini") {
+        let touched = inspected
+            .actions
+            .first()
+            .and_then(|a| crate::inspect::touched_file(a, &rec.ctx().inspect));
+        batch_input::note_touched(
+            &rec.ctx().batch_inputs,
+            provider.as_deref(),
+            touched.as_deref(),
+        );
+    }
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }
@@ -255,8 +267,9 @@ async fn prepare(
         parts,
         (body, parsed),
     )?;
-    if reads_responses {
-        // What the response phases read must not be content-coded; a coded answer is still decoded.
+    if reads_responses || matches!(carried, Some(Carried::InputFile(_))) {
+        // What the response phases read must not be content-coded; a coded answer is still decoded. An uploaded
+        // batch input file's answer is read for the file's name (`batch_input::Stored::note`).
         outgoing.parts.headers.insert(
             http::header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
@@ -266,13 +279,17 @@ async fn prepare(
 
     let upstream = forward::connect(rec.ctx(), conn, &head, &outgoing).await?;
     let upgrade = client_upgrade.filter(|_| upstream.is_upgrade());
-    let request = forward::request(outgoing, &head.authority, &upstream)?;
     let stored = match carried {
-        Some(Carried::InputFile(stored_as)) => {
-            batch_input::Stored::after(rec, &conn.agent, provider.as_deref(), stored_as)
-        }
+        Some(Carried::InputFile(stored_as)) => batch_input::Stored::after(
+            rec,
+            &conn.agent,
+            provider.as_deref(),
+            stored_as,
+            &outgoing.body,
+        ),
         _ => None,
     };
+    let request = forward::request(outgoing, &head.authority, &upstream)?;
     Ok(Prepared {
         upstream,
         request,

@@ -828,3 +828,97 @@ async fn a_batch_input_file_uploaded_accepting_gzip_is_kept() {
     assert_eq!((status, seen.len()), (200, 1), "{got}");
     assert!(w.proxy.close_and_verify().await > 0);
 }
+
+/// OpenAI's Evals API has the provider call models itself: a run calls its `data_source.model` over the eval's rows,
+/// with `data_source.sampling_params.tools`; an eval's model graders call theirs. Before, both were plain HTTP to
+/// the policy, so a blocked model or tool ran through them. Now each model named is an LLM call decided as one (one
+/// Action each, the tools declared beside it), a body that cannot be read so is refused, and a constrain written
+/// for one call's body refuses it.
+#[tokio::test]
+async fn an_eval_run_and_its_graders_are_decided_as_the_model_calls_they_make() {
+    let w = world().await;
+    let run = |model: &str, tool: &str| {
+        json!({"name": "nightly", "data_source": {"type": "responses", "model": model,
+            "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]},
+            "sampling_params": {"temperature": 0, "tools": [{"type": "function", "name": tool,
+                "parameters": {"type": "object", "properties": {"model": {"type": "string"}}}}]},
+            "source": {"type": "file_content", "content": [{"item": {"q": "hi", "model": 7, "Model": "x"}}]}}})
+    };
+    let grader = |model: &str| {
+        json!({"name": "graded", "data_source_config": {"type": "custom", "item_schema": {"type": "object"}},
+            "testing_criteria": [{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                "reference": "{{item.a}}", "operation": "eq"},
+                {"type": "multi", "name": "m", "calculate_output": "g", "graders": {"g": {"type": "score_model",
+                    "name": "judge", "model": model, "input": [{"role": "system", "content": "score it"}]}}}]})
+    };
+    for (path, body, rule, model) in [
+        (
+            "/v1/evals/eval_1/runs",
+            run("evil-x", "read_file"),
+            "no-evil-model",
+            "evil-x",
+        ),
+        (
+            "/V1/Evals/eval_1/Runs/",
+            run("gpt-ok", "delete_everything"),
+            "no-declared-delete",
+            "gpt-ok",
+        ),
+        (
+            "/v1/evals",
+            grader("evil-judge"),
+            "no-evil-model",
+            "evil-judge",
+        ),
+    ] {
+        let (status, got, recs, seen) = exchange(&w, OPENAI, post(path, OPENAI, &body)).await;
+        assert_eq!(status, 400, "{path}: {got}");
+        assert_eq!(got["error"]["code"], "blocked_by_policy", "{got}");
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(
+            decided(&recs[0]),
+            ("block".into(), rule.into(), "rule".into())
+        );
+        assert_eq!(recs[0]["request"]["llm_model"], model, "{path}");
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    // Allowed: forwarded, recorded as the model call it makes.
+    for (path, body) in [
+        ("/v1/evals/eval_1/runs", run("gpt-ok", "read_file")),
+        ("/v1/evals", grader("gpt-ok")),
+    ] {
+        let (status, got, recs, seen) = exchange(&w, OPENAI, post(path, OPENAI, &body)).await;
+        assert_eq!(status, 200, "{path}: {got}");
+        assert_eq!(recs[0]["request"]["llm_model"], "gpt-ok");
+        assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+        assert_eq!(seen.len(), 1, "{seen:?}");
+    }
+    // Unreadable (a model that is no string, a member spelt otherwise outside the data), or constrained: refused.
+    let mut misspelt = run("gpt-ok", "read_file");
+    misspelt["data_source"]["Model"] = json!("evil-x");
+    let mut numeric = run("gpt-ok", "read_file");
+    numeric["data_source"]["model"] = json!(4);
+    for body in [misspelt, numeric, json!(["not", "an", "object"])] {
+        let (status, got, recs, seen) =
+            exchange(&w, OPENAI, post("/v1/evals/eval_1/runs", OPENAI, &body)).await;
+        assert_eq!(status, 400, "{got}");
+        assert_eq!(recs[0]["decision"]["reason"], "unparseable", "{got}");
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    let (status, got, recs, _) = exchange(
+        &w,
+        OPENAI,
+        post(
+            "/v1/evals/eval_1/runs",
+            OPENAI,
+            &run("capped-1", "read_file"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{got}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "cap-tokens".into(), "unrewritable".into())
+    );
+    assert!(w.proxy.close_and_verify().await > 0);
+}

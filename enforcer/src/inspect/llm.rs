@@ -45,6 +45,9 @@ pub(super) fn endpoint(method: &str, path: &str) -> Option<LlmApi> {
         Some(LlmApi::Messages)
     } else if ends("/v1/complete") || lower == "/complete" {
         Some(LlmApi::Other)
+    } else if eval_path(&lower) {
+        // An OpenAI eval or a run of one: the provider calls the models it names ([`eval_calls`]).
+        Some(LlmApi::Other)
     } else if ends("/messages/batches") {
         // An Anthropic Message Batch create: each element a Messages call ([`message_batch_params`]), one Action
         // each; its answer is a batch object, not a message, hence not read as one.
@@ -160,6 +163,96 @@ pub(super) fn message_batch_params(body: &Value) -> Option<Vec<&Value>> {
         out.push(params);
     }
     Some(out)
+}
+
+/// Whether the lower-cased `lower` (as [`lenient`] reads it) creates an OpenAI eval or runs one (OpenAI API reference,
+/// "Evals": `POST /v1/evals`, `POST /v1/evals/{eval_id}/runs`), for which the provider calls models itself.
+fn eval_path(lower: &str) -> bool {
+    lower.ends_with("/evals")
+        || lower
+            .strip_suffix("/runs")
+            .and_then(|p| p.rsplit_once("/evals/"))
+            .is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'))
+}
+
+/// Whether `method path` creates an OpenAI eval or a run of one ([`eval_path`]; any prefix, any letter case).
+pub(super) fn eval(method: &str, path: &str) -> bool {
+    method.eq_ignore_ascii_case("POST") && eval_path(&lenient(path).to_ascii_lowercase())
+}
+
+/// Members of an eval or a run whose values are data, not the eval's own settings: the run's rows (`source`, and
+/// the `item` of each), templates' text, metadata, a tool's or a response format's JSON schema. Not looked into for
+/// models or misspelt names.
+const EVAL_DATA: &[&str] = &[
+    "source",
+    "item",
+    "metadata",
+    "content",
+    "labels",
+    "passing_labels",
+    "parameters",
+    "schema",
+    "input_schema",
+];
+
+/// The model calls an OpenAI eval or eval run asks the provider to make (OpenAI API reference, "Evals": a run's
+/// `data_source.model` with `data_source.sampling_params.tools`; an eval's model graders, `testing_criteria[]` of
+/// type `label_model` or `score_model`, also inside a `multi` grader's `graders`): one [`LlmCall`] per model named
+/// at any depth outside the data members ([`EVAL_DATA`]), each with every tool declared beside a model; one without a
+/// model when none is named (a run over stored outputs). `None` when the body cannot be read so: not an object, a
+/// `model` that is not a string, or a member spelt in another letter case where a case-insensitive decoder would
+/// read a model or tools the policy did not.
+pub(super) fn eval_calls(provider: Provider, body: &Value) -> Option<Vec<LlmCall>> {
+    body.as_object()?;
+    let members = [
+        "model",
+        "tools",
+        "data_source",
+        "sampling_params",
+        "testing_criteria",
+        "graders",
+    ];
+    if super::keys::misspelt_within(body, &members, EVAL_DATA) {
+        return None;
+    }
+    let (mut models, mut tools) = (Vec::new(), Vec::new());
+    fn walk(v: &Value, models: &mut Vec<String>, tools: &mut Vec<String>) -> Option<()> {
+        match v {
+            Value::Object(map) => {
+                if let Some(model) = map.get("model") {
+                    push_unique(models, model.as_str()?.to_string());
+                }
+                if map.contains_key("tools") {
+                    for t in declared_tools(v) {
+                        push_unique(tools, t);
+                    }
+                }
+                for (k, child) in map {
+                    if !EVAL_DATA.contains(&k.as_str()) {
+                        walk(child, models, tools)?;
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    walk(item, models, tools)?;
+                }
+            }
+            _ => {}
+        }
+        Some(())
+    }
+    walk(body, &mut models, &mut tools)?;
+    let call = |model: Option<String>| LlmCall {
+        provider: provider.as_str().to_string(),
+        model,
+        tools: tools.clone(),
+        ..LlmCall::default()
+    };
+    if models.is_empty() {
+        return Some(vec![call(None)]);
+    }
+    Some(models.into_iter().map(|m| call(Some(m))).collect())
 }
 
 /// Whether `method path` on a host of `provider` fetches an OpenAI file's content (OpenAI API reference, "Files":

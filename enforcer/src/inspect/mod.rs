@@ -186,6 +186,8 @@ pub struct Inspected {
 pub enum Carried {
     /// An Anthropic Message Batch create (`POST /v1/messages/batches`): one call per `requests[].params`.
     MessageBatch,
+    /// An OpenAI eval or eval run (`POST …/evals`, `…/evals/{id}/runs`): one call per model the provider runs.
+    Eval,
     /// An uploaded batch input file: one call per line; the upstream's answer names the file as given.
     InputFile(batch_input::StoredAs),
 }
@@ -295,6 +297,29 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: shape.as_str(),
                 });
             };
+            if llm::eval(&http.method, &path) {
+                // An eval or a run of one: one Action per model the provider is asked to call.
+                let calls = llm::eval_calls(provider, json).ok_or(InspectError::BadJson {
+                    protocol: shape.as_str(),
+                })?;
+                let actions = calls
+                    .into_iter()
+                    .map(|call| {
+                        let mut a = action.clone();
+                        a.llm = Some(call);
+                        a
+                    })
+                    .collect();
+                return Ok(Inspected {
+                    protocol: Protocol::Llm {
+                        provider: shape,
+                        api,
+                    },
+                    actions,
+                    carried: Some(Carried::Eval),
+                    inputs: Vec::new(),
+                });
+            }
             if llm::message_batch_create(&http.method, &path) {
                 // Each `requests[].params` decided as the `/v1/messages` body it is: one Action each, as a JSON-RPC
                 // batch's elements are, so each names its own model. The http part is shared.

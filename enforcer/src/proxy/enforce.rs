@@ -20,6 +20,9 @@ fn carried_unrewritable(carried: Carried) -> &'static str {
         Carried::MessageBatch => {
             "a constrain rule matched a message batch, whose requests it cannot rewrite: send them to /v1/messages"
         }
+        Carried::Eval => {
+            "a constrain rule matched an eval, whose model calls it cannot rewrite: send them to their endpoint"
+        }
         Carried::InputFile(_) => {
             "a constrain rule matched a batch input file, whose requests it cannot rewrite: send them to their endpoint"
         }

@@ -276,13 +276,25 @@ impl Shared {
             || self.preallocation_due(st))
     }
 
-    fn wake_sync(&self, st: &mut State) {
+    /// Wake the sync thread if it sleeps and has work now. Call with the state locked, then drop the guard and call
+    /// [`Shared::notify_sync`] when this says so: the thread is woken after the mutex is released, so that it does not
+    /// run (on the appender's CPU, preempting it) only to block on the mutex the appender still holds. No wake-up is
+    /// lost: `sync_idle` is cleared under the mutex, and the sync thread sets it and sleeps in one step under it.
+    #[must_use = "notify_sync after dropping the guard"]
+    fn wake_sync(&self, st: &mut State) -> bool {
         // While the sync thread gathers a batch it sleeps until its deadline, or until the batch is complete.
         let gathering = st.gather_until.is_some()
             && st.appended_since < st.gather_want
             && self.only_records(st);
         if st.sync_idle && !gathering && self.sync_needed(st) {
             st.sync_idle = false;
+            return true;
+        }
+        false
+    }
+
+    fn notify_sync(&self, wake: bool) {
+        if wake {
             self.work.notify_one();
         }
     }
@@ -390,7 +402,9 @@ impl Shared {
                 st.waiters.push_back((seq, tx));
                 rx
             });
-            self.wake_sync(&mut st);
+            let wake = self.wake_sync(&mut st);
+            drop(st);
+            self.notify_sync(wake);
             return Ok((seq, rx));
         }
     }
@@ -426,7 +440,10 @@ impl Shared {
     pub fn sign_through(&self, seq: u64) -> bool {
         let mut st = self.lock();
         st.checkpoint_wanted = Some(st.checkpoint_wanted.map_or(seq, |w| w.max(seq)));
-        self.wake_sync(&mut st);
+        let wake = self.wake_sync(&mut st);
+        drop(st);
+        self.notify_sync(wake);
+        let mut st = self.lock();
         loop {
             if st.signed.is_some_and(|s| s >= seq) {
                 return true;

@@ -160,19 +160,22 @@ pub fn apply_parsed(
 /// in one (also behind percent-escapes, or upper-cased: host names arrive lower-cased); then that one is decoded (and
 /// upper-cased when only that spelling fired), with every hit replaced by the policy's marker.
 pub fn scrub_for_record<'a>(policy: &Policy, texts: impl IntoIterator<Item = &'a mut String>) {
-    let detect = policy.detectors();
-    let names: Vec<String> = detect.names().map(String::from).collect();
     let redactor = Redactor {
-        detect,
-        names: &names,
+        detect: policy.detectors(),
+        names: policy.detector_names(),
         marker: policy.redaction_marker(),
     };
     for text in texts {
         let decoded = percent_decode(text, false);
-        if let Some((redacted, _)) = redactor
-            .redact_str(&decoded)
-            .or_else(|| redactor.redact_str(&decoded.to_ascii_uppercase()))
-        {
+        // Upper-cased only when that changes it: the same text would fire the same (none).
+        let upper = || {
+            decoded
+                .bytes()
+                .any(|b| b.is_ascii_lowercase())
+                .then(|| redactor.redact_str(&decoded.to_ascii_uppercase()))
+                .flatten()
+        };
+        if let Some((redacted, _)) = redactor.redact_str(&decoded).or_else(upper) {
             *text = redacted;
         }
     }

@@ -223,6 +223,8 @@ pub struct Policy {
     max_body_bytes: u64,
     redaction_marker: String,
     detectors: detect::Detectors,
+    /// The detectors' names, in their order: what redaction runs, named once per policy, not per use.
+    detector_names: Vec<String>,
     profiles: Vec<String>,
     /// Profiles restricted to some users, by name.
     access: HashMap<String, ProfileAccess>,
@@ -580,6 +582,11 @@ impl Policy {
     /// Built-in and policy-defined detectors, for redaction.
     pub fn detectors(&self) -> &detect::Detectors {
         &self.detectors
+    }
+
+    /// The names of [`Policy::detectors`], in order.
+    pub fn detector_names(&self) -> &[String] {
+        &self.detector_names
     }
 
     /// Profile names declared under `profiles:`.
@@ -1013,6 +1020,7 @@ fn compile(root: &Node, hash: String) -> CResult<Policy> {
         default_message,
         max_body_bytes,
         redaction_marker,
+        detector_names: detectors.names().map(String::from).collect(),
         detectors,
         profiles,
         access,

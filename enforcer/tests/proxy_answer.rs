@@ -631,6 +631,31 @@ async fn without_response_rules_responses_pass_exactly_as_they_come() {
     assert_eq!(records(&w.proxy).await.len(), 1);
 }
 
+/// Under proposal rules alone, only answers the proposal reader reads (an LLM call's, batch results) are read: any
+/// other answer — here a plain request's, on a host that is no provider — passes as it came, compressed as the
+/// client asked, while an LLM call's answer is asked for uncoded so that its calls can be read. Before, every
+/// request of such a policy went upstream with `Accept-Encoding: identity` and through the response phases.
+#[tokio::test]
+async fn under_proposal_rules_only_answers_with_calls_are_read() {
+    let proposals_only = "version: 1\ndefault: allow\nrules:\n  - id: no-shell\n    phase: proposal\n    when: { proposal.tool: shell }\n    verdict: block\n";
+    let w = world(proposals_only).await;
+    let tls = w.proxy.tls_to(w.up, "data.test", &[H1]).await;
+    let (status, headers, body) = send(tls, false, post("data.test", "/plain", json!({}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"\x1f\x8bnot-it", "not decoded, not rewritten");
+    assert_eq!(headers["content-encoding"], "gzip");
+    let tls = w.proxy.tls_to(w.up, "api.anthropic.com", &[H1]).await;
+    let call =
+        json!({"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, _) = send(tls, false, post("api.anthropic.com", "/v1/messages", call)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        *w.seen.accept_encoding.lock().unwrap(),
+        ["gzip", "identity"],
+        "the plain request's own accept-encoding; the LLM call's made identity"
+    );
+}
+
 #[tokio::test]
 async fn mcp_results_are_capped_redacted_and_blocked_as_tool_errors() {
     let w = world(POLICY).await;

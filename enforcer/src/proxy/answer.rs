@@ -213,6 +213,19 @@ pub(crate) fn reads_responses(policy: &Policy) -> bool {
     policy.has_rules_for(Phase::Proposal) || policy.has_rules_for(Phase::Response)
 }
 
+/// Whether the response phases may read the answer to `action` (the deciding Action of a request classified as
+/// `protocol`) under `policy`: it has response rules, or proposal rules and the answer is one `response::plan` reads
+/// for proposed calls (an LLM call's, a retrieval's, batch results). Otherwise the answer streams through untouched,
+/// and nothing of the exchange is kept for the response phases.
+pub(crate) fn reads_answer(policy: &Policy, protocol: &Protocol, action: Option<&Action>) -> bool {
+    policy.has_rules_for(Phase::Response)
+        || (policy.has_rules_for(Phase::Proposal)
+            && action.is_some_and(|a| {
+                crate::inspect::answered_api(protocol, a).is_some()
+                    || crate::inspect::answered_batch(protocol, a).is_some()
+            }))
+}
+
 /// The agent's answer from the upstream's `resp` when no response phase sees the exchange: passed on as it comes,
 /// without its connection-specific fields.
 pub(crate) fn pass_on(mut resp: Response<UpstreamBody>) -> Response<ProxyBody> {

@@ -223,11 +223,12 @@ async fn prepare(
     for (action, decision) in inspected.actions.iter().zip(&decided.each) {
         sessions.note(&conn.agent, decision, action);
     }
-    let reads_responses = answer::reads_responses(&policy);
-    // The response phases see the deciding Action (an upgrade's, or any when the policy reads responses).
+    let deciding = inspected.actions.get(decided.index);
+    let reads_responses = answer::reads_answer(&policy, &inspected.protocol, deciding);
+    // The response phases see the deciding Action (an upgrade's, or any whose answer the policy may read).
     // Without the body's JSON, which the response phases never read (`ExchangeRecord::answering`).
     let answered = (head.upgrade.is_some() || reads_responses)
-        .then(|| inspected.actions.get(decided.index).cloned())
+        .then(|| deciding.cloned())
         .flatten()
         .map(|mut a| {
             if let Some(http) = a.http.as_mut() {

@@ -386,6 +386,37 @@ mod tests {
             .is_none());
     }
 
+    /// The forms the official SDKs send (`client.files.create(file=…, purpose="batch")`), captured byte for byte
+    /// from openai-python 3.51.0 (httpx) and openai-node 7.59.0 (undici's `FormData`, `file` before `purpose`):
+    /// each is read, its line a call.
+    #[test]
+    fn the_official_sdks_uploads_are_read() {
+        for (body, boundary) in [
+            (
+                &include_bytes!("../../../tests/fixtures/batch_input/openai-python-3.51.0.form")[..],
+                "b45daa394edf29b8d1623d543c8425d7",
+            ),
+            (
+                &include_bytes!("../../../tests/fixtures/batch_input/openai-node-7.59.0.form")[..],
+                "----formdata-undici-089649890638",
+            ),
+        ] {
+            let content_type = format!("multipart/form-data; boundary={boundary}");
+            let http = request(
+                "POST",
+                "/v1/files",
+                &content_type,
+                std::str::from_utf8(body).unwrap(),
+            );
+            let input = upload(Provider::OpenAi, &http, "/v1/files")
+                .unwrap()
+                .expect(boundary);
+            assert_eq!(input.calls.len(), 1, "{boundary}");
+            assert_eq!(input.calls[0].api, LlmApi::ChatCompletions);
+            assert_eq!(input.calls[0].body["model"], "gpt-x");
+        }
+    }
+
     #[test]
     fn an_openai_batch_line_that_cannot_be_read_refuses_the_upload() {
         let ok = line("/v1/chat/completions", "a");

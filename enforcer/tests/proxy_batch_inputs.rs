@@ -922,3 +922,30 @@ async fn an_eval_run_and_its_graders_are_decided_as_the_model_calls_they_make() 
     );
     assert!(w.proxy.close_and_verify().await > 0);
 }
+
+/// A file of JSON Lines that is not batch input (rows of data), or batch lines sent as one chunk of several, is a
+/// file's bytes to Gemini's upload endpoint: stored, not a request. Before, such a body, opening `{` and not one JSON
+/// value, was refused as JSON that does not parse (400); now it is forwarded as the upload it is, and recorded. Its
+/// file still cannot run as a batch: its lines were not read as calls.
+#[tokio::test]
+async fn a_gemini_upload_of_data_lines_is_stored_not_refused() {
+    let w = world().await;
+    let rows = "{\"city\": \"Paris\", \"t\": 21}\n{\"city\": \"Oslo\", \"t\": 4}\n";
+    let chunk = format!(
+        "{}\n{}\n",
+        gemini_line("k1", "read_file"),
+        gemini_line("k2", "delete_everything")
+    );
+    for (content, command) in [(rows, "upload, finalize"), (chunk.as_str(), "upload")] {
+        let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_upload(content, command)).await;
+        assert_eq!((status, seen.len()), (200, 1), "{command}: {got}");
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+        let file = got["file"]["name"].as_str().unwrap().to_string();
+        let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(&file)).await;
+        assert_eq!(status, 403, "{file}: {got}");
+        assert_eq!(recs[0]["decision"]["reason"], "unread_input");
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}

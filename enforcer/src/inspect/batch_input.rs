@@ -102,6 +102,20 @@ pub fn upload(
     openai_lines(file.data).map(Some)
 }
 
+/// Whether `http` (its path routed: `routed`) sends a file's bytes to Gemini's upload endpoint (`POST
+/// …/upload/v1beta/files` naming `upload` in `X-Goog-Upload-Command`): the upstream stores them, it reads no request
+/// in them. Read as batch input when they are ([`upload`]); otherwise they are data, whatever text they hold.
+pub fn gemini_media(http: &HttpRequest, routed: &str) -> bool {
+    http.method.eq_ignore_ascii_case("POST")
+        && llm::lenient_lower(routed)
+            .strip_suffix("/files")
+            .is_some_and(|c| c.ends_with("/upload/v1beta"))
+        && http.headers.get_all("x-goog-upload-command").any(|c| {
+            c.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upload"))
+        })
+}
+
 /// The file's content in a Gemini resumable upload request that sends it whole: the one request that both uploads
 /// and finalizes (`X-Goog-Upload-Command: upload, finalize`) from offset 0, in the session the start request opened
 /// (`upload_id`). `None` for the start request, a chunk, or a request naming its protocol more than one way.

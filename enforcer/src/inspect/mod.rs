@@ -387,6 +387,17 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         None => Vec::new(),
     };
 
+    // A file's bytes sent to Gemini's upload endpoint are stored, not read as a request (batch input was read
+    // above): a JSON Lines data file is not refused as JSON that does not parse, nor read as JSON-RPC.
+    if provider == Some(Provider::Gemini) && batch_input::gemini_media(http, &path) {
+        return Ok(Inspected {
+            carried: None,
+            inputs,
+            protocol: Protocol::Provider(Provider::Gemini),
+            actions: vec![action],
+        });
+    }
+
     if http.method.eq_ignore_ascii_case("POST") {
         // A body an MCP client marks as MCP (its session or protocol-version header) must be JSON-RPC that can be
         // read; otherwise the server might read a tool call the policy never saw.

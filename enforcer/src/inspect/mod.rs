@@ -297,28 +297,16 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     protocol: shape.as_str(),
                 });
             };
+            let protocol = Protocol::Llm {
+                provider: shape,
+                api,
+            };
             if llm::eval(&http.method, &path) {
                 // An eval or a run of one: one Action per model the provider is asked to call.
                 let calls = llm::eval_calls(provider, json).ok_or(InspectError::BadJson {
                     protocol: shape.as_str(),
                 })?;
-                let actions = calls
-                    .into_iter()
-                    .map(|call| {
-                        let mut a = action.clone();
-                        a.llm = Some(call);
-                        a
-                    })
-                    .collect();
-                return Ok(Inspected {
-                    protocol: Protocol::Llm {
-                        provider: shape,
-                        api,
-                    },
-                    actions,
-                    carried: Some(Carried::Eval),
-                    inputs: Vec::new(),
-                });
+                return Ok(carried_calls(&action, protocol, Carried::Eval, calls));
             }
             if llm::message_batch_create(&http.method, &path) {
                 // Each `requests[].params` decided as the `/v1/messages` body it is: one Action each, as a JSON-RPC
@@ -331,23 +319,12 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
                     .into_iter()
                     .map(|p| llm::describe(provider, LlmApi::Messages, &path, &http.query, p))
                     .collect();
-                let actions = calls
-                    .into_iter()
-                    .map(|call| {
-                        let mut a = action.clone();
-                        a.llm = Some(call);
-                        a
-                    })
-                    .collect();
-                return Ok(Inspected {
-                    carried: Some(Carried::MessageBatch),
-                    inputs: Vec::new(),
-                    protocol: Protocol::Llm {
-                        provider: shape,
-                        api,
-                    },
-                    actions,
-                });
+                return Ok(carried_calls(
+                    &action,
+                    protocol,
+                    Carried::MessageBatch,
+                    calls,
+                ));
             }
             let misread = if shape == Provider::Gemini {
                 llm::gemini_misread(&path, json)
@@ -365,10 +342,7 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
             return Ok(Inspected {
                 carried: None,
                 inputs,
-                protocol: Protocol::Llm {
-                    provider: shape,
-                    api,
-                },
+                protocol,
                 actions: vec![action],
             });
         }
@@ -447,6 +421,30 @@ pub fn classify(mut action: Action, cfg: &InspectConfig) -> Result<Inspected, In
         protocol,
         actions: vec![action],
     })
+}
+
+/// The Actions of a request that carries `calls` for later (`carried`): one per call, each `action` with the call's
+/// `llm`, the http part shared.
+fn carried_calls(
+    action: &Action,
+    protocol: Protocol,
+    carried: Carried,
+    calls: Vec<crate::model::LlmCall>,
+) -> Inspected {
+    let actions = calls
+        .into_iter()
+        .map(|call| {
+            let mut a = action.clone();
+            a.llm = Some(call);
+            a
+        })
+        .collect();
+    Inspected {
+        protocol,
+        actions,
+        carried: Some(carried),
+        inputs: Vec::new(),
+    }
 }
 
 /// The Actions of a batch input file uploaded to a host of `provider`: one per line, each the LLM call the line

@@ -257,10 +257,10 @@ pub fn named_inputs(
     routed: &str,
     body: Option<&Value>,
 ) -> Result<Vec<NamedInput>, InspectError> {
-    let lower = llm::lenient_lower(routed);
+    // Asked of every request to a provider's host: the path is looked at only for a `POST`, and not copied.
     let create = provider != Provider::Anthropic
         && method.eq_ignore_ascii_case("POST")
-        && lower.ends_with("/batches");
+        && llm::lenient_ends_with(routed, "/batches");
     if create && !body.is_some_and(Value::is_object) {
         return Err(unreadable("the batch create is not a JSON object"));
     }

@@ -324,6 +324,14 @@ fn lenient(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether `path`, as [`lenient`] reads it, ends with `suffix` (lower-case ASCII) in any letter case, without a
+/// lower-cased copy of the path.
+pub(super) fn lenient_ends_with(path: &str, suffix: &str) -> bool {
+    let path = lenient(path);
+    let (path, suffix) = (path.as_bytes(), suffix.as_bytes());
+    path.len() >= suffix.len() && path[path.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+}
+
 /// `path` as [`lenient`] reads it, lower-cased: what the endpoint matchers compare.
 pub(super) fn lenient_lower(path: &str) -> String {
     lenient(path).to_ascii_lowercase()

@@ -122,6 +122,20 @@ pub(crate) fn note_touched(read: &ReadInputs, provider: Option<&str>, id: Option
     }
 }
 
+/// [`note_touched`] for a request that goes on, `action` being its first Action: only Gemini's host lets a client
+/// choose a file's name, so other requests are not looked at.
+pub(crate) fn forget_touched(
+    rec: &ExchangeRecord,
+    provider: Option<&str>,
+    action: Option<&crate::model::Action>,
+) {
+    if provider != Some("gemini") || !rec.will_forward() {
+        return;
+    }
+    let touched = action.and_then(|a| crate::inspect::touched_file(a, &rec.ctx().inspect));
+    note_touched(&rec.ctx().batch_inputs, provider, touched.as_deref());
+}
+
 /// The check phase of a batch create: each input file it names (`inputs`, on a host of `provider`) must have been
 /// read by this daemon, for this agent, under the policy deciding the exchange. A file that was not turns the
 /// decision into a block (`unread_input`); refused unless the policy runs in shadow mode.

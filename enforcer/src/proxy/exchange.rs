@@ -16,7 +16,8 @@
 //!    (`readings::blocking`), else refused as ambiguous (`readings::agree`);
 //! 7. `Sessions::note` — what each decided Action leaves on the session (labels, counters, the tool it called);
 //! 8. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
-//! 9. `enforce::enforce` — block, or constrain the request;
+//! 9. `batch_input::check_named`, `enforce::enforce` — a batch naming an input file the enforcer did not read is
+//!    blocked; block, or constrain the request;
 //! 10. `hold::review` — a `review` verdict waits for a person's answer (or its timeout) before anything goes on;
 //! 11. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
 //! 12. `ExchangeRecord::forwarded` — the record, in the trail before anything reaches the upstream;
@@ -24,7 +25,8 @@
 //!     (`ExchangeRecord::durable`): the agent sees nothing of the answer before both;
 //! 14. `answer::respond` (else `answer::pass_on`) — the response phases: what the agent receives (proposed tool
 //!     calls and data decided when the policy has rules for them; copied into the exchange's trace when its decision
-//!     retains it: `trace::attach`).
+//!     retains it: `trace::attach`); an uploaded batch input file's answer names the file kept as read
+//!     (`batch_input::Stored::note`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -244,18 +246,7 @@ async fn prepare(
         .first()
         .and_then(|a| a.transport.provider.clone());
     batch_input::check_named(rec, &conn.agent, provider.as_deref(), &inspected.inputs)?;
-    // Only Gemini's host lets a client choose a file's name (`batch_input::note_touched`): other requests skip this.
-    if rec.will_forward() && provider.as_deref() == Some("gemini") {
-        let touched = inspected
-            .actions
-            .first()
-            .and_then(|a| crate::inspect::touched_file(a, &rec.ctx().inspect));
-        batch_input::note_touched(
-            &rec.ctx().batch_inputs,
-            provider.as_deref(),
-            touched.as_deref(),
-        );
-    }
+    batch_input::forget_touched(rec, provider.as_deref(), inspected.actions.first());
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;
     }

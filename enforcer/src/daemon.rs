@@ -269,6 +269,8 @@ struct ControlHandler {
     sources: StatusSources,
     reloader: Arc<Reloader>,
     proxy: Arc<ProxyContext>,
+    /// How often agents' refused control requests are recorded.
+    agent_refusals: Arc<crate::control::RecordBound>,
 }
 
 impl crate::control::Handler for ControlHandler {
@@ -307,6 +309,101 @@ impl crate::control::Handler for ControlHandler {
         }
         self.proxy.sessions.register(reg).map_err(|e| e.to_string())
     }
+
+    /// Process `pid` is an agent when its cgroup, or one above it, is tagged in the capture's map (as the kernel
+    /// programs see it). Without capture no process is.
+    fn enforced(&self, pid: i32) -> Result<Option<crate::model::Agent>, String> {
+        let config = &self.sources.config;
+        if !config.capture.enabled {
+            return Ok(None);
+        }
+        let pid = u32::try_from(pid).map_err(|_| format!("pid {pid}"))?;
+        let cgroup = crate::capture::process_cgroup(Some(pid), &config.cgroup_root)
+            .ok_or_else(|| format!("/proc/{pid}/cgroup cannot be read"))?;
+        let table =
+            crate::capture::TagTable::open_pinned(&config.capture.pin_dir, &config.cgroup_root)
+                .map_err(|e| e.to_string())?;
+        let Some(profile) = table
+            .effective_profile(&cgroup)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let rel = cgroup.strip_prefix(&config.cgroup_root).unwrap_or(&cgroup);
+        let mut agent = crate::model::Agent {
+            profile: Some(profile),
+            cgroup: Some(format!("/{}", rel.display())),
+            pid: Some(pid),
+            exe: std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .map(|p| p.display().to_string()),
+            uid: process_uid(pid),
+            ..crate::model::Agent::default()
+        };
+        self.proxy.sessions.identify(&mut agent);
+        Ok(Some(agent))
+    }
+
+    /// One record per agent a second (`control::RecordBound`), reason `control_from_agent`.
+    fn refused_agent(
+        &self,
+        agent: crate::model::Agent,
+        request: Option<&'static str>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let (proxy, bound) = (self.proxy.clone(), self.agent_refusals.clone());
+        Box::pin(async move {
+            let key = agent.cgroup.clone().unwrap_or_default();
+            match bound.note(&key, std::time::Instant::now()) {
+                crate::control::Bound::Record(count) => {
+                    record_control_refusal(&proxy, &agent, request, count).await;
+                }
+                crate::control::Bound::Later(Some(after)) => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let count = bound.flush(&key, std::time::Instant::now());
+                        if count > 0 {
+                            record_control_refusal(&proxy, &agent, None, count).await;
+                        }
+                    });
+                }
+                crate::control::Bound::Later(None) => {}
+            }
+        })
+    }
+}
+
+/// The record of `count` control requests of `agent` refused (`request`: their type, when one record stands for
+/// one request): `request.method` is the type, nothing else of the request is recorded.
+async fn record_control_refusal(
+    proxy: &ProxyContext,
+    agent: &crate::model::Agent,
+    request: Option<&'static str>,
+    count: u64,
+) {
+    let summary = crate::model::RequestSummary {
+        scheme: None,
+        method: request.map(str::to_string),
+        count: Some(count),
+        ..crate::model::RequestSummary::default()
+    };
+    let policy = proxy.policy.current();
+    let reason = (crate::model::Reason::ControlFromAgent, None);
+    proxy
+        .record_refusal(
+            &policy,
+            agent,
+            summary,
+            reason,
+            "the control socket does not answer agents",
+        )
+        .await;
+}
+
+/// The real uid of process `pid` (`Uid:` in /proc/PID/status, proc(5)).
+fn process_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_whitespace().next()?.parse().ok()
 }
 
 /// The one-line `STATUS=` systemd shows.
@@ -516,6 +613,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         reloader: reloader.clone(),
         proxy: ctx.clone(),
+        agent_refusals: Arc::default(),
     });
 
     let shutdown = CancellationToken::new();

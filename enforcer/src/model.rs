@@ -635,6 +635,9 @@ pub enum Reason {
     /// chunks, before the daemon started or the policy changed): its LLM calls were never decided, so the batch is
     /// refused (`proxy::batch_input`).
     UnreadInput,
+    /// A process in a cgroup the enforcer confines asked something of the daemon's control socket (approve a review,
+    /// reload, register a run, …): agents are never answered there, whatever their uid or groups (`control`).
+    ControlFromAgent,
 }
 
 impl Reason {
@@ -667,6 +670,7 @@ impl Reason {
             Reason::ConnectionLimit => "connection_limit",
             Reason::BufferLimit => "buffer_limit",
             Reason::UnreadInput => "unread_input",
+            Reason::ControlFromAgent => "control_from_agent",
         }
     }
 }

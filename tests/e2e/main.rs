@@ -251,6 +251,10 @@ const TESTS: &[Test] = &[
         sessions::review_denied_never_reaches_the_upstream_and_times_out_to_a_block,
     ),
     (
+        "sessions_review_cannot_be_answered_by_the_agent_it_holds",
+        sessions::review_cannot_be_answered_by_the_agent_it_holds,
+    ),
+    (
         "sessions_review_approved_through_the_webhook_link",
         sessions::review_approved_through_the_webhook_link,
     ),

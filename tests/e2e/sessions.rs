@@ -147,14 +147,16 @@ fn setup(env: &mut Env) -> &'static Setup {
         .unwrap_or_else(|e| panic!("{e}"));
     let receiver = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let links = harness::free_port().unwrap_or_else(|e| panic!("{e}"));
+    // The agent user's group is the control group: a person who answers reviews and runs agents as themselves.
     let extra = format!(
         "review:\n  webhook:\n    url: \"http://127.0.0.1:{}/hook\"\n    name: e2e-hook\n    listen: \"127.0.0.1:{links}\"\n\
-         traces:\n  recipient: {recipient}\n",
-        receiver.local_addr().map(|a| a.port()).unwrap_or(0)
+         traces:\n  recipient: {recipient}\ncontrol:\n  group: {}\n",
+        receiver.local_addr().map(|a| a.port()).unwrap_or(0),
+        agent_group(),
     );
     let base = std::fs::read_to_string(&config).unwrap_or_default();
     // The configuration this one is derived from (the SDK tests', when they ran first) may have its own.
-    let mut yaml = without_sections(&base, &["review:", "traces:"]);
+    let mut yaml = without_sections(&base, &["review:", "traces:", "control:"]);
     yaml.push_str(&extra);
     std::fs::write(&config, yaml).unwrap_or_else(|e| panic!("{e}"));
     let original = env.config.clone();
@@ -308,12 +310,106 @@ pub fn review_denied_never_reaches_the_upstream_and_times_out_to_a_block(env: &m
 
     // The review commands are for root and the control group only.
     let mut cmd = Command::new("runuser");
-    cmd.args(["-u", AGENT_USER, "--"])
+    cmd.args(["-u", "nobody", "--"])
         .arg(harness::enforcer_bin())
         .args(["review", "list", "--config", &cfg(env)]);
     let (code, _, err) = harness::output(cmd);
     assert_ne!(code, 0, "an unprivileged user listed the reviews");
     assert!(err.to_lowercase().contains("permission denied"), "{err}");
+}
+
+/// Ask the control socket, as a tagged agent launched by `exec` (`argv`), to approve review `id`; its answer line.
+fn approve_from(env: &Env, mut exec: Command, id: u64) -> String {
+    let socket = env.dir.path().join("state").join("control.sock");
+    exec.args([
+        "python3",
+        "-c",
+        // The daemon answers once and closes; a broken pipe would only mean it closed first.
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n\
+         s.sendall(('{\"request\":\"review_answer\",\"id\":%s,\"approve\":true}\\n' % sys.argv[2]).encode())\n\
+         print(s.makefile().readline())",
+    ])
+    .arg(&socket)
+    .arg(id.to_string());
+    let (code, out, err) = harness::output(exec);
+    assert_eq!(code, 0, "{out}{err}");
+    out
+}
+
+/// An agent cannot answer its own review: run as a member of `control.group` (who may answer reviews from outside
+/// an agent's cgroup) or as root, the agent's `review_answer` is refused by the control socket, recorded once with
+/// reason `control_from_agent`, and the held request stays held until a person outside answers.
+pub fn review_cannot_be_answered_by_the_agent_it_holds(env: &mut Env) {
+    setup(env);
+    let path = super::unique("/review/held", "self-approve");
+    let client = curl_in_background(env, vec!["--resolve".into(), resolve(env), url(&path)]);
+    let id = pending_review(env, &path);
+    let before = env.audit_records().len();
+
+    // The agent's own user is in control.group; root without capabilities is let in by uid. Neither is answered.
+    let as_user = approve_from(env, env.exec_command(), id);
+    let mut as_root = Command::new(harness::enforcer_bin());
+    as_root
+        .args([
+            "exec",
+            "--config",
+            &cfg(env),
+            "--profile",
+            PROFILE,
+            "--allow-root",
+            "--",
+        ])
+        .env("PATH", "/usr/bin:/bin");
+    let as_root = approve_from(env, as_root, id);
+    for answer in [&as_user, &as_root] {
+        assert!(
+            answer.contains("\"ok\":false")
+                && answer.contains("the control socket does not answer agents")
+                && answer.contains(&format!("profile {PROFILE}")),
+            "{answer}"
+        );
+    }
+    assert_eq!(
+        pending_review(env, &path),
+        id,
+        "the review is still pending"
+    );
+    assert_eq!(
+        env.upstream_count(&path),
+        0,
+        "forwarded on the agent's word"
+    );
+
+    // One record each, under the agent's identity.
+    let refused: Vec<serde_json::Value> = env.audit_records()[before..]
+        .iter()
+        .filter(|r| r["decision"]["reason"] == "control_from_agent")
+        .cloned()
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    for (rec, uid) in refused.iter().zip([env.agent_uid, 0]) {
+        assert_eq!(rec["decision"]["verdict"], "block", "{rec}");
+        assert_eq!(rec["request"]["method"], "review_answer", "{rec}");
+        assert_eq!(rec["request"]["count"], 1, "{rec}");
+        assert_eq!(rec["outcome"]["disposition"], "blocked", "{rec}");
+        assert_eq!(rec["outcome"]["error"], "control_from_agent", "{rec}");
+        assert_eq!(rec["agent"]["profile"], PROFILE, "{rec}");
+        assert_eq!(rec["agent"]["uid"], uid, "{rec}");
+    }
+
+    // The same user outside any agent's cgroup is a reviewer: the answer is taken.
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", AGENT_USER, "--"])
+        .arg(harness::enforcer_bin())
+        .args(["review", "deny", &id.to_string(), "--config", &cfg(env)]);
+    let (code, out, err) = harness::output(cmd);
+    assert_eq!(code, 0, "{out}{err}");
+    let got = client.join().unwrap_or_else(|_| panic!("curl thread"));
+    assert_eq!(got.status, 403, "{got:?}");
+    assert_eq!(env.upstream_count(&path), 0);
+    let recs = super::records_for(env, &path);
+    assert_eq!(recs[1]["review"]["result"], "denied", "{recs:#?}");
+    env.assert_audit_verifies();
 }
 
 /// Answer the webhook POSTs arriving at `receiver` (every held review is announced) until the one about `path`;

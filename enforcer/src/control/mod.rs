@@ -28,11 +28,22 @@
 //! Further commands become further [`Request`] variants with their own result objects; clients that do not know a
 //! field ignore it. A request line longer than [`MAX_REQUEST`] bytes is refused and the connection closed. Who
 //! answered a review is the peer's uid from `SO_PEERCRED` and its name from the user database.
+//!
+//! **Agents are never answered.** A peer process that runs in a cgroup the capture enforces is an agent, whatever
+//! its uid or groups: its first request is refused with one error line, the refusal recorded in the audit trail
+//! (reason `control_from_agent`, [`Handler::refused_agent`]), and the connection closed. Reviews, the policy and
+//! sessions are for people and the daemon's own tools; an agent that runs as a reviewer (or as root without
+//! capabilities) would otherwise approve its own held call or register a run of its choosing. The peer is the
+//! process that connected, held by a pidfd (`SO_PEERPIDFD`, Linux 6.5): its groups and cgroup are read from `/proc`
+//! and the pidfd is then checked to still name a live process, so a pid reused in between cannot stand in for it.
+//! A peer that cannot be told apart (its cgroup or the tag map unreadable) is refused too.
 
 pub mod status;
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +108,22 @@ pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+}
+
+impl Request {
+    /// The request's type as it is spelt on the wire (`review_answer`): what a refusal record names.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Reload => "reload",
+            Request::ReviewList => "review_list",
+            Request::ReviewShow { .. } => "review_show",
+            Request::ReviewAnswer { .. } => "review_answer",
+            Request::SessionList => "session_list",
+            Request::SessionShow { .. } => "session_show",
+            Request::SessionStart(_) => "session_start",
+        }
+    }
 }
 
 /// One response line.
@@ -164,6 +191,117 @@ pub trait Handler: Send + Sync + 'static {
         let _ = reg;
         Err("this daemon keeps no sessions".into())
     }
+    /// The agent process `pid` is, when it runs in a cgroup the capture enforces; `None` for any other process.
+    /// Blocking (reads `/proc/<pid>/cgroup` and the tag map). `Err` when that cannot be told: the peer is refused.
+    fn enforced(&self, pid: i32) -> Result<Option<crate::model::Agent>, String> {
+        let _ = pid;
+        Ok(None)
+    }
+    /// Record that `agent`'s control request was refused; `request` is its type ([`Request::name`]), `None` when
+    /// it sent no request that parsed.
+    fn refused_agent(
+        &self,
+        agent: crate::model::Agent,
+        request: Option<&'static str>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let _ = (agent, request);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// How often an agent's refused control requests are recorded: at most one record per agent (its cgroup) a
+/// second, each with the count of refusals it stands for, so that an agent looping on the socket cannot flood the
+/// audit trail. The refusals after a record within its second are counted into one record written when the second
+/// ends (the caller schedules it: [`Bound::Later`]), so the counts add up to every refusal.
+#[derive(Debug, Default)]
+pub struct RecordBound {
+    windows: std::sync::Mutex<std::collections::HashMap<String, Window>>,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: std::time::Instant,
+    unrecorded: u64,
+    flush_due: bool,
+}
+
+/// What to do with one refusal.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// Record now, with this count.
+    Record(u64),
+    /// Counted for later; `Some(after)`: call [`RecordBound::flush`] after this long (once per second and agent).
+    Later(Option<Duration>),
+}
+
+/// The window of [`RecordBound`].
+const RECORD_WINDOW: Duration = Duration::from_secs(1);
+/// Agents whose windows are kept before ended ones are dropped.
+const BOUND_KEPT: usize = 4096;
+
+impl RecordBound {
+    /// Note one refusal of agent `key` at `now`.
+    pub fn note(&self, key: &str, now: std::time::Instant) -> Bound {
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if windows.len() >= BOUND_KEPT {
+            windows.retain(|_, w| w.flush_due || now.duration_since(w.start) < RECORD_WINDOW);
+        }
+        let fresh = Window {
+            start: now,
+            unrecorded: 0,
+            flush_due: false,
+        };
+        match windows.get_mut(key) {
+            Some(w) if now.duration_since(w.start) < RECORD_WINDOW => {
+                w.unrecorded += 1;
+                if w.flush_due {
+                    return Bound::Later(None);
+                }
+                w.flush_due = true;
+                Bound::Later(Some(RECORD_WINDOW - now.duration_since(w.start)))
+            }
+            Some(w) => {
+                let count = 1 + std::mem::replace(w, fresh).unrecorded;
+                Bound::Record(count)
+            }
+            None => {
+                windows.insert(key.to_string(), fresh);
+                Bound::Record(1)
+            }
+        }
+    }
+
+    /// The refusals of `key` counted since its last record, to record now (its window starts again at `now`).
+    pub fn flush(&self, key: &str, now: std::time::Instant) -> u64 {
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        windows.get_mut(key).map_or(0, |w| {
+            let count = std::mem::take(&mut w.unrecorded);
+            w.start = now;
+            w.flush_due = false;
+            count
+        })
+    }
+}
+
+/// What is known of a peer before its requests are read.
+#[derive(Debug)]
+enum Screen {
+    /// Root or the control group, in no enforced cgroup.
+    Person,
+    /// Neither root nor in the control group.
+    Denied,
+    /// A process in an enforced cgroup.
+    Agent(crate::model::Agent),
+    /// Whether it is an agent could not be told.
+    Unknown(String),
+    /// The process that connected has exited: what was read of it may be another's.
+    Gone,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,24 +406,92 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
+/// Who the peer is: its credentials, then whether its process runs in an enforced cgroup, then whether that
+/// process (held by `pidfd`) is still alive, so that what was read under its pid was its own.
+async fn screen(
+    peer: Peer,
+    pidfd: Option<std::os::fd::OwnedFd>,
+    access: Access,
+    handler: Arc<dyn Handler>,
+) -> Screen {
+    let read = tokio::task::spawn_blocking(move || {
+        let allowed = access.allows(peer.uid, peer.gid, peer.pid);
+        let enforced = match peer.pid {
+            Some(pid) => handler.enforced(pid),
+            None => Err("the peer's process is unknown".to_string()),
+        };
+        (allowed, enforced, pidfd.is_none_or(|fd| alive(&fd)))
+    })
+    .await;
+    match read {
+        Err(_) => Screen::Unknown("the peer could not be identified".into()),
+        Ok((_, _, false)) => Screen::Gone,
+        Ok((_, Ok(Some(agent)), true)) => Screen::Agent(agent),
+        Ok((_, Err(e), true)) => Screen::Unknown(e),
+        Ok((false, Ok(None), true)) => Screen::Denied,
+        Ok((true, Ok(None), true)) => Screen::Person,
+    }
+}
+
 async fn serve_client(
     stream: UnixStream,
     access: Access,
     handler: Arc<dyn Handler>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
+    let pidfd = peer_pidfd(&stream);
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
     let (read, mut write) = stream.into_split();
-    if !access.allows(cred.uid(), cred.gid(), cred.pid()) {
-        tracing::warn!(
-            uid = cred.uid(),
-            pid = cred.pid(),
-            "control socket: peer is neither root nor in control.group; refused"
-        );
-        let resp = Response::error("permission denied: root or the configured control.group only");
-        return send(&mut write, &resp).await;
-    }
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
     let mut line = Vec::new();
+    match screen(peer, pidfd, access, handler.clone()).await {
+        Screen::Person => {}
+        Screen::Gone => return Ok(()),
+        Screen::Denied => {
+            tracing::warn!(
+                uid = cred.uid(),
+                pid = cred.pid(),
+                "control socket: peer is neither root nor in control.group; refused"
+            );
+            let resp =
+                Response::error("permission denied: root or the configured control.group only");
+            return send(&mut write, &resp).await;
+        }
+        Screen::Unknown(e) => {
+            tracing::warn!(uid = cred.uid(), pid = cred.pid(), error = %e,
+                "control socket: cannot tell whether the peer is an agent; refused");
+            let resp = Response::error(format!(
+                "permission denied: cannot tell whether this process is an agent the enforcer confines ({e})"
+            ));
+            return send(&mut write, &resp).await;
+        }
+        Screen::Agent(agent) => {
+            // Its first request, for the record of what it tried (none when it sends nothing in time).
+            let request =
+                match tokio::time::timeout(IO_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+                    Ok(Ok(n)) if n > 0 && line.len() <= MAX_REQUEST => {
+                        serde_json::from_slice::<Request>(&line)
+                            .ok()
+                            .map(|r| r.name())
+                    }
+                    _ => None,
+                };
+            tracing::warn!(uid = cred.uid(), pid = cred.pid(), cgroup = ?agent.cgroup, profile = ?agent.profile,
+                request, "control socket: peer runs in an enforced cgroup; refused");
+            let resp = Response::error(format!(
+                "permission denied: this process runs in a cgroup the enforcer confines ({}, profile {}); \
+                 the control socket does not answer agents",
+                agent.cgroup.as_deref().unwrap_or("?"),
+                agent.profile.as_deref().unwrap_or("?"),
+            ));
+            handler.refused_agent(agent, request).await;
+            return send(&mut write, &resp).await;
+        }
+    }
     loop {
         line.clear();
         reader.set_limit(MAX_REQUEST as u64 + 1);
@@ -300,11 +506,6 @@ async fn serve_client(
             let resp = Response::error(format!("request longer than {MAX_REQUEST} bytes"));
             return send(&mut write, &resp).await;
         }
-        let peer = Peer {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid(),
-        };
         let resp = match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::error(e.to_string()),
             Ok(request) => {
@@ -481,6 +682,43 @@ fn group_gid(name: &str) -> Option<u32> {
     }
 }
 
+/// A pidfd for the process that connected (`SO_PEERPIDFD`, socket(7), Linux 6.5); `None` where the kernel has no
+/// such option.
+fn peer_pidfd(stream: &UnixStream) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the c_int we own; on success `fd` is a new descriptor
+    // nothing else owns, so the OwnedFd takes it.
+    unsafe {
+        let rc = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        (rc == 0 && fd >= 0).then(|| std::os::fd::OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Whether the process `pidfd` refers to is still running (pidfd_send_signal(2) with signal 0: no signal is sent,
+/// only the checks).
+fn alive(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a raw syscall on a pidfd we own, with a null siginfo and no flags; it reads and writes no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    rc == 0
+}
+
 /// The supplementary groups of process `pid` (`Groups:` in /proc/PID/status, proc(5)).
 fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -542,6 +780,130 @@ mod tests {
             Access::from_group(Some("no-such-group-here")),
             Err(ControlError::NoSuchGroup(_))
         ));
+    }
+
+    #[test]
+    fn agents_refusals_are_recorded_once_a_second_and_add_up() {
+        let bound = RecordBound::default();
+        let t0 = std::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(bound.note("/a", t0), Bound::Record(1));
+        assert_eq!(
+            bound.note("/a", ms(100)),
+            Bound::Later(Some(Duration::from_millis(900)))
+        );
+        assert_eq!(bound.note("/a", ms(200)), Bound::Later(None));
+        // Another agent has a window of its own.
+        assert_eq!(bound.note("/b", ms(300)), Bound::Record(1));
+        // The second ends: the two counted are recorded as one.
+        assert_eq!(bound.flush("/a", ms(1000)), 2);
+        assert_eq!(
+            bound.note("/a", ms(1500)),
+            Bound::Later(Some(Duration::from_millis(500)))
+        );
+        assert_eq!(bound.flush("/a", ms(2000)), 1);
+        // A refusal after a quiet second is recorded at once; nothing is left to flush.
+        assert_eq!(bound.note("/a", ms(3100)), Bound::Record(1));
+        assert_eq!(bound.flush("/a", ms(3200)), 0);
+    }
+
+    /// A peer the handler says is an agent gets one error line naming its cgroup and profile, whatever it asked,
+    /// and its refusal is handed to the handler once with the request's type; the review it asked to approve is not
+    /// touched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn agents_are_refused_and_their_refusal_recorded() {
+        struct Agents(std::sync::Mutex<Vec<(Option<String>, Option<&'static str>)>>);
+        impl Handler for Agents {
+            fn status(&self) -> Status {
+                Status::example()
+            }
+            fn reload(&self) -> ReloadReply {
+                panic!("an agent's reload reached the handler")
+            }
+            fn enforced(&self, pid: i32) -> Result<Option<crate::model::Agent>, String> {
+                assert_eq!(pid, std::process::id() as i32);
+                Ok(Some(crate::model::Agent {
+                    profile: Some("coder".into()),
+                    cgroup: Some("/enforcer/coder/exec-7".into()),
+                    pid: Some(pid as u32),
+                    ..crate::model::Agent::default()
+                }))
+            }
+            fn refused_agent(
+                &self,
+                agent: crate::model::Agent,
+                request: Option<&'static str>,
+            ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+                self.0.lock().unwrap().push((agent.cgroup, request));
+                Box::pin(std::future::ready(()))
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let access = Access { gid: None };
+        let listener = bind(&path, access).unwrap();
+        let shutdown = CancellationToken::new();
+        let handler = Arc::new(Agents(std::sync::Mutex::new(Vec::new())));
+        let task = tokio::spawn(serve(
+            listener,
+            path.clone(),
+            access,
+            handler.clone(),
+            shutdown.clone(),
+        ));
+        let p = path.clone();
+        let (approve, reload) = tokio::task::spawn_blocking(move || {
+            let approve = Request::ReviewAnswer {
+                id: 12,
+                approve: true,
+                reason: None,
+            };
+            (request(&p, &approve), request(&p, &Request::Reload))
+        })
+        .await
+        .unwrap();
+        for answer in [approve, reload] {
+            match answer {
+                Err(ControlError::Refused(e)) => assert_eq!(
+                    e,
+                    "permission denied: this process runs in a cgroup the enforcer confines \
+                     (/enforcer/coder/exec-7, profile coder); the control socket does not answer agents"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            *handler.0.lock().unwrap(),
+            [
+                (Some("/enforcer/coder/exec-7".into()), Some("review_answer")),
+                (Some("/enforcer/coder/exec-7".into()), Some("reload")),
+            ]
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn a_live_peer_is_alive_and_an_ended_one_is_not() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let a = UnixStream::from_std(a).unwrap();
+        let fd = peer_pidfd(&a).expect("SO_PEERPIDFD on this kernel");
+        assert!(alive(&fd), "this very process");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // SAFETY: pidfd_open(2) for our own child, no flags.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        assert!(raw >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        let child_fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+        child.wait().unwrap();
+        assert!(!alive(&child_fd), "a reaped child");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

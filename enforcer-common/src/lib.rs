@@ -34,6 +34,13 @@ pub const MAP_PROFILES: &str = "PROFILES";
 pub const MAP_REFUSALS: &str = "REFUSALS";
 /// Refusal counters and the rate bound's state, by [`RateKey`] (value [`RateState`]).
 pub const MAP_REFUSAL_RATE: &str = "REFUSAL_RATE";
+/// The ports the daemon listens on, and those of loopback services it depends on (key: port in host order, value
+/// unused), written by the daemon before the programs attach. A tagged process may not bind one of them on any
+/// address: while the daemon restarts, an agent holding its proxy or DNS port would be sent every other agent's
+/// redirected traffic.
+pub const MAP_DAEMON_PORTS: &str = "DAEMON_PORTS";
+/// How many ports [`MAP_DAEMON_PORTS`] holds at most.
+pub const DAEMON_PORTS_MAX: u32 = 64;
 /// Global patched by the loader: the proxy port connects are redirected to.
 pub const GLOBAL_PROXY_PORT: &str = "PROXY_PORT";
 /// Global patched by the loader: the port of the daemon's DNS listener on 127.0.0.1 and ::1.

@@ -24,7 +24,10 @@
 //!   proxy (TCP and MPTCP through `PEERS`, DNS sockets through `DNS_SOCKETS`).
 //! - `bind4` / `bind6`: a tagged process may bind a non-loopback address (the wildcard included) only with port 0,
 //!   i.e. as a client choosing its source; a server's bind is refused unless its profile accepts inbound
-//!   connections (`PROFILES`).
+//!   connections (`PROFILES`). A port the daemon listens on or depends on (`DAEMON_PORTS`: its proxy, DNS, explicit
+//!   proxy, metrics and review ports, a loopback webhook receiver's) is refused on every address, loopback included,
+//!   whatever the profile: an agent holding the proxy or DNS port while the daemon restarts would be sent the other
+//!   agents' redirected connections and queries (the pinned programs keep redirecting there).
 //! - `inbound` (cgroup_skb ingress): a packet from another host (anything not received on the loopback device) to
 //!   a socket of a tagged cgroup is dropped unless its profile accepts inbound connections. This also covers
 //!   `listen()` on a socket that was never bound (the kernel binds it to the wildcard without running the bind
@@ -77,10 +80,11 @@ mod programs {
     };
     use aya_log_ebpf::debug;
     use enforcer_common::{
-        OriginalDst, ProfileFlags, RateKey, RateState, Refusal, SockKey, Tag, COMM_LEN, FAMILY_V4,
-        FAMILY_V6, MAX_CGROUP_DEPTH, PROFILE_ACCEPT_INBOUND, REFUSALS_BYTES, REFUSAL_BURST,
-        REFUSAL_WINDOW_NS, REFUSED_BIND, REFUSED_CONNECT, REFUSED_INBOUND, REFUSED_SENDMSG,
-        REFUSED_SOCKET, REFUSED_SOCKOPT, REFUSED_TRANSMIT, UID_UNKNOWN,
+        OriginalDst, ProfileFlags, RateKey, RateState, Refusal, SockKey, Tag, COMM_LEN,
+        DAEMON_PORTS_MAX, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH, PROFILE_ACCEPT_INBOUND,
+        REFUSALS_BYTES, REFUSAL_BURST, REFUSAL_WINDOW_NS, REFUSED_BIND, REFUSED_CONNECT,
+        REFUSED_INBOUND, REFUSED_SENDMSG, REFUSED_SOCKET, REFUSED_SOCKOPT, REFUSED_TRANSMIT,
+        UID_UNKNOWN,
     };
 
     const ALLOW: i32 = 1;
@@ -131,6 +135,9 @@ mod programs {
 
     #[map(name = "PROFILES")]
     static PROFILES: HashMap<Tag, ProfileFlags> = HashMap::with_max_entries(1024, 0);
+
+    #[map(name = "DAEMON_PORTS")]
+    static DAEMON_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(DAEMON_PORTS_MAX, 0);
 
     #[map(name = "SOCKETS")]
     static SOCKETS: LruHashMap<u64, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
@@ -763,19 +770,24 @@ mod programs {
         bind::<true>(&ctx)
     }
 
-    /// A tagged server's bind (a non-loopback address with a port) is refused unless its profile serves.
+    /// A tagged server's bind (a non-loopback address with a port) is refused unless its profile serves; a tagged
+    /// bind of one of the daemon's ports is refused on any address.
     #[inline(always)]
     fn bind<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         let p = ctx.sock_addr;
         let (type_, protocol, port) = sock_addr_fields(p);
         let addr = Family::<V6>::user_addr(p);
-        if port == 0 || Family::<V6>::is_loopback(&addr) {
+        if port == 0 {
+            return ALLOW;
+        }
+        let daemons = DAEMON_PORTS.get_ptr(&port).is_some();
+        if !daemons && Family::<V6>::is_loopback(&addr) {
             return ALLOW;
         }
         let Some(tag) = current_tag() else {
             return ALLOW;
         };
-        if accepts_inbound(&tag) {
+        if !daemons && accepts_inbound(&tag) {
             return ALLOW;
         }
         let sock = SockKind {

@@ -353,6 +353,25 @@ impl Default for AuditSettings {
     }
 }
 
+/// The port of `url` when its host is on the loopback interface (`127.0.0.0/8`, `::1`, `localhost`): the port
+/// given, else the scheme's (80, 443). `None` for any other host or a URL that does not parse.
+fn loopback_port(url: &str) -> Option<u16> {
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return None;
+    }
+    uri.port_u16().or(match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    })
+}
+
 /// A section written with nothing but comments under it (`metrics:`) is YAML null: read it as the defaults.
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -402,6 +421,31 @@ impl Config {
     /// The cgroup the programs attach to (absolute path).
     pub fn attach_cgroup(&self) -> PathBuf {
         self.cgroup_root.join(&self.capture.cgroup)
+    }
+
+    /// The ports no tagged process may bind (`capture::CaptureConfig::daemon_ports`), beside the proxy's and the
+    /// DNS listener's: the explicit proxy's, the metrics endpoint's, the review links' and, when the review webhook
+    /// is on the loopback interface (`127.0.0.0/8`, `::1`, `localhost`), the receiver's, which an agent binding it
+    /// first would get every review's signed links from. Each port is reserved on every address: a listener on
+    /// 127.0.0.1 alone could otherwise be shadowed on ::1 for a client that dials `localhost`.
+    pub fn daemon_ports(&self) -> Vec<u16> {
+        let webhook = self.review.webhook.as_ref();
+        let receiver = webhook.and_then(|w| loopback_port(&w.url));
+        let mut ports: Vec<u16> = [
+            Some(self.proxy.port),
+            Some(self.dns.port),
+            self.proxy.explicit.as_ref().map(|e| e.port),
+            self.metrics.listen.map(|a| a.port()),
+            webhook.map(|w| w.listen.port()),
+            receiver,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|&p| p != 0)
+        .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
     }
 
     /// Where `enforcer exec` creates the cgroups of `profile` (absolute path).
@@ -666,5 +710,26 @@ mod tests {
         assert!(config.profiles["devserver"].accept_inbound);
         assert!(!Config::default().profiles["default"].accept_inbound);
         assert!(serde_saphyr::from_str::<Config>("profiles: { a: { serve: true } }\n").is_err());
+    }
+
+    #[test]
+    fn the_daemons_ports_are_its_listeners_and_a_loopback_webhook_receiver() {
+        let yaml = "proxy: { port: 15001, explicit: { port: 3128, profile: p } }\n\
+                    dns: { port: 15053 }\nmetrics: { listen: \"127.0.0.1:9464\" }\n\
+                    review: { webhook: { url: \"http://localhost:8088/hook\", listen: \"127.0.0.1:15080\" } }\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(
+            config.daemon_ports(),
+            [3128, 8088, 9464, 15001, 15053, 15080]
+        );
+        for (url, port) in [
+            ("http://127.0.0.2/hook", Some(80)),
+            ("https://[::1]/hook", Some(443)),
+            ("http://LOCALHOST:81/", Some(81)),
+            ("https://hooks.example.com/x", None),
+            ("http://10.0.0.1:8088/", None),
+        ] {
+            assert_eq!(loopback_port(url), port, "{url}");
+        }
     }
 }

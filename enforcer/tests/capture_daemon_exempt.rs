@@ -125,6 +125,7 @@ fn the_daemon_is_recognised_by_its_cgroup_and_never_exempted_when_tagged() {
         pin_dir: pin_dir.to_path_buf(),
         proxy_port: proxy.local_addr().expect("addr").port(),
         dns_port: proxy.local_addr().expect("addr").port(),
+        daemon_ports: Vec::new(),
         profiles,
     };
     guard.capture = Some(

@@ -76,6 +76,28 @@ for name, fam, host in (("v4", socket.AF_INET, "127.0.0.2"), ("v6", socket.AF_IN
 print(" ".join(out))
 "#;
 
+/// Move into argv[1], then bind each address at port argv[2] (TCP and UDP, loopback and the wildcard) and a
+/// loopback address at port argv[3]: `ok` or `eperm` for each.
+const BIND: &str = r#"
+import os, socket, sys
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+out = []
+for port in (int(sys.argv[2]), int(sys.argv[3])):
+    for name, fam, host in (("v4", socket.AF_INET, "127.0.0.1"), ("v6", socket.AF_INET6, "::1"),
+                            ("any", socket.AF_INET, "0.0.0.0")):
+        for kind, typ in (("tcp", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)):
+            s = socket.socket(fam, typ)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                r = "ok"
+            except PermissionError:
+                r = "eperm"
+            s.close()
+            out.append("%s/%s=%s" % (name, kind, r))
+print(" ".join(out))
+"#;
+
 /// What [`UDP`] prints when every port but 53 is refused (`tagged`) or nothing is (`!tagged`).
 fn udp_expected(tagged: bool) -> String {
     let mut out = Vec::new();
@@ -187,6 +209,8 @@ struct Harness {
     pin_dir: PathBuf,
     proxy4: TcpListener,
     proxy6: TcpListener,
+    /// A free port given to the capture as one of the daemon's (`CaptureConfig::daemon_ports`).
+    daemon_port: u16,
 }
 
 impl Harness {
@@ -214,6 +238,7 @@ impl Harness {
             pin_dir,
             proxy4,
             proxy6,
+            daemon_port: free_port(),
         };
         h.start_capture();
         h
@@ -227,6 +252,7 @@ impl Harness {
             pin_dir: self.pin_dir.clone(),
             proxy_port: self.proxy_port(),
             dns_port: self.proxy_port(),
+            daemon_ports: vec![self.daemon_port],
             profiles: vec![CaptureProfile::new(PROFILE)],
         };
         let capture = {
@@ -291,6 +317,14 @@ fn remove_cgroup_tree(dir: &Path) {
 }
 
 /// Non-blocking listeners on 127.0.0.1 and ::1 with the same port.
+/// A port nothing listens on now (TCP on 127.0.0.1).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 fn loopback_pair() -> (TcpListener, TcpListener) {
     for _ in 0..50 {
         let v4 = TcpListener::bind("127.0.0.1:0").expect("bind v4");
@@ -559,6 +593,48 @@ fn tagging_and_untagging_take_effect_at_runtime() {
     dial(true);
     h.capture().untag(&rt).expect("untag");
     dial(false);
+}
+
+/// The daemon's ports cannot be bound by a tagged process on any address, loopback included (else, while the
+/// daemon restarts, an agent holding its proxy or DNS port would be sent every other agent's redirected traffic);
+/// other loopback ports can, and an untagged process binds the daemon's ports as before.
+#[test]
+fn the_daemons_ports_cannot_be_bound_by_tagged_processes() {
+    if !root_or_skip() {
+        return;
+    }
+    let h = Harness::new();
+    let other = free_port();
+    let run = |cgroup: &Path, port: u16| {
+        let args = [
+            cgroup.to_str().expect("utf-8").to_string(),
+            port.to_string(),
+            other.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        finish(python(BIND, &args))
+    };
+    // What BIND prints: for a tagged process, the daemon's port refused everywhere, the other port on loopback
+    // only (a bind of the wildcard with a port is a server's, refused unless the profile serves).
+    let expected = |tagged: bool| {
+        let mut out = Vec::new();
+        for daemons in [true, false] {
+            for name in ["v4", "v6", "any"] {
+                for kind in ["tcp", "udp"] {
+                    let refused = tagged && (daemons || name == "any");
+                    out.push(format!(
+                        "{name}/{kind}={}",
+                        if refused { "eperm" } else { "ok" }
+                    ));
+                }
+            }
+        }
+        out.join(" ")
+    };
+    let tagged = h.profile_cgroup();
+    assert_eq!(run(&tagged, h.daemon_port).trim(), expected(true));
+    let plain = h.child_cgroup("plain");
+    assert_eq!(run(&plain, h.daemon_port).trim(), expected(false));
 }
 
 #[test]

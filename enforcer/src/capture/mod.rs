@@ -27,8 +27,9 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{
-    ProfileFlags, GLOBAL_DAEMON_CGROUP, GLOBAL_DNS_PORT, GLOBAL_PROXY_PORT, MAP_DNS_PEERS,
-    MAP_ORIGINS, MAP_PROFILES, MAP_REFUSALS, MAP_REFUSAL_RATE, MAP_TAGGED, PROFILE_ACCEPT_INBOUND,
+    ProfileFlags, GLOBAL_DAEMON_CGROUP, GLOBAL_DNS_PORT, GLOBAL_PROXY_PORT, MAP_DAEMON_PORTS,
+    MAP_DNS_PEERS, MAP_ORIGINS, MAP_PROFILES, MAP_REFUSALS, MAP_REFUSAL_RATE, MAP_TAGGED,
+    PROFILE_ACCEPT_INBOUND,
 };
 
 pub use cli::{cgroup_command, exec, user_name, CgroupCommand, ExecArgs};
@@ -132,6 +133,9 @@ pub struct CaptureConfig {
     pub proxy_port: u16,
     /// The DNS listener's port on 127.0.0.1 and ::1 (where tagged DNS datagrams are redirected).
     pub dns_port: u16,
+    /// Ports no tagged process may bind, on any address, beside `proxy_port` and `dns_port`: the daemon's other
+    /// listeners and the loopback services it depends on ([`crate::config::Config::daemon_ports`]).
+    pub daemon_ports: Vec<u16>,
     /// The profiles to tag cgroups with.
     pub profiles: Vec<CaptureProfile>,
 }
@@ -167,6 +171,7 @@ impl CaptureConfig {
             pin_dir: config.capture.pin_dir.clone(),
             proxy_port: config.proxy.port,
             dns_port: config.dns.port,
+            daemon_ports: config.daemon_ports(),
             profiles: config
                 .profiles
                 .iter()
@@ -242,6 +247,20 @@ impl Capture {
         match daemon_cgroup {
             Some(cgroup) => tags.protect_daemon_cgroup(cgroup),
             None => tracing::warn!("cannot read this process's cgroup: tagging it is not refused"),
+        }
+        let mut daemon_ports: HashMap<_, u16, u8> = HashMap::try_from(
+            ebpf.map_mut(MAP_DAEMON_PORTS)
+                .ok_or(CaptureError::MissingMap(MAP_DAEMON_PORTS))?,
+        )?;
+        let mut reserved: Vec<u16> = [cfg.proxy_port, cfg.dns_port]
+            .into_iter()
+            .chain(cfg.daemon_ports.iter().copied())
+            .filter(|&p| p != 0)
+            .collect();
+        reserved.sort_unstable();
+        reserved.dedup();
+        for port in reserved {
+            daemon_ports.insert(port, 1, 0)?;
         }
         let mut profiles: HashMap<_, _, ProfileFlags> = HashMap::try_from(
             ebpf.take_map(MAP_PROFILES)

@@ -580,6 +580,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(t) = &traces {
         tracing::info!(dir = %t.dir().display(), "retained traces are encrypted to the configured recipient");
     }
+    crate::proxy::set_daemon_ports(config.daemon_ports());
     let ctx = Arc::new(ProxyContext {
         policy: SharedPolicy::new(policy),
         audit: audit.clone(),

@@ -638,6 +638,9 @@ pub enum Reason {
     /// A process in a cgroup the enforcer confines asked something of the daemon's control socket (approve a review,
     /// reload, register a run, …): agents are never answered there, whatever their uid or groups (`control`).
     ControlFromAgent,
+    /// The request's destination is one of the enforcer's own listeners on loopback (its proxy, DNS, metrics or
+    /// review-link ports): never forwarded to, whatever the policy allows.
+    DaemonEndpoint,
 }
 
 impl Reason {
@@ -671,6 +674,7 @@ impl Reason {
             Reason::BufferLimit => "buffer_limit",
             Reason::UnreadInput => "unread_input",
             Reason::ControlFromAgent => "control_from_agent",
+            Reason::DaemonEndpoint => "daemon_endpoint",
         }
     }
 }

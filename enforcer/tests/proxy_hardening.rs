@@ -1707,3 +1707,41 @@ async fn a_query_split_on_semicolons_is_read_both_ways() {
     assert_eq!(records.len(), 2);
     all_blocked_by(&records[..1], &[Some("read-only")]);
 }
+
+/// The daemon's own listeners on loopback (its metrics and review-link ports, `enforcer::proxy::set_daemon_ports`)
+/// are never an agent's upstream, whatever the policy allows: an allowed plain-HTTP request and an allowed raw TCP
+/// connection to one are refused (403, `daemon_endpoint`), recorded once each, and never connected to; the same
+/// policy still forwards to another loopback port.
+#[tokio::test]
+async fn the_daemons_own_endpoints_are_never_an_upstream() {
+    let (daemon, daemon_seen) = http_upstream().await;
+    let (echo, echo_seen) = tcp_echo().await;
+    enforcer::proxy::set_daemon_ports(vec![daemon.port(), echo.port()]);
+    short_limits();
+    let p = start_proxy(&policy(&["127.0.0.1"], &[echo.port()]), &[], false).await;
+    let head = format!("GET /approve HTTP/1.1\r\nhost: {daemon}\r\n\r\n");
+    let (resp, _) = exchange(&p, daemon, head.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(403), "{resp}");
+    assert!(
+        resp.contains("the enforcer's own endpoints are not for agents"),
+        "{resp}"
+    );
+    let (resp, _) = exchange(&p, echo, b"hi\n", Duration::from_secs(2)).await;
+    assert!(!resp.contains("HELLO"), "{resp}");
+    assert_eq!(daemon_seen.count(), 0);
+    assert_eq!(echo_seen.count(), 0);
+    let records = p.audit_records().await;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["outcome"]["error"], "daemon_endpoint", "{r}");
+    }
+    assert_eq!(records[0]["outcome"]["status"], 403);
+    assert_eq!(records[1]["outcome"]["disposition"], "failed");
+
+    // Another loopback port under the same policy is forwarded.
+    let (other, other_seen) = http_upstream().await;
+    let head = format!("GET /ok HTTP/1.1\r\nhost: {other}\r\n\r\n");
+    let (resp, _) = exchange(&p, other, head.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), Some(200), "{resp}");
+    assert_eq!(other_seen.count(), 1);
+}

@@ -150,7 +150,11 @@ fn open<'a>(
 /// The refusal for an upstream that could not be connected to.
 fn refused(conn: &Conn, e: upstream::UpstreamError) -> Refusal {
     tracing::info!(dst = %conn.dst, error = %e, "upstream refused");
-    Refusal::new(e.reason(), StatusCode::BAD_GATEWAY, e.client_message())
+    let status = match e {
+        upstream::UpstreamError::DaemonEndpoint { .. } => StatusCode::FORBIDDEN,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    Refusal::new(e.reason(), status, e.client_message())
 }
 
 /// How many times a request the upstream did not process is sent again: a new connection can refuse streams too

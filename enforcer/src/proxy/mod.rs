@@ -64,7 +64,7 @@ pub use http::ProxyBody;
 pub(crate) use limits::budget as buffer_budget;
 pub use limits::{set_limits, Limits};
 pub use tls::{TlsSetupError, UpstreamTls};
-pub use upstream::{Pool as UpstreamPool, UpstreamError};
+pub use upstream::{set_daemon_ports, Pool as UpstreamPool, UpstreamError};
 pub use websocket::fuzz_agent_messages;
 
 use crate::audit::{Appended, AuditError, AuditLog};

@@ -63,6 +63,9 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
     #[error("HTTP/2 handshake with the upstream failed: {0}")]
     Http2(#[from] h2::Error),
+    /// The destination is one of the daemon's own listeners ([`set_daemon_ports`]): never connected to for an agent.
+    #[error("{dst} is one of the enforcer's own endpoints")]
+    DaemonEndpoint { dst: SocketAddr },
 }
 
 /// Why an exchange with an open upstream connection failed: sending the request, or reading the response.
@@ -85,6 +88,7 @@ impl UpstreamError {
     pub fn reason(&self) -> Reason {
         match self {
             UpstreamError::Name { .. } | UpstreamError::Tls { .. } => Reason::UpstreamTls,
+            UpstreamError::DaemonEndpoint { .. } => Reason::DaemonEndpoint,
             _ => Reason::UpstreamUnreachable,
         }
     }
@@ -109,8 +113,37 @@ impl UpstreamError {
             UpstreamError::Http(_) | UpstreamError::Http2(_) => {
                 "the upstream did not speak HTTP".into()
             }
+            UpstreamError::DaemonEndpoint { .. } => {
+                "the enforcer's own endpoints are not for agents".into()
+            }
         }
     }
+}
+
+/// The ports of the daemon's own listeners (`Config::daemon_ports`), set once it has read its configuration.
+static DAEMON_PORTS: std::sync::RwLock<Vec<u16>> = std::sync::RwLock::new(Vec::new());
+
+/// From now on, refuse every upstream connection to these ports on a loopback address: the daemon's proxy, DNS,
+/// explicit proxy, metrics and review-link listeners (and a loopback webhook receiver) are never an agent's
+/// upstream, whatever the policy allows; the review links would otherwise take an agent's own approval.
+pub fn set_daemon_ports(ports: Vec<u16>) {
+    *DAEMON_PORTS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = ports;
+}
+
+fn is_daemon_endpoint(dst: SocketAddr) -> bool {
+    let ip = match dst.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), Into::into),
+        ip => ip,
+    };
+    (ip.is_loopback() || ip.is_unspecified())
+        && DAEMON_PORTS
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&dst.port())
 }
 
 /// Requests one upstream HTTP/2 connection carries at once before the pool opens another for the same key: the
@@ -360,7 +393,11 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     values.next().is_none().then_some(first)
 }
 
+/// Every upstream TCP connection the proxy opens for an agent starts here (HTTP and raw TCP alike).
 pub(crate) async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    if is_daemon_endpoint(dst) {
+        return Err(UpstreamError::DaemonEndpoint { dst });
+    }
     match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);

@@ -60,6 +60,8 @@ pub const SOCKET_NAME: &str = "control.sock";
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// How long a client may take to send a request or read its answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an agent's refused connection waits for its request (read only to record what it asked).
+const AGENT_READ: Duration = Duration::from_secs(1);
 
 /// Where the daemon with state directory `state_dir` listens.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -472,7 +474,7 @@ async fn serve_client(
         Screen::Agent(agent) => {
             // Its first request, for the record of what it tried (none when it sends nothing in time).
             let request =
-                match tokio::time::timeout(IO_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+                match tokio::time::timeout(AGENT_READ, reader.read_until(b'\n', &mut line)).await {
                     Ok(Ok(n)) if n > 0 && line.len() <= MAX_REQUEST => {
                         serde_json::from_slice::<Request>(&line)
                             .ok()

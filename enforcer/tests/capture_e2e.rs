@@ -98,6 +98,23 @@ for port in (int(sys.argv[2]), int(sys.argv[3])):
 print(" ".join(out))
 "#;
 
+/// Move into argv[1], then send UDP datagrams to 127.0.0.2:9 for argv[2] seconds, as fast as it can; print how many
+/// sends passed and how many were refused.
+const UDP_LOOP: &str = r#"
+import os, socket, sys, time
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+ok = refused = 0
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        s.sendto(b"x", ("127.0.0.2", 9))
+        ok += 1
+    except PermissionError:
+        refused += 1
+print(ok, refused)
+"#;
+
 /// What [`UDP`] prints when every port but 53 is refused (`tagged`) or nothing is (`!tagged`).
 fn udp_expected(tagged: bool) -> String {
     let mut out = Vec::new();
@@ -761,6 +778,50 @@ fn shutdown_leaves_no_trace() {
     let (stream, _) = accept_any(&[&upstream], TIMEOUT).expect("direct connect");
     answer(stream);
     finish(child);
+}
+
+/// A daemon that starts while agents run takes the earlier daemon's links over one by one (each made to run the new
+/// program at once): a tagged process sending datagrams all through three restarts is refused every time, never let
+/// through in between (before, the old links were removed and the new programs attached after, and a tagged send in
+/// that gap passed).
+#[test]
+fn restarts_leave_no_moment_unenforced() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut h = Harness::new();
+    let agents = h.profile_cgroup();
+    let sender = python(UDP_LOOP, &[agents.to_str().expect("utf-8"), "6"]);
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        h.capture
+            .take()
+            .expect("capture")
+            .shutdown()
+            .expect("shutdown");
+        assert!(
+            h.pin_dir.join("link_udp_sendmsg4").exists(),
+            "the programs stay attached while an agent runs"
+        );
+        h.start_capture();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = finish(sender);
+    let counts: Vec<u64> = out
+        .split_whitespace()
+        .map(|n| n.parse().expect("count"))
+        .collect();
+    assert_eq!(counts[0], 0, "tagged datagrams let through: {out}");
+    assert!(counts[1] > 0, "{out}");
+    // Only the new programs are attached: one pin per program, none left over from the earlier daemons.
+    let pins = std::fs::read_dir(&h.pin_dir)
+        .expect("pin dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy() == "link_udp_sendmsg4")
+        })
+        .count();
+    assert_eq!(pins, 1);
 }
 
 #[test]

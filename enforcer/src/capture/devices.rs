@@ -10,7 +10,8 @@ use std::time::Duration;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
-use super::{links, program_error, program_mut, CaptureError};
+use super::links::{self, Earlier};
+use super::{program_error, program_mut, CaptureError};
 
 /// The program, by function name in `enforcer-ebpf`.
 pub(super) const PROGRAM: &str = "device_egress";
@@ -37,7 +38,9 @@ pub(super) fn cover(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     covered: &mut Covered,
+    earlier: &mut Earlier,
 ) -> Result<usize, CaptureError> {
+    use std::os::fd::AsFd as _;
     let prog: &mut SchedClassifier = program_mut(ebpf, PROGRAM)?;
     let mut added = 0;
     for (name, ifindex) in devices() {
@@ -45,11 +48,17 @@ pub(super) fn cover(
             continue;
         }
         let pin = format!("{PROGRAM}_{ifindex}");
-        let attached = prog
-            .attach(&name, TcAttachType::Egress)
-            .and_then(|id| prog.take_link(id))
-            .map_err(program_error(PROGRAM))
-            .and_then(|link| links::pin_named(link, pin_dir, PROGRAM, &pin));
+        let taken = prog
+            .fd()
+            .is_ok_and(|fd| earlier.take_over(pin_dir, &pin, fd.as_fd()));
+        let attached = if taken {
+            Ok(())
+        } else {
+            prog.attach(&name, TcAttachType::Egress)
+                .and_then(|id| prog.take_link(id))
+                .map_err(program_error(PROGRAM))
+                .and_then(|link| links::pin_named(link, pin_dir, PROGRAM, &pin))
+        };
         match attached {
             Ok(()) => {
                 covered.0.insert(ifindex);

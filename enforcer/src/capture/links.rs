@@ -1,8 +1,13 @@
 //! Fail closed: every attached program's link is pinned as `<pin_dir>/link_<program>`, so the programs stay attached
 //! when the daemon dies (crash, SIGKILL, OOM). Tagged agents then still have their connects redirected, to a port
 //! nobody listens on: refused, never direct. A daemon that stops while agents still run in tagged cgroups leaves the
-//! links pinned for the same reason; one that stops with no agent left removes them (nothing stays attached). The
-//! next daemon replaces links it finds pinned before attaching its own.
+//! links pinned for the same reason; one that stops with no agent left removes them (nothing stays attached).
+//!
+//! The next daemon takes the links it finds pinned over ([`Earlier`]): each is made to run the new daemon's program
+//! of the same name in one step (`BPF_LINK_UPDATE`), so no attach point is ever without a program while daemons
+//! change (before, the old links were removed and the new programs attached after: for some hundred milliseconds a
+//! tagged process could send datagrams anywhere and bind the daemon's ports). Only programs without an earlier link
+//! are attached anew, and earlier links no program took over are removed last.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -120,6 +125,116 @@ pub(super) fn create_and_pin(
     }
     // Our fd closes here; the pin keeps the link, and the program, attached.
     Ok(())
+}
+
+/// The links an earlier daemon left pinned in a pin directory, as this daemon starts.
+pub(super) struct Earlier {
+    pins: Vec<PathBuf>,
+    taken: std::collections::HashSet<PathBuf>,
+}
+
+impl Earlier {
+    /// The link pins in `pin_dir` now.
+    pub(super) fn find(pin_dir: &Path) -> Earlier {
+        Earlier {
+            pins: pins(pin_dir),
+            taken: Default::default(),
+        }
+    }
+
+    /// None (links attached after start-up, such as new devices', have no earlier ones).
+    pub(super) fn none() -> Earlier {
+        Earlier {
+            pins: Vec::new(),
+            taken: Default::default(),
+        }
+    }
+
+    /// How many earlier links there are.
+    pub(super) fn len(&self) -> usize {
+        self.pins.len()
+    }
+
+    /// Make the earlier link pinned as `link_<pin>` run `prog` from now on (`BPF_LINK_UPDATE`, bpf(2): the attach
+    /// point goes from the old program to the new one at once). `false` when there is no such link, or it cannot
+    /// take the program (another program type or hook): then the caller attaches the program anew.
+    pub(super) fn take_over(&mut self, pin_dir: &Path, pin: &str, prog: BorrowedFd<'_>) -> bool {
+        let path = pin_dir.join(format!("{LINK_PREFIX}{pin}"));
+        if !self.pins.contains(&path) || self.taken.contains(&path) {
+            return false;
+        }
+        let Some(link) = obj_get(&path) else {
+            return false;
+        };
+        #[repr(C)]
+        struct LinkUpdate {
+            link_fd: u32,
+            new_prog_fd: u32,
+            flags: u32,
+            old_prog_fd: u32,
+            rest: [u64; 8],
+        }
+        const BPF_LINK_UPDATE: libc::c_long = 29;
+        let update = LinkUpdate {
+            link_fd: link.as_raw_fd() as u32,
+            new_prog_fd: prog.as_raw_fd() as u32,
+            flags: 0,
+            old_prog_fd: 0,
+            rest: [0; 8],
+        };
+        if bpf(BPF_LINK_UPDATE, &update) < 0 {
+            tracing::debug!(pin, error = %std::io::Error::last_os_error(),
+                "an earlier link cannot take the new program: attaching it anew");
+            return false;
+        }
+        self.taken.insert(path);
+        true
+    }
+
+    /// Remove the earlier links no program took over (a link nothing else holds is detached at once); how many.
+    pub(super) fn release_rest(self) -> Result<usize, CaptureError> {
+        let mut released = 0;
+        for path in self.pins.iter().filter(|p| !self.taken.contains(*p)) {
+            match std::fs::remove_file(path) {
+                Ok(()) => released += 1,
+                // Replaced meanwhile by a new pin of the same name (a program attached anew): that one stays.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(CaptureError::PinDir {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(released)
+    }
+}
+
+/// The object pinned at `path` (`BPF_OBJ_GET`), read-write.
+fn obj_get(path: &Path) -> Option<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        pad: u32,
+        rest: [u64; 8],
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        pad: 0,
+        rest: [0; 8],
+    };
+    let fd = bpf(BPF_OBJ_GET, &get);
+    // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// bpf(2) with command `cmd` and attribute `attr` (a `#[repr(C)]` struct, zero-padded to the command's size).

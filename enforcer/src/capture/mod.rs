@@ -323,18 +323,25 @@ impl Capture {
         capture.lock_tags().pin(&pin)?;
         capture.tag_profiles(cfg)?;
         // An earlier daemon that died (or stopped with agents running) left its programs attached, holding tagged
-        // agents fail-closed until now: replace them. Ours are loaded and verified already, so the gap is short.
-        let stale = links::unpin_all(&cfg.pin_dir)?;
-        if stale > 0 {
+        // agents fail-closed until now: its links take our programs over, each in one step (see `links`).
+        let mut earlier = links::Earlier::find(&cfg.pin_dir);
+        if earlier.len() > 0 {
             tracing::warn!(
-                links = stale,
+                links = earlier.len(),
                 "replacing the programs an earlier daemon left attached"
             );
         }
-        attach(&mut ebpf, &cfg.attach_cgroup, &cfg.pin_dir)?;
+        attach(&mut ebpf, &cfg.attach_cgroup, &cfg.pin_dir, &mut earlier)?;
         devices::load(&mut ebpf)?;
         let mut covered = devices::Covered::default();
-        devices::cover(&mut ebpf, &cfg.pin_dir, &mut covered)?;
+        devices::cover(&mut ebpf, &cfg.pin_dir, &mut covered, &mut earlier)?;
+        let released = earlier.release_rest()?;
+        if released > 0 {
+            tracing::info!(
+                links = released,
+                "removed earlier links no program of this daemon took over"
+            );
+        }
         *capture.lock_ebpf() = Some(ebpf);
         capture.device_task = Some(runtime.spawn(cover_new_devices(
             capture.ebpf.clone(),
@@ -503,21 +510,26 @@ async fn cover_new_devices(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(ebpf) = guard.as_mut() else { return };
-        if let Err(err) = devices::cover(ebpf, &pin_dir, &mut covered) {
+        if let Err(err) = devices::cover(ebpf, &pin_dir, &mut covered, &mut links::Earlier::none())
+        {
             tracing::warn!(error = %err, "cannot cover new network devices");
         }
     }
 }
 
-/// Load program `$name` as `$ty`, attach it with `$attach` (an expression using the program `$p`), and pin the link.
+/// Load program `$name` as `$ty`; have the earlier daemon's link of that name run it (`$earlier`), else attach it
+/// with `$attach` (an expression using the program `$p`) and pin the link.
 macro_rules! attach_pinned {
-    ($ebpf:expr, $pin_dir:expr, $name:expr, $ty:ty, |$p:ident| $attach:expr) => {{
+    ($ebpf:expr, $pin_dir:expr, $earlier:expr, $name:expr, $ty:ty, |$p:ident| $attach:expr) => {{
+        use std::os::fd::AsFd as _;
         let name = $name;
         let err = program_error(name);
         let $p: &mut $ty = program_mut($ebpf, name)?;
         $p.load().map_err(err)?;
-        let link = $attach.and_then(|id| $p.take_link(id)).map_err(err)?;
-        links::pin(link, $pin_dir, name)?;
+        if !$earlier.take_over($pin_dir, name, $p.fd().map_err(err)?.as_fd()) {
+            let link = $attach.and_then(|id| $p.take_link(id)).map_err(err)?;
+            links::pin(link, $pin_dir, name)?;
+        }
     }};
 }
 
@@ -542,34 +554,38 @@ pub(super) fn program_error(
     move |source| CaptureError::Program { name, source }
 }
 
-/// Load and attach every program to `cgroup`, pinning each link in `pin_dir` (see [`links`]).
-fn attach(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), CaptureError> {
+/// Load and attach every program to `cgroup`, pinning each link in `pin_dir`, or have an earlier daemon's link of
+/// its name run it (see [`links`]).
+fn attach(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    pin_dir: &Path,
+    earlier: &mut links::Earlier,
+) -> Result<(), CaptureError> {
     let file = std::fs::File::open(cgroup).map_err(|source| CaptureError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
     })?;
     for name in SOCK_ADDR_PROGRAMS {
-        attach_pinned!(ebpf, pin_dir, name, CgroupSockAddr, |p| p
+        attach_pinned!(ebpf, pin_dir, earlier, name, CgroupSockAddr, |p| p
             .attach(&file, CgroupAttachMode::Single));
     }
     for name in SOCK_PROGRAMS {
-        attach_pinned!(ebpf, pin_dir, name, CgroupSock, |p| p
+        attach_pinned!(ebpf, pin_dir, earlier, name, CgroupSock, |p| p
             .attach(&file, CgroupAttachMode::Single));
     }
-    attach_pinned!(ebpf, pin_dir, SOCK_OPS_PROGRAM, SockOps, |p| p
+    attach_pinned!(ebpf, pin_dir, earlier, SOCK_OPS_PROGRAM, SockOps, |p| p
         .attach(&file, CgroupAttachMode::Single));
-    attach_pinned!(ebpf, pin_dir, DNS_PEER_PROGRAM, CgroupSkb, |p| p.attach(
-        &file,
-        CgroupSkbAttachType::Egress,
-        CgroupAttachMode::Single
-    ));
-    attach_pinned!(ebpf, pin_dir, INBOUND_PROGRAM, CgroupSkb, |p| p.attach(
-        &file,
-        CgroupSkbAttachType::Ingress,
-        CgroupAttachMode::Single
-    ));
-    attach_sockopt(ebpf, &file, pin_dir)?;
-    attach_lsm(ebpf, &file, pin_dir)
+    attach_pinned!(ebpf, pin_dir, earlier, DNS_PEER_PROGRAM, CgroupSkb, |p| p
+        .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single));
+    attach_pinned!(ebpf, pin_dir, earlier, INBOUND_PROGRAM, CgroupSkb, |p| p
+        .attach(
+            &file,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single
+        ));
+    attach_sockopt(ebpf, &file, pin_dir, earlier)?;
+    attach_lsm(ebpf, &file, pin_dir, earlier)
 }
 
 /// The setsockopt guard, linked and pinned by hand (see [`links::create_and_pin`]).
@@ -577,6 +593,7 @@ fn attach_sockopt(
     ebpf: &mut Ebpf,
     file: &std::fs::File,
     pin_dir: &Path,
+    earlier: &mut links::Earlier,
 ) -> Result<(), CaptureError> {
     use std::os::fd::AsFd;
     const BPF_CGROUP_SETSOCKOPT: u32 = 22;
@@ -584,6 +601,9 @@ fn attach_sockopt(
     let p: &mut CgroupSockopt = program_mut(ebpf, SOCKOPT_PROGRAM)?;
     p.load().map_err(err)?;
     let prog = p.fd().map_err(err)?;
+    if earlier.take_over(pin_dir, SOCKOPT_PROGRAM, prog.as_fd()) {
+        return Ok(());
+    }
     links::create_and_pin(
         prog.as_fd(),
         file.as_fd(),
@@ -597,7 +617,12 @@ fn attach_sockopt(
 /// was booted with the BPF LSM active (`lsm=...,bpf`) and lets BPF LSM programs load. Where it cannot run, the
 /// daemon says so (a warning, not a failure: the IPv4/IPv6 side is enforced either way, and packet sockets' frames
 /// are dropped at the devices).
-fn attach_lsm(ebpf: &mut Ebpf, file: &std::fs::File, pin_dir: &Path) -> Result<(), CaptureError> {
+fn attach_lsm(
+    ebpf: &mut Ebpf,
+    file: &std::fs::File,
+    pin_dir: &Path,
+    earlier: &mut links::Earlier,
+) -> Result<(), CaptureError> {
     const UNCOVERED: &str = "tagged processes' non-IP sockets are not refused at creation: packet \
         sockets' frames are dropped at the network devices, vsock and the other families are limited only by \
         the agent's capabilities";
@@ -610,6 +635,13 @@ fn attach_lsm(ebpf: &mut Ebpf, file: &std::fs::File, pin_dir: &Path) -> Result<(
         let err = program_error(LSM_PROGRAM);
         let p: &mut LsmCgroup = program_mut(ebpf, LSM_PROGRAM)?;
         p.load(LSM_HOOK, &btf).map_err(err)?;
+        if earlier.take_over(
+            pin_dir,
+            LSM_PROGRAM,
+            std::os::fd::AsFd::as_fd(p.fd().map_err(err)?),
+        ) {
+            return Ok(());
+        }
         let link = p.attach(file).and_then(|id| p.take_link(id)).map_err(err)?;
         links::pin_fd(link.into(), pin_dir, LSM_PROGRAM)
     })();

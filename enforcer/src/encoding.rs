@@ -77,7 +77,9 @@ pub fn json_escapes(body: &str) -> bool {
     body.contains("\\u") || body.contains("\\/")
 }
 
-fn collect_strings(value: &Value, out: &mut String) {
+/// Every string of `value` (object members' names too), each followed by `\n`, appended to `out`: JSON text as a
+/// reader sees it once its escapes are undone.
+pub fn collect_strings(value: &Value, out: &mut String) {
     match value {
         Value::String(s) => {
             out.push_str(s);

@@ -1,9 +1,10 @@
 //! Batch input files through the real proxy from real TLS upstreams. A provider's Batch API runs the LLM calls of a
 //! JSON Lines file uploaded before (OpenAI `POST /v1/files` with `purpose=batch`, then `POST /v1/batches` naming its
 //! `input_file_id`; Gemini's resumable upload to `/upload/v1beta/files`, then `:batchGenerateContent` naming
-//! `batch.inputConfig.fileName`). Each line is decided when the file is uploaded, as the same call sent to its
-//! endpoint is; a batch runs only on a file the enforcer read so: one uploaded elsewhere, in chunks, or never is
-//! refused as `unread_input`, and its calls never run undecided.
+//! `batch.inputConfig.fileName`). Each line is decided as the same call sent to its endpoint is: an OpenAI line
+//! (naming its model) when the file is uploaded, a Gemini line (naming none) at the create, with the create's model,
+//! as the same requests inline. A batch runs only on a file the enforcer read whole at its upload: one uploaded
+//! elsewhere, in chunks, never, or forgotten is refused as `unread_input`, and its calls never run undecided.
 
 mod proxy_support;
 
@@ -151,8 +152,13 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(POLICY).await
+}
+
+/// [`world`] under `policy`.
+async fn world_with(policy: &str) -> World {
     let ca = TestCa::new("batch inputs test CA");
-    let proxy = start_proxy(POLICY, &[&ca], false).await;
+    let proxy = start_proxy(policy, &[&ca], false).await;
     let seen = Seen::default();
     let files = Arc::new(AtomicU64::new(0));
     let sessions = Sessions::default();
@@ -439,19 +445,42 @@ fn gemini_upload(content: &str, command: &str) -> Request<Full<Bytes>> {
 
 /// `POST …:batchGenerateContent` naming `file` as its input.
 fn gemini_create(file: &str) -> Request<Full<Bytes>> {
-    let body = json!({"batch": {"displayName": "b", "inputConfig": {"fileName": file}}});
-    Request::builder()
-        .method("POST")
-        .uri("/v1beta/models/gemini-2.5-flash:batchGenerateContent")
-        .header("host", GEMINI)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
+    gemini_create_on("gemini-2.5-flash", file)
 }
 
-/// Gemini's Batch API with an input file: a file uploaded whole is read when its lines name requests, each decided
-/// as a generateContent is; the `file.name` its answer gives may be run, a file sent in chunks or not through the
-/// enforcer may not.
+/// `POST …/models/{model}:batchGenerateContent` naming `file` as its input.
+fn gemini_create_on(model: &str, file: &str) -> Request<Full<Bytes>> {
+    let body = json!({"batch": {"displayName": "b", "inputConfig": {"fileName": file}}});
+    post(
+        &format!("/v1beta/models/{model}:batchGenerateContent"),
+        GEMINI,
+        &body,
+    )
+}
+
+/// `POST …/models/{model}:batchGenerateContent` carrying the requests of `lines` (Gemini batch input lines) inline,
+/// as `batch.inputConfig.requests.requests[]`: the batch an input file of those lines runs.
+fn gemini_inline_on(model: &str, lines: &[String]) -> Request<Full<Bytes>> {
+    let requests: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            let l: Value = serde_json::from_str(l).unwrap();
+            json!({"request": l["request"], "metadata": {"key": l["key"]}})
+        })
+        .collect();
+    let body =
+        json!({"batch": {"displayName": "b", "inputConfig": {"requests": {"requests": requests}}}});
+    post(
+        &format!("/v1beta/models/{model}:batchGenerateContent"),
+        GEMINI,
+        &body,
+    )
+}
+
+/// Gemini's Batch API with an input file: a file uploaded whole is read when its lines name requests; the requests
+/// are decided at the batch create that names the `file.name` its answer gave, with the create's model, as the same
+/// requests sent inline are (the upload itself is the request it is). A file sent in chunks or not through the
+/// enforcer may not be run.
 #[tokio::test]
 async fn a_gemini_batch_runs_only_on_a_file_whose_requests_were_decided() {
     let w = world().await;
@@ -463,17 +492,27 @@ async fn a_gemini_batch_runs_only_on_a_file_whose_requests_were_decided() {
         gemini_upload(&format!("{ok}\n{bad}\n"), "upload, finalize"),
     )
     .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("allow".into(), "null".into(), "default".into())
+    );
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let blocked = got["file"]["name"].as_str().unwrap().to_string();
+    let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create(&blocked)).await;
     assert_eq!(status, 403, "{got}");
-    assert!(
-        got.to_string()
-            .contains("that tool may not be declared (policy rule: no-declared-delete)"),
-        "{got}"
+    assert_eq!(
+        got,
+        json!({"error": {"code": 403, "status": "PERMISSION_DENIED",
+            "message": "that tool may not be declared (policy rule: no-declared-delete)"}})
     );
     assert_eq!(recs.len(), 1, "{recs:#?}");
     assert_eq!(
         decided(&recs[0]),
         ("block".into(), "no-declared-delete".into(), "rule".into())
     );
+    assert_eq!(recs[0]["request"]["llm_model"], "gemini-2.5-flash");
     assert!(seen.is_empty(), "{seen:?}");
 
     let (status, got, recs, _) = exchange(
@@ -940,5 +979,328 @@ async fn a_gemini_upload_of_data_lines_is_stored_not_refused() {
         assert_eq!(recs[0]["decision"]["reason"], "unread_input");
         assert!(seen.is_empty(), "{seen:?}");
     }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A model allow-list: LLM calls only to the listed models (shell not declared to the pro one), anything else on
+/// Gemini's host only when it is no LLM call (its files, its batches), a blocked tool refused everywhere.
+const ALLOW_LIST: &str = r#"version: 1
+default: block
+default_message: not on the allow-list
+max_body_bytes: 12MiB
+rules:
+  - id: listed-models
+    when: { llm.model: [gemini-2.5-flash, gemini-2.5-pro, gemini-2.5-redacted] }
+    verdict: allow
+  - id: gemini-files
+    when: { host: generativelanguage.googleapis.com, not: { llm.provider: "*" } }
+    verdict: allow
+  - id: no-declared-delete
+    when: { llm.tools: delete_everything }
+    verdict: block
+    message: that tool may not be declared
+  - id: no-shell-on-pro
+    when: { llm.model: gemini-2.5-pro, llm.tools: shell }
+    verdict: block
+    message: shell may not be declared to the pro model
+  - id: no-keys-to-models
+    when: { llm.provider: gemini, detect: [aws-access-key] }
+    verdict: block
+    message: no keys to a model
+  - id: redact-emails
+    when: { llm.model: gemini-2.5-redacted }
+    verdict: constrain
+    constrain: { redact: [email] }
+"#;
+
+/// Uploads `lines` whole to Gemini and returns the file's name: the upload forwarded, recorded once as the request it
+/// is (allowed by `gemini-files`, no LLM call).
+async fn gemini_file(w: &World, lines: &[String]) -> String {
+    let content = format!("{}\n", lines.join("\n"));
+    let (status, got, recs, seen) =
+        exchange(w, GEMINI, gemini_upload(&content, "upload, finalize")).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("allow".into(), "gemini-files".into(), "rule".into())
+    );
+    assert_eq!(recs[0]["request"]["llm_model"], Value::Null);
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    assert_eq!(seen, ["POST /upload/v1beta/files"]);
+    got["file"]["name"].as_str().unwrap().to_string()
+}
+
+/// What a record says of a request's decision and call: the decision, the LLM provider and model, the disposition.
+fn verdict_of(r: &Value) -> Value {
+    json!({"decision": r["decision"], "llm_provider": r["request"]["llm_provider"],
+           "llm_model": r["request"]["llm_model"], "disposition": r["outcome"]["disposition"]})
+}
+
+/// Before, every line of a Gemini batch input file was decided at the upload as an LLM call, though Gemini's lines
+/// name no model (the create's path does): under a model allow-list every Gemini batch file upload was refused, and
+/// a rule on a tool for one model could not be decided. Now the upload is the request it is, and the lines are
+/// decided at the create, with its model, exactly as the same requests sent inline in the create: the same status,
+/// message and record; the upstream never sees a create refused.
+#[tokio::test]
+async fn a_gemini_batch_file_is_decided_at_its_create_with_the_create_s_model() {
+    let w = world_with(ALLOW_LIST).await;
+    let read = gemini_line("k1", "read_file");
+    let delete = gemini_line("k2", "delete_everything");
+    let shell = gemini_line("k3", "shell");
+    let allowed = gemini_file(&w, &[read.clone(), read.clone()]).await;
+    let with_delete = gemini_file(&w, &[read.clone(), delete.clone()]).await;
+    let with_shell = gemini_file(&w, std::slice::from_ref(&shell)).await;
+
+    // Allowed lines on a listed model: forwarded upstream, recorded as the create's call.
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, gemini_create_on("gemini-2.5-flash", &allowed)).await;
+    assert_eq!((status, &got["name"]), (200, &json!("batches/b1")), "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("allow".into(), "listed-models".into(), "rule".into())
+    );
+    assert_eq!(recs[0]["request"]["llm_model"], "gemini-2.5-flash");
+    assert_eq!(recs[0]["outcome"]["disposition"], "forwarded");
+    assert_eq!(
+        seen,
+        ["POST /v1beta/models/gemini-2.5-flash:batchGenerateContent"]
+    );
+
+    // Refused as the same lines sent inline are: a blocked tool on any model, a model off the list, shell on pro.
+    let refused = [
+        (
+            "gemini-2.5-flash",
+            &with_delete,
+            vec![read.clone(), delete.clone()],
+            403,
+            "that tool may not be declared (policy rule: no-declared-delete)",
+        ),
+        (
+            "gemini-1.0-evil",
+            &allowed,
+            vec![read.clone(), read.clone()],
+            403,
+            "not on the allow-list (policy default)",
+        ),
+        (
+            "gemini-2.5-pro",
+            &with_shell,
+            vec![shell.clone()],
+            403,
+            "shell may not be declared to the pro model (policy rule: no-shell-on-pro)",
+        ),
+    ];
+    for (model, file, lines, code, message) in refused {
+        let (inline_status, inline_got, inline_recs, inline_seen) =
+            exchange(&w, GEMINI, gemini_inline_on(model, &lines)).await;
+        assert_eq!(
+            (inline_status, &inline_got),
+            (
+                code,
+                &json!({"error": {"code": code, "message": message, "status": "PERMISSION_DENIED"}})
+            ),
+            "{model}"
+        );
+        assert!(inline_seen.is_empty(), "{inline_seen:?}");
+        let (status, got, recs, seen) = exchange(&w, GEMINI, gemini_create_on(model, file)).await;
+        assert_eq!((status, &got), (inline_status, &inline_got), "{model}");
+        assert_eq!((recs.len(), inline_recs.len()), (1, 1), "{recs:#?}");
+        assert_eq!(verdict_of(&recs[0]), verdict_of(&inline_recs[0]), "{model}");
+        assert_eq!(recs[0]["request"]["llm_model"], model);
+        assert_eq!(recs[0]["outcome"]["disposition"], "blocked");
+        assert!(seen.is_empty(), "{model}: {seen:?}");
+    }
+    // Shell is refused on pro only: the same file runs on flash.
+    let (status, got, recs, seen) = exchange(
+        &w,
+        GEMINI,
+        gemini_create_on("gemini-2.5-flash", &with_shell),
+    )
+    .await;
+    assert_eq!((status, &got["name"]), (200, &json!("batches/b1")), "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(recs[0]["decision"]["rule"], "listed-models");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// A Gemini batch input file whose lines cannot all be read is still refused at its upload (400, `unparseable`),
+/// under a model allow-list too, and never forwarded; a line whose request names another model than the create's
+/// refuses the create as the same request inline does (400, `unparseable`).
+#[tokio::test]
+async fn an_unreadable_gemini_batch_file_is_refused_at_its_upload() {
+    let w = world_with(ALLOW_LIST).await;
+    let ok = gemini_line("k1", "read_file");
+    for bad in [
+        "not json".to_string(),
+        json!({"key": "k2"}).to_string(),
+        ok.replace("\"request\"", "\"Request\""),
+        json!({"key": "k2", "request": "hi"}).to_string(),
+    ] {
+        let (status, got, recs, seen) = exchange(
+            &w,
+            GEMINI,
+            gemini_upload(&format!("{ok}\n{bad}\n"), "upload, finalize"),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {got}");
+        assert!(
+            got.to_string().contains("the batch input cannot be read"),
+            "{got}"
+        );
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+        assert!(seen.is_empty(), "{seen:?}");
+    }
+
+    let mut other: Value = serde_json::from_str(&ok).unwrap();
+    other["request"]["model"] = json!("models/gemini-1.0-evil");
+    let other = other.to_string();
+    let file = gemini_file(&w, &[ok.clone(), other.clone()]).await;
+    let (inline_status, inline_got, inline_recs, _) = exchange(
+        &w,
+        GEMINI,
+        gemini_inline_on("gemini-2.5-flash", &[ok.clone(), other]),
+    )
+    .await;
+    assert_eq!(inline_status, 400, "{inline_got}");
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, gemini_create_on("gemini-2.5-flash", &file)).await;
+    assert_eq!((status, &got), (inline_status, &inline_got));
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(verdict_of(&recs[0]), verdict_of(&inline_recs[0]));
+    assert_eq!(recs[0]["decision"]["reason"], "unparseable");
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// The lines of Gemini files are kept in memory until their create, [`enforcer::proxy::KEPT_INPUT_BYTES`] bytes at
+/// most: the oldest file is forgotten first, and a create naming it is refused as `unread_input` (its lines can no
+/// longer be decided); the newer files still run.
+#[tokio::test]
+async fn a_gemini_file_forgotten_for_room_is_not_run() {
+    let w = world_with(ALLOW_LIST).await;
+    // Four files each a little over a quarter of the bound: the fourth leaves no room for the first.
+    let quarter = enforcer::proxy::KEPT_INPUT_BYTES / 4;
+    let mut files = Vec::new();
+    for i in 0..4 {
+        let mut line: Value =
+            serde_json::from_str(&gemini_line(&format!("k{i}"), "read_file")).unwrap();
+        line["request"]["contents"][0]["parts"][0]["text"] = json!("x".repeat(quarter));
+        files.push(gemini_file(&w, &[line.to_string()]).await);
+    }
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, gemini_create_on("gemini-2.5-flash", &files[0])).await;
+    assert_eq!(status, 403, "{got}");
+    assert!(
+        got.to_string().contains("was not read by the enforcer"),
+        "{got}"
+    );
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    // The create's own decision (its model listed) turned into the block.
+    assert_eq!(
+        decided(&recs[0]),
+        (
+            "block".into(),
+            "listed-models".into(),
+            "unread_input".into()
+        )
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+    for file in &files[1..] {
+        let (status, got, recs, seen) =
+            exchange(&w, GEMINI, gemini_create_on("gemini-2.5-flash", file)).await;
+        assert_eq!(status, 200, "{file}: {got}");
+        assert_eq!(recs[0]["decision"]["rule"], "listed-models");
+        assert_eq!(seen.len(), 1, "{seen:?}");
+    }
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// In shadow mode a create whose file holds a refused line is recorded as the block it would be, and forwarded.
+#[tokio::test]
+async fn a_gemini_file_create_in_shadow_mode_is_recorded_and_forwarded() {
+    let w =
+        world_with(&ALLOW_LIST.replace("default: block\n", "default: block\nmode: shadow\n")).await;
+    let file = gemini_file(&w, &[gemini_line("k1", "delete_everything")]).await;
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, gemini_create_on("gemini-2.5-flash", &file)).await;
+    assert_eq!((status, &got["name"]), (200, &json!("batches/b1")), "{got}");
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        ("block".into(), "no-declared-delete".into(), "rule".into())
+    );
+    assert_eq!(recs[0]["decision"]["mode"], "shadow");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
+/// The text detectors read at a create whose requests are in a file is the create's and the file's (escapes undone),
+/// as the same requests inline are read: a key in a line refuses the create under a rule for LLM calls, though the
+/// upload, no LLM call, went on. A constrain cannot rewrite the lines in the file the upstream holds: a redaction
+/// refuses the create (`unrewritable`), where the same requests inline are redacted and forwarded.
+#[tokio::test]
+async fn a_gemini_file_create_is_read_for_secrets_and_is_not_rewritten() {
+    let w = world_with(ALLOW_LIST).await;
+    // `AKIAQWERTYUIOPASDFGH` with its first letter escaped: a detector reads it once the escape is undone.
+    let key_line =
+        gemini_line("k1", "read_file").replace("\"hi\"", "\"\\u0041KIAQWERTYUIOPASDFGH\"");
+    assert!(key_line.contains("\\u0041KIA"), "{key_line}");
+    let file = gemini_file(&w, std::slice::from_ref(&key_line)).await;
+    let (inline_status, inline_got, inline_recs, _) = exchange(
+        &w,
+        GEMINI,
+        gemini_inline_on("gemini-2.5-flash", &[key_line]),
+    )
+    .await;
+    assert_eq!(
+        (inline_status, &inline_got),
+        (
+            403,
+            &json!({"error": {"code": 403, "status": "PERMISSION_DENIED",
+                "message": "no keys to a model (policy rule: no-keys-to-models)"}})
+        )
+    );
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, gemini_create_on("gemini-2.5-flash", &file)).await;
+    assert_eq!((status, &got), (inline_status, &inline_got));
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(verdict_of(&recs[0]), verdict_of(&inline_recs[0]));
+    assert!(seen.is_empty(), "{seen:?}");
+
+    let mail_line = gemini_line("k1", "read_file").replace("\"hi\"", "\"write to a@example.com\"");
+    let file = gemini_file(&w, std::slice::from_ref(&mail_line)).await;
+    let (status, got, recs, seen) = exchange(
+        &w,
+        GEMINI,
+        gemini_inline_on("gemini-2.5-redacted", &[mail_line]),
+    )
+    .await;
+    assert_eq!((status, seen.len()), (200, 1), "{got}");
+    assert_eq!(recs[0]["decision"]["verdict"], "constrain");
+    let (status, got, recs, seen) =
+        exchange(&w, GEMINI, gemini_create_on("gemini-2.5-redacted", &file)).await;
+    assert_eq!(
+        (status, got),
+        (
+            403,
+            json!({"error": {"code": 403, "status": "PERMISSION_DENIED", "message":
+                "a constrain rule matched a batch whose requests are in an input file, which it cannot rewrite: \
+                 send them inline (policy rule: redact-emails)"}})
+        )
+    );
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        (
+            "block".into(),
+            "redact-emails".into(),
+            "unrewritable".into()
+        )
+    );
+    assert!(seen.is_empty(), "{seen:?}");
     assert!(w.proxy.close_and_verify().await > 0);
 }

@@ -1,7 +1,11 @@
 //! Batch input files: the LLM calls an agent uploads in a JSON Lines file for a provider's Batch API to run later,
 //! and the batch creates that name such a file. Each line is an LLM call the agent asks for as surely as one sent to
-//! the endpoint itself, so it is decided as that call is (one Action per line); a batch create names its input by
-//! the id the upstream gave the file, which only the upload's answer tells (`proxy::batch_input` keeps those).
+//! the endpoint itself, so it is decided as that call is; a batch create names its input by the id the upstream gave
+//! the file, which only the upload's answer tells (`proxy::batch_input` keeps those). An OpenAI line names its
+//! model, so it is decided at the upload (one Action per line). A Gemini line names none: the create does
+//! (`…/models/{model}:batchGenerateContent`), so the upload is decided as the request it is, its lines only read
+//! (an unreadable one refuses it), and the lines are decided at the create, with its model, as the same requests
+//! sent inline in it are ([`InputLines`]).
 //!
 //! - **OpenAI Batch** (and Gemini's OpenAI-compatible Batch under `/v1beta/openai/`): the file is uploaded with
 //!   `POST /v1/files`, `multipart/form-data` with a `purpose` field `batch` and a `file` part (OpenAI API reference,
@@ -28,7 +32,7 @@ use serde_json::Value;
 use super::keys::{misspelt, read_json, Twins};
 use super::proposal::batch::trimmed;
 use super::{llm, multipart, InspectError, LlmApi, Provider};
-use crate::model::HttpRequest;
+use crate::model::{Action, HttpRequest, LlmCall, Shared};
 
 /// How the upstream's answer to an upload names the file it stored: what a batch create names as its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -233,6 +237,90 @@ fn gemini_lines(content: &str) -> Result<Option<InputFile>, InspectError> {
         calls,
         stored_as: StoredAs::FileName,
     }))
+}
+
+/// The lines of the Gemini batch input files a batch create names, as they were uploaded and kept: what the create
+/// carries as its calls ([`InputLines::carry`]).
+#[derive(Debug, Default)]
+pub struct InputLines {
+    /// Each line's `request`, every file's, in order.
+    requests: Vec<Value>,
+    /// The files' text as detectors read it: each file as uploaded, and its strings with JSON escapes undone when
+    /// it holds any.
+    text: String,
+}
+
+impl InputLines {
+    /// Read `contents` (each a kept file's bytes as forwarded) as at the upload ([`upload`]).
+    ///
+    /// # Errors
+    /// [`InspectError::BatchInput`] for content that is not UTF-8, holds no line naming a `request`, or a line that
+    /// cannot be read so: what was kept was read at its upload, so this is a file that cannot run.
+    pub fn read<'a>(
+        contents: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<InputLines, InspectError> {
+        let mut lines = InputLines::default();
+        for content in contents {
+            let content =
+                std::str::from_utf8(content).map_err(|_| unreadable("the file is not UTF-8"))?;
+            let file =
+                gemini_lines(content)?.ok_or(unreadable("the file holds no batch requests"))?;
+            lines.text.push_str(content);
+            lines.text.push('\n');
+            let escaped = crate::encoding::json_escapes(content);
+            for call in file.calls {
+                if escaped {
+                    crate::encoding::collect_strings(&call.body, &mut lines.text);
+                }
+                lines.requests.push(call.body);
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Carry the lines into the `actions` of the create (or of one reading of it) as the same requests sent inline
+    /// (`batch.inputConfig.requests.requests[].request`) are read: their declared tools and tool results join each
+    /// Action's `llm`, whose model is the create's, and the text detectors read is the create's body followed by the
+    /// files' ([`InputLines::read`]). An Action that is no LLM call (a batch update, whose model the request does
+    /// not name) gets a Gemini call naming no model, so a rule on the model cannot pass it by. The Actions' JSON is
+    /// the create's own: what the upstream receives.
+    ///
+    /// # Errors
+    /// [`InspectError::BadJson`] (Gemini's) for a request naming another model than the create's, as an inline
+    /// request doing so is refused.
+    pub fn carry(&self, actions: &mut [Action]) -> Result<(), InspectError> {
+        // The Actions of a request share its body: the text with the files' is made once for them.
+        let mut made: Option<(Shared<String>, Shared<String>)> = None;
+        for action in actions {
+            let call = action.llm.get_or_insert_with(|| LlmCall {
+                provider: Provider::Gemini.as_str().to_string(),
+                ..LlmCall::default()
+            });
+            if self
+                .requests
+                .iter()
+                .any(|r| llm::gemini_names_other_model(call.model.as_deref(), r))
+            {
+                return Err(InspectError::BadJson {
+                    protocol: Provider::Gemini.as_str(),
+                });
+            }
+            llm::add_gemini_requests(call, &self.requests);
+            let Some(http) = action.http.as_mut() else {
+                continue;
+            };
+            let body = match &made {
+                Some((own, with_lines)) if Shared::same(own, &http.body) => with_lines.clone(),
+                _ => {
+                    let with_lines = Shared::new(format!("{}\n{}", http.body.as_str(), self.text));
+                    made = Some((http.body.clone(), with_lines.clone()));
+                    with_lines
+                }
+            };
+            http.body = body;
+        }
+        Ok(())
+    }
 }
 
 /// One input file a batch create names: the file as the create names it, and which upload API's reading of its
@@ -607,5 +695,75 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// A kept Gemini file's lines join the create's call as inline requests do: their tools and tool results, the
+    /// create's model; the text detectors read gains the file (its escapes undone); a line naming another model, or
+    /// any model where the request names none, is refused.
+    #[test]
+    fn a_gemini_file_s_lines_are_carried_into_the_create_s_call() {
+        let file = concat!(
+            "{\"key\": \"k1\", \"request\": {\"contents\": [{\"parts\": [{\"text\": \"\\u0041KIA\"}]}], ",
+            "\"tools\": [{\"functionDeclarations\": [{\"name\": \"rm\"}]}]}}\n",
+            "{\"key\": \"k2\", \"request\": {\"model\": \"models/m\", \"contents\": [{\"parts\": ",
+            "[{\"functionResponse\": {\"name\": \"rm\"}}]}], \"tools\": [{\"google_search\": {}}]}}\n"
+        );
+        let lines = InputLines::read([file.as_bytes()]).unwrap();
+        let create = |llm: Option<LlmCall>| Action {
+            llm,
+            http: Some(
+                HttpRequest {
+                    body: "{\"batch\": {}}".into(),
+                    ..HttpRequest::default()
+                }
+                .into(),
+            ),
+            ..Action::default()
+        };
+        let call = LlmCall {
+            provider: "gemini".into(),
+            model: Some("m".into()),
+            tools: vec!["ls".into()],
+            ..LlmCall::default()
+        };
+        let first = create(Some(call));
+        let mut actions = vec![first.clone(), first];
+        lines.carry(&mut actions).unwrap();
+        let got = actions[0].llm.as_ref().unwrap();
+        assert_eq!(got.model.as_deref(), Some("m"));
+        assert_eq!(got.tools, ["ls", "rm", "googleSearch"]);
+        assert!(got.has_tool_results);
+        let text = actions[0].http.as_ref().unwrap().body.as_str();
+        assert!(text.starts_with("{\"batch\": {}}\n"), "{text}");
+        assert!(text.contains(file) && text.contains("\nAKIA\n"), "{text}");
+        // Every Action of the request holds the one text.
+        let second = &actions[1].http.as_ref().unwrap().body;
+        assert!(Shared::same(
+            &actions[0].http.as_ref().unwrap().body,
+            second
+        ));
+
+        let mut other = vec![create(Some(LlmCall {
+            provider: "gemini".into(),
+            model: Some("n".into()),
+            ..LlmCall::default()
+        }))];
+        assert!(matches!(
+            lines.carry(&mut other),
+            Err(InspectError::BadJson { protocol: "gemini" })
+        ));
+        let mut update = vec![create(None)];
+        assert!(lines.carry(&mut update).is_err());
+        let plain = InputLines::read([&file.as_bytes()[..file.find('\n').unwrap() + 1]]).unwrap();
+        plain.carry(&mut update).unwrap();
+        let got = update[0].llm.as_ref().unwrap();
+        assert_eq!(
+            (got.provider.as_str(), got.model.as_deref()),
+            ("gemini", None)
+        );
+        assert_eq!(got.tools, ["rm"]);
+        // Content that no longer reads as batch lines: refused.
+        assert!(InputLines::read([&b"{\"a\": 1}\n"[..]]).is_err());
+        assert!(InputLines::read([&b"\xff"[..]]).is_err());
     }
 }

@@ -440,16 +440,7 @@ pub(super) fn describe(
                     .next()
                     .map(|m| model_id(m).to_string());
             }
-            for request in gemini_requests(body) {
-                for tool in gemini_tools(request) {
-                    push_unique(&mut call.tools, tool);
-                }
-                call.has_tool_results |= fields(request, "contents")
-                    .flat_map(|c| each(Some(c)))
-                    .flat_map(|c| fields(c, "parts"))
-                    .flat_map(|p| each(Some(p)))
-                    .any(|p| fields(p, "functionResponse").next().is_some());
-            }
+            add_gemini_requests(&mut call, gemini_requests(body));
         }
         LlmApi::ChatCompletions | LlmApi::Responses | LlmApi::Messages => {
             call.model = body
@@ -508,6 +499,37 @@ fn gemini_requests(body: &Value) -> Vec<&Value> {
             .flat_map(|r| fields(r, "request")),
     );
     out
+}
+
+/// Read the generateContent `requests` a Gemini call carries into its `call`: each one's declared tools (added once
+/// each, in order) and whether any sends a tool's result (a `functionResponse` part). The body's own and its inline
+/// requests ([`gemini_requests`]), and the lines of a batch input file its create names (`batch_input::InputLines`),
+/// are read alike.
+pub(super) fn add_gemini_requests<'a>(
+    call: &mut LlmCall,
+    requests: impl IntoIterator<Item = &'a Value>,
+) {
+    for request in requests {
+        for tool in gemini_tools(request) {
+            push_unique(&mut call.tools, tool);
+        }
+        call.has_tool_results |= fields(request, "contents")
+            .flat_map(|c| each(Some(c)))
+            .flat_map(|c| fields(c, "parts"))
+            .flat_map(|p| each(Some(p)))
+            .any(|p| fields(p, "functionResponse").next().is_some());
+    }
+}
+
+/// Whether a generateContent `request` carried by a call to `model` (the call's `llm.model`; `None` when the call
+/// names none) names another model: a `model` member (in either proto3 JSON spelling) that is not a string, is
+/// empty, or is not `model` (`models/{model}` or `{model}`). An inline request so is refused ([`gemini_misread`]);
+/// so is a batch input file's line, at the create that runs it with its model.
+pub(super) fn gemini_names_other_model(model: Option<&str>, request: &Value) -> bool {
+    fields(request, "model").any(|m| {
+        let m = m.as_str().unwrap_or_default();
+        m.is_empty() || model.is_none_or(|model| model_id(m) != model)
+    })
 }
 
 /// Every model a Gemini body names, as written (`models/{model}`): its own `model` (a CachedContent's, a

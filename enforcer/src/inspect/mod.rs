@@ -172,9 +172,9 @@ pub enum Protocol {
 pub struct Inspected {
     pub protocol: Protocol,
     pub actions: Vec<Action>,
-    /// Set when the Actions are LLM calls the request carries for a provider to run later (the elements of an
-    /// Anthropic Message Batch, the lines of a batch input file) rather than the request's own call: a rewrite
-    /// written for one call's body cannot reach them.
+    /// Set when the request carries LLM calls for a provider to run later (the elements of an Anthropic Message
+    /// Batch, the lines of a batch input file, those of a Gemini input file a create names) rather than being one
+    /// call itself: a rewrite written for one call's body cannot reach them.
     pub carried: Option<Carried>,
     /// The batch input files a batch create names ([`batch_input::named_inputs`]): each must have been read when it
     /// was uploaded, its lines decided, for the batch to run.
@@ -188,8 +188,12 @@ pub enum Carried {
     MessageBatch,
     /// An OpenAI eval or eval run (`POST …/evals`, `…/evals/{id}/runs`): one call per model the provider runs.
     Eval,
-    /// An uploaded batch input file: one call per line; the upstream's answer names the file as given.
+    /// An uploaded batch input file; the upstream's answer names the file as given. OpenAI's: one call per line.
+    /// Gemini's: the upload's own Action, its lines read and decided at the create that names the file.
     InputFile(batch_input::StoredAs),
+    /// A Gemini batch create naming an input file kept since its upload: the file's lines are its calls
+    /// ([`batch_input::InputLines`]), in the file the upstream holds.
+    InputLines,
 }
 
 /// Settings for recognising providers, filled from the daemon config. Hosts are compared case-insensitively,
@@ -447,13 +451,23 @@ fn carried_calls(
     }
 }
 
-/// The Actions of a batch input file uploaded to a host of `provider`: one per line, each the LLM call the line
-/// asks for, as the same body sent to its endpoint would be decided (its `http` is the upload's, with the line's
-/// method, endpoint path and body as its JSON; the text detectors read is the whole upload's). A file without lines
-/// is the upload's one Action.
+/// The Actions of a batch input file uploaded to a host of `provider`. OpenAI's lines (each naming its model): one
+/// Action per line, each the LLM call the line asks for, as the same body sent to its endpoint would be decided (its
+/// `http` is the upload's, with the line's method, endpoint path and body as its JSON; the text detectors read is
+/// the whole upload's). Gemini's lines name no model, which the create does: the upload is its own one Action, the
+/// request it is, and its lines are decided at the create ([`batch_input::InputLines`]). A file without lines is the
+/// upload's one Action.
 fn input_file(action: Action, provider: Provider, file: batch_input::InputFile) -> Inspected {
     let stored_as = file.stored_as;
     let carried = Some(Carried::InputFile(stored_as));
+    if stored_as == batch_input::StoredAs::FileName {
+        return Inspected {
+            protocol: Protocol::Provider(Provider::Gemini),
+            actions: vec![action],
+            carried,
+            inputs: Vec::new(),
+        };
+    }
     let mut actions = Vec::with_capacity(file.calls.len().max(1));
     for call in file.calls {
         let mut a = action.clone();

@@ -1,9 +1,13 @@
-//! The batch input files this daemon read: a batch runs only on a file whose every line was decided when it was
-//! uploaded through the proxy (`inspect::batch_input`). A provider's Batch API runs the LLM calls of a file named by
-//! the id its upload's answer gave; the proxy learns that id from the answer ([`Stored::note`]) and keeps it as read,
-//! for the agent that uploaded it under the policy that decided its lines ([`ReadInputs`]). A batch create naming
-//! any other file ([`check_named`]) is refused as `unread_input`: a file uploaded elsewhere, in chunks, before the
+//! The batch input files this daemon read: a batch runs only on a file uploaded through the proxy whose every line
+//! was read (`inspect::batch_input`). A provider's Batch API runs the LLM calls of a file named by the id its
+//! upload's answer gave; the proxy learns that id from the answer ([`Stored::note`]) and keeps it as read, for the
+//! agent that uploaded it under the policy that decided the upload ([`ReadInputs`]). A batch create naming any other
+//! file ([`look_up`], [`check_named`]) is refused as `unread_input`: a file uploaded elsewhere, in chunks, before the
 //! daemon started, or before the policy last changed, holds calls no rule saw.
+//!
+//! An OpenAI file's lines name their model and were decided at the upload: its id is kept. A Gemini file's lines
+//! name no model (the create's path does), so its bytes are kept beside its name, and the create that names it
+//! carries them as its own calls ([`carry_named`]): decided with the create's model, as the same requests inline.
 //!
 //! A name stands for the bytes read only while nothing else can hold it: it is kept for the API whose lines it was
 //! read as (a file read as Gemini's lines is not run as OpenAI's), only when the answer's File is the bytes sent
@@ -11,8 +15,9 @@
 //! where a client may choose a free name, until the file expires and until a request may delete it
 //! ([`note_touched`]).
 //!
-//! What is kept is the file's name only, in memory, up to [`CAPACITY`] files (the oldest forgotten first): a batch
-//! on a file forgotten, or read by a daemon since restarted, is refused, and the agent uploads it again.
+//! What is kept is in memory, up to [`CAPACITY`] files and [`KEPT_INPUT_BYTES`] bytes of Gemini files' lines (the
+//! oldest forgotten first): a batch on a file forgotten, or read by a daemon since restarted, is refused, and the
+//! agent uploads it again.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -26,14 +31,23 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use sha2::{Digest, Sha256};
 
+use super::budget::Reservation;
 use super::http::ProxyBody;
+use super::readings::Readings;
 use super::record::ExchangeRecord;
 use super::refusal::Refusal;
-use crate::inspect::batch_input::{NamedInput, StoredAs};
+use crate::inspect::batch_input::{InputLines, NamedInput, StoredAs};
+use crate::inspect::{Carried, Inspected};
 use crate::model::{Agent, Mode, Reason, Verdict};
 
 /// How many files are kept as read, at most.
 pub const CAPACITY: usize = 65_536;
+
+/// How many bytes of Gemini batch input files are kept for the creates that will name them, at most, over every
+/// agent: each file's bytes as forwarded, held from its upload's answer until it is forgotten. The enforcer's
+/// memory must not grow with what agents upload and never run; 32 MiB holds four files of google-genai's largest
+/// single-request upload (its 8 MiB chunk) and many of the usual size. A file larger than this is never kept.
+pub const KEPT_INPUT_BYTES: usize = 32 * 1024 * 1024;
 
 /// The most of an upload's answer read for the file's name: a File object is a few hundred bytes.
 const ANSWER_LIMIT: usize = 64 * 1024;
@@ -70,45 +84,115 @@ impl Key {
     }
 }
 
-/// The files read, each until when it may be run (`None`: for as long as it is remembered), oldest first.
+/// The files read, each until when it may be run and (a Gemini file) with its lines, oldest first.
 #[derive(Debug, Default)]
 pub struct ReadInputs {
     inner: Mutex<Kept>,
 }
 
-/// Each file kept, with until when, and the files in the order they were kept.
-type Kept = (HashMap<Key, Option<SystemTime>>, VecDeque<Key>);
+/// One file kept: until when it may be run (`None`: for as long as it is remembered), its content when its lines are
+/// decided at the create (Gemini's), and when it was kept (its place in [`Kept::order`]).
+#[derive(Debug)]
+struct Entry {
+    until: Option<SystemTime>,
+    lines: Option<Bytes>,
+    seq: u64,
+}
+
+impl Entry {
+    fn live(&self, now: SystemTime) -> bool {
+        self.until.is_none_or(|t| now < t)
+    }
+
+    fn size(&self) -> usize {
+        self.lines.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+/// Each file kept; the files in the order they were kept (an entry whose `seq` is no longer its file's was
+/// forgotten, or kept again since); the bytes of lines kept, and the next `seq`.
+#[derive(Debug, Default)]
+struct Kept {
+    files: HashMap<Key, Entry>,
+    order: VecDeque<(u64, Key)>,
+    bytes: usize,
+    next: u64,
+}
+
+impl Kept {
+    fn remove(&mut self, key: &Key) {
+        if let Some(old) = self.files.remove(key) {
+            self.bytes -= old.size();
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Key, &Entry) -> bool) {
+        let mut freed = 0;
+        self.files.retain(|key, entry| {
+            let kept = keep(key, entry);
+            if !kept {
+                freed += entry.size();
+            }
+            kept
+        });
+        self.bytes -= freed;
+    }
+}
 
 impl ReadInputs {
-    fn insert(&self, key: Key, until: Option<SystemTime>) {
+    /// Keep `key` as read until `until`, with its `lines` (a Gemini file's content); what was kept by that key
+    /// before is replaced (the answer says the name holds these bytes now). The oldest files are forgotten while more
+    /// than [`CAPACITY`] or [`KEPT_INPUT_BYTES`] are kept; a file whose lines alone exceed the bound is not kept.
+    fn insert(&self, key: Key, until: Option<SystemTime>, lines: Option<Bytes>) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let (set, order) = &mut *inner;
-        if set.insert(key.clone(), until).is_some() {
+        let kept = &mut *inner;
+        kept.remove(&key);
+        let size = lines.as_ref().map_or(0, Bytes::len);
+        if size > KEPT_INPUT_BYTES {
+            tracing::info!("a batch input file is larger than the room kept for files: not kept");
             return;
         }
-        order.push_back(key);
-        while order.len() > CAPACITY {
-            if let Some(old) = order.pop_front() {
-                set.remove(&old);
+        let seq = kept.next;
+        kept.next += 1;
+        kept.files.insert(key.clone(), Entry { until, lines, seq });
+        kept.order.push_back((seq, key));
+        kept.bytes += size;
+        if kept.bytes > KEPT_INPUT_BYTES {
+            // Files past their time go before any that may still run.
+            let now = SystemTime::now();
+            kept.retain(|_, entry| entry.live(now));
+        }
+        while kept.order.len() > CAPACITY || kept.bytes > KEPT_INPUT_BYTES {
+            let Some((seq, old)) = kept.order.pop_front() else {
+                break;
+            };
+            if kept.files.get(&old).is_some_and(|e| e.seq == seq) {
+                kept.remove(&old);
             }
         }
     }
 
-    fn contains(&self, key: &Key) -> bool {
+    /// The file `key` kept as read and not expired: `Some` of its lines (`None` for a file whose lines were decided
+    /// at its upload), `None` for a file not kept.
+    fn get(&self, key: &Key) -> Option<Option<Bytes>> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner
-            .0
+            .files
             .get(key)
-            .is_some_and(|until| until.is_none_or(|t| SystemTime::now() < t))
+            .filter(|entry| entry.live(SystemTime::now()))
+            .map(|entry| entry.lines.clone())
+    }
+
+    #[cfg(test)]
+    fn contains(&self, key: &Key) -> bool {
+        self.get(key).is_some()
     }
 
     /// Forget every file on `provider` whose name's last segment is `id` (`files/abc` for `abc`), for every agent
     /// and policy: the name may be given to another file.
     fn forget(&self, provider: &str, id: &str) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner
-            .0
-            .retain(|key, _| key.provider != provider || key.file.rsplit('/').next() != Some(id));
+        inner.retain(|key, _| key.provider != provider || key.file.rsplit('/').next() != Some(id));
     }
 }
 
@@ -136,33 +220,89 @@ pub(crate) fn forget_touched(
     note_touched(&rec.ctx().batch_inputs, provider, touched.as_deref());
 }
 
-/// The check phase of a batch create: each input file it names (`inputs`, on a host of `provider`) must have been
-/// read by this daemon, for this agent, under the policy deciding the exchange. A file that was not turns the
-/// decision into a block (`unread_input`); refused unless the policy runs in shadow mode.
-pub(crate) fn check_named(
-    rec: &mut ExchangeRecord,
+/// The input files a batch create names, as this daemon kept them ([`look_up`]): plain data for the phases that
+/// carry their lines ([`carry_named`]) and check that each was read ([`check_named`]).
+#[derive(Debug, Default)]
+pub(crate) struct Named {
+    /// A file named was not kept as read for this agent under this policy.
+    pub unread: bool,
+    /// The content of each Gemini file named and kept: its lines, the create's calls.
+    pub lines: Vec<Bytes>,
+}
+
+/// The input files `inputs` a request to a host of `provider` names (a batch create's, `inspect::Inspected::inputs`),
+/// looked up once among those kept as read for `agent` under the policy deciding the exchange.
+pub(crate) fn look_up(
+    rec: &ExchangeRecord,
     agent: &Agent,
     provider: Option<&str>,
     inputs: &[NamedInput],
+) -> Named {
+    let mut named = Named::default();
+    let Some(provider) = provider else {
+        named.unread = !inputs.is_empty();
+        return named;
+    };
+    let policy_hash = rec.policy().hash();
+    for input in inputs {
+        let key = Key::new(policy_hash, agent, provider, input.read_as, &input.file);
+        match rec.ctx().batch_inputs.get(&key) {
+            None => named.unread = true,
+            Some(Some(lines)) => named.lines.push(lines),
+            Some(None) => {}
+        }
+    }
+    named
+}
+
+/// The phase after classify for a batch create naming Gemini input files kept since their upload (`named`): each
+/// file's lines become the create's calls, with its model, as the same requests inline in it would be
+/// (`inspect::batch_input::InputLines`), in every reading of the request; decided, then, with the create. What
+/// reading them holds (their parse, and the text detectors read: the create's body and the files') is reserved in
+/// the exchange's buffer budget (`held`) first. A line naming another model than the create's is refused as an
+/// inline one is (400, `unparseable`); so is a file that no longer reads as batch lines.
+pub(crate) fn carry_named(
+    rec: &mut ExchangeRecord,
+    named: &Named,
+    (inspected, readings): (&mut Inspected, &mut Readings),
+    held: &mut Reservation,
 ) -> Result<(), Refusal> {
-    let (Some(provider), false) = (provider, inputs.is_empty()) else {
+    if named.lines.is_empty() {
         return Ok(());
-    };
-    let Some(decision) = rec.decision().filter(|_| rec.will_forward()) else {
-        return Ok(());
-    };
-    let read = &rec.ctx().batch_inputs;
-    let unread = inputs.iter().any(|input| {
-        let key = Key::new(
-            &decision.policy_hash,
-            agent,
-            provider,
-            input.read_as,
-            &input.file,
-        );
-        !read.contains(&key)
+    }
+    let body = inspected
+        .actions
+        .first()
+        .and_then(|a| a.http.as_ref())
+        .map_or(0, |h| h.body.len() as u64);
+    let room = named.lines.iter().fold(body, |room, l| {
+        // The parse, the file's text and its strings with escapes undone.
+        let text = 2 * l.len() as u64;
+        room.saturating_add(super::budget::lines_tree_bound(l).saturating_add(text))
     });
-    if !unread {
+    held.grow(room).map_err(Refusal::over_budget)?;
+    let carried = InputLines::read(named.lines.iter().map(|l| &l[..])).and_then(|lines| {
+        lines.carry(&mut inspected.actions)?;
+        readings
+            .actions
+            .iter_mut()
+            .try_for_each(|actions| lines.carry(actions))
+    });
+    if let Err(e) = carried {
+        // Refused in the create's own shape, recorded as its call, as an inline request refused so is.
+        rec.note_protocol(inspected.protocol.clone());
+        rec.note_llm_provider(Some(crate::inspect::Provider::Gemini));
+        return Err(super::body::refusal(&e));
+    }
+    inspected.carried = inspected.carried.or(Some(Carried::InputLines));
+    Ok(())
+}
+
+/// The check phase of a batch create: each input file it names must have been read by this daemon, for this agent,
+/// under the policy deciding the exchange (`named`, looked up before the decision). A file that was not turns the
+/// decision into a block (`unread_input`); refused unless the policy runs in shadow mode.
+pub(crate) fn check_named(rec: &mut ExchangeRecord, named: &Named) -> Result<(), Refusal> {
+    if !named.unread || !rec.will_forward() || rec.decision().is_none() {
         return Ok(());
     }
     tracing::info!("batch names an input file not read: blocking");
@@ -176,23 +316,26 @@ pub(crate) fn check_named(
     }
 }
 
-/// An upload of a batch input file whose lines were decided and that went on: its answer names the file to keep.
+/// An upload of a batch input file whose lines were read and that went on: its answer names the file to keep.
 pub(crate) struct Stored {
     key: Key,
     stored_as: StoredAs,
     /// What was sent: its length in bytes and its SHA-256.
     sent: (u64, [u8; 32]),
+    /// A Gemini file's content as sent, kept with its name for the create that decides its lines.
+    lines: Option<Bytes>,
 }
 
 impl Stored {
     /// The upload `rec` decided, when it uploads a batch input file (`stored_as`) to a host of `provider` and its
-    /// decision lets the file run (its lines not blocked, in shadow mode too); `sent` is the body as it goes upstream.
+    /// decision lets the file run (not blocked, in shadow mode too: an OpenAI file's lines are its Actions);
+    /// `sent` is the body as it goes upstream, held (shared, not copied) until the answer is read.
     pub fn after(
         rec: &ExchangeRecord,
         agent: &Agent,
         provider: Option<&str>,
         stored_as: StoredAs,
-        sent: &[u8],
+        sent: &Bytes,
     ) -> Option<Stored> {
         let decision = rec.decision()?;
         let provider = provider?;
@@ -200,6 +343,7 @@ impl Stored {
             key: Key::new(&decision.policy_hash, agent, provider, stored_as, ""),
             stored_as,
             sent: (sent.len() as u64, Sha256::digest(sent).into()),
+            lines: (stored_as == StoredAs::FileName).then(|| sent.clone()),
         })
     }
 
@@ -239,7 +383,9 @@ impl Stored {
                 let until = (self.key.provider == "gemini")
                     .then(|| gemini_expiry(&seen, SystemTime::now()));
                 self.key.file = file;
-                read.insert(self.key, until);
+                // Copied to a buffer of its own length: the body's may be larger, and what is kept is counted.
+                let lines = self.lines.take().map(|l| Bytes::copy_from_slice(&l));
+                read.insert(self.key, until, lines);
             }
         }
         let body = Prefixed {
@@ -452,7 +598,7 @@ mod tests {
             )
         };
         for i in 0..=CAPACITY {
-            read.insert(key(i), None);
+            read.insert(key(i), None, None);
         }
         assert!(!read.contains(&key(0)));
         assert!(read.contains(&key(1)) && read.contains(&key(CAPACITY)));
@@ -487,11 +633,13 @@ mod tests {
         read.insert(
             later.clone(),
             Some(SystemTime::now() - Duration::from_secs(1)),
+            None,
         );
         assert!(!read.contains(&later));
         read.insert(
             later.clone(),
             Some(SystemTime::now() + Duration::from_secs(60)),
+            None,
         );
         assert!(read.contains(&later));
         note_touched(&read, Some("gemini"), Some("abc"));
@@ -506,5 +654,48 @@ mod tests {
             StoredAs::FileName,
             "file-1"
         )));
+    }
+
+    /// Gemini files' lines are kept up to [`KEPT_INPUT_BYTES`] in all: the oldest go first to make room, a file
+    /// forgotten or kept again gives its bytes back, and a file larger than the bound is not kept at all.
+    #[test]
+    fn the_oldest_lines_are_forgotten_for_room() {
+        let read = ReadInputs::default();
+        let agent = Agent::default();
+        let key = |name: &str| Key::new("p1", &agent, "gemini", StoredAs::FileName, name);
+        let quarter = KEPT_INPUT_BYTES / 4;
+        let lines = |n: usize| Some(Bytes::from(vec![b'x'; n]));
+        for name in ["files/a", "files/b", "files/c", "files/d"] {
+            read.insert(key(name), None, lines(quarter));
+        }
+        assert_eq!(read.get(&key("files/a")), Some(lines(quarter)));
+        // One byte more than the bound: the oldest file goes, the rest stay.
+        read.insert(key("files/e"), None, lines(1));
+        assert_eq!(read.get(&key("files/a")), None);
+        assert_eq!(read.get(&key("files/b")), Some(lines(quarter)));
+        assert_eq!(read.inner.lock().unwrap().bytes, 3 * quarter + 1);
+        // Kept again with other lines: its bytes are the new ones'.
+        read.insert(key("files/b"), None, lines(2));
+        assert_eq!(read.get(&key("files/b")), Some(lines(2)));
+        assert_eq!(read.inner.lock().unwrap().bytes, 2 * quarter + 3);
+        // Forgotten by its id: its bytes are given back.
+        note_touched(&read, Some("gemini"), Some("c"));
+        assert_eq!(read.get(&key("files/c")), None);
+        assert_eq!(read.inner.lock().unwrap().bytes, quarter + 3);
+        // Larger than the bound: not kept, and what its name held before is forgotten.
+        read.insert(key("files/d"), None, lines(KEPT_INPUT_BYTES + 1));
+        assert_eq!(read.get(&key("files/d")), None);
+        assert_eq!(read.inner.lock().unwrap().bytes, 3);
+        // An expired file makes room before a live one is forgotten.
+        read.insert(
+            key("files/old"),
+            Some(SystemTime::now() - Duration::from_secs(1)),
+            lines(quarter),
+        );
+        read.insert(key("files/f"), None, lines(quarter));
+        read.insert(key("files/g"), None, lines(quarter));
+        read.insert(key("files/h"), None, lines(quarter));
+        assert_eq!(read.get(&key("files/e")), Some(lines(1)));
+        assert_eq!(read.inner.lock().unwrap().bytes, 3 * quarter + 3);
     }
 }

@@ -14,7 +14,8 @@ use crate::inspect::Carried;
 use crate::model::{Change, Mode, Relay, Rewrite, Verdict};
 
 /// The refusal's message for a constrain whose rewrites read one call's body ([`request_wide`]) on a request that
-/// carries many calls: an Anthropic Message Batch create (`POST /v1/messages/batches`), a batch input file.
+/// carries many calls: an Anthropic Message Batch create (`POST /v1/messages/batches`), a batch input file, a Gemini
+/// batch create whose requests are in such a file.
 fn carried_unrewritable(carried: Carried) -> &'static str {
     match carried {
         Carried::MessageBatch => {
@@ -25,6 +26,9 @@ fn carried_unrewritable(carried: Carried) -> &'static str {
         }
         Carried::InputFile(_) => {
             "a constrain rule matched a batch input file, whose requests it cannot rewrite: send them to their endpoint"
+        }
+        Carried::InputLines => {
+            "a constrain rule matched a batch whose requests are in an input file, which it cannot rewrite: send them inline"
         }
     }
 }
@@ -72,7 +76,7 @@ pub(crate) fn enforce(
         Verdict::Constrain | Verdict::Review => {}
     }
     if let Some(carried) =
-        carried.filter(|_| !decision.rewrites.iter().all(|p| request_wide(&p.rewrite)))
+        carried.filter(|c| !decision.rewrites.iter().all(|p| reaches(*c, &p.rewrite)))
     {
         // A message batch or a batch input file carries many calls; JSON paths and dropped tools are written for
         // one call's body and would miss the elements', so the request is refused instead (fail closed).
@@ -137,6 +141,19 @@ pub(crate) fn enforce(
                 Refusal::policy,
             ))
         }
+    }
+}
+
+/// Whether `rewrite` reaches every call a request that carries many (`carried`) carries: one that is
+/// [`request_wide`], but for a batch whose requests are in an input file the upstream holds, which only a header
+/// rewrite leaves as it means (a redaction cannot reach the file's lines).
+fn reaches(carried: Carried, rewrite: &Rewrite) -> bool {
+    match carried {
+        Carried::InputLines => matches!(
+            rewrite,
+            Rewrite::HeaderSet { .. } | Rewrite::HeaderRemove { .. }
+        ),
+        Carried::MessageBatch | Carried::Eval | Carried::InputFile(_) => request_wide(rewrite),
     }
 }
 

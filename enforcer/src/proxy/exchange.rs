@@ -9,15 +9,16 @@
 //! 3. `body::read`, `body::decode` — the whole body, bounded (by `max_body_bytes`, and by the agent's share of the
 //!    buffer budget, held until the request has been sent: `budget`), and its content-coding undone;
 //! 4. `classify::classify` — the Actions and the protocol (and, for a request that reads more than one way, each
-//!    other reading's: `readings`);
+//!    other reading's: `readings`); `batch_input::look_up`, `batch_input::carry_named` — the input files a batch
+//!    create names, as kept since their upload: a Gemini file's lines become the create's calls, with its model;
 //! 5. `Sessions::fill` — what the agent's session did so far, for `session.*` conditions;
 //! 6. `Policy::decide_all` — the decision, under the policy snapshot the exchange started with; a request whose
 //!    other readings the policy decides otherwise is blocked by the policy's block of any reading
 //!    (`readings::blocking`), else refused as ambiguous (`readings::agree`);
 //! 7. `Sessions::note` — what each decided Action leaves on the session (labels, counters, the tool it called);
 //! 8. `head::bind_to_destination` — over plain HTTP, the host lives at the destination (only when forwarding);
-//! 9. `batch_input::check_named`, `enforce::enforce` — a batch naming an input file the enforcer did not read is
-//!    blocked; block, or constrain the request;
+//! 9. `batch_input::check_named`, `enforce::enforce` — a batch naming an input file the enforcer did not read (not
+//!    kept, as looked up in phase 4) is blocked; block, or constrain the request;
 //! 10. `hold::review` — a `review` verdict waits for a person's answer (or its timeout) before anything goes on;
 //! 11. `forward::connect`, `forward::request` — the verified upstream and the request as it will see it;
 //! 12. `ExchangeRecord::forwarded` — the record, in the trail before anything reaches the upstream;
@@ -198,6 +199,13 @@ async fn prepare(
     };
     held.grow(tree).map_err(Refusal::over_budget)?;
     let (mut inspected, mut readings) = classify::classify(rec, conn, &head, &parts, &body)?;
+    let provider = inspected
+        .actions
+        .first()
+        .and_then(|a| a.transport.provider.clone());
+    // A batch create's input files, looked up once: a Gemini file's lines become the create's calls, decided with it.
+    let named = batch_input::look_up(rec, &conn.agent, provider.as_deref(), &inspected.inputs);
+    batch_input::carry_named(rec, &named, (&mut inspected, &mut readings), &mut held)?;
     let sessions = rec.ctx().sessions.clone();
     sessions.fill(&mut inspected.actions, policy.session_counters());
     for actions in &mut readings.actions {
@@ -241,11 +249,7 @@ async fn prepare(
     rec.note_decided(inspected.protocol, decided, &inspected.actions);
     rec.start_trace(conn.scheme.as_str(), &parts, &body.decoded);
 
-    let provider = inspected
-        .actions
-        .first()
-        .and_then(|a| a.transport.provider.clone());
-    batch_input::check_named(rec, &conn.agent, provider.as_deref(), &inspected.inputs)?;
+    batch_input::check_named(rec, &named)?;
     batch_input::forget_touched(rec, provider.as_deref(), inspected.actions.first());
     if rec.will_forward() {
         head::bind_to_destination(rec.ctx(), conn, &head).await?;

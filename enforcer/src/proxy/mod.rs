@@ -54,7 +54,7 @@ use clap::Subcommand;
 use tokio::net::{TcpListener, TcpStream};
 pub use tokio_util::sync::CancellationToken;
 
-pub use batch_input::ReadInputs;
+pub use batch_input::{ReadInputs, KEPT_INPUT_BYTES};
 pub(crate) use budget::{Reservation, INSPECTED_COPIES};
 pub(crate) use ca::crypto_provider;
 pub use ca::{CaError, CertAuthority, PublicFiles};

@@ -421,6 +421,43 @@ async fn an_unreadable_or_constrained_batch_input_file_is_refused() {
     assert!(w.proxy.close_and_verify().await > 0);
 }
 
+/// A redaction matched by a line of an OpenAI batch input upload refuses the upload (`unrewritable`): the lines are
+/// inside a form part, which the proxy does not rewrite. Before, the rewrite replaced the whole upload with the
+/// first line's JSON, redacted, and forwarded that.
+#[tokio::test]
+async fn a_redaction_matched_in_a_batch_input_upload_refuses_it() {
+    let w = world_with(&format!(
+        "{POLICY}  - id: redact-emails\n    when: {{ llm.model: \"redacted-*\" }}\n    verdict: constrain\n    \
+         constrain: {{ redact: [email] }}\n"
+    ))
+    .await;
+    let mail = line("redacted-1", "read_file").replace("\"read_file\"", "\"mail a@example.com\"");
+    assert!(mail.contains("a@example.com"), "{mail}");
+    let (status, got, recs, seen) = exchange(
+        &w,
+        OPENAI,
+        upload("/v1", OPENAI, &[mail, line("gpt-ok", "read_file")]),
+    )
+    .await;
+    assert_eq!(status, 400, "{got}");
+    assert!(
+        got.to_string()
+            .contains("a batch input file, whose requests it cannot rewrite"),
+        "{got}"
+    );
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(
+        decided(&recs[0]),
+        (
+            "block".into(),
+            "redact-emails".into(),
+            "unrewritable".into()
+        )
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(w.proxy.close_and_verify().await > 0);
+}
+
 /// A Gemini batch input line: a generateContent request declaring `tool`.
 fn gemini_line(key: &str, tool: &str) -> String {
     json!({"key": key, "request": {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],

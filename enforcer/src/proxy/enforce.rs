@@ -145,15 +145,16 @@ pub(crate) fn enforce(
 }
 
 /// Whether `rewrite` reaches every call a request that carries many (`carried`) carries: one that is
-/// [`request_wide`], but for a batch whose requests are in an input file the upstream holds, which only a header
-/// rewrite leaves as it means (a redaction cannot reach the file's lines).
+/// [`request_wide`], but for an input file (its upload, a form or a file's bytes; or a batch whose requests are in
+/// such a file the upstream holds), which only a header rewrite leaves as it means: a redaction cannot reach lines
+/// inside a form part or a stored file (the rewrite would replace the upload with one line's JSON).
 fn reaches(carried: Carried, rewrite: &Rewrite) -> bool {
     match carried {
-        Carried::InputLines => matches!(
+        Carried::InputLines | Carried::InputFile(_) => matches!(
             rewrite,
             Rewrite::HeaderSet { .. } | Rewrite::HeaderRemove { .. }
         ),
-        Carried::MessageBatch | Carried::Eval | Carried::InputFile(_) => request_wide(rewrite),
+        Carried::MessageBatch | Carried::Eval => request_wide(rewrite),
     }
 }
 

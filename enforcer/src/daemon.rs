@@ -380,6 +380,8 @@ async fn record_control_refusal(
     request: Option<&'static str>,
     count: u64,
 ) {
+    tracing::warn!(cgroup = ?agent.cgroup, profile = ?agent.profile, request, count,
+        "control socket: refused a process in an enforced cgroup");
     let summary = crate::model::RequestSummary {
         scheme: None,
         method: request.map(str::to_string),

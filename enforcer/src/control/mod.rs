@@ -31,7 +31,8 @@
 //!
 //! **Agents are never answered.** A peer process that runs in a cgroup the capture enforces is an agent, whatever
 //! its uid or groups: its first request is refused with one error line, the refusal recorded in the audit trail
-//! (reason `control_from_agent`, [`Handler::refused_agent`]), and the connection closed. Reviews, the policy and
+//! (reason `control_from_agent`, [`Handler::refused_agent`]), and the connection closed. At most `MAX_CLIENTS` (64)
+//! connections are served at once, so a peer looping on connect cannot take the daemon's descriptors. Reviews, the policy and
 //! sessions are for people and the daemon's own tools; an agent that runs as a reviewer (or as root without
 //! capabilities) would otherwise approve its own held call or register a run of its choosing. The peer is the
 //! process that connected, held by a pidfd (`SO_PEERPIDFD`, Linux 6.5): its groups and cgroup are read from `/proc`
@@ -60,8 +61,11 @@ pub const SOCKET_NAME: &str = "control.sock";
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// How long a client may take to send a request or read its answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long an agent's refused connection waits for its request (read only to record what it asked).
-const AGENT_READ: Duration = Duration::from_secs(1);
+/// How long an agent's refused connection waits for its request (read only to record what it asked; a client sends
+/// it on connecting).
+const AGENT_READ: Duration = Duration::from_millis(50);
+/// Connections served at once; more are closed unanswered.
+const MAX_CLIENTS: usize = 64;
 
 /// Where the daemon with state directory `state_dir` listens.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -386,6 +390,7 @@ pub async fn serve(
     handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -398,11 +403,18 @@ pub async fn serve(
                 }
             },
         };
+        // Beyond the bound the connection is closed unanswered: a peer looping on connect (an agent, refused
+        // anyway) must not take the descriptors the proxy needs.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("control socket: {MAX_CLIENTS} clients served already; closed");
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_client(stream, access, handler).await {
                 tracing::debug!(error = %e, "control client");
             }
+            drop(slot);
         });
     }
     let _ = std::fs::remove_file(&path);
@@ -482,7 +494,8 @@ async fn serve_client(
                     }
                     _ => None,
                 };
-            tracing::warn!(uid = cred.uid(), pid = cred.pid(), cgroup = ?agent.cgroup, profile = ?agent.profile,
+            // Logged with its record (at most once a second per agent), not per connection.
+            tracing::debug!(uid = cred.uid(), pid = cred.pid(), cgroup = ?agent.cgroup, profile = ?agent.profile,
                 request, "control socket: peer runs in an enforced cgroup; refused");
             let resp = Response::error(format!(
                 "permission denied: this process runs in a cgroup the enforcer confines ({}, profile {}); \
@@ -906,6 +919,50 @@ mod tests {
             unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
         child.wait().unwrap();
         assert!(!alive(&child_fd), "a reaped child");
+    }
+
+    /// Connections beyond `MAX_CLIENTS` are closed unanswered while the others are served; once one ends, a new
+    /// one is served again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_the_bound_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let access = Access { gid: None };
+        let listener = bind(&path, access).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            path.clone(),
+            access,
+            Arc::new(Fixed),
+            shutdown.clone(),
+        ));
+        let p = path.clone();
+        let (over, again) = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            // Idle clients that hold their connections (each waits for a request line).
+            let held: Vec<_> = (0..MAX_CLIENTS)
+                .map(|_| std::os::unix::net::UnixStream::connect(&p).unwrap())
+                .collect();
+            std::thread::sleep(Duration::from_millis(300));
+            let mut over = std::os::unix::net::UnixStream::connect(&p).unwrap();
+            over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            let over = over.read(&mut buf).map(|n| n == 0).unwrap_or(false);
+            drop(held);
+            std::thread::sleep(Duration::from_millis(300));
+            let mut again = std::os::unix::net::UnixStream::connect(&p).unwrap();
+            again.write_all(b"{\"request\":\"status\"}\n").unwrap();
+            let mut answer = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(again), &mut answer).unwrap();
+            (over, answer)
+        })
+        .await
+        .unwrap();
+        assert!(over, "the connection over the bound was closed unanswered");
+        assert!(again.contains("\"ok\":true"), "{again}");
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

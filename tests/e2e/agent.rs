@@ -277,6 +277,14 @@ pub fn sudo_caller_root_refusal_and_allow_root(env: &mut Env) {
         "{out}"
     );
     assert_eq!(lines[2], "/nonexistent", "HOME is the user's: {out}");
+    // Where the kernel lets a process trace its user's other processes, exec says what that allows.
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").unwrap_or_default();
+    let unrestricted = scope.trim().parse::<u32>().map_or(true, |s| s == 0);
+    assert_eq!(
+        err.contains("WARNING") && err.contains("kernel.yama.ptrace_scope"),
+        unrestricted,
+        "ptrace_scope {scope:?}: {err}"
+    );
 
     let mut cmd = exec_without_user(env);
     cmd.env_remove("SUDO_UID")
@@ -294,7 +302,7 @@ pub fn sudo_caller_root_refusal_and_allow_root(env: &mut Env) {
         assert!(err.contains(hint), "{hint:?} not in: {err}");
     }
 
-    // The one root agent of the suite.
+    // A root agent (sessions' review test runs another).
     let mut cmd = exec_without_user(env);
     cmd.env_remove("SUDO_UID")
         .args(["--allow-root", "--", "id", "-u"]);

@@ -164,6 +164,14 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
              does is guaranteed to be enforced."
         );
     }
+    if run_as != RunAs::Root && !ptrace_restricted() {
+        eprintln!(
+            "enforcer exec: WARNING: this kernel lets a process trace every other process of its user (Yama is absent \
+             or kernel.yama.ptrace_scope is 0): the agent can make a process of its user outside its cgroup (a shell, \
+             an editor, another agent's run) act for it, unenforced or recorded as that run. Run agents as a user \
+             nothing else runs as (--user NAME), or set kernel.yama.ptrace_scope = 1."
+        );
+    }
     let config = Config::load_or_default(args.config.as_deref())?;
     let tags = open_daemon_tags(&config)?;
     let profile_cgroup = config.profile_cgroup(&args.profile);
@@ -208,6 +216,16 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         (None, None) => 1,
     };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
+}
+
+/// Whether the kernel keeps a process from tracing the other processes of its user that are not its descendants
+/// (`kernel.yama.ptrace_scope` ≥ 1, Documentation/admin-guide/LSM/Yama.rst). Tracing (ptrace, `/proc/PID/mem`,
+/// `process_vm_writev`, `pidfd_getfd`) is how an agent would make a process outside its cgroup act for it.
+fn ptrace_restricted() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .is_some_and(|scope| scope >= 1)
 }
 
 /// Tell the daemon about this run before the agent starts: its cgroup, profile, and the person it acts for (see

@@ -18,6 +18,37 @@ use aya::programs::links::{FdLink, LinkError};
 
 use super::CaptureError;
 
+/// The bpf(2) commands used here, as numbered in `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// The attribute of `BPF_OBJ_PIN` and `BPF_OBJ_GET` (`union bpf_attr`, the `pathname` member group).
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    pad: u32,
+    rest: [u64; 8],
+}
+
+impl ObjAttr {
+    /// For the path `c_path` (which must outlive the call) and, to pin, the object `bpf_fd`.
+    fn new(c_path: &std::ffi::CStr, bpf_fd: u32) -> ObjAttr {
+        ObjAttr {
+            pathname: c_path.as_ptr() as u64,
+            bpf_fd,
+            file_flags: 0,
+            path_fd: 0,
+            pad: 0,
+            rest: [0; 8],
+        }
+    }
+}
+
 /// Pin files are named after this prefix and the program's function name.
 const LINK_PREFIX: &str = "link_";
 /// Upper bound on cgroup directories visited when looking for agents in tagged cgroups.
@@ -77,17 +108,6 @@ pub(super) fn create_and_pin(
         flags: u32,
         rest: [u64; 8],
     }
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        pad: u32,
-        rest: [u64; 8],
-    }
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_LINK_CREATE: libc::c_long = 28;
     let syscall_error = |call| CaptureError::Link {
         name,
         source: LinkError::SyscallError(aya::sys::SyscallError {
@@ -111,14 +131,7 @@ pub(super) fn create_and_pin(
     let path = pin_dir.join(format!("{LINK_PREFIX}{name}"));
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| CaptureError::NotBpffs(path.clone()))?;
-    let pin = ObjPin {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: link.as_raw_fd() as u32,
-        file_flags: 0,
-        path_fd: 0,
-        pad: 0,
-        rest: [0; 8],
-    };
+    let pin = ObjAttr::new(&c_path, link.as_raw_fd() as u32);
     // The path outlives the call.
     if bpf(BPF_OBJ_PIN, &pin) < 0 {
         return Err(syscall_error("bpf_obj_pin"));
@@ -174,7 +187,6 @@ impl Earlier {
             old_prog_fd: u32,
             rest: [u64; 8],
         }
-        const BPF_LINK_UPDATE: libc::c_long = 29;
         let update = LinkUpdate {
             link_fd: link.as_raw_fd() as u32,
             new_prog_fd: prog.as_raw_fd() as u32,
@@ -213,25 +225,8 @@ impl Earlier {
 
 /// The object pinned at `path` (`BPF_OBJ_GET`), read-write.
 fn obj_get(path: &Path) -> Option<OwnedFd> {
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        pad: u32,
-        rest: [u64; 8],
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let get = ObjGet {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        pad: 0,
-        rest: [0; 8],
-    };
+    let get = ObjAttr::new(&c_path, 0);
     let fd = bpf(BPF_OBJ_GET, &get);
     // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })

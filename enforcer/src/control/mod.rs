@@ -781,6 +781,30 @@ mod tests {
         );
     }
 
+    /// The socket served in a fresh directory (kept alive by the returned guard) for root peers, with `handler`.
+    fn serving(
+        handler: Arc<dyn Handler>,
+    ) -> (
+        tempfile::TempDir,
+        PathBuf,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let access = Access { gid: None };
+        let listener = bind(&path, access).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            path.clone(),
+            access,
+            handler,
+            shutdown.clone(),
+        ));
+        (dir, path, shutdown, task)
+    }
+
     #[test]
     fn root_and_the_configured_group_only() {
         let none = Access { gid: None };
@@ -853,19 +877,8 @@ mod tests {
                 Box::pin(std::future::ready(()))
             }
         }
-        let dir = tempfile::tempdir().unwrap();
-        let path = socket_path(dir.path());
-        let access = Access { gid: None };
-        let listener = bind(&path, access).unwrap();
-        let shutdown = CancellationToken::new();
         let handler = Arc::new(Agents(std::sync::Mutex::new(Vec::new())));
-        let task = tokio::spawn(serve(
-            listener,
-            path.clone(),
-            access,
-            handler.clone(),
-            shutdown.clone(),
-        ));
+        let (_dir, path, shutdown, task) = serving(handler.clone());
         let p = path.clone();
         let (approve, reload) = tokio::task::spawn_blocking(move || {
             let approve = Request::ReviewAnswer {
@@ -925,18 +938,7 @@ mod tests {
     /// one is served again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_beyond_the_bound_are_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = socket_path(dir.path());
-        let access = Access { gid: None };
-        let listener = bind(&path, access).unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(
-            listener,
-            path.clone(),
-            access,
-            Arc::new(Fixed),
-            shutdown.clone(),
-        ));
+        let (_dir, path, shutdown, task) = serving(Arc::new(Fixed));
         let p = path.clone();
         let (over, again) = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
@@ -967,18 +969,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn status_reload_and_errors_over_the_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = socket_path(dir.path());
-        let access = Access { gid: None };
-        let listener = bind(&path, access).unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(
-            listener,
-            path.clone(),
-            access,
-            Arc::new(Fixed),
-            shutdown.clone(),
-        ));
+        let (_dir, path, shutdown, task) = serving(Arc::new(Fixed));
         let p = path.clone();
         let (status, reload, bad, long) = tokio::task::spawn_blocking(move || {
             let status = request(&p, &Request::Status).unwrap();

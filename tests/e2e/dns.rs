@@ -176,10 +176,16 @@ fn getaddrinfo(env: &Env, conf: &Path, name: &str) -> String {
     let out = tagged_with_resolv_conf(env, conf, &["python3", "-c", GETADDRINFO, name])
         .output()
         .expect("unshare runs");
+    // The script's error (`gaierror -2`), without what `enforcer exec` itself says (its warnings).
+    let stderr: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("enforcer exec: "))
+        .map(str::to_string)
+        .collect();
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
+        stderr.join("\n").trim()
     )
 }
 

@@ -132,6 +132,31 @@ pub fn cgroup_command(cmd: CgroupCommand) -> anyhow::Result<ExitCode> {
 /// Removes the exec cgroup when dropped (also when spawning fails).
 struct ExecCgroup(PathBuf);
 
+/// Runs whose cgroup name is taken that a new run tries another for.
+const EXEC_CGROUP_TRIES: u32 = 100;
+
+/// Create this run's cgroup under `profile_cgroup`: `exec-<pid>`, or `exec-<pid>-<n>` when an earlier run with the same
+/// pid left its cgroup behind (its agent's processes outlived it: they stay there, enforced, and the cgroup with them).
+fn create_exec_cgroup(profile_cgroup: &Path, pid: u32) -> anyhow::Result<PathBuf> {
+    let mut name = format!("exec-{pid}");
+    for n in 1..=EXEC_CGROUP_TRIES {
+        let cgroup = profile_cgroup.join(&name);
+        match std::fs::create_dir(&cgroup) {
+            Ok(()) => return Ok(cgroup),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                name = format!("exec-{pid}-{n}");
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating cgroup {}", cgroup.display()))
+            }
+        }
+    }
+    bail!(
+        "creating a cgroup for this run under {}: exec-{pid} and {EXEC_CGROUP_TRIES} others are taken",
+        profile_cgroup.display()
+    )
+}
+
 impl Drop for ExecCgroup {
     fn drop(&mut self) {
         if let Err(err) = std::fs::remove_dir(&self.0) {
@@ -203,10 +228,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let cgroup = profile_cgroup.join(format!("exec-{}", std::process::id()));
-    std::fs::create_dir(&cgroup)
-        .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-    let cgroup = ExecCgroup(cgroup);
+    let cgroup = ExecCgroup(create_exec_cgroup(&profile_cgroup, std::process::id())?);
     register_session(&config, &cgroup.0, &args.profile, &person)?;
     let status = run_in_cgroup(&cgroup.0, &run_as, &trust, &args.command)?;
     drop(cgroup);
@@ -381,5 +403,26 @@ fn forward_signals_to(pid: u32) {
         if pending != 0 && pid > 0 {
             libc::kill(pid, pending);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cgroup an earlier run with the same pid left behind does not keep a new run from starting: it gets a name
+    /// of its own beside it.
+    #[test]
+    fn a_run_whose_cgroup_name_is_taken_gets_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = create_exec_cgroup(dir.path(), 77).unwrap();
+        assert_eq!(first, dir.path().join("exec-77"));
+        let second = create_exec_cgroup(dir.path(), 77).unwrap();
+        assert_eq!(second, dir.path().join("exec-77-1"));
+        assert_eq!(
+            create_exec_cgroup(dir.path(), 77).unwrap(),
+            dir.path().join("exec-77-2")
+        );
+        assert!(create_exec_cgroup(&dir.path().join("missing"), 77).is_err());
     }
 }

@@ -790,6 +790,17 @@ fn restarts_leave_no_moment_unenforced() {
         return;
     }
     let mut h = Harness::new();
+    let pins = |h: &Harness| {
+        let mut names: Vec<String> = std::fs::read_dir(&h.pin_dir)
+            .expect("pin dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let first = pins(&h);
+    assert!(first.iter().any(|p| p == "link_udp_sendmsg4"), "{first:?}");
     let agents = h.profile_cgroup();
     let sender = python(UDP_LOOP, &[agents.to_str().expect("utf-8"), "6"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -813,15 +824,8 @@ fn restarts_leave_no_moment_unenforced() {
         .collect();
     assert_eq!(counts[0], 0, "tagged datagrams let through: {out}");
     assert!(counts[1] > 0, "{out}");
-    // Only the new programs are attached: one pin per program, none left over from the earlier daemons.
-    let pins = std::fs::read_dir(&h.pin_dir)
-        .expect("pin dir")
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy() == "link_udp_sendmsg4")
-        })
-        .count();
-    assert_eq!(pins, 1);
+    // The same pins as the first daemon's: every program's link taken over, none left over or missing.
+    assert_eq!(pins(&h), first);
 }
 
 #[test]

@@ -161,6 +161,10 @@ const TESTS: &[Test] = &[
         agent::cannot_escape_read_keys_or_stop_the_daemon,
     ),
     (
+        "agent_cannot_reach_processes_of_its_user_outside_its_run",
+        agent::cannot_reach_processes_of_its_user_outside_its_run,
+    ),
+    (
         "agent_sudo_caller_root_refusal_and_allow_root",
         agent::sudo_caller_root_refusal_and_allow_root,
     ),

@@ -1,17 +1,17 @@
 //! `enforcer exec` and `enforcer cgroup`: commands that reach the running daemon through the pinned `TAGGED` map.
-//! `exec` runs its command in a fresh tagged cgroup, as an unprivileged user ([`identity`]), with the environment
-//! that makes its clients trust the enforcer CA ([`trust`]). `anyhow` is allowed here because this is the binary's
-//! edge.
+//! `exec` runs its command in a fresh tagged cgroup and a PID namespace of its own ([`init`]), as an unprivileged user
+//! ([`identity`]), with the environment that makes its clients trust the enforcer CA ([`trust`]). `anyhow` is allowed
+//! here because this is the binary's edge.
 
 mod identity;
+mod init;
 mod trust;
 
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -28,7 +28,9 @@ pub use identity::user_name;
     the user who ran `sudo enforcer exec` (SUDO_UID, SUDO_GID, supplementary groups from the user database), or \
     the one --user names. HOME, USER and LOGNAME are that user's. Run as root without either, exec refuses \
     unless --allow-root is given. The CA trust variables (SSL_CERT_FILE, PIP_CERT, NPM_CONFIG_CAFILE, ... see \
-    docs/agents.md) are set to the daemon's published bundle, replacing inherited values."
+    docs/agents.md) are set to the daemon's published bundle, replacing inherited values. The command runs in a PID \
+    namespace of its own with its own /proc: it cannot see or trace processes outside its run, and every process it \
+    leaves ends with it (and when exec is killed)."
 )]
 pub struct ExecArgs {
     /// The daemon's configuration file (to find its pin directory, cgroups and CA bundle).
@@ -189,14 +191,6 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
              does is guaranteed to be enforced."
         );
     }
-    if run_as != RunAs::Root && !ptrace_restricted() {
-        eprintln!(
-            "enforcer exec: WARNING: this kernel lets a process trace every other process of its user (Yama is absent \
-             or kernel.yama.ptrace_scope is 0): the agent can make a process of its user outside its cgroup (a shell, \
-             an editor, another agent's run) act for it, unenforced or recorded as that run. Run agents as a user \
-             nothing else runs as (--user NAME), or set kernel.yama.ptrace_scope = 1."
-        );
-    }
     let config = Config::load_or_default(args.config.as_deref())?;
     let tags = open_daemon_tags(&config)?;
     let profile_cgroup = config.profile_cgroup(&args.profile);
@@ -230,24 +224,9 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
     let cgroup = ExecCgroup(create_exec_cgroup(&profile_cgroup, std::process::id())?);
     register_session(&config, &cgroup.0, &args.profile, &person)?;
-    let status = run_in_cgroup(&cgroup.0, &run_as, &trust, &args.command)?;
+    let code = run_in_cgroup(&cgroup.0, &run_as, &trust, &args.command)?;
     drop(cgroup);
-    let code = match (status.code(), status.signal()) {
-        (Some(code), _) => code,
-        (None, Some(signal)) => 128 + signal,
-        (None, None) => 1,
-    };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
-}
-
-/// Whether the kernel keeps a process from tracing the other processes of its user that are not its descendants
-/// (`kernel.yama.ptrace_scope` ≥ 1, Documentation/admin-guide/LSM/Yama.rst). Tracing (ptrace, `/proc/PID/mem`,
-/// `process_vm_writev`, `pidfd_getfd`) is how an agent would make a process outside its cgroup act for it.
-fn ptrace_restricted() -> bool {
-    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .is_some_and(|scope| scope >= 1)
 }
 
 /// Tell the daemon about this run before the agent starts: its cgroup, profile, and the person it acts for (see
@@ -303,12 +282,14 @@ struct Trust {
     ca_cert: PathBuf,
 }
 
+/// Start the command in `cgroup` as `run_as`, as the second process of its own PID namespace ([`init`]), and wait
+/// for it. Returns its exit code (a signal as 128 + the signal); errors name the step that kept it from starting.
 fn run_in_cgroup(
     cgroup: &Path,
     run_as: &RunAs,
     trust: &Trust,
     command: &[OsString],
-) -> anyhow::Result<std::process::ExitStatus> {
+) -> anyhow::Result<i32> {
     let Some((program, rest)) = command.split_first() else {
         bail!("no command given");
     };
@@ -335,12 +316,22 @@ fn run_in_cgroup(
     unsafe {
         cmd.pre_exec(move || switch.apply());
     }
-    install_signal_forwarding();
-    let spawned = cmd.spawn();
-    drop(procs);
-    let mut child = spawned.map_err(|e| spawn_error(e, &report, program, trust))?;
-    forward_signals_to(child.id());
-    Ok(child.wait()?)
+    init::install_signal_forwarding();
+    match init::fork()? {
+        init::Forked::Outside(run) => {
+            drop(procs);
+            run.wait()
+        }
+        init::Forked::Init(init) => {
+            let agent = init.enter_mount_namespace().and_then(|()| {
+                let spawned = cmd.spawn();
+                drop(procs);
+                let child = spawned.map_err(|e| spawn_error(e, &report, program, trust))?;
+                Ok(i32::try_from(child.id()).unwrap_or(0))
+            });
+            init.run(agent)
+        }
+    }
 }
 
 /// Say which step failed when the child did not get to run the command.
@@ -359,50 +350,6 @@ fn spawn_error(
         ),
         Some(step) => anyhow::anyhow!("{}: {err}", step.describe()),
         None => anyhow::Error::new(err).context(format!("starting {}", program.to_string_lossy())),
-    }
-}
-
-/// The command's pid, for the signal handler (0 until it is spawned).
-static CHILD_PID: AtomicI32 = AtomicI32::new(0);
-/// A SIGTERM/SIGHUP that arrived before the command was spawned.
-static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward_signal(signal: libc::c_int) {
-    let pid = CHILD_PID.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe.
-        unsafe {
-            libc::kill(pid, signal);
-        }
-    } else {
-        PENDING_SIGNAL.store(signal, Ordering::SeqCst);
-    }
-}
-
-/// SIGTERM and SIGHUP sent to us are passed on to the command (handlers are reset by exec, so the command starts
-/// with default dispositions), and we live to remove the cgroup.
-fn install_signal_forwarding() {
-    let handler = forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only touches atomics and calls kill(2).
-    unsafe {
-        libc::signal(libc::SIGTERM, handler);
-        libc::signal(libc::SIGHUP, handler);
-    }
-}
-
-/// Like a shell waiting for its job: terminal signals (sent to the whole process group) reach the command on their
-/// own, so from now on we ignore them; a signal that arrived while spawning is delivered now.
-fn forward_signals_to(pid: u32) {
-    let pid = i32::try_from(pid).unwrap_or(0);
-    CHILD_PID.store(pid, Ordering::SeqCst);
-    // SAFETY: SIG_IGN has no preconditions; kill(2) on our own child.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-        let pending = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
-        if pending != 0 && pid > 0 {
-            libc::kill(pid, pending);
-        }
     }
 }
 

@@ -1,0 +1,348 @@
+//! The run's own PID and mount namespaces, and the init that holds them (pid_namespaces(7), mount_namespaces(7)).
+//!
+//! `enforcer exec` forks an init into a fresh PID namespace with its own `/proc`, and the init starts the agent as
+//! the namespace's second process. Everything the agent can name by pid is then a process of its run: a process
+//! outside it, even one of its own user (the shell of the person who ran `sudo enforcer exec`, another agent's run),
+//! cannot be traced, signalled or opened (ptrace(2), `/proc/PID/mem`, process_vm_writev(2), pidfd_open(2), kill(2)
+//! all fail with `ESRCH` or `ENOENT`), so the agent cannot make it act for it outside capture, whatever
+//! `kernel.yama.ptrace_scope` allows.
+//!
+//! The init stays root and in `exec`'s own cgroup, so the agent's cgroup holds only the agent's processes and the
+//! agent (another uid) cannot signal or trace it. It passes SIGTERM and SIGHUP on to the agent (an init receives
+//! only signals it has a handler for, so the agent itself could not be the init), reaps the orphans the agent
+//! leaves, and exits with the agent's status when the agent exits. The kernel then kills every process left in the
+//! namespace, so nothing the agent started outlives its run. The init is killed when `exec` dies
+//! (`PR_SET_PDEATHSIG`), which ends the run the same way.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use anyhow::{bail, Context};
+
+/// Which side of [`fork`] this process is on.
+pub(super) enum Forked {
+    /// `exec`, outside the namespace: wait for the init with [`Outside::wait`].
+    Outside(Outside),
+    /// The namespace's init (pid 1): start the agent, then [`Init::run`] never returns.
+    Init(Init),
+}
+
+/// `exec`'s handle on the init it forked.
+pub(super) struct Outside {
+    /// The init's pid, as `exec` (outside the namespace) sees it.
+    pid: libc::pid_t,
+    /// Read end of the pipe the init writes an error to when the agent could not be started.
+    errors: File,
+}
+
+/// The namespace's init, before the agent is started.
+pub(super) struct Init {
+    /// Write end of the error pipe (close-on-exec, so the agent does not hold it).
+    errors: File,
+}
+
+/// Fork the init into a new PID namespace. Call with one thread only (fork(2) copies only the calling thread);
+/// signals sent to `exec` before [`forward_signals_to`] are held and passed on afterwards.
+///
+/// Errors: `exec` has other threads; unshare(2) refused (`exec` needs `CAP_SYS_ADMIN`); pipe(2) or fork(2)
+/// failed.
+pub(super) fn fork() -> anyhow::Result<Forked> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .context("reading /proc/self/task")?
+        .count();
+    if threads != 1 {
+        bail!("enforcer exec runs {threads} threads; it forks the agent's init with one only");
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating the init's error pipe");
+    }
+    // SAFETY: both descriptors were just created and are owned only here.
+    let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: unshare(2) with a constant flag: only this process's later children go into the new namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("creating the agent's PID namespace (exec needs root)");
+    }
+    let forwarded = blocked_forwarded_signals();
+    // SAFETY: this process has one thread (checked above), so the child may run any code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let err = std::io::Error::last_os_error();
+        forwarded.unblock();
+        return Err(err).context("forking the agent's init");
+    }
+    if pid > 0 {
+        drop(write);
+        // Signals that came while blocked are delivered to the handler once unblocked, which passes them on.
+        CHILD_PID.store(pid, Ordering::SeqCst);
+        forwarded.unblock();
+        return Ok(Forked::Outside(Outside { pid, errors: read }));
+    }
+    // The init. Signals pending in exec are not inherited; the ones it received before forking were passed on by it.
+    drop(read);
+    CHILD_PID.store(0, Ordering::SeqCst);
+    PENDING_SIGNAL.store(0, Ordering::SeqCst);
+    // SAFETY: prctl with constant arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    forwarded.unblock();
+    Ok(Forked::Init(Init { errors: write }))
+}
+
+impl Outside {
+    /// Wait for the init; its exit code is the agent's (a signal as 128 + the signal). Errors: the init could not
+    /// set up the namespace or start the agent (its message), or waiting failed.
+    pub(super) fn wait(mut self) -> anyhow::Result<i32> {
+        let status = wait_for(self.pid).context("waiting for the agent's init")?;
+        let mut message = String::new();
+        // Every holder of the write end has exited (the init; the agent's copy closed at exec).
+        let _ = self.errors.read_to_string(&mut message);
+        if !message.is_empty() {
+            bail!("{message}");
+        }
+        Ok(exit_code(status))
+    }
+}
+
+impl Init {
+    /// Give the init its own mount namespace, with a `/proc` of the new PID namespace over the host's, and no other
+    /// procfs mounted anywhere (one would show every process of the host). Mounts made on the host later still
+    /// propagate in (`MS_SLAVE`); nothing mounted here propagates out.
+    pub(super) fn enter_mount_namespace(&self) -> anyhow::Result<()> {
+        // SAFETY (all calls below): system calls on constant, NUL-terminated strings.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("creating the agent's mount namespace");
+            }
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error())
+                    .context("making the agent's mounts private to it");
+            }
+            if libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error()).context("mounting the agent's /proc");
+            }
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .context("reading the agent's /proc/self/mountinfo")?;
+        for point in other_procfs_mounts(&mountinfo) {
+            let path = std::ffi::CString::new(point.as_bytes())
+                .context("a procfs mount point with a NUL byte")?;
+            // SAFETY: umount2 on a NUL-terminated path.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("unmounting the host's procfs at {point}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run as the namespace's init once the agent (`agent`, its pid here) has started: pass signals on, reap every
+    /// child, and exit with the agent's status when it ends. With `Err` (the agent could not be started), write the
+    /// error for `exec` and exit.
+    pub(super) fn run(mut self, agent: anyhow::Result<libc::pid_t>) -> ! {
+        let code = match agent {
+            Ok(pid) => {
+                forward_signals_to(pid);
+                reap_until(pid)
+            }
+            Err(err) => {
+                let _ = self
+                    .errors
+                    .write_all(crate::cli::error_message(&err).as_bytes());
+                1
+            }
+        };
+        // SAFETY: _exit(2) ends this process without running exec's destructors (the init is a copy of exec: its
+        // cgroup guard belongs to exec).
+        unsafe { libc::_exit(code) }
+    }
+}
+
+/// Mount points of procfs mounts other than `/proc`, from `/proc/self/mountinfo` (proc(5): field 5 is the mount
+/// point, with spaces, tabs, newlines and backslashes as octal escapes; the filesystem type follows the `-`).
+fn other_procfs_mounts(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let point = unescape(mount.split(' ').nth(4)?);
+            (fs.split(' ').next() == Some("proc") && point != "/proc").then_some(point)
+        })
+        .collect()
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let s = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(s, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reap children until `agent` exits; its exit code (a signal as 128 + the signal).
+fn reap_until(agent: libc::pid_t) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid(2) into a local.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == agent {
+            return exit_code(status);
+        }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 1;
+        }
+    }
+}
+
+/// Wait for one child, retrying when a forwarded signal interrupts the wait.
+fn wait_for(pid: libc::pid_t) -> std::io::Result<libc::c_int> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid(2) into a local.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            return Ok(status);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// A shell's exit code for a wait status: the exit code, or 128 + the signal that ended it.
+fn exit_code(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    }
+}
+
+/// The pid signals are passed on to (0 until there is one).
+static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+/// A SIGTERM/SIGHUP that arrived before there was a pid to pass it on to.
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let pid = CHILD_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    } else {
+        PENDING_SIGNAL.store(signal, Ordering::SeqCst);
+    }
+}
+
+/// SIGTERM and SIGHUP sent to `exec` are passed on to the init, and by the init to the agent (handlers are reset by
+/// exec, so the agent starts with default dispositions); `exec` lives to remove the cgroup.
+pub(super) fn install_signal_forwarding() {
+    let handler = forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only touches atomics and calls kill(2).
+    unsafe {
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGHUP, handler);
+    }
+}
+
+/// Like a shell waiting for its job: terminal signals (sent to the whole process group) reach the agent on their
+/// own, so from now on this process ignores them; a signal that arrived before is passed on now.
+fn forward_signals_to(pid: libc::pid_t) {
+    CHILD_PID.store(pid, Ordering::SeqCst);
+    // SAFETY: SIG_IGN has no preconditions; kill(2) on our own child.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        let pending = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
+        if pending != 0 && pid > 0 {
+            libc::kill(pid, pending);
+        }
+    }
+}
+
+/// SIGTERM and SIGHUP held back while the init is forked, so each reaches exactly one of the two processes.
+struct BlockedSignals(libc::sigset_t);
+
+fn blocked_forwarded_signals() -> BlockedSignals {
+    // SAFETY: sigset operations on locals; sigprocmask on this (only) thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        BlockedSignals(set)
+    }
+}
+
+impl BlockedSignals {
+    fn unblock(self) {
+        // SAFETY: unblocks the set this blocked.
+        unsafe {
+            libc::sigprocmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only procfs mounts other than /proc are unmounted, their escaped mount points read back.
+    #[test]
+    fn other_procfs_mounts_are_found_with_their_escaped_paths() {
+        let mountinfo = "\
+22 1 0:21 / /proc rw,relatime shared:5 - proc proc rw
+23 1 0:22 / /sys rw shared:6 - sysfs sysfs rw
+40 1 0:21 / /srv/chroot\\040one/proc rw - proc proc rw
+41 1 0:30 / /proc/sys/fs/binfmt_misc rw - binfmt_misc binfmt_misc rw
+42 1 0:31 / /mnt/not\\134proc rw - tmpfs proc rw
+";
+        assert_eq!(
+            other_procfs_mounts(mountinfo),
+            ["/srv/chroot one/proc".to_string()]
+        );
+        assert_eq!(unescape("a\\040b\\011c\\\\"), "a b\tc\\\\");
+        assert_eq!(exit_code(7 << 8), 7);
+        assert_eq!(exit_code(libc::SIGTERM), 128 + 15);
+    }
+}

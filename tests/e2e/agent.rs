@@ -194,9 +194,19 @@ pub fn exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on(env: &mut 
 /// `enforcer exec -- sh -c SCRIPT READY`, returned once the script has created the file `$0` (so the agent runs),
 /// with the run's cgroup.
 fn spawn_until_ready(env: &Env, script: &str) -> (std::process::Child, PathBuf) {
+    spawn_until_ready_with(env, script, |_| {})
+}
+
+/// [`spawn_until_ready`], with `configure` applied to the `enforcer exec` command before it is spawned.
+fn spawn_until_ready_with(
+    env: &Env,
+    script: &str,
+    configure: impl FnOnce(&mut Command),
+) -> (std::process::Child, PathBuf) {
     let ready = std::env::temp_dir().join(unique("exec-ready"));
     let mut exec = env.exec_command();
     exec.args(["sh", "-c", script]).arg(&ready);
+    configure(&mut exec);
     let child = exec.spawn().expect("enforcer exec");
     let exec_cgroup = env
         .profile_cgroup(PROFILE)
@@ -211,6 +221,38 @@ fn spawn_until_ready(env: &Env, script: &str) -> (std::process::Child, PathBuf) 
     }
     let _ = std::fs::remove_file(&ready);
     (child, exec_cgroup)
+}
+
+/// Ctrl-C at a terminal sends SIGINT to the whole foreground process group: `exec`, its init, and an agent that does
+/// no job control of its own (most agents: a Python or Node program, not an interactive shell). `exec` and the init
+/// ignore it; the agent handles it as it likes, the run ends with the agent's own status, and its cgroup is removed.
+/// Before, `exec` died of the SIGINT, so the kernel killed the agent in the middle of its handler (the run ends with
+/// `exec`) and the run's cgroup was left behind.
+pub fn ctrl_c_is_the_agents_to_handle(env: &mut Env) {
+    use std::os::unix::process::CommandExt;
+    env.need_daemon();
+    let (child, exec_cgroup) = spawn_until_ready_with(
+        env,
+        "trap 'echo interrupted; sleep 0.5; echo done; exit 5' INT; touch \"$0\"; while :; do sleep 0.05; done",
+        |exec| {
+            exec.process_group(0)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+        },
+    );
+    let group = i32::try_from(child.id()).expect("pid");
+    // SAFETY: killpg(2) on the process group of our own child, as the terminal driver sends Ctrl-C.
+    assert_eq!(unsafe { libc::killpg(group, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        (out.status.code(), stdout.lines().collect::<Vec<_>>()),
+        (Some(5), vec!["interrupted", "done"]),
+        "{:?} {stderr}",
+        out.status
+    );
+    assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
 }
 
 /// The attempts a root agent could make to get out from under the enforcer, each refused for the unprivileged

@@ -157,6 +157,10 @@ const TESTS: &[Test] = &[
         agent::exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on,
     ),
     (
+        "agent_ctrl_c_is_the_agents_to_handle",
+        agent::ctrl_c_is_the_agents_to_handle,
+    ),
+    (
         "agent_cannot_escape_read_keys_or_stop_the_daemon",
         agent::cannot_escape_read_keys_or_stop_the_daemon,
     ),

@@ -417,6 +417,135 @@ pub fn cannot_reach_processes_of_its_user_outside_its_run(env: &mut Env) {
     std::fs::remove_dir(&exec_cgroup).expect("removing the killed run's cgroup");
 }
 
+/// A process of the agent's user outside its run: it listens on the abstract unix socket argv[1] and holds the
+/// host's `/proc` open; it prints its pid and that descriptor, then waits.
+const VICTIM: &str = r#"
+import os, socket, sys, time
+proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1])
+s.listen(8)
+print(os.getpid(), proc, flush=True)
+time.sleep(120)
+"#;
+
+/// The agent's attempts on [`VICTIM`] by names other than its pid. argv: the victim's socket, the number of its
+/// `/proc` descriptor, a file to create once the first attempt is made, the directory where the host then mounts a
+/// procfs, the victim's pid there.
+const BY_OTHER_NAMES: &str = concat!(
+    python_attempts!(),
+    r#"
+import socket, struct, time
+name, proc_fd, ready, later, victim = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    if libc.syscall(ctypes.c_long(nr), *args) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("\0" + name)
+# SO_PEERPIDFD = 77: a pidfd for the process at the other end, wherever it runs. x86_64: pidfd_getfd = 438.
+pidfd = struct.unpack("i", s.getsockopt(socket.SOL_SOCKET, 77, 4))[0]
+attempt("pidfd_getfd", lambda: call(438, ctypes.c_int(pidfd), ctypes.c_int(proc_fd), ctypes.c_uint(0)))
+open(ready, "w").close()
+deadline = time.time() + 20
+while not os.path.exists(later + "/1/status") and time.time() < deadline:
+    time.sleep(0.02)
+out["later procfs shows the victim"] = os.path.exists(later + "/" + victim + "/status")
+attempt("open mem rw", lambda: os.close(os.open(later + "/" + victim + "/mem", os.O_RDWR)))
+print(json.dumps(out))
+"#
+);
+
+/// A directory bind-mounted onto itself and made shared, as every mount is on a systemd host; unmounted (with what
+/// was mounted below it) when dropped.
+struct SharedMount(PathBuf);
+
+impl SharedMount {
+    fn new(dir: PathBuf) -> SharedMount {
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let shared = SharedMount(dir);
+        let mount = |args: &[&std::ffi::OsStr]| {
+            let mut mount = Command::new("mount");
+            mount.args(args);
+            let (code, _, err) = harness::output(mount);
+            assert_eq!(code, 0, "mount {args:?}: {err}");
+        };
+        let dir = shared.0.as_os_str();
+        mount(&["--bind".as_ref(), dir, dir]);
+        mount(&["--make-shared".as_ref(), dir]);
+        shared
+    }
+}
+
+impl Drop for SharedMount {
+    fn drop(&mut self) {
+        let mut umount = Command::new("umount");
+        umount.arg("--recursive").arg("--lazy").arg(&self.0);
+        let _ = harness::output(umount);
+    }
+}
+
+/// A pid is not the only name of a process, and the agent cannot reach a process of its user outside its run by
+/// another: not through the unix socket it talks to it over (`SO_PEERPIDFD` gives a pidfd for the process at the
+/// other end, and pidfd_getfd(2) checks ptrace access, not the PID namespace), nor through a procfs the host mounts
+/// on a shared mount after the run started (it propagates into the run's mount namespace and shows every process of
+/// the host). Before, the agent copied the victim's descriptor of the host's `/proc` and opened the victim's memory
+/// for writing through the later mount; now the Landlock domain the agent runs in refuses both (`EPERM`, `EACCES`).
+pub fn cannot_reach_processes_of_its_user_by_other_names(env: &mut Env) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    env.need_daemon();
+    let name = unique("enforcer-e2e-victim");
+    let mut victim = Command::new(harness::PYTHON);
+    victim
+        .args(["-c", VICTIM, &name])
+        .uid(env.agent_uid)
+        .gid(env.agent_gid)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    let mut victim = victim.spawn().expect("the victim, as the agent's user");
+    let mut line = String::new();
+    std::io::BufReader::new(victim.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the victim's pid and descriptor");
+    let (victim_pid, proc_fd) = line.trim().split_once(' ').expect("pid and fd");
+    let shared = SharedMount::new(env.dir.path().join(unique("shared")));
+    let later = shared.0.join("proc");
+    std::fs::create_dir(&later).expect("mkdir");
+    let ready = std::env::temp_dir().join(unique("by-other-names-ready"));
+
+    let mut exec = env.exec_command();
+    exec.args(["python3", "-c", BY_OTHER_NAMES, &name, proc_fd])
+        .arg(&ready)
+        .arg(&later)
+        .arg(victim_pid)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let agent = exec.spawn().expect("enforcer exec");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&ready);
+    let mut mount = Command::new("mount");
+    mount.args(["-t", "proc", "proc"]).arg(&later);
+    let (mounted, _, mount_err) = harness::output(mount);
+    let out = agent.wait_with_output().expect("wait");
+    let _ = victim.kill();
+    let _ = victim.wait();
+    drop(shared);
+    assert_eq!(mounted, 0, "mount -t proc: {mount_err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    let result: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
+    assert_eq!(result["later procfs shows the victim"], true, "{result}");
+    assert_eq!(result["pidfd_getfd"], "EPERM", "{result}");
+    assert_eq!(result["open mem rw"], "EACCES", "{result}");
+}
+
 /// `sudo enforcer exec` runs the agent as the sudo caller; root without a user is refused with what to pass; only
 /// `--allow-root` gives a root agent, with a warning.
 pub fn sudo_caller_root_refusal_and_allow_root(env: &mut Env) {

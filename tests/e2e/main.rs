@@ -169,6 +169,10 @@ const TESTS: &[Test] = &[
         agent::cannot_reach_processes_of_its_user_outside_its_run,
     ),
     (
+        "agent_cannot_reach_processes_of_its_user_by_other_names",
+        agent::cannot_reach_processes_of_its_user_by_other_names,
+    ),
+    (
         "agent_sudo_caller_root_refusal_and_allow_root",
         agent::sudo_caller_root_refusal_and_allow_root,
     ),

@@ -7,13 +7,16 @@
 //! has `no_new_privs` set (prctl(2) `PR_SET_NO_NEW_PRIVS`), so neither a setuid program (sudo, su) nor file
 //! capabilities can give any back. Without a user it refuses, unless `--allow-root` asks for a root agent.
 //!
-//! Everything the child does between fork and exec is a raw system call on memory prepared in the parent (no
-//! allocation, no lock): see [`Switch::apply`].
+//! Last, the child enters its confinement ([`super::confine`]), which keeps it from acting through processes outside
+//! its run. Everything the child does between fork and exec is a raw system call on memory prepared in the parent
+//! (no allocation, no lock): see [`Switch::apply`].
 
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use super::confine::Confinement;
 
 /// The user an agent runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,11 +250,12 @@ pub(super) enum Step {
     Uid,
     Capabilities,
     NoNewPrivs,
+    Landlock,
     TrustFiles,
 }
 
 impl Step {
-    const ALL: [Step; 9] = [
+    const ALL: [Step; 10] = [
         Step::JoinCgroup,
         Step::BoundingSet,
         Step::AmbientSet,
@@ -260,6 +264,7 @@ impl Step {
         Step::Uid,
         Step::Capabilities,
         Step::NoNewPrivs,
+        Step::Landlock,
         Step::TrustFiles,
     ];
 
@@ -278,6 +283,7 @@ impl Step {
             Step::Uid => "setting the user id",
             Step::Capabilities => "clearing the capability sets",
             Step::NoNewPrivs => "setting no_new_privs",
+            Step::Landlock => "entering the agent's Landlock domain",
             Step::TrustFiles => {
                 "the agent's user cannot read the CA bundle or certificate (every directory above them must be \
                  searchable by it; the daemon makes its state directory 0711 and public/ 0755)"
@@ -298,6 +304,8 @@ pub(super) struct Switch {
     cap_last: libc::c_ulong,
     /// Files the agent must be able to read (checked with access(2) as the agent).
     trust_files: Vec<CString>,
+    /// What keeps the agent from acting through processes outside its run.
+    confine: Confinement,
     /// Write end of the pipe that tells the parent which step failed (close-on-exec).
     report: OwnedFd,
 }
@@ -325,6 +333,7 @@ impl Switch {
         run_as: &RunAs,
         procs: RawFd,
         trust_files: &[&Path],
+        confine: Confinement,
     ) -> std::io::Result<(Switch, StepReport)> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills the two-element array with fresh descriptors we then own.
@@ -352,6 +361,7 @@ impl Switch {
                 drop_privileges: *run_as != RunAs::Root,
                 cap_last,
                 trust_files,
+                confine,
                 report: write,
             },
             StepReport(read),
@@ -360,8 +370,9 @@ impl Switch {
 
     /// In the child, between fork and exec: join the cgroup (while still root), empty the bounding and ambient sets
     /// (needs CAP_SETPCAP, so before the uid changes), set groups, gid and uid (all three of each: real, effective,
-    /// saved), clear the remaining capability sets, set no_new_privs, and check that the agent can read the trust
-    /// files. On failure the step is written to the report pipe and the error returned (spawn fails with it).
+    /// saved), clear the remaining capability sets, set no_new_privs, enter the confinement, and check that the agent
+    /// can read the trust files. On failure the step is written to the report pipe and the error returned (spawn
+    /// fails with it).
     ///
     /// Only async-signal-safe system calls on memory prepared by [`Switch::new`]; nothing is allocated.
     pub(super) fn apply(&self) -> std::io::Result<()> {
@@ -418,6 +429,9 @@ impl Switch {
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     return Err(fail(Step::NoNewPrivs));
                 }
+            }
+            if self.confine.apply().is_err() {
+                return Err(fail(Step::Landlock));
             }
             for file in &self.trust_files {
                 if libc::access(file.as_ptr(), libc::R_OK) != 0 {

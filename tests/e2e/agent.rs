@@ -546,6 +546,97 @@ pub fn cannot_reach_processes_of_its_user_by_other_names(env: &mut Env) {
     assert_eq!(result["open mem rw"], "EACCES", "{result}");
 }
 
+/// The agent's attempts on the terminal it shares with the shell that started `exec`: push a command into its input
+/// queue (`TIOCSTI`), which that shell would run as typed once the agent exits.
+const TYPE_INTO_TERMINAL: &str = concat!(
+    python_attempts!(),
+    r#"
+import fcntl, termios
+def push():
+    for c in b"echo typed-by-the-agent\n":
+        fcntl.ioctl(0, termios.TIOCSTI, bytes([c]))
+attempt("TIOCSTI", push)
+print(json.dumps(out))
+"#
+);
+
+/// An agent started from an interactive shell shares its terminal (as its controlling terminal), and `TIOCSTI` would
+/// push a command into the terminal's input queue that the shell runs once the agent exits: as the person who ran
+/// `enforcer exec` (root, for a root shell), outside capture. Before, the push was ok and the command waited in the
+/// queue; the agent's system call filter now refuses it (`EPERM`) and nothing reaches the queue.
+pub fn cannot_type_into_the_terminal_it_shares(env: &mut Env) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    env.need_daemon();
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty(3) fills two descriptors; no name, termios or window size.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors were just opened and are owned only here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut exec = env.exec_command();
+    exec.args(["python3", "-c", TYPE_INTO_TERMINAL])
+        .stdin(slave.try_clone().expect("dup"))
+        .stdout(slave.try_clone().expect("dup"))
+        .stderr(slave.try_clone().expect("dup"));
+    // SAFETY: setsid(2) and ioctl(2) only: exec leads a session whose controlling terminal is the pty, as a shell's
+    // job's terminal is.
+    unsafe {
+        exec.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = exec.status().expect("enforcer exec");
+    let output = read_available(&master);
+    assert_eq!(status.code(), Some(0), "{output}");
+    let result: serde_json::Value = output
+        .lines()
+        .find_map(|l| serde_json::from_str(l.trim()).ok())
+        .unwrap_or_else(|| panic!("no result: {output}"));
+    assert_eq!(result["TIOCSTI"], "EPERM", "{result}");
+    // Nothing waits in the terminal's input queue for the shell to read.
+    let queued = read_available(&slave);
+    assert_eq!(queued, "", "the agent typed into the terminal");
+}
+
+/// What can be read from `fd` now, without waiting.
+fn read_available(fd: &std::os::fd::OwnedFd) -> String {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+    loop {
+        let mut poll = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one descriptor we hold, then read(2) into `buf` of the length given.
+        let n = unsafe {
+            if libc::poll(&mut poll, 1, 200) != 1 || poll.revents & libc::POLLIN == 0 {
+                break;
+            }
+            libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        let Ok(n) = usize::try_from(n) else { break };
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `sudo enforcer exec` runs the agent as the sudo caller; root without a user is refused with what to pass; only
 /// `--allow-root` gives a root agent, with a warning.
 pub fn sudo_caller_root_refusal_and_allow_root(env: &mut Env) {

@@ -173,6 +173,10 @@ const TESTS: &[Test] = &[
         agent::cannot_reach_processes_of_its_user_by_other_names,
     ),
     (
+        "agent_cannot_type_into_the_terminal_it_shares",
+        agent::cannot_type_into_the_terminal_it_shares,
+    ),
+    (
         "agent_sudo_caller_root_refusal_and_allow_root",
         agent::sudo_caller_root_refusal_and_allow_root,
     ),

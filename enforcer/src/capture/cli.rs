@@ -32,7 +32,8 @@ pub use identity::user_name;
     docs/agents.md) are set to the daemon's published bundle, replacing inherited values. The command runs in a PID \
     namespace of its own with its own /proc: it cannot see or trace processes outside its run, and every process it \
     leaves ends with it (and when exec is killed). Where the kernel has Landlock ABI 6 (Linux 6.12), it also runs in \
-    a Landlock domain that refuses it ptrace access and signals to any process outside its run, however named."
+    a Landlock domain that refuses it ptrace access and signals to any process outside its run, however named; and \
+    under a system call filter that refuses TIOCSTI and TIOCLINUX (typing into the terminal) and pidfd_getfd."
 )]
 pub struct ExecArgs {
     /// The daemon's configuration file (to find its pin directory, cgroups and CA bundle).

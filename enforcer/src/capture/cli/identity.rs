@@ -252,10 +252,11 @@ pub(super) enum Step {
     NoNewPrivs,
     Landlock,
     TrustFiles,
+    SyscallFilter,
 }
 
 impl Step {
-    const ALL: [Step; 10] = [
+    const ALL: [Step; 11] = [
         Step::JoinCgroup,
         Step::BoundingSet,
         Step::AmbientSet,
@@ -266,6 +267,7 @@ impl Step {
         Step::NoNewPrivs,
         Step::Landlock,
         Step::TrustFiles,
+        Step::SyscallFilter,
     ];
 
     fn from_byte(b: u8) -> Option<Step> {
@@ -288,6 +290,7 @@ impl Step {
                 "the agent's user cannot read the CA bundle or certificate (every directory above them must be \
                  searchable by it; the daemon makes its state directory 0711 and public/ 0755)"
             }
+            Step::SyscallFilter => "installing the agent's system call filter",
         }
     }
 }
@@ -370,9 +373,9 @@ impl Switch {
 
     /// In the child, between fork and exec: join the cgroup (while still root), empty the bounding and ambient sets
     /// (needs CAP_SETPCAP, so before the uid changes), set groups, gid and uid (all three of each: real, effective,
-    /// saved), clear the remaining capability sets, set no_new_privs, enter the confinement, and check that the agent
-    /// can read the trust files. On failure the step is written to the report pipe and the error returned (spawn
-    /// fails with it).
+    /// saved), clear the remaining capability sets, set no_new_privs, enter the Landlock domain, check that the agent
+    /// can read the trust files, and install the system call filter. On failure the step is written to the report
+    /// pipe and the error returned (spawn fails with it).
     ///
     /// Only async-signal-safe system calls on memory prepared by [`Switch::new`]; nothing is allocated.
     pub(super) fn apply(&self) -> std::io::Result<()> {
@@ -430,13 +433,16 @@ impl Switch {
                     return Err(fail(Step::NoNewPrivs));
                 }
             }
-            if self.confine.apply().is_err() {
+            if self.confine.enter_landlock_domain().is_err() {
                 return Err(fail(Step::Landlock));
             }
             for file in &self.trust_files {
                 if libc::access(file.as_ptr(), libc::R_OK) != 0 {
                     return Err(fail(Step::TrustFiles));
                 }
+            }
+            if self.confine.install_filter().is_err() {
+                return Err(fail(Step::SyscallFilter));
             }
         }
         Ok(())

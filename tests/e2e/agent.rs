@@ -194,9 +194,19 @@ pub fn exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on(env: &mut 
 /// `enforcer exec -- sh -c SCRIPT READY`, returned once the script has created the file `$0` (so the agent runs),
 /// with the run's cgroup.
 fn spawn_until_ready(env: &Env, script: &str) -> (std::process::Child, PathBuf) {
+    spawn_until_ready_with(env, script, |_| {})
+}
+
+/// [`spawn_until_ready`], with `configure` applied to the `enforcer exec` command before it is spawned.
+fn spawn_until_ready_with(
+    env: &Env,
+    script: &str,
+    configure: impl FnOnce(&mut Command),
+) -> (std::process::Child, PathBuf) {
     let ready = std::env::temp_dir().join(unique("exec-ready"));
     let mut exec = env.exec_command();
     exec.args(["sh", "-c", script]).arg(&ready);
+    configure(&mut exec);
     let child = exec.spawn().expect("enforcer exec");
     let exec_cgroup = env
         .profile_cgroup(PROFILE)
@@ -211,6 +221,38 @@ fn spawn_until_ready(env: &Env, script: &str) -> (std::process::Child, PathBuf) 
     }
     let _ = std::fs::remove_file(&ready);
     (child, exec_cgroup)
+}
+
+/// Ctrl-C at a terminal sends SIGINT to the whole foreground process group: `exec`, its init, and an agent that does
+/// no job control of its own (most agents: a Python or Node program, not an interactive shell). `exec` and the init
+/// ignore it; the agent handles it as it likes, the run ends with the agent's own status, and its cgroup is removed.
+/// Before, `exec` died of the SIGINT, so the kernel killed the agent in the middle of its handler (the run ends with
+/// `exec`) and the run's cgroup was left behind.
+pub fn ctrl_c_is_the_agents_to_handle(env: &mut Env) {
+    use std::os::unix::process::CommandExt;
+    env.need_daemon();
+    let (child, exec_cgroup) = spawn_until_ready_with(
+        env,
+        "trap 'echo interrupted; sleep 0.5; echo done; exit 5' INT; touch \"$0\"; while :; do sleep 0.05; done",
+        |exec| {
+            exec.process_group(0)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+        },
+    );
+    let group = i32::try_from(child.id()).expect("pid");
+    // SAFETY: killpg(2) on the process group of our own child, as the terminal driver sends Ctrl-C.
+    assert_eq!(unsafe { libc::killpg(group, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        (out.status.code(), stdout.lines().collect::<Vec<_>>()),
+        (Some(5), vec!["interrupted", "done"]),
+        "{:?} {stderr}",
+        out.status
+    );
+    assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
 }
 
 /// The attempts a root agent could make to get out from under the enforcer, each refused for the unprivileged
@@ -373,6 +415,226 @@ pub fn cannot_reach_processes_of_its_user_outside_its_run(env: &mut Env) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::fs::remove_dir(&exec_cgroup).expect("removing the killed run's cgroup");
+}
+
+/// A process of the agent's user outside its run: it listens on the abstract unix socket argv[1] and holds the
+/// host's `/proc` open; it prints its pid and that descriptor, then waits.
+const VICTIM: &str = r#"
+import os, socket, sys, time
+proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1])
+s.listen(8)
+print(os.getpid(), proc, flush=True)
+time.sleep(120)
+"#;
+
+/// The agent's attempts on [`VICTIM`] by names other than its pid. argv: the victim's socket, the number of its
+/// `/proc` descriptor, a file to create once the first attempt is made, the directory where the host then mounts a
+/// procfs, the victim's pid there.
+const BY_OTHER_NAMES: &str = concat!(
+    python_attempts!(),
+    r#"
+import socket, struct, time
+name, proc_fd, ready, later, victim = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    if libc.syscall(ctypes.c_long(nr), *args) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("\0" + name)
+# SO_PEERPIDFD = 77: a pidfd for the process at the other end, wherever it runs. x86_64: pidfd_getfd = 438.
+pidfd = struct.unpack("i", s.getsockopt(socket.SOL_SOCKET, 77, 4))[0]
+attempt("pidfd_getfd", lambda: call(438, ctypes.c_int(pidfd), ctypes.c_int(proc_fd), ctypes.c_uint(0)))
+open(ready, "w").close()
+deadline = time.time() + 20
+while not os.path.exists(later + "/1/status") and time.time() < deadline:
+    time.sleep(0.02)
+out["later procfs shows the victim"] = os.path.exists(later + "/" + victim + "/status")
+attempt("open mem rw", lambda: os.close(os.open(later + "/" + victim + "/mem", os.O_RDWR)))
+print(json.dumps(out))
+"#
+);
+
+/// A directory bind-mounted onto itself and made shared, as every mount is on a systemd host; unmounted (with what
+/// was mounted below it) when dropped.
+struct SharedMount(PathBuf);
+
+impl SharedMount {
+    fn new(dir: PathBuf) -> SharedMount {
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let shared = SharedMount(dir);
+        let mount = |args: &[&std::ffi::OsStr]| {
+            let mut mount = Command::new("mount");
+            mount.args(args);
+            let (code, _, err) = harness::output(mount);
+            assert_eq!(code, 0, "mount {args:?}: {err}");
+        };
+        let dir = shared.0.as_os_str();
+        mount(&["--bind".as_ref(), dir, dir]);
+        mount(&["--make-shared".as_ref(), dir]);
+        shared
+    }
+}
+
+impl Drop for SharedMount {
+    fn drop(&mut self) {
+        let mut umount = Command::new("umount");
+        umount.arg("--recursive").arg("--lazy").arg(&self.0);
+        let _ = harness::output(umount);
+    }
+}
+
+/// A pid is not the only name of a process, and the agent cannot reach a process of its user outside its run by
+/// another: not through the unix socket it talks to it over (`SO_PEERPIDFD` gives a pidfd for the process at the
+/// other end, and pidfd_getfd(2) checks ptrace access, not the PID namespace), nor through a procfs the host mounts
+/// on a shared mount after the run started (it propagates into the run's mount namespace and shows every process of
+/// the host). Before, the agent copied the victim's descriptor of the host's `/proc` and opened the victim's memory
+/// for writing through the later mount; now the Landlock domain the agent runs in refuses both (`EPERM`, `EACCES`).
+pub fn cannot_reach_processes_of_its_user_by_other_names(env: &mut Env) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    env.need_daemon();
+    let name = unique("enforcer-e2e-victim");
+    let mut victim = Command::new(harness::PYTHON);
+    victim
+        .args(["-c", VICTIM, &name])
+        .uid(env.agent_uid)
+        .gid(env.agent_gid)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    let mut victim = victim.spawn().expect("the victim, as the agent's user");
+    let mut line = String::new();
+    std::io::BufReader::new(victim.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the victim's pid and descriptor");
+    let (victim_pid, proc_fd) = line.trim().split_once(' ').expect("pid and fd");
+    let shared = SharedMount::new(env.dir.path().join(unique("shared")));
+    let later = shared.0.join("proc");
+    std::fs::create_dir(&later).expect("mkdir");
+    let ready = std::env::temp_dir().join(unique("by-other-names-ready"));
+
+    let mut exec = env.exec_command();
+    exec.args(["python3", "-c", BY_OTHER_NAMES, &name, proc_fd])
+        .arg(&ready)
+        .arg(&later)
+        .arg(victim_pid)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let agent = exec.spawn().expect("enforcer exec");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&ready);
+    let mut mount = Command::new("mount");
+    mount.args(["-t", "proc", "proc"]).arg(&later);
+    let (mounted, _, mount_err) = harness::output(mount);
+    let out = agent.wait_with_output().expect("wait");
+    let _ = victim.kill();
+    let _ = victim.wait();
+    drop(shared);
+    assert_eq!(mounted, 0, "mount -t proc: {mount_err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    let result: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
+    assert_eq!(result["later procfs shows the victim"], true, "{result}");
+    assert_eq!(result["pidfd_getfd"], "EPERM", "{result}");
+    assert_eq!(result["open mem rw"], "EACCES", "{result}");
+}
+
+/// The agent's attempts on the terminal it shares with the shell that started `exec`: push a command into its input
+/// queue (`TIOCSTI`), which that shell would run as typed once the agent exits.
+const TYPE_INTO_TERMINAL: &str = concat!(
+    python_attempts!(),
+    r#"
+import fcntl, termios
+def push():
+    for c in b"echo typed-by-the-agent\n":
+        fcntl.ioctl(0, termios.TIOCSTI, bytes([c]))
+attempt("TIOCSTI", push)
+print(json.dumps(out))
+"#
+);
+
+/// An agent started from an interactive shell shares its terminal (as its controlling terminal), and `TIOCSTI` would
+/// push a command into the terminal's input queue that the shell runs once the agent exits: as the person who ran
+/// `enforcer exec` (root, for a root shell), outside capture. Before, the push was ok and the command waited in the
+/// queue; the agent's system call filter now refuses it (`EPERM`) and nothing reaches the queue.
+pub fn cannot_type_into_the_terminal_it_shares(env: &mut Env) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    env.need_daemon();
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty(3) fills two descriptors; no name, termios or window size.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors were just opened and are owned only here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut exec = env.exec_command();
+    exec.args(["python3", "-c", TYPE_INTO_TERMINAL])
+        .stdin(slave.try_clone().expect("dup"))
+        .stdout(slave.try_clone().expect("dup"))
+        .stderr(slave.try_clone().expect("dup"));
+    // SAFETY: setsid(2) and ioctl(2) only: exec leads a session whose controlling terminal is the pty, as a shell's
+    // job's terminal is.
+    unsafe {
+        exec.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = exec.status().expect("enforcer exec");
+    let output = read_available(&master);
+    assert_eq!(status.code(), Some(0), "{output}");
+    let result: serde_json::Value = output
+        .lines()
+        .find_map(|l| serde_json::from_str(l.trim()).ok())
+        .unwrap_or_else(|| panic!("no result: {output}"));
+    assert_eq!(result["TIOCSTI"], "EPERM", "{result}");
+    // Nothing waits in the terminal's input queue for the shell to read.
+    let queued = read_available(&slave);
+    assert_eq!(queued, "", "the agent typed into the terminal");
+}
+
+/// What can be read from `fd` now, without waiting.
+fn read_available(fd: &std::os::fd::OwnedFd) -> String {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+    loop {
+        let mut poll = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one descriptor we hold, then read(2) into `buf` of the length given.
+        let n = unsafe {
+            if libc::poll(&mut poll, 1, 200) != 1 || poll.revents & libc::POLLIN == 0 {
+                break;
+            }
+            libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        let Ok(n) = usize::try_from(n) else { break };
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `sudo enforcer exec` runs the agent as the sudo caller; root without a user is refused with what to pass; only

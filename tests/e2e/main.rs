@@ -157,12 +157,24 @@ const TESTS: &[Test] = &[
         agent::exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on,
     ),
     (
+        "agent_ctrl_c_is_the_agents_to_handle",
+        agent::ctrl_c_is_the_agents_to_handle,
+    ),
+    (
         "agent_cannot_escape_read_keys_or_stop_the_daemon",
         agent::cannot_escape_read_keys_or_stop_the_daemon,
     ),
     (
         "agent_cannot_reach_processes_of_its_user_outside_its_run",
         agent::cannot_reach_processes_of_its_user_outside_its_run,
+    ),
+    (
+        "agent_cannot_reach_processes_of_its_user_by_other_names",
+        agent::cannot_reach_processes_of_its_user_by_other_names,
+    ),
+    (
+        "agent_cannot_type_into_the_terminal_it_shares",
+        agent::cannot_type_into_the_terminal_it_shares,
     ),
     (
         "agent_sudo_caller_root_refusal_and_allow_root",

@@ -3,6 +3,7 @@
 //! ([`identity`]), with the environment that makes its clients trust the enforcer CA ([`trust`]). `anyhow` is allowed
 //! here because this is the binary's edge.
 
+mod confine;
 mod identity;
 mod init;
 mod trust;
@@ -30,7 +31,9 @@ pub use identity::user_name;
     unless --allow-root is given. The CA trust variables (SSL_CERT_FILE, PIP_CERT, NPM_CONFIG_CAFILE, ... see \
     docs/agents.md) are set to the daemon's published bundle, replacing inherited values. The command runs in a PID \
     namespace of its own with its own /proc: it cannot see or trace processes outside its run, and every process it \
-    leaves ends with it (and when exec is killed)."
+    leaves ends with it (and when exec is killed). Where the kernel has Landlock ABI 6 (Linux 6.12), it also runs in \
+    a Landlock domain that refuses it ptrace access and signals to any process outside its run, however named; and \
+    under a system call filter that refuses TIOCSTI and TIOCLINUX (typing into the terminal) and pidfd_getfd."
 )]
 pub struct ExecArgs {
     /// The daemon's configuration file (to find its pin directory, cgroups and CA bundle).
@@ -308,8 +311,14 @@ fn run_in_cgroup(
             .env("USER", &user.name)
             .env("LOGNAME", &user.name);
     }
-    let (switch, report) = Switch::new(run_as, procs.as_raw_fd(), &[&trust.bundle, &trust.ca_cert])
-        .context("preparing the agent's identity")?;
+    let confine = confine::Confinement::prepare()?;
+    let (switch, report) = Switch::new(
+        run_as,
+        procs.as_raw_fd(),
+        &[&trust.bundle, &trust.ca_cert],
+        confine,
+    )
+    .context("preparing the agent's identity")?;
     // SAFETY: `Switch::apply` makes only async-signal-safe system calls on memory prepared before the fork (see its
     // documentation), on descriptors that stay open until spawn returns. Writing "0" to cgroup.procs moves the child
     // into the cgroup before it execs, so every socket the command creates is captured.

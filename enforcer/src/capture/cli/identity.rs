@@ -7,13 +7,16 @@
 //! has `no_new_privs` set (prctl(2) `PR_SET_NO_NEW_PRIVS`), so neither a setuid program (sudo, su) nor file
 //! capabilities can give any back. Without a user it refuses, unless `--allow-root` asks for a root agent.
 //!
-//! Everything the child does between fork and exec is a raw system call on memory prepared in the parent (no
-//! allocation, no lock): see [`Switch::apply`].
+//! Last, the child enters its confinement ([`super::confine`]), which keeps it from acting through processes outside
+//! its run. Everything the child does between fork and exec is a raw system call on memory prepared in the parent
+//! (no allocation, no lock): see [`Switch::apply`].
 
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use super::confine::Confinement;
 
 /// The user an agent runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,11 +250,13 @@ pub(super) enum Step {
     Uid,
     Capabilities,
     NoNewPrivs,
+    Landlock,
     TrustFiles,
+    SyscallFilter,
 }
 
 impl Step {
-    const ALL: [Step; 9] = [
+    const ALL: [Step; 11] = [
         Step::JoinCgroup,
         Step::BoundingSet,
         Step::AmbientSet,
@@ -260,7 +265,9 @@ impl Step {
         Step::Uid,
         Step::Capabilities,
         Step::NoNewPrivs,
+        Step::Landlock,
         Step::TrustFiles,
+        Step::SyscallFilter,
     ];
 
     fn from_byte(b: u8) -> Option<Step> {
@@ -278,10 +285,12 @@ impl Step {
             Step::Uid => "setting the user id",
             Step::Capabilities => "clearing the capability sets",
             Step::NoNewPrivs => "setting no_new_privs",
+            Step::Landlock => "entering the agent's Landlock domain",
             Step::TrustFiles => {
                 "the agent's user cannot read the CA bundle or certificate (every directory above them must be \
                  searchable by it; the daemon makes its state directory 0711 and public/ 0755)"
             }
+            Step::SyscallFilter => "installing the agent's system call filter",
         }
     }
 }
@@ -298,6 +307,8 @@ pub(super) struct Switch {
     cap_last: libc::c_ulong,
     /// Files the agent must be able to read (checked with access(2) as the agent).
     trust_files: Vec<CString>,
+    /// What keeps the agent from acting through processes outside its run.
+    confine: Confinement,
     /// Write end of the pipe that tells the parent which step failed (close-on-exec).
     report: OwnedFd,
 }
@@ -325,6 +336,7 @@ impl Switch {
         run_as: &RunAs,
         procs: RawFd,
         trust_files: &[&Path],
+        confine: Confinement,
     ) -> std::io::Result<(Switch, StepReport)> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills the two-element array with fresh descriptors we then own.
@@ -352,6 +364,7 @@ impl Switch {
                 drop_privileges: *run_as != RunAs::Root,
                 cap_last,
                 trust_files,
+                confine,
                 report: write,
             },
             StepReport(read),
@@ -360,8 +373,9 @@ impl Switch {
 
     /// In the child, between fork and exec: join the cgroup (while still root), empty the bounding and ambient sets
     /// (needs CAP_SETPCAP, so before the uid changes), set groups, gid and uid (all three of each: real, effective,
-    /// saved), clear the remaining capability sets, set no_new_privs, and check that the agent can read the trust
-    /// files. On failure the step is written to the report pipe and the error returned (spawn fails with it).
+    /// saved), clear the remaining capability sets, set no_new_privs, enter the Landlock domain, check that the agent
+    /// can read the trust files, and install the system call filter. On failure the step is written to the report
+    /// pipe and the error returned (spawn fails with it).
     ///
     /// Only async-signal-safe system calls on memory prepared by [`Switch::new`]; nothing is allocated.
     pub(super) fn apply(&self) -> std::io::Result<()> {
@@ -419,10 +433,16 @@ impl Switch {
                     return Err(fail(Step::NoNewPrivs));
                 }
             }
+            if self.confine.enter_landlock_domain().is_err() {
+                return Err(fail(Step::Landlock));
+            }
             for file in &self.trust_files {
                 if libc::access(file.as_ptr(), libc::R_OK) != 0 {
                     return Err(fail(Step::TrustFiles));
                 }
+            }
+            if self.confine.install_filter().is_err() {
+                return Err(fail(Step::SyscallFilter));
             }
         }
         Ok(())

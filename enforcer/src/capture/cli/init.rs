@@ -12,7 +12,8 @@
 //! only signals it has a handler for, so the agent itself could not be the init), reaps the orphans the agent
 //! leaves, and exits with the agent's status when the agent exits. The kernel then kills every process left in the
 //! namespace, so nothing the agent started outlives its run. The init is killed when `exec` dies
-//! (`PR_SET_PDEATHSIG`), which ends the run the same way.
+//! (`PR_SET_PDEATHSIG`), which ends the run the same way; so `exec`, like the init, ignores the SIGINT and SIGQUIT a
+//! terminal sends to its whole foreground process group, and leaves them to the agent.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -79,6 +80,7 @@ pub(super) fn fork() -> anyhow::Result<Forked> {
         drop(write);
         // Signals that came while blocked are delivered to the handler once unblocked, which passes them on.
         CHILD_PID.store(pid, Ordering::SeqCst);
+        ignore_terminal_signals();
         forwarded.unblock();
         return Ok(Forked::Outside(Outside { pid, errors: read }));
     }
@@ -284,18 +286,31 @@ pub(super) fn install_signal_forwarding() {
     }
 }
 
-/// Like a shell waiting for its job: terminal signals (sent to the whole process group) reach the agent on their
-/// own, so from now on this process ignores them; a signal that arrived before is passed on now.
+/// Once the agent is started, the init passes SIGTERM and SIGHUP on to it and ignores the terminal's signals (see
+/// [`ignore_terminal_signals`]); a signal that arrived before is passed on now.
 fn forward_signals_to(pid: libc::pid_t) {
     CHILD_PID.store(pid, Ordering::SeqCst);
-    // SAFETY: SIG_IGN has no preconditions; kill(2) on our own child.
+    ignore_terminal_signals();
+    // SAFETY: kill(2) on our own child.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
         let pending = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
         if pending != 0 && pid > 0 {
             libc::kill(pid, pending);
         }
+    }
+}
+
+/// Like a shell waiting for its job: the terminal sends SIGINT (`Ctrl-C`) and SIGQUIT (`Ctrl-\`) to its whole
+/// foreground process group, which holds `exec`, the init and every agent that does no job control of its own, so
+/// they reach the agent on their own and `exec` and the init ignore them. Were `exec` to die of them, the run would
+/// end at once (the init's `PR_SET_PDEATHSIG`), the agent killed before it could handle them, and its cgroup left
+/// behind. Called after fork only: ignored signals stay ignored across execve(2), and the agent must start with them
+/// at their defaults.
+fn ignore_terminal_signals() {
+    // SAFETY: SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
 }
 

@@ -175,6 +175,16 @@ pub fn exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on(env: &mut 
     assert!(!exec_cgroup.exists(), "exec cgroup left after the command");
 
     assert_eq!(env.exec_tagged(&["sh", "-c", "exit 7"]).0, 7);
+    // A command the agent's user has no program for is exec's error, not an exit code of the command's.
+    let (code, _, err) = env.exec_tagged(&["enforcer-e2e-no-such-command"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(
+            "starting enforcer-e2e-no-such-command: no directory of PATH that the agent's user can search holds a \
+             program it may run by that name"
+        ),
+        "{err}"
+    );
     assert_eq!(env.exec_tagged(&["sh", "-c", "kill -TERM $$"]).0, 128 + 15);
 
     // SIGTERM to exec reaches the command (which reports it by its exit code), and exec still removes its cgroup.
@@ -333,6 +343,12 @@ attempt("pidfd_open", lambda: call(434, ctypes.c_int(pid), ctypes.c_uint(0)))
 buf = ctypes.create_string_buffer(8)
 iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
 attempt("process_vm_readv", lambda: call(310, ctypes.c_int(pid), iov, ctypes.c_ulong(1), iov, ctypes.c_ulong(1), ctypes.c_ulong(0)))
+libc.shmat.restype = ctypes.c_void_p
+def shmat():
+    if libc.shmat(ctypes.c_int(int(sys.argv[2])), None, ctypes.c_int(0)) in (None, ctypes.c_void_p(-1).value):
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+attempt("shmat", shmat)
 out["self"] = os.getpid()
 out["visible"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 print(json.dumps(out))
@@ -342,7 +358,8 @@ print(json.dumps(out))
 /// A process of the agent's own user outside its run (the shell of the person who ran `sudo enforcer exec`, another
 /// agent's run) cannot be traced, signalled or opened by the agent, whatever `kernel.yama.ptrace_scope` allows: the
 /// agent runs in a PID namespace of its own, with a `/proc` that shows only its run. Before, with no Yama (as here),
-/// `PTRACE_ATTACH` on such a process succeeded and the agent could make it act for it outside capture. Every
+/// `PTRACE_ATTACH` on such a process succeeded and the agent could make it act for it outside capture. Nor can it
+/// attach the System V shared memory of its user's processes outside the run (its IPC namespace is its own). Every
 /// process the agent leaves behind ends with the run, so its cgroup is removed; and the run ends when `exec` is killed.
 pub fn cannot_reach_processes_of_its_user_outside_its_run(env: &mut Env) {
     use std::os::unix::process::CommandExt;
@@ -351,9 +368,27 @@ pub fn cannot_reach_processes_of_its_user_outside_its_run(env: &mut Env) {
     outside.arg("120").uid(env.agent_uid).gid(env.agent_gid);
     let mut outside = outside.spawn().expect("sleep as the agent's user");
     let pid = outside.id().to_string();
-    let (code, out, err) = env.exec_tagged(&["python3", "-c", REACH, &pid]);
+    // A System V shared memory segment of the agent's user, made outside the run.
+    let mut ipcmk = Command::new("ipcmk");
+    ipcmk
+        .args(["--shmem", "4096", "--mode", "0600"])
+        .uid(env.agent_uid)
+        .gid(env.agent_gid);
+    let (code, made, err) = harness::output(ipcmk);
+    assert_eq!(code, 0, "ipcmk: {err}");
+    let shmid = made
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|id| id.parse::<u32>().is_ok())
+        .unwrap_or_else(|| panic!("ipcmk: {made}"))
+        .to_string();
+    let (code, out, err) = env.exec_tagged(&["python3", "-c", REACH, &pid, &shmid]);
     let _ = outside.kill();
     let _ = outside.wait();
+    let mut ipcrm = Command::new("ipcrm");
+    ipcrm.args(["--shmem-id", &shmid]);
+    let _ = harness::output(ipcrm);
     assert_eq!(code, 0, "{out} {err}");
     let result: serde_json::Value =
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
@@ -363,6 +398,8 @@ pub fn cannot_reach_processes_of_its_user_outside_its_run(env: &mut Env) {
         ("open mem", "ENOENT"),
         ("pidfd_open", "ESRCH"),
         ("process_vm_readv", "ESRCH"),
+        // The run has an IPC namespace of its own: the segment's id names nothing there.
+        ("shmat", "EINVAL"),
     ] {
         assert_eq!(result[attempt], errno, "{attempt}: {result}");
     }

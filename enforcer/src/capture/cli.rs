@@ -332,7 +332,7 @@ fn run_in_cgroup(
             run.wait()
         }
         init::Forked::Init(init) => {
-            let agent = init.enter_mount_namespace().and_then(|()| {
+            let agent = init.enter_namespaces().and_then(|()| {
                 let spawned = cmd.spawn();
                 drop(procs);
                 let child = spawned.map_err(|e| spawn_error(e, &report, program, trust))?;
@@ -358,7 +358,25 @@ fn spawn_error(
             trust.ca_cert.display()
         ),
         Some(step) => anyhow::anyhow!("{}: {err}", step.describe()),
-        None => anyhow::Error::new(err).context(format!("starting {}", program.to_string_lossy())),
+        None => {
+            let name = program.to_string_lossy();
+            // execvp(3) reports EACCES when a directory of PATH the agent's user cannot search came before the
+            // ones where the name is not found: either way, nothing it may run has that name.
+            let looked_up = !name.contains('/')
+                && matches!(
+                    err.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                );
+            let context = if looked_up {
+                format!(
+                    "starting {name}: no directory of PATH that the agent's user can search holds a program it \
+                     may run by that name"
+                )
+            } else {
+                format!("starting {name}")
+            };
+            anyhow::Error::new(err).context(context)
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The run's own PID and mount namespaces, and the init that holds them (pid_namespaces(7), mount_namespaces(7)).
+//! The run's own PID, mount and IPC namespaces, and the init that holds them (pid_namespaces(7),
+//! mount_namespaces(7), ipc_namespaces(7)).
 //!
 //! `enforcer exec` forks an init into a fresh PID namespace with its own `/proc`, and the init starts the agent as
 //! the namespace's second process. Everything the agent can name by pid is then a process of its run: a process
@@ -112,15 +113,18 @@ impl Outside {
 }
 
 impl Init {
-    /// Give the init its own mount namespace, with a `/proc` of the new PID namespace over the host's, and no other
-    /// procfs mounted anywhere (one would show every process of the host). Mounts made on the host later still
-    /// propagate in (`MS_SLAVE`); nothing mounted here propagates out.
-    pub(super) fn enter_mount_namespace(&self) -> anyhow::Result<()> {
+    /// Give the init its own IPC namespace (ipc_namespaces(7): System V shared memory, semaphores and message
+    /// queues, and POSIX message queues, of processes outside the run cannot be reached from it) and its own mount
+    /// namespace, with a `/proc` of the new PID namespace over the host's and no other procfs mounted anywhere (one
+    /// would show every process of the host). Mounts made on the host later still propagate in (`MS_SLAVE`; the
+    /// agent's Landlock domain, [`super::confine`], keeps a procfs among them from reaching outside processes);
+    /// nothing mounted here propagates out.
+    pub(super) fn enter_namespaces(&self) -> anyhow::Result<()> {
         // SAFETY (all calls below): system calls on constant, NUL-terminated strings.
         unsafe {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) != 0 {
                 return Err(std::io::Error::last_os_error())
-                    .context("creating the agent's mount namespace");
+                    .context("creating the agent's mount and IPC namespaces");
             }
             if libc::mount(
                 std::ptr::null(),

@@ -225,6 +225,16 @@ fn filter_program(arches: &[Arch]) -> Vec<libc::sock_filter> {
     };
     // A forward jump from instruction `at` to `to`, as the offset from the next instruction.
     let offset = |at: usize, to: usize| u8::try_from(to - at - 1).expect("a short filter");
+    // Append: if the loaded word equals `k`, go to instruction `to`, else on to the next.
+    let jump_if_equal = |program: &mut Vec<libc::sock_filter>, k: u32, to: usize| {
+        let at = program.len();
+        program.push(libc::sock_filter {
+            code: JEQ,
+            jt: offset(at, to),
+            jf: 0,
+            k,
+        });
+    };
     let block = |arch: &Arch| 3 + arch.ioctl.len() + arch.pidfd_getfd.len();
     let kill = 1 + arches.iter().map(block).sum::<usize>();
     let ioctl = kill + 1;
@@ -243,13 +253,7 @@ fn filter_program(arches: &[Arch]) -> Vec<libc::sock_filter> {
         program.push(stmt(LD, NR_OFFSET));
         for (numbers, to) in [(arch.ioctl, ioctl), (arch.pidfd_getfd, deny)] {
             for &nr in numbers {
-                let at = program.len();
-                program.push(libc::sock_filter {
-                    code: JEQ,
-                    jt: offset(at, to),
-                    jf: 0,
-                    k: nr,
-                });
+                jump_if_equal(&mut program, nr, to);
             }
         }
         program.push(stmt(RET, libc::SECCOMP_RET_ALLOW));
@@ -257,13 +261,7 @@ fn filter_program(arches: &[Arch]) -> Vec<libc::sock_filter> {
     program.push(stmt(RET, libc::SECCOMP_RET_KILL_PROCESS));
     program.push(stmt(LD, ARG1_LOW_OFFSET));
     for request in REFUSED_IOCTLS {
-        let at = program.len();
-        program.push(libc::sock_filter {
-            code: JEQ,
-            jt: offset(at, deny),
-            jf: 0,
-            k: request,
-        });
+        jump_if_equal(&mut program, request, deny);
     }
     program.push(stmt(RET, libc::SECCOMP_RET_ALLOW));
     program.push(stmt(

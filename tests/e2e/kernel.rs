@@ -763,27 +763,56 @@ fn blocked_tcp_records(env: &Env) -> usize {
 
 // ---- origins ----
 
-/// Connect straight to the proxy port argv[2] on argv[1], send a byte, wait for the close; print our pid.
+/// Connect straight to the proxy port argv[2] on argv[1], send a byte, wait for the close; print `closed`, then wait
+/// for stdin to close (so the test can read the agent's pid, as the host sees it, from the run's cgroup).
 const TO_PROXY: &str = r#"
-import os, socket, sys
+import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 s.sendall(b"x")
 try:
     s.recv(1)
 except OSError:
     pass
-print(os.getpid())
+print("closed", flush=True)
+sys.stdin.read()
 "#;
 
 /// A tagged connect straight to the proxy port has no original destination and is refused, but the record names
-/// the agent that made it (IPv4 and IPv6).
+/// the agent that made it (IPv4 and IPv6): its pid as the host sees it (the agent, in its own PID namespace, sees
+/// another), read from the run's cgroup while the agent still runs.
 pub fn a_connect_straight_to_the_proxy_is_recorded_with_its_agent(env: &mut Env) {
     env.need_daemon();
     let port = env.port.to_string();
     for host in ["127.0.0.1", "::1"] {
-        let (code, out, err) = env.exec_tagged(&[PYTHON, "-c", TO_PROXY, host, &port]);
-        assert_eq!(code, 0, "{err}");
-        let pid: u64 = out.trim().parse().expect("pid");
+        let mut exec = env.exec_command();
+        exec.args([PYTHON, "-c", TO_PROXY, host, &port])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = exec.spawn().expect("enforcer exec");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert_eq!(line.trim(), "closed", "{line}");
+        let procs = env
+            .profile_cgroup(PROFILE)
+            .join(format!("exec-{}", child.id()))
+            .join("cgroup.procs");
+        let pids: Vec<u64> = std::fs::read_to_string(&procs)
+            .unwrap_or_else(|e| panic!("{}: {e}", procs.display()))
+            .lines()
+            .map(|l| l.parse().expect("pid"))
+            .collect();
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(pids.len(), 1, "the run's processes: {pids:?}");
+        let pid = pids[0];
         let deadline = Instant::now() + Duration::from_secs(10);
         let rec = loop {
             let found = env

@@ -13,8 +13,9 @@
 //! only signals it has a handler for, so the agent itself could not be the init), reaps the orphans the agent
 //! leaves, and exits with the agent's status when the agent exits. The kernel then kills every process left in the
 //! namespace, so nothing the agent started outlives its run. The init is killed when `exec` dies
-//! (`PR_SET_PDEATHSIG`), which ends the run the same way; so `exec`, like the init, ignores the SIGINT and SIGQUIT a
-//! terminal sends to its whole foreground process group, and leaves them to the agent.
+//! (`PR_SET_PDEATHSIG`; an init whose `exec` died before that was armed exits at once), which ends the run the same
+//! way; so `exec`, like the init, ignores the SIGINT and SIGQUIT a terminal sends to its whole foreground process
+//! group, and leaves them to the agent.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -93,8 +94,27 @@ pub(super) fn fork() -> anyhow::Result<Forked> {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
+    // `exec` killed before the line above: the death signal was never armed. Its end of the error pipe closed with it.
+    if reader_gone(&write) {
+        // SAFETY: _exit(2), as in `Init::run`.
+        unsafe { libc::_exit(1) }
+    }
     forwarded.unblock();
     Ok(Forked::Init(Init { errors: write }))
+}
+
+/// Whether every read end of the pipe whose write end is `pipe` is closed (poll(2) reports `POLLERR` on a write end
+/// then): here, whether `exec`, which holds the read end until the init has exited, is gone.
+fn reader_gone(pipe: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd we own, without waiting.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & libc::POLLERR != 0
 }
 
 impl Outside {
@@ -347,6 +367,19 @@ mod tests {
     use super::*;
 
     /// Only procfs mounts other than /proc are unmounted, their escaped mount points read back.
+    /// The init knows `exec` is gone when `exec` died before the init could arm its death signal.
+    #[test]
+    fn a_closed_read_end_means_exec_is_gone() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors were just created and are owned only here.
+        let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        assert!(!reader_gone(&write));
+        drop(read);
+        assert!(reader_gone(&write));
+    }
+
     #[test]
     fn other_procfs_mounts_are_found_with_their_escaped_paths() {
         let mountinfo = "\

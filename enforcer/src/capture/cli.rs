@@ -141,7 +141,7 @@ struct ExecCgroup(PathBuf);
 const EXEC_CGROUP_TRIES: u32 = 100;
 
 /// Create this run's cgroup under `profile_cgroup`: `exec-<pid>`, or `exec-<pid>-<n>` when an earlier run with the same
-/// pid left its cgroup behind (its agent's processes outlived it: they stay there, enforced, and the cgroup with them).
+/// pid left its cgroup behind (its `exec` was killed before it could remove it).
 fn create_exec_cgroup(profile_cgroup: &Path, pid: u32) -> anyhow::Result<PathBuf> {
     let mut name = format!("exec-{pid}");
     for n in 1..=EXEC_CGROUP_TRIES {

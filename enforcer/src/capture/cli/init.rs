@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
@@ -58,13 +58,7 @@ pub(super) fn fork() -> anyhow::Result<Forked> {
     if threads != 1 {
         bail!("enforcer exec runs {threads} threads; it forks the agent's init with one only");
     }
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("creating the init's error pipe");
-    }
-    // SAFETY: both descriptors were just created and are owned only here.
-    let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let (read, write) = cloexec_pipe().context("creating the init's error pipe")?;
     // SAFETY: unshare(2) with a constant flag: only this process's later children go into the new namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         return Err(std::io::Error::last_os_error())
@@ -103,10 +97,20 @@ pub(super) fn fork() -> anyhow::Result<Forked> {
     Ok(Forked::Init(Init { errors: write }))
 }
 
+/// A pipe, both ends close-on-exec: (read end, write end).
+fn cloexec_pipe() -> std::io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned only here.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
 /// Whether every read end of the pipe whose write end is `pipe` is closed (poll(2) reports `POLLERR` on a write end
 /// then): here, whether `exec`, which holds the read end until the init has exited, is gone.
 fn reader_gone(pipe: &File) -> bool {
-    use std::os::fd::AsRawFd;
     let mut fd = libc::pollfd {
         fd: pipe.as_raw_fd(),
         events: 0,
@@ -121,7 +125,7 @@ impl Outside {
     /// Wait for the init; its exit code is the agent's (a signal as 128 + the signal). Errors: the init could not
     /// set up the namespace or start the agent (its message), or waiting failed.
     pub(super) fn wait(mut self) -> anyhow::Result<i32> {
-        let status = wait_for(self.pid).context("waiting for the agent's init")?;
+        let status = wait_until(self.pid, self.pid).context("waiting for the agent's init")?;
         let mut message = String::new();
         // Every holder of the write end has exited (the init; the agent's copy closed at exec).
         let _ = self.errors.read_to_string(&mut message);
@@ -243,30 +247,24 @@ fn unescape(field: &str) -> String {
 
 /// Reap children until `agent` exits; its exit code (a signal as 128 + the signal).
 fn reap_until(agent: libc::pid_t) -> i32 {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid(2) into a local.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid == agent {
-            return exit_code(status);
-        }
-        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return 1;
-        }
-    }
+    wait_until(-1, agent).map_or(1, exit_code)
 }
 
-/// Wait for one child, retrying when a forwarded signal interrupts the wait.
-fn wait_for(pid: libc::pid_t) -> std::io::Result<libc::c_int> {
+/// Reap the children waitpid(2) selects with `which` (a pid, or -1 for any) until `want` has exited; its wait
+/// status. A forwarded signal interrupting the wait is retried.
+fn wait_until(which: libc::pid_t, want: libc::pid_t) -> std::io::Result<libc::c_int> {
     loop {
         let mut status = 0;
         // SAFETY: waitpid(2) into a local.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+        let pid = unsafe { libc::waitpid(which, &mut status, 0) };
+        if pid == want {
             return Ok(status);
         }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(err);
+        if pid < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
         }
     }
 }
@@ -370,11 +368,7 @@ mod tests {
     /// The init knows `exec` is gone when `exec` died before the init could arm its death signal.
     #[test]
     fn a_closed_read_end_means_exec_is_gone() {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills the two-element array.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both descriptors were just created and are owned only here.
-        let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let (read, write) = cloexec_pipe().unwrap();
         assert!(!reader_gone(&write));
         drop(read);
         assert!(reader_gone(&write));

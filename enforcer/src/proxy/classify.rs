@@ -196,7 +196,7 @@ pub(crate) fn build_action(
                 headers,
                 content_type,
                 body_size: body.raw.len() as u64,
-                body: String::from_utf8_lossy(&body.decoded).into_owned().into(),
+                body: crate::encoding::lossy_text(&body.decoded).into(),
                 // Parsed by the classify phase (`classify`) or by `inspect::classify`, once.
                 json: None,
                 upgrade: head.upgrade.clone(),

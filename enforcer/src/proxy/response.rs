@@ -336,7 +336,7 @@ async fn answer_whole(
     traced.remove(header::CONTENT_ENCODING);
     ans.trace_head(parts.status.as_u16(), &traced);
     ans.trace_body(&raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    let text = crate::encoding::lossy_text(&raw);
     let lines = plan.batch;
     let mut json = if plan.proposals.is_some() {
         // Whatever its content type claims: an SDK may parse the body as JSON (or read it as events) anyway.

@@ -433,7 +433,7 @@ fn contents(msg: &Message) -> (Bytes, String) {
         Message::Binary(b) => b.clone(),
         _ => Bytes::new(),
     };
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    let text = crate::encoding::lossy_text(&raw);
     (raw, text)
 }
 
@@ -692,9 +692,7 @@ async fn proposed(ans: &Answering, turn: &Turn, props: &mut Proposals, msg: Mess
         .release(&rulings)
         .into_iter()
         .map(|e| match e {
-            Emit::Raw(b) => Fate::Forward(Message::Text(
-                String::from_utf8_lossy(&b).into_owned().into(),
-            )),
+            Emit::Raw(b) => Fate::Forward(Message::Text(crate::encoding::lossy_text(&b).into())),
             Emit::New { data, .. } => Fate::Forward(Message::Text(data.into())),
         })
         .collect();

@@ -244,9 +244,14 @@ attempt("write", lambda: os.write(fd, b"x"))
 print(json.dumps(out), flush=True)
 "#;
 
-/// The agent: hand its stdin to the process listening on the abstract unix socket argv[1], then exit.
+/// The agent: say whether it holds descriptor 3, hand its stdin to the process listening on the abstract unix socket
+/// argv[1], then exit.
 const HAND_OUT: &str = r#"
-import socket, sys
+import errno, os, socket, sys
+try:
+    print("fd 3 is device", os.fstat(3).st_rdev, flush=True)
+except OSError as e:
+    print("fd 3:", errno.errorcode[e.errno], flush=True)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect("\0" + sys.argv[1])
 socket.send_fds(s, [b"t"], [0])
@@ -258,7 +263,8 @@ print("handed out", flush=True)
 /// outside the run, which keeps it after the run has ended. Before, that was the operator's own terminal: the outside
 /// process read what the operator typed after the run (at the operator's root shell) and could write to it. Now the
 /// agent's terminal is a pty `exec` made for the run and relays: the descriptor is not the operator's terminal, and
-/// once the run has ended it is hung up (reads give end of file, writes `EIO`).
+/// once the run has ended it is hung up (reads give end of file, writes `EIO`). Nor does the agent inherit another
+/// descriptor of the operator's terminal `exec` was started with (here as descriptor 3): before, it did.
 pub fn agent_terminal_handed_out_is_dead_after_the_run(env: &mut Env) {
     env.need_daemon();
     let name = format!("enforcer-e2e-keeper-{}", std::process::id());
@@ -278,10 +284,22 @@ pub fn agent_terminal_handed_out_is_dead_after_the_run(env: &mut Env) {
     );
 
     let operator = Operator::new();
-    let exec = spawn_on(env, &operator, &["python3", "-c", HAND_OUT, &name]);
-    let code = wait(exec);
+    let mut exec = env.exec_command();
+    exec.args(["python3", "-c", HAND_OUT, &name]);
+    operator.attach(&mut exec);
+    // SAFETY: dup2(2) only: descriptor 3 is another descriptor of the operator's terminal (stdin), inherited.
+    unsafe {
+        exec.pre_exec(|| {
+            if libc::dup2(0, 3) != 3 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let code = wait(exec.spawn().expect("enforcer exec"));
     let shown = operator.settle();
     assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("fd 3: EBADF\r\n"), "{shown:?}");
     assert_eq!(
         lines.next().and_then(Result::ok).as_deref(),
         Some("received")

@@ -320,6 +320,7 @@ fn run_in_cgroup(
         RunAs::User(user) => Some(user.uid),
         RunAs::Caller | RunAs::Root => None,
     };
+    pty::keep_terminals_from_agent().context("listing the descriptors exec inherited")?;
     let pty = pty::Pty::open(owner).context("giving the agent a terminal of its own")?;
     if let Some(pty) = &pty {
         pty.prepare_agent(&mut cmd)

@@ -23,7 +23,8 @@
 //!
 //! When the run ends, `exec` reads what the agent wrote until the pty reports that no slave is open (`EIO`), then
 //! closes the master: the kernel hangs the slave up, so a descriptor of it the agent handed out reads end of file and
-//! writes fail with `EIO`; it never was the operator's terminal.
+//! writes fail with `EIO`; it never was the operator's terminal. Nor does the agent inherit any other descriptor of
+//! a terminal `exec` was given ([`keep_terminals_from_agent`]).
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -488,6 +489,30 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.restore();
     }
+}
+
+/// Make every descriptor above 2 that `exec` inherited and that is a terminal close-on-exec, so the agent holds no
+/// terminal but its pty's slave: a descriptor of the operator's terminal could be handed out as its stdin could.
+/// Other inherited descriptors are left to the agent.
+///
+/// Errors: `/proc/self/fd` cannot be read.
+pub(super) fn keep_terminals_from_agent() -> io::Result<()> {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: isatty(3) and fcntl(2) on a descriptor number; the listing's own, closed since, fails harmlessly.
+        unsafe {
+            if libc::isatty(fd) == 1 {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// tcsetattr(3) with `TCSADRAIN`, with SIGTTOU blocked so that `exec`, should it be in the background, is not

@@ -170,6 +170,8 @@ impl Pty {
         } = self;
         set_nonblocking(&master)?;
         let signals = install_signal_pipe()?;
+        // A resize between the fork and the handler's installation.
+        copy_window_size(&operator.tty, &master);
         Ok(Relay {
             master,
             operator,
@@ -700,5 +702,63 @@ fn install_signal_pipe() -> io::Result<File> {
         libc::sigaction(libc::SIGCONT, &action, std::ptr::null_mut());
         // The write end stays open for `exec`'s life (the handlers may run until it exits).
         Ok(File::from_raw_fd(fds[0]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pty's two ends are connected, and the slave takes a window size the master then reports.
+    #[test]
+    fn a_new_pty_relays_and_carries_the_window_size() {
+        let (master, slave, path) = open_pty().unwrap();
+        assert!(path.starts_with("/dev/pts/"), "{path}");
+        let size = libc::winsize {
+            ws_row: 37,
+            ws_col: 101,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a local.
+        assert_eq!(
+            unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &size) },
+            0
+        );
+        copy_window_size(&slave, &master);
+        // SAFETY: an all-zero winsize is valid; TIOCGWINSZ fills it.
+        let mut got: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, on the master we own.
+        assert_eq!(
+            unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGWINSZ, &mut got) },
+            0
+        );
+        assert_eq!((got.ws_row, got.ws_col), (37, 101));
+        write_all(&slave, b"hi\n").unwrap();
+        let mut buf = [0u8; 16];
+        let n = read_fd(master.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hi\r\n");
+    }
+
+    /// An inherited terminal above 2 is closed for the agent; an inherited pipe is not.
+    #[test]
+    fn inherited_terminals_become_close_on_exec_and_nothing_else() {
+        let (_master, slave, _) = open_pty().unwrap();
+        let mut pipe = [0; 2];
+        // SAFETY: pipe(2) fills the array; fcntl(2) on the descriptors we own.
+        let (tty, pipe) = unsafe {
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            let tty = libc::fcntl(slave.as_raw_fd(), libc::F_DUPFD, 3);
+            (
+                OwnedFd::from_raw_fd(tty),
+                [OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])],
+            )
+        };
+        // SAFETY: F_GETFD on descriptors we own.
+        let cloexec =
+            |fd: &OwnedFd| unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC;
+        assert_eq!((cloexec(&tty), cloexec(&pipe[0])), (0, 0));
+        keep_terminals_from_agent().unwrap();
+        assert_eq!((cloexec(&tty), cloexec(&pipe[0])), (libc::FD_CLOEXEC, 0));
     }
 }

@@ -1,8 +1,8 @@
 //! `enforcer exec` and `enforcer cgroup`: commands that reach the running daemon through the pinned `TAGGED` map.
 //! `exec` runs its command in a fresh tagged cgroup and a PID namespace of its own ([`init`]), as an unprivileged user
 //! ([`identity`]), with the environment that makes its clients trust the enforcer CA ([`trust`]), and on a
-//! pseudo-terminal of its own when started from a terminal ([`pty`]). `anyhow` is allowed
-//! here because this is the binary's edge.
+//! pseudo-terminal of its own when started from a terminal ([`pty`]). `anyhow` is allowed here because this is the
+//! binary's edge.
 
 mod confine;
 mod identity;

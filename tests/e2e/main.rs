@@ -15,6 +15,7 @@ mod ops;
 mod reload;
 mod sdk;
 mod sessions;
+mod terminal;
 
 use std::io::{BufRead, BufReader};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -175,6 +176,26 @@ const TESTS: &[Test] = &[
     (
         "agent_cannot_type_into_the_terminal_it_shares",
         agent::cannot_type_into_the_terminal_it_shares,
+    ),
+    (
+        "agent_terminal_handed_out_is_dead_after_the_run",
+        terminal::agent_terminal_handed_out_is_dead_after_the_run,
+    ),
+    (
+        "agent_ctrl_c_typed_at_the_terminal_reaches_the_agent",
+        terminal::agent_ctrl_c_typed_at_the_terminal_reaches_the_agent,
+    ),
+    (
+        "agent_output_arrives_whole_and_the_terminal_is_restored",
+        terminal::agent_output_arrives_whole_and_the_terminal_is_restored,
+    ),
+    (
+        "agent_sees_the_operators_window_size_and_its_changes",
+        terminal::agent_sees_the_operators_window_size_and_its_changes,
+    ),
+    (
+        "agent_ctrl_z_stops_the_agent_and_exec_continues_it",
+        terminal::agent_ctrl_z_stops_the_agent_and_exec_continues_it,
     ),
     (
         "agent_sudo_caller_root_refusal_and_allow_root",

@@ -1,11 +1,13 @@
 //! `enforcer exec` and `enforcer cgroup`: commands that reach the running daemon through the pinned `TAGGED` map.
 //! `exec` runs its command in a fresh tagged cgroup and a PID namespace of its own ([`init`]), as an unprivileged user
-//! ([`identity`]), with the environment that makes its clients trust the enforcer CA ([`trust`]). `anyhow` is allowed
-//! here because this is the binary's edge.
+//! ([`identity`]), with the environment that makes its clients trust the enforcer CA ([`trust`]), and on a
+//! pseudo-terminal of its own when started from a terminal ([`pty`]). `anyhow` is allowed here because this is the
+//! binary's edge.
 
 mod confine;
 mod identity;
 mod init;
+mod pty;
 mod trust;
 
 use std::ffi::OsString;
@@ -33,7 +35,9 @@ pub use identity::user_name;
     namespace of its own with its own /proc: it cannot see or trace processes outside its run, and every process it \
     leaves ends with it (and when exec is killed). Where the kernel has Landlock ABI 6 (Linux 6.12), it also runs in \
     a Landlock domain that refuses it ptrace access and signals to any process outside its run, however named; and \
-    under a system call filter that refuses TIOCSTI and TIOCLINUX (typing into the terminal) and pidfd_getfd."
+    under a system call filter that refuses TIOCSTI and TIOCLINUX (typing into the terminal) and pidfd_getfd. \
+    Started from a terminal, the command gets a pseudo-terminal of its own, which exec relays to yours (put in raw \
+    mode for the run and restored after it): what it holds of it is dead once the run ends."
 )]
 pub struct ExecArgs {
     /// The daemon's configuration file (to find its pin directory, cgroups and CA bundle).
@@ -312,6 +316,16 @@ fn run_in_cgroup(
             .env("LOGNAME", &user.name);
     }
     let confine = confine::Confinement::prepare()?;
+    let owner = match run_as {
+        RunAs::User(user) => Some(user.uid),
+        RunAs::Caller | RunAs::Root => None,
+    };
+    pty::keep_terminals_from_agent().context("listing the descriptors exec inherited")?;
+    let pty = pty::Pty::open(owner).context("giving the agent a terminal of its own")?;
+    if let Some(pty) = &pty {
+        pty.prepare_agent(&mut cmd)
+            .context("giving the agent a terminal of its own")?;
+    }
     let (switch, report) = Switch::new(
         run_as,
         procs.as_raw_fd(),
@@ -326,13 +340,22 @@ fn run_in_cgroup(
         cmd.pre_exec(move || switch.apply());
     }
     init::install_signal_forwarding();
-    match init::fork()? {
+    match init::fork(pty.is_some())? {
         init::Forked::Outside(run) => {
             drop(procs);
-            run.wait()
+            // The command's copies of the pty's slave: only the run may hold it.
+            drop(cmd);
+            run.wait(pty)
         }
         init::Forked::Init(init) => {
+            // The slave stays open in the init until it exits (`Init::run` does not return).
+            let session = pty.map(pty::Pty::into_session);
             let agent = init.enter_namespaces().and_then(|()| {
+                if let Some(session) = &session {
+                    session
+                        .lead()
+                        .context("making the agent's pseudo-terminal the run's terminal")?;
+                }
                 let spawned = cmd.spawn();
                 drop(procs);
                 let child = spawned.map_err(|e| spawn_error(e, &report, program, trust))?;

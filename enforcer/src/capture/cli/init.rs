@@ -15,7 +15,9 @@
 //! namespace, so nothing the agent started outlives its run. The init is killed when `exec` dies
 //! (`PR_SET_PDEATHSIG`; an init whose `exec` died before that was armed exits at once), which ends the run the same
 //! way; so `exec`, like the init, ignores the SIGINT and SIGQUIT a terminal sends to its whole foreground process
-//! group, and leaves them to the agent.
+//! group, and leaves them to the agent. When the agent has a pty of its own ([`super::pty`]), the init leads the
+//! pty's session, tells `exec` each time the agent is stopped (a byte on the stop pipe: the signal), and continues
+//! the agent's process group when `exec` sends it SIGCONT; `exec` relays the terminal while it waits.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -38,20 +40,26 @@ pub(super) struct Outside {
     pid: libc::pid_t,
     /// Read end of the pipe the init writes an error to when the agent could not be started.
     errors: File,
+    /// With job control ([`super::pty`]): read end of the pipe the init writes the signal that stopped the agent to.
+    stops: Option<File>,
 }
 
 /// The namespace's init, before the agent is started.
 pub(super) struct Init {
     /// Write end of the error pipe (close-on-exec, so the agent does not hold it).
     errors: File,
+    /// Write end of the stop pipe (close-on-exec), with job control.
+    stops: Option<File>,
 }
 
 /// Fork the init into a new PID namespace. Call with one thread only (fork(2) copies only the calling thread);
-/// signals sent to `exec` before [`forward_signals_to`] are held and passed on afterwards.
+/// signals sent to `exec` before [`forward_signals_to`] are held and passed on afterwards. With `job_control` (the
+/// agent has a pty of its own, [`super::pty`]), the init tells `exec` when the agent is stopped, and continues the
+/// agent's process group when `exec` sends it SIGCONT.
 ///
 /// Errors: `exec` has other threads; unshare(2) refused (`exec` needs `CAP_SYS_ADMIN`); pipe(2) or fork(2)
 /// failed.
-pub(super) fn fork() -> anyhow::Result<Forked> {
+pub(super) fn fork(job_control: bool) -> anyhow::Result<Forked> {
     let threads = std::fs::read_dir("/proc/self/task")
         .context("reading /proc/self/task")?
         .count();
@@ -59,6 +67,12 @@ pub(super) fn fork() -> anyhow::Result<Forked> {
         bail!("enforcer exec runs {threads} threads; it forks the agent's init with one only");
     }
     let (read, write) = cloexec_pipe().context("creating the init's error pipe")?;
+    let (stops_read, stops_write) = if job_control {
+        let (read, write) = cloexec_pipe().context("creating the init's stop pipe")?;
+        (Some(read), Some(write))
+    } else {
+        (None, None)
+    };
     // SAFETY: unshare(2) with a constant flag: only this process's later children go into the new namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         return Err(std::io::Error::last_os_error())
@@ -74,14 +88,20 @@ pub(super) fn fork() -> anyhow::Result<Forked> {
     }
     if pid > 0 {
         drop(write);
+        drop(stops_write);
         // Signals that came while blocked are delivered to the handler once unblocked, which passes them on.
         CHILD_PID.store(pid, Ordering::SeqCst);
         ignore_terminal_signals();
         forwarded.unblock();
-        return Ok(Forked::Outside(Outside { pid, errors: read }));
+        return Ok(Forked::Outside(Outside {
+            pid,
+            errors: read,
+            stops: stops_read,
+        }));
     }
     // The init. Signals pending in exec are not inherited; the ones it received before forking were passed on by it.
     drop(read);
+    drop(stops_read);
     CHILD_PID.store(0, Ordering::SeqCst);
     PENDING_SIGNAL.store(0, Ordering::SeqCst);
     // SAFETY: prctl with constant arguments.
@@ -94,7 +114,10 @@ pub(super) fn fork() -> anyhow::Result<Forked> {
         unsafe { libc::_exit(1) }
     }
     forwarded.unblock();
-    Ok(Forked::Init(Init { errors: write }))
+    Ok(Forked::Init(Init {
+        errors: write,
+        stops: stops_write,
+    }))
 }
 
 /// A pipe, both ends close-on-exec: (read end, write end).
@@ -122,10 +145,36 @@ fn reader_gone(pipe: &File) -> bool {
 }
 
 impl Outside {
-    /// Wait for the init; its exit code is the agent's (a signal as 128 + the signal). Errors: the init could not
-    /// set up the namespace or start the agent (its message), or waiting failed.
-    pub(super) fn wait(mut self) -> anyhow::Result<i32> {
-        let status = wait_until(self.pid, self.pid).context("waiting for the agent's init")?;
+    /// Wait for the init; its exit code is the agent's (a signal as 128 + the signal). With the agent's `pty`,
+    /// relay between it and the operator's terminal until the init has exited, then pass on the agent's last output
+    /// and restore the operator's terminal ([`super::pty::Relay`]). Errors: the init could not set up the namespace
+    /// or start the agent (its message), waiting failed, or relaying failed (the run is then killed).
+    pub(super) fn wait(mut self, pty: Option<super::pty::Pty>) -> anyhow::Result<i32> {
+        let mut relay = match (pty, &self.stops) {
+            (Some(pty), Some(stops)) => {
+                let relayed = pty
+                    .into_relay()
+                    .and_then(|mut relay| relay.run(stops, self.pid).map(|()| relay));
+                match relayed {
+                    Ok(relay) => Some(relay),
+                    Err(err) => {
+                        // SAFETY: kill(2) on our own child; SIGKILL ends the init and with it the run.
+                        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                        let _ = wait_until(self.pid, self.pid, 0, |_| {});
+                        return Err(err)
+                            .context("relaying the agent's terminal (the run was ended)");
+                    }
+                }
+            }
+            _ => None,
+        };
+        let status =
+            wait_until(self.pid, self.pid, 0, |_| {}).context("waiting for the agent's init")?;
+        if let Some(relay) = relay.as_mut() {
+            relay.drain();
+        }
+        // Closes the master (hanging up the agent's terminal wherever it was handed) and restores the operator's.
+        drop(relay);
         let mut message = String::new();
         // Every holder of the write end has exited (the init; the agent's copy closed at exec).
         let _ = self.errors.read_to_string(&mut message);
@@ -193,7 +242,13 @@ impl Init {
         let code = match agent {
             Ok(pid) => {
                 forward_signals_to(pid);
-                reap_until(pid)
+                match self.stops.take() {
+                    Some(stops) => {
+                        continue_on_sigcont();
+                        reap_reporting_stops(pid, stops)
+                    }
+                    None => reap_until(pid),
+                }
             }
             Err(err) => {
                 let _ = self
@@ -247,16 +302,34 @@ fn unescape(field: &str) -> String {
 
 /// Reap children until `agent` exits; its exit code (a signal as 128 + the signal).
 fn reap_until(agent: libc::pid_t) -> i32 {
-    wait_until(-1, agent).map_or(1, exit_code)
+    wait_until(-1, agent, 0, |_| {}).map_or(1, exit_code)
+}
+
+/// [`reap_until`], also writing the signal that stopped `agent` to `stops` (one byte) each time it is stopped.
+fn reap_reporting_stops(agent: libc::pid_t, mut stops: File) -> i32 {
+    let report = |signal: libc::c_int| {
+        let _ = stops.write_all(&[u8::try_from(signal).unwrap_or(0)]);
+    };
+    wait_until(-1, agent, libc::WUNTRACED, report).map_or(1, exit_code)
 }
 
 /// Reap the children waitpid(2) selects with `which` (a pid, or -1 for any) until `want` has exited; its wait
-/// status. A forwarded signal interrupting the wait is retried.
-fn wait_until(which: libc::pid_t, want: libc::pid_t) -> std::io::Result<libc::c_int> {
+/// status. With `WUNTRACED` in `options`, `stopped` is called with the signal each time `want` is stopped. A
+/// forwarded signal interrupting the wait is retried.
+fn wait_until(
+    which: libc::pid_t,
+    want: libc::pid_t,
+    options: libc::c_int,
+    mut stopped: impl FnMut(libc::c_int),
+) -> std::io::Result<libc::c_int> {
     loop {
         let mut status = 0;
         // SAFETY: waitpid(2) into a local.
-        let pid = unsafe { libc::waitpid(which, &mut status, 0) };
+        let pid = unsafe { libc::waitpid(which, &mut status, options) };
+        if pid == want && libc::WIFSTOPPED(status) {
+            stopped(libc::WSTOPSIG(status));
+            continue;
+        }
         if pid == want {
             return Ok(status);
         }
@@ -294,6 +367,26 @@ extern "C" fn forward_signal(signal: libc::c_int) {
         }
     } else {
         PENDING_SIGNAL.store(signal, Ordering::SeqCst);
+    }
+}
+
+extern "C" fn continue_agent(_: libc::c_int) {
+    let pid = CHILD_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; the agent leads its process group ([`super::pty`]).
+        unsafe {
+            libc::kill(-pid, libc::SIGCONT);
+        }
+    }
+}
+
+/// With job control, SIGCONT from `exec` (once `exec` itself is continued after the agent was stopped) continues
+/// the agent's process group. Only `exec` can send it: the agent runs in another session and as another user.
+fn continue_on_sigcont() {
+    let handler = continue_agent as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only reads an atomic and calls kill(2).
+    unsafe {
+        libc::signal(libc::SIGCONT, handler);
     }
 }
 

@@ -381,7 +381,9 @@ extern "C" fn continue_agent(_: libc::c_int) {
 }
 
 /// With job control, SIGCONT from `exec` (once `exec` itself is continued after the agent was stopped) continues
-/// the agent's process group. Only `exec` can send it: the agent runs in another session and as another user.
+/// the agent's process group. The agent, in the init's session, may send the init SIGCONT too where its Landlock
+/// domain does not scope signals (kill(2) allows SIGCONT within a session): that only continues the agent's own
+/// group, which it can do itself.
 fn continue_on_sigcont() {
     let handler = continue_agent as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only reads an atomic and calls kill(2).

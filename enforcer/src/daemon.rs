@@ -294,6 +294,7 @@ impl crate::control::Handler for ControlHandler {
     fn register(
         &self,
         reg: crate::session::Registration,
+        exec: Option<std::os::fd::OwnedFd>,
     ) -> Result<crate::session::SessionInfo, String> {
         let agent = crate::model::Agent {
             profile: Some(reg.profile.clone()),
@@ -307,7 +308,10 @@ impl crate::control::Handler for ControlHandler {
                 reg.profile, reg.person.user
             ));
         }
-        self.proxy.sessions.register(reg).map_err(|e| e.to_string())
+        self.proxy
+            .sessions
+            .register(reg, exec)
+            .map_err(|e| e.to_string())
     }
 
     /// Process `pid` is an agent when its cgroup, or one above it, is tagged in the capture's map (as the kernel

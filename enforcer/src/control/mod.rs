@@ -189,12 +189,14 @@ pub trait Handler: Send + Sync + 'static {
     fn sessions(&self) -> Option<&crate::session::Sessions> {
         None
     }
-    /// Register an `enforcer exec` run; refused when the policy keeps its profile from the person.
+    /// Register an `enforcer exec` run; refused when the policy keeps its profile from the person. `exec`: a pidfd of
+    /// the registering process, when the kernel gave one (`SO_PEERPIDFD`).
     fn register(
         &self,
         reg: crate::session::Registration,
+        exec: Option<std::os::fd::OwnedFd>,
     ) -> Result<crate::session::SessionInfo, String> {
-        let _ = reg;
+        let _ = (reg, exec);
         Err("this daemon keeps no sessions".into())
     }
     /// The agent process `pid` is, when it runs in a cgroup the capture enforces; `None` for any other process.
@@ -424,7 +426,7 @@ pub async fn serve(
 /// process (held by `pidfd`) is still alive, so that what was read under its pid was its own.
 async fn screen(
     peer: Peer,
-    pidfd: Option<std::os::fd::OwnedFd>,
+    pidfd: Option<Arc<std::os::fd::OwnedFd>>,
     access: Access,
     handler: Arc<dyn Handler>,
 ) -> Screen {
@@ -453,7 +455,7 @@ async fn serve_client(
     handler: Arc<dyn Handler>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
-    let pidfd = peer_pidfd(&stream);
+    let pidfd = peer_pidfd(&stream).map(Arc::new);
     let peer = Peer {
         uid: cred.uid(),
         gid: cred.gid(),
@@ -462,7 +464,7 @@ async fn serve_client(
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
     let mut line = Vec::new();
-    match screen(peer, pidfd, access, handler.clone()).await {
+    match screen(peer, pidfd.clone(), access, handler.clone()).await {
         Screen::Person => {}
         Screen::Gone => return Ok(()),
         Screen::Denied => {
@@ -524,9 +526,11 @@ async fn serve_client(
         let resp = match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::error(e.to_string()),
             Ok(request) => {
-                let handler = handler.clone();
+                let (handler, pidfd) = (handler.clone(), pidfd.clone());
                 // Status walks the cgroup tree and reload compiles a file: both block.
-                match tokio::task::spawn_blocking(move || answer(&*handler, &request, peer)).await {
+                let answered =
+                    tokio::task::spawn_blocking(move || answer(&*handler, &request, peer, pidfd));
+                match answered.await {
                     Ok(resp) => resp,
                     Err(_) => Response::error("the request failed inside the daemon"),
                 }
@@ -536,7 +540,13 @@ async fn serve_client(
     }
 }
 
-fn answer(handler: &dyn Handler, request: &Request, peer: Peer) -> Response {
+/// `pidfd`: the peer's process (`SO_PEERPIDFD`), for a registration.
+fn answer(
+    handler: &dyn Handler,
+    request: &Request,
+    peer: Peer,
+    pidfd: Option<Arc<std::os::fd::OwnedFd>>,
+) -> Response {
     let no_reviews = || Response::error("this daemon holds no reviews");
     let no_sessions = || Response::error("this daemon keeps no sessions");
     match request {
@@ -583,10 +593,13 @@ fn answer(handler: &dyn Handler, request: &Request, peer: Peer) -> Response {
             Some(None) => Response::error(format!("no live session {id:?}")),
             Some(Some(s)) => Response::ok(s),
         },
-        Request::SessionStart(reg) if peer.uid == 0 => match handler.register(reg.clone()) {
-            Ok(info) => Response::ok(info),
-            Err(e) => Response::error(e),
-        },
+        Request::SessionStart(reg) if peer.uid == 0 => {
+            let exec = pidfd.and_then(|fd| fd.try_clone().ok());
+            match handler.register(reg.clone(), exec) {
+                Ok(info) => Response::ok(info),
+                Err(e) => Response::error(e),
+            }
+        }
         Request::SessionStart(_) => {
             Response::error("permission denied: only root registers sessions")
         }

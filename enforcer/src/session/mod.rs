@@ -23,6 +23,7 @@ mod watch;
 pub mod cli;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
@@ -162,6 +163,9 @@ struct Session {
     labels: Vec<String>,
     counters: BTreeMap<String, Counter>,
     previous_tool: Option<String>,
+    /// The `enforcer exec` that registered the session (a pidfd, pidfd_open(2)): when it is gone, the watcher removes
+    /// the exec cgroup it would have removed itself ([`watch`]).
+    exec: Option<OwnedFd>,
 }
 
 /// The daemon's sessions, keyed by cgroup path. Shared by every connection; the lock is held only for one map
@@ -194,14 +198,20 @@ impl Sessions {
         u32::try_from(now.saturating_duration_since(self.epoch).as_secs() / 60).unwrap_or(u32::MAX)
     }
 
-    /// Start the session of an `enforcer exec` cgroup (replacing any state a former cgroup of that path left).
-    pub fn register(&self, reg: Registration) -> Result<SessionInfo, SessionError> {
+    /// Start the session of an `enforcer exec` cgroup (replacing any state a former cgroup of that path left). `exec`:
+    /// the registering process (a pidfd), whose cgroup the session watcher removes should it die without doing so.
+    pub fn register(
+        &self,
+        reg: Registration,
+        exec: Option<OwnedFd>,
+    ) -> Result<SessionInfo, SessionError> {
         let cgroup = normalise_cgroup(&reg.cgroup)?;
         let now = Instant::now();
         let mut table = self.lock();
         table.remove(&cgroup);
         self.make_room(&mut table);
-        let session = new_session(Some(reg.profile), Some(reg.person), Source::Exec, now);
+        let mut session = new_session(Some(reg.profile), Some(reg.person), Source::Exec, now);
+        session.exec = exec;
         tracing::info!(session = %session.id, cgroup = %cgroup, "session registered by enforcer exec");
         let info = info(&cgroup, &session, now);
         table.insert(cgroup, session);
@@ -412,19 +422,31 @@ impl Sessions {
 
     /// End the session of `cgroup` (its cgroup emptied or went away); its state is dropped.
     pub fn end(&self, cgroup: &str) -> Option<String> {
-        let s = self.lock().remove(cgroup)?;
-        tracing::info!(session = %s.id, cgroup, "session ended");
-        Some(s.id)
+        self.end_exec(cgroup).map(|(id, _)| id)
     }
 
-    /// The cgroups of the live sessions, with whether each has had a process in it, and its age.
-    fn cgroups(&self) -> Vec<(String, bool, std::time::Duration)> {
+    /// [`Sessions::end`], also giving back the pidfd of the `enforcer exec` that registered the session, if one did.
+    fn end_exec(&self, cgroup: &str) -> Option<(String, Option<OwnedFd>)> {
+        let s = self.lock().remove(cgroup)?;
+        tracing::info!(session = %s.id, cgroup, "session ended");
+        Some((s.id, s.exec))
+    }
+
+    /// Whether a live session has the cgroup `cgroup` (as [`Sessions::end`] names it).
+    fn is_live(&self, cgroup: &str) -> bool {
+        self.lock().contains_key(cgroup)
+    }
+
+    /// The cgroups of the live sessions, with whether each has had a process in it, its age, and whether the
+    /// `enforcer exec` that registered it has exited (its run is over: the run ends with `exec`).
+    fn cgroups(&self) -> Vec<(String, bool, std::time::Duration, bool)> {
         let now = SystemTime::now();
         self.lock()
             .iter()
             .map(|(c, s)| {
                 let age = now.duration_since(s.started).unwrap_or_default();
-                (c.clone(), s.populated, age)
+                let exec_gone = s.exec.as_ref().is_some_and(watch::exited);
+                (c.clone(), s.populated, age, exec_gone)
             })
             .collect()
     }
@@ -469,6 +491,7 @@ fn new_session(
         labels: Vec::new(),
         counters: BTreeMap::new(),
         previous_tool: None,
+        exec: None,
     }
 }
 
@@ -639,11 +662,14 @@ mod tests {
             groups: vec!["alice".into(), "dba".into()],
         };
         sessions
-            .register(Registration {
-                cgroup: "/e/exec-1/".into(),
-                profile: "p".into(),
-                person: person.clone(),
-            })
+            .register(
+                Registration {
+                    cgroup: "/e/exec-1/".into(),
+                    profile: "p".into(),
+                    person: person.clone(),
+                },
+                None,
+            )
             .unwrap();
         let mut a = agent("/e/exec-1");
         sessions.identify(&mut a);
@@ -659,11 +685,14 @@ mod tests {
         }
         assert_eq!(sessions.list().len(), 2);
         assert!(sessions
-            .register(Registration {
-                cgroup: "/e/../x".into(),
-                profile: "p".into(),
-                person,
-            })
+            .register(
+                Registration {
+                    cgroup: "/e/../x".into(),
+                    profile: "p".into(),
+                    person,
+                },
+                None,
+            )
             .is_err());
     }
 }

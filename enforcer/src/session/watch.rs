@@ -2,10 +2,16 @@
 //! (`IN_MODIFY`: the kernel notifies a change of `populated`, cgroup-v2.rst "cgroup.events") and checks every
 //! session when one changes, and every [`SWEEP`] in any case. A session ends when its cgroup reports `populated 0`
 //! after having had a process, when the cgroup is gone, or when an exec cgroup never got its process within
-//! [`NEVER_STARTED`].
+//! [`NEVER_STARTED`], or as soon as the `enforcer exec` that registered it has exited (the run ends with it).
+//!
+//! `enforcer exec` removes its run's cgroup once the run ends; killed (SIGKILL, which also ends its run), it cannot.
+//! So when the session of an exec cgroup ends, the watcher keeps the pidfd of the `exec` that registered it, and once
+//! that process has exited (its pidfd is readable, pidfd_open(2)), removes the cgroup if it is still there: rmdir(2)
+//! removes only a cgroup with no process and no child cgroup, and one still emptying is tried again until
+//! [`LEFTOVER_GRACE`] has passed.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +26,8 @@ const SWEEP: Duration = Duration::from_secs(2);
 /// An exec session whose cgroup never had a process is dropped after this long.
 const NEVER_STARTED: Duration = Duration::from_secs(60);
 const POLL_MS: i32 = 500;
+/// How long the watcher goes on trying to remove an exec cgroup whose `exec` is gone but which is not empty yet.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(60);
 
 /// The watching thread; dropping it stops the thread.
 pub struct SessionWatch {
@@ -57,7 +65,9 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
     let mut watched: HashMap<String, WatchDescriptor> = HashMap::new();
     let mut buffer = vec![0u8; 4096];
     let mut last_sweep = Instant::now();
+    let mut leftovers: Vec<Leftover> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
+        leftovers.retain_mut(|l| l.pending(sessions));
         let mut pfd = libc::pollfd {
             fd: inotify.as_raw_fd(),
             events: libc::POLLIN,
@@ -73,7 +83,7 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
             continue;
         }
         last_sweep = Instant::now();
-        for (cgroup, populated_before, age) in sessions.cgroups() {
+        for (cgroup, populated_before, age, exec_gone) in sessions.cgroups() {
             let events = events_path(root, &cgroup);
             if !watched.contains_key(&cgroup) {
                 if let Ok(wd) = inotify.watches().add(&events, WatchMask::MODIFY) {
@@ -82,6 +92,8 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
             }
             let ended = match populated(&events) {
                 None => true,
+                // `exec` is gone, so is its run (`PR_SET_PDEATHSIG`), even one killed before this thread saw it run.
+                Some(_) if exec_gone => true,
                 Some(true) => {
                     sessions.mark_populated(&cgroup);
                     false
@@ -89,7 +101,14 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
                 Some(false) => populated_before || age > NEVER_STARTED,
             };
             if ended {
-                sessions.end(&cgroup);
+                if let Some((_, Some(exec))) = sessions.end_exec(&cgroup) {
+                    leftovers.push(Leftover {
+                        path: root.join(cgroup.trim_start_matches('/')),
+                        cgroup: cgroup.clone(),
+                        exec,
+                        gone_since: None,
+                    });
+                }
                 if let Some(wd) = watched.remove(&cgroup) {
                     let _ = inotify.watches().remove(wd);
                 }
@@ -98,6 +117,60 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
         let live: Vec<String> = sessions.cgroups().into_iter().map(|(c, ..)| c).collect();
         watched.retain(|c, _| live.contains(c));
     }
+}
+
+/// An ended session's exec cgroup, and the `exec` that registered it.
+struct Leftover {
+    path: PathBuf,
+    /// Relative to the cgroup root, as sessions name it.
+    cgroup: String,
+    /// A pidfd of `exec`.
+    exec: OwnedFd,
+    /// When `exec` was first seen gone.
+    gone_since: Option<Instant>,
+}
+
+impl Leftover {
+    /// Whether to keep watching: `exec` still runs (it removes its cgroup itself), or it is gone and its cgroup is
+    /// still there and not empty yet (the run's processes are being killed), for at most [`LEFTOVER_GRACE`]. Removes
+    /// the cgroup once `exec` is gone, unless a new run has registered a cgroup of the same path meanwhile.
+    fn pending(&mut self, sessions: &Sessions) -> bool {
+        if !exited(&self.exec) {
+            return true;
+        }
+        if sessions.is_live(&self.cgroup) {
+            return false;
+        }
+        let since = *self.gone_since.get_or_insert_with(Instant::now);
+        match std::fs::remove_dir(&self.path) {
+            Ok(()) => {
+                tracing::info!(cgroup = %self.path.display(), "removed the cgroup of an exec that ended without removing it");
+                false
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) if since.elapsed() < LEFTOVER_GRACE => {
+                tracing::debug!(cgroup = %self.path.display(), error = %e, "exec cgroup not removable yet");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(cgroup = %self.path.display(), error = %e,
+                    "leaving the cgroup of an exec that ended in place");
+                false
+            }
+        }
+    }
+}
+
+/// Whether the process of `pidfd` has exited: its pidfd is readable (pidfd_open(2)), also while it is a zombie.
+pub(super) fn exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, for the duration of the call; no wait.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready > 0
 }
 
 fn events_path(root: &Path, cgroup: &str) -> PathBuf {
@@ -128,5 +201,79 @@ mod tests {
         std::fs::write(&f, "populated 0\nfrozen 0\n").unwrap();
         assert_eq!(populated(&f), Some(false));
         assert_eq!(populated(&dir.path().join("gone")), None);
+    }
+
+    fn pidfd_of(child: &std::process::Child) -> OwnedFd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open(2) of our own child, no flags; the descriptor is ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: just opened, owned only here.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    #[test]
+    fn an_exec_cgroup_is_removed_once_its_exec_is_gone_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = Sessions::new(
+            crate::session::SessionLimits {
+                max_sessions: 4,
+                max_labels: 4,
+                max_counters: 4,
+            },
+            HashMap::new(),
+        );
+        let mut exec = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let path = dir.path().join("exec-1");
+        std::fs::create_dir(&path).unwrap();
+        let mut left = Leftover {
+            path: path.clone(),
+            cgroup: "/p/exec-1".into(),
+            exec: pidfd_of(&exec),
+            gone_since: None,
+        };
+        // exec runs: it removes its cgroup itself.
+        assert!(left.pending(&sessions));
+        assert!(path.exists());
+        // Not empty yet (here: a child directory, as a cgroup with a process refuses rmdir): tried again.
+        exec.kill().unwrap();
+        exec.wait().unwrap();
+        std::fs::create_dir(path.join("busy")).unwrap();
+        assert!(left.pending(&sessions));
+        assert!(left.gone_since.is_some());
+        std::fs::remove_dir(path.join("busy")).unwrap();
+        assert!(!left.pending(&sessions));
+        assert!(!path.exists(), "exec is gone: its cgroup is removed");
+
+        // A new run registered at the same path meanwhile: its cgroup is not touched.
+        let mut exec = std::process::Command::new("true").spawn().unwrap();
+        let exec_fd = pidfd_of(&exec);
+        exec.wait().unwrap();
+        std::fs::create_dir(&path).unwrap();
+        sessions
+            .register(
+                crate::session::Registration {
+                    cgroup: "/p/exec-1".into(),
+                    profile: "p".into(),
+                    person: crate::session::Person {
+                        user: "alice".into(),
+                        uid: Some(1000),
+                        groups: vec![],
+                    },
+                },
+                None,
+            )
+            .unwrap();
+        let mut left = Leftover {
+            path: path.clone(),
+            cgroup: "/p/exec-1".into(),
+            exec: exec_fd,
+            gone_since: None,
+        };
+        assert!(!left.pending(&sessions));
+        assert!(path.exists(), "the new run's cgroup is left to it");
     }
 }

@@ -603,23 +603,9 @@ print(json.dumps(out))
 /// `enforcer exec` (root, for a root shell), outside capture. Before, the push was ok and the command waited in the
 /// queue; the agent's system call filter now refuses it (`EPERM`) and nothing reaches the queue.
 pub fn cannot_type_into_the_terminal_it_shares(env: &mut Env) {
-    use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::process::CommandExt;
     env.need_daemon();
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty(3) fills two descriptors; no name, termios or window size.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty");
-    // SAFETY: both descriptors were just opened and are owned only here.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (master, slave) = crate::terminal::open_pty();
     let mut exec = env.exec_command();
     exec.args(["python3", "-c", TYPE_INTO_TERMINAL])
         .stdin(slave.try_clone().expect("dup"))

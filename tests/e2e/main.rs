@@ -198,6 +198,10 @@ const TESTS: &[Test] = &[
         terminal::agent_ctrl_z_stops_the_agent_and_exec_continues_it,
     ),
     (
+        "agent_started_in_the_background_gets_the_terminal_on_fg",
+        terminal::agent_started_in_the_background_gets_the_terminal_on_fg,
+    ),
+    (
         "agent_sudo_caller_root_refusal_and_allow_root",
         agent::sudo_caller_root_refusal_and_allow_root,
     ),

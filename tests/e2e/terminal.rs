@@ -484,3 +484,62 @@ pub fn agent_ctrl_z_stops_the_agent_and_exec_continues_it(env: &mut Env) {
 /// so the agent itself would never be seen stopped (nor would a shell's job be, run without `exec`).
 const STOPPABLE: &str =
     "trap 'echo continued-$((6*7))' CONT; trap 'exit 9' INT; echo ready-$((6*7)); while :; do sleep 0.05; done";
+
+/// A shell's job control, as much of it as the test needs: argv is a command, started in a process group of its own
+/// in the background of this terminal (the shell leads the terminal's session); after a second the shell says
+/// `foreground`, and hands the terminal to the job as bash's `fg` does to a job that runs (tcsetpgrp(3), no signal),
+/// then exits with the job's code.
+const BACKGROUND_JOB: &str = r#"
+import os, signal, sys, time
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    os.execvp(sys.argv[1], sys.argv[1:])
+os.setpgid(pid, pid)
+time.sleep(1)
+print("foreground", flush=True)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+os.tcsetpgrp(0, pid)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
+/// `enforcer exec … &` then `fg` at a shell: the job runs in the background until the shell hands it the terminal,
+/// and bash's `fg` of a job that runs sends it no signal. Before, `exec` looked for the terminal only when continued
+/// (SIGCONT), so it never took it: the terminal stayed cooked, what the operator typed went to the shell's line
+/// discipline instead of the agent, and Ctrl-C reached `exec` (which ignores it) instead of the agent. Now `exec`
+/// notices it has the terminal: raw mode, and typed input (here a line, then Ctrl-C) reaches the agent.
+pub fn agent_started_in_the_background_gets_the_terminal_on_fg(env: &mut Env) {
+    env.need_daemon();
+    let operator = Operator::new();
+    let mut argv = env.exec_argv_in(harness::PROFILE);
+    for a in [
+        "bash",
+        "-c",
+        "trap 'echo trapped; exit 6' INT; echo ready; read line; echo got-$line; while :; do sleep 0.05; done",
+    ] {
+        argv.push(a.into());
+    }
+    let mut shell = env.agent_command(Command::new("python3"));
+    shell.arg("-c").arg(BACKGROUND_JOB).args(&argv);
+    operator.attach(&mut shell);
+    let shell = shell.spawn().expect("the shell");
+    operator.wait_for("foreground");
+    operator.wait_for("ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while operator.termios().c_lflag & libc::ICANON != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "exec never took the terminal it was given: {:?}",
+            operator.seen()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    operator.type_in(b"typed\r");
+    operator.wait_for("got-typed");
+    operator.type_in(b"\x03");
+    let code = wait(shell);
+    let shown = operator.settle();
+    assert_eq!(code, Some(6), "{shown:?}");
+    assert!(shown.contains("trapped"), "{shown:?}");
+}

@@ -42,6 +42,9 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Bytes relayed per read.
 const CHUNK: usize = 64 * 1024;
+/// How often `exec`, while not in its terminal's foreground, looks whether it has been given it: a shell's `fg` of a
+/// job that runs in the background only hands the job the terminal (tcsetpgrp(3)), without a signal.
+const BACKGROUND_CHECK_MS: libc::c_int = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum PtyError {
@@ -81,6 +84,8 @@ struct Operator {
     raw: bool,
     /// `exec`'s pid: a forked copy never restores the modes.
     owner: libc::pid_t,
+    /// Whether it is `exec`'s controlling terminal (tcgetpgrp(3) answers): only then can `exec` come to its foreground.
+    controlling: bool,
 }
 
 impl Pty {
@@ -104,12 +109,15 @@ impl Pty {
             let source = io::Error::last_os_error();
             return Err(PtyError::Modes { fd, source });
         }
+        // SAFETY: tcgetpgrp only reads.
+        let controlling = unsafe { libc::tcgetpgrp(tty.as_raw_fd()) } >= 0;
         let operator = Operator {
             tty,
             original,
             raw: false,
             // SAFETY: getpid has no preconditions.
             owner: unsafe { libc::getpid() },
+            controlling,
         };
         let (master, slave, path) = open_pty().map_err(PtyError::Open)?;
         // SAFETY: tcsetattr and TIOCSWINSZ read locals; on the slave we own.
@@ -270,7 +278,10 @@ impl Relay {
     pub(super) fn run(&mut self, stops: &File, init: libc::pid_t) -> io::Result<()> {
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let typing = self.input_open && self.input.is_empty() && self.operator.foreground();
+            let foreground = self.operator.foreground();
+            // Given the terminal (`fg`) since the last look: raw again, and its input is the agent's.
+            self.operator.enter_raw_mode();
+            let typing = self.input_open && self.input.is_empty() && foreground;
             let mut master_events = libc::POLLIN;
             if !self.input.is_empty() {
                 master_events |= libc::POLLOUT;
@@ -295,8 +306,13 @@ impl Relay {
                     libc::POLLIN,
                 ),
             ];
+            let timeout = if foreground || !self.operator.controlling {
+                -1
+            } else {
+                BACKGROUND_CHECK_MS
+            };
             // SAFETY: poll(2) on an array of the length given.
-            if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
+            if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) } < 0 {
                 let err = io::Error::last_os_error();
                 if err.raw_os_error() == Some(libc::EINTR) {
                     continue;

@@ -33,6 +33,7 @@ mod daemon;
 mod encoding;
 mod glob;
 mod host;
+mod pidfd;
 mod service;
 
 pub use audit::{AuditConfig, AuditLog};

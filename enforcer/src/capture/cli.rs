@@ -283,6 +283,24 @@ fn register_session(
     }
 }
 
+/// A pipe, both ends close-on-exec and, when `nonblocking`, non-blocking (pipe2(2)): (read end, write end).
+fn cloexec_pipe(nonblocking: bool) -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let flags = libc::O_CLOEXEC | if nonblocking { libc::O_NONBLOCK } else { 0 };
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), flags) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned only here.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
+}
+
 /// The published files the agent's clients are pointed at.
 struct Trust {
     bundle: PathBuf,

@@ -436,7 +436,11 @@ async fn screen(
             Some(pid) => handler.enforced(pid),
             None => Err("the peer's process is unknown".to_string()),
         };
-        (allowed, enforced, pidfd.is_none_or(|fd| alive(&fd)))
+        (
+            allowed,
+            enforced,
+            pidfd.is_none_or(|fd| !crate::pidfd::exited(&fd)),
+        )
     })
     .await;
     match read {
@@ -730,23 +734,6 @@ fn peer_pidfd(stream: &UnixStream) -> Option<std::os::fd::OwnedFd> {
     }
 }
 
-/// Whether the process `pidfd` refers to is still running (pidfd_send_signal(2) with signal 0: no signal is sent,
-/// only the checks).
-fn alive(pidfd: &std::os::fd::OwnedFd) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a raw syscall on a pidfd we own, with a null siginfo and no flags; it reads and writes no memory.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            0,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    rc == 0
-}
-
 /// The supplementary groups of process `pid` (`Groups:` in /proc/PID/status, proc(5)).
 fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -935,16 +922,11 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         let a = UnixStream::from_std(a).unwrap();
         let fd = peer_pidfd(&a).expect("SO_PEERPIDFD on this kernel");
-        assert!(alive(&fd), "this very process");
+        assert!(!crate::pidfd::exited(&fd), "this very process");
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        // SAFETY: pidfd_open(2) for our own child, no flags.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-        assert!(raw >= 0);
-        // SAFETY: a new descriptor nothing else owns.
-        let child_fd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+        let child_fd = crate::pidfd::open(child.id() as libc::pid_t).unwrap();
         child.wait().unwrap();
-        assert!(!alive(&child_fd), "a reaped child");
+        assert!(crate::pidfd::exited(&child_fd), "a reaped child");
     }
 
     /// Connections beyond `MAX_CLIENTS` are closed unanswered while the others are served; once one ends, a new

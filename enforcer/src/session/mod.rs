@@ -420,13 +420,9 @@ impl Sessions {
             .map(|(c, s)| info(c, s, now))
     }
 
-    /// End the session of `cgroup` (its cgroup emptied or went away); its state is dropped.
-    pub fn end(&self, cgroup: &str) -> Option<String> {
-        self.end_exec(cgroup).map(|(id, _)| id)
-    }
-
-    /// [`Sessions::end`], also giving back the pidfd of the `enforcer exec` that registered the session, if one did.
-    fn end_exec(&self, cgroup: &str) -> Option<(String, Option<OwnedFd>)> {
+    /// End the session of `cgroup` (its cgroup emptied or went away); its state is dropped. Returns its id, and the
+    /// pidfd of the `enforcer exec` that registered it, if one did.
+    pub fn end(&self, cgroup: &str) -> Option<(String, Option<OwnedFd>)> {
         let s = self.lock().remove(cgroup)?;
         tracing::info!(session = %s.id, cgroup, "session ended");
         Some((s.id, s.exec))
@@ -445,7 +441,7 @@ impl Sessions {
             .iter()
             .map(|(c, s)| {
                 let age = now.duration_since(s.started).unwrap_or_default();
-                let exec_gone = s.exec.as_ref().is_some_and(watch::exited);
+                let exec_gone = s.exec.as_ref().is_some_and(crate::pidfd::exited);
                 (c.clone(), s.populated, age, exec_gone)
             })
             .collect()
@@ -644,7 +640,7 @@ mod tests {
         assert_eq!(state.counts["bytes_sent"], 10);
         let shown = sessions.show(&id).unwrap();
         assert_eq!(shown.cgroup, "/x/exec-1");
-        assert_eq!(sessions.end("/x/exec-1"), Some(id));
+        assert_eq!(sessions.end("/x/exec-1").map(|(id, _)| id), Some(id));
         assert!(sessions.list().is_empty());
     }
 

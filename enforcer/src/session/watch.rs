@@ -67,7 +67,7 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
     let mut last_sweep = Instant::now();
     let mut leftovers: Vec<Leftover> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        leftovers.retain_mut(|l| l.pending(sessions));
+        leftovers.retain_mut(|l| l.pending(root, sessions));
         let mut pfd = libc::pollfd {
             fd: inotify.as_raw_fd(),
             events: libc::POLLIN,
@@ -101,9 +101,8 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
                 Some(false) => populated_before || age > NEVER_STARTED,
             };
             if ended {
-                if let Some((_, Some(exec))) = sessions.end_exec(&cgroup) {
+                if let Some((_, Some(exec))) = sessions.end(&cgroup) {
                     leftovers.push(Leftover {
-                        path: root.join(cgroup.trim_start_matches('/')),
                         cgroup: cgroup.clone(),
                         exec,
                         gone_since: None,
@@ -121,7 +120,6 @@ fn run(sessions: &Sessions, root: &Path, mut inotify: Inotify, stop: &AtomicBool
 
 /// An ended session's exec cgroup, and the `exec` that registered it.
 struct Leftover {
-    path: PathBuf,
     /// Relative to the cgroup root, as sessions name it.
     cgroup: String,
     /// A pidfd of `exec`.
@@ -134,26 +132,27 @@ impl Leftover {
     /// Whether to keep watching: `exec` still runs (it removes its cgroup itself), or it is gone and its cgroup is
     /// still there and not empty yet (the run's processes are being killed), for at most [`LEFTOVER_GRACE`]. Removes
     /// the cgroup once `exec` is gone, unless a new run has registered a cgroup of the same path meanwhile.
-    fn pending(&mut self, sessions: &Sessions) -> bool {
-        if !exited(&self.exec) {
+    fn pending(&mut self, root: &Path, sessions: &Sessions) -> bool {
+        if !crate::pidfd::exited(&self.exec) {
             return true;
         }
         if sessions.is_live(&self.cgroup) {
             return false;
         }
         let since = *self.gone_since.get_or_insert_with(Instant::now);
-        match std::fs::remove_dir(&self.path) {
+        let path = cgroup_dir(root, &self.cgroup);
+        match std::fs::remove_dir(&path) {
             Ok(()) => {
-                tracing::info!(cgroup = %self.path.display(), "removed the cgroup of an exec that ended without removing it");
+                tracing::info!(cgroup = %path.display(), "removed the cgroup of an exec that ended without removing it");
                 false
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) if since.elapsed() < LEFTOVER_GRACE => {
-                tracing::debug!(cgroup = %self.path.display(), error = %e, "exec cgroup not removable yet");
+                tracing::debug!(cgroup = %path.display(), error = %e, "exec cgroup not removable yet");
                 true
             }
             Err(e) => {
-                tracing::warn!(cgroup = %self.path.display(), error = %e,
+                tracing::warn!(cgroup = %path.display(), error = %e,
                     "leaving the cgroup of an exec that ended in place");
                 false
             }
@@ -161,21 +160,13 @@ impl Leftover {
     }
 }
 
-/// Whether the process of `pidfd` has exited: its pidfd is readable (pidfd_open(2)), also while it is a zombie.
-pub(super) fn exited(pidfd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd we own, for the duration of the call; no wait.
-    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-    ready > 0
+/// The directory of `cgroup` (relative to the cgroup root, as sessions name it) under `root`.
+fn cgroup_dir(root: &Path, cgroup: &str) -> PathBuf {
+    root.join(cgroup.trim_start_matches('/'))
 }
 
 fn events_path(root: &Path, cgroup: &str) -> PathBuf {
-    root.join(cgroup.trim_start_matches('/'))
-        .join("cgroup.events")
+    cgroup_dir(root, cgroup).join("cgroup.events")
 }
 
 /// `populated` from a `cgroup.events` file; `None` when the cgroup is gone.
@@ -204,12 +195,7 @@ mod tests {
     }
 
     fn pidfd_of(child: &std::process::Child) -> OwnedFd {
-        use std::os::fd::FromRawFd;
-        // SAFETY: pidfd_open(2) of our own child, no flags; the descriptor is ours.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
-        // SAFETY: just opened, owned only here.
-        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        crate::pidfd::open(child.id() as libc::pid_t).unwrap()
     }
 
     #[test]
@@ -230,22 +216,21 @@ mod tests {
         let path = dir.path().join("exec-1");
         std::fs::create_dir(&path).unwrap();
         let mut left = Leftover {
-            path: path.clone(),
-            cgroup: "/p/exec-1".into(),
+            cgroup: "/exec-1".into(),
             exec: pidfd_of(&exec),
             gone_since: None,
         };
         // exec runs: it removes its cgroup itself.
-        assert!(left.pending(&sessions));
+        assert!(left.pending(dir.path(), &sessions));
         assert!(path.exists());
         // Not empty yet (here: a child directory, as a cgroup with a process refuses rmdir): tried again.
         exec.kill().unwrap();
         exec.wait().unwrap();
         std::fs::create_dir(path.join("busy")).unwrap();
-        assert!(left.pending(&sessions));
+        assert!(left.pending(dir.path(), &sessions));
         assert!(left.gone_since.is_some());
         std::fs::remove_dir(path.join("busy")).unwrap();
-        assert!(!left.pending(&sessions));
+        assert!(!left.pending(dir.path(), &sessions));
         assert!(!path.exists(), "exec is gone: its cgroup is removed");
 
         // A new run registered at the same path meanwhile: its cgroup is not touched.
@@ -256,7 +241,7 @@ mod tests {
         sessions
             .register(
                 crate::session::Registration {
-                    cgroup: "/p/exec-1".into(),
+                    cgroup: "/exec-1".into(),
                     profile: "p".into(),
                     person: crate::session::Person {
                         user: "alice".into(),
@@ -268,12 +253,11 @@ mod tests {
             )
             .unwrap();
         let mut left = Leftover {
-            path: path.clone(),
-            cgroup: "/p/exec-1".into(),
+            cgroup: "/exec-1".into(),
             exec: exec_fd,
             gone_since: None,
         };
-        assert!(!left.pending(&sessions));
+        assert!(!left.pending(dir.path(), &sessions));
         assert!(path.exists(), "the new run's cgroup is left to it");
     }
 }

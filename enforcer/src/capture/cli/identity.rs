@@ -12,7 +12,7 @@
 //! (no allocation, no lock): see [`Switch::apply`].
 
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -338,13 +338,8 @@ impl Switch {
         trust_files: &[&Path],
         confine: Confinement,
     ) -> std::io::Result<(Switch, StepReport)> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 fills the two-element array with fresh descriptors we then own.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors were just created by pipe2 and are owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = super::cloexec_pipe(true)?;
+        let (read, write) = (OwnedFd::from(read), OwnedFd::from(write));
         let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .ok()
             .and_then(|s| s.trim().parse().ok())

@@ -21,7 +21,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context};
@@ -66,9 +66,9 @@ pub(super) fn fork(job_control: bool) -> anyhow::Result<Forked> {
     if threads != 1 {
         bail!("enforcer exec runs {threads} threads; it forks the agent's init with one only");
     }
-    let (read, write) = cloexec_pipe().context("creating the init's error pipe")?;
+    let (read, write) = super::cloexec_pipe(false).context("creating the init's error pipe")?;
     let (stops_read, stops_write) = if job_control {
-        let (read, write) = cloexec_pipe().context("creating the init's stop pipe")?;
+        let (read, write) = super::cloexec_pipe(false).context("creating the init's stop pipe")?;
         (Some(read), Some(write))
     } else {
         (None, None)
@@ -118,17 +118,6 @@ pub(super) fn fork(job_control: bool) -> anyhow::Result<Forked> {
         errors: write,
         stops: stops_write,
     }))
-}
-
-/// A pipe, both ends close-on-exec: (read end, write end).
-fn cloexec_pipe() -> std::io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned only here.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
 }
 
 /// Whether every read end of the pipe whose write end is `pipe` is closed (poll(2) reports `POLLERR` on a write end
@@ -459,16 +448,16 @@ impl BlockedSignals {
 mod tests {
     use super::*;
 
-    /// Only procfs mounts other than /proc are unmounted, their escaped mount points read back.
     /// The init knows `exec` is gone when `exec` died before the init could arm its death signal.
     #[test]
     fn a_closed_read_end_means_exec_is_gone() {
-        let (read, write) = cloexec_pipe().unwrap();
+        let (read, write) = super::super::cloexec_pipe(false).unwrap();
         assert!(!reader_gone(&write));
         drop(read);
         assert!(reader_gone(&write));
     }
 
+    /// Only procfs mounts other than /proc are unmounted, their escaped mount points read back.
     #[test]
     fn other_procfs_mounts_are_found_with_their_escaped_paths() {
         let mountinfo = "\

@@ -29,7 +29,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -701,12 +701,9 @@ extern "C" fn note_signal(signal: libc::c_int) {
 /// A pipe that SIGWINCH and SIGCONT are written to (one byte each, the signal number), for [`Relay::run`]'s poll;
 /// its read end. Both ends non-blocking and close-on-exec.
 fn install_signal_pipe() -> io::Result<File> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    SIGNAL_PIPE.store(fds[1], Ordering::SeqCst);
+    let (read, write) = super::cloexec_pipe(true)?;
+    // The write end stays open for `exec`'s life (the handlers may run until it exits).
+    SIGNAL_PIPE.store(write.into_raw_fd(), Ordering::SeqCst);
     let handler = note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only writes to the pipe; sigaction on locals.
     unsafe {
@@ -716,9 +713,8 @@ fn install_signal_pipe() -> io::Result<File> {
         libc::sigemptyset(&mut action.sa_mask);
         libc::sigaction(libc::SIGWINCH, &action, std::ptr::null_mut());
         libc::sigaction(libc::SIGCONT, &action, std::ptr::null_mut());
-        // The write end stays open for `exec`'s life (the handlers may run until it exits).
-        Ok(File::from_raw_fd(fds[0]))
     }
+    Ok(read)
 }
 
 #[cfg(test)]

@@ -580,7 +580,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.sessions,
         config.profile_people(),
     ));
-    let session_watch = crate::session::watch(sessions.clone(), &config.cgroup_root)
+    let exec_parents = config
+        .profiles
+        .keys()
+        .map(|profile| config.profile_cgroup(profile))
+        .collect();
+    let session_watch = crate::session::watch(sessions.clone(), &config.cgroup_root, exec_parents)
         .context("watching session cgroups")?;
     let traces = crate::trace::TraceStore::open(&config.traces, &config.audit_dir())?.map(Arc::new);
     if let Some(t) = &traces {

@@ -455,6 +455,39 @@ pub fn cannot_reach_processes_of_its_user_outside_its_run(env: &mut Env) {
     }
 }
 
+/// An `exec` killed after creating its run's cgroup and before registering the run (or while the daemon was down)
+/// leaves a cgroup no session knows. The daemon removes it once the `exec` its name carries has been gone a minute,
+/// and leaves alone one whose `exec` still runs.
+pub fn abandoned_exec_cgroup_is_removed(env: &mut Env) {
+    env.need_daemon();
+    let mut gone = Command::new("true").spawn().expect("true");
+    gone.wait().expect("wait");
+    let mut running = Command::new("sleep").arg("300").spawn().expect("sleep");
+    let parent = env.profile_cgroup(PROFILE);
+    let abandoned = parent.join(format!("exec-{}-1", gone.id()));
+    let live = parent.join(format!("exec-{}-1", running.id()));
+    std::fs::create_dir(&abandoned).expect("mkdir the abandoned cgroup");
+    std::fs::create_dir(&live).expect("mkdir the live exec's cgroup");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while abandoned.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let (abandoned_left, live_left) = (abandoned.exists(), live.exists());
+    let _ = running.kill();
+    let _ = running.wait();
+    // Gone now, and that of a running exec is left to it: the test removes it itself, whoever gets there first.
+    let _ = std::fs::remove_dir(&live);
+    let _ = std::fs::remove_dir(&abandoned);
+    assert!(
+        !abandoned_left,
+        "the abandoned exec cgroup is left after 90 s"
+    );
+    assert!(
+        live_left,
+        "the cgroup of an exec that still runs was removed"
+    );
+}
+
 /// A process of the agent's user outside its run: it listens on the abstract unix socket argv[1] and holds the
 /// host's `/proc` open; it prints its pid and that descriptor, then waits.
 const VICTIM: &str = r#"

@@ -170,6 +170,10 @@ const TESTS: &[Test] = &[
         agent::cannot_reach_processes_of_its_user_outside_its_run,
     ),
     (
+        "exec_cgroup_abandoned_before_registration_is_removed",
+        agent::abandoned_exec_cgroup_is_removed,
+    ),
+    (
         "agent_cannot_reach_processes_of_its_user_by_other_names",
         agent::cannot_reach_processes_of_its_user_by_other_names,
     ),

@@ -297,6 +297,32 @@ mod tests {
         assert_eq!(populated(&dir.path().join("gone")), None);
     }
 
+    fn sessions() -> Sessions {
+        Sessions::new(
+            crate::session::SessionLimits {
+                max_sessions: 4,
+                max_labels: 4,
+                max_counters: 4,
+            },
+            HashMap::new(),
+        )
+    }
+
+    /// A run registered by `enforcer exec` at `cgroup`.
+    fn register(sessions: &Sessions, cgroup: &str) {
+        let person = crate::session::Person {
+            user: "alice".into(),
+            uid: Some(1000),
+            groups: vec![],
+        };
+        let reg = crate::session::Registration {
+            cgroup: cgroup.into(),
+            profile: "p".into(),
+            person,
+        };
+        sessions.register(reg, None).unwrap();
+    }
+
     fn pidfd_of(child: &std::process::Child) -> OwnedFd {
         crate::pidfd::open(child.id() as libc::pid_t).unwrap()
     }
@@ -304,14 +330,7 @@ mod tests {
     #[test]
     fn an_exec_cgroup_is_removed_once_its_exec_is_gone_and_not_before() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = Sessions::new(
-            crate::session::SessionLimits {
-                max_sessions: 4,
-                max_labels: 4,
-                max_counters: 4,
-            },
-            HashMap::new(),
-        );
+        let sessions = sessions();
         let mut exec = std::process::Command::new("sleep")
             .arg("60")
             .spawn()
@@ -341,20 +360,7 @@ mod tests {
         let exec_fd = pidfd_of(&exec);
         exec.wait().unwrap();
         std::fs::create_dir(&path).unwrap();
-        sessions
-            .register(
-                crate::session::Registration {
-                    cgroup: "/exec-1".into(),
-                    profile: "p".into(),
-                    person: crate::session::Person {
-                        user: "alice".into(),
-                        uid: Some(1000),
-                        groups: vec![],
-                    },
-                },
-                None,
-            )
-            .unwrap();
+        register(&sessions, "/exec-1");
         let mut left = Leftover {
             cgroup: "/exec-1".into(),
             exec: exec_fd,
@@ -388,14 +394,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let parent = root.path().join("enforcer/p");
         std::fs::create_dir_all(&parent).unwrap();
-        let sessions = Sessions::new(
-            crate::session::SessionLimits {
-                max_sessions: 4,
-                max_labels: 4,
-                max_counters: 4,
-            },
-            HashMap::new(),
-        );
+        let sessions = sessions();
         let mut gone = std::process::Command::new("true").spawn().unwrap();
         gone.wait().unwrap();
         let gone = gone.id();
@@ -415,20 +414,7 @@ mod tests {
         let registered = dir(format!("exec-{gone}-3"));
         let live_exec = dir(format!("exec-{}", running.id()));
         let other = dir("agent-1".into());
-        sessions
-            .register(
-                crate::session::Registration {
-                    cgroup: format!("/enforcer/p/exec-{gone}-3"),
-                    profile: "p".into(),
-                    person: crate::session::Person {
-                        user: "alice".into(),
-                        uid: Some(1000),
-                        groups: vec![],
-                    },
-                },
-                None,
-            )
-            .unwrap();
+        register(&sessions, &format!("/enforcer/p/exec-{gone}-3"));
         let parents = [parent.clone(), root.path().join("enforcer/missing")];
         let mut sweeper = Abandoned::default();
         let long = Duration::from_secs(3600);

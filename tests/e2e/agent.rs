@@ -213,8 +213,17 @@ fn spawn_until_ready_with(
     script: &str,
     configure: impl FnOnce(&mut Command),
 ) -> (std::process::Child, PathBuf) {
+    spawn_until_ready_in(env, env.exec_command(), script, configure)
+}
+
+/// [`spawn_until_ready_with`], with `exec` the `enforcer exec … --` command to start the script with.
+fn spawn_until_ready_in(
+    env: &Env,
+    mut exec: Command,
+    script: &str,
+    configure: impl FnOnce(&mut Command),
+) -> (std::process::Child, PathBuf) {
     let ready = std::env::temp_dir().join(unique("exec-ready"));
-    let mut exec = env.exec_command();
     exec.args(["sh", "-c", script]).arg(&ready);
     configure(&mut exec);
     let child = exec.spawn().expect("enforcer exec");
@@ -231,6 +240,148 @@ fn spawn_until_ready_with(
     }
     let _ = std::fs::remove_file(&ready);
     (child, exec_cgroup)
+}
+
+/// Send `exec` SIGTERM and wait for it, at most 30 s (a run that never ends fails the test rather than hanging it): its
+/// exit code, what it wrote to stderr, and how long it took from just before the signal.
+fn stop_exec(mut exec: std::process::Child) -> (Option<i32>, String, std::time::Duration) {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(exec.id()).expect("pid"), libc::SIGTERM) },
+        0
+    );
+    let status = loop {
+        if let Some(status) = exec.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = exec.kill();
+            let _ = exec.wait();
+            panic!("enforcer exec did not end within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let waited = start.elapsed();
+    let mut stderr = String::new();
+    if let Some(mut err) = exec.stderr.take() {
+        err.read_to_string(&mut stderr).expect("stderr");
+    }
+    (status.code(), stderr, waited)
+}
+
+/// The message `exec` prints when it killed a run after its stop timeout of `secs` seconds.
+fn killed_message(secs: u32) -> String {
+    format!(
+        "enforcer exec: the run did not end within {secs} s of SIGTERM (--stop-timeout): every process of it was \
+         killed"
+    )
+}
+
+/// An agent that ignores SIGTERM (`trap '' TERM`), with a child that ignores it too (an ignored signal stays ignored
+/// across fork and exec), is not left running when `exec` is asked to stop: `--stop-timeout 1` after passing the
+/// SIGTERM on, `exec` kills every process of the run, says so, and exits 137 (128 + SIGKILL); no process of the run
+/// is left (a pidfd of each names no process any more) and its cgroup is removed. Before, the run went on for ever.
+pub fn ignoring_sigterm_is_killed_whole_after_the_stop_timeout(env: &mut Env) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::Stdio;
+    env.need_daemon();
+    let (exec, exec_cgroup) = spawn_until_ready_in(
+        env,
+        env.exec_command_with(&["--stop-timeout", "1"]),
+        "trap '' TERM; sh -c 'touch \"$0\"; while :; do sleep 0.05; done' \"$0.child\" & \
+         while [ ! -e \"$0.child\" ]; do sleep 0.05; done; rm -f \"$0.child\"; touch \"$0\"; \
+         while :; do sleep 0.05; done",
+        |exec| {
+            exec.stdout(Stdio::null()).stderr(Stdio::piped());
+        },
+    );
+    // Every process of the run, as pidfds (a `sleep` that ended meanwhile is skipped).
+    let procs = std::fs::read_to_string(exec_cgroup.join("cgroup.procs")).expect("cgroup.procs");
+    let mut shells = 0;
+    let pidfds: Vec<(i32, OwnedFd)> = procs
+        .lines()
+        .filter_map(|line| {
+            let pid: i32 = line.parse().ok()?;
+            // SAFETY: pidfd_open(2) returns a new descriptor or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+            if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
+            {
+                shells += 1;
+            }
+            // SAFETY: just opened, owned only here.
+            Some((pid, unsafe { OwnedFd::from_raw_fd(fd) }))
+        })
+        .collect();
+    assert_eq!(shells, 2, "the agent and its child: {procs}");
+    let (code, stderr, waited) = stop_exec(exec);
+    assert_eq!(code, Some(137), "{stderr}");
+    assert_eq!(stderr.trim_end(), killed_message(1), "{stderr}");
+    // Not killed before its stop timeout; the upper bound is loose (a shared machine).
+    assert!(
+        waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(20),
+        "{waited:?}"
+    );
+    for (pid, fd) in &pidfds {
+        // SAFETY: pidfd_send_signal(2) with signal 0 only checks the process exists.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!(
+            (rc, errno),
+            (-1, Some(libc::ESRCH)),
+            "process {pid} of the run is left"
+        );
+    }
+    assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
+}
+
+/// An agent that ends on SIGTERM is not killed early, and its own status comes back: with `--stop-timeout 5`, an agent
+/// whose TERM trap takes a second exits with the trap's code (7) and one without a trap with 143 (128 + SIGTERM);
+/// with the default stop timeout (10 s), a trap that takes 3 s still exits with its own code. `exec` says nothing of
+/// a kill.
+pub fn ending_on_sigterm_keeps_its_status_within_the_stop_timeout(env: &mut Env) {
+    use std::process::Stdio;
+    env.need_daemon();
+    let cases: [(&[&str], &str, i32); 3] = [
+        (
+            &["--stop-timeout", "5"],
+            "trap 'sleep 1; exit 7' TERM; touch \"$0\"; while :; do sleep 0.05; done",
+            7,
+        ),
+        (
+            &["--stop-timeout", "5"],
+            "touch \"$0\"; exec sleep 30",
+            128 + 15,
+        ),
+        (
+            &[],
+            "trap 'sleep 3; exit 7' TERM; touch \"$0\"; while :; do sleep 0.05; done",
+            7,
+        ),
+    ];
+    for (options, script, want) in cases {
+        let (exec, exec_cgroup) =
+            spawn_until_ready_in(env, env.exec_command_with(options), script, |exec| {
+                exec.stdout(Stdio::null()).stderr(Stdio::piped());
+            });
+        let (code, stderr, _) = stop_exec(exec);
+        assert_eq!(
+            (code, stderr.as_str()),
+            (Some(want), ""),
+            "{options:?} {script}"
+        );
+        assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
+    }
 }
 
 /// Ctrl-C at a terminal sends SIGINT to the whole foreground process group: `exec`, its init, and an agent that does

@@ -384,6 +384,17 @@ impl Env {
         self.exec_command_in(PROFILE)
     }
 
+    /// [`Env::exec_command`] with `options` of `exec`'s own (`--stop-timeout 1`) before its `--`.
+    pub fn exec_command_with(&self, options: &[&str]) -> Command {
+        let mut argv = self.exec_argv();
+        let dashes = argv.len() - 1;
+        assert_eq!(argv[dashes], "--", "{argv:?}");
+        argv.splice(dashes..dashes, options.iter().map(Into::into));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        self.agent_command(cmd)
+    }
+
     /// [`Env::exec_command`] with another profile.
     pub fn exec_command_in(&self, profile: &str) -> Command {
         let argv = self.exec_argv_in(profile);

@@ -158,6 +158,14 @@ const TESTS: &[Test] = &[
         agent::exec_runs_the_command_in_its_own_cgroup_and_passes_its_exit_on,
     ),
     (
+        "agent_ignoring_sigterm_is_killed_whole_after_the_stop_timeout",
+        agent::ignoring_sigterm_is_killed_whole_after_the_stop_timeout,
+    ),
+    (
+        "agent_ending_on_sigterm_keeps_its_status_within_the_stop_timeout",
+        agent::ending_on_sigterm_keeps_its_status_within_the_stop_timeout,
+    ),
+    (
         "agent_ctrl_c_is_the_agents_to_handle",
         agent::ctrl_c_is_the_agents_to_handle,
     ),

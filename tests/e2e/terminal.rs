@@ -367,7 +367,8 @@ pub fn agent_ctrl_c_typed_at_the_terminal_reaches_the_agent(env: &mut Env) {
 
 /// Output the agent writes just before it exits reaches the operator whole (`exec` reads the pty until no slave is
 /// left), and the operator's terminal gets back its exact modes (set here to ones no default has) however the run
-/// ends: the agent exiting, the agent killed by a signal, `exec` sent SIGTERM.
+/// ends: the agent exiting, the agent killed by a signal, `exec` sent SIGTERM, the run killed by `exec` when the
+/// agent ignored that SIGTERM for longer than `--stop-timeout`.
 pub fn agent_output_arrives_whole_and_the_terminal_is_restored(env: &mut Env) {
     env.need_daemon();
     let operator = Operator::new();
@@ -426,6 +427,37 @@ pub fn agent_output_arrives_whole_and_the_terminal_is_restored(env: &mut Env) {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     assert_eq!(wait(exec), Some(143), "{}", operator.settle());
     assert_eq!(modes(&operator.termios()), before, "after SIGTERM to exec");
+
+    // The agent ignores SIGTERM: `exec` kills the run a second after passing it on (128 + 9), and says so once the
+    // operator's modes are back (a line ending in "\r\n": the terminal's own output processing, not raw mode).
+    let mark = operator.seen().len();
+    let mut exec = env.exec_command_with(&["--stop-timeout", "1"]);
+    exec.args([
+        "sh",
+        "-c",
+        "trap '' TERM; echo ignoring; while :; do sleep 0.05; done",
+    ]);
+    operator.attach(&mut exec);
+    let exec = exec.spawn().expect("enforcer exec");
+    operator.wait_for_since(mark, "ignoring");
+    let pid = i32::try_from(exec.id()).expect("pid");
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(wait(exec), Some(137), "{}", operator.settle());
+    let shown = operator.settle();
+    assert!(
+        shown[mark..].ends_with(
+            "enforcer exec: the run did not end within 1 s of SIGTERM (--stop-timeout): every process of it was \
+             killed\r\n"
+        ),
+        "{:?}",
+        &shown[mark..]
+    );
+    assert_eq!(
+        modes(&operator.termios()),
+        before,
+        "after the run was killed"
+    );
 }
 
 /// The operator's window size is the agent's from the start, and a change of it (SIGWINCH to `exec`) reaches the

@@ -37,7 +37,10 @@ pub use identity::user_name;
     a Landlock domain that refuses it ptrace access and signals to any process outside its run, however named; and \
     under a system call filter that refuses TIOCSTI and TIOCLINUX (typing into the terminal) and pidfd_getfd. \
     Started from a terminal, the command gets a pseudo-terminal of its own, which exec relays to yours (put in raw \
-    mode for the run and restored after it): what it holds of it is dead once the run ends."
+    mode for the run and restored after it): what it holds of it is dead once the run ends. SIGTERM and SIGHUP sent \
+    to exec are passed on to the command; if the run has not ended --stop-timeout seconds after the first, exec \
+    kills every process of it and exits 137. The exit status is the command's (a signal as 128 + the signal), or 2 \
+    when exec itself fails."
 )]
 pub struct ExecArgs {
     /// The daemon's configuration file (to find its pin directory, cgroups and CA bundle).
@@ -54,10 +57,18 @@ pub struct ExecArgs {
     /// the daemon: nothing it does is then enforced.
     #[arg(long, conflicts_with = "user")]
     pub allow_root: bool,
+    /// Seconds to wait, once SIGTERM or SIGHUP sent to exec has been passed on to the command, for the run to end
+    /// before killing every process of it (SIGKILL; exec exits 137). Later signals do not restart or shorten the
+    /// wait. 0: kill the run as soon as the signal has been passed on.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STOP_TIMEOUT)]
+    pub stop_timeout: u32,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<OsString>,
 }
+
+/// `--stop-timeout`'s default, in seconds: `docker stop`'s.
+const DEFAULT_STOP_TIMEOUT: u32 = 10;
 
 #[derive(Debug, Subcommand)]
 pub enum CgroupCommand {
@@ -231,7 +242,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
     let cgroup = ExecCgroup(create_exec_cgroup(&profile_cgroup, std::process::id())?);
     register_session(&config, &cgroup.0, &args.profile, &person)?;
-    let code = run_in_cgroup(&cgroup.0, &run_as, &trust, &args.command)?;
+    let code = run_in_cgroup(&cgroup.0, &run_as, &trust, &args.command, args.stop_timeout)?;
     drop(cgroup);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
 }
@@ -308,12 +319,15 @@ struct Trust {
 }
 
 /// Start the command in `cgroup` as `run_as`, as the second process of its own PID namespace ([`init`]), and wait
-/// for it. Returns its exit code (a signal as 128 + the signal); errors name the step that kept it from starting.
+/// for it, killing the run `stop_timeout` seconds after a SIGTERM or SIGHUP passed on to it. Returns its exit code (a
+/// signal as 128 + the signal; 137 when killed after the stop timeout); errors name the step that kept it from
+/// starting.
 fn run_in_cgroup(
     cgroup: &Path,
     run_as: &RunAs,
     trust: &Trust,
     command: &[OsString],
+    stop_timeout: u32,
 ) -> anyhow::Result<i32> {
     let Some((program, rest)) = command.split_first() else {
         bail!("no command given");
@@ -357,7 +371,7 @@ fn run_in_cgroup(
     unsafe {
         cmd.pre_exec(move || switch.apply());
     }
-    init::install_signal_forwarding();
+    init::install_signal_forwarding(stop_timeout);
     match init::fork(pty.is_some())? {
         init::Forked::Outside(run) => {
             drop(procs);
@@ -439,5 +453,45 @@ mod tests {
             dir.path().join("exec-77-2")
         );
         assert!(create_exec_cgroup(&dir.path().join("missing"), 77).is_err());
+    }
+
+    /// `--stop-timeout SECS`: whole seconds that fit in 32 bits, 10 when not given, 0 allowed; nothing negative,
+    /// fractional, with a unit or empty.
+    #[test]
+    fn the_stop_timeout_is_whole_seconds_ten_by_default() {
+        use clap::Parser;
+        let parse = |options: &[&str]| {
+            let argv = ["enforcer", "exec"]
+                .iter()
+                .chain(options)
+                .chain(&["--", "sh", "-c", "exit 0"]);
+            match crate::cli::Cli::try_parse_from(argv) {
+                Ok(crate::cli::Cli {
+                    command: crate::cli::Command::Exec(args),
+                }) => Ok((args.stop_timeout, args.command.len())),
+                Ok(other) => panic!("not exec: {other:?}"),
+                Err(err) => Err(err.kind()),
+            }
+        };
+        assert_eq!(parse(&[]), Ok((10, 3)));
+        assert_eq!(parse(&["--stop-timeout", "1"]), Ok((1, 3)));
+        assert_eq!(parse(&["--stop-timeout=0"]), Ok((0, 3)));
+        assert_eq!(parse(&["--stop-timeout", "4294967295"]), Ok((u32::MAX, 3)));
+        for bad in ["1.5", "10s", "ten", "4294967296", ""] {
+            assert_eq!(
+                parse(&["--stop-timeout", bad]),
+                Err(clap::error::ErrorKind::ValueValidation),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse(&["--stop-timeout=-1"]),
+            Err(clap::error::ErrorKind::ValueValidation)
+        );
+        // Read as an option of its own, not as the value.
+        assert_eq!(
+            parse(&["--stop-timeout", "-1"]),
+            Err(clap::error::ErrorKind::UnknownArgument)
+        );
     }
 }

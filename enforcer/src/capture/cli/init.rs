@@ -18,11 +18,23 @@
 //! group, and leaves them to the agent. When the agent has a pty of its own ([`super::pty`]), the init leads the
 //! pty's session, tells `exec` each time the agent is stopped (a byte on the stop pipe: the signal), and continues
 //! the agent's process group when `exec` sends it SIGCONT; `exec` relays the terminal while it waits.
+//!
+//! A stop request is escalated, as `docker stop` and systemd's `TimeoutStopSec=` do: once `exec` has passed on the
+//! first SIGTERM or SIGHUP, it waits the run's stop timeout (`--stop-timeout`, whole seconds, alarm(2)); if the init
+//! has not exited by then, `exec` sends the init SIGKILL, and exits 137 as a shell reports a process SIGKILL ended.
+//! Killing the init, rather than writing `cgroup.kill` of the run's cgroup, is what is sure to leave nothing behind:
+//! when a PID namespace's init exits, the kernel stops new processes being created in it and SIGKILLs every process
+//! it holds (pid_namespaces(7)), and reports the init exited only once all of them are gone (`zap_pid_ns_processes`
+//! in the kernel's `kernel/pid_namespace.c` waits for them), so when `exec`'s waitpid(2) returns, no process of the
+//! run is left. No process can leave its PID namespace, whereas one can leave a cgroup (a root agent can write itself
+//! into another's `cgroup.procs`); nor does it need `cgroup.kill` (Linux 5.14). Later SIGTERMs and SIGHUPs are passed
+//! on too but keep the first deadline: systemd sends SIGHUP right after SIGTERM (`SendSIGHUP=`, as every login
+//! session's scope has it), so a second signal cannot mean "kill now".
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 use anyhow::{bail, Context};
 
@@ -104,6 +116,13 @@ pub(super) fn fork(job_control: bool) -> anyhow::Result<Forked> {
     drop(stops_read);
     CHILD_PID.store(0, Ordering::SeqCst);
     PENDING_SIGNAL.store(0, Ordering::SeqCst);
+    // The stop timeout is `exec`'s: the init passes signals on and never kills the run itself (nor takes SIGALRM
+    // from a process of its namespace: an init receives only signals it has a handler for).
+    STOP_TIMEOUT.store(NO_STOP_TIMEOUT, Ordering::SeqCst);
+    // SAFETY: SIG_DFL has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGALRM, libc::SIG_DFL);
+    }
     // SAFETY: prctl with constant arguments.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
@@ -134,10 +153,11 @@ fn reader_gone(pipe: &File) -> bool {
 }
 
 impl Outside {
-    /// Wait for the init; its exit code is the agent's (a signal as 128 + the signal). With the agent's `pty`,
-    /// relay between it and the operator's terminal until the init has exited, then pass on the agent's last output
-    /// and restore the operator's terminal ([`super::pty::Relay`]). Errors: the init could not set up the namespace
-    /// or start the agent (its message), waiting failed, or relaying failed (the run is then killed).
+    /// Wait for the init; its exit code is the agent's (a signal as 128 + the signal), or 137 when `exec` killed the
+    /// run after its stop timeout (then said on stderr). With the agent's `pty`, relay between it and the operator's
+    /// terminal until the init has exited, then pass on the agent's last output and restore the operator's terminal
+    /// ([`super::pty::Relay`]). Errors: the init could not set up the namespace or start the agent (its message),
+    /// waiting failed, or relaying failed (the run is then killed).
     pub(super) fn wait(mut self, pty: Option<super::pty::Pty>) -> anyhow::Result<i32> {
         let mut relay = match (pty, &self.stops) {
             (Some(pty), Some(stops)) => {
@@ -149,7 +169,7 @@ impl Outside {
                     Err(err) => {
                         // SAFETY: kill(2) on our own child; SIGKILL ends the init and with it the run.
                         unsafe { libc::kill(self.pid, libc::SIGKILL) };
-                        let _ = wait_until(self.pid, self.pid, 0, |_| {});
+                        let _ = reap_init(self.pid);
                         return Err(err)
                             .context("relaying the agent's terminal (the run was ended)");
                     }
@@ -157,13 +177,20 @@ impl Outside {
             }
             _ => None,
         };
-        let status =
-            wait_until(self.pid, self.pid, 0, |_| {}).context("waiting for the agent's init")?;
+        let status = reap_init(self.pid).context("waiting for the agent's init")?;
         if let Some(relay) = relay.as_mut() {
             relay.drain();
         }
         // Closes the master (hanging up the agent's terminal wherever it was handed) and restores the operator's.
         drop(relay);
+        if let Some(stop) = killed_after_stop_timeout(status) {
+            eprintln!(
+                "enforcer exec: the run did not end within {} s of {} (--stop-timeout): every process of it was \
+                 killed",
+                stop.timeout,
+                signal_name(stop.signal)
+            );
+        }
         let mut message = String::new();
         // Every holder of the write end has exited (the init; the agent's copy closed at exec).
         let _ = self.errors.read_to_string(&mut message);
@@ -331,6 +358,66 @@ fn wait_until(
     }
 }
 
+/// Wait until the init `pid` has exited, then stop passing signals on to it and cancel the stop timeout, and only then
+/// reap it: until it is reaped its pid names its zombie, so a SIGTERM passed on, or the stop timeout's SIGKILL, that
+/// comes meanwhile reaches no other process (as it could once the pid is free for reuse). Its wait status.
+fn reap_init(pid: libc::pid_t) -> std::io::Result<libc::c_int> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is valid; waitid(2) fills it. WNOWAIT leaves the child waitable.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                libc::id_t::try_from(pid).unwrap_or(0),
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+    CHILD_PID.store(0, Ordering::SeqCst);
+    // SAFETY: alarm(2) with 0 cancels a pending alarm; no preconditions.
+    unsafe {
+        libc::alarm(0);
+    }
+    wait_until(pid, pid, 0, |_| {})
+}
+
+/// The stop request a run was killed for.
+#[derive(Debug, PartialEq, Eq)]
+struct StopTimedOut {
+    /// The first SIGTERM or SIGHUP `exec` passed on.
+    signal: libc::c_int,
+    /// The stop timeout, in seconds.
+    timeout: i64,
+}
+
+/// Whether the init, whose wait status is `status`, ended because `exec` killed it after the stop timeout: `exec`
+/// sent SIGKILL and the init died of it (an init that had already exited keeps its own status).
+fn killed_after_stop_timeout(status: libc::c_int) -> Option<StopTimedOut> {
+    let killed = KILLED.load(Ordering::SeqCst)
+        && libc::WIFSIGNALED(status)
+        && libc::WTERMSIG(status) == libc::SIGKILL;
+    killed.then(|| StopTimedOut {
+        signal: STOP_SIGNAL.load(Ordering::SeqCst),
+        timeout: STOP_TIMEOUT.load(Ordering::SeqCst),
+    })
+}
+
+fn signal_name(signal: libc::c_int) -> String {
+    match signal {
+        libc::SIGTERM => "SIGTERM".to_string(),
+        libc::SIGHUP => "SIGHUP".to_string(),
+        other => format!("signal {other}"),
+    }
+}
+
 /// A shell's exit code for a wait status: the exit code, or 128 + the signal that ended it.
 fn exit_code(status: libc::c_int) -> i32 {
     if libc::WIFEXITED(status) {
@@ -346,6 +433,13 @@ fn exit_code(status: libc::c_int) -> i32 {
 static CHILD_PID: AtomicI32 = AtomicI32::new(0);
 /// A SIGTERM/SIGHUP that arrived before there was a pid to pass it on to.
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// `exec`'s stop timeout in seconds ([`NO_STOP_TIMEOUT`] in the init, which never escalates).
+static STOP_TIMEOUT: AtomicI64 = AtomicI64::new(NO_STOP_TIMEOUT);
+const NO_STOP_TIMEOUT: i64 = -1;
+/// The first SIGTERM/SIGHUP `exec` passed on (0: none yet): the stop request whose timeout runs.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// `exec` sent the init SIGKILL because the stop timeout ran out.
+static KILLED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn forward_signal(signal: libc::c_int) {
     let pid = CHILD_PID.load(Ordering::SeqCst);
@@ -354,8 +448,46 @@ extern "C" fn forward_signal(signal: libc::c_int) {
         unsafe {
             libc::kill(pid, signal);
         }
+        // `exec` only (the init has no stop timeout), and the first stop request only: its deadline stays.
+        let timeout = STOP_TIMEOUT.load(Ordering::SeqCst);
+        let first = || {
+            STOP_SIGNAL
+                .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        };
+        if let Ok(secs) = libc::c_uint::try_from(timeout) {
+            if first() {
+                if secs == 0 {
+                    kill_run();
+                } else {
+                    // SAFETY: alarm(2) is async-signal-safe.
+                    unsafe {
+                        libc::alarm(secs);
+                    }
+                }
+            }
+        }
     } else {
         PENDING_SIGNAL.store(signal, Ordering::SeqCst);
+    }
+}
+
+/// SIGALRM: the stop timeout ran out. A SIGALRM with no stop request pending changes nothing.
+extern "C" fn stop_timeout_expired(_: libc::c_int) {
+    if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
+        kill_run();
+    }
+}
+
+/// SIGKILL to the init, which ends every process of the run (see the module's documentation).
+fn kill_run() {
+    let pid = CHILD_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        KILLED.store(true, Ordering::SeqCst);
+        // SAFETY: kill(2) is async-signal-safe; `pid` is the init, not yet reaped (see `reap_init`).
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
     }
 }
 
@@ -382,13 +514,25 @@ fn continue_on_sigcont() {
 }
 
 /// SIGTERM and SIGHUP sent to `exec` are passed on to the init, and by the init to the agent (handlers are reset by
-/// exec, so the agent starts with default dispositions); `exec` lives to remove the cgroup.
-pub(super) fn install_signal_forwarding() {
+/// exec, so the agent starts with default dispositions); `exec` lives to remove the cgroup. `stop_timeout` seconds
+/// after the first, if the init has not exited, `exec` kills it, and with it the run (0: at once).
+pub(super) fn install_signal_forwarding(stop_timeout: u32) {
+    install_stop_timeout(stop_timeout);
     let handler = forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only touches atomics and calls kill(2).
+    // SAFETY: the handler only touches atomics and calls kill(2) and alarm(2).
     unsafe {
         libc::signal(libc::SIGTERM, handler);
         libc::signal(libc::SIGHUP, handler);
+    }
+}
+
+/// Set the stop timeout and the SIGALRM handler that ends the run when it runs out.
+fn install_stop_timeout(stop_timeout: u32) {
+    STOP_TIMEOUT.store(i64::from(stop_timeout), Ordering::SeqCst);
+    let handler = stop_timeout_expired as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only touches atomics and calls kill(2).
+    unsafe {
+        libc::signal(libc::SIGALRM, handler);
     }
 }
 
@@ -447,6 +591,7 @@ impl BlockedSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     /// The init knows `exec` is gone when `exec` died before the init could arm its death signal.
     #[test]
@@ -474,5 +619,103 @@ mod tests {
         assert_eq!(unescape("a\\040b\\011c\\\\"), "a b\tc\\\\");
         assert_eq!(exit_code(7 << 8), 7);
         assert_eq!(exit_code(libc::SIGTERM), 128 + 15);
+    }
+
+    /// What is left of the alarm (the stop timeout's deadline), without changing it.
+    fn alarm_left() -> Duration {
+        // SAFETY: an all-zero itimerval is valid; getitimer(2) fills it.
+        let mut timer: libc::itimerval = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, into a local.
+        assert_eq!(unsafe { libc::getitimer(libc::ITIMER_REAL, &mut timer) }, 0);
+        let value = timer.it_value;
+        Duration::from_secs(u64::try_from(value.tv_sec).unwrap())
+            + Duration::from_micros(u64::try_from(value.tv_usec).unwrap())
+    }
+
+    /// `sleep 30` as the run's init stands in, with SIGTERM and SIGHUP ignored when `ignore_term` (exec(2) keeps them
+    /// ignored); `exec`'s side passes signals on to it.
+    fn stand_in_init(ignore_term: bool) -> libc::pid_t {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        if ignore_term {
+            // SAFETY: signal(2) only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                    libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        // Dropping the Child neither waits nor kills: `reap_init` reaps it.
+        let pid = i32::try_from(cmd.spawn().unwrap().id()).unwrap();
+        CHILD_PID.store(pid, Ordering::SeqCst);
+        STOP_SIGNAL.store(0, Ordering::SeqCst);
+        KILLED.store(false, Ordering::SeqCst);
+        pid
+    }
+
+    /// The stop timeout, as `exec` runs it: a run that ignores SIGTERM is killed once the timeout has run out after
+    /// the first SIGTERM passed on (a second does not move the deadline), and `exec` reports 137 and says so; a run
+    /// that ends on SIGTERM keeps its own status (143), is not killed, and its alarm is cancelled once it is reaped;
+    /// with 0, the run is killed as the signal is passed on.
+    #[test]
+    fn a_run_outlasting_its_stop_timeout_is_killed_and_one_that_ends_is_not() {
+        install_stop_timeout(1);
+        let pid = stand_in_init(true);
+        let start = Instant::now();
+        forward_signal(libc::SIGTERM);
+        assert!(alarm_left() > Duration::ZERO, "not armed");
+        std::thread::sleep(Duration::from_millis(500));
+        forward_signal(libc::SIGHUP);
+        assert!(
+            alarm_left() < Duration::from_millis(900),
+            "the second signal moved the deadline: {:?} left",
+            alarm_left()
+        );
+        let status = reap_init(pid).unwrap();
+        let waited = start.elapsed();
+        assert_eq!(exit_code(status), 137);
+        assert_eq!(
+            killed_after_stop_timeout(status),
+            Some(StopTimedOut {
+                signal: libc::SIGTERM,
+                timeout: 1
+            })
+        );
+        // Not before the timeout; the upper bound is loose (a shared machine).
+        assert!(
+            waited >= Duration::from_millis(990) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert_eq!(CHILD_PID.load(Ordering::SeqCst), 0);
+
+        let pid = stand_in_init(false);
+        forward_signal(libc::SIGTERM);
+        let status = reap_init(pid).unwrap();
+        assert_eq!(exit_code(status), 143);
+        assert_eq!(killed_after_stop_timeout(status), None);
+        assert_eq!(alarm_left(), Duration::ZERO, "the alarm outlived the run");
+        assert!(!KILLED.load(Ordering::SeqCst));
+
+        install_stop_timeout(0);
+        let pid = stand_in_init(true);
+        forward_signal(libc::SIGTERM);
+        let status = reap_init(pid).unwrap();
+        assert_eq!(exit_code(status), 137);
+        assert_eq!(
+            killed_after_stop_timeout(status),
+            Some(StopTimedOut {
+                signal: libc::SIGTERM,
+                timeout: 0
+            })
+        );
+
+        STOP_TIMEOUT.store(NO_STOP_TIMEOUT, Ordering::SeqCst);
+        // SAFETY: SIG_DFL has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGALRM, libc::SIG_DFL);
+        }
     }
 }

@@ -14,7 +14,8 @@
 //! (cfmakeraw(3)), so typed `Ctrl-C`, `Ctrl-\` and `Ctrl-Z` arrive as bytes and the pty's line discipline sends the
 //! agent SIGINT, SIGQUIT and SIGTSTP (tty_ioctl(4)). A change of the operator's window size (SIGWINCH) is copied to
 //! the pty, which signals the agent. `exec` restores the operator's exact modes however the run ends (the agent's
-//! exit or signal, SIGTERM or SIGHUP to `exec`, an error); only SIGKILL to `exec` leaves them raw (`stty sane`).
+//! exit or signal, SIGTERM or SIGHUP to `exec`, the run killed after its stop timeout, an error); only SIGKILL to
+//! `exec` leaves them raw (`stty sane`).
 //!
 //! Job control is sudo's: when the agent is stopped (`Ctrl-Z`), the init tells `exec` ([`Relay::run`]'s `stops`),
 //! which restores the operator's modes and stops its own process group with the same signal, so the operator's shell

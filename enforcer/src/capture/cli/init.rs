@@ -103,6 +103,7 @@ pub(super) fn fork(job_control: bool) -> anyhow::Result<Forked> {
         drop(stops_write);
         // Signals that came while blocked are delivered to the handler once unblocked, which passes them on.
         CHILD_PID.store(pid, Ordering::SeqCst);
+        pass_on_pending();
         ignore_terminal_signals();
         forwarded.unblock();
         return Ok(Forked::Outside(Outside {
@@ -111,7 +112,8 @@ pub(super) fn fork(job_control: bool) -> anyhow::Result<Forked> {
             stops: stops_read,
         }));
     }
-    // The init. Signals pending in exec are not inherited; the ones it received before forking were passed on by it.
+    // The init. Signals pending in exec are not inherited; the ones it received before forking `exec` passes on
+    // (`pass_on_pending`), so the init forgets its copy.
     drop(read);
     drop(stops_read);
     CHILD_PID.store(0, Ordering::SeqCst);
@@ -472,6 +474,15 @@ extern "C" fn forward_signal(signal: libc::c_int) {
     }
 }
 
+/// Pass on a SIGTERM/SIGHUP that `exec` received before there was an init to pass it on to (stored by
+/// [`forward_signal`]), and start its stop timeout. Called with both signals blocked, once the init's pid is set.
+fn pass_on_pending() {
+    let pending = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
+    if pending != 0 {
+        forward_signal(pending);
+    }
+}
+
 /// SIGALRM: the stop timeout ran out. A SIGALRM with no stop request pending changes nothing.
 extern "C" fn stop_timeout_expired(_: libc::c_int) {
     if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
@@ -698,6 +709,28 @@ mod tests {
         assert_eq!(killed_after_stop_timeout(status), None);
         assert_eq!(alarm_left(), Duration::ZERO, "the alarm outlived the run");
         assert!(!KILLED.load(Ordering::SeqCst));
+
+        // A SIGTERM that came before the init was forked is passed on once it is, and its stop timeout runs.
+        STOP_SIGNAL.store(0, Ordering::SeqCst);
+        CHILD_PID.store(0, Ordering::SeqCst);
+        forward_signal(libc::SIGTERM);
+        assert_eq!(PENDING_SIGNAL.load(Ordering::SeqCst), libc::SIGTERM);
+        let pid = stand_in_init(true);
+        pass_on_pending();
+        assert_eq!(PENDING_SIGNAL.load(Ordering::SeqCst), 0);
+        assert!(
+            alarm_left() > Duration::ZERO,
+            "its stop timeout is not armed"
+        );
+        let status = reap_init(pid).unwrap();
+        assert_eq!(exit_code(status), 137);
+        assert_eq!(
+            killed_after_stop_timeout(status),
+            Some(StopTimedOut {
+                signal: libc::SIGTERM,
+                timeout: 1
+            })
+        );
 
         install_stop_timeout(0);
         let pid = stand_in_init(true);

@@ -361,12 +361,19 @@ impl Env {
 
     /// [`Env::exec_argv`] with another profile.
     pub fn exec_argv_in(&self, profile: &str) -> Vec<std::ffi::OsString> {
+        self.exec_argv_with(profile, &[])
+    }
+
+    /// [`Env::exec_argv_in`] with `options` of `exec`'s own (`--stop-timeout 1`) before its `--`.
+    fn exec_argv_with(&self, profile: &str, options: &[&str]) -> Vec<std::ffi::OsString> {
         let mut argv: Vec<std::ffi::OsString> = vec![enforcer_bin().into(), "exec".into()];
         argv.push("--config".into());
         argv.push(self.config.clone().into());
-        for a in ["--profile", profile, "--user", AGENT_USER, "--"] {
+        for a in ["--profile", profile, "--user", AGENT_USER] {
             argv.push(a.into());
         }
+        argv.extend(options.iter().map(Into::into));
+        argv.push("--".into());
         argv
     }
 
@@ -386,18 +393,16 @@ impl Env {
 
     /// [`Env::exec_command`] with `options` of `exec`'s own (`--stop-timeout 1`) before its `--`.
     pub fn exec_command_with(&self, options: &[&str]) -> Command {
-        let mut argv = self.exec_argv();
-        let dashes = argv.len() - 1;
-        assert_eq!(argv[dashes], "--", "{argv:?}");
-        argv.splice(dashes..dashes, options.iter().map(Into::into));
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]);
-        self.agent_command(cmd)
+        self.command_of(self.exec_argv_with(PROFILE, options))
     }
 
     /// [`Env::exec_command`] with another profile.
     pub fn exec_command_in(&self, profile: &str) -> Command {
-        let argv = self.exec_argv_in(profile);
+        self.command_of(self.exec_argv_in(profile))
+    }
+
+    /// `argv` as an agent's Command ([`Env::agent_command`]).
+    fn command_of(&self, argv: Vec<std::ffi::OsString>) -> Command {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         self.agent_command(cmd)

@@ -451,22 +451,12 @@ extern "C" fn forward_signal(signal: libc::c_int) {
             libc::kill(pid, signal);
         }
         // `exec` only (the init has no stop timeout), and the first stop request only: its deadline stays.
-        let timeout = STOP_TIMEOUT.load(Ordering::SeqCst);
-        let first = || {
-            STOP_SIGNAL
+        if let Ok(secs) = libc::c_uint::try_from(STOP_TIMEOUT.load(Ordering::SeqCst)) {
+            let first = STOP_SIGNAL
                 .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        };
-        if let Ok(secs) = libc::c_uint::try_from(timeout) {
-            if first() {
-                if secs == 0 {
-                    kill_run();
-                } else {
-                    // SAFETY: alarm(2) is async-signal-safe.
-                    unsafe {
-                        libc::alarm(secs);
-                    }
-                }
+                .is_ok();
+            if first {
+                stop_after(secs);
             }
         }
     } else {
@@ -474,12 +464,25 @@ extern "C" fn forward_signal(signal: libc::c_int) {
     }
 }
 
-/// Pass on a SIGTERM/SIGHUP that `exec` received before there was an init to pass it on to (stored by
-/// [`forward_signal`]), and start its stop timeout. Called with both signals blocked, once the init's pid is set.
+/// Pass on a SIGTERM/SIGHUP that came before there was a process to pass it on to (stored by [`forward_signal`]):
+/// in `exec`, to the init once forked (with both signals blocked), starting its stop timeout; in the init, to the
+/// agent once started.
 fn pass_on_pending() {
     let pending = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
     if pending != 0 {
         forward_signal(pending);
+    }
+}
+
+/// Start the stop timeout of `secs` seconds (0: kill the run now).
+fn stop_after(secs: libc::c_uint) {
+    if secs == 0 {
+        kill_run();
+    } else {
+        // SAFETY: alarm(2) is async-signal-safe.
+        unsafe {
+            libc::alarm(secs);
+        }
     }
 }
 
@@ -552,13 +555,7 @@ fn install_stop_timeout(stop_timeout: u32) {
 fn forward_signals_to(pid: libc::pid_t) {
     CHILD_PID.store(pid, Ordering::SeqCst);
     ignore_terminal_signals();
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        let pending = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
-        if pending != 0 && pid > 0 {
-            libc::kill(pid, pending);
-        }
-    }
+    pass_on_pending();
 }
 
 /// Like a shell waiting for its job: the terminal sends SIGINT (`Ctrl-C`) and SIGQUIT (`Ctrl-\`) to its whole
@@ -667,6 +664,19 @@ mod tests {
         pid
     }
 
+    /// Reap the stand-in init `pid` and check it was killed after a stop timeout of `timeout` seconds for SIGTERM.
+    fn assert_killed_after_stop_timeout(pid: libc::pid_t, timeout: i64) {
+        let status = reap_init(pid).unwrap();
+        assert_eq!(exit_code(status), 137);
+        assert_eq!(
+            killed_after_stop_timeout(status),
+            Some(StopTimedOut {
+                signal: libc::SIGTERM,
+                timeout
+            })
+        );
+    }
+
     /// The stop timeout, as `exec` runs it: a run that ignores SIGTERM is killed once the timeout has run out after
     /// the first SIGTERM passed on (a second does not move the deadline), and `exec` reports 137 and says so; a run
     /// that ends on SIGTERM keeps its own status (143), is not killed, and its alarm is cancelled once it is reaped;
@@ -685,16 +695,8 @@ mod tests {
             "the second signal moved the deadline: {:?} left",
             alarm_left()
         );
-        let status = reap_init(pid).unwrap();
+        assert_killed_after_stop_timeout(pid, 1);
         let waited = start.elapsed();
-        assert_eq!(exit_code(status), 137);
-        assert_eq!(
-            killed_after_stop_timeout(status),
-            Some(StopTimedOut {
-                signal: libc::SIGTERM,
-                timeout: 1
-            })
-        );
         // Not before the timeout; the upper bound is loose (a shared machine).
         assert!(
             waited >= Duration::from_millis(990) && waited < Duration::from_secs(10),
@@ -711,8 +713,6 @@ mod tests {
         assert!(!KILLED.load(Ordering::SeqCst));
 
         // A SIGTERM that came before the init was forked is passed on once it is, and its stop timeout runs.
-        STOP_SIGNAL.store(0, Ordering::SeqCst);
-        CHILD_PID.store(0, Ordering::SeqCst);
         forward_signal(libc::SIGTERM);
         assert_eq!(PENDING_SIGNAL.load(Ordering::SeqCst), libc::SIGTERM);
         let pid = stand_in_init(true);
@@ -722,28 +722,12 @@ mod tests {
             alarm_left() > Duration::ZERO,
             "its stop timeout is not armed"
         );
-        let status = reap_init(pid).unwrap();
-        assert_eq!(exit_code(status), 137);
-        assert_eq!(
-            killed_after_stop_timeout(status),
-            Some(StopTimedOut {
-                signal: libc::SIGTERM,
-                timeout: 1
-            })
-        );
+        assert_killed_after_stop_timeout(pid, 1);
 
         install_stop_timeout(0);
         let pid = stand_in_init(true);
         forward_signal(libc::SIGTERM);
-        let status = reap_init(pid).unwrap();
-        assert_eq!(exit_code(status), 137);
-        assert_eq!(
-            killed_after_stop_timeout(status),
-            Some(StopTimedOut {
-                signal: libc::SIGTERM,
-                timeout: 0
-            })
-        );
+        assert_killed_after_stop_timeout(pid, 0);
 
         STOP_TIMEOUT.store(NO_STOP_TIMEOUT, Ordering::SeqCst);
         // SAFETY: SIG_DFL has no preconditions.

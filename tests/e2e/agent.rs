@@ -242,16 +242,24 @@ fn spawn_until_ready_in(
     (child, exec_cgroup)
 }
 
-/// Send `exec` SIGTERM and wait for it, at most 30 s (a run that never ends fails the test rather than hanging it): its
-/// exit code, what it wrote to stderr, and how long it took from just before the signal.
-fn stop_exec(mut exec: std::process::Child) -> (Option<i32>, String, std::time::Duration) {
-    use std::io::Read;
+/// Send `exec` SIGTERM and wait for it ([`wait_exec`]), timed from just before the signal.
+fn stop_exec(exec: std::process::Child) -> (Option<i32>, String, std::time::Duration) {
     let start = std::time::Instant::now();
     // SAFETY: kill(2) on our own child, not yet reaped.
     assert_eq!(
         unsafe { libc::kill(i32::try_from(exec.id()).expect("pid"), libc::SIGTERM) },
         0
     );
+    wait_exec(exec, start)
+}
+
+/// Wait for `exec`, at most 30 s after `start` (a run that never ends fails the test rather than hanging it): its exit
+/// code, what it wrote to stderr, and how long it took from `start`.
+fn wait_exec(
+    mut exec: std::process::Child,
+    start: std::time::Instant,
+) -> (Option<i32>, String, std::time::Duration) {
+    use std::io::Read;
     let status = loop {
         if let Some(status) = exec.try_wait().expect("wait") {
             break status;
@@ -279,28 +287,48 @@ fn killed_message(secs: u32) -> String {
     )
 }
 
+/// A stand-in agent that ignores SIGTERM (`trap '' TERM`), with a child that ignores it too (an ignored signal stays
+/// ignored across fork and exec); it signals it is ready once the child runs (`$0`, as `spawn_until_ready_in` reads).
+const IGNORES_SIGTERM: &str =
+    "trap '' TERM; sh -c 'touch \"$0\"; while :; do sleep 0.05; done' \"$0.child\" & \
+     while [ ! -e \"$0.child\" ]; do sleep 0.05; done; rm -f \"$0.child\"; touch \"$0\"; \
+     while :; do sleep 0.05; done";
+
 /// An agent that ignores SIGTERM (`trap '' TERM`), with a child that ignores it too (an ignored signal stays ignored
 /// across fork and exec), is not left running when `exec` is asked to stop: `--stop-timeout 1` after passing the
 /// SIGTERM on, `exec` kills every process of the run, says so, and exits 137 (128 + SIGKILL); no process of the run
 /// is left (a pidfd of each names no process any more) and its cgroup is removed. Before, the run went on for ever.
 pub fn ignoring_sigterm_is_killed_whole_after_the_stop_timeout(env: &mut Env) {
-    use std::os::fd::{FromRawFd, OwnedFd};
     use std::process::Stdio;
     env.need_daemon();
     let (exec, exec_cgroup) = spawn_until_ready_in(
         env,
         env.exec_command_with(&["--stop-timeout", "1"]),
-        "trap '' TERM; sh -c 'touch \"$0\"; while :; do sleep 0.05; done' \"$0.child\" & \
-         while [ ! -e \"$0.child\" ]; do sleep 0.05; done; rm -f \"$0.child\"; touch \"$0\"; \
-         while :; do sleep 0.05; done",
+        IGNORES_SIGTERM,
         |exec| {
             exec.stdout(Stdio::null()).stderr(Stdio::piped());
         },
     );
-    // Every process of the run, as pidfds (a `sleep` that ended meanwhile is skipped).
+    let pidfds = run_pidfds(&exec_cgroup);
+    let (code, stderr, waited) = stop_exec(exec);
+    assert_eq!(code, Some(137), "{stderr}");
+    assert_eq!(stderr.trim_end(), killed_message(1), "{stderr}");
+    // Not killed before its stop timeout; the upper bound is loose (a shared machine).
+    assert!(
+        waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(20),
+        "{waited:?}"
+    );
+    assert_gone(&pidfds);
+    assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
+}
+
+/// Every process in the run's cgroup `exec_cgroup`, as pidfds (a `sleep` that ended meanwhile is skipped); the run must
+/// be the stand-in agent of the kill tests: two shells, the agent and its child.
+fn run_pidfds(exec_cgroup: &std::path::Path) -> Vec<(i32, std::os::fd::OwnedFd)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     let procs = std::fs::read_to_string(exec_cgroup.join("cgroup.procs")).expect("cgroup.procs");
     let mut shells = 0;
-    let pidfds: Vec<(i32, OwnedFd)> = procs
+    let pidfds = procs
         .lines()
         .filter_map(|line| {
             let pid: i32 = line.parse().ok()?;
@@ -316,15 +344,12 @@ pub fn ignoring_sigterm_is_killed_whole_after_the_stop_timeout(env: &mut Env) {
         })
         .collect();
     assert_eq!(shells, 2, "the agent and its child: {procs}");
-    let (code, stderr, waited) = stop_exec(exec);
-    assert_eq!(code, Some(137), "{stderr}");
-    assert_eq!(stderr.trim_end(), killed_message(1), "{stderr}");
-    // Not killed before its stop timeout; the upper bound is loose (a shared machine).
-    assert!(
-        waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(20),
-        "{waited:?}"
-    );
-    for (pid, fd) in &pidfds {
+    pidfds
+}
+
+/// No process of `pidfds` is left: a pidfd of each names no process any more.
+fn assert_gone(pidfds: &[(i32, std::os::fd::OwnedFd)]) {
+    for (pid, fd) in pidfds {
         // SAFETY: pidfd_send_signal(2) with signal 0 only checks the process exists.
         let rc = unsafe {
             libc::syscall(
@@ -342,7 +367,28 @@ pub fn ignoring_sigterm_is_killed_whole_after_the_stop_timeout(env: &mut Env) {
             "process {pid} of the run is left"
         );
     }
-    assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
+}
+
+/// The way docs/agents.md gives to end a run at once, whatever its stop timeout: `echo 1 > …/exec-<pid>/cgroup.kill`
+/// kills the agent and its child (both ignore SIGTERM, the run's stop timeout is the default 10 s); the run's init
+/// then ends, and `exec` exits 137 (128 + SIGKILL) at once, without the stop timeout's message, no process of the run
+/// left and its cgroup removed. `exec` itself is not in that cgroup, so it lives to clean up.
+pub fn killing_its_cgroup_ends_a_run_at_once(env: &mut Env) {
+    use std::process::Stdio;
+    env.need_daemon();
+    let (exec, exec_cgroup) =
+        spawn_until_ready_in(env, env.exec_command(), IGNORES_SIGTERM, |exec| {
+            exec.stdout(Stdio::null()).stderr(Stdio::piped());
+        });
+    let pidfds = run_pidfds(&exec_cgroup);
+    let start = std::time::Instant::now();
+    std::fs::write(exec_cgroup.join("cgroup.kill"), "1").expect("cgroup.kill");
+    let (code, stderr, waited) = wait_exec(exec, start);
+    assert_eq!((code, stderr.as_str()), (Some(137), ""));
+    // At once, not after the 10 s stop timeout; the bound is loose (a shared machine).
+    assert!(waited < std::time::Duration::from_secs(8), "{waited:?}");
+    assert_gone(&pidfds);
+    assert!(!exec_cgroup.exists(), "the run's cgroup is left");
 }
 
 /// An agent that ends on SIGTERM is not killed early, and its own status comes back: with `--stop-timeout 5`, an agent

@@ -162,6 +162,10 @@ const TESTS: &[Test] = &[
         agent::ignoring_sigterm_is_killed_whole_after_the_stop_timeout,
     ),
     (
+        "agent_killing_its_cgroup_ends_a_run_at_once",
+        agent::killing_its_cgroup_ends_a_run_at_once,
+    ),
+    (
         "agent_ending_on_sigterm_keeps_its_status_within_the_stop_timeout",
         agent::ending_on_sigterm_keeps_its_status_within_the_stop_timeout,
     ),

@@ -294,8 +294,8 @@ const IGNORES_SIGTERM: &str =
      while [ ! -e \"$0.child\" ]; do sleep 0.05; done; rm -f \"$0.child\"; touch \"$0\"; \
      while :; do sleep 0.05; done";
 
-/// An agent that ignores SIGTERM (`trap '' TERM`), with a child that ignores it too (an ignored signal stays ignored
-/// across fork and exec), is not left running when `exec` is asked to stop: `--stop-timeout 1` after passing the
+/// An agent that ignores SIGTERM, with a child that ignores it too ([`IGNORES_SIGTERM`]), is not left running when
+/// `exec` is asked to stop: `--stop-timeout 1` after passing the
 /// SIGTERM on, `exec` kills every process of the run, says so, and exits 137 (128 + SIGKILL); no process of the run
 /// is left (a pidfd of each names no process any more) and its cgroup is removed. Before, the run went on for ever.
 pub fn ignoring_sigterm_is_killed_whole_after_the_stop_timeout(env: &mut Env) {
@@ -370,7 +370,7 @@ fn assert_gone(pidfds: &[(i32, std::os::fd::OwnedFd)]) {
 }
 
 /// The way docs/agents.md gives to end a run at once, whatever its stop timeout: `echo 1 > …/exec-<pid>/cgroup.kill`
-/// kills the agent and its child (both ignore SIGTERM, the run's stop timeout is the default 10 s); the run's init
+/// kills the agent and its child ([`IGNORES_SIGTERM`]; the run's stop timeout is the default 10 s); the run's init
 /// then ends, and `exec` exits 137 (128 + SIGKILL) at once, without the stop timeout's message, no process of the run
 /// left and its cgroup removed. `exec` itself is not in that cgroup, so it lives to clean up.
 pub fn killing_its_cgroup_ends_a_run_at_once(env: &mut Env) {

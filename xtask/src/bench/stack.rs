@@ -361,8 +361,12 @@ impl Stack {
         if daemon == Daemon::NotDurable {
             config.push_str("audit:\n  durable: false\n");
         }
+        let mut label = name.replace('-', " ");
         if daemon == Daemon::Baseline {
             raise_agent_share(&mut config, enforcer)?;
+            if baseline_policy(&self.work, enforcer)? {
+                label.push_str(" (no proposal rule)");
+            }
         }
         let config_path = dir.join("enforcer.yaml");
         std::fs::write(&config_path, config)?;
@@ -406,7 +410,7 @@ impl Stack {
         };
         self.contenders.push(Contender {
             name,
-            label: name.replace('-', " "),
+            label,
             proxy,
             ca,
             wrap,
@@ -474,6 +478,65 @@ impl Stack {
             UPSTREAM_PORT,
         )
     }
+}
+
+/// Write the baseline's policy, `policy-baseline.yaml` in the work directory: the benchmark's policy, or, when the
+/// baseline binary's `policy check` refuses it (a build from before the policy could decide an answer's tool calls
+/// reads no `phase:`), the same policy without its rules that name a phase, which that build has nothing to apply to.
+/// Returns whether rules were left out (the column's label says so); an error when the build refuses even that.
+fn baseline_policy(work: &Path, binary: &Path) -> anyhow::Result<bool> {
+    let full = std::fs::read_to_string(work.join("policy.yaml"))?;
+    let path = work.join("policy-baseline.yaml");
+    let check =
+        |text: &str| -> anyhow::Result<Option<String>> {
+            std::fs::write(&path, text)?;
+            let out = Command::new(binary)
+                .args(["policy", "check"])
+                .arg(&path)
+                .output()
+                .with_context(|| format!("running {} policy check", binary.display()))?;
+            Ok((!out.status.success())
+                .then(|| String::from_utf8_lossy(&out.stderr).trim().to_string()))
+        };
+    if check(&full)?.is_none() {
+        return Ok(false);
+    }
+    match check(&without_phase_rules(&full))? {
+        None => Ok(true),
+        Some(error) => bail!(
+            "the baseline {} refuses the benchmark's policy: {error}",
+            binary.display()
+        ),
+    }
+}
+
+/// `policy` (YAML whose rules are the items `  - ` of its top-level `rules:`, their keys indented four spaces)
+/// without the rules that have a `phase:` key.
+fn without_phase_rules(policy: &str) -> String {
+    let mut out = String::with_capacity(policy.len());
+    let mut rule = String::new();
+    let mut in_rules = false;
+    let flush = |rule: &mut String, out: &mut String| {
+        if !rule.lines().any(|l| l.starts_with("    phase:")) {
+            out.push_str(rule);
+        }
+        rule.clear();
+    };
+    for line in policy.split_inclusive('\n') {
+        if line.starts_with("  - ") {
+            flush(&mut rule, &mut out);
+            in_rules = true;
+            rule.push_str(line);
+        } else if in_rules && (line.starts_with("    ") || line.trim().is_empty()) {
+            rule.push_str(line);
+        } else {
+            flush(&mut rule, &mut out);
+            in_rules = false;
+            out.push_str(line);
+        }
+    }
+    flush(&mut rule, &mut out);
+    out
 }
 
 /// The key of the per-agent connection share, which versions from f958fac on read (and older ones refuse: the
@@ -699,6 +762,31 @@ mod tests {
         assert!(!body.contains('\'') && !body.contains('\\') && !body.contains('$'));
         let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(v["id"], "bench");
+    }
+
+    #[test]
+    fn the_baseline_policy_leaves_out_exactly_the_rules_that_name_a_phase() {
+        let policy = fill(
+            &template("policy.yaml").expect("template"),
+            &[("PORT", "1")],
+        );
+        let reduced = without_phase_rules(&policy);
+        let ids = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("  - id: "))
+                .map(str::to_string)
+                .collect()
+        };
+        let mut kept = ids(&policy);
+        kept.retain(|id| id != "bench-no-secrets-in-tool-calls");
+        assert_eq!(ids(&reduced), kept);
+        assert!(!reduced.contains("phase:"), "{reduced}");
+        // Everything but that rule is as it was: the header, and every other rule's lines.
+        assert!(reduced.starts_with(policy.split("  - id:").next().expect("header")));
+        for line in reduced.lines() {
+            assert!(policy.lines().any(|l| l == line), "{line:?}");
+        }
+        assert_eq!(without_phase_rules(&reduced), reduced);
     }
 
     #[test]

@@ -309,7 +309,7 @@ pub fn ignoring_sigterm_is_killed_whole_after_the_stop_timeout(env: &mut Env) {
             exec.stdout(Stdio::null()).stderr(Stdio::piped());
         },
     );
-    let pidfds = run_pidfds(&exec_cgroup);
+    let pidfds = run_pidfds(&[&exec_cgroup]);
     let (code, stderr, waited) = stop_exec(exec);
     assert_eq!(code, Some(137), "{stderr}");
     assert_eq!(stderr.trim_end(), killed_message(1), "{stderr}");
@@ -322,11 +322,14 @@ pub fn ignoring_sigterm_is_killed_whole_after_the_stop_timeout(env: &mut Env) {
     assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
 }
 
-/// Every process in the run's cgroup `exec_cgroup`, as pidfds (a `sleep` that ended meanwhile is skipped); the run must
-/// be the stand-in agent of the kill tests: two shells, the agent and its child.
-fn run_pidfds(exec_cgroup: &std::path::Path) -> Vec<(i32, std::os::fd::OwnedFd)> {
+/// Every process in the cgroups `cgroups` (the run's, and any its processes moved to), as pidfds (a `sleep` that ended
+/// meanwhile is skipped); the run must be the stand-in agent of the kill tests: two shells, the agent and its child.
+fn run_pidfds(cgroups: &[&Path]) -> Vec<(i32, std::os::fd::OwnedFd)> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let procs = std::fs::read_to_string(exec_cgroup.join("cgroup.procs")).expect("cgroup.procs");
+    let procs: String = cgroups
+        .iter()
+        .map(|c| std::fs::read_to_string(c.join("cgroup.procs")).expect("cgroup.procs"))
+        .collect();
     let mut shells = 0;
     let pidfds = procs
         .lines()
@@ -380,7 +383,7 @@ pub fn killing_its_cgroup_ends_a_run_at_once(env: &mut Env) {
         spawn_until_ready_in(env, env.exec_command(), IGNORES_SIGTERM, |exec| {
             exec.stdout(Stdio::null()).stderr(Stdio::piped());
         });
-    let pidfds = run_pidfds(&exec_cgroup);
+    let pidfds = run_pidfds(&[&exec_cgroup]);
     let start = std::time::Instant::now();
     std::fs::write(exec_cgroup.join("cgroup.kill"), "1").expect("cgroup.kill");
     let (code, stderr, waited) = wait_exec(exec, start);
@@ -389,6 +392,53 @@ pub fn killing_its_cgroup_ends_a_run_at_once(env: &mut Env) {
     assert!(waited < std::time::Duration::from_secs(8), "{waited:?}");
     assert_gone(&pidfds);
     assert!(!exec_cgroup.exists(), "the run's cgroup is left");
+}
+
+/// A root agent (`--allow-root`) can leave its run's cgroup, but not its run: docs/agents.md says that when `exec`
+/// kills a run after its stop timeout, the kernel kills every process of the run's PID namespace, those that moved to
+/// another cgroup included. Here the agent's child ([`IGNORES_SIGTERM`], run as root) writes itself into a cgroup of
+/// the test's outside the profile's tree before it signals ready. `exec` is sent SIGTERM with `--stop-timeout 1`: it
+/// exits 137 with the stop timeout's message, no process of the run is left, the cgroup the child moved to is empty,
+/// and the run's cgroup is removed.
+pub fn root_agent_that_left_its_cgroup_is_killed_with_its_run(env: &mut Env) {
+    use std::process::Stdio;
+    env.need_daemon();
+    let outside = env.cgroup.join(unique("left-run"));
+    std::fs::create_dir(&outside).expect("a cgroup outside the run");
+    // The child moves itself (`0` names the writer) before it creates `$0.child`.
+    let script = IGNORES_SIGTERM.replacen(
+        "sh -c 'touch",
+        &format!("sh -c 'echo 0 > {}/cgroup.procs; touch", outside.display()),
+        1,
+    );
+    assert_ne!(script, IGNORES_SIGTERM);
+    let mut exec = exec_without_user(env);
+    exec.env_remove("SUDO_UID")
+        .args(["--allow-root", "--stop-timeout", "1", "--"]);
+    let (exec, exec_cgroup) = spawn_until_ready_in(env, exec, &script, |exec| {
+        exec.stdout(Stdio::null()).stderr(Stdio::piped());
+    });
+    // The child's shell is there (with the `sleep` it may be running).
+    let moved = std::fs::read_to_string(outside.join("cgroup.procs")).expect("cgroup.procs");
+    let is_shell = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
+    };
+    assert!(
+        moved.lines().any(is_shell),
+        "the child did not leave the run's cgroup: {moved:?}"
+    );
+    let pidfds = run_pidfds(&[&exec_cgroup, &outside]);
+    let (code, stderr, _) = stop_exec(exec);
+    assert_eq!(code, Some(137), "{stderr}");
+    assert!(
+        stderr.ends_with(&format!("{}\n", killed_message(1))),
+        "{stderr}"
+    );
+    assert_gone(&pidfds);
+    let left = std::fs::read_to_string(outside.join("cgroup.procs")).expect("cgroup.procs");
+    assert_eq!(left, "", "processes left in the cgroup the child moved to");
+    assert!(!exec_cgroup.exists(), "the run's cgroup is left: {stderr}");
+    std::fs::remove_dir(&outside).expect("remove the emptied cgroup");
 }
 
 /// An agent that ends on SIGTERM is not killed early, and its own status comes back: with `--stop-timeout 5`, an agent

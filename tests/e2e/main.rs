@@ -166,6 +166,10 @@ const TESTS: &[Test] = &[
         agent::killing_its_cgroup_ends_a_run_at_once,
     ),
     (
+        "agent_root_agent_that_left_its_cgroup_is_killed_with_its_run",
+        agent::root_agent_that_left_its_cgroup_is_killed_with_its_run,
+    ),
+    (
         "agent_ending_on_sigterm_keeps_its_status_within_the_stop_timeout",
         agent::ending_on_sigterm_keeps_its_status_within_the_stop_timeout,
     ),

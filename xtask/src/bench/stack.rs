@@ -364,8 +364,14 @@ impl Stack {
         let mut label = name.replace('-', " ");
         if daemon == Daemon::Baseline {
             raise_agent_share(&mut config, enforcer)?;
-            if baseline_policy(&self.work, enforcer)? {
-                label.push_str(" (no proposal rule)");
+            let left_out = baseline_policy(&self.work, enforcer)?;
+            if !left_out.is_empty() {
+                eprintln!(
+                    "xtask: bench: {} cannot read the benchmark's whole policy; it runs without {}",
+                    enforcer.display(),
+                    left_out.join(", ")
+                );
+                label.push_str(&format!(" (without {})", left_out.join(", ")));
             }
         }
         let config_path = dir.join("enforcer.yaml");
@@ -483,41 +489,58 @@ impl Stack {
 /// Write the baseline's policy, `policy-baseline.yaml` in the work directory: the benchmark's policy, or, when the
 /// baseline binary's `policy check` refuses it (a build from before the policy could decide an answer's tool calls
 /// reads no `phase:`), the same policy without its rules that name a phase, which that build has nothing to apply to.
-/// Returns whether rules were left out (the column's label says so); an error when the build refuses even that.
-fn baseline_policy(work: &Path, binary: &Path) -> anyhow::Result<bool> {
+/// Returns the ids of the rules left out (the column's label names them); an error, with the build's own checker's
+/// message, when it refuses the policy and no rule names a phase, or refuses even the policy without them.
+fn baseline_policy(work: &Path, binary: &Path) -> anyhow::Result<Vec<String>> {
     let full = std::fs::read_to_string(work.join("policy.yaml"))?;
     let path = work.join("policy-baseline.yaml");
-    let check =
-        |text: &str| -> anyhow::Result<Option<String>> {
-            std::fs::write(&path, text)?;
-            let out = Command::new(binary)
-                .args(["policy", "check"])
-                .arg(&path)
-                .output()
-                .with_context(|| format!("running {} policy check", binary.display()))?;
-            Ok((!out.status.success())
-                .then(|| String::from_utf8_lossy(&out.stderr).trim().to_string()))
-        };
-    if check(&full)?.is_none() {
-        return Ok(false);
-    }
-    match check(&without_phase_rules(&full))? {
-        None => Ok(true),
-        Some(error) => bail!(
-            "the baseline {} refuses the benchmark's policy: {error}",
+    let check = |text: &str| -> anyhow::Result<Option<String>> {
+        std::fs::write(&path, text)?;
+        let out = Command::new(binary)
+            .args(["policy", "check"])
+            .arg(&path)
+            .output()
+            .with_context(|| format!("running {} policy check", binary.display()))?;
+        let said = [out.stderr, out.stdout].concat();
+        Ok((!out.status.success()).then(|| String::from_utf8_lossy(&said).trim().to_string()))
+    };
+    let Some(refused) = check(&full)? else {
+        return Ok(Vec::new());
+    };
+    let (reduced, left_out) = without_phase_rules(&full);
+    if left_out.is_empty() {
+        bail!(
+            "the baseline {} refuses the benchmark's policy: {refused}",
             binary.display()
+        );
+    }
+    match check(&reduced)? {
+        None => Ok(left_out),
+        Some(error) => bail!(
+            "the baseline {} refuses the benchmark's policy ({refused}), and without the rules {} too: {error}",
+            binary.display(),
+            left_out.join(", ")
         ),
     }
 }
 
-/// `policy` (YAML whose rules are the items `  - ` of its top-level `rules:`, their keys indented four spaces)
-/// without the rules that have a `phase:` key.
-fn without_phase_rules(policy: &str) -> String {
+/// `policy`, laid out as bench/policy.yaml is (each rule an item `  - ` of `rules:`, block style, its other keys
+/// indented four spaces), without the rules that have a `phase:` key; and the ids of the rules left out.
+fn without_phase_rules(policy: &str) -> (String, Vec<String>) {
     let mut out = String::with_capacity(policy.len());
+    let mut left_out = Vec::new();
     let mut rule = String::new();
     let mut in_rules = false;
-    let flush = |rule: &mut String, out: &mut String| {
-        if !rule.lines().any(|l| l.starts_with("    phase:")) {
+    let mut flush = |rule: &mut String, out: &mut String| {
+        let key = |name: &str| {
+            rule.lines().find_map(|l| {
+                let key = l.strip_prefix("  - ").or_else(|| l.strip_prefix("    "))?;
+                key.strip_prefix(name)?.strip_prefix(':').map(str::trim)
+            })
+        };
+        if key("phase").is_some() {
+            left_out.push(key("id").unwrap_or("(no id)").to_string());
+        } else {
             out.push_str(rule);
         }
         rule.clear();
@@ -536,7 +559,7 @@ fn without_phase_rules(policy: &str) -> String {
         }
     }
     flush(&mut rule, &mut out);
-    out
+    (out, left_out)
 }
 
 /// The key of the per-agent connection share, which versions from f958fac on read (and older ones refuse: the
@@ -770,23 +793,27 @@ mod tests {
             &template("policy.yaml").expect("template"),
             &[("PORT", "1")],
         );
-        let reduced = without_phase_rules(&policy);
-        let ids = |text: &str| -> Vec<String> {
-            text.lines()
-                .filter_map(|l| l.strip_prefix("  - id: "))
-                .map(str::to_string)
-                .collect()
-        };
-        let mut kept = ids(&policy);
-        kept.retain(|id| id != "bench-no-secrets-in-tool-calls");
-        assert_eq!(ids(&reduced), kept);
+        let (reduced, left_out) = without_phase_rules(&policy);
+        assert_eq!(left_out, ["bench-no-secrets-in-tool-calls"]);
         assert!(!reduced.contains("phase:"), "{reduced}");
-        // Everything but that rule is as it was: the header, and every other rule's lines.
-        assert!(reduced.starts_with(policy.split("  - id:").next().expect("header")));
-        for line in reduced.lines() {
-            assert!(policy.lines().any(|l| l == line), "{line:?}");
-        }
-        assert_eq!(without_phase_rules(&reduced), reduced);
+        // Everything else is as it was: the header, and every other rule's lines in order.
+        let kept: Vec<&str> = policy
+            .split("\n\n")
+            .filter(|block| !block.contains("phase:"))
+            .collect();
+        assert_eq!(reduced.trim_end(), kept.join("\n\n").trim_end());
+        assert_eq!(without_phase_rules(&reduced), (reduced.clone(), Vec::new()));
+
+        // A rule whose first key is its phase, and one whose condition has a member named `phase` (kept: it is
+        // not the rule's key).
+        let other = "version: 1\nrules:\n  - phase: response\n    id: a\n    verdict: block\n\n  - id: b\n    when:\n      \
+                     json: { phase: x }\n    verdict: log\n  - id: c\n    phase: proposal\n    verdict: block\ndefault: block\n";
+        let (reduced, left_out) = without_phase_rules(other);
+        assert_eq!(left_out, ["a", "c"]);
+        assert_eq!(
+            reduced,
+            "version: 1\nrules:\n  - id: b\n    when:\n      json: { phase: x }\n    verdict: log\ndefault: block\n"
+        );
     }
 
     #[test]

@@ -293,7 +293,7 @@ impl Metrics {
         let decision_seconds = Histogram::new(exponential_buckets(0.00001, 2.0, 16));
         registry.register_with_unit(
             "decision_duration",
-            "Time to decide one request (classify, evaluate, plan rewrites), body already read",
+            "Time to evaluate the policy for one request, its body already read and classified",
             Unit::Seconds,
             decision_seconds.clone(),
         );

@@ -375,7 +375,9 @@ fn meta(plan: &Plan, tools: &tools::Tools, stack: &stack::Stack) -> Meta {
     if let Some(baseline) = &plan.baseline {
         tool_versions.push(format!("baseline {}", baseline.display()));
     }
+    let options: Vec<String> = std::env::args().skip(1).collect();
     Meta {
+        command: format!("cargo xtask {}", options.join(" ")),
         started: output(Command::new("date").arg("-Is")),
         machine: format!(
             "Linux {}, {cpus} CPUs ({cpu_model})",

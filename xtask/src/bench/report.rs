@@ -39,6 +39,9 @@ pub struct Meta {
     /// The `--soak` run and what the audit trail showed after it.
     #[serde(default)]
     pub soak: Option<Soak>,
+    /// The command that made the run (`cargo xtask bench` and its options); empty in runs from before it was kept.
+    #[serde(default)]
+    pub command: String,
 }
 
 const DIRECT: &str = "direct";
@@ -57,6 +60,9 @@ pub fn render(meta: &Meta, ms: &[Measurement]) -> String {
         meta.commit,
         meta.tools.join(", ")
     );
+    if !meta.command.is_empty() {
+        let _ = writeln!(out, "Command: `{}`\n", meta.command);
+    }
     let _ = writeln!(
         out,
         "Loopback: oha → proxy → nginx, TLS 1.3 on both legs, 1 KiB JSON answers (llm tests: a 32 KiB LLM call \
@@ -560,6 +566,22 @@ mod tests {
             ],
             ..Meta::default()
         }
+    }
+
+    #[test]
+    fn the_summary_names_the_command_that_made_it_when_the_run_kept_it() {
+        let ms = vec![m("direct", "sat16", 1, 600_000, None)];
+        let mut meta = meta(&["sat16"]);
+        assert!(!render(&meta, &ms).contains("Command:"));
+        meta.command = "cargo xtask bench --tests sat16 --reps 1".into();
+        assert!(
+            render(&meta, &ms).contains("\nCommand: `cargo xtask bench --tests sat16 --reps 1`\n")
+        );
+        // A run.json from before the field was kept still reads.
+        let mut old = serde_json::to_value(&meta).expect("json");
+        old.as_object_mut().expect("object").remove("command");
+        let back: Meta = serde_json::from_value(old).expect("an older run.json");
+        assert_eq!(back.command, "");
     }
 
     #[test]

@@ -34,6 +34,7 @@ mod encoding;
 mod glob;
 mod host;
 mod pidfd;
+mod sched;
 mod service;
 
 pub use audit::{AuditConfig, AuditLog};

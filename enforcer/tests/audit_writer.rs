@@ -369,3 +369,42 @@ async fn append_writes_the_record_and_durable_waits_for_its_fdatasync() {
     assert!(r.ok(), "{:?}", r.problems);
     assert_eq!((r.records, r.unsigned()), (21, 0));
 }
+
+/// The sync thread runs as `SCHED_BATCH` (sched(7)), so that waking it to flush a record does not preempt the thread
+/// that appended it: every `audit-sync` thread of this process reports policy 3 (`SCHED_BATCH`) once it has started
+/// (other tests' logs have theirs too, possibly just starting: hence the short wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_thread_does_not_preempt_the_threads_that_append() {
+    const SCHED_BATCH: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(config(dir.path())).await.unwrap();
+    // Durable, so this log's sync thread has run a round.
+    assert_eq!(log.record(event(0, 0)).await.unwrap(), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let policies = loop {
+        let policies = sync_thread_policies();
+        if policies.iter().all(|p| *p == SCHED_BATCH) || std::time::Instant::now() > deadline {
+            break policies;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!policies.is_empty(), "no audit-sync thread");
+    assert!(policies.iter().all(|p| *p == SCHED_BATCH), "{policies:?}");
+    log.close().await.unwrap();
+}
+
+/// The scheduling policy of each of this process's `audit-sync` threads: field 41 of `/proc/self/task/<tid>/stat`
+/// (proc_pid_stat(5)), counted after the parenthesised name, which may hold spaces.
+fn sync_thread_policies() -> Vec<u32> {
+    fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            (fs::read_to_string(task.join("comm")).ok()?.trim() == "audit-sync").then_some(())?;
+            let stat = fs::read_to_string(task.join("stat")).ok()?;
+            let (_, after_name) = stat.rsplit_once(')')?;
+            // After the name come fields 3 (state) onwards.
+            after_name.split_whitespace().nth(41 - 3)?.parse().ok()
+        })
+        .collect()
+}

@@ -597,7 +597,15 @@ impl Handle {
         syncer.seal_tx = Some(seal_tx);
         std::thread::Builder::new()
             .name("audit-sync".into())
-            .spawn(move || syncer.run())
+            .spawn(move || {
+                // Waking this thread for a record's flush must not take the CPU from the worker that appended it (it
+                // goes on to forward the request): on a busy machine the flush waits for the worker's turn to end,
+                // and more records share it. docs/audit.md, "Durability and crashes".
+                if let Err(e) = crate::sched::batch_current_thread() {
+                    tracing::warn!(error = %e, "the audit sync thread runs with the default scheduling policy");
+                }
+                syncer.run()
+            })
             .map_err(|e| AuditError::io(&dir, e))?;
         Ok(Handle { shared })
     }

@@ -418,12 +418,18 @@ fn main() -> ExitCode {
             passed += 1;
         } else {
             println!("test {name} ... FAILED");
+            // At once: later tests restart the daemon and add to both logs, and a flake's cause is in what came
+            // just before its failure.
+            eprintln!(
+                "---- {name}: daemon log (tail) ----\n{}",
+                env.daemon_log_tail()
+            );
+            eprintln!(
+                "---- {name}: upstream log (tail) ----\n{}",
+                env.upstream_log_tail()
+            );
             failed.push(*name);
         }
-    }
-    if !failed.is_empty() {
-        eprintln!("---- daemon log (tail) ----\n{}", env.daemon_log_tail());
-        eprintln!("---- upstream log (tail) ----\n{}", env.upstream_log_tail());
     }
     drop(env);
     let left = harness::leftovers(id);

@@ -338,8 +338,7 @@ fn run_pidfds(cgroups: &[&Path]) -> Vec<(i32, std::os::fd::OwnedFd)> {
             // SAFETY: pidfd_open(2) returns a new descriptor or -1.
             let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
             let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-            if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
-            {
+            if is_shell(pid) {
                 shells += 1;
             }
             // SAFETY: just opened, owned only here.
@@ -348,6 +347,11 @@ fn run_pidfds(cgroups: &[&Path]) -> Vec<(i32, std::os::fd::OwnedFd)> {
         .collect();
     assert_eq!(shells, 2, "the agent and its child: {procs}");
     pidfds
+}
+
+/// Whether process `pid` runs `sh` (its `/proc/<pid>/comm`): one of the kill tests' stand-in shells.
+fn is_shell(pid: impl std::fmt::Display) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
 }
 
 /// No process of `pidfds` is left: a pidfd of each names no process any more.
@@ -420,9 +424,6 @@ pub fn root_agent_that_left_its_cgroup_is_killed_with_its_run(env: &mut Env) {
     });
     // The child's shell is there (with the `sleep` it may be running).
     let moved = std::fs::read_to_string(outside.join("cgroup.procs")).expect("cgroup.procs");
-    let is_shell = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
-    };
     assert!(
         moved.lines().any(is_shell),
         "the child did not leave the run's cgroup: {moved:?}"

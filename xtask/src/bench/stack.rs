@@ -527,38 +527,36 @@ fn baseline_policy(work: &Path, binary: &Path) -> anyhow::Result<Vec<String>> {
 /// `policy`, laid out as bench/policy.yaml is (each rule an item `  - ` of `rules:`, block style, its other keys
 /// indented four spaces), without the rules that have a `phase:` key; and the ids of the rules left out.
 fn without_phase_rules(policy: &str) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(policy.len());
-    let mut left_out = Vec::new();
-    let mut rule = String::new();
-    let mut in_rules = false;
-    let mut flush = |rule: &mut String, out: &mut String| {
-        let key = |name: &str| {
-            rule.lines().find_map(|l| {
-                let key = l.strip_prefix("  - ").or_else(|| l.strip_prefix("    "))?;
-                key.strip_prefix(name)?.strip_prefix(':').map(str::trim)
-            })
-        };
-        if key("phase").is_some() {
-            left_out.push(key("id").unwrap_or("(no id)").to_string());
-        } else {
-            out.push_str(rule);
-        }
-        rule.clear();
-    };
+    // The text cut into pieces, each a rule (its `  - ` line and the lines under it) or a line outside the rules.
+    let mut pieces: Vec<(bool, String)> = Vec::new();
     for line in policy.split_inclusive('\n') {
+        let in_rule = pieces.last().is_some_and(|(rule, _)| *rule);
         if line.starts_with("  - ") {
-            flush(&mut rule, &mut out);
-            in_rules = true;
-            rule.push_str(line);
-        } else if in_rules && (line.starts_with("    ") || line.trim().is_empty()) {
-            rule.push_str(line);
+            pieces.push((true, line.to_string()));
+        } else if in_rule && (line.starts_with("    ") || line.trim().is_empty()) {
+            pieces.last_mut().expect("a rule").1.push_str(line);
         } else {
-            flush(&mut rule, &mut out);
-            in_rules = false;
-            out.push_str(line);
+            pieces.push((false, line.to_string()));
         }
     }
-    flush(&mut rule, &mut out);
+    // A rule's own key `name` (on its `  - ` line or indented four spaces), if it has one.
+    let key = |rule: &'_ str, name: &str| -> Option<String> {
+        rule.lines().find_map(|l| {
+            let key = l.strip_prefix("  - ").or_else(|| l.strip_prefix("    "))?;
+            key.strip_prefix(name)?
+                .strip_prefix(':')
+                .map(|v| v.trim().to_string())
+        })
+    };
+    let mut left_out = Vec::new();
+    let mut out = String::with_capacity(policy.len());
+    for (rule, text) in pieces {
+        if rule && key(&text, "phase").is_some() {
+            left_out.push(key(&text, "id").unwrap_or_else(|| "(no id)".into()));
+        } else {
+            out.push_str(&text);
+        }
+    }
     (out, left_out)
 }
 
